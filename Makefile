@@ -1,0 +1,36 @@
+# make demo: build the virtualenv from nothing, run the demo study on CPU, write a report.
+# make test: build the virtualenv from nothing, run the test suite (CPU only).
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# A CPU machine takes the CPU build of torch that lies on disk; never the multi-GB CUDA download.
+HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
+DEMO_DB ?= sqlite:///demo-out/slab.db
+
+.PHONY: setup demo test bench clean
+
+setup: $(VENV)/.stamp
+
+$(VENV)/.stamp: pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+ifneq ($(HAS_GPU),1)
+	$(BIN)/python -m pip install -q torch==2.13.0
+endif
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $@
+
+demo: setup
+	mkdir -p demo-out
+	$(BIN)/slab plan plans/demo.csv
+	$(BIN)/slab --db $(DEMO_DB) add plans/demo.csv
+	$(BIN)/slab --db $(DEMO_DB) status
+
+test: setup
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+bench: setup
+	$(BIN)/slab bench plan
+
+clean:
+	rm -rf $(VENV) demo-out .slab

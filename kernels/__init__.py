@@ -1,0 +1,1 @@
+"""Triton kernels beside their naive PyTorch references; knows nothing of models."""
