@@ -1,0 +1,1 @@
+"""The results database: schema, engines, the single writer, and queries returning frames."""

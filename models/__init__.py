@@ -1,0 +1,1 @@
+"""Model configs and arithmetic, the five architectures, data, training loop and evals."""

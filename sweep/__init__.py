@@ -1,0 +1,1 @@
+"""Plans, run specs, registration, launching on Ray, and the `slab` CLI."""

@@ -1,0 +1,128 @@
+"""Engines from a URL: ``--db`` or ``SLAB_DB``, default a SQLite file; schema creation and version check."""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from sqlalchemy import Connection, Engine, create_engine, event, inspect, select
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
+from sqlalchemy.orm import Session
+
+from db.schema import SCHEMA_VERSION, Base, Meta
+
+DEFAULT_URL = "sqlite:///slab.db"
+ENV_VAR = "SLAB_DB"
+#: How long a SQLite connection waits for another writer's lock before failing (milliseconds).
+SQLITE_BUSY_MS = 30_000
+
+
+class DatabaseError(RuntimeError):
+    """The database cannot be used: bad URL, missing file, or a schema newer than this scalinglab."""
+
+
+def resolve_url(url: str | None = None) -> str:
+    """The database URL to use: the given one, else ``$SLAB_DB``, else ``sqlite:///slab.db``."""
+    return url or os.environ.get(ENV_VAR) or DEFAULT_URL
+
+
+def sqlite_path(url: str) -> Path | None:
+    """The file behind a SQLite URL, or None for other databases and in-memory SQLite."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite" or not parsed.database or parsed.database == ":memory:":
+        return None
+    return Path(parsed.database)
+
+
+def _sqlite_pragmas(dbapi_conn, _record) -> None:
+    # WAL lets readers (slab status --watch) run while the launcher writes; foreign keys are off by default.
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_MS}")
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.execute("PRAGMA synchronous=NORMAL")
+    cur.close()
+
+
+def make_engine(url: str | None = None) -> Engine:
+    """A SQLAlchemy engine for the URL, with SQLite opened in WAL mode, a busy timeout and foreign keys."""
+    url = resolve_url(url)
+    try:
+        parsed = make_url(url)
+    except ArgumentError as exc:
+        raise DatabaseError(f"bad database URL {url!r}: {exc}") from None
+    if parsed.get_backend_name() == "sqlite":
+        engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_MS / 1000})
+        event.listen(engine, "connect", _sqlite_pragmas)
+        return engine
+    try:
+        return create_engine(url, pool_pre_ping=True)
+    except Exception as exc:  # missing driver, bad options: say it plainly
+        raise DatabaseError(f"cannot use database URL {url!r}: {exc}") from None
+
+
+def open_db(url: str | None = None, *, create: bool = True) -> Engine:
+    """Open (and with ``create`` initialise) the database; refuse a missing one or a newer schema."""
+    url = resolve_url(url)
+    path = sqlite_path(url)
+    if path is not None and not path.exists():
+        if not create:
+            raise DatabaseError(f"no database at {path}; register a plan first with `slab add PLAN`")
+        path.parent.mkdir(parents=True, exist_ok=True)
+    engine = make_engine(url)
+    try:
+        with engine.begin() as conn:
+            _check_or_create(conn, create)
+    except DatabaseError:
+        engine.dispose()
+        raise
+    except Exception as exc:
+        engine.dispose()
+        raise DatabaseError(f"cannot open database {url!r}: {exc.__class__.__name__}: {exc}") from None
+    return engine
+
+
+def _check_or_create(conn: Connection, create: bool) -> None:
+    has_meta = inspect(conn).has_table(Meta.__tablename__)
+    if has_meta:
+        row = conn.execute(select(Meta.value).where(Meta.key == "schema_version")).scalar_one_or_none()
+        version = int(row) if row is not None else 0
+        if version > SCHEMA_VERSION:
+            raise DatabaseError(
+                f"database schema version {version} is newer than this scalinglab's ({SCHEMA_VERSION}); "
+                "upgrade scalinglab"
+            )
+        if version == SCHEMA_VERSION:
+            return
+    elif not create:
+        raise DatabaseError("the database has no scalinglab tables; register a plan first with `slab add PLAN`")
+    Base.metadata.create_all(conn)
+    if conn.execute(select(Meta).where(Meta.key == "schema_version")).first() is None:
+        conn.execute(Meta.__table__.insert().values(key="schema_version", value=str(SCHEMA_VERSION)))
+
+
+@contextmanager
+def session(engine: Engine) -> Iterator[Session]:
+    """A session in one transaction: committed on success, rolled back on error."""
+    with Session(engine) as s, s.begin():
+        yield s
+
+
+@contextmanager
+def read_only(engine: Engine) -> Iterator[Connection]:
+    """A connection on which the database itself refuses writes (SQLite query_only, PostgreSQL READ ONLY)."""
+    with engine.connect() as conn:
+        backend = engine.dialect.name
+        if backend == "sqlite":
+            conn.exec_driver_sql("PRAGMA query_only=ON")
+        elif backend == "postgresql":
+            conn.exec_driver_sql("SET TRANSACTION READ ONLY")
+        try:
+            yield conn
+        finally:
+            conn.rollback()
+            if backend == "sqlite":
+                conn.exec_driver_sql("PRAGMA query_only=OFF")

@@ -1,0 +1,135 @@
+"""Read-side queries: runs, metrics, evals and status counts as pandas frames; read-only SQL; exports."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+from sqlalchemy import Engine, func, select, text
+from sqlalchemy.exc import SQLAlchemyError
+
+from db.engine import read_only
+from db.schema import TABLES, Eval, Metric, Plan, PlanRun, Run
+
+#: Spec fields spread into columns of ``runs_frame`` (the rest stays in the JSON).
+SPEC_COLUMNS = ("d_model", "n_layers", "n_heads", "hybrid", "seq_len", "batch_size", "lr", "seed", "data", "schedule")
+
+
+class QueryError(ValueError):
+    """A query cannot run: a write through ``slab sql``, a bad statement, an unknown table."""
+
+
+def _run_filter(stmt, plan: str | None, arch: str | None, status: str | None):
+    if plan:
+        stmt = stmt.join(PlanRun, PlanRun.run_id == Run.run_id).join(Plan, Plan.id == PlanRun.plan_id)
+        stmt = stmt.where(Plan.name == plan)
+    if arch:
+        stmt = stmt.where(Run.arch == arch)
+    if status:
+        stmt = stmt.where(Run.status == status)
+    return stmt
+
+
+def runs_frame(engine: Engine, *, plan: str | None = None, arch: str | None = None, status: str | None = None) -> pd.DataFrame:
+    """One row per run (filtered), with spec fields as columns and the plans it belongs to."""
+    stmt = _run_filter(select(Run), plan, arch, status).order_by(Run.arch, Run.flops, Run.run_id)
+    with engine.connect() as conn:
+        rows = conn.execute(stmt).mappings().all()
+        links = conn.execute(select(PlanRun.run_id, Plan.name).join(Plan, Plan.id == PlanRun.plan_id)).all()
+    plans: dict[str, list[str]] = {}
+    for run_id, name in links:
+        plans.setdefault(run_id, []).append(name)
+    records = []
+    for r in rows:
+        rec = {k: v for k, v in r.items() if k != "spec"}
+        spec = r["spec"] or {}
+        rec.update({k: spec.get(k) for k in SPEC_COLUMNS})
+        rec["plan"] = ",".join(sorted(plans.get(r["run_id"], [])))
+        records.append(rec)
+    columns = [c.name for c in Run.__table__.columns if c.name != "spec"] + list(SPEC_COLUMNS) + ["plan"]
+    return pd.DataFrame.from_records(records, columns=columns)
+
+
+def metrics_frame(engine: Engine, run_ids: list[str] | None = None) -> pd.DataFrame:
+    """Training curves: run_id, step, tokens, flops, loss, lr, tokens_per_s, mfu (ordered by run and step)."""
+    cols = [Metric.run_id, Metric.step, Metric.tokens, Metric.flops, Metric.loss, Metric.lr, Metric.tokens_per_s, Metric.mfu]
+    stmt = select(*cols).order_by(Metric.run_id, Metric.step)
+    if run_ids is not None:
+        stmt = stmt.where(Metric.run_id.in_(run_ids))
+    with engine.connect() as conn:
+        return pd.read_sql(stmt, conn)
+
+
+def evals_frame(engine: Engine, run_ids: list[str] | None = None) -> pd.DataFrame:
+    """Eval results: run_id, step, name, value."""
+    stmt = select(Eval.run_id, Eval.step, Eval.name, Eval.value).order_by(Eval.run_id, Eval.step, Eval.name)
+    if run_ids is not None:
+        stmt = stmt.where(Eval.run_id.in_(run_ids))
+    with engine.connect() as conn:
+        return pd.read_sql(stmt, conn)
+
+
+def status_counts(engine: Engine, plan: str | None = None) -> pd.DataFrame:
+    """Runs per plan and status: columns plan, status, runs (runs in no plan are under '-')."""
+    stmt = (
+        select(func.coalesce(Plan.name, "-").label("plan"), Run.status, func.count().label("runs"))
+        .select_from(Run)
+        .outerjoin(PlanRun, PlanRun.run_id == Run.run_id)
+        .outerjoin(Plan, Plan.id == PlanRun.plan_id)
+        .group_by(Plan.name, Run.status)
+        .order_by(Plan.name, Run.status)
+    )
+    if plan:
+        stmt = stmt.where(Plan.name == plan)
+    with engine.connect() as conn:
+        return pd.DataFrame(conn.execute(stmt).all(), columns=["plan", "status", "runs"])
+
+
+def plan_names(engine: Engine) -> list[str]:
+    """Names of the registered plans."""
+    with engine.connect() as conn:
+        return list(conn.scalars(select(Plan.name).order_by(Plan.name)))
+
+
+def run_sql(engine: Engine, query: str) -> pd.DataFrame:
+    """Run one statement on a read-only connection and return its rows; a write raises QueryError."""
+    with read_only(engine) as conn:
+        try:
+            result = conn.execute(text(query))
+        except SQLAlchemyError as exc:
+            orig = getattr(exc, "orig", exc)
+            message = str(orig).strip().splitlines()[0] if str(orig).strip() else type(orig).__name__
+            if "readonly" in message.replace("-", "").replace(" ", "").lower() or "read-only" in message.lower():
+                raise QueryError(f"slab sql is read-only: {message}") from None
+            raise QueryError(message) from None
+        if not result.returns_rows:
+            raise QueryError("slab sql is read-only: the statement returned no rows")
+        return pd.DataFrame(result.fetchall(), columns=list(result.keys()))
+
+
+def export_table(engine: Engine, table: str, fmt: str, out: Path) -> int:
+    """Write a whole table to CSV or Parquet (atomically); returns the number of rows."""
+    if table not in TABLES:
+        raise QueryError(f"unknown table {table!r}; expected one of {', '.join(sorted(TABLES))}")
+    if fmt not in ("csv", "parquet"):
+        raise QueryError(f"unknown format {fmt!r}; expected csv or parquet")
+    with engine.connect() as conn:
+        frame = pd.read_sql(select(TABLES[table]), conn)
+    for col in frame.columns:  # JSON columns (specs, fit results) as text so every format can hold them
+        if frame[col].map(lambda v: isinstance(v, (dict, list))).any():
+            frame[col] = frame[col].map(lambda v: None if v is None else json.dumps(v, sort_keys=True))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    try:
+        if fmt == "csv":
+            frame.to_csv(tmp, index=False)
+        else:
+            try:
+                frame.to_parquet(tmp, index=False)
+            except ImportError:
+                raise QueryError("parquet export needs pyarrow: pip install 'scalinglab[parquet]'") from None
+        tmp.replace(out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return len(frame)

@@ -1,0 +1,137 @@
+"""The results database: every table scalinglab stores, as SQLAlchemy 2.0 typed declarative models."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    Float,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+#: Bumped whenever a table changes; a database written by a newer scalinglab is refused.
+SCHEMA_VERSION = 1
+
+RUN_STATUSES = ("pending", "running", "done", "failed", "diverged")
+
+
+def utcnow() -> datetime:
+    """The current time in UTC (stored timestamps are UTC)."""
+    return datetime.now(timezone.utc)
+
+
+class Base(DeclarativeBase):
+    """Declarative base of every scalinglab table."""
+
+
+class Meta(Base):
+    """Key/value facts about the database itself (the schema version)."""
+
+    __tablename__ = "meta"
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(Text)
+
+
+class Plan(Base):
+    """A registered plan file: its name, where it came from and the hash of its text."""
+
+    __tablename__ = "plans"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    path: Mapped[str] = mapped_column(Text)
+    sha256: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Run(Base):
+    """One training run, keyed by the content hash of its spec, with its state and final results."""
+
+    __tablename__ = "runs"
+    run_id: Mapped[str] = mapped_column(String(16), primary_key=True)
+    arch: Mapped[str] = mapped_column(String(32), index=True)
+    status: Mapped[str] = mapped_column(String(16), default="pending", index=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    host: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    gpu: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    lease_owner: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    step: Mapped[int | None] = mapped_column(Integer, nullable=True)  # last step reported
+    microbatch: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    n_gpus: Mapped[float | None] = mapped_column(Float, nullable=True)  # how many trained it
+    final_loss: Mapped[float | None] = mapped_column(Float, nullable=True)
+    val_loss: Mapped[float | None] = mapped_column(Float, nullable=True)
+    params: Mapped[int] = mapped_column(BigInteger)
+    nonembed_params: Mapped[int] = mapped_column(BigInteger)
+    tokens: Mapped[int] = mapped_column(BigInteger)
+    flops: Mapped[float] = mapped_column(Float)
+    wall_s: Mapped[float | None] = mapped_column(Float, nullable=True)
+    data_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    spec: Mapped[dict] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class PlanRun(Base):
+    """Which plan (and which row of it) asked for which run; one run may belong to many plans."""
+
+    __tablename__ = "plan_runs"
+    plan_id: Mapped[int] = mapped_column(ForeignKey("plans.id", ondelete="CASCADE"), primary_key=True)
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.run_id", ondelete="CASCADE"), primary_key=True)
+    row: Mapped[int] = mapped_column(Integer)
+    name: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    tags: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+
+class Metric(Base):
+    """A training metric row; (run_id, step) is unique so a resumed run never duplicates a row."""
+
+    __tablename__ = "metrics"
+    __table_args__ = (UniqueConstraint("run_id", "step", name="uq_metrics_run_step"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.run_id", ondelete="CASCADE"), index=True)
+    step: Mapped[int] = mapped_column(Integer)
+    tokens: Mapped[int] = mapped_column(BigInteger)
+    flops: Mapped[float] = mapped_column(Float)
+    loss: Mapped[float] = mapped_column(Float)
+    lr: Mapped[float] = mapped_column(Float)
+    tokens_per_s: Mapped[float | None] = mapped_column(Float, nullable=True)
+    mfu: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
+class Eval(Base):
+    """A named evaluation value of a run at a step (validation loss, NIAH cells, MQAR accuracy)."""
+
+    __tablename__ = "evals"
+    __table_args__ = (UniqueConstraint("run_id", "step", "name", name="uq_evals_run_step_name"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.run_id", ondelete="CASCADE"), index=True)
+    step: Mapped[int] = mapped_column(Integer)
+    name: Mapped[str] = mapped_column(String(200))
+    value: Mapped[float] = mapped_column(Float)
+
+
+class Fit(Base):
+    """A stored scaling-law fit: what was fitted on which runs, estimates and intervals as JSON."""
+
+    __tablename__ = "fits"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    plan: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    arch: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    method: Mapped[str] = mapped_column(String(32))
+    source: Mapped[str] = mapped_column(Text)  # "db" or the CSV path
+    n_points: Mapped[int] = mapped_column(Integer)
+    result: Mapped[dict] = mapped_column(JSON)
+
+
+TABLES = {t.name: t for t in Base.metadata.sorted_tables}

@@ -1,0 +1,92 @@
+"""The single writer: every change to the database goes through these functions (plans, claims, results)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from sqlalchemy import Engine, delete, insert, select
+from sqlalchemy.dialects import postgresql, sqlite
+
+from db.engine import session
+from db.schema import Plan, PlanRun, Run
+
+#: Rows per executemany batch (SQLite caps bound parameters per statement).
+BATCH = 500
+
+
+@dataclass(frozen=True)
+class RunRow:
+    """A run to register: its id, spec as a dict, derived sizes, and the plan row that asked for it."""
+
+    run_id: str
+    spec: dict
+    params: int
+    nonembed_params: int
+    tokens: int
+    flops: float
+    row: int
+    name: str | None = None
+    tags: str | None = None
+
+
+@dataclass(frozen=True)
+class Registered:
+    """What registering a plan did: runs new to the database, and runs it already knew."""
+
+    plan: str
+    new: int
+    known: int
+
+
+def insert_ignore(engine: Engine, table):
+    """An INSERT that skips rows whose key exists (so concurrent registrations are idempotent)."""
+    if engine.dialect.name == "postgresql":
+        return postgresql.insert(table).on_conflict_do_nothing()
+    if engine.dialect.name == "sqlite":
+        return sqlite.insert(table).on_conflict_do_nothing()
+    return insert(table).prefix_with("IGNORE")  # MySQL/MariaDB
+
+
+def register_plan(engine: Engine, name: str, path: str, sha256: str, runs: Sequence[RunRow]) -> Registered:
+    """Record a plan and its runs (pending unless known); re-registering is a no-op, an edited plan is relinked."""
+    ids = list(dict.fromkeys(r.run_id for r in runs))
+    with session(engine) as s:
+        known: set[str] = set()
+        for i in range(0, len(ids), BATCH):
+            chunk = ids[i : i + BATCH]
+            known.update(s.scalars(select(Run.run_id).where(Run.run_id.in_(chunk))))
+        plan = s.scalars(select(Plan).where(Plan.name == name)).one_or_none()
+        if plan is None:
+            plan = Plan(name=name, path=path, sha256=sha256)
+            s.add(plan)
+            s.flush()
+        else:
+            plan.path, plan.sha256 = path, sha256
+            s.execute(delete(PlanRun).where(PlanRun.plan_id == plan.id))
+        seen: set[str] = set()
+        new_rows, links = [], []
+        for r in runs:
+            if r.run_id in seen:
+                continue
+            seen.add(r.run_id)
+            links.append({"plan_id": plan.id, "run_id": r.run_id, "row": r.row, "name": r.name, "tags": r.tags})
+            if r.run_id not in known:
+                new_rows.append(
+                    {
+                        "run_id": r.run_id,
+                        "arch": r.spec["arch"],
+                        "status": "pending",
+                        "attempts": 0,
+                        "params": r.params,
+                        "nonembed_params": r.nonembed_params,
+                        "tokens": r.tokens,
+                        "flops": r.flops,
+                        "spec": r.spec,
+                    }
+                )
+        for rows, table in ((new_rows, Run), (links, PlanRun)):
+            stmt = insert_ignore(engine, table)
+            for i in range(0, len(rows), BATCH):
+                s.execute(stmt, rows[i : i + BATCH])
+    return Registered(plan=name, new=len(new_rows), known=len(ids) - len(new_rows))

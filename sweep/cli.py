@@ -1,0 +1,297 @@
+"""The ``slab`` command: thin Typer commands over the library (plan, add, runs, status, sql, export, ...).
+
+Exit codes: 0 success, 1 some runs failed or diverged, 2 bad input (plan, options, database, query).
+``slab --help`` and ``slab plan`` import neither torch nor ray: heavy imports live inside the commands.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import asdict
+from enum import Enum
+from pathlib import Path
+from typing import NoReturn, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from db.engine import DatabaseError, open_db, resolve_url
+from sweep.plan import DEFAULT_MAX_RUNS, PlanError, cost_plans, load_plans
+
+app = typer.Typer(
+    help="scalinglab: plan, launch and analyse scaling-law sweeps of sequence-model architectures.",
+    no_args_is_help=True,
+    rich_markup_mode="rich",
+    pretty_exceptions_enable=False,
+)
+bench_app = typer.Typer(help="Benchmarks that print measured numbers (some need a GPU).", no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
+
+# Piped output (CI logs, files) gets wide tables instead of rich's 80-column default.
+out = Console(width=None if sys.stdout.isatty() else 160)
+err = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
+
+
+def fail(message: str, code: int = 2) -> NoReturn:
+    """Print ``error: message`` in red to stderr and exit (2 = bad input)."""
+    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            out.print(f"scalinglab {version('scalinglab')}")
+        except PackageNotFoundError:
+            out.print("scalinglab (not installed)")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(
+    ctx: typer.Context,
+    db: Optional[str] = typer.Option(
+        None, "--db", envvar="SLAB_DB", help="Database URL (default sqlite:///slab.db; any SQLAlchemy URL, e.g. postgresql+psycopg://...)."
+    ),
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+) -> None:
+    """scalinglab: plan, launch and analyse scaling-law sweeps.
+
+    Example: slab plan plans/demo.csv && slab add plans/demo.csv && slab status
+    """
+    ctx.obj = {"db": resolve_url(db)}
+
+
+def _engine(ctx: typer.Context, create: bool = False):
+    try:
+        return open_db(ctx.obj["db"], create=create)
+    except DatabaseError as exc:
+        fail(str(exc))
+
+
+def _plans(files: list[Path], max_runs: int):
+    try:
+        return load_plans(files, max_runs=max_runs)
+    except PlanError as exc:
+        for issue in exc.issues:
+            err.print(f"[bold red]error:[/] {issue}", highlight=False, soft_wrap=True)
+        if len(exc.issues) > 1:
+            err.print(f"{len(exc.issues)} errors; nothing was written", highlight=False)
+        raise typer.Exit(2)
+
+
+def _si(x: float) -> str:
+    for unit, scale in (("Z", 1e21), ("E", 1e18), ("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(x) >= scale:
+            return f"{x / scale:.3g}{unit}"
+    return f"{x:.3g}"
+
+
+class Format(str, Enum):
+    table = "table"
+    csv = "csv"
+    json = "json"
+
+
+def _emit(frame, fmt: Format, title: str | None = None) -> None:
+    if fmt is Format.csv:
+        sys.stdout.write(frame.to_csv(index=False))
+    elif fmt is Format.json:
+        sys.stdout.write(frame.to_json(orient="records", date_format="iso") + "\n")
+    else:
+        table = Table(title=title, show_lines=False)
+        for col in frame.columns:
+            table.add_column(str(col))
+        for row in frame.itertuples(index=False):
+            table.add_row(*("" if v is None or v != v else str(v) for v in row))
+        out.print(table)
+
+
+def _fmt(csv_: bool, json_: bool) -> Format:
+    if csv_ and json_:
+        fail("give --csv or --json, not both")
+    return Format.csv if csv_ else Format.json if json_ else Format.table
+
+
+@app.command()
+def plan(
+    files: list[Path] = typer.Argument(..., help="Plan files (CSV, or XLSX with openpyxl).", show_default=False),
+    mfu: float = typer.Option(0.3, help="Model FLOPs utilisation assumed for the GPU-hours estimate."),
+    gpu_tflops: float = typer.Option(989.0, help="Peak dense bf16 TFLOP/s of one GPU (H100 SXM: 989)."),
+    max_runs: int = typer.Option(DEFAULT_MAX_RUNS, help="Refuse plans that expand to more runs than this."),
+    as_json: bool = typer.Option(False, "--json", help="Print runs and totals as JSON."),
+) -> None:
+    """Dry run: expand plans into runs and price them (FLOPs, GPU-hours). Writes nothing.
+
+    Example: slab plan plans/minimax01.csv --mfu 0.4
+    """
+    plans = _plans(files, max_runs)
+    try:
+        cost = cost_plans(plans, mfu=mfu, gpu_tflops=gpu_tflops)
+    except ValueError as exc:
+        fail(str(exc))
+    if as_json:
+        runs = []
+        seen = set()
+        for p in plans:
+            for r in p.runs:
+                if r.spec.run_id not in seen:
+                    seen.add(r.spec.run_id)
+                    runs.append({"run_id": r.spec.run_id, "plan": p.name, "row": r.row, "name": r.name, **r.spec.derived(), "spec": r.spec.to_dict()})
+        totals = {"runs": cost.runs, "flops": cost.flops, "gpu_hours": cost.gpu_hours, "mfu": mfu, "gpu_tflops": gpu_tflops}
+        sys.stdout.write(json.dumps({"totals": totals, "blocks": [asdict(b) for b in cost.blocks], "runs": runs}) + "\n")
+        return
+    table = Table(title=", ".join(str(f) for f in files))
+    for col in ("plan:row", "arch", "shape", "params", "non-emb", "tokens", "FLOPs", "runs"):
+        table.add_column(col, justify="left" if col in ("plan:row", "arch", "shape") else "right")
+    for b in cost.blocks:
+        tokens = _si(b.tokens_min) if b.tokens_min == b.tokens_max else f"{_si(b.tokens_min)}-{_si(b.tokens_max)}"
+        table.add_row(f"{b.plan}:{b.row}", b.arch, b.shape, _si(b.params), _si(b.nonembed_params), tokens, _si(b.flops), str(b.runs))
+    out.print(table)
+    out.print(
+        f"[bold]{cost.runs:,}[/] runs, [bold]{cost.flops:.3e}[/] FLOPs, about [bold]{cost.gpu_hours:,.3g}[/] GPU-hours "
+        f"at {mfu:.0%} MFU of {gpu_tflops:g} TFLOP/s"
+    )
+
+
+@app.command()
+def add(
+    ctx: typer.Context,
+    files: list[Path] = typer.Argument(..., help="Plan files to register.", show_default=False),
+    max_runs: int = typer.Option(DEFAULT_MAX_RUNS, help="Refuse plans that expand to more runs than this."),
+) -> None:
+    """Register plans and their runs as pending (idempotent: known runs are left as they are).
+
+    Example: slab --db sqlite:///study.db add plans/demo.csv plans/hybrid-ratio.csv
+    """
+    from sweep.registry import add_plans
+
+    plans = _plans(files, max_runs)  # validate everything before touching the database
+    engine = _engine(ctx, create=True)
+    for r in add_plans(engine, plans):
+        out.print(f"{r.plan}: [bold]{r.new}[/] new runs, {r.known} already known")
+
+
+@app.command()
+def runs(
+    ctx: typer.Context,
+    plan: Optional[str] = typer.Option(None, help="Only runs of this plan (its name: the file stem)."),
+    arch: Optional[str] = typer.Option(None, help="Only this architecture."),
+    status: Optional[str] = typer.Option(None, help="Only runs in this status: pending, running, done, failed, diverged."),
+    csv_: bool = typer.Option(False, "--csv", help="Print CSV."),
+    json_: bool = typer.Option(False, "--json", help="Print JSON records."),
+) -> None:
+    """List runs with their state and results.
+
+    Example: slab runs --status failed   (the error column says why)
+    """
+    from db.queries import runs_frame
+    from db.schema import RUN_STATUSES
+
+    if status and status not in RUN_STATUSES:
+        fail(f"unknown status {status!r}; expected one of {', '.join(RUN_STATUSES)}")
+    fmt = _fmt(csv_, json_)
+    frame = runs_frame(_engine(ctx), plan=plan, arch=arch, status=status)
+    if fmt is Format.table:
+        cols = ["run_id", "arch", "d_model", "n_layers", "hybrid", "params", "tokens", "status", "attempts", "step", "final_loss", "val_loss", "error", "plan"]
+        frame = frame[cols].copy()
+        frame["error"] = frame["error"].map(lambda e: e.strip().splitlines()[-1][:80] if isinstance(e, str) and e.strip() else e)
+        for c in ("final_loss", "val_loss"):
+            frame[c] = frame[c].map(lambda v: f"{v:.4f}" if v == v and v is not None else "")
+    _emit(frame, fmt, title=f"{len(frame)} runs")
+
+
+@app.command()
+def status(
+    ctx: typer.Context,
+    plan: Optional[str] = typer.Option(None, help="Only this plan."),
+    watch: bool = typer.Option(False, "--watch", help="Refresh every --interval seconds until all runs are finished (Ctrl-C to stop)."),
+    interval: float = typer.Option(2.0, help="Seconds between refreshes with --watch."),
+) -> None:
+    """Counts of runs per plan and status.
+
+    Example: slab status --watch   (follow a launch from another terminal)
+    """
+    from sweep.progress import status_table, watch_status
+
+    engine = _engine(ctx)
+    if watch:
+        watch_status(engine, out, plan=plan, interval=interval)
+    else:
+        out.print(status_table(engine, plan=plan))
+
+
+@app.command()
+def sql(
+    ctx: typer.Context,
+    query: str = typer.Argument(..., help="One SQL statement (read-only).", show_default=False),
+    csv_: bool = typer.Option(False, "--csv", help="Print CSV."),
+    json_: bool = typer.Option(False, "--json", help="Print JSON records."),
+) -> None:
+    """Run a read-only SQL query; a write is refused (exit 2).
+
+    Example: slab sql "select arch, min(val_loss) from runs where status='done' group by arch"
+    """
+    from db.queries import QueryError, run_sql
+
+    fmt = _fmt(csv_, json_)
+    try:
+        frame = run_sql(_engine(ctx), query)
+    except QueryError as exc:
+        fail(str(exc))
+    _emit(frame, fmt)
+
+
+class ExportFormat(str, Enum):
+    csv = "csv"
+    parquet = "parquet"
+
+
+@app.command()
+def export(
+    ctx: typer.Context,
+    table: str = typer.Argument(..., help="plans, runs, plan_runs, metrics, evals or fits.", show_default=False),
+    format: ExportFormat = typer.Option(ExportFormat.csv, "--format", help="csv or parquet (needs pyarrow)."),
+    out_path: Path = typer.Option(..., "--out", help="File to write.", show_default=False),
+) -> None:
+    """Export a whole table to CSV or Parquet.
+
+    Example: slab export metrics --format parquet --out metrics.parquet
+    """
+    from db.queries import QueryError, export_table
+
+    try:
+        n = export_table(_engine(ctx), table, format.value, out_path)
+    except QueryError as exc:
+        fail(str(exc))
+    out.print(f"wrote {n} rows of {table} to {out_path}")
+
+
+@bench_app.command("plan")
+def bench_plan(
+    plan_file: Path = typer.Argument(Path("plans/minimax01.csv"), help="Plan to expand and register."),
+) -> None:
+    """Time expanding a big plan and registering it into a fresh SQLite file.
+
+    Example: slab bench plan plans/minimax01.csv
+    """
+    from sweep.bench import bench_plan as run
+
+    result = run(plan_file)
+    out.print(
+        f"{plan_file}: {result['runs']:,} runs; expand {result['expand_s']:.3f} s (target < 1 s); "
+        f"register into fresh SQLite {result['register_s']:.3f} s (target < 2 s)"
+    )
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,746 @@
+"""Spreadsheet plans: parse a CSV/XLSX plan, validate every cell, and expand its rows into RunSpecs.
+
+A plan is a header row of known columns (``COLUMNS``) and one row per block of runs. A cell holds
+
+- a value: ``64``, ``3e-4``, ``10M`` (suffixes k, M, B, T), ``lightning``;
+- a list: ``64|128|256`` (the row is repeated for each item);
+- a geometric range ``64..1024*2`` (64, 128, ..., 1024) or an arithmetic range ``1..5+1``;
+- an expression ``=20*params`` over other columns of the same run and the derived names ``params``
+  (the model's total parameter count), ``nonembed_params``, ``flops_per_token``, ``tokens`` and ``flops``;
+  arithmetic, ``min``, ``max`` and ``round`` only, parsed with ``ast`` and never ``eval``-ed.
+
+A row expands to the product of its lists and ranges; expressions are evaluated per expanded run in
+dependency order. Blank lines and lines starting with ``#`` are ignored. Every error names
+``file:row:column`` (row = line number in the file) and a plan's errors are reported together.
+"""
+
+from __future__ import annotations
+
+import ast
+import csv
+import functools
+import hashlib
+import itertools
+import math
+import operator
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from models.config import (
+    ARCHS,
+    BYTE_VOCAB_SIZE,
+    DATA_SOURCES,
+    MQAR_VOCAB_SIZE,
+    ModelConfig,
+    count_params,
+    flops_per_token,
+    hybrid_pattern,
+    shape_for_params,
+)
+from sweep.spec import RunSpec
+
+DEFAULT_MAX_RUNS = 100_000
+MAX_ERRORS = 20
+SCHEDULES = ("cosine", "wsd", "constant")
+EVALS = ("niah", "mqar")
+DERIVED = ("params", "nonembed_params", "flops_per_token", "tokens", "flops")
+
+
+@dataclass(frozen=True)
+class Column:
+    """One plan column: its kind of value, default (None = required or derived) and meaning."""
+
+    kind: str  # int | float | str | list-str (a set such as evals, not a product)
+    default: Any
+    doc: str
+
+
+#: Every column a plan may have, with its default: the one place defaults live.
+COLUMNS: dict[str, Column] = {
+    "name": Column("str", None, "label of the runs in this plan; may use {fields} of the spec, e.g. {arch}-{d_model}"),
+    "arch": Column("str", None, "softmax | lightning | hybrid | hgrn2 | mamba2 (required)"),
+    "d_model": Column("int", None, "model width (or give params)"),
+    "n_layers": Column("int", None, "number of blocks (or give params)"),
+    "n_heads": Column("int", None, "attention heads; default d_model // 64"),
+    "params": Column("float", None, "target non-embedding size, resolved by models.config.shape_for_params"),
+    "hybrid": Column("str", 8, "softmax every k-th layer (8 = one per seven lightning) or a pattern like LLLS"),
+    "vocab": Column("int", None, f"vocabulary; default {BYTE_VOCAB_SIZE} for byte data, {MQAR_VOCAB_SIZE} for mqar"),
+    "seq_len": Column("int", 512, "training context length"),
+    "batch_size": Column("int", 32, "sequences per optimizer step"),
+    "tokens": Column("float", None, "training tokens (give tokens or flops, not both)"),
+    "flops": Column("float", None, "training FLOPs budget; tokens = flops / flops_per_token"),
+    "lr": Column("float", 1e-3, "peak learning rate"),
+    "warmup": Column("float", 0.05, "warmup: steps if >= 1, else a fraction of the run's steps"),
+    "schedule": Column("str", "cosine", "cosine | wsd | constant"),
+    "min_lr_ratio": Column("float", 0.1, "final learning rate as a fraction of lr"),
+    "weight_decay": Column("float", 0.1, "AdamW weight decay"),
+    "grad_clip": Column("float", 1.0, "gradient-norm clipping threshold"),
+    "seed": Column("int", 0, "random seed (init and data order)"),
+    "data": Column("str", "stdlib", "stdlib | passkey | mqar | a .txt/.bin path; mixtures like stdlib+passkey@0.1"),
+    "evals": Column("list-str", "", "evaluations after training: niah|mqar, or empty"),
+    "eval_every": Column("int", 0, "steps between validation evals (0 = at the end only)"),
+    "gpus": Column("float", 1.0, "fraction of one GPU per run (0.25 packs four), or a whole number for data-parallel"),
+    "tags": Column("list-str", "", "free labels, e.g. ablation|v2"),
+}
+
+_NUM_SUFFIX = {"k": 1e3, "K": 1e3, "M": 1e6, "B": 1e9, "G": 1e9, "T": 1e12}
+_NUM_RE = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?([kKMBGT])?$")
+_RANGE_RE = re.compile(r"^(?P<a>[^.][^*+]*?)\.\.(?P<b>[^*+]+)(?P<op>[*+])(?P<s>.+)$")
+
+
+@dataclass(frozen=True)
+class PlanIssue:
+    """One problem in a plan, located by file, row (line number) and column."""
+
+    path: str
+    row: int | None
+    column: str | None
+    message: str
+
+    def __str__(self) -> str:
+        where = self.path
+        if self.row is not None:
+            where += f":{self.row}"
+        if self.column:
+            where += f":{self.column}"
+        return f"{where}: {self.message}"
+
+
+class PlanError(ValueError):
+    """A plan has errors; ``issues`` lists them (at most ``MAX_ERRORS``)."""
+
+    def __init__(self, issues: list[PlanIssue]):
+        self.issues = issues
+        super().__init__("\n".join(str(i) for i in issues))
+
+
+@dataclass(frozen=True)
+class PlannedRun:
+    """A run as one plan row asked for it: the spec plus the plan's label for it."""
+
+    spec: RunSpec
+    row: int
+    name: str | None
+    tags: str
+
+
+@dataclass
+class Plan:
+    """A parsed, validated and expanded plan file."""
+
+    path: Path
+    name: str
+    sha256: str
+    runs: list[PlannedRun] = field(default_factory=list)
+
+    def unique_specs(self) -> dict[str, RunSpec]:
+        """The plan's distinct runs by run id (two rows may ask for the same run)."""
+        return {r.spec.run_id: r.spec for r in self.runs}
+
+
+# ---------------------------------------------------------------- reading
+
+
+def read_rows(path: Path) -> list[tuple[int, list[str]]]:
+    """The file's non-comment, non-blank rows as (line number, cells); raises PlanError if unreadable."""
+    where = str(path)
+    if path.suffix.lower() in (".xlsx", ".xlsm"):
+        return _read_xlsx(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise PlanError([PlanIssue(where, None, None, f"cannot read the file: {exc.strerror or exc}")]) from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise PlanError(
+            [PlanIssue(where, line, None, f"not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start})")]
+        ) from None
+    rows = []
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        cells = next(csv.reader([line], skipinitialspace=True))
+        rows.append((lineno, [c.strip() for c in cells]))
+    return rows
+
+
+def _read_xlsx(path: Path) -> list[tuple[int, list[str]]]:
+    try:
+        import openpyxl
+    except ImportError:
+        raise PlanError(
+            [PlanIssue(str(path), None, None, "reading .xlsx plans needs openpyxl: pip install 'scalinglab[xlsx]'")]
+        ) from None
+    try:
+        sheet = openpyxl.load_workbook(path, read_only=True, data_only=True).worksheets[0]
+    except Exception as exc:
+        raise PlanError([PlanIssue(str(path), None, None, f"cannot read the workbook: {exc}")]) from None
+    rows = []
+    for lineno, values in enumerate(sheet.iter_rows(values_only=True), start=1):
+        cells = ["" if v is None else _xlsx_text(v) for v in values]
+        while cells and not cells[-1]:
+            cells.pop()
+        if not cells or cells[0].startswith("#"):
+            continue
+        rows.append((lineno, cells))
+    return rows
+
+
+def _xlsx_text(value: Any) -> str:
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value).strip()
+
+
+# ---------------------------------------------------------------- cells
+
+
+class CellError(ValueError):
+    """A single cell is malformed; the caller adds file, row and column."""
+
+
+@dataclass(frozen=True)
+class Expr:
+    """A parsed ``=expression`` cell and the names it reads."""
+
+    text: str
+    tree: ast.Expression
+    names: frozenset[str]
+
+
+_BINOPS: dict[type, Callable[[float, float], float]] = {
+    ast.Add: operator.add,
+    ast.Sub: operator.sub,
+    ast.Mult: operator.mul,
+    ast.Div: operator.truediv,
+    ast.FloorDiv: operator.floordiv,
+    ast.Mod: operator.mod,
+    ast.Pow: operator.pow,
+}
+_FUNCS: dict[str, Callable[..., float]] = {"min": min, "max": max, "round": round}
+
+
+def parse_expr(text: str) -> Expr:
+    """Parse an ``=expression`` cell, allowing only arithmetic, names, numbers, min, max and round."""
+    body = text[1:].strip()
+    if not body:
+        raise CellError("empty expression after '='")
+    try:
+        tree = ast.parse(body, mode="eval")
+    except SyntaxError as exc:
+        raise CellError(f"expression syntax error in {text!r}: {exc.msg}") from None
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Name):
+            names.add(node.id)
+        elif isinstance(node, ast.Call):
+            if not isinstance(node.func, ast.Name) or node.func.id not in _FUNCS or node.keywords:
+                raise CellError(f"in {text!r}: only min(), max() and round() may be called")
+        elif isinstance(node, ast.Constant):
+            if not isinstance(node.value, (int, float)) or isinstance(node.value, bool):
+                raise CellError(f"in {text!r}: only numbers are allowed as constants, got {node.value!r}")
+        elif not isinstance(node, (ast.Expression, ast.BinOp, ast.UnaryOp, ast.Load, ast.USub, ast.UAdd, *_BINOPS)):
+            raise CellError(f"in {text!r}: {type(node).__name__} is not allowed in an expression")
+    names -= set(_FUNCS)
+    return Expr(text, tree, frozenset(names))
+
+
+def eval_expr(expr: Expr, lookup: Callable[[str], float]) -> float:
+    """Evaluate a parsed expression, reading names through ``lookup``; numbers are floats."""
+
+    def ev(node: ast.AST) -> float:
+        if isinstance(node, ast.Expression):
+            return ev(node.body)
+        if isinstance(node, ast.Constant):
+            return float(node.value)
+        if isinstance(node, ast.Name):
+            return lookup(node.id)
+        if isinstance(node, ast.UnaryOp):
+            value = ev(node.operand)
+            return -value if isinstance(node.op, ast.USub) else value
+        if isinstance(node, ast.BinOp):
+            left, right = ev(node.left), ev(node.right)
+            try:
+                return float(_BINOPS[type(node.op)](left, right))
+            except ZeroDivisionError:
+                raise CellError(f"division by zero in {expr.text!r}") from None
+            except OverflowError:
+                raise CellError(f"number too large in {expr.text!r}") from None
+        if isinstance(node, ast.Call):
+            args = [ev(a) for a in node.args]
+            if not args:
+                raise CellError(f"{node.func.id}() needs arguments in {expr.text!r}")
+            return float(_FUNCS[node.func.id](*args))
+        raise CellError(f"cannot evaluate {expr.text!r}")  # unreachable after parse_expr's whitelist
+
+    value = ev(expr.tree)
+    if not math.isfinite(value):
+        raise CellError(f"{expr.text!r} is not finite ({value})")
+    return value
+
+
+def parse_number(text: str, expected: str = "a number") -> float:
+    """A number cell, allowing suffixes k, M, B (or G) and T: ``10M`` -> 1e7."""
+    if not _NUM_RE.match(text):
+        raise CellError(f'expected {expected}, got "{text}"')
+    scale = _NUM_SUFFIX.get(text[-1], 1.0)
+    return float(text[:-1] if scale != 1.0 else text) * scale
+
+
+def parse_range(text: str) -> list[float]:
+    """``a..b*r`` (geometric) or ``a..b+s`` (arithmetic), both ends included."""
+    m = _RANGE_RE.match(text)
+    if not m:
+        raise CellError(f"malformed range {text!r}: expected start..end*ratio or start..end+step")
+    try:
+        a, b, s = (parse_number(m.group(k).strip()) for k in ("a", "b", "s"))
+    except CellError as exc:
+        raise CellError(f"malformed range {text!r}: {exc}") from None
+    geometric = m.group("op") == "*"
+    if geometric and (s <= 1 or a <= 0):
+        raise CellError(f"malformed range {text!r}: a geometric range needs start > 0 and ratio > 1")
+    if not geometric and s <= 0:
+        raise CellError(f"malformed range {text!r}: the step must be positive")
+    out, x, eps = [], a, 1e-9 * max(abs(a), abs(b), 1.0)
+    while x <= b + eps and len(out) <= DEFAULT_MAX_RUNS:
+        out.append(x)
+        x = x * s if geometric else a + len(out) * s
+    return out
+
+
+def parse_cell(column: str, text: str) -> list[Any] | Expr:
+    """A cell as the list of values it stands for (one item for a plain value), or an Expr."""
+    col = COLUMNS[column]
+    if text.startswith("="):
+        if col.kind not in ("int", "float"):
+            raise CellError(f"expressions are only allowed in numeric columns, not in {column}")
+        return parse_expr(text)
+    if col.kind == "list-str":
+        return ["|".join(sorted({p.strip() for p in text.split("|") if p.strip()}))]
+    items = [p.strip() for p in text.split("|")]
+    if any(not p for p in items):
+        raise CellError(f"empty item in list {text!r}")
+    if col.kind == "str":
+        return items
+    expected = "a positive integer" if col.kind == "int" else "a number"
+    values: list[Any] = []
+    for item in items:
+        if ".." in item:
+            values.extend(parse_range(item))
+        else:
+            values.append(parse_number(item, expected))
+    return values
+
+
+# ---------------------------------------------------------------- resolution
+
+
+class _Resolver:
+    """Resolves one expanded run's columns and derived names, memoised, with cycle detection."""
+
+    def __init__(self, cells: dict[str, Any], base_dir: Path):
+        self.cells = cells
+        self.base_dir = base_dir
+        self.values: dict[str, Any] = {}
+        self.visiting: list[str] = []
+        self.column_of: dict[str, str] = {}
+
+    def get(self, name: str) -> Any:
+        if name in self.values:
+            return self.values[name]
+        if name in self.visiting:
+            cycle = " -> ".join(self.visiting[self.visiting.index(name) :] + [name])
+            raise CellError(f"expressions form a cycle: {cycle}")
+        self.visiting.append(name)
+        try:
+            value = self._compute(name)
+        except _ColumnError:
+            raise
+        except CellError as exc:
+            if name in COLUMNS:  # locate the problem in the cell that holds it
+                raise _ColumnError(name, str(exc)) from None
+            raise
+        finally:
+            self.visiting.pop()
+        self.values[name] = value
+        return value
+
+    def numeric(self, name: str) -> float:
+        if name not in COLUMNS and name not in DERIVED:
+            known = ", ".join(sorted(set(COLUMNS) | set(DERIVED)))
+            raise CellError(f"unknown name {name!r} in expression (known: {known})")
+        value = self.get("_params" if name == "params" else name)
+        if isinstance(value, str) or value is None:
+            raise CellError(f"{name!r} is not a number here (it is {value!r})")
+        return float(value)
+
+    def _cell(self, column: str) -> Any:
+        raw = self.cells.get(column)
+        if isinstance(raw, Expr):
+            return eval_expr(raw, self.numeric)
+        return raw
+
+    def _compute(self, name: str) -> Any:
+        if name == "_config":
+            return self._config()
+        if name in ("_params", "nonembed_params"):
+            counts = counts_cached(self.get("_config"))
+            return counts.total if name == "_params" else counts.nonembed
+        if name == "flops_per_token":
+            return flops_per_token_cached(self.get("_config"), int(self.get("seq_len")))
+        if name == "tokens" and self.cells.get("tokens") is None:
+            if self.cells.get("flops") is None:
+                raise CellError("give tokens or flops")
+            return self.get("flops") / self.get("flops_per_token")
+        if name == "flops" and self.cells.get("flops") is None:
+            return self.get("tokens") * self.get("flops_per_token")
+        value = self._cell(name)
+        if value is None:
+            value = COLUMNS[name].default
+        return value
+
+    def _config(self) -> ModelConfig:
+        arch = self.get("arch")
+        if arch not in ARCHS:
+            raise _ColumnError("arch", f"expected one of {', '.join(ARCHS)}, got {arch!r}")
+        shape = {k: self.cells.get(k) for k in ("d_model", "n_layers", "n_heads")}
+        if self.cells.get("params") is not None:
+            if shape["d_model"] is not None or shape["n_layers"] is not None:
+                raise _ColumnError("params", "give params or d_model/n_layers, not both")
+            d_model, n_layers, n_heads = shape_for_params(_positive(self.get("params"), "params", integer=False))
+            if shape["n_heads"] is not None:
+                n_heads = _positive_int(self.get("n_heads"), "n_heads")
+        else:
+            missing = [k for k in ("d_model", "n_layers") if shape[k] is None]
+            if missing:
+                raise _ColumnError(missing[0], "a size is needed: give d_model and n_layers, or params")
+            d_model = _positive_int(self.get("d_model"), "d_model")
+            n_layers = _positive_int(self.get("n_layers"), "n_layers")
+            if shape["n_heads"] is None:
+                n_heads = max(1, d_model // 64)
+            else:
+                n_heads = _positive_int(self.get("n_heads"), "n_heads")
+        if d_model % n_heads:
+            raise _ColumnError("n_heads", f"d_model {d_model} is not divisible by n_heads {n_heads}")
+        hybrid = ""
+        if arch == "hybrid":
+            try:
+                hybrid = hybrid_pattern(self.get("hybrid"), n_layers)
+            except ValueError as exc:
+                raise _ColumnError("hybrid", str(exc)) from None
+        elif self.cells.get("hybrid") is not None:
+            raise _ColumnError("hybrid", f"a hybrid pattern only applies to arch hybrid, not {arch}")
+        return ModelConfig(arch, d_model, n_layers, n_heads, self.vocab(), hybrid)
+
+    def vocab(self) -> int:
+        data = self.get("data")
+        if self.cells.get("vocab") is not None:
+            return _positive_int(self.get("vocab"), "vocab")
+        parts = [p.split("@")[0] for p in data.split("+")]
+        if "mqar" in parts:
+            return MQAR_VOCAB_SIZE
+        if any(p.endswith(".bin") for p in parts):
+            raise _ColumnError("vocab", f"data {data!r} is a .bin of token ids: give its vocab")
+        return BYTE_VOCAB_SIZE
+
+
+class _ColumnError(CellError):
+    """A cell error that belongs to a named column (not the one being resolved)."""
+
+    def __init__(self, column: str, message: str):
+        super().__init__(message)
+        self.column = column
+
+
+@functools.lru_cache(maxsize=4096)
+def counts_cached(cfg: ModelConfig):
+    """``models.config.count_params``, memoised: big plans repeat the same shapes many times."""
+    return count_params(cfg)
+
+
+@functools.lru_cache(maxsize=4096)
+def flops_per_token_cached(cfg: ModelConfig, seq_len: int) -> int:
+    """``models.config.flops_per_token``, memoised: big plans repeat the same shapes many times."""
+    return flops_per_token(cfg, seq_len)
+
+
+def _positive(value: Any, column: str, integer: bool = True) -> float:
+    if not isinstance(value, (int, float)) or not value > 0 or (integer and float(value) != int(value)):
+        kind = "a positive integer" if integer else "a positive number"
+        raise _ColumnError(column, f"expected {kind}, got {_show(value)}")
+    return value
+
+
+def _positive_int(value: Any, column: str) -> int:
+    return int(_positive(value, column))
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return repr(value) if isinstance(value, str) else str(value)
+
+
+def _data_value(data: str, base_dir: Path) -> str:
+    """Check a data cell and make its paths absolute (relative paths are relative to the plan file)."""
+    out = []
+    for part in data.split("+"):
+        source, _, weight = part.partition("@")
+        source = source.strip()
+        if weight:
+            try:
+                w = float(weight)
+            except ValueError:
+                raise CellError(f"mixture weight in {part!r} must be a number") from None
+            if not 0 < w < 1:
+                raise CellError(f"mixture weight in {part!r} must be between 0 and 1")
+        if source not in DATA_SOURCES:
+            path = Path(source).expanduser()
+            path = path if path.is_absolute() else (base_dir / path)
+            if path.suffix not in (".txt", ".bin") and not path.is_dir():
+                raise CellError(f"unknown data {source!r}: expected {', '.join(DATA_SOURCES)}, or a .txt/.bin path")
+            if not path.exists():
+                raise CellError(f"data path {path} does not exist")
+            source = str(path.resolve())
+        out.append(source + (f"@{weight}" if weight else ""))
+    return "+".join(out)
+
+
+def _build_spec(r: _Resolver, base_dir: Path) -> RunSpec:
+    def num(col: str, check: Callable[[float], bool], expected: str) -> float:
+        value = r.get(col)
+        if not isinstance(value, (int, float)) or not check(value):
+            raise _ColumnError(col, f"expected {expected}, got {_show(value)}")
+        return value
+
+    def text(col: str, choices: tuple[str, ...] | None = None) -> str:
+        value = str(r.get(col))
+        if choices and value not in choices:
+            raise _ColumnError(col, f"expected one of {', '.join(choices)}, got {value!r}")
+        return value
+
+    try:
+        data = _data_value(text("data"), base_dir)
+    except CellError as exc:
+        raise _ColumnError("data", str(exc)) from None
+    r.values["data"] = data
+    cfg = r.get("_config")
+    seq_len = int(num("seq_len", lambda v: v > 0 and v == int(v), "a positive integer"))
+    batch = int(num("batch_size", lambda v: v > 0 and v == int(v), "a positive integer"))
+    if r.cells.get("tokens") is not None and r.cells.get("flops") is not None:
+        raise _ColumnError("flops", "give tokens or flops, not both")
+    if r.cells.get("tokens") is None and r.cells.get("flops") is None:
+        raise _ColumnError("tokens", "give tokens or flops (neither is set)")
+    budget_col = "tokens" if r.cells.get("tokens") is not None else "flops"
+    num(budget_col, lambda v: v > 0, "a positive number")
+    tokens = int(round(num("tokens", lambda v: v >= 1, "at least one token")))
+    steps = max(1, math.ceil(tokens / (batch * seq_len)))
+    warm = num("warmup", lambda v: v >= 0, "a number >= 0")
+    warmup = int(round(warm * steps)) if warm < 1 else int(warm)
+    evals = tuple(e for e in text("evals").split("|") if e)
+    bad = [e for e in evals if e not in EVALS]
+    if bad:
+        raise _ColumnError("evals", f"expected evals among {', '.join(EVALS)}, got {bad[0]!r}")
+    gpus = num("gpus", lambda v: v > 0 and (v <= 1 or v == int(v)), "a fraction in (0, 1] or a whole number")
+    return RunSpec(
+        arch=cfg.arch,
+        d_model=cfg.d_model,
+        n_layers=cfg.n_layers,
+        n_heads=cfg.n_heads,
+        hybrid=cfg.hybrid,
+        vocab_size=cfg.vocab_size,
+        seq_len=seq_len,
+        batch_size=batch,
+        tokens=tokens,
+        lr=num("lr", lambda v: v > 0, "a positive number"),
+        warmup=min(warmup, steps),
+        schedule=text("schedule", SCHEDULES),
+        min_lr_ratio=num("min_lr_ratio", lambda v: 0 <= v <= 1, "a number in [0, 1]"),
+        weight_decay=num("weight_decay", lambda v: v >= 0, "a number >= 0"),
+        grad_clip=num("grad_clip", lambda v: v > 0, "a positive number"),
+        seed=int(num("seed", lambda v: v >= 0 and v == int(v), "a non-negative integer")),
+        data=data,
+        evals=evals,
+        eval_every=int(num("eval_every", lambda v: v >= 0 and v == int(v), "a non-negative integer")),
+        gpus=gpus,
+    )
+
+
+# ---------------------------------------------------------------- the plan
+
+
+def load_plan(path: str | Path, *, max_runs: int = DEFAULT_MAX_RUNS) -> Plan:
+    """Read, validate and expand a plan file; raises PlanError listing every problem found (up to 20)."""
+    path = Path(path)
+    where = str(path)
+    rows = read_rows(path)
+    if not rows:
+        raise PlanError([PlanIssue(where, None, None, "the plan is empty: expected a header row of columns")])
+    header_line, header = rows[0]
+    issues: list[PlanIssue] = []
+    seen: set[str] = set()
+    for name in header:
+        if not name:
+            issues.append(PlanIssue(where, header_line, None, "empty column name in the header"))
+        elif name not in COLUMNS:
+            hint = f"; known columns: {', '.join(COLUMNS)}"
+            issues.append(PlanIssue(where, header_line, name, f"unknown column {name!r}{hint}"))
+        elif name in seen:
+            issues.append(PlanIssue(where, header_line, name, "duplicate column"))
+        seen.add(name)
+    if "arch" not in seen:
+        issues.append(PlanIssue(where, header_line, None, "the header has no 'arch' column"))
+    if issues:
+        raise PlanError(issues[:MAX_ERRORS])
+    if len(rows) == 1:
+        raise PlanError([PlanIssue(where, header_line, None, "the plan has a header but no rows")])
+
+    plan = Plan(path=path, name=path.stem, sha256=hashlib.sha256(path.read_bytes()).hexdigest())
+    total = 0
+    for lineno, cells in rows[1:]:
+        if len(issues) >= MAX_ERRORS:
+            break
+        if len(cells) > len(header):
+            issues.append(PlanIssue(where, lineno, None, f"{len(cells)} cells but the header has {len(header)} columns"))
+            continue
+        parsed: dict[str, Any] = {}
+        for column, text in zip(header, cells):
+            if not text:
+                continue
+            try:
+                parsed[column] = parse_cell(column, text)
+            except CellError as exc:
+                issues.append(PlanIssue(where, lineno, column, str(exc)))
+        if len(issues) >= MAX_ERRORS or any(i.row == lineno for i in issues):
+            continue
+        lists = {c: v for c, v in parsed.items() if not isinstance(v, Expr)}
+        count = math.prod(len(v) for v in lists.values())
+        if count == 0:
+            empty = next(c for c, v in lists.items() if not v)
+            issues.append(PlanIssue(where, lineno, empty, "this row expands to zero runs"))
+            continue
+        total += count
+        if total > max_runs:
+            issues.append(
+                PlanIssue(where, lineno, None, f"the plan expands to more than {max_runs:,} runs (raise --max-runs)")
+            )
+            break
+        _expand_row(plan, where, lineno, parsed, lists, issues)
+    if issues:
+        raise PlanError(issues[:MAX_ERRORS])
+    return plan
+
+
+def _expand_row(
+    plan: Plan, where: str, lineno: int, parsed: dict, lists: dict, issues: list[PlanIssue]
+) -> None:
+    exprs = {c: v for c, v in parsed.items() if isinstance(v, Expr)}
+    names = list(lists)
+    seen_messages: set[tuple[str | None, str]] = set()
+    for combo in itertools.product(*(lists[c] for c in names)):
+        cells = dict(zip(names, combo))
+        cells.update(exprs)
+        for col in ("name", "tags"):
+            cells.pop(col, None)
+        resolver = _Resolver(cells, plan.path.parent)
+        try:
+            spec = _build_spec(resolver, plan.path.parent)
+            label = _label(parsed.get("name"), spec)
+        except CellError as exc:
+            column = getattr(exc, "column", None)
+            key = (column, str(exc))
+            if key not in seen_messages:  # one message per distinct problem, not one per expanded run
+                seen_messages.add(key)
+                issues.append(PlanIssue(where, lineno, column, str(exc)))
+            if len(issues) >= MAX_ERRORS:
+                return
+            continue
+        tags = parsed.get("tags", [""])[0]
+        plan.runs.append(PlannedRun(spec=spec, row=lineno, name=label, tags=tags))
+
+
+def _label(name_cell: list[str] | None, spec: RunSpec) -> str | None:
+    if not name_cell:
+        return None
+    template = name_cell[0]
+    try:
+        return template.format(**spec.to_dict())
+    except (KeyError, IndexError, ValueError) as exc:
+        raise _ColumnError("name", f"bad name template {template!r}: {exc}") from None
+
+
+def load_plans(paths: list[str | Path], *, max_runs: int = DEFAULT_MAX_RUNS) -> list[Plan]:
+    """Load several plans, reporting the errors of all of them together."""
+    plans, issues = [], []
+    for p in paths:
+        try:
+            plans.append(load_plan(p, max_runs=max_runs))
+        except PlanError as exc:
+            issues.extend(exc.issues)
+    if issues:
+        raise PlanError(issues[:MAX_ERRORS])
+    return plans
+
+
+# ---------------------------------------------------------------- costing
+
+
+@dataclass(frozen=True)
+class Block:
+    """Runs of one plan row that share an architecture and shape: one line of ``slab plan``."""
+
+    plan: str
+    row: int
+    arch: str
+    shape: str  # d_model x n_layers / heads (+ hybrid pattern)
+    params: int
+    nonembed_params: int
+    tokens_min: int
+    tokens_max: int
+    flops: float
+    runs: int
+
+
+@dataclass(frozen=True)
+class Costing:
+    """What a set of plans will cost: its blocks, distinct runs, total FLOPs and estimated GPU-hours."""
+
+    blocks: list[Block]
+    runs: int
+    flops: float
+    gpu_hours: float
+    mfu: float
+    gpu_tflops: float
+
+
+def cost_plans(plans: list[Plan], *, mfu: float = 0.3, gpu_tflops: float = 989.0) -> Costing:
+    """Group the plans' distinct runs into blocks and price them: GPU-hours = FLOPs / (mfu * peak)."""
+    if not 0 < mfu <= 1:
+        raise ValueError(f"--mfu must be in (0, 1], got {mfu}")
+    if gpu_tflops <= 0:
+        raise ValueError(f"--gpu-tflops must be positive, got {gpu_tflops}")
+    groups: dict[tuple, list[RunSpec]] = {}
+    seen: set[str] = set()
+    total = 0.0
+    for plan in plans:
+        for run in plan.runs:
+            if run.spec.run_id in seen:
+                continue
+            seen.add(run.spec.run_id)
+            s = run.spec
+            shape = f"{s.d_model}x{s.n_layers}/{s.n_heads}" + (f" {s.hybrid}" if s.hybrid else "")
+            groups.setdefault((plan.name, run.row, s.arch, shape), []).append(s)
+    blocks = []
+    for (plan_name, row, arch, shape), specs in groups.items():
+        cfg = specs[0].model_config()
+        counts = counts_cached(cfg)
+        flops = sum(float(flops_per_token_cached(s.model_config(), s.seq_len)) * s.tokens for s in specs)
+        total += flops
+        tokens = [s.tokens for s in specs]
+        blocks.append(Block(plan_name, row, arch, shape, counts.total, counts.nonembed, min(tokens), max(tokens), flops, len(specs)))
+    hours = total / (mfu * gpu_tflops * 1e12) / 3600
+    return Costing(blocks=blocks, runs=len(seen), flops=total, gpu_hours=hours, mfu=mfu, gpu_tflops=gpu_tflops)

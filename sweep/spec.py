@@ -1,0 +1,108 @@
+"""RunSpec: one fully resolved training run, its canonical JSON and its content-hash id."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field, fields
+
+from models.config import ModelConfig, count_params, flops_per_token
+
+#: Fields that say where a run trains, not what it trains: they stay out of the run id, so the same run
+#: trained on a GPU share or on two GPUs is one run.
+PLACEMENT_FIELDS = frozenset({"gpus"})
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """Everything that determines one training run; nothing is left to an implicit default."""
+
+    arch: str
+    d_model: int
+    n_layers: int
+    n_heads: int
+    hybrid: str
+    vocab_size: int
+    seq_len: int
+    batch_size: int  # sequences per optimizer step
+    tokens: int  # training budget; steps = ceil(tokens / (batch_size * seq_len))
+    lr: float
+    warmup: int  # steps
+    schedule: str  # cosine | wsd | constant
+    min_lr_ratio: float
+    weight_decay: float
+    grad_clip: float
+    seed: int
+    data: str
+    evals: tuple[str, ...] = field(default_factory=tuple)
+    eval_every: int = 0  # steps between validation/evals; 0 = only at the end
+    gpus: float = 1.0  # fraction of one GPU, or an integer count for data-parallel runs
+
+    def __post_init__(self) -> None:
+        # Normalise types so that equal runs hash equally however they were built.
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.type == "int":
+                object.__setattr__(self, f.name, int(value))
+            elif f.type == "float":
+                object.__setattr__(self, f.name, _norm_float(value))
+        object.__setattr__(self, "evals", tuple(self.evals))
+
+    @property
+    def steps(self) -> int:
+        """Optimizer steps this run takes."""
+        return max(1, math.ceil(self.tokens / (self.batch_size * self.seq_len)))
+
+    @property
+    def run_id(self) -> str:
+        """sha256 of the canonical JSON (placement fields excluded), first 16 hex digits."""
+        return hashlib.sha256(self.canonical_json(identity=True).encode()).hexdigest()[:16]
+
+    def model_config(self) -> ModelConfig:
+        """The model shape this run trains."""
+        return ModelConfig(self.arch, self.d_model, self.n_layers, self.n_heads, self.vocab_size, self.hybrid)
+
+    def to_dict(self) -> dict:
+        """A JSON-ready dict of every field."""
+        out = dataclasses.asdict(self)
+        out["evals"] = list(self.evals)
+        return out
+
+    def canonical_json(self, identity: bool = False) -> str:
+        """Sorted keys, no whitespace; ``identity`` drops the placement fields (what the id hashes)."""
+        data = self.to_dict()
+        if identity:
+            data = {k: v for k, v in data.items() if k not in PLACEMENT_FIELDS}
+        return json.dumps(data, sort_keys=True, separators=(",", ":"), allow_nan=False)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> RunSpec:
+        """Rebuild a spec from ``to_dict()`` output (unknown keys are an error)."""
+        return cls(**data)
+
+    @classmethod
+    def from_json(cls, text: str) -> RunSpec:
+        """Rebuild a spec from its JSON."""
+        return cls.from_dict(json.loads(text))
+
+    def derived(self) -> dict:
+        """Sizes and costs implied by the spec: params, non-embedding params, FLOPs per token, total FLOPs."""
+        cfg = self.model_config()
+        counts = count_params(cfg)
+        fpt = flops_per_token(cfg, self.seq_len)
+        return {
+            "params": counts.total,
+            "nonembed_params": counts.nonembed,
+            "flops_per_token": fpt,
+            "flops": float(fpt) * self.tokens,
+        }
+
+
+def _norm_float(value: float) -> float:
+    """Round to 12 significant digits so 0.1 + 0.2 and 0.3 hash the same."""
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"non-finite value {value} in a run spec")
+    return float(f"{value:.12g}")

@@ -1,0 +1,75 @@
+"""The database layer on SQLite and (when SLAB_TEST_PG_URL is set) PostgreSQL."""
+
+import pytest
+from sqlalchemy import select, update
+
+from db.engine import DatabaseError, open_db, session
+from db.queries import QueryError, run_sql, runs_frame, status_counts
+from db.schema import SCHEMA_VERSION, Meta, Metric, Run
+from sweep.plan import load_plan
+from sweep.registry import add_plans
+
+PLAN = "arch,d_model,n_layers,n_heads,seq_len,batch_size,tokens,lr,seed\nsoftmax|hgrn2,32,2,2,64,4,20k,1e-3,0|1|2\n"
+
+
+def test_round_trip(db_url, write_plan):
+    engine = open_db(db_url)
+    plan = load_plan(write_plan(PLAN, "rt.csv"))
+    [reg] = add_plans(engine, [plan])
+    assert (reg.new, reg.known) == (6, 0)
+    [again] = add_plans(engine, [plan])
+    assert (again.new, again.known) == (0, 6)
+    frame = runs_frame(engine, plan="rt")
+    assert len(frame) == 6 and set(frame["arch"]) == {"softmax", "hgrn2"}
+    spec_ids = set(plan.unique_specs())
+    assert set(frame["run_id"]) == spec_ids
+    with session(engine) as s:
+        run = s.get(Run, next(iter(spec_ids)))
+        assert run.spec == plan.unique_specs()[run.run_id].to_dict()
+        s.add(Metric(run_id=run.run_id, step=1, tokens=256, flops=1e9, loss=5.0, lr=1e-3))
+    counts = status_counts(engine)
+    assert counts["runs"].sum() == 6
+    assert run_sql(engine, "select count(*) as n from metrics")["n"].tolist() == [1]
+    with pytest.raises(QueryError, match="read-only"):
+        run_sql(engine, "delete from runs")
+    assert len(runs_frame(engine)) == 6
+    engine.dispose()
+
+
+def test_metrics_unique_per_step(db_url, write_plan):
+    from sqlalchemy.exc import IntegrityError
+
+    engine = open_db(db_url)
+    add_plans(engine, [load_plan(write_plan(PLAN))])
+    run_id = runs_frame(engine)["run_id"][0]
+    with session(engine) as s:
+        s.add(Metric(run_id=run_id, step=1, tokens=1, flops=1.0, loss=1.0, lr=1.0))
+    with pytest.raises(IntegrityError):
+        with session(engine) as s:
+            s.add(Metric(run_id=run_id, step=1, tokens=1, flops=1.0, loss=2.0, lr=1.0))
+    engine.dispose()
+
+
+def test_newer_schema_is_refused(db_url):
+    engine = open_db(db_url)
+    with session(engine) as s:
+        s.execute(update(Meta).where(Meta.key == "schema_version").values(value=str(SCHEMA_VERSION + 1)))
+    engine.dispose()
+    with pytest.raises(DatabaseError, match="newer than this scalinglab"):
+        open_db(db_url)
+
+
+def test_sqlite_pragmas(tmp_path):
+    engine = open_db(f"sqlite:///{tmp_path}/x.db")
+    with engine.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+        assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
+        assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() >= 1000
+        assert conn.execute(select(Meta.value).where(Meta.key == "schema_version")).scalar() == str(SCHEMA_VERSION)
+
+
+def test_bad_urls(tmp_path):
+    with pytest.raises(DatabaseError, match="no database"):
+        open_db(f"sqlite:///{tmp_path}/missing.db", create=False)
+    with pytest.raises(DatabaseError):
+        open_db("notadb://x")

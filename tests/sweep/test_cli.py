@@ -1,0 +1,128 @@
+"""The slab CLI: dry run, registration, queries, exports, errors and exit codes."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from sweep.cli import app
+
+PLAN = "name,arch,d_model,n_layers,n_heads,seq_len,batch_size,tokens,lr\nr{d_model},softmax|lightning,32|64,2,2,64,4,20k,1e-3\n"
+
+
+@pytest.fixture
+def runner():
+    return CliRunner()
+
+
+def invoke(runner, *args, db=None):
+    pre = ["--db", db] if db else []
+    return runner.invoke(app, [*pre, *map(str, args)])
+
+
+def test_plan_prints_blocks_totals_and_writes_nothing(runner, write_plan, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = write_plan(PLAN)
+    result = invoke(runner, "plan", path)
+    assert result.exit_code == 0, result.output
+    assert "4 runs" in result.output and "GPU-hours" in result.output
+    assert not (tmp_path / "slab.db").exists()
+    data = json.loads(invoke(runner, "plan", path, "--json").stdout)
+    assert data["totals"]["runs"] == 4 and len(data["runs"]) == 4
+    assert sum(r["flops"] for r in data["runs"]) == pytest.approx(data["totals"]["flops"])
+    assert data["totals"]["gpu_hours"] == pytest.approx(data["totals"]["flops"] / (0.3 * 989e12) / 3600)
+
+
+def test_bad_plan_exits_2_and_leaves_database_unchanged(runner, write_plan, tmp_path):
+    db = f"sqlite:///{tmp_path}/slab.db"
+    good = write_plan(PLAN, "good.csv")
+    assert invoke(runner, "add", good, db=db).exit_code == 0
+    before = (tmp_path / "slab.db").read_bytes()
+    bad = write_plan(PLAN + "x,rwkv,64,2,2,64,4,20k,1e-3\n", "bad.csv")
+    result = invoke(runner, "add", good, bad, db=db)
+    assert result.exit_code == 2
+    assert "bad.csv:3:arch: expected one of" in result.stderr
+    assert invoke(runner, "plan", bad).exit_code == 2
+    assert json.loads(invoke(runner, "sql", "select count(*) as n from plans", "--json", db=db).stdout) == [{"n": 1}]
+    # a fresh path is never created by a failing add
+    assert invoke(runner, "add", bad, db=f"sqlite:///{tmp_path}/other.db").exit_code == 2
+    assert not (tmp_path / "other.db").exists()
+    assert before  # the good registration is intact
+    assert json.loads(invoke(runner, "sql", "select count(*) as n from runs", "--json", db=db).stdout) == [{"n": 4}]
+
+
+def test_add_twice_is_a_noop_and_overlap_counts(runner, write_plan, tmp_path):
+    db = f"sqlite:///{tmp_path}/slab.db"
+    a = write_plan(PLAN, "a.csv")
+    first = invoke(runner, "add", a, db=db)
+    assert "4 new runs, 0 already known" in first.output
+    again = invoke(runner, "add", a, db=db)
+    assert "0 new runs, 4 already known" in again.output
+    b = write_plan(PLAN.replace("32|64", "64|128"), "b.csv")
+    assert "2 new runs, 2 already known" in invoke(runner, "add", b, db=db).output
+    runs = json.loads(invoke(runner, "runs", "--json", db=db).stdout)
+    assert len(runs) == 6 and all(r["status"] == "pending" for r in runs)
+    only_b = json.loads(invoke(runner, "runs", "--plan", "b", "--arch", "softmax", "--json", db=db).stdout)
+    assert sorted(r["d_model"] for r in only_b) == [64, 128]
+    status = invoke(runner, "status", db=db)
+    assert status.exit_code == 0 and "pending" in status.output
+    csv_out = invoke(runner, "runs", "--csv", db=db).stdout
+    assert csv_out.splitlines()[0].startswith("run_id,") and len(csv_out.splitlines()) == 7
+
+
+def test_sql_is_read_only(runner, write_plan, tmp_path):
+    db = f"sqlite:///{tmp_path}/slab.db"
+    invoke(runner, "add", write_plan(PLAN), db=db)
+    for stmt in ("delete from runs", "update runs set status='done'", "drop table runs", "insert into meta values ('a','b')"):
+        result = invoke(runner, "sql", stmt, db=db)
+        assert result.exit_code == 2, stmt
+        assert "read-only" in result.stderr
+    rows = json.loads(invoke(runner, "sql", "select status, count(*) as n from runs group by status", "--json", db=db).stdout)
+    assert rows == [{"status": "pending", "n": 4}]
+    bad = invoke(runner, "sql", "select nope from runs", db=db)
+    assert bad.exit_code == 2 and "error:" in bad.stderr
+
+
+def test_export_csv_and_parquet(runner, write_plan, tmp_path):
+    db = f"sqlite:///{tmp_path}/slab.db"
+    invoke(runner, "add", write_plan(PLAN), db=db)
+    out = tmp_path / "runs.csv"
+    assert invoke(runner, "export", "runs", "--out", out, db=db).exit_code == 0
+    assert len(out.read_text().splitlines()) == 5
+    pytest.importorskip("pyarrow")
+    import pandas as pd
+
+    pq = tmp_path / "runs.parquet"
+    assert invoke(runner, "export", "runs", "--format", "parquet", "--out", pq, db=db).exit_code == 0
+    assert len(pd.read_parquet(pq)) == 4
+    bad = invoke(runner, "export", "nope", "--out", out, db=db)
+    assert bad.exit_code == 2 and "unknown table" in bad.stderr
+
+
+def test_read_commands_on_missing_database(runner, tmp_path):
+    db = f"sqlite:///{tmp_path}/none.db"
+    for args in (["runs"], ["status"], ["sql", "select 1"]):
+        result = invoke(runner, *args, db=db)
+        assert result.exit_code == 2
+        assert "no database" in result.stderr
+    assert not (tmp_path / "none.db").exists()
+
+
+def test_help_has_examples_and_version(runner):
+    for cmd in ("plan", "add", "runs", "status", "sql", "export"):
+        result = runner.invoke(app, [cmd, "--help"])
+        assert result.exit_code == 0 and "Example:" in result.output, cmd
+    assert "scalinglab" in runner.invoke(app, ["--version"]).output
+
+
+def test_help_and_plan_do_not_import_torch_or_ray(write_plan):
+    path = write_plan(PLAN)
+    code = (
+        "import sys\nfrom sweep.cli import app\n"
+        f"try:\n    app(['plan', {str(path)!r}])\nexcept SystemExit:\n    pass\n"
+        "assert 'torch' not in sys.modules and 'ray' not in sys.modules, [m for m in sys.modules if m in ('torch', 'ray')]\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr

@@ -1,0 +1,163 @@
+"""Plan parsing and expansion: every cell form, counts, run ids, and every validation error."""
+
+import pytest
+
+from sweep.plan import PlanError, cost_plans, load_plan, parse_range
+from sweep.spec import RunSpec
+
+HEADER = "name,arch,d_model,n_layers,n_heads,seq_len,batch_size,tokens,lr\n"
+
+
+def spec_of(**overrides):
+    base = dict(
+        arch="softmax", d_model=64, n_layers=2, n_heads=4, hybrid="", vocab_size=260, seq_len=128,
+        batch_size=8, tokens=100000, lr=1e-3, warmup=10, schedule="cosine", min_lr_ratio=0.1,
+        weight_decay=0.1, grad_clip=1.0, seed=0, data="stdlib", evals=("niah",), eval_every=0, gpus=0.25,
+    )
+    base.update(overrides)
+    return RunSpec(**base)
+
+
+def test_golden_run_id():
+    # Changing the canonical form or the hash changes every stored run: this must never drift silently.
+    assert spec_of().run_id == "188bbef4a5161be6"
+
+
+def test_run_id_ignores_placement_and_normalises_numbers():
+    assert spec_of(gpus=2).run_id == spec_of().run_id
+    assert spec_of(lr=0.1 + 0.2).run_id == spec_of(lr=0.3).run_id
+    assert spec_of(d_model=64.0).run_id == spec_of().run_id
+    assert spec_of(seed=1).run_id != spec_of().run_id
+    assert RunSpec.from_json(spec_of().canonical_json()) == spec_of()
+
+
+@pytest.mark.parametrize(
+    "cell, expected",
+    [("64..1024*2", [64, 128, 256, 512, 1024]), ("1..5+1", [1, 2, 3, 4, 5]), ("1e-4..1e-2*10", [1e-4, 1e-3, 1e-2]), ("2..3+2", [2])],
+)
+def test_ranges(cell, expected):
+    assert parse_range(cell) == pytest.approx(expected)
+
+
+def test_every_cell_form_expands(write_plan):
+    path = write_plan(
+        HEADER
+        + "r-{d_model}-{lr},softmax|lightning,64..256*2,2,4,128,8,=20*params,1e-3|3e-3\n"
+        + 'x,hgrn2,1..3+1,2,1,128,8,10k,"=0.5*min(1e-3, max(2e-3, 3e-3))"\n'
+    )
+    plan = load_plan(path)
+    assert len(plan.runs) == 2 * 3 * 2 + 3
+    first = plan.runs[0]
+    assert first.name == "r-64-0.001"
+    assert first.spec.tokens == round(20 * first.spec.derived()["params"])
+    assert {r.spec.d_model for r in plan.runs[:12]} == {64, 128, 256}
+    assert plan.runs[-1].spec.lr == pytest.approx(5e-4)
+    assert plan.runs[-1].spec.tokens == 10_000
+
+
+def test_defaults_and_derived_tokens_from_flops(write_plan):
+    path = write_plan("arch,params,flops,hybrid\nhybrid,20M,1e17,LLLS\n# comment\n\nsoftmax,20M,1e17,\n")
+    runs = load_plan(path).runs
+    assert len(runs) == 2
+    hyb, soft = runs[0].spec, runs[1].spec
+    assert hyb.hybrid.startswith("LLLS") and set(hyb.hybrid) == {"L", "S"}
+    assert soft.seq_len == 512 and soft.batch_size == 32 and soft.schedule == "cosine"
+    fpt = soft.derived()["flops_per_token"]
+    assert soft.tokens == round(1e17 / fpt)
+    assert soft.warmup == round(0.05 * soft.steps)
+
+
+def test_same_run_from_two_rows_and_two_plans_is_one(write_plan):
+    a = write_plan(HEADER + "a,softmax,64,2,4,128,8,1e5,1e-3\nb,softmax,64,2,4,128,8,100000,0.001\n", "a.csv")
+    b = write_plan(HEADER + "c,softmax,64,2,4,128,8,100k,1e-3\n", "b.csv")
+    pa, pb = load_plan(a), load_plan(b)
+    assert len(pa.unique_specs()) == 1
+    assert set(pa.unique_specs()) == set(pb.unique_specs())
+    assert cost_plans([pa, pb]).runs == 1
+
+
+ERRORS = [
+    ("name,arch,wat\nx,softmax,1\n", ":1:wat: unknown column 'wat'"),
+    ("arch,arch\nsoftmax,softmax\n", ":1:arch: duplicate column"),
+    (HEADER + "x,rwkv,64,2,4,128,8,1e5,1e-3\n", ":2:arch: expected one of softmax"),
+    (HEADER + "x,softmax,12a,2,4,128,8,1e5,1e-3\n", ':2:d_model: expected a positive integer, got "12a"'),
+    (HEADER + "x,softmax,-64,2,4,128,8,1e5,1e-3\n", ":2:d_model: expected a positive integer, got -64"),
+    (HEADER + "x,softmax,64,0,4,128,8,1e5,1e-3\n", ":2:n_layers: expected a positive integer, got 0"),
+    (HEADER + "x,softmax,64,2,3,128,8,1e5,1e-3\n", ":2:n_heads: d_model 64 is not divisible by n_heads 3"),
+    ("arch,d_model,n_layers,tokens,flops\nsoftmax,64,2,1e5,1e12\n", ":2:flops: give tokens or flops, not both"),
+    ("arch,d_model,n_layers\nsoftmax,64,2\n", ":2:tokens: give tokens or flops (neither is set)"),
+    (HEADER + "x,softmax,64..,2,4,128,8,1e5,1e-3\n", ":2:d_model: malformed range '64..'"),
+    (HEADER + "x,softmax,64..128*1,2,4,128,8,1e5,1e-3\n", ":2:d_model: malformed range"),
+    (HEADER + "x,softmax,64,2,4,128,8,=(20*,1e-3\n", ":2:tokens: expression syntax error"),
+    (HEADER + "x,softmax,64,2,4,128,8,=20*parms,1e-3\n", ":2:tokens: unknown name 'parms'"),
+    (HEADER + "x,softmax,64,2,4,=batch_size,=seq_len,1e5,1e-3\n", "expressions form a cycle"),
+    (HEADER + "x,softmax,64,2,4,128,8,1e5,=1/(seq_len-128)\n", ":2:lr: division by zero"),
+    (HEADER + "x,softmax,64,2,4,128,8,=__import__('os'),1e-3\n", ":2:tokens: in \"=__import__('os')\": only min()"),
+    (HEADER + "x,softmax,256..64*2,2,4,128,8,1e5,1e-3\n", ":2:d_model: this row expands to zero runs"),
+    ("arch,d_model,n_layers,tokens,hybrid\nhybrid,64,4,1e5,8\n", ":2:hybrid: hybrid '8' gives no softmax layer"),
+    ("arch,d_model,n_layers,tokens,data\nsoftmax,64,2,1e5,nope.bin\n", ":2:data: data path"),
+    ("arch,d_model,n_layers,tokens,evals\nsoftmax,64,2,1e5,niah|bogus\n", ":2:evals: expected evals among"),
+    ("arch,d_model,n_layers,tokens,gpus\nsoftmax,64,2,1e5,1.5\n", ":2:gpus: expected a fraction"),
+    ("arch,d_model,n_layers,tokens,schedule\nsoftmax,64,2,1e5,linear\n", ":2:schedule: expected one of cosine"),
+    ("", ": the plan is empty"),
+    ("# only a comment\n\n", ": the plan is empty"),
+    (HEADER, ":1: the plan has a header but no rows"),
+]
+
+
+@pytest.mark.parametrize("text, message", ERRORS)
+def test_validation_errors(write_plan, text, message):
+    path = write_plan(text)
+    with pytest.raises(PlanError) as info:
+        load_plan(path)
+    assert message in str(info.value)
+    assert str(info.value).startswith(str(path))
+
+
+def test_all_errors_reported_at_once_up_to_twenty(write_plan):
+    bad_rows = "".join(f"x,softmax,{i}a,2,4,128,8,1e5,1e-3\n" for i in range(30))
+    with pytest.raises(PlanError) as info:
+        load_plan(write_plan(HEADER + bad_rows))
+    assert len(info.value.issues) == 20
+    assert [i.row for i in info.value.issues] == list(range(2, 22))
+
+
+def test_size_limit(write_plan):
+    path = write_plan(HEADER + "x,softmax,64,2,4,1..200+1,8,1e5,1e-3\n")
+    assert len(load_plan(path, max_runs=200).runs) == 200
+    with pytest.raises(PlanError, match="more than 199 runs"):
+        load_plan(path, max_runs=199)
+
+
+def test_unreadable_and_non_utf8(tmp_path):
+    with pytest.raises(PlanError, match="cannot read the file"):
+        load_plan(tmp_path / "missing.csv")
+    bad = tmp_path / "latin1.csv"
+    bad.write_bytes("arch,name\nsoftmax,caf\xe9\n".encode("latin-1"))
+    with pytest.raises(PlanError, match=r"latin1.csv:2: not UTF-8 text \(byte 0xe9"):
+        load_plan(bad)
+
+
+def test_xlsx_plan(tmp_path):
+    openpyxl = pytest.importorskip("openpyxl")
+    wb = openpyxl.Workbook()
+    ws = wb.active
+    ws.append(["# an xlsx plan"])
+    ws.append(["arch", "d_model", "n_layers", "tokens", "lr"])
+    ws.append(["softmax|lightning", 64, 2, 100000, 0.001])
+    path = tmp_path / "p.xlsx"
+    wb.save(path)
+    runs = load_plan(path).runs
+    assert [r.spec.arch for r in runs] == ["softmax", "lightning"]
+    assert runs[0].row == 3
+
+
+def test_shipped_plans_expand_within_their_stated_sizes():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2] / "plans"
+    sizes = {p.stem: len(load_plan(p).unique_specs()) for p in sorted(root.glob("*.csv"))}
+    assert {"demo", "smoke-h100", "minimax01", "minimax01-paper", "hybrid-ratio", "isoflop"} <= set(sizes)
+    assert 3500 <= sizes["minimax01"] <= 3900
+    archs = {r.spec.arch for r in load_plan(root / "demo.csv").runs}
+    assert archs == {"softmax", "lightning", "hybrid", "hgrn2", "mamba2"}
