@@ -39,12 +39,20 @@ def sqlite_path(url: str) -> Path | None:
 
 def _sqlite_pragmas(dbapi_conn, _record) -> None:
     # WAL lets readers (slab status --watch) run while the launcher writes; foreign keys are off by default.
+    # pysqlite's own deferred BEGIN is turned off: see _sqlite_begin.
+    dbapi_conn.isolation_level = None
     cur = dbapi_conn.cursor()
     cur.execute("PRAGMA journal_mode=WAL")
     cur.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_MS}")
     cur.execute("PRAGMA foreign_keys=ON")
     cur.execute("PRAGMA synchronous=NORMAL")
     cur.close()
+
+
+def _sqlite_begin(conn) -> None:
+    # BEGIN IMMEDIATE takes the write lock up front (waiting up to the busy timeout), so a transaction that
+    # reads and then writes (registering a plan) cannot fail on a lock upgrade when two launchers race.
+    conn.exec_driver_sql("BEGIN" if conn.info.get("slab_read_only") else "BEGIN IMMEDIATE")
 
 
 def make_engine(url: str | None = None) -> Engine:
@@ -57,6 +65,7 @@ def make_engine(url: str | None = None) -> Engine:
     if parsed.get_backend_name() == "sqlite":
         engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_MS / 1000})
         event.listen(engine, "connect", _sqlite_pragmas)
+        event.listen(engine, "begin", _sqlite_begin)
         return engine
     try:
         return create_engine(url, pool_pre_ping=True)
@@ -117,6 +126,7 @@ def read_only(engine: Engine) -> Iterator[Connection]:
     with engine.connect() as conn:
         backend = engine.dialect.name
         if backend == "sqlite":
+            conn.info["slab_read_only"] = True  # a plain BEGIN: query_only refuses BEGIN IMMEDIATE
             conn.exec_driver_sql("PRAGMA query_only=ON")
         elif backend == "postgresql":
             conn.exec_driver_sql("SET TRANSACTION READ ONLY")
@@ -126,3 +136,5 @@ def read_only(engine: Engine) -> Iterator[Connection]:
             conn.rollback()
             if backend == "sqlite":
                 conn.exec_driver_sql("PRAGMA query_only=OFF")
+                conn.rollback()
+                conn.info.pop("slab_read_only", None)

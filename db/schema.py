@@ -67,6 +67,7 @@ class Run(Base):
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     step: Mapped[int | None] = mapped_column(Integer, nullable=True)  # last step reported
+    resumed_from_step: Mapped[int | None] = mapped_column(Integer, nullable=True)  # last attempt's start
     microbatch: Mapped[int | None] = mapped_column(Integer, nullable=True)
     n_gpus: Mapped[float | None] = mapped_column(Float, nullable=True)  # how many trained it
     final_loss: Mapped[float | None] = mapped_column(Float, nullable=True)

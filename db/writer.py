@@ -5,11 +5,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import Engine, delete, insert, select
+from sqlalchemy import Engine, delete, insert, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from db.engine import session
-from db.schema import Plan, PlanRun, Run
+from db.schema import Eval, Metric, Plan, PlanRun, Run, utcnow
 
 #: Rows per executemany batch (SQLite caps bound parameters per statement).
 BATCH = 500
@@ -90,3 +90,66 @@ def register_plan(engine: Engine, name: str, path: str, sha256: str, runs: Seque
             for i in range(0, len(rows), BATCH):
                 s.execute(stmt, rows[i : i + BATCH])
     return Registered(plan=name, new=len(new_rows), known=len(ids) - len(new_rows))
+
+
+def upsert(engine: Engine, table, keys: Sequence[str]):
+    """An INSERT that overwrites the row with the same ``keys`` (a resumed run's step replaces the old one)."""
+    dialect = {"postgresql": postgresql, "sqlite": sqlite}.get(engine.dialect.name)
+    if dialect is None:
+        raise NotImplementedError(f"upserts are not implemented for {engine.dialect.name}")
+    stmt = dialect.insert(table)
+    cols = [c.name for c in table.__table__.columns if c.name not in keys and not c.primary_key]
+    return stmt.on_conflict_do_update(index_elements=list(keys), set_={c: stmt.excluded[c] for c in cols})
+
+
+def claim_run(engine: Engine, run_id: str, owner: str, stale_before, retry_failed: bool = True) -> int | None:
+    """Atomically take a run that is pending (or failed, or running under a stale lease); returns its attempt."""
+    now = utcnow()
+    claimable = [Run.status == "pending", (Run.status == "running") & (Run.heartbeat_at < stale_before)]
+    if retry_failed:
+        claimable.append(Run.status == "failed")
+    with session(engine) as s:
+        result = s.execute(
+            update(Run)
+            .where(Run.run_id == run_id, or_(*claimable))
+            .values(
+                status="running", attempts=Run.attempts + 1, lease_owner=owner, heartbeat_at=now,
+                started_at=now, finished_at=None, error=None,
+            )
+        )
+        if result.rowcount != 1:
+            return None
+        return s.scalar(select(Run.attempts).where(Run.run_id == run_id))
+
+
+def heartbeat(engine: Engine, owner: str, run_ids: Sequence[str]) -> None:
+    """Refresh the lease of the runs this owner is training."""
+    if not run_ids:
+        return
+    with session(engine) as s:
+        s.execute(
+            update(Run).where(Run.lease_owner == owner, Run.status == "running", Run.run_id.in_(list(run_ids)))
+            .values(heartbeat_at=utcnow())
+        )
+
+
+def update_run(engine: Engine, run_id: str, owner: str, **values) -> bool:
+    """Set fields of a run this owner holds (status, results, host, error...); False if the lease was lost."""
+    if values.get("status") in ("done", "failed", "diverged", "pending"):
+        values.setdefault("finished_at", utcnow())
+        if values["status"] == "pending":
+            values.update(lease_owner=None, heartbeat_at=None)
+    with session(engine) as s:
+        result = s.execute(update(Run).where(Run.run_id == run_id, Run.lease_owner == owner).values(**values))
+        return result.rowcount == 1
+
+
+def write_results(engine: Engine, metrics: Sequence[dict], evals: Sequence[dict], runs: dict[str, dict]) -> None:
+    """Write a batch of metric rows, eval rows and per-run field updates in one transaction."""
+    with session(engine) as s:
+        if metrics:
+            s.execute(upsert(engine, Metric, ("run_id", "step")), list(metrics))
+        if evals:
+            s.execute(upsert(engine, Eval, ("run_id", "step", "name")), list(evals))
+        for run_id, values in runs.items():
+            s.execute(update(Run).where(Run.run_id == run_id).values(**values))

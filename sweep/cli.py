@@ -271,6 +271,62 @@ def export(
     out.print(f"wrote {n} rows of {table} to {out_path}")
 
 
+@app.command()
+def launch(
+    ctx: typer.Context,
+    files: list[Path] = typer.Argument(..., help="Plan files to register and train.", show_default=False),
+    address: Optional[str] = typer.Option(
+        None, help="Ray cluster to join: 'auto' or ray://host:port. Default: start a local Ray in this process."
+    ),
+    ckpt_dir: Path = typer.Option(
+        Path(".slab/ckpt"), help="Checkpoints go to CKPT_DIR/<run_id>/. On a cluster this must be a path every node shares."
+    ),
+    max_attempts: int = typer.Option(3, min=1, help="Attempts per run in this launch before it stays failed."),
+    cpu: bool = typer.Option(False, "--cpu", help="Train on CPU (no GPU asked for)."),
+    where: Optional[str] = typer.Option(None, help='Only runs whose spec matches, e.g. "arch=lightning,d_model=64".'),
+    limit: Optional[int] = typer.Option(None, min=0, help="Train at most this many runs."),
+    cpus_per_run: int = typer.Option(1, min=1, help="CPU cores each run takes (its torch threads)."),
+    lease_timeout: float = typer.Option(120.0, help="Seconds after which a run whose launcher stopped heartbeating is reclaimed."),
+    ckpt_every: int = typer.Option(1000, min=1, help="Checkpoint every this many steps (and every 10 minutes)."),
+    max_runs: int = typer.Option(DEFAULT_MAX_RUNS, help="Refuse plans that expand to more runs than this."),
+) -> None:
+    """Register plans and train every run that is not done, one Ray task per run.
+
+    Runs pack onto GPUs by their plan's gpus column (0.25 = four per GPU). A second launch of the same plan
+    trains nothing twice; after a crash, a relaunch resumes runs from their checkpoints. Ctrl-C once stops
+    starting runs and lets running ones checkpoint; twice cancels at once. Exit 0 when every run is done,
+    1 when any failed or diverged, 2 on bad input.
+
+    Example: slab launch plans/demo.csv --cpu
+    """
+    from sweep.launch import LaunchError, LaunchOptions, launch as run_launch, parse_where
+    from sweep.progress import LaunchView
+
+    plans = _plans(files, max_runs)
+    try:
+        opts = LaunchOptions(
+            db_url=ctx.obj["db"], address=address, ckpt_dir=ckpt_dir, max_attempts=max_attempts, cpu=cpu,
+            where=parse_where(where), limit=limit, cpus_per_run=cpus_per_run, lease_timeout_s=lease_timeout,
+            ckpt_every_steps=ckpt_every,
+        )
+        result = run_launch(plans, opts, LaunchView(out))
+    except (LaunchError, DatabaseError) as exc:
+        fail(str(exc))
+    if result.rows:
+        import pandas as pd
+
+        frame = pd.DataFrame(result.rows)[["run_id", "name", "arch", "status", "attempts", "step", "final_loss", "val_loss", "wall_s", "error"]]
+        frame["error"] = frame["error"].map(lambda e: e.strip().splitlines()[-1][:80] if isinstance(e, str) and e.strip() else "")
+        for c in ("final_loss", "val_loss", "wall_s"):
+            frame[c] = frame[c].map(lambda v: f"{v:.4g}" if v is not None and v == v else "")
+        _emit(frame, Format.table, title="launch summary")
+    done = sum(r["status"] == "done" for r in result.rows)
+    bad = sum(r["status"] in ("failed", "diverged") for r in result.rows)
+    out.print(f"{done}/{len(result.rows)} runs done, {bad} failed or diverged" + (" (stopped early)" if result.interrupted else ""))
+    if bad or (result.interrupted and done < len(result.rows)):
+        raise typer.Exit(1)
+
+
 @bench_app.command("plan")
 def bench_plan(
     plan_file: Path = typer.Argument(Path("plans/minimax01.csv"), help="Plan to expand and register."),

@@ -1,0 +1,463 @@
+"""Launching runs on Ray: claim a run under a lease, train it as a Ray task, stream and write its results.
+
+The driver is the only database writer. It claims runs one at a time as resources free up (an atomic
+conditional UPDATE, so two launchers on one database never train a run twice), refreshes the leases of
+the runs it trains, drains the tasks' events about once a second, retries failures with backoff,
+resubmits out-of-memory runs with half the microbatch, and leaves diverged runs alone. A run whose
+launcher died (its lease went stale, or its process is gone from this host) is reclaimed and resumes
+from its newest checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import time
+import traceback
+import uuid
+from dataclasses import asdict, dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, select
+from sqlalchemy.orm import Session
+
+from db.engine import open_db
+from db.schema import Run, utcnow
+from db.writer import claim_run, heartbeat, update_run, write_results
+from sweep.plan import Plan
+from sweep.progress import LaunchView
+from sweep.registry import add_plans
+from sweep.spec import RunSpec
+
+log = logging.getLogger(__name__)
+
+#: Environment variable with JSON {run name or run_id: fault} for fault-injection tests (see pretrain).
+FAULTS_ENV = "SLAB_FAULTS"
+
+
+class LaunchError(ValueError):
+    """The launch cannot start: bad filter, no GPU without --cpu, a run larger than the cluster."""
+
+
+@dataclass(frozen=True)
+class LaunchOptions:
+    """How to launch: where the database and cluster are, where checkpoints go, and retry policy."""
+
+    db_url: str | None = None
+    address: str | None = None  # None: a local Ray in this process; "auto" or "ray://host:port": join
+    ckpt_dir: Path = Path(".slab/ckpt")
+    max_attempts: int = 3
+    cpu: bool = False
+    where: tuple[tuple[str, str], ...] = ()
+    limit: int | None = None
+    cpus_per_run: int = 1
+    num_cpus: int | None = None  # CPUs of the local Ray (default: all)
+    lease_timeout_s: float = 120.0
+    heartbeat_s: float = 10.0
+    backoff_s: float = 5.0
+    poll_s: float = 0.5
+    ckpt_every_steps: int = 1000
+    ckpt_every_s: float = 600.0
+
+
+@dataclass
+class Flight:
+    """A run this driver has claimed: its spec, attempt, Ray task and latest progress."""
+
+    spec: RunSpec
+    name: str | None
+    attempt: int
+    tries: int  # attempts made by this launch
+    microbatch: int | None
+    ref: Any = None
+    started: float = field(default_factory=time.monotonic)
+    not_before: float = 0.0
+
+
+@dataclass
+class LaunchResult:
+    """What a launch ended with, per run of the selection."""
+
+    rows: list[dict]
+    interrupted: bool = False
+
+    def count(self, status: str) -> int:
+        """How many of the selected runs ended in ``status``."""
+        return sum(1 for r in self.rows if r["status"] == status)
+
+    @property
+    def ok(self) -> bool:
+        """True when every selected run is done."""
+        return all(r["status"] == "done" for r in self.rows)
+
+
+def parse_where(text: str | None) -> tuple[tuple[str, str], ...]:
+    """Parse ``--where "arch=lightning,d_model=64"`` into (field, value) pairs over RunSpec fields."""
+    if not text:
+        return ()
+    fields = set(RunSpec.__dataclass_fields__) | {"name", "run_id"}
+    out = []
+    for part in text.split(","):
+        key, sep, value = part.partition("=")
+        key, value = key.strip(), value.strip()
+        if not sep or not key:
+            raise LaunchError(f"--where expects field=value pairs separated by commas, got {part!r}")
+        if key not in fields:
+            raise LaunchError(f"--where: unknown field {key!r}; expected one of {', '.join(sorted(fields))}")
+        out.append((key, value))
+    return tuple(out)
+
+
+def _matches(spec: RunSpec, name: str | None, where: tuple[tuple[str, str], ...]) -> bool:
+    values = {**spec.to_dict(), "name": name, "run_id": spec.run_id}
+    for key, want in where:
+        have = values.get(key)
+        if isinstance(have, (int, float)) and not isinstance(have, bool):
+            try:
+                if float(want) != float(have):
+                    return False
+            except ValueError:
+                return False
+        elif str(have) != want:
+            return False
+    return True
+
+
+def select_runs(engine: Engine, plans: list[Plan], opts: LaunchOptions) -> list[tuple[RunSpec, str | None]]:
+    """The plans' runs that match ``--where``, are not done or diverged, up to ``--limit``."""
+    chosen: dict[str, tuple[RunSpec, str | None]] = {}
+    for plan in plans:
+        for run in plan.runs:
+            if run.spec.run_id not in chosen and _matches(run.spec, run.name, opts.where):
+                chosen[run.spec.run_id] = (run.spec, run.name)
+    finished: set[str] = set()
+    ids = list(chosen)
+    with engine.connect() as conn:
+        for i in range(0, len(ids), 500):
+            stmt = select(Run.run_id).where(Run.run_id.in_(ids[i : i + 500]), Run.status.in_(("done", "diverged")))
+            finished.update(conn.scalars(stmt))
+    todo = [v for k, v in chosen.items() if k not in finished]
+    return todo[: opts.limit] if opts.limit is not None else todo
+
+
+def _owner() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+def _owner_dead(owner: str | None) -> bool:
+    """True when a lease belongs to a launcher process on this host that no longer exists."""
+    if not owner:
+        return False
+    host, _, rest = owner.partition(":")
+    pid = rest.partition(":")[0]
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def _faults() -> dict[str, str]:
+    import json
+
+    text = os.environ.get(FAULTS_ENV)
+    return json.loads(text) if text else {}
+
+
+def _tail(exc: BaseException, lines: int = 12) -> str:
+    text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    return "\n".join(text.strip().splitlines()[-lines:])
+
+
+class Driver:
+    """The launch loop: claims, submits, collects and records runs until none is left to do."""
+
+    def __init__(self, engine: Engine, opts: LaunchOptions, view: LaunchView):
+        import ray
+
+        from sweep.task import EventSink, train_run
+
+        self.ray = ray
+        self.engine, self.opts, self.view = engine, opts, view
+        self.owner = _owner()
+        self.sink = EventSink.remote()
+        self.task = ray.remote(train_run)
+        self.queue: list[Flight] = []
+        self.flights: dict[str, Flight] = {}
+        self.waiting: dict[str, Flight] = {}  # leased by another live launcher
+        self.outcome: dict[str, str] = {}
+        self.stopping = False
+        self.faults = _faults()
+        resources = ray.cluster_resources()
+        self.total_cpus = float(resources.get("CPU", 1))
+        self.total_gpus = float(resources.get("GPU", 0))
+
+    # ---------------------------------------------------------------- admission
+
+    def check_fits(self, runs: list[tuple[RunSpec, str | None]]) -> None:
+        """Refuse, before anything starts, runs that no node of the cluster can hold."""
+        if self.opts.cpu or not runs:
+            return
+        for spec, name in runs:
+            if spec.gpus > 1 and spec.gpus > self.total_gpus:
+                raise LaunchError(
+                    f"run {name or spec.run_id} asks for {spec.gpus:g} GPUs but the cluster has {self.total_gpus:g}"
+                )
+        if self.total_gpus == 0:
+            raise LaunchError("the Ray cluster has no GPU; pass --cpu to train on CPU")
+
+    def _fits_now(self, spec: RunSpec) -> bool:
+        cpus = sum(self.opts.cpus_per_run for _ in self.flights) + self.opts.cpus_per_run
+        if cpus > self.total_cpus + 1e-9:
+            return False
+        if self.opts.cpu:
+            return True
+        gpus = sum(f.spec.gpus for f in self.flights.values()) + spec.gpus
+        return gpus <= self.total_gpus + 1e-9
+
+    # ---------------------------------------------------------------- the loop
+
+    def run(self, runs: list[tuple[RunSpec, str | None]]) -> LaunchResult:
+        """Train every selected run (or stop on Ctrl-C) and return how each ended."""
+        self.queue = [Flight(spec=s, name=n, attempt=0, tries=0, microbatch=None) for s, n in runs]
+        order = [s.run_id for s, _ in runs]
+        names = {s.run_id: n for s, n in runs}
+        last_beat = 0.0
+        previous = signal.signal(signal.SIGINT, self._on_sigint)
+        interrupted = False
+        try:
+            while self.queue or self.flights or self.waiting:
+                self._start_ready()
+                self._collect()
+                now = time.monotonic()
+                if now - last_beat >= self.opts.heartbeat_s:
+                    heartbeat(self.engine, self.owner, list(self.flights))
+                    self._retry_waiting()
+                    last_beat = now
+                if self.stopping and not self.flights:
+                    break
+                self.view.refresh()
+        except KeyboardInterrupt:
+            interrupted = True
+            self._cancel_all()
+        finally:
+            signal.signal(signal.SIGINT, previous)
+        return LaunchResult(rows=self._final_rows(order, names), interrupted=interrupted or self.stopping)
+
+    def _on_sigint(self, signum, frame) -> None:
+        if self.stopping:
+            raise KeyboardInterrupt
+        self.stopping = True
+        self.sink.request_stop.remote()
+        self.view.log("stopping: no new runs; running ones checkpoint and stop (Ctrl-C again to cancel now)")
+
+    def _start_ready(self) -> None:
+        if self.stopping:
+            return
+        now = time.monotonic()
+        for flight in list(self.queue):
+            if flight.not_before > now or not self._fits_now(flight.spec):
+                continue
+            self.queue.remove(flight)
+            self._claim_and_submit(flight)
+
+    def _claim_and_submit(self, flight: Flight) -> None:
+        run_id = flight.spec.run_id
+        with self.engine.connect() as conn:
+            row = conn.execute(select(Run.status, Run.lease_owner).where(Run.run_id == run_id)).one()
+        if row.status in ("done", "diverged"):
+            self.outcome[run_id] = row.status
+            return
+        stale = utcnow() - timedelta(seconds=self.opts.lease_timeout_s)
+        if row.status == "running" and _owner_dead(row.lease_owner):
+            stale = utcnow() + timedelta(days=1)  # its launcher is gone from this host: no need to wait
+        attempt = claim_run(self.engine, run_id, self.owner, stale)
+        if attempt is None:
+            self.waiting[run_id] = flight
+            self.view.log(f"{flight.name or run_id}: leased by another launcher ({row.lease_owner}); waiting")
+            return
+        flight.attempt, flight.tries, flight.started = attempt, flight.tries + 1, time.monotonic()
+        fault = self.faults.get(run_id) or self.faults.get(flight.name or "")
+        options: dict[str, Any] = {"num_cpus": self.opts.cpus_per_run, "max_retries": 0}
+        if self.opts.cpu:
+            options["num_gpus"] = 0
+        else:
+            options["num_gpus"] = flight.spec.gpus
+            options["max_calls"] = 1  # a fresh process per GPU run releases its CUDA memory for the next
+        flight.ref = self.task.options(**options).remote(
+            flight.spec.to_dict(), self.sink, attempt, str(self.opts.ckpt_dir.resolve()),
+            self.opts.cpu, flight.microbatch, fault, self.opts.ckpt_every_steps, self.opts.ckpt_every_s,
+        )
+        self.flights[run_id] = flight
+        self.view.run_started(run_id, flight.spec, flight.name, attempt)
+
+    def _retry_waiting(self) -> None:
+        for run_id, flight in list(self.waiting.items()):
+            del self.waiting[run_id]
+            self._claim_and_submit(flight)
+
+    def _collect(self) -> None:
+        refs = {f.ref: run_id for run_id, f in self.flights.items()}
+        ready = []
+        if refs:
+            ready, _ = self.ray.wait(list(refs), num_returns=len(refs), timeout=self.opts.poll_s)
+        else:
+            time.sleep(self.opts.poll_s)
+        self._write_events(self.ray.get(self.sink.drain.remote()))
+        for ref in ready:
+            self._finish(refs[ref], ref)
+
+    def _write_events(self, events: list[tuple]) -> None:
+        metrics, evals, runs = [], [], {}
+        for run_id, attempt, kind, payload in events:
+            flight = self.flights.get(run_id)
+            if flight is None or attempt != flight.attempt:
+                continue  # a straggler from an earlier attempt
+            update = runs.setdefault(run_id, {})
+            if kind == "start":
+                update.update(host=payload.get("host"), gpu=payload.get("gpu"), n_gpus=flight.spec.gpus)
+            elif kind == "train":
+                metrics.append(
+                    {
+                        "run_id": run_id, "step": int(payload["step"]), "tokens": int(payload["tokens"]),
+                        "flops": float(payload["flops"]), "loss": float(payload["loss"]), "lr": float(payload["lr"]),
+                        "tokens_per_s": payload.get("tokens_per_s"), "mfu": payload.get("mfu"),
+                    }
+                )
+                update["step"] = int(payload["step"])
+            elif kind == "val":
+                evals.append({"run_id": run_id, "step": int(payload["step"]), "name": "val_loss", "value": float(payload["val_loss"])})
+                update["val_loss"] = float(payload["val_loss"])
+            elif kind == "eval":
+                evals.append({"run_id": run_id, "step": int(payload["step"]), "name": payload["name"], "value": float(payload["value"])})
+            elif kind == "resume":
+                update["resumed_from_step"] = int(payload["step"])
+            self.view.run_event(run_id, kind, payload)
+        runs = {k: v for k, v in runs.items() if v}
+        if metrics or evals or runs:
+            write_results(self.engine, metrics, evals, runs)
+
+    def _finish(self, run_id: str, ref) -> None:
+        from models.train import Diverged, Interrupted, OutOfMemory
+
+        flight = self.flights.pop(run_id)
+        try:
+            summary = self.ray.get(ref)
+        except Exception as exc:  # the task failed: classify it by its cause
+            cause = getattr(exc, "cause", None) or exc
+            if isinstance(cause, Diverged) or isinstance(exc, Diverged):
+                step = getattr(cause, "step", None)
+                update_run(self.engine, run_id, self.owner, status="diverged", error=f"diverged at step {step}: {cause}", step=step)
+                self._ended(run_id, "diverged", f"diverged at step {step}")
+            elif isinstance(cause, Interrupted) or isinstance(exc, Interrupted):
+                update_run(self.engine, run_id, self.owner, status="pending", error=f"stopped at step {cause.step} by Ctrl-C")
+                self._ended(run_id, "pending", f"stopped at step {cause.step}; a relaunch resumes it")
+            elif (isinstance(cause, OutOfMemory) or isinstance(exc, OutOfMemory)) and (cause.microbatch or 1) > 1:
+                flight.microbatch = max(1, cause.microbatch // 2)
+                update_run(self.engine, run_id, self.owner, status="failed", microbatch=flight.microbatch,
+                           error=f"out of memory at step {cause.step} with microbatch {cause.microbatch}; retrying with {flight.microbatch}")
+                self.view.log(f"{flight.name or run_id}: out of memory; retrying with microbatch {flight.microbatch}")
+                self.queue.append(flight)
+            else:
+                error = _tail(cause if isinstance(cause, BaseException) else exc)
+                update_run(self.engine, run_id, self.owner, status="failed", error=error)
+                if flight.tries < self.opts.max_attempts and not self.stopping:
+                    delay = self.opts.backoff_s * 2 ** (flight.tries - 1)
+                    flight.not_before = time.monotonic() + delay
+                    self.queue.append(flight)
+                    self.view.log(f"{flight.name or run_id}: attempt {flight.attempt} failed ({error.splitlines()[-1][:120]}); retrying in {delay:.0f} s")
+                else:
+                    self._ended(run_id, "failed", error.splitlines()[-1][:200])
+            return
+        values = summary if isinstance(summary, dict) else asdict(summary)
+        update_run(
+            self.engine, run_id, self.owner, status="done", error=None,
+            final_loss=values.get("final_loss"), val_loss=values.get("val_loss"), wall_s=values.get("wall_s"),
+            step=values.get("steps"), data_sha256=values.get("data_sha256"), microbatch=values.get("microbatch"),
+            resumed_from_step=values.get("resumed_from_step"), lease_owner=None,
+        )
+        self._ended(run_id, "done", f"loss {values.get('final_loss', float('nan')):.4f}")
+
+    def _ended(self, run_id: str, status: str, detail: str) -> None:
+        self.outcome[run_id] = status
+        self.view.run_finished(run_id, status, detail)
+
+    def _cancel_all(self) -> None:
+        for run_id, flight in list(self.flights.items()):
+            self.ray.cancel(flight.ref, force=True)
+            update_run(self.engine, run_id, self.owner, status="pending", error="cancelled by Ctrl-C")
+        self.flights.clear()
+
+    def _final_rows(self, order: list[str], names: dict[str, str | None]) -> list[dict]:
+        with Session(self.engine) as s:
+            rows = {r.run_id: r for r in s.scalars(select(Run).where(Run.run_id.in_(order)))} if order else {}
+        out = []
+        for run_id in order:
+            r = rows[run_id]
+            out.append(
+                {
+                    "run_id": run_id, "name": names.get(run_id), "arch": r.arch, "status": r.status,
+                    "attempts": r.attempts, "step": r.step, "final_loss": r.final_loss, "val_loss": r.val_loss,
+                    "wall_s": r.wall_s, "error": r.error,
+                }
+            )
+        return out
+
+
+def init_ray(opts: LaunchOptions):
+    """Start a local Ray in this process, or join ``opts.address``; workers get ``WORKER_ENV``."""
+    import ray
+
+    from sweep.task import WORKER_ENV
+
+    if ray.is_initialized():
+        return ray
+    kwargs: dict[str, Any] = {"runtime_env": {"env_vars": dict(WORKER_ENV)}, "logging_level": logging.WARNING, "log_to_driver": True}
+    if opts.address:
+        ray.init(address=opts.address, **kwargs)
+    else:
+        if opts.cpu:
+            kwargs["num_gpus"] = 0
+        if opts.num_cpus:
+            kwargs["num_cpus"] = opts.num_cpus
+        ray.init(include_dashboard=False, **kwargs)
+    return ray
+
+
+def launch(plans: list[Plan], opts: LaunchOptions, view: LaunchView) -> LaunchResult:
+    """Register the plans, then train every selected run that is not done; returns per-run outcomes."""
+    engine = open_db(opts.db_url, create=True)
+    add_plans(engine, plans)
+    runs = select_runs(engine, plans, opts)
+    view.log(f"{len(runs)} runs to train")
+    if not runs:
+        return LaunchResult(rows=[])
+    opts.ckpt_dir.mkdir(parents=True, exist_ok=True)
+    started_ray = not _ray_running()
+    ray = init_ray(opts)
+    try:
+        driver = Driver(engine, opts, view)
+        driver.check_fits(runs)
+        view.begin(runs)
+        try:
+            return driver.run(runs)
+        finally:
+            view.end()
+    finally:
+        if started_ray and not opts.address:
+            ray.shutdown()
+        engine.dispose()
+
+
+def _ray_running() -> bool:
+    import ray
+
+    return ray.is_initialized()
