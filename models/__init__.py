@@ -1,1 +1,1 @@
-"""Model configs and arithmetic, the five architectures, data, training loop and evals."""
+"""Model shapes and counts (config), the LM and its mixers (lm, mixers), data, the training loop, evals."""

@@ -1,0 +1,413 @@
+"""Training data: a built-in byte corpus, user text and token files, synthetic retrieval tasks, mixtures.
+
+A spec's ``data`` string names one source or a weighted mixture of sources, joined by ``+``:
+
+- ``stdlib``: the running Python's standard library sources (see ``stdlib_corpus``), as bytes;
+- ``passkey``: passkey documents (Mohtashami & Jaggi 2023): a random 5-digit key hidden at a random
+  depth in filler text, then the question and the key; training on them teaches retrieval;
+- ``mqar``: Zoology's multi-query associative recall task (see ``mqar_example``);
+- a path: a ``.txt`` file or a folder of text files (bytes), or a nanoGPT-style ``.bin`` of uint16
+  token ids (or a folder holding ``train.bin`` and ``val.bin``).
+
+``name@w`` gives a part the weight w (the fraction of training sequences drawn from it); parts without a
+weight share what the weighted ones leave, e.g. ``stdlib+passkey@0.1`` is 90% stdlib windows and 10%
+passkey documents. When every part is weighted the weights are normalised to sum to 1.
+
+Tokens are bytes (0-255) plus four specials, ``BYTE_VOCAB_SIZE = 260``; the specials are reserved ids
+that no built-in source emits. ``.bin`` ids and MQAR tokens use the spec's ``vocab_size``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import sys
+import sysconfig
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+PAD, BOS, EOS, SEP = 256, 257, 258, 259
+#: Vocabulary of byte-level data: 256 bytes and the four specials above.
+BYTE_VOCAB_SIZE = 260
+
+#: Every VAL_EVERY-th file (sorted order) is held out for validation.
+VAL_EVERY = 20
+#: The stdlib corpus keeps whole files, in sorted order, until it holds this many bytes.
+STDLIB_CAP_BYTES = 64 * 2**20
+#: Path parts that exclude a stdlib file: installed packages, test suites, caches.
+STDLIB_SKIP = frozenset({"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"})
+
+MQAR_VOCAB = 8192  # Zoology's vocabulary, the default for MQAR plans
+MQAR_ALPHA = 0.01  # power-law exponent of the query gaps
+#: MQAR key-value pairs per sequence: seq_len // MQAR_PAIRS_DIVISOR, Zoology's (64, 4), (128, 8), (256, 16).
+MQAR_PAIRS_DIVISOR = 16
+
+PASSKEY_DIGITS = 5
+PASSKEY_QUESTION = "\nWhat is the pass key? The pass key is "
+PASSKEY_SUFFIX = "."  # closes the answer in training documents
+
+BUILTINS = ("stdlib", "passkey", "mqar")
+_SPLITS = {"train": 0, "val": 1}
+
+
+def passkey_needle(key: str) -> str:
+    """The sentence that hides a pass key in the haystack."""
+    return f" The pass key is {key}. Remember it. {key} is the pass key. "
+
+
+def cache_dir() -> Path:
+    """Where built corpora are cached: ``$XDG_CACHE_HOME/scalinglab`` or ``~/.cache/scalinglab``."""
+    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(root) / "scalinglab"
+
+
+@dataclass(frozen=True)
+class Corpus:
+    """A token corpus split by file into train and validation arrays (uint8 bytes or uint16 ids)."""
+
+    name: str
+    train: np.ndarray
+    val: np.ndarray
+    sha256: str
+    is_bytes: bool
+
+
+def _split_files(chunks: list[bytes]) -> tuple[bytes, bytes]:
+    """Every VAL_EVERY-th file to validation; with too few files, the last 1/VAL_EVERY of the bytes."""
+    if len(chunks) >= VAL_EVERY:
+        val = b"".join(c for i, c in enumerate(chunks) if i % VAL_EVERY == VAL_EVERY - 1)
+        train = b"".join(c for i, c in enumerate(chunks) if i % VAL_EVERY != VAL_EVERY - 1)
+        return train, val
+    whole = b"".join(chunks)
+    cut = len(whole) - len(whole) // VAL_EVERY
+    return whole[:cut], whole[cut:]
+
+
+def _sha256(*arrays: np.ndarray) -> str:
+    h = hashlib.sha256()
+    for a in arrays:
+        h.update(np.ascontiguousarray(a).data)
+    return h.hexdigest()
+
+
+def _atomic_save(path: Path, array: np.ndarray) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        np.save(f, array)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def stdlib_files(root: Path | None = None) -> list[Path]:
+    """The stdlib ``.py`` files the corpus is built from, sorted by relative path, capped in bytes."""
+    root = Path(root or sysconfig.get_paths()["stdlib"])
+    files = sorted(
+        (p for p in root.rglob("*.py") if not STDLIB_SKIP & set(p.relative_to(root).parts) and p.is_file()),
+        key=lambda p: p.relative_to(root).as_posix(),
+    )
+    kept, total = [], 0
+    for p in files:
+        if total >= STDLIB_CAP_BYTES:
+            break
+        kept.append(p)
+        total += p.stat().st_size
+    return kept
+
+
+def stdlib_corpus() -> Corpus:
+    """The running Python's standard library sources as bytes, built once and cached per Python version.
+
+    Files under ``sysconfig.get_paths()["stdlib"]`` ending in ``.py``, excluding ``STDLIB_SKIP`` folders,
+    in sorted order, whole files until ``STDLIB_CAP_BYTES``; every ``VAL_EVERY``-th file is validation.
+    ``sha256`` hashes the train bytes followed by the validation bytes.
+    """
+    v = sys.version_info
+    key = f"stdlib-py{v.major}.{v.minor}.{v.micro}"
+    folder = cache_dir()
+    meta_path = folder / f"{key}.json"
+    if meta_path.exists():
+        meta = json.loads(meta_path.read_text())
+        train = np.load(folder / f"{key}.train.npy", mmap_mode="r")
+        val = np.load(folder / f"{key}.val.npy", mmap_mode="r")
+        return Corpus("stdlib", train, val, meta["sha256"], is_bytes=True)
+    files = stdlib_files()
+    train_b, val_b = _split_files([p.read_bytes() for p in files])
+    train = np.frombuffer(train_b, dtype=np.uint8)
+    val = np.frombuffer(val_b, dtype=np.uint8)
+    sha = _sha256(train, val)
+    folder.mkdir(parents=True, exist_ok=True)
+    _atomic_save(folder / f"{key}.train.npy", train)
+    _atomic_save(folder / f"{key}.val.npy", val)
+    # The metadata goes last: a reader that sees it can rely on both arrays being complete.
+    tmp = meta_path.with_name(f".{meta_path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"sha256": sha, "files": len(files), "train_bytes": len(train), "val_bytes": len(val)}))
+    os.replace(tmp, meta_path)
+    log.info("built stdlib corpus: %d files, %d bytes, sha256 %s", len(files), len(train) + len(val), sha)
+    return Corpus("stdlib", train, val, sha, is_bytes=True)
+
+
+def text_corpus(path: Path) -> Corpus:
+    """A ``.txt`` file or a folder of text files (every non-hidden file, sorted), read as bytes."""
+    path = Path(path)
+    if path.is_dir():
+        visible = (p for p in path.rglob("*") if not any(s.startswith(".") for s in p.relative_to(path).parts))
+        files = sorted((p for p in visible if p.is_file()), key=lambda p: p.relative_to(path).as_posix())
+        if not files:
+            raise ValueError(f"data folder {path} holds no files")
+        train_b, val_b = _split_files([p.read_bytes() for p in files])
+    else:
+        train_b, val_b = _split_files([path.read_bytes()])
+    train, val = np.frombuffer(train_b, dtype=np.uint8), np.frombuffer(val_b, dtype=np.uint8)
+    return Corpus(str(path), train, val, _sha256(train, val), is_bytes=True)
+
+
+def bin_corpus(path: Path) -> Corpus:
+    """nanoGPT-style uint16 token ids: ``train.bin`` with a sibling ``val.bin``, or one file split at 95%."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "train.bin"
+    ids = np.memmap(path, dtype=np.uint16, mode="r")
+    sibling = path.with_name("val.bin")
+    if path.name == "train.bin" and sibling.exists():
+        train, val = ids, np.memmap(sibling, dtype=np.uint16, mode="r")
+    else:
+        cut = len(ids) - len(ids) // VAL_EVERY
+        train, val = ids[:cut], ids[cut:]
+    return Corpus(str(path), train, val, _sha256(train, val), is_bytes=False)
+
+
+def _window(tokens: np.ndarray, rng: np.random.Generator, length: int, what: str) -> np.ndarray:
+    if len(tokens) < length:
+        raise ValueError(f"{what} holds {len(tokens)} tokens, fewer than the {length} a window needs")
+    start = int(rng.integers(0, len(tokens) - length + 1))
+    return np.asarray(tokens[start : start + length], dtype=np.int64)
+
+
+class TextSource:
+    """Random windows of a corpus: x = tokens[s : s+T], y = tokens[s+1 : s+T+1]."""
+
+    def __init__(self, corpus: Corpus, vocab_size: int):
+        self.corpus, self.vocab_size = corpus, vocab_size
+        self.sha256 = corpus.sha256
+
+    def sample(self, rng: np.random.Generator, seq_len: int, split: str) -> tuple[np.ndarray, np.ndarray]:
+        """One (x, y) pair of length ``seq_len`` from the given split."""
+        tokens = self.corpus.train if split == "train" else self.corpus.val
+        w = _window(tokens, rng, seq_len + 1, f"the {split} split of {self.corpus.name}")
+        if not self.corpus.is_bytes and w.max() >= self.vocab_size:
+            raise ValueError(f"{self.corpus.name} holds token id {w.max()}, not below vocab_size {self.vocab_size}")
+        return w[:-1], w[1:]
+
+
+def passkey_prompt(
+    filler: np.ndarray, rng: np.random.Generator, length: int, depth: float, key: str
+) -> tuple[np.ndarray, int]:
+    """A haystack with the pass key hidden at ``depth`` (0..1) of the filler, ending in the question.
+
+    Returns the prompt (exactly ``length`` byte tokens) and the index where the needle starts, which is
+    ``round(depth * F)`` for F filler bytes.
+    """
+    needle = np.frombuffer(passkey_needle(key).encode(), dtype=np.uint8)
+    question = np.frombuffer(PASSKEY_QUESTION.encode(), dtype=np.uint8)
+    n_fill = length - len(needle) - len(question)
+    if n_fill < 0:
+        raise ValueError(f"a passkey prompt needs at least {len(needle) + len(question)} tokens, got {length}")
+    hay = _window(filler, rng, n_fill, "the passkey filler")
+    at = round(depth * n_fill)
+    prompt = np.concatenate([hay[:at], needle, hay[at:], question]).astype(np.int64)
+    return prompt, at
+
+
+def random_passkey(rng: np.random.Generator) -> str:
+    """A random 5-digit pass key (no leading zero)."""
+    return str(int(rng.integers(10 ** (PASSKEY_DIGITS - 1), 10**PASSKEY_DIGITS)))
+
+
+class PasskeySource:
+    """Passkey training documents: filler with a needle at a uniform random depth, question, key, '.'."""
+
+    def __init__(self, filler: Corpus):
+        self.filler = filler
+        recipe = f"passkey:{passkey_needle('*')}:{PASSKEY_QUESTION}:{filler.sha256}"
+        self.sha256 = hashlib.sha256(recipe.encode()).hexdigest()
+
+    def sample(self, rng: np.random.Generator, seq_len: int, split: str) -> tuple[np.ndarray, np.ndarray]:
+        """One (x, y) pair: the whole document is language-modelled; the key digits carry the retrieval signal."""
+        key = random_passkey(rng)
+        answer = np.frombuffer((key + PASSKEY_SUFFIX).encode(), dtype=np.uint8).astype(np.int64)
+        tokens = self.filler.train if split == "train" else self.filler.val
+        prompt, _ = passkey_prompt(tokens, rng, seq_len + 1 - len(answer), float(rng.random()), key)
+        doc = np.concatenate([prompt, answer])
+        return doc[:-1], doc[1:]
+
+
+def mqar_example(
+    rng: np.random.Generator,
+    seq_len: int,
+    vocab_size: int = MQAR_VOCAB,
+    num_pairs: int | None = None,
+    alpha: float = MQAR_ALPHA,
+) -> tuple[np.ndarray, np.ndarray]:
+    """One multi-query associative recall sequence (Zoology, Arora et al. 2023, arXiv 2312.04927).
+
+    Keys are distinct draws from [1, V/2), values distinct draws from [V/2, V); the context is
+    k1 v1 ... kn vn; each key then reappears once as a query at position 2n + 2g, the gaps g drawn
+    without replacement with p(g) ~ alpha (g+1)^(alpha-1); other positions hold 0. ``y`` is the value
+    at each query position and -100 elsewhere. ``num_pairs`` defaults to seq_len // 16; needs 4n <= T.
+    """
+    n = num_pairs if num_pairs is not None else max(1, seq_len // MQAR_PAIRS_DIVISOR)
+    half = vocab_size // 2
+    if 4 * n > seq_len:
+        raise ValueError(f"MQAR with {n} pairs needs seq_len >= {4 * n}, got {seq_len}")
+    if n > half - 1:
+        raise ValueError(f"MQAR with {n} pairs needs vocab_size > {2 * n + 1}, got {vocab_size}")
+    keys = rng.choice(np.arange(1, half), size=n, replace=False)
+    values = rng.choice(np.arange(half, vocab_size), size=n, replace=False)
+    x = np.zeros(seq_len, dtype=np.int64)
+    x[0 : 2 * n : 2], x[1 : 2 * n : 2] = keys, values
+    slots = (seq_len - 2 * n) // 2
+    g = np.arange(slots)
+    p = alpha * (g + 1.0) ** (alpha - 1.0)
+    gaps = rng.choice(slots, size=n, replace=False, p=p / p.sum())
+    queries = 2 * n + 2 * gaps
+    x[queries] = keys
+    y = np.full(seq_len, -100, dtype=np.int64)
+    y[queries] = values
+    return x, y
+
+
+class MQARSource:
+    """Fresh MQAR sequences (an endless stream rather than Zoology's fixed 100,000 examples)."""
+
+    def __init__(self, vocab_size: int, num_pairs: int | None = None):
+        self.vocab_size, self.num_pairs = vocab_size, num_pairs
+        self.sha256 = hashlib.sha256(f"mqar:{vocab_size}:{num_pairs}:{MQAR_ALPHA}".encode()).hexdigest()
+
+    def sample(self, rng: np.random.Generator, seq_len: int, split: str) -> tuple[np.ndarray, np.ndarray]:
+        """One (x, y) MQAR pair; train and validation differ only by their random streams."""
+        return mqar_example(rng, seq_len, self.vocab_size, self.num_pairs)
+
+
+@dataclass(frozen=True)
+class Data:
+    """A resolved ``data`` string: sources with their weights, a hash, and the text used as filler."""
+
+    spec: str
+    names: tuple[str, ...]
+    weights: tuple[float, ...]
+    sources: tuple
+    sha256: str
+    filler: Corpus | None  # text for passkey documents and NIAH prompts (None only when never needed)
+
+    def source(self, name: str):
+        """The source of the named part, or None."""
+        return dict(zip(self.names, self.sources, strict=True)).get(name)
+
+    def text_filler(self) -> Corpus:
+        """Byte text for needle prompts: the mixture's first byte corpus, else the stdlib corpus."""
+        return self.filler if self.filler is not None else stdlib_corpus()
+
+
+def parse_data(data: str) -> list[tuple[str, float]]:
+    """Split ``a+b@0.1`` into parts and weights; unweighted parts share what the weighted ones leave."""
+    parts = []
+    for raw in str(data).split("+"):
+        name, _, weight = raw.strip().partition("@")
+        if not name:
+            raise ValueError(f"empty part in data {data!r}")
+        parts.append((name, float(weight) if weight else None))
+    given = [w for _, w in parts if w is not None]
+    if any(not 0 < w for w in given):
+        raise ValueError(f"data weights must be positive in {data!r}")
+    missing = sum(w is None for _, w in parts)
+    if missing == 0:
+        total = sum(given)
+        return [(n, w / total) for n, w in parts]
+    rest = 1.0 - sum(given)
+    if rest <= 0:
+        raise ValueError(f"weights in {data!r} leave nothing for its unweighted parts")
+    return [(n, w if w is not None else rest / missing) for n, w in parts]
+
+
+def _corpus_for(name: str) -> Corpus:
+    path = Path(name).expanduser()
+    if not path.exists():
+        if "/" in name or "." in name:
+            raise FileNotFoundError(f"data {name!r}: no file or folder at {path.resolve()}")
+        raise ValueError(f"unknown data name {name!r}: expected one of {', '.join(BUILTINS)} or a path")
+    if path.suffix == ".bin" or (path.is_dir() and (path / "train.bin").exists()):
+        return bin_corpus(path)
+    return text_corpus(path)
+
+
+def open_data(data: str, vocab_size: int) -> Data:
+    """Resolve a spec's ``data`` string into sources, checking that their tokens fit ``vocab_size``."""
+    parts = parse_data(data)
+    names = [n for n, _ in parts]
+    corpora = {n: (stdlib_corpus() if n == "stdlib" else _corpus_for(n)) for n in names if n not in ("passkey", "mqar")}
+    filler = next((c for c in corpora.values() if c.is_bytes), None)
+    if "passkey" in names and filler is None:
+        filler = stdlib_corpus()
+    sources = []
+    for name in names:
+        if name == "mqar":
+            sources.append(MQARSource(vocab_size))
+            continue
+        if name == "passkey" or corpora[name].is_bytes:
+            if vocab_size < BYTE_VOCAB_SIZE:
+                raise ValueError(f"byte-level data {name!r} needs vocab_size >= {BYTE_VOCAB_SIZE}, got {vocab_size}")
+        sources.append(PasskeySource(filler) if name == "passkey" else TextSource(corpora[name], vocab_size))
+    h = hashlib.sha256()
+    for (name, weight), src in zip(parts, sources, strict=True):
+        h.update(f"{name}@{weight:.6g}:{src.sha256};".encode())
+    return Data(str(data), tuple(names), tuple(w for _, w in parts), tuple(sources), h.hexdigest(), filler)
+
+
+class Batches:
+    """Seeded random training (or validation) sequences, reproducible from a position.
+
+    Sequence i of a stream is drawn from its own generator seeded by (seed, split, i), so the batches
+    depend only on the position, not on the microbatch size or on where a run was interrupted:
+    ``state_dict()`` (the position) in a checkpoint makes a resumed run see exactly the same batches.
+    """
+
+    def __init__(self, data: Data, seq_len: int, batch_size: int, seed: int, split: str = "train"):
+        if split not in _SPLITS:
+            raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+        self.data, self.seq_len, self.batch_size, self.seed, self.split = data, seq_len, batch_size, seed, split
+        self.position = 0  # sequences handed out so far
+        self._cum = np.cumsum(data.weights)
+
+    def sequence(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """The (x, y) pair at ``index`` of this stream."""
+        rng = np.random.default_rng([self.seed, _SPLITS[self.split], index])
+        part = min(int(np.searchsorted(self._cum, rng.random() * self._cum[-1], side="right")), len(self._cum) - 1)
+        return self.data.sources[part].sample(rng, self.seq_len, self.split)
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next microbatch: int64 tensors x, y of shape (batch_size, seq_len)."""
+        pairs = [self.sequence(self.position + i) for i in range(self.batch_size)]
+        self.position += self.batch_size
+        x = torch.from_numpy(np.stack([p[0] for p in pairs]))
+        y = torch.from_numpy(np.stack([p[1] for p in pairs]))
+        return x, y
+
+    def state_dict(self) -> dict:
+        """The stream position, to store in a checkpoint."""
+        return {"position": self.position, "seed": self.seed, "split": self.split}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from a stored position (the seed and split must match)."""
+        if state["seed"] != self.seed or state["split"] != self.split:
+            raise ValueError(
+                f"batch state is for seed {state['seed']} split {state['split']!r}, not {self.seed} {self.split!r}"
+            )
+        self.position = int(state["position"])

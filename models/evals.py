@@ -1,0 +1,164 @@
+"""Evaluations: validation loss, needle-in-a-haystack passkey retrieval, and MQAR accuracy.
+
+A run's ``spec.evals`` names the retrieval evals it gets at eval time (``EVALS``); validation loss is
+always computed. Results are plain ``{name: value}`` dicts that the training loop hands to its reporter.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+import torch
+
+from models.data import (
+    PASSKEY_DIGITS,
+    Batches,
+    Data,
+    MQARSource,
+    passkey_prompt,
+    random_passkey,
+)
+
+EVALS = ("niah", "mqar")
+#: Validation windows are drawn with this seed whatever the run's seed, so runs are scored alike.
+VAL_SEED = 0
+NIAH_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
+NIAH_SAMPLES = 8  # prompts per (length, depth) cell
+MQAR_EVAL_SEQUENCES = 256
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA; a no-op elsewhere (CPU runs in fp32)."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def val_sequences(seq_len: int) -> int:
+    """How many validation sequences to score: about 128K tokens, between 8 and 256 sequences."""
+    return max(8, min(256, (1 << 17) // seq_len))
+
+
+@torch.no_grad()
+def validation_loss(
+    model, data: Data, seq_len: int, *, device: torch.device, sequences: int | None = None, batch: int = 16
+) -> float:
+    """Mean cross-entropy (nats per predicted token) over fixed seeded validation sequences."""
+    sequences = sequences or val_sequences(seq_len)
+    batches = Batches(data, seq_len, batch, seed=VAL_SEED, split="val")
+    total, count = 0.0, 0
+    was_training = model.training
+    model.eval()
+    for _ in range(-(-sequences // batch)):
+        x, y = batches.next()
+        x, y = x.to(device), y.to(device)
+        n = int((y != -100).sum())
+        if n == 0:
+            continue
+        with autocast(device):
+            _, loss = model(x, y)
+        total += float(loss) * n
+        count += n
+    model.train(was_training)
+    return total / count
+
+
+@torch.no_grad()
+def greedy_continue(model, prompts: torch.Tensor, steps: int, device: torch.device) -> torch.Tensor:
+    """Greedy-decode ``steps`` tokens after each prompt (B, T), re-running the full prefix each step."""
+    tokens = prompts.to(device)
+    for _ in range(steps):
+        with autocast(device):
+            logits, _ = model(tokens, last_only=True)
+        tokens = torch.cat([tokens, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return tokens[:, prompts.shape[1] :].cpu()
+
+
+def niah_prompts(
+    filler: np.ndarray, length: int, depth: float, samples: int, seed: int
+) -> tuple[torch.Tensor, list[str]]:
+    """``samples`` passkey prompts of ``length`` tokens with the needle at ``depth``, and their keys."""
+    rng = np.random.default_rng([seed, length, round(depth * 1000)])
+    keys = [random_passkey(rng) for _ in range(samples)]
+    prompts = [passkey_prompt(filler, rng, length, depth, key)[0] for key in keys]
+    return torch.from_numpy(np.stack(prompts)), keys
+
+
+@torch.no_grad()
+def needle_in_haystack(
+    model,
+    data: Data,
+    seq_len: int,
+    *,
+    device: torch.device,
+    lengths: tuple[int, ...] | None = None,
+    depths: tuple[float, ...] = NIAH_DEPTHS,
+    samples: int = NIAH_SAMPLES,
+    seed: int = VAL_SEED,
+) -> dict[str, float]:
+    """Passkey retrieval (Mohtashami & Jaggi 2023) over prompt lengths x needle depths.
+
+    Filler comes from the validation split of the data's text. The prompt is teacher-forced, then five
+    tokens are decoded greedily; a sample scores 1 only if all five equal the key's digits. Results are
+    ``niah/len=L/depth=D`` (accuracy over ``samples``) and ``niah/mean``. Lengths default to seq_len and
+    2 x seq_len (the second tests extrapolation beyond the training context).
+    """
+    filler = data.text_filler().val
+    lengths = lengths or (seq_len, 2 * seq_len)
+    was_training = model.training
+    model.eval()
+    results = {}
+    for length in lengths:
+        for depth in depths:
+            prompts, keys = niah_prompts(filler, length, depth, samples, seed)
+            out = greedy_continue(model, prompts, PASSKEY_DIGITS, device)
+            want = torch.tensor([list(k.encode()) for k in keys])
+            results[f"niah/len={length}/depth={depth:g}"] = (out == want).all(dim=1).float().mean().item()
+    model.train(was_training)
+    results["niah/mean"] = float(np.mean(list(results.values())))
+    return results
+
+
+@torch.no_grad()
+def mqar_accuracy(
+    model,
+    data: Data,
+    seq_len: int,
+    *,
+    device: torch.device,
+    sequences: int = MQAR_EVAL_SEQUENCES,
+    batch: int = 32,
+) -> dict[str, float]:
+    """``mqar/acc``: the fraction of query positions whose greedy prediction is the right value.
+
+    Sequences come from the validation stream (a seed no training sequence uses): held out.
+    """
+    source = data.source("mqar") or MQARSource(model.config.vocab_size)
+    mqar_only = Data("mqar", ("mqar",), (1.0,), (source,), source.sha256, None)
+    batches = Batches(mqar_only, seq_len, batch, seed=VAL_SEED, split="val")
+    was_training = model.training
+    model.eval()
+    right = total = 0
+    for _ in range(-(-sequences // batch)):
+        x, y = batches.next()
+        with autocast(device):
+            logits, _ = model(x.to(device))
+        mask = y != -100
+        right += int((logits.argmax(-1).cpu()[mask] == y[mask]).sum())
+        total += int(mask.sum())
+    model.train(was_training)
+    return {"mqar/acc": right / total}
+
+
+def run_evals(names, model, data: Data, seq_len: int, *, device: torch.device) -> dict[str, float]:
+    """Run the named retrieval evals (``EVALS``) and merge their results."""
+    results = {}
+    for name in names:
+        if name == "niah":
+            results.update(needle_in_haystack(model, data, seq_len, device=device))
+        elif name == "mqar":
+            results.update(mqar_accuracy(model, data, seq_len, device=device))
+        else:
+            raise ValueError(f"unknown eval {name!r}: expected one of {', '.join(EVALS)}")
+    return results

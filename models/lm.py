@@ -1,0 +1,101 @@
+"""The language model shared by every architecture; only the token mixer differs between them.
+
+Token embedding, ``n_layers`` blocks (pre-RMSNorm, mixer, residual; pre-RMSNorm, SwiGLU MLP, residual),
+a final RMSNorm and an untied head. Layer ``i`` uses the mixer named by ``config.layer_kinds[i]``.
+Initialisation follows GPT-2: normal(0, 0.02) weights, and residual output projections (a mixer's
+``wo``/``out_proj``, the MLP's ``w2``) scaled by 1/sqrt(2 n_layers) so the residual stream does not grow
+with depth.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.config import ModelConfig
+from models.mixers import HGRN2, Lightning, Mamba2, Softmax
+
+MIXERS = {"S": Softmax, "L": Lightning, "H": HGRN2, "M": Mamba2}
+
+INIT_STD = 0.02
+#: Last name of the linear layers that write into the residual stream (GPT-2 scaled init).
+RESIDUAL_OUT = ("wo", "out_proj", "w2")
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: ``w2(SiLU(w1 x) * w3 x)``, no biases."""
+
+    def __init__(self, d_model: int, hidden: int):
+        super().__init__()
+        self.w1 = nn.Linear(d_model, hidden, bias=False)
+        self.w3 = nn.Linear(d_model, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T, d) -> (B, T, d)."""
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Block(nn.Module):
+    """One residual block: pre-norm token mixer, then pre-norm SwiGLU MLP."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        kind = config.layer_kinds[layer_idx]
+        self.norm1 = nn.RMSNorm(config.d_model, eps=1e-6)
+        self.mixer = MIXERS[kind](config, layer_idx)
+        self.norm2 = nn.RMSNorm(config.d_model, eps=1e-6)
+        self.mlp = MLP(config.d_model, config.mlp_hidden(kind))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T, d) -> (B, T, d)."""
+        x = x + self.mixer(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class LM(nn.Module):
+    """A causal language model built from a ``ModelConfig``."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.d_model)
+        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
+        self.norm_f = nn.RMSNorm(config.d_model, eps=1e-6)
+        self.head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self._init_weights()
+
+    @torch.no_grad()
+    def _init_weights(self) -> None:
+        out_std = INIT_STD / math.sqrt(2 * self.config.n_layers)
+        for name, module in self.named_modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                std = out_std if name.rsplit(".", 1)[-1] in RESIDUAL_OUT else INIT_STD
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *, last_only: bool = False):
+        """Logits (B, T, vocab) for token ids (B, T) and, with ``targets``, the mean cross-entropy.
+
+        Targets equal to -100 are ignored (MQAR labels only its query positions). ``last_only`` computes
+        the head on the last position alone (B, 1, vocab), all that greedy decoding needs.
+        """
+        x = self.embed(idx)
+        for block in self.blocks:
+            x = block(x)
+        if last_only:
+            x = x[:, -1:]
+        logits = self.head(self.norm_f(x))
+        if targets is None:
+            return logits, None
+        loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
+        return logits, loss
+
+    def num_params(self, nonembed: bool = False) -> int:
+        """Parameters of the module; ``nonembed`` leaves out the token embedding and the head."""
+        total = sum(p.numel() for p in self.parameters())
+        if nonembed:
+            total -= self.embed.weight.numel() + self.head.weight.numel()
+        return total

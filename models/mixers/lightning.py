@@ -1,0 +1,54 @@
+"""Lightning attention (MiniMax-01, arXiv 2501.08313; TransNormerLLM, arXiv 2307.14995).
+
+Linear attention with a constant decay per head that depends on depth: q, k, v = SiLU of one joint
+projection, no softmax denominator and no other feature map, and a gated, normalised output
+``wo(sigmoid(wgate x) * RMSNorm(attention))``.
+
+Decay: MiniMax's released code uses ALiBi-style slopes ``s_{j,l} = 2^(-8j/H) * (1 - l/(L-1) + 1e-5)`` for
+head ``j = 1..H`` at layer ``l = 0..L-1`` and decays each step by ``exp(-s)``: the first layer forgets
+fastest, the last barely decays. We follow MiniMax, not flash-linear-attention's ``chunk_lightning_attn``
+rule (linear in the head index, head 0 never decays). With a single layer (L = 1) ``l/(L-1)`` is taken as 0.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import kernels
+from models.config import ModelConfig
+
+
+def lightning_slopes(n_heads: int, layer_idx: int, n_layers: int) -> torch.Tensor:
+    """MiniMax's per-head decay rates ``s_{j,l}`` (positive; the log-decay is ``-s``), shape (H,)."""
+    depth = layer_idx / (n_layers - 1) if n_layers > 1 else 0.0
+    j = torch.arange(1, n_heads + 1, dtype=torch.float64)
+    return (2.0 ** (-8.0 * j / n_heads) * (1.0 - depth + 1e-5)).float()
+
+
+class Lightning(nn.Module):
+    """Gated linear attention with fixed per-head decay, computed by ``kernels.linear_attention``."""
+
+    #: Which ``kernels.linear_attention`` backend to use; tests set "naive" or "torch" to compare them.
+    backend = "auto"
+
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        d = config.d_model
+        self.n_heads = config.n_heads
+        self.wqkv = nn.Linear(d, 3 * d, bias=False)
+        self.wgate = nn.Linear(d, d, bias=False)
+        self.wo = nn.Linear(d, d, bias=False)
+        self.norm = nn.RMSNorm(d, eps=1e-6)
+        # A fixed property of the architecture, rebuilt from the config: kept out of the checkpoint.
+        slopes = lightning_slopes(config.n_heads, layer_idx, config.n_layers)
+        self.register_buffer("log_decay", -slopes, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Lightning attention over (B, T, d) -> (B, T, d)."""
+        b, t, d = x.shape
+        q, k, v = F.silu(self.wqkv(x)).view(b, t, 3, self.n_heads, d // self.n_heads).unbind(2)
+        o, _ = kernels.linear_attention(q, k, v, self.log_decay, backend=self.backend)
+        o = self.norm(o.reshape(b, t, d).float())  # fp32 in, so the fused RMSNorm applies under autocast
+        return self.wo(torch.sigmoid(self.wgate(x)) * o)

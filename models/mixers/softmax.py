@@ -1,0 +1,42 @@
+"""Causal softmax attention with rotary position embeddings (RoPE, base 10,000, on the full head)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.config import ModelConfig
+
+ROPE_BASE = 10_000.0
+
+
+def rotary(x: torch.Tensor, base: float = ROPE_BASE) -> torch.Tensor:
+    """Rotate channel pairs (i, i + D/2) of ``x`` (B, H, T, D) by position-dependent angles (RoPE)."""
+    t, dim = x.shape[-2], x.shape[-1]
+    inv_freq = base ** (-torch.arange(0, dim, 2, device=x.device, dtype=torch.float32) / dim)
+    angles = torch.arange(t, device=x.device, dtype=torch.float32)[:, None] * inv_freq  # (T, D/2)
+    cos, sin = angles.cos(), angles.sin()
+    # Rotate in fp32 so positions far into a long context keep their precision under bf16 autocast.
+    x1, x2 = x.float().chunk(2, dim=-1)
+    out = torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+    return out.type_as(x)
+
+
+class Softmax(nn.Module):
+    """Multi-head causal self-attention: fused q/k/v projection, RoPE, SDPA, output projection."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        d = config.d_model
+        self.n_heads = config.n_heads
+        self.wqkv = nn.Linear(d, 3 * d, bias=False)
+        self.wo = nn.Linear(d, d, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Causal attention over (B, T, d) -> (B, T, d)."""
+        b, t, d = x.shape
+        q, k, v = self.wqkv(x).view(b, t, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)
+        q, k = rotary(q), rotary(k)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, T, Dh)
+        return self.wo(y.transpose(1, 2).reshape(b, t, d))

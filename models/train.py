@@ -1,0 +1,403 @@
+"""The training loop: ``pretrain(spec, reporter, ckpt_dir)`` trains one run, resumably.
+
+``spec`` is any object with the ``RunSpec`` attributes (arch, d_model, n_layers, n_heads, hybrid,
+vocab_size, seq_len, batch_size, tokens, lr, warmup, schedule, min_lr_ratio, weight_decay, grad_clip,
+seed, data, evals, eval_every, and ``steps``); ``models`` never imports ``sweep``.
+
+Optimiser: AdamW, betas (0.9, 0.95), fused on CUDA. Weight decay applies to matrices and the conv filter
+(parameters with 2+ dimensions) except the token embedding; norms, biases, the Mamba2 SSM scalars
+(A_log, D, dt_bias) and the embedding are not decayed. Learning rate: linear warmup over ``warmup`` steps,
+then ``cosine`` to ``min_lr_ratio * lr``, ``wsd`` (constant, then a linear decay to ``min_lr_ratio * lr``
+over the last 20% of steps) or ``constant``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from models.config import ModelConfig, count_params, flops_per_token
+from models.data import Batches, open_data
+from models.evals import EVALS, autocast, run_evals, validation_loss
+from models.lm import LM
+
+log = logging.getLogger(__name__)
+
+BETAS = (0.9, 0.95)
+#: Peak dense bf16 FLOP/s used for MFU on CUDA (H100 SXM datasheet; about 785e12 is reached in practice).
+PEAK_FLOPS_CUDA = 989e12
+#: Microbatch cap on CPU.
+CPU_MICROBATCH = 16
+WSD_DECAY_FRACTION = 0.2
+#: Bytes of activations kept for the backward pass per token, per layer, per unit of d_model, under bf16
+#: autocast: about 1.3x what a forward+backward peaked at on an H100 (softmax 55, lightning 63, HGRN2 80,
+#: Mamba2 77; d 768-1024, T 2048-4096, measured with torch.cuda.max_memory_allocated), for the default microbatch.
+ACT_BYTES_PER_D = {"S": 70, "L": 80, "H": 100, "M": 100}
+#: Train reports per run at most about this many points (plus the first and last step).
+MAX_TRAIN_REPORTS = 1000
+
+_CKPT = re.compile(r"^ckpt-(\d{9})\.pt$")
+
+
+class TrainingError(Exception):
+    """A run stopped before its last step; ``step`` is the step it was at."""
+
+    def __init__(self, step: int, *args):
+        super().__init__(step, *args)
+        self.step = step
+
+
+class Diverged(TrainingError):
+    """The training loss became NaN or infinite at ``step``."""
+
+    def __str__(self) -> str:
+        return f"loss diverged (NaN or inf) at step {self.step}"
+
+
+class OutOfMemory(TrainingError):
+    """CUDA ran out of memory at ``step`` with ``microbatch`` sequences per forward pass."""
+
+    def __init__(self, step: int, microbatch: int):
+        super().__init__(step, microbatch)
+        self.microbatch = microbatch
+
+    def __str__(self) -> str:
+        return f"CUDA out of memory at step {self.step} with microbatch {self.microbatch}"
+
+
+class Interrupted(TrainingError):
+    """``should_stop()`` asked the run to stop; it checkpointed at ``step`` first."""
+
+    def __str__(self) -> str:
+        return f"interrupted at step {self.step} (checkpoint written)"
+
+
+@dataclass(frozen=True)
+class Summary:
+    """What a finished run reports. ``wall_s`` adds up every attempt; ``tokens_per_s`` is this attempt's."""
+
+    steps: int
+    tokens: int
+    flops: float
+    final_loss: float
+    val_loss: float
+    params: int
+    nonembed_params: int
+    wall_s: float
+    tokens_per_s: float
+    data_sha256: str
+    microbatch: int
+    resumed_from_step: int  # 0 for a fresh start
+
+
+def model_config(spec) -> ModelConfig:
+    """The ``ModelConfig`` of a spec-like object."""
+    return ModelConfig(spec.arch, spec.d_model, spec.n_layers, spec.n_heads, spec.vocab_size, spec.hybrid)
+
+
+def lr_at(step: int, spec) -> float:
+    """Learning rate for optimizer step ``step`` (1-based) under the spec's warmup and schedule."""
+    total, warmup, peak = spec.steps, spec.warmup, spec.lr
+    low = peak * spec.min_lr_ratio
+    if step <= warmup:
+        return peak * step / warmup
+    if spec.schedule == "constant":
+        return peak
+    if spec.schedule == "cosine":
+        progress = (step - warmup) / max(1, total - warmup)
+        return low + 0.5 * (peak - low) * (1 + math.cos(math.pi * min(1.0, progress)))
+    if spec.schedule == "wsd":
+        decay_start = max(warmup, total - round(WSD_DECAY_FRACTION * total))
+        if step <= decay_start:
+            return peak
+        return low + (peak - low) * max(0, total - step) / (total - decay_start)
+    raise ValueError(f"unknown schedule {spec.schedule!r}: expected cosine, wsd or constant")
+
+
+def largest_divisor_at_most(n: int, cap: int) -> int:
+    """The largest divisor of ``n`` that is <= ``cap`` (at least 1)."""
+    return next(k for k in range(max(1, min(n, cap)), 0, -1) if n % k == 0)
+
+
+def default_microbatch(spec, cfg: ModelConfig, device: torch.device) -> int:
+    """Sequences per forward pass: on CUDA from a memory estimate, on CPU at most ``CPU_MICROBATCH``."""
+    if device.type != "cuda":
+        return largest_divisor_at_most(spec.batch_size, CPU_MICROBATCH)
+    free, total = torch.cuda.mem_get_info(device)
+    # A run packed on a GPU share (gpus < 1) plans for its share of the card, not for what is free now.
+    share = min(1.0, float(getattr(spec, "gpus", 1.0) or 1.0))
+    # fp32 weights, gradients and AdamW's two moments: 16 bytes per parameter.
+    budget = 0.85 * min(free, share * total) - 16 * count_params(cfg).total
+    per_token = sum(ACT_BYTES_PER_D[kind] * cfg.d_model for kind in cfg.layer_kinds)
+    per_seq = spec.seq_len * (per_token + 14 * cfg.vocab_size)  # + bf16 logits, their fp32 copy and gradient
+    return largest_divisor_at_most(spec.batch_size, max(1, int(budget // per_seq)))
+
+
+def _param_groups(model: LM, weight_decay: float) -> list[dict]:
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (decay if p.dim() >= 2 and name != "embed.weight" else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _parse_fault(fault: str | None) -> tuple[str, int] | None:
+    if not fault:
+        return None
+    m = re.fullmatch(r"(nan|exit|raise)@(\d+)", fault)
+    if not m:
+        raise ValueError(f"fault must be 'nan@K', 'exit@K' or 'raise@K', got {fault!r}")
+    return m.group(1), int(m.group(2))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def checkpoint_steps(ckpt_dir: Path) -> list[int]:
+    """Steps of the checkpoint files in ``ckpt_dir``, oldest first (complete or not)."""
+    if not Path(ckpt_dir).is_dir():
+        return []
+    return sorted(int(m.group(1)) for f in os.listdir(ckpt_dir) if (m := _CKPT.match(f)))
+
+
+def checkpoint_path(ckpt_dir: Path, step: int) -> Path:
+    """Where the checkpoint of ``step`` lives."""
+    return Path(ckpt_dir) / f"ckpt-{step:09d}.pt"
+
+
+def save_checkpoint(ckpt_dir: Path, step: int, state: dict, keep: int = 2) -> Path:
+    """Write ``state`` atomically (temp file, fsync, rename, fsync dir); keep the newest ``keep``."""
+    ckpt_dir = Path(ckpt_dir)
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    path = checkpoint_path(ckpt_dir, step)
+    tmp = ckpt_dir / f".{path.name}.{os.getpid()}.tmp"
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fd = os.open(ckpt_dir, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # make the rename itself durable
+    finally:
+        os.close(fd)
+    for old in checkpoint_steps(ckpt_dir)[:-keep]:
+        checkpoint_path(ckpt_dir, old).unlink(missing_ok=True)
+    return path
+
+
+def load_checkpoint(ckpt_dir: Path) -> dict | None:
+    """The newest checkpoint that loads completely, or None; unreadable newer ones are skipped (logged)."""
+    for step in reversed(checkpoint_steps(ckpt_dir)):
+        path = checkpoint_path(ckpt_dir, step)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            if state.get("step") != step or "model" not in state:
+                raise ValueError("missing fields")
+            return state
+        except Exception as e:  # a truncated or corrupt file: fall back to the previous checkpoint
+            log.warning("ignoring unreadable checkpoint %s: %s", path, e)
+    return None
+
+
+def _run_key(spec) -> str:
+    """Identifies the run a checkpoint belongs to (``run_id`` when the spec has one)."""
+    run_id = getattr(spec, "run_id", None)
+    if run_id:
+        return str(run_id)
+    fields = ("arch", "d_model", "n_layers", "n_heads", "hybrid", "vocab_size", "seq_len", "batch_size",
+              "tokens", "lr", "warmup", "schedule", "min_lr_ratio", "weight_decay", "grad_clip", "seed", "data")
+    return repr(tuple(getattr(spec, f) for f in fields))
+
+
+# ---------------------------------------------------------------------------------------------------
+# The loop
+
+
+def pretrain(
+    spec,
+    reporter: Callable[[str, dict], None],
+    ckpt_dir: str | os.PathLike,
+    *,
+    device: str | torch.device | None = None,
+    microbatch: int | None = None,
+    compile: bool = False,
+    should_stop: Callable[[], bool] | None = None,
+    fault: str | None = None,
+    ckpt_every_steps: int = 1000,
+    ckpt_every_s: float = 1800.0,
+) -> Summary:
+    """Train the run ``spec`` describes, resuming from the newest complete checkpoint in ``ckpt_dir``.
+
+    ``reporter(kind, payload)`` gets "train" {step, tokens, flops, loss, lr, tokens_per_s, mfu}
+    (``mfu`` None off CUDA), "val" {step, tokens, flops, val_loss}, "eval" {step, name, value} and
+    "ckpt" {step}. Checkpoints: every ``ckpt_every_steps`` steps or ``ckpt_every_s`` seconds, on a stop,
+    and at the end (the newest two are kept). Raises ``Diverged`` on a NaN/inf loss, ``OutOfMemory`` on
+    CUDA OOM, and ``Interrupted`` (after checkpointing) when ``should_stop()`` returns True.
+
+    ``fault`` is a test hook: "nan@K" makes the loss of step K NaN; "exit@K" ends the process with
+    ``os._exit(1)`` right after checkpointing step K, unless ``ckpt_dir`` already held a checkpoint at or
+    beyond K when the run started (so a retry goes on); "raise@K" raises a RuntimeError at step K.
+    """
+    t_start = time.perf_counter()
+    ckpt_dir = Path(ckpt_dir)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    on_cuda = device.type == "cuda"
+    fault_kind = _parse_fault(fault)
+    for name in spec.evals:
+        if name not in EVALS:
+            raise ValueError(f"unknown eval {name!r}: expected one of {', '.join(EVALS)}")
+    lr_at(1, spec)  # an unknown schedule fails now, not after the warmup
+
+    cfg = model_config(spec)
+    counts = count_params(cfg)
+    fpt = flops_per_token(cfg, spec.seq_len)
+    total_steps = spec.steps
+    tokens_per_step = spec.batch_size * spec.seq_len
+    data = open_data(spec.data, spec.vocab_size)
+
+    microbatch = microbatch or default_microbatch(spec, cfg, device)
+    if spec.batch_size % microbatch:
+        raise ValueError(f"microbatch {microbatch} does not divide batch_size {spec.batch_size}")
+    n_micro = spec.batch_size // microbatch
+
+    torch.manual_seed(spec.seed)
+    model = LM(cfg).to(device)
+    optimizer = torch.optim.AdamW(
+        _param_groups(model, spec.weight_decay), lr=spec.lr, betas=BETAS, fused=True if on_cuda else None
+    )
+    batches = Batches(data, spec.seq_len, microbatch, seed=spec.seed)
+
+    state = load_checkpoint(ckpt_dir)
+    start, prior_wall, last_loss = 0, 0.0, float("nan")
+    if state is not None:
+        if state["run"] != _run_key(spec):
+            raise ValueError(f"{ckpt_dir} holds checkpoints of another run ({state['run']})")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        batches.load_state_dict(state["data"])
+        torch.set_rng_state(state["rng"]["torch"])
+        if on_cuda and state["rng"].get("cuda") is not None:
+            torch.cuda.set_rng_state(state["rng"]["cuda"], device)
+        start, prior_wall, last_loss = state["step"], state["wall_s"], state["loss"]
+        log.info("resuming %s from step %d", ckpt_dir, start)
+    exit_at = None
+    if fault_kind and fault_kind[0] == "exit" and max(checkpoint_steps(ckpt_dir), default=0) < fault_kind[1]:
+        exit_at = fault_kind[1]
+
+    step_model = torch.compile(model) if compile else model
+    report_every = max(1, total_steps // MAX_TRAIN_REPORTS)
+    peak = PEAK_FLOPS_CUDA if on_cuda else None
+
+    def checkpoint(step: int) -> None:
+        rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if on_cuda else None}
+        save_checkpoint(ckpt_dir, step, {
+            "step": step, "run": _run_key(spec), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "data": batches.state_dict(), "rng": rng, "loss": last_loss,
+            "wall_s": prior_wall + time.perf_counter() - t_start, "microbatch": microbatch,
+        })
+        reporter("ckpt", {"step": step})
+
+    def evaluate(step: int) -> float:
+        try:
+            val = validation_loss(model, data, spec.seq_len, device=device, batch=microbatch)
+            results = run_evals(spec.evals, model, data, spec.seq_len, device=device)
+        except torch.OutOfMemoryError:
+            raise OutOfMemory(step, microbatch) from None
+        tokens = step * tokens_per_step
+        reporter("val", {"step": step, "tokens": tokens, "flops": float(fpt) * tokens, "val_loss": val})
+        for name, value in results.items():
+            reporter("eval", {"step": step, "name": name, "value": value})
+        return val
+
+    model.train()
+    train_time, trained_steps = 0.0, 0
+    window_t, window_tokens = 0.0, 0
+    last_ckpt_t = time.perf_counter()
+    for step in range(start + 1, total_steps + 1):
+        t0 = time.perf_counter()
+        lr = lr_at(step, spec)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        micro = [batches.next() for _ in range(n_micro)]
+        n_valid = sum(int((y != -100).sum()) for _, y in micro)
+        try:
+            loss_sum = torch.zeros((), device=device)
+            for x, y in micro:
+                share = int((y != -100).sum()) / n_valid
+                if share == 0:
+                    continue
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                with autocast(device):
+                    _, loss = step_model(x, y)
+                # Weight each microbatch by its labelled tokens so the step loss is the mean over the batch.
+                (loss * share).backward()
+                loss_sum += loss.detach() * share
+            if fault_kind == ("nan", step):
+                loss_sum = loss_sum * float("nan")
+            if fault_kind == ("raise", step):
+                raise RuntimeError(f"injected failure at step {step}")
+            last_loss = loss_sum.item()
+            if not math.isfinite(last_loss):
+                raise Diverged(step)
+            if spec.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), spec.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        except torch.OutOfMemoryError:
+            optimizer.zero_grad(set_to_none=True)
+            raise OutOfMemory(step, microbatch) from None
+        dt = time.perf_counter() - t0
+        train_time += dt
+        trained_steps += 1
+        window_t += dt
+        window_tokens += tokens_per_step
+
+        if step % report_every == 0 or step in (start + 1, total_steps):
+            tps = window_tokens / window_t
+            tokens = step * tokens_per_step
+            reporter("train", {
+                "step": step, "tokens": tokens, "flops": float(fpt) * tokens, "loss": last_loss, "lr": lr,
+                "tokens_per_s": tps, "mfu": fpt * tps / peak if peak else None,
+            })
+            window_t, window_tokens = 0.0, 0
+
+        # Evaluate before a possible stop, so that a resumed run never skips an eval it was due.
+        if spec.eval_every and step % spec.eval_every == 0 and step != total_steps:
+            evaluate(step)
+        stopping = should_stop is not None and should_stop()
+        due = step % ckpt_every_steps == 0 if ckpt_every_steps else False
+        due = due or time.perf_counter() - last_ckpt_t >= ckpt_every_s
+        if step == total_steps or due or stopping or step == exit_at:
+            checkpoint(step)
+            last_ckpt_t = time.perf_counter()
+        if step == exit_at:
+            logging.shutdown()
+            os._exit(1)
+        if stopping:
+            raise Interrupted(step)
+
+    val = evaluate(total_steps)
+    wall = prior_wall + time.perf_counter() - t_start
+    return Summary(
+        steps=total_steps,
+        tokens=total_steps * tokens_per_step,
+        flops=float(fpt) * total_steps * tokens_per_step,
+        final_loss=last_loss,
+        val_loss=val,
+        params=counts.total,
+        nonembed_params=counts.nonembed,
+        wall_s=wall,
+        tokens_per_s=trained_steps * tokens_per_step / train_time if train_time else 0.0,
+        data_sha256=data.sha256,
+        microbatch=microbatch,
+        resumed_from_step=start,
+    )

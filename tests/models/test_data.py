@@ -1,0 +1,166 @@
+"""Data sources: the stdlib corpus, user files, MQAR and passkey generators, mixtures, resumable batches."""
+
+import numpy as np
+import pytest
+import torch
+
+from models import data as D
+from models.data import (
+    BYTE_VOCAB_SIZE,
+    Batches,
+    mqar_example,
+    open_data,
+    parse_data,
+    passkey_needle,
+    passkey_prompt,
+)
+
+
+def test_vocab_constants():
+    assert BYTE_VOCAB_SIZE == 260
+    assert (D.PAD, D.BOS, D.EOS, D.SEP) == (256, 257, 258, 259)
+
+
+def test_stdlib_corpus_is_cached_split_and_hashed():
+    c = D.stdlib_corpus()
+    assert c.is_bytes and c.train.dtype == np.uint8
+    assert len(c.train) > 1_000_000 and len(c.val) > 50_000
+    assert c.sha256 == D._sha256(c.train, c.val)  # the recorded hash is of what was loaded
+    again = D.stdlib_corpus()
+    assert again.sha256 == c.sha256
+    files = D.stdlib_files()
+    assert all(not D.STDLIB_SKIP & set(p.parts) for p in files)
+    # Every 20th file is validation: the first validation file opens the validation bytes.
+    assert bytes(c.val[:200]) == files[D.VAL_EVERY - 1].read_bytes()[:200]
+    assert bytes(c.train[:200]) == files[0].read_bytes()[:200]
+
+
+def test_text_folder_split_by_file_and_text_file(tmp_path):
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    for i in range(40):
+        (folder / f"f{i:02d}.txt").write_bytes(f"<file {i}>".encode())
+    (folder / ".hidden").write_bytes(b"secret")
+    c = D.text_corpus(folder)
+    assert bytes(c.val) == b"<file 19><file 39>"
+    assert b"<file 0>" in bytes(c.train) and b"secret" not in bytes(c.train)
+    single = tmp_path / "one.txt"
+    single.write_bytes(bytes(range(100)) * 10)
+    c = D.text_corpus(single)
+    assert len(c.val) == 50 and len(c.train) == 950
+    d = open_data(str(single), 260)
+    x, y = Batches(d, 16, 4, seed=0).next()
+    assert torch.equal(x[:, 1:], y[:, :-1])
+
+
+def test_bin_tokens_and_vocab_check(tmp_path):
+    (tmp_path / "train.bin").write_bytes(np.arange(1000, dtype=np.uint16).tobytes())
+    (tmp_path / "val.bin").write_bytes(np.arange(500, 600, dtype=np.uint16).tobytes())
+    d = open_data(str(tmp_path), 1000)
+    x, y = Batches(d, 8, 2, seed=0).next()
+    assert torch.equal(y, x + 1)  # consecutive ids: y is x shifted by one
+    xv, _ = Batches(d, 8, 2, seed=0, split="val").next()
+    assert xv.min() >= 500 and xv.max() < 600
+    with pytest.raises(ValueError, match="vocab_size"):
+        Batches(open_data(str(tmp_path / "train.bin"), 300), 8, 64, seed=0).next()
+
+
+def test_clear_errors_for_unknown_names_and_missing_paths():
+    with pytest.raises(ValueError, match="unknown data name 'wikitext'"):
+        open_data("wikitext", 260)
+    with pytest.raises(FileNotFoundError, match="no file or folder"):
+        open_data("stdlib+/nonexistent/corpus.txt", 260)
+    with pytest.raises(ValueError, match="vocab_size >= 260"):
+        open_data("stdlib", 128)
+
+
+def test_mixture_weights():
+    assert parse_data("stdlib+passkey@0.1") == [("stdlib", pytest.approx(0.9)), ("passkey", 0.1)]
+    assert parse_data("a@1+b@3") == [("a", 0.25), ("b", 0.75)]
+    assert parse_data("a+b@0.5+c") == [("a", 0.25), ("b", 0.5), ("c", 0.25)]
+    with pytest.raises(ValueError, match="leave nothing"):
+        parse_data("a@1+b")
+    d = open_data("stdlib+passkey@0.1", 260)
+    b = Batches(d, 128, 1, seed=3)
+    docs = sum(D.PASSKEY_QUESTION.encode() in bytes(b.sequence(i)[0].astype(np.uint8)) for i in range(600))
+    assert 30 <= docs <= 90  # 10% of 600, with room for chance
+
+
+def check_mqar(x, y, n, vocab):
+    half = vocab // 2
+    keys, values = x[0 : 2 * n : 2], x[1 : 2 * n : 2]
+    assert len(set(keys)) == n and keys.min() >= 1 and keys.max() < half
+    assert len(set(values)) == n and values.min() >= half and values.max() < vocab
+    assert np.all(y[: 2 * n] == -100)
+    q = np.flatnonzero(y != -100)
+    assert len(q) == n and np.all(q >= 2 * n) and np.all((q - 2 * n) % 2 == 0)
+    value_of = dict(zip(keys, values, strict=True))
+    assert sorted(x[q]) == sorted(keys)  # each key is queried exactly once
+    assert all(y[p] == value_of[x[p]] for p in q)  # the label at a query is the key's value
+    rest = np.ones(len(x), dtype=bool)
+    rest[: 2 * n] = False
+    rest[q] = False
+    assert np.all(x[rest] == 0)
+    return (q - 2 * n) // 2
+
+
+def test_mqar_matches_its_definition():
+    rng = np.random.default_rng(0)
+    gaps = []
+    for _ in range(200):
+        x, y = mqar_example(rng, 128, 8192)
+        gaps.extend(check_mqar(x, y, 8, 8192))
+    # p(g) ~ (g+1)^-0.99 over 56 slots: queries cluster near the context (uniform would give ~27.5).
+    assert np.mean(gaps) < 20
+    x, y = mqar_example(rng, 64, 300, num_pairs=16)
+    check_mqar(x, y, 16, 300)
+    with pytest.raises(ValueError, match="seq_len"):
+        mqar_example(rng, 64, 8192, num_pairs=17)
+    d = open_data("mqar", 8192)
+    x, y = Batches(d, 64, 4, seed=0).next()
+    check_mqar(x[0].numpy(), y[0].numpy(), 64 // D.MQAR_PAIRS_DIVISOR, 8192)
+
+
+@pytest.mark.parametrize("depth", [0.0, 0.25, 0.5, 0.75, 1.0])
+def test_passkey_needle_at_depth(depth):
+    filler = np.frombuffer(b"abcdefghij" * 100, dtype=np.uint8)
+    rng = np.random.default_rng(1)
+    prompt, at = passkey_prompt(filler, rng, 300, depth, "12345")
+    text = bytes(prompt.astype(np.uint8))
+    needle = passkey_needle("12345").encode()
+    assert len(prompt) == 300
+    assert text.endswith(D.PASSKEY_QUESTION.encode())
+    assert text.index(needle) == at
+    n_fill = 300 - len(needle) - len(D.PASSKEY_QUESTION)
+    assert at == round(depth * n_fill)
+    assert text.count(b"12345") == 2  # the key appears only in the needle
+
+
+def test_passkey_training_document_ends_with_its_key():
+    d = open_data("passkey", 260)
+    x, y = d.sources[0].sample(np.random.default_rng(5), 256, "train")
+    doc = bytes(np.concatenate([x, y[-1:]]).astype(np.uint8))
+    key = doc[-6:-1]
+    assert doc.endswith(b"is " + key + b".") and passkey_needle(key.decode()).encode() in doc
+
+
+def test_batches_resume_and_do_not_depend_on_microbatch():
+    d = open_data("stdlib+mqar@0.3", 8192)
+    straight = Batches(d, 64, 4, seed=7)
+    first = [straight.next() for _ in range(5)]
+    resumed = Batches(d, 64, 4, seed=7)
+    for _ in range(2):
+        resumed.next()
+    state = resumed.state_dict()
+    fresh = Batches(d, 64, 4, seed=7)
+    fresh.load_state_dict(state)
+    for (x0, y0), (x1, y1) in zip(first[2:], [fresh.next() for _ in range(3)], strict=True):
+        assert torch.equal(x0, x1) and torch.equal(y0, y1)
+    big = Batches(d, 64, 8, seed=7).next()
+    assert torch.equal(big[0], torch.cat([first[0][0], first[1][0]]))
+    other = Batches(d, 64, 4, seed=8).next()
+    assert not torch.equal(other[0], first[0][0])
+    val = Batches(d, 64, 4, seed=7, split="val").next()
+    assert not torch.equal(val[0], first[0][0])
+    with pytest.raises(ValueError, match="seed"):
+        Batches(d, 64, 4, seed=9).load_state_dict(state)

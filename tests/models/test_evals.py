@@ -1,0 +1,79 @@
+"""Evals: the scoring pipeline gives 1 to an oracle and 0 to a model that knows nothing."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from models.config import ModelConfig
+from models.data import PASSKEY_QUESTION, open_data
+from models.evals import NIAH_DEPTHS, mqar_accuracy, needle_in_haystack, run_evals, validation_loss
+from models.lm import LM
+
+CPU = torch.device("cpu")
+QUESTION_TAIL = PASSKEY_QUESTION.encode()
+
+
+class Oracle(nn.Module):
+    """Puts all mass on the right next token: passkey digits after the question, MQAR values at queries."""
+
+    def __init__(self, vocab, task, wrong=False):
+        super().__init__()
+        self.config = ModelConfig("softmax", 8, 1, 1, vocab)
+        self.task, self.wrong = task, wrong
+
+    def forward(self, idx, targets=None, last_only=False):
+        logits = torch.zeros(*idx.shape, self.config.vocab_size)
+        for b, row in enumerate(idx.tolist()):
+            if self.task == "niah":
+                text = bytes(row)
+                answer = text.rindex(QUESTION_TAIL) + len(QUESTION_TAIL)
+                key = text[text.index(b"pass key is ") + len(b"pass key is ") :][:5]
+                nxt = key[len(text) - answer] if len(text) - answer < 5 else ord(".")
+                logits[b, -1, (nxt + self.wrong) % 256] = 1.0
+            else:
+                pairs, i = {}, 0
+                while row[2 * i + 1] != 0:
+                    pairs[row[2 * i]] = row[2 * i + 1]
+                    i += 1
+                for p in range(2 * i, len(row)):
+                    if row[p] in pairs:
+                        logits[b, p, pairs[row[p]] - self.wrong] = 1.0
+        return logits, None
+
+
+def test_niah_scores_an_oracle_one_and_a_wrong_model_zero():
+    data = open_data("stdlib", 260)
+    right = needle_in_haystack(Oracle(260, "niah"), data, 128, device=CPU, samples=3)
+    names = {f"niah/len={n}/depth={d:g}" for n in (128, 256) for d in NIAH_DEPTHS} | {"niah/mean"}
+    assert set(right) == names
+    assert all(v == 1.0 for v in right.values())
+    wrong = needle_in_haystack(Oracle(260, "niah", wrong=True), data, 128, device=CPU, samples=3)
+    assert all(v == 0.0 for v in wrong.values())
+
+
+def test_mqar_accuracy_scores_queries_only():
+    data = open_data("mqar", 512)
+    assert mqar_accuracy(Oracle(512, "mqar"), data, 64, device=CPU, sequences=40, batch=16) == {"mqar/acc": 1.0}
+    assert mqar_accuracy(Oracle(512, "mqar", wrong=True), data, 64, device=CPU, sequences=40)["mqar/acc"] == 0.0
+
+
+def test_validation_loss_is_fixed_and_batch_independent():
+    torch.manual_seed(0)
+    model = LM(ModelConfig("mamba2", 32, 2, 2, 260))
+    data = open_data("stdlib", 260)
+    a = validation_loss(model, data, 32, device=CPU, sequences=32, batch=16)
+    b = validation_loss(model, data, 32, device=CPU, sequences=32, batch=8)
+    assert a == pytest.approx(b, rel=1e-5)
+    assert a == pytest.approx(np.log(260), rel=0.05)
+    assert model.training  # evals restore the mode they found
+
+
+def test_run_evals_on_a_real_model_and_unknown_name():
+    torch.manual_seed(0)
+    model = LM(ModelConfig("hybrid", 32, 2, 2, 8192, "LS"))
+    data = open_data("mqar", 8192)
+    out = run_evals(("mqar",), model, data, 64, device=CPU)
+    assert 0.0 <= out["mqar/acc"] < 0.05  # untrained: chance is about 1/4096
+    with pytest.raises(ValueError, match="unknown eval"):
+        run_evals(("nope",), model, data, 64, device=CPU)

@@ -1,0 +1,211 @@
+"""The training loop: learning, schedules, exact resume, checkpoints, faults and reporter payloads."""
+
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from models.data import open_data
+from models.evals import validation_loss
+from models.lm import LM
+from models.train import (
+    Diverged,
+    Interrupted,
+    OutOfMemory,
+    checkpoint_steps,
+    default_microbatch,
+    largest_divisor_at_most,
+    load_checkpoint,
+    lr_at,
+    pretrain,
+)
+from sweep.spec import RunSpec
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def spec(**kw):
+    base = dict(
+        arch="hybrid", d_model=32, n_layers=2, n_heads=2, hybrid="LS", vocab_size=260, seq_len=32,
+        batch_size=8, tokens=8 * 32 * 20, lr=3e-3, warmup=3, schedule="cosine", min_lr_ratio=0.1,
+        weight_decay=0.1, grad_clip=1.0, seed=0, data="stdlib", evals=(), eval_every=0,
+    )
+    base.update(kw)
+    if base["arch"] != "hybrid":
+        base["hybrid"] = ""
+    return RunSpec(**base)
+
+
+class Recorder:
+    def __init__(self):
+        self.events = []
+
+    def __call__(self, kind, payload):
+        self.events.append((kind, dict(payload)))
+
+    def of(self, kind):
+        return [p for k, p in self.events if k == kind]
+
+    def losses(self):
+        return {p["step"]: p["loss"] for p in self.of("train")}
+
+
+def test_lr_schedules():
+    s = spec(tokens=8 * 32 * 100, warmup=10, lr=1.0, min_lr_ratio=0.1)
+    assert lr_at(5, s) == pytest.approx(0.5)
+    assert lr_at(10, s) == pytest.approx(1.0)
+    assert lr_at(55, s) == pytest.approx(0.55)  # halfway through the cosine
+    assert lr_at(100, s) == pytest.approx(0.1)
+    w = spec(tokens=8 * 32 * 100, warmup=10, lr=1.0, min_lr_ratio=0.1, schedule="wsd")
+    assert lr_at(80, w) == 1.0 and lr_at(90, w) == pytest.approx(0.55) and lr_at(100, w) == pytest.approx(0.1)
+    c = spec(tokens=8 * 32 * 100, warmup=10, lr=1.0, schedule="constant")
+    assert lr_at(100, c) == 1.0
+    with pytest.raises(ValueError, match="schedule"):
+        lr_at(50, spec(schedule="linear", warmup=0))
+
+
+@pytest.mark.parametrize("arch", ["softmax", "lightning", "hybrid", "hgrn2", "mamba2"])
+def test_short_training_lowers_validation_loss(arch, tmp_path):
+    """40 steps of 8 x 32 bytes: validation loss falls by at least 1.5 nats from the untrained model."""
+    s = spec(arch=arch, tokens=8 * 32 * 40, lr=1e-2, warmup=4)
+    torch.manual_seed(s.seed)
+    untrained = validation_loss(LM(s.model_config()), open_data("stdlib", 260), 32, device=torch.device("cpu"))
+    rec = Recorder()
+    summary = pretrain(s, rec, tmp_path)
+    assert untrained == pytest.approx(math.log(260), rel=0.05)
+    assert summary.val_loss < untrained - 1.5
+    assert summary.steps == 40 and summary.tokens == 40 * 256
+    assert summary.params == sum(p.numel() for p in LM(s.model_config()).parameters())
+    assert rec.of("val")[-1]["val_loss"] == summary.val_loss
+
+
+def test_reporter_payloads_and_summary(tmp_path):
+    s = spec(tokens=8 * 32 * 6, eval_every=3, data="mqar", vocab_size=512, evals=("mqar",))
+    rec = Recorder()
+    summary = pretrain(s, rec, tmp_path, microbatch=4)
+    train = rec.of("train")
+    assert [p["step"] for p in train] == [1, 2, 3, 4, 5, 6]
+    assert set(train[0]) == {"step", "tokens", "flops", "loss", "lr", "tokens_per_s", "mfu"}
+    assert train[-1]["tokens"] == 6 * 256 and train[-1]["mfu"] is None
+    assert train[-1]["flops"] == pytest.approx(summary.flops) and summary.flops == s.derived()["flops"]
+    assert [p["step"] for p in rec.of("val")] == [3, 6]
+    assert [(p["step"], p["name"]) for p in rec.of("eval")] == [(3, "mqar/acc"), (6, "mqar/acc")]
+    assert rec.of("ckpt") == [{"step": 6}]
+    assert summary.microbatch == 4 and summary.resumed_from_step == 0
+    assert summary.final_loss == train[-1]["loss"]
+    assert summary.data_sha256 == open_data("mqar", 512).sha256
+    assert summary.nonembed_params == s.derived()["nonembed_params"]
+
+
+def test_gradient_accumulation_matches_full_batch(tmp_path):
+    a, b = Recorder(), Recorder()
+    pretrain(spec(tokens=8 * 32 * 5), a, tmp_path / "a", microbatch=8)
+    pretrain(spec(tokens=8 * 32 * 5), b, tmp_path / "b", microbatch=2)
+    for step, loss in a.losses().items():
+        assert b.losses()[step] == pytest.approx(loss, rel=1e-4)
+    with pytest.raises(ValueError, match="divide"):
+        pretrain(spec(), Recorder(), tmp_path / "c", microbatch=3)
+
+
+def test_stop_and_resume_gives_identical_losses(tmp_path):
+    s = spec(tokens=8 * 32 * 20, eval_every=5)
+    straight = Recorder()
+    full = pretrain(s, straight, tmp_path / "straight")
+
+    first = Recorder()
+    with pytest.raises(Interrupted) as err:
+        pretrain(s, first, tmp_path / "resumed", should_stop=lambda: len(first.of("train")) >= 10)
+    assert err.value.step == 10 and checkpoint_steps(tmp_path / "resumed") == [10]
+    second = Recorder()
+    resumed = pretrain(s, second, tmp_path / "resumed")
+    assert resumed.resumed_from_step == 10
+    assert {**first.losses(), **second.losses()} == straight.losses()  # bit-identical on CPU
+    assert min(second.losses()) == 11
+    assert resumed.val_loss == full.val_loss and resumed.final_loss == full.final_loss
+    vals = [(p["step"], p["val_loss"]) for p in first.of("val") + second.of("val")]
+    assert vals == [(p["step"], p["val_loss"]) for p in straight.of("val")]
+    assert [step for step, _ in vals] == [5, 10, 15, 20]  # the eval due at the stop is not lost
+
+
+def test_process_kill_and_retry(tmp_path):
+    """fault="exit@K" kills the process after checkpointing K; the retry goes past K and matches."""
+    s = spec(tokens=8 * 32 * 12)
+    code = (
+        "import sys; from sweep.spec import RunSpec; from models.train import pretrain\n"
+        f"pretrain(RunSpec.from_json({s.canonical_json()!r}), lambda k, p: None, sys.argv[1], fault='exit@7')\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "run")], env=env, cwd=ROOT, timeout=120)
+    assert proc.returncode == 1
+    assert checkpoint_steps(tmp_path / "run") == [7]
+    retry = Recorder()
+    summary = pretrain(s, retry, tmp_path / "run", fault="exit@7")  # a checkpoint at 7 exists: no exit
+    assert summary.resumed_from_step == 7 and summary.steps == 12
+    straight = Recorder()
+    pretrain(s, straight, tmp_path / "straight")
+    assert retry.losses() == {k: v for k, v in straight.losses().items() if k > 7}
+
+
+def test_nan_fault_raises_diverged(tmp_path):
+    with pytest.raises(Diverged) as err:
+        pretrain(spec(), Recorder(), tmp_path, fault="nan@3")
+    assert err.value.step == 3 and "step 3" in str(err.value)
+    with pytest.raises(ValueError, match="fault"):
+        pretrain(spec(), Recorder(), tmp_path, fault="boom@3")
+
+
+def test_truncated_newest_checkpoint_falls_back_to_previous(tmp_path):
+    s = spec(tokens=8 * 32 * 12)
+    first = Recorder()
+    pretrain(s, first, tmp_path / "run", ckpt_every_steps=4)
+    assert checkpoint_steps(tmp_path / "run") == [8, 12]  # only the newest two are kept
+    newest = tmp_path / "run" / "ckpt-000000012.pt"
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
+    assert load_checkpoint(tmp_path / "run")["step"] == 8
+    again = Recorder()
+    summary = pretrain(s, again, tmp_path / "run", ckpt_every_steps=4)
+    assert summary.resumed_from_step == 8
+    assert again.losses() == {k: v for k, v in first.losses().items() if k > 8}
+    assert not any(p.name.endswith(".tmp") for p in (tmp_path / "run").iterdir())
+
+
+def test_checkpoint_of_another_run_is_refused(tmp_path):
+    pretrain(spec(tokens=8 * 32 * 2), Recorder(), tmp_path)
+    with pytest.raises(ValueError, match="another run"):
+        pretrain(spec(tokens=8 * 32 * 2, seed=1), Recorder(), tmp_path)
+
+
+def test_time_based_checkpoints(tmp_path):
+    rec = Recorder()
+    pretrain(spec(tokens=8 * 32 * 3), rec, tmp_path, ckpt_every_steps=0, ckpt_every_s=0.0)
+    assert [p["step"] for p in rec.of("ckpt")] == [1, 2, 3]
+
+
+def test_cuda_oom_becomes_out_of_memory(tmp_path, monkeypatch):
+    def oom(self, idx, targets=None):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(LM, "forward", oom)
+    with pytest.raises(OutOfMemory) as err:
+        pretrain(spec(), Recorder(), tmp_path, microbatch=4)
+    assert (err.value.step, err.value.microbatch) == (1, 4)
+
+
+def test_unknown_eval_is_refused_before_training(tmp_path):
+    t = time.perf_counter()
+    with pytest.raises(ValueError, match="unknown eval"):
+        pretrain(spec(evals=("hellaswag",)), Recorder(), tmp_path)
+    assert time.perf_counter() - t < 5 and not checkpoint_steps(tmp_path)
+
+
+def test_default_microbatch_on_cpu():
+    cpu = torch.device("cpu")
+    assert largest_divisor_at_most(48, 16) == 16 and largest_divisor_at_most(20, 16) == 10
+    assert largest_divisor_at_most(7, 16) == 7 and largest_divisor_at_most(13, 4) == 1
+    s = spec(batch_size=24)
+    assert default_microbatch(s, s.model_config(), cpu) == 12
