@@ -1,0 +1,96 @@
+"""Gated linear attention, one entry point for lightning (constant decay), Mamba2 (per token) and HGRN2 (per channel).
+
+Per head, S_t = diag(exp(a_t)) S_{t-1} + k_t^T v_t and o_t = scale * q_t S_t, with the log decay a_t <= 0 given
+as (H,), (B, T, H) or (B, T, H, K). Backends: "naive" (recurrence, ground truth), "torch" (chunked PyTorch,
+the CPU path), "triton" (chunked Triton kernels), "auto" (triton on CUDA tensors, torch elsewhere).
+"""
+
+from __future__ import annotations
+
+import torch
+
+BACKENDS = ("auto", "triton", "torch", "naive")
+#: Names of the three decay forms, by log_decay.dim().
+DECAY_FORMS = {1: "constant", 3: "token", 4: "channel"}
+
+
+def decay_form(log_decay: torch.Tensor) -> str:
+    """Which decay a log_decay tensor encodes: "constant" (H,), "token" (B, T, H) or "channel" (B, T, H, K)."""
+    try:
+        return DECAY_FORMS[log_decay.dim()]
+    except KeyError:
+        raise ValueError(
+            f"log_decay must have shape (H,), (B, T, H) or (B, T, H, K); got {tuple(log_decay.shape)}"
+        ) from None
+
+
+def _validate(q, k, v, log_decay, initial_state, backend: str) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(x, torch.Tensor) or x.dim() != 4:
+            raise ValueError(f"{name} must be a 4-D tensor (batch, time, heads, dim); got {getattr(x, 'shape', x)}")
+        if not x.is_floating_point():
+            raise ValueError(f"{name} must be floating point; got {x.dtype}")
+    if q.shape != k.shape:
+        raise ValueError(f"q and k must have the same shape (B, T, H, K); got {tuple(q.shape)} and {tuple(k.shape)}")
+    if v.shape[:3] != q.shape[:3]:
+        raise ValueError(f"v must be (B, T, H, V) with q's (B, T, H) = {tuple(q.shape[:3])}; got {tuple(v.shape)}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k and v must share one dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device == log_decay.device):
+        raise ValueError("q, k, v and log_decay must be on one device")
+    batch, time, heads, dk = q.shape
+    if time < 1 or batch < 1 or heads < 1 or dk < 1 or v.shape[-1] < 1:
+        raise ValueError(f"every dimension must be at least 1; got q {tuple(q.shape)}, v {tuple(v.shape)}")
+    expected = {"constant": (heads,), "token": (batch, time, heads), "channel": (batch, time, heads, dk)}
+    form = decay_form(log_decay)
+    if tuple(log_decay.shape) != expected[form]:
+        raise ValueError(
+            f"log_decay with {log_decay.dim()} dims must have shape {expected[form]} for q {tuple(q.shape)}; "
+            f"got {tuple(log_decay.shape)}"
+        )
+    if not log_decay.is_floating_point():
+        raise ValueError(f"log_decay must be floating point; got {log_decay.dtype}")
+    if initial_state is not None:
+        want = (batch, heads, dk, v.shape[-1])
+        if tuple(initial_state.shape) != want:
+            raise ValueError(f"initial_state must have shape (B, H, K, V) = {want}; got {tuple(initial_state.shape)}")
+        if initial_state.device != q.device:
+            raise ValueError("initial_state must be on q's device")
+
+
+def resolve_backend(backend: str, q: torch.Tensor) -> str:
+    """The backend "auto" stands for: triton on CUDA tensors, torch elsewhere; other names pass through."""
+    if backend == "auto":
+        return "triton" if q.is_cuda else "torch"
+    return backend
+
+
+def linear_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    log_decay: torch.Tensor,
+    *,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Gated linear attention over (B, T, H, D) inputs; returns (o with v's dtype, fp32 final state or None)."""
+    _validate(q, k, v, log_decay, initial_state, backend)
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    backend = resolve_backend(backend, q)
+    if backend == "naive":
+        from .naive import linear_attention_naive as run
+    elif backend == "torch":
+        from .torch_chunked import linear_attention_chunked as run
+    else:
+        # Imported here so that `import kernels` never pulls in triton.
+        from .triton_chunk import linear_attention_triton as run
+    return run(q, k, v, log_decay, scale, initial_state, output_final_state)
+
+
+__all__ = ["BACKENDS", "decay_form", "linear_attention", "resolve_backend"]

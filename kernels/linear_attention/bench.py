@@ -1,0 +1,324 @@
+"""GPU benchmark of `kernels.linear_attention` against torch SDPA and flash-linear-attention, checked on the device first.
+
+`check_on_device` compares every backend and decay form (and the fla peers, when importable) with the naive
+recurrence on the GPU itself, outputs and gradients, in fp32 and bf16; `run_bench` then times forward and
+forward+backward (`triton.testing.do_bench` medians after warm-up) and writes CSV, PNG and a markdown table.
+An implementation that fails its check gets no timing; one that raises gets an error cell, not a crash.
+
+    python -m kernels.linear_attention.bench --out docs/bench [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from . import linear_attention
+
+log = logging.getLogger(__name__)
+
+HEADS, DIM = 8, 128
+#: (B, T) timed forward and forward+backward, then (B, T) timed forward only.
+TRAIN_SHAPES = [(16, 2048), (4, 8192), (1, 32768)]
+LONG_SHAPES = [(1, 131072), (1, 524288), (1, 1048576)]
+QUICK_TRAIN_SHAPES = [(16, 2048), (4, 8192)]
+QUICK_LONG_SHAPES = [(1, 131072)]
+#: Relative error (max|a - b| / max|b|) allowed on the device; tf32/bf16 tensor cores round more than the CPU.
+DEVICE_TOL = {torch.float32: 5e-3, torch.bfloat16: 5e-2}
+#: A call slower than this is timed with a few plain repeats instead of do_bench's calibration runs.
+SLOW_MS = 500.0
+
+FORMS = ("constant", "token", "channel")
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    """One implementation and decay form checked against the naive recurrence on the device.
+
+    forward_ok covers o; backward_ok every gradient the implementation gives; error is set when one raised.
+    """
+
+    impl: str
+    decay: str
+    dtype: str
+    forward_ok: bool
+    backward_ok: bool
+    forward_err: float
+    backward_err: float
+    worst: str
+    error: str = ""
+
+    @property
+    def ok(self) -> bool:
+        """Both the forward and the backward passed."""
+        return self.forward_ok and self.backward_ok
+
+
+def _log_decay(form: str, batch: int, time: int, heads: int, dim: int, device) -> torch.Tensor:
+    """Random log decays in the range models produce: MiniMax slopes per head, log-sigmoid gates otherwise."""
+    if form == "constant":
+        return -(2.0 ** (-8.0 * torch.arange(1, heads + 1, device=device) / heads))
+    shape = (batch, time, heads) if form == "token" else (batch, time, heads, dim)
+    return F.logsigmoid(torch.randn(shape, device=device))
+
+
+def _peers() -> dict[tuple[str, str], Callable]:
+    """flash-linear-attention's chunked kernels by (name, decay form), empty when fla is not installed."""
+    try:
+        from fla.ops.gla import chunk_gla
+        from fla.ops.simple_gla import chunk_simple_gla
+    except ImportError:
+        log.info("fla is not importable: its kernels are left out of the benchmark")
+        return {}
+    return {
+        ("fla chunk_simple_gla", "constant"): lambda q, k, v, a, s: chunk_simple_gla(q, k, v, g_gamma=a, scale=s)[0],
+        ("fla chunk_simple_gla", "token"): lambda q, k, v, a, s: chunk_simple_gla(q, k, v, g=a, scale=s)[0],
+        ("fla chunk_gla", "channel"): lambda q, k, v, a, s: chunk_gla(q, k, v, g=a, scale=s)[0],
+    }
+
+
+def _ours(backend: str) -> Callable:
+    return lambda q, k, v, a, s: linear_attention(q, k, v, a, scale=s, backend=backend)[0]
+
+
+def _implementations() -> dict[tuple[str, str], Callable]:
+    impls = {(f"ours {backend}", form): _ours(backend) for backend in ("triton", "torch") for form in FORMS}
+    impls.update(_peers())
+    return impls
+
+
+def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.float(), b.float()
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
+
+
+def _check_one(fn, form: str, dtype: torch.dtype, device, batch=2, time=300, heads=2, dim=DIM) -> CheckResult:
+    """fn against naive: relative error of o, then of the gradients fn provides; an exception fails that half."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    q, k, v = (torch.randn(batch, time, heads, dim, device=device, generator=gen).to(dtype) for _ in range(3))
+    a = _log_decay(form, batch, time, heads, dim, device)
+    if form == "channel":
+        # Strong decays on some channels: exp of a positive number anywhere would show up here.
+        a = torch.where(torch.rand_like(a) < 0.2, a - 10.0, a)
+    do = torch.randn(batch, time, heads, dim, device=device, generator=gen)
+    scale = dim**-0.5
+    tol = DEVICE_TOL[dtype]
+    results = {}
+    for who, run in (("naive", _ours("naive")), ("tested", fn)):
+        leaves = [x.detach().clone().requires_grad_(form != "constant" or x is not a) for x in (q, k, v, a)]
+        try:
+            o = run(*leaves, scale)
+        except Exception as exc:  # a peer refusing is a result, not a crash
+            return CheckResult("", form, _dtype_name(dtype), False, False, math.nan, math.nan, "o", _first_line(exc))
+        try:
+            (o.float() * do).sum().backward()
+            grads, error = [x.grad for x in leaves], ""
+        except Exception as exc:
+            grads, error = [None] * 4, _first_line(exc)
+        results[who] = (o.detach(), grads, error)
+    (o_ref, g_ref, _), (o, grads, error) = results["naive"], results["tested"]
+    forward_err = _rel_err(o, o_ref)
+    errors = {n: _rel_err(g, r) for n, g, r in zip(("dq", "dk", "dv", "dlog_decay"), grads, g_ref) if g is not None}
+    backward_err = max(errors.values()) if errors else math.nan
+    worst = max(errors, key=errors.get) if errors else "o"
+    backward_ok = not error and bool(errors) and math.isfinite(backward_err) and backward_err <= tol
+    return CheckResult("", form, _dtype_name(dtype), math.isfinite(forward_err) and forward_err <= tol, backward_ok,
+                       forward_err, backward_err, worst, error)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def check_on_device(device: str = "cuda", size: tuple[int, int, int, int] = (2, 300, 2, DIM)) -> list[CheckResult]:
+    """Each backend and decay form (ours, and fla's when importable) against naive on `device`, fp32 and bf16.
+
+    size is (B, T, H, D); the default has T off the chunk grid and the benchmark's head width.
+    """
+    out = []
+    for (impl, form), fn in _implementations().items():
+        for dtype in (torch.float32, torch.bfloat16):
+            result = replace(_check_one(fn, form, dtype, device, *size), impl=impl)
+            if result.error:
+                log.warning("check %s %s %s: %s", impl, form, result.dtype, result.error)
+            log.info("check %s", result)
+            out.append(result)
+    return out
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"[:200]
+
+
+def _time_ms(step: Callable[[], None], grads: list[torch.Tensor], quick: bool) -> float:
+    """Median milliseconds of step(): do_bench after warm-up, or a few plain repeats when one call is slow."""
+    import triton.testing
+
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    step()  # compile and warm up
+    torch.cuda.synchronize()
+    start.record()
+    step()
+    end.record()
+    torch.cuda.synchronize()
+    first = start.elapsed_time(end)
+    if first > SLOW_MS:
+        times = [first]
+        for _ in range(1 if quick else 2):
+            start.record()
+            step()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        return float(sorted(times)[len(times) // 2])
+    warmup, rep = (10, 50) if quick else (50, 300)
+    return float(triton.testing.do_bench(step, warmup=warmup, rep=rep, grad_to_none=grads, return_mode="median"))
+
+
+def _sdpa(q, k, v, a, scale):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+
+
+def _time_one(fn, impl: str, form: str, batch: int, time: int, backward: bool, quick: bool) -> float:
+    device = "cuda"
+    dtype = torch.bfloat16
+    if impl == "sdpa flash":
+        shape = (batch, HEADS, time, DIM)  # SDPA wants (B, H, T, D)
+    else:
+        shape = (batch, time, HEADS, DIM)
+    q, k, v = (torch.randn(shape, device=device, dtype=dtype, requires_grad=backward) for _ in range(3))
+    a = _log_decay(form, batch, time, HEADS, DIM, device) if form else None
+    if a is not None and backward and form != "constant":
+        a.requires_grad_(True)
+    scale = DIM**-0.5
+    grads = [x for x in (q, k, v, a) if x is not None and x.requires_grad]
+    if backward:
+        do = torch.randn(shape, device=device, dtype=dtype)
+
+        def step():
+            fn(q, k, v, a, scale).backward(do)
+    else:
+
+        def step():
+            with torch.no_grad():
+                fn(q, k, v, a, scale)
+
+    return _time_ms(step, grads, quick)
+
+
+def run_bench(out_dir: Path, quick: bool = False) -> pd.DataFrame:
+    """Check on the GPU, then time every implementation; writes linear_attention.{csv,png,md} under out_dir."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    checks = check_on_device("cuda")
+    pd.DataFrame([asdict(c) for c in checks]).to_csv(out_dir / "linear_attention_checks.csv", index=False)
+    # A failed check takes that implementation's timings away: all of them for a wrong forward, the
+    # forward+backward ones for a wrong (or refused) backward.
+    failed = {}
+    for c in checks:
+        what = f"{c.dtype}: {c.error}" if c.error else None
+        if not c.forward_ok:
+            for mode in ("fwd", "fwd+bwd"):
+                failed.setdefault((c.impl, c.decay, mode), "failed check (" + (what or f"{c.dtype}: o rel err {c.forward_err:.2g}") + ")")
+        elif not c.backward_ok:
+            failed.setdefault((c.impl, c.decay, "fwd+bwd"), "failed check (" + (what or f"{c.dtype}: {c.worst} rel err {c.backward_err:.2g}") + ")")
+
+    timed = {key: fn for key, fn in _implementations().items() if key[0] != "ours torch"}
+    timed[("sdpa flash", "")] = _sdpa
+    train = QUICK_TRAIN_SHAPES if quick else TRAIN_SHAPES
+    long = QUICK_LONG_SHAPES if quick else LONG_SHAPES
+    jobs = [(b, t, mode) for b, t in train for mode in ("fwd", "fwd+bwd")] + [(b, t, "fwd") for b, t in long]
+
+    rows = []
+    for batch, time, mode in jobs:
+        for (impl, form), fn in timed.items():
+            row = {"impl": impl, "decay": form, "mode": mode, "B": batch, "T": time, "H": HEADS, "K": DIM, "V": DIM,
+                   "dtype": "bfloat16", "ms": math.nan, "status": "ok"}
+            if (impl, form, mode) in failed:
+                row["status"] = failed[(impl, form, mode)]
+            else:
+                try:
+                    row["ms"] = _time_one(fn, impl, form, batch, time, mode == "fwd+bwd", quick)
+                except Exception as exc:  # recorded as an error cell; the other cells still run
+                    log.warning("%s %s %s B=%d T=%d raised: %s", impl, form, mode, batch, time, exc)
+                    row["status"] = "error: " + _first_line(exc)
+                    torch.cuda.empty_cache()
+            log.info("%s", row)
+            rows.append(row)
+    df = pd.DataFrame(rows)
+    df["tokens_per_s"] = df["B"] * df["T"] / (df["ms"] / 1e3)
+    df.to_csv(out_dir / "linear_attention.csv", index=False)
+    (out_dir / "linear_attention.md").write_text(markdown_table(df) + "\n")
+    plot(df, out_dir / "linear_attention.png")
+    return df
+
+
+def _label(impl: str, decay: str) -> str:
+    return f"{impl} ({decay})" if decay else impl
+
+
+def markdown_table(df: pd.DataFrame) -> str:
+    """Milliseconds per (mode, B, T) row and implementation column; failures and errors say so in their cell."""
+    df = df.assign(column=[_label(i, d) for i, d in zip(df["impl"], df["decay"])])
+    df["cell"] = [f"{ms:.2f}" if status == "ok" else status for ms, status in zip(df["ms"], df["status"])]
+    table = df.pivot_table(index=["mode", "B", "T"], columns="column", values="cell", aggfunc="first", sort=False)
+    table = table.fillna("")
+    columns = list(dict.fromkeys(df["column"]))
+    header = "| mode | B | T | " + " | ".join(columns) + " |"
+    lines = [header, "|" + " --- |" * (3 + len(columns))]
+    for (mode, batch, time), row in table.iterrows():
+        cells = [str(row.get(c, "")).replace("|", "/") for c in columns]
+        lines.append(f"| {mode} | {batch} | {time} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(df: pd.DataFrame, path: Path) -> None:
+    """Milliseconds against T, one panel per mode, one line per implementation (log-log)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    modes = list(dict.fromkeys(df["mode"]))
+    fig, axes = plt.subplots(1, len(modes), figsize=(6 * len(modes), 4.5), squeeze=False)
+    for ax, mode in zip(axes[0], modes):
+        part = df[(df["mode"] == mode) & (df["status"] == "ok")]
+        for (impl, decay), line in part.groupby(["impl", "decay"], sort=False):
+            ax.plot(line["T"], line["ms"], marker="o", label=_label(impl, decay))
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("T (B x T = 32k tokens up to 32k, then B = 1)")
+        ax.set_ylabel("ms (median)")
+        ax.set_title(f"{mode}, H={HEADS}, K=V={DIM}, bf16")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Command line: run the benchmark on the GPU and print the markdown table."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("docs/bench"))
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    df = run_bench(args.out, quick=args.quick)
+    print(markdown_table(df))
+
+
+if __name__ == "__main__":
+    main()

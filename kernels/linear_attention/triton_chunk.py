@@ -1,0 +1,709 @@
+"""Chunked gated linear attention in Triton, forward and backward, for the three decay forms in one kernel family.
+
+Lightning Attention-2 (arXiv 2401.04658) tiling with chunks of BT = 64 tokens; the decay form is a
+`tl.constexpr` switch DECAY: 0 constant per head (H,), 1 per head and token (B, T, H), 2 per key channel
+(B, T, H, K). b is the log decay summed from the start of its chunk (inclusive); every exp() below takes
+b_i - b_j with i at or after j, or b of a position minus b of an earlier one, so its argument is <= 0 and
+strong decays underflow to exact zeros instead of overflowing.
+
+Forward, per (batch, head):
+  1. `_chunk_A_kernel` (per-channel decay only): the intra-chunk matrix A_ij = sum_c q_ic k_jc e^(b_ic - b_jc),
+     i >= j, in 16 x 16 sub-blocks: off the diagonal a product of two rescaled operands around a reference
+     row between them, on the diagonal elementwise. Scalar decays compute (q k^T) e^(b_i - b_j) inline in 4.
+  2. The state entering every chunk, h_n (K x V, stored in bf16 for bf16 inputs, else fp32). Chunks are cut
+     into groups of G: `_chunk_walk_kernel` walks each group's chunks in order (parallel over groups, batch,
+     heads and K x V tiles) to get the group's own contribution, `_group_scan_kernel` carries the state across
+     groups, and a second walk from each group's true entering state stores h_n. With batch x heads x tiles
+     enough to fill the GPU there is one group (G = #chunks, a single walk, as fla's chunk_fwd_h); otherwise
+     G ~ sqrt(#chunks), so for B = 1 and T = 1M (16k chunks) no sequential loop is longer than 128 steps.
+  3. `_output_kernel`, parallel over chunks, batch, heads and V tiles: o = scale (q e^b h_n + A v).
+Backward recomputes h_n, runs step 2 in reverse for dh_n (the gradient of the state chunk n hands on,
+S <- e^(b_last) S + scale (q e^b)^T do), then `_dv_kernel`, `_dqk_kernel` and, per-channel only,
+`_intra_bwd_kernel`; the gradient of the log decay is a reverse cumulative sum within each chunk of
+db_i = q_i dq_i - k_i dk_i, plus at the chunk's last row the gradient of its total decay.
+
+Triton 3.4-3.7.0 miscompiles `tl.dot(tl.trans(x), y)` on Hopper when x is an earlier dot's accumulator cast
+to bf16/fp16 (fla issue 640). No kernel here transposes a dot result: transposed products are computed
+directly from operands loaded in transposed layout (A^T = k q^T, dA^T = v do^T).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+#: Tokens per chunk and per intra-chunk sub-block (per-channel decay).
+CHUNK = 64
+SUB = 16
+#: tl.dot precision for fp32 inputs: three tf32 passes, close to fp32 and much faster than "ieee".
+FP32_DOT_PRECISION = "tf32x3"
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+# --------------------------------------------------------------------------------------------- helpers
+# Tile addresses are a scalar int64 base plus int32 offsets within the tile: int64 offset tiles (and 64-bit
+# pointer arithmetic per element) cost more registers than the accumulators and made the kernels spill.
+# (Block pointers would do this for us, but Triton 3.9's interpreter, which CI runs, no longer has them.)
+
+
+@triton.jit
+def _ptrs(ptr, i_b, i_h, row0, T, H: tl.constexpr, D: tl.constexpr, d0, R: tl.constexpr, BD: tl.constexpr,
+          TRANS: tl.constexpr):
+    """Pointers and mask for rows [row0, row0 + R) x columns [d0, d0 + BD) of head i_h of a (B, T, H, D) tensor.
+
+    Transposed, (BD, R), if TRANS: products that need x^T load it that way instead of transposing.
+    """
+    base = ptr + ((i_b * T + row0) * H + i_h) * D + d0
+    r = tl.arange(0, R)
+    c = tl.arange(0, BD)
+    if TRANS:
+        p = base + (r[None, :] * (H * D) + c[:, None])
+        mask = ((row0 + r) < T)[None, :] & ((d0 + c) < D)[:, None]
+    else:
+        p = base + (r[:, None] * (H * D) + c[None, :])
+        mask = ((row0 + r) < T)[:, None] & ((d0 + c) < D)[None, :]
+    return p, mask
+
+
+@triton.jit
+def _load(ptr, i_b, i_h, row0, T, H: tl.constexpr, D: tl.constexpr, d0, R: tl.constexpr, BD: tl.constexpr,
+          TRANS: tl.constexpr):
+    """A tile of a (B, T, H, D) tensor in its own dtype, zero outside the tensor; (BD, R) if TRANS."""
+    p, mask = _ptrs(ptr, i_b, i_h, row0, T, H, D, d0, R, BD, TRANS)
+    return tl.load(p, mask=mask, other=0.0)
+
+
+@triton.jit
+def _store(ptr, x, i_b, i_h, row0, T, H: tl.constexpr, D: tl.constexpr, d0, R: tl.constexpr, BD: tl.constexpr):
+    p, mask = _ptrs(ptr, i_b, i_h, row0, T, H, D, d0, R, BD, False)
+    tl.store(p, x.to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _rows_log_decay(a_ptr, b_ptr, i_b, i_h, t0, row0, last, Tp, H: tl.constexpr, K: tl.constexpr, k0,
+                    R: tl.constexpr, BK: tl.constexpr, DECAY: tl.constexpr, TRANS: tl.constexpr):
+    """In-chunk cumulative log decay of local rows [row0, row0 + R): (R,), or (R, BK) / (BK, R) per channel."""
+    rows = row0 + tl.arange(0, R)
+    if DECAY == 0:
+        # Rows past the last valid one count as zero decay, as if the input had been zero padded.
+        b = (tl.minimum(rows, last) + 1).to(tl.float32) * tl.load(a_ptr + i_h).to(tl.float32)
+    elif DECAY == 1:
+        b = tl.load(b_ptr + (i_b * Tp + t0 + rows) * H + i_h)
+    else:
+        b = _load(b_ptr, i_b, i_h, t0 + row0, Tp, H, K, k0, R, BK, TRANS)
+    return b
+
+
+@triton.jit
+def _row_log_decay(a_ptr, b_ptr, i_b, i_h, t0, row, Tp, H: tl.constexpr, K: tl.constexpr, offs_k,
+                   DECAY: tl.constexpr):
+    """In-chunk cumulative log decay of one local row (a valid one): a scalar, or (BK,) per channel."""
+    if DECAY == 0:
+        b = (row + 1).to(tl.float32) * tl.load(a_ptr + i_h).to(tl.float32)
+    elif DECAY == 1:
+        b = tl.load(b_ptr + (i_b * Tp + t0 + row) * H + i_h)
+    else:
+        b = tl.load(b_ptr + ((i_b * Tp + t0 + row) * H + i_h) * K + offs_k, mask=offs_k < K, other=0.0)
+    return b
+
+
+@triton.jit
+def _state_ptrs(ptr, slab, K: tl.constexpr, V: tl.constexpr, k0, v0, BK: tl.constexpr, BV: tl.constexpr,
+                TRANS: tl.constexpr):
+    """Pointers and mask for a (BK, BV) tile of (K, V) state number `slab`; (BV, BK) if TRANS."""
+    base = ptr + slab * K * V + k0 * V + v0
+    kk = tl.arange(0, BK)
+    vv = tl.arange(0, BV)
+    if TRANS:
+        p = base + (kk[None, :] * V + vv[:, None])
+        mask = ((k0 + kk) < K)[None, :] & ((v0 + vv) < V)[:, None]
+    else:
+        p = base + (kk[:, None] * V + vv[None, :])
+        mask = ((k0 + kk) < K)[:, None] & ((v0 + vv) < V)[None, :]
+    return p, mask
+
+
+@triton.jit
+def _load_st(ptr, slab, K: tl.constexpr, V: tl.constexpr, k0, v0, BK: tl.constexpr, BV: tl.constexpr,
+             TRANS: tl.constexpr):
+    p, mask = _state_ptrs(ptr, slab, K, V, k0, v0, BK, BV, TRANS)
+    return tl.load(p, mask=mask, other=0.0)
+
+
+@triton.jit
+def _store_st(ptr, x, slab, K: tl.constexpr, V: tl.constexpr, k0, v0, BK: tl.constexpr, BV: tl.constexpr):
+    p, mask = _state_ptrs(ptr, slab, K, V, k0, v0, BK, BV, False)
+    tl.store(p, x.to(ptr.dtype.element_ty), mask=mask)
+
+
+# --------------------------------------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _chunk_walk_kernel(x_ptr, y_ptr, a_ptr, b_ptr, start_ptr, states_ptr, total_ptr, final_ptr, T, Tp, NT, NS, G,
+                       scale, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
+                       BK: tl.constexpr, BV: tl.constexpr, DECAY: tl.constexpr, REVERSE: tl.constexpr,
+                       STATES: tl.constexpr, HAS_START: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
+    """Walk the chunks of one group in order, carrying the (BK, BV) state tile.
+
+    Forward (x = k, y = v): S <- e^(b_last) S + (k e^(b_last - b))^T v.
+    Reverse (x = q, y = do, chunks backwards): S <- e^(b_last) S + scale (q e^b)^T do, i.e. dh.
+    STATES: start from the group's true entering state (or zero) and store the state each chunk starts from
+    (reverse: the dh each chunk hands back), and the last state as `final`. Otherwise start from zero and store
+    only the group's total contribution, for `_group_scan_kernel`.
+    """
+    i_kv, i_s, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    i_b, i_h = i_bh // H, i_bh % H
+    k0, v0 = (i_kv // tl.cdiv(V, BV)) * BK, (i_kv % tl.cdiv(V, BV)) * BV
+    offs_k = k0 + tl.arange(0, BK)
+    n_first = i_s * G
+    n_count = tl.minimum(G, NT - n_first)
+    if HAS_START:
+        s = _load_st(start_ptr, i_bh * NS + i_s, K, V, k0, v0, BK, BV, False).to(tl.float32)
+    else:
+        s = tl.zeros([BK, BV], dtype=tl.float32)
+    for step in range(0, n_count):
+        if REVERSE:
+            n = n_first + n_count - 1 - step
+        else:
+            n = n_first + step
+        t0 = n * BT
+        last = tl.minimum(T - t0, BT) - 1
+        if STATES:
+            _store_st(states_ptr, s, i_bh * NT + n, K, V, k0, v0, BK, BV)
+        # x is loaded as (BK, BT) so that the product below needs no transpose.
+        xt = _load(x_ptr, i_b, i_h, t0, T, H, K, k0, BT, BK, True).to(tl.float32)
+        y = _load(y_ptr, i_b, i_h, t0, T, H, V, v0, BT, BV, False)
+        b = _rows_log_decay(a_ptr, b_ptr, i_b, i_h, t0, 0, last, Tp, H, K, k0, BT, BK, DECAY, True)
+        b_last = _row_log_decay(a_ptr, b_ptr, i_b, i_h, t0, last, Tp, H, K, offs_k, DECAY)
+        if DECAY == 2:
+            if REVERSE:
+                xt = xt * tl.exp(b)
+            else:
+                xt = xt * tl.exp(b_last[:, None] - b)
+            s = s * tl.exp(b_last)[:, None]
+        else:
+            if REVERSE:
+                xt = xt * tl.exp(b)[None, :]
+            else:
+                xt = xt * tl.exp(b_last - b)[None, :]
+            s = s * tl.exp(b_last)
+        s += scale * tl.dot(xt.to(DT), y.to(DT), input_precision=PREC)
+    if STATES:
+        # The walk that ends the sequence (the first group, walking backwards) holds the final state.
+        if REVERSE:
+            ends = i_s == 0
+        else:
+            ends = i_s == NS - 1
+        if ends:
+            _store_st(final_ptr, s, i_bh, K, V, k0, v0, BK, BV)
+    else:
+        _store_st(total_ptr, s, i_bh * NS + i_s, K, V, k0, v0, BK, BV)
+
+
+@triton.jit
+def _group_scan_kernel(total_ptr, gsum_ptr, h0_ptr, start_ptr, NS, K: tl.constexpr, V: tl.constexpr,
+                       BK: tl.constexpr, BV: tl.constexpr, DECAY: tl.constexpr, REVERSE: tl.constexpr,
+                       HAS_H0: tl.constexpr):
+    """Carry the state across groups: store the state entering each group, then decay it and add the group total."""
+    i_kv, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    k0, v0 = (i_kv // tl.cdiv(V, BV)) * BK, (i_kv % tl.cdiv(V, BV)) * BV
+    offs_k = k0 + tl.arange(0, BK)
+    if HAS_H0:
+        s = _load_st(h0_ptr, i_bh, K, V, k0, v0, BK, BV, False).to(tl.float32)
+    else:
+        s = tl.zeros([BK, BV], dtype=tl.float32)
+    for step in range(0, NS):
+        if REVERSE:
+            i_s = NS - 1 - step
+        else:
+            i_s = step
+        slab = i_bh * NS + i_s
+        _store_st(start_ptr, s, slab, K, V, k0, v0, BK, BV)
+        if DECAY == 2:
+            g = tl.load(gsum_ptr + slab * K + offs_k, mask=offs_k < K, other=0.0)
+            s = s * tl.exp(g)[:, None]
+        else:
+            s = s * tl.exp(tl.load(gsum_ptr + slab))
+        s += _load_st(total_ptr, slab, K, V, k0, v0, BK, BV, False)
+
+
+@triton.jit
+def _chunk_A_kernel(q_ptr, k_ptr, b_ptr, A_ptr, T, Tp, NT, H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr,
+                    BC: tl.constexpr, BK: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
+    """Rows [m BC, (m + 1) BC) of A_ij = sum_c q_ic k_jc e^(b_ic - b_jc) (j <= i, else 0) for per-channel decay."""
+    i_nm, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    i_b, i_h = i_bh // H, i_bh % H
+    i_n, i_m = i_nm // (BT // BC), i_nm % (BT // BC)
+    t0 = i_n * BT
+    r0 = i_m * BC
+    cols = tl.arange(0, BT)
+    sub = tl.arange(0, BC)
+    # Reference row just before this block: keys before it decay to it, queries decay from it.
+    ref = tl.maximum(r0 - 1, 0)
+    acc = tl.zeros([BC, BT], dtype=tl.float32)
+    acc_diag = tl.zeros([BC, BC], dtype=tl.float32)
+    for i_k in range(0, tl.cdiv(K, BK)):
+        k0 = i_k * BK
+        offs_k = k0 + tl.arange(0, BK)
+        q = _load(q_ptr, i_b, i_h, t0 + r0, T, H, K, k0, BC, BK, False).to(tl.float32)
+        b_q = _rows_log_decay(q_ptr, b_ptr, i_b, i_h, t0, r0, 0, Tp, H, K, k0, BC, BK, 2, False)
+        b_ref = _row_log_decay(q_ptr, b_ptr, i_b, i_h, t0, ref, Tp, H, K, offs_k, 2)
+        kt = _load(k_ptr, i_b, i_h, t0, T, H, K, k0, BT, BK, True).to(tl.float32)
+        b_kt = _rows_log_decay(q_ptr, b_ptr, i_b, i_h, t0, 0, 0, Tp, H, K, k0, BT, BK, 2, True)
+        kt = kt * tl.exp(tl.where((cols < r0)[None, :], b_ref[:, None] - b_kt, float("-inf")))
+        acc += tl.dot((q * tl.exp(b_q - b_ref[None, :])).to(DT), kt.to(DT), input_precision=PREC)
+        for j in tl.static_range(BC):
+            t_j = t0 + r0 + j
+            # The row test is broadcast to a vector first: scalar & vector masks trip the interpreter.
+            row_mask = (offs_k < K) & ((t_j + 0 * offs_k) < T)
+            k_j = tl.load(k_ptr + ((i_b * T + t_j) * H + i_h) * K + offs_k, mask=row_mask, other=0.0).to(tl.float32)
+            b_j = _row_log_decay(q_ptr, b_ptr, i_b, i_h, t0, r0 + j, Tp, H, K, offs_k, 2)
+            e = tl.exp(tl.where((sub >= j)[:, None], b_q - b_j[None, :], float("-inf")))
+            col = tl.sum(q * k_j[None, :] * e, axis=1)
+            acc_diag += tl.where((sub == j)[None, :], col[:, None], 0.0)
+    base = A_ptr + (i_bh * NT + i_n) * BT * BT + (r0 + sub)[:, None] * BT
+    # Two stores with disjoint masks: the diagonal block comes from acc_diag, the rest (zeros past it) from acc.
+    off_diag = (cols < r0) | (cols >= r0 + BC)
+    tl.store(base + cols[None, :], acc, mask=off_diag[None, :])
+    tl.store(base + r0 + sub[None, :], acc_diag)
+
+
+@triton.jit
+def _output_kernel(q_ptr, k_ptr, v_ptr, o_ptr, a_ptr, b_ptr, A_ptr, h_ptr, T, Tp, NT, scale, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+                   BV: tl.constexpr, DECAY: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
+    """o = scale (q e^b h + A v) for one chunk and V tile; A from the A kernel, or (q k^T) e^(b_i - b_j) inline."""
+    i_n, i_v, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    i_b, i_h = i_bh // H, i_bh % H
+    t0 = i_n * BT
+    v0 = i_v * BV
+    last = tl.minimum(T - t0, BT) - 1
+    rows = tl.arange(0, BT)
+    acc = tl.zeros([BT, BV], dtype=tl.float32)
+    acc_a = tl.zeros([BT, BT], dtype=tl.float32)
+    for i_k in range(0, tl.cdiv(K, BK)):
+        k0 = i_k * BK
+        q = _load(q_ptr, i_b, i_h, t0, T, H, K, k0, BT, BK, False)
+        h = _load_st(h_ptr, i_bh * NT + i_n, K, V, k0, v0, BK, BV, False)
+        if DECAY == 2:
+            b = _rows_log_decay(a_ptr, b_ptr, i_b, i_h, t0, 0, last, Tp, H, K, k0, BT, BK, DECAY, False)
+            acc += tl.dot((q.to(tl.float32) * tl.exp(b)).to(DT), h.to(DT), input_precision=PREC)
+        else:
+            acc += tl.dot(q.to(DT), h.to(DT), input_precision=PREC)
+            kt = _load(k_ptr, i_b, i_h, t0, T, H, K, k0, BT, BK, True)
+            acc_a += tl.dot(q.to(DT), kt.to(DT), input_precision=PREC)
+    v = _load(v_ptr, i_b, i_h, t0, T, H, V, v0, BT, BV, False)
+    if DECAY == 2:
+        a_mat = tl.load(A_ptr + (i_bh * NT + i_n) * BT * BT + rows[:, None] * BT + rows[None, :])
+    else:
+        b = _rows_log_decay(a_ptr, b_ptr, i_b, i_h, t0, 0, last, Tp, H, K, 0, BT, BK, DECAY, False)
+        acc = acc * tl.exp(b)[:, None]
+        causal = rows[:, None] >= rows[None, :]
+        a_mat = acc_a * tl.exp(tl.where(causal, b[:, None] - b[None, :], float("-inf")))
+    acc += tl.dot(a_mat.to(DT), v.to(DT), input_precision=PREC)
+    _store(o_ptr, acc * scale, i_b, i_h, t0, T, H, V, v0, BT, BV)
+
+
+@triton.jit
+def _dv_kernel(q_ptr, k_ptr, do_ptr, dv_ptr, a_ptr, b_ptr, A_ptr, dh_ptr, T, Tp, NT, scale, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+               BV: tl.constexpr, DECAY: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
+    """dv = scale A^T do + (k e^(b_last - b)) dh_next for one chunk and V tile."""
+    i_n, i_v, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    i_b, i_h = i_bh // H, i_bh % H
+    t0 = i_n * BT
+    v0 = i_v * BV
+    last = tl.minimum(T - t0, BT) - 1
+    rows = tl.arange(0, BT)
+    acc = tl.zeros([BT, BV], dtype=tl.float32)
+    acc_at = tl.zeros([BT, BT], dtype=tl.float32)
+    for i_k in range(0, tl.cdiv(K, BK)):
+        k0 = i_k * BK
+        k = _load(k_ptr, i_b, i_h, t0, T, H, K, k0, BT, BK, False)
+        dh = _load_st(dh_ptr, i_bh * NT + i_n, K, V, k0, v0, BK, BV, False)
+        if DECAY == 2:
+            b = _rows_log_decay(a_ptr, b_ptr, i_b, i_h, t0, 0, last, Tp, H, K, k0, BT, BK, DECAY, False)
+            b_last = _row_log_decay(a_ptr, b_ptr, i_b, i_h, t0, last, Tp, H, K, k0 + tl.arange(0, BK), DECAY)
+            kg = k.to(tl.float32) * tl.exp(b_last[None, :] - b)
+            acc += tl.dot(kg.to(DT), dh.to(DT), input_precision=PREC)
+        else:
+            acc += tl.dot(k.to(DT), dh.to(DT), input_precision=PREC)
+            # A^T straight from k and a transposed load of q, never by transposing a dot result.
+            qt = _load(q_ptr, i_b, i_h, t0, T, H, K, k0, BT, BK, True)
+            acc_at += tl.dot(k.to(DT), qt.to(DT), input_precision=PREC)
+    do = _load(do_ptr, i_b, i_h, t0, T, H, V, v0, BT, BV, False)
+    if DECAY == 2:
+        # A^T by a transposed load of the stored A.
+        at = tl.load(A_ptr + (i_bh * NT + i_n) * BT * BT + rows[None, :] * BT + rows[:, None])
+    else:
+        b = _rows_log_decay(a_ptr, b_ptr, i_b, i_h, t0, 0, last, Tp, H, K, 0, BT, BK, DECAY, False)
+        b_last = _row_log_decay(a_ptr, b_ptr, i_b, i_h, t0, last, Tp, H, K, 0, DECAY)
+        acc = acc * tl.exp(b_last - b)[:, None]
+        # Row j, column i: e^(b_i - b_j) for i >= j.
+        later = rows[None, :] >= rows[:, None]
+        at = acc_at * tl.exp(tl.where(later, b[None, :] - b[:, None], float("-inf")))
+    acc += scale * tl.dot(at.to(DT), do.to(DT), input_precision=PREC)
+    _store(dv_ptr, acc, i_b, i_h, t0, T, H, V, v0, BT, BV)
+
+
+@triton.jit
+def _dqk_kernel(q_ptr, k_ptr, v_ptr, do_ptr, dq_ptr, dk_ptr, db_ptr, dA_ptr, a_ptr, b_ptr,
+                h_ptr, dh_ptr, B, T, Tp, NT, scale,
+                H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+                BV: tl.constexpr, DECAY: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
+                STORE_DB: tl.constexpr):
+    """dq, dk and db for one chunk and K tile; per-channel decay leaves the intra-chunk part to `_intra_bwd_kernel`.
+
+    Scalar decays: complete dq, dk and a partial (per K tile) db. Per channel: the inter-chunk parts of dq, dk,
+    db in fp32, and dA = scale do v^T (masked) for the intra kernel.
+    """
+    i_n, i_k, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    i_b, i_h = i_bh // H, i_bh % H
+    t0 = i_n * BT
+    k0 = i_k * BK
+    offs_k = k0 + tl.arange(0, BK)
+    last = tl.minimum(T - t0, BT) - 1
+    rows = tl.arange(0, BT)
+    acc_dq = tl.zeros([BT, BK], dtype=tl.float32)
+    acc_dk = tl.zeros([BT, BK], dtype=tl.float32)
+    acc_da = tl.zeros([BT, BT], dtype=tl.float32)
+    acc_dat = tl.zeros([BT, BT], dtype=tl.float32)
+    acc_hdh = tl.zeros([BK], dtype=tl.float32)
+    for i_v in range(0, tl.cdiv(V, BV)):
+        v0 = i_v * BV
+        do = _load(do_ptr, i_b, i_h, t0, T, H, V, v0, BT, BV, False)
+        v = _load(v_ptr, i_b, i_h, t0, T, H, V, v0, BT, BV, False)
+        vt = _load(v_ptr, i_b, i_h, t0, T, H, V, v0, BT, BV, True)
+        ht = _load_st(h_ptr, i_bh * NT + i_n, K, V, k0, v0, BK, BV, True)
+        dht = _load_st(dh_ptr, i_bh * NT + i_n, K, V, k0, v0, BK, BV, True)
+        acc_dq += tl.dot(do.to(DT), ht.to(DT), input_precision=PREC)
+        acc_dk += tl.dot(v.to(DT), dht.to(DT), input_precision=PREC)
+        acc_hdh += tl.sum(ht.to(tl.float32) * dht.to(tl.float32), axis=0)
+        acc_da += tl.dot(do.to(DT), vt.to(DT), input_precision=PREC)
+        if DECAY != 2:
+            # dA^T straight from v and a transposed load of do, never by transposing acc_da.
+            do_t = _load(do_ptr, i_b, i_h, t0, T, H, V, v0, BT, BV, True)
+            acc_dat += tl.dot(v.to(DT), do_t.to(DT), input_precision=PREC)
+    q = _load(q_ptr, i_b, i_h, t0, T, H, K, k0, BT, BK, False)
+    k = _load(k_ptr, i_b, i_h, t0, T, H, K, k0, BT, BK, False)
+    causal = rows[:, None] >= rows[None, :]
+    is_last = rows == last
+    b = _rows_log_decay(a_ptr, b_ptr, i_b, i_h, t0, 0, last, Tp, H, K, k0, BT, BK, DECAY, False)
+    b_last = _row_log_decay(a_ptr, b_ptr, i_b, i_h, t0, last, Tp, H, K, offs_k, DECAY)
+    if DECAY == 2:
+        qf, kf = q.to(tl.float32), k.to(tl.float32)
+        dq = scale * acc_dq * tl.exp(b)
+        dk = acc_dk * tl.exp(b_last[None, :] - b)
+        _store(dq_ptr, dq, i_b, i_h, t0, T, H, K, k0, BT, BK)
+        _store(dk_ptr, dk, i_b, i_h, t0, T, H, K, k0, BT, BK)
+        if STORE_DB:
+            d_last = tl.exp(b_last) * acc_hdh + tl.sum(kf * dk, axis=0)
+            db = qf * dq - kf * dk + tl.where(is_last[:, None], d_last[None, :], 0.0)
+            _store(db_ptr, db, i_b, i_h, t0, Tp, H, K, k0, BT, BK)
+        if i_k == 0:
+            da = tl.where(causal & ((t0 + rows) < T)[:, None], scale * acc_da, 0.0)
+            tl.store(dA_ptr + (i_bh * NT + i_n) * BT * BT + rows[:, None] * BT + rows[None, :], da)
+    else:
+        dk_state = acc_dk * tl.exp(b_last - b)[:, None]
+        da = acc_da * tl.exp(tl.where(causal, b[:, None] - b[None, :], float("-inf")))
+        later = rows[None, :] >= rows[:, None]
+        dat = acc_dat * tl.exp(tl.where(later, b[None, :] - b[:, None], float("-inf")))
+        dq = scale * (acc_dq * tl.exp(b)[:, None] + tl.dot(da.to(DT), k.to(DT), input_precision=PREC))
+        dk = dk_state + scale * tl.dot(dat.to(DT), q.to(DT), input_precision=PREC)
+        _store(dq_ptr, dq, i_b, i_h, t0, T, H, K, k0, BT, BK)
+        _store(dk_ptr, dk, i_b, i_h, t0, T, H, K, k0, BT, BK)
+        if STORE_DB:
+            qf, kf = q.to(tl.float32), k.to(tl.float32)
+            d_last = tl.exp(b_last) * tl.sum(acc_hdh, axis=0) + tl.sum(tl.sum(kf * dk_state, axis=1), axis=0)
+            db = tl.sum(qf * dq - kf * dk, axis=1) + tl.where(is_last, d_last, 0.0)
+            tl.store(db_ptr + ((i_k * B + i_b) * Tp + t0 + rows) * H + i_h, db)
+
+
+@triton.jit
+def _intra_bwd_kernel(q_ptr, k_ptr, dq_ptr, dk_ptr, db_ptr, dA_ptr, b_ptr, T, Tp, NT,
+                      H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
+                      DT: tl.constexpr, PREC: tl.constexpr, STORE_DB: tl.constexpr):
+    """Per-channel decay: add the intra-chunk parts of dq, dk (and db) for rows [m BC, (m + 1) BC) and a K tile.
+
+    dq_i += sum_{j<=i} dA_ij k_j e^(b_i - b_j), dk_j += sum_{i>=j} dA_ij q_i e^(b_i - b_j); off the diagonal
+    block through a reference row between i and j, on it elementwise, as in `_chunk_A_kernel`.
+    """
+    i_nm, i_k, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    i_b, i_h = i_bh // H, i_bh % H
+    i_n, i_m = i_nm // (BT // BC), i_nm % (BT // BC)
+    t0 = i_n * BT
+    r0 = i_m * BC
+    k0 = i_k * BK
+    offs_k = k0 + tl.arange(0, BK)
+    cols = tl.arange(0, BT)
+    sub = tl.arange(0, BC)
+    dA_base = dA_ptr + (i_bh * NT + i_n) * BT * BT
+
+    b_m = _rows_log_decay(q_ptr, b_ptr, i_b, i_h, t0, r0, 0, Tp, H, K, k0, BC, BK, 2, False)
+    b = _rows_log_decay(q_ptr, b_ptr, i_b, i_h, t0, 0, 0, Tp, H, K, k0, BT, BK, 2, False)
+
+    # dq, keys in earlier blocks: decay them to the row before this block, then from there to the query.
+    ref = tl.maximum(r0 - 1, 0)
+    b_ref = _row_log_decay(q_ptr, b_ptr, i_b, i_h, t0, ref, Tp, H, K, offs_k, 2)
+    k = _load(k_ptr, i_b, i_h, t0, T, H, K, k0, BT, BK, False).to(tl.float32)
+    k_ref = k * tl.exp(tl.where((cols < r0)[:, None], b_ref[None, :] - b, float("-inf")))
+    da_rows = tl.load(dA_base + (r0 + sub)[:, None] * BT + cols[None, :])
+    dq = tl.dot(da_rows.to(DT), k_ref.to(DT), input_precision=PREC) * tl.exp(b_m - b_ref[None, :])
+    # dk, queries in later blocks: decay from the block's last row on; dA^T by a transposed load.
+    ref = r0 + BC - 1
+    b_ref = _row_log_decay(q_ptr, b_ptr, i_b, i_h, t0, ref, Tp, H, K, offs_k, 2)
+    q = _load(q_ptr, i_b, i_h, t0, T, H, K, k0, BT, BK, False).to(tl.float32)
+    q_ref = q * tl.exp(tl.where((cols > ref)[:, None], b - b_ref[None, :], float("-inf")))
+    dat_rows = tl.load(dA_base + cols[None, :] * BT + (r0 + sub)[:, None])
+    dk = tl.dot(dat_rows.to(DT), q_ref.to(DT), input_precision=PREC) * tl.exp(b_ref[None, :] - b_m)
+    # The diagonal block, one column (for dq) and one row (for dk) at a time.
+    for j in tl.static_range(BC):
+        r = r0 + j
+        t_r = t0 + r
+        row_mask = (offs_k < K) & ((t_r + 0 * offs_k) < T)  # vector & vector, as in `_chunk_A_kernel`
+        k_j = tl.load(k_ptr + ((i_b * T + t_r) * H + i_h) * K + offs_k, mask=row_mask, other=0.0).to(tl.float32)
+        q_j = tl.load(q_ptr + ((i_b * T + t_r) * H + i_h) * K + offs_k, mask=row_mask, other=0.0).to(tl.float32)
+        b_j = _row_log_decay(q_ptr, b_ptr, i_b, i_h, t0, r, Tp, H, K, offs_k, 2)
+        da_col = tl.load(dA_base + (r0 + sub) * BT + r)  # dA[i, r] for i in the block
+        da_row = tl.load(dA_base + r * BT + r0 + sub)  # dA[r, j] for j in the block
+        e_q = tl.exp(tl.where((sub >= j)[:, None], b_m - b_j[None, :], float("-inf")))
+        dq += da_col[:, None] * k_j[None, :] * e_q
+        e_k = tl.exp(tl.where((sub <= j)[:, None], b_j[None, :] - b_m, float("-inf")))
+        dk += da_row[:, None] * q_j[None, :] * e_k
+
+    if STORE_DB:
+        q_m = _load(q_ptr, i_b, i_h, t0 + r0, T, H, K, k0, BC, BK, False).to(tl.float32)
+        k_m = _load(k_ptr, i_b, i_h, t0 + r0, T, H, K, k0, BC, BK, False).to(tl.float32)
+        db = _load(db_ptr, i_b, i_h, t0 + r0, Tp, H, K, k0, BC, BK, False) + q_m * dq - k_m * dk
+        _store(db_ptr, db, i_b, i_h, t0 + r0, Tp, H, K, k0, BC, BK)
+    dq += _load(dq_ptr, i_b, i_h, t0 + r0, T, H, K, k0, BC, BK, False)
+    dk += _load(dk_ptr, i_b, i_h, t0 + r0, T, H, K, k0, BC, BK, False)
+    _store(dq_ptr, dq, i_b, i_h, t0 + r0, T, H, K, k0, BC, BK)
+    _store(dk_ptr, dk, i_b, i_h, t0 + r0, T, H, K, k0, BC, BK)
+
+
+# --------------------------------------------------------------------------------------------- host side
+
+
+def _pow2_tile(d: int, cap: int = 64) -> int:
+    # tl.dot needs every dimension >= 16.
+    return max(16, min(cap, triton.next_power_of_2(d)))
+
+
+def _group_size(n_chunks: int, walkers: int, sms: int) -> int:
+    """Chunks per group for the state walk, by a cost model counting sequential chunk steps.
+
+    A walker (one batch, head and K x V tile) takes one SM (the register budget allows no second), so one walk
+    over all chunks costs ceil(walkers / sms) * n_chunks steps; groups of G cost two walks of G chunks with
+    walkers x groups programs, plus a scan over groups. Groups win when batch x heads is too small to fill the
+    GPU (B = 1, long T). Without an SM count (the interpreter) take G ~ sqrt(n_chunks), so tests cover groups.
+    """
+    if not sms:
+        return max(1, math.ceil(math.sqrt(n_chunks)))
+    best_cost, best = triton.cdiv(walkers, sms) * n_chunks, n_chunks
+    size = 1
+    while size < n_chunks:
+        groups = triton.cdiv(n_chunks, size)
+        cost = 2 * triton.cdiv(walkers * groups, sms) * size + groups
+        if cost < best_cost:
+            best_cost, best = cost, size
+        size *= 2
+    return best
+
+
+class _Plan:
+    """Sizes, tiles, launch settings and the per-chunk decay bookkeeping shared by the forward and the backward."""
+
+    def __init__(self, q: torch.Tensor, v: torch.Tensor, log_decay: torch.Tensor):
+        self.B, self.T, self.H, self.K = q.shape
+        self.V = v.shape[-1]
+        self.decay = {1: 0, 3: 1, 4: 2}[log_decay.dim()]
+        self.BT = CHUNK
+        self.NT = triton.cdiv(self.T, self.BT)
+        self.Tp = self.NT * self.BT
+        # Tiles and warps per kernel, chosen so that none spills registers on sm_90 (checked by compiling
+        # ahead of time, tests/kernels/test_triton_compile.py): fp32 tiles (fp32 inputs, or the fp32 states of
+        # fp16 inputs) take twice the registers of bf16 ones, so they get narrower tiles.
+        wide = 64 if q.dtype == torch.bfloat16 else 32
+        K, V = self.K, self.V
+        self.cfg = {
+            "walk": dict(BK=_pow2_tile(K, wide), BV=_pow2_tile(V, wide), num_warps=8),
+            "scan": dict(BK=_pow2_tile(K, 32), BV=_pow2_tile(V, 32), num_warps=4),
+            "out": dict(BK=_pow2_tile(K, wide), BV=_pow2_tile(V, wide), num_warps=8),
+            "dqk": dict(BK=_pow2_tile(K, wide), BV=_pow2_tile(V, 32), num_warps=8),
+            "A": dict(BK=_pow2_tile(K, 32), num_warps=8),
+            "intra": dict(BK=_pow2_tile(K, 32), num_warps=4),
+        }
+        self.BK, self.BV = self.cfg["walk"]["BK"], self.cfg["walk"]["BV"]
+        walkers = triton.cdiv(K, self.BK) * triton.cdiv(V, self.BV) * self.B * self.H
+        sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 0
+        self.G = _group_size(self.NT, walkers, sms)
+        self.NS = triton.cdiv(self.NT, self.G)
+        # The interpreter multiplies bf16 tiles as raw uint16 bits, so it gets fp32 operands instead.
+        if q.dtype == torch.bfloat16 and not _interpreting():
+            self.dt = tl.bfloat16
+        elif q.dtype == torch.float16:
+            self.dt = tl.float16
+        else:
+            self.dt = tl.float32
+        self.prec = FP32_DOT_PRECISION if self.dt == tl.float32 and not _interpreting() else "tf32"
+        # fp32 tiles (fp32 inputs, or fp16 inputs with their fp32 states) double the pipeline's buffers.
+        self.stages = 3 if q.dtype == torch.bfloat16 else 2
+        # bf16 states lose nothing the bf16 dots would not; fp16 states could overflow, so they stay fp32.
+        self.state_dtype = torch.bfloat16 if q.dtype == torch.bfloat16 else torch.float32
+        self._bookkeeping(q, log_decay)
+
+    def _bookkeeping(self, q: torch.Tensor, log_decay: torch.Tensor) -> None:
+        """b, the in-chunk inclusive cumulative log decay (padded to whole chunks), and each group's total."""
+        B, T, H, NT, BT = self.B, self.T, self.H, self.NT, self.BT
+        if self.decay == 0:
+            self.a = log_decay.float().contiguous()
+            self.b = self.a  # unused: the kernels compute b from a
+            length = torch.full((NT,), float(BT), device=q.device)
+            length[-1] = T - (NT - 1) * BT
+            g = (self.a[:, None] * length[None, :]).expand(B, H, NT).reshape(B * H, NT, 1)
+        else:
+            a = torch.nn.functional.pad(log_decay.float(), (0, 0) * (log_decay.dim() - 2) + (0, self.Tp - T))
+            tail = a.shape[3:]
+            self.b = a.view(B, NT, BT, H, *tail).cumsum(dim=2).view(B, self.Tp, H, *tail).contiguous()
+            self.a = self.b
+            g = self.b.view(B, NT, BT, H, -1)[:, :, -1].permute(0, 2, 1, 3).reshape(B * H, NT, -1)
+        kd = g.shape[-1]
+        g = torch.nn.functional.pad(g, (0, 0, 0, self.NS * self.G - NT)).view(B * H, self.NS, self.G, kd)
+        total = g.sum(dim=2)
+        self.g_sum = (total.reshape(B * H, self.NS) if kd == 1 else total).contiguous()
+
+    def launch(self, kernel, name, grid, *args, **constexprs):
+        """Launch `kernel` with the tiles and warps chosen for `name`."""
+        cfg = dict(self.cfg[name])
+        num_warps = cfg.pop("num_warps")
+        stages = 2 if name == "dqk" else self.stages
+        kernel[grid](*args, num_warps=num_warps, num_stages=stages, **cfg, **constexprs)
+
+    def grid(self, name, rows, k_or_v="V"):
+        """(rows, tiles of K or V for kernel `name`, B H)."""
+        width = self.K if k_or_v == "K" else self.V
+        return (rows, triton.cdiv(width, self.cfg[name]["B" + k_or_v]), self.B * self.H)
+
+    def states(self, x, y, scale, h0, reverse):
+        """The state entering every chunk (reverse: the dh it hands back), (B H, NT, K, V), and the final one."""
+        B, H, K, V, NS = self.B, self.H, self.K, self.V, self.NS
+        dev = x.device
+        tiles = triton.cdiv(K, self.cfg["walk"]["BK"]) * triton.cdiv(V, self.cfg["walk"]["BV"])
+        walk = dict(H=H, K=K, V=V, BT=self.BT, DECAY=self.decay, REVERSE=reverse, DT=self.dt, PREC=self.prec)
+        states = torch.empty(B * H, self.NT, K, V, device=dev, dtype=self.state_dtype)
+        final = torch.empty(B, H, K, V, device=dev, dtype=torch.float32)
+        start = h0
+        if NS > 1:
+            # Pass 1: each group's own contribution; then the scan gives the state entering each group.
+            totals = torch.empty(B * H, NS, K, V, device=dev, dtype=torch.float32)
+            self.launch(_chunk_walk_kernel, "walk", (tiles, NS, B * H), x, y, self.a, self.b, None, None, totals,
+                        None, self.T, self.Tp, self.NT, NS, self.G, scale, STATES=False, HAS_START=False, **walk)
+            start = torch.empty_like(totals)
+            grid = (triton.cdiv(K, self.cfg["scan"]["BK"]) * triton.cdiv(V, self.cfg["scan"]["BV"]), B * H)
+            self.launch(_group_scan_kernel, "scan", grid, totals, self.g_sum, h0, start, NS, K=K, V=V,
+                        DECAY=self.decay, REVERSE=reverse, HAS_H0=h0 is not None)
+        # Pass 2: walk each group again from its true entering state, storing every chunk's state.
+        self.launch(_chunk_walk_kernel, "walk", (tiles, NS, B * H), x, y, self.a, self.b, start, states, None,
+                    final, self.T, self.Tp, self.NT, NS, self.G, scale, STATES=True, HAS_START=start is not None,
+                    **walk)
+        return states, final
+
+    def chunk_A(self, q, k):
+        """Per-channel decay: the masked intra-chunk matrix A, (B H, NT, BT, BT) fp32."""
+        A = torch.empty(self.B * self.H, self.NT, self.BT, self.BT, device=q.device, dtype=torch.float32)
+        grid = (self.NT * (self.BT // SUB), self.B * self.H)
+        self.launch(_chunk_A_kernel, "A", grid, q, k, self.b, A, self.T, self.Tp, self.NT, H=self.H, K=self.K,
+                    BT=self.BT, BC=SUB, DT=self.dt, PREC=self.prec)
+        return A
+
+
+class _LinearAttentionFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, log_decay, h0, scale):
+        plan = _Plan(q, v, log_decay)
+        A = plan.chunk_A(q, k) if plan.decay == 2 else None
+        h, final = plan.states(k, v, 1.0, h0, reverse=False)
+        o = torch.empty_like(v)
+        plan.launch(_output_kernel, "out", plan.grid("out", plan.NT), q, k, v, o, plan.a, plan.b, A, h, plan.T,
+                    plan.Tp, plan.NT, scale, H=plan.H, K=plan.K, V=plan.V, BT=plan.BT, DECAY=plan.decay, DT=plan.dt,
+                    PREC=plan.prec)
+        ctx.save_for_backward(q, k, v, log_decay, h0, A)
+        ctx.scale = scale
+        return o, final
+
+    @staticmethod
+    def backward(ctx, do, dfinal):
+        q, k, v, log_decay, h0, A = ctx.saved_tensors
+        scale = ctx.scale
+        plan = _Plan(q, v, log_decay)
+        B, T, H, K, V, NT = plan.B, plan.T, plan.H, plan.K, plan.V, plan.NT
+        shapes = dict(H=H, K=K, V=V, BT=plan.BT, DECAY=plan.decay, DT=plan.dt, PREC=plan.prec)
+        do = do.contiguous()
+        # States are recomputed rather than saved: (B H, T / 64, K, V) per layer would dwarf q, k and v.
+        h, _ = plan.states(k, v, 1.0, h0, reverse=False)
+        dfinal = dfinal.float().contiguous() if dfinal is not None else None
+        dh, dh0 = plan.states(q, do, scale, dfinal, reverse=True)
+
+        dv = torch.empty_like(v)
+        plan.launch(_dv_kernel, "out", plan.grid("out", NT), q, k, do, dv, plan.a, plan.b, A, dh, T, plan.Tp, NT,
+                    scale, **shapes)
+
+        need_db = ctx.needs_input_grad[3]
+        per_channel = plan.decay == 2
+        nk = triton.cdiv(K, plan.cfg["dqk"]["BK"])
+        if per_channel:
+            dq = torch.empty(q.shape, device=q.device, dtype=torch.float32)
+            dk = torch.empty_like(dq)
+            db = torch.empty(B, plan.Tp, H, K, device=q.device, dtype=torch.float32) if need_db else None
+            dA = torch.empty(B * H, NT, plan.BT, plan.BT, device=q.device, dtype=torch.float32)
+        else:
+            dq, dk = torch.empty_like(q), torch.empty_like(k)
+            db = torch.empty(nk, B, plan.Tp, H, device=q.device, dtype=torch.float32) if need_db else None
+            dA = None
+        plan.launch(_dqk_kernel, "dqk", plan.grid("dqk", NT, "K"), q, k, v, do, dq, dk, db, dA, plan.a, plan.b, h,
+                    dh, B, T, plan.Tp, NT, scale, STORE_DB=need_db, **shapes)
+        if per_channel:
+            grid = (NT * (plan.BT // SUB), triton.cdiv(K, plan.cfg["intra"]["BK"]), B * H)
+            plan.launch(_intra_bwd_kernel, "intra", grid, q, k, dq, dk, db, dA, plan.b, T, plan.Tp, NT, H=H, K=K,
+                        BT=plan.BT, BC=SUB, DT=plan.dt, PREC=plan.prec, STORE_DB=need_db)
+            dq, dk = dq.to(q.dtype), dk.to(k.dtype)
+
+        da = None
+        if need_db:
+            if not per_channel:
+                db = db.sum(dim=0)
+            # b_i sums a_t for t <= i within the chunk, so a_t collects db_i for i >= t within the chunk.
+            tail = db.shape[3:]
+            chunks = db.view(B, NT, plan.BT, H, *tail)
+            da = chunks.flip(2).cumsum(dim=2).flip(2).reshape(B, plan.Tp, H, *tail)[:, :T]
+            if plan.decay == 0:
+                da = da.sum(dim=(0, 1))
+            da = da.to(log_decay.dtype)
+        dh0 = dh0 if (h0 is not None and ctx.needs_input_grad[4]) else None
+        return dq, dk, dv, da, dh0, None
+
+
+def linear_attention_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    log_decay: torch.Tensor,
+    scale: float,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Chunked Triton forward (and autograd backward); CUDA tensors, or CPU ones under TRITON_INTERPRET=1."""
+    if not q.is_cuda and not _interpreting():
+        raise ValueError("the triton backend needs CUDA tensors (or TRITON_INTERPRET=1 to run on CPU)")
+    h0 = initial_state.float().contiguous() if initial_state is not None else None
+    o, final = _LinearAttentionFunction.apply(
+        q.contiguous(), k.contiguous(), v.contiguous(), log_decay.contiguous(), h0, float(scale)
+    )
+    return o, (final if output_final_state else None)

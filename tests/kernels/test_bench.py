@@ -1,0 +1,112 @@
+"""The benchmark's device check and report, run on CPU (Triton in the interpreter); timings need a GPU."""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import pytest
+import torch
+
+from kernels.linear_attention import bench
+
+
+def test_check_on_device_passes_ours_and_flags_wrong_and_raising_peers(monkeypatch):
+    real = bench._implementations()
+
+    def wrong(q, k, v, a, s):
+        return 1.1 * bench.linear_attention(q, k, v, a, scale=s, backend="torch")[0]
+
+    def raising(q, k, v, a, s):
+        raise RuntimeError("forward refused\nsecond line")
+
+    def no_backward(q, k, v, a, s):
+        o = bench.linear_attention(q, k, v, a, scale=s, backend="torch")[0]
+        return _RefuseBackward.apply(o)
+
+    impls = {key: fn for key, fn in real.items() if key[0].startswith("ours")}
+    impls[("peer wrong", "token")] = wrong
+    impls[("peer raising", "channel")] = raising
+    impls[("peer no backward", "token")] = no_backward
+    monkeypatch.setattr(bench, "_implementations", lambda: impls)
+    results = bench.check_on_device("cpu", size=(1, 70, 1, 16))
+    by_key = {(r.impl, r.decay, r.dtype): r for r in results}
+    assert len(results) == 2 * len(impls)
+    for form in bench.FORMS:
+        for backend in ("ours triton", "ours torch"):
+            for dtype in ("float32", "bfloat16"):
+                r = by_key[(backend, form, dtype)]
+                assert r.ok and max(r.forward_err, r.backward_err) <= bench.DEVICE_TOL[getattr(torch, dtype)], r
+    wrong_result = by_key[("peer wrong", "token", "float32")]
+    assert not wrong_result.forward_ok and wrong_result.forward_err == pytest.approx(0.1, rel=1e-3)
+    raised = by_key[("peer raising", "channel", "bfloat16")]
+    assert not raised.ok and raised.error == "RuntimeError: forward refused"
+    half = by_key[("peer no backward", "token", "float32")]
+    assert half.forward_ok and not half.backward_ok and half.error == "RuntimeError: no backward here"
+
+
+class _RefuseBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise RuntimeError("no backward here")
+
+
+def test_markdown_table_and_plot(tmp_path):
+    rows = [
+        {"impl": "ours triton", "decay": "token", "mode": "fwd", "B": 1, "T": 2048, "ms": 1.234, "status": "ok"},
+        {"impl": "ours triton", "decay": "token", "mode": "fwd", "B": 1, "T": 8192, "ms": 4.5, "status": "ok"},
+        {"impl": "fla chunk_gla", "decay": "channel", "mode": "fwd", "B": 1, "T": 2048, "ms": math.nan,
+         "status": "error: RuntimeError: x|y"},
+        {"impl": "sdpa flash", "decay": "", "mode": "fwd+bwd", "B": 1, "T": 2048, "ms": 9.0, "status": "ok"},
+    ]
+    df = pd.DataFrame(rows)
+    table = bench.markdown_table(df)
+    lines = table.splitlines()
+    assert lines[0] == "| mode | B | T | ours triton (token) | fla chunk_gla (channel) | sdpa flash |"
+    assert "| fwd | 1 | 2048 | 1.23 | error: RuntimeError: x/y |  |" in lines
+    assert "| fwd+bwd | 1 | 2048 |  |  | 9.00 |" in lines
+    bench.plot(df, tmp_path / "bench.png")
+    assert (tmp_path / "bench.png").stat().st_size > 1000
+
+
+def test_run_bench_skips_failed_checks_and_records_errors(monkeypatch, tmp_path):
+    """The orchestration without a GPU: timings are faked, the bookkeeping around them is real."""
+    impls = {("ours triton", "token"): None, ("peer", "token"): None, ("peer", "channel"): None}
+    checks = [
+        bench.CheckResult("ours triton", "token", "bfloat16", True, True, 1e-3, 1e-3, "dq"),
+        bench.CheckResult("peer", "token", "bfloat16", True, False, 1e-3, math.nan, "o", "RuntimeError: no bwd"),
+        bench.CheckResult("peer", "channel", "float32", False, False, 0.5, 0.5, "dk"),
+    ]
+    calls = []
+
+    def fake_time(fn, impl, form, batch, time, backward, quick):
+        calls.append((impl, form, backward))
+        if impl == "sdpa flash" and time > 4096:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate")
+        return 1.5
+
+    monkeypatch.setattr(bench, "_implementations", lambda: impls)
+    monkeypatch.setattr(bench, "check_on_device", lambda device: checks)
+    monkeypatch.setattr(bench, "_time_one", fake_time)
+    monkeypatch.setattr(bench.torch.cuda, "empty_cache", lambda: None)
+    df = bench.run_bench(tmp_path, quick=True)
+
+    def status(impl, decay, mode, time=2048):
+        row = df[(df.impl == impl) & (df.decay == decay) & (df["mode"] == mode) & (df["T"] == time)]
+        assert len(row) == 1
+        return row.iloc[0]
+
+    assert status("ours triton", "token", "fwd+bwd").ms == 1.5
+    assert status("peer", "token", "fwd").status == "ok"
+    assert status("peer", "token", "fwd+bwd").status == "failed check (bfloat16: RuntimeError: no bwd)"
+    assert math.isnan(status("peer", "token", "fwd+bwd").ms)
+    assert status("peer", "channel", "fwd").status.startswith("failed check (float32: o rel err 0.5")
+    assert status("sdpa flash", "", "fwd", 8192).status.startswith("error: OutOfMemoryError: CUDA out of memory")
+    assert ("peer", "channel", False) not in calls and ("peer", "token", True) not in calls
+    for name in ("linear_attention.csv", "linear_attention.png", "linear_attention.md", "linear_attention_checks.csv"):
+        assert (tmp_path / name).stat().st_size > 0
+    assert "failed check" in (tmp_path / "linear_attention.md").read_text()

@@ -1,0 +1,218 @@
+"""Every backend and decay form of kernels.linear_attention against the fp32 recurrence, outputs and gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import kernels
+from kernels.linear_attention import linear_attention, resolve_backend
+
+FORMS = ("constant", "token", "channel")
+#: Relative error allowed (max|a - b| / max|b|) by input dtype; bf16/fp16 round q, k, v and the products.
+TOL = {torch.float32: 2e-4, torch.bfloat16: 3e-2, torch.float16: 5e-3}
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| / max |b| in fp32; the reference b is what the error is measured against."""
+    a, b = a.float(), b.float()
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
+
+
+def make_inputs(form, batch, time, heads, dk, dv, dtype, *, strong=False, with_state=False, seed=0):
+    """Random inputs as leaf tensors; strong=True gives log decays in [-20, -5] on half the entries of the even
+    heads (constant, token) or even channels (channel), so a chunk's cumulative log decay reaches -1000s while
+    the odd ones keep every gradient well away from zero."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, time, heads, dk, generator=g).to(dtype)
+    k = torch.randn(batch, time, heads, dk, generator=g).to(dtype)
+    v = torch.randn(batch, time, heads, dv, generator=g).to(dtype)
+    shape = {"constant": (heads,), "token": (batch, time, heads), "channel": (batch, time, heads, dk)}[form]
+    a = -torch.rand(shape, generator=g) * 0.5
+    if strong:
+        even = torch.arange(shape[-1]) % 2 == 0
+        pick = even & ((torch.rand(shape, generator=g) < 0.5) | (form == "constant"))
+        a = torch.where(pick, -5.0 - 15.0 * torch.rand(shape, generator=g), a)
+    h0 = torch.randn(batch, heads, dk, dv, generator=g) if with_state else None
+    tensors = [q, k, v, a] + ([h0] if with_state else [])
+    for x in tensors:
+        x.requires_grad_(True)
+    return q, k, v, a, h0
+
+
+def run_with_grads(backend, q, k, v, a, h0, do, dht):
+    """Forward with `backend` and backward of <o, do> + <final state, dht>; returns o, state and the gradients."""
+    for x in (q, k, v, a, h0):
+        if x is not None:
+            x.grad = None
+    o, state = linear_attention(q, k, v, a, initial_state=h0, output_final_state=True, backend=backend)
+    ((o.float() * do).sum() + (state * dht).sum()).backward()
+    grads = {"q": q.grad, "k": k.grad, "v": v.grad, "log_decay": a.grad}
+    if h0 is not None:
+        grads["initial_state"] = h0.grad
+    return o.detach(), state.detach(), {name: g.clone() for name, g in grads.items()}
+
+
+def check_against_naive(backend, form, batch, time, heads, dk, dv, dtype, strong=False, with_state=True):
+    q, k, v, a, h0 = make_inputs(form, batch, time, heads, dk, dv, dtype, strong=strong, with_state=with_state)
+    g = torch.Generator().manual_seed(1)
+    do = torch.randn(batch, time, heads, dv, generator=g)
+    dht = torch.randn(batch, heads, dk, dv, generator=g)
+    o_ref, s_ref, g_ref = run_with_grads("naive", q, k, v, a, h0, do, dht)
+    o, s, grads = run_with_grads(backend, q, k, v, a, h0, do, dht)
+    assert o.dtype == v.dtype and s.dtype == torch.float32
+    assert o.shape == (batch, time, heads, dv) and s.shape == (batch, heads, dk, dv)
+    tol = TOL[dtype]
+    errors = {"o": rel_err(o, o_ref), "final_state": rel_err(s, s_ref)}
+    errors.update({name: rel_err(grads[name], g_ref[name]) for name in g_ref})
+    bad = {name: err for name, err in errors.items() if not err <= tol}
+    assert not bad, f"{backend} {form} {dtype}: relative errors above {tol}: {bad}"
+
+
+BACKENDS = ("torch", "triton")
+#: (B, T, H, K, V): a single token; T not a multiple of the 64-token chunk and K != V; several chunks in two
+#: groups of the state scan (triton) with T - 1 a multiple of 64; K and V above one 64-wide tile, tails masked.
+SHAPES = [(1, 1, 1, 16, 16), (2, 37, 2, 16, 32), (1, 129, 2, 32, 16), (1, 70, 1, 80, 72)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("batch,time,heads,dk,dv", SHAPES)
+def test_matches_naive_fp32(backend, form, batch, time, heads, dk, dv):
+    check_against_naive(backend, form, batch, time, heads, dk, dv, torch.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("form", FORMS)
+def test_strong_decay(backend, form):
+    check_against_naive(backend, form, 1, 100, 2, 16, 16, torch.float32, strong=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("form", FORMS)
+def test_low_precision(backend, form, dtype):
+    check_against_naive(backend, form, 1, 70, 2, 16, 32, dtype, strong=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_without_initial_state(backend):
+    check_against_naive(backend, "token", 2, 20, 2, 16, 16, torch.float32, with_state=False)
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_triton_long_sequence_many_groups(form):
+    """300 tokens: 5 chunks in groups of 3, so the scan carries a state across a group boundary mid-sequence."""
+    check_against_naive("triton", form, 1, 300, 1, 16, 16, torch.float32)
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_triton_output_only_loss(form):
+    """Without the final state in the loss (its gradient arrives as zeros or None), gradients still match."""
+    q, k, v, a, h0 = make_inputs(form, 1, 40, 2, 16, 16, torch.float32, with_state=True)
+    do = torch.randn(1, 40, 2, 16, generator=torch.Generator().manual_seed(3))
+    grads = {}
+    for backend in ("naive", "triton"):
+        for x in (q, k, v, a, h0):
+            x.grad = None
+        o, _ = linear_attention(q, k, v, a, initial_state=h0, backend=backend)
+        (o * do).sum().backward()
+        grads[backend] = [x.grad.clone() for x in (q, k, v, a, h0)]
+    for got, want in zip(grads["triton"], grads["naive"]):
+        assert rel_err(got, want) <= TOL[torch.float32]
+
+
+def test_triton_rejects_cpu_without_interpreter(monkeypatch):
+    q, k, v, a, _ = make_inputs("token", 1, 4, 1, 16, 16, torch.float32)
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.raises(ValueError, match="CUDA"):
+        linear_attention(q, k, v, a, backend="triton")
+
+
+def test_naive_matches_explicit_recurrence():
+    """The reference itself, against the recurrence written out by hand for one head and channel decay."""
+    q, k, v, a, h0 = make_inputs("channel", 1, 3, 1, 2, 2, torch.float32, with_state=True)
+    o, s = linear_attention(q, k, v, a, scale=1.0, initial_state=h0, output_final_state=True, backend="naive")
+    state = h0[0, 0].detach()
+    for t in range(3):
+        state = a[0, t, 0].detach().exp()[:, None] * state + k[0, t, 0].detach()[:, None] * v[0, t, 0].detach()[None]
+        torch.testing.assert_close(o[0, t, 0].detach(), q[0, t, 0].detach() @ state)
+    torch.testing.assert_close(s[0, 0].detach(), state)
+
+
+def test_default_scale_and_no_final_state():
+    q, k, v, a, _ = make_inputs("token", 1, 5, 1, 16, 4, torch.float32)
+    o, state = linear_attention(q, k, v, a, backend="torch")
+    o1, _ = linear_attention(q, k, v, a, scale=1.0, backend="torch")
+    assert state is None
+    torch.testing.assert_close(o, o1 * 0.25)
+
+
+def test_constant_decay_as_buffer_needs_no_grad():
+    q, k, v, _, _ = make_inputs("constant", 1, 9, 2, 8, 8, torch.float32)
+    a = -torch.tensor([0.1, 2.0])  # a buffer: no requires_grad
+    o, _ = linear_attention(q, k, v, a, backend="torch")
+    o.sum().backward()
+    assert q.grad is not None and a.grad is None
+
+
+def test_auto_picks_torch_on_cpu():
+    q, k, v, a, _ = make_inputs("token", 1, 70, 1, 8, 8, torch.float32)
+    assert resolve_backend("auto", q) == "torch"
+    o_auto, _ = kernels.linear_attention(q, k, v, a)
+    o_torch, _ = linear_attention(q, k, v, a, backend="torch")
+    o_naive, _ = linear_attention(q, k, v, a, backend="naive")
+    assert torch.equal(o_auto, o_torch)
+    assert not torch.equal(o_auto, o_naive)  # so that the check above could tell torch from naive
+
+
+def test_import_does_not_pull_in_triton():
+    import subprocess
+    import sys
+
+    code = "import sys, kernels; kernels.linear_attention; assert 'triton' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (lambda t: {**t, "backend": "cuda"}, "unknown backend"),
+        (lambda t: {**t, "k": t["k"][..., :4]}, "q and k must have the same shape"),
+        (lambda t: {**t, "v": t["v"][:, :3]}, "v must be"),
+        (lambda t: {**t, "q": t["q"][0]}, "4-D"),
+        (lambda t: {**t, "log_decay": torch.zeros(2, 5)}, "log_decay must have shape"),
+        (lambda t: {**t, "log_decay": torch.zeros(4)}, "log_decay with 1 dims"),
+        (lambda t: {**t, "log_decay": torch.zeros(2, 5, 3, 4)}, "log_decay with 4 dims"),
+        (lambda t: {**t, "log_decay": torch.zeros(2, 5, 2)}, "log_decay with 3 dims"),
+        (lambda t: {**t, "initial_state": torch.zeros(2, 3, 8, 8)}, "initial_state must have shape"),
+        (lambda t: {**t, "v": t["v"].double()}, "one dtype"),
+        (lambda t: {**t, "q": t["q"][:, :0], "k": t["k"][:, :0], "v": t["v"][:, :0],
+                    "log_decay": torch.zeros(2, 0, 3)}, "at least 1"),
+    ],
+)
+def test_validation_errors(change, message):
+    base = {
+        "q": torch.randn(2, 5, 3, 8),
+        "k": torch.randn(2, 5, 3, 8),
+        "v": torch.randn(2, 5, 3, 6),
+        "log_decay": -torch.rand(2, 5, 3),
+        "initial_state": None,
+        "backend": "torch",
+    }
+    args = change(base)
+    with pytest.raises(ValueError, match=message):
+        linear_attention(
+            args["q"], args["k"], args["v"], args["log_decay"],
+            initial_state=args["initial_state"], backend=args["backend"],
+        )
+
+
+def test_triton_group_size_model():
+    """One walk over all chunks when batch x heads fill the GPU; groups (and a scan) when B = 1 and T is long."""
+    from kernels.linear_attention.triton_chunk import _group_size
+
+    assert _group_size(32, walkers=512, sms=132) == 32  # T = 2k, B = 16, H = 8: one group
+    assert _group_size(16384, walkers=32, sms=132) == 4096  # T = 1M, B = 1: four groups fill 128 SMs
+    assert _group_size(512, walkers=32, sms=132) == 128
+    assert _group_size(300, walkers=1, sms=0) == 18  # interpreter: ~sqrt(#chunks)

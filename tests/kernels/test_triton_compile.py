@@ -1,0 +1,122 @@
+"""Compile every Triton kernel variant for an H100 (sm_90) ahead of time, no GPU needed.
+
+The interpreter runs the kernels' arithmetic but not the GPU compiler: this catches what only the compiler
+sees (types, layouts, tl.dot shape limits, shared memory, register spills) and checks that no kernel
+transposes a tensor (the Hopper miscompile of tl.dot(tl.trans(x), y), fla issue 640, cannot arise).
+Slow (about a minute): marked `slow`. The compile runs in a child process, since the test session has
+TRITON_INTERPRET=1 set and the interpreter replaces every @triton.jit function.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+H100_SHARED = 227 * 1024
+
+
+def _compile(kernel, consts: dict, ptr_types: dict, num_warps: int, num_stages: int):
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    signature, constexprs = {}, {}
+    for i, name in enumerate(inspect.signature(kernel.fn).parameters):
+        if name in consts:
+            signature[name] = "constexpr"
+            constexprs[(i,)] = consts[name]
+        elif name.endswith("_ptr"):
+            signature[name] = ptr_types.get(name, "*fp32")
+        else:
+            signature[name] = "fp32" if name == "scale" else "i32"
+    src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps, "num_stages": num_stages})
+
+
+def _variants(dtype: torch.dtype, decay: int):
+    """(name, kernel, constexprs, pointer types, plan, config name) for every launch the autograd Function makes."""
+    import triton.language as tl
+
+    from kernels.linear_attention import triton_chunk as tc
+
+    shape = {0: (8,), 1: (1, 128, 8), 2: (1, 128, 8, 128)}[decay]
+    q = torch.empty(1, 128, 8, 128, dtype=dtype)
+    plan = tc._Plan(q, q, torch.empty(shape))
+    plan.dt = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}[dtype]
+    plan.prec = tc.FP32_DOT_PRECISION if dtype == torch.float32 else "tf32"
+    io = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32"}[dtype]
+    st = "*bf16" if plan.state_dtype == torch.bfloat16 else "*fp32"
+    ptrs = {n: io for n in ("x_ptr", "y_ptr", "q_ptr", "k_ptr", "v_ptr", "o_ptr", "do_ptr", "dv_ptr")}
+    ptrs.update(states_ptr=st, h_ptr=st, dh_ptr=st)
+    if decay != 2:
+        ptrs.update(dq_ptr=io, dk_ptr=io)
+    base = dict(H=8, K=128, V=128, BT=tc.CHUNK, DECAY=decay, DT=plan.dt, PREC=plan.prec)
+    out = []
+    for reverse in (False, True):
+        for states in (False, True):
+            out.append((f"walk reverse={reverse} states={states}", tc._chunk_walk_kernel,
+                        dict(base, REVERSE=reverse, STATES=states, HAS_START=True), "walk"))
+        out.append((f"scan reverse={reverse}", tc._group_scan_kernel,
+                    dict(K=128, V=128, DECAY=decay, REVERSE=reverse, HAS_H0=True), "scan"))
+    out.append(("output", tc._output_kernel, base, "out"))
+    out.append(("dv", tc._dv_kernel, base, "out"))
+    out.append(("dqk", tc._dqk_kernel, dict(base, STORE_DB=True), "dqk"))
+    if decay == 2:
+        per_channel = dict(H=8, K=128, BT=tc.CHUNK, BC=tc.SUB, DT=plan.dt, PREC=plan.prec)
+        out.append(("chunk_A", tc._chunk_A_kernel, per_channel, "A"))
+        out.append(("intra_bwd", tc._intra_bwd_kernel, dict(per_channel, STORE_DB=True), "intra"))
+    return [(name, kernel, consts, ptrs, plan, cfg) for name, kernel, consts, cfg in out]
+
+
+def _report(dtype: torch.dtype, decay: int) -> list[dict]:
+    """Compile each variant; its shared memory, register spill bytes and whether its IR transposes."""
+    import triton
+
+    bin_dir = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    rows = []
+    for name, kernel, consts, ptrs, plan, cfg_name in _variants(dtype, decay):
+        cfg = dict(plan.cfg[cfg_name])
+        warps = cfg.pop("num_warps")
+        stages = 2 if cfg_name == "dqk" else plan.stages
+        compiled = _compile(kernel, {**consts, **cfg}, ptrs, warps, stages)
+        cubin = Path(os.environ.get("TMPDIR", "/tmp")) / f"slab_aot_{os.getpid()}.cubin"
+        cubin.write_bytes(compiled.asm["cubin"])
+        usage = subprocess.run([str(bin_dir / "cuobjdump"), "--dump-resource-usage", str(cubin)],
+                               capture_output=True, text=True, check=True).stdout
+        cubin.unlink()
+        rows.append({
+            "name": name,
+            "shared": compiled.metadata.shared,
+            "spill": int(re.search(r"STACK:(\d+)", usage).group(1)),
+            "transposes": "tt.trans" in compiled.asm["ttir"],
+        })
+    return rows
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("decay", [0, 1, 2])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
+def test_kernels_compile_for_sm90_without_spills_or_transposes(dtype, decay):
+    triton = pytest.importorskip("triton")
+    if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump").exists():
+        pytest.skip("this triton has no NVIDIA toolchain (ptxas, cuobjdump)")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = f"import json, sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import test_triton_compile as t; " \
+           f"import torch; print(json.dumps(t._report(torch.{dtype}, {decay})))"
+    root = Path(__file__).parents[2]
+    done = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads(done.stdout.strip().splitlines()[-1])
+    assert len(rows) == (11 if decay == 2 else 9)
+    # fp32 is for checking, not speed: a small spill there is tolerated.
+    spill_limit = 512 if dtype == "float32" else 0
+    problems = [r for r in rows if r["transposes"] or r["shared"] > H100_SHARED or r["spill"] > spill_limit]
+    assert not problems, problems
