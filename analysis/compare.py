@@ -1,0 +1,342 @@
+"""Architecture comparisons: per-arch frontier laws, loss gaps and compute multipliers with bootstrap
+intervals, and retrieval (NIAH, MQAR) and throughput tables (MiniMax-01 §2.2, REFERENCES.md §4-5)."""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+
+from analysis.fits import (
+    DEFAULT_PARAMS_COL,
+    FitError,
+    FitResult,
+    Progress,
+    compute_needed,
+    fit_loss_compute,
+    loss_compute_law,
+    percentile_interval,
+    _frame_records,
+)
+
+
+@dataclass
+class ArchComparison:
+    """Per-arch frontier fits and, per arch and budget, the loss gap and compute multiplier vs a baseline."""
+
+    baseline: str
+    fits: dict[str, FitResult]
+    gaps: pd.DataFrame
+    errors: dict[str, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable dict."""
+        return {
+            "baseline": self.baseline,
+            "fits": {k: v.to_dict() for k, v in self.fits.items()},
+            "gaps": _frame_records(self.gaps),
+            "errors": dict(self.errors),
+        }
+
+
+def fit_per_arch(
+    runs: pd.DataFrame,
+    *,
+    metrics: pd.DataFrame | None = None,
+    form: str = "saturating",
+    params_col: str = DEFAULT_PARAMS_COL,
+    n_bootstrap: int = 1000,
+    seed: int = 0,
+    progress: Progress | None = None,
+    on_error: str = "raise",
+) -> tuple[dict[str, FitResult], dict[str, str]]:
+    """The frontier law of each arch; returns (fits, errors). on_error="skip" records an arch's FitError
+    in `errors` instead of raising."""
+    if "arch" not in runs.columns:
+        raise FitError("runs frame has no 'arch' column: nothing to compare")
+    archs = sorted(runs["arch"].astype(str).unique())
+    fits, errors = {}, {}
+    for i, arch in enumerate(archs):
+        sub = runs[runs["arch"].astype(str) == arch]
+        sub_metrics = None if metrics is None else metrics[metrics["run_id"].isin(set(sub["run_id"]))]
+        try:
+            fits[arch] = fit_loss_compute(
+                sub, metrics=sub_metrics, form=form, params_col=params_col, n_bootstrap=n_bootstrap,
+                seed=seed + i, progress=_stage(progress, i, len(archs), n_bootstrap),
+            )
+        except FitError as exc:
+            if on_error != "skip":
+                raise FitError(f"arch {arch}: {exc}") from exc
+            errors[arch] = str(exc)
+    return fits, errors
+
+
+def compare_archs(
+    runs: pd.DataFrame,
+    *,
+    baseline: str = "softmax",
+    budgets: Sequence[float] | None = None,
+    metrics: pd.DataFrame | None = None,
+    form: str = "saturating",
+    params_col: str = DEFAULT_PARAMS_COL,
+    n_bootstrap: int = 1000,
+    seed: int = 0,
+    progress: Progress | None = None,
+    fits: dict[str, FitResult] | None = None,
+) -> ArchComparison:
+    """Loss gap L_X(C) - L_base(C) and compute multiplier (compute X needs to reach the baseline's loss
+    at C, over C) per arch and budget, with intervals from the paired bootstrap replicates.
+
+    Budgets default to three points spanning the compute range every arch's frontier covers.
+    """
+    errors: dict[str, str] = {}
+    if fits is None:
+        fits, errors = fit_per_arch(
+            runs, metrics=metrics, form=form, params_col=params_col, n_bootstrap=n_bootstrap, seed=seed,
+            progress=progress, on_error="skip",
+        )
+    if baseline not in fits:
+        why = errors.get(baseline, "no runs of that arch")
+        fitted = ", ".join(fits) or "none"
+        raise FitError(f"baseline arch {baseline!r} has no frontier fit ({why}); archs fitted: {fitted}")
+    if budgets is None:
+        budgets = default_budgets(fits)
+    rows = []
+    base = fits[baseline]
+    for arch, fit in fits.items():
+        if arch == baseline:
+            continue
+        for C in budgets:
+            rows.append({"arch": arch, "baseline": baseline, "C": float(C), **_gap_at(fit, base, float(C))})
+    cols = ["arch", "baseline", "C", "loss", "loss_lo", "loss_hi", "baseline_loss", "baseline_loss_lo",
+            "baseline_loss_hi", "gap", "gap_lo", "gap_hi", "rel_gap", "rel_gap_lo", "rel_gap_hi",
+            "multiplier", "multiplier_lo", "multiplier_hi"]
+    return ArchComparison(baseline, fits, pd.DataFrame(rows, columns=cols), errors)
+
+
+def default_budgets(fits: dict[str, FitResult], n: int = 3, decades: float = 2.0) -> list[float]:
+    """`n` log-spaced budgets over the top `decades` of the compute range all fits' frontiers share
+    (of their union if they share none): the largest budgets are the ones a study is for."""
+    lows = [f.points["C"].min() for f in fits.values()]
+    highs = [f.points["C"].max() for f in fits.values()]
+    lo, hi = max(lows), min(highs)
+    if not lo < hi:
+        lo, hi = min(lows), max(highs)
+    lo = max(lo, hi / 10**decades)
+    return [float(f"{c:.2g}") for c in np.geomspace(lo, hi, n)]
+
+
+def _law_params(fit: FitResult, table: dict[str, Any]) -> tuple[Any, Any, Any]:
+    E = table["E"] if "E" in fit.estimates else 0.0
+    return E, table["A"], table["alpha"]
+
+
+def _gap_at(fit: FitResult, base: FitResult, C: float) -> dict[str, float]:
+    """Point values and paired-bootstrap intervals at one budget."""
+    Ex, Ax, ax = _law_params(fit, fit.estimates)
+    Eb, Ab, ab = _law_params(base, base.estimates)
+    Lx = float(loss_compute_law(C, Ex, Ax, ax))
+    Lb = float(loss_compute_law(C, Eb, Ab, ab))
+    mult = float(compute_needed(Lb, Ex, Ax, ax)) / C
+    out = {"loss": Lx, "baseline_loss": Lb, "gap": Lx - Lb, "rel_gap": (Lx - Lb) / Lb, "multiplier": mult}
+    for k in list(out):
+        out[f"{k}_lo"], out[f"{k}_hi"] = math.nan, math.nan
+    if fit.samples is not None and base.samples is not None:
+        k = min(len(fit.samples), len(base.samples))
+        sx = {c: fit.samples[c].to_numpy()[:k] for c in fit.samples.columns}
+        sb = {c: base.samples[c].to_numpy()[:k] for c in base.samples.columns}
+        # Replicate i of X and of the baseline are independent resamples of disjoint runs, so pairing
+        # by index draws from the joint bootstrap distribution.
+        with np.errstate(all="ignore"):
+            lx = loss_compute_law(C, *_law_params(fit, sx))
+            lb = loss_compute_law(C, *_law_params(base, sb))
+            draws = {
+                "loss": lx,
+                "baseline_loss": lb,
+                "gap": lx - lb,
+                "rel_gap": (lx - lb) / lb,
+                "multiplier": compute_needed(lb, *_law_params(fit, sx)) / C,
+            }
+        for name, v in draws.items():
+            out[f"{name}_lo"], out[f"{name}_hi"] = percentile_interval(v)
+    return out
+
+
+def _stage(progress: Progress | None, i: int, n: int, per: int) -> Progress | None:
+    """Map one arch's (done, total) progress onto the whole comparison's."""
+    if progress is None:
+        return None
+    return lambda done, total: progress(i * per + done, n * per)
+
+
+# --------------------------------------------------------------------------------------------
+# Retrieval and throughput tables
+
+
+def parse_eval_name(name: str) -> dict[str, Any]:
+    """Split 'niah/len=1024/depth=0.5' into {'task': 'niah', 'len': 1024, 'depth': 0.5}."""
+    parts = str(name).split("/")
+    out: dict[str, Any] = {"task": parts[0]}
+    for p in parts[1:]:
+        if "=" in p:
+            k, v = p.split("=", 1)
+            try:
+                out[k] = float(v) if re.search(r"[.eE]", v) else int(v)
+            except ValueError:
+                out[k] = v
+        else:
+            out.setdefault("metric", p)
+    return out
+
+
+def _last_evals(evals: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
+    """Each run's eval values at its last step, joined to the run's columns."""
+    missing = [c for c in ("run_id", "name", "value") if c not in evals.columns]
+    if missing:
+        raise FitError(f"evals frame is missing column(s) {', '.join(map(repr, missing))}")
+    ev = evals
+    if "step" in ev.columns:
+        ev = ev.sort_values("step", kind="mergesort").groupby(["run_id", "name"], sort=False).tail(1)
+    wanted = ("run_id", "arch", "hybrid", "d_model", "n_layers", "params", "nonembed_params")
+    keep = [c for c in wanted if c in runs.columns]
+    return ev.merge(runs[keep], on="run_id", how="inner")
+
+
+def niah_table(runs: pd.DataFrame, evals: pd.DataFrame, *, size: str | float = "largest",
+               params_col: str = DEFAULT_PARAMS_COL) -> pd.DataFrame:
+    """Mean NIAH exact-match accuracy per arch, context length and needle depth (long frame).
+
+    size="largest" keeps each arch's largest model, "all" averages every size, a number keeps that size.
+    """
+    ev = _last_evals(evals, runs)
+    ev = ev[ev["name"].astype(str).str.startswith("niah/")]
+    cols = ["arch", "length", "depth", "accuracy", "n_runs", "params"]
+    if ev.empty:
+        return pd.DataFrame(columns=cols)
+    parsed = pd.DataFrame([parse_eval_name(n) for n in ev["name"]], index=ev.index)
+    if "len" not in parsed or "depth" not in parsed:
+        raise FitError("NIAH eval names must look like 'niah/len=1024/depth=0.5'")
+    ev = ev.assign(length=parsed["len"].astype(float), depth=parsed["depth"].astype(float))
+    ev = ev.dropna(subset=["length", "depth"])
+    if size == "largest":
+        top = ev.groupby("arch")[params_col].transform("max")
+        ev = ev[ev[params_col] == top]
+    elif size != "all":
+        ev = ev[np.isclose(ev[params_col].astype(float), float(size), rtol=1e-6)]
+    out = ev.groupby(["arch", "length", "depth"], as_index=False).agg(
+        accuracy=("value", "mean"), n_runs=("run_id", "nunique"), params=(params_col, "max")
+    )
+    out["length"] = out["length"].astype(int)
+    return out[cols]
+
+
+def hybrid_ratio(pattern: str | float | None, arch: str = "") -> float:
+    """Linear layers per softmax layer of a hybrid pattern ('LLLLLLLS' -> 7); softmax -> 0, lightning
+    or a pattern with no 'S' -> inf, other non-hybrids -> NaN."""
+    p = "" if pattern is None or (isinstance(pattern, float) and math.isnan(pattern)) else str(pattern)
+    if not p:
+        return {"softmax": 0.0, "lightning": math.inf}.get(str(arch), math.nan)
+    n_soft = p.upper().count("S")
+    return math.inf if n_soft == 0 else (len(p) - n_soft) / n_soft
+
+
+def ratio_label(r: float) -> str:
+    """'softmax' for 0, 'linear only' for inf, '7:1' for 7 linear layers per softmax layer."""
+    if r == 0:
+        return "softmax"
+    if math.isinf(r):
+        return "linear only"
+    return f"{r:g}:1"
+
+
+def mqar_table(runs: pd.DataFrame, evals: pd.DataFrame, *, params_col: str = DEFAULT_PARAMS_COL) -> pd.DataFrame:
+    """MQAR accuracy per arch, hybrid ratio, model size and eval name: mean over runs (seeds, lrs) and max."""
+    ev = _last_evals(evals, runs)
+    ev = ev[ev["name"].astype(str).str.startswith("mqar")]
+    cols = ["arch", "hybrid", "ratio", "ratio_label", "d_model", "params", "name", "accuracy", "best", "n_runs"]
+    if ev.empty:
+        return pd.DataFrame(columns=cols)
+    if "hybrid" not in ev.columns:
+        ev = ev.assign(hybrid="")
+    ev = ev.assign(hybrid=ev["hybrid"].fillna("").astype(str))
+    if "d_model" not in ev.columns:
+        ev = ev.assign(d_model=np.nan)
+    out = ev.groupby(["arch", "hybrid", "d_model", params_col, "name"], as_index=False, dropna=False).agg(
+        accuracy=("value", "mean"), best=("value", "max"), n_runs=("run_id", "nunique")
+    )
+    out = out.rename(columns={params_col: "params"})
+    out["ratio"] = [hybrid_ratio(p, a) for p, a in zip(out["hybrid"], out["arch"])]
+    out["ratio_label"] = out["ratio"].map(ratio_label)
+    return out[cols].sort_values(["ratio", "params"]).reset_index(drop=True)
+
+
+def throughput_table(throughput: pd.DataFrame, *, baseline: str = "softmax") -> pd.DataFrame:
+    """Mean tokens/s per arch and sequence length, with each arch's speed relative to the baseline."""
+    missing = [c for c in ("arch", "seq_len", "tokens_per_s") if c not in throughput.columns]
+    if missing:
+        raise FitError(f"throughput frame is missing column(s) {', '.join(map(repr, missing))}")
+    aggs = {"tokens_per_s": ("tokens_per_s", "mean")}
+    if "mfu" in throughput.columns:
+        aggs["mfu"] = ("mfu", "mean")
+    out = throughput.groupby(["arch", "seq_len"], as_index=False).agg(**aggs)
+    base = out[out["arch"] == baseline].set_index("seq_len")["tokens_per_s"]
+    out["vs_baseline"] = out["tokens_per_s"] / out["seq_len"].map(base)
+    return out.sort_values(["arch", "seq_len"]).reset_index(drop=True)
+
+
+def summary_findings(
+    comparison: ArchComparison | None = None,
+    *,
+    approach3: dict[str, FitResult] | None = None,
+    niah: pd.DataFrame | None = None,
+    throughput: pd.DataFrame | None = None,
+) -> list[str]:
+    """Plain-language lines on what the fits and tables show (used in the report)."""
+    lines: list[str] = []
+    if comparison is not None and not comparison.gaps.empty:
+        g = comparison.gaps
+        for arch, sub in g.groupby("arch", sort=True):
+            row = sub.iloc[-1]
+            rel = 100 * row["rel_gap"]
+            lo, hi = 100 * row["rel_gap_lo"], 100 * row["rel_gap_hi"]
+            word = "above" if rel > 0 else "below"
+            ci = f" (95% CI {lo:+.2f}% to {hi:+.2f}%)" if np.isfinite(lo) else ""
+            m, base = row["multiplier"], comparison.baseline
+            if np.isfinite(m):
+                m_lo, m_hi = row["multiplier_lo"], row["multiplier_hi"]
+                m_ci = f" ({m_lo:.2g}-{m_hi:.2g}x)" if np.isfinite(m_lo) else ""
+                mult = f"; it needs {m:.2g}x the compute to reach {base}'s loss there{m_ci}"
+            else:
+                mult = f"; its fitted law never reaches {base}'s loss there"
+            lines.append(
+                f"{arch}'s frontier loss is {abs(rel):.2f}% {word} {base}'s at C={row['C']:.2g} FLOPs{ci}{mult}."
+            )
+    for arch, fit in sorted((approach3 or {}).items()):
+        e = fit.estimates
+        keys = [k for k in e if k.startswith("tokens_per_param@")]
+        if not keys:
+            continue
+        k = keys[-1]
+        lo, hi = fit.interval(k)
+        ci = f" (95% CI {lo:.3g}-{hi:.3g})" if np.isfinite(lo) else ""
+        lines.append(
+            f"{arch}: approach 3 gives alpha={e['alpha']:.3f}, beta={e['beta']:.3f}, "
+            f"so N_opt grows as C^{e['a']:.2f}; "
+            f"compute-optimal tokens per parameter at C={k.split('@')[1]} FLOPs: {e[k]:.3g}{ci}"
+            + ("" if fit.converged else " (optimiser did not confirm convergence)") + "."
+        )
+    if niah is not None and not niah.empty:
+        mean = niah.groupby("arch")["accuracy"].mean().sort_values(ascending=False)
+        parts = ", ".join(f"{a} {100 * v:.0f}%" for a, v in mean.items())
+        lines.append(f"Mean NIAH accuracy over lengths and depths (largest model per arch): {parts}.")
+    if throughput is not None and not throughput.empty and "vs_baseline" in throughput.columns:
+        longest = throughput["seq_len"].max()
+        sub = throughput[(throughput["seq_len"] == longest) & throughput["vs_baseline"].notna()]
+        if len(sub) > 1:
+            parts = ", ".join(f"{a} {v:.2f}x" for a, v in zip(sub["arch"], sub["vs_baseline"]))
+            lines.append(f"Throughput at sequence length {int(longest)} relative to the baseline: {parts}.")
+    return lines

@@ -1,0 +1,1154 @@
+"""Scaling-law fits with bootstrap intervals (REFERENCES.md §2).
+
+Five fits, each returning a `FitResult`:
+- `fit_loss_compute`: loss against compute on the compute-efficient frontier, L = E + A C^-alpha
+  (form="saturating") or L = A C^-alpha (form="power", MiniMax-01 §2.2 style);
+- `fit_approach1`: Chinchilla approach 1, the minimum-loss envelope of the training curves;
+- `fit_approach2`: Chinchilla approach 2, IsoFLOP parabolas;
+- `fit_approach3`: Chinchilla approach 3, L(N, D) = E + A / N^alpha + B / D^beta with the Huber /
+  log-sum-exp objective of Hoffmann et al. 2022 and Besiroglu et al. 2024.
+
+Intervals come from resampling runs with replacement (Besiroglu et al. 2024) and are 95% percentile
+intervals. Inputs are pandas frames with the runs contract of `db.queries` or the frame `load_csv` makes.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+from scipy.optimize import least_squares, minimize
+
+Progress = Callable[[int, int], None]
+
+DEFAULT_PARAMS_COL = "nonembed_params"
+LOSS_COLUMNS = ("val_loss", "final_loss", "loss")
+HUBER_DELTA = 1e-3
+# The initialisation grid of Hoffmann et al. 2022 (REFERENCES.md §2), in the original parameterisation.
+GRID_ALPHA = np.arange(0.0, 2.01, 0.5)
+GRID_E = np.arange(-1.0, 1.01, 0.5)
+GRID_AB = np.arange(0.0, 25.1, 5.0)
+SCREEN_POINTS = 64  # runs used to screen the grid starts (enough to tell the basins apart)
+
+
+class FitError(ValueError):
+    """Input a fit cannot use; the message says what is wrong and where."""
+
+
+@dataclass
+class FitResult:
+    """One fitted law: point estimates, 95% bootstrap intervals, the data used and diagnostics."""
+
+    method: str
+    formula: str
+    estimates: dict[str, float]
+    intervals: dict[str, tuple[float, float]]
+    residuals: np.ndarray
+    points: pd.DataFrame
+    n_points: int
+    n_bootstrap: int
+    converged: bool
+    details: dict[str, Any] = field(default_factory=dict)
+    # Bootstrap replicates (one row each, columns as `estimates`); kept out of `to_dict` for size.
+    samples: pd.DataFrame | None = field(default=None, repr=False)
+
+    def interval(self, name: str) -> tuple[float, float]:
+        """The 95% interval of one estimate, (nan, nan) when there was no bootstrap."""
+        return self.intervals.get(name, (math.nan, math.nan))
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable dict (NaN and infinities become None)."""
+        return {
+            "method": self.method,
+            "formula": self.formula,
+            "estimates": {k: _json_num(v) for k, v in self.estimates.items()},
+            "intervals": {k: [_json_num(lo), _json_num(hi)] for k, (lo, hi) in self.intervals.items()},
+            "residuals": [_json_num(v) for v in np.asarray(self.residuals, dtype=float)],
+            "points": _frame_records(self.points),
+            "n_points": int(self.n_points),
+            "n_bootstrap": int(self.n_bootstrap),
+            "converged": bool(self.converged),
+            "details": _json_clean(self.details),
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "FitResult":
+        """Rebuild a result from `to_dict` output (without bootstrap samples)."""
+        nan = lambda v: math.nan if v is None else float(v)  # noqa: E731
+        return cls(
+            method=d["method"],
+            formula=d["formula"],
+            estimates={k: nan(v) for k, v in d["estimates"].items()},
+            intervals={k: (nan(v[0]), nan(v[1])) for k, v in d["intervals"].items()},
+            residuals=np.array([nan(v) for v in d["residuals"]]),
+            points=pd.DataFrame.from_records(d["points"]),
+            n_points=int(d["n_points"]),
+            n_bootstrap=int(d["n_bootstrap"]),
+            converged=bool(d["converged"]),
+            details=dict(d.get("details", {})),
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Laws (vectorised; parameters broadcast against the inputs)
+
+
+def loss_compute_law(C, E, A, alpha):
+    """L(C) = E + A C^-alpha (E = 0 gives the pure power law)."""
+    return E + A * np.power(C, -np.asarray(alpha, dtype=float))
+
+
+def chinchilla_law(N, D, E, A, B, alpha, beta):
+    """L(N, D) = E + A / N^alpha + B / D^beta (Hoffmann et al. 2022, approach 3)."""
+    return E + A * np.power(N, -np.asarray(alpha, dtype=float)) + B * np.power(D, -np.asarray(beta, dtype=float))
+
+
+def compute_needed(loss, E, A, alpha):
+    """Compute at which L(C) = E + A C^-alpha reaches `loss` (inf when loss <= E)."""
+    loss, E, A, alpha = np.broadcast_arrays(*(np.asarray(v, dtype=float) for v in (loss, E, A, alpha)))
+    out = np.full(loss.shape, np.inf)
+    out[np.isnan(loss) | np.isnan(E) | np.isnan(A) | np.isnan(alpha)] = np.nan  # failed replicates stay failed
+    ok = loss > E
+    with np.errstate(divide="ignore", over="ignore"):
+        out[ok] = np.power(A[ok] / (loss[ok] - E[ok]), 1.0 / alpha[ok])
+    return out if out.ndim else float(out)
+
+
+def optimal_allocation(C, A, B, alpha, beta):
+    """Compute-optimal (N_opt, D_opt) of approach 3 for C = 6 N D (Hoffmann et al. 2022, eq. 4)."""
+    G = np.power(alpha * A / (beta * B), 1.0 / (alpha + beta))
+    a = beta / (alpha + beta)
+    b = alpha / (alpha + beta)
+    return G * np.power(np.asarray(C, float) / 6.0, a), np.power(np.asarray(C, float) / 6.0, b) / G
+
+
+# --------------------------------------------------------------------------------------------
+# Input
+
+
+def prepare_points(runs: pd.DataFrame, params_col: str = DEFAULT_PARAMS_COL) -> pd.DataFrame:
+    """Validated per-run points (run_id, N, D, C, L, plus arch/budget when present) from a runs frame.
+
+    L is val_loss, falling back to final_loss where NaN (or a `loss` column); C is flops or 6 N D.
+    """
+    if not isinstance(runs, pd.DataFrame):
+        raise FitError(f"runs must be a pandas DataFrame, got {type(runs).__name__}")
+    if runs.empty:
+        raise FitError("runs frame is empty: nothing to fit")
+    cols = set(runs.columns)
+    missing = [c for c in (params_col, "tokens") if c not in cols]
+    loss_cols = [c for c in LOSS_COLUMNS if c in cols]
+    if not loss_cols:
+        missing.append("val_loss (or final_loss, or loss)")
+    if missing:
+        hint = " (choose another params_col)" if params_col in missing else ""
+        raise FitError(
+            f"runs frame is missing column(s) {', '.join(map(repr, missing))}{hint}; "
+            f"columns present: {', '.join(map(str, runs.columns))}"
+        )
+    run_id = runs["run_id"].astype(str).to_numpy() if "run_id" in cols else runs.index.astype(str).to_numpy()
+    N = _numeric(runs[params_col], params_col)
+    D = _numeric(runs["tokens"], "tokens")
+    L = np.full(len(runs), np.nan)
+    for c in loss_cols:
+        L = np.where(np.isnan(L), pd.to_numeric(runs[c], errors="coerce").to_numpy(dtype=float), L)
+    _check_positive(N, run_id, params_col)
+    _check_positive(D, run_id, "tokens")
+    bad = ~np.isfinite(L)
+    if bad.any():
+        raise FitError(
+            f"{bad.sum()} run(s) have no finite loss in {' / '.join(loss_cols)}: {_some(run_id[bad])}"
+        )
+    bad = L <= 0
+    if bad.any():
+        raise FitError(f"{bad.sum()} run(s) have a loss <= 0 (losses are in nats, > 0): {_some(run_id[bad])}")
+    C = 6.0 * N * D
+    if "flops" in cols:
+        fl = pd.to_numeric(runs["flops"], errors="coerce").to_numpy(dtype=float)
+        neg = np.isfinite(fl) & (fl <= 0)
+        if neg.any():
+            raise FitError(f"{neg.sum()} run(s) have flops <= 0: {_some(run_id[neg])}")
+        C = np.where(np.isfinite(fl), fl, C)
+    out = pd.DataFrame({"run_id": run_id, "N": N, "D": D, "C": C, "L": L})
+    for extra in ("arch", "hybrid", "budget"):
+        if extra in cols:
+            out[extra] = runs[extra].to_numpy()
+    return out.reset_index(drop=True)
+
+
+def load_csv(
+    path: str | Path,
+    params_col: str = "params",
+    tokens_col: str = "tokens",
+    loss_col: str = "loss",
+    flops_col: str = "flops",
+) -> pd.DataFrame:
+    """Read external (params, tokens, loss[, flops]) data into a frame the fits take with params_col="params".
+
+    Tokens default to flops / (6 N) and flops to 6 N D, so the Besiroglu et al. 2024 Chinchilla data
+    (params_col="Model Size", flops_col="Training FLOP") loads as it is.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FitError(f"{path}: no such file")
+    try:
+        raw = pd.read_csv(path)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise FitError(f"{path}: not a readable CSV ({exc})") from exc
+    cols = list(raw.columns)
+    need = [params_col, loss_col]
+    if tokens_col not in cols and flops_col not in cols:
+        need.append(f"{tokens_col} (or {flops_col})")
+    missing = [c for c in need if c not in cols]
+    if missing:
+        raise FitError(f"{path}: missing column(s) {', '.join(map(repr, missing))}; columns: {', '.join(cols)}")
+    N = pd.to_numeric(raw[params_col], errors="coerce").to_numpy(float)
+    flops = pd.to_numeric(raw[flops_col], errors="coerce").to_numpy(float) if flops_col in cols else None
+    if tokens_col in cols:
+        D = pd.to_numeric(raw[tokens_col], errors="coerce").to_numpy(float)
+    else:
+        D = flops / (6.0 * N)
+    if flops is None:
+        flops = 6.0 * N * D
+    rows = np.arange(2, len(raw) + 2)  # file line numbers, header being line 1
+    for name, v in ((params_col, N), (tokens_col if tokens_col in cols else flops_col, D)):
+        bad = ~(np.isfinite(v) & (v > 0))
+        if bad.any():
+            raise FitError(f"{path}: column {name!r} must be a positive number; bad on line(s) {_some(rows[bad])}")
+    loss = pd.to_numeric(raw[loss_col], errors="coerce").to_numpy(float)
+    bad = ~(np.isfinite(loss) & (loss > 0))
+    if bad.any():
+        raise FitError(f"{path}: column {loss_col!r} must be a positive number; bad on line(s) {_some(rows[bad])}")
+    return pd.DataFrame(
+        {"run_id": [f"{path.name}:{r}" for r in rows], "params": N, "tokens": D, "flops": flops, "loss": loss}
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Loss against compute on the frontier
+
+
+def lower_envelope(points: pd.DataFrame, x: str = "C", y: str = "L") -> pd.DataFrame:
+    """Rows whose loss is below that of every row with less compute (the compute-efficient frontier)."""
+    s = points.sort_values([x, y], kind="mergesort")
+    prev_min = s[y].cummin().shift(1, fill_value=np.inf)
+    return s[s[y].to_numpy() < prev_min.to_numpy()].reset_index(drop=True)
+
+
+def curve_envelope(
+    metrics: pd.DataFrame,
+    runs: pd.DataFrame,
+    *,
+    params_col: str = DEFAULT_PARAMS_COL,
+    n_bins: int = 30,
+) -> pd.DataFrame:
+    """Frontier from training curves: the lowest loss per log-spaced FLOP bin, then the lower envelope."""
+    pts = prepare_points(runs, params_col)
+    source = _FrontierSource(pts, _curves(metrics, runs, params_col), n_bins)
+    return source.frame(np.arange(len(source.run_ids)))
+
+
+def fit_loss_compute(
+    runs: pd.DataFrame,
+    *,
+    metrics: pd.DataFrame | None = None,
+    form: str = "saturating",
+    params_col: str = DEFAULT_PARAMS_COL,
+    n_bins: int = 30,
+    n_bootstrap: int = 1000,
+    seed: int = 0,
+    progress: Progress | None = None,
+) -> FitResult:
+    """Fit L = E + A C^-alpha (form="saturating") or L = A C^-alpha (form="power") on the frontier.
+
+    The frontier comes from the training curves when `metrics` is given, else from final points; the
+    bootstrap resamples runs and rebuilds the frontier each time. Least squares in log loss.
+    """
+    if form not in ("saturating", "power"):
+        raise FitError(f"form must be 'saturating' or 'power', got {form!r}")
+    pts = prepare_points(runs, params_col)
+    k = 3 if form == "saturating" else 2
+    source = _FrontierSource(pts, None if metrics is None else _curves(metrics, runs, params_col), n_bins)
+    n_runs = len(source.run_ids)
+    front = source.frame(np.arange(n_runs))
+    if len(front) < k:
+        raise FitError(
+            f"loss-compute fit ({form}) needs at least {k} frontier points, got {len(front)} "
+            f"from {n_runs} run(s): add runs at more compute budgets"
+        )
+    C0 = float(np.exp(np.mean(np.log(front["C"]))))  # centring makes the fit well conditioned
+    theta_hat, ok = _fit_frontier(front["C"].to_numpy() / C0, front["L"].to_numpy(), form, None)
+    if not np.all(np.isfinite(theta_hat)):
+        raise FitError(f"loss-compute fit ({form}) found no finite solution on {len(front)} frontier points")
+
+    def to_estimates(theta):
+        if form == "saturating":
+            e, a, alpha = theta
+            return {"E": math.exp(e), "A": _safe_exp(a + alpha * math.log(C0)), "alpha": float(alpha)}
+        a, alpha = theta
+        return {"A": _safe_exp(a + alpha * math.log(C0)), "alpha": float(alpha)}
+
+    estimates = to_estimates(theta_hat)
+    rng = np.random.default_rng(seed)
+    rows, n_fail = [], 0
+    for i in range(n_bootstrap):
+        C, L = source.envelope(np.unique(rng.integers(0, n_runs, n_runs)))
+        good = False
+        if len(C) >= k:
+            th, good = _fit_frontier(C / C0, L, form, theta_hat)
+        rows.append(to_estimates(th) if good else {key: math.nan for key in estimates})
+        n_fail += not good
+        if progress:
+            progress(i + 1, n_bootstrap)
+    samples = pd.DataFrame(rows, columns=list(estimates)) if n_bootstrap else None
+    pred = loss_compute_law(front["C"].to_numpy(), estimates.get("E", 0.0), estimates["A"], estimates["alpha"])
+    points = front.assign(L_fit=pred)
+    return FitResult(
+        method="frontier" if form == "saturating" else "frontier_power",
+        formula="L = E + A * C^-alpha" if form == "saturating" else "L = A * C^-alpha",
+        estimates=estimates,
+        intervals=_intervals(samples),
+        residuals=np.log(pred) - np.log(front["L"].to_numpy()),
+        points=points,
+        n_points=len(front),
+        n_bootstrap=n_bootstrap,
+        converged=bool(ok),
+        details={"source": source.kind, "n_runs": int(n_runs), "bootstrap_failed": int(n_fail), "C_ref": C0},
+        samples=samples,
+    )
+
+
+class _FrontierSource:
+    """Frontier points for any subset of runs, fast enough to rebuild in every bootstrap replicate.
+
+    From final points: one point per run. From curves: per run and log-spaced FLOP bin the curve's
+    lowest point; a subset's frontier takes the minimum over its runs per bin, then the lower envelope.
+    Curve points where the smallest size is lowest are dropped: there the envelope follows the
+    smallest model's early training, set by the size grid rather than by compute (the edge effect of
+    approach 1).
+    """
+
+    def __init__(self, pts: pd.DataFrame, curves: pd.DataFrame | None, n_bins: int):
+        self.kind = "final" if curves is None else "curves"
+        if curves is None:
+            table = pts[["run_id", "N", "D", "C", "L"]]
+            self.run_ids = table["run_id"].to_numpy()
+            order = np.argsort(table["C"].to_numpy(), kind="mergesort")
+            self.table = table.iloc[order].reset_index(drop=True)
+            self.run_of = order  # sorted point -> run index
+            return
+        curves = curves[curves["run_id"].isin(set(pts["run_id"]))]
+        self.run_ids = np.unique(curves["run_id"].to_numpy())
+        bins = _log_bins(curves["C"].to_numpy(), n_bins)
+        best = _binned_minima(curves, bins)
+        r = np.searchsorted(self.run_ids, best["run_id"].to_numpy())
+        b = best["bin"].to_numpy()
+        self.Lrb = np.full((len(self.run_ids), n_bins), np.inf)
+        self.row = np.full((len(self.run_ids), n_bins), -1)
+        self.Lrb[r, b] = best["L"].to_numpy()
+        self.row[r, b] = np.arange(len(best))
+        self.table = best[["run_id", "N", "D", "C", "L"]]
+        one_size = best["N"].nunique() < 2
+        self.edge = np.zeros(len(best), bool) if one_size else (best["N"] <= best["N"].min()).to_numpy()
+
+    def _rows(self, sel: np.ndarray) -> np.ndarray:
+        """Indices into self.table of the frontier of the selected runs, in order of compute."""
+        if self.kind == "final":
+            mask = np.zeros(len(self.run_ids), bool)
+            mask[sel] = True
+            m = mask[self.run_of]
+            L = np.where(m, self.table["L"].to_numpy(), np.inf)
+            prev = np.minimum.accumulate(np.r_[np.inf, L[:-1]])
+            return np.flatnonzero(m & (L < prev))
+        Ls = self.Lrb[sel]
+        win = np.argmin(Ls, axis=0)
+        cols = np.arange(Ls.shape[1])
+        Lb = Ls[win, cols]
+        ok = np.isfinite(Lb)
+        rows = self.row[sel][win, cols][ok]
+        L = Lb[ok]
+        # bins are disjoint compute ranges, so bin order is compute order
+        prev = np.minimum.accumulate(np.r_[np.inf, L[:-1]])
+        rows = rows[L < prev]
+        return rows[~self.edge[rows]]
+
+    def envelope(self, sel: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        rows = self._rows(sel)
+        return self.table["C"].to_numpy()[rows], self.table["L"].to_numpy()[rows]
+
+    def frame(self, sel: np.ndarray) -> pd.DataFrame:
+        return self.table.iloc[self._rows(sel)].reset_index(drop=True)
+
+
+def _fit_frontier(c: np.ndarray, L: np.ndarray, form: str, start: np.ndarray | None) -> tuple[np.ndarray, bool]:
+    """Least squares in log loss; returns (theta, converged). theta = (log E, log A', alpha) or (log A', alpha)."""
+    lc, ll = np.log(c), np.log(L)
+    if form == "power":
+        X = np.column_stack([np.ones_like(lc), -lc])
+        coef, *_ = np.linalg.lstsq(X, ll, rcond=None)
+        return coef, bool(np.all(np.isfinite(coef)))
+
+    def resid(th):
+        e, a, alpha = th
+        return np.log(np.exp(e) + np.exp(a - alpha * lc)) - ll
+
+    def jac(th):
+        e, a, alpha = th
+        Ev, T = np.exp(e), np.exp(a - alpha * lc)
+        p = Ev + T
+        return np.column_stack([Ev / p, T / p, -lc * T / p])
+
+    if start is not None:
+        starts = [np.asarray(start, float)]
+    else:
+        lmin = float(L.min())
+        starts = []
+        for frac in (0.3, 0.6, 0.9):
+            for alpha in (0.05, 0.2, 0.5, 1.0):
+                E = frac * lmin
+                a = math.log(max(float(np.median(L)) - E, 1e-3 * lmin))
+                starts.append(np.array([math.log(E), a, alpha]))
+    best, best_cost, best_ok = None, np.inf, False
+    for s in starts:
+        with np.errstate(over="ignore", invalid="ignore"):
+            r = least_squares(resid, s, jac=jac, method="lm", xtol=1e-12, ftol=1e-12, max_nfev=2000)
+        if np.all(np.isfinite(r.x)) and r.cost < best_cost:
+            best, best_cost, best_ok = r.x, r.cost, r.status > 0
+    if best is None:
+        return np.full(3, np.nan), False
+    return best, best_ok
+
+
+def _curves(metrics: pd.DataFrame, runs: pd.DataFrame, params_col: str) -> pd.DataFrame:
+    """Training-curve points (run_id, C, L, D, N) of the given runs, C from flops or else 6 N tokens."""
+    if not isinstance(metrics, pd.DataFrame) or metrics.empty:
+        raise FitError("metrics frame is empty: no training curves to use")
+    missing = [c for c in ("run_id", "loss") if c not in metrics.columns]
+    if "flops" not in metrics.columns and "tokens" not in metrics.columns:
+        missing.append("flops (or tokens)")
+    if missing:
+        raise FitError(f"metrics frame is missing column(s) {', '.join(map(repr, missing))}")
+    m = metrics.reset_index(drop=True)
+    out = pd.DataFrame({"run_id": m["run_id"].astype(str).to_numpy(), "L": pd.to_numeric(m["loss"], errors="coerce")})
+    out["D"] = pd.to_numeric(m["tokens"], errors="coerce").to_numpy() if "tokens" in m.columns else np.nan
+    pts = prepare_points(runs, params_col)
+    out["N"] = out["run_id"].map(dict(zip(pts["run_id"], pts["N"]))).to_numpy()
+    out = out[out["run_id"].isin(set(pts["run_id"]))]
+    C = pd.to_numeric(m.loc[out.index, "flops"], errors="coerce") if "flops" in m.columns else None
+    fallback = 6.0 * out["N"] * out["D"]
+    out["C"] = fallback if C is None else C.fillna(fallback)
+    out = out[np.isfinite(out["C"]) & (out["C"] > 0) & np.isfinite(out["L"]) & (out["L"] > 0)]
+    if out.empty:
+        raise FitError("metrics frame has no point with a positive finite loss and compute for these runs")
+    return out.reset_index(drop=True)
+
+
+def _log_bins(C: np.ndarray, n_bins: int) -> np.ndarray:
+    lo, hi = np.log10(C.min()), np.log10(C.max())
+    if hi - lo < 1e-9:
+        hi = lo + 1e-6
+    return np.logspace(lo, hi, n_bins + 1)
+
+
+def _binned_minima(curves: pd.DataFrame, bins: np.ndarray) -> pd.DataFrame:
+    """Each run's lowest-loss curve point per compute bin, with the bin index."""
+    b = np.clip(np.searchsorted(bins, curves["C"].to_numpy(), side="right") - 1, 0, len(bins) - 2)
+    c = curves.assign(bin=b)
+    idx = c.groupby(["run_id", "bin"], sort=False)["L"].idxmin()
+    return c.loc[idx.to_numpy()].reset_index(drop=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Approach 1: minimum-loss envelope over training curves
+
+
+def fit_approach1(
+    runs: pd.DataFrame,
+    metrics: pd.DataFrame,
+    *,
+    params_col: str = DEFAULT_PARAMS_COL,
+    n_budgets: int = 40,
+    budgets: Sequence[float] | None = None,
+    n_bootstrap: int = 1000,
+    seed: int = 0,
+    progress: Progress | None = None,
+) -> FitResult:
+    """Chinchilla approach 1: per log-spaced FLOP budget the run whose curve is lowest gives N_opt, D_opt.
+
+    Curves are interpolated (log-log) at the budgets; a budget counts only when the winner is neither
+    the smallest nor the largest size covering it, since an edge winner only bounds N_opt.
+    Fits N_opt = k_N C^a and D_opt = k_D C^b by least squares in log space.
+    """
+    pts = prepare_points(runs, params_col)
+    curves = _curves(metrics, runs, params_col)
+    n_sizes = curves["N"].nunique()
+    if n_sizes < 3:
+        raise FitError(f"approach 1 needs curves from at least 3 model sizes, got {n_sizes}")
+    Cgrid = np.logspace(np.log10(curves["C"].min()), np.log10(curves["C"].max()), n_budgets + 2)[1:-1]
+    run_ids, Lmat, Dmat, Nrun = _interpolate_curves(curves, Cgrid)
+    sel0 = np.arange(len(run_ids))
+    front = _approach1_envelope(sel0, Lmat, Dmat, Nrun, Cgrid)
+    if len(front["C"]) < 2:
+        raise FitError(
+            f"approach 1 found {len(front['C'])} usable budget(s) (need 2): the lowest curve at each budget "
+            "must come from a size with smaller and larger sizes also covering that budget"
+        )
+    est, resid = _allocation_fit(front["C"], front["N"], front["D"])
+    rng = np.random.default_rng(seed)
+    rows, n_fail = [], 0
+    for i in range(n_bootstrap):
+        sel = np.unique(rng.integers(0, len(run_ids), len(run_ids)))
+        f = _approach1_envelope(sel, Lmat, Dmat, Nrun, Cgrid)
+        if len(f["C"]) >= 2:
+            rows.append(_allocation_fit(f["C"], f["N"], f["D"])[0])
+        else:
+            rows.append({k: math.nan for k in est})
+            n_fail += 1
+        if progress:
+            progress(i + 1, n_bootstrap)
+    samples = pd.DataFrame(rows, columns=list(est)) if n_bootstrap else None
+    est, samples = _with_tokens_per_param(est, samples, budgets or allocation_budgets(pts["C"]))
+    points = pd.DataFrame(
+        {"C": front["C"], "N_opt": front["N"], "D_opt": front["D"], "L": front["L"], "run_id": run_ids[front["row"]]}
+    )
+    return FitResult(
+        method="approach1",
+        formula="N_opt = k_N * C^a, D_opt = k_D * C^b (envelope of training curves)",
+        estimates=est,
+        intervals=_intervals(samples),
+        residuals=resid,
+        points=points,
+        n_points=len(points),
+        n_bootstrap=n_bootstrap,
+        converged=True,
+        details={"n_runs": int(len(run_ids)), "n_budgets_tried": int(len(Cgrid)), "bootstrap_failed": int(n_fail)},
+        samples=samples,
+    )
+
+
+def _interpolate_curves(curves: pd.DataFrame, Cgrid: np.ndarray):
+    """Each run's log loss and log tokens interpolated at the budgets it covers (NaN elsewhere)."""
+    curves = curves.sort_values(["run_id", "C"], kind="mergesort")
+    ids = curves["run_id"].to_numpy()
+    starts = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]])
+    ends = np.r_[starts[1:], len(ids)]
+    lC, lL = np.log(curves["C"].to_numpy()), np.log(curves["L"].to_numpy())
+    Dv, Nv = curves["D"].to_numpy(), curves["N"].to_numpy()
+    lD = np.log(np.where(np.isfinite(Dv) & (Dv > 0), Dv, np.nan))
+    lg = np.log(Cgrid)
+    R, K = len(starts), len(Cgrid)
+    Lmat = np.full((R, K), np.nan)
+    Dmat = np.full((R, K), np.nan)
+    for r, (s, e) in enumerate(zip(starts, ends)):
+        x = lC[s:e]
+        inside = (lg >= x[0]) & (lg <= x[-1])
+        if inside.any():
+            Lmat[r, inside] = np.exp(np.interp(lg[inside], x, lL[s:e]))
+            d = lD[s:e]
+            if np.isfinite(d).all():
+                Dmat[r, inside] = np.exp(np.interp(lg[inside], x, d))
+            else:  # no token counts logged: D from C = 6 N D
+                Dmat[r, inside] = Cgrid[inside] / (6 * Nv[s])
+    return ids[starts], Lmat, Dmat, Nv[starts]
+
+
+def _approach1_envelope(sel, Lmat, Dmat, Nrun, Cgrid) -> dict[str, np.ndarray]:
+    L = Lmat[sel]
+    N = Nrun[sel]
+    cover = np.isfinite(L)
+    has = cover.sum(0) >= 3
+    win = np.argmin(np.where(cover, L, np.inf), axis=0)
+    Nw = N[win]
+    Nmin = np.where(cover, N[:, None], np.inf).min(0)
+    Nmax = np.where(cover, N[:, None], -np.inf).max(0)
+    keep = has & (Nw > Nmin) & (Nw < Nmax)
+    k = np.flatnonzero(keep)
+    rows = sel[win[k]]
+    return {"C": Cgrid[k], "N": Nw[k], "D": Dmat[rows, k], "L": L[win[k], k], "row": rows}
+
+
+def _allocation_fit(C, N, D) -> tuple[dict[str, float], np.ndarray]:
+    """N = k_N C^a and D = k_D C^b by least squares in log space; residuals of the N fit."""
+    lC = np.log(np.asarray(C, float))
+    X = np.column_stack([np.ones_like(lC), lC])
+    (cN, a), *_ = np.linalg.lstsq(X, np.log(N), rcond=None)
+    (cD, b), *_ = np.linalg.lstsq(X, np.log(D), rcond=None)
+    est = {"k_N": math.exp(cN), "a": float(a), "k_D": math.exp(cD), "b": float(b)}
+    return est, (cN + a * lC) - np.log(N)
+
+
+def _with_tokens_per_param(est, samples, budgets):
+    """Add D_opt / N_opt at each budget to the estimates and the bootstrap samples."""
+    est = dict(est)
+    for C in budgets:
+        key = f"tokens_per_param@{C:.3g}"
+        est[key] = est["k_D"] / est["k_N"] * C ** (est["b"] - est["a"])
+        if samples is not None:
+            samples[key] = samples["k_D"] / samples["k_N"] * C ** (samples["b"] - samples["a"])
+    return est, samples
+
+
+def allocation_budgets(C) -> list[float]:
+    """Default budgets for derived allocations: the data's largest compute and ten times it (1 sig. fig.)."""
+    hi = float(np.max(C))
+    return [float(f"{hi:.1g}"), float(f"{10 * hi:.1g}")]
+
+
+# --------------------------------------------------------------------------------------------
+# Approach 2: IsoFLOP parabolas
+
+
+def isoflop_groups(pts: pd.DataFrame, budget_col: str = "budget", rel_tol: float = 0.05) -> np.ndarray:
+    """A budget label per point: the `budget` column when present, else runs whose FLOPs agree within rel_tol."""
+    if budget_col in pts.columns and pts[budget_col].notna().all():
+        return pd.to_numeric(pts[budget_col], errors="coerce").to_numpy(float)
+    C = pts["C"].to_numpy()
+    order = np.argsort(C)
+    label = np.empty(len(C))
+    start = C[order[0]]
+    group = [order[0]]
+    for i in order[1:]:
+        if C[i] > start * (1 + rel_tol):
+            label[group] = np.exp(np.mean(np.log(C[group])))
+            start, group = C[i], [i]
+        else:
+            group.append(i)
+    label[group] = np.exp(np.mean(np.log(C[group])))
+    return label
+
+
+def fit_approach2(
+    runs: pd.DataFrame,
+    *,
+    params_col: str = DEFAULT_PARAMS_COL,
+    budget_col: str = "budget",
+    rel_tol: float = 0.05,
+    min_sizes: int = 4,
+    min_span: float = 4.0,
+    budgets: Sequence[float] | None = None,
+    n_bootstrap: int = 1000,
+    seed: int = 0,
+    progress: Progress | None = None,
+) -> FitResult:
+    """Chinchilla approach 2: per FLOP budget a parabola of L in log N gives N_opt; D_opt = C / (6 N_opt).
+
+    Budgets come from a `budget` column or from runs whose FLOPs agree within rel_tol. A budget counts
+    when it has `min_sizes` sizes spanning a factor `min_span` and a convex parabola with its minimum
+    inside the sizes tried. The bootstrap resamples runs within each budget so that no budget vanishes
+    from a replicate.
+    """
+    pts = prepare_points(runs, params_col)
+    pts["group"] = isoflop_groups(pts, budget_col, rel_tol)
+    groups, too_few = [], []
+    for g, sub in pts.groupby("group", sort=True):
+        n_sizes = sub["N"].nunique()
+        if n_sizes >= min_sizes and sub["N"].max() >= min_span * sub["N"].min():
+            groups.append((float(g), np.log(sub["N"].to_numpy()), sub["L"].to_numpy(), sub.index.to_numpy()))
+        else:
+            too_few.append((float(g), int(n_sizes)))
+    if len(groups) < 2:
+        shown = ", ".join(f"{g:.3g} ({n} size{'s' * (n != 1)})" for g, n in too_few[:5]) or "none"
+        raise FitError(
+            f"approach 2 needs at least 2 FLOP budgets with {min_sizes}+ model sizes spanning {min_span:g}x; "
+            f"found {len(groups)} (other budgets: {shown})"
+        )
+    G = len(groups)
+    point = [_parabola_minima(x, L, np.ones((1, len(x)))) for _, x, L, _ in groups]
+    logC = np.log([g for g, *_ in groups])
+    logN = np.array([p[0][0] for p in point])
+    kept = np.isfinite(logN)
+    if kept.sum() < 2:
+        raise FitError(
+            f"approach 2: only {int(kept.sum())} budget(s) have a convex parabola with its minimum inside the "
+            "sizes tried (need 2): widen the size range around the optimum"
+        )
+    est_b, resid = _allocation_fit_batch(logC, logN[None, :])
+    est = {k: float(v[0]) for k, v in est_b.items()}
+    rng = np.random.default_rng(seed)
+    samples = None
+    if n_bootstrap:
+        boot = np.full((n_bootstrap, G), np.nan)
+        for gi, (_, x, L, _) in enumerate(groups):
+            counts = rng.multinomial(len(x), np.full(len(x), 1.0 / len(x)), size=n_bootstrap).astype(float)
+            boot[:, gi] = _parabola_minima(x, L, counts)[0]
+            if progress:
+                progress(int(n_bootstrap * (gi + 1) / G), n_bootstrap)
+        samples = pd.DataFrame(_allocation_fit_batch(logC, boot)[0])
+    est, samples = _with_tokens_per_param(est, samples, budgets or allocation_budgets(pts["C"]))
+    used = np.concatenate([idx for *_, idx in groups])
+    points = pts.loc[used].rename(columns={"group": "budget_group"}).reset_index(drop=True)
+    minima_rows = []
+    for (g, *_), (xm, Lm, coef) in zip(groups, point):
+        if np.isfinite(xm[0]):
+            N = math.exp(xm[0])
+            minima_rows.append({"C": g, "N_opt": N, "D_opt": g / (6 * N), "L_opt": float(Lm[0]),
+                                "coef": [float(c[0]) for c in coef]})
+    return FitResult(
+        method="approach2",
+        formula="N_opt = k_N * C^a, D_opt = k_D * C^b (IsoFLOP parabola minima)",
+        estimates=est,
+        intervals=_intervals(samples),
+        residuals=resid[0][np.isfinite(resid[0])],
+        points=points,
+        n_points=len(points),
+        n_bootstrap=n_bootstrap,
+        converged=True,
+        details={
+            "minima": minima_rows,
+            "n_budgets": G,
+            "budgets_dropped": [g for (g, *_), k in zip(groups, kept) if not k],
+            "bootstrap_failed": 0 if samples is None else int(samples["a"].isna().sum()),
+        },
+        samples=samples,
+    )
+
+
+def _parabola_minima(x: np.ndarray, L: np.ndarray, W: np.ndarray, min_sizes: int = 3):
+    """Weighted fits L = c2 x^2 + c1 x + c0, one per row of weights W (k, m), by the normal equations.
+
+    Returns (x_min, L_min, (c2, c1, c0)), arrays of length k; NaN where the parabola is not convex, its
+    minimum lies outside the sizes with weight, or fewer than `min_sizes` distinct sizes have weight.
+    """
+    xm = x.mean()
+    xc = x - xm  # centring keeps the normal equations well conditioned
+    P = np.stack([xc**p for p in range(5)])  # (5, m)
+    S = W @ P.T  # (k, 5): sums of w x^p
+    T = W @ (P[:3] * L).T  # (k, 3): sums of w x^p L
+    M = np.stack(
+        [np.stack([S[:, 4], S[:, 3], S[:, 2]], -1), np.stack([S[:, 3], S[:, 2], S[:, 1]], -1),
+         np.stack([S[:, 2], S[:, 1], S[:, 0]], -1)], 1
+    )
+    rhs = np.stack([T[:, 2], T[:, 1], T[:, 0]], -1)
+    _, inv_idx = np.unique(x, return_inverse=True)
+    distinct = np.zeros((W.shape[0], inv_idx.max() + 1))
+    np.add.at(distinct.T, inv_idx, (W > 0).T.astype(float))
+    enough = (distinct > 0).sum(1) >= min_sizes
+    coef = np.full((W.shape[0], 3), np.nan)
+    if enough.any():
+        coef[enough] = np.linalg.solve(M[enough], rhs[enough][..., None])[..., 0]
+    c2, c1, c0 = coef.T
+    with np.errstate(all="ignore"):
+        xs = -c1 / (2 * c2)
+    lo = np.where(W > 0, xc, np.inf).min(1)
+    hi = np.where(W > 0, xc, -np.inf).max(1)
+    ok = enough & (c2 > 0) & (xs >= lo) & (xs <= hi)
+    x_min = np.where(ok, xs + xm, np.nan)
+    L_min = np.where(ok, c0 + c1 * xs + c2 * xs * xs, np.nan)
+    # coefficients for the uncentred x, for plotting
+    return x_min, L_min, (c2, c1 - 2 * c2 * xm, c0 - c1 * xm + c2 * xm * xm)
+
+
+def _allocation_fit_batch(logC: np.ndarray, logN: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Per row of logN (k, G), least squares of log N_opt and log D_opt = log C - log 6 - log N_opt on
+    log C over the finite entries; NaN where fewer than 2. Returns (estimates, residuals of the N fit)."""
+    ok = np.isfinite(logN)
+    n = ok.sum(1)
+    w = ok.astype(float)
+    lc = np.broadcast_to(logC, logN.shape)
+    with np.errstate(all="ignore"):
+        mc = (w * lc).sum(1) / n
+        ln = np.where(ok, logN, 0.0)
+        mn = ln.sum(1) / n
+        dc = np.where(ok, lc - mc[:, None], 0.0)
+        a = (dc * (ln - mn[:, None])).sum(1) / (dc * dc).sum(1)
+        cN = mn - a * mc
+        good = (n >= 2) & np.isfinite(a)
+        a, cN = np.where(good, a, np.nan), np.where(good, cN, np.nan)
+        # log D_opt = log C - log 6 - log N_opt is linear in the same points: slope 1 - a
+        b, cD = 1.0 - a, -math.log(6.0) - cN
+        est = {"k_N": np.exp(cN), "a": a, "k_D": np.exp(cD), "b": b}
+        resid = np.where(ok, cN[:, None] + a[:, None] * lc - logN, np.nan)
+    return est, resid
+
+
+# --------------------------------------------------------------------------------------------
+# Approach 3: parametric L(N, D)
+
+
+def fit_approach3(
+    runs: pd.DataFrame,
+    *,
+    params_col: str = DEFAULT_PARAMS_COL,
+    delta: float = HUBER_DELTA,
+    n_starts: int | None = 64,
+    screen_iters: int = 20,
+    bootstrap_starts: int = 3,
+    budgets: Sequence[float] | None = None,
+    n_bootstrap: int = 1000,
+    seed: int = 0,
+    progress: Progress | None = None,
+) -> FitResult:
+    """Chinchilla approach 3: L(N, D) = E + A/N^alpha + B/D^beta by Huber (delta) on log residuals.
+
+    Hoffmann et al. 2022 / Besiroglu et al. 2024: log-sum-exp form, L-BFGS from the 4,500 starts of the
+    REFERENCES §2 grid. With `n_starts` = k every start first takes `screen_iters` iterations on up to
+    64 of the runs, and the k best continue to convergence on all runs; None runs every start to
+    convergence (the original protocol; tens of seconds for 200 runs). The best is checked by scipy's
+    L-BFGS-B. Bootstrap replicates (runs resampled with replacement) start from the point estimate plus
+    `bootstrap_starts - 1` perturbed starts. Derived: a, b, G and N_opt, D_opt, tokens per parameter
+    and L_opt at `budgets` (C = 6 N D).
+    """
+    if bootstrap_starts < 1 or (n_starts is not None and n_starts < 1):
+        raise FitError("approach 3 needs n_starts >= 1 (or None) and bootstrap_starts >= 1")
+    pts = prepare_points(runs, params_col)
+    n = len(pts)
+    if n < 5:
+        raise FitError(f"approach 3 has 5 parameters and needs at least 5 runs, got {n}")
+    for col, what in (("N", "model sizes"), ("D", "token counts")):
+        if pts[col].nunique() < 2:
+            raise FitError(
+                f"approach 3 needs at least 2 distinct {what}; all {n} runs have {col} = {pts[col].iloc[0]:.4g}"
+            )
+    obj = _Approach3Objective(
+        np.log(pts["N"].to_numpy()), np.log(pts["D"].to_numpy()), np.log(pts["L"].to_numpy()), delta
+    )
+    grid = obj.grid_starts()
+    starts = grid
+    if n_starts is not None and n_starts < len(grid):
+        # A short run from every start says which basins are worth finishing; a subset of the runs is
+        # enough to rank them and keeps this step's cost independent of the number of runs.
+        Xs, Fs, _ = lbfgs_batch(obj.subset(SCREEN_POINTS).batch, grid, max_iter=screen_iters)
+        starts = Xs[np.argsort(np.where(np.isfinite(Fs), Fs, np.inf), kind="stable")[:n_starts]]
+    X, F, conv = lbfgs_batch(obj.batch, starts)
+    best_i = int(np.argmin(F))
+    # scipy's L-BFGS-B restarted at the batched optimum is an independent check: it must find nothing
+    # better (it often ends "ABNORMAL" there, because no step can decrease the objective any more).
+    ref = obj.minimize(X[best_i])
+    theta = ref.x if ref.fun < F[best_i] else X[best_i]
+    f_best = min(float(ref.fun), float(F[best_i]))
+    scipy_gain = float(F[best_i] - ref.fun)
+    # A start "agrees" when it reaches the best objective to 1e-6 relative: evidence of a global optimum.
+    agree = int(np.sum(np.abs(F - f_best) <= 1e-6 * max(abs(f_best), 1.0)))
+    grad = obj(theta)[1]
+    converged = bool(conv[best_i]) and scipy_gain <= 1e-8 * max(abs(f_best), 1.0) and agree >= 2
+    estimates = obj.estimates(theta)
+
+    samples, boot_conv = None, 0
+    if n_bootstrap:
+        boot, boot_conv = _bootstrap_approach3(obj, theta, n_bootstrap, bootstrap_starts, seed, progress)
+        samples = pd.DataFrame(
+            [obj.estimates(t) if np.all(np.isfinite(t)) else {} for t in boot], columns=list(estimates)
+        )
+    budgets = list(budgets) if budgets else allocation_budgets(pts["C"])
+    estimates, samples = _with_allocation(estimates, samples, budgets)
+    law = [estimates[k] for k in ("E", "A", "B", "alpha", "beta")]
+    pred = chinchilla_law(pts["N"].to_numpy(), pts["D"].to_numpy(), *law)
+    return FitResult(
+        method="approach3",
+        formula="L = E + A / N^alpha + B / D^beta",
+        estimates=estimates,
+        intervals=_intervals(samples),
+        residuals=np.log(pred) - np.log(pts["L"].to_numpy()),
+        points=pts.assign(L_fit=pred),
+        n_points=n,
+        n_bootstrap=n_bootstrap,
+        converged=converged,
+        details={
+            "objective": f_best,
+            "grad_norm": float(np.linalg.norm(grad)),
+            "scipy_check_gain": scipy_gain,
+            "scipy_message": str(ref.message),
+            "n_starts": int(len(starts)),
+            "n_grid": int(len(grid)),
+            "n_starts_agreeing": agree,
+            "delta": delta,
+            "bootstrap_converged": int(boot_conv),
+            "budgets": budgets,
+        },
+        samples=samples,
+    )
+
+
+def _bootstrap_approach3(obj, theta, n_bootstrap, n_starts, seed, progress, max_elems=100_000):
+    """Bootstrap replicates as multinomial weights on the runs (the same as resampling them), solved in
+    batches; returns (parameter rows, number of replicates whose best start converged)."""
+    rng = np.random.default_rng(seed)
+    n = len(obj.t)
+    W = rng.multinomial(n, np.full(n, 1.0 / n), size=n_bootstrap).astype(float)
+    scale = np.array([1.0, 1.0, 0.3, 0.1, 0.1])
+    starts = np.repeat(theta[None, :], n_bootstrap * n_starts, axis=0).reshape(n_bootstrap, n_starts, 5)
+    starts[:, 1:] += scale * rng.standard_normal((n_bootstrap, n_starts - 1, 5))
+    out = np.full((n_bootstrap, 5), np.nan)
+    n_conv = 0
+    # batches small enough to stay in cache, large enough to amortise the Python loop
+    per_batch = max(32, max_elems // (n * n_starts))
+    for s in range(0, n_bootstrap, per_batch):
+        e = min(n_bootstrap, s + per_batch)
+        X0 = starts[s:e].reshape(-1, 5)
+        Wb = np.repeat(W[s:e], n_starts, axis=0)
+        X, F, conv = lbfgs_batch(obj.batch, X0, Wb)
+        F = np.where(np.isfinite(F), F, np.inf).reshape(e - s, n_starts)
+        pick = np.argmin(F, axis=1)
+        rows = np.arange(e - s) * n_starts + pick
+        ok = np.isfinite(F[np.arange(e - s), pick])
+        out[s:e][ok] = X[rows][ok]
+        n_conv += int(conv[rows][ok].sum())
+        if progress:
+            progress(e, n_bootstrap)
+    return out, n_conv
+
+
+def lbfgs_batch(
+    fun: Callable[[np.ndarray, np.ndarray | None], tuple[np.ndarray, np.ndarray]],
+    X0: np.ndarray,
+    W: np.ndarray | None = None,
+    *,
+    memory: int = 10,
+    max_iter: int = 1000,
+    ftol: float = 1e-13,
+    gtol: float = 1e-9,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Minimise many independent smooth problems at once with L-BFGS and a backtracking Armijo search.
+
+    `fun(X, W)` returns the objectives (k,) and gradients (k, p) of rows X (k, p) with data weights W
+    (k, n). One numpy call serves every problem, which is what makes 1,000 bootstrap fits take
+    seconds; scipy's L-BFGS-B is the reference it is tested against. Returns (X, F, converged).
+    """
+    X_out = np.array(X0, dtype=float)
+    k, p = X_out.shape
+    with np.errstate(all="ignore"):
+        F_out, G0 = fun(X_out, W)
+    F_out = np.where(np.isfinite(F_out), F_out, np.inf)
+    conv_out = np.zeros(k, bool)
+    # The working set holds the unfinished problems only, compacted as problems finish, so that a
+    # few slow problems do not pay for the whole batch.
+    work = np.flatnonzero(np.isfinite(F_out) & np.all(np.isfinite(G0), axis=1))
+    x, f, g = X_out[work], F_out[work], G0[work]
+    w = None if W is None else W[work]
+    S = np.zeros((memory, work.size, p))
+    Y = np.zeros((memory, work.size, p))
+    RHO = np.zeros((memory, work.size))  # 0 marks an empty or rejected pair
+    gamma = np.ones(work.size)
+    for it in range(max_iter):
+        if work.size == 0:
+            break
+        q = g.copy()
+        alphas = []
+        for j in [(it - 1 - i) % memory for i in range(memory)]:  # newest to oldest
+            a = RHO[j] * np.einsum("ij,ij->i", S[j], q)
+            q -= a[:, None] * Y[j]
+            alphas.append((j, a))
+        r = gamma[:, None] * q
+        for j, a in reversed(alphas):
+            b = RHO[j] * np.einsum("ij,ij->i", Y[j], r)
+            r += S[j] * (a - b)[:, None]
+        d = -r
+        gd = np.einsum("ij,ij->i", g, d)
+        bad = ~(gd < 0) | ~np.isfinite(gd)
+        if bad.any():  # not a descent direction: restart from steepest descent
+            d[bad] = -g[bad]
+            gd[bad] = -np.einsum("ij,ij->i", g[bad], g[bad])
+            RHO[:, bad] = 0.0
+            gamma[bad] = 1.0
+        t = np.ones(work.size)
+        fresh = ~np.any(RHO != 0, axis=0)
+        t[fresh] = np.minimum(1.0, 1.0 / np.maximum(np.abs(g[fresh]).sum(1), 1e-300))
+        xn = x + t[:, None] * d
+        with np.errstate(all="ignore"):
+            fn, gn = fun(xn, w)
+        ok = np.isfinite(fn) & (fn <= f + 1e-4 * t * gd)
+        for _ in range(60):
+            rej = np.flatnonzero(~ok)
+            if rej.size == 0:
+                break
+            t[rej] *= 0.3
+            xn[rej] = x[rej] + t[rej, None] * d[rej]
+            with np.errstate(all="ignore"):
+                fr, gr = fun(xn[rej], None if w is None else w[rej])
+            fn[rej], gn[rej] = fr, gr
+            ok[rej] = np.isfinite(fr) & (fr <= f[rej] + 1e-4 * t[rej] * gd[rej])
+        s_ = xn - x
+        y_ = gn - g
+        sy = np.einsum("ij,ij->i", s_, y_)
+        yy = np.einsum("ij,ij->i", y_, y_)
+        valid = ok & (yy > 0) & (sy > 1e-10 * np.sqrt(np.einsum("ij,ij->i", s_, s_) * yy))
+        slot = it % memory
+        S[slot], Y[slot] = s_, y_
+        RHO[slot] = np.where(valid, 1.0 / np.where(valid, sy, 1.0), 0.0)
+        gamma[valid] = sy[valid] / yy[valid]
+        f_old = f
+        x = np.where(ok[:, None], xn, x)
+        f = np.where(ok, fn, f)
+        g = np.where(ok[:, None], gn, g)
+        scale = np.maximum(np.maximum(np.abs(f_old), np.abs(f)), 1.0)
+        small_grad = np.abs(g).max(1) <= gtol * scale
+        done = (ok & ((f_old - f) <= ftol * scale)) | small_grad
+        # a failed search means no step decreases f at this precision: stop there
+        finished = done | ~ok
+        if finished.any():
+            idx = work[finished]
+            X_out[idx], F_out[idx] = x[finished], f[finished]
+            conv_out[idx] = done[finished]
+            keep = ~finished
+            work, x, f, g, gamma = work[keep], x[keep], f[keep], g[keep], gamma[keep]
+            S, Y, RHO = S[:, keep], Y[:, keep], RHO[:, keep]
+            w = None if w is None else w[keep]
+    X_out[work], F_out[work] = x, f
+    return X_out, F_out, conv_out
+
+
+def _with_allocation(est, samples, budgets):
+    """Add a, b, G and N_opt, D_opt, tokens per parameter, L_opt at each budget."""
+
+    def derive(E, A, B, alpha, beta):
+        out = {"a": beta / (alpha + beta), "b": alpha / (alpha + beta)}
+        out["G"] = (alpha * A / (beta * B)) ** (1.0 / (alpha + beta))
+        for C in budgets:
+            N, D = optimal_allocation(C, A, B, alpha, beta)
+            out[f"N_opt@{C:.3g}"] = N
+            out[f"D_opt@{C:.3g}"] = D
+            out[f"tokens_per_param@{C:.3g}"] = D / N
+            out[f"L_opt@{C:.3g}"] = chinchilla_law(N, D, E, A, B, alpha, beta)
+        return out
+
+    names = ("E", "A", "B", "alpha", "beta")
+    with np.errstate(all="ignore"):
+        est = {**est, **{k: float(v) for k, v in derive(*(est[k] for k in names)).items()}}
+        if samples is not None:
+            samples = samples.assign(**derive(*(samples[k].to_numpy() for k in names)))
+    return est, samples
+
+
+class _Approach3Objective:
+    """Sum of Huber(LSE(a - alpha x, b - beta y, e) - log L) / delta^2 with its analytic gradient.
+
+    x and y are centred log N and log D so the optimiser sees a well-conditioned problem; `estimates`
+    maps back to the original (a, b) = log A, log B. Dividing by delta^2 keeps the objective scale the
+    same for any delta, so the tolerances mean the same thing.
+    """
+
+    def __init__(self, x: np.ndarray, y: np.ndarray, logL: np.ndarray, delta: float,
+                 center: tuple[float, float] | None = None):
+        self.xm, self.ym = center if center is not None else (float(x.mean()), float(y.mean()))
+        self.x, self.y, self.t, self.delta = x - self.xm, y - self.ym, logL, delta
+
+    def subset(self, max_points: int) -> "_Approach3Objective":
+        """The same objective (same parameterisation) on at most `max_points` evenly chosen runs."""
+        n = len(self.t)
+        if n <= max_points:
+            return self
+        i = np.unique(np.linspace(0, n - 1, max_points).astype(int))
+        return _Approach3Objective(self.x[i] + self.xm, self.y[i] + self.ym, self.t[i], self.delta, (self.xm, self.ym))
+
+    def batch(self, TH: np.ndarray, W: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Objectives (k,) and gradients (k, 5) for parameter rows TH (k, 5) and run weights W (k, n)."""
+        a, b, e, alpha, beta = (TH[:, i : i + 1] for i in range(5))
+        u1 = a - alpha * self.x
+        u2 = b - beta * self.y
+        m = np.maximum(np.maximum(u1, u2), e)
+        e1, e2, e3 = np.exp(u1 - m), np.exp(u2 - m), np.exp(e - m)
+        s = e1 + e2 + e3
+        r = m + np.log(s) - self.t
+        ar = np.abs(r)
+        d = self.delta
+        h = np.where(ar <= d, 0.5 * r * r / d, ar - 0.5 * d) / d
+        g = np.clip(r / d, -1.0, 1.0) / (d * s)
+        if W is not None:
+            h = h * W
+            g = g * W
+        g1, g2 = g * e1, g * e2
+        grad = np.column_stack([g1.sum(1), g2.sum(1), (g * e3).sum(1), -(g1 @ self.x), -(g2 @ self.y)])
+        return h.sum(1), grad
+
+    def __call__(self, th: np.ndarray, w: np.ndarray | None = None) -> tuple[float, np.ndarray]:
+        F, G = self.batch(np.asarray(th, float)[None, :], None if w is None else w[None, :])
+        return float(F[0]), G[0]
+
+    def grid_starts(self) -> np.ndarray:
+        """The REFERENCES §2 grid, converted to the centred parameterisation."""
+        A_, B_, E_, al, be = np.meshgrid(GRID_AB, GRID_AB, GRID_E, GRID_ALPHA, GRID_ALPHA, indexing="ij")
+        A_, B_, E_, al, be = (v.ravel() for v in (A_, B_, E_, al, be))
+        return np.column_stack([A_ - al * self.xm, B_ - be * self.ym, E_, al, be])
+
+    def minimize(self, start: np.ndarray, w: np.ndarray | None = None):
+        """scipy's L-BFGS-B from one start: the reference optimiser."""
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            return minimize(
+                self, np.asarray(start, float), args=(w,), jac=True, method="L-BFGS-B",
+                options={"maxiter": 5000, "gtol": 1e-9, "ftol": 1e-14},
+            )
+
+    def estimates(self, th: np.ndarray) -> dict[str, float]:
+        a, b, e, alpha, beta = (float(v) for v in th)
+        return {
+            "E": _safe_exp(e),
+            "A": _safe_exp(a + alpha * self.xm),
+            "B": _safe_exp(b + beta * self.ym),
+            "alpha": alpha,
+            "beta": beta,
+        }
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers
+
+
+def _intervals(samples: pd.DataFrame | None, level: float = 0.95) -> dict[str, tuple[float, float]]:
+    """Percentile intervals per column, ignoring failed (NaN) replicates."""
+    if samples is None or samples.empty:
+        return {}
+    return {c: percentile_interval(samples[c].to_numpy(), level) for c in samples.columns}
+
+
+def percentile_interval(values: np.ndarray, level: float = 0.95) -> tuple[float, float]:
+    """The central `level` percentile interval of bootstrap values (NaN dropped; infinities allowed)."""
+    v = np.asarray(values, float)
+    v = v[~np.isnan(v)]
+    if v.size == 0:
+        return (math.nan, math.nan)
+    q = (1 - level) / 2
+    # inverted_cdf never interpolates, so an infinite replicate cannot turn an endpoint into NaN.
+    lo, hi = np.quantile(v, [q, 1 - q], method="inverted_cdf")
+    return (float(lo), float(hi))
+
+
+def _safe_exp(v: float) -> float:
+    return math.exp(v) if v < 709 else math.inf
+
+
+def _numeric(s: pd.Series, name: str) -> np.ndarray:
+    return pd.to_numeric(s, errors="coerce").to_numpy(dtype=float)
+
+
+def _check_positive(v: np.ndarray, run_id: np.ndarray, name: str) -> None:
+    bad = ~(np.isfinite(v) & (v > 0))
+    if bad.any():
+        raise FitError(f"{bad.sum()} run(s) have a missing or non-positive {name}: {_some(run_id[bad])}")
+
+
+def _some(items, k: int = 5) -> str:
+    items = [str(i) for i in items]
+    more = f" and {len(items) - k} more" if len(items) > k else ""
+    return ", ".join(items[:k]) + more
+
+
+def _json_num(v) -> float | int | None:
+    if isinstance(v, (bool, np.bool_)):
+        return bool(v)
+    if isinstance(v, (int, np.integer)):
+        return int(v)
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return f if math.isfinite(f) else None
+
+
+def _json_clean(obj):
+    if isinstance(obj, Mapping):
+        return {str(k): _json_clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, np.ndarray)):
+        return [_json_clean(v) for v in obj]
+    if isinstance(obj, (str, bool, np.bool_)) or obj is None:
+        return bool(obj) if isinstance(obj, np.bool_) else obj
+    if isinstance(obj, (int, float, np.integer, np.floating)):
+        return _json_num(obj)
+    return str(obj)
+
+
+def _frame_records(df: pd.DataFrame) -> list[dict[str, Any]]:
+    return [{str(k): _json_clean(v) for k, v in row.items()} for row in df.to_dict(orient="records")]

@@ -1,0 +1,710 @@
+"""Scaling-curve report: fits per architecture, figures (PNG and SVG), `report.md` and one
+self-contained `index.html` (figures embedded as base64 PNG, no external references)."""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: the report runs on servers and in CI
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+from matplotlib.collections import LineCollection  # noqa: E402
+from matplotlib.colors import LogNorm  # noqa: E402
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter, NullLocator  # noqa: E402
+
+from analysis.compare import (  # noqa: E402
+    ArchComparison,
+    compare_archs,
+    mqar_table,
+    niah_table,
+    ratio_label,
+    summary_findings,
+    throughput_table,
+)
+from analysis.fits import (  # noqa: E402
+    DEFAULT_PARAMS_COL,
+    FitError,
+    FitResult,
+    Progress,
+    allocation_budgets,
+    fit_approach1,
+    fit_approach2,
+    fit_approach3,
+    fit_loss_compute,
+    loss_compute_law,
+    optimal_allocation,
+    prepare_points,
+)
+
+# Okabe & Ito's colour-blind-safe palette; fixed colours per arch keep figures comparable.
+OKABE_ITO = ["#0072B2", "#D55E00", "#009E73", "#E69F00", "#CC79A7", "#56B4E9", "#F0E442", "#000000"]
+ARCH_COLOURS = {
+    "softmax": "#0072B2", "lightning": "#D55E00", "hybrid": "#009E73", "hgrn2": "#E69F00", "mamba2": "#CC79A7",
+}
+SEQUENTIAL = "viridis"  # perceptually uniform and colour-blind safe
+# Text as text in SVGs (smaller, faster) and a fixed hash salt so that SVG ids are reproducible.
+_RC = {"svg.fonttype": "none", "svg.hashsalt": "scalinglab", "font.size": 9, "axes.titlesize": 9,
+       "legend.fontsize": 7, "xtick.labelsize": 7.5, "ytick.labelsize": 7.5, "figure.dpi": 100}
+
+FIT_METHODS = ("frontier", "frontier_power", "approach1", "approach2", "approach3")
+TABLE_PARAMS = {
+    "frontier": ["E", "A", "alpha"],
+    "frontier_power": ["A", "alpha"],
+    "approach1": ["a", "b", "k_N", "k_D"],
+    "approach2": ["a", "b", "k_N", "k_D"],
+    "approach3": ["E", "A", "B", "alpha", "beta", "a", "b"],
+}
+METHOD_TITLES = {
+    "frontier": "Loss vs compute on the frontier: L = E + A C^-alpha (C in FLOPs, L in nats)",
+    "frontier_power": "Loss vs compute on the frontier, pure power law: L = A C^-alpha",
+    "approach1": "Chinchilla approach 1 (envelope of training curves): N_opt = k_N C^a, D_opt = k_D C^b",
+    "approach2": "Chinchilla approach 2 (IsoFLOP parabolas): N_opt = k_N C^a, D_opt = k_D C^b",
+    "approach3": "Chinchilla approach 3: L(N, D) = E + A / N^alpha + B / D^beta",
+}
+
+
+@dataclass
+class ReportFiles:
+    """What `write_report` wrote, the fits it used, and what it had to skip."""
+
+    out_dir: Path
+    index_html: Path
+    report_md: Path
+    fits_json: Path
+    figures: dict[str, dict[str, Path]]
+    skipped: list[str]
+    findings: list[str]
+    fits: dict[str, FitResult] = field(repr=False)
+    comparison: ArchComparison | None = field(default=None, repr=False)
+    seconds: float = 0.0
+
+
+def write_report(
+    runs: pd.DataFrame,
+    metrics: pd.DataFrame | None,
+    evals: pd.DataFrame | None,
+    out_dir: str | Path,
+    *,
+    throughput: pd.DataFrame | None = None,
+    title: str = "scalinglab report",
+    fits: Mapping[str, FitResult] | None = None,
+    bootstrap: int = 200,
+    seed: int = 0,
+    progress: Progress | None = None,
+    params_col: str = DEFAULT_PARAMS_COL,
+    baseline: str = "softmax",
+) -> ReportFiles:
+    """Fit every law per arch, draw the figures and write index.html, report.md, fits.json, figures/.
+
+    `fits` may hold results computed earlier, keyed "<method>/<arch>" (methods: frontier,
+    frontier_power, approach1, approach2, approach3); those are reused instead of refitted.
+    """
+    t0 = time.perf_counter()
+    out = Path(out_dir)
+    figdir = out / "figures"
+    figdir.mkdir(parents=True, exist_ok=True)
+    pts = prepare_points(runs, params_col)  # bad runs are an error, not an empty report
+    runs = runs.copy()
+    if "arch" not in runs.columns:
+        runs["arch"] = "all"
+    runs["arch"] = runs["arch"].astype(str)
+    pts["arch"] = runs["arch"].to_numpy()
+    has_curves = metrics is not None and not metrics.empty
+    metrics = metrics if has_curves else None
+    archs = sorted(pts["arch"].unique())
+    if baseline not in archs:
+        baseline = archs[0]
+
+    budgets = allocation_budgets(pts["C"])  # shared, so that archs are compared at the same compute
+    skipped: list[str] = []
+    fits_all: dict[str, FitResult] = dict(fits or {})
+    figure_names = ["loss_vs_tokens", "loss_vs_compute", "isoflop", "optimal_allocation", "residuals", "niah", "mqar",
+                    "throughput"]
+    total = len(archs) * len(FIT_METHODS) + len(figure_names) + 1
+    step = [0]
+
+    def tick():
+        step[0] += 1
+        if progress:
+            progress(step[0], total)
+
+    for i, arch in enumerate(archs):
+        sub = runs[runs["arch"] == arch]
+        ids = set(sub["run_id"].astype(str))
+        sub_m = None if metrics is None else metrics[metrics["run_id"].astype(str).isin(ids)]
+        if sub_m is not None and sub_m.empty:
+            sub_m = None
+        jobs: dict[str, Callable[[], FitResult]] = {
+            "frontier": lambda: fit_loss_compute(
+                sub, metrics=sub_m, params_col=params_col, n_bootstrap=bootstrap, seed=seed + i
+            ),
+            "frontier_power": lambda: fit_loss_compute(
+                sub, metrics=sub_m, form="power", params_col=params_col, n_bootstrap=bootstrap, seed=seed + i
+            ),
+            "approach1": lambda: fit_approach1(
+                sub, sub_m, params_col=params_col, budgets=budgets, n_bootstrap=bootstrap, seed=seed + i
+            ),
+            "approach2": lambda: fit_approach2(
+                sub, params_col=params_col, budgets=budgets, n_bootstrap=bootstrap, seed=seed + i
+            ),
+            # the best 64 grid starts and one start per replicate: the report favours speed, the
+            # library's defaults run the full protocol
+            "approach3": lambda: fit_approach3(
+                sub, params_col=params_col, budgets=budgets, n_starts=64, n_bootstrap=bootstrap,
+                bootstrap_starts=1, seed=seed + i,
+            ),
+        }
+        for method, job in jobs.items():
+            key = f"{method}/{arch}"
+            if key not in fits_all:
+                if method == "approach1" and sub_m is None:
+                    skipped.append(f"{key}: not fitted (no training curves for this arch)")
+                else:
+                    try:
+                        fits_all[key] = job()
+                    except FitError as exc:
+                        skipped.append(f"{key}: not fitted ({exc})")
+            tick()
+
+    frontier = {a: fits_all[f"frontier/{a}"] for a in archs if f"frontier/{a}" in fits_all}
+    comparison = None
+    if len(frontier) >= 2 and baseline in frontier:
+        comparison = compare_archs(runs, baseline=baseline, fits=frontier)
+    elif len(archs) >= 2:
+        skipped.append(f"architecture comparison: needs frontier fits of {baseline} and another arch")
+    tick()
+
+    niah = niah_table(runs, evals, params_col=params_col) if evals is not None and not evals.empty else None
+    mqar = mqar_table(runs, evals, params_col=params_col) if evals is not None and not evals.empty else None
+    has_tput = throughput is not None and not throughput.empty
+    tput = throughput_table(throughput, baseline=baseline) if has_tput else None
+
+    figures: dict[str, dict[str, Path]] = {}
+    captions: dict[str, str] = {}
+    drawers = {
+        "loss_vs_tokens": lambda: _fig_loss_vs_tokens(runs, metrics, params_col),
+        "loss_vs_compute": lambda: _fig_loss_vs_compute(pts, fits_all, archs),
+        "isoflop": lambda: _fig_isoflop(fits_all, archs),
+        "optimal_allocation": lambda: _fig_allocation(fits_all, archs),
+        "residuals": lambda: _fig_residuals(fits_all, archs),
+        "niah": lambda: _fig_niah(niah),
+        "mqar": lambda: _fig_mqar(mqar),
+        "throughput": lambda: _fig_throughput(tput),
+    }
+    for name in figure_names:
+        fig, caption = drawers[name]()
+        if fig is None:
+            skipped.append(f"figure {name}: skipped ({caption})")
+            for ext in ("png", "svg"):  # a figure left from an earlier report would no longer match
+                (figdir / f"{name}.{ext}").unlink(missing_ok=True)
+        else:
+            figures[name] = _save(fig, figdir / name)
+            captions[name] = caption
+        tick()
+
+    a3 = {a: fits_all[f"approach3/{a}"] for a in archs if f"approach3/{a}" in fits_all}
+    findings = summary_findings(comparison, approach3=a3, niah=niah, throughput=tput)
+    blocks = _blocks(title, runs, metrics, evals, findings, skipped, figures, captions, fits_all, archs,
+                     comparison, niah, mqar, tput)
+    md_path, html_path, json_path = out / "report.md", out / "index.html", out / "fits.json"
+    payload = {k: v.to_dict() for k, v in fits_all.items()}
+    if comparison is not None:
+        payload["comparison"] = {"baseline": comparison.baseline, "gaps": comparison.to_dict()["gaps"]}
+    _write_atomic(json_path, json.dumps(payload, allow_nan=False))
+    _write_atomic(md_path, _render_md(blocks))
+    _write_atomic(html_path, _render_html(title, blocks, figures))
+    return ReportFiles(out, html_path, md_path, json_path, figures, skipped, findings, fits_all, comparison,
+                       time.perf_counter() - t0)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Write through a temporary file and rename, so a failed run never leaves half a document."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+
+
+# --------------------------------------------------------------------------------------------
+# Figures: each returns (figure, caption) or (None, why it was skipped)
+
+
+def _colour(arch: str, archs: list[str]) -> str:
+    if arch in ARCH_COLOURS:
+        return ARCH_COLOURS[arch]
+    spare = [c for c in OKABE_ITO if c not in ARCH_COLOURS.values()]
+    return spare[archs.index(arch) % len(spare)] if arch in archs else OKABE_ITO[-1]
+
+
+def _save(fig, stem: Path) -> dict[str, Path]:
+    paths = {"png": stem.with_suffix(".png"), "svg": stem.with_suffix(".svg")}
+    with plt.rc_context(_RC):
+        fig.savefig(paths["png"], dpi=100)
+        fig.savefig(paths["svg"])
+    plt.close(fig)
+    return paths
+
+
+def _sci(v: float, _pos=None) -> str:
+    """1e+18 -> '1e18', 3e18 -> '3e18': plain text, because mathtext tick labels are slow to lay out."""
+    if v <= 0 or not np.isfinite(v):
+        return ""
+    e = int(math.floor(math.log10(v) + 1e-9))
+    m = v / 10**e
+    return f"1e{e}" if abs(m - 1) < 1e-6 else f"{m:.2g}e{e}"
+
+
+def _log_axes(ax, x: str | None = "wide", y: str | None = None) -> None:
+    """Log scales with plain-text tick labels: 'wide' spans decades (FLOPs, tokens), 'narrow' a factor
+    of a few (losses)."""
+    for kind, axis, set_scale in ((x, ax.xaxis, ax.set_xscale), (y, ax.yaxis, ax.set_yscale)):
+        if kind is None:
+            continue
+        set_scale("log")
+        if kind == "narrow":
+            axis.set_major_locator(LogLocator(base=10, subs=(1.0, 1.2, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0)))
+            axis.set_major_formatter(FuncFormatter(lambda v, _p: f"{v:g}"))
+            axis.set_minor_locator(NullLocator())
+        else:
+            axis.set_major_formatter(FuncFormatter(_sci))
+        axis.set_minor_formatter(NullFormatter())
+
+
+def _panels(n: int, width: float = 4.2, height: float = 3.4, sharey: bool = True):
+    cols = min(n, 3)
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False, sharey=sharey)
+    fig.subplots_adjust(left=0.08, right=0.86, bottom=0.14 / rows, top=1 - 0.1 / rows, wspace=0.28, hspace=0.45)
+    for ax in axes.flat[n:]:
+        ax.set_visible(False)
+    return fig, list(axes.flat[:n])
+
+
+def _fig_loss_vs_tokens(runs, metrics, params_col):
+    if metrics is None or not {"run_id", "tokens", "loss"} <= set(metrics.columns):
+        return None, "no training curves (metrics with tokens and loss)"
+    size = dict(zip(runs["run_id"].astype(str), pd.to_numeric(runs[params_col], errors="coerce")))
+    arch_of = dict(zip(runs["run_id"].astype(str), runs["arch"]))
+    m = metrics[["run_id", "tokens", "loss"]].copy()
+    m["run_id"] = m["run_id"].astype(str)
+    m = m[m["run_id"].isin(size) & (m["tokens"] > 0) & (m["loss"] > 0)]
+    if m.empty:
+        return None, "no training-curve points for these runs"
+    m = m.sort_values(["run_id", "tokens"], kind="mergesort")
+    archs = sorted(set(arch_of[r] for r in m["run_id"].unique()))
+    sizes = np.array([size[r] for r in m["run_id"].unique()], float)
+    norm = LogNorm(vmin=np.nanmin(sizes), vmax=max(np.nanmax(sizes), np.nanmin(sizes) * 1.01))
+    fig, axes = _panels(len(archs))
+    ids = m["run_id"].to_numpy()
+    x, y = m["tokens"].to_numpy(float), m["loss"].to_numpy(float)
+    starts = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]])
+    ends = np.r_[starts[1:], len(ids)]
+    for ax, arch in zip(axes, archs):
+        segs, cols = [], []
+        for s, e in zip(starts, ends):
+            if arch_of[ids[s]] == arch:
+                segs.append(np.column_stack([x[s:e], y[s:e]]))
+                cols.append(size[ids[s]])
+        lc = LineCollection(segs, cmap=SEQUENTIAL, norm=norm, linewidths=0.8, alpha=0.7)
+        lc.set_array(np.array(cols))
+        lc.set_rasterized(True)  # thousands of curves: keep the SVG small
+        ax.add_collection(lc)
+        _log_axes(ax, "wide", "narrow")
+        ax.autoscale()
+        ax.set_title(f"{arch} ({len(segs)} runs)")
+        ax.set_xlabel("training tokens")
+        ax.grid(True, which="major", alpha=0.3)
+    axes[0].set_ylabel("training loss (nats)")
+    fig.colorbar(plt.cm.ScalarMappable(norm=norm, cmap=SEQUENTIAL), ax=axes, label=f"parameters ({params_col})")
+    return fig, "Training loss against tokens, one line per run, coloured by model size."
+
+
+def _fig_loss_vs_compute(pts, fits, archs):
+    fitted = [a for a in archs if f"frontier/{a}" in fits or f"frontier_power/{a}" in fits]
+    if not fitted:
+        return None, "no frontier fit succeeded"
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    for arch in archs:
+        c = _colour(arch, archs)
+        p = pts[pts["arch"] == arch]
+        ax.scatter(p["C"], p["L"], s=6, color=c, alpha=0.25, linewidths=0, rasterized=True)
+        f = fits.get(f"frontier/{arch}") or fits.get(f"frontier_power/{arch}")
+        if f is None:
+            continue
+        fp = f.points
+        ax.scatter(fp["C"], fp["L"], s=14, color=c, edgecolors="black", linewidths=0.3, zorder=3)
+        lo, hi = float(min(p["C"].min(), fp["C"].min())), float(max(p["C"].max(), fp["C"].max()))
+        grid = np.geomspace(lo, hi, 120)
+        E = f.estimates.get("E", 0.0)
+        label = (
+            f"{arch}: L = {E:.3g} + {f.estimates['A']:.3g} C^-{f.estimates['alpha']:.3f}"
+            if "E" in f.estimates else f"{arch}: L = {f.estimates['A']:.3g} C^-{f.estimates['alpha']:.3f}"
+        )
+        ax.plot(grid, loss_compute_law(grid, E, f.estimates["A"], f.estimates["alpha"]), color=c, lw=1.6, label=label)
+        band = _band(f, grid)
+        if band is not None:
+            ax.fill_between(grid, band[0], band[1], color=c, alpha=0.2, linewidth=0)
+    _log_axes(ax, "wide", "narrow")
+    ax.set_xlabel("training compute C (FLOPs)")
+    ax.set_ylabel("loss (nats)")
+    ax.grid(True, which="both", alpha=0.25)
+    ax.legend(fontsize=7, loc="upper right")
+    return fig, ("Loss against compute per architecture: all runs (faint), frontier points (outlined), fitted "
+                 "law and its 95% bootstrap band.")
+
+
+def _band(fit: FitResult, grid: np.ndarray):
+    s = fit.samples
+    if s is None or s.empty:
+        return None
+    s = s.dropna(subset=["A", "alpha"])
+    if len(s) < 10:
+        return None
+    E = s["E"].to_numpy()[:, None] if "E" in s.columns else 0.0
+    with np.errstate(all="ignore"):
+        curves = loss_compute_law(grid[None, :], E, s["A"].to_numpy()[:, None], s["alpha"].to_numpy()[:, None])
+    return np.nanpercentile(curves, 2.5, axis=0), np.nanpercentile(curves, 97.5, axis=0)
+
+
+def _fig_isoflop(fits, archs):
+    have = [a for a in archs if f"approach2/{a}" in fits and fits[f"approach2/{a}"].details.get("minima")]
+    if not have:
+        return None, "no IsoFLOP budgets (runs sharing a FLOP budget across 4+ sizes)"
+    fig, axes = _panels(len(have), sharey=False)
+    cmap = plt.get_cmap(SEQUENTIAL)
+    for ax, arch in zip(axes, have):
+        f = fits[f"approach2/{arch}"]
+        minima = f.details["minima"]
+        Cs = [m["C"] for m in minima]
+        norm = LogNorm(vmin=min(Cs), vmax=max(max(Cs), min(Cs) * 1.01))
+        p = f.points[np.isin(f.points["budget_group"], Cs)]
+        ax.scatter(p["N"], p["L"], s=12, c=[cmap(norm(b)) for b in p["budget_group"]])
+        for mrow in minima:
+            q = p[p["budget_group"] == mrow["C"]]
+            xs = np.geomspace(q["N"].min(), q["N"].max(), 60)
+            c2, c1, c0 = mrow["coef"]
+            lx = np.log(xs)
+            col = cmap(norm(mrow["C"]))
+            ax.plot(xs, c2 * lx * lx + c1 * lx + c0, color=col, lw=1.2, label=f"{mrow['C']:.2g}")
+            ax.scatter([mrow["N_opt"]], [mrow["L_opt"]], marker="*", s=90, color=col, edgecolors="black",
+                       linewidths=0.5, zorder=4)
+        _log_axes(ax, "wide")
+        ax.set_xlabel("parameters N")
+        ax.set_ylabel("loss (nats)")
+        ax.set_title(f"{arch}: IsoFLOP curves")
+        ax.grid(True, which="major", alpha=0.25)
+        if len(minima) <= 12:
+            ax.legend(fontsize=6, title="budget (FLOPs)", title_fontsize=6)
+    return fig, "IsoFLOP curves: loss against size at fixed compute, with each parabola's minimum (star)."
+
+
+def _fig_allocation(fits, archs):
+    rows = [(a, m) for a in archs for m in ("approach1", "approach2", "approach3") if f"{m}/{a}" in fits]
+    if not rows:
+        return None, "no approach 1, 2 or 3 fit succeeded"
+    fig, (axN, axD) = plt.subplots(1, 2, figsize=(11, 4.4))
+    fig.subplots_adjust(left=0.07, right=0.87, bottom=0.13, top=0.95, wspace=0.25)
+    styles = {"approach1": ("o", "-"), "approach2": ("s", ":"), "approach3": (None, "--")}
+    for arch, method in rows:
+        f = fits[f"{method}/{arch}"]
+        c = _colour(arch, archs)
+        e = f.estimates
+        marker, ls = styles[method]
+        if method == "approach3":
+            Cs = np.geomspace(f.points["C"].min(), max(f.details.get("budgets", [f.points["C"].max()])), 80)
+            N, D = optimal_allocation(Cs, e["A"], e["B"], e["alpha"], e["beta"])
+        else:
+            if method == "approach1":
+                C, Np, Dp = f.points["C"], f.points["N_opt"], f.points["D_opt"]
+            else:
+                mins = pd.DataFrame(f.details["minima"])
+                C, Np, Dp = mins["C"], mins["N_opt"], mins["D_opt"]
+            axN.scatter(C, Np, marker=marker, s=14, color=c, alpha=0.8)
+            axD.scatter(C, Dp, marker=marker, s=14, color=c, alpha=0.8)
+            Cs = np.geomspace(C.min(), C.max(), 40)
+            N, D = e["k_N"] * Cs ** e["a"], e["k_D"] * Cs ** e["b"]
+        axN.plot(Cs, N, color=c, ls=ls, lw=1.2)
+        axD.plot(Cs, D, color=c, ls=ls, lw=1.2)
+    for ax, what in ((axN, "N_opt (parameters)"), (axD, "D_opt (tokens)")):
+        _log_axes(ax, "wide", "wide")
+        ax.set_xlabel("training compute C (FLOPs)")
+        ax.set_ylabel(what)
+        ax.grid(True, which="major", alpha=0.25)
+    from matplotlib.lines import Line2D
+
+    present = sorted({a for a, _ in rows}, key=archs.index)
+    handles = [Line2D([], [], color=_colour(a, archs), lw=2, label=a) for a in present]
+    for m in ("approach1", "approach2", "approach3"):
+        if any(mm == m for _, mm in rows):
+            label = m.replace("approach", "approach ")
+            handles.append(Line2D([], [], color="grey", ls=styles[m][1], marker=styles[m][0], label=label))
+    fig.legend(handles=handles, loc="center right", fontsize=8, frameon=False)
+    return fig, ("Compute-optimal size and tokens against compute: approach 1 (circles, solid), approach 2 "
+                 "(squares, dotted), approach 3 (dashed); exponents are in the fit tables.")
+
+
+def _fig_residuals(fits, archs):
+    a3 = [a for a in archs if f"approach3/{a}" in fits]
+    fr = [a for a in archs if f"frontier/{a}" in fits]
+    if not a3 and not fr:
+        return None, "no fit to show residuals of"
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for arch in a3:
+        f = fits[f"approach3/{arch}"]
+        ax1.scatter(f.points["N"], f.residuals, s=6, alpha=0.5, color=_colour(arch, archs), label=arch,
+                    rasterized=True)
+    for arch in fr:
+        f = fits[f"frontier/{arch}"]
+        ax2.plot(f.points["C"], f.residuals, marker="o", ms=3, lw=0.8, color=_colour(arch, archs), label=arch)
+    ax1.set_title("approach 3: log L_fit - log L")
+    ax1.set_xlabel("parameters N")
+    ax2.set_title("frontier law: log L_fit - log L")
+    ax2.set_xlabel("training compute C (FLOPs)")
+    for ax in (ax1, ax2):
+        _log_axes(ax, "wide")
+        ax.axhline(0, color="black", lw=0.6)
+        ax.set_ylabel("residual (log nats)")
+        ax.grid(True, alpha=0.25)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    return fig, "Residuals in log space of approach 3 (per run) and of the frontier law (per frontier point)."
+
+
+def _fig_niah(niah):
+    if niah is None or niah.empty:
+        return None, "no NIAH evals (names like niah/len=1024/depth=0.5)"
+    archs = sorted(niah["arch"].unique())
+    fig, axes = _panels(len(archs), width=4.0, height=3.2, sharey=False)
+    for ax, arch in zip(axes, archs):
+        t = niah[niah["arch"] == arch].pivot_table(index="depth", columns="length", values="accuracy")
+        im = ax.imshow(t.to_numpy(), cmap="cividis", vmin=0, vmax=1, aspect="auto", origin="lower")
+        ax.set_xticks(range(t.shape[1]), [str(int(c)) for c in t.columns], fontsize=7)
+        ax.set_yticks(range(t.shape[0]), [f"{d:g}" for d in t.index], fontsize=7)
+        for (r, c), v in np.ndenumerate(t.to_numpy()):
+            if np.isfinite(v):
+                ax.text(c, r, f"{100 * v:.0f}", ha="center", va="center", fontsize=6,
+                        color="white" if v < 0.5 else "black")
+        params = niah[niah["arch"] == arch]["params"].max()
+        ax.set_title(f"{arch} ({params:.3g} params)", fontsize=9)
+        ax.set_xlabel("context length (tokens)")
+        ax.set_ylabel("needle depth (fraction)")
+    fig.colorbar(im, ax=axes, label="exact-match accuracy")
+    return fig, "Needle-in-a-haystack accuracy (%) by context length and needle depth, largest model per arch."
+
+
+def _fig_mqar(mqar):
+    if mqar is None or mqar.empty:
+        return None, "no MQAR evals (names starting with mqar)"
+    t = mqar[np.isfinite(mqar["ratio"]) | np.isinf(mqar["ratio"])]
+    if t.empty:
+        return None, "MQAR evals exist but no run has a softmax/lightning/hybrid pattern to place on the ratio axis"
+    ratios = sorted(t["ratio"].unique())
+    pos = {r: i for i, r in enumerate(ratios)}
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    sizes = sorted(t["params"].unique())
+    norm = LogNorm(vmin=min(sizes), vmax=max(max(sizes), min(sizes) * 1.01))
+    cmap = plt.get_cmap(SEQUENTIAL)
+    for size in sizes:
+        q = t[t["params"] == size].groupby("ratio", as_index=False)["accuracy"].mean().sort_values("ratio")
+        ax.plot([pos[r] for r in q["ratio"]], q["accuracy"], marker="o", ms=4, lw=1, color=cmap(norm(size)))
+    ax.set_xticks(range(len(ratios)), [ratio_label(r) for r in ratios], fontsize=8)
+    ax.set_xlabel("linear layers per softmax layer (hybrid ratio)")
+    ax.set_ylabel("MQAR accuracy")
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(True, alpha=0.25)
+    fig.colorbar(plt.cm.ScalarMappable(norm=norm, cmap=cmap), ax=ax, label="parameters")
+    return fig, ("MQAR accuracy against the hybrid ratio (softmax only on the left, linear only on the right), "
+                 "one line per model size.")
+
+
+def _fig_throughput(tput):
+    if tput is None or tput.empty:
+        return None, "no throughput table given"
+    archs = sorted(tput["arch"].unique())
+    fig, ax = plt.subplots(figsize=(7, 4.3))
+    for arch in archs:
+        q = tput[tput["arch"] == arch].sort_values("seq_len")
+        ax.plot(q["seq_len"], q["tokens_per_s"], marker="o", ms=4, color=_colour(arch, archs), label=arch)
+    ax.set_xscale("log", base=2)
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _p: f"{v:g}"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_xlabel("sequence length (tokens)")
+    ax.set_ylabel("training throughput (tokens/s)")
+    ax.grid(True, which="both", alpha=0.25)
+    ax.legend(fontsize=8)
+    return fig, "Training throughput against sequence length per architecture."
+
+
+# --------------------------------------------------------------------------------------------
+# Document: a list of blocks rendered to Markdown and to HTML
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, (bool, np.bool_)):
+        return "yes" if v else "no"
+    if isinstance(v, (int, np.integer)):
+        return str(int(v))
+    if isinstance(v, (float, np.floating)):
+        if not np.isfinite(v):
+            return "inf" if np.isinf(v) else "-"
+        return f"{v:.4g}"
+    return str(v)
+
+
+def _with_ci(fit: FitResult, name: str) -> str:
+    v = fit.estimates.get(name, math.nan)
+    lo, hi = fit.interval(name)
+    if np.isfinite(lo) and np.isfinite(hi):
+        return f"{_fmt(v)} [{_fmt(lo)}, {_fmt(hi)}]"
+    return _fmt(v)
+
+
+def _fit_table(fits: Mapping[str, FitResult], method: str, archs: list[str]) -> pd.DataFrame | None:
+    rows = []
+    for arch in archs:
+        f = fits.get(f"{method}/{arch}")
+        if f is None:
+            continue
+        names = list(TABLE_PARAMS[method]) + [k for k in f.estimates if k.startswith("tokens_per_param@")]
+        row = {"arch": arch, **{n: _with_ci(f, n) for n in names if n in f.estimates}}
+        row["points"] = str(f.n_points)
+        row["bootstrap"] = str(f.n_bootstrap)
+        row["converged"] = _fmt(f.converged)
+        rows.append(row)
+    return pd.DataFrame(rows).fillna("-") if rows else None
+
+
+def _blocks(title, runs, metrics, evals, findings, skipped, figures, captions, fits, archs, comparison, niah,
+            mqar, tput) -> list[tuple]:
+    b: list[tuple] = [("h1", title)]
+    n_m = 0 if metrics is None else len(metrics)
+    n_e = 0 if evals is None else len(evals)
+    counts = ", ".join(f"{a}: {n}" for a, n in runs["arch"].value_counts().sort_index().items())
+    b.append(("p", f"{len(runs)} runs ({counts}), "
+                   f"{n_m} training-curve points, {n_e} eval values. Intervals are 95% bootstrap percentile "
+                   "intervals over runs resampled with replacement."))
+    b.append(("h2", "Findings"))
+    b.append(("ul", findings or ["No comparison could be made from this data."]))
+    if skipped:
+        b.append(("h2", "Not shown"))
+        b.append(("ul", skipped))
+    b.append(("h2", "Figures"))
+    titles = {
+        "loss_vs_tokens": "Loss vs tokens", "loss_vs_compute": "Loss vs compute", "isoflop": "IsoFLOP curves",
+        "optimal_allocation": "N_opt and D_opt vs compute", "residuals": "Residuals", "niah": "Needle in a haystack",
+        "mqar": "MQAR vs hybrid ratio", "throughput": "Throughput vs sequence length",
+    }
+    for name in figures:
+        b.append(("h3", titles.get(name, name)))
+        b.append(("figure", name, captions[name]))
+    b.append(("h2", "Fits"))
+    for method in FIT_METHODS:
+        t = _fit_table(fits, method, archs)
+        if t is not None:
+            b.append(("h3", METHOD_TITLES[method]))
+            b.append(("table", t))
+    if comparison is not None and not comparison.gaps.empty:
+        g = comparison.gaps
+
+        def ci(k):
+            return [f"{_fmt(v)} [{_fmt(lo)}, {_fmt(hi)}]" for v, lo, hi in zip(g[k], g[f"{k}_lo"], g[f"{k}_hi"])]
+
+        t = pd.DataFrame({
+            "arch": g["arch"],
+            "C (FLOPs)": g["C"].map(_fmt),
+            "loss (nats)": ci("loss"),
+            f"{comparison.baseline} loss": g["baseline_loss"].map(_fmt),
+            "gap (nats)": ci("gap"),
+            "compute multiplier": ci("multiplier"),
+        })
+        b.append(("h3", f"Architectures against {comparison.baseline} on the frontier law"))
+        b.append(("p", "compute multiplier: the compute an arch needs to reach the baseline's loss at C, "
+                       "divided by C."))
+        b.append(("table", t))
+    if niah is not None and not niah.empty:
+        t = niah.pivot_table(index=["arch", "depth"], columns="length", values="accuracy").reset_index()
+        t.columns = [str(c) if not isinstance(c, (int, np.integer)) else f"len {c}" for c in t.columns]
+        b.append(("h3", "NIAH accuracy by length and depth (largest model per arch)"))
+        b.append(("table", t.map(_fmt)))
+    if mqar is not None and not mqar.empty:
+        t = mqar[["arch", "ratio_label", "params", "name", "accuracy", "best", "n_runs"]]
+        b.append(("h3", "MQAR accuracy by hybrid ratio and size"))
+        b.append(("table", t.map(_fmt)))
+    if tput is not None and not tput.empty:
+        b.append(("h3", "Throughput (tokens/s)"))
+        b.append(("table", tput.map(_fmt)))
+    return b
+
+
+def _md_table(t: pd.DataFrame) -> str:
+    esc = lambda s: str(s).replace("|", "\\|")  # noqa: E731
+    lines = ["| " + " | ".join(esc(c) for c in t.columns) + " |", "| " + " | ".join("---" for _ in t.columns) + " |"]
+    lines += ["| " + " | ".join(esc(v) for v in row) + " |" for row in t.astype(str).itertuples(index=False)]
+    return "\n".join(lines)
+
+
+def _render_md(blocks) -> str:
+    out = []
+    for blk in blocks:
+        kind = blk[0]
+        if kind in ("h1", "h2", "h3"):
+            out.append("#" * int(kind[1]) + " " + blk[1])
+        elif kind == "p":
+            out.append(blk[1])
+        elif kind == "ul":
+            out.append("\n".join(f"- {x}" for x in blk[1]))
+        elif kind == "figure":
+            name, caption = blk[1], blk[2]
+            out.append(f"![{caption}](figures/{name}.png)\n\n{caption} ([SVG](figures/{name}.svg))")
+        elif kind == "table":
+            out.append(_md_table(blk[1]))
+    return "\n\n".join(out) + "\n"
+
+
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;max-width:1150px;margin:2em auto;
+padding:0 1em;color:#222;line-height:1.45}
+h1{font-size:1.6em}h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:1.6em}
+figure{margin:1em 0}figure img{max-width:100%;height:auto;border:1px solid #eee}
+figcaption{font-size:.9em;color:#555}
+table{border-collapse:collapse;font-size:.82em;margin:.6em 0 1.2em;display:block;overflow-x:auto}
+th,td{border:1px solid #ddd;padding:.25em .5em;text-align:right;white-space:nowrap}
+th{background:#f4f4f4}td:first-child,th:first-child{text-align:left}
+"""
+
+
+def _render_html(title: str, blocks, figures: dict[str, dict[str, Path]]) -> str:
+    e = html.escape
+    parts = [f"<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n<title>{e(title)}</title>\n"
+             f"<style>{_CSS}</style>\n</head>\n<body>"]
+    for blk in blocks:
+        kind = blk[0]
+        if kind in ("h1", "h2", "h3"):
+            parts.append(f"<{kind}>{e(blk[1])}</{kind}>")
+        elif kind == "p":
+            parts.append(f"<p>{e(blk[1])}</p>")
+        elif kind == "ul":
+            parts.append("<ul>" + "".join(f"<li>{e(x)}</li>" for x in blk[1]) + "</ul>")
+        elif kind == "figure":
+            name, caption = blk[1], blk[2]
+            data = base64.b64encode(figures[name]["png"].read_bytes()).decode("ascii")
+            parts.append(f'<figure id="fig-{e(name)}"><img alt="{e(name)}" src="data:image/png;base64,{data}">'
+                         f"<figcaption>{e(caption)}</figcaption></figure>")
+        elif kind == "table":
+            t = blk[1]
+            head = "".join(f"<th>{e(str(c))}</th>" for c in t.columns)
+            body = "".join("<tr>" + "".join(f"<td>{e(str(v))}</td>" for v in row) + "</tr>"
+                           for row in t.astype(str).itertuples(index=False))
+            parts.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
+    parts.append("</body>\n</html>\n")
+    return "\n".join(parts)
+

@@ -1,0 +1,132 @@
+"""Architecture comparisons recover a known compute multiplier; retrieval and throughput tables."""
+
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from analysis import compare
+from analysis.fits import FitError
+from analysis.synthetic import runs_frame, study
+
+
+def frontier_runs(arch, k, seed, n=14):
+    """Final points on L(C) = 1.9 + 2000 (C / k)^-0.17 (so this arch needs k times the compute of k = 1),
+    plus dominated runs."""
+    rng = np.random.default_rng(seed)
+    C = np.geomspace(1e17, 1e21, n)
+    L = 1.9 + 2000 * (C / k) ** -0.17
+    N = np.sqrt(C / 120)
+    L_all = np.r_[L * np.exp(0.002 * rng.standard_normal(n)), L * 1.04]
+    r = runs_frame(np.r_[N, N / 2], np.r_[C / (6 * N), 2 * C / (6 * N)], L_all, arch=arch, prefix=arch)
+    return r
+
+
+@pytest.fixture(scope="module")
+def comparison():
+    runs = pd.concat([frontier_runs("softmax", 1.0, 0), frontier_runs("lightning", 1.5, 1)], ignore_index=True)
+    return compare.compare_archs(runs, budgets=[1e18, 1e20], n_bootstrap=300, seed=0)
+
+
+def test_compute_multiplier_and_gap_recover_the_known_shift(comparison):
+    g = comparison.gaps
+    assert list(g["arch"]) == ["lightning", "lightning"]
+    for _, row in g.iterrows():
+        assert row["multiplier"] == pytest.approx(1.5, rel=0.1)
+        assert row["multiplier_lo"] <= 1.5 <= row["multiplier_hi"]
+        true_gap = 2000 * ((row["C"] / 1.5) ** -0.17 - row["C"] ** -0.17)
+        assert row["gap"] == pytest.approx(true_gap, abs=0.01)
+        assert row["gap_lo"] <= row["gap"] <= row["gap_hi"]
+        assert row["rel_gap"] == pytest.approx(row["gap"] / row["baseline_loss"])
+
+
+def test_comparison_round_trips_through_json(comparison):
+    d = comparison.to_dict()
+    assert json.loads(json.dumps(d, allow_nan=False)) == d
+    assert set(d["fits"]) == {"softmax", "lightning"}
+
+
+def test_findings_describe_the_gap(comparison):
+    lines = compare.summary_findings(comparison)
+    assert len(lines) == 1
+    assert lines[0].startswith("lightning's frontier loss is") and "above softmax's" in lines[0]
+    assert "the compute to reach softmax's loss" in lines[0]
+
+
+def test_missing_baseline_is_an_error():
+    runs = frontier_runs("lightning", 1.0, 0)
+    with pytest.raises(FitError, match="baseline arch 'softmax'"):
+        compare.compare_archs(runs, n_bootstrap=0)
+
+
+def test_compute_needed_inverts_the_law():
+    C = compare.compute_needed(2.5, 1.9, 2000.0, 0.17)
+    assert 1.9 + 2000 * C**-0.17 == pytest.approx(2.5)
+    assert math.isinf(compare.compute_needed(1.8, 1.9, 2000.0, 0.17))
+
+
+@pytest.mark.parametrize(
+    "pattern, arch, ratio",
+    [("LLLLLLLS", "hybrid", 7.0), ("LLLS", "hybrid", 3.0), ("LSLS", "hybrid", 1.0), ("", "softmax", 0.0),
+     ("", "lightning", math.inf), (None, "lightning", math.inf), ("LLLL", "hybrid", math.inf)],
+)
+def test_hybrid_ratio(pattern, arch, ratio):
+    assert compare.hybrid_ratio(pattern, arch) == ratio
+
+
+def test_hybrid_ratio_of_other_archs_is_undefined():
+    assert math.isnan(compare.hybrid_ratio("", "mamba2"))
+    assert compare.ratio_label(7.0) == "7:1" and compare.ratio_label(0.0) == "softmax"
+
+
+def test_eval_names_parse():
+    assert compare.parse_eval_name("niah/len=1024/depth=0.5") == {"task": "niah", "len": 1024, "depth": 0.5}
+    assert compare.parse_eval_name("mqar/acc") == {"task": "mqar", "metric": "acc"}
+
+
+@pytest.fixture(scope="module")
+def data():
+    return study(120, n_steps=10, seed=3)
+
+
+def test_niah_table_by_length_and_depth(data):
+    t = compare.niah_table(data.runs, data.evals)
+    assert set(t.columns) >= {"arch", "length", "depth", "accuracy", "n_runs"}
+    assert set(t["length"]) == {512, 1024, 2048, 4096}
+    assert set(t["depth"]) == {0.0, 0.25, 0.5, 0.75, 1.0}
+    assert t["accuracy"].between(0, 1).all()
+    # one cell by hand: the largest softmax models' mean at len 1024, depth 0.5
+    r = data.runs[data.runs["arch"] == "softmax"]
+    big = r[r["nonembed_params"] == r["nonembed_params"].max()]["run_id"]
+    ev = data.evals[data.evals["run_id"].isin(big) & (data.evals["name"] == "niah/len=1024/depth=0.5")]
+    cell = t[(t["arch"] == "softmax") & (t["length"] == 1024) & (t["depth"] == 0.5)]
+    assert cell["accuracy"].iloc[0] == pytest.approx(ev["value"].mean())
+    means = t.groupby("arch")["accuracy"].mean()
+    assert means["softmax"] > means["lightning"]
+
+
+def test_niah_table_uses_the_last_step():
+    runs = runs_frame(np.array([1e8]), np.array([1e9]), np.array([3.0]))
+    evals = pd.DataFrame({"run_id": [runs["run_id"][0]] * 2, "step": [10, 20],
+                          "name": ["niah/len=512/depth=0"] * 2, "value": [0.1, 0.9]})
+    assert compare.niah_table(runs, evals)["accuracy"].tolist() == [0.9]
+
+
+def test_mqar_table_by_ratio_and_size(data):
+    t = compare.mqar_table(data.runs, data.evals)
+    assert set(t["ratio_label"]) >= {"softmax", "linear only", "7:1", "3:1"}
+    hyb = t[t["arch"] == "hybrid"]
+    assert (hyb["ratio"] == [compare.hybrid_ratio(p, "hybrid") for p in hyb["hybrid"]]).all()
+    assert (t["best"] >= t["accuracy"]).all()
+
+
+def test_throughput_table_relative_to_baseline(data):
+    t = compare.throughput_table(data.throughput)
+    soft = t[t["arch"] == "softmax"]
+    assert np.allclose(soft["vs_baseline"], 1.0)
+    lin = t[(t["arch"] == "lightning") & (t["seq_len"] == 65536)]["vs_baseline"].iloc[0]
+    assert lin > 1.5
+    with pytest.raises(FitError, match="tokens_per_s"):
+        compare.throughput_table(data.throughput.drop(columns=["tokens_per_s"]))

@@ -1,0 +1,307 @@
+"""Fits recover known laws from synthetic data, their intervals cover the truth, bad input is refused."""
+
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from analysis import fits
+from analysis.fits import FitError, FitResult
+from analysis.synthetic import HOFFMANN, curves_for, grid_runs, isoflop_runs, random_runs, runs_frame
+
+TRUE_A = HOFFMANN["beta"] / (HOFFMANN["alpha"] + HOFFMANN["beta"])  # N_opt exponent, 0.4516
+TRUE_GAMMA = HOFFMANN["alpha"] * HOFFMANN["beta"] / (HOFFMANN["alpha"] + HOFFMANN["beta"])  # L*(C) exponent
+
+
+def inside(fit: FitResult, name: str, value: float) -> bool:
+    lo, hi = fit.interval(name)
+    return lo <= value <= hi
+
+
+# ---------------------------------------------------------------------------------------------
+# Approach 3
+
+
+def test_approach3_recovers_hoffmann_and_intervals_cover_truth():
+    covered = {k: 0 for k in ("E", "alpha", "beta", "A", "B")}
+    for seed in range(10):
+        runs = grid_runs(20, 10, noise=0.01, seed=seed)
+        f = fits.fit_approach3(runs, n_bootstrap=200, seed=seed)
+        assert f.converged, f.details
+        assert f.n_points == 200 and f.n_bootstrap == 200
+        e = f.estimates
+        assert abs(e["E"] - 1.69) < 0.05
+        assert abs(e["alpha"] - 0.34) < 0.03
+        assert abs(e["beta"] - 0.28) < 0.015
+        assert abs(math.log(e["A"] / 406.4)) < 0.5 and abs(math.log(e["B"] / 410.7)) < 0.3
+        for k in covered:
+            covered[k] += inside(f, k, HOFFMANN[k])
+    assert covered["E"] >= 7 and covered["alpha"] >= 7 and covered["beta"] >= 7, covered
+
+
+def test_approach3_derived_quantities_follow_from_the_parameters():
+    f = fits.fit_approach3(random_runs(120, seed=3), n_bootstrap=50, budgets=[1e21, 5.76e23])
+    e = f.estimates
+    al, be = e["alpha"], e["beta"]
+    assert e["a"] == pytest.approx(be / (al + be)) and e["b"] == pytest.approx(al / (al + be))
+    assert e["G"] == pytest.approx((al * e["A"] / (be * e["B"])) ** (1 / (al + be)))
+    for C in (1e21, 5.76e23):
+        N, D = e[f"N_opt@{C:.3g}"], e[f"D_opt@{C:.3g}"]
+        assert 6 * N * D == pytest.approx(C, rel=1e-9)
+        assert e[f"tokens_per_param@{C:.3g}"] == pytest.approx(D / N)
+        # the optimum of L(N, C / 6N) really is at N_opt
+        Ns = N * np.array([0.8, 1.0, 1.25])
+        L = fits.chinchilla_law(Ns, C / (6 * Ns), e["E"], e["A"], e["B"], al, be)
+        assert L[1] < L[0] and L[1] < L[2]
+    for k, (lo, hi) in f.intervals.items():
+        assert lo <= hi, k
+    # Chinchilla's rule of thumb: about 20 tokens per parameter at its budget
+    assert 10 < e["tokens_per_param@5.76e+23"] < 120
+
+
+def test_batched_lbfgs_matches_scipy_on_bootstrap_replicates():
+    pts = fits.prepare_points(random_runs(150, seed=1))
+    obj = fits._Approach3Objective(np.log(pts["N"].to_numpy()), np.log(pts["D"].to_numpy()),
+                                   np.log(pts["L"].to_numpy()), fits.HUBER_DELTA)
+    theta = obj.minimize(np.array([0.0, 0.0, 0.5, 0.3, 0.3])).x
+    rng = np.random.default_rng(0)
+    W = rng.multinomial(150, np.full(150, 1 / 150), size=12).astype(float)
+    starts = theta + np.array([1.0, 1.0, 0.3, 0.1, 0.1]) * rng.standard_normal((12, 5))
+    X, F, conv = fits.lbfgs_batch(obj.batch, starts, W)
+    assert conv.all()
+    for i in range(12):
+        ref = obj.minimize(starts[i], W[i])
+        assert F[i] <= ref.fun * (1 + 1e-9) + 1e-9
+        np.testing.assert_allclose(X[i], ref.x, atol=2e-5)
+
+
+def test_approach3_gradient_is_exact():
+    pts = fits.prepare_points(random_runs(40, seed=2))
+    obj = fits._Approach3Objective(np.log(pts["N"].to_numpy()), np.log(pts["D"].to_numpy()),
+                                   np.log(pts["L"].to_numpy()), 0.05)  # wide delta: both Huber branches
+    th = np.array([1.0, 2.0, 0.4, 0.35, 0.3])
+    f0, g = obj(th)
+    num = np.array([(obj(th + h)[0] - obj(th - h)[0]) / 2e-6 for h in np.eye(5) * 1e-6])
+    np.testing.assert_allclose(g, num, rtol=1e-4, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loss against compute
+
+
+def known_frontier_runs(seed=0, noise=0.002):
+    """Runs on L(C) = 1.8 + 3000 C^-0.18 plus dominated runs 5% above it."""
+    rng = np.random.default_rng(seed)
+    C = np.geomspace(1e17, 1e22, 15)
+    L = 1.8 + 3000 * C**-0.18
+    N = np.sqrt(C / 120)
+    D = C / (6 * N)
+    losses = np.r_[L * np.exp(noise * rng.standard_normal(15)), L * 1.05]
+    return runs_frame(np.r_[N, N * 2], np.r_[D, D / 2], losses)
+
+
+def test_frontier_fit_recovers_a_known_law_and_ignores_dominated_runs():
+    f = fits.fit_loss_compute(known_frontier_runs(), n_bootstrap=300, seed=0)
+    assert f.method == "frontier" and f.n_points == 15
+    assert f.estimates["E"] == pytest.approx(1.8, abs=0.1)
+    assert f.estimates["alpha"] == pytest.approx(0.18, abs=0.02)
+    assert inside(f, "alpha", 0.18) and inside(f, "E", 1.8)
+    assert np.abs(f.residuals).max() < 0.01
+
+
+def test_pure_power_frontier_is_exact_on_exact_data():
+    C = np.geomspace(1e18, 1e22, 8)
+    runs = runs_frame(np.sqrt(C / 120), C / (6 * np.sqrt(C / 120)), 5.0 * C**-0.05)
+    f = fits.fit_loss_compute(runs, form="power", n_bootstrap=20)
+    assert f.estimates["A"] == pytest.approx(5.0, rel=1e-6)
+    assert f.estimates["alpha"] == pytest.approx(0.05, rel=1e-6)
+
+
+def test_frontier_from_curves_recovers_the_compute_optimal_law():
+    N = np.geomspace(1e7, 1e10, 24)
+    runs = runs_frame(N, 200 * N, fits.chinchilla_law(N, 200 * N, **HOFFMANN))
+    metrics = curves_for(runs, n_steps=200, noise=0.002)
+    f = fits.fit_loss_compute(runs, metrics=metrics, n_bootstrap=100)
+    assert f.details["source"] == "curves"
+    # L*(C) = E + K C^-(alpha beta / (alpha + beta)) for C = 6 N D
+    assert f.estimates["E"] == pytest.approx(1.69, abs=0.03)
+    assert f.estimates["alpha"] == pytest.approx(TRUE_GAMMA, abs=0.01)
+    env = fits.curve_envelope(metrics, runs)
+    assert np.all(np.diff(env["L"]) < 0) and np.all(np.diff(env["C"]) > 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Approaches 1 and 2
+
+
+def test_approach1_recovers_the_allocation_exponents():
+    N = np.geomspace(1e7, 1e10, 24)
+    runs = runs_frame(N, 200 * N, fits.chinchilla_law(N, 200 * N, **HOFFMANN))
+    f = fits.fit_approach1(runs, curves_for(runs, n_steps=200, noise=0.002), n_bootstrap=300)
+    assert f.estimates["a"] == pytest.approx(TRUE_A, abs=0.03)
+    assert f.estimates["b"] == pytest.approx(1 - TRUE_A, abs=0.03)
+    assert inside(f, "a", TRUE_A)
+    assert f.n_points >= 10
+    # each envelope point is the lowest curve at its budget: it sits on the true IsoFLOP optimum's side
+    assert set(f.points.columns) >= {"C", "N_opt", "D_opt", "L", "run_id"}
+
+
+@pytest.mark.parametrize("budget_column", [True, False])
+def test_approach2_recovers_the_exponent_on_an_isoflop_grid(budget_column):
+    runs = isoflop_runs((1e18, 1e19, 1e20, 1e21, 1e22), 9, noise=0.003, seed=4, budget_column=budget_column)
+    f = fits.fit_approach2(runs, n_bootstrap=500)
+    assert len(f.details["minima"]) == 5
+    assert f.estimates["a"] == pytest.approx(TRUE_A, abs=0.02)
+    assert f.estimates["a"] + f.estimates["b"] == pytest.approx(1.0)
+    assert inside(f, "a", TRUE_A)
+    for m in f.details["minima"]:
+        n_true, _ = fits.optimal_allocation(m["C"], HOFFMANN["A"], HOFFMANN["B"], HOFFMANN["alpha"], HOFFMANN["beta"])
+        assert m["N_opt"] == pytest.approx(n_true, rel=0.25)
+
+
+def test_isoflop_groups_cluster_runs_within_tolerance():
+    pts = pd.DataFrame({"C": [1e18, 1.03e18, 0.99e18, 1e19, 1.04e19, 3e19]})
+    labels = fits.isoflop_groups(pts)
+    assert labels[0] == labels[1] == labels[2]
+    assert labels[3] == labels[4] != labels[5]
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input
+
+
+def _runs(n=8, **over):
+    r = random_runs(n, seed=0)
+    for k, v in over.items():
+        r[k] = v
+    return r
+
+
+@pytest.mark.parametrize(
+    "make, call, message",
+    [
+        (lambda: _runs(4), fits.fit_approach3, "needs at least 5 runs"),
+        (lambda: _runs(2), lambda r: fits.fit_loss_compute(r, n_bootstrap=0), "at least 3 frontier points"),
+        (lambda: _runs(20, nonembed_params=1e8), fits.fit_approach3, "at least 2 distinct model sizes"),
+        (lambda: _runs(20, nonembed_params=1e8), fits.fit_approach2, "at least 2 FLOP budgets"),
+        (lambda: _runs(8, val_loss=np.nan, final_loss=np.nan), fits.fit_approach3, "no finite loss"),
+        (lambda: _runs(8, val_loss=-1.0), fits.fit_approach3, "loss <= 0"),
+        (lambda: _runs(8, nonembed_params=0.0), fits.fit_approach3, "non-positive nonembed_params"),
+        (lambda: _runs(8, tokens=-5.0), fits.fit_approach3, "non-positive tokens"),
+        (lambda: _runs(8).drop(columns=["tokens"]), fits.fit_approach3, "missing column(s) 'tokens'"),
+        (lambda: _runs(8).drop(columns=["nonembed_params"]), fits.fit_approach3, "choose another params_col"),
+        (lambda: _runs(8).iloc[:0], fits.fit_approach3, "empty"),
+    ],
+)
+def test_bad_input_raises_fit_error_saying_what_is_wrong(make, call, message):
+    with pytest.raises(FitError) as info:
+        call(make())
+    assert message in str(info.value)
+    assert isinstance(info.value, ValueError)
+
+
+def test_one_size_only_is_refused_by_approach1():
+    runs = runs_frame(np.full(5, 1e8), np.geomspace(1e9, 1e10, 5), np.full(5, 3.0))
+    with pytest.raises(FitError, match="at least 3 model sizes"):
+        fits.fit_approach1(runs, curves_for(runs, n_steps=5))
+
+
+def test_val_loss_falls_back_to_final_loss():
+    r = _runs(6)
+    r.loc[2, "val_loss"] = np.nan
+    pts = fits.prepare_points(r)
+    assert pts.loc[2, "L"] == r.loc[2, "final_loss"]
+
+
+# ---------------------------------------------------------------------------------------------
+# External CSV
+
+
+def test_external_csv_in_besiroglu_format_is_loaded_and_fitted(tmp_path):
+    runs = grid_runs(12, 8, noise=0.005, seed=5)
+    path = tmp_path / "chinchilla.csv"
+    pd.DataFrame({"Model Size": runs["nonembed_params"], "Training FLOP": runs["flops"], "loss": runs["val_loss"]}).to_csv(
+        path, index=False
+    )
+    frame = fits.load_csv(path, params_col="Model Size", flops_col="Training FLOP")
+    assert list(frame.columns) == ["run_id", "params", "tokens", "flops", "loss"]
+    np.testing.assert_allclose(frame["tokens"], runs["tokens"], rtol=1e-12)
+    f = fits.fit_approach3(frame, params_col="params", n_bootstrap=50)
+    assert f.estimates["alpha"] == pytest.approx(0.34, abs=0.03)
+    assert f.estimates["E"] == pytest.approx(1.69, abs=0.05)
+
+
+def test_external_csv_errors_name_the_file_and_column(tmp_path):
+    with pytest.raises(FitError, match="no such file"):
+        fits.load_csv(tmp_path / "absent.csv")
+    path = tmp_path / "bad.csv"
+    path.write_text("params,loss\n1e8,3.0\n")
+    with pytest.raises(FitError) as info:
+        fits.load_csv(path)
+    assert "bad.csv" in str(info.value) and "tokens (or flops)" in str(info.value)
+    path.write_text("params,tokens,loss\n1e8,1e9,3.0\n2e8,oops,3.1\n")
+    with pytest.raises(FitError, match="'tokens' must be a positive number; bad on line\\(s\\) 3"):
+        fits.load_csv(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Results
+
+
+@pytest.fixture(scope="module")
+def every_fit():
+    runs = isoflop_runs((1e18, 1e19, 1e20), 7, seed=1)
+    metrics = curves_for(runs, n_steps=30)
+    return [
+        fits.fit_approach3(runs, n_bootstrap=20),
+        fits.fit_approach2(runs, n_bootstrap=20),
+        fits.fit_loss_compute(runs, metrics=metrics, n_bootstrap=20),
+        fits.fit_loss_compute(runs, form="power", n_bootstrap=20),
+        fits.fit_approach1(runs, metrics, n_bootstrap=20),
+    ]
+
+
+def test_to_dict_round_trips_through_json(every_fit):
+    for f in every_fit:
+        d = f.to_dict()
+        text = json.dumps(d, allow_nan=False)
+        assert json.loads(text) == d
+        back = FitResult.from_dict(json.loads(text))
+        assert back.method == f.method and back.n_points == f.n_points
+        assert back.estimates == pytest.approx(f.estimates)
+        assert set(back.intervals) == set(f.intervals)
+        assert len(back.points) == len(f.points)
+
+
+def test_every_result_has_intervals_for_every_estimate(every_fit):
+    for f in every_fit:
+        assert set(f.intervals) == set(f.estimates), f.method
+        assert len(f.residuals) > 0 and f.n_points == len(f.points)
+
+
+def test_bootstrap_is_seeded_and_reports_progress():
+    runs = random_runs(60, seed=7)
+    calls = []
+    a = fits.fit_approach3(runs, n_bootstrap=40, seed=1, progress=lambda d, t: calls.append((d, t)))
+    b = fits.fit_approach3(runs, n_bootstrap=40, seed=1)
+    c = fits.fit_approach3(runs, n_bootstrap=40, seed=2)
+    assert a.intervals == b.intervals and a.intervals != c.intervals
+    assert calls and calls[-1] == (40, 40)
+    assert all(d1 <= d2 for (d1, _), (d2, _) in zip(calls, calls[1:]))
+
+
+def test_approach3_reports_unconfirmed_convergence_with_a_single_start():
+    runs = random_runs(80, seed=4)
+    one = fits.fit_approach3(runs, n_starts=1, n_bootstrap=0)
+    many = fits.fit_approach3(runs, n_bootstrap=0)
+    assert not one.converged and one.details["n_starts_agreeing"] == 1
+    assert many.converged and many.details["n_starts_agreeing"] >= 2
+    assert many.details["scipy_check_gain"] <= 1e-8 * many.details["objective"]
+    assert many.intervals == {} and many.samples is None
+
+
+def test_compute_needed_keeps_failed_replicates_missing():
+    out = fits.compute_needed(np.array([2.5, np.nan, 1.0]), 1.9, 2000.0, 0.17)
+    assert np.isfinite(out[0]) and np.isnan(out[1]) and np.isinf(out[2])

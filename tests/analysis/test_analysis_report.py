@@ -1,0 +1,98 @@
+"""The report writes every file, embeds every figure in one self-contained HTML file, and says what it skipped."""
+
+import base64
+import json
+import re
+
+import pytest
+
+from analysis.fits import FitError, fit_loss_compute
+from analysis.report import write_report
+from analysis.synthetic import study
+
+FIGURES = {"loss_vs_tokens", "loss_vs_compute", "isoflop", "optimal_allocation", "residuals", "niah", "mqar", "throughput"}
+
+
+@pytest.fixture(scope="module")
+def data():
+    return study(150, n_steps=20, seed=1)
+
+
+@pytest.fixture(scope="module")
+def report(data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("report")
+    calls = []
+    rf = write_report(data.runs, data.metrics, data.evals, out, throughput=data.throughput, bootstrap=20,
+                      title="synthetic study", progress=lambda d, t: calls.append((d, t)))
+    return rf, calls
+
+
+def test_report_writes_every_file(report):
+    rf, calls = report
+    assert rf.index_html.is_file() and rf.report_md.is_file() and rf.fits_json.is_file()
+    assert set(rf.figures) == FIGURES, rf.skipped
+    for name, paths in rf.figures.items():
+        assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+        assert b"<svg" in paths["svg"].read_bytes()[:2000], name
+    assert rf.skipped == []
+    assert calls[-1][0] == calls[-1][1]
+
+
+def test_html_is_self_contained_and_embeds_every_figure(report):
+    rf, _ = report
+    text = rf.index_html.read_text()
+    # no scheme-qualified URL anywhere (':' is not in the base64 alphabet, so data cannot fake one)
+    assert "://" not in text
+    assert not re.search(r"<(script|link|iframe|object|embed)\b", text, re.I)
+    assert "url(" not in text and "@import" not in text
+    srcs = re.findall(r'<img[^>]*\ssrc="([^"]*)"', text)
+    assert len(srcs) == len(FIGURES)
+    assert all(s.startswith("data:image/png;base64,") for s in srcs)
+    embedded = {base64.b64decode(s.split(",", 1)[1]) for s in srcs}
+    assert embedded == {p["png"].read_bytes() for p in rf.figures.values()}
+    assert "<h1>synthetic study</h1>" in text
+
+
+def test_markdown_references_figures_by_relative_path_and_tabulates_fits(report):
+    rf, _ = report
+    md = rf.report_md.read_text()
+    for name in FIGURES:
+        assert f"](figures/{name}.png)" in md and f"(figures/{name}.svg)" in md
+        assert (rf.report_md.parent / "figures" / f"{name}.png").is_file()
+    assert "## Fits" in md and "| arch | E | A | alpha |" in md
+    assert re.search(r"\| softmax \| [0-9.e+-]+ \[[0-9.e+-]+, [0-9.e+-]+\]", md)
+    assert "## Findings" in md and "frontier loss is" in md
+
+
+def test_fits_json_holds_every_fit(report):
+    rf, _ = report
+    payload = json.loads(rf.fits_json.read_text())
+    assert {"frontier/softmax", "approach3/softmax", "approach1/lightning", "approach2/hybrid"} <= set(payload)
+    assert payload["approach3/softmax"]["method"] == "approach3"
+    assert payload["comparison"]["baseline"] == "softmax"
+
+
+def test_report_skips_figures_without_data_and_says_so(data, tmp_path):
+    runs = data.runs[data.runs["arch"].isin(["softmax", "lightning"])]
+    rf = write_report(runs, None, None, tmp_path, bootstrap=10)
+    assert {"loss_vs_tokens", "niah", "mqar", "throughput"}.isdisjoint(rf.figures)
+    assert {"loss_vs_compute", "isoflop", "residuals"} <= set(rf.figures)
+    md = rf.report_md.read_text()
+    assert "## Not shown" in md
+    for why in ("figure loss_vs_tokens: skipped (no training curves", "figure niah: skipped (no NIAH evals",
+                "figure throughput: skipped (no throughput table", "approach1/softmax: not fitted (no training curves"):
+        assert why in md, why
+    assert not (tmp_path / "figures" / "niah.png").exists()
+    assert "figure niah: skipped" in rf.index_html.read_text()
+
+
+def test_report_reuses_fits_it_is_given(data, tmp_path):
+    runs = data.runs[data.runs["arch"] == "softmax"]
+    given = fit_loss_compute(runs, n_bootstrap=5)
+    rf = write_report(runs, None, None, tmp_path, bootstrap=5, fits={"frontier/softmax": given})
+    assert rf.fits["frontier/softmax"] is given
+
+
+def test_report_refuses_bad_runs(data, tmp_path):
+    with pytest.raises(FitError, match="missing column"):
+        write_report(data.runs.drop(columns=["tokens"]), None, None, tmp_path)
