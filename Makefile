@@ -20,17 +20,20 @@ endif
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	touch $@
 
+# The whole pipeline on CPU: price the plan, train its 30 runs on a local Ray, write the report.
 demo: setup
 	mkdir -p demo-out
 	$(BIN)/slab plan plans/demo.csv
-	$(BIN)/slab --db $(DEMO_DB) add plans/demo.csv
-	$(BIN)/slab --db $(DEMO_DB) status
+	$(BIN)/slab --db $(DEMO_DB) launch plans/demo.csv --cpu --ckpt-dir demo-out/ckpt
+	$(BIN)/slab --db $(DEMO_DB) report --plan demo --out demo-out/report
+	@echo "report: demo-out/report/index.html"
 
 test: setup
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 bench: setup
 	$(BIN)/slab bench plan
+	$(BIN)/slab bench analysis
 
 clean:
 	rm -rf $(VENV) demo-out .slab

@@ -327,6 +327,236 @@ def launch(
         raise typer.Exit(1)
 
 
+class Method(str, Enum):
+    frontier = "frontier"
+    power = "power"
+    one = "1"
+    two = "2"
+    three = "3"
+
+
+def _progress_bar(description: str):
+    """A rich progress bar and the ``progress(done, total)`` callback the fits call."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    bar = Progress(TextColumn(description), BarColumn(), TextColumn("{task.completed}/{task.total}"), TimeRemainingColumn(),
+                   console=err, transient=True, disable=not err.is_terminal)
+    task = bar.add_task(description, total=None)
+
+    def progress(done: int, total: int) -> None:
+        bar.update(task, completed=done, total=total)
+
+    return bar, progress
+
+
+def _analysis_inputs(ctx: typer.Context, plan: str | None, arch: str | None):
+    from db.queries import evals_frame, metrics_frame, plan_names, runs_frame
+
+    engine = _engine(ctx)
+    if plan and plan not in plan_names(engine):
+        fail(f"no plan named {plan!r} in the database; known: {', '.join(plan_names(engine)) or 'none'}")
+    runs = runs_frame(engine, plan=plan, arch=arch, status="done")
+    if runs.empty:
+        fail("no finished runs to analyse" + (f" in plan {plan}" if plan else "") + (f" for arch {arch}" if arch else "") + "; launch some with `slab launch PLAN`")
+    ids = runs["run_id"].tolist()
+    return engine, runs, metrics_frame(engine, ids), evals_frame(engine, ids)
+
+
+@app.command()
+def fit(
+    ctx: typer.Context,
+    plan: Optional[str] = typer.Option(None, help="Only runs of this plan."),
+    arch: Optional[str] = typer.Option(None, help="Only this architecture (default: all runs together)."),
+    method: Method = typer.Option(Method.frontier, help="frontier: L = E + A C^-alpha; power: L = A C^-alpha; 1, 2, 3: Chinchilla approaches."),
+    bootstrap: int = typer.Option(1000, min=0, help="Bootstrap resamples of runs for the intervals."),
+    seed: int = typer.Option(0, help="Seed of the bootstrap."),
+    csv_file: Optional[Path] = typer.Option(None, "--csv", help="Fit an external CSV of params, tokens, loss[, flops] instead of the database."),
+    params_col: str = typer.Option("params", help="With --csv: the parameter-count column."),
+    tokens_col: str = typer.Option("tokens", help="With --csv: the token column (else flops / 6N)."),
+    loss_col: str = typer.Option("loss", help="With --csv: the loss column."),
+    flops_col: str = typer.Option("flops", help="With --csv: the FLOPs column (else 6ND)."),
+    n_params: str = typer.Option("nonembed_params", help="From the database: fit on nonembed_params or params (total)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the fit as JSON."),
+) -> None:
+    """Fit a scaling law with bootstrap intervals; from the database the fit is stored in the fits table.
+
+    Example: slab fit --plan isoflop --method 2 --bootstrap 500
+    Example: slab fit --csv chinchilla.csv --params-col "Model Size" --flops-col "Training FLOP" --method 3
+    """
+    from analysis.fits import FitError, fit_approach1, fit_approach2, fit_approach3, fit_loss_compute, load_csv
+
+    metrics = None
+    if csv_file is not None:
+        try:
+            runs = load_csv(csv_file, params_col=params_col, tokens_col=tokens_col, loss_col=loss_col, flops_col=flops_col)
+        except FitError as exc:
+            fail(str(exc))
+        pcol, engine = "params", None
+    else:
+        if n_params not in ("nonembed_params", "params"):
+            fail(f"--n-params must be nonembed_params or params, got {n_params!r}")
+        engine, runs, metrics, _ = _analysis_inputs(ctx, plan, arch)
+        pcol = n_params
+    bar, progress = _progress_bar(f"fitting ({method.value})")
+    try:
+        with bar:
+            if method in (Method.frontier, Method.power):
+                result = fit_loss_compute(runs, metrics=metrics, form="saturating" if method is Method.frontier else "power",
+                                          params_col=pcol, n_bootstrap=bootstrap, seed=seed, progress=progress)
+            elif method is Method.one:
+                if metrics is None or metrics.empty:
+                    fail("approach 1 needs training curves: fit runs from the database, not --csv")
+                result = fit_approach1(runs, metrics, params_col=pcol, n_bootstrap=bootstrap, seed=seed, progress=progress)
+            elif method is Method.two:
+                result = fit_approach2(runs, params_col=pcol, n_bootstrap=bootstrap, seed=seed, progress=progress)
+            else:
+                result = fit_approach3(runs, params_col=pcol, n_bootstrap=bootstrap, seed=seed, progress=progress)
+    except FitError as exc:
+        fail(str(exc))
+    data = result.to_dict()
+    if engine is not None:
+        from db.writer import save_fit
+
+        data["fit_id"] = save_fit(engine, method=result.method, source="db", n_points=result.n_points, result=data, plan=plan, arch=arch)
+    if as_json:
+        sys.stdout.write(json.dumps(data) + "\n")
+        return
+    table = Table(title=f"{result.formula}  ({result.n_points} points, {result.n_bootstrap} bootstraps, converged: {result.converged})")
+    for col in ("quantity", "estimate", "95% low", "95% high"):
+        table.add_column(col, justify="left" if col == "quantity" else "right")
+    for name, value in result.estimates.items():
+        lo, hi = result.interval(name)
+        table.add_row(name, f"{value:.4g}", f"{lo:.4g}", f"{hi:.4g}")
+    out.print(table)
+
+
+@app.command()
+def compare(
+    ctx: typer.Context,
+    plan: Optional[str] = typer.Option(None, help="Only runs of this plan."),
+    baseline: str = typer.Option("softmax", help="The architecture the others are measured against."),
+    bootstrap: int = typer.Option(1000, min=0, help="Bootstrap resamples for the intervals."),
+    seed: int = typer.Option(0, help="Seed of the bootstrap."),
+    as_json: bool = typer.Option(False, "--json", help="Print the comparison as JSON."),
+) -> None:
+    """Compare architectures: per-arch frontier laws, the loss gap and compute multiplier vs a baseline, NIAH.
+
+    Example: slab compare --plan smoke-h100 --baseline softmax
+    """
+    from analysis.compare import compare_archs, niah_table
+    from analysis.fits import FitError
+
+    _, runs, metrics, evals = _analysis_inputs(ctx, plan, None)
+    if baseline not in set(runs["arch"]):
+        fail(f"baseline {baseline!r} has no finished runs; archs present: {', '.join(sorted(set(runs['arch'])))}")
+    bar, progress = _progress_bar("fitting per arch")
+    try:
+        with bar:
+            result = compare_archs(runs, baseline=baseline, metrics=metrics, n_bootstrap=bootstrap, seed=seed, progress=progress)
+    except FitError as exc:
+        fail(str(exc))
+    if as_json:
+        sys.stdout.write(json.dumps(result.to_dict()) + "\n")
+        return
+    gaps = result.gaps.copy()
+    _emit(gaps.round(4), Format.table, title=f"loss gap and compute multiplier vs {baseline}")
+    for arch_name, message in result.errors.items():
+        err.print(f"[yellow]warning:[/] {arch_name}: {message}")
+    niah = niah_table(runs, evals)
+    if not niah.empty:
+        _emit(niah.round(3), Format.table, title="needle in a haystack (accuracy)")
+
+
+@app.command()
+def report(
+    ctx: typer.Context,
+    out_dir: Path = typer.Option(..., "--out", help="Folder for index.html, report.md and figures/.", show_default=False),
+    plan: Optional[str] = typer.Option(None, help="Only runs of this plan."),
+    title: Optional[str] = typer.Option(None, help="Report title (default: the plan name)."),
+    throughput: Optional[Path] = typer.Option(None, help="CSV of arch, seq_len, tokens_per_s (slab bench train --seq-lens ...) for the throughput figure."),
+    bootstrap: int = typer.Option(200, min=0, help="Bootstrap resamples per fit."),
+    baseline: str = typer.Option("softmax", help="Architecture the others are compared with."),
+    seed: int = typer.Option(0, help="Seed of the bootstraps."),
+) -> None:
+    """Write a scaling-curve report: index.html (self-contained), report.md, fits.json and PNG/SVG figures.
+
+    Example: slab report --plan demo --out demo-out/report
+    """
+    import pandas as pd
+
+    from analysis.fits import FitError
+    from analysis.report import write_report
+
+    _, runs, metrics, evals = _analysis_inputs(ctx, plan, None)
+    tput = None
+    if throughput is not None:
+        try:
+            tput = pd.read_csv(throughput)
+        except (OSError, ValueError) as exc:
+            fail(f"{throughput}: cannot read the throughput CSV: {exc}")
+        missing = {"arch", "seq_len", "tokens_per_s"} - set(tput.columns)
+        if missing:
+            fail(f"{throughput}: missing column(s) {', '.join(sorted(missing))}")
+    bar, progress = _progress_bar("fitting and drawing")
+    try:
+        with bar:
+            files = write_report(runs, metrics, evals, out_dir, throughput=tput, title=title or f"scalinglab report: {plan or 'all runs'}",
+                                 bootstrap=bootstrap, seed=seed, progress=progress, baseline=baseline)
+    except FitError as exc:
+        fail(str(exc))
+    for line in files.findings:
+        out.print(f"- {line}", highlight=False)
+    for line in files.skipped:
+        out.print(f"[dim]not shown: {line}[/]", highlight=False)
+    out.print(f"wrote {files.index_html} and {files.report_md} ({len(files.figures)} figures) in {files.seconds:.1f} s")
+
+
+@bench_app.command("analysis")
+def bench_analysis_cmd() -> None:
+    """Time approach 3 with 1,000 bootstraps on 200 runs, and a report over 3,700 runs (synthetic data).
+
+    Example: slab bench analysis
+    """
+    from analysis.bench import bench_analysis
+
+    r = bench_analysis()
+    out.print(f"approach 3, 1,000 bootstraps, 200 runs: {r['approach3_bootstrap_s']:.2f} s (target < 10 s); "
+              f"report over 3,700 runs: {r['report_s']:.2f} s (target < 30 s)")
+
+
+@bench_app.command("train")
+def bench_train_cmd(
+    arch: list[str] = typer.Option(["softmax"], help="Architecture(s) to time."),
+    params: str = typer.Option("135M", help="Named size (135M: d 768, 12 layers, vocab 32k; 350M) or a non-embedding target like 30M."),
+    seq_len: list[int] = typer.Option([2048], help="Context length(s); several give a throughput-vs-length table."),
+    tokens_per_step: int = typer.Option(32768, help="Tokens per optimizer step (batch = this / seq_len)."),
+    steps: int = typer.Option(30, help="Optimizer steps (the median of the second half is reported)."),
+    compile: bool = typer.Option(False, "--compile", help="torch.compile the model."),
+    microbatch: Optional[int] = typer.Option(None, help="Sequences per forward pass (default: from a memory estimate)."),
+    out_csv: Optional[Path] = typer.Option(None, "--out", help="Also write the table as CSV (e.g. docs/bench/train.csv)."),
+) -> None:
+    """Single-run training speed on the GPU: tokens/s and MFU (vs 989 and vs the measured 785 TFLOP/s).
+
+    Example: slab bench train --arch softmax --arch lightning --params 135M --seq-len 2048 --compile
+    """
+    import pandas as pd
+
+    from models.bench import bench_spec, bench_train
+
+    rows = []
+    for a in arch:
+        for t in seq_len:
+            spec = bench_spec(a, params, t, max(1, tokens_per_step // t), steps)
+            rows.append(bench_train(spec, compile=compile, microbatch=microbatch))
+            r = rows[-1]
+            out.print(f"{a} T={t}: {r['tokens_per_s']:,.0f} tokens/s, MFU {r['mfu_989']:.1%} of 989, {r['mfu_785']:.1%} of 785")
+    frame = pd.DataFrame(rows)
+    if out_csv:
+        out_csv.parent.mkdir(parents=True, exist_ok=True)
+        frame.to_csv(out_csv, index=False)
+    _emit(frame[["arch", "seq_len", "params", "microbatch", "compile", "tokens_per_s", "mfu_989", "mfu_785"]].round(4), Format.table, title="training throughput")
+
+
 @bench_app.command("plan")
 def bench_plan(
     plan_file: Path = typer.Argument(Path("plans/minimax01.csv"), help="Plan to expand and register."),

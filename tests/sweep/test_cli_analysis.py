@@ -1,0 +1,94 @@
+"""slab fit / compare / report on a database holding a synthetic study, and on an external CSV."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from analysis.synthetic import HOFFMANN, study
+from db.engine import open_db, session
+from db.schema import Eval, Metric, Plan, PlanRun, Run
+from sweep.cli import app
+
+
+@pytest.fixture(scope="module")
+def study_db(tmp_path_factory):
+    """A SQLite file with a finished synthetic study (runs, curves, evals) registered as plan 'syn'."""
+    path = tmp_path_factory.mktemp("db") / "slab.db"
+    url = f"sqlite:///{path}"
+    s = study(150, archs=("softmax", "lightning"), n_steps=12, seed=1)
+    engine = open_db(url)
+    with session(engine) as db:
+        plan = Plan(name="syn", path="syn.csv", sha256="0" * 64)
+        db.add(plan)
+        db.flush()
+        for i, r in enumerate(s.runs.itertuples(index=False)):
+            spec = {"arch": r.arch, "d_model": int(r.d_model), "n_layers": int(r.n_layers), "n_heads": int(r.n_heads), "hybrid": r.hybrid}
+            db.add(Run(run_id=r.run_id, arch=r.arch, status="done", params=int(r.params), nonembed_params=int(r.nonembed_params),
+                       tokens=int(r.tokens), flops=float(r.flops), final_loss=float(r.final_loss), val_loss=float(r.val_loss), spec=spec))
+        db.flush()
+        db.add_all(PlanRun(plan_id=plan.id, run_id=r, row=i + 2) for i, r in enumerate(s.runs["run_id"]))
+        db.flush()
+        db.execute(Metric.__table__.insert(), s.metrics[["run_id", "step", "tokens", "flops", "loss", "lr"]].to_dict("records"))
+        db.execute(Eval.__table__.insert(), s.evals[["run_id", "step", "name", "value"]].to_dict("records"))
+    engine.dispose()
+    return url
+
+
+def invoke(*args):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def test_fit_methods_store_and_print(study_db):
+    result = invoke("--db", study_db, "fit", "--method", "3", "--bootstrap", "30", "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["method"] == "approach3" and data["n_points"] == 150
+    assert abs(data["estimates"]["alpha"] - HOFFMANN["alpha"]) < 0.1
+    table = invoke("--db", study_db, "fit", "--plan", "syn", "--arch", "softmax", "--bootstrap", "20")
+    assert table.exit_code == 0 and "alpha" in table.stdout and "95% low" in table.stdout
+    stored = json.loads(invoke("--db", study_db, "sql", "select method, arch from fits order by id", "--json").stdout)
+    assert stored == [{"method": "approach3", "arch": None}, {"method": "frontier", "arch": "softmax"}]
+
+
+def test_compare_and_report(study_db, tmp_path):
+    result = invoke("--db", study_db, "compare", "--bootstrap", "20", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["baseline"] == "softmax"
+    out = tmp_path / "report"
+    rep = invoke("--db", study_db, "report", "--plan", "syn", "--out", out, "--bootstrap", "10")
+    assert rep.exit_code == 0, rep.output
+    assert (out / "index.html").exists() and (out / "report.md").exists()
+    assert list((out / "figures").glob("*.png")) and list((out / "figures").glob("*.svg"))
+
+
+def test_bad_analysis_input_exits_2(study_db, tmp_path):
+    assert invoke("--db", study_db, "fit", "--plan", "nope").exit_code == 2
+    assert invoke("--db", study_db, "fit", "--arch", "mamba2").exit_code == 2
+    assert invoke("--db", study_db, "compare", "--baseline", "hgrn2").exit_code == 2
+    bad = tmp_path / "bad.csv"
+    bad.write_text("params,loss\n1e6,3.0\n")
+    result = invoke("fit", "--csv", bad)
+    assert result.exit_code == 2 and "bad.csv" in result.stderr
+    empty = f"sqlite:///{tmp_path}/empty.db"
+    open_db(empty).dispose()
+    result = invoke("--db", empty, "report", "--out", tmp_path / "r")
+    assert result.exit_code == 2 and "no finished runs" in result.stderr
+    assert not (tmp_path / "r").exists()
+
+
+def test_fit_external_csv(tmp_path):
+    import numpy as np
+
+    from analysis.fits import chinchilla_law
+
+    rng = np.random.default_rng(0)
+    N = np.repeat([1e7, 3e7, 1e8, 3e8, 1e9], 6)
+    D = N * np.tile([5, 10, 20, 40, 80, 160], 5)
+    L = chinchilla_law(N, D, **HOFFMANN) * np.exp(0.003 * rng.standard_normal(N.size))
+    path = tmp_path / "chin.csv"
+    path.write_text("Model Size,Training FLOP,loss\n" + "".join(f"{n},{6 * n * d},{l}\n" for n, d, l in zip(N, D, L)))
+    result = invoke("fit", "--csv", path, "--params-col", "Model Size", "--flops-col", "Training FLOP", "--method", "3", "--bootstrap", "20", "--json")
+    assert result.exit_code == 0, result.output
+    est = json.loads(result.stdout)["estimates"]
+    assert abs(est["E"] - HOFFMANN["E"]) < 0.15 and abs(est["beta"] - HOFFMANN["beta"]) < 0.08

@@ -1,0 +1,174 @@
+"""Launching on a local Ray: runs finish once, relaunch is a no-op, crashes resume, faults are classified."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from sqlalchemy import func, select
+
+from db.engine import open_db
+from db.schema import Metric, Run
+from sweep.launch import FAULTS_ENV, LaunchOptions, launch
+from sweep.plan import load_plan
+from sweep.progress import LaunchView
+
+pytestmark = pytest.mark.slow
+
+HEADER = "name,arch,d_model,n_layers,n_heads,seq_len,batch_size,tokens,lr,seed,warmup\n"
+# 20 steps of a 2-layer, 32-wide model on 64-token windows: about a second each on one core.
+SIX = HEADER + "t-{arch}-{seed},softmax|lightning|hgrn2,32,2,2,64,4,5120,3e-3,0|1,2\n"
+
+
+@pytest.fixture(scope="module")
+def ray_address():
+    """One local Ray (2 CPUs, no GPU) shared by the tests of this file; subprocess drivers join it."""
+    import ray
+
+    ctx = ray.init(num_cpus=2, num_gpus=0, include_dashboard=False, logging_level="ERROR")
+    yield ctx.address_info["gcs_address"]
+    ray.shutdown()
+
+
+@pytest.fixture
+def env(tmp_path, ray_address, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv(FAULTS_ENV, raising=False)
+    db = f"sqlite:///{tmp_path}/slab.db"
+    return {"db": db, "tmp": tmp_path, "address": ray_address}
+
+
+class Quiet(LaunchView):
+    def __init__(self):
+        from rich.console import Console
+
+        super().__init__(Console(file=open(os.devnull, "w")), live=False)
+
+
+def run_launch(env, plan_path, **kw):
+    opts = LaunchOptions(db_url=env["db"], cpu=True, ckpt_dir=env["tmp"] / "ckpt", backoff_s=0.2, heartbeat_s=1.0, **kw)
+    return launch([load_plan(plan_path)], opts, Quiet())
+
+
+def runs_by_name(env, plan_path):
+    engine = open_db(env["db"])
+    names = {r.spec.run_id: r.name for r in load_plan(plan_path).runs}
+    with engine.connect() as conn:
+        rows = conn.execute(select(Run.__table__).where(Run.run_id.in_(list(names)))).mappings().all()
+        metric_counts = dict(conn.execute(select(Metric.run_id, func.count()).group_by(Metric.run_id)).all())
+        steps = {rid: [s for (s,) in conn.execute(select(Metric.step).where(Metric.run_id == rid).order_by(Metric.step))] for rid in names}
+    engine.dispose()
+    return {names[r["run_id"]]: {**r, "n_metrics": metric_counts.get(r["run_id"], 0), "steps": steps[r["run_id"]]} for r in rows}
+
+
+def slab(env, *args, extra_env=None):
+    """Start `slab launch` as a separate driver process joined to the test's Ray."""
+    cmd = [sys.executable, "-m", "sweep.cli", "--db", env["db"], "launch", *map(str, args), "--cpu", "--address", env["address"],
+           "--ckpt-dir", str(env["tmp"] / "ckpt"), "--lease-timeout", "600"]
+    return subprocess.Popen(cmd, cwd=env["tmp"], env={**os.environ, **(extra_env or {})}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_six_runs_finish_once_and_relaunch_is_a_noop(env, write_plan):
+    plan = write_plan(SIX)
+    result = run_launch(env, plan)
+    assert result.ok and len(result.rows) == 6
+    runs = runs_by_name(env, plan)
+    assert len(runs) == 6
+    for name, r in runs.items():
+        assert r["status"] == "done" and r["attempts"] == 1, name
+        assert r["steps"] == list(range(1, 21)), name  # contiguous, each step once
+        assert r["val_loss"] is not None and r["final_loss"] < 5.6  # below uniform over 260 tokens
+    again = run_launch(env, plan)
+    assert again.rows == []
+    assert all(r["attempts"] == 1 for r in runs_by_name(env, plan).values())
+
+    overlap = write_plan(HEADER + "u-{arch}-{seed},softmax|mamba2,32,2,2,64,4,5120,3e-3,0|1,2\n", "overlap.csv")
+    second = run_launch(env, overlap)
+    assert len(second.rows) == 2 and second.ok  # the two softmax runs were already done
+    assert {r["arch"] for r in second.rows} == {"mamba2"}
+    assert all(r["attempts"] == 1 for r in runs_by_name(env, plan).values())
+
+
+def test_faults_nan_diverges_and_worker_exit_is_retried(env, write_plan, monkeypatch):
+    plan = write_plan(HEADER + "f-{seed},lightning,32,2,2,64,4,5120,3e-3,0|1|2,2\n")
+    monkeypatch.setenv(FAULTS_ENV, json.dumps({"f-0": "nan@3", "f-1": "exit@5"}))
+    result = run_launch(env, plan, ckpt_every_steps=5)
+    assert not result.ok
+    runs = runs_by_name(env, plan)
+    assert runs["f-0"]["status"] == "diverged" and runs["f-0"]["attempts"] == 1
+    assert "step 3" in runs["f-0"]["error"]
+    assert runs["f-1"]["status"] == "done" and runs["f-1"]["attempts"] == 2
+    assert runs["f-1"]["resumed_from_step"] == 5  # resumed from its checkpoint, not from step 0
+    assert runs["f-1"]["steps"] == list(range(1, 21))
+    assert runs["f-2"]["status"] == "done" and runs["f-2"]["attempts"] == 1
+    # a diverged run is not retried by a relaunch
+    monkeypatch.delenv(FAULTS_ENV)
+    assert run_launch(env, plan).rows == []
+
+
+def test_failures_retry_up_to_max_attempts(env, write_plan, monkeypatch):
+    plan = write_plan(HEADER + "g,softmax,32,2,2,64,4,5120,3e-3,0,2\n")
+    monkeypatch.setenv(FAULTS_ENV, json.dumps({"g": "raise@2"}))
+    result = run_launch(env, plan, max_attempts=2)
+    [row] = result.rows
+    assert row["status"] == "failed" and row["attempts"] == 2
+    assert "RuntimeError" in row["error"] and "injected" in row["error"]
+
+
+def test_driver_sigkill_then_relaunch_resumes(env, write_plan):
+    plan = write_plan(HEADER + "k-{arch},softmax|lightning|hgrn2,32,2,2,64,4,51200,3e-3,0,2\n")  # 200 steps
+    proc = slab(env, plan, "--ckpt-every", "20")
+    engine = open_db(env["db"])
+    deadline = time.time() + 120
+    killed_at = None
+    while time.time() < deadline:
+        with engine.connect() as conn:
+            top = conn.execute(select(func.max(Metric.step))).scalar()
+        if top is not None and top >= 50:
+            proc.send_signal(signal.SIGKILL)
+            killed_at = top
+            break
+        time.sleep(0.2)
+    proc.wait(timeout=30)
+    assert killed_at is not None, proc.stdout.read()
+    before = runs_by_name(env, plan)
+    assert any(r["status"] == "running" for r in before.values())
+    result = run_launch(env, plan, ckpt_every_steps=20)
+    assert result.ok
+    after = runs_by_name(env, plan)
+    for name, r in after.items():
+        assert r["status"] == "done", name
+        assert r["steps"] == list(range(1, 201)), name  # no duplicate or missing metric row
+        if before[name]["status"] == "running":
+            assert r["attempts"] == 2 and r["resumed_from_step"] >= 20, name
+        else:  # finished before the kill: untouched; never started: trained once
+            assert r["attempts"] == max(1, before[name]["attempts"]), name
+    assert max(r["resumed_from_step"] or 0 for r in after.values()) >= 20
+    engine.dispose()
+
+
+def test_two_concurrent_launches_train_each_run_once(env, write_plan):
+    plan = write_plan(HEADER + "c-{arch}-{seed},softmax|lightning,32,2,2,64,4,10240,3e-3,0|1,2\n")
+    procs = [slab(env, plan), slab(env, plan)]
+    outs = [p.communicate(timeout=240)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    runs = runs_by_name(env, plan)
+    assert len(runs) == 4
+    for name, r in runs.items():
+        assert r["status"] == "done" and r["attempts"] == 1, (name, outs)
+        assert r["steps"] == list(range(1, 41)), name
+
+
+def test_cli_exit_codes(env, write_plan):
+    bad = write_plan(HEADER + "x,softmax,32,2,3,64,4,5120,3e-3,0,2\n", "bad.csv")
+    proc = slab(env, bad)
+    out = proc.communicate(timeout=60)[0]
+    assert proc.returncode == 2 and "bad.csv:2:n_heads" in out
+    plan = write_plan(HEADER + "n,softmax,32,2,2,64,4,5120,3e-3,0,2\n")
+    proc = slab(env, plan, extra_env={FAULTS_ENV: json.dumps({"n": "nan@2"})})
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 1, out
+    assert "diverged" in out
