@@ -153,3 +153,14 @@ def write_results(engine: Engine, metrics: Sequence[dict], evals: Sequence[dict]
             s.execute(upsert(engine, Eval, ("run_id", "step", "name")), list(evals))
         for run_id, values in runs.items():
             s.execute(update(Run).where(Run.run_id == run_id).values(**values))
+
+
+def save_fit(engine: Engine, *, method: str, source: str, n_points: int, result: dict, plan: str | None = None, arch: str | None = None) -> int:
+    """Store a fit (its ``to_dict()``) and return its id."""
+    from db.schema import Fit
+
+    with session(engine) as s:
+        fit = Fit(plan=plan, arch=arch, method=method, source=source, n_points=n_points, result=result)
+        s.add(fit)
+        s.flush()
+        return fit.id
