@@ -511,6 +511,25 @@ def report(
     out.print(f"wrote {files.index_html} and {files.report_md} ({len(files.figures)} figures) in {files.seconds:.1f} s")
 
 
+@bench_app.command("kernels")
+def bench_kernels_cmd(
+    out_dir: Path = typer.Option(Path("docs/bench"), "--out", help="Folder for linear_attention.csv/.md/.png."),
+    quick: bool = typer.Option(False, "--quick", help="Fewer shapes and repetitions."),
+    peers: bool = typer.Option(True, help="Include flash-linear-attention when importable (its autotuning takes minutes)."),
+) -> None:
+    """GPU: check every linear-attention backend against naive on the device, then time ours vs SDPA vs fla.
+
+    Example: slab bench kernels --out docs/bench
+    """
+    import logging
+
+    from kernels.linear_attention.bench import markdown_table, run_bench
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")  # one line per check and timing
+    frame = run_bench(out_dir, quick=quick, peers=peers)
+    out.print(markdown_table(frame), highlight=False)
+
+
 @bench_app.command("analysis")
 def bench_analysis_cmd() -> None:
     """Time approach 3 with 1,000 bootstraps on 200 runs, and a report over 3,700 runs (synthetic data).

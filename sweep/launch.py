@@ -190,6 +190,8 @@ class Driver:
         self.owner = _owner()
         self.sink = EventSink.remote()
         self.task = ray.remote(train_run)
+        # A fresh process per GPU run releases its CUDA memory for the next (max_calls is not an option()).
+        self.gpu_task = ray.remote(max_calls=1)(train_run)
         self.queue: list[Flight] = []
         self.flights: dict[str, Flight] = {}
         self.waiting: dict[str, Flight] = {}  # leased by another live launcher
@@ -248,6 +250,9 @@ class Driver:
         except KeyboardInterrupt:
             interrupted = True
             self._cancel_all()
+        except BaseException:
+            self._cancel_all("released after a launcher error")  # leave no run leased to a failed driver
+            raise
         finally:
             signal.signal(signal.SIGINT, previous)
         return LaunchResult(rows=self._final_rows(order, names), interrupted=interrupted or self.stopping)
@@ -287,16 +292,13 @@ class Driver:
         flight.attempt, flight.tries, flight.started = attempt, flight.tries + 1, time.monotonic()
         fault = self.faults.get(run_id) or self.faults.get(flight.name or "")
         options: dict[str, Any] = {"num_cpus": self.opts.cpus_per_run, "max_retries": 0}
-        if self.opts.cpu:
-            options["num_gpus"] = 0
-        else:
-            options["num_gpus"] = flight.spec.gpus
-            options["max_calls"] = 1  # a fresh process per GPU run releases its CUDA memory for the next
-        flight.ref = self.task.options(**options).remote(
+        options["num_gpus"] = 0 if self.opts.cpu else flight.spec.gpus
+        task = self.task if self.opts.cpu else self.gpu_task
+        self.flights[run_id] = flight
+        flight.ref = task.options(**options).remote(
             flight.spec.to_dict(), self.sink, attempt, str(self.opts.ckpt_dir.resolve()),
             self.opts.cpu, flight.microbatch, fault, self.opts.ckpt_every_steps, self.opts.ckpt_every_s,
         )
-        self.flights[run_id] = flight
         self.view.run_started(run_id, flight.spec, flight.name, attempt)
 
     def _retry_waiting(self) -> None:
@@ -390,10 +392,11 @@ class Driver:
         self.outcome[run_id] = status
         self.view.run_finished(run_id, status, detail)
 
-    def _cancel_all(self) -> None:
+    def _cancel_all(self, reason: str = "cancelled by Ctrl-C") -> None:
         for run_id, flight in list(self.flights.items()):
-            self.ray.cancel(flight.ref, force=True)
-            update_run(self.engine, run_id, self.owner, status="pending", error="cancelled by Ctrl-C")
+            if flight.ref is not None:
+                self.ray.cancel(flight.ref, force=True)
+            update_run(self.engine, run_id, self.owner, status="pending", error=reason)
         self.flights.clear()
 
     def _final_rows(self, order: list[str], names: dict[str, str | None]) -> list[dict]:

@@ -89,9 +89,10 @@ def _ours(backend: str) -> Callable:
     return lambda q, k, v, a, s: linear_attention(q, k, v, a, scale=s, backend=backend)[0]
 
 
-def _implementations() -> dict[tuple[str, str], Callable]:
+def _implementations(peers: bool = True) -> dict[tuple[str, str], Callable]:
     impls = {(f"ours {backend}", form): _ours(backend) for backend in ("triton", "torch") for form in FORMS}
-    impls.update(_peers())
+    if peers:
+        impls.update(_peers())
     return impls
 
 
@@ -138,13 +139,15 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def check_on_device(device: str = "cuda", size: tuple[int, int, int, int] = (2, 300, 2, DIM)) -> list[CheckResult]:
+def check_on_device(
+    device: str = "cuda", size: tuple[int, int, int, int] = (2, 300, 2, DIM), peers: bool = True
+) -> list[CheckResult]:
     """Each backend and decay form (ours, and fla's when importable) against naive on `device`, fp32 and bf16.
 
     size is (B, T, H, D); the default has T off the chunk grid and the benchmark's head width.
     """
     out = []
-    for (impl, form), fn in _implementations().items():
+    for (impl, form), fn in _implementations(peers).items():
         for dtype in (torch.float32, torch.bfloat16):
             result = replace(_check_one(fn, form, dtype, device, *size), impl=impl)
             if result.error:
@@ -218,11 +221,11 @@ def _time_one(fn, impl: str, form: str, batch: int, time: int, backward: bool, q
     return _time_ms(step, grads, quick)
 
 
-def run_bench(out_dir: Path, quick: bool = False) -> pd.DataFrame:
+def run_bench(out_dir: Path, quick: bool = False, peers: bool = True) -> pd.DataFrame:
     """Check on the GPU, then time every implementation; writes linear_attention.{csv,png,md} under out_dir."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    checks = check_on_device("cuda")
+    checks = check_on_device("cuda", peers=peers)
     pd.DataFrame([asdict(c) for c in checks]).to_csv(out_dir / "linear_attention_checks.csv", index=False)
     # A failed check takes that implementation's timings away: all of them for a wrong forward, the
     # forward+backward ones for a wrong (or refused) backward.
@@ -235,7 +238,7 @@ def run_bench(out_dir: Path, quick: bool = False) -> pd.DataFrame:
         elif not c.backward_ok:
             failed.setdefault((c.impl, c.decay, "fwd+bwd"), "failed check (" + (what or f"{c.dtype}: {c.worst} rel err {c.backward_err:.2g}") + ")")
 
-    timed = {key: fn for key, fn in _implementations().items() if key[0] != "ours torch"}
+    timed = {key: fn for key, fn in _implementations(peers).items() if key[0] != "ours torch"}
     timed[("sdpa flash", "")] = _sdpa
     train = QUICK_TRAIN_SHAPES if quick else TRAIN_SHAPES
     long = QUICK_LONG_SHAPES if quick else LONG_SHAPES
@@ -257,9 +260,11 @@ def run_bench(out_dir: Path, quick: bool = False) -> pd.DataFrame:
                     torch.cuda.empty_cache()
             log.info("%s", row)
             rows.append(row)
+            pd.DataFrame(rows).to_csv(out_dir / "linear_attention.partial.csv", index=False)  # survives a timeout
     df = pd.DataFrame(rows)
     df["tokens_per_s"] = df["B"] * df["T"] / (df["ms"] / 1e3)
     df.to_csv(out_dir / "linear_attention.csv", index=False)
+    (out_dir / "linear_attention.partial.csv").unlink(missing_ok=True)
     (out_dir / "linear_attention.md").write_text(markdown_table(df) + "\n")
     plot(df, out_dir / "linear_attention.png")
     return df

@@ -690,6 +690,9 @@ class _LinearAttentionFunction(torch.autograd.Function):
         return dq, dk, dv, da, dh0, None
 
 
+# torch.compile traces into user Triton kernels and passes Python-float arguments as fp64, which breaks the
+# kernels' fp32 loop-carried state; a graph break here keeps them as written (they are already fused).
+@torch.compiler.disable
 def linear_attention_triton(
     q: torch.Tensor,
     k: torch.Tensor,
