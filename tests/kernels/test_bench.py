@@ -28,7 +28,7 @@ def test_check_on_device_passes_ours_and_flags_wrong_and_raising_peers(monkeypat
     impls[("peer wrong", "token")] = wrong
     impls[("peer raising", "channel")] = raising
     impls[("peer no backward", "token")] = no_backward
-    monkeypatch.setattr(bench, "_implementations", lambda: impls)
+    monkeypatch.setattr(bench, "_implementations", lambda peers=True: impls)
     results = bench.check_on_device("cpu", size=(1, 70, 1, 16))
     by_key = {(r.impl, r.decay, r.dtype): r for r in results}
     assert len(results) == 2 * len(impls)
@@ -89,8 +89,8 @@ def test_run_bench_skips_failed_checks_and_records_errors(monkeypatch, tmp_path)
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate")
         return 1.5
 
-    monkeypatch.setattr(bench, "_implementations", lambda: impls)
-    monkeypatch.setattr(bench, "check_on_device", lambda device: checks)
+    monkeypatch.setattr(bench, "_implementations", lambda peers=True: impls)
+    monkeypatch.setattr(bench, "check_on_device", lambda device, peers=True: checks)
     monkeypatch.setattr(bench, "_time_one", fake_time)
     monkeypatch.setattr(bench.torch.cuda, "empty_cache", lambda: None)
     df = bench.run_bench(tmp_path, quick=True)
