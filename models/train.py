@@ -127,10 +127,12 @@ def largest_divisor_at_most(n: int, cap: int) -> int:
     return next(k for k in range(max(1, min(n, cap)), 0, -1) if n % k == 0)
 
 
-def default_microbatch(spec, cfg: ModelConfig, device: torch.device) -> int:
-    """Sequences per forward pass: on CUDA from a memory estimate, on CPU at most ``CPU_MICROBATCH``."""
+def default_microbatch(spec, cfg: ModelConfig, device: torch.device, batch_size: int | None = None) -> int:
+    """Sequences per forward pass (a divisor of ``batch_size``, default the spec's): on CUDA from a memory
+    estimate, on CPU at most ``CPU_MICROBATCH``."""
+    batch_size = batch_size or spec.batch_size
     if device.type != "cuda":
-        return largest_divisor_at_most(spec.batch_size, CPU_MICROBATCH)
+        return largest_divisor_at_most(batch_size, CPU_MICROBATCH)
     free, total = torch.cuda.mem_get_info(device)
     # A run packed on a GPU share (gpus < 1) plans for its share of the card, not for what is free now.
     share = min(1.0, float(getattr(spec, "gpus", 1.0) or 1.0))
@@ -138,7 +140,7 @@ def default_microbatch(spec, cfg: ModelConfig, device: torch.device) -> int:
     budget = 0.85 * min(free, share * total) - 16 * count_params(cfg).total
     per_token = sum(ACT_BYTES_PER_D[kind] * cfg.d_model for kind in cfg.layer_kinds)
     per_seq = spec.seq_len * (per_token + 14 * cfg.vocab_size)  # + bf16 logits, their fp32 copy and gradient
-    return largest_divisor_at_most(spec.batch_size, max(1, int(budget // per_seq)))
+    return largest_divisor_at_most(batch_size, max(1, int(budget // per_seq)))
 
 
 def _param_groups(model: LM, weight_decay: float) -> list[dict]:
@@ -146,6 +148,28 @@ def _param_groups(model: LM, weight_decay: float) -> list[dict]:
     for name, p in model.named_parameters():
         (decay if p.dim() >= 2 and name != "embed.weight" else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _no_report(kind: str, payload: dict) -> None:
+    """The reporter of data-parallel ranks other than 0."""
+
+
+def _dist_rank_world() -> tuple[int, int]:
+    """(rank, world size) of an initialised torch.distributed group, else (0, 1)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _agree(flag: bool, world: int, device: torch.device) -> bool:
+    """Rank 0's decision, shared with every rank (so all stop at the same step)."""
+    if world == 1:
+        return flag
+    t = torch.tensor([int(flag)], device=device)
+    torch.distributed.broadcast(t, 0)
+    return bool(t.item())
 
 
 def _parse_fault(fault: str | None) -> tuple[str, int] | None:
@@ -264,10 +288,18 @@ def pretrain(
     tokens_per_step = spec.batch_size * spec.seq_len
     data = open_data(spec.data, spec.vocab_size)
 
-    microbatch = microbatch or default_microbatch(spec, cfg, device)
-    if spec.batch_size % microbatch:
-        raise ValueError(f"microbatch {microbatch} does not divide batch_size {spec.batch_size}")
-    n_micro = spec.batch_size // microbatch
+    # Data parallel (torch.distributed already initialised, e.g. by Ray Train): each rank trains its slice
+    # of every global batch; DDP averages the gradients, so the update equals one worker's on the whole batch.
+    rank, world = _dist_rank_world()
+    if spec.batch_size % world:
+        raise ValueError(f"batch_size {spec.batch_size} is not divisible by {world} data-parallel workers")
+    local_batch = spec.batch_size // world
+    microbatch = microbatch or default_microbatch(spec, cfg, device, batch_size=local_batch)
+    if local_batch % microbatch:
+        raise ValueError(f"microbatch {microbatch} does not divide the per-worker batch {local_batch}")
+    n_micro = local_batch // microbatch
+    if rank != 0:
+        reporter = _no_report  # rank 0 speaks for the run
 
     torch.manual_seed(spec.seed)
     model = LM(cfg).to(device)
@@ -293,18 +325,26 @@ def pretrain(
     if fault_kind and fault_kind[0] == "exit" and max(checkpoint_steps(ckpt_dir), default=0) < fault_kind[1]:
         exit_at = fault_kind[1]
 
-    step_model = torch.compile(model) if compile else model
+    step_model = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        step_model = DistributedDataParallel(model, device_ids=[device.index] if on_cuda else None)
+    step_model = torch.compile(step_model) if compile else step_model
     report_every = max(1, total_steps // MAX_TRAIN_REPORTS)
     peak = PEAK_FLOPS_CUDA if on_cuda else None
 
     def checkpoint(step: int) -> None:
-        rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if on_cuda else None}
-        save_checkpoint(ckpt_dir, step, {
-            "step": step, "run": _run_key(spec), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "data": batches.state_dict(), "rng": rng, "loss": last_loss,
-            "wall_s": prior_wall + time.perf_counter() - t_start, "microbatch": microbatch,
-        })
-        reporter("ckpt", {"step": step})
+        if rank == 0:  # every rank holds the same weights; one writes, all restore from the shared folder
+            rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if on_cuda else None}
+            save_checkpoint(ckpt_dir, step, {
+                "step": step, "run": _run_key(spec), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "data": batches.state_dict(), "rng": rng, "loss": last_loss,
+                "wall_s": prior_wall + time.perf_counter() - t_start, "microbatch": microbatch,
+            })
+            reporter("ckpt", {"step": step})
+        if world > 1:
+            torch.distributed.barrier()
 
     def evaluate(step: int) -> float:
         try:
@@ -327,7 +367,10 @@ def pretrain(
         lr = lr_at(step, spec)
         for group in optimizer.param_groups:
             group["lr"] = lr
+        # The stream position is global: this rank's slice of step `step` (the same sequences at any world size).
+        batches.position = (step - 1) * spec.batch_size + rank * local_batch
         micro = [batches.next() for _ in range(n_micro)]
+        batches.position = step * spec.batch_size
         n_valid = sum(int((y != -100).sum()) for _, y in micro)
         try:
             loss_sum = torch.zeros((), device=device)
@@ -341,6 +384,9 @@ def pretrain(
                 # Weight each microbatch by its labelled tokens so the step loss is the mean over the batch.
                 (loss * share).backward()
                 loss_sum += loss.detach() * share
+            if world > 1:
+                torch.distributed.all_reduce(loss_sum)
+                loss_sum /= world
             if fault_kind == ("nan", step):
                 loss_sum = loss_sum * float("nan")
             if fault_kind == ("raise", step):
@@ -373,13 +419,13 @@ def pretrain(
         # Evaluate before a possible stop, so that a resumed run never skips an eval it was due.
         if spec.eval_every and step % spec.eval_every == 0 and step != total_steps:
             evaluate(step)
-        stopping = should_stop is not None and should_stop()
+        stopping = _agree(should_stop is not None and should_stop(), world, device)
         due = step % ckpt_every_steps == 0 if ckpt_every_steps else False
         due = due or time.perf_counter() - last_ckpt_t >= ckpt_every_s
         if step == total_steps or due or stopping or step == exit_at:
             checkpoint(step)
             last_ckpt_t = time.perf_counter()
-        if step == exit_at:
+        if step == exit_at and rank == world - 1:  # with several workers, one of them dies
             logging.shutdown()
             os._exit(1)
         if stopping:

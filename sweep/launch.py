@@ -32,6 +32,7 @@ from sweep.plan import Plan
 from sweep.progress import LaunchView
 from sweep.registry import add_plans
 from sweep.spec import RunSpec
+from sweep.task import data_parallel_workers
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +184,7 @@ class Driver:
     def __init__(self, engine: Engine, opts: LaunchOptions, view: LaunchView):
         import ray
 
-        from sweep.task import EventSink, train_run
+        from sweep.task import EventSink, train_run, train_run_dp
 
         self.ray = ray
         self.engine, self.opts, self.view = engine, opts, view
@@ -192,6 +193,8 @@ class Driver:
         self.task = ray.remote(train_run)
         # A fresh process per GPU run releases its CUDA memory for the next (max_calls is not an option()).
         self.gpu_task = ray.remote(max_calls=1)(train_run)
+        # Data-parallel runs: a light coordinator task; Ray Train reserves the workers (a placement group).
+        self.dp_task = ray.remote(num_cpus=0, num_gpus=0)(train_run_dp)
         self.queue: list[Flight] = []
         self.flights: dict[str, Flight] = {}
         self.waiting: dict[str, Flight] = {}  # leased by another live launcher
@@ -205,8 +208,14 @@ class Driver:
     # ---------------------------------------------------------------- admission
 
     def check_fits(self, runs: list[tuple[RunSpec, str | None]]) -> None:
-        """Refuse, before anything starts, runs that no node of the cluster can hold."""
-        if self.opts.cpu or not runs:
+        """Refuse, before anything starts, runs that the cluster cannot hold."""
+        if not runs:
+            return
+        if self.opts.cpu:
+            for spec, name in runs:
+                need = self.opts.cpus_per_run * data_parallel_workers(spec.gpus)
+                if need > self.total_cpus:
+                    raise LaunchError(f"run {name or spec.run_id} needs {need} CPUs for its workers but the cluster has {self.total_cpus:g}")
             return
         for spec, name in runs:
             if spec.gpus > 1 and spec.gpus > self.total_gpus:
@@ -217,8 +226,8 @@ class Driver:
             raise LaunchError("the Ray cluster has no GPU; pass --cpu to train on CPU")
 
     def _fits_now(self, spec: RunSpec) -> bool:
-        cpus = sum(self.opts.cpus_per_run for _ in self.flights) + self.opts.cpus_per_run
-        if cpus > self.total_cpus + 1e-9:
+        cpus = sum(self.opts.cpus_per_run * data_parallel_workers(f.spec.gpus) for f in self.flights.values())
+        if cpus + self.opts.cpus_per_run * data_parallel_workers(spec.gpus) > self.total_cpus + 1e-9:
             return False
         if self.opts.cpu:
             return True
@@ -291,14 +300,16 @@ class Driver:
             return
         flight.attempt, flight.tries, flight.started = attempt, flight.tries + 1, time.monotonic()
         fault = self.faults.get(run_id) or self.faults.get(flight.name or "")
-        options: dict[str, Any] = {"num_cpus": self.opts.cpus_per_run, "max_retries": 0}
-        options["num_gpus"] = 0 if self.opts.cpu else flight.spec.gpus
-        task = self.task if self.opts.cpu else self.gpu_task
+        args = (flight.spec.to_dict(), self.sink, attempt, str(self.opts.ckpt_dir.resolve()), self.opts.cpu,
+                flight.microbatch, fault, self.opts.ckpt_every_steps, self.opts.ckpt_every_s)
         self.flights[run_id] = flight
-        flight.ref = task.options(**options).remote(
-            flight.spec.to_dict(), self.sink, attempt, str(self.opts.ckpt_dir.resolve()),
-            self.opts.cpu, flight.microbatch, fault, self.opts.ckpt_every_steps, self.opts.ckpt_every_s,
-        )
+        if data_parallel_workers(flight.spec.gpus) > 1:
+            flight.ref = self.dp_task.options(max_retries=0).remote(*args, self.opts.cpus_per_run)
+        else:
+            options: dict[str, Any] = {"num_cpus": self.opts.cpus_per_run, "max_retries": 0}
+            options["num_gpus"] = 0 if self.opts.cpu else flight.spec.gpus
+            task = self.task if self.opts.cpu else self.gpu_task
+            flight.ref = task.options(**options).remote(*args)
         self.view.run_started(run_id, flight.spec, flight.name, attempt)
 
     def _retry_waiting(self) -> None:

@@ -6,6 +6,7 @@ import time
 
 from rich.console import Console
 from rich.live import Live
+from rich.markup import escape
 from rich.table import Table
 from sqlalchemy import Engine
 
@@ -58,9 +59,9 @@ class LaunchView:
         self.t0 = time.monotonic()
         self.last_log = 0.0
 
-    def log(self, message: str) -> None:
-        """A line above the live view (or a plain log line)."""
-        self.console.print(message, highlight=False, soft_wrap=True)
+    def log(self, message: str, markup: bool = False) -> None:
+        """A line above the live view (or a plain log line); error texts are printed as they are."""
+        self.console.print(message, highlight=False, soft_wrap=True, markup=markup)
 
     def begin(self, runs) -> None:
         """Start showing progress for these (spec, name) runs."""
@@ -102,7 +103,7 @@ class LaunchView:
         elif status in ("failed", "diverged"):
             self.failed += 1
         colour = {"done": "green", "failed": "red", "diverged": "yellow"}.get(status, "cyan")
-        self.log(f"[{colour}]{status}[/] {info['name']}: {detail}")
+        self.log(f"[{colour}]{status}[/] {escape(str(info['name']))}: {escape(detail)}", markup=True)
 
     def refresh(self) -> None:
         """Redraw the live view, or write a progress line every ``log_every_s`` seconds."""

@@ -172,3 +172,91 @@ def train_run(
     finally:
         reporter.flush()
     return dataclasses.asdict(summary)
+
+
+def data_parallel_workers(spec_gpus: float) -> int:
+    """How many workers a run trains on: an integer ``gpus`` above 1 means that many data-parallel workers."""
+    return int(spec_gpus) if spec_gpus > 1 else 1
+
+
+def _dp_worker(config: dict) -> None:
+    """One Ray Train worker of a data-parallel run: the same ``pretrain``, rank 0 reporting for the run."""
+    import ray.train
+    import torch
+
+    from models.train import pretrain
+    from sweep.spec import RunSpec
+
+    spec = RunSpec.from_dict(config["spec"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(config["threads"])
+    if config["cpu"] or not torch.cuda.is_available():
+        device = "cpu"
+    else:
+        import ray.train.torch
+
+        device = str(ray.train.torch.get_device())
+    reporter = Reporter(config["sink"], spec.run_id, config["attempt"], journal=Path(config["ckpt_dir"]) / "events.jsonl")
+    summary = pretrain(
+        spec, reporter, config["ckpt_dir"], device=device, microbatch=config["microbatch"],
+        should_stop=reporter.should_stop, fault=config["fault"] if rank == world - 1 else None,
+        ckpt_every_steps=config["ckpt_every_steps"], ckpt_every_s=config["ckpt_every_s"],
+    )
+    if rank == 0:
+        reporter.flush()
+        # The coordinator reads the summary from the run's folder (Ray Train's result carries no metrics
+        # unless a checkpoint goes with them, and ours are our own).
+        path = Path(config["ckpt_dir"]) / "summary.json"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(dataclasses.asdict(summary)))
+        tmp.replace(path)
+    ray.train.report({"step": summary.steps})
+
+
+def train_run_dp(
+    spec_dict: dict, sink, attempt: int, ckpt_root: str, cpu: bool, microbatch: int | None, fault: str | None,
+    ckpt_every_steps: int, ckpt_every_s: float, cpus_per_worker: int = 1,
+) -> dict:
+    """Train one run data-parallel on ``gpus`` workers with Ray Train (DDP; gloo on CPU, NCCL on GPUs).
+
+    Runs as a light Ray task that drives a ``TorchTrainer``; worker failures surface as the first worker's
+    exception, so the launcher classifies them (diverged, out of memory, crash) as for one-GPU runs.
+    """
+    from ray.train import FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from sweep.spec import RunSpec
+
+    spec = RunSpec.from_dict(spec_dict)
+    workers = data_parallel_workers(spec.gpus)
+    ckpt_dir = Path(ckpt_root) / spec.run_id
+    coordinator = Reporter(sink, spec.run_id, attempt, journal=ckpt_dir / "events.jsonl")
+    coordinator("start", {"host": socket.gethostname(), "gpu": f"{workers} {'CPU workers' if cpu else 'GPUs'} (Ray Train)", "pid": os.getpid()})
+    config = {
+        "spec": spec_dict, "sink": sink, "attempt": attempt, "ckpt_dir": str(ckpt_dir), "cpu": cpu,
+        "microbatch": microbatch, "fault": fault, "ckpt_every_steps": ckpt_every_steps, "ckpt_every_s": ckpt_every_s,
+        "threads": cpus_per_worker,
+    }
+    trainer = TorchTrainer(
+        _dp_worker,
+        train_loop_config=config,
+        torch_config=TorchConfig(backend="gloo" if cpu else "nccl"),
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=not cpu, resources_per_worker={"CPU": cpus_per_worker}),
+        run_config=RunConfig(
+            name=f"{spec.run_id}-attempt{attempt}", storage_path=str(Path(ckpt_root).resolve() / ".ray_train"),
+            failure_config=FailureConfig(max_failures=0),  # the launcher retries, from our own checkpoints
+        ),
+    )
+    with run_lock(ckpt_dir):
+        coordinator.replay()
+        (ckpt_dir / "summary.json").unlink(missing_ok=True)
+        try:
+            trainer.fit()
+        except TrainingFailedError as exc:
+            failures = getattr(exc, "worker_failures", None) or {}
+            if failures:
+                raise failures[min(failures)] from None
+            raise
+    coordinator.flush()
+    return json.loads((ckpt_dir / "summary.json").read_text())

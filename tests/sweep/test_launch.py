@@ -167,6 +167,10 @@ def test_cli_exit_codes(env, write_plan):
     proc = slab(env, bad)
     out = proc.communicate(timeout=60)[0]
     assert proc.returncode == 2 and "bad.csv:2:n_heads" in out
+    big = write_plan("name,arch,d_model,n_layers,n_heads,seq_len,batch_size,tokens,gpus\nb,softmax,32,2,2,64,4,5120,4\n", "big.csv")
+    proc = slab(env, big)
+    out = proc.communicate(timeout=60)[0]
+    assert proc.returncode == 2 and "needs 4 CPUs" in out, out
     plan = write_plan(HEADER + "n,softmax,32,2,2,64,4,5120,3e-3,0,2\n")
     proc = slab(env, plan, extra_env={FAULTS_ENV: json.dumps({"n": "nan@2"})})
     out = proc.communicate(timeout=120)[0]

@@ -1,0 +1,75 @@
+"""Data-parallel runs through Ray Train on CPU (gloo): same curve as one worker, worker death resumes."""
+
+import json
+import os
+
+import pytest
+from sqlalchemy import select
+
+from db.engine import open_db
+from db.schema import Metric, Run
+from sweep.launch import FAULTS_ENV, LaunchOptions, launch
+from sweep.plan import load_plan
+from sweep.progress import LaunchView
+
+pytestmark = pytest.mark.slow
+
+# 20 steps, global batch 8: two workers take 4 sequences each, one worker takes all 8.
+PLAN = "name,arch,d_model,n_layers,n_heads,seq_len,batch_size,tokens,lr,seed,warmup,gpus\n{name},lightning,32,2,2,64,8,10240,3e-3,0,2,{gpus}\n"
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(num_cpus=2, num_gpus=0, include_dashboard=False, logging_level="ERROR")
+    yield
+    ray.shutdown()
+
+
+def quiet():
+    from rich.console import Console
+
+    return LaunchView(Console(file=open(os.devnull, "w")), live=False)
+
+
+def train(tmp_path, write_plan, tag, gpus, **kw):
+    plan = write_plan(PLAN.format(name=f"dp-{tag}", gpus=gpus), f"{tag}.csv")
+    db = f"sqlite:///{tmp_path}/{tag}.db"
+    opts = LaunchOptions(db_url=db, cpu=True, ckpt_dir=tmp_path / f"ckpt-{tag}", backoff_s=0.2, heartbeat_s=1.0, **kw)
+    result = launch([load_plan(plan)], opts, quiet())
+    engine = open_db(db)
+    with engine.connect() as conn:
+        run = conn.execute(select(Run.__table__)).mappings().one()
+        losses = [loss for (loss,) in conn.execute(select(Metric.loss).order_by(Metric.step))]
+    engine.dispose()
+    return result, run, losses
+
+
+def test_two_workers_match_one_worker(ray_local, tmp_path, write_plan):
+    one, run1, curve1 = train(tmp_path, write_plan, "one", 1)
+    two, run2, curve2 = train(tmp_path, write_plan, "two", 2)
+    assert one.ok and two.ok
+    assert run1["run_id"] == run2["run_id"]  # how many workers trained it is not part of its identity
+    assert run2["n_gpus"] == 2 and "Ray Train" in run2["gpu"]
+    assert len(curve1) == len(curve2) == 20
+    # Same sequences, same global batch; only the order of float sums differs (gloo all-reduce).
+    assert max(abs(a - b) for a, b in zip(curve1, curve2)) < 2e-3
+    assert abs(run1["val_loss"] - run2["val_loss"]) < 2e-3
+
+
+def test_killed_worker_is_retried_from_the_checkpoint(ray_local, tmp_path, write_plan, monkeypatch):
+    monkeypatch.setenv(FAULTS_ENV, json.dumps({"dp-kill": "exit@10"}))
+    result, run, curve = train(tmp_path, write_plan, "kill", 2, ckpt_every_steps=5)
+    assert result.ok, result.rows
+    assert run["attempts"] == 2 and run["resumed_from_step"] == 10
+    assert len(curve) == 20
+
+
+def test_too_many_workers_for_the_cluster_is_refused(ray_local, tmp_path, write_plan):
+    from sweep.launch import LaunchError
+
+    with pytest.raises(LaunchError, match="needs 4 CPUs"):
+        train(tmp_path, write_plan, "big", 4)
