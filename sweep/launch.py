@@ -32,7 +32,7 @@ from sweep.plan import Plan
 from sweep.progress import LaunchView
 from sweep.registry import add_plans
 from sweep.spec import RunSpec
-from sweep.task import data_parallel_workers
+from sweep.task import WORKER_ENV, data_parallel_workers
 
 log = logging.getLogger(__name__)
 
@@ -303,10 +303,13 @@ class Driver:
         args = (flight.spec.to_dict(), self.sink, attempt, str(self.opts.ckpt_dir.resolve()), self.opts.cpu,
                 flight.microbatch, fault, self.opts.ckpt_every_steps, self.opts.ckpt_every_s)
         self.flights[run_id] = flight
+        # Per task, not only per job: a launch inside an already started Ray still sets them; children
+        # (Ray Train's controller and workers) inherit them.
+        env = {"env_vars": dict(WORKER_ENV)}
         if data_parallel_workers(flight.spec.gpus) > 1:
-            flight.ref = self.dp_task.options(max_retries=0).remote(*args, self.opts.cpus_per_run)
+            flight.ref = self.dp_task.options(max_retries=0, runtime_env=env).remote(*args, self.opts.cpus_per_run)
         else:
-            options: dict[str, Any] = {"num_cpus": self.opts.cpus_per_run, "max_retries": 0}
+            options: dict[str, Any] = {"num_cpus": self.opts.cpus_per_run, "max_retries": 0, "runtime_env": env}
             options["num_gpus"] = 0 if self.opts.cpu else flight.spec.gpus
             task = self.task if self.opts.cpu else self.gpu_task
             flight.ref = task.options(**options).remote(*args)

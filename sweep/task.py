@@ -132,6 +132,13 @@ def run_lock(ckpt_dir: Path, timeout_s: float = 120.0) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
+def check_worker_env() -> None:
+    """Refuse to train in a worker that did not get ``WORKER_ENV`` through Ray's runtime environment."""
+    missing = {k: v for k, v in WORKER_ENV.items() if os.environ.get(k) != v}
+    if missing:
+        raise RuntimeError(f"worker started without its runtime environment: {', '.join(f'{k}={v}' for k, v in missing.items())}")
+
+
 def _device(cpu: bool) -> tuple[str, str | None]:
     if cpu:
         return "cpu", None
@@ -154,6 +161,7 @@ def train_run(
     from models.train import pretrain
     from sweep.spec import RunSpec
 
+    check_worker_env()
     spec = RunSpec.from_dict(spec_dict)
     threads = int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)) or 1
     torch.set_num_threads(max(1, threads))
@@ -187,6 +195,7 @@ def _dp_worker(config: dict) -> None:
     from models.train import pretrain
     from sweep.spec import RunSpec
 
+    check_worker_env()  # NCCL settings reach every data-parallel worker, or it does not train
     spec = RunSpec.from_dict(config["spec"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()

@@ -73,3 +73,14 @@ def test_too_many_workers_for_the_cluster_is_refused(ray_local, tmp_path, write_
 
     with pytest.raises(LaunchError, match="needs 4 CPUs"):
         train(tmp_path, write_plan, "big", 4)
+
+
+def test_workers_refuse_to_start_without_nccl_settings(monkeypatch):
+    from sweep.task import WORKER_ENV, check_worker_env
+
+    for key, value in WORKER_ENV.items():
+        monkeypatch.setenv(key, value)
+    check_worker_env()
+    monkeypatch.delenv("NCCL_NVLS_ENABLE")
+    with pytest.raises(RuntimeError, match="NCCL_NVLS_ENABLE=0"):
+        check_worker_env()
