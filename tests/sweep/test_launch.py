@@ -176,3 +176,42 @@ def test_cli_exit_codes(env, write_plan):
     out = proc.communicate(timeout=120)[0]
     assert proc.returncode == 1, out
     assert "diverged" in out
+
+
+def test_ctrl_c_stops_gracefully_then_relaunch_finishes(env, write_plan):
+    plan = write_plan(HEADER + "s-{arch},softmax|lightning,32,2,2,64,4,51200,3e-3,0,2\n")  # 200 steps each
+    proc = slab(env, plan, "--ckpt-every", "1000")
+    engine = open_db(env["db"])
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        with engine.connect() as conn:
+            top = conn.execute(select(func.max(Metric.step))).scalar()
+        if top is not None and top >= 30:
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 1, out
+    assert "stopping" in out and "stopped early" in out
+    stopped = runs_by_name(env, plan)
+    assert {r["status"] for r in stopped.values()} <= {"pending", "done"}
+    assert any(r["status"] == "pending" and "Ctrl-C" in (r["error"] or "") for r in stopped.values())
+    result = run_launch(env, plan)
+    assert result.ok
+    after = runs_by_name(env, plan)
+    for name, r in after.items():
+        assert r["steps"] == list(range(1, 201)), name
+        if stopped[name]["status"] == "pending" and stopped[name]["attempts"]:
+            assert r["resumed_from_step"] >= 30, name  # the stop checkpointed; the relaunch went on from it
+    engine.dispose()
+
+
+def test_status_watch_returns_when_nothing_is_left(env, write_plan):
+    from typer.testing import CliRunner
+
+    from sweep.cli import app
+
+    plan = write_plan(HEADER + "w,softmax,32,2,2,64,4,5120,3e-3,0,2\n")
+    run_launch(env, plan)
+    result = CliRunner().invoke(app, ["--db", env["db"], "status", "--watch", "--interval", "0.1"])
+    assert result.exit_code == 0 and "done" in result.output
