@@ -31,9 +31,15 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
+# CPU benchmarks always; the GPU ones (kernels, training speed, throughput vs length) where a GPU is present.
 bench: setup
 	$(BIN)/slab bench plan
 	$(BIN)/slab bench analysis
+ifeq ($(HAS_GPU),1)
+	$(BIN)/slab bench kernels --out docs/bench
+	$(BIN)/slab bench train --arch softmax --arch lightning --params 135M --seq-len 2048 --compile --out docs/bench/train_135m_compile.csv
+	$(BIN)/slab bench train --arch softmax --arch lightning --arch hybrid --params 135M --seq-len 2048 --seq-len 8192 --seq-len 32768 --steps 12 --out docs/bench/train_throughput_vs_seqlen.csv
+endif
 
 clean:
 	rm -rf $(VENV) demo-out .slab
