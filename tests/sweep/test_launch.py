@@ -179,7 +179,7 @@ def test_cli_exit_codes(env, write_plan):
 
 
 def test_ctrl_c_stops_gracefully_then_relaunch_finishes(env, write_plan):
-    plan = write_plan(HEADER + "s-{arch},softmax|lightning,32,2,2,64,4,51200,3e-3,0,2\n")  # 200 steps each
+    plan = write_plan(HEADER + "s-{arch},softmax|lightning,32,2,2,64,4,256000,3e-3,0,2\n")  # 1,000 steps each (every step reported)
     proc = slab(env, plan, "--ckpt-every", "1000")
     engine = open_db(env["db"])
     deadline = time.time() + 120
@@ -200,7 +200,7 @@ def test_ctrl_c_stops_gracefully_then_relaunch_finishes(env, write_plan):
     assert result.ok
     after = runs_by_name(env, plan)
     for name, r in after.items():
-        assert r["steps"] == list(range(1, 201)), name
+        assert r["steps"] == list(range(1, 1001)), name
         if stopped[name]["status"] == "pending" and stopped[name]["attempts"]:
             assert r["resumed_from_step"] >= 30, name  # the stop checkpointed; the relaunch went on from it
     engine.dispose()
