@@ -9,7 +9,7 @@ from sqlalchemy import Engine, delete, insert, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from db.engine import session
-from db.schema import Eval, Metric, Plan, PlanRun, Run, utcnow
+from db.schema import Eval, Fit, Metric, Plan, PlanRun, Run, utcnow
 
 #: Rows per executemany batch (SQLite caps bound parameters per statement).
 BATCH = 500
@@ -157,8 +157,6 @@ def write_results(engine: Engine, metrics: Sequence[dict], evals: Sequence[dict]
 
 def save_fit(engine: Engine, *, method: str, source: str, n_points: int, result: dict, plan: str | None = None, arch: str | None = None) -> int:
     """Store a fit (its ``to_dict()``) and return its id."""
-    from db.schema import Fit
-
     with session(engine) as s:
         fit = Fit(plan=plan, arch=arch, method=method, source=source, n_points=n_points, result=result)
         s.add(fit)

@@ -21,6 +21,7 @@ counted the same way with their own state sizes. MiniMax's small non-matmul ``5/
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -140,6 +141,8 @@ class ParamCounts:
     matmul: int  # weights that take part in a matmul (head included): the N of 6N
 
 
+# Memoised: a big plan repeats the same few shapes thousands of times (ModelConfig is frozen, so hashable).
+@functools.lru_cache(maxsize=4096)
 def count_params(cfg: ModelConfig) -> ParamCounts:
     """Exact parameter counts of the model ``models.lm`` builds from ``cfg``."""
     d, v = cfg.d_model, cfg.vocab_size
@@ -165,6 +168,7 @@ def mixer_flops_per_token(cfg: ModelConfig, kind: str, seq_len: int) -> int:
     raise ValueError(f"unknown layer kind {kind!r}")
 
 
+@functools.lru_cache(maxsize=4096)
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> int:
     """Training (forward + backward) FLOPs per token at context ``seq_len`` under ``FLOPS_CONVENTION``."""
     counts = count_params(cfg)

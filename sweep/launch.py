@@ -10,6 +10,7 @@ from its newest checkpoint.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -167,8 +168,6 @@ def _owner_dead(owner: str | None) -> bool:
 
 
 def _faults() -> dict[str, str]:
-    import json
-
     text = os.environ.get(FAULTS_ENV)
     return json.loads(text) if text else {}
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import ast
 import csv
-import functools
 import hashlib
 import itertools
 import math
@@ -388,10 +387,10 @@ class _Resolver:
         if name == "_config":
             return self._config()
         if name in ("_params", "nonembed_params"):
-            counts = counts_cached(self.get("_config"))
+            counts = count_params(self.get("_config"))
             return counts.total if name == "_params" else counts.nonembed
         if name == "flops_per_token":
-            return flops_per_token_cached(self.get("_config"), int(self.get("seq_len")))
+            return flops_per_token(self.get("_config"), int(self.get("seq_len")))
         if name == "tokens" and self.cells.get("tokens") is None:
             if self.cells.get("flops") is None:
                 raise CellError("give tokens or flops")
@@ -454,18 +453,6 @@ class _ColumnError(CellError):
     def __init__(self, column: str, message: str):
         super().__init__(message)
         self.column = column
-
-
-@functools.lru_cache(maxsize=4096)
-def counts_cached(cfg: ModelConfig):
-    """``models.config.count_params``, memoised: big plans repeat the same shapes many times."""
-    return count_params(cfg)
-
-
-@functools.lru_cache(maxsize=4096)
-def flops_per_token_cached(cfg: ModelConfig, seq_len: int) -> int:
-    """``models.config.flops_per_token``, memoised: big plans repeat the same shapes many times."""
-    return flops_per_token(cfg, seq_len)
 
 
 def _positive(value: Any, column: str, integer: bool = True) -> float:
@@ -736,9 +723,8 @@ def cost_plans(plans: list[Plan], *, mfu: float = 0.3, gpu_tflops: float = 989.0
             groups.setdefault((plan.name, run.row, s.arch, shape), []).append(s)
     blocks = []
     for (plan_name, row, arch, shape), specs in groups.items():
-        cfg = specs[0].model_config()
-        counts = counts_cached(cfg)
-        flops = sum(float(flops_per_token_cached(s.model_config(), s.seq_len)) * s.tokens for s in specs)
+        counts = count_params(specs[0].model_config())
+        flops = sum(s.derived()["flops"] for s in specs)
         total += flops
         tokens = [s.tokens for s in specs]
         blocks.append(Block(plan_name, row, arch, shape, counts.total, counts.nonembed, min(tokens), max(tokens), flops, len(specs)))

@@ -5,7 +5,7 @@ from __future__ import annotations
 from sqlalchemy import Engine
 
 from db.writer import Registered, RunRow, register_plan
-from sweep.plan import Plan, counts_cached, flops_per_token_cached
+from sweep.plan import Plan
 
 
 def plan_rows(plan: Plan) -> list[RunRow]:
@@ -13,16 +13,15 @@ def plan_rows(plan: Plan) -> list[RunRow]:
     rows = []
     for run in plan.runs:
         spec = run.spec
-        cfg = spec.model_config()
-        counts = counts_cached(cfg)
+        derived = spec.derived()
         rows.append(
             RunRow(
                 run_id=spec.run_id,
                 spec=spec.to_dict(),
-                params=counts.total,
-                nonembed_params=counts.nonembed,
+                params=derived["params"],
+                nonembed_params=derived["nonembed_params"],
                 tokens=spec.tokens,
-                flops=float(flops_per_token_cached(cfg, spec.seq_len)) * spec.tokens,
+                flops=derived["flops"],
                 row=run.row,
                 name=run.name,
                 tags=run.tags or None,
