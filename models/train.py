@@ -127,26 +127,44 @@ def largest_divisor_at_most(n: int, cap: int) -> int:
     return next(k for k in range(max(1, min(n, cap)), 0, -1) if n % k == 0)
 
 
-def default_microbatch(spec, cfg: ModelConfig, device: torch.device, batch_size: int | None = None) -> int:
+def default_microbatch(
+    spec, cfg: ModelConfig, device: torch.device, batch_size: int | None = None, *, members: int = 1,
+    share: float | None = None,
+) -> int:
     """Sequences per forward pass (a divisor of ``batch_size``, default the spec's): on CUDA from a memory
-    estimate, on CPU at most ``CPU_MICROBATCH``."""
+    estimate for ``members`` stacked copies of the model on a ``share`` of the GPU (default the spec's
+    ``gpus``), on CPU at most ``CPU_MICROBATCH``."""
     batch_size = batch_size or spec.batch_size
     if device.type != "cuda":
         return largest_divisor_at_most(batch_size, CPU_MICROBATCH)
     free, total = torch.cuda.mem_get_info(device)
     # A run packed on a GPU share (gpus < 1) plans for its share of the card, not for what is free now.
-    share = min(1.0, float(getattr(spec, "gpus", 1.0) or 1.0))
-    # fp32 weights, gradients and AdamW's two moments: 16 bytes per parameter.
-    budget = 0.85 * min(free, share * total) - 16 * count_params(cfg).total
-    per_token = sum(ACT_BYTES_PER_D[kind] * cfg.d_model for kind in cfg.layer_kinds)
-    per_seq = spec.seq_len * (per_token + 14 * cfg.vocab_size)  # + bf16 logits, their fp32 copy and gradient
+    share = min(1.0, float(share or getattr(spec, "gpus", 1.0) or 1.0))
+    budget = 0.85 * min(free, share * total) - members * state_bytes(cfg)
+    per_seq = members * activation_bytes_per_seq(cfg, spec.seq_len)
     return largest_divisor_at_most(batch_size, max(1, int(budget // per_seq)))
+
+
+def state_bytes(cfg: ModelConfig) -> int:
+    """GPU bytes of a model's training state: fp32 weights, gradients and AdamW's two moments."""
+    return 16 * count_params(cfg).total
+
+
+def activation_bytes_per_seq(cfg: ModelConfig, seq_len: int) -> int:
+    """Estimated GPU bytes one training sequence needs for its activations, logits included (bf16 autocast)."""
+    per_token = sum(ACT_BYTES_PER_D[kind] * cfg.d_model for kind in cfg.layer_kinds)
+    return seq_len * (per_token + 14 * cfg.vocab_size)  # + bf16 logits, their fp32 copy and gradient
+
+
+def decayed(name: str, ndim: int) -> bool:
+    """Whether AdamW decays the parameter ``name`` of ``ndim`` dimensions (matrices and filters, not the embedding)."""
+    return ndim >= 2 and name != "embed.weight"
 
 
 def _param_groups(model: LM, weight_decay: float) -> list[dict]:
     decay, no_decay = [], []
     for name, p in model.named_parameters():
-        (decay if p.dim() >= 2 and name != "embed.weight" else no_decay).append(p)
+        (decay if decayed(name, p.dim()) else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 

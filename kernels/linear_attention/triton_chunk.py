@@ -625,22 +625,57 @@ class _Plan:
 
 
 class _LinearAttentionFunction(torch.autograd.Function):
+    # forward without ctx plus setup_context: the form torch.func transforms (vmap) accept.
     @staticmethod
-    def forward(ctx, q, k, v, log_decay, h0, scale):
+    def forward(q, k, v, log_decay, h0, scale):
         plan = _Plan(q, v, log_decay)
-        A = plan.chunk_A(q, k) if plan.decay == 2 else None
+        A = plan.chunk_A(q, k) if plan.decay == 2 else q.new_empty(0, dtype=torch.float32)
         h, final = plan.states(k, v, 1.0, h0, reverse=False)
         o = torch.empty_like(v)
-        plan.launch(_output_kernel, "out", plan.grid("out", plan.NT), q, k, v, o, plan.a, plan.b, A, h, plan.T,
-                    plan.Tp, plan.NT, scale, H=plan.H, K=plan.K, V=plan.V, BT=plan.BT, DECAY=plan.decay, DT=plan.dt,
-                    PREC=plan.prec)
-        ctx.save_for_backward(q, k, v, log_decay, h0, A)
-        ctx.scale = scale
-        return o, final
+        plan.launch(_output_kernel, "out", plan.grid("out", plan.NT), q, k, v, o, plan.a, plan.b,
+                    A if plan.decay == 2 else None, h, plan.T, plan.Tp, plan.NT, scale, H=plan.H, K=plan.K, V=plan.V,
+                    BT=plan.BT, DECAY=plan.decay, DT=plan.dt, PREC=plan.prec)
+        return o, final, A  # A (per-channel decay only) is returned so that backward can reuse it
 
     @staticmethod
-    def backward(ctx, do, dfinal):
+    def setup_context(ctx, inputs, output):
+        q, k, v, log_decay, h0, scale = inputs
+        ctx.save_for_backward(q, k, v, log_decay, h0, output[2])
+        ctx.mark_non_differentiable(output[2])
+        ctx.scale = scale
+
+    @staticmethod
+    def vmap(info, in_dims, q, k, v, log_decay, h0, scale):
+        """Under ``torch.func.vmap`` (several stacked models trained as one), fold the vmapped dimension into
+        the heads and run one kernel launch over all of them."""
+        n = info.batch_size
+
+        def front(x, dim):
+            return x.movedim(dim, 0) if dim is not None else x.expand(n, *x.shape)
+
+        q, k, v = (front(x, d) for x, d in zip((q, k, v), in_dims[:3]))
+        g = front(log_decay, in_dims[3])
+        _, B, T, H, K = q.shape
+
+        def heads(x):  # (n, B, T, H, ...) -> (B, T, n H, ...)
+            return x.movedim(0, 2).flatten(2, 3)
+
+        if g.dim() == 2:  # constant: (n, H) -> (n H,)
+            g = g.reshape(n * H)
+        else:
+            g = heads(g)
+        h0m = None if h0 is None else front(h0, in_dims[4]).movedim(0, 1).flatten(1, 2)
+        o, final, A = _LinearAttentionFunction.apply(
+            heads(q).contiguous(), heads(k).contiguous(), heads(v).contiguous(), g.contiguous(), h0m, scale
+        )
+        o = o.unflatten(2, (n, H))  # (B, T, n, H, V)
+        final = final.unflatten(1, (n, H))  # (B, n, H, K, V)
+        return (o, final, A), (2, 1, None)
+
+    @staticmethod
+    def backward(ctx, do, dfinal, _dA):
         q, k, v, log_decay, h0, A = ctx.saved_tensors
+        A = A if A.numel() else None
         scale = ctx.scale
         plan = _Plan(q, v, log_decay)
         B, T, H, K, V, NT = plan.B, plan.T, plan.H, plan.K, plan.V, plan.NT
@@ -706,7 +741,7 @@ def linear_attention_triton(
     if not q.is_cuda and not _interpreting():
         raise ValueError("the triton backend needs CUDA tensors (or TRITON_INTERPRET=1 to run on CPU)")
     h0 = initial_state.float().contiguous() if initial_state is not None else None
-    o, final = _LinearAttentionFunction.apply(
+    o, final, _ = _LinearAttentionFunction.apply(
         q.contiguous(), k.contiguous(), v.contiguous(), log_decay.contiguous(), h0, float(scale)
     )
     return o, (final if output_final_state else None)

@@ -11,6 +11,33 @@ from models.config import ModelConfig
 ROPE_BASE = 10_000.0
 
 
+class _StackedCausalSDPA(torch.autograd.Function):
+    """Causal SDPA for ``torch.func.vmap`` over stacked models (packed training): torch has no batching rule
+    for the fused attention kernels and would loop over members, so fold the members into the batch."""
+
+    @staticmethod
+    def forward(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass  # only reached through vmap, whose rule records the fused kernel's own backward
+
+    @staticmethod
+    def vmap(info, in_dims, q, k, v):
+        n = info.batch_size
+        q, k, v = (x.movedim(d, 0) if d is not None else x.expand(n, *x.shape) for x, d in zip((q, k, v), in_dims))
+        y = F.scaled_dot_product_attention(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), is_causal=True)
+        return y.unflatten(0, (n, -1)), 0
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Causal SDPA over (B, H, T, D); one fused call for all members when vmapped over stacked models."""
+    if torch._C._functorch.is_batchedtensor(q):
+        return _StackedCausalSDPA.apply(q, k, v)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
 def rotary(x: torch.Tensor, base: float = ROPE_BASE) -> torch.Tensor:
     """Rotate channel pairs (i, i + D/2) of ``x`` (B, H, T, D) by position-dependent angles (RoPE)."""
     t, dim = x.shape[-2], x.shape[-1]
@@ -38,5 +65,5 @@ class Softmax(nn.Module):
         b, t, d = x.shape
         q, k, v = self.wqkv(x).view(b, t, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)
         q, k = rotary(q), rotary(k)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, T, Dh)
+        y = causal_attention(q, k, v)  # (B, H, T, Dh)
         return self.wo(y.transpose(1, 2).reshape(b, t, d))

@@ -1,0 +1,373 @@
+"""Packed training: several runs of one model shape trained as one stacked model, ``pretrain_pack``.
+
+Runs that differ only in ``PACK_FREE_FIELDS`` (seed and optimisation settings) share every tensor shape.
+Their weights are stacked along a leading member axis and one ``torch.func.vmap`` forward and backward
+trains all of them per step, so a GPU runs a few large kernels instead of many small ones per run. Each
+member keeps its own data stream, learning-rate schedule, AdamW state (the arithmetic of
+``torch.optim.AdamW``), gradient clipping, divergence check, reports and checkpoint folder. Checkpoints
+are in ``pretrain``'s format, so a member resumes alone or in another pack, and members may start from
+different steps. A member that diverges stops (its updates are masked); the others go on.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from torch.func import functional_call, stack_module_state, vmap
+
+from models.config import count_params, flops_per_token
+from models.data import Batches, open_data
+from models.evals import EVALS, autocast, run_evals, validation_loss
+from models.lm import LM
+from models.train import (
+    BETAS, MAX_TRAIN_REPORTS, PEAK_FLOPS_CUDA, Diverged, Interrupted, OutOfMemory, Summary, TrainingError,
+    _param_groups, _parse_fault, _run_key, checkpoint_steps, decayed, default_microbatch, load_checkpoint,
+    lr_at, model_config, save_checkpoint,
+)
+
+log = logging.getLogger(__name__)
+
+#: Spec fields that may differ between the members of one pack; every other field must be equal.
+PACK_FREE_FIELDS = ("seed", "lr", "warmup", "schedule", "min_lr_ratio", "weight_decay", "grad_clip")
+#: Spec fields that say where a run trains, not what (they may differ too).
+PLACEMENT = ("gpus",)
+ADAM_EPS = 1e-8
+
+
+def pack_key(spec) -> tuple:
+    """What members of one pack must share: every spec field but seed, optimiser settings and placement."""
+    names = sorted(n for n in vars(spec) if n not in PACK_FREE_FIELDS + PLACEMENT and not n.startswith("_"))
+    return tuple((n, getattr(spec, n)) for n in names)
+
+
+class StackedAdamW:
+    """AdamW over stacked (member, ...) parameters, with a learning rate and weight decay per member.
+
+    Same update as ``torch.optim.AdamW`` (decoupled decay, bias-corrected moments, eps outside the square
+    root); ``step`` counts per member, and a member outside ``active`` is left exactly as it was.
+    """
+
+    def __init__(self, params: dict[str, torch.Tensor], n: int):
+        self.params = params
+        self.n = n
+        self.exp_avg = {k: torch.zeros_like(p) for k, p in params.items()}
+        self.exp_avg_sq = {k: torch.zeros_like(p) for k, p in params.items()}
+        self.steps = torch.zeros(n, dtype=torch.float64)
+        self.decay = {k: decayed(k, p.dim() - 1) for k, p in params.items()}
+
+    @torch.no_grad()
+    def step(self, lr: Sequence[float], weight_decay: Sequence[float], active: Sequence[bool]) -> None:
+        """One update of the active members with their own ``lr`` and ``weight_decay``."""
+        b1, b2 = BETAS
+        mask = torch.tensor(active)
+        self.steps += mask.double()
+        t = self.steps.clamp(min=1)
+        lr_t = torch.tensor(lr, dtype=torch.float64) * mask.double()
+        step_size = (lr_t / (1 - b1**t)).float()
+        c2_sqrt = torch.sqrt(1 - b2**t).float()
+        wd = torch.tensor(weight_decay, dtype=torch.float64)
+        dev = next(iter(self.params.values())).device
+        on = mask.to(dev)
+        for name, p in self.params.items():
+            g = p.grad
+            if g is None:
+                continue
+            shape = (self.n,) + (1,) * (p.dim() - 1)
+            keep = on.view(shape)
+            if self.decay[name]:
+                p.mul_((1 - lr_t * wd).float().to(dev).view(shape))
+            m, v = self.exp_avg[name], self.exp_avg_sq[name]
+            m.copy_(torch.where(keep, m.lerp(g, 1 - b1), m))
+            v.copy_(torch.where(keep, v * b2 + (1 - b2) * g * g, v))
+            denom = v.sqrt() / c2_sqrt.to(dev).view(shape) + ADAM_EPS
+            p.sub_(step_size.to(dev).view(shape) * m / denom)
+
+    def member_state(self, i: int, order: list[str], template: list[dict], lr: float, weight_decay: float) -> dict:
+        """Member ``i``'s moments as a ``torch.optim.AdamW`` state_dict (params numbered in ``order``)."""
+        step = torch.tensor(float(self.steps[i]))
+        state = {
+            j: {"step": step.clone(), "exp_avg": self.exp_avg[k][i].detach().clone(),
+                "exp_avg_sq": self.exp_avg_sq[k][i].detach().clone()}
+            for j, k in enumerate(order)
+        }
+        groups = [dict(g) for g in template]
+        groups[0].update(lr=lr, weight_decay=weight_decay)
+        groups[1].update(lr=lr)
+        return {"state": state, "param_groups": groups}
+
+    def load_member(self, i: int, order: list[str], state: dict) -> None:
+        """Set member ``i``'s moments from a ``torch.optim.AdamW`` state_dict numbered in ``order``."""
+        entries = state["state"]
+        with torch.no_grad():
+            for j, k in enumerate(order):
+                if j in entries:
+                    self.exp_avg[k][i].copy_(entries[j]["exp_avg"])
+                    self.exp_avg_sq[k][i].copy_(entries[j]["exp_avg_sq"])
+                    self.steps[i] = float(entries[j]["step"])
+
+
+def pretrain_pack(
+    specs: Sequence,
+    reporters: Sequence[Callable[[str, dict], None]],
+    ckpt_dirs: Sequence[str | os.PathLike],
+    *,
+    device: str | torch.device | None = None,
+    microbatch: int | None = None,
+    share: float | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    faults: Sequence[str | None] | None = None,
+    ckpt_every_steps: int = 1000,
+    ckpt_every_s: float = 1800.0,
+) -> list[Summary | TrainingError]:
+    """Train the runs ``specs`` (one shape) together; returns per member its ``Summary``, or the
+    ``Diverged`` / ``Interrupted`` that ended it. Reports and checkpoints per member as ``pretrain`` does.
+
+    Raises ``OutOfMemory`` for the pack as a whole (retry the members alone), and any other error. ``faults``
+    are ``pretrain``'s test hooks per member: "nan@K" diverges that member; "raise@K" and "exit@K" end the pack.
+    """
+    t_start = time.perf_counter()
+    n = len(specs)
+    if not (n == len(reporters) == len(ckpt_dirs)):
+        raise ValueError("pretrain_pack needs one reporter and one checkpoint folder per spec")
+    keys = {pack_key(s) for s in specs}
+    if len(keys) != 1:
+        raise ValueError(f"a pack's runs must differ only in {', '.join(PACK_FREE_FIELDS)}")
+    spec0 = specs[0]
+    for name in spec0.evals:
+        if name not in EVALS:
+            raise ValueError(f"unknown eval {name!r}: expected one of {', '.join(EVALS)}")
+    for s in specs:
+        lr_at(1, s)
+    ckpt_dirs = [Path(d) for d in ckpt_dirs]
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    on_cuda = device.type == "cuda"
+    faults = [_parse_fault(f) for f in (faults or [None] * n)]
+
+    cfg = model_config(spec0)
+    counts = count_params(cfg)
+    fpt = flops_per_token(cfg, spec0.seq_len)
+    total_steps = spec0.steps
+    tokens_per_step = spec0.batch_size * spec0.seq_len
+    data = open_data(spec0.data, spec0.vocab_size)
+    microbatch = microbatch or default_microbatch(spec0, cfg, device, members=n, share=share)
+    if spec0.batch_size % microbatch:
+        raise ValueError(f"microbatch {microbatch} does not divide the batch {spec0.batch_size}")
+    n_micro = spec0.batch_size // microbatch
+
+    # Members start as pretrain's models do (seeded init), then resume from their own checkpoints.
+    members, batches, starts, prior_wall, last_loss = [], [], [], [], []
+    resumed: list[dict | None] = []
+    for spec, ckpt_dir in zip(specs, ckpt_dirs):
+        torch.manual_seed(spec.seed)
+        model = LM(cfg)
+        stream = Batches(data, spec.seq_len, microbatch, seed=spec.seed)
+        state = load_checkpoint(ckpt_dir)
+        if state is not None:
+            if state["run"] != _run_key(spec):
+                raise ValueError(f"{ckpt_dir} holds checkpoints of another run ({state['run']})")
+            model.load_state_dict(state["model"])
+            stream.load_state_dict(state["data"])
+            log.info("resuming %s from step %d", ckpt_dir, state["step"])
+        members.append(model)
+        batches.append(stream)
+        resumed.append(state)
+        starts.append(state["step"] if state else 0)
+        prior_wall.append(state["wall_s"] if state else 0.0)
+        last_loss.append(state["loss"] if state else float("nan"))
+
+    eval_model = members[0].to(device)  # a plain LM that members are loaded into for evaluation
+    template = torch.optim.AdamW(
+        _param_groups(eval_model, 0.0), lr=1e-3, betas=BETAS, fused=True if on_cuda else None
+    ).state_dict()["param_groups"]
+    order = [k for k, p in eval_model.named_parameters() if decayed(k, p.dim())]
+    order += [k for k, p in eval_model.named_parameters() if not decayed(k, p.dim())]
+    state_keys = list(eval_model.state_dict())
+    params, buffers = stack_module_state([m.to(device) for m in members])
+    params = {k: p.detach().clone().requires_grad_(True) for k, p in params.items()}
+    base = LM(cfg).to("meta")
+    del members
+    optimizer = StackedAdamW(params, n)
+    for i, state in enumerate(resumed):
+        if state is not None:
+            optimizer.load_member(i, order, state["optimizer"])
+    del resumed
+
+    def member_loss(p, b, x, y):
+        return functional_call(base, (p, b), (x, y))[1]
+
+    batched_loss = vmap(member_loss)
+
+    def load_member(i: int) -> LM:
+        with torch.no_grad():
+            eval_model.load_state_dict({k: (params.get(k) if k in params else buffers[k])[i] for k in state_keys})
+        return eval_model
+
+    def checkpoint(i: int, step: int) -> None:
+        spec = specs[i]
+        rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if on_cuda else None}
+        with torch.no_grad():
+            model_state = {k: (params.get(k) if k in params else buffers[k])[i].detach().clone() for k in state_keys}
+        save_checkpoint(ckpt_dirs[i], step, {
+            "step": step, "run": _run_key(spec), "model": model_state,
+            "optimizer": optimizer.member_state(i, order, template, lr_at(step, spec), spec.weight_decay),
+            "data": batches[i].state_dict(), "rng": rng, "loss": last_loss[i],
+            "wall_s": prior_wall[i] + time.perf_counter() - t_start, "microbatch": microbatch,
+        })
+        reporters[i]("ckpt", {"step": step})
+
+    def evaluate(i: int, step: int) -> float:
+        model = load_member(i)
+        model.eval()
+        try:
+            val = validation_loss(model, data, spec0.seq_len, device=device, batch=microbatch)
+            results = run_evals(spec0.evals, model, data, spec0.seq_len, device=device)
+        except torch.OutOfMemoryError:
+            raise OutOfMemory(step, microbatch) from None
+        tokens = step * tokens_per_step
+        reporters[i]("val", {"step": step, "tokens": tokens, "flops": float(fpt) * tokens, "val_loss": val})
+        for name, value in results.items():
+            reporters[i]("eval", {"step": step, "name": name, "value": value})
+        return val
+
+    outcome: list[Summary | TrainingError | None] = [None] * n
+    for i, start in enumerate(starts):
+        if start >= total_steps:  # checkpointed at its last step but not reported as done: finish it
+            outcome[i] = _summary(specs[i], counts, fpt, evaluate(i, total_steps), last_loss[i], prior_wall[i], 0.0, 0, starts[i], data.sha256, microbatch)
+    exits = {f[1] for f in faults if f and f[0] == "exit"}
+    exit_at = {k for k in exits if all(max(checkpoint_steps(d), default=0) < k for d in ckpt_dirs)}
+    report_every = max(1, total_steps // MAX_TRAIN_REPORTS)
+    train_time = [0.0] * n
+    window_t, window_steps = [0.0] * n, [0] * n
+    last_ckpt_t = time.perf_counter()
+    for t in range(1, total_steps - min(starts) + 1):
+        steps = [s + t for s in starts]
+        active = [outcome[i] is None and steps[i] <= total_steps for i in range(n)]
+        if not any(active):
+            break
+        t0 = time.perf_counter()
+        micro = []
+        for i in range(n):
+            b = batches[i]
+            b.position = (min(steps[i], total_steps) - 1) * spec0.batch_size
+            micro.append([b.next() for _ in range(n_micro)])
+            b.position = min(steps[i], total_steps) * spec0.batch_size
+        n_valid = [max(1, sum(int((y != -100).sum()) for _, y in mb)) for mb in micro]
+        try:
+            loss_sum = torch.zeros(n, device=device)
+            for j in range(n_micro):
+                x = torch.stack([micro[i][j][0] for i in range(n)]).to(device, non_blocking=True)
+                y = torch.stack([micro[i][j][1] for i in range(n)]).to(device, non_blocking=True)
+                share_j = torch.tensor([int((micro[i][j][1] != -100).sum()) / n_valid[i] for i in range(n)], device=device)
+                with autocast(device):
+                    losses = batched_loss(params, buffers, x, y)
+                # Each member's step loss is the mean over its labelled tokens, as in pretrain.
+                (losses * share_j).sum().backward()
+                loss_sum += losses.detach() * share_j
+            for i, f in enumerate(faults):
+                if f and f[0] == "raise" and f[1] == steps[i]:
+                    raise RuntimeError(f"injected failure at step {steps[i]}")
+            values = loss_sum.tolist()
+            for i, f in enumerate(faults):
+                if f == ("nan", steps[i]):
+                    values[i] = float("nan")
+            for i in range(n):
+                if active[i]:
+                    if not math.isfinite(values[i]):
+                        outcome[i] = Diverged(steps[i])
+                        active[i] = False
+                    else:
+                        last_loss[i] = values[i]
+            _clip_and_mask(params, specs, active)
+            optimizer.step(
+                [lr_at(min(s, total_steps), spec) for s, spec in zip(steps, specs)],
+                [spec.weight_decay for spec in specs], active,
+            )
+            for p in params.values():
+                p.grad = None
+        except torch.OutOfMemoryError:
+            for p in params.values():
+                p.grad = None
+            raise OutOfMemory(min(steps), microbatch) from None
+        dt = time.perf_counter() - t0
+        for i in range(n):
+            if active[i]:
+                train_time[i] += dt
+                window_t[i] += dt
+                window_steps[i] += 1
+
+        for i in range(n):
+            if not active[i]:
+                continue
+            step = steps[i]
+            if step % report_every == 0 or step in (starts[i] + 1, total_steps):
+                tps = window_steps[i] * tokens_per_step / window_t[i]
+                tokens = step * tokens_per_step
+                reporters[i]("train", {
+                    "step": step, "tokens": tokens, "flops": float(fpt) * tokens, "loss": last_loss[i],
+                    "lr": lr_at(step, specs[i]), "tokens_per_s": tps,
+                    "mfu": fpt * tps / PEAK_FLOPS_CUDA if on_cuda else None,
+                })
+                window_steps[i], window_t[i] = 0, 0.0
+            if spec0.eval_every and step % spec0.eval_every == 0 and step != total_steps:
+                evaluate(i, step)
+        stopping = should_stop is not None and should_stop()
+        timed = time.perf_counter() - last_ckpt_t >= ckpt_every_s
+        for i in range(n):
+            if not active[i]:
+                continue
+            step = steps[i]
+            due = bool(ckpt_every_steps) and step % ckpt_every_steps == 0
+            if step == total_steps or due or timed or stopping or step in exit_at:
+                checkpoint(i, step)
+            if step == total_steps:
+                val = evaluate(i, step)
+                outcome[i] = _summary(specs[i], counts, fpt, val, last_loss[i], prior_wall[i],
+                                      time.perf_counter() - t_start, train_time[i], starts[i], data.sha256, microbatch,
+                                      trained=steps[i] - starts[i])
+            elif stopping:
+                outcome[i] = Interrupted(step)
+        if timed:
+            last_ckpt_t = time.perf_counter()
+        if any(s in exit_at for s in steps):
+            logging.shutdown()
+            os._exit(1)
+        if stopping:
+            break
+    return [o if o is not None else Interrupted(starts[i]) for i, o in enumerate(outcome)]
+
+
+@torch.no_grad()
+def _clip_and_mask(params: dict[str, torch.Tensor], specs: Sequence, active: list[bool]) -> None:
+    """Clip each member's gradient to its own ``grad_clip`` (as clip_grad_norm_), and zero inactive members'."""
+    grads = [p.grad for p in params.values() if p.grad is not None]
+    if not grads:
+        return
+    n = len(specs)
+    dev = grads[0].device
+    norms = torch.zeros(n, device=dev)
+    for g in grads:
+        norms += g.float().pow(2).flatten(1).sum(1)
+    norms = norms.sqrt()
+    clip = torch.tensor([s.grad_clip if s.grad_clip > 0 else math.inf for s in specs], device=dev)
+    coef = torch.clamp(clip / (norms + 1e-6), max=1.0)
+    coef = torch.where(torch.tensor(active, device=dev), coef, torch.zeros_like(coef))
+    for g in grads:
+        # where, not a product: a diverged member's NaN gradient must become 0, not NaN * 0.
+        keep = coef.view((n,) + (1,) * (g.dim() - 1))
+        g.copy_(torch.where(keep > 0, g * keep, torch.zeros_like(g)))
+
+
+def _summary(spec, counts, fpt, val, loss, prior_wall, elapsed, train_time, start, sha, microbatch, trained=0) -> Summary:
+    tokens_per_step = spec.batch_size * spec.seq_len
+    return Summary(
+        steps=spec.steps, tokens=spec.steps * tokens_per_step, flops=float(fpt) * spec.steps * tokens_per_step,
+        final_loss=loss, val_loss=val, params=counts.total, nonembed_params=counts.nonembed,
+        wall_s=prior_wall + elapsed, tokens_per_s=trained * tokens_per_step / train_time if train_time else 0.0,
+        data_sha256=sha, microbatch=microbatch, resumed_from_step=start,
+    )

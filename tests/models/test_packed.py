@@ -1,0 +1,117 @@
+"""Packed training: a stacked, vmapped pack trains each member exactly as it would train alone."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from models.packed import StackedAdamW, pack_key, pretrain_pack
+from models.train import Diverged, Interrupted, checkpoint_steps, load_checkpoint, pretrain
+from tests.models.test_train import Recorder, spec
+
+
+def members(**kw):
+    """Three runs of one shape that differ in seed, learning rate, schedule, decay and clipping."""
+    return [
+        spec(seed=0, lr=3e-3, **kw),
+        spec(seed=1, lr=1e-3, schedule="wsd", weight_decay=0.0, **kw),
+        spec(seed=2, lr=5e-3, warmup=1, grad_clip=0.0, **kw),
+    ]
+
+
+def train_alone(specs, tmp_path: Path):
+    out = []
+    for i, s in enumerate(specs):
+        rec = Recorder()
+        summary = pretrain(s, rec, tmp_path / f"solo{i}", device="cpu", microbatch=4)
+        out.append((rec, summary))
+    return out
+
+
+@pytest.mark.parametrize("arch", ["hybrid", "hgrn2", "mamba2"])
+def test_pack_matches_separate_runs(tmp_path, arch):
+    specs = members(arch=arch, tokens=8 * 32 * 6)
+    alone = train_alone(specs, tmp_path)
+    recs = [Recorder() for _ in specs]
+    results = pretrain_pack(specs, recs, [tmp_path / f"pack{i}" for i in range(3)], device="cpu", microbatch=4)
+    for (solo_rec, solo), rec, packed in zip(alone, recs, results):
+        assert packed.steps == solo.steps == 6 and packed.resumed_from_step == 0
+        solo_losses, pack_losses = solo_rec.losses(), rec.losses()
+        assert sorted(pack_losses) == sorted(solo_losses) == list(range(1, 7))
+        for step in solo_losses:
+            assert pack_losses[step] == pytest.approx(solo_losses[step], rel=2e-4, abs=2e-4), step
+        assert packed.val_loss == pytest.approx(solo.val_loss, rel=2e-4)
+    # the members really differ: different seeds and learning rates give different curves
+    assert len({round(r.final_loss, 4) for r in results}) == 3
+
+
+def test_pack_checkpoints_resume_alone_and_in_a_pack(tmp_path):
+    specs = members(tokens=8 * 32 * 8)
+    dirs = [tmp_path / f"m{i}" for i in range(3)]
+    alone = train_alone(specs, tmp_path)
+    # a pack stopped at step 3 by a graceful stop request
+    calls = iter(range(100))
+    stopped = pretrain_pack(specs, [Recorder() for _ in specs], dirs, device="cpu", microbatch=4,
+                            should_stop=lambda: next(calls) >= 2)
+    assert all(isinstance(r, Interrupted) and r.step == 3 for r in stopped)
+    assert all(checkpoint_steps(d) == [3] for d in dirs)
+    # member 0 resumes alone (pretrain reads a pack checkpoint); members 1 and 2 resume as a pack of two
+    rec0 = Recorder()
+    solo = pretrain(specs[0], rec0, dirs[0], device="cpu", microbatch=4)
+    recs = [Recorder(), Recorder()]
+    packed = pretrain_pack(specs[1:], recs, dirs[1:], device="cpu", microbatch=4)
+    for (ref_rec, ref), rec, got in zip(alone, [rec0, *recs], [solo, *packed]):
+        assert got.resumed_from_step == 3
+        assert sorted(rec.losses()) == list(range(4, 9))
+        for step, loss in rec.losses().items():
+            assert loss == pytest.approx(ref_rec.losses()[step], rel=2e-4, abs=2e-4), step
+        assert got.val_loss == pytest.approx(ref.val_loss, rel=2e-4)
+
+
+def test_members_at_different_steps_and_a_diverged_member(tmp_path):
+    specs = members(tokens=8 * 32 * 6)
+    dirs = [tmp_path / f"m{i}" for i in range(3)]
+    # member 2 has already trained 4 steps alone
+    with pytest.raises(Interrupted):
+        pretrain(specs[2], Recorder(), dirs[2], device="cpu", microbatch=4,
+                 should_stop=iter([False, False, False, True]).__next__)
+    assert load_checkpoint(dirs[2])["step"] == 4
+    recs = [Recorder() for _ in specs]
+    results = pretrain_pack(specs, recs, dirs, device="cpu", microbatch=4, faults=["nan@2", None, None])
+    assert isinstance(results[0], Diverged) and results[0].step == 2
+    assert [r.steps for r in results[1:]] == [6, 6]
+    assert results[2].resumed_from_step == 4 and sorted(recs[2].losses()) == [5, 6]
+    assert sorted(recs[0].losses()) == [1]  # nothing reported after the divergence
+    alone = train_alone(specs[1:], tmp_path)
+    for (ref_rec, ref), rec, got in zip(alone, recs[1:], results[1:]):
+        for step, loss in rec.losses().items():
+            assert loss == pytest.approx(ref_rec.losses()[step], rel=2e-4, abs=2e-4), step
+
+
+def test_pack_refuses_runs_of_different_shapes(tmp_path):
+    a, b = spec(seed=0), spec(seed=1, d_model=64)
+    assert pack_key(a) != pack_key(b)
+    assert pack_key(spec(seed=0, lr=1.0)) == pack_key(spec(seed=5, lr=2.0, gpus=0.5))
+    with pytest.raises(ValueError, match="differ only"):
+        pretrain_pack([a, b], [Recorder(), Recorder()], [tmp_path / "a", tmp_path / "b"], device="cpu")
+
+
+def test_stacked_adamw_matches_torch_adamw():
+    torch.manual_seed(0)
+    w = [torch.randn(5, 3) for _ in range(2)]
+    lrs, wds = [1e-2, 3e-2], [0.1, 0.0]
+    refs = [torch.nn.Parameter(x.clone()) for x in w]
+    opts = [torch.optim.AdamW([p], lr=lr, betas=(0.9, 0.95), weight_decay=wd) for p, lr, wd in zip(refs, lrs, wds)]
+    stacked = {"blocks.0.w": torch.stack(w).requires_grad_()}
+    ours = StackedAdamW(stacked, 2)
+    for step in range(5):
+        grads = torch.randn(2, 5, 3)
+        for p, o, g in zip(refs, opts, grads):
+            p.grad = g.clone()
+            o.step()
+        stacked["blocks.0.w"].grad = grads.clone()
+        ours.step(lrs, wds, [True, step < 2])  # member 1 stops after two steps
+        if step == 1:
+            frozen = stacked["blocks.0.w"][1].detach().clone()
+    torch.testing.assert_close(stacked["blocks.0.w"][0].detach(), refs[0].detach())
+    torch.testing.assert_close(stacked["blocks.0.w"][1].detach(), frozen)
