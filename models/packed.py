@@ -69,24 +69,26 @@ class StackedAdamW:
         self.steps += mask.double()
         t = self.steps.clamp(min=1)
         lr_t = torch.tensor(lr, dtype=torch.float64) * mask.double()
-        step_size = (lr_t / (1 - b1**t)).float()
-        c2_sqrt = torch.sqrt(1 - b2**t).float()
-        wd = torch.tensor(weight_decay, dtype=torch.float64)
+        # Per-member factors, moved to the GPU once per step (not once per parameter).
         dev = next(iter(self.params.values())).device
-        on = mask.to(dev)
+        factors = torch.stack([
+            lr_t / (1 - b1**t), torch.sqrt(1 - b2**t), 1 - lr_t * torch.tensor(weight_decay, dtype=torch.float64),
+            mask.double(),
+        ]).float().to(dev)
+        step_size, c2_sqrt, shrink, keep_all = factors
         for name, p in self.params.items():
             g = p.grad
             if g is None:
                 continue
             shape = (self.n,) + (1,) * (p.dim() - 1)
-            keep = on.view(shape)
+            keep = keep_all.view(shape) > 0
             if self.decay[name]:
-                p.mul_((1 - lr_t * wd).float().to(dev).view(shape))
+                p.mul_(shrink.view(shape))
             m, v = self.exp_avg[name], self.exp_avg_sq[name]
             m.copy_(torch.where(keep, m.lerp(g, 1 - b1), m))
             v.copy_(torch.where(keep, v * b2 + (1 - b2) * g * g, v))
-            denom = v.sqrt() / c2_sqrt.to(dev).view(shape) + ADAM_EPS
-            p.sub_(step_size.to(dev).view(shape) * m / denom)
+            denom = v.sqrt() / c2_sqrt.view(shape) + ADAM_EPS
+            p.sub_(step_size.view(shape) * m / denom)
 
     def member_state(self, i: int, order: list[str], template: list[dict], lr: float, weight_decay: float) -> dict:
         """Member ``i``'s moments as a ``torch.optim.AdamW`` state_dict (params numbered in ``order``)."""

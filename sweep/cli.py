@@ -289,10 +289,16 @@ def launch(
     lease_timeout: float = typer.Option(120.0, help="Seconds after which a run whose launcher stopped heartbeating is reclaimed."),
     ckpt_every: int = typer.Option(1000, min=1, help="Checkpoint every this many steps (and every 10 minutes)."),
     max_runs: int = typer.Option(DEFAULT_MAX_RUNS, help="Refuse plans that expand to more runs than this."),
+    pack: str = typer.Option(
+        "auto", help="Train same-shape runs (differing only in seed, lr, warmup, schedule, decay, clipping) as one "
+        "stacked model per task: 'auto' packs on GPUs by size and memory, a number N packs up to N (CPU too), 'off'.",
+    ),
+    gpu_mem: float = typer.Option(80.0, help="GiB of memory per GPU, for --pack auto."),
 ) -> None:
-    """Register plans and train every run that is not done, one Ray task per run.
+    """Register plans and train every run that is not done, one Ray task per run or per pack.
 
-    Runs pack onto GPUs by their plan's gpus column (0.25 = four per GPU). A second launch of the same plan
+    Runs share GPUs by their plan's gpus column (0.25 = four per GPU); small same-shape runs also train
+    together as one stacked model (--pack), so a GPU takes one large step instead of many small ones. A second launch of the same plan
     trains nothing twice; after a crash, a relaunch resumes runs from their checkpoints. Ctrl-C once stops
     starting runs and lets running ones checkpoint; twice cancels at once. Exit 0 when every run is done,
     1 when any failed or diverged, 2 on bad input.
@@ -302,12 +308,18 @@ def launch(
     from sweep.launch import LaunchError, LaunchOptions, launch as run_launch, parse_where
     from sweep.progress import LaunchView
 
+    from sweep.pack import parse_pack
+
+    try:
+        pack_size = parse_pack(pack)
+    except ValueError as exc:
+        fail(str(exc))
     plans = _plans(files, max_runs)
     try:
         opts = LaunchOptions(
             db_url=ctx.obj["db"], address=address, ckpt_dir=ckpt_dir, max_attempts=max_attempts, cpu=cpu,
             where=parse_where(where), limit=limit, cpus_per_run=cpus_per_run, lease_timeout_s=lease_timeout,
-            ckpt_every_steps=ckpt_every,
+            ckpt_every_steps=ckpt_every, pack=pack_size, gpu_mem_gib=gpu_mem,
         )
         result = run_launch(plans, opts, LaunchView(out))
     except (LaunchError, DatabaseError) as exc:
@@ -591,6 +603,40 @@ def bench_plan(
         f"{plan_file}: {result['runs']:,} runs; expand {result['expand_s']:.3f} s (target < 1 s); "
         f"register into fresh SQLite {result['register_s']:.3f} s (target < 2 s)"
     )
+
+
+@bench_app.command("pack")
+def bench_pack(
+    plan_file: Path = typer.Argument(Path("plans/pack-grid.csv"), help="Plan whose runs to train both ways."),
+    steps: int = typer.Option(50, min=1, help="Optimizer steps per run (the plan's budgets are cut to this)."),
+    pack: str = typer.Option("auto", help="Packing as for slab launch: auto, off or a number of runs."),
+    out_csv: Optional[Path] = typer.Option(Path("docs/bench/pack.csv"), "--csv", help="Append the result here."),
+) -> None:
+    """Train a plan's runs one at a time, then packed as stacked models, in this process (GPU if present).
+
+    Prints both wall times, the speedup, aggregate tokens/s and MFU, and how far the two modes' final
+    losses differ. Example: slab bench pack plans/pack-grid.csv --steps 50
+    """
+    import pandas as pd
+
+    from sweep.bench import bench_pack as run
+    from sweep.pack import parse_pack
+
+    try:
+        pack_size = parse_pack(pack)
+    except ValueError as exc:
+        fail(str(exc))
+    import sys
+    import time
+
+    t0 = time.perf_counter()
+    result = run(plan_file, steps=steps, pack=pack_size, progress=lambda msg: sys.stderr.write(f"[{time.perf_counter() - t0:7.1f} s] {msg}\n"))
+    frame = pd.DataFrame([{"plan": str(plan_file), **result}])
+    if out_csv:
+        out_csv.parent.mkdir(parents=True, exist_ok=True)
+        frame.to_csv(out_csv, mode="a", header=not out_csv.exists(), index=False)
+    shown = pd.DataFrame({"measure": list(result), "value": [f"{v:.4g}" if isinstance(v, float) else str(v) for v in result.values()]})
+    _emit(shown, Format.table, title="packed vs one at a time")
 
 
 def main() -> None:

@@ -29,6 +29,7 @@ from sqlalchemy.orm import Session
 from db.engine import open_db
 from db.schema import Run, utcnow
 from db.writer import claim_run, heartbeat, update_run, write_results
+from sweep.pack import pack_gpus, plan_packs
 from sweep.plan import Plan
 from sweep.progress import LaunchView
 from sweep.registry import add_plans
@@ -64,6 +65,8 @@ class LaunchOptions:
     poll_s: float = 0.5
     ckpt_every_steps: int = 1000
     ckpt_every_s: float = 600.0
+    pack: int | None = None  # runs per pack: None = auto (GPUs only), 1 = off
+    gpu_mem_gib: float = 80.0  # memory of one GPU, for automatic packing
 
 
 @dataclass
@@ -183,7 +186,7 @@ class Driver:
     def __init__(self, engine: Engine, opts: LaunchOptions, view: LaunchView):
         import ray
 
-        from sweep.task import EventSink, train_run, train_run_dp
+        from sweep.task import EventSink, train_pack, train_run, train_run_dp
 
         self.ray = ray
         self.engine, self.opts, self.view = engine, opts, view
@@ -194,8 +197,11 @@ class Driver:
         self.gpu_task = ray.remote(max_calls=1)(train_run)
         # Data-parallel runs: a light coordinator task; Ray Train reserves the workers (a placement group).
         self.dp_task = ray.remote(num_cpus=0, num_gpus=0)(train_run_dp)
-        self.queue: list[Flight] = []
+        self.pack_task = ray.remote(train_pack)
+        self.gpu_pack_task = ray.remote(max_calls=1)(train_pack)
+        self.queue: list[list[Flight]] = []  # units to start: one run, or a pack of same-shape runs
         self.flights: dict[str, Flight] = {}
+        self.units: dict[Any, tuple[list[str], float, float]] = {}  # task ref -> (run ids, CPUs, GPUs)
         self.waiting: dict[str, Flight] = {}  # leased by another live launcher
         self.outcome: dict[str, str] = {}
         self.stopping = False
@@ -224,20 +230,26 @@ class Driver:
         if self.total_gpus == 0:
             raise LaunchError("the Ray cluster has no GPU; pass --cpu to train on CPU")
 
-    def _fits_now(self, spec: RunSpec) -> bool:
-        cpus = sum(self.opts.cpus_per_run * data_parallel_workers(f.spec.gpus) for f in self.flights.values())
-        if cpus + self.opts.cpus_per_run * data_parallel_workers(spec.gpus) > self.total_cpus + 1e-9:
+    def _needs(self, unit: list[Flight]) -> tuple[float, float]:
+        """(CPUs, GPUs) a unit's task reserves."""
+        cpus = self.opts.cpus_per_run * (data_parallel_workers(unit[0].spec.gpus) if len(unit) == 1 else 1)
+        gpus = 0.0 if self.opts.cpu else pack_gpus([(f.spec, f.name) for f in unit])
+        return cpus, gpus
+
+    def _fits_now(self, unit: list[Flight]) -> bool:
+        cpus, gpus = self._needs(unit)
+        if cpus + sum(c for _, c, _ in self.units.values()) > self.total_cpus + 1e-9:
             return False
-        if self.opts.cpu:
-            return True
-        gpus = sum(f.spec.gpus for f in self.flights.values()) + spec.gpus
-        return gpus <= self.total_gpus + 1e-9
+        return self.opts.cpu or gpus + sum(g for _, _, g in self.units.values()) <= self.total_gpus + 1e-9
 
     # ---------------------------------------------------------------- the loop
 
     def run(self, runs: list[tuple[RunSpec, str | None]]) -> LaunchResult:
         """Train every selected run (or stop on Ctrl-C) and return how each ended."""
-        self.queue = [Flight(spec=s, name=n, attempt=0, tries=0, microbatch=None) for s, n in runs]
+        packs = plan_packs(runs, self.opts.pack, cpu=self.opts.cpu, gpu_mem_bytes=self.opts.gpu_mem_gib * 2**30)
+        if any(len(p) > 1 for p in packs):
+            self.view.log(f"{len(runs)} runs in {len(packs)} tasks: same-shape runs train together as stacked models (--pack)")
+        self.queue = [[Flight(spec=s, name=n, attempt=0, tries=0, microbatch=None) for s, n in p] for p in packs]
         order = [s.run_id for s, _ in runs]
         names = {s.run_id: n for s, n in runs}
         last_beat = 0.0
@@ -276,19 +288,20 @@ class Driver:
         if self.stopping:
             return
         now = time.monotonic()
-        for flight in list(self.queue):
-            if flight.not_before > now or not self._fits_now(flight.spec):
+        for unit in list(self.queue):
+            if max(f.not_before for f in unit) > now or not self._fits_now(unit):
                 continue
-            self.queue.remove(flight)
-            self._claim_and_submit(flight)
+            self.queue.remove(unit)
+            self._claim_and_submit(unit)
 
-    def _claim_and_submit(self, flight: Flight) -> None:
+    def _claim(self, flight: Flight) -> bool:
+        """Lease one run for this launcher; False when it is finished or leased by another live launcher."""
         run_id = flight.spec.run_id
         with self.engine.connect() as conn:
             row = conn.execute(select(Run.status, Run.lease_owner).where(Run.run_id == run_id)).one()
         if row.status in ("done", "diverged"):
             self.outcome[run_id] = row.status
-            return
+            return False
         stale = utcnow() - timedelta(seconds=self.opts.lease_timeout_s)
         if row.status == "running" and _owner_dead(row.lease_owner):
             stale = utcnow() + timedelta(days=1)  # its launcher is gone from this host: no need to wait
@@ -296,39 +309,55 @@ class Driver:
         if attempt is None:
             self.waiting[run_id] = flight
             self.view.log(f"{flight.name or run_id}: leased by another launcher ({row.lease_owner}); waiting")
-            return
+            return False
         flight.attempt, flight.tries, flight.started = attempt, flight.tries + 1, time.monotonic()
-        fault = self.faults.get(run_id) or self.faults.get(flight.name or "")
-        args = (flight.spec.to_dict(), self.sink, attempt, str(self.opts.ckpt_dir.resolve()), self.opts.cpu,
-                flight.microbatch, fault, self.opts.ckpt_every_steps, self.opts.ckpt_every_s)
-        self.flights[run_id] = flight
+        return True
+
+    def _claim_and_submit(self, unit: list[Flight]) -> None:
+        unit = [f for f in unit if self._claim(f)]
+        if not unit:
+            return
+        root = str(self.opts.ckpt_dir.resolve())
+        faults = [self.faults.get(f.spec.run_id) or self.faults.get(f.name or "") for f in unit]
+        cpus, gpus = self._needs(unit)
         # Per task, not only per job: a launch inside an already started Ray still sets them; children
         # (Ray Train's controller and workers) inherit them.
         env = {"env_vars": dict(WORKER_ENV)}
-        if data_parallel_workers(flight.spec.gpus) > 1:
-            flight.ref = self.dp_task.options(max_retries=0, runtime_env=env).remote(*args, self.opts.cpus_per_run)
+        options: dict[str, Any] = {"num_cpus": self.opts.cpus_per_run, "num_gpus": gpus, "max_retries": 0, "runtime_env": env}
+        flight = unit[0]
+        if len(unit) > 1:
+            task = self.pack_task if self.opts.cpu else self.gpu_pack_task
+            ref = task.options(**options).remote(
+                [f.spec.to_dict() for f in unit], self.sink, [f.attempt for f in unit], root, self.opts.cpu, None, faults,
+                self.opts.ckpt_every_steps, self.opts.ckpt_every_s, gpus,
+            )
         else:
-            options: dict[str, Any] = {"num_cpus": self.opts.cpus_per_run, "max_retries": 0, "runtime_env": env}
-            options["num_gpus"] = 0 if self.opts.cpu else flight.spec.gpus
-            task = self.task if self.opts.cpu else self.gpu_task
-            flight.ref = task.options(**options).remote(*args)
-        self.view.run_started(run_id, flight.spec, flight.name, attempt)
+            args = (flight.spec.to_dict(), self.sink, flight.attempt, root, self.opts.cpu, flight.microbatch, faults[0],
+                    self.opts.ckpt_every_steps, self.opts.ckpt_every_s)
+            if data_parallel_workers(flight.spec.gpus) > 1:
+                ref = self.dp_task.options(max_retries=0, runtime_env=env).remote(*args, self.opts.cpus_per_run)
+            else:
+                ref = (self.task if self.opts.cpu else self.gpu_task).options(**options).remote(*args)
+        self.units[ref] = ([f.spec.run_id for f in unit], cpus, gpus)
+        for f in unit:
+            f.ref = ref
+            self.flights[f.spec.run_id] = f
+            self.view.run_started(f.spec.run_id, f.spec, f.name, f.attempt)
 
     def _retry_waiting(self) -> None:
         for run_id, flight in list(self.waiting.items()):
             del self.waiting[run_id]
-            self._claim_and_submit(flight)
+            self._claim_and_submit([flight])
 
     def _collect(self) -> None:
-        refs = {f.ref: run_id for run_id, f in self.flights.items()}
         ready = []
-        if refs:
-            ready, _ = self.ray.wait(list(refs), num_returns=len(refs), timeout=self.opts.poll_s)
+        if self.units:
+            ready, _ = self.ray.wait(list(self.units), num_returns=len(self.units), timeout=self.opts.poll_s)
         else:
             time.sleep(self.opts.poll_s)
         self._write_events(self.ray.get(self.sink.drain.remote()))
         for ref in ready:
-            self._finish(refs[ref], ref)
+            self._finish_unit(ref)
 
     def _write_events(self, events: list[tuple]) -> None:
         metrics, evals, runs = [], [], {}
@@ -360,13 +389,27 @@ class Driver:
         if metrics or evals or runs:
             write_results(self.engine, metrics, evals, runs)
 
-    def _finish(self, run_id: str, ref) -> None:
+    def _finish_unit(self, ref) -> None:
+        run_ids, _, _ = self.units.pop(ref)
+        try:
+            result = self.ray.get(ref)
+        except Exception as exc:  # the task failed: every run it trained failed with it
+            results = [exc] * len(run_ids)
+            if len(run_ids) > 1:
+                self.view.log(f"a pack of {len(run_ids)} runs failed ({type(getattr(exc, 'cause', None) or exc).__name__}); its runs retry alone")
+        else:
+            results = result if len(run_ids) > 1 else [result]
+        for run_id, outcome in zip(run_ids, results):
+            self._settle(run_id, outcome, packed=len(run_ids) > 1)
+
+    def _settle(self, run_id: str, outcome: Any, packed: bool = False) -> None:
+        """Record how one run's task ended (a summary, or the exception that ended it) and retry if due."""
         from models.train import Diverged, Interrupted, OutOfMemory
 
         flight = self.flights.pop(run_id)
-        try:
-            summary = self.ray.get(ref)
-        except Exception as exc:  # the task failed: classify it by its cause
+        summary = outcome
+        if isinstance(outcome, Exception):  # classify the failure by its cause
+            exc = outcome
             cause = getattr(exc, "cause", None) or exc
             if isinstance(cause, Diverged) or isinstance(exc, Diverged):
                 step = getattr(cause, "step", None)
@@ -375,19 +418,23 @@ class Driver:
             elif isinstance(cause, Interrupted) or isinstance(exc, Interrupted):
                 update_run(self.engine, run_id, self.owner, status="pending", error=f"stopped at step {cause.step} by Ctrl-C")
                 self._ended(run_id, "pending", f"stopped at step {cause.step}; a relaunch resumes it")
+            elif packed and (isinstance(cause, OutOfMemory) or isinstance(exc, OutOfMemory)):
+                update_run(self.engine, run_id, self.owner, status="failed",
+                           error=f"out of memory at step {cause.step} in a pack; retrying alone")
+                self.queue.append([flight])
             elif (isinstance(cause, OutOfMemory) or isinstance(exc, OutOfMemory)) and (cause.microbatch or 1) > 1:
                 flight.microbatch = max(1, cause.microbatch // 2)
                 update_run(self.engine, run_id, self.owner, status="failed", microbatch=flight.microbatch,
                            error=f"out of memory at step {cause.step} with microbatch {cause.microbatch}; retrying with {flight.microbatch}")
                 self.view.log(f"{flight.name or run_id}: out of memory; retrying with microbatch {flight.microbatch}")
-                self.queue.append(flight)
+                self.queue.append([flight])
             else:
                 error = _tail(cause if isinstance(cause, BaseException) else exc)
                 update_run(self.engine, run_id, self.owner, status="failed", error=error)
                 if flight.tries < self.opts.max_attempts and not self.stopping:
                     delay = self.opts.backoff_s * 2 ** (flight.tries - 1)
                     flight.not_before = time.monotonic() + delay
-                    self.queue.append(flight)
+                    self.queue.append([flight])
                     self.view.log(f"{flight.name or run_id}: attempt {flight.attempt} failed ({error.splitlines()[-1][:120]}); retrying in {delay:.0f} s")
                 else:
                     self._ended(run_id, "failed", error.splitlines()[-1][:200])
@@ -406,11 +453,12 @@ class Driver:
         self.view.run_finished(run_id, status, detail)
 
     def _cancel_all(self, reason: str = "cancelled by Ctrl-C") -> None:
-        for run_id, flight in list(self.flights.items()):
-            if flight.ref is not None:
-                self.ray.cancel(flight.ref, force=True)
+        for ref in self.units:
+            self.ray.cancel(ref, force=True)
+        for run_id in self.flights:
             update_run(self.engine, run_id, self.owner, status="pending", error=reason)
         self.flights.clear()
+        self.units.clear()
 
     def _final_rows(self, order: list[str], names: dict[str, str | None]) -> list[dict]:
         with Session(self.engine) as s:

@@ -182,6 +182,46 @@ def train_run(
     return dataclasses.asdict(summary)
 
 
+def train_pack(
+    spec_dicts: list[dict], sink, attempts: list[int], ckpt_root: str, cpu: bool, microbatch: int | None,
+    faults: list[str | None], ckpt_every_steps: int, ckpt_every_s: float, share: float,
+) -> list:
+    """Train several same-shape runs as one stacked model (``models.packed``) inside a worker; returns per
+    run its summary dict, or the ``Diverged`` / ``Interrupted`` that ended it."""
+    from contextlib import ExitStack
+
+    import torch
+
+    from models.packed import pretrain_pack
+    from sweep.spec import RunSpec
+
+    check_worker_env()
+    specs = [RunSpec.from_dict(d) for d in spec_dicts]
+    threads = int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)) or 1
+    torch.set_num_threads(max(1, threads))
+    device, gpu = _device(cpu)
+    dirs = [Path(ckpt_root) / s.run_id for s in specs]
+    reporters = [Reporter(sink, s.run_id, a, journal=d / "events.jsonl") for s, a, d in zip(specs, attempts, dirs)]
+    for r in reporters:
+        r("start", {"host": socket.gethostname(), "gpu": gpu, "pid": os.getpid(), "pack": len(specs)})
+    stop = reporters[0].should_stop
+    try:
+        with ExitStack() as locks:
+            for d in dirs:
+                locks.enter_context(run_lock(d))
+            for r in reporters:
+                r.replay()
+            results = pretrain_pack(
+                specs, reporters, dirs, device=device, microbatch=microbatch, share=share,
+                should_stop=lambda: stop() or any(r.stop_requested for r in reporters), faults=faults,
+                ckpt_every_steps=ckpt_every_steps, ckpt_every_s=ckpt_every_s,
+            )
+    finally:
+        for r in reporters:
+            r.flush()
+    return [r if isinstance(r, Exception) else dataclasses.asdict(r) for r in results]
+
+
 def data_parallel_workers(spec_gpus: float) -> int:
     """How many workers a run trains on: an integer ``gpus`` above 1 means that many data-parallel workers."""
     return int(spec_gpus) if spec_gpus > 1 else 1

@@ -218,3 +218,29 @@ def test_status_watch_returns_when_nothing_is_left(env, write_plan):
     run_launch(env, plan)
     result = CliRunner().invoke(app, ["--db", env["db"], "status", "--watch", "--interval", "0.1"])
     assert result.exit_code == 0 and "done" in result.output
+
+
+PACKED = (HEADER + "a-{seed},lightning,32,2,2,64,4,5120,3e-3,0|1|2,2\n"
+          "b-{seed},lightning,32,2,2,64,4,5120,1e-3,0|1|2,2\n"
+          "c,softmax,32,2,2,64,4,5120,3e-3,0,2\n")
+
+
+def test_packed_launch_divergence_and_a_dying_pack(env, write_plan, monkeypatch):
+    """Same-shape runs train as packs of three; a member diverges alone; a pack whose worker dies has its
+    runs retried alone, each resuming from the checkpoint the pack wrote."""
+    plan = write_plan(PACKED)
+    monkeypatch.setenv(FAULTS_ENV, json.dumps({"a-1": "nan@3", "b-0": "exit@5"}))
+    result = run_launch(env, plan, pack=3, ckpt_every_steps=5)
+    runs = runs_by_name(env, plan)
+    assert len(runs) == 7
+    assert runs["a-1"]["status"] == "diverged" and "step 3" in runs["a-1"]["error"]
+    for name in ("a-0", "a-2", "c"):  # a-1's pack-mates and the lone softmax run: one attempt each
+        assert runs[name]["status"] == "done" and runs[name]["attempts"] == 1, name
+        assert runs[name]["steps"] == list(range(1, 21)), name
+    for name in ("b-0", "b-1", "b-2"):  # the pack that died at step 5: retried alone, from step 5
+        assert runs[name]["status"] == "done" and runs[name]["attempts"] == 2, name
+        assert runs[name]["resumed_from_step"] == 5, name
+        assert runs[name]["steps"] == list(range(1, 21)), name
+    assert result.count("done") == 6 and result.count("diverged") == 1
+    # the members really trained apart: different seeds and learning rates end at different losses
+    assert len({round(runs[n]["final_loss"], 5) for n in ("a-0", "a-2", "b-0", "b-1", "b-2")}) == 5

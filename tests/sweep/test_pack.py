@@ -1,0 +1,61 @@
+"""Choosing packs: same-shape runs group, auto sizing by work and memory, the GPU share a pack asks for."""
+
+import pytest
+
+from sweep.pack import MAX_PACK, auto_pack_size, pack_gpus, parse_pack, plan_packs
+from tests.models.test_train import spec
+
+GIB = 2**30
+
+
+def names(packs):
+    return [[n for _, n in p] for p in packs]
+
+
+def test_parse_pack():
+    assert parse_pack("auto") is None and parse_pack("off") == 1 and parse_pack("4") == 4
+    for bad in ("0", "-1", "many", ""):
+        with pytest.raises(ValueError, match="--pack expects"):
+            parse_pack(bad)
+
+
+def test_same_shape_runs_pack_in_plan_order():
+    runs = [(spec(seed=s, lr=lr), f"x{s}-{lr}") for s in range(3) for lr in (1e-3, 3e-3)]
+    runs.insert(2, (spec(seed=0, d_model=64), "wide"))
+    runs.append((spec(seed=0, gpus=2), "dp"))  # a data-parallel run never packs
+    packs = plan_packs(runs, 4, cpu=True, gpu_mem_bytes=80 * GIB)
+    # packs of one shape come together, at the place of that shape's first run
+    assert names(packs) == [["x0-0.001", "x0-0.003", "x1-0.001", "x1-0.003"], ["x2-0.001", "x2-0.003"], ["wide"], ["dp"]]
+    assert names(plan_packs(runs, 1, cpu=False, gpu_mem_bytes=80 * GIB)) == [[n] for _, n in runs]
+    # auto packs on GPUs only
+    assert all(len(p) == 1 for p in plan_packs(runs, None, cpu=True, gpu_mem_bytes=80 * GIB))
+    assert len(plan_packs(runs, None, cpu=False, gpu_mem_bytes=80 * GIB)[0]) == 6
+
+
+def test_auto_size_by_work_and_memory():
+    tiny = spec(arch="softmax", d_model=64, n_layers=2, n_heads=1)
+    assert auto_pack_size(tiny, 80 * GIB) == MAX_PACK  # far below a 135M-model step: as many as allowed
+    big = spec(arch="softmax", d_model=768, n_layers=12, n_heads=12, vocab_size=32768, seq_len=2048, batch_size=16)
+    assert auto_pack_size(big, 80 * GIB) == 1  # already a full step's work
+    mid = spec(arch="softmax", d_model=512, n_layers=6, n_heads=8, vocab_size=32768, seq_len=1024, batch_size=16)
+    by_work = auto_pack_size(mid, 80 * GIB)
+    assert 1 < by_work < MAX_PACK
+    assert auto_pack_size(mid, 2 * GIB) < by_work  # a small GPU holds fewer
+
+
+def test_pack_gpus():
+    runs = [(spec(seed=s, gpus=0.25), None) for s in range(3)]
+    assert pack_gpus(runs) == 0.75 and pack_gpus(runs[:1]) == 0.25
+    assert pack_gpus([(spec(seed=s), None) for s in range(3)]) == 1.0
+
+
+def test_bench_pack_trains_the_same_runs_both_ways(tmp_path):
+    from sweep.bench import bench_pack
+
+    plan = tmp_path / "grid.csv"
+    plan.write_text("name,arch,d_model,n_layers,seq_len,batch_size,tokens,lr,warmup,seed\n"
+                    "t-{lr}-{seed},lightning,32,2,64,4,10000,1e-3|3e-3,2,0..1+1\n")
+    result = bench_pack(plan, steps=3, pack=4, device="cpu")
+    assert result["runs"] == 4 and result["tasks_packed"] == 1 and result["largest_pack"] == 4
+    assert result["serial_s"] > 0 and result["packed_s"] > 0
+    assert result["max_rel_loss_diff"] < 1e-4  # fp32 on CPU: the same training, up to rounding
