@@ -23,7 +23,7 @@ from torch.func import functional_call, stack_module_state, vmap
 
 from models.config import count_params, flops_per_token
 from models.data import Batches, open_data
-from models.evals import EVALS, autocast, run_evals, validation_loss
+from models.evals import EVALS, VAL_SEED, autocast, run_evals, val_sequences
 from models.lm import LM
 from models.train import (
     BETAS, MAX_TRAIN_REPORTS, PEAK_FLOPS_CUDA, Diverged, Interrupted, OutOfMemory, Summary, TrainingError,
@@ -223,24 +223,46 @@ def pretrain_pack(
         })
         reporters[i]("ckpt", {"step": step})
 
-    def evaluate(i: int, step: int) -> float:
-        model = load_member(i)
-        model.eval()
+    @torch.no_grad()
+    def stacked_validation(ids: list[int]) -> list[float]:
+        """``validation_loss`` of several members in one vmapped pass over the shared validation batches."""
+        sel = torch.tensor(ids, device=device)
+        p = {k: v.detach().index_select(0, sel) for k, v in params.items()}
+        b = {k: v.index_select(0, sel) for k, v in buffers.items()}
+        stream = Batches(data, spec0.seq_len, microbatch, seed=VAL_SEED, split="val")
+        total, count = torch.zeros(len(ids), dtype=torch.float64, device=device), 0
+        for _ in range(-(-val_sequences(spec0.seq_len) // microbatch)):
+            x, y = stream.next()
+            labelled = int((y != -100).sum())
+            if labelled == 0:
+                continue
+            with autocast(device):
+                losses = vmap(member_loss, in_dims=(0, 0, None, None))(p, b, x.to(device), y.to(device))
+            total += losses.double() * labelled
+            count += labelled
+        return (total / count).tolist()
+
+    def evaluate(ids: list[int], step: int) -> dict[int, float]:
+        """Validation loss (one pass for all of ``ids``) and the plan's evals (member by member)."""
+        if not ids:
+            return {}
         try:
-            val = validation_loss(model, data, spec0.seq_len, device=device, batch=microbatch)
-            results = run_evals(spec0.evals, model, data, spec0.seq_len, device=device)
+            vals = dict(zip(ids, stacked_validation(ids)))
+            results = {i: run_evals(spec0.evals, load_member(i).eval(), data, spec0.seq_len, device=device) for i in ids}
         except torch.OutOfMemoryError:
             raise OutOfMemory(step, microbatch) from None
         tokens = step * tokens_per_step
-        reporters[i]("val", {"step": step, "tokens": tokens, "flops": float(fpt) * tokens, "val_loss": val})
-        for name, value in results.items():
-            reporters[i]("eval", {"step": step, "name": name, "value": value})
-        return val
+        for i in ids:
+            reporters[i]("val", {"step": step, "tokens": tokens, "flops": float(fpt) * tokens, "val_loss": vals[i]})
+            for name, value in results[i].items():
+                reporters[i]("eval", {"step": step, "name": name, "value": value})
+        return vals
 
     outcome: list[Summary | TrainingError | None] = [None] * n
-    for i, start in enumerate(starts):
-        if start >= total_steps:  # checkpointed at its last step but not reported as done: finish it
-            outcome[i] = _summary(specs[i], counts, fpt, evaluate(i, total_steps), last_loss[i], prior_wall[i], 0.0, 0, starts[i], data.sha256, microbatch)
+    finished = [i for i, start in enumerate(starts) if start >= total_steps]
+    # checkpointed at their last step but not reported as done: finish them
+    for i, val in evaluate(finished, total_steps).items():
+        outcome[i] = _summary(specs[i], counts, fpt, val, last_loss[i], prior_wall[i], 0.0, 0, starts[i], data.sha256, microbatch)
     exits = {f[1] for f in faults if f and f[0] == "exit"}
     exit_at = {k for k in exits if all(max(checkpoint_steps(d), default=0) < k for d in ckpt_dirs)}
     report_every = max(1, total_steps // MAX_TRAIN_REPORTS)
@@ -303,6 +325,7 @@ def pretrain_pack(
                 window_t[i] += dt
                 window_steps[i] += 1
 
+        due_eval = []
         for i in range(n):
             if not active[i]:
                 continue
@@ -317,7 +340,10 @@ def pretrain_pack(
                 })
                 window_steps[i], window_t[i] = 0, 0.0
             if spec0.eval_every and step % spec0.eval_every == 0 and step != total_steps:
-                evaluate(i, step)
+                due_eval.append(i)
+        # Members evaluating now are at one step when they started together (the usual case).
+        for step in sorted({steps[i] for i in due_eval}):
+            evaluate([i for i in due_eval if steps[i] == step], step)
         stopping = should_stop is not None and should_stop()
         timed = time.perf_counter() - last_ckpt_t >= ckpt_every_s
         for i in range(n):
@@ -327,13 +353,13 @@ def pretrain_pack(
             due = bool(ckpt_every_steps) and step % ckpt_every_steps == 0
             if step == total_steps or due or timed or stopping or step in exit_at:
                 checkpoint(i, step)
-            if step == total_steps:
-                val = evaluate(i, step)
-                outcome[i] = _summary(specs[i], counts, fpt, val, last_loss[i], prior_wall[i],
-                                      time.perf_counter() - t_start, train_time[i], starts[i], data.sha256, microbatch,
-                                      trained=steps[i] - starts[i])
-            elif stopping:
+            if step != total_steps and stopping:
                 outcome[i] = Interrupted(step)
+        done_now = [i for i in range(n) if active[i] and steps[i] == total_steps]
+        for i, val in evaluate(done_now, total_steps).items():
+            outcome[i] = _summary(specs[i], counts, fpt, val, last_loss[i], prior_wall[i],
+                                  time.perf_counter() - t_start, train_time[i], starts[i], data.sha256, microbatch,
+                                  trained=steps[i] - starts[i])
         if timed:
             last_ckpt_t = time.perf_counter()
         if any(s in exit_at for s in steps):
