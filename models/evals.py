@@ -40,22 +40,26 @@ def val_sequences(seq_len: int) -> int:
     return max(8, min(256, (1 << 17) // seq_len))
 
 
+def validation_batches(data: Data, seq_len: int, *, device: torch.device, sequences: int | None = None, batch: int = 16):
+    """The fixed seeded validation batches as (x, y, labelled tokens) on ``device``; unlabelled ones skipped."""
+    sequences = sequences or val_sequences(seq_len)
+    batches = Batches(data, seq_len, batch, seed=VAL_SEED, split="val")
+    for _ in range(-(-sequences // batch)):
+        x, y = batches.next()
+        n = int((y != -100).sum())
+        if n:
+            yield x.to(device), y.to(device), n
+
+
 @torch.no_grad()
 def validation_loss(
     model, data: Data, seq_len: int, *, device: torch.device, sequences: int | None = None, batch: int = 16
 ) -> float:
     """Mean cross-entropy (nats per predicted token) over fixed seeded validation sequences."""
-    sequences = sequences or val_sequences(seq_len)
-    batches = Batches(data, seq_len, batch, seed=VAL_SEED, split="val")
     total, count = 0.0, 0
     was_training = model.training
     model.eval()
-    for _ in range(-(-sequences // batch)):
-        x, y = batches.next()
-        x, y = x.to(device), y.to(device)
-        n = int((y != -100).sum())
-        if n == 0:
-            continue
+    for x, y, n in validation_batches(data, seq_len, device=device, sequences=sequences, batch=batch):
         with autocast(device):
             _, loss = model(x, y)
         total += float(loss) * n

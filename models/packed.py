@@ -23,12 +23,12 @@ from torch.func import functional_call, stack_module_state, vmap
 
 from models.config import count_params, flops_per_token
 from models.data import Batches, open_data
-from models.evals import EVALS, VAL_SEED, autocast, run_evals, val_sequences
+from models.evals import EVALS, autocast, run_evals, validation_batches
 from models.lm import LM
 from models.train import (
     BETAS, MAX_TRAIN_REPORTS, PEAK_FLOPS_CUDA, Diverged, Interrupted, OutOfMemory, Summary, TrainingError,
     _param_groups, _parse_fault, _run_key, checkpoint_steps, decayed, default_microbatch, load_checkpoint,
-    lr_at, model_config, save_checkpoint,
+    lr_at, model_config, save_checkpoint, summarize,
 )
 
 log = logging.getLogger(__name__)
@@ -205,16 +205,19 @@ def pretrain_pack(
 
     batched_loss = vmap(member_loss)
 
+    def member_state(i: int) -> dict[str, torch.Tensor]:
+        """Member ``i``'s weights and persistent buffers under ``LM.state_dict()`` names (views, not copies)."""
+        return {k: (params[k] if k in params else buffers[k])[i].detach() for k in state_keys}
+
     def load_member(i: int) -> LM:
         with torch.no_grad():
-            eval_model.load_state_dict({k: (params.get(k) if k in params else buffers[k])[i] for k in state_keys})
+            eval_model.load_state_dict(member_state(i))
         return eval_model
 
     def checkpoint(i: int, step: int) -> None:
         spec = specs[i]
         rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if on_cuda else None}
-        with torch.no_grad():
-            model_state = {k: (params.get(k) if k in params else buffers[k])[i].detach().clone() for k in state_keys}
+        model_state = {k: t.clone() for k, t in member_state(i).items()}
         save_checkpoint(ckpt_dirs[i], step, {
             "step": step, "run": _run_key(spec), "model": model_state,
             "optimizer": optimizer.member_state(i, order, template, lr_at(step, spec), spec.weight_decay),
@@ -229,15 +232,10 @@ def pretrain_pack(
         sel = torch.tensor(ids, device=device)
         p = {k: v.detach().index_select(0, sel) for k, v in params.items()}
         b = {k: v.index_select(0, sel) for k, v in buffers.items()}
-        stream = Batches(data, spec0.seq_len, microbatch, seed=VAL_SEED, split="val")
         total, count = torch.zeros(len(ids), dtype=torch.float64, device=device), 0
-        for _ in range(-(-val_sequences(spec0.seq_len) // microbatch)):
-            x, y = stream.next()
-            labelled = int((y != -100).sum())
-            if labelled == 0:
-                continue
+        for x, y, labelled in validation_batches(data, spec0.seq_len, device=device, batch=microbatch):
             with autocast(device):
-                losses = vmap(member_loss, in_dims=(0, 0, None, None))(p, b, x.to(device), y.to(device))
+                losses = vmap(member_loss, in_dims=(0, 0, None, None))(p, b, x, y)
             total += losses.double() * labelled
             count += labelled
         return (total / count).tolist()
@@ -262,7 +260,9 @@ def pretrain_pack(
     finished = [i for i, start in enumerate(starts) if start >= total_steps]
     # checkpointed at their last step but not reported as done: finish them
     for i, val in evaluate(finished, total_steps).items():
-        outcome[i] = _summary(specs[i], counts, fpt, val, last_loss[i], prior_wall[i], 0.0, 0, starts[i], data.sha256, microbatch)
+        outcome[i] = summarize(specs[i], counts, fpt, val_loss=val, final_loss=last_loss[i], wall_s=prior_wall[i],
+                               train_time=0.0, trained_steps=0, start=starts[i], data_sha256=data.sha256,
+                               microbatch=microbatch)
     exits = {f[1] for f in faults if f and f[0] == "exit"}
     exit_at = {k for k in exits if all(max(checkpoint_steps(d), default=0) < k for d in ckpt_dirs)}
     report_every = max(1, total_steps // MAX_TRAIN_REPORTS)
@@ -357,9 +357,10 @@ def pretrain_pack(
                 outcome[i] = Interrupted(step)
         done_now = [i for i in range(n) if active[i] and steps[i] == total_steps]
         for i, val in evaluate(done_now, total_steps).items():
-            outcome[i] = _summary(specs[i], counts, fpt, val, last_loss[i], prior_wall[i],
-                                  time.perf_counter() - t_start, train_time[i], starts[i], data.sha256, microbatch,
-                                  trained=steps[i] - starts[i])
+            outcome[i] = summarize(specs[i], counts, fpt, val_loss=val, final_loss=last_loss[i],
+                                   wall_s=prior_wall[i] + time.perf_counter() - t_start, train_time=train_time[i],
+                                   trained_steps=steps[i] - starts[i], start=starts[i], data_sha256=data.sha256,
+                                   microbatch=microbatch)
         if timed:
             last_ckpt_t = time.perf_counter()
         if any(s in exit_at for s in steps):
@@ -390,12 +391,3 @@ def _clip_and_mask(params: dict[str, torch.Tensor], specs: Sequence, active: lis
         keep = coef.view((n,) + (1,) * (g.dim() - 1))
         g.copy_(torch.where(keep > 0, g * keep, torch.zeros_like(g)))
 
-
-def _summary(spec, counts, fpt, val, loss, prior_wall, elapsed, train_time, start, sha, microbatch, trained=0) -> Summary:
-    tokens_per_step = spec.batch_size * spec.seq_len
-    return Summary(
-        steps=spec.steps, tokens=spec.steps * tokens_per_step, flops=float(fpt) * spec.steps * tokens_per_step,
-        final_loss=loss, val_loss=val, params=counts.total, nonembed_params=counts.nonembed,
-        wall_s=prior_wall + elapsed, tokens_per_s=trained * tokens_per_step / train_time if train_time else 0.0,
-        data_sha256=sha, microbatch=microbatch, resumed_from_step=start,
-    )

@@ -450,18 +450,18 @@ def pretrain(
             raise Interrupted(step)
 
     val = evaluate(total_steps)
-    wall = prior_wall + time.perf_counter() - t_start
+    return summarize(spec, counts, fpt, val_loss=val, final_loss=last_loss, wall_s=prior_wall + time.perf_counter() - t_start,
+                     train_time=train_time, trained_steps=trained_steps, start=start, data_sha256=data.sha256,
+                     microbatch=microbatch)
+
+
+def summarize(spec, counts, fpt: int, *, val_loss: float, final_loss: float, wall_s: float, train_time: float,
+              trained_steps: int, start: int, data_sha256: str, microbatch: int) -> Summary:
+    """The ``Summary`` of a finished run; tokens/s counts this attempt's ``trained_steps`` over ``train_time``."""
+    tokens_per_step = spec.batch_size * spec.seq_len
     return Summary(
-        steps=total_steps,
-        tokens=total_steps * tokens_per_step,
-        flops=float(fpt) * total_steps * tokens_per_step,
-        final_loss=last_loss,
-        val_loss=val,
-        params=counts.total,
-        nonembed_params=counts.nonembed,
-        wall_s=wall,
+        steps=spec.steps, tokens=spec.steps * tokens_per_step, flops=float(fpt) * spec.steps * tokens_per_step,
+        final_loss=final_loss, val_loss=val_loss, params=counts.total, nonembed_params=counts.nonembed, wall_s=wall_s,
         tokens_per_s=trained_steps * tokens_per_step / train_time if train_time else 0.0,
-        data_sha256=data.sha256,
-        microbatch=microbatch,
-        resumed_from_step=start,
+        data_sha256=data_sha256, microbatch=microbatch, resumed_from_step=start,
     )

@@ -139,6 +139,16 @@ def check_worker_env() -> None:
         raise RuntimeError(f"worker started without its runtime environment: {', '.join(f'{k}={v}' for k, v in missing.items())}")
 
 
+def _prepare_worker(cpu: bool) -> tuple[str, str | None]:
+    """Check the worker's environment, use the CPUs Ray assigned, and pick the device (and its GPU label)."""
+    import torch
+
+    check_worker_env()
+    threads = int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)) or 1
+    torch.set_num_threads(max(1, threads))
+    return _device(cpu)
+
+
 def _device(cpu: bool) -> tuple[str, str | None]:
     if cpu:
         return "cpu", None
@@ -156,16 +166,11 @@ def train_run(
     ckpt_every_steps: int, ckpt_every_s: float,
 ) -> dict:
     """Train one run to completion inside a worker and return its summary as a dict."""
-    import torch
-
     from models.train import pretrain
     from sweep.spec import RunSpec
 
-    check_worker_env()
     spec = RunSpec.from_dict(spec_dict)
-    threads = int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)) or 1
-    torch.set_num_threads(max(1, threads))
-    device, gpu = _device(cpu)
+    device, gpu = _prepare_worker(cpu)
     ckpt_dir = Path(ckpt_root) / spec.run_id
     reporter = Reporter(sink, spec.run_id, attempt, journal=ckpt_dir / "events.jsonl")
     reporter("start", {"host": socket.gethostname(), "gpu": gpu, "pid": os.getpid()})
@@ -190,16 +195,11 @@ def train_pack(
     run its summary dict, or the ``Diverged`` / ``Interrupted`` that ended it."""
     from contextlib import ExitStack
 
-    import torch
-
     from models.packed import pretrain_pack
     from sweep.spec import RunSpec
 
-    check_worker_env()
     specs = [RunSpec.from_dict(d) for d in spec_dicts]
-    threads = int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)) or 1
-    torch.set_num_threads(max(1, threads))
-    device, gpu = _device(cpu)
+    device, gpu = _prepare_worker(cpu)
     dirs = [Path(ckpt_root) / s.run_id for s in specs]
     reporters = [Reporter(sink, s.run_id, a, journal=d / "events.jsonl") for s, a, d in zip(specs, attempts, dirs)]
     for r in reporters:
