@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 from db.engine import open_db
-from sweep.plan import load_plan
+from sweep.plan import Plan, load_plan
 from sweep.registry import add_plans
 
 
@@ -25,9 +25,9 @@ def bench_plan(plan_file: Path) -> dict:
     return {"runs": len(plan.unique_specs()), "expand_s": expand_s, "register_s": register_s}
 
 
-def bench_pack(plan_file: Path, *, steps: int, pack: int | None = None, device: str | None = None,
+def bench_pack(plan: Plan, *, steps: int, pack: int | None = None, device: str | None = None,
                progress=None) -> dict:
-    """Train ``plan_file``'s runs for ``steps`` steps each, one at a time and then packed (``--pack``), in
+    """Train ``plan``'s runs for ``steps`` steps each, one at a time and then packed (``--pack``), in
     this process; returns both wall times, aggregate tokens/s and MFU, and how far their losses differ."""
     import dataclasses
 
@@ -39,7 +39,6 @@ def bench_pack(plan_file: Path, *, steps: int, pack: int | None = None, device: 
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     on_cuda = device.startswith("cuda")
-    plan = load_plan(plan_file)
 
     def shorten(spec, n):  # the plan's runs, cut to n steps; evals off so both modes do the same work
         return dataclasses.replace(spec, tokens=n * spec.batch_size * spec.seq_len, evals=(), eval_every=0)

@@ -598,6 +598,7 @@ def bench_plan(
     """
     from sweep.bench import bench_plan as run
 
+    _plans([plan_file], DEFAULT_MAX_RUNS)  # a bad file fails here with file:row:column, before any timing
     result = run(plan_file)
     out.print(
         f"{plan_file}: {result['runs']:,} runs; expand {result['expand_s']:.3f} s (target < 1 s); "
@@ -630,7 +631,8 @@ def bench_pack(
     import time
 
     t0 = time.perf_counter()
-    result = run(plan_file, steps=steps, pack=pack_size, progress=lambda msg: sys.stderr.write(f"[{time.perf_counter() - t0:7.1f} s] {msg}\n"))
+    [plan] = _plans([plan_file], DEFAULT_MAX_RUNS)
+    result = run(plan, steps=steps, pack=pack_size, progress=lambda msg: sys.stderr.write(f"[{time.perf_counter() - t0:7.1f} s] {msg}\n"))
     frame = pd.DataFrame([{"plan": str(plan_file), **result}])
     if out_csv:
         out_csv.parent.mkdir(parents=True, exist_ok=True)

@@ -51,11 +51,25 @@ def test_pack_gpus():
 
 def test_bench_pack_trains_the_same_runs_both_ways(tmp_path):
     from sweep.bench import bench_pack
+    from sweep.plan import load_plan
 
     plan = tmp_path / "grid.csv"
     plan.write_text("name,arch,d_model,n_layers,seq_len,batch_size,tokens,lr,warmup,seed\n"
                     "t-{lr}-{seed},lightning,32,2,64,4,10000,1e-3|3e-3,2,0..1+1\n")
-    result = bench_pack(plan, steps=3, pack=4, device="cpu")
+    result = bench_pack(load_plan(plan), steps=3, pack=4, device="cpu")
     assert result["runs"] == 4 and result["tasks_packed"] == 1 and result["largest_pack"] == 4
     assert result["serial_s"] > 0 and result["packed_s"] > 0
     assert result["max_rel_loss_diff"] < 1e-4  # fp32 on CPU: the same training, up to rounding
+
+
+def test_bench_pack_cli_bad_input(tmp_path):
+    """A missing plan file and a bad --pack are one-line errors with exit 2 and write no CSV."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "pack.csv"
+    for args, expect in ((["nosuch.csv"], "cannot read the file"), (["--pack", "0"], "--pack expects")):
+        proc = subprocess.run([sys.executable, "-m", "sweep.cli", "bench", "pack", *args, "--csv", str(out)],
+                              capture_output=True, text=True, cwd=tmp_path)
+        assert proc.returncode == 2 and expect in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+        assert not out.exists()
