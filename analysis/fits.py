@@ -996,7 +996,8 @@ def _with_allocation(est, samples, budgets):
 
     def derive(E, A, B, alpha, beta):
         out = {"a": beta / (alpha + beta), "b": alpha / (alpha + beta)}
-        out["G"] = (alpha * A / (beta * B)) ** (1.0 / (alpha + beta))
+        # np.power, as in optimal_allocation: a fit with a negative exponent gives NaN here, never a complex number.
+        out["G"] = np.power(alpha * A / (beta * B), 1.0 / (alpha + beta))
         for C in budgets:
             N, D = optimal_allocation(C, A, B, alpha, beta)
             out[f"N_opt@{C:.3g}"] = N

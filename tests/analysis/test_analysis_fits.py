@@ -305,3 +305,15 @@ def test_approach3_reports_unconfirmed_convergence_with_a_single_start():
 def test_compute_needed_keeps_failed_replicates_missing():
     out = fits.compute_needed(np.array([2.5, np.nan, 1.0]), 1.9, 2000.0, 0.17)
     assert np.isfinite(out[0]) and np.isnan(out[1]) and np.isinf(out[2])
+
+def test_allocation_of_a_fit_with_a_negative_exponent_is_nan_not_an_error():
+    """A noisy approach-3 fit can end with alpha < 0 (the demo's did): derived allocations are NaN."""
+    import math
+
+    from analysis.fits import _with_allocation
+
+    est = {"E": 1.0, "A": 2.0, "B": 3.0, "alpha": -0.2, "beta": 0.3}
+    out, _ = _with_allocation(est, None, [1e15])
+    assert math.isnan(out["G"]) and math.isnan(out["N_opt@1e+15"])
+    ok, _ = _with_allocation({**est, "alpha": 0.3}, None, [1e15])
+    assert math.isfinite(ok["G"]) and ok["N_opt@1e+15"] > 0
