@@ -82,9 +82,7 @@ class LM(nn.Module):
         Targets equal to -100 are ignored (MQAR labels only its query positions). ``last_only`` computes
         the head on the last position alone (B, 1, vocab), all that greedy decoding needs.
         """
-        x = self.embed(idx)
-        for block in self.blocks:
-            x = block(x)
+        x = self.trunk(idx)
         if last_only:
             x = x[:, -1:]
         logits = self.head(self.norm_f(x))
@@ -92,6 +90,13 @@ class LM(nn.Module):
             return logits, None
         loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
         return logits, loss
+
+    def trunk(self, idx: torch.Tensor) -> torch.Tensor:
+        """The residual stream (B, T, d) after the last block, before the final norm and the head."""
+        x = self.embed(idx)
+        for block in self.blocks:
+            x = block(x)
+        return x
 
     def num_params(self, nonembed: bool = False) -> int:
         """Parameters of the module; ``nonembed`` leaves out the token embedding and the head."""

@@ -122,6 +122,17 @@ def lr_at(step: int, spec) -> float:
     raise ValueError(f"unknown schedule {spec.schedule!r}: expected cosine, wsd or constant")
 
 
+def build_model(cfg: ModelConfig, seed: int, device: torch.device) -> LM:
+    """A freshly initialised model for a run of ``seed``, built on ``device``.
+
+    Initialising on the GPU takes milliseconds where the host's generator takes about 0.1 s per 10M
+    parameters, a cost a pack of 16 paid 16 times; the weights then depend on the device type, as they do anyway.
+    """
+    torch.manual_seed(seed)
+    with torch.device(device):
+        return LM(cfg)
+
+
 def largest_divisor_at_most(n: int, cap: int) -> int:
     """The largest divisor of ``n`` that is <= ``cap`` (at least 1)."""
     return next(k for k in range(max(1, min(n, cap)), 0, -1) if n % k == 0)
@@ -319,8 +330,7 @@ def pretrain(
     if rank != 0:
         reporter = _no_report  # rank 0 speaks for the run
 
-    torch.manual_seed(spec.seed)
-    model = LM(cfg).to(device)
+    model = build_model(cfg, spec.seed, device)
     optimizer = torch.optim.AdamW(
         _param_groups(model, spec.weight_decay), lr=spec.lr, betas=BETAS, fused=True if on_cuda else None
     )

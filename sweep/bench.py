@@ -25,10 +25,11 @@ def bench_plan(plan_file: Path) -> dict:
     return {"runs": len(plan.unique_specs()), "expand_s": expand_s, "register_s": register_s}
 
 
-def bench_pack(plan: Plan, *, steps: int, pack: int | None = None, device: str | None = None,
+def bench_pack(plan: Plan, *, steps: int | None = None, pack: int | None = None, device: str | None = None,
                progress=None) -> dict:
-    """Train ``plan``'s runs for ``steps`` steps each, one at a time and then packed (``--pack``), in
-    this process; returns both wall times, aggregate tokens/s and MFU, and how far their losses differ."""
+    """Train ``plan``'s runs (cut to ``steps`` steps each when given), one at a time and then packed
+    (``--pack``), in this process; returns both wall times, aggregate tokens/s and MFU, and how far their
+    losses differ."""
     import dataclasses
 
     import torch
@@ -41,7 +42,8 @@ def bench_pack(plan: Plan, *, steps: int, pack: int | None = None, device: str |
     on_cuda = device.startswith("cuda")
 
     def shorten(spec, n):  # the plan's runs, cut to n steps; evals off so both modes do the same work
-        return dataclasses.replace(spec, tokens=n * spec.batch_size * spec.seq_len, evals=(), eval_every=0)
+        tokens = n * spec.batch_size * spec.seq_len if n else spec.tokens
+        return dataclasses.replace(spec, tokens=tokens, evals=(), eval_every=0)
 
     runs = [(shorten(r.spec, steps), r.name) for r in plan.runs]
     packs = plan_packs(runs, pack, cpu=not on_cuda, gpu_mem_bytes=(torch.cuda.get_device_properties(0).total_memory if on_cuda else 80 * 2**30))
@@ -96,7 +98,8 @@ def bench_pack(plan: Plan, *, steps: int, pack: int | None = None, device: str |
     diffs = [abs(getattr(by_run[s.run_id], "final_loss", float("nan")) / solo.final_loss - 1) for (s, _), solo in zip(runs, alone)]
     peak = PEAK_FLOPS_CUDA if on_cuda else None
     return {
-        "runs": len(runs), "tasks_packed": len(packs), "largest_pack": max(len(g) for g in packs), "steps": steps,
+        "runs": len(runs), "tasks_packed": len(packs), "largest_pack": max(len(g) for g in packs),
+        "steps": max(s.steps for s, _ in runs),
         "device": torch.cuda.get_device_name(0) if on_cuda else "cpu",
         "serial_s": serial_s, "packed_s": packed_s, "speedup": serial_s / packed_s,
         "serial_tokens_per_s": tokens / serial_s, "packed_tokens_per_s": tokens / packed_s,

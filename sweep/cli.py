@@ -609,14 +609,14 @@ def bench_plan(
 @bench_app.command("pack")
 def bench_pack(
     plan_file: Path = typer.Argument(Path("plans/pack-grid.csv"), help="Plan whose runs to train both ways."),
-    steps: int = typer.Option(50, min=1, help="Optimizer steps per run (the plan's budgets are cut to this)."),
+    steps: Optional[int] = typer.Option(None, min=1, help="Cut every run to this many optimizer steps (default: the plan's own)."),
     pack: str = typer.Option("auto", help="Packing as for slab launch: auto, off or a number of runs."),
     out_csv: Optional[Path] = typer.Option(Path("docs/bench/pack.csv"), "--csv", help="Append the result here."),
 ) -> None:
     """Train a plan's runs one at a time, then packed as stacked models, in this process (GPU if present).
 
     Prints both wall times, the speedup, aggregate tokens/s and MFU, and how far the two modes' final
-    losses differ. Example: slab bench pack plans/pack-grid.csv --steps 50
+    losses differ. Evals are left out of both. Example: slab bench pack plans/pack-grid.csv --steps 50
     """
     import pandas as pd
 

@@ -5,7 +5,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from models.packed import StackedAdamW, pack_key, pretrain_pack
+from torch.func import stack_module_state
+
+from models.config import ModelConfig
+from models.lm import LM
+from models.packed import StackedAdamW, pack_key, pretrain_pack, stack_layers, stacked_losses
 from models.train import Diverged, Interrupted, checkpoint_steps, load_checkpoint, pretrain
 from tests.models.test_train import Recorder, spec
 
@@ -28,7 +32,7 @@ def train_alone(specs, tmp_path: Path):
     return out
 
 
-@pytest.mark.parametrize("arch", ["hybrid", "hgrn2", "mamba2"])
+@pytest.mark.parametrize("arch", ["softmax", "hybrid", "hgrn2", "mamba2"])
 def test_pack_matches_separate_runs(tmp_path, arch):
     specs = members(arch=arch, tokens=8 * 32 * 6)
     alone = train_alone(specs, tmp_path)
@@ -113,5 +117,36 @@ def test_stacked_adamw_matches_torch_adamw():
         ours.step(lrs, wds, [True, step < 2])  # member 1 stops after two steps
         if step == 1:
             frozen = stacked["blocks.0.w"][1].detach().clone()
+            torch.testing.assert_close(frozen, refs[1].detach())  # both members trained, in place
     torch.testing.assert_close(stacked["blocks.0.w"][0].detach(), refs[0].detach())
     torch.testing.assert_close(stacked["blocks.0.w"][1].detach(), frozen)
+
+
+@pytest.mark.parametrize("arch", ["softmax", "lightning", "hybrid", "hgrn2"])
+def test_stacked_layers_give_each_members_own_loss_and_gradient(arch):
+    cfg = ModelConfig(arch, 32, 2, 2, 260, "LS" if arch == "hybrid" else None)
+    models = []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        models.append(LM(cfg))
+    params, _ = stack_module_state(models)
+    params = {k: p.detach().clone().requires_grad_(True) for k, p in params.items()}
+    stacked = stack_layers(LM(cfg), params)
+    x = torch.randint(0, 260, (3, 2, 16))
+    y = torch.randint(0, 260, (3, 2, 16))
+    y[1, :, :10] = -100  # a member with unlabelled positions averages over its labelled ones only
+    losses = stacked_losses(stacked, x, y)
+    losses.sum().backward()
+    for i, model in enumerate(models):
+        _, loss = model(x[i], y[i])
+        loss.backward()
+        assert losses[i].item() == pytest.approx(loss.item(), rel=1e-5)
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(params[name].grad[i], p.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_stack_layers_leaves_mamba2_to_vmap():
+    """Mamba2 holds weights outside Linear/RMSNorm/Embedding (its SSM scalars and filter): no swap."""
+    cfg = ModelConfig("mamba2", 32, 2, 2, 260)
+    params, _ = stack_module_state([LM(cfg), LM(cfg)])
+    assert stack_layers(LM(cfg), params) is None
