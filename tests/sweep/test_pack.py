@@ -60,6 +60,9 @@ def test_bench_pack_trains_the_same_runs_both_ways(tmp_path):
     assert result["runs"] == 4 and result["tasks_packed"] == 1 and result["largest_pack"] == 4
     assert result["serial_s"] > 0 and result["packed_s"] > 0
     assert result["max_rel_loss_diff"] < 1e-4  # fp32 on CPU: the same training, up to rounding
+    assert result["median_rel_loss_diff"] <= result["max_rel_loss_diff"]
+    assert result["worst_run"].startswith("t-")
+    assert result["worst_run_alone_twice_rel_diff"] == 0.0  # CPU training is deterministic
 
 
 def test_bench_pack_cli_bad_input(tmp_path):
