@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import tempfile
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 from models.config import ModelConfig, flops_per_token, hybrid_pattern, shape_for_params
 
@@ -54,27 +56,41 @@ def bench_spec(arch: str, params: str, seq_len: int, batch_size: int, steps: int
     if params in PRESETS:
         d, layers, heads, v = PRESETS[params]
     else:
-        scale = {"k": 1e3, "M": 1e6, "B": 1e9}.get(params[-1], 1.0)
-        d, layers, heads = shape_for_params(float(params.rstrip("kMB")) * scale)
+        scale = {"k": 1e3, "K": 1e3, "M": 1e6, "B": 1e9}.get(params[-1:], 1.0)
+        try:
+            target = float(params.rstrip("kKMB")) * scale
+        except ValueError:
+            raise ValueError(f"--params {params!r}: expected {' or '.join(PRESETS)} or a count like 30M, 500k, 1.2B") from None
+        d, layers, heads = shape_for_params(target)
         v = 32000
     vocab = vocab or v
     hybrid = hybrid_pattern(8 if layers >= 8 else layers, layers) if arch == "hybrid" else ""
     return BenchSpec(arch, d, layers, heads, hybrid, vocab, seq_len, batch_size, steps * batch_size * seq_len)
 
 
-def bench_train(spec: BenchSpec, *, compile: bool = False, microbatch: int | None = None, device: str = "cuda") -> dict:
-    """Train ``spec`` with ``pretrain`` and report the median tokens/s of the second half of the steps and MFU."""
+def bench_train(spec: BenchSpec, *, compile: bool = False, microbatch: int | None = None, device: str = "cuda",
+                profile: Path | None = None) -> dict:
+    """Train ``spec`` with ``pretrain`` and report the median tokens/s of the second half of the steps and MFU;
+    with ``profile``, also write torch.profiler's table of the ops that took the most time over three steps
+    of the second half there."""
     from models.train import pretrain
 
     rates: list[float] = []
+    profiler = _step_profiler(spec.steps, device) if profile else contextlib.nullcontext()
 
     def reporter(kind: str, payload: dict) -> None:
         if kind == "train" and payload.get("tokens_per_s"):
             rates.append((payload["step"], payload["tokens_per_s"]))
+        if kind == "train" and profile:
+            profiler.step()
 
-    with tempfile.TemporaryDirectory() as ckpt:
+    with tempfile.TemporaryDirectory() as ckpt, profiler:
         summary = pretrain(spec, reporter, ckpt, device=device, microbatch=microbatch, compile=compile,
                            ckpt_every_steps=10**9, ckpt_every_s=1e9)
+    if profile:
+        key = "self_cuda_time_total" if device.startswith("cuda") else "self_cpu_time_total"
+        Path(profile).parent.mkdir(parents=True, exist_ok=True)
+        Path(profile).write_text(profiler.key_averages().table(sort_by=key, row_limit=40, max_name_column_width=70) + "\n")
     half = [r for step, r in rates if step > spec.steps // 2] or [r for _, r in rates]
     tps = statistics.median(half)
     cfg = ModelConfig(spec.arch, spec.d_model, spec.n_layers, spec.n_heads, spec.vocab_size, spec.hybrid)
@@ -83,9 +99,20 @@ def bench_train(spec: BenchSpec, *, compile: bool = False, microbatch: int | Non
         "arch": spec.arch, "d_model": spec.d_model, "n_layers": spec.n_layers, "vocab": spec.vocab_size,
         "params": summary.params, "seq_len": spec.seq_len, "batch_size": spec.batch_size,
         "microbatch": summary.microbatch, "compile": compile, "tokens_per_s": tps, "flops_per_token": fpt,
-        "mfu_989": fpt * tps / H100_DATASHEET_PEAK, "mfu_785": fpt * tps / H100_MEASURED_PEAK,
+        # MFU against an H100's peaks means nothing off the GPU
+        "mfu_989": fpt * tps / H100_DATASHEET_PEAK if device.startswith("cuda") else None,
+        "mfu_785": fpt * tps / H100_MEASURED_PEAK if device.startswith("cuda") else None,
         "final_loss": summary.final_loss,
     }
+
+
+def _step_profiler(steps: int, device: str):
+    """A torch.profiler that records three training steps after the first half (reports step it)."""
+    from torch.profiler import ProfilerActivity, profile, schedule
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
+    wait = max(0, steps // 2 - 1)
+    return profile(activities=activities, schedule=schedule(wait=wait, warmup=1, active=min(3, max(1, steps - wait - 1))))
 
 
 def with_seq_len(spec: BenchSpec, seq_len: int, tokens_per_step: int) -> BenchSpec:

@@ -1,4 +1,4 @@
-"""Benchmarks of the sweep layer: expanding and registering a big plan."""
+"""Benchmarks of the sweep layer: expanding and registering a big plan, and packed against one-at-a-time training."""
 
 from __future__ import annotations
 

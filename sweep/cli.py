@@ -565,22 +565,31 @@ def bench_train_cmd(
     compile: bool = typer.Option(False, "--compile", help="torch.compile the model."),
     microbatch: Optional[int] = typer.Option(None, help="Sequences per forward pass (default: from a memory estimate)."),
     out_csv: Optional[Path] = typer.Option(None, "--out", help="Also write the table as CSV (e.g. docs/bench/train.csv)."),
+    profile: Optional[Path] = typer.Option(None, help="Folder for a torch.profiler table per (arch, T): the ops that took the most time over three steps."),
 ) -> None:
-    """Single-run training speed on the GPU: tokens/s and MFU (vs 989 and vs the measured 785 TFLOP/s).
+    """Single-run training speed on the GPU (the CPU when there is none): tokens/s and MFU (vs 989 and vs the
+    measured 785 TFLOP/s).
 
     Example: slab bench train --arch softmax --arch lightning --params 135M --seq-len 2048 --compile
     """
     import pandas as pd
+    import torch
 
     from models.bench import bench_spec, bench_train
 
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     rows = []
     for a in arch:
         for t in seq_len:
-            spec = bench_spec(a, params, t, max(1, tokens_per_step // t), steps)
-            rows.append(bench_train(spec, compile=compile, microbatch=microbatch))
+            try:
+                spec = bench_spec(a, params, t, max(1, tokens_per_step // t), steps)
+            except ValueError as exc:
+                fail(str(exc))
+            prof = profile / f"train_{a}_{t}.txt" if profile else None
+            rows.append(bench_train(spec, compile=compile, microbatch=microbatch, device=device, profile=prof))
             r = rows[-1]
-            out.print(f"{a} T={t}: {r['tokens_per_s']:,.0f} tokens/s, MFU {r['mfu_989']:.1%} of 989, {r['mfu_785']:.1%} of 785")
+            mfu = f", MFU {r['mfu_989']:.1%} of 989, {r['mfu_785']:.1%} of 785" if r["mfu_989"] is not None else " (CPU: no MFU)"
+            out.print(f"{a} T={t}: {r['tokens_per_s']:,.0f} tokens/s{mfu}")
     frame = pd.DataFrame(rows)
     if out_csv:
         out_csv.parent.mkdir(parents=True, exist_ok=True)
