@@ -27,6 +27,21 @@ def bench_plan(plan_file: Path) -> dict:
     return {"runs": len(plan.unique_specs()), "expand_s": expand_s, "register_s": register_s}
 
 
+def append_csv(row: dict, path: Path) -> None:
+    """Add ``row`` to the results table at ``path``, widening it when the row brings new columns; the file is
+    replaced whole (temp file, rename), so an interrupted write leaves the old table, never a torn one."""
+    import pandas as pd
+
+    path = Path(path)
+    frame = pd.DataFrame([row])
+    if path.exists():
+        frame = pd.concat([pd.read_csv(path), frame], ignore_index=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    frame.to_csv(tmp, index=False)
+    tmp.replace(path)
+
+
 def bench_pack(plan: Plan, *, steps: int | None = None, pack: int | None = None, device: str | None = None,
                progress=None) -> dict:
     """Train ``plan``'s runs (cut to ``steps`` steps each when given), one at a time and then packed

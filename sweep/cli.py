@@ -84,6 +84,14 @@ def _plans(files: list[Path], max_runs: int):
         raise typer.Exit(2)
 
 
+def _ensure_dir(folder: Path, what: str) -> None:
+    """Make ``folder`` now, or fail (exit 2) before minutes of benchmarking, not after."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        fail(f"{what}: cannot create the folder {folder}: {exc.strerror or exc}")
+
+
 def _si(x: float) -> str:
     for unit, scale in (("Z", 1e21), ("E", 1e18), ("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
         if abs(x) >= scale:
@@ -577,6 +585,10 @@ def bench_train_cmd(
 
     from models.bench import bench_spec, bench_train
 
+    if out_csv:
+        _ensure_dir(out_csv.parent, "--out")
+    if profile:
+        _ensure_dir(profile, "--profile")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     rows = []
     for a in arch:
@@ -592,7 +604,6 @@ def bench_train_cmd(
             out.print(f"{a} T={t}: {r['tokens_per_s']:,.0f} tokens/s{mfu}")
     frame = pd.DataFrame(rows)
     if out_csv:
-        out_csv.parent.mkdir(parents=True, exist_ok=True)
         frame.to_csv(out_csv, index=False)
     _emit(frame[["arch", "seq_len", "params", "microbatch", "compile", "tokens_per_s", "mfu_989", "mfu_785"]].round(4), Format.table, title="training throughput")
 
@@ -629,6 +640,7 @@ def bench_pack(
     """
     import pandas as pd
 
+    from sweep.bench import append_csv
     from sweep.bench import bench_pack as run
     from sweep.pack import parse_pack
 
@@ -641,11 +653,16 @@ def bench_pack(
 
     t0 = time.perf_counter()
     [plan] = _plans([plan_file], DEFAULT_MAX_RUNS)
-    result = run(plan, steps=steps, pack=pack_size, progress=lambda msg: sys.stderr.write(f"[{time.perf_counter() - t0:7.1f} s] {msg}\n"))
-    frame = pd.DataFrame([{"plan": str(plan_file), **result}])
     if out_csv:
-        out_csv.parent.mkdir(parents=True, exist_ok=True)
-        frame.to_csv(out_csv, mode="a", header=not out_csv.exists(), index=False)
+        _ensure_dir(out_csv.parent, "--csv")
+        try:  # results are added to this table at the end: a file that is not one fails now
+            if out_csv.exists():
+                pd.read_csv(out_csv)
+        except (ValueError, OSError) as exc:
+            fail(f"--csv {out_csv}: not a readable CSV table ({str(exc).splitlines()[0]})")
+    result = run(plan, steps=steps, pack=pack_size, progress=lambda msg: sys.stderr.write(f"[{time.perf_counter() - t0:7.1f} s] {msg}\n"))
+    if out_csv:
+        append_csv({"plan": str(plan_file), **result}, out_csv)
     shown = pd.DataFrame({"measure": list(result), "value": [f"{v:.4g}" if isinstance(v, float) else str(v) for v in result.values()]})
     _emit(shown, Format.table, title="packed vs one at a time")
 

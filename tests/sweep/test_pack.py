@@ -1,5 +1,7 @@
 """Choosing packs: same-shape runs group, auto sizing by work and memory, the GPU share a pack asks for."""
 
+from pathlib import Path
+
 import pytest
 
 from sweep.pack import MAX_PACK, auto_pack_size, pack_gpus, parse_pack, plan_packs
@@ -76,3 +78,41 @@ def test_bench_pack_cli_bad_input(tmp_path):
                               capture_output=True, text=True, cwd=tmp_path)
         assert proc.returncode == 2 and expect in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
         assert not out.exists()
+
+
+def test_append_csv_widens_the_table_for_new_columns(tmp_path):
+    import pandas as pd
+
+    from sweep.bench import append_csv
+
+    path = tmp_path / "out" / "pack.csv"
+    append_csv({"plan": "a", "speedup": 1.5}, path)
+    append_csv({"plan": "b", "speedup": 3.5, "worst_run": "r1"}, path)
+    frame = pd.read_csv(path)
+    assert list(frame.columns) == ["plan", "speedup", "worst_run"]
+    assert frame["speedup"].tolist() == [1.5, 3.5]
+    assert frame["worst_run"].isna().tolist() == [True, False]
+    assert sorted(p.name for p in path.parent.iterdir()) == ["pack.csv"]  # no temp file left
+
+
+def test_bench_output_paths_fail_before_any_training(tmp_path):
+    """A --csv, --out or --profile that cannot be written is a one-line error with exit 2, up front."""
+    import subprocess
+    import sys
+
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    bad_csv = tmp_path / "bad.csv"
+    bad_csv.write_bytes(b"\xff\xfe\x00bad")
+    cases = (
+        (["bench", "pack", "--csv", str(blocker / "pack.csv")], "--csv"),
+        (["bench", "pack", "--csv", str(bad_csv)], "not a readable CSV"),
+        (["bench", "train", "--profile", str(blocker)], "--profile"),
+        (["bench", "train", "--out", str(blocker / "t.csv")], "--out"),
+    )
+    plan = Path(__file__).resolve().parents[2] / "plans" / "pack-grid.csv"
+    for args, expect in cases:
+        full = args[:2] + ([str(plan)] if args[1] == "pack" else []) + args[2:]
+        proc = subprocess.run([sys.executable, "-m", "sweep.cli", *full], capture_output=True, text=True,
+                              cwd=tmp_path, timeout=60)
+        assert proc.returncode == 2 and expect in proc.stderr and "Traceback" not in proc.stderr, (args, proc.stderr)
