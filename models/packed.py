@@ -26,11 +26,11 @@ from torch.func import functional_call, stack_module_state, vmap
 
 from models.config import count_params, flops_per_token
 from models.data import Batches, open_data
-from models.evals import EVALS, autocast, run_evals, validation_batches
+from models.evals import autocast, run_evals, validation_batches
 from models.lm import LM
 from models.train import (
     BETAS, MAX_TRAIN_REPORTS, PEAK_FLOPS_CUDA, Diverged, Interrupted, OutOfMemory, Summary, TrainingError,
-    _param_groups, _parse_fault, _run_key, build_model, checkpoint_steps, decayed, default_microbatch, load_checkpoint,
+    _param_groups, _parse_fault, _run_key, build_model, check_spec, checkpoint_steps, decayed, default_microbatch, load_checkpoint,
     lr_at, model_config, save_checkpoint, summarize,
 )
 
@@ -235,11 +235,8 @@ def pretrain_pack(
     if len(keys) != 1:
         raise ValueError(f"a pack's runs must differ only in {', '.join(PACK_FREE_FIELDS)}")
     spec0 = specs[0]
-    for name in spec0.evals:
-        if name not in EVALS:
-            raise ValueError(f"unknown eval {name!r}: expected one of {', '.join(EVALS)}")
     for s in specs:
-        lr_at(1, s)
+        check_spec(s)
     ckpt_dirs = [Path(d) for d in ckpt_dirs]
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     on_cuda = device.type == "cuda"

@@ -122,6 +122,14 @@ def lr_at(step: int, spec) -> float:
     raise ValueError(f"unknown schedule {spec.schedule!r}: expected cosine, wsd or constant")
 
 
+def check_spec(spec) -> None:
+    """Fail now, not at the first eval or after the warmup, on an unknown eval or schedule."""
+    for name in spec.evals:
+        if name not in EVALS:
+            raise ValueError(f"unknown eval {name!r}: expected one of {', '.join(EVALS)}")
+    lr_at(1, spec)
+
+
 def build_model(cfg: ModelConfig, seed: int, device: torch.device) -> LM:
     """A freshly initialised model for a run of ``seed``, built on ``device``.
 
@@ -305,10 +313,7 @@ def pretrain(
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     on_cuda = device.type == "cuda"
     fault_kind = _parse_fault(fault)
-    for name in spec.evals:
-        if name not in EVALS:
-            raise ValueError(f"unknown eval {name!r}: expected one of {', '.join(EVALS)}")
-    lr_at(1, spec)  # an unknown schedule fails now, not after the warmup
+    check_spec(spec)
 
     cfg = model_config(spec)
     counts = count_params(cfg)
