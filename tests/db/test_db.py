@@ -68,6 +68,28 @@ def test_sqlite_pragmas(tmp_path):
         assert conn.execute(select(Meta.value).where(Meta.key == "schema_version")).scalar() == str(SCHEMA_VERSION)
 
 
+def test_opening_waits_for_another_process_creating_the_file(tmp_path):
+    """Two `slab launch` of a plan on a new database race to create it: the one that finds the file
+    write-locked by the other must wait for it, not fail with "database is locked" (SQLite skips the busy
+    handler when switching to WAL)."""
+    import sqlite3
+    import threading
+    import time
+
+    path = tmp_path / "race.db"
+    other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    other.execute("BEGIN IMMEDIATE")
+    other.execute("CREATE TABLE t (x)")
+    threading.Timer(0.5, other.execute, ("COMMIT",)).start()
+    t0 = time.monotonic()
+    engine = open_db(f"sqlite:///{path}")
+    assert time.monotonic() - t0 >= 0.4  # it waited for the other writer
+    with engine.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+    engine.dispose()
+    other.close()
+
+
 def test_bad_urls(tmp_path):
     with pytest.raises(DatabaseError, match="no database"):
         open_db(f"sqlite:///{tmp_path}/missing.db", create=False)
