@@ -103,6 +103,7 @@ def bench_train(spec: BenchSpec, *, compile: bool = False, microbatch: int | Non
         "mfu_989": fpt * tps / H100_DATASHEET_PEAK if device.startswith("cuda") else None,
         "mfu_785": fpt * tps / H100_MEASURED_PEAK if device.startswith("cuda") else None,
         "final_loss": summary.final_loss,
+        "device": torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu",
     }
 
 

@@ -572,7 +572,7 @@ def bench_train_cmd(
     steps: int = typer.Option(30, help="Optimizer steps (the median of the second half is reported)."),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the model."),
     microbatch: Optional[int] = typer.Option(None, help="Sequences per forward pass (default: from a memory estimate)."),
-    out_csv: Optional[Path] = typer.Option(None, "--out", help="Also write the table as CSV (e.g. docs/bench/train.csv)."),
+    out_csv: Optional[Path] = typer.Option(None, "--out", help="Also write the table as CSV and its figure as PNG beside it (e.g. docs/bench/train.csv, train.png)."),
     profile: Optional[Path] = typer.Option(None, help="Folder for a torch.profiler table per (arch, T): the ops that took the most time over three steps."),
 ) -> None:
     """Single-run training speed on the GPU (the CPU when there is none): tokens/s and MFU (vs 989 and vs the
@@ -604,7 +604,10 @@ def bench_train_cmd(
             out.print(f"{a} T={t}: {r['tokens_per_s']:,.0f} tokens/s{mfu}")
     frame = pd.DataFrame(rows)
     if out_csv:
+        from analysis.bench_figures import bench_figure
+
         frame.to_csv(out_csv, index=False)
+        out.print(f"wrote {out_csv} and {bench_figure(out_csv)}")
     _emit(frame[["arch", "seq_len", "params", "microbatch", "compile", "tokens_per_s", "mfu_989", "mfu_785"]].round(4), Format.table, title="training throughput")
 
 
@@ -631,7 +634,7 @@ def bench_pack(
     plan_file: Path = typer.Argument(Path("plans/pack-grid.csv"), help="Plan whose runs to train both ways."),
     steps: Optional[int] = typer.Option(None, min=1, help="Cut every run to this many optimizer steps (default: the plan's own)."),
     pack: str = typer.Option("auto", help="Packing as for slab launch: auto, off or a number of runs."),
-    out_csv: Optional[Path] = typer.Option(Path("docs/bench/pack.csv"), "--csv", help="Append the result here."),
+    out_csv: Optional[Path] = typer.Option(Path("docs/bench/pack.csv"), "--csv", help="Append the result here, and redraw the table's figure beside it (pack.png)."),
 ) -> None:
     """Train a plan's runs one at a time, then packed as stacked models, in this process (GPU if present).
 
@@ -662,9 +665,29 @@ def bench_pack(
             fail(f"--csv {out_csv}: not a readable CSV table ({str(exc).splitlines()[0]})")
     result = run(plan, steps=steps, pack=pack_size, progress=lambda msg: sys.stderr.write(f"[{time.perf_counter() - t0:7.1f} s] {msg}\n"))
     if out_csv:
+        from analysis.bench_figures import bench_figure
+
         append_csv({"plan": str(plan_file), **result}, out_csv)
+        out.print(f"appended to {out_csv}; figure {bench_figure(out_csv)}")
     shown = pd.DataFrame({"measure": list(result), "value": [f"{v:.4g}" if isinstance(v, float) else str(v) for v in result.values()]})
     _emit(shown, Format.table, title="packed vs one at a time")
+
+
+@bench_app.command("plot")
+def bench_plot(
+    tables: list[Path] = typer.Argument(..., help="CSV tables written by `slab bench train --out` or `slab bench pack --csv`."),
+) -> None:
+    """Redraw the PNG figure beside each benchmark table (train.csv -> train.png), e.g. after editing one.
+
+    Example: slab bench plot docs/bench/pack.csv docs/bench/train_135m_compile.csv
+    """
+    from analysis.bench_figures import BenchTableError, bench_figure
+
+    for table in tables:
+        try:
+            out.print(f"{table} -> {bench_figure(table)}")
+        except BenchTableError as exc:
+            fail(str(exc))
 
 
 def main() -> None:

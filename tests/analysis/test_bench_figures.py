@@ -1,0 +1,83 @@
+"""Figures beside the benchmark tables: drawn from the CSV, told apart by its columns, bad tables refused."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from PIL import Image
+
+from analysis.bench_figures import BenchTableError, bench_figure
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _train_rows(mfu=True):
+    rows = []
+    for arch, rate in (("softmax", [3e5, 2e5, 1e5]), ("lightning", [2.8e5, 2.7e5, 2.8e5])):
+        for t, r in zip((2048, 8192, 32768), rate):
+            rows.append({"arch": arch, "seq_len": t, "params": 134e6, "tokens_per_s": r,
+                         "mfu_989": r * 9e8 / 989e12 if mfu else None})
+    return pd.DataFrame(rows)
+
+
+def _png_size(path: Path) -> tuple[int, int]:
+    with Image.open(path) as im:
+        assert im.format == "PNG"
+        return im.size
+
+
+def test_pack_table_gets_its_figure(tmp_path):
+    csv = tmp_path / "pack.csv"
+    pd.DataFrame({"runs": [64, 64], "steps": [40, 200], "device": ["gpu", "gpu"], "serial_s": [73.5, 279.6],
+                  "packed_s": [45.9, 78.1], "speedup": [1.6, 3.58]}).to_csv(csv, index=False)
+    png = bench_figure(csv)
+    assert png == tmp_path / "pack.png"
+    w, h = _png_size(png)
+    assert w > h > 200
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pack.csv", "pack.png"]  # no temp file left
+
+
+def test_train_tables_with_and_without_mfu(tmp_path):
+    for name, frame in (("gpu.csv", _train_rows()), ("cpu.csv", _train_rows(mfu=False)),
+                        ("one_length.csv", _train_rows().query("seq_len == 2048"))):
+        frame.to_csv(tmp_path / name, index=False)
+        assert _png_size(bench_figure(tmp_path / name))[0] > 500
+
+
+def test_committed_tables_draw():
+    """The measured tables in docs/bench are the ones `make bench` redraws."""
+    for name in ("pack.csv", "train_135m_compile.csv", "train_throughput_vs_seqlen.csv"):
+        table = ROOT / "docs" / "bench" / name
+        frame = pd.read_csv(table)
+        assert len(frame) >= 2 and frame.filter(like="_s").notna().all().all()
+        png = (ROOT / "docs" / "bench" / name).with_suffix(".png")
+        assert png.exists(), f"{png} missing: run `slab bench plot {table}`"
+
+
+@pytest.mark.parametrize("text, match", [
+    ("a,b\n1,2\n", "neither a `slab bench pack` table"),
+    ("arch,seq_len,tokens_per_s\n", "no rows"),
+    ("arch,seq_len,tokens_per_s\nsoftmax,2048,fast\n", "must be numbers"),
+])
+def test_bad_tables_are_refused(tmp_path, text, match):
+    csv = tmp_path / "t.csv"
+    csv.write_text(text)
+    with pytest.raises(BenchTableError, match=match):
+        bench_figure(csv)
+    assert not (tmp_path / "t.png").exists()
+
+
+def test_bench_plot_cli(tmp_path):
+    good = tmp_path / "train.csv"
+    _train_rows().to_csv(good, index=False)
+    bad = tmp_path / "other.csv"
+    bad.write_text("x,y\n1,2\n")
+    cmd = [sys.executable, "-m", "sweep.cli", "bench", "plot"]
+    proc = subprocess.run([*cmd, str(good)], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 0 and (tmp_path / "train.png").exists(), proc.stderr
+    proc = subprocess.run([*cmd, str(bad)], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 2 and "neither" in proc.stderr and "Traceback" not in proc.stderr
+    proc = subprocess.run([*cmd, str(tmp_path / "missing.csv")], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 2 and "not a readable CSV" in proc.stderr
