@@ -69,10 +69,10 @@ def bench_spec(arch: str, params: str, seq_len: int, batch_size: int, steps: int
 
 
 def bench_train(spec: BenchSpec, *, compile: bool = False, microbatch: int | None = None, device: str = "cuda",
-                profile: Path | None = None) -> dict:
+                profile: Path | None = None, fused: bool = False) -> dict:
     """Train ``spec`` with ``pretrain`` and report the median tokens/s of the second half of the steps and MFU;
     with ``profile``, also write torch.profiler's table of the ops that took the most time over three steps
-    of the second half there."""
+    of the second half there. ``fused`` trains with the LM shell's fused Triton kernels (norms, SwiGLU, head + loss)."""
     from models.train import pretrain
 
     rates: list[float] = []
@@ -86,7 +86,7 @@ def bench_train(spec: BenchSpec, *, compile: bool = False, microbatch: int | Non
 
     with tempfile.TemporaryDirectory() as ckpt, profiler:
         summary = pretrain(spec, reporter, ckpt, device=device, microbatch=microbatch, compile=compile,
-                           ckpt_every_steps=10**9, ckpt_every_s=1e9)
+                           ckpt_every_steps=10**9, ckpt_every_s=1e9, kernels="auto" if fused else "torch")
     if profile:
         key = "self_cuda_time_total" if device.startswith("cuda") else "self_cpu_time_total"
         Path(profile).parent.mkdir(parents=True, exist_ok=True)
@@ -98,7 +98,7 @@ def bench_train(spec: BenchSpec, *, compile: bool = False, microbatch: int | Non
     return {
         "arch": spec.arch, "d_model": spec.d_model, "n_layers": spec.n_layers, "vocab": spec.vocab_size,
         "params": summary.params, "seq_len": spec.seq_len, "batch_size": spec.batch_size,
-        "microbatch": summary.microbatch, "compile": compile, "tokens_per_s": tps, "flops_per_token": fpt,
+        "microbatch": summary.microbatch, "compile": compile, "fused": fused, "tokens_per_s": tps, "flops_per_token": fpt,
         # MFU against an H100's peaks means nothing off the GPU
         "mfu_989": fpt * tps / H100_DATASHEET_PEAK if device.startswith("cuda") else None,
         "mfu_785": fpt * tps / H100_MEASURED_PEAK if device.startswith("cuda") else None,

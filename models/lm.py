@@ -5,6 +5,10 @@ a final RMSNorm and an untied head. Layer ``i`` uses the mixer named by ``config
 Initialisation follows GPT-2: normal(0, 0.02) weights, and residual output projections (a mixer's
 ``wo``/``out_proj``, the MLP's ``w2``) scaled by 1/sqrt(2 n_layers) so the residual stream does not grow
 with depth.
+
+``kernels`` picks how the shell's RMSNorms, SwiGLU gate and head + loss run: "torch" (plain modules, the
+default, and what packed training stacks), or "auto"/"triton" for the fused kernels of ``kernels.fused``
+(the head + loss then never materialises the logits in training). Parameters are the same either way.
 """
 
 from __future__ import annotations
@@ -15,12 +19,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels.fused import linear_cross_entropy, rms_norm, swiglu
 from models.config import ModelConfig
 from models.mixers import HGRN2, Lightning, Mamba2, Softmax
 
 MIXERS = {"S": Softmax, "L": Lightning, "H": HGRN2, "M": Mamba2}
 
 INIT_STD = 0.02
+#: Backends of the LM shell's norms, SwiGLU gate and head + loss (see the module docstring).
+KERNELS = ("torch", "auto", "triton")
 #: Last name of the linear layers that write into the residual stream (GPT-2 scaled init).
 RESIDUAL_OUT = ("wo", "out_proj", "w2")
 
@@ -28,42 +35,53 @@ RESIDUAL_OUT = ("wo", "out_proj", "w2")
 class MLP(nn.Module):
     """SwiGLU feed-forward: ``w2(SiLU(w1 x) * w3 x)``, no biases."""
 
-    def __init__(self, d_model: int, hidden: int):
+    def __init__(self, d_model: int, hidden: int, kernels: str = "torch"):
         super().__init__()
+        self.kernels = kernels
         self.w1 = nn.Linear(d_model, hidden, bias=False)
         self.w3 = nn.Linear(d_model, hidden, bias=False)
         self.w2 = nn.Linear(hidden, d_model, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, T, d) -> (B, T, d)."""
+        if self.kernels != "torch":
+            return self.w2(swiglu(self.w1(x), self.w3(x), backend=self.kernels))
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
 class Block(nn.Module):
     """One residual block: pre-norm token mixer, then pre-norm SwiGLU MLP."""
 
-    def __init__(self, config: ModelConfig, layer_idx: int):
+    def __init__(self, config: ModelConfig, layer_idx: int, kernels: str = "torch"):
         super().__init__()
+        self.kernels = kernels
         kind = config.layer_kinds[layer_idx]
         self.norm1 = nn.RMSNorm(config.d_model, eps=1e-6)
         self.mixer = MIXERS[kind](config, layer_idx)
         self.norm2 = nn.RMSNorm(config.d_model, eps=1e-6)
-        self.mlp = MLP(config.d_model, config.mlp_hidden(kind))
+        self.mlp = MLP(config.d_model, config.mlp_hidden(kind), kernels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, T, d) -> (B, T, d)."""
-        x = x + self.mixer(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
+        x = x + self.mixer(_norm(self.norm1, x, self.kernels))
+        return x + self.mlp(_norm(self.norm2, x, self.kernels))
+
+
+def _norm(norm: nn.RMSNorm, x: torch.Tensor, kernels: str) -> torch.Tensor:
+    return norm(x) if kernels == "torch" else rms_norm(x, norm.weight, norm.eps, backend=kernels)
 
 
 class LM(nn.Module):
     """A causal language model built from a ``ModelConfig``."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, *, kernels: str = "torch"):
         super().__init__()
+        if kernels not in KERNELS:
+            raise ValueError(f"kernels must be one of {', '.join(KERNELS)}; got {kernels!r}")
         self.config = config
+        self.kernels = kernels
         self.embed = nn.Embedding(config.vocab_size, config.d_model)
-        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
+        self.blocks = nn.ModuleList(Block(config, i, kernels) for i in range(config.n_layers))
         self.norm_f = nn.RMSNorm(config.d_model, eps=1e-6)
         self.head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         self._init_weights()
@@ -80,12 +98,16 @@ class LM(nn.Module):
         """Logits (B, T, vocab) for token ids (B, T) and, with ``targets``, the mean cross-entropy.
 
         Targets equal to -100 are ignored (MQAR labels only its query positions). ``last_only`` computes
-        the head on the last position alone (B, 1, vocab), all that greedy decoding needs.
+        the head on the last position alone (B, 1, vocab), all that greedy decoding needs. With fused
+        kernels and targets, the logits are None: the loss is computed without them.
         """
         x = self.trunk(idx)
         if last_only:
             x = x[:, -1:]
-        logits = self.head(self.norm_f(x))
+        x = _norm(self.norm_f, x, self.kernels)
+        if targets is not None and self.kernels != "torch":
+            return None, linear_cross_entropy(x, self.head.weight, targets, ignore_index=-100, backend=self.kernels)
+        logits = self.head(x)
         if targets is None:
             return logits, None
         loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)

@@ -130,7 +130,7 @@ def check_spec(spec) -> None:
     lr_at(1, spec)
 
 
-def build_model(cfg: ModelConfig, seed: int, device: torch.device) -> LM:
+def build_model(cfg: ModelConfig, seed: int, device: torch.device, kernels: str = "torch") -> LM:
     """A freshly initialised model for a run of ``seed``, built on ``device``.
 
     Initialising on the GPU takes milliseconds where the host's generator takes about 0.1 s per 10M
@@ -138,7 +138,7 @@ def build_model(cfg: ModelConfig, seed: int, device: torch.device) -> LM:
     """
     torch.manual_seed(seed)
     with torch.device(device):
-        return LM(cfg)
+        return LM(cfg, kernels=kernels)
 
 
 def largest_divisor_at_most(n: int, cap: int) -> int:
@@ -295,6 +295,7 @@ def pretrain(
     fault: str | None = None,
     ckpt_every_steps: int = 1000,
     ckpt_every_s: float = 1800.0,
+    kernels: str = "torch",
 ) -> Summary:
     """Train the run ``spec`` describes, resuming from the newest complete checkpoint in ``ckpt_dir``.
 
@@ -307,6 +308,7 @@ def pretrain(
     ``fault`` is a test hook: "nan@K" makes the loss of step K NaN; "exit@K" ends the process with
     ``os._exit(1)`` right after checkpointing step K, unless ``ckpt_dir`` already held a checkpoint at or
     beyond K when the run started (so a retry goes on); "raise@K" raises a RuntimeError at step K.
+    ``kernels`` is the LM shell's backend (models.lm.KERNELS): "auto" runs its fused Triton kernels on CUDA.
     """
     t_start = time.perf_counter()
     ckpt_dir = Path(ckpt_dir)
@@ -335,7 +337,7 @@ def pretrain(
     if rank != 0:
         reporter = _no_report  # rank 0 speaks for the run
 
-    model = build_model(cfg, spec.seed, device)
+    model = build_model(cfg, spec.seed, device, kernels)
     optimizer = torch.optim.AdamW(
         _param_groups(model, spec.weight_decay), lr=spec.lr, betas=BETAS, fused=True if on_cuda else None
     )

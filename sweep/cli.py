@@ -550,6 +550,29 @@ def bench_kernels_cmd(
     out.print(markdown_table(frame), highlight=False)
 
 
+@bench_app.command("fused")
+def bench_fused_cmd(
+    out_csv: Optional[Path] = typer.Option(Path("docs/bench/fused.csv"), "--csv", help="Write the table here."),
+) -> None:
+    """GPU: time the LM shell's fused kernels (RMSNorm, SwiGLU gate, head + cross-entropy) against PyTorch
+    and torch.compile at the 135M model's shapes (16k tokens, d 768, vocab 32k, bf16).
+
+    Example: slab bench fused --csv docs/bench/fused.csv
+    """
+    import torch
+
+    if not torch.cuda.is_available():
+        fail("slab bench fused times GPU kernels and this machine has no CUDA GPU")
+    if out_csv:
+        _ensure_dir(out_csv.parent, "--csv")
+    from kernels.fused.bench import bench_fused
+
+    frame = bench_fused()
+    if out_csv:
+        frame.to_csv(out_csv, index=False)
+    _emit(frame.round(4), Format.table, title="fused kernels (median ms, peak extra MiB)")
+
+
 @bench_app.command("analysis")
 def bench_analysis_cmd() -> None:
     """Time approach 3 with 1,000 bootstraps on 200 runs, and a report over 3,700 runs (synthetic data).
@@ -571,6 +594,7 @@ def bench_train_cmd(
     tokens_per_step: int = typer.Option(32768, help="Tokens per optimizer step (batch = this / seq_len)."),
     steps: int = typer.Option(30, help="Optimizer steps (the median of the second half is reported)."),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the model."),
+    fused: bool = typer.Option(False, "--fused", help="Fused Triton kernels for the RMSNorms, the SwiGLU gate and the head + loss (kernels.fused; on the GPU)."),
     microbatch: Optional[int] = typer.Option(None, help="Sequences per forward pass (default: from a memory estimate)."),
     out_csv: Optional[Path] = typer.Option(None, "--out", help="Also write the table as CSV and its figure as PNG beside it (e.g. docs/bench/train.csv, train.png)."),
     profile: Optional[Path] = typer.Option(None, help="Folder for a torch.profiler table per (arch, T): the ops that took the most time over three steps."),
@@ -598,7 +622,7 @@ def bench_train_cmd(
             except ValueError as exc:
                 fail(str(exc))
             prof = profile / f"train_{a}_{t}.txt" if profile else None
-            rows.append(bench_train(spec, compile=compile, microbatch=microbatch, device=device, profile=prof))
+            rows.append(bench_train(spec, compile=compile, microbatch=microbatch, device=device, profile=prof, fused=fused))
             r = rows[-1]
             mfu = f", MFU {r['mfu_989']:.1%} of 989, {r['mfu_785']:.1%} of 785" if r["mfu_989"] is not None else " (CPU: no MFU)"
             out.print(f"{a} T={t}: {r['tokens_per_s']:,.0f} tokens/s{mfu}")
@@ -608,7 +632,7 @@ def bench_train_cmd(
 
         frame.to_csv(out_csv, index=False)
         out.print(f"wrote {out_csv} and {bench_figure(out_csv)}")
-    _emit(frame[["arch", "seq_len", "params", "microbatch", "compile", "tokens_per_s", "mfu_989", "mfu_785"]].round(4), Format.table, title="training throughput")
+    _emit(frame[["arch", "seq_len", "params", "microbatch", "compile", "fused", "tokens_per_s", "mfu_989", "mfu_785"]].round(4), Format.table, title="training throughput")
 
 
 @bench_app.command("plan")
