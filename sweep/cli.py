@@ -554,8 +554,9 @@ def bench_kernels_cmd(
 def bench_fused_cmd(
     out_csv: Optional[Path] = typer.Option(Path("docs/bench/fused.csv"), "--csv", help="Write the table here."),
 ) -> None:
-    """GPU: time the LM shell's fused kernels (RMSNorm, SwiGLU gate, head + cross-entropy) against PyTorch
-    and torch.compile at the 135M model's shapes (16k tokens, d 768, vocab 32k, bf16).
+    """GPU: time the fused RMSNorm, SwiGLU gate and head + cross-entropy against PyTorch and torch.compile.
+
+    At the 135M model's shapes: 16k tokens, d 768, SwiGLU hidden 2048, vocab 32k, bf16.
 
     Example: slab bench fused --csv docs/bench/fused.csv
     """
@@ -599,8 +600,9 @@ def bench_train_cmd(
     out_csv: Optional[Path] = typer.Option(None, "--out", help="Also write the table as CSV and its figure as PNG beside it (e.g. docs/bench/train.csv, train.png)."),
     profile: Optional[Path] = typer.Option(None, help="Folder for a torch.profiler table per (arch, T): the ops that took the most time over three steps."),
 ) -> None:
-    """Single-run training speed on the GPU (the CPU when there is none): tokens/s and MFU (vs 989 and vs the
-    measured 785 TFLOP/s).
+    """Single-run training speed on the GPU (the CPU when there is none): tokens/s and MFU.
+
+    MFU is given against the H100's 989 TFLOP/s bf16 datasheet peak and its measured 785 TFLOP/s.
 
     Example: slab bench train --arch softmax --arch lightning --params 135M --seq-len 2048 --compile
     """
