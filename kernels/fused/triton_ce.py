@@ -65,40 +65,55 @@ def _ce_kernel(logits_ptr, targets_ptr, loss_ptr, n_valid_ptr, V, ignore_index, 
             tl.store(ptr + v0 + cols, g.to(logits_ptr.dtype.element_ty), mask=mask)
 
 
-class _LinearCrossEntropyFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, targets, ignore_index, chunk, need_dx, need_dw):
-        N, d = x.shape
-        V = weight.shape[0]
-        block_v = min(MAX_BLOCK_V, triton.next_power_of_2(V))
-        n_valid = (targets != ignore_index).sum().float()  # a device tensor: no host sync
-        loss_rows = torch.empty(N, device=x.device, dtype=torch.float32)
-        dx = torch.empty_like(x) if need_dx else None
-        dw = torch.zeros(V, d, device=x.device, dtype=torch.float32) if need_dw else None
-        for start in range(0, N, chunk):
-            end = min(start + chunk, N)
-            xc = x[start:end]
-            logits = xc @ weight.T
-            _ce_kernel[(end - start,)](logits, targets[start:end], loss_rows[start:end], n_valid, V, ignore_index,
-                                       BLOCK_V=block_v, WRITE_GRAD=need_dx or need_dw, num_warps=NUM_WARPS)
-            if need_dx:
-                torch.mm(logits, weight, out=dx[start:end])
-            if need_dw:
-                # The GEMM accumulates in fp32 inside; its chunk result joins an fp32 sum across chunks.
-                dw += logits.T @ xc
-        ctx.save_for_backward(dx, dw)
-        ctx.weight_dtype = weight.dtype
-        return loss_rows.sum() / n_valid
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        dx, dw = ctx.saved_tensors
-        grad_x = dx * grad_loss.to(dx.dtype) if dx is not None else None
-        grad_w = (dw * grad_loss).to(ctx.weight_dtype) if dw is not None else None
-        return grad_x, grad_w, None, None, None, None, None
+# Custom ops rather than an autograd.Function: torch.compile keeps them in its graph as opaque calls
+# instead of breaking the graph around them. A gradient that is not needed comes back as an empty tensor.
+@torch.library.custom_op("slab::linear_ce_fwd", mutates_args=())
+def _linear_ce_fwd(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int, chunk: int,
+                   need_dx: bool, need_dw: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    N, d = x.shape
+    V = weight.shape[0]
+    block_v = min(MAX_BLOCK_V, triton.next_power_of_2(V))
+    n_valid = (targets != ignore_index).sum().float()  # a device tensor: no host sync
+    loss_rows = torch.empty(N, device=x.device, dtype=torch.float32)
+    dx = torch.empty_like(x) if need_dx else x.new_empty(0)
+    dw = torch.zeros(V, d, device=x.device, dtype=torch.float32) if need_dw else x.new_empty(0, dtype=torch.float32)
+    for start in range(0, N, chunk):
+        end = min(start + chunk, N)
+        xc = x[start:end]
+        logits = xc @ weight.T
+        _ce_kernel[(end - start,)](logits, targets[start:end], loss_rows[start:end], n_valid, V, ignore_index,
+                                   BLOCK_V=block_v, WRITE_GRAD=need_dx or need_dw, num_warps=NUM_WARPS)
+        if need_dx:
+            torch.mm(logits, weight, out=dx[start:end])
+        if need_dw:
+            # The GEMM accumulates in fp32 inside; its chunk result joins an fp32 sum across chunks.
+            dw += logits.T @ xc
+    return loss_rows.sum() / n_valid, dx, dw
 
 
-@torch.compiler.disable
+@_linear_ce_fwd.register_fake
+def _(x, weight, targets, ignore_index, chunk, need_dx, need_dw):
+    dx = torch.empty_like(x) if need_dx else x.new_empty(0)
+    dw = weight.new_empty(weight.shape, dtype=torch.float32) if need_dw else x.new_empty(0, dtype=torch.float32)
+    return x.new_empty((), dtype=torch.float32), dx, dw
+
+
+def _setup(ctx, inputs, output):
+    x, weight, *_, need_dx, need_dw = inputs
+    ctx.save_for_backward(output[1], output[2])
+    ctx.need, ctx.weight_dtype = (need_dx, need_dw), weight.dtype
+
+
+def _backward(ctx, grad_loss, _gdx, _gdw):
+    dx, dw = ctx.saved_tensors
+    grad_x = dx * grad_loss.to(dx.dtype) if ctx.need[0] else None
+    grad_w = (dw * grad_loss).to(ctx.weight_dtype) if ctx.need[1] else None
+    return grad_x, grad_w, None, None, None, None, None
+
+
+_linear_ce_fwd.register_autograd(_backward, setup_context=_setup)
+
+
 def linear_cross_entropy_triton(
     x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int, chunk_tokens: int | None
 ) -> torch.Tensor:
@@ -106,7 +121,8 @@ def linear_cross_entropy_triton(
     N, d = x.shape
     chunk = chunk_tokens or default_chunk_tokens(N, weight.shape[0], d)
     need = torch.is_grad_enabled()
-    return _LinearCrossEntropyFunction.apply(
+    loss, _, _ = _linear_ce_fwd(
         x, weight, targets.contiguous(), int(ignore_index), int(chunk), need and x.requires_grad,
         need and weight.requires_grad,
     )
+    return loss

@@ -69,38 +69,58 @@ def _num_warps(tile: int, backward: bool) -> int:
     return min(16, max(4, tile // (256 if backward else 512)))
 
 
-class _RMSNormFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, eps):
-        d = x.shape[-1]
-        x2 = x.reshape(-1, d)
-        M = x2.shape[0]
-        block_d, rows = _tiles(d)
-        y = torch.empty_like(x2)
-        rstd = torch.empty(M, device=x.device, dtype=torch.float32)
-        _rms_norm_fwd_kernel[(triton.cdiv(M, rows),)](x2, weight, y, rstd, M, d, eps, ROWS=rows, BLOCK_D=block_d,
-                                                       num_warps=_num_warps(block_d * rows, False))
-        ctx.save_for_backward(x2, weight, rstd)
-        return y.view(x.shape)
-
-    @staticmethod
-    def backward(ctx, dy):
-        x2, weight, rstd = ctx.saved_tensors
-        M, d = x2.shape
-        block_d, rows = _tiles(d)
-        # The interpreter gets two programs, so that tests with three tiles cover a program striding over two.
-        sms = torch.cuda.get_device_properties(x2.device).multi_processor_count if x2.is_cuda else 1
-        programs = max(1, min(triton.cdiv(M, rows), PROGRAMS_PER_SM * sms))
-        dx = torch.empty_like(x2)
-        dw = torch.empty(programs, d, device=x2.device, dtype=torch.float32)
-        _rms_norm_bwd_kernel[(programs,)](dy.reshape(M, d).contiguous(), x2, weight, rstd, dx, dw, M, d, ROWS=rows,
-                                          BLOCK_D=block_d, num_warps=_num_warps(block_d * rows, True))
-        dweight = dw.sum(dim=0).to(weight.dtype) if ctx.needs_input_grad[1] else None
-        return dx.view(dy.shape), dweight, None
+# Custom ops rather than an autograd.Function: torch.compile keeps them in its graph as opaque calls
+# instead of breaking the graph around them (and never traces into the kernels).
+@torch.library.custom_op("slab::rms_norm_fwd", mutates_args=())
+def _rms_norm_fwd(x2: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    M, d = x2.shape
+    block_d, rows = _tiles(d)
+    y = torch.empty_like(x2)
+    rstd = torch.empty(M, device=x2.device, dtype=torch.float32)
+    _rms_norm_fwd_kernel[(triton.cdiv(M, rows),)](x2, weight, y, rstd, M, d, eps, ROWS=rows, BLOCK_D=block_d,
+                                                   num_warps=_num_warps(block_d * rows, False))
+    return y, rstd
 
 
-# torch.compile would trace into the kernels and pass eps as fp64; a graph break keeps them as written.
-@torch.compiler.disable
+@torch.library.custom_op("slab::rms_norm_bwd", mutates_args=())
+def _rms_norm_bwd(dy: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    M, d = x2.shape
+    block_d, rows = _tiles(d)
+    # The interpreter gets two programs, so that tests with three tiles cover a program striding over two.
+    sms = torch.cuda.get_device_properties(x2.device).multi_processor_count if x2.is_cuda else 1
+    programs = max(1, min(triton.cdiv(M, rows), PROGRAMS_PER_SM * sms))
+    dx = torch.empty_like(x2)
+    dw = torch.empty(programs, d, device=x2.device, dtype=torch.float32)
+    _rms_norm_bwd_kernel[(programs,)](dy.contiguous(), x2, weight, rstd, dx, dw, M, d, ROWS=rows,
+                                      BLOCK_D=block_d, num_warps=_num_warps(block_d * rows, True))
+    return dx, dw.sum(dim=0).to(weight.dtype)
+
+
+@_rms_norm_fwd.register_fake
+def _(x2, weight, eps):
+    return torch.empty_like(x2), x2.new_empty(x2.shape[0], dtype=torch.float32)
+
+
+@_rms_norm_bwd.register_fake
+def _(dy, x2, weight, rstd):
+    return torch.empty_like(x2), torch.empty_like(weight)
+
+
+def _setup(ctx, inputs, output):
+    x2, weight, _ = inputs
+    ctx.save_for_backward(x2, weight, output[1])
+
+
+def _backward(ctx, dy, _drstd):
+    dx, dweight = _rms_norm_bwd(dy, *ctx.saved_tensors)
+    return dx, dweight, None
+
+
+_rms_norm_fwd.register_autograd(_backward, setup_context=_setup)
+
+
 def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """Triton RMSNorm over the last dim (autograd backward included); output in x's dtype."""
-    return _RMSNormFunction.apply(x.contiguous(), weight.contiguous(), float(eps))
+    y, _ = _rms_norm_fwd(x.contiguous().view(-1, x.shape[-1]), weight.contiguous(), float(eps))
+    return y.view(x.shape)

@@ -39,25 +39,45 @@ def _swiglu_bwd_kernel(dc_ptr, a_ptr, b_ptr, da_ptr, db_ptr, n, BLOCK: tl.conste
     tl.store(da_ptr + start + offs, (dc * b * s * (1.0 + a * (1.0 - s))).to(da_ptr.dtype.element_ty), mask=mask)
 
 
-class _SwiGLUFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, a, b):
-        c = torch.empty_like(a)
-        n = a.numel()
-        _swiglu_fwd_kernel[(triton.cdiv(n, BLOCK),)](a, b, c, n, BLOCK=BLOCK, num_warps=NUM_WARPS)
-        ctx.save_for_backward(a, b)
-        return c
-
-    @staticmethod
-    def backward(ctx, dc):
-        a, b = ctx.saved_tensors
-        da, db = torch.empty_like(a), torch.empty_like(b)
-        n = a.numel()
-        _swiglu_bwd_kernel[(triton.cdiv(n, BLOCK),)](dc.contiguous(), a, b, da, db, n, BLOCK=BLOCK, num_warps=NUM_WARPS)
-        return da, db
+# Custom ops rather than an autograd.Function: torch.compile keeps them in its graph as opaque calls
+# instead of breaking the graph around them.
+@torch.library.custom_op("slab::swiglu_fwd", mutates_args=())
+def _swiglu_fwd(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    c = torch.empty_like(a)
+    n = a.numel()
+    _swiglu_fwd_kernel[(triton.cdiv(n, BLOCK),)](a, b, c, n, BLOCK=BLOCK, num_warps=NUM_WARPS)
+    return c
 
 
-@torch.compiler.disable
+@torch.library.custom_op("slab::swiglu_bwd", mutates_args=())
+def _swiglu_bwd(dc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    da, db = torch.empty_like(a), torch.empty_like(b)
+    n = a.numel()
+    _swiglu_bwd_kernel[(triton.cdiv(n, BLOCK),)](dc.contiguous(), a, b, da, db, n, BLOCK=BLOCK, num_warps=NUM_WARPS)
+    return da, db
+
+
+@_swiglu_fwd.register_fake
+def _(a, b):
+    return torch.empty_like(a)
+
+
+@_swiglu_bwd.register_fake
+def _(dc, a, b):
+    return torch.empty_like(a), torch.empty_like(b)
+
+
+def _setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _backward(ctx, dc):
+    return _swiglu_bwd(dc, *ctx.saved_tensors)
+
+
+_swiglu_fwd.register_autograd(_backward, setup_context=_setup)
+
+
 def swiglu_triton(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Triton silu(a) * b (autograd backward included), same shape and dtype as a."""
-    return _SwiGLUFunction.apply(a.contiguous(), b.contiguous())
+    return _swiglu_fwd(a.contiguous(), b.contiguous())

@@ -33,3 +33,23 @@ def test_fused_lm_matches_plain_lm(arch):
 def test_unknown_kernels_backend_is_refused():
     with pytest.raises(ValueError, match="kernels must be one of"):
         LM(ModelConfig("softmax", 32, 2, 2, 67), kernels="cuda")
+
+
+@pytest.mark.parametrize("arch", ["softmax", "lightning"])
+def test_fused_lm_compiles_as_one_graph(arch):
+    """The fused ops are custom ops: torch.compile keeps the whole model in one graph (fullgraph=True fails
+    on any graph break) and trains the same numbers as eager."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(arch, 32, 2, 2, 67)
+    eager = LM(cfg, kernels="triton")
+    compiled_model = LM(cfg, kernels="triton")
+    compiled_model.load_state_dict(eager.state_dict())
+    compiled = torch.compile(compiled_model, backend="aot_eager", fullgraph=True)
+    idx, targets = torch.randint(0, 67, (2, 12)), torch.randint(0, 67, (2, 12))
+    _, loss_eager = eager(idx, targets)
+    _, loss_compiled = compiled(idx, targets)
+    torch.testing.assert_close(loss_compiled, loss_eager)
+    loss_eager.backward()
+    loss_compiled.backward()
+    for (name, p), q in zip(eager.named_parameters(), compiled_model.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, msg=name)
