@@ -9,7 +9,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from sqlalchemy import Connection, Engine, create_engine, event, inspect, select
+from sqlalchemy import Connection, Engine, create_engine, event, inspect, select, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 from sqlalchemy.orm import Session
@@ -111,7 +111,15 @@ def open_db(url: str | None = None, *, create: bool = True) -> Engine:
     return engine
 
 
+#: PostgreSQL advisory-lock key under which one process at a time checks or creates the schema.
+PG_SCHEMA_LOCK = 0x5CA1AB1E
+
+
 def _check_or_create(conn: Connection, create: bool) -> None:
+    if conn.dialect.name == "postgresql":
+        # Concurrent CREATE TABLEs of one name collide in PostgreSQL's catalog (two launchers on a new
+        # database): the second waits here and then finds the tables made.
+        conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": PG_SCHEMA_LOCK})
     has_meta = inspect(conn).has_table(Meta.__tablename__)
     if has_meta:
         row = conn.execute(select(Meta.value).where(Meta.key == "schema_version")).scalar_one_or_none()

@@ -90,6 +90,43 @@ def test_opening_waits_for_another_process_creating_the_file(tmp_path):
     other.close()
 
 
+def _open_at_barrier(url, barrier, errors):
+    barrier.wait()
+    try:
+        open_db(url).dispose()
+    except Exception as exc:  # sent to the parent, which asserts there were none
+        errors.put(f"{type(exc).__name__}: {exc}"[:300])
+
+
+def test_launchers_creating_one_database_at_once_all_open_it(db_url):
+    """Several launchers start on a new database at once: every one opens it (on PostgreSQL their CREATE
+    TABLEs used to collide in the catalog, failing most of them)."""
+    import multiprocessing as mp
+
+    from sqlalchemy import create_engine
+
+    from db.schema import Base
+
+    ctx = mp.get_context("fork")
+    errors = ctx.Queue()
+    for _ in range(5):
+        engine = create_engine(db_url)
+        with engine.begin() as conn:
+            Base.metadata.drop_all(conn)
+        engine.dispose()
+        barrier = ctx.Barrier(4)
+        procs = [ctx.Process(target=_open_at_barrier, args=(db_url, barrier, errors)) for _ in range(4)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(60)
+        assert [p.exitcode for p in procs] == [0] * 4
+    found = []
+    while not errors.empty():
+        found.append(errors.get())
+    assert found == []
+
+
 def test_bad_urls(tmp_path):
     with pytest.raises(DatabaseError, match="no database"):
         open_db(f"sqlite:///{tmp_path}/missing.db", create=False)
