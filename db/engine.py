@@ -111,15 +111,23 @@ def open_db(url: str | None = None, *, create: bool = True) -> Engine:
     return engine
 
 
-#: PostgreSQL advisory-lock key under which one process at a time checks or creates the schema.
+#: PostgreSQL advisory-lock keys: one process at a time checks or creates the schema, or registers plans.
 PG_SCHEMA_LOCK = 0x5CA1AB1E
+PG_REGISTER_LOCK = 0x5CA1AB1F
+
+
+def serialize(conn: Connection | Session, key: int) -> None:
+    """Make the current transaction the only one holding ``key`` until it ends (PostgreSQL; SQLite's
+    BEGIN IMMEDIATE already lets one writer in at a time)."""
+    bind = conn.get_bind() if isinstance(conn, Session) else conn
+    if bind.dialect.name == "postgresql":
+        conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": key})
 
 
 def _check_or_create(conn: Connection, create: bool) -> None:
-    if conn.dialect.name == "postgresql":
-        # Concurrent CREATE TABLEs of one name collide in PostgreSQL's catalog (two launchers on a new
-        # database): the second waits here and then finds the tables made.
-        conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": PG_SCHEMA_LOCK})
+    # Concurrent CREATE TABLEs of one name collide in PostgreSQL's catalog (two launchers on a new
+    # database): the second waits here and then finds the tables made.
+    serialize(conn, PG_SCHEMA_LOCK)
     has_meta = inspect(conn).has_table(Meta.__tablename__)
     if has_meta:
         row = conn.execute(select(Meta.value).where(Meta.key == "schema_version")).scalar_one_or_none()

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from sqlalchemy import Engine, delete, insert, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
-from db.engine import session
+from db.engine import PG_REGISTER_LOCK, serialize, session
 from db.schema import Eval, Fit, Metric, Plan, PlanRun, Run, utcnow
 
 #: Rows per executemany batch (SQLite caps bound parameters per statement).
@@ -52,6 +52,8 @@ def register_plan(engine: Engine, name: str, path: str, sha256: str, runs: Seque
     """Record a plan and its runs (pending unless known); re-registering is a no-op, an edited plan is relinked."""
     ids = list(dict.fromkeys(r.run_id for r in runs))
     with session(engine) as s:
+        # Two launches of one plan at once would both insert it (PostgreSQL reads committed data only).
+        serialize(s, PG_REGISTER_LOCK)
         known: set[str] = set()
         for i in range(0, len(ids), BATCH):
             chunk = ids[i : i + BATCH]

@@ -5,7 +5,7 @@ from sqlalchemy import select, update
 
 from db.engine import DatabaseError, open_db, session
 from db.queries import QueryError, run_sql, runs_frame, status_counts
-from db.schema import SCHEMA_VERSION, Meta, Metric, Run
+from db.schema import SCHEMA_VERSION, Meta, Metric, Plan, PlanRun, Run
 from sweep.plan import load_plan
 from sweep.registry import add_plans
 
@@ -121,6 +121,43 @@ def test_launchers_creating_one_database_at_once_all_open_it(db_url):
         for p in procs:
             p.join(60)
         assert [p.exitcode for p in procs] == [0] * 4
+    found = []
+    while not errors.empty():
+        found.append(errors.get())
+    assert found == []
+
+
+def _register_at_barrier(url, plan, barrier, errors):
+    engine = open_db(url)
+    barrier.wait()
+    try:
+        add_plans(engine, [plan])
+    except Exception as exc:  # sent to the parent, which asserts there were none
+        errors.put(f"{type(exc).__name__}: {exc}"[:300])
+    engine.dispose()
+
+
+def test_one_plan_registered_by_several_launchers_at_once(db_url, write_plan):
+    """Two `slab launch` of one plan register it at the same moment: both go on, the plan is there once."""
+    import multiprocessing as mp
+
+    plan = load_plan(write_plan(PLAN, "race.csv"))
+    ctx = mp.get_context("fork")
+    errors = ctx.Queue()
+    for _ in range(3):
+        engine = open_db(db_url)
+        with session(engine) as s:  # a new plan each round: every launcher finds it missing
+            s.execute(PlanRun.__table__.delete())
+            s.execute(Plan.__table__.delete())
+        barrier = ctx.Barrier(4)
+        procs = [ctx.Process(target=_register_at_barrier, args=(db_url, plan, barrier, errors)) for _ in range(4)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(60)
+        assert [p.exitcode for p in procs] == [0] * 4
+        assert len(runs_frame(engine, plan="race")) == 6
+        engine.dispose()
     found = []
     while not errors.empty():
         found.append(errors.get())
