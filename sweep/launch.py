@@ -486,7 +486,10 @@ def init_ray(opts: LaunchOptions):
         return ray
     kwargs: dict[str, Any] = {"runtime_env": {"env_vars": dict(WORKER_ENV)}, "logging_level": logging.WARNING, "log_to_driver": True}
     if opts.address:
-        ray.init(address=opts.address, **kwargs)
+        try:
+            ray.init(address=opts.address, **kwargs)
+        except (ConnectionError, ValueError) as exc:  # nothing listening there, or not a Ray address
+            raise LaunchError(f"cannot join the Ray cluster at {opts.address}: {str(exc).splitlines()[0]}") from None
     else:
         if opts.cpu:
             kwargs["num_gpus"] = 0
@@ -496,8 +499,21 @@ def init_ray(opts: LaunchOptions):
     return ray
 
 
+def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """Fail in seconds on a host:port where nothing listens; Ray itself retries such an address for minutes."""
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not port.isdigit():
+        return  # "auto" and the like: Ray resolves them
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as exc:
+        raise LaunchError(f"cannot join the Ray cluster at {address}: nothing answers there ({exc})") from None
+
+
 def launch(plans: list[Plan], opts: LaunchOptions, view: LaunchView) -> LaunchResult:
     """Register the plans, then train every selected run that is not done; returns per-run outcomes."""
+    if opts.address and not _ray_running():
+        _check_reachable(opts.address)  # before anything is written
     engine = open_db(opts.db_url, create=True)
     add_plans(engine, plans)
     runs = select_runs(engine, plans, opts)
@@ -506,7 +522,11 @@ def launch(plans: list[Plan], opts: LaunchOptions, view: LaunchView) -> LaunchRe
         return LaunchResult(rows=[])
     opts.ckpt_dir.mkdir(parents=True, exist_ok=True)
     started_ray = not _ray_running()
-    ray = init_ray(opts)
+    try:
+        ray = init_ray(opts)
+    except BaseException:
+        engine.dispose()
+        raise
     try:
         driver = Driver(engine, opts, view)
         driver.check_fits(runs)

@@ -126,3 +126,24 @@ def test_help_and_plan_do_not_import_torch_or_ray(write_plan):
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_launch_to_an_address_where_nothing_listens_fails_fast(write_plan, tmp_path):
+    """A mistyped --address is a one-line error in seconds (Ray alone retries it for minutes), and
+    nothing is registered."""
+    import socket
+    import time
+
+    with socket.socket() as s:  # a port that was free a moment ago: nothing listens there
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    db = tmp_path / "slab.db"
+    t0 = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-m", "sweep.cli", "--db", f"sqlite:///{db}", "launch", str(write_plan(PLAN)), "--cpu",
+         "--address", f"127.0.0.1:{port}"], capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert f"cannot join the Ray cluster at 127.0.0.1:{port}: nothing answers there" in proc.stderr
+    assert "Traceback" not in proc.stderr and time.monotonic() - t0 < 60
+    assert not db.exists()
