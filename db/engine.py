@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import sqlite3
 import time
 from contextlib import contextmanager
@@ -31,9 +32,20 @@ def resolve_url(url: str | None = None) -> str:
     return url or os.environ.get(ENV_VAR) or DEFAULT_URL
 
 
+def shown_url(url: str) -> str:
+    """The URL with its password masked, for error messages and logs."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except (ArgumentError, ValueError):
+        return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)
+
+
 def sqlite_path(url: str) -> Path | None:
     """The file behind a SQLite URL, or None for other databases and in-memory SQLite."""
-    parsed = make_url(url)
+    try:
+        parsed = make_url(url)
+    except (ArgumentError, ValueError):  # make_engine says what is wrong with it
+        return None
     if parsed.get_backend_name() != "sqlite" or not parsed.database or parsed.database == ":memory:":
         return None
     return Path(parsed.database)
@@ -77,8 +89,8 @@ def make_engine(url: str | None = None) -> Engine:
     url = resolve_url(url)
     try:
         parsed = make_url(url)
-    except ArgumentError as exc:
-        raise DatabaseError(f"bad database URL {url!r}: {exc}") from None
+    except (ArgumentError, ValueError) as exc:
+        raise DatabaseError(f"bad database URL {shown_url(url)!r}: {exc}") from None
     if parsed.get_backend_name() == "sqlite":
         engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_MS / 1000})
         event.listen(engine, "connect", _sqlite_pragmas)
@@ -87,7 +99,7 @@ def make_engine(url: str | None = None) -> Engine:
     try:
         return create_engine(url, pool_pre_ping=True)
     except Exception as exc:  # missing driver, bad options: say it plainly
-        raise DatabaseError(f"cannot use database URL {url!r}: {exc}") from None
+        raise DatabaseError(f"cannot use database URL {shown_url(url)!r}: {exc}") from None
 
 
 def open_db(url: str | None = None, *, create: bool = True) -> Engine:
@@ -107,7 +119,8 @@ def open_db(url: str | None = None, *, create: bool = True) -> Engine:
         raise
     except Exception as exc:
         engine.dispose()
-        raise DatabaseError(f"cannot open database {url!r}: {exc.__class__.__name__}: {exc}") from None
+        detail = str(exc).split("\n(Background on this error")[0]  # SQLAlchemy's link adds nothing here
+        raise DatabaseError(f"cannot open database {shown_url(url)!r}: {exc.__class__.__name__}: {detail}") from None
     return engine
 
 

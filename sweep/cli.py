@@ -218,7 +218,7 @@ def status(
     ctx: typer.Context,
     plan: Optional[str] = typer.Option(None, help="Only this plan."),
     watch: bool = typer.Option(False, "--watch", help="Refresh every --interval seconds until all runs are finished (Ctrl-C to stop)."),
-    interval: float = typer.Option(2.0, help="Seconds between refreshes with --watch."),
+    interval: float = typer.Option(2.0, min=0.1, help="Seconds between refreshes with --watch."),
 ) -> None:
     """Counts of runs per plan and status.
 

@@ -169,3 +169,14 @@ def test_bad_urls(tmp_path):
         open_db(f"sqlite:///{tmp_path}/missing.db", create=False)
     with pytest.raises(DatabaseError):
         open_db("notadb://x")
+
+
+@pytest.mark.parametrize("url, match", [
+    ("postgresql+psycopg://me:s3cret@127.0.0.1:abc/z", "bad database URL 'postgresql\\+psycopg://me:\\*\\*\\*@"),
+    ("postgresql+psycopg://me:s3cret@127.0.0.1:1/z", "cannot open database 'postgresql\\+psycopg://me:\\*\\*\\*@"),
+])
+def test_url_errors_hide_the_password(url, match):
+    """A bad port or an unreachable server is a DatabaseError whose message never shows the password."""
+    with pytest.raises(DatabaseError, match=match) as info:
+        open_db(url)
+    assert "s3cret" not in str(info.value) and "Background on this error" not in str(info.value)
