@@ -35,11 +35,12 @@ def ray_address():
 
 
 @pytest.fixture
-def env(tmp_path, ray_address, monkeypatch):
+def env(tmp_path, ray_address, monkeypatch, db_url):
+    """Each launch test runs on a fresh SQLite file and, where CI provides one, a PostgreSQL database (teams
+    share one: the concurrent-launch races differ between the two)."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv(FAULTS_ENV, raising=False)
-    db = f"sqlite:///{tmp_path}/slab.db"
-    return {"db": db, "tmp": tmp_path, "address": ray_address}
+    return {"db": db_url, "tmp": tmp_path, "address": ray_address}
 
 
 class Quiet(LaunchView):
