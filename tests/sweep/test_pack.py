@@ -80,6 +80,26 @@ def test_bench_pack_cli_bad_input(tmp_path):
         assert not out.exists()
 
 
+def test_bench_pack_cli_appends_a_row_and_draws_the_table(tmp_path):
+    """Two calls: two rows in the CSV and a PNG beside it, redrawn from the whole table."""
+    import subprocess
+    import sys
+
+    import pandas as pd
+
+    plan = tmp_path / "grid.csv"
+    plan.write_text("name,arch,d_model,n_layers,seq_len,batch_size,tokens,lr,warmup,seed\n"
+                    "t-{seed},lightning,32,2,64,4,10000,1e-3,2,0..1+1\n")
+    out = tmp_path / "res" / "pack.csv"
+    for _ in range(2):
+        proc = subprocess.run([sys.executable, "-m", "sweep.cli", "bench", "pack", str(plan), "--steps", "2", "--pack", "2",
+                               "--csv", str(out)], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+    table = pd.read_csv(out)
+    assert len(table) == 2 and (table["runs"] == 2).all() and (table["speedup"] > 0).all()
+    assert (out.parent / "pack.png").stat().st_size > 10_000
+
+
 def test_append_csv_widens_the_table_for_new_columns(tmp_path):
     import pandas as pd
 
