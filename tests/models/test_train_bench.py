@@ -20,3 +20,19 @@ def test_bench_train_cli_bad_size_is_one_line_exit_2(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "sweep.cli", "bench", "train", "--params", "30Q"],
                           capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 2 and "'30Q'" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_bench_train_cli_writes_table_and_figure(tmp_path):
+    import subprocess
+    import sys
+
+    import pandas as pd
+
+    out = tmp_path / "train.csv"
+    proc = subprocess.run([sys.executable, "-m", "sweep.cli", "bench", "train", "--arch", "softmax", "--params", "30K",
+                           "--seq-len", "32", "--seq-len", "64", "--tokens-per-step", "128", "--steps", "3", "--out", str(out)],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    table = pd.read_csv(out)
+    assert list(table["seq_len"]) == [32, 64] and (table["tokens_per_s"] > 0).all() and table["mfu_989"].isna().all()
+    assert (tmp_path / "train.png").stat().st_size > 10_000
