@@ -147,3 +147,9 @@ def test_launch_to_an_address_where_nothing_listens_fails_fast(write_plan, tmp_p
     assert f"cannot join the Ray cluster at 127.0.0.1:{port}: nothing answers there" in proc.stderr
     assert "Traceback" not in proc.stderr and time.monotonic() - t0 < 60
     assert not db.exists()
+
+
+def test_bench_fused_without_a_gpu_says_so(runner, tmp_path):
+    result = invoke(runner, "bench", "fused", "--csv", tmp_path / "fused.csv")
+    assert result.exit_code == 2 and "no CUDA GPU" in result.output
+    assert not (tmp_path / "fused.csv").exists()
