@@ -12,7 +12,7 @@ matplotlib.use("Agg")  # headless: benchmarks run on servers
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from analysis.report import ARCH_COLOURS, OKABE_ITO  # noqa: E402
+from analysis.report import OKABE_ITO, arch_colour  # noqa: E402
 
 #: Issue 8's single-run target (fraction of the H100's 989 TFLOP/s bf16 dense peak).
 MFU_TARGET = 0.5
@@ -26,10 +26,6 @@ class BenchTableError(ValueError):
     """A CSV that is not a training or packing benchmark table."""
 
 
-def _colour(arch: str, i: int) -> str:
-    return ARCH_COLOURS.get(arch, OKABE_ITO[i % len(OKABE_ITO)])
-
-
 def train_figure(frame: pd.DataFrame, path: Path) -> Path:
     """Tokens/s against sequence length per architecture, beside MFU (of 989 TFLOP/s) with the 50% target."""
     _require(frame, TRAIN_COLUMNS, path)
@@ -37,16 +33,16 @@ def train_figure(frame: pd.DataFrame, path: Path) -> Path:
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
     lengths = sorted(frame["seq_len"].unique())
     if len(lengths) > 1:  # the seed study's claim: lightning stays flat with length, softmax falls
-        for i, arch in enumerate(archs):
+        for arch in archs:
             q = frame[frame["arch"] == arch].sort_values("seq_len")
-            left.plot(q["seq_len"], q["tokens_per_s"] / 1e3, marker="o", color=_colour(arch, i), label=arch)
+            left.plot(q["seq_len"], q["tokens_per_s"] / 1e3, marker="o", color=arch_colour(arch, archs), label=arch)
         left.set_xscale("log", base=2)
         left.set_xticks(lengths, [f"{t:,}" for t in lengths])
         left.set_xlabel("sequence length (tokens)")
         left.legend(fontsize=8)
     else:
         bars = left.bar(range(len(frame)), frame["tokens_per_s"] / 1e3,
-                        color=[_colour(a, archs.index(a)) for a in frame["arch"]])
+                        color=[arch_colour(a, archs) for a in frame["arch"]])
         left.bar_label(bars, fmt="%.0f", fontsize=8)
         left.set_xticks(range(len(frame)), list(frame["arch"]))
         left.set_xlabel(f"architecture (sequence length {lengths[0]:,})")
@@ -59,7 +55,7 @@ def train_figure(frame: pd.DataFrame, path: Path) -> Path:
         rows = frame.dropna(subset=["mfu_989"]).reset_index(drop=True)
         labels = [f"{r.arch}\n{_tokens(r.seq_len)}" for r in rows.itertuples()]
         bars = right.bar(range(len(rows)), rows["mfu_989"] * 100,
-                         color=[_colour(a, archs.index(a)) for a in rows["arch"]])
+                         color=[arch_colour(a, archs) for a in rows["arch"]])
         right.bar_label(bars, fmt="%.1f%%", fontsize=8)
         right.axhline(MFU_TARGET * 100, ls="--", color="black", lw=1, label=f"target {MFU_TARGET:.0%}")
         right.set_xticks(range(len(rows)), labels, fontsize=7)

@@ -238,7 +238,8 @@ def _write_atomic(path: Path, text: str) -> None:
 # Figures: each returns (figure, caption) or (None, why it was skipped)
 
 
-def _colour(arch: str, archs: list[str]) -> str:
+def arch_colour(arch: str, archs: list[str]) -> str:
+    """The colour-blind-safe colour of ``arch`` in every figure (fixed for known archs, else by its index in ``archs``)."""
     if arch in ARCH_COLOURS:
         return ARCH_COLOURS[arch]
     spare = [c for c in OKABE_ITO if c not in ARCH_COLOURS.values()]
@@ -334,7 +335,7 @@ def _fig_loss_vs_compute(pts, fits, archs):
         return None, "no frontier fit succeeded"
     fig, ax = plt.subplots(figsize=(7.5, 5))
     for arch in archs:
-        c = _colour(arch, archs)
+        c = arch_colour(arch, archs)
         p = pts[pts["arch"] == arch]
         ax.scatter(p["C"], p["L"], s=6, color=c, alpha=0.25, linewidths=0, rasterized=True)
         f = fits.get(f"frontier/{arch}") or fits.get(f"frontier_power/{arch}")
@@ -416,7 +417,7 @@ def _fig_allocation(fits, archs):
     styles = {"approach1": ("o", "-"), "approach2": ("s", ":"), "approach3": (None, "--")}
     for arch, method in rows:
         f = fits[f"{method}/{arch}"]
-        c = _colour(arch, archs)
+        c = arch_colour(arch, archs)
         e = f.estimates
         marker, ls = styles[method]
         if method == "approach3":
@@ -442,7 +443,7 @@ def _fig_allocation(fits, archs):
     from matplotlib.lines import Line2D
 
     present = sorted({a for a, _ in rows}, key=archs.index)
-    handles = [Line2D([], [], color=_colour(a, archs), lw=2, label=a) for a in present]
+    handles = [Line2D([], [], color=arch_colour(a, archs), lw=2, label=a) for a in present]
     for m in ("approach1", "approach2", "approach3"):
         if any(mm == m for _, mm in rows):
             label = m.replace("approach", "approach ")
@@ -460,11 +461,11 @@ def _fig_residuals(fits, archs):
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     for arch in a3:
         f = fits[f"approach3/{arch}"]
-        ax1.scatter(f.points["N"], f.residuals, s=6, alpha=0.5, color=_colour(arch, archs), label=arch,
+        ax1.scatter(f.points["N"], f.residuals, s=6, alpha=0.5, color=arch_colour(arch, archs), label=arch,
                     rasterized=True)
     for arch in fr:
         f = fits[f"frontier/{arch}"]
-        ax2.plot(f.points["C"], f.residuals, marker="o", ms=3, lw=0.8, color=_colour(arch, archs), label=arch)
+        ax2.plot(f.points["C"], f.residuals, marker="o", ms=3, lw=0.8, color=arch_colour(arch, archs), label=arch)
     ax1.set_title("approach 3: log L_fit - log L")
     ax1.set_xlabel("parameters N")
     ax2.set_title("frontier law: log L_fit - log L")
@@ -533,7 +534,7 @@ def _fig_throughput(tput):
     fig, ax = plt.subplots(figsize=(7, 4.3))
     for arch in archs:
         q = tput[tput["arch"] == arch].sort_values("seq_len")
-        ax.plot(q["seq_len"], q["tokens_per_s"], marker="o", ms=4, color=_colour(arch, archs), label=arch)
+        ax.plot(q["seq_len"], q["tokens_per_s"], marker="o", ms=4, color=arch_colour(arch, archs), label=arch)
     ax.set_xscale("log", base=2)
     ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _p: f"{v:g}"))
     ax.xaxis.set_minor_formatter(NullFormatter())
