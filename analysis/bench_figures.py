@@ -100,13 +100,18 @@ def pack_figure(frame: pd.DataFrame, path: Path) -> Path:
     return _save(fig, path)
 
 
+def read_table(csv_path: Path) -> pd.DataFrame:
+    """A benchmark table as a frame; a file that is not a readable CSV is a ``BenchTableError``."""
+    try:
+        return pd.read_csv(csv_path)
+    except (OSError, ValueError) as exc:
+        raise BenchTableError(f"{csv_path}: not a readable CSV table ({str(exc).splitlines()[0]})") from None
+
+
 def bench_figure(csv_path: Path) -> Path:
     """Draw the PNG beside a benchmark CSV (``pack.csv`` -> ``pack.png``), its kind told by its columns."""
     csv_path = Path(csv_path)
-    try:
-        frame = pd.read_csv(csv_path)
-    except (OSError, ValueError) as exc:
-        raise BenchTableError(f"{csv_path}: not a readable CSV table ({str(exc).splitlines()[0]})") from None
+    frame = read_table(csv_path)
     if frame.empty:
         raise BenchTableError(f"{csv_path}: the table has no rows")
     png = csv_path.with_suffix(".png")

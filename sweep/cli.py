@@ -667,8 +667,12 @@ def bench_pack(
     Prints both wall times, the speedup, aggregate tokens/s and MFU, and how far the two modes' final
     losses differ. Evals are left out of both. Example: slab bench pack plans/pack-grid.csv --steps 50
     """
+    import sys
+    import time
+
     import pandas as pd
 
+    from analysis.bench_figures import BenchTableError, bench_figure, read_table
     from sweep.bench import append_csv
     from sweep.bench import bench_pack as run
     from sweep.pack import parse_pack
@@ -677,22 +681,17 @@ def bench_pack(
         pack_size = parse_pack(pack)
     except ValueError as exc:
         fail(str(exc))
-    import sys
-    import time
-
     t0 = time.perf_counter()
     [plan] = _plans([plan_file], DEFAULT_MAX_RUNS)
     if out_csv:
         _ensure_dir(out_csv.parent, "--csv")
         try:  # results are added to this table at the end: a file that is not one fails now
             if out_csv.exists():
-                pd.read_csv(out_csv)
-        except (ValueError, OSError) as exc:
-            fail(f"--csv {out_csv}: not a readable CSV table ({str(exc).splitlines()[0]})")
+                read_table(out_csv)
+        except BenchTableError as exc:
+            fail(f"--csv {exc}")
     result = run(plan, steps=steps, pack=pack_size, progress=lambda msg: sys.stderr.write(f"[{time.perf_counter() - t0:7.1f} s] {msg}\n"))
     if out_csv:
-        from analysis.bench_figures import bench_figure
-
         append_csv({"plan": str(plan_file), **result}, out_csv)
         out.print(f"appended to {out_csv}; figure {bench_figure(out_csv)}")
     shown = pd.DataFrame({"measure": list(result), "value": [f"{v:.4g}" if isinstance(v, float) else str(v) for v in result.values()]})
