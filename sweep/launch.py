@@ -411,6 +411,7 @@ class Driver:
         if isinstance(outcome, Exception):  # classify the failure by its cause
             exc = outcome
             cause = getattr(exc, "cause", None) or exc
+            out_of_memory = isinstance(cause, OutOfMemory) or isinstance(exc, OutOfMemory)
             if isinstance(cause, Diverged) or isinstance(exc, Diverged):
                 step = getattr(cause, "step", None)
                 update_run(self.engine, run_id, self.owner, status="diverged", error=f"diverged at step {step}: {cause}", step=step)
@@ -418,11 +419,11 @@ class Driver:
             elif isinstance(cause, Interrupted) or isinstance(exc, Interrupted):
                 update_run(self.engine, run_id, self.owner, status="pending", error=f"stopped at step {cause.step} by Ctrl-C")
                 self._ended(run_id, "pending", f"stopped at step {cause.step}; a relaunch resumes it")
-            elif packed and (isinstance(cause, OutOfMemory) or isinstance(exc, OutOfMemory)):
+            elif packed and out_of_memory:
                 update_run(self.engine, run_id, self.owner, status="failed",
                            error=f"out of memory at step {cause.step} in a pack; retrying alone")
                 self.queue.append([flight])
-            elif (isinstance(cause, OutOfMemory) or isinstance(exc, OutOfMemory)) and (cause.microbatch or 1) > 1:
+            elif out_of_memory and (cause.microbatch or 1) > 1:
                 flight.microbatch = max(1, cause.microbatch // 2)
                 update_run(self.engine, run_id, self.owner, status="failed", microbatch=flight.microbatch,
                            error=f"out of memory at step {cause.step} with microbatch {cause.microbatch}; retrying with {flight.microbatch}")
@@ -515,29 +516,27 @@ def launch(plans: list[Plan], opts: LaunchOptions, view: LaunchView) -> LaunchRe
     if opts.address and not _ray_running():
         _check_reachable(opts.address)  # before anything is written
     engine = open_db(opts.db_url, create=True)
-    add_plans(engine, plans)
-    runs = select_runs(engine, plans, opts)
-    view.log(f"{len(runs)} runs to train")
-    if not runs:
-        return LaunchResult(rows=[])
-    opts.ckpt_dir.mkdir(parents=True, exist_ok=True)
-    started_ray = not _ray_running()
     try:
+        add_plans(engine, plans)
+        runs = select_runs(engine, plans, opts)
+        view.log(f"{len(runs)} runs to train")
+        if not runs:
+            return LaunchResult(rows=[])
+        opts.ckpt_dir.mkdir(parents=True, exist_ok=True)
+        started_ray = not _ray_running()
         ray = init_ray(opts)
-    except BaseException:
-        engine.dispose()
-        raise
-    try:
-        driver = Driver(engine, opts, view)
-        driver.check_fits(runs)
-        view.begin(runs)
         try:
-            return driver.run(runs)
+            driver = Driver(engine, opts, view)
+            driver.check_fits(runs)
+            view.begin(runs)
+            try:
+                return driver.run(runs)
+            finally:
+                view.end()
         finally:
-            view.end()
+            if started_ray and not opts.address:
+                ray.shutdown()
     finally:
-        if started_ray and not opts.address:
-            ray.shutdown()
         engine.dispose()
 
 

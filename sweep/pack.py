@@ -67,7 +67,6 @@ def plan_packs(runs: list[Run], pack: int | None, *, cpu: bool, gpu_mem_bytes: f
     packs: list[list[Run]] = []
     for group in out:
         size = pack if pack is not None else auto_pack_size(group[0][0], gpu_mem_bytes)
-        size = max(1, min(size, MAX_PACK if pack is None else size))
         packs.extend(group[i : i + size] for i in range(0, len(group), size))
     return packs
 
