@@ -73,6 +73,8 @@ def bench_train(spec: BenchSpec, *, compile: bool = False, microbatch: int | Non
     """Train ``spec`` with ``pretrain`` and report the median tokens/s of the second half of the steps and MFU;
     with ``profile``, also write torch.profiler's table of the ops that took the most time over three steps
     of the second half there. ``fused`` trains with the LM shell's fused Triton kernels (norms, SwiGLU, head + loss)."""
+    import torch
+
     from models.train import pretrain
 
     rates: list[float] = []
