@@ -554,9 +554,11 @@ def bench_kernels_cmd(
 def bench_fused_cmd(
     out_csv: Optional[Path] = typer.Option(Path("docs/bench/fused.csv"), "--csv", help="Write the table here."),
 ) -> None:
-    """GPU: time the fused RMSNorm, SwiGLU gate and head + cross-entropy against PyTorch and torch.compile.
+    """GPU: check, then time the fused RMSNorm, SwiGLU gate and head + cross-entropy against PyTorch and torch.compile.
 
-    At the 135M model's shapes: 16k tokens, d 768, SwiGLU hidden 2048, vocab 32k, bf16.
+    At the 135M model's shapes: 16k tokens, d 768, SwiGLU hidden 2048, vocab 32k, bf16. Each op's output and
+    gradients are first checked on the GPU against the fp32 reference; a failing op is listed as FAIL with no
+    timings, and the command then exits 1.
 
     Example: slab bench fused --csv docs/bench/fused.csv
     """
@@ -572,6 +574,10 @@ def bench_fused_cmd(
     if out_csv:
         frame.to_csv(out_csv, index=False)
     _emit(frame.round(4), Format.table, title="fused kernels (median ms, peak extra MiB)")
+    failed = sorted(set(frame.loc[frame["check"] == "FAIL", "op"]))
+    if failed:
+        out.print(f"[red]failed the on-GPU check against the fp32 reference: {', '.join(failed)}[/red]")
+        raise typer.Exit(1)
 
 
 @bench_app.command("analysis")

@@ -367,3 +367,34 @@ def test_kernels_compile_for_sm90_without_spills():
     rows = json.loads(done.stdout.strip().splitlines()[-1])
     assert len(rows) == 2 * 10
     assert not [r for r in rows if r["spill"]], rows
+
+
+# ------------------------------------------------------------------------------------------ the GPU check
+def test_check_fused_passes_the_kernels_and_catches_a_wrong_one():
+    """slab bench fused's on-device check (here in the interpreter, small shapes) passes the kernels as they
+    are and fails a kernel whose gradient is off by 10%."""
+    from kernels.fused.bench import CHECK_TOL, Shapes, check_fused, check_op
+
+    errors = check_fused("cpu", Shapes(n=24, d=32, hidden=48, vocab=40))
+    assert set(errors) == {"rms_norm", "swiglu", "linear_cross_entropy"}
+    assert all(0 <= e <= CHECK_TOL for e in errors.values()), errors
+
+    class Scaled(torch.autograd.Function):  # right forward, gradient 10% too large
+        @staticmethod
+        def forward(ctx, a, b):
+            ctx.save_for_backward(a, b)
+            return swiglu(a, b, backend="torch")
+
+        @staticmethod
+        def backward(ctx, g):
+            a, b = ctx.saved_tensors
+            with torch.enable_grad():
+                a, b = a.detach().requires_grad_(), b.detach().requires_grad_()
+                ga, gb = torch.autograd.grad(swiglu(a, b, backend="torch"), (a, b), g)
+            return 1.1 * ga, gb
+
+    def wrong(a, b, backend):
+        return Scaled.apply(a, b) if backend == "triton" else swiglu(a, b, backend=backend)
+
+    x = [torch.randn(8, 16).to(torch.bfloat16) for _ in range(2)]
+    assert check_op(wrong, x) > CHECK_TOL
