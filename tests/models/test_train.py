@@ -159,6 +159,27 @@ def test_nan_fault_raises_diverged(tmp_path):
         pretrain(spec(), Recorder(), tmp_path, fault="boom@3")
 
 
+def test_overlapped_readback_reports_and_saves_the_same(tmp_path):
+    """Reading each loss back one step late (what CUDA runs do) changes no report, eval or checkpoint."""
+    s = spec(tokens=8 * 32 * 12, eval_every=5)
+    at_once, late = Recorder(), Recorder()
+    a = pretrain(s, at_once, tmp_path / "a", ckpt_every_steps=4, overlap_readback=False)
+    b = pretrain(s, late, tmp_path / "b", ckpt_every_steps=4, overlap_readback=True)
+    strip = lambda rec: [(k, {n: v for n, v in p.items() if n not in ("tokens_per_s", "mfu")}) for k, p in rec.events]  # noqa: E731
+    assert strip(late) == strip(at_once) and len(late.of("train")) == 12
+    assert (b.final_loss, b.val_loss) == (a.final_loss, a.val_loss)
+    assert checkpoint_steps(tmp_path / "b") == checkpoint_steps(tmp_path / "a") == [8, 12]
+    assert load_checkpoint(tmp_path / "b")["loss"] == load_checkpoint(tmp_path / "a")["loss"] == a.final_loss
+
+
+def test_overlapped_readback_diverges_at_the_nan_step_and_saves_no_later_checkpoint(tmp_path):
+    with pytest.raises(Diverged) as err:
+        pretrain(spec(), Recorder(), tmp_path, fault="nan@3", ckpt_every_steps=1, overlap_readback=True)
+    assert err.value.step == 3
+    assert checkpoint_steps(tmp_path) == [1, 2]  # step 3's checkpoint waited for its loss, which was NaN
+    assert math.isfinite(load_checkpoint(tmp_path)["loss"])
+
+
 def test_truncated_newest_checkpoint_falls_back_to_previous(tmp_path):
     s = spec(tokens=8 * 32 * 12)
     first = Recorder()
