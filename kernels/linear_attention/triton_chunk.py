@@ -624,110 +624,143 @@ class _Plan:
         return A
 
 
-class _LinearAttentionFunction(torch.autograd.Function):
-    # forward without ctx plus setup_context: the form torch.func transforms (vmap) accept.
-    @staticmethod
-    def forward(q, k, v, log_decay, h0, scale):
-        plan = _Plan(q, v, log_decay)
-        A = plan.chunk_A(q, k) if plan.decay == 2 else q.new_empty(0, dtype=torch.float32)
-        h, final = plan.states(k, v, 1.0, h0, reverse=False)
-        o = torch.empty_like(v)
-        plan.launch(_output_kernel, "out", plan.grid("out", plan.NT), q, k, v, o, plan.a, plan.b,
-                    A if plan.decay == 2 else None, h, plan.T, plan.Tp, plan.NT, scale, H=plan.H, K=plan.K, V=plan.V,
-                    BT=plan.BT, DECAY=plan.decay, DT=plan.dt, PREC=plan.prec)
-        return o, final, A  # A (per-channel decay only) is returned so that backward can reuse it
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        q, k, v, log_decay, h0, scale = inputs
-        ctx.save_for_backward(q, k, v, log_decay, h0, output[2])
-        ctx.mark_non_differentiable(output[2])
-        ctx.scale = scale
-
-    @staticmethod
-    def vmap(info, in_dims, q, k, v, log_decay, h0, scale):
-        """Under ``torch.func.vmap`` (several stacked models trained as one), fold the vmapped dimension into
-        the heads and run one kernel launch over all of them."""
-        n = info.batch_size
-
-        def front(x, dim):
-            return x.movedim(dim, 0) if dim is not None else x.expand(n, *x.shape)
-
-        q, k, v = (front(x, d) for x, d in zip((q, k, v), in_dims[:3]))
-        g = front(log_decay, in_dims[3])
-        _, B, T, H, K = q.shape
-
-        def heads(x):  # (n, B, T, H, ...) -> (B, T, n H, ...)
-            return x.movedim(0, 2).flatten(2, 3)
-
-        if g.dim() == 2:  # constant: (n, H) -> (n H,)
-            g = g.reshape(n * H)
-        else:
-            g = heads(g)
-        h0m = None if h0 is None else front(h0, in_dims[4]).movedim(0, 1).flatten(1, 2)
-        o, final, A = _LinearAttentionFunction.apply(
-            heads(q).contiguous(), heads(k).contiguous(), heads(v).contiguous(), g.contiguous(), h0m, scale
-        )
-        o = o.unflatten(2, (n, H))  # (B, T, n, H, V)
-        final = final.unflatten(1, (n, H))  # (B, n, H, K, V)
-        return (o, final, A), (2, 1, None)
-
-    @staticmethod
-    def backward(ctx, do, dfinal, _dA):
-        q, k, v, log_decay, h0, A = ctx.saved_tensors
-        A = A if A.numel() else None
-        scale = ctx.scale
-        plan = _Plan(q, v, log_decay)
-        B, T, H, K, V, NT = plan.B, plan.T, plan.H, plan.K, plan.V, plan.NT
-        shapes = dict(H=H, K=K, V=V, BT=plan.BT, DECAY=plan.decay, DT=plan.dt, PREC=plan.prec)
-        do = do.contiguous()
-        # States are recomputed rather than saved: (B H, T / 64, K, V) per layer would dwarf q, k and v.
-        h, _ = plan.states(k, v, 1.0, h0, reverse=False)
-        dfinal = dfinal.float().contiguous() if dfinal is not None else None
-        dh, dh0 = plan.states(q, do, scale, dfinal, reverse=True)
-
-        dv = torch.empty_like(v)
-        plan.launch(_dv_kernel, "out", plan.grid("out", NT), q, k, do, dv, plan.a, plan.b, A, dh, T, plan.Tp, NT,
-                    scale, **shapes)
-
-        need_db = ctx.needs_input_grad[3]
-        per_channel = plan.decay == 2
-        nk = triton.cdiv(K, plan.cfg["dqk"]["BK"])
-        if per_channel:
-            dq = torch.empty(q.shape, device=q.device, dtype=torch.float32)
-            dk = torch.empty_like(dq)
-            db = torch.empty(B, plan.Tp, H, K, device=q.device, dtype=torch.float32) if need_db else None
-            dA = torch.empty(B * H, NT, plan.BT, plan.BT, device=q.device, dtype=torch.float32)
-        else:
-            dq, dk = torch.empty_like(q), torch.empty_like(k)
-            db = torch.empty(nk, B, plan.Tp, H, device=q.device, dtype=torch.float32) if need_db else None
-            dA = None
-        plan.launch(_dqk_kernel, "dqk", plan.grid("dqk", NT, "K"), q, k, v, do, dq, dk, db, dA, plan.a, plan.b, h,
-                    dh, B, T, plan.Tp, NT, scale, STORE_DB=need_db, **shapes)
-        if per_channel:
-            grid = (NT * (plan.BT // SUB), triton.cdiv(K, plan.cfg["intra"]["BK"]), B * H)
-            plan.launch(_intra_bwd_kernel, "intra", grid, q, k, dq, dk, db, dA, plan.b, T, plan.Tp, NT, H=H, K=K,
-                        BT=plan.BT, BC=SUB, DT=plan.dt, PREC=plan.prec, STORE_DB=need_db)
-            dq, dk = dq.to(q.dtype), dk.to(k.dtype)
-
-        da = None
-        if need_db:
-            if not per_channel:
-                db = db.sum(dim=0)
-            # b_i sums a_t for t <= i within the chunk, so a_t collects db_i for i >= t within the chunk.
-            tail = db.shape[3:]
-            chunks = db.view(B, NT, plan.BT, H, *tail)
-            da = chunks.flip(2).cumsum(dim=2).flip(2).reshape(B, plan.Tp, H, *tail)[:, :T]
-            if plan.decay == 0:
-                da = da.sum(dim=(0, 1))
-            da = da.to(log_decay.dtype)
-        dh0 = dh0 if (h0 is not None and ctx.needs_input_grad[4]) else None
-        return dq, dk, dv, da, dh0, None
+def _forward(q, k, v, log_decay, h0, scale):
+    """o, the final state, and A (per-channel decay only; else empty), for contiguous inputs."""
+    plan = _Plan(q, v, log_decay)
+    A = plan.chunk_A(q, k) if plan.decay == 2 else q.new_empty(0, dtype=torch.float32)
+    h, final = plan.states(k, v, 1.0, h0, reverse=False)
+    o = torch.empty_like(v)
+    plan.launch(_output_kernel, "out", plan.grid("out", plan.NT), q, k, v, o, plan.a, plan.b,
+                A if plan.decay == 2 else None, h, plan.T, plan.Tp, plan.NT, scale, H=plan.H, K=plan.K, V=plan.V,
+                BT=plan.BT, DECAY=plan.decay, DT=plan.dt, PREC=plan.prec)
+    return o, final, A  # A is returned so that the backward can reuse it
 
 
-# torch.compile traces into user Triton kernels and passes Python-float arguments as fp64, which breaks the
-# kernels' fp32 loop-carried state; a graph break here keeps them as written (they are already fused).
-@torch.compiler.disable
+def _backward(q, k, v, log_decay, h0, A, do, dfinal, scale, need_da, need_dh0):
+    """dq, dk, dv, and da and dh0 where asked for (None otherwise)."""
+    A = A if A.numel() else None
+    plan = _Plan(q, v, log_decay)
+    B, T, H, K, V, NT = plan.B, plan.T, plan.H, plan.K, plan.V, plan.NT
+    shapes = dict(H=H, K=K, V=V, BT=plan.BT, DECAY=plan.decay, DT=plan.dt, PREC=plan.prec)
+    do = do.contiguous()
+    # States are recomputed rather than saved: (B H, T / 64, K, V) per layer would dwarf q, k and v.
+    h, _ = plan.states(k, v, 1.0, h0, reverse=False)
+    dfinal = dfinal.float().contiguous() if dfinal is not None else None
+    dh, dh0 = plan.states(q, do, scale, dfinal, reverse=True)
+
+    dv = torch.empty_like(v)
+    plan.launch(_dv_kernel, "out", plan.grid("out", NT), q, k, do, dv, plan.a, plan.b, A, dh, T, plan.Tp, NT,
+                scale, **shapes)
+
+    per_channel = plan.decay == 2
+    nk = triton.cdiv(K, plan.cfg["dqk"]["BK"])
+    if per_channel:
+        dq = torch.empty(q.shape, device=q.device, dtype=torch.float32)
+        dk = torch.empty_like(dq)
+        db = torch.empty(B, plan.Tp, H, K, device=q.device, dtype=torch.float32) if need_da else None
+        dA = torch.empty(B * H, NT, plan.BT, plan.BT, device=q.device, dtype=torch.float32)
+    else:
+        dq, dk = torch.empty_like(q), torch.empty_like(k)
+        db = torch.empty(nk, B, plan.Tp, H, device=q.device, dtype=torch.float32) if need_da else None
+        dA = None
+    plan.launch(_dqk_kernel, "dqk", plan.grid("dqk", NT, "K"), q, k, v, do, dq, dk, db, dA, plan.a, plan.b, h,
+                dh, B, T, plan.Tp, NT, scale, STORE_DB=need_da, **shapes)
+    if per_channel:
+        grid = (NT * (plan.BT // SUB), triton.cdiv(K, plan.cfg["intra"]["BK"]), B * H)
+        plan.launch(_intra_bwd_kernel, "intra", grid, q, k, dq, dk, db, dA, plan.b, T, plan.Tp, NT, H=H, K=K,
+                    BT=plan.BT, BC=SUB, DT=plan.dt, PREC=plan.prec, STORE_DB=need_da)
+        dq, dk = dq.to(q.dtype), dk.to(k.dtype)
+
+    da = None
+    if need_da:
+        if not per_channel:
+            db = db.sum(dim=0)
+        # b_i sums a_t for t <= i within the chunk, so a_t collects db_i for i >= t within the chunk.
+        tail = db.shape[3:]
+        chunks = db.view(B, NT, plan.BT, H, *tail)
+        da = chunks.flip(2).cumsum(dim=2).flip(2).reshape(B, plan.Tp, H, *tail)[:, :T]
+        if plan.decay == 0:
+            da = da.sum(dim=(0, 1))
+        da = da.to(log_decay.dtype)
+    return dq, dk, dv, da, (dh0 if (h0 is not None and need_dh0) else None)
+
+
+# The kernels run as torch custom ops: torch.compile keeps a model that calls them in one graph (as a
+# torch.compiler.disable function, each call split it, and the host work between the pieces left the GPU
+# idle: lightning at 135M spent 92 ms per step for 69 ms of GPU work on an H100), and it never traces into
+# the Triton kernels, whose fp32 loop-carried state its fp64 Python-float arguments would break.
+@torch.library.custom_op("slab::linear_attention_fwd", mutates_args=())
+def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_decay: torch.Tensor, h0: torch.Tensor | None,
+            scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    q, k, v, log_decay = (x.contiguous() for x in (q, k, v, log_decay))
+    return _forward(q, k, v, log_decay, h0.float().contiguous() if h0 is not None else None, scale)
+
+
+@_fwd_op.register_fake
+def _(q, k, v, log_decay, h0, scale):
+    B, T, H, K = q.shape
+    A = (q.new_empty(B * H, triton.cdiv(T, CHUNK), CHUNK, CHUNK, dtype=torch.float32) if log_decay.dim() == 4
+         else q.new_empty(0, dtype=torch.float32))
+    return torch.empty_like(v), q.new_empty(B, H, K, v.shape[-1], dtype=torch.float32), A
+
+
+@torch.library.custom_op("slab::linear_attention_bwd", mutates_args=())
+def _bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_decay: torch.Tensor, h0: torch.Tensor | None,
+            A: torch.Tensor, do: torch.Tensor, dfinal: torch.Tensor | None, scale: float, need_da: bool,
+            need_dh0: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    q, k, v, log_decay = (x.contiguous() for x in (q, k, v, log_decay))
+    h0 = h0.float().contiguous() if h0 is not None else None
+    dq, dk, dv, da, dh0 = _backward(q, k, v, log_decay, h0, A, do, dfinal, scale, need_da, need_dh0)
+    # A custom op returns tensors only: an empty one stands for "no gradient".
+    return dq, dk, dv, (da if da is not None else q.new_empty(0)), (dh0 if dh0 is not None else q.new_empty(0))
+
+
+@_bwd_op.register_fake
+def _(q, k, v, log_decay, h0, A, do, dfinal, scale, need_da, need_dh0):
+    da = torch.empty_like(log_decay) if need_da else q.new_empty(0)
+    dh0 = h0.new_empty(h0.shape, dtype=torch.float32) if (h0 is not None and need_dh0) else q.new_empty(0)
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), da, dh0
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, log_decay, h0, scale = inputs
+    ctx.save_for_backward(q, k, v, log_decay, h0, output[2])
+    ctx.mark_non_differentiable(output[2])
+    ctx.scale = scale
+
+
+def _autograd_backward(ctx, do, dfinal, _dA):
+    q, k, v, log_decay, h0, A = ctx.saved_tensors
+    need_da, need_dh0 = ctx.needs_input_grad[3], h0 is not None and ctx.needs_input_grad[4]
+    dq, dk, dv, da, dh0 = _bwd_op(q, k, v, log_decay, h0, A, do, dfinal, ctx.scale, need_da, need_dh0)
+    return dq, dk, dv, (da if need_da else None), (dh0 if need_dh0 else None), None
+
+
+_fwd_op.register_autograd(_autograd_backward, setup_context=_setup_context)
+
+
+@_fwd_op.register_vmap
+def _vmap(info, in_dims, q, k, v, log_decay, h0, scale):
+    """Under ``torch.func.vmap`` (several stacked models trained as one), fold the vmapped dimension into the
+    heads and run one kernel launch over all of them."""
+    n = info.batch_size
+
+    def front(x, dim):
+        return x.movedim(dim, 0) if dim is not None else x.expand(n, *x.shape)
+
+    q, k, v = (front(x, d) for x, d in zip((q, k, v), in_dims[:3]))
+    g = front(log_decay, in_dims[3])
+    H = q.shape[3]
+
+    def heads(x):  # (n, B, T, H, ...) -> (B, T, n H, ...)
+        return x.movedim(0, 2).flatten(2, 3)
+
+    g = g.reshape(n * H) if g.dim() == 2 else heads(g)  # constant decay: (n, H) -> (n H,)
+    h0m = None if h0 is None else front(h0, in_dims[4]).movedim(0, 1).flatten(1, 2)
+    o, final, A = _fwd_op(heads(q), heads(k), heads(v), g, h0m, scale)
+    return (o.unflatten(2, (n, H)), final.unflatten(1, (n, H)), A), (2, 1, None)
+
+
 def linear_attention_triton(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -740,8 +773,5 @@ def linear_attention_triton(
     """Chunked Triton forward (and autograd backward); CUDA tensors, or CPU ones under TRITON_INTERPRET=1."""
     if not q.is_cuda and not _interpreting():
         raise ValueError("the triton backend needs CUDA tensors (or TRITON_INTERPRET=1 to run on CPU)")
-    h0 = initial_state.float().contiguous() if initial_state is not None else None
-    o, final, _ = _LinearAttentionFunction.apply(
-        q.contiguous(), k.contiguous(), v.contiguous(), log_decay.contiguous(), h0, float(scale)
-    )
+    o, final, _ = _fwd_op(q, k, v, log_decay, initial_state, float(scale))
     return o, (final if output_final_state else None)

@@ -48,7 +48,10 @@ class Lightning(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Lightning attention over (B, T, d) -> (B, T, d)."""
         b, t, d = x.shape
-        q, k, v = F.silu(self.wqkv(x)).view(b, t, 3, self.n_heads, d // self.n_heads).unbind(2)
+        # Laid out (3, B, T, H, Dh) so that q, k and v are each contiguous, as the kernels read them: compiled,
+        # the SiLU writes them so; sliced from (B, T, 3, H, Dh) they would each be copied again.
+        qkv = F.silu(self.wqkv(x)).view(b, t, 3, self.n_heads, d // self.n_heads).permute(2, 0, 1, 3, 4)
+        q, k, v = qkv.contiguous().unbind(0)
         o, _ = kernels.linear_attention(q, k, v, self.log_decay, backend=self.backend)
         o = self.norm(o.reshape(b, t, d).float())  # fp32 in, so the fused RMSNorm applies under autocast
         return self.wo(torch.sigmoid(self.wgate(x)) * o)
