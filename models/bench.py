@@ -68,7 +68,7 @@ def bench_spec(arch: str, params: str, seq_len: int, batch_size: int, steps: int
     return BenchSpec(arch, d, layers, heads, hybrid, vocab, seq_len, batch_size, steps * batch_size * seq_len)
 
 
-def bench_train(spec: BenchSpec, *, compile: bool = False, microbatch: int | None = None, device: str = "cuda",
+def bench_train(spec: BenchSpec, *, compile: bool | str = False, microbatch: int | None = None, device: str = "cuda",
                 profile: Path | None = None, fused: bool = False) -> dict:
     """Train ``spec`` with ``pretrain`` and report the median tokens/s of the second half of the steps and MFU;
     with ``profile``, also write torch.profiler's table of the ops that took the most time over three steps

@@ -290,7 +290,7 @@ def pretrain(
     *,
     device: str | torch.device | None = None,
     microbatch: int | None = None,
-    compile: bool = False,
+    compile: bool | str = False,
     should_stop: Callable[[], bool] | None = None,
     fault: str | None = None,
     ckpt_every_steps: int = 1000,
@@ -310,6 +310,7 @@ def pretrain(
     ``os._exit(1)`` right after checkpointing step K, unless ``ckpt_dir`` already held a checkpoint at or
     beyond K when the run started (so a retry goes on); "raise@K" raises a RuntimeError at step K.
     ``kernels`` is the LM shell's backend (models.lm.KERNELS): "auto" runs its fused Triton kernels on CUDA.
+    ``compile``: True for torch.compile's default mode, or a mode by name ("reduce-overhead" replays CUDA graphs).
     ``overlap_readback`` (default: on CUDA) reads each step's loss back only once the next step is queued, so
     the GPU never waits for the CPU; its "train" report, and a ``Diverged``, then come one step later.
     """
@@ -369,7 +370,9 @@ def pretrain(
         from torch.nn.parallel import DistributedDataParallel
 
         step_model = DistributedDataParallel(model, device_ids=[device.index] if on_cuda else None)
-    step_model = torch.compile(step_model) if compile else step_model
+    mode = compile if isinstance(compile, str) else None
+    step_model = torch.compile(step_model, mode=mode) if compile else step_model
+    cuda_graphs = mode in ("reduce-overhead", "max-autotune")
     report_every = max(1, total_steps // MAX_TRAIN_REPORTS)
     peak = PEAK_FLOPS_CUDA if on_cuda else None
 
@@ -438,6 +441,8 @@ def pretrain(
         batches.position = step * spec.batch_size
         n_valid = sum(int((y != -100).sum()) for _, y in micro)
         try:
+            if cuda_graphs:  # a new step: the CUDA graphs may reuse the last step's outputs (all used by now)
+                torch.compiler.cudagraph_mark_step_begin()
             loss_sum = torch.zeros((), device=device)
             for x, y in micro:
                 share = int((y != -100).sum()) / n_valid

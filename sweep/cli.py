@@ -601,6 +601,7 @@ def bench_train_cmd(
     tokens_per_step: int = typer.Option(32768, help="Tokens per optimizer step (batch = this / seq_len)."),
     steps: int = typer.Option(30, help="Optimizer steps (the median of the second half is reported)."),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the model."),
+    compile_mode: Optional[str] = typer.Option(None, help="torch.compile mode, e.g. reduce-overhead (CUDA graphs) or max-autotune-no-cudagraphs; implies --compile."),
     fused: bool = typer.Option(False, "--fused", help="Fused Triton kernels for the RMSNorms, the SwiGLU gate and the head + loss (kernels.fused; on the GPU)."),
     microbatch: Optional[int] = typer.Option(None, help="Sequences per forward pass (default: from a memory estimate)."),
     out_csv: Optional[Path] = typer.Option(None, "--out", help="Also write the table as CSV and its figure as PNG beside it (e.g. docs/bench/train.csv, train.png)."),
@@ -617,6 +618,9 @@ def bench_train_cmd(
 
     from models.bench import bench_spec, bench_train
 
+    modes = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+    if compile_mode is not None and compile_mode not in modes:
+        fail(f"--compile-mode {compile_mode!r}: expected one of {', '.join(modes)}")
     if out_csv:
         _ensure_dir(out_csv.parent, "--out")
     if profile:
@@ -630,7 +634,7 @@ def bench_train_cmd(
             except ValueError as exc:
                 fail(str(exc))
             prof = profile / f"train_{a}_{t}.txt" if profile else None
-            rows.append(bench_train(spec, compile=compile, microbatch=microbatch, device=device, profile=prof, fused=fused))
+            rows.append(bench_train(spec, compile=compile_mode or compile, microbatch=microbatch, device=device, profile=prof, fused=fused))
             r = rows[-1]
             mfu = f", MFU {r['mfu_989']:.1%} of 989, {r['mfu_785']:.1%} of 785" if r["mfu_989"] is not None else " (CPU: no MFU)"
             out.print(f"{a} T={t}: {r['tokens_per_s']:,.0f} tokens/s{mfu}")

@@ -565,8 +565,9 @@ class _Plan:
         if self.decay == 0:
             self.a = log_decay.float().contiguous()
             self.b = self.a  # unused: the kernels compute b from a
-            length = torch.full((NT,), float(BT), device=q.device)
-            length[-1] = T - (NT - 1) * BT
+            # Chunk lengths (the last may be short), made on the device: no host-to-device copy, which a CUDA
+            # graph capture (torch.compile's reduce-overhead mode) refuses.
+            length = (T - BT * torch.arange(NT, device=q.device)).clamp(max=BT).float()
             g = (self.a[:, None] * length[None, :]).expand(B, H, NT).reshape(B * H, NT, 1)
         else:
             a = torch.nn.functional.pad(log_decay.float(), (0, 0) * (log_decay.dim() - 2) + (0, self.Tp - T))

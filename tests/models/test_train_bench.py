@@ -1,5 +1,7 @@
 """Training-speed benchmark on the CPU: the real loop, its tokens/s, and the profile it can write."""
 
+import pytest
+
 from models.bench import bench_spec, bench_train
 
 
@@ -13,13 +15,15 @@ def test_bench_train_reports_speed_and_writes_a_profile(tmp_path):
     assert "Self CPU" in table and "aten::" in table  # ops of the profiled training steps
 
 
-def test_bench_train_cli_bad_size_is_one_line_exit_2(tmp_path):
+@pytest.mark.parametrize("args, named", [(["--params", "30Q"], "'30Q'"), (["--compile-mode", "fast"], "'fast'")])
+def test_bench_train_cli_bad_option_is_one_line_exit_2(tmp_path, args, named):
     import subprocess
     import sys
 
-    proc = subprocess.run([sys.executable, "-m", "sweep.cli", "bench", "train", "--params", "30Q"],
+    proc = subprocess.run([sys.executable, "-m", "sweep.cli", "bench", "train", *args],
                           capture_output=True, text=True, cwd=tmp_path)
-    assert proc.returncode == 2 and "'30Q'" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.returncode == 2 and named in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert not list(tmp_path.iterdir())  # nothing written
 
 
 def test_bench_train_cli_writes_table_and_figure(tmp_path):
