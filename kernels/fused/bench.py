@@ -15,6 +15,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
+from ..compare import rel_err
 from . import linear_cross_entropy, rms_norm, swiglu
 
 #: Relative error (max|a - b| / max|b|) a bf16 triton result may have against the fp32 reference: the kernels
@@ -55,10 +56,6 @@ def _ops(device: str, s: Shapes):
     }
 
 
-def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.float(), b.float()
-    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
-
 
 def _out_and_grads(fn, inputs, grad_seed: int = 1):
     """fn(*inputs) and the gradients of <fn(*inputs), r> for a fixed random r, with respect to every input."""
@@ -74,7 +71,7 @@ def check_op(fn, inputs) -> float:
     """Worst relative error of the triton backend's output and gradients against torch's, run in fp32."""
     out, grads = _out_and_grads(lambda *t: fn(*t, backend="triton"), inputs)
     ref, ref_grads = _out_and_grads(lambda *t: fn(*(x.float() for x in t), backend="torch"), inputs)
-    return max(_rel_err(a, b) for a, b in zip([out, *grads], [ref, *ref_grads]))
+    return max(rel_err(a, b) for a, b in zip([out, *grads], [ref, *ref_grads]))
 
 
 def check_fused(device: str = "cuda", shapes: Shapes = LM_135M) -> dict[str, float]:

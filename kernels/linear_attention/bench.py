@@ -21,6 +21,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
+from ..compare import rel_err
 from . import linear_attention
 
 log = logging.getLogger(__name__)
@@ -96,10 +97,6 @@ def _implementations(peers: bool = True) -> dict[tuple[str, str], Callable]:
     return impls
 
 
-def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.float(), b.float()
-    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
-
 
 def _check_one(fn, form: str, dtype: torch.dtype, device, batch=2, time=300, heads=2, dim=DIM) -> CheckResult:
     """fn against naive: relative error of o, then of the gradients fn provides; an exception fails that half."""
@@ -126,8 +123,8 @@ def _check_one(fn, form: str, dtype: torch.dtype, device, batch=2, time=300, hea
             grads, error = [None] * 4, _first_line(exc)
         results[who] = (o.detach(), grads, error)
     (o_ref, g_ref, _), (o, grads, error) = results["naive"], results["tested"]
-    forward_err = _rel_err(o, o_ref)
-    errors = {n: _rel_err(g, r) for n, g, r in zip(("dq", "dk", "dv", "dlog_decay"), grads, g_ref) if g is not None}
+    forward_err = rel_err(o, o_ref)
+    errors = {n: rel_err(g, r) for n, g, r in zip(("dq", "dk", "dv", "dlog_decay"), grads, g_ref) if g is not None}
     backward_err = max(errors.values()) if errors else math.nan
     worst = max(errors, key=errors.get) if errors else "o"
     backward_ok = not error and bool(errors) and math.isfinite(backward_err) and backward_err <= tol

@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from kernels.compare import rel_err
 from kernels.fused import linear_cross_entropy, rms_norm, swiglu
 
 #: Relative error allowed (max|a - b| / max|b|) by dtype. fp32: both sides do fp32 math in another order. bf16:
@@ -21,12 +22,6 @@ from kernels.fused import linear_cross_entropy, rms_norm, swiglu
 #: one or two bf16 ulps (2^-8 relative each); 2e-2 is about three ulps of the largest entry.
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
 DTYPES = (torch.float32, torch.bfloat16)
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    """max |a - b| / max |b| in fp32; b is the reference."""
-    a, b = a.float(), b.float()
-    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
 
 
 def leaves(*tensors):

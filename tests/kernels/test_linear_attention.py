@@ -6,17 +6,12 @@ import pytest
 import torch
 
 import kernels
+from kernels.compare import rel_err
 from kernels.linear_attention import linear_attention, resolve_backend
 
 FORMS = ("constant", "token", "channel")
 #: Relative error allowed (max|a - b| / max|b|) by input dtype; bf16/fp16 round q, k, v and the products.
 TOL = {torch.float32: 2e-4, torch.bfloat16: 3e-2, torch.float16: 5e-3}
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    """max |a - b| / max |b| in fp32; the reference b is what the error is measured against."""
-    a, b = a.float(), b.float()
-    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
 
 
 def make_inputs(form, batch, time, heads, dk, dv, dtype, *, strong=False, with_state=False, seed=0):
