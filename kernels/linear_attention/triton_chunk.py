@@ -686,6 +686,12 @@ def _backward(q, k, v, log_decay, h0, A, do, dfinal, scale, need_da, need_dh0):
     return dq, dk, dv, da, (dh0 if (h0 is not None and need_dh0) else None)
 
 
+def _dense(q, k, v, log_decay, h0):
+    """The inputs as the kernels index them: contiguous, the initial state in fp32 (no copies when they are)."""
+    h0 = h0.float().contiguous() if h0 is not None else None
+    return q.contiguous(), k.contiguous(), v.contiguous(), log_decay.contiguous(), h0
+
+
 # The kernels run as torch custom ops: torch.compile keeps a model that calls them in one graph (as a
 # torch.compiler.disable function, each call split it, and the host work between the pieces left the GPU
 # idle: lightning at 135M spent 92 ms per step for 69 ms of GPU work on an H100), and it never traces into
@@ -693,8 +699,7 @@ def _backward(q, k, v, log_decay, h0, A, do, dfinal, scale, need_da, need_dh0):
 @torch.library.custom_op("slab::linear_attention_fwd", mutates_args=())
 def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_decay: torch.Tensor, h0: torch.Tensor | None,
             scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    q, k, v, log_decay = (x.contiguous() for x in (q, k, v, log_decay))
-    return _forward(q, k, v, log_decay, h0.float().contiguous() if h0 is not None else None, scale)
+    return _forward(*_dense(q, k, v, log_decay, h0), scale)
 
 
 @_fwd_op.register_fake
@@ -709,8 +714,7 @@ def _(q, k, v, log_decay, h0, scale):
 def _bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_decay: torch.Tensor, h0: torch.Tensor | None,
             A: torch.Tensor, do: torch.Tensor, dfinal: torch.Tensor | None, scale: float, need_da: bool,
             need_dh0: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    q, k, v, log_decay = (x.contiguous() for x in (q, k, v, log_decay))
-    h0 = h0.float().contiguous() if h0 is not None else None
+    q, k, v, log_decay, h0 = _dense(q, k, v, log_decay, h0)
     dq, dk, dv, da, dh0 = _backward(q, k, v, log_decay, h0, A, do, dfinal, scale, need_da, need_dh0)
     # A custom op returns tensors only: an empty one stands for "no gradient".
     return dq, dk, dv, (da if da is not None else q.new_empty(0)), (dh0 if dh0 is not None else q.new_empty(0))
@@ -758,7 +762,7 @@ def _vmap(info, in_dims, q, k, v, log_decay, h0, scale):
 
     g = g.reshape(n * H) if g.dim() == 2 else heads(g)  # constant decay: (n, H) -> (n H,)
     h0m = None if h0 is None else front(h0, in_dims[4]).movedim(0, 1).flatten(1, 2)
-    o, final, A = _fwd_op(heads(q), heads(k), heads(v), g, h0m, scale)
+    o, final, A = _fwd_op(*_dense(heads(q), heads(k), heads(v), g, h0m), scale)
     return (o.unflatten(2, (n, H)), final.unflatten(1, (n, H)), A), (2, 1, None)
 
 
@@ -774,5 +778,6 @@ def linear_attention_triton(
     """Chunked Triton forward (and autograd backward); CUDA tensors, or CPU ones under TRITON_INTERPRET=1."""
     if not q.is_cuda and not _interpreting():
         raise ValueError("the triton backend needs CUDA tensors (or TRITON_INTERPRET=1 to run on CPU)")
-    o, final, _ = _fwd_op(q, k, v, log_decay, initial_state, float(scale))
+    # Made dense before the op, so that the tensors it saves for the backward need no second copy there.
+    o, final, _ = _fwd_op(*_dense(q, k, v, log_decay, initial_state), float(scale))
     return o, (final if output_final_state else None)
