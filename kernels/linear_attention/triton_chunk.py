@@ -2,7 +2,8 @@
 
 Lightning Attention-2 (arXiv 2401.04658) tiling with chunks of BT = 64 tokens; the decay form is a
 `tl.constexpr` switch DECAY: 0 constant per head (H,), 1 per head and token (B, T, H), 2 per key channel
-(B, T, H, K). b is the log decay summed from the start of its chunk (inclusive); every exp() below takes
+(B, T, H, K). b is the log decay summed from the start of its chunk (inclusive; `_chunk_cumsum_kernel`, once
+in the forward, which hands it to the backward; constant decays compute it inline); every exp() below takes
 b_i - b_j with i at or after j, or b of a position minus b of an earlier one, so its argument is <= 0 and
 strong decays underflow to exact zeros instead of overflowing.
 
@@ -20,7 +21,8 @@ Forward, per (batch, head):
 Backward recomputes h_n, runs step 2 in reverse for dh_n (the gradient of the state chunk n hands on,
 S <- e^(b_last) S + scale (q e^b)^T do), then `_dv_kernel`, `_dqk_kernel` and, per-channel only,
 `_intra_bwd_kernel`; the gradient of the log decay is a reverse cumulative sum within each chunk of
-db_i = q_i dq_i - k_i dk_i, plus at the chunk's last row the gradient of its total decay.
+db_i = q_i dq_i - k_i dk_i, plus at the chunk's last row the gradient of its total decay (`_chunk_cumsum_kernel`
+reversed; for a constant decay a sum weighted by the row in the chunk).
 
 Triton 3.4-3.7.0 miscompiles `tl.dot(tl.trans(x), y)` on Hopper when x is an earlier dot's accumulator cast
 to bf16/fp16 (fla issue 640). No kernel here transposes a dot result: transposed products are computed
@@ -41,6 +43,10 @@ CHUNK = 64
 SUB = 16
 #: tl.dot precision for fp32 inputs: three tf32 passes, close to fp32 and much faster than "ieee".
 FP32_DOT_PRECISION = "tf32x3"
+#: Per-channel decay, diagonal sub-blocks: when a block's log decay spans less than this (in every channel), its
+#: products go through one tensor-core dot around the block's first (or last) row, with fp32 operands (tf32, or
+#: tf32x3 for fp32 inputs), so that no factor exceeds e^SPAN_LIMIT; beyond it (very strong decays) they are summed elementwise, column by column.
+SPAN_LIMIT = 40.0
 
 
 def _interpreting() -> bool:
@@ -147,6 +153,20 @@ def _store_st(ptr, x, slab, K: tl.constexpr, V: tl.constexpr, k0, v0, BK: tl.con
 
 
 @triton.jit
+def _chunk_cumsum_kernel(x_ptr, y_ptr, T_in, T_out, H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr,
+                         BK: tl.constexpr, REVERSE: tl.constexpr):
+    """Sums along time within each chunk of a (B, T, H, K) tensor (K = 1: per-token decay), for one chunk and K tile.
+
+    Forward, b from a: the inclusive running sum; rows [T_in, T_out) of the padded output continue it with zeros.
+    Reverse, da from db: the sum over the chunk's rows at or after each row (b_i sums a_t for t <= i).
+    """
+    i_n, i_k, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    i_b, i_h = i_bh // H, i_bh % H
+    x = _load(x_ptr, i_b, i_h, i_n * BT, T_in, H, K, i_k * BK, BT, BK, False).to(tl.float32)
+    _store(y_ptr, tl.cumsum(x, axis=0, reverse=REVERSE), i_b, i_h, i_n * BT, T_out, H, K, i_k * BK, BT, BK)
+
+
+@triton.jit
 def _chunk_walk_kernel(x_ptr, y_ptr, a_ptr, b_ptr, start_ptr, states_ptr, total_ptr, final_ptr, T, Tp, NT, NS, G,
                        scale, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
                        BK: tl.constexpr, BV: tl.constexpr, DECAY: tl.constexpr, REVERSE: tl.constexpr,
@@ -237,7 +257,7 @@ def _group_scan_kernel(total_ptr, gsum_ptr, h0_ptr, start_ptr, NS, K: tl.constex
 
 @triton.jit
 def _chunk_A_kernel(q_ptr, k_ptr, b_ptr, A_ptr, T, Tp, NT, H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr,
-                    BC: tl.constexpr, BK: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
+                    BC: tl.constexpr, BK: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, SPAN: tl.constexpr):
     """Rows [m BC, (m + 1) BC) of A_ij = sum_c q_ic k_jc e^(b_ic - b_jc) (j <= i, else 0) for per-channel decay."""
     i_nm, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
     i_b, i_h = i_bh // H, i_bh % H
@@ -260,15 +280,26 @@ def _chunk_A_kernel(q_ptr, k_ptr, b_ptr, A_ptr, T, Tp, NT, H: tl.constexpr, K: t
         b_kt = _rows_log_decay(q_ptr, b_ptr, i_b, i_h, t0, 0, 0, Tp, H, K, k0, BT, BK, 2, True)
         kt = kt * tl.exp(tl.where((cols < r0)[None, :], b_ref[:, None] - b_kt, float("-inf")))
         acc += tl.dot((q * tl.exp(b_q - b_ref[None, :])).to(DT), kt.to(DT), input_precision=PREC)
-        for j in tl.static_range(BC):
-            t_j = t0 + r0 + j
-            # The row test is broadcast to a vector first: scalar & vector masks trip the interpreter.
-            row_mask = (offs_k < K) & ((t_j + 0 * offs_k) < T)
-            k_j = tl.load(k_ptr + ((i_b * T + t_j) * H + i_h) * K + offs_k, mask=row_mask, other=0.0).to(tl.float32)
-            b_j = _row_log_decay(q_ptr, b_ptr, i_b, i_h, t0, r0 + j, Tp, H, K, offs_k, 2)
-            e = tl.exp(tl.where((sub >= j)[:, None], b_q - b_j[None, :], float("-inf")))
-            col = tl.sum(q * k_j[None, :] * e, axis=1)
-            acc_diag += tl.where((sub == j)[None, :], col[:, None], 0.0)
+        if tl.max(tl.max(b_q, axis=0) - tl.min(b_q, axis=0), axis=0) < SPAN:
+            # Around the block's first row: q e^(b_i - b_r0) <= |q|, k e^(b_r0 - b_j) <= |k| e^SPAN.
+            b_r0 = _row_log_decay(q_ptr, b_ptr, i_b, i_h, t0, r0, Tp, H, K, offs_k, 2)
+            kt_m = _load(k_ptr, i_b, i_h, t0 + r0, T, H, K, k0, BC, BK, True).to(tl.float32)
+            b_kt_m = _rows_log_decay(q_ptr, b_ptr, i_b, i_h, t0, r0, 0, Tp, H, K, k0, BC, BK, 2, True)
+            d = tl.dot(q * tl.exp(b_q - b_r0[None, :]), kt_m * tl.exp(b_r0[:, None] - b_kt_m),
+                       input_precision=PREC)
+            acc_diag += tl.where(sub[:, None] >= sub[None, :], d, 0.0)
+        else:
+            # Elementwise, one key column at a time: every exp() argument <= 0.
+            for j in tl.static_range(BC):
+                t_j = t0 + r0 + j
+                # The row test is broadcast to a vector first: scalar & vector masks trip the interpreter.
+                row_mask = (offs_k < K) & ((t_j + 0 * offs_k) < T)
+                k_j = tl.load(k_ptr + ((i_b * T + t_j) * H + i_h) * K + offs_k, mask=row_mask,
+                              other=0.0).to(tl.float32)
+                b_j = _row_log_decay(q_ptr, b_ptr, i_b, i_h, t0, r0 + j, Tp, H, K, offs_k, 2)
+                e = tl.exp(tl.where((sub >= j)[:, None], b_q - b_j[None, :], float("-inf")))
+                col = tl.sum(q * k_j[None, :] * e, axis=1)
+                acc_diag += tl.where((sub == j)[None, :], col[:, None], 0.0)
     base = A_ptr + (i_bh * NT + i_n) * BT * BT + (r0 + sub)[:, None] * BT
     # Two stores with disjoint masks: the diagonal block comes from acc_diag, the rest (zeros past it) from acc.
     off_diag = (cols < r0) | (cols >= r0 + BC)
@@ -426,9 +457,9 @@ def _dqk_kernel(q_ptr, k_ptr, v_ptr, do_ptr, dq_ptr, dk_ptr, db_ptr, dA_ptr, a_p
 
 
 @triton.jit
-def _intra_bwd_kernel(q_ptr, k_ptr, dq_ptr, dk_ptr, db_ptr, dA_ptr, b_ptr, T, Tp, NT,
+def _intra_bwd_kernel(q_ptr, k_ptr, dq_ptr, dk_ptr, dq_out_ptr, dk_out_ptr, db_ptr, dA_ptr, b_ptr, T, Tp, NT,
                       H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
-                      DT: tl.constexpr, PREC: tl.constexpr, STORE_DB: tl.constexpr):
+                      DT: tl.constexpr, PREC: tl.constexpr, STORE_DB: tl.constexpr, SPAN: tl.constexpr):
     """Per-channel decay: add the intra-chunk parts of dq, dk (and db) for rows [m BC, (m + 1) BC) and a K tile.
 
     dq_i += sum_{j<=i} dA_ij k_j e^(b_i - b_j), dk_j += sum_{i>=j} dA_ij q_i e^(b_i - b_j); off the diagonal
@@ -462,30 +493,44 @@ def _intra_bwd_kernel(q_ptr, k_ptr, dq_ptr, dk_ptr, db_ptr, dA_ptr, b_ptr, T, Tp
     q_ref = q * tl.exp(tl.where((cols > ref)[:, None], b - b_ref[None, :], float("-inf")))
     dat_rows = tl.load(dA_base + cols[None, :] * BT + (r0 + sub)[:, None])
     dk = tl.dot(dat_rows.to(DT), q_ref.to(DT), input_precision=PREC) * tl.exp(b_ref[None, :] - b_m)
-    # The diagonal block, one column (for dq) and one row (for dk) at a time.
-    for j in tl.static_range(BC):
-        r = r0 + j
-        t_r = t0 + r
-        row_mask = (offs_k < K) & ((t_r + 0 * offs_k) < T)  # vector & vector, as in `_chunk_A_kernel`
-        k_j = tl.load(k_ptr + ((i_b * T + t_r) * H + i_h) * K + offs_k, mask=row_mask, other=0.0).to(tl.float32)
-        q_j = tl.load(q_ptr + ((i_b * T + t_r) * H + i_h) * K + offs_k, mask=row_mask, other=0.0).to(tl.float32)
-        b_j = _row_log_decay(q_ptr, b_ptr, i_b, i_h, t0, r, Tp, H, K, offs_k, 2)
-        da_col = tl.load(dA_base + (r0 + sub) * BT + r)  # dA[i, r] for i in the block
-        da_row = tl.load(dA_base + r * BT + r0 + sub)  # dA[r, j] for j in the block
-        e_q = tl.exp(tl.where((sub >= j)[:, None], b_m - b_j[None, :], float("-inf")))
-        dq += da_col[:, None] * k_j[None, :] * e_q
-        e_k = tl.exp(tl.where((sub <= j)[:, None], b_j[None, :] - b_m, float("-inf")))
-        dk += da_row[:, None] * q_j[None, :] * e_k
+    if tl.max(tl.max(b_m, axis=0) - tl.min(b_m, axis=0), axis=0) < SPAN:
+        # Around the block's first row for dq and its last row for dk, as in `_chunk_A_kernel`: no factor above
+        # e^SPAN. dA and its transpose are loaded as such, lower triangle only.
+        b_r0 = _row_log_decay(q_ptr, b_ptr, i_b, i_h, t0, r0, Tp, H, K, offs_k, 2)
+        k_m = _load(k_ptr, i_b, i_h, t0 + r0, T, H, K, k0, BC, BK, False).to(tl.float32)
+        q_m = _load(q_ptr, i_b, i_h, t0 + r0, T, H, K, k0, BC, BK, False).to(tl.float32)
+        on_or_below = sub[:, None] >= sub[None, :]
+        da_blk = tl.load(dA_base + (r0 + sub)[:, None] * BT + (r0 + sub)[None, :], mask=on_or_below, other=0.0)
+        dat_blk = tl.load(dA_base + (r0 + sub)[None, :] * BT + (r0 + sub)[:, None], mask=sub[:, None] <= sub[None, :],
+                          other=0.0)
+        dq += tl.dot(da_blk, k_m * tl.exp(b_r0[None, :] - b_m), input_precision=PREC) * tl.exp(b_m - b_r0[None, :])
+        dk += tl.dot(dat_blk, q_m * tl.exp(b_m - b_ref[None, :]), input_precision=PREC) * tl.exp(b_ref[None, :] - b_m)
+    else:
+        # Elementwise, one column (for dq) and one row (for dk) at a time: every exp() argument <= 0.
+        for j in tl.static_range(BC):
+            r = r0 + j
+            t_r = t0 + r
+            row_mask = (offs_k < K) & ((t_r + 0 * offs_k) < T)  # vector & vector, as in `_chunk_A_kernel`
+            k_j = tl.load(k_ptr + ((i_b * T + t_r) * H + i_h) * K + offs_k, mask=row_mask, other=0.0).to(tl.float32)
+            q_j = tl.load(q_ptr + ((i_b * T + t_r) * H + i_h) * K + offs_k, mask=row_mask, other=0.0).to(tl.float32)
+            b_j = _row_log_decay(q_ptr, b_ptr, i_b, i_h, t0, r, Tp, H, K, offs_k, 2)
+            da_col = tl.load(dA_base + (r0 + sub) * BT + r)  # dA[i, r] for i in the block
+            da_row = tl.load(dA_base + r * BT + r0 + sub)  # dA[r, j] for j in the block
+            e_q = tl.exp(tl.where((sub >= j)[:, None], b_m - b_j[None, :], float("-inf")))
+            dq += da_col[:, None] * k_j[None, :] * e_q
+            e_k = tl.exp(tl.where((sub <= j)[:, None], b_j[None, :] - b_m, float("-inf")))
+            dk += da_row[:, None] * q_j[None, :] * e_k
 
     if STORE_DB:
         q_m = _load(q_ptr, i_b, i_h, t0 + r0, T, H, K, k0, BC, BK, False).to(tl.float32)
         k_m = _load(k_ptr, i_b, i_h, t0 + r0, T, H, K, k0, BC, BK, False).to(tl.float32)
         db = _load(db_ptr, i_b, i_h, t0 + r0, Tp, H, K, k0, BC, BK, False) + q_m * dq - k_m * dk
         _store(db_ptr, db, i_b, i_h, t0 + r0, Tp, H, K, k0, BC, BK)
+    # The inter-chunk parts come in fp32 from `_dqk_kernel`; the sums go out in the inputs' dtype.
     dq += _load(dq_ptr, i_b, i_h, t0 + r0, T, H, K, k0, BC, BK, False)
     dk += _load(dk_ptr, i_b, i_h, t0 + r0, T, H, K, k0, BC, BK, False)
-    _store(dq_ptr, dq, i_b, i_h, t0 + r0, T, H, K, k0, BC, BK)
-    _store(dk_ptr, dk, i_b, i_h, t0 + r0, T, H, K, k0, BC, BK)
+    _store(dq_out_ptr, dq, i_b, i_h, t0 + r0, T, H, K, k0, BC, BK)
+    _store(dk_out_ptr, dk, i_b, i_h, t0 + r0, T, H, K, k0, BC, BK)
 
 
 # --------------------------------------------------------------------------------------------- host side
@@ -520,25 +565,36 @@ def _group_size(n_chunks: int, walkers: int, sms: int) -> int:
 class _Plan:
     """Sizes, tiles, launch settings and the per-chunk decay bookkeeping shared by the forward and the backward."""
 
-    def __init__(self, q: torch.Tensor, v: torch.Tensor, log_decay: torch.Tensor):
+    def __init__(self, q: torch.Tensor, v: torch.Tensor, log_decay: torch.Tensor, b: torch.Tensor | None = None):
         self.B, self.T, self.H, self.K = q.shape
         self.V = v.shape[-1]
         self.decay = {1: 0, 3: 1, 4: 2}[log_decay.dim()]
         self.BT = CHUNK
         self.NT = triton.cdiv(self.T, self.BT)
         self.Tp = self.NT * self.BT
-        # Tiles and warps per kernel, chosen so that none spills registers on sm_90 (checked by compiling
-        # ahead of time, tests/kernels/test_triton_compile.py): fp32 tiles (fp32 inputs, or the fp32 states of
-        # fp16 inputs) take twice the registers of bf16 ones, so they get narrower tiles.
-        wide = 64 if q.dtype == torch.bfloat16 else 32
+        # Tiles, warps and pipeline stages per kernel, chosen so that none spills registers on sm_90 (checked by
+        # compiling ahead of time, tests/kernels/test_triton_compile.py): fp32 tiles (fp32 inputs, or the fp32
+        # states of fp16 inputs) take twice the registers of bf16 ones, so they get narrower tiles and fewer stages.
+        # The bf16 choices were timed one kernel at a time on an H100 (fwd+bwd replayed as a CUDA graph, B 16, T 2k,
+        # H 8, K = V = 128; docs/bench/kernels.md), among those that do not spill; a spilling one can be faster
+        # with one compiler and much slower with the next.
+        bf16 = q.dtype == torch.bfloat16
+        wide = 64 if bf16 else 32
+        stages = 3 if bf16 else 2
         K, V = self.K, self.V
+        per_channel = self.decay == 2
         self.cfg = {
-            "walk": dict(BK=_pow2_tile(K, wide), BV=_pow2_tile(V, wide), num_warps=8),
-            "scan": dict(BK=_pow2_tile(K, 32), BV=_pow2_tile(V, 32), num_warps=4),
-            "out": dict(BK=_pow2_tile(K, wide), BV=_pow2_tile(V, wide), num_warps=8),
-            "dqk": dict(BK=_pow2_tile(K, wide), BV=_pow2_tile(V, 32), num_warps=8),
-            "A": dict(BK=_pow2_tile(K, 32), num_warps=8),
-            "intra": dict(BK=_pow2_tile(K, 32), num_warps=4),
+            "walk": dict(BK=_pow2_tile(K, wide), BV=_pow2_tile(V, wide), num_warps=4 if bf16 else 8,
+                         num_stages=2),
+            "scan": dict(BK=_pow2_tile(K, 32), BV=_pow2_tile(V, 32), num_warps=4, num_stages=stages),
+            "out": dict(BK=_pow2_tile(K, wide), BV=_pow2_tile(V, wide), num_warps=8, num_stages=stages),
+            "dqk": (dict(BK=_pow2_tile(K, 32), BV=_pow2_tile(V, wide), num_warps=8, num_stages=1) if per_channel
+                    else dict(BK=_pow2_tile(K, wide), BV=_pow2_tile(V, 32), num_warps=8, num_stages=2)),
+            "A": dict(BK=_pow2_tile(K, 32), num_warps=4 if bf16 else 8, num_stages=1 if bf16 else stages),
+            "intra": dict(BK=_pow2_tile(K, 32), num_warps=4, num_stages=stages),
+            # Sums along time of the log decay (width 1 per token, K per channel); no dots, so no 16 minimum.
+            "cumsum": dict(BK=min(64, triton.next_power_of_2(K if per_channel else 1)), num_warps=4,
+                           num_stages=stages),
         }
         self.BK, self.BV = self.cfg["walk"]["BK"], self.cfg["walk"]["BV"]
         walkers = triton.cdiv(K, self.BK) * triton.cdiv(V, self.BV) * self.B * self.H
@@ -553,39 +609,51 @@ class _Plan:
         else:
             self.dt = tl.float32
         self.prec = FP32_DOT_PRECISION if self.dt == tl.float32 and not _interpreting() else "tf32"
-        # fp32 tiles (fp32 inputs, or fp16 inputs with their fp32 states) double the pipeline's buffers.
-        self.stages = 3 if q.dtype == torch.bfloat16 else 2
         # bf16 states lose nothing the bf16 dots would not; fp16 states could overflow, so they stay fp32.
         self.state_dtype = torch.bfloat16 if q.dtype == torch.bfloat16 else torch.float32
-        self._bookkeeping(q, log_decay)
+        self._bookkeeping(q, log_decay, b)
 
-    def _bookkeeping(self, q: torch.Tensor, log_decay: torch.Tensor) -> None:
-        """b, the in-chunk inclusive cumulative log decay (padded to whole chunks), and each group's total."""
-        B, T, H, NT, BT = self.B, self.T, self.H, self.NT, self.BT
+    def _bookkeeping(self, q: torch.Tensor, log_decay: torch.Tensor, b: torch.Tensor | None) -> None:
+        """b, the in-chunk inclusive cumulative log decay (padded to whole chunks), and each group's total.
+
+        The forward hands its b to the backward; the group totals exist only with more than one group.
+        """
         if self.decay == 0:
             self.a = log_decay.float().contiguous()
             self.b = self.a  # unused: the kernels compute b from a
+        else:
+            self.b = b if b is not None else self.chunk_cumsum(log_decay, self.T, self.Tp, reverse=False)
+            self.a = self.b
+        self.g_sum = self._group_totals(q.device) if self.NS > 1 else None
+
+    def _group_totals(self, device: torch.device) -> torch.Tensor:
+        """The log decay each group of chunks applies to the state: (B H, NS), or (B H, NS, K) per channel."""
+        B, T, H, NT, BT = self.B, self.T, self.H, self.NT, self.BT
+        if self.decay == 0:
             # Chunk lengths (the last may be short), made on the device: no host-to-device copy, which a CUDA
             # graph capture (torch.compile's reduce-overhead mode) refuses.
-            length = (T - BT * torch.arange(NT, device=q.device)).clamp(max=BT).float()
+            length = (T - BT * torch.arange(NT, device=device)).clamp(max=BT).float()
             g = (self.a[:, None] * length[None, :]).expand(B, H, NT).reshape(B * H, NT, 1)
         else:
-            a = torch.nn.functional.pad(log_decay.float(), (0, 0) * (log_decay.dim() - 2) + (0, self.Tp - T))
-            tail = a.shape[3:]
-            self.b = a.view(B, NT, BT, H, *tail).cumsum(dim=2).view(B, self.Tp, H, *tail).contiguous()
-            self.a = self.b
             g = self.b.view(B, NT, BT, H, -1)[:, :, -1].permute(0, 2, 1, 3).reshape(B * H, NT, -1)
         kd = g.shape[-1]
         g = torch.nn.functional.pad(g, (0, 0, 0, self.NS * self.G - NT)).view(B * H, self.NS, self.G, kd)
         total = g.sum(dim=2)
-        self.g_sum = (total.reshape(B * H, self.NS) if kd == 1 else total).contiguous()
+        return (total.reshape(B * H, self.NS) if kd == 1 else total).contiguous()
+
+    def chunk_cumsum(self, x: torch.Tensor, rows_in: int, rows_out: int, reverse: bool,
+                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """`_chunk_cumsum_kernel` over x, (B, rows_in, H[, K]): a (B, rows_out, H[, K]) tensor of `dtype`."""
+        width = x.shape[3] if x.dim() == 4 else 1
+        y = torch.empty(self.B, rows_out, self.H, *x.shape[3:], device=x.device, dtype=dtype)
+        grid = (self.NT, triton.cdiv(width, self.cfg["cumsum"]["BK"]), self.B * self.H)
+        self.launch(_chunk_cumsum_kernel, "cumsum", grid, x, y, rows_in, rows_out, H=self.H, K=width, BT=self.BT,
+                    REVERSE=reverse)
+        return y
 
     def launch(self, kernel, name, grid, *args, **constexprs):
-        """Launch `kernel` with the tiles and warps chosen for `name`."""
-        cfg = dict(self.cfg[name])
-        num_warps = cfg.pop("num_warps")
-        stages = 2 if name == "dqk" else self.stages
-        kernel[grid](*args, num_warps=num_warps, num_stages=stages, **cfg, **constexprs)
+        """Launch `kernel` with the tiles, warps and stages chosen for `name`."""
+        kernel[grid](*args, **self.cfg[name], **constexprs)
 
     def grid(self, name, rows, k_or_v="V"):
         """(rows, tiles of K or V for kernel `name`, B H)."""
@@ -621,26 +689,30 @@ class _Plan:
         A = torch.empty(self.B * self.H, self.NT, self.BT, self.BT, device=q.device, dtype=torch.float32)
         grid = (self.NT * (self.BT // SUB), self.B * self.H)
         self.launch(_chunk_A_kernel, "A", grid, q, k, self.b, A, self.T, self.Tp, self.NT, H=self.H, K=self.K,
-                    BT=self.BT, BC=SUB, DT=self.dt, PREC=self.prec)
+                    BT=self.BT, BC=SUB, DT=self.dt, PREC=self.prec, SPAN=SPAN_LIMIT)
         return A
 
 
 def _forward(q, k, v, log_decay, h0, scale):
-    """o, the final state, and A (per-channel decay only; else empty), for contiguous inputs."""
+    """o, the final state, and for the backward A (per-channel decay) and b (data-dependent decays), else empty."""
     plan = _Plan(q, v, log_decay)
-    A = plan.chunk_A(q, k) if plan.decay == 2 else q.new_empty(0, dtype=torch.float32)
+
+    def empty():  # a custom op's outputs may not alias one another
+        return q.new_empty(0, dtype=torch.float32)
+
+    A = plan.chunk_A(q, k) if plan.decay == 2 else empty()
     h, final = plan.states(k, v, 1.0, h0, reverse=False)
     o = torch.empty_like(v)
     plan.launch(_output_kernel, "out", plan.grid("out", plan.NT), q, k, v, o, plan.a, plan.b,
                 A if plan.decay == 2 else None, h, plan.T, plan.Tp, plan.NT, scale, H=plan.H, K=plan.K, V=plan.V,
                 BT=plan.BT, DECAY=plan.decay, DT=plan.dt, PREC=plan.prec)
-    return o, final, A  # A is returned so that the backward can reuse it
+    return o, final, A, (plan.b if plan.decay else empty())
 
 
-def _backward(q, k, v, log_decay, h0, A, do, dfinal, scale, need_da, need_dh0):
-    """dq, dk, dv, and da and dh0 where asked for (None otherwise)."""
+def _backward(q, k, v, log_decay, h0, A, b, do, dfinal, scale, need_da, need_dh0):
+    """dq, dk, dv, and da and dh0 where asked for (None otherwise); A and b as the forward returned them."""
     A = A if A.numel() else None
-    plan = _Plan(q, v, log_decay)
+    plan = _Plan(q, v, log_decay, b if b.numel() else None)
     B, T, H, K, V, NT = plan.B, plan.T, plan.H, plan.K, plan.V, plan.NT
     shapes = dict(H=H, K=K, V=V, BT=plan.BT, DECAY=plan.decay, DT=plan.dt, PREC=plan.prec)
     do = do.contiguous()
@@ -655,34 +727,39 @@ def _backward(q, k, v, log_decay, h0, A, do, dfinal, scale, need_da, need_dh0):
 
     per_channel = plan.decay == 2
     nk = triton.cdiv(K, plan.cfg["dqk"]["BK"])
+    db = None
     if per_channel:
-        dq = torch.empty(q.shape, device=q.device, dtype=torch.float32)
-        dk = torch.empty_like(dq)
-        db = torch.empty(B, plan.Tp, H, K, device=q.device, dtype=torch.float32) if need_da else None
+        # The inter-chunk parts in fp32, which `_intra_bwd_kernel` completes into dq and dk.
+        dq_inter = torch.empty(q.shape, device=q.device, dtype=torch.float32)
+        dk_inter = torch.empty_like(dq_inter)
+        if need_da:
+            db = torch.empty(B, plan.Tp, H, K, device=q.device, dtype=torch.float32)
         dA = torch.empty(B * H, NT, plan.BT, plan.BT, device=q.device, dtype=torch.float32)
     else:
-        dq, dk = torch.empty_like(q), torch.empty_like(k)
-        db = torch.empty(nk, B, plan.Tp, H, device=q.device, dtype=torch.float32) if need_da else None
+        dq_inter, dk_inter = torch.empty_like(q), torch.empty_like(k)
+        if need_da:
+            db = torch.empty(nk, B, plan.Tp, H, device=q.device, dtype=torch.float32)  # partial sums per K tile
         dA = None
-    plan.launch(_dqk_kernel, "dqk", plan.grid("dqk", NT, "K"), q, k, v, do, dq, dk, db, dA, plan.a, plan.b, h,
-                dh, B, T, plan.Tp, NT, scale, STORE_DB=need_da, **shapes)
+    plan.launch(_dqk_kernel, "dqk", plan.grid("dqk", NT, "K"), q, k, v, do, dq_inter, dk_inter, db, dA, plan.a,
+                plan.b, h, dh, B, T, plan.Tp, NT, scale, STORE_DB=need_da, **shapes)
     if per_channel:
+        dq, dk = torch.empty_like(q), torch.empty_like(k)
         grid = (NT * (plan.BT // SUB), triton.cdiv(K, plan.cfg["intra"]["BK"]), B * H)
-        plan.launch(_intra_bwd_kernel, "intra", grid, q, k, dq, dk, db, dA, plan.b, T, plan.Tp, NT, H=H, K=K,
-                    BT=plan.BT, BC=SUB, DT=plan.dt, PREC=plan.prec, STORE_DB=need_da)
-        dq, dk = dq.to(q.dtype), dk.to(k.dtype)
+        plan.launch(_intra_bwd_kernel, "intra", grid, q, k, dq_inter, dk_inter, dq, dk, db, dA, plan.b, T, plan.Tp,
+                    NT, H=H, K=K, BT=plan.BT, BC=SUB, DT=plan.dt, PREC=plan.prec, STORE_DB=need_da, SPAN=SPAN_LIMIT)
+    else:
+        dq, dk = dq_inter, dk_inter
 
     da = None
     if need_da:
-        if not per_channel:
-            db = db.sum(dim=0)
-        # b_i sums a_t for t <= i within the chunk, so a_t collects db_i for i >= t within the chunk.
-        tail = db.shape[3:]
-        chunks = db.view(B, NT, plan.BT, H, *tail)
-        da = chunks.flip(2).cumsum(dim=2).flip(2).reshape(B, plan.Tp, H, *tail)[:, :T]
         if plan.decay == 0:
-            da = da.sum(dim=(0, 1))
-        da = da.to(log_decay.dtype)
+            # b_i = (i + 1) a, one a per head: a collects (i + 1) db_i (rows past the end have db_i = 0).
+            weight = torch.arange(1, plan.BT + 1, device=q.device, dtype=torch.float32)
+            da = torch.einsum("nth,t->h", db.view(-1, plan.BT, H), weight).to(log_decay.dtype)
+        else:
+            if plan.decay == 1:
+                db = db.sum(dim=0)
+            da = plan.chunk_cumsum(db, plan.Tp, T, reverse=True, dtype=log_decay.dtype)
     return dq, dk, dv, da, (dh0 if (h0 is not None and need_dh0) else None)
 
 
@@ -698,7 +775,7 @@ def _dense(q, k, v, log_decay, h0):
 # the Triton kernels, whose fp32 loop-carried state its fp64 Python-float arguments would break.
 @torch.library.custom_op("slab::linear_attention_fwd", mutates_args=())
 def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_decay: torch.Tensor, h0: torch.Tensor | None,
-            scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return _forward(*_dense(q, k, v, log_decay, h0), scale)
 
 
@@ -707,21 +784,24 @@ def _(q, k, v, log_decay, h0, scale):
     B, T, H, K = q.shape
     A = (q.new_empty(B * H, triton.cdiv(T, CHUNK), CHUNK, CHUNK, dtype=torch.float32) if log_decay.dim() == 4
          else q.new_empty(0, dtype=torch.float32))
-    return torch.empty_like(v), q.new_empty(B, H, K, v.shape[-1], dtype=torch.float32), A
+    Tp = triton.cdiv(T, CHUNK) * CHUNK
+    b = (q.new_empty(B, Tp, H, *log_decay.shape[3:], dtype=torch.float32) if log_decay.dim() > 1
+         else q.new_empty(0, dtype=torch.float32))
+    return torch.empty_like(v), q.new_empty(B, H, K, v.shape[-1], dtype=torch.float32), A, b
 
 
 @torch.library.custom_op("slab::linear_attention_bwd", mutates_args=())
 def _bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_decay: torch.Tensor, h0: torch.Tensor | None,
-            A: torch.Tensor, do: torch.Tensor, dfinal: torch.Tensor | None, scale: float, need_da: bool,
-            need_dh0: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+            A: torch.Tensor, b: torch.Tensor, do: torch.Tensor, dfinal: torch.Tensor | None, scale: float,
+            need_da: bool, need_dh0: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     q, k, v, log_decay, h0 = _dense(q, k, v, log_decay, h0)
-    dq, dk, dv, da, dh0 = _backward(q, k, v, log_decay, h0, A, do, dfinal, scale, need_da, need_dh0)
+    dq, dk, dv, da, dh0 = _backward(q, k, v, log_decay, h0, A, b, do, dfinal, scale, need_da, need_dh0)
     # A custom op returns tensors only: an empty one stands for "no gradient".
     return dq, dk, dv, (da if da is not None else q.new_empty(0)), (dh0 if dh0 is not None else q.new_empty(0))
 
 
 @_bwd_op.register_fake
-def _(q, k, v, log_decay, h0, A, do, dfinal, scale, need_da, need_dh0):
+def _(q, k, v, log_decay, h0, A, b, do, dfinal, scale, need_da, need_dh0):
     da = torch.empty_like(log_decay) if need_da else q.new_empty(0)
     dh0 = h0.new_empty(h0.shape, dtype=torch.float32) if (h0 is not None and need_dh0) else q.new_empty(0)
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), da, dh0
@@ -729,15 +809,15 @@ def _(q, k, v, log_decay, h0, A, do, dfinal, scale, need_da, need_dh0):
 
 def _setup_context(ctx, inputs, output):
     q, k, v, log_decay, h0, scale = inputs
-    ctx.save_for_backward(q, k, v, log_decay, h0, output[2])
-    ctx.mark_non_differentiable(output[2])
+    ctx.save_for_backward(q, k, v, log_decay, h0, output[2], output[3])
+    ctx.mark_non_differentiable(output[2], output[3])
     ctx.scale = scale
 
 
-def _autograd_backward(ctx, do, dfinal, _dA):
-    q, k, v, log_decay, h0, A = ctx.saved_tensors
+def _autograd_backward(ctx, do, dfinal, _dA, _db):
+    q, k, v, log_decay, h0, A, b = ctx.saved_tensors
     need_da, need_dh0 = ctx.needs_input_grad[3], h0 is not None and ctx.needs_input_grad[4]
-    dq, dk, dv, da, dh0 = _bwd_op(q, k, v, log_decay, h0, A, do, dfinal, ctx.scale, need_da, need_dh0)
+    dq, dk, dv, da, dh0 = _bwd_op(q, k, v, log_decay, h0, A, b, do, dfinal, ctx.scale, need_da, need_dh0)
     return dq, dk, dv, (da if need_da else None), (dh0 if need_dh0 else None), None
 
 
@@ -762,8 +842,8 @@ def _vmap(info, in_dims, q, k, v, log_decay, h0, scale):
 
     g = g.reshape(n * H) if g.dim() == 2 else heads(g)  # constant decay: (n, H) -> (n H,)
     h0m = None if h0 is None else front(h0, in_dims[4]).movedim(0, 1).flatten(1, 2)
-    o, final, A = _fwd_op(*_dense(heads(q), heads(k), heads(v), g, h0m), scale)
-    return (o.unflatten(2, (n, H)), final.unflatten(1, (n, H)), A), (2, 1, None)
+    o, final, A, b = _fwd_op(*_dense(heads(q), heads(k), heads(v), g, h0m), scale)
+    return (o.unflatten(2, (n, H)), final.unflatten(1, (n, H)), A, b), (2, 1, None, None)
 
 
 def linear_attention_triton(
@@ -779,5 +859,5 @@ def linear_attention_triton(
     if not q.is_cuda and not _interpreting():
         raise ValueError("the triton backend needs CUDA tensors (or TRITON_INTERPRET=1 to run on CPU)")
     # Made dense before the op, so that the tensors it saves for the backward need no second copy there.
-    o, final, _ = _fwd_op(*_dense(q, k, v, log_decay, initial_state), float(scale))
+    o, final, _, _ = _fwd_op(*_dense(q, k, v, log_decay, initial_state), float(scale))
     return o, (final if output_final_state else None)

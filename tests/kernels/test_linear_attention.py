@@ -90,6 +90,18 @@ def test_low_precision(backend, form, dtype):
     check_against_naive(backend, form, 1, 70, 2, 16, 32, dtype, strong=True)
 
 
+@pytest.mark.parametrize("span_limit", [0.0, 1e9])
+def test_triton_per_channel_diagonal_blocks_both_ways(monkeypatch, span_limit):
+    """The diagonal sub-blocks of a per-channel decay as a dot around a reference row (limit 1e9: always) and
+    elementwise (limit 0: always), each against naive, whatever the data would pick; strong decays (with their
+    elementwise fallback) are test_strong_decay's and test_low_precision's."""
+    from kernels.linear_attention import triton_chunk
+
+    monkeypatch.setattr(triton_chunk, "SPAN_LIMIT", span_limit)
+    check_against_naive("triton", "channel", 2, 37, 2, 16, 32, torch.float32)
+    check_against_naive("triton", "channel", 1, 70, 2, 16, 32, torch.bfloat16)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_without_initial_state(backend):
     check_against_naive(backend, "token", 2, 20, 2, 16, 16, torch.float32, with_state=False)
