@@ -11,6 +11,7 @@ An implementation that fails its check gets no timing; one that raises gets an e
 from __future__ import annotations
 
 import argparse
+import itertools
 import logging
 import math
 from collections.abc import Callable
@@ -56,6 +57,7 @@ class CheckResult:
     backward_err: float
     worst: str
     error: str = ""
+    strong: bool = False  # decays of -10 per token on a fifth of the entries, on top of the models' range
 
     @property
     def ok(self) -> bool:
@@ -98,14 +100,16 @@ def _implementations(peers: bool = True) -> dict[tuple[str, str], Callable]:
 
 
 
-def _check_one(fn, form: str, dtype: torch.dtype, device, batch=2, time=300, heads=2, dim=DIM) -> CheckResult:
+def _check_one(fn, form: str, dtype: torch.dtype, device, batch=2, time=300, heads=2, dim=DIM,
+               strong: bool = False) -> CheckResult:
     """fn against naive: relative error of o, then of the gradients fn provides; an exception fails that half."""
     gen = torch.Generator(device=device).manual_seed(0)
     q, k, v = (torch.randn(batch, time, heads, dim, device=device, generator=gen).to(dtype) for _ in range(3))
     a = _log_decay(form, batch, time, heads, dim, device)
-    if form == "channel":
-        # Strong decays on some channels: exp of a positive number anywhere would show up here.
-        a = torch.where(torch.rand_like(a) < 0.2, a - 10.0, a)
+    if strong:
+        # exp of a positive number anywhere would show up here; per channel, it also takes the diagonal blocks
+        # off their dot and onto the elementwise path, which the models' range alone never reaches.
+        a = torch.where(torch.rand(a.shape, device=device, generator=gen) < 0.2, a - 10.0, a)
     do = torch.randn(batch, time, heads, dim, device=device, generator=gen)
     scale = dim**-0.5
     tol = DEVICE_TOL[dtype]
@@ -115,7 +119,8 @@ def _check_one(fn, form: str, dtype: torch.dtype, device, batch=2, time=300, hea
         try:
             o = run(*leaves, scale)
         except Exception as exc:  # a peer refusing is a result, not a crash
-            return CheckResult("", form, _dtype_name(dtype), False, False, math.nan, math.nan, "o", _first_line(exc))
+            return CheckResult("", form, _dtype_name(dtype), False, False, math.nan, math.nan, "o", _first_line(exc),
+                               strong)
         try:
             (o.float() * do).sum().backward()
             grads, error = [x.grad for x in leaves], ""
@@ -129,7 +134,7 @@ def _check_one(fn, form: str, dtype: torch.dtype, device, batch=2, time=300, hea
     worst = max(errors, key=errors.get) if errors else "o"
     backward_ok = not error and bool(errors) and math.isfinite(backward_err) and backward_err <= tol
     return CheckResult("", form, _dtype_name(dtype), math.isfinite(forward_err) and forward_err <= tol, backward_ok,
-                       forward_err, backward_err, worst, error)
+                       forward_err, backward_err, worst, error, strong)
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -139,14 +144,17 @@ def _dtype_name(dtype: torch.dtype) -> str:
 def check_on_device(
     device: str = "cuda", size: tuple[int, int, int, int] = (2, 300, 2, DIM), peers: bool = True
 ) -> list[CheckResult]:
-    """Each backend and decay form (ours, and fla's when importable) against naive on `device`, fp32 and bf16.
+    """Each backend and decay form (ours, and fla's when importable) against naive on `device`, fp32 and bf16;
+    data-dependent decays both in the models' range and strong.
 
     size is (B, T, H, D); the default has T off the chunk grid and the benchmark's head width.
     """
     out = []
     for (impl, form), fn in _implementations(peers).items():
-        for dtype in (torch.float32, torch.bfloat16):
-            result = replace(_check_one(fn, form, dtype, device, *size), impl=impl)
+        for dtype, strong in itertools.product((torch.float32, torch.bfloat16), (False, True)):
+            if strong and form == "constant":
+                continue
+            result = replace(_check_one(fn, form, dtype, device, *size, strong=strong), impl=impl)
             if result.error:
                 log.warning("check %s %s %s: %s", impl, form, result.dtype, result.error)
             log.info("check %s", result)

@@ -30,13 +30,14 @@ def test_check_on_device_passes_ours_and_flags_wrong_and_raising_peers(monkeypat
     impls[("peer no backward", "token")] = no_backward
     monkeypatch.setattr(bench, "_implementations", lambda peers=True: impls)
     results = bench.check_on_device("cpu", size=(1, 70, 1, 16))
-    by_key = {(r.impl, r.decay, r.dtype): r for r in results}
-    assert len(results) == 2 * len(impls)
+    by_key = {(r.impl, r.decay, r.dtype): r for r in results if not r.strong}
+    # Two dtypes each; data-dependent decays also strong.
+    assert len(results) == sum(2 if form == "constant" else 4 for _, form in impls)
     for form in bench.FORMS:
         for backend in ("ours triton", "ours torch"):
-            for dtype in ("float32", "bfloat16"):
-                r = by_key[(backend, form, dtype)]
-                assert r.ok and max(r.forward_err, r.backward_err) <= bench.DEVICE_TOL[getattr(torch, dtype)], r
+            for r in (r for r in results if (r.impl, r.decay) == (backend, form)):
+                assert r.ok and max(r.forward_err, r.backward_err) <= bench.DEVICE_TOL[getattr(torch, r.dtype)], r
+            assert sum(r.strong for r in results if (r.impl, r.decay) == (backend, form)) == (form != "constant") * 2
     wrong_result = by_key[("peer wrong", "token", "float32")]
     assert not wrong_result.forward_ok and wrong_result.forward_err == pytest.approx(0.1, rel=1e-3)
     raised = by_key[("peer raising", "channel", "bfloat16")]
