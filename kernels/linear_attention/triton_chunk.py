@@ -5,12 +5,14 @@ Lightning Attention-2 (arXiv 2401.04658) tiling with chunks of BT = 64 tokens; t
 (B, T, H, K). b is the log decay summed from the start of its chunk (inclusive; `_chunk_cumsum_kernel`, once
 in the forward, which hands it to the backward; constant decays compute it inline); every exp() below takes
 b_i - b_j with i at or after j, or b of a position minus b of an earlier one, so its argument is <= 0 and
-strong decays underflow to exact zeros instead of overflowing.
+strong decays underflow to exact zeros instead of overflowing. The one exception is bounded: a per-channel
+diagonal sub-block whose decay spans less than SPAN_LIMIT is one dot of factors up to e^SPAN_LIMIT.
 
 Forward, per (batch, head):
   1. `_chunk_A_kernel` (per-channel decay only): the intra-chunk matrix A_ij = sum_c q_ic k_jc e^(b_ic - b_jc),
      i >= j, in 16 x 16 sub-blocks: off the diagonal a product of two rescaled operands around a reference
-     row between them, on the diagonal elementwise. Scalar decays compute (q k^T) e^(b_i - b_j) inline in 4.
+     row between them, on the diagonal the same around the block's first row where its decay spans less than
+     SPAN_LIMIT, else elementwise. Scalar decays compute (q k^T) e^(b_i - b_j) inline in 3.
   2. The state entering every chunk, h_n (K x V, stored in bf16 for bf16 inputs, else fp32). Chunks are cut
      into groups of G: `_chunk_walk_kernel` walks each group's chunks in order (parallel over groups, batch,
      heads and K x V tiles) to get the group's own contribution, `_group_scan_kernel` carries the state across
@@ -45,7 +47,8 @@ SUB = 16
 FP32_DOT_PRECISION = "tf32x3"
 #: Per-channel decay, diagonal sub-blocks: when a block's log decay spans less than this (in every channel), its
 #: products go through one tensor-core dot around the block's first (or last) row, with fp32 operands (tf32, or
-#: tf32x3 for fp32 inputs), so that no factor exceeds e^SPAN_LIMIT; beyond it (very strong decays) they are summed elementwise, column by column.
+#: tf32x3 for fp32 inputs), so that no factor exceeds e^SPAN_LIMIT; beyond it (very strong decays) they are
+#: summed elementwise, column by column.
 SPAN_LIMIT = 40.0
 
 
@@ -463,7 +466,7 @@ def _intra_bwd_kernel(q_ptr, k_ptr, dq_ptr, dk_ptr, dq_out_ptr, dk_out_ptr, db_p
     """Per-channel decay: add the intra-chunk parts of dq, dk (and db) for rows [m BC, (m + 1) BC) and a K tile.
 
     dq_i += sum_{j<=i} dA_ij k_j e^(b_i - b_j), dk_j += sum_{i>=j} dA_ij q_i e^(b_i - b_j); off the diagonal
-    block through a reference row between i and j, on it elementwise, as in `_chunk_A_kernel`.
+    block through a reference row between i and j, on it as in `_chunk_A_kernel` (a dot, or elementwise).
     """
     i_nm, i_k, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     i_b, i_h = i_bh // H, i_bh % H
@@ -501,10 +504,12 @@ def _intra_bwd_kernel(q_ptr, k_ptr, dq_ptr, dk_ptr, dq_out_ptr, dk_out_ptr, db_p
         q_m = _load(q_ptr, i_b, i_h, t0 + r0, T, H, K, k0, BC, BK, False).to(tl.float32)
         on_or_below = sub[:, None] >= sub[None, :]
         da_blk = tl.load(dA_base + (r0 + sub)[:, None] * BT + (r0 + sub)[None, :], mask=on_or_below, other=0.0)
-        dat_blk = tl.load(dA_base + (r0 + sub)[None, :] * BT + (r0 + sub)[:, None], mask=sub[:, None] <= sub[None, :],
-                          other=0.0)
-        dq += tl.dot(da_blk, k_m * tl.exp(b_r0[None, :] - b_m), input_precision=PREC) * tl.exp(b_m - b_r0[None, :])
-        dk += tl.dot(dat_blk, q_m * tl.exp(b_m - b_ref[None, :]), input_precision=PREC) * tl.exp(b_ref[None, :] - b_m)
+        dat_blk = tl.load(dA_base + (r0 + sub)[None, :] * BT + (r0 + sub)[:, None],
+                          mask=sub[:, None] <= sub[None, :], other=0.0)
+        k_up = k_m * tl.exp(b_r0[None, :] - b_m)  # up to |k| e^SPAN
+        dq += tl.dot(da_blk, k_up, input_precision=PREC) * tl.exp(b_m - b_r0[None, :])
+        q_up = q_m * tl.exp(b_m - b_ref[None, :])  # up to |q| e^SPAN
+        dk += tl.dot(dat_blk, q_up, input_precision=PREC) * tl.exp(b_ref[None, :] - b_m)
     else:
         # Elementwise, one column (for dq) and one row (for dk) at a time: every exp() argument <= 0.
         for j in tl.static_range(BC):
@@ -794,7 +799,8 @@ def _(q, k, v, log_decay, h0, scale):
 @torch.library.custom_op("slab::linear_attention_bwd", mutates_args=())
 def _bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_decay: torch.Tensor, h0: torch.Tensor | None,
             A: torch.Tensor, b: torch.Tensor, do: torch.Tensor, dfinal: torch.Tensor | None, scale: float,
-            need_da: bool, need_dh0: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+            need_da: bool, need_dh0: bool
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     q, k, v, log_decay, h0 = _dense(q, k, v, log_decay, h0)
     dq, dk, dv, da, dh0 = _backward(q, k, v, log_decay, h0, A, b, do, dfinal, scale, need_da, need_dh0)
     # A custom op returns tensors only: an empty one stands for "no gradient".
