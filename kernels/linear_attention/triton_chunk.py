@@ -270,7 +270,7 @@ def _chunk_A_kernel(q_ptr, k_ptr, b_ptr, A_ptr, T, Tp, NT, H: tl.constexpr, K: t
     cols = tl.arange(0, BT)
     sub = tl.arange(0, BC)
     # Reference row just before this block: keys before it decay to it, queries decay from it.
-    ref = tl.maximum(r0 - 1, 0)
+    ref = r0 - 1  # used only past the first block
     acc = tl.zeros([BC, BT], dtype=tl.float32)
     acc_diag = tl.zeros([BC, BC], dtype=tl.float32)
     for i_k in range(0, tl.cdiv(K, BK)):
@@ -278,11 +278,12 @@ def _chunk_A_kernel(q_ptr, k_ptr, b_ptr, A_ptr, T, Tp, NT, H: tl.constexpr, K: t
         offs_k = k0 + tl.arange(0, BK)
         q = _load(q_ptr, i_b, i_h, t0 + r0, T, H, K, k0, BC, BK, False).to(tl.float32)
         b_q = _rows_log_decay(q_ptr, b_ptr, i_b, i_h, t0, r0, 0, Tp, H, K, k0, BC, BK, 2, False)
-        b_ref = _row_log_decay(q_ptr, b_ptr, i_b, i_h, t0, ref, Tp, H, K, offs_k, 2)
-        kt = _load(k_ptr, i_b, i_h, t0, T, H, K, k0, BT, BK, True).to(tl.float32)
-        b_kt = _rows_log_decay(q_ptr, b_ptr, i_b, i_h, t0, 0, 0, Tp, H, K, k0, BT, BK, 2, True)
-        kt = kt * tl.exp(tl.where((cols < r0)[None, :], b_ref[:, None] - b_kt, float("-inf")))
-        acc += tl.dot((q * tl.exp(b_q - b_ref[None, :])).to(DT), kt.to(DT), input_precision=PREC)
+        if r0 > 0:  # the first block has no earlier keys
+            b_ref = _row_log_decay(q_ptr, b_ptr, i_b, i_h, t0, ref, Tp, H, K, offs_k, 2)
+            kt = _load(k_ptr, i_b, i_h, t0, T, H, K, k0, BT, BK, True).to(tl.float32)
+            b_kt = _rows_log_decay(q_ptr, b_ptr, i_b, i_h, t0, 0, 0, Tp, H, K, k0, BT, BK, 2, True)
+            kt = kt * tl.exp(tl.where((cols < r0)[None, :], b_ref[:, None] - b_kt, float("-inf")))
+            acc += tl.dot((q * tl.exp(b_q - b_ref[None, :])).to(DT), kt.to(DT), input_precision=PREC)
         if tl.max(tl.max(b_q, axis=0) - tl.min(b_q, axis=0), axis=0) < SPAN:
             # Around the block's first row: q e^(b_i - b_r0) <= |q|, k e^(b_r0 - b_j) <= |k| e^SPAN.
             b_r0 = _row_log_decay(q_ptr, b_ptr, i_b, i_h, t0, r0, Tp, H, K, offs_k, 2)
@@ -482,20 +483,26 @@ def _intra_bwd_kernel(q_ptr, k_ptr, dq_ptr, dk_ptr, dq_out_ptr, dk_out_ptr, db_p
     b_m = _rows_log_decay(q_ptr, b_ptr, i_b, i_h, t0, r0, 0, Tp, H, K, k0, BC, BK, 2, False)
     b = _rows_log_decay(q_ptr, b_ptr, i_b, i_h, t0, 0, 0, Tp, H, K, k0, BT, BK, 2, False)
 
-    # dq, keys in earlier blocks: decay them to the row before this block, then from there to the query.
-    ref = tl.maximum(r0 - 1, 0)
-    b_ref = _row_log_decay(q_ptr, b_ptr, i_b, i_h, t0, ref, Tp, H, K, offs_k, 2)
-    k = _load(k_ptr, i_b, i_h, t0, T, H, K, k0, BT, BK, False).to(tl.float32)
-    k_ref = k * tl.exp(tl.where((cols < r0)[:, None], b_ref[None, :] - b, float("-inf")))
-    da_rows = tl.load(dA_base + (r0 + sub)[:, None] * BT + cols[None, :])
-    dq = tl.dot(da_rows.to(DT), k_ref.to(DT), input_precision=PREC) * tl.exp(b_m - b_ref[None, :])
-    # dk, queries in later blocks: decay from the block's last row on; dA^T by a transposed load.
+    dq = tl.zeros([BC, BK], dtype=tl.float32)
+    dk = tl.zeros([BC, BK], dtype=tl.float32)
+    # dq, keys in earlier blocks (none for the first): decay them to the row before this block, then from there
+    # to the query.
+    if r0 > 0:
+        ref = r0 - 1
+        b_ref = _row_log_decay(q_ptr, b_ptr, i_b, i_h, t0, ref, Tp, H, K, offs_k, 2)
+        k = _load(k_ptr, i_b, i_h, t0, T, H, K, k0, BT, BK, False).to(tl.float32)
+        k_ref = k * tl.exp(tl.where((cols < r0)[:, None], b_ref[None, :] - b, float("-inf")))
+        da_rows = tl.load(dA_base + (r0 + sub)[:, None] * BT + cols[None, :])
+        dq += tl.dot(da_rows.to(DT), k_ref.to(DT), input_precision=PREC) * tl.exp(b_m - b_ref[None, :])
+    # dk, queries in later blocks (none for the last): decay from the block's last row on; dA^T by a transposed
+    # load.
     ref = r0 + BC - 1
     b_ref = _row_log_decay(q_ptr, b_ptr, i_b, i_h, t0, ref, Tp, H, K, offs_k, 2)
-    q = _load(q_ptr, i_b, i_h, t0, T, H, K, k0, BT, BK, False).to(tl.float32)
-    q_ref = q * tl.exp(tl.where((cols > ref)[:, None], b - b_ref[None, :], float("-inf")))
-    dat_rows = tl.load(dA_base + cols[None, :] * BT + (r0 + sub)[:, None])
-    dk = tl.dot(dat_rows.to(DT), q_ref.to(DT), input_precision=PREC) * tl.exp(b_ref[None, :] - b_m)
+    if ref < BT - 1:
+        q = _load(q_ptr, i_b, i_h, t0, T, H, K, k0, BT, BK, False).to(tl.float32)
+        q_ref = q * tl.exp(tl.where((cols > ref)[:, None], b - b_ref[None, :], float("-inf")))
+        dat_rows = tl.load(dA_base + cols[None, :] * BT + (r0 + sub)[:, None])
+        dk += tl.dot(dat_rows.to(DT), q_ref.to(DT), input_precision=PREC) * tl.exp(b_ref[None, :] - b_m)
     if tl.max(tl.max(b_m, axis=0) - tl.min(b_m, axis=0), axis=0) < SPAN:
         # Around the block's first row for dq and its last row for dk, as in `_chunk_A_kernel`: no factor above
         # e^SPAN. dA and its transpose are loaded as such, lower triangle only.
