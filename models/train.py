@@ -486,12 +486,13 @@ def pretrain(
         due = step % ckpt_every_steps == 0 if ckpt_every_steps else False
         due = due or time.perf_counter() - last_ckpt_t >= ckpt_every_s
         evals_due = spec.eval_every and step % spec.eval_every == 0 and step != total_steps
-        if step == total_steps or due or stopping or step == exit_at or evals_due:
+        saving = step == total_steps or due or stopping or step == exit_at
+        if saving or evals_due:
             settle()  # nothing is evaluated or saved before its step's loss is known to be finite
         # Evaluate before a possible stop, so that a resumed run never skips an eval it was due.
         if evals_due:
             evaluate(step)
-        if step == total_steps or due or stopping or step == exit_at:
+        if saving:
             checkpoint(step)
             last_ckpt_t = time.perf_counter()
         if step == exit_at and rank == world - 1:  # with several workers, one of them dies

@@ -56,7 +56,6 @@ def _ops(device: str, s: Shapes):
     }
 
 
-
 def _out_and_grads(fn, inputs, grad_seed: int = 1):
     """fn(*inputs) and the gradients of <fn(*inputs), r> for a fixed random r, with respect to every input."""
     inputs = [t.detach().clone().requires_grad_(True) for t in inputs]
