@@ -534,6 +534,8 @@ def _intra_bwd_kernel(q_ptr, k_ptr, dq_ptr, dk_ptr, dq_out_ptr, dk_out_ptr, db_p
             dk += da_row[:, None] * q_j[None, :] * e_k
 
     if STORE_DB:
+        # Loaded again rather than kept from the dot path: held across the branch they made the per-channel
+        # fwd+bwd 4-5% slower on an H100 (3.41 against 3.26 ms at T 2k).
         q_m = _load(q_ptr, i_b, i_h, t0 + r0, T, H, K, k0, BC, BK, False).to(tl.float32)
         k_m = _load(k_ptr, i_b, i_h, t0 + r0, T, H, K, k0, BC, BK, False).to(tl.float32)
         db = _load(db_ptr, i_b, i_h, t0 + r0, Tp, H, K, k0, BC, BK, False) + q_m * dq - k_m * dk
