@@ -1,0 +1,173 @@
+"""The measurements behind docs/bench/kernels.md's linear-attention figures other than `slab bench kernels`' table:
+per-kernel profiles, launch settings timed as CUDA-graph replays, the walks' settings, and the side-by-side with
+flash-linear-attention. On a GPU (bf16, H 8, K = V = 128):
+
+    python docs/bench/linear_attention_study.py profile                  # per-kernel GPU time and host time per step
+    python docs/bench/linear_attention_study.py settings channel 16 2048 A,intra,dqk,walk,out,cumsum
+    python docs/bench/linear_attention_study.py walks                    # walk settings, long forward and fwd+bwd
+    python docs/bench/linear_attention_study.py side ours|constant|channel   # ours, or fla's constant / per-channel
+"""
+
+import itertools
+import sys
+import time
+
+import torch
+import triton.testing
+
+from kernels.linear_attention import linear_attention
+from kernels.linear_attention import triton_chunk as tc
+from kernels.linear_attention.bench import _ours, _peers, _time_one
+
+FORMS = ("constant", "token", "channel")
+#: Launch settings tried per kernel by `settings` (one kernel at a time, keeping the best found so far).
+SPACE = {
+    "A": dict(BK=(32, 64), num_warps=(4, 8), num_stages=(1, 2, 3)),
+    "intra": dict(BK=(16, 32, 64), num_warps=(2, 4, 8), num_stages=(1, 3)),
+    "dqk": dict(BK=(32, 64), BV=(32, 64), num_warps=(4, 8), num_stages=(1, 2)),
+    "walk": dict(BK=(32, 64), num_warps=(4, 8), num_stages=(2, 3, 4)),
+    "out": dict(BK=(32, 64), num_warps=(4, 8), num_stages=(2, 3)),
+    "cumsum": dict(num_warps=(2, 4, 8)),
+}
+
+
+def override(settings: dict[str, dict]) -> None:
+    """Make every later plan use ``settings`` (kernel name -> launch settings) over its own choices."""
+
+    class Overridden(tc._Plan):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            for name, values in settings.items():
+                self.cfg[name] = {**self.cfg[name], **values}
+
+    tc._Plan = Overridden
+
+
+def inputs(form: str, batch: int, time: int, heads: int = 8, dim: int = 128):
+    """Random bf16 q, k, v (leaves), a log decay of the form's shape, and an output gradient; seeded."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(batch, time, heads, dim, device="cuda", generator=g, dtype=torch.bfloat16).requires_grad_()
+               for _ in range(3))
+    shape = {"constant": (heads,), "token": (batch, time, heads), "channel": (batch, time, heads, dim)}[form]
+    a = (-torch.rand(shape, device="cuda", generator=g) * 0.1).requires_grad_()
+    return q, k, v, a, torch.randn(v.shape, device="cuda", generator=g, dtype=v.dtype)
+
+
+def step_fn(q, k, v, a, do):
+    """One fwd+bwd: the output and the gradients of q, k, v and the log decay (no accumulation into .grad)."""
+
+    def step():
+        o, _ = linear_attention(q, k, v, a, backend="triton")
+        return (o,) + torch.autograd.grad(o, (q, k, v, a), do)
+
+    return step
+
+
+def profile() -> None:
+    """Per-kernel GPU time of 10 fwd+bwd steps per form and shape, then host and wall ms per step at B 16, T 2k."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    for (batch, time_), form in itertools.product(((16, 2048), (1, 32768)), FORMS):
+        step = step_fn(*inputs(form, batch, time_))
+        for _ in range(5):
+            step()
+        torch.cuda.synchronize()
+        with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(10):
+                step()
+            torch.cuda.synchronize()
+        print(f"\n===== {form} B={batch} T={time_} (10 steps)")
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60))
+    for form in FORMS:
+        step = step_fn(*inputs(form, 16, 2048))
+        for _ in range(5):
+            step()
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(50):
+            step()
+        host = (time.perf_counter() - t) / 50
+        torch.cuda.synchronize()
+        wall = (time.perf_counter() - t) / 50
+        print(f"host-loop {form}: host {host * 1e3:.3f} ms/step, wall {wall * 1e3:.3f} ms/step")
+
+
+def graph_ms(form: str, batch: int, time_: int) -> tuple[float, list[torch.Tensor]]:
+    """Median ms of fwd+bwd replayed as a CUDA graph (GPU time, no host time), and its outputs."""
+    step = step_fn(*inputs(form, batch, time_))
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    graph.replay()
+    torch.cuda.synchronize()
+    return triton.testing.do_bench(graph.replay, warmup=10, rep=150), [x.detach().float().clone() for x in out]
+
+
+def settings(form: str, batch: int, time_: int, names: list[str]) -> None:
+    """Time each kernel's settings in SPACE in turn, keeping the best correct one before moving to the next."""
+    chosen: dict[str, dict] = {}
+    override(chosen)
+    best_ms, ref = graph_ms(form, batch, time_)
+    print(f"{form} B={batch} T={time_} default: {best_ms:.3f} ms", flush=True)
+    for name in names:
+        keys = list(SPACE[name])
+        best = None
+        for values in itertools.product(*(SPACE[name][key] for key in keys)):
+            chosen[name] = dict(zip(keys, values))
+            ms, out = graph_ms(form, batch, time_)
+            err = max(((x - r).abs().max() / r.abs().max().clamp_min(1e-6)).item() for x, r in zip(out, ref))
+            flag = "" if err < 2e-2 else f" WRONG rel err {err:.2e}"
+            print(f"  {name} {chosen[name]}: {ms:.3f} ms{flag}", flush=True)
+            if not flag and ms < best_ms:
+                best_ms, best = ms, dict(chosen[name])
+        if best is None:
+            chosen.pop(name, None)
+        else:
+            chosen[name] = best
+        print(f"BEST after {name}: {best_ms:.3f} ms with {chosen}", flush=True)
+
+
+def walks() -> None:
+    """The walks at 8 warps / 3 stages against 4 / 2: forward at B 1, T 128k and 1M, fwd+bwd at 2k and 32k."""
+    chosen: dict[str, dict] = {}
+    override(chosen)
+    for label, walk in (("walk w8 s3", dict(num_warps=8, num_stages=3)), ("walk w4 s2", dict(num_warps=4, num_stages=2))):
+        chosen["walk"] = walk
+        for form in FORMS:
+            for batch, time_, backward in ((1, 131072, False), (1, 1048576, False), (16, 2048, True), (1, 32768, True)):
+                ms = _time_one(_ours("triton"), "ours triton", form, batch, time_, backward, False)
+                print(label, form, batch, time_, "fwd+bwd" if backward else "fwd", f"{ms:.3f}", flush=True)
+
+
+def side(which: str) -> None:
+    """fwd+bwd ms at B x T = 32k tokens: ours (three forms), or fla's constant or per-channel kernel."""
+    for batch, time_ in ((16, 2048), (4, 8192), (1, 32768)):
+        if which == "ours":
+            for form in FORMS:
+                ms = _time_one(_ours("triton"), "ours triton", form, batch, time_, True, False)
+                print("ours", form, batch, time_, f"{ms:.3f}", flush=True)
+        else:
+            name = {"constant": "fla chunk_simple_gla", "channel": "fla chunk_gla"}[which]
+            ms = _time_one(_peers()[(name, which)], name, which, batch, time_, True, False)
+            print(name, which, batch, time_, f"{ms:.3f}", flush=True)
+
+
+if __name__ == "__main__":
+    command, args = sys.argv[1], sys.argv[2:]
+    if command == "profile":
+        profile()
+    elif command == "settings":
+        settings(args[0], int(args[1]), int(args[2]), args[3].split(","))
+    elif command == "walks":
+        walks()
+    elif command == "side":
+        side(args[0])
+    else:
+        sys.exit(__doc__)
