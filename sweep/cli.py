@@ -92,6 +92,14 @@ def _ensure_dir(folder: Path, what: str) -> None:
         fail(f"{what}: cannot create the folder {folder}: {exc.strerror or exc}")
 
 
+def _require_gpu(command: str) -> None:
+    """Fail (exit 2) when there is no CUDA GPU for a GPU benchmark, before anything is written."""
+    import torch
+
+    if not torch.cuda.is_available():
+        fail(f"slab bench {command} times GPU kernels and this machine has no CUDA GPU")
+
+
 def _si(x: float) -> str:
     for unit, scale in (("Z", 1e21), ("E", 1e18), ("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
         if abs(x) >= scale:
@@ -543,6 +551,8 @@ def bench_kernels_cmd(
     """
     import logging
 
+    _require_gpu("kernels")
+    _ensure_dir(out_dir, "--out")
     from kernels.linear_attention.bench import markdown_table, run_bench
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")  # one line per check and timing
@@ -562,10 +572,7 @@ def bench_fused_cmd(
 
     Example: slab bench fused --csv docs/bench/fused.csv
     """
-    import torch
-
-    if not torch.cuda.is_available():
-        fail("slab bench fused times GPU kernels and this machine has no CUDA GPU")
+    _require_gpu("fused")
     if out_csv:
         _ensure_dir(out_csv.parent, "--csv")
     from kernels.fused.bench import bench_fused

@@ -149,7 +149,9 @@ def test_launch_to_an_address_where_nothing_listens_fails_fast(write_plan, tmp_p
     assert not db.exists()
 
 
-def test_bench_fused_without_a_gpu_says_so(runner, tmp_path):
-    result = invoke(runner, "bench", "fused", "--csv", tmp_path / "fused.csv")
-    assert result.exit_code == 2 and "no CUDA GPU" in result.output
-    assert not (tmp_path / "fused.csv").exists()
+@pytest.mark.parametrize("command,option,target", [("fused", "--csv", "fused.csv"), ("kernels", "--out", "bench")])
+def test_gpu_benchmarks_without_a_gpu_say_so_and_write_nothing(runner, tmp_path, command, option, target):
+    result = invoke(runner, "bench", command, option, tmp_path / target)
+    assert result.exit_code == 2 and f"slab bench {command} times GPU kernels" in result.output
+    assert "Traceback" not in result.output
+    assert not (tmp_path / target).exists()
