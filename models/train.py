@@ -404,10 +404,10 @@ def pretrain(
     train_time, trained_steps = 0.0, 0
     window_t, window_tokens = 0.0, 0
     last_ckpt_t = time.perf_counter()
-    # The step whose loss is not read back yet: (step, loss, lr, tokens/s to report or None). Reading a loss
-    # waits for its step to finish on the GPU, so it is read after the next step's work is queued; at once, it
-    # left the GPU idle while the CPU queued the next step (9% of the 135M step on an H100).
-    pending: tuple[int, torch.Tensor, float, float | None] | None = None
+    # The step whose loss is not read back yet: (step, its loss's read-back, lr, tokens/s to report or None).
+    # Reading a loss waits for its step to finish on the GPU, so it is read after the next step's work is
+    # queued; at once, it left the GPU idle while the CPU queued the next step (9% of the 135M step on an H100).
+    pending: tuple[int, Callable[[], float], float, float | None] | None = None
 
     def settle() -> None:
         """Read back the pending step's loss, stop on a non-finite one, and send its report if one is due."""
@@ -416,7 +416,7 @@ def pretrain(
             return
         done, loss, lr_done, tps = pending
         pending = None
-        last_loss = loss.item()
+        last_loss = loss()
         if not math.isfinite(last_loss):
             raise Diverged(done)
         if tps is not None:
@@ -461,6 +461,7 @@ def pretrain(
                 loss_sum = loss_sum * float("nan")
             if fault_kind == ("raise", step):
                 raise RuntimeError(f"injected failure at step {step}")
+            step_loss = _read_back(loss_sum)
             if spec.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), spec.grad_clip)
             optimizer.step()
@@ -478,7 +479,7 @@ def pretrain(
         if step % report_every == 0 or step in (start + 1, total_steps):
             tps = window_tokens / window_t
             window_t, window_tokens = 0.0, 0
-        pending = (step, loss_sum, lr, tps)
+        pending = (step, step_loss, lr, tps)
         if not overlap_readback:
             settle()
 
@@ -505,6 +506,26 @@ def pretrain(
     return summarize(spec, counts, fpt, val_loss=val, final_loss=last_loss, wall_s=prior_wall + time.perf_counter() - t_start,
                      train_time=train_time, trained_steps=trained_steps, start=start, data_sha256=data.sha256,
                      microbatch=microbatch)
+
+
+def _read_back(value: torch.Tensor) -> Callable[[], float]:
+    """Start copying a device scalar to the host now; the returned function waits for that copy alone."""
+    if not value.is_cuda:
+        return value.item
+    # A plain .item() later would queue its copy behind all the work queued by then (the whole next step), so
+    # the CPU would wait for that step to end and the GPU would idle while the CPU queued the one after it
+    # (about 2.5 ms at every step boundary at 135M on an H100, in a profiler trace). So the copy is queued
+    # now, and only its own event is waited for.
+    host = torch.empty((), dtype=value.dtype, pin_memory=True)
+    host.copy_(value, non_blocking=True)
+    copied = torch.cuda.Event()
+    copied.record()
+
+    def wait() -> float:
+        copied.synchronize()
+        return host.item()
+
+    return wait
 
 
 def summarize(spec, counts, fpt: int, *, val_loss: float, final_loss: float, wall_s: float, train_time: float,
