@@ -11,6 +11,7 @@ from models.lm import LM, MIXERS
 from models.mixers.hgrn2 import HGRN2
 from models.mixers.lightning import Lightning, lightning_slopes
 from models.mixers.mamba2 import DT_MAX, DT_MIN, Mamba2
+from models.mixers.softmax import rotary
 
 ARCHS = ["softmax", "lightning", "hybrid", "hgrn2", "mamba2"]
 
@@ -30,6 +31,20 @@ def test_forward_shapes_and_every_parameter_gets_a_gradient(arch):
     loss.backward()
     for name, p in model.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_rotary_scores_depend_on_relative_position_only():
+    # One q and one k vector at every position, per head: after RoPE on (B, T, H, D) their dot product may
+    # depend on the time offset alone, not on the absolute position or on the head.
+    torch.manual_seed(0)
+    b, t, h, d = 1, 12, 3, 8
+    q = rotary(torch.randn(1, 1, h, d).expand(b, t, h, d))
+    k = rotary(torch.randn(1, 1, h, d).expand(b, t, h, d))
+    scores = torch.einsum("bihd,bjhd->bhij", q, k)[0]  # (H, T, T)
+    for offset in (0, 1, 5):
+        diag = torch.diagonal(scores, offset=-offset, dim1=-2, dim2=-1)  # score(i, i - offset), per head
+        torch.testing.assert_close(diag, diag[:, :1].expand_as(diag), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(scores[:, 5, 5], scores[:, 5, 0])  # it does depend on the offset
 
 
 @pytest.mark.parametrize("arch", ARCHS)
