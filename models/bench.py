@@ -72,7 +72,8 @@ def bench_train(spec: BenchSpec, *, compile: bool | str = False, microbatch: int
                 profile: Path | None = None, fused: bool = False) -> dict:
     """Train ``spec`` with ``pretrain`` and report the median tokens/s of the second half of the steps and MFU;
     with ``profile``, also write torch.profiler's table of the ops that took the most time over three steps
-    of the second half there. ``fused`` trains with the LM shell's fused Triton kernels (norms, SwiGLU, head + loss)."""
+    of the second half there. ``fused`` runs all the LM shell's fused Triton kernels (norms, SwiGLU, head +
+    loss) even when compiled, where training fuses only the head + loss by default."""
     import torch
 
     from models.train import pretrain
@@ -88,7 +89,7 @@ def bench_train(spec: BenchSpec, *, compile: bool | str = False, microbatch: int
 
     with tempfile.TemporaryDirectory() as ckpt, profiler:
         summary = pretrain(spec, reporter, ckpt, device=device, microbatch=microbatch, compile=compile,
-                           ckpt_every_steps=10**9, ckpt_every_s=1e9, kernels="auto" if fused else "torch")
+                           ckpt_every_steps=10**9, ckpt_every_s=1e9, kernels="auto" if fused else None)
     if profile:
         key = "self_cuda_time_total" if device.startswith("cuda") else "self_cpu_time_total"
         Path(profile).parent.mkdir(parents=True, exist_ok=True)

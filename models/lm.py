@@ -1,14 +1,17 @@
 """The language model shared by every architecture; only the token mixer differs between them.
 
 Token embedding, ``n_layers`` blocks (pre-RMSNorm, mixer, residual; pre-RMSNorm, SwiGLU MLP, residual),
-a final RMSNorm and an untied head. Layer ``i`` uses the mixer named by ``config.layer_kinds[i]``.
+a final RMSNorm and an untied head. Layer ``i`` uses the mixer named by ``config.layer_kinds[i]``. Under
+autocast the residual stream is kept in the autocast dtype.
 Initialisation follows GPT-2: normal(0, 0.02) weights, and residual output projections (a mixer's
 ``wo``/``out_proj``, the MLP's ``w2``) scaled by 1/sqrt(2 n_layers) so the residual stream does not grow
 with depth.
 
-``kernels`` picks how the shell's RMSNorms, SwiGLU gate and head + loss run: "torch" (plain modules, the
-default, and what packed training stacks), or "auto"/"triton" for the fused kernels of ``kernels.fused``
-(the head + loss then never materialises the logits in training). Parameters are the same either way.
+``kernels`` picks which parts of the shell run on the fused kernels of ``kernels.fused`` (``KERNELS``):
+"torch", none (plain modules, the reference); "loss" (what training uses), only the head + loss in
+training, fused on CUDA tensors and plain elsewhere; "auto", the RMSNorms and the SwiGLU gate as well, fused
+on CUDA; "triton", all of them fused even off CUDA (under TRITON_INTERPRET=1, for tests). A fused head + loss
+never materialises the logits in training. Parameters are the same either way.
 """
 
 from __future__ import annotations
@@ -26,10 +29,19 @@ from models.mixers import HGRN2, Lightning, Mamba2, Softmax
 MIXERS = {"S": Softmax, "L": Lightning, "H": HGRN2, "M": Mamba2}
 
 INIT_STD = 0.02
-#: Backends of the LM shell's norms, SwiGLU gate and head + loss (see the module docstring).
-KERNELS = ("torch", "auto", "triton")
+#: Which of the LM shell's norms, SwiGLU gate and head + loss run fused (see the module docstring).
+KERNELS = ("torch", "loss", "auto", "triton")
 #: Last name of the linear layers that write into the residual stream (GPT-2 scaled init).
 RESIDUAL_OUT = ("wo", "out_proj", "w2")
+
+
+class RMSNorm(nn.RMSNorm):
+    """``nn.RMSNorm`` whose output keeps the input's dtype (bf16 on the residual stream under autocast)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., d) -> (..., d) in x's dtype; the statistics are taken in fp32 either way."""
+        # With an fp32 weight on a bf16 input PyTorch skips its fused kernel and returns fp32.
+        return F.rms_norm(x, self.normalized_shape, self.weight.to(x.dtype), self.eps)
 
 
 class MLP(nn.Module):
@@ -56,9 +68,9 @@ class Block(nn.Module):
         super().__init__()
         self.kernels = kernels
         kind = config.layer_kinds[layer_idx]
-        self.norm1 = nn.RMSNorm(config.d_model, eps=1e-6)
+        self.norm1 = RMSNorm(config.d_model, eps=1e-6)
         self.mixer = MIXERS[kind](config, layer_idx)
-        self.norm2 = nn.RMSNorm(config.d_model, eps=1e-6)
+        self.norm2 = RMSNorm(config.d_model, eps=1e-6)
         self.mlp = MLP(config.d_model, config.mlp_hidden(kind), kernels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -71,6 +83,7 @@ def _norm(norm: nn.RMSNorm, x: torch.Tensor, kernels: str) -> torch.Tensor:
     return norm(x) if kernels == "torch" else rms_norm(x, norm.weight, norm.eps, backend=kernels)
 
 
+
 class LM(nn.Module):
     """A causal language model built from a ``ModelConfig``."""
 
@@ -80,9 +93,11 @@ class LM(nn.Module):
             raise ValueError(f"kernels must be one of {', '.join(KERNELS)}; got {kernels!r}")
         self.config = config
         self.kernels = kernels
+        # The backend of the norms and the SwiGLU gate: plain modules unless every fused kernel was asked for.
+        self.shell = kernels if kernels in ("auto", "triton") else "torch"
         self.embed = nn.Embedding(config.vocab_size, config.d_model)
-        self.blocks = nn.ModuleList(Block(config, i, kernels) for i in range(config.n_layers))
-        self.norm_f = nn.RMSNorm(config.d_model, eps=1e-6)
+        self.blocks = nn.ModuleList(Block(config, i, self.shell) for i in range(config.n_layers))
+        self.norm_f = RMSNorm(config.d_model, eps=1e-6)
         self.head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         self._init_weights()
 
@@ -98,15 +113,16 @@ class LM(nn.Module):
         """Logits (B, T, vocab) for token ids (B, T) and, with ``targets``, the mean cross-entropy.
 
         Targets equal to -100 are ignored (MQAR labels only its query positions). ``last_only`` computes
-        the head on the last position alone (B, 1, vocab), all that greedy decoding needs. With fused
-        kernels and targets, the logits are None: the loss is computed without them.
+        the head on the last position alone (B, 1, vocab), all that greedy decoding needs. With targets and
+        ``kernels`` other than "torch", the logits are None: the loss is computed without them.
         """
         x = self.trunk(idx)
         if last_only:
             x = x[:, -1:]
-        x = _norm(self.norm_f, x, self.kernels)
+        x = _norm(self.norm_f, x, self.shell)
         if targets is not None and self.kernels != "torch":
-            return None, linear_cross_entropy(x, self.head.weight, targets, ignore_index=-100, backend=self.kernels)
+            backend = "auto" if self.kernels == "loss" else self.kernels
+            return None, linear_cross_entropy(x, self.head.weight, targets, ignore_index=-100, backend=backend)
         logits = self.head(x)
         if targets is None:
             return logits, None
@@ -116,6 +132,11 @@ class LM(nn.Module):
     def trunk(self, idx: torch.Tensor) -> torch.Tensor:
         """The residual stream (B, T, d) after the last block, before the final norm and the head."""
         x = self.embed(idx)
+        device_type = x.device.type
+        if torch.is_autocast_enabled(device_type):
+            # The residual stream in the autocast dtype (bf16), as Megatron-LM keeps it by default: in fp32,
+            # every residual add, norm and cast moved twice the bytes (6% of the 135M step on an H100).
+            x = x.to(torch.get_autocast_dtype(device_type))
         for block in self.blocks:
             x = block(x)
         return x

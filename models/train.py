@@ -295,7 +295,7 @@ def pretrain(
     fault: str | None = None,
     ckpt_every_steps: int = 1000,
     ckpt_every_s: float = 1800.0,
-    kernels: str = "torch",
+    kernels: str | None = None,
     overlap_readback: bool | None = None,
 ) -> Summary:
     """Train the run ``spec`` describes, resuming from the newest complete checkpoint in ``ckpt_dir``.
@@ -309,7 +309,8 @@ def pretrain(
     ``fault`` is a test hook: "nan@K" makes the loss of step K NaN; "exit@K" ends the process with
     ``os._exit(1)`` right after checkpointing step K, unless ``ckpt_dir`` already held a checkpoint at or
     beyond K when the run started (so a retry goes on); "raise@K" raises a RuntimeError at step K.
-    ``kernels`` is the LM shell's backend (models.lm.KERNELS): "auto" runs its fused Triton kernels on CUDA.
+    ``kernels``: which parts of the LM shell run fused on CUDA (models.lm.KERNELS); None picks what measured
+    fastest on an H100: "auto" (all) in eager mode, "loss" (the head + loss alone) under ``compile``.
     ``compile``: True for torch.compile's default mode, or a mode by name ("reduce-overhead" replays CUDA graphs).
     ``overlap_readback`` (default: on CUDA) reads each step's loss back only once the next step is queued, so
     the GPU never waits for the CPU; its "train" report, and a ``Diverged``, then come one step later.
@@ -342,6 +343,9 @@ def pretrain(
     if rank != 0:
         reporter = _no_report  # rank 0 speaks for the run
 
+    if kernels is None:
+        # Compiled, the fused norms cost more than they save: inductor can no longer fuse them with the adds.
+        kernels = "loss" if compile else "auto"
     model = build_model(cfg, spec.seed, device, kernels)
     optimizer = torch.optim.AdamW(
         _param_groups(model, spec.weight_decay), lr=spec.lr, betas=BETAS, fused=True if on_cuda else None

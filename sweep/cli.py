@@ -609,7 +609,7 @@ def bench_train_cmd(
     steps: int = typer.Option(30, help="Optimizer steps (the median of the second half is reported)."),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the model."),
     compile_mode: Optional[str] = typer.Option(None, help="torch.compile mode, e.g. reduce-overhead (CUDA graphs) or max-autotune-no-cudagraphs; implies --compile."),
-    fused: bool = typer.Option(False, "--fused", help="Fused Triton kernels for the RMSNorms, the SwiGLU gate and the head + loss (kernels.fused; on the GPU)."),
+    fused: bool = typer.Option(False, "--fused", help="All the fused Triton kernels (RMSNorms, SwiGLU gate, head + loss; kernels.fused) even with --compile, where training by default fuses only the head + loss."),
     microbatch: Optional[int] = typer.Option(None, help="Sequences per forward pass (default: from a memory estimate)."),
     out_csv: Optional[Path] = typer.Option(None, "--out", help="Also write the table as CSV and its figure as PNG beside it (e.g. docs/bench/train.csv, train.png)."),
     profile: Optional[Path] = typer.Option(None, help="Folder for a torch.profiler table per (arch, T): the ops that took the most time over three steps."),

@@ -53,3 +53,22 @@ def test_fused_lm_compiles_as_one_graph(arch):
     loss_compiled.backward()
     for (name, p), q in zip(eager.named_parameters(), compiled_model.parameters()):
         torch.testing.assert_close(q.grad, p.grad, msg=name)
+
+
+def test_loss_kernels_fuse_only_the_head_and_loss(monkeypatch):
+    """kernels="loss" (what training uses) keeps plain norms and MLPs and sends the head + loss to
+    linear_cross_entropy on its "auto" backend: plain PyTorch off CUDA, so CPU training is unchanged."""
+    import models.lm as lm
+
+    calls = []
+    real = lm.linear_cross_entropy
+    monkeypatch.setattr(lm, "linear_cross_entropy", lambda *a, **k: calls.append(k["backend"]) or real(*a, **k))
+    torch.manual_seed(0)
+    cfg = ModelConfig("softmax", 32, 2, 2, 67)
+    plain, loss_model = LM(cfg), LM(cfg, kernels="loss")
+    loss_model.load_state_dict(plain.state_dict())
+    assert loss_model.shell == "torch" and all(b.mlp.kernels == "torch" for b in loss_model.blocks)
+    idx, targets = torch.randint(0, 67, (2, 12)), torch.randint(0, 67, (2, 12))
+    logits, loss = loss_model(idx, targets)
+    assert logits is None and calls == ["auto"]
+    torch.testing.assert_close(loss, plain(idx, targets)[1])

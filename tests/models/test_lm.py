@@ -47,6 +47,16 @@ def test_rotary_scores_depend_on_relative_position_only():
     assert not torch.allclose(scores[:, 5, 5], scores[:, 5, 0])  # it does depend on the offset
 
 
+def test_residual_stream_kept_in_the_autocast_dtype():
+    model = LM(tiny("softmax"))
+    x = torch.randint(0, 260, (2, 8))
+    assert model.trunk(x).dtype == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert model.trunk(x).dtype == torch.bfloat16
+        _, loss = model(x, x)
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_causal(arch):
     torch.manual_seed(0)
