@@ -1,0 +1,188 @@
+"""The measurements behind docs/bench/kernels.md's 135M training-speed study (issue 8) other than `slab bench train`'s
+tables: one training-bench run with the levers tried one at a time, and the GPU idle gaps of a profiler trace.
+
+The levers were tried as patches on the code of commit f82e154, before any of them landed; run them there:
+
+    git worktree add /tmp/f82e154 f82e154
+    PYTHONPATH=/tmp/f82e154 python docs/bench/train_study.py variant NAME softmax|lightning [OPTION ...]
+    python docs/bench/train_study.py gaps /tmp/train_study/trace_NAME.json   # after a run with the trace option
+
+OPTIONS (any mix): resid16 (the residual stream in bf16), bthd (attention on (B, T, H, Dh) views), ce / ce1 (the
+fused head + loss, default chunks / one chunk), b32 (64k tokens per step, microbatch 32), h6 (6 heads of 128),
+noclip (no gradient clipping), flash (SDPA's flash backend instead of cuDNN), eager / ro / mat (no compile,
+reduce-overhead, max-autotune-no-cudagraphs; default: torch.compile's default mode), fused (all fused kernels),
+prof (a torch.profiler table), trace (a chrome trace of three steps), hostt (host time per step by call).
+Each run trains 20 steps at T 2048 and prints one RESULT line (median tokens/s of the second half, MFU of 989).
+"""
+
+import contextlib
+import functools
+import gzip
+import json
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+OUT = Path("/tmp/train_study")
+
+
+def _patch_resid16(lm, torch):
+    def trunk(self, idx):
+        x = self.embed(idx)
+        if torch.is_autocast_enabled("cuda"):
+            x = x.to(torch.get_autocast_dtype("cuda"))
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+    lm.LM.trunk = trunk
+
+
+def _patch_bthd(torch):
+    import torch.nn.functional as F
+
+    import models.mixers.softmax as sm
+
+    def rot(x, base=sm.ROPE_BASE):
+        cos, sin = sm.rope_table(x.shape[1], x.shape[-1], base, x.device)
+        cos, sin = cos[:, None], sin[:, None]
+        x1, x2 = x.float().chunk(2, dim=-1)
+        return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).type_as(x)
+
+    def forward(self, x):
+        b, t, d = x.shape
+        q, k, v = self.wqkv(x).view(b, t, 3, self.n_heads, d // self.n_heads).unbind(2)
+        q, k = rot(q), rot(k)
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
+        return self.wo(y.transpose(1, 2).reshape(b, t, d))
+
+    sm.Softmax.forward = forward
+
+
+def _patch_ce(lm, one_chunk: bool):
+    from kernels.fused import linear_cross_entropy
+
+    def forward(self, idx, targets=None, *, last_only=False):
+        x = self.norm_f(self.trunk(idx))
+        n = x.shape[0] * x.shape[1]
+        loss = linear_cross_entropy(x, self.head.weight, targets, ignore_index=-100,
+                                    chunk_tokens=n if one_chunk else None, backend="triton")
+        return None, loss
+
+    lm.LM.forward = forward
+
+
+def _patch_host_timers(torch, host: dict):
+    """Host seconds per call kind, counted from the 10th optimizer step on."""
+    import models.data as md
+
+    def timed(key, fn):
+        @functools.wraps(fn)
+        def wrapper(*a, **k):
+            t = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                if key == "adamw":
+                    host["_steps"] = host.get("_steps", 0) + 1
+                if host.get("_steps", 0) >= 10:
+                    host[key] = host.get(key, 0.0) + time.perf_counter() - t
+        return wrapper
+
+    compile_ = torch.compile
+    torch.compile = lambda m, **k: timed("model", compile_(m, **k))
+    torch.Tensor.backward = timed("backward", torch.Tensor.backward)
+    torch.nn.utils.clip_grad_norm_ = timed("clip", torch.nn.utils.clip_grad_norm_)
+    torch.optim.AdamW.step = timed("adamw", torch.optim.AdamW.step)
+    torch.optim.AdamW.zero_grad = timed("zero", torch.optim.AdamW.zero_grad)
+    md.Batches.next = timed("data", md.Batches.next)
+    torch.Tensor.item = timed("item", torch.Tensor.item)
+    torch.Tensor.pin_memory = timed("pin", torch.Tensor.pin_memory)
+
+
+def variant(name: str, arch: str, *options: str) -> None:
+    """Train the 135M model once with the given levers and print its RESULT line."""
+    import torch
+
+    import models.bench as mb
+    import models.lm as lm
+
+    opts = set(options)
+    OUT.mkdir(parents=True, exist_ok=True)
+    host: dict = {}
+    if "h6" in opts:
+        mb.PRESETS["135M"] = (768, 12, 6, 32000)
+    if "resid16" in opts:
+        _patch_resid16(lm, torch)
+    if "bthd" in opts:
+        _patch_bthd(torch)
+    if "ce" in opts or "ce1" in opts:
+        _patch_ce(lm, one_chunk="ce1" in opts)
+    if "hostt" in opts:
+        _patch_host_timers(torch, host)
+    if "trace" in opts:
+        from torch.profiler import ProfilerActivity, profile, schedule
+
+        def traced(steps, device):
+            ready = lambda p: p.export_chrome_trace(str(OUT / f"trace_{name}.json"))  # noqa: E731
+            return profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA],
+                           schedule=schedule(wait=9, warmup=1, active=3), on_trace_ready=ready)
+
+        mb._step_profiler = traced
+        opts.add("prof")
+    tokens_per_step = 65536 if "b32" in opts else 32768
+    spec = mb.bench_spec(arch, "135M", 2048, tokens_per_step // 2048, 20)
+    if "noclip" in opts:
+        spec = replace(spec, grad_clip=0.0)
+    mode = "reduce-overhead" if "ro" in opts else "max-autotune-no-cudagraphs" if "mat" in opts else True
+    if "eager" in opts:
+        mode = False
+    ctx = contextlib.nullcontext()
+    if "flash" in opts:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        ctx = sdpa_kernel([SDPBackend.FLASH_ATTENTION])
+    profile = OUT / f"prof_{name}.txt" if "prof" in opts else None
+    with ctx:
+        r = mb.bench_train(spec, compile=mode, microbatch=32 if "b32" in opts else None, profile=profile,
+                           fused="fused" in opts)
+    if host:
+        per_step = {k: round(v / 10 * 1e3, 2) for k, v in host.items() if k != "_steps"}
+        print("HOST ms/step", per_step, "wall ms/step", round(tokens_per_step / r["tokens_per_s"] * 1e3, 2))
+    print("RESULT", json.dumps({"code": mb.__file__, "name": name, "arch": arch, "opts": sorted(opts),
+                                "tps": r["tokens_per_s"], "mfu": r["mfu_989"], "loss": r["final_loss"],
+                                "micro": r["microbatch"]}))
+
+
+def gaps(*traces: str) -> None:
+    """GPU busy time and the idle gaps between kernels in chrome traces of training steps."""
+    for path in traces:
+        opener = gzip.open if path.endswith(".gz") else open
+        with opener(path) as f:
+            events = json.load(f)["traceEvents"]
+        kernels = sorted((e["ts"], e["ts"] + e["dur"]) for e in events
+                         if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and "dur" in e)
+        busy, idle, (start, end) = 0.0, [], kernels[0]
+        for s, e in kernels[1:]:
+            if s > end:
+                busy += end - start
+                idle.append((s - end, end))
+                start, end = s, e
+            else:
+                end = max(end, e)
+        busy += end - start
+        span = kernels[-1][1] - kernels[0][0]
+        idle.sort(reverse=True)
+        print(f"{path}: span {span / 1e3:.1f} ms, GPU busy {busy / 1e3:.1f} ms, idle {sum(g for g, _ in idle) / 1e3:.1f} ms")
+        print("  largest gaps (us, at ms):", [(round(g), round((at - kernels[0][0]) / 1e3, 1)) for g, at in idle[:8]])
+
+
+if __name__ == "__main__":
+    command, *args = sys.argv[1:] or ["help"]
+    if command == "variant" and len(args) >= 2:
+        variant(*args)
+    elif command == "gaps" and args:
+        gaps(*args)
+    else:
+        sys.exit(__doc__)
