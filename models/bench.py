@@ -65,6 +65,7 @@ def bench_spec(arch: str, params: str, seq_len: int, batch_size: int, steps: int
         v = 32000
     vocab = vocab or v
     hybrid = hybrid_pattern(8 if layers >= 8 else layers, layers) if arch == "hybrid" else ""
+    ModelConfig(arch, d, layers, heads, vocab, hybrid)  # raises ValueError on an unknown arch, before any training
     return BenchSpec(arch, d, layers, heads, hybrid, vocab, seq_len, batch_size, steps * batch_size * seq_len)
 
 

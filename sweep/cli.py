@@ -633,18 +633,17 @@ def bench_train_cmd(
     if profile:
         _ensure_dir(profile, "--profile")
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:  # every spec before any training, so that a bad --arch fails at once
+        specs = [(a, t, bench_spec(a, params, t, max(1, tokens_per_step // t), steps)) for a in arch for t in seq_len]
+    except ValueError as exc:
+        fail(str(exc))
     rows = []
-    for a in arch:
-        for t in seq_len:
-            try:
-                spec = bench_spec(a, params, t, max(1, tokens_per_step // t), steps)
-            except ValueError as exc:
-                fail(str(exc))
-            prof = profile / f"train_{a}_{t}.txt" if profile else None
-            rows.append(bench_train(spec, compile=compile_mode or compile, microbatch=microbatch, device=device, profile=prof, fused=fused))
-            r = rows[-1]
-            mfu = f", MFU {r['mfu_989']:.1%} of 989, {r['mfu_785']:.1%} of 785" if r["mfu_989"] is not None else " (CPU: no MFU)"
-            out.print(f"{a} T={t}: {r['tokens_per_s']:,.0f} tokens/s{mfu}")
+    for a, t, spec in specs:
+        prof = profile / f"train_{a}_{t}.txt" if profile else None
+        rows.append(bench_train(spec, compile=compile_mode or compile, microbatch=microbatch, device=device, profile=prof, fused=fused))
+        r = rows[-1]
+        mfu = f", MFU {r['mfu_989']:.1%} of 989, {r['mfu_785']:.1%} of 785" if r["mfu_989"] is not None else " (CPU: no MFU)"
+        out.print(f"{a} T={t}: {r['tokens_per_s']:,.0f} tokens/s{mfu}")
     frame = pd.DataFrame(rows)
     if out_csv:
         from analysis.bench_figures import bench_figure

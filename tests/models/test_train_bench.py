@@ -15,7 +15,8 @@ def test_bench_train_reports_speed_and_writes_a_profile(tmp_path):
     assert "Self CPU" in table and "aten::" in table  # ops of the profiled training steps
 
 
-@pytest.mark.parametrize("args, named", [(["--params", "30Q"], "'30Q'"), (["--compile-mode", "fast"], "'fast'")])
+@pytest.mark.parametrize("args, named", [(["--params", "30Q"], "'30Q'"), (["--compile-mode", "fast"], "'fast'"),
+                                         (["--arch", "softmax", "--arch", "transformer", "--out", "t.csv"], "'transformer'")])
 def test_bench_train_cli_bad_option_is_one_line_exit_2(tmp_path, args, named):
     import subprocess
     import sys
