@@ -99,7 +99,6 @@ def _implementations(peers: bool = True) -> dict[tuple[str, str], Callable]:
     return impls
 
 
-
 def _check_one(fn, form: str, dtype: torch.dtype, device, batch=2, time=300, heads=2, dim=DIM,
                strong: bool = False) -> CheckResult:
     """fn against naive: relative error of o, then of the gradients fn provides; an exception fails that half."""
