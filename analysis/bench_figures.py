@@ -1,5 +1,6 @@
-"""Figures of the benchmark tables that `slab bench train` and `slab bench pack` write (docs/bench/*.csv):
-training speed and MFU per architecture, and packed against one-at-a-time sweep wall times."""
+"""Figures of the benchmark tables that `slab bench train`, `pack`, `spread` and `dp` write (docs/bench/*.csv):
+training speed and MFU per architecture, packed against one-at-a-time sweep wall times, a launch on one GPU
+against all of a host's, and data-parallel tokens/s with the loss curves overlaid."""
 
 from __future__ import annotations
 
@@ -18,8 +19,14 @@ from analysis.report import OKABE_ITO, arch_colour  # noqa: E402
 MFU_TARGET = 0.5
 #: Issue 8's packed-sweep target (packed at least this many times faster than one run at a time).
 PACK_TARGET = 3.0
+#: Issue 10's targets: a launch on all of a host's GPUs in at most this share of its one-GPU wall time, and
+#: data-parallel tokens/s at least these multiples of one GPU's.
+SPREAD_TARGET = 0.6
+DP_TARGETS = {2: 1.8, 4: 3.5}
 TRAIN_COLUMNS = ("arch", "seq_len", "tokens_per_s")
 PACK_COLUMNS = ("serial_s", "packed_s", "speedup")
+SPREAD_COLUMNS = ("gpus", "wall_s", "runs")
+DP_COLUMNS = ("gpus", "step", "loss", "tokens_per_s")
 
 
 class BenchTableError(ValueError):
@@ -100,6 +107,87 @@ def pack_figure(frame: pd.DataFrame, path: Path) -> Path:
     return _save(fig, path)
 
 
+def data_parallel_summary(curves: "pd.DataFrame") -> "pd.DataFrame":
+    """Per run and GPU count: median tokens/s and MFU over the second half of the steps (the first half
+    holds the warm-up), the final loss, and the speed-up over the smallest count."""
+    import pandas as pd
+
+    rows = []
+    for (run, gpus), c in curves.groupby(["run", "gpus"], sort=True):
+        late = c[c["step"] > c["step"].max() / 2]
+        rows.append({"run": run, "gpus": gpus, "steps": int(c["step"].max()), "tokens_per_s": float(late["tokens_per_s"].median()),
+                     "mfu": float(late["mfu"].median()) if late["mfu"].notna().any() else None,
+                     "final_loss": float(c.sort_values("step")["loss"].iloc[-1])})
+    frame = pd.DataFrame(rows)
+    base = frame.groupby("run")["tokens_per_s"].transform("first")
+    frame["speedup"] = frame["tokens_per_s"] / base
+    return frame
+
+
+def dp_figure(curves: pd.DataFrame, path: Path) -> Path:
+    """Loss curves of each run at every GPU count overlaid, beside tokens/s per count against linear scaling."""
+    _require(curves, DP_COLUMNS, path)
+    summary = data_parallel_summary(curves)
+    counts = sorted(curves["gpus"].unique())
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for i, ((run, gpus), c) in enumerate(curves.groupby(["run", "gpus"], sort=True)):
+        c = c.sort_values("step")
+        left.plot(c["step"], c["loss"], color=OKABE_ITO[counts.index(gpus) % len(OKABE_ITO)], lw=1.2,
+                  ls=["-", "--", ":", "-."][i % 4], label=f"{run}, {gpus:g} GPU{'s' if gpus > 1 else ''}")
+    left.set_xlabel("optimizer step")
+    left.set_ylabel("training loss")
+    left.legend(fontsize=8)
+    left.grid(True, alpha=0.3)
+    first = summary.groupby("run").head(1).set_index("run")["tokens_per_s"]
+    x = range(len(summary))
+    bars = right.bar(x, summary["tokens_per_s"] / 1e3, color=[OKABE_ITO[counts.index(g) % len(OKABE_ITO)] for g in summary["gpus"]])
+    right.bar_label(bars, labels=[f"{v / 1e3:.0f}k\n{s:.2f}x" for v, s in zip(summary["tokens_per_s"], summary["speedup"])], fontsize=8)
+    base_count = summary.groupby("run")["gpus"].transform("first")
+    ideal = [first[r] * g / b / 1e3 for r, g, b in zip(summary["run"], summary["gpus"], base_count)]
+    right.scatter(list(x), ideal, marker="_", s=400, color="black", label="linear scaling")
+    targets = [first[r] * DP_TARGETS[g] / 1e3 if b == 1 and g in DP_TARGETS else float("nan")
+               for r, g, b in zip(summary["run"], summary["gpus"], base_count)]
+    if any(t == t for t in targets):
+        right.scatter(list(x), targets, marker="_", s=400, color=OKABE_ITO[5], label="target (1.8x on 2, 3.5x on 4)")
+    on_cpu = "trained_on" in curves.columns and curves["trained_on"].fillna("").str.contains("CPU").any()
+    unit = "CPU worker" if on_cpu else "GPU"
+    right.set_xticks(list(x), [f"{g:g} {unit}{'s' if g > 1 else ''}" for g in summary["gpus"]], fontsize=8)
+    right.set_ylabel("training throughput (k tokens/s)\n(median of the second half of the steps)")
+    right.set_ylim(0, max(max(ideal), float(summary["tokens_per_s"].max()) / 1e3) * 1.25)
+    right.legend(fontsize=8, loc="upper left")
+    right.grid(True, axis="y", alpha=0.3)
+    params = curves["params"].dropna()
+    size = f" ({params.iloc[0] / 1e6:.3g}M parameters)" if len(params) else ""
+    device = curves["trained_on"].dropna().iloc[0] if "trained_on" in curves.columns and curves["trained_on"].notna().any() else ""
+    fig.suptitle(f"data-parallel training through Ray Train{size}" + (f"; {device.split(' (')[0]}" if device else ""), fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def spread_figure(frame: pd.DataFrame, path: Path) -> Path:
+    """Wall time of one launch of a plan per GPU count, with the ratio to one GPU and the 0.6 target."""
+    _require(frame, SPREAD_COLUMNS, path)
+    fig, ax = plt.subplots(figsize=(max(4.5, 1.3 * len(frame) + 2), 3.8))
+    x = range(len(frame))
+    bars = ax.bar(x, frame["wall_s"], color=[OKABE_ITO[i % len(OKABE_ITO)] for i in x])
+    ratio = frame["wall_vs_1"] if "wall_vs_1" in frame.columns else [float("nan")] * len(frame)
+    ax.bar_label(bars, labels=[f"{w:.0f} s" + (f"\n{r:.2f}x" if r == r else "") for w, r in zip(frame["wall_s"], ratio)], fontsize=8)
+    one = frame.loc[frame["gpus"] == 1, "wall_s"]
+    if len(one):
+        ax.axhline(float(one.iloc[-1]) * SPREAD_TARGET, ls="--", color="black", lw=1, label=f"target: {SPREAD_TARGET:g}x one GPU's")
+        ax.legend(fontsize=8, loc="upper right")
+    plans = ", ".join(dict.fromkeys(frame["plan"])) if "plan" in frame.columns else "plan"
+    ax.set_xticks(list(x), [f"{g:g} GPU{'s' if g > 1 else ''}\n{int(d)}/{int(n)} runs done" if "done" in frame.columns else f"{g:g}"
+                            for g, d, n in zip(frame["gpus"], frame.get("done", frame["runs"]), frame["runs"])], fontsize=8)
+    ax.set_ylabel("launch wall time (s)")
+    ax.set_ylim(0, float(frame["wall_s"].max()) * 1.3)
+    device = frame["device"].dropna().iloc[-1] if "device" in frame.columns and frame["device"].notna().any() else ""
+    ax.set_title(f"slab launch {plans} on one GPU and on all{f' ({device})' if device else ''}", fontsize=10)
+    ax.grid(True, axis="y", alpha=0.3)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
 def read_table(csv_path: Path) -> pd.DataFrame:
     """A benchmark table as a frame; a file that is not a readable CSV is a ``BenchTableError``."""
     try:
@@ -115,13 +203,18 @@ def bench_figure(csv_path: Path) -> Path:
     if frame.empty:
         raise BenchTableError(f"{csv_path}: the table has no rows")
     png = csv_path.with_suffix(".png")
+    if all(c in frame.columns for c in DP_COLUMNS):
+        return dp_figure(frame, png)
+    if all(c in frame.columns for c in SPREAD_COLUMNS):
+        return spread_figure(frame, png)
     if all(c in frame.columns for c in PACK_COLUMNS):
         return pack_figure(frame, png)
     if all(c in frame.columns for c in TRAIN_COLUMNS):
         return train_figure(frame, png)
+    kinds = {"pack": PACK_COLUMNS, "train": TRAIN_COLUMNS, "spread": SPREAD_COLUMNS, "dp": DP_COLUMNS}
     raise BenchTableError(
-        f"{csv_path}: neither a `slab bench pack` table (columns {', '.join(PACK_COLUMNS)}) nor a "
-        f"`slab bench train` table (columns {', '.join(TRAIN_COLUMNS)}); it has {', '.join(map(str, frame.columns))}"
+        f"{csv_path}: not a table of " + ", ".join(f"`slab bench {k}` (columns {', '.join(v)})" for k, v in kinds.items())
+        + f"; it has {', '.join(map(str, frame.columns))}"
     )
 
 

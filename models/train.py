@@ -18,6 +18,7 @@ import math
 import os
 import re
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -319,6 +320,10 @@ def pretrain(
     ckpt_dir = Path(ckpt_dir)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     on_cuda = device.type == "cuda"
+    if on_cuda and device.index is not None:
+        # A data-parallel worker trains on cuda:<local rank>; events and streams made without a device (the
+        # loss read-back's) must be on that GPU too.
+        torch.cuda.set_device(device)
     overlap_readback = on_cuda if overlap_readback is None else overlap_readback
     fault_kind = _parse_fault(fault)
     check_spec(spec)
@@ -369,11 +374,11 @@ def pretrain(
     if fault_kind and fault_kind[0] == "exit" and max(checkpoint_steps(ckpt_dir), default=0) < fault_kind[1]:
         exit_at = fault_kind[1]
 
-    step_model = model
+    step_model, ddp = model, None
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
 
-        step_model = DistributedDataParallel(model, device_ids=[device.index] if on_cuda else None)
+        step_model = ddp = DistributedDataParallel(model, device_ids=[device.index] if on_cuda else None)
     mode = compile if isinstance(compile, str) else None
     step_model = torch.compile(step_model, mode=mode) if compile else step_model
     cuda_graphs = mode in ("reduce-overhead", "max-autotune")
@@ -448,15 +453,18 @@ def pretrain(
             if cuda_graphs:  # a new step: the CUDA graphs may reuse the last step's outputs (all used by now)
                 torch.compiler.cudagraph_mark_step_begin()
             loss_sum = torch.zeros((), device=device)
-            for x, y in micro:
-                share = int((y != -100).sum()) / n_valid
+            shares = [int((y != -100).sum()) / n_valid for _, y in micro]
+            last = max((i for i, share in enumerate(shares) if share > 0), default=-1)
+            for i, ((x, y), share) in enumerate(zip(micro, shares)):
                 if share == 0:
                     continue
                 x, y = to_device(x), to_device(y)
-                with autocast(device):
-                    _, loss = step_model(x, y)
-                # Weight each microbatch by its labelled tokens so the step loss is the mean over the batch.
-                (loss * share).backward()
+                # Data parallel: gradients are all-reduced once, in the step's last backward, not per microbatch.
+                with ddp.no_sync() if ddp is not None and i < last else nullcontext():
+                    with autocast(device):
+                        _, loss = step_model(x, y)
+                    # Weight each microbatch by its labelled tokens so the step loss is the mean over the batch.
+                    (loss * share).backward()
                 loss_sum += loss.detach() * share
             if world > 1:
                 torch.distributed.all_reduce(loss_sum)

@@ -1,16 +1,22 @@
-"""Benchmarks of the sweep layer: expanding and registering a big plan, and packed against one-at-a-time training."""
+"""Benchmarks of the sweep layer: expanding and registering a big plan, packed against one-at-a-time
+training, a whole launch on one GPU against all of a host's, and data-parallel scaling of one run."""
 
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from db.engine import open_db
 from sweep.plan import Plan, load_plan
 from sweep.registry import add_plans
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 def bench_plan(plan_file: Path) -> dict:
@@ -47,8 +53,6 @@ def bench_pack(plan: Plan, *, steps: int | None = None, pack: int | None = None,
     """Train ``plan``'s runs (cut to ``steps`` steps each when given), one at a time and then packed
     (``--pack``), in this process; returns both wall times, aggregate tokens/s and MFU, and how far their
     losses differ."""
-    import dataclasses
-
     import torch
 
     from models.packed import pretrain_pack
@@ -131,3 +135,101 @@ def bench_pack(plan: Plan, *, steps: int | None = None, pack: int | None = None,
         "max_rel_loss_diff": diffs[worst], "median_rel_loss_diff": float(np.median(diffs)),
         "worst_run": runs[worst][1], "worst_run_alone_twice_rel_diff": repeat,
     }
+
+
+def host_gpus() -> int:
+    """How many GPUs this host's PyTorch sees (0 without CUDA)."""
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def _launch_fresh(plans: list[Plan], root: Path, tag: str, view, **options):
+    """Launch ``plans`` into a fresh SQLite file and checkpoint folder under ``root``; returns the launch's
+    result, its wall seconds and the database URL."""
+    from sweep.launch import LaunchOptions, launch
+
+    db = f"sqlite:///{root / tag}.db"
+    opts = LaunchOptions(db_url=db, ckpt_dir=root / f"{tag}-ckpt", **options)
+    t0 = time.perf_counter()
+    result = launch(plans, opts, view)
+    return result, time.perf_counter() - t0, db
+
+
+def _check_counts(counts: list[int], cpu: bool, what: str) -> None:
+    if not counts or any(c < 1 for c in counts):
+        raise ValueError(f"{what}: give one or more counts of 1 or more")
+    if not cpu:
+        have = host_gpus()
+        if have == 0:
+            raise ValueError("no GPU here (pass --cpu to measure with CPU workers instead)")
+        if max(counts) > have:
+            raise ValueError(f"{what} {max(counts)}: this host has {have} GPU(s)")
+
+
+def bench_spread(plan: Plan, gpu_counts: list[int], *, view, cpu: bool = False, progress=None) -> list[dict]:
+    """Launch all of ``plan`` once per count in ``gpu_counts``, each time on that many of the host's GPUs
+    (CPUs with ``cpu``) and into a fresh database; returns per launch its wall time and runs done."""
+    _check_counts(gpu_counts, cpu, "--gpus")
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for n in gpu_counts:
+            limit = {"cpu": True, "num_cpus": n} if cpu else {"num_gpus": n}
+            result, wall, _ = _launch_fresh([plan], Path(tmp), f"spread-{n}", view, **limit)
+            done = sum(r["status"] == "done" for r in result.rows)
+            rows.append({"plan": plan.path.name, "gpus": n, "device": "cpu" if cpu else _gpu_name(),
+                         "runs": len(result.rows), "done": done, "wall_s": wall})
+            if progress:
+                progress(f"{plan.path.name} on {n} {'CPU' if cpu else 'GPU'}(s): {done}/{len(result.rows)} runs in {wall:.1f} s")
+    base = next((r["wall_s"] for r in rows if r["gpus"] == 1), None)
+    for r in rows:
+        r["wall_vs_1"] = r["wall_s"] / base if base else None
+    return rows
+
+
+def bench_data_parallel(plan: Plan, gpu_counts: list[int], *, steps: int | None = None, view, cpu: bool = False,
+                        progress=None) -> "pd.DataFrame":
+    """Train each of ``plan``'s runs with its ``gpus`` set to every count in ``gpu_counts`` (data-parallel
+    through Ray Train above 1), through ``launch`` into fresh databases; returns every step's loss and tokens/s."""
+    import pandas as pd
+    from sqlalchemy import select
+
+    from db.schema import Metric, Run
+
+    _check_counts(gpu_counts, cpu, "--gpus")
+    frames = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for n in gpu_counts:
+            runs = []
+            for r in plan.runs:
+                tokens = steps * r.spec.batch_size * r.spec.seq_len if steps else r.spec.tokens
+                runs.append(dataclasses.replace(r, spec=dataclasses.replace(r.spec, gpus=float(n), tokens=tokens)))
+            variant = dataclasses.replace(plan, runs=runs)
+            result, wall, db = _launch_fresh([variant], Path(tmp), f"dp-{n}", view, cpu=cpu)
+            engine = open_db(db)
+            with engine.connect() as conn:
+                for row in result.rows:
+                    run = conn.execute(select(Run.n_gpus, Run.gpu, Run.params).where(Run.run_id == row["run_id"])).one()
+                    curve = pd.DataFrame(
+                        conn.execute(select(Metric.step, Metric.loss, Metric.tokens_per_s, Metric.mfu)
+                                     .where(Metric.run_id == row["run_id"]).order_by(Metric.step)).all(),
+                        columns=["step", "loss", "tokens_per_s", "mfu"],
+                    )
+                    curve.insert(0, "run", row["name"] or row["run_id"])
+                    curve.insert(1, "gpus", n)
+                    curve.insert(2, "params", run.params)
+                    curve["status"] = row["status"]
+                    curve["trained_on"] = run.gpu
+                    curve["launch_wall_s"] = wall
+                    frames.append(curve)
+                    if progress:
+                        progress(f"{row['name'] or row['run_id']} on {n} {'CPU worker' if cpu else 'GPU'}(s): "
+                                 f"{row['status']}, {len(curve)} steps, launch {wall:.1f} s")
+            engine.dispose()
+    return pd.concat(frames, ignore_index=True)
+
+
+def _gpu_name() -> str:
+    import torch
+
+    return torch.cuda.get_device_name(0)

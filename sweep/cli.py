@@ -310,6 +310,7 @@ def launch(
         "stacked model per task: 'auto' packs on GPUs by size and memory, a number N packs up to N (CPU too), 'off'.",
     ),
     gpu_mem: float = typer.Option(80.0, help="GiB of memory per GPU, for --pack auto."),
+    num_gpus: Optional[int] = typer.Option(None, min=0, help="GPUs the local Ray may use, the first ones CUDA lists (default: all). Not with --address."),
 ) -> None:
     """Register plans and train every run that is not done, one Ray task per run or per pack.
 
@@ -330,12 +331,14 @@ def launch(
         pack_size = parse_pack(pack)
     except ValueError as exc:
         fail(str(exc))
+    if num_gpus is not None and address:
+        fail("--num-gpus limits a local Ray; a cluster joined with --address has the GPUs it has")
     plans = _plans(files, max_runs)
     try:
         opts = LaunchOptions(
             db_url=ctx.obj["db"], address=address, ckpt_dir=ckpt_dir, max_attempts=max_attempts, cpu=cpu,
             where=parse_where(where), limit=limit, cpus_per_run=cpus_per_run, lease_timeout_s=lease_timeout,
-            ckpt_every_steps=ckpt_every, pack=pack_size, gpu_mem_gib=gpu_mem,
+            ckpt_every_steps=ckpt_every, pack=pack_size, gpu_mem_gib=gpu_mem, num_gpus=num_gpus,
         )
         result = run_launch(plans, opts, LaunchView(out))
     except (LaunchError, DatabaseError) as exc:
@@ -688,7 +691,7 @@ def bench_pack(
 
     import pandas as pd
 
-    from analysis.bench_figures import BenchTableError, bench_figure, read_table
+    from analysis.bench_figures import bench_figure
     from sweep.bench import append_csv
     from sweep.bench import bench_pack as run
     from sweep.pack import parse_pack
@@ -699,6 +702,34 @@ def bench_pack(
         fail(str(exc))
     t0 = time.perf_counter()
     [plan] = _plans([plan_file], DEFAULT_MAX_RUNS)
+    _check_csv(out_csv)
+    result = run(plan, steps=steps, pack=pack_size, progress=lambda msg: sys.stderr.write(f"[{time.perf_counter() - t0:7.1f} s] {msg}\n"))
+    if out_csv:
+        append_csv({"plan": str(plan_file), **result}, out_csv)
+        out.print(f"appended to {out_csv}; figure {bench_figure(out_csv)}")
+    shown = pd.DataFrame({"measure": list(result), "value": [f"{v:.4g}" if isinstance(v, float) else str(v) for v in result.values()]})
+    _emit(shown, Format.table, title="packed vs one at a time")
+
+
+def _bench_view():
+    """The launch view of a benchmark: runs' start and end lines on stderr (stdout keeps the tables)."""
+    from rich.console import Console
+
+    from sweep.progress import LaunchView
+
+    return LaunchView(Console(stderr=True), live=False)
+
+
+def _stamp(t0: float):
+    import sys
+    import time
+
+    return lambda msg: sys.stderr.write(f"[{time.perf_counter() - t0:7.1f} s] {msg}\n")
+
+
+def _check_csv(out_csv: Optional[Path]) -> None:
+    from analysis.bench_figures import BenchTableError, read_table
+
     if out_csv:
         _ensure_dir(out_csv.parent, "--csv")
         try:  # results are added to this table at the end: a file that is not one fails now
@@ -706,12 +737,81 @@ def bench_pack(
                 read_table(out_csv)
         except BenchTableError as exc:
             fail(f"--csv {exc}")
-    result = run(plan, steps=steps, pack=pack_size, progress=lambda msg: sys.stderr.write(f"[{time.perf_counter() - t0:7.1f} s] {msg}\n"))
+
+
+@bench_app.command("spread")
+def bench_spread_cmd(
+    plan_file: Path = typer.Argument(Path("plans/smoke-h100.csv"), help="Plan to launch whole, once per GPU count."),
+    gpus: Optional[list[int]] = typer.Option(None, help="GPU counts to launch on, in this order (default: all the host's, then 1)."),
+    cpu: bool = typer.Option(False, "--cpu", help="Count CPUs instead of GPUs and train on CPU (a check of the command, not a GPU figure)."),
+    out_csv: Optional[Path] = typer.Option(Path("docs/bench/multi_gpu_spread.csv"), "--csv", help="Append the launches here, and redraw its figure beside it."),
+) -> None:
+    """Launch one plan on all of a host's GPUs and on one (CUDA's first), each into a fresh database, and
+    compare the wall times. Each launch is `slab launch` itself: fractional runs packed on every GPU,
+    largest runs first, pending runs started as soon as a GPU share frees.
+
+    Example: slab bench spread plans/smoke-h100.csv --gpus 2 --gpus 1
+    """
+    import time
+
+    import pandas as pd
+
+    from analysis.bench_figures import bench_figure
+    from sweep.bench import append_csv, bench_spread, host_gpus
+    from sweep.launch import LaunchError
+
+    t0 = time.perf_counter()
+    [plan] = _plans([plan_file], DEFAULT_MAX_RUNS)
+    _check_csv(out_csv)
+    counts = gpus or ([2, 1] if cpu else sorted({host_gpus(), 1}, reverse=True))
+    try:
+        rows = bench_spread(plan, counts, view=_bench_view(), cpu=cpu, progress=_stamp(t0))
+    except (ValueError, LaunchError) as exc:
+        fail(str(exc))
     if out_csv:
-        append_csv({"plan": str(plan_file), **result}, out_csv)
+        for row in rows:
+            append_csv(row, out_csv)
         out.print(f"appended to {out_csv}; figure {bench_figure(out_csv)}")
-    shown = pd.DataFrame({"measure": list(result), "value": [f"{v:.4g}" if isinstance(v, float) else str(v) for v in result.values()]})
-    _emit(shown, Format.table, title="packed vs one at a time")
+    _emit(pd.DataFrame(rows).round(3), Format.table, title="one launch per GPU count")
+    if any(r["done"] < r["runs"] for r in rows):
+        fail("some runs did not finish (see the lines above)", code=1)
+
+
+@bench_app.command("dp")
+def bench_dp_cmd(
+    plan_file: Path = typer.Argument(Path("plans/dp-350m.csv"), help="Plan whose runs to train at each GPU count."),
+    gpus: list[int] = typer.Option([1, 2], help="GPU counts per run: 1 trains on one GPU, more data-parallel through Ray Train."),
+    steps: Optional[int] = typer.Option(None, min=2, help="Cut every run to this many optimizer steps (default: the plan's own)."),
+    cpu: bool = typer.Option(False, "--cpu", help="CPU workers (gloo) instead of GPUs (NCCL): a check of the command, not a speed figure."),
+    out_csv: Optional[Path] = typer.Option(Path("docs/bench/multi_gpu_dp.csv"), "--csv", help="Write every step's loss and tokens/s here, and its figure beside it."),
+) -> None:
+    """Data-parallel scaling: train each run of a plan on 1, 2, ... GPUs through `slab launch` (the same
+    global batch, split across the workers) and print the median tokens/s of the second half of the steps,
+    the speed-up over one GPU and the final losses; the figure overlays the loss curves.
+
+    Example: slab bench dp plans/dp-350m.csv --gpus 1 --gpus 2 --steps 60
+    """
+    import time
+
+    from analysis.bench_figures import bench_figure, data_parallel_summary
+    from sweep.bench import bench_data_parallel
+    from sweep.launch import LaunchError
+
+    t0 = time.perf_counter()
+    [plan] = _plans([plan_file], DEFAULT_MAX_RUNS)
+    _check_csv(out_csv)
+    try:
+        curves = bench_data_parallel(plan, gpus, steps=steps, view=_bench_view(), cpu=cpu, progress=_stamp(t0))
+    except (ValueError, LaunchError) as exc:
+        fail(str(exc))
+    if out_csv:
+        tmp = out_csv.with_name(f".{out_csv.name}.tmp")
+        curves.to_csv(tmp, index=False)
+        tmp.replace(out_csv)
+        out.print(f"wrote {out_csv}; figure {bench_figure(out_csv)}")
+    _emit(data_parallel_summary(curves).round(4), Format.table, title="data-parallel scaling")
+    if (curves["status"] != "done").any():
+        fail("some runs did not finish (see the lines above)", code=1)
 
 
 @bench_app.command("plot")

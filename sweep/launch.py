@@ -59,6 +59,7 @@ class LaunchOptions:
     limit: int | None = None
     cpus_per_run: int = 1
     num_cpus: int | None = None  # CPUs of the local Ray (default: all)
+    num_gpus: int | None = None  # GPUs of the local Ray (default: all the host has)
     lease_timeout_s: float = 120.0
     heartbeat_s: float = 10.0
     backoff_s: float = 5.0
@@ -249,6 +250,9 @@ class Driver:
         packs = plan_packs(runs, self.opts.pack, cpu=self.opts.cpu, gpu_mem_bytes=self.opts.gpu_mem_gib * 2**30)
         if any(len(p) > 1 for p in packs):
             self.view.log(f"{len(runs)} runs in {len(packs)} tasks: same-shape runs train together as stacked models (--pack)")
+        # Largest first (the classic longest-processing-time rule): the longest runs never start last and
+        # leave the other GPUs idle at the end of a sweep; multi-GPU runs go before any share of a GPU is taken.
+        packs = sorted(packs, key=_unit_order)
         self.queue = [[Flight(spec=s, name=n, attempt=0, tries=0, microbatch=None) for s, n in p] for p in packs]
         order = [s.run_id for s, _ in runs]
         names = {s.run_id: n for s, n in runs}
@@ -477,6 +481,11 @@ class Driver:
         return out
 
 
+def _unit_order(unit: list[tuple[RunSpec, str | None]]) -> tuple[float, float]:
+    """Sort key of a task to start: multi-GPU runs by GPU count, then everything by training FLOPs, largest first."""
+    return (-max(1.0, pack_gpus(unit)), -sum(spec.derived()["flops"] for spec, _ in unit))
+
+
 def init_ray(opts: LaunchOptions):
     """Start a local Ray in this process, or join ``opts.address``; workers get ``WORKER_ENV``."""
     import ray
@@ -496,6 +505,8 @@ def init_ray(opts: LaunchOptions):
             kwargs["num_gpus"] = 0
         if opts.num_cpus:
             kwargs["num_cpus"] = opts.num_cpus
+        if opts.num_gpus is not None and not opts.cpu:
+            kwargs["num_gpus"] = opts.num_gpus  # Ray then hands tasks only GPUs 0..num_gpus-1
         ray.init(include_dashboard=False, **kwargs)
     return ray
 

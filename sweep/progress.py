@@ -64,7 +64,9 @@ class LaunchView:
         self.console.print(message, highlight=False, soft_wrap=True, markup=markup)
 
     def begin(self, runs) -> None:
-        """Start showing progress for these (spec, name) runs."""
+        """Start showing progress for these (spec, name) runs (a view reused for a second launch starts over)."""
+        self.done = self.failed = 0
+        self.tokens_done, self.running = {}, {}
         self.total = len(runs)
         self.total_tokens = sum(s.tokens for s, _ in runs)
         self.t0 = time.monotonic()

@@ -57,7 +57,7 @@ def test_committed_tables_draw():
 
 
 @pytest.mark.parametrize("text, match", [
-    ("a,b\n1,2\n", "neither a `slab bench pack` table"),
+    ("a,b\n1,2\n", "not a table of `slab bench pack`"),
     ("arch,seq_len,tokens_per_s\n", "no rows"),
     ("arch,seq_len,tokens_per_s\nsoftmax,2048,fast\n", "must be numbers"),
 ])
@@ -78,6 +78,6 @@ def test_bench_plot_cli(tmp_path):
     proc = subprocess.run([*cmd, str(good)], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert proc.returncode == 0 and (tmp_path / "train.png").exists(), proc.stderr
     proc = subprocess.run([*cmd, str(bad)], capture_output=True, text=True, cwd=ROOT, timeout=120)
-    assert proc.returncode == 2 and "neither" in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.returncode == 2 and "not a table of" in proc.stderr and "Traceback" not in proc.stderr
     proc = subprocess.run([*cmd, str(tmp_path / "missing.csv")], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert proc.returncode == 2 and "not a readable CSV" in proc.stderr
