@@ -5,6 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 # A CPU machine takes the CPU build of torch that lies on disk; never the multi-GB CUDA download.
 HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
+GPUS := $(shell nvidia-smi -L 2>/dev/null | grep -c '^GPU')
 DEMO_DB ?= sqlite:///demo-out/slab.db
 
 .PHONY: setup demo test bench clean
@@ -31,7 +32,8 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
-# CPU benchmarks always; the GPU ones (kernels, training speed, throughput vs length) where a GPU is present.
+# CPU benchmarks always; the GPU ones (kernels, training speed, throughput vs length) where a GPU is present;
+# on a host of several GPUs also the smoke plan on all of them against one, and data-parallel scaling.
 bench: setup
 	$(BIN)/slab bench plan
 	$(BIN)/slab bench analysis
@@ -43,6 +45,10 @@ ifeq ($(HAS_GPU),1)
 	$(BIN)/slab bench train --arch softmax --arch lightning --arch hybrid --params 135M --seq-len 2048 --compile-mode reduce-overhead --microbatch 16 --out docs/bench/train_135m_cudagraphs.csv
 	$(BIN)/slab bench train --arch softmax --arch lightning --arch hybrid --params 135M --seq-len 2048 --seq-len 8192 --seq-len 32768 --steps 12 --out docs/bench/train_throughput_vs_seqlen.csv
 	$(BIN)/slab bench pack plans/pack-grid.csv --csv docs/bench/pack.csv
+ifneq ($(filter-out 0 1,$(GPUS)),)
+	$(BIN)/slab bench spread plans/smoke-h100.csv --gpus $(GPUS) --gpus 1 --csv docs/bench/multi_gpu_spread.csv
+	$(BIN)/slab bench dp plans/dp-350m.csv --gpus 1 --gpus 2 $(if $(filter-out 2 3,$(GPUS)),--gpus 4) --steps 60 --csv docs/bench/multi_gpu_dp.csv
+endif
 endif
 
 clean:

@@ -182,7 +182,7 @@ def spread_figure(frame: pd.DataFrame, path: Path) -> Path:
     ax.set_ylabel("launch wall time (s)")
     ax.set_ylim(0, float(frame["wall_s"].max()) * 1.3)
     device = frame["device"].dropna().iloc[-1] if "device" in frame.columns and frame["device"].notna().any() else ""
-    ax.set_title(f"slab launch {plans} on one GPU and on all{f' ({device})' if device else ''}", fontsize=10)
+    ax.set_title(f"slab launch {plans}\non one GPU and on all{f' ({device})' if device else ''}", fontsize=10)
     ax.grid(True, axis="y", alpha=0.3)
     fig.tight_layout()
     return _save(fig, path)

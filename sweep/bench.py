@@ -188,16 +188,17 @@ def bench_spread(plan: Plan, gpu_counts: list[int], *, view, cpu: bool = False, 
 
 
 def bench_data_parallel(plan: Plan, gpu_counts: list[int], *, steps: int | None = None, view, cpu: bool = False,
-                        progress=None) -> "pd.DataFrame":
+                        progress=None) -> tuple["pd.DataFrame", list[dict]]:
     """Train each of ``plan``'s runs with its ``gpus`` set to every count in ``gpu_counts`` (data-parallel
-    through Ray Train above 1), through ``launch`` into fresh databases; returns every step's loss and tokens/s."""
+    through Ray Train above 1), through ``launch`` into fresh databases; returns every step's loss and
+    tokens/s, and per (run, count) how it ended."""
     import pandas as pd
     from sqlalchemy import select
 
     from db.schema import Metric, Run
 
     _check_counts(gpu_counts, cpu, "--gpus")
-    frames = []
+    frames, outcomes = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for n in gpu_counts:
             runs = []
@@ -222,11 +223,12 @@ def bench_data_parallel(plan: Plan, gpu_counts: list[int], *, steps: int | None 
                     curve["trained_on"] = run.gpu
                     curve["launch_wall_s"] = wall
                     frames.append(curve)
+                    outcomes.append({"run": row["name"] or row["run_id"], "gpus": n, "status": row["status"], "error": row["error"]})
                     if progress:
                         progress(f"{row['name'] or row['run_id']} on {n} {'CPU worker' if cpu else 'GPU'}(s): "
                                  f"{row['status']}, {len(curve)} steps, launch {wall:.1f} s")
             engine.dispose()
-    return pd.concat(frames, ignore_index=True)
+    return pd.concat(frames, ignore_index=True), outcomes
 
 
 def _gpu_name() -> str:

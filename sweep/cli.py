@@ -801,17 +801,23 @@ def bench_dp_cmd(
     [plan] = _plans([plan_file], DEFAULT_MAX_RUNS)
     _check_csv(out_csv)
     try:
-        curves = bench_data_parallel(plan, gpus, steps=steps, view=_bench_view(), cpu=cpu, progress=_stamp(t0))
+        curves, outcomes = bench_data_parallel(plan, gpus, steps=steps, view=_bench_view(), cpu=cpu, progress=_stamp(t0))
     except (ValueError, LaunchError) as exc:
         fail(str(exc))
+    failed = [o for o in outcomes if o["status"] != "done"]
+    for o in failed:
+        last = (o["error"] or "").strip().splitlines()
+        err.print(f"{o['run']} on {o['gpus']} {'CPU worker' if cpu else 'GPU'}(s): {o['status']}: {last[-1] if last else ''}", highlight=False)
+    if curves.empty:
+        fail("no run trained a step; nothing written", code=1)
     if out_csv:
         tmp = out_csv.with_name(f".{out_csv.name}.tmp")
         curves.to_csv(tmp, index=False)
         tmp.replace(out_csv)
         out.print(f"wrote {out_csv}; figure {bench_figure(out_csv)}")
     _emit(data_parallel_summary(curves).round(4), Format.table, title="data-parallel scaling")
-    if (curves["status"] != "done").any():
-        fail("some runs did not finish (see the lines above)", code=1)
+    if failed:
+        fail(f"{len(failed)} of {len(outcomes)} trainings did not finish (see the lines above)", code=1)
 
 
 @bench_app.command("plot")

@@ -85,6 +85,26 @@ class Flight:
 
 
 @dataclass
+class Task:
+    """A submitted Ray task: the runs it trains, what it reserved, and the GPU slot it shares (if any)."""
+
+    run_ids: list[str]
+    cpus: float
+    gpus: float
+    slot: "GpuSlot | None" = None
+    work: float = 0.0  # estimated training FLOPs of its runs
+
+
+@dataclass
+class GpuSlot:
+    """One GPU held for runs of a GPU or less (a placement group of one GPU), and the tasks sharing it."""
+
+    group: Any
+    share: float = 0.0  # GPU share its running tasks asked for
+    work: float = 0.0  # their estimated training FLOPs
+
+
+@dataclass
 class LaunchResult:
     """What a launch ended with, per run of the selection."""
 
@@ -202,7 +222,7 @@ class Driver:
         self.gpu_pack_task = ray.remote(max_calls=1)(train_pack)
         self.queue: list[list[Flight]] = []  # units to start: one run, or a pack of same-shape runs
         self.flights: dict[str, Flight] = {}
-        self.units: dict[Any, tuple[list[str], float, float]] = {}  # task ref -> (run ids, CPUs, GPUs)
+        self.units: dict[Any, Task] = {}  # task ref -> what it trains and holds
         self.waiting: dict[str, Flight] = {}  # leased by another live launcher
         self.outcome: dict[str, str] = {}
         self.stopping = False
@@ -210,6 +230,11 @@ class Driver:
         resources = ray.cluster_resources()
         self.total_cpus = float(resources.get("CPU", 1))
         self.total_gpus = float(resources.get("GPU", 0))
+        # With several GPUs, Ray would put every share of a GPU on the first GPU with room (first fit), so the
+        # largest runs, started first, would all share one GPU. Each GPU is held instead as a one-GPU placement
+        # group, and a run goes to an idle GPU, else to the GPU with the least work that has room.
+        self.spread = not opts.cpu and self.total_gpus >= 2
+        self.slots: list[GpuSlot] = []
 
     # ---------------------------------------------------------------- admission
 
@@ -239,9 +264,54 @@ class Driver:
 
     def _fits_now(self, unit: list[Flight]) -> bool:
         cpus, gpus = self._needs(unit)
-        if cpus + sum(c for _, c, _ in self.units.values()) > self.total_cpus + 1e-9:
+        if cpus + sum(t.cpus for t in self.units.values()) > self.total_cpus + 1e-9:
             return False
-        return self.opts.cpu or gpus + sum(g for _, _, g in self.units.values()) <= self.total_gpus + 1e-9
+        if self.opts.cpu:
+            return True
+        if not self.spread:
+            return gpus + sum(t.gpus for t in self.units.values()) <= self.total_gpus + 1e-9
+        if gpus > 1:  # a data-parallel run: whole GPUs that no slot holds, after letting idle slots go
+            return self._free_gpus() + sum(1 for slot in self.slots if slot.share == 0) >= gpus
+        return self._free_gpus() >= 1 or self._pick_slot(gpus) is not None
+
+    def _free_gpus(self) -> float:
+        """GPUs neither held by a slot nor taken by a data-parallel run."""
+        multi = sum(t.gpus for t in self.units.values() if t.slot is None)
+        return self.total_gpus - len(self.slots) - multi
+
+    def _pick_slot(self, share: float) -> GpuSlot | None:
+        """The slot with the least work among those with room for ``share``."""
+        fits = [slot for slot in self.slots if slot.share + share <= 1 + 1e-9]
+        return min(fits, key=lambda slot: slot.work) if fits else None
+
+    def _slot_for(self, share: float) -> GpuSlot:
+        """An idle GPU (held as a new slot) if there is one, else the least loaded slot with room."""
+        if self._free_gpus() >= 1:
+            from ray.util.placement_group import placement_group
+
+            slot = GpuSlot(placement_group([{"GPU": 1}]))
+            self.slots.append(slot)
+            return slot
+        slot = self._pick_slot(share)
+        assert slot is not None, "_fits_now admitted a unit with no room for it"
+        return slot
+
+    def _release_idle_slots(self, gpus: float) -> None:
+        """Give idle slots' GPUs back to Ray until ``gpus`` whole GPUs are free (for a data-parallel run)."""
+        from ray.util.placement_group import remove_placement_group
+
+        for slot in [s for s in self.slots if s.share == 0]:
+            if self._free_gpus() >= gpus:
+                break
+            remove_placement_group(slot.group)
+            self.slots.remove(slot)
+
+    def _release_all_slots(self) -> None:
+        from ray.util.placement_group import remove_placement_group
+
+        for slot in self.slots:
+            remove_placement_group(slot.group)
+        self.slots.clear()
 
     # ---------------------------------------------------------------- the loop
 
@@ -279,6 +349,7 @@ class Driver:
             raise
         finally:
             signal.signal(signal.SIGINT, previous)
+            self._release_all_slots()
         return LaunchResult(rows=self._final_rows(order, names), interrupted=interrupted or self.stopping)
 
     def _on_sigint(self, signum, frame) -> None:
@@ -329,20 +400,35 @@ class Driver:
         env = {"env_vars": dict(WORKER_ENV)}
         options: dict[str, Any] = {"num_cpus": self.opts.cpus_per_run, "num_gpus": gpus, "max_retries": 0, "runtime_env": env}
         flight = unit[0]
+        dp = len(unit) == 1 and data_parallel_workers(flight.spec.gpus) > 1
+        slot = None
+        if self.spread and dp:
+            self._release_idle_slots(gpus)
+        elif self.spread:
+            from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+            slot = self._slot_for(gpus)
+            # The slot holds the GPU alone; the driver counts CPUs, and the task is told its thread count.
+            options.update(num_cpus=0, scheduling_strategy=PlacementGroupSchedulingStrategy(slot.group, 0))
+        threads = {"threads": self.opts.cpus_per_run}
         if len(unit) > 1:
             task = self.pack_task if self.opts.cpu else self.gpu_pack_task
             ref = task.options(**options).remote(
                 [f.spec.to_dict() for f in unit], self.sink, [f.attempt for f in unit], root, self.opts.cpu, None, faults,
-                self.opts.ckpt_every_steps, self.opts.ckpt_every_s, gpus,
+                self.opts.ckpt_every_steps, self.opts.ckpt_every_s, gpus, **threads,
             )
         else:
             args = (flight.spec.to_dict(), self.sink, flight.attempt, root, self.opts.cpu, flight.microbatch, faults[0],
                     self.opts.ckpt_every_steps, self.opts.ckpt_every_s)
-            if data_parallel_workers(flight.spec.gpus) > 1:
+            if dp:
                 ref = self.dp_task.options(max_retries=0, runtime_env=env).remote(*args, self.opts.cpus_per_run)
             else:
-                ref = (self.task if self.opts.cpu else self.gpu_task).options(**options).remote(*args)
-        self.units[ref] = ([f.spec.run_id for f in unit], cpus, gpus)
+                ref = (self.task if self.opts.cpu else self.gpu_task).options(**options).remote(*args, **threads)
+        work = sum(f.spec.derived()["flops"] for f in unit)
+        self.units[ref] = Task([f.spec.run_id for f in unit], cpus, gpus, slot, work)
+        if slot is not None:
+            slot.share += gpus
+            slot.work += work
         for f in unit:
             f.ref = ref
             self.flights[f.spec.run_id] = f
@@ -394,7 +480,11 @@ class Driver:
             write_results(self.engine, metrics, evals, runs)
 
     def _finish_unit(self, ref) -> None:
-        run_ids, _, _ = self.units.pop(ref)
+        task = self.units.pop(ref)
+        run_ids = task.run_ids
+        if task.slot is not None:
+            task.slot.share = max(0.0, task.slot.share - task.gpus)
+            task.slot.work -= task.work
         try:
             result = self.ray.get(ref)
         except Exception as exc:  # the task failed: every run it trained failed with it

@@ -139,14 +139,20 @@ def check_worker_env() -> None:
         raise RuntimeError(f"worker started without its runtime environment: {', '.join(f'{k}={v}' for k, v in missing.items())}")
 
 
-def _prepare_worker(cpu: bool) -> tuple[str, str | None]:
-    """Check the worker's environment, use the CPUs Ray assigned, and pick the device (and its GPU label)."""
+def _prepare_worker(cpu: bool, threads: int | None = None) -> tuple[str, str | None]:
+    """Check the worker's environment, use ``threads`` (default: the CPUs Ray assigned), and pick the device
+    (and its GPU label)."""
     import torch
 
     check_worker_env()
-    threads = int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)) or 1
+    threads = threads or int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)) or 1
     torch.set_num_threads(max(1, threads))
     return _device(cpu)
+
+
+def _gpu_ids() -> list[str]:
+    """The GPUs Ray gave this task (as it numbers them), also where no CUDA is present."""
+    return [str(i) for i in ray.get_gpu_ids()]
 
 
 def _device(cpu: bool) -> tuple[str, str | None]:
@@ -163,17 +169,17 @@ def _device(cpu: bool) -> tuple[str, str | None]:
 
 def train_run(
     spec_dict: dict, sink, attempt: int, ckpt_root: str, cpu: bool, microbatch: int | None, fault: str | None,
-    ckpt_every_steps: int, ckpt_every_s: float,
+    ckpt_every_steps: int, ckpt_every_s: float, threads: int | None = None,
 ) -> dict:
     """Train one run to completion inside a worker and return its summary as a dict."""
     from models.train import pretrain
     from sweep.spec import RunSpec
 
     spec = RunSpec.from_dict(spec_dict)
-    device, gpu = _prepare_worker(cpu)
+    device, gpu = _prepare_worker(cpu, threads)
     ckpt_dir = Path(ckpt_root) / spec.run_id
     reporter = Reporter(sink, spec.run_id, attempt, journal=ckpt_dir / "events.jsonl")
-    reporter("start", {"host": socket.gethostname(), "gpu": gpu, "pid": os.getpid()})
+    reporter("start", {"host": socket.gethostname(), "gpu": gpu, "gpu_ids": _gpu_ids(), "pid": os.getpid()})
     try:
         with run_lock(ckpt_dir):
             reporter.replay()
@@ -189,7 +195,7 @@ def train_run(
 
 def train_pack(
     spec_dicts: list[dict], sink, attempts: list[int], ckpt_root: str, cpu: bool, microbatch: int | None,
-    faults: list[str | None], ckpt_every_steps: int, ckpt_every_s: float, share: float,
+    faults: list[str | None], ckpt_every_steps: int, ckpt_every_s: float, share: float, threads: int | None = None,
 ) -> list:
     """Train several same-shape runs as one stacked model (``models.packed``) inside a worker; returns per
     run its summary dict, or the ``Diverged`` / ``Interrupted`` that ended it."""
@@ -199,11 +205,11 @@ def train_pack(
     from sweep.spec import RunSpec
 
     specs = [RunSpec.from_dict(d) for d in spec_dicts]
-    device, gpu = _prepare_worker(cpu)
+    device, gpu = _prepare_worker(cpu, threads)
     dirs = [Path(ckpt_root) / s.run_id for s in specs]
     reporters = [Reporter(sink, s.run_id, a, journal=d / "events.jsonl") for s, a, d in zip(specs, attempts, dirs)]
     for r in reporters:
-        r("start", {"host": socket.gethostname(), "gpu": gpu, "pid": os.getpid(), "pack": len(specs)})
+        r("start", {"host": socket.gethostname(), "gpu": gpu, "gpu_ids": _gpu_ids(), "pid": os.getpid(), "pack": len(specs)})
     stop = reporters[0].should_stop
     try:
         with ExitStack() as locks:
