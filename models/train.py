@@ -188,6 +188,74 @@ def _param_groups(model: LM, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+#: A data-parallel run shards its model with FSDP when its training state (``state_bytes``) would take more
+#: than this share of one GPU's memory, leaving too little for activations; below it, DDP is faster.
+FSDP_STATE_SHARE = 0.5
+
+
+def use_fsdp(cfg: ModelConfig, device: torch.device, min_params: float | None = None) -> bool:
+    """Whether a data-parallel run of ``cfg`` shards with FSDP: at ``min_params`` parameters or more when given,
+    else when its training state passes ``FSDP_STATE_SHARE`` of the GPU's memory (never by default on CPU)."""
+    params = count_params(cfg).total
+    if min_params is not None:
+        return params >= min_params
+    if device.type != "cuda":
+        return False
+    return state_bytes(cfg) > FSDP_STATE_SHARE * torch.cuda.get_device_properties(device).total_memory
+
+
+def _fully_shard(model: LM) -> None:
+    """FSDP2: each block its own unit (gathered just for its forward and backward), the rest in the root."""
+    from torch.distributed.fsdp import fully_shard
+
+    for block in model.blocks:
+        fully_shard(block)
+    fully_shard(model)
+
+
+def _training_state(model: LM, optimizer: torch.optim.Optimizer, sharded: bool) -> tuple[dict, dict]:
+    """The model's and optimizer's state dicts, whole, in the format of an unsharded run's checkpoint (so a run
+    may resume on another number of GPUs). Under FSDP this gathers, and every rank must call it."""
+    if not sharded:
+        return model.state_dict(), optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
+    whole = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model_state = get_model_state_dict(model, options=whole)
+    by_name = get_optimizer_state_dict(model, optimizer, options=whole)
+    if not by_name:  # gathered to CPU on rank 0 alone, which is the rank that writes
+        return model_state, {}
+    # By name -> by position in the param groups, as torch.optim.Optimizer.state_dict() numbers them.
+    names = [name for group in by_name["param_groups"] for name in group["params"]]
+    index = {name: i for i, name in enumerate(names)}
+    groups, offset = [], 0
+    for group in by_name["param_groups"]:
+        n = len(group["params"])
+        groups.append({**group, "params": list(range(offset, offset + n))})
+        offset += n
+    return model_state, {"state": {index[k]: v for k, v in by_name["state"].items()}, "param_groups": groups}
+
+
+def _load_training_state(model: LM, optimizer: torch.optim.Optimizer, state: dict, sharded: bool) -> None:
+    """Restore a checkpoint's model and optimizer state (written by ``_training_state``) into this run."""
+    if not sharded:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+
+    whole = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(model, state["model"], options=whole)
+    param_name = {id(p): name for name, p in model.named_parameters()}
+    names = [param_name[id(p)] for group in optimizer.param_groups for p in group["params"]]
+    saved = state["optimizer"]
+    by_name = {
+        "state": {names[i]: v for i, v in saved["state"].items()},
+        "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in saved["param_groups"]],
+    }
+    set_optimizer_state_dict(model, optimizer, by_name, options=whole)
+
+
 def _no_report(kind: str, payload: dict) -> None:
     """The reporter of data-parallel ranks other than 0."""
 
@@ -298,6 +366,7 @@ def pretrain(
     ckpt_every_s: float = 1800.0,
     kernels: str | None = None,
     overlap_readback: bool | None = None,
+    fsdp_min_params: float | None = None,
 ) -> Summary:
     """Train the run ``spec`` describes, resuming from the newest complete checkpoint in ``ckpt_dir``.
 
@@ -315,6 +384,8 @@ def pretrain(
     ``compile``: True for torch.compile's default mode, or a mode by name ("reduce-overhead" replays CUDA graphs).
     ``overlap_readback`` (default: on CUDA) reads each step's loss back only once the next step is queued, so
     the GPU never waits for the CPU; its "train" report, and a ``Diverged``, then come one step later.
+    Data parallel (torch.distributed initialised): DDP, or FSDP (``use_fsdp``) for models of at least
+    ``fsdp_min_params`` parameters (default: whose training state would fill half a GPU).
     """
     t_start = time.perf_counter()
     ckpt_dir = Path(ckpt_dir)
@@ -352,8 +423,11 @@ def pretrain(
         # Compiled, the fused norms cost more than they save: inductor can no longer fuse them with the adds.
         kernels = "loss" if compile else "auto"
     model = build_model(cfg, spec.seed, device, kernels)
+    sharded = world > 1 and use_fsdp(cfg, device, fsdp_min_params)
+    if sharded:  # before the optimizer: fully_shard turns the parameters into shards in place
+        _fully_shard(model)
     optimizer = torch.optim.AdamW(
-        _param_groups(model, spec.weight_decay), lr=spec.lr, betas=BETAS, fused=True if on_cuda else None
+        _param_groups(model, spec.weight_decay), lr=spec.lr, betas=BETAS, fused=True if on_cuda and not sharded else None
     )
     batches = Batches(data, spec.seq_len, microbatch, seed=spec.seed)
 
@@ -362,8 +436,7 @@ def pretrain(
     if state is not None:
         if state["run"] != _run_key(spec):
             raise ValueError(f"{ckpt_dir} holds checkpoints of another run ({state['run']})")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        _load_training_state(model, optimizer, state, sharded)
         batches.load_state_dict(state["data"])
         torch.set_rng_state(state["rng"]["torch"])
         if on_cuda and state["rng"].get("cuda") is not None:
@@ -375,7 +448,7 @@ def pretrain(
         exit_at = fault_kind[1]
 
     step_model, ddp = model, None
-    if world > 1:
+    if world > 1 and not sharded:
         from torch.nn.parallel import DistributedDataParallel
 
         step_model = ddp = DistributedDataParallel(model, device_ids=[device.index] if on_cuda else None)
@@ -386,10 +459,11 @@ def pretrain(
     peak = PEAK_FLOPS_CUDA if on_cuda else None
 
     def checkpoint(step: int) -> None:
+        model_state, optimizer_state = _training_state(model, optimizer, sharded)  # under FSDP, every rank gathers
         if rank == 0:  # every rank holds the same weights; one writes, all restore from the shared folder
             rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if on_cuda else None}
             save_checkpoint(ckpt_dir, step, {
-                "step": step, "run": _run_key(spec), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "step": step, "run": _run_key(spec), "model": model_state, "optimizer": optimizer_state,
                 "data": batches.state_dict(), "rng": rng, "loss": last_loss,
                 "wall_s": prior_wall + time.perf_counter() - t_start, "microbatch": microbatch,
             })
@@ -459,7 +533,9 @@ def pretrain(
                 if share == 0:
                     continue
                 x, y = to_device(x), to_device(y)
-                # Data parallel: gradients are all-reduced once, in the step's last backward, not per microbatch.
+                # Data parallel: gradients are reduced once, in the step's last backward, not per microbatch.
+                if sharded:
+                    model.set_requires_gradient_sync(i == last)
                 with ddp.no_sync() if ddp is not None and i < last else nullcontext():
                     with autocast(device):
                         _, loss = step_model(x, y)

@@ -92,6 +92,21 @@ def _ensure_dir(folder: Path, what: str) -> None:
         fail(f"{what}: cannot create the folder {folder}: {exc.strerror or exc}")
 
 
+def _count_option(text: str | None, option: str) -> float | None:
+    """A count option such as 1.5B or 300M (None when not given); a bad one fails with exit 2."""
+    from sweep.plan import CellError, parse_number
+
+    if text is None:
+        return None
+    try:
+        value = parse_number(text, "a count like 300M or 1.5B")
+    except CellError as exc:
+        fail(f"{option}: {exc}")
+    if value <= 0:
+        fail(f"{option}: expected a positive count, got {text!r}")
+    return value
+
+
 def _require_gpu(command: str) -> None:
     """Fail (exit 2) when there is no CUDA GPU for a GPU benchmark, before anything is written."""
     import torch
@@ -311,6 +326,10 @@ def launch(
     ),
     gpu_mem: float = typer.Option(80.0, help="GiB of memory per GPU, for --pack auto."),
     num_gpus: Optional[int] = typer.Option(None, min=0, help="GPUs the local Ray may use, the first ones CUDA lists (default: all). Not with --address."),
+    fsdp_min_params: Optional[str] = typer.Option(
+        None, help="Data-parallel runs of at least this many parameters (e.g. 1B) shard with FSDP instead of DDP. "
+        "Default: those whose training state (16 bytes a parameter) would fill half a GPU's memory.",
+    ),
 ) -> None:
     """Register plans and train every run that is not done, one Ray task per run or per pack.
 
@@ -333,12 +352,14 @@ def launch(
         fail(str(exc))
     if num_gpus is not None and address:
         fail("--num-gpus limits a local Ray; a cluster joined with --address has the GPUs it has")
+    fsdp_from = _count_option(fsdp_min_params, "--fsdp-min-params")
     plans = _plans(files, max_runs)
     try:
         opts = LaunchOptions(
             db_url=ctx.obj["db"], address=address, ckpt_dir=ckpt_dir, max_attempts=max_attempts, cpu=cpu,
             where=parse_where(where), limit=limit, cpus_per_run=cpus_per_run, lease_timeout_s=lease_timeout,
             ckpt_every_steps=ckpt_every, pack=pack_size, gpu_mem_gib=gpu_mem, num_gpus=num_gpus,
+            fsdp_min_params=fsdp_from,
         )
         result = run_launch(plans, opts, LaunchView(out))
     except (LaunchError, DatabaseError) as exc:

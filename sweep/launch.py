@@ -68,6 +68,7 @@ class LaunchOptions:
     ckpt_every_s: float = 600.0
     pack: int | None = None  # runs per pack: None = auto (GPUs only), 1 = off
     gpu_mem_gib: float = 80.0  # memory of one GPU, for automatic packing
+    fsdp_min_params: float | None = None  # data-parallel runs this large shard with FSDP (None: by GPU memory)
 
 
 @dataclass
@@ -421,7 +422,9 @@ class Driver:
             args = (flight.spec.to_dict(), self.sink, flight.attempt, root, self.opts.cpu, flight.microbatch, faults[0],
                     self.opts.ckpt_every_steps, self.opts.ckpt_every_s)
             if dp:
-                ref = self.dp_task.options(max_retries=0, runtime_env=env).remote(*args, self.opts.cpus_per_run)
+                ref = self.dp_task.options(max_retries=0, runtime_env=env).remote(
+                    *args, self.opts.cpus_per_run, fsdp_min_params=self.opts.fsdp_min_params
+                )
             else:
                 ref = (self.task if self.opts.cpu else self.gpu_task).options(**options).remote(*args, **threads)
         work = sum(f.spec.derived()["flops"] for f in unit)

@@ -253,10 +253,17 @@ def _dp_worker(config: dict) -> None:
 
         device = str(ray.train.torch.get_device())
     reporter = Reporter(config["sink"], spec.run_id, config["attempt"], journal=Path(config["ckpt_dir"]) / "events.jsonl")
+    if rank == 0:  # the run's record says how it was trained: how many workers, and DDP or FSDP
+        from models.train import use_fsdp
+
+        how = "FSDP" if use_fsdp(spec.model_config(), torch.device(device), config["fsdp_min_params"]) else "DDP"
+        where = "CPU workers" if device == "cpu" else f"x {torch.cuda.get_device_name(device)}"
+        reporter("start", {"host": socket.gethostname(), "gpu": f"{world} {where} (Ray Train, {how})", "pid": os.getpid()})
     summary = pretrain(
         spec, reporter, config["ckpt_dir"], device=device, microbatch=config["microbatch"],
         should_stop=reporter.should_stop, fault=config["fault"] if rank == world - 1 else None,
         ckpt_every_steps=config["ckpt_every_steps"], ckpt_every_s=config["ckpt_every_s"],
+        fsdp_min_params=config["fsdp_min_params"],
     )
     if rank == 0:
         reporter.flush()
@@ -271,9 +278,10 @@ def _dp_worker(config: dict) -> None:
 
 def train_run_dp(
     spec_dict: dict, sink, attempt: int, ckpt_root: str, cpu: bool, microbatch: int | None, fault: str | None,
-    ckpt_every_steps: int, ckpt_every_s: float, cpus_per_worker: int = 1,
+    ckpt_every_steps: int, ckpt_every_s: float, cpus_per_worker: int = 1, fsdp_min_params: float | None = None,
 ) -> dict:
-    """Train one run data-parallel on ``gpus`` workers with Ray Train (DDP; gloo on CPU, NCCL on GPUs).
+    """Train one run data-parallel on ``gpus`` workers with Ray Train (DDP, or FSDP for large models; gloo on
+    CPU, NCCL on GPUs).
 
     Runs as a light Ray task that drives a ``TorchTrainer``; worker failures surface as the first worker's
     exception, so the launcher classifies them (diverged, out of memory, crash) as for one-GPU runs.
@@ -288,10 +296,11 @@ def train_run_dp(
     ckpt_dir = Path(ckpt_root) / spec.run_id
     coordinator = Reporter(sink, spec.run_id, attempt, journal=ckpt_dir / "events.jsonl")
     coordinator("start", {"host": socket.gethostname(), "gpu": f"{workers} {'CPU workers' if cpu else 'GPUs'} (Ray Train)", "pid": os.getpid()})
+    coordinator.flush()  # now, so that rank 0's own "start" (saying DDP or FSDP) comes after it
     config = {
         "spec": spec_dict, "sink": sink, "attempt": attempt, "ckpt_dir": str(ckpt_dir), "cpu": cpu,
         "microbatch": microbatch, "fault": fault, "ckpt_every_steps": ckpt_every_steps, "ckpt_every_s": ckpt_every_s,
-        "threads": cpus_per_worker,
+        "threads": cpus_per_worker, "fsdp_min_params": fsdp_min_params,
     }
     trainer = TorchTrainer(
         _dp_worker,

@@ -1,5 +1,6 @@
 """Data-parallel runs through Ray Train on CPU (gloo): same curve as one worker, worker death resumes."""
 
+import dataclasses
 import json
 import os
 
@@ -53,19 +54,56 @@ def test_two_workers_match_one_worker(ray_local, tmp_path, write_plan):
     two, run2, curve2 = train(tmp_path, write_plan, "two", 2)
     assert one.ok and two.ok
     assert run1["run_id"] == run2["run_id"]  # how many workers trained it is not part of its identity
-    assert run2["n_gpus"] == 2 and "Ray Train" in run2["gpu"]
+    assert run2["n_gpus"] == 2 and run2["gpu"] == "2 CPU workers (Ray Train, DDP)"
     assert len(curve1) == len(curve2) == 20
     # Same sequences, same global batch; only the order of float sums differs (gloo all-reduce).
     assert max(abs(a - b) for a, b in zip(curve1, curve2)) < 2e-3
     assert abs(run1["val_loss"] - run2["val_loss"]) < 2e-3
 
 
-def test_killed_worker_is_retried_from_the_checkpoint(ray_local, tmp_path, write_plan, monkeypatch):
+def test_fsdp_workers_match_one_worker(ray_local, tmp_path, write_plan):
+    # fsdp_min_params=1 shards even this tiny model (on CPU the default never does).
+    one, run1, curve1 = train(tmp_path, write_plan, "one", 1)
+    two, run2, curve2 = train(tmp_path, write_plan, "fsdp", 2, fsdp_min_params=1)
+    assert one.ok and two.ok, two.rows
+    assert run2["gpu"] == "2 CPU workers (Ray Train, FSDP)"
+    assert len(curve2) == 20
+    assert max(abs(a - b) for a, b in zip(curve1, curve2)) < 2e-3
+    assert abs(run1["val_loss"] - run2["val_loss"]) < 2e-3
+
+
+@pytest.mark.parametrize("fsdp", [None, 1], ids=["ddp", "fsdp"])
+def test_killed_worker_is_retried_from_the_checkpoint(ray_local, tmp_path, write_plan, monkeypatch, fsdp):
     monkeypatch.setenv(FAULTS_ENV, json.dumps({"dp-kill": "exit@10"}))
-    result, run, curve = train(tmp_path, write_plan, "kill", 2, ckpt_every_steps=5)
+    _, _, reference = train(tmp_path, write_plan, "ref", 2, fsdp_min_params=fsdp)
+    result, run, curve = train(tmp_path, write_plan, "kill", 2, ckpt_every_steps=5, fsdp_min_params=fsdp)
     assert result.ok, result.rows
     assert run["attempts"] == 2 and run["resumed_from_step"] == 10
     assert len(curve) == 20
+    # The resumed run restored weights and AdamW state (gathered whole under FSDP): it goes on as if never killed.
+    assert max(abs(a - b) for a, b in zip(curve[10:], reference[10:])) < 2e-3
+
+
+def test_fsdp_checkpoint_resumes_without_fsdp(ray_local, tmp_path, write_plan, monkeypatch):
+    """The checkpoint of a sharded run has an unsharded run's format: it resumes on one worker."""
+    monkeypatch.setenv(FAULTS_ENV, json.dumps({"dp-move": "exit@10"}))
+    _, _, reference = train(tmp_path, write_plan, "base", 1)
+    plan = write_plan(PLAN.format(name="dp-move", gpus=2), "move.csv")
+    ckpt = tmp_path / "ckpt-move"
+    opts = LaunchOptions(db_url=f"sqlite:///{tmp_path}/move.db", cpu=True, ckpt_dir=ckpt, backoff_s=0.2, heartbeat_s=1.0,
+                         fsdp_min_params=1, max_attempts=1, ckpt_every_steps=5)
+    assert not launch([load_plan(plan)], opts, quiet()).ok  # the worker died after checkpointing step 10
+    monkeypatch.delenv(FAULTS_ENV)
+    plan = write_plan(PLAN.format(name="dp-move", gpus=1), "move.csv")
+    result = launch([load_plan(plan)], dataclasses.replace(opts, fsdp_min_params=None), quiet())
+    assert result.ok, result.rows
+    engine = open_db(f"sqlite:///{tmp_path}/move.db")
+    with engine.connect() as conn:
+        run = conn.execute(select(Run.__table__)).mappings().one()
+        curve = [loss for (loss,) in conn.execute(select(Metric.loss).order_by(Metric.step))]
+    engine.dispose()
+    assert run["resumed_from_step"] == 10 and len(curve) == 20
+    assert max(abs(a - b) for a, b in zip(curve[10:], reference[10:])) < 2e-3
 
 
 def test_too_many_workers_for_the_cluster_is_refused(ray_local, tmp_path, write_plan):
