@@ -352,6 +352,11 @@ def launch(
         fail(str(exc))
     if num_gpus is not None and address:
         fail("--num-gpus limits a local Ray; a cluster joined with --address has the GPUs it has")
+    if num_gpus and not cpu:
+        from sweep.bench import host_gpus
+
+        if num_gpus > host_gpus():
+            fail(f"--num-gpus {num_gpus}: this host has {host_gpus()} GPU(s)")
     fsdp_from = _count_option(fsdp_min_params, "--fsdp-min-params")
     plans = _plans(files, max_runs)
     try:

@@ -67,6 +67,8 @@ def test_bench_spread_on_cpu(tmp_path, write_plan):
     (["bench", "dp", "plans/dp-350m.csv", "--cpu", "--gpus", "0"], "one or more counts of 1 or more"),
     (["bench", "spread", "plans/smoke-h100.csv", "--gpus", "1"], "no GPU here"),
     (["launch", "plans/demo.csv", "--num-gpus", "1", "--address", "auto"], "--num-gpus limits a local Ray"),
+    (["launch", "plans/demo.csv", "--num-gpus", "1"], "--num-gpus 1: this host has 0 GPU(s)"),
+    (["launch", "plans/demo.csv", "--cpu", "--fsdp-min-params", "lots"], "--fsdp-min-params: expected a count"),
 ])
 def test_bad_counts_exit_2(tmp_path, args, message):
     proc = slab("--db", f"sqlite:///{tmp_path}/x.db", *args) if args[0] == "launch" else slab(*args, "--csv", tmp_path / "t.csv")
