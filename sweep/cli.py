@@ -333,11 +333,11 @@ def launch(
 ) -> None:
     """Register plans and train every run that is not done, one Ray task per run or per pack.
 
-    Runs share GPUs by their plan's gpus column (0.25 = four per GPU); small same-shape runs also train
-    together as one stacked model (--pack), so a GPU takes one large step instead of many small ones. A second launch of the same plan
-    trains nothing twice; after a crash, a relaunch resumes runs from their checkpoints. Ctrl-C once stops
-    starting runs and lets running ones checkpoint; twice cancels at once. Exit 0 when every run is done,
-    1 when any failed or diverged, 2 on bad input.
+    Runs share GPUs by their plan's gpus column (0.25 = four per GPU); small same-shape runs also train together as one stacked model (--pack), so a GPU takes one large step instead of many small ones.
+
+    Runs start largest first. On a host of several GPUs each goes to an idle GPU, else to the least loaded one with room; a whole number above 1 in gpus trains a run data-parallel (DDP, or FSDP when large).
+
+    A second launch of the same plan trains nothing twice; after a crash, a relaunch resumes runs from their checkpoints. Ctrl-C once stops starting runs and lets running ones checkpoint; twice cancels at once. Exit 0 when every run is done, 1 when any failed or diverged, 2 on bad input.
 
     Example: slab launch plans/demo.csv --cpu
     """
