@@ -137,13 +137,6 @@ def bench_pack(plan: Plan, *, steps: int | None = None, pack: int | None = None,
     }
 
 
-def host_gpus() -> int:
-    """How many GPUs this host's PyTorch sees (0 without CUDA)."""
-    import torch
-
-    return torch.cuda.device_count() if torch.cuda.is_available() else 0
-
-
 def _launch_fresh(plans: list[Plan], root: Path, tag: str, view, **options):
     """Launch ``plans`` into a fresh SQLite file and checkpoint folder under ``root``; returns the launch's
     result, its wall seconds and the database URL."""
@@ -157,6 +150,8 @@ def _launch_fresh(plans: list[Plan], root: Path, tag: str, view, **options):
 
 
 def _check_counts(counts: list[int], cpu: bool, what: str) -> None:
+    from sweep.launch import host_gpus
+
     if not counts or any(c < 1 for c in counts):
         raise ValueError(f"{what}: give one or more counts of 1 or more")
     if not cpu:
@@ -210,7 +205,7 @@ def bench_data_parallel(plan: Plan, gpu_counts: list[int], *, steps: int | None 
             engine = open_db(db)
             with engine.connect() as conn:
                 for row in result.rows:
-                    run = conn.execute(select(Run.n_gpus, Run.gpu, Run.params).where(Run.run_id == row["run_id"])).one()
+                    run = conn.execute(select(Run.gpu, Run.params).where(Run.run_id == row["run_id"])).one()
                     curve = pd.DataFrame(
                         conn.execute(select(Metric.step, Metric.loss, Metric.tokens_per_s, Metric.mfu)
                                      .where(Metric.run_id == row["run_id"]).order_by(Metric.step)).all(),

@@ -352,11 +352,6 @@ def launch(
         fail(str(exc))
     if num_gpus is not None and address:
         fail("--num-gpus limits a local Ray; a cluster joined with --address has the GPUs it has")
-    if num_gpus and not cpu:
-        from sweep.bench import host_gpus
-
-        if num_gpus > host_gpus():
-            fail(f"--num-gpus {num_gpus}: this host has {host_gpus()} GPU(s)")
     fsdp_from = _count_option(fsdp_min_params, "--fsdp-min-params")
     plans = _plans(files, max_runs)
     try:
@@ -712,7 +707,6 @@ def bench_pack(
     Prints both wall times, the speedup, aggregate tokens/s and MFU, and how far the two modes' final
     losses differ. Evals are left out of both. Example: slab bench pack plans/pack-grid.csv --steps 50
     """
-    import sys
     import time
 
     import pandas as pd
@@ -729,7 +723,7 @@ def bench_pack(
     t0 = time.perf_counter()
     [plan] = _plans([plan_file], DEFAULT_MAX_RUNS)
     _check_csv(out_csv)
-    result = run(plan, steps=steps, pack=pack_size, progress=lambda msg: sys.stderr.write(f"[{time.perf_counter() - t0:7.1f} s] {msg}\n"))
+    result = run(plan, steps=steps, pack=pack_size, progress=_stamp(t0))
     if out_csv:
         append_csv({"plan": str(plan_file), **result}, out_csv)
         out.print(f"appended to {out_csv}; figure {bench_figure(out_csv)}")
@@ -747,7 +741,7 @@ def _bench_view():
 
 
 def _stamp(t0: float):
-    import sys
+    """A ``progress(message)`` callback writing each message to stderr after the seconds since ``t0``."""
     import time
 
     return lambda msg: sys.stderr.write(f"[{time.perf_counter() - t0:7.1f} s] {msg}\n")
@@ -783,7 +777,8 @@ def bench_spread_cmd(
     import pandas as pd
 
     from analysis.bench_figures import bench_figure
-    from sweep.bench import append_csv, bench_spread, host_gpus
+    from sweep.bench import append_csv, bench_spread
+    from sweep.launch import host_gpus
     from sweep.launch import LaunchError
 
     t0 = time.perf_counter()

@@ -427,7 +427,7 @@ class Driver:
                 )
             else:
                 ref = (self.task if self.opts.cpu else self.gpu_task).options(**options).remote(*args, **threads)
-        work = sum(f.spec.derived()["flops"] for f in unit)
+        work = _work([f.spec for f in unit])
         self.units[ref] = Task([f.spec.run_id for f in unit], cpus, gpus, slot, work)
         if slot is not None:
             slot.share += gpus
@@ -576,7 +576,12 @@ class Driver:
 
 def _unit_order(unit: list[tuple[RunSpec, str | None]]) -> tuple[float, float]:
     """Sort key of a task to start: multi-GPU runs by GPU count, then everything by training FLOPs, largest first."""
-    return (-max(1.0, pack_gpus(unit)), -sum(spec.derived()["flops"] for spec, _ in unit))
+    return (-max(1.0, pack_gpus(unit)), -_work([spec for spec, _ in unit]))
+
+
+def _work(specs: list[RunSpec]) -> float:
+    """Estimated work of a task: its runs' training FLOPs (what starts first, and how loaded a GPU is)."""
+    return sum(spec.derived()["flops"] for spec in specs)
 
 
 def init_ray(opts: LaunchOptions):
@@ -604,6 +609,13 @@ def init_ray(opts: LaunchOptions):
     return ray
 
 
+def host_gpus() -> int:
+    """How many GPUs this host's PyTorch sees (0 without CUDA)."""
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
 def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
     """Fail in seconds on a host:port where nothing listens; Ray itself retries such an address for minutes."""
     host, sep, port = address.removeprefix("ray://").rpartition(":")
@@ -619,6 +631,9 @@ def launch(plans: list[Plan], opts: LaunchOptions, view: LaunchView) -> LaunchRe
     """Register the plans, then train every selected run that is not done; returns per-run outcomes."""
     if opts.address and not _ray_running():
         _check_reachable(opts.address)  # before anything is written
+    if opts.num_gpus and not opts.cpu and not opts.address and opts.num_gpus > host_gpus():
+        # Ray would believe the count and hand tasks GPUs that do not exist.
+        raise LaunchError(f"--num-gpus {opts.num_gpus}: this host has {host_gpus()} GPU(s)")
     engine = open_db(opts.db_url, create=True)
     try:
         add_plans(engine, plans)
