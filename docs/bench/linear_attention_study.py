@@ -6,6 +6,7 @@ flash-linear-attention. On a GPU (bf16, H 8, K = V = 128):
     python docs/bench/linear_attention_study.py settings channel 16 2048 A,intra,dqk,walk,out,cumsum
     python docs/bench/linear_attention_study.py walks                    # walk settings, long forward and fwd+bwd
     python docs/bench/linear_attention_study.py side ours|constant|channel   # ours, or fla's constant / per-channel
+    python docs/bench/linear_attention_study.py paths                    # per channel: whole chunks vs sub-blocks
 """
 
 import itertools
@@ -159,6 +160,17 @@ def side(which: str) -> None:
             print(name, which, batch, time_, f"{ms:.3f}", flush=True)
 
 
+def paths() -> None:
+    """Per-channel ms on the benchmark's own decays, as chosen (whole chunks inline where mild) and with every chunk
+    forced through the 16 x 16 sub-blocks (CHUNK_SPAN_LIMIT = 0), the path that strong decays take."""
+    shapes = ((16, 2048, True), (4, 8192, True), (1, 32768, True), (1, 131072, False), (1, 1048576, False))
+    for label, limit in (("as chosen", tc.CHUNK_SPAN_LIMIT), ("sub-blocks", 0.0)):
+        tc.CHUNK_SPAN_LIMIT = limit
+        for batch, time_, backward in shapes:
+            ms = _time_one(_ours("triton"), "ours triton", "channel", batch, time_, backward, False)
+            print("paths", label, batch, time_, "fwd+bwd" if backward else "fwd", f"{ms:.3f}", flush=True)
+
+
 if __name__ == "__main__":
     command, args = sys.argv[1], sys.argv[2:]
     if command == "profile":
@@ -169,5 +181,7 @@ if __name__ == "__main__":
         walks()
     elif command == "side":
         side(args[0])
+    elif command == "paths":
+        paths()
     else:
         sys.exit(__doc__)

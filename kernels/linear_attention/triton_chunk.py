@@ -50,6 +50,13 @@ FP32_DOT_PRECISION = "tf32x3"
 #: tf32x3 for fp32 inputs), so that no factor exceeds e^SPAN_LIMIT; beyond it (very strong decays) they are
 #: summed elementwise, column by column.
 SPAN_LIMIT = 40.0
+#: Per-channel decay, whole chunks: when a chunk's total log decay stays above -CHUNK_SPAN_LIMIT in every channel,
+#: its intra-chunk matrix is one dot of operands rescaled around the midpoint of that range, computed inline as
+#: for the scalar forms; otherwise it goes through the 16 x 16 sub-blocks of `_chunk_A_kernel` and
+#: `_intra_bwd_kernel`. The factors stay within e^(+-60) (1e26 to 1e-26), far inside the fp32 and bf16 range
+#: (fp16 inputs rescale in fp32); every kept product is a true term, so the rescaling costs no precision. Log
+#: gates of models (log-sigmoid of unit-scale logits, about -0.8 per token) span about -50 to -70 over a chunk.
+CHUNK_SPAN_LIMIT = 120.0
 
 
 def _interpreting() -> bool:
@@ -124,6 +131,18 @@ def _row_log_decay(a_ptr, b_ptr, i_b, i_h, t0, row, Tp, H: tl.constexpr, K: tl.c
 
 
 @triton.jit
+def _chunk_is_mild(b_ptr, i_b, i_h, t0, last, Tp, H: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
+                   CSPAN: tl.constexpr):
+    """Per-channel decay: whether the chunk's total log decay (b at its last row) is above -CSPAN in every channel.
+
+    b falls monotonically within a chunk (log decays are <= 0), so its last row bounds every channel's range.
+    """
+    offs = tl.arange(0, KP)
+    b_last = tl.load(b_ptr + ((i_b * Tp + t0 + last) * H + i_h) * K + offs, mask=offs < K, other=0.0)
+    return tl.min(b_last, axis=0) > -CSPAN
+
+
+@triton.jit
 def _state_ptrs(ptr, slab, K: tl.constexpr, V: tl.constexpr, k0, v0, BK: tl.constexpr, BV: tl.constexpr,
                 TRANS: tl.constexpr):
     """Pointers and mask for a (BK, BV) tile of (K, V) state number `slab`; (BV, BK) if TRANS."""
@@ -167,6 +186,29 @@ def _chunk_cumsum_kernel(x_ptr, y_ptr, T_in, T_out, H: tl.constexpr, K: tl.const
     i_b, i_h = i_bh // H, i_bh % H
     x = _load(x_ptr, i_b, i_h, i_n * BT, T_in, H, K, i_k * BK, BT, BK, False).to(tl.float32)
     _store(y_ptr, tl.cumsum(x, axis=0, reverse=REVERSE), i_b, i_h, i_n * BT, T_out, H, K, i_k * BK, BT, BK)
+
+
+@triton.jit
+def _gate_kernel(q_ptr, k_ptr, b_ptr, qg_ptr, kg_ptr, T, Tp, H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr,
+                 BK: tl.constexpr, CSPAN: tl.constexpr):
+    """Per-channel decay: qg = q e^(b - m), kg = k e^(m - b), m = b_last / 2, for one chunk and K tile.
+
+    What mild chunks (`_chunk_is_mild`) multiply instead of q, k and b: A = qg kg^T (masked), q e^b = qg e^m,
+    k e^(b_last - b) = kg e^m. Strong chunks never read them; their exponents are clipped so they stay finite.
+    """
+    i_n, i_k, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    i_b, i_h = i_bh // H, i_bh % H
+    t0 = i_n * BT
+    k0 = i_k * BK
+    last = tl.minimum(T - t0, BT) - 1
+    b = _load(b_ptr, i_b, i_h, t0, Tp, H, K, k0, BT, BK, False)
+    mid = 0.5 * tl.load(b_ptr + ((i_b * Tp + t0 + last) * H + i_h) * K + k0 + tl.arange(0, BK),
+                        mask=(k0 + tl.arange(0, BK)) < K, other=0.0)
+    e = tl.minimum(tl.maximum(b - mid[None, :], -0.5 * CSPAN), 0.5 * CSPAN)
+    q = _load(q_ptr, i_b, i_h, t0, T, H, K, k0, BT, BK, False).to(tl.float32)
+    k = _load(k_ptr, i_b, i_h, t0, T, H, K, k0, BT, BK, False).to(tl.float32)
+    _store(qg_ptr, q * tl.exp(e), i_b, i_h, t0, T, H, K, k0, BT, BK)
+    _store(kg_ptr, k * tl.exp(-e), i_b, i_h, t0, T, H, K, k0, BT, BK)
 
 
 @triton.jit
@@ -260,143 +302,191 @@ def _group_scan_kernel(total_ptr, gsum_ptr, h0_ptr, start_ptr, NS, K: tl.constex
 
 @triton.jit
 def _chunk_A_kernel(q_ptr, k_ptr, b_ptr, A_ptr, T, Tp, NT, H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr,
-                    BC: tl.constexpr, BK: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, SPAN: tl.constexpr):
-    """Rows [m BC, (m + 1) BC) of A_ij = sum_c q_ic k_jc e^(b_ic - b_jc) (j <= i, else 0) for per-channel decay."""
+                    BC: tl.constexpr, BK: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, SPAN: tl.constexpr,
+                    KP: tl.constexpr, CSPAN: tl.constexpr):
+    """Rows [m BC, (m + 1) BC) of A_ij = sum_c q_ic k_jc e^(b_ic - b_jc) (j <= i, else 0) for per-channel decay.
+
+    Only for chunks of strong decay: the others (`_chunk_is_mild`) get A inline in the kernels that use it.
+    """
     i_nm, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
     i_b, i_h = i_bh // H, i_bh % H
     i_n, i_m = i_nm // (BT // BC), i_nm % (BT // BC)
     t0 = i_n * BT
     r0 = i_m * BC
-    cols = tl.arange(0, BT)
-    sub = tl.arange(0, BC)
-    # Reference row just before this block: keys before it decay to it, queries decay from it.
-    ref = r0 - 1  # used only past the first block
-    acc = tl.zeros([BC, BT], dtype=tl.float32)
-    acc_diag = tl.zeros([BC, BC], dtype=tl.float32)
-    for i_k in range(0, tl.cdiv(K, BK)):
-        k0 = i_k * BK
-        offs_k = k0 + tl.arange(0, BK)
-        q = _load(q_ptr, i_b, i_h, t0 + r0, T, H, K, k0, BC, BK, False).to(tl.float32)
-        b_q = _rows_log_decay(q_ptr, b_ptr, i_b, i_h, t0, r0, 0, Tp, H, K, k0, BC, BK, 2, False)
-        if r0 > 0:  # the first block has no earlier keys
-            b_ref = _row_log_decay(q_ptr, b_ptr, i_b, i_h, t0, ref, Tp, H, K, offs_k, 2)
-            kt = _load(k_ptr, i_b, i_h, t0, T, H, K, k0, BT, BK, True).to(tl.float32)
-            b_kt = _rows_log_decay(q_ptr, b_ptr, i_b, i_h, t0, 0, 0, Tp, H, K, k0, BT, BK, 2, True)
-            kt = kt * tl.exp(tl.where((cols < r0)[None, :], b_ref[:, None] - b_kt, float("-inf")))
-            acc += tl.dot((q * tl.exp(b_q - b_ref[None, :])).to(DT), kt.to(DT), input_precision=PREC)
-        if tl.max(tl.max(b_q, axis=0) - tl.min(b_q, axis=0), axis=0) < SPAN:
-            # Around the block's first row: q e^(b_i - b_r0) <= |q|, k e^(b_r0 - b_j) <= |k| e^SPAN.
-            b_r0 = _row_log_decay(q_ptr, b_ptr, i_b, i_h, t0, r0, Tp, H, K, offs_k, 2)
-            kt_m = _load(k_ptr, i_b, i_h, t0 + r0, T, H, K, k0, BC, BK, True).to(tl.float32)
-            b_kt_m = _rows_log_decay(q_ptr, b_ptr, i_b, i_h, t0, r0, 0, Tp, H, K, k0, BC, BK, 2, True)
-            d = tl.dot(q * tl.exp(b_q - b_r0[None, :]), kt_m * tl.exp(b_r0[:, None] - b_kt_m),
-                       input_precision=PREC)
-            acc_diag += tl.where(sub[:, None] >= sub[None, :], d, 0.0)
-        else:
-            # Elementwise, one key column at a time: every exp() argument <= 0.
-            for j in tl.static_range(BC):
-                t_j = t0 + r0 + j
-                # The row test is broadcast to a vector first: scalar & vector masks trip the interpreter.
-                row_mask = (offs_k < K) & ((t_j + 0 * offs_k) < T)
-                k_j = tl.load(k_ptr + ((i_b * T + t_j) * H + i_h) * K + offs_k, mask=row_mask,
-                              other=0.0).to(tl.float32)
-                b_j = _row_log_decay(q_ptr, b_ptr, i_b, i_h, t0, r0 + j, Tp, H, K, offs_k, 2)
-                e = tl.exp(tl.where((sub >= j)[:, None], b_q - b_j[None, :], float("-inf")))
-                col = tl.sum(q * k_j[None, :] * e, axis=1)
-                acc_diag += tl.where((sub == j)[None, :], col[:, None], 0.0)
-    base = A_ptr + (i_bh * NT + i_n) * BT * BT + (r0 + sub)[:, None] * BT
-    # Two stores with disjoint masks: the diagonal block comes from acc_diag, the rest (zeros past it) from acc.
-    off_diag = (cols < r0) | (cols >= r0 + BC)
-    tl.store(base + cols[None, :], acc, mask=off_diag[None, :])
-    tl.store(base + r0 + sub[None, :], acc_diag)
+    last = tl.minimum(T - t0, BT) - 1
+    if not _chunk_is_mild(b_ptr, i_b, i_h, t0, last, Tp, H, K, KP, CSPAN):
+        cols = tl.arange(0, BT)
+        sub = tl.arange(0, BC)
+        # Reference row just before this block: keys before it decay to it, queries decay from it.
+        ref = r0 - 1  # used only past the first block
+        acc = tl.zeros([BC, BT], dtype=tl.float32)
+        acc_diag = tl.zeros([BC, BC], dtype=tl.float32)
+        for i_k in range(0, tl.cdiv(K, BK)):
+            k0 = i_k * BK
+            offs_k = k0 + tl.arange(0, BK)
+            q = _load(q_ptr, i_b, i_h, t0 + r0, T, H, K, k0, BC, BK, False).to(tl.float32)
+            b_q = _rows_log_decay(q_ptr, b_ptr, i_b, i_h, t0, r0, 0, Tp, H, K, k0, BC, BK, 2, False)
+            if r0 > 0:  # the first block has no earlier keys
+                b_ref = _row_log_decay(q_ptr, b_ptr, i_b, i_h, t0, ref, Tp, H, K, offs_k, 2)
+                kt = _load(k_ptr, i_b, i_h, t0, T, H, K, k0, BT, BK, True).to(tl.float32)
+                b_kt = _rows_log_decay(q_ptr, b_ptr, i_b, i_h, t0, 0, 0, Tp, H, K, k0, BT, BK, 2, True)
+                kt = kt * tl.exp(tl.where((cols < r0)[None, :], b_ref[:, None] - b_kt, float("-inf")))
+                acc += tl.dot((q * tl.exp(b_q - b_ref[None, :])).to(DT), kt.to(DT), input_precision=PREC)
+            if tl.max(tl.max(b_q, axis=0) - tl.min(b_q, axis=0), axis=0) < SPAN:
+                # Around the block's first row: q e^(b_i - b_r0) <= |q|, k e^(b_r0 - b_j) <= |k| e^SPAN.
+                b_r0 = _row_log_decay(q_ptr, b_ptr, i_b, i_h, t0, r0, Tp, H, K, offs_k, 2)
+                kt_m = _load(k_ptr, i_b, i_h, t0 + r0, T, H, K, k0, BC, BK, True).to(tl.float32)
+                b_kt_m = _rows_log_decay(q_ptr, b_ptr, i_b, i_h, t0, r0, 0, Tp, H, K, k0, BC, BK, 2, True)
+                d = tl.dot(q * tl.exp(b_q - b_r0[None, :]), kt_m * tl.exp(b_r0[:, None] - b_kt_m),
+                           input_precision=PREC)
+                acc_diag += tl.where(sub[:, None] >= sub[None, :], d, 0.0)
+            else:
+                # Elementwise, one key column at a time: every exp() argument <= 0.
+                for j in tl.static_range(BC):
+                    t_j = t0 + r0 + j
+                    # The row test is broadcast to a vector first: scalar & vector masks trip the interpreter.
+                    row_mask = (offs_k < K) & ((t_j + 0 * offs_k) < T)
+                    k_j = tl.load(k_ptr + ((i_b * T + t_j) * H + i_h) * K + offs_k, mask=row_mask,
+                                  other=0.0).to(tl.float32)
+                    b_j = _row_log_decay(q_ptr, b_ptr, i_b, i_h, t0, r0 + j, Tp, H, K, offs_k, 2)
+                    e = tl.exp(tl.where((sub >= j)[:, None], b_q - b_j[None, :], float("-inf")))
+                    col = tl.sum(q * k_j[None, :] * e, axis=1)
+                    acc_diag += tl.where((sub == j)[None, :], col[:, None], 0.0)
+        base = A_ptr + (i_bh * NT + i_n) * BT * BT + (r0 + sub)[:, None] * BT
+        # Two stores with disjoint masks: the diagonal block comes from acc_diag, the rest (zeros past it) from acc.
+        off_diag = (cols < r0) | (cols >= r0 + BC)
+        tl.store(base + cols[None, :], acc, mask=off_diag[None, :])
+        tl.store(base + r0 + sub[None, :], acc_diag)
 
 
 @triton.jit
-def _output_kernel(q_ptr, k_ptr, v_ptr, o_ptr, a_ptr, b_ptr, A_ptr, h_ptr, T, Tp, NT, scale, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
-                   BV: tl.constexpr, DECAY: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
-    """o = scale (q e^b h + A v) for one chunk and V tile; A from the A kernel, or (q k^T) e^(b_i - b_j) inline."""
+def _output_kernel(q_ptr, k_ptr, v_ptr, o_ptr, a_ptr, b_ptr, A_ptr, h_ptr, qg_ptr, kg_ptr, T, Tp, NT, scale,
+                   H: tl.constexpr,
+                   K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                   DECAY: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, KP: tl.constexpr,
+                   CSPAN: tl.constexpr, RDT: tl.constexpr):
+    """o = scale (q e^b h + A v) for one chunk and V tile; A inline, or from the A kernel for strong per-channel decay.
+
+    Scalar decays: A = (q k^T) e^(b_i - b_j). Per channel, mild chunk: A = qg kg^T from `_gate_kernel`, whose
+    factors reach e^(CSPAN / 2): RDT operands (fp32 for fp16 inputs, whose range that would overflow).
+    """
     i_n, i_v, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     i_b, i_h = i_bh // H, i_bh % H
     t0 = i_n * BT
     v0 = i_v * BV
     last = tl.minimum(T - t0, BT) - 1
     rows = tl.arange(0, BT)
+    causal = rows[:, None] >= rows[None, :]
+    mild = True
+    if DECAY == 2:
+        mild = _chunk_is_mild(b_ptr, i_b, i_h, t0, last, Tp, H, K, KP, CSPAN)
     acc = tl.zeros([BT, BV], dtype=tl.float32)
     acc_a = tl.zeros([BT, BT], dtype=tl.float32)
     for i_k in range(0, tl.cdiv(K, BK)):
         k0 = i_k * BK
-        q = _load(q_ptr, i_b, i_h, t0, T, H, K, k0, BT, BK, False)
         h = _load_st(h_ptr, i_bh * NT + i_n, K, V, k0, v0, BK, BV, False)
         if DECAY == 2:
-            b = _rows_log_decay(a_ptr, b_ptr, i_b, i_h, t0, 0, last, Tp, H, K, k0, BT, BK, DECAY, False)
-            acc += tl.dot((q.to(tl.float32) * tl.exp(b)).to(DT), h.to(DT), input_precision=PREC)
+            if mild:
+                # q e^b h = qg (e^m h): the factor goes on the state's rows.
+                mid = 0.5 * _row_log_decay(a_ptr, b_ptr, i_b, i_h, t0, last, Tp, H, K, k0 + tl.arange(0, BK), DECAY)
+                qg = _load(qg_ptr, i_b, i_h, t0, T, H, K, k0, BT, BK, False)
+                kgt = _load(kg_ptr, i_b, i_h, t0, T, H, K, k0, BT, BK, True)
+                acc += tl.dot(qg.to(RDT), (h.to(tl.float32) * tl.exp(mid)[:, None]).to(RDT), input_precision=PREC)
+                acc_a += tl.dot(qg.to(RDT), kgt.to(RDT), input_precision=PREC)
+            else:
+                q = _load(q_ptr, i_b, i_h, t0, T, H, K, k0, BT, BK, False)
+                b = _rows_log_decay(a_ptr, b_ptr, i_b, i_h, t0, 0, last, Tp, H, K, k0, BT, BK, DECAY, False)
+                acc += tl.dot((q.to(tl.float32) * tl.exp(b)).to(DT), h.to(DT), input_precision=PREC)
         else:
+            q = _load(q_ptr, i_b, i_h, t0, T, H, K, k0, BT, BK, False)
             acc += tl.dot(q.to(DT), h.to(DT), input_precision=PREC)
             kt = _load(k_ptr, i_b, i_h, t0, T, H, K, k0, BT, BK, True)
             acc_a += tl.dot(q.to(DT), kt.to(DT), input_precision=PREC)
     v = _load(v_ptr, i_b, i_h, t0, T, H, V, v0, BT, BV, False)
     if DECAY == 2:
-        a_mat = tl.load(A_ptr + (i_bh * NT + i_n) * BT * BT + rows[:, None] * BT + rows[None, :])
+        if mild:
+            # Above the diagonal the products can reach e^CSPAN and overflow: selected away, never multiplied.
+            a_mat = tl.where(causal, acc_a, 0.0)
+        else:
+            a_mat = tl.load(A_ptr + (i_bh * NT + i_n) * BT * BT + rows[:, None] * BT + rows[None, :])
     else:
         b = _rows_log_decay(a_ptr, b_ptr, i_b, i_h, t0, 0, last, Tp, H, K, 0, BT, BK, DECAY, False)
         acc = acc * tl.exp(b)[:, None]
-        causal = rows[:, None] >= rows[None, :]
         a_mat = acc_a * tl.exp(tl.where(causal, b[:, None] - b[None, :], float("-inf")))
     acc += tl.dot(a_mat.to(DT), v.to(DT), input_precision=PREC)
     _store(o_ptr, acc * scale, i_b, i_h, t0, T, H, V, v0, BT, BV)
 
 
 @triton.jit
-def _dv_kernel(q_ptr, k_ptr, do_ptr, dv_ptr, a_ptr, b_ptr, A_ptr, dh_ptr, T, Tp, NT, scale, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
-               BV: tl.constexpr, DECAY: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
-    """dv = scale A^T do + (k e^(b_last - b)) dh_next for one chunk and V tile."""
+def _dv_kernel(q_ptr, k_ptr, do_ptr, dv_ptr, a_ptr, b_ptr, A_ptr, dh_ptr, qg_ptr, kg_ptr, T, Tp, NT, scale,
+               H: tl.constexpr,
+               K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+               DECAY: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, KP: tl.constexpr, CSPAN: tl.constexpr,
+               RDT: tl.constexpr):
+    """dv = scale A^T do + (k e^(b_last - b)) dh_next for one chunk and V tile; A^T made as `_output_kernel` makes A."""
     i_n, i_v, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     i_b, i_h = i_bh // H, i_bh % H
     t0 = i_n * BT
     v0 = i_v * BV
     last = tl.minimum(T - t0, BT) - 1
     rows = tl.arange(0, BT)
+    # Row j, column i: A_ij for i >= j.
+    later = rows[None, :] >= rows[:, None]
+    mild = True
+    if DECAY == 2:
+        mild = _chunk_is_mild(b_ptr, i_b, i_h, t0, last, Tp, H, K, KP, CSPAN)
     acc = tl.zeros([BT, BV], dtype=tl.float32)
     acc_at = tl.zeros([BT, BT], dtype=tl.float32)
     for i_k in range(0, tl.cdiv(K, BK)):
         k0 = i_k * BK
-        k = _load(k_ptr, i_b, i_h, t0, T, H, K, k0, BT, BK, False)
         dh = _load_st(dh_ptr, i_bh * NT + i_n, K, V, k0, v0, BK, BV, False)
         if DECAY == 2:
-            b = _rows_log_decay(a_ptr, b_ptr, i_b, i_h, t0, 0, last, Tp, H, K, k0, BT, BK, DECAY, False)
             b_last = _row_log_decay(a_ptr, b_ptr, i_b, i_h, t0, last, Tp, H, K, k0 + tl.arange(0, BK), DECAY)
-            kg = k.to(tl.float32) * tl.exp(b_last[None, :] - b)
-            acc += tl.dot(kg.to(DT), dh.to(DT), input_precision=PREC)
+            if mild:
+                # k e^(b_last - b) = kg e^m (m = b_last / 2): the factor goes on dh's rows.
+                kg = _load(kg_ptr, i_b, i_h, t0, T, H, K, k0, BT, BK, False)
+                qgt = _load(qg_ptr, i_b, i_h, t0, T, H, K, k0, BT, BK, True)
+                acc += tl.dot(kg.to(RDT), (dh.to(tl.float32) * tl.exp(0.5 * b_last)[:, None]).to(RDT),
+                              input_precision=PREC)
+                acc_at += tl.dot(kg.to(RDT), qgt.to(RDT), input_precision=PREC)
+            else:
+                k = _load(k_ptr, i_b, i_h, t0, T, H, K, k0, BT, BK, False)
+                b = _rows_log_decay(a_ptr, b_ptr, i_b, i_h, t0, 0, last, Tp, H, K, k0, BT, BK, DECAY, False)
+                acc += tl.dot((k.to(tl.float32) * tl.exp(b_last[None, :] - b)).to(DT), dh.to(DT),
+                              input_precision=PREC)
         else:
+            k = _load(k_ptr, i_b, i_h, t0, T, H, K, k0, BT, BK, False)
             acc += tl.dot(k.to(DT), dh.to(DT), input_precision=PREC)
             # A^T straight from k and a transposed load of q, never by transposing a dot result.
             qt = _load(q_ptr, i_b, i_h, t0, T, H, K, k0, BT, BK, True)
             acc_at += tl.dot(k.to(DT), qt.to(DT), input_precision=PREC)
     do = _load(do_ptr, i_b, i_h, t0, T, H, V, v0, BT, BV, False)
     if DECAY == 2:
-        # A^T by a transposed load of the stored A.
-        at = tl.load(A_ptr + (i_bh * NT + i_n) * BT * BT + rows[None, :] * BT + rows[:, None])
+        if mild:
+            at = tl.where(later, acc_at, 0.0)
+        else:
+            # A^T by a transposed load of the stored A.
+            at = tl.load(A_ptr + (i_bh * NT + i_n) * BT * BT + rows[None, :] * BT + rows[:, None])
     else:
         b = _rows_log_decay(a_ptr, b_ptr, i_b, i_h, t0, 0, last, Tp, H, K, 0, BT, BK, DECAY, False)
         b_last = _row_log_decay(a_ptr, b_ptr, i_b, i_h, t0, last, Tp, H, K, 0, DECAY)
         acc = acc * tl.exp(b_last - b)[:, None]
-        # Row j, column i: e^(b_i - b_j) for i >= j.
-        later = rows[None, :] >= rows[:, None]
         at = acc_at * tl.exp(tl.where(later, b[None, :] - b[:, None], float("-inf")))
     acc += scale * tl.dot(at.to(DT), do.to(DT), input_precision=PREC)
     _store(dv_ptr, acc, i_b, i_h, t0, T, H, V, v0, BT, BV)
 
 
 @triton.jit
-def _dqk_kernel(q_ptr, k_ptr, v_ptr, do_ptr, dq_ptr, dk_ptr, db_ptr, dA_ptr, a_ptr, b_ptr,
-                h_ptr, dh_ptr, B, T, Tp, NT, scale,
+def _dqk_kernel(q_ptr, k_ptr, v_ptr, do_ptr, dq_ptr, dk_ptr, dq_out_ptr, dk_out_ptr, db_ptr, dA_ptr, a_ptr, b_ptr,
+                h_ptr, dh_ptr, qg_ptr, kg_ptr, B, T, Tp, NT, scale,
                 H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                 BV: tl.constexpr, DECAY: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
-                STORE_DB: tl.constexpr):
-    """dq, dk and db for one chunk and K tile; per-channel decay leaves the intra-chunk part to `_intra_bwd_kernel`.
+                STORE_DB: tl.constexpr, KP: tl.constexpr, CSPAN: tl.constexpr, RDT: tl.constexpr):
+    """dq, dk and db for one chunk and K tile; strong per-channel decay leaves the in-chunk part to `_intra_bwd_kernel`.
 
-    Scalar decays: complete dq, dk and a partial (per K tile) db. Per channel: the inter-chunk parts of dq, dk,
-    db in fp32, and dA = scale do v^T (masked) for the intra kernel.
+    Scalar decays: complete dq, dk (into dq_ptr, dk_ptr) and a partial (per K tile) db. Per channel, a mild chunk:
+    complete dq, dk (into dq_out_ptr, dk_out_ptr) and db; a strong one: the inter-chunk parts of dq, dk, db in fp32
+    (into dq_ptr, dk_ptr) and dA = scale do v^T (masked) for the intra kernel.
     """
     i_n, i_k, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     i_b, i_h = i_bh // H, i_bh % H
@@ -405,6 +495,9 @@ def _dqk_kernel(q_ptr, k_ptr, v_ptr, do_ptr, dq_ptr, dk_ptr, db_ptr, dA_ptr, a_p
     offs_k = k0 + tl.arange(0, BK)
     last = tl.minimum(T - t0, BT) - 1
     rows = tl.arange(0, BT)
+    mild = True
+    if DECAY == 2:
+        mild = _chunk_is_mild(b_ptr, i_b, i_h, t0, last, Tp, H, K, KP, CSPAN)
     acc_dq = tl.zeros([BT, BK], dtype=tl.float32)
     acc_dk = tl.zeros([BT, BK], dtype=tl.float32)
     acc_da = tl.zeros([BT, BT], dtype=tl.float32)
@@ -421,33 +514,46 @@ def _dqk_kernel(q_ptr, k_ptr, v_ptr, do_ptr, dq_ptr, dk_ptr, db_ptr, dA_ptr, a_p
         acc_dk += tl.dot(v.to(DT), dht.to(DT), input_precision=PREC)
         acc_hdh += tl.sum(ht.to(tl.float32) * dht.to(tl.float32), axis=0)
         acc_da += tl.dot(do.to(DT), vt.to(DT), input_precision=PREC)
-        if DECAY != 2:
+        if mild:
             # dA^T straight from v and a transposed load of do, never by transposing acc_da.
             do_t = _load(do_ptr, i_b, i_h, t0, T, H, V, v0, BT, BV, True)
             acc_dat += tl.dot(v.to(DT), do_t.to(DT), input_precision=PREC)
     q = _load(q_ptr, i_b, i_h, t0, T, H, K, k0, BT, BK, False)
     k = _load(k_ptr, i_b, i_h, t0, T, H, K, k0, BT, BK, False)
     causal = rows[:, None] >= rows[None, :]
+    later = rows[None, :] >= rows[:, None]
     is_last = rows == last
     b = _rows_log_decay(a_ptr, b_ptr, i_b, i_h, t0, 0, last, Tp, H, K, k0, BT, BK, DECAY, False)
     b_last = _row_log_decay(a_ptr, b_ptr, i_b, i_h, t0, last, Tp, H, K, offs_k, DECAY)
     if DECAY == 2:
         qf, kf = q.to(tl.float32), k.to(tl.float32)
-        dq = scale * acc_dq * tl.exp(b)
-        dk = acc_dk * tl.exp(b_last[None, :] - b)
-        _store(dq_ptr, dq, i_b, i_h, t0, T, H, K, k0, BT, BK)
-        _store(dk_ptr, dk, i_b, i_h, t0, T, H, K, k0, BT, BK)
+        dq_state = scale * acc_dq * tl.exp(b)
+        dk_state = acc_dk * tl.exp(b_last[None, :] - b)
+        if mild:
+            # As A in `_output_kernel`, through the gated qg and kg; the masks select, never multiply.
+            e = tl.exp(b - 0.5 * b_last[None, :])
+            da = tl.where(causal, scale * acc_da, 0.0)
+            dat = tl.where(later, scale * acc_dat, 0.0)
+            kg = _load(kg_ptr, i_b, i_h, t0, T, H, K, k0, BT, BK, False)
+            qg = _load(qg_ptr, i_b, i_h, t0, T, H, K, k0, BT, BK, False)
+            dq = dq_state + tl.dot(da.to(RDT), kg.to(RDT), input_precision=PREC) * e
+            dk = dk_state + tl.dot(dat.to(RDT), qg.to(RDT), input_precision=PREC) / e
+            _store(dq_out_ptr, dq, i_b, i_h, t0, T, H, K, k0, BT, BK)
+            _store(dk_out_ptr, dk, i_b, i_h, t0, T, H, K, k0, BT, BK)
+        else:
+            dq, dk = dq_state, dk_state
+            _store(dq_ptr, dq, i_b, i_h, t0, T, H, K, k0, BT, BK)
+            _store(dk_ptr, dk, i_b, i_h, t0, T, H, K, k0, BT, BK)
+            if i_k == 0:
+                da_store = tl.where(causal & ((t0 + rows) < T)[:, None], scale * acc_da, 0.0)
+                tl.store(dA_ptr + (i_bh * NT + i_n) * BT * BT + rows[:, None] * BT + rows[None, :], da_store)
         if STORE_DB:
-            d_last = tl.exp(b_last) * acc_hdh + tl.sum(kf * dk, axis=0)
+            d_last = tl.exp(b_last) * acc_hdh + tl.sum(kf * dk_state, axis=0)
             db = qf * dq - kf * dk + tl.where(is_last[:, None], d_last[None, :], 0.0)
             _store(db_ptr, db, i_b, i_h, t0, Tp, H, K, k0, BT, BK)
-        if i_k == 0:
-            da = tl.where(causal & ((t0 + rows) < T)[:, None], scale * acc_da, 0.0)
-            tl.store(dA_ptr + (i_bh * NT + i_n) * BT * BT + rows[:, None] * BT + rows[None, :], da)
     else:
         dk_state = acc_dk * tl.exp(b_last - b)[:, None]
         da = acc_da * tl.exp(tl.where(causal, b[:, None] - b[None, :], float("-inf")))
-        later = rows[None, :] >= rows[:, None]
         dat = acc_dat * tl.exp(tl.where(later, b[None, :] - b[:, None], float("-inf")))
         dq = scale * (acc_dq * tl.exp(b)[:, None] + tl.dot(da.to(DT), k.to(DT), input_precision=PREC))
         dk = dk_state + scale * tl.dot(dat.to(DT), q.to(DT), input_precision=PREC)
@@ -463,8 +569,10 @@ def _dqk_kernel(q_ptr, k_ptr, v_ptr, do_ptr, dq_ptr, dk_ptr, db_ptr, dA_ptr, a_p
 @triton.jit
 def _intra_bwd_kernel(q_ptr, k_ptr, dq_ptr, dk_ptr, dq_out_ptr, dk_out_ptr, db_ptr, dA_ptr, b_ptr, T, Tp, NT,
                       H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
-                      DT: tl.constexpr, PREC: tl.constexpr, STORE_DB: tl.constexpr, SPAN: tl.constexpr):
-    """Per-channel decay: add the intra-chunk parts of dq, dk (and db) for rows [m BC, (m + 1) BC) and a K tile.
+                      DT: tl.constexpr, PREC: tl.constexpr, STORE_DB: tl.constexpr, SPAN: tl.constexpr,
+                      KP: tl.constexpr, CSPAN: tl.constexpr):
+    """Per-channel decay, chunks of strong decay only: add the intra-chunk parts of dq, dk (and db) for rows
+    [m BC, (m + 1) BC) and a K tile (`_dqk_kernel` completes the mild chunks itself).
 
     dq_i += sum_{j<=i} dA_ij k_j e^(b_i - b_j), dk_j += sum_{i>=j} dA_ij q_i e^(b_i - b_j); off the diagonal
     block through a reference row between i and j, on it as in `_chunk_A_kernel` (a dot, or elementwise).
@@ -475,76 +583,78 @@ def _intra_bwd_kernel(q_ptr, k_ptr, dq_ptr, dk_ptr, dq_out_ptr, dk_out_ptr, db_p
     t0 = i_n * BT
     r0 = i_m * BC
     k0 = i_k * BK
-    offs_k = k0 + tl.arange(0, BK)
-    cols = tl.arange(0, BT)
-    sub = tl.arange(0, BC)
-    dA_base = dA_ptr + (i_bh * NT + i_n) * BT * BT
+    last = tl.minimum(T - t0, BT) - 1
+    if not _chunk_is_mild(b_ptr, i_b, i_h, t0, last, Tp, H, K, KP, CSPAN):
+        offs_k = k0 + tl.arange(0, BK)
+        cols = tl.arange(0, BT)
+        sub = tl.arange(0, BC)
+        dA_base = dA_ptr + (i_bh * NT + i_n) * BT * BT
 
-    b_m = _rows_log_decay(q_ptr, b_ptr, i_b, i_h, t0, r0, 0, Tp, H, K, k0, BC, BK, 2, False)
-    b = _rows_log_decay(q_ptr, b_ptr, i_b, i_h, t0, 0, 0, Tp, H, K, k0, BT, BK, 2, False)
+        b_m = _rows_log_decay(q_ptr, b_ptr, i_b, i_h, t0, r0, 0, Tp, H, K, k0, BC, BK, 2, False)
+        b = _rows_log_decay(q_ptr, b_ptr, i_b, i_h, t0, 0, 0, Tp, H, K, k0, BT, BK, 2, False)
 
-    dq = tl.zeros([BC, BK], dtype=tl.float32)
-    dk = tl.zeros([BC, BK], dtype=tl.float32)
-    # dq, keys in earlier blocks (none for the first): decay them to the row before this block, then from there
-    # to the query.
-    if r0 > 0:
-        ref = r0 - 1
+        dq = tl.zeros([BC, BK], dtype=tl.float32)
+        dk = tl.zeros([BC, BK], dtype=tl.float32)
+        # dq, keys in earlier blocks (none for the first): decay them to the row before this block, then from there
+        # to the query.
+        if r0 > 0:
+            ref = r0 - 1
+            b_ref = _row_log_decay(q_ptr, b_ptr, i_b, i_h, t0, ref, Tp, H, K, offs_k, 2)
+            k = _load(k_ptr, i_b, i_h, t0, T, H, K, k0, BT, BK, False).to(tl.float32)
+            k_ref = k * tl.exp(tl.where((cols < r0)[:, None], b_ref[None, :] - b, float("-inf")))
+            da_rows = tl.load(dA_base + (r0 + sub)[:, None] * BT + cols[None, :])
+            dq += tl.dot(da_rows.to(DT), k_ref.to(DT), input_precision=PREC) * tl.exp(b_m - b_ref[None, :])
+        # dk, queries in later blocks (none for the last): decay from the block's last row on; dA^T by a transposed
+        # load.
+        ref = r0 + BC - 1
         b_ref = _row_log_decay(q_ptr, b_ptr, i_b, i_h, t0, ref, Tp, H, K, offs_k, 2)
-        k = _load(k_ptr, i_b, i_h, t0, T, H, K, k0, BT, BK, False).to(tl.float32)
-        k_ref = k * tl.exp(tl.where((cols < r0)[:, None], b_ref[None, :] - b, float("-inf")))
-        da_rows = tl.load(dA_base + (r0 + sub)[:, None] * BT + cols[None, :])
-        dq += tl.dot(da_rows.to(DT), k_ref.to(DT), input_precision=PREC) * tl.exp(b_m - b_ref[None, :])
-    # dk, queries in later blocks (none for the last): decay from the block's last row on; dA^T by a transposed
-    # load.
-    ref = r0 + BC - 1
-    b_ref = _row_log_decay(q_ptr, b_ptr, i_b, i_h, t0, ref, Tp, H, K, offs_k, 2)
-    if ref < BT - 1:
-        q = _load(q_ptr, i_b, i_h, t0, T, H, K, k0, BT, BK, False).to(tl.float32)
-        q_ref = q * tl.exp(tl.where((cols > ref)[:, None], b - b_ref[None, :], float("-inf")))
-        dat_rows = tl.load(dA_base + cols[None, :] * BT + (r0 + sub)[:, None])
-        dk += tl.dot(dat_rows.to(DT), q_ref.to(DT), input_precision=PREC) * tl.exp(b_ref[None, :] - b_m)
-    if tl.max(tl.max(b_m, axis=0) - tl.min(b_m, axis=0), axis=0) < SPAN:
-        # Around the block's first row for dq and its last row for dk, as in `_chunk_A_kernel`: no factor above
-        # e^SPAN. dA and its transpose are loaded as such, lower triangle only.
-        b_r0 = _row_log_decay(q_ptr, b_ptr, i_b, i_h, t0, r0, Tp, H, K, offs_k, 2)
-        k_m = _load(k_ptr, i_b, i_h, t0 + r0, T, H, K, k0, BC, BK, False).to(tl.float32)
-        q_m = _load(q_ptr, i_b, i_h, t0 + r0, T, H, K, k0, BC, BK, False).to(tl.float32)
-        on_or_below = sub[:, None] >= sub[None, :]
-        da_blk = tl.load(dA_base + (r0 + sub)[:, None] * BT + (r0 + sub)[None, :], mask=on_or_below, other=0.0)
-        dat_blk = tl.load(dA_base + (r0 + sub)[None, :] * BT + (r0 + sub)[:, None],
-                          mask=sub[:, None] <= sub[None, :], other=0.0)
-        k_up = k_m * tl.exp(b_r0[None, :] - b_m)  # up to |k| e^SPAN
-        dq += tl.dot(da_blk, k_up, input_precision=PREC) * tl.exp(b_m - b_r0[None, :])
-        q_up = q_m * tl.exp(b_m - b_ref[None, :])  # up to |q| e^SPAN
-        dk += tl.dot(dat_blk, q_up, input_precision=PREC) * tl.exp(b_ref[None, :] - b_m)
-    else:
-        # Elementwise, one column (for dq) and one row (for dk) at a time: every exp() argument <= 0.
-        for j in tl.static_range(BC):
-            r = r0 + j
-            t_r = t0 + r
-            row_mask = (offs_k < K) & ((t_r + 0 * offs_k) < T)  # vector & vector, as in `_chunk_A_kernel`
-            k_j = tl.load(k_ptr + ((i_b * T + t_r) * H + i_h) * K + offs_k, mask=row_mask, other=0.0).to(tl.float32)
-            q_j = tl.load(q_ptr + ((i_b * T + t_r) * H + i_h) * K + offs_k, mask=row_mask, other=0.0).to(tl.float32)
-            b_j = _row_log_decay(q_ptr, b_ptr, i_b, i_h, t0, r, Tp, H, K, offs_k, 2)
-            da_col = tl.load(dA_base + (r0 + sub) * BT + r)  # dA[i, r] for i in the block
-            da_row = tl.load(dA_base + r * BT + r0 + sub)  # dA[r, j] for j in the block
-            e_q = tl.exp(tl.where((sub >= j)[:, None], b_m - b_j[None, :], float("-inf")))
-            dq += da_col[:, None] * k_j[None, :] * e_q
-            e_k = tl.exp(tl.where((sub <= j)[:, None], b_j[None, :] - b_m, float("-inf")))
-            dk += da_row[:, None] * q_j[None, :] * e_k
+        if ref < BT - 1:
+            q = _load(q_ptr, i_b, i_h, t0, T, H, K, k0, BT, BK, False).to(tl.float32)
+            q_ref = q * tl.exp(tl.where((cols > ref)[:, None], b - b_ref[None, :], float("-inf")))
+            dat_rows = tl.load(dA_base + cols[None, :] * BT + (r0 + sub)[:, None])
+            dk += tl.dot(dat_rows.to(DT), q_ref.to(DT), input_precision=PREC) * tl.exp(b_ref[None, :] - b_m)
+        if tl.max(tl.max(b_m, axis=0) - tl.min(b_m, axis=0), axis=0) < SPAN:
+            # Around the block's first row for dq and its last row for dk, as in `_chunk_A_kernel`: no factor above
+            # e^SPAN. dA and its transpose are loaded as such, lower triangle only.
+            b_r0 = _row_log_decay(q_ptr, b_ptr, i_b, i_h, t0, r0, Tp, H, K, offs_k, 2)
+            k_m = _load(k_ptr, i_b, i_h, t0 + r0, T, H, K, k0, BC, BK, False).to(tl.float32)
+            q_m = _load(q_ptr, i_b, i_h, t0 + r0, T, H, K, k0, BC, BK, False).to(tl.float32)
+            on_or_below = sub[:, None] >= sub[None, :]
+            da_blk = tl.load(dA_base + (r0 + sub)[:, None] * BT + (r0 + sub)[None, :], mask=on_or_below, other=0.0)
+            dat_blk = tl.load(dA_base + (r0 + sub)[None, :] * BT + (r0 + sub)[:, None],
+                              mask=sub[:, None] <= sub[None, :], other=0.0)
+            k_up = k_m * tl.exp(b_r0[None, :] - b_m)  # up to |k| e^SPAN
+            dq += tl.dot(da_blk, k_up, input_precision=PREC) * tl.exp(b_m - b_r0[None, :])
+            q_up = q_m * tl.exp(b_m - b_ref[None, :])  # up to |q| e^SPAN
+            dk += tl.dot(dat_blk, q_up, input_precision=PREC) * tl.exp(b_ref[None, :] - b_m)
+        else:
+            # Elementwise, one column (for dq) and one row (for dk) at a time: every exp() argument <= 0.
+            for j in tl.static_range(BC):
+                r = r0 + j
+                t_r = t0 + r
+                row_mask = (offs_k < K) & ((t_r + 0 * offs_k) < T)  # vector & vector, as in `_chunk_A_kernel`
+                k_j = tl.load(k_ptr + ((i_b * T + t_r) * H + i_h) * K + offs_k, mask=row_mask, other=0.0).to(tl.float32)
+                q_j = tl.load(q_ptr + ((i_b * T + t_r) * H + i_h) * K + offs_k, mask=row_mask, other=0.0).to(tl.float32)
+                b_j = _row_log_decay(q_ptr, b_ptr, i_b, i_h, t0, r, Tp, H, K, offs_k, 2)
+                da_col = tl.load(dA_base + (r0 + sub) * BT + r)  # dA[i, r] for i in the block
+                da_row = tl.load(dA_base + r * BT + r0 + sub)  # dA[r, j] for j in the block
+                e_q = tl.exp(tl.where((sub >= j)[:, None], b_m - b_j[None, :], float("-inf")))
+                dq += da_col[:, None] * k_j[None, :] * e_q
+                e_k = tl.exp(tl.where((sub <= j)[:, None], b_j[None, :] - b_m, float("-inf")))
+                dk += da_row[:, None] * q_j[None, :] * e_k
 
-    if STORE_DB:
-        # Loaded again rather than kept from the dot path: held across the branch they made the per-channel
-        # fwd+bwd 4-5% slower on an H100 (3.41 against 3.26 ms at T 2k).
-        q_m = _load(q_ptr, i_b, i_h, t0 + r0, T, H, K, k0, BC, BK, False).to(tl.float32)
-        k_m = _load(k_ptr, i_b, i_h, t0 + r0, T, H, K, k0, BC, BK, False).to(tl.float32)
-        db = _load(db_ptr, i_b, i_h, t0 + r0, Tp, H, K, k0, BC, BK, False) + q_m * dq - k_m * dk
-        _store(db_ptr, db, i_b, i_h, t0 + r0, Tp, H, K, k0, BC, BK)
-    # The inter-chunk parts come in fp32 from `_dqk_kernel`; the sums go out in the inputs' dtype.
-    dq += _load(dq_ptr, i_b, i_h, t0 + r0, T, H, K, k0, BC, BK, False)
-    dk += _load(dk_ptr, i_b, i_h, t0 + r0, T, H, K, k0, BC, BK, False)
-    _store(dq_out_ptr, dq, i_b, i_h, t0 + r0, T, H, K, k0, BC, BK)
-    _store(dk_out_ptr, dk, i_b, i_h, t0 + r0, T, H, K, k0, BC, BK)
+        if STORE_DB:
+            # Loaded again rather than kept from the dot path: held across the branch they made the per-channel
+            # fwd+bwd 4-5% slower on an H100 (3.41 against 3.26 ms at T 2k).
+            q_m = _load(q_ptr, i_b, i_h, t0 + r0, T, H, K, k0, BC, BK, False).to(tl.float32)
+            k_m = _load(k_ptr, i_b, i_h, t0 + r0, T, H, K, k0, BC, BK, False).to(tl.float32)
+            db = _load(db_ptr, i_b, i_h, t0 + r0, Tp, H, K, k0, BC, BK, False) + q_m * dq - k_m * dk
+            _store(db_ptr, db, i_b, i_h, t0 + r0, Tp, H, K, k0, BC, BK)
+        # The inter-chunk parts come in fp32 from `_dqk_kernel`; the sums go out in the inputs' dtype.
+        dq += _load(dq_ptr, i_b, i_h, t0 + r0, T, H, K, k0, BC, BK, False)
+        dk += _load(dk_ptr, i_b, i_h, t0 + r0, T, H, K, k0, BC, BK, False)
+        _store(dq_out_ptr, dq, i_b, i_h, t0 + r0, T, H, K, k0, BC, BK)
+        _store(dk_out_ptr, dk, i_b, i_h, t0 + r0, T, H, K, k0, BC, BK)
 
 
 # --------------------------------------------------------------------------------------------- host side
@@ -603,9 +713,10 @@ class _Plan:
             "walk": dict(BK=_pow2_tile(K, wide), BV=_pow2_tile(V, wide), num_warps=8, num_stages=stages),
             "scan": dict(BK=_pow2_tile(K, 32), BV=_pow2_tile(V, 32), num_warps=4, num_stages=stages),
             "out": dict(BK=_pow2_tile(K, wide), BV=_pow2_tile(V, wide), num_warps=8, num_stages=stages),
-            "dqk": (dict(BK=_pow2_tile(K, 32), BV=_pow2_tile(V, wide), num_warps=8, num_stages=1) if per_channel
-                    else dict(BK=_pow2_tile(K, wide), BV=_pow2_tile(V, 32), num_warps=8, num_stages=2)),
-            "A": dict(BK=_pow2_tile(K, 32), num_warps=4 if bf16 else 8, num_stages=1 if bf16 else stages),
+            # Wide K tiles: each K tile makes the whole do v^T again.
+            "dqk": dict(BK=_pow2_tile(K, wide), BV=_pow2_tile(V, 32), num_warps=8, num_stages=2),
+            "A": dict(BK=_pow2_tile(K, 32), num_warps=8, num_stages=1 if bf16 else stages),
+            "gate": dict(BK=_pow2_tile(K, 64), num_warps=4, num_stages=1),
             "intra": dict(BK=_pow2_tile(K, 32), num_warps=4, num_stages=stages),
             # Sums along time of the log decay (width 1 per token, K per channel); no dots, so no 16 minimum.
             "cumsum": dict(BK=min(64, triton.next_power_of_2(K if per_channel else 1)), num_warps=4,
@@ -626,6 +737,9 @@ class _Plan:
         self.prec = FP32_DOT_PRECISION if self.dt == tl.float32 and not _interpreting() else "tf32"
         # bf16 states lose nothing the bf16 dots would not; fp16 states could overflow, so they stay fp32.
         self.state_dtype = torch.bfloat16 if q.dtype == torch.bfloat16 else torch.float32
+        # Per-channel decay: the whole-chunk test of `_chunk_is_mild` (its width, a power of 2, and its limit).
+        self.mild = dict(KP=triton.next_power_of_2(self.K), CSPAN=CHUNK_SPAN_LIMIT)
+        self.rdt = tl.float32 if q.dtype == torch.float16 else self.dt
         self._bookkeeping(q, log_decay, b)
 
     def _bookkeeping(self, q: torch.Tensor, log_decay: torch.Tensor, b: torch.Tensor | None) -> None:
@@ -699,12 +813,23 @@ class _Plan:
                     **walk)
         return states, final
 
+    def gate(self, q, k):
+        """Per-channel decay: `_gate_kernel`'s qg and kg (for the mild chunks); scalar decays: q and k, unread."""
+        if self.decay != 2:
+            return q, k
+        dtype = torch.bfloat16 if q.dtype == torch.bfloat16 else torch.float32  # the kernels' RDT
+        qg = torch.empty(q.shape, device=q.device, dtype=dtype)
+        kg = torch.empty_like(qg)
+        self.launch(_gate_kernel, "gate", self.grid("gate", self.NT, "K"), q, k, self.b, qg, kg, self.T, self.Tp,
+                    H=self.H, K=self.K, BT=self.BT, CSPAN=self.mild["CSPAN"])
+        return qg, kg
+
     def chunk_A(self, q, k):
         """Per-channel decay: the masked intra-chunk matrix A, (B H, NT, BT, BT) fp32."""
         A = torch.empty(self.B * self.H, self.NT, self.BT, self.BT, device=q.device, dtype=torch.float32)
         grid = (self.NT * (self.BT // SUB), self.B * self.H)
         self.launch(_chunk_A_kernel, "A", grid, q, k, self.b, A, self.T, self.Tp, self.NT, H=self.H, K=self.K,
-                    BT=self.BT, BC=SUB, DT=self.dt, PREC=self.prec, SPAN=SPAN_LIMIT)
+                    BT=self.BT, BC=SUB, DT=self.dt, PREC=self.prec, SPAN=SPAN_LIMIT, **self.mild)
         return A
 
 
@@ -716,11 +841,12 @@ def _forward(q, k, v, log_decay, h0, scale):
         return q.new_empty(0, dtype=torch.float32)
 
     A = plan.chunk_A(q, k) if plan.decay == 2 else empty()
+    qg, kg = plan.gate(q, k)
     h, final = plan.states(k, v, 1.0, h0, reverse=False)
     o = torch.empty_like(v)
     plan.launch(_output_kernel, "out", plan.grid("out", plan.NT), q, k, v, o, plan.a, plan.b,
-                A if plan.decay == 2 else None, h, plan.T, plan.Tp, plan.NT, scale, H=plan.H, K=plan.K, V=plan.V,
-                BT=plan.BT, DECAY=plan.decay, DT=plan.dt, PREC=plan.prec)
+                A if plan.decay == 2 else None, h, qg, kg, plan.T, plan.Tp, plan.NT, scale, H=plan.H, K=plan.K,
+                V=plan.V, BT=plan.BT, DECAY=plan.decay, DT=plan.dt, PREC=plan.prec, RDT=plan.rdt, **plan.mild)
     return o, final, A, (plan.b if plan.decay else empty())
 
 
@@ -729,22 +855,26 @@ def _backward(q, k, v, log_decay, h0, A, b, do, dfinal, scale, need_da, need_dh0
     A = A if A.numel() else None
     plan = _Plan(q, v, log_decay, b if b.numel() else None)
     B, T, H, K, V, NT = plan.B, plan.T, plan.H, plan.K, plan.V, plan.NT
-    shapes = dict(H=H, K=K, V=V, BT=plan.BT, DECAY=plan.decay, DT=plan.dt, PREC=plan.prec)
+    shapes = dict(H=H, K=K, V=V, BT=plan.BT, DECAY=plan.decay, DT=plan.dt, PREC=plan.prec, RDT=plan.rdt,
+                  **plan.mild)
     do = do.contiguous()
     # States are recomputed rather than saved: (B H, T / 64, K, V) per layer would dwarf q, k and v.
     h, _ = plan.states(k, v, 1.0, h0, reverse=False)
     dfinal = dfinal.float().contiguous() if dfinal is not None else None
     dh, dh0 = plan.states(q, do, scale, dfinal, reverse=True)
 
+    qg, kg = plan.gate(q, k)
     dv = torch.empty_like(v)
-    plan.launch(_dv_kernel, "out", plan.grid("out", NT), q, k, do, dv, plan.a, plan.b, A, dh, T, plan.Tp, NT,
+    plan.launch(_dv_kernel, "out", plan.grid("out", NT), q, k, do, dv, plan.a, plan.b, A, dh, qg, kg, T, plan.Tp, NT,
                 scale, **shapes)
 
     per_channel = plan.decay == 2
     nk = triton.cdiv(K, plan.cfg["dqk"]["BK"])
     db = None
     if per_channel:
-        # The inter-chunk parts in fp32, which `_intra_bwd_kernel` completes into dq and dk.
+        # Mild chunks get dq and dk whole from `_dqk_kernel`; strong ones their inter-chunk parts in fp32, which
+        # `_intra_bwd_kernel` completes.
+        dq, dk = torch.empty_like(q), torch.empty_like(k)
         dq_inter = torch.empty(q.shape, device=q.device, dtype=torch.float32)
         dk_inter = torch.empty_like(dq_inter)
         if need_da:
@@ -752,18 +882,17 @@ def _backward(q, k, v, log_decay, h0, A, b, do, dfinal, scale, need_da, need_dh0
         dA = torch.empty(B * H, NT, plan.BT, plan.BT, device=q.device, dtype=torch.float32)
     else:
         dq_inter, dk_inter = torch.empty_like(q), torch.empty_like(k)
+        dq, dk = dq_inter, dk_inter
         if need_da:
             db = torch.empty(nk, B, plan.Tp, H, device=q.device, dtype=torch.float32)  # partial sums per K tile
         dA = None
-    plan.launch(_dqk_kernel, "dqk", plan.grid("dqk", NT, "K"), q, k, v, do, dq_inter, dk_inter, db, dA, plan.a,
-                plan.b, h, dh, B, T, plan.Tp, NT, scale, STORE_DB=need_da, **shapes)
+    plan.launch(_dqk_kernel, "dqk", plan.grid("dqk", NT, "K"), q, k, v, do, dq_inter, dk_inter, dq, dk, db, dA,
+                plan.a, plan.b, h, dh, qg, kg, B, T, plan.Tp, NT, scale, STORE_DB=need_da, **shapes)
     if per_channel:
-        dq, dk = torch.empty_like(q), torch.empty_like(k)
         grid = (NT * (plan.BT // SUB), triton.cdiv(K, plan.cfg["intra"]["BK"]), B * H)
         plan.launch(_intra_bwd_kernel, "intra", grid, q, k, dq_inter, dk_inter, dq, dk, db, dA, plan.b, T, plan.Tp,
-                    NT, H=H, K=K, BT=plan.BT, BC=SUB, DT=plan.dt, PREC=plan.prec, STORE_DB=need_da, SPAN=SPAN_LIMIT)
-    else:
-        dq, dk = dq_inter, dk_inter
+                    NT, H=H, K=K, BT=plan.BT, BC=SUB, DT=plan.dt, PREC=plan.prec, STORE_DB=need_da, SPAN=SPAN_LIMIT,
+                    **plan.mild)
 
     da = None
     if need_da:

@@ -49,7 +49,15 @@ def run_with_grads(backend, q, k, v, a, h0, do, dht):
 
 
 def check_against_naive(backend, form, batch, time, heads, dk, dv, dtype, strong=False, with_state=True):
-    q, k, v, a, h0 = make_inputs(form, batch, time, heads, dk, dv, dtype, strong=strong, with_state=with_state)
+    inputs = make_inputs(form, batch, time, heads, dk, dv, dtype, strong=strong, with_state=with_state)
+    check_against_naive_inputs(backend, inputs, dtype)
+
+
+def check_against_naive_inputs(backend, inputs, dtype):
+    """Outputs, final state and every gradient of `backend` within TOL[dtype] of naive's, for these inputs."""
+    q, k, v, a, h0 = inputs
+    batch, time, heads, _ = q.shape
+    dk, dv = q.shape[-1], v.shape[-1]
     g = torch.Generator().manual_seed(1)
     do = torch.randn(batch, time, heads, dv, generator=g)
     dht = torch.randn(batch, heads, dk, dv, generator=g)
@@ -61,6 +69,7 @@ def check_against_naive(backend, form, batch, time, heads, dk, dv, dtype, strong
     errors = {"o": rel_err(o, o_ref), "final_state": rel_err(s, s_ref)}
     errors.update({name: rel_err(grads[name], g_ref[name]) for name in g_ref})
     bad = {name: err for name, err in errors.items() if not err <= tol}
+    form = {1: "constant", 3: "token", 4: "channel"}[a.dim()]
     assert not bad, f"{backend} {form} {dtype}: relative errors above {tol}: {bad}"
 
 
@@ -98,8 +107,41 @@ def test_triton_per_channel_diagonal_blocks_both_ways(monkeypatch, span_limit):
     from kernels.linear_attention import triton_chunk
 
     monkeypatch.setattr(triton_chunk, "SPAN_LIMIT", span_limit)
+    monkeypatch.setattr(triton_chunk, "CHUNK_SPAN_LIMIT", 0.0)  # no chunk is mild: every one takes the sub-blocks
     check_against_naive("triton", "channel", 2, 37, 2, 16, 32, torch.float32)
     check_against_naive("triton", "channel", 1, 70, 2, 16, 32, torch.bfloat16)
+
+
+# The products above the diagonal of the edge chunk overflow (e^115); they are masked out, as on the GPU.
+@pytest.mark.filterwarnings("ignore:overflow encountered in matmul")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_triton_per_channel_mild_and_strong_chunks_in_one_call(dtype):
+    """Per-channel decay over three chunks: mild, strong (-3 per token in one channel: -192 over the chunk, past
+    CHUNK_SPAN_LIMIT = 120) and mild at the edge (-2.75 per token in one channel: -115.5 over its 42 tokens), so the
+    inline whole-chunk path, near its limit too, and the sub-blocks run in one call."""
+    q, k, v, a, h0 = make_inputs("channel", 1, 170, 2, 16, 32, dtype, with_state=True)
+    with torch.no_grad():
+        a[:, 64:128, :, 3] = -3.0
+        a[:, 128:, :, 5] = -2.75
+    check_against_naive_inputs("triton", (q, k, v, a, h0), dtype)
+
+
+@pytest.mark.parametrize("strong", [False, True])
+def test_triton_per_channel_mild_chunks_never_read_the_sub_block_matrix(monkeypatch, strong):
+    """With the intra-chunk matrix of `_chunk_A_kernel` replaced by NaNs, mild chunks still match naive (they
+    compute it inline), while strong ones do not (they read it): the path choice is made as documented."""
+    from kernels.linear_attention import triton_chunk
+
+    def nan_matrix(plan, q, k):
+        return torch.full((plan.B * plan.H, plan.NT, plan.BT, plan.BT), float("nan"), device=q.device)
+
+    monkeypatch.setattr(triton_chunk._Plan, "chunk_A", nan_matrix)
+    inputs = make_inputs("channel", 1, 100, 2, 16, 16, torch.float32, strong=strong, with_state=True)
+    if strong:
+        with pytest.raises(AssertionError, match="relative errors above"):
+            check_against_naive_inputs("triton", inputs, torch.float32)
+    else:
+        check_against_naive_inputs("triton", inputs, torch.float32)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
