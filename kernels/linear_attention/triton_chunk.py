@@ -5,14 +5,17 @@ Lightning Attention-2 (arXiv 2401.04658) tiling with chunks of BT = 64 tokens; t
 (B, T, H, K). b is the log decay summed from the start of its chunk (inclusive; `_chunk_cumsum_kernel`, once
 in the forward, which hands it to the backward; constant decays compute it inline); every exp() below takes
 b_i - b_j with i at or after j, or b of a position minus b of an earlier one, so its argument is <= 0 and
-strong decays underflow to exact zeros instead of overflowing. The one exception is bounded: a per-channel
-diagonal sub-block whose decay spans less than SPAN_LIMIT is one dot of factors up to e^SPAN_LIMIT.
+strong decays underflow to exact zeros instead of overflowing. The exceptions are bounded: a per-channel mild
+chunk is one dot of factors within e^(+-CHUNK_SPAN_LIMIT / 2), and a diagonal sub-block whose decay spans less
+than SPAN_LIMIT one dot of factors up to e^SPAN_LIMIT.
 
 Forward, per (batch, head):
-  1. `_chunk_A_kernel` (per-channel decay only): the intra-chunk matrix A_ij = sum_c q_ic k_jc e^(b_ic - b_jc),
-     i >= j, in 16 x 16 sub-blocks: off the diagonal a product of two rescaled operands around a reference
-     row between them, on the diagonal the same around the block's first row where its decay spans less than
-     SPAN_LIMIT, else elementwise. Scalar decays compute (q k^T) e^(b_i - b_j) inline in 3.
+  1. Per-channel decay only, the intra-chunk matrix A_ij = sum_c q_ic k_jc e^(b_ic - b_jc), i >= j. A mild chunk
+     (total log decay above -CHUNK_SPAN_LIMIT in every channel) gets A = qg kg^T inline in 3, from the gated
+     qg = q e^(b - m), kg = k e^(m - b) of `_gate_kernel` (m half the chunk's total). Stronger chunks go through
+     `_chunk_A_kernel`, in 16 x 16 sub-blocks: off the diagonal a product of two rescaled operands around a
+     reference row between them, on the diagonal the same around the block's first row where its decay spans
+     less than SPAN_LIMIT, else elementwise. Scalar decays compute (q k^T) e^(b_i - b_j) inline in 3.
   2. The state entering every chunk, h_n (K x V, stored in bf16 for bf16 inputs, else fp32). Chunks are cut
      into groups of G: `_chunk_walk_kernel` walks each group's chunks in order (parallel over groups, batch,
      heads and K x V tiles) to get the group's own contribution, `_group_scan_kernel` carries the state across
@@ -21,8 +24,8 @@ Forward, per (batch, head):
      G ~ sqrt(#chunks), so for B = 1 and T = 1M (16k chunks) no sequential loop is longer than 128 steps.
   3. `_output_kernel`, parallel over chunks, batch, heads and V tiles: o = scale (q e^b h_n + A v).
 Backward recomputes h_n, runs step 2 in reverse for dh_n (the gradient of the state chunk n hands on,
-S <- e^(b_last) S + scale (q e^b)^T do), then `_dv_kernel`, `_dqk_kernel` and, per-channel only,
-`_intra_bwd_kernel`; the gradient of the log decay is a reverse cumulative sum within each chunk of
+S <- e^(b_last) S + scale (q e^b)^T do), then `_dv_kernel`, `_dqk_kernel` and, per-channel only (strong
+chunks), `_intra_bwd_kernel`; the gradient of the log decay is a reverse cumulative sum within each chunk of
 db_i = q_i dq_i - k_i dk_i, plus at the chunk's last row the gradient of its total decay (`_chunk_cumsum_kernel`
 reversed; for a constant decay a sum weighted by the row in the chunk).
 
