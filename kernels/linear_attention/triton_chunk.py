@@ -12,10 +12,11 @@ than SPAN_LIMIT one dot of factors up to e^SPAN_LIMIT.
 Forward, per (batch, head):
   1. Per-channel decay only, the intra-chunk matrix A_ij = sum_c q_ic k_jc e^(b_ic - b_jc), i >= j. A mild chunk
      (total log decay above -CHUNK_SPAN_LIMIT in every channel) gets A = qg kg^T inline in 3, from the gated
-     qg = q e^(b - m), kg = k e^(m - b) of `_gate_kernel` (m half the chunk's total). Stronger chunks go through
-     `_chunk_A_kernel`, in 16 x 16 sub-blocks: off the diagonal a product of two rescaled operands around a
-     reference row between them, on the diagonal the same around the block's first row where its decay spans
-     less than SPAN_LIMIT, else elementwise. Scalar decays compute (q k^T) e^(b_i - b_j) inline in 3.
+     qg = q e^(b - m), kg = k e^(m - b) (m half the chunk's total) that `_chunk_cumsum_kernel` writes beside b.
+     Stronger chunks go through `_chunk_A_kernel`, in 16 x 16 sub-blocks: off the diagonal a product of two
+     rescaled operands around a reference row between them, on the diagonal the same around the block's first
+     row where its decay spans less than SPAN_LIMIT, else elementwise. Scalar decays compute (q k^T) e^(b_i - b_j)
+     inline in 3.
   2. The state entering every chunk, h_n (K x V, stored in bf16 for bf16 inputs, else fp32). Chunks are cut
      into groups of G: `_chunk_walk_kernel` walks each group's chunks in order (parallel over groups, batch,
      heads and K x V tiles) to get the group's own contribution, `_group_scan_kernel` carries the state across
@@ -178,40 +179,32 @@ def _store_st(ptr, x, slab, K: tl.constexpr, V: tl.constexpr, k0, v0, BK: tl.con
 
 
 @triton.jit
-def _chunk_cumsum_kernel(x_ptr, y_ptr, T_in, T_out, H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr,
-                         BK: tl.constexpr, REVERSE: tl.constexpr):
+def _chunk_cumsum_kernel(x_ptr, y_ptr, q_ptr, k_ptr, qg_ptr, kg_ptr, T_in, T_out, H: tl.constexpr, K: tl.constexpr,
+                         BT: tl.constexpr, BK: tl.constexpr, REVERSE: tl.constexpr, GATE: tl.constexpr,
+                         CSPAN: tl.constexpr):
     """Sums along time within each chunk of a (B, T, H, K) tensor (K = 1: per-token decay), for one chunk and K tile.
 
     Forward, b from a: the inclusive running sum; rows [T_in, T_out) of the padded output continue it with zeros.
     Reverse, da from db: the sum over the chunk's rows at or after each row (b_i sums a_t for t <= i).
-    """
-    i_n, i_k, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
-    i_b, i_h = i_bh // H, i_bh % H
-    x = _load(x_ptr, i_b, i_h, i_n * BT, T_in, H, K, i_k * BK, BT, BK, False).to(tl.float32)
-    _store(y_ptr, tl.cumsum(x, axis=0, reverse=REVERSE), i_b, i_h, i_n * BT, T_out, H, K, i_k * BK, BT, BK)
-
-
-@triton.jit
-def _gate_kernel(q_ptr, k_ptr, b_ptr, qg_ptr, kg_ptr, T, Tp, H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr,
-                 BK: tl.constexpr, CSPAN: tl.constexpr):
-    """Per-channel decay: qg = q e^(b - m), kg = k e^(m - b), m = b_last / 2, for one chunk and K tile.
-
-    What mild chunks (`_chunk_is_mild`) multiply instead of q, k and b: A = qg kg^T (masked), q e^b = qg e^m,
-    k e^(b_last - b) = kg e^m. Strong chunks never read them; their exponents are clipped so they stay finite.
+    GATE (forward, per-channel decay): also qg = q e^(b - m), kg = k e^(m - b), m = b_last / 2, what mild chunks
+    (`_chunk_is_mild`) multiply instead of q, k and b: A = qg kg^T (masked), q e^b = qg e^m, k e^(b_last - b) =
+    kg e^m. Strong chunks never read them; their exponents are clipped so they stay finite.
     """
     i_n, i_k, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     i_b, i_h = i_bh // H, i_bh % H
     t0 = i_n * BT
     k0 = i_k * BK
-    last = tl.minimum(T - t0, BT) - 1
-    b = _load(b_ptr, i_b, i_h, t0, Tp, H, K, k0, BT, BK, False)
-    mid = 0.5 * tl.load(b_ptr + ((i_b * Tp + t0 + last) * H + i_h) * K + k0 + tl.arange(0, BK),
-                        mask=(k0 + tl.arange(0, BK)) < K, other=0.0)
-    e = tl.minimum(tl.maximum(b - mid[None, :], -0.5 * CSPAN), 0.5 * CSPAN)
-    q = _load(q_ptr, i_b, i_h, t0, T, H, K, k0, BT, BK, False).to(tl.float32)
-    k = _load(k_ptr, i_b, i_h, t0, T, H, K, k0, BT, BK, False).to(tl.float32)
-    _store(qg_ptr, q * tl.exp(e), i_b, i_h, t0, T, H, K, k0, BT, BK)
-    _store(kg_ptr, k * tl.exp(-e), i_b, i_h, t0, T, H, K, k0, BT, BK)
+    x = _load(x_ptr, i_b, i_h, t0, T_in, H, K, k0, BT, BK, False).to(tl.float32)
+    y = tl.cumsum(x, axis=0, reverse=REVERSE)
+    _store(y_ptr, y, i_b, i_h, t0, T_out, H, K, k0, BT, BK)
+    if GATE:
+        # The tile's last row holds b_last: rows past the input add zeros.
+        mid = 0.5 * tl.sum(tl.where((tl.arange(0, BT) == BT - 1)[:, None], y, 0.0), axis=0)
+        e = tl.minimum(tl.maximum(y - mid[None, :], -0.5 * CSPAN), 0.5 * CSPAN)
+        q = _load(q_ptr, i_b, i_h, t0, T_in, H, K, k0, BT, BK, False).to(tl.float32)
+        k = _load(k_ptr, i_b, i_h, t0, T_in, H, K, k0, BT, BK, False).to(tl.float32)
+        _store(qg_ptr, q * tl.exp(e), i_b, i_h, t0, T_in, H, K, k0, BT, BK)
+        _store(kg_ptr, k * tl.exp(-e), i_b, i_h, t0, T_in, H, K, k0, BT, BK)
 
 
 @triton.jit
@@ -370,7 +363,7 @@ def _output_kernel(q_ptr, k_ptr, v_ptr, o_ptr, a_ptr, b_ptr, A_ptr, h_ptr, qg_pt
                    CSPAN: tl.constexpr, RDT: tl.constexpr):
     """o = scale (q e^b h + A v) for one chunk and V tile; A inline, or from the A kernel for strong per-channel decay.
 
-    Scalar decays: A = (q k^T) e^(b_i - b_j). Per channel, mild chunk: A = qg kg^T from `_gate_kernel`, whose
+    Scalar decays: A = (q k^T) e^(b_i - b_j). Per channel, mild chunk: A = qg kg^T (`_chunk_cumsum_kernel`), whose
     factors reach e^(CSPAN / 2): RDT operands (fp32 for fp16 inputs, whose range that would overflow).
     """
     i_n, i_v, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
@@ -692,7 +685,8 @@ def _group_size(n_chunks: int, walkers: int, sms: int) -> int:
 class _Plan:
     """Sizes, tiles, launch settings and the per-chunk decay bookkeeping shared by the forward and the backward."""
 
-    def __init__(self, q: torch.Tensor, v: torch.Tensor, log_decay: torch.Tensor, b: torch.Tensor | None = None):
+    def __init__(self, q: torch.Tensor, v: torch.Tensor, log_decay: torch.Tensor, b: torch.Tensor | None = None,
+                 k: torch.Tensor | None = None):
         self.B, self.T, self.H, self.K = q.shape
         self.V = v.shape[-1]
         self.decay = {1: 0, 3: 1, 4: 2}[log_decay.dim()]
@@ -719,7 +713,6 @@ class _Plan:
             # Wide K tiles: each K tile makes the whole do v^T again.
             "dqk": dict(BK=_pow2_tile(K, wide), BV=_pow2_tile(V, 32), num_warps=8, num_stages=2),
             "A": dict(BK=_pow2_tile(K, 32), num_warps=8, num_stages=1 if bf16 else stages),
-            "gate": dict(BK=_pow2_tile(K, 64), num_warps=4, num_stages=1),
             "intra": dict(BK=_pow2_tile(K, 32), num_warps=4, num_stages=stages),
             # Sums along time of the log decay (width 1 per token, K per channel); no dots, so no 16 minimum.
             "cumsum": dict(BK=min(64, triton.next_power_of_2(K if per_channel else 1)), num_warps=4,
@@ -743,18 +736,28 @@ class _Plan:
         # Per-channel decay: the whole-chunk test of `_chunk_is_mild` (its width, a power of 2, and its limit).
         self.mild = dict(KP=triton.next_power_of_2(self.K), CSPAN=CHUNK_SPAN_LIMIT)
         self.rdt = tl.float32 if q.dtype == torch.float16 else self.dt
-        self._bookkeeping(q, log_decay, b)
+        self._bookkeeping(q, k, log_decay, b)
 
-    def _bookkeeping(self, q: torch.Tensor, log_decay: torch.Tensor, b: torch.Tensor | None) -> None:
-        """b, the in-chunk inclusive cumulative log decay (padded to whole chunks), and each group's total.
+    def _bookkeeping(self, q: torch.Tensor, k: torch.Tensor | None, log_decay: torch.Tensor,
+                     b: torch.Tensor | None) -> None:
+        """b, the in-chunk inclusive cumulative log decay (padded to whole chunks), and each group's total; given
+        k and no b (the forward, per-channel decay), also the gated qg and kg of `_chunk_cumsum_kernel`.
 
-        The forward hands its b to the backward; the group totals exist only with more than one group.
+        The forward hands its b (and qg, kg) to the backward; the group totals exist only with more than one group.
         """
+        self.qg = self.kg = None
         if self.decay == 0:
             self.a = log_decay.float().contiguous()
             self.b = self.a  # unused: the kernels compute b from a
         else:
-            self.b = b if b is not None else self.chunk_cumsum(log_decay, self.T, self.Tp, reverse=False)
+            gate = None
+            if self.decay == 2 and b is None and k is not None:
+                # bf16 for bf16 inputs, else fp32: the kernels' RDT.
+                dtype = torch.bfloat16 if q.dtype == torch.bfloat16 else torch.float32
+                self.qg = torch.empty(q.shape, device=q.device, dtype=dtype)
+                self.kg = torch.empty_like(self.qg)
+                gate = (q, k, self.qg, self.kg)
+            self.b = b if b is not None else self.chunk_cumsum(log_decay, self.T, self.Tp, reverse=False, gate=gate)
             self.a = self.b
         self.g_sum = self._group_totals(q.device) if self.NS > 1 else None
 
@@ -774,13 +777,16 @@ class _Plan:
         return (total.reshape(B * H, self.NS) if kd == 1 else total).contiguous()
 
     def chunk_cumsum(self, x: torch.Tensor, rows_in: int, rows_out: int, reverse: bool,
-                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """`_chunk_cumsum_kernel` over x, (B, rows_in, H[, K]): a (B, rows_out, H[, K]) tensor of `dtype`."""
+                     dtype: torch.dtype = torch.float32, gate: tuple | None = None) -> torch.Tensor:
+        """`_chunk_cumsum_kernel` over x, (B, rows_in, H[, K]): a (B, rows_out, H[, K]) tensor of `dtype`.
+
+        gate = (q, k, qg, kg): also write qg and kg (forward, per-channel decay).
+        """
         width = x.shape[3] if x.dim() == 4 else 1
         y = torch.empty(self.B, rows_out, self.H, *x.shape[3:], device=x.device, dtype=dtype)
         grid = (self.NT, triton.cdiv(width, self.cfg["cumsum"]["BK"]), self.B * self.H)
-        self.launch(_chunk_cumsum_kernel, "cumsum", grid, x, y, rows_in, rows_out, H=self.H, K=width, BT=self.BT,
-                    REVERSE=reverse)
+        self.launch(_chunk_cumsum_kernel, "cumsum", grid, x, y, *(gate or (None,) * 4), rows_in, rows_out, H=self.H,
+                    K=width, BT=self.BT, REVERSE=reverse, GATE=gate is not None, CSPAN=self.mild["CSPAN"])
         return y
 
     def launch(self, kernel, name, grid, *args, **constexprs):
@@ -816,17 +822,6 @@ class _Plan:
                     **walk)
         return states, final
 
-    def gate(self, q, k):
-        """Per-channel decay: `_gate_kernel`'s qg and kg (for the mild chunks); scalar decays: q and k, unread."""
-        if self.decay != 2:
-            return q, k
-        dtype = torch.bfloat16 if q.dtype == torch.bfloat16 else torch.float32  # the kernels' RDT
-        qg = torch.empty(q.shape, device=q.device, dtype=dtype)
-        kg = torch.empty_like(qg)
-        self.launch(_gate_kernel, "gate", self.grid("gate", self.NT, "K"), q, k, self.b, qg, kg, self.T, self.Tp,
-                    H=self.H, K=self.K, BT=self.BT, CSPAN=self.mild["CSPAN"])
-        return qg, kg
-
     def chunk_A(self, q, k):
         """Per-channel decay: the masked intra-chunk matrix A, (B H, NT, BT, BT) fp32."""
         A = torch.empty(self.B * self.H, self.NT, self.BT, self.BT, device=q.device, dtype=torch.float32)
@@ -837,24 +832,27 @@ class _Plan:
 
 
 def _forward(q, k, v, log_decay, h0, scale):
-    """o, the final state, and for the backward A (per-channel decay) and b (data-dependent decays), else empty."""
-    plan = _Plan(q, v, log_decay)
+    """o, the final state, and for the backward A, qg, kg (per-channel decay) and b (data-dependent decays), else
+    empty."""
+    plan = _Plan(q, v, log_decay, k=k)
 
     def empty():  # a custom op's outputs may not alias one another
         return q.new_empty(0, dtype=torch.float32)
 
     A = plan.chunk_A(q, k) if plan.decay == 2 else empty()
-    qg, kg = plan.gate(q, k)
+    qg, kg = (plan.qg, plan.kg) if plan.decay == 2 else (q, k)  # the scalar forms never read these
     h, final = plan.states(k, v, 1.0, h0, reverse=False)
     o = torch.empty_like(v)
     plan.launch(_output_kernel, "out", plan.grid("out", plan.NT), q, k, v, o, plan.a, plan.b,
                 A if plan.decay == 2 else None, h, qg, kg, plan.T, plan.Tp, plan.NT, scale, H=plan.H, K=plan.K,
                 V=plan.V, BT=plan.BT, DECAY=plan.decay, DT=plan.dt, PREC=plan.prec, RDT=plan.rdt, **plan.mild)
-    return o, final, A, (plan.b if plan.decay else empty())
+    if plan.decay != 2:
+        qg, kg = empty(), empty()
+    return o, final, A, (plan.b if plan.decay else empty()), qg, kg
 
 
-def _backward(q, k, v, log_decay, h0, A, b, do, dfinal, scale, need_da, need_dh0):
-    """dq, dk, dv, and da and dh0 where asked for (None otherwise); A and b as the forward returned them."""
+def _backward(q, k, v, log_decay, h0, A, b, qg, kg, do, dfinal, scale, need_da, need_dh0):
+    """dq, dk, dv, and da and dh0 where asked for (None otherwise); A, b, qg, kg as the forward returned them."""
     A = A if A.numel() else None
     plan = _Plan(q, v, log_decay, b if b.numel() else None)
     B, T, H, K, V, NT = plan.B, plan.T, plan.H, plan.K, plan.V, plan.NT
@@ -866,7 +864,8 @@ def _backward(q, k, v, log_decay, h0, A, b, do, dfinal, scale, need_da, need_dh0
     dfinal = dfinal.float().contiguous() if dfinal is not None else None
     dh, dh0 = plan.states(q, do, scale, dfinal, reverse=True)
 
-    qg, kg = plan.gate(q, k)
+    if plan.decay != 2:
+        qg, kg = q, k  # unread
     dv = torch.empty_like(v)
     plan.launch(_dv_kernel, "out", plan.grid("out", NT), q, k, do, dv, plan.a, plan.b, A, dh, qg, kg, T, plan.Tp, NT,
                 scale, **shapes)
@@ -922,7 +921,7 @@ def _dense(q, k, v, log_decay, h0):
 # the Triton kernels, whose fp32 loop-carried state its fp64 Python-float arguments would break.
 @torch.library.custom_op("slab::linear_attention_fwd", mutates_args=())
 def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_decay: torch.Tensor, h0: torch.Tensor | None,
-            scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+            scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return _forward(*_dense(q, k, v, log_decay, h0), scale)
 
 
@@ -934,22 +933,26 @@ def _(q, k, v, log_decay, h0, scale):
     Tp = triton.cdiv(T, CHUNK) * CHUNK
     b = (q.new_empty(B, Tp, H, *log_decay.shape[3:], dtype=torch.float32) if log_decay.dim() > 1
          else q.new_empty(0, dtype=torch.float32))
-    return torch.empty_like(v), q.new_empty(B, H, K, v.shape[-1], dtype=torch.float32), A, b
+    gated = (q.new_empty(q.shape, dtype=torch.bfloat16 if q.dtype == torch.bfloat16 else torch.float32)
+             if log_decay.dim() == 4 else q.new_empty(0, dtype=torch.float32))
+    return torch.empty_like(v), q.new_empty(B, H, K, v.shape[-1], dtype=torch.float32), A, b, gated, \
+        torch.empty_like(gated)
 
 
 @torch.library.custom_op("slab::linear_attention_bwd", mutates_args=())
 def _bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_decay: torch.Tensor, h0: torch.Tensor | None,
-            A: torch.Tensor, b: torch.Tensor, do: torch.Tensor, dfinal: torch.Tensor | None, scale: float,
+            A: torch.Tensor, b: torch.Tensor, qg: torch.Tensor, kg: torch.Tensor, do: torch.Tensor,
+            dfinal: torch.Tensor | None, scale: float,
             need_da: bool, need_dh0: bool
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     q, k, v, log_decay, h0 = _dense(q, k, v, log_decay, h0)
-    dq, dk, dv, da, dh0 = _backward(q, k, v, log_decay, h0, A, b, do, dfinal, scale, need_da, need_dh0)
+    dq, dk, dv, da, dh0 = _backward(q, k, v, log_decay, h0, A, b, qg, kg, do, dfinal, scale, need_da, need_dh0)
     # A custom op returns tensors only: an empty one stands for "no gradient".
     return dq, dk, dv, (da if da is not None else q.new_empty(0)), (dh0 if dh0 is not None else q.new_empty(0))
 
 
 @_bwd_op.register_fake
-def _(q, k, v, log_decay, h0, A, b, do, dfinal, scale, need_da, need_dh0):
+def _(q, k, v, log_decay, h0, A, b, qg, kg, do, dfinal, scale, need_da, need_dh0):
     da = torch.empty_like(log_decay) if need_da else q.new_empty(0)
     dh0 = h0.new_empty(h0.shape, dtype=torch.float32) if (h0 is not None and need_dh0) else q.new_empty(0)
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), da, dh0
@@ -957,15 +960,17 @@ def _(q, k, v, log_decay, h0, A, b, do, dfinal, scale, need_da, need_dh0):
 
 def _setup_context(ctx, inputs, output):
     q, k, v, log_decay, h0, scale = inputs
-    ctx.save_for_backward(q, k, v, log_decay, h0, output[2], output[3])
-    ctx.mark_non_differentiable(output[2], output[3])
+    # A, b, qg and kg: made once in the forward, read again by the backward (per-channel qg and kg: two bf16
+    # copies of q's size, which spares the backward a pass over q, k and b).
+    ctx.save_for_backward(q, k, v, log_decay, h0, *output[2:])
+    ctx.mark_non_differentiable(*output[2:])
     ctx.scale = scale
 
 
-def _autograd_backward(ctx, do, dfinal, _dA, _db):
-    q, k, v, log_decay, h0, A, b = ctx.saved_tensors
+def _autograd_backward(ctx, do, dfinal, _dA, _db, _dqg, _dkg):
+    q, k, v, log_decay, h0, A, b, qg, kg = ctx.saved_tensors
     need_da, need_dh0 = ctx.needs_input_grad[3], h0 is not None and ctx.needs_input_grad[4]
-    dq, dk, dv, da, dh0 = _bwd_op(q, k, v, log_decay, h0, A, b, do, dfinal, ctx.scale, need_da, need_dh0)
+    dq, dk, dv, da, dh0 = _bwd_op(q, k, v, log_decay, h0, A, b, qg, kg, do, dfinal, ctx.scale, need_da, need_dh0)
     return dq, dk, dv, (da if need_da else None), (dh0 if need_dh0 else None), None
 
 
@@ -990,8 +995,8 @@ def _vmap(info, in_dims, q, k, v, log_decay, h0, scale):
 
     g = g.reshape(n * H) if g.dim() == 2 else heads(g)  # constant decay: (n, H) -> (n H,)
     h0m = None if h0 is None else front(h0, in_dims[4]).movedim(0, 1).flatten(1, 2)
-    o, final, A, b = _fwd_op(*_dense(heads(q), heads(k), heads(v), g, h0m), scale)
-    return (o.unflatten(2, (n, H)), final.unflatten(1, (n, H)), A, b), (2, 1, None, None)
+    o, final, *rest = _fwd_op(*_dense(heads(q), heads(k), heads(v), g, h0m), scale)
+    return (o.unflatten(2, (n, H)), final.unflatten(1, (n, H)), *rest), (2, 1) + (None,) * len(rest)
 
 
 def linear_attention_triton(
@@ -1007,5 +1012,5 @@ def linear_attention_triton(
     if not q.is_cuda and not _interpreting():
         raise ValueError("the triton backend needs CUDA tensors (or TRITON_INTERPRET=1 to run on CPU)")
     # Made dense before the op, so that the tensors it saves for the backward need no second copy there.
-    o, final, _, _ = _fwd_op(*_dense(q, k, v, log_decay, initial_state), float(scale))
+    o, final, *_ = _fwd_op(*_dense(q, k, v, log_decay, initial_state), float(scale))
     return o, (final if output_final_state else None)
