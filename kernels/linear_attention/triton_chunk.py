@@ -357,9 +357,8 @@ def _chunk_A_kernel(q_ptr, k_ptr, b_ptr, A_ptr, T, Tp, NT, H: tl.constexpr, K: t
 
 @triton.jit
 def _output_kernel(q_ptr, k_ptr, v_ptr, o_ptr, a_ptr, b_ptr, A_ptr, h_ptr, qg_ptr, kg_ptr, T, Tp, NT, scale,
-                   H: tl.constexpr,
-                   K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                   DECAY: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, KP: tl.constexpr,
+                   H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+                   BV: tl.constexpr, DECAY: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, KP: tl.constexpr,
                    CSPAN: tl.constexpr, RDT: tl.constexpr):
     """o = scale (q e^b h + A v) for one chunk and V tile; A inline, or from the A kernel for strong per-channel decay.
 
@@ -415,10 +414,9 @@ def _output_kernel(q_ptr, k_ptr, v_ptr, o_ptr, a_ptr, b_ptr, A_ptr, h_ptr, qg_pt
 
 @triton.jit
 def _dv_kernel(q_ptr, k_ptr, do_ptr, dv_ptr, a_ptr, b_ptr, A_ptr, dh_ptr, qg_ptr, kg_ptr, T, Tp, NT, scale,
-               H: tl.constexpr,
-               K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-               DECAY: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, KP: tl.constexpr, CSPAN: tl.constexpr,
-               RDT: tl.constexpr):
+               H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+               BV: tl.constexpr, DECAY: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, KP: tl.constexpr,
+               CSPAN: tl.constexpr, RDT: tl.constexpr):
     """dv = scale A^T do + (k e^(b_last - b)) dh_next for one chunk and V tile; A^T made as `_output_kernel` makes A."""
     i_n, i_v, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     i_b, i_h = i_bh // H, i_bh % H
@@ -661,6 +659,12 @@ def _pow2_tile(d: int, cap: int = 64) -> int:
     return max(16, min(cap, triton.next_power_of_2(d)))
 
 
+def _gated_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the per-channel qg and kg for inputs of `dtype`: bf16 for bf16, else fp32 (fp16's range would
+    overflow at e^(CHUNK_SPAN_LIMIT / 2)); the kernels' RDT matches it."""
+    return torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
+
+
 def _group_size(n_chunks: int, walkers: int, sms: int) -> int:
     """Chunks per group for the state walk, by a cost model counting sequential chunk steps.
 
@@ -752,9 +756,7 @@ class _Plan:
         else:
             gate = None
             if self.decay == 2 and b is None and k is not None:
-                # bf16 for bf16 inputs, else fp32: the kernels' RDT.
-                dtype = torch.bfloat16 if q.dtype == torch.bfloat16 else torch.float32
-                self.qg = torch.empty(q.shape, device=q.device, dtype=dtype)
+                self.qg = torch.empty(q.shape, device=q.device, dtype=_gated_dtype(q.dtype))
                 self.kg = torch.empty_like(self.qg)
                 gate = (q, k, self.qg, self.kg)
             self.b = b if b is not None else self.chunk_cumsum(log_decay, self.T, self.Tp, reverse=False, gate=gate)
@@ -933,8 +935,8 @@ def _(q, k, v, log_decay, h0, scale):
     Tp = triton.cdiv(T, CHUNK) * CHUNK
     b = (q.new_empty(B, Tp, H, *log_decay.shape[3:], dtype=torch.float32) if log_decay.dim() > 1
          else q.new_empty(0, dtype=torch.float32))
-    gated = (q.new_empty(q.shape, dtype=torch.bfloat16 if q.dtype == torch.bfloat16 else torch.float32)
-             if log_decay.dim() == 4 else q.new_empty(0, dtype=torch.float32))
+    gated = (q.new_empty(q.shape, dtype=_gated_dtype(q.dtype)) if log_decay.dim() == 4
+             else q.new_empty(0, dtype=torch.float32))
     return torch.empty_like(v), q.new_empty(B, H, K, v.shape[-1], dtype=torch.float32), A, b, gated, \
         torch.empty_like(gated)
 
