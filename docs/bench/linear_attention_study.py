@@ -172,16 +172,10 @@ def paths() -> None:
 
 
 if __name__ == "__main__":
-    command, args = sys.argv[1], sys.argv[2:]
-    if command == "profile":
-        profile()
-    elif command == "settings":
-        settings(args[0], int(args[1]), int(args[2]), args[3].split(","))
-    elif command == "walks":
-        walks()
-    elif command == "side":
-        side(args[0])
-    elif command == "paths":
-        paths()
-    else:
+    # Each command with the number of arguments it takes; anything else prints the usage above and exits 1.
+    commands = {"profile": (profile, 0), "walks": (walks, 0), "paths": (paths, 0), "side": (side, 1),
+                "settings": (lambda f, b, t, n: settings(f, int(b), int(t), n.split(",")), 4)}
+    command, args = (sys.argv[1], sys.argv[2:]) if len(sys.argv) > 1 else ("", [])
+    if command not in commands or len(args) != commands[command][1]:
         sys.exit(__doc__)
+    commands[command][0](*args)
