@@ -966,11 +966,16 @@ def _setup_context(ctx, inputs, output):
     # copies of q's size, which spares the backward a pass over q, k and b).
     ctx.save_for_backward(q, k, v, log_decay, h0, *output[2:])
     ctx.mark_non_differentiable(*output[2:])
+    # Otherwise autograd fills a zero gradient for each of those outputs on every backward (per channel, writes
+    # the size of five copies of q: 0.1 ms of a 2.2 ms step at B 16, T 2k on an H100).
+    ctx.set_materialize_grads(False)
     ctx.scale = scale
 
 
 def _autograd_backward(ctx, do, dfinal, _dA, _db, _dqg, _dkg):
     q, k, v, log_decay, h0, A, b, qg, kg = ctx.saved_tensors
+    if do is None:  # only the final state reached the loss
+        do = torch.zeros_like(v)
     need_da, need_dh0 = ctx.needs_input_grad[3], h0 is not None and ctx.needs_input_grad[4]
     dq, dk, dv, da, dh0 = _bwd_op(q, k, v, log_decay, h0, A, b, qg, kg, do, dfinal, ctx.scale, need_da, need_dh0)
     return dq, dk, dv, (da if need_da else None), (dh0 if need_dh0 else None), None
