@@ -37,6 +37,7 @@ directly from operands loaded in transposed layout (A^T = k q^T, dA^T = v do^T).
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -270,10 +271,13 @@ def _chunk_walk_kernel(x_ptr, y_ptr, a_ptr, b_ptr, start_ptr, states_ptr, total_
 
 
 @triton.jit
-def _group_scan_kernel(total_ptr, gsum_ptr, h0_ptr, start_ptr, NS, K: tl.constexpr, V: tl.constexpr,
-                       BK: tl.constexpr, BV: tl.constexpr, DECAY: tl.constexpr, REVERSE: tl.constexpr,
-                       HAS_H0: tl.constexpr):
-    """Carry the state across groups: store the state entering each group, then decay it and add the group total."""
+def _group_scan_kernel(total_ptr, gsum_ptr, a_ptr, h0_ptr, start_ptr, NS, T, GT, H: tl.constexpr, K: tl.constexpr,
+                       V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DECAY: tl.constexpr,
+                       REVERSE: tl.constexpr, HAS_H0: tl.constexpr):
+    """Carry the state across groups: store the state entering each group, then decay it and add the group total.
+
+    A group's total log decay: from gsum, or for a constant decay a times its tokens (GT each, the last fewer).
+    """
     i_kv, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
     k0, v0 = (i_kv // tl.cdiv(V, BV)) * BK, (i_kv % tl.cdiv(V, BV)) * BV
     offs_k = k0 + tl.arange(0, BK)
@@ -291,8 +295,10 @@ def _group_scan_kernel(total_ptr, gsum_ptr, h0_ptr, start_ptr, NS, K: tl.constex
         if DECAY == 2:
             g = tl.load(gsum_ptr + slab * K + offs_k, mask=offs_k < K, other=0.0)
             s = s * tl.exp(g)[:, None]
-        else:
+        elif DECAY == 1:
             s = s * tl.exp(tl.load(gsum_ptr + slab))
+        else:
+            s = s * tl.exp(tl.load(a_ptr + i_bh % H).to(tl.float32) * tl.minimum(GT, T - i_s * GT).to(tl.float32))
         s += _load_st(total_ptr, slab, K, V, k0, v0, BK, BV, False)
 
 
@@ -652,11 +658,26 @@ def _intra_bwd_kernel(q_ptr, k_ptr, dq_ptr, dk_ptr, dq_out_ptr, dk_out_ptr, db_p
 
 
 # --------------------------------------------------------------------------------------------- host side
+# Plain-Python sizes: triton.cdiv and triton.next_power_of_2 are constexpr-function objects, a few microseconds a
+# call, and a forward and backward made about 60 of them (a quarter of the host time at B 16, T 2k on an H100).
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _pow2_tile(d: int, cap: int = 64) -> int:
     # tl.dot needs every dimension >= 16.
-    return max(16, min(cap, triton.next_power_of_2(d)))
+    return max(16, min(cap, _next_pow2(d)))
 
 
 def _gated_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -675,11 +696,11 @@ def _group_size(n_chunks: int, walkers: int, sms: int) -> int:
     """
     if not sms:
         return max(1, math.ceil(math.sqrt(n_chunks)))
-    best_cost, best = triton.cdiv(walkers, sms) * n_chunks, n_chunks
+    best_cost, best = _cdiv(walkers, sms) * n_chunks, n_chunks
     size = 1
     while size < n_chunks:
-        groups = triton.cdiv(n_chunks, size)
-        cost = 2 * triton.cdiv(walkers * groups, sms) * size + groups
+        groups = _cdiv(n_chunks, size)
+        cost = 2 * _cdiv(walkers * groups, sms) * size + groups
         if cost < best_cost:
             best_cost, best = cost, size
         size *= 2
@@ -695,7 +716,7 @@ class _Plan:
         self.V = v.shape[-1]
         self.decay = {1: 0, 3: 1, 4: 2}[log_decay.dim()]
         self.BT = CHUNK
-        self.NT = triton.cdiv(self.T, self.BT)
+        self.NT = _cdiv(self.T, self.BT)
         self.Tp = self.NT * self.BT
         # Tiles, warps and pipeline stages per kernel, chosen so that none spills registers on sm_90 (checked by
         # compiling ahead of time, tests/kernels/test_triton_compile.py): fp32 tiles (fp32 inputs, or the fp32
@@ -719,14 +740,14 @@ class _Plan:
             "A": dict(BK=_pow2_tile(K, 32), num_warps=8, num_stages=1 if bf16 else stages),
             "intra": dict(BK=_pow2_tile(K, 32), num_warps=4, num_stages=stages),
             # Sums along time of the log decay (width 1 per token, K per channel); no dots, so no 16 minimum.
-            "cumsum": dict(BK=min(64, triton.next_power_of_2(K if per_channel else 1)), num_warps=4,
+            "cumsum": dict(BK=min(64, _next_pow2(K if per_channel else 1)), num_warps=4,
                            num_stages=stages),
         }
         self.BK, self.BV = self.cfg["walk"]["BK"], self.cfg["walk"]["BV"]
-        walkers = triton.cdiv(K, self.BK) * triton.cdiv(V, self.BV) * self.B * self.H
-        sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 0
+        walkers = _cdiv(K, self.BK) * _cdiv(V, self.BV) * self.B * self.H
+        sms = _sm_count(q.device) if q.is_cuda else 0
         self.G = _group_size(self.NT, walkers, sms)
-        self.NS = triton.cdiv(self.NT, self.G)
+        self.NS = _cdiv(self.NT, self.G)
         # The interpreter multiplies bf16 tiles as raw uint16 bits, so it gets fp32 operands instead.
         if q.dtype == torch.bfloat16 and not _interpreting():
             self.dt = tl.bfloat16
@@ -738,7 +759,7 @@ class _Plan:
         # bf16 states lose nothing the bf16 dots would not; fp16 states could overflow, so they stay fp32.
         self.state_dtype = torch.bfloat16 if q.dtype == torch.bfloat16 else torch.float32
         # Per-channel decay: the whole-chunk test of `_chunk_is_mild` (its width, a power of 2, and its limit).
-        self.mild = dict(KP=triton.next_power_of_2(self.K), CSPAN=CHUNK_SPAN_LIMIT)
+        self.mild = dict(KP=_next_pow2(self.K), CSPAN=CHUNK_SPAN_LIMIT)
         self.rdt = tl.float32 if q.dtype == torch.float16 else self.dt
         self._bookkeeping(q, k, log_decay, b)
 
@@ -761,18 +782,13 @@ class _Plan:
                 gate = (q, k, self.qg, self.kg)
             self.b = b if b is not None else self.chunk_cumsum(log_decay, self.T, self.Tp, reverse=False, gate=gate)
             self.a = self.b
-        self.g_sum = self._group_totals(q.device) if self.NS > 1 else None
+        self.g_sum = self._group_totals() if self.NS > 1 and self.decay else None
 
-    def _group_totals(self, device: torch.device) -> torch.Tensor:
-        """The log decay each group of chunks applies to the state: (B H, NS), or (B H, NS, K) per channel."""
-        B, T, H, NT, BT = self.B, self.T, self.H, self.NT, self.BT
-        if self.decay == 0:
-            # Chunk lengths (the last may be short), made on the device: no host-to-device copy, which a CUDA
-            # graph capture (torch.compile's reduce-overhead mode) refuses.
-            length = (T - BT * torch.arange(NT, device=device)).clamp(max=BT).float()
-            g = (self.a[:, None] * length[None, :]).expand(B, H, NT).reshape(B * H, NT, 1)
-        else:
-            g = self.b.view(B, NT, BT, H, -1)[:, :, -1].permute(0, 2, 1, 3).reshape(B * H, NT, -1)
+    def _group_totals(self) -> torch.Tensor:
+        """The log decay each group of chunks applies to the state: (B H, NS), or (B H, NS, K) per channel (a
+        constant decay's the scan computes itself)."""
+        B, H, NT, BT = self.B, self.H, self.NT, self.BT
+        g = self.b.view(B, NT, BT, H, -1)[:, :, -1].permute(0, 2, 1, 3).reshape(B * H, NT, -1)
         kd = g.shape[-1]
         g = torch.nn.functional.pad(g, (0, 0, 0, self.NS * self.G - NT)).view(B * H, self.NS, self.G, kd)
         total = g.sum(dim=2)
@@ -786,7 +802,7 @@ class _Plan:
         """
         width = x.shape[3] if x.dim() == 4 else 1
         y = torch.empty(self.B, rows_out, self.H, *x.shape[3:], device=x.device, dtype=dtype)
-        grid = (self.NT, triton.cdiv(width, self.cfg["cumsum"]["BK"]), self.B * self.H)
+        grid = (self.NT, _cdiv(width, self.cfg["cumsum"]["BK"]), self.B * self.H)
         self.launch(_chunk_cumsum_kernel, "cumsum", grid, x, y, *(gate or (None,) * 4), rows_in, rows_out, H=self.H,
                     K=width, BT=self.BT, REVERSE=reverse, GATE=gate is not None, CSPAN=self.mild["CSPAN"])
         return y
@@ -798,13 +814,13 @@ class _Plan:
     def grid(self, name, rows, k_or_v="V"):
         """(rows, tiles of K or V for kernel `name`, B H)."""
         width = self.K if k_or_v == "K" else self.V
-        return (rows, triton.cdiv(width, self.cfg[name]["B" + k_or_v]), self.B * self.H)
+        return (rows, _cdiv(width, self.cfg[name]["B" + k_or_v]), self.B * self.H)
 
     def states(self, x, y, scale, h0, reverse):
         """The state entering every chunk (reverse: the dh it hands back), (B H, NT, K, V), and the final one."""
         B, H, K, V, NS = self.B, self.H, self.K, self.V, self.NS
         dev = x.device
-        tiles = triton.cdiv(K, self.cfg["walk"]["BK"]) * triton.cdiv(V, self.cfg["walk"]["BV"])
+        tiles = _cdiv(K, self.cfg["walk"]["BK"]) * _cdiv(V, self.cfg["walk"]["BV"])
         walk = dict(H=H, K=K, V=V, BT=self.BT, DECAY=self.decay, REVERSE=reverse, DT=self.dt, PREC=self.prec)
         states = torch.empty(B * H, self.NT, K, V, device=dev, dtype=self.state_dtype)
         final = torch.empty(B, H, K, V, device=dev, dtype=torch.float32)
@@ -815,9 +831,9 @@ class _Plan:
             self.launch(_chunk_walk_kernel, "walk", (tiles, NS, B * H), x, y, self.a, self.b, None, None, totals,
                         None, self.T, self.Tp, self.NT, NS, self.G, scale, STATES=False, HAS_START=False, **walk)
             start = torch.empty_like(totals)
-            grid = (triton.cdiv(K, self.cfg["scan"]["BK"]) * triton.cdiv(V, self.cfg["scan"]["BV"]), B * H)
-            self.launch(_group_scan_kernel, "scan", grid, totals, self.g_sum, h0, start, NS, K=K, V=V,
-                        DECAY=self.decay, REVERSE=reverse, HAS_H0=h0 is not None)
+            grid = (_cdiv(K, self.cfg["scan"]["BK"]) * _cdiv(V, self.cfg["scan"]["BV"]), B * H)
+            self.launch(_group_scan_kernel, "scan", grid, totals, self.g_sum, self.a, h0, start, NS, self.T,
+                        self.G * self.BT, H=H, K=K, V=V, DECAY=self.decay, REVERSE=reverse, HAS_H0=h0 is not None)
         # Pass 2: walk each group again from its true entering state, storing every chunk's state.
         self.launch(_chunk_walk_kernel, "walk", (tiles, NS, B * H), x, y, self.a, self.b, start, states, None,
                     final, self.T, self.Tp, self.NT, NS, self.G, scale, STATES=True, HAS_START=start is not None,
@@ -873,7 +889,7 @@ def _backward(q, k, v, log_decay, h0, A, b, qg, kg, do, dfinal, scale, need_da, 
                 scale, **shapes)
 
     per_channel = plan.decay == 2
-    nk = triton.cdiv(K, plan.cfg["dqk"]["BK"])
+    nk = _cdiv(K, plan.cfg["dqk"]["BK"])
     db = None
     if per_channel:
         # Mild chunks get dq and dk whole from `_dqk_kernel`; strong ones their inter-chunk parts in fp32, which
@@ -893,7 +909,7 @@ def _backward(q, k, v, log_decay, h0, A, b, qg, kg, do, dfinal, scale, need_da, 
     plan.launch(_dqk_kernel, "dqk", plan.grid("dqk", NT, "K"), q, k, v, do, dq_inter, dk_inter, dq, dk, db, dA,
                 plan.a, plan.b, h, dh, qg, kg, B, T, plan.Tp, NT, scale, STORE_DB=need_da, **shapes)
     if per_channel:
-        grid = (NT * (plan.BT // SUB), triton.cdiv(K, plan.cfg["intra"]["BK"]), B * H)
+        grid = (NT * (plan.BT // SUB), _cdiv(K, plan.cfg["intra"]["BK"]), B * H)
         plan.launch(_intra_bwd_kernel, "intra", grid, q, k, dq_inter, dk_inter, dq, dk, db, dA, plan.b, T, plan.Tp,
                     NT, H=H, K=K, BT=plan.BT, BC=SUB, DT=plan.dt, PREC=plan.prec, STORE_DB=need_da, SPAN=SPAN_LIMIT,
                     **plan.mild)
@@ -901,9 +917,10 @@ def _backward(q, k, v, log_decay, h0, A, b, qg, kg, do, dfinal, scale, need_da, 
     da = None
     if need_da:
         if plan.decay == 0:
-            # b_i = (i + 1) a, one a per head: a collects (i + 1) db_i (rows past the end have db_i = 0).
+            # b_i = (i + 1) a, one a per head: a collects (i + 1) db_i (rows past the end have db_i = 0). Summed
+            # over chunks first, then weighted by a product (einsum cost 0.1 ms of host time per call).
             weight = torch.arange(1, plan.BT + 1, device=q.device, dtype=torch.float32)
-            da = torch.einsum("nth,t->h", db.view(-1, plan.BT, H), weight).to(log_decay.dtype)
+            da = (weight @ db.view(-1, plan.BT, H).sum(0)).to(log_decay.dtype)
         else:
             if plan.decay == 1:
                 db = db.sum(dim=0)
@@ -930,9 +947,9 @@ def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_decay: torch.
 @_fwd_op.register_fake
 def _(q, k, v, log_decay, h0, scale):
     B, T, H, K = q.shape
-    A = (q.new_empty(B * H, triton.cdiv(T, CHUNK), CHUNK, CHUNK, dtype=torch.float32) if log_decay.dim() == 4
+    A = (q.new_empty(B * H, _cdiv(T, CHUNK), CHUNK, CHUNK, dtype=torch.float32) if log_decay.dim() == 4
          else q.new_empty(0, dtype=torch.float32))
-    Tp = triton.cdiv(T, CHUNK) * CHUNK
+    Tp = _cdiv(T, CHUNK) * CHUNK
     b = (q.new_empty(B, Tp, H, *log_decay.shape[3:], dtype=torch.float32) if log_decay.dim() > 1
          else q.new_empty(0, dtype=torch.float32))
     gated = (q.new_empty(q.shape, dtype=_gated_dtype(q.dtype)) if log_decay.dim() == 4
@@ -961,6 +978,7 @@ def _(q, k, v, log_decay, h0, A, b, qg, kg, do, dfinal, scale, need_da, need_dh0
 
 
 def _setup_context(ctx, inputs, output):
+    """Save what the backward reads: the inputs, and A, b, qg, kg as the forward made them."""
     q, k, v, log_decay, h0, scale = inputs
     # A, b, qg and kg: made once in the forward, read again by the backward (per-channel qg and kg: two bf16
     # copies of q's size, which spares the backward a pass over q, k and b).
@@ -972,16 +990,35 @@ def _setup_context(ctx, inputs, output):
     ctx.scale = scale
 
 
-def _autograd_backward(ctx, do, dfinal, _dA, _db, _dqg, _dkg):
+def _autograd_backward(ctx, do, dfinal, *_unused, run=_bwd_op):
+    """Gradients of q, k, v, the log decay and the initial state (None where not asked for), through `run`."""
     q, k, v, log_decay, h0, A, b, qg, kg = ctx.saved_tensors
     if do is None:  # only the final state reached the loss
         do = torch.zeros_like(v)
     need_da, need_dh0 = ctx.needs_input_grad[3], h0 is not None and ctx.needs_input_grad[4]
-    dq, dk, dv, da, dh0 = _bwd_op(q, k, v, log_decay, h0, A, b, qg, kg, do, dfinal, ctx.scale, need_da, need_dh0)
+    dq, dk, dv, da, dh0 = run(q, k, v, log_decay, h0, A, b, qg, kg, do, dfinal, ctx.scale, need_da, need_dh0)
     return dq, dk, dv, (da if need_da else None), (dh0 if need_dh0 else None), None
 
 
 _fwd_op.register_autograd(_autograd_backward, setup_context=_setup_context)
+
+
+class _Eager(torch.autograd.Function):
+    """The custom ops' forward and backward for calls outside torch.compile and functorch: a plain autograd
+    Function costs less host time per call than the op dispatch, and these kernels are bound by the host at
+    training sizes when not in a CUDA graph."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, log_decay, h0, scale):
+        # ctx here rather than a separate setup_context, which has autograd bind the arguments with inspect on
+        # every call.
+        output = _forward(q, k, v, log_decay, h0, scale)
+        _setup_context(ctx, (q, k, v, log_decay, h0, scale), output)
+        return output
+
+    @staticmethod
+    def backward(ctx, do, dfinal, *unused):
+        return _autograd_backward(ctx, do, dfinal, *unused, run=_backward)  # the saved inputs are dense already
 
 
 @_fwd_op.register_vmap
@@ -1019,5 +1056,9 @@ def linear_attention_triton(
     if not q.is_cuda and not _interpreting():
         raise ValueError("the triton backend needs CUDA tensors (or TRITON_INTERPRET=1 to run on CPU)")
     # Made dense before the op, so that the tensors it saves for the backward need no second copy there.
-    o, final, *_ = _fwd_op(*_dense(q, k, v, log_decay, initial_state), float(scale))
+    args = (*_dense(q, k, v, log_decay, initial_state), float(scale))
+    if torch.compiler.is_compiling() or torch._C._functorch.is_functorch_wrapped_tensor(q):
+        o, final, *_ = _fwd_op(*args)  # traced whole by torch.compile; vmapped over stacked models
+    else:
+        o, final, *_ = _Eager.apply(*args)
     return o, (final if output_final_state else None)

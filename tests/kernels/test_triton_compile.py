@@ -66,7 +66,7 @@ def _variants(dtype: torch.dtype, decay: int):
             out.append((f"walk reverse={reverse} states={states}", tc._chunk_walk_kernel,
                         dict(base, REVERSE=reverse, STATES=states, HAS_START=True), "walk"))
         out.append((f"scan reverse={reverse}", tc._group_scan_kernel,
-                    dict(K=128, V=128, DECAY=decay, REVERSE=reverse, HAS_H0=True), "scan"))
+                    dict(H=8, K=128, V=128, DECAY=decay, REVERSE=reverse, HAS_H0=True), "scan"))
     out.append(("output", tc._output_kernel, base, "out"))
     out.append(("dv", tc._dv_kernel, base, "out"))
     out.append(("dqk", tc._dqk_kernel, dict(base, STORE_DB=True), "dqk"))
