@@ -209,8 +209,8 @@ def _chunk_cumsum_kernel(x_ptr, y_ptr, q_ptr, k_ptr, qg_ptr, kg_ptr, T_in, T_out
 
 
 @triton.jit
-def _chunk_walk_kernel(x_ptr, y_ptr, a_ptr, b_ptr, start_ptr, states_ptr, total_ptr, final_ptr, T, Tp, NT, NS, G,
-                       scale, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
+def _chunk_walk_kernel(x_ptr, y_ptr, a_ptr, b_ptr, start_ptr, states_ptr, total_ptr, gsum_ptr, final_ptr, T, Tp,
+                       NT, NS, G, scale, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
                        BK: tl.constexpr, BV: tl.constexpr, DECAY: tl.constexpr, REVERSE: tl.constexpr,
                        STATES: tl.constexpr, HAS_START: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
     """Walk the chunks of one group in order, carrying the (BK, BV) state tile.
@@ -219,7 +219,8 @@ def _chunk_walk_kernel(x_ptr, y_ptr, a_ptr, b_ptr, start_ptr, states_ptr, total_
     Reverse (x = q, y = do, chunks backwards): S <- e^(b_last) S + scale (q e^b)^T do, i.e. dh.
     STATES: start from the group's true entering state (or zero) and store the state each chunk starts from
     (reverse: the dh each chunk hands back), and the last state as `final`. Otherwise start from zero and store
-    only the group's total contribution, for `_group_scan_kernel`.
+    only the group's total contribution, for `_group_scan_kernel`, and for data-dependent decays the group's total
+    log decay (the sum of its chunks' b_last; once per K tile, from the first V tile).
     """
     i_kv, i_s, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     i_b, i_h = i_bh // H, i_bh % H
@@ -231,6 +232,7 @@ def _chunk_walk_kernel(x_ptr, y_ptr, a_ptr, b_ptr, start_ptr, states_ptr, total_
         s = _load_st(start_ptr, i_bh * NS + i_s, K, V, k0, v0, BK, BV, False).to(tl.float32)
     else:
         s = tl.zeros([BK, BV], dtype=tl.float32)
+    g = tl.zeros([BK], dtype=tl.float32)
     for step in range(0, n_count):
         if REVERSE:
             n = n_first + n_count - 1 - step
@@ -245,6 +247,7 @@ def _chunk_walk_kernel(x_ptr, y_ptr, a_ptr, b_ptr, start_ptr, states_ptr, total_
         y = _load(y_ptr, i_b, i_h, t0, T, H, V, v0, BT, BV, False)
         b = _rows_log_decay(a_ptr, b_ptr, i_b, i_h, t0, 0, last, Tp, H, K, k0, BT, BK, DECAY, True)
         b_last = _row_log_decay(a_ptr, b_ptr, i_b, i_h, t0, last, Tp, H, K, offs_k, DECAY)
+        g += b_last
         if DECAY == 2:
             if REVERSE:
                 xt = xt * tl.exp(b)
@@ -268,6 +271,13 @@ def _chunk_walk_kernel(x_ptr, y_ptr, a_ptr, b_ptr, start_ptr, states_ptr, total_
             _store_st(final_ptr, s, i_bh, K, V, k0, v0, BK, BV)
     else:
         _store_st(total_ptr, s, i_bh * NS + i_s, K, V, k0, v0, BK, BV)
+        # (The host used to make these with eight small torch ops per walk: host time, at long T.)
+        if DECAY == 2:
+            if i_kv % tl.cdiv(V, BV) == 0:
+                tl.store(gsum_ptr + (i_bh * NS + i_s) * K + offs_k, g, mask=offs_k < K)
+        elif DECAY == 1:
+            if i_kv == 0:
+                tl.store(gsum_ptr + i_bh * NS + i_s + tl.arange(0, BK), g, mask=tl.arange(0, BK) < 1)
 
 
 @triton.jit
@@ -765,11 +775,9 @@ class _Plan:
 
     def _bookkeeping(self, q: torch.Tensor, k: torch.Tensor | None, log_decay: torch.Tensor,
                      b: torch.Tensor | None) -> None:
-        """b, the in-chunk inclusive cumulative log decay (padded to whole chunks), and each group's total; given
-        k and no b (the forward, per-channel decay), also the gated qg and kg of `_chunk_cumsum_kernel`.
-
-        The forward hands its b (and qg, kg) to the backward; the group totals exist only with more than one group.
-        """
+        """b, the in-chunk inclusive cumulative log decay (padded to whole chunks); given k and no b (the forward,
+        per-channel decay), also the gated qg and kg of `_chunk_cumsum_kernel`. The forward hands them to the
+        backward."""
         self.qg = self.kg = None
         if self.decay == 0:
             self.a = log_decay.float().contiguous()
@@ -782,17 +790,6 @@ class _Plan:
                 gate = (q, k, self.qg, self.kg)
             self.b = b if b is not None else self.chunk_cumsum(log_decay, self.T, self.Tp, reverse=False, gate=gate)
             self.a = self.b
-        self.g_sum = self._group_totals() if self.NS > 1 and self.decay else None
-
-    def _group_totals(self) -> torch.Tensor:
-        """The log decay each group of chunks applies to the state: (B H, NS), or (B H, NS, K) per channel (a
-        constant decay's the scan computes itself)."""
-        B, H, NT, BT = self.B, self.H, self.NT, self.BT
-        g = self.b.view(B, NT, BT, H, -1)[:, :, -1].permute(0, 2, 1, 3).reshape(B * H, NT, -1)
-        kd = g.shape[-1]
-        g = torch.nn.functional.pad(g, (0, 0, 0, self.NS * self.G - NT)).view(B * H, self.NS, self.G, kd)
-        total = g.sum(dim=2)
-        return (total.reshape(B * H, self.NS) if kd == 1 else total).contiguous()
 
     def chunk_cumsum(self, x: torch.Tensor, rows_in: int, rows_out: int, reverse: bool,
                      dtype: torch.dtype = torch.float32, gate: tuple | None = None) -> torch.Tensor:
@@ -828,15 +825,16 @@ class _Plan:
         if NS > 1:
             # Pass 1: each group's own contribution; then the scan gives the state entering each group.
             totals = torch.empty(B * H, NS, K, V, device=dev, dtype=torch.float32)
+            g_sum = torch.empty(B * H, NS, K if self.decay == 2 else 1, device=dev) if self.decay else None
             self.launch(_chunk_walk_kernel, "walk", (tiles, NS, B * H), x, y, self.a, self.b, None, None, totals,
-                        None, self.T, self.Tp, self.NT, NS, self.G, scale, STATES=False, HAS_START=False, **walk)
+                        g_sum, None, self.T, self.Tp, self.NT, NS, self.G, scale, STATES=False, HAS_START=False, **walk)
             start = torch.empty_like(totals)
             grid = (_cdiv(K, self.cfg["scan"]["BK"]) * _cdiv(V, self.cfg["scan"]["BV"]), B * H)
-            self.launch(_group_scan_kernel, "scan", grid, totals, self.g_sum, self.a, h0, start, NS, self.T,
+            self.launch(_group_scan_kernel, "scan", grid, totals, g_sum, self.a, h0, start, NS, self.T,
                         self.G * self.BT, H=H, K=K, V=V, DECAY=self.decay, REVERSE=reverse, HAS_H0=h0 is not None)
         # Pass 2: walk each group again from its true entering state, storing every chunk's state.
         self.launch(_chunk_walk_kernel, "walk", (tiles, NS, B * H), x, y, self.a, self.b, start, states, None,
-                    final, self.T, self.Tp, self.NT, NS, self.G, scale, STATES=True, HAS_START=start is not None,
+                    None, final, self.T, self.Tp, self.NT, NS, self.G, scale, STATES=True, HAS_START=start is not None,
                     **walk)
         return states, final
 
