@@ -7,6 +7,8 @@ flash-linear-attention. On a GPU (bf16, H 8, K = V = 128):
     python docs/bench/linear_attention_study.py walks                    # walk settings, long forward and fwd+bwd
     python docs/bench/linear_attention_study.py side ours|constant|channel   # ours, or fla's constant / per-channel
     python docs/bench/linear_attention_study.py paths                    # per channel: whole chunks vs sub-blocks
+    python docs/bench/linear_attention_study.py gpu                      # GPU time of fwd+bwd per form and shape
+    python docs/bench/linear_attention_study.py host                     # host and wall time per fwd+bwd (eager)
 """
 
 import itertools
@@ -171,9 +173,38 @@ def paths() -> None:
             print("paths", label, batch, time_, "fwd+bwd" if backward else "fwd", f"{ms:.3f}", flush=True)
 
 
+SHAPES = ((16, 2048), (4, 8192), (1, 32768))
+
+
+def gpu() -> None:
+    """GPU time of fwd+bwd (every gradient, the log decay's too) per form at B x T = 32k tokens: CUDA-graph replays."""
+    for (batch, time_), form in itertools.product(SHAPES, FORMS):
+        print("gpu", form, batch, time_, f"{graph_ms(form, batch, time_)[0]:.3f}", flush=True)
+
+
+def host() -> None:
+    """Host ms (queueing the work) and wall ms per eager fwd+bwd step, the median of 5 runs of 40 steps each."""
+    for (batch, time_), form in itertools.product(((16, 2048), (1, 32768)), FORMS):
+        step = step_fn(*inputs(form, batch, time_))
+        for _ in range(10):
+            step()
+        torch.cuda.synchronize()
+        runs = []
+        for _ in range(5):
+            t = time.perf_counter()
+            for _ in range(40):
+                step()
+            queued = (time.perf_counter() - t) / 40
+            torch.cuda.synchronize()
+            runs.append((queued, (time.perf_counter() - t) / 40))
+        queued, wall = sorted(runs)[2]
+        print("host", form, batch, time_, f"host {queued * 1e3:.3f}", f"wall {wall * 1e3:.3f}", flush=True)
+
+
 if __name__ == "__main__":
     # Each command with the number of arguments it takes; anything else prints the usage above and exits 1.
     commands = {"profile": (profile, 0), "walks": (walks, 0), "paths": (paths, 0), "side": (side, 1),
+                "gpu": (gpu, 0), "host": (host, 0),
                 "settings": (lambda f, b, t, n: settings(f, int(b), int(t), n.split(",")), 4)}
     command, args = (sys.argv[1], sys.argv[2:]) if len(sys.argv) > 1 else ("", [])
     if command not in commands or len(args) != commands[command][1]:
