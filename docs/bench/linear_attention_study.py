@@ -66,16 +66,22 @@ def step_fn(q, k, v, a, do):
     return step
 
 
+def warmed_step(form: str, batch: int, time_: int, warmup: int):
+    """`step_fn` on fresh inputs, run `warmup` times and synchronized (kernels compiled, allocator warm)."""
+    step = step_fn(*inputs(form, batch, time_))
+    for _ in range(warmup):
+        step()
+    torch.cuda.synchronize()
+    return step
+
+
 def profile() -> None:
     """Per-kernel GPU time of 10 fwd+bwd steps per form and shape, then host and wall ms per step at B 16, T 2k."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
     for (batch, time_), form in itertools.product(((16, 2048), (1, 32768)), FORMS):
-        step = step_fn(*inputs(form, batch, time_))
-        for _ in range(5):
-            step()
-        torch.cuda.synchronize()
+        step = warmed_step(form, batch, time_, 5)
         with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
             for _ in range(10):
                 step()
@@ -83,10 +89,7 @@ def profile() -> None:
         print(f"\n===== {form} B={batch} T={time_} (10 steps)")
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60))
     for form in FORMS:
-        step = step_fn(*inputs(form, 16, 2048))
-        for _ in range(5):
-            step()
-        torch.cuda.synchronize()
+        step = warmed_step(form, 16, 2048, 5)
         t = time.perf_counter()
         for _ in range(50):
             step()
@@ -185,10 +188,7 @@ def gpu() -> None:
 def host() -> None:
     """Host ms (queueing the work) and wall ms per eager fwd+bwd step, the median of 5 runs of 40 steps each."""
     for (batch, time_), form in itertools.product(((16, 2048), (1, 32768)), FORMS):
-        step = step_fn(*inputs(form, batch, time_))
-        for _ in range(10):
-            step()
-        torch.cuda.synchronize()
+        step = warmed_step(form, batch, time_, 10)
         runs = []
         for _ in range(5):
             t = time.perf_counter()
