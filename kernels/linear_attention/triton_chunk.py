@@ -247,7 +247,8 @@ def _chunk_walk_kernel(x_ptr, y_ptr, a_ptr, b_ptr, start_ptr, states_ptr, total_
         y = _load(y_ptr, i_b, i_h, t0, T, H, V, v0, BT, BV, False)
         b = _rows_log_decay(a_ptr, b_ptr, i_b, i_h, t0, 0, last, Tp, H, K, k0, BT, BK, DECAY, True)
         b_last = _row_log_decay(a_ptr, b_ptr, i_b, i_h, t0, last, Tp, H, K, offs_k, DECAY)
-        g += b_last
+        if DECAY != 0 and not STATES:  # only the first pass stores a group total
+            g += b_last
         if DECAY == 2:
             if REVERSE:
                 xt = xt * tl.exp(b)
