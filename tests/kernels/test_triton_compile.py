@@ -43,22 +43,19 @@ def _compile(kernel, consts: dict, ptr_types: dict, num_warps: int, num_stages: 
 
 def _variants(dtype: torch.dtype, decay: int):
     """(name, kernel, constexprs, pointer types, plan, config name) for every launch the autograd Function makes."""
-    import triton.language as tl
-
     from kernels.linear_attention import triton_chunk as tc
 
     shape = {0: (8,), 1: (1, 128, 8), 2: (1, 128, 8, 128)}[decay]
     q = torch.empty(1, 128, 8, 128, dtype=dtype)
+    # Made in the child process, outside the interpreter: the plan's dt, prec and rdt are the GPU's.
+    assert not tc._interpreting()
     plan = tc._Plan(q, q, torch.empty(shape), b=torch.empty(shape))  # T = 128 needs no padding: b is as a
-    plan.dt = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}[dtype]
-    plan.prec = tc.FP32_DOT_PRECISION if dtype == torch.float32 else "tf32"
     io = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32"}[dtype]
     st = "*bf16" if plan.state_dtype == torch.bfloat16 else "*fp32"
     ptrs = {n: io for n in ("x_ptr", "y_ptr", "q_ptr", "k_ptr", "v_ptr", "o_ptr", "do_ptr", "dv_ptr")}
     ptrs.update(states_ptr=st, h_ptr=st, dh_ptr=st)
     if decay != 2:
         ptrs.update(dq_ptr=io, dk_ptr=io)
-    plan.rdt = tl.float32 if dtype == torch.float16 else plan.dt
     base = dict(H=8, K=128, V=128, BT=tc.CHUNK, DECAY=decay, DT=plan.dt, PREC=plan.prec, RDT=plan.rdt, **plan.mild)
     out = []
     for reverse in (False, True):
