@@ -529,40 +529,48 @@ def _dqk_kernel(q_ptr, k_ptr, v_ptr, do_ptr, dq_ptr, dk_ptr, dq_out_ptr, dk_out_
             # dA^T straight from v and a transposed load of do, never by transposing acc_da.
             do_t = _load(do_ptr, i_b, i_h, t0, T, H, V, v0, BT, BV, True)
             acc_dat += tl.dot(v.to(DT), do_t.to(DT), input_precision=PREC)
-    q = _load(q_ptr, i_b, i_h, t0, T, H, K, k0, BT, BK, False)
-    k = _load(k_ptr, i_b, i_h, t0, T, H, K, k0, BT, BK, False)
     causal = rows[:, None] >= rows[None, :]
     later = rows[None, :] >= rows[:, None]
     is_last = rows == last
     b = _rows_log_decay(a_ptr, b_ptr, i_b, i_h, t0, 0, last, Tp, H, K, k0, BT, BK, DECAY, False)
     b_last = _row_log_decay(a_ptr, b_ptr, i_b, i_h, t0, last, Tp, H, K, offs_k, DECAY)
     if DECAY == 2:
-        qf, kf = q.to(tl.float32), k.to(tl.float32)
-        dq_state = scale * acc_dq * tl.exp(b)
-        dk_state = acc_dk * tl.exp(b_last[None, :] - b)
         if mild:
-            # As A in `_output_kernel`, through the gated qg and kg; the masks select, never multiply.
-            e = tl.exp(b - 0.5 * b_last[None, :])
+            # As A in `_output_kernel`, through the gated qg = q e and kg = k / e (e = e^(b - m), m = b_last / 2); the
+            # masks select, never multiply. As q e^b = qg e^m and k e^(b_last - b) = kg e^m, dq = e x and dk = y / e
+            # for the x and y below, and db's terms q dq = qg x and k dk = kg y need neither q, k nor e: one exp per
+            # element instead of three, and two loads fewer (1.7% off the per-channel fwd+bwd at B 16, T 2k).
+            e_m = tl.exp(0.5 * b_last)
             da = tl.where(causal, scale * acc_da, 0.0)
             dat = tl.where(later, scale * acc_dat, 0.0)
             kg = _load(kg_ptr, i_b, i_h, t0, T, H, K, k0, BT, BK, False)
             qg = _load(qg_ptr, i_b, i_h, t0, T, H, K, k0, BT, BK, False)
-            dq = dq_state + tl.dot(da.to(RDT), kg.to(RDT), input_precision=PREC) * e
-            dk = dk_state + tl.dot(dat.to(RDT), qg.to(RDT), input_precision=PREC) / e
-            _store(dq_out_ptr, dq, i_b, i_h, t0, T, H, K, k0, BT, BK)
-            _store(dk_out_ptr, dk, i_b, i_h, t0, T, H, K, k0, BT, BK)
+            x = scale * acc_dq * e_m[None, :] + tl.dot(da.to(RDT), kg.to(RDT), input_precision=PREC)
+            y = acc_dk * e_m[None, :] + tl.dot(dat.to(RDT), qg.to(RDT), input_precision=PREC)
+            e = tl.exp(b - 0.5 * b_last[None, :])
+            _store(dq_out_ptr, x * e, i_b, i_h, t0, T, H, K, k0, BT, BK)
+            _store(dk_out_ptr, y / e, i_b, i_h, t0, T, H, K, k0, BT, BK)
+            if STORE_DB:
+                d_last = tl.exp(b_last) * acc_hdh + e_m * tl.sum(kg.to(tl.float32) * acc_dk, axis=0)
+                db = qg.to(tl.float32) * x - kg.to(tl.float32) * y + tl.where(is_last[:, None], d_last[None, :], 0.0)
+                _store(db_ptr, db, i_b, i_h, t0, Tp, H, K, k0, BT, BK)
         else:
-            dq, dk = dq_state, dk_state
+            dq = scale * acc_dq * tl.exp(b)
+            dk = acc_dk * tl.exp(b_last[None, :] - b)
             _store(dq_ptr, dq, i_b, i_h, t0, T, H, K, k0, BT, BK)
             _store(dk_ptr, dk, i_b, i_h, t0, T, H, K, k0, BT, BK)
             if i_k == 0:
                 da_store = tl.where(causal & ((t0 + rows) < T)[:, None], scale * acc_da, 0.0)
                 tl.store(dA_ptr + (i_bh * NT + i_n) * BT * BT + rows[:, None] * BT + rows[None, :], da_store)
-        if STORE_DB:
-            d_last = tl.exp(b_last) * acc_hdh + tl.sum(kf * dk_state, axis=0)
-            db = qf * dq - kf * dk + tl.where(is_last[:, None], d_last[None, :], 0.0)
-            _store(db_ptr, db, i_b, i_h, t0, Tp, H, K, k0, BT, BK)
+            if STORE_DB:
+                qf = _load(q_ptr, i_b, i_h, t0, T, H, K, k0, BT, BK, False).to(tl.float32)
+                kf = _load(k_ptr, i_b, i_h, t0, T, H, K, k0, BT, BK, False).to(tl.float32)
+                d_last = tl.exp(b_last) * acc_hdh + tl.sum(kf * dk, axis=0)
+                db = qf * dq - kf * dk + tl.where(is_last[:, None], d_last[None, :], 0.0)
+                _store(db_ptr, db, i_b, i_h, t0, Tp, H, K, k0, BT, BK)
     else:
+        q = _load(q_ptr, i_b, i_h, t0, T, H, K, k0, BT, BK, False)
+        k = _load(k_ptr, i_b, i_h, t0, T, H, K, k0, BT, BK, False)
         dk_state = acc_dk * tl.exp(b_last - b)[:, None]
         da = acc_da * tl.exp(tl.where(causal, b[:, None] - b[None, :], float("-inf")))
         dat = acc_dat * tl.exp(tl.where(later, b[None, :] - b[:, None], float("-inf")))
@@ -746,8 +754,10 @@ class _Plan:
             "walk": dict(BK=_pow2_tile(K, wide), BV=_pow2_tile(V, wide), num_warps=8, num_stages=stages),
             "scan": dict(BK=_pow2_tile(K, 32), BV=_pow2_tile(V, 32), num_warps=4, num_stages=stages),
             "out": dict(BK=_pow2_tile(K, wide), BV=_pow2_tile(V, wide), num_warps=8, num_stages=stages),
-            # Wide K tiles: each K tile makes the whole do v^T again.
-            "dqk": dict(BK=_pow2_tile(K, wide), BV=_pow2_tile(V, 32), num_warps=8, num_stages=2),
+            # Wide K tiles: each K tile makes the whole do v^T again. Per channel, K tiles of 64 spilled registers
+            # (88 bytes) and were 3% slower at B 16, T 2k than tiles of 32 (1% faster at B 1, T 32k).
+            "dqk": dict(BK=_pow2_tile(K, 32 if per_channel else wide), BV=_pow2_tile(V, 32), num_warps=8,
+                        num_stages=2),
             "A": dict(BK=_pow2_tile(K, 32), num_warps=8, num_stages=1 if bf16 else stages),
             "intra": dict(BK=_pow2_tile(K, 32), num_warps=4, num_stages=stages),
             # Sums along time of the log decay (width 1 per token, K per channel); no dots, so no 16 minimum.
