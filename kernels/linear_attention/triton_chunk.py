@@ -22,7 +22,8 @@ Forward, per (batch, head):
      heads and K x V tiles) to get the group's own contribution, `_group_scan_kernel` carries the state across
      groups, and a second walk from each group's true entering state stores h_n. With batch x heads x tiles
      enough to fill the GPU there is one group (G = #chunks, a single walk, as fla's chunk_fwd_h); otherwise
-     G ~ sqrt(#chunks), so for B = 1 and T = 1M (16k chunks) no sequential loop is longer than 128 steps.
+     `_group_size` picks G by counting sequential steps (B = 1, H = 8 on an H100: 8 groups of 2048 chunks at
+     T = 1M, 8 of 64 at T = 32k).
   3. `_output_kernel`, parallel over chunks, batch, heads and V tiles: o = scale (q e^b h_n + A v).
 Backward recomputes h_n, runs step 2 in reverse for dh_n (the gradient of the state chunk n hands on,
 S <- e^(b_last) S + scale (q e^b)^T do), then `_dv_kernel`, `_dqk_kernel` and, per-channel only (strong
@@ -705,21 +706,22 @@ def _gated_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
 
 
-def _group_size(n_chunks: int, walkers: int, sms: int) -> int:
+def _group_size(n_chunks: int, walkers: int, slots: int) -> int:
     """Chunks per group for the state walk, by a cost model counting sequential chunk steps.
 
-    A walker (one batch, head and K x V tile) takes one SM (the register budget allows no second), so one walk
-    over all chunks costs ceil(walkers / sms) * n_chunks steps; groups of G cost two walks of G chunks with
-    walkers x groups programs, plus a scan over groups. Groups win when batch x heads is too small to fill the
-    GPU (B = 1, long T). Without an SM count (the interpreter) take G ~ sqrt(n_chunks), so tests cover groups.
+    The GPU runs `slots` walkers (one batch, head and K x V tile each) at once: SMs times walkers per SM, which the
+    register budget sets. One walk over all chunks costs ceil(walkers / slots) * n_chunks steps; groups of G cost
+    two walks of G chunks with walkers x groups programs, plus a scan over groups. Groups win when batch x heads is
+    too small to fill the GPU (B = 1, long T). Without slots (the interpreter) take G ~ sqrt(n_chunks), so tests
+    cover groups.
     """
-    if not sms:
+    if not slots:
         return max(1, math.ceil(math.sqrt(n_chunks)))
-    best_cost, best = _cdiv(walkers, sms) * n_chunks, n_chunks
+    best_cost, best = _cdiv(walkers, slots) * n_chunks, n_chunks
     size = 1
     while size < n_chunks:
         groups = _cdiv(n_chunks, size)
-        cost = 2 * _cdiv(walkers * groups, sms) * size + groups
+        cost = 2 * _cdiv(walkers * groups, slots) * size + groups
         if cost < best_cost:
             best_cost, best = cost, size
         size *= 2
@@ -749,9 +751,12 @@ class _Plan:
         K, V = self.K, self.V
         per_channel = self.decay == 2
         self.cfg = {
-            # Walks: 4 warps and 2 stages were 15% faster for fwd+bwd at B 1, T 32k, but 23% slower for the
-            # forward at B 1, T 1M; these are the settings of the long forward.
-            "walk": dict(BK=_pow2_tile(K, wide), BV=_pow2_tile(V, wide), num_warps=8, num_stages=stages),
+            # Walks, bf16: 4 warps (at most 255 registers a thread: two walkers per SM) and 3 stages, with the
+            # group size counting two walkers per SM, were faster than 8 warps (one per SM) for every form and shape
+            # timed on an H100, most at long T: per channel fwd+bwd 2.40 against 2.74 ms at B 1, T 32k, constant
+            # forward 10.5 against 11.8 ms at B 1, T 1M. 4 warps and 2 stages were slower. Other dtypes: untimed.
+            "walk": dict(BK=_pow2_tile(K, wide), BV=_pow2_tile(V, wide), num_warps=4 if bf16 else 8,
+                         num_stages=stages),
             "scan": dict(BK=_pow2_tile(K, 32), BV=_pow2_tile(V, 32), num_warps=4, num_stages=stages),
             "out": dict(BK=_pow2_tile(K, wide), BV=_pow2_tile(V, wide), num_warps=8, num_stages=stages),
             # Wide K tiles: each K tile makes the whole do v^T again. Per channel, K tiles of 64 spilled registers
@@ -766,8 +771,9 @@ class _Plan:
         }
         self.BK, self.BV = self.cfg["walk"]["BK"], self.cfg["walk"]["BV"]
         walkers = _cdiv(K, self.BK) * _cdiv(V, self.BV) * self.B * self.H
-        sms = _sm_count(q.device) if q.is_cuda else 0
-        self.G = _group_size(self.NT, walkers, sms)
+        walkers_per_sm = 8 // self.cfg["walk"]["num_warps"]  # 8 warps of up to 255 registers fill an SM's file
+        slots = _sm_count(q.device) * walkers_per_sm if q.is_cuda else 0
+        self.G = _group_size(self.NT, walkers, slots)
         self.NS = _cdiv(self.NT, self.G)
         # The interpreter multiplies bf16 tiles as raw uint16 bits, so it gets fp32 operands instead.
         if q.dtype == torch.bfloat16 and not _interpreting():

@@ -270,10 +270,11 @@ def test_triton_group_size_model():
     """One walk over all chunks when batch x heads fill the GPU; groups (and a scan) when B = 1 and T is long."""
     from kernels.linear_attention.triton_chunk import _group_size
 
-    assert _group_size(32, walkers=512, sms=132) == 32  # T = 2k, B = 16, H = 8: one group
-    assert _group_size(16384, walkers=32, sms=132) == 4096  # T = 1M, B = 1: four groups fill 128 SMs
-    assert _group_size(512, walkers=32, sms=132) == 128
-    assert _group_size(300, walkers=1, sms=0) == 18  # interpreter: ~sqrt(#chunks)
+    assert _group_size(32, walkers=512, slots=132) == 32  # T = 2k, B = 16, H = 8: one group
+    assert _group_size(16384, walkers=32, slots=132) == 4096  # T = 1M, B = 1: four groups fill 128 SMs
+    assert _group_size(16384, walkers=32, slots=264) == 2048  # two walkers per SM: eight groups
+    assert _group_size(512, walkers=32, slots=132) == 128
+    assert _group_size(300, walkers=1, slots=0) == 18  # interpreter: ~sqrt(#chunks)
 
 
 @pytest.mark.parametrize("form", ["constant", "token", "channel"])
