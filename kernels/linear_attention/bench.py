@@ -278,8 +278,14 @@ def _label(impl: str, decay: str) -> str:
     return f"{impl} ({decay})" if decay else impl
 
 
+def _decays(df: pd.DataFrame) -> pd.DataFrame:
+    """df with an empty decay for SDPA's rows also when read back from the CSV (where pandas makes it NaN)."""
+    return df.assign(decay=df["decay"].fillna(""))
+
+
 def markdown_table(df: pd.DataFrame) -> str:
     """Milliseconds per (mode, B, T) row and implementation column; failures and errors say so in their cell."""
+    df = _decays(df)
     df = df.assign(column=[_label(i, d) for i, d in zip(df["impl"], df["decay"])])
     df["cell"] = [f"{ms:.2f}" if status == "ok" else status for ms, status in zip(df["ms"], df["status"])]
     table = df.pivot_table(index=["mode", "B", "T"], columns="column", values="cell", aggfunc="first", sort=False)
@@ -300,6 +306,7 @@ def plot(df: pd.DataFrame, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    df = _decays(df)
     modes = list(dict.fromkeys(df["mode"]))
     fig, axes = plt.subplots(1, len(modes), figsize=(6 * len(modes), 4.5), squeeze=False)
     for ax, mode in zip(axes[0], modes):
