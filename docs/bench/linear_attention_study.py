@@ -9,6 +9,7 @@ flash-linear-attention. On a GPU (bf16, H 8, K = V = 128):
     python docs/bench/linear_attention_study.py paths                    # per channel: whole chunks vs sub-blocks
     python docs/bench/linear_attention_study.py gpu                      # GPU time of fwd+bwd per form and shape
     python docs/bench/linear_attention_study.py host                     # host and wall time per fwd+bwd (eager)
+    python docs/bench/linear_attention_study.py groups                   # walk warps/stages x walkers per SM
 """
 
 import itertools
@@ -23,6 +24,8 @@ from kernels.linear_attention import triton_chunk as tc
 from kernels.linear_attention.bench import _ours, _peers, _time_one
 
 FORMS = ("constant", "token", "channel")
+#: B x T = 32k tokens, the benchmark's fwd+bwd shapes.
+SHAPES = ((16, 2048), (4, 8192), (1, 32768))
 #: Launch settings tried per kernel by `settings` (one kernel at a time, keeping the best found so far).
 SPACE = {
     "A": dict(BK=(32, 64), num_warps=(4, 8), num_stages=(1, 2, 3)),
@@ -154,7 +157,7 @@ def walks() -> None:
 
 def side(which: str) -> None:
     """fwd+bwd ms at B x T = 32k tokens: ours (three forms), or fla's constant or per-channel kernel."""
-    for batch, time_ in ((16, 2048), (4, 8192), (1, 32768)):
+    for batch, time_ in SHAPES:
         if which == "ours":
             for form in FORMS:
                 ms = _time_one(_ours("triton"), "ours triton", form, batch, time_, True, False)
@@ -176,13 +179,28 @@ def paths() -> None:
             print("paths", label, batch, time_, "fwd+bwd" if backward else "fwd", f"{ms:.3f}", flush=True)
 
 
-SHAPES = ((16, 2048), (4, 8192), (1, 32768))
-
-
 def gpu() -> None:
     """GPU time of fwd+bwd (every gradient, the log decay's too) per form at B x T = 32k tokens: CUDA-graph replays."""
     for (batch, time_), form in itertools.product(SHAPES, FORMS):
         print("gpu", form, batch, time_, f"{graph_ms(form, batch, time_)[0]:.3f}", flush=True)
+
+
+def groups() -> None:
+    """Walk warps and stages against the walkers per SM the group-size model counts: fwd+bwd GPU time per form and
+    shape, and the forward at B 1, T 1M."""
+    chosen: dict[str, dict] = {}
+    override(chosen)
+    model, sms = tc._group_size, tc._sm_count(torch.device("cuda"))
+    for (warps, stages), per_sm in itertools.product(((8, 3), (4, 2), (4, 3), (8, 2)), (1, 2, 3)):
+        chosen["walk"] = dict(num_warps=warps, num_stages=stages)
+        tc._group_size = lambda n, walkers, slots, per_sm=per_sm: model(n, walkers, sms * per_sm if slots else 0)
+        label = f"walk w{warps} s{stages}, {per_sm} per SM"
+        for form in FORMS:
+            for batch, time_ in SHAPES:
+                print("groups", label, form, batch, time_, f"{graph_ms(form, batch, time_)[0]:.3f}", flush=True)
+            ms = _time_one(_ours("triton"), "ours triton", form, 1, 1 << 20, False, False)
+            print("groups", label, form, "fwd 1M", f"{ms:.2f}", flush=True)
+    tc._group_size = model
 
 
 def host() -> None:
@@ -204,7 +222,7 @@ def host() -> None:
 if __name__ == "__main__":
     # Each command with the number of arguments it takes; anything else prints the usage above and exits 1.
     commands = {"profile": (profile, 0), "walks": (walks, 0), "paths": (paths, 0), "side": (side, 1),
-                "gpu": (gpu, 0), "host": (host, 0),
+                "gpu": (gpu, 0), "host": (host, 0), "groups": (groups, 0),
                 "settings": (lambda f, b, t, n: settings(f, int(b), int(t), n.split(",")), 4)}
     command, args = (sys.argv[1], sys.argv[2:]) if len(sys.argv) > 1 else ("", [])
     if command not in commands or len(args) != commands[command][1]:
