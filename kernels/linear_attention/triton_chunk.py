@@ -29,7 +29,8 @@ Backward recomputes h_n, runs step 2 in reverse for dh_n (the gradient of the st
 S <- e^(b_last) S + scale (q e^b)^T do), then `_dv_kernel`, `_dqk_kernel` and, per-channel only (strong
 chunks), `_intra_bwd_kernel`; the gradient of the log decay is a reverse cumulative sum within each chunk of
 db_i = q_i dq_i - k_i dk_i, plus at the chunk's last row the gradient of its total decay (`_chunk_cumsum_kernel`
-reversed; for a constant decay a sum weighted by the row in the chunk).
+reversed; for a constant decay a sum weighted by the row in the chunk; per channel, `_dqk_kernel` sums mild chunks
+itself and the reversed cumsum only the strong ones).
 
 Triton 3.4-3.7.0 miscompiles `tl.dot(tl.trans(x), y)` on Hopper when x is an earlier dot's accumulator cast
 to bf16/fp16 (fla issue 640). No kernel here transposes a dot result: transposed products are computed
@@ -181,9 +182,9 @@ def _store_st(ptr, x, slab, K: tl.constexpr, V: tl.constexpr, k0, v0, BK: tl.con
 
 
 @triton.jit
-def _chunk_cumsum_kernel(x_ptr, y_ptr, q_ptr, k_ptr, qg_ptr, kg_ptr, T_in, T_out, H: tl.constexpr, K: tl.constexpr,
-                         BT: tl.constexpr, BK: tl.constexpr, REVERSE: tl.constexpr, GATE: tl.constexpr,
-                         CSPAN: tl.constexpr):
+def _chunk_cumsum_kernel(x_ptr, y_ptr, q_ptr, k_ptr, qg_ptr, kg_ptr, b_ptr, T_in, T_out, Tp, H: tl.constexpr,
+                         K: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, REVERSE: tl.constexpr,
+                         GATE: tl.constexpr, STRONG_ONLY: tl.constexpr, KP: tl.constexpr, CSPAN: tl.constexpr):
     """Sums along time within each chunk of a (B, T, H, K) tensor (K = 1: per-token decay), for one chunk and K tile.
 
     Forward, b from a: the inclusive running sum; rows [T_in, T_out) of the padded output continue it with zeros.
@@ -191,11 +192,16 @@ def _chunk_cumsum_kernel(x_ptr, y_ptr, q_ptr, k_ptr, qg_ptr, kg_ptr, T_in, T_out
     GATE (forward, per-channel decay): also qg = q e^(b - m), kg = k e^(m - b), m = b_last / 2, what mild chunks
     (`_chunk_is_mild`) multiply instead of q, k and b: A = qg kg^T (masked), q e^b = qg e^m, k e^(b_last - b) =
     kg e^m. Strong chunks never read them; their exponents are clipped so they stay finite.
+    STRONG_ONLY (reverse, per-channel decay): only the chunks `_chunk_is_mild` rejects, given b; `_dqk_kernel` sums
+    the mild ones itself.
     """
     i_n, i_k, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     i_b, i_h = i_bh // H, i_bh % H
     t0 = i_n * BT
     k0 = i_k * BK
+    if STRONG_ONLY:
+        if _chunk_is_mild(b_ptr, i_b, i_h, t0, tl.minimum(T_out - t0, BT) - 1, Tp, H, K, KP, CSPAN):
+            return
     x = _load(x_ptr, i_b, i_h, t0, T_in, H, K, k0, BT, BK, False).to(tl.float32)
     y = tl.cumsum(x, axis=0, reverse=REVERSE)
     _store(y_ptr, y, i_b, i_h, t0, T_out, H, K, k0, BT, BK)
@@ -489,16 +495,17 @@ def _dv_kernel(q_ptr, k_ptr, do_ptr, dv_ptr, a_ptr, b_ptr, A_ptr, dh_ptr, qg_ptr
 
 
 @triton.jit
-def _dqk_kernel(q_ptr, k_ptr, v_ptr, do_ptr, dq_ptr, dk_ptr, dq_out_ptr, dk_out_ptr, db_ptr, dA_ptr, a_ptr, b_ptr,
-                h_ptr, dh_ptr, qg_ptr, kg_ptr, B, T, Tp, NT, scale,
+def _dqk_kernel(q_ptr, k_ptr, v_ptr, do_ptr, dq_ptr, dk_ptr, dq_out_ptr, dk_out_ptr, db_ptr, da_ptr, dA_ptr, a_ptr,
+                b_ptr, h_ptr, dh_ptr, qg_ptr, kg_ptr, B, T, Tp, NT, scale,
                 H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                 BV: tl.constexpr, DECAY: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
                 STORE_DB: tl.constexpr, KP: tl.constexpr, CSPAN: tl.constexpr, RDT: tl.constexpr):
     """dq, dk and db for one chunk and K tile; strong per-channel decay leaves the in-chunk part to `_intra_bwd_kernel`.
 
     Scalar decays: complete dq, dk (into dq_ptr, dk_ptr) and a partial (per K tile) db. Per channel, a mild chunk:
-    complete dq, dk (into dq_out_ptr, dk_out_ptr) and db; a strong one: the inter-chunk parts of dq, dk, db in fp32
-    (into dq_ptr, dk_ptr) and dA = scale do v^T (masked) for the intra kernel.
+    complete dq, dk (into dq_out_ptr, dk_out_ptr) and the log decay's gradient da, db's reverse running sum (the
+    chunk is whole here); a strong one: the inter-chunk parts of dq, dk, db in fp32 (into dq_ptr, dk_ptr, db_ptr) and
+    dA = scale do v^T (masked) for the intra kernel.
     """
     i_n, i_k, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     i_b, i_h = i_bh // H, i_bh % H
@@ -554,7 +561,10 @@ def _dqk_kernel(q_ptr, k_ptr, v_ptr, do_ptr, dq_ptr, dk_ptr, dq_out_ptr, dk_out_
             if STORE_DB:
                 d_last = tl.exp(b_last) * acc_hdh + e_m * tl.sum(kg.to(tl.float32) * acc_dk, axis=0)
                 db = qg.to(tl.float32) * x - kg.to(tl.float32) * y + tl.where(is_last[:, None], d_last[None, :], 0.0)
-                _store(db_ptr, db, i_b, i_h, t0, Tp, H, K, k0, BT, BK)
+                # Summed here rather than by a cumsum pass over db, which moved db twice through memory. On an H100 at
+                # B 16, T 2k the pass took 0.09 ms and the sum adds 0.07 to this kernel (as a tf32x3 product with a
+                # triangle of ones, 0.73).
+                _store(da_ptr, tl.cumsum(db, axis=0, reverse=True), i_b, i_h, t0, T, H, K, k0, BT, BK)
         else:
             dq = scale * acc_dq * tl.exp(b)
             dk = acc_dk * tl.exp(b_last[None, :] - b)
@@ -809,16 +819,20 @@ class _Plan:
             self.a = self.b
 
     def chunk_cumsum(self, x: torch.Tensor, rows_in: int, rows_out: int, reverse: bool,
-                     dtype: torch.dtype = torch.float32, gate: tuple | None = None) -> torch.Tensor:
+                     dtype: torch.dtype = torch.float32, gate: tuple | None = None,
+                     out: torch.Tensor | None = None) -> torch.Tensor:
         """`_chunk_cumsum_kernel` over x, (B, rows_in, H[, K]): a (B, rows_out, H[, K]) tensor of `dtype`.
 
-        gate = (q, k, qg, kg): also write qg and kg (forward, per-channel decay).
+        gate = (q, k, qg, kg): also write qg and kg (forward, per-channel decay). out (reverse, per-channel decay):
+        fill only its strong chunks (the backward's dqk kernel has written the mild ones).
         """
         width = x.shape[3] if x.dim() == 4 else 1
-        y = torch.empty(self.B, rows_out, self.H, *x.shape[3:], device=x.device, dtype=dtype)
+        y = out if out is not None else torch.empty(self.B, rows_out, self.H, *x.shape[3:], device=x.device,
+                                                    dtype=dtype)
         grid = (self.NT, _cdiv(width, self.cfg["cumsum"]["BK"]), self.B * self.H)
-        self.launch(_chunk_cumsum_kernel, "cumsum", grid, x, y, *(gate or (None,) * 4), rows_in, rows_out, H=self.H,
-                    K=width, BT=self.BT, REVERSE=reverse, GATE=gate is not None, CSPAN=self.mild["CSPAN"])
+        self.launch(_chunk_cumsum_kernel, "cumsum", grid, x, y, *(gate or (None,) * 4),
+                    self.b if out is not None else None, rows_in, rows_out, self.Tp, H=self.H, K=width, BT=self.BT,
+                    REVERSE=reverse, GATE=gate is not None, STRONG_ONLY=out is not None, **self.mild)
         return y
 
     def launch(self, kernel, name, grid, *args, **constexprs):
@@ -905,7 +919,7 @@ def _backward(q, k, v, log_decay, h0, A, b, qg, kg, do, dfinal, scale, need_da, 
 
     per_channel = plan.decay == 2
     nk = _cdiv(K, plan.cfg["dqk"]["BK"])
-    db = None
+    db = da = None
     if per_channel:
         # Mild chunks get dq and dk whole from `_dqk_kernel`; strong ones their inter-chunk parts in fp32, which
         # `_intra_bwd_kernel` completes.
@@ -914,6 +928,7 @@ def _backward(q, k, v, log_decay, h0, A, b, qg, kg, do, dfinal, scale, need_da, 
         dk_inter = torch.empty_like(dq_inter)
         if need_da:
             db = torch.empty(B, plan.Tp, H, K, device=q.device, dtype=torch.float32)
+            da = torch.empty(B, T, H, K, device=q.device, dtype=log_decay.dtype)
         dA = torch.empty(B * H, NT, plan.BT, plan.BT, device=q.device, dtype=torch.float32)
     else:
         dq_inter, dk_inter = torch.empty_like(q), torch.empty_like(k)
@@ -921,7 +936,7 @@ def _backward(q, k, v, log_decay, h0, A, b, qg, kg, do, dfinal, scale, need_da, 
         if need_da:
             db = torch.empty(nk, B, plan.Tp, H, device=q.device, dtype=torch.float32)  # partial sums per K tile
         dA = None
-    plan.launch(_dqk_kernel, "dqk", plan.grid("dqk", NT, "K"), q, k, v, do, dq_inter, dk_inter, dq, dk, db, dA,
+    plan.launch(_dqk_kernel, "dqk", plan.grid("dqk", NT, "K"), q, k, v, do, dq_inter, dk_inter, dq, dk, db, da, dA,
                 plan.a, plan.b, h, dh, qg, kg, B, T, plan.Tp, NT, scale, STORE_DB=need_da, **shapes)
     if per_channel:
         grid = (NT * (plan.BT // SUB), _cdiv(K, plan.cfg["intra"]["BK"]), B * H)
@@ -929,17 +944,16 @@ def _backward(q, k, v, log_decay, h0, A, b, qg, kg, do, dfinal, scale, need_da, 
                     NT, H=H, K=K, BT=plan.BT, BC=SUB, DT=plan.dt, PREC=plan.prec, STORE_DB=need_da, SPAN=SPAN_LIMIT,
                     **plan.mild)
 
-    da = None
     if need_da:
         if plan.decay == 0:
             # b_i = (i + 1) a, one a per head: a collects (i + 1) db_i (rows past the end have db_i = 0). Summed
             # over chunks first, then weighted by a product (einsum cost 0.1 ms of host time per call).
             weight = torch.arange(1, plan.BT + 1, device=q.device, dtype=torch.float32)
             da = (weight @ db.view(-1, plan.BT, H).sum(0)).to(log_decay.dtype)
+        elif plan.decay == 1:
+            da = plan.chunk_cumsum(db.sum(dim=0), plan.Tp, T, reverse=True, dtype=log_decay.dtype)
         else:
-            if plan.decay == 1:
-                db = db.sum(dim=0)
-            da = plan.chunk_cumsum(db, plan.Tp, T, reverse=True, dtype=log_decay.dtype)
+            plan.chunk_cumsum(db, plan.Tp, T, reverse=True, out=da)
     return dq, dk, dv, da, (dh0 if (h0 is not None and need_dh0) else None)
 
 

@@ -71,7 +71,8 @@ def _variants(dtype: torch.dtype, decay: int):
         for reverse in (False, True):
             out.append((f"cumsum reverse={reverse}", tc._chunk_cumsum_kernel,
                         dict(H=8, K=128 if decay == 2 else 1, BT=tc.CHUNK, REVERSE=reverse,
-                             GATE=decay == 2 and not reverse, CSPAN=tc.CHUNK_SPAN_LIMIT), "cumsum"))
+                             GATE=decay == 2 and not reverse, STRONG_ONLY=decay == 2 and reverse, **plan.mild),
+                        "cumsum"))
     if decay == 2:
         ptrs.update(dq_out_ptr=io, dk_out_ptr=io, qg_ptr="*bf16" if dtype == torch.bfloat16 else "*fp32")
         ptrs.update(kg_ptr=ptrs["qg_ptr"])
