@@ -602,89 +602,94 @@ def _intra_bwd_kernel(q_ptr, k_ptr, dq_ptr, dk_ptr, dq_out_ptr, dk_out_ptr, db_p
                       DT: tl.constexpr, PREC: tl.constexpr, STORE_DB: tl.constexpr, SPAN: tl.constexpr,
                       KP: tl.constexpr, CSPAN: tl.constexpr):
     """Per-channel decay, chunks of strong decay only: add the intra-chunk parts of dq, dk (and db) for rows
-    [m BC, (m + 1) BC) and a K tile (`_dqk_kernel` completes the mild chunks itself).
+    [m BC, (m + 1) BC), all K tiles (`_dqk_kernel` completes the mild chunks itself).
 
     dq_i += sum_{j<=i} dA_ij k_j e^(b_i - b_j), dk_j += sum_{i>=j} dA_ij q_i e^(b_i - b_j); off the diagonal
     block through a reference row between i and j, on it as in `_chunk_A_kernel` (a dot, or elementwise).
     """
-    i_nm, i_k, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    i_nm, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
     i_b, i_h = i_bh // H, i_bh % H
     i_n, i_m = i_nm // (BT // BC), i_nm % (BT // BC)
     t0 = i_n * BT
     r0 = i_m * BC
-    k0 = i_k * BK
     last = tl.minimum(T - t0, BT) - 1
     if not _chunk_is_mild(b_ptr, i_b, i_h, t0, last, Tp, H, K, KP, CSPAN):
-        offs_k = k0 + tl.arange(0, BK)
-        cols = tl.arange(0, BT)
-        sub = tl.arange(0, BC)
-        dA_base = dA_ptr + (i_bh * NT + i_n) * BT * BT
+        # K tiles in a loop, not in the grid: on mild chunks (most, with models' gates) every program exits at once,
+        # and a quarter of the programs cost a quarter of the time.
+        for i_k in range(0, tl.cdiv(K, BK)):
+            k0 = i_k * BK
+            offs_k = k0 + tl.arange(0, BK)
+            cols = tl.arange(0, BT)
+            sub = tl.arange(0, BC)
+            dA_base = dA_ptr + (i_bh * NT + i_n) * BT * BT
 
-        b_m = _rows_log_decay(q_ptr, b_ptr, i_b, i_h, t0, r0, 0, Tp, H, K, k0, BC, BK, 2, False)
-        b = _rows_log_decay(q_ptr, b_ptr, i_b, i_h, t0, 0, 0, Tp, H, K, k0, BT, BK, 2, False)
+            b_m = _rows_log_decay(q_ptr, b_ptr, i_b, i_h, t0, r0, 0, Tp, H, K, k0, BC, BK, 2, False)
+            b = _rows_log_decay(q_ptr, b_ptr, i_b, i_h, t0, 0, 0, Tp, H, K, k0, BT, BK, 2, False)
 
-        dq = tl.zeros([BC, BK], dtype=tl.float32)
-        dk = tl.zeros([BC, BK], dtype=tl.float32)
-        # dq, keys in earlier blocks (none for the first): decay them to the row before this block, then from there
-        # to the query.
-        if r0 > 0:
-            ref = r0 - 1
+            dq = tl.zeros([BC, BK], dtype=tl.float32)
+            dk = tl.zeros([BC, BK], dtype=tl.float32)
+            # dq, keys in earlier blocks (none for the first): decay them to the row before this block, then from there
+            # to the query.
+            if r0 > 0:
+                ref = r0 - 1
+                b_ref = _row_log_decay(q_ptr, b_ptr, i_b, i_h, t0, ref, Tp, H, K, offs_k, 2)
+                k = _load(k_ptr, i_b, i_h, t0, T, H, K, k0, BT, BK, False).to(tl.float32)
+                k_ref = k * tl.exp(tl.where((cols < r0)[:, None], b_ref[None, :] - b, float("-inf")))
+                da_rows = tl.load(dA_base + (r0 + sub)[:, None] * BT + cols[None, :])
+                dq += tl.dot(da_rows.to(DT), k_ref.to(DT), input_precision=PREC) * tl.exp(b_m - b_ref[None, :])
+            # dk, queries in later blocks (none for the last): decay from the block's last row on; dA^T by a transposed
+            # load.
+            ref = r0 + BC - 1
             b_ref = _row_log_decay(q_ptr, b_ptr, i_b, i_h, t0, ref, Tp, H, K, offs_k, 2)
-            k = _load(k_ptr, i_b, i_h, t0, T, H, K, k0, BT, BK, False).to(tl.float32)
-            k_ref = k * tl.exp(tl.where((cols < r0)[:, None], b_ref[None, :] - b, float("-inf")))
-            da_rows = tl.load(dA_base + (r0 + sub)[:, None] * BT + cols[None, :])
-            dq += tl.dot(da_rows.to(DT), k_ref.to(DT), input_precision=PREC) * tl.exp(b_m - b_ref[None, :])
-        # dk, queries in later blocks (none for the last): decay from the block's last row on; dA^T by a transposed
-        # load.
-        ref = r0 + BC - 1
-        b_ref = _row_log_decay(q_ptr, b_ptr, i_b, i_h, t0, ref, Tp, H, K, offs_k, 2)
-        if ref < BT - 1:
-            q = _load(q_ptr, i_b, i_h, t0, T, H, K, k0, BT, BK, False).to(tl.float32)
-            q_ref = q * tl.exp(tl.where((cols > ref)[:, None], b - b_ref[None, :], float("-inf")))
-            dat_rows = tl.load(dA_base + cols[None, :] * BT + (r0 + sub)[:, None])
-            dk += tl.dot(dat_rows.to(DT), q_ref.to(DT), input_precision=PREC) * tl.exp(b_ref[None, :] - b_m)
-        if tl.max(tl.max(b_m, axis=0) - tl.min(b_m, axis=0), axis=0) < SPAN:
-            # Around the block's first row for dq and its last row for dk, as in `_chunk_A_kernel`: no factor above
-            # e^SPAN. dA and its transpose are loaded as such, lower triangle only.
-            b_r0 = _row_log_decay(q_ptr, b_ptr, i_b, i_h, t0, r0, Tp, H, K, offs_k, 2)
-            k_m = _load(k_ptr, i_b, i_h, t0 + r0, T, H, K, k0, BC, BK, False).to(tl.float32)
-            q_m = _load(q_ptr, i_b, i_h, t0 + r0, T, H, K, k0, BC, BK, False).to(tl.float32)
-            on_or_below = sub[:, None] >= sub[None, :]
-            da_blk = tl.load(dA_base + (r0 + sub)[:, None] * BT + (r0 + sub)[None, :], mask=on_or_below, other=0.0)
-            dat_blk = tl.load(dA_base + (r0 + sub)[None, :] * BT + (r0 + sub)[:, None],
-                              mask=sub[:, None] <= sub[None, :], other=0.0)
-            k_up = k_m * tl.exp(b_r0[None, :] - b_m)  # up to |k| e^SPAN
-            dq += tl.dot(da_blk, k_up, input_precision=PREC) * tl.exp(b_m - b_r0[None, :])
-            q_up = q_m * tl.exp(b_m - b_ref[None, :])  # up to |q| e^SPAN
-            dk += tl.dot(dat_blk, q_up, input_precision=PREC) * tl.exp(b_ref[None, :] - b_m)
-        else:
-            # Elementwise, one column (for dq) and one row (for dk) at a time: every exp() argument <= 0.
-            for j in tl.static_range(BC):
-                r = r0 + j
-                t_r = t0 + r
-                row_mask = (offs_k < K) & ((t_r + 0 * offs_k) < T)  # vector & vector, as in `_chunk_A_kernel`
-                k_j = tl.load(k_ptr + ((i_b * T + t_r) * H + i_h) * K + offs_k, mask=row_mask, other=0.0).to(tl.float32)
-                q_j = tl.load(q_ptr + ((i_b * T + t_r) * H + i_h) * K + offs_k, mask=row_mask, other=0.0).to(tl.float32)
-                b_j = _row_log_decay(q_ptr, b_ptr, i_b, i_h, t0, r, Tp, H, K, offs_k, 2)
-                da_col = tl.load(dA_base + (r0 + sub) * BT + r)  # dA[i, r] for i in the block
-                da_row = tl.load(dA_base + r * BT + r0 + sub)  # dA[r, j] for j in the block
-                e_q = tl.exp(tl.where((sub >= j)[:, None], b_m - b_j[None, :], float("-inf")))
-                dq += da_col[:, None] * k_j[None, :] * e_q
-                e_k = tl.exp(tl.where((sub <= j)[:, None], b_j[None, :] - b_m, float("-inf")))
-                dk += da_row[:, None] * q_j[None, :] * e_k
+            if ref < BT - 1:
+                q = _load(q_ptr, i_b, i_h, t0, T, H, K, k0, BT, BK, False).to(tl.float32)
+                q_ref = q * tl.exp(tl.where((cols > ref)[:, None], b - b_ref[None, :], float("-inf")))
+                dat_rows = tl.load(dA_base + cols[None, :] * BT + (r0 + sub)[:, None])
+                dk += tl.dot(dat_rows.to(DT), q_ref.to(DT), input_precision=PREC) * tl.exp(b_ref[None, :] - b_m)
+            if tl.max(tl.max(b_m, axis=0) - tl.min(b_m, axis=0), axis=0) < SPAN:
+                # Around the block's first row for dq and its last row for dk, as in `_chunk_A_kernel`: no factor above
+                # e^SPAN. dA and its transpose are loaded as such, lower triangle only.
+                b_r0 = _row_log_decay(q_ptr, b_ptr, i_b, i_h, t0, r0, Tp, H, K, offs_k, 2)
+                k_m = _load(k_ptr, i_b, i_h, t0 + r0, T, H, K, k0, BC, BK, False).to(tl.float32)
+                q_m = _load(q_ptr, i_b, i_h, t0 + r0, T, H, K, k0, BC, BK, False).to(tl.float32)
+                on_or_below = sub[:, None] >= sub[None, :]
+                da_blk = tl.load(dA_base + (r0 + sub)[:, None] * BT + (r0 + sub)[None, :], mask=on_or_below, other=0.0)
+                dat_blk = tl.load(dA_base + (r0 + sub)[None, :] * BT + (r0 + sub)[:, None],
+                                  mask=sub[:, None] <= sub[None, :], other=0.0)
+                k_up = k_m * tl.exp(b_r0[None, :] - b_m)  # up to |k| e^SPAN
+                dq += tl.dot(da_blk, k_up, input_precision=PREC) * tl.exp(b_m - b_r0[None, :])
+                q_up = q_m * tl.exp(b_m - b_ref[None, :])  # up to |q| e^SPAN
+                dk += tl.dot(dat_blk, q_up, input_precision=PREC) * tl.exp(b_ref[None, :] - b_m)
+            else:
+                # Elementwise, one column (for dq) and one row (for dk) at a time: every exp() argument <= 0. A
+                # dynamic loop: unrolled inside the K loop, it spilled registers on sm_90.
+                for j in range(BC):
+                    r = r0 + j
+                    t_r = t0 + r
+                    row_mask = (offs_k < K) & ((t_r + 0 * offs_k) < T)  # vector & vector, as in `_chunk_A_kernel`
+                    row = ((i_b * T + t_r) * H + i_h) * K + offs_k
+                    k_j = tl.load(k_ptr + row, mask=row_mask, other=0.0).to(tl.float32)
+                    q_j = tl.load(q_ptr + row, mask=row_mask, other=0.0).to(tl.float32)
+                    b_j = _row_log_decay(q_ptr, b_ptr, i_b, i_h, t0, r, Tp, H, K, offs_k, 2)
+                    da_col = tl.load(dA_base + (r0 + sub) * BT + r)  # dA[i, r] for i in the block
+                    da_row = tl.load(dA_base + r * BT + r0 + sub)  # dA[r, j] for j in the block
+                    e_q = tl.exp(tl.where((sub >= j)[:, None], b_m - b_j[None, :], float("-inf")))
+                    dq += da_col[:, None] * k_j[None, :] * e_q
+                    e_k = tl.exp(tl.where((sub <= j)[:, None], b_j[None, :] - b_m, float("-inf")))
+                    dk += da_row[:, None] * q_j[None, :] * e_k
 
-        if STORE_DB:
-            # Loaded again rather than kept from the dot path: held across the branch they made the per-channel
-            # fwd+bwd 4-5% slower on an H100 (3.41 against 3.26 ms at T 2k).
-            q_m = _load(q_ptr, i_b, i_h, t0 + r0, T, H, K, k0, BC, BK, False).to(tl.float32)
-            k_m = _load(k_ptr, i_b, i_h, t0 + r0, T, H, K, k0, BC, BK, False).to(tl.float32)
-            db = _load(db_ptr, i_b, i_h, t0 + r0, Tp, H, K, k0, BC, BK, False) + q_m * dq - k_m * dk
-            _store(db_ptr, db, i_b, i_h, t0 + r0, Tp, H, K, k0, BC, BK)
-        # The inter-chunk parts come in fp32 from `_dqk_kernel`; the sums go out in the inputs' dtype.
-        dq += _load(dq_ptr, i_b, i_h, t0 + r0, T, H, K, k0, BC, BK, False)
-        dk += _load(dk_ptr, i_b, i_h, t0 + r0, T, H, K, k0, BC, BK, False)
-        _store(dq_out_ptr, dq, i_b, i_h, t0 + r0, T, H, K, k0, BC, BK)
-        _store(dk_out_ptr, dk, i_b, i_h, t0 + r0, T, H, K, k0, BC, BK)
+            if STORE_DB:
+                # Loaded again rather than kept from the dot path: held across the branch they made the per-channel
+                # fwd+bwd 4-5% slower on an H100 (3.41 against 3.26 ms at T 2k).
+                q_m = _load(q_ptr, i_b, i_h, t0 + r0, T, H, K, k0, BC, BK, False).to(tl.float32)
+                k_m = _load(k_ptr, i_b, i_h, t0 + r0, T, H, K, k0, BC, BK, False).to(tl.float32)
+                db = _load(db_ptr, i_b, i_h, t0 + r0, Tp, H, K, k0, BC, BK, False) + q_m * dq - k_m * dk
+                _store(db_ptr, db, i_b, i_h, t0 + r0, Tp, H, K, k0, BC, BK)
+            # The inter-chunk parts come in fp32 from `_dqk_kernel`; the sums go out in the inputs' dtype.
+            dq += _load(dq_ptr, i_b, i_h, t0 + r0, T, H, K, k0, BC, BK, False)
+            dk += _load(dk_ptr, i_b, i_h, t0 + r0, T, H, K, k0, BC, BK, False)
+            _store(dq_out_ptr, dq, i_b, i_h, t0 + r0, T, H, K, k0, BC, BK)
+            _store(dk_out_ptr, dk, i_b, i_h, t0 + r0, T, H, K, k0, BC, BK)
 
 
 # --------------------------------------------------------------------------------------------- host side
@@ -939,7 +944,7 @@ def _backward(q, k, v, log_decay, h0, A, b, qg, kg, do, dfinal, scale, need_da, 
     plan.launch(_dqk_kernel, "dqk", plan.grid("dqk", NT, "K"), q, k, v, do, dq_inter, dk_inter, dq, dk, db, da, dA,
                 plan.a, plan.b, h, dh, qg, kg, B, T, plan.Tp, NT, scale, STORE_DB=need_da, **shapes)
     if per_channel:
-        grid = (NT * (plan.BT // SUB), _cdiv(K, plan.cfg["intra"]["BK"]), B * H)
+        grid = (NT * (plan.BT // SUB), B * H)
         plan.launch(_intra_bwd_kernel, "intra", grid, q, k, dq_inter, dk_inter, dq, dk, db, dA, plan.b, T, plan.Tp,
                     NT, H=H, K=K, BT=plan.BT, BC=SUB, DT=plan.dt, PREC=plan.prec, STORE_DB=need_da, SPAN=SPAN_LIMIT,
                     **plan.mild)
