@@ -99,6 +99,14 @@ def test_low_precision(backend, form, dtype):
     check_against_naive(backend, form, 1, 70, 2, 16, 32, dtype, strong=True)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("strong", [False, True])
+def test_triton_per_channel_several_key_tiles(dtype, strong):
+    """K = 64 is two key tiles of 32 in the per-channel backward (dqk, intra) and the A kernel's K loop: against
+    naive, mild and strong chunks (the other tests' K of 16 is one tile)."""
+    check_against_naive("triton", "channel", 1, 70, 2, 64, 32, dtype, strong=strong)
+
+
 @pytest.mark.parametrize("span_limit", [0.0, 1e9])
 def test_triton_per_channel_diagonal_blocks_both_ways(monkeypatch, span_limit):
     """The diagonal sub-blocks of a per-channel decay as a dot around a reference row (limit 1e9: always) and
