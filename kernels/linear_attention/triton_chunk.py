@@ -615,15 +615,14 @@ def _intra_bwd_kernel(q_ptr, k_ptr, dq_ptr, dk_ptr, dq_out_ptr, dk_out_ptr, db_p
     r0 = i_m * BC
     last = tl.minimum(T - t0, BT) - 1
     if not _chunk_is_mild(b_ptr, i_b, i_h, t0, last, Tp, H, K, KP, CSPAN):
+        cols = tl.arange(0, BT)
+        sub = tl.arange(0, BC)
+        dA_base = dA_ptr + (i_bh * NT + i_n) * BT * BT
         # K tiles in a loop, not in the grid: on mild chunks (most, with models' gates) every program exits at once,
         # and a quarter of the programs cost a quarter of the time.
         for i_k in range(0, tl.cdiv(K, BK)):
             k0 = i_k * BK
             offs_k = k0 + tl.arange(0, BK)
-            cols = tl.arange(0, BT)
-            sub = tl.arange(0, BC)
-            dA_base = dA_ptr + (i_bh * NT + i_n) * BT * BT
-
             b_m = _rows_log_decay(q_ptr, b_ptr, i_b, i_h, t0, r0, 0, Tp, H, K, k0, BC, BK, 2, False)
             b = _rows_log_decay(q_ptr, b_ptr, i_b, i_h, t0, 0, 0, Tp, H, K, k0, BT, BK, 2, False)
 
