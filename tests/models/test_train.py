@@ -1,5 +1,6 @@
 """The training loop: learning, schedules, exact resume, checkpoints, faults and reporter payloads."""
 
+import json
 import math
 import os
 import subprocess
@@ -132,23 +133,43 @@ def test_stop_and_resume_gives_identical_losses(tmp_path):
     assert [step for step, _ in vals] == [5, 10, 15, 20]  # the eval due at the stop is not lost
 
 
-def test_process_kill_and_retry(tmp_path):
-    """fault="exit@K" kills the process after checkpointing K; the retry goes past K and matches."""
-    s = spec(tokens=8 * 32 * 12)
+def _pretrain_in_process(s: RunSpec, run_dir: Path, fault: str | None) -> tuple[subprocess.CompletedProcess, dict]:
+    """``pretrain`` in a fresh Python process: its exit and, when it finishes, its losses by step and summary."""
     code = (
-        "import sys; from sweep.spec import RunSpec; from models.train import pretrain\n"
-        f"pretrain(RunSpec.from_json({s.canonical_json()!r}), lambda k, p: None, sys.argv[1], fault='exit@7')\n"
+        "import json, sys, torch; from sweep.spec import RunSpec; from models.train import pretrain\n"
+        "torch.set_num_threads(1)\n"
+        "losses = {}\n"
+        "def report(kind, payload):\n"
+        "    if kind == 'train': losses[payload['step']] = payload['loss']\n"
+        f"summary = pretrain(RunSpec.from_json({s.canonical_json()!r}), report, sys.argv[1], fault={fault!r})\n"
+        "print('RESULT ' + json.dumps({'losses': losses, 'resumed_from_step': summary.resumed_from_step,"
+        " 'steps': summary.steps}))\n"
     )
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "run")], env=env, cwd=ROOT, timeout=120)
-    assert proc.returncode == 1
+    proc = subprocess.run([sys.executable, "-c", code, str(run_dir)], env=env, cwd=ROOT, timeout=120,
+                          capture_output=True, text=True)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    result = json.loads(lines[-1][len("RESULT "):]) if lines else {}
+    result["losses"] = {int(k): v for k, v in result.get("losses", {}).items()}
+    return proc, result
+
+
+def test_process_kill_and_retry(tmp_path):
+    """fault="exit@K" kills the process after checkpointing K; the retry, a new process, goes past K and matches a
+    straight run, with bit-identical losses. All three run in fresh single-threaded processes: with two threads on
+    a 2-core machine, one test run in eight had the retry differ from the straight run in the 7th digit, while 12
+    straight runs in a row agreed bit for bit (so the cross-process resume is exact only up to that rounding when
+    training is multi-threaded)."""
+    s = spec(tokens=8 * 32 * 12)
+    killed, _ = _pretrain_in_process(s, tmp_path / "run", "exit@7")
+    assert killed.returncode == 1, killed.stderr[-2000:]
     assert checkpoint_steps(tmp_path / "run") == [7]
-    retry = Recorder()
-    summary = pretrain(s, retry, tmp_path / "run", fault="exit@7")  # a checkpoint at 7 exists: no exit
-    assert summary.resumed_from_step == 7 and summary.steps == 12
-    straight = Recorder()
-    pretrain(s, straight, tmp_path / "straight")
-    assert retry.losses() == {k: v for k, v in straight.losses().items() if k > 7}
+    retried, retry = _pretrain_in_process(s, tmp_path / "run", "exit@7")  # a checkpoint at 7 exists: no exit
+    assert retried.returncode == 0, retried.stderr[-2000:]
+    assert retry["resumed_from_step"] == 7 and retry["steps"] == 12
+    _, straight = _pretrain_in_process(s, tmp_path / "straight", None)
+    assert sorted(retry["losses"]) == list(range(8, 13))
+    assert retry["losses"] == {k: v for k, v in straight["losses"].items() if k > 7}
 
 
 def test_nan_fault_raises_diverged(tmp_path):
