@@ -133,7 +133,7 @@ def test_stop_and_resume_gives_identical_losses(tmp_path):
     assert [step for step, _ in vals] == [5, 10, 15, 20]  # the eval due at the stop is not lost
 
 
-def _pretrain_in_process(s: RunSpec, run_dir: Path, fault: str | None) -> tuple[subprocess.CompletedProcess, dict]:
+def _pretrain_in_subprocess(s: RunSpec, run_dir: Path, fault: str | None) -> tuple[subprocess.CompletedProcess, dict]:
     """``pretrain`` in a fresh Python process: its exit and, when it finishes, its losses by step and summary."""
     code = (
         "import json, sys, torch; from sweep.spec import RunSpec; from models.train import pretrain\n"
@@ -161,13 +161,13 @@ def test_process_kill_and_retry(tmp_path):
     straight runs in a row agreed bit for bit (so the cross-process resume is exact only up to that rounding when
     training is multi-threaded)."""
     s = spec(tokens=8 * 32 * 12)
-    killed, _ = _pretrain_in_process(s, tmp_path / "run", "exit@7")
+    killed, _ = _pretrain_in_subprocess(s, tmp_path / "run", "exit@7")
     assert killed.returncode == 1, killed.stderr[-2000:]
     assert checkpoint_steps(tmp_path / "run") == [7]
-    retried, retry = _pretrain_in_process(s, tmp_path / "run", "exit@7")  # a checkpoint at 7 exists: no exit
+    retried, retry = _pretrain_in_subprocess(s, tmp_path / "run", "exit@7")  # a checkpoint at 7 exists: no exit
     assert retried.returncode == 0, retried.stderr[-2000:]
     assert retry["resumed_from_step"] == 7 and retry["steps"] == 12
-    _, straight = _pretrain_in_process(s, tmp_path / "straight", None)
+    _, straight = _pretrain_in_subprocess(s, tmp_path / "straight", None)
     assert sorted(retry["losses"]) == list(range(8, 13))
     assert retry["losses"] == {k: v for k, v in straight["losses"].items() if k > 7}
 
