@@ -19,9 +19,10 @@ Forward, per (batch, head):
      inline in 3.
   2. The state entering every chunk, h_n (K x V, stored in bf16 for bf16 inputs, else fp32). Chunks are cut
      into groups of G: `_chunk_walk_kernel` walks each group's chunks in order (parallel over groups, batch,
-     heads and K x V tiles) to get the group's own contribution, `_group_scan_kernel` carries the state across
-     groups, and a second walk from each group's true entering state stores h_n. With batch x heads x tiles
-     enough to fill the GPU there is one group (G = #chunks, a single walk, as fla's chunk_fwd_h); otherwise
+     heads and K x V tiles; per channel from qg and kg, times one factor per channel, at most 1) to get the
+     group's own contribution, `_group_scan_kernel` carries the state across groups, and a second walk from
+     each group's true entering state stores h_n. With batch x heads x tiles enough to fill the GPU there is
+     one group (G = #chunks, a single walk, as fla's chunk_fwd_h); otherwise
      `_group_size` picks G by counting sequential steps (B = 1, H = 8 on an H100: 8 groups of 2048 chunks at
      T = 1M, 8 of 64 at T = 32k).
   3. `_output_kernel`, parallel over chunks, batch, heads and V tiles: o = scale (q e^b h_n + A v).
@@ -191,7 +192,8 @@ def _chunk_cumsum_kernel(x_ptr, y_ptr, q_ptr, k_ptr, qg_ptr, kg_ptr, b_ptr, T_in
     Reverse, da from db: the sum over the chunk's rows at or after each row (b_i sums a_t for t <= i).
     GATE (forward, per-channel decay): also qg = q e^(b - m), kg = k e^(m - b), m = b_last / 2, what mild chunks
     (`_chunk_is_mild`) multiply instead of q, k and b: A = qg kg^T (masked), q e^b = qg e^m, k e^(b_last - b) =
-    kg e^m. Strong chunks never read them; their exponents are clipped so they stay finite.
+    kg e^m. In a channel whose b_last is at or below -CSPAN, qg = q e^b and kg = k e^(b_last - b) instead: the
+    walks read qg and kg for every chunk (`_walk_factor`), the other kernels only for mild ones.
     STRONG_ONLY (reverse, per-channel decay): only the chunks `_chunk_is_mild` rejects, given b; `_dqk_kernel` sums
     the mild ones itself.
     """
@@ -207,23 +209,34 @@ def _chunk_cumsum_kernel(x_ptr, y_ptr, q_ptr, k_ptr, qg_ptr, kg_ptr, b_ptr, T_in
     _store(y_ptr, y, i_b, i_h, t0, T_out, H, K, k0, BT, BK)
     if GATE:
         # The tile's last row holds b_last: rows past the input add zeros.
-        mid = 0.5 * tl.sum(tl.where((tl.arange(0, BT) == BT - 1)[:, None], y, 0.0), axis=0)
-        e = tl.minimum(tl.maximum(y - mid[None, :], -0.5 * CSPAN), 0.5 * CSPAN)
+        b_last = tl.sum(tl.where((tl.arange(0, BT) == BT - 1)[:, None], y, 0.0), axis=0)
+        # Strong channels: qg = q e^b, kg = k e^(b_last - b), both at most |q|, |k| (what the walks multiply).
+        mild = (b_last > -CSPAN)[None, :]
+        e_q = tl.where(mild, y - 0.5 * b_last[None, :], y)
+        e_k = tl.where(mild, 0.5 * b_last[None, :] - y, b_last[None, :] - y)
         q = _load(q_ptr, i_b, i_h, t0, T_in, H, K, k0, BT, BK, False).to(tl.float32)
         k = _load(k_ptr, i_b, i_h, t0, T_in, H, K, k0, BT, BK, False).to(tl.float32)
-        _store(qg_ptr, q * tl.exp(e), i_b, i_h, t0, T_in, H, K, k0, BT, BK)
-        _store(kg_ptr, k * tl.exp(-e), i_b, i_h, t0, T_in, H, K, k0, BT, BK)
+        _store(qg_ptr, q * tl.exp(e_q), i_b, i_h, t0, T_in, H, K, k0, BT, BK)
+        _store(kg_ptr, k * tl.exp(e_k), i_b, i_h, t0, T_in, H, K, k0, BT, BK)
+
+
+@triton.jit
+def _walk_factor(b_last, CSPAN: tl.constexpr):
+    """Per channel: f with k e^(b_last - b) = kg f and q e^b = qg f, given `_chunk_cumsum_kernel`'s qg and kg."""
+    return tl.where(b_last > -CSPAN, tl.exp(0.5 * b_last), 1.0)
 
 
 @triton.jit
 def _chunk_walk_kernel(x_ptr, y_ptr, a_ptr, b_ptr, start_ptr, states_ptr, total_ptr, gsum_ptr, final_ptr, T, Tp,
                        NT, NS, G, scale, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
                        BK: tl.constexpr, BV: tl.constexpr, DECAY: tl.constexpr, REVERSE: tl.constexpr,
-                       STATES: tl.constexpr, HAS_START: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
+                       STATES: tl.constexpr, HAS_START: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
+                       CSPAN: tl.constexpr):
     """Walk the chunks of one group in order, carrying the (BK, BV) state tile.
 
     Forward (x = k, y = v): S <- e^(b_last) S + (k e^(b_last - b))^T v.
     Reverse (x = q, y = do, chunks backwards): S <- e^(b_last) S + scale (q e^b)^T do, i.e. dh.
+    Per-channel decay: x is the gated kg (reverse: qg) of `_chunk_cumsum_kernel`, and only b_last is read.
     STATES: start from the group's true entering state (or zero) and store the state each chunk starts from
     (reverse: the dh each chunk hands back), and the last state as `final`. Otherwise start from zero and store
     only the group's total contribution, for `_group_scan_kernel`, and for data-dependent decays the group's total
@@ -252,17 +265,16 @@ def _chunk_walk_kernel(x_ptr, y_ptr, a_ptr, b_ptr, start_ptr, states_ptr, total_
         # x is loaded as (BK, BT) so that the product below needs no transpose.
         xt = _load(x_ptr, i_b, i_h, t0, T, H, K, k0, BT, BK, True).to(tl.float32)
         y = _load(y_ptr, i_b, i_h, t0, T, H, V, v0, BT, BV, False)
-        b = _rows_log_decay(a_ptr, b_ptr, i_b, i_h, t0, 0, last, Tp, H, K, k0, BT, BK, DECAY, True)
         b_last = _row_log_decay(a_ptr, b_ptr, i_b, i_h, t0, last, Tp, H, K, offs_k, DECAY)
         if DECAY != 0 and not STATES:  # only the first pass stores a group total
             g += b_last
         if DECAY == 2:
-            if REVERSE:
-                xt = xt * tl.exp(b)
-            else:
-                xt = xt * tl.exp(b_last[:, None] - b)
+            # x is the gated kg (reverse: qg): k e^(b_last - b) = kg f, q e^b = qg f. Reading them spares the fp32
+            # b tile and an exp per element on the walk's sequential path.
+            xt = xt * _walk_factor(b_last, CSPAN)[:, None]
             s = s * tl.exp(b_last)[:, None]
         else:
+            b = _rows_log_decay(a_ptr, b_ptr, i_b, i_h, t0, 0, last, Tp, H, K, k0, BT, BK, DECAY, True)
             if REVERSE:
                 xt = xt * tl.exp(b)[None, :]
             else:
@@ -853,11 +865,14 @@ class _Plan:
         return (rows, _cdiv(width, self.cfg[name]["B" + k_or_v]), self.B * self.H)
 
     def states(self, x, y, scale, h0, reverse):
-        """The state entering every chunk (reverse: the dh it hands back), (B H, NT, K, V), and the final one."""
+        """The state entering every chunk (reverse: the dh it hands back), (B H, NT, K, V), and the final one.
+
+        x: k (reverse: q), or per channel the gated kg (qg)."""
         B, H, K, V, NS = self.B, self.H, self.K, self.V, self.NS
         dev = x.device
         tiles = _cdiv(K, self.cfg["walk"]["BK"]) * _cdiv(V, self.cfg["walk"]["BV"])
-        walk = dict(H=H, K=K, V=V, BT=self.BT, DECAY=self.decay, REVERSE=reverse, DT=self.dt, PREC=self.prec)
+        walk = dict(H=H, K=K, V=V, BT=self.BT, DECAY=self.decay, REVERSE=reverse, DT=self.dt, PREC=self.prec,
+                    CSPAN=self.mild["CSPAN"])
         states = torch.empty(B * H, self.NT, K, V, device=dev, dtype=self.state_dtype)
         final = torch.empty(B, H, K, V, device=dev, dtype=torch.float32)
         start = h0
@@ -895,8 +910,8 @@ def _forward(q, k, v, log_decay, h0, scale):
         return q.new_empty(0, dtype=torch.float32)
 
     A = plan.chunk_A(q, k) if plan.decay == 2 else empty()
-    qg, kg = (plan.qg, plan.kg) if plan.decay == 2 else (q, k)  # the scalar forms never read these
-    h, final = plan.states(k, v, 1.0, h0, reverse=False)
+    qg, kg = (plan.qg, plan.kg) if plan.decay == 2 else (q, k)  # scalar forms: the walks read k
+    h, final = plan.states(kg, v, 1.0, h0, reverse=False)
     o = torch.empty_like(v)
     plan.launch(_output_kernel, "out", plan.grid("out", plan.NT), q, k, v, o, plan.a, plan.b,
                 A if plan.decay == 2 else None, h, qg, kg, plan.T, plan.Tp, plan.NT, scale, H=plan.H, K=plan.K,
@@ -914,13 +929,13 @@ def _backward(q, k, v, log_decay, h0, A, b, qg, kg, do, dfinal, scale, need_da, 
     shapes = dict(H=H, K=K, V=V, BT=plan.BT, DECAY=plan.decay, DT=plan.dt, PREC=plan.prec, RDT=plan.rdt,
                   **plan.mild)
     do = do.contiguous()
-    # States are recomputed rather than saved: (B H, T / 64, K, V) per layer would dwarf q, k and v.
-    h, _ = plan.states(k, v, 1.0, h0, reverse=False)
-    dfinal = dfinal.float().contiguous() if dfinal is not None else None
-    dh, dh0 = plan.states(q, do, scale, dfinal, reverse=True)
-
     if plan.decay != 2:
-        qg, kg = q, k  # unread
+        qg, kg = q, k  # what the walks read; the other kernels do not read them
+    # States are recomputed rather than saved: (B H, T / 64, K, V) per layer would dwarf q, k and v.
+    h, _ = plan.states(kg, v, 1.0, h0, reverse=False)
+    dfinal = dfinal.float().contiguous() if dfinal is not None else None
+    dh, dh0 = plan.states(qg, do, scale, dfinal, reverse=True)
+
     dv = torch.empty_like(v)
     plan.launch(_dv_kernel, "out", plan.grid("out", NT), q, k, do, dv, plan.a, plan.b, A, dh, qg, kg, T, plan.Tp, NT,
                 scale, **shapes)
