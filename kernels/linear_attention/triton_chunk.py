@@ -193,7 +193,7 @@ def _chunk_cumsum_kernel(x_ptr, y_ptr, q_ptr, k_ptr, qg_ptr, kg_ptr, b_ptr, T_in
     GATE (forward, per-channel decay): also qg = q e^(b - m), kg = k e^(m - b), m = b_last / 2, what mild chunks
     (`_chunk_is_mild`) multiply instead of q, k and b: A = qg kg^T (masked), q e^b = qg e^m, k e^(b_last - b) =
     kg e^m. In a channel whose b_last is at or below -CSPAN, qg = q e^b and kg = k e^(b_last - b) instead: the
-    walks read qg and kg for every chunk (`_walk_factor`), the other kernels only for mild ones.
+    walks read qg and kg for every chunk (`_log_gate_factor`), the other kernels only for mild ones.
     STRONG_ONLY (reverse, per-channel decay): only the chunks `_chunk_is_mild` rejects, given b; `_dqk_kernel` sums
     the mild ones itself.
     """
@@ -221,9 +221,9 @@ def _chunk_cumsum_kernel(x_ptr, y_ptr, q_ptr, k_ptr, qg_ptr, kg_ptr, b_ptr, T_in
 
 
 @triton.jit
-def _walk_factor(b_last, CSPAN: tl.constexpr):
-    """Per channel: f with k e^(b_last - b) = kg f and q e^b = qg f, given `_chunk_cumsum_kernel`'s qg and kg."""
-    return tl.where(b_last > -CSPAN, tl.exp(0.5 * b_last), 1.0)
+def _log_gate_factor(b_last, CSPAN: tl.constexpr):
+    """Per channel: log f, with k e^(b_last - b) = kg f and q e^b = qg f for `_chunk_cumsum_kernel`'s qg and kg."""
+    return tl.where(b_last > -CSPAN, 0.5 * b_last, 0.0)
 
 
 @triton.jit
@@ -236,7 +236,8 @@ def _chunk_walk_kernel(x_ptr, y_ptr, a_ptr, b_ptr, start_ptr, states_ptr, total_
 
     Forward (x = k, y = v): S <- e^(b_last) S + (k e^(b_last - b))^T v.
     Reverse (x = q, y = do, chunks backwards): S <- e^(b_last) S + scale (q e^b)^T do, i.e. dh.
-    Per-channel decay: x is the gated kg (reverse: qg) of `_chunk_cumsum_kernel`, and only b_last is read.
+    Per-channel decay: x is the gated kg (reverse: qg) of `_chunk_cumsum_kernel`, only b_last is read, and the
+    stored states are f h (`_log_gate_factor`, f of the chunk they enter).
     STATES: start from the group's true entering state (or zero) and store the state each chunk starts from
     (reverse: the dh each chunk hands back), and the last state as `final`. Otherwise start from zero and store
     only the group's total contribution, for `_group_scan_kernel`, and for data-dependent decays the group's total
@@ -253,6 +254,16 @@ def _chunk_walk_kernel(x_ptr, y_ptr, a_ptr, b_ptr, start_ptr, states_ptr, total_
     else:
         s = tl.zeros([BK, BV], dtype=tl.float32)
     g = tl.zeros([BK], dtype=tl.float32)
+    if DECAY == 2:
+        # Per channel each chunk's b_last is loaded a step ahead, since the state's update and its store wait on it
+        # (T 8k, B 4 on an H100: the walk 193 against 143 us; per token it gained nothing).
+        n_end = n_first + n_count - 1
+        if REVERSE:
+            n_next = n_end
+        else:
+            n_next = n_first
+        b_next = _row_log_decay(a_ptr, b_ptr, i_b, i_h, n_next * BT, tl.minimum(T - n_next * BT, BT) - 1, Tp, H,
+                                K, offs_k, DECAY)
     for step in range(0, n_count):
         if REVERSE:
             n = n_first + n_count - 1 - step
@@ -260,18 +271,31 @@ def _chunk_walk_kernel(x_ptr, y_ptr, a_ptr, b_ptr, start_ptr, states_ptr, total_
             n = n_first + step
         t0 = n * BT
         last = tl.minimum(T - t0, BT) - 1
-        if STATES:
+        if STATES and DECAY != 2:
             _store_st(states_ptr, s, i_bh * NT + n, K, V, k0, v0, BK, BV)
+        if DECAY == 2:
+            b_last = b_next
+            if REVERSE:
+                n_next = tl.maximum(n - 1, n_first)
+            else:
+                n_next = tl.minimum(n + 1, n_end)
+            b_next = _row_log_decay(a_ptr, b_ptr, i_b, i_h, n_next * BT, tl.minimum(T - n_next * BT, BT) - 1, Tp, H,
+                                    K, offs_k, DECAY)
+            f = tl.exp(_log_gate_factor(b_last, CSPAN))
+            if STATES:
+                # Stored times the chunk's f, so that the kernels that read it multiply qg and kg as they are.
+                _store_st(states_ptr, s * f[:, None], i_bh * NT + n, K, V, k0, v0, BK, BV)
         # x is loaded as (BK, BT) so that the product below needs no transpose.
         xt = _load(x_ptr, i_b, i_h, t0, T, H, K, k0, BT, BK, True).to(tl.float32)
         y = _load(y_ptr, i_b, i_h, t0, T, H, V, v0, BT, BV, False)
-        b_last = _row_log_decay(a_ptr, b_ptr, i_b, i_h, t0, last, Tp, H, K, offs_k, DECAY)
+        if DECAY != 2:
+            b_last = _row_log_decay(a_ptr, b_ptr, i_b, i_h, t0, last, Tp, H, K, offs_k, DECAY)
         if DECAY != 0 and not STATES:  # only the first pass stores a group total
             g += b_last
         if DECAY == 2:
             # x is the gated kg (reverse: qg): k e^(b_last - b) = kg f, q e^b = qg f. Reading them spares the fp32
             # b tile and an exp per element on the walk's sequential path.
-            xt = xt * _walk_factor(b_last, CSPAN)[:, None]
+            xt = xt * f[:, None]
             s = s * tl.exp(b_last)[:, None]
         else:
             b = _rows_log_decay(a_ptr, b_ptr, i_b, i_h, t0, 0, last, Tp, H, K, k0, BT, BK, DECAY, True)
@@ -418,17 +442,12 @@ def _output_kernel(q_ptr, k_ptr, v_ptr, o_ptr, a_ptr, b_ptr, A_ptr, h_ptr, qg_pt
         k0 = i_k * BK
         h = _load_st(h_ptr, i_bh * NT + i_n, K, V, k0, v0, BK, BV, False)
         if DECAY == 2:
-            if mild:
-                # q e^b h = qg (e^m h): the factor goes on the state's rows.
-                mid = 0.5 * _row_log_decay(a_ptr, b_ptr, i_b, i_h, t0, last, Tp, H, K, k0 + tl.arange(0, BK), DECAY)
-                qg = _load(qg_ptr, i_b, i_h, t0, T, H, K, k0, BT, BK, False)
-                kgt = _load(kg_ptr, i_b, i_h, t0, T, H, K, k0, BT, BK, True)
-                acc += tl.dot(qg.to(RDT), (h.to(tl.float32) * tl.exp(mid)[:, None]).to(RDT), input_precision=PREC)
-                acc_a += tl.dot(qg.to(RDT), kgt.to(RDT), input_precision=PREC)
-            else:
-                q = _load(q_ptr, i_b, i_h, t0, T, H, K, k0, BT, BK, False)
-                b = _rows_log_decay(a_ptr, b_ptr, i_b, i_h, t0, 0, last, Tp, H, K, k0, BT, BK, DECAY, False)
-                acc += tl.dot((q.to(tl.float32) * tl.exp(b)).to(DT), h.to(DT), input_precision=PREC)
+            # q e^b h = qg (f h) in every chunk, and the walk stored f h. A = qg kg^T is made for strong chunks too and
+            # not used: no branch in the loop, whose loads it would take out of the software pipeline.
+            qg = _load(qg_ptr, i_b, i_h, t0, T, H, K, k0, BT, BK, False)
+            kgt = _load(kg_ptr, i_b, i_h, t0, T, H, K, k0, BT, BK, True)
+            acc += tl.dot(qg.to(RDT), h.to(RDT), input_precision=PREC)
+            acc_a += tl.dot(qg.to(RDT), kgt.to(RDT), input_precision=PREC)
         else:
             q = _load(q_ptr, i_b, i_h, t0, T, H, K, k0, BT, BK, False)
             acc += tl.dot(q.to(DT), h.to(DT), input_precision=PREC)
@@ -437,7 +456,8 @@ def _output_kernel(q_ptr, k_ptr, v_ptr, o_ptr, a_ptr, b_ptr, A_ptr, h_ptr, qg_pt
     v = _load(v_ptr, i_b, i_h, t0, T, H, V, v0, BT, BV, False)
     if DECAY == 2:
         if mild:
-            # Above the diagonal the products can reach e^CSPAN and overflow: selected away, never multiplied.
+            # Above the diagonal the products can reach e^CSPAN and overflow (in strong chunks, anywhere): selected
+            # away, never multiplied.
             a_mat = tl.where(causal, acc_a, 0.0)
         else:
             a_mat = tl.load(A_ptr + (i_bh * NT + i_n) * BT * BT + rows[:, None] * BT + rows[None, :])
@@ -472,19 +492,12 @@ def _dv_kernel(q_ptr, k_ptr, do_ptr, dv_ptr, a_ptr, b_ptr, A_ptr, dh_ptr, qg_ptr
         k0 = i_k * BK
         dh = _load_st(dh_ptr, i_bh * NT + i_n, K, V, k0, v0, BK, BV, False)
         if DECAY == 2:
-            b_last = _row_log_decay(a_ptr, b_ptr, i_b, i_h, t0, last, Tp, H, K, k0 + tl.arange(0, BK), DECAY)
-            if mild:
-                # k e^(b_last - b) = kg e^m (m = b_last / 2): the factor goes on dh's rows.
-                kg = _load(kg_ptr, i_b, i_h, t0, T, H, K, k0, BT, BK, False)
-                qgt = _load(qg_ptr, i_b, i_h, t0, T, H, K, k0, BT, BK, True)
-                acc += tl.dot(kg.to(RDT), (dh.to(tl.float32) * tl.exp(0.5 * b_last)[:, None]).to(RDT),
-                              input_precision=PREC)
-                acc_at += tl.dot(kg.to(RDT), qgt.to(RDT), input_precision=PREC)
-            else:
-                k = _load(k_ptr, i_b, i_h, t0, T, H, K, k0, BT, BK, False)
-                b = _rows_log_decay(a_ptr, b_ptr, i_b, i_h, t0, 0, last, Tp, H, K, k0, BT, BK, DECAY, False)
-                acc += tl.dot((k.to(tl.float32) * tl.exp(b_last[None, :] - b)).to(DT), dh.to(DT),
-                              input_precision=PREC)
+            # k e^(b_last - b) dh = kg (f dh) in every chunk, and the walk stored f dh; A^T made for strong chunks too,
+            # unused, as A in `_output_kernel`.
+            kg = _load(kg_ptr, i_b, i_h, t0, T, H, K, k0, BT, BK, False)
+            qgt = _load(qg_ptr, i_b, i_h, t0, T, H, K, k0, BT, BK, True)
+            acc += tl.dot(kg.to(RDT), dh.to(RDT), input_precision=PREC)
+            acc_at += tl.dot(kg.to(RDT), qgt.to(RDT), input_precision=PREC)
         else:
             k = _load(k_ptr, i_b, i_h, t0, T, H, K, k0, BT, BK, False)
             acc += tl.dot(k.to(DT), dh.to(DT), input_precision=PREC)
@@ -542,14 +555,19 @@ def _dqk_kernel(q_ptr, k_ptr, v_ptr, do_ptr, dq_ptr, dk_ptr, dq_out_ptr, dk_out_
         vt = _load(v_ptr, i_b, i_h, t0, T, H, V, v0, BT, BV, True)
         ht = _load_st(h_ptr, i_bh * NT + i_n, K, V, k0, v0, BK, BV, True)
         dht = _load_st(dh_ptr, i_bh * NT + i_n, K, V, k0, v0, BK, BV, True)
-        acc_dq += tl.dot(do.to(DT), ht.to(DT), input_precision=PREC)
-        acc_dk += tl.dot(v.to(DT), dht.to(DT), input_precision=PREC)
+        if DECAY == 2:
+            # Per channel h and dh come times f, down to e^(-CSPAN / 2): RDT operands (fp32 for fp16 inputs).
+            acc_dq += tl.dot(do.to(RDT), ht.to(RDT), input_precision=PREC)
+            acc_dk += tl.dot(v.to(RDT), dht.to(RDT), input_precision=PREC)
+        else:
+            acc_dq += tl.dot(do.to(DT), ht.to(DT), input_precision=PREC)
+            acc_dk += tl.dot(v.to(DT), dht.to(DT), input_precision=PREC)
         acc_hdh += tl.sum(ht.to(tl.float32) * dht.to(tl.float32), axis=0)
         acc_da += tl.dot(do.to(DT), vt.to(DT), input_precision=PREC)
-        if mild:
-            # dA^T straight from v and a transposed load of do, never by transposing acc_da.
-            do_t = _load(do_ptr, i_b, i_h, t0, T, H, V, v0, BT, BV, True)
-            acc_dat += tl.dot(v.to(DT), do_t.to(DT), input_precision=PREC)
+        # dA^T straight from v and a transposed load of do, never by transposing acc_da. Per channel also for strong
+        # chunks, unused there: behind a branch its load left the software pipeline (2.9% slower fwd+bwd at B 16, T 2k).
+        do_t = _load(do_ptr, i_b, i_h, t0, T, H, V, v0, BT, BV, True)
+        acc_dat += tl.dot(v.to(DT), do_t.to(DT), input_precision=PREC)
     causal = rows[:, None] >= rows[None, :]
     later = rows[None, :] >= rows[:, None]
     is_last = rows == last
@@ -560,27 +578,29 @@ def _dqk_kernel(q_ptr, k_ptr, v_ptr, do_ptr, dq_ptr, dk_ptr, dq_out_ptr, dk_out_
             # As A in `_output_kernel`, through the gated qg = q e and kg = k / e (e = e^(b - m), m = b_last / 2); the
             # masks select, never multiply. As q e^b = qg e^m and k e^(b_last - b) = kg e^m, dq = e x and dk = y / e
             # for the x and y below, and db's terms q dq = qg x and k dk = kg y need neither q, k nor e: one exp per
-            # element instead of three, and two loads fewer (1.7% off the per-channel fwd+bwd at B 16, T 2k).
-            e_m = tl.exp(0.5 * b_last)
+            # element instead of three, and two loads fewer (1.7% off the per-channel fwd+bwd at B 16, T 2k). h and dh
+            # come times e^m (the walks store them so), which the products with them need.
             da = tl.where(causal, scale * acc_da, 0.0)
             dat = tl.where(later, scale * acc_dat, 0.0)
             kg = _load(kg_ptr, i_b, i_h, t0, T, H, K, k0, BT, BK, False)
             qg = _load(qg_ptr, i_b, i_h, t0, T, H, K, k0, BT, BK, False)
-            x = scale * acc_dq * e_m[None, :] + tl.dot(da.to(RDT), kg.to(RDT), input_precision=PREC)
-            y = acc_dk * e_m[None, :] + tl.dot(dat.to(RDT), qg.to(RDT), input_precision=PREC)
+            x = scale * acc_dq + tl.dot(da.to(RDT), kg.to(RDT), input_precision=PREC)
+            y = acc_dk + tl.dot(dat.to(RDT), qg.to(RDT), input_precision=PREC)
             e = tl.exp(b - 0.5 * b_last[None, :])
             _store(dq_out_ptr, x * e, i_b, i_h, t0, T, H, K, k0, BT, BK)
             _store(dk_out_ptr, y / e, i_b, i_h, t0, T, H, K, k0, BT, BK)
             if STORE_DB:
-                d_last = tl.exp(b_last) * acc_hdh + e_m * tl.sum(kg.to(tl.float32) * acc_dk, axis=0)
+                d_last = acc_hdh + tl.sum(kg.to(tl.float32) * acc_dk, axis=0)
                 db = qg.to(tl.float32) * x - kg.to(tl.float32) * y + tl.where(is_last[:, None], d_last[None, :], 0.0)
                 # Summed here rather than by a cumsum pass over db, which moved db twice through memory. On an H100 at
                 # B 16, T 2k the pass took 0.09 ms and the sum adds 0.07 to this kernel (as a tf32x3 product with a
                 # triangle of ones, 0.73).
                 _store(da_ptr, tl.cumsum(db, axis=0, reverse=True), i_b, i_h, t0, T, H, K, k0, BT, BK)
         else:
-            dq = scale * acc_dq * tl.exp(b)
-            dk = acc_dk * tl.exp(b_last[None, :] - b)
+            # h and dh come times f = e^lf: divided out, within the exponents.
+            lf = _log_gate_factor(b_last, CSPAN)[None, :]
+            dq = scale * acc_dq * tl.exp(b - lf)
+            dk = acc_dk * tl.exp(b_last[None, :] - b - lf)
             _store(dq_ptr, dq, i_b, i_h, t0, T, H, K, k0, BT, BK)
             _store(dk_ptr, dk, i_b, i_h, t0, T, H, K, k0, BT, BK)
             if i_k == 0:
@@ -589,7 +609,7 @@ def _dqk_kernel(q_ptr, k_ptr, v_ptr, do_ptr, dq_ptr, dk_ptr, dq_out_ptr, dk_out_
             if STORE_DB:
                 qf = _load(q_ptr, i_b, i_h, t0, T, H, K, k0, BT, BK, False).to(tl.float32)
                 kf = _load(k_ptr, i_b, i_h, t0, T, H, K, k0, BT, BK, False).to(tl.float32)
-                d_last = tl.exp(b_last) * acc_hdh + tl.sum(kf * dk, axis=0)
+                d_last = tl.exp(b_last - 2.0 * _log_gate_factor(b_last, CSPAN)) * acc_hdh + tl.sum(kf * dk, axis=0)
                 db = qf * dq - kf * dk + tl.where(is_last[:, None], d_last[None, :], 0.0)
                 _store(db_ptr, db, i_b, i_h, t0, Tp, H, K, k0, BT, BK)
     else:
