@@ -49,22 +49,25 @@ def override(settings: dict[str, dict]) -> None:
     tc._Plan = Overridden
 
 
-def inputs(form: str, batch: int, time: int, heads: int = 8, dim: int = 128):
-    """Random bf16 q, k, v (leaves), a log decay of the form's shape, and an output gradient; seeded."""
+def inputs(form: str, batch: int, time: int, heads: int = 8, dim: int = 128, learn_decay: bool = True):
+    """Random bf16 q, k, v (leaves), a log decay of the form's shape (a leaf if learn_decay), and an output gradient;
+    seeded."""
     g = torch.Generator(device="cuda").manual_seed(0)
     q, k, v = (torch.randn(batch, time, heads, dim, device="cuda", generator=g, dtype=torch.bfloat16).requires_grad_()
                for _ in range(3))
     shape = {"constant": (heads,), "token": (batch, time, heads), "channel": (batch, time, heads, dim)}[form]
-    a = (-torch.rand(shape, device="cuda", generator=g) * 0.1).requires_grad_()
+    a = (-torch.rand(shape, device="cuda", generator=g) * 0.1).requires_grad_(learn_decay)
     return q, k, v, a, torch.randn(v.shape, device="cuda", generator=g, dtype=v.dtype)
 
 
 def step_fn(q, k, v, a, do):
-    """One fwd+bwd: the output and the gradients of q, k, v and the log decay (no accumulation into .grad)."""
+    """One fwd+bwd: the output and the gradients of q, k, v and, where it is a leaf, the log decay (no accumulation
+    into .grad)."""
+    leaves = tuple(x for x in (q, k, v, a) if x.requires_grad)
 
     def step():
         o, _ = linear_attention(q, k, v, a, backend="triton")
-        return (o,) + torch.autograd.grad(o, (q, k, v, a), do)
+        return (o,) + torch.autograd.grad(o, leaves, do)
 
     return step
 
@@ -102,9 +105,9 @@ def profile() -> None:
         print(f"host-loop {form}: host {host * 1e3:.3f} ms/step, wall {wall * 1e3:.3f} ms/step")
 
 
-def graph_ms(form: str, batch: int, time_: int) -> tuple[float, list[torch.Tensor]]:
+def graph_ms(form: str, batch: int, time_: int, learn_decay: bool = True) -> tuple[float, list[torch.Tensor]]:
     """Median ms of fwd+bwd replayed as a CUDA graph (GPU time, no host time), and its outputs."""
-    step = step_fn(*inputs(form, batch, time_))
+    step = step_fn(*inputs(form, batch, time_, learn_decay=learn_decay))
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -180,9 +183,15 @@ def paths() -> None:
 
 
 def gpu() -> None:
-    """GPU time of fwd+bwd (every gradient, the log decay's too) per form at B x T = 32k tokens: CUDA-graph replays."""
+    """GPU time of fwd+bwd (every gradient, the log decay's too) per form at B x T = 32k tokens: CUDA-graph replays.
+
+    Then "constant-fixed": the constant form without its decay's gradient, as lightning trains it (a fixed decay per
+    head) and as `slab bench kernels` times it.
+    """
     for (batch, time_), form in itertools.product(SHAPES, FORMS):
         print("gpu", form, batch, time_, f"{graph_ms(form, batch, time_)[0]:.3f}", flush=True)
+    for batch, time_ in SHAPES:
+        print("gpu constant-fixed", batch, time_, f"{graph_ms('constant', batch, time_, False)[0]:.3f}", flush=True)
 
 
 def groups() -> None:
