@@ -139,6 +139,12 @@ def _row_log_decay(a_ptr, b_ptr, i_b, i_h, t0, row, Tp, H: tl.constexpr, K: tl.c
 
 
 @triton.jit
+def _chunk_b_last(b_ptr, i_b, i_h, n, T, Tp, H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, offs_k):
+    """Per channel: chunk n's total log decay, b at its last valid row, (BK,)."""
+    return _row_log_decay(b_ptr, b_ptr, i_b, i_h, n * BT, tl.minimum(T - n * BT, BT) - 1, Tp, H, K, offs_k, 2)
+
+
+@triton.jit
 def _chunk_is_mild(b_ptr, i_b, i_h, t0, last, Tp, H: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
                    CSPAN: tl.constexpr):
     """Per-channel decay: whether the chunk's total log decay (b at its last row) is above -CSPAN in every channel.
@@ -148,6 +154,12 @@ def _chunk_is_mild(b_ptr, i_b, i_h, t0, last, Tp, H: tl.constexpr, K: tl.constex
     offs = tl.arange(0, KP)
     b_last = tl.load(b_ptr + ((i_b * Tp + t0 + last) * H + i_h) * K + offs, mask=offs < K, other=0.0)
     return tl.min(b_last, axis=0) > -CSPAN
+
+
+@triton.jit
+def _log_gate_factor(b_last, CSPAN: tl.constexpr):
+    """Per channel: log f, with k e^(b_last - b) = kg f and q e^b = qg f for `_chunk_cumsum_kernel`'s qg and kg."""
+    return tl.where(b_last > -CSPAN, 0.5 * b_last, 0.0)
 
 
 @triton.jit
@@ -210,20 +222,13 @@ def _chunk_cumsum_kernel(x_ptr, y_ptr, q_ptr, k_ptr, qg_ptr, kg_ptr, b_ptr, T_in
     if GATE:
         # The tile's last row holds b_last: rows past the input add zeros.
         b_last = tl.sum(tl.where((tl.arange(0, BT) == BT - 1)[:, None], y, 0.0), axis=0)
-        # Strong channels: qg = q e^b, kg = k e^(b_last - b), both at most |q|, |k| (what the walks multiply).
-        mild = (b_last > -CSPAN)[None, :]
-        e_q = tl.where(mild, y - 0.5 * b_last[None, :], y)
-        e_k = tl.where(mild, 0.5 * b_last[None, :] - y, b_last[None, :] - y)
+        # m = log f: b_last / 2, or 0 in a strong channel, where qg = q e^b and kg = k e^(b_last - b) are at most
+        # |q| and |k| (what the walks multiply).
+        m = _log_gate_factor(b_last, CSPAN)[None, :]
         q = _load(q_ptr, i_b, i_h, t0, T_in, H, K, k0, BT, BK, False).to(tl.float32)
         k = _load(k_ptr, i_b, i_h, t0, T_in, H, K, k0, BT, BK, False).to(tl.float32)
-        _store(qg_ptr, q * tl.exp(e_q), i_b, i_h, t0, T_in, H, K, k0, BT, BK)
-        _store(kg_ptr, k * tl.exp(e_k), i_b, i_h, t0, T_in, H, K, k0, BT, BK)
-
-
-@triton.jit
-def _log_gate_factor(b_last, CSPAN: tl.constexpr):
-    """Per channel: log f, with k e^(b_last - b) = kg f and q e^b = qg f for `_chunk_cumsum_kernel`'s qg and kg."""
-    return tl.where(b_last > -CSPAN, 0.5 * b_last, 0.0)
+        _store(qg_ptr, q * tl.exp(y - m), i_b, i_h, t0, T_in, H, K, k0, BT, BK)
+        _store(kg_ptr, k * tl.exp(b_last[None, :] - m - y), i_b, i_h, t0, T_in, H, K, k0, BT, BK)
 
 
 @triton.jit
@@ -259,11 +264,9 @@ def _chunk_walk_kernel(x_ptr, y_ptr, a_ptr, b_ptr, start_ptr, states_ptr, total_
         # (T 8k, B 4 on an H100: the walk 193 against 143 us; per token it gained nothing).
         n_end = n_first + n_count - 1
         if REVERSE:
-            n_next = n_end
+            b_next = _chunk_b_last(b_ptr, i_b, i_h, n_end, T, Tp, H, K, BT, offs_k)
         else:
-            n_next = n_first
-        b_next = _row_log_decay(a_ptr, b_ptr, i_b, i_h, n_next * BT, tl.minimum(T - n_next * BT, BT) - 1, Tp, H,
-                                K, offs_k, DECAY)
+            b_next = _chunk_b_last(b_ptr, i_b, i_h, n_first, T, Tp, H, K, BT, offs_k)
     for step in range(0, n_count):
         if REVERSE:
             n = n_first + n_count - 1 - step
@@ -276,11 +279,9 @@ def _chunk_walk_kernel(x_ptr, y_ptr, a_ptr, b_ptr, start_ptr, states_ptr, total_
         if DECAY == 2:
             b_last = b_next
             if REVERSE:
-                n_next = tl.maximum(n - 1, n_first)
+                b_next = _chunk_b_last(b_ptr, i_b, i_h, tl.maximum(n - 1, n_first), T, Tp, H, K, BT, offs_k)
             else:
-                n_next = tl.minimum(n + 1, n_end)
-            b_next = _row_log_decay(a_ptr, b_ptr, i_b, i_h, n_next * BT, tl.minimum(T - n_next * BT, BT) - 1, Tp, H,
-                                    K, offs_k, DECAY)
+                b_next = _chunk_b_last(b_ptr, i_b, i_h, tl.minimum(n + 1, n_end), T, Tp, H, K, BT, offs_k)
             f = tl.exp(_log_gate_factor(b_last, CSPAN))
             if STATES:
                 # Stored times the chunk's f, so that the kernels that read it multiply qg and kg as they are.
@@ -598,9 +599,9 @@ def _dqk_kernel(q_ptr, k_ptr, v_ptr, do_ptr, dq_ptr, dk_ptr, dq_out_ptr, dk_out_
                 _store(da_ptr, tl.cumsum(db, axis=0, reverse=True), i_b, i_h, t0, T, H, K, k0, BT, BK)
         else:
             # h and dh come times f = e^lf: divided out, within the exponents.
-            lf = _log_gate_factor(b_last, CSPAN)[None, :]
-            dq = scale * acc_dq * tl.exp(b - lf)
-            dk = acc_dk * tl.exp(b_last[None, :] - b - lf)
+            lf = _log_gate_factor(b_last, CSPAN)
+            dq = scale * acc_dq * tl.exp(b - lf[None, :])
+            dk = acc_dk * tl.exp(b_last[None, :] - b - lf[None, :])
             _store(dq_ptr, dq, i_b, i_h, t0, T, H, K, k0, BT, BK)
             _store(dk_ptr, dk, i_b, i_h, t0, T, H, K, k0, BT, BK)
             if i_k == 0:
@@ -609,7 +610,7 @@ def _dqk_kernel(q_ptr, k_ptr, v_ptr, do_ptr, dq_ptr, dk_ptr, dq_out_ptr, dk_out_
             if STORE_DB:
                 qf = _load(q_ptr, i_b, i_h, t0, T, H, K, k0, BT, BK, False).to(tl.float32)
                 kf = _load(k_ptr, i_b, i_h, t0, T, H, K, k0, BT, BK, False).to(tl.float32)
-                d_last = tl.exp(b_last - 2.0 * _log_gate_factor(b_last, CSPAN)) * acc_hdh + tl.sum(kf * dk, axis=0)
+                d_last = tl.exp(b_last - 2.0 * lf) * acc_hdh + tl.sum(kf * dk, axis=0)
                 db = qf * dq - kf * dk + tl.where(is_last[:, None], d_last[None, :], 0.0)
                 _store(db_ptr, db, i_b, i_h, t0, Tp, H, K, k0, BT, BK)
     else:
