@@ -222,6 +222,23 @@ def test_constant_decay_as_buffer_needs_no_grad():
     assert q.grad is not None and a.grad is None
 
 
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("shape", [(2, 37, 2, 16, 32), (1, 129, 2, 32, 16)])
+def test_triton_with_a_fixed_decay_matches_naive(form, shape):
+    """A decay that needs no gradient (lightning's) takes its own backward path (dA made inside dqk, no db)."""
+    q, k, v, a, h0 = make_inputs(form, *shape, torch.float32, with_state=True)
+    a = a.detach()
+    do = torch.randn(v.shape, generator=torch.Generator().manual_seed(1))
+    results = []
+    for backend in ("naive", "triton"):
+        leaves = [x.detach().clone().requires_grad_() for x in (q, k, v, h0)]
+        o, _ = linear_attention(leaves[0], leaves[1], leaves[2], a, initial_state=leaves[3], backend=backend)
+        (o * do).sum().backward()
+        results.append([o.detach()] + [x.grad for x in leaves])
+    for got, ref in zip(results[1], results[0]):
+        assert rel_err(got, ref) <= TOL[torch.float32]
+
+
 def test_auto_picks_torch_on_cpu():
     q, k, v, a, _ = make_inputs("token", 1, 70, 1, 8, 8, torch.float32)
     assert resolve_backend("auto", q) == "torch"
