@@ -302,6 +302,27 @@ def test_triton_group_size_model():
     assert _group_size(300, walkers=1, slots=0) == 18  # interpreter: ~sqrt(#chunks)
 
 
+def test_triton_lists_each_strong_chunk_once():
+    """Per channel, the forward lists the chunks whose total log decay reaches -CHUNK_SPAN_LIMIT in some channel, each
+    once even when several K tiles see it; the sub-block kernels work on those alone, the others test the totals."""
+    from kernels.linear_attention import triton_chunk as tc
+
+    B, T, H, K = 1, 200, 2, 80  # four chunks, the last partial; K in two tiles of 64
+    q = torch.randn(B, T, H, K)
+    a = torch.full((B, T, H, K), -0.01)
+    a[0, 64:128, 0, 3] = -3.0  # chunk 1 of head 0: strong in both K tiles
+    a[0, 64:128, 0, 70] = -3.0
+    a[0, 192:200, 1, 75] = -20.0  # chunk 3 of head 1, the partial one: strong in the second tile only
+    a[0, 0:64, 1, 5] = -1.5  # chunk 0 of head 1: -96, mild
+    plan = tc._Plan(q, q, a, k=q)
+    count = int(plan.strong[0])
+    assert sorted(plan.strong[1:1 + count].tolist()) == [0 * plan.NT + 1, 1 * plan.NT + 3]
+    totals = plan.bl.view(H, plan.NT, K)
+    torch.testing.assert_close(totals[0, 1, 3], torch.tensor(-192.0))
+    torch.testing.assert_close(totals[1, 3, 0], torch.tensor(-0.08))  # 8 tokens of -0.01
+    assert (totals.amin(-1) <= -tc.CHUNK_SPAN_LIMIT).sum() == count
+
+
 @pytest.mark.parametrize("form", ["constant", "token", "channel"])
 def test_triton_under_vmap_matches_each_member(form):
     """Stacked models (packed training) vmap the kernel: members fold into heads, one launch for all."""

@@ -49,7 +49,9 @@ def _variants(dtype: torch.dtype, decay: int):
     q = torch.empty(1, 128, 8, 128, dtype=dtype)
     # Made in the child process, outside the interpreter: the plan's dt, prec and rdt are the GPU's.
     assert not tc._interpreting()
-    plan = tc._Plan(q, q, torch.empty(shape), b=torch.empty(shape))  # T = 128 needs no padding: b is as a
+    # Made from saved bookkeeping (none runs a kernel); T = 128 needs no padding: b is as a.
+    saved = {0: None, 1: (torch.empty(shape),), 2: (torch.empty(shape), None, None)}[decay]
+    plan = tc._Plan(q, q, torch.empty(shape), saved)
     io = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32"}[dtype]
     st = "*bf16" if plan.state_dtype == torch.bfloat16 else "*fp32"
     ptrs = {n: io for n in ("x_ptr", "y_ptr", "q_ptr", "k_ptr", "v_ptr", "o_ptr", "do_ptr", "dv_ptr")}
@@ -70,13 +72,14 @@ def _variants(dtype: torch.dtype, decay: int):
     out.append(("dqk", tc._dqk_kernel, dict(base, STORE_DB=True, STAGED=True), "dqk"))
     if decay != 2:  # a fixed scalar decay: dA made in the kernel
         out.append(("dqk fixed decay", tc._dqk_kernel, dict(base, STORE_DB=False, STAGED=False), "dqk"))
-    if decay:
+    if decay == 1:
         for reverse in (False, True):
             out.append((f"cumsum reverse={reverse}", tc._chunk_cumsum_kernel,
-                        dict(H=8, K=128 if decay == 2 else 1, BT=tc.CHUNK, REVERSE=reverse,
-                             GATE=decay == 2 and not reverse, STRONG_ONLY=decay == 2 and reverse, **plan.mild),
-                        "cumsum"))
+                        dict(H=8, K=1, BT=tc.CHUNK, REVERSE=reverse), "cumsum"))
     if decay == 2:
+        ptrs.update(strong_ptr="*i32")
+        out.append(("gate", tc._gate_kernel, dict(H=8, K=128, BT=tc.CHUNK, CSPAN=tc.CHUNK_SPAN_LIMIT), "gate"))
+        out.append(("strong cumsum", tc._strong_cumsum_kernel, dict(H=8, K=128, BT=tc.CHUNK, REVERSE=True), "cumsum"))
         ptrs.update(dq_out_ptr=io, dk_out_ptr=io, qg_ptr="*bf16" if dtype == torch.bfloat16 else "*fp32")
         ptrs.update(kg_ptr=ptrs["qg_ptr"])
         per_channel = dict(H=8, K=128, BT=tc.CHUNK, BC=tc.SUB, DT=plan.dt, PREC=plan.prec, SPAN=tc.SPAN_LIMIT,
