@@ -4,18 +4,17 @@ Lightning Attention-2 (arXiv 2401.04658) tiling with chunks of BT = 64 tokens; t
 `tl.constexpr` switch DECAY: 0 constant per head (H,), 1 per head and token (B, T, H), 2 per key channel
 (B, T, H, K). b is the log decay summed from the start of its chunk (inclusive; `_chunk_cumsum_kernel` per
 token, `_gate_kernel` per channel, once in the forward, which hands it to the backward; constant decays compute it
-inline); every exp() below takes
-b_i - b_j with i at or after j, or b of a position minus b of an earlier one, so its argument is <= 0 and
-strong decays underflow to exact zeros instead of overflowing. The exceptions are bounded: a per-channel mild
-chunk is one dot of factors within e^(+-CHUNK_SPAN_LIMIT / 2), and a diagonal sub-block whose decay spans less
-than SPAN_LIMIT one dot of factors up to e^SPAN_LIMIT.
+inline); every exp() below takes b_i - b_j with i at or after j, or b of a position minus b of an earlier one, so
+its argument is <= 0 and strong decays underflow to exact zeros instead of overflowing. The exceptions are
+bounded: a per-channel mild chunk is one dot of factors within e^(+-CHUNK_SPAN_LIMIT / 2), and a diagonal sub-block
+whose decay spans less than SPAN_LIMIT one dot of factors up to e^SPAN_LIMIT.
 
 Forward, per (batch, head):
   1. Per-channel decay only, the intra-chunk matrix A_ij = sum_c q_ic k_jc e^(b_ic - b_jc), i >= j. A mild chunk
      (total log decay above -CHUNK_SPAN_LIMIT in every channel) gets A = qg kg^T inline in 3, from the gated
      qg = q e^(b - m), kg = k e^(m - b) (m half the chunk's total) that `_gate_kernel` writes beside b, with each
-     chunk's total and the list of the other (strong) chunks. Strong chunks go through
-     `_chunk_A_kernel`, which loops over that list, in 16 x 16 sub-blocks: off the diagonal a product of two
+     chunk's total and the list of the other (strong) chunks. Strong chunks go through `_chunk_A_kernel`, which
+     loops over that list, in 16 x 16 sub-blocks: off the diagonal a product of two
      rescaled operands around a reference row between them, on the diagonal the same around the block's first
      row where its decay spans less than SPAN_LIMIT, else elementwise. Scalar decays compute (q k^T) e^(b_i - b_j)
      inline in 3.
