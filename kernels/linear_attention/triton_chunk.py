@@ -175,6 +175,23 @@ def _log_gate_factor(b_last, CSPAN: tl.constexpr):
 
 
 @triton.jit
+def _intra_decay(b, BT: tl.constexpr, TRANS: tl.constexpr):
+    """Scalar decays: the (BT, BT) factors e^(b_i - b_j) for i >= j, else 0, indexed (i, j); (j, i) if TRANS."""
+    rows = tl.arange(0, BT)
+    if TRANS:
+        return tl.exp(tl.where(rows[None, :] >= rows[:, None], b[None, :] - b[:, None], float("-inf")))
+    return tl.exp(tl.where(rows[:, None] >= rows[None, :], b[:, None] - b[None, :], float("-inf")))
+
+
+@triton.jit
+def _load_dA(dA_ptr, chunk, BT: tl.constexpr):
+    """A chunk's stored dA (`_dA_kernel`) and its transpose, by a transposed load."""
+    rows = tl.arange(0, BT)
+    at = dA_ptr + chunk * BT * BT
+    return tl.load(at + rows[:, None] * BT + rows[None, :]), tl.load(at + rows[None, :] * BT + rows[:, None])
+
+
+@triton.jit
 def _state_ptrs(ptr, slab, K: tl.constexpr, V: tl.constexpr, k0, v0, BK: tl.constexpr, BV: tl.constexpr,
                 TRANS: tl.constexpr):
     """Pointers and mask for a (BK, BV) tile of (K, V) state number `slab`; (BV, BK) if TRANS."""
@@ -508,7 +525,7 @@ def _output_kernel(q_ptr, k_ptr, v_ptr, o_ptr, a_ptr, b_ptr, bl_ptr, A_ptr, h_pt
     else:
         b = _rows_log_decay(a_ptr, b_ptr, i_b, i_h, t0, 0, last, Tp, H, K, 0, BT, BK, DECAY, False)
         acc = acc * tl.exp(b)[:, None]
-        a_mat = acc_a * tl.exp(tl.where(causal, b[:, None] - b[None, :], float("-inf")))
+        a_mat = acc_a * _intra_decay(b, BT, False)
     acc += tl.dot(a_mat.to(DT), v.to(DT), input_precision=PREC)
     _store(o_ptr, acc * scale, i_b, i_h, t0, T, H, V, v0, BT, BV)
 
@@ -559,7 +576,7 @@ def _dv_kernel(q_ptr, k_ptr, do_ptr, dv_ptr, a_ptr, b_ptr, bl_ptr, A_ptr, dh_ptr
         b = _rows_log_decay(a_ptr, b_ptr, i_b, i_h, t0, 0, last, Tp, H, K, 0, BT, BK, DECAY, False)
         b_last = _row_log_decay(a_ptr, b_ptr, i_b, i_h, t0, last, Tp, H, K, 0, DECAY)
         acc = acc * tl.exp(b_last - b)[:, None]
-        at = acc_at * tl.exp(tl.where(later, b[None, :] - b[:, None], float("-inf")))
+        at = acc_at * _intra_decay(b, BT, True)
     acc += scale * tl.dot(at.to(DT), do.to(DT), input_precision=PREC)
     _store(dv_ptr, acc, i_b, i_h, t0, T, H, V, v0, BT, BV)
 
@@ -589,7 +606,7 @@ def _dA_kernel(do_ptr, v_ptr, dA_ptr, a_ptr, b_ptr, T, Tp, NT, scale, H: tl.cons
     else:
         b = _rows_log_decay(a_ptr, b_ptr, i_b, i_h, t0, 0, tl.minimum(T - t0, BT) - 1, Tp, H, K, 0, BT, BV, DECAY,
                             False)
-        da = scale * acc * tl.exp(tl.where(causal, b[:, None] - b[None, :], float("-inf")))
+        da = scale * acc * _intra_decay(b, BT, False)
     tl.store(dA_ptr + (i_bh * NT + i_n) * BT * BT + rows[:, None] * BT + rows[None, :], da.to(dA_ptr.dtype.element_ty))
 
 
@@ -653,9 +670,7 @@ def _dqk_kernel(q_ptr, k_ptr, v_ptr, do_ptr, dq_ptr, dk_ptr, dq_out_ptr, dk_out_
             # for the x and y below, and db's terms q dq = qg x and k dk = kg y need neither q, k nor e: one exp per
             # element instead of three, and two loads fewer (1.7% off the per-channel fwd+bwd at B 16, T 2k). h and dh
             # come times e^m (the walks store them so), which the products with them need.
-            dA_at = dA_ptr + (i_bh * NT + i_n) * BT * BT
-            da = tl.load(dA_at + rows[:, None] * BT + rows[None, :])
-            dat = tl.load(dA_at + rows[None, :] * BT + rows[:, None])  # dA^T by a transposed load
+            da, dat = _load_dA(dA_ptr, i_bh * NT + i_n, BT)
             kg = _load(kg_ptr, i_b, i_h, t0, T, H, K, k0, BT, BK, False)
             qg = _load(qg_ptr, i_b, i_h, t0, T, H, K, k0, BT, BK, False)
             x = scale * acc_dq + tl.dot(da.to(RDT), kg.to(RDT), input_precision=PREC)
@@ -690,14 +705,12 @@ def _dqk_kernel(q_ptr, k_ptr, v_ptr, do_ptr, dq_ptr, dk_ptr, dq_out_ptr, dk_out_
         k = _load(k_ptr, i_b, i_h, t0, T, H, K, k0, BT, BK, False)
         dk_state = acc_dk * tl.exp(b_last - b)[:, None]
         if STAGED:  # decayed and scaled by `_dA_kernel`
-            dA_at = dA_ptr + (i_bh * NT + i_n) * BT * BT
-            da = tl.load(dA_at + rows[:, None] * BT + rows[None, :])
-            dat = tl.load(dA_at + rows[None, :] * BT + rows[:, None])
+            da, dat = _load_dA(dA_ptr, i_bh * NT + i_n, BT)
             dq = scale * acc_dq * tl.exp(b)[:, None] + tl.dot(da.to(DT), k.to(DT), input_precision=PREC)
             dk = dk_state + tl.dot(dat.to(DT), q.to(DT), input_precision=PREC)
         else:
-            da = acc_da * tl.exp(tl.where(rows[:, None] >= rows[None, :], b[:, None] - b[None, :], float("-inf")))
-            dat = acc_dat * tl.exp(tl.where(rows[None, :] >= rows[:, None], b[None, :] - b[:, None], float("-inf")))
+            da = acc_da * _intra_decay(b, BT, False)
+            dat = acc_dat * _intra_decay(b, BT, True)
             dq = scale * (acc_dq * tl.exp(b)[:, None] + tl.dot(da.to(DT), k.to(DT), input_precision=PREC))
             dk = dk_state + scale * tl.dot(dat.to(DT), q.to(DT), input_precision=PREC)
         _store(dq_ptr, dq, i_b, i_h, t0, T, H, K, k0, BT, BK)
@@ -895,8 +908,8 @@ class _Plan:
             # 1.93 with 32 (before, making dA itself, 64 spilled registers).
             "dqk": dict(BK=_pow2_tile(K, wide), BV=_pow2_tile(V, 32), num_warps=8, num_stages=2),
             # A, 4 warps (two programs per SM; 8 warps took the whole register file): the sub-block path 13% faster
-            # at B 16, T 2k and 28% in the forward at B 1, T 1M, and the exits of mild chunks cheaper. It spilled at
-            # 4 warps until its elementwise loop became dynamic.
+            # at B 16, T 2k and 28% in the forward at B 1, T 1M. It spilled at 4 warps until its elementwise loop
+            # became dynamic.
             "A": dict(BK=_pow2_tile(K, 32), num_warps=4, num_stages=1 if bf16 else stages),
             "intra": dict(BK=_pow2_tile(K, 32), num_warps=4, num_stages=stages),
             # Sums along time of the log decay (width 1 per token, K per channel); no dots, so no 16 minimum.
@@ -942,18 +955,17 @@ class _Plan:
         else:
             if saved:
                 self.b, self.bl, self.strong = saved
-                self.a = self.b
-                return
-            dev = q.device
-            self.b = torch.empty(self.B, self.Tp, self.H, self.K, device=dev, dtype=torch.float32)
-            self.bl = torch.empty(self.B * self.H, self.NT, self.K, device=dev, dtype=torch.float32)
-            # The count, the list, and a flag per chunk (`_gate_kernel`).
-            self.strong = torch.zeros(1 + 2 * self.B * self.H * self.NT, device=dev, dtype=torch.int32)
-            self.qg = torch.empty(q.shape, device=dev, dtype=_gated_dtype(q.dtype))
-            self.kg = torch.empty_like(self.qg)
-            self.launch(_gate_kernel, "gate", self.grid("gate", self.NT, "K"), log_decay, q, k, self.b, self.bl,
-                        self.strong, self.qg, self.kg, self.T, self.Tp, self.NT, H=self.H, K=self.K, BT=self.BT,
-                        CSPAN=CHUNK_SPAN_LIMIT)
+            else:
+                dev = q.device
+                self.b = torch.empty(self.B, self.Tp, self.H, self.K, device=dev, dtype=torch.float32)
+                self.bl = torch.empty(self.B * self.H, self.NT, self.K, device=dev, dtype=torch.float32)
+                # The count, the list, and a flag per chunk (`_gate_kernel`).
+                self.strong = torch.zeros(1 + 2 * self.B * self.H * self.NT, device=dev, dtype=torch.int32)
+                self.qg = torch.empty(q.shape, device=dev, dtype=_gated_dtype(q.dtype))
+                self.kg = torch.empty_like(self.qg)
+                self.launch(_gate_kernel, "gate", self.grid("gate", self.NT, "K"), log_decay, q, k, self.b, self.bl,
+                            self.strong, self.qg, self.kg, self.T, self.Tp, self.NT, H=self.H, K=self.K, BT=self.BT,
+                            CSPAN=CHUNK_SPAN_LIMIT)
             self.a = self.b
 
     def chunk_cumsum(self, x: torch.Tensor, rows_in: int, rows_out: int, reverse: bool,
