@@ -184,6 +184,13 @@ def _intra_decay(b, BT: tl.constexpr, TRANS: tl.constexpr):
 
 
 @triton.jit
+def _store_dA(dA_ptr, chunk, da, BT: tl.constexpr):
+    """Store a chunk's (BT, BT) dA for `_load_dA`."""
+    rows = tl.arange(0, BT)
+    tl.store(dA_ptr + chunk * BT * BT + rows[:, None] * BT + rows[None, :], da.to(dA_ptr.dtype.element_ty))
+
+
+@triton.jit
 def _load_dA(dA_ptr, chunk, BT: tl.constexpr):
     """A chunk's stored dA (`_dA_kernel`) and its transpose, by a transposed load."""
     rows = tl.arange(0, BT)
@@ -531,11 +538,15 @@ def _output_kernel(q_ptr, k_ptr, v_ptr, o_ptr, a_ptr, b_ptr, bl_ptr, A_ptr, h_pt
 
 
 @triton.jit
-def _dv_kernel(q_ptr, k_ptr, do_ptr, dv_ptr, a_ptr, b_ptr, bl_ptr, A_ptr, dh_ptr, qg_ptr, kg_ptr, T, Tp, NT, scale,
-               H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+def _dv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, dv_ptr, dA_ptr, a_ptr, b_ptr, bl_ptr, A_ptr, dh_ptr, qg_ptr, kg_ptr, T,
+               Tp, NT, scale, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                BV: tl.constexpr, DECAY: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, KP: tl.constexpr,
-               CSPAN: tl.constexpr, RDT: tl.constexpr):
-    """dv = scale A^T do + (k e^(b_last - b)) dh_next for one chunk and V tile; A^T made as `_output_kernel` makes A."""
+               CSPAN: tl.constexpr, RDT: tl.constexpr, STORE_DA: tl.constexpr):
+    """dv = scale A^T do + (k e^(b_last - b)) dh_next for one chunk and V tile; A^T made as `_output_kernel` makes A.
+
+    STORE_DA (per channel, one V tile per chunk): also store the masked dA = scale do v^T as `_dA_kernel` would, from
+    the do tile loaded here; that spares the separate kernel's second read of do.
+    """
     i_n, i_v, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     i_b, i_h = i_bh // H, i_bh % H
     t0 = i_n * BT
@@ -579,6 +590,11 @@ def _dv_kernel(q_ptr, k_ptr, do_ptr, dv_ptr, a_ptr, b_ptr, bl_ptr, A_ptr, dh_ptr
         at = acc_at * _intra_decay(b, BT, True)
     acc += scale * tl.dot(at.to(DT), do.to(DT), input_precision=PREC)
     _store(dv_ptr, acc, i_b, i_h, t0, T, H, V, v0, BT, BV)
+    if STORE_DA:
+        vt = _load(v_ptr, i_b, i_h, t0, T, H, V, v0, BT, BV, True)
+        da = tl.dot(do.to(DT), vt.to(DT), input_precision=PREC)
+        da = tl.where(rows[:, None] >= rows[None, :], scale * da, 0.0)
+        _store_dA(dA_ptr, i_bh * NT + i_n, da, BT)
 
 
 @triton.jit
@@ -607,7 +623,7 @@ def _dA_kernel(do_ptr, v_ptr, dA_ptr, a_ptr, b_ptr, T, Tp, NT, scale, H: tl.cons
         b = _rows_log_decay(a_ptr, b_ptr, i_b, i_h, t0, 0, tl.minimum(T - t0, BT) - 1, Tp, H, K, 0, BT, BV, DECAY,
                             False)
         da = scale * acc * _intra_decay(b, BT, False)
-    tl.store(dA_ptr + (i_bh * NT + i_n) * BT * BT + rows[:, None] * BT + rows[None, :], da.to(dA_ptr.dtype.element_ty))
+    _store_dA(dA_ptr, i_bh * NT + i_n, da, BT)
 
 
 @triton.jit
@@ -902,6 +918,10 @@ class _Plan:
                          num_stages=stages),
             "scan": dict(BK=_pow2_tile(K, 32), BV=_pow2_tile(V, 32), num_warps=4, num_stages=stages),
             "out": dict(BK=_pow2_tile(K, wide), BV=_pow2_tile(V, wide), num_warps=8, num_stages=stages),
+            # Per channel one V tile per chunk where it fits, so that the kernel also stores dA (`_dv_kernel`) and
+            # makes A^T once per chunk rather than per V tile.
+            "dv": dict(BK=_pow2_tile(K, wide), BV=_pow2_tile(V, 2 * wide) if per_channel else _pow2_tile(V, wide),
+                       num_warps=8, num_stages=stages),
             "dA": dict(BV=_pow2_tile(V, wide), num_warps=8, num_stages=stages),  # 4 warps spilled (constant)
             # Wide K tiles: each K tile loads do and v again (and unstaged, makes the whole do v^T again). Per channel
             # with dA staged, tiles of 64 gave 1.39 / 1.55 / 1.75 ms fwd+bwd at 2k / 8k / 32k against 1.45 / 1.62 /
@@ -1064,11 +1084,24 @@ def _backward(q, k, v, log_decay, h0, A, b, qg, kg, bl, strong, do, dfinal, scal
     dfinal = dfinal.float().contiguous() if dfinal is not None else None
     dh, dh0 = plan.states(qg, do, scale, dfinal, reverse=True)
 
-    dv = torch.empty_like(v)
-    plan.launch(_dv_kernel, "out", plan.grid("out", NT), q, k, do, dv, plan.a, plan.b, plan.bl, A, dh, qg, kg, T,
-                plan.Tp, NT, scale, **shapes)
-
     per_channel = plan.decay == 2
+    # dA made once per chunk rather than again by each of dqk's K tiles: per channel, and for the scalar forms when
+    # their decay is learned (on an H100 at B 16, T 2k: per channel 1.56 -> 1.39 ms fwd+bwd, constant 1.18 -> 1.03),
+    # but not for a fixed one (0.94 against 0.96). Stored bf16 for bf16 inputs, whose dots take it in bf16; fp32
+    # otherwise (fp16 could overflow). Per channel the dv kernel makes it when one V tile spans V.
+    staged = per_channel or need_da
+    dA = None
+    if staged:
+        dA = torch.empty(B * H, NT, plan.BT, plan.BT, device=q.device,
+                         dtype=torch.bfloat16 if q.dtype == torch.bfloat16 else torch.float32)
+    fused_dA = per_channel and plan.cfg["dv"]["BV"] >= V
+    dv = torch.empty_like(v)
+    plan.launch(_dv_kernel, "dv", plan.grid("dv", NT), q, k, v, do, dv, dA, plan.a, plan.b, plan.bl, A, dh, qg, kg,
+                T, plan.Tp, NT, scale, STORE_DA=fused_dA, **shapes)
+    if staged and not fused_dA:
+        plan.launch(_dA_kernel, "dA", (NT, B * H), do, v, dA, plan.a, plan.b, T, plan.Tp, NT, scale, H=H, K=K, V=V,
+                    BT=plan.BT, DECAY=plan.decay, DT=plan.dt, PREC=plan.prec)
+
     nk = _cdiv(K, plan.cfg["dqk"]["BK"])
     db = da = None
     if per_channel:
@@ -1085,17 +1118,6 @@ def _backward(q, k, v, log_decay, h0, A, b, qg, kg, bl, strong, do, dfinal, scal
         dq, dk = dq_inter, dk_inter
         if need_da:
             db = torch.empty(nk, B, plan.Tp, H, device=q.device, dtype=torch.float32)  # partial sums per K tile
-    # dA made once per chunk by its own kernel, rather than again by each of dqk's K tiles: per channel, and for the
-    # scalar forms when their decay is learned (on an H100 at B 16, T 2k: per channel 1.56 -> 1.39 ms fwd+bwd,
-    # constant 1.18 -> 1.03), but not for a fixed one (0.94 against 0.96). Stored bf16 for bf16 inputs, whose dots
-    # take it in bf16; fp32 otherwise (fp16 could overflow).
-    staged = per_channel or need_da
-    dA = None
-    if staged:
-        dA = torch.empty(B * H, NT, plan.BT, plan.BT, device=q.device,
-                         dtype=torch.bfloat16 if q.dtype == torch.bfloat16 else torch.float32)
-        plan.launch(_dA_kernel, "dA", (NT, B * H), do, v, dA, plan.a, plan.b, T, plan.Tp, NT, scale, H=H, K=K, V=V,
-                    BT=plan.BT, DECAY=plan.decay, DT=plan.dt, PREC=plan.prec)
     plan.launch(_dqk_kernel, "dqk", plan.grid("dqk", NT, "K"), q, k, v, do, dq_inter, dk_inter, dq, dk, db, da, dA,
                 plan.a, plan.b, plan.bl, h, dh, qg, kg, B, T, plan.Tp, NT, scale, STORE_DB=need_da, STAGED=staged,
                 **shapes)

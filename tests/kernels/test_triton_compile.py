@@ -67,7 +67,7 @@ def _variants(dtype: torch.dtype, decay: int):
         out.append((f"scan reverse={reverse}", tc._group_scan_kernel,
                     dict(H=8, K=128, V=128, DECAY=decay, REVERSE=reverse, HAS_H0=True), "scan"))
     out.append(("output", tc._output_kernel, base, "out"))
-    out.append(("dv", tc._dv_kernel, base, "out"))
+    out.append(("dv", tc._dv_kernel, dict(base, STORE_DA=decay == 2), "dv"))
     out.append(("dA", tc._dA_kernel, base, "dA"))
     out.append(("dqk", tc._dqk_kernel, dict(base, STORE_DB=True, STAGED=True), "dqk"))
     if decay != 2:  # a fixed scalar decay: dA made in the kernel
