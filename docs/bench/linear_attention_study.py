@@ -7,6 +7,7 @@ flash-linear-attention. On a GPU (bf16, H 8, K = V = 128):
     python docs/bench/linear_attention_study.py walks                    # walk settings, long forward and fwd+bwd
     python docs/bench/linear_attention_study.py side ours|constant|channel   # ours, or fla's constant / per-channel
     python docs/bench/linear_attention_study.py paths                    # per channel: whole chunks vs sub-blocks
+    python docs/bench/linear_attention_study.py mixed                    # per channel, a fraction of chunks strong
     python docs/bench/linear_attention_study.py gpu                      # GPU time of fwd+bwd per form and shape
     python docs/bench/linear_attention_study.py host                     # host and wall time per fwd+bwd (eager)
     python docs/bench/linear_attention_study.py groups                   # walk warps/stages x walkers per SM
@@ -49,14 +50,19 @@ def override(settings: dict[str, dict]) -> None:
     tc._Plan = Overridden
 
 
-def inputs(form: str, batch: int, time: int, heads: int = 8, dim: int = 128, learn_decay: bool = True):
+def inputs(form: str, batch: int, time: int, heads: int = 8, dim: int = 128, learn_decay: bool = True,
+           strong: float = 0.0):
     """Random bf16 q, k, v (leaves), a log decay of the form's shape (a leaf if learn_decay), and an output gradient;
-    seeded."""
+    seeded. Per channel, a fraction `strong` of the (batch, chunk, head) blocks decays by e^-3 a token: strong."""
     g = torch.Generator(device="cuda").manual_seed(0)
     q, k, v = (torch.randn(batch, time, heads, dim, device="cuda", generator=g, dtype=torch.bfloat16).requires_grad_()
                for _ in range(3))
     shape = {"constant": (heads,), "token": (batch, time, heads), "channel": (batch, time, heads, dim)}[form]
-    a = (-torch.rand(shape, device="cuda", generator=g) * 0.1).requires_grad_(learn_decay)
+    a = -torch.rand(shape, device="cuda", generator=g) * 0.1
+    if strong:
+        blocks = torch.rand(batch, -(-time // tc.CHUNK), 1, heads, 1, device="cuda", generator=g) < strong
+        a = a - 3.0 * blocks.expand(-1, -1, tc.CHUNK, -1, dim).reshape(batch, -1, heads, dim)[:, :time]
+    a = a.requires_grad_(learn_decay)
     return q, k, v, a, torch.randn(v.shape, device="cuda", generator=g, dtype=v.dtype)
 
 
@@ -105,9 +111,10 @@ def profile() -> None:
         print(f"host-loop {form}: host {host * 1e3:.3f} ms/step, wall {wall * 1e3:.3f} ms/step")
 
 
-def graph_ms(form: str, batch: int, time_: int, learn_decay: bool = True) -> tuple[float, list[torch.Tensor]]:
+def graph_ms(form: str, batch: int, time_: int, learn_decay: bool = True,
+             strong: float = 0.0) -> tuple[float, list[torch.Tensor]]:
     """Median ms of fwd+bwd replayed as a CUDA graph (GPU time, no host time), and its outputs."""
-    step = step_fn(*inputs(form, batch, time_, learn_decay=learn_decay))
+    step = step_fn(*inputs(form, batch, time_, learn_decay=learn_decay, strong=strong))
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -194,6 +201,14 @@ def gpu() -> None:
         print("gpu constant-fixed", batch, time_, f"{graph_ms('constant', batch, time_, False)[0]:.3f}", flush=True)
 
 
+def mixed() -> None:
+    """Per channel, GPU time of fwd+bwd (CUDA graphs) with a fraction of the chunks strong: the sub-block path's cost
+    when it serves some chunks only."""
+    for (batch, time_), strong in itertools.product(SHAPES[:2], (0.0, 1 / 16, 1 / 4, 1.0)):
+        print("mixed channel", batch, time_, f"strong {strong:.3f}",
+              f"{graph_ms('channel', batch, time_, strong=strong)[0]:.3f}", flush=True)
+
+
 def groups() -> None:
     """Walk warps and stages against the walkers per SM the group-size model counts: fwd+bwd GPU time per form and
     shape, and the forward at B 1, T 1M."""
@@ -231,7 +246,7 @@ def host() -> None:
 if __name__ == "__main__":
     # Each command with the number of arguments it takes; anything else prints the usage above and exits 1.
     commands = {"profile": (profile, 0), "walks": (walks, 0), "paths": (paths, 0), "side": (side, 1),
-                "gpu": (gpu, 0), "host": (host, 0), "groups": (groups, 0),
+                "gpu": (gpu, 0), "host": (host, 0), "groups": (groups, 0), "mixed": (mixed, 0),
                 "settings": (lambda f, b, t, n: settings(f, int(b), int(t), n.split(",")), 4)}
     command, args = (sys.argv[1], sys.argv[2:]) if len(sys.argv) > 1 else ("", [])
     if command not in commands or len(args) != commands[command][1]:

@@ -29,8 +29,8 @@ Forward, per (batch, head):
   3. `_output_kernel`, parallel over chunks, batch, heads and V tiles: o = scale (q e^b h_n + A v).
 Backward recomputes h_n, runs step 2 in reverse for dh_n (the gradient of the state chunk n hands on,
 S <- e^(b_last) S + scale (q e^b)^T do), then `_dv_kernel`, `_dA_kernel` (dA = scale do v^T per chunk, stored once
-for dqk's K tiles; skipped for a fixed scalar decay, whose dqk makes it itself), `_dqk_kernel` and, per-channel only
-(strong chunks), `_intra_bwd_kernel`; the gradient of the log decay is a reverse cumulative sum within each chunk of
+for dqk's K tiles; per channel `_dv_kernel` stores it where one V tile spans V; skipped for a fixed scalar decay,
+whose dqk makes it itself), `_dqk_kernel` and, per-channel only (strong chunks), `_intra_bwd_kernel`; the gradient of the log decay is a reverse cumulative sum within each chunk of
 db_i = q_i dq_i - k_i dk_i, plus at the chunk's last row the gradient of its total decay (`_chunk_cumsum_kernel`
 reversed; for a constant decay a sum weighted by the row in the chunk; per channel, `_dqk_kernel` sums mild chunks
 itself and `_strong_cumsum_kernel` the strong ones).
@@ -743,29 +743,29 @@ def _intra_bwd_kernel(q_ptr, k_ptr, dq_ptr, dk_ptr, dq_out_ptr, dk_out_ptr, db_p
                       H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
                       DT: tl.constexpr, PREC: tl.constexpr, STORE_DB: tl.constexpr, SPAN: tl.constexpr,
                       KP: tl.constexpr, CSPAN: tl.constexpr):
-    """Per-channel decay, chunks of strong decay only: add the intra-chunk parts of dq, dk (and db) for rows
-    [m BC, (m + 1) BC), all K tiles (`_dqk_kernel` completes the mild chunks itself).
+    """Per-channel decay, chunks of strong decay only: add the intra-chunk parts of dq, dk (and db), every sub-block
+    of BC rows and K tile of one chunk (`_dqk_kernel` completes the mild chunks itself).
 
-    A program per sub-block, which exits on mild chunks, rather than a loop over the strong list as `_chunk_A_kernel`:
-    looping, it took 1.60 against 1.02 ms at B 16, T 2k on an H100 when every chunk was strong, for the 0.03 ms its
-    exits cost when none is.
+    A program per chunk, which exits on mild chunks, rather than a loop over the strong list as `_chunk_A_kernel`:
+    looping, it took 1.60 against 1.02 ms at B 16, T 2k on an H100 when every chunk was strong. A program per
+    sub-block before: its exits cost 34 us at B 4, T 8k, a program per chunk 8; fwd+bwd with a sixteenth of the chunks
+    strong is 0.04 ms slower this way (fewer programs share the work), with a quarter or all of them 0.07 / 0.19 faster.
 
     dq_i += sum_{j<=i} dA_ij k_j e^(b_i - b_j), dk_j += sum_{i>=j} dA_ij q_i e^(b_i - b_j); off the diagonal
     block through a reference row between i and j, on it as in `_chunk_A_kernel` (a dot, or elementwise).
     """
-    i_nm, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    i_n, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
     i_b, i_h = i_bh // H, i_bh % H
-    i_n, i_m = i_nm // (BT // BC), i_nm % (BT // BC)
     t0 = i_n * BT
-    r0 = i_m * BC
     if not _chunk_is_mild(bl_ptr, i_bh, i_n, NT, K, KP, CSPAN):
         cols = tl.arange(0, BT)
         sub = tl.arange(0, BC)
         dA_base = dA_ptr + (i_bh * NT + i_n) * BT * BT
-        # K tiles in a loop, not in the grid: on mild chunks every program exits at once, and a quarter of the
-        # programs cost a quarter of the time.
-        for i_k in range(0, tl.cdiv(K, BK)):
-            k0 = i_k * BK
+        # Sub-blocks and K tiles in a loop, not in the grid: on mild chunks every program exits at once, and fewer
+        # programs cost less time.
+        for i_mk in range(0, (BT // BC) * tl.cdiv(K, BK)):
+            r0 = (i_mk // tl.cdiv(K, BK)) * BC
+            k0 = (i_mk % tl.cdiv(K, BK)) * BK
             offs_k = k0 + tl.arange(0, BK)
             b_m = _rows_log_decay(q_ptr, b_ptr, i_b, i_h, t0, r0, 0, Tp, H, K, k0, BC, BK, 2, False)
             b = _rows_log_decay(q_ptr, b_ptr, i_b, i_h, t0, 0, 0, Tp, H, K, k0, BT, BK, 2, False)
@@ -925,8 +925,9 @@ class _Plan:
             "dA": dict(BV=_pow2_tile(V, wide), num_warps=8, num_stages=stages),  # 4 warps spilled (constant)
             # Wide K tiles: each K tile loads do and v again (and unstaged, makes the whole do v^T again). Per channel
             # with dA staged, tiles of 64 gave 1.39 / 1.55 / 1.75 ms fwd+bwd at 2k / 8k / 32k against 1.45 / 1.62 /
-            # 1.93 with 32 (before, making dA itself, 64 spilled registers).
-            "dqk": dict(BK=_pow2_tile(K, wide), BV=_pow2_tile(V, 32), num_warps=8, num_stages=2),
+            # 1.93 with 32 (before, making dA itself, 64 spilled registers). 3 stages rather than 2: 0.04-0.07 ms
+            # off every form's fwd+bwd (per channel 1.31 / 1.46 / 1.64 -> 1.26 / 1.41 / 1.57 ms).
+            "dqk": dict(BK=_pow2_tile(K, wide), BV=_pow2_tile(V, 32), num_warps=8, num_stages=stages),
             # A, 4 warps (two programs per SM; 8 warps took the whole register file): the sub-block path 13% faster
             # at B 16, T 2k and 28% in the forward at B 1, T 1M. It spilled at 4 warps until its elementwise loop
             # became dynamic.
@@ -1122,9 +1123,8 @@ def _backward(q, k, v, log_decay, h0, A, b, qg, kg, bl, strong, do, dfinal, scal
                 plan.a, plan.b, plan.bl, h, dh, qg, kg, B, T, plan.Tp, NT, scale, STORE_DB=need_da, STAGED=staged,
                 **shapes)
     if per_channel:
-        grid = (NT * (plan.BT // SUB), B * H)
-        plan.launch(_intra_bwd_kernel, "intra", grid, q, k, dq_inter, dk_inter, dq, dk, db, dA, plan.b, plan.bl, T,
-                    plan.Tp, NT, H=H, K=K, BT=plan.BT, BC=SUB, DT=plan.dt, PREC=plan.prec, STORE_DB=need_da,
+        plan.launch(_intra_bwd_kernel, "intra", (NT, B * H), q, k, dq_inter, dk_inter, dq, dk, db, dA, plan.b,
+                    plan.bl, T, plan.Tp, NT, H=H, K=K, BT=plan.BT, BC=SUB, DT=plan.dt, PREC=plan.prec, STORE_DB=need_da,
                     SPAN=SPAN_LIMIT, **plan.mild)
 
     if need_da:
