@@ -157,7 +157,8 @@ def walks() -> None:
     """The walks at 8 warps / 3 stages against 4 / 2: forward at B 1, T 128k and 1M, fwd+bwd at 2k and 32k."""
     chosen: dict[str, dict] = {}
     override(chosen)
-    for label, walk in (("walk w8 s3", dict(num_warps=8, num_stages=3)), ("walk w4 s2", dict(num_warps=4, num_stages=2))):
+    for label, walk in (("walk w8 s3", dict(num_warps=8, num_stages=3)),
+                        ("walk w4 s2", dict(num_warps=4, num_stages=2))):
         chosen["walk"] = walk
         for form in FORMS:
             for batch, time_, backward in ((1, 131072, False), (1, 1048576, False), (16, 2048, True), (1, 32768, True)):

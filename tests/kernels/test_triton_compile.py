@@ -38,7 +38,8 @@ def _compile(kernel, consts: dict, ptr_types: dict, num_warps: int, num_stages: 
         else:
             signature[name] = "fp32" if name == "scale" else "i32"
     src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps, "num_stages": num_stages})
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                          options={"num_warps": num_warps, "num_stages": num_stages})
 
 
 def _variants(dtype: torch.dtype, decay: int):
