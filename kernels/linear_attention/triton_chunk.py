@@ -1029,17 +1029,16 @@ class _Plan:
             totals = torch.empty(B * H, NS, K, V, device=dev, dtype=torch.float32)
             g_sum = torch.empty(B * H, NS, K if self.decay == 2 else 1, device=dev) if self.decay else None
             self.launch(_chunk_walk_kernel, "walk", (tiles, NS, B * H), x, y, self.a, self.b, self.bl, None, None,
-                        totals,
-                        g_sum, None, self.T, self.Tp, self.NT, NS, self.G, scale, STATES=False, HAS_START=False, **walk)
+                        totals, g_sum, None, self.T, self.Tp, self.NT, NS, self.G, scale, STATES=False,
+                        HAS_START=False, **walk)
             start = torch.empty_like(totals)
             grid = (_cdiv(K, self.cfg["scan"]["BK"]) * _cdiv(V, self.cfg["scan"]["BV"]), B * H)
             self.launch(_group_scan_kernel, "scan", grid, totals, g_sum, self.a, h0, start, NS, self.T,
                         self.G * self.BT, H=H, K=K, V=V, DECAY=self.decay, REVERSE=reverse, HAS_H0=h0 is not None)
         # Pass 2: walk each group again from its true entering state, storing every chunk's state.
         self.launch(_chunk_walk_kernel, "walk", (tiles, NS, B * H), x, y, self.a, self.b, self.bl, start, states,
-                    None,
-                    None, final, self.T, self.Tp, self.NT, NS, self.G, scale, STATES=True, HAS_START=start is not None,
-                    **walk)
+                    None, None, final, self.T, self.Tp, self.NT, NS, self.G, scale, STATES=True,
+                    HAS_START=start is not None, **walk)
         return states, final
 
     def chunk_A(self, q, k):
