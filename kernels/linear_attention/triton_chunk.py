@@ -2,19 +2,20 @@
 
 Lightning Attention-2 (arXiv 2401.04658) tiling with chunks of BT = 64 tokens; the decay form is a
 `tl.constexpr` switch DECAY: 0 constant per head (H,), 1 per head and token (B, T, H), 2 per key channel
-(B, T, H, K). b is the log decay summed from the start of its chunk (inclusive; `_chunk_cumsum_kernel` per
-token, `_gate_kernel` per channel, once in the forward, which hands it to the backward; constant decays compute it
-inline); every exp() below takes b_i - b_j with i at or after j, or b of a position minus b of an earlier one, so
-its argument is <= 0 and strong decays underflow to exact zeros instead of overflowing. The exceptions are
-bounded: a per-channel mild chunk is one dot of factors within e^(+-CHUNK_SPAN_LIMIT / 2), and a diagonal sub-block
-whose decay spans less than SPAN_LIMIT one dot of factors up to e^SPAN_LIMIT.
+(B, T, H, K). b is the log decay summed from the start of its chunk (inclusive; `_chunk_cumsum_kernel` per token,
+once in the forward, which hands it to the backward; per channel `_strong_cumsum_kernel` for the strong chunks
+only, as the mild ones need only factors `_gate_kernel` makes; constant decays compute it inline); every exp()
+below takes b_i - b_j with i at or after j, or b of a position minus b of an earlier one, so its argument is <= 0
+and strong decays underflow to exact zeros instead of overflowing. The exceptions are bounded: a per-channel mild
+chunk is one dot of factors within e^(+-CHUNK_SPAN_LIMIT / 2), and a diagonal sub-block whose decay spans less
+than SPAN_LIMIT one dot of factors up to e^SPAN_LIMIT.
 
 Forward, per (batch, head):
   1. Per-channel decay only, the intra-chunk matrix A_ij = sum_c q_ic k_jc e^(b_ic - b_jc), i >= j. A mild chunk
      (total log decay above -CHUNK_SPAN_LIMIT in every channel) gets A = qg kg^T inline in 3, from the gated
-     qg = q e^(b - m), kg = k e^(m - b) (m half the chunk's total) that `_gate_kernel` writes beside b, with each
-     chunk's total and the list of the other (strong) chunks. Strong chunks go through `_chunk_A_kernel`, which
-     loops over that list, in 16 x 16 sub-blocks: off the diagonal a product of two
+     qg = q e^(b - m), kg = k e^(m - b) (m half the chunk's total) that `_gate_kernel` writes, with e = e^(b - m)
+     for dqk, each chunk's total and the list of the other (strong) chunks. Strong chunks go through
+     `_chunk_A_kernel`, which loops over that list, in 16 x 16 sub-blocks: off the diagonal a product of two
      rescaled operands around a reference row between them, on the diagonal the same around the block's first
      row where its decay spans less than SPAN_LIMIT, else elementwise. Scalar decays compute (q k^T) e^(b_i - b_j)
      inline in 3.
@@ -254,7 +255,8 @@ def _chunk_cumsum_kernel(x_ptr, y_ptr, T_in, T_out, H: tl.constexpr, K: tl.const
 @triton.jit
 def _strong_cumsum_kernel(x_ptr, y_ptr, strong_ptr, T_in, T_out, NT, H: tl.constexpr, K: tl.constexpr,
                           BT: tl.constexpr, BK: tl.constexpr, REVERSE: tl.constexpr):
-    """`_chunk_cumsum_kernel` over the strong chunks only (per channel, the backward's da: dqk sums the mild ones)."""
+    """`_chunk_cumsum_kernel` over the strong chunks only (per channel: the forward's b, which the mild ones do not
+    need, and the backward's da, which dqk sums for the mild ones)."""
     for c in range(tl.program_id(0), tl.load(strong_ptr), tl.num_programs(0)):
         i_bh, i_n = _strong_chunk(strong_ptr, c, NT)
         _cumsum_tile(x_ptr, y_ptr, i_bh // H, i_bh % H, i_n * BT, tl.program_id(1) * BK, T_in, T_out, H, K, BT, BK,
@@ -262,19 +264,21 @@ def _strong_cumsum_kernel(x_ptr, y_ptr, strong_ptr, T_in, T_out, NT, H: tl.const
 
 
 @triton.jit
-def _gate_kernel(a_ptr, q_ptr, k_ptr, b_ptr, bl_ptr, strong_ptr, qg_ptr, kg_ptr, T, Tp, NT, H: tl.constexpr,
+def _gate_kernel(a_ptr, q_ptr, k_ptr, bl_ptr, strong_ptr, qg_ptr, kg_ptr, eg_ptr, T, NT, H: tl.constexpr,
                  K: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, CSPAN: tl.constexpr):
-    """Per-channel decay, forward, one chunk and K tile: b, the chunk's total log decay b_last, qg and kg, and whether
+    """Per-channel decay, forward, one chunk and K tile: the chunk's total log decay b_last, qg, kg and e, and whether
     the chunk is strong.
 
-    b is the in-chunk inclusive running sum of a (padded rows continue it with zeros); b_last, its last row, also goes
-    to the (B H, NT, K) totals, which the walks and every mildness test read. A chunk whose b_last is at or below
-    -CSPAN in some channel is strong: the first of its K tiles to see it appends it to the strong list
-    (`_strong_chunk`; a flag per chunk after the list keeps it from being appended twice). qg = q e^(b - m),
-    kg = k e^(m - b), m = b_last / 2: what mild chunks multiply instead of q, k and b: A = qg kg^T (masked),
-    q e^b = qg e^m, k e^(b_last - b) = kg e^m. In a channel whose b_last is at or below -CSPAN, qg = q e^b and
-    kg = k e^(b_last - b) instead: the walks read qg and kg for every chunk (`_log_gate_factor`), the other kernels
-    only for mild ones.
+    b is the in-chunk inclusive running sum of a (padded rows continue it with zeros). It is not stored here: mild
+    chunks need only e = e^(b - m), which goes out beside qg in their dtype (half of b's fp32 bytes) for dqk (not
+    for a tile that shows its chunk strong), and `_strong_cumsum_kernel` stores b for the strong chunks, whose
+    kernels read it. b_last, its last row, goes to the (B H, NT, K) totals, which the walks and every mildness test
+    read. A chunk whose b_last is at or below -CSPAN in some channel is strong: the first of its K tiles to see it
+    appends it to the strong list (`_strong_chunk`; a flag per chunk after the list keeps it from being appended
+    twice). qg = q e^(b - m), kg = k e^(m - b), m = b_last / 2: what mild chunks multiply instead of q, k and b:
+    A = qg kg^T (masked), q e^b = qg e^m, k e^(b_last - b) = kg e^m; qg = q e, kg = k / e. In a channel whose b_last
+    is at or below -CSPAN, qg = q e^b and kg = k e^(b_last - b) instead: the walks read qg and kg for every chunk
+    (`_log_gate_factor`), the other kernels only for mild ones.
     """
     i_n, i_k, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     i_b, i_h = i_bh // H, i_bh % H
@@ -282,7 +286,6 @@ def _gate_kernel(a_ptr, q_ptr, k_ptr, b_ptr, bl_ptr, strong_ptr, qg_ptr, kg_ptr,
     k0 = i_k * BK
     offs_k = k0 + tl.arange(0, BK)
     b = tl.cumsum(_load(a_ptr, i_b, i_h, t0, T, H, K, k0, BT, BK, False).to(tl.float32), axis=0)
-    _store(b_ptr, b, i_b, i_h, t0, Tp, H, K, k0, BT, BK)
     # The tile's last row holds b_last: rows past the input add zeros.
     b_last = tl.sum(tl.where((tl.arange(0, BT) == BT - 1)[:, None], b, 0.0), axis=0)
     tl.store(bl_ptr + (i_bh * NT + i_n) * K + offs_k, b_last, mask=offs_k < K)
@@ -291,10 +294,14 @@ def _gate_kernel(a_ptr, q_ptr, k_ptr, b_ptr, bl_ptr, strong_ptr, qg_ptr, kg_ptr,
     m = _log_gate_factor(b_last, CSPAN)[None, :]
     q = _load(q_ptr, i_b, i_h, t0, T, H, K, k0, BT, BK, False).to(tl.float32)
     k = _load(k_ptr, i_b, i_h, t0, T, H, K, k0, BT, BK, False).to(tl.float32)
-    _store(qg_ptr, q * tl.exp(b - m), i_b, i_h, t0, T, H, K, k0, BT, BK)
+    e = tl.exp(b - m)
+    _store(qg_ptr, q * e, i_b, i_h, t0, T, H, K, k0, BT, BK)
     _store(kg_ptr, k * tl.exp(b_last[None, :] - m - b), i_b, i_h, t0, T, H, K, k0, BT, BK)
-    # The complement of `_chunk_is_mild`'s test on the stored totals (absent channels count 0), so that both agree.
-    if tl.min(tl.where(offs_k < K, b_last, 0.0), axis=0) <= -CSPAN:
+    # `_chunk_is_mild`'s test on this tile's totals (absent channels count 0), so that both agree: a mild tile stores
+    # e (its chunk may still be strong in another tile), a strong one lists its chunk.
+    if tl.min(tl.where(offs_k < K, b_last, 0.0), axis=0) > -CSPAN:
+        _store(eg_ptr, e, i_b, i_h, t0, T, H, K, k0, BT, BK)
+    else:
         chunk = i_bh * NT + i_n
         n_chunks = tl.num_programs(0) * tl.num_programs(2)
         if tl.atomic_xchg(strong_ptr + 1 + n_chunks + chunk, 1) == 0:
@@ -629,7 +636,7 @@ def _dA_kernel(do_ptr, v_ptr, dA_ptr, a_ptr, b_ptr, T, Tp, NT, scale, H: tl.cons
 
 @triton.jit
 def _dqk_kernel(q_ptr, k_ptr, v_ptr, do_ptr, dq_ptr, dk_ptr, dq_out_ptr, dk_out_ptr, db_ptr, da_ptr, dA_ptr, a_ptr,
-                b_ptr, bl_ptr, h_ptr, dh_ptr, qg_ptr, kg_ptr, B, T, Tp, NT, scale,
+                b_ptr, bl_ptr, h_ptr, dh_ptr, qg_ptr, kg_ptr, eg_ptr, B, T, Tp, NT, scale,
                 H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                 BV: tl.constexpr, DECAY: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
                 STORE_DB: tl.constexpr, STAGED: tl.constexpr, KP: tl.constexpr, CSPAN: tl.constexpr,
@@ -679,20 +686,22 @@ def _dqk_kernel(q_ptr, k_ptr, v_ptr, do_ptr, dq_ptr, dk_ptr, dq_out_ptr, dk_out_
             acc_dat += tl.dot(v.to(DT), do_t.to(DT), input_precision=PREC)
     is_last = rows == last
     if DECAY == 2:
-        b = _rows_log_decay(a_ptr, b_ptr, i_b, i_h, t0, 0, last, Tp, H, K, k0, BT, BK, DECAY, False)
-        b_last = _chunk_b_last(bl_ptr, i_bh, i_n, NT, K, offs_k)
         if mild:
             # As A in `_output_kernel`, through the gated qg = q e and kg = k / e (e = e^(b - m), m = b_last / 2); the
             # masks select, never multiply. As q e^b = qg e^m and k e^(b_last - b) = kg e^m, dq = e x and dk = y / e
-            # for the x and y below, and db's terms q dq = qg x and k dk = kg y need neither q, k nor e: one exp per
-            # element instead of three, and two loads fewer (1.7% off the per-channel fwd+bwd at B 16, T 2k). h and dh
-            # come times e^m (the walks store them so), which the products with them need.
+            # for the x and y below, and db's terms q dq = qg x and k dk = kg y need neither q, k nor e: no exp per
+            # element (e comes stored) instead of three, and two loads fewer (1.7% off the per-channel fwd+bwd at B 16,
+            # T 2k, when e was made here). h and dh come times e^m (the walks store them so), which the products with
+            # them need.
             da, dat = _load_dA(dA_ptr, i_bh * NT + i_n, BT)
             kg = _load(kg_ptr, i_b, i_h, t0, T, H, K, k0, BT, BK, False)
             qg = _load(qg_ptr, i_b, i_h, t0, T, H, K, k0, BT, BK, False)
             x = scale * acc_dq + tl.dot(da.to(RDT), kg.to(RDT), input_precision=PREC)
             y = acc_dk + tl.dot(dat.to(RDT), qg.to(RDT), input_precision=PREC)
-            e = tl.exp(b - 0.5 * b_last[None, :])
+            # e as the gate kernel stored it, in qg's dtype: the same rounding as qg's own, and half the bytes of the
+            # fp32 b it would otherwise be made from. Rows past the end read 1, not 0, which y / e would make NaN.
+            e_ptrs, e_mask = _ptrs(eg_ptr, i_b, i_h, t0, T, H, K, k0, BT, BK, False)
+            e = tl.load(e_ptrs, mask=e_mask, other=1.0).to(tl.float32)
             _store(dq_out_ptr, x * e, i_b, i_h, t0, T, H, K, k0, BT, BK)
             _store(dk_out_ptr, y / e, i_b, i_h, t0, T, H, K, k0, BT, BK)
             if STORE_DB:
@@ -704,6 +713,8 @@ def _dqk_kernel(q_ptr, k_ptr, v_ptr, do_ptr, dq_ptr, dk_ptr, dq_out_ptr, dk_out_
                 _store(da_ptr, tl.cumsum(db, axis=0, reverse=True), i_b, i_h, t0, T, H, K, k0, BT, BK)
         else:
             # h and dh come times f = e^lf: divided out, within the exponents.
+            b = _rows_log_decay(a_ptr, b_ptr, i_b, i_h, t0, 0, last, Tp, H, K, k0, BT, BK, DECAY, False)
+            b_last = _chunk_b_last(bl_ptr, i_bh, i_n, NT, K, offs_k)
             lf = _log_gate_factor(b_last, CSPAN)
             dq = scale * acc_dq * tl.exp(b - lf[None, :])
             dk = acc_dk * tl.exp(b_last[None, :] - b - lf[None, :])
@@ -966,9 +977,10 @@ class _Plan:
     def _bookkeeping(self, q: torch.Tensor, k: torch.Tensor | None, log_decay: torch.Tensor,
                      saved: tuple | None) -> None:
         """The decay's bookkeeping, made by the forward (given k) and handed to the backward (`saved`): b, the in-chunk
-        inclusive cumulative log decay (padded to whole chunks), for the data-dependent forms; per channel also the
-        chunks' totals bl, the strong list and the gated qg, kg (`_gate_kernel`)."""
-        self.qg = self.kg = self.bl = self.strong = None
+        inclusive cumulative log decay (padded to whole chunks), for the data-dependent forms (per channel, for the
+        strong chunks only); per channel also e, the chunks' totals bl, the strong list and the gated qg, kg
+        (`_gate_kernel`)."""
+        self.qg = self.kg = self.eg = self.bl = self.strong = None
         if self.decay == 0:
             self.a = log_decay.float().contiguous()
             self.b = self.a  # unused: the kernels compute b from a
@@ -977,7 +989,7 @@ class _Plan:
             self.a = self.b
         else:
             if saved:
-                self.b, self.bl, self.strong = saved
+                self.b, self.eg, self.bl, self.strong = saved
             else:
                 dev = q.device
                 self.b = torch.empty(self.B, self.Tp, self.H, self.K, device=dev, dtype=torch.float32)
@@ -986,9 +998,14 @@ class _Plan:
                 self.strong = torch.zeros(1 + 2 * self.B * self.H * self.NT, device=dev, dtype=torch.int32)
                 self.qg = torch.empty(q.shape, device=dev, dtype=_gated_dtype(q.dtype))
                 self.kg = torch.empty_like(self.qg)
-                self.launch(_gate_kernel, "gate", self.grid("gate", self.NT, "K"), log_decay, q, k, self.b, self.bl,
-                            self.strong, self.qg, self.kg, self.T, self.Tp, self.NT, H=self.H, K=self.K, BT=self.BT,
+                self.eg = torch.empty_like(self.qg)
+                self.launch(_gate_kernel, "gate", self.grid("gate", self.NT, "K"), log_decay, q, k, self.bl,
+                            self.strong, self.qg, self.kg, self.eg, self.T, self.NT, H=self.H, K=self.K, BT=self.BT,
                             CSPAN=CHUNK_SPAN_LIMIT)
+                # b for the strong chunks only (the list is complete once the gate kernel is done); mild ones read e.
+                self.launch(_strong_cumsum_kernel, "cumsum", self.strong_grid(_cdiv(self.K, self.cfg["cumsum"]["BK"])),
+                            log_decay, self.b, self.strong, self.T, self.Tp, self.NT, H=self.H, K=self.K, BT=self.BT,
+                            REVERSE=False)
             self.a = self.b
 
     def chunk_cumsum(self, x: torch.Tensor, rows_in: int, rows_out: int, reverse: bool,
@@ -1051,8 +1068,8 @@ class _Plan:
 
 
 def _forward(q, k, v, log_decay, h0, scale):
-    """o, the final state, and for the backward A, b, qg, kg, bl, strong: b for the data-dependent decays, the others
-    per channel (`_Plan._bookkeeping`); empty where not made."""
+    """o, the final state, and for the backward A, b, qg, kg, eg, bl, strong: b for the data-dependent decays, the
+    others per channel (`_Plan._bookkeeping`); empty where not made."""
     plan = _Plan(q, v, log_decay, k=k)
 
     def empty():  # a custom op's outputs may not alias one another
@@ -1066,15 +1083,15 @@ def _forward(q, k, v, log_decay, h0, scale):
                 A if plan.decay == 2 else None, h, qg, kg, plan.T, plan.Tp, plan.NT, scale, H=plan.H, K=plan.K,
                 V=plan.V, BT=plan.BT, DECAY=plan.decay, DT=plan.dt, PREC=plan.prec, RDT=plan.rdt, **plan.mild)
     if plan.decay != 2:
-        return o, final, A, (plan.b if plan.decay else empty()), empty(), empty(), empty(), empty()
-    return o, final, A, plan.b, qg, kg, plan.bl, plan.strong
+        return o, final, A, (plan.b if plan.decay else empty()), empty(), empty(), empty(), empty(), empty()
+    return o, final, A, plan.b, qg, kg, plan.eg, plan.bl, plan.strong
 
 
-def _backward(q, k, v, log_decay, h0, A, b, qg, kg, bl, strong, do, dfinal, scale, need_da, need_dh0):
-    """dq, dk, dv, and da and dh0 where asked for (None otherwise); A, b, qg, kg, bl, strong as the forward returned
-    them."""
+def _backward(q, k, v, log_decay, h0, A, b, qg, kg, eg, bl, strong, do, dfinal, scale, need_da, need_dh0):
+    """dq, dk, dv, and da and dh0 where asked for (None otherwise); A, b, qg, kg, eg, bl, strong as the forward
+    returned them."""
     A = A if A.numel() else None
-    plan = _Plan(q, v, log_decay, {1: None, 3: (b,), 4: (b, bl, strong)}[log_decay.dim()])
+    plan = _Plan(q, v, log_decay, {1: None, 3: (b,), 4: (b, eg, bl, strong)}[log_decay.dim()])
     B, T, H, K, V, NT = plan.B, plan.T, plan.H, plan.K, plan.V, plan.NT
     shapes = dict(H=H, K=K, V=V, BT=plan.BT, DECAY=plan.decay, DT=plan.dt, PREC=plan.prec, RDT=plan.rdt,
                   **plan.mild)
@@ -1121,8 +1138,8 @@ def _backward(q, k, v, log_decay, h0, A, b, qg, kg, bl, strong, do, dfinal, scal
         if need_da:
             db = torch.empty(nk, B, plan.Tp, H, device=q.device, dtype=torch.float32)  # partial sums per K tile
     plan.launch(_dqk_kernel, "dqk", plan.grid("dqk", NT, "K"), q, k, v, do, dq_inter, dk_inter, dq, dk, db, da, dA,
-                plan.a, plan.b, plan.bl, h, dh, qg, kg, B, T, plan.Tp, NT, scale, STORE_DB=need_da, STAGED=staged,
-                **shapes)
+                plan.a, plan.b, plan.bl, h, dh, qg, kg, plan.eg, B, T, plan.Tp, NT, scale, STORE_DB=need_da,
+                STAGED=staged, **shapes)
     if per_channel:
         plan.launch(_intra_bwd_kernel, "intra", (NT, B * H), q, k, dq_inter, dk_inter, dq, dk, db, dA, plan.b,
                     plan.bl, T, plan.Tp, NT, H=H, K=K, BT=plan.BT, BC=SUB, DT=plan.dt, PREC=plan.prec, STORE_DB=need_da,
@@ -1156,7 +1173,7 @@ def _dense(q, k, v, log_decay, h0):
 @torch.library.custom_op("slab::linear_attention_fwd", mutates_args=())
 def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_decay: torch.Tensor, h0: torch.Tensor | None,
             scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                   torch.Tensor, torch.Tensor]:
+                                   torch.Tensor, torch.Tensor, torch.Tensor]:
     return _forward(*_dense(q, k, v, log_decay, h0), scale)
 
 
@@ -1173,37 +1190,37 @@ def _(q, k, v, log_decay, h0, scale):
     bl = q.new_empty(B * H, _cdiv(T, CHUNK), K, dtype=torch.float32) if channel else q.new_empty(0)
     strong = q.new_empty(1 + 2 * B * H * _cdiv(T, CHUNK), dtype=torch.int32) if channel else q.new_empty(0)
     return torch.empty_like(v), q.new_empty(B, H, K, v.shape[-1], dtype=torch.float32), A, b, gated, \
-        torch.empty_like(gated), bl, strong
+        torch.empty_like(gated), torch.empty_like(gated), bl, strong
 
 
 @torch.library.custom_op("slab::linear_attention_bwd", mutates_args=())
 def _bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_decay: torch.Tensor, h0: torch.Tensor | None,
-            A: torch.Tensor, b: torch.Tensor, qg: torch.Tensor, kg: torch.Tensor, bl: torch.Tensor,
+            A: torch.Tensor, b: torch.Tensor, qg: torch.Tensor, kg: torch.Tensor, eg: torch.Tensor, bl: torch.Tensor,
             strong: torch.Tensor, do: torch.Tensor, dfinal: torch.Tensor | None, scale: float, need_da: bool,
             need_dh0: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     q, k, v, log_decay, h0 = _dense(q, k, v, log_decay, h0)
-    dq, dk, dv, da, dh0 = _backward(q, k, v, log_decay, h0, A, b, qg, kg, bl, strong, do, dfinal, scale, need_da,
-                                    need_dh0)
+    dq, dk, dv, da, dh0 = _backward(q, k, v, log_decay, h0, A, b, qg, kg, eg, bl, strong, do, dfinal, scale,
+                                    need_da, need_dh0)
     # A custom op returns tensors only: an empty one stands for "no gradient".
     return dq, dk, dv, (da if da is not None else q.new_empty(0)), (dh0 if dh0 is not None else q.new_empty(0))
 
 
 @_bwd_op.register_fake
-def _(q, k, v, log_decay, h0, A, b, qg, kg, bl, strong, do, dfinal, scale, need_da, need_dh0):
+def _(q, k, v, log_decay, h0, A, b, qg, kg, eg, bl, strong, do, dfinal, scale, need_da, need_dh0):
     da = torch.empty_like(log_decay) if need_da else q.new_empty(0)
     dh0 = h0.new_empty(h0.shape, dtype=torch.float32) if (h0 is not None and need_dh0) else q.new_empty(0)
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), da, dh0
 
 
 def _setup_context(ctx, inputs, output):
-    """Save what the backward reads: the inputs, and A, b, qg, kg, bl, strong as the forward made them."""
+    """Save what the backward reads: the inputs, and A, b, qg, kg, eg, bl, strong as the forward made them."""
     q, k, v, log_decay, h0, scale = inputs
-    # A, b, qg, kg, bl and strong: made once in the forward, read again by the backward (per-channel qg and kg: two
-    # bf16 copies of q's size, which spares the backward a pass over q, k and b).
+    # A, b, qg, kg, eg, bl and strong: made once in the forward, read again by the backward (per-channel qg, kg and
+    # eg: three bf16 copies of q's size, which spare the backward a pass over q, k and b).
     ctx.save_for_backward(q, k, v, log_decay, h0, *output[2:])
     ctx.mark_non_differentiable(*output[2:])
     # Otherwise autograd fills a zero gradient for each of those outputs on every backward (per channel, writes
-    # the size of five copies of q: 0.1 ms of a 2.2 ms step at B 16, T 2k on an H100).
+    # the size of six copies of q: 0.1 ms of a 2.2 ms step at B 16, T 2k on an H100).
     ctx.set_materialize_grads(False)
     ctx.scale = scale
 

@@ -321,6 +321,15 @@ def test_triton_lists_each_strong_chunk_once():
     torch.testing.assert_close(totals[0, 1, 3], torch.tensor(-192.0))
     torch.testing.assert_close(totals[1, 3, 0], torch.tensor(-0.08))  # 8 tokens of -0.01
     assert (totals.amin(-1) <= -tc.CHUNK_SPAN_LIMIT).sum() == count
+    # b, the in-chunk running sum, is stored for the strong chunks (their kernels read it), padded rows continuing it;
+    # mild chunks get e = e^(b - b_last / 2) instead, which dqk reads.
+    padded = torch.cat([a, torch.zeros(B, plan.Tp - T, H, K)], dim=1)
+    b = padded.view(B, plan.NT, tc.CHUNK, H, K).cumsum(2)
+    stored = plan.b.view(B, plan.NT, tc.CHUNK, H, K)
+    torch.testing.assert_close(stored[0, 1, :, 0], b[0, 1, :, 0])
+    torch.testing.assert_close(stored[0, 3, :, 1], b[0, 3, :, 1])
+    e = torch.exp(b[0, 0, :, 1] - 0.5 * b[0, 0, -1, 1])  # chunk 0 of head 1, mild
+    torch.testing.assert_close(plan.eg[0, :64, 1], e)
 
 
 @pytest.mark.parametrize("form", ["constant", "token", "channel"])
