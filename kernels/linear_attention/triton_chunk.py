@@ -922,20 +922,21 @@ class _Plan:
         K, V = self.K, self.V
         per_channel = self.decay == 2
         self.cfg = {
-            # Walks, bf16: 4 warps (at most 255 registers a thread: two walkers per SM) and 3 stages, with the
-            # group size counting two walkers per SM, were faster than 8 warps (one per SM) for every form and shape
+            # Walks, bf16: 4 warps (about 120 registers a thread) and 3 stages, with the group size counting two
+            # walkers per SM, were faster than 8 warps (one per SM) for every form and shape
             # timed on an H100, most at long T: per channel fwd+bwd 2.40 against 2.74 ms at B 1, T 32k, constant
             # forward 10.5 against 11.8 ms at B 1, T 1M. 4 warps and 2 stages were slower. Other dtypes: untimed.
             "walk": dict(BK=_pow2_tile(K, wide), BV=_pow2_tile(V, wide), num_warps=4 if bf16 else 8,
                          num_stages=stages),
             "scan": dict(BK=_pow2_tile(K, 32), BV=_pow2_tile(V, 32), num_warps=4, num_stages=stages),
-            "out": dict(BK=_pow2_tile(K, wide), BV=_pow2_tile(V, wide), num_warps=8, num_stages=stages),
-            # Per channel one V tile per chunk where it fits, so that the kernel also stores dA (`_dv_kernel`) and
-            # makes A^T once per chunk rather than per V tile (at 8k: 178 us, against 156 plus the dA kernel's 57).
-            # The scalar forms' dv spills registers at V tiles of 128 in bf16, so they keep the output's tiles.
-            "dv": dict(BK=_pow2_tile(K, wide), BV=_pow2_tile(V, 2 * wide) if per_channel else _pow2_tile(V, wide),
-                       num_warps=8, num_stages=stages),
-            "dA": dict(BV=_pow2_tile(V, wide), num_warps=8, num_stages=stages),  # 4 warps spilled (constant)
+            # Output and dv: one V tile of 128 per chunk (bf16), so that q, k (qg, kg) are read and A made once per
+            # chunk. Fwd+bwd on an H100 at 2k / 8k / 32k, against tiles of 64, each alone: the output's took 0.002-0.008
+            # / 0.013-0.015 / 0.027-0.031 ms off per channel and 0.005 / 0.010 / 0.024 off the fixed-decay constant
+            # form, the scalar dv's 0.002 / 0.011 / 0.021 off the latter. Per channel the dv kernel also stores dA (at
+            # 8k: 178 us, against 156 plus the dA kernel's 57).
+            "out": dict(BK=_pow2_tile(K, wide), BV=_pow2_tile(V, 2 * wide), num_warps=8, num_stages=stages),
+            "dv": dict(BK=_pow2_tile(K, wide), BV=_pow2_tile(V, 2 * wide), num_warps=8, num_stages=stages),
+            "dA": dict(BV=_pow2_tile(V, wide), num_warps=8, num_stages=stages),
             # Wide K tiles: each K tile loads do and v again (and unstaged, makes the whole do v^T again). Per channel
             # with dA staged, tiles of 64 gave 1.39 / 1.55 / 1.75 ms fwd+bwd at 2k / 8k / 32k against 1.45 / 1.62 /
             # 1.93 with 32 (before, making dA itself, 64 spilled registers). 3 stages rather than 2: 0.04-0.07 ms
@@ -953,7 +954,8 @@ class _Plan:
         }
         self.BK, self.BV = self.cfg["walk"]["BK"], self.cfg["walk"]["BV"]
         walkers = _cdiv(K, self.BK) * _cdiv(V, self.BV) * self.B * self.H
-        walkers_per_sm = 8 // self.cfg["walk"]["num_warps"]  # 8 warps of up to 255 registers fill an SM's file
+        # Two walkers of 4 warps per SM: of 1, 2 or 3, the count that gave the fastest groups on an H100 (kernels.md).
+        walkers_per_sm = 8 // self.cfg["walk"]["num_warps"]
         slots = _sm_count(q.device) * walkers_per_sm if q.is_cuda else 0
         self.G = _group_size(self.NT, walkers, slots)
         self.NS = _cdiv(self.NT, self.G)
