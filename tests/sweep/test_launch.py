@@ -205,8 +205,12 @@ def test_ctrl_c_stops_gracefully_then_relaunch_finishes(env, write_plan):
     after = runs_by_name(env, plan)
     for name, r in after.items():
         assert r["steps"] == list(range(1, 1001)), name
-        if stopped[name]["status"] == "pending" and stopped[name]["attempts"]:
-            assert r["resumed_from_step"] >= 30, name  # the stop checkpointed; the relaunch went on from it
+        # The stop checkpointed where each run had got to and the relaunch went on from there. The wait above is for
+        # one run's step 30; on a loaded machine the other may not have reported a step yet, and then starts over.
+        reported = max(stopped[name]["steps"], default=0)
+        if stopped[name]["status"] == "pending" and reported:
+            assert r["resumed_from_step"] >= reported, name
+    assert any(r["resumed_from_step"] >= 30 for r in after.values())
     engine.dispose()
 
 
