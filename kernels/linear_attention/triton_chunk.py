@@ -313,7 +313,7 @@ def _chunk_walk_kernel(x_ptr, y_ptr, a_ptr, b_ptr, bl_ptr, start_ptr, states_ptr
                        NT, NS, G, scale, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
                        BK: tl.constexpr, BV: tl.constexpr, DECAY: tl.constexpr, REVERSE: tl.constexpr,
                        STATES: tl.constexpr, HAS_START: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
-                       CSPAN: tl.constexpr):
+                       CSPAN: tl.constexpr, RDT: tl.constexpr):
     """Walk the chunks of one group in order, carrying the (BK, BV) state tile.
 
     Forward (x = k, y = v): S <- e^(b_last) S + (k e^(b_last - b))^T v.
@@ -364,7 +364,7 @@ def _chunk_walk_kernel(x_ptr, y_ptr, a_ptr, b_ptr, bl_ptr, start_ptr, states_ptr
                 # Stored times the chunk's f, so that the kernels that read it multiply qg and kg as they are.
                 _store_st(states_ptr, s * f[:, None], i_bh * NT + n, K, V, k0, v0, BK, BV)
         # x is loaded as (BK, BT) so that the product below needs no transpose.
-        xt = _load(x_ptr, i_b, i_h, t0, T, H, K, k0, BT, BK, True).to(tl.float32)
+        xt = _load(x_ptr, i_b, i_h, t0, T, H, K, k0, BT, BK, True)
         y = _load(y_ptr, i_b, i_h, t0, T, H, V, v0, BT, BV, False)
         if DECAY != 2:
             b_last = _row_log_decay(a_ptr, b_ptr, i_b, i_h, t0, last, Tp, H, K, offs_k, DECAY)
@@ -372,17 +372,21 @@ def _chunk_walk_kernel(x_ptr, y_ptr, a_ptr, b_ptr, bl_ptr, start_ptr, states_ptr
             g += b_last
         if DECAY == 2:
             # x is the gated kg (reverse: qg): k e^(b_last - b) = kg f, q e^b = qg f. Reading them spares the fp32
-            # b tile and an exp per element on the walk's sequential path.
-            xt = xt * f[:, None]
-            s = s * tl.exp(b_last)[:, None]
+            # b tile and an exp per element on the walk's sequential path. f is one factor per key channel, a row of
+            # x^T y, so it scales the product's rows rather than x: x goes to the dot as loaded, with no elementwise
+            # pass over it. kg and qg reach e^(CSPAN / 2), so the dot takes them in their own dtype (RDT: fp32 for
+            # fp16 inputs, whose range they would overflow).
+            s = s * tl.exp(b_last)[:, None] + (scale * f)[:, None] * tl.dot(xt.to(RDT), y.to(RDT),
+                                                                            input_precision=PREC)
         else:
+            xt = xt.to(tl.float32)
             b = _rows_log_decay(a_ptr, b_ptr, i_b, i_h, t0, 0, last, Tp, H, K, k0, BT, BK, DECAY, True)
             if REVERSE:
                 xt = xt * tl.exp(b)[None, :]
             else:
                 xt = xt * tl.exp(b_last - b)[None, :]
             s = s * tl.exp(b_last)
-        s += scale * tl.dot(xt.to(DT), y.to(DT), input_precision=PREC)
+            s += scale * tl.dot(xt.to(DT), y.to(DT), input_precision=PREC)
     if STATES:
         # The walk that ends the sequence (the first group, walking backwards) holds the final state.
         if REVERSE:
@@ -1039,7 +1043,7 @@ class _Plan:
         dev = x.device
         tiles = _cdiv(K, self.cfg["walk"]["BK"]) * _cdiv(V, self.cfg["walk"]["BV"])
         walk = dict(H=H, K=K, V=V, BT=self.BT, DECAY=self.decay, REVERSE=reverse, DT=self.dt, PREC=self.prec,
-                    CSPAN=self.mild["CSPAN"])
+                    CSPAN=self.mild["CSPAN"], RDT=self.rdt)
         states = torch.empty(B * H, self.NT, K, V, device=dev, dtype=self.state_dtype)
         final = torch.empty(B, H, K, V, device=dev, dtype=torch.float32)
         start = h0

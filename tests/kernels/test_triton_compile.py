@@ -88,7 +88,7 @@ def _variants(dtype: torch.dtype, decay: int):
             out.append((f"strong cumsum reverse={reverse}", tc._strong_cumsum_kernel,
                         dict(H=8, K=128, BT=tc.CHUNK, REVERSE=reverse), "cumsum"))
         ptrs.update(dq_out_ptr=io, dk_out_ptr=io, qg_ptr="*bf16" if dtype == torch.bfloat16 else "*fp32")
-        ptrs.update(kg_ptr=ptrs["qg_ptr"], eg_ptr=ptrs["qg_ptr"])
+        ptrs.update(kg_ptr=ptrs["qg_ptr"], eg_ptr=ptrs["qg_ptr"], x_ptr=ptrs["qg_ptr"])  # the walks read kg / qg
         per_channel = dict(H=8, K=128, BT=tc.CHUNK, BC=tc.SUB, DT=plan.dt, PREC=plan.prec, SPAN=tc.SPAN_LIMIT,
                            **plan.mild)
         out.append(("chunk_A", tc._chunk_A_kernel, per_channel, "A"))
