@@ -35,6 +35,7 @@ SPACE = {
     "walk": dict(BK=(32, 64), num_warps=(4, 8), num_stages=(2, 3, 4)),
     "out": dict(BK=(32, 64), num_warps=(4, 8), num_stages=(2, 3)),
     "cumsum": dict(num_warps=(2, 4, 8)),
+    "gate": dict(BK=(32, 64, 128), num_warps=(2, 4, 8)),
 }
 
 
