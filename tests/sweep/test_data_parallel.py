@@ -49,8 +49,20 @@ def train(tmp_path, write_plan, tag, gpus, **kw):
     return result, run, losses
 
 
-def test_two_workers_match_one_worker(ray_local, tmp_path, write_plan):
-    one, run1, curve1 = train(tmp_path, write_plan, "one", 1)
+@pytest.fixture(scope="module")
+def one_worker(ray_local, tmp_path_factory):
+    """The plan trained on one worker, once for the module: the reference the data-parallel runs must match."""
+    tmp_path = tmp_path_factory.mktemp("one-worker")
+
+    def write_plan(text, name):
+        (tmp_path / name).write_text(text)
+        return tmp_path / name
+
+    return train(tmp_path, write_plan, "one", 1)
+
+
+def test_two_workers_match_one_worker(one_worker, tmp_path, write_plan):
+    one, run1, curve1 = one_worker
     two, run2, curve2 = train(tmp_path, write_plan, "two", 2)
     assert one.ok and two.ok
     assert run1["run_id"] == run2["run_id"]  # how many workers trained it is not part of its identity
@@ -61,9 +73,9 @@ def test_two_workers_match_one_worker(ray_local, tmp_path, write_plan):
     assert abs(run1["val_loss"] - run2["val_loss"]) < 2e-3
 
 
-def test_fsdp_workers_match_one_worker(ray_local, tmp_path, write_plan):
+def test_fsdp_workers_match_one_worker(one_worker, tmp_path, write_plan):
     # fsdp_min_params=1 shards even this tiny model (on CPU the default never does).
-    one, run1, curve1 = train(tmp_path, write_plan, "one", 1)
+    one, run1, curve1 = one_worker
     two, run2, curve2 = train(tmp_path, write_plan, "fsdp", 2, fsdp_min_params=1)
     assert one.ok and two.ok, two.rows
     assert run2["gpu"] == "2 CPU workers (Ray Train, FSDP)"
@@ -84,10 +96,10 @@ def test_killed_worker_is_retried_from_the_checkpoint(ray_local, tmp_path, write
     assert max(abs(a - b) for a, b in zip(curve[10:], reference[10:])) < 2e-3
 
 
-def test_fsdp_checkpoint_resumes_without_fsdp(ray_local, tmp_path, write_plan, monkeypatch):
+def test_fsdp_checkpoint_resumes_without_fsdp(one_worker, tmp_path, write_plan, monkeypatch):
     """The checkpoint of a sharded run has an unsharded run's format: it resumes on one worker."""
     monkeypatch.setenv(FAULTS_ENV, json.dumps({"dp-move": "exit@10"}))
-    _, _, reference = train(tmp_path, write_plan, "base", 1)
+    _, _, reference = one_worker
     plan = write_plan(PLAN.format(name="dp-move", gpus=2), "move.csv")
     ckpt = tmp_path / "ckpt-move"
     opts = LaunchOptions(db_url=f"sqlite:///{tmp_path}/move.db", cpu=True, ckpt_dir=ckpt, backoff_s=0.2, heartbeat_s=1.0,
