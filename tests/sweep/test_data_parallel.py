@@ -36,8 +36,10 @@ def quiet():
     return LaunchView(Console(file=open(os.devnull, "w")), live=False)
 
 
-def train(tmp_path, write_plan, tag, gpus, **kw):
-    plan = write_plan(PLAN.format(name=f"dp-{tag}", gpus=gpus), f"{tag}.csv")
+def train(tmp_path, tag, gpus, **kw):
+    """Train the plan on `gpus` CPU workers, its database under tmp_path: the result, the run's row, its losses."""
+    plan = tmp_path / f"{tag}.csv"
+    plan.write_text(PLAN.format(name=f"dp-{tag}", gpus=gpus))
     db = f"sqlite:///{tmp_path}/{tag}.db"
     opts = LaunchOptions(db_url=db, cpu=True, ckpt_dir=tmp_path / f"ckpt-{tag}", backoff_s=0.2, heartbeat_s=1.0, **kw)
     result = launch([load_plan(plan)], opts, quiet())
@@ -52,18 +54,12 @@ def train(tmp_path, write_plan, tag, gpus, **kw):
 @pytest.fixture(scope="module")
 def one_worker(ray_local, tmp_path_factory):
     """The plan trained on one worker, once for the module: the reference the data-parallel runs must match."""
-    tmp_path = tmp_path_factory.mktemp("one-worker")
-
-    def write_plan(text, name):
-        (tmp_path / name).write_text(text)
-        return tmp_path / name
-
-    return train(tmp_path, write_plan, "one", 1)
+    return train(tmp_path_factory.mktemp("one-worker"), "one", 1)
 
 
-def test_two_workers_match_one_worker(one_worker, tmp_path, write_plan):
+def test_two_workers_match_one_worker(one_worker, tmp_path):
     one, run1, curve1 = one_worker
-    two, run2, curve2 = train(tmp_path, write_plan, "two", 2)
+    two, run2, curve2 = train(tmp_path, "two", 2)
     assert one.ok and two.ok
     assert run1["run_id"] == run2["run_id"]  # how many workers trained it is not part of its identity
     assert run2["n_gpus"] == 2 and run2["gpu"] == "2 CPU workers (Ray Train, DDP)"
@@ -73,10 +69,10 @@ def test_two_workers_match_one_worker(one_worker, tmp_path, write_plan):
     assert abs(run1["val_loss"] - run2["val_loss"]) < 2e-3
 
 
-def test_fsdp_workers_match_one_worker(one_worker, tmp_path, write_plan):
+def test_fsdp_workers_match_one_worker(one_worker, tmp_path):
     # fsdp_min_params=1 shards even this tiny model (on CPU the default never does).
     one, run1, curve1 = one_worker
-    two, run2, curve2 = train(tmp_path, write_plan, "fsdp", 2, fsdp_min_params=1)
+    two, run2, curve2 = train(tmp_path, "fsdp", 2, fsdp_min_params=1)
     assert one.ok and two.ok, two.rows
     assert run2["gpu"] == "2 CPU workers (Ray Train, FSDP)"
     assert len(curve2) == 20
@@ -85,10 +81,10 @@ def test_fsdp_workers_match_one_worker(one_worker, tmp_path, write_plan):
 
 
 @pytest.mark.parametrize("fsdp", [None, 1], ids=["ddp", "fsdp"])
-def test_killed_worker_is_retried_from_the_checkpoint(ray_local, tmp_path, write_plan, monkeypatch, fsdp):
+def test_killed_worker_is_retried_from_the_checkpoint(ray_local, tmp_path, monkeypatch, fsdp):
     monkeypatch.setenv(FAULTS_ENV, json.dumps({"dp-kill": "exit@10"}))
-    _, _, reference = train(tmp_path, write_plan, "ref", 2, fsdp_min_params=fsdp)
-    result, run, curve = train(tmp_path, write_plan, "kill", 2, ckpt_every_steps=5, fsdp_min_params=fsdp)
+    _, _, reference = train(tmp_path, "ref", 2, fsdp_min_params=fsdp)
+    result, run, curve = train(tmp_path, "kill", 2, ckpt_every_steps=5, fsdp_min_params=fsdp)
     assert result.ok, result.rows
     assert run["attempts"] == 2 and run["resumed_from_step"] == 10
     assert len(curve) == 20
@@ -118,11 +114,11 @@ def test_fsdp_checkpoint_resumes_without_fsdp(one_worker, tmp_path, write_plan, 
     assert max(abs(a - b) for a, b in zip(curve[10:], reference[10:])) < 2e-3
 
 
-def test_too_many_workers_for_the_cluster_is_refused(ray_local, tmp_path, write_plan):
+def test_too_many_workers_for_the_cluster_is_refused(ray_local, tmp_path):
     from sweep.launch import LaunchError
 
     with pytest.raises(LaunchError, match="needs 4 CPUs"):
-        train(tmp_path, write_plan, "big", 4)
+        train(tmp_path, "big", 4)
 
 
 def test_workers_refuse_to_start_without_nccl_settings(monkeypatch):
