@@ -132,6 +132,9 @@ def graph_ms(form: str, batch: int, time_: int, learn_decay: bool = True,
 
 def settings(form: str, batch: int, time_: int, names: list[str]) -> None:
     """Time each kernel's settings in SPACE in turn, keeping the best correct one before moving to the next."""
+    unknown = [name for name in names if name not in SPACE]
+    if unknown:
+        sys.exit(f"settings: unknown kernel(s) {', '.join(unknown)}; known: {', '.join(SPACE)}")
     chosen: dict[str, dict] = {}
     override(chosen)
     best_ms, ref = graph_ms(form, batch, time_)
@@ -253,4 +256,6 @@ if __name__ == "__main__":
     command, args = (sys.argv[1], sys.argv[2:]) if len(sys.argv) > 1 else ("", [])
     if command not in commands or len(args) != commands[command][1]:
         sys.exit(__doc__)
+    if not torch.cuda.is_available():
+        sys.exit(f"{command}: needs a CUDA GPU, and torch sees none here")
     commands[command][0](*args)
