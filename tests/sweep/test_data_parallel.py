@@ -57,9 +57,23 @@ def one_worker(ray_local, tmp_path_factory):
     return train(tmp_path_factory.mktemp("one-worker"), "one", 1)
 
 
-def test_two_workers_match_one_worker(one_worker, tmp_path):
+@pytest.fixture(scope="module")
+def two_workers(ray_local, tmp_path_factory):
+    """The plan trained on two workers, DDP (fsdp None) or FSDP (fsdp 1), each once for the module on first use."""
+    runs = {}
+
+    def get(fsdp):
+        if fsdp not in runs:
+            tag = "two" if fsdp is None else "fsdp"
+            runs[fsdp] = train(tmp_path_factory.mktemp(f"{tag}-workers"), tag, 2, fsdp_min_params=fsdp)
+        return runs[fsdp]
+
+    return get
+
+
+def test_two_workers_match_one_worker(one_worker, two_workers):
     one, run1, curve1 = one_worker
-    two, run2, curve2 = train(tmp_path, "two", 2)
+    two, run2, curve2 = two_workers(None)
     assert one.ok and two.ok
     assert run1["run_id"] == run2["run_id"]  # how many workers trained it is not part of its identity
     assert run2["n_gpus"] == 2 and run2["gpu"] == "2 CPU workers (Ray Train, DDP)"
@@ -69,10 +83,10 @@ def test_two_workers_match_one_worker(one_worker, tmp_path):
     assert abs(run1["val_loss"] - run2["val_loss"]) < 2e-3
 
 
-def test_fsdp_workers_match_one_worker(one_worker, tmp_path):
+def test_fsdp_workers_match_one_worker(one_worker, two_workers):
     # fsdp_min_params=1 shards even this tiny model (on CPU the default never does).
     one, run1, curve1 = one_worker
-    two, run2, curve2 = train(tmp_path, "fsdp", 2, fsdp_min_params=1)
+    two, run2, curve2 = two_workers(1)
     assert one.ok and two.ok, two.rows
     assert run2["gpu"] == "2 CPU workers (Ray Train, FSDP)"
     assert len(curve2) == 20
@@ -81,9 +95,9 @@ def test_fsdp_workers_match_one_worker(one_worker, tmp_path):
 
 
 @pytest.mark.parametrize("fsdp", [None, 1], ids=["ddp", "fsdp"])
-def test_killed_worker_is_retried_from_the_checkpoint(ray_local, tmp_path, monkeypatch, fsdp):
+def test_killed_worker_is_retried_from_the_checkpoint(two_workers, tmp_path, monkeypatch, fsdp):
+    _, _, reference = two_workers(fsdp)  # trained before the fault is set (it names this test's run alone anyway)
     monkeypatch.setenv(FAULTS_ENV, json.dumps({"dp-kill": "exit@10"}))
-    _, _, reference = train(tmp_path, "ref", 2, fsdp_min_params=fsdp)
     result, run, curve = train(tmp_path, "kill", 2, ckpt_every_steps=5, fsdp_min_params=fsdp)
     assert result.ok, result.rows
     assert run["attempts"] == 2 and run["resumed_from_step"] == 10
