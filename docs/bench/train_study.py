@@ -9,9 +9,10 @@ The levers were tried as patches on the code of commit f82e154, before any of th
 
 OPTIONS (any mix): resid16 (the residual stream in bf16), bthd (attention on (B, T, H, Dh) views), ce / ce1 (the
 fused head + loss, default chunks / one chunk), b32 (64k tokens per step, microbatch 32), h6 (6 heads of 128),
-noclip (no gradient clipping), flash (SDPA's flash backend instead of cuDNN), eager / ro / mat (no compile,
-reduce-overhead, max-autotune-no-cudagraphs; default: torch.compile's default mode), fused (all fused kernels),
-prof (a torch.profiler table), trace (a chrome trace of three steps), hostt (host time per step by call).
+noclip (no gradient clipping), b64 (128k tokens per step, microbatch 64), qkvg (lightning's wqkv and wgate as one
+projection), flash (SDPA's flash backend instead of cuDNN), eager / ro / mat (no compile, reduce-overhead,
+max-autotune-no-cudagraphs; default: torch.compile's default mode), fused (all fused kernels), prof (a
+torch.profiler table), trace (a chrome trace of three steps), hostt (host time per step by call).
 Each run trains 20 steps at T 2048 and prints one RESULT line (median tokens/s of the second half, MFU of 989).
 """
 
@@ -73,6 +74,34 @@ def _patch_ce(lm, one_chunk: bool):
     lm.LM.forward = forward
 
 
+def _patch_qkvg(torch):
+    """Lightning's wqkv and wgate as one (d -> 4d) projection: one GEMM over x instead of two, forward and backward."""
+    import torch.nn.functional as F
+
+    import kernels
+    import models.mixers.lightning as ml
+
+    init = ml.Lightning.__init__
+
+    def __init__(self, config, layer_idx):
+        init(self, config, layer_idx)
+        d = config.d_model
+        self.wqkvg = torch.nn.Linear(d, 4 * d, bias=False)
+        del self.wqkv, self.wgate
+
+    def forward(self, x):
+        b, t, d = x.shape
+        h = self.wqkvg(x)
+        qkv = F.silu(h[..., : 3 * d]).view(b, t, 3, self.n_heads, d // self.n_heads).permute(2, 0, 1, 3, 4)
+        q, k, v = qkv.contiguous().unbind(0)
+        o, _ = kernels.linear_attention(q, k, v, self.log_decay, backend=self.backend)
+        o = self.norm(o.reshape(b, t, d).float())
+        return self.wo(torch.sigmoid(h[..., 3 * d:]) * o)
+
+    ml.Lightning.__init__ = __init__
+    ml.Lightning.forward = forward
+
+
 def _patch_host_timers(torch, host: dict):
     """Host seconds per call kind, counted from the 10th optimizer step on."""
     import models.data as md
@@ -119,19 +148,23 @@ def variant(name: str, arch: str, *options: str) -> None:
         _patch_bthd(torch)
     if "ce" in opts or "ce1" in opts:
         _patch_ce(lm, one_chunk="ce1" in opts)
+    if "qkvg" in opts:
+        _patch_qkvg(torch)
     if "hostt" in opts:
         _patch_host_timers(torch, host)
     if "trace" in opts:
-        from torch.profiler import ProfilerActivity, profile, schedule
+        # Named apart from this function's own `profile` (the table's path), which the closure would see.
+        from torch.profiler import ProfilerActivity, schedule
+        from torch.profiler import profile as torch_profile
 
         def traced(steps, device):
             ready = lambda p: p.export_chrome_trace(str(OUT / f"trace_{name}.json"))  # noqa: E731
-            return profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA],
-                           schedule=schedule(wait=9, warmup=1, active=3), on_trace_ready=ready)
+            return torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA],
+                                 schedule=schedule(wait=9, warmup=1, active=3), on_trace_ready=ready)
 
         mb._step_profiler = traced
         opts.add("prof")
-    tokens_per_step = 65536 if "b32" in opts else 32768
+    tokens_per_step = 131072 if "b64" in opts else 65536 if "b32" in opts else 32768
     spec = mb.bench_spec(arch, "135M", 2048, tokens_per_step // 2048, 20)
     if "noclip" in opts:
         spec = replace(spec, grad_clip=0.0)
@@ -145,7 +178,7 @@ def variant(name: str, arch: str, *options: str) -> None:
         ctx = sdpa_kernel([SDPBackend.FLASH_ATTENTION])
     profile = OUT / f"prof_{name}.txt" if "prof" in opts else None
     with ctx:
-        r = mb.bench_train(spec, compile=mode, microbatch=32 if "b32" in opts else None, profile=profile,
+        r = mb.bench_train(spec, compile=mode, microbatch=64 if "b64" in opts else 32 if "b32" in opts else None, profile=profile,
                            fused="fused" in opts)
     if host:
         per_step = {k: round(v / 10 * 1e3, 2) for k, v in host.items() if k != "_steps"}
