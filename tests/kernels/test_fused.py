@@ -139,6 +139,21 @@ def test_ce_vocab_over_several_blocks(dtype, monkeypatch):
     check_ce(x, w, targets, dtype, chunk_tokens=5)
 
 
+def test_ce_weight_gradient_sums_bf16_chunks_in_fp32():
+    """A chunk's bf16 product goes into the fp32 grad_W unrounded (rounding it to bf16 first, as a bf16 GEMM and
+    then an add would, misses the exact sum by about 2^-9 of its largest entry)."""
+    from kernels.fused.triton_ce import _add_product
+
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(64, 96, generator=g).bfloat16(), torch.randn(96, 48, generator=g).bfloat16()
+    acc0 = torch.randn(64, 48, generator=g) * 1e-2
+    exact = (acc0.double() + a.double() @ b.double()).float()
+    acc = acc0.clone()
+    _add_product(acc, a, b)
+    assert acc.dtype == torch.float32 and rel_err(acc, exact) < 1e-6
+    assert rel_err(acc0 + (a @ b).float(), exact) > 1e-4  # the rounded product: what the first check tells apart
+
+
 def test_ce_all_but_one_ignored():
     x, w, targets = ce_inputs(17, 16, 70, torch.float32, ignored=[i for i in range(17) if i != 11])
     check_ce(x, w, targets, torch.float32, chunk_tokens=4)
