@@ -10,9 +10,10 @@ The levers were tried as patches on the code of commit f82e154, before any of th
 OPTIONS (any mix): resid16 (the residual stream in bf16), bthd (attention on (B, T, H, Dh) views), ce / ce1 (the
 fused head + loss, default chunks / one chunk), b32 (64k tokens per step, microbatch 32), h6 (6 heads of 128),
 noclip (no gradient clipping), b64 (128k tokens per step, microbatch 64), qkvg (lightning's wqkv and wgate as one
-projection), flash (SDPA's flash backend instead of cuDNN), eager / ro / mat (no compile, reduce-overhead,
-max-autotune-no-cudagraphs; default: torch.compile's default mode), fused (all fused kernels), prof (a
-torch.profiler table), trace (a chrome trace of three steps), hostt (host time per step by call).
+projection), w13 (the MLP's w1 and w3 as one projection), flash (SDPA's flash backend instead of cuDNN), eager / ro /
+mat (no compile, reduce-overhead, max-autotune-no-cudagraphs; default: torch.compile's default mode), fused (all
+fused kernels), prof (a torch.profiler table), trace (a chrome trace of three steps), hostt (host time per step by
+call).
 Each run trains 20 steps at T 2048 and prints one RESULT line (median tokens/s of the second half, MFU of 989).
 """
 
@@ -102,6 +103,27 @@ def _patch_qkvg(torch):
     ml.Lightning.forward = forward
 
 
+def _patch_w13(torch):
+    """The MLP's w1 and w3 as one (d -> 2 hidden) projection: one GEMM over x instead of two, forward and backward."""
+    import torch.nn.functional as F
+
+    import models.lm as lm
+
+    init = lm.MLP.__init__
+
+    def __init__(self, d_model, hidden, kernels="torch"):
+        init(self, d_model, hidden, kernels)
+        self.w13 = torch.nn.Linear(d_model, 2 * hidden, bias=False)
+        del self.w1, self.w3
+
+    def forward(self, x):
+        h1, h3 = self.w13(x).chunk(2, dim=-1)
+        return self.w2(F.silu(h1) * h3)
+
+    lm.MLP.__init__ = __init__
+    lm.MLP.forward = forward
+
+
 def _patch_host_timers(torch, host: dict):
     """Host seconds per call kind, counted from the 10th optimizer step on."""
     import models.data as md
@@ -150,6 +172,8 @@ def variant(name: str, arch: str, *options: str) -> None:
         _patch_ce(lm, one_chunk="ce1" in opts)
     if "qkvg" in opts:
         _patch_qkvg(torch)
+    if "w13" in opts:
+        _patch_w13(torch)
     if "hostt" in opts:
         _patch_host_timers(torch, host)
     if "trace" in opts:
