@@ -27,6 +27,9 @@ from dataclasses import replace
 from pathlib import Path
 
 OUT = Path("/tmp/train_study")
+#: The OPTIONS of the docstring.
+OPTIONS = ("resid16", "bthd", "ce", "ce1", "b32", "b64", "h6", "noclip", "qkvg", "w13", "flash", "eager", "ro", "mat",
+           "fused", "prof", "trace", "hostt")
 
 
 def _patch_resid16(lm, torch):
@@ -160,6 +163,9 @@ def variant(name: str, arch: str, *options: str) -> None:
     import models.lm as lm
 
     opts = set(options)
+    unknown = sorted(opts - set(OPTIONS))
+    if unknown:  # a misspelt lever would otherwise time the code without it
+        sys.exit(f"variant: unknown option(s) {', '.join(unknown)}; known: {', '.join(OPTIONS)}")
     OUT.mkdir(parents=True, exist_ok=True)
     host: dict = {}
     if "h6" in opts:
@@ -188,7 +194,8 @@ def variant(name: str, arch: str, *options: str) -> None:
 
         mb._step_profiler = traced
         opts.add("prof")
-    tokens_per_step = 131072 if "b64" in opts else 65536 if "b32" in opts else 32768
+    # Tokens per step and microbatch (None: the whole step in one pass).
+    tokens_per_step, microbatch = (131072, 64) if "b64" in opts else (65536, 32) if "b32" in opts else (32768, None)
     spec = mb.bench_spec(arch, "135M", 2048, tokens_per_step // 2048, 20)
     if "noclip" in opts:
         spec = replace(spec, grad_clip=0.0)
@@ -202,8 +209,7 @@ def variant(name: str, arch: str, *options: str) -> None:
         ctx = sdpa_kernel([SDPBackend.FLASH_ATTENTION])
     profile = OUT / f"prof_{name}.txt" if "prof" in opts else None
     with ctx:
-        r = mb.bench_train(spec, compile=mode, microbatch=64 if "b64" in opts else 32 if "b32" in opts else None, profile=profile,
-                           fused="fused" in opts)
+        r = mb.bench_train(spec, compile=mode, microbatch=microbatch, profile=profile, fused="fused" in opts)
     if host:
         per_step = {k: round(v / 10 * 1e3, 2) for k, v in host.items() if k != "_steps"}
         print("HOST ms/step", per_step, "wall ms/step", round(tokens_per_step / r["tokens_per_s"] * 1e3, 2))
