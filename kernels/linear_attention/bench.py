@@ -1,7 +1,8 @@
 """GPU benchmark of `kernels.linear_attention` against torch SDPA and flash-linear-attention, checked on the device first.
 
 `check_on_device` compares every backend and decay form (and the fla peers, when importable) with the naive
-recurrence on the GPU itself, outputs and gradients, in fp32 and bf16; `run_bench` then times forward and
+recurrence on the GPU itself, outputs and gradients, in fp32 and bf16, and whether a second run gives the same bits;
+the packed entry point (q, k, v as one tensor, SiLU applied by the kernels) is checked too. `run_bench` then times forward and
 forward+backward (`triton.testing.do_bench` medians after warm-up) and writes CSV, PNG and a markdown table.
 An implementation that fails its check gets no timing; one that raises gets an error cell, not a crash.
 
@@ -23,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from ..compare import rel_err
-from . import linear_attention
+from . import linear_attention, linear_attention_packed
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,7 @@ class CheckResult:
     worst: str
     error: str = ""
     strong: bool = False  # decays of -10 per token on a fifth of the entries, on top of the models' range
+    repeatable: bool = False  # a second run gave the same bits (o and every gradient)
 
     @property
     def ok(self) -> bool:
@@ -92,16 +94,31 @@ def _ours(backend: str) -> Callable:
     return lambda q, k, v, a, s: linear_attention(q, k, v, a, scale=s, backend=backend)[0]
 
 
+#: The packed entry point as lightning calls it; checked (against naive on SiLU(q), SiLU(k), SiLU(v)), not timed
+#: here, where stacking q, k and v first would be timed with it.
+PACKED = "ours triton packed silu"
+
+
+def _packed_silu(q, k, v, a, s):
+    return linear_attention_packed(torch.stack((q, k, v), dim=2), a, activation="silu", scale=s, backend="triton")[0]
+
+
+def _naive_silu(q, k, v, a, s):
+    return linear_attention(F.silu(q), F.silu(k), F.silu(v), a, scale=s, backend="naive")[0]
+
+
 def _implementations(peers: bool = True) -> dict[tuple[str, str], Callable]:
     impls = {(f"ours {backend}", form): _ours(backend) for backend in ("triton", "torch") for form in FORMS}
+    impls.update({(PACKED, form): _packed_silu for form in ("constant", "token")})
     if peers:
         impls.update(_peers())
     return impls
 
 
 def _check_one(fn, form: str, dtype: torch.dtype, device, batch=2, time=300, heads=2, dim=DIM,
-               strong: bool = False) -> CheckResult:
-    """fn against naive: relative error of o, then of the gradients fn provides; an exception fails that half."""
+               strong: bool = False, reference: Callable | None = None) -> CheckResult:
+    """fn against `reference` (naive): relative error of o, then of the gradients fn provides; an exception fails
+    that half. fn runs twice, to tell whether it repeats its bits."""
     gen = torch.Generator(device=device).manual_seed(0)
     q, k, v = (torch.randn(batch, time, heads, dim, device=device, generator=gen).to(dtype) for _ in range(3))
     a = _log_decay(form, batch, time, heads, dim, device)
@@ -113,7 +130,7 @@ def _check_one(fn, form: str, dtype: torch.dtype, device, batch=2, time=300, hea
     scale = dim**-0.5
     tol = DEVICE_TOL[dtype]
     results = {}
-    for who, run in (("naive", _ours("naive")), ("tested", fn)):
+    for who, run in (("naive", reference or _ours("naive")), ("tested", fn), ("again", fn)):
         leaves = [x.detach().clone().requires_grad_(form != "constant" or x is not a) for x in (q, k, v, a)]
         try:
             o = run(*leaves, scale)
@@ -127,13 +144,17 @@ def _check_one(fn, form: str, dtype: torch.dtype, device, batch=2, time=300, hea
             grads, error = [None] * 4, _first_line(exc)
         results[who] = (o.detach(), grads, error)
     (o_ref, g_ref, _), (o, grads, error) = results["naive"], results["tested"]
+    o_again, grads_again, _ = results["again"]
+    repeatable = torch.equal(o, o_again) and all(
+        (g is None and h is None) or (g is not None and h is not None and torch.equal(g, h))
+        for g, h in zip(grads, grads_again))
     forward_err = rel_err(o, o_ref)
     errors = {n: rel_err(g, r) for n, g, r in zip(("dq", "dk", "dv", "dlog_decay"), grads, g_ref) if g is not None}
     backward_err = max(errors.values()) if errors else math.nan
     worst = max(errors, key=errors.get) if errors else "o"
     backward_ok = not error and bool(errors) and math.isfinite(backward_err) and backward_err <= tol
     return CheckResult("", form, _dtype_name(dtype), math.isfinite(forward_err) and forward_err <= tol, backward_ok,
-                       forward_err, backward_err, worst, error, strong)
+                       forward_err, backward_err, worst, error, strong, repeatable)
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -153,7 +174,8 @@ def check_on_device(
         for dtype, strong in itertools.product((torch.float32, torch.bfloat16), (False, True)):
             if strong and form == "constant":
                 continue
-            result = replace(_check_one(fn, form, dtype, device, *size, strong=strong), impl=impl)
+            reference = _naive_silu if impl == PACKED else None
+            result = replace(_check_one(fn, form, dtype, device, *size, strong=strong, reference=reference), impl=impl)
             if result.error:
                 log.warning("check %s %s %s: %s", impl, form, result.dtype, result.error)
             log.info("check %s", result)
@@ -242,7 +264,7 @@ def run_bench(out_dir: Path, quick: bool = False, peers: bool = True) -> pd.Data
         elif not c.backward_ok:
             failed.setdefault((c.impl, c.decay, "fwd+bwd"), "failed check (" + (what or f"{c.dtype}: {c.worst} rel err {c.backward_err:.2g}") + ")")
 
-    timed = {key: fn for key, fn in _implementations(peers).items() if key[0] != "ours torch"}
+    timed = {key: fn for key, fn in _implementations(peers).items() if key[0] not in ("ours torch", PACKED)}
     timed[("sdpa flash", "")] = _sdpa
     train = QUICK_TRAIN_SHAPES if quick else TRAIN_SHAPES
     long = QUICK_LONG_SHAPES if quick else LONG_SHAPES

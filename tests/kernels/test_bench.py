@@ -24,8 +24,16 @@ def test_check_on_device_passes_ours_and_flags_wrong_and_raising_peers(monkeypat
         o = bench.linear_attention(q, k, v, a, scale=s, backend="torch")[0]
         return _RefuseBackward.apply(o)
 
+    calls = []
+
+    def noisy(q, k, v, a, s):  # right, but not the same bits twice (as atomics would make it)
+        calls.append(1)
+        return (1 + 1e-5 * len(calls)) * bench.linear_attention(q, k, v, a, scale=s, backend="torch")[0]
+
     impls = {key: fn for key, fn in real.items() if key[0].startswith("ours")}
+    assert (bench.PACKED, "constant") in impls and (bench.PACKED, "token") in impls
     impls[("peer wrong", "token")] = wrong
+    impls[("peer noisy", "token")] = noisy
     impls[("peer raising", "channel")] = raising
     impls[("peer no backward", "token")] = no_backward
     monkeypatch.setattr(bench, "_implementations", lambda peers=True: impls)
@@ -38,6 +46,11 @@ def test_check_on_device_passes_ours_and_flags_wrong_and_raising_peers(monkeypat
             for r in (r for r in results if (r.impl, r.decay) == (backend, form)):
                 assert r.ok and max(r.forward_err, r.backward_err) <= bench.DEVICE_TOL[getattr(torch, r.dtype)], r
             assert sum(r.strong for r in results if (r.impl, r.decay) == (backend, form)) == (form != "constant") * 2
+    for r in (r for r in results if r.impl == bench.PACKED):  # against naive on the SiLU of q, k, v
+        assert r.ok and max(r.forward_err, r.backward_err) <= bench.DEVICE_TOL[getattr(torch, r.dtype)], r
+    assert all(r.repeatable for r in results if r.impl.startswith("ours"))
+    noisy_result = by_key[("peer noisy", "token", "float32")]
+    assert noisy_result.ok and not noisy_result.repeatable
     wrong_result = by_key[("peer wrong", "token", "float32")]
     assert not wrong_result.forward_ok and wrong_result.forward_err == pytest.approx(0.1, rel=1e-3)
     raised = by_key[("peer raising", "channel", "bfloat16")]
