@@ -392,15 +392,22 @@ def run_packed(backend, qkv, a, h0, activation, do, dht):
     return [o.detach(), state.detach()] + [x.grad for x in leaves if x.requires_grad]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("form", FORMS)
-@pytest.mark.parametrize("activation", [None, "silu"])
-@pytest.mark.parametrize("batch,time,heads,dim", [(1, 1, 1, 16), (2, 37, 2, 16), (1, 129, 2, 32)])
-@pytest.mark.parametrize("learned", [True, False])
-def test_packed_matches_naive_on_the_activated_split(backend, form, activation, batch, time, heads, dim, learned):
+#: (backend, form, activation, (B, T, H, D), learned decay): the packed kernels (triton, scalar decays) over the shapes
+#: of SHAPES with K = V; once without the map; the paths that split first (per channel, the torch backend) once each.
+PACKED_CASES = (
+    [("triton", form, "silu", shape, learned) for form in ("constant", "token")
+     for shape in [(1, 1, 1, 16), (2, 37, 2, 16), (1, 129, 2, 32)] for learned in (True, False)]
+    + [("triton", "constant", None, (2, 37, 2, 16), True), ("triton", "channel", "silu", (2, 37, 2, 16), True)]
+    + [("torch", form, "silu", (2, 37, 2, 16), True) for form in FORMS]
+)
+
+
+@pytest.mark.parametrize("backend,form,activation,shape,learned", PACKED_CASES)
+def test_packed_matches_naive_on_the_activated_split(backend, form, activation, shape, learned):
     """(B, T, 3, H, D) in, the activation applied to each of q, k, v: the same outputs and gradients as the naive
     recurrence on activation(q), activation(k), activation(v), with the decay learned (its gradient too) or fixed
     (lightning's buffer: the triton backward's own path)."""
+    batch, time, heads, dim = shape
     q, k, v, a, h0 = make_inputs(form, batch, time, heads, dim, dim, torch.float32, with_state=True)
     qkv = torch.stack((q, k, v), dim=2).detach().requires_grad_()
     a = a.detach().requires_grad_(learned)
