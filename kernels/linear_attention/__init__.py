@@ -93,40 +93,30 @@ def linear_attention(
     return run(q, k, v, log_decay, scale, initial_state, output_final_state)
 
 
-#: Feature maps `linear_attention_packed` applies to q, k and v.
-ACTIVATIONS = (None, "silu")
-
-
 def linear_attention_packed(
     qkv: torch.Tensor,
     log_decay: torch.Tensor,
     *,
-    activation: str | None = None,
     scale: float | None = None,
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
     backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """`linear_attention` of q, k, v = activation(qkv[:, :, i]) for q, k, v packed as one (B, T, 3, H, D) tensor, as a
-    joint projection's output viewed; the Triton kernels read it in place and apply the activation as they load."""
+    """`linear_attention` of q, k, v packed as one (B, T, 3, H, D) tensor (a joint projection's output, viewed): the
+    Triton kernels read it in place and write its gradient in that layout, with no copy that splits or stacks."""
     if not isinstance(qkv, torch.Tensor) or qkv.dim() != 5 or qkv.shape[2] != 3:
         raise ValueError(f"qkv must be a (batch, time, 3, heads, dim) tensor; got {getattr(qkv, 'shape', qkv)}")
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"unknown activation {activation!r}; expected one of {', '.join(map(str, ACTIVATIONS))}")
     q, k, v = qkv.unbind(2)
     _validate(q, k, v, log_decay, initial_state, backend)
     if scale is None:
         scale = q.shape[-1] ** -0.5
     backend = resolve_backend(backend, q)
-    # Per channel, whose kernels read q, k, v dense, the activation and the split are made here.
-    if backend == "triton" and log_decay.dim() != 4:
+    if backend == "triton" and log_decay.dim() != 4:  # per channel, the kernels read q, k, v dense
         from .triton_chunk import linear_attention_triton_packed
 
-        return linear_attention_triton_packed(qkv, log_decay, scale, initial_state, output_final_state, activation)
-    if activation == "silu":
-        q, k, v = torch.nn.functional.silu(qkv).unbind(2)
+        return linear_attention_triton_packed(qkv, log_decay, scale, initial_state, output_final_state)
     return linear_attention(q, k, v, log_decay, scale=scale, initial_state=initial_state,
                             output_final_state=output_final_state, backend=backend)
 
 
-__all__ = ["ACTIVATIONS", "BACKENDS", "decay_form", "linear_attention", "linear_attention_packed", "resolve_backend"]
+__all__ = ["BACKENDS", "decay_form", "linear_attention", "linear_attention_packed", "resolve_backend"]

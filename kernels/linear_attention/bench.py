@@ -2,7 +2,7 @@
 
 `check_on_device` compares every backend and decay form (and the fla peers, when importable) with the naive
 recurrence on the GPU itself, outputs and gradients, in fp32 and bf16, and whether a second run gives the same bits;
-the packed entry point (q, k, v as one tensor, SiLU applied by the kernels) is checked too. `run_bench` then times forward and
+the packed entry point (q, k, v as one tensor) is checked too. `run_bench` then times forward and
 forward+backward (`triton.testing.do_bench` medians after warm-up) and writes CSV, PNG and a markdown table.
 An implementation that fails its check gets no timing; one that raises gets an error cell, not a crash.
 
@@ -94,31 +94,26 @@ def _ours(backend: str) -> Callable:
     return lambda q, k, v, a, s: linear_attention(q, k, v, a, scale=s, backend=backend)[0]
 
 
-#: The packed entry point as lightning calls it; checked (against naive on SiLU(q), SiLU(k), SiLU(v)), not timed
-#: here, where stacking q, k and v first would be timed with it.
-PACKED = "ours triton packed silu"
+#: The packed entry point (lightning's); checked, not timed here, where stacking q, k and v first would be timed with it.
+PACKED = "ours triton packed"
 
 
-def _packed_silu(q, k, v, a, s):
-    return linear_attention_packed(torch.stack((q, k, v), dim=2), a, activation="silu", scale=s, backend="triton")[0]
-
-
-def _naive_silu(q, k, v, a, s):
-    return linear_attention(F.silu(q), F.silu(k), F.silu(v), a, scale=s, backend="naive")[0]
+def _packed(q, k, v, a, s):
+    return linear_attention_packed(torch.stack((q, k, v), dim=2), a, scale=s, backend="triton")[0]
 
 
 def _implementations(peers: bool = True) -> dict[tuple[str, str], Callable]:
     impls = {(f"ours {backend}", form): _ours(backend) for backend in ("triton", "torch") for form in FORMS}
-    impls.update({(PACKED, form): _packed_silu for form in ("constant", "token")})
+    impls.update({(PACKED, form): _packed for form in ("constant", "token")})
     if peers:
         impls.update(_peers())
     return impls
 
 
 def _check_one(fn, form: str, dtype: torch.dtype, device, batch=2, time=300, heads=2, dim=DIM,
-               strong: bool = False, reference: Callable | None = None) -> CheckResult:
-    """fn against `reference` (naive): relative error of o, then of the gradients fn provides; an exception fails
-    that half. fn runs twice, to tell whether it repeats its bits."""
+               strong: bool = False) -> CheckResult:
+    """fn against naive: relative error of o, then of the gradients fn provides; an exception fails that half. fn
+    runs twice, to tell whether it repeats its bits."""
     gen = torch.Generator(device=device).manual_seed(0)
     q, k, v = (torch.randn(batch, time, heads, dim, device=device, generator=gen).to(dtype) for _ in range(3))
     a = _log_decay(form, batch, time, heads, dim, device)
@@ -130,7 +125,7 @@ def _check_one(fn, form: str, dtype: torch.dtype, device, batch=2, time=300, hea
     scale = dim**-0.5
     tol = DEVICE_TOL[dtype]
     results = {}
-    for who, run in (("naive", reference or _ours("naive")), ("tested", fn), ("again", fn)):
+    for who, run in (("naive", _ours("naive")), ("tested", fn), ("again", fn)):
         leaves = [x.detach().clone().requires_grad_(form != "constant" or x is not a) for x in (q, k, v, a)]
         try:
             o = run(*leaves, scale)
@@ -174,8 +169,7 @@ def check_on_device(
         for dtype, strong in itertools.product((torch.float32, torch.bfloat16), (False, True)):
             if strong and form == "constant":
                 continue
-            reference = _naive_silu if impl == PACKED else None
-            result = replace(_check_one(fn, form, dtype, device, *size, strong=strong, reference=reference), impl=impl)
+            result = replace(_check_one(fn, form, dtype, device, *size, strong=strong), impl=impl)
             if result.error:
                 log.warning("check %s %s %s: %s", impl, form, result.dtype, result.error)
             log.info("check %s", result)

@@ -38,9 +38,9 @@ the row in the chunk; per channel, `_dqk_kernel` sums mild chunks itself and `_s
 ones).
 
 Scalar decays also take q, k, v packed as the three views of one (B, T, 3, H, D) tensor (`linear_attention_packed`:
-lightning's joint projection, as it comes): every kernel that reads them gets QS = 3 (rows 3 H D apart) and ACT, a
-feature map applied as it loads them (`_load_in`: SiLU); dv and dqk store the packed tensor's gradient, taken back
-through the map (`_store_in_grad`), so no pass over memory applies the map, splits q, k, v or stacks their gradients.
+lightning's SiLU of its joint projection, as it comes): the kernels that read them, and dv and dqk, which store their
+gradients into one tensor of that layout, get QS = 3 (rows 3 H D apart, `_load_in`, `_store_in`), so that no pass
+over memory splits q, k, v or stacks their gradients.
 
 Triton 3.4-3.7.0 miscompiles `tl.dot(tl.trans(x), y)` on Hopper when x is an earlier dot's accumulator cast
 to bf16/fp16 (fla issue 640). No kernel here transposes a dot result: transposed products are computed
@@ -121,33 +121,18 @@ def _store(ptr, x, i_b, i_h, row0, T, H: tl.constexpr, D: tl.constexpr, d0, R: t
 
 
 @triton.jit
-def _act(x, ACT: tl.constexpr):
-    """The feature map on a loaded tile of q, k or v, in its dtype: ACT 0 none, 1 SiLU (computed in fp32 and rounded
-    once, as torch's SiLU on a bf16 tensor)."""
-    if ACT == 1:
-        xf = x.to(tl.float32)
-        x = (xf * tl.sigmoid(xf)).to(x.dtype)
-    return x
-
-
-@triton.jit
 def _load_in(ptr, i_b, i_h, row0, T, H: tl.constexpr, D: tl.constexpr, d0, R: tl.constexpr, BD: tl.constexpr,
-             TRANS: tl.constexpr, QS: tl.constexpr, ACT: tl.constexpr):
-    """A tile of q, k or v with the feature map applied: of a (B, T, H, D) tensor (QS 1), or of one of the three
-    (B, T, H, D) views of a packed (B, T, 3, H, D) one (QS 3: rows 3 H D apart), which `_ptrs` reaches as H -> 3 H."""
-    return _act(_load(ptr, i_b, i_h, row0, T, H * QS, D, d0, R, BD, TRANS), ACT)
+             TRANS: tl.constexpr, QS: tl.constexpr):
+    """A tile of q, k or v: of a (B, T, H, D) tensor (QS 1), or of one of the three (B, T, H, D) views of a packed
+    (B, T, 3, H, D) one (QS 3: rows 3 H D apart), which `_ptrs` reaches as H -> 3 H."""
+    return _load(ptr, i_b, i_h, row0, T, H * QS, D, d0, R, BD, TRANS)
 
 
 @triton.jit
-def _store_in_grad(ptr, g, raw_ptr, i_b, i_h, row0, T, H: tl.constexpr, D: tl.constexpr, d0, R: tl.constexpr,
-                   BD: tl.constexpr, QS: tl.constexpr, ACT: tl.constexpr):
-    """Store the gradient g of q, k or v, taken through the feature map back to its input (read at raw_ptr), laid out
-    as `_load_in` reads them: SiLU'(x) = s (1 + x (1 - s)), s = sigmoid(x)."""
-    if ACT == 1:
-        x = _load(raw_ptr, i_b, i_h, row0, T, H * QS, D, d0, R, BD, False).to(tl.float32)
-        s = tl.sigmoid(x)
-        g = g * (s * (1.0 + x * (1.0 - s)))
-    _store(ptr, g, i_b, i_h, row0, T, H * QS, D, d0, R, BD)
+def _store_in(ptr, x, i_b, i_h, row0, T, H: tl.constexpr, D: tl.constexpr, d0, R: tl.constexpr, BD: tl.constexpr,
+              QS: tl.constexpr):
+    """Store a tile of dq, dk or dv laid out as `_load_in` reads q, k and v."""
+    _store(ptr, x, i_b, i_h, row0, T, H * QS, D, d0, R, BD)
 
 
 @triton.jit
@@ -348,8 +333,8 @@ def _chunk_walk_kernel(x_ptr, y_ptr, a_ptr, b_ptr, bl_ptr, start_ptr, states_ptr
                        NT, NS, G, scale, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
                        BK: tl.constexpr, BV: tl.constexpr, DECAY: tl.constexpr, REVERSE: tl.constexpr,
                        STATES: tl.constexpr, HAS_START: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
-                       CSPAN: tl.constexpr, RDT: tl.constexpr, XS: tl.constexpr, XACT: tl.constexpr,
-                       YS: tl.constexpr, YACT: tl.constexpr):
+                       CSPAN: tl.constexpr, RDT: tl.constexpr, XS: tl.constexpr,
+                       YS: tl.constexpr):
     """Walk the chunks of one group in order, carrying the (BK, BV) state tile.
 
     Forward (x = k, y = v): S <- e^(b_last) S + (k e^(b_last - b))^T v.
@@ -360,7 +345,7 @@ def _chunk_walk_kernel(x_ptr, y_ptr, a_ptr, b_ptr, bl_ptr, start_ptr, states_ptr
     (reverse: the dh each chunk hands back), and the last state as `final`. Otherwise start from zero and store
     only the group's total contribution, for `_group_scan_kernel`, and for data-dependent decays the group's total
     log decay (the sum of its chunks' b_last; once per K tile, from the first V tile).
-    XS, XACT, YS, YACT: x's and y's layout and feature map (`_load_in`).
+    XS, YS: x's and y's layout (`_load_in`).
     """
     i_kv, i_s, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     i_b, i_h = i_bh // H, i_bh % H
@@ -401,8 +386,8 @@ def _chunk_walk_kernel(x_ptr, y_ptr, a_ptr, b_ptr, bl_ptr, start_ptr, states_ptr
                 # Stored times the chunk's f, so that the kernels that read it multiply qg and kg as they are.
                 _store_st(states_ptr, s * f[:, None], i_bh * NT + n, K, V, k0, v0, BK, BV)
         # x is loaded as (BK, BT) so that the product below needs no transpose.
-        xt = _load_in(x_ptr, i_b, i_h, t0, T, H, K, k0, BT, BK, True, XS, XACT)
-        y = _load_in(y_ptr, i_b, i_h, t0, T, H, V, v0, BT, BV, False, YS, YACT)
+        xt = _load_in(x_ptr, i_b, i_h, t0, T, H, K, k0, BT, BK, True, XS)
+        y = _load_in(y_ptr, i_b, i_h, t0, T, H, V, v0, BT, BV, False, YS)
         if DECAY != 2:
             b_last = _row_log_decay(a_ptr, b_ptr, i_b, i_h, t0, last, Tp, H, K, offs_k, DECAY)
         if DECAY != 0 and not STATES:  # only the first pass stores a group total
@@ -537,7 +522,7 @@ def _chunk_A_kernel(q_ptr, k_ptr, b_ptr, strong_ptr, A_ptr, T, Tp, NT, H: tl.con
 def _output_kernel(q_ptr, k_ptr, v_ptr, o_ptr, a_ptr, b_ptr, bl_ptr, A_ptr, h_ptr, qg_ptr, kg_ptr, T, Tp, NT,
                    scale, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                    BV: tl.constexpr, DECAY: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, KP: tl.constexpr,
-                   CSPAN: tl.constexpr, RDT: tl.constexpr, QS: tl.constexpr, ACT: tl.constexpr):
+                   CSPAN: tl.constexpr, RDT: tl.constexpr, QS: tl.constexpr):
     """o = scale (q e^b h + A v) for one chunk and V tile; A inline, or from the A kernel for strong per-channel decay.
 
     Scalar decays: A = (q k^T) e^(b_i - b_j). Per channel, mild chunk: A = qg kg^T (`_gate_kernel`), whose
@@ -566,11 +551,11 @@ def _output_kernel(q_ptr, k_ptr, v_ptr, o_ptr, a_ptr, b_ptr, bl_ptr, A_ptr, h_pt
             acc += tl.dot(qg.to(RDT), h.to(RDT), input_precision=PREC)
             acc_a += tl.dot(qg.to(RDT), kgt.to(RDT), input_precision=PREC)
         else:
-            q = _load_in(q_ptr, i_b, i_h, t0, T, H, K, k0, BT, BK, False, QS, ACT)
+            q = _load_in(q_ptr, i_b, i_h, t0, T, H, K, k0, BT, BK, False, QS)
             acc += tl.dot(q.to(DT), h.to(DT), input_precision=PREC)
-            kt = _load_in(k_ptr, i_b, i_h, t0, T, H, K, k0, BT, BK, True, QS, ACT)
+            kt = _load_in(k_ptr, i_b, i_h, t0, T, H, K, k0, BT, BK, True, QS)
             acc_a += tl.dot(q.to(DT), kt.to(DT), input_precision=PREC)
-    v = _load_in(v_ptr, i_b, i_h, t0, T, H, V, v0, BT, BV, False, QS, ACT)
+    v = _load_in(v_ptr, i_b, i_h, t0, T, H, V, v0, BT, BV, False, QS)
     if DECAY == 2:
         if mild:
             # Above the diagonal the products can reach e^CSPAN and overflow (in strong chunks, anywhere): selected
@@ -590,8 +575,7 @@ def _output_kernel(q_ptr, k_ptr, v_ptr, o_ptr, a_ptr, b_ptr, bl_ptr, A_ptr, h_pt
 def _dv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, dv_ptr, dA_ptr, a_ptr, b_ptr, bl_ptr, A_ptr, dh_ptr, qg_ptr, kg_ptr, T,
                Tp, NT, scale, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                BV: tl.constexpr, DECAY: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, KP: tl.constexpr,
-               CSPAN: tl.constexpr, RDT: tl.constexpr, STORE_DA: tl.constexpr, QS: tl.constexpr,
-               ACT: tl.constexpr):
+               CSPAN: tl.constexpr, RDT: tl.constexpr, STORE_DA: tl.constexpr, QS: tl.constexpr):
     """dv = scale A^T do + (k e^(b_last - b)) dh_next for one chunk and V tile; A^T made as `_output_kernel` makes A.
 
     STORE_DA (per channel, one V tile per chunk): also store the masked dA = scale do v^T as `_dA_kernel` would, from
@@ -621,10 +605,10 @@ def _dv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, dv_ptr, dA_ptr, a_ptr, b_ptr, bl_ptr
             acc += tl.dot(kg.to(RDT), dh.to(RDT), input_precision=PREC)
             acc_at += tl.dot(kg.to(RDT), qgt.to(RDT), input_precision=PREC)
         else:
-            k = _load_in(k_ptr, i_b, i_h, t0, T, H, K, k0, BT, BK, False, QS, ACT)
+            k = _load_in(k_ptr, i_b, i_h, t0, T, H, K, k0, BT, BK, False, QS)
             acc += tl.dot(k.to(DT), dh.to(DT), input_precision=PREC)
             # A^T straight from k and a transposed load of q, never by transposing a dot result.
-            qt = _load_in(q_ptr, i_b, i_h, t0, T, H, K, k0, BT, BK, True, QS, ACT)
+            qt = _load_in(q_ptr, i_b, i_h, t0, T, H, K, k0, BT, BK, True, QS)
             acc_at += tl.dot(k.to(DT), qt.to(DT), input_precision=PREC)
     do = _load(do_ptr, i_b, i_h, t0, T, H, V, v0, BT, BV, False)
     if DECAY == 2:
@@ -639,9 +623,9 @@ def _dv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, dv_ptr, dA_ptr, a_ptr, b_ptr, bl_ptr
         acc = acc * tl.exp(b_last - b)[:, None]
         at = acc_at * _intra_decay(b, BT, True)
     acc += scale * tl.dot(at.to(DT), do.to(DT), input_precision=PREC)
-    _store_in_grad(dv_ptr, acc, v_ptr, i_b, i_h, t0, T, H, V, v0, BT, BV, QS, ACT)
+    _store_in(dv_ptr, acc, i_b, i_h, t0, T, H, V, v0, BT, BV, QS)
     if STORE_DA:
-        vt = _load_in(v_ptr, i_b, i_h, t0, T, H, V, v0, BT, BV, True, QS, ACT)
+        vt = _load_in(v_ptr, i_b, i_h, t0, T, H, V, v0, BT, BV, True, QS)
         da = tl.dot(do.to(DT), vt.to(DT), input_precision=PREC)
         da = tl.where(rows[:, None] >= rows[None, :], scale * da, 0.0)
         _store_dA(dA_ptr, i_bh * NT + i_n, da, BT)
@@ -650,7 +634,7 @@ def _dv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, dv_ptr, dA_ptr, a_ptr, b_ptr, bl_ptr
 @triton.jit
 def _dA_kernel(do_ptr, v_ptr, dA_ptr, a_ptr, b_ptr, T, Tp, NT, scale, H: tl.constexpr, K: tl.constexpr,
                V: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr, DECAY: tl.constexpr, DT: tl.constexpr,
-               PREC: tl.constexpr, QS: tl.constexpr, ACT: tl.constexpr):
+               PREC: tl.constexpr, QS: tl.constexpr):
     """dA = scale do v^T for one chunk, masked to i >= j (scalar decays: times e^(b_i - b_j)), for `_dqk_kernel` and
     `_intra_bwd_kernel`.
 
@@ -665,7 +649,7 @@ def _dA_kernel(do_ptr, v_ptr, dA_ptr, a_ptr, b_ptr, T, Tp, NT, scale, H: tl.cons
     for i_v in range(0, tl.cdiv(V, BV)):
         v0 = i_v * BV
         do = _load(do_ptr, i_b, i_h, t0, T, H, V, v0, BT, BV, False)
-        vt = _load_in(v_ptr, i_b, i_h, t0, T, H, V, v0, BT, BV, True, QS, ACT)
+        vt = _load_in(v_ptr, i_b, i_h, t0, T, H, V, v0, BT, BV, True, QS)
         acc += tl.dot(do.to(DT), vt.to(DT), input_precision=PREC)
     if DECAY == 2:
         da = tl.where(causal, scale * acc, 0.0)
@@ -682,7 +666,7 @@ def _dqk_kernel(q_ptr, k_ptr, v_ptr, do_ptr, dq_ptr, dk_ptr, dq_out_ptr, dk_out_
                 H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                 BV: tl.constexpr, DECAY: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
                 STORE_DB: tl.constexpr, STAGED: tl.constexpr, KP: tl.constexpr, CSPAN: tl.constexpr,
-                RDT: tl.constexpr, QS: tl.constexpr, ACT: tl.constexpr):
+                RDT: tl.constexpr, QS: tl.constexpr):
     """dq, dk and db for one chunk and K tile; strong per-channel decay leaves the in-chunk part to `_intra_bwd_kernel`.
 
     STAGED (per channel always): dA and its transpose are loaded as `_dA_kernel` stored them; otherwise made here from
@@ -708,9 +692,9 @@ def _dqk_kernel(q_ptr, k_ptr, v_ptr, do_ptr, dq_ptr, dk_ptr, dq_out_ptr, dk_out_
     for i_v in range(0, tl.cdiv(V, BV)):
         v0 = i_v * BV
         do = _load(do_ptr, i_b, i_h, t0, T, H, V, v0, BT, BV, False)
-        v = _load_in(v_ptr, i_b, i_h, t0, T, H, V, v0, BT, BV, False, QS, ACT)
+        v = _load_in(v_ptr, i_b, i_h, t0, T, H, V, v0, BT, BV, False, QS)
         if not STAGED:
-            vt = _load_in(v_ptr, i_b, i_h, t0, T, H, V, v0, BT, BV, True, QS, ACT)
+            vt = _load_in(v_ptr, i_b, i_h, t0, T, H, V, v0, BT, BV, True, QS)
         ht = _load_st(h_ptr, i_bh * NT + i_n, K, V, k0, v0, BK, BV, True)
         dht = _load_st(dh_ptr, i_bh * NT + i_n, K, V, k0, v0, BK, BV, True)
         if DECAY == 2:
@@ -771,8 +755,8 @@ def _dqk_kernel(q_ptr, k_ptr, v_ptr, do_ptr, dq_ptr, dk_ptr, dq_out_ptr, dk_out_
     else:
         b = _rows_log_decay(a_ptr, b_ptr, i_b, i_h, t0, 0, last, Tp, H, K, k0, BT, BK, DECAY, False)
         b_last = _row_log_decay(a_ptr, b_ptr, i_b, i_h, t0, last, Tp, H, K, offs_k, DECAY)
-        q = _load_in(q_ptr, i_b, i_h, t0, T, H, K, k0, BT, BK, False, QS, ACT)
-        k = _load_in(k_ptr, i_b, i_h, t0, T, H, K, k0, BT, BK, False, QS, ACT)
+        q = _load_in(q_ptr, i_b, i_h, t0, T, H, K, k0, BT, BK, False, QS)
+        k = _load_in(k_ptr, i_b, i_h, t0, T, H, K, k0, BT, BK, False, QS)
         dk_state = acc_dk * tl.exp(b_last - b)[:, None]
         if STAGED:  # decayed and scaled by `_dA_kernel`
             da, dat = _load_dA(dA_ptr, i_bh * NT + i_n, BT)
@@ -783,13 +767,13 @@ def _dqk_kernel(q_ptr, k_ptr, v_ptr, do_ptr, dq_ptr, dk_ptr, dq_out_ptr, dk_out_
             dat = acc_dat * _intra_decay(b, BT, True)
             dq = scale * (acc_dq * tl.exp(b)[:, None] + tl.dot(da.to(DT), k.to(DT), input_precision=PREC))
             dk = dk_state + scale * tl.dot(dat.to(DT), q.to(DT), input_precision=PREC)
-        if STORE_DB:  # from the gradients of q and k as the attention sees them, after the feature map
+        if STORE_DB:
             qf, kf = q.to(tl.float32), k.to(tl.float32)
             d_last = tl.exp(b_last) * tl.sum(acc_hdh, axis=0) + tl.sum(tl.sum(kf * dk_state, axis=1), axis=0)
             db = tl.sum(qf * dq - kf * dk, axis=1) + tl.where(is_last, d_last, 0.0)
             tl.store(db_ptr + ((i_k * B + i_b) * Tp + t0 + rows) * H + i_h, db)
-        _store_in_grad(dq_ptr, dq, q_ptr, i_b, i_h, t0, T, H, K, k0, BT, BK, QS, ACT)
-        _store_in_grad(dk_ptr, dk, k_ptr, i_b, i_h, t0, T, H, K, k0, BT, BK, QS, ACT)
+        _store_in(dq_ptr, dq, i_b, i_h, t0, T, H, K, k0, BT, BK, QS)
+        _store_in(dk_ptr, dk, i_b, i_h, t0, T, H, K, k0, BT, BK, QS)
 
 
 @triton.jit
@@ -945,15 +929,15 @@ class _Plan:
     """Sizes, tiles, launch settings and the per-chunk decay bookkeeping shared by the forward and the backward."""
 
     def __init__(self, q: torch.Tensor, v: torch.Tensor, log_decay: torch.Tensor, saved: tuple | None = None,
-                 k: torch.Tensor | None = None, qs: int = 1, act: int = 0):
+                 k: torch.Tensor | None = None, qs: int = 1):
         self.B, self.T, self.H, self.K = q.shape
         self.V = v.shape[-1]
         self.decay = {1: 0, 3: 1, 4: 2}[log_decay.dim()]
-        # q, k, v (and their gradients): dense (qs 1) or views of one packed (B, T, 3, H, D) tensor (qs 3), with the
-        # feature map `act` applied as they are read (`_load_in`); the per-channel form's own kernels read them dense.
-        self.qs, self.act = qs, act
-        if self.decay == 2 and (qs, act) != (1, 0):
-            raise ValueError("per-channel decay reads q, k and v dense, with no feature map")
+        # q, k, v (and their gradients): dense (qs 1) or views of one packed (B, T, 3, H, D) tensor (qs 3, `_load_in`);
+        # the per-channel form's own kernels read them dense.
+        self.qs = qs
+        if self.decay == 2 and qs != 1:
+            raise ValueError("per-channel decay reads q, k and v dense")
         self.BT = CHUNK
         self.NT = _cdiv(self.T, self.BT)
         self.Tp = self.NT * self.BT
@@ -1086,8 +1070,8 @@ class _Plan:
         dev = x.device
         tiles = _cdiv(K, self.cfg["walk"]["BK"]) * _cdiv(V, self.cfg["walk"]["BV"])
         walk = dict(H=H, K=K, V=V, BT=self.BT, DECAY=self.decay, REVERSE=reverse, DT=self.dt, PREC=self.prec,
-                    CSPAN=self.mild["CSPAN"], RDT=self.rdt, XS=self.qs, XACT=self.act,
-                    YS=1 if reverse else self.qs, YACT=0 if reverse else self.act)  # y: do (reverse) or v
+                    CSPAN=self.mild["CSPAN"], RDT=self.rdt, XS=self.qs,
+                    YS=1 if reverse else self.qs)  # y: do (reverse) or v
         states = torch.empty(B * H, self.NT, K, V, device=dev, dtype=self.state_dtype)
         final = torch.empty(B, H, K, V, device=dev, dtype=torch.float32)
         start = h0
@@ -1117,10 +1101,10 @@ class _Plan:
         return A
 
 
-def _forward(q, k, v, log_decay, h0, scale, qs=1, act=0):
+def _forward(q, k, v, log_decay, h0, scale, qs=1):
     """o, the final state, and for the backward A, b, qg, kg, eg, bl, strong: b for the data-dependent decays, the
-    others per channel (`_Plan._bookkeeping`); empty where not made. qs, act: see `_Plan`."""
-    plan = _Plan(q, v, log_decay, k=k, qs=qs, act=act)
+    others per channel (`_Plan._bookkeeping`); empty where not made. qs: see `_Plan`."""
+    plan = _Plan(q, v, log_decay, k=k, qs=qs)
 
     def empty():  # a custom op's outputs may not alias one another
         return q.new_empty(0, dtype=torch.float32)
@@ -1131,7 +1115,7 @@ def _forward(q, k, v, log_decay, h0, scale, qs=1, act=0):
     o = v.new_empty(v.shape)  # dense, also when v is a view of a packed tensor
     plan.launch(_output_kernel, "out", plan.grid("out", plan.NT), q, k, v, o, plan.a, plan.b, plan.bl,
                 A if plan.decay == 2 else None, h, qg, kg, plan.T, plan.Tp, plan.NT, scale, H=plan.H, K=plan.K,
-                V=plan.V, BT=plan.BT, DECAY=plan.decay, DT=plan.dt, PREC=plan.prec, RDT=plan.rdt, QS=qs, ACT=act,
+                V=plan.V, BT=plan.BT, DECAY=plan.decay, DT=plan.dt, PREC=plan.prec, RDT=plan.rdt, QS=qs,
                 **plan.mild)
     if plan.decay != 2:
         return o, final, A, (plan.b if plan.decay else empty()), empty(), empty(), empty(), empty(), empty()
@@ -1139,16 +1123,16 @@ def _forward(q, k, v, log_decay, h0, scale, qs=1, act=0):
 
 
 def _backward(q, k, v, log_decay, h0, A, b, qg, kg, eg, bl, strong, do, dfinal, scale, need_da, need_dh0,
-              dqkv=None, act=0):
+              dqkv=None):
     """dq, dk, dv, and da and dh0 where asked for (None otherwise); A, b, qg, kg, eg, bl, strong as the forward
     returned them. Scalar decays, q, k, v views of a packed (B, T, 3, H, D) tensor: dq, dk, dv go into the views of
-    `dqkv`, taken through the feature map `act` back to its input."""
+    `dqkv`, shaped as it."""
     A = A if A.numel() else None
     qs = 1 if dqkv is None else 3
-    plan = _Plan(q, v, log_decay, {1: None, 3: (b,), 4: (b, eg, bl, strong)}[log_decay.dim()], qs=qs, act=act)
+    plan = _Plan(q, v, log_decay, {1: None, 3: (b,), 4: (b, eg, bl, strong)}[log_decay.dim()], qs=qs)
     B, T, H, K, V, NT = plan.B, plan.T, plan.H, plan.K, plan.V, plan.NT
     shapes = dict(H=H, K=K, V=V, BT=plan.BT, DECAY=plan.decay, DT=plan.dt, PREC=plan.prec, RDT=plan.rdt,
-                  QS=qs, ACT=act, **plan.mild)
+                  QS=qs, **plan.mild)
     do = do.contiguous()
     if plan.decay != 2:
         qg, kg = q, k  # what the walks read; the other kernels do not read them
@@ -1173,7 +1157,7 @@ def _backward(q, k, v, log_decay, h0, A, b, qg, kg, eg, bl, strong, do, dfinal, 
                 T, plan.Tp, NT, scale, STORE_DA=fused_dA, **shapes)
     if staged and not fused_dA:
         plan.launch(_dA_kernel, "dA", (NT, B * H), do, v, dA, plan.a, plan.b, T, plan.Tp, NT, scale, H=H, K=K, V=V,
-                    BT=plan.BT, DECAY=plan.decay, DT=plan.dt, PREC=plan.prec, QS=qs, ACT=act)
+                    BT=plan.BT, DECAY=plan.decay, DT=plan.dt, PREC=plan.prec, QS=qs)
 
     nk = _cdiv(K, plan.cfg["dqk"]["BK"])
     db = da = None
@@ -1342,53 +1326,58 @@ def _vmap(info, in_dims, q, k, v, log_decay, h0, scale):
 
 
 # q, k and v as the three views of one packed (B, T, 3, H, D) tensor, scalar decays only: the kernels read them in
-# place with the feature map applied as they load (`_load_in`), and write the gradient of the packed tensor taken back
-# through the map. A model whose q, k, v are the SiLU of one joint projection (lightning) so makes neither the SiLU's
-# pass over the projection nor q, k and v's copies, nor in the backward the stack of dq, dk, dv and the SiLU's
-# gradient pass.
+# place and write the packed tensor's gradient. A model whose q, k, v come from one joint projection (lightning) so
+# copies neither q, k, v apart nor, in the backward, dq, dk, dv together: on an H200 the SiLU of lightning's projection
+# with the split took 1.0 ms of a 32k-token step, the SiLU's gradient with the stack 3.2 (58.7 ms in all), as autograd
+# and inductor made them.
+#
+# Two other ways measured slower there. The SiLU applied by the kernels as they load q, k, v (no SiLU pass at all)
+# sent the loads that fed the dots straight from shared memory through registers: dqk 2.2 -> 5.3 ms per step, the
+# walks 1.7 -> 2.9. The SiLU's gradient applied as dq, dk, dv are stored, from a dense copy made in the op: dqk +1.0,
+# dv +0.4, and torch's SiLU from the permuted projection into that copy 2.9 ms against inductor's 1.0; no net gain.
 @torch.library.custom_op("slab::linear_attention_packed_fwd", mutates_args=())
-def _packed_fwd_op(qkv: torch.Tensor, log_decay: torch.Tensor, h0: torch.Tensor | None, scale: float,
-                   act: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+def _packed_fwd_op(qkv: torch.Tensor, log_decay: torch.Tensor, h0: torch.Tensor | None,
+                   scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                       torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _forward(*qkv.unbind(2), log_decay, h0, scale, qs=3, act=act)
+    return _forward(*qkv.unbind(2), log_decay, h0, scale, qs=3)
 
 
 @_packed_fwd_op.register_fake
-def _(qkv, log_decay, h0, scale, act):
+def _(qkv, log_decay, h0, scale):
     return _fwd_fake(*qkv.unbind(2), log_decay, h0, scale)
 
 
 @torch.library.custom_op("slab::linear_attention_packed_bwd", mutates_args=())
 def _packed_bwd_op(qkv: torch.Tensor, log_decay: torch.Tensor, h0: torch.Tensor | None, A: torch.Tensor,
-                   b: torch.Tensor, do: torch.Tensor, dfinal: torch.Tensor | None, scale: float, act: int,
-                   need_da: bool, need_dh0: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _packed_backward(qkv, log_decay, h0, A, b, do, dfinal, scale, act, need_da, need_dh0)
+                   b: torch.Tensor, do: torch.Tensor, dfinal: torch.Tensor | None, scale: float, need_da: bool,
+                   need_dh0: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _packed_backward(qkv, log_decay, h0, A, b, do, dfinal, scale, need_da, need_dh0)
 
 
 @_packed_bwd_op.register_fake
-def _(qkv, log_decay, h0, A, b, do, dfinal, scale, act, need_da, need_dh0):
+def _(qkv, log_decay, h0, A, b, do, dfinal, scale, need_da, need_dh0):
     da = torch.empty_like(log_decay) if need_da else qkv.new_empty(0)
     dh0 = h0.new_empty(h0.shape, dtype=torch.float32) if (h0 is not None and need_dh0) else qkv.new_empty(0)
     return torch.empty_like(qkv), da, dh0
 
 
-def _packed_backward(qkv, log_decay, h0, A, b, do, dfinal, scale, act, need_da, need_dh0):
+def _packed_backward(qkv, log_decay, h0, A, b, do, dfinal, scale, need_da, need_dh0):
     """The packed tensor's gradient, and da and dh0 (empty where not asked for)."""
     dqkv = torch.empty_like(qkv)
     none = qkv.new_empty(0)  # per-channel bookkeeping, which the scalar forms have none of
     _, _, _, da, dh0 = _backward(*qkv.unbind(2), log_decay, h0, A, b, none, none, none, none, none, do.contiguous(),
-                                 dfinal, scale, need_da, need_dh0, dqkv=dqkv, act=act)
+                                 dfinal, scale, need_da, need_dh0, dqkv=dqkv)
     # A custom op's returns may not alias one another: a fresh empty tensor for each gradient not asked for.
     return dqkv, (da if da is not None else qkv.new_empty(0)), (dh0 if dh0 is not None else qkv.new_empty(0))
 
 
 def _packed_setup_context(ctx, inputs, output):
     """Save the packed inputs and the forward's A and b (scalar decays make nothing else) for the backward."""
-    qkv, log_decay, h0, scale, act = inputs
+    qkv, log_decay, h0, scale = inputs
     ctx.save_for_backward(qkv, log_decay, h0, output[2], output[3])
     ctx.mark_non_differentiable(*output[2:])
     ctx.set_materialize_grads(False)
-    ctx.scale, ctx.act = scale, act
+    ctx.scale = scale
 
 
 def _packed_autograd_backward(ctx, do, dfinal, *_unused, run=_packed_bwd_op):
@@ -1397,21 +1386,20 @@ def _packed_autograd_backward(ctx, do, dfinal, *_unused, run=_packed_bwd_op):
     if do is None:
         do = qkv.new_zeros(qkv[:, :, 2].shape)
     need_da, need_dh0 = ctx.needs_input_grad[1], h0 is not None and ctx.needs_input_grad[2]
-    dqkv, da, dh0 = run(qkv, log_decay, h0, A, b, do, dfinal, ctx.scale, ctx.act, need_da, need_dh0)
-    return dqkv, (da if need_da else None), (dh0 if need_dh0 else None), None, None
+    dqkv, da, dh0 = run(qkv, log_decay, h0, A, b, do, dfinal, ctx.scale, need_da, need_dh0)
+    return dqkv, (da if need_da else None), (dh0 if need_dh0 else None), None
 
 
 _packed_fwd_op.register_autograd(_packed_autograd_backward, setup_context=_packed_setup_context)
 
 
 @_packed_fwd_op.register_vmap
-def _packed_vmap(info, in_dims, qkv, log_decay, h0, scale, act):
+def _packed_vmap(info, in_dims, qkv, log_decay, h0, scale):
     """Under vmap, the members folded into the heads, as `_vmap`: qkv (n, B, T, 3, H, D) -> (B, T, 3, n H, D)."""
     n = info.batch_size
     qkv = _vmap_heads(_vmap_front(qkv, in_dims[0], n), 3).contiguous()
     g, h0 = _vmap_decay_state(info, log_decay, h0, in_dims[1:3])
-    o, final, *rest = _packed_fwd_op(qkv, g.contiguous(), h0.float().contiguous() if h0 is not None else None, scale,
-                                     act)
+    o, final, *rest = _packed_fwd_op(qkv, g.contiguous(), h0.float().contiguous() if h0 is not None else None, scale)
     return (o.unflatten(2, (n, -1)), final.unflatten(1, (n, -1)), *rest), (2, 1) + (None,) * len(rest)
 
 
@@ -1419,18 +1407,14 @@ class _EagerPacked(torch.autograd.Function):
     """The packed custom ops' forward and backward outside torch.compile, as `_Eager` for the dense ones."""
 
     @staticmethod
-    def forward(ctx, qkv, log_decay, h0, scale, act):
-        output = _forward(*qkv.unbind(2), log_decay, h0, scale, qs=3, act=act)
-        _packed_setup_context(ctx, (qkv, log_decay, h0, scale, act), output)
+    def forward(ctx, qkv, log_decay, h0, scale):
+        output = _forward(*qkv.unbind(2), log_decay, h0, scale, qs=3)
+        _packed_setup_context(ctx, (qkv, log_decay, h0, scale), output)
         return output
 
     @staticmethod
     def backward(ctx, do, dfinal, *unused):
         return _packed_autograd_backward(ctx, do, dfinal, *unused, run=_packed_backward)
-
-
-#: Feature maps the packed entry point applies to q, k and v as the kernels load them, by the kernels' ACT code.
-ACTIVATIONS = {None: 0, "silu": 1}
 
 
 def linear_attention_triton_packed(
@@ -1439,17 +1423,15 @@ def linear_attention_triton_packed(
     scale: float,
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
-    activation: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The Triton backend on q, k, v packed as (B, T, 3, H, D), scalar decays: read in place, `activation` applied
-    as they load, the gradient written packed."""
+    """The Triton backend on q, k, v packed as (B, T, 3, H, D), scalar decays: read in place, the gradient written
+    packed."""
     if not qkv.is_cuda and not _interpreting():
         raise ValueError("the triton backend needs CUDA tensors (or TRITON_INTERPRET=1 to run on CPU)")
     if log_decay.dim() == 4:
         raise ValueError("the packed kernels take constant or per-token decays; per channel, pass q, k, v apart")
     args = (qkv.contiguous(), log_decay.contiguous(),
-            initial_state.float().contiguous() if initial_state is not None else None, float(scale),
-            ACTIVATIONS[activation])
+            initial_state.float().contiguous() if initial_state is not None else None, float(scale))
     if torch.compiler.is_compiling() or torch._C._functorch.is_functorch_wrapped_tensor(qkv):
         o, final, *_ = _packed_fwd_op(*args)  # traced whole by torch.compile; vmapped over stacked models
     else:

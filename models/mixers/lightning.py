@@ -48,10 +48,9 @@ class Lightning(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Lightning attention over (B, T, d) -> (B, T, d)."""
         b, t, d = x.shape
-        # Laid out (3, B, T, H, Dh) so that q, k and v are each contiguous, as the kernels read them: compiled,
-        # the SiLU writes them so; sliced from (B, T, 3, H, Dh) they would each be copied again.
-        qkv = F.silu(self.wqkv(x)).view(b, t, 3, self.n_heads, d // self.n_heads).permute(2, 0, 1, 3, 4)
-        q, k, v = qkv.contiguous().unbind(0)
-        o, _ = kernels.linear_attention(q, k, v, self.log_decay, backend=self.backend)
+        # The joint projection's SiLU goes to the kernels as it is, (B, T, 3, H, Dh): they read q, k and v in place
+        # and write their gradients in that layout, so that no copy splits q, k, v or stacks dq, dk, dv.
+        qkv = F.silu(self.wqkv(x)).view(b, t, 3, self.n_heads, d // self.n_heads)
+        o, _ = kernels.linear_attention_packed(qkv, self.log_decay, backend=self.backend)
         o = self.norm(o.reshape(b, t, d).float())  # fp32 in, so the fused RMSNorm applies under autocast
         return self.wo(torch.sigmoid(self.wgate(x)) * o)

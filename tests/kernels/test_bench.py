@@ -46,7 +46,7 @@ def test_check_on_device_passes_ours_and_flags_wrong_and_raising_peers(monkeypat
             for r in (r for r in results if (r.impl, r.decay) == (backend, form)):
                 assert r.ok and max(r.forward_err, r.backward_err) <= bench.DEVICE_TOL[getattr(torch, r.dtype)], r
             assert sum(r.strong for r in results if (r.impl, r.decay) == (backend, form)) == (form != "constant") * 2
-    for r in (r for r in results if r.impl == bench.PACKED):  # against naive on the SiLU of q, k, v
+    for r in (r for r in results if r.impl == bench.PACKED):
         assert r.ok and max(r.forward_err, r.backward_err) <= bench.DEVICE_TOL[getattr(torch, r.dtype)], r
     assert all(r.repeatable for r in results if r.impl.startswith("ours"))
     noisy_result = by_key[("peer noisy", "token", "float32")]

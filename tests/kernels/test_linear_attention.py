@@ -356,6 +356,18 @@ def test_triton_under_vmap_matches_each_member(form):
         torch.testing.assert_close(got.grad, ref.grad, rtol=1e-3, atol=1e-3)
 
 
+def assert_compiled_matches_eager(f, inputs):
+    """f compiled whole (fullgraph: any graph break fails) gives eager's loss and every input's gradient."""
+    results = []
+    for fn in (f, torch.compile(f, backend="aot_eager", fullgraph=True)):
+        leaves = [x.clone().requires_grad_() for x in inputs]
+        loss = fn(*leaves)
+        loss.backward()
+        results.append([loss.detach()] + [x.grad for x in leaves])
+    for got, ref in zip(results[1], results[0]):
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("form", ["constant", "token", "channel"])
 def test_triton_compiles_in_one_graph(form):
     """The Triton backend is a custom op: torch.compile(fullgraph=True) fails on any graph break, and the
@@ -370,55 +382,46 @@ def test_triton_compiles_in_one_graph(form):
         o, final = linear_attention(q, k, v, g, initial_state=h0, output_final_state=True, backend="triton")
         return o.square().sum() + final.sum()
 
-    results = []
-    for fn in (f, torch.compile(f, backend="aot_eager", fullgraph=True)):
-        leaves = [x.clone().requires_grad_() for x in inputs]
-        loss = fn(*leaves)
-        loss.backward()
-        results.append([loss.detach()] + [x.grad for x in leaves])
-    for got, ref in zip(results[1], results[0]):
-        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    assert_compiled_matches_eager(f, inputs)
 
 
 # --------------------------------------------------------------------------- q, k, v packed as one tensor
 
 
-def run_packed(backend, qkv, a, h0, activation, do, dht):
+def run_packed(backend, qkv, a, h0, do, dht):
     """linear_attention_packed's outputs and gradients (qkv, log decay where it needs one, initial state)."""
     leaves = [x.detach().clone().requires_grad_(x.requires_grad) for x in (qkv, a, h0)]
-    o, state = kernels.linear_attention_packed(leaves[0], leaves[1], activation=activation, initial_state=leaves[2],
-                                               output_final_state=True, backend=backend)
+    o, state = kernels.linear_attention_packed(leaves[0], leaves[1], initial_state=leaves[2], output_final_state=True,
+                                               backend=backend)
     ((o.float() * do).sum() + (state * dht).sum()).backward()
     return [o.detach(), state.detach()] + [x.grad for x in leaves if x.requires_grad]
 
 
-#: (backend, form, activation, (B, T, H, D), learned decay): the packed kernels (triton, scalar decays) over the shapes
-#: of SHAPES with K = V; once without the map; the paths that split first (per channel, the torch backend) once each.
+#: (backend, form, (B, T, H, D), learned decay): the packed kernels (triton, scalar decays) over the shapes of SHAPES
+#: with K = V; the paths that split first (per channel, the torch backend) once each.
 PACKED_CASES = (
-    [("triton", form, "silu", shape, learned) for form in ("constant", "token")
+    [("triton", form, shape, learned) for form in ("constant", "token")
      for shape in [(1, 1, 1, 16), (2, 37, 2, 16), (1, 129, 2, 32)] for learned in (True, False)]
-    + [("triton", "constant", None, (2, 37, 2, 16), True), ("triton", "channel", "silu", (2, 37, 2, 16), True)]
-    + [("torch", form, "silu", (2, 37, 2, 16), True) for form in FORMS]
+    + [("triton", "channel", (2, 37, 2, 16), True)]
+    + [("torch", form, (2, 37, 2, 16), True) for form in FORMS]
 )
 
 
-@pytest.mark.parametrize("backend,form,activation,shape,learned", PACKED_CASES)
-def test_packed_matches_naive_on_the_activated_split(backend, form, activation, shape, learned):
-    """(B, T, 3, H, D) in, the activation applied to each of q, k, v: the same outputs and gradients as the naive
-    recurrence on activation(q), activation(k), activation(v), with the decay learned (its gradient too) or fixed
-    (lightning's buffer: the triton backward's own path)."""
+@pytest.mark.parametrize("backend,form,shape,learned", PACKED_CASES)
+def test_packed_matches_naive_on_the_split(backend, form, shape, learned):
+    """(B, T, 3, H, D) in: the same outputs and gradients as the naive recurrence on q, k, v = its three slices, with
+    the decay learned (its gradient too) or fixed (lightning's buffer: the triton backward's own path)."""
     batch, time, heads, dim = shape
     q, k, v, a, h0 = make_inputs(form, batch, time, heads, dim, dim, torch.float32, with_state=True)
+    # From a SiLU, as lightning's: the slices are views of a tensor that is not a leaf.
     qkv = torch.stack((q, k, v), dim=2).detach().requires_grad_()
     a = a.detach().requires_grad_(learned)
     g = torch.Generator().manual_seed(1)
     do, dht = torch.randn(v.shape, generator=g), torch.randn(h0.shape, generator=g)
-    got = run_packed(backend, qkv, a, h0, activation, do, dht)
-    ref = run_packed("naive", qkv, a, h0, activation, do, dht)
-    # The reference itself applies the activation in torch, then splits: check it does what it says.
-    split = torch.nn.functional.silu(qkv) if activation else qkv
-    o_split, _ = linear_attention(*split.unbind(2), a, initial_state=h0, backend="naive")
-    torch.testing.assert_close(ref[0], o_split.detach())
+    got = run_packed(backend, qkv, a, h0, do, dht)
+    ref = run_packed("naive", qkv, a, h0, do, dht)
+    o_split, _ = linear_attention(q, k, v, a, initial_state=h0, backend="naive")
+    torch.testing.assert_close(ref[0], o_split.detach())  # the reference does what it says
     assert len(got) == len(ref) == 4 + learned
     for name, x, y in zip(("o", "state", "qkv", "log_decay" if learned else "h0", "h0"), got, ref):
         assert rel_err(x, y) <= TOL[torch.float32], f"{name}: {rel_err(x, y)}"
@@ -426,17 +429,16 @@ def test_packed_matches_naive_on_the_activated_split(backend, form, activation, 
 
 @pytest.mark.parametrize("form", ["constant", "token"])
 def test_triton_packed_silu_bf16(form):
-    """bf16, as lightning trains: the packed kernels (SiLU as they load, its gradient as they store) within the bf16
-    tolerance of naive on the fp32 SiLU of the split projection, output and gradient. (The interpreter rounds fp32 to
-    bf16 by truncation, the GPU to nearest as torch does, so here the kernels' SiLU is up to an ulp off torch's.)"""
+    """bf16, as lightning trains, on the SiLU of a joint projection: output and the projection's gradient within the
+    bf16 tolerance of naive in fp32."""
     q, k, v, a, _ = make_inputs(form, 2, 70, 2, 32, 32, torch.bfloat16)
-    qkv = torch.stack((q, k, v), dim=2).detach()
+    proj = torch.stack((q, k, v), dim=2).detach()
     a = a.detach().float()
     do = torch.randn(v.shape, generator=torch.Generator().manual_seed(1))
     results = []
-    for backend, x in (("triton", qkv), ("naive", qkv.float())):
+    for backend, x in (("triton", proj), ("naive", proj.float())):
         leaf = x.clone().requires_grad_()
-        o, _ = kernels.linear_attention_packed(leaf, a, activation="silu", backend=backend)
+        o, _ = kernels.linear_attention_packed(torch.nn.functional.silu(leaf), a, backend=backend)
         (o.float() * do).sum().backward()
         results.append((o.detach().float(), leaf.grad.float()))
     for got, ref in zip(*results):
@@ -449,19 +451,12 @@ def test_packed_compiles_in_one_graph():
     B, T, H, D = 2, 70, 2, 16
     inputs = [torch.randn(B, T, 3, H, D), -torch.rand(H) * 0.5, torch.randn(B, H, D, D)]
 
-    def f(qkv, g, h0):
-        o, final = kernels.linear_attention_packed(qkv, g, activation="silu", initial_state=h0,
+    def f(proj, g, h0):
+        o, final = kernels.linear_attention_packed(torch.nn.functional.silu(proj), g, initial_state=h0,
                                                    output_final_state=True, backend="triton")
         return o.square().sum() + final.sum()
 
-    results = []
-    for fn in (f, torch.compile(f, backend="aot_eager", fullgraph=True)):
-        leaves = [x.clone().requires_grad_() for x in inputs]
-        loss = fn(*leaves)
-        loss.backward()
-        results.append([loss.detach()] + [x.grad for x in leaves])
-    for got, ref in zip(results[1], results[0]):
-        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    assert_compiled_matches_eager(f, inputs)
 
 
 def test_packed_under_vmap_matches_each_member():
@@ -472,21 +467,16 @@ def test_packed_under_vmap_matches_each_member():
     n, B, T, H, D = 2, 1, 20, 2, 16
     qkv, g = torch.randn(n, B, T, 3, H, D), -torch.rand(n, H) * 0.5
     leaf = qkv.clone().requires_grad_()
-    o = vmap(lambda x, a: kernels.linear_attention_packed(x, a, activation="silu", backend="triton")[0])(leaf, g)
+    o = vmap(lambda x, a: kernels.linear_attention_packed(x, a, backend="triton")[0])(leaf, g)
     o.square().sum().backward()
     ref = qkv.clone().requires_grad_()
-    o_ref = torch.stack([kernels.linear_attention_packed(ref[i], g[i], activation="silu", backend="naive")[0]
-                         for i in range(n)])
+    o_ref = torch.stack([kernels.linear_attention_packed(ref[i], g[i], backend="naive")[0] for i in range(n)])
     o_ref.square().sum().backward()
     torch.testing.assert_close(o, o_ref, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(leaf.grad, ref.grad, rtol=1e-3, atol=1e-3)
 
 
-@pytest.mark.parametrize("qkv_shape,activation,message", [
-    ((1, 4, 2, 2, 8), None, "qkv must be a"),
-    ((1, 4, 2, 8), None, "qkv must be a"),
-    ((1, 4, 3, 2, 8), "relu", "unknown activation"),
-])
-def test_packed_validation_errors(qkv_shape, activation, message):
-    with pytest.raises(ValueError, match=message):
-        kernels.linear_attention_packed(torch.randn(qkv_shape), -torch.rand(2), activation=activation)
+@pytest.mark.parametrize("qkv_shape", [(1, 4, 2, 2, 8), (1, 4, 2, 8)])
+def test_packed_validation_errors(qkv_shape):
+    with pytest.raises(ValueError, match="qkv must be a"):
+        kernels.linear_attention_packed(torch.randn(qkv_shape), -torch.rand(2))

@@ -65,16 +65,16 @@ def _variants(dtype: torch.dtype, decay: int):
         ptrs.update(dq_ptr=io, dk_ptr=io)
     shared = dict(H=8, K=128, V=128, BT=tc.CHUNK, DECAY=decay, DT=plan.dt, PREC=plan.prec, RDT=plan.rdt, **plan.mild)
     out = []
-    # Dense q, k, v, and packed with the SiLU applied as they load (`linear_attention_packed`: scalar decays; only
-    # in bf16, as models train, which keeps this test's compile time down).
+    # Dense q, k, v, and packed (`linear_attention_packed`: scalar decays; only in bf16, as models train, which keeps
+    # this test's compile time down).
     for packed in (False, True) if decay != 2 and dtype == torch.bfloat16 else (False,):
-        qs, act, tag = (3, 1, " packed") if packed else (1, 0, "")
-        base = dict(shared, QS=qs, ACT=act)
+        qs, tag = (3, " packed") if packed else (1, "")
+        base = dict(shared, QS=qs)
         for reverse in (False, True):
             for states in (False, True):
                 out.append((f"walk{tag} reverse={reverse} states={states}", tc._chunk_walk_kernel,
-                            dict(shared, REVERSE=reverse, STATES=states, HAS_START=True, XS=qs, XACT=act,
-                                 YS=1 if reverse else qs, YACT=0 if reverse else act), "walk"))
+                            dict(shared, REVERSE=reverse, STATES=states, HAS_START=True, XS=qs,
+                                 YS=1 if reverse else qs), "walk"))
         out.append((f"output{tag}", tc._output_kernel, base, "out"))
         out.append((f"dv{tag}", tc._dv_kernel, dict(base, STORE_DA=decay == 2), "dv"))
         out.append((f"dA{tag}", tc._dA_kernel, base, "dA"))
