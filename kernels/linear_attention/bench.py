@@ -177,6 +177,21 @@ def check_on_device(
     return out
 
 
+def check_summary(checks: list[CheckResult]) -> str:
+    """One line on the device checks: how many passed and repeated their bits, naming those that did not."""
+    def names(rows):
+        return ", ".join(f"{c.impl} {c.decay} {c.dtype}{' strong' if c.strong else ''}" for c in rows)
+
+    failed = [c for c in checks if not c.ok]
+    noisy = [c for c in checks if c.ok and not c.repeatable]
+    line = f"checks: {len(checks) - len(failed)} of {len(checks)} passed, {sum(c.repeatable for c in checks)} repeatable"
+    if failed:
+        line += f"; failed: {names(failed)}"
+    if noisy:
+        line += f"; passed but not bitwise repeatable: {names(noisy)}"
+    return line
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0] if text else ''}"[:200]
@@ -247,6 +262,7 @@ def run_bench(out_dir: Path, quick: bool = False, peers: bool = True) -> pd.Data
     out_dir.mkdir(parents=True, exist_ok=True)
     checks = check_on_device("cuda", peers=peers)
     pd.DataFrame([asdict(c) for c in checks]).to_csv(out_dir / "linear_attention_checks.csv", index=False)
+    log.log(logging.WARNING if any(not c.ok for c in checks) else logging.INFO, "%s", check_summary(checks))
     # A failed check takes that implementation's timings away: all of them for a wrong forward, the
     # forward+backward ones for a wrong (or refused) backward.
     failed = {}

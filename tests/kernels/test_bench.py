@@ -127,3 +127,14 @@ def test_run_bench_skips_failed_checks_and_records_errors(monkeypatch, tmp_path)
     for name in ("linear_attention.csv", "linear_attention.png", "linear_attention.md", "linear_attention_checks.csv"):
         assert (tmp_path / name).stat().st_size > 0
     assert "failed check" in (tmp_path / "linear_attention.md").read_text()
+
+
+def test_check_summary_names_failures_and_unrepeatable_passes():
+    checks = [
+        bench.CheckResult("ours triton", "token", "bfloat16", True, True, 1e-3, 1e-3, "dq", repeatable=True),
+        bench.CheckResult("peer", "token", "float32", True, True, 1e-3, 1e-3, "dq", strong=True),
+        bench.CheckResult("peer", "channel", "float32", False, False, 0.5, 0.5, "dk", repeatable=True),
+    ]
+    assert bench.check_summary(checks) == ("checks: 2 of 3 passed, 2 repeatable; failed: peer channel float32; "
+                                           "passed but not bitwise repeatable: peer token float32 strong")
+    assert bench.check_summary(checks[:1]) == "checks: 1 of 1 passed, 1 repeatable"
