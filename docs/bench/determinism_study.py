@@ -113,8 +113,15 @@ def train_check(arch: str, mode, steps: int = 20, reps: int = 2) -> None:
     log(f"train {arch} compile={mode}: first differing step index {first}")
 
 
+PARTS = ("kernels", "model", "compiled", "train")
+
 if __name__ == "__main__":
-    parts = sys.argv[1:] or ["kernels", "model", "compiled", "train"]
+    parts = sys.argv[1:] or list(PARTS)
+    unknown = [p for p in parts if p not in PARTS]
+    if unknown:
+        sys.exit(f"determinism_study: unknown part(s) {', '.join(unknown)}; known: {', '.join(PARTS)}")
+    if not torch.cuda.is_available():
+        sys.exit("determinism_study: needs a CUDA GPU (it measures GPU run-to-run differences)")
     if "kernels" in parts:
         for form in ("fixed", "constant", "token", "channel"):
             kernel_check(form, 16, 2048, 12, 64)

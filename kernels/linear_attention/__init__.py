@@ -79,10 +79,18 @@ def linear_attention(
     backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Gated linear attention over (B, T, H, D) inputs; returns (o with v's dtype, fp32 final state or None)."""
+    scale, backend = _checked(q, k, v, log_decay, initial_state, backend, scale)
+    return _run(q, k, v, log_decay, scale, initial_state, output_final_state, backend)
+
+
+def _checked(q, k, v, log_decay, initial_state, backend: str, scale: float | None) -> tuple[float, str]:
+    """Validate the inputs; the scale (default 1 / sqrt(K)) and the backend "auto" stands for."""
     _validate(q, k, v, log_decay, initial_state, backend)
-    if scale is None:
-        scale = q.shape[-1] ** -0.5
-    backend = resolve_backend(backend, q)
+    return (q.shape[-1] ** -0.5 if scale is None else scale), resolve_backend(backend, q)
+
+
+def _run(q, k, v, log_decay, scale, initial_state, output_final_state, backend: str):
+    """The named backend on validated inputs."""
     if backend == "naive":
         from .naive import linear_attention_naive as run
     elif backend == "torch":
@@ -107,16 +115,12 @@ def linear_attention_packed(
     if not isinstance(qkv, torch.Tensor) or qkv.dim() != 5 or qkv.shape[2] != 3:
         raise ValueError(f"qkv must be a (batch, time, 3, heads, dim) tensor; got {getattr(qkv, 'shape', qkv)}")
     q, k, v = qkv.unbind(2)
-    _validate(q, k, v, log_decay, initial_state, backend)
-    if scale is None:
-        scale = q.shape[-1] ** -0.5
-    backend = resolve_backend(backend, q)
+    scale, backend = _checked(q, k, v, log_decay, initial_state, backend, scale)
     if backend == "triton" and log_decay.dim() != 4:  # per channel, the kernels read q, k, v dense
         from .triton_chunk import linear_attention_triton_packed
 
         return linear_attention_triton_packed(qkv, log_decay, scale, initial_state, output_final_state)
-    return linear_attention(q, k, v, log_decay, scale=scale, initial_state=initial_state,
-                            output_final_state=output_final_state, backend=backend)
+    return _run(q, k, v, log_decay, scale, initial_state, output_final_state, backend)
 
 
 __all__ = ["BACKENDS", "decay_form", "linear_attention", "linear_attention_packed", "resolve_backend"]

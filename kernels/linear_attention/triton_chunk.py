@@ -936,8 +936,6 @@ class _Plan:
         # q, k, v (and their gradients): dense (qs 1) or views of one packed (B, T, 3, H, D) tensor (qs 3, `_load_in`);
         # the per-channel form's own kernels read them dense.
         self.qs = qs
-        if self.decay == 2 and qs != 1:
-            raise ValueError("per-channel decay reads q, k and v dense")
         self.BT = CHUNK
         self.NT = _cdiv(self.T, self.BT)
         self.Tp = self.NT * self.BT
@@ -1200,8 +1198,12 @@ def _backward(q, k, v, log_decay, h0, A, b, qg, kg, eg, bl, strong, do, dfinal, 
 
 def _dense(q, k, v, log_decay, h0):
     """The inputs as the kernels index them: contiguous, the initial state in fp32 (no copies when they are)."""
-    h0 = h0.float().contiguous() if h0 is not None else None
-    return q.contiguous(), k.contiguous(), v.contiguous(), log_decay.contiguous(), h0
+    return q.contiguous(), k.contiguous(), v.contiguous(), *_dense_decay_state(log_decay, h0)
+
+
+def _dense_decay_state(log_decay, h0):
+    """The log decay contiguous and the initial state (if any) fp32 contiguous, as every kernel reads them."""
+    return log_decay.contiguous(), (h0.float().contiguous() if h0 is not None else None)
 
 
 # The kernels run as torch custom ops: torch.compile keeps a model that calls them in one graph (as a
@@ -1399,7 +1401,7 @@ def _packed_vmap(info, in_dims, qkv, log_decay, h0, scale):
     n = info.batch_size
     qkv = _vmap_heads(_vmap_front(qkv, in_dims[0], n), 3).contiguous()
     g, h0 = _vmap_decay_state(info, log_decay, h0, in_dims[1:3])
-    o, final, *rest = _packed_fwd_op(qkv, g.contiguous(), h0.float().contiguous() if h0 is not None else None, scale)
+    o, final, *rest = _packed_fwd_op(qkv, *_dense_decay_state(g, h0), scale)
     return (o.unflatten(2, (n, -1)), final.unflatten(1, (n, -1)), *rest), (2, 1) + (None,) * len(rest)
 
 
@@ -1426,17 +1428,24 @@ def linear_attention_triton_packed(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The Triton backend on q, k, v packed as (B, T, 3, H, D), scalar decays: read in place, the gradient written
     packed."""
-    if not qkv.is_cuda and not _interpreting():
-        raise ValueError("the triton backend needs CUDA tensors (or TRITON_INTERPRET=1 to run on CPU)")
     if log_decay.dim() == 4:
         raise ValueError("the packed kernels take constant or per-token decays; per channel, pass q, k, v apart")
-    args = (qkv.contiguous(), log_decay.contiguous(),
-            initial_state.float().contiguous() if initial_state is not None else None, float(scale))
-    if torch.compiler.is_compiling() or torch._C._functorch.is_functorch_wrapped_tensor(qkv):
-        o, final, *_ = _packed_fwd_op(*args)  # traced whole by torch.compile; vmapped over stacked models
-    else:
-        o, final, *_ = _EagerPacked.apply(*args)
+    args = (qkv.contiguous(), *_dense_decay_state(log_decay, initial_state), float(scale))
+    o, final = _run_op(_packed_fwd_op, _EagerPacked, args)
     return o, (final if output_final_state else None)
+
+
+def _run_op(op, eager, args):
+    """o and the final state of a forward custom op on `args` (first the tensor its device and wrapping are read
+    from): the op itself under torch.compile (traced whole) and functorch (its vmap rule), else `eager`, the same
+    forward and backward as a plain autograd Function."""
+    if not args[0].is_cuda and not _interpreting():
+        raise ValueError("the triton backend needs CUDA tensors (or TRITON_INTERPRET=1 to run on CPU)")
+    if torch.compiler.is_compiling() or torch._C._functorch.is_functorch_wrapped_tensor(args[0]):
+        o, final, *_ = op(*args)
+    else:
+        o, final, *_ = eager.apply(*args)
+    return o, final
 
 
 def linear_attention_triton(
@@ -1449,12 +1458,6 @@ def linear_attention_triton(
     output_final_state: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Chunked Triton forward (and autograd backward); CUDA tensors, or CPU ones under TRITON_INTERPRET=1."""
-    if not q.is_cuda and not _interpreting():
-        raise ValueError("the triton backend needs CUDA tensors (or TRITON_INTERPRET=1 to run on CPU)")
     # Made dense before the op, so that the tensors it saves for the backward need no second copy there.
-    args = (*_dense(q, k, v, log_decay, initial_state), float(scale))
-    if torch.compiler.is_compiling() or torch._C._functorch.is_functorch_wrapped_tensor(q):
-        o, final, *_ = _fwd_op(*args)  # traced whole by torch.compile; vmapped over stacked models
-    else:
-        o, final, *_ = _Eager.apply(*args)
+    o, final = _run_op(_fwd_op, _Eager, (*_dense(q, k, v, log_decay, initial_state), float(scale)))
     return o, (final if output_final_state else None)
