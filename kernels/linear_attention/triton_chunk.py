@@ -950,6 +950,12 @@ class _Plan:
         stages = 3 if bf16 else 2
         K, V = self.K, self.V
         per_channel = self.decay == 2
+        # The output and dv kernels at 4 warps for heads of up to 64 (lightning's) in bf16, at 8 for wider ones (the
+        # benchmark's 128, where 8 was chosen); dqk at 4 in bf16 at any width. At lightning's training shape on an H200
+        # (packed q, k, v, fixed decay, B 64, T 2k, H 12, D 64; CUDA-graph replays) fwd+bwd took 1.541 ms with all
+        # three at 4 against 1.865 at 8, and 0.406 against 0.486 at B 16; at the benchmark's D 128, dqk at 4 took
+        # 0.007-0.020 ms off the scalar forms and left per channel as it was (docs/bench/kernels.md).
+        chunk_warps = 4 if bf16 and K <= 64 and V <= 64 else 8
         self.cfg = {
             # Walks, bf16: 4 warps (about 120 registers a thread) and 3 stages, with the group size counting two
             # walkers per SM, were faster than 8 warps (one per SM) for every form and shape
@@ -963,14 +969,14 @@ class _Plan:
             # / 0.013-0.015 / 0.027-0.031 ms off per channel and 0.005 / 0.010 / 0.024 off the fixed-decay constant
             # form, the scalar dv's 0.002 / 0.011 / 0.021 off the latter. Per channel the dv kernel also stores dA (at
             # 8k: 178 us, against 156 plus the dA kernel's 57).
-            "out": dict(BK=_pow2_tile(K, wide), BV=_pow2_tile(V, 2 * wide), num_warps=8, num_stages=stages),
-            "dv": dict(BK=_pow2_tile(K, wide), BV=_pow2_tile(V, 2 * wide), num_warps=8, num_stages=stages),
+            "out": dict(BK=_pow2_tile(K, wide), BV=_pow2_tile(V, 2 * wide), num_warps=chunk_warps, num_stages=stages),
+            "dv": dict(BK=_pow2_tile(K, wide), BV=_pow2_tile(V, 2 * wide), num_warps=chunk_warps, num_stages=stages),
             "dA": dict(BV=_pow2_tile(V, wide), num_warps=8, num_stages=stages),
             # Wide K tiles: each K tile loads do and v again (and unstaged, makes the whole do v^T again). Per channel
             # with dA staged, tiles of 64 gave 1.39 / 1.55 / 1.75 ms fwd+bwd at 2k / 8k / 32k against 1.45 / 1.62 /
             # 1.93 with 32 (before, making dA itself, 64 spilled registers). 3 stages rather than 2: 0.04-0.07 ms
             # off every form's fwd+bwd (per channel 1.31 / 1.46 / 1.64 -> 1.26 / 1.41 / 1.57 ms).
-            "dqk": dict(BK=_pow2_tile(K, wide), BV=_pow2_tile(V, 32), num_warps=8, num_stages=stages),
+            "dqk": dict(BK=_pow2_tile(K, wide), BV=_pow2_tile(V, 32), num_warps=4 if bf16 else 8, num_stages=stages),
             # A, 4 warps (two programs per SM; 8 warps took the whole register file): the sub-block path 13% faster
             # at B 16, T 2k and 28% in the forward at B 1, T 1M. It spilled at 4 warps until its elementwise loop
             # became dynamic.
