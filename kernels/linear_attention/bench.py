@@ -2,7 +2,8 @@
 
 `check_on_device` compares every backend and decay form (and the fla peers, when importable) with the naive
 recurrence on the GPU itself, outputs and gradients, in fp32 and bf16, and whether a second run gives the same bits;
-the packed entry point (q, k, v as one tensor) is checked too. `run_bench` then times forward and
+the packed entry point (q, k, v as one tensor) is checked too, and ours on Triton again at lightning's head width.
+`run_bench` then times forward and
 forward+backward (`triton.testing.do_bench` medians after warm-up) and writes CSV, PNG and a markdown table.
 An implementation that fails its check gets no timing; one that raises gets an error cell, not a crash.
 
@@ -29,6 +30,9 @@ from . import linear_attention, linear_attention_packed
 log = logging.getLogger(__name__)
 
 HEADS, DIM = 8, 128
+#: Lightning's head width. The Triton kernels launch with other settings for heads of up to 64 (`_Plan`), so the
+#: device check runs them at this width too.
+LIGHTNING_DIM = 64
 #: (B, T) timed forward and forward+backward, then (B, T) timed forward only.
 TRAIN_SHAPES = [(16, 2048), (4, 8192), (1, 32768)]
 LONG_SHAPES = [(1, 131072), (1, 524288), (1, 1048576)]
@@ -60,6 +64,7 @@ class CheckResult:
     error: str = ""
     strong: bool = False  # decays of -10 per token on a fifth of the entries, on top of the models' range
     repeatable: bool = False  # a second run gave the same bits (o and every gradient)
+    dim: int = DIM  # head width (K = V)
 
     @property
     def ok(self) -> bool:
@@ -157,19 +162,27 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 
 def check_on_device(
-    device: str = "cuda", size: tuple[int, int, int, int] = (2, 300, 2, DIM), peers: bool = True
+    device: str = "cuda", size: tuple[int, int, int, int] = (2, 300, 2, DIM), peers: bool = True,
+    widths: tuple[int, ...] = (LIGHTNING_DIM,),
 ) -> list[CheckResult]:
     """Each backend and decay form (ours, and fla's when importable) against naive on `device`, fp32 and bf16;
-    data-dependent decays both in the models' range and strong.
+    data-dependent decays both in the models' range and strong. Then ours on Triton (dense and packed) again at
+    each head width in `widths`, as their launch settings depend on it.
 
     size is (B, T, H, D); the default has T off the chunk grid and the benchmark's head width.
     """
+    batch, time, heads, dim = size
+    impls = _implementations(peers)
+    runs = [(key, fn, dim) for key, fn in impls.items()]
+    runs += [(key, fn, width) for width in widths if width != dim
+             for key, fn in impls.items() if key[0] in ("ours triton", PACKED)]
     out = []
-    for (impl, form), fn in _implementations(peers).items():
+    for (impl, form), fn, width in runs:
         for dtype, strong in itertools.product((torch.float32, torch.bfloat16), (False, True)):
             if strong and form == "constant":
                 continue
-            result = replace(_check_one(fn, form, dtype, device, *size, strong=strong), impl=impl)
+            result = replace(_check_one(fn, form, dtype, device, batch, time, heads, width, strong=strong),
+                             impl=impl, dim=width)
             if result.error:
                 log.warning("check %s %s %s: %s", impl, form, result.dtype, result.error)
             log.info("check %s", result)
@@ -180,7 +193,7 @@ def check_on_device(
 def check_summary(checks: list[CheckResult]) -> str:
     """One line on the device checks: how many passed and repeated their bits, naming those that did not."""
     def names(rows):
-        return ", ".join(f"{c.impl} {c.decay} {c.dtype}{' strong' if c.strong else ''}" for c in rows)
+        return ", ".join(f"{c.impl} {c.decay} {c.dtype}{_width(c)}{' strong' if c.strong else ''}" for c in rows)
 
     failed = [c for c in checks if not c.ok]
     noisy = [c for c in checks if c.ok and not c.repeatable]
@@ -190,6 +203,11 @@ def check_summary(checks: list[CheckResult]) -> str:
     if noisy:
         line += f"; passed but not bitwise repeatable: {names(noisy)}"
     return line
+
+
+def _width(check: CheckResult) -> str:
+    """' D 64' for a check at a head width other than the benchmark's, else ''."""
+    return "" if check.dim == DIM else f" D {check.dim}"
 
 
 def _first_line(exc: BaseException) -> str:
@@ -267,12 +285,13 @@ def run_bench(out_dir: Path, quick: bool = False, peers: bool = True) -> pd.Data
     # forward+backward ones for a wrong (or refused) backward.
     failed = {}
     for c in checks:
-        what = f"{c.dtype}: {c.error}" if c.error else None
+        case = f"{c.dtype}{_width(c)}"
+        what = f"{case}: {c.error}" if c.error else None
         if not c.forward_ok:
             for mode in ("fwd", "fwd+bwd"):
-                failed.setdefault((c.impl, c.decay, mode), "failed check (" + (what or f"{c.dtype}: o rel err {c.forward_err:.2g}") + ")")
+                failed.setdefault((c.impl, c.decay, mode), "failed check (" + (what or f"{case}: o rel err {c.forward_err:.2g}") + ")")
         elif not c.backward_ok:
-            failed.setdefault((c.impl, c.decay, "fwd+bwd"), "failed check (" + (what or f"{c.dtype}: {c.worst} rel err {c.backward_err:.2g}") + ")")
+            failed.setdefault((c.impl, c.decay, "fwd+bwd"), "failed check (" + (what or f"{case}: {c.worst} rel err {c.backward_err:.2g}") + ")")
 
     timed = {key: fn for key, fn in _implementations(peers).items() if key[0] not in ("ours torch", PACKED)}
     timed[("sdpa flash", "")] = _sdpa

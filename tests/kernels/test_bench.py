@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pandas as pd
 import pytest
@@ -37,7 +38,7 @@ def test_check_on_device_passes_ours_and_flags_wrong_and_raising_peers(monkeypat
     impls[("peer raising", "channel")] = raising
     impls[("peer no backward", "token")] = no_backward
     monkeypatch.setattr(bench, "_implementations", lambda peers=True: impls)
-    results = bench.check_on_device("cpu", size=(1, 70, 1, 16))
+    results = bench.check_on_device("cpu", size=(1, 70, 1, 16), widths=())
     by_key = {(r.impl, r.decay, r.dtype): r for r in results if not r.strong}
     # Two dtypes each; data-dependent decays also strong.
     assert len(results) == sum(2 if form == "constant" else 4 for _, form in impls)
@@ -57,6 +58,19 @@ def test_check_on_device_passes_ours_and_flags_wrong_and_raising_peers(monkeypat
     assert not raised.ok and raised.error == "RuntimeError: forward refused"
     half = by_key[("peer no backward", "token", "float32")]
     assert half.forward_ok and not half.backward_ok and half.error == "RuntimeError: no backward here"
+
+
+def test_check_on_device_checks_ours_on_triton_again_at_other_head_widths(monkeypatch):
+    real = bench._implementations(peers=False)
+    keys = [("ours triton", "constant"), ("ours torch", "constant"), (bench.PACKED, "constant")]
+    monkeypatch.setattr(bench, "_implementations", lambda peers=True: {key: real[key] for key in keys})
+    results = bench.check_on_device("cpu", size=(1, 20, 1, 16), widths=(32, 16))
+    # The size's own width once for all three; width 32 again for the Triton two only; both dtypes each.
+    assert sorted((r.impl, r.dim) for r in results) == sorted(
+        [(impl, 16) for impl, _ in keys for _ in range(2)] + [("ours triton", 32)] * 2 + [(bench.PACKED, 32)] * 2)
+    assert all(r.ok and r.repeatable for r in results), results
+    failed = replace(results[-1], forward_ok=False)
+    assert bench.check_summary([failed]).endswith(f"failed: {failed.impl} constant {failed.dtype} D 32")
 
 
 class _RefuseBackward(torch.autograd.Function):
