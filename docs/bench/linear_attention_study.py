@@ -11,9 +11,14 @@ flash-linear-attention. On a GPU (bf16, H 8, K = V = 128):
     python docs/bench/linear_attention_study.py gpu                      # GPU time of fwd+bwd per form and shape
     python docs/bench/linear_attention_study.py host                     # host and wall time per fwd+bwd (eager)
     python docs/bench/linear_attention_study.py groups                   # walk warps/stages x walkers per SM
+    python docs/bench/linear_attention_study.py kernels                  # us per kernel per step, 8k and 2k
+    python docs/bench/linear_attention_study.py walkgrid                 # walk settings x forms x shapes, 2 rounds
+    python docs/bench/linear_attention_study.py lightning                # settings at lightning's training shape
 """
 
 import itertools
+import json
+import subprocess
 import sys
 import time
 
@@ -232,6 +237,135 @@ def groups() -> None:
     tc._group_size = model
 
 
+def kernel_us(form: str, batch: int, time_: int, learn_decay: bool = True) -> dict[str, float]:
+    """GPU microseconds per fwd+bwd step of each kernel (self time, torch.profiler over 10 steps)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    step = step_fn(*inputs(form, batch, time_, learn_decay=learn_decay))
+    for _ in range(5):
+        step()
+    torch.cuda.synchronize()
+    with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(10):
+            step()
+        torch.cuda.synchronize()
+    return {e.key: e.self_device_time_total / 10 for e in prof.key_averages() if e.self_device_time_total > 0}
+
+
+def kernels() -> None:
+    """Per channel against the fixed-decay constant form, kernel by kernel, at B 4 T 8k and B 16 T 2k."""
+    for (batch, time_), (form, learn) in itertools.product(((4, 8192), (16, 2048)),
+                                                          (("channel", True), ("constant", False))):
+        label = form if learn else "constant-fixed"
+        times = kernel_us(form, batch, time_, learn)
+        for name, us in sorted(times.items(), key=lambda item: -item[1]):
+            print("kernels", label, batch, time_, name[:40], f"{us:.1f}", flush=True)
+        print("kernels", label, batch, time_, "TOTAL", f"{sum(times.values()):.1f}", flush=True)
+
+
+#: Walk settings timed by `walkgrid` (the first: the defaults).
+WALK_GRID = ({}, dict(BK=32, num_warps=8, num_stages=4), dict(BK=32, num_warps=8, num_stages=3),
+             dict(BK=32, num_warps=4, num_stages=3), dict(BK=32, BV=32, num_warps=4, num_stages=3),
+             dict(BK=32, BV=32, num_warps=4, num_stages=4), dict(BK=64, BV=32, num_warps=8, num_stages=4),
+             dict(BK=64, num_warps=8, num_stages=4))
+
+
+def walkgrid() -> None:
+    """GPU ms of fwd+bwd per walk setting, form (the data-dependent ones with their decay's gradient, the constant
+    one fixed and learned) and shape, two rounds; forward ms at B 1, T 1M in the first."""
+    chosen: dict[str, dict] = {}
+    override(chosen)
+    for rnd, walk in itertools.product(range(2), WALK_GRID):
+        chosen["walk"] = walk
+        for form, learn in (("channel", True), ("constant", False), ("token", True), ("constant", True)):
+            ms = [f"{graph_ms(form, batch, time_, learn)[0]:.3f}" for batch, time_ in SHAPES]
+            print("walkgrid", rnd, walk, form + ("" if learn else "-fixed"), *ms, flush=True)
+            if rnd == 0 and learn != (form == "constant"):
+                ms_1m = _time_one(_ours("triton"), "ours triton", form, 1, 1 << 20, False, False)
+                print("walkgrid fwd 1M", walk, form, f"{ms_1m:.2f}", flush=True)
+
+
+#: Settings tried by `lightning`, one kernel at a time, keeping the best so far.
+LIGHTNING_SPACE = {
+    "out": dict(BK=(32, 64), BV=(32, 64), num_warps=(4, 8), num_stages=(3,)),
+    "dv": dict(BV=(32, 64), num_warps=(4, 8), num_stages=(2, 3)),
+    "dqk": dict(BK=(32, 64), BV=(32, 64), num_warps=(4, 8), num_stages=(3,)),
+    "walk": dict(num_warps=(4, 8), num_stages=(2, 3, 4)),
+}
+
+
+def lightning_ms(batch: int, graph: bool = True, time_: int = 2048, heads: int = 12, dim: int = 64):
+    """Lightning's linear attention as it trains (packed q, k, v from a SiLU, a fixed constant decay, bf16): GPU ms
+    of fwd+bwd as a CUDA-graph replay, or (graph False) the output and gradient in fp32."""
+    from kernels import linear_attention_packed
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    qkv = torch.randn(batch, time_, 3, heads, dim, device="cuda", generator=g)
+    qkv = torch.nn.functional.silu(qkv).bfloat16().requires_grad_()
+    a = -torch.rand(heads, device="cuda", generator=g) * 0.5
+    do = torch.randn(batch, time_, heads, dim, device="cuda", generator=g, dtype=torch.bfloat16)
+
+    def step():
+        o, _ = linear_attention_packed(qkv, a, backend="triton")
+        return (o,) + torch.autograd.grad(o, (qkv,), do)
+
+    if not graph:
+        return [x.float() for x in step()]
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    replay = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(replay):
+        step()
+    replay.replay()
+    torch.cuda.synchronize()
+    return triton.testing.do_bench(replay.replay, warmup=10, rep=200)
+
+
+def lightning_one(settings_json: str) -> None:
+    """One setting (kernel name -> launch settings, JSON) at lightning's shape: ms at B 64 and B 16, and the largest
+    relative difference of its output and gradient from the defaults' at B 4 (one line, RESULT + JSON)."""
+    chosen: dict[str, dict] = {}
+    override(chosen)
+    ref = lightning_ms(4, graph=False)
+    chosen.update(json.loads(settings_json))
+    out = lightning_ms(4, graph=False)
+    err = max(((x - r).abs().max() / r.abs().max().clamp_min(1e-6)).item() for x, r in zip(out, ref))
+    print("RESULT", json.dumps(dict(ms64=lightning_ms(64), ms16=lightning_ms(16), err=err)), flush=True)
+
+
+def lightning() -> None:
+    """LIGHTNING_SPACE at lightning's training shape, each setting in its own process (some settings fault on the GPU,
+    which leaves a process's CUDA context unusable), keeping each kernel's best correct one in turn."""
+    def trial(chosen):
+        done = subprocess.run([sys.executable, __file__, "lightning-one", json.dumps(chosen)], capture_output=True,
+                              text=True)
+        for line in done.stdout.splitlines():
+            if line.startswith("RESULT "):
+                return json.loads(line.removeprefix("RESULT "))
+        return dict(fail=(done.stderr.strip().splitlines() or ["?"])[-1][:100])
+
+    chosen: dict[str, dict] = {}
+    best = trial(chosen)
+    print("lightning defaults", best, flush=True)
+    best_ms = best["ms64"]
+    for name, space in LIGHTNING_SPACE.items():
+        keys, pick = list(space), None
+        for values in itertools.product(*(space[key] for key in keys)):
+            setting = dict(zip(keys, values))
+            result = trial({**chosen, name: setting})
+            print("lightning", name, setting, result, flush=True)
+            if "ms64" in result and result["err"] < 2e-2 and result["ms64"] < best_ms:
+                best_ms, pick = result["ms64"], setting
+        if pick:
+            chosen[name] = pick
+        print(f"lightning BEST after {name}: {best_ms:.3f} ms with {chosen}", flush=True)
+
+
 def host() -> None:
     """Host ms (queueing the work) and wall ms per eager fwd+bwd step, the median of 5 runs of 40 steps each."""
     for (batch, time_), form in itertools.product(((16, 2048), (1, 32768)), FORMS):
@@ -252,6 +386,8 @@ if __name__ == "__main__":
     # Each command with the number of arguments it takes; anything else prints the usage above and exits 1.
     commands = {"profile": (profile, 0), "walks": (walks, 0), "paths": (paths, 0), "side": (side, 1),
                 "gpu": (gpu, 0), "host": (host, 0), "groups": (groups, 0), "mixed": (mixed, 0),
+                "kernels": (kernels, 0), "walkgrid": (walkgrid, 0), "lightning": (lightning, 0),
+                "lightning-one": (lightning_one, 1),
                 "settings": (lambda f, b, t, n: settings(f, int(b), int(t), n.split(",")), 4)}
     command, args = (sys.argv[1], sys.argv[2:]) if len(sys.argv) > 1 else ("", [])
     if command not in commands or len(args) != commands[command][1]:
