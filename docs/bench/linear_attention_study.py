@@ -120,7 +120,12 @@ def profile() -> None:
 def graph_ms(form: str, batch: int, time_: int, learn_decay: bool = True,
              strong: float = 0.0) -> tuple[float, list[torch.Tensor]]:
     """Median ms of fwd+bwd replayed as a CUDA graph (GPU time, no host time), and its outputs."""
-    step = step_fn(*inputs(form, batch, time_, learn_decay=learn_decay, strong=strong))
+    return replay_ms(step_fn(*inputs(form, batch, time_, learn_decay=learn_decay, strong=strong)))
+
+
+def replay_ms(step, rep: int = 150) -> tuple[float, list[torch.Tensor]]:
+    """Median ms of step() captured once as a CUDA graph and replayed (warmed up on a side stream first), and its
+    outputs in fp32."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -132,7 +137,7 @@ def graph_ms(form: str, batch: int, time_: int, learn_decay: bool = True,
         out = step()
     graph.replay()
     torch.cuda.synchronize()
-    return triton.testing.do_bench(graph.replay, warmup=10, rep=150), [x.detach().float().clone() for x in out]
+    return triton.testing.do_bench(graph.replay, warmup=10, rep=rep), [x.detach().float().clone() for x in out]
 
 
 def settings(form: str, batch: int, time_: int, names: list[str]) -> None:
@@ -312,18 +317,7 @@ def lightning_ms(batch: int, graph: bool = True, time_: int = 2048, heads: int =
 
     if not graph:
         return [x.float() for x in step()]
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    replay = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(replay):
-        step()
-    replay.replay()
-    torch.cuda.synchronize()
-    return triton.testing.do_bench(replay.replay, warmup=10, rep=200)
+    return replay_ms(step, rep=200)[0]
 
 
 def lightning_one(settings_json: str) -> None:
