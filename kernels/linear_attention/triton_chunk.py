@@ -952,8 +952,8 @@ class _Plan:
         per_channel = self.decay == 2
         # The output and dv kernels at 4 warps for heads of up to 64 (lightning's) in bf16, at 8 for wider ones (the
         # benchmark's 128, where 8 was chosen); dqk at 4 in bf16 at any width. At lightning's training shape on an H200
-        # (packed q, k, v, fixed decay, B 64, T 2k, H 12, D 64; CUDA-graph replays) fwd+bwd took 1.541 ms with all
-        # three at 4 against 1.865 at 8, and 0.406 against 0.486 at B 16; at the benchmark's D 128, dqk at 4 took
+        # (packed q, k, v, fixed decay, B 64, T 2k, H 12, D 64; CUDA-graph replays) fwd+bwd took 1.549 ms with all
+        # three at 4 against 1.865 at 8, and 0.407 against 0.486 at B 16; at the benchmark's D 128, dqk at 4 took
         # 0.007-0.020 ms off the scalar forms and left per channel as it was (docs/bench/kernels.md).
         chunk_warps = 4 if bf16 and K <= 64 and V <= 64 else 8
         self.cfg = {
