@@ -3,8 +3,8 @@
 `check_on_device` compares every backend and decay form (and the fla peers, when importable) with the naive
 recurrence on the GPU itself, outputs and gradients, in fp32 and bf16, and whether a second run gives the same bits;
 the packed entry point (q, k, v as one tensor) is checked too, and ours on Triton again at lightning's head width.
-`run_bench` then times forward and
-forward+backward (`triton.testing.do_bench` medians after warm-up) and writes CSV, PNG and a markdown table.
+`run_bench` then times forward and forward+backward (`triton.testing.do_bench` medians after warm-up) and writes
+CSV, PNG and a markdown table.
 An implementation that fails its check gets no timing; one that raises gets an error cell, not a crash.
 
     python -m kernels.linear_attention.bench --out docs/bench [--quick]
@@ -184,7 +184,7 @@ def check_on_device(
             result = replace(_check_one(fn, form, dtype, device, batch, time, heads, width, strong=strong),
                              impl=impl, dim=width)
             if result.error:
-                log.warning("check %s %s %s: %s", impl, form, result.dtype, result.error)
+                log.warning("check %s %s %s%s: %s", impl, form, result.dtype, _width(result), result.error)
             log.info("check %s", result)
             out.append(result)
     return out
