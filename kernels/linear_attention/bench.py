@@ -320,7 +320,7 @@ def run_bench(out_dir: Path, quick: bool = False, peers: bool = True) -> pd.Data
     df["tokens_per_s"] = df["B"] * df["T"] / (df["ms"] / 1e3)
     df.to_csv(out_dir / "linear_attention.csv", index=False)
     (out_dir / "linear_attention.partial.csv").unlink(missing_ok=True)
-    (out_dir / "linear_attention.md").write_text(markdown_table(df) + "\n")
+    (out_dir / "linear_attention.md").write_text(markdown_table(df) + "\n\n" + "\n".join(comparisons(df)) + "\n")
     plot(df, out_dir / "linear_attention.png")
     return df
 
@@ -348,6 +348,42 @@ def markdown_table(df: pd.DataFrame) -> str:
         cells = [str(row.get(c, "")).replace("|", "/") for c in columns]
         lines.append(f"| {mode} | {batch} | {time} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+#: The fla kernel each of our forms is compared with, where fla is in the table.
+FLA_PEER = {"constant": "fla chunk_simple_gla", "token": "fla chunk_simple_gla", "channel": "fla chunk_gla"}
+
+
+def comparisons(df: pd.DataFrame) -> list[str]:
+    """The ratios the kernels are judged by, from the table's ok cells: per T, each data-dependent form's fwd+bwd
+    against the constant form's, ours against SDPA and fla; and SDPA's forward against ours at the longest T."""
+    df = _decays(df)
+    ok = df[df["status"] == "ok"]
+
+    def ms(impl, decay, mode, time):
+        cell = ok[(ok["impl"] == impl) & (ok["decay"] == decay) & (ok["mode"] == mode) & (ok["T"] == time)]
+        return float(cell["ms"].iloc[0]) if len(cell) else math.nan
+
+    def ratios(pairs):
+        return ", ".join(f"{name} {a / b:.{2 if a / b < 10 else 0}f}x" for name, a, b in pairs if math.isfinite(a / b))
+
+    lines = []
+    ours = "ours triton"
+    for time in sorted(set(ok.loc[ok["mode"] == "fwd+bwd", "T"])):
+        mine = {form: ms(ours, form, "fwd+bwd", time) for form in FORMS}
+        parts = [ratios((f"{form} / constant", mine[form], mine["constant"]) for form in ("token", "channel")),
+                 ratios((f"{form} / SDPA", mine[form], ms("sdpa flash", "", "fwd+bwd", time)) for form in FORMS),
+                 ratios((f"{form} / fla", mine[form], ms(FLA_PEER[form], form, "fwd+bwd", time)) for form in FORMS)]
+        if any(parts):
+            lines.append(f"- fwd+bwd, T {time}: " + "; ".join(part for part in parts if part))
+    forward = ok.loc[ok["mode"] == "fwd", "T"]
+    if len(forward):
+        time = int(forward.max())
+        part = ratios((f"SDPA / {form}", ms("sdpa flash", "", "fwd", time), ms(ours, form, "fwd", time))
+                      for form in FORMS)
+        if part:
+            lines.append(f"- fwd, T {time}: {part}")
+    return lines
 
 
 def plot(df: pd.DataFrame, path: Path) -> None:
@@ -385,6 +421,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     df = run_bench(args.out, quick=args.quick)
     print(markdown_table(df))
+    print("\n".join(comparisons(df)))
 
 
 if __name__ == "__main__":

@@ -104,6 +104,25 @@ def test_markdown_table_and_plot(tmp_path):
     assert (tmp_path / "bench.png").stat().st_size > 1000
 
 
+def test_comparisons_are_the_targets_ratios_from_ok_cells():
+    def row(impl, decay, mode, time, ms, status="ok"):
+        return {"impl": impl, "decay": decay, "mode": mode, "B": 1, "T": time, "ms": ms, "status": status}
+
+    df = pd.DataFrame([
+        row("ours triton", "constant", "fwd+bwd", 2048, 1.0), row("ours triton", "token", "fwd+bwd", 2048, 1.1),
+        row("ours triton", "channel", "fwd+bwd", 2048, 1.5), row("sdpa flash", "", "fwd+bwd", 2048, 2.0),
+        row("fla chunk_gla", "channel", "fwd+bwd", 2048, 3.0),
+        row("fla chunk_simple_gla", "token", "fwd+bwd", 2048, math.nan, "failed check (bfloat16: no bwd)"),
+        row("ours triton", "constant", "fwd", 1 << 20, 10.0), row("ours triton", "channel", "fwd", 1 << 20, 20.0),
+        row("sdpa flash", "", "fwd", 1 << 20, 7000.0), row("sdpa flash", "", "fwd", 2048, 1.0),
+    ])
+    assert bench.comparisons(df) == [
+        "- fwd+bwd, T 2048: token / constant 1.10x, channel / constant 1.50x; constant / SDPA 0.50x, token / SDPA "
+        "0.55x, channel / SDPA 0.75x; channel / fla 0.50x",
+        "- fwd, T 1048576: SDPA / constant 700x, SDPA / channel 350x",
+    ]
+
+
 def test_run_bench_skips_failed_checks_and_records_errors(monkeypatch, tmp_path):
     """The orchestration without a GPU: timings are faked, the bookkeeping around them is real."""
     impls = {("ours triton", "token"): None, ("peer", "token"): None, ("peer", "channel"): None}
@@ -140,7 +159,10 @@ def test_run_bench_skips_failed_checks_and_records_errors(monkeypatch, tmp_path)
     assert ("peer", "channel", False) not in calls and ("peer", "token", True) not in calls
     for name in ("linear_attention.csv", "linear_attention.png", "linear_attention.md", "linear_attention_checks.csv"):
         assert (tmp_path / name).stat().st_size > 0
-    assert "failed check" in (tmp_path / "linear_attention.md").read_text()
+    markdown = (tmp_path / "linear_attention.md").read_text()
+    assert "failed check" in markdown
+    # The comparisons follow the table (ours at 1.5 ms and SDPA's at 1.5 ms where it ran).
+    assert "- fwd+bwd, T 2048: token / SDPA 1.00x" in markdown
 
 
 def test_check_summary_names_failures_and_unrepeatable_passes():
