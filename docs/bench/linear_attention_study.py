@@ -14,6 +14,7 @@ flash-linear-attention. On a GPU (bf16, H 8, K = V = 128):
     python docs/bench/linear_attention_study.py kernels                  # us per kernel per step, 8k and 2k
     python docs/bench/linear_attention_study.py walkgrid                 # walk settings x forms x shapes, 2 rounds
     python docs/bench/linear_attention_study.py lightning                # settings at lightning's training shape
+    python docs/bench/linear_attention_study.py lightning-one '{"dqk": {"num_warps": 4}}'   # one of them (its worker)
 """
 
 import itertools
@@ -323,10 +324,14 @@ def lightning_ms(batch: int, graph: bool = True, time_: int = 2048, heads: int =
 def lightning_one(settings_json: str) -> None:
     """One setting (kernel name -> launch settings, JSON) at lightning's shape: ms at B 64 and B 16, and the largest
     relative difference of its output and gradient from the defaults' at B 4 (one line, RESULT + JSON)."""
+    try:
+        settings_ = json.loads(settings_json)
+    except json.JSONDecodeError as exc:
+        sys.exit(f"lightning-one: expected a JSON object of kernel name -> launch settings; {exc}")
     chosen: dict[str, dict] = {}
     override(chosen)
     ref = lightning_ms(4, graph=False)
-    chosen.update(json.loads(settings_json))
+    chosen.update(settings_)
     out = lightning_ms(4, graph=False)
     err = max(((x - r).abs().max() / r.abs().max().clamp_min(1e-6)).item() for x, r in zip(out, ref))
     print("RESULT", json.dumps(dict(ms64=lightning_ms(64), ms16=lightning_ms(16), err=err)), flush=True)

@@ -1373,8 +1373,8 @@ def _packed_backward(qkv, log_decay, h0, A, b, do, dfinal, scale, need_da, need_
     """The packed tensor's gradient, and da and dh0 (empty where not asked for)."""
     dqkv = torch.empty_like(qkv)
     none = qkv.new_empty(0)  # per-channel bookkeeping, which the scalar forms have none of
-    _, _, _, da, dh0 = _backward(*qkv.unbind(2), log_decay, h0, A, b, none, none, none, none, none, do.contiguous(),
-                                 dfinal, scale, need_da, need_dh0, dqkv=dqkv)
+    _, _, _, da, dh0 = _backward(*qkv.unbind(2), log_decay, h0, A, b, none, none, none, none, none, do, dfinal, scale,
+                                 need_da, need_dh0, dqkv=dqkv)
     # A custom op's returns may not alias one another: a fresh empty tensor for each gradient not asked for.
     return dqkv, (da if da is not None else qkv.new_empty(0)), (dh0 if dh0 is not None else qkv.new_empty(0))
 
