@@ -13,6 +13,7 @@ An implementation that fails its check gets no timing; one that raises gets an e
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import logging
 import math
@@ -163,31 +164,54 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 def check_on_device(
     device: str = "cuda", size: tuple[int, int, int, int] = (2, 300, 2, DIM), peers: bool = True,
-    widths: tuple[int, ...] = (LIGHTNING_DIM,),
+    widths: tuple[int, ...] = (LIGHTNING_DIM,), fused_width: int | None = LIGHTNING_DIM,
 ) -> list[CheckResult]:
     """Each backend and decay form (ours, and fla's when importable) against naive on `device`, fp32 and bf16;
     data-dependent decays both in the models' range and strong. Then ours on Triton (dense and packed) again at
-    each head width in `widths`, as their launch settings depend on it.
+    each head width in `widths`, as their launch settings depend on it, and in bf16 at `fused_width` with the fused
+    walks forced (`triton_chunk.FUSED_MIN_HEADS_PER_SM`: training takes them with many heads, this check's few would
+    not).
 
     size is (B, T, H, D); the default has T off the chunk grid and the benchmark's head width.
     """
     batch, time, heads, dim = size
     impls = _implementations(peers)
-    runs = [(key, fn, dim) for key, fn in impls.items()]
-    runs += [(key, fn, width) for width in widths if width != dim
+    runs = [(key, fn, dim, False) for key, fn in impls.items()]
+    runs += [(key, fn, width, False) for width in widths if width != dim
              for key, fn in impls.items() if key[0] in ("ours triton", PACKED)]
+    if fused_width:
+        runs += [(key, fn, fused_width, True) for key, fn in impls.items()
+                 if key[0] in ("ours triton", PACKED) and key[1] != "channel"]
     out = []
-    for (impl, form), fn, width in runs:
-        for dtype, strong in itertools.product((torch.float32, torch.bfloat16), (False, True)):
+    for (impl, form), fn, width, fused in runs:
+        dtypes = (torch.bfloat16,) if fused else (torch.float32, torch.bfloat16)
+        for dtype, strong in itertools.product(dtypes, (False, True)):
             if strong and form == "constant":
                 continue
-            result = replace(_check_one(fn, form, dtype, device, batch, time, heads, width, strong=strong),
-                             impl=impl, dim=width)
+            with _fused_walks(fused):
+                result = _check_one(fn, form, dtype, device, batch, time, heads, width, strong=strong)
+            result = replace(result, impl=impl + (" fused" if fused else ""), dim=width)
             if result.error:
-                log.warning("check %s %s %s%s: %s", impl, form, result.dtype, _width(result), result.error)
+                log.warning("check %s %s %s%s: %s", result.impl, form, result.dtype, _width(result), result.error)
             log.info("check %s", result)
             out.append(result)
     return out
+
+
+@contextlib.contextmanager
+def _fused_walks(forced: bool):
+    """Within: our Triton kernels take the fused walks wherever the heads allow (forward and backward), if forced."""
+    if not forced:
+        yield
+        return
+    from . import triton_chunk
+
+    saved = triton_chunk.FUSED_MIN_HEADS_PER_SM
+    triton_chunk.FUSED_MIN_HEADS_PER_SM = 0
+    try:
+        yield
+    finally:
+        triton_chunk.FUSED_MIN_HEADS_PER_SM = saved
 
 
 def check_summary(checks: list[CheckResult]) -> str:

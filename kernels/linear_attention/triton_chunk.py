@@ -37,6 +37,13 @@ last row the gradient of its total decay (`_chunk_cumsum_kernel` reversed; for a
 the row in the chunk; per channel, `_dqk_kernel` sums mild chunks itself and `_strong_cumsum_kernel` the strong
 ones).
 
+Scalar decays with heads of at most 64 and many (batch, head) pairs (lightning's training shape; the rule is
+`FUSED_MIN_HEADS_PER_SM`) take the fused walks instead, as Lightning Attention-2's own kernel: one program per
+(batch, head) walks all its chunks carrying the state in registers, `_fused_fwd_kernel` (o and the state at once),
+and for a fixed decay `_fused_dq_kernel` (forward, carrying S^T) and `_fused_dkv_kernel` (reverse, carrying dS;
+dk made transposed). No chunk's state goes through memory, and the backward recomputes no walk; with few pairs the
+GPU would sit idle, which the chunked kernels avoid.
+
 Scalar decays also take q, k, v packed as the three views of one (B, T, 3, H, D) tensor (`linear_attention_packed`:
 lightning's SiLU of its joint projection, as it comes): the kernels that read them, and dv and dqk, which store their
 gradients into one tensor of that layout, get QS = 3 (rows 3 H D apart, `_load_in`, `_store_in`), so that no pass
@@ -75,6 +82,13 @@ SPAN_LIMIT = 40.0
 #: (fp16 inputs rescale in fp32); every kept product is a true term, so the rescaling costs no precision. Log
 #: gates of models (log-sigmoid of unit-scale logits, about -0.8 per token) span about -50 to -70 over a chunk.
 CHUNK_SPAN_LIMIT = 120.0
+#: Scalar decays, heads of at most 64 (lightning's): with at least this many (batch, head) pairs per SM, one program
+#: per pair walks all its chunks carrying the state in registers (`_fused_fwd_kernel`, and in the backward
+#: `_fused_dq_kernel` and `_fused_dkv_kernel` unless the decay is learned), instead of the chunked kernels, which
+#: move every chunk's state through memory. 0: whenever the heads allow (the tests); None: never.
+#: None by default until the GPU has checked them (docs/bench/kernels.md): a first version trained lightning 2.5%
+#: faster on an H200 (4 a SM was where it began to win), but its first check, in fp32 at heads of 16, faulted.
+FUSED_MIN_HEADS_PER_SM: float | None = None
 
 
 def _interpreting() -> bool:
@@ -115,8 +129,10 @@ def _load(ptr, i_b, i_h, row0, T, H: tl.constexpr, D: tl.constexpr, d0, R: tl.co
 
 
 @triton.jit
-def _store(ptr, x, i_b, i_h, row0, T, H: tl.constexpr, D: tl.constexpr, d0, R: tl.constexpr, BD: tl.constexpr):
-    p, mask = _ptrs(ptr, i_b, i_h, row0, T, H, D, d0, R, BD, False)
+def _store(ptr, x, i_b, i_h, row0, T, H: tl.constexpr, D: tl.constexpr, d0, R: tl.constexpr, BD: tl.constexpr,
+           TRANS: tl.constexpr = False):
+    """Store a tile as `_load` loads it ((BD, R) if TRANS)."""
+    p, mask = _ptrs(ptr, i_b, i_h, row0, T, H, D, d0, R, BD, TRANS)
     tl.store(p, x.to(ptr.dtype.element_ty), mask=mask)
 
 
@@ -130,9 +146,9 @@ def _load_in(ptr, i_b, i_h, row0, T, H: tl.constexpr, D: tl.constexpr, d0, R: tl
 
 @triton.jit
 def _store_in(ptr, x, i_b, i_h, row0, T, H: tl.constexpr, D: tl.constexpr, d0, R: tl.constexpr, BD: tl.constexpr,
-              QS: tl.constexpr):
-    """Store a tile of dq, dk or dv laid out as `_load_in` reads q, k and v."""
-    _store(ptr, x, i_b, i_h, row0, T, H * QS, D, d0, R, BD)
+              QS: tl.constexpr, TRANS: tl.constexpr = False):
+    """Store a tile of dq, dk or dv laid out as `_load_in` reads q, k and v ((BD, R) if TRANS)."""
+    _store(ptr, x, i_b, i_h, row0, T, H * QS, D, d0, R, BD, TRANS)
 
 
 @triton.jit
@@ -874,6 +890,125 @@ def _intra_bwd_kernel(q_ptr, k_ptr, dq_ptr, dk_ptr, dq_out_ptr, dk_out_ptr, db_p
             _store(dk_out_ptr, dk, i_b, i_h, t0 + r0, T, H, K, k0, BC, BK)
 
 
+@triton.jit
+def _fused_decays(a_ptr, b_ptr, i_b, i_h, t0, T, Tp, H: tl.constexpr, BT: tl.constexpr, DECAY: tl.constexpr):
+    """A scalar-decay chunk's in-chunk cumulative log decay b (BT,) and its last valid row's b_last."""
+    last = tl.minimum(T - t0, BT) - 1
+    b = _rows_log_decay(a_ptr, b_ptr, i_b, i_h, t0, 0, last, Tp, H, 1, 0, BT, 1, DECAY, False)
+    b_last = _row_log_decay(a_ptr, b_ptr, i_b, i_h, t0, last, Tp, H, 1, 0, DECAY)
+    return b, b_last
+
+
+@triton.jit
+def _fused_start(ptr, i_bh, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS: tl.constexpr,
+                 TRANS: tl.constexpr):
+    """A fused walk's starting state in fp32: (K, V) state i_bh of ptr if HAS, else zeros; (BV, BK) if TRANS."""
+    if HAS:
+        s = _load_st(ptr, i_bh, K, V, 0, 0, BK, BV, TRANS).to(tl.float32)
+    elif TRANS:
+        s = tl.zeros([BV, BK], dtype=tl.float32)
+    else:
+        s = tl.zeros([BK, BV], dtype=tl.float32)
+    return s
+
+
+@triton.jit
+def _fused_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, a_ptr, b_ptr, h0_ptr, final_ptr, T, Tp, NT, scale,
+                      H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+                      BV: tl.constexpr, DECAY: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
+                      HAS_H0: tl.constexpr, STORE_FINAL: tl.constexpr, QS: tl.constexpr):
+    """Scalar decays, one (batch, head) per program (`_Plan.fused`): walk its chunks in order carrying the state S
+    in registers, o = scale ((q k^T) e^(b_i - b_j) v + q e^b S), then S <- e^(b_last) S + (k e^(b_last - b))^T v.
+    No state goes through memory; the whole head (K, V <= 64) is one tile."""
+    i_bh = tl.program_id(0).to(tl.int64)
+    i_b, i_h = i_bh // H, i_bh % H
+    s = _fused_start(h0_ptr, i_bh, K, V, BK, BV, HAS_H0, False)
+    rows = tl.arange(0, BT)
+    causal = rows[:, None] >= rows[None, :]
+    for n in range(NT):
+        t0 = n * BT
+        b, b_last = _fused_decays(a_ptr, b_ptr, i_b, i_h, t0, T, Tp, H, BT, DECAY)
+        q = _load_in(q_ptr, i_b, i_h, t0, T, H, K, 0, BT, BK, False, QS)
+        kt = _load_in(k_ptr, i_b, i_h, t0, T, H, K, 0, BT, BK, True, QS)
+        v = _load_in(v_ptr, i_b, i_h, t0, T, H, V, 0, BT, BV, False, QS)
+        a = tl.dot(q.to(DT), kt.to(DT), input_precision=PREC)
+        a = a * tl.exp(tl.where(causal, b[:, None] - b[None, :], float("-inf"))) * scale
+        qe = q.to(tl.float32) * (tl.exp(b) * scale)[:, None]
+        o = tl.dot(a.to(DT), v.to(DT), input_precision=PREC) + tl.dot(qe.to(DT), s.to(DT), input_precision=PREC)
+        _store(o_ptr, o, i_b, i_h, t0, T, H, V, 0, BT, BV)
+        kg = kt.to(tl.float32) * tl.exp(b_last - b)[None, :]
+        s = s * tl.exp(b_last) + tl.dot(kg.to(DT), v.to(DT), input_precision=PREC)
+    if STORE_FINAL:
+        _store_st(final_ptr, s, i_bh, K, V, 0, 0, BK, BV)
+
+
+@triton.jit
+def _fused_dq_kernel(k_ptr, v_ptr, do_ptr, dq_ptr, a_ptr, b_ptr, h0_ptr, T, Tp, NT, scale, H: tl.constexpr,
+                     K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                     DECAY: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, HAS_H0: tl.constexpr,
+                     QS: tl.constexpr):
+    """The fused backward's forward walk: dq = scale ((do v^T) e^(b_i - b_j) k + e^b do S^T), carrying S^T (V x K)
+    itself, updated from v^T and k, so that no product transposes a dot's result."""
+    i_bh = tl.program_id(0).to(tl.int64)
+    i_b, i_h = i_bh // H, i_bh % H
+    st = _fused_start(h0_ptr, i_bh, K, V, BK, BV, HAS_H0, True)
+    rows = tl.arange(0, BT)
+    causal = rows[:, None] >= rows[None, :]
+    for n in range(NT):
+        t0 = n * BT
+        b, b_last = _fused_decays(a_ptr, b_ptr, i_b, i_h, t0, T, Tp, H, BT, DECAY)
+        k = _load_in(k_ptr, i_b, i_h, t0, T, H, K, 0, BT, BK, False, QS)
+        vt = _load_in(v_ptr, i_b, i_h, t0, T, H, V, 0, BT, BV, True, QS)
+        do = _load(do_ptr, i_b, i_h, t0, T, H, V, 0, BT, BV, False)
+        da = tl.dot(do.to(DT), vt.to(DT), input_precision=PREC)
+        da = da * tl.exp(tl.where(causal, b[:, None] - b[None, :], float("-inf")))
+        dq = tl.dot(da.to(DT), k.to(DT), input_precision=PREC)
+        dq += tl.dot(do.to(DT), st.to(DT), input_precision=PREC) * tl.exp(b)[:, None]
+        _store_in(dq_ptr, dq * scale, i_b, i_h, t0, T, H, K, 0, BT, BK, QS)
+        kg = k.to(tl.float32) * tl.exp(b_last - b)[:, None]
+        st = st * tl.exp(b_last) + tl.dot(vt.to(DT), kg.to(DT), input_precision=PREC)
+
+
+@triton.jit
+def _fused_dkv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, dk_ptr, dv_ptr, a_ptr, b_ptr, dfinal_ptr, dh0_ptr, T, Tp, NT,
+                      scale, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+                      BV: tl.constexpr, DECAY: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
+                      HAS_DFINAL: tl.constexpr, STORE_DH0: tl.constexpr, QS: tl.constexpr):
+    """The fused backward's reverse walk, carrying dS (K x V), the gradient of the state a chunk hands on:
+    dv = scale (k q^T) e^(b_i - b_j) do + e^(b_last - b) k dS, and dk made transposed, dk^T = scale q^T ((do v^T)
+    e^(b_i - b_j)) + (dS v^T) e^(b_last - b), so that one state and four tiles (k, q^T, v^T, do) serve both; then
+    dS <- e^(b_last) dS + scale (q e^b)^T do."""
+    i_bh = tl.program_id(0).to(tl.int64)
+    i_b, i_h = i_bh // H, i_bh % H
+    ds = _fused_start(dfinal_ptr, i_bh, K, V, BK, BV, HAS_DFINAL, False)
+    rows = tl.arange(0, BT)
+    causal = rows[:, None] >= rows[None, :]
+    # Row j, column i >= j: the transposed causal mask.
+    causal_t = rows[None, :] >= rows[:, None]
+    for i in range(NT):
+        t0 = (NT - 1 - i) * BT
+        b, b_last = _fused_decays(a_ptr, b_ptr, i_b, i_h, t0, T, Tp, H, BT, DECAY)
+        k = _load_in(k_ptr, i_b, i_h, t0, T, H, K, 0, BT, BK, False, QS)
+        qt = _load_in(q_ptr, i_b, i_h, t0, T, H, K, 0, BT, BK, True, QS)
+        vt = _load_in(v_ptr, i_b, i_h, t0, T, H, V, 0, BT, BV, True, QS)
+        do = _load(do_ptr, i_b, i_h, t0, T, H, V, 0, BT, BV, False)
+        g = tl.exp(b_last - b)
+        at = tl.dot(k.to(DT), qt.to(DT), input_precision=PREC)
+        at = at * tl.exp(tl.where(causal_t, b[None, :] - b[:, None], float("-inf"))) * scale
+        dv = tl.dot(at.to(DT), do.to(DT), input_precision=PREC)
+        dv += g[:, None] * tl.dot(k.to(DT), ds.to(DT), input_precision=PREC)
+        _store_in(dv_ptr, dv, i_b, i_h, t0, T, H, V, 0, BT, BV, QS)
+        da = tl.dot(do.to(DT), vt.to(DT), input_precision=PREC)
+        da = da * tl.exp(tl.where(causal, b[:, None] - b[None, :], float("-inf"))) * scale
+        dkt = tl.dot(qt.to(DT), da.to(DT), input_precision=PREC)
+        dkt += g[None, :] * tl.dot(ds.to(DT), vt.to(DT), input_precision=PREC)
+        _store_in(dk_ptr, dkt, i_b, i_h, t0, T, H, K, 0, BT, BK, QS, True)
+        qet = qt.to(tl.float32) * (tl.exp(b) * scale)[None, :]
+        ds = ds * tl.exp(b_last) + tl.dot(qet.to(DT), do.to(DT), input_precision=PREC)
+    if STORE_DH0:
+        _store_st(dh0_ptr, ds, i_bh, K, V, 0, 0, BK, BV)
+
+
 # --------------------------------------------------------------------------------------------- host side
 # Plain-Python sizes: triton.cdiv and triton.next_power_of_2 are constexpr-function objects, a few microseconds a
 # call, and a forward and backward made about 60 of them (a quarter of the host time at B 16, T 2k on an H100).
@@ -986,7 +1121,17 @@ class _Plan:
             "cumsum": dict(BK=min(64, _next_pow2(K if per_channel else 1)), num_warps=4,
                            num_stages=stages),
             "gate": dict(BK=min(64, _next_pow2(K)), num_warps=4, num_stages=stages),
+            # The fused walks (`FUSED_MIN_HEADS_PER_SM`), the whole head in one tile. Compiled for sm_90 in bf16, the
+            # reverse walk (two states, six tiles a chunk) spills at 4 warps and not at 8; fp32 spills at any setting.
+            "fused": dict(BK=_pow2_tile(K), BV=_pow2_tile(V), num_warps=4, num_stages=3),
+            "fused_dkv": dict(BK=_pow2_tile(K), BV=_pow2_tile(V), num_warps=8, num_stages=2),
         }
+        # One program per (batch, head) over all chunks (`FUSED_MIN_HEADS_PER_SM`); in fp32 (for checking, not
+        # speed) only where forced.
+        heads_per_sm = self.B * self.H / _sm_count(q.device) if q.is_cuda else 0.0
+        self.fused = (FUSED_MIN_HEADS_PER_SM is not None and not per_channel and K <= 64 and V <= 64
+                      and heads_per_sm >= FUSED_MIN_HEADS_PER_SM
+                      and (q.dtype != torch.float32 or FUSED_MIN_HEADS_PER_SM == 0))
         self.BK, self.BV = self.cfg["walk"]["BK"], self.cfg["walk"]["BV"]
         walkers = _cdiv(K, self.BK) * _cdiv(V, self.BV) * self.B * self.H
         # Two walkers of 4 warps per SM: of 1, 2 or 3, the count that gave the fastest groups on an H100 (kernels.md).
@@ -1113,6 +1258,13 @@ def _forward(q, k, v, log_decay, h0, scale, qs=1):
     def empty():  # a custom op's outputs may not alias one another
         return q.new_empty(0, dtype=torch.float32)
 
+    if plan.fused:
+        o = v.new_empty(v.shape)
+        final = torch.empty(plan.B, plan.H, plan.K, plan.V, device=q.device, dtype=torch.float32)
+        plan.launch(_fused_fwd_kernel, "fused", (plan.B * plan.H,), q, k, v, o, plan.a, plan.b, h0, final, plan.T,
+                    plan.Tp, plan.NT, scale, H=plan.H, K=plan.K, V=plan.V, BT=plan.BT, DECAY=plan.decay, DT=plan.dt,
+                    PREC=plan.prec, HAS_H0=h0 is not None, STORE_FINAL=True, QS=qs)
+        return o, final, empty(), (plan.b if plan.decay else empty()), empty(), empty(), empty(), empty(), empty()
     A = plan.chunk_A(q, k) if plan.decay == 2 else empty()
     qg, kg = (plan.qg, plan.kg) if plan.decay == 2 else (q, k)  # scalar forms: the walks read k
     h, final = plan.states(kg, v, 1.0, h0, reverse=False)
@@ -1138,11 +1290,13 @@ def _backward(q, k, v, log_decay, h0, A, b, qg, kg, eg, bl, strong, do, dfinal, 
     shapes = dict(H=H, K=K, V=V, BT=plan.BT, DECAY=plan.decay, DT=plan.dt, PREC=plan.prec, RDT=plan.rdt,
                   QS=qs, **plan.mild)
     do = do.contiguous()
+    dfinal = dfinal.float().contiguous() if dfinal is not None else None
+    if plan.fused and not need_da:
+        return _fused_backward(plan, q, k, v, h0, do, dfinal, scale, need_dh0, dqkv)
     if plan.decay != 2:
         qg, kg = q, k  # what the walks read; the other kernels do not read them
     # States are recomputed rather than saved: (B H, T / 64, K, V) per layer would dwarf q, k and v.
     h, _ = plan.states(kg, v, 1.0, h0, reverse=False)
-    dfinal = dfinal.float().contiguous() if dfinal is not None else None
     dh, dh0 = plan.states(qg, do, scale, dfinal, reverse=True)
 
     per_channel = plan.decay == 2
@@ -1200,6 +1354,23 @@ def _backward(q, k, v, log_decay, h0, A, b, qg, kg, eg, bl, strong, do, dfinal, 
             plan.launch(_strong_cumsum_kernel, "cumsum", plan.strong_grid(_cdiv(K, width)), db, da, plan.strong,
                         plan.Tp, T, NT, H=H, K=K, BT=plan.BT, REVERSE=True)
     return dq, dk, dv, da, (dh0 if (h0 is not None and need_dh0) else None)
+
+
+def _fused_backward(plan, q, k, v, h0, do, dfinal, scale, need_dh0, dqkv):
+    """dq, dk, dv (and dh0 where asked for) of a fixed scalar decay by the fused walks (`_Plan.fused`): one forward
+    walk for dq, one reverse walk for dk and dv; views of `dqkv` when q, k, v are packed."""
+    B, H, K, V = plan.B, plan.H, plan.K, plan.V
+    if dqkv is None:
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    else:
+        dq, dk, dv = dqkv.unbind(2)
+    dims = dict(H=H, K=K, V=V, BT=plan.BT, DECAY=plan.decay, DT=plan.dt, PREC=plan.prec, QS=plan.qs)
+    plan.launch(_fused_dq_kernel, "fused", (B * H,), k, v, do, dq, plan.a, plan.b, h0, plan.T, plan.Tp, plan.NT,
+                scale, HAS_H0=h0 is not None, **dims)
+    dh0 = torch.empty(B, H, K, V, device=q.device, dtype=torch.float32) if (h0 is not None and need_dh0) else None
+    plan.launch(_fused_dkv_kernel, "fused_dkv", (B * H,), q, k, v, do, dk, dv, plan.a, plan.b, dfinal, dh0, plan.T,
+                plan.Tp, plan.NT, scale, HAS_DFINAL=dfinal is not None, STORE_DH0=dh0 is not None, **dims)
+    return dq, dk, dv, None, dh0
 
 
 def _dense(q, k, v, log_decay, h0):

@@ -38,7 +38,7 @@ def test_check_on_device_passes_ours_and_flags_wrong_and_raising_peers(monkeypat
     impls[("peer raising", "channel")] = raising
     impls[("peer no backward", "token")] = no_backward
     monkeypatch.setattr(bench, "_implementations", lambda peers=True: impls)
-    results = bench.check_on_device("cpu", size=(1, 70, 1, 16), widths=())
+    results = bench.check_on_device("cpu", size=(1, 70, 1, 16), widths=(), fused_width=None)
     by_key = {(r.impl, r.decay, r.dtype): r for r in results if not r.strong}
     # Two dtypes each; data-dependent decays also strong.
     assert len(results) == sum(2 if form == "constant" else 4 for _, form in impls)
@@ -64,13 +64,42 @@ def test_check_on_device_checks_ours_on_triton_again_at_other_head_widths(monkey
     real = bench._implementations(peers=False)
     keys = [("ours triton", "constant"), ("ours torch", "constant"), (bench.PACKED, "constant")]
     monkeypatch.setattr(bench, "_implementations", lambda peers=True: {key: real[key] for key in keys})
-    results = bench.check_on_device("cpu", size=(1, 20, 1, 16), widths=(32, 16))
+    results = bench.check_on_device("cpu", size=(1, 20, 1, 16), widths=(32, 16), fused_width=None)
     # The size's own width once for all three; width 32 again for the Triton two only; both dtypes each.
     assert sorted((r.impl, r.dim) for r in results) == sorted(
         [(impl, 16) for impl, _ in keys for _ in range(2)] + [("ours triton", 32)] * 2 + [(bench.PACKED, 32)] * 2)
     assert all(r.ok and r.repeatable for r in results), results
     failed = replace(results[-1], forward_ok=False)
     assert bench.check_summary([failed]).endswith(f"failed: {failed.impl} constant {failed.dtype} D 32")
+
+
+def test_check_on_device_checks_the_fused_walks_forced_in_bf16(monkeypatch):
+    from kernels.linear_attention import triton_chunk
+
+    real = bench._implementations(peers=False)
+    keys = [("ours triton", "constant"), ("ours triton", "token"), ("ours triton", "channel"), (bench.PACKED, "token")]
+    monkeypatch.setattr(bench, "_implementations", lambda peers=True: {key: real[key] for key in keys})
+    walked = []
+    fused_fwd = triton_chunk._fused_fwd_kernel
+
+    class Spy:  # counts the fused forward's launches, and launches it
+        def __getitem__(self, grid):
+            walked.append(triton_chunk.FUSED_MIN_HEADS_PER_SM)
+            return fused_fwd[grid]
+
+    monkeypatch.setattr(triton_chunk, "_fused_fwd_kernel", Spy())
+    default = triton_chunk.FUSED_MIN_HEADS_PER_SM
+    results = bench.check_on_device("cpu", size=(1, 20, 1, 16), widths=(), fused_width=32)
+    fused = [r for r in results if r.impl.endswith(" fused")]
+    # Scalar forms only, bf16 only (the per-token one also strong), at the fused width; each passed and repeated.
+    assert sorted((r.impl, r.decay, r.strong) for r in fused) == [
+        ("ours triton fused", "constant", False), ("ours triton fused", "token", False),
+        ("ours triton fused", "token", True), ("ours triton packed fused", "token", False),
+        ("ours triton packed fused", "token", True)]
+    assert all(r.dtype == "bfloat16" and r.dim == 32 and r.ok and r.repeatable for r in fused), fused
+    # Only those runs walked fused (two calls each), and the switch was put back.
+    assert len(walked) == 2 * len(fused) and set(walked) == {0}
+    assert triton_chunk.FUSED_MIN_HEADS_PER_SM == default
 
 
 class _RefuseBackward(torch.autograd.Function):

@@ -480,3 +480,75 @@ def test_packed_under_vmap_matches_each_member():
 def test_packed_validation_errors(qkv_shape):
     with pytest.raises(ValueError, match="qkv must be a"):
         kernels.linear_attention_packed(torch.randn(qkv_shape), -torch.rand(2))
+
+
+#: The fused walks (`triton_chunk.FUSED_MIN_HEADS_PER_SM`): (form, (B, T, H, K, V), strong decays).
+FUSED_CASES = [(form, shape, strong) for form in ("constant", "token")
+               for shape, strong in [((1, 1, 1, 16, 16), False), ((2, 37, 2, 16, 32), True),
+                                     ((1, 129, 2, 32, 16), False), ((1, 70, 2, 64, 64), True)]]
+
+
+@pytest.mark.parametrize("form,shape,strong", FUSED_CASES)
+def test_triton_fused_walks_match_naive(monkeypatch, form, shape, strong):
+    """One program per (batch, head) over all chunks: with a fixed decay, forward and backward both fused (outputs,
+    final state, dq, dk, dv, dh0); with a learned one, the fused forward then the chunked backward (also da)."""
+    from kernels.linear_attention import triton_chunk
+
+    monkeypatch.setattr(triton_chunk, "FUSED_MIN_HEADS_PER_SM", 0)
+    inputs = make_inputs(form, *shape, torch.float32, strong=strong, with_state=True)
+    check_against_naive_inputs("triton", inputs, torch.float32)  # learned decay
+    q, k, v, a, h0 = inputs
+    g = torch.Generator().manual_seed(1)
+    do, dht = torch.randn(v.shape, generator=g), torch.randn(h0.shape, generator=g)
+    results = []
+    for backend in ("naive", "triton"):
+        leaves = [x.detach().clone().requires_grad_() for x in (q, k, v, h0)]
+        o, s = linear_attention(*leaves[:3], a.detach(), initial_state=leaves[3], output_final_state=True,
+                                backend=backend)
+        ((o * do).sum() + (s * dht).sum()).backward()
+        results.append([o.detach(), s.detach()] + [x.grad for x in leaves])
+    for name, got, ref in zip(("o", "state", "dq", "dk", "dv", "dh0"), results[1], results[0]):
+        assert rel_err(got, ref) <= TOL[torch.float32], f"{name}: {rel_err(got, ref)}"
+
+
+@pytest.mark.parametrize("form", ["constant", "token"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_fused_walks_packed(monkeypatch, form, dtype):
+    """Packed q, k, v (lightning's layout) through the fused walks, with a fixed decay: no chunk state walk runs, and
+    the output, final state and gradients of qkv and h0 match naive on the three slices."""
+    from kernels.linear_attention import triton_chunk
+
+    monkeypatch.setattr(triton_chunk, "FUSED_MIN_HEADS_PER_SM", 0)
+
+    def no_walks(*args, **kwargs):
+        raise AssertionError("the chunked path ran")
+
+    monkeypatch.setattr(triton_chunk._Plan, "states", no_walks)
+    q, k, v, a, h0 = make_inputs(form, 2, 70, 2, 32, 32, dtype, with_state=True)
+    qkv = torch.stack((q, k, v), dim=2).detach()
+    g = torch.Generator().manual_seed(1)
+    do, dht = torch.randn(v.shape, generator=g), torch.randn(h0.shape, generator=g)
+    got = run_packed("triton", qkv, a.detach(), h0, do, dht)
+    ref = run_packed("naive", qkv.float(), a.detach(), h0, do, dht)
+    for name, x, y in zip(("o", "state", "qkv", "h0"), got, ref):
+        assert rel_err(x.float(), y) <= TOL[dtype], f"{name}: {rel_err(x.float(), y)}"
+
+
+def test_triton_fused_walks_only_where_they_apply(monkeypatch):
+    """The fused walks take scalar decays with heads of at most 64, when forced (0) on the CPU; never with None, per
+    channel, or wider heads; and (the GPU rule) not on a CPU tensor unless forced."""
+    from kernels.linear_attention import triton_chunk as tc
+
+    def fused(K=64, V=64, decay_shape=(2,), dtype=torch.bfloat16):
+        q = torch.empty(1, 128, 2, K, dtype=dtype)
+        saved = {1: None, 3: (torch.empty(1, 128, 2),), 4: (torch.empty(1, 128, 2, K), None, None, None)}
+        return tc._Plan(q, torch.empty(1, 128, 2, V, dtype=dtype), torch.empty(decay_shape),
+                        saved[len(decay_shape)]).fused
+
+    monkeypatch.setattr(tc, "FUSED_MIN_HEADS_PER_SM", 0)
+    assert fused() and fused(decay_shape=(1, 128, 2)) and fused(K=16, V=32) and fused(dtype=torch.float32)
+    assert not fused(decay_shape=(1, 128, 2, 64)) and not fused(K=80) and not fused(V=128)
+    monkeypatch.setattr(tc, "FUSED_MIN_HEADS_PER_SM", None)
+    assert not fused()
+    monkeypatch.setattr(tc, "FUSED_MIN_HEADS_PER_SM", 4)
+    assert not fused()  # no SMs to count on the CPU

@@ -112,6 +112,20 @@ def _variants(dtype: torch.dtype, decay: int):
             ("dqk fixed decay packed D64", tc._dqk_kernel, dict(base64, STORE_DB=False, STAGED=False), "dqk"),
         ):
             rows.append((name, kernel, consts, ptrs, plan64, cfg))
+    if decay != 2 and dtype != torch.float32:
+        # The fused walks (`_Plan.fused`: heads of at most 64, not fp32), dense, and packed in bf16.
+        q64 = torch.empty(1, 128, 8, 64, dtype=dtype)
+        plan64 = tc._Plan(q64, q64, torch.empty(shape), saved)
+        ptrs64 = dict(ptrs, dq_ptr=io, dk_ptr=io)
+        for qs in (1, 3) if dtype == torch.bfloat16 else (1,):
+            fused = dict(H=8, K=64, V=64, BT=tc.CHUNK, DECAY=decay, DT=plan64.dt, PREC=plan64.prec, QS=qs)
+            tag = " packed" if qs == 3 else ""
+            for name, kernel, consts in (
+                ("fused fwd", tc._fused_fwd_kernel, dict(fused, HAS_H0=True, STORE_FINAL=True)),
+                ("fused dq", tc._fused_dq_kernel, dict(fused, HAS_H0=True)),
+                ("fused dkv", tc._fused_dkv_kernel, dict(fused, HAS_DFINAL=True, STORE_DH0=True)),
+            ):
+                rows.append((name + tag, kernel, consts, ptrs64, plan64, "fused_dkv" if "dkv" in name else "fused"))
     return rows
 
 
@@ -154,7 +168,8 @@ def test_kernels_compile_for_sm90_without_spills_or_transposes(dtype, decay):
     assert done.returncode == 0, done.stderr[-3000:]
     rows = json.loads(done.stdout.strip().splitlines()[-1])
     assert len(rows) == {0: 11, 1: 13, 2: 15}[decay] + (9 if dtype == "bfloat16" and decay != 2 else 0) + (
-        3 if dtype == "bfloat16" and decay == 0 else 0)
+        3 if dtype == "bfloat16" and decay == 0 else 0) + (
+        3 * (1 + (dtype == "bfloat16")) if decay != 2 and dtype != "float32" else 0)
     # fp32 is for checking, not speed: a small spill there is tolerated.
     spill_limit = 512 if dtype == "float32" else 0
     problems = [r for r in rows if r["transposes"] or r["shared"] > H100_SHARED or r["spill"] > spill_limit]
