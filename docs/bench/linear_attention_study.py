@@ -15,6 +15,7 @@ flash-linear-attention. On a GPU (bf16, H 8, K = V = 128):
     python docs/bench/linear_attention_study.py walkgrid                 # walk settings x forms x shapes, 2 rounds
     python docs/bench/linear_attention_study.py lightning                # settings at lightning's training shape
     python docs/bench/linear_attention_study.py lightning-one '{"dqk": {"num_warps": 4}}'   # one of them (its worker)
+    python docs/bench/linear_attention_study.py fused                    # lightning's shape: fused walks or chunks
 """
 
 import itertools
@@ -365,6 +366,25 @@ def lightning() -> None:
         print(f"lightning BEST after {name}: {best_ms:.3f} ms with {chosen}", flush=True)
 
 
+def fused() -> None:
+    """Lightning's shape at B 16, 32 and 64 (fwd+bwd, CUDA-graph replays): the chunked kernels against the fused walks
+    (forced), two rounds; then the fused reverse walk's launch settings, and their outputs' largest relative
+    difference from the chunked kernels' at B 4."""
+    for rnd, batch, forced in itertools.product(range(2), (16, 32, 64), (None, 0)):
+        tc.FUSED_MIN_HEADS_PER_SM = forced
+        print("fused", rnd, batch, "fused" if forced == 0 else "chunked", f"{lightning_ms(batch):.3f}", flush=True)
+    tc.FUSED_MIN_HEADS_PER_SM = None
+    ref = lightning_ms(4, graph=False)
+    tc.FUSED_MIN_HEADS_PER_SM = 0
+    chosen: dict[str, dict] = {}
+    override(chosen)
+    for setting in ({}, dict(num_warps=4, num_stages=2), dict(num_warps=8, num_stages=3)):
+        chosen["fused_dkv"] = setting
+        err = max(((x - r).abs().max() / r.abs().max()).item() for x, r in zip(lightning_ms(4, graph=False), ref))
+        print("fused dkv", setting or "default", *(f"B{b} {lightning_ms(b):.3f}" for b in (64, 32, 16)),
+              f"err {err:.1e}", flush=True)
+
+
 def host() -> None:
     """Host ms (queueing the work) and wall ms per eager fwd+bwd step, the median of 5 runs of 40 steps each."""
     for (batch, time_), form in itertools.product(((16, 2048), (1, 32768)), FORMS):
@@ -386,7 +406,7 @@ if __name__ == "__main__":
     commands = {"profile": (profile, 0), "walks": (walks, 0), "paths": (paths, 0), "side": (side, 1),
                 "gpu": (gpu, 0), "host": (host, 0), "groups": (groups, 0), "mixed": (mixed, 0),
                 "kernels": (kernels, 0), "walkgrid": (walkgrid, 0), "lightning": (lightning, 0),
-                "lightning-one": (lightning_one, 1),
+                "lightning-one": (lightning_one, 1), "fused": (fused, 0),
                 "settings": (lambda f, b, t, n: settings(f, int(b), int(t), n.split(",")), 4)}
     command, args = (sys.argv[1], sys.argv[2:]) if len(sys.argv) > 1 else ("", [])
     if command not in commands or len(args) != commands[command][1]:
