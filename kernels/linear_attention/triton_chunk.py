@@ -86,9 +86,10 @@ CHUNK_SPAN_LIMIT = 120.0
 #: per pair walks all its chunks carrying the state in registers (`_fused_fwd_kernel`, and in the backward
 #: `_fused_dq_kernel` and `_fused_dkv_kernel` unless the decay is learned), instead of the chunked kernels, which
 #: move every chunk's state through memory. 0: whenever the heads allow (the tests); None: never.
-#: None by default until the GPU has checked them (docs/bench/kernels.md): a first version trained lightning 2.5%
-#: faster on an H200 (4 a SM was where it began to win), but its first check, in fp32 at heads of 16, faulted.
-FUSED_MIN_HEADS_PER_SM: float | None = None
+#: At lightning's training shape on an H200 (T 2k, H 12, D 64, packed, fixed decay; fwd+bwd as CUDA-graph replays)
+#: the fused walks took 0.935 / 0.609 / 0.318 ms against the chunked kernels' 1.54 / 0.78 / 0.405 at B 64 / 32 / 16,
+#: 5.8 / 2.9 / 1.45 pairs a SM (docs/bench/kernels.md); 1.4 is just below the fewest timed, where they still won.
+FUSED_MIN_HEADS_PER_SM: float | None = 1.4
 
 
 def _interpreting() -> bool:
@@ -1121,10 +1122,12 @@ class _Plan:
             "cumsum": dict(BK=min(64, _next_pow2(K if per_channel else 1)), num_warps=4,
                            num_stages=stages),
             "gate": dict(BK=min(64, _next_pow2(K)), num_warps=4, num_stages=stages),
-            # The fused walks (`FUSED_MIN_HEADS_PER_SM`), the whole head in one tile. Compiled for sm_90 in bf16, the
-            # reverse walk (two states, six tiles a chunk) spills at 4 warps and not at 8; fp32 spills at any setting.
+            # The fused walks (`FUSED_MIN_HEADS_PER_SM`), the whole head in one tile. At lightning's shape on an H200
+            # (B 64): the forward walks at 3 stages 1.318 ms fwd+bwd against 1.395 at 2; the reverse walk at 4 warps
+            # 0.935 against 1.348 at 8 (and 1.220 at 8 warps, 3 stages), though Triton 3.9 compiles it for sm_90 with
+            # spills of 8-32 bytes (tests/kernels/test_triton_compile.py allows those). fp32 spills at any setting.
             "fused": dict(BK=_pow2_tile(K), BV=_pow2_tile(V), num_warps=4, num_stages=3),
-            "fused_dkv": dict(BK=_pow2_tile(K), BV=_pow2_tile(V), num_warps=8, num_stages=2),
+            "fused_dkv": dict(BK=_pow2_tile(K), BV=_pow2_tile(V), num_warps=4, num_stages=2),
         }
         # One program per (batch, head) over all chunks (`FUSED_MIN_HEADS_PER_SM`); in fp32 (for checking, not
         # speed) only where forced.
