@@ -525,11 +525,12 @@ def test_triton_fused_walks_packed(monkeypatch, form, dtype):
 
     monkeypatch.setattr(triton_chunk._Plan, "states", no_walks)
     q, k, v, a, h0 = make_inputs(form, 2, 70, 2, 32, 32, dtype, with_state=True)
-    qkv = torch.stack((q, k, v), dim=2).detach()
+    qkv = torch.stack((q, k, v), dim=2).detach().requires_grad_()
     g = torch.Generator().manual_seed(1)
     do, dht = torch.randn(v.shape, generator=g), torch.randn(h0.shape, generator=g)
     got = run_packed("triton", qkv, a.detach(), h0, do, dht)
-    ref = run_packed("naive", qkv.float(), a.detach(), h0, do, dht)
+    ref = run_packed("naive", qkv.float().detach().requires_grad_(), a.detach(), h0, do, dht)
+    assert len(got) == len(ref) == 4
     for name, x, y in zip(("o", "state", "qkv", "h0"), got, ref):
         assert rel_err(x.float(), y) <= TOL[dtype], f"{name}: {rel_err(x.float(), y)}"
 
