@@ -895,6 +895,7 @@ def _intra_bwd_kernel(q_ptr, k_ptr, dq_ptr, dk_ptr, dq_out_ptr, dk_out_ptr, db_p
 def _fused_decays(a_ptr, b_ptr, i_b, i_h, t0, T, Tp, H: tl.constexpr, BT: tl.constexpr, DECAY: tl.constexpr):
     """A scalar-decay chunk's in-chunk cumulative log decay b (BT,) and its last valid row's b_last."""
     last = tl.minimum(T - t0, BT) - 1
+    # Key width, offset and tile (1, 0, 1): scalar decays have none.
     b = _rows_log_decay(a_ptr, b_ptr, i_b, i_h, t0, 0, last, Tp, H, 1, 0, BT, 1, DECAY, False)
     b_last = _row_log_decay(a_ptr, b_ptr, i_b, i_h, t0, last, Tp, H, 1, 0, DECAY)
     return b, b_last
