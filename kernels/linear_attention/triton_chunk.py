@@ -925,8 +925,6 @@ def _fused_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, a_ptr, b_ptr, h0_ptr, final_pt
     i_bh = tl.program_id(0).to(tl.int64)
     i_b, i_h = i_bh // H, i_bh % H
     s = _fused_start(h0_ptr, i_bh, K, V, BK, BV, HAS_H0, False)
-    rows = tl.arange(0, BT)
-    causal = rows[:, None] >= rows[None, :]
     for n in range(NT):
         t0 = n * BT
         b, b_last = _fused_decays(a_ptr, b_ptr, i_b, i_h, t0, T, Tp, H, BT, DECAY)
@@ -934,7 +932,7 @@ def _fused_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, a_ptr, b_ptr, h0_ptr, final_pt
         kt = _load_in(k_ptr, i_b, i_h, t0, T, H, K, 0, BT, BK, True, QS)
         v = _load_in(v_ptr, i_b, i_h, t0, T, H, V, 0, BT, BV, False, QS)
         a = tl.dot(q.to(DT), kt.to(DT), input_precision=PREC)
-        a = a * tl.exp(tl.where(causal, b[:, None] - b[None, :], float("-inf"))) * scale
+        a = a * _intra_decay(b, BT, False) * scale
         qe = q.to(tl.float32) * (tl.exp(b) * scale)[:, None]
         o = tl.dot(a.to(DT), v.to(DT), input_precision=PREC) + tl.dot(qe.to(DT), s.to(DT), input_precision=PREC)
         _store(o_ptr, o, i_b, i_h, t0, T, H, V, 0, BT, BV)
@@ -954,8 +952,6 @@ def _fused_dq_kernel(k_ptr, v_ptr, do_ptr, dq_ptr, a_ptr, b_ptr, h0_ptr, T, Tp, 
     i_bh = tl.program_id(0).to(tl.int64)
     i_b, i_h = i_bh // H, i_bh % H
     st = _fused_start(h0_ptr, i_bh, K, V, BK, BV, HAS_H0, True)
-    rows = tl.arange(0, BT)
-    causal = rows[:, None] >= rows[None, :]
     for n in range(NT):
         t0 = n * BT
         b, b_last = _fused_decays(a_ptr, b_ptr, i_b, i_h, t0, T, Tp, H, BT, DECAY)
@@ -963,7 +959,7 @@ def _fused_dq_kernel(k_ptr, v_ptr, do_ptr, dq_ptr, a_ptr, b_ptr, h0_ptr, T, Tp, 
         vt = _load_in(v_ptr, i_b, i_h, t0, T, H, V, 0, BT, BV, True, QS)
         do = _load(do_ptr, i_b, i_h, t0, T, H, V, 0, BT, BV, False)
         da = tl.dot(do.to(DT), vt.to(DT), input_precision=PREC)
-        da = da * tl.exp(tl.where(causal, b[:, None] - b[None, :], float("-inf")))
+        da = da * _intra_decay(b, BT, False)
         dq = tl.dot(da.to(DT), k.to(DT), input_precision=PREC)
         dq += tl.dot(do.to(DT), st.to(DT), input_precision=PREC) * tl.exp(b)[:, None]
         _store_in(dq_ptr, dq * scale, i_b, i_h, t0, T, H, K, 0, BT, BK, QS)
@@ -983,10 +979,6 @@ def _fused_dkv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, dk_ptr, dv_ptr, a_ptr, b_ptr,
     i_bh = tl.program_id(0).to(tl.int64)
     i_b, i_h = i_bh // H, i_bh % H
     ds = _fused_start(dfinal_ptr, i_bh, K, V, BK, BV, HAS_DFINAL, False)
-    rows = tl.arange(0, BT)
-    causal = rows[:, None] >= rows[None, :]
-    # Row j, column i >= j: the transposed causal mask.
-    causal_t = rows[None, :] >= rows[:, None]
     for i in range(NT):
         t0 = (NT - 1 - i) * BT
         b, b_last = _fused_decays(a_ptr, b_ptr, i_b, i_h, t0, T, Tp, H, BT, DECAY)
@@ -996,12 +988,12 @@ def _fused_dkv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, dk_ptr, dv_ptr, a_ptr, b_ptr,
         do = _load(do_ptr, i_b, i_h, t0, T, H, V, 0, BT, BV, False)
         g = tl.exp(b_last - b)
         at = tl.dot(k.to(DT), qt.to(DT), input_precision=PREC)
-        at = at * tl.exp(tl.where(causal_t, b[None, :] - b[:, None], float("-inf"))) * scale
+        at = at * _intra_decay(b, BT, True) * scale
         dv = tl.dot(at.to(DT), do.to(DT), input_precision=PREC)
         dv += g[:, None] * tl.dot(k.to(DT), ds.to(DT), input_precision=PREC)
         _store_in(dv_ptr, dv, i_b, i_h, t0, T, H, V, 0, BT, BV, QS)
         da = tl.dot(do.to(DT), vt.to(DT), input_precision=PREC)
-        da = da * tl.exp(tl.where(causal, b[:, None] - b[None, :], float("-inf"))) * scale
+        da = da * _intra_decay(b, BT, False) * scale
         dkt = tl.dot(qt.to(DT), da.to(DT), input_precision=PREC)
         dkt += g[None, :] * tl.dot(ds.to(DT), vt.to(DT), input_precision=PREC)
         _store_in(dk_ptr, dkt, i_b, i_h, t0, T, H, K, 0, BT, BK, QS, True)
@@ -1262,8 +1254,8 @@ def _forward(q, k, v, log_decay, h0, scale, qs=1):
     def empty():  # a custom op's outputs may not alias one another
         return q.new_empty(0, dtype=torch.float32)
 
+    o = v.new_empty(v.shape)  # dense, also when v is a view of a packed tensor
     if plan.fused:
-        o = v.new_empty(v.shape)
         final = torch.empty(plan.B, plan.H, plan.K, plan.V, device=q.device, dtype=torch.float32)
         plan.launch(_fused_fwd_kernel, "fused", (plan.B * plan.H,), q, k, v, o, plan.a, plan.b, h0, final, plan.T,
                     plan.Tp, plan.NT, scale, H=plan.H, K=plan.K, V=plan.V, BT=plan.BT, DECAY=plan.decay, DT=plan.dt,
@@ -1272,7 +1264,6 @@ def _forward(q, k, v, log_decay, h0, scale, qs=1):
     A = plan.chunk_A(q, k) if plan.decay == 2 else empty()
     qg, kg = (plan.qg, plan.kg) if plan.decay == 2 else (q, k)  # scalar forms: the walks read k
     h, final = plan.states(kg, v, 1.0, h0, reverse=False)
-    o = v.new_empty(v.shape)  # dense, also when v is a view of a packed tensor
     plan.launch(_output_kernel, "out", plan.grid("out", plan.NT), q, k, v, o, plan.a, plan.b, plan.bl,
                 A if plan.decay == 2 else None, h, qg, kg, plan.T, plan.Tp, plan.NT, scale, H=plan.H, K=plan.K,
                 V=plan.V, BT=plan.BT, DECAY=plan.decay, DT=plan.dt, PREC=plan.prec, RDT=plan.rdt, QS=qs,
