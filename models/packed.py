@@ -65,10 +65,13 @@ class _StackedRMSNorm(nn.Module):
         super().__init__()
         self.weight, self.eps = weight, eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, gate: torch.Tensor | None = None, backend: str | None = None) -> torch.Tensor:
         n, d = self.weight.shape
-        y = F.rms_norm(x, (d,), eps=self.eps)
-        return (y.view(n, -1, d) * self.weight[:, None]).view(x.shape)
+        # With a gate, lightning's GatedRMSNorm in fp32 as its kernel computes it (backend names that kernel, which
+        # takes one weight, so it is not used here).
+        y = F.rms_norm(x if gate is None else x.float(), (d,), eps=self.eps)
+        y = (y.view(n, -1, d) * self.weight[:, None]).view(x.shape)
+        return y if gate is None else (torch.sigmoid(gate.float()) * y).to(x.dtype)
 
 
 class _StackedEmbedding(nn.Module):

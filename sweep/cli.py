@@ -590,7 +590,8 @@ def bench_kernels_cmd(
 def bench_fused_cmd(
     out_csv: Optional[Path] = typer.Option(Path("docs/bench/fused.csv"), "--csv", help="Write the table here."),
 ) -> None:
-    """GPU: check, then time the fused RMSNorm, SwiGLU gate and head + cross-entropy against PyTorch and torch.compile.
+    """GPU: check, then time the fused RMSNorm, gated RMSNorm, SwiGLU gate and head + cross-entropy against PyTorch
+    and torch.compile.
 
     At the 135M model's shapes: 16k tokens, d 768, SwiGLU hidden 2048, vocab 32k, bf16. Each op's output and
     gradients are first checked on the GPU against the fp32 reference; a failing op is listed as FAIL with no

@@ -1,4 +1,5 @@
-"""Fused kernels for the LM's training step: RMSNorm, SwiGLU's gate and the head + cross-entropy loss.
+"""Fused kernels for the LM's training step: RMSNorm, lightning's gated RMSNorm, SwiGLU's gate and the head +
+cross-entropy loss.
 
 Each op takes backend = "torch" (the plain PyTorch reference in naive.py, what the model computes today),
 "triton" (the fused kernels; CUDA tensors, or CPU ones under TRITON_INTERPRET=1) or "auto" (triton on CUDA
@@ -32,8 +33,7 @@ def _check_float(name: str, t) -> None:
         raise ValueError(f"{name} must be a floating-point tensor; got {getattr(t, 'dtype', type(t).__name__)}")
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, *, backend: str = "auto") -> torch.Tensor:
-    """RMSNorm of x (..., d) with weight (d,), as F.rms_norm(x, (d,), weight, eps); fp32 math, output in x's dtype."""
+def _check_norm(x, weight) -> None:
     _check_float("x", x)
     _check_float("weight", weight)
     if x.dim() < 1 or x.shape[-1] < 1 or weight.shape != (x.shape[-1],):
@@ -42,12 +42,33 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, *, backen
         )
     if x.shape[-1] > 65536:
         raise ValueError(f"d must be at most 65536 (one row is one tile); got {x.shape[-1]}")
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, *, backend: str = "auto") -> torch.Tensor:
+    """RMSNorm of x (..., d) with weight (d,), as F.rms_norm(x, (d,), weight, eps); fp32 math, output in x's dtype."""
+    _check_norm(x, weight)
     if _backend(backend, x, weight) == "torch":
         from .naive import rms_norm_naive as run
     else:
         # Imported here so that `import kernels.fused` never pulls in triton.
         from .triton_norm import rms_norm_triton as run
     return run(x, weight, eps)
+
+
+def gated_rms_norm(
+    x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, *, backend: str = "auto"
+) -> torch.Tensor:
+    """sigmoid(gate) * RMSNorm(x) * weight for x and gate (..., d) of one shape (lightning's output gate) in one pass;
+    fp32 math, output in x's dtype."""
+    _check_norm(x, weight)
+    _check_float("gate", gate)
+    if gate.shape != x.shape:
+        raise ValueError(f"gate must have x's shape {tuple(x.shape)}; got {tuple(gate.shape)}")
+    if _backend(backend, x, gate, weight) == "torch":
+        from .naive import gated_rms_norm_naive as run
+    else:
+        from .triton_norm import gated_rms_norm_triton as run
+    return run(x, gate, weight, eps)
 
 
 def swiglu(a: torch.Tensor, b: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
@@ -112,4 +133,4 @@ def linear_cross_entropy(
         return linear_cross_entropy_triton(x2, weight, t1, ignore_index, chunk_tokens)
 
 
-__all__ = ["BACKENDS", "linear_cross_entropy", "rms_norm", "swiglu"]
+__all__ = ["BACKENDS", "gated_rms_norm", "linear_cross_entropy", "rms_norm", "swiglu"]

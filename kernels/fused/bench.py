@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ..compare import rel_err
-from . import linear_cross_entropy, rms_norm, swiglu
+from . import gated_rms_norm, linear_cross_entropy, rms_norm, swiglu
 
 #: Relative error (max|a - b| / max|b|) a bf16 triton result may have against the fp32 reference: the kernels
 #: keep fp32 inside, so what is left is the bf16 rounding of inputs and outputs, a few ulps (2^-8 each).
@@ -48,6 +48,10 @@ def _ops(device: str, s: Shapes):
     targets = torch.randint(0, s.vocab, (s.n,), device=device, generator=g)
     return {
         "rms_norm": (lambda x, w, backend: rms_norm(x, w, backend=backend), [leaf(s.n, s.d), leaf(s.d, scale=0.1, shift=1)]),
+        "gated_rms_norm": (
+            lambda x, gate, w, backend: gated_rms_norm(x, gate, w, backend=backend),
+            [leaf(s.n, s.d), leaf(s.n, s.d, scale=2), leaf(s.d, scale=0.1, shift=1)],
+        ),
         "swiglu": (lambda a, b, backend: swiglu(a, b, backend=backend), [leaf(s.n, s.hidden), leaf(s.n, s.hidden)]),
         "linear_cross_entropy": (
             lambda x, w, backend: linear_cross_entropy(x, w, targets, backend=backend),

@@ -20,6 +20,9 @@ import triton.language as tl
 #: Widest slice of a logits row one loop step loads.
 MAX_BLOCK_V = 4096
 NUM_WARPS = 8
+#: Rows up to this many classes (rounded up to a power of two) are read once and held in registers, 16 to 32
+#: fp32 values a thread (wider rows spill on sm_90).
+ONE_PASS_MAX_V = 32768
 #: Fewest tokens a default chunk takes (below N): see default_chunk_tokens.
 MIN_CHUNK_TOKENS = 4096
 
@@ -38,32 +41,59 @@ def default_chunk_tokens(n: int, vocab: int, d: int) -> int:
 
 @triton.jit
 def _ce_kernel(logits_ptr, targets_ptr, loss_ptr, n_valid_ptr, V, ignore_index, BLOCK_V: tl.constexpr,
-               WRITE_GRAD: tl.constexpr):
+               WRITE_GRAD: tl.constexpr, ONE_PASS: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     ptr = logits_ptr + row * V
     target = tl.load(targets_ptr + row)
     valid = target != ignore_index
     cols = tl.arange(0, BLOCK_V)
-    m = -float("inf")
-    s = 0.0
-    z_target = 0.0
-    for v0 in range(0, V, BLOCK_V):
-        z = tl.load(ptr + v0 + cols, mask=v0 + cols < V, other=-float("inf")).to(tl.float32)
-        m_new = tl.maximum(m, tl.max(z, axis=0))
-        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), axis=0)
-        m = m_new
-        # Picked out of the loaded slice rather than loaded on its own: no scalar gather, no access past V.
-        z_target += tl.sum(tl.where(v0 + cols == target, z, 0.0), axis=0)
-    lse = m + tl.log(s)
-    tl.store(loss_ptr + row, tl.where(valid, lse - z_target, 0.0))
-    if WRITE_GRAD:
-        # n_valid is 0 only when every row is ignored, and then every row's gradient is zero anyway.
-        scale = tl.where(valid, 1.0 / tl.maximum(tl.load(n_valid_ptr), 1.0), 0.0)
+    # n_valid is 0 only when every row is ignored, and then every row's gradient is zero anyway.
+    scale = tl.where(valid, 1.0 / tl.maximum(tl.load(n_valid_ptr), 1.0), 0.0)
+    if ONE_PASS:
+        # The whole row in registers: one read, one exp an element, and the gradient from the same exps. The
+        # target's logit is loaded on its own and its gradient stored last, so that no (BLOCK_V,) comparison with
+        # the target is held: with it the kernel spills (sm_90, V 32000).
+        mask = cols < V
+        z = tl.load(ptr + cols, mask=mask, other=-float("inf")).to(tl.float32)
+        has_target = valid & (target >= 0) & (target < V)
+        z_target = tl.load(ptr + target, mask=has_target, other=0.0).to(tl.float32)
+        m = tl.max(z, axis=0)
+        p = tl.exp(z - m)
+        s = tl.sum(p, axis=0)
+        tl.store(loss_ptr + row, tl.where(valid, m + tl.log(s) - z_target, 0.0))
+        if WRITE_GRAD:
+            tl.store(ptr + cols, (p * (scale / s)).to(logits_ptr.dtype.element_ty), mask=mask)
+            # Every thread's store of the row lands before the target's entry is overwritten.
+            tl.debug_barrier()
+            g_target = (tl.exp(z_target - m) / s - 1.0) * scale
+            tl.store(ptr + target, g_target.to(logits_ptr.dtype.element_ty), mask=has_target)
+    else:
+        m = -float("inf")
+        s = 0.0
+        z_target = 0.0
         for v0 in range(0, V, BLOCK_V):
-            mask = v0 + cols < V
-            z = tl.load(ptr + v0 + cols, mask=mask, other=0.0).to(tl.float32)
-            g = (tl.exp(z - lse) - tl.where(v0 + cols == target, 1.0, 0.0)) * scale
-            tl.store(ptr + v0 + cols, g.to(logits_ptr.dtype.element_ty), mask=mask)
+            z = tl.load(ptr + v0 + cols, mask=v0 + cols < V, other=-float("inf")).to(tl.float32)
+            m_new = tl.maximum(m, tl.max(z, axis=0))
+            s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), axis=0)
+            m = m_new
+            # Picked out of the loaded slice rather than loaded on its own: no scalar gather, no access past V.
+            z_target += tl.sum(tl.where(v0 + cols == target, z, 0.0), axis=0)
+        lse = m + tl.log(s)
+        tl.store(loss_ptr + row, tl.where(valid, lse - z_target, 0.0))
+        if WRITE_GRAD:
+            for v0 in range(0, V, BLOCK_V):
+                mask = v0 + cols < V
+                z = tl.load(ptr + v0 + cols, mask=mask, other=0.0).to(tl.float32)
+                g = (tl.exp(z - lse) - tl.where(v0 + cols == target, 1.0, 0.0)) * scale
+                tl.store(ptr + v0 + cols, g.to(logits_ptr.dtype.element_ty), mask=mask)
+
+
+def _ce_launch(V: int) -> tuple[int, bool, int]:
+    """(BLOCK_V, ONE_PASS, num_warps) of `_ce_kernel` for rows of V classes."""
+    width = triton.next_power_of_2(V)
+    if width <= ONE_PASS_MAX_V:
+        return width, True, min(32, max(NUM_WARPS, width // 512))
+    return MAX_BLOCK_V, False, NUM_WARPS
 
 
 # Custom ops rather than an autograd.Function: torch.compile keeps them in its graph as opaque calls
@@ -73,7 +103,7 @@ def _linear_ce_fwd(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                    need_dx: bool, need_dw: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     N, d = x.shape
     V = weight.shape[0]
-    block_v = min(MAX_BLOCK_V, triton.next_power_of_2(V))
+    block_v, one_pass, warps = _ce_launch(V)
     n_valid = (targets != ignore_index).sum().float()  # a device tensor: no host sync
     loss_rows = torch.empty(N, device=x.device, dtype=torch.float32)
     dx = torch.empty_like(x) if need_dx else x.new_empty(0)
@@ -83,7 +113,8 @@ def _linear_ce_fwd(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
         xc = x[start:end]
         logits = xc @ weight.T
         _ce_kernel[(end - start,)](logits, targets[start:end], loss_rows[start:end], n_valid, V, ignore_index,
-                                   BLOCK_V=block_v, WRITE_GRAD=need_dx or need_dw, num_warps=NUM_WARPS)
+                                   BLOCK_V=block_v, WRITE_GRAD=need_dx or need_dw, ONE_PASS=one_pass,
+                                   num_warps=warps)
         if need_dx:
             torch.mm(logits, weight, out=dx[start:end])
         if need_dw:

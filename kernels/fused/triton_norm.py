@@ -1,5 +1,7 @@
 """RMSNorm in Triton: one pass forward (storing each row's rstd), one pass backward for dx and dweight.
 
+With GATED the same kernels compute lightning's output gate, sigmoid(g) * RMSNorm(x), and its gradient for g.
+
 Rows are processed ROWS at a time as (ROWS, BLOCK_D) tiles, BLOCK_D the whole row rounded up to a power of two
 and masked, so a d of 768 needs no second pass. The backward runs a fixed number of programs, each striding
 over row tiles and summing dy * x_hat for its rows in fp32; torch sums those few partial rows into dweight.
@@ -18,13 +20,9 @@ MAX_ROWS = 16
 PROGRAMS_PER_SM = 2
 
 
-def _tiles(d: int) -> tuple[int, int]:
-    block_d = triton.next_power_of_2(d)
-    return block_d, max(1, min(MAX_ROWS, TILE // block_d))
-
-
 @triton.jit
-def _rms_norm_fwd_kernel(x_ptr, w_ptr, y_ptr, rstd_ptr, M, D, eps, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+def _rms_norm_fwd_kernel(x_ptr, g_ptr, w_ptr, y_ptr, rstd_ptr, M, D, eps, ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
+                         GATED: tl.constexpr):
     row0 = tl.program_id(0).to(tl.int64) * ROWS
     rows = tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK_D)
@@ -34,14 +32,20 @@ def _rms_norm_fwd_kernel(x_ptr, w_ptr, y_ptr, rstd_ptr, M, D, eps, ROWS: tl.cons
     x = tl.load(x_ptr + row0 * D + offs, mask=mask, other=0.0).to(tl.float32)
     w = tl.load(w_ptr + cols, mask=cols < D, other=0.0).to(tl.float32)
     rstd = tl.rsqrt(tl.sum(x * x, axis=1) / D + eps)
-    tl.store(y_ptr + row0 * D + offs, (x * rstd[:, None] * w[None, :]).to(y_ptr.dtype.element_ty), mask=mask)
+    y = x * rstd[:, None] * w[None, :]
+    if GATED:
+        y *= tl.sigmoid(tl.load(g_ptr + row0 * D + offs, mask=mask, other=0.0).to(tl.float32))
+    tl.store(y_ptr + row0 * D + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
     tl.store(rstd_ptr + row0 + rows, rstd, mask=row0 + rows < M)
 
 
 @triton.jit
-def _rms_norm_bwd_kernel(dy_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, dw_ptr, M, D, ROWS: tl.constexpr,
-                         BLOCK_D: tl.constexpr):
-    """dx = rstd (w dy - x_hat mean(x_hat w dy)); this program's share of dweight = sum over rows of dy x_hat."""
+def _rms_norm_bwd_kernel(dy_ptr, x_ptr, g_ptr, w_ptr, rstd_ptr, dx_ptr, dg_ptr, dw_ptr, M, D, ROWS: tl.constexpr,
+                         BLOCK_D: tl.constexpr, GATED: tl.constexpr):
+    """dx = rstd (w dy - x_hat mean(x_hat w dy)); this program's share of dweight = sum over rows of dy x_hat.
+
+    GATED: y = sigmoid(g) n with n the norm's output, so dg = dy n s (1 - s) and the norm's dy is dy s.
+    """
     pid = tl.program_id(0)
     rows = tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK_D)
@@ -55,6 +59,11 @@ def _rms_norm_bwd_kernel(dy_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, dw_ptr, M, D, R
         dy = tl.load(dy_ptr + row0 * D + offs, mask=mask, other=0.0).to(tl.float32)
         rstd = tl.load(rstd_ptr + row0 + rows, mask=row0 + rows < M, other=0.0)
         x_hat = x * rstd[:, None]
+        if GATED:
+            sig = tl.sigmoid(tl.load(g_ptr + row0 * D + offs, mask=mask, other=0.0).to(tl.float32))
+            dg = dy * x_hat * w[None, :] * sig * (1.0 - sig)
+            tl.store(dg_ptr + row0 * D + offs, dg.to(dg_ptr.dtype.element_ty), mask=mask)
+            dy *= sig
         wdy = w[None, :] * dy
         c = tl.sum(x_hat * wdy, axis=1) / D
         dx = (wdy - x_hat * c[:, None]) * rstd[:, None]
@@ -63,58 +72,70 @@ def _rms_norm_bwd_kernel(dy_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, dw_ptr, M, D, R
     tl.store(dw_ptr + pid * D + cols, tl.sum(dw, axis=0), mask=cols < D)
 
 
-def _num_warps(tile: int, backward: bool) -> int:
-    # The backward keeps about six fp32 tiles live: at 8 elements a thread it needs ~120 registers (sm_90,
-    # d 768); at 16 it needs 221, and at 32 it spills.
-    return min(16, max(4, tile // (256 if backward else 512)))
+def _launch(d: int, backward: bool, gated: bool) -> tuple[int, int, int]:
+    """(BLOCK_D, ROWS, num_warps) of a kernel over rows of d."""
+    block_d = triton.next_power_of_2(d)
+    # Elements a thread, so that no launch spills on sm_90 (d 768 to 4096): the backward keeps about six fp32 tiles
+    # live, ~120 registers at 8 a thread (at 16: 221; at 32 it spills); the gated one two more (the gate and its
+    # sigmoid), which spill at 8 a thread and need 76-97 registers at 4, on half the rows.
+    per_thread = (4 if gated else 8) if backward else 16
+    rows = max(1, min(MAX_ROWS, (TILE // 2 if backward and gated else TILE) // block_d))
+    return block_d, rows, min(32, max(4, block_d * rows // (32 * per_thread)))
 
 
 # Custom ops rather than an autograd.Function: torch.compile keeps them in its graph as opaque calls
 # instead of breaking the graph around them (and never traces into the kernels).
+# A gate of None is the plain RMSNorm; its kernels then take x as a stand-in pointer they never read.
 @torch.library.custom_op("slab::rms_norm_fwd", mutates_args=())
-def _rms_norm_fwd(x2: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _rms_norm_fwd(x2: torch.Tensor, weight: torch.Tensor, gate: torch.Tensor | None, eps: float
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
     M, d = x2.shape
-    block_d, rows = _tiles(d)
+    gated = gate is not None
+    block_d, rows, warps = _launch(d, False, gated)
     y = torch.empty_like(x2)
     rstd = torch.empty(M, device=x2.device, dtype=torch.float32)
-    _rms_norm_fwd_kernel[(triton.cdiv(M, rows),)](x2, weight, y, rstd, M, d, eps, ROWS=rows, BLOCK_D=block_d,
-                                                   num_warps=_num_warps(block_d * rows, False))
+    _rms_norm_fwd_kernel[(triton.cdiv(M, rows),)](x2, gate if gated else x2, weight, y, rstd, M, d, eps, ROWS=rows,
+                                                   BLOCK_D=block_d, GATED=gated, num_warps=warps)
     return y, rstd
 
 
 @torch.library.custom_op("slab::rms_norm_bwd", mutates_args=())
-def _rms_norm_bwd(dy: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+def _rms_norm_bwd(dy: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor, gate: torch.Tensor | None,
+                  rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     M, d = x2.shape
-    block_d, rows = _tiles(d)
+    gated = gate is not None
+    block_d, rows, warps = _launch(d, True, gated)
     # The interpreter gets two programs, so that tests with three tiles cover a program striding over two.
     sms = torch.cuda.get_device_properties(x2.device).multi_processor_count if x2.is_cuda else 1
     programs = max(1, min(triton.cdiv(M, rows), PROGRAMS_PER_SM * sms))
     dx = torch.empty_like(x2)
+    dg = torch.empty_like(gate) if gated else x2.new_empty(0)
     dw = torch.empty(programs, d, device=x2.device, dtype=torch.float32)
-    _rms_norm_bwd_kernel[(programs,)](dy.contiguous(), x2, weight, rstd, dx, dw, M, d, ROWS=rows,
-                                      BLOCK_D=block_d, num_warps=_num_warps(block_d * rows, True))
-    return dx, dw.sum(dim=0).to(weight.dtype)
+    _rms_norm_bwd_kernel[(programs,)](dy.contiguous(), x2, gate if gated else x2, weight, rstd, dx,
+                                      dg if gated else dx, dw, M, d, ROWS=rows, BLOCK_D=block_d, GATED=gated,
+                                      num_warps=warps)
+    return dx, dw.sum(dim=0).to(weight.dtype), dg
 
 
 @_rms_norm_fwd.register_fake
-def _(x2, weight, eps):
+def _(x2, weight, gate, eps):
     return torch.empty_like(x2), x2.new_empty(x2.shape[0], dtype=torch.float32)
 
 
 @_rms_norm_bwd.register_fake
-def _(dy, x2, weight, rstd):
-    return torch.empty_like(x2), torch.empty_like(weight)
+def _(dy, x2, weight, gate, rstd):
+    return torch.empty_like(x2), torch.empty_like(weight), torch.empty_like(gate) if gate is not None else x2.new_empty(0)
 
 
 def _setup(ctx, inputs, output):
-    x2, weight, _ = inputs
-    ctx.save_for_backward(x2, weight, output[1])
+    x2, weight, gate, _ = inputs
+    ctx.save_for_backward(x2, weight, gate, output[1])
 
 
 def _backward(ctx, dy, _drstd):
-    dx, dweight = _rms_norm_bwd(dy, *ctx.saved_tensors)
-    return dx, dweight, None
+    x2, weight, gate, rstd = ctx.saved_tensors
+    dx, dweight, dgate = _rms_norm_bwd(dy, x2, weight, gate, rstd)
+    return dx, dweight, dgate if gate is not None else None, None
 
 
 _rms_norm_fwd.register_autograd(_backward, setup_context=_setup)
@@ -122,5 +143,12 @@ _rms_norm_fwd.register_autograd(_backward, setup_context=_setup)
 
 def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """Triton RMSNorm over the last dim (autograd backward included); output in x's dtype."""
-    y, _ = _rms_norm_fwd(x.contiguous().view(-1, x.shape[-1]), weight.contiguous(), float(eps))
+    y, _ = _rms_norm_fwd(x.contiguous().view(-1, x.shape[-1]), weight.contiguous(), None, float(eps))
+    return y.view(x.shape)
+
+
+def gated_rms_norm_triton(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """sigmoid(gate) * RMSNorm(x) over the last dim in one pass (autograd backward included); output in x's dtype."""
+    d = x.shape[-1]
+    y, _ = _rms_norm_fwd(x.contiguous().view(-1, d), weight.contiguous(), gate.contiguous().view(-1, d), float(eps))
     return y.view(x.shape)

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels.compare import rel_err
-from kernels.fused import linear_cross_entropy, rms_norm, swiglu
+from kernels.fused import gated_rms_norm, linear_cross_entropy, rms_norm, swiglu
 
 #: Relative error allowed (max|a - b| / max|b|) by dtype. fp32: both sides do fp32 math in another order. bf16:
 #: the reference rounds intermediates (silu(a) before the product, logits before the GEMMs of the gradients)
@@ -87,6 +87,48 @@ def test_rms_norm_reference_is_functional_rms_norm(dtype):
     assert rel_err(rms_norm(x, w, eps=0.5, backend="triton"), F.rms_norm(x, (48,), w, 0.5)) <= TOL[dtype]
 
 
+# ------------------------------------------------------------------------------------------------ gated_rms_norm
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", NORM_SHAPES)
+def test_gated_rms_norm_matches_reference(shape, dtype):
+    g = torch.Generator().manual_seed(5)
+    x = (3 * torch.randn(shape, generator=g)).to(dtype)
+    # Gates up to |g| ~ 12, where sigmoid saturates and its derivative s (1 - s) underflows towards 0.
+    gate = (4 * torch.randn(shape, generator=g)).to(dtype)
+    w = (1 + 0.5 * torch.randn(shape[-1], generator=g)).to(dtype)
+    dy = torch.randn(shape, generator=g)
+    assert_matches(lambda *t: gated_rms_norm(*t, backend="triton"), lambda *t: gated_rms_norm(*t, backend="torch"),
+                   leaves(x, gate, w), dy, dtype, ["x", "gate", "weight"])
+
+
+def test_gated_rms_norm_reference_is_the_lightning_formula():
+    """The reference is sigmoid(g) * nn.RMSNorm(x) as lightning computed it before the fused op, with its gradients;
+    the plain RMSNorm (the same kernels without the gate) is unchanged by the gate's switch."""
+    g = torch.Generator().manual_seed(6)
+    x, gate, dy = (torch.randn(11, 48, generator=g) for _ in range(3))
+    norm = torch.nn.RMSNorm(48, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.mul_(1 + 0.3 * torch.randn(48, generator=g))
+    xs, gs = leaves(x, gate)
+    out, (dx, dg) = run(lambda a, b: gated_rms_norm(a, b, norm.weight, 1e-6, backend="triton"), [xs, gs], dy)
+    out_ref, (dx_ref, dg_ref) = run(lambda a, b: torch.sigmoid(b) * norm(a), [xs, gs], dy)
+    assert max(rel_err(out, out_ref), rel_err(dx, dx_ref), rel_err(dg, dg_ref)) <= TOL[torch.float32]
+    assert rel_err(rms_norm(x, norm.weight, backend="triton"), norm(x)) <= TOL[torch.float32]
+
+
+def test_gated_rms_norm_bf16_input_fp32_weight():
+    """As lightning calls it under autocast: bf16 o and gate, an fp32 weight; output and dx in bf16, dweight fp32."""
+    g = torch.Generator().manual_seed(7)
+    x, gate = (torch.randn(20, 48, generator=g).bfloat16() for _ in range(2))
+    w, dy = 1 + 0.5 * torch.randn(48, generator=g), torch.randn(20, 48, generator=g)
+    ins = leaves(x, gate, w)
+    out, (dx, dg, dw) = run(lambda *t: gated_rms_norm(*t, backend="triton"), ins, dy)
+    out_ref, (dx_ref, dg_ref, dw_ref) = run(lambda *t: gated_rms_norm(*t, backend="torch"), ins, dy)
+    assert (out.dtype, dx.dtype, dg.dtype, dw.dtype) == (torch.bfloat16,) * 3 + (torch.float32,)
+    assert max(rel_err(out, out_ref), rel_err(dx, dx_ref), rel_err(dg, dg_ref)) <= TOL[torch.bfloat16]
+    assert rel_err(dw, dw_ref) <= 1e-5
+
+
 # ------------------------------------------------------------------------------------------------ swiglu
 #: 1850 elements (one 2048-wide block, masked) and 6000 (three blocks, the last partial).
 SWIGLU_SHAPES = [(37, 50), (2, 3, 1000)]
@@ -127,12 +169,17 @@ def test_ce_several_chunks_some_ignored(dtype):
     check_ce(x, w, targets, dtype, chunk_tokens=8)
 
 
+@pytest.mark.parametrize("one_pass", [True, False])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_ce_vocab_over_several_blocks(dtype, monkeypatch):
-    """Vocab 300 in 128-wide blocks (the last holds 44): the online logsumexp crosses block boundaries."""
+def test_ce_vocab_over_several_blocks(dtype, one_pass, monkeypatch):
+    """Vocab 300 as one 512-wide row in registers, or in 128-wide blocks (the last holds 44), where the online
+    logsumexp crosses block boundaries."""
     from kernels.fused import triton_ce
 
-    monkeypatch.setattr(triton_ce, "MAX_BLOCK_V", 128)
+    if not one_pass:
+        monkeypatch.setattr(triton_ce, "MAX_BLOCK_V", 128)
+        monkeypatch.setattr(triton_ce, "ONE_PASS_MAX_V", 256)
+    assert triton_ce._ce_launch(300)[:2] == ((512, True) if one_pass else (128, False))
     x, w, targets = ce_inputs(13, 24, 300, dtype, ignored=[5])
     # The target at the last column, in the partial block, and in the first.
     targets[0], targets[1] = 299, 0
@@ -293,6 +340,9 @@ X, W8, T4 = torch.randn(4, 8), torch.randn(5, 8), torch.zeros(4, dtype=torch.lon
         (lambda: rms_norm(X.long(), torch.ones(8)), "x must be a floating-point"),
         (lambda: rms_norm(X, torch.ones(8), backend="cuda"), "unknown backend"),
         (lambda: rms_norm(X, torch.ones(8, device="meta")), "one device"),
+        (lambda: gated_rms_norm(X, X[:, :4], torch.ones(8)), "gate must have x's shape"),
+        (lambda: gated_rms_norm(X, X.long(), torch.ones(8)), "gate must be a floating-point"),
+        (lambda: gated_rms_norm(X, X, torch.ones(7)), "weight must have shape"),
         (lambda: swiglu(X, X[:, :4]), "one shape and dtype"),
         (lambda: swiglu(X, X.double()), "one shape and dtype"),
         (lambda: swiglu(X, X.int()), "b must be a floating-point"),
@@ -335,14 +385,18 @@ def _aot_report() -> list[dict]:
     for io in ("*bf16", "*fp32"):
         launches = []
         for d in (768, 2048, 4096):
-            block_d, r = nm._tiles(d)
-            norm = dict(ROWS=r, BLOCK_D=block_d)
-            launches += [(f"norm fwd d={d}", nm._rms_norm_fwd_kernel, norm, nm._num_warps(block_d * r, False)),
-                         (f"norm bwd d={d}", nm._rms_norm_bwd_kernel, norm, nm._num_warps(block_d * r, True))]
+            for gated in (False, True):
+                for backward in (False, True):
+                    block_d, r, warps = nm._launch(d, backward, gated)
+                    launches.append((f"norm gated={gated} backward={backward} d={d}",
+                                     nm._rms_norm_bwd_kernel if backward else nm._rms_norm_fwd_kernel,
+                                     dict(ROWS=r, BLOCK_D=block_d, GATED=gated), warps))
         launches += [("swiglu fwd", sw._swiglu_fwd_kernel, dict(BLOCK=sw.BLOCK), sw.NUM_WARPS),
                      ("swiglu bwd", sw._swiglu_bwd_kernel, dict(BLOCK=sw.BLOCK), sw.NUM_WARPS)]
-        launches += [(f"ce grad={g}", ce._ce_kernel, dict(BLOCK_V=ce.MAX_BLOCK_V, WRITE_GRAD=g), ce.NUM_WARPS)
-                     for g in (False, True)]
+        for vocab in (32000, 50304):  # one pass (a row in registers), and in blocks
+            block_v, one_pass, warps = ce._ce_launch(vocab)
+            launches += [(f"ce V={vocab} grad={g}", ce._ce_kernel,
+                          dict(BLOCK_V=block_v, WRITE_GRAD=g, ONE_PASS=one_pass), warps) for g in (False, True)]
         for name, kernel, consts, warps in launches:
             ptrs = {"targets_ptr": "*i64", "loss_ptr": "*fp32", "n_valid_ptr": "*fp32", "rstd_ptr": "*fp32",
                     "dw_ptr": "*fp32"}
@@ -375,7 +429,7 @@ def test_kernels_compile_for_sm90_without_spills():
                           text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = json.loads(done.stdout.strip().splitlines()[-1])
-    assert len(rows) == 2 * 10
+    assert len(rows) == 2 * 18
     assert not [r for r in rows if r["spill"]], rows
 
 
@@ -386,7 +440,7 @@ def test_check_fused_passes_the_kernels_and_catches_a_wrong_one():
     from kernels.fused.bench import CHECK_TOL, Shapes, check_fused, check_op
 
     errors = check_fused("cpu", Shapes(n=24, d=32, hidden=48, vocab=40))
-    assert set(errors) == {"rms_norm", "swiglu", "linear_cross_entropy"}
+    assert set(errors) == {"rms_norm", "gated_rms_norm", "swiglu", "linear_cross_entropy"}
     assert all(0 <= e <= CHECK_TOL for e in errors.values()), errors
 
     class Scaled(torch.autograd.Function):  # right forward, gradient 10% too large
