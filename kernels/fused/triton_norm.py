@@ -18,6 +18,8 @@ TILE = 4096
 MAX_ROWS = 16
 #: The backward's programs per SM: the rows split evenly, and the partial sums (programs x d, fp32) stay small.
 PROGRAMS_PER_SM = 2
+#: Whether the backward loads the next tiles before reducing the current ones.
+PREFETCH = True
 
 
 @triton.jit
@@ -40,8 +42,19 @@ def _rms_norm_fwd_kernel(x_ptr, g_ptr, w_ptr, y_ptr, rstd_ptr, M, D, eps, ROWS: 
 
 
 @triton.jit
+def _bwd_tiles(dy_ptr, x_ptr, g_ptr, rstd_ptr, row0, M, D, rows, cols, offs, GATED: tl.constexpr):
+    """The backward's inputs for the rows from row0, as stored (masked past M)."""
+    mask = (row0 + rows < M)[:, None] & (cols < D)[None, :]
+    x = tl.load(x_ptr + row0 * D + offs, mask=mask, other=0.0)
+    dy = tl.load(dy_ptr + row0 * D + offs, mask=mask, other=0.0)
+    g = tl.load(g_ptr + row0 * D + offs, mask=mask, other=0.0) if GATED else x
+    rstd = tl.load(rstd_ptr + row0 + rows, mask=row0 + rows < M, other=0.0)
+    return x, dy, g, rstd
+
+
+@triton.jit
 def _rms_norm_bwd_kernel(dy_ptr, x_ptr, g_ptr, w_ptr, rstd_ptr, dx_ptr, dg_ptr, dw_ptr, M, D, ROWS: tl.constexpr,
-                         BLOCK_D: tl.constexpr, GATED: tl.constexpr):
+                         BLOCK_D: tl.constexpr, GATED: tl.constexpr, PREFETCH: tl.constexpr):
     """dx = rstd (w dy - x_hat mean(x_hat w dy)); this program's share of dweight = sum over rows of dy x_hat.
 
     GATED: y = sigmoid(g) n with n the norm's output, so dg = dy n s (1 - s) and the norm's dy is dy s.
@@ -53,14 +66,22 @@ def _rms_norm_bwd_kernel(dy_ptr, x_ptr, g_ptr, w_ptr, rstd_ptr, dx_ptr, dg_ptr, 
     w = tl.load(w_ptr + cols, mask=cols < D, other=0.0).to(tl.float32)
     dw = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
     # An int64 start makes the loop's row index int64 (tiles of a long input pass 2^31 elements).
-    for row0 in range(pid.to(tl.int64) * ROWS, M, tl.num_programs(0) * ROWS):
+    start, step = pid.to(tl.int64) * ROWS, tl.num_programs(0) * ROWS
+    x_n, dy_n, g_n, rstd_n = _bwd_tiles(dy_ptr, x_ptr, g_ptr, rstd_ptr, start, M, D, rows, cols, offs, GATED)
+    for row0 in range(start, M, step):
+        x, dy, g, rstd = x_n, dy_n, g_n, rstd_n
+        if PREFETCH:
+            # The next tiles' loads go out before this one is reduced, as Triton's pipeliner does not take loads
+            # that feed no dot: without, the loop waits on memory once a tile (about 2x the bytes' time, H200).
+            x_n, dy_n, g_n, rstd_n = _bwd_tiles(dy_ptr, x_ptr, g_ptr, rstd_ptr, row0 + step, M, D, rows, cols, offs,
+                                                GATED)
+        else:
+            x, dy, g, rstd = _bwd_tiles(dy_ptr, x_ptr, g_ptr, rstd_ptr, row0, M, D, rows, cols, offs, GATED)
         mask = (row0 + rows < M)[:, None] & (cols < D)[None, :]
-        x = tl.load(x_ptr + row0 * D + offs, mask=mask, other=0.0).to(tl.float32)
-        dy = tl.load(dy_ptr + row0 * D + offs, mask=mask, other=0.0).to(tl.float32)
-        rstd = tl.load(rstd_ptr + row0 + rows, mask=row0 + rows < M, other=0.0)
-        x_hat = x * rstd[:, None]
+        x_hat = x.to(tl.float32) * rstd[:, None]
+        dy = dy.to(tl.float32)
         if GATED:
-            sig = tl.sigmoid(tl.load(g_ptr + row0 * D + offs, mask=mask, other=0.0).to(tl.float32))
+            sig = tl.sigmoid(g.to(tl.float32))
             dg = dy * x_hat * w[None, :] * sig * (1.0 - sig)
             tl.store(dg_ptr + row0 * D + offs, dg.to(dg_ptr.dtype.element_ty), mask=mask)
             dy *= sig
@@ -75,11 +96,10 @@ def _rms_norm_bwd_kernel(dy_ptr, x_ptr, g_ptr, w_ptr, rstd_ptr, dx_ptr, dg_ptr, 
 def _launch(d: int, backward: bool, gated: bool) -> tuple[int, int, int]:
     """(BLOCK_D, ROWS, num_warps) of a kernel over rows of d."""
     block_d = triton.next_power_of_2(d)
-    # Elements a thread, so that no launch spills on sm_90 (d 768 to 4096): the backward keeps about six fp32 tiles
-    # live, ~120 registers at 8 a thread (at 16: 221; at 32 it spills); the gated one two more (the gate and its
-    # sigmoid), which spill at 8 a thread and need 76-97 registers at 4, on half the rows.
-    per_thread = (4 if gated else 8) if backward else 16
-    rows = max(1, min(MAX_ROWS, (TILE // 2 if backward and gated else TILE) // block_d))
+    # Elements a thread, so that no launch spills on sm_90 (d 768 to 4096): the backward keeps six to eight fp32
+    # tiles live and the next tiles' loads, 93-128 registers at 4 a thread on half the rows (at 8 it spills).
+    per_thread = 4 if backward else 16
+    rows = max(1, min(MAX_ROWS, (TILE // 2 if backward else TILE) // block_d))
     return block_d, rows, min(32, max(4, block_d * rows // (32 * per_thread)))
 
 
@@ -113,7 +133,7 @@ def _rms_norm_bwd(dy: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor, gate
     dw = torch.empty(programs, d, device=x2.device, dtype=torch.float32)
     _rms_norm_bwd_kernel[(programs,)](dy.contiguous(), x2, gate if gated else x2, weight, rstd, dx,
                                       dg if gated else dx, dw, M, d, ROWS=rows, BLOCK_D=block_d, GATED=gated,
-                                      num_warps=warps)
+                                      PREFETCH=PREFETCH, num_warps=warps)
     return dx, dw.sum(dim=0).to(weight.dtype), dg
 
 
