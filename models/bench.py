@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import shutil
 import statistics
+import subprocess
 import tempfile
-from dataclasses import dataclass, replace
+import threading
+import time
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from models.config import ModelConfig, flops_per_token, hybrid_pattern, shape_for_params
@@ -69,26 +73,92 @@ def bench_spec(arch: str, params: str, seq_len: int, batch_size: int, steps: int
     return BenchSpec(arch, d, layers, heads, hybrid, vocab, seq_len, batch_size, steps * batch_size * seq_len)
 
 
+@dataclass
+class ClockSampler:
+    """The GPU's SM clock and power draw, sampled by ``nvidia-smi`` while a run trains (a context manager).
+
+    A GPU at its power cap lowers its clock, and with it the matmuls' ceiling: this is what makes the same code's
+    MFU differ between hosts. Samples before ``mark()`` are left out of ``summary()`` (compile and warm-up).
+    Without nvidia-smi, or for a GPU it cannot name, there are no samples and ``summary()`` gives Nones.
+    """
+
+    gpu: str | None
+    interval_ms: int = 200
+    samples: list[tuple[float, float, float]] = field(default_factory=list)
+    _since: float = 0.0
+    _proc: subprocess.Popen | None = None
+    _reader: threading.Thread | None = None
+
+    def __enter__(self) -> "ClockSampler":
+        exe = shutil.which("nvidia-smi")
+        if exe and self.gpu:
+            cmd = [exe, "--query-gpu=clocks.sm,power.draw", "--format=csv,noheader,nounits",
+                   f"-lms={self.interval_ms}", f"--id={self.gpu}"]
+            self._proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+            self._reader = threading.Thread(target=self._read, daemon=True)
+            self._reader.start()
+        return self
+
+    def _read(self) -> None:
+        for line in self._proc.stdout:
+            try:
+                clock, power = (float(v) for v in line.split(","))
+            except ValueError:  # a header, or "[N/A]" where the GPU does not report power
+                continue
+            self.samples.append((time.monotonic(), clock, power))
+
+    def mark(self) -> None:
+        """Count samples from now on."""
+        self._since = time.monotonic()
+
+    def __exit__(self, *exc) -> None:
+        if self._proc is not None:
+            self._proc.terminate()
+            self._proc.wait(timeout=10)
+            self._reader.join(timeout=10)
+
+    def summary(self) -> dict:
+        """Mean SM clock (MHz) and power draw (W) over the samples since ``mark()``; Nones without samples."""
+        kept = [(c, p) for t, c, p in self.samples if t >= self._since]
+        if not kept:
+            return {"sm_clock_mhz": None, "power_w": None}
+        return {"sm_clock_mhz": statistics.fmean(c for c, _ in kept), "power_w": statistics.fmean(p for _, p in kept)}
+
+
+def _gpu_id(device: str) -> str | None:
+    """The nvidia-smi id (GPU-<uuid>) of a torch CUDA device, which holds under CUDA_VISIBLE_DEVICES; None off CUDA."""
+    import torch
+
+    if not device.startswith("cuda") or not torch.cuda.is_available():
+        return None
+    uuid = getattr(torch.cuda.get_device_properties(torch.device(device)), "uuid", None)
+    return f"GPU-{uuid}" if uuid is not None else None
+
+
 def bench_train(spec: BenchSpec, *, compile: bool | str = False, microbatch: int | None = None, device: str = "cuda",
                 profile: Path | None = None, fused: bool = False) -> dict:
     """Train ``spec`` with ``pretrain`` and report the median tokens/s of the second half of the steps and MFU;
     with ``profile``, also write torch.profiler's table of the ops that took the most time over three steps
     of the second half there. ``fused`` runs all the LM shell's fused Triton kernels (norms, SwiGLU, head +
-    loss) even when compiled, where training fuses only the head + loss by default."""
+    loss) even when compiled, where training fuses only the head + loss by default. On a GPU, also the mean SM
+    clock and power draw over those steps (``ClockSampler``; Nones where nvidia-smi cannot tell)."""
     import torch
 
     from models.train import pretrain
 
     rates: list[float] = []
     profiler = _step_profiler(spec.steps, device) if profile else contextlib.nullcontext()
+    clock = ClockSampler(_gpu_id(device))
 
     def reporter(kind: str, payload: dict) -> None:
         if kind == "train" and payload.get("tokens_per_s"):
             rates.append((payload["step"], payload["tokens_per_s"]))
+            if payload["step"] <= spec.steps // 2:  # the steps whose median is reported come after the last such
+                clock.mark()
         if kind == "train" and profile:
             profiler.step()
 
-    with tempfile.TemporaryDirectory() as ckpt, profiler:
+    with tempfile.TemporaryDirectory() as ckpt, profiler, clock:
         summary = pretrain(spec, reporter, ckpt, device=device, microbatch=microbatch, compile=compile,
                            ckpt_every_steps=10**9, ckpt_every_s=1e9, kernels="auto" if fused else None)
     if profile:
@@ -106,6 +176,7 @@ def bench_train(spec: BenchSpec, *, compile: bool | str = False, microbatch: int
         # MFU against an H100's peaks means nothing off the GPU
         "mfu_989": fpt * tps / H100_DATASHEET_PEAK if device.startswith("cuda") else None,
         "mfu_785": fpt * tps / H100_MEASURED_PEAK if device.startswith("cuda") else None,
+        **clock.summary(),
         "final_loss": summary.final_loss,
         "device": torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu",
     }

@@ -643,7 +643,9 @@ def bench_train_cmd(
 ) -> None:
     """Single-run training speed on the GPU (the CPU when there is none): tokens/s and MFU.
 
-    MFU is given against the H100's 989 TFLOP/s bf16 datasheet peak and its measured 785 TFLOP/s.
+    MFU is given against the H100's 989 TFLOP/s bf16 datasheet peak and its measured 785 TFLOP/s. On a GPU the
+    mean SM clock and power draw over the timed steps are given too (from nvidia-smi): at its power cap a GPU
+    lowers its clock, and the same code's MFU then differs between hosts.
 
     Example: slab bench train --arch softmax --arch lightning --params 135M --seq-len 2048 --compile
     """
@@ -670,14 +672,16 @@ def bench_train_cmd(
         rows.append(bench_train(spec, compile=compile_mode or compile, microbatch=microbatch, device=device, profile=prof, fused=fused))
         r = rows[-1]
         mfu = f", MFU {r['mfu_989']:.1%} of 989, {r['mfu_785']:.1%} of 785" if r["mfu_989"] is not None else " (CPU: no MFU)"
-        out.print(f"{a} T={t}: {r['tokens_per_s']:,.0f} tokens/s{mfu}")
+        gpu = f", SM clock {r['sm_clock_mhz']:.0f} MHz at {r['power_w']:.0f} W" if r["sm_clock_mhz"] is not None else ""
+        out.print(f"{a} T={t}: {r['tokens_per_s']:,.0f} tokens/s{mfu}{gpu}")
     frame = pd.DataFrame(rows)
     if out_csv:
         from analysis.bench_figures import bench_figure
 
         frame.to_csv(out_csv, index=False)
         out.print(f"wrote {out_csv} and {bench_figure(out_csv)}")
-    _emit(frame[["arch", "seq_len", "params", "microbatch", "compile", "fused", "tokens_per_s", "mfu_989", "mfu_785"]].round(4), Format.table, title="training throughput")
+    _emit(frame[["arch", "seq_len", "params", "microbatch", "compile", "fused", "tokens_per_s", "mfu_989", "mfu_785",
+                 "sm_clock_mhz", "power_w"]].round(4), Format.table, title="training throughput")
 
 
 @bench_app.command("plan")

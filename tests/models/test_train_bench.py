@@ -41,3 +41,60 @@ def test_bench_train_cli_writes_table_and_figure(tmp_path):
     table = pd.read_csv(out)
     assert list(table["seq_len"]) == [32, 64] and (table["tokens_per_s"] > 0).all() and table["mfu_989"].isna().all()
     assert (tmp_path / "train.png").stat().st_size > 10_000
+
+
+def _fake_nvidia_smi(tmp_path, lines):
+    """An `nvidia-smi` on PATH that prints its arguments to a file, then `lines` in a loop until killed."""
+    exe = tmp_path / "bin" / "nvidia-smi"
+    exe.parent.mkdir()
+    body = "\n".join(f"  echo '{line}'" for line in lines)
+    exe.write_text(f"#!/bin/sh\necho \"$@\" > {tmp_path / 'args'}\nwhile true; do\n{body}\n  sleep 0.02\ndone\n")
+    exe.chmod(0o755)
+    return exe.parent
+
+
+def test_clock_sampler_averages_the_samples_after_mark(tmp_path, monkeypatch):
+    import time
+
+    from models.bench import ClockSampler
+
+    monkeypatch.setenv("PATH", str(_fake_nvidia_smi(tmp_path, ["1980, 120.5"])))
+    with ClockSampler("GPU-1234", interval_ms=20) as sampler:
+        time.sleep(0.3)
+        before = len(sampler.samples)
+        sampler.mark()
+        time.sleep(0.3)
+    assert before > 0 and len(sampler.samples) > before
+    assert sampler.summary() == {"sm_clock_mhz": 1980.0, "power_w": 120.5}
+    # Samples from before mark() are left out: rewrite them and the summary must not move.
+    sampler.samples[:before] = [(t, 1.0, 1.0) for t, _, _ in sampler.samples[:before]]
+    assert sampler.summary() == {"sm_clock_mhz": 1980.0, "power_w": 120.5}
+    args = (tmp_path / "args").read_text()
+    assert "--id=GPU-1234" in args and "clocks.sm,power.draw" in args and "-lms=20" in args
+
+
+def test_clock_sampler_mark_drops_earlier_samples_and_skips_unreadable_lines(tmp_path, monkeypatch):
+    import time
+
+    from models.bench import ClockSampler
+
+    monkeypatch.setenv("PATH", str(_fake_nvidia_smi(tmp_path, ["1500, 650", "[N/A], [N/A]", "1700, 690"])))
+    with ClockSampler("GPU-1", interval_ms=20) as sampler:
+        time.sleep(0.3)
+    assert {(c, p) for _, c, p in sampler.samples} == {(1500.0, 650.0), (1700.0, 690.0)}
+    assert sampler.summary()["sm_clock_mhz"] == pytest.approx(1600, abs=100)
+    sampler.mark()  # after the run: nothing left to average
+    assert sampler.summary() == {"sm_clock_mhz": None, "power_w": None}
+
+
+def test_clock_sampler_without_nvidia_smi_or_gpu_gives_nones(tmp_path, monkeypatch):
+    from models.bench import ClockSampler
+
+    monkeypatch.setenv("PATH", str(tmp_path))  # no nvidia-smi there
+    with ClockSampler("GPU-1") as sampler:
+        pass
+    assert sampler.summary() == {"sm_clock_mhz": None, "power_w": None}
+    monkeypatch.setenv("PATH", str(_fake_nvidia_smi(tmp_path, ["1980, 100"])))
+    with ClockSampler(None) as sampler:  # a CPU run: nothing to ask
+        pass
+    assert sampler.samples == [] and not (tmp_path / "args").exists()
