@@ -10,6 +10,7 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass, field, replace
+from datetime import datetime
 from pathlib import Path
 
 from models.config import ModelConfig, flops_per_token, hybrid_pattern, shape_for_params
@@ -78,7 +79,8 @@ class ClockSampler:
     """The GPU's SM clock and power draw, sampled by ``nvidia-smi`` while a run trains (a context manager).
 
     A GPU at its power cap lowers its clock, and with it the matmuls' ceiling: this is what makes the same code's
-    MFU differ between hosts. Samples before ``mark()`` are left out of ``summary()`` (compile and warm-up).
+    MFU differ between hosts. Samples taken before ``mark()`` are left out of ``summary()`` (compile and warm-up);
+    each is placed by nvidia-smi's own timestamp, since its output may reach us in bursts (buffered in a pipe).
     Without nvidia-smi, or for a GPU it cannot name, there are no samples and ``summary()`` gives Nones.
     """
 
@@ -92,7 +94,7 @@ class ClockSampler:
     def __enter__(self) -> "ClockSampler":
         exe = shutil.which("nvidia-smi")
         if exe and self.gpu:
-            cmd = [exe, "--query-gpu=clocks.sm,power.draw", "--format=csv,noheader,nounits",
+            cmd = [exe, "--query-gpu=timestamp,clocks.sm,power.draw", "--format=csv,noheader,nounits",
                    f"-lms={self.interval_ms}", f"--id={self.gpu}"]
             self._proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
             self._reader = threading.Thread(target=self._read, daemon=True)
@@ -102,14 +104,16 @@ class ClockSampler:
     def _read(self) -> None:
         for line in self._proc.stdout:
             try:
-                clock, power = (float(v) for v in line.split(","))
+                stamp, clock, power = (v.strip() for v in line.split(","))
+                # nvidia-smi prints the host's local time, which datetime reads as local time too.
+                at = datetime.strptime(stamp, "%Y/%m/%d %H:%M:%S.%f").timestamp()
+                self.samples.append((at, float(clock), float(power)))
             except ValueError:  # a header, or "[N/A]" where the GPU does not report power
                 continue
-            self.samples.append((time.monotonic(), clock, power))
 
     def mark(self) -> None:
-        """Count samples from now on."""
-        self._since = time.monotonic()
+        """Count samples taken from now on."""
+        self._since = time.time()
 
     def __exit__(self, *exc) -> None:
         if self._proc is not None:

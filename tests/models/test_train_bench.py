@@ -43,12 +43,27 @@ def test_bench_train_cli_writes_table_and_figure(tmp_path):
     assert (tmp_path / "train.png").stat().st_size > 10_000
 
 
-def _fake_nvidia_smi(tmp_path, lines):
-    """An `nvidia-smi` on PATH that prints its arguments to a file, then `lines` in a loop until killed."""
+def _fake_nvidia_smi(tmp_path, lines, burst=False):
+    """An `nvidia-smi` on PATH that writes its arguments to a file, then each of `lines` (clock, power) behind a
+    timestamp as nvidia-smi prints it, every 20 ms until killed; with `burst`, its output reaches the pipe only
+    every 0.25 s, as a buffered nvidia-smi's might."""
+    import sys
+
     exe = tmp_path / "bin" / "nvidia-smi"
     exe.parent.mkdir()
-    body = "\n".join(f"  echo '{line}'" for line in lines)
-    exe.write_text(f"#!/bin/sh\necho \"$@\" > {tmp_path / 'args'}\nwhile true; do\n{body}\n  sleep 0.02\ndone\n")
+    exe.write_text(f"""#!{sys.executable}
+import datetime, pathlib, sys, time
+pathlib.Path({str(tmp_path / "args")!r}).write_text(" ".join(sys.argv[1:]))
+last = time.monotonic()
+while True:
+    for line in {list(lines)!r}:
+        now = datetime.datetime.now().strftime("%Y/%m/%d %H:%M:%S.%f")[:-3]
+        sys.stdout.write(now + ", " + line + "\\n")
+        if not {burst!r} or time.monotonic() - last > 0.25:
+            sys.stdout.flush()
+            last = time.monotonic()
+        time.sleep(0.02)
+""")
     exe.chmod(0o755)
     return exe.parent
 
@@ -70,7 +85,30 @@ def test_clock_sampler_averages_the_samples_after_mark(tmp_path, monkeypatch):
     sampler.samples[:before] = [(t, 1.0, 1.0) for t, _, _ in sampler.samples[:before]]
     assert sampler.summary() == {"sm_clock_mhz": 1980.0, "power_w": 120.5}
     args = (tmp_path / "args").read_text()
-    assert "--id=GPU-1234" in args and "clocks.sm,power.draw" in args and "-lms=20" in args
+    assert "--id=GPU-1234" in args and "timestamp,clocks.sm,power.draw" in args and "-lms=20" in args
+
+
+def test_clock_sampler_places_samples_by_their_timestamp_not_their_arrival(tmp_path, monkeypatch):
+    """Output that arrives in bursts: samples taken before mark() but read after it must still be left out."""
+    import time
+
+    from models.bench import ClockSampler
+
+    monkeypatch.setenv("PATH", str(_fake_nvidia_smi(tmp_path, ["1980, 100"], burst=True)))
+    with ClockSampler("GPU-1", interval_ms=20) as sampler:
+        time.sleep(0.6)
+        sampler.mark()
+        marked = time.time()
+        time.sleep(0.6)
+    times = [t for t, _, _ in sampler.samples]
+    # Taken every 20 ms though read in bursts of about a dozen: the times are when each was taken.
+    gaps = sorted(b - a for a, b in zip(times, times[1:]))
+    assert gaps[len(gaps) // 2] >= 0.01, gaps
+    assert any(t < marked for t in times) and any(t >= marked for t in times)
+    kept = sum(t >= marked for t in times)
+    assert 0 < kept < len(times)
+    sampler.samples[:] = [(t, 1.0 if t < marked else 1980.0, 100.0) for t in times]
+    assert sampler.summary() == {"sm_clock_mhz": 1980.0, "power_w": 100.0}
 
 
 def test_clock_sampler_mark_drops_earlier_samples_and_skips_unreadable_lines(tmp_path, monkeypatch):
