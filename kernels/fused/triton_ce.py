@@ -3,8 +3,9 @@
 Per chunk of n tokens: logits = x_c @ W^T in the input dtype (a tensor-core GEMM), then `_ce_kernel`, one
 program per row, overwrites the logits in place with their gradient (softmax - onehot) / n_valid, zero on ignored
 rows, and stores the row's loss. A row of up to ONE_PASS_MAX_V classes is read once into registers; a wider one
-twice, an online max / sum-exp pass for the logsumexp (and the target's logit), then the gradient pass. grad_x_c = dlogits @ W and grad_W += dlogits^T x_c follow at once, so the chunk's logits die
-before the next chunk starts; backward only scales the stored gradients by grad_output (the approach of
+twice, an online max / sum-exp pass for the logsumexp (and the target's logit), then the gradient pass.
+grad_x_c = dlogits @ W and grad_W += dlogits^T x_c follow at once, so the chunk's logits die before the next
+chunk starts; backward only scales the stored gradients by grad_output (the approach of
 Liger-Kernel's fused linear cross-entropy). Extra memory: one chunk of logits, grad_x, and grad_W in fp32.
 """
 

@@ -18,8 +18,6 @@ TILE = 4096
 MAX_ROWS = 16
 #: The backward's programs per SM: the rows split evenly, and the partial sums (programs x d, fp32) stay small.
 PROGRAMS_PER_SM = 2
-#: Whether the backward loads the next tiles before reducing the current ones.
-PREFETCH = True
 
 
 @triton.jit
@@ -54,7 +52,7 @@ def _bwd_tiles(dy_ptr, x_ptr, g_ptr, rstd_ptr, row0, M, D, rows, cols, offs, GAT
 
 @triton.jit
 def _rms_norm_bwd_kernel(dy_ptr, x_ptr, g_ptr, w_ptr, rstd_ptr, dx_ptr, dg_ptr, dw_ptr, M, D, ROWS: tl.constexpr,
-                         BLOCK_D: tl.constexpr, GATED: tl.constexpr, PREFETCH: tl.constexpr):
+                         BLOCK_D: tl.constexpr, GATED: tl.constexpr):
     """dx = rstd (w dy - x_hat mean(x_hat w dy)); this program's share of dweight = sum over rows of dy x_hat.
 
     GATED: y = sigmoid(g) n with n the norm's output, so dg = dy n s (1 - s) and the norm's dy is dy s.
@@ -70,13 +68,9 @@ def _rms_norm_bwd_kernel(dy_ptr, x_ptr, g_ptr, w_ptr, rstd_ptr, dx_ptr, dg_ptr, 
     x_n, dy_n, g_n, rstd_n = _bwd_tiles(dy_ptr, x_ptr, g_ptr, rstd_ptr, start, M, D, rows, cols, offs, GATED)
     for row0 in range(start, M, step):
         x, dy, g, rstd = x_n, dy_n, g_n, rstd_n
-        if PREFETCH:
-            # The next tiles' loads go out before this one is reduced, as Triton's pipeliner does not take loads
-            # that feed no dot: without, the loop waits on memory once a tile (about 2x the bytes' time, H200).
-            x_n, dy_n, g_n, rstd_n = _bwd_tiles(dy_ptr, x_ptr, g_ptr, rstd_ptr, row0 + step, M, D, rows, cols, offs,
-                                                GATED)
-        else:
-            x, dy, g, rstd = _bwd_tiles(dy_ptr, x_ptr, g_ptr, rstd_ptr, row0, M, D, rows, cols, offs, GATED)
+        # The next tiles' loads go out before this one is reduced, as Triton's pipeliner does not take loads that
+        # feed no dot: without, the loop waited on memory once a tile (about 2x the bytes' time, H200).
+        x_n, dy_n, g_n, rstd_n = _bwd_tiles(dy_ptr, x_ptr, g_ptr, rstd_ptr, row0 + step, M, D, rows, cols, offs, GATED)
         mask = (row0 + rows < M)[:, None] & (cols < D)[None, :]
         x_hat = x.to(tl.float32) * rstd[:, None]
         dy = dy.to(tl.float32)
@@ -93,7 +87,7 @@ def _rms_norm_bwd_kernel(dy_ptr, x_ptr, g_ptr, w_ptr, rstd_ptr, dx_ptr, dg_ptr, 
     tl.store(dw_ptr + pid * D + cols, tl.sum(dw, axis=0), mask=cols < D)
 
 
-def _launch(d: int, backward: bool, gated: bool) -> tuple[int, int, int]:
+def _launch(d: int, backward: bool) -> tuple[int, int, int]:
     """(BLOCK_D, ROWS, num_warps) of a kernel over rows of d."""
     block_d = triton.next_power_of_2(d)
     # Elements a thread, so that no launch spills on sm_90 (d 768 to 4096): the backward keeps six to eight fp32
@@ -111,7 +105,7 @@ def _rms_norm_fwd(x2: torch.Tensor, weight: torch.Tensor, gate: torch.Tensor | N
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     M, d = x2.shape
     gated = gate is not None
-    block_d, rows, warps = _launch(d, False, gated)
+    block_d, rows, warps = _launch(d, False)
     y = torch.empty_like(x2)
     rstd = torch.empty(M, device=x2.device, dtype=torch.float32)
     _rms_norm_fwd_kernel[(triton.cdiv(M, rows),)](x2, gate if gated else x2, weight, y, rstd, M, d, eps, ROWS=rows,
@@ -124,7 +118,7 @@ def _rms_norm_bwd(dy: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor, gate
                   rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     M, d = x2.shape
     gated = gate is not None
-    block_d, rows, warps = _launch(d, True, gated)
+    block_d, rows, warps = _launch(d, True)
     # The interpreter gets two programs, so that tests with three tiles cover a program striding over two.
     sms = torch.cuda.get_device_properties(x2.device).multi_processor_count if x2.is_cuda else 1
     programs = max(1, min(triton.cdiv(M, rows), PROGRAMS_PER_SM * sms))
@@ -133,7 +127,7 @@ def _rms_norm_bwd(dy: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor, gate
     dw = torch.empty(programs, d, device=x2.device, dtype=torch.float32)
     _rms_norm_bwd_kernel[(programs,)](dy.contiguous(), x2, gate if gated else x2, weight, rstd, dx,
                                       dg if gated else dx, dw, M, d, ROWS=rows, BLOCK_D=block_d, GATED=gated,
-                                      PREFETCH=PREFETCH, num_warps=warps)
+                                      num_warps=warps)
     return dx, dw.sum(dim=0).to(weight.dtype), dg
 
 

@@ -387,7 +387,7 @@ def _aot_report() -> list[dict]:
         for d in (768, 2048, 4096):
             for gated in (False, True):
                 for backward in (False, True):
-                    block_d, r, warps = nm._launch(d, backward, gated)
+                    block_d, r, warps = nm._launch(d, backward)
                     launches.append((f"norm gated={gated} backward={backward} d={d}",
                                      nm._rms_norm_bwd_kernel if backward else nm._rms_norm_fwd_kernel,
                                      dict(ROWS=r, BLOCK_D=block_d, GATED=gated), warps))
