@@ -54,18 +54,28 @@ def _fake_nvidia_smi(tmp_path, lines, burst=False):
     exe.write_text(f"""#!{sys.executable}
 import datetime, pathlib, sys, time
 pathlib.Path({str(tmp_path / "args")!r}).write_text(" ".join(sys.argv[1:]))
-last = time.monotonic()
+last, held = time.monotonic(), []
 while True:
     for line in {list(lines)!r}:
-        now = datetime.datetime.now().strftime("%Y/%m/%d %H:%M:%S.%f")[:-3]
-        sys.stdout.write(now + ", " + line + "\\n")
+        held.append(datetime.datetime.now().strftime("%Y/%m/%d %H:%M:%S.%f")[:-3] + ", " + line + "\\n")
         if not {burst!r} or time.monotonic() - last > 0.25:
+            sys.stdout.write("".join(held))
             sys.stdout.flush()
-            last = time.monotonic()
+            last, held = time.monotonic(), []
         time.sleep(0.02)
 """)
     exe.chmod(0o755)
     return exe.parent
+
+
+def _wait_for(condition, timeout=20.0):
+    """Poll until condition() holds (the fake's start-up time varies on a loaded machine); fail after timeout."""
+    import time
+
+    end = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < end, "timed out"
+        time.sleep(0.02)
 
 
 def test_clock_sampler_averages_the_samples_after_mark(tmp_path, monkeypatch):
@@ -75,10 +85,11 @@ def test_clock_sampler_averages_the_samples_after_mark(tmp_path, monkeypatch):
 
     monkeypatch.setenv("PATH", str(_fake_nvidia_smi(tmp_path, ["1980, 120.5"])))
     with ClockSampler("GPU-1234", interval_ms=20) as sampler:
-        time.sleep(0.3)
+        _wait_for(lambda: len(sampler.samples) >= 3)
         before = len(sampler.samples)
         sampler.mark()
-        time.sleep(0.3)
+        time.sleep(0.05)
+        _wait_for(lambda: len(sampler.samples) >= before + 3)
     assert before > 0 and len(sampler.samples) > before
     assert sampler.summary() == {"sm_clock_mhz": 1980.0, "power_w": 120.5}
     # Samples from before mark() are left out: rewrite them and the summary must not move.
@@ -96,10 +107,10 @@ def test_clock_sampler_places_samples_by_their_timestamp_not_their_arrival(tmp_p
 
     monkeypatch.setenv("PATH", str(_fake_nvidia_smi(tmp_path, ["1980, 100"], burst=True)))
     with ClockSampler("GPU-1", interval_ms=20) as sampler:
-        time.sleep(0.6)
+        _wait_for(lambda: len(sampler.samples) >= 3)  # the first burst is in
         sampler.mark()
         marked = time.time()
-        time.sleep(0.6)
+        _wait_for(lambda: any(t >= marked for t, _, _ in sampler.samples))
     times = [t for t, _, _ in sampler.samples]
     # Taken every 20 ms though read in bursts of about a dozen: the times are when each was taken.
     gaps = sorted(b - a for a, b in zip(times, times[1:]))
@@ -118,7 +129,7 @@ def test_clock_sampler_mark_drops_earlier_samples_and_skips_unreadable_lines(tmp
 
     monkeypatch.setenv("PATH", str(_fake_nvidia_smi(tmp_path, ["1500, 650", "[N/A], [N/A]", "1700, 690"])))
     with ClockSampler("GPU-1", interval_ms=20) as sampler:
-        time.sleep(0.3)
+        _wait_for(lambda: len({c for _, c, _ in sampler.samples}) >= 2)
     assert {(c, p) for _, c, p in sampler.samples} == {(1500.0, 650.0), (1700.0, 690.0)}
     assert sampler.summary()["sm_clock_mhz"] == pytest.approx(1600, abs=100)
     sampler.mark()  # after the run: nothing left to average
