@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import shutil
 import statistics
 import subprocess
@@ -79,8 +80,9 @@ class ClockSampler:
     """The GPU's SM clock and power draw, sampled by ``nvidia-smi`` while a run trains (a context manager).
 
     A GPU at its power cap lowers its clock, and with it the matmuls' ceiling: this is what makes the same code's
-    MFU differ between hosts. Samples taken before ``mark()`` are left out of ``summary()`` (compile and warm-up);
-    each is placed by nvidia-smi's own timestamp, since its output may reach us in bursts (buffered in a pipe).
+    MFU differ between hosts. ``summary()`` counts the samples taken between ``mark()`` and the last ``stop()``
+    (not compile and warm-up before, nor the final evaluation and checkpoint after); each is placed by
+    nvidia-smi's own timestamp, since its output may reach us in bursts (buffered in a pipe).
     Without nvidia-smi, or for a GPU it cannot name, there are no samples and ``summary()`` gives Nones.
     """
 
@@ -88,6 +90,7 @@ class ClockSampler:
     interval_ms: int = 200
     samples: list[tuple[float, float, float]] = field(default_factory=list)
     _since: float = 0.0
+    _until: float | None = None
     _proc: subprocess.Popen | None = None
     _reader: threading.Thread | None = None
 
@@ -112,8 +115,12 @@ class ClockSampler:
                 continue
 
     def mark(self) -> None:
-        """Count samples taken from now on."""
-        self._since = time.time()
+        """Count samples taken from now on (until a later ``stop()``)."""
+        self._since, self._until = time.time(), None
+
+    def stop(self) -> None:
+        """Count no samples taken after now; a later call moves the end."""
+        self._until = time.time()
 
     def __exit__(self, *exc) -> None:
         if self._proc is not None:
@@ -122,8 +129,9 @@ class ClockSampler:
             self._reader.join(timeout=10)
 
     def summary(self) -> dict:
-        """Mean SM clock (MHz) and power draw (W) over the samples since ``mark()``; Nones without samples."""
-        kept = [(c, p) for t, c, p in self.samples if t >= self._since]
+        """Mean SM clock (MHz) and power draw (W) over the samples from ``mark()`` to ``stop()``; Nones without."""
+        until = math.inf if self._until is None else self._until
+        kept = [(c, p) for t, c, p in self.samples if self._since <= t <= until]
         if not kept:
             return {"sm_clock_mhz": None, "power_w": None}
         return {"sm_clock_mhz": statistics.fmean(c for c, _ in kept), "power_w": statistics.fmean(p for _, p in kept)}
@@ -159,6 +167,8 @@ def bench_train(spec: BenchSpec, *, compile: bool | str = False, microbatch: int
             rates.append((payload["step"], payload["tokens_per_s"]))
             if payload["step"] <= spec.steps // 2:  # the steps whose median is reported come after the last such
                 clock.mark()
+            else:
+                clock.stop()
         if kind == "train" and profile:
             profiler.step()
 

@@ -99,6 +99,31 @@ def test_clock_sampler_averages_the_samples_after_mark(tmp_path, monkeypatch):
     assert "--id=GPU-1234" in args and "timestamp,clocks.sm,power.draw" in args and "-lms=20" in args
 
 
+def test_clock_sampler_leaves_out_samples_after_stop(tmp_path, monkeypatch):
+    """The run's final evaluation and checkpoint come after its last timed step: stop() ends the window there."""
+    import time
+
+    from models.bench import ClockSampler
+
+    monkeypatch.setenv("PATH", str(_fake_nvidia_smi(tmp_path, ["1700, 650"])))
+    with ClockSampler("GPU-1", interval_ms=20) as sampler:
+        sampler.mark()
+        time.sleep(0.01)
+        _wait_for(lambda: len(sampler.samples) >= 3)
+        sampler.stop()
+        stopped = time.time()
+        _wait_for(lambda: any(t > stopped for t, _, _ in sampler.samples))
+    times = [t for t, _, _ in sampler.samples]
+    assert sampler.summary() == {"sm_clock_mhz": 1700.0, "power_w": 650.0}
+    # Rewrite the samples after stop(): the summary must not move. A later stop() takes them in again.
+    sampler.samples[:] = [(t, 1700.0, 650.0) if t <= stopped else (t, 300.0, 80.0) for t in times]
+    assert sampler.summary() == {"sm_clock_mhz": 1700.0, "power_w": 650.0}
+    sampler.stop()
+    assert sampler.summary()["power_w"] < 650.0
+    sampler.mark()  # a new window, open-ended
+    assert sampler.summary() == {"sm_clock_mhz": None, "power_w": None}
+
+
 def test_clock_sampler_places_samples_by_their_timestamp_not_their_arrival(tmp_path, monkeypatch):
     """Output that arrives in bursts: samples taken before mark() but read after it must still be left out."""
     import time
