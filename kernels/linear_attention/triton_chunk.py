@@ -90,6 +90,9 @@ CHUNK_SPAN_LIMIT = 120.0
 #: the fused walks took 0.935 / 0.609 / 0.318 ms against the chunked kernels' 1.54 / 0.78 / 0.405 at B 64 / 32 / 16,
 #: 5.8 / 2.9 / 1.45 pairs a SM (docs/bench/kernels.md); 1.4 is just below the fewest timed, where they still won.
 FUSED_MIN_HEADS_PER_SM: float | None = 1.4
+#: Per channel, dA staged (stored once a chunk by `_dv_kernel`, read by each of dqk's K tiles) rather than made by dqk
+#: from do and v as a fixed scalar decay's is. Made in dqk, strong chunks still store it for `_intra_bwd_kernel`.
+CHANNEL_DA_STAGED = False
 
 
 def _interpreting() -> bool:
@@ -736,7 +739,12 @@ def _dqk_kernel(q_ptr, k_ptr, v_ptr, do_ptr, dq_ptr, dk_ptr, dq_out_ptr, dk_out_
             # element (e comes stored) instead of three, and two loads fewer (1.7% off the per-channel fwd+bwd at B 16,
             # T 2k, when e was made here). h and dh come times e^m (the walks store them so), which the products with
             # them need.
-            da, dat = _load_dA(dA_ptr, i_bh * NT + i_n, BT)
+            if STAGED:
+                da, dat = _load_dA(dA_ptr, i_bh * NT + i_n, BT)
+            else:
+                # dA = scale do v^T (i >= j) and its transpose, as the V loop made them: no decay factor per channel.
+                da = tl.where(rows[:, None] >= rows[None, :], scale * acc_da, 0.0)
+                dat = tl.where(rows[None, :] >= rows[:, None], scale * acc_dat, 0.0)
             kg = _load(kg_ptr, i_b, i_h, t0, T, H, K, k0, BT, BK, False)
             qg = _load(qg_ptr, i_b, i_h, t0, T, H, K, k0, BT, BK, False)
             x = scale * acc_dq + tl.dot(da.to(RDT), kg.to(RDT), input_precision=PREC)
@@ -755,6 +763,11 @@ def _dqk_kernel(q_ptr, k_ptr, v_ptr, do_ptr, dq_ptr, dk_ptr, dq_out_ptr, dk_out_
                 # triangle of ones, 0.73).
                 _store(da_ptr, tl.cumsum(db, axis=0, reverse=True), i_b, i_h, t0, T, H, K, k0, BT, BK)
         else:
+            if not STAGED:
+                # `_intra_bwd_kernel` reads this strong chunk's dA as stored; one K tile stores it.
+                if i_k == 0:
+                    _store_dA(dA_ptr, i_bh * NT + i_n, tl.where(rows[:, None] >= rows[None, :], scale * acc_da, 0.0),
+                              BT)
             # h and dh come times f = e^lf: divided out, within the exponents.
             b = _rows_log_decay(a_ptr, b_ptr, i_b, i_h, t0, 0, last, Tp, H, K, k0, BT, BK, DECAY, False)
             b_last = _chunk_b_last(bl_ptr, i_bh, i_n, NT, K, offs_k)
@@ -1299,12 +1312,12 @@ def _backward(q, k, v, log_decay, h0, A, b, qg, kg, eg, bl, strong, do, dfinal, 
     # their decay is learned (on an H100 at B 16, T 2k: per channel 1.56 -> 1.39 ms fwd+bwd, constant 1.18 -> 1.03),
     # but not for a fixed one (0.94 against 0.96). Stored bf16 for bf16 inputs, whose dots take it in bf16; fp32
     # otherwise (fp16 could overflow). Per channel the dv kernel makes it when one V tile spans V.
-    staged = per_channel or need_da
+    staged = (per_channel and CHANNEL_DA_STAGED) or (not per_channel and need_da)
     dA = None
-    if staged:
+    if staged or per_channel:  # per channel the strong chunks' dA is stored for `_intra_bwd_kernel` either way
         dA = torch.empty(B * H, NT, plan.BT, plan.BT, device=q.device,
                          dtype=torch.bfloat16 if q.dtype == torch.bfloat16 else torch.float32)
-    fused_dA = per_channel and plan.cfg["dv"]["BV"] >= V
+    fused_dA = per_channel and staged and plan.cfg["dv"]["BV"] >= V
     dv = torch.empty_like(v) if dqkv is None else dqkv[:, :, 2]
     plan.launch(_dv_kernel, "dv", plan.grid("dv", NT), q, k, v, do, dv, dA, plan.a, plan.b, plan.bl, A, dh, qg, kg,
                 T, plan.Tp, NT, scale, STORE_DA=fused_dA, **shapes)

@@ -76,9 +76,9 @@ def _variants(dtype: torch.dtype, decay: int):
                             dict(shared, REVERSE=reverse, STATES=states, HAS_START=True, XS=qs,
                                  YS=1 if reverse else qs), "walk"))
         out.append((f"output{tag}", tc._output_kernel, base, "out"))
-        out.append((f"dv{tag}", tc._dv_kernel, dict(base, STORE_DA=decay == 2), "dv"))
+        out.append((f"dv{tag}", tc._dv_kernel, dict(base, STORE_DA=decay == 2 and tc.CHANNEL_DA_STAGED), "dv"))
         out.append((f"dA{tag}", tc._dA_kernel, base, "dA"))
-        out.append((f"dqk{tag}", tc._dqk_kernel, dict(base, STORE_DB=True, STAGED=True), "dqk"))
+        out.append((f"dqk{tag}", tc._dqk_kernel, dict(base, STORE_DB=True, STAGED=decay != 2 or tc.CHANNEL_DA_STAGED), "dqk"))
         if decay != 2:  # a fixed scalar decay: dA made in the kernel
             out.append((f"dqk fixed decay{tag}", tc._dqk_kernel, dict(base, STORE_DB=False, STAGED=False), "dqk"))
     for reverse in (False, True):
