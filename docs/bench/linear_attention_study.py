@@ -17,6 +17,9 @@ flash-linear-attention. On a GPU (bf16, H 8, K = V = 128):
     python docs/bench/linear_attention_study.py lightning-one '{"dqk": {"num_warps": 4}}'   # one of them (its worker)
     python docs/bench/linear_attention_study.py fused                    # lightning's shape: fused walks or chunks
     python docs/bench/linear_attention_study.py dastage                  # per channel: dA staged or made in dqk
+    python docs/bench/linear_attention_study.py channelgrid              # per channel: launch settings, one at a time
+    python docs/bench/linear_attention_study.py sparse                   # walks with fewer walkers than SMs
+    python docs/bench/linear_attention_study.py channel-one '{"dqk": {"BV": 64}}'   # one of them (its worker)
 """
 
 import itertools
@@ -302,6 +305,35 @@ def dastage() -> None:
     tc.CHANNEL_DA_STAGED = saved
 
 
+#: The per-channel kernels' settings before `channelgrid`'s picks (dqk at 3 stages, output and dv at 8 warps at D 128).
+CHANNEL_BEFORE = {"dqk": dict(num_stages=3), "dv": dict(num_warps=8), "out": dict(num_warps=8)}
+
+
+def sparse() -> None:
+    """The walk settings for fewer walkers than SMs (`triton_chunk.SPARSE_WALK`) on and off, and per channel the
+    kernels' settings before `channelgrid`'s picks: GPU checks of the defaults, then fwd+bwd GPU ms per form at SHAPES,
+    two rounds alternated."""
+    from kernels.linear_attention.bench import check_on_device, check_summary
+
+    checks = [c for c in check_on_device(peers=False) if c.impl.startswith("ours triton")]
+    print("sparse checks", check_summary(checks), flush=True)
+    rule = dict(tc.SPARSE_WALK)
+    chosen: dict[str, dict] = {}
+    override(chosen)
+    cases = (("before", {}, CHANNEL_BEFORE, ("channel",)), ("settings", {}, {}, ("channel",)),
+             ("rule off", {}, {}, ("constant-fixed", "constant", "token")),
+             ("rule on", rule, {}, ("channel", "constant-fixed", "constant", "token")))
+    for rnd, (label, walk_rule, settings_, forms) in itertools.product(range(2), cases):
+        tc.SPARSE_WALK = walk_rule
+        chosen.clear()
+        chosen.update(settings_)
+        for form in forms:
+            name, learn = form.removesuffix("-fixed"), not form.endswith("-fixed")
+            ms = [f"{graph_ms(name, batch, time_, learn)[0]:.3f}" for batch, time_ in SHAPES]
+            print("sparse", rnd, label, form, *ms, flush=True)
+    tc.SPARSE_WALK = rule
+
+
 #: Walk settings timed by `walkgrid` (the first: the defaults).
 WALK_GRID = ({}, dict(BK=32, num_warps=8, num_stages=4), dict(BK=32, num_warps=8, num_stages=3),
              dict(BK=32, num_warps=4, num_stages=3), dict(BK=32, BV=32, num_warps=4, num_stages=3),
@@ -356,10 +388,7 @@ def lightning_ms(batch: int, graph: bool = True, time_: int = 2048, heads: int =
 def lightning_one(settings_json: str) -> None:
     """One setting (kernel name -> launch settings, JSON) at lightning's shape: ms at B 64 and B 16, and the largest
     relative difference of its output and gradient from the defaults' at B 4 (one line, RESULT + JSON)."""
-    try:
-        settings_ = json.loads(settings_json)
-    except json.JSONDecodeError as exc:
-        sys.exit(f"lightning-one: expected a JSON object of kernel name -> launch settings; {exc}")
+    settings_ = _settings_json(settings_json, "lightning-one")
     chosen: dict[str, dict] = {}
     override(chosen)
     ref = lightning_ms(4, graph=False)
@@ -369,32 +398,69 @@ def lightning_one(settings_json: str) -> None:
     print("RESULT", json.dumps(dict(ms64=lightning_ms(64), ms16=lightning_ms(16), err=err)), flush=True)
 
 
-def lightning() -> None:
-    """LIGHTNING_SPACE at lightning's training shape, each setting in its own process (some settings fault on the GPU,
-    which leaves a process's CUDA context unusable), keeping each kernel's best correct one in turn."""
-    def trial(chosen):
-        done = subprocess.run([sys.executable, __file__, "lightning-one", json.dumps(chosen)], capture_output=True,
-                              text=True)
-        for line in done.stdout.splitlines():
-            if line.startswith("RESULT "):
-                return json.loads(line.removeprefix("RESULT "))
-        return dict(fail=(done.stderr.strip().splitlines() or ["?"])[-1][:100])
+def trial(worker: str, chosen: dict) -> dict:
+    """Run `worker` (a command of this script that prints one RESULT line) on settings `chosen` in its own process:
+    some settings fault on the GPU, which leaves a process's CUDA context unusable. Its result, or its last error."""
+    done = subprocess.run([sys.executable, __file__, worker, json.dumps(chosen)], capture_output=True, text=True)
+    for line in done.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line.removeprefix("RESULT "))
+    return dict(fail=(done.stderr.strip().splitlines() or ["?"])[-1][:100])
 
+
+def lightning() -> None:
+    """LIGHTNING_SPACE at lightning's training shape, each setting in its own process (`trial`), keeping each
+    kernel's best correct one in turn."""
     chosen: dict[str, dict] = {}
-    best = trial(chosen)
+    best = trial("lightning-one", chosen)
     print("lightning defaults", best, flush=True)
     best_ms = best["ms64"]
     for name, space in LIGHTNING_SPACE.items():
         keys, pick = list(space), None
         for values in itertools.product(*(space[key] for key in keys)):
             setting = dict(zip(keys, values))
-            result = trial({**chosen, name: setting})
+            result = trial("lightning-one", {**chosen, name: setting})
             print("lightning", name, setting, result, flush=True)
             if "ms64" in result and result["err"] < 2e-2 and result["ms64"] < best_ms:
                 best_ms, pick = result["ms64"], setting
         if pick:
             chosen[name] = pick
         print(f"lightning BEST after {name}: {best_ms:.3f} ms with {chosen}", flush=True)
+
+
+#: Per-channel settings timed by `channelgrid`, each on its own (the first: the defaults).
+CHANNEL_GRID = ({}, {"dqk": dict(BV=64)}, {"dqk": dict(num_warps=8)}, {"dqk": dict(num_stages=2)},
+                {"dqk": dict(num_stages=4)}, {"dv": dict(BV=64)}, {"dv": dict(num_warps=4)},
+                {"walk": dict(BV=32, num_warps=8, num_stages=4)}, {"walk": dict(num_warps=8, num_stages=4)},
+                {"out": dict(num_warps=4)})
+
+
+def _settings_json(settings_json: str, worker: str) -> dict:
+    """The settings a worker command was given (kernel name -> launch settings, JSON); exits with a message if bad."""
+    try:
+        return json.loads(settings_json)
+    except json.JSONDecodeError as exc:
+        sys.exit(f"{worker}: expected a JSON object of kernel name -> launch settings; {exc}")
+
+
+def channel_one(settings_json: str) -> None:
+    """One setting for the per-channel form: fwd+bwd GPU ms at each of SHAPES, and the largest relative difference
+    of its output and gradients from the defaults' at B 4, T 8k (one line, RESULT + JSON)."""
+    settings_ = _settings_json(settings_json, "channel-one")
+    chosen: dict[str, dict] = {}
+    override(chosen)
+    ref = graph_ms("channel", 4, 8192)[1]
+    chosen.update(settings_)
+    ms = [graph_ms("channel", batch, time_) for batch, time_ in SHAPES]
+    err = max(((x - r).abs().max() / r.abs().max().clamp_min(1e-6)).item() for x, r in zip(ms[1][1], ref))
+    print("RESULT", json.dumps(dict(ms=[round(m, 4) for m, _ in ms], err=err)), flush=True)
+
+
+def channelgrid() -> None:
+    """CHANNEL_GRID for the per-channel form, each setting in its own process (`trial`), then the defaults again (the
+    drift over the call)."""
+    for setting in CHANNEL_GRID + ({},):
+        print("channelgrid", json.dumps(setting), trial("channel-one", setting), flush=True)
 
 
 def fused() -> None:
@@ -438,6 +504,7 @@ if __name__ == "__main__":
                 "gpu": (gpu, 0), "host": (host, 0), "groups": (groups, 0), "mixed": (mixed, 0),
                 "kernels": (kernels, 0), "walkgrid": (walkgrid, 0), "lightning": (lightning, 0),
                 "lightning-one": (lightning_one, 1), "fused": (fused, 0), "dastage": (dastage, 0),
+                "channel-one": (channel_one, 1), "channelgrid": (channelgrid, 0), "sparse": (sparse, 0),
                 "settings": (lambda f, b, t, n: settings(f, int(b), int(t), n.split(",")), 4)}
     command, args = (sys.argv[1], sys.argv[2:]) if len(sys.argv) > 1 else ("", [])
     if command not in commands or len(args) != commands[command][1]:

@@ -1067,6 +1067,20 @@ def _group_size(n_chunks: int, walkers: int, slots: int) -> int:
     return best
 
 
+#: Walk settings by decay form (0 constant, 2 per channel) for a walk in one group with no more walkers than SMs,
+#: where each SM would hold one walker of 4 warps: 8 warps and 4 stages, and per channel, whose step is longer, V
+#: tiles of 32 (twice the walkers). At B 4, T 8k, H 8, D 128 on an H200 (fwd+bwd, CUDA-graph replays, two rounds):
+#: constant with a fixed decay 0.744-0.745 -> 0.713-0.716 ms, with its decay's gradient 0.834-0.836 -> 0.802-0.806,
+#: per channel 1.104-1.106 -> 1.057-1.060 (docs/bench/kernels.md); the per-token form was slower so (0.875 -> 0.892).
+SPARSE_WALK: dict[int, dict] = {0: dict(num_warps=8, num_stages=4), 2: dict(BV=32, num_warps=8, num_stages=4)}
+
+
+def _sparse_walk(decay: int, walkers: int, sms: int) -> dict:
+    """The walk's settings over the defaults (`SPARSE_WALK`) for a one-group walk of `walkers` on `sms` SMs
+    (0: not a GPU)."""
+    return SPARSE_WALK.get(decay, {}) if 0 < walkers <= sms else {}
+
+
 class _Plan:
     """Sizes, tiles, launch settings and the per-chunk decay bookkeeping shared by the forward and the backward."""
 
@@ -1097,7 +1111,10 @@ class _Plan:
         # (packed q, k, v, fixed decay, B 64, T 2k, H 12, D 64; CUDA-graph replays) fwd+bwd took 1.549 ms with all
         # three at 4 against 1.865 at 8, and 0.407 against 0.486 at B 16; at the benchmark's D 128, dqk at 4 took
         # 0.007-0.020 ms off the scalar forms and left per channel as it was (docs/bench/kernels.md).
-        chunk_warps = 4 if bf16 and K <= 64 and V <= 64 else 8
+        # Per channel (its dA made in dqk, not stored by dv) the output and dv kernels also at 4 warps at D 128, and dqk
+        # at 4 stages: each alone took 0.003-0.008 ms off its fwd+bwd at 2k / 8k / 32k on an H200, together
+        # 0.966-0.967 / 1.118-1.119 / 1.181 -> 0.956-0.957 / 1.104-1.106 / 1.165-1.166 ms (docs/bench/kernels.md).
+        chunk_warps = 4 if bf16 and ((K <= 64 and V <= 64) or per_channel) else 8
         self.cfg = {
             # Walks, bf16: 4 warps (about 120 registers a thread) and 3 stages, with the group size counting two
             # walkers per SM, were faster than 8 warps (one per SM) for every form and shape
@@ -1118,7 +1135,8 @@ class _Plan:
             # with dA staged, tiles of 64 gave 1.39 / 1.55 / 1.75 ms fwd+bwd at 2k / 8k / 32k against 1.45 / 1.62 /
             # 1.93 with 32 (before, making dA itself, 64 spilled registers). 3 stages rather than 2: 0.04-0.07 ms
             # off every form's fwd+bwd (per channel 1.31 / 1.46 / 1.64 -> 1.26 / 1.41 / 1.57 ms).
-            "dqk": dict(BK=_pow2_tile(K, wide), BV=_pow2_tile(V, 32), num_warps=4 if bf16 else 8, num_stages=stages),
+            "dqk": dict(BK=_pow2_tile(K, wide), BV=_pow2_tile(V, 32), num_warps=4 if bf16 else 8,
+                        num_stages=4 if bf16 and per_channel else stages),
             # A, 4 warps (two programs per SM; 8 warps took the whole register file): the sub-block path 13% faster
             # at B 16, T 2k and 28% in the forward at B 1, T 1M. It spilled at 4 warps until its elementwise loop
             # became dynamic.
@@ -1141,13 +1159,14 @@ class _Plan:
         self.fused = (FUSED_MIN_HEADS_PER_SM is not None and not per_channel and K <= 64 and V <= 64
                       and heads_per_sm >= FUSED_MIN_HEADS_PER_SM
                       and (q.dtype != torch.float32 or FUSED_MIN_HEADS_PER_SM == 0))
-        self.BK, self.BV = self.cfg["walk"]["BK"], self.cfg["walk"]["BV"]
-        walkers = _cdiv(K, self.BK) * _cdiv(V, self.BV) * self.B * self.H
+        walkers = _cdiv(K, self.cfg["walk"]["BK"]) * _cdiv(V, self.cfg["walk"]["BV"]) * self.B * self.H
         # Two walkers of 4 warps per SM: of 1, 2 or 3, the count that gave the fastest groups on an H100 (kernels.md).
         walkers_per_sm = 8 // self.cfg["walk"]["num_warps"]
-        slots = _sm_count(q.device) * walkers_per_sm if q.is_cuda else 0
-        self.G = _group_size(self.NT, walkers, slots)
+        sms = _sm_count(q.device) if q.is_cuda else 0
+        self.G = _group_size(self.NT, walkers, sms * walkers_per_sm)
         self.NS = _cdiv(self.NT, self.G)
+        if bf16 and self.NS == 1:
+            self.cfg["walk"].update(_sparse_walk(self.decay, walkers, sms))
         # The interpreter multiplies bf16 tiles as raw uint16 bits, so it gets fp32 operands instead.
         if q.dtype == torch.bfloat16 and not _interpreting():
             self.dt = tl.bfloat16

@@ -302,6 +302,17 @@ def test_triton_group_size_model():
     assert _group_size(300, walkers=1, slots=0) == 18  # interpreter: ~sqrt(#chunks)
 
 
+def test_triton_sparse_walk_only_with_fewer_walkers_than_sms():
+    """The walk's settings change only where each SM would hold one walker, for the forms they were timed on."""
+    from kernels.linear_attention.triton_chunk import SPARSE_WALK, _sparse_walk
+
+    assert _sparse_walk(2, walkers=128, sms=132) == SPARSE_WALK[2] and SPARSE_WALK[2]["BV"] == 32  # B 4, T 8k
+    assert _sparse_walk(0, walkers=128, sms=132) == SPARSE_WALK[0] and "BV" not in SPARSE_WALK[0]
+    assert _sparse_walk(1, walkers=128, sms=132) == {}  # per token: slower so
+    assert _sparse_walk(2, walkers=512, sms=132) == {}  # B 16, T 2k: the GPU is full
+    assert _sparse_walk(2, walkers=128, sms=0) == {}  # no GPU (the interpreter)
+
+
 def test_triton_lists_each_strong_chunk_once():
     """Per channel, the forward lists the chunks whose total log decay reaches -CHUNK_SPAN_LIMIT in some channel, each
     once even when several K tiles see it; the sub-block kernels work on those alone, the others test the totals."""
