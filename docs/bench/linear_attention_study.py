@@ -16,7 +16,6 @@ flash-linear-attention. On a GPU (bf16, H 8, K = V = 128):
     python docs/bench/linear_attention_study.py lightning                # settings at lightning's training shape
     python docs/bench/linear_attention_study.py lightning-one '{"dqk": {"num_warps": 4}}'   # one of them (its worker)
     python docs/bench/linear_attention_study.py fused                    # lightning's shape: fused walks or chunks
-    python docs/bench/linear_attention_study.py dastage                  # per channel: dA staged or made in dqk
     python docs/bench/linear_attention_study.py channelgrid              # per channel: launch settings, one at a time
     python docs/bench/linear_attention_study.py sparse                   # walks with fewer walkers than SMs
     python docs/bench/linear_attention_study.py channel-one '{"dqk": {"BV": 64}}'   # one of them (its worker)
@@ -275,36 +274,6 @@ def kernels() -> None:
         print("kernels", label, batch, time_, "TOTAL", f"{sum(times.values()):.1f}", flush=True)
 
 
-def dastage() -> None:
-    """Per channel, dA staged by the dv kernel or made in dqk (`triton_chunk.CHANNEL_DA_STAGED`): the GPU checks of
-    ours against naive, then fwd+bwd GPU time per shape, two rounds alternated (the fixed-decay constant form once a
-    round, the ratio's other side), a share of strong chunks, and the kernels at B 4 T 8k."""
-    from kernels.linear_attention.bench import check_on_device, check_summary
-
-    saved = tc.CHANNEL_DA_STAGED
-    for staged in (True, False):
-        tc.CHANNEL_DA_STAGED = staged
-        checks = [c for c in check_on_device(peers=False) if c.decay == "channel" and c.impl.startswith("ours")]
-        for c in checks:
-            print("dastage check", staged, c.impl, c.dtype, "strong" if c.strong else "mild", f"{c.forward_err:.1e}",
-                  f"{c.backward_err:.1e}", c.ok, c.repeatable, flush=True)
-        print("dastage checks", staged, check_summary(checks), flush=True)
-    for rnd in range(2):
-        for staged in (True, False):
-            tc.CHANNEL_DA_STAGED = staged
-            ms = [f"{graph_ms('channel', batch, time_)[0]:.3f}" for batch, time_ in SHAPES]
-            print("dastage", rnd, "staged" if staged else "in-dqk", "channel", *ms, flush=True)
-            mixed_ms = [f"{graph_ms('channel', batch, time_, strong=1 / 16)[0]:.3f}" for batch, time_ in SHAPES[:2]]
-            print("dastage", rnd, "staged" if staged else "in-dqk", "channel strong 1/16", *mixed_ms, flush=True)
-        ms = [f"{graph_ms('constant', batch, time_, False)[0]:.3f}" for batch, time_ in SHAPES]
-        print("dastage", rnd, "constant-fixed", *ms, flush=True)
-    for staged in (True, False):
-        tc.CHANNEL_DA_STAGED = staged
-        for name, us in sorted(kernel_us("channel", 4, 8192).items(), key=lambda item: -item[1]):
-            print("dastage kernels", "staged" if staged else "in-dqk", name[:40], f"{us:.1f}", flush=True)
-    tc.CHANNEL_DA_STAGED = saved
-
-
 #: The per-channel kernels' settings before `channelgrid`'s picks (dqk at 3 stages, output and dv at 8 warps at D 128).
 CHANNEL_BEFORE = {"dqk": dict(num_stages=3), "dv": dict(num_warps=8), "out": dict(num_warps=8)}
 
@@ -503,7 +472,7 @@ if __name__ == "__main__":
     commands = {"profile": (profile, 0), "walks": (walks, 0), "paths": (paths, 0), "side": (side, 1),
                 "gpu": (gpu, 0), "host": (host, 0), "groups": (groups, 0), "mixed": (mixed, 0),
                 "kernels": (kernels, 0), "walkgrid": (walkgrid, 0), "lightning": (lightning, 0),
-                "lightning-one": (lightning_one, 1), "fused": (fused, 0), "dastage": (dastage, 0),
+                "lightning-one": (lightning_one, 1), "fused": (fused, 0),
                 "channel-one": (channel_one, 1), "channelgrid": (channelgrid, 0), "sparse": (sparse, 0),
                 "settings": (lambda f, b, t, n: settings(f, int(b), int(t), n.split(",")), 4)}
     command, args = (sys.argv[1], sys.argv[2:]) if len(sys.argv) > 1 else ("", [])

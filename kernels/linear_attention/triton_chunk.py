@@ -30,8 +30,8 @@ Forward, per (batch, head):
   3. `_output_kernel`, parallel over chunks, batch, heads and V tiles: o = scale (q e^b h_n + A v).
 Backward recomputes h_n, runs step 2 in reverse for dh_n (the gradient of the state chunk n hands on,
 S <- e^(b_last) S + scale (q e^b)^T do), then `_dv_kernel`, `_dA_kernel` (dA = scale do v^T per chunk, stored once
-for dqk's K tiles; per channel `_dv_kernel` stores it where one V tile spans V; skipped for a fixed scalar decay,
-whose dqk makes it itself), `_dqk_kernel` and, per-channel only (strong chunks), `_intra_bwd_kernel`; the gradient
+for dqk's K tiles; only for a learned scalar decay: for a fixed one and per channel dqk makes it itself),
+`_dqk_kernel` and, per-channel only (strong chunks), `_intra_bwd_kernel`; the gradient
 of the log decay is a reverse cumulative sum within each chunk of db_i = q_i dq_i - k_i dk_i, plus at the chunk's
 last row the gradient of its total decay (`_chunk_cumsum_kernel` reversed; for a constant decay a sum weighted by
 the row in the chunk; per channel, `_dqk_kernel` sums mild chunks itself and `_strong_cumsum_kernel` the strong
@@ -90,9 +90,6 @@ CHUNK_SPAN_LIMIT = 120.0
 #: the fused walks took 0.935 / 0.609 / 0.318 ms against the chunked kernels' 1.54 / 0.78 / 0.405 at B 64 / 32 / 16,
 #: 5.8 / 2.9 / 1.45 pairs a SM (docs/bench/kernels.md); 1.4 is just below the fewest timed, where they still won.
 FUSED_MIN_HEADS_PER_SM: float | None = 1.4
-#: Per channel, dA staged (stored once a chunk by `_dv_kernel`, read by each of dqk's K tiles) rather than made by dqk
-#: from do and v as a fixed scalar decay's is. Made in dqk, strong chunks still store it for `_intra_bwd_kernel`.
-CHANNEL_DA_STAGED = False
 
 
 def _interpreting() -> bool:
@@ -592,15 +589,11 @@ def _output_kernel(q_ptr, k_ptr, v_ptr, o_ptr, a_ptr, b_ptr, bl_ptr, A_ptr, h_pt
 
 
 @triton.jit
-def _dv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, dv_ptr, dA_ptr, a_ptr, b_ptr, bl_ptr, A_ptr, dh_ptr, qg_ptr, kg_ptr, T,
-               Tp, NT, scale, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
-               BV: tl.constexpr, DECAY: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, KP: tl.constexpr,
-               CSPAN: tl.constexpr, RDT: tl.constexpr, STORE_DA: tl.constexpr, QS: tl.constexpr):
-    """dv = scale A^T do + (k e^(b_last - b)) dh_next for one chunk and V tile; A^T made as `_output_kernel` makes A.
-
-    STORE_DA (per channel, one V tile per chunk): also store the masked dA = scale do v^T as `_dA_kernel` would, from
-    the do tile loaded here and a transposed load of v; that spares the separate kernel and its read of do.
-    """
+def _dv_kernel(q_ptr, k_ptr, do_ptr, dv_ptr, a_ptr, b_ptr, bl_ptr, A_ptr, dh_ptr, qg_ptr, kg_ptr, T, Tp, NT, scale,
+               H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+               DECAY: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, KP: tl.constexpr, CSPAN: tl.constexpr,
+               RDT: tl.constexpr, QS: tl.constexpr):
+    """dv = scale A^T do + (k e^(b_last - b)) dh_next for one chunk and V tile; A^T made as `_output_kernel` makes A."""
     i_n, i_v, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     i_b, i_h = i_bh // H, i_bh % H
     t0 = i_n * BT
@@ -644,11 +637,6 @@ def _dv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, dv_ptr, dA_ptr, a_ptr, b_ptr, bl_ptr
         at = acc_at * _intra_decay(b, BT, True)
     acc += scale * tl.dot(at.to(DT), do.to(DT), input_precision=PREC)
     _store_in(dv_ptr, acc, i_b, i_h, t0, T, H, V, v0, BT, BV, QS)
-    if STORE_DA:
-        vt = _load_in(v_ptr, i_b, i_h, t0, T, H, V, v0, BT, BV, True, QS)
-        da = tl.dot(do.to(DT), vt.to(DT), input_precision=PREC)
-        da = tl.where(rows[:, None] >= rows[None, :], scale * da, 0.0)
-        _store_dA(dA_ptr, i_bh * NT + i_n, da, BT)
 
 
 @triton.jit
@@ -689,8 +677,8 @@ def _dqk_kernel(q_ptr, k_ptr, v_ptr, do_ptr, dq_ptr, dk_ptr, dq_out_ptr, dk_out_
                 RDT: tl.constexpr, QS: tl.constexpr):
     """dq, dk and db for one chunk and K tile; strong per-channel decay leaves the in-chunk part to `_intra_bwd_kernel`.
 
-    STAGED (per channel always): dA and its transpose are loaded as `_dA_kernel` stored them; otherwise made here from
-    do and v. Scalar decays: complete dq, dk (into dq_ptr, dk_ptr) and a partial (per K tile) db. Per channel, a mild
+    STAGED (scalar decays, learned): dA and its transpose are loaded as `_dA_kernel` stored them; otherwise (a fixed
+    scalar decay, and per channel, whose strong chunks then store dA for `_intra_bwd_kernel`) made here from do and v. Scalar decays: complete dq, dk (into dq_ptr, dk_ptr) and a partial (per K tile) db. Per channel, a mild
     chunk: complete dq, dk (into dq_out_ptr, dk_out_ptr) and the log decay's gradient da, db's reverse running sum
     (the chunk is whole here); a strong one: the inter-chunk parts of dq, dk, db in fp32 (into dq_ptr, dk_ptr, db_ptr).
     """
@@ -739,12 +727,11 @@ def _dqk_kernel(q_ptr, k_ptr, v_ptr, do_ptr, dq_ptr, dk_ptr, dq_out_ptr, dk_out_
             # element (e comes stored) instead of three, and two loads fewer (1.7% off the per-channel fwd+bwd at B 16,
             # T 2k, when e was made here). h and dh come times e^m (the walks store them so), which the products with
             # them need.
-            if STAGED:
-                da, dat = _load_dA(dA_ptr, i_bh * NT + i_n, BT)
-            else:
-                # dA = scale do v^T (i >= j) and its transpose, as the V loop made them: no decay factor per channel.
-                da = tl.where(rows[:, None] >= rows[None, :], scale * acc_da, 0.0)
-                dat = tl.where(rows[None, :] >= rows[:, None], scale * acc_dat, 0.0)
+            # dA = scale do v^T (i >= j) and its transpose, as the V loop made them: no decay factor per channel.
+            # Read staged instead (stored once a chunk by the dv kernel), fwd+bwd took 0.990 / 1.140 / 1.193 ms at 2k /
+            # 8k / 32k on an H200 against 0.968 / 1.118 / 1.180 (docs/bench/kernels.md).
+            da = tl.where(rows[:, None] >= rows[None, :], scale * acc_da, 0.0)
+            dat = tl.where(rows[None, :] >= rows[:, None], scale * acc_dat, 0.0)
             kg = _load(kg_ptr, i_b, i_h, t0, T, H, K, k0, BT, BK, False)
             qg = _load(qg_ptr, i_b, i_h, t0, T, H, K, k0, BT, BK, False)
             x = scale * acc_dq + tl.dot(da.to(RDT), kg.to(RDT), input_precision=PREC)
@@ -763,11 +750,9 @@ def _dqk_kernel(q_ptr, k_ptr, v_ptr, do_ptr, dq_ptr, dk_ptr, dq_out_ptr, dk_out_
                 # triangle of ones, 0.73).
                 _store(da_ptr, tl.cumsum(db, axis=0, reverse=True), i_b, i_h, t0, T, H, K, k0, BT, BK)
         else:
-            if not STAGED:
-                # `_intra_bwd_kernel` reads this strong chunk's dA as stored; one K tile stores it.
-                if i_k == 0:
-                    _store_dA(dA_ptr, i_bh * NT + i_n, tl.where(rows[:, None] >= rows[None, :], scale * acc_da, 0.0),
-                              BT)
+            # `_intra_bwd_kernel` reads this strong chunk's dA as stored; one K tile stores it.
+            if i_k == 0:
+                _store_dA(dA_ptr, i_bh * NT + i_n, tl.where(rows[:, None] >= rows[None, :], scale * acc_da, 0.0), BT)
             # h and dh come times f = e^lf: divided out, within the exponents.
             b = _rows_log_decay(a_ptr, b_ptr, i_b, i_h, t0, 0, last, Tp, H, K, k0, BT, BK, DECAY, False)
             b_last = _chunk_b_last(bl_ptr, i_bh, i_n, NT, K, offs_k)
@@ -1126,8 +1111,7 @@ class _Plan:
             # Output and dv: one V tile of 128 per chunk (bf16), so that q, k (qg, kg) are read and A made once per
             # chunk. Fwd+bwd on an H100 at 2k / 8k / 32k, against tiles of 64, each alone: the output's took 0.002-0.008
             # / 0.013-0.015 / 0.027-0.031 ms off per channel and 0.005 / 0.010 / 0.024 off the fixed-decay constant
-            # form, the scalar dv's 0.002 / 0.011 / 0.021 off the latter. Per channel the dv kernel also stores dA (at
-            # 8k: 178 us, against 156 plus the dA kernel's 57).
+            # form, the scalar dv's 0.002 / 0.011 / 0.021 off the latter.
             "out": dict(BK=_pow2_tile(K, wide), BV=_pow2_tile(V, 2 * wide), num_warps=chunk_warps, num_stages=stages),
             "dv": dict(BK=_pow2_tile(K, wide), BV=_pow2_tile(V, 2 * wide), num_warps=chunk_warps, num_stages=stages),
             "dA": dict(BV=_pow2_tile(V, wide), num_warps=8, num_stages=stages),
@@ -1327,20 +1311,19 @@ def _backward(q, k, v, log_decay, h0, A, b, qg, kg, eg, bl, strong, do, dfinal, 
     dh, dh0 = plan.states(qg, do, scale, dfinal, reverse=True)
 
     per_channel = plan.decay == 2
-    # dA made once per chunk rather than again by each of dqk's K tiles: per channel, and for the scalar forms when
-    # their decay is learned (on an H100 at B 16, T 2k: per channel 1.56 -> 1.39 ms fwd+bwd, constant 1.18 -> 1.03),
-    # but not for a fixed one (0.94 against 0.96). Stored bf16 for bf16 inputs, whose dots take it in bf16; fp32
-    # otherwise (fp16 could overflow). Per channel the dv kernel makes it when one V tile spans V.
-    staged = (per_channel and CHANNEL_DA_STAGED) or (not per_channel and need_da)
+    # dA made once per chunk rather than again by each of dqk's K tiles for the scalar forms when their decay is
+    # learned (on an H100 at B 16, T 2k: constant 1.18 -> 1.03 ms fwd+bwd), but not for a fixed one (0.94 against
+    # 0.96), nor per channel since its dqk stopped spilling (`_dqk_kernel`). Stored bf16 for bf16 inputs, whose dots
+    # take it in bf16; fp32 otherwise (fp16 could overflow).
+    staged = need_da and not per_channel
     dA = None
-    if staged or per_channel:  # per channel the strong chunks' dA is stored for `_intra_bwd_kernel` either way
+    if staged or per_channel:  # per channel dqk stores the strong chunks' dA for `_intra_bwd_kernel`
         dA = torch.empty(B * H, NT, plan.BT, plan.BT, device=q.device,
                          dtype=torch.bfloat16 if q.dtype == torch.bfloat16 else torch.float32)
-    fused_dA = per_channel and staged and plan.cfg["dv"]["BV"] >= V
     dv = torch.empty_like(v) if dqkv is None else dqkv[:, :, 2]
-    plan.launch(_dv_kernel, "dv", plan.grid("dv", NT), q, k, v, do, dv, dA, plan.a, plan.b, plan.bl, A, dh, qg, kg,
-                T, plan.Tp, NT, scale, STORE_DA=fused_dA, **shapes)
-    if staged and not fused_dA:
+    plan.launch(_dv_kernel, "dv", plan.grid("dv", NT), q, k, do, dv, plan.a, plan.b, plan.bl, A, dh, qg, kg, T, plan.Tp,
+                NT, scale, **shapes)
+    if staged:
         plan.launch(_dA_kernel, "dA", (NT, B * H), do, v, dA, plan.a, plan.b, T, plan.Tp, NT, scale, H=H, K=K, V=V,
                     BT=plan.BT, DECAY=plan.decay, DT=plan.dt, PREC=plan.prec, QS=qs)
 
