@@ -73,12 +73,14 @@ class CheckResult:
         return self.forward_ok and self.backward_ok
 
 
-def _log_decay(form: str, batch: int, time: int, heads: int, dim: int, device) -> torch.Tensor:
-    """Random log decays in the range models produce: MiniMax slopes per head, log-sigmoid gates otherwise."""
+def _log_decay(form: str, batch: int, time: int, heads: int, dim: int, device,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+    """Random log decays in the range models produce: MiniMax slopes per head, log-sigmoid gates otherwise (drawn
+    from `generator`, so that a check repeats its inputs in every process)."""
     if form == "constant":
         return -(2.0 ** (-8.0 * torch.arange(1, heads + 1, device=device) / heads))
     shape = (batch, time, heads) if form == "token" else (batch, time, heads, dim)
-    return F.logsigmoid(torch.randn(shape, device=device))
+    return F.logsigmoid(torch.randn(shape, device=device, generator=generator))
 
 
 def _peers() -> dict[tuple[str, str], Callable]:
@@ -122,7 +124,7 @@ def _check_one(fn, form: str, dtype: torch.dtype, device, batch=2, time=300, hea
     runs twice, to tell whether it repeats its bits."""
     gen = torch.Generator(device=device).manual_seed(0)
     q, k, v = (torch.randn(batch, time, heads, dim, device=device, generator=gen).to(dtype) for _ in range(3))
-    a = _log_decay(form, batch, time, heads, dim, device)
+    a = _log_decay(form, batch, time, heads, dim, device, gen)
     if strong:
         # exp of a positive number anywhere would show up here; per channel, it also takes the diagonal blocks
         # off their dot and onto the elementwise path, which the models' range alone never reaches.

@@ -60,6 +60,18 @@ def test_check_on_device_passes_ours_and_flags_wrong_and_raising_peers(monkeypat
     assert half.forward_ok and not half.backward_ok and half.error == "RuntimeError: no backward here"
 
 
+@pytest.mark.parametrize("form", ["token", "channel"])
+def test_check_repeats_its_inputs_whatever_the_global_rng(form):
+    """A check draws its decays from its own seeded generator: the same errors in every process (on the H200 the
+    per-channel check's errors moved between calls while its decays came from the global generator)."""
+    fn = bench._ours("torch")
+    first = bench._check_one(fn, form, torch.float32, "cpu", 1, 100, 1, 8)
+    torch.randn(1000)  # moves the global generator, as earlier checks in a process do
+    second = bench._check_one(fn, form, torch.float32, "cpu", 1, 100, 1, 8)
+    assert (first.forward_err, first.backward_err) == (second.forward_err, second.backward_err)
+    assert first.forward_err > 0 and first.backward_err > 0  # chunked against step by step: real errors compared
+
+
 def test_check_on_device_checks_ours_on_triton_again_at_other_head_widths(monkeypatch):
     real = bench._implementations(peers=False)
     keys = [("ours triton", "constant"), ("ours torch", "constant"), (bench.PACKED, "constant")]
