@@ -18,6 +18,8 @@ flash-linear-attention. On a GPU (bf16, H 8, K = V = 128):
     python docs/bench/linear_attention_study.py fused                    # lightning's shape: fused walks or chunks
     python docs/bench/linear_attention_study.py channelgrid              # per channel: launch settings, one at a time
     python docs/bench/linear_attention_study.py sparse                   # walks with fewer walkers than SMs
+    python docs/bench/linear_attention_study.py precision                # per channel bf16 errors by settings
+    python docs/bench/linear_attention_study.py garbage                  # errors after filling freed memory
     python docs/bench/linear_attention_study.py channel-one '{"dqk": {"BV": 64}}'   # one of them (its worker)
 """
 
@@ -303,6 +305,51 @@ def sparse() -> None:
     tc.SPARSE_WALK = rule
 
 
+def precision() -> None:
+    """Per channel in bf16 against the fp32 recurrence on the GPU (`bench._check_one`), with SPARSE_WALK on and off
+    and CHANNEL_BEFORE's settings or the defaults: relative errors of the output and the worst gradient, at head
+    widths 64 and 128, mild and strong decays, two sizes."""
+    from kernels.linear_attention.bench import _check_one, _ours
+
+    rule = dict(tc.SPARSE_WALK)
+    chosen: dict[str, dict] = {}
+    override(chosen)
+    for (walk_rule, settings_), dim, strong, (batch, time_, heads) in itertools.product(
+            ((rule, {}), ({}, {}), (rule, CHANNEL_BEFORE), ({}, CHANNEL_BEFORE)), (64, 128), (False, True),
+            ((2, 300, 2), (1, 1000, 4))):
+        tc.SPARSE_WALK = walk_rule
+        chosen.clear()
+        chosen.update(settings_)
+        c = _check_one(_ours("triton"), "channel", torch.bfloat16, "cuda", batch, time_, heads, dim, strong=strong)
+        print("precision", "rule" if walk_rule else "no-rule", "before" if settings_ else "settings", f"D{dim}",
+              "strong" if strong else "mild", f"B{batch} T{time_} H{heads}", f"{c.forward_err:.2e}",
+              f"{c.backward_err:.2e}", c.worst, flush=True)
+    tc.SPARSE_WALK = rule
+
+
+def garbage() -> None:
+    """Whether any kernel reads memory it did not write: per channel (and the constant form) in bf16 against the fp32
+    recurrence after the allocator's free blocks were filled with NaN, with 1e4, or left as they were, with
+    SPARSE_WALK on and off. An unwritten read shows as NaN or as an error that moves with the fill."""
+    from kernels.linear_attention.bench import _check_one, _ours
+
+    rule = dict(tc.SPARSE_WALK)
+    for walk_rule, fill, form, dim, strong in itertools.product((rule, {}), (None, float("nan"), 1e4),
+                                                                ("channel", "constant"), (64, 128), (False, True)):
+        if strong and form == "constant":
+            continue
+        tc.SPARSE_WALK = walk_rule
+        if fill is not None:
+            # Blocks of both of the allocator's pools (small tensors come from 2 MB segments, large ones apart) go back
+            # to its cache filled, and the next tensors are cut from them.
+            junk = [torch.full((n,), fill, device="cuda") for n in [1 << 16] * 512 + [1 << 28]]
+            del junk
+        c = _check_one(_ours("triton"), form, torch.bfloat16, "cuda", 2, 300, 2, dim, strong=strong)
+        print("garbage", "rule" if walk_rule else "no-rule", fill, form, f"D{dim}", "strong" if strong else "mild",
+              f"{c.forward_err:.2e}", f"{c.backward_err:.2e}", c.worst, c.repeatable, flush=True)
+    tc.SPARSE_WALK = rule
+
+
 #: Walk settings timed by `walkgrid` (the first: the defaults).
 WALK_GRID = ({}, dict(BK=32, num_warps=8, num_stages=4), dict(BK=32, num_warps=8, num_stages=3),
              dict(BK=32, num_warps=4, num_stages=3), dict(BK=32, BV=32, num_warps=4, num_stages=3),
@@ -473,7 +520,7 @@ if __name__ == "__main__":
                 "gpu": (gpu, 0), "host": (host, 0), "groups": (groups, 0), "mixed": (mixed, 0),
                 "kernels": (kernels, 0), "walkgrid": (walkgrid, 0), "lightning": (lightning, 0),
                 "lightning-one": (lightning_one, 1), "fused": (fused, 0),
-                "channel-one": (channel_one, 1), "channelgrid": (channelgrid, 0), "sparse": (sparse, 0),
+                "channel-one": (channel_one, 1), "channelgrid": (channelgrid, 0), "sparse": (sparse, 0), "precision": (precision, 0), "garbage": (garbage, 0),
                 "settings": (lambda f, b, t, n: settings(f, int(b), int(t), n.split(",")), 4)}
     command, args = (sys.argv[1], sys.argv[2:]) if len(sys.argv) > 1 else ("", [])
     if command not in commands or len(args) != commands[command][1]:
