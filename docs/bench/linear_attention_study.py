@@ -520,7 +520,8 @@ if __name__ == "__main__":
                 "gpu": (gpu, 0), "host": (host, 0), "groups": (groups, 0), "mixed": (mixed, 0),
                 "kernels": (kernels, 0), "walkgrid": (walkgrid, 0), "lightning": (lightning, 0),
                 "lightning-one": (lightning_one, 1), "fused": (fused, 0),
-                "channel-one": (channel_one, 1), "channelgrid": (channelgrid, 0), "sparse": (sparse, 0), "precision": (precision, 0), "garbage": (garbage, 0),
+                "channel-one": (channel_one, 1), "channelgrid": (channelgrid, 0), "sparse": (sparse, 0),
+                "precision": (precision, 0), "garbage": (garbage, 0),
                 "settings": (lambda f, b, t, n: settings(f, int(b), int(t), n.split(",")), 4)}
     command, args = (sys.argv[1], sys.argv[2:]) if len(sys.argv) > 1 else ("", [])
     if command not in commands or len(args) != commands[command][1]:
