@@ -577,13 +577,10 @@ def bench_kernels_cmd(
 
     _require_gpu("kernels")
     _ensure_dir(out_dir, "--out")
-    from kernels.linear_attention.bench import comparisons, markdown_table, run_bench
+    from kernels.linear_attention.bench import report, run_bench
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")  # one line per check and timing
-    frame = run_bench(out_dir, quick=quick, peers=peers)
-    out.print(markdown_table(frame), highlight=False)
-    for line in comparisons(frame):
-        out.print(line, highlight=False)
+    out.print(report(run_bench(out_dir, quick=quick, peers=peers)), highlight=False)
 
 
 @bench_app.command("fused")

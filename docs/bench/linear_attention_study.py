@@ -34,7 +34,7 @@ import triton.testing
 
 from kernels.linear_attention import linear_attention
 from kernels.linear_attention import triton_chunk as tc
-from kernels.linear_attention.bench import _ours, _peers, _time_one
+from kernels.linear_attention.bench import _ours, _peers, _time_one, graph_ms
 
 FORMS = ("constant", "token", "channel")
 #: B x T = 32k tokens, the benchmark's fwd+bwd shapes.
@@ -131,20 +131,9 @@ def graph_ms(form: str, batch: int, time_: int, learn_decay: bool = True,
 
 
 def replay_ms(step, rep: int = 150) -> tuple[float, list[torch.Tensor]]:
-    """Median ms of step() captured once as a CUDA graph and replayed (warmed up on a side stream first), and its
-    outputs in fp32."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = step()
-    graph.replay()
-    torch.cuda.synchronize()
-    return triton.testing.do_bench(graph.replay, warmup=10, rep=rep), [x.detach().float().clone() for x in out]
+    """Median ms of step() replayed as a CUDA graph (`bench.graph_ms`), and its outputs in fp32."""
+    ms, out = graph_ms(step, rep)
+    return ms, [x.detach().float().clone() for x in out]
 
 
 def settings(form: str, batch: int, time_: int, names: list[str]) -> None:
@@ -183,7 +172,7 @@ def walks() -> None:
         chosen["walk"] = walk
         for form in FORMS:
             for batch, time_, backward in ((1, 131072, False), (1, 1048576, False), (16, 2048, True), (1, 32768, True)):
-                ms = _time_one(_ours("triton"), "ours triton", form, batch, time_, backward, False)
+                ms = _time_one(_ours("triton"), "ours triton", form, batch, time_, backward, False)[0]
                 print(label, form, batch, time_, "fwd+bwd" if backward else "fwd", f"{ms:.3f}", flush=True)
 
 
@@ -192,11 +181,11 @@ def side(which: str) -> None:
     for batch, time_ in SHAPES:
         if which == "ours":
             for form in FORMS:
-                ms = _time_one(_ours("triton"), "ours triton", form, batch, time_, True, False)
+                ms = _time_one(_ours("triton"), "ours triton", form, batch, time_, True, False)[0]
                 print("ours", form, batch, time_, f"{ms:.3f}", flush=True)
         else:
             name = {"constant": "fla chunk_simple_gla", "channel": "fla chunk_gla"}[which]
-            ms = _time_one(_peers()[(name, which)], name, which, batch, time_, True, False)
+            ms = _time_one(_peers()[(name, which)], name, which, batch, time_, True, False)[0]
             print(name, which, batch, time_, f"{ms:.3f}", flush=True)
 
 
@@ -207,7 +196,7 @@ def paths() -> None:
     for label, limit in (("as chosen", tc.CHUNK_SPAN_LIMIT), ("sub-blocks", 0.0)):
         tc.CHUNK_SPAN_LIMIT = limit
         for batch, time_, backward in shapes:
-            ms = _time_one(_ours("triton"), "ours triton", "channel", batch, time_, backward, False)
+            ms = _time_one(_ours("triton"), "ours triton", "channel", batch, time_, backward, False)[0]
             print("paths", label, batch, time_, "fwd+bwd" if backward else "fwd", f"{ms:.3f}", flush=True)
 
 
@@ -244,7 +233,7 @@ def groups() -> None:
         for form in FORMS:
             for batch, time_ in SHAPES:
                 print("groups", label, form, batch, time_, f"{graph_ms(form, batch, time_)[0]:.3f}", flush=True)
-            ms = _time_one(_ours("triton"), "ours triton", form, 1, 1 << 20, False, False)
+            ms = _time_one(_ours("triton"), "ours triton", form, 1, 1 << 20, False, False)[0]
             print("groups", label, form, "fwd 1M", f"{ms:.2f}", flush=True)
     tc._group_size = model
 
@@ -368,7 +357,7 @@ def walkgrid() -> None:
             ms = [f"{graph_ms(form, batch, time_, learn)[0]:.3f}" for batch, time_ in SHAPES]
             print("walkgrid", rnd, walk, form + ("" if learn else "-fixed"), *ms, flush=True)
             if rnd == 0 and learn != (form == "constant"):
-                ms_1m = _time_one(_ours("triton"), "ours triton", form, 1, 1 << 20, False, False)
+                ms_1m = _time_one(_ours("triton"), "ours triton", form, 1, 1 << 20, False, False)[0]
                 print("walkgrid fwd 1M", walk, form, f"{ms_1m:.2f}", flush=True)
 
 

@@ -178,7 +178,7 @@ def test_run_bench_skips_failed_checks_and_records_errors(monkeypatch, tmp_path)
         calls.append((impl, form, backward))
         if impl == "sdpa flash" and time > 4096:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate")
-        return 1.5
+        return 1.5, (math.nan if impl == "peer" else 1.2)  # a peer whose capture failed: no GPU time
 
     monkeypatch.setattr(bench, "_implementations", lambda peers=True: impls)
     monkeypatch.setattr(bench, "check_on_device", lambda device, peers=True: checks)
@@ -191,7 +191,8 @@ def test_run_bench_skips_failed_checks_and_records_errors(monkeypatch, tmp_path)
         assert len(row) == 1
         return row.iloc[0]
 
-    assert status("ours triton", "token", "fwd+bwd").ms == 1.5
+    assert status("ours triton", "token", "fwd+bwd").ms == 1.5 and status("ours triton", "token", "fwd+bwd").gpu_ms == 1.2
+    assert math.isnan(status("peer", "token", "fwd").gpu_ms)
     assert status("peer", "token", "fwd").status == "ok"
     assert status("peer", "token", "fwd+bwd").status == "failed check (bfloat16: RuntimeError: no bwd)"
     assert math.isnan(status("peer", "token", "fwd+bwd").ms)
@@ -204,6 +205,13 @@ def test_run_bench_skips_failed_checks_and_records_errors(monkeypatch, tmp_path)
     assert "failed check" in markdown
     # The comparisons follow the table (ours at 1.5 ms and SDPA's at 1.5 ms where it ran).
     assert "- fwd+bwd, T 2048: token / SDPA 1.00x" in markdown
+    # Then the same from GPU time, where the peer has none: its cell is empty, not a number.
+    eager, gpu = markdown.split("GPU time, the same work replayed as a CUDA graph")
+    assert "| fwd | 16 | 2048 | 1.50 | 1.50 |" in eager and "| fwd | 16 | 2048 | 1.20 |  |" in gpu
+    assert "- fwd+bwd, T 2048: token / SDPA 1.00x" in gpu
+    # A CSV from before GPU time was recorded gives the eager part alone.
+    old = pd.read_csv(tmp_path / "linear_attention.csv").drop(columns="gpu_ms")
+    assert bench.report(old) == eager.rstrip("\n")
 
 
 def test_check_summary_names_failures_and_unrepeatable_passes():
