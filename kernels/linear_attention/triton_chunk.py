@@ -678,9 +678,10 @@ def _dqk_kernel(q_ptr, k_ptr, v_ptr, do_ptr, dq_ptr, dk_ptr, dq_out_ptr, dk_out_
     """dq, dk and db for one chunk and K tile; strong per-channel decay leaves the in-chunk part to `_intra_bwd_kernel`.
 
     STAGED (scalar decays, learned): dA and its transpose are loaded as `_dA_kernel` stored them; otherwise (a fixed
-    scalar decay, and per channel, whose strong chunks then store dA for `_intra_bwd_kernel`) made here from do and v. Scalar decays: complete dq, dk (into dq_ptr, dk_ptr) and a partial (per K tile) db. Per channel, a mild
-    chunk: complete dq, dk (into dq_out_ptr, dk_out_ptr) and the log decay's gradient da, db's reverse running sum
-    (the chunk is whole here); a strong one: the inter-chunk parts of dq, dk, db in fp32 (into dq_ptr, dk_ptr, db_ptr).
+    scalar decay, and per channel, whose strong chunks then store dA for `_intra_bwd_kernel`) made here from do and v.
+    Scalar decays: complete dq, dk (into dq_ptr, dk_ptr) and a partial (per K tile) db. Per channel, a mild chunk:
+    complete dq, dk (into dq_out_ptr, dk_out_ptr) and the log decay's gradient da, db's reverse running sum (the
+    chunk is whole here); a strong one: the inter-chunk parts of dq, dk, db in fp32 (into dq_ptr, dk_ptr, db_ptr).
     """
     i_n, i_k, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     i_b, i_h = i_bh // H, i_bh % H
