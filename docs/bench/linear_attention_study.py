@@ -30,7 +30,6 @@ import sys
 import time
 
 import torch
-import triton.testing
 
 from kernels.linear_attention import linear_attention
 from kernels.linear_attention import triton_chunk as tc

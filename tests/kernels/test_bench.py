@@ -191,7 +191,8 @@ def test_run_bench_skips_failed_checks_and_records_errors(monkeypatch, tmp_path)
         assert len(row) == 1
         return row.iloc[0]
 
-    assert status("ours triton", "token", "fwd+bwd").ms == 1.5 and status("ours triton", "token", "fwd+bwd").gpu_ms == 1.2
+    ours = status("ours triton", "token", "fwd+bwd")
+    assert ours.ms == 1.5 and ours.gpu_ms == 1.2
     assert math.isnan(status("peer", "token", "fwd").gpu_ms)
     assert status("peer", "token", "fwd").status == "ok"
     assert status("peer", "token", "fwd+bwd").status == "failed check (bfloat16: RuntimeError: no bwd)"

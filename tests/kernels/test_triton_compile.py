@@ -78,10 +78,9 @@ def _variants(dtype: torch.dtype, decay: int):
                                  YS=1 if reverse else qs), "walk"))
         out.append((f"output{tag}", tc._output_kernel, base, "out"))
         out.append((f"dv{tag}", tc._dv_kernel, base, "dv"))
-        if decay != 2:  # per channel dqk makes dA itself
-            out.append((f"dA{tag}", tc._dA_kernel, base, "dA"))
         out.append((f"dqk{tag}", tc._dqk_kernel, dict(base, STORE_DB=True, STAGED=decay != 2), "dqk"))
-        if decay != 2:  # a fixed scalar decay: dA made in the kernel
+        if decay != 2:  # dA by its own kernel for a learned scalar decay, in dqk for a fixed one (and per channel)
+            out.append((f"dA{tag}", tc._dA_kernel, base, "dA"))
             out.append((f"dqk fixed decay{tag}", tc._dqk_kernel, dict(base, STORE_DB=False, STAGED=False), "dqk"))
     for reverse in (False, True):
         out.append((f"scan reverse={reverse}", tc._group_scan_kernel,
