@@ -7,9 +7,14 @@ flash-linear-attention. On a GPU (bf16, H 8, K = V = 128):
     python docs/bench/linear_attention_study.py walks                    # walk settings, long forward and fwd+bwd
     python docs/bench/linear_attention_study.py side ours|constant|channel   # ours, or fla's constant / per-channel
     python docs/bench/linear_attention_study.py paths                    # per channel: whole chunks vs sub-blocks
+    python docs/bench/linear_attention_study.py decaygrad                # per channel with and without da
     python docs/bench/linear_attention_study.py mixed                    # per channel, a fraction of chunks strong
     python docs/bench/linear_attention_study.py gpu                      # GPU time of fwd+bwd per form and shape
     python docs/bench/linear_attention_study.py host                     # host and wall time per fwd+bwd (eager)
+    python docs/bench/linear_attention_study.py hostprof                 # cProfile of the eager steps at 8k
+    python docs/bench/linear_attention_study.py launch                   # host us per launch, per plan, per empty
+    python docs/bench/linear_attention_study.py trace DIR                # CPU + CUDA chrome traces of eager steps
+    python docs/bench/linear_attention_study.py split                    # host us per part of an eager fwd+bwd
     python docs/bench/linear_attention_study.py groups                   # walk warps/stages x walkers per SM
     python docs/bench/linear_attention_study.py kernels                  # us per kernel per step, 8k and 2k
     python docs/bench/linear_attention_study.py walkgrid                 # walk settings x forms x shapes, 2 rounds
@@ -20,6 +25,7 @@ flash-linear-attention. On a GPU (bf16, H 8, K = V = 128):
     python docs/bench/linear_attention_study.py sparse                   # walks with fewer walkers than SMs
     python docs/bench/linear_attention_study.py precision                # per channel bf16 errors by settings
     python docs/bench/linear_attention_study.py garbage                  # errors after filling freed memory
+    python docs/bench/linear_attention_study.py widegrid                 # per channel: dqk and gate over all of K
     python docs/bench/linear_attention_study.py channel-one '{"dqk": {"BV": 64}}'   # one of them (its worker)
 """
 
@@ -33,7 +39,8 @@ import torch
 
 from kernels.linear_attention import linear_attention
 from kernels.linear_attention import triton_chunk as tc
-from kernels.linear_attention.bench import _ours, _peers, _time_one, graph_ms
+from kernels.linear_attention import bench
+from kernels.linear_attention.bench import _ours, _peers, _time_one
 
 FORMS = ("constant", "token", "channel")
 #: B x T = 32k tokens, the benchmark's fwd+bwd shapes.
@@ -131,7 +138,7 @@ def graph_ms(form: str, batch: int, time_: int, learn_decay: bool = True,
 
 def replay_ms(step, rep: int = 150) -> tuple[float, list[torch.Tensor]]:
     """Median ms of step() replayed as a CUDA graph (`bench.graph_ms`), and its outputs in fp32."""
-    ms, out = graph_ms(step, rep)
+    ms, out = bench.graph_ms(step, rep)
     return ms, [x.detach().float().clone() for x in out]
 
 
@@ -209,6 +216,13 @@ def gpu() -> None:
         print("gpu", form, batch, time_, f"{graph_ms(form, batch, time_)[0]:.3f}", flush=True)
     for batch, time_ in SHAPES:
         print("gpu constant-fixed", batch, time_, f"{graph_ms('constant', batch, time_, False)[0]:.3f}", flush=True)
+
+
+def decaygrad() -> None:
+    """Per channel: fwd+bwd GPU ms with and without the log decay's gradient (what making da costs), two rounds."""
+    for rnd, (batch, time_), learn in itertools.product(range(2), SHAPES, (True, False)):
+        ms = graph_ms("channel", batch, time_, learn_decay=learn)[0]
+        print("decaygrad", rnd, batch, time_, "da" if learn else "no da", f"{ms:.3f}", flush=True)
 
 
 def mixed() -> None:
@@ -439,6 +453,12 @@ CHANNEL_GRID = ({}, {"dqk": dict(BV=64)}, {"dqk": dict(num_warps=8)}, {"dqk": di
                 {"out": dict(num_warps=4)})
 
 
+#: `widegrid`: dqk and the gate kernel with the whole K of 128 in one tile (one program per chunk instead of two).
+WIDE_GRID = ({"dqk": dict(BK=128, num_warps=8, num_stages=2)}, {"dqk": dict(BK=128, num_warps=8, num_stages=3)},
+             {"dqk": dict(BK=128, num_warps=8, num_stages=4)}, {"gate": dict(BK=128, num_warps=8)},
+             {"gate": dict(BK=64, num_warps=8)}, {"gate": dict(BK=128, num_warps=4)})
+
+
 def _settings_json(settings_json: str, worker: str) -> dict:
     """The settings a worker command was given (kernel name -> launch settings, JSON); exits with a message if bad."""
     try:
@@ -465,6 +485,12 @@ def channelgrid() -> None:
     drift over the call)."""
     for setting in CHANNEL_GRID + ({},):
         print("channelgrid", json.dumps(setting), trial("channel-one", setting), flush=True)
+
+
+def widegrid() -> None:
+    """WIDE_GRID for the per-channel form, as `channelgrid`: the defaults first and last, each in its own process."""
+    for setting in ({},) + WIDE_GRID + ({},):
+        print("widegrid", json.dumps(setting), trial("channel-one", setting), flush=True)
 
 
 def fused() -> None:
@@ -502,13 +528,198 @@ def host() -> None:
         print("host", form, batch, time_, f"host {queued * 1e3:.3f}", f"wall {wall * 1e3:.3f}", flush=True)
 
 
+def hostprof() -> None:
+    """cProfile of 200 eager fwd+bwd steps per form at B 4, T 8k: where the host's time goes (top functions)."""
+    import cProfile
+    import pstats
+
+    for form in ("constant", "channel"):
+        step = warmed_step(form, 4, 8192, 10)
+        t = time.perf_counter()
+        for _ in range(200):
+            step()
+        torch.cuda.synchronize()
+        print(f"hostprof {form}: plain wall {(time.perf_counter() - t) / 200 * 1e3:.3f} ms/step", flush=True)
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(200):
+            step()
+        prof.disable()
+        torch.cuda.synchronize()
+        stats = pstats.Stats(prof).strip_dirs()
+        print(f"\n===== hostprof {form} B=4 T=8192, 200 steps, by own time", flush=True)
+        stats.sort_stats("tottime").print_stats(25)
+        print(f"===== hostprof {form}, by cumulative time", flush=True)
+        stats.sort_stats("cumulative").print_stats(30)
+
+
+def launch() -> None:
+    """Host us per launch of one small kernel, through `_Plan.launch` (Triton's JIT dispatch) and through its compiled
+    kernel's launcher directly; host us per `_Plan` made and per torch.empty; at B 4, T 8k."""
+    batch, time_, heads = 4, 8192, 8
+    x = torch.randn(batch, time_, heads, device="cuda")
+    q = torch.randn(batch, time_, heads, 128, device="cuda", dtype=torch.bfloat16)
+    plan = tc._Plan(q, q, x, saved=(x,))
+    y = torch.empty_like(x)
+    grid = (plan.NT, 1, batch * heads)
+    kw = dict(H=heads, K=1, BT=plan.BT, REVERSE=False)
+    args = (x, y, time_, time_)
+    kernel = tc._chunk_cumsum_kernel
+    compiled = kernel[grid](*args, **plan.cfg["cumsum"], **kw)
+    named = dict(zip(kernel.arg_names, args)) | plan.cfg["cumsum"] | kw
+    values = [named[name] for name in kernel.arg_names]
+    stream = torch.cuda.current_stream().cuda_stream
+
+    def direct():
+        compiled.run(grid[0], grid[1], grid[2], stream, compiled.function, compiled.packed_metadata, None, None,
+                     None, *values)
+
+    ways = {"plan.launch": lambda: plan.launch(kernel, "cumsum", grid, *args, **kw), "compiled.run": direct,
+            "torch.empty": lambda: torch.empty(batch, time_, heads, 128, device="cuda")}
+    for form in FORMS:
+        shape = {"constant": (heads,), "token": (batch, time_, heads), "channel": (batch, time_, heads, 128)}[form]
+        a = -torch.rand(shape, device="cuda")
+        saved = {"constant": None, "token": (x,), "channel": (a, a, a, a)}[form]
+        ways[f"_Plan {form} (backward's)"] = lambda a=a, saved=saved: tc._Plan(q, q, a, saved=saved)
+    for _ in range(2):
+        for name, fn in ways.items():
+            for _ in range(50):
+                fn()
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            for _ in range(2000):
+                fn()
+            host = (time.perf_counter() - t) / 2000
+            torch.cuda.synchronize()
+            wall = (time.perf_counter() - t) / 2000
+            print("launch", name, f"host {host * 1e6:.1f} us", f"wall {wall * 1e6:.1f} us", flush=True)
+
+
+def trace(out_dir: str) -> None:
+    """Chrome traces (CPU and CUDA) of 6 eager fwd+bwd steps per form at B 4, T 8k, written under out_dir, with the
+    GPU's busy time and the step's wall time: where the GPU waits for the host."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    for form in ("constant", "channel"):
+        step = warmed_step(form, 4, 8192, 10)
+        with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(6):
+                step()
+            torch.cuda.synchronize()
+        prof.export_chrome_trace(f"{out_dir}/trace_{form}.json")
+        print(f"trace {form}: written", flush=True)
+
+
+def _launching(q: torch.Tensor, n: int, one_thread: bool = False):
+    """A step of an autograd Function whose backward launches a small Triton kernel n times (`split`): the cost of
+    the backward's device thread against launches; `one_thread` runs it on the calling thread instead."""
+    x = torch.randn(q.shape[:3], device=q.device, requires_grad=True)
+    plan = tc._Plan(q, q, x.detach(), saved=(x.detach(),))
+    y = torch.empty_like(x)
+
+    class Launching(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, dy):
+            for _ in range(n):
+                plan.launch(tc._chunk_cumsum_kernel, "cumsum", (plan.NT, 1, plan.B * plan.H), dy, y, plan.T, plan.T,
+                            H=plan.H, K=1, BT=plan.BT, REVERSE=False)
+            return dy
+
+    def step():
+        with torch.autograd.set_multithreading_enabled(not one_thread):
+            return torch.autograd.grad(Launching.apply(x), (x,), x.detach())
+
+    return step
+
+
+def split() -> None:
+    """Host us per eager call of each part of a fwd+bwd at B 4, T 8k: the forward through autograd and without it,
+    `_forward` and `_backward` called directly, the whole step, and an autograd Function that launches nothing."""
+
+    class Nothing(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, q, k, v, a):
+            return torch.empty_like(v)
+
+        @staticmethod
+        def backward(ctx, do):
+            return None, None, None, None
+
+    for form in ("constant", "channel"):
+        q, k, v, a, do = inputs(form, 4, 8192)
+        scale = 128 ** -0.5
+        made = tc._forward(q, k, v, a.detach(), None, scale)
+        leaves = (q, k, v, a)
+
+        def nothing():
+            o = Nothing.apply(q, k, v, a)
+            return torch.autograd.grad(o, leaves, do, allow_unused=True)
+
+        def forward_no_grad():
+            with torch.no_grad():
+                return linear_attention(q, k, v, a, backend="triton")
+
+        def step_one_thread(step=step_fn(q, k, v, a, do)):
+            with torch.autograd.set_multithreading_enabled(False):
+                return step()
+
+        class Real(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx, q, k, v, a):
+                return tc._forward(q, k, v, a, None, scale)[0]
+
+            @staticmethod
+            def backward(ctx, do):
+                return tc._backward(q, k, v, a.detach(), None, *made[2:], do, None, scale, True, False)[:4]
+
+        def real():
+            return torch.autograd.grad(Real.apply(q, k, v, a), leaves, do)
+
+        def step_backward():
+            o, _ = linear_attention(q, k, v, a, backend="triton")
+            o.backward(do)
+
+        parts = {"step": step_fn(q, k, v, a, do), "step, one thread": step_one_thread,
+                 "step, .backward()": step_backward, "autograd around _forward, _backward": real,
+                 "forward (autograd)": lambda: linear_attention(q, k, v, a, backend="triton"),
+                 "forward (no grad)": forward_no_grad,
+                 "_forward": lambda: tc._forward(q, k, v, a.detach(), None, scale),
+                 "_backward": lambda: tc._backward(q, k, v, a.detach(), None, *made[2:], do, None, scale, True, False),
+                 "autograd, no kernels": nothing}
+        for n in (0, 6, 24):
+            parts[f"autograd, {n} launches in the backward"] = _launching(q, n)
+            parts[f"autograd, {n} launches in the backward, one thread"] = _launching(q, n, one_thread=True)
+        for name, fn in parts.items():
+            runs = []
+            for _ in range(5):
+                for _ in range(5):
+                    fn()
+                torch.cuda.synchronize()
+                t = time.perf_counter()
+                for _ in range(40):
+                    fn()
+                queued = (time.perf_counter() - t) / 40
+                torch.cuda.synchronize()
+                runs.append((queued, (time.perf_counter() - t) / 40))
+            queued, wall = sorted(runs)[2]
+            print("split", form, name, f"host {queued * 1e6:.0f} us", f"wall {wall * 1e6:.0f} us", flush=True)
+
+
 if __name__ == "__main__":
     # Each command with the number of arguments it takes; anything else prints the usage above and exits 1.
     commands = {"profile": (profile, 0), "walks": (walks, 0), "paths": (paths, 0), "side": (side, 1),
-                "gpu": (gpu, 0), "host": (host, 0), "groups": (groups, 0), "mixed": (mixed, 0),
+                "gpu": (gpu, 0), "host": (host, 0), "hostprof": (hostprof, 0), "launch": (launch, 0),
+                "split": (split, 0), "trace": (trace, 1), "groups": (groups, 0), "mixed": (mixed, 0),
+                "decaygrad": (decaygrad, 0),
                 "kernels": (kernels, 0), "walkgrid": (walkgrid, 0), "lightning": (lightning, 0),
                 "lightning-one": (lightning_one, 1), "fused": (fused, 0),
-                "channel-one": (channel_one, 1), "channelgrid": (channelgrid, 0), "sparse": (sparse, 0),
+                "channel-one": (channel_one, 1), "channelgrid": (channelgrid, 0), "widegrid": (widegrid, 0),
+                "sparse": (sparse, 0),
                 "precision": (precision, 0), "garbage": (garbage, 0),
                 "settings": (lambda f, b, t, n: settings(f, int(b), int(t), n.split(",")), 4)}
     command, args = (sys.argv[1], sys.argv[2:]) if len(sys.argv) > 1 else ("", [])
