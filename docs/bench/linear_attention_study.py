@@ -8,6 +8,7 @@ flash-linear-attention. On a GPU (bf16, H 8, K = V = 128):
     python docs/bench/linear_attention_study.py side ours|constant|channel   # ours, or fla's constant / per-channel
     python docs/bench/linear_attention_study.py paths                    # per channel: whole chunks vs sub-blocks
     python docs/bench/linear_attention_study.py decaygrad                # per channel with and without da
+    python docs/bench/linear_attention_study.py checks                   # the device checks alone, one line each
     python docs/bench/linear_attention_study.py mixed                    # per channel, a fraction of chunks strong
     python docs/bench/linear_attention_study.py gpu                      # GPU time of fwd+bwd per form and shape
     python docs/bench/linear_attention_study.py host                     # host and wall time per fwd+bwd (eager)
@@ -216,6 +217,16 @@ def gpu() -> None:
         print("gpu", form, batch, time_, f"{graph_ms(form, batch, time_)[0]:.3f}", flush=True)
     for batch, time_ in SHAPES:
         print("gpu constant-fixed", batch, time_, f"{graph_ms('constant', batch, time_, False)[0]:.3f}", flush=True)
+
+
+def checks() -> None:
+    """`bench.check_on_device` without peers, one line per check (ok, forward and worst gradient errors), then the
+    count: to check whichever kernels are first on PYTHONPATH without timing anything."""
+    rows = bench.check_on_device(peers=False)
+    for r in rows:
+        print("check", r.impl, r.decay, r.dtype, "strong" if r.strong else "models", r.forward_ok and r.backward_ok,
+              f"{r.forward_err:.2e}", f"{r.backward_err:.2e}", r.worst, r.error, flush=True)
+    print("checks passed", sum(r.forward_ok and r.backward_ok for r in rows), "of", len(rows), flush=True)
 
 
 def decaygrad() -> None:
@@ -715,7 +726,7 @@ if __name__ == "__main__":
     commands = {"profile": (profile, 0), "walks": (walks, 0), "paths": (paths, 0), "side": (side, 1),
                 "gpu": (gpu, 0), "host": (host, 0), "hostprof": (hostprof, 0), "launch": (launch, 0),
                 "split": (split, 0), "trace": (trace, 1), "groups": (groups, 0), "mixed": (mixed, 0),
-                "decaygrad": (decaygrad, 0),
+                "decaygrad": (decaygrad, 0), "checks": (checks, 0),
                 "kernels": (kernels, 0), "walkgrid": (walkgrid, 0), "lightning": (lightning, 0),
                 "lightning-one": (lightning_one, 1), "fused": (fused, 0),
                 "channel-one": (channel_one, 1), "channelgrid": (channelgrid, 0), "widegrid": (widegrid, 0),
