@@ -60,6 +60,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import types
 
 import torch
 import triton
@@ -1067,6 +1068,68 @@ def _sparse_walk(decay: int, walkers: int, sms: int) -> dict:
     return SPARSE_WALK.get(decay, {}) if 0 < walkers <= sms else {}
 
 
+@functools.lru_cache(maxsize=None)
+def _launch_settings(K: int, V: int, bf16: bool, per_channel: bool) -> types.MappingProxyType:
+    """Tiles, warps and pipeline stages per kernel name for heads of K x V (read-only: plans copy what they change).
+
+    Made once per head shape and dtype: they cost a plan about half its host time when made on every call."""
+    # Tiles, warps and pipeline stages per kernel, chosen so that none spills registers on sm_90 (checked by
+    # compiling ahead of time, tests/kernels/test_triton_compile.py): fp32 tiles (fp32 inputs, or the fp32
+    # states of fp16 inputs) take twice the registers of bf16 ones, so they get narrower tiles and fewer stages.
+    # The bf16 choices were timed one kernel at a time on an H100 (fwd+bwd replayed as a CUDA graph, B 16, T 2k,
+    # H 8, K = V = 128; docs/bench/kernels.md), among those that do not spill; a spilling one can be faster
+    # with one compiler and much slower with the next.
+    wide = 64 if bf16 else 32
+    stages = 3 if bf16 else 2
+    # The output and dv kernels at 4 warps for heads of up to 64 (lightning's) in bf16, at 8 for wider ones (the
+    # benchmark's 128, where 8 was chosen); dqk at 4 in bf16 at any width. At lightning's training shape on an H200
+    # (packed q, k, v, fixed decay, B 64, T 2k, H 12, D 64; CUDA-graph replays) fwd+bwd took 1.549 ms with all
+    # three at 4 against 1.865 at 8, and 0.407 against 0.486 at B 16; at the benchmark's D 128, dqk at 4 took
+    # 0.007-0.020 ms off the scalar forms and left per channel as it was (docs/bench/kernels.md).
+    # Per channel (its dA made in dqk, not stored by dv) the output and dv kernels also at 4 warps at D 128, and dqk
+    # at 4 stages: each alone took 0.003-0.008 ms off its fwd+bwd at 2k / 8k / 32k on an H200, together
+    # 0.966-0.967 / 1.118-1.119 / 1.181 -> 0.956-0.957 / 1.104-1.106 / 1.165-1.166 ms (docs/bench/kernels.md).
+    chunk_warps = 4 if bf16 and ((K <= 64 and V <= 64) or per_channel) else 8
+    cfg = {
+        # Walks, bf16: 4 warps (about 120 registers a thread) and 3 stages, with the group size counting two
+        # walkers per SM, were faster than 8 warps (one per SM) for every form and shape
+        # timed on an H100, most at long T: per channel fwd+bwd 2.40 against 2.74 ms at B 1, T 32k, constant
+        # forward 10.5 against 11.8 ms at B 1, T 1M. 4 warps and 2 stages were slower. Other dtypes: untimed.
+        "walk": dict(BK=_pow2_tile(K, wide), BV=_pow2_tile(V, wide), num_warps=4 if bf16 else 8,
+                     num_stages=stages),
+        "scan": dict(BK=_pow2_tile(K, 32), BV=_pow2_tile(V, 32), num_warps=4, num_stages=stages),
+        # Output and dv: one V tile of 128 per chunk (bf16), so that q, k (qg, kg) are read and A made once per
+        # chunk. Fwd+bwd on an H100 at 2k / 8k / 32k, against tiles of 64, each alone: the output's took 0.002-0.008
+        # / 0.013-0.015 / 0.027-0.031 ms off per channel and 0.005 / 0.010 / 0.024 off the fixed-decay constant
+        # form, the scalar dv's 0.002 / 0.011 / 0.021 off the latter.
+        "out": dict(BK=_pow2_tile(K, wide), BV=_pow2_tile(V, 2 * wide), num_warps=chunk_warps, num_stages=stages),
+        "dv": dict(BK=_pow2_tile(K, wide), BV=_pow2_tile(V, 2 * wide), num_warps=chunk_warps, num_stages=stages),
+        "dA": dict(BV=_pow2_tile(V, wide), num_warps=8, num_stages=stages),
+        # Wide K tiles: each K tile loads do and v again (and unstaged, makes the whole do v^T again). Per channel
+        # with dA staged, tiles of 64 gave 1.39 / 1.55 / 1.75 ms fwd+bwd at 2k / 8k / 32k against 1.45 / 1.62 /
+        # 1.93 with 32 (before, making dA itself, 64 spilled registers). 3 stages rather than 2: 0.04-0.07 ms
+        # off every form's fwd+bwd (per channel 1.31 / 1.46 / 1.64 -> 1.26 / 1.41 / 1.57 ms).
+        "dqk": dict(BK=_pow2_tile(K, wide), BV=_pow2_tile(V, 32), num_warps=4 if bf16 else 8,
+                    num_stages=4 if bf16 and per_channel else stages),
+        # A, 4 warps (two programs per SM; 8 warps took the whole register file): the sub-block path 13% faster
+        # at B 16, T 2k and 28% in the forward at B 1, T 1M. It spilled at 4 warps until its elementwise loop
+        # became dynamic.
+        "A": dict(BK=_pow2_tile(K, 32), num_warps=4, num_stages=1 if bf16 else stages),
+        "intra": dict(BK=_pow2_tile(K, 32), num_warps=4, num_stages=stages),
+        # Sums along time of the log decay (width 1 per token, K per channel); no dots, so no 16 minimum.
+        "cumsum": dict(BK=min(64, _next_pow2(K if per_channel else 1)), num_warps=4,
+                       num_stages=stages),
+        "gate": dict(BK=min(64, _next_pow2(K)), num_warps=4, num_stages=stages),
+        # The fused walks (`FUSED_MIN_HEADS_PER_SM`), the whole head in one tile. At lightning's shape on an H200
+        # (B 64): the forward walks at 3 stages 1.318 ms fwd+bwd against 1.395 at 2; the reverse walk at 4 warps
+        # 0.935 against 1.348 at 8 (and 1.220 at 8 warps, 3 stages), though Triton 3.9 compiles it for sm_90 with
+        # spills of 8-32 bytes (tests/kernels/test_triton_compile.py allows those). fp32 spills at any setting.
+        "fused": dict(BK=_pow2_tile(K), BV=_pow2_tile(V), num_warps=4, num_stages=3),
+        "fused_dkv": dict(BK=_pow2_tile(K), BV=_pow2_tile(V), num_warps=4, num_stages=2),
+    }
+    return types.MappingProxyType({name: types.MappingProxyType(values) for name, values in cfg.items()})
+
+
 class _Plan:
     """Sizes, tiles, launch settings and the per-chunk decay bookkeeping shared by the forward and the backward."""
 
@@ -1081,63 +1144,10 @@ class _Plan:
         self.BT = CHUNK
         self.NT = _cdiv(self.T, self.BT)
         self.Tp = self.NT * self.BT
-        # Tiles, warps and pipeline stages per kernel, chosen so that none spills registers on sm_90 (checked by
-        # compiling ahead of time, tests/kernels/test_triton_compile.py): fp32 tiles (fp32 inputs, or the fp32
-        # states of fp16 inputs) take twice the registers of bf16 ones, so they get narrower tiles and fewer stages.
-        # The bf16 choices were timed one kernel at a time on an H100 (fwd+bwd replayed as a CUDA graph, B 16, T 2k,
-        # H 8, K = V = 128; docs/bench/kernels.md), among those that do not spill; a spilling one can be faster
-        # with one compiler and much slower with the next.
         bf16 = q.dtype == torch.bfloat16
-        wide = 64 if bf16 else 32
-        stages = 3 if bf16 else 2
         K, V = self.K, self.V
         per_channel = self.decay == 2
-        # The output and dv kernels at 4 warps for heads of up to 64 (lightning's) in bf16, at 8 for wider ones (the
-        # benchmark's 128, where 8 was chosen); dqk at 4 in bf16 at any width. At lightning's training shape on an H200
-        # (packed q, k, v, fixed decay, B 64, T 2k, H 12, D 64; CUDA-graph replays) fwd+bwd took 1.549 ms with all
-        # three at 4 against 1.865 at 8, and 0.407 against 0.486 at B 16; at the benchmark's D 128, dqk at 4 took
-        # 0.007-0.020 ms off the scalar forms and left per channel as it was (docs/bench/kernels.md).
-        # Per channel (its dA made in dqk, not stored by dv) the output and dv kernels also at 4 warps at D 128, and dqk
-        # at 4 stages: each alone took 0.003-0.008 ms off its fwd+bwd at 2k / 8k / 32k on an H200, together
-        # 0.966-0.967 / 1.118-1.119 / 1.181 -> 0.956-0.957 / 1.104-1.106 / 1.165-1.166 ms (docs/bench/kernels.md).
-        chunk_warps = 4 if bf16 and ((K <= 64 and V <= 64) or per_channel) else 8
-        self.cfg = {
-            # Walks, bf16: 4 warps (about 120 registers a thread) and 3 stages, with the group size counting two
-            # walkers per SM, were faster than 8 warps (one per SM) for every form and shape
-            # timed on an H100, most at long T: per channel fwd+bwd 2.40 against 2.74 ms at B 1, T 32k, constant
-            # forward 10.5 against 11.8 ms at B 1, T 1M. 4 warps and 2 stages were slower. Other dtypes: untimed.
-            "walk": dict(BK=_pow2_tile(K, wide), BV=_pow2_tile(V, wide), num_warps=4 if bf16 else 8,
-                         num_stages=stages),
-            "scan": dict(BK=_pow2_tile(K, 32), BV=_pow2_tile(V, 32), num_warps=4, num_stages=stages),
-            # Output and dv: one V tile of 128 per chunk (bf16), so that q, k (qg, kg) are read and A made once per
-            # chunk. Fwd+bwd on an H100 at 2k / 8k / 32k, against tiles of 64, each alone: the output's took 0.002-0.008
-            # / 0.013-0.015 / 0.027-0.031 ms off per channel and 0.005 / 0.010 / 0.024 off the fixed-decay constant
-            # form, the scalar dv's 0.002 / 0.011 / 0.021 off the latter.
-            "out": dict(BK=_pow2_tile(K, wide), BV=_pow2_tile(V, 2 * wide), num_warps=chunk_warps, num_stages=stages),
-            "dv": dict(BK=_pow2_tile(K, wide), BV=_pow2_tile(V, 2 * wide), num_warps=chunk_warps, num_stages=stages),
-            "dA": dict(BV=_pow2_tile(V, wide), num_warps=8, num_stages=stages),
-            # Wide K tiles: each K tile loads do and v again (and unstaged, makes the whole do v^T again). Per channel
-            # with dA staged, tiles of 64 gave 1.39 / 1.55 / 1.75 ms fwd+bwd at 2k / 8k / 32k against 1.45 / 1.62 /
-            # 1.93 with 32 (before, making dA itself, 64 spilled registers). 3 stages rather than 2: 0.04-0.07 ms
-            # off every form's fwd+bwd (per channel 1.31 / 1.46 / 1.64 -> 1.26 / 1.41 / 1.57 ms).
-            "dqk": dict(BK=_pow2_tile(K, wide), BV=_pow2_tile(V, 32), num_warps=4 if bf16 else 8,
-                        num_stages=4 if bf16 and per_channel else stages),
-            # A, 4 warps (two programs per SM; 8 warps took the whole register file): the sub-block path 13% faster
-            # at B 16, T 2k and 28% in the forward at B 1, T 1M. It spilled at 4 warps until its elementwise loop
-            # became dynamic.
-            "A": dict(BK=_pow2_tile(K, 32), num_warps=4, num_stages=1 if bf16 else stages),
-            "intra": dict(BK=_pow2_tile(K, 32), num_warps=4, num_stages=stages),
-            # Sums along time of the log decay (width 1 per token, K per channel); no dots, so no 16 minimum.
-            "cumsum": dict(BK=min(64, _next_pow2(K if per_channel else 1)), num_warps=4,
-                           num_stages=stages),
-            "gate": dict(BK=min(64, _next_pow2(K)), num_warps=4, num_stages=stages),
-            # The fused walks (`FUSED_MIN_HEADS_PER_SM`), the whole head in one tile. At lightning's shape on an H200
-            # (B 64): the forward walks at 3 stages 1.318 ms fwd+bwd against 1.395 at 2; the reverse walk at 4 warps
-            # 0.935 against 1.348 at 8 (and 1.220 at 8 warps, 3 stages), though Triton 3.9 compiles it for sm_90 with
-            # spills of 8-32 bytes (tests/kernels/test_triton_compile.py allows those). fp32 spills at any setting.
-            "fused": dict(BK=_pow2_tile(K), BV=_pow2_tile(V), num_warps=4, num_stages=3),
-            "fused_dkv": dict(BK=_pow2_tile(K), BV=_pow2_tile(V), num_warps=4, num_stages=2),
-        }
+        self.cfg = dict(_launch_settings(K, V, bf16, per_channel))
         # One program per (batch, head) over all chunks (`FUSED_MIN_HEADS_PER_SM`); in fp32 (for checking, not
         # speed) only where forced.
         heads_per_sm = self.B * self.H / _sm_count(q.device) if q.is_cuda else 0.0
@@ -1151,7 +1161,7 @@ class _Plan:
         self.G = _group_size(self.NT, walkers, sms * walkers_per_sm)
         self.NS = _cdiv(self.NT, self.G)
         if bf16 and self.NS == 1:
-            self.cfg["walk"].update(_sparse_walk(self.decay, walkers, sms))
+            self.cfg["walk"] = {**self.cfg["walk"], **_sparse_walk(self.decay, walkers, sms)}
         # The interpreter multiplies bf16 tiles as raw uint16 bits, so it gets fp32 operands instead.
         if q.dtype == torch.bfloat16 and not _interpreting():
             self.dt = tl.bfloat16

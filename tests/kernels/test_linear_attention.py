@@ -313,6 +313,23 @@ def test_triton_sparse_walk_only_with_fewer_walkers_than_sms():
     assert _sparse_walk(2, walkers=128, sms=0) == {}  # no GPU (the interpreter)
 
 
+def test_triton_plan_settings_are_shared_read_only(monkeypatch):
+    """Plans of one head shape share their launch settings, made once: a plan's own change (the sparse walk's) stays
+    in that plan, and an in-place change of the shared settings fails instead of reaching later plans."""
+    from kernels.linear_attention import triton_chunk as tc
+
+    q = torch.randn(1, 128, 2, 64, dtype=torch.bfloat16)
+    a = torch.full((2,), -0.1)
+    monkeypatch.setattr(tc, "_sparse_walk", lambda decay, walkers, sms: {"num_warps": 8})  # as on a GPU with few walkers
+    changed = tc._Plan(q, q, a)
+    monkeypatch.setattr(tc, "_sparse_walk", lambda decay, walkers, sms: {})
+    plain = tc._Plan(q, q, a)
+    assert changed.cfg["walk"]["num_warps"] == 8 and plain.cfg["walk"]["num_warps"] == 4
+    assert plain.cfg["dqk"] is tc._Plan(q, q, a).cfg["dqk"]
+    with pytest.raises(TypeError):
+        plain.cfg["dqk"]["num_warps"] = 8
+
+
 def test_triton_lists_each_strong_chunk_once():
     """Per channel, the forward lists the chunks whose total log decay reaches -CHUNK_SPAN_LIMIT in some channel, each
     once even when several K tiles see it; the sub-block kernels work on those alone, the others test the totals."""
