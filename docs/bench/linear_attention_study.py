@@ -523,19 +523,27 @@ def fused() -> None:
               f"err {err:.1e}", flush=True)
 
 
+def host_wall(fn, calls: int = 40, runs: int = 5, warmup: int = 0) -> tuple[float, float]:
+    """Seconds per call of fn: host (queueing its work) and wall (until the GPU is done), the median of `runs` runs of
+    `calls` calls, each run after `warmup` calls and a sync."""
+    measured = []
+    for _ in range(runs):
+        for _ in range(warmup):
+            fn()
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        queued = (time.perf_counter() - t) / calls
+        torch.cuda.synchronize()
+        measured.append((queued, (time.perf_counter() - t) / calls))
+    return sorted(measured)[runs // 2]
+
+
 def host() -> None:
     """Host ms (queueing the work) and wall ms per eager fwd+bwd step, the median of 5 runs of 40 steps each."""
     for (batch, time_), form in itertools.product(((16, 2048), (1, 32768)), FORMS):
-        step = warmed_step(form, batch, time_, 10)
-        runs = []
-        for _ in range(5):
-            t = time.perf_counter()
-            for _ in range(40):
-                step()
-            queued = (time.perf_counter() - t) / 40
-            torch.cuda.synchronize()
-            runs.append((queued, (time.perf_counter() - t) / 40))
-        queued, wall = sorted(runs)[2]
+        queued, wall = host_wall(warmed_step(form, batch, time_, 10))
         print("host", form, batch, time_, f"host {queued * 1e3:.3f}", f"wall {wall * 1e3:.3f}", flush=True)
 
 
@@ -594,16 +602,8 @@ def launch() -> None:
         ways[f"_Plan {form} (backward's)"] = lambda a=a, saved=saved: tc._Plan(q, q, a, saved=saved)
     for _ in range(2):
         for name, fn in ways.items():
-            for _ in range(50):
-                fn()
-            torch.cuda.synchronize()
-            t = time.perf_counter()
-            for _ in range(2000):
-                fn()
-            host = (time.perf_counter() - t) / 2000
-            torch.cuda.synchronize()
-            wall = (time.perf_counter() - t) / 2000
-            print("launch", name, f"host {host * 1e6:.1f} us", f"wall {wall * 1e6:.1f} us", flush=True)
+            queued, wall = host_wall(fn, calls=2000, runs=1, warmup=50)
+            print("launch", name, f"host {queued * 1e6:.1f} us", f"wall {wall * 1e6:.1f} us", flush=True)
 
 
 def trace(out_dir: str) -> None:
@@ -706,18 +706,7 @@ def split() -> None:
             parts[f"autograd, {n} launches in the backward"] = _launching(q, n)
             parts[f"autograd, {n} launches in the backward, one thread"] = _launching(q, n, one_thread=True)
         for name, fn in parts.items():
-            runs = []
-            for _ in range(5):
-                for _ in range(5):
-                    fn()
-                torch.cuda.synchronize()
-                t = time.perf_counter()
-                for _ in range(40):
-                    fn()
-                queued = (time.perf_counter() - t) / 40
-                torch.cuda.synchronize()
-                runs.append((queued, (time.perf_counter() - t) / 40))
-            queued, wall = sorted(runs)[2]
+            queued, wall = host_wall(fn, warmup=5)
             print("split", form, name, f"host {queued * 1e6:.0f} us", f"wall {wall * 1e6:.0f} us", flush=True)
 
 
