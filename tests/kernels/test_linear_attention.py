@@ -320,7 +320,8 @@ def test_triton_plan_settings_are_shared_read_only(monkeypatch):
 
     q = torch.randn(1, 128, 2, 64, dtype=torch.bfloat16)
     a = torch.full((2,), -0.1)
-    monkeypatch.setattr(tc, "_sparse_walk", lambda decay, walkers, sms: {"num_warps": 8})  # as on a GPU with few walkers
+    # As on a GPU with fewer walkers than SMs:
+    monkeypatch.setattr(tc, "_sparse_walk", lambda decay, walkers, sms: {"num_warps": 8})
     changed = tc._Plan(q, q, a)
     monkeypatch.setattr(tc, "_sparse_walk", lambda decay, walkers, sms: {})
     plain = tc._Plan(q, q, a)
