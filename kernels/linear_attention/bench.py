@@ -393,8 +393,25 @@ def report(df: pd.DataFrame) -> str:
     parts = [markdown_table(df), "\n".join(comparisons(df))]
     if "gpu_ms" in df and df["gpu_ms"].notna().any():
         parts += ["GPU time, the same work replayed as a CUDA graph (no host time; empty where not captured):",
-                  markdown_table(df, "gpu_ms"), "\n".join(comparisons(df, "gpu_ms"))]
+                  markdown_table(df, "gpu_ms"), "\n".join(comparisons(df, "gpu_ms") + [host_bound(df)])]
     return "\n\n".join(part for part in parts if part)
+
+
+def host_bound(df: pd.DataFrame) -> str:
+    """One line: ours' fwd+bwd eager time over its GPU time, per form and T where both were measured. Well above 1,
+    the host's launches, not the kernels, set the eager pace (docs/bench/kernels.md)."""
+    df = _decays(df)
+    ok = df[(df["status"] == "ok") & (df["impl"] == "ours triton") & (df["mode"] == "fwd+bwd")
+            & df["ms"].notna() & df["gpu_ms"].notna()]
+    if ok.empty:
+        return ""
+    ratio = (ok["ms"] / ok["gpu_ms"]).groupby([ok["decay"], ok["T"]]).first()
+    times = sorted(set(ok["T"]))
+    parts = [f"{form} " + " / ".join(f"{ratio[form, time]:.2f}x" if (form, time) in ratio.index else "-"
+                                     for time in times)
+             for form in FORMS if form in ratio.index.get_level_values(0)]
+    return (f"- eager / GPU time, ours fwd+bwd at T {' / '.join(map(str, times))}: {'; '.join(parts)} (well above 1: "
+            "the host's launches, not the kernels, set the eager times)")
 
 
 def _label(impl: str, decay: str) -> str:

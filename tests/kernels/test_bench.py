@@ -210,6 +210,8 @@ def test_run_bench_skips_failed_checks_and_records_errors(monkeypatch, tmp_path)
     eager, gpu = markdown.split("GPU time, the same work replayed as a CUDA graph")
     assert "| fwd | 16 | 2048 | 1.50 | 1.50 |" in eager and "| fwd | 16 | 2048 | 1.20 |  |" in gpu
     assert "- fwd+bwd, T 2048: token / SDPA 1.00x" in gpu
+    # How far the host set the eager pace: ours' eager over GPU time at each T (1.5 / 1.2 ms here).
+    assert "- eager / GPU time, ours fwd+bwd at T 2048 / 8192: token 1.25x / 1.25x (well above 1" in gpu
     # A CSV from before GPU time was recorded gives the eager part alone.
     old = pd.read_csv(tmp_path / "linear_attention.csv").drop(columns="gpu_ms")
     assert bench.report(old) == eager.rstrip("\n")
