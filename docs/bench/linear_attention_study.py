@@ -574,7 +574,8 @@ def hostprof() -> None:
 
 def launch() -> None:
     """Host us per launch of one small kernel, through `_Plan.launch` (Triton's JIT dispatch) and through its compiled
-    kernel's launcher directly; host us per `_Plan` made and per torch.empty; at B 4, T 8k."""
+    kernel's launcher directly (`CompiledKernel.run`'s arguments as Triton 3.6 takes them); host us per `_Plan` made
+    and per torch.empty; at B 4, T 8k."""
     batch, time_, heads = 4, 8192, 8
     x = torch.randn(batch, time_, heads, device="cuda")
     q = torch.randn(batch, time_, heads, 128, device="cuda", dtype=torch.bfloat16)
@@ -607,8 +608,8 @@ def launch() -> None:
 
 
 def trace(out_dir: str) -> None:
-    """Chrome traces (CPU and CUDA) of 6 eager fwd+bwd steps per form at B 4, T 8k, written under out_dir, with the
-    GPU's busy time and the step's wall time: where the GPU waits for the host."""
+    """Chrome traces (CPU and CUDA) of 6 eager fwd+bwd steps per form at B 4, T 8k, written under out_dir (for
+    Perfetto or chrome://tracing): where the GPU waits for the host."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
