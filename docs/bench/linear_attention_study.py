@@ -9,6 +9,7 @@ flash-linear-attention. On a GPU (bf16, H 8, K = V = 128):
     python docs/bench/linear_attention_study.py paths                    # per channel: whole chunks vs sub-blocks
     python docs/bench/linear_attention_study.py decaygrad                # per channel with and without da
     python docs/bench/linear_attention_study.py checks                   # the device checks alone, one line each
+    python docs/bench/linear_attention_study.py compare _a,_b            # main against copies of kernels/: checks, gpu
     python docs/bench/linear_attention_study.py mixed                    # per channel, a fraction of chunks strong
     python docs/bench/linear_attention_study.py gpu                      # GPU time of fwd+bwd per form and shape
     python docs/bench/linear_attention_study.py host                     # host and wall time per fwd+bwd (eager)
@@ -227,6 +228,33 @@ def checks() -> None:
         print("check", r.impl, r.decay, r.dtype, "strong" if r.strong else "models", r.forward_ok and r.backward_ok,
               f"{r.forward_err:.2e}", f"{r.backward_err:.2e}", r.worst, r.error, flush=True)
     print("checks passed", sum(r.forward_ok and r.backward_ok for r in rows), "of", len(rows), flush=True)
+
+
+def compare(folders: str) -> None:
+    """Main's kernels against each copy of `kernels/` under the comma-separated folders: the device checks of each,
+    then `gpu` two rounds, alternated. Each runs in its own process with the folder first on PYTHONPATH; this script's
+    own folder holds no `kernels/`, so nothing else can shadow the copy (a scratch script beside one did)."""
+    import os
+
+    variants = {"main": None} | {folder: os.path.abspath(folder) for folder in folders.split(",") if folder}
+    for path in filter(None, variants.values()):
+        if not os.path.isfile(os.path.join(path, "kernels", "linear_attention", "triton_chunk.py")):
+            sys.exit(f"compare: {path} holds no kernels/linear_attention/triton_chunk.py")
+
+    def run(name: str, command: str) -> list[str]:
+        env = dict(os.environ)
+        if variants[name] is not None:
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, [variants[name], env.get("PYTHONPATH")]))
+        done = subprocess.run([sys.executable, __file__, command], capture_output=True, text=True, env=env)
+        return done.stdout.splitlines() or [f"failed: {(done.stderr.strip().splitlines() or ['?'])[-1][:100]}"]
+
+    for name in variants:
+        for line in run(name, "checks"):
+            if line.startswith("checks passed") or " False " in line or line.startswith("failed"):
+                print("compare", name, line, flush=True)
+    for rnd, name in itertools.product(range(2), variants):
+        for line in run(name, "gpu"):
+            print("compare", rnd, name, line, flush=True)
 
 
 def decaygrad() -> None:
@@ -716,7 +744,7 @@ if __name__ == "__main__":
     commands = {"profile": (profile, 0), "walks": (walks, 0), "paths": (paths, 0), "side": (side, 1),
                 "gpu": (gpu, 0), "host": (host, 0), "hostprof": (hostprof, 0), "launch": (launch, 0),
                 "split": (split, 0), "trace": (trace, 1), "groups": (groups, 0), "mixed": (mixed, 0),
-                "decaygrad": (decaygrad, 0), "checks": (checks, 0),
+                "decaygrad": (decaygrad, 0), "checks": (checks, 0), "compare": (compare, 1),
                 "kernels": (kernels, 0), "walkgrid": (walkgrid, 0), "lightning": (lightning, 0),
                 "lightning-one": (lightning_one, 1), "fused": (fused, 0),
                 "channel-one": (channel_one, 1), "channelgrid": (channelgrid, 0), "widegrid": (widegrid, 0),
