@@ -122,13 +122,7 @@ def profile() -> None:
         print(f"\n===== {form} B={batch} T={time_} (10 steps)")
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60))
     for form in FORMS:
-        step = warmed_step(form, 16, 2048, 5)
-        t = time.perf_counter()
-        for _ in range(50):
-            step()
-        host = (time.perf_counter() - t) / 50
-        torch.cuda.synchronize()
-        wall = (time.perf_counter() - t) / 50
+        host, wall = host_wall(warmed_step(form, 16, 2048, 5), calls=50, runs=1)
         print(f"host-loop {form}: host {host * 1e3:.3f} ms/step, wall {wall * 1e3:.3f} ms/step")
 
 
@@ -582,11 +576,7 @@ def hostprof() -> None:
 
     for form in ("constant", "channel"):
         step = warmed_step(form, 4, 8192, 10)
-        t = time.perf_counter()
-        for _ in range(200):
-            step()
-        torch.cuda.synchronize()
-        print(f"hostprof {form}: plain wall {(time.perf_counter() - t) / 200 * 1e3:.3f} ms/step", flush=True)
+        print(f"hostprof {form}: plain wall {host_wall(step, calls=200, runs=1)[1] * 1e3:.3f} ms/step", flush=True)
         prof = cProfile.Profile()
         prof.enable()
         for _ in range(200):
