@@ -91,6 +91,11 @@ CHUNK_SPAN_LIMIT = 120.0
 #: the fused walks took 0.935 / 0.609 / 0.318 ms against the chunked kernels' 1.54 / 0.78 / 0.405 at B 64 / 32 / 16,
 #: 5.8 / 2.9 / 1.45 pairs a SM (docs/bench/kernels.md); 1.4 is just below the fewest timed, where they still won.
 FUSED_MIN_HEADS_PER_SM: float | None = 1.4
+#: Per-channel decay, the log decay's gradient of mild chunks (`_dqk_kernel`, `_reverse_cumsum`): the sum of db over
+#: each row and those after it as two bf16 dots with a triangle of ones rather than by `tl.cumsum`. None: for 16-bit
+#: inputs on a GPU (fp32 inputs keep the exact scan; under the interpreter it takes fp32 operands); True: always (the
+#: tests); False: never.
+DA_BY_DOT: bool | None = None
 
 
 def _interpreting() -> bool:
@@ -221,6 +226,24 @@ def _intra_decay(b, BT: tl.constexpr, TRANS: tl.constexpr):
     if TRANS:
         return tl.exp(tl.where(rows[None, :] >= rows[:, None], b[None, :] - b[:, None], float("-inf")))
     return tl.exp(tl.where(rows[:, None] >= rows[None, :], b[:, None] - b[None, :], float("-inf")))
+
+
+@triton.jit
+def _reverse_cumsum(x, upper_ptr, BT: tl.constexpr, BY_DOT: tl.constexpr, CDT: tl.constexpr):
+    """The sums of x's (BT, BK) rows at and after each row.
+
+    BY_DOT: as U xh + U xl, U the (BT, BT) upper triangle of ones (`_upper_ones`, read from memory: made in registers
+    it cost the per-channel dqk 88 bytes of spilled registers on sm_90) and xh, xl x's bf16 high and low parts (x to
+    about 16 of fp32's 24 bits; every product exact, the sums fp32), on tensor cores in CDT. In the per-channel dqk
+    at B 4, T 8k on an H200, `tl.cumsum` took 60 of its 395 us (docs/bench/kernels.md).
+    """
+    if BY_DOT:
+        rows = tl.arange(0, BT)
+        upper = tl.load(upper_ptr + rows[:, None] * BT + rows[None, :]).to(CDT)
+        hi = x.to(tl.bfloat16)
+        lo = (x - hi.to(tl.float32)).to(tl.bfloat16)
+        return tl.dot(upper, lo.to(CDT), tl.dot(upper, hi.to(CDT)))
+    return tl.cumsum(x, axis=0, reverse=True)
 
 
 @triton.jit
@@ -671,11 +694,11 @@ def _dA_kernel(do_ptr, v_ptr, dA_ptr, a_ptr, b_ptr, T, Tp, NT, scale, H: tl.cons
 
 @triton.jit
 def _dqk_kernel(q_ptr, k_ptr, v_ptr, do_ptr, dq_ptr, dk_ptr, dq_out_ptr, dk_out_ptr, db_ptr, da_ptr, dA_ptr, a_ptr,
-                b_ptr, bl_ptr, h_ptr, dh_ptr, qg_ptr, kg_ptr, eg_ptr, B, T, Tp, NT, scale,
+                b_ptr, bl_ptr, h_ptr, dh_ptr, qg_ptr, kg_ptr, eg_ptr, upper_ptr, B, T, Tp, NT, scale,
                 H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                 BV: tl.constexpr, DECAY: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
                 STORE_DB: tl.constexpr, STAGED: tl.constexpr, KP: tl.constexpr, CSPAN: tl.constexpr,
-                RDT: tl.constexpr, QS: tl.constexpr):
+                RDT: tl.constexpr, QS: tl.constexpr, DA_DOT: tl.constexpr, CDT: tl.constexpr):
     """dq, dk and db for one chunk and K tile; strong per-channel decay leaves the in-chunk part to `_intra_bwd_kernel`.
 
     STAGED (scalar decays, learned): dA and its transpose are loaded as `_dA_kernel` stored them; otherwise (a fixed
@@ -748,9 +771,9 @@ def _dqk_kernel(q_ptr, k_ptr, v_ptr, do_ptr, dq_ptr, dk_ptr, dq_out_ptr, dk_out_
                 d_last = acc_hdh + tl.sum(kg.to(tl.float32) * acc_dk, axis=0)
                 db = qg.to(tl.float32) * x - kg.to(tl.float32) * y + tl.where(is_last[:, None], d_last[None, :], 0.0)
                 # Summed here rather than by a cumsum pass over db, which moved db twice through memory. On an H100 at
-                # B 16, T 2k the pass took 0.09 ms and the sum adds 0.07 to this kernel (as a tf32x3 product with a
-                # triangle of ones, 0.73).
-                _store(da_ptr, tl.cumsum(db, axis=0, reverse=True), i_b, i_h, t0, T, H, K, k0, BT, BK)
+                # B 16, T 2k the pass took 0.09 ms and `tl.cumsum` added 0.07 to this kernel (as a tf32x3 product with
+                # a triangle of ones, 0.73); for 16-bit inputs two bf16 products now (`_reverse_cumsum`).
+                _store(da_ptr, _reverse_cumsum(db, upper_ptr, BT, DA_DOT, CDT), i_b, i_h, t0, T, H, K, k0, BT, BK)
         else:
             # `_intra_bwd_kernel` reads this strong chunk's dA as stored; one K tile stores it.
             if i_k == 0:
@@ -1021,6 +1044,18 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+class _Capturing(Exception):
+    """`_upper_ones` was first asked for during CUDA graph capture, where a tensor made is written only on replay."""
+
+
+@functools.lru_cache(maxsize=None)
+def _upper_ones(device: torch.device) -> torch.Tensor:
+    """The (CHUNK, CHUNK) bf16 upper triangle of ones (`_reverse_cumsum`), made once per device."""
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        raise _Capturing  # not cached: the next call outside a capture makes it
+    return torch.ones(CHUNK, CHUNK, device=device, dtype=torch.bfloat16).triu()
+
+
 def _pow2_tile(d: int, cap: int = 64) -> int:
     # tl.dot needs every dimension >= 16.
     return max(16, min(cap, _next_pow2(d)))
@@ -1175,6 +1210,9 @@ class _Plan:
         # Per-channel decay: the whole-chunk test of `_chunk_is_mild` (its width, a power of 2, and its limit).
         self.mild = dict(KP=_next_pow2(self.K), CSPAN=CHUNK_SPAN_LIMIT)
         self.rdt = tl.float32 if q.dtype == torch.float16 else self.dt
+        # Per channel, how dqk sums the log decay's gradient (`DA_BY_DOT`); its triangle comes with the launch.
+        by_dot = DA_BY_DOT if DA_BY_DOT is not None else q.dtype != torch.float32 and not _interpreting()
+        self.da_sum = dict(DA_DOT=by_dot and per_channel, CDT=tl.float32 if _interpreting() else tl.bfloat16)
         # Kernels over the strong chunks (`_strong_chunk`): a fixed grid of programs that loop over them.
         self.strong_programs = _sm_count(q.device) * 4 if q.is_cuda else 3
         self._bookkeeping(q, k, log_decay, saved)
@@ -1354,9 +1392,15 @@ def _backward(q, k, v, log_decay, h0, A, b, qg, kg, eg, bl, strong, do, dfinal, 
         dq, dk = dq_inter, dk_inter
         if need_da:
             db = torch.empty(nk, B, plan.Tp, H, device=q.device, dtype=torch.float32)  # partial sums per K tile
+    da_sum, upper = dict(plan.da_sum), None
+    if need_da and da_sum["DA_DOT"]:
+        try:
+            upper = _upper_ones(q.device)
+        except _Capturing:  # this call sums by the scan instead
+            da_sum["DA_DOT"] = False
     plan.launch(_dqk_kernel, "dqk", plan.grid("dqk", NT, "K"), q, k, v, do, dq_inter, dk_inter, dq, dk, db, da, dA,
-                plan.a, plan.b, plan.bl, h, dh, qg, kg, plan.eg, B, T, plan.Tp, NT, scale, STORE_DB=need_da,
-                STAGED=staged, **shapes)
+                plan.a, plan.b, plan.bl, h, dh, qg, kg, plan.eg, upper, B, T, plan.Tp, NT, scale, STORE_DB=need_da,
+                STAGED=staged, **da_sum, **shapes)
     if per_channel:
         plan.launch(_intra_bwd_kernel, "intra", (NT, B * H), q, k, dq_inter, dk_inter, dq, dk, db, dA, plan.b,
                     plan.bl, T, plan.Tp, NT, H=H, K=K, BT=plan.BT, BC=SUB, DT=plan.dt, PREC=plan.prec, STORE_DB=need_da,

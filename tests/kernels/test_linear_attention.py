@@ -120,6 +120,38 @@ def test_triton_per_channel_diagonal_blocks_both_ways(monkeypatch, span_limit):
     check_against_naive("triton", "channel", 1, 70, 2, 16, 32, torch.bfloat16)
 
 
+@pytest.mark.parametrize("capturing", [False, True])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_triton_per_channel_decay_gradient_by_dot(monkeypatch, dtype, capturing):
+    """The log decay's gradient of mild chunks summed as two dots of db's bf16 parts with a triangle of ones (the
+    GPU's way for 16-bit inputs; forced here, where the interpreter takes fp32 operands) within each dtype's
+    tolerance of naive; strong chunks in the same call keep their own sum. During a CUDA graph capture with no
+    triangle made yet (simulated) the call falls back to the scan. (fp32 inputs keep the scan: forced, their log
+    decay's gradient came out 2.0e-4 from naive, at their tolerance.)"""
+    from kernels.linear_attention import triton_chunk
+
+    monkeypatch.setattr(triton_chunk, "DA_BY_DOT", True)
+    if capturing:
+        def refuse(device):
+            raise triton_chunk._Capturing
+
+        monkeypatch.setattr(triton_chunk, "_upper_ones", refuse)
+    q, k, v, a, h0 = make_inputs("channel", 1, 170, 2, 16, 32, dtype, with_state=True)
+    with torch.no_grad():
+        a[:, 64:128, :, 3] = -3.0  # chunk 1 strong
+    check_against_naive_inputs("triton", (q, k, v, a, h0), dtype)
+
+
+def test_triton_upper_ones():
+    """The triangle `_reverse_cumsum` reads: ones on and above the diagonal, made once per device."""
+    from kernels.linear_attention import triton_chunk as tc
+
+    upper = tc._upper_ones(torch.device("cpu"))
+    assert upper.dtype == torch.bfloat16 and upper.shape == (tc.CHUNK, tc.CHUNK)
+    assert torch.equal(upper.float(), torch.ones(tc.CHUNK, tc.CHUNK).triu())
+    assert tc._upper_ones(torch.device("cpu")) is upper
+
+
 # The products above the diagonal of the edge chunk overflow (e^115); they are masked out, as on the GPU.
 @pytest.mark.filterwarnings("ignore:overflow encountered in matmul")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

@@ -61,7 +61,8 @@ def _variants(dtype: torch.dtype, decay: int):
     io = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32"}[dtype]
     st = "*bf16" if plan.state_dtype == torch.bfloat16 else "*fp32"
     ptrs = {n: io for n in ("x_ptr", "y_ptr", "q_ptr", "k_ptr", "v_ptr", "o_ptr", "do_ptr", "dv_ptr")}
-    ptrs.update(states_ptr=st, h_ptr=st, dh_ptr=st, dA_ptr="*bf16" if dtype == torch.bfloat16 else "*fp32")
+    ptrs.update(states_ptr=st, h_ptr=st, dh_ptr=st, dA_ptr="*bf16" if dtype == torch.bfloat16 else "*fp32",
+                upper_ptr="*bf16")
     if decay != 2:
         ptrs.update(dq_ptr=io, dk_ptr=io)
     shared = dict(H=8, K=128, V=128, BT=tc.CHUNK, DECAY=decay, DT=plan.dt, PREC=plan.prec, RDT=plan.rdt, **plan.mild)
@@ -78,10 +79,11 @@ def _variants(dtype: torch.dtype, decay: int):
                                  YS=1 if reverse else qs), "walk"))
         out.append((f"output{tag}", tc._output_kernel, base, "out"))
         out.append((f"dv{tag}", tc._dv_kernel, base, "dv"))
-        out.append((f"dqk{tag}", tc._dqk_kernel, dict(base, STORE_DB=True, STAGED=decay != 2), "dqk"))
+        out.append((f"dqk{tag}", tc._dqk_kernel, dict(base, STORE_DB=True, STAGED=decay != 2, **plan.da_sum), "dqk"))
         if decay != 2:  # dA by its own kernel for a learned scalar decay, in dqk for a fixed one (and per channel)
             out.append((f"dA{tag}", tc._dA_kernel, base, "dA"))
-            out.append((f"dqk fixed decay{tag}", tc._dqk_kernel, dict(base, STORE_DB=False, STAGED=False), "dqk"))
+            fixed = dict(base, STORE_DB=False, STAGED=False, **plan.da_sum)
+            out.append((f"dqk fixed decay{tag}", tc._dqk_kernel, fixed, "dqk"))
     for reverse in (False, True):
         out.append((f"scan reverse={reverse}", tc._group_scan_kernel,
                     dict(H=8, K=128, V=128, DECAY=decay, REVERSE=reverse, HAS_H0=True), "scan"))
@@ -117,7 +119,8 @@ def _variants(dtype: torch.dtype, decay: int):
         for name, kernel, consts, cfg in (
             ("output packed D64", tc._output_kernel, base64, "out"),
             ("dv packed D64", tc._dv_kernel, base64, "dv"),
-            ("dqk fixed decay packed D64", tc._dqk_kernel, dict(base64, STORE_DB=False, STAGED=False), "dqk"),
+            ("dqk fixed decay packed D64", tc._dqk_kernel, dict(base64, STORE_DB=False, STAGED=False, **plan64.da_sum),
+             "dqk"),
         ):
             rows.append((name, kernel, consts, ptrs, plan64, cfg))
     if decay != 2 and dtype != torch.float32:
