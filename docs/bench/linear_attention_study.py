@@ -28,6 +28,7 @@ flash-linear-attention. On a GPU (bf16, H 8, K = V = 128):
     python docs/bench/linear_attention_study.py precision                # per channel bf16 errors by settings
     python docs/bench/linear_attention_study.py garbage                  # errors after filling freed memory
     python docs/bench/linear_attention_study.py widegrid                 # per channel: dqk and gate over all of K
+    python docs/bench/linear_attention_study.py grid '[{"dqk": {"num_stages": 3}}]'   # per channel: given settings
     python docs/bench/linear_attention_study.py channel-one '{"dqk": {"BV": 64}}'   # one of them (its worker)
 """
 
@@ -526,6 +527,18 @@ def widegrid() -> None:
         print("widegrid", json.dumps(setting), trial("channel-one", setting), flush=True)
 
 
+def grid(settings_json: str) -> None:
+    """Per channel: each setting of a JSON list (kernel name -> launch settings) in its own process, as `channelgrid`,
+    the defaults first and last."""
+    try:
+        settings_ = json.loads(settings_json)
+        assert isinstance(settings_, list) and all(isinstance(s, dict) for s in settings_)
+    except (ValueError, AssertionError):
+        sys.exit('grid: expected a JSON list of {"kernel": {setting: value}} objects')
+    for setting in [{}] + settings_ + [{}]:
+        print("grid", json.dumps(setting), trial("channel-one", setting), flush=True)
+
+
 def fused() -> None:
     """Lightning's shape at B 16, 32 and 64 (fwd+bwd, CUDA-graph replays): the chunked kernels against the fused walks
     (forced), two rounds; then the fused reverse walk's launch settings, and their outputs' largest relative
@@ -738,6 +751,7 @@ if __name__ == "__main__":
                 "kernels": (kernels, 0), "walkgrid": (walkgrid, 0), "lightning": (lightning, 0),
                 "lightning-one": (lightning_one, 1), "fused": (fused, 0),
                 "channel-one": (channel_one, 1), "channelgrid": (channelgrid, 0), "widegrid": (widegrid, 0),
+                "grid": (grid, 1),
                 "sparse": (sparse, 0),
                 "precision": (precision, 0), "garbage": (garbage, 0),
                 "settings": (lambda f, b, t, n: settings(f, int(b), int(t), n.split(",")), 4)}
