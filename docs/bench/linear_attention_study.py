@@ -231,10 +231,21 @@ def compare(folders: str) -> None:
     own folder holds no `kernels/`, so nothing else can shadow the copy (a scratch script beside one did)."""
     import os
 
+    import hashlib
+    from pathlib import Path
+
     variants = {"main": None} | {folder: os.path.abspath(folder) for folder in folders.split(",") if folder}
-    for path in filter(None, variants.values()):
-        if not os.path.isfile(os.path.join(path, "kernels", "linear_attention", "triton_chunk.py")):
-            sys.exit(f"compare: {path} holds no kernels/linear_attention/triton_chunk.py")
+    digests: dict[str, str] = {}
+    for name, path in variants.items():
+        root = Path(path or Path(__file__).resolve().parents[2]) / "kernels"
+        if not (root / "linear_attention" / "triton_chunk.py").is_file():
+            sys.exit(f"compare: {root.parent} holds no kernels/linear_attention/triton_chunk.py")
+        # A copy equal to another (a patch that did not apply) would be timed as if it differed.
+        digest = hashlib.sha1(b"".join(p.read_bytes() for p in sorted(root.rglob("*.py")))).hexdigest()[:12]
+        if digest in digests:
+            sys.exit(f"compare: {name}'s kernels/ equals {digests[digest]}'s (sha1 {digest})")
+        digests[digest] = name
+        print("compare", name, "kernels sha1", digest, flush=True)
 
     def run(name: str, command: str) -> list[str]:
         env = dict(os.environ)
