@@ -32,11 +32,15 @@ flash-linear-attention. On a GPU (bf16, H 8, K = V = 128):
     python docs/bench/linear_attention_study.py channel-one '{"dqk": {"BV": 64}}'   # one of them (its worker)
 """
 
+import hashlib
 import itertools
 import json
+import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterable
+from pathlib import Path
 
 import torch
 
@@ -229,11 +233,6 @@ def compare(folders: str) -> None:
     """Main's kernels against each copy of `kernels/` under the comma-separated folders: the device checks of each,
     then `gpu` two rounds, alternated. Each runs in its own process with the folder first on PYTHONPATH; this script's
     own folder holds no `kernels/`, so nothing else can shadow the copy (a scratch script beside one did)."""
-    import os
-
-    import hashlib
-    from pathlib import Path
-
     variants = {"main": None} | {folder: os.path.abspath(folder) for folder in folders.split(",") if folder}
     digests: dict[str, str] = {}
     for name, path in variants.items():
@@ -528,14 +527,12 @@ def channel_one(settings_json: str) -> None:
 def channelgrid() -> None:
     """CHANNEL_GRID for the per-channel form, each setting in its own process (`trial`), then the defaults again (the
     drift over the call)."""
-    for setting in CHANNEL_GRID + ({},):
-        print("channelgrid", json.dumps(setting), trial("channel-one", setting), flush=True)
+    _channel_trials("channelgrid", CHANNEL_GRID + ({},))
 
 
 def widegrid() -> None:
     """WIDE_GRID for the per-channel form, as `channelgrid`: the defaults first and last, each in its own process."""
-    for setting in ({},) + WIDE_GRID + ({},):
-        print("widegrid", json.dumps(setting), trial("channel-one", setting), flush=True)
+    _channel_trials("widegrid", ({},) + WIDE_GRID + ({},))
 
 
 def grid(settings_json: str) -> None:
@@ -543,11 +540,17 @@ def grid(settings_json: str) -> None:
     the defaults first and last."""
     try:
         settings_ = json.loads(settings_json)
-        assert isinstance(settings_, list) and all(isinstance(s, dict) for s in settings_)
-    except (ValueError, AssertionError):
+    except ValueError:
+        settings_ = None
+    if not isinstance(settings_, list) or not all(isinstance(setting, dict) for setting in settings_):
         sys.exit('grid: expected a JSON list of {"kernel": {setting: value}} objects')
-    for setting in [{}] + settings_ + [{}]:
-        print("grid", json.dumps(setting), trial("channel-one", setting), flush=True)
+    _channel_trials("grid", [{}] + settings_ + [{}])
+
+
+def _channel_trials(label: str, settings_: Iterable[dict]) -> None:
+    """One `channel-one` trial per setting, each in its own process, a line each."""
+    for setting in settings_:
+        print(label, json.dumps(setting), trial("channel-one", setting), flush=True)
 
 
 def fused() -> None:
