@@ -250,8 +250,8 @@ def compare(folders: str) -> None:
         env = dict(os.environ)
         if variants[name] is not None:
             env["PYTHONPATH"] = os.pathsep.join(filter(None, [variants[name], env.get("PYTHONPATH")]))
-        done = subprocess.run([sys.executable, __file__, command], capture_output=True, text=True, env=env)
-        return done.stdout.splitlines() or [f"failed: {(done.stderr.strip().splitlines() or ['?'])[-1][:100]}"]
+        lines, error = _run_self(command, env=env)
+        return lines or [f"failed: {error}"]
 
     for name in variants:
         for line in run(name, "checks"):
@@ -463,11 +463,17 @@ def lightning_one(settings_json: str) -> None:
 def trial(worker: str, chosen: dict) -> dict:
     """Run `worker` (a command of this script that prints one RESULT line) on settings `chosen` in its own process:
     some settings fault on the GPU, which leaves a process's CUDA context unusable. Its result, or its last error."""
-    done = subprocess.run([sys.executable, __file__, worker, json.dumps(chosen)], capture_output=True, text=True)
-    for line in done.stdout.splitlines():
+    lines, error = _run_self(worker, json.dumps(chosen))
+    for line in lines:
         if line.startswith("RESULT "):
             return json.loads(line.removeprefix("RESULT "))
-    return dict(fail=(done.stderr.strip().splitlines() or ["?"])[-1][:100])
+    return dict(fail=error)
+
+
+def _run_self(*args: str, env: dict | None = None) -> tuple[list[str], str]:
+    """This script run with args in a process of its own: its stdout lines and the start of its last stderr line."""
+    done = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, env=env)
+    return done.stdout.splitlines(), (done.stderr.strip().splitlines() or ["?"])[-1][:100]
 
 
 def lightning() -> None:
@@ -503,12 +509,19 @@ WIDE_GRID = ({"dqk": dict(BK=128, num_warps=8, num_stages=2)}, {"dqk": dict(BK=1
              {"gate": dict(BK=64, num_warps=8)}, {"gate": dict(BK=128, num_warps=4)})
 
 
-def _settings_json(settings_json: str, worker: str) -> dict:
-    """The settings a worker command was given (kernel name -> launch settings, JSON); exits with a message if bad."""
+def _settings_json(settings_json: str, worker: str, many: bool = False) -> dict | list[dict]:
+    """The settings a command was given as JSON (kernel name -> launch settings; with `many`, a list of them); exits
+    with a message if they are not that."""
+    expected = 'a JSON list of {"kernel": {setting: value}} objects' if many else (
+        "a JSON object of kernel name -> launch settings")
     try:
-        return json.loads(settings_json)
+        settings_ = json.loads(settings_json)
     except json.JSONDecodeError as exc:
-        sys.exit(f"{worker}: expected a JSON object of kernel name -> launch settings; {exc}")
+        sys.exit(f"{worker}: expected {expected}; {exc}")
+    if not (isinstance(settings_, list) and all(isinstance(s, dict) for s in settings_) if many
+            else isinstance(settings_, dict)):
+        sys.exit(f"{worker}: expected {expected}")
+    return settings_
 
 
 def channel_one(settings_json: str) -> None:
@@ -538,13 +551,7 @@ def widegrid() -> None:
 def grid(settings_json: str) -> None:
     """Per channel: each setting of a JSON list (kernel name -> launch settings) in its own process, as `channelgrid`,
     the defaults first and last."""
-    try:
-        settings_ = json.loads(settings_json)
-    except ValueError:
-        settings_ = None
-    if not isinstance(settings_, list) or not all(isinstance(setting, dict) for setting in settings_):
-        sys.exit('grid: expected a JSON list of {"kernel": {setting: value}} objects')
-    _channel_trials("grid", [{}] + settings_ + [{}])
+    _channel_trials("grid", [{}] + _settings_json(settings_json, "grid", many=True) + [{}])
 
 
 def _channel_trials(label: str, settings_: Iterable[dict]) -> None:
