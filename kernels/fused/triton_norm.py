@@ -9,16 +9,25 @@ over row tiles and summing dy * x_hat for its rows in fp32; torch sums those few
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
 
-#: Elements per (ROWS, BLOCK_D) tile: a row of 768 (1024 padded) gives 4 rows a program.
-TILE = 4096
+#: Elements per (ROWS, BLOCK_D) tile of the forward and of the gated backward: a row of 768 (1024 padded) gives
+#: 2 rows a program.
+TILE = 2048
 MAX_ROWS = 16
-#: The backward's programs per SM: the rows split evenly, and the partial sums (programs x d, fp32) stay small.
-PROGRAMS_PER_SM = 2
 
+
+class _Launch(NamedTuple):
+    """How a norm kernel is launched over rows of d: tile width and rows, warps, and (backward) programs per SM."""
+
+    block_d: int
+    rows: int
+    warps: int
+    per_sm: int = 0
 
 @triton.jit
 def _rms_norm_fwd_kernel(x_ptr, g_ptr, w_ptr, y_ptr, rstd_ptr, M, D, eps, ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -87,14 +96,21 @@ def _rms_norm_bwd_kernel(dy_ptr, x_ptr, g_ptr, w_ptr, rstd_ptr, dx_ptr, dg_ptr, 
     tl.store(dw_ptr + pid * D + cols, tl.sum(dw, axis=0), mask=cols < D)
 
 
-def _launch(d: int, backward: bool) -> tuple[int, int, int]:
-    """(BLOCK_D, ROWS, num_warps) of a kernel over rows of d."""
+def _launch(d: int, backward: bool, gated: bool = False) -> _Launch:
+    """The launch of a kernel over rows of d (measured at d 768, 131072 rows, bf16, H200: docs/bench/train_study.py
+    norm)."""
     block_d = triton.next_power_of_2(d)
-    # Elements a thread, so that no launch spills on sm_90 (d 768 to 4096): the backward keeps six to eight fp32
-    # tiles live and the next tiles' loads, 93-128 registers at 4 a thread on half the rows (at 8 it spills).
+    if backward and not gated:
+        # One row a program, 8 elements a thread, up to 8 programs an SM: more rows' loads in flight than 2-row tiles
+        # at 2 programs an SM (159 against 213 us at d 768).
+        warps = max(4, block_d // 256)
+        return _Launch(block_d, 1, warps, max(2, min(8, 32 // warps)))
+    # Elements a thread, so that no launch spills on sm_90 (d 768 to 4096): the gated backward keeps six to eight
+    # fp32 tiles live and the next tiles' loads, 93-128 registers at 4 a thread (at 8 it spills); the forward's tiles
+    # of 2 rows at 4 warps took 156 us gated, against 170 for 4 rows at 8 warps.
     per_thread = 4 if backward else 16
-    rows = max(1, min(MAX_ROWS, (TILE // 2 if backward else TILE) // block_d))
-    return block_d, rows, min(32, max(4, block_d * rows // (32 * per_thread)))
+    rows = max(1, min(MAX_ROWS, TILE // block_d))
+    return _Launch(block_d, rows, min(32, max(4, block_d * rows // (32 * per_thread))), 2 if backward else 0)
 
 
 # Custom ops rather than an autograd.Function: torch.compile keeps them in its graph as opaque calls
@@ -105,7 +121,7 @@ def _rms_norm_fwd(x2: torch.Tensor, weight: torch.Tensor, gate: torch.Tensor | N
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     M, d = x2.shape
     gated = gate is not None
-    block_d, rows, warps = _launch(d, False)
+    block_d, rows, warps, _ = _launch(d, False)
     y = torch.empty_like(x2)
     rstd = torch.empty(M, device=x2.device, dtype=torch.float32)
     _rms_norm_fwd_kernel[(triton.cdiv(M, rows),)](x2, gate if gated else x2, weight, y, rstd, M, d, eps, ROWS=rows,
@@ -118,10 +134,10 @@ def _rms_norm_bwd(dy: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor, gate
                   rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     M, d = x2.shape
     gated = gate is not None
-    block_d, rows, warps = _launch(d, True)
-    # The interpreter gets two programs, so that tests with three tiles cover a program striding over two.
-    sms = torch.cuda.get_device_properties(x2.device).multi_processor_count if x2.is_cuda else 1
-    programs = max(1, min(triton.cdiv(M, rows), PROGRAMS_PER_SM * sms))
+    block_d, rows, warps, per_sm = _launch(d, True, gated)
+    # The interpreter gets two programs, so that tests with several tiles cover a program striding over two.
+    programs_cap = per_sm * torch.cuda.get_device_properties(x2.device).multi_processor_count if x2.is_cuda else 2
+    programs = max(1, min(triton.cdiv(M, rows), programs_cap))
     dx = torch.empty_like(x2)
     dg = torch.empty_like(gate) if gated else x2.new_empty(0)
     dw = torch.empty(programs, d, device=x2.device, dtype=torch.float32)

@@ -24,7 +24,9 @@ import torch
 H100_SHARED = 227 * 1024
 
 
-def _compile(kernel, consts: dict, ptr_types: dict, num_warps: int, num_stages: int):
+def _compile(kernel, consts: dict, ptr_types: dict, num_warps: int, num_stages: int, divisible: tuple = ()):
+    """Compile `kernel` for sm_90; the int arguments named in `divisible` specialized as multiples of 16, as a launch
+    specializes an int argument that is one."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -42,6 +44,8 @@ def _compile(kernel, consts: dict, ptr_types: dict, num_warps: int, num_stages: 
             attrs[(i,)] = [["tt.divisibility", 16]]
         else:
             signature[name] = "fp32" if name == "scale" else "i32"
+            if name in divisible:
+                attrs[(i,)] = [["tt.divisibility", 16]]
     src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32),
                           options={"num_warps": num_warps, "num_stages": num_stages})
