@@ -251,3 +251,19 @@ def test_default_microbatch_on_cpu():
     assert largest_divisor_at_most(7, 16) == 7 and largest_divisor_at_most(13, 4) == 1
     s = spec(batch_size=24)
     assert default_microbatch(s, s.model_config(), cpu) == 12
+
+
+def test_compile_model_merges_the_mode_with_the_inductor_options(monkeypatch):
+    """torch.compile takes a mode or options, not both: compile_model passes the mode's options plus INDUCTOR_OPTIONS,
+    leaving out a key this torch's inductor does not know (which torch.compile would refuse)."""
+    import models.train as train
+
+    seen = []
+    monkeypatch.setattr(torch, "compile", lambda model, **kwargs: seen.append(kwargs) or model)
+    monkeypatch.setattr(train, "INDUCTOR_OPTIONS", {"triton.mix_order_reduction_allow_multi_stages": True,
+                                                    "triton.no_such_setting": True})
+    model = torch.nn.Linear(2, 2)
+    assert train.compile_model(model, "reduce-overhead") is model
+    assert train.compile_model(model) is model
+    assert seen == [{"options": {"triton.cudagraphs": True, "triton.mix_order_reduction_allow_multi_stages": True}},
+                    {"options": {"triton.mix_order_reduction_allow_multi_stages": True}}]
