@@ -6,6 +6,8 @@ The levers were tried as patches on the code of commit f82e154, before any of th
     git worktree add /tmp/f82e154 f82e154
     PYTHONPATH=/tmp/f82e154 python docs/bench/train_study.py variant NAME softmax|lightning [OPTION ...]
     python docs/bench/train_study.py gaps /tmp/train_study/trace_NAME.json   # after a run with the trace option
+    python docs/bench/train_study.py loss   # the loss kernel's row held at 16 bits or at 32 (on current code)
+    python docs/bench/train_study.py norm   # the RMSNorm kernels' launch settings (on current code)
 
 OPTIONS (any mix): resid16 (the residual stream in bf16), bthd (attention on (B, T, H, Dh) views), ce / ce1 (the
 fused head + loss, default chunks / one chunk), b32 (64k tokens per step, microbatch 32), h6 (6 heads of 128),
@@ -13,7 +15,9 @@ noclip (no gradient clipping), b64 (128k tokens per step, microbatch 64), qkvg (
 projection), w13 (the MLP's w1 and w3 as one projection), flash (SDPA's flash backend instead of cuDNN), eager / ro /
 mat (no compile, reduce-overhead, max-autotune-no-cudagraphs; default: torch.compile's default mode), fused (all
 fused kernels), prof (a torch.profiler table), trace (a chrome trace of three steps), hostt (host time per step by
-call).
+call), wideloss (the loss kernel holds a row of logits in fp32, as before NARROW_ROWS), nomos / mostune (inductor's
+mixed-order reductions, the norms' backward, without pipelined loads, as torch 2.11's default / with their row split
+autotuned), pdl (inductor's kernels launched with programmatic dependent launch).
 Each run trains 20 steps at T 2048 and prints one RESULT line (median tokens/s of the second half, MFU of 989).
 """
 
@@ -29,7 +33,11 @@ from pathlib import Path
 OUT = Path("/tmp/train_study")
 #: The OPTIONS of the docstring.
 OPTIONS = ("resid16", "bthd", "ce", "ce1", "b32", "b64", "h6", "noclip", "qkvg", "w13", "flash", "eager", "ro", "mat",
-           "fused", "prof", "trace", "hostt")
+           "fused", "prof", "trace", "hostt", "wideloss", "nomos", "mostune", "pdl")
+#: Inductor settings (models.train.INDUCTOR_OPTIONS) that the options nomos, mostune and pdl set.
+INDUCTOR_OPTIONS = {"nomos": ("triton.mix_order_reduction_allow_multi_stages", False),
+                    "mostune": ("triton.mix_order_reduction_autotune_split_size", True),
+                    "pdl": ("triton.enable_pdl", True)}
 
 
 def _patch_resid16(lm, torch):
@@ -182,6 +190,19 @@ def variant(name: str, arch: str, *options: str) -> None:
         _patch_w13(torch)
     if "hostt" in opts:
         _patch_host_timers(torch, host)
+    for opt in sorted(opts & set(INDUCTOR_OPTIONS)):
+        import torch._inductor.config as inductor_config
+
+        import models.train as mt
+
+        key, value = INDUCTOR_OPTIONS[opt]
+        if key not in inductor_config.get_config_copy():
+            sys.exit(f"variant: this torch's inductor has no {key} (option {opt})")
+        mt.INDUCTOR_OPTIONS = {**mt.INDUCTOR_OPTIONS, key: value}
+    if "wideloss" in opts:
+        import kernels.fused.triton_ce as ce
+
+        ce.NARROW_ROWS = False
     if "trace" in opts:
         # Named apart from this function's own `profile` (the table's path), which the closure would see.
         from torch.profiler import ProfilerActivity, schedule
@@ -218,6 +239,107 @@ def variant(name: str, arch: str, *options: str) -> None:
                                 "micro": r["microbatch"]}))
 
 
+def loss(rows: str = "4096") -> None:
+    """The loss kernel on one chunk of the 135M model's logits (rows x 32000, bf16), its row held at 16 bits (narrow)
+    or in fp32 (wide) at several warp counts, then the whole head + loss fwd+bwd at 131072 tokens, narrow against
+    wide, alternated: median times of triton.testing.do_bench, and each variant's error against the wide one."""
+    import torch
+    import triton.testing
+
+    import kernels.fused.triton_ce as ce
+    from kernels.fused import linear_cross_entropy
+
+    n, vocab = int(rows), 32000
+    g = torch.Generator("cuda").manual_seed(0)
+    logits0 = (3 * torch.randn(n, vocab, device="cuda", generator=g)).bfloat16()
+    targets = torch.randint(0, vocab, (n,), device="cuda", generator=g)
+    n_valid = torch.tensor(float(n), device="cuda")
+    loss_rows = torch.empty(n, device="cuda")
+    logits = logits0.clone()
+
+    def launch(narrow, warps):
+        return ce._ce_kernel[(n,)](logits, targets, loss_rows, n_valid, vocab, -100, BLOCK_V=32768, WRITE_GRAD=True,
+                                   ONE_PASS=True, NARROW=narrow, num_warps=warps)
+
+    copy_us = triton.testing.do_bench(lambda: logits.copy_(logits0), return_mode="median") * 1e3
+    ref = None
+    for narrow, warps in [(False, 32), (True, 32), (True, 16), (True, 8), (False, 32), (True, 32)]:
+        logits.copy_(logits0)
+        kernel = launch(narrow, warps)
+        got = logits.float(), loss_rows.clone()
+        ref = ref or got
+        err = max(((a - b).abs().max() / b.abs().max()).item() for a, b in zip(got, ref))
+        # In place: later calls read the previous call's gradient (random, not zero); the second figure times each
+        # call on a fresh copy of the logits, less the copy's own time.
+        us = triton.testing.do_bench(lambda: launch(narrow, warps), return_mode="median") * 1e3
+        fresh = triton.testing.do_bench(lambda: (logits.copy_(logits0), launch(narrow, warps)),
+                                        return_mode="median") * 1e3 - copy_us
+        gbs = 2 * logits.numel() * logits.element_size() / us / 1e3
+        print(f"ce narrow={narrow} warps={warps} regs {getattr(kernel, 'n_regs', '?')} spills "
+              f"{getattr(kernel, 'n_spills', '?')} us {us:.1f} (fresh {fresh:.1f}) GB/s {gbs:.0f} err {err:.1e}",
+              flush=True)
+    tokens = 131072
+    x = (torch.randn(tokens, 768, device="cuda", generator=g)).bfloat16().requires_grad_(True)
+    w = (0.02 * torch.randn(vocab, 768, device="cuda", generator=g)).bfloat16().requires_grad_(True)
+    t = torch.randint(0, vocab, (tokens,), device="cuda", generator=g)
+    for rnd in (1, 2):
+        for narrow in (False, True):
+            ce.NARROW_ROWS = narrow
+            step = lambda: linear_cross_entropy(x, w, t).backward()  # noqa: E731
+            step()
+            ms = triton.testing.do_bench(step, grad_to_none=[x, w], return_mode="median")
+            print(f"head+loss fwd+bwd {tokens} tokens narrow={narrow} round {rnd}: {ms:.3f} ms", flush=True)
+    ce.NARROW_ROWS = True
+
+
+def norm(rows: str = "131072") -> None:
+    """The RMSNorm kernels (plain and gated) at the 135M model's shape (rows x 768, bf16) over launch settings:
+    median us of triton.testing.do_bench and the GB/s of the bytes each must move; the defaults are marked."""
+    import torch
+    import triton
+    import triton.testing
+
+    import kernels.fused.triton_norm as nm
+
+    m, d = int(rows), 768
+    g = torch.Generator("cuda").manual_seed(0)
+    x, gate, dy = (torch.randn(m, d, device="cuda", generator=g).bfloat16() for _ in range(3))
+    w = (1 + 0.1 * torch.randn(d, device="cuda", generator=g)).bfloat16()
+    y, dx, dgate = (torch.empty_like(x) for _ in range(3))
+    rstd = torch.empty(m, device="cuda")
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    block_d = triton.next_power_of_2(d)
+
+    def report(what, rows_, warps, extra, fn, tensors):
+        try:
+            us = triton.testing.do_bench(fn, return_mode="median") * 1e3
+        except Exception as e:  # a setting past the SM's registers or shared memory
+            print(f"norm {what} rows={rows_} warps={warps}{extra}: failed ({type(e).__name__})", flush=True)
+            return
+        print(f"norm {what} rows={rows_} warps={warps}{extra}: {us:.1f} us, {tensors * x.nbytes / us / 1e3:.0f} GB/s",
+              flush=True)
+
+    for gated in (True, False):
+        name = "gated" if gated else "plain"
+        _, r0, w0, _ = nm._launch(d, False)
+        for rows_, warps in [(r0, w0), (1, 2), (1, 4), (2, 4), (2, 8), (4, 4), (4, 8), (8, 8), (8, 16), (r0, w0)]:
+            fn = lambda: nm._rms_norm_fwd_kernel[(triton.cdiv(m, rows_),)](  # noqa: E731
+                x, gate if gated else x, w, y, rstd, m, d, 1e-6, ROWS=rows_, BLOCK_D=block_d, GATED=gated,
+                num_warps=warps)
+            report(f"{name} fwd", rows_, warps, " (default)" if (rows_, warps) == (r0, w0) else "", fn,
+                   3 if gated else 2)
+        _, r0, w0, p0 = nm._launch(d, True, gated)
+        for rows_, warps, per_sm in [(r0, w0, p0), (1, 4, 4), (1, 8, 4), (2, 8, 2), (2, 16, 2), (1, 4, 8), (1, 2, 16),
+                                     (1, 4, 6), (r0, w0, p0)]:
+            programs = per_sm * sms
+            dw = torch.empty(programs, d, device="cuda")
+            fn = lambda: nm._rms_norm_bwd_kernel[(programs,)](  # noqa: E731
+                dy, x, gate if gated else x, w, rstd, dx, dgate if gated else dx, dw, m, d, ROWS=rows_,
+                BLOCK_D=block_d, GATED=gated, num_warps=warps)
+            report(f"{name} bwd", rows_, warps, f" per_sm={per_sm}" + (" (default)" if (rows_, warps, per_sm) ==
+                                                                       (r0, w0, p0) else ""), fn, 5 if gated else 3)
+
+
 def gaps(*traces: str) -> None:
     """GPU busy time and the idle gaps between kernels in chrome traces of training steps."""
     for path in traces:
@@ -247,5 +369,9 @@ if __name__ == "__main__":
         variant(*args)
     elif command == "gaps" and args:
         gaps(*args)
+    elif command == "loss" and len(args) <= 1:
+        loss(*args)
+    elif command == "norm" and len(args) <= 1:
+        norm(*args)
     else:
         sys.exit(__doc__)
