@@ -15,8 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-#: Elements per (ROWS, BLOCK_D) tile of the forward and of the gated backward: a row of 768 (1024 padded) gives
-#: 2 rows a program.
+#: Elements per (ROWS, BLOCK_D) tile of the forward (16 a thread): a row of 768 (1024 padded) gives 2 rows a program.
 TILE = 2048
 MAX_ROWS = 16
 
@@ -28,6 +27,7 @@ class _Launch(NamedTuple):
     rows: int
     warps: int
     per_sm: int = 0
+
 
 @triton.jit
 def _rms_norm_fwd_kernel(x_ptr, g_ptr, w_ptr, y_ptr, rstd_ptr, M, D, eps, ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -100,17 +100,16 @@ def _launch(d: int, backward: bool, gated: bool = False) -> _Launch:
     """The launch of a kernel over rows of d (measured at d 768, 131072 rows, bf16, H200: docs/bench/train_study.py
     norm)."""
     block_d = triton.next_power_of_2(d)
-    if backward and not gated:
-        # One row a program, 8 elements a thread, up to 8 programs an SM: more rows' loads in flight than 2-row tiles
-        # at 2 programs an SM (159 against 213 us at d 768).
-        warps = max(4, block_d // 256)
-        return _Launch(block_d, 1, warps, max(2, min(8, 32 // warps)))
-    # Elements a thread, so that no launch spills on sm_90 (d 768 to 4096): the gated backward keeps six to eight
-    # fp32 tiles live and the next tiles' loads, 93-128 registers at 4 a thread (at 8 it spills); the forward's tiles
-    # of 2 rows at 4 warps took 156 us gated, against 170 for 4 rows at 8 warps.
-    per_thread = 4 if backward else 16
+    if backward:
+        # One row a program, 8 elements a thread, several programs an SM: more rows' loads in flight than 2-row tiles
+        # at 2 programs an SM. At d 768: plain 159 us at 8 an SM against 213; gated 266 us at 6 an SM against 304
+        # (at 8 an SM, 315: past what its registers let be resident at once).
+        per_thread = 4 if gated and block_d > 2048 else 8  # the gated kernel spills at 8 a thread for d 4096 (sm_90)
+        warps = min(32, max(4, block_d // (32 * per_thread)))
+        return _Launch(block_d, 1, warps, max(1, (24 if gated else 32) // warps))
+    # The forward's tiles of 2 rows at 4 warps took 156 us gated, against 170 for 4 rows at 8 warps.
     rows = max(1, min(MAX_ROWS, TILE // block_d))
-    return _Launch(block_d, rows, min(32, max(4, block_d * rows // (32 * per_thread))), 2 if backward else 0)
+    return _Launch(block_d, rows, min(32, max(4, block_d * rows // (32 * 16))))
 
 
 # Custom ops rather than an autograd.Function: torch.compile keeps them in its graph as opaque calls
