@@ -11,13 +11,13 @@ The levers were tried as patches on the code of commit f82e154, before any of th
 
 OPTIONS (any mix): resid16 (the residual stream in bf16), bthd (attention on (B, T, H, Dh) views), ce / ce1 (the
 fused head + loss, default chunks / one chunk), b32 (64k tokens per step, microbatch 32), h6 (6 heads of 128),
-noclip (no gradient clipping), b64 (128k tokens per step, microbatch 64), qkvg (lightning's wqkv and wgate as one
-projection), w13 (the MLP's w1 and w3 as one projection), flash (SDPA's flash backend instead of cuDNN), eager / ro /
-mat (no compile, reduce-overhead, max-autotune-no-cudagraphs; default: torch.compile's default mode), fused (all
-fused kernels), prof (a torch.profiler table), trace (a chrome trace of three steps), hostt (host time per step by
-call), wideloss (the loss kernel holds a row of logits in fp32, as before NARROW_ROWS), nomos / mostune (inductor's
-mixed-order reductions, the norms' backward, without pipelined loads, as torch 2.11's default / with their row split
-autotuned), pdl (inductor's kernels launched with programmatic dependent launch).
+noclip (no gradient clipping), b64 / b128 (128k / 256k tokens per step, microbatch 64 / 128), qkvg (lightning's wqkv
+and wgate as one projection), w13 (the MLP's w1 and w3 as one projection), flash (SDPA's flash backend instead of
+cuDNN), eager / ro / mat (no compile, reduce-overhead, max-autotune-no-cudagraphs; default: torch.compile's default
+mode), fused (all fused kernels), prof (a torch.profiler table), trace (a chrome trace of three steps), hostt (host
+time per step by call), wideloss (the loss kernel holds a row of logits in fp32, as before NARROW_ROWS), nomos /
+mostune (inductor's mixed-order reductions, the norms' backward, without pipelined loads, as torch 2.11's default /
+with their row split autotuned), pdl (inductor's kernels launched with programmatic dependent launch).
 Each run trains 20 steps at T 2048 and prints one RESULT line (median tokens/s of the second half, MFU of 989).
 """
 
@@ -32,7 +32,7 @@ from pathlib import Path
 
 OUT = Path("/tmp/train_study")
 #: The OPTIONS of the docstring.
-OPTIONS = ("resid16", "bthd", "ce", "ce1", "b32", "b64", "h6", "noclip", "qkvg", "w13", "flash", "eager", "ro", "mat",
+OPTIONS = ("resid16", "bthd", "ce", "ce1", "b32", "b64", "b128", "h6", "noclip", "qkvg", "w13", "flash", "eager", "ro", "mat",
            "fused", "prof", "trace", "hostt", "wideloss", "nomos", "mostune", "pdl")
 #: Inductor settings (models.train.INDUCTOR_OPTIONS) that the options nomos, mostune and pdl set.
 INDUCTOR_OPTIONS = {"nomos": ("triton.mix_order_reduction_allow_multi_stages", False),
@@ -216,7 +216,8 @@ def variant(name: str, arch: str, *options: str) -> None:
         mb._step_profiler = traced
         opts.add("prof")
     # Tokens per step and microbatch (None: the whole step in one pass).
-    tokens_per_step, microbatch = (131072, 64) if "b64" in opts else (65536, 32) if "b32" in opts else (32768, None)
+    batches = {"b128": (262144, 128), "b64": (131072, 64), "b32": (65536, 32)}
+    tokens_per_step, microbatch = next((batches[b] for b in batches if b in opts), (32768, None))
     spec = mb.bench_spec(arch, "135M", 2048, tokens_per_step // 2048, 20)
     if "noclip" in opts:
         spec = replace(spec, grad_clip=0.0)
