@@ -48,8 +48,9 @@ MAX_TRAIN_REPORTS = 1000
 #: Inductor settings every torch.compile of training takes, where this torch has them (a key it lacks is left out).
 INDUCTOR_OPTIONS = {
     # The norms' backward, which inductor makes one mixed-order reduction (dx along each row, dweight down the rows),
-    # with its loads pipelined: off by default in torch 2.11, on in later ones. Lightning 135M on an H200: 697.8k and
-    # 699.5k tokens/s against 692.2k and 692.7k without, alternated (docs/bench/kernels.md).
+    # with its loads pipelined: off by default in torch 2.11, on in later ones. Lightning 135M on an H200, alternated
+    # in two calls: 697.8k / 699.5k tokens/s against 692.2k / 692.7k without, and 698.8k / 700.3k against 688.4k /
+    # 690.1k (docs/bench/kernels.md); softmax unchanged.
     "triton.mix_order_reduction_allow_multi_stages": True,
 }
 
