@@ -126,6 +126,65 @@ def gate_bwd(dy: torch.Tensor, w2: torch.Tensor, h1: torch.Tensor, h3: torch.Ten
     return dh1, dh3
 
 
+# The whole MLP, w2(silu(x W1^T) x W3^T), as custom ops (opaque to torch.compile, as kernels.fused's are), so that the
+# backward's first GEMM is gate_bwd's and dg never exists. `patch_mlp` puts it in place of models.lm.MLP's forward.
+@torch.library.custom_op("slab_study::gate_mlp", mutates_args=())
+def _gate_mlp(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    h1, h3, g = gate_fwd(x, w1, w3, MLP_CONFIG)
+    return g @ w2.T, h1, h3, g
+
+
+@_gate_mlp.register_fake
+def _(x, w1, w3, w2):
+    hidden = x.new_empty(x.shape[0], w1.shape[0])
+    return x.new_empty(x.shape[0], w2.shape[0]), hidden, torch.empty_like(hidden), torch.empty_like(hidden)
+
+
+@torch.library.custom_op("slab_study::gate_mlp_bwd", mutates_args=())
+def _gate_mlp_bwd(dy: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor,
+                  h1: torch.Tensor, h3: torch.Tensor, g: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    dy = dy.contiguous()
+    dh1, dh3 = gate_bwd(dy, w2, h1, h3, MLP_CONFIG)
+    dx = dh1 @ w1
+    dx.addmm_(dh3, w3)
+    return dx, dh1.T @ x, dh3.T @ x, dy.T @ g
+
+
+@_gate_mlp_bwd.register_fake
+def _(dy, x, w1, w3, w2, h1, h3, g):
+    return torch.empty_like(x), torch.empty_like(w1), torch.empty_like(w3), torch.empty_like(w2)
+
+
+def _gate_mlp_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs, *output[1:])
+
+
+def _gate_mlp_backward(ctx, dy, *_):
+    return _gate_mlp_bwd(dy, *ctx.saved_tensors)
+
+
+_gate_mlp.register_autograd(_gate_mlp_backward, setup_context=_gate_mlp_setup)
+
+#: The launch settings the MLP's kernels take (`time` compares them).
+MLP_CONFIG = CONFIGS[0]
+
+
+def gate_mlp(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    """w2(silu(x W1^T) * x W3^T) for x (..., d) on the prototype's kernels, in x's dtype (weights cast to it)."""
+    d = x.shape[-1]
+    w1, w3, w2 = (w.to(x.dtype) for w in (w1, w3, w2))
+    return _gate_mlp(x.reshape(-1, d).contiguous(), w1, w3, w2)[0].view(*x.shape[:-1], w2.shape[0])
+
+
+def patch_mlp() -> None:
+    """models.lm.MLP computes its forward with gate_mlp (train_study.py's option gategemm)."""
+    import models.lm as lm
+
+    lm.MLP.forward = lambda self, x: gate_mlp(x, self.w1.weight, self.w3.weight, self.w2.weight)
+
+
 def reference(x, w1, w3, w2, dy):
     """h1, h3, g, dh1, dh3 in fp32 by autograd: the gate's forward and its backward through w2."""
     x, w1, w3, w2, dy = (t.float() for t in (x, w1, w3, w2, dy))
@@ -165,8 +224,29 @@ def check(cfgs=None) -> None:
                 bad += not ok
                 print(f"check {dtype} M {m} K {k} N {n} {cfg}: worst {max(errs):.1e} {'pass' if ok else 'FAIL'}",
                       flush=True)
+    bad += not _check_mlp(device)
     if bad:
         sys.exit(f"{bad} check(s) failed")
+
+
+def _check_mlp(device: str) -> bool:
+    """The patched models.lm.MLP against the plain one, fp32: output and every parameter's and x's gradient."""
+    import models.lm as lm
+
+    torch.manual_seed(0)
+    mlp = lm.MLP(48, 80).to(device)
+    x = torch.randn(2, 35, 48, device=device, requires_grad=True)
+    dy = torch.randn(2, 35, 48, device=device)
+    results = []
+    for forward in (lm.MLP.forward, lambda self, x: gate_mlp(x, self.w1.weight, self.w3.weight, self.w2.weight)):
+        mlp.zero_grad()
+        x.grad = None
+        y = forward(mlp, x)
+        y.backward(dy)
+        results.append([y.detach(), x.grad.clone(), *(p.grad.clone() for p in mlp.parameters())])
+    worst = max(_rel(a, b) for a, b in zip(results[1], results[0]))
+    print(f"check the patched MLP against models.lm.MLP, fp32: worst {worst:.1e}", flush=True)
+    return worst <= 1e-4
 
 
 def time(cfgs=None, m: int = 131072, k: int = 768, n: int = 1792) -> None:

@@ -18,7 +18,8 @@ mode), fused (all fused kernels), prof (a torch.profiler table), trace (a chrome
 time per step by call), wideloss (the loss kernel holds a row of logits in fp32, as before NARROW_ROWS), nomos /
 mostune (inductor's mixed-order reductions, the norms' backward, without pipelined loads, as torch 2.11's default /
 with their row split autotuned), pdl (inductor's kernels launched with programmatic dependent launch), ce16k (the
-fused loss in chunks of at least 16384 tokens rather than 4096: fewer fp32 additions into grad_W).
+fused loss in chunks of at least 16384 tokens rather than 4096: fewer fp32 additions into grad_W), gategemm (the
+MLP on swiglu_gemm_study.py's prototype kernels: SwiGLU's gate in Triton GEMM epilogues).
 Each run trains 20 steps at T 2048 and prints one RESULT line (median tokens/s of the second half, MFU of 989).
 """
 
@@ -34,7 +35,8 @@ from pathlib import Path
 OUT = Path("/tmp/train_study")
 #: The OPTIONS of the docstring.
 OPTIONS = ("resid16", "bthd", "ce", "ce1", "b32", "b64", "b128", "h6", "noclip", "qkvg", "w13", "flash", "eager", "ro", "mat",
-           "fused", "prof", "trace", "hostt", "wideloss", "nomos", "mostune", "pdl", "ce16k")
+           "fused", "prof", "trace", "hostt", "wideloss", "nomos", "mostune", "pdl", "ce16k",
+           "gategemm")
 #: Inductor settings (models.train.INDUCTOR_OPTIONS) that the options nomos, mostune and pdl set.
 INDUCTOR_OPTIONS = {"nomos": ("triton.mix_order_reduction_allow_multi_stages", False),
                     "mostune": ("triton.mix_order_reduction_autotune_split_size", True),
@@ -200,6 +202,10 @@ def variant(name: str, arch: str, *options: str) -> None:
         if key not in inductor_config.get_config_copy():
             sys.exit(f"variant: this torch's inductor has no {key} (option {opt})")
         mt.INDUCTOR_OPTIONS = {**mt.INDUCTOR_OPTIONS, key: value}
+    if "gategemm" in opts:
+        from swiglu_gemm_study import patch_mlp  # beside this script
+
+        patch_mlp()
     if "ce16k" in opts:
         import kernels.fused.triton_ce as ce
 
