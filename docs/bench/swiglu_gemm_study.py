@@ -303,6 +303,8 @@ if __name__ == "__main__":
     if command == "check" and len(rest) <= 1:
         check(_cfgs(rest))
     elif command == "time" and len(rest) <= 1:
+        if not torch.cuda.is_available():
+            sys.exit("time: needs a CUDA GPU, and torch sees none here")
         time(_cfgs(rest))
     else:
         sys.exit(__doc__)

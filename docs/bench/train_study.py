@@ -251,7 +251,7 @@ def variant(name: str, arch: str, *options: str) -> None:
                                 "micro": r["microbatch"]}))
 
 
-def loss(rows: str = "4096") -> None:
+def loss(rows: int = 4096) -> None:
     """The loss kernel on one chunk of the 135M model's logits (rows x 32000, bf16), its row held at 16 bits (narrow)
     or in fp32 (wide) at several warp counts, then the whole head + loss fwd+bwd at 131072 tokens, narrow against
     wide, alternated: median times of triton.testing.do_bench, and each variant's error against the wide one."""
@@ -261,7 +261,7 @@ def loss(rows: str = "4096") -> None:
     import kernels.fused.triton_ce as ce
     from kernels.fused import linear_cross_entropy
 
-    n, vocab = int(rows), 32000
+    n, vocab = rows, 32000
     g = torch.Generator("cuda").manual_seed(0)
     logits0 = (3 * torch.randn(n, vocab, device="cuda", generator=g)).bfloat16()
     targets = torch.randint(0, vocab, (n,), device="cuda", generator=g)
@@ -304,7 +304,7 @@ def loss(rows: str = "4096") -> None:
     ce.NARROW_ROWS = True
 
 
-def norm(rows: str = "131072") -> None:
+def norm(rows: int = 131072) -> None:
     """The RMSNorm kernels (plain and gated) at the 135M model's shape (rows x 768, bf16) over launch settings:
     median us of triton.testing.do_bench and the GB/s of the bytes each must move; the defaults are marked."""
     import torch
@@ -313,7 +313,7 @@ def norm(rows: str = "131072") -> None:
 
     import kernels.fused.triton_norm as nm
 
-    m, d = int(rows), 768
+    m, d = rows, 768
     g = torch.Generator("cuda").manual_seed(0)
     x, gate, dy = (torch.randn(m, d, device="cuda", generator=g).bfloat16() for _ in range(3))
     w = (1 + 0.1 * torch.randn(d, device="cuda", generator=g)).bfloat16()
@@ -375,15 +375,27 @@ def gaps(*traces: str) -> None:
         print("  largest gaps (us, at ms):", [(round(g), round((at - kernels[0][0]) / 1e3, 1)) for g, at in idle[:8]])
 
 
+def _rows_arg(command: str, args: list[str]) -> list[int]:
+    """loss's and norm's optional row count, checked: a positive int."""
+    if args and not (args[0].isdigit() and int(args[0]) > 0):
+        sys.exit(f"{command}: rows must be a positive integer; got {args[0]!r}")
+    return [int(a) for a in args]
+
+
 if __name__ == "__main__":
     command, *args = sys.argv[1:] or ["help"]
+    if command in ("variant", "loss", "norm"):
+        import torch
+
+        if not torch.cuda.is_available():
+            sys.exit(f"{command}: needs a CUDA GPU, and torch sees none here")
     if command == "variant" and len(args) >= 2:
         variant(*args)
     elif command == "gaps" and args:
         gaps(*args)
     elif command == "loss" and len(args) <= 1:
-        loss(*args)
+        loss(*_rows_arg(command, args))
     elif command == "norm" and len(args) <= 1:
-        norm(*args)
+        norm(*_rows_arg(command, args))
     else:
         sys.exit(__doc__)
