@@ -217,6 +217,8 @@ def check(cfgs=None) -> None:
             x, w1, w3, w2, dy = _inputs(m, k, n, device, dtype)
             want = reference(x, w1, w3, w2, dy)
             for cfg in (small if device == "cpu" else cfgs or CONFIGS):
+                if dtype == torch.float32 and device == "cuda":  # fp32 tiles take twice the shared memory a stage
+                    cfg = dict(cfg, num_stages=min(cfg["num_stages"], 2))
                 h1, h3, g = gate_fwd(x, w1, w3, cfg)
                 dh1, dh3 = gate_bwd(dy, w2, h1, h3, cfg)
                 errs = [_rel(a, b) for a, b in zip((h1, h3, g, dh1, dh3), want)]

@@ -11,7 +11,8 @@ The levers were tried as patches on the code of commit f82e154, before any of th
 
 OPTIONS (any mix): resid16 (the residual stream in bf16), bthd (attention on (B, T, H, Dh) views), ce / ce1 (the
 fused head + loss, default chunks / one chunk), b32 (64k tokens per step, microbatch 32), h6 (6 heads of 128),
-noclip (no gradient clipping), b64 / b128 (128k / 256k tokens per step, microbatch 64 / 128), qkvg (lightning's wqkv
+noclip (no gradient clipping), b64 / b128 (128k / 256k tokens per step, microbatch 64 / 128), b64x2 (256k tokens
+per step in two microbatches of 64), qkvg (lightning's wqkv
 and wgate as one projection), w13 (the MLP's w1 and w3 as one projection), flash (SDPA's flash backend instead of
 cuDNN), eager / ro / mat (no compile, reduce-overhead, max-autotune-no-cudagraphs; default: torch.compile's default
 mode), fused (all fused kernels), prof (a torch.profiler table), trace (a chrome trace of three steps), hostt (host
@@ -34,7 +35,7 @@ from pathlib import Path
 
 OUT = Path("/tmp/train_study")
 #: The OPTIONS of the docstring.
-OPTIONS = ("resid16", "bthd", "ce", "ce1", "b32", "b64", "b128", "h6", "noclip", "qkvg", "w13", "flash", "eager", "ro", "mat",
+OPTIONS = ("resid16", "bthd", "ce", "ce1", "b32", "b64", "b64x2", "b128", "h6", "noclip", "qkvg", "w13", "flash", "eager", "ro", "mat",
            "fused", "prof", "trace", "hostt", "wideloss", "nomos", "mostune", "pdl", "ce16k",
            "gategemm")
 #: Inductor settings (models.train.INDUCTOR_OPTIONS) that the options nomos, mostune and pdl set.
@@ -227,7 +228,7 @@ def variant(name: str, arch: str, *options: str) -> None:
         mb._step_profiler = traced
         opts.add("prof")
     # Tokens per step and microbatch (None: the whole step in one pass).
-    batches = {"b128": (262144, 128), "b64": (131072, 64), "b32": (65536, 32)}
+    batches = {"b128": (262144, 128), "b64x2": (262144, 64), "b64": (131072, 64), "b32": (65536, 32)}
     tokens_per_step, microbatch = next((batches[b] for b in batches if b in opts), (32768, None))
     spec = mb.bench_spec(arch, "135M", 2048, tokens_per_step // 2048, 20)
     if "noclip" in opts:
@@ -248,7 +249,8 @@ def variant(name: str, arch: str, *options: str) -> None:
         print("HOST ms/step", per_step, "wall ms/step", round(tokens_per_step / r["tokens_per_s"] * 1e3, 2))
     print("RESULT", json.dumps({"code": mb.__file__, "name": name, "arch": arch, "opts": sorted(opts),
                                 "tps": r["tokens_per_s"], "mfu": r["mfu_989"], "loss": r["final_loss"],
-                                "micro": r["microbatch"]}))
+                                "micro": r["microbatch"], "mhz": r.get("sm_clock_mhz"),
+                                "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1)}))
 
 
 def loss(rows: int = 4096) -> None:
