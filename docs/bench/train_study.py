@@ -20,7 +20,9 @@ time per step by call), wideloss (the loss kernel holds a row of logits in fp32,
 mostune (inductor's mixed-order reductions, the norms' backward, without pipelined loads, as torch 2.11's default /
 with their row split autotuned), pdl (inductor's kernels launched with programmatic dependent launch), ce16k (the
 fused loss in chunks of at least 16384 tokens rather than 4096: fewer fp32 additions into grad_W), gategemm (the
-MLP on swiglu_gemm_study.py's prototype kernels: SwiGLU's gate in Triton GEMM epilogues).
+MLP on swiglu_gemm_study.py's prototype kernels: SwiGLU's gate in Triton GEMM epilogues), budget75 / budget60 (the
+compiled backward's partitioner recomputes to keep saved activations within 75% / 60% of what it would save, torch's
+activation_memory_budget).
 Each run trains 20 steps at T 2048 and prints one RESULT line (median tokens/s of the second half, MFU of 989).
 """
 
@@ -37,7 +39,7 @@ OUT = Path("/tmp/train_study")
 #: The OPTIONS of the docstring.
 OPTIONS = ("resid16", "bthd", "ce", "ce1", "b32", "b64", "b64x2", "b128", "h6", "noclip", "qkvg", "w13", "flash", "eager", "ro", "mat",
            "fused", "prof", "trace", "hostt", "wideloss", "nomos", "mostune", "pdl", "ce16k",
-           "gategemm")
+           "gategemm", "budget75", "budget60")
 #: Inductor settings (models.train.INDUCTOR_OPTIONS) that the options nomos, mostune and pdl set.
 INDUCTOR_OPTIONS = {"nomos": ("triton.mix_order_reduction_allow_multi_stages", False),
                     "mostune": ("triton.mix_order_reduction_autotune_split_size", True),
@@ -207,6 +209,10 @@ def variant(name: str, arch: str, *options: str) -> None:
         from swiglu_gemm_study import patch_mlp  # beside this script
 
         patch_mlp()
+    for opt in sorted(opts & {"budget75", "budget60"}):
+        import torch._functorch.config as functorch_config
+
+        functorch_config.activation_memory_budget = int(opt.removeprefix("budget")) / 100
     if "ce16k" in opts:
         import kernels.fused.triton_ce as ce
 
