@@ -22,6 +22,7 @@ flash-linear-attention. On a GPU (bf16, H 8, K = V = 128):
     python docs/bench/linear_attention_study.py walkgrid                 # walk settings x forms x shapes, 2 rounds
     python docs/bench/linear_attention_study.py lightning                # settings at lightning's training shape
     python docs/bench/linear_attention_study.py lightning-one '{"dqk": {"num_warps": 4}}'   # one of them (its worker)
+    python docs/bench/linear_attention_study.py lightninggrid '[{"fused": {"num_stages": 2}}]'  # a list of them
     python docs/bench/linear_attention_study.py fused                    # lightning's shape: fused walks or chunks
     python docs/bench/linear_attention_study.py channelgrid              # per channel: launch settings, one at a time
     python docs/bench/linear_attention_study.py sparse                   # walks with fewer walkers than SMs
@@ -449,14 +450,19 @@ def lightning_ms(batch: int, graph: bool = True, time_: int = 2048, heads: int =
 
 def lightning_one(settings_json: str) -> None:
     """One setting (kernel name -> launch settings, JSON) at lightning's shape: ms at B 64 and B 16, and the largest
-    relative difference of its output and gradient from the defaults' at B 4 (one line, RESULT + JSON)."""
+    relative difference of its output and gradient from the defaults' at B 4, where the chunked kernels run, and of
+    the fused walks' there, forced (one line, RESULT + JSON)."""
     settings_ = _settings_json(settings_json, "lightning-one")
     chosen: dict[str, dict] = {}
     override(chosen)
     ref = lightning_ms(4, graph=False)
     chosen.update(settings_)
-    out = lightning_ms(4, graph=False)
-    err = max(((x - r).abs().max() / r.abs().max().clamp_min(1e-6)).item() for x, r in zip(out, ref))
+    outs = [lightning_ms(4, graph=False)]
+    default_min = tc.FUSED_MIN_HEADS_PER_SM
+    tc.FUSED_MIN_HEADS_PER_SM = 0
+    outs.append(lightning_ms(4, graph=False))
+    tc.FUSED_MIN_HEADS_PER_SM = default_min
+    err = max(((x - r).abs().max() / r.abs().max().clamp_min(1e-6)).item() for out in outs for x, r in zip(out, ref))
     print("RESULT", json.dumps(dict(ms64=lightning_ms(64), ms16=lightning_ms(16), err=err)), flush=True)
 
 
@@ -552,6 +558,13 @@ def grid(settings_json: str) -> None:
     """Per channel: each setting of a JSON list (kernel name -> launch settings) in its own process, as `channelgrid`,
     the defaults first and last."""
     _channel_trials("grid", [{}] + _settings_json(settings_json, "grid", many=True) + [{}])
+
+
+def lightninggrid(settings_json: str) -> None:
+    """Lightning's shape: each setting of a JSON list (kernel name -> launch settings) in its own process
+    (`lightning-one`), the defaults first and last."""
+    for setting in [{}] + _settings_json(settings_json, "lightninggrid", many=True) + [{}]:
+        print("lightninggrid", json.dumps(setting), trial("lightning-one", setting), flush=True)
 
 
 def _channel_trials(label: str, settings_: Iterable[dict]) -> None:
@@ -770,7 +783,7 @@ if __name__ == "__main__":
                 "split": (split, 0), "trace": (trace, 1), "groups": (groups, 0), "mixed": (mixed, 0),
                 "decaygrad": (decaygrad, 0), "checks": (checks, 0), "compare": (compare, 1),
                 "kernels": (kernels, 0), "walkgrid": (walkgrid, 0), "lightning": (lightning, 0),
-                "lightning-one": (lightning_one, 1), "fused": (fused, 0),
+                "lightning-one": (lightning_one, 1), "lightninggrid": (lightninggrid, 1), "fused": (fused, 0),
                 "channel-one": (channel_one, 1), "channelgrid": (channelgrid, 0), "widegrid": (widegrid, 0),
                 "grid": (grid, 1),
                 "sparse": (sparse, 0),
