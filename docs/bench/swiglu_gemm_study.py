@@ -7,11 +7,14 @@ the compiled gate, as training runs them.
     TRITON_INTERPRET=1 python docs/bench/swiglu_gemm_study.py check   # small shapes, on CPU in the interpreter
     python docs/bench/swiglu_gemm_study.py check                     # the same on the GPU
     python docs/bench/swiglu_gemm_study.py time ['[{"BM": 128, ...}]']  # GPU: the 135M MLP, forward and backward
+    python docs/bench/swiglu_gemm_study.py time tma ['[...]']          # the same, persistent kernels on TMA
 
 Forward (`gate_fwd`): h1 = x W1^T and h3 = x W3^T, both products of a tile in one program, stored for the backward,
 and g = silu(h1) h3 from the fp32 accumulators. Backward of the gate (`gate_bwd`): dg = dy W2 in the accumulator,
 then dh1 = dg h3 silu'(h1) and dh3 = dg silu(h1) in the epilogue, so that dg is never written nor read again.
-Bytes a layer saved at 131072 tokens, hidden 1792: about 0.94 GB each way against the unfused passes.
+Bytes a layer saved at 131072 tokens, hidden 1792: about 0.94 GB each way against the unfused passes. The persistent
+variants (`gate_fwd_tma`, `gate_bwd_tma`) do the same with one program per SM walking the tiles on tensor descriptors
+(TMA loads and stores on Hopper), so that one tile's epilogue can overlap the next tile's loads.
 """
 
 import json
@@ -38,16 +41,23 @@ CONFIGS = [
 
 
 @triton.jit
-def _tile(M, N, BM: tl.constexpr, BN: tl.constexpr, GROUP: tl.constexpr):
-    """This program's rows and columns of the (M, N) output, GROUP row tiles walked together so that their B tiles
-    stay in L2; and the offsets and mask of that tile in a row-major (M, N) tensor."""
-    pid = tl.program_id(0)
+def _tile_start(tile, M, N, BM: tl.constexpr, BN: tl.constexpr, GROUP: tl.constexpr):
+    """The first row and column of output tile number `tile` of (M, N), GROUP row tiles walked together so that their
+    B tiles stay in L2."""
     tiles_m, tiles_n = tl.cdiv(M, BM), tl.cdiv(N, BN)
     in_group = GROUP * tiles_n
-    first_m = (pid // in_group) * GROUP
+    first_m = (tile // in_group) * GROUP
     rows = min(tiles_m - first_m, GROUP)
-    rm = (first_m + (pid % in_group) % rows) * BM + tl.arange(0, BM)
-    rn = ((pid % in_group) // rows) * BN + tl.arange(0, BN)
+    return (first_m + (tile % in_group) % rows) * BM, ((tile % in_group) // rows) * BN
+
+
+@triton.jit
+def _tile(M, N, BM: tl.constexpr, BN: tl.constexpr, GROUP: tl.constexpr):
+    """This program's rows and columns of the (M, N) output (`_tile_start`), and the offsets and mask of that tile in
+    a row-major (M, N) tensor."""
+    m0, n0 = _tile_start(tl.program_id(0), M, N, BM, BN, GROUP)
+    rm = m0 + tl.arange(0, BM)
+    rn = n0 + tl.arange(0, BN)
     return rm, rn, rm.to(tl.int64)[:, None] * N + rn[None, :], (rm[:, None] < M) & (rn[None, :] < N)
 
 
@@ -101,11 +111,97 @@ def _gate_bwd_kernel(dy_ptr, w2_ptr, h1_ptr, h3_ptr, dh1_ptr, dh3_ptr, M, N, K, 
     tl.store(dh1_ptr + out, (acc * h3 * s * (1.0 + h1 * (1.0 - s))).to(dh1_ptr.dtype.element_ty), mask=mask)
 
 
-def _launch(kernel, m: int, n: int, cfg: dict, dtype: torch.dtype, *args) -> None:
+@triton.jit
+def _gate_fwd_tma_kernel(x_d, w1_d, w3_d, h1_d, h3_d, g_d, M, N, K, BM: tl.constexpr, BN: tl.constexpr,
+                         BK: tl.constexpr, GROUP: tl.constexpr, DT: tl.constexpr, OUT: tl.constexpr,
+                         PROGRAMS: tl.constexpr):
+    """`_gate_fwd_kernel` as a persistent kernel on tensor descriptors (TMA on Hopper): PROGRAMS programs walk the
+    tiles, the loop over tiles and K steps flattened so that the next tile's loads overlap this one's epilogue."""
+    tiles = tl.cdiv(M, BM) * tl.cdiv(N, BN)
+    for tile in tl.range(tl.program_id(0), tiles, PROGRAMS, flatten=True):
+        m0, n0 = _tile_start(tile, M, N, BM, BN, GROUP)
+        acc1 = tl.zeros((BM, BN), dtype=tl.float32)
+        acc3 = tl.zeros((BM, BN), dtype=tl.float32)
+        for k0 in range(0, K, BK):
+            a = x_d.load([m0, k0]).to(DT)
+            acc1 = tl.dot(a, w1_d.load([n0, k0]).to(DT).T, acc1)
+            acc3 = tl.dot(a, w3_d.load([n0, k0]).to(DT).T, acc3)
+        h1_d.store([m0, n0], acc1.to(OUT))
+        h3_d.store([m0, n0], acc3.to(OUT))
+        g_d.store([m0, n0], (acc1 * tl.sigmoid(acc1) * acc3).to(OUT))
+
+
+@triton.jit
+def _gate_bwd_tma_kernel(dy_d, w2_d, h1_d, h3_d, dh1_d, dh3_d, M, N, K, BM: tl.constexpr, BN: tl.constexpr,
+                         BK: tl.constexpr, GROUP: tl.constexpr, DT: tl.constexpr, OUT: tl.constexpr,
+                         PROGRAMS: tl.constexpr):
+    """`_gate_bwd_kernel` as a persistent kernel on tensor descriptors, as `_gate_fwd_tma_kernel`."""
+    tiles = tl.cdiv(M, BM) * tl.cdiv(N, BN)
+    for tile in tl.range(tl.program_id(0), tiles, PROGRAMS, flatten=True):
+        m0, n0 = _tile_start(tile, M, N, BM, BN, GROUP)
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        for k0 in range(0, K, BK):
+            acc = tl.dot(dy_d.load([m0, k0]).to(DT), w2_d.load([k0, n0]).to(DT), acc)
+        h1 = h1_d.load([m0, n0]).to(tl.float32)
+        h3 = h3_d.load([m0, n0]).to(tl.float32)
+        s = tl.sigmoid(h1)
+        dh3_d.store([m0, n0], (acc * h1 * s).to(OUT))
+        dh1_d.store([m0, n0], (acc * h3 * s * (1.0 + h1 * (1.0 - s))).to(OUT))
+
+
+#: Settings of the persistent TMA kernels (`time tma`), chosen to fit the pipeline and the epilogue's tiles in shared
+#: memory.
+TMA_CONFIGS = [
+    dict(BM=128, BN=128, BK=64, GROUP=8, num_warps=8, num_stages=2),
+    dict(BM=128, BN=128, BK=32, GROUP=8, num_warps=8, num_stages=4),
+    dict(BM=128, BN=64, BK=64, GROUP=8, num_warps=4, num_stages=4),
+    dict(BM=128, BN=64, BK=64, GROUP=8, num_warps=8, num_stages=4),
+    dict(BM=64, BN=128, BK=64, GROUP=8, num_warps=4, num_stages=3),
+]
+
+
+def _dot_dtype(dtype: torch.dtype):
     # The interpreter's dots take fp32 operands only (16-bit ones come out as garbage), as in kernels/linear_attention.
-    dt = tl.float32 if os.environ.get("TRITON_INTERPRET") == "1" else {torch.bfloat16: tl.bfloat16,
-                                                                        torch.float16: tl.float16}.get(dtype, tl.float32)
-    kernel[(triton.cdiv(m, cfg["BM"]) * triton.cdiv(n, cfg["BN"]),)](*args, **cfg, DT=dt)
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return tl.float32
+    return {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}.get(dtype, tl.float32)
+
+
+def _launch_tma(kernel, cfg: dict, m: int, n: int, k: int, dtype: torch.dtype, device: torch.device,
+                blocks: list) -> None:
+    """Launch a persistent TMA kernel over an (m, n) output on tensor descriptors of `blocks`, (tensor, block shape)
+    pairs in the kernel's order: one program per SM, or per tile when there are fewer."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    descs = [TensorDescriptor.from_tensor(t, block) for t, block in blocks]
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 3
+    programs = min(sms, triton.cdiv(m, cfg["BM"]) * triton.cdiv(n, cfg["BN"]))
+    out = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}.get(dtype, tl.float32)
+    kernel[(programs,)](*descs, m, n, k, **cfg, DT=_dot_dtype(dtype), OUT=out, PROGRAMS=programs)
+
+
+def gate_fwd_tma(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, cfg: dict = TMA_CONFIGS[0]):
+    """`gate_fwd` by the persistent TMA kernel."""
+    (m, k), n = x.shape, w1.shape[0]
+    bm, bn, bk = cfg["BM"], cfg["BN"], cfg["BK"]
+    h1, h3, g = (x.new_empty(m, n) for _ in range(3))
+    _launch_tma(_gate_fwd_tma_kernel, cfg, m, n, k, x.dtype, x.device,
+                [(x, [bm, bk]), (w1, [bn, bk]), (w3, [bn, bk]), (h1, [bm, bn]), (h3, [bm, bn]), (g, [bm, bn])])
+    return h1, h3, g
+
+
+def gate_bwd_tma(dy: torch.Tensor, w2: torch.Tensor, h1: torch.Tensor, h3: torch.Tensor, cfg: dict = TMA_CONFIGS[0]):
+    """`gate_bwd` by the persistent TMA kernel."""
+    (m, k), n = dy.shape, w2.shape[1]
+    bm, bn, bk = cfg["BM"], cfg["BN"], cfg["BK"]
+    dh1, dh3 = torch.empty_like(h1), torch.empty_like(h3)
+    _launch_tma(_gate_bwd_tma_kernel, cfg, m, n, k, dy.dtype, dy.device,
+                [(dy, [bm, bk]), (w2, [bk, bn]), (h1, [bm, bn]), (h3, [bm, bn]), (dh1, [bm, bn]), (dh3, [bm, bn])])
+    return dh1, dh3
+
+
+def _launch(kernel, m: int, n: int, cfg: dict, dtype: torch.dtype, *args) -> None:
+    kernel[(triton.cdiv(m, cfg["BM"]) * triton.cdiv(n, cfg["BN"]),)](*args, **cfg, DT=_dot_dtype(dtype))
 
 
 def gate_fwd(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, cfg: dict = CONFIGS[0]):
@@ -208,24 +304,29 @@ def _rel(a, b):
 
 
 def check(cfgs=None) -> None:
-    """Each setting's outputs against the fp32 reference, shapes with partial tiles; exits 1 on a failure."""
+    """Each setting's outputs against the fp32 reference, shapes with partial tiles, the plain kernels and the
+    persistent TMA ones (given settings: both take them); fp32 and bf16 in the interpreter, bf16 on the GPU, whose fp32
+    dots run in tf32 (errors of about 2e-3) and whose fp32 tiles may not fit shared memory; exits 1 on a failure."""
     device = "cuda" if torch.cuda.is_available() and not os.environ.get("TRITON_INTERPRET") else "cpu"
-    small = [dict(c, BM=min(c["BM"], 32), BN=min(c["BN"], 32), BK=min(c["BK"], 16)) for c in cfgs or CONFIGS[:2]]
     bad = 0
-    for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 2e-2)):
-        for m, k, n in ((70, 48, 40), (33, 16, 100)):
-            x, w1, w3, w2, dy = _inputs(m, k, n, device, dtype)
-            want = reference(x, w1, w3, w2, dy)
-            for cfg in (small if device == "cpu" else cfgs or CONFIGS):
-                if dtype == torch.float32 and device == "cuda":  # fp32 tiles take twice the shared memory a stage
-                    cfg = dict(cfg, num_stages=min(cfg["num_stages"], 2))
-                h1, h3, g = gate_fwd(x, w1, w3, cfg)
-                dh1, dh3 = gate_bwd(dy, w2, h1, h3, cfg)
-                errs = [_rel(a, b) for a, b in zip((h1, h3, g, dh1, dh3), want)]
-                ok = max(errs) <= tol
-                bad += not ok
-                print(f"check {dtype} M {m} K {k} N {n} {cfg}: worst {max(errs):.1e} {'pass' if ok else 'FAIL'}",
-                      flush=True)
+    # TMA needs rows of a multiple of 16 bytes: N 104 rather than 100 there.
+    for name, fwd, bwd, defaults, last_n in (("plain", gate_fwd, gate_bwd, CONFIGS, 100),
+                                             ("tma", gate_fwd_tma, gate_bwd_tma, TMA_CONFIGS, 104)):
+        settings = cfgs or defaults
+        if device == "cpu":
+            settings = [dict(c, BM=min(c["BM"], 32), BN=min(c["BN"], 32), BK=min(c["BK"], 16)) for c in settings[:2]]
+        for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 2e-2))[(device == "cuda"):]:
+            for m, k, n in ((70, 48, 40), (33, 16, last_n)):
+                x, w1, w3, w2, dy = _inputs(m, k, n, device, dtype)
+                want = reference(x, w1, w3, w2, dy)
+                for cfg in settings:
+                    h1, h3, g = fwd(x, w1, w3, cfg)
+                    dh1, dh3 = bwd(dy, w2, h1, h3, cfg)
+                    errs = [_rel(a, b) for a, b in zip((h1, h3, g, dh1, dh3), want)]
+                    ok = max(errs) <= tol
+                    bad += not ok
+                    print(f"check {name} {dtype} M {m} K {k} N {n} {cfg}: worst {max(errs):.1e} "
+                          f"{'pass' if ok else 'FAIL'}", flush=True)
     bad += not _check_mlp(device)
     if bad:
         sys.exit(f"{bad} check(s) failed")
@@ -251,9 +352,10 @@ def _check_mlp(device: str) -> bool:
     return worst <= 1e-4
 
 
-def time(cfgs=None, m: int = 131072, k: int = 768, n: int = 1792) -> None:
+def time(cfgs=None, tma: bool = False, m: int = 131072, k: int = 768, n: int = 1792) -> None:
     """GPU: median ms of the gate's forward (two cuBLAS GEMMs + the compiled gate, against gate_fwd) and backward
-    (cuBLAS dy W2 + the compiled gate's backward, against gate_bwd) at the 135M MLP's shapes, bf16, each setting."""
+    (cuBLAS dy W2 + the compiled gate's backward, against gate_bwd) at the 135M MLP's shapes, bf16, each setting;
+    with `tma`, the persistent TMA kernels (gate_fwd_tma, gate_bwd_tma) and their settings."""
     from triton.testing import do_bench
 
     x, w1, w3, w2, dy = _inputs(m, k, n, "cuda", torch.bfloat16)
@@ -275,14 +377,15 @@ def time(cfgs=None, m: int = 131072, k: int = 768, n: int = 1792) -> None:
     for name, t in ms.items():
         gemms = 2 if "two" in name else 1
         print(f"time {name}: {t:.3f} ms ({gemms * flops / t / 1e9:.0f} TFLOP/s of its GEMMs)", flush=True)
-    for cfg in cfgs or CONFIGS:
+    fwd, bwd = (gate_fwd_tma, gate_bwd_tma) if tma else (gate_fwd, gate_bwd)
+    for cfg in cfgs or (TMA_CONFIGS if tma else CONFIGS):
         try:
-            f = do_bench(lambda: gate_fwd(x, w1, w3, cfg), return_mode="median")
-            b = do_bench(lambda: gate_bwd(dy, w2, h1, h3, cfg), return_mode="median")
+            f = do_bench(lambda: fwd(x, w1, w3, cfg), return_mode="median")
+            b = do_bench(lambda: bwd(dy, w2, h1, h3, cfg), return_mode="median")
         except Exception as e:  # a setting past the SM's shared memory or registers
             print(f"time {cfg}: failed ({type(e).__name__}: {str(e)[:120]})", flush=True)
             continue
-        print(f"time {cfg}: forward {f:.3f} ms ({2 * flops / f / 1e9:.0f} TFLOP/s), backward {b:.3f} ms "
+        print(f"time {'tma ' if tma else ''}{cfg}: forward {f:.3f} ms ({2 * flops / f / 1e9:.0f} TFLOP/s), backward {b:.3f} ms "
               f"({flops / b / 1e9:.0f} TFLOP/s)", flush=True)
 
 
@@ -304,9 +407,12 @@ if __name__ == "__main__":
     command, *rest = sys.argv[1:] or ["help"]
     if command == "check" and len(rest) <= 1:
         check(_cfgs(rest))
-    elif command == "time" and len(rest) <= 1:
+    elif command == "time" and len(rest) <= 2:
+        tma = bool(rest) and rest[0] == "tma"
+        if len(rest) - tma > 1:
+            sys.exit(__doc__)
         if not torch.cuda.is_available():
             sys.exit("time: needs a CUDA GPU, and torch sees none here")
-        time(_cfgs(rest))
+        time(_cfgs(rest[tma:]), tma)
     else:
         sys.exit(__doc__)
