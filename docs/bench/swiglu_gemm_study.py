@@ -93,6 +93,15 @@ def _gate_fwd_kernel(x_ptr, w1_ptr, w3_ptr, h1_ptr, h3_ptr, g_ptr, M, N, K, BM: 
 
 
 @triton.jit
+def _gate_grad(dg, h1, h3):
+    """dh1 = dg h3 silu'(h1) and dh3 = dg silu(h1), fp32, from dg and the saved h1, h3."""
+    h1 = h1.to(tl.float32)
+    h3 = h3.to(tl.float32)
+    s = tl.sigmoid(h1)
+    return dg * h3 * s * (1.0 + h1 * (1.0 - s)), dg * h1 * s
+
+
+@triton.jit
 def _gate_bwd_kernel(dy_ptr, w2_ptr, h1_ptr, h3_ptr, dh1_ptr, dh3_ptr, M, N, K, BM: tl.constexpr, BN: tl.constexpr,
                      BK: tl.constexpr, GROUP: tl.constexpr, DT: tl.constexpr):
     """dg = dy W2 (dy (M, K), W2 (K, N), the Linear(N, K) weight), then dh1 = dg h3 silu'(h1), dh3 = dg silu(h1)."""
@@ -104,11 +113,10 @@ def _gate_bwd_kernel(dy_ptr, w2_ptr, h1_ptr, h3_ptr, dh1_ptr, dh3_ptr, M, N, K, 
         a = _rows(dy_ptr, rm, kk, M, K)
         b = tl.load(w2_ptr + kk[:, None] * N + rn[None, :], mask=(kk[:, None] < K) & (rn[None, :] < N), other=0.0)
         acc = tl.dot(a.to(DT), b.to(DT), acc)
-    h1 = tl.load(h1_ptr + out, mask=mask, other=0.0).to(tl.float32)
-    h3 = tl.load(h3_ptr + out, mask=mask, other=0.0).to(tl.float32)
-    s = tl.sigmoid(h1)
-    tl.store(dh3_ptr + out, (acc * h1 * s).to(dh3_ptr.dtype.element_ty), mask=mask)
-    tl.store(dh1_ptr + out, (acc * h3 * s * (1.0 + h1 * (1.0 - s))).to(dh1_ptr.dtype.element_ty), mask=mask)
+    h1 = tl.load(h1_ptr + out, mask=mask, other=0.0)
+    dh1, dh3 = _gate_grad(acc, h1, tl.load(h3_ptr + out, mask=mask, other=0.0))
+    tl.store(dh3_ptr + out, dh3.to(dh3_ptr.dtype.element_ty), mask=mask)
+    tl.store(dh1_ptr + out, dh1.to(dh1_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -142,11 +150,9 @@ def _gate_bwd_tma_kernel(dy_d, w2_d, h1_d, h3_d, dh1_d, dh3_d, M, N, K, BM: tl.c
         acc = tl.zeros((BM, BN), dtype=tl.float32)
         for k0 in range(0, K, BK):
             acc = tl.dot(dy_d.load([m0, k0]).to(DT), w2_d.load([k0, n0]).to(DT), acc)
-        h1 = h1_d.load([m0, n0]).to(tl.float32)
-        h3 = h3_d.load([m0, n0]).to(tl.float32)
-        s = tl.sigmoid(h1)
-        dh3_d.store([m0, n0], (acc * h1 * s).to(OUT))
-        dh1_d.store([m0, n0], (acc * h3 * s * (1.0 + h1 * (1.0 - s))).to(OUT))
+        dh1, dh3 = _gate_grad(acc, h1_d.load([m0, n0]), h3_d.load([m0, n0]))
+        dh3_d.store([m0, n0], dh3.to(OUT))
+        dh1_d.store([m0, n0], dh1.to(OUT))
 
 
 #: Settings of the persistent TMA kernels (`time tma`), chosen to fit the pipeline and the epilogue's tiles in shared
@@ -160,11 +166,13 @@ TMA_CONFIGS = [
 ]
 
 
+def _tl_dtype(dtype: torch.dtype):
+    return {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}.get(dtype, tl.float32)
+
+
 def _dot_dtype(dtype: torch.dtype):
     # The interpreter's dots take fp32 operands only (16-bit ones come out as garbage), as in kernels/linear_attention.
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        return tl.float32
-    return {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}.get(dtype, tl.float32)
+    return tl.float32 if os.environ.get("TRITON_INTERPRET") == "1" else _tl_dtype(dtype)
 
 
 def _launch_tma(kernel, cfg: dict, m: int, n: int, k: int, dtype: torch.dtype, device: torch.device,
@@ -176,8 +184,7 @@ def _launch_tma(kernel, cfg: dict, m: int, n: int, k: int, dtype: torch.dtype, d
     descs = [TensorDescriptor.from_tensor(t, block) for t, block in blocks]
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 3
     programs = min(sms, triton.cdiv(m, cfg["BM"]) * triton.cdiv(n, cfg["BN"]))
-    out = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}.get(dtype, tl.float32)
-    kernel[(programs,)](*descs, m, n, k, **cfg, DT=_dot_dtype(dtype), OUT=out, PROGRAMS=programs)
+    kernel[(programs,)](*descs, m, n, k, **cfg, DT=_dot_dtype(dtype), OUT=_tl_dtype(dtype), PROGRAMS=programs)
 
 
 def gate_fwd_tma(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, cfg: dict = TMA_CONFIGS[0]):
@@ -379,13 +386,14 @@ def time(cfgs=None, tma: bool = False, m: int = 131072, k: int = 768, n: int = 1
         print(f"time {name}: {t:.3f} ms ({gemms * flops / t / 1e9:.0f} TFLOP/s of its GEMMs)", flush=True)
     fwd, bwd = (gate_fwd_tma, gate_bwd_tma) if tma else (gate_fwd, gate_bwd)
     for cfg in cfgs or (TMA_CONFIGS if tma else CONFIGS):
+        label = f"time {'tma ' if tma else ''}{cfg}"
         try:
             f = do_bench(lambda: fwd(x, w1, w3, cfg), return_mode="median")
             b = do_bench(lambda: bwd(dy, w2, h1, h3, cfg), return_mode="median")
         except Exception as e:  # a setting past the SM's shared memory or registers
-            print(f"time {cfg}: failed ({type(e).__name__}: {str(e)[:120]})", flush=True)
+            print(f"{label}: failed ({type(e).__name__}: {str(e)[:120]})", flush=True)
             continue
-        print(f"time {'tma ' if tma else ''}{cfg}: forward {f:.3f} ms ({2 * flops / f / 1e9:.0f} TFLOP/s), backward {b:.3f} ms "
+        print(f"{label}: forward {f:.3f} ms ({2 * flops / f / 1e9:.0f} TFLOP/s), backward {b:.3f} ms "
               f"({flops / b / 1e9:.0f} TFLOP/s)", flush=True)
 
 
@@ -407,12 +415,10 @@ if __name__ == "__main__":
     command, *rest = sys.argv[1:] or ["help"]
     if command == "check" and len(rest) <= 1:
         check(_cfgs(rest))
-    elif command == "time" and len(rest) <= 2:
-        tma = bool(rest) and rest[0] == "tma"
-        if len(rest) - tma > 1:
-            sys.exit(__doc__)
+    elif command == "time" and len(rest) - (rest[:1] == ["tma"]) <= 1:
+        tma = rest[:1] == ["tma"]
         if not torch.cuda.is_available():
             sys.exit("time: needs a CUDA GPU, and torch sees none here")
-        time(_cfgs(rest[tma:]), tma)
+        time(_cfgs(rest[1:] if tma else rest), tma)
     else:
         sys.exit(__doc__)

@@ -37,8 +37,8 @@ from pathlib import Path
 
 OUT = Path("/tmp/train_study")
 #: The OPTIONS of the docstring.
-OPTIONS = ("resid16", "bthd", "ce", "ce1", "b32", "b64", "b64x2", "b128", "h6", "noclip", "qkvg", "w13", "flash", "eager", "ro", "mat",
-           "fused", "prof", "trace", "hostt", "wideloss", "nomos", "mostune", "pdl", "ce16k",
+OPTIONS = ("resid16", "bthd", "ce", "ce1", "b32", "b64", "b64x2", "b128", "h6", "noclip", "qkvg", "w13", "flash", "eager",
+           "ro", "mat", "fused", "prof", "trace", "hostt", "wideloss", "nomos", "mostune", "pdl", "ce16k",
            "gategemm", "budget75", "budget60")
 #: Inductor settings (models.train.INDUCTOR_OPTIONS) that the options nomos, mostune and pdl set.
 INDUCTOR_OPTIONS = {"nomos": ("triton.mix_order_reduction_allow_multi_stages", False),
