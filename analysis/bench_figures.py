@@ -11,6 +11,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # headless: benchmarks run on servers
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.patches import Patch  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from analysis.report import OKABE_ITO, arch_colour  # noqa: E402
@@ -60,7 +61,9 @@ def train_figure(frame: pd.DataFrame, path: Path) -> Path:
     has_mfu = "mfu_989" in frame.columns and frame["mfu_989"].notna().any()
     if has_mfu:
         rows = frame.dropna(subset=["mfu_989"]).reset_index(drop=True)
-        labels = [f"{r.arch}\n{_tokens(r.seq_len)}" for r in rows.itertuples()]
+        # Several lengths: the bars name their length and a legend the arch's colour (both names overlap at 9 bars).
+        several = len(lengths) > 1
+        labels = [_tokens(r.seq_len) if several else f"{r.arch}\n{_tokens(r.seq_len)}" for r in rows.itertuples()]
         bars = right.bar(range(len(rows)), rows["mfu_989"] * 100,
                          color=[arch_colour(a, archs) for a in rows["arch"]])
         right.bar_label(bars, fmt="%.1f%%", fontsize=8)
@@ -68,7 +71,8 @@ def train_figure(frame: pd.DataFrame, path: Path) -> Path:
         right.set_xticks(range(len(rows)), labels, fontsize=7)
         right.set_ylabel("MFU (% of 989 TFLOP/s bf16)")
         right.set_ylim(0, max(MFU_TARGET * 100, float(rows["mfu_989"].max()) * 100) * 1.15)
-        right.legend(fontsize=8)
+        handles = [Patch(color=arch_colour(a, archs), label=a) for a in archs if several]
+        right.legend(handles=handles + right.get_legend_handles_labels()[0], fontsize=8)
     else:
         right.text(0.5, 0.5, "no MFU: measured without a GPU", ha="center", va="center", transform=right.transAxes)
         right.set_axis_off()
