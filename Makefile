@@ -45,6 +45,9 @@ ifeq ($(HAS_GPU),1)
 # The README's training-speed command (its table's rows): 128k tokens a step in one pass, under CUDA graphs.
 	$(BIN)/slab bench train --arch softmax --arch lightning --params 135M --seq-len 2048 --compile-mode reduce-overhead --tokens-per-step 131072 --microbatch 64 --steps 30 --out docs/bench/train_135m_cudagraphs_b64.csv
 	$(BIN)/slab bench train --arch softmax --arch lightning --arch hybrid --params 135M --seq-len 2048 --seq-len 8192 --seq-len 32768 --steps 12 --out docs/bench/train_throughput_vs_seqlen.csv
+# The same lengths without the host's launch time (CUDA graphs, 128k tokens a step): eager steps of 32k tokens
+# leave the GPU waiting on the host at 8k and 32k, where lightning's kernels launch more (docs/bench/kernels.md).
+	$(BIN)/slab bench train --arch softmax --arch lightning --arch hybrid --params 135M --seq-len 2048 --seq-len 8192 --seq-len 32768 --compile-mode reduce-overhead --tokens-per-step 131072 --steps 12 --out docs/bench/train_throughput_vs_seqlen_cudagraphs.csv
 	$(BIN)/slab bench pack plans/pack-grid.csv --csv docs/bench/pack.csv
 ifneq ($(filter-out 0 1,$(GPUS)),)
 	$(BIN)/slab bench spread plans/smoke-h100.csv --gpus $(GPUS) --gpus 1 --csv docs/bench/multi_gpu_spread.csv
