@@ -174,6 +174,9 @@ def read_only(engine: Engine) -> Iterator[Connection]:
         if backend == "sqlite":
             conn.info["slab_read_only"] = True  # a plain BEGIN: query_only refuses BEGIN IMMEDIATE
             conn.exec_driver_sql("PRAGMA query_only=ON")
+            # query_only does not stop ATTACH, which creates the file it names.
+            raw = conn.connection.driver_connection
+            raw.set_authorizer(_refuse_attach)
         elif backend == "postgresql":
             conn.exec_driver_sql("SET TRANSACTION READ ONLY")
         try:
@@ -181,6 +184,15 @@ def read_only(engine: Engine) -> Iterator[Connection]:
         finally:
             conn.rollback()
             if backend == "sqlite":
+                try:
+                    raw.set_authorizer(None)
+                except TypeError:  # Python 3.10 takes no None: an authorizer that allows everything
+                    raw.set_authorizer(lambda *_: sqlite3.SQLITE_OK)
                 conn.exec_driver_sql("PRAGMA query_only=OFF")
                 conn.rollback()
                 conn.info.pop("slab_read_only", None)
+
+
+def _refuse_attach(action: int, *_) -> int:
+    """SQLite authorizer for read-only connections: refuse ATTACH and DETACH, allow the rest."""
+    return sqlite3.SQLITE_DENY if action in (sqlite3.SQLITE_ATTACH, sqlite3.SQLITE_DETACH) else sqlite3.SQLITE_OK

@@ -100,11 +100,13 @@ def run_sql(engine: Engine, query: str) -> pd.DataFrame:
         except SQLAlchemyError as exc:
             orig = getattr(exc, "orig", exc)
             message = str(orig).strip().splitlines()[0] if str(orig).strip() else type(orig).__name__
-            if "readonly" in message.replace("-", "").replace(" ", "").lower() or "read-only" in message.lower():
+            folded = message.replace("-", "").replace(" ", "").lower()
+            if "readonly" in folded or "notauthorized" in folded:
                 raise QueryError(f"slab sql is read-only: {message}") from None
             raise QueryError(message) from None
         if not result.returns_rows:
-            raise QueryError("slab sql is read-only: the statement returned no rows")
+            raise QueryError("slab sql is read-only: the statement returned no rows" if query.strip()
+                             else "slab sql needs a statement, e.g. \"select * from runs limit 5\"")
         return pd.DataFrame(result.fetchall(), columns=list(result.keys()))
 
 

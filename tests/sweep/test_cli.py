@@ -83,6 +83,15 @@ def test_sql_is_read_only(runner, write_plan, tmp_path):
     assert rows == [{"status": "pending", "n": 4}]
     bad = invoke(runner, "sql", "select nope from runs", db=db)
     assert bad.exit_code == 2 and "error:" in bad.stderr
+    # ATTACH would create the file it names, which query_only alone does not stop.
+    attached = tmp_path / "other.db"
+    result = invoke(runner, "sql", f"attach database '{attached}' as other", db=db)
+    assert result.exit_code == 2 and "read-only" in result.stderr
+    assert not attached.exists()
+    empty = invoke(runner, "sql", "  ", db=db)
+    assert empty.exit_code == 2 and "needs a statement" in empty.stderr
+    # The pooled connection is writable again for the commands that write.
+    assert invoke(runner, "add", write_plan(PLAN.replace("r{d_model}", "s{d_model}"), "second.csv"), db=db).exit_code == 0
 
 
 def test_export_csv_and_parquet(runner, write_plan, tmp_path):
