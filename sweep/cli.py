@@ -21,12 +21,12 @@ from db.engine import DatabaseError, open_db, resolve_url
 from sweep.plan import DEFAULT_MAX_RUNS, PlanError, cost_plans, load_plans
 
 app = typer.Typer(
-    help="scalinglab: plan, launch and analyse scaling-law sweeps of sequence-model architectures.",
     no_args_is_help=True,
     rich_markup_mode="rich",
     pretty_exceptions_enable=False,
 )
-bench_app = typer.Typer(help="Benchmarks that print measured numbers (some need a GPU).", no_args_is_help=True)
+bench_app = typer.Typer(help="Benchmarks that print measured numbers (some need a GPU). Their default plans and output "
+                        "paths are relative to the repository's root: run them from there.", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
 
 # Piped output (CI logs, files) gets wide tables instead of rich's 80-column default.
@@ -59,7 +59,7 @@ def main_options(
     ),
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
 ) -> None:
-    """scalinglab: plan, launch and analyse scaling-law sweeps.
+    """scalinglab: plan, launch and analyse scaling-law sweeps of sequence-model architectures.
 
     Example: slab plan plans/demo.csv && slab add plans/demo.csv && slab status
     """
@@ -71,6 +71,19 @@ def _engine(ctx: typer.Context, create: bool = False):
         return open_db(ctx.obj["db"], create=create)
     except DatabaseError as exc:
         fail(str(exc))
+
+
+def _check_filters(engine, plan: str | None, arch: str | None = None) -> None:
+    """Exit 2 on a --plan the database does not hold or an --arch that does not exist, rather than show nothing."""
+    from db.queries import plan_names
+    from models.config import ARCHS
+
+    if plan:
+        known = plan_names(engine)
+        if plan not in known:
+            fail(f"no plan named {plan!r} in the database; known: {', '.join(known) or 'none'}")
+    if arch and arch not in ARCHS:
+        fail(f"unknown arch {arch!r}; expected one of {', '.join(ARCHS)}")
 
 
 def _plans(files: list[Path], max_runs: int):
@@ -123,6 +136,8 @@ def _si(x: float) -> str:
 
 
 class Format(str, Enum):
+    """How `runs` and `sql` print rows."""
+
     table = "table"
     csv = "csv"
     json = "json"
@@ -140,6 +155,11 @@ def _emit(frame, fmt: Format, title: str | None = None) -> None:
         for row in frame.itertuples(index=False):
             table.add_row(*("" if v is None or v != v else str(v) for v in row))
         out.print(table)
+
+
+def _n(count: int, noun: str) -> str:
+    """``1 run``, ``2 runs``: a count with its noun."""
+    return f"{count:,} {noun}{'' if count == 1 else 's'}"
 
 
 def _fmt(csv_: bool, json_: bool) -> Format:
@@ -204,7 +224,7 @@ def add(
     plans = _plans(files, max_runs)  # validate everything before touching the database
     engine = _engine(ctx, create=True)
     for r in add_plans(engine, plans):
-        out.print(f"{r.plan}: [bold]{r.new}[/] new runs, {r.known} already known")
+        out.print(f"{r.plan}: [bold]{r.new}[/] new {'run' if r.new == 1 else 'runs'}, {r.known} already known")
 
 
 @app.command()
@@ -226,14 +246,16 @@ def runs(
     if status and status not in RUN_STATUSES:
         fail(f"unknown status {status!r}; expected one of {', '.join(RUN_STATUSES)}")
     fmt = _fmt(csv_, json_)
-    frame = runs_frame(_engine(ctx), plan=plan, arch=arch, status=status)
+    engine = _engine(ctx)
+    _check_filters(engine, plan, arch)
+    frame = runs_frame(engine, plan=plan, arch=arch, status=status)
     if fmt is Format.table:
         cols = ["run_id", "arch", "d_model", "n_layers", "hybrid", "params", "tokens", "status", "attempts", "step", "final_loss", "val_loss", "error", "plan"]
         frame = frame[cols].copy()
         frame["error"] = frame["error"].map(lambda e: e.strip().splitlines()[-1][:80] if isinstance(e, str) and e.strip() else e)
         for c in ("final_loss", "val_loss"):
             frame[c] = frame[c].map(lambda v: f"{v:.4f}" if v == v and v is not None else "")
-    _emit(frame, fmt, title=f"{len(frame)} runs")
+    _emit(frame, fmt, title=_n(len(frame), "run"))
 
 
 @app.command()
@@ -250,6 +272,7 @@ def status(
     from sweep.progress import status_table, watch_status
 
     engine = _engine(ctx)
+    _check_filters(engine, plan)
     if watch:
         watch_status(engine, out, plan=plan, interval=interval)
     else:
@@ -278,6 +301,8 @@ def sql(
 
 
 class ExportFormat(str, Enum):
+    """File formats of `slab export`."""
+
     csv = "csv"
     parquet = "parquet"
 
@@ -285,7 +310,7 @@ class ExportFormat(str, Enum):
 @app.command()
 def export(
     ctx: typer.Context,
-    table: str = typer.Argument(..., help="plans, runs, plan_runs, metrics, evals or fits.", show_default=False),
+    table: str = typer.Argument(..., help="plans, runs, plan_runs, metrics, evals, fits or meta (the schema version).", show_default=False),
     format: ExportFormat = typer.Option(ExportFormat.csv, "--format", help="csv or parquet (needs pyarrow)."),
     out_path: Path = typer.Option(..., "--out", help="File to write.", show_default=False),
 ) -> None:
@@ -299,7 +324,7 @@ def export(
         n = export_table(_engine(ctx), table, format.value, out_path)
     except QueryError as exc:
         fail(str(exc))
-    out.print(f"wrote {n} rows of {table} to {out_path}")
+    out.print(f"wrote {_n(n, 'row')} of {table} to {out_path}")
 
 
 @app.command()
@@ -379,7 +404,13 @@ def launch(
         raise typer.Exit(1)
 
 
+#: Below this many runs `slab fit` warns that its bootstrap intervals (resampling runs) say little.
+MIN_BOOTSTRAP_RUNS = 5
+
+
 class Method(str, Enum):
+    """The scaling-law fits of `slab fit --method`."""
+
     frontier = "frontier"
     power = "power"
     one = "1"
@@ -402,11 +433,10 @@ def _progress_bar(description: str):
 
 
 def _analysis_inputs(ctx: typer.Context, plan: str | None, arch: str | None):
-    from db.queries import evals_frame, metrics_frame, plan_names, runs_frame
+    from db.queries import evals_frame, metrics_frame, runs_frame
 
     engine = _engine(ctx)
-    if plan and plan not in plan_names(engine):
-        fail(f"no plan named {plan!r} in the database; known: {', '.join(plan_names(engine)) or 'none'}")
+    _check_filters(engine, plan, arch)
     runs = runs_frame(engine, plan=plan, arch=arch, status="done")
     if runs.empty:
         fail("no finished runs to analyse" + (f" in plan {plan}" if plan else "") + (f" for arch {arch}" if arch else "") + "; launch some with `slab launch PLAN`")
@@ -478,8 +508,11 @@ def fit(
         table.add_column(col, justify="left" if col == "quantity" else "right")
     for name, value in result.estimates.items():
         lo, hi = result.interval(name)
-        table.add_row(name, f"{value:.4g}", f"{lo:.4g}", f"{hi:.4g}")
+        table.add_row(name, f"{value:.4g}", *(f"{x:.4g}" if x == x else "-" for x in (lo, hi)))  # nan: no bootstrap
     out.print(table)
+    if result.n_bootstrap and len(runs) < MIN_BOOTSTRAP_RUNS:
+        err.print(f"[yellow]warning:[/] the intervals resample runs, and {_n(len(runs), 'run')} give little to resample: "
+                  "read them as unknown", highlight=False)
 
 
 @app.command()
@@ -501,6 +534,8 @@ def compare(
     _, runs, metrics, evals = _analysis_inputs(ctx, plan, None)
     if baseline not in set(runs["arch"]):
         fail(f"baseline {baseline!r} has no finished runs; archs present: {', '.join(sorted(set(runs['arch'])))}")
+    if set(runs["arch"]) == {baseline}:
+        fail(f"only the baseline {baseline!r} has finished runs: nothing to compare it with")
     bar, progress = _progress_bar("fitting per arch")
     try:
         with bar:
@@ -591,10 +626,9 @@ def bench_kernels_cmd(
 def bench_fused_cmd(
     out_csv: Optional[Path] = typer.Option(Path("docs/bench/fused.csv"), "--csv", help="Write the table here."),
 ) -> None:
-    """GPU: check, then time the fused RMSNorm, gated RMSNorm, SwiGLU gate and head + cross-entropy against PyTorch
-    and torch.compile.
+    """GPU: check, then time the fused norms, SwiGLU gate and head + loss against PyTorch and torch.compile.
 
-    At the 135M model's shapes: 16k tokens, d 768, SwiGLU hidden 2048, vocab 32k, bf16. Each op's output and
+    The ops: RMSNorm, gated RMSNorm, the SwiGLU gate and the head + cross-entropy. At the 135M model's shapes: 16k tokens, d 768, SwiGLU hidden 2048, vocab 32k, bf16. Each op's output and
     gradients are first checked on the GPU against the fp32 reference; a failing op is listed as FAIL with no
     timings, and the command then exits 1.
 
@@ -632,13 +666,13 @@ def bench_analysis_cmd() -> None:
 def bench_train_cmd(
     arch: list[str] = typer.Option(["softmax"], help="Architecture(s) to time."),
     params: str = typer.Option("135M", help="Named size (135M: d 768, 12 layers, vocab 32k; 350M) or a non-embedding target like 30M."),
-    seq_len: list[int] = typer.Option([2048], help="Context length(s); several give a throughput-vs-length table."),
-    tokens_per_step: int = typer.Option(32768, help="Tokens per optimizer step (batch = this / seq_len)."),
-    steps: int = typer.Option(30, help="Optimizer steps (the median of the second half is reported)."),
+    seq_len: list[int] = typer.Option([2048], min=1, help="Context length(s); several give a throughput-vs-length table."),
+    tokens_per_step: int = typer.Option(32768, min=1, help="Tokens per optimizer step (batch = this / seq_len)."),
+    steps: int = typer.Option(30, min=1, help="Optimizer steps (the median of the second half is reported)."),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the model."),
     compile_mode: Optional[str] = typer.Option(None, help="torch.compile mode, e.g. reduce-overhead (CUDA graphs) or max-autotune-no-cudagraphs; implies --compile."),
     fused: bool = typer.Option(False, "--fused", help="All the fused Triton kernels (RMSNorms, SwiGLU gate, head + loss; kernels.fused) even with --compile, where training by default fuses only the head + loss."),
-    microbatch: Optional[int] = typer.Option(None, help="Sequences per forward pass (default: from a memory estimate)."),
+    microbatch: Optional[int] = typer.Option(None, min=1, help="Sequences per forward pass (default: from a memory estimate)."),
     out_csv: Optional[Path] = typer.Option(None, "--out", help="Also write the table as CSV and its figure as PNG beside it (e.g. docs/bench/train.csv, train.png)."),
     profile: Optional[Path] = typer.Option(None, help="Folder for a torch.profiler table per (arch, T): the ops that took the most time over three steps."),
 ) -> None:
@@ -713,7 +747,9 @@ def bench_pack(
     """Train a plan's runs one at a time, then packed as stacked models, in this process (GPU if present).
 
     Prints both wall times, the speedup, aggregate tokens/s and MFU, and how far the two modes' final
-    losses differ. Evals are left out of both. Example: slab bench pack plans/pack-grid.csv --steps 50
+    losses differ. Evals are left out of both.
+
+    Example: slab bench pack plans/pack-grid.csv --steps 50
     """
     import time
 
@@ -774,8 +810,9 @@ def bench_spread_cmd(
     cpu: bool = typer.Option(False, "--cpu", help="Count CPUs instead of GPUs and train on CPU (a check of the command, not a GPU figure)."),
     out_csv: Optional[Path] = typer.Option(Path("docs/bench/multi_gpu_spread.csv"), "--csv", help="Append the launches here, and redraw its figure beside it."),
 ) -> None:
-    """Launch one plan on all of a host's GPUs and on one (CUDA's first), each into a fresh database, and
-    compare the wall times. Each launch is `slab launch` itself: fractional runs packed on every GPU,
+    """Launch one plan on all of a host's GPUs and on one, each into a fresh database; compare the wall times.
+
+    The one GPU is CUDA's first. Each launch is `slab launch` itself: fractional runs packed on every GPU,
     largest runs first, pending runs started as soon as a GPU share frees.
 
     Example: slab bench spread plans/smoke-h100.csv --gpus 2 --gpus 1
@@ -814,9 +851,10 @@ def bench_dp_cmd(
     cpu: bool = typer.Option(False, "--cpu", help="CPU workers (gloo) instead of GPUs (NCCL): a check of the command, not a speed figure."),
     out_csv: Optional[Path] = typer.Option(Path("docs/bench/multi_gpu_dp.csv"), "--csv", help="Write every step's loss and tokens/s here, and its figure beside it."),
 ) -> None:
-    """Data-parallel scaling: train each run of a plan on 1, 2, ... GPUs through `slab launch` (the same
-    global batch, split across the workers) and print the median tokens/s of the second half of the steps,
-    the speed-up over one GPU and the final losses; the figure overlays the loss curves.
+    """Data-parallel scaling: train each run of a plan on 1, 2, ... GPUs through `slab launch`.
+
+    The same global batch is split across the workers. Prints the median tokens/s of the second half of the
+    steps, the speed-up over one GPU and the final losses; the figure overlays the loss curves.
 
     Example: slab bench dp plans/dp-350m.csv --gpus 1 --gpus 2 --steps 60
     """
@@ -851,7 +889,7 @@ def bench_dp_cmd(
 
 @bench_app.command("plot")
 def bench_plot(
-    tables: list[Path] = typer.Argument(..., help="CSV tables written by `slab bench train --out` or `slab bench pack --csv`."),
+    tables: list[Path] = typer.Argument(..., help="CSV tables written by `slab bench train --out`, `slab bench pack --csv`, `slab bench spread --csv` or `slab bench dp --csv`."),
 ) -> None:
     """Redraw the PNG figure beside each benchmark table (train.csv -> train.png), e.g. after editing one.
 

@@ -638,7 +638,7 @@ def launch(plans: list[Plan], opts: LaunchOptions, view: LaunchView) -> LaunchRe
     try:
         add_plans(engine, plans)
         runs = select_runs(engine, plans, opts)
-        view.log(f"{len(runs)} runs to train")
+        view.log(f"{len(runs)} run{'' if len(runs) == 1 else 's'} to train")
         if not runs:
             return LaunchResult(rows=[])
         opts.ckpt_dir.mkdir(parents=True, exist_ok=True)

@@ -164,3 +164,23 @@ def test_gpu_benchmarks_without_a_gpu_say_so_and_write_nothing(runner, tmp_path,
     assert result.exit_code == 2 and f"slab bench {command} times GPU kernels" in result.output
     assert "Traceback" not in result.output
     assert not (tmp_path / target).exists()
+
+
+def test_filters_that_name_nothing_exit_2(runner, write_plan, tmp_path):
+    db = f"sqlite:///{tmp_path}/slab.db"
+    invoke(runner, "add", write_plan(PLAN), db=db)
+    for args, says in ((["runs", "--plan", "nosuch"], "no plan named 'nosuch'"),
+                       (["runs", "--arch", "transformer"], "unknown arch 'transformer'"),
+                       (["status", "--plan", "nosuch"], "no plan named 'nosuch'"),
+                       (["fit", "--arch", "transformer"], "unknown arch 'transformer'")):
+        result = invoke(runner, *args, db=db)
+        assert result.exit_code == 2, args
+        assert says in result.stderr, (args, result.stderr)
+    one = invoke(runner, "runs", "--arch", "lightning", "--csv", db=db)
+    assert one.exit_code == 0 and len(one.stdout.splitlines()) == 3  # header + the two lightning runs
+
+
+def test_bench_train_refuses_zero_sizes(runner):
+    for option in ("--seq-len", "--steps", "--tokens-per-step", "--microbatch"):
+        result = invoke(runner, "bench", "train", option, "0")
+        assert result.exit_code == 2, option

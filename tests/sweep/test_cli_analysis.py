@@ -14,9 +14,12 @@ from sweep.cli import app
 @pytest.fixture(scope="module")
 def study_db(tmp_path_factory):
     """A SQLite file with a finished synthetic study (runs, curves, evals) registered as plan 'syn'."""
-    path = tmp_path_factory.mktemp("db") / "slab.db"
+    return _study_db(tmp_path_factory.mktemp("db") / "slab.db", ("softmax", "lightning"), 150)
+
+
+def _study_db(path, archs, n_runs):
     url = f"sqlite:///{path}"
-    s = study(150, archs=("softmax", "lightning"), n_steps=12, seed=1)
+    s = study(n_runs, archs=archs, n_steps=12, seed=1)
     engine = open_db(url)
     with session(engine) as db:
         plan = Plan(name="syn", path="syn.csv", sha256="0" * 64)
@@ -92,3 +95,20 @@ def test_fit_external_csv(tmp_path):
     assert result.exit_code == 0, result.output
     est = json.loads(result.stdout)["estimates"]
     assert abs(est["E"] - HOFFMANN["E"]) < 0.15 and abs(est["beta"] - HOFFMANN["beta"]) < 0.08
+
+
+def test_compare_with_only_the_baseline_exits_2(tmp_path):
+    url = _study_db(tmp_path / "one.db", ("softmax",), 20)
+    result = invoke("--db", url, "compare", "--bootstrap", "5")
+    assert result.exit_code == 2 and "nothing to compare" in result.stderr
+
+
+def test_fit_on_few_runs_warns_and_no_bootstrap_prints_no_nan(tmp_path):
+    path = tmp_path / "few.csv"
+    path.write_text("params,tokens,loss\n1e6,2e7,4.0\n3e6,6e7,3.6\n1e7,2e8,3.3\n3e7,6e8,3.1\n")
+    few = invoke("fit", "--csv", path, "--method", "power", "--bootstrap", "10")
+    assert few.exit_code == 0, few.output
+    assert "4 runs give little to resample" in few.stderr
+    none = invoke("fit", "--csv", path, "--method", "power", "--bootstrap", "0")
+    assert none.exit_code == 0, none.output
+    assert "nan" not in none.stdout and "resample" not in none.stderr
