@@ -232,13 +232,6 @@ def load_csv(
 # Loss against compute on the frontier
 
 
-def lower_envelope(points: pd.DataFrame, x: str = "C", y: str = "L") -> pd.DataFrame:
-    """Rows whose loss is below that of every row with less compute (the compute-efficient frontier)."""
-    s = points.sort_values([x, y], kind="mergesort")
-    prev_min = s[y].cummin().shift(1, fill_value=np.inf)
-    return s[s[y].to_numpy() < prev_min.to_numpy()].reset_index(drop=True)
-
-
 def curve_envelope(
     metrics: pd.DataFrame,
     runs: pd.DataFrame,

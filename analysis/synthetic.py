@@ -183,6 +183,7 @@ def curves_for(runs: pd.DataFrame, law: Mapping[str, float] = HOFFMANN, *, n_ste
 
 
 def hybrid_pattern_for(arch: str, i: int) -> str:
+    """The hybrid layer pattern of the i-th synthetic run of ``arch`` (cycling ``HYBRID_PATTERNS``; "" otherwise)."""
     return HYBRID_PATTERNS[i % len(HYBRID_PATTERNS)] if arch == "hybrid" else ""
 
 

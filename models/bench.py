@@ -10,7 +10,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
@@ -203,9 +203,3 @@ def _step_profiler(steps: int, device: str):
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
     wait = max(0, steps // 2 - 1)
     return profile(activities=activities, schedule=schedule(wait=wait, warmup=1, active=min(3, max(1, steps - wait - 1))))
-
-
-def with_seq_len(spec: BenchSpec, seq_len: int, tokens_per_step: int) -> BenchSpec:
-    """The same model at another context length, keeping the tokens per optimizer step."""
-    batch = max(1, tokens_per_step // seq_len)
-    return replace(spec, seq_len=seq_len, batch_size=batch, tokens=spec.steps * batch * seq_len)

@@ -7,12 +7,11 @@ the packed entry point (q, k, v as one tensor) is checked too, and ours on Trito
 CSV, PNG and a markdown table.
 An implementation that fails its check gets no timing; one that raises gets an error cell, not a crash.
 
-    python -m kernels.linear_attention.bench --out docs/bench [--quick]
+Run it with `slab bench kernels --out docs/bench [--quick] [--no-peers]`.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import itertools
 import logging
@@ -502,17 +501,3 @@ def plot(df: pd.DataFrame, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
-
-def main(argv: list[str] | None = None) -> None:
-    """Command line: run the benchmark on the GPU and print the markdown table."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path("docs/bench"))
-    parser.add_argument("--quick", action="store_true")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    print(report(run_bench(args.out, quick=args.quick)))
-
-
-if __name__ == "__main__":
-    main()
