@@ -634,6 +634,10 @@ def launch(plans: list[Plan], opts: LaunchOptions, view: LaunchView) -> LaunchRe
     if opts.num_gpus and not opts.cpu and not opts.address and opts.num_gpus > host_gpus():
         # Ray would believe the count and hand tasks GPUs that do not exist.
         raise LaunchError(f"--num-gpus {opts.num_gpus}: this host has {host_gpus()} GPU(s)")
+    if opts.where and not any(_matches(r.spec, r.name, opts.where) for p in plans for r in p.runs):
+        # Most likely a misspelt value: say so before anything is written, rather than train nothing.
+        shown = ",".join(f"{k}={v}" for k, v in opts.where)
+        raise LaunchError(f"--where {shown}: no run of {', '.join(p.name for p in plans)} matches")
     engine = open_db(opts.db_url, create=True)
     try:
         add_plans(engine, plans)

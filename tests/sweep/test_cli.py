@@ -158,6 +158,15 @@ def test_launch_to_an_address_where_nothing_listens_fails_fast(write_plan, tmp_p
     assert not db.exists()
 
 
+def test_launch_where_that_matches_no_run_exits_2_and_writes_nothing(runner, write_plan, tmp_path):
+    db = tmp_path / "slab.db"
+    result = invoke(runner, "launch", write_plan(PLAN), "--cpu", "--ckpt-dir", tmp_path / "ckpt", "--where",
+                    "arch=lightnin", db=f"sqlite:///{db}")
+    assert result.exit_code == 2, result.output
+    assert "--where arch=lightnin: no run of" in result.stderr
+    assert not db.exists() and not (tmp_path / "ckpt").exists()
+
+
 @pytest.mark.parametrize("command,option,target", [("fused", "--csv", "fused.csv"), ("kernels", "--out", "bench")])
 def test_gpu_benchmarks_without_a_gpu_say_so_and_write_nothing(runner, tmp_path, command, option, target):
     result = invoke(runner, "bench", command, option, tmp_path / target)
