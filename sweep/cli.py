@@ -511,8 +511,8 @@ def fit(
         table.add_row(name, f"{value:.4g}", *(f"{x:.4g}" if x == x else "-" for x in (lo, hi)))  # nan: no bootstrap
     out.print(table)
     if result.n_bootstrap and len(runs) < MIN_BOOTSTRAP_RUNS:
-        err.print(f"[yellow]warning:[/] the intervals resample runs, and {_n(len(runs), 'run')} give little to resample: "
-                  "read them as unknown", highlight=False)
+        err.print(f"[yellow]warning:[/] the intervals resample runs, and with {_n(len(runs), 'run')} there is little to "
+                  "resample: read them as unknown", highlight=False)
 
 
 @app.command()
@@ -628,9 +628,9 @@ def bench_fused_cmd(
 ) -> None:
     """GPU: check, then time the fused norms, SwiGLU gate and head + loss against PyTorch and torch.compile.
 
-    The ops: RMSNorm, gated RMSNorm, the SwiGLU gate and the head + cross-entropy. At the 135M model's shapes: 16k tokens, d 768, SwiGLU hidden 2048, vocab 32k, bf16. Each op's output and
-    gradients are first checked on the GPU against the fp32 reference; a failing op is listed as FAIL with no
-    timings, and the command then exits 1.
+    The ops: RMSNorm, gated RMSNorm, the SwiGLU gate and the head + cross-entropy, at the 135M model's shapes: 16k
+    tokens, d 768, SwiGLU hidden 2048, vocab 32k, bf16. Each op's output and gradients are first checked on the
+    GPU against the fp32 reference; a failing op is listed as FAIL with no timings, and the command then exits 1.
 
     Example: slab bench fused --csv docs/bench/fused.csv
     """

@@ -108,7 +108,7 @@ def test_fit_on_few_runs_warns_and_no_bootstrap_prints_no_nan(tmp_path):
     path.write_text("params,tokens,loss\n1e6,2e7,4.0\n3e6,6e7,3.6\n1e7,2e8,3.3\n3e7,6e8,3.1\n")
     few = invoke("fit", "--csv", path, "--method", "power", "--bootstrap", "10")
     assert few.exit_code == 0, few.output
-    assert "4 runs give little to resample" in few.stderr
+    assert "with 4 runs there is little to resample" in few.stderr
     none = invoke("fit", "--csv", path, "--method", "power", "--bootstrap", "0")
     assert none.exit_code == 0, none.output
     assert "nan" not in none.stdout and "resample" not in none.stderr
