@@ -15,6 +15,7 @@ from typing import NoReturn, Optional
 
 import typer
 from rich.console import Console
+from rich.measure import Measurement
 from rich.table import Table
 
 from db.engine import DatabaseError, open_db, resolve_url
@@ -143,7 +144,15 @@ class Format(str, Enum):
     json = "json"
 
 
+def _cell(value) -> str:
+    """A table cell: blank for missing, floats to 6 significant digits (CSV and JSON keep them whole)."""
+    if value is None or value != value:
+        return ""
+    return f"{value:.6g}" if isinstance(value, float) else str(value)
+
+
 def _emit(frame, fmt: Format, title: str | None = None) -> None:
+    """Print a frame as CSV, JSON records or a rich table."""
     if fmt is Format.csv:
         sys.stdout.write(frame.to_csv(index=False))
     elif fmt is Format.json:
@@ -153,8 +162,12 @@ def _emit(frame, fmt: Format, title: str | None = None) -> None:
         for col in frame.columns:
             table.add_column(str(col))
         for row in frame.itertuples(index=False):
-            table.add_row(*("" if v is None or v != v else str(v) for v in row))
-        out.print(table)
+            table.add_row(*map(_cell, row))
+        if out.is_terminal:
+            out.print(table)
+        else:  # piped into a file or a log, a table keeps its natural width: cut to the console's, cells lost digits
+            natural = Measurement.get(out, out.options.update_width(10**6), table).maximum
+            Console(width=max(out.width, natural)).print(table)
 
 
 def _n(count: int, noun: str) -> str:

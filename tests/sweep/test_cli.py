@@ -193,3 +193,17 @@ def test_bench_train_refuses_zero_sizes(runner):
     for option in ("--seq-len", "--steps", "--tokens-per-step", "--microbatch"):
         result = invoke(runner, "bench", "train", option, "0")
         assert result.exit_code == 2, option
+
+
+def test_piped_tables_keep_every_digit_and_name(capsys):
+    """A wide table piped into a file is printed at its natural width: cut to the console's, cells lost digits."""
+    import pandas as pd
+
+    from sweep.cli import Format, _emit
+
+    frame = pd.DataFrame([{f"a_long_column_name_{i}": 1234.56789 + i for i in range(18)} | {"C": 1.7e11, "gap": None}])
+    _emit(frame, Format.table, title="wide")
+    printed = capsys.readouterr().out
+    assert "…" not in printed
+    assert all(f"a_long_column_name_{i}" in printed and f"{1234.56789 + i:.6g}" in printed for i in range(18))
+    assert "1.7e+11" in printed
