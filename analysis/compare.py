@@ -288,6 +288,21 @@ def throughput_table(throughput: pd.DataFrame, *, baseline: str = "softmax") -> 
     return out.sort_values(["arch", "seq_len"]).reset_index(drop=True)
 
 
+#: An approach-3 fit whose N_opt exponent a = beta / (alpha + beta) falls outside this range puts nearly all of
+#: extra compute into size or into data (Chinchilla's a is about 0.5, Kaplan's 0.73): a sign that the runs do not
+#: pin the split down, not a finding.
+PLAUSIBLE_ALLOCATION = (0.05, 0.95)
+
+
+def _allocation_caveat(a: float, tokens_per_param: float) -> str:
+    """A warning appended to an approach-3 finding whose compute split is degenerate; empty otherwise."""
+    lo, hi = PLAUSIBLE_ALLOCATION
+    if np.isfinite(a) and lo < a < hi and np.isfinite(tokens_per_param) and tokens_per_param > 0:
+        return ""
+    return (" Degenerate: these runs do not pin down how compute splits between size and data; "
+            "vary both at fixed compute (an IsoFLOP plan) before reading this split.")
+
+
 def summary_findings(
     comparison: ArchComparison | None = None,
     *,
@@ -328,6 +343,7 @@ def summary_findings(
             f"so N_opt grows as C^{e['a']:.2f}; "
             f"compute-optimal tokens per parameter at C={k.split('@')[1]} FLOPs: {e[k]:.3g}{ci}"
             + ("" if fit.converged else " (optimiser did not confirm convergence)") + "."
+            + _allocation_caveat(e["a"], e[k])
         )
     if niah is not None and not niah.empty:
         mean = niah.groupby("arch")["accuracy"].mean().sort_values(ascending=False)

@@ -130,3 +130,19 @@ def test_throughput_table_relative_to_baseline(data):
     assert lin > 1.5
     with pytest.raises(FitError, match="tokens_per_s"):
         compare.throughput_table(data.throughput.drop(columns=["tokens_per_s"]))
+
+
+def _approach3(alpha, beta, tokens_per_param):
+    from analysis.fits import FitResult
+
+    estimates = {"alpha": alpha, "beta": beta, "a": beta / (alpha + beta), "tokens_per_param@5e+12": tokens_per_param}
+    return FitResult("approach3", "L = E + A/N^alpha + B/D^beta", estimates, {}, np.zeros(0), pd.DataFrame(), 30, 0, True)
+
+
+def test_findings_flag_a_degenerate_compute_split():
+    lines = compare.summary_findings(approach3={"softmax": _approach3(0.34, 0.28, 20.0),
+                                                "lightning": _approach3(213.0, 0.169, 0.0),
+                                                "hybrid": _approach3(0.084, 117.6, math.inf)})
+    by_arch = {line.split(":")[0]: line for line in lines}
+    assert "Degenerate" not in by_arch["softmax"]
+    assert "Degenerate" in by_arch["lightning"] and "Degenerate" in by_arch["hybrid"]
