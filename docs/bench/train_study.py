@@ -22,8 +22,9 @@ with their row split autotuned), pdl (inductor's kernels launched with programma
 fused loss in chunks of at least 16384 tokens rather than 4096: fewer fp32 additions into grad_W), gategemm (the
 MLP on swiglu_gemm_study.py's prototype kernels: SwiGLU's gate in Triton GEMM epilogues), budget75 / budget60 (the
 compiled backward's partitioner recomputes to keep saved activations within 75% / 60% of what it would save, torch's
-activation_memory_budget).
-Each run trains 20 steps at T 2048 and prints one RESULT line (median tokens/s of the second half, MFU of 989).
+activation_memory_budget), t8k / t32k (T 8192 / 32768 at the same tokens a step), st (autograd's backward on the
+calling thread, torch.autograd.set_multithreading_enabled(False)).
+Each run trains 20 steps (T 2048 unless t8k or t32k) and prints one RESULT line (median tokens/s of the second half, MFU of 989).
 """
 
 import contextlib
@@ -39,7 +40,7 @@ OUT = Path("/tmp/train_study")
 #: The OPTIONS of the docstring.
 OPTIONS = ("resid16", "bthd", "ce", "ce1", "b32", "b64", "b64x2", "b128", "h6", "noclip", "qkvg", "w13", "flash", "eager",
            "ro", "mat", "fused", "prof", "trace", "hostt", "wideloss", "nomos", "mostune", "pdl", "ce16k",
-           "gategemm", "budget75", "budget60")
+           "gategemm", "budget75", "budget60", "t8k", "t32k", "st")
 #: Inductor settings (models.train.INDUCTOR_OPTIONS) that the options nomos, mostune and pdl set.
 INDUCTOR_OPTIONS = {"nomos": ("triton.mix_order_reduction_allow_multi_stages", False),
                     "mostune": ("triton.mix_order_reduction_autotune_split_size", True),
@@ -236,7 +237,12 @@ def variant(name: str, arch: str, *options: str) -> None:
     # Tokens per step and microbatch (None: the whole step in one pass).
     batches = {"b128": (262144, 128), "b64x2": (262144, 64), "b64": (131072, 64), "b32": (65536, 32)}
     tokens_per_step, microbatch = next((batches[b] for b in batches if b in opts), (32768, None))
-    spec = mb.bench_spec(arch, "135M", 2048, tokens_per_step // 2048, 20)
+    seq_len = 32768 if "t32k" in opts else 8192 if "t8k" in opts else 2048
+    spec = mb.bench_spec(arch, "135M", seq_len, max(1, tokens_per_step // seq_len), 20)
+    if "st" in opts:
+        # The backward on the calling thread instead of autograd's device thread: less host time a step when the
+        # host sets the pace (eager steps at long T, kernels.md).
+        torch.autograd.set_multithreading_enabled(False)
     if "noclip" in opts:
         spec = replace(spec, grad_clip=0.0)
     mode = "reduce-overhead" if "ro" in opts else "max-autotune-no-cudagraphs" if "mat" in opts else True
