@@ -207,7 +207,9 @@ def plan(
                     seen.add(r.spec.run_id)
                     runs.append({"run_id": r.spec.run_id, "plan": p.name, "row": r.row, "name": r.name, **r.spec.derived(), "spec": r.spec.to_dict()})
         totals = {"runs": cost.runs, "flops": cost.flops, "gpu_hours": cost.gpu_hours, "mfu": mfu, "gpu_tflops": gpu_tflops}
-        sys.stdout.write(json.dumps({"totals": totals, "blocks": [asdict(b) for b in cost.blocks], "runs": runs}) + "\n")
+        repeats = [{"plan": p, "row": r, "repeated": n, "runs": of} for p, r, n, of in cost.repeats]
+        sys.stdout.write(json.dumps({"totals": totals, "blocks": [asdict(b) for b in cost.blocks], "runs": runs,
+                                     "repeats": repeats}) + "\n")
         return
     table = Table(title=", ".join(str(f) for f in files))
     for col in ("plan:row", "arch", "shape", "params", "non-emb", "tokens", "FLOPs", "runs"):
@@ -216,6 +218,11 @@ def plan(
         tokens = _si(b.tokens_min) if b.tokens_min == b.tokens_max else f"{_si(b.tokens_min)}-{_si(b.tokens_max)}"
         table.add_row(f"{b.plan}:{b.row}", b.arch, b.shape, _si(b.params), _si(b.nonembed_params), tokens, _si(b.flops), str(b.runs))
     out.print(table)
+    for plan_name, row, n, of in cost.repeats:
+        # Such a row is missing from the table, or shows fewer runs than it expands to.
+        which = (f"its {_n(of, 'run')} {'is' if of == 1 else 'are all'}" if n == of
+                 else f"{n} of its {of} runs {'is' if n == 1 else 'are'}")
+        out.print(f"note: {plan_name}:{row}: {which} given before (each run is trained once)", highlight=False)
     out.print(
         f"[bold]{cost.runs:,}[/] runs, [bold]{cost.flops:.3e}[/] FLOPs, about [bold]{cost.gpu_hours:,.3g}[/] GPU-hours "
         f"at {mfu:.0%} MFU of {gpu_tflops:g} TFLOP/s"

@@ -702,6 +702,9 @@ class Costing:
     gpu_hours: float
     mfu: float
     gpu_tflops: float
+    #: Rows some of whose runs an earlier row (or plan) already gives, as (plan, row, repeated, of its runs):
+    #: a run is trained once, so those runs are priced once, under the first row.
+    repeats: list[tuple[str, int, int, int]] = field(default_factory=list)
 
 
 def cost_plans(plans: list[Plan], *, mfu: float = 0.3, gpu_tflops: float = 989.0) -> Costing:
@@ -712,10 +715,14 @@ def cost_plans(plans: list[Plan], *, mfu: float = 0.3, gpu_tflops: float = 989.0
         raise ValueError(f"--gpu-tflops must be positive, got {gpu_tflops}")
     groups: dict[tuple, list[RunSpec]] = {}
     seen: set[str] = set()
+    per_row: dict[tuple[str, int], list[int]] = {}  # (plan, row) -> [repeated, runs]
     total = 0.0
     for plan in plans:
         for run in plan.runs:
+            counts = per_row.setdefault((plan.name, run.row), [0, 0])
+            counts[1] += 1
             if run.spec.run_id in seen:
+                counts[0] += 1
                 continue
             seen.add(run.spec.run_id)
             s = run.spec
@@ -729,4 +736,6 @@ def cost_plans(plans: list[Plan], *, mfu: float = 0.3, gpu_tflops: float = 989.0
         tokens = [s.tokens for s in specs]
         blocks.append(Block(plan_name, row, arch, shape, counts.total, counts.nonembed, min(tokens), max(tokens), flops, len(specs)))
     hours = total / (mfu * gpu_tflops * 1e12) / 3600
-    return Costing(blocks=blocks, runs=len(seen), flops=total, gpu_hours=hours, mfu=mfu, gpu_tflops=gpu_tflops)
+    repeats = [(plan_name, row, n, of) for (plan_name, row), (n, of) in per_row.items() if n]
+    return Costing(blocks=blocks, runs=len(seen), flops=total, gpu_hours=hours, mfu=mfu, gpu_tflops=gpu_tflops,
+                   repeats=repeats)

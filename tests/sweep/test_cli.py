@@ -35,6 +35,16 @@ def test_plan_prints_blocks_totals_and_writes_nothing(runner, write_plan, tmp_pa
     assert data["totals"]["gpu_hours"] == pytest.approx(data["totals"]["flops"] / (0.3 * 989e12) / 3600)
 
 
+def test_plan_notes_rows_whose_runs_were_given_before(runner, write_plan):
+    path = write_plan(PLAN + PLAN.splitlines()[1].replace("32|64", "64") + "\n")  # row 3 repeats one run of row 2
+    result = invoke(runner, "plan", path)
+    assert result.exit_code == 0, result.output
+    assert ":3: its 2 runs are all given before" in result.output and "4 runs" in result.output
+    data = json.loads(invoke(runner, "plan", path, "--json").stdout)
+    assert data["repeats"] == [{"plan": path.stem, "row": 3, "repeated": 2, "runs": 2}]
+    assert json.loads(invoke(runner, "plan", write_plan(PLAN, "plain.csv"), "--json").stdout)["repeats"] == []
+
+
 def test_bad_plan_exits_2_and_leaves_database_unchanged(runner, write_plan, tmp_path):
     db = f"sqlite:///{tmp_path}/slab.db"
     good = write_plan(PLAN, "good.csv")
