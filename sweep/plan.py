@@ -719,10 +719,10 @@ def cost_plans(plans: list[Plan], *, mfu: float = 0.3, gpu_tflops: float = 989.0
     total = 0.0
     for plan in plans:
         for run in plan.runs:
-            counts = per_row.setdefault((plan.name, run.row), [0, 0])
-            counts[1] += 1
+            tally = per_row.setdefault((plan.name, run.row), [0, 0])
+            tally[1] += 1
             if run.spec.run_id in seen:
-                counts[0] += 1
+                tally[0] += 1
                 continue
             seen.add(run.spec.run_id)
             s = run.spec
