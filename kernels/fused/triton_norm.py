@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..dispatch import eager_or_op
+
 #: Elements per (ROWS, BLOCK_D) tile of the forward (16 a thread): a row of 768 (1024 padded) gives 2 rows a program.
 TILE = 2048
 MAX_ROWS = 16
@@ -112,12 +114,10 @@ def _launch(d: int, backward: bool, gated: bool = False) -> _Launch:
     return _Launch(block_d, rows, min(32, max(4, block_d * rows // (32 * 16))))
 
 
-# Custom ops rather than an autograd.Function: torch.compile keeps them in its graph as opaque calls
-# instead of breaking the graph around them (and never traces into the kernels).
 # A gate of None is the plain RMSNorm; its kernels then take x as a stand-in pointer they never read.
-@torch.library.custom_op("slab::rms_norm_fwd", mutates_args=())
-def _rms_norm_fwd(x2: torch.Tensor, weight: torch.Tensor, gate: torch.Tensor | None, eps: float
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+def _forward(x2: torch.Tensor, weight: torch.Tensor, gate: torch.Tensor | None, eps: float
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """y and the rows' rstd."""
     M, d = x2.shape
     gated = gate is not None
     block_d, rows, warps, _ = _launch(d, False)
@@ -128,9 +128,9 @@ def _rms_norm_fwd(x2: torch.Tensor, weight: torch.Tensor, gate: torch.Tensor | N
     return y, rstd
 
 
-@torch.library.custom_op("slab::rms_norm_bwd", mutates_args=())
-def _rms_norm_bwd(dy: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor, gate: torch.Tensor | None,
-                  rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _backward_kernels(dy: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor, gate: torch.Tensor | None,
+                      rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dx, dweight and dgate (empty without a gate)."""
     M, d = x2.shape
     gated = gate is not None
     block_d, rows, warps, per_sm = _launch(d, True, gated)
@@ -144,6 +144,20 @@ def _rms_norm_bwd(dy: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor, gate
                                       dg if gated else dx, dw, M, d, ROWS=rows, BLOCK_D=block_d, GATED=gated,
                                       num_warps=warps)
     return dx, dw.sum(dim=0).to(weight.dtype), dg
+
+
+# Custom ops for torch.compile, which keeps them in its graph as opaque calls instead of breaking the graph around
+# them (and never traces into the kernels); eager calls take `_Eager` (`kernels.dispatch`).
+@torch.library.custom_op("slab::rms_norm_fwd", mutates_args=())
+def _rms_norm_fwd(x2: torch.Tensor, weight: torch.Tensor, gate: torch.Tensor | None, eps: float
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    return _forward(x2, weight, gate, eps)
+
+
+@torch.library.custom_op("slab::rms_norm_bwd", mutates_args=())
+def _rms_norm_bwd(dy: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor, gate: torch.Tensor | None,
+                  rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _backward_kernels(dy, x2, weight, gate, rstd)
 
 
 @_rms_norm_fwd.register_fake
@@ -161,23 +175,40 @@ def _setup(ctx, inputs, output):
     ctx.save_for_backward(x2, weight, gate, output[1])
 
 
-def _backward(ctx, dy, _drstd):
+def _backward(ctx, dy, _drstd, run=_rms_norm_bwd):
     x2, weight, gate, rstd = ctx.saved_tensors
-    dx, dweight, dgate = _rms_norm_bwd(dy, x2, weight, gate, rstd)
+    dx, dweight, dgate = run(dy, x2, weight, gate, rstd)
     return dx, dweight, dgate if gate is not None else None, None
 
 
 _rms_norm_fwd.register_autograd(_backward, setup_context=_setup)
 
 
+class _Eager(torch.autograd.Function):
+    """The custom ops' forward and backward outside torch.compile and functorch, without their dispatch."""
+
+    @staticmethod
+    def forward(ctx, x2, weight, gate, eps):
+        y, rstd = _forward(x2, weight, gate, eps)
+        _setup(ctx, (x2, weight, gate, eps), (y, rstd))
+        ctx.mark_non_differentiable(rstd)
+        return y, rstd
+
+    @staticmethod
+    def backward(ctx, dy, drstd):
+        return _backward(ctx, dy, drstd, run=_backward_kernels)
+
+
 def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """Triton RMSNorm over the last dim (autograd backward included); output in x's dtype."""
-    y, _ = _rms_norm_fwd(x.contiguous().view(-1, x.shape[-1]), weight.contiguous(), None, float(eps))
+    y, _ = eager_or_op(_rms_norm_fwd, _Eager, x.contiguous().view(-1, x.shape[-1]), weight.contiguous(), None,
+                       float(eps))
     return y.view(x.shape)
 
 
 def gated_rms_norm_triton(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """sigmoid(gate) * RMSNorm(x) over the last dim in one pass (autograd backward included); output in x's dtype."""
     d = x.shape[-1]
-    y, _ = _rms_norm_fwd(x.contiguous().view(-1, d), weight.contiguous(), gate.contiguous().view(-1, d), float(eps))
+    y, _ = eager_or_op(_rms_norm_fwd, _Eager, x.contiguous().view(-1, d), weight.contiguous(),
+                       gate.contiguous().view(-1, d), float(eps))
     return y.view(x.shape)

@@ -10,6 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..dispatch import eager_or_op
+
 BLOCK = 2048
 NUM_WARPS = 8
 
@@ -39,22 +41,32 @@ def _swiglu_bwd_kernel(dc_ptr, a_ptr, b_ptr, da_ptr, db_ptr, n, BLOCK: tl.conste
     tl.store(da_ptr + start + offs, (dc * b * s * (1.0 + a * (1.0 - s))).to(da_ptr.dtype.element_ty), mask=mask)
 
 
-# Custom ops rather than an autograd.Function: torch.compile keeps them in its graph as opaque calls
-# instead of breaking the graph around them.
-@torch.library.custom_op("slab::swiglu_fwd", mutates_args=())
-def _swiglu_fwd(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def _forward(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """silu(a) * b."""
     c = torch.empty_like(a)
     n = a.numel()
     _swiglu_fwd_kernel[(triton.cdiv(n, BLOCK),)](a, b, c, n, BLOCK=BLOCK, num_warps=NUM_WARPS)
     return c
 
 
-@torch.library.custom_op("slab::swiglu_bwd", mutates_args=())
-def _swiglu_bwd(dc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _backward_kernel(dc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """da and db."""
     da, db = torch.empty_like(a), torch.empty_like(b)
     n = a.numel()
     _swiglu_bwd_kernel[(triton.cdiv(n, BLOCK),)](dc.contiguous(), a, b, da, db, n, BLOCK=BLOCK, num_warps=NUM_WARPS)
     return da, db
+
+
+# Custom ops for torch.compile, which keeps them in its graph as opaque calls instead of breaking the graph around
+# them; eager calls take `_Eager` (`kernels.dispatch`).
+@torch.library.custom_op("slab::swiglu_fwd", mutates_args=())
+def _swiglu_fwd(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return _forward(a, b)
+
+
+@torch.library.custom_op("slab::swiglu_bwd", mutates_args=())
+def _swiglu_bwd(dc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return _backward_kernel(dc, a, b)
 
 
 @_swiglu_fwd.register_fake
@@ -71,13 +83,27 @@ def _setup(ctx, inputs, output):
     ctx.save_for_backward(*inputs)
 
 
-def _backward(ctx, dc):
-    return _swiglu_bwd(dc, *ctx.saved_tensors)
+def _backward(ctx, dc, run=_swiglu_bwd):
+    return run(dc, *ctx.saved_tensors)
 
 
 _swiglu_fwd.register_autograd(_backward, setup_context=_setup)
 
 
+class _Eager(torch.autograd.Function):
+    """The custom ops' forward and backward outside torch.compile and functorch, without their dispatch."""
+
+    @staticmethod
+    def forward(ctx, a, b):
+        c = _forward(a, b)
+        _setup(ctx, (a, b), c)
+        return c
+
+    @staticmethod
+    def backward(ctx, dc):
+        return _backward(ctx, dc, run=_backward_kernel)
+
+
 def swiglu_triton(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Triton silu(a) * b (autograd backward included), same shape and dtype as a."""
-    return _swiglu_fwd(a.contiguous(), b.contiguous())
+    return eager_or_op(_swiglu_fwd, _Eager, a.contiguous(), b.contiguous())

@@ -66,6 +66,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..dispatch import eager_or_op
+
 #: Tokens per chunk and per intra-chunk sub-block (per-channel decay).
 CHUNK = 64
 SUB = 16
@@ -1683,10 +1685,7 @@ def _run_op(op, eager, args):
     forward and backward as a plain autograd Function."""
     if not args[0].is_cuda and not _interpreting():
         raise ValueError("the triton backend needs CUDA tensors (or TRITON_INTERPRET=1 to run on CPU)")
-    if torch.compiler.is_compiling() or torch._C._functorch.is_functorch_wrapped_tensor(args[0]):
-        o, final, *_ = op(*args)
-    else:
-        o, final, *_ = eager.apply(*args)
+    o, final, *_ = eager_or_op(op, eager, *args)
     return o, final
 
 

@@ -482,3 +482,27 @@ def test_check_fused_passes_the_kernels_and_catches_a_wrong_one():
 
     x = [torch.randn(8, 16).to(torch.bfloat16) for _ in range(2)]
     assert check_op(wrong, x) > CHECK_TOL
+
+
+# ------------------------------------------------------------------------------------------------ entry points
+@pytest.mark.parametrize("op", ["rms_norm", "gated_rms_norm", "swiglu"])
+def test_eager_calls_skip_the_custom_op_and_compiled_calls_keep_it(op):
+    """Eager calls go through a plain autograd Function (the custom op's dispatch costs host time on every call);
+    torch.compile keeps the custom op. Both run the same kernels: the same outputs and gradients, bit for bit."""
+    g = torch.Generator().manual_seed(0)
+    x, gate = torch.randn(6, 32, generator=g), torch.randn(6, 32, generator=g)
+    weight = 1 + 0.1 * torch.randn(32, generator=g)
+    calls = {"rms_norm": lambda x, gate, w: rms_norm(x + gate, w, backend="triton"),
+             "gated_rms_norm": lambda x, gate, w: gated_rms_norm(x, gate, w, backend="triton"),
+             "swiglu": lambda x, gate, w: swiglu(x, gate, backend="triton") * w}
+    fn = calls[op]
+    inputs = leaves(x, gate, weight)
+    out = fn(*inputs)
+    assert "slab" not in out.grad_fn.name() and not any(
+        "slab" in (f.name() if f is not None else "") for f, _ in out.grad_fn.next_functions)
+    eager_out, eager_grads = run(fn, inputs, torch.ones_like(x))
+    torch._dynamo.reset()
+    compiled_out, compiled_grads = run(torch.compile(fn, backend="aot_eager", fullgraph=True), inputs, torch.ones_like(x))
+    assert torch.equal(eager_out, compiled_out)
+    for a, b in zip(eager_grads, compiled_grads):
+        assert torch.equal(a, b)
