@@ -15,7 +15,6 @@ from typing import NoReturn, Optional
 
 import typer
 from rich.console import Console
-from rich.measure import Measurement
 from rich.table import Table
 
 from db.engine import DatabaseError, open_db, resolve_url
@@ -30,9 +29,12 @@ bench_app = typer.Typer(help="Benchmarks that print measured numbers (some need 
                         "paths are relative to the repository's root: run them from there.", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
 
-# Piped output (CI logs, files) gets wide tables instead of rich's 80-column default.
-out = Console(width=None if sys.stdout.isatty() else 160)
-err = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
+# Piped output (CI logs, files) is never cut to a width: a table keeps its natural width and every digit (at rich's
+# 80-column default, or any fixed width, slab compare's 18 columns printed as 'basel…' and '17000…'). Tables do not
+# expand to the console's width, so this one does not pad them.
+PIPED_WIDTH = 100_000
+out = Console(width=None if sys.stdout.isatty() else PIPED_WIDTH)
+err = Console(stderr=True, width=None if sys.stderr.isatty() else PIPED_WIDTH)
 
 
 def fail(message: str, code: int = 2) -> NoReturn:
@@ -163,11 +165,7 @@ def _emit(frame, fmt: Format, title: str | None = None) -> None:
             table.add_column(str(col))
         for row in frame.itertuples(index=False):
             table.add_row(*map(_cell, row))
-        if out.is_terminal:
-            out.print(table)
-        else:  # piped into a file or a log, a table keeps its natural width: cut to the console's, cells lost digits
-            natural = Measurement.get(out, out.options.update_width(10**6), table).maximum
-            Console(width=max(out.width, natural)).print(table)
+        out.print(table)
 
 
 def _n(count: int, noun: str) -> str:
