@@ -10,6 +10,9 @@ out=${OUT:-/tmp/out}; mkdir -p "$out/docs_bench" /tmp/slab-bin
 printf '#!/usr/bin/env bash\nexec python -m sweep.cli "$@"\n' > /tmp/slab-bin/slab; chmod +x /tmp/slab-bin/slab
 # -o .venv/.stamp: the package is already importable from the working tree; BIN: a `slab` that runs it.
 mapfile -t lines < <(make -s -n -o setup -o .venv/.stamp bench BIN=/tmp/slab-bin)
+for n in "$@"; do  # every line number checked before anything runs
+  [[ $n =~ ^[1-9][0-9]*$ && $n -le ${#lines[@]} ]] || { echo "make_bench_on_device.sh: no line $n; the recipe has ${#lines[@]} (1-${#lines[@]})" >&2; exit 2; }
+done
 echo "recipe: ${#lines[@]} lines" | tee "$out/make_bench_recipe.txt"
 printf '%s\n' "${lines[@]}" >> "$out/make_bench_recipe.txt"
 touch /tmp/make_bench_start
