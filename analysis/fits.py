@@ -32,6 +32,7 @@ HUBER_DELTA = 1e-3
 GRID_ALPHA = np.arange(0.0, 2.01, 0.5)
 GRID_E = np.arange(-1.0, 1.01, 0.5)
 GRID_AB = np.arange(0.0, 25.1, 5.0)
+TIE_REL_TOL = 1e-3  # final points whose compute agrees this closely are one budget (rounded token counts)
 SCREEN_POINTS = 64  # runs used to screen the grid starts (enough to tell the basins apart)
 
 
@@ -267,6 +268,11 @@ def fit_loss_compute(
     k = 3 if form == "saturating" else 2
     source = _FrontierSource(pts, None if metrics is None else _curves(metrics, runs, params_col), n_bins)
     n_runs = len(source.run_ids)
+    if source.kind == "curves" and np.unique(source.N_run).size < 2:
+        raise FitError(
+            f"loss-compute fit from curves needs runs of at least 2 model sizes, got {n_runs} run(s) of one size: "
+            "one model's training curve is not the compute-optimal frontier"
+        )
     front = source.frame(np.arange(n_runs))
     if len(front) < k:
         raise FitError(
@@ -318,11 +324,12 @@ def fit_loss_compute(
 class _FrontierSource:
     """Frontier points for any subset of runs, fast enough to rebuild in every bootstrap replicate.
 
-    From final points: one point per run. From curves: per run and log-spaced FLOP bin the curve's
-    lowest point; a subset's frontier takes the minimum over its runs per bin, then the lower envelope.
-    Curve points where the smallest size is lowest are dropped: there the envelope follows the
-    smallest model's early training, set by the size grid rather than by compute (the edge effect of
-    approach 1).
+    From final points: one point per run; runs whose compute agrees within `TIE_REL_TOL` (an IsoFLOP
+    budget) are one budget, of which only the lowest loss can be on the frontier. From curves: per run
+    and log-spaced FLOP bin the curve's lowest point; a subset's frontier takes the minimum over its
+    runs per bin, then the lower envelope. A bin whose winner is the smallest of the subset's sizes
+    covering it is dropped: a smaller model, trained longer, might do better there, so that point only
+    bounds the frontier (the edge effect of approach 1).
     """
 
     def __init__(self, pts: pd.DataFrame, curves: pd.DataFrame | None, n_bins: int):
@@ -333,9 +340,16 @@ class _FrontierSource:
             order = np.argsort(table["C"].to_numpy(), kind="mergesort")
             self.table = table.iloc[order].reset_index(drop=True)
             self.run_of = order  # sorted point -> run index
+            C = self.table["C"].to_numpy()
+            # ties: a point within TIE_REL_TOL of the one below it shares that one's budget
+            new_group = np.r_[True, C[1:] > C[:-1] * (1 + TIE_REL_TOL)]
+            self.group_start = np.flatnonzero(new_group)
+            self.group_of = np.cumsum(new_group) - 1
             return
         curves = curves[curves["run_id"].isin(set(pts["run_id"]))]
         self.run_ids = np.unique(curves["run_id"].to_numpy())
+        size = dict(zip(pts["run_id"], pts["N"]))
+        self.N_run = np.array([size[r] for r in self.run_ids], float)
         bins = _log_bins(curves["C"].to_numpy(), n_bins)
         best = _binned_minima(curves, bins)
         r = np.searchsorted(self.run_ids, best["run_id"].to_numpy())
@@ -345,8 +359,6 @@ class _FrontierSource:
         self.Lrb[r, b] = best["L"].to_numpy()
         self.row[r, b] = np.arange(len(best))
         self.table = best[["run_id", "N", "D", "C", "L"]]
-        one_size = best["N"].nunique() < 2
-        self.edge = np.zeros(len(best), bool) if one_size else (best["N"] <= best["N"].min()).to_numpy()
 
     def _rows(self, sel: np.ndarray) -> np.ndarray:
         """Indices into self.table of the frontier of the selected runs, in order of compute."""
@@ -355,25 +367,35 @@ class _FrontierSource:
             mask[sel] = True
             m = mask[self.run_of]
             L = np.where(m, self.table["L"].to_numpy(), np.inf)
-            prev = np.minimum.accumulate(np.r_[np.inf, L[:-1]])
-            return np.flatnonzero(m & (L < prev))
+            best = np.minimum.reduceat(L, self.group_start)  # per budget
+            prev = np.minimum.accumulate(np.r_[np.inf, best[:-1]])  # best of the lower budgets
+            g = self.group_of
+            keep = m & (L == best[g]) & (L < prev[g])
+            # one point per budget even when two runs tie exactly
+            first = np.r_[True, g[1:] != g[:-1]] | ~np.r_[False, keep[:-1]]
+            return np.flatnonzero(keep & first)
         Ls = self.Lrb[sel]
         win = np.argmin(Ls, axis=0)
         cols = np.arange(Ls.shape[1])
         Lb = Ls[win, cols]
         ok = np.isfinite(Lb)
+        N = self.N_run[sel]
+        smallest = np.where(np.isfinite(Ls), N[:, None], np.inf).min(0)  # per bin, over the runs covering it
+        edge = (N[win] <= smallest)[ok]
         rows = self.row[sel][win, cols][ok]
         L = Lb[ok]
-        # bins are disjoint compute ranges, so bin order is compute order
+        # Bins are disjoint compute ranges, so bin order is compute order. An edge point still bounds the
+        # frontier from above, so a later point no lower than it is dominated.
         prev = np.minimum.accumulate(np.r_[np.inf, L[:-1]])
-        rows = rows[L < prev]
-        return rows[~self.edge[rows]]
+        return rows[(L < prev) & ~edge]
 
     def envelope(self, sel: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(C, L) of the frontier of the selected runs."""
         rows = self._rows(sel)
         return self.table["C"].to_numpy()[rows], self.table["L"].to_numpy()[rows]
 
     def frame(self, sel: np.ndarray) -> pd.DataFrame:
+        """The frontier points of the selected runs as a frame."""
         return self.table.iloc[self._rows(sel)].reset_index(drop=True)
 
 

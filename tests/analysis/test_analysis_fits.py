@@ -9,7 +9,7 @@ import pytest
 
 from analysis import fits
 from analysis.fits import FitError, FitResult
-from analysis.synthetic import HOFFMANN, curves_for, grid_runs, isoflop_runs, random_runs, runs_frame
+from analysis.synthetic import HOFFMANN, curves_for, grid_runs, isoflop_runs, random_runs, runs_frame, study
 
 TRUE_A = HOFFMANN["beta"] / (HOFFMANN["alpha"] + HOFFMANN["beta"])  # N_opt exponent, 0.4516
 TRUE_GAMMA = HOFFMANN["alpha"] * HOFFMANN["beta"] / (HOFFMANN["alpha"] + HOFFMANN["beta"])  # L*(C) exponent
@@ -130,6 +130,35 @@ def test_frontier_from_curves_recovers_the_compute_optimal_law():
     assert f.estimates["alpha"] == pytest.approx(TRUE_GAMMA, abs=0.01)
     env = fits.curve_envelope(metrics, runs)
     assert np.all(np.diff(env["L"]) < 0) and np.all(np.diff(env["C"]) > 0)
+
+
+def test_frontier_from_curves_drops_points_where_the_smallest_covering_size_wins():
+    # In the synthetic study the smallest models train for many tokens, so the lowest compute bins are
+    # covered only by the early training of larger models: those points bound the frontier, they are not on it.
+    s = study(300, seed=0)
+    runs = s.runs[s.runs["arch"] == "softmax"]
+    f = fits.fit_loss_compute(runs, metrics=s.metrics[s.metrics["run_id"].isin(runs["run_id"])], n_bootstrap=100)
+    assert f.estimates["E"] == pytest.approx(1.69, abs=0.05)
+    assert f.estimates["alpha"] == pytest.approx(TRUE_GAMMA, abs=0.01)
+    assert inside(f, "alpha", TRUE_GAMMA) and inside(f, "E", 1.69)
+
+
+def test_final_point_frontier_takes_one_point_per_isoflop_budget():
+    runs = isoflop_runs((1e18, 1e19, 1e20, 1e21), 9, seed=1)
+    # compute as a database records it: tokens rounded, so one budget's runs differ in the last digits
+    runs["flops"] = runs["budget"] * (1 + 1e-5 * np.arange(len(runs)) % 3)
+    f = fits.fit_loss_compute(runs, n_bootstrap=0)
+    assert f.n_points == 4
+    best = runs.loc[runs.groupby("budget")["val_loss"].idxmin(), "val_loss"].to_numpy()
+    np.testing.assert_allclose(f.points["L"].to_numpy(), np.sort(best)[::-1])
+
+
+def test_frontier_of_one_budget_or_one_size_is_refused():
+    with pytest.raises(FitError, match="at least 3 frontier points, got 1"):
+        fits.fit_loss_compute(isoflop_runs((1e19,), 12, seed=1), n_bootstrap=0)
+    one = grid_runs(1, 12, seed=1)
+    with pytest.raises(FitError, match="at least 2 model sizes"):
+        fits.fit_loss_compute(one, metrics=curves_for(one, seed=1), n_bootstrap=0)
 
 
 # ---------------------------------------------------------------------------------------------
