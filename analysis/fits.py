@@ -119,12 +119,42 @@ def compute_needed(loss, E, A, alpha):
     return out if out.ndim else float(out)
 
 
-def optimal_allocation(C, A, B, alpha, beta):
-    """Compute-optimal (N_opt, D_opt) of approach 3 for C = 6 N D (Hoffmann et al. 2022, eq. 4)."""
-    G = np.power(alpha * A / (beta * B), 1.0 / (alpha + beta))
-    a = beta / (alpha + beta)
-    b = alpha / (alpha + beta)
-    return G * np.power(np.asarray(C, float) / 6.0, a), np.power(np.asarray(C, float) / 6.0, b) / G
+@dataclass(frozen=True)
+class ComputeRule:
+    """Training compute per token as k N^g, so that C = k N^g D: Chinchilla's 6 N by default, or fitted to
+    the runs, whose FLOPs also count the LM head and attention (`models.config.flops_per_token`)."""
+
+    k: float = 6.0
+    g: float = 1.0
+
+    @classmethod
+    def fit(cls, N, D, C) -> "ComputeRule":
+        """Least squares of log(C / D) on log N over the runs; 6 N where C = 6 N D holds (to 1e-9)."""
+        N, D, C = (np.asarray(v, float) for v in (N, D, C))
+        per_token = C / D
+        if np.allclose(per_token, 6.0 * N, rtol=1e-9, atol=0.0):
+            return cls()
+        x, y = np.log(N), np.log(per_token)
+        if np.ptp(x) < 1e-9:  # one size: its compute per token, with g as Chinchilla's
+            return cls(k=float(np.exp(np.mean(y - x))), g=1.0)
+        g, c = np.polyfit(x, y, 1)
+        return cls(k=float(np.exp(c)), g=float(g))
+
+    def tokens(self, C, N):
+        """Tokens that compute C buys a model of N parameters."""
+        return np.asarray(C, float) / (self.k * np.power(N, self.g))
+
+
+def optimal_allocation(C, A, B, alpha, beta, rule: ComputeRule = ComputeRule()):
+    """Compute-optimal (N_opt, D_opt) of approach 3 under C = k N^g D (Hoffmann et al. 2022, eq. 4, at k 6, g 1).
+
+    Minimising E + A N^-alpha + B (C / k N^g)^-beta over N: N_opt = (alpha A / (g beta B k^beta))^(1 /
+    (alpha + g beta)) C^(beta / (alpha + g beta)), D_opt = C / (k N_opt^g).
+    """
+    k, g = rule.k, rule.g
+    N = np.power(alpha * A / (g * beta * B * np.power(k, beta)), 1.0 / (alpha + g * beta)) * np.power(
+        np.asarray(C, float), beta / (alpha + g * beta))
+    return N, rule.tokens(C, N)
 
 
 # --------------------------------------------------------------------------------------------
@@ -439,7 +469,8 @@ def _fit_frontier(c: np.ndarray, L: np.ndarray, form: str, start: np.ndarray | N
 
 
 def _curves(metrics: pd.DataFrame, runs: pd.DataFrame, params_col: str) -> pd.DataFrame:
-    """Training-curve points (run_id, C, L, D, N) of the given runs, C from flops or else 6 N tokens."""
+    """Training-curve points (run_id, C, L, D, N) of the given runs, C from flops or else from tokens by the
+    runs' `ComputeRule`."""
     if not isinstance(metrics, pd.DataFrame) or metrics.empty:
         raise FitError("metrics frame is empty: no training curves to use")
     missing = [c for c in ("run_id", "loss") if c not in metrics.columns]
@@ -454,7 +485,8 @@ def _curves(metrics: pd.DataFrame, runs: pd.DataFrame, params_col: str) -> pd.Da
     out["N"] = out["run_id"].map(dict(zip(pts["run_id"], pts["N"]))).to_numpy()
     out = out[out["run_id"].isin(set(pts["run_id"]))]
     C = pd.to_numeric(m.loc[out.index, "flops"], errors="coerce") if "flops" in m.columns else None
-    fallback = 6.0 * out["N"] * out["D"]
+    rule = ComputeRule.fit(pts["N"], pts["D"], pts["C"])
+    fallback = rule.k * np.power(out["N"], rule.g) * out["D"]
     out["C"] = fallback if C is None else C.fillna(fallback)
     out = out[np.isfinite(out["C"]) & (out["C"] > 0) & np.isfinite(out["L"]) & (out["L"] > 0)]
     if out.empty:
@@ -504,7 +536,8 @@ def fit_approach1(
     if n_sizes < 3:
         raise FitError(f"approach 1 needs curves from at least 3 model sizes, got {n_sizes}")
     Cgrid = np.logspace(np.log10(curves["C"].min()), np.log10(curves["C"].max()), n_budgets + 2)[1:-1]
-    run_ids, Lmat, Dmat, Nrun = _interpolate_curves(curves, Cgrid)
+    rule = ComputeRule.fit(pts["N"], pts["D"], pts["C"])
+    run_ids, Lmat, Dmat, Nrun = _interpolate_curves(curves, Cgrid, rule)
     sel0 = np.arange(len(run_ids))
     front = _approach1_envelope(sel0, Lmat, Dmat, Nrun, Cgrid)
     if len(front["C"]) < 2:
@@ -540,12 +573,13 @@ def fit_approach1(
         n_points=len(points),
         n_bootstrap=n_bootstrap,
         converged=True,
-        details={"n_runs": int(len(run_ids)), "n_budgets_tried": int(len(Cgrid)), "bootstrap_failed": int(n_fail)},
+        details={"n_runs": int(len(run_ids)), "n_budgets_tried": int(len(Cgrid)), "bootstrap_failed": int(n_fail),
+                 "compute": _rule_dict(rule)},
         samples=samples,
     )
 
 
-def _interpolate_curves(curves: pd.DataFrame, Cgrid: np.ndarray):
+def _interpolate_curves(curves: pd.DataFrame, Cgrid: np.ndarray, rule: ComputeRule):
     """Each run's log loss and log tokens interpolated at the budgets it covers (NaN elsewhere)."""
     curves = curves.sort_values(["run_id", "C"], kind="mergesort")
     ids = curves["run_id"].to_numpy()
@@ -566,8 +600,8 @@ def _interpolate_curves(curves: pd.DataFrame, Cgrid: np.ndarray):
             d = lD[s:e]
             if np.isfinite(d).all():
                 Dmat[r, inside] = np.exp(np.interp(lg[inside], x, d))
-            else:  # no token counts logged: D from C = 6 N D
-                Dmat[r, inside] = Cgrid[inside] / (6 * Nv[s])
+            else:  # no token counts logged: D from the compute rule
+                Dmat[r, inside] = rule.tokens(Cgrid[inside], Nv[s])
     return ids[starts], Lmat, Dmat, Nv[starts]
 
 
@@ -649,7 +683,8 @@ def fit_approach2(
     seed: int = 0,
     progress: Progress | None = None,
 ) -> FitResult:
-    """Chinchilla approach 2: per FLOP budget a parabola of L in log N gives N_opt; D_opt = C / (6 N_opt).
+    """Chinchilla approach 2: per FLOP budget a parabola of L in log N gives N_opt; D_opt = C / (k N_opt^g), the
+    runs' `ComputeRule` (Chinchilla's C / 6 N_opt when their compute is 6 N D).
 
     Budgets come from a `budget` column or from runs whose FLOPs agree within rel_tol. A budget counts
     when it has `min_sizes` sizes spanning a factor `min_span` and a convex parabola with its minimum
@@ -681,7 +716,8 @@ def fit_approach2(
             f"approach 2: only {int(kept.sum())} budget(s) have a convex parabola with its minimum inside the "
             "sizes tried (need 2): widen the size range around the optimum"
         )
-    est_b, resid = _allocation_fit_batch(logC, logN[None, :])
+    rule = ComputeRule.fit(pts["N"], pts["D"], pts["C"])
+    est_b, resid = _allocation_fit_batch(logC, logN[None, :], rule)
     est = {k: float(v[0]) for k, v in est_b.items()}
     rng = np.random.default_rng(seed)
     samples = None
@@ -692,7 +728,7 @@ def fit_approach2(
             boot[:, gi] = _parabola_minima(x, L, counts)[0]
             if progress:
                 progress(int(n_bootstrap * (gi + 1) / G), n_bootstrap)
-        samples = pd.DataFrame(_allocation_fit_batch(logC, boot)[0])
+        samples = pd.DataFrame(_allocation_fit_batch(logC, boot, rule)[0])
     est, samples = _with_tokens_per_param(est, samples, budgets or allocation_budgets(pts["C"]))
     used = np.concatenate([idx for *_, idx in groups])
     points = pts.loc[used].rename(columns={"group": "budget_group"}).reset_index(drop=True)
@@ -700,7 +736,7 @@ def fit_approach2(
     for (g, *_), (xm, Lm, coef) in zip(groups, point):
         if np.isfinite(xm[0]):
             N = math.exp(xm[0])
-            minima_rows.append({"C": g, "N_opt": N, "D_opt": g / (6 * N), "L_opt": float(Lm[0]),
+            minima_rows.append({"C": g, "N_opt": N, "D_opt": float(rule.tokens(g, N)), "L_opt": float(Lm[0]),
                                 "coef": [float(c[0]) for c in coef]})
     return FitResult(
         method="approach2",
@@ -716,6 +752,7 @@ def fit_approach2(
             "minima": minima_rows,
             "n_budgets": G,
             "budgets_dropped": [g for (g, *_), k in zip(groups, kept) if not k],
+            "compute": _rule_dict(rule),
             "bootstrap_failed": 0 if samples is None else int(samples["a"].isna().sum()),
         },
         samples=samples,
@@ -757,8 +794,9 @@ def _parabola_minima(x: np.ndarray, L: np.ndarray, W: np.ndarray, min_sizes: int
     return x_min, L_min, (c2, c1 - 2 * c2 * xm, c0 - c1 * xm + c2 * xm * xm)
 
 
-def _allocation_fit_batch(logC: np.ndarray, logN: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """Per row of logN (k, G), least squares of log N_opt and log D_opt = log C - log 6 - log N_opt on
+def _allocation_fit_batch(logC: np.ndarray, logN: np.ndarray, rule: ComputeRule) -> tuple[dict[str, np.ndarray],
+                                                                                        np.ndarray]:
+    """Per row of logN (k, G), least squares of log N_opt and log D_opt = log C - log k - g log N_opt on
     log C over the finite entries; NaN where fewer than 2. Returns (estimates, residuals of the N fit)."""
     ok = np.isfinite(logN)
     n = ok.sum(1)
@@ -773,8 +811,8 @@ def _allocation_fit_batch(logC: np.ndarray, logN: np.ndarray) -> tuple[dict[str,
         cN = mn - a * mc
         good = (n >= 2) & np.isfinite(a)
         a, cN = np.where(good, a, np.nan), np.where(good, cN, np.nan)
-        # log D_opt = log C - log 6 - log N_opt is linear in the same points: slope 1 - a
-        b, cD = 1.0 - a, -math.log(6.0) - cN
+        # log D_opt = log C - log k - g log N_opt is linear in the same points: slope 1 - g a
+        b, cD = 1.0 - rule.g * a, -math.log(rule.k) - rule.g * cN
         est = {"k_N": np.exp(cN), "a": a, "k_D": np.exp(cD), "b": b}
         resid = np.where(ok, cN[:, None] + a[:, None] * lc - logN, np.nan)
     return est, resid
@@ -805,7 +843,7 @@ def fit_approach3(
     convergence (the original protocol; tens of seconds for 200 runs). The best is checked by scipy's
     L-BFGS-B. Bootstrap replicates (runs resampled with replacement) start from the point estimate plus
     `bootstrap_starts - 1` perturbed starts. Derived: a, b, G and N_opt, D_opt, tokens per parameter
-    and L_opt at `budgets` (C = 6 N D).
+    and L_opt at `budgets` under the runs' `ComputeRule` (C = 6 N D when their compute is counted so).
     """
     if bootstrap_starts < 1 or (n_starts is not None and n_starts < 1):
         raise FitError("approach 3 needs n_starts >= 1 (or None) and bootstrap_starts >= 1")
@@ -849,7 +887,8 @@ def fit_approach3(
             [obj.estimates(t) if np.all(np.isfinite(t)) else {} for t in boot], columns=list(estimates)
         )
     budgets = list(budgets) if budgets else allocation_budgets(pts["C"])
-    estimates, samples = _with_allocation(estimates, samples, budgets)
+    rule = ComputeRule.fit(pts["N"], pts["D"], pts["C"])
+    estimates, samples = _with_allocation(estimates, samples, budgets, rule)
     law = [estimates[k] for k in ("E", "A", "B", "alpha", "beta")]
     pred = chinchilla_law(pts["N"].to_numpy(), pts["D"].to_numpy(), *law)
     return FitResult(
@@ -873,6 +912,7 @@ def fit_approach3(
             "delta": delta,
             "bootstrap_converged": int(boot_conv),
             "budgets": budgets,
+            "compute": _rule_dict(rule),
         },
         samples=samples,
     )
@@ -1006,15 +1046,16 @@ def lbfgs_batch(
     return X_out, F_out, conv_out
 
 
-def _with_allocation(est, samples, budgets):
-    """Add a, b, G and N_opt, D_opt, tokens per parameter, L_opt at each budget."""
+def _with_allocation(est, samples, budgets, rule: ComputeRule = ComputeRule()):
+    """Add a, b, G and N_opt, D_opt, tokens per parameter, L_opt at each budget (a, b: exponents of N_opt and
+    D_opt in C under `rule`; G as Hoffmann et al. define it)."""
 
     def derive(E, A, B, alpha, beta):
-        out = {"a": beta / (alpha + beta), "b": alpha / (alpha + beta)}
+        out = {"a": beta / (alpha + rule.g * beta), "b": alpha / (alpha + rule.g * beta)}
         # np.power, as in optimal_allocation: a fit with a negative exponent gives NaN here, never a complex number.
         out["G"] = np.power(alpha * A / (beta * B), 1.0 / (alpha + beta))
         for C in budgets:
-            N, D = optimal_allocation(C, A, B, alpha, beta)
+            N, D = optimal_allocation(C, A, B, alpha, beta, rule)
             out[f"N_opt@{C:.3g}"] = N
             out[f"D_opt@{C:.3g}"] = D
             out[f"tokens_per_param@{C:.3g}"] = D / N
@@ -1120,6 +1161,11 @@ def percentile_interval(values: np.ndarray, level: float = 0.95) -> tuple[float,
     # inverted_cdf never interpolates, so an infinite replicate cannot turn an endpoint into NaN.
     lo, hi = np.quantile(v, [q, 1 - q], method="inverted_cdf")
     return (float(lo), float(hi))
+
+
+def _rule_dict(rule: ComputeRule) -> dict[str, float]:
+    """A rule as the JSON of a fit's details (`ComputeRule(**d)` reads it back)."""
+    return {"k": rule.k, "g": rule.g}
 
 
 def _safe_exp(v: float) -> float:

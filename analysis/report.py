@@ -33,6 +33,7 @@ from analysis.compare import (  # noqa: E402
 )
 from analysis.fits import (  # noqa: E402
     DEFAULT_PARAMS_COL,
+    ComputeRule,
     FitError,
     FitResult,
     Progress,
@@ -66,7 +67,7 @@ TABLE_PARAMS = {
 }
 METHOD_TITLES = {
     "frontier": "Loss vs compute on the frontier: L = E + A C^-alpha (C in FLOPs, L in nats)",
-    "frontier_power": "Loss vs compute on the frontier, pure power law: L = A C^-alpha",
+    "frontier_power": "Loss vs compute on the frontier, pure power law: L = A C^-alpha (C in FLOPs, L in nats)",
     "approach1": "Chinchilla approach 1 (envelope of training curves): N_opt = k_N C^a, D_opt = k_D C^b",
     "approach2": "Chinchilla approach 2 (IsoFLOP parabolas): N_opt = k_N C^a, D_opt = k_D C^b",
     "approach3": "Chinchilla approach 3: L(N, D) = E + A / N^alpha + B / D^beta",
@@ -422,7 +423,8 @@ def _fig_allocation(fits, archs):
         marker, ls = styles[method]
         if method == "approach3":
             Cs = np.geomspace(f.points["C"].min(), max(f.details.get("budgets", [f.points["C"].max()])), 80)
-            N, D = optimal_allocation(Cs, e["A"], e["B"], e["alpha"], e["beta"])
+            rule = ComputeRule(**f.details.get("compute", {}))
+            N, D = optimal_allocation(Cs, e["A"], e["B"], e["alpha"], e["beta"], rule)
         else:
             if method == "approach1":
                 C, Np, Dp = f.points["C"], f.points["N_opt"], f.points["D_opt"]
@@ -593,6 +595,7 @@ def _blocks(title, runs, metrics, evals, findings, skipped, figures, captions, f
     b.append(("p", f"{len(runs)} runs ({counts}), "
                    f"{n_m} training-curve points, {n_e} eval values. Intervals are 95% bootstrap percentile "
                    "intervals over runs resampled with replacement."))
+    b.append(("p", _compute_note(fits, archs)))
     b.append(("h2", "Findings"))
     b.append(("ul", findings or ["No comparison could be made from this data."]))
     if skipped:
@@ -644,6 +647,23 @@ def _blocks(title, runs, metrics, evals, findings, skipped, figures, captions, f
         b.append(("h3", "Throughput (tokens/s)"))
         b.append(("table", tput.map(_fmt)))
     return b
+
+
+def _compute_note(fits: Mapping[str, FitResult], archs: list[str]) -> str:
+    """What C and N mean in this report, and the compute rule each arch's allocations use."""
+    rules = []
+    for arch in archs:
+        f = fits.get(f"approach3/{arch}") or fits.get(f"approach2/{arch}")
+        if f is not None and "compute" in f.details:
+            r = ComputeRule(**f.details["compute"])
+            rules.append(f"{arch} {r.k:.3g} N^{r.g:.3g}")
+    text = ("C is each run's training FLOPs as models.config counts them (6 x every matmul weight, the LM head "
+            "included, plus the attention term); N is the non-embedding parameter count; coefficients such as A "
+            "and k_N are in these units.")
+    if rules:
+        text += (" Approaches 2 and 3 allocate compute as the runs spend it, C = (compute per token) x D, with the "
+                 "compute per token fitted to the runs: " + ", ".join(rules) + " (Chinchilla's is 6 N).")
+    return text
 
 
 def _md_table(t: pd.DataFrame) -> str:

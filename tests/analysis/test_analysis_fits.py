@@ -190,6 +190,54 @@ def test_approach2_recovers_the_exponent_on_an_isoflop_grid(budget_column):
         assert m["N_opt"] == pytest.approx(n_true, rel=0.25)
 
 
+# Compute counted as the project counts it (LM head, attention): per token k N^g rather than 6 N.
+RULE = fits.ComputeRule(k=2.5, g=1.06)
+
+
+def true_allocation(C, rule=RULE):
+    """N_opt, D_opt minimising Hoffmann's law over N at compute C under `rule`, by brute force."""
+    N = np.geomspace(1e6, 1e12, 200_001)
+    D = rule.tokens(C, N)
+    i = np.argmin(fits.chinchilla_law(N, D, **HOFFMANN))
+    return N[i], D[i]
+
+
+def test_compute_rule_is_chinchillas_on_6nd_data_and_recovers_another():
+    N, D = np.geomspace(1e7, 1e9, 6), np.geomspace(1e9, 1e11, 6)
+    assert fits.ComputeRule.fit(N, D, 6 * N * D) == fits.ComputeRule()
+    got = fits.ComputeRule.fit(N, D, RULE.k * N**RULE.g * D)
+    assert got.k == pytest.approx(RULE.k, rel=1e-9) and got.g == pytest.approx(RULE.g, rel=1e-9)
+
+
+@pytest.mark.parametrize("C", [1e18, 1e21])
+def test_optimal_allocation_minimises_the_law_under_a_compute_rule(C):
+    N, D = fits.optimal_allocation(C, HOFFMANN["A"], HOFFMANN["B"], HOFFMANN["alpha"], HOFFMANN["beta"], RULE)
+    assert RULE.k * N**RULE.g * D == pytest.approx(C, rel=1e-12)
+    n_true, _ = true_allocation(C)
+    assert N == pytest.approx(n_true, rel=1e-3)
+
+
+def test_approaches_2_and_3_allocate_in_the_runs_own_compute():
+    # IsoFLOP runs whose flops are k N^g D: D_opt must be what the budget buys at N_opt, not C / 6 N_opt
+    rows = []
+    for C in (1e18, 1e19, 1e20, 1e21):
+        n_opt, _ = true_allocation(C)
+        N = n_opt * np.geomspace(1 / 8, 8, 9)
+        rows.append(pd.DataFrame({"N": N, "D": RULE.tokens(C, N), "C": C}))
+    grid = pd.concat(rows, ignore_index=True)
+    L = fits.chinchilla_law(grid["N"], grid["D"], **HOFFMANN).to_numpy()
+    runs = runs_frame(grid["N"].to_numpy(), grid["D"].to_numpy(), L, extra={"flops": grid["C"].to_numpy()})
+    f2 = fits.fit_approach2(runs, n_bootstrap=0, budgets=[1e20])
+    assert f2.details["compute"] == pytest.approx({"k": RULE.k, "g": RULE.g}, rel=1e-9)
+    for m in f2.details["minima"]:
+        assert RULE.k * m["N_opt"] ** RULE.g * m["D_opt"] == pytest.approx(m["C"], rel=1e-9)
+    n_true, d_true = true_allocation(1e20)
+    assert f2.estimates["tokens_per_param@1e+20"] == pytest.approx(d_true / n_true, rel=0.1)
+    f3 = fits.fit_approach3(runs, n_bootstrap=0, budgets=[1e20])
+    assert f3.estimates["N_opt@1e+20"] == pytest.approx(n_true, rel=0.01)
+    assert f3.estimates["D_opt@1e+20"] == pytest.approx(d_true, rel=0.01)
+
+
 def test_isoflop_groups_cluster_runs_within_tolerance():
     pts = pd.DataFrame({"C": [1e18, 1.03e18, 0.99e18, 1e19, 1.04e19, 3e19]})
     labels = fits.isoflop_groups(pts)
