@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ast
 import csv
+import difflib
 import hashlib
 import itertools
 import math
@@ -45,6 +46,15 @@ MAX_ERRORS = 20
 SCHEDULES = ("cosine", "wsd", "constant")
 EVALS = ("niah", "mqar")
 DERIVED = ("params", "nonembed_params", "flops_per_token", "tokens", "flops")
+#: Shortest seq_len for niah evals (a prompt of seq_len tokens holds the needle and the question) and for
+#: passkey data (a document of seq_len + 1 tokens holds them and the key with its '.'), as computed by
+#: models.data.passkey_prompt. Mirrored, not imported: models.data imports torch, which planning must not
+#: load; tests/sweep/test_plan.py checks both against models.data.
+NIAH_MIN_SEQ_LEN = 99
+PASSKEY_MIN_SEQ_LEN = 104
+#: Spreadsheet formats to save as .csv or .xlsx first (read as CSV they would fail as "not UTF-8 text").
+_OTHER_SHEETS = (".ods", ".xls", ".xlsb", ".numbers")
+_FORMULA = "spreadsheet formula; enter plan expressions as text (prefix with ')"
 
 
 @dataclass(frozen=True)
@@ -58,7 +68,7 @@ class Column:
 
 #: Every column a plan may have, with its default: the one place defaults live.
 COLUMNS: dict[str, Column] = {
-    "name": Column("str", None, "label of the runs in this plan; may use {fields} of the spec, e.g. {arch}-{d_model}"),
+    "name": Column("str", None, "label of the runs; may use {fields} of the spec or derived names, e.g. {arch}-{params}"),
     "arch": Column("str", None, "softmax | lightning | hybrid | hgrn2 | mamba2 (required)"),
     "d_model": Column("int", None, "model width (or give params)"),
     "n_layers": Column("int", None, "number of blocks (or give params)"),
@@ -86,7 +96,8 @@ COLUMNS: dict[str, Column] = {
 
 _NUM_SUFFIX = {"k": 1e3, "K": 1e3, "M": 1e6, "B": 1e9, "G": 1e9, "T": 1e12}
 _NUM_RE = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?([kKMBGT])?$")
-_RANGE_RE = re.compile(r"^(?P<a>[^.][^*+]*?)\.\.(?P<b>[^*+]+)(?P<op>[*+])(?P<s>.+)$")
+# A '+' right after an exponent's e belongs to the number (1e+1..1e+2*2); any other '+' is the step.
+_RANGE_RE = re.compile(r"^(?P<a>[^.](?:[^*+]|(?<=[eE])\+)*?)\.\.(?P<b>(?:[^*+]|(?<=[eE])\+)+)(?P<op>[*+])(?P<s>.+)$")
 
 
 @dataclass(frozen=True)
@@ -108,11 +119,15 @@ class PlanIssue:
 
 
 class PlanError(ValueError):
-    """A plan has errors; ``issues`` lists them (at most ``MAX_ERRORS``)."""
+    """A plan has errors; ``issues`` lists the first ``MAX_ERRORS`` and ``more`` says whether there were others."""
 
-    def __init__(self, issues: list[PlanIssue]):
-        self.issues = issues
-        super().__init__("\n".join(str(i) for i in issues))
+    def __init__(self, issues: list[PlanIssue], more: bool = False):
+        self.issues = issues[:MAX_ERRORS]
+        self.more = more or len(issues) > MAX_ERRORS
+        lines = [str(i) for i in self.issues]
+        if self.more:
+            lines.append(f"{len(self.issues)} errors shown, more not checked")
+        super().__init__("\n".join(lines))
 
 
 @dataclass(frozen=True)
@@ -147,6 +162,9 @@ def read_rows(path: Path) -> list[tuple[int, list[str]]]:
     where = str(path)
     if path.suffix.lower() in (".xlsx", ".xlsm"):
         return _read_xlsx(path)
+    if path.suffix.lower() in _OTHER_SHEETS:
+        message = "only .csv and .xlsx plans are read: save this sheet as .csv or .xlsx"
+        raise PlanError([PlanIssue(where, None, None, message)])
     try:
         raw = path.read_bytes()
     except OSError as exc:
@@ -174,18 +192,28 @@ def _read_xlsx(path: Path) -> list[tuple[int, list[str]]]:
         raise PlanError(
             [PlanIssue(str(path), None, None, "reading .xlsx plans needs openpyxl: pip install 'scalinglab[xlsx]'")]
         ) from None
+    from openpyxl.utils import get_column_letter
+
     try:
-        sheet = openpyxl.load_workbook(path, read_only=True, data_only=True).worksheets[0]
+        # Not data_only: a formula must be seen as one, since its cached value is None or '#NAME?'.
+        sheet = openpyxl.load_workbook(path, read_only=True).worksheets[0]
     except Exception as exc:
         raise PlanError([PlanIssue(str(path), None, None, f"cannot read the workbook: {exc}")]) from None
-    rows = []
-    for lineno, values in enumerate(sheet.iter_rows(values_only=True), start=1):
-        cells = ["" if v is None else _xlsx_text(v) for v in values]
+    rows, issues = [], []
+    for lineno, row in enumerate(sheet.iter_rows(), start=1):
+        cells = ["" if c.value is None else _xlsx_text(c.value) for c in row]
         while cells and not cells[-1]:
             cells.pop()
-        if not cells or cells[0].startswith("#"):
+        formulas = [i for i, c in enumerate(row) if c.data_type in ("f", "e")]  # 'e': an error value, '#NAME?'
+        if not cells or (cells[0].startswith("#") and 0 not in formulas):
             continue
+        header = rows[0][1] if rows else []
+        for i in formulas:
+            column = header[i] if i < len(header) else get_column_letter(i + 1)
+            issues.append(PlanIssue(str(path), lineno, column, _FORMULA))
         rows.append((lineno, cells))
+    if issues:
+        raise PlanError(issues)
     return rows
 
 
@@ -220,7 +248,20 @@ _BINOPS: dict[type, Callable[[float, float], float]] = {
     ast.Mod: operator.mod,
     ast.Pow: operator.pow,
 }
-_FUNCS: dict[str, Callable[..., float]] = {"min": min, "max": max, "round": round}
+
+
+def _round(x: float, ndigits: float = 0) -> float:
+    """round(), taking ndigits as a float with a whole value: every expression value is a float."""
+    if ndigits != int(ndigits):
+        raise CellError(f"round() needs a whole number of digits, got {_show(ndigits)}")
+    return round(x, int(ndigits))
+
+
+_FUNCS: dict[str, Callable[..., float]] = {"min": min, "max": max, "round": _round}
+#: (fewest, most) arguments of each function.
+_ARITY = {"min": (2, None), "max": (2, None), "round": (1, 2)}
+#: More nodes than any plan expression needs; it also bounds the evaluator's recursion.
+_MAX_NODES = 200
 
 
 def parse_expr(text: str) -> Expr:
@@ -232,16 +273,33 @@ def parse_expr(text: str) -> Expr:
         tree = ast.parse(body, mode="eval")
     except SyntaxError as exc:
         raise CellError(f"expression syntax error in {text!r}: {exc.msg}") from None
+    except (MemoryError, RecursionError):  # how the parser refuses very deep nesting, e.g. 10,000 minus signs
+        raise CellError(f"expression {text[:40]!r}... is too deeply nested") from None
+    nodes = list(ast.walk(tree))
+    if len(nodes) > _MAX_NODES:
+        raise CellError(f"expression {text[:40]!r}... is too long")
     names = set()
-    for node in ast.walk(tree):
+    for node in nodes:
         if isinstance(node, ast.Name):
             names.add(node.id)
         elif isinstance(node, ast.Call):
             if not isinstance(node.func, ast.Name) or node.func.id not in _FUNCS or node.keywords:
                 raise CellError(f"in {text!r}: only min(), max() and round() may be called")
+            fewest, most = _ARITY[node.func.id]
+            if len(node.args) < fewest:
+                need = "at least two arguments" if most is None else "an argument"
+                raise CellError(f"in {text!r}: {node.func.id}() needs {need}")
+            if most is not None and len(node.args) > most:
+                raise CellError(f"in {text!r}: {node.func.id}() takes at most {most} arguments")
         elif isinstance(node, ast.Constant):
             if not isinstance(node.value, (int, float)) or isinstance(node.value, bool):
                 raise CellError(f"in {text!r}: only numbers are allowed as constants, got {node.value!r}")
+            try:
+                finite = math.isfinite(float(node.value))
+            except OverflowError:  # an integer literal beyond the float range
+                finite = False
+            if not finite:
+                raise CellError(f"in {text!r}: number too large")
         elif not isinstance(node, (ast.Expression, ast.BinOp, ast.UnaryOp, ast.Load, ast.USub, ast.UAdd, *_BINOPS)):
             raise CellError(f"in {text!r}: {type(node).__name__} is not allowed in an expression")
     names -= set(_FUNCS)
@@ -264,16 +322,23 @@ def eval_expr(expr: Expr, lookup: Callable[[str], float]) -> float:
         if isinstance(node, ast.BinOp):
             left, right = ev(node.left), ev(node.right)
             try:
-                return float(_BINOPS[type(node.op)](left, right))
+                value = _BINOPS[type(node.op)](left, right)
             except ZeroDivisionError:
                 raise CellError(f"division by zero in {expr.text!r}") from None
             except OverflowError:
                 raise CellError(f"number too large in {expr.text!r}") from None
+            if isinstance(value, complex):  # a negative number to a fractional power
+                raise CellError(f"{expr.text!r} is not a real number")
+            # Float arithmetic overflows to inf silently; stop here, before round() fails on it.
+            if not math.isfinite(value):
+                raise CellError(f"number too large in {expr.text!r}")
+            return float(value)
         if isinstance(node, ast.Call):
             args = [ev(a) for a in node.args]
-            if not args:
-                raise CellError(f"{node.func.id}() needs arguments in {expr.text!r}")
-            return float(_FUNCS[node.func.id](*args))
+            try:
+                return float(_FUNCS[node.func.id](*args))
+            except OverflowError:  # round(1.7e308, -308)
+                raise CellError(f"number too large in {expr.text!r}") from None
         raise CellError(f"cannot evaluate {expr.text!r}")  # unreachable after parse_expr's whitelist
 
     value = ev(expr.tree)
@@ -287,18 +352,23 @@ def parse_number(text: str, expected: str = "a number") -> float:
     if not _NUM_RE.match(text):
         raise CellError(f'expected {expected}, got "{text}"')
     scale = _NUM_SUFFIX.get(text[-1], 1.0)
-    return float(text[:-1] if scale != 1.0 else text) * scale
+    value = float(text[:-1] if scale != 1.0 else text) * scale
+    if not math.isfinite(value):
+        raise CellError(f'number too large: "{text}"')
+    return value
 
 
 def parse_range(text: str) -> list[float]:
     """``a..b*r`` (geometric) or ``a..b+s`` (arithmetic), both ends included."""
     m = _RANGE_RE.match(text)
-    if not m:
+    if not m or "..." in text:
         raise CellError(f"malformed range {text!r}: expected start..end*ratio or start..end+step")
     try:
         a, b, s = (parse_number(m.group(k).strip()) for k in ("a", "b", "s"))
     except CellError as exc:
         raise CellError(f"malformed range {text!r}: {exc}") from None
+    if a > b:
+        raise CellError(f"empty range {text!r}: the start {_show(a)} is greater than the end {_show(b)}")
     geometric = m.group("op") == "*"
     if geometric and (s <= 1 or a <= 0):
         raise CellError(f"malformed range {text!r}: a geometric range needs start > 0 and ratio > 1")
@@ -421,6 +491,12 @@ class _Resolver:
             n_layers = _positive_int(self.get("n_layers"), "n_layers")
             if shape["n_heads"] is None:
                 n_heads = max(1, d_model // 64)
+                if d_model % n_heads:
+                    raise _ColumnError(
+                        "d_model",
+                        f"d_model {d_model} is not divisible by n_heads {n_heads}, its default (d_model // 64): "
+                        "give n_heads, or a d_model that is a multiple of 64",
+                    )
             else:
                 n_heads = _positive_int(self.get("n_heads"), "n_heads")
         if d_model % n_heads:
@@ -532,6 +608,11 @@ def _build_spec(r: _Resolver, base_dir: Path) -> RunSpec:
     bad = [e for e in evals if e not in EVALS]
     if bad:
         raise _ColumnError("evals", f"expected evals among {', '.join(EVALS)}, got {bad[0]!r}")
+    # Caught here, not when every run of the plan fails at launch.
+    if "passkey" in (p.partition("@")[0] for p in data.split("+")) and seq_len < PASSKEY_MIN_SEQ_LEN:
+        raise _ColumnError("seq_len", f"passkey data needs seq_len >= {PASSKEY_MIN_SEQ_LEN}, got {seq_len}")
+    if "niah" in evals and seq_len < NIAH_MIN_SEQ_LEN:
+        raise _ColumnError("seq_len", f"niah evals need seq_len >= {NIAH_MIN_SEQ_LEN}, got {seq_len}")
     gpus = num("gpus", lambda v: v > 0 and (v <= 1 or v == int(v)), "a fraction in (0, 1] or a whole number")
     return RunSpec(
         arch=cfg.arch,
@@ -574,25 +655,27 @@ def load_plan(path: str | Path, *, max_runs: int = DEFAULT_MAX_RUNS) -> Plan:
         if not name:
             issues.append(PlanIssue(where, header_line, None, "empty column name in the header"))
         elif name not in COLUMNS:
-            hint = f"; known columns: {', '.join(COLUMNS)}"
-            issues.append(PlanIssue(where, header_line, name, f"unknown column {name!r}{hint}"))
+            issues.append(PlanIssue(where, header_line, name, f"unknown column {name!r}{_column_hint(name)}"))
         elif name in seen:
             issues.append(PlanIssue(where, header_line, name, "duplicate column"))
         seen.add(name)
     if "arch" not in seen:
         issues.append(PlanIssue(where, header_line, None, "the header has no 'arch' column"))
     if issues:
-        raise PlanError(issues[:MAX_ERRORS])
+        raise PlanError(issues)
     if len(rows) == 1:
         raise PlanError([PlanIssue(where, header_line, None, "the plan has a header but no rows")])
 
     plan = Plan(path=path, name=path.stem, sha256=hashlib.sha256(path.read_bytes()).hexdigest())
     total = 0
     for lineno, cells in rows[1:]:
-        if len(issues) >= MAX_ERRORS:
+        if len(issues) > MAX_ERRORS:  # one past the limit, to know there are more
             break
         if len(cells) > len(header):
-            issues.append(PlanIssue(where, lineno, None, f"{len(cells)} cells but the header has {len(header)} columns"))
+            message = f"{len(cells)} cells but the header has {len(header)} columns"
+            if any(c.startswith("=") for c in cells):  # an unquoted =min(a, b) splits at its comma
+                message += '; quote expressions that contain commas: "=min(a, b)"'
+            issues.append(PlanIssue(where, lineno, None, message))
             continue
         parsed: dict[str, Any] = {}
         for column, text in zip(header, cells):
@@ -602,7 +685,7 @@ def load_plan(path: str | Path, *, max_runs: int = DEFAULT_MAX_RUNS) -> Plan:
                 parsed[column] = parse_cell(column, text)
             except CellError as exc:
                 issues.append(PlanIssue(where, lineno, column, str(exc)))
-        if len(issues) >= MAX_ERRORS or any(i.row == lineno for i in issues):
+        if len(issues) > MAX_ERRORS or any(i.row == lineno for i in issues):
             continue
         lists = {c: v for c, v in parsed.items() if not isinstance(v, Expr)}
         count = math.prod(len(v) for v in lists.values())
@@ -618,8 +701,18 @@ def load_plan(path: str | Path, *, max_runs: int = DEFAULT_MAX_RUNS) -> Plan:
             break
         _expand_row(plan, where, lineno, parsed, lists, issues)
     if issues:
-        raise PlanError(issues[:MAX_ERRORS])
+        raise PlanError(issues)
     return plan
+
+
+def _column_hint(name: str) -> str:
+    sep = next((s for s in (";", "\t") if s in name), None)
+    if sep:
+        return f"; columns are separated by commas, not {sep!r}"
+    close = difflib.get_close_matches(name.strip().lower(), COLUMNS, n=1)
+    if close:
+        return f"; did you mean {close[0]!r}?"
+    return f"; known columns: {', '.join(COLUMNS)}"
 
 
 def _expand_row(
@@ -643,7 +736,7 @@ def _expand_row(
             if key not in seen_messages:  # one message per distinct problem, not one per expanded run
                 seen_messages.add(key)
                 issues.append(PlanIssue(where, lineno, column, str(exc)))
-            if len(issues) >= MAX_ERRORS:
+            if len(issues) > MAX_ERRORS:
                 return
             continue
         tags = parsed.get("tags", [""])[0]
@@ -654,22 +747,27 @@ def _label(name_cell: list[str] | None, spec: RunSpec) -> str | None:
     if not name_cell:
         return None
     template = name_cell[0]
+    fields = {**spec.to_dict(), **spec.derived()}
     try:
-        return template.format(**spec.to_dict())
-    except (KeyError, IndexError, ValueError) as exc:
+        return template.format(**fields)
+    except KeyError as exc:
+        known = ", ".join(sorted(fields))
+        raise _ColumnError("name", f"bad name template {template!r}: no field {exc} (known: {known})") from None
+    except (AttributeError, IndexError, TypeError, ValueError) as exc:
         raise _ColumnError("name", f"bad name template {template!r}: {exc}") from None
 
 
 def load_plans(paths: list[str | Path], *, max_runs: int = DEFAULT_MAX_RUNS) -> list[Plan]:
     """Load several plans, reporting the errors of all of them together."""
-    plans, issues = [], []
+    plans, issues, more = [], [], False
     for p in paths:
         try:
             plans.append(load_plan(p, max_runs=max_runs))
         except PlanError as exc:
             issues.extend(exc.issues)
+            more = more or exc.more
     if issues:
-        raise PlanError(issues[:MAX_ERRORS])
+        raise PlanError(issues, more)
     return plans
 
 

@@ -2,7 +2,16 @@
 
 import pytest
 
-from sweep.plan import PlanError, cost_plans, load_plan, parse_range
+from sweep.plan import (
+    MAX_ERRORS,
+    NIAH_MIN_SEQ_LEN,
+    PASSKEY_MIN_SEQ_LEN,
+    PlanError,
+    cost_plans,
+    load_plan,
+    load_plans,
+    parse_range,
+)
 from sweep.spec import RunSpec
 
 HEADER = "name,arch,d_model,n_layers,n_heads,seq_len,batch_size,tokens,lr\n"
@@ -33,7 +42,14 @@ def test_run_id_ignores_placement_and_normalises_numbers():
 
 @pytest.mark.parametrize(
     "cell, expected",
-    [("64..1024*2", [64, 128, 256, 512, 1024]), ("1..5+1", [1, 2, 3, 4, 5]), ("1e-4..1e-2*10", [1e-4, 1e-3, 1e-2]), ("2..3+2", [2])],
+    [
+        ("64..1024*2", [64, 128, 256, 512, 1024]),
+        ("1..5+1", [1, 2, 3, 4, 5]),
+        ("1e-4..1e-2*10", [1e-4, 1e-3, 1e-2]),
+        ("2..3+2", [2]),
+        ("1e+1..1e+2*2", [10, 20, 40, 80]),
+        ("1e+1..3e+1+1e+1", [10, 20, 30]),
+    ],
 )
 def test_ranges(cell, expected):
     assert parse_range(cell) == pytest.approx(expected)
@@ -93,7 +109,20 @@ ERRORS = [
     (HEADER + "x,softmax,64,2,4,=batch_size,=seq_len,1e5,1e-3\n", "expressions form a cycle"),
     (HEADER + "x,softmax,64,2,4,128,8,1e5,=1/(seq_len-128)\n", ":2:lr: division by zero"),
     (HEADER + "x,softmax,64,2,4,128,8,=__import__('os'),1e-3\n", ":2:tokens: in \"=__import__('os')\": only min()"),
-    (HEADER + "x,softmax,256..64*2,2,4,128,8,1e5,1e-3\n", ":2:d_model: this row expands to zero runs"),
+    (HEADER + "x,softmax,256..64*2,2,4,128,8,1e5,1e-3\n", ":2:d_model: empty range '256..64*2': the start 256 is"),
+    (HEADER + "x,softmax,64...128*2,2,4,128,8,1e5,1e-3\n", ":2:d_model: malformed range '64...128*2'"),
+    (HEADER + "x,softmax,1e400,2,4,128,8,1e5,1e-3\n", ':2:d_model: number too large: "1e400"'),
+    (HEADER + "x,softmax,64,2,4,128,8,=min(1e9, 20*params),1e-3\n", ":2: 10 cells but the header has 9 columns; quote"),
+    ("arch,d_model,n_layers,tokens\nsoftmax,1e3,2,1e5\n", ":2:d_model: d_model 1000 is not divisible by n_heads 15, its default"),
+    ("name;arch;d_model\nx;softmax;64\n", "columns are separated by commas, not ';'"),
+    ("Arch,d_model,n_layers,tokens\nsoftmax,64,2,1e5\n", ":1:Arch: unknown column 'Arch'; did you mean 'arch'?"),
+    (HEADER.replace("name", "nmae") + "x,softmax,64,2,4,128,8,1e5,1e-3\n", "did you mean 'name'?"),
+    (HEADER + "{arch}-{parms},softmax,64,2,4,128,8,1e5,1e-3\n", ":2:name: bad name template '{arch}-{parms}': no field 'parms' (known:"),
+    (HEADER + "{d_model[0]},softmax,64,2,4,128,8,1e5,1e-3\n", ":2:name: bad name template"),
+    ("arch,d_model,n_layers,tokens,data,seq_len\nsoftmax,64,2,1e5,stdlib+passkey@0.1,103\n",
+     ":2:seq_len: passkey data needs seq_len >= 104, got 103"),
+    ("arch,d_model,n_layers,tokens,data,seq_len\nsoftmax,64,2,1e5,passkey,64\n", ":2:seq_len: passkey data needs seq_len >= 104"),
+    ("arch,d_model,n_layers,tokens,evals,seq_len\nsoftmax,64,2,1e5,mqar|niah,98\n", ":2:seq_len: niah evals need seq_len >= 99, got 98"),
     ("arch,d_model,n_layers,tokens,hybrid\nhybrid,64,4,1e5,8\n", ":2:hybrid: hybrid '8' gives no softmax layer"),
     ("arch,d_model,n_layers,tokens,data\nsoftmax,64,2,1e5,nope.bin\n", ":2:data: data path"),
     ("arch,d_model,n_layers,tokens,evals\nsoftmax,64,2,1e5,niah|bogus\n", ":2:evals: expected evals among"),
@@ -118,8 +147,25 @@ def test_all_errors_reported_at_once_up_to_twenty(write_plan):
     bad_rows = "".join(f"x,softmax,{i}a,2,4,128,8,1e5,1e-3\n" for i in range(30))
     with pytest.raises(PlanError) as info:
         load_plan(write_plan(HEADER + bad_rows))
-    assert len(info.value.issues) == 20
+    assert len(info.value.issues) == MAX_ERRORS == 20
     assert [i.row for i in info.value.issues] == list(range(2, 22))
+    assert info.value.more and str(info.value).endswith("\n20 errors shown, more not checked")
+
+
+def test_exactly_twenty_errors_are_not_said_to_hide_more(write_plan):
+    bad_rows = "".join(f"x,softmax,{i}a,2,4,128,8,1e5,1e-3\n" for i in range(20))
+    with pytest.raises(PlanError) as info:
+        load_plan(write_plan(HEADER + bad_rows))
+    assert len(info.value.issues) == 20 and not info.value.more
+    assert "more not checked" not in str(info.value)
+
+
+def test_more_errors_carry_over_across_plans(write_plan):
+    many = write_plan(HEADER + "".join(f"x,softmax,{i}a,2,4,128,8,1e5,1e-3\n" for i in range(25)), "a.csv")
+    one = write_plan(HEADER + "x,softmax,1a,2,4,128,8,1e5,1e-3\n", "b.csv")
+    with pytest.raises(PlanError) as info:
+        load_plans([one, many])
+    assert len(info.value.issues) == 20 and info.value.more
 
 
 def test_size_limit(write_plan):
@@ -161,3 +207,103 @@ def test_shipped_plans_expand_within_their_stated_sizes():
     assert 3500 <= sizes["minimax01"] <= 3900
     archs = {r.spec.arch for r in load_plan(root / "demo.csv").runs}
     assert archs == {"softmax", "lightning", "hybrid", "hgrn2", "mamba2"}
+
+
+def test_round_takes_negative_digits(write_plan):
+    runs = load_plan(write_plan(HEADER + 'x,softmax,64,2,4,128,8,"=round(20*params, -3)",1e-3\n')).runs
+    params = runs[0].spec.derived()["params"]
+    assert runs[0].spec.tokens == round(20 * params, -3) and runs[0].spec.tokens % 1000 == 0
+
+
+EXPRESSION_ERRORS = [
+    ("=min(params)", "in '=min(params)': min() needs at least two arguments"),
+    ("=max(1e6)", "max() needs at least two arguments"),
+    ('"=round(1e6, 1, 2)"', "round() takes at most 2 arguments"),
+    ('"=round(1e6, 0.5)"', "round() needs a whole number of digits, got 0.5"),
+    ("=(-8)**0.5*1e6", "'=(-8)**0.5*1e6' is not a real number"),
+    ("=" + "9" * 400, "number too large"),
+    ("=round(1e308*10)", "number too large"),
+    ('"=round(1.7e308, -308)"', "number too large"),
+    ("=round(1e400)", "number too large"),
+    ("=" + "-" * 20000 + "1", "is too deeply nested"),
+    ("=" + "+".join(["1"] * 1500), "is too long"),
+]
+
+
+@pytest.mark.parametrize("cell, message", EXPRESSION_ERRORS)
+def test_expression_errors_are_cell_errors(write_plan, cell, message):
+    path = write_plan(HEADER + f"x,softmax,64,2,4,128,8,{cell},1e-3\n")
+    with pytest.raises(PlanError) as info:
+        load_plan(path)
+    assert str(info.value).startswith(f"{path}:2:tokens: ")
+    assert message in str(info.value)
+
+
+def test_passkey_minimum_seq_len_matches_models_data():
+    # plan.py mirrors these (models.data imports torch); a run at the minimum works, one token less fails.
+    np = pytest.importorskip("numpy")
+    data = pytest.importorskip("models.data")
+    evals = pytest.importorskip("models.evals")
+    text = np.frombuffer(b"filler text " * 200, dtype=np.uint8)
+    source = data.PasskeySource(data.Corpus("filler", text, text, "0" * 64, True))
+    rng = np.random.default_rng(0)
+    x, _ = source.sample(rng, PASSKEY_MIN_SEQ_LEN, "train")
+    assert len(x) == PASSKEY_MIN_SEQ_LEN
+    with pytest.raises(ValueError, match="a passkey prompt needs at least"):
+        source.sample(rng, PASSKEY_MIN_SEQ_LEN - 1, "train")
+    prompts, _ = evals.niah_prompts(text, NIAH_MIN_SEQ_LEN, 0.5, 2, 0)
+    assert prompts.shape == (2, NIAH_MIN_SEQ_LEN)
+    with pytest.raises(ValueError, match="a passkey prompt needs at least"):
+        evals.niah_prompts(text, NIAH_MIN_SEQ_LEN - 1, 0.5, 2, 0)
+
+
+def test_passkey_plan_at_the_minimum_seq_len(write_plan):
+    text = f"arch,d_model,n_layers,tokens,data,evals,seq_len\nsoftmax,64,2,1e5,stdlib+passkey@0.1,niah,{PASSKEY_MIN_SEQ_LEN}\n"
+    assert load_plan(write_plan(text)).runs[0].spec.seq_len == PASSKEY_MIN_SEQ_LEN
+
+
+def test_name_template_may_use_derived_names(write_plan):
+    runs = load_plan(write_plan(HEADER + "{arch}-{params}-{tokens},softmax,64,2,4,128,8,=20*params,1e-3\n")).runs
+    spec = runs[0].spec
+    assert runs[0].name == f"softmax-{spec.derived()['params']}-{spec.tokens}"
+
+
+@pytest.mark.parametrize("suffix", [".ods", ".xls"])
+def test_other_spreadsheet_formats_are_named(tmp_path, suffix):
+    path = tmp_path / f"plan{suffix}"
+    path.write_bytes(b"PK\x03\x04\xff\xfe\x00")
+    with pytest.raises(PlanError, match=rf"plan\{suffix}: only \.csv and \.xlsx plans are read"):
+        load_plan(path)
+
+
+def test_xlsx_formulas_are_reported(tmp_path):
+    openpyxl = pytest.importorskip("openpyxl")
+    wb = openpyxl.Workbook()
+    ws = wb.active
+    ws.append(["arch", "d_model", "n_layers", "tokens"])
+    ws.append(["softmax", 64, 2, "=20*params"])  # a formula: openpyxl stores it with no cached value
+    ws.append(["softmax", 64, 2, "#NAME?"])  # what Excel caches for =20*params
+    ws.cell(row=4, column=1, value="softmax")
+    ws.cell(row=4, column=2, value="=64*2")
+    path = tmp_path / "p.xlsx"
+    wb.save(path)
+    with pytest.raises(PlanError) as info:
+        load_plan(path)
+    formula = "spreadsheet formula; enter plan expressions as text (prefix with ')"
+    assert [str(i) for i in info.value.issues] == [
+        f"{path}:2:tokens: {formula}", f"{path}:3:tokens: {formula}", f"{path}:4:d_model: {formula}"
+    ]
+
+
+def test_xlsx_expression_entered_as_text(tmp_path):
+    openpyxl = pytest.importorskip("openpyxl")
+    wb = openpyxl.Workbook()
+    ws = wb.active
+    ws.append(["arch", "d_model", "n_layers", "tokens"])
+    ws.append(["softmax", 64, 2])
+    cell = ws.cell(row=2, column=4, value="=20*params")
+    cell.data_type = "s"  # what a leading ' makes of it in a spreadsheet
+    path = tmp_path / "p.xlsx"
+    wb.save(path)
+    spec = load_plan(path).runs[0].spec
+    assert spec.tokens == round(20 * spec.derived()["params"])
