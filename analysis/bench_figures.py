@@ -28,6 +28,8 @@ TRAIN_COLUMNS = ("arch", "seq_len", "tokens_per_s")
 PACK_COLUMNS = ("serial_s", "packed_s", "speedup")
 SPREAD_COLUMNS = ("gpus", "wall_s", "runs")
 DP_COLUMNS = ("gpus", "step", "loss", "tokens_per_s")
+# In the order tables are told apart: a dp table also has a spread table's gpus column.
+TABLE_KINDS = {"dp": DP_COLUMNS, "spread": SPREAD_COLUMNS, "pack": PACK_COLUMNS, "train": TRAIN_COLUMNS}
 
 
 class BenchTableError(ValueError):
@@ -207,19 +209,23 @@ def bench_figure(csv_path: Path) -> Path:
     if frame.empty:
         raise BenchTableError(f"{csv_path}: the table has no rows")
     png = csv_path.with_suffix(".png")
-    if all(c in frame.columns for c in DP_COLUMNS):
-        return dp_figure(frame, png)
-    if all(c in frame.columns for c in SPREAD_COLUMNS):
-        return spread_figure(frame, png)
-    if all(c in frame.columns for c in PACK_COLUMNS):
-        return pack_figure(frame, png)
-    if all(c in frame.columns for c in TRAIN_COLUMNS):
-        return train_figure(frame, png)
-    kinds = {"pack": PACK_COLUMNS, "train": TRAIN_COLUMNS, "spread": SPREAD_COLUMNS, "dp": DP_COLUMNS}
-    raise BenchTableError(
-        f"{csv_path}: not a table of " + ", ".join(f"`slab bench {k}` (columns {', '.join(v)})" for k, v in kinds.items())
-        + f"; it has {', '.join(map(str, frame.columns))}"
-    )
+    draw = {"dp": dp_figure, "spread": spread_figure, "pack": pack_figure, "train": train_figure}
+    kind = table_kind(frame)
+    if kind is None:
+        raise BenchTableError(
+            f"{csv_path}: not a table of "
+            + ", ".join(f"`slab bench {k}` (columns {', '.join(TABLE_KINDS[k])})" for k in ("pack", "train", "spread", "dp"))
+            + f"; it has {', '.join(map(str, frame.columns))}"
+        )
+    return draw[kind](frame, png)
+
+
+def table_kind(frame: pd.DataFrame) -> str | None:
+    """Which `slab bench` command wrote this table (dp, spread, pack or train), told by its columns; None if none."""
+    for kind, columns in TABLE_KINDS.items():
+        if all(c in frame.columns for c in columns):
+            return kind
+    return None
 
 
 def _tokens(t: int) -> str:

@@ -15,7 +15,9 @@ from typing import NoReturn, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from db.engine import DatabaseError, open_db, resolve_url
 from sweep.plan import DEFAULT_MAX_RUNS, PlanError, cost_plans, load_plans
@@ -25,8 +27,10 @@ app = typer.Typer(
     rich_markup_mode="rich",
     pretty_exceptions_enable=False,
 )
-bench_app = typer.Typer(help="Benchmarks that print measured numbers (some need a GPU). Their default plans and output "
-                        "paths are relative to the repository's root: run them from there.", no_args_is_help=True)
+bench_app = typer.Typer(help="Benchmarks that print measured numbers (some need a GPU). Their default plans are relative "
+                        "to the repository's root: run them from there. Results go to bench-out/ in the working "
+                        "directory unless --out or --csv says otherwise (make bench writes docs/bench/).",
+                        no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
 
 # Piped output (CI logs, files) is never cut to a width: a table keeps its natural width and every digit (at rich's
@@ -39,7 +43,7 @@ err = Console(stderr=True, width=None if sys.stderr.isatty() else PIPED_WIDTH)
 
 def fail(message: str, code: int = 2) -> NoReturn:
     """Print ``error: message`` in red to stderr and exit (2 = bad input)."""
-    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -90,14 +94,24 @@ def _check_filters(engine, plan: str | None, arch: str | None = None) -> None:
 
 
 def _plans(files: list[Path], max_runs: int):
+    """Load and check plans (exit 2 on any error, all of them printed); two files may not share a plan name."""
     try:
-        return load_plans(files, max_runs=max_runs)
+        plans = load_plans(files, max_runs=max_runs)
     except PlanError as exc:
         for issue in exc.issues:
-            err.print(f"[bold red]error:[/] {issue}", highlight=False, soft_wrap=True)
-        if len(exc.issues) > 1:
+            err.print(f"[bold red]error:[/] {escape(str(issue))}", highlight=False, soft_wrap=True)
+        if exc.more:
+            err.print(f"{len(exc.issues)} errors shown, more not checked; nothing was written", highlight=False)
+        elif len(exc.issues) > 1:
             err.print(f"{len(exc.issues)} errors; nothing was written", highlight=False)
         raise typer.Exit(2)
+    first: dict[str, Path] = {}
+    for p in plans:
+        # A plan is named by its file's stem: a second file of that name would take over the first one's runs.
+        seen = first.setdefault(p.name, Path(p.path))
+        if seen.resolve() != Path(p.path).resolve():
+            fail(f"{seen} and {p.path} would both be plan {p.name!r} (a plan is named by its file name): rename one")
+    return plans
 
 
 def _ensure_dir(folder: Path, what: str) -> None:
@@ -162,9 +176,9 @@ def _emit(frame, fmt: Format, title: str | None = None) -> None:
     else:
         table = Table(title=title, show_lines=False)
         for col in frame.columns:
-            table.add_column(str(col))
-        for row in frame.itertuples(index=False):
-            table.add_row(*map(_cell, row))
+            table.add_column(Text(str(col)))
+        for row in frame.itertuples(index=False):  # Text: data such as '[b]x' is shown as it is, not as markup
+            table.add_row(*(Text(_cell(v)) for v in row))
         out.print(table)
 
 
@@ -209,20 +223,20 @@ def plan(
         sys.stdout.write(json.dumps({"totals": totals, "blocks": [asdict(b) for b in cost.blocks], "runs": runs,
                                      "repeats": repeats}) + "\n")
         return
-    table = Table(title=", ".join(str(f) for f in files))
+    table = Table(title=escape(", ".join(str(f) for f in files)))
     for col in ("plan:row", "arch", "shape", "params", "non-emb", "tokens", "FLOPs", "runs"):
         table.add_column(col, justify="left" if col in ("plan:row", "arch", "shape") else "right")
     for b in cost.blocks:
         tokens = _si(b.tokens_min) if b.tokens_min == b.tokens_max else f"{_si(b.tokens_min)}-{_si(b.tokens_max)}"
-        table.add_row(f"{b.plan}:{b.row}", b.arch, b.shape, _si(b.params), _si(b.nonembed_params), tokens, _si(b.flops), str(b.runs))
+        table.add_row(Text(f"{b.plan}:{b.row}"), b.arch, b.shape, _si(b.params), _si(b.nonembed_params), tokens, _si(b.flops), str(b.runs))
     out.print(table)
     for plan_name, row, n, of in cost.repeats:
         # Such a row is missing from the table, or shows fewer runs than it expands to.
         which = (f"its {_n(of, 'run')} {'is' if of == 1 else 'are all'}" if n == of
                  else f"{n} of its {of} runs {'is' if n == 1 else 'are'}")
-        out.print(f"note: {plan_name}:{row}: {which} given before (each run is trained once)", highlight=False)
+        out.print(f"note: {plan_name}:{row}: {which} given before (each run is trained once)", highlight=False, markup=False)
     out.print(
-        f"[bold]{cost.runs:,}[/] runs, [bold]{cost.flops:.3e}[/] FLOPs, about [bold]{cost.gpu_hours:,.3g}[/] GPU-hours "
+        f"[bold]{cost.runs:,}[/] {'run' if cost.runs == 1 else 'runs'}, [bold]{cost.flops:.3e}[/] FLOPs, about [bold]{cost.gpu_hours:,.3g}[/] GPU-hours "
         f"at {mfu:.0%} MFU of {gpu_tflops:g} TFLOP/s"
     )
 
@@ -242,7 +256,7 @@ def add(
     plans = _plans(files, max_runs)  # validate everything before touching the database
     engine = _engine(ctx, create=True)
     for r in add_plans(engine, plans):
-        out.print(f"{r.plan}: [bold]{r.new}[/] new {'run' if r.new == 1 else 'runs'}, {r.known} already known")
+        out.print(f"{escape(r.plan)}: [bold]{r.new}[/] new {'run' if r.new == 1 else 'runs'}, {r.known} already known")
 
 
 @app.command()
@@ -342,7 +356,7 @@ def export(
         n = export_table(_engine(ctx), table, format.value, out_path)
     except QueryError as exc:
         fail(str(exc))
-    out.print(f"wrote {_n(n, 'row')} of {table} to {out_path}")
+    out.print(f"wrote {_n(n, 'row')} of {table} to {out_path}", markup=False)
 
 
 @app.command()
@@ -396,6 +410,8 @@ def launch(
     if num_gpus is not None and address:
         fail("--num-gpus limits a local Ray; a cluster joined with --address has the GPUs it has")
     fsdp_from = _count_option(fsdp_min_params, "--fsdp-min-params")
+    if ckpt_dir.exists() and not ckpt_dir.is_dir():
+        fail(f"--ckpt-dir {ckpt_dir}: is a file, not a folder")
     plans = _plans(files, max_runs)
     try:
         opts = LaunchOptions(
@@ -434,6 +450,31 @@ class Method(str, Enum):
     one = "1"
     two = "2"
     three = "3"
+
+
+def _warn_few_runs(runs, bootstrap: int, by_arch: bool = True) -> None:
+    """Warn on stderr when a fit's bootstrap would resample fewer than MIN_BOOTSTRAP_RUNS runs (per arch)."""
+    if not bootstrap:
+        return
+    counts = runs["arch"].value_counts().sort_index() if by_arch and "arch" in runs else {"": len(runs)}
+    for arch_name, n in dict(counts).items():
+        if n < MIN_BOOTSTRAP_RUNS:
+            who = f"{arch_name} has" if arch_name else "the fit has"
+            err.print(f"[yellow]warning:[/] the intervals resample runs, and {escape(who)} {_n(n, 'run')}: there is "
+                      "little to resample, so read its intervals as unknown", highlight=False)
+
+
+def _writable_dir(folder: Path, what: str) -> None:
+    """Fail (exit 2) before any work when ``folder`` could not be made or written in; makes nothing itself."""
+    import os
+
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        fail(f"{what} {folder}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        fail(f"{what} {folder}: cannot write in {existing}")
 
 
 def _progress_bar(description: str):
@@ -487,6 +528,10 @@ def fit(
 
     metrics = None
     if csv_file is not None:
+        ignored = [o for o, v in (("--plan", plan), ("--arch", arch), ("--n-params", n_params != "nonembed_params")) if v]
+        if ignored:
+            fail(f"{', '.join(ignored)} select{'s' if len(ignored) == 1 else ''} runs of the database; with --csv the "
+                 "whole file is fitted (filter it first, and name its parameter column with --params-col)")
         try:
             runs = load_csv(csv_file, params_col=params_col, tokens_col=tokens_col, loss_col=loss_col, flops_col=flops_col)
         except FitError as exc:
@@ -528,9 +573,7 @@ def fit(
         lo, hi = result.interval(name)
         table.add_row(name, f"{value:.4g}", *(f"{x:.4g}" if x == x else "-" for x in (lo, hi)))  # nan: no bootstrap
     out.print(table)
-    if result.n_bootstrap and len(runs) < MIN_BOOTSTRAP_RUNS:
-        err.print(f"[yellow]warning:[/] the intervals resample runs, and with {_n(len(runs), 'run')} there is little to "
-                  "resample: read them as unknown", highlight=False)
+    _warn_few_runs(runs, result.n_bootstrap, by_arch=False)
 
 
 @app.command()
@@ -554,6 +597,7 @@ def compare(
         fail(f"baseline {baseline!r} has no finished runs; archs present: {', '.join(sorted(set(runs['arch'])))}")
     if set(runs["arch"]) == {baseline}:
         fail(f"only the baseline {baseline!r} has finished runs: nothing to compare it with")
+    _warn_few_runs(runs, bootstrap)
     bar, progress = _progress_bar("fitting per arch")
     try:
         with bar:
@@ -566,7 +610,7 @@ def compare(
     gaps = result.gaps.copy()
     _emit(gaps.round(4), Format.table, title=f"loss gap and compute multiplier vs {baseline}")
     for arch_name, message in result.errors.items():
-        err.print(f"[yellow]warning:[/] {arch_name}: {message}")
+        err.print(f"[yellow]warning:[/] {escape(f'{arch_name}: {message}')}")
     niah = niah_table(runs, evals)
     if not niah.empty:
         _emit(niah.round(3), Format.table, title="needle in a haystack (accuracy)")
@@ -578,9 +622,9 @@ def report(
     out_dir: Path = typer.Option(..., "--out", help="Folder for index.html, report.md and figures/.", show_default=False),
     plan: Optional[str] = typer.Option(None, help="Only runs of this plan."),
     title: Optional[str] = typer.Option(None, help="Report title (default: the plan name)."),
-    throughput: Optional[Path] = typer.Option(None, help="CSV of arch, seq_len, tokens_per_s (slab bench train --seq-lens ...) for the throughput figure."),
+    throughput: Optional[Path] = typer.Option(None, help="CSV of arch, seq_len, tokens_per_s (slab bench train --seq-len ... --out FILE) for the throughput figure."),
     bootstrap: int = typer.Option(200, min=0, help="Bootstrap resamples per fit."),
-    baseline: str = typer.Option("softmax", help="Architecture the others are compared with."),
+    baseline: Optional[str] = typer.Option(None, help="Architecture the others are compared with (default: softmax when it has runs, else the first arch).", show_default=False),
     seed: int = typer.Option(0, help="Seed of the bootstraps."),
 ) -> None:
     """Write a scaling-curve report: index.html (self-contained), report.md, fits.json and PNG/SVG figures.
@@ -592,7 +636,12 @@ def report(
     from analysis.fits import FitError
     from analysis.report import write_report
 
+    _writable_dir(out_dir, "--out")
     _, runs, metrics, evals = _analysis_inputs(ctx, plan, None)
+    archs = sorted(set(runs["arch"]))
+    if baseline is not None and baseline not in archs:
+        fail(f"--baseline {baseline!r} has no finished runs; archs present: {', '.join(archs)}")
+    _warn_few_runs(runs, bootstrap)
     tput = None
     if throughput is not None:
         try:
@@ -606,19 +655,22 @@ def report(
     try:
         with bar:
             files = write_report(runs, metrics, evals, out_dir, throughput=tput, title=title or f"scalinglab report: {plan or 'all runs'}",
-                                 bootstrap=bootstrap, seed=seed, progress=progress, baseline=baseline)
+                                 bootstrap=bootstrap, seed=seed, progress=progress, baseline=baseline or "softmax")
     except FitError as exc:
         fail(str(exc))
+    except OSError as exc:  # e.g. a read-only folder, which _writable_dir cannot tell when running as root
+        fail(f"--out {out_dir}: cannot write the report: {exc.strerror or exc}")
     for line in files.findings:
-        out.print(f"- {line}", highlight=False)
+        out.print(f"- {line}", highlight=False, markup=False)
     for line in files.skipped:
-        out.print(f"[dim]not shown: {line}[/]", highlight=False)
-    out.print(f"wrote {files.index_html} and {files.report_md} ({len(files.figures)} figures) in {files.seconds:.1f} s")
+        out.print(f"[dim]not shown: {escape(line)}[/]", highlight=False)
+    out.print(f"wrote {files.index_html} and {files.report_md} ({len(files.figures)} figures) in {files.seconds:.1f} s",
+              markup=False)
 
 
 @bench_app.command("kernels")
 def bench_kernels_cmd(
-    out_dir: Path = typer.Option(Path("docs/bench"), "--out", help="Folder for linear_attention.csv/.md/.png."),
+    out_dir: Path = typer.Option(Path("bench-out"), "--out", help="Folder for linear_attention.csv/.md/.png."),
     quick: bool = typer.Option(False, "--quick", help="Fewer shapes and repetitions."),
     peers: bool = typer.Option(True, help="Include flash-linear-attention when importable (its autotuning takes minutes)."),
 ) -> None:
@@ -637,12 +689,12 @@ def bench_kernels_cmd(
     from kernels.linear_attention.bench import report, run_bench
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")  # one line per check and timing
-    out.print(report(run_bench(out_dir, quick=quick, peers=peers)), highlight=False)
+    out.print(report(run_bench(out_dir, quick=quick, peers=peers)), highlight=False, markup=False)
 
 
 @bench_app.command("fused")
 def bench_fused_cmd(
-    out_csv: Optional[Path] = typer.Option(Path("docs/bench/fused.csv"), "--csv", help="Write the table here."),
+    out_csv: Path = typer.Option(Path("bench-out/fused.csv"), "--csv", help="Write the table here."),
 ) -> None:
     """GPU: check, then time the fused norms, SwiGLU gate and head + loss against PyTorch and torch.compile.
 
@@ -653,13 +705,11 @@ def bench_fused_cmd(
     Example: slab bench fused --csv docs/bench/fused.csv
     """
     _require_gpu("fused")
-    if out_csv:
-        _ensure_dir(out_csv.parent, "--csv")
+    _ensure_dir(out_csv.parent, "--csv")
     from kernels.fused.bench import bench_fused
 
     frame = bench_fused()
-    if out_csv:
-        frame.to_csv(out_csv, index=False)
+    frame.to_csv(out_csv, index=False)
     _emit(frame.round(4), Format.table, title="fused kernels (median ms, peak extra MiB)")
     failed = sorted(set(frame.loc[frame["check"] == "FAIL", "op"]))
     if failed:
@@ -732,7 +782,7 @@ def bench_train_cmd(
         from analysis.bench_figures import bench_figure
 
         frame.to_csv(out_csv, index=False)
-        out.print(f"wrote {out_csv} and {bench_figure(out_csv)}")
+        out.print(f"wrote {out_csv} and {bench_figure(out_csv)}", markup=False)
     _emit(frame[["arch", "seq_len", "params", "microbatch", "compile", "fused", "tokens_per_s", "mfu_989", "mfu_785",
                  "sm_clock_mhz", "power_w"]].round(4), Format.table, title="training throughput")
 
@@ -760,7 +810,7 @@ def bench_pack(
     plan_file: Path = typer.Argument(Path("plans/pack-grid.csv"), help="Plan whose runs to train both ways."),
     steps: Optional[int] = typer.Option(None, min=1, help="Cut every run to this many optimizer steps (default: the plan's own)."),
     pack: str = typer.Option("auto", help="Packing as for slab launch: auto, off or a number of runs."),
-    out_csv: Optional[Path] = typer.Option(Path("docs/bench/pack.csv"), "--csv", help="Append the result here, and redraw the table's figure beside it (pack.png)."),
+    out_csv: Path = typer.Option(Path("bench-out/pack.csv"), "--csv", help="Append the result here, and redraw the table's figure beside it (pack.png)."),
 ) -> None:
     """Train a plan's runs one at a time, then packed as stacked models, in this process (GPU if present).
 
@@ -784,19 +834,16 @@ def bench_pack(
         fail(str(exc))
     t0 = time.perf_counter()
     [plan] = _plans([plan_file], DEFAULT_MAX_RUNS)
-    _check_csv(out_csv)
+    _check_csv(out_csv, "pack")
     result = run(plan, steps=steps, pack=pack_size, progress=_stamp(t0))
-    if out_csv:
-        append_csv({"plan": str(plan_file), **result}, out_csv)
-        out.print(f"appended to {out_csv}; figure {bench_figure(out_csv)}")
+    append_csv({"plan": str(plan_file), **result}, out_csv)
+    out.print(f"appended to {out_csv}; figure {bench_figure(out_csv)}", markup=False)
     shown = pd.DataFrame({"measure": list(result), "value": [f"{v:.4g}" if isinstance(v, float) else str(v) for v in result.values()]})
     _emit(shown, Format.table, title="packed vs one at a time")
 
 
 def _bench_view():
     """The launch view of a benchmark: runs' start and end lines on stderr (stdout keeps the tables)."""
-    from rich.console import Console
-
     from sweep.progress import LaunchView
 
     return LaunchView(Console(stderr=True), live=False)
@@ -809,16 +856,20 @@ def _stamp(t0: float):
     return lambda msg: sys.stderr.write(f"[{time.perf_counter() - t0:7.1f} s] {msg}\n")
 
 
-def _check_csv(out_csv: Optional[Path]) -> None:
-    from analysis.bench_figures import BenchTableError, read_table
+def _check_csv(out_csv: Path, kind: str) -> None:
+    """Fail (exit 2) before any training when --csv names a file that is not a `slab bench {kind}` table."""
+    from analysis.bench_figures import BenchTableError, read_table, table_kind
 
-    if out_csv:
-        _ensure_dir(out_csv.parent, "--csv")
-        try:  # results are added to this table at the end: a file that is not one fails now
-            if out_csv.exists():
-                read_table(out_csv)
-        except BenchTableError as exc:
-            fail(f"--csv {exc}")
+    _ensure_dir(out_csv.parent, "--csv")
+    if not out_csv.exists():
+        return
+    try:  # results are added to this table at the end: a file that is not one (a plan, say) fails now
+        found = table_kind(read_table(out_csv))
+    except BenchTableError as exc:
+        fail(f"--csv {exc}")
+    if found != kind:
+        what = f"a `slab bench {found}` table" if found else "not a benchmark table"
+        fail(f"--csv {out_csv}: {what}; `slab bench {kind}` writes its own (give a new file)")
 
 
 @bench_app.command("spread")
@@ -826,7 +877,7 @@ def bench_spread_cmd(
     plan_file: Path = typer.Argument(Path("plans/smoke-h100.csv"), help="Plan to launch whole, once per GPU count."),
     gpus: Optional[list[int]] = typer.Option(None, help="GPU counts to launch on, in this order (default: all the host's, then 1)."),
     cpu: bool = typer.Option(False, "--cpu", help="Count CPUs instead of GPUs and train on CPU (a check of the command, not a GPU figure)."),
-    out_csv: Optional[Path] = typer.Option(Path("docs/bench/multi_gpu_spread.csv"), "--csv", help="Append the launches here, and redraw its figure beside it."),
+    out_csv: Path = typer.Option(Path("bench-out/multi_gpu_spread.csv"), "--csv", help="Append the launches here, and redraw its figure beside it."),
 ) -> None:
     """Launch one plan on all of a host's GPUs and on one, each into a fresh database; compare the wall times.
 
@@ -846,16 +897,16 @@ def bench_spread_cmd(
 
     t0 = time.perf_counter()
     [plan] = _plans([plan_file], DEFAULT_MAX_RUNS)
-    _check_csv(out_csv)
-    counts = gpus or ([2, 1] if cpu else sorted({host_gpus(), 1}, reverse=True))
+    _check_csv(out_csv, "spread")
+    # No GPU and no --cpu: [1], which bench_spread refuses with "no GPU here (pass --cpu ...)".
+    counts = gpus or ([2, 1] if cpu else sorted({max(host_gpus(), 1), 1}, reverse=True))
     try:
         rows = bench_spread(plan, counts, view=_bench_view(), cpu=cpu, progress=_stamp(t0))
     except (ValueError, LaunchError) as exc:
         fail(str(exc))
-    if out_csv:
-        for row in rows:
-            append_csv(row, out_csv)
-        out.print(f"appended to {out_csv}; figure {bench_figure(out_csv)}")
+    for row in rows:
+        append_csv(row, out_csv)
+    out.print(f"appended to {out_csv}; figure {bench_figure(out_csv)}", markup=False)
     _emit(pd.DataFrame(rows).round(3), Format.table, title="one launch per GPU count")
     if any(r["done"] < r["runs"] for r in rows):
         fail("some runs did not finish (see the lines above)", code=1)
@@ -867,7 +918,7 @@ def bench_dp_cmd(
     gpus: list[int] = typer.Option([1, 2], help="GPU counts per run: 1 trains on one GPU, more data-parallel through Ray Train."),
     steps: Optional[int] = typer.Option(None, min=2, help="Cut every run to this many optimizer steps (default: the plan's own)."),
     cpu: bool = typer.Option(False, "--cpu", help="CPU workers (gloo) instead of GPUs (NCCL): a check of the command, not a speed figure."),
-    out_csv: Optional[Path] = typer.Option(Path("docs/bench/multi_gpu_dp.csv"), "--csv", help="Write every step's loss and tokens/s here, and its figure beside it."),
+    out_csv: Path = typer.Option(Path("bench-out/multi_gpu_dp.csv"), "--csv", help="Write every step's loss and tokens/s here (replacing a dp table there), and its figure beside it."),
 ) -> None:
     """Data-parallel scaling: train each run of a plan on 1, 2, ... GPUs through `slab launch`.
 
@@ -884,7 +935,7 @@ def bench_dp_cmd(
 
     t0 = time.perf_counter()
     [plan] = _plans([plan_file], DEFAULT_MAX_RUNS)
-    _check_csv(out_csv)
+    _check_csv(out_csv, "dp")
     try:
         curves, outcomes = bench_data_parallel(plan, gpus, steps=steps, view=_bench_view(), cpu=cpu, progress=_stamp(t0))
     except (ValueError, LaunchError) as exc:
@@ -892,14 +943,14 @@ def bench_dp_cmd(
     failed = [o for o in outcomes if o["status"] != "done"]
     for o in failed:
         last = (o["error"] or "").strip().splitlines()
-        err.print(f"{o['run']} on {o['gpus']} {'CPU worker' if cpu else 'GPU'}(s): {o['status']}: {last[-1] if last else ''}", highlight=False)
+        err.print(f"{o['run']} on {o['gpus']} {'CPU worker' if cpu else 'GPU'}(s): {o['status']}: {last[-1] if last else ''}",
+                  highlight=False, markup=False)
     if curves.empty:
         fail("no run trained a step; nothing written", code=1)
-    if out_csv:
-        tmp = out_csv.with_name(f".{out_csv.name}.tmp")
-        curves.to_csv(tmp, index=False)
-        tmp.replace(out_csv)
-        out.print(f"wrote {out_csv}; figure {bench_figure(out_csv)}")
+    tmp = out_csv.with_name(f".{out_csv.name}.tmp")
+    curves.to_csv(tmp, index=False)
+    tmp.replace(out_csv)
+    out.print(f"wrote {out_csv}; figure {bench_figure(out_csv)}", markup=False)
     _emit(data_parallel_summary(curves).round(4), Format.table, title="data-parallel scaling")
     if failed:
         fail(f"{len(failed)} of {len(outcomes)} trainings did not finish (see the lines above)", code=1)
@@ -917,7 +968,7 @@ def bench_plot(
 
     for table in tables:
         try:
-            out.print(f"{table} -> {bench_figure(table)}")
+            out.print(f"{table} -> {bench_figure(table)}", markup=False)
         except BenchTableError as exc:
             fail(str(exc))
 

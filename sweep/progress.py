@@ -8,6 +8,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 from sqlalchemy import Engine
 
 from db.queries import status_counts
@@ -24,20 +25,35 @@ def status_table(engine: Engine, plan: str | None = None) -> Table:
     table.add_column("total", justify="right")
     for name, group in counts.groupby("plan", sort=True):
         by = dict(zip(group["status"], group["runs"]))
-        table.add_row(str(name), *(str(by.get(s, 0)) for s in RUN_STATUSES), str(sum(by.values())))
+        table.add_row(Text(str(name)), *(str(by.get(s, 0)) for s in RUN_STATUSES), str(sum(by.values())))
     if counts.empty:
         table.caption = "no runs registered yet: slab add PLAN"
     return table
 
 
 def watch_status(engine: Engine, console: Console, plan: str | None = None, interval: float = 2.0) -> None:
-    """Redraw the status table until no run is pending or running (or Ctrl-C)."""
+    """Redraw the status table until no run is pending or running (or Ctrl-C); piped, print it each time it changes."""
+
+    def unfinished(counts) -> int:
+        return int(counts[counts["status"].isin(["pending", "running"])]["runs"].sum())
+
     try:
+        if not console.is_terminal:  # a log keeps every change, not only the last frame
+            last = None
+            while True:
+                counts = status_counts(engine, plan)
+                if (key := counts.to_csv()) != last:
+                    console.print(status_table(engine, plan))
+                    last = key
+                if not unfinished(counts):
+                    break
+                time.sleep(interval)
+            return
         with Live(status_table(engine, plan), console=console, auto_refresh=False) as live:
             while True:
                 counts = status_counts(engine, plan)
                 live.update(status_table(engine, plan), refresh=True)
-                if not counts[counts["status"].isin(["pending", "running"])]["runs"].sum():
+                if not unfinished(counts):
                     break
                 time.sleep(interval)
     except KeyboardInterrupt:
@@ -122,7 +138,7 @@ class LaunchView:
         if tokens and self.total_tokens > tokens:
             eta = f", ETA {(self.total_tokens - tokens) * elapsed / tokens / 60:.1f} min"
         return (f"{self.done}/{self.total} runs done, {self.failed} failed, {len(self.running)} running, "
-                f"{tokens / 1e6:.1f}M/{self.total_tokens / 1e6:.1f}M tokens, {elapsed:.0f} s{eta}")
+                f"{_count(tokens)}/{_count(self.total_tokens)} tokens, {elapsed:.0f} s{eta}")
 
     def _render(self) -> Table:
         table = Table(title=self._line(), title_justify="left", expand=False)
@@ -131,5 +147,13 @@ class LaunchView:
         for info in list(self.running.values())[:20]:
             loss = f"{info['loss']:.4f}" if info["loss"] is not None else ""
             tps = f"{info['tps']:,.0f}" if info["tps"] else ""
-            table.add_row(str(info["name"]), info["arch"], info["shape"], f"{info['step']}/{info['steps']}", loss, tps)
+            table.add_row(Text(str(info["name"])), info["arch"], info["shape"], f"{info['step']}/{info['steps']}", loss, tps)
         return table
+
+
+def _count(n: float) -> str:
+    """A token count to three figures: 12.3k, 4.56M, 1.2B."""
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.3g}{unit}"
+    return f"{n:.0f}"

@@ -217,3 +217,54 @@ def test_piped_tables_keep_every_digit_and_name(capsys):
     assert "…" not in printed
     assert all(f"a_long_column_name_{i}" in printed and f"{1234.56789 + i:.6g}" in printed for i in range(18))
     assert "1.7e+11" in printed
+
+
+def test_brackets_in_names_and_data_are_printed_as_they_are(runner, write_plan, tmp_path):
+    bad = write_plan(PLAN.replace("softmax|lightning", "[red]softmax"), "plan[v2].csv")
+    result = invoke(runner, "plan", bad)
+    assert result.exit_code == 2
+    assert "plan[v2].csv:2:arch" in result.stderr and "'[red]softmax'" in result.stderr
+    db = f"sqlite:///{tmp_path}/slab.db"
+    invoke(runner, "add", write_plan(PLAN), db=db)
+    shown = invoke(runner, "sql", "select '[b]x[/b]' as \"[i]col\"", db=db)
+    assert shown.exit_code == 0 and "[b]x[/b]" in shown.stdout and "[i]col" in shown.stdout
+
+
+def test_two_plan_files_of_one_name_are_refused(runner, tmp_path):
+    for d in ("a", "b"):
+        (tmp_path / d).mkdir()
+        (tmp_path / d / "x.csv").write_text(PLAN)
+    db = tmp_path / "slab.db"
+    result = invoke(runner, "add", tmp_path / "a" / "x.csv", tmp_path / "b" / "x.csv", db=f"sqlite:///{db}")
+    assert result.exit_code == 2 and "would both be plan 'x'" in result.stderr
+    assert not db.exists()
+    assert invoke(runner, "plan", tmp_path / "a" / "x.csv", tmp_path / "a" / "x.csv").exit_code == 0  # one file twice
+
+
+def test_launch_into_a_checkpoint_path_that_is_a_file_exits_2_before_writing(runner, write_plan, tmp_path):
+    (tmp_path / "ckpt").write_text("not a folder")
+    db = tmp_path / "slab.db"
+    result = invoke(runner, "launch", write_plan(PLAN), "--cpu", "--ckpt-dir", tmp_path / "ckpt", db=f"sqlite:///{db}")
+    assert result.exit_code == 2 and "is a file, not a folder" in result.stderr
+    assert not db.exists()
+
+
+def test_bench_tables_refuse_a_file_of_another_kind_before_training(runner, write_plan, tmp_path):
+    plan = write_plan(PLAN)
+    before = plan.read_text()
+    result = invoke(runner, "bench", "pack", plan, "--csv", plan)  # the plan itself, a CSV but no bench table
+    assert result.exit_code == 2 and "not a benchmark table" in result.stderr
+    assert plan.read_text() == before
+    train = tmp_path / "train.csv"
+    train.write_text("arch,seq_len,tokens_per_s\nsoftmax,2048,1000\n")
+    result = invoke(runner, "bench", "dp", plan, "--cpu", "--csv", train)
+    assert result.exit_code == 2 and "a `slab bench train` table" in result.stderr
+    assert train.read_text() == "arch,seq_len,tokens_per_s\nsoftmax,2048,1000\n"
+
+
+def test_bench_spread_without_a_gpu_says_so(runner, write_plan, monkeypatch):
+    import sweep.launch
+
+    monkeypatch.setattr(sweep.launch, "host_gpus", lambda: 0)
+    result = invoke(runner, "bench", "spread", write_plan(PLAN))
+    assert result.exit_code == 2 and "no GPU here (pass --cpu" in result.stderr

@@ -108,7 +108,26 @@ def test_fit_on_few_runs_warns_and_no_bootstrap_prints_no_nan(tmp_path):
     path.write_text("params,tokens,loss\n1e6,2e7,4.0\n3e6,6e7,3.6\n1e7,2e8,3.3\n3e7,6e8,3.1\n")
     few = invoke("fit", "--csv", path, "--method", "power", "--bootstrap", "10")
     assert few.exit_code == 0, few.output
-    assert "with 4 runs there is little to resample" in few.stderr
+    assert "the fit has 4 runs: there is little to resample" in few.stderr
     none = invoke("fit", "--csv", path, "--method", "power", "--bootstrap", "0")
     assert none.exit_code == 0, none.output
     assert "nan" not in none.stdout and "resample" not in none.stderr
+
+
+def test_report_and_fit_refuse_options_they_would_ignore(study_db, tmp_path):
+    result = invoke("--db", study_db, "report", "--out", tmp_path / "r", "--baseline", "sofmax", "--bootstrap", "0")
+    assert result.exit_code == 2 and "--baseline 'sofmax' has no finished runs" in result.stderr
+    assert not (tmp_path / "r").exists()
+    (tmp_path / "afile").write_text("")
+    result = invoke("--db", study_db, "report", "--out", tmp_path / "afile", "--bootstrap", "0")
+    assert result.exit_code == 2 and "is a file, not a folder" in result.stderr
+    path = tmp_path / "ext.csv"
+    path.write_text("params,tokens,loss\n1e6,2e7,4.0\n3e6,6e7,3.6\n1e7,2e8,3.3\n3e7,6e8,3.1\n")
+    result = invoke("fit", "--csv", path, "--arch", "lightning")
+    assert result.exit_code == 2 and "--arch selects runs of the database" in result.stderr
+
+
+def test_compare_warns_for_an_arch_with_few_runs(tmp_path):
+    url = _study_db(tmp_path / "few.db", ("softmax", "lightning"), 6)
+    result = invoke("--db", url, "compare", "--bootstrap", "5")
+    assert "lightning has 3 runs: there is little to resample" in result.stderr, result.output
