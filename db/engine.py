@@ -9,10 +9,11 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
+from urllib.parse import quote
 
 from sqlalchemy import Connection, Engine, create_engine, event, inspect, select, text
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError
+from sqlalchemy.exc import ArgumentError, OperationalError
 from sqlalchemy.orm import Session
 
 from db.schema import SCHEMA_VERSION, Base, Meta
@@ -21,6 +22,10 @@ DEFAULT_URL = "sqlite:///slab.db"
 ENV_VAR = "SLAB_DB"
 #: How long a SQLite connection waits for another writer's lock before failing (milliseconds).
 SQLITE_BUSY_MS = 30_000
+#: The SQLite URL forms, for errors about a URL SQLAlchemy rejects.
+SQLITE_FORMS = "a SQLite file is sqlite:///relative/path.db or sqlite:////absolute/path.db"
+#: Said when SQLite fails because this process may not write the file or its folder.
+NOT_WRITABLE = "the database (or its folder) is not writable here"
 
 
 class DatabaseError(RuntimeError):
@@ -48,18 +53,49 @@ def sqlite_path(url: str) -> Path | None:
         return None
     if parsed.get_backend_name() != "sqlite" or not parsed.database or parsed.database == ":memory:":
         return None
-    return Path(parsed.database)
+    return Path(parsed.database).expanduser()
 
 
-def _sqlite_pragmas(dbapi_conn, _record) -> None:
+def _writable(path: Path) -> bool:
+    """Whether this process may write the SQLite file and its folder (WAL keeps -wal and -shm files beside it)."""
+    return os.access(path, os.W_OK) and os.access(path.parent, os.W_OK)
+
+
+def _read_only_options(path: Path) -> dict[str, str] | None:
+    """SQLite URI options to read an existing file this process cannot write; None when it can write it."""
+    if not path.exists() or _writable(path):
+        return None
+    if any(Path(f"{path}{suffix}").exists() for suffix in ("-wal", "-shm")):
+        return {"mode": "ro"}  # a writer has it open (or left its WAL): read through its -shm
+    # A read-only connection to a WAL database makes a -shm file, which it cannot in a read-only folder and
+    # which, made by this process with the file's mode, would lock its owner out of writing. With no -wal,
+    # every commit is in the file and no writer is attached, so it is read as immutable (no locks, no -shm).
+    return {"mode": "ro", "immutable": "1"}
+
+
+def _sqlite_pragmas(dbapi_conn, record) -> None:
+    """Connect hook of a SQLite file this process writes: WAL, busy timeout, foreign keys."""
+    _configure_sqlite(dbapi_conn, record, read_only=False)
+
+
+def _sqlite_read_only_pragmas(dbapi_conn, record) -> None:
+    """Connect hook of a SQLite file opened read-only: busy timeout and foreign keys, journal mode untouched."""
+    _configure_sqlite(dbapi_conn, record, read_only=True)
+
+
+def _configure_sqlite(dbapi_conn, record, read_only: bool) -> None:
     # WAL lets readers (slab status --watch) run while the launcher writes; foreign keys are off by default.
-    # pysqlite's own deferred BEGIN is turned off: see _sqlite_begin.
+    # pysqlite's own deferred BEGIN is turned off: see _sqlite_begin. A file opened read-only keeps its
+    # journal mode, as switching it is a write.
     dbapi_conn.isolation_level = None
     cur = dbapi_conn.cursor()
     cur.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_MS}")
-    _set_wal(cur)
+    if read_only:
+        record.info["slab_read_only_file"] = True
+    else:
+        _set_wal(cur)
+        cur.execute("PRAGMA synchronous=NORMAL")
     cur.execute("PRAGMA foreign_keys=ON")
-    cur.execute("PRAGMA synchronous=NORMAL")
     cur.close()
 
 
@@ -81,25 +117,65 @@ def _set_wal(cur) -> None:
 def _sqlite_begin(conn) -> None:
     # BEGIN IMMEDIATE takes the write lock up front (waiting up to the busy timeout), so a transaction that
     # reads and then writes (registering a plan) cannot fail on a lock upgrade when two launchers race.
-    conn.exec_driver_sql("BEGIN" if conn.info.get("slab_read_only") else "BEGIN IMMEDIATE")
+    # A file opened read-only cannot take the write lock at all.
+    read_only = conn.info.get("slab_read_only") or conn.info.get("slab_read_only_file")
+    conn.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
+
+
+def _first_line(exc: Exception) -> str:
+    """The first line of an exception's message (SQLAlchemy's go on with URL forms and links)."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 def make_engine(url: str | None = None) -> Engine:
-    """A SQLAlchemy engine for the URL, with SQLite opened in WAL mode, a busy timeout and foreign keys."""
+    """A SQLAlchemy engine for the URL; SQLite in WAL mode with a busy timeout and foreign keys, or read-only
+    when this process cannot write the file."""
     url = resolve_url(url)
     try:
         parsed = make_url(url)
     except (ArgumentError, ValueError) as exc:
         raise DatabaseError(f"bad database URL {shown_url(url)!r}: {exc}") from None
     if parsed.get_backend_name() == "sqlite":
-        engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_MS / 1000})
-        event.listen(engine, "connect", _sqlite_pragmas)
-        event.listen(engine, "begin", _sqlite_begin)
-        return engine
+        return _sqlite_engine(url, parsed)
     try:
         return create_engine(url, pool_pre_ping=True)
     except Exception as exc:  # missing driver, bad options: say it plainly
-        raise DatabaseError(f"cannot use database URL {shown_url(url)!r}: {exc}") from None
+        raise DatabaseError(f"cannot use database URL {shown_url(url)!r}: {_first_line(exc)}") from None
+
+
+def _sqlite_engine(url: str, parsed) -> Engine:
+    """The engine of a SQLite URL (see make_engine); a URL SQLAlchemy rejects raises DatabaseError."""
+    hint = f"({SQLITE_FORMS})"
+    if parsed.host or parsed.username or parsed.password or parsed.port:
+        # sqlite://slab.db (two slashes) reads slab.db as a host; SQLAlchemy's message does not say so.
+        what = f"{parsed.host!r} is read as a host name" if parsed.host else "it has a user or port"
+        raise DatabaseError(f"bad database URL {shown_url(url)!r}: SQLite has no server, but {what} {hint}")
+    path = sqlite_path(url)
+    read_only = None
+    if path is not None and parsed.query.get("uri") not in ("true", "1"):  # a URI the user wrote is kept as is
+        read_only = _read_only_options(path)
+        if read_only:
+            query = {**parsed.query, **read_only, "uri": "true"}
+            parsed = parsed.set(database=f"file:{quote(str(path.absolute()))}", query=query)
+        else:
+            parsed = parsed.set(database=str(path))  # with ~ expanded, as sqlite_path and open_db see it
+    try:
+        engine = create_engine(parsed, connect_args={"timeout": SQLITE_BUSY_MS / 1000})
+    except Exception as exc:
+        raise DatabaseError(f"bad database URL {shown_url(url)!r}: {_first_line(exc)} {hint}") from None
+    event.listen(engine, "connect", _sqlite_read_only_pragmas if read_only else _sqlite_pragmas)
+    event.listen(engine, "begin", _sqlite_begin)
+    return engine
+
+
+def _not_writable_hint(path: Path | None, detail: str) -> str:
+    """``detail``, naming the cause when SQLite failed because it may not write the file or its folder."""
+    if path is None:
+        return detail
+    cannot_write = "readonly database" in detail or (
+        "unable to open database file" in detail and not _writable(path if path.exists() else path.parent)
+    )
+    return f"{detail} ({NOT_WRITABLE})" if cannot_write else detail
 
 
 def open_db(url: str | None = None, *, create: bool = True) -> Engine:
@@ -109,7 +185,10 @@ def open_db(url: str | None = None, *, create: bool = True) -> Engine:
     if path is not None and not path.exists():
         if not create:
             raise DatabaseError(f"no database at {path}; register a plan first with `slab add PLAN`")
-        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise DatabaseError(f"cannot create the folder {path.parent} for the database: {exc.strerror or exc}") from None
     engine = make_engine(url)
     try:
         with engine.begin() as conn:
@@ -119,7 +198,7 @@ def open_db(url: str | None = None, *, create: bool = True) -> Engine:
         raise
     except Exception as exc:
         engine.dispose()
-        detail = str(exc).split("\n(Background on this error")[0]  # SQLAlchemy's link adds nothing here
+        detail = _not_writable_hint(path, str(exc).split("\n(Background on this error")[0])  # the link adds nothing
         raise DatabaseError(f"cannot open database {shown_url(url)!r}: {exc.__class__.__name__}: {detail}") from None
     return engine
 
@@ -161,9 +240,15 @@ def _check_or_create(conn: Connection, create: bool) -> None:
 
 @contextmanager
 def session(engine: Engine) -> Iterator[Session]:
-    """A session in one transaction: committed on success, rolled back on error."""
-    with Session(engine) as s, s.begin():
-        yield s
+    """A session in one transaction: committed on success, rolled back on error; a write to a database this
+    process may not write raises DatabaseError."""
+    try:
+        with Session(engine) as s, s.begin():
+            yield s
+    except OperationalError as exc:
+        if "readonly database" not in str(exc.orig):
+            raise
+        raise DatabaseError(f"cannot write the database: {NOT_WRITABLE} ({exc.orig})") from None
 
 
 @contextmanager

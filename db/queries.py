@@ -6,11 +6,15 @@ import json
 from pathlib import Path
 
 import pandas as pd
-from sqlalchemy import Engine, func, select, text
+from sqlalchemy import JSON, DateTime, Engine, Float, Integer, String, func, select, text
 from sqlalchemy.exc import SQLAlchemyError
 
 from db.engine import read_only
 from db.schema import TABLES, Eval, Metric, Plan, PlanRun, Run
+
+#: Export file suffixes and the format each names (JSON is known only to refuse it).
+EXPORT_SUFFIXES = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet", ".json": "json"}
+EXPORT_FORMATS = ("csv", "parquet")
 
 #: Spec fields spread into columns of ``runs_frame`` (the rest stays in the JSON).
 SPEC_COLUMNS = ("d_model", "n_layers", "n_heads", "hybrid", "seq_len", "batch_size", "lr", "seed", "data", "schedule")
@@ -110,18 +114,66 @@ def run_sql(engine: Engine, query: str) -> pd.DataFrame:
         return pd.DataFrame(result.fetchall(), columns=list(result.keys()))
 
 
-def export_table(engine: Engine, table: str, fmt: str, out: Path) -> int:
-    """Write a whole table to CSV or Parquet (atomically); returns the number of rows."""
+def export_format(out: Path, fmt: str | None = None) -> str:
+    """The format to export ``out`` in: ``fmt``, else the one its suffix names (CSV for other suffixes);
+    raises QueryError when they disagree or the format is unknown."""
+    named = EXPORT_SUFFIXES.get(out.suffix.lower())
+    if fmt is None:
+        fmt = named or "csv"
+    elif named is not None and named != fmt:
+        raise QueryError(f"format {fmt} contradicts the file name {out} ({named}); "
+                         f"name it *.{fmt}, or leave the format out to write {named}")
+    if fmt not in EXPORT_FORMATS:
+        raise QueryError(f"cannot export to {fmt} ({out}); expected one of {', '.join(EXPORT_FORMATS)}")
+    return fmt
+
+
+def _check_out(out: Path) -> None:
+    """Raise QueryError when ``out`` cannot be a file: it is a folder, or a folder it needs is a file."""
+    if out.is_dir():
+        raise QueryError(f"cannot write {out}: it is a folder; name a file in it, e.g. {out / 'table.csv'}")
+    parent = out.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise QueryError(f"cannot write {out}: {parent} is not a folder")
+
+
+def _schema_dtype(column) -> str | None:
+    """The pandas dtype of a table column, so a column with no values yet still has its type in the file."""
+    if isinstance(column.type, Integer):  # BigInteger too; nullable, so NULLs do not turn it into floats
+        return "Int64"
+    if isinstance(column.type, Float):
+        return "float64"
+    if isinstance(column.type, DateTime):
+        return "datetime64[us, UTC]"
+    if isinstance(column.type, (String, JSON)):  # Text too; JSON is written as text
+        return "string"
+    return None
+
+
+def export_table(engine: Engine, table: str, fmt: str | None, out: Path) -> int:
+    """Write a whole table to CSV or Parquet (atomically), in ``fmt`` or the one ``out``'s suffix names;
+    returns the number of rows."""
     if table not in TABLES:
         raise QueryError(f"unknown table {table!r}; expected one of {', '.join(sorted(TABLES))}")
-    if fmt not in ("csv", "parquet"):
-        raise QueryError(f"unknown format {fmt!r}; expected csv or parquet")
+    fmt = export_format(out, fmt)
+    _check_out(out)
     with engine.connect() as conn:
         frame = pd.read_sql(select(TABLES[table]), conn)
-    for col in frame.columns:  # JSON columns (specs, fit results) as text so every format can hold them
-        if frame[col].map(lambda v: isinstance(v, (dict, list))).any():
+    for column in TABLES[table].columns:
+        col, dtype = column.name, _schema_dtype(column)
+        if isinstance(column.type, JSON):  # specs, fit results: as text so every format can hold them
             frame[col] = frame[col].map(lambda v: None if v is None else json.dumps(v, sort_keys=True))
-    out.parent.mkdir(parents=True, exist_ok=True)
+        if dtype and dtype.startswith("datetime"):
+            # Stored UTC; SQLite gives them back without the zone, PostgreSQL in the session's zone.
+            frame[col] = pd.to_datetime(frame[col], utc=True).astype(dtype)
+        elif dtype:
+            frame[col] = frame[col].astype(dtype)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise QueryError(f"cannot create the folder {out.parent} for {out}: {exc.strerror or exc}") from None
     tmp = out.with_name(f".{out.name}.tmp")
     try:
         if fmt == "csv":
@@ -132,6 +184,11 @@ def export_table(engine: Engine, table: str, fmt: str, out: Path) -> int:
             except ImportError:
                 raise QueryError("parquet export needs pyarrow: pip install 'scalinglab[parquet]'") from None
         tmp.replace(out)
+    except OSError as exc:
+        raise QueryError(f"cannot write {out}: {exc.strerror or exc}") from None
     finally:
-        tmp.unlink(missing_ok=True)
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:  # the write failed too (a read-only folder): its error is the one to report
+            pass
     return len(frame)

@@ -255,7 +255,11 @@ def add(
 
     plans = _plans(files, max_runs)  # validate everything before touching the database
     engine = _engine(ctx, create=True)
-    for r in add_plans(engine, plans):
+    try:
+        added = add_plans(engine, plans)
+    except DatabaseError as exc:
+        fail(str(exc))
+    for r in added:
         out.print(f"{escape(r.plan)}: [bold]{r.new}[/] new {'run' if r.new == 1 else 'runs'}, {r.known} already known")
 
 
@@ -343,7 +347,7 @@ class ExportFormat(str, Enum):
 def export(
     ctx: typer.Context,
     table: str = typer.Argument(..., help="plans, runs, plan_runs, metrics, evals, fits or meta (the schema version).", show_default=False),
-    format: ExportFormat = typer.Option(ExportFormat.csv, "--format", help="csv or parquet (needs pyarrow)."),
+    format: Optional[ExportFormat] = typer.Option(None, "--format", help="csv or parquet (needs pyarrow); default: from the --out suffix (.parquet), else csv.", show_default=False),
     out_path: Path = typer.Option(..., "--out", help="File to write.", show_default=False),
 ) -> None:
     """Export a whole table to CSV or Parquet.
@@ -353,7 +357,7 @@ def export(
     from db.queries import QueryError, export_table
 
     try:
-        n = export_table(_engine(ctx), table, format.value, out_path)
+        n = export_table(_engine(ctx), table, format.value if format else None, out_path)
     except QueryError as exc:
         fail(str(exc))
     out.print(f"wrote {_n(n, 'row')} of {table} to {out_path}", markup=False)
@@ -562,7 +566,10 @@ def fit(
     if engine is not None:
         from db.writer import save_fit
 
-        data["fit_id"] = save_fit(engine, method=result.method, source="db", n_points=result.n_points, result=data, plan=plan, arch=arch)
+        try:
+            data["fit_id"] = save_fit(engine, method=result.method, source="db", n_points=result.n_points, result=data, plan=plan, arch=arch)
+        except DatabaseError as exc:
+            fail(f"{exc}: the fit was made but not saved")
     if as_json:
         sys.stdout.write(json.dumps(data) + "\n")
         return

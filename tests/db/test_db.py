@@ -1,10 +1,12 @@
 """The database layer on SQLite and (when SLAB_TEST_PG_URL is set) PostgreSQL."""
 
+import os
+
 import pytest
 from sqlalchemy import select, update
 
 from db.engine import DatabaseError, open_db, session
-from db.queries import QueryError, run_sql, runs_frame, status_counts
+from db.queries import QueryError, export_table, run_sql, runs_frame, status_counts
 from db.schema import SCHEMA_VERSION, Meta, Metric, Plan, PlanRun, Run
 from sweep.plan import load_plan
 from sweep.registry import add_plans
@@ -180,3 +182,198 @@ def test_url_errors_hide_the_password(url, match):
     with pytest.raises(DatabaseError, match=match) as info:
         open_db(url)
     assert "s3cret" not in str(info.value) and "Background on this error" not in str(info.value)
+
+
+@pytest.mark.parametrize("url", ["sqlite://slab.db", "sqlite:///{tmp}/x.db?timeout=abc"])
+def test_sqlite_url_sqlalchemy_rejects_is_a_one_line_error(url, tmp_path):
+    """`--db sqlite://slab.db` (two slashes) used to escape as SQLAlchemy's ArgumentError, a traceback."""
+    url = url.format(tmp=tmp_path)
+    with pytest.raises(DatabaseError, match=r"^bad database URL ") as info:
+        open_db(url)
+    message = str(info.value)
+    assert "\n" not in message and f"{url!r}" in message
+    assert message.endswith("(a SQLite file is sqlite:///relative/path.db or sqlite:////absolute/path.db)")
+
+
+def test_sqlite_path_expands_home(tmp_path, monkeypatch):
+    """`sqlite:///~/x.db` is the file in the home folder, not one under a folder named ~ in the cwd."""
+    from db.engine import sqlite_path
+
+    home, cwd = tmp_path / "home", tmp_path / "cwd"
+    home.mkdir()
+    cwd.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(cwd)
+    url = "sqlite:///~/x.db"
+    assert sqlite_path(url) == home / "x.db"
+    engine = open_db(url)
+    assert engine.url.database == str(home / "x.db")
+    engine.dispose()
+    assert (home / "x.db").exists() and not (cwd / "~").exists()
+    open_db(url, create=False).dispose()
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root writes files whatever their mode")
+@pytest.mark.parametrize("locked", ["file and folder", "file", "folder"])
+def test_read_only_database_can_be_read(locked, tmp_path, write_plan):
+    """A results database on storage this process cannot write (a shared, read-only copy) can still be read:
+    no switch to WAL and no write transaction on opening, which SQLite refuses there."""
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    url = f"sqlite:///{folder}/slab.db"
+    engine = open_db(url)
+    add_plans(engine, [load_plan(write_plan(PLAN))])
+    engine.dispose()
+    before = sorted(p.name for p in folder.iterdir())
+    if "file" in locked:
+        (folder / "slab.db").chmod(0o444)
+    if "folder" in locked:
+        folder.chmod(0o555)
+    try:
+        engine = open_db(url, create=False)
+        assert len(runs_frame(engine)) == 6
+        assert status_counts(engine)["runs"].sum() == 6
+        assert run_sql(engine, "select count(*) as n from runs")["n"].tolist() == [6]
+        with pytest.raises(QueryError, match="read-only"):
+            run_sql(engine, "delete from runs")
+        with pytest.raises(DatabaseError, match=r"the database \(or its folder\) is not writable here"):
+            with session(engine) as s:
+                s.execute(update(Run).values(status="done"))
+        engine.dispose()
+        engine = open_db(url)  # as `slab add` and the benchmarks open it
+        assert len(runs_frame(engine)) == 6
+        engine.dispose()
+        assert sorted(p.name for p in folder.iterdir()) == before  # no -shm left that its owner could not write
+    finally:
+        folder.chmod(0o755)
+        (folder / "slab.db").chmod(0o644)
+    engine = open_db(url)  # writable again: back to WAL and write transactions
+    with engine.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+    add_plans(engine, [load_plan(write_plan(PLAN.replace("0|1|2", "3"), "more.csv"))])
+    assert len(runs_frame(engine)) == 8
+    engine.dispose()
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root writes files whatever their mode")
+def test_read_only_database_follows_its_writer(tmp_path, write_plan):
+    """Watching a database this process cannot write while its owner's launcher writes it: reads go through
+    the writer's WAL, so they see its commits."""
+    import sqlite3
+
+    path = tmp_path / "slab.db"
+    engine = open_db(f"sqlite:///{path}")
+    add_plans(engine, [load_plan(write_plan(PLAN))])
+    engine.dispose()
+    writer = sqlite3.connect(path, isolation_level=None)
+    writer.execute("PRAGMA journal_mode=WAL")
+    writer.execute("CREATE TEMP TABLE keep_wal_open (x)")
+    path.chmod(0o444)
+    try:
+        reader = open_db(f"sqlite:///{path}", create=False)
+        assert set(status_counts(reader)["status"]) == {"pending"}
+        writer.execute("UPDATE runs SET status = 'done'")
+        assert set(status_counts(reader)["status"]) == {"done"}
+        reader.dispose()
+    finally:
+        writer.close()
+        path.chmod(0o644)
+
+
+@pytest.fixture
+def runs_db(tmp_path, write_plan):
+    """A SQLite database holding six pending runs."""
+    engine = open_db(f"sqlite:///{tmp_path}/slab.db")
+    add_plans(engine, [load_plan(write_plan(PLAN))])
+    yield engine
+    engine.dispose()
+
+
+def test_export_format_follows_the_file_suffix(runs_db, tmp_path):
+    """Without a format the suffix chooses it; a format that contradicts a known suffix is refused."""
+    out = tmp_path / "runs.csv"
+    assert export_table(runs_db, "runs", None, out) == 6
+    assert out.read_text().startswith("run_id,")
+    assert export_table(runs_db, "runs", None, tmp_path / "runs.txt") == 6  # no known suffix: CSV
+    assert (tmp_path / "runs.txt").read_text().startswith("run_id,")
+    with pytest.raises(QueryError, match="format csv contradicts the file name .*runs.parquet"):
+        export_table(runs_db, "runs", "csv", tmp_path / "runs.parquet")
+    with pytest.raises(QueryError, match="format parquet contradicts"):
+        export_table(runs_db, "runs", "parquet", tmp_path / "runs.CSV")
+    with pytest.raises(QueryError, match="cannot export to json"):
+        export_table(runs_db, "runs", None, tmp_path / "runs.json")
+    assert not (tmp_path / "runs.parquet").exists() and not (tmp_path / "runs.json").exists()
+
+
+def test_export_parquet_from_the_suffix(runs_db, tmp_path):
+    """`slab export runs --out runs.parquet` used to write CSV text into the .parquet file."""
+    pq = pytest.importorskip("pyarrow.parquet")
+    out = tmp_path / "runs.parquet"
+    assert export_table(runs_db, "runs", None, out) == 6
+    assert out.read_bytes()[:4] == b"PAR1" and pq.read_table(out).num_rows == 6
+
+
+def test_export_to_a_bad_path_says_so_before_querying(runs_db, tmp_path, monkeypatch):
+    """A folder, or a path under a file, is refused before the query, as QueryError naming the path."""
+    import db.queries
+
+    def no_query(*_, **__):
+        raise AssertionError("the table was read before the path was checked")
+
+    monkeypatch.setattr(db.queries.pd, "read_sql", no_query)
+    with pytest.raises(QueryError, match=f"cannot write {tmp_path}: it is a folder"):
+        export_table(runs_db, "runs", "csv", tmp_path)
+    (tmp_path / "file").write_text("")
+    for out in (tmp_path / "file" / "x.csv", tmp_path / "file" / "sub" / "x.csv"):
+        with pytest.raises(QueryError, match=f"cannot write {out}: {tmp_path / 'file'} is not a folder"):
+            export_table(runs_db, "runs", "csv", out)
+
+
+def test_export_write_error_is_not_hidden_by_the_cleanup(runs_db, tmp_path, monkeypatch):
+    """When writing fails, the failed cleanup of the temporary file used to raise instead of the cause."""
+    from pathlib import Path
+
+    def refuse(self, *_, **__):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "replace", refuse)
+    monkeypatch.setattr(Path, "unlink", refuse)
+    out = tmp_path / "runs.csv"
+    with pytest.raises(QueryError, match=f"cannot write {out}: Permission denied"):
+        export_table(runs_db, "runs", "csv", out)
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root writes files whatever their mode")
+def test_export_to_a_read_only_folder(runs_db, tmp_path):
+    folder = tmp_path / "ro"
+    folder.mkdir(mode=0o555)
+    try:
+        with pytest.raises(QueryError, match=f"cannot write {folder / 'runs.csv'}: Permission denied"):
+            export_table(runs_db, "runs", "csv", folder / "runs.csv")
+    finally:
+        folder.chmod(0o755)
+    assert list(folder.iterdir()) == []
+
+
+def test_parquet_export_keeps_column_types_before_results(runs_db, tmp_path):
+    """Runs with no results yet have all-NULL columns, which Arrow typed as null: such a file could not be
+    concatenated with a later export."""
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    early = tmp_path / "early.parquet"
+    export_table(runs_db, "runs", "parquet", early)
+    with session(runs_db) as s:
+        run = s.scalars(select(Run)).first()
+        run.status, run.step, run.final_loss, run.val_loss, run.host = "done", 100, 3.5, 3.6, "node1"
+        run.started_at = run.finished_at = run.heartbeat_at = run.created_at
+    late = tmp_path / "late.parquet"
+    export_table(runs_db, "runs", "parquet", late)
+    early_schema, late_schema = pq.read_schema(early), pq.read_schema(late)
+    assert early_schema.field("final_loss").type == pa.float64()
+    assert early_schema.field("step").type == pa.int64()
+    assert early_schema.field("error").type == pa.string() or pa.types.is_large_string(early_schema.field("error").type)
+    assert not any(pa.types.is_null(f.type) for f in early_schema)
+    assert early_schema.remove_metadata() == late_schema.remove_metadata()
+    both = pa.concat_tables([pq.read_table(early), pq.read_table(late)])
+    assert both.num_rows == 12 and both.column("step").drop_null().to_pylist() == [100]
