@@ -315,39 +315,51 @@ def summary_findings(
     if comparison is not None and not comparison.gaps.empty:
         g = comparison.gaps
         for arch, sub in g.groupby("arch", sort=True):
-            row = sub.iloc[-1]
+            row = sub.loc[sub["C"].idxmax()]  # the largest compared budget
             rel = 100 * row["rel_gap"]
             lo, hi = 100 * row["rel_gap_lo"], 100 * row["rel_gap_hi"]
-            word = "above" if rel > 0 else "below"
             ci = f" (95% CI {lo:+.2f}% to {hi:+.2f}%)" if np.isfinite(lo) else ""
             m, base = row["multiplier"], comparison.baseline
+            at = f"{base}'s at C={row['C']:.2g} FLOPs"
+            if np.isfinite(lo) and lo <= 0 <= hi:  # the interval holds no difference: no direction to state
+                lines.append(f"{arch}'s frontier loss cannot be told from {at}: {rel:+.2f}%{ci}.")
+                continue
             if np.isfinite(m):
                 m_lo, m_hi = row["multiplier_lo"], row["multiplier_hi"]
-                m_ci = f" ({m_lo:.2g}-{m_hi:.2g}x)" if np.isfinite(m_lo) else ""
-                mult = f"; it needs {m:.2g}x the compute to reach {base}'s loss there{m_ci}"
+                m_ci = f" ({m_lo:.3g}-{m_hi:.3g}x)" if np.isfinite(m_lo) else ""
+                mult = f"; it needs {m:.3g}x the compute to reach {base}'s loss there{m_ci}"
             else:
                 mult = f"; its fitted law never reaches {base}'s loss there"
-            lines.append(
-                f"{arch}'s frontier loss is {abs(rel):.2f}% {word} {base}'s at C={row['C']:.2g} FLOPs{ci}{mult}."
-            )
+            word = "above" if rel > 0 else "below"
+            lines.append(f"{arch}'s frontier loss is {abs(rel):.2f}% {word} {at}{ci}{mult}.")
     for arch, fit in sorted((approach3 or {}).items()):
         e = fit.estimates
         keys = [k for k in e if k.startswith("tokens_per_param@")]
         if not keys:
             continue
-        k = keys[-1]
+        # the budget nearest the data's largest compute: beyond it the law is extrapolated
+        top = float(fit.points["C"].max()) if "C" in fit.points else math.nan
+        k = min(keys, key=lambda key: abs(math.log(float(key.split("@")[1]) / top)) if top > 0 else 0.0)
+        C = float(k.split("@")[1])
         lo, hi = fit.interval(k)
         ci = f" (95% CI {lo:.3g}-{hi:.3g})" if np.isfinite(lo) else ""
+        beyond = f", extrapolated beyond the data's largest compute ({top:.2g})" if C > 1.5 * top else ""
         lines.append(
             f"{arch}: approach 3 gives alpha={e['alpha']:.3f}, beta={e['beta']:.3f}, "
             f"so N_opt grows as C^{e['a']:.2f}; "
-            f"compute-optimal tokens per parameter at C={k.split('@')[1]} FLOPs: {e[k]:.3g}{ci}"
+            f"compute-optimal tokens per parameter at C={k.split('@')[1]} FLOPs{beyond}: {e[k]:.3g}{ci}"
             + ("" if fit.converged else " (optimiser did not confirm convergence)") + "."
             + _allocation_caveat(e["a"], e[k])
         )
     if niah is not None and not niah.empty:
         mean = niah.groupby("arch")["accuracy"].mean().sort_values(ascending=False)
-        parts = ", ".join(f"{a} {100 * v:.0f}%" for a, v in mean.items())
+        n_runs = niah.groupby("arch")["n_runs"].max()
+
+        def pooled(a: str) -> str:  # several runs of the largest size are averaged: say so (hybrids mix ratios)
+            n = int(n_runs[a])
+            return "" if n < 2 else f" ({n} runs{', every hybrid ratio' if a == 'hybrid' else ''})"
+
+        parts = ", ".join(f"{a} {100 * v:.0f}%{pooled(a)}" for a, v in mean.items())
         lines.append(f"Mean NIAH accuracy over lengths and depths (largest model per arch): {parts}.")
     if throughput is not None and not throughput.empty and "vs_baseline" in throughput.columns:
         longest = throughput["seq_len"].max()

@@ -14,6 +14,7 @@ intervals. Inputs are pandas frames with the runs contract of `db.queries` or th
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,7 @@ import pandas as pd
 from scipy.optimize import least_squares, minimize
 
 Progress = Callable[[int, int], None]
+log = logging.getLogger(__name__)
 
 DEFAULT_PARAMS_COL = "nonembed_params"
 LOSS_COLUMNS = ("val_loss", "final_loss", "loss")
@@ -181,7 +183,20 @@ def prepare_points(runs: pd.DataFrame, params_col: str = DEFAULT_PARAMS_COL) -> 
             f"runs frame is missing column(s) {', '.join(map(repr, missing))}{hint}; "
             f"columns present: {', '.join(map(str, runs.columns))}"
         )
+    if "status" in cols:
+        # unfinished runs carry planned tokens with a mid-training (or no) loss
+        done = runs["status"].astype(str).eq("done")
+        if not done.all():
+            log.warning("fits: left out %d run(s) not done (statuses: %s)", int((~done).sum()),
+                        ", ".join(sorted(set(runs.loc[~done, "status"].astype(str)))))
+            runs = runs[done]
+            if runs.empty:
+                raise FitError("no run in the frame is done: nothing to fit")
     run_id = runs["run_id"].astype(str).to_numpy() if "run_id" in cols else runs.index.astype(str).to_numpy()
+    dup = pd.Series(run_id).duplicated()
+    if dup.any():
+        raise FitError(f"{int(dup.sum())} run id(s) appear more than once (each run would count twice): "
+                       f"{_some(np.unique(run_id[dup.to_numpy()]))}")
     N = _numeric(runs[params_col], params_col)
     D = _numeric(runs["tokens"], "tokens")
     L = np.full(len(runs), np.nan)
@@ -851,11 +866,16 @@ def fit_approach3(
     n = len(pts)
     if n < 5:
         raise FitError(f"approach 3 has 5 parameters and needs at least 5 runs, got {n}")
+    # E + A / N^alpha has three unknowns: two sizes (or two token counts) cannot pin them down.
     for col, what in (("N", "model sizes"), ("D", "token counts")):
-        if pts[col].nunique() < 2:
-            raise FitError(
-                f"approach 3 needs at least 2 distinct {what}; all {n} runs have {col} = {pts[col].iloc[0]:.4g}"
-            )
+        distinct = pts[col].nunique()
+        if distinct < 3:
+            raise FitError(f"approach 3 needs at least 3 distinct {what}; the {n} runs have {distinct}")
+    if abs(np.corrcoef(np.log(pts["N"]), np.log(pts["D"]))[0, 1]) > 0.999:
+        raise FitError(
+            "approach 3 cannot tell the size term from the data term: N and D move together in these runs "
+            "(one compute budget?); add runs of other token counts at the same sizes"
+        )
     obj = _Approach3Objective(
         np.log(pts["N"].to_numpy()), np.log(pts["D"].to_numpy()), np.log(pts["L"].to_numpy()), delta
     )

@@ -460,26 +460,29 @@ def _fig_residuals(fits, archs):
     fr = [a for a in archs if f"frontier/{a}" in fits]
     if not a3 and not fr:
         return None, "no fit to show residuals of"
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    for arch in a3:
-        f = fits[f"approach3/{arch}"]
-        ax1.scatter(f.points["N"], f.residuals, s=6, alpha=0.5, color=arch_colour(arch, archs), label=arch,
-                    rasterized=True)
-    for arch in fr:
-        f = fits[f"frontier/{arch}"]
-        ax2.plot(f.points["C"], f.residuals, marker="o", ms=3, lw=0.8, color=arch_colour(arch, archs), label=arch)
-    ax1.set_title("approach 3: log L_fit - log L")
-    ax1.set_xlabel("parameters N")
-    ax2.set_title("frontier law: log L_fit - log L")
-    ax2.set_xlabel("training compute C (FLOPs)")
-    for ax in (ax1, ax2):
+    # one panel per fit that exists: an approach-3 panel with nothing in it only puzzles
+    panels = [p for p, archs_of in (("approach3", a3), ("frontier", fr)) if archs_of]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
+    for ax, panel in zip(axes[0], panels):
+        for arch in a3 if panel == "approach3" else fr:
+            f = fits[f"{panel}/{arch}"]
+            if panel == "approach3":
+                ax.scatter(f.points["N"], f.residuals, s=6, alpha=0.5, color=arch_colour(arch, archs), label=arch,
+                           rasterized=True)
+            else:
+                ax.plot(f.points["C"], f.residuals, marker="o", ms=3, lw=0.8, color=arch_colour(arch, archs),
+                        label=arch)
+        ax.set_title(f"{'approach 3' if panel == 'approach3' else 'frontier law'}: log L_fit - log L")
+        ax.set_xlabel("parameters N" if panel == "approach3" else "training compute C (FLOPs)")
         _log_axes(ax, "wide")
         ax.axhline(0, color="black", lw=0.6)
-        ax.set_ylabel("residual (log nats)")
+        ax.set_ylabel("residual, log L_fit - log L")
         ax.grid(True, alpha=0.25)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
-    return fig, "Residuals in log space of approach 3 (per run) and of the frontier law (per frontier point)."
+    shown = " and ".join({"approach3": "of approach 3 (per run)", "frontier": "of the frontier law (per frontier point)"}[p]
+                         for p in panels)
+    return fig, f"Residuals in log space {shown}."
 
 
 def _fig_niah(niah):
@@ -658,8 +661,8 @@ def _compute_note(fits: Mapping[str, FitResult], archs: list[str]) -> str:
             r = ComputeRule(**f.details["compute"])
             rules.append(f"{arch} {r.k:.3g} N^{r.g:.3g}")
     text = ("C is each run's training FLOPs as models.config counts them (6 x every matmul weight, the LM head "
-            "included, plus the attention term); N is the non-embedding parameter count; coefficients such as A "
-            "and k_N are in these units.")
+            "included, plus the attention term); N is the parameter count the fits use (non-embedding unless the report "
+            "was asked otherwise); coefficients such as A and k_N are in these units.")
     if rules:
         text += (" Approaches 2 and 3 allocate compute as the runs spend it, C = (compute per token) x D, with the "
                  "compute per token fitted to the runs: " + ", ".join(rules) + " (Chinchilla's is 6 N).")

@@ -146,3 +146,29 @@ def test_findings_flag_a_degenerate_compute_split():
     by_arch = {line.split(":")[0]: line for line in lines}
     assert "Degenerate" not in by_arch["softmax"]
     assert "Degenerate" in by_arch["lightning"] and "Degenerate" in by_arch["hybrid"]
+
+
+def _gaps(rel, lo, hi, mult=1.04):
+    return compare.ArchComparison("softmax", {}, pd.DataFrame([{
+        "arch": "hybrid", "C": 3.6e20, "rel_gap": rel, "rel_gap_lo": lo, "rel_gap_hi": hi,
+        "multiplier": mult, "multiplier_lo": 0.97, "multiplier_hi": 1.12}]))
+
+
+def test_findings_state_no_direction_when_the_interval_holds_no_difference():
+    [line] = compare.summary_findings(_gaps(0.0052, -0.0072, 0.0216))
+    assert "cannot be told from softmax's" in line and "+0.52%" in line
+    assert "above" not in line and "below" not in line
+    [line] = compare.summary_findings(_gaps(0.0152, 0.0072, 0.0216))
+    assert "1.52% above softmax's" in line and "1.04x the compute" in line  # 1.04, not rounded to "1x"
+
+
+def test_approach3_finding_quotes_the_budget_inside_the_data_or_says_it_extrapolates():
+    fit = _approach3(0.34, 0.28, 20.0)
+    fit.points = pd.DataFrame({"C": [1e17, 1.2e18]})
+    fit.estimates = {**fit.estimates, "tokens_per_param@1e+18": 18.0, "tokens_per_param@1e+19": 25.0}
+    del fit.estimates["tokens_per_param@5e+12"]
+    [line] = compare.summary_findings(approach3={"softmax": fit})
+    assert "at C=1e+18 FLOPs: 18" in line and "extrapolated" not in line
+    del fit.estimates["tokens_per_param@1e+18"]
+    [line] = compare.summary_findings(approach3={"softmax": fit})
+    assert "at C=1e+19 FLOPs, extrapolated beyond the data's largest compute (1.2e+18): 25" in line

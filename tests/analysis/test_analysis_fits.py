@@ -261,7 +261,7 @@ def _runs(n=8, **over):
     [
         (lambda: _runs(4), fits.fit_approach3, "needs at least 5 runs"),
         (lambda: _runs(2), lambda r: fits.fit_loss_compute(r, n_bootstrap=0), "at least 3 frontier points"),
-        (lambda: _runs(20, nonembed_params=1e8), fits.fit_approach3, "at least 2 distinct model sizes"),
+        (lambda: _runs(20, nonembed_params=1e8), fits.fit_approach3, "at least 3 distinct model sizes"),
         (lambda: _runs(20, nonembed_params=1e8), fits.fit_approach2, "at least 2 FLOP budgets"),
         (lambda: _runs(8, val_loss=np.nan, final_loss=np.nan), fits.fit_approach3, "no finite loss"),
         (lambda: _runs(8, val_loss=-1.0), fits.fit_approach3, "loss <= 0"),
@@ -394,3 +394,20 @@ def test_allocation_of_a_fit_with_a_negative_exponent_is_nan_not_an_error():
     assert math.isnan(out["G"]) and math.isnan(out["N_opt@1e+15"])
     ok, _ = _with_allocation({**est, "alpha": 0.3}, None, [1e15])
     assert math.isfinite(ok["G"]) and ok["N_opt@1e+15"] > 0
+
+
+def test_approach3_refuses_designs_that_cannot_identify_it():
+    with pytest.raises(FitError, match="at least 3 distinct token counts"):
+        fits.fit_approach3(grid_runs(10, 2, seed=1), n_bootstrap=0)
+    with pytest.raises(FitError, match="N and D move together"):
+        fits.fit_approach3(isoflop_runs((1e19,), 12, seed=1), n_bootstrap=0)
+
+
+def test_runs_not_done_are_left_out_and_repeated_ids_refused(caplog):
+    r = _runs(8)
+    r["status"] = ["done"] * 6 + ["diverged", "running"]
+    with caplog.at_level("WARNING"):
+        pts = fits.prepare_points(r)
+    assert list(pts["run_id"]) == list(r["run_id"][:6]) and "left out 2 run(s) not done" in caplog.text
+    with pytest.raises(FitError, match="appear more than once"):
+        fits.prepare_points(pd.concat([_runs(4), _runs(4).iloc[:1]]))
