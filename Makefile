@@ -3,7 +3,8 @@
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-# A CPU machine takes the CPU build of torch that lies on disk; never the multi-GB CUDA download.
+# A CPU machine installs torch first, so that the package pulls no torch of its own: the CPU build where pip's
+# configuration finds it (a local wheel folder here and in CI), else TORCH_INDEX=https://download.pytorch.org/whl/cpu.
 HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
 GPUS := $(shell nvidia-smi -L 2>/dev/null | grep -c '^GPU')
 DEMO_DB ?= sqlite:///demo-out/slab.db
@@ -16,7 +17,7 @@ $(VENV)/.stamp: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 ifneq ($(HAS_GPU),1)
-	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 endif
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	touch $@
