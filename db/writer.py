@@ -32,11 +32,13 @@ class RunRow:
 
 @dataclass(frozen=True)
 class Registered:
-    """What registering a plan did: runs new to the database, and runs it already knew."""
+    """What registering a plan did: runs new to the database, runs it already knew, and runs the plan held
+    before and no longer does (its file changed; they stay in the database)."""
 
     plan: str
     new: int
     known: int
+    dropped: int = 0
 
 
 def insert_ignore(engine: Engine, table):
@@ -59,12 +61,15 @@ def register_plan(engine: Engine, name: str, path: str, sha256: str, runs: Seque
             chunk = ids[i : i + BATCH]
             known.update(s.scalars(select(Run.run_id).where(Run.run_id.in_(chunk))))
         plan = s.scalars(select(Plan).where(Plan.name == name)).one_or_none()
+        dropped = 0
         if plan is None:
             plan = Plan(name=name, path=path, sha256=sha256)
             s.add(plan)
             s.flush()
         else:
             plan.path, plan.sha256 = path, sha256
+            before = set(s.scalars(select(PlanRun.run_id).where(PlanRun.plan_id == plan.id)))
+            dropped = len(before - set(ids))
             s.execute(delete(PlanRun).where(PlanRun.plan_id == plan.id))
         seen: set[str] = set()
         new_rows, links = [], []
@@ -91,7 +96,7 @@ def register_plan(engine: Engine, name: str, path: str, sha256: str, runs: Seque
             stmt = insert_ignore(engine, table)
             for i in range(0, len(rows), BATCH):
                 s.execute(stmt, rows[i : i + BATCH])
-    return Registered(plan=name, new=len(new_rows), known=len(ids) - len(new_rows))
+    return Registered(plan=name, new=len(new_rows), known=len(ids) - len(new_rows), dropped=dropped)
 
 
 def upsert(engine: Engine, table, keys: Sequence[str]):

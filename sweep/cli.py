@@ -106,12 +106,15 @@ def _plans(files: list[Path], max_runs: int):
             err.print(f"{len(exc.issues)} errors; nothing was written", highlight=False)
         raise typer.Exit(2)
     first: dict[str, Path] = {}
+    unique = []
     for p in plans:
         # A plan is named by its file's stem: a second file of that name would take over the first one's runs.
         seen = first.setdefault(p.name, Path(p.path))
         if seen.resolve() != Path(p.path).resolve():
             fail(f"{seen} and {p.path} would both be plan {p.name!r} (a plan is named by its file name): rename one")
-    return plans
+        if all(Path(q.path).resolve() != Path(p.path).resolve() for q in unique):
+            unique.append(p)  # a file named twice is one plan
+    return unique
 
 
 def _ensure_dir(folder: Path, what: str) -> None:
@@ -260,7 +263,8 @@ def add(
     except DatabaseError as exc:
         fail(str(exc))
     for r in added:
-        out.print(f"{escape(r.plan)}: [bold]{r.new}[/] new {'run' if r.new == 1 else 'runs'}, {r.known} already known")
+        gone = f"; {_n(r.dropped, 'run')} of its last registration no longer in it (the file changed)" if r.dropped else ""
+        out.print(f"{escape(r.plan)}: [bold]{r.new}[/] new {'run' if r.new == 1 else 'runs'}, {r.known} already known{gone}")
 
 
 @app.command()

@@ -238,7 +238,8 @@ def test_two_plan_files_of_one_name_are_refused(runner, tmp_path):
     result = invoke(runner, "add", tmp_path / "a" / "x.csv", tmp_path / "b" / "x.csv", db=f"sqlite:///{db}")
     assert result.exit_code == 2 and "would both be plan 'x'" in result.stderr
     assert not db.exists()
-    assert invoke(runner, "plan", tmp_path / "a" / "x.csv", tmp_path / "a" / "x.csv").exit_code == 0  # one file twice
+    twice = invoke(runner, "plan", tmp_path / "a" / "x.csv", tmp_path / "a" / "x.csv")  # one file named twice: one plan
+    assert twice.exit_code == 0 and "given before" not in twice.stdout and "4 runs" in twice.stdout
 
 
 def test_launch_into_a_checkpoint_path_that_is_a_file_exits_2_before_writing(runner, write_plan, tmp_path):
@@ -268,3 +269,12 @@ def test_bench_spread_without_a_gpu_says_so(runner, write_plan, monkeypatch):
     monkeypatch.setattr(sweep.launch, "host_gpus", lambda: 0)
     result = invoke(runner, "bench", "spread", write_plan(PLAN))
     assert result.exit_code == 2 and "no GPU here (pass --cpu" in result.stderr
+
+
+def test_add_says_when_an_edited_plan_no_longer_holds_runs(runner, write_plan, tmp_path):
+    db = f"sqlite:///{tmp_path}/slab.db"
+    path = write_plan(PLAN)
+    assert invoke(runner, "add", path, db=db).exit_code == 0
+    path.write_text(PLAN.replace("32|64", "64"))
+    result = invoke(runner, "add", path, db=db)
+    assert result.exit_code == 0 and "0 new runs, 2 already known; 2 runs of its last registration no longer in it" in result.stdout
