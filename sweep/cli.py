@@ -787,7 +787,8 @@ def bench_train_cmd(
         r = rows[-1]
         mfu = f", MFU {r['mfu_989']:.1%} of 989, {r['mfu_785']:.1%} of 785" if r["mfu_989"] is not None else " (CPU: no MFU)"
         gpu = f", SM clock {r['sm_clock_mhz']:.0f} MHz at {r['power_w']:.0f} W" if r["sm_clock_mhz"] is not None else ""
-        out.print(f"{a} T={t}: {r['tokens_per_s']:,.0f} tokens/s{mfu}{gpu}")
+        shape = f"d {spec.d_model} x {spec.n_layers} layers, vocab {spec.vocab_size}"  # what --params resolved to
+        out.print(f"{a} T={t} ({shape}): {r['tokens_per_s']:,.0f} tokens/s{mfu}{gpu}")
     frame = pd.DataFrame(rows)
     if out_csv:
         from analysis.bench_figures import bench_figure
