@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import signal
 import socket
@@ -29,8 +30,9 @@ from sqlalchemy.orm import Session
 from db.engine import open_db
 from db.schema import Run, utcnow
 from db.writer import claim_run, heartbeat, update_run, write_results
+from models.config import hybrid_pattern, shape_for_params
 from sweep.pack import pack_gpus, plan_packs
-from sweep.plan import Plan
+from sweep.plan import CellError, Plan, parse_number
 from sweep.progress import LaunchView
 from sweep.registry import add_plans
 from sweep.spec import RunSpec
@@ -122,11 +124,29 @@ class LaunchResult:
         return all(r["status"] == "done" for r in self.rows)
 
 
+#: ``--where`` names that are not RunSpec fields: the plan's column names for them, the plan's columns that
+#: only imply spec fields (params, flops, tags), and the sizes and costs of ``RunSpec.derived()``.
+_WHERE_ALIASES = {"vocab": "vocab_size"}
+_WHERE_DERIVED = ("params", "nonembed_params", "flops", "flops_per_token")
+_WHERE_TEXT = ("name", "run_id", "tags")
+
+
+def where_fields() -> list[str]:
+    """Every name ``--where`` accepts: RunSpec fields, the plan's column names, derived names, name and run_id."""
+    return sorted({*RunSpec.__dataclass_fields__, *_WHERE_ALIASES, *_WHERE_DERIVED, *_WHERE_TEXT})
+
+
+def _numeric(key: str) -> bool:
+    key = _WHERE_ALIASES.get(key, key)
+    spec_field = RunSpec.__dataclass_fields__.get(key)
+    return key in _WHERE_DERIVED or (spec_field is not None and spec_field.type in ("int", "float"))
+
+
 def parse_where(text: str | None) -> tuple[tuple[str, str], ...]:
-    """Parse ``--where "arch=lightning,d_model=64"`` into (field, value) pairs over RunSpec fields."""
+    """Parse ``--where "arch=lightning,tokens=12k"`` into (name, value) pairs, numbers written as in a plan."""
     if not text:
         return ()
-    fields = set(RunSpec.__dataclass_fields__) | {"name", "run_id"}
+    fields = where_fields()
     out = []
     for part in text.split(","):
         key, sep, value = part.partition("=")
@@ -134,24 +154,47 @@ def parse_where(text: str | None) -> tuple[tuple[str, str], ...]:
         if not sep or not key:
             raise LaunchError(f"--where expects field=value pairs separated by commas, got {part!r}")
         if key not in fields:
-            raise LaunchError(f"--where: unknown field {key!r}; expected one of {', '.join(sorted(fields))}")
+            raise LaunchError(f"--where: unknown field {key!r}; expected one of {', '.join(fields)}")
+        if _numeric(key):
+            try:
+                parse_number(value)
+            except CellError as exc:
+                raise LaunchError(f"--where {key}={value}: {exc}") from None
         out.append((key, value))
     return tuple(out)
 
 
-def _matches(spec: RunSpec, name: str | None, where: tuple[tuple[str, str], ...]) -> bool:
-    values = {**spec.to_dict(), "name": name, "run_id": spec.run_id}
-    for key, want in where:
-        have = values.get(key)
-        if isinstance(have, (int, float)) and not isinstance(have, bool):
-            try:
-                if float(want) != float(have):
-                    return False
-            except ValueError:
-                return False
-        elif str(have) != want:
+def _matches(spec: RunSpec, name: str | None, where: tuple[tuple[str, str], ...], tags: str = "") -> bool:
+    """True when a plan's run (its spec, label and tags) satisfies every ``--where`` pair."""
+    return all(_match_one(spec, name, tags, key, want) for key, want in where)
+
+
+def _match_one(spec: RunSpec, name: str | None, tags: str, key: str, want: str) -> bool:
+    key = _WHERE_ALIASES.get(key, key)
+    if key in ("evals", "tags"):  # lists: the run has every item asked for ("tags=v2" among others)
+        have = set(spec.evals) if key == "evals" else {t for t in tags.split("|") if t}
+        wanted = {w.strip() for w in want.split("|") if w.strip()}
+        return wanted <= have if wanted else not have  # an empty value: runs with none
+    if key == "hybrid":  # a plan's period (2) or pattern (LS) resolves per run to its layer pattern
+        try:
+            return want == spec.hybrid or hybrid_pattern(want, spec.n_layers) == spec.hybrid
+        except ValueError:  # not a period or pattern: it names no run
             return False
-    return True
+    if not _numeric(key):
+        return want == (name if key == "name" else spec.run_id if key == "run_id" else getattr(spec, key))
+    value = parse_number(want)
+    # Budgets and warmup are compared as the plan resolves them, so the run a plan cell made matches that cell.
+    if key == "tokens":
+        return round(value) == spec.tokens
+    if key == "warmup":
+        return min(round(value * spec.steps) if value < 1 else int(value), spec.steps) == spec.warmup
+    derived = spec.derived() if key in _WHERE_DERIVED else {}
+    if key == "flops":
+        return round(value / derived["flops_per_token"]) == spec.tokens
+    if key == "params":  # a plan's target size (the shape it resolves to), or the exact total count
+        return value == derived["params"] or (value > 0 and shape_for_params(value)[:2] == (spec.d_model, spec.n_layers))
+    have = derived[key] if derived else getattr(spec, key)
+    return math.isclose(value, have, rel_tol=1e-9)
 
 
 def select_runs(engine: Engine, plans: list[Plan], opts: LaunchOptions) -> list[tuple[RunSpec, str | None]]:
@@ -159,7 +202,7 @@ def select_runs(engine: Engine, plans: list[Plan], opts: LaunchOptions) -> list[
     chosen: dict[str, tuple[RunSpec, str | None]] = {}
     for plan in plans:
         for run in plan.runs:
-            if run.spec.run_id not in chosen and _matches(run.spec, run.name, opts.where):
+            if run.spec.run_id not in chosen and _matches(run.spec, run.name, opts.where, run.tags):
                 chosen[run.spec.run_id] = (run.spec, run.name)
     finished: set[str] = set()
     ids = list(chosen)
@@ -460,7 +503,7 @@ class Driver:
                 continue  # a straggler from an earlier attempt
             update = runs.setdefault(run_id, {})
             if kind == "start":
-                update.update(host=payload.get("host"), gpu=payload.get("gpu"), n_gpus=flight.spec.gpus)
+                update.update(host=payload.get("host"), gpu=payload.get("gpu"), n_gpus=gpus_held(flight.spec, self.opts.cpu))
             elif kind == "train":
                 metrics.append(
                     {
@@ -574,6 +617,12 @@ class Driver:
         return out
 
 
+def gpus_held(spec: RunSpec, cpu: bool) -> float:
+    """GPUs a run holds while it trains (``runs.n_gpus``): its plan's share or count, none with --cpu."""
+    # With --cpu a data-parallel run (gpus > 1) trains on that many CPU workers, still no GPU.
+    return 0.0 if cpu else spec.gpus
+
+
 def _unit_order(unit: list[tuple[RunSpec, str | None]]) -> tuple[float, float]:
     """Sort key of a task to start: multi-GPU runs by GPU count, then everything by training FLOPs, largest first."""
     return (-max(1.0, pack_gpus(unit)), -_work([spec for spec, _ in unit]))
@@ -618,9 +667,13 @@ def host_gpus() -> int:
 
 def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
     """Fail in seconds on a host:port where nothing listens; Ray itself retries such an address for minutes."""
-    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    target = address
+    if address == "auto" and os.environ.get("RAY_ADDRESS"):
+        target = os.environ["RAY_ADDRESS"]  # what Ray joins for "auto"
+        address = f"auto (RAY_ADDRESS={target})"
+    host, sep, port = target.removeprefix("ray://").rpartition(":")
     if not sep or not port.isdigit():
-        return  # "auto" and the like: Ray resolves them
+        return  # "auto" and the like: ray.init resolves them, and says at once when it finds no cluster
     try:
         socket.create_connection((host, int(port)), timeout=timeout_s).close()
     except OSError as exc:
@@ -629,15 +682,18 @@ def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
 
 def launch(plans: list[Plan], opts: LaunchOptions, view: LaunchView) -> LaunchResult:
     """Register the plans, then train every selected run that is not done; returns per-run outcomes."""
-    if opts.address and not _ray_running():
-        _check_reachable(opts.address)  # before anything is written
     if opts.num_gpus and not opts.cpu and not opts.address and opts.num_gpus > host_gpus():
         # Ray would believe the count and hand tasks GPUs that do not exist.
         raise LaunchError(f"--num-gpus {opts.num_gpus}: this host has {host_gpus()} GPU(s)")
-    if opts.where and not any(_matches(r.spec, r.name, opts.where) for p in plans for r in p.runs):
+    if opts.where and not any(_matches(r.spec, r.name, opts.where, r.tags) for p in plans for r in p.runs):
         # Most likely a misspelt value: say so before anything is written, rather than train nothing.
         shown = ",".join(f"{k}={v}" for k, v in opts.where)
         raise LaunchError(f"--where {shown}: no run of {', '.join(p.name for p in plans)} matches")
+    if opts.address and not _ray_running():
+        # Join before anything is written, so that a cluster that is not there ("auto" with none running)
+        # leaves no plan registered; a local Ray still starts only when there is something to train.
+        _check_reachable(opts.address)
+        init_ray(opts)
     engine = open_db(opts.db_url, create=True)
     try:
         add_plans(engine, plans)

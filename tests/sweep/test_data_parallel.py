@@ -76,7 +76,7 @@ def test_two_workers_match_one_worker(one_worker, two_workers):
     two, run2, curve2 = two_workers(None)
     assert one.ok and two.ok
     assert run1["run_id"] == run2["run_id"]  # how many workers trained it is not part of its identity
-    assert run2["n_gpus"] == 2 and run2["gpu"] == "2 CPU workers (Ray Train, DDP)"
+    assert run2["n_gpus"] == 0 and run2["gpu"] == "2 CPU workers (Ray Train, DDP)"  # CPU workers hold no GPU
     assert len(curve1) == len(curve2) == 20
     # Same sequences, same global batch; only the order of float sums differs (gloo all-reduce).
     assert max(abs(a - b) for a, b in zip(curve1, curve2)) < 2e-3

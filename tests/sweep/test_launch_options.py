@@ -1,0 +1,145 @@
+"""Launch options without training: --where as a plan writes values, runs.n_gpus on CPU, --address checked first."""
+
+import os
+
+import pytest
+from sqlalchemy import select
+from typer.testing import CliRunner
+
+from db.engine import open_db
+from db.schema import Run
+from sweep.cli import app
+from sweep.launch import Driver, Flight, LaunchError, LaunchOptions, _matches, gpus_held, launch, parse_where
+from sweep.plan import load_plan
+from sweep.progress import LaunchView
+
+HEADER = "name,arch,d_model,n_layers,n_heads,hybrid,seq_len,batch_size,tokens,lr,evals,tags,gpus\n"
+PLAN = (
+    HEADER
+    + "s-{d_model}-{tokens},softmax,32|64,2,2,,128,4,12k|20k,3e-4,niah,base,0.25\n"
+    + "h-{d_model}-{tokens},hybrid,64,4,2,2,64,4,1.5M,1e-3,,ablation|v2,2\n"
+)
+
+
+def quiet():
+    from rich.console import Console
+
+    return LaunchView(Console(file=open(os.devnull, "w")), live=False)
+
+
+def names(plan, text):
+    """Labels of the plan's runs that ``--where text`` selects."""
+    where = parse_where(text)
+    return sorted(r.name for r in plan.runs if _matches(r.spec, r.name, where, r.tags))
+
+
+@pytest.fixture
+def plan(write_plan):
+    return load_plan(write_plan(PLAN))
+
+
+def test_where_reads_numbers_as_a_plan_writes_them(plan):
+    twelve = ["s-32-12000", "s-64-12000"]
+    assert names(plan, "tokens=12k") == names(plan, "tokens=12000") == names(plan, "tokens=1.2e4") == twelve
+    assert names(plan, "tokens=1.5M") == ["h-64-1500000"]
+    assert names(plan, "d_model=64.0,tokens=12k") == ["s-64-12000"]  # an int field matches its float spelling
+    assert names(plan, "lr=3e-4") == names(plan, "lr=0.0003") == ["s-32-12000", "s-32-20000", "s-64-12000", "s-64-20000"]
+    assert names(plan, "gpus=0.25") == names(plan, "lr=3e-4")
+    assert names(plan, "arch=hybrid") == ["h-64-1500000"]  # strings stay strings
+
+
+def test_where_accepts_the_plan_column_names_and_derived_names(plan):
+    hybrid = next(r.spec for r in plan.runs if r.spec.arch == "hybrid")
+    derived = hybrid.derived()
+    assert names(plan, "vocab=260") == names(plan, "vocab_size=260") and len(names(plan, "vocab=260")) == 5
+    assert names(plan, "hybrid=2") == names(plan, "hybrid=LSLS") == ["h-64-1500000"]
+    assert names(plan, f"params={derived['params']}") == ["h-64-1500000"]
+    assert names(plan, f"nonembed_params={derived['nonembed_params']}") == ["h-64-1500000"]
+    assert names(plan, f"flops_per_token={derived['flops_per_token']}") == ["h-64-1500000"]
+    assert names(plan, "evals=niah") == names(plan, "tags=base") and len(names(plan, "evals=niah")) == 4
+    assert names(plan, "tags=v2") == names(plan, "evals=") == ["h-64-1500000"]
+
+
+def test_where_params_and_flops_match_the_plan_cells_that_made_the_runs(write_plan):
+    """params is a plan's target size (resolved to a shape), flops a budget (resolved to tokens)."""
+    text = "name,arch,params,seq_len,batch_size,flops\np{params}-{flops},softmax,1M|3M,64,4,1e12|3e12\n"
+    plan = load_plan(write_plan(text))
+    assert len({r.spec.d_model for r in plan.runs}) == 2
+    by_cells = [r.name for r in plan.runs]  # row order: params 1M (flops 1e12, 3e12), then 3M
+    assert names(plan, "params=1M") == sorted(by_cells[:2]) and names(plan, "params=3M") == sorted(by_cells[2:])
+    assert names(plan, "params=3M,flops=1e12") == [by_cells[2]]
+    assert names(plan, "flops=1e12") == sorted(by_cells[::2])
+
+
+def test_where_rejects_unknown_names_and_bad_numbers():
+    with pytest.raises(LaunchError, match=r"unknown field 'vocb'; expected one of .*\bparams\b.*\bvocab\b.*\bvocab_size\b"):
+        parse_where("vocb=260")
+    with pytest.raises(LaunchError, match='--where tokens=12x: expected a number, got "12x"'):
+        parse_where("tokens=12x")
+    assert parse_where("arch=mamba2, tokens = 12k") == (("arch", "mamba2"), ("tokens", "12k"))
+
+
+def test_launch_where_with_a_suffix_selects_the_runs(write_plan, tmp_path):
+    db = tmp_path / "slab.db"
+    result = CliRunner().invoke(app, ["--db", f"sqlite:///{db}", "launch", str(write_plan(PLAN)), "--cpu", "--where",
+                                      "tokens=12k,vocab=260", "--limit", "0", "--ckpt-dir", str(tmp_path / "ckpt")])
+    assert result.exit_code == 0, result.output
+    assert "0 runs to train" in result.output and "no run" not in result.output
+
+
+@pytest.mark.parametrize("cpu,held", [(True, [0.0, 0.0]), (False, [0.25, 2.0])])
+def test_n_gpus_records_the_gpus_a_run_held(plan, tmp_path, cpu, held):
+    """A CPU run holds no GPU, a data-parallel one (gpus 2, CPU workers) neither; on GPUs the plan's share."""
+    specs = [plan.runs[0].spec, plan.runs[-1].spec]  # gpus 0.25 and 2
+    assert [gpus_held(s, cpu) for s in specs] == held
+    engine = open_db(f"sqlite:///{tmp_path}/slab.db")
+    from sweep.registry import add_plans
+
+    add_plans(engine, [plan])
+    driver = Driver.__new__(Driver)  # only the event writer: no Ray
+    driver.engine, driver.opts, driver.view = engine, LaunchOptions(cpu=cpu), quiet()
+    driver.flights = {s.run_id: Flight(spec=s, name=None, attempt=1, tries=1, microbatch=None) for s in specs}
+    driver._write_events([(s.run_id, 1, "start", {"host": "h", "gpu": "cpu"}) for s in specs])
+    with engine.connect() as conn:
+        recorded = dict(conn.execute(select(Run.run_id, Run.n_gpus)).all())
+    engine.dispose()
+    assert [recorded[s.run_id] for s in specs] == held
+
+
+@pytest.fixture
+def no_ray_cluster(monkeypatch):
+    """Ray as on a host with no cluster, whatever runs on this machine: ray.init finds nothing to join."""
+    import ray
+
+    def init(*args, address=None, **kwargs):
+        assert address == "auto", address
+        raise ConnectionError("Could not find any running Ray instance. Please specify the one to connect to.")
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", init)
+
+
+def test_address_auto_without_a_cluster_fails_before_the_database_is_written(no_ray_cluster, write_plan, tmp_path):
+    db = tmp_path / "slab.db"
+    result = CliRunner().invoke(app, ["--db", f"sqlite:///{db}", "launch", str(write_plan(PLAN)), "--cpu",
+                                      "--address", "auto", "--ckpt-dir", str(tmp_path / "ckpt")])
+    assert result.exit_code == 2, result.output
+    assert "error: cannot join the Ray cluster at auto: Could not find any running Ray instance" in result.stderr
+    assert "to train" not in result.output
+    assert not db.exists() and not (tmp_path / "ckpt").exists()
+
+
+def test_address_auto_with_ray_address_where_nothing_listens_fails_fast(write_plan, tmp_path, monkeypatch):
+    """"auto" joins RAY_ADDRESS; nothing listening there fails in seconds, before anything is written."""
+    import socket
+
+    with socket.socket() as s:  # a port that was free a moment ago: nothing listens there
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{port}")
+    db = tmp_path / "slab.db"
+    opts = LaunchOptions(db_url=f"sqlite:///{db}", address="auto", cpu=True, ckpt_dir=tmp_path / "ckpt")
+    with pytest.raises(LaunchError, match=rf"cluster at auto \(RAY_ADDRESS=127.0.0.1:{port}\): nothing answers there"):
+        launch([load_plan(write_plan(PLAN))], opts, quiet())
+    assert not db.exists()
