@@ -15,6 +15,7 @@ from analysis.fits import (
     DEFAULT_PARAMS_COL,
     FitError,
     FitResult,
+    FrontierNotIdentified,
     Progress,
     compute_needed,
     fit_loss_compute,
@@ -53,25 +54,39 @@ def fit_per_arch(
     seed: int = 0,
     progress: Progress | None = None,
     on_error: str = "raise",
+    edges: str = "auto",
 ) -> tuple[dict[str, FitResult], dict[str, str]]:
     """The frontier law of each arch; returns (fits, errors). on_error="skip" records an arch's FitError
-    in `errors` instead of raising."""
+    in `errors` instead of raising. edges="auto": every arch's frontier without its edge points, unless one
+    arch's is not identified so (`FrontierNotIdentified`); then every arch's envelope, so that all are
+    compared alike (each fit's details say which)."""
     if "arch" not in runs.columns:
         raise FitError("runs frame has no 'arch' column: nothing to compare")
     archs = sorted(runs["arch"].astype(str).unique())
-    fits, errors = {}, {}
-    for i, arch in enumerate(archs):
-        sub = runs[runs["arch"].astype(str) == arch]
-        sub_metrics = None if metrics is None else metrics[metrics["run_id"].isin(set(sub["run_id"]))]
-        try:
-            fits[arch] = fit_loss_compute(
-                sub, metrics=sub_metrics, form=form, params_col=params_col, n_bootstrap=n_bootstrap,
-                seed=seed + i, progress=_stage(progress, i, len(archs), n_bootstrap),
-            )
-        except FitError as exc:
-            if on_error != "skip":
-                raise FitError(f"arch {arch}: {exc}") from exc
-            errors[arch] = str(exc)
+
+    def each(mode: str) -> tuple[dict[str, FitResult], dict[str, str], bool]:
+        fits, errors, unidentified = {}, {}, False
+        for i, arch in enumerate(archs):
+            sub = runs[runs["arch"].astype(str) == arch]
+            sub_metrics = None if metrics is None else metrics[metrics["run_id"].isin(set(sub["run_id"]))]
+            try:
+                fits[arch] = fit_loss_compute(
+                    sub, metrics=sub_metrics, form=form, params_col=params_col, edges=mode,
+                    n_bootstrap=n_bootstrap, seed=seed + i, progress=_stage(progress, i, len(archs), n_bootstrap),
+                )
+            except FrontierNotIdentified as exc:
+                unidentified = True
+                errors[arch] = str(exc)
+            except FitError as exc:
+                errors[arch] = str(exc)
+        return fits, errors, unidentified
+
+    fits, errors, unidentified = each("drop" if edges == "auto" else edges)
+    if edges == "auto" and unidentified:
+        fits, errors, _ = each("keep")
+    if errors and on_error != "skip":
+        arch, message = next(iter(errors.items()))
+        raise FitError(f"arch {arch}: {message}")
     return fits, errors
 
 
@@ -87,6 +102,7 @@ def compare_archs(
     seed: int = 0,
     progress: Progress | None = None,
     fits: dict[str, FitResult] | None = None,
+    edges: str = "auto",
 ) -> ArchComparison:
     """Loss gap L_X(C) - L_base(C) and compute multiplier (compute X needs to reach the baseline's loss
     at C, over C) per arch and budget, with intervals from the paired bootstrap replicates.
@@ -97,7 +113,7 @@ def compare_archs(
     if fits is None:
         fits, errors = fit_per_arch(
             runs, metrics=metrics, form=form, params_col=params_col, n_bootstrap=n_bootstrap, seed=seed,
-            progress=progress, on_error="skip",
+            progress=progress, on_error="skip", edges=edges,
         )
     if baseline not in fits:
         why = errors.get(baseline, "no runs of that arch")
@@ -312,6 +328,10 @@ def summary_findings(
 ) -> list[str]:
     """Plain-language lines on what the fits and tables show (used in the report)."""
     lines: list[str] = []
+    if comparison is not None and any(f.details.get("edges") == "keep" for f in comparison.fits.values()):
+        lines.append("At most budgets the best run is the smallest model trained there, so each arch's loss-compute "
+                     "law follows these runs' envelope, an upper bound of its compute-optimal frontier (train "
+                     "smaller models to pin the frontier down); the comparison below compares envelopes.")
     if comparison is not None and not comparison.gaps.empty:
         g = comparison.gaps
         for arch, sub in g.groupby("arch", sort=True):

@@ -42,6 +42,13 @@ class FitError(ValueError):
     """Input a fit cannot use; the message says what is wrong and where."""
 
 
+class FrontierNotIdentified(FitError):
+    """Too few frontier points once the edge points are dropped, though the runs' envelope has enough: the best
+    run at most budgets is the smallest size there, so the compute-optimal frontier may lie below it."""
+
+EDGES = ("drop", "keep")
+
+
 @dataclass
 class FitResult:
     """One fitted law: point estimates, 95% bootstrap intervals, the data used and diagnostics."""
@@ -284,11 +291,20 @@ def curve_envelope(
     *,
     params_col: str = DEFAULT_PARAMS_COL,
     n_bins: int = 30,
+    edges: str = "drop",
 ) -> pd.DataFrame:
-    """Frontier from training curves: the lowest loss per log-spaced FLOP bin, then the lower envelope."""
+    """Frontier from training curves: the lowest loss per log-spaced FLOP bin, then the lower envelope
+    (edges="drop": without the bins whose best run is the smallest size covering them; see `_FrontierSource`)."""
     pts = prepare_points(runs, params_col)
-    source = _FrontierSource(pts, _curves(metrics, runs, params_col), n_bins)
+    source = _FrontierSource(pts, _curves(metrics, runs, params_col), n_bins, drop_edges=_check_edges(edges))
     return source.frame(np.arange(len(source.run_ids)))
+
+
+def _check_edges(edges: str) -> bool:
+    """Whether to drop edge points; a value other than "drop" or "keep" is a FitError."""
+    if edges not in EDGES:
+        raise FitError(f"edges must be one of {', '.join(EDGES)}, got {edges!r}")
+    return edges == "drop"
 
 
 def fit_loss_compute(
@@ -298,6 +314,7 @@ def fit_loss_compute(
     form: str = "saturating",
     params_col: str = DEFAULT_PARAMS_COL,
     n_bins: int = 30,
+    edges: str = "drop",
     n_bootstrap: int = 1000,
     seed: int = 0,
     progress: Progress | None = None,
@@ -305,13 +322,18 @@ def fit_loss_compute(
     """Fit L = E + A C^-alpha (form="saturating") or L = A C^-alpha (form="power") on the frontier.
 
     The frontier comes from the training curves when `metrics` is given, else from final points; the
-    bootstrap resamples runs and rebuilds the frontier each time. Least squares in log loss.
+    bootstrap resamples runs and rebuilds the frontier each time. Least squares in log loss. edges="keep"
+    fits the runs' whole envelope, an upper bound of the compute-optimal frontier where the best run is
+    the smallest size covering a budget; "drop" leaves those points out (FrontierNotIdentified when too
+    few remain).
     """
+    drop_edges = _check_edges(edges)
     if form not in ("saturating", "power"):
         raise FitError(f"form must be 'saturating' or 'power', got {form!r}")
     pts = prepare_points(runs, params_col)
     k = 3 if form == "saturating" else 2
-    source = _FrontierSource(pts, None if metrics is None else _curves(metrics, runs, params_col), n_bins)
+    source = _FrontierSource(pts, None if metrics is None else _curves(metrics, runs, params_col), n_bins,
+                             drop_edges=drop_edges)
     n_runs = len(source.run_ids)
     if source.kind == "curves" and np.unique(source.N_run).size < 2:
         raise FitError(
@@ -319,6 +341,15 @@ def fit_loss_compute(
             "one model's training curve is not the compute-optimal frontier"
         )
     front = source.frame(np.arange(n_runs))
+    if len(front) < k and source.kind == "curves" and drop_edges:
+        n_env = len(source.frame(np.arange(n_runs), drop_edges=False))
+        if n_env >= k:
+            raise FrontierNotIdentified(
+                f"loss-compute fit ({form}): {len(front)} frontier point(s) of the {n_env} on the runs' envelope are "
+                "left once the points where the best run is the smallest size covering that compute are dropped "
+                "(a smaller model might do better there): the compute-optimal frontier is not identified. Train "
+                "smaller models, or fit the envelope, an upper bound of the frontier (--edges keep)"
+            )
     if len(front) < k:
         raise FitError(
             f"loss-compute fit ({form}) needs at least {k} frontier points, got {len(front)} "
@@ -361,7 +392,8 @@ def fit_loss_compute(
         n_points=len(front),
         n_bootstrap=n_bootstrap,
         converged=bool(ok),
-        details={"source": source.kind, "n_runs": int(n_runs), "bootstrap_failed": int(n_fail), "C_ref": C0},
+        details={"source": source.kind, "n_runs": int(n_runs), "bootstrap_failed": int(n_fail), "C_ref": C0,
+                 "edges": edges if source.kind == "curves" else "drop"},
         samples=samples,
     )
 
@@ -377,8 +409,9 @@ class _FrontierSource:
     bounds the frontier (the edge effect of approach 1).
     """
 
-    def __init__(self, pts: pd.DataFrame, curves: pd.DataFrame | None, n_bins: int):
+    def __init__(self, pts: pd.DataFrame, curves: pd.DataFrame | None, n_bins: int, drop_edges: bool = True):
         self.kind = "final" if curves is None else "curves"
+        self.drop_edges = drop_edges
         if curves is None:
             table = pts[["run_id", "N", "D", "C", "L"]]
             self.run_ids = table["run_id"].to_numpy()
@@ -405,7 +438,7 @@ class _FrontierSource:
         self.row[r, b] = np.arange(len(best))
         self.table = best[["run_id", "N", "D", "C", "L"]]
 
-    def _rows(self, sel: np.ndarray) -> np.ndarray:
+    def _rows(self, sel: np.ndarray, drop_edges: bool | None = None) -> np.ndarray:
         """Indices into self.table of the frontier of the selected runs, in order of compute."""
         if self.kind == "final":
             mask = np.zeros(len(self.run_ids), bool)
@@ -432,16 +465,17 @@ class _FrontierSource:
         # Bins are disjoint compute ranges, so bin order is compute order. An edge point still bounds the
         # frontier from above, so a later point no lower than it is dominated.
         prev = np.minimum.accumulate(np.r_[np.inf, L[:-1]])
-        return rows[(L < prev) & ~edge]
+        drop = self.drop_edges if drop_edges is None else drop_edges
+        return rows[(L < prev) & ~(edge & drop)]
 
     def envelope(self, sel: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(C, L) of the frontier of the selected runs."""
         rows = self._rows(sel)
         return self.table["C"].to_numpy()[rows], self.table["L"].to_numpy()[rows]
 
-    def frame(self, sel: np.ndarray) -> pd.DataFrame:
-        """The frontier points of the selected runs as a frame."""
-        return self.table.iloc[self._rows(sel)].reset_index(drop=True)
+    def frame(self, sel: np.ndarray, drop_edges: bool | None = None) -> pd.DataFrame:
+        """The frontier points of the selected runs as a frame (edge points as the source drops them, unless told)."""
+        return self.table.iloc[self._rows(sel, drop_edges)].reset_index(drop=True)
 
 
 def _fit_frontier(c: np.ndarray, L: np.ndarray, form: str, start: np.ndarray | None) -> tuple[np.ndarray, bool]:

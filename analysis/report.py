@@ -25,6 +25,7 @@ from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter, NullLoca
 from analysis.compare import (  # noqa: E402
     ArchComparison,
     compare_archs,
+    fit_per_arch,
     mqar_table,
     niah_table,
     ratio_label,
@@ -41,7 +42,6 @@ from analysis.fits import (  # noqa: E402
     fit_approach1,
     fit_approach2,
     fit_approach3,
-    fit_loss_compute,
     loss_compute_law,
     optimal_allocation,
     prepare_points,
@@ -114,6 +114,8 @@ def write_report(
     out = Path(out_dir)
     figdir = out / "figures"
     figdir.mkdir(parents=True, exist_ok=True)
+    if "status" in runs.columns:  # as prepare_points does, so that runs and pts stay row for row
+        runs = runs[runs["status"].astype(str).eq("done")]
     pts = prepare_points(runs, params_col)  # bad runs are an error, not an empty report
     runs = runs.copy()
     if "arch" not in runs.columns:
@@ -139,6 +141,18 @@ def write_report(
         if progress:
             progress(step[0], total)
 
+    # The frontier laws of all archs together: each arch's frontier without edge points, or, when one arch's is
+    # not identified so, every arch's envelope (fit_per_arch), so that the comparison compares like with like.
+    for method, form in (("frontier", "saturating"), ("frontier_power", "power")):
+        if any(k.startswith(f"{method}/") for k in fits_all):
+            continue
+        got, errors = fit_per_arch(runs, metrics=metrics, form=form, params_col=params_col, n_bootstrap=bootstrap,
+                                   seed=seed, on_error="skip")
+        fits_all.update({f"{method}/{a}": f for a, f in got.items()})
+        skipped += [f"{method}/{a}: not fitted ({e})" for a, e in errors.items()]
+    for _ in range(2 * len(archs)):  # the progress bar counts a fit per method and arch
+        tick()
+
     for i, arch in enumerate(archs):
         sub = runs[runs["arch"] == arch]
         ids = set(sub["run_id"].astype(str))
@@ -146,12 +160,6 @@ def write_report(
         if sub_m is not None and sub_m.empty:
             sub_m = None
         jobs: dict[str, Callable[[], FitResult]] = {
-            "frontier": lambda: fit_loss_compute(
-                sub, metrics=sub_m, params_col=params_col, n_bootstrap=bootstrap, seed=seed + i
-            ),
-            "frontier_power": lambda: fit_loss_compute(
-                sub, metrics=sub_m, form="power", params_col=params_col, n_bootstrap=bootstrap, seed=seed + i
-            ),
             "approach1": lambda: fit_approach1(
                 sub, sub_m, params_col=params_col, budgets=budgets, n_bootstrap=bootstrap, seed=seed + i
             ),
@@ -360,8 +368,14 @@ def _fig_loss_vs_compute(pts, fits, archs):
     ax.set_ylabel("loss (nats)")
     ax.grid(True, which="both", alpha=0.25)
     ax.legend(fontsize=7, loc="upper right")
-    return fig, ("Loss against compute per architecture: all runs (faint), frontier points (outlined), fitted "
-                 "law and its 95% bootstrap band.")
+    used = [fits.get(f"frontier/{a}") or fits.get(f"frontier_power/{a}") for a in fitted]
+    curves = any(f.details.get("source") == "curves" for f in used)
+    envelope = any(f.details.get("edges") == "keep" for f in used)
+    front = ("points of the training-loss curves on the runs' envelope, an upper bound of the compute-optimal "
+             "frontier (the smallest model is the best at most budgets)" if envelope
+             else "frontier points of the training-loss curves" if curves else "frontier points")
+    return fig, (f"Loss against compute per architecture: each run's final validation loss (faint), {front} "
+                 "(outlined), fitted law and its 95% bootstrap band.")
 
 
 def _band(fit: FitResult, grid: np.ndarray):

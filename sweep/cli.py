@@ -525,6 +525,7 @@ def fit(
     loss_col: str = typer.Option("loss", help="With --csv: the loss column."),
     flops_col: str = typer.Option("flops", help="With --csv: the FLOPs column (else 6ND)."),
     n_params: str = typer.Option("nonembed_params", help="From the database: fit on nonembed_params or params (total)."),
+    edges: str = typer.Option("drop", help="frontier/power from training curves: drop the compute bins whose best run is the smallest size there (the compute-optimal frontier), or keep them (the runs' envelope, an upper bound)."),
     as_json: bool = typer.Option(False, "--json", help="Print the fit as JSON."),
 ) -> None:
     """Fit a scaling law with bootstrap intervals; from the database the fit is stored in the fits table.
@@ -555,7 +556,7 @@ def fit(
         with bar:
             if method in (Method.frontier, Method.power):
                 result = fit_loss_compute(runs, metrics=metrics, form="saturating" if method is Method.frontier else "power",
-                                          params_col=pcol, n_bootstrap=bootstrap, seed=seed, progress=progress)
+                                          params_col=pcol, edges=edges, n_bootstrap=bootstrap, seed=seed, progress=progress)
             elif method is Method.one:
                 if metrics is None or metrics.empty:
                     fail("approach 1 needs training curves: fit runs from the database, not --csv")
@@ -592,6 +593,7 @@ def compare(
     ctx: typer.Context,
     plan: Optional[str] = typer.Option(None, help="Only runs of this plan."),
     baseline: str = typer.Option("softmax", help="The architecture the others are measured against."),
+    edges: str = typer.Option("auto", help="Frontier laws from training curves: drop the bins whose best run is the smallest size there, keep them (the runs' envelope), or auto: drop unless some arch's frontier is then not identified."),
     bootstrap: int = typer.Option(1000, min=0, help="Bootstrap resamples for the intervals."),
     seed: int = typer.Option(0, help="Seed of the bootstrap."),
     as_json: bool = typer.Option(False, "--json", help="Print the comparison as JSON."),
@@ -603,6 +605,8 @@ def compare(
     from analysis.compare import compare_archs, niah_table
     from analysis.fits import FitError
 
+    if edges not in ("auto", "drop", "keep"):
+        fail(f"--edges must be auto, drop or keep, got {edges!r}")
     _, runs, metrics, evals = _analysis_inputs(ctx, plan, None)
     if baseline not in set(runs["arch"]):
         fail(f"baseline {baseline!r} has no finished runs; archs present: {', '.join(sorted(set(runs['arch'])))}")
@@ -612,7 +616,8 @@ def compare(
     bar, progress = _progress_bar("fitting per arch")
     try:
         with bar:
-            result = compare_archs(runs, baseline=baseline, metrics=metrics, n_bootstrap=bootstrap, seed=seed, progress=progress)
+            result = compare_archs(runs, baseline=baseline, metrics=metrics, n_bootstrap=bootstrap, seed=seed, progress=progress,
+                                   edges=edges)
     except FitError as exc:
         fail(str(exc))
     if as_json:
@@ -620,6 +625,9 @@ def compare(
         return
     gaps = result.gaps.copy()
     _emit(gaps.round(4), Format.table, title=f"loss gap and compute multiplier vs {baseline}")
+    if any(f.details.get("edges") == "keep" for f in result.fits.values()):
+        err.print("note: these laws follow the runs' envelope, an upper bound of the compute-optimal frontier: at most "
+                  "budgets the best run is the smallest size there", highlight=False)
     for arch_name, message in result.errors.items():
         err.print(f"[yellow]warning:[/] {escape(f'{arch_name}: {message}')}")
     niah = niah_table(runs, evals)

@@ -172,3 +172,36 @@ def test_approach3_finding_quotes_the_budget_inside_the_data_or_says_it_extrapol
     del fit.estimates["tokens_per_param@1e+18"]
     [line] = compare.summary_findings(approach3={"softmax": fit})
     assert "at C=1e+19 FLOPs, extrapolated beyond the data's largest compute (1.2e+18): 25" in line
+
+
+def _undertrained(arch, sizes):
+    """A smoke-study design: a few sizes, each trained to 3 tokens per parameter, with curves (the smallest
+    model is the best at most budgets, so the compute-optimal frontier is not identified)."""
+    from analysis.fits import chinchilla_law
+    from analysis.synthetic import HOFFMANN, curves_for
+
+    N = np.asarray(sizes, float)
+    runs = runs_frame(N, 3 * N, chinchilla_law(N, 3 * N, **HOFFMANN), arch=arch, prefix=arch)
+    return runs, curves_for(runs, n_steps=30, seed=len(arch))
+
+
+def test_an_unidentified_frontier_is_refused_or_fitted_as_the_envelope_when_asked():
+    from analysis.fits import FrontierNotIdentified, fit_loss_compute
+
+    runs, metrics = _undertrained("softmax", [2e6, 6e6, 1.4e7])
+    with pytest.raises(FrontierNotIdentified, match="--edges keep"):
+        fit_loss_compute(runs, metrics=metrics, n_bootstrap=0)
+    f = fit_loss_compute(runs, metrics=metrics, edges="keep", n_bootstrap=0)
+    assert f.details["edges"] == "keep" and f.n_points >= 3
+
+
+def test_comparison_fits_every_arch_alike_when_one_frontier_is_not_identified():
+    soft, soft_m = _undertrained("softmax", [2e6, 6e6, 1.4e7])
+    s = study(150, archs=("lightning",), n_steps=12, seed=1)  # identified: sizes span 8M-1.1B
+    runs = pd.concat([soft, s.runs], ignore_index=True)
+    metrics = pd.concat([soft_m, s.metrics], ignore_index=True)
+    auto = compare.compare_archs(runs, metrics=metrics, n_bootstrap=0)
+    assert {f.details["edges"] for f in auto.fits.values()} == {"keep"}
+    assert any("compares envelopes" in line for line in compare.summary_findings(auto))
+    fits, errors = compare.fit_per_arch(s.runs, metrics=s.metrics, n_bootstrap=0)
+    assert fits["lightning"].details["edges"] == "drop" and not errors
