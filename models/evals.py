@@ -41,11 +41,16 @@ def val_sequences(seq_len: int) -> int:
 
 
 def validation_batches(data: Data, seq_len: int, *, device: torch.device, sequences: int | None = None, batch: int = 16):
-    """The fixed seeded validation batches as (x, y, labelled tokens) on ``device``; unlabelled ones skipped."""
+    """The fixed seeded validation batches as (x, y, labelled tokens) on ``device``; unlabelled ones skipped.
+
+    Exactly ``sequences`` sequences whatever ``batch`` is (the last batch is cut), so that a run is scored on
+    the same text alone, packed, or with the smaller microbatch of an out-of-memory retry."""
     sequences = sequences or val_sequences(seq_len)
     batches = Batches(data, seq_len, batch, seed=VAL_SEED, split="val")
-    for _ in range(-(-sequences // batch)):
+    for first in range(0, sequences, batch):
         x, y = batches.next()
+        take = min(batch, sequences - first)
+        x, y = x[:take], y[:take]
         n = int((y != -100).sum())
         if n:
             yield x.to(device), y.to(device), n

@@ -368,12 +368,18 @@ def pretrain_pack(
             raise OutOfMemory(step, microbatch) from None
         tokens = step * tokens_per_step
         for i in ids:
+            if not math.isfinite(vals[i]):  # finite on its batches but not on held-out text: as pretrain
+                outcome[i] = Diverged(step)
+                active[i] = False
+                del vals[i]
+                continue
             reporters[i]("val", {"step": step, "tokens": tokens, "flops": float(fpt) * tokens, "val_loss": vals[i]})
             for name, value in results[i].items():
                 reporters[i]("eval", {"step": step, "name": name, "value": value})
         return vals
 
     outcome: list[Summary | TrainingError | None] = [None] * n
+    active = [True] * n  # set per step below; evaluate() clears a member whose validation loss is not finite
     finished = [i for i, start in enumerate(starts) if start >= total_steps]
     # checkpointed at their last step but not reported as done: finish them
     for i, val in evaluate(finished, total_steps).items():
@@ -413,18 +419,23 @@ def pretrain_pack(
             for i, f in enumerate(faults):
                 if f and f[0] == "raise" and f[1] == steps[i]:
                     raise RuntimeError(f"injected failure at step {steps[i]}")
-            values = loss_sum.tolist()
+            for i, f in enumerate(faults):
+                if f == ("nangrad", steps[i]):
+                    next(p for p in params.values() if p.grad is not None).grad[i].fill_(float("nan"))
+            norms = _member_grad_norms(params, n)
+            # A member whose gradient is NaN or inf under a finite loss would poison its weights at this update.
+            values, norm_values = torch.stack([loss_sum, norms.to(loss_sum.device)]).tolist()
             for i, f in enumerate(faults):
                 if f == ("nan", steps[i]):
                     values[i] = float("nan")
             for i in range(n):
                 if active[i]:
-                    if not math.isfinite(values[i]):
+                    if not (math.isfinite(values[i]) and math.isfinite(norm_values[i])):
                         outcome[i] = Diverged(steps[i])
                         active[i] = False
                     else:
                         last_loss[i] = values[i]
-            _clip_and_mask(params, specs, active)
+            _clip_and_mask(params, specs, active, norms)
             optimizer.step(
                 [lr_at(min(s, total_steps), spec) for s, spec in zip(steps, specs)],
                 [spec.weight_decay for spec in specs], active,
@@ -491,15 +502,24 @@ def pretrain_pack(
 
 
 @torch.no_grad()
-def _clip_and_mask(params: dict[str, torch.Tensor], specs: Sequence, active: list[bool]) -> None:
-    """Clip each member's gradient to its own ``grad_clip`` (as clip_grad_norm_), and zero inactive members'."""
+def _member_grad_norms(params: dict[str, torch.Tensor], n: int) -> torch.Tensor:
+    """Each member's total gradient norm, (n,) fp32 (zeros when no parameter has a gradient)."""
+    grads = [p.grad for p in params.values() if p.grad is not None]
+    if not grads:
+        return torch.zeros(n)
+    norms = torch.stack([torch.linalg.vector_norm(g.flatten(1), dim=1, dtype=torch.float32) for g in grads])
+    return torch.linalg.vector_norm(norms, dim=0)
+
+
+@torch.no_grad()
+def _clip_and_mask(params: dict[str, torch.Tensor], specs: Sequence, active: list[bool], norms: torch.Tensor) -> None:
+    """Clip each member's gradient to its own ``grad_clip`` (as clip_grad_norm_, given the members' ``norms``), and
+    zero inactive members'."""
     grads = [p.grad for p in params.values() if p.grad is not None]
     if not grads:
         return
     n = len(specs)
     dev = grads[0].device
-    norms = torch.stack([torch.linalg.vector_norm(g.flatten(1), dim=1, dtype=torch.float32) for g in grads])
-    norms = torch.linalg.vector_norm(norms, dim=0)
     clip = torch.tensor([s.grad_clip if s.grad_clip > 0 else math.inf for s in specs], device=dev)
     coef = torch.clamp(clip / (norms + 1e-6), max=1.0)
     coef = torch.where(torch.tensor(active, device=dev), coef, torch.zeros_like(coef))

@@ -290,9 +290,9 @@ def _agree(flag: bool, world: int, device: torch.device) -> bool:
 def _parse_fault(fault: str | None) -> tuple[str, int] | None:
     if not fault:
         return None
-    m = re.fullmatch(r"(nan|exit|raise)@(\d+)", fault)
+    m = re.fullmatch(r"(nan|nangrad|exit|raise)@(\d+)", fault)
     if not m:
-        raise ValueError(f"fault must be 'nan@K', 'exit@K' or 'raise@K', got {fault!r}")
+        raise ValueError(f"fault must be 'nan@K', 'nangrad@K', 'exit@K' or 'raise@K', got {fault!r}")
     return m.group(1), int(m.group(2))
 
 
@@ -394,12 +394,13 @@ def pretrain(
     ``reporter(kind, payload)`` gets "train" {step, tokens, flops, loss, lr, tokens_per_s, mfu}
     (``mfu`` None off CUDA), "val" {step, tokens, flops, val_loss}, "eval" {step, name, value} and
     "ckpt" {step}. Checkpoints: every ``ckpt_every_steps`` steps or ``ckpt_every_s`` seconds, on a stop,
-    and at the end (the newest two are kept). Raises ``Diverged`` on a NaN/inf loss, ``OutOfMemory`` on
-    CUDA OOM, and ``Interrupted`` (after checkpointing) when ``should_stop()`` returns True.
+    and at the end (the newest two are kept). Raises ``Diverged`` on a NaN/inf loss, gradient or validation
+    loss, ``OutOfMemory`` on CUDA OOM, and ``Interrupted`` (after checkpointing) when ``should_stop()`` returns True.
 
-    ``fault`` is a test hook: "nan@K" makes the loss of step K NaN; "exit@K" ends the process with
-    ``os._exit(1)`` right after checkpointing step K, unless ``ckpt_dir`` already held a checkpoint at or
-    beyond K when the run started (so a retry goes on); "raise@K" raises a RuntimeError at step K.
+    ``fault`` is a test hook: "nan@K" makes the loss of step K NaN, "nangrad@K" its gradients (the loss stays
+    finite); "exit@K" ends the process with ``os._exit(1)`` right after checkpointing step K, unless
+    ``ckpt_dir`` already held a checkpoint at or beyond K when the run started (so a retry goes on);
+    "raise@K" raises a RuntimeError at step K.
     ``kernels``: which parts of the LM shell run fused on CUDA (models.lm.KERNELS); None picks what measured
     fastest on an H100: "auto" (all) in eager mode, "loss" (the head + loss alone) under ``compile``.
     ``compile``: True for torch.compile's default mode, or a mode by name ("reduce-overhead" replays CUDA graphs).
@@ -498,6 +499,8 @@ def pretrain(
             results = run_evals(spec.evals, model, data, spec.seq_len, device=device)
         except torch.OutOfMemoryError:
             raise OutOfMemory(step, microbatch) from None
+        if not math.isfinite(val):  # a model whose loss is finite on its batches but not on held-out text
+            raise Diverged(step)
         tokens = step * tokens_per_step
         reporter("val", {"step": step, "tokens": tokens, "flops": float(fpt) * tokens, "val_loss": val})
         for name, value in results.items():
@@ -570,9 +573,12 @@ def pretrain(
                 loss_sum = loss_sum * float("nan")
             if fault_kind == ("raise", step):
                 raise RuntimeError(f"injected failure at step {step}")
-            step_loss = _read_back(loss_sum)
-            if spec.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), spec.grad_clip)
+            if fault_kind == ("nangrad", step):
+                next(p for p in model.parameters() if p.grad is not None).grad.fill_(float("nan"))
+            grad_norm = _grad_norm(model, spec.grad_clip)
+            # A NaN or inf gradient under a finite loss (the usual first sign of a blow-up) makes this update
+            # poison every weight: read back with the loss (x + 0 * norm is x, or NaN), it stops the run here.
+            step_loss = _read_back(loss_sum + 0.0 * grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             settle()  # the previous step's loss, while this step runs
@@ -615,6 +621,15 @@ def pretrain(
     return summarize(spec, counts, fpt, val_loss=val, final_loss=last_loss, wall_s=prior_wall + time.perf_counter() - t_start,
                      train_time=train_time, trained_steps=trained_steps, start=start, data_sha256=data.sha256,
                      microbatch=microbatch)
+
+
+def _grad_norm(model: torch.nn.Module, grad_clip: float) -> torch.Tensor:
+    """The gradients' total norm (a device scalar), clipping them to ``grad_clip`` when it is positive."""
+    if grad_clip > 0:
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    else:
+        norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP: a DTensor, the same on every rank
 
 
 def _read_back(value: torch.Tensor) -> Callable[[], float]:

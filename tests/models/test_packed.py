@@ -1,5 +1,6 @@
 """Packed training: a stacked, vmapped pack trains each member exactly as it would train alone."""
 
+import math
 from pathlib import Path
 
 import pytest
@@ -150,3 +151,14 @@ def test_stack_layers_leaves_mamba2_to_vmap():
     cfg = ModelConfig("mamba2", 32, 2, 2, 260)
     params, _ = stack_module_state([LM(cfg), LM(cfg)])
     assert stack_layers(LM(cfg), params) is None
+
+
+def test_a_member_with_a_nan_gradient_diverges_and_the_others_train_on(tmp_path):
+    specs = members(tokens=8 * 32 * 4)
+    dirs = [tmp_path / f"m{i}" for i in range(3)]
+    recs = [Recorder() for _ in specs]
+    results = pretrain_pack(specs, recs, dirs, device="cpu", microbatch=4, faults=[None, "nangrad@3", None])
+    assert isinstance(results[1], Diverged) and results[1].step == 3
+    assert [r.steps for r in (results[0], results[2])] == [4, 4]
+    assert all(math.isfinite(r.val_loss) for r in (results[0], results[2]))
+    assert not recs[1].of("val")

@@ -267,3 +267,15 @@ def test_compile_model_merges_the_mode_with_the_inductor_options(monkeypatch):
     assert train.compile_model(model) is model
     assert seen == [{"options": {"triton.cudagraphs": True, "triton.mix_order_reduction_allow_multi_stages": True}},
                     {"options": {"triton.mix_order_reduction_allow_multi_stages": True}}]
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_a_nan_gradient_under_a_finite_loss_diverges_before_the_weights_are_touched(tmp_path, overlap):
+    # the last step: before, the update made every weight NaN and the run was recorded done with val_loss NaN
+    s = spec(tokens=8 * 32 * 4)
+    rec = Recorder()
+    with pytest.raises(Diverged) as err:
+        pretrain(s, rec, tmp_path, fault="nangrad@4", ckpt_every_steps=1, overlap_readback=overlap)
+    assert err.value.step == 4
+    assert checkpoint_steps(tmp_path) == [2, 3] and not rec.of("val")  # no result of the poisoned model
+    assert all(torch.isfinite(v).all() for v in load_checkpoint(tmp_path)["model"].values())
