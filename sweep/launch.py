@@ -581,8 +581,10 @@ class Driver:
                     self._ended(run_id, "failed", error.splitlines()[-1][:200])
             return
         values = summary if isinstance(summary, dict) else asdict(summary)
+        # What was trained, in whole steps (up to a step more than the plan's budget), is what the fits read.
+        trained = {k: values[k] for k in ("tokens", "flops") if values.get(k) is not None}
         update_run(
-            self.engine, run_id, self.owner, status="done", error=None,
+            self.engine, run_id, self.owner, status="done", error=None, **trained,
             final_loss=values.get("final_loss"), val_loss=values.get("val_loss"), wall_s=values.get("wall_s"),
             step=values.get("steps"), data_sha256=values.get("data_sha256"), microbatch=values.get("microbatch"),
             resumed_from_step=values.get("resumed_from_step"), lease_owner=None,

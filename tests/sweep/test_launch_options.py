@@ -143,3 +143,29 @@ def test_address_auto_with_ray_address_where_nothing_listens_fails_fast(write_pl
     with pytest.raises(LaunchError, match=rf"cluster at auto \(RAY_ADDRESS=127.0.0.1:{port}\): nothing answers there"):
         launch([load_plan(write_plan(PLAN))], opts, quiet())
     assert not db.exists()
+
+
+def test_a_done_run_records_the_tokens_it_trained_not_the_plans_budget(plan, tmp_path):
+    """Training runs whole steps: the runs table, which the fits read, holds what was trained."""
+    from datetime import datetime, timezone
+
+    from db.writer import claim_run
+    from sweep.registry import add_plans
+
+    s = plan.runs[0].spec  # 12k tokens in steps of 4 x 128: 24 steps, 12,288 tokens
+    trained = s.steps * s.batch_size * s.seq_len
+    assert trained > s.tokens
+    engine = open_db(f"sqlite:///{tmp_path}/slab.db")
+    add_plans(engine, [plan])
+    assert claim_run(engine, s.run_id, "me", datetime.now(timezone.utc)) == 1
+    driver = Driver.__new__(Driver)  # only the settling of an outcome: no Ray
+    driver.engine, driver.owner, driver.view, driver.outcome = engine, "me", quiet(), {}
+    driver.flights = {s.run_id: Flight(spec=s, name=None, attempt=1, tries=1, microbatch=None)}
+    fpt = s.derived()["flops_per_token"]
+    driver._settle(s.run_id, {"steps": s.steps, "tokens": trained, "flops": fpt * trained, "final_loss": 3.0,
+                              "val_loss": 3.1, "wall_s": 1.0, "data_sha256": "x", "microbatch": 4,
+                              "resumed_from_step": 0})
+    with engine.connect() as conn:
+        row = conn.execute(select(Run.status, Run.tokens, Run.flops).where(Run.run_id == s.run_id)).one()
+    engine.dispose()
+    assert tuple(row) == ("done", trained, pytest.approx(fpt * trained))
