@@ -177,10 +177,16 @@ def bin_corpus(path: Path) -> Corpus:
     path = Path(path)
     if path.is_dir():
         path = path / "train.bin"
-    ids = np.memmap(path, dtype=np.uint16, mode="r")
+
+    def ids_of(file: Path) -> np.memmap:
+        if file.stat().st_size % 2:
+            raise ValueError(f"{file}: {file.stat().st_size} bytes, not a whole number of uint16 token ids")
+        return np.memmap(file, dtype=np.uint16, mode="r")
+
+    ids = ids_of(path)
     sibling = path.with_name("val.bin")
     if path.name == "train.bin" and sibling.exists():
-        train, val = ids, np.memmap(sibling, dtype=np.uint16, mode="r")
+        train, val = ids, ids_of(sibling)
     else:
         cut = len(ids) - len(ids) // VAL_EVERY
         train, val = ids[:cut], ids[cut:]
@@ -317,6 +323,14 @@ class Data:
     def text_filler(self) -> Corpus:
         """Byte text for needle prompts: the mixture's first byte corpus, else the stdlib corpus."""
         return self.filler if self.filler is not None else stdlib_corpus()
+
+    def check(self, seq_len: int) -> None:
+        """Draw one sequence of every part from each split: a corpus too short for ``seq_len`` (or whose ids pass
+        the vocabulary) fails before training rather than at the first validation, after every step is spent."""
+        rng = np.random.default_rng(0)
+        for source in self.sources:
+            for split in _SPLITS:
+                source.sample(rng, seq_len, split)
 
 
 def parse_data(data: str) -> list[tuple[str, float]]:

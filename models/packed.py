@@ -251,6 +251,7 @@ def pretrain_pack(
     total_steps = spec0.steps
     tokens_per_step = spec0.batch_size * spec0.seq_len
     data = open_data(spec0.data, spec0.vocab_size)
+    data.check(spec0.seq_len)
     microbatch = microbatch or default_microbatch(spec0, cfg, device, members=n, share=share)
     if spec0.batch_size % microbatch:
         raise ValueError(f"microbatch {microbatch} does not divide the batch {spec0.batch_size}")

@@ -66,10 +66,10 @@ class TrainingError(Exception):
 
 
 class Diverged(TrainingError):
-    """The training loss became NaN or infinite at ``step``."""
+    """The training loss, the gradients or the validation loss became NaN or infinite at ``step``."""
 
     def __str__(self) -> str:
-        return f"loss diverged (NaN or inf) at step {self.step}"
+        return f"the loss, the gradients or the validation loss became NaN or inf at step {self.step}"
 
 
 class OutOfMemory(TrainingError):
@@ -427,6 +427,7 @@ def pretrain(
     total_steps = spec.steps
     tokens_per_step = spec.batch_size * spec.seq_len
     data = open_data(spec.data, spec.vocab_size)
+    data.check(spec.seq_len)
 
     # Data parallel (torch.distributed already initialised, e.g. by Ray Train): each rank trains its slice
     # of every global batch; DDP averages the gradients, so the update equals one worker's on the whole batch.

@@ -174,3 +174,18 @@ def test_stdlib_validation_text_is_not_in_the_training_split():
     starts = np.linspace(0, len(val) - 256, 300).astype(int)
     found = sum(train.find(val[s:s + 256]) >= 0 for s in starts)
     assert found / len(starts) < 0.03, found
+
+
+def test_data_too_short_for_the_context_fails_before_training(tmp_path):
+    from models.train import pretrain
+    from tests.models.test_train import Recorder, spec
+
+    small = tmp_path / "small.txt"
+    small.write_bytes(b"x" * 2000)  # its validation split, the last 5%, holds 100 bytes
+    with pytest.raises(ValueError, match="the val split of .*small.txt holds 100 tokens"):
+        pretrain(spec(data=str(small), seq_len=128), Recorder(), tmp_path / "ckpt")
+    assert not (tmp_path / "ckpt").exists() or not any((tmp_path / "ckpt").iterdir())  # no step was trained
+    odd = tmp_path / "odd.bin"
+    odd.write_bytes(b"\x00" * 1001)
+    with pytest.raises(ValueError, match="odd.bin: 1001 bytes, not a whole number of uint16 token ids"):
+        D.open_data(str(odd), 50_000)
