@@ -30,8 +30,8 @@ from models.evals import autocast, run_evals, validation_batches
 from models.lm import LM
 from models.train import (
     BETAS, MAX_TRAIN_REPORTS, PEAK_FLOPS_CUDA, Diverged, Interrupted, OutOfMemory, Summary, TrainingError,
-    _param_groups, _parse_fault, _run_key, build_model, check_spec, checkpoint_steps, decayed, default_microbatch, load_checkpoint,
-    lr_at, model_config, save_checkpoint, summarize,
+    _param_groups, _parse_fault, _run_key, build_model, check_resumable, check_spec, checkpoint_steps, decayed,
+    default_microbatch, load_checkpoint, lr_at, model_config, save_checkpoint, summarize,
 )
 
 log = logging.getLogger(__name__)
@@ -265,8 +265,7 @@ def pretrain_pack(
         stream = Batches(data, spec.seq_len, microbatch, seed=spec.seed)
         state = load_checkpoint(ckpt_dir)
         if state is not None:
-            if state["run"] != _run_key(spec):
-                raise ValueError(f"{ckpt_dir} holds checkpoints of another run ({state['run']})")
+            check_resumable(state, spec, data, ckpt_dir)
             model.load_state_dict(state["model"])
             stream.load_state_dict(state["data"])
             log.info("resuming %s from step %d", ckpt_dir, state["step"])
@@ -332,7 +331,7 @@ def pretrain_pack(
                 "step": step, "run": _run_key(spec), "model": {k: t[i].clone() for k, t in host.items()},
                 "optimizer": optimizer.member_state(i, order, template, lr_at(step, spec), spec.weight_decay, moments),
                 "data": batches[i].state_dict(), "rng": rng, "loss": last_loss[i],
-                "wall_s": prior_wall[i] + now - t_start, "microbatch": microbatch,
+                "wall_s": prior_wall[i] + now - t_start, "microbatch": microbatch, "data_sha256": data.sha256,
             })
 
         with ThreadPoolExecutor(max_workers=min(CKPT_WRITERS, len(due))) as pool:

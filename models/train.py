@@ -318,6 +318,8 @@ def save_checkpoint(ckpt_dir: Path, step: int, state: dict, keep: int = 2) -> Pa
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     path = checkpoint_path(ckpt_dir, step)
     tmp = ckpt_dir / f".{path.name}.{os.getpid()}.tmp"
+    for stale in ckpt_dir.glob(".ckpt-*.tmp"):  # left by a writer killed mid-save (one writer per run: its lease)
+        stale.unlink(missing_ok=True)
     with open(tmp, "wb") as f:
         torch.save(state, f)
         f.flush()
@@ -334,7 +336,8 @@ def save_checkpoint(ckpt_dir: Path, step: int, state: dict, keep: int = 2) -> Pa
 
 
 def load_checkpoint(ckpt_dir: Path) -> dict | None:
-    """The newest checkpoint that loads completely, or None; unreadable newer ones are skipped (logged)."""
+    """The newest checkpoint that loads completely, or None. A corrupt newer one is renamed ``*.corrupt`` (kept,
+    logged, no longer counted among the checkpoints); an I/O error is raised, not taken for corruption."""
     for step in reversed(checkpoint_steps(ckpt_dir)):
         path = checkpoint_path(ckpt_dir, step)
         try:
@@ -342,9 +345,22 @@ def load_checkpoint(ckpt_dir: Path) -> dict | None:
             if state.get("step") != step or "model" not in state:
                 raise ValueError("missing fields")
             return state
+        except OSError:  # a shared filesystem's hiccup: fail this attempt rather than start over from older state
+            raise
         except Exception as e:  # a truncated or corrupt file: fall back to the previous checkpoint
-            log.warning("ignoring unreadable checkpoint %s: %s", path, e)
+            log.warning("ignoring unreadable checkpoint %s (renamed *.corrupt): %s", path, e)
+            path.replace(path.with_name(path.name + ".corrupt"))
     return None
+
+
+def check_resumable(state: dict, spec, data, ckpt_dir) -> None:
+    """Refuse a checkpoint of another run, or one trained on other data than this host's (older ones carry no hash)."""
+    if state["run"] != _run_key(spec):
+        raise ValueError(f"{ckpt_dir} holds checkpoints of another run ({state['run']})")
+    if state.get("data_sha256", data.sha256) != data.sha256:
+        raise ValueError(f"{ckpt_dir}: its checkpoint trained on data {state['data_sha256'][:12]}, this host's "
+                         f"{spec.data!r} is {data.sha256[:12]} (another Python's stdlib, or a changed file): "
+                         "resuming would train on other data")
 
 
 def _run_key(spec) -> str:
@@ -457,8 +473,7 @@ def pretrain(
     state = load_checkpoint(ckpt_dir)
     start, prior_wall, last_loss = 0, 0.0, float("nan")
     if state is not None:
-        if state["run"] != _run_key(spec):
-            raise ValueError(f"{ckpt_dir} holds checkpoints of another run ({state['run']})")
+        check_resumable(state, spec, data, ckpt_dir)
         _load_training_state(model, optimizer, state, sharded)
         batches.load_state_dict(state["data"])
         torch.set_rng_state(state["rng"]["torch"])
@@ -489,6 +504,7 @@ def pretrain(
                 "step": step, "run": _run_key(spec), "model": model_state, "optimizer": optimizer_state,
                 "data": batches.state_dict(), "rng": rng, "loss": last_loss,
                 "wall_s": prior_wall + time.perf_counter() - t_start, "microbatch": microbatch,
+                "data_sha256": data.sha256,
             })
             reporter("ckpt", {"step": step})
         if world > 1:

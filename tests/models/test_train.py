@@ -18,12 +18,14 @@ from models.train import (
     Diverged,
     Interrupted,
     OutOfMemory,
+    checkpoint_path,
     checkpoint_steps,
     default_microbatch,
     largest_divisor_at_most,
     load_checkpoint,
     lr_at,
     pretrain,
+    save_checkpoint,
 )
 from sweep.spec import RunSpec
 
@@ -279,3 +281,26 @@ def test_a_nan_gradient_under_a_finite_loss_diverges_before_the_weights_are_touc
     assert err.value.step == 4
     assert checkpoint_steps(tmp_path) == [2, 3] and not rec.of("val")  # no result of the poisoned model
     assert all(torch.isfinite(v).all() for v in load_checkpoint(tmp_path)["model"].values())
+
+
+def test_a_corrupt_checkpoint_is_set_aside_and_stale_temp_files_removed(tmp_path):
+    s = spec(tokens=8 * 32 * 12)
+    pretrain(s, Recorder(), tmp_path, ckpt_every_steps=4)
+    (tmp_path / ".ckpt-000000004.pt.999.tmp").write_bytes(b"half a checkpoint")  # a writer killed mid-save
+    newest = checkpoint_path(tmp_path, 12)
+    newest.write_bytes(b"garbage")
+    assert load_checkpoint(tmp_path)["step"] == 8
+    assert checkpoint_steps(tmp_path) == [8] and newest.with_name(newest.name + ".corrupt").exists()
+    save_checkpoint(tmp_path, 13, {"step": 13, "model": {}})
+    assert not list(tmp_path.glob(".ckpt-*.tmp")) and checkpoint_steps(tmp_path) == [8, 13]
+
+
+def test_resuming_on_other_data_is_refused(tmp_path):
+    s = spec(tokens=8 * 32 * 12)
+    with pytest.raises(Interrupted):
+        pretrain(s, Recorder(), tmp_path, should_stop=iter([False, True]).__next__)
+    state = load_checkpoint(tmp_path)
+    state["data_sha256"] = "0" * 64  # as if trained on another Python's stdlib
+    save_checkpoint(tmp_path, state["step"], state)
+    with pytest.raises(ValueError, match="resuming would train on other data"):
+        pretrain(s, Recorder(), tmp_path)
