@@ -993,9 +993,21 @@ def bench_plot(
             fail(str(exc))
 
 
+def db_first(argv: list[str]) -> list[str]:
+    """The arguments with a ``--db URL`` given after the command moved before it, where the option lives
+    (``slab status --db x.db`` would otherwise be "No such option")."""
+    for i, arg in enumerate(argv):
+        if arg == "--":
+            break
+        if i and (arg == "--db" and i + 1 < len(argv) or arg.startswith("--db=")):
+            n = 2 if arg == "--db" else 1
+            return argv[i:i + n] + argv[:i] + argv[i + n:]
+    return argv
+
+
 def main() -> None:
     """Console-script entry point."""
-    app()
+    app(args=db_first(sys.argv[1:]))
 
 
 if __name__ == "__main__":

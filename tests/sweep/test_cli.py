@@ -278,3 +278,16 @@ def test_add_says_when_an_edited_plan_no_longer_holds_runs(runner, write_plan, t
     path.write_text(PLAN.replace("32|64", "64"))
     result = invoke(runner, "add", path, db=db)
     assert result.exit_code == 0 and "0 new runs, 2 already known; 2 runs of its last registration no longer in it" in result.stdout
+
+
+def test_db_given_after_the_command_is_taken_as_before_it(tmp_path):
+    from sweep.cli import db_first
+
+    assert db_first(["status", "--db", "x"]) == ["--db", "x", "status"]
+    assert db_first(["sql", "select 1", "--db=x"]) == ["--db=x", "sql", "select 1"]
+    assert db_first(["--db", "x", "runs"]) == ["--db", "x", "runs"]
+    assert db_first(["sql", "--", "--db"]) == ["sql", "--", "--db"]
+    missing = tmp_path / "none.db"
+    result = subprocess.run([sys.executable, "-m", "sweep.cli", "status", "--db", f"sqlite:///{missing}"],
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and f"no database at {missing}" in result.stderr
