@@ -375,9 +375,9 @@ def summary_findings(
         mean = niah.groupby("arch")["accuracy"].mean().sort_values(ascending=False)
         n_runs = niah.groupby("arch")["n_runs"].max()
 
-        def pooled(a: str) -> str:  # several runs of the largest size are averaged: say so (hybrids mix ratios)
+        def pooled(a: str) -> str:  # several runs of the largest size (budgets, seeds, hybrid ratios) are averaged
             n = int(n_runs[a])
-            return "" if n < 2 else f" ({n} runs{', every hybrid ratio' if a == 'hybrid' else ''})"
+            return "" if n < 2 else f" ({n} runs averaged)"
 
         parts = ", ".join(f"{a} {100 * v:.0f}%{pooled(a)}" for a, v in mean.items())
         lines.append(f"Mean NIAH accuracy over lengths and depths (largest model per arch): {parts}.")
