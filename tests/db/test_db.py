@@ -255,6 +255,26 @@ def test_read_only_database_can_be_read(locked, tmp_path, write_plan):
     engine.dispose()
 
 
+def test_a_database_taken_for_unwritable_is_read_through_sqlites_read_only_mode(tmp_path, write_plan, monkeypatch):
+    """The read-only path as any user runs it (root included, for whom the permission tests above skip): SQLite's
+    mode=ro itself refuses the writes, whatever the file's owner."""
+    import db.engine
+
+    url = f"sqlite:///{tmp_path}/slab.db"
+    engine = open_db(url)
+    add_plans(engine, [load_plan(write_plan(PLAN))])
+    engine.dispose()
+    before = sorted(p.name for p in tmp_path.iterdir())
+    monkeypatch.setattr(db.engine, "_writable", lambda path: False)
+    engine = open_db(url, create=False)
+    assert len(runs_frame(engine)) == 6 and run_sql(engine, "select count(*) as n from runs")["n"].tolist() == [6]
+    with pytest.raises(DatabaseError, match=r"the database \(or its folder\) is not writable here"):
+        with session(engine) as s:
+            s.execute(update(Run).values(status="done"))
+    engine.dispose()
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # immutable: no -shm or -wal made
+
+
 @pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root writes files whatever their mode")
 def test_read_only_database_follows_its_writer(tmp_path, write_plan):
     """Watching a database this process cannot write while its owner's launcher writes it: reads go through
