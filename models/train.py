@@ -125,7 +125,8 @@ def lr_at(step: int, spec) -> float:
         progress = (step - warmup) / max(1, total - warmup)
         return low + 0.5 * (peak - low) * (1 + math.cos(math.pi * min(1.0, progress)))
     if spec.schedule == "wsd":
-        decay_start = max(warmup, total - round(WSD_DECAY_FRACTION * total))
+        # at least one decaying step, so that a short run ends at min_lr as cosine does (2 steps: round(0.4) = 0)
+        decay_start = max(warmup, total - max(1, round(WSD_DECAY_FRACTION * total)))
         if step <= decay_start:
             return peak
         return low + (peak - low) * max(0, total - step) / (total - decay_start)

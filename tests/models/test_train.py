@@ -66,6 +66,8 @@ def test_lr_schedules():
     assert lr_at(100, s) == pytest.approx(0.1)
     w = spec(tokens=8 * 32 * 100, warmup=10, lr=1.0, min_lr_ratio=0.1, schedule="wsd")
     assert lr_at(80, w) == 1.0 and lr_at(90, w) == pytest.approx(0.55) and lr_at(100, w) == pytest.approx(0.1)
+    two = spec(tokens=8 * 32 * 2, warmup=0, lr=1.0, min_lr_ratio=0.1, schedule="wsd")  # round(0.2 * 2) is 0
+    assert (lr_at(1, two), lr_at(2, two)) == (1.0, pytest.approx(0.1))  # it ends at min_lr, as cosine does
     c = spec(tokens=8 * 32 * 100, warmup=10, lr=1.0, schedule="constant")
     assert lr_at(100, c) == 1.0
     with pytest.raises(ValueError, match="schedule"):
