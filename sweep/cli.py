@@ -223,8 +223,9 @@ def plan(
                     runs.append({"run_id": r.spec.run_id, "plan": p.name, "row": r.row, "name": r.name, **r.spec.derived(), "spec": r.spec.to_dict()})
         totals = {"runs": cost.runs, "flops": cost.flops, "gpu_hours": cost.gpu_hours, "mfu": mfu, "gpu_tflops": gpu_tflops}
         repeats = [{"plan": p, "row": r, "repeated": n, "runs": of} for p, r, n, of in cost.repeats]
+        warmup_only = [{"plan": p, "row": r, "runs": n} for p, r, n in cost.warmup_only]
         sys.stdout.write(json.dumps({"totals": totals, "blocks": [asdict(b) for b in cost.blocks], "runs": runs,
-                                     "repeats": repeats}) + "\n")
+                                     "repeats": repeats, "warmup_only": warmup_only}) + "\n")
         return
     table = Table(title=escape(", ".join(str(f) for f in files)))
     for col in ("plan:row", "arch", "shape", "params", "non-emb", "tokens", "FLOPs", "runs"):
@@ -238,6 +239,9 @@ def plan(
         which = (f"its {_n(of, 'run')} {'is' if of == 1 else 'are all'}" if n == of
                  else f"{n} of its {of} runs {'is' if n == 1 else 'are'}")
         out.print(f"note: {plan_name}:{row}: {which} given before (each run is trained once)", highlight=False, markup=False)
+    for plan_name, row, n in cost.warmup_only:
+        out.print(f"note: {plan_name}:{row}: {_n(n, 'run')} warm{'s' if n == 1 else ''} up for all {'its' if n == 1 else 'their'} steps, so the "
+                  "learning rate never decays (give a smaller warmup or more tokens)", highlight=False, markup=False)
     out.print(
         f"[bold]{cost.runs:,}[/] {'run' if cost.runs == 1 else 'runs'}, [bold]{cost.flops:.3e}[/] FLOPs, about [bold]{cost.gpu_hours:,.3g}[/] GPU-hours "
         f"at {mfu:.0%} MFU of {gpu_tflops:g} TFLOP/s"

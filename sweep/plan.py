@@ -803,6 +803,9 @@ class Costing:
     #: Rows some of whose runs an earlier row (or plan) already gives, as (plan, row, repeated, of its runs):
     #: a run is trained once, so those runs are priced once, under the first row.
     repeats: list[tuple[str, int, int, int]] = field(default_factory=list)
+    #: Rows with runs whose warmup covers the whole run, as (plan, row, such runs): their learning rate only rises,
+    #: never decays (the plan cuts a warmup to the run's steps).
+    warmup_only: list[tuple[str, int, int]] = field(default_factory=list)
 
 
 def cost_plans(plans: list[Plan], *, mfu: float = 0.3, gpu_tflops: float = 989.0) -> Costing:
@@ -814,6 +817,7 @@ def cost_plans(plans: list[Plan], *, mfu: float = 0.3, gpu_tflops: float = 989.0
     groups: dict[tuple, list[RunSpec]] = {}
     seen: set[str] = set()
     per_row: dict[tuple[str, int], list[int]] = {}  # (plan, row) -> [repeated, runs]
+    warm: dict[tuple[str, int], int] = {}
     total = 0.0
     for plan in plans:
         for run in plan.runs:
@@ -824,6 +828,8 @@ def cost_plans(plans: list[Plan], *, mfu: float = 0.3, gpu_tflops: float = 989.0
                 continue
             seen.add(run.spec.run_id)
             s = run.spec
+            if s.schedule != "constant" and s.warmup >= s.steps:
+                warm[(plan.name, run.row)] = warm.get((plan.name, run.row), 0) + 1
             shape = f"{s.d_model}x{s.n_layers}/{s.n_heads}" + (f" {s.hybrid}" if s.hybrid else "")
             groups.setdefault((plan.name, run.row, s.arch, shape), []).append(s)
     blocks = []
@@ -836,4 +842,4 @@ def cost_plans(plans: list[Plan], *, mfu: float = 0.3, gpu_tflops: float = 989.0
     hours = total / (mfu * gpu_tflops * 1e12) / 3600
     repeats = [(plan_name, row, n, of) for (plan_name, row), (n, of) in per_row.items() if n]
     return Costing(blocks=blocks, runs=len(seen), flops=total, gpu_hours=hours, mfu=mfu, gpu_tflops=gpu_tflops,
-                   repeats=repeats)
+                   repeats=repeats, warmup_only=[(p, r, n) for (p, r), n in warm.items()])

@@ -291,3 +291,11 @@ def test_db_given_after_the_command_is_taken_as_before_it(tmp_path):
     result = subprocess.run([sys.executable, "-m", "sweep.cli", "status", "--db", f"sqlite:///{missing}"],
                             capture_output=True, text=True)
     assert result.returncode == 2 and f"no database at {missing}" in result.stderr
+
+
+def test_plan_notes_runs_whose_warmup_covers_the_whole_run(runner, write_plan):
+    path = write_plan("arch,d_model,n_layers,seq_len,batch_size,tokens,warmup\nsoftmax,64,2,64,4,2560|25600,50\n")
+    result = invoke(runner, "plan", path)  # 2,560 tokens are 10 steps of 4 x 64: all of them warm-up
+    assert result.exit_code == 0 and ":2: 1 run warms up for all its steps" in result.stdout
+    data = json.loads(invoke(runner, "plan", path, "--json").stdout)
+    assert data["warmup_only"] == [{"plan": path.stem, "row": 2, "runs": 1}]
