@@ -20,7 +20,7 @@ from rich.table import Table
 from rich.text import Text
 
 from db.engine import DatabaseError, open_db, resolve_url
-from sweep.plan import DEFAULT_MAX_RUNS, PlanError, cost_plans, load_plans
+from sweep.plan import DEFAULT_MAX_RUNS, Plan, PlanError, cost_plans, load_plans, si
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -105,16 +105,15 @@ def _plans(files: list[Path], max_runs: int):
         elif len(exc.issues) > 1:
             err.print(f"{len(exc.issues)} errors; nothing was written", highlight=False)
         raise typer.Exit(2)
-    first: dict[str, Path] = {}
-    unique = []
+    first: dict[str, tuple[Path, Plan]] = {}  # plan name -> (its file, resolved; the plan)
     for p in plans:
         # A plan is named by its file's stem: a second file of that name would take over the first one's runs.
-        seen = first.setdefault(p.name, Path(p.path))
-        if seen.resolve() != Path(p.path).resolve():
-            fail(f"{seen} and {p.path} would both be plan {p.name!r} (a plan is named by its file name): rename one")
-        if all(Path(q.path).resolve() != Path(p.path).resolve() for q in unique):
-            unique.append(p)  # a file named twice is one plan
-    return unique
+        path = Path(p.path).resolve()
+        seen, plan_seen = first.setdefault(p.name, (path, p))
+        if seen != path:
+            fail(f"{plan_seen.path} and {p.path} would both be plan {p.name!r} (a plan is named by its file name): "
+                 "rename one")
+    return [p for _, p in first.values()]  # a file named twice is one plan
 
 
 def _ensure_dir(folder: Path, what: str) -> None:
@@ -146,13 +145,6 @@ def _require_gpu(command: str) -> None:
 
     if not torch.cuda.is_available():
         fail(f"slab bench {command} times GPU kernels and this machine has no CUDA GPU")
-
-
-def _si(x: float) -> str:
-    for unit, scale in (("Z", 1e21), ("E", 1e18), ("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(x) >= scale:
-            return f"{x / scale:.3g}{unit}"
-    return f"{x:.3g}"
 
 
 class Format(str, Enum):
@@ -231,8 +223,8 @@ def plan(
     for col in ("plan:row", "arch", "shape", "params", "non-emb", "tokens", "FLOPs", "runs"):
         table.add_column(col, justify="left" if col in ("plan:row", "arch", "shape") else "right")
     for b in cost.blocks:
-        tokens = _si(b.tokens_min) if b.tokens_min == b.tokens_max else f"{_si(b.tokens_min)}-{_si(b.tokens_max)}"
-        table.add_row(Text(f"{b.plan}:{b.row}"), b.arch, b.shape, _si(b.params), _si(b.nonembed_params), tokens, _si(b.flops), str(b.runs))
+        tokens = si(b.tokens_min) if b.tokens_min == b.tokens_max else f"{si(b.tokens_min)}-{si(b.tokens_max)}"
+        table.add_row(Text(f"{b.plan}:{b.row}"), b.arch, b.shape, si(b.params), si(b.nonembed_params), tokens, si(b.flops), str(b.runs))
     out.print(table)
     for plan_name, row, n, of in cost.repeats:
         # Such a row is missing from the table, or shows fewer runs than it expands to.

@@ -358,6 +358,14 @@ def parse_number(text: str, expected: str = "a number") -> float:
     return value
 
 
+def si(x: float) -> str:
+    """A number to three significant figures with an SI prefix (12k, 4.56M, 3.2e18 as 3.2E), as tables show counts."""
+    for unit, scale in (("Z", 1e21), ("E", 1e18), ("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(x) >= scale:
+            return f"{x / scale:.3g}{unit}"
+    return f"{x:.3g}"
+
+
 def parse_range(text: str) -> list[float]:
     """``a..b*r`` (geometric) or ``a..b+s`` (arithmetic), both ends included."""
     m = _RANGE_RE.match(text)

@@ -13,6 +13,7 @@ from sqlalchemy import Engine
 
 from db.queries import status_counts
 from db.schema import RUN_STATUSES
+from sweep.plan import si
 
 
 def status_table(engine: Engine, plan: str | None = None) -> Table:
@@ -138,7 +139,7 @@ class LaunchView:
         if tokens and self.total_tokens > tokens:
             eta = f", ETA {(self.total_tokens - tokens) * elapsed / tokens / 60:.1f} min"
         return (f"{self.done}/{self.total} runs done, {self.failed} failed, {len(self.running)} running, "
-                f"{_count(tokens)}/{_count(self.total_tokens)} tokens, {elapsed:.0f} s{eta}")
+                f"{si(tokens)}/{si(self.total_tokens)} tokens, {elapsed:.0f} s{eta}")
 
     def _render(self) -> Table:
         table = Table(title=self._line(), title_justify="left", expand=False)
@@ -150,10 +151,3 @@ class LaunchView:
             table.add_row(Text(str(info["name"])), info["arch"], info["shape"], f"{info['step']}/{info['steps']}", loss, tps)
         return table
 
-
-def _count(n: float) -> str:
-    """A token count to three figures: 12.3k, 4.56M, 1.2B."""
-    for unit, scale in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.3g}{unit}"
-    return f"{n:.0f}"
