@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -45,6 +45,7 @@ class FitError(ValueError):
 class FrontierNotIdentified(FitError):
     """Too few frontier points once the edge points are dropped, though the runs' envelope has enough: the best
     run at most budgets is the smallest size there, so the compute-optimal frontier may lie below it."""
+
 
 EDGES = ("drop", "keep")
 
@@ -190,15 +191,7 @@ def prepare_points(runs: pd.DataFrame, params_col: str = DEFAULT_PARAMS_COL) -> 
             f"runs frame is missing column(s) {', '.join(map(repr, missing))}{hint}; "
             f"columns present: {', '.join(map(str, runs.columns))}"
         )
-    if "status" in cols:
-        # unfinished runs carry planned tokens with a mid-training (or no) loss
-        done = runs["status"].astype(str).eq("done")
-        if not done.all():
-            log.warning("fits: left out %d run(s) not done (statuses: %s)", int((~done).sum()),
-                        ", ".join(sorted(set(runs.loc[~done, "status"].astype(str)))))
-            runs = runs[done]
-            if runs.empty:
-                raise FitError("no run in the frame is done: nothing to fit")
+    runs = done_runs(runs)
     run_id = runs["run_id"].astype(str).to_numpy() if "run_id" in cols else runs.index.astype(str).to_numpy()
     dup = pd.Series(run_id).duplicated()
     if dup.any():
@@ -231,6 +224,21 @@ def prepare_points(runs: pd.DataFrame, params_col: str = DEFAULT_PARAMS_COL) -> 
         if extra in cols:
             out[extra] = runs[extra].to_numpy()
     return out.reset_index(drop=True)
+
+
+def done_runs(runs: pd.DataFrame) -> pd.DataFrame:
+    """The runs a fit may use: those done, when the frame has a status (others are left out with a warning)."""
+    if "status" not in runs.columns:
+        return runs
+    # unfinished runs carry planned tokens with a mid-training (or no) loss
+    done = runs["status"].astype(str).eq("done")
+    if done.all():
+        return runs
+    log.warning("fits: left out %d run(s) not done (statuses: %s)", int((~done).sum()),
+                ", ".join(sorted(set(runs.loc[~done, "status"].astype(str)))))
+    if not done.any():
+        raise FitError("no run in the frame is done: nothing to fit")
+    return runs[done]
 
 
 def load_csv(
@@ -624,7 +632,7 @@ def fit_approach1(
         n_bootstrap=n_bootstrap,
         converged=True,
         details={"n_runs": int(len(run_ids)), "n_budgets_tried": int(len(Cgrid)), "bootstrap_failed": int(n_fail),
-                 "compute": _rule_dict(rule)},
+                 "compute": asdict(rule)},
         samples=samples,
     )
 
@@ -675,8 +683,8 @@ def _approach1_envelope(sel, Lmat, Dmat, Nrun, Cgrid) -> dict[str, np.ndarray]:
     high = -np.sort(np.where(cover, -N[:, None], np.inf), axis=0)  # and descending
     keep = has & (Nw > sizes[0]) & (Nw < high[0])
     if keep.sum() >= 2:
-        est, _ = _allocation_fit(Cgrid[keep], Nw[keep], np.ones(int(keep.sum())))
-        predicted = est["k_N"] * Cgrid ** est["a"]
+        a, c = np.polyfit(np.log(Cgrid[keep]), np.log(Nw[keep]), 1)  # pass 1's N_opt = e^c C^a
+        predicted = np.exp(c) * Cgrid**a
         keep = has & (predicted >= sizes[min(1, len(sizes) - 1)]) & (predicted <= high[min(1, len(high) - 1)])
     k = np.flatnonzero(keep)
     rows = sel[win[k]]
@@ -815,7 +823,7 @@ def fit_approach2(
             "minima": minima_rows,
             "n_budgets": G,
             "budgets_dropped": [g for (g, *_), k in zip(groups, kept) if not k],
-            "compute": _rule_dict(rule),
+            "compute": asdict(rule),
             "bootstrap_failed": 0 if samples is None else int(samples["a"].isna().sum()),
         },
         samples=samples,
@@ -980,7 +988,7 @@ def fit_approach3(
             "delta": delta,
             "bootstrap_converged": int(boot_conv),
             "budgets": budgets,
-            "compute": _rule_dict(rule),
+            "compute": asdict(rule),
         },
         samples=samples,
     )
@@ -1229,11 +1237,6 @@ def percentile_interval(values: np.ndarray, level: float = 0.95) -> tuple[float,
     # inverted_cdf never interpolates, so an infinite replicate cannot turn an endpoint into NaN.
     lo, hi = np.quantile(v, [q, 1 - q], method="inverted_cdf")
     return (float(lo), float(hi))
-
-
-def _rule_dict(rule: ComputeRule) -> dict[str, float]:
-    """A rule as the JSON of a fit's details (`ComputeRule(**d)` reads it back)."""
-    return {"k": rule.k, "g": rule.g}
 
 
 def _safe_exp(v: float) -> float:

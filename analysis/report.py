@@ -39,6 +39,7 @@ from analysis.fits import (  # noqa: E402
     FitResult,
     Progress,
     allocation_budgets,
+    done_runs,
     fit_approach1,
     fit_approach2,
     fit_approach3,
@@ -114,8 +115,7 @@ def write_report(
     out = Path(out_dir)
     figdir = out / "figures"
     figdir.mkdir(parents=True, exist_ok=True)
-    if "status" in runs.columns:  # as prepare_points does, so that runs and pts stay row for row
-        runs = runs[runs["status"].astype(str).eq("done")]
+    runs = done_runs(runs)  # as prepare_points does, so that runs and pts stay row for row
     pts = prepare_points(runs, params_col)  # bad runs are an error, not an empty report
     runs = runs.copy()
     if "arch" not in runs.columns:
@@ -470,33 +470,32 @@ def _fig_allocation(fits, archs):
 
 
 def _fig_residuals(fits, archs):
-    a3 = [a for a in archs if f"approach3/{a}" in fits]
-    fr = [a for a in archs if f"frontier/{a}" in fits]
-    if not a3 and not fr:
+    # (fit, its archs, x column, x label, title, caption): one panel per fit that exists, none left empty
+    panels = [(m, [a for a in archs if f"{m}/{a}" in fits], x, xlabel, title, what) for m, x, xlabel, title, what in (
+        ("approach3", "N", "parameters N", "approach 3", "of approach 3 (per run)"),
+        ("frontier", "C", "training compute C (FLOPs)", "frontier law", "of the frontier law (per frontier point)"),
+    )]
+    panels = [p for p in panels if p[1]]
+    if not panels:
         return None, "no fit to show residuals of"
-    # one panel per fit that exists: an approach-3 panel with nothing in it only puzzles
-    panels = [p for p, archs_of in (("approach3", a3), ("frontier", fr)) if archs_of]
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
-    for ax, panel in zip(axes[0], panels):
-        for arch in a3 if panel == "approach3" else fr:
-            f = fits[f"{panel}/{arch}"]
-            if panel == "approach3":
-                ax.scatter(f.points["N"], f.residuals, s=6, alpha=0.5, color=arch_colour(arch, archs), label=arch,
-                           rasterized=True)
+    for ax, (method, fitted, x, xlabel, title, _) in zip(axes[0], panels):
+        for arch in fitted:
+            f = fits[f"{method}/{arch}"]
+            colour = arch_colour(arch, archs)
+            if method == "approach3":
+                ax.scatter(f.points[x], f.residuals, s=6, alpha=0.5, color=colour, label=arch, rasterized=True)
             else:
-                ax.plot(f.points["C"], f.residuals, marker="o", ms=3, lw=0.8, color=arch_colour(arch, archs),
-                        label=arch)
-        ax.set_title(f"{'approach 3' if panel == 'approach3' else 'frontier law'}: log L_fit - log L")
-        ax.set_xlabel("parameters N" if panel == "approach3" else "training compute C (FLOPs)")
+                ax.plot(f.points[x], f.residuals, marker="o", ms=3, lw=0.8, color=colour, label=arch)
+        ax.set_title(f"{title}: log L_fit - log L")
+        ax.set_xlabel(xlabel)
         _log_axes(ax, "wide")
         ax.axhline(0, color="black", lw=0.6)
         ax.set_ylabel("residual, log L_fit - log L")
         ax.grid(True, alpha=0.25)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
-    shown = " and ".join({"approach3": "of approach 3 (per run)", "frontier": "of the frontier law (per frontier point)"}[p]
-                         for p in panels)
-    return fig, f"Residuals in log space {shown}."
+    return fig, f"Residuals in log space {' and '.join(p[-1] for p in panels)}."
 
 
 def _fig_niah(niah):
