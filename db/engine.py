@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import sqlite3
@@ -73,17 +74,8 @@ def _read_only_options(path: Path) -> dict[str, str] | None:
     return {"mode": "ro", "immutable": "1"}
 
 
-def _sqlite_pragmas(dbapi_conn, record) -> None:
-    """Connect hook of a SQLite file this process writes: WAL, busy timeout, foreign keys."""
-    _configure_sqlite(dbapi_conn, record, read_only=False)
-
-
-def _sqlite_read_only_pragmas(dbapi_conn, record) -> None:
-    """Connect hook of a SQLite file opened read-only: busy timeout and foreign keys, journal mode untouched."""
-    _configure_sqlite(dbapi_conn, record, read_only=True)
-
-
 def _configure_sqlite(dbapi_conn, record, read_only: bool) -> None:
+    """Connect hook of a SQLite file: busy timeout and foreign keys; WAL where this process writes the file."""
     # WAL lets readers (slab status --watch) run while the launcher writes; foreign keys are off by default.
     # pysqlite's own deferred BEGIN is turned off: see _sqlite_begin. A file opened read-only keeps its
     # journal mode, as switching it is a write.
@@ -163,7 +155,7 @@ def _sqlite_engine(url: str, parsed) -> Engine:
         engine = create_engine(parsed, connect_args={"timeout": SQLITE_BUSY_MS / 1000})
     except Exception as exc:
         raise DatabaseError(f"bad database URL {shown_url(url)!r}: {_first_line(exc)} {hint}") from None
-    event.listen(engine, "connect", _sqlite_read_only_pragmas if read_only else _sqlite_pragmas)
+    event.listen(engine, "connect", functools.partial(_configure_sqlite, read_only=bool(read_only)))
     event.listen(engine, "begin", _sqlite_begin)
     return engine
 
