@@ -184,15 +184,22 @@ def test_unreadable_and_non_utf8(tmp_path):
         load_plan(bad)
 
 
-def test_xlsx_plan(tmp_path):
+def write_xlsx(tmp_path, rows, edit=None):
+    """A one-sheet workbook of ``rows`` at tmp_path/p.xlsx, after ``edit(sheet)`` (skips without openpyxl)."""
     openpyxl = pytest.importorskip("openpyxl")
     wb = openpyxl.Workbook()
-    ws = wb.active
-    ws.append(["# an xlsx plan"])
-    ws.append(["arch", "d_model", "n_layers", "tokens", "lr"])
-    ws.append(["softmax|lightning", 64, 2, 100000, 0.001])
+    for row in rows:
+        wb.active.append(row)
+    if edit:
+        edit(wb.active)
     path = tmp_path / "p.xlsx"
     wb.save(path)
+    return path
+
+
+def test_xlsx_plan(tmp_path):
+    path = write_xlsx(tmp_path, [["# an xlsx plan"], ["arch", "d_model", "n_layers", "tokens", "lr"],
+                                 ["softmax|lightning", 64, 2, 100000, 0.001]])
     runs = load_plan(path).runs
     assert [r.spec.arch for r in runs] == ["softmax", "lightning"]
     assert runs[0].row == 3
@@ -277,16 +284,13 @@ def test_other_spreadsheet_formats_are_named(tmp_path, suffix):
 
 
 def test_xlsx_formulas_are_reported(tmp_path):
-    openpyxl = pytest.importorskip("openpyxl")
-    wb = openpyxl.Workbook()
-    ws = wb.active
-    ws.append(["arch", "d_model", "n_layers", "tokens"])
-    ws.append(["softmax", 64, 2, "=20*params"])  # a formula: openpyxl stores it with no cached value
-    ws.append(["softmax", 64, 2, "#NAME?"])  # what Excel caches for =20*params
-    ws.cell(row=4, column=1, value="softmax")
-    ws.cell(row=4, column=2, value="=64*2")
-    path = tmp_path / "p.xlsx"
-    wb.save(path)
+    def row4(ws):
+        ws.cell(row=4, column=1, value="softmax")
+        ws.cell(row=4, column=2, value="=64*2")
+
+    path = write_xlsx(tmp_path, [["arch", "d_model", "n_layers", "tokens"],
+                                 ["softmax", 64, 2, "=20*params"],  # a formula: openpyxl stores no cached value
+                                 ["softmax", 64, 2, "#NAME?"]], row4)  # what Excel caches for =20*params
     with pytest.raises(PlanError) as info:
         load_plan(path)
     formula = "spreadsheet formula; enter plan expressions as text (prefix with ')"
@@ -296,14 +300,9 @@ def test_xlsx_formulas_are_reported(tmp_path):
 
 
 def test_xlsx_expression_entered_as_text(tmp_path):
-    openpyxl = pytest.importorskip("openpyxl")
-    wb = openpyxl.Workbook()
-    ws = wb.active
-    ws.append(["arch", "d_model", "n_layers", "tokens"])
-    ws.append(["softmax", 64, 2])
-    cell = ws.cell(row=2, column=4, value="=20*params")
-    cell.data_type = "s"  # what a leading ' makes of it in a spreadsheet
-    path = tmp_path / "p.xlsx"
-    wb.save(path)
+    def as_text(ws):
+        ws.cell(row=2, column=4, value="=20*params").data_type = "s"  # what a leading ' makes of it in a spreadsheet
+
+    path = write_xlsx(tmp_path, [["arch", "d_model", "n_layers", "tokens"], ["softmax", 64, 2]], as_text)
     spec = load_plan(path).runs[0].spec
     assert spec.tokens == round(20 * spec.derived()["params"])
