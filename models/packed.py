@@ -31,7 +31,7 @@ from models.lm import LM
 from models.train import (
     BETAS, MAX_TRAIN_REPORTS, PEAK_FLOPS_CUDA, Diverged, Interrupted, OutOfMemory, Summary, TrainingError,
     _param_groups, _parse_fault, _run_key, build_model, check_resumable, check_spec, checkpoint_steps, decayed,
-    default_microbatch, load_checkpoint, lr_at, model_config, save_checkpoint, summarize,
+    default_microbatch, load_checkpoint, lr_at, model_config, rejected_validation, save_checkpoint, summarize,
 )
 
 log = logging.getLogger(__name__)
@@ -368,8 +368,9 @@ def pretrain_pack(
             raise OutOfMemory(step, microbatch) from None
         tokens = step * tokens_per_step
         for i in ids:
-            if not math.isfinite(vals[i]):  # finite on its batches but not on held-out text: as pretrain
-                outcome[i] = Diverged(step)
+            reason = rejected_validation(vals[i], specs[i].vocab_size, final=step == total_steps)
+            if reason:  # as pretrain: not finite on held-out text, or no better than a uniform guess at the end
+                outcome[i] = Diverged(step, reason)
                 active[i] = False
                 del vals[i]
                 continue
@@ -379,7 +380,7 @@ def pretrain_pack(
         return vals
 
     outcome: list[Summary | TrainingError | None] = [None] * n
-    active = [True] * n  # set per step below; evaluate() clears a member whose validation loss is not finite
+    active = [True] * n  # set per step below; evaluate() clears a member whose validation loss rules it out
     finished = [i for i, start in enumerate(starts) if start >= total_steps]
     # checkpointed at their last step but not reported as done: finish them
     for i, val in evaluate(finished, total_steps).items():

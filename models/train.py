@@ -66,10 +66,26 @@ class TrainingError(Exception):
 
 
 class Diverged(TrainingError):
-    """The training loss, the gradients or the validation loss became NaN or infinite at ``step``."""
+    """The run blew up at ``step``: a NaN/inf loss, gradient or validation loss, or it ended having learned nothing."""
+
+    def __init__(self, step: int, reason: str = "the loss, the gradients or the validation loss became NaN or inf"):
+        super().__init__(step, reason)
+        self.reason = reason
 
     def __str__(self) -> str:
-        return f"the loss, the gradients or the validation loss became NaN or inf at step {self.step}"
+        return f"{self.reason} at step {self.step}"
+
+
+def rejected_validation(val_loss: float, vocab_size: int, final: bool) -> str | None:
+    """Why a validation loss makes the run diverged (NaN/inf; at the end, no better than ln V), or None."""
+    if not math.isfinite(val_loss):
+        return "the validation loss became NaN or inf"
+    uniform = math.log(vocab_size)
+    if final and val_loss >= uniform:
+        # A uniform guess scores ln V. A run may blow up and recover (on the tiny test models, lr 3 spent half its
+        # steps above 2 ln V and still ended near lr 0.1's loss), so only the end decides that nothing was learned.
+        return f"the final validation loss {val_loss:.4g} is no better than a uniform guess's (ln {vocab_size} = {uniform:.4g})"
+    return None
 
 
 class OutOfMemory(TrainingError):
@@ -412,7 +428,8 @@ def pretrain(
     (``mfu`` None off CUDA), "val" {step, tokens, flops, val_loss}, "eval" {step, name, value} and
     "ckpt" {step}. Checkpoints: every ``ckpt_every_steps`` steps or ``ckpt_every_s`` seconds, on a stop,
     and at the end (the newest two are kept). Raises ``Diverged`` on a NaN/inf loss, gradient or validation
-    loss, ``OutOfMemory`` on CUDA OOM, and ``Interrupted`` (after checkpointing) when ``should_stop()`` returns True.
+    loss, or a final validation loss no better than a uniform guess's (``rejected_validation``), ``OutOfMemory``
+    on CUDA OOM, and ``Interrupted`` (after checkpointing) when ``should_stop()`` returns True.
 
     ``fault`` is a test hook: "nan@K" makes the loss of step K NaN, "nangrad@K" its gradients (the loss stays
     finite); "exit@K" ends the process with ``os._exit(1)`` right after checkpointing step K, unless
@@ -517,8 +534,11 @@ def pretrain(
             results = run_evals(spec.evals, model, data, spec.seq_len, device=device)
         except torch.OutOfMemoryError:
             raise OutOfMemory(step, microbatch) from None
-        if not math.isfinite(val):  # a model whose loss is finite on its batches but not on held-out text
-            raise Diverged(step)
+        # A model whose loss is finite on its batches but not on held-out text, or that ends no better than a
+        # uniform guess, has no result worth fitting.
+        reason = rejected_validation(val, spec.vocab_size, final=step == total_steps)
+        if reason:
+            raise Diverged(step, reason)
         tokens = step * tokens_per_step
         reporter("val", {"step": step, "tokens": tokens, "flops": float(fpt) * tokens, "val_loss": val})
         for name, value in results.items():

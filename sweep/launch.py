@@ -553,9 +553,9 @@ class Driver:
             cause = getattr(exc, "cause", None) or exc
             out_of_memory = isinstance(cause, OutOfMemory) or isinstance(exc, OutOfMemory)
             if isinstance(cause, Diverged) or isinstance(exc, Diverged):
-                step = getattr(cause, "step", None)
-                update_run(self.engine, run_id, self.owner, status="diverged", error=f"diverged at step {step}: {cause}", step=step)
-                self._ended(run_id, "diverged", f"diverged at step {step}")
+                step, why = getattr(cause, "step", None), getattr(cause, "reason", cause)
+                update_run(self.engine, run_id, self.owner, status="diverged", error=f"diverged at step {step}: {why}", step=step)
+                self._ended(run_id, "diverged", f"diverged at step {step}: {why}")
             elif isinstance(cause, Interrupted) or isinstance(exc, Interrupted):
                 update_run(self.engine, run_id, self.owner, status="pending", error=f"stopped at step {cause.step} by Ctrl-C")
                 self._ended(run_id, "pending", f"stopped at step {cause.step}; a relaunch resumes it")

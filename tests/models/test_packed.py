@@ -93,6 +93,15 @@ def test_members_at_different_steps_and_a_diverged_member(tmp_path):
             assert loss == pytest.approx(ref_rec.losses()[step], rel=2e-4, abs=2e-4), step
 
 
+def test_a_member_that_learns_nothing_is_diverged_alone(tmp_path):
+    specs = [spec(seed=0, lr=3e-3, tokens=8 * 32 * 20), spec(seed=1, lr=1e-9, tokens=8 * 32 * 20)]
+    recs = [Recorder() for _ in specs]
+    results = pretrain_pack(specs, recs, [tmp_path / "a", tmp_path / "b"], device="cpu", microbatch=4)
+    assert results[0].val_loss < math.log(260) and [p["step"] for p in recs[0].of("val")] == [20]
+    assert isinstance(results[1], Diverged) and results[1].step == 20 and "uniform guess" in str(results[1])
+    assert not recs[1].of("val")
+
+
 def test_pack_refuses_runs_of_different_shapes(tmp_path):
     a, b = spec(seed=0), spec(seed=1, d_model=64)
     assert pack_key(a) != pack_key(b)

@@ -184,6 +184,25 @@ def test_nan_fault_raises_diverged(tmp_path):
         pretrain(spec(), Recorder(), tmp_path, fault="boom@3")
 
 
+def test_a_run_that_ends_no_better_than_a_uniform_guess_is_diverged(tmp_path):
+    # lr 1e-9 leaves the random model as it was: its validation loss stays at ln 260 or above, so the run is no
+    # result for a fit (before, it was recorded done)
+    rec = Recorder()
+    with pytest.raises(Diverged) as err:
+        pretrain(spec(arch="softmax", lr=1e-9, tokens=8 * 32 * 2), rec, tmp_path)
+    assert err.value.step == 2 and "uniform guess" in str(err.value) and "ln 260 = 5.561" in str(err.value)
+    assert not rec.of("val")
+
+
+def test_a_loss_that_blows_up_and_recovers_is_not_diverged(tmp_path):
+    # lr 3 with no warm-up: the loss spends many steps above 2 ln V, then ends far below ln V. Only the end
+    # decides, since a run's result can still be worth having (the high-lr end of a learning-rate sweep).
+    rec = Recorder()
+    summary = pretrain(spec(arch="softmax", lr=3.0, warmup=1, tokens=8 * 32 * 60), rec, tmp_path)
+    assert max(p["loss"] for p in rec.of("train")) > 2 * math.log(260)
+    assert summary.val_loss < math.log(260) - 1
+
+
 def test_overlapped_readback_reports_and_saves_the_same(tmp_path):
     """Reading each loss back one step late (what CUDA runs do) changes no report, eval or checkpoint."""
     s = spec(tokens=8 * 32 * 12, eval_every=5)
