@@ -521,7 +521,7 @@ def fit(
     loss_col: str = typer.Option("loss", help="With --csv: the loss column."),
     flops_col: str = typer.Option("flops", help="With --csv: the FLOPs column (else 6ND)."),
     n_params: str = typer.Option("nonembed_params", help="From the database: fit on nonembed_params or params (total)."),
-    edges: str = typer.Option("drop", help="frontier/power from training curves: drop the compute bins whose best run is the smallest size there (the compute-optimal frontier), or keep them (the runs' envelope, an upper bound)."),
+    edges: Optional[str] = typer.Option(None, help="frontier/power from training curves: drop (the default) the compute bins whose best run is the smallest size there (the compute-optimal frontier), or keep them (the runs' envelope, an upper bound)."),
     as_json: bool = typer.Option(False, "--json", help="Print the fit as JSON."),
 ) -> None:
     """Fit a scaling law with bootstrap intervals; from the database the fit is stored in the fits table.
@@ -531,6 +531,11 @@ def fit(
     """
     from analysis.fits import FitError, fit_approach1, fit_approach2, fit_approach3, fit_loss_compute, load_csv
 
+    if edges is not None and method not in (Method.frontier, Method.power):
+        fail(f"--edges applies to --method frontier and power (loss against compute); approach {method.value} "
+             "chooses its points by its own rule")
+    if edges not in (None, "drop", "keep"):
+        fail(f"--edges must be drop or keep, got {edges!r}")
     metrics = None
     if csv_file is not None:
         ignored = [o for o, v in (("--plan", plan), ("--arch", arch), ("--n-params", n_params != "nonembed_params")) if v]
@@ -552,7 +557,7 @@ def fit(
         with bar:
             if method in (Method.frontier, Method.power):
                 result = fit_loss_compute(runs, metrics=metrics, form="saturating" if method is Method.frontier else "power",
-                                          params_col=pcol, edges=edges, n_bootstrap=bootstrap, seed=seed, progress=progress)
+                                          params_col=pcol, edges=edges or "drop", n_bootstrap=bootstrap, seed=seed, progress=progress)
             elif method is Method.one:
                 if metrics is None or metrics.empty:
                     fail("approach 1 needs training curves: fit runs from the database, not --csv")

@@ -69,6 +69,11 @@ def test_bad_analysis_input_exits_2(study_db, tmp_path):
     assert invoke("--db", study_db, "fit", "--plan", "nope").exit_code == 2
     assert invoke("--db", study_db, "fit", "--arch", "mamba2").exit_code == 2
     assert invoke("--db", study_db, "compare", "--baseline", "hgrn2").exit_code == 2
+    # --edges is a rule of the loss-compute fits; the approaches would have ignored it
+    result = invoke("--db", study_db, "fit", "--method", "2", "--edges", "keep")
+    assert result.exit_code == 2 and "--edges applies to --method frontier and power" in result.stderr
+    result = invoke("--db", study_db, "fit", "--edges", "auto")
+    assert result.exit_code == 2 and "--edges must be drop or keep" in result.stderr
     bad = tmp_path / "bad.csv"
     bad.write_text("params,loss\n1e6,3.0\n")
     result = invoke("fit", "--csv", bad)
