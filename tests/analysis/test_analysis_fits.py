@@ -190,6 +190,18 @@ def test_approach2_recovers_the_exponent_on_an_isoflop_grid(budget_column):
         assert m["N_opt"] == pytest.approx(n_true, rel=0.25)
 
 
+@pytest.mark.parametrize("spread, low, high", [(2.0, 1.002, 1.005), (4.0, 1.012, 1.016), (8.0, 1.03, 1.036),
+                                               (16.0, 1.055, 1.064)])
+def test_approach2_parabola_bias(spread, low, high):
+    # the README's figures: an IsoFLOP curve is not a parabola in ln N, so approach 2 puts N_opt high, the more
+    # so the wider the sizes spread around the optimum (the exponent a is not affected: a shift at every budget)
+    f = fits.fit_approach2(isoflop_runs((1e18, 1e19, 1e20, 1e21), 9, spread=spread, noise=0.0, seed=0), n_bootstrap=0)
+    law = [HOFFMANN[k] for k in ("A", "B", "alpha", "beta")]
+    ratios = [m["N_opt"] / fits.optimal_allocation(m["C"], *law)[0] for m in f.details["minima"]]
+    assert len(ratios) == 4 and all(low < r < high for r in ratios), ratios
+    assert f.estimates["a"] == pytest.approx(TRUE_A, abs=0.003)
+
+
 # Compute counted as the project counts it (LM head, attention): per token k N^g rather than 6 N.
 RULE = fits.ComputeRule(k=2.5, g=1.06)
 
