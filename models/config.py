@@ -196,14 +196,27 @@ def hybrid_pattern(value: str | int, n_layers: int) -> str:
     return pattern
 
 
-def shape_for_params(target_nonembed: float) -> tuple[int, int, int]:
+def hybrid_period(value: str | int) -> int:
+    """The layers after which a hybrid pattern repeats: k for a period k, else the pattern's shortest period."""
+    text = str(value).strip().upper()
+    if text.isdigit():
+        return int(text)
+    return next(p for p in range(1, len(text) + 1) if all(c == text[i % p] for i, c in enumerate(text)))
+
+
+def shape_for_params(target_nonembed: float, layer_multiple: int = 1) -> tuple[int, int, int]:
     """Resolve a target non-embedding size to (d_model, n_layers, n_heads).
 
     The rule: about 12 d^2 weights per layer, d_model / n_layers = 64, d_model a multiple of 64, heads 64
     wide. So n_layers = round((N / (12 * 64^2))^(1/3)), d_model = 64 * round(sqrt(N / (12 l)) / 64).
+    ``layer_multiple`` (a hybrid's period) rounds n_layers to a multiple of it instead, so that every size of a
+    ladder holds whole periods: the same softmax share, and no lightning layers after the last softmax one.
     """
     if not target_nonembed > 0:
         raise ValueError(f"params must be positive, got {target_nonembed}")
-    n_layers = max(1, round((target_nonembed / (12 * SHAPE_ASPECT**2)) ** (1 / 3)))
+    if layer_multiple < 1:
+        raise ValueError(f"layer_multiple must be >= 1, got {layer_multiple}")
+    ideal = (target_nonembed / (12 * SHAPE_ASPECT**2)) ** (1 / 3)
+    n_layers = layer_multiple * max(1, round(ideal / layer_multiple))
     d_model = SHAPE_HEAD_DIM * max(1, round(math.sqrt(target_nonembed / (12 * n_layers)) / SHAPE_HEAD_DIM))
     return d_model, n_layers, d_model // SHAPE_HEAD_DIM

@@ -216,8 +216,9 @@ def plan(
         totals = {"runs": cost.runs, "flops": cost.flops, "gpu_hours": cost.gpu_hours, "mfu": mfu, "gpu_tflops": gpu_tflops}
         repeats = [{"plan": p, "row": r, "repeated": n, "runs": of} for p, r, n, of in cost.repeats]
         warmup_only = [{"plan": p, "row": r, "runs": n} for p, r, n in cost.warmup_only]
+        uneven = [{"plan": p, "row": r, "runs": n} for p, r, n in cost.uneven_hybrid]
         sys.stdout.write(json.dumps({"totals": totals, "blocks": [asdict(b) for b in cost.blocks], "runs": runs,
-                                     "repeats": repeats, "warmup_only": warmup_only}) + "\n")
+                                     "repeats": repeats, "warmup_only": warmup_only, "uneven_hybrid": uneven}) + "\n")
         return
     table = Table(title=escape(", ".join(str(f) for f in files)))
     for col in ("plan:row", "arch", "shape", "params", "non-emb", "tokens", "FLOPs", "runs"):
@@ -234,6 +235,10 @@ def plan(
     for plan_name, row, n in cost.warmup_only:
         out.print(f"note: {plan_name}:{row}: {_n(n, 'run')} warm{'s' if n == 1 else ''} up for all {'its' if n == 1 else 'their'} steps, so the "
                   "learning rate never decays (give a smaller warmup or more tokens)", highlight=False, markup=False)
+    for plan_name, row, n in cost.uneven_hybrid:
+        out.print(f"note: {plan_name}:{row}: {_n(n, 'hybrid run')} {'has' if n == 1 else 'have'} n_layers that are not whole periods of "
+                  "the hybrid pattern, so the softmax share differs from the pattern's and lightning layers follow the last "
+                  "softmax one (give n_layers a multiple of the period, or params)", highlight=False, markup=False)
     out.print(
         f"[bold]{cost.runs:,}[/] {'run' if cost.runs == 1 else 'runs'}, [bold]{cost.flops:.3e}[/] FLOPs, about [bold]{cost.gpu_hours:,.3g}[/] GPU-hours "
         f"at {mfu:.0%} MFU of {gpu_tflops:g} TFLOP/s"

@@ -30,7 +30,7 @@ from sqlalchemy.orm import Session
 from db.engine import open_db
 from db.schema import Run, utcnow
 from db.writer import claim_run, heartbeat, update_run, write_results
-from models.config import hybrid_pattern, shape_for_params
+from models.config import hybrid_pattern, hybrid_period, shape_for_params
 from sweep.pack import pack_gpus, plan_packs
 from sweep.plan import CellError, Plan, parse_number
 from sweep.progress import LaunchView
@@ -192,7 +192,8 @@ def _match_one(spec: RunSpec, name: str | None, tags: str, key: str, want: str) 
     if key == "flops":
         return round(value / derived["flops_per_token"]) == spec.tokens
     if key == "params":  # a plan's target size (the shape it resolves to), or the exact total count
-        return value == derived["params"] or (value > 0 and shape_for_params(value)[:2] == (spec.d_model, spec.n_layers))
+        period = hybrid_period(spec.hybrid) if spec.hybrid else 1
+        return value == derived["params"] or (value > 0 and shape_for_params(value, period)[:2] == (spec.d_model, spec.n_layers))
     have = derived[key] if derived else getattr(spec, key)
     return math.isclose(value, have, rel_tol=1e-9)
 

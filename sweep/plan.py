@@ -37,6 +37,7 @@ from models.config import (
     count_params,
     flops_per_token,
     hybrid_pattern,
+    hybrid_period,
     shape_for_params,
 )
 from sweep.spec import RunSpec
@@ -488,7 +489,9 @@ class _Resolver:
         if self.cells.get("params") is not None:
             if shape["d_model"] is not None or shape["n_layers"] is not None:
                 raise _ColumnError("params", "give params or d_model/n_layers, not both")
-            d_model, n_layers, n_heads = shape_for_params(_positive(self.get("params"), "params", integer=False))
+            # A hybrid's layers come in whole periods, so a ladder of sizes keeps one softmax share.
+            period = self._hybrid_period() if arch == "hybrid" else 1
+            d_model, n_layers, n_heads = shape_for_params(_positive(self.get("params"), "params", integer=False), period)
             if shape["n_heads"] is not None:
                 n_heads = _positive_int(self.get("n_heads"), "n_heads")
         else:
@@ -518,6 +521,12 @@ class _Resolver:
         elif self.cells.get("hybrid") is not None:
             raise _ColumnError("hybrid", f"a hybrid pattern only applies to arch hybrid, not {arch}")
         return ModelConfig(arch, d_model, n_layers, n_heads, self.vocab(), hybrid)
+
+    def _hybrid_period(self) -> int:
+        value = self.get("hybrid")
+        if value is None or not str(value).strip() or set(str(value).strip().upper()) - set("LS0123456789"):
+            return 1  # not a pattern: hybrid_pattern names the problem below
+        return max(1, hybrid_period(value))
 
     def vocab(self) -> int:
         data = self.get("data")
@@ -814,6 +823,9 @@ class Costing:
     #: Rows with runs whose warmup covers the whole run, as (plan, row, such runs): their learning rate only rises,
     #: never decays (the plan cuts a warmup to the run's steps).
     warmup_only: list[tuple[str, int, int]] = field(default_factory=list)
+    #: Rows with hybrid runs whose layers are not whole periods of their pattern, as (plan, row, such runs): their
+    #: softmax share differs from the pattern's, and lightning layers follow the last softmax one.
+    uneven_hybrid: list[tuple[str, int, int]] = field(default_factory=list)
 
 
 def cost_plans(plans: list[Plan], *, mfu: float = 0.3, gpu_tflops: float = 989.0) -> Costing:
@@ -826,6 +838,7 @@ def cost_plans(plans: list[Plan], *, mfu: float = 0.3, gpu_tflops: float = 989.0
     seen: set[str] = set()
     per_row: dict[tuple[str, int], list[int]] = {}  # (plan, row) -> [repeated, runs]
     warm: dict[tuple[str, int], int] = {}
+    uneven: dict[tuple[str, int], int] = {}
     total = 0.0
     for plan in plans:
         for run in plan.runs:
@@ -838,6 +851,8 @@ def cost_plans(plans: list[Plan], *, mfu: float = 0.3, gpu_tflops: float = 989.0
             s = run.spec
             if s.schedule != "constant" and s.warmup >= s.steps:
                 warm[(plan.name, run.row)] = warm.get((plan.name, run.row), 0) + 1
+            if s.hybrid and s.n_layers % hybrid_period(s.hybrid):
+                uneven[(plan.name, run.row)] = uneven.get((plan.name, run.row), 0) + 1
             shape = f"{s.d_model}x{s.n_layers}/{s.n_heads}" + (f" {s.hybrid}" if s.hybrid else "")
             groups.setdefault((plan.name, run.row, s.arch, shape), []).append(s)
     blocks = []
@@ -850,4 +865,5 @@ def cost_plans(plans: list[Plan], *, mfu: float = 0.3, gpu_tflops: float = 989.0
     hours = total / (mfu * gpu_tflops * 1e12) / 3600
     repeats = [(plan_name, row, n, of) for (plan_name, row), (n, of) in per_row.items() if n]
     return Costing(blocks=blocks, runs=len(seen), flops=total, gpu_hours=hours, mfu=mfu, gpu_tflops=gpu_tflops,
-                   repeats=repeats, warmup_only=[(p, r, n) for (p, r), n in warm.items()])
+                   repeats=repeats, warmup_only=[(p, r, n) for (p, r), n in warm.items()],
+                   uneven_hybrid=[(p, r, n) for (p, r), n in uneven.items()])

@@ -1,8 +1,9 @@
 """Parameter and FLOP counts against hand-computed values, shape rules and hybrid patterns."""
 
+import numpy as np
 import pytest
 
-from models.config import ModelConfig, count_params, flops_per_token, hybrid_pattern, shape_for_params
+from models.config import ModelConfig, count_params, flops_per_token, hybrid_pattern, hybrid_period, shape_for_params
 
 
 def test_softmax_counts_by_hand():
@@ -53,6 +54,17 @@ def test_shape_for_params_rule():
     assert (d, l, h) == (384, 6, 6)
     d, l, h = shape_for_params(1e9)
     assert d % 64 == 0 and 0.9 < 12 * l * d * d / 1e9 < 1.1
+
+
+def test_hybrid_period_and_shapes_of_whole_periods():
+    assert [hybrid_period(v) for v in (8, "4", "LS", "lsls", "LLLS", "LLLSLL", hybrid_pattern(8, 12))] == [8, 4, 2, 2, 4, 4, 8]
+    # a 1:7 ladder by params: every size holds whole periods of 8 layers, so each has the same softmax share and
+    # ends on a softmax layer (before, 12 or 13 layers held one softmax layer, 1:11 and 1:12)
+    for target in np.geomspace(20e6, 1.5e9, 12):
+        d, layers, h = shape_for_params(target, 8)
+        assert layers % 8 == 0 and d % 64 == 0 and 0.75 < 12 * layers * d * d / target < 1.3, (target, d, layers)
+        assert hybrid_pattern(8, layers).count("S") * 8 == layers and hybrid_pattern(8, layers).endswith("S")
+    assert shape_for_params(10e6, 1) == shape_for_params(10e6)
 
 
 def test_config_validation():

@@ -299,3 +299,11 @@ def test_plan_notes_runs_whose_warmup_covers_the_whole_run(runner, write_plan):
     assert result.exit_code == 0 and ":2: 1 run warms up for all its steps" in result.stdout
     data = json.loads(invoke(runner, "plan", path, "--json").stdout)
     assert data["warmup_only"] == [{"plan": path.stem, "row": 2, "runs": 1}]
+
+
+def test_plan_notes_hybrid_runs_whose_layers_are_not_whole_periods(runner, write_plan):
+    path = write_plan("arch,d_model,n_layers,hybrid,seq_len,batch_size,tokens\nhybrid,64,8|12,8|LLS,64,4,2560\n")
+    result = invoke(runner, "plan", path)  # 12 layers of period 8 and 8 layers of LLS are uneven; 8 of 8 and 12 of LLS not
+    assert result.exit_code == 0 and ":2: 2 hybrid runs have n_layers that are not whole periods" in result.stdout
+    data = json.loads(invoke(runner, "plan", path, "--json").stdout)
+    assert data["uneven_hybrid"] == [{"plan": path.stem, "row": 2, "runs": 2}]

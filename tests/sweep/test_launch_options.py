@@ -71,6 +71,16 @@ def test_where_params_and_flops_match_the_plan_cells_that_made_the_runs(write_pl
     assert names(plan, "flops=1e12") == sorted(by_cells[::2])
 
 
+def test_a_hybrid_ladder_by_params_keeps_whole_periods_and_where_finds_its_sizes(write_plan):
+    text = "name,arch,params,hybrid,seq_len,batch_size,tokens\nh{params},hybrid,30M|70M|110M|250M,8,64,4,1000\n"
+    plan = load_plan(write_plan(text))
+    layers = [r.spec.n_layers for r in plan.runs]
+    assert all(n % 8 == 0 for n in layers) and all(r.spec.hybrid.count("S") * 8 == r.spec.n_layers for r in plan.runs)
+    assert sorted(set(layers)) == [8, 16]  # the rule alone would give 9, 11, 13 and 17 layers
+    for target, run in zip(("30M", "70M", "110M", "250M"), plan.runs):
+        assert names(plan, f"params={target}") == [run.name]
+
+
 def test_where_rejects_unknown_names_and_bad_numbers():
     with pytest.raises(LaunchError, match=r"unknown field 'vocb'; expected one of .*\bparams\b.*\bvocab\b.*\bvocab_size\b"):
         parse_where("vocb=260")
