@@ -73,6 +73,9 @@ class ModelConfig:
                 raise ValueError(f"hybrid pattern {self.hybrid!r} must be {self.n_layers} letters of L/S")
         elif self.hybrid:
             raise ValueError(f"a hybrid pattern is only valid for arch 'hybrid', not {self.arch!r}")
+        if "S" in self.layer_kinds and self.head_dim % 2:
+            raise ValueError(f"softmax layers rotate pairs of channels (RoPE), so their heads need an even width; "
+                             f"d_model {self.d_model} / n_heads {self.n_heads} is {self.head_dim}")
 
     @property
     def head_dim(self) -> int:

@@ -87,11 +87,17 @@ def greedy_continue(model, prompts: torch.Tensor, steps: int, device: torch.devi
 def niah_prompts(
     filler: np.ndarray, length: int, depth: float, samples: int, seed: int
 ) -> tuple[torch.Tensor, list[str]]:
-    """``samples`` passkey prompts of ``length`` tokens with the needle at ``depth``, and their keys."""
+    """``samples`` passkey prompts with the needle at ``depth``, and their keys: each prompt is ``length`` minus the
+    key's digits long, so that prompt and key fill ``length`` tokens, as a training document's do at seq_len."""
     rng = np.random.default_rng([seed, length, round(depth * 1000)])
     keys = [random_passkey(rng) for _ in range(samples)]
-    prompts = [passkey_prompt(filler, rng, length, depth, key)[0] for key in keys]
+    prompts = [passkey_prompt(filler, rng, length - PASSKEY_DIGITS, depth, key)[0] for key in keys]
     return torch.from_numpy(np.stack(prompts)), keys
+
+
+def niah_lengths(seq_len: int) -> tuple[int, int]:
+    """NIAH's default lengths: the training context, and twice it (extrapolation beyond it)."""
+    return seq_len, 2 * seq_len
 
 
 @torch.no_grad()
@@ -110,11 +116,11 @@ def needle_in_haystack(
 
     Filler comes from the validation split of the data's text. The prompt is teacher-forced, then five
     tokens are decoded greedily; a sample scores 1 only if all five equal the key's digits. Results are
-    ``niah/len=L/depth=D`` (accuracy over ``samples``) and ``niah/mean``. Lengths default to seq_len and
-    2 x seq_len (the second tests extrapolation beyond the training context).
+    ``niah/len=L/depth=D`` (accuracy over ``samples``; prompt and key fill L tokens, so at L = seq_len every
+    digit is predicted inside the trained context) and ``niah/mean``. Lengths default to ``niah_lengths``.
     """
     filler = data.text_filler().val
-    lengths = lengths or (seq_len, 2 * seq_len)
+    lengths = lengths or niah_lengths(seq_len)
     was_training = model.training
     model.eval()
     results = {}
@@ -158,6 +164,27 @@ def mqar_accuracy(
         total += int(mask.sum())
     model.train(was_training)
     return {"mqar/acc": right / total}
+
+
+def check_evals(names, data: Data, seq_len: int, vocab_size: int) -> None:
+    """Build one input of each named eval now, so that a filler too short for NIAH's longest prompt or an MQAR
+    the vocabulary cannot hold fails before training, not at the final eval after every step is spent."""
+    rng = np.random.default_rng(VAL_SEED)
+    for name in names:
+        if name == "niah":
+            filler = data.text_filler().val
+            for length in niah_lengths(seq_len):
+                try:
+                    niah_prompts(filler, length, 0.5, 1, VAL_SEED)
+                except ValueError as exc:
+                    raise ValueError(f"niah evals at length {length} (seq_len {seq_len}): {exc}") from None
+        elif name == "mqar":
+            try:
+                (data.source("mqar") or MQARSource(vocab_size)).sample(rng, seq_len, "val")
+            except ValueError as exc:
+                raise ValueError(f"mqar evals at seq_len {seq_len}: {exc}") from None
+        else:
+            raise ValueError(f"unknown eval {name!r}: expected one of {', '.join(EVALS)}")
 
 
 def run_evals(names, model, data: Data, seq_len: int, *, device: torch.device) -> dict[str, float]:

@@ -26,7 +26,7 @@ from torch.func import functional_call, stack_module_state, vmap
 
 from models.config import count_params, flops_per_token
 from models.data import Batches, open_data
-from models.evals import autocast, run_evals, validation_batches
+from models.evals import autocast, check_evals, run_evals, validation_batches
 from models.lm import LM
 from models.train import (
     BETAS, MAX_TRAIN_REPORTS, PEAK_FLOPS_CUDA, Diverged, Interrupted, OutOfMemory, Summary, TrainingError,
@@ -252,6 +252,7 @@ def pretrain_pack(
     tokens_per_step = spec0.batch_size * spec0.seq_len
     data = open_data(spec0.data, spec0.vocab_size)
     data.check(spec0.seq_len)
+    check_evals(spec0.evals, data, spec0.seq_len, spec0.vocab_size)
     microbatch = microbatch or default_microbatch(spec0, cfg, device, members=n, share=share)
     if spec0.batch_size % microbatch:
         raise ValueError(f"microbatch {microbatch} does not divide the batch {spec0.batch_size}")
@@ -363,7 +364,6 @@ def pretrain_pack(
             return {}
         try:
             vals = dict(zip(ids, stacked_validation(ids)))
-            results = {i: run_evals(spec0.evals, load_member(i).eval(), data, spec0.seq_len, device=device) for i in ids}
         except torch.OutOfMemoryError:
             raise OutOfMemory(step, microbatch) from None
         tokens = step * tokens_per_step
@@ -375,7 +375,12 @@ def pretrain_pack(
                 del vals[i]
                 continue
             reporters[i]("val", {"step": step, "tokens": tokens, "flops": float(fpt) * tokens, "val_loss": vals[i]})
-            for name, value in results[i].items():
+        for i in vals:  # after the val reports, as pretrain: a failing eval loses no loss
+            try:
+                results = run_evals(spec0.evals, load_member(i).eval(), data, spec0.seq_len, device=device)
+            except torch.OutOfMemoryError:
+                raise OutOfMemory(step, microbatch) from None
+            for name, value in results.items():
                 reporters[i]("eval", {"step": step, "name": name, "value": value})
         return vals
 

@@ -27,7 +27,7 @@ import torch
 
 from models.config import ModelConfig, count_params, flops_per_token
 from models.data import Batches, open_data
-from models.evals import EVALS, autocast, run_evals, validation_loss
+from models.evals import EVALS, autocast, check_evals, run_evals, validation_loss
 from models.lm import LM
 
 log = logging.getLogger(__name__)
@@ -462,6 +462,7 @@ def pretrain(
     tokens_per_step = spec.batch_size * spec.seq_len
     data = open_data(spec.data, spec.vocab_size)
     data.check(spec.seq_len)
+    check_evals(spec.evals, data, spec.seq_len, spec.vocab_size)
 
     # Data parallel (torch.distributed already initialised, e.g. by Ray Train): each rank trains its slice
     # of every global batch; DDP averages the gradients, so the update equals one worker's on the whole batch.
@@ -531,7 +532,6 @@ def pretrain(
     def evaluate(step: int) -> float:
         try:
             val = validation_loss(model, data, spec.seq_len, device=device, batch=microbatch)
-            results = run_evals(spec.evals, model, data, spec.seq_len, device=device)
         except torch.OutOfMemoryError:
             raise OutOfMemory(step, microbatch) from None
         # A model whose loss is finite on its batches but not on held-out text, or that ends no better than a
@@ -541,6 +541,10 @@ def pretrain(
             raise Diverged(step, reason)
         tokens = step * tokens_per_step
         reporter("val", {"step": step, "tokens": tokens, "flops": float(fpt) * tokens, "val_loss": val})
+        try:  # after the val report: a failing eval loses no loss
+            results = run_evals(spec.evals, model, data, spec.seq_len, device=device)
+        except torch.OutOfMemoryError:
+            raise OutOfMemory(step, microbatch) from None
         for name, value in results.items():
             reporter("eval", {"step": step, "name": name, "value": value})
         return val

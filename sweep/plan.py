@@ -47,12 +47,15 @@ MAX_ERRORS = 20
 SCHEDULES = ("cosine", "wsd", "constant")
 EVALS = ("niah", "mqar")
 DERIVED = ("params", "nonembed_params", "flops_per_token", "tokens", "flops")
-#: Shortest seq_len for niah evals (a prompt of seq_len tokens holds the needle and the question) and for
-#: passkey data (a document of seq_len + 1 tokens holds them and the key with its '.'), as computed by
+#: Shortest seq_len for niah evals (seq_len tokens hold the needle, the question and the key's digits) and for
+#: passkey data (a document of seq_len + 1 tokens holds them and the key's '.'), as computed by
 #: models.data.passkey_prompt. Mirrored, not imported: models.data imports torch, which planning must not
-#: load; tests/sweep/test_plan.py checks both against models.data.
-NIAH_MIN_SEQ_LEN = 99
+#: load; tests/sweep/test_plan.py checks them against models.data and models.evals.
+NIAH_MIN_SEQ_LEN = 104
 PASSKEY_MIN_SEQ_LEN = 104
+#: MQAR's key-value pairs per sequence are seq_len // MQAR_PAIRS_DIVISOR, and keys and values split the
+#: vocabulary in halves; mirrored from models.data as the two above.
+MQAR_PAIRS_DIVISOR = 16
 #: Spreadsheet formats to save as .csv or .xlsx first (read as CSV they would fail as "not UTF-8 text").
 _OTHER_SHEETS = (".ods", ".xls", ".xlsb", ".numbers")
 _FORMULA = "spreadsheet formula; enter plan expressions as text (prefix with ')"
@@ -520,7 +523,10 @@ class _Resolver:
                 raise _ColumnError("hybrid", str(exc)) from None
         elif self.cells.get("hybrid") is not None:
             raise _ColumnError("hybrid", f"a hybrid pattern only applies to arch hybrid, not {arch}")
-        return ModelConfig(arch, d_model, n_layers, n_heads, self.vocab(), hybrid)
+        try:
+            return ModelConfig(arch, d_model, n_layers, n_heads, self.vocab(), hybrid)
+        except ValueError as exc:  # a shape the checks above let through, e.g. an odd head width for softmax
+            raise _ColumnError("n_heads", str(exc)) from None
 
     def _hybrid_period(self) -> int:
         value = self.get("hybrid")
@@ -630,6 +636,11 @@ def _build_spec(r: _Resolver, base_dir: Path) -> RunSpec:
         raise _ColumnError("seq_len", f"passkey data needs seq_len >= {PASSKEY_MIN_SEQ_LEN}, got {seq_len}")
     if "niah" in evals and seq_len < NIAH_MIN_SEQ_LEN:
         raise _ColumnError("seq_len", f"niah evals need seq_len >= {NIAH_MIN_SEQ_LEN}, got {seq_len}")
+    pairs = max(1, seq_len // MQAR_PAIRS_DIVISOR)
+    if ("mqar" in evals or "mqar" in (p.partition("@")[0] for p in data.split("+"))) and pairs > cfg.vocab_size // 2 - 1:
+        raise _ColumnError("seq_len", f"mqar at seq_len {seq_len} has {pairs} key-value pairs, which need a vocab of "
+                                      f"at least {2 * pairs + 2}, got {cfg.vocab_size}: give a larger vocab or a "
+                                      f"seq_len below {MQAR_PAIRS_DIVISOR * (cfg.vocab_size // 2)}")
     gpus = num("gpus", lambda v: v > 0 and (v <= 1 or v == int(v)), "a fraction in (0, 1] or a whole number")
     return RunSpec(
         arch=cfg.arch,

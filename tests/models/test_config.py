@@ -68,6 +68,9 @@ def test_hybrid_period_and_shapes_of_whole_periods():
 
 
 def test_config_validation():
+    with pytest.raises(ValueError, match="even width; d_model 60 / n_heads 4 is 15"):
+        ModelConfig("hybrid", 60, 2, 4, 260, hybrid="LS")
+    assert ModelConfig("lightning", 60, 2, 4, 260).head_dim == 15  # no rotary embedding there
     with pytest.raises(ValueError, match="divisible"):
         ModelConfig("softmax", 100, 2, 3, 260)
     with pytest.raises(ValueError, match="unknown arch"):

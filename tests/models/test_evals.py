@@ -7,7 +7,7 @@ from torch import nn
 
 from models.config import ModelConfig
 from models.data import PASSKEY_QUESTION, open_data
-from models.evals import NIAH_DEPTHS, mqar_accuracy, needle_in_haystack, run_evals, validation_loss
+from models.evals import NIAH_DEPTHS, check_evals, mqar_accuracy, needle_in_haystack, run_evals, validation_loss
 from models.lm import LM
 
 CPU = torch.device("cpu")
@@ -77,3 +77,34 @@ def test_run_evals_on_a_real_model_and_unknown_name():
     assert 0.0 <= out["mqar/acc"] < 0.05  # untrained: chance is about 1/4096
     with pytest.raises(ValueError, match="unknown eval"):
         run_evals(("nope",), model, data, 64, device=CPU)
+
+
+def test_niah_predicts_every_key_digit_inside_the_length_it_is_labelled_with():
+    # As in training, where a document of seq_len + 1 tokens ends in the key and its '.', the prompt and the key
+    # fill the cell's length: the last digit is predicted at position length - 2 (before, 4 of the 5 digits of the
+    # len=seq_len cell were predicted past the trained context).
+    seen = []
+
+    class Recording(Oracle):
+        def forward(self, idx, targets=None, last_only=False):
+            seen.append(idx.shape[1])
+            return super().forward(idx, targets, last_only)
+
+    scores = needle_in_haystack(Recording(260, "niah"), open_data("stdlib", 260), 128, device=CPU, samples=2,
+                                depths=(0.5,))
+    assert scores["niah/mean"] == 1.0
+    assert seen == [123, 124, 125, 126, 127, 251, 252, 253, 254, 255]
+
+
+def test_check_evals_fails_before_training_on_what_the_final_eval_would_fail_on(tmp_path):
+    text = tmp_path / "small.txt"
+    text.write_bytes(b"some filler text, short. " * 120)  # 3,000 bytes: a validation split of 150
+    data = open_data(f"{text}+passkey@0.1", 260)
+    data.check(128)  # windows of 128 fit, but NIAH's prompt at twice the length does not
+    with pytest.raises(ValueError, match="niah evals at length 256 .seq_len 128.: the passkey filler holds 150"):
+        check_evals(("niah",), data, 128, 260)
+    check_evals(("niah",), data, 104, 260)
+    with pytest.raises(ValueError, match="mqar evals at seq_len 2080: MQAR with 130 pairs needs vocab_size > 261"):
+        check_evals(("mqar",), open_data("stdlib", 260), 2080, 260)
+    with pytest.raises(ValueError, match="unknown eval 'nope'"):
+        check_evals(("nope",), data, 64, 260)

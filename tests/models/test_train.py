@@ -194,6 +194,15 @@ def test_a_run_that_ends_no_better_than_a_uniform_guess_is_diverged(tmp_path):
     assert not rec.of("val")
 
 
+def test_an_eval_the_data_cannot_feed_fails_before_the_first_step(tmp_path):
+    text = tmp_path / "small.txt"
+    text.write_bytes(b"some filler text, short. " * 120)  # NIAH at twice 128 needs more filler than its 150 bytes
+    rec = Recorder()
+    with pytest.raises(ValueError, match="niah evals at length 256"):
+        pretrain(spec(data=f"{text}+passkey@0.1", evals=("niah",), seq_len=128), rec, tmp_path / "run")
+    assert rec.events == [] and checkpoint_steps(tmp_path / "run") == []
+
+
 def test_a_loss_that_blows_up_and_recovers_is_not_diverged(tmp_path):
     # lr 3 with no warm-up: the loss spends many steps above 2 ln V, then ends far below ln V. Only the end
     # decides, since a run's result can still be worth having (the high-lr end of a learning-rate sweep).

@@ -2,6 +2,7 @@
 
 import pytest
 
+import sweep.plan as plan_module
 from sweep.plan import (
     MAX_ERRORS,
     NIAH_MIN_SEQ_LEN,
@@ -122,7 +123,7 @@ ERRORS = [
     ("arch,d_model,n_layers,tokens,data,seq_len\nsoftmax,64,2,1e5,stdlib+passkey@0.1,103\n",
      ":2:seq_len: passkey data needs seq_len >= 104, got 103"),
     ("arch,d_model,n_layers,tokens,data,seq_len\nsoftmax,64,2,1e5,passkey,64\n", ":2:seq_len: passkey data needs seq_len >= 104"),
-    ("arch,d_model,n_layers,tokens,evals,seq_len\nsoftmax,64,2,1e5,mqar|niah,98\n", ":2:seq_len: niah evals need seq_len >= 99, got 98"),
+    ("arch,d_model,n_layers,tokens,evals,seq_len\nsoftmax,64,2,1e5,mqar|niah,103\n", ":2:seq_len: niah evals need seq_len >= 104, got 103"),
     ("arch,d_model,n_layers,tokens,hybrid\nhybrid,64,4,1e5,8\n", ":2:hybrid: hybrid '8' gives no softmax layer"),
     ("arch,d_model,n_layers,tokens,data\nsoftmax,64,2,1e5,nope.bin\n", ":2:data: data path"),
     ("arch,d_model,n_layers,tokens,evals\nsoftmax,64,2,1e5,niah|bogus\n", ":2:evals: expected evals among"),
@@ -259,7 +260,8 @@ def test_passkey_minimum_seq_len_matches_models_data():
     with pytest.raises(ValueError, match="a passkey prompt needs at least"):
         source.sample(rng, PASSKEY_MIN_SEQ_LEN - 1, "train")
     prompts, _ = evals.niah_prompts(text, NIAH_MIN_SEQ_LEN, 0.5, 2, 0)
-    assert prompts.shape == (2, NIAH_MIN_SEQ_LEN)
+    assert prompts.shape == (2, NIAH_MIN_SEQ_LEN - data.PASSKEY_DIGITS)  # the key's digits fill the rest
+    assert plan_module.MQAR_PAIRS_DIVISOR == data.MQAR_PAIRS_DIVISOR
     with pytest.raises(ValueError, match="a passkey prompt needs at least"):
         evals.niah_prompts(text, NIAH_MIN_SEQ_LEN - 1, 0.5, 2, 0)
 
@@ -306,3 +308,14 @@ def test_xlsx_expression_entered_as_text(tmp_path):
     path = write_xlsx(tmp_path, [["arch", "d_model", "n_layers", "tokens"], ["softmax", 64, 2]], as_text)
     spec = load_plan(path).runs[0].spec
     assert spec.tokens == round(20 * spec.derived()["params"])
+
+
+def test_mqar_that_the_vocabulary_cannot_hold_is_refused_at_plan_time(write_plan):
+    # at seq_len 2080 MQAR has 130 pairs: bytes (260) hold 129, so the final eval would have failed after training
+    ok = "arch,d_model,n_layers,tokens,data,evals,seq_len\nsoftmax,64,2,1e5,stdlib,mqar,2064\n"
+    assert load_plan(write_plan(ok)).runs[0].spec.evals == ("mqar",)
+    with pytest.raises(PlanError, match=r"seq_len.*mqar at seq_len 2080 has 130 key-value pairs, which need a vocab of at "
+                                        r"least 262, got 260: give a larger vocab or a seq_len below 2080"):
+        load_plan(write_plan(ok.replace("2064", "2080")))
+    wide = "arch,d_model,n_layers,tokens,data,evals,seq_len,vocab\nsoftmax,64,2,1e5,stdlib,mqar,2080,512\n"
+    assert load_plan(write_plan(wide)).runs[0].spec.vocab_size == 512
