@@ -26,9 +26,11 @@ from analysis.compare import (  # noqa: E402
     ArchComparison,
     compare_archs,
     fit_per_arch,
+    loss_table,
     mqar_table,
     niah_table,
     ratio_label,
+    seed_study_findings,
     summary_findings,
     throughput_table,
 )
@@ -223,8 +225,10 @@ def write_report(
 
     a3 = {a: fits_all[f"approach3/{a}"] for a in archs if f"approach3/{a}" in fits_all}
     findings = summary_findings(comparison, approach3=a3, niah=niah, throughput=tput)
-    blocks = _blocks(title, runs, metrics, evals, findings, skipped, figures, captions, fits_all, archs,
-                     comparison, niah, mqar, tput)
+    seed = seed_study_findings(comparison, niah=niah, throughput=tput)
+    losses = loss_table(runs, params_col=params_col) if comparison is None else None
+    blocks = _blocks(title, runs, metrics, evals, findings, seed, skipped, figures, captions, fits_all, archs,
+                     comparison, niah, mqar, tput, losses)
     md_path, html_path, json_path = out / "report.md", out / "index.html", out / "fits.json"
     payload = {k: v.to_dict() for k, v in fits_all.items()}
     if comparison is not None:
@@ -501,10 +505,10 @@ def _fig_residuals(fits, archs):
 def _fig_niah(niah):
     if niah is None or niah.empty:
         return None, "no NIAH evals (names like niah/len=1024/depth=0.5)"
-    archs = sorted(niah["arch"].unique())
-    fig, axes = _panels(len(archs), width=4.0, height=3.2, sharey=False)
-    for ax, arch in zip(axes, archs):
-        t = niah[niah["arch"] == arch].pivot_table(index="depth", columns="length", values="accuracy")
+    variants = sorted(niah["variant"].unique())
+    fig, axes = _panels(len(variants), width=4.0, height=3.2, sharey=False)
+    for ax, variant in zip(axes, variants):
+        t = niah[niah["variant"] == variant].pivot_table(index="depth", columns="length", values="accuracy")
         im = ax.imshow(t.to_numpy(), cmap="cividis", vmin=0, vmax=1, aspect="auto", origin="lower")
         ax.set_xticks(range(t.shape[1]), [str(int(c)) for c in t.columns], fontsize=7)
         ax.set_yticks(range(t.shape[0]), [f"{d:g}" for d in t.index], fontsize=7)
@@ -512,12 +516,13 @@ def _fig_niah(niah):
             if np.isfinite(v):
                 ax.text(c, r, f"{100 * v:.0f}", ha="center", va="center", fontsize=6,
                         color="white" if v < 0.5 else "black")
-        params = niah[niah["arch"] == arch]["params"].max()
-        ax.set_title(f"{arch} ({params:.3g} params)", fontsize=9)
+        params = niah[niah["variant"] == variant]["params"].max()
+        ax.set_title(f"{variant} ({params:.3g} params)", fontsize=9)
         ax.set_xlabel("context length (tokens)")
         ax.set_ylabel("needle depth (fraction)")
     fig.colorbar(im, ax=axes, label="exact-match accuracy")
-    return fig, "Needle-in-a-haystack accuracy (%) by context length and needle depth, largest model per arch."
+    return fig, ("Needle-in-a-haystack accuracy (%) by context length and needle depth, largest model of each arch "
+                 "(hybrids by ratio).")
 
 
 def _fig_mqar(mqar):
@@ -602,8 +607,8 @@ def _fit_table(fits: Mapping[str, FitResult], method: str, archs: list[str]) -> 
     return pd.DataFrame(rows).fillna("-") if rows else None
 
 
-def _blocks(title, runs, metrics, evals, findings, skipped, figures, captions, fits, archs, comparison, niah,
-            mqar, tput) -> list[tuple]:
+def _blocks(title, runs, metrics, evals, findings, seed, skipped, figures, captions, fits, archs, comparison, niah,
+            mqar, tput, losses) -> list[tuple]:
     b: list[tuple] = [("h1", title)]
     n_m = 0 if metrics is None else len(metrics)
     n_e = 0 if evals is None else len(evals)
@@ -614,6 +619,12 @@ def _blocks(title, runs, metrics, evals, findings, skipped, figures, captions, f
     b.append(("p", _compute_note(fits, archs)))
     b.append(("h2", "Findings"))
     b.append(("ul", findings or ["No comparison could be made from this data."]))
+    b.append(("h2", "Against the seed study (MiniMax-01)"))
+    b.append(("p", "MiniMax-01 found that lightning attention matches softmax on language-modelling loss but fails "
+                   "needle-in-a-haystack retrieval, that a hybrid with one softmax layer per seven lightning layers "
+                   "matches or beats softmax on retrieval, and that lightning's training speed stays flat as sequences "
+                   "grow while softmax's falls. What these runs say of each:"))
+    b.append(("ul", seed))
     if skipped:
         b.append(("h2", "Not shown"))
         b.append(("ul", skipped))
@@ -651,10 +662,15 @@ def _blocks(title, runs, metrics, evals, findings, skipped, figures, captions, f
                        "divided by C."))
         b.append(("table", t))
     if niah is not None and not niah.empty:
-        t = niah.pivot_table(index=["arch", "depth"], columns="length", values="accuracy").reset_index()
+        t = niah.pivot_table(index=["variant", "depth"], columns="length", values="accuracy").reset_index()
         t.columns = [str(c) if not isinstance(c, (int, np.integer)) else f"len {c}" for c in t.columns]
-        b.append(("h3", "NIAH accuracy by length and depth (largest model per arch)"))
+        b.append(("h3", "NIAH accuracy by length and depth (largest model of each arch; hybrids by ratio)"))
         b.append(("table", t.map(_fmt)))
+    if losses is not None and not losses.empty:
+        b.append(("h3", "Final loss by variant and size (no loss-compute law could be compared)"))
+        b.append(("p", "loss: each run's final validation loss (its training loss where it has none), mean and best "
+                       "over the runs of a variant, size and token budget (seeds, learning rates)."))
+        b.append(("table", losses.map(_fmt)))
     if mqar is not None and not mqar.empty:
         t = mqar[["arch", "ratio_label", "params", "name", "accuracy", "best", "n_runs"]]
         b.append(("h3", "MQAR accuracy by hybrid ratio and size"))
@@ -675,7 +691,10 @@ def _compute_note(fits: Mapping[str, FitResult], archs: list[str]) -> str:
             rules.append(f"{arch} {r.k:.3g} N^{r.g:.3g}")
     text = ("C is each run's training FLOPs as models.config counts them (6 x every matmul weight, the LM head "
             "included, plus the attention term); N is the parameter count the fits use (non-embedding unless the report "
-            "was asked otherwise); coefficients such as A and k_N are in these units.")
+            "was asked otherwise); coefficients such as A and k_N are in these units. The loss is the training loss "
+            "along each run's curve for the frontier laws, the loss comparison and approach 1 (each run's final "
+            "validation loss where no curves were recorded), and each run's final validation loss for approaches 2 "
+            "and 3 and the faint points of the loss-compute figure.")
     if rules:
         text += (" Approaches 2 and 3 allocate compute as the runs spend it, C = (compute per token) x D, with the "
                  "compute per token fitted to the runs: " + ", ".join(rules) + " (Chinchilla's is 6 N).")

@@ -187,6 +187,10 @@ def hybrid_pattern_for(arch: str, i: int) -> str:
     return HYBRID_PATTERNS[i % len(HYBRID_PATTERNS)] if arch == "hybrid" else ""
 
 
+#: The training context of the synthetic study's runs.
+STUDY_SEQ_LEN = 1024
+
+
 def study(
     n_runs: int = 300,
     *,
@@ -222,6 +226,7 @@ def study(
     grid["lr"] = rng.choice([1e-4, 3e-4, 1e-3], n_grid)
     runs = pd.concat([grid, *iso_blocks], ignore_index=True).iloc[:n_runs].reset_index(drop=True)
     runs["hybrid"] = [hybrid_pattern_for(a, i) for i, a in enumerate(runs["arch"])]
+    runs["seq_len"] = STUDY_SEQ_LEN  # NIAH's lengths 512 and 1024 lie within it, 2048 and 4096 beyond
 
     metrics = []
     for arch, sub in runs.groupby("arch", sort=False):

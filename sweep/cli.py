@@ -606,9 +606,15 @@ def compare(
 ) -> None:
     """Compare architectures: per-arch frontier laws, the loss gap and compute multiplier vs a baseline, NIAH.
 
+    The gap is each arch's frontier loss minus the baseline's at a compute C (training loss along the curves); the
+    compute multiplier is the compute it needs to reach the baseline's loss at C, divided by C (above 1: it needs
+    more). NIAH: the largest model of each arch, hybrids by ratio, runs of that size averaged. Where no loss law
+    can be compared (one size, as in an ablation), the retrieval tables and the final loss of each variant are
+    still shown, and the command exits 2.
+
     Example: slab compare --plan smoke-h100 --baseline softmax
     """
-    from analysis.compare import compare_archs, niah_table
+    from analysis.compare import compare_archs, loss_table, mqar_table, niah_table
     from analysis.fits import FitError
 
     if edges not in ("auto", "drop", "keep"):
@@ -620,25 +626,39 @@ def compare(
         fail(f"only the baseline {baseline!r} has finished runs: nothing to compare it with")
     _warn_few_runs(runs, bootstrap)
     bar, progress = _progress_bar("fitting per arch")
+    result, failure = None, None
     try:
         with bar:
             result = compare_archs(runs, baseline=baseline, metrics=metrics, n_bootstrap=bootstrap, seed=seed, progress=progress,
                                    edges=edges)
     except FitError as exc:
-        fail(str(exc))
+        failure = str(exc)
     if as_json:
+        if result is None:
+            fail(failure)
         sys.stdout.write(json.dumps(result.to_dict()) + "\n")
         return
-    gaps = result.gaps.copy()
-    _emit(gaps.round(4), Format.table, title=f"loss gap and compute multiplier vs {baseline}")
-    if any(f.details.get("edges") == "keep" for f in result.fits.values()):
-        err.print("note: these laws follow the runs' envelope, an upper bound of the compute-optimal frontier: at most "
-                  "budgets the best run is the smallest size there", highlight=False)
-    for arch_name, message in result.errors.items():
-        err.print(f"[yellow]warning:[/] {escape(f'{arch_name}: {message}')}")
+    if result is not None:
+        _emit(result.gaps.round(4), Format.table, title=f"loss gap and compute multiplier vs {baseline}")
+        if any(f.details.get("edges") == "keep" for f in result.fits.values()):
+            err.print("note: these laws follow the runs' envelope, an upper bound of the compute-optimal frontier: at "
+                      "most budgets the best run is the smallest size there", highlight=False)
+        for arch_name, message in result.errors.items():
+            err.print(f"[yellow]warning:[/] {escape(f'{arch_name}: {message}')}")
+    else:  # an ablation at one size, say: what can be shown without a law still is
+        losses = loss_table(runs)
+        _emit(losses.assign(params=losses["params"].map(si), tokens=losses["tokens"].map(si)).round(4), Format.table,
+              title="final loss by variant and size (validation loss; training loss where none)")
     niah = niah_table(runs, evals)
     if not niah.empty:
-        _emit(niah.round(3), Format.table, title="needle in a haystack (accuracy)")
+        _emit(niah.assign(params=niah["params"].map(si)).round(3), Format.table,
+              title="needle in a haystack (accuracy; largest model of each variant)")
+    mqar = mqar_table(runs, evals)
+    if not mqar.empty:
+        t = mqar[["arch", "ratio_label", "params", "name", "accuracy", "best", "n_runs"]]
+        _emit(t.assign(params=t["params"].map(si)).round(3), Format.table, title="MQAR (accuracy by hybrid ratio)")
+    if failure is not None:
+        fail(f"no loss comparison: {failure}")
 
 
 @app.command()

@@ -136,3 +136,29 @@ def test_compare_warns_for_an_arch_with_few_runs(tmp_path):
     url = _study_db(tmp_path / "few.db", ("softmax", "lightning"), 6)
     result = invoke("--db", url, "compare", "--bootstrap", "5")
     assert "lightning has 3 runs: there is little to resample" in result.stderr, result.output
+
+
+def test_compare_of_a_one_size_ablation_shows_retrieval_by_ratio_and_exits_2(tmp_path):
+    # plans/hybrid-ratio.csv's shape: every variant at one size, so no loss-compute law; before, compare exited 2
+    # with nothing else, and the report pooled every hybrid ratio into one "hybrid"
+    url = f"sqlite:///{tmp_path}/ablation.db"
+    engine = open_db(url)
+    variants = [("softmax", ""), ("lightning", ""), ("hybrid", "LLLS" * 8), ("hybrid", "LLLLLLLS" * 4)]
+    with session(engine) as db:
+        for i, (arch, pattern) in enumerate(variants):
+            for seed in (0, 1):
+                run_id = f"r{i}{seed}"
+                spec = {"arch": arch, "d_model": 256, "n_layers": 32, "n_heads": 4, "hybrid": pattern, "seq_len": 1024}
+                db.add(Run(run_id=run_id, arch=arch, status="done", params=26_000_000, nonembed_params=25_000_000,
+                           tokens=500_000_000, flops=8e16, final_loss=1.0 + i / 10, val_loss=1.1 + i / 10 + seed / 100, spec=spec))
+                db.flush()
+                db.execute(Eval.__table__.insert(), [
+                    {"run_id": run_id, "step": 100, "name": f"niah/len={n}/depth=0.5", "value": (0.9, 0.1, 0.8, 0.5)[i]}
+                    for n in (1024, 2048)])
+    engine.dispose()
+    result = invoke("--db", url, "compare")
+    assert result.exit_code == 2 and "no loss comparison" in result.stderr
+    assert "final loss by variant and size" in result.stdout
+    for variant in ("softmax", "lightning", "hybrid 3:1", "hybrid 7:1"):
+        assert variant in result.stdout
+    assert "1.105" in result.stdout  # softmax's mean final validation loss over its two seeds
