@@ -364,6 +364,7 @@ def parse_number(text: str, expected: str = "a number") -> float:
 
 def si(x: float) -> str:
     """A number to three significant figures with an SI prefix (12k, 4.56M, 3.2e18 as 3.2E), as tables show counts."""
+    x = float(f"{x:.3g}")  # rounded first, so 9.9999e17 reads 1E, not 1e+03P
     for unit, scale in (("Z", 1e21), ("E", 1e18), ("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
         if abs(x) >= scale:
             return f"{x / scale:.3g}{unit}"

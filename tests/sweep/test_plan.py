@@ -319,3 +319,9 @@ def test_mqar_that_the_vocabulary_cannot_hold_is_refused_at_plan_time(write_plan
         load_plan(write_plan(ok.replace("2064", "2080")))
     wide = "arch,d_model,n_layers,tokens,data,evals,seq_len,vocab\nsoftmax,64,2,1e5,stdlib,mqar,2080,512\n"
     assert load_plan(write_plan(wide)).runs[0].spec.vocab_size == 512
+
+
+def test_si_rounds_before_it_picks_the_prefix():
+    from sweep.plan import si
+
+    assert [si(v) for v in (999.6, 9.9999e17, 1.234e6, 12_000, 3.2e18, 0.5)] == ["1k", "1E", "1.23M", "12k", "3.2E", "0.5"]
