@@ -217,8 +217,10 @@ def plan(
         repeats = [{"plan": p, "row": r, "repeated": n, "runs": of} for p, r, n, of in cost.repeats]
         warmup_only = [{"plan": p, "row": r, "runs": n} for p, r, n in cost.warmup_only]
         uneven = [{"plan": p, "row": r, "runs": n} for p, r, n in cost.uneven_hybrid]
+        total_read = [{"plan": p, "row": r, "runs": n, "embedding_share": share} for p, r, n, share in cost.total_params_read]
         sys.stdout.write(json.dumps({"totals": totals, "blocks": [asdict(b) for b in cost.blocks], "runs": runs,
-                                     "repeats": repeats, "warmup_only": warmup_only, "uneven_hybrid": uneven}) + "\n")
+                                     "repeats": repeats, "warmup_only": warmup_only, "uneven_hybrid": uneven,
+                                     "total_params_read": total_read}) + "\n")
         return
     table = Table(title=escape(", ".join(str(f) for f in files)))
     for col in ("plan:row", "arch", "shape", "params", "non-emb", "tokens", "FLOPs", "runs"):
@@ -239,6 +241,10 @@ def plan(
         out.print(f"note: {plan_name}:{row}: {_n(n, 'hybrid run')} {'has' if n == 1 else 'have'} n_layers that are not whole periods of "
                   "the hybrid pattern, so the softmax share differs from the pattern's and lightning layers follow the last "
                   "softmax one (give n_layers a multiple of the period, or params)", highlight=False, markup=False)
+    for plan_name, row, n, share in cost.total_params_read:
+        out.print(f"note: {plan_name}:{row}: expressions of {_n(n, 'run')} read params, the total count, of which "
+                  f"embeddings are up to {share:.0%}; the params column is a non-embedding target (write nonembed_params "
+                  "for the count without embeddings)", highlight=False, markup=False)
     out.print(
         f"[bold]{cost.runs:,}[/] {'run' if cost.runs == 1 else 'runs'}, [bold]{cost.flops:.3e}[/] FLOPs, about [bold]{cost.gpu_hours:,.3g}[/] GPU-hours "
         f"at {mfu:.0%} MFU of {gpu_tflops:g} TFLOP/s"

@@ -142,6 +142,8 @@ class PlannedRun:
     row: int
     name: str | None
     tags: str
+    #: An expression of the row read ``params``, the total count (embeddings included), not the column's target.
+    total_params_read: bool = False
 
 
 @dataclass
@@ -430,6 +432,7 @@ class _Resolver:
         self.values: dict[str, Any] = {}
         self.visiting: list[str] = []
         self.column_of: dict[str, str] = {}
+        self.total_params_read = False
 
     def get(self, name: str) -> Any:
         if name in self.values:
@@ -455,6 +458,7 @@ class _Resolver:
         if name not in COLUMNS and name not in DERIVED:
             known = ", ".join(sorted(set(COLUMNS) | set(DERIVED)))
             raise CellError(f"unknown name {name!r} in expression (known: {known})")
+        self.total_params_read |= name == "params"
         value = self.get("_params" if name == "params" else name)
         if isinstance(value, str) or value is None:
             raise CellError(f"{name!r} is not a number here (it is {value!r})")
@@ -769,7 +773,7 @@ def _expand_row(
                 return
             continue
         tags = parsed.get("tags", [""])[0]
-        plan.runs.append(PlannedRun(spec=spec, row=lineno, name=label, tags=tags))
+        plan.runs.append(PlannedRun(spec=spec, row=lineno, name=label, tags=tags, total_params_read=resolver.total_params_read))
 
 
 def _label(name_cell: list[str] | None, spec: RunSpec) -> str | None:
@@ -838,6 +842,13 @@ class Costing:
     #: Rows with hybrid runs whose layers are not whole periods of their pattern, as (plan, row, such runs): their
     #: softmax share differs from the pattern's, and lightning layers follow the last softmax one.
     uneven_hybrid: list[tuple[str, int, int]] = field(default_factory=list)
+    #: Rows whose expressions read ``params`` (the total) where embeddings are over EMBEDDING_NOTE_SHARE of it, as
+    #: (plan, row, such runs, the largest embedding share): ``=20*params`` then counts the vocabulary's weights.
+    total_params_read: list[tuple[str, int, int, float]] = field(default_factory=list)
+
+
+#: ``slab plan`` notes expressions that read ``params`` where embeddings are more than this share of it.
+EMBEDDING_NOTE_SHARE = 0.1
 
 
 def cost_plans(plans: list[Plan], *, mfu: float = 0.3, gpu_tflops: float = 989.0) -> Costing:
@@ -851,6 +862,7 @@ def cost_plans(plans: list[Plan], *, mfu: float = 0.3, gpu_tflops: float = 989.0
     per_row: dict[tuple[str, int], list[int]] = {}  # (plan, row) -> [repeated, runs]
     warm: dict[tuple[str, int], int] = {}
     uneven: dict[tuple[str, int], int] = {}
+    embedded: dict[tuple[str, int], list] = {}
     total = 0.0
     for plan in plans:
         for run in plan.runs:
@@ -865,6 +877,12 @@ def cost_plans(plans: list[Plan], *, mfu: float = 0.3, gpu_tflops: float = 989.0
                 warm[(plan.name, run.row)] = warm.get((plan.name, run.row), 0) + 1
             if s.hybrid and s.n_layers % hybrid_period(s.hybrid):
                 uneven[(plan.name, run.row)] = uneven.get((plan.name, run.row), 0) + 1
+            if run.total_params_read:
+                d = s.derived()
+                share = 1 - d["nonembed_params"] / d["params"]
+                if share > EMBEDDING_NOTE_SHARE:
+                    tally = embedded.setdefault((plan.name, run.row), [0, 0.0])
+                    tally[0], tally[1] = tally[0] + 1, max(tally[1], share)
             shape = f"{s.d_model}x{s.n_layers}/{s.n_heads}" + (f" {s.hybrid}" if s.hybrid else "")
             groups.setdefault((plan.name, run.row, s.arch, shape), []).append(s)
     blocks = []
@@ -878,4 +896,5 @@ def cost_plans(plans: list[Plan], *, mfu: float = 0.3, gpu_tflops: float = 989.0
     repeats = [(plan_name, row, n, of) for (plan_name, row), (n, of) in per_row.items() if n]
     return Costing(blocks=blocks, runs=len(seen), flops=total, gpu_hours=hours, mfu=mfu, gpu_tflops=gpu_tflops,
                    repeats=repeats, warmup_only=[(p, r, n) for (p, r), n in warm.items()],
-                   uneven_hybrid=[(p, r, n) for (p, r), n in uneven.items()])
+                   uneven_hybrid=[(p, r, n) for (p, r), n in uneven.items()],
+                   total_params_read=[(p, r, n, share) for (p, r), (n, share) in embedded.items()])

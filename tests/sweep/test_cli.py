@@ -307,3 +307,14 @@ def test_plan_notes_hybrid_runs_whose_layers_are_not_whole_periods(runner, write
     assert result.exit_code == 0 and ":2: 2 hybrid runs have n_layers that are not whole periods" in result.stdout
     data = json.loads(invoke(runner, "plan", path, "--json").stdout)
     assert data["uneven_hybrid"] == [{"plan": path.stem, "row": 2, "runs": 2}]
+
+
+def test_plan_notes_expressions_that_read_the_total_params_under_a_large_vocabulary(runner, write_plan):
+    # params 25M with a 200k vocabulary: =20*params counts 4.6G tokens, =20*nonembed_params 0.5G
+    path = write_plan("arch,params,vocab,seq_len,batch_size,tokens\nsoftmax,25M,200064,64,4,=20*params\n"
+                      "softmax,25M,200064,64,4,=20*nonembed_params\nsoftmax,25M,260,64,4,=20*params\n")
+    result = invoke(runner, "plan", path)
+    assert result.exit_code == 0 and ":2: expressions of 1 run read params, the total count, of which embeddings are up to 89%" in result.stdout
+    assert ":3:" not in result.stdout and ":4:" not in result.stdout  # nonembed_params; a byte vocabulary
+    data = json.loads(invoke(runner, "plan", path, "--json").stdout)
+    assert [(d["row"], d["runs"]) for d in data["total_params_read"]] == [(2, 1)]
