@@ -377,7 +377,7 @@ def loss_table(runs: pd.DataFrame, *, params_col: str = DEFAULT_PARAMS_COL) -> p
 
 
 #: What "matches", "fails" and "flat" mean below (plain thresholds, stated in the report's lines).
-SEED_LOSS_MATCH = 0.02  # lightning's loss within 2% of softmax's, or an interval that holds no difference
+SEED_LOSS_MATCH = 0.02  # without a bootstrap interval: lightning's loss at most 2% above softmax's
 SEED_NIAH_PASS = 0.5  # softmax must retrieve at least this often in context for a retrieval gap to show
 SEED_NIAH_GAP = 0.2  # "fails where softmax passes": at least 20 points below softmax
 SEED_NIAH_MATCH = 0.1  # "matches or beats softmax": at most 10 points below it
@@ -404,10 +404,12 @@ def seed_study_findings(
         row = sub.loc[sub["C"].idxmax()]
         rel, lo, hi = row["rel_gap"], row["rel_gap_lo"], row["rel_gap_hi"]
         ci = f" (95% CI {100 * lo:+.1f}% to {100 * hi:+.1f}%)" if np.isfinite(lo) else ""
-        same = abs(rel) <= SEED_LOSS_MATCH or (np.isfinite(lo) and lo <= 0 <= hi)
-        lines.append(f"{'Reproduced' if same else 'Not reproduced'}: {claim}: lightning's loss is {100 * rel:+.1f}% "
-                     f"from softmax's at C={row['C']:.2g} FLOPs{ci}; matching means within "
-                     f"{100 * SEED_LOSS_MATCH:.0f}% or an interval that holds no difference.")
+        # MiniMax-01's lightning law lay at or below softmax's; only a loss measurably above it contradicts that
+        worse = lo > 0 if np.isfinite(lo) else rel > SEED_LOSS_MATCH
+        lines.append(f"{'Not reproduced' if worse else 'Reproduced'}: {claim}: lightning's loss is {100 * rel:+.1f}% "
+                     f"from softmax's at C={row['C']:.2g} FLOPs{ci}, needing {row['multiplier']:.3g}x its compute; "
+                     f"matching means not measurably above softmax (an interval that holds no difference, or lies "
+                     f"below; without an interval, within {100 * SEED_LOSS_MATCH:.0f}%).")
     # 2. Lightning fails needle-in-a-haystack where softmax passes; 3. the hybrid fixes it.
     claim2, claim3 = "lightning fails needle-in-a-haystack where softmax passes", "a hybrid matches or beats softmax on it"
     inside = None

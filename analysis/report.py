@@ -499,6 +499,7 @@ def _fig_residuals(fits, archs):
         ax.grid(True, alpha=0.25)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
+    fig.tight_layout()  # side by side, the right panel's y label would overlap the left panel
     return fig, f"Residuals in log space {' and '.join(p[-1] for p in panels)}."
 
 
@@ -563,9 +564,11 @@ def _fig_throughput(tput):
     ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("sequence length (tokens)")
     ax.set_ylabel("training throughput (tokens/s)")
+    ax.set_ylim(bottom=0)  # a fall with length reads as large as it is
     ax.grid(True, which="both", alpha=0.25)
     ax.legend(fontsize=8)
-    return fig, "Training throughput against sequence length per architecture."
+    return fig, ("Training throughput against sequence length per architecture, from the table given with "
+                 "--throughput (a benchmark of its own model size, such as slab bench train's, not these runs).")
 
 
 # --------------------------------------------------------------------------------------------
