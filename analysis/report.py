@@ -91,6 +91,7 @@ class ReportFiles:
     fits: dict[str, FitResult] = field(repr=False)
     comparison: ArchComparison | None = field(default=None, repr=False)
     seconds: float = 0.0
+    seed_study: list[str] = field(default_factory=list)
 
 
 def write_report(
@@ -107,11 +108,13 @@ def write_report(
     progress: Progress | None = None,
     params_col: str = DEFAULT_PARAMS_COL,
     baseline: str = "softmax",
+    edges: str = "auto",
 ) -> ReportFiles:
     """Fit every law per arch, draw the figures and write index.html, report.md, fits.json, figures/.
 
     `fits` may hold results computed earlier, keyed "<method>/<arch>" (methods: frontier,
-    frontier_power, approach1, approach2, approach3); those are reused instead of refitted.
+    frontier_power, approach1, approach2, approach3); those are reused instead of refitted. `edges`: the frontier
+    laws' edge rule, as `compare_archs`'s.
     """
     t0 = time.perf_counter()
     out = Path(out_dir)
@@ -149,7 +152,7 @@ def write_report(
         if any(k.startswith(f"{method}/") for k in fits_all):
             continue
         got, errors = fit_per_arch(runs, metrics=metrics, form=form, params_col=params_col, n_bootstrap=bootstrap,
-                                   seed=seed, on_error="skip")
+                                   seed=seed, on_error="skip", edges=edges)
         fits_all.update({f"{method}/{a}": f for a, f in got.items()})
         skipped += [f"{method}/{a}: not fitted ({e})" for a, e in errors.items()]
     for _ in range(2 * len(archs)):  # the progress bar counts a fit per method and arch
@@ -237,7 +240,7 @@ def write_report(
     _write_atomic(md_path, _render_md(blocks))
     _write_atomic(html_path, _render_html(title, blocks, figures))
     return ReportFiles(out, html_path, md_path, json_path, figures, skipped, findings, fits_all, comparison,
-                       time.perf_counter() - t0)
+                       time.perf_counter() - t0, seed)
 
 
 def _write_atomic(path: Path, text: str) -> None:

@@ -677,6 +677,7 @@ def report(
     bootstrap: int = typer.Option(200, min=0, help="Bootstrap resamples per fit."),
     baseline: Optional[str] = typer.Option(None, help="Architecture the others are compared with (default: softmax when it has runs, else the first arch).", show_default=False),
     seed: int = typer.Option(0, help="Seed of the bootstraps."),
+    edges: str = typer.Option("auto", help="Frontier laws from training curves: drop the bins whose best run is the smallest size there, keep them (the runs' envelope), or auto: drop unless some arch's frontier is then not identified."),
 ) -> None:
     """Write a scaling-curve report: index.html (self-contained), report.md, fits.json and PNG/SVG figures.
 
@@ -687,6 +688,8 @@ def report(
     from analysis.fits import FitError
     from analysis.report import write_report
 
+    if edges not in ("auto", "drop", "keep"):
+        fail(f"--edges must be auto, drop or keep, got {edges!r}")
     _writable_dir(out_dir, "--out")
     _, runs, metrics, evals = _analysis_inputs(ctx, plan, None)
     archs = sorted(set(runs["arch"]))
@@ -706,12 +709,16 @@ def report(
     try:
         with bar:
             files = write_report(runs, metrics, evals, out_dir, throughput=tput, title=title or f"scalinglab report: {plan or 'all runs'}",
-                                 bootstrap=bootstrap, seed=seed, progress=progress, baseline=baseline or "softmax")
+                                 bootstrap=bootstrap, seed=seed, progress=progress, baseline=baseline or "softmax",
+                                 edges=edges)
     except FitError as exc:
         fail(str(exc))
     except OSError as exc:  # e.g. a read-only folder, which _writable_dir cannot tell when running as root
         fail(f"--out {out_dir}: cannot write the report: {exc.strerror or exc}")
     for line in files.findings:
+        out.print(f"- {line}", highlight=False, markup=False)
+    out.print("against the seed study (MiniMax-01):", highlight=False, markup=False)
+    for line in files.seed_study:
         out.print(f"- {line}", highlight=False, markup=False)
     for line in files.skipped:
         out.print(f"[dim]not shown: {escape(line)}[/]", highlight=False)
