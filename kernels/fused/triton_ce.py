@@ -213,7 +213,10 @@ def _setup(ctx, inputs, output):
 
 def _backward(ctx, grad_loss, _gdx, _gdw):
     dx, dw = ctx.saved_tensors
-    grad_x = dx * grad_loss.to(dx.dtype) if ctx.need[0] else None
+    grad_x = None
+    if ctx.need[0]:
+        # fp16 tops out at 65504, below GradScaler's usual loss scale 65536: scale in fp32, then round
+        grad_x = (dx.float() * grad_loss).to(dx.dtype) if dx.dtype == torch.float16 else dx * grad_loss.to(dx.dtype)
     grad_w = (dw * grad_loss).to(ctx.weight_dtype) if ctx.need[1] else None
     return grad_x, grad_w, None, None, None, None, None
 

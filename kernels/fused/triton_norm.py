@@ -195,6 +195,7 @@ class _Eager(torch.autograd.Function):
         return y, rstd
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # a second derivative would silently be 0: raise instead
     def backward(ctx, dy, drstd):
         return _backward(ctx, dy, drstd, run=_backward_kernels)
 

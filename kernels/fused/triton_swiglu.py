@@ -100,6 +100,7 @@ class _Eager(torch.autograd.Function):
         return c
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # a second derivative would silently be 0: raise instead
     def backward(ctx, dc):
         return _backward(ctx, dc, run=_backward_kernel)
 

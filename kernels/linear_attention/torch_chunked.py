@@ -15,6 +15,10 @@ import torch.nn.functional as F
 SCALAR_CHUNK = 64
 #: Chunk length for per-channel decays: the intra-chunk decay is a (C, C, K) tensor, so keep C small.
 CHANNEL_CHUNK = 16
+#: Log decays below this are taken as this (the Triton backend does the same for the data-dependent forms): e^-30
+#: is 1e-13, a reset of the state as far as fp32 can tell, while far stronger values (-1e4, or -inf, log(0), a
+#: document boundary) put running sums of ~1e5 or -inf - -inf = NaN into the chunk's differences b_i - b_j.
+LOG_DECAY_FLOOR = -30.0
 
 
 def linear_attention_chunked(
@@ -30,6 +34,7 @@ def linear_attention_chunked(
     """Chunked forward in fp32 for any of the three log-decay forms; o has v's dtype, the state is fp32."""
     batch, time, heads, dk = q.shape
     dv = v.shape[-1]
+    log_decay = log_decay.clamp_min(LOG_DECAY_FLOOR)  # NaN stays NaN; below the floor the gradient is 0, as e^a's is
     per_channel = log_decay.dim() == 4
     size = chunk_size or (CHANNEL_CHUNK if per_channel else SCALAR_CHUNK)
     n_chunks = -(-time // size)

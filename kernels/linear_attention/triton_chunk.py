@@ -67,6 +67,7 @@ import triton
 import triton.language as tl
 
 from ..dispatch import eager_or_op
+from .torch_chunked import LOG_DECAY_FLOOR
 
 #: Tokens per chunk and per intra-chunk sub-block (per-channel decay).
 CHUNK = 64
@@ -295,11 +296,23 @@ def _store_st(ptr, x, slab, K: tl.constexpr, V: tl.constexpr, k0, v0, BK: tl.con
 # --------------------------------------------------------------------------------------------- kernels
 
 
+_FLOOR = tl.constexpr(LOG_DECAY_FLOOR)
+
+
+@triton.jit
+def _floored(a):
+    """A data-dependent log decay as the kernels use it: at least LOG_DECAY_FLOOR (-inf and -1e4 alike), NaN kept."""
+    return tl.maximum(a, _FLOOR, propagate_nan=tl.PropagateNan.ALL)
+
+
 @triton.jit
 def _cumsum_tile(x_ptr, y_ptr, i_b, i_h, t0, k0, T_in, T_out, H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr,
                  BK: tl.constexpr, REVERSE: tl.constexpr):
-    """One chunk's (BT, BK) tile of `_chunk_cumsum_kernel`."""
+    """One chunk's (BT, BK) tile of `_chunk_cumsum_kernel`: forward, of a log decay (floored), reversed, of its
+    gradient."""
     x = _load(x_ptr, i_b, i_h, t0, T_in, H, K, k0, BT, BK, False).to(tl.float32)
+    if not REVERSE:
+        x = _floored(x)
     _store(y_ptr, tl.cumsum(x, axis=0, reverse=REVERSE), i_b, i_h, t0, T_out, H, K, k0, BT, BK)
 
 
@@ -348,7 +361,7 @@ def _gate_kernel(a_ptr, q_ptr, k_ptr, bl_ptr, strong_ptr, qg_ptr, kg_ptr, eg_ptr
     t0 = i_n * BT
     k0 = i_k * BK
     offs_k = k0 + tl.arange(0, BK)
-    b = tl.cumsum(_load(a_ptr, i_b, i_h, t0, T, H, K, k0, BT, BK, False).to(tl.float32), axis=0)
+    b = tl.cumsum(_floored(_load(a_ptr, i_b, i_h, t0, T, H, K, k0, BT, BK, False).to(tl.float32)), axis=0)
     # The tile's last row holds b_last: rows past the input add zeros.
     b_last = tl.sum(tl.where((tl.arange(0, BT) == BT - 1)[:, None], b, 0.0), axis=0)
     tl.store(bl_ptr + (i_bh * NT + i_n) * K + offs_k, b_last, mask=offs_k < K)
@@ -1536,6 +1549,7 @@ class _Eager(torch.autograd.Function):
         return output
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # a second derivative would silently be 0: raise instead
     def backward(ctx, do, dfinal, *unused):
         return _autograd_backward(ctx, do, dfinal, *unused, run=_backward)  # the saved inputs are dense already
 
@@ -1659,6 +1673,7 @@ class _EagerPacked(torch.autograd.Function):
         return output
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # a second derivative would silently be 0: raise instead
     def backward(ctx, do, dfinal, *unused):
         return _packed_autograd_backward(ctx, do, dfinal, *unused, run=_packed_backward)
 

@@ -506,3 +506,14 @@ def test_eager_calls_skip_the_custom_op_and_compiled_calls_keep_it(op):
     assert torch.equal(eager_out, compiled_out)
     for a, b in zip(eager_grads, compiled_grads):
         assert torch.equal(a, b)
+
+
+def test_ce_fp16_input_gradient_survives_the_usual_loss_scale():
+    # GradScaler starts at 65536, past fp16's 65504: the loss scale was cast to fp16 (inf), so every x gradient was
+    # inf or NaN and the step was skipped
+    x, w, targets = ce_inputs(64, 16, 256, torch.float16)
+    x, w = leaves(x, w)
+    (linear_cross_entropy(x, w, targets, chunk_tokens=32, backend="triton") * 65536.0).backward()
+    xr, wr = leaves(x.detach().float(), w.detach().float())
+    F.cross_entropy(xr @ wr.T, targets).backward()
+    assert torch.isfinite(x.grad).all() and rel_err(x.grad.float() / 65536, xr.grad) <= TOL[torch.float16]

@@ -93,6 +93,20 @@ def test_strong_decay(backend, form):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("form", ["token", "channel"])
+@pytest.mark.parametrize("extreme", [-1e4, float("-inf")])
+def test_extreme_log_decays_mixed_with_mild_ones(backend, form, extreme):
+    # 30% of the entries at -1e4 or -inf (log 0: a state reset, as at a document boundary), the rest in [-0.5, 0].
+    # Before the floor: running sums of ~1e5 cost fp32 1e-3 to 6e-3 of the output at -1e4, and -inf gave NaN from
+    # its first token on; naive's recurrence multiplies by e^a and has neither problem.
+    q, k, v, a, h0 = make_inputs(form, 1, 70, 2, 16, 16, torch.float32, with_state=True)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        a.copy_(torch.where(torch.rand(a.shape, generator=g) < 0.3, torch.tensor(extreme), a))
+    check_against_naive_inputs(backend, (q, k, v, a, h0), torch.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("form", FORMS)
 def test_low_precision(backend, form, dtype):
@@ -304,6 +318,8 @@ def test_import_does_not_pull_in_triton():
         (lambda t: {**t, "v": t["v"].double()}, "one dtype"),
         (lambda t: {**t, "q": t["q"][:, :0], "k": t["k"][:, :0], "v": t["v"][:, :0],
                     "log_decay": torch.zeros(2, 0, 3)}, "at least 1"),
+        (lambda t: {**t, "log_decay": torch.full((2, 5, 3), 0.5)}, "log_decay must be <= 0 .* largest value is 0.5"),
+        (lambda t: {**t, "log_decay": torch.full((2, 5, 3), 0.5), "backend": "naive"}, "log_decay must be <= 0"),
     ],
 )
 def test_validation_errors(change, message):
@@ -614,3 +630,12 @@ def test_triton_fused_walks_only_where_they_apply(monkeypatch):
     assert not fused()
     monkeypatch.setattr(tc, "FUSED_MIN_HEADS_PER_SM", 4)
     assert not fused()  # no SMs to count on the CPU
+
+
+def test_triton_refuses_a_second_derivative_instead_of_returning_zero():
+    # before, create_graph=True gave gradients that did not require grad, and a second derivative of 0
+    q, k, v, a, _ = make_inputs("token", 1, 20, 1, 8, 8, torch.float32)
+    o, _ = linear_attention(q, k, v, a, backend="triton")
+    (gq,) = torch.autograd.grad(o.pow(2).sum(), q, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        gq.sum().backward()
