@@ -86,16 +86,25 @@ def linear_attention(
 def _checked(q, k, v, log_decay, initial_state, backend: str, scale: float | None) -> tuple[float, str]:
     """Validate the inputs; the scale (default 1 / sqrt(K)) and the backend "auto" stands for.
 
-    A positive log decay (a state that grows) is refused by the naive and torch backends, outside torch.compile; the
-    Triton backend does not look, since on the GPU the test would cost a pass over the decays and a wait for its
-    answer every call.
+    A positive log decay (a state that grows) is refused by the naive and torch backends, outside torch.compile and
+    vmap; the Triton backend does not look, since on the GPU the test would cost a pass over the decays and a wait
+    for its answer every call.
     """
     _validate(q, k, v, log_decay, initial_state, backend)
     resolved = resolve_backend(backend, q)
-    # Not while compiling: a value-dependent branch would break the graph.
-    if resolved in ("naive", "torch") and not torch.compiler.is_compiling() and bool((log_decay > 0).any()):
+    if resolved in ("naive", "torch") and _any_positive(log_decay):
         raise ValueError(f"log_decay must be <= 0 (a decay of at most 1); its largest value is {log_decay.max().item():.4g}")
     return (q.shape[-1] ** -0.5 if scale is None else scale), resolved
+
+
+def _any_positive(log_decay: torch.Tensor) -> bool:
+    """Whether a log decay is positive; False where the value cannot steer Python (torch.compile, vmap)."""
+    if torch.compiler.is_compiling():  # a value-dependent branch would break the graph
+        return False
+    try:
+        return bool((log_decay > 0).any())
+    except RuntimeError:  # under vmap (packed Mamba2 members) a batched tensor has no single truth value
+        return False
 
 
 def _run(q, k, v, log_decay, scale, initial_state, output_final_state, backend: str):
