@@ -13,11 +13,13 @@ import pandas as pd
 
 from analysis.fits import (
     DEFAULT_PARAMS_COL,
+    LOSS_COLUMNS,
     FitError,
     FitResult,
     FrontierNotIdentified,
     Progress,
     compute_needed,
+    done_runs,
     fit_loss_compute,
     loss_compute_law,
     percentile_interval,
@@ -251,7 +253,9 @@ def niah_table(runs: pd.DataFrame, evals: pd.DataFrame, *, size: str | float = "
     # Hybrids of different ratios answer different questions (how much softmax retrieval needs): never pooled.
     ev = ev.assign(variant=[variant_of(a, h) for a, h in zip(ev["arch"], hybrid)])
     seq_len = ev["seq_len"].astype(float) if "seq_len" in ev.columns else pd.Series(np.nan, index=ev.index)
-    ev = ev.assign(inside=np.where(seq_len.notna(), (ev["length"] <= seq_len).astype(float), np.nan))
+    # 1 inside, 0 beyond, and 2 where a run's seq_len is unknown, so that the max over a cell's runs is unknown
+    # whenever one of them is
+    ev = ev.assign(inside=np.where(seq_len.notna(), (ev["length"] <= seq_len).astype(float), 2.0))
     if size == "largest":
         top = ev.groupby("variant")[params_col].transform("max")
         ev = ev[ev[params_col] == top]
@@ -259,10 +263,12 @@ def niah_table(runs: pd.DataFrame, evals: pd.DataFrame, *, size: str | float = "
         ev = ev[np.isclose(ev[params_col].astype(float), float(size), rtol=1e-6)]
     out = ev.groupby(["arch", "variant", "length", "depth"], as_index=False).agg(
         accuracy=("value", "mean"), n_runs=("run_id", "nunique"), params=(params_col, "max"),
-        in_context=("inside", "min"),  # a cell is in context only if it is for every run pooled in it
+        inside=("inside", "max"), outside=("inside", "min"),
     )
     out["length"] = out["length"].astype(int)
-    out["in_context"] = out["in_context"].map(lambda v: bool(v) if np.isfinite(v) else np.nan).astype(object)
+    # in context only if it is for every run pooled in the cell; unknown if any run's seq_len is
+    out["in_context"] = [np.nan if hi > 1 else bool(lo == 1) for hi, lo in zip(out["inside"], out["outside"])]
+    out["in_context"] = out["in_context"].astype(object)
     return out[cols]
 
 
@@ -362,16 +368,21 @@ def loss_table(runs: pd.DataFrame, *, params_col: str = DEFAULT_PARAMS_COL) -> p
 
     For ablations at one size, such as hybrid ratios, where no loss-compute law can be fitted."""
     cols = ["variant", "params", "tokens", "loss", "best", "n_runs"]
-    r = runs[runs["status"] == "done"] if "status" in runs.columns else runs
+    missing = [c for c in ("arch", params_col, "tokens") if c not in runs.columns]
+    if missing or not any(c in runs.columns for c in LOSS_COLUMNS):
+        raise FitError(f"runs frame is missing column(s) {', '.join(map(repr, missing or ['val_loss']))}")
+    r = done_runs(runs)
     if r.empty:
         return pd.DataFrame(columns=cols)
-    loss = r["val_loss"] if "val_loss" in r.columns else pd.Series(np.nan, index=r.index)
-    if "final_loss" in r.columns:
-        loss = loss.fillna(r["final_loss"])
+    loss = pd.Series(np.nan, index=r.index)
+    for c in LOSS_COLUMNS:  # as the fits take it: val_loss, else final_loss, else loss
+        if c in r.columns:
+            loss = loss.fillna(pd.to_numeric(r[c], errors="coerce"))
     hybrid = r["hybrid"] if "hybrid" in r.columns else pd.Series("", index=r.index)
+    run_id = r["run_id"] if "run_id" in r.columns else pd.Series(r.index.astype(str), index=r.index)
     t = pd.DataFrame({"variant": [variant_of(a, h) for a, h in zip(r["arch"], hybrid)], "params": r[params_col],
-                      "tokens": r["tokens"], "loss": loss, "run_id": r["run_id"]})
-    out = t.groupby(["variant", "params", "tokens"], as_index=False).agg(
+                      "tokens": r["tokens"], "loss": loss, "run_id": run_id})
+    out = t.groupby(["variant", "params", "tokens"], as_index=False, dropna=False).agg(
         loss=("loss", "mean"), best=("loss", "min"), n_runs=("run_id", "nunique"))
     return out.sort_values(["params", "tokens", "loss"]).reset_index(drop=True)[cols]
 
@@ -455,7 +466,10 @@ def _seed_speed(throughput: pd.DataFrame | None) -> list[str]:
     t = throughput
     if t is None or t.empty or not {"lightning", "softmax"} <= set(t["arch"]) or t["seq_len"].nunique() < 2:
         return [f"Not tested: {claim} (no throughput of both at two or more lengths)."]
-    short, long = t["seq_len"].min(), t["seq_len"].max()
+    both = set(t.loc[t["arch"] == "lightning", "seq_len"]) & set(t.loc[t["arch"] == "softmax", "seq_len"])
+    if len(both) < 2:
+        return [f"Not tested: {claim} (no throughput of both at two common lengths)."]
+    short, long = min(both), max(both)
     kept = {}
     for arch in ("lightning", "softmax"):
         s = t[t["arch"] == arch].set_index("seq_len")["tokens_per_s"]

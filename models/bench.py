@@ -70,6 +70,8 @@ def bench_spec(arch: str, params: str, seq_len: int, batch_size: int, steps: int
         d, layers, heads = shape_for_params(target)
         v = 32000
     vocab = vocab or v
+    # The shape is fixed (135M: 12 layers), so not whole periods: softmax at layer 8, the seed study's spacing (1:11
+    # at 12 layers, not its 1:7).
     hybrid = hybrid_pattern(8 if layers >= 8 else layers, layers) if arch == "hybrid" else ""
     ModelConfig(arch, d, layers, heads, vocab, hybrid)  # raises ValueError on an unknown arch, before any training
     return BenchSpec(arch, d, layers, heads, hybrid, vocab, seq_len, batch_size, steps * batch_size * seq_len)

@@ -200,11 +200,13 @@ def hybrid_pattern(value: str | int, n_layers: int) -> str:
 
 
 def hybrid_period(value: str | int) -> int:
-    """The layers after which a hybrid pattern repeats: k for a period k, else the pattern's shortest period."""
+    """The layers after which a hybrid pattern repeats: k for a period k, else the shortest unit whose whole
+    repeats spell the pattern ('LSLS' 2, 'LLSL' 4, 'LLLSLL' 6): as `hybrid_pattern` repeats it."""
     text = str(value).strip().upper()
     if text.isdigit():
         return int(text)
-    return next(p for p in range(1, len(text) + 1) if all(c == text[i % p] for i, c in enumerate(text)))
+    n = len(text)
+    return next(p for p in range(1, n + 1) if n % p == 0 and text == text[:p] * (n // p))
 
 
 def shape_for_params(target_nonembed: float, layer_multiple: int = 1) -> tuple[int, int, int]:
@@ -213,7 +215,7 @@ def shape_for_params(target_nonembed: float, layer_multiple: int = 1) -> tuple[i
     The rule: about 12 d^2 weights per layer, d_model / n_layers = 64, d_model a multiple of 64, heads 64
     wide. So n_layers = round((N / (12 * 64^2))^(1/3)), d_model = 64 * round(sqrt(N / (12 l)) / 64).
     ``layer_multiple`` (a hybrid's period) rounds n_layers to a multiple of it instead, so that every size of a
-    ladder holds whole periods: the same softmax share, and no lightning layers after the last softmax one.
+    ladder holds whole periods of its pattern, and so one softmax share.
     """
     if not target_nonembed > 0:
         raise ValueError(f"params must be positive, got {target_nonembed}")

@@ -616,7 +616,7 @@ def compare(
     compute multiplier is the compute it needs to reach the baseline's loss at C, divided by C (above 1: it needs
     more). NIAH: the largest model of each arch, hybrids by ratio, runs of that size averaged. Where no loss law
     can be compared (one size, as in an ablation), the retrieval tables and the final loss of each variant are
-    still shown, and the command exits 2.
+    still shown (not with --json), and the command exits 2.
 
     Example: slab compare --plan smoke-h100 --baseline softmax
     """

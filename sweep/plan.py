@@ -144,6 +144,8 @@ class PlannedRun:
     tags: str
     #: An expression of the row read ``params``, the total count (embeddings included), not the column's target.
     total_params_read: bool = False
+    #: The row's hybrid period (``models.config.hybrid_period`` of its cell); 1 for other archs.
+    hybrid_period: int = 1
 
 
 @dataclass
@@ -642,10 +644,13 @@ def _build_spec(r: _Resolver, base_dir: Path) -> RunSpec:
     if "niah" in evals and seq_len < NIAH_MIN_SEQ_LEN:
         raise _ColumnError("seq_len", f"niah evals need seq_len >= {NIAH_MIN_SEQ_LEN}, got {seq_len}")
     pairs = max(1, seq_len // MQAR_PAIRS_DIVISOR)
-    if ("mqar" in evals or "mqar" in (p.partition("@")[0] for p in data.split("+"))) and pairs > cfg.vocab_size // 2 - 1:
-        raise _ColumnError("seq_len", f"mqar at seq_len {seq_len} has {pairs} key-value pairs, which need a vocab of "
-                                      f"at least {2 * pairs + 2}, got {cfg.vocab_size}: give a larger vocab or a "
-                                      f"seq_len below {MQAR_PAIRS_DIVISOR * (cfg.vocab_size // 2)}")
+    if "mqar" in evals or "mqar" in (p.partition("@")[0] for p in data.split("+")):
+        if 4 * pairs > seq_len:  # the pairs, then a query slot for each
+            raise _ColumnError("seq_len", f"mqar needs seq_len >= {4 * pairs}, got {seq_len}")
+        if pairs > cfg.vocab_size // 2 - 1:
+            raise _ColumnError("seq_len", f"mqar at seq_len {seq_len} has {pairs} key-value pairs, which need a vocab "
+                                          f"of at least {2 * pairs + 2}, got {cfg.vocab_size}: give a larger vocab or a "
+                                          f"seq_len below {MQAR_PAIRS_DIVISOR * (cfg.vocab_size // 2)}")
     gpus = num("gpus", lambda v: v > 0 and (v <= 1 or v == int(v)), "a fraction in (0, 1] or a whole number")
     return RunSpec(
         arch=cfg.arch,
@@ -773,7 +778,9 @@ def _expand_row(
                 return
             continue
         tags = parsed.get("tags", [""])[0]
-        plan.runs.append(PlannedRun(spec=spec, row=lineno, name=label, tags=tags, total_params_read=resolver.total_params_read))
+        period = resolver._hybrid_period() if spec.arch == "hybrid" else 1
+        plan.runs.append(PlannedRun(spec=spec, row=lineno, name=label, tags=tags, total_params_read=resolver.total_params_read,
+                                    hybrid_period=period))
 
 
 def _label(name_cell: list[str] | None, spec: RunSpec) -> str | None:
@@ -875,7 +882,7 @@ def cost_plans(plans: list[Plan], *, mfu: float = 0.3, gpu_tflops: float = 989.0
             s = run.spec
             if s.schedule != "constant" and s.warmup >= s.steps:
                 warm[(plan.name, run.row)] = warm.get((plan.name, run.row), 0) + 1
-            if s.hybrid and s.n_layers % hybrid_period(s.hybrid):
+            if s.hybrid and s.n_layers % run.hybrid_period:
                 uneven[(plan.name, run.row)] = uneven.get((plan.name, run.row), 0) + 1
             if run.total_params_read:
                 d = s.derived()

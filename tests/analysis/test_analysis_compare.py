@@ -265,3 +265,27 @@ def test_loss_table_per_variant_and_size():
     assert t["variant"].tolist() == ["hybrid 3:1", "hybrid 7:1"]  # by size, then by mean loss
     assert t["loss"].tolist() == pytest.approx([3.1, 3.2]) and t["best"].tolist() == pytest.approx([3.0, 2.9])
     assert t["n_runs"].tolist() == [2, 2]
+
+
+def test_seed_speed_uses_the_lengths_both_were_measured_at_and_loss_table_takes_any_loss_column():
+    # a hybrid measured at a length the others were not (or softmax out of memory there) no longer hides the finding
+    t = compare.throughput_table(pd.DataFrame({
+        "arch": ["softmax"] * 2 + ["lightning"] * 2 + ["hybrid"] * 3, "seq_len": [2048, 32768] * 3 + [65536],
+        "tokens_per_s": [400e3, 140e3, 430e3, 400e3, 420e3, 300e3, 200e3]}))
+    assert compare.seed_study_findings(throughput=t)[-1].startswith("Reproduced: lightning's training speed")
+    runs = runs_frame(np.array([1e7, 1e7]), np.array([1e9, np.nan]), np.array([3.0, 3.4]))
+    runs = runs[["run_id", "arch", "nonembed_params", "tokens"]].assign(loss=[3.0, 3.4])  # a `loss` column only
+    table = compare.loss_table(runs)
+    assert table["loss"].notna().all() and table["n_runs"].sum() == 2  # a NaN token count is kept, not dropped
+    with pytest.raises(FitError, match="tokens"):
+        compare.loss_table(runs.drop(columns=["tokens"]))
+
+
+def test_a_niah_cell_pooling_a_run_of_unknown_context_is_unknown():
+    runs = runs_frame(np.array([1e7, 1e7]), np.array([1e9, 1e9]), np.array([3.0, 3.0]))
+    runs["seq_len"] = [512, np.nan]
+    evals = pd.DataFrame({"run_id": runs["run_id"], "step": [1, 1], "name": ["niah/len=512/depth=0"] * 2,
+                          "value": [1.0, 0.0]})
+    assert compare.niah_table(runs, evals)["in_context"].isna().all()
+    runs["seq_len"] = [512, 512]
+    assert compare.niah_table(runs, evals)["in_context"].tolist() == [True]

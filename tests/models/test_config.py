@@ -57,7 +57,7 @@ def test_shape_for_params_rule():
 
 
 def test_hybrid_period_and_shapes_of_whole_periods():
-    assert [hybrid_period(v) for v in (8, "4", "LS", "lsls", "LLLS", "LLLSLL", hybrid_pattern(8, 12))] == [8, 4, 2, 2, 4, 4, 8]
+    assert [hybrid_period(v) for v in (8, "4", "LS", "lsls", "LLLS", "LLLSLL", "LLSL", hybrid_pattern(8, 16))] == [8, 4, 2, 2, 4, 6, 4, 8]
     # a 1:7 ladder by params: every size holds whole periods of 8 layers, so each has the same softmax share and
     # ends on a softmax layer (before, 12 or 13 layers held one softmax layer, 1:11 and 1:12)
     for target in np.geomspace(20e6, 1.5e9, 12):

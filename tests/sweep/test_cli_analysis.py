@@ -63,7 +63,8 @@ def test_compare_and_report(study_db, tmp_path):
     assert rep.exit_code == 0, rep.output
     assert "against the seed study (MiniMax-01):\n- " in rep.stdout and "Against the seed study" in (out / "report.md").read_text()
     kept = invoke("--db", study_db, "report", "--plan", "syn", "--out", tmp_path / "kept", "--bootstrap", "0", "--edges", "keep")
-    assert kept.exit_code == 0 and "envelope" in (tmp_path / "kept" / "report.md").read_text()
+    fitted = json.loads((tmp_path / "kept" / "fits.json").read_text())
+    assert kept.exit_code == 0 and {f["details"]["edges"] for k, f in fitted.items() if k.startswith("frontier/")} == {"keep"}
     assert invoke("--db", study_db, "report", "--out", tmp_path / "x", "--edges", "none").exit_code == 2
     assert (out / "index.html").exists() and (out / "report.md").exists()
     assert list((out / "figures").glob("*.png")) and list((out / "figures").glob("*.svg"))

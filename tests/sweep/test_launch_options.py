@@ -79,6 +79,12 @@ def test_a_hybrid_ladder_by_params_keeps_whole_periods_and_where_finds_its_sizes
     assert sorted(set(layers)) == [8, 16]  # the rule alone would give 9, 11, 13 and 17 layers
     for target, run in zip(("30M", "70M", "110M", "250M"), plan.runs):
         assert names(plan, f"params={target}") == [run.name]
+    # a pattern that ends in L repeats whole too (LLSL: 4 layers, not the 3 after which its start recurs)
+    plan = load_plan(write_plan(text.replace(",8,", ",LLSL,").replace("30M|70M|110M|250M", "3M|8M|20M|40M")))
+    assert [r.spec.n_layers for r in plan.runs] == [4, 4, 8, 8]
+    assert all(r.spec.hybrid == "LLSL" * (r.spec.n_layers // 4) for r in plan.runs)
+    for target, run in zip(("3M", "8M", "20M", "40M"), plan.runs):
+        assert names(plan, f"params={target}") == [run.name]
 
 
 def test_where_rejects_unknown_names_and_bad_numbers():

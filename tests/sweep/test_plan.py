@@ -317,6 +317,8 @@ def test_mqar_that_the_vocabulary_cannot_hold_is_refused_at_plan_time(write_plan
     with pytest.raises(PlanError, match=r"seq_len.*mqar at seq_len 2080 has 130 key-value pairs, which need a vocab of at "
                                         r"least 262, got 260: give a larger vocab or a seq_len below 2080"):
         load_plan(write_plan(ok.replace("2064", "2080")))
+    with pytest.raises(PlanError, match="mqar needs seq_len >= 4, got 3"):
+        load_plan(write_plan(ok.replace("2064", "3")))
     wide = "arch,d_model,n_layers,tokens,data,evals,seq_len,vocab\nsoftmax,64,2,1e5,stdlib,mqar,2080,512\n"
     assert load_plan(write_plan(wide)).runs[0].spec.vocab_size == 512
 
