@@ -190,16 +190,33 @@ def _fmt(csv_: bool, json_: bool) -> Format:
 
 @app.command()
 def plan(
-    files: list[Path] = typer.Argument(..., help="Plan files (CSV, or XLSX with openpyxl).", show_default=False),
+    files: Optional[list[Path]] = typer.Argument(None, help="Plan files (CSV, or XLSX with openpyxl).", show_default=False),
     mfu: float = typer.Option(0.3, help="Model FLOPs utilisation assumed for the GPU-hours estimate."),
     gpu_tflops: float = typer.Option(989.0, help="Peak dense bf16 TFLOP/s of one GPU (H100 SXM: 989)."),
     max_runs: int = typer.Option(DEFAULT_MAX_RUNS, help="Refuse plans that expand to more runs than this."),
     as_json: bool = typer.Option(False, "--json", help="Print runs and totals as JSON."),
+    columns: bool = typer.Option(False, "--columns", help="List every plan column, its default and meaning, and the derived names expressions may use; no files needed."),
 ) -> None:
-    """Dry run: expand plans into runs and price them (FLOPs, GPU-hours). Writes nothing.
+    """Dry run: expand plans into runs and price them (FLOPs, GPU-hours = FLOPs / (MFU x peak)). Writes nothing.
+
+    A plan is a CSV with one row per block of runs; a cell holds a value, a list (64|128), a range (64..1024*2) or
+    an expression (=20*nonembed_params). Columns: slab plan --columns.
 
     Example: slab plan plans/minimax01.csv --mfu 0.4
     """
+    from sweep.plan import column_reference
+
+    if columns:
+        ref = column_reference()
+        if as_json:
+            sys.stdout.write(json.dumps(ref) + "\n")
+        else:
+            import pandas as pd
+
+            _emit(pd.DataFrame(ref), Format.table, title="plan columns (and derived names)")
+        return
+    if not files:
+        fail("give one or more plan files (or --columns for the columns a plan may have)")
     plans = _plans(files, max_runs)
     try:
         cost = cost_plans(plans, mfu=mfu, gpu_tflops=gpu_tflops)

@@ -77,7 +77,8 @@ COLUMNS: dict[str, Column] = {
     "d_model": Column("int", None, "model width (or give params)"),
     "n_layers": Column("int", None, "number of blocks (or give params)"),
     "n_heads": Column("int", None, "attention heads; default d_model // 64"),
-    "params": Column("float", None, "target non-embedding size, resolved by models.config.shape_for_params"),
+    "params": Column("float", None, "target non-embedding size, resolved by models.config.shape_for_params (a hybrid's "
+                                    "layers in whole periods); in an expression, params is the total count"),
     "hybrid": Column("str", 8, "softmax every k-th layer (8 = one per seven lightning) or a pattern like LLLS"),
     "vocab": Column("int", None, f"vocabulary; default {BYTE_VOCAB_SIZE} for byte data, {MQAR_VOCAB_SIZE} for mqar"),
     "seq_len": Column("int", 512, "training context length"),
@@ -92,11 +93,29 @@ COLUMNS: dict[str, Column] = {
     "grad_clip": Column("float", 1.0, "gradient-norm clipping threshold"),
     "seed": Column("int", 0, "random seed (init and data order)"),
     "data": Column("str", "stdlib", "stdlib | passkey | mqar | a .txt/.bin path; mixtures like stdlib+passkey@0.1"),
-    "evals": Column("list-str", "", "evaluations after training: niah|mqar, or empty"),
+    "evals": Column("list-str", "", "evaluations after training: niah (seq_len >= 104) | mqar, or empty"),
     "eval_every": Column("int", 0, "steps between validation evals (0 = at the end only)"),
     "gpus": Column("float", 1.0, "fraction of one GPU per run (0.25 packs four), or a whole number for data-parallel"),
     "tags": Column("list-str", "", "free labels, e.g. ablation|v2"),
 }
+
+#: What each derived name means in an expression (``=20*params``) or a name template.
+DERIVED_DOCS = {
+    "params": "the model's total parameter count, embeddings included (not the params column's target)",
+    "nonembed_params": "the parameter count without embeddings",
+    "flops_per_token": "training FLOPs per token as models.config counts them (every matmul, head and attention)",
+    "tokens": "the run's training tokens (given, or flops / flops_per_token)",
+    "flops": "the run's training FLOPs (given, or tokens x flops_per_token)",
+}
+assert set(DERIVED_DOCS) == set(DERIVED)
+
+
+def column_reference() -> list[dict[str, str]]:
+    """Every plan column with its default and meaning, then the derived names expressions may use (slab plan --columns)."""
+    rows = [{"name": name, "kind": col.kind, "default": "" if col.default is None else str(col.default), "meaning": col.doc}
+            for name, col in COLUMNS.items()]
+    return rows + [{"name": name, "kind": "derived", "default": "", "meaning": doc} for name, doc in DERIVED_DOCS.items()]
+
 
 _NUM_SUFFIX = {"k": 1e3, "K": 1e3, "M": 1e6, "B": 1e9, "G": 1e9, "T": 1e12}
 _NUM_RE = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?([kKMBGT])?$")

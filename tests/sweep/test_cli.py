@@ -318,3 +318,15 @@ def test_plan_notes_expressions_that_read_the_total_params_under_a_large_vocabul
     assert ":3:" not in result.stdout and ":4:" not in result.stdout  # nonembed_params; a byte vocabulary
     data = json.loads(invoke(runner, "plan", path, "--json").stdout)
     assert [(d["row"], d["runs"]) for d in data["total_params_read"]] == [(2, 1)]
+
+
+def test_plan_columns_lists_every_column_and_derived_name(runner):
+    from sweep.plan import COLUMNS, DERIVED
+
+    data = json.loads(invoke(runner, "plan", "--columns", "--json").stdout)
+    assert [d["name"] for d in data] == [*COLUMNS, *DERIVED]
+    assert {d["name"]: d["default"] for d in data}["seq_len"] == "512"
+    table = invoke(runner, "plan", "--columns")
+    assert table.exit_code == 0 and "nonembed_params" in table.stdout and "warmup" in table.stdout
+    bare = invoke(runner, "plan")
+    assert bare.exit_code == 2 and "give one or more plan files (or --columns" in bare.stderr
