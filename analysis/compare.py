@@ -463,11 +463,9 @@ def _pct(v: float) -> str:
 def _seed_speed(throughput: pd.DataFrame | None) -> list[str]:
     """The seed study's speed finding: lightning's tokens/s flat with sequence length, softmax's falling."""
     claim = "lightning's training speed stays flat with sequence length while softmax's falls"
-    t = throughput
-    if t is None or t.empty or not {"lightning", "softmax"} <= set(t["arch"]) or t["seq_len"].nunique() < 2:
-        return [f"Not tested: {claim} (no throughput of both at two or more lengths)."]
+    t = throughput if throughput is not None else pd.DataFrame(columns=["arch", "seq_len", "tokens_per_s"])
     both = set(t.loc[t["arch"] == "lightning", "seq_len"]) & set(t.loc[t["arch"] == "softmax", "seq_len"])
-    if len(both) < 2:
+    if len(both) < 2:  # lengths both were measured at (softmax may have run out of memory at the longest)
         return [f"Not tested: {claim} (no throughput of both at two common lengths)."]
     short, long = min(both), max(both)
     kept = {}
