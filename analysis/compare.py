@@ -224,6 +224,13 @@ def _last_evals(evals: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
     return ev.merge(runs[keep], on="run_id", how="inner")
 
 
+def niah_grid(niah: pd.DataFrame) -> pd.DataFrame:
+    """A `niah_table` as a grid to read: one row per variant and depth, one column of accuracy per length."""
+    t = niah.pivot_table(index=["variant", "depth"], columns="length", values="accuracy").reset_index()
+    t.columns = [str(c) if not isinstance(c, (int, np.integer)) else f"len {c}" for c in t.columns]
+    return t
+
+
 def variant_of(arch: str, hybrid: str | float | None) -> str:
     """The name a result is reported under: the arch, or for a hybrid its ratio ('hybrid 7:1')."""
     if str(arch) != "hybrid":

@@ -28,6 +28,7 @@ from analysis.compare import (  # noqa: E402
     fit_per_arch,
     loss_table,
     mqar_table,
+    niah_grid,
     niah_table,
     ratio_label,
     seed_study_findings,
@@ -668,10 +669,8 @@ def _blocks(title, runs, metrics, evals, findings, seed, skipped, figures, capti
                        "divided by C."))
         b.append(("table", t))
     if niah is not None and not niah.empty:
-        t = niah.pivot_table(index=["variant", "depth"], columns="length", values="accuracy").reset_index()
-        t.columns = [str(c) if not isinstance(c, (int, np.integer)) else f"len {c}" for c in t.columns]
         b.append(("h3", "NIAH accuracy by length and depth (largest model of each arch; hybrids by ratio)"))
-        b.append(("table", t.map(_fmt)))
+        b.append(("table", niah_grid(niah).map(_fmt)))
     if losses is not None and not losses.empty:
         b.append(("h3", "Final loss by variant and size (no loss-compute law could be compared)"))
         b.append(("p", "loss: each run's final validation loss (its training loss where it has none), mean and best "

@@ -637,7 +637,7 @@ def compare(
 
     Example: slab compare --plan smoke-h100 --baseline softmax
     """
-    from analysis.compare import compare_archs, loss_table, mqar_table, niah_table
+    from analysis.compare import compare_archs, loss_table, mqar_table, niah_grid, niah_table
     from analysis.fits import FitError
 
     if edges not in ("auto", "drop", "keep"):
@@ -674,8 +674,9 @@ def compare(
               title="final loss by variant and size (validation loss; training loss where none)")
     niah = niah_table(runs, evals)
     if not niah.empty:
-        _emit(niah.assign(params=niah["params"].map(si)).round(3), Format.table,
-              title="needle in a haystack (accuracy; largest model of each variant)")
+        sizes = ", ".join(f"{v} {si(p)}" for v, p in niah.groupby("variant")["params"].max().items())
+        _emit(niah_grid(niah).round(3), Format.table,
+              title=f"needle in a haystack, accuracy by depth and length (largest model of each: {sizes})")
     mqar = mqar_table(runs, evals)
     if not mqar.empty:
         t = mqar[["arch", "ratio_label", "params", "name", "accuracy", "best", "n_runs"]]
