@@ -225,8 +225,9 @@ def _last_evals(evals: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
 
 
 def niah_grid(niah: pd.DataFrame) -> pd.DataFrame:
-    """A `niah_table` as a grid to read: one row per variant and depth, one column of accuracy per length."""
-    t = niah.pivot_table(index=["variant", "depth"], columns="length", values="accuracy").reset_index()
+    """A `niah_table` as a grid to read: one row per variant and depth, one column of accuracy (%) per length."""
+    t = niah.assign(accuracy=100 * niah["accuracy"])
+    t = t.pivot_table(index=["variant", "depth"], columns="length", values="accuracy").reset_index()
     t.columns = [str(c) if not isinstance(c, (int, np.integer)) else f"len {c}" for c in t.columns]
     return t
 

@@ -513,19 +513,19 @@ def _fig_niah(niah):
     variants = sorted(niah["variant"].unique())
     fig, axes = _panels(len(variants), width=4.0, height=3.2, sharey=False)
     for ax, variant in zip(axes, variants):
-        t = niah[niah["variant"] == variant].pivot_table(index="depth", columns="length", values="accuracy")
-        im = ax.imshow(t.to_numpy(), cmap="cividis", vmin=0, vmax=1, aspect="auto", origin="lower")
+        t = niah[niah["variant"] == variant].pivot_table(index="depth", columns="length", values="accuracy") * 100
+        im = ax.imshow(t.to_numpy(), cmap="cividis", vmin=0, vmax=100, aspect="auto", origin="lower")
         ax.set_xticks(range(t.shape[1]), [str(int(c)) for c in t.columns], fontsize=7)
         ax.set_yticks(range(t.shape[0]), [f"{d:g}" for d in t.index], fontsize=7)
         for (r, c), v in np.ndenumerate(t.to_numpy()):
             if np.isfinite(v):
-                ax.text(c, r, f"{100 * v:.0f}", ha="center", va="center", fontsize=6,
-                        color="white" if v < 0.5 else "black")
+                ax.text(c, r, f"{v:.0f}", ha="center", va="center", fontsize=6,
+                        color="white" if v < 50 else "black")
         params = niah[niah["variant"] == variant]["params"].max()
         ax.set_title(f"{variant} ({params:.3g} params)", fontsize=9)
         ax.set_xlabel("context length (tokens)")
         ax.set_ylabel("needle depth (fraction)")
-    fig.colorbar(im, ax=axes, label="exact-match accuracy")
+    fig.colorbar(im, ax=axes, label="exact-match accuracy (%)")
     return fig, ("Needle-in-a-haystack accuracy (%) by context length and needle depth, largest model of each arch "
                  "(hybrids by ratio).")
 
@@ -669,7 +669,7 @@ def _blocks(title, runs, metrics, evals, findings, seed, skipped, figures, capti
                        "divided by C."))
         b.append(("table", t))
     if niah is not None and not niah.empty:
-        b.append(("h3", "NIAH accuracy by length and depth (largest model of each arch; hybrids by ratio)"))
+        b.append(("h3", "NIAH accuracy (%) by length and depth (largest model of each arch; hybrids by ratio)"))
         b.append(("table", niah_grid(niah).map(_fmt)))
     if losses is not None and not losses.empty:
         b.append(("h3", "Final loss by variant and size (no loss-compute law could be compared)"))

@@ -675,8 +675,9 @@ def compare(
     niah = niah_table(runs, evals)
     if not niah.empty:
         sizes = ", ".join(f"{v} {si(p)}" for v, p in niah.groupby("variant")["params"].max().items())
-        _emit(niah_grid(niah).round(3), Format.table,
-              title=f"needle in a haystack, accuracy by depth and length (largest model of each: {sizes})")
+        grid = niah_grid(niah)
+        _emit(grid.round({c: 1 for c in grid.columns if c.startswith("len ")}), Format.table,
+              title=f"needle in a haystack, accuracy (%) by depth and length (largest model of each: {sizes})")
     mqar = mqar_table(runs, evals)
     if not mqar.empty:
         t = mqar[["arch", "ratio_label", "params", "name", "accuracy", "best", "n_runs"]]

@@ -114,6 +114,16 @@ def test_niah_table_uses_the_last_step():
     assert compare.niah_table(runs, evals)["accuracy"].tolist() == [0.9]
 
 
+def test_niah_grid_reads_in_percent(data):
+    """The grid users read (compare, report) is in percent, as the findings are: one column per length."""
+    t = compare.niah_table(data.runs, data.evals)
+    g = compare.niah_grid(t)
+    assert [c for c in g.columns if c.startswith("len ")] == ["len 512", "len 1024", "len 2048", "len 4096"]
+    cell = t[(t["variant"] == "softmax") & (t["length"] == 1024) & (t["depth"] == 0.5)]["accuracy"].iloc[0]
+    row = g[(g["variant"] == "softmax") & (g["depth"] == 0.5)]
+    assert row["len 1024"].iloc[0] == pytest.approx(100 * cell)
+
+
 def test_mqar_table_by_ratio_and_size(data):
     t = compare.mqar_table(data.runs, data.evals)
     assert set(t["ratio_label"]) >= {"softmax", "linear only", "7:1", "3:1"}

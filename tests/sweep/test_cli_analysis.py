@@ -1,6 +1,6 @@
 """slab fit / compare / report on a database holding a synthetic study, and on an external CSV."""
-
 import json
+import re
 
 import pytest
 from typer.testing import CliRunner
@@ -158,7 +158,7 @@ def test_compare_of_a_one_size_ablation_shows_retrieval_by_ratio_and_exits_2(tmp
                            tokens=500_000_000, flops=8e16, final_loss=1.0 + i / 10, val_loss=1.1 + i / 10 + seed / 100, spec=spec))
                 db.flush()
                 db.execute(Eval.__table__.insert(), [
-                    {"run_id": run_id, "step": 100, "name": f"niah/len={n}/depth=0.5", "value": (0.9, 0.1, 0.8, 0.5)[i]}
+                    {"run_id": run_id, "step": 100, "name": f"niah/len={n}/depth=0.25", "value": (0.9, 0.1, 0.8, 0.5)[i]}
                     for n in (1024, 2048)])
     engine.dispose()
     result = invoke("--db", url, "compare")
@@ -167,3 +167,5 @@ def test_compare_of_a_one_size_ablation_shows_retrieval_by_ratio_and_exits_2(tmp
     for variant in ("softmax", "lightning", "hybrid 3:1", "hybrid 7:1"):
         assert variant in result.stdout
     assert "1.105" in result.stdout  # softmax's mean final validation loss over its two seeds
+    # NIAH in percent, as the findings are, with the depth as it was (not rounded to 0.2)
+    assert re.search(r"softmax\s*│\s*0\.25\s*│\s*90(\.0)?\s*│\s*90(\.0)?\s*│", result.stdout), result.stdout
