@@ -97,8 +97,9 @@ def linear_cross_entropy(
 ) -> torch.Tensor:
     """Mean cross-entropy (fp32 scalar) of logits x @ weight.T, x (..., d), weight (V, d), targets x.shape[:-1].
 
-    Targets equal to ignore_index count in neither the sum nor the mean; others must lie in [0, V). The triton
-    backend never materialises the (N, V) logits (chunk_tokens per chunk; None picks default_chunk_tokens).
+    Targets equal to ignore_index count in neither the sum nor the mean; others must lie in [0, V) (the triton
+    backend, which does not sync to check, returns NaN for one outside it). The triton backend never materialises
+    the (N, V) logits (chunk_tokens per chunk; None picks default_chunk_tokens).
     Under autocast x and weight are cast to the autocast dtype first, as a Linear head would be.
     """
     _check_float("x", x)

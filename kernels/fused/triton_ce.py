@@ -80,9 +80,12 @@ def _ce_kernel(logits_ptr, targets_ptr, loss_ptr, n_valid_ptr, V, ignore_index, 
     ptr = logits_ptr + row * V
     target = tl.load(targets_ptr + row)
     valid = target != ignore_index
+    # A target outside [0, V) cannot be refused without a host sync; it makes the row's loss and gradient NaN
+    # instead, so that the mean loss shows it, rather than the logsumexp alone passing for a loss.
+    poison = tl.where(valid & ((target < 0) | (target >= V)), float("nan"), 0.0)
     cols = tl.arange(0, BLOCK_V)
     # n_valid is 0 only when every row is ignored, and then every row's gradient is zero anyway.
-    scale = tl.where(valid, 1.0 / tl.maximum(tl.load(n_valid_ptr), 1.0), 0.0)
+    scale = tl.where(valid, 1.0 / tl.maximum(tl.load(n_valid_ptr), 1.0), 0.0) + poison
     if ONE_PASS:
         # The whole row in registers: one read, and the gradient written from it. The target's logit is loaded on
         # its own and its gradient stored last, so that no (BLOCK_V,) comparison with the target is held: with it
@@ -97,7 +100,7 @@ def _ce_kernel(logits_ptr, targets_ptr, loss_ptr, n_valid_ptr, V, ignore_index, 
             m = _max16(z16)
             s = tl.sum(tl.exp(z16.to(tl.float32) - m), axis=0)
             lse = m + tl.log(s)
-            tl.store(loss_ptr + row, tl.where(valid, lse - z_target, 0.0))
+            tl.store(loss_ptr + row, tl.where(valid, lse - z_target, 0.0) + poison)
             if WRITE_GRAD:
                 g = tl.exp(_widen(z16) - lse) * scale
                 tl.store(ptr + cols, g.to(logits_ptr.dtype.element_ty), mask=mask)
@@ -106,7 +109,7 @@ def _ce_kernel(logits_ptr, targets_ptr, loss_ptr, n_valid_ptr, V, ignore_index, 
             m = tl.max(z, axis=0)
             p = tl.exp(z - m)
             s = tl.sum(p, axis=0)
-            tl.store(loss_ptr + row, tl.where(valid, m + tl.log(s) - z_target, 0.0))
+            tl.store(loss_ptr + row, tl.where(valid, m + tl.log(s) - z_target, 0.0) + poison)
             if WRITE_GRAD:
                 tl.store(ptr + cols, (p * (scale / s)).to(logits_ptr.dtype.element_ty), mask=mask)
         if WRITE_GRAD:
@@ -126,7 +129,7 @@ def _ce_kernel(logits_ptr, targets_ptr, loss_ptr, n_valid_ptr, V, ignore_index, 
             # Picked out of the loaded slice rather than loaded on its own: no scalar gather, no access past V.
             z_target += tl.sum(tl.where(v0 + cols == target, z, 0.0), axis=0)
         lse = m + tl.log(s)
-        tl.store(loss_ptr + row, tl.where(valid, lse - z_target, 0.0))
+        tl.store(loss_ptr + row, tl.where(valid, lse - z_target, 0.0) + poison)
         if WRITE_GRAD:
             for v0 in range(0, V, BLOCK_V):
                 mask = v0 + cols < V

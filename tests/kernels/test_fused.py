@@ -269,6 +269,27 @@ def test_ce_all_ignored_is_nan_with_zero_gradients_like_torch():
     assert torch.equal(x.grad, torch.zeros_like(x)) and torch.equal(w.grad, torch.zeros_like(w))
 
 
+@pytest.mark.parametrize("one_pass", [True, False])
+@pytest.mark.parametrize("bad", [40, 1000, -5])
+def test_ce_target_out_of_range_gives_nan_not_a_loss(bad, one_pass, monkeypatch):
+    """torch refuses a class index outside [0, V); the kernel cannot without a host sync, so the loss and that row's
+    gradient come out NaN (before, the row's loss was its logsumexp, a plausible number); other rows are untouched."""
+    from kernels.fused import triton_ce
+
+    if not one_pass:
+        monkeypatch.setattr(triton_ce, "ONE_PASS_MAX_V", 16)
+        monkeypatch.setattr(triton_ce, "MAX_BLOCK_V", 16)
+    x, w, targets = ce_inputs(6, 16, 40, torch.float32, ignored=[2])
+    targets[3] = bad
+    with pytest.raises((IndexError, RuntimeError)):
+        F.cross_entropy(x @ w.T, targets)
+    x, w = leaves(x, w)
+    loss = linear_cross_entropy(x, w, targets, chunk_tokens=4, backend="triton")
+    loss.backward()
+    assert torch.isnan(loss)
+    assert torch.isnan(x.grad[3]).all() and torch.isfinite(x.grad[[0, 1, 4, 5]]).all()
+
+
 @pytest.mark.parametrize("needs", [(True, False), (False, True), (False, False)])
 def test_ce_gradient_only_where_required(needs):
     x, w, targets = ce_inputs(11, 16, 50, torch.float32, ignored=[0])
