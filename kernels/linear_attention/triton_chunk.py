@@ -99,6 +99,9 @@ FUSED_MIN_HEADS_PER_SM: float | None = 1.4
 #: inputs on a GPU (fp32 inputs keep the exact scan; under the interpreter it takes fp32 operands); True: always (the
 #: tests); False: never.
 DA_BY_DOT: bool | None = None
+#: The most (batch, head) pairs one launch takes: the kernels put them on a grid's y or z axis, which CUDA caps at
+#: 65535. `linear_attention_triton` runs a larger batch in pieces.
+MAX_BATCH_HEADS = 65535
 
 
 def _interpreting() -> bool:
@@ -1186,6 +1189,9 @@ class _Plan:
     def __init__(self, q: torch.Tensor, v: torch.Tensor, log_decay: torch.Tensor, saved: tuple | None = None,
                  k: torch.Tensor | None = None, qs: int = 1):
         self.B, self.T, self.H, self.K = q.shape
+        if self.B * self.H > MAX_BATCH_HEADS:  # reached only where the batch was not split first (vmap's members)
+            raise ValueError(f"the triton backend takes at most {MAX_BATCH_HEADS} (batch x heads) pairs in one call, "
+                             f"got {self.B} x {self.H}; pass the batch in smaller pieces")
         self.V = v.shape[-1]
         self.decay = {1: 0, 3: 1, 4: 2}[log_decay.dim()]
         # q, k, v (and their gradients): dense (qs 1) or views of one packed (B, T, 3, H, D) tensor (qs 3, `_load_in`);
@@ -1689,6 +1695,9 @@ def linear_attention_triton_packed(
     packed."""
     if log_decay.dim() == 4:
         raise ValueError("the packed kernels take constant or per-token decays; per channel, pass q, k, v apart")
+    if qkv.shape[0] * qkv.shape[3] > MAX_BATCH_HEADS:
+        return _in_batch_pieces(linear_attention_triton_packed, qkv.shape[3], (qkv,), log_decay, initial_state, scale,
+                                output_final_state)
     args = (qkv.contiguous(), *_dense_decay_state(log_decay, initial_state), float(scale))
     o, final = _run_op(_packed_fwd_op, _EagerPacked, args)
     return o, (final if output_final_state else None)
@@ -1714,6 +1723,20 @@ def linear_attention_triton(
     output_final_state: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Chunked Triton forward (and autograd backward); CUDA tensors, or CPU ones under TRITON_INTERPRET=1."""
+    if q.shape[0] * q.shape[2] > MAX_BATCH_HEADS:
+        return _in_batch_pieces(linear_attention_triton, q.shape[2], (q, k, v), log_decay, initial_state, scale,
+                                output_final_state)
     # Made dense before the op, so that the tensors it saves for the backward need no second copy there.
     o, final = _run_op(_fwd_op, _Eager, (*_dense(q, k, v, log_decay, initial_state), float(scale)))
     return o, (final if output_final_state else None)
+
+
+def _in_batch_pieces(run, heads: int, batched: tuple, log_decay, initial_state, scale, output_final_state):
+    """`run` over pieces of the batch of at most MAX_BATCH_HEADS (batch, head) pairs each, its outputs joined."""
+    if heads > MAX_BATCH_HEADS:
+        raise ValueError(f"the triton backend takes at most {MAX_BATCH_HEADS} heads, got {heads}")
+    step, B = MAX_BATCH_HEADS // heads, batched[0].shape[0]
+    outs = [run(*(x[i:i + step] for x in batched), log_decay if log_decay.dim() == 1 else log_decay[i:i + step],
+                scale, None if initial_state is None else initial_state[i:i + step], output_final_state)
+            for i in range(0, B, step)]
+    return torch.cat([o for o, _ in outs]), (torch.cat([f for _, f in outs]) if output_final_state else None)

@@ -462,6 +462,43 @@ def test_triton_compiles_in_one_graph(form):
     assert_compiled_matches_eager(f, inputs)
 
 
+@pytest.mark.parametrize("form", FORMS)
+def test_triton_batch_beyond_the_grid_runs_in_pieces(monkeypatch, form):
+    """CUDA caps a grid's y and z at 65535, where the kernels put batch x heads: a larger batch runs in pieces (here
+    the cap lowered to 5, so B 3 x H 2 runs as batches of 2 and 1), outputs, state and every gradient as naive's."""
+    from kernels.linear_attention import triton_chunk
+
+    monkeypatch.setattr(triton_chunk, "MAX_BATCH_HEADS", 5)
+    pieces = []
+    plan = triton_chunk._Plan.__init__
+
+    def counting(self, q, *args, **kwargs):
+        pieces.append(q.shape[0])
+        plan(self, q, *args, **kwargs)
+
+    monkeypatch.setattr(triton_chunk._Plan, "__init__", counting)
+    check_against_naive("triton", form, 3, 37, 2, 16, 8, torch.float32)
+    assert pieces and set(pieces) == {2, 1}  # no plan of the whole batch, which the cap would refuse
+    if form != "channel":
+        q, k, v, a, h0 = make_inputs(form, 3, 37, 2, 16, 16, torch.float32, with_state=True)
+        qkv = torch.stack((q, k, v), dim=2).detach().requires_grad_()
+        g = torch.Generator().manual_seed(1)
+        do, dht = torch.randn(v.shape, generator=g), torch.randn(h0.shape, generator=g)
+        for x, y in zip(run_packed("triton", qkv, a, h0, do, dht), run_packed("naive", qkv, a, h0, do, dht)):
+            assert rel_err(x, y) <= TOL[torch.float32]
+
+
+def test_triton_refuses_more_heads_than_the_grid_takes(monkeypatch):
+    from kernels.linear_attention import triton_chunk
+
+    monkeypatch.setattr(triton_chunk, "MAX_BATCH_HEADS", 3)
+    q, k, v, a, _ = make_inputs("token", 2, 5, 4, 16, 16, torch.float32)
+    with pytest.raises(ValueError, match="at most 3 heads, got 4"):
+        linear_attention(q, k, v, a, backend="triton")
+    with pytest.raises(ValueError, match=r"at most 3 \(batch x heads\) pairs in one call, got 2 x 2"):
+        triton_chunk._Plan(q[:, :, :2], v[:, :, :2], a[:, :, :2])  # unsplit, as under vmap
+
+
 # --------------------------------------------------------------------------- q, k, v packed as one tensor
 
 
