@@ -651,7 +651,9 @@ def _build_spec(r: _Resolver, base_dir: Path) -> RunSpec:
     num(budget_col, lambda v: v > 0, "a positive number")
     tokens = int(round(num("tokens", lambda v: v >= 1, "at least one token")))
     steps = max(1, math.ceil(tokens / (batch * seq_len)))
-    warm = num("warmup", lambda v: v >= 0, "a number >= 0")
+    # 2.5 would be cut to 2 steps without a word: steps are whole, fractions below 1
+    warm = num("warmup", lambda v: v >= 0 and (v < 1 or v == int(v)),
+               "a fraction of the run's steps below 1, or a whole number of steps")
     warmup = int(round(warm * steps)) if warm < 1 else int(warm)
     evals = tuple(e for e in text("evals").split("|") if e)
     bad = [e for e in evals if e not in EVALS]

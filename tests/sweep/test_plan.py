@@ -129,6 +129,7 @@ ERRORS = [
     ("arch,d_model,n_layers,tokens,evals\nsoftmax,64,2,1e5,niah|bogus\n", ":2:evals: expected evals among"),
     ("arch,d_model,n_layers,tokens,gpus\nsoftmax,64,2,1e5,1.5\n", ":2:gpus: expected a fraction"),
     ("arch,d_model,n_layers,tokens,schedule\nsoftmax,64,2,1e5,linear\n", ":2:schedule: expected one of cosine"),
+    ("arch,d_model,n_layers,tokens,warmup\nsoftmax,64,2,1e5,2.5\n", ":2:warmup: expected a fraction of the run's steps below 1, or a whole number of steps, got 2.5"),
     ("", ": the plan is empty"),
     ("# only a comment\n\n", ": the plan is empty"),
     (HEADER, ":1: the plan has a header but no rows"),
