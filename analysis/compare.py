@@ -395,6 +395,32 @@ def loss_table(runs: pd.DataFrame, *, params_col: str = DEFAULT_PARAMS_COL) -> p
     return out.sort_values(["params", "tokens", "loss"]).reset_index(drop=True)[cols]
 
 
+#: Below this many runs of an arch a bootstrap that resamples runs has little to draw from: its intervals are unknown
+#: (with 3 runs the best loss of a resample can only rise, so an interval sits on one side of the estimate).
+MIN_BOOTSTRAP_RUNS = 5
+
+
+def few_runs(comparison: ArchComparison) -> dict[str, int]:
+    """The archs whose frontier fit rests on fewer than MIN_BOOTSTRAP_RUNS runs, with their run counts."""
+    counts = {a: f.details.get("n_runs") for a, f in comparison.fits.items()}
+    return {a: int(n) for a, n in sorted(counts.items()) if n is not None and n < MIN_BOOTSTRAP_RUNS}
+
+
+def _few_runs_line(few: dict[str, int]) -> str:
+    """The report's caveat on intervals that rest on too few runs."""
+    names = list(few)
+    who = names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
+    counts = set(few.values())
+    rest = (_n_runs(counts.pop()) + ("" if len(names) == 1 else " each") if len(counts) == 1
+            else ", ".join(f"{_n_runs(n)} of {a}" for a, n in few.items()))
+    return (f"The intervals of {who} rest on {rest}, too few to resample (at least {MIN_BOOTSTRAP_RUNS} are "
+            "needed): read them as unknown.")
+
+
+def _n_runs(n: int) -> str:
+    return f"{n} run" + ("" if n == 1 else "s")
+
+
 #: What "matches", "fails" and "flat" mean below (plain thresholds, stated in the report's lines).
 SEED_LOSS_MATCH = 0.02  # without a bootstrap interval: lightning's loss at most 2% above softmax's
 SEED_NIAH_PASS = 0.5  # softmax must retrieve at least this often in context for a retrieval gap to show
@@ -423,12 +449,20 @@ def seed_study_findings(
         row = sub.loc[sub["C"].idxmax()]
         rel, lo, hi = row["rel_gap"], row["rel_gap_lo"], row["rel_gap_hi"]
         ci = f" (95% CI {100 * lo:+.1f}% to {100 * hi:+.1f}%)" if np.isfinite(lo) else ""
-        # MiniMax-01's lightning law lay at or below softmax's; only a loss measurably above it contradicts that
-        worse = lo > 0 if np.isfinite(lo) else rel > SEED_LOSS_MATCH
-        lines.append(f"{'Not reproduced' if worse else 'Reproduced'}: {claim}: lightning's loss is {100 * rel:+.1f}% "
-                     f"from softmax's at C={row['C']:.2g} FLOPs{ci}, needing {row['multiplier']:.3g}x its compute; "
-                     f"matching means not measurably above softmax (an interval that holds no difference, or lies "
-                     f"below; without an interval, within {100 * SEED_LOSS_MATCH:.0f}%).")
+        at = (f"lightning's loss is {100 * rel:+.1f}% from softmax's at C={row['C']:.2g} FLOPs{ci}, needing "
+              f"{row['multiplier']:.3g}x its compute")
+        few = {a: n for a, n in few_runs(comparison).items() if a in ("lightning", "softmax")}
+        if few:
+            # an interval from a handful of runs says nothing, and a point estimate from them no more
+            lines.append(f"Not tested: {claim}: {at}, but the comparison rests on "
+                         f"{' and '.join(f'{_n_runs(n)} of {a}' for a, n in few.items())}, too few to tell a "
+                         f"difference from noise (at least {MIN_BOOTSTRAP_RUNS} of each are needed).")
+        else:
+            # MiniMax-01's lightning law lay at or below softmax's; only a loss measurably above it contradicts that
+            worse = lo > 0 if np.isfinite(lo) else rel > SEED_LOSS_MATCH
+            lines.append(f"{'Not reproduced' if worse else 'Reproduced'}: {claim}: {at}; matching means not "
+                         f"measurably above softmax (an interval that holds no difference, or lies below; without an "
+                         f"interval, within {100 * SEED_LOSS_MATCH:.0f}%).")
     # 2. Lightning fails needle-in-a-haystack where softmax passes; 3. the hybrid fixes it.
     claim2, claim3 = "lightning fails needle-in-a-haystack where softmax passes", "a hybrid matches or beats softmax on it"
     inside = None
@@ -502,6 +536,8 @@ def summary_findings(
         lines.append("At most budgets the best run is the smallest model trained there, so each arch's loss-compute "
                      "law follows these runs' envelope, an upper bound of its compute-optimal frontier (train "
                      "smaller models to pin the frontier down); the comparison below compares envelopes.")
+    if comparison is not None and few_runs(comparison):
+        lines.append(_few_runs_line(few_runs(comparison)))
     if comparison is not None and not comparison.gaps.empty:
         g = comparison.gaps
         for arch, sub in g.groupby("arch", sort=True):

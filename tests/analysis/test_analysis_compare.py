@@ -268,6 +268,23 @@ def test_seed_study_loss_match_when_the_interval_holds_no_difference():
     assert compare.seed_study_findings(same)[0].startswith("Reproduced: lightning matches softmax on loss")
 
 
+def test_seed_study_loss_not_tested_and_intervals_unknown_on_few_runs():
+    """With 3 runs an arch's bootstrap can only raise the best loss, so its interval is one-sided: the smoke study's
+    report had called lightning's loss 'Reproduced' on such intervals, which the CLI itself called unknown."""
+    runs = pd.concat([frontier_runs("softmax", 1.0, 0), frontier_runs("lightning", 1.0, 1)], ignore_index=True)
+    same = compare.compare_archs(runs, budgets=[1e18, 1e20], n_bootstrap=50, seed=0)
+    assert not compare.few_runs(same)
+    assert not any("read them as unknown" in line for line in compare.summary_findings(same))
+    for fit in same.fits.values():
+        fit.details["n_runs"] = 3
+    assert compare.few_runs(same) == {"lightning": 3, "softmax": 3}
+    line = compare.seed_study_findings(same)[0]
+    assert line.startswith("Not tested: lightning matches softmax on loss: lightning's loss is ")
+    assert "rests on 3 runs of lightning and 3 runs of softmax, too few" in line
+    assert ("The intervals of lightning and softmax rest on 3 runs each, too few to resample (at least 5 are needed): "
+            "read them as unknown.") in compare.summary_findings(same)
+
+
 def test_loss_table_per_variant_and_size():
     runs = runs_frame(np.array([1e7] * 4), np.array([1e9] * 4), np.array([3.0, 3.2, 2.9, 3.5]), arch="hybrid")
     runs["hybrid"] = ["LLLS", "LLLS", "LLLLLLLS", "LLLLLLLS"]
