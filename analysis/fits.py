@@ -28,6 +28,9 @@ Progress = Callable[[int, int], None]
 log = logging.getLogger(__name__)
 
 DEFAULT_PARAMS_COL = "nonembed_params"
+#: Bootstrap resamples slab fit, compare and report take unless told: one count, so that the three print the same
+#: intervals for the same runs (a report fits every arch by several approaches, so more would slow it).
+CLI_BOOTSTRAP = 200
 LOSS_COLUMNS = ("val_loss", "final_loss", "loss")
 HUBER_DELTA = 1e-3
 # The initialisation grid of Hoffmann et al. 2022 (REFERENCES.md §2), in the original parameterisation.

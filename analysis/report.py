@@ -36,6 +36,7 @@ from analysis.compare import (  # noqa: E402
     throughput_table,
 )
 from analysis.fits import (  # noqa: E402
+    CLI_BOOTSTRAP,
     DEFAULT_PARAMS_COL,
     ComputeRule,
     FitError,
@@ -104,7 +105,7 @@ def write_report(
     throughput: pd.DataFrame | None = None,
     title: str = "scalinglab report",
     fits: Mapping[str, FitResult] | None = None,
-    bootstrap: int = 200,
+    bootstrap: int = CLI_BOOTSTRAP,
     seed: int = 0,
     progress: Progress | None = None,
     params_col: str = DEFAULT_PARAMS_COL,

@@ -470,8 +470,6 @@ def launch(
         raise typer.Exit(1)
 
 
-#: Below this many runs `slab fit` warns that its bootstrap intervals (resampling runs) say little.
-MIN_BOOTSTRAP_RUNS = 5
 
 
 class Method(str, Enum):
@@ -486,6 +484,8 @@ class Method(str, Enum):
 
 def _warn_few_runs(runs, bootstrap: int, by_arch: bool = True) -> None:
     """Warn on stderr when a fit's bootstrap would resample fewer than MIN_BOOTSTRAP_RUNS runs (per arch)."""
+    from analysis.compare import MIN_BOOTSTRAP_RUNS
+
     if not bootstrap:
         return
     counts = runs["arch"].value_counts().sort_index() if by_arch and "arch" in runs else {"": len(runs)}
@@ -539,9 +539,9 @@ def _analysis_inputs(ctx: typer.Context, plan: str | None, arch: str | None):
 def fit(
     ctx: typer.Context,
     plan: Optional[str] = typer.Option(None, help="Only runs of this plan."),
-    arch: Optional[str] = typer.Option(None, help="Only this architecture (default: all runs together)."),
+    arch: Optional[str] = typer.Option(None, help="Only this architecture; needed where the runs hold several (one law over several would mix them; slab compare fits each)."),
     method: Method = typer.Option(Method.frontier, help="frontier: L = E + A C^-alpha; power: L = A C^-alpha; 1, 2, 3: Chinchilla approaches."),
-    bootstrap: int = typer.Option(1000, min=0, help="Bootstrap resamples of runs for the intervals."),
+    bootstrap: int = typer.Option(200, min=0, help="Bootstrap resamples of runs for the intervals (as compare and report)."),
     seed: int = typer.Option(0, help="Seed of the bootstrap."),
     csv_file: Optional[Path] = typer.Option(None, "--csv", help="Fit an external CSV of params, tokens, loss[, flops] instead of the database."),
     params_col: str = typer.Option("params", help="With --csv: the parameter-count column."),
@@ -549,7 +549,7 @@ def fit(
     loss_col: str = typer.Option("loss", help="With --csv: the loss column."),
     flops_col: str = typer.Option("flops", help="With --csv: the FLOPs column (else 6ND)."),
     n_params: str = typer.Option("nonembed_params", help="From the database: fit on nonembed_params or params (total)."),
-    edges: Optional[str] = typer.Option(None, help="frontier/power from training curves: drop (the default) the compute bins whose best run is the smallest size there (the compute-optimal frontier), or keep them (the runs' envelope, an upper bound)."),
+    edges: Optional[str] = typer.Option(None, help="frontier/power from training curves: drop the compute bins whose best run is the smallest size there (the compute-optimal frontier), keep them (the runs' envelope, an upper bound), or auto (the default, as compare and report): drop, unless the frontier is then not identified."),
     as_json: bool = typer.Option(False, "--json", help="Print the fit as JSON."),
 ) -> None:
     """Fit a scaling law with bootstrap intervals; from the database the fit is stored in the fits table.
@@ -557,13 +557,14 @@ def fit(
     Example: slab fit --plan isoflop --method 2 --bootstrap 500
     Example: slab fit --csv chinchilla.csv --params-col "Model Size" --flops-col "Training FLOP" --method 3
     """
-    from analysis.fits import FitError, fit_approach1, fit_approach2, fit_approach3, fit_loss_compute, load_csv
+    from analysis.fits import (FitError, FrontierNotIdentified, fit_approach1, fit_approach2, fit_approach3,
+                               fit_loss_compute, load_csv)
 
     if edges is not None and method not in (Method.frontier, Method.power):
         fail(f"--edges applies to --method frontier and power (loss against compute); approach {method.value} "
              "chooses its points by its own rule")
-    if edges not in (None, "drop", "keep"):
-        fail(f"--edges must be drop or keep, got {edges!r}")
+    if edges not in (None, "auto", "drop", "keep"):
+        fail(f"--edges must be auto, drop or keep, got {edges!r}")
     metrics = None
     if csv_file is not None:
         ignored = [o for o, v in (("--plan", plan), ("--arch", arch), ("--n-params", n_params != "nonembed_params")) if v]
@@ -579,13 +580,25 @@ def fit(
         if n_params not in ("nonembed_params", "params"):
             fail(f"--n-params must be nonembed_params or params, got {n_params!r}")
         engine, runs, metrics, _ = _analysis_inputs(ctx, plan, arch)
+        archs = sorted(runs["arch"].astype(str).unique())
+        if arch is None and len(archs) > 1:
+            fail(f"these runs are of {len(archs)} architectures ({', '.join(archs)}); one law over them all would mix "
+                 f"them: pass --arch {archs[0]} (or another), or compare them with `slab compare`")
         pcol = n_params
     bar, progress = _progress_bar(f"fitting ({method.value})")
     try:
         with bar:
             if method in (Method.frontier, Method.power):
-                result = fit_loss_compute(runs, metrics=metrics, form="saturating" if method is Method.frontier else "power",
-                                          params_col=pcol, edges=edges or "drop", n_bootstrap=bootstrap, seed=seed, progress=progress)
+                form = "saturating" if method is Method.frontier else "power"
+                kwargs = dict(metrics=metrics, form=form, params_col=pcol, n_bootstrap=bootstrap, seed=seed, progress=progress)
+                try:
+                    result = fit_loss_compute(runs, edges="drop" if edges in (None, "auto") else edges, **kwargs)
+                except FrontierNotIdentified as exc:
+                    if edges == "drop":
+                        raise
+                    err.print(f"[yellow]note:[/] {escape(str(exc))}; fitted the runs' envelope instead, an upper bound "
+                              "of the frontier (--edges drop refuses)", highlight=False)
+                    result = fit_loss_compute(runs, edges="keep", **kwargs)
             elif method is Method.one:
                 if metrics is None or metrics.empty:
                     fail("approach 1 needs training curves: fit runs from the database, not --csv")
@@ -606,6 +619,7 @@ def fit(
             fail(f"{exc}: the fit was made but not saved")
     if as_json:
         sys.stdout.write(json.dumps(data) + "\n")
+        _warn_few_runs(runs, result.n_bootstrap, by_arch=False)
         return
     table = Table(title=f"{result.formula}  ({result.n_points} points, {result.n_bootstrap} bootstraps, converged: {result.converged})")
     for col in ("quantity", "estimate", "95% low", "95% high"):
@@ -623,7 +637,7 @@ def compare(
     plan: Optional[str] = typer.Option(None, help="Only runs of this plan."),
     baseline: str = typer.Option("softmax", help="The architecture the others are measured against."),
     edges: str = typer.Option("auto", help="Frontier laws from training curves: drop the bins whose best run is the smallest size there, keep them (the runs' envelope), or auto: drop unless some arch's frontier is then not identified."),
-    bootstrap: int = typer.Option(1000, min=0, help="Bootstrap resamples for the intervals."),
+    bootstrap: int = typer.Option(200, min=0, help="Bootstrap resamples for the intervals (as fit and report)."),
     seed: int = typer.Option(0, help="Seed of the bootstrap."),
     as_json: bool = typer.Option(False, "--json", help="Print the comparison as JSON."),
 ) -> None:
@@ -693,7 +707,7 @@ def report(
     plan: Optional[str] = typer.Option(None, help="Only runs of this plan."),
     title: Optional[str] = typer.Option(None, help="Report title (default: the plan name)."),
     throughput: Optional[Path] = typer.Option(None, help="CSV of arch, seq_len, tokens_per_s (slab bench train --seq-len ... --out FILE) for the throughput figure."),
-    bootstrap: int = typer.Option(200, min=0, help="Bootstrap resamples per fit."),
+    bootstrap: int = typer.Option(200, min=0, help="Bootstrap resamples per fit (as fit and compare)."),
     baseline: Optional[str] = typer.Option(None, help="Architecture the others are compared with (default: softmax when it has runs, else the first arch).", show_default=False),
     seed: int = typer.Option(0, help="Seed of the bootstraps."),
     edges: str = typer.Option("auto", help="Frontier laws from training curves: drop the bins whose best run is the smallest size there, keep them (the runs' envelope), or auto: drop unless some arch's frontier is then not identified."),

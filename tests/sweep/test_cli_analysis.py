@@ -43,15 +43,49 @@ def invoke(*args):
 
 
 def test_fit_methods_store_and_print(study_db):
-    result = invoke("--db", study_db, "fit", "--method", "3", "--bootstrap", "30", "--json")
+    # one law over two archs would mix them: refused, naming them, and nothing stored
+    mixed = invoke("--db", study_db, "fit", "--method", "3", "--bootstrap", "30", "--json")
+    assert mixed.exit_code == 2 and "2 architectures (lightning, softmax)" in mixed.stderr and "--arch" in mixed.stderr
+    result = invoke("--db", study_db, "fit", "--method", "3", "--arch", "lightning", "--bootstrap", "30", "--json")
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
-    assert data["method"] == "approach3" and data["n_points"] == 150
+    n_lightning = json.loads(invoke("--db", study_db, "sql", "select count(*) as n from runs where arch = 'lightning'",
+                                    "--json").stdout)[0]["n"]
+    assert data["method"] == "approach3" and data["n_points"] == n_lightning > 0
     assert abs(data["estimates"]["alpha"] - HOFFMANN["alpha"]) < 0.1
     table = invoke("--db", study_db, "fit", "--plan", "syn", "--arch", "softmax", "--bootstrap", "20")
     assert table.exit_code == 0 and "alpha" in table.stdout and "95% low" in table.stdout
     stored = json.loads(invoke("--db", study_db, "sql", "select method, arch from fits order by id", "--json").stdout)
-    assert stored == [{"method": "approach3", "arch": None}, {"method": "frontier", "arch": "softmax"}]
+    assert stored == [{"method": "approach3", "arch": "lightning"}, {"method": "frontier", "arch": "softmax"}]
+
+
+def test_fit_falls_back_to_the_envelope_as_compare_does_on_the_committed_smoke_study(tmp_path):
+    """docs/smoke/smoke.db: 3 sizes at 3 tokens per parameter, so the frontier is not identified. fit (whose default
+    had been drop) now fits the envelope and says so, as compare and report do; --edges drop still refuses."""
+    import shutil
+    from pathlib import Path
+
+    db = tmp_path / "smoke.db"
+    shutil.copy(Path(__file__).parents[2] / "docs" / "smoke" / "smoke.db", db)
+    url = f"sqlite:///{db}"
+    auto = invoke("--db", url, "fit", "--plan", "smoke-h100", "--arch", "softmax", "--bootstrap", "20", "--json")
+    assert auto.exit_code == 0, auto.output
+    assert "fitted the runs' envelope instead" in auto.stderr and "little to resample" in auto.stderr
+    assert json.loads(auto.stdout)["details"]["edges"] == "keep"
+    drop = invoke("--db", url, "fit", "--plan", "smoke-h100", "--arch", "softmax", "--edges", "drop")
+    assert drop.exit_code == 2 and "the compute-optimal frontier is not identified" in drop.stderr
+
+
+def test_fit_compare_and_report_share_one_bootstrap_default():
+    """compare (1000) and report (200) had printed different intervals for the same runs by default."""
+    import typer.main
+
+    from analysis.fits import CLI_BOOTSTRAP
+
+    commands = typer.main.get_command(app).commands
+    for name in ("fit", "compare", "report"):
+        option = next(p for p in commands[name].params if p.name == "bootstrap")
+        assert option.default == CLI_BOOTSTRAP, name
 
 
 def test_compare_and_report(study_db, tmp_path):
@@ -77,8 +111,8 @@ def test_bad_analysis_input_exits_2(study_db, tmp_path):
     # --edges is a rule of the loss-compute fits; the approaches would have ignored it
     result = invoke("--db", study_db, "fit", "--method", "2", "--edges", "keep")
     assert result.exit_code == 2 and "--edges applies to --method frontier and power" in result.stderr
-    result = invoke("--db", study_db, "fit", "--edges", "auto")
-    assert result.exit_code == 2 and "--edges must be drop or keep" in result.stderr
+    result = invoke("--db", study_db, "fit", "--arch", "softmax", "--edges", "all")
+    assert result.exit_code == 2 and "--edges must be auto, drop or keep" in result.stderr
     bad = tmp_path / "bad.csv"
     bad.write_text("params,loss\n1e6,3.0\n")
     result = invoke("fit", "--csv", bad)
