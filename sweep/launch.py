@@ -688,6 +688,9 @@ def launch(plans: list[Plan], opts: LaunchOptions, view: LaunchView) -> LaunchRe
     if opts.num_gpus and not opts.cpu and not opts.address and opts.num_gpus > host_gpus():
         # Ray would believe the count and hand tasks GPUs that do not exist.
         raise LaunchError(f"--num-gpus {opts.num_gpus}: this host has {host_gpus()} GPU(s)")
+    if not (opts.cpu or opts.address or opts.num_gpus or _ray_running()) and host_gpus() == 0:
+        # A local Ray here would have no GPU: refused before the plans are written and Ray takes seconds to start.
+        raise LaunchError("no GPU here: pass --cpu to train on CPU, or --address to join a Ray cluster with GPUs")
     if opts.where and not any(_matches(r.spec, r.name, opts.where, r.tags) for p in plans for r in p.runs):
         # Most likely a misspelt value: say so before anything is written, rather than train nothing.
         shown = ",".join(f"{k}={v}" for k, v in opts.where)

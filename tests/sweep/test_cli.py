@@ -271,6 +271,17 @@ def test_bench_spread_without_a_gpu_says_so(runner, write_plan, monkeypatch):
     assert result.exit_code == 2 and "no GPU here (pass --cpu" in result.stderr
 
 
+def test_launch_without_a_gpu_or_cpu_flag_refuses_before_writing(runner, write_plan, tmp_path, monkeypatch):
+    """It had registered the plan's runs and started Ray (seconds) before saying the cluster had no GPU."""
+    import sweep.launch
+
+    monkeypatch.setattr(sweep.launch, "host_gpus", lambda: 0)
+    db = tmp_path / "slab.db"
+    result = invoke(runner, "--db", f"sqlite:///{db}", "launch", write_plan(PLAN))
+    assert result.exit_code == 2 and "no GPU here: pass --cpu" in result.stderr
+    assert not db.exists()
+
+
 def test_add_says_when_an_edited_plan_no_longer_holds_runs(runner, write_plan, tmp_path):
     db = f"sqlite:///{tmp_path}/slab.db"
     path = write_plan(PLAN)
