@@ -126,7 +126,10 @@ def make_engine(url: str | None = None) -> Engine:
     try:
         parsed = make_url(url)
     except (ArgumentError, ValueError) as exc:
-        raise DatabaseError(f"bad database URL {shown_url(url)!r}: {exc}") from None
+        hint = ""
+        if "://" not in url:  # a file path where a URL was expected, the commonest slip
+            hint = f"; for a SQLite file write sqlite:///{url} ({SQLITE_FORMS})"  # an absolute path gets its 4th slash
+        raise DatabaseError(f"bad database URL {shown_url(url)!r}: {exc}{hint}") from None
     if parsed.get_backend_name() == "sqlite":
         return _sqlite_engine(url, parsed)
     try:

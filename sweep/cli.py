@@ -193,7 +193,7 @@ def plan(
     files: Optional[list[Path]] = typer.Argument(None, help="Plan files (CSV, or XLSX with openpyxl).", show_default=False),
     mfu: float = typer.Option(0.3, help="Model FLOPs utilisation assumed for the GPU-hours estimate."),
     gpu_tflops: float = typer.Option(989.0, help="Peak dense bf16 TFLOP/s of one GPU (H100 SXM: 989)."),
-    max_runs: int = typer.Option(DEFAULT_MAX_RUNS, help="Refuse plans that expand to more runs than this."),
+    max_runs: int = typer.Option(DEFAULT_MAX_RUNS, min=1, help="Refuse plans that expand to more runs than this."),
     as_json: bool = typer.Option(False, "--json", help="Print runs and totals as JSON."),
     columns: bool = typer.Option(False, "--columns", help="List every plan column, its default and meaning, and the derived names expressions may use; no files needed."),
 ) -> None:
@@ -272,7 +272,7 @@ def plan(
 def add(
     ctx: typer.Context,
     files: list[Path] = typer.Argument(..., help="Plan files to register.", show_default=False),
-    max_runs: int = typer.Option(DEFAULT_MAX_RUNS, help="Refuse plans that expand to more runs than this."),
+    max_runs: int = typer.Option(DEFAULT_MAX_RUNS, min=1, help="Refuse plans that expand to more runs than this."),
 ) -> None:
     """Register plans and their runs as pending (idempotent: known runs are left as they are).
 
@@ -408,7 +408,7 @@ def launch(
     cpus_per_run: int = typer.Option(1, min=1, help="CPU cores each run takes (its torch threads)."),
     lease_timeout: float = typer.Option(120.0, help="Seconds after which a run whose launcher stopped heartbeating is reclaimed."),
     ckpt_every: int = typer.Option(1000, min=1, help="Checkpoint every this many steps (and every 10 minutes)."),
-    max_runs: int = typer.Option(DEFAULT_MAX_RUNS, help="Refuse plans that expand to more runs than this."),
+    max_runs: int = typer.Option(DEFAULT_MAX_RUNS, min=1, help="Refuse plans that expand to more runs than this."),
     pack: str = typer.Option(
         "auto", help="Train same-shape runs (differing only in seed, lr, warmup, schedule, decay, clipping) as one "
         "stacked model per task: 'auto' packs on GPUs by size and memory, a number N packs up to N (CPU too), 'off'.",

@@ -195,6 +195,14 @@ def test_sqlite_url_sqlalchemy_rejects_is_a_one_line_error(url, tmp_path):
     assert message.endswith("(a SQLite file is sqlite:///relative/path.db or sqlite:////absolute/path.db)")
 
 
+@pytest.mark.parametrize("path, want", [("smoke.db", "sqlite:///smoke.db"), ("/data/x.db", "sqlite:////data/x.db")])
+def test_a_file_path_given_as_url_gets_the_url_to_write(path, want):
+    """`--db smoke.db` had said only that SQLAlchemy could not parse it."""
+    with pytest.raises(DatabaseError, match=r"^bad database URL ") as info:
+        open_db(path)
+    assert f"for a SQLite file write {want} (" in str(info.value)
+
+
 def test_sqlite_path_expands_home(tmp_path, monkeypatch):
     """`sqlite:///~/x.db` is the file in the home folder, not one under a folder named ~ in the cwd."""
     from db.engine import sqlite_path
