@@ -724,13 +724,8 @@ def report(
     if edges not in ("auto", "drop", "keep"):
         fail(f"--edges must be auto, drop or keep, got {edges!r}")
     _writable_dir(out_dir, "--out")
-    _, runs, metrics, evals = _analysis_inputs(ctx, plan, None)
-    archs = sorted(set(runs["arch"]))
-    if baseline is not None and baseline not in archs:
-        fail(f"--baseline {baseline!r} has no finished runs; archs present: {', '.join(archs)}")
-    _warn_few_runs(runs, bootstrap)
     tput = None
-    if throughput is not None:
+    if throughput is not None:  # read before the runs, so that a wrong path fails at once
         try:
             tput = pd.read_csv(throughput)
         except (OSError, ValueError) as exc:
@@ -738,6 +733,11 @@ def report(
         missing = {"arch", "seq_len", "tokens_per_s"} - set(tput.columns)
         if missing:
             fail(f"{throughput}: missing column(s) {', '.join(sorted(missing))}")
+    _, runs, metrics, evals = _analysis_inputs(ctx, plan, None)
+    archs = sorted(set(runs["arch"]))
+    if baseline is not None and baseline not in archs:
+        fail(f"--baseline {baseline!r} has no finished runs; archs present: {', '.join(archs)}")
+    _warn_few_runs(runs, bootstrap)
     bar, progress = _progress_bar("fitting and drawing")
     try:
         with bar:
@@ -747,7 +747,7 @@ def report(
     except FitError as exc:
         fail(str(exc))
     except OSError as exc:  # e.g. a read-only folder, which _writable_dir cannot tell when running as root
-        fail(f"--out {out_dir}: cannot write the report: {exc.strerror or exc}")
+        fail(f"--out {out_dir}: cannot write the report: {exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else ""))
     for line in files.findings:
         out.print(f"- {line}", highlight=False, markup=False)
     out.print("against the seed study (MiniMax-01):", highlight=False, markup=False)

@@ -76,6 +76,18 @@ def test_fit_falls_back_to_the_envelope_as_compare_does_on_the_committed_smoke_s
     assert drop.exit_code == 2 and "the compute-optimal frontier is not identified" in drop.stderr
 
 
+def test_report_input_errors_name_what_is_wrong_first(study_db, tmp_path):
+    # the throughput CSV is read before the runs: a wrong path fails at once, even with no database there
+    missing = invoke("--db", f"sqlite:///{tmp_path}/none.db", "report", "--out", tmp_path / "r", "--throughput",
+                     tmp_path / "nothere.csv")
+    assert missing.exit_code == 2 and "nothere.csv: cannot read the throughput CSV" in missing.stderr
+    # a file where the figures folder goes: the message names it
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "figures").write_text("")
+    blocked = invoke("--db", study_db, "report", "--plan", "syn", "--out", tmp_path / "o", "--bootstrap", "0")
+    assert blocked.exit_code == 2 and f"File exists: {tmp_path / 'o' / 'figures'}" in blocked.stderr
+
+
 def test_fit_compare_and_report_share_one_bootstrap_default():
     """compare (1000) and report (200) had printed different intervals for the same runs by default."""
     import typer.main
