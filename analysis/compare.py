@@ -136,6 +136,31 @@ def compare_archs(
     return ArchComparison(baseline, fits, pd.DataFrame(rows, columns=cols), errors)
 
 
+def gap_summary(comparison: ArchComparison) -> pd.DataFrame:
+    """The comparison to read in a terminal: per arch and budget, the loss, the gap in percent and the compute
+    multiplier with their 95% intervals in brackets (the full columns stay in `comparison.gaps`)."""
+    g = comparison.gaps
+
+    def with_ci(values, los, his, fmt):
+        return [fmt(v) + (f" [{fmt(lo)}, {fmt(hi)}]" if np.isfinite(lo) and np.isfinite(hi) else "")
+                for v, lo, hi in zip(values, los, his)]
+
+    def pct(v):
+        return f"{100 * v:+.2f}"
+
+    def num(v):
+        return f"{v:.4g}" if np.isfinite(v) else ("inf" if np.isinf(v) else "-")
+
+    return pd.DataFrame({
+        "arch": g["arch"],
+        "C (FLOPs)": [f"{c:.2g}" for c in g["C"]],
+        "loss": [num(v) for v in g["loss"]],
+        f"{comparison.baseline} loss": [num(v) for v in g["baseline_loss"]],
+        "gap % [95%]": with_ci(g["rel_gap"], g["rel_gap_lo"], g["rel_gap_hi"], pct),
+        "compute multiplier [95%]": with_ci(g["multiplier"], g["multiplier_lo"], g["multiplier_hi"], num),
+    })
+
+
 def default_budgets(fits: dict[str, FitResult], n: int = 3, decades: float = 2.0) -> list[float]:
     """`n` log-spaced budgets over the top `decades` of the compute range all fits' frontiers share
     (of their union if they share none): the largest budgets are the ones a study is for."""

@@ -651,7 +651,7 @@ def compare(
 
     Example: slab compare --plan smoke-h100 --baseline softmax
     """
-    from analysis.compare import compare_archs, loss_table, mqar_table, niah_grid, niah_table
+    from analysis.compare import compare_archs, gap_summary, loss_table, mqar_table, niah_grid, niah_table
     from analysis.fits import FitError
 
     if edges not in ("auto", "drop", "keep"):
@@ -676,7 +676,8 @@ def compare(
         sys.stdout.write(json.dumps(result.to_dict()) + "\n")
         return
     if result is not None:
-        _emit(result.gaps.round(4), Format.table, title=f"loss gap and compute multiplier vs {baseline}")
+        _emit(gap_summary(result), Format.table,
+              title=f"loss gap and compute multiplier vs {baseline} (all columns: --json)")
         if any(f.details.get("edges") == "keep" for f in result.fits.values()):
             err.print("note: these laws follow the runs' envelope, an upper bound of the compute-optimal frontier: at "
                       "most budgets the best run is the smallest size there", highlight=False)

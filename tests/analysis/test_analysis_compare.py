@@ -164,6 +164,20 @@ def _gaps(rel, lo, hi, mult=1.04):
         "multiplier": mult, "multiplier_lo": 0.97, "multiplier_hi": 1.12}]))
 
 
+def test_gap_summary_reads_in_percent_with_intervals_in_brackets():
+    """compare's terminal table: 6 columns instead of the frame's 18, the gap in percent as the findings give it."""
+    c = _gaps(0.0152, -0.0072, 0.0216)
+    c.gaps = c.gaps.assign(loss=2.5, baseline_loss=2.46)
+    t = compare.gap_summary(c)
+    assert list(t.columns) == ["arch", "C (FLOPs)", "loss", "softmax loss", "gap % [95%]", "compute multiplier [95%]"]
+    row = t.iloc[0]
+    assert row["gap % [95%]"] == "+1.52 [-0.72, +2.16]" and row["compute multiplier [95%]"] == "1.04 [0.97, 1.12]"
+    assert row["C (FLOPs)"] == "3.6e+20" and row["loss"] == "2.5"
+    c = _gaps(0.01, np.nan, np.nan)
+    c.gaps = c.gaps.assign(loss=2.5, baseline_loss=2.46)
+    assert compare.gap_summary(c).iloc[0]["gap % [95%]"] == "+1.00"  # no bootstrap: no brackets
+
+
 def test_findings_state_no_direction_when_the_interval_holds_no_difference():
     [line] = compare.summary_findings(_gaps(0.0052, -0.0072, 0.0216))
     assert "cannot be told from softmax's" in line and "+0.52%" in line
