@@ -10,8 +10,9 @@ A plan is a header row of known columns (``COLUMNS``) and one row per block of r
   arithmetic, ``min``, ``max`` and ``round`` only, parsed with ``ast`` and never ``eval``-ed.
 
 A row expands to the product of its lists and ranges; expressions are evaluated per expanded run in
-dependency order. Blank lines and lines starting with ``#`` are ignored. Every error names
-``file:row:column`` (row = line number in the file) and a plan's errors are reported together.
+dependency order. Every row has a cell for each column: an empty cell (``a,,b``) takes the column's default, and a
+row with fewer cells than the header is an error. Blank lines and lines starting with ``#`` are ignored. Every error
+names ``file:row:column`` (row = line number in the file) and a plan's errors are reported together.
 """
 
 from __future__ import annotations
@@ -238,6 +239,10 @@ def _read_xlsx(path: Path) -> list[tuple[int, list[str]]]:
         for i in formulas:
             column = header[i] if i < len(header) else get_column_letter(i + 1)
             issues.append(PlanIssue(str(path), lineno, column, _FORMULA))
+        # A sheet cannot tell a missing cell from an empty one, and trailing empties were dropped above: a short
+        # row here is one with empty cells, so it takes the defaults rather than failing as a short CSV row does.
+        if rows and len(cells) < len(header):
+            cells += [""] * (len(header) - len(cells))
         rows.append((lineno, cells))
     if issues:
         raise PlanError(issues)
@@ -734,6 +739,15 @@ def load_plan(path: str | Path, *, max_runs: int = DEFAULT_MAX_RUNS) -> Plan:
             message = f"{len(cells)} cells but the header has {len(header)} columns"
             if any(c.startswith("=") for c in cells):  # an unquoted =min(a, b) splits at its comma
                 message += '; quote expressions that contain commas: "=min(a, b)"'
+            issues.append(PlanIssue(where, lineno, None, message))
+            continue
+        if len(cells) < len(header):
+            # Not filled with defaults: a cell left out by mistake would silently change the runs.
+            missing = header[len(cells):]
+            named = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+            have = f"{len(cells)} cell" + ("s" if len(cells) != 1 else "")
+            message = (f"{have} but the header has {len(header)} columns (none for {named}); "
+                       "write an empty cell, as in a,,b, to take a column's default")
             issues.append(PlanIssue(where, lineno, None, message))
             continue
         parsed: dict[str, Any] = {}

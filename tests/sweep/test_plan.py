@@ -114,6 +114,10 @@ ERRORS = [
     (HEADER + "x,softmax,64...128*2,2,4,128,8,1e5,1e-3\n", ":2:d_model: malformed range '64...128*2'"),
     (HEADER + "x,softmax,1e400,2,4,128,8,1e5,1e-3\n", ':2:d_model: number too large: "1e400"'),
     (HEADER + "x,softmax,64,2,4,128,8,=min(1e9, 20*params),1e-3\n", ":2: 10 cells but the header has 9 columns; quote"),
+    ("arch,d_model,n_layers,tokens,lr\nsoftmax,128,2,1M\n",
+     ":2: 4 cells but the header has 5 columns (none for lr); write an empty cell, as in a,,b, to take a column's default"),
+    ("arch,d_model,n_layers,tokens\nsoftmax,128\n", ":2: 2 cells but the header has 4 columns (none for n_layers, tokens)"),
+    (HEADER + "x\n", ":2: 1 cell but the header has 9 columns (none for arch, d_model, n_layers and 5 more)"),
     ("arch,d_model,n_layers,tokens\nsoftmax,1e3,2,1e5\n", ":2:d_model: d_model 1000 is not divisible by n_heads 15, its default"),
     ("name;arch;d_model\nx;softmax;64\n", "columns are separated by commas, not ';'"),
     ("Arch,d_model,n_layers,tokens\nsoftmax,64,2,1e5\n", ":1:Arch: unknown column 'Arch'; did you mean 'arch'?"),
@@ -143,6 +147,25 @@ def test_validation_errors(write_plan, text, message):
         load_plan(path)
     assert message in str(info.value)
     assert str(info.value).startswith(str(path))
+
+
+def test_short_rows_are_errors_not_defaults(write_plan):
+    text = "arch,d_model,n_layers,tokens,lr\nsoftmax,128,2,1M\n# softmax,128\n\nsoftmax,128,2,1M,\nsoftmax,128\n"
+    path = write_plan(text)
+    with pytest.raises(PlanError) as info:
+        load_plan(path)
+    # Both short rows are reported, with no cell check (no "a size is needed") for either.
+    assert [(i.row, i.column) for i in info.value.issues] == [(2, None), (6, None)]
+    assert "a size is needed" not in str(info.value)
+    # The row whose missing cell is written empty takes the default lr.
+    runs = load_plan(write_plan(text.replace("softmax,128,2,1M\n", "", 1).replace("softmax,128\n", ""))).runs
+    assert len(runs) == 1 and runs[0].spec.lr == 1e-3
+
+
+def test_short_rows_count_toward_the_error_limit(write_plan):
+    with pytest.raises(PlanError) as info:
+        load_plan(write_plan(HEADER + "x,softmax,64\n" * 30))
+    assert len(info.value.issues) == MAX_ERRORS and info.value.more
 
 
 def test_all_errors_reported_at_once_up_to_twenty(write_plan):
@@ -284,6 +307,14 @@ def test_other_spreadsheet_formats_are_named(tmp_path, suffix):
     path.write_bytes(b"PK\x03\x04\xff\xfe\x00")
     with pytest.raises(PlanError, match=rf"plan\{suffix}: only \.csv and \.xlsx plans are read"):
         load_plan(path)
+
+
+def test_xlsx_trailing_empty_cells_take_defaults(tmp_path):
+    # A sheet drops trailing empty cells, so a row short of the header there is not the CSV error.
+    path = write_xlsx(tmp_path, [["arch", "d_model", "n_layers", "tokens", "lr", "seed"],
+                                 ["softmax", 64, 2, 100000], ["softmax", 64, 2, 100000, None, 1]])
+    runs = load_plan(path).runs
+    assert [(r.spec.lr, r.spec.seed) for r in runs] == [(1e-3, 0), (1e-3, 1)]
 
 
 def test_xlsx_formulas_are_reported(tmp_path):
