@@ -470,8 +470,6 @@ def launch(
         raise typer.Exit(1)
 
 
-
-
 class Method(str, Enum):
     """The scaling-law fits of `slab fit --method`."""
 
@@ -480,6 +478,17 @@ class Method(str, Enum):
     one = "1"
     two = "2"
     three = "3"
+
+
+#: --edges of compare and report (fit's says how it applies to one law).
+EDGES_HELP = ("Frontier laws from training curves: drop the bins whose best run is the smallest size there, keep them (the "
+              "runs' envelope), or auto: drop unless some arch's frontier is then not identified.")
+
+
+def _check_edges(edges: str | None) -> None:
+    """Fail (exit 2) on an --edges value other than auto, drop or keep (None: the command's default)."""
+    if edges is not None and edges not in ("auto", "drop", "keep"):
+        fail(f"--edges must be auto, drop or keep, got {edges!r}")
 
 
 def _warn_few_runs(runs, bootstrap: int, by_arch: bool = True) -> None:
@@ -563,8 +572,7 @@ def fit(
     if edges is not None and method not in (Method.frontier, Method.power):
         fail(f"--edges applies to --method frontier and power (loss against compute); approach {method.value} "
              "chooses its points by its own rule")
-    if edges not in (None, "auto", "drop", "keep"):
-        fail(f"--edges must be auto, drop or keep, got {edges!r}")
+    _check_edges(edges)
     metrics = None
     if csv_file is not None:
         ignored = [o for o, v in (("--plan", plan), ("--arch", arch), ("--n-params", n_params != "nonembed_params")) if v]
@@ -636,7 +644,7 @@ def compare(
     ctx: typer.Context,
     plan: Optional[str] = typer.Option(None, help="Only runs of this plan."),
     baseline: str = typer.Option("softmax", help="The architecture the others are measured against."),
-    edges: str = typer.Option("auto", help="Frontier laws from training curves: drop the bins whose best run is the smallest size there, keep them (the runs' envelope), or auto: drop unless some arch's frontier is then not identified."),
+    edges: str = typer.Option("auto", help=EDGES_HELP),
     bootstrap: int = typer.Option(200, min=0, help="Bootstrap resamples for the intervals (as fit and report)."),
     seed: int = typer.Option(0, help="Seed of the bootstrap."),
     as_json: bool = typer.Option(False, "--json", help="Print the comparison as JSON."),
@@ -654,8 +662,7 @@ def compare(
     from analysis.compare import compare_archs, gap_summary, loss_table, mqar_table, niah_grid, niah_table
     from analysis.fits import FitError
 
-    if edges not in ("auto", "drop", "keep"):
-        fail(f"--edges must be auto, drop or keep, got {edges!r}")
+    _check_edges(edges)
     _, runs, metrics, evals = _analysis_inputs(ctx, plan, None)
     if baseline not in set(runs["arch"]):
         fail(f"baseline {baseline!r} has no finished runs; archs present: {', '.join(sorted(set(runs['arch'])))}")
@@ -711,7 +718,7 @@ def report(
     bootstrap: int = typer.Option(200, min=0, help="Bootstrap resamples per fit (as fit and compare)."),
     baseline: Optional[str] = typer.Option(None, help="Architecture the others are compared with (default: softmax when it has runs, else the first arch).", show_default=False),
     seed: int = typer.Option(0, help="Seed of the bootstraps."),
-    edges: str = typer.Option("auto", help="Frontier laws from training curves: drop the bins whose best run is the smallest size there, keep them (the runs' envelope), or auto: drop unless some arch's frontier is then not identified."),
+    edges: str = typer.Option("auto", help=EDGES_HELP),
 ) -> None:
     """Write a scaling-curve report: index.html (self-contained), report.md, fits.json and PNG/SVG figures.
 
@@ -722,8 +729,7 @@ def report(
     from analysis.fits import FitError
     from analysis.report import write_report
 
-    if edges not in ("auto", "drop", "keep"):
-        fail(f"--edges must be auto, drop or keep, got {edges!r}")
+    _check_edges(edges)
     _writable_dir(out_dir, "--out")
     tput = None
     if throughput is not None:  # read before the runs, so that a wrong path fails at once
