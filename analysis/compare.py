@@ -148,17 +148,19 @@ def gap_summary(comparison: ArchComparison) -> pd.DataFrame:
     def pct(v):
         return f"{100 * v:+.2f}"
 
-    def num(v):
-        return f"{v:.4g}" if np.isfinite(v) else ("inf" if np.isinf(v) else "-")
-
     return pd.DataFrame({
         "arch": g["arch"],
         "C (FLOPs)": [f"{c:.2g}" for c in g["C"]],
-        "loss": [num(v) for v in g["loss"]],
-        f"{comparison.baseline} loss": [num(v) for v in g["baseline_loss"]],
+        "loss": [fmt_number(v) for v in g["loss"]],
+        f"{comparison.baseline} loss": [fmt_number(v) for v in g["baseline_loss"]],
         "gap % [95%]": with_ci(g["rel_gap"], g["rel_gap_lo"], g["rel_gap_hi"], pct),
-        "compute multiplier [95%]": with_ci(g["multiplier"], g["multiplier_lo"], g["multiplier_hi"], num),
+        "compute multiplier [95%]": with_ci(g["multiplier"], g["multiplier_lo"], g["multiplier_hi"], fmt_number),
     })
+
+
+def fmt_number(v: float) -> str:
+    """A number as tables show it: 4 significant digits, 'inf' for an infinite one, '-' for NaN."""
+    return f"{v:.4g}" if np.isfinite(v) else ("inf" if np.isinf(v) else "-")
 
 
 def default_budgets(fits: dict[str, FitResult], n: int = 3, decades: float = 2.0) -> list[float]:
@@ -561,8 +563,8 @@ def summary_findings(
         lines.append("At most budgets the best run is the smallest model trained there, so each arch's loss-compute "
                      "law follows these runs' envelope, an upper bound of its compute-optimal frontier (train "
                      "smaller models to pin the frontier down); the comparison below compares envelopes.")
-    if comparison is not None and few_runs(comparison):
-        lines.append(_few_runs_line(few_runs(comparison)))
+    if comparison is not None and (few := few_runs(comparison)):
+        lines.append(_few_runs_line(few))
     if comparison is not None and not comparison.gaps.empty:
         g = comparison.gaps
         for arch, sub in g.groupby("arch", sort=True):

@@ -26,6 +26,7 @@ from analysis.compare import (  # noqa: E402
     ArchComparison,
     compare_archs,
     fit_per_arch,
+    fmt_number,
     loss_table,
     mqar_table,
     niah_grid,
@@ -586,9 +587,7 @@ def _fmt(v: Any) -> str:
     if isinstance(v, (int, np.integer)):
         return str(int(v))
     if isinstance(v, (float, np.floating)):
-        if not np.isfinite(v):
-            return "inf" if np.isinf(v) else "-"
-        return f"{v:.4g}"
+        return fmt_number(v)
     return str(v)
 
 
