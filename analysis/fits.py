@@ -336,8 +336,18 @@ def fit_loss_compute(
     bootstrap resamples runs and rebuilds the frontier each time. Least squares in log loss. edges="keep"
     fits the runs' whole envelope, an upper bound of the compute-optimal frontier where the best run is
     the smallest size covering a budget; "drop" leaves those points out (FrontierNotIdentified when too
-    few remain).
+    few remain); "auto" drops them where the frontier stays identified, else keeps them, and then
+    details["unidentified"] says why.
     """
+    if edges == "auto":
+        kwargs = dict(metrics=metrics, form=form, params_col=params_col, n_bins=n_bins, n_bootstrap=n_bootstrap,
+                      seed=seed, progress=progress)
+        try:
+            return fit_loss_compute(runs, edges="drop", **kwargs)
+        except FrontierNotIdentified as exc:
+            result = fit_loss_compute(runs, edges="keep", **kwargs)
+            result.details["unidentified"] = str(exc)
+            return result
     drop_edges = _check_edges(edges)
     if form not in ("saturating", "power"):
         raise FitError(f"form must be 'saturating' or 'power', got {form!r}")

@@ -566,8 +566,7 @@ def fit(
     Example: slab fit --plan isoflop --method 2 --bootstrap 500
     Example: slab fit --csv chinchilla.csv --params-col "Model Size" --flops-col "Training FLOP" --method 3
     """
-    from analysis.fits import (FitError, FrontierNotIdentified, fit_approach1, fit_approach2, fit_approach3,
-                               fit_loss_compute, load_csv)
+    from analysis.fits import FitError, fit_approach1, fit_approach2, fit_approach3, fit_loss_compute, load_csv
 
     if edges is not None and method not in (Method.frontier, Method.power):
         fail(f"--edges applies to --method frontier and power (loss against compute); approach {method.value} "
@@ -597,16 +596,12 @@ def fit(
     try:
         with bar:
             if method in (Method.frontier, Method.power):
-                form = "saturating" if method is Method.frontier else "power"
-                kwargs = dict(metrics=metrics, form=form, params_col=pcol, n_bootstrap=bootstrap, seed=seed, progress=progress)
-                try:
-                    result = fit_loss_compute(runs, edges="drop" if edges in (None, "auto") else edges, **kwargs)
-                except FrontierNotIdentified as exc:
-                    if edges == "drop":
-                        raise
-                    err.print(f"[yellow]note:[/] {escape(str(exc))}; fitted the runs' envelope instead, an upper bound "
-                              "of the frontier (--edges drop refuses)", highlight=False)
-                    result = fit_loss_compute(runs, edges="keep", **kwargs)
+                result = fit_loss_compute(runs, metrics=metrics, form="saturating" if method is Method.frontier else "power",
+                                          params_col=pcol, edges=edges or "auto", n_bootstrap=bootstrap, seed=seed,
+                                          progress=progress)
+                if "unidentified" in result.details:
+                    err.print(f"[yellow]note:[/] {escape(result.details['unidentified'])}; fitted the runs' envelope "
+                              "instead, an upper bound of the frontier (--edges drop refuses)", highlight=False)
             elif method is Method.one:
                 if metrics is None or metrics.empty:
                     fail("approach 1 needs training curves: fit runs from the database, not --csv")

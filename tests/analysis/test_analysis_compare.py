@@ -217,6 +217,14 @@ def test_an_unidentified_frontier_is_refused_or_fitted_as_the_envelope_when_aske
         fit_loss_compute(runs, metrics=metrics, n_bootstrap=0)
     f = fit_loss_compute(runs, metrics=metrics, edges="keep", n_bootstrap=0)
     assert f.details["edges"] == "keep" and f.n_points >= 3
+    # auto: the envelope, saying why; on an identified frontier, the frontier as drop fits it
+    auto = fit_loss_compute(runs, metrics=metrics, edges="auto", n_bootstrap=0)
+    assert auto.details["edges"] == "keep" and "not identified" in auto.details["unidentified"]
+    assert auto.estimates == f.estimates
+    s = study(150, archs=("lightning",), n_steps=12, seed=1)
+    identified = fit_loss_compute(s.runs, metrics=s.metrics, edges="auto", n_bootstrap=0)
+    assert identified.details["edges"] == "drop" and "unidentified" not in identified.details
+    assert identified.estimates == fit_loss_compute(s.runs, metrics=s.metrics, n_bootstrap=0).estimates
 
 
 def test_comparison_fits_every_arch_alike_when_one_frontier_is_not_identified():
