@@ -16,6 +16,9 @@ from db.schema import TABLES, Eval, Metric, Plan, PlanRun, Run
 EXPORT_SUFFIXES = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet", ".json": "json"}
 EXPORT_FORMATS = ("csv", "parquet")
 
+#: The plan name that selects runs belonging to no plan (a plan re-added without them), in filters and counts.
+NO_PLAN = "-"
+
 #: Spec fields spread into columns of ``runs_frame`` (the rest stays in the JSON).
 SPEC_COLUMNS = ("d_model", "n_layers", "n_heads", "hybrid", "seq_len", "batch_size", "lr", "seed", "data", "schedule")
 
@@ -25,7 +28,9 @@ class QueryError(ValueError):
 
 
 def _run_filter(stmt, plan: str | None, arch: str | None, status: str | None):
-    if plan:
+    if plan == NO_PLAN:
+        stmt = stmt.where(~select(PlanRun.run_id).where(PlanRun.run_id == Run.run_id).exists())
+    elif plan:
         stmt = stmt.join(PlanRun, PlanRun.run_id == Run.run_id).join(Plan, Plan.id == PlanRun.plan_id)
         stmt = stmt.where(Plan.name == plan)
     if arch:
@@ -75,16 +80,18 @@ def evals_frame(engine: Engine, run_ids: list[str] | None = None) -> pd.DataFram
 
 
 def status_counts(engine: Engine, plan: str | None = None) -> pd.DataFrame:
-    """Runs per plan and status: columns plan, status, runs (runs in no plan are under '-')."""
+    """Runs per plan and status: columns plan, status, runs (runs in no plan are under NO_PLAN)."""
     stmt = (
-        select(func.coalesce(Plan.name, "-").label("plan"), Run.status, func.count().label("runs"))
+        select(func.coalesce(Plan.name, NO_PLAN).label("plan"), Run.status, func.count().label("runs"))
         .select_from(Run)
         .outerjoin(PlanRun, PlanRun.run_id == Run.run_id)
         .outerjoin(Plan, Plan.id == PlanRun.plan_id)
         .group_by(Plan.name, Run.status)
         .order_by(Plan.name, Run.status)
     )
-    if plan:
+    if plan == NO_PLAN:
+        stmt = stmt.where(Plan.name.is_(None))
+    elif plan:
         stmt = stmt.where(Plan.name == plan)
     with engine.connect() as conn:
         return pd.DataFrame(conn.execute(stmt).all(), columns=["plan", "status", "runs"])

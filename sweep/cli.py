@@ -80,15 +80,18 @@ def _engine(ctx: typer.Context, create: bool = False):
         fail(str(exc))
 
 
-def _check_filters(engine, plan: str | None, arch: str | None = None) -> None:
-    """Exit 2 on a --plan the database does not hold or an --arch that does not exist, rather than show nothing."""
-    from db.queries import plan_names
+def _check_filters(engine, plan: str | None, arch: str | None = None, no_plan_ok: bool = False) -> None:
+    """Exit 2 on a --plan the database does not hold or an --arch that does not exist, rather than show nothing.
+
+    With no_plan_ok, --plan - (NO_PLAN) selects the runs that belong to no plan."""
+    from db.queries import NO_PLAN, plan_names
     from models.config import ARCHS
 
-    if plan:
+    if plan and not (no_plan_ok and plan == NO_PLAN):
         known = plan_names(engine)
         if plan not in known:
-            fail(f"no plan named {plan!r} in the database; known: {', '.join(known) or 'none'}")
+            hint = f" ('{NO_PLAN}', runs in no plan, is taken by slab runs and slab status)" if plan == NO_PLAN else ""
+            fail(f"no plan named {plan!r} in the database; known: {', '.join(known) or 'none'}{hint}")
     if arch and arch not in ARCHS:
         fail(f"unknown arch {arch!r}; expected one of {', '.join(ARCHS)}")
 
@@ -294,7 +297,7 @@ def add(
 @app.command()
 def runs(
     ctx: typer.Context,
-    plan: Optional[str] = typer.Option(None, help="Only runs of this plan (its name: the file stem)."),
+    plan: Optional[str] = typer.Option(None, help="Only runs of this plan (its name: the file stem); '-' for runs in no plan."),
     arch: Optional[str] = typer.Option(None, help="Only this architecture."),
     status: Optional[str] = typer.Option(None, help="Only runs in this status: pending, running, done, failed, diverged."),
     csv_: bool = typer.Option(False, "--csv", help="Print CSV."),
@@ -311,7 +314,7 @@ def runs(
         fail(f"unknown status {status!r}; expected one of {', '.join(RUN_STATUSES)}")
     fmt = _fmt(csv_, json_)
     engine = _engine(ctx)
-    _check_filters(engine, plan, arch)
+    _check_filters(engine, plan, arch, no_plan_ok=True)
     frame = runs_frame(engine, plan=plan, arch=arch, status=status)
     if fmt is Format.table:
         cols = ["run_id", "arch", "d_model", "n_layers", "hybrid", "params", "tokens", "status", "attempts", "step", "final_loss", "val_loss", "error", "plan"]
@@ -325,7 +328,7 @@ def runs(
 @app.command()
 def status(
     ctx: typer.Context,
-    plan: Optional[str] = typer.Option(None, help="Only this plan."),
+    plan: Optional[str] = typer.Option(None, help="Only this plan; '-' for runs in no plan."),
     watch: bool = typer.Option(False, "--watch", help="Refresh every --interval seconds until all runs are finished (Ctrl-C to stop)."),
     interval: float = typer.Option(2.0, min=0.1, help="Seconds between refreshes with --watch."),
 ) -> None:
@@ -336,7 +339,7 @@ def status(
     from sweep.progress import status_table, watch_status
 
     engine = _engine(ctx)
-    _check_filters(engine, plan)
+    _check_filters(engine, plan, no_plan_ok=True)
     if watch:
         watch_status(engine, out, plan=plan, interval=interval)
     else:

@@ -11,7 +11,7 @@ from rich.table import Table
 from rich.text import Text
 from sqlalchemy import Engine
 
-from db.queries import status_counts
+from db.queries import NO_PLAN, status_counts
 from db.schema import RUN_STATUSES
 from sweep.plan import si
 
@@ -29,6 +29,8 @@ def status_table(engine: Engine, plan: str | None = None) -> Table:
         table.add_row(Text(str(name)), *(str(by.get(s, 0)) for s in RUN_STATUSES), str(sum(by.values())))
     if counts.empty:
         table.caption = "no runs registered yet: slab add PLAN"
+    elif (counts["plan"] == NO_PLAN).any():
+        table.caption = f"{NO_PLAN}: runs in no plan (dropped when their plan was edited); list them: slab runs --plan {NO_PLAN}"
     return table
 
 

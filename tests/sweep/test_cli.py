@@ -296,6 +296,16 @@ def test_add_says_when_an_edited_plan_no_longer_holds_runs(runner, write_plan, t
     path.write_text(PLAN.replace("32|64", "64"))
     result = invoke(runner, "add", path, db=db)
     assert result.exit_code == 0 and "0 new runs, 2 already known; 2 runs of its last registration no longer in it" in result.stdout
+    # the status table shows the two under '-' and says how to list them; runs and status take --plan -
+    table = invoke(runner, "status", db=db).stdout
+    assert "runs in no plan" in table and "slab runs --plan -" in table
+    orphans = json.loads(invoke(runner, "runs", "--plan", "-", "--json", db=db).stdout)
+    assert len(orphans) == 2 and {r["plan"] for r in orphans} == {""} and {r["d_model"] for r in orphans} == {32}
+    only = invoke(runner, "status", "--plan", "-", db=db)
+    rows = [line.split("│")[1:-1] for line in only.stdout.splitlines() if line.startswith("│")]
+    assert only.exit_code == 0 and [[c.strip() for c in r] for r in rows] == [["-", "2", "0", "0", "0", "0", "2"]]
+    refused = invoke(runner, "compare", "--plan", "-", db=db)
+    assert refused.exit_code == 2 and "is taken by slab runs and slab status" in refused.output
 
 
 def test_db_given_after_the_command_is_taken_as_before_it(tmp_path):
