@@ -742,7 +742,6 @@ def report(
     archs = sorted(set(runs["arch"]))
     if baseline is not None and baseline not in archs:
         fail(f"--baseline {baseline!r} has no finished runs; archs present: {', '.join(archs)}")
-    _warn_few_runs(runs, bootstrap)
     bar, progress = _progress_bar("fitting and drawing")
     try:
         with bar:
@@ -760,6 +759,8 @@ def report(
         out.print(f"- {line}", highlight=False, markup=False)
     for line in files.skipped:
         out.print(f"[dim]not shown: {escape(line)}[/]", highlight=False)
+    if files.comparison is None:  # with one, a finding above names the archs with too few runs
+        _warn_few_runs(runs, bootstrap)
     out.print(f"wrote {files.index_html} and {files.report_md} ({len(files.figures)} figures) in {files.seconds:.1f} s",
               markup=False)
 

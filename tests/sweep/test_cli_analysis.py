@@ -189,6 +189,17 @@ def test_compare_warns_for_an_arch_with_few_runs(tmp_path):
     assert "lightning has 3 runs: there is little to resample" in result.stderr, result.output
 
 
+def test_report_states_few_runs_once(tmp_path):
+    # it printed a warning on stderr and then the same as a finding
+    url = _study_db(tmp_path / "few.db", ("softmax", "lightning"), 6)
+    result = invoke("--db", url, "report", "--out", tmp_path / "r", "--bootstrap", "5")
+    assert result.exit_code == 0, result.output
+    assert "little to resample" not in result.stderr
+    assert "rest on 3 runs each, too few to resample" in result.stdout
+    alone = invoke("--db", _study_db(tmp_path / "one.db", ("softmax",), 3), "report", "--out", tmp_path / "s", "--bootstrap", "5")
+    assert alone.exit_code == 0 and "softmax has 3 runs: there is little to resample" in alone.stderr, alone.output
+
+
 def test_compare_of_a_one_size_ablation_shows_retrieval_by_ratio_and_exits_2(tmp_path):
     # plans/hybrid-ratio.csv's shape: every variant at one size, so no loss-compute law; before, compare exited 2
     # with nothing else, and the report pooled every hybrid ratio into one "hybrid"
