@@ -87,7 +87,7 @@ COLUMNS: dict[str, Column] = {
     "tokens": Column("float", None, "training tokens (give tokens or flops, not both)"),
     "flops": Column("float", None, "training FLOPs budget; tokens = flops / flops_per_token"),
     "lr": Column("float", 1e-3, "peak learning rate"),
-    "warmup": Column("float", 0.05, "warmup: steps if >= 1, else a fraction of the run's steps"),
+    "warmup": Column("float", 0.05, "warmup: steps if >= 1, else a fraction of the run's steps (at least one)"),
     "schedule": Column("str", "cosine", "cosine | wsd | constant"),
     "min_lr_ratio": Column("float", 0.1, "final learning rate as a fraction of lr"),
     "weight_decay": Column("float", 0.1, "AdamW weight decay"),
@@ -659,7 +659,8 @@ def _build_spec(r: _Resolver, base_dir: Path) -> RunSpec:
     # 2.5 would be cut to 2 steps without a word: steps are whole, fractions below 1
     warm = num("warmup", lambda v: v >= 0 and (v < 1 or v == int(v)),
                "a fraction of the run's steps below 1, or a whole number of steps")
-    warmup = int(round(warm * steps)) if warm < 1 else int(warm)
+    # a fraction asks for some warmup: 0.05 of 9 steps is one, not the none that rounding gives
+    warmup = (max(1, round(warm * steps)) if warm > 0 else 0) if warm < 1 else int(warm)
     evals = tuple(e for e in text("evals").split("|") if e)
     bad = [e for e in evals if e not in EVALS]
     if bad:

@@ -84,6 +84,14 @@ def test_defaults_and_derived_tokens_from_flops(write_plan):
     assert soft.warmup == round(0.05 * soft.steps)
 
 
+@pytest.mark.parametrize("warmup, steps, expected", [(0.05, 9, 1), (0.05, 100, 5), (0, 9, 0), (0.5, 1, 1), (3, 2, 2)])
+def test_warmup_fraction_gives_at_least_one_step(write_plan, warmup, steps, expected):
+    # 0.05 of 9 steps had rounded to no warmup at all
+    path = write_plan(f"arch,d_model,n_layers,seq_len,batch_size,tokens,warmup\nsoftmax,64,2,64,4,{256 * steps},{warmup}\n")
+    spec = load_plan(path).runs[0].spec
+    assert spec.steps == steps and spec.warmup == expected
+
+
 def test_same_run_from_two_rows_and_two_plans_is_one(write_plan):
     a = write_plan(HEADER + "a,softmax,64,2,4,128,8,1e5,1e-3\nb,softmax,64,2,4,128,8,100000,0.001\n", "a.csv")
     b = write_plan(HEADER + "c,softmax,64,2,4,128,8,100k,1e-3\n", "b.csv")
