@@ -30,8 +30,11 @@ demo: setup
 	$(BIN)/slab --db $(DEMO_DB) report --plan demo --out demo-out/report
 	@echo "report: demo-out/report/index.html"
 
+# Two pytest-xdist workers, each taking whole files (module fixtures train once): most tests wait on processes
+# (Ray, workers, retries) more than they compute, so two run in about 70% of one's time on two cores.
+TEST_WORKERS ?= 2
 test: setup
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 # CPU benchmarks always; the GPU ones (kernels, training speed, throughput vs length) where a GPU is present;
 # on a host of several GPUs also the smoke plan on all of them against one, and data-parallel scaling.

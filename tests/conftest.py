@@ -1,5 +1,6 @@
 """Shared fixtures: plan files written into a temporary folder, and database URLs to test against."""
 
+import functools
 import os
 
 import pytest
@@ -17,8 +18,25 @@ def write_plan(tmp_path):
     return write
 
 
+@functools.cache
 def _pg_url():
-    return os.environ.get("SLAB_TEST_PG_URL")
+    """SLAB_TEST_PG_URL, or under pytest-xdist a database of this worker's own beside it (created if missing):
+    the tests drop and create every table, so two workers must not share one."""
+    url = os.environ.get("SLAB_TEST_PG_URL")
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if not url or not worker:
+        return url
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+
+    base = make_url(url)
+    name = f"{base.database}_{worker}"
+    engine = create_engine(base, isolation_level="AUTOCOMMIT")
+    with engine.connect() as conn:
+        if not conn.scalar(text("select 1 from pg_database where datname = :name"), {"name": name}):
+            conn.execute(text(f'CREATE DATABASE "{name}"'))
+    engine.dispose()
+    return base.set(database=name).render_as_string(hide_password=False)
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -41,3 +59,13 @@ def db_url(request, tmp_path):
         Base.metadata.drop_all(conn)
     engine.dispose()
     yield url
+
+
+def pytest_collection_modifyitems(items):
+    """Run the files with the most slow tests first, each file's tests together and in order: pytest-xdist
+    (make test) hands whole files to its workers in this order, so the long ones start at once, not last."""
+    slow: dict[str, int] = {}
+    for item in items:
+        slow[item.nodeid.split("::")[0]] = slow.get(item.nodeid.split("::")[0], 0) + (item.get_closest_marker("slow") is not None)
+    rank = {path: i for i, path in enumerate(sorted(slow, key=lambda p: -slow[p]))}
+    items.sort(key=lambda item: rank[item.nodeid.split("::")[0]])
