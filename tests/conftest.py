@@ -2,6 +2,10 @@
 
 import functools
 import os
+import shutil
+import tempfile
+import traceback
+from pathlib import Path
 
 import pytest
 
@@ -69,3 +73,52 @@ def pytest_collection_modifyitems(items):
         slow[item.nodeid.split("::")[0]] = slow.get(item.nodeid.split("::")[0], 0) + (item.get_closest_marker("slow") is not None)
     rank = {path: i for i, path in enumerate(sorted(slow, key=lambda p: -slow[p]))}
     items.sort(key=lambda item: rank[item.nodeid.split("::")[0]])
+
+
+@pytest.fixture
+def shared_tmp():
+    """A temporary folder any user may enter (tmp_path lies in root's own folder when root runs the tests), for
+    files that a test reads as another user through ``as_other_user``."""
+    path = Path(tempfile.mkdtemp(prefix="slab-test-"))
+    path.chmod(0o755)
+    yield path
+    for sub in [path, *path.rglob("*")]:  # a test may leave a folder read-only
+        if sub.is_dir():
+            sub.chmod(0o755)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def as_other_user():
+    """Call a function as a user without rights to this test's files: here when the tests run unprivileged, else
+    in a forked child as nobody, since root writes files whatever their mode. A failure there fails the test."""
+
+    def call(fn):
+        if os.geteuid() != 0:
+            fn()
+            return
+        import pwd
+
+        nobody = pwd.getpwnam("nobody")
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: report any failure through the pipe, never return into pytest
+            os.close(read)
+            code = 0
+            try:
+                os.setgroups([])
+                os.setgid(nobody.pw_gid)
+                os.setuid(nobody.pw_uid)
+                fn()
+            except BaseException:
+                os.write(write, traceback.format_exc().encode())
+                code = 1
+            os._exit(code)
+        os.close(write)
+        with os.fdopen(read) as pipe:
+            report = pipe.read()
+        _, status = os.waitpid(pid, 0)
+        if os.waitstatus_to_exitcode(status) != 0:
+            pytest.fail(f"as user nobody (exit {os.waitstatus_to_exitcode(status)}):\n{report}", pytrace=False)
+
+    return call

@@ -221,23 +221,23 @@ def test_sqlite_path_expands_home(tmp_path, monkeypatch):
     open_db(url, create=False).dispose()
 
 
-@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root writes files whatever their mode")
+@pytest.mark.skipif(os.name != "posix", reason="file modes")
 @pytest.mark.parametrize("locked", ["file and folder", "file", "folder"])
-def test_read_only_database_can_be_read(locked, tmp_path, write_plan):
+def test_read_only_database_can_be_read(locked, shared_tmp, as_other_user, write_plan):
     """A results database on storage this process cannot write (a shared, read-only copy) can still be read:
     no switch to WAL and no write transaction on opening, which SQLite refuses there."""
-    folder = tmp_path / "ro"
+    folder = shared_tmp / "ro"
     folder.mkdir()
     url = f"sqlite:///{folder}/slab.db"
     engine = open_db(url)
     add_plans(engine, [load_plan(write_plan(PLAN))])
     engine.dispose()
     before = sorted(p.name for p in folder.iterdir())
-    if "file" in locked:
-        (folder / "slab.db").chmod(0o444)
-    if "folder" in locked:
-        folder.chmod(0o555)
-    try:
+    # the modes lock what `locked` names for every user, and leave the rest open to every user
+    (folder / "slab.db").chmod(0o444 if "file" in locked else 0o666)
+    folder.chmod(0o555 if "folder" in locked else 0o777)
+
+    def read():
         engine = open_db(url, create=False)
         assert len(runs_frame(engine)) == 6
         assert status_counts(engine)["runs"].sum() == 6
@@ -251,6 +251,9 @@ def test_read_only_database_can_be_read(locked, tmp_path, write_plan):
         engine = open_db(url)  # as `slab add` and the benchmarks open it
         assert len(runs_frame(engine)) == 6
         engine.dispose()
+
+    try:
+        as_other_user(read)
         assert sorted(p.name for p in folder.iterdir()) == before  # no -shm left that its owner could not write
     finally:
         folder.chmod(0o755)
@@ -264,7 +267,7 @@ def test_read_only_database_can_be_read(locked, tmp_path, write_plan):
 
 
 def test_a_database_taken_for_unwritable_is_read_through_sqlites_read_only_mode(tmp_path, write_plan, monkeypatch):
-    """The read-only path as any user runs it (root included, for whom the permission tests above skip): SQLite's
+    """The read-only path as any user runs it (the tests above run it as another user): SQLite's
     mode=ro itself refuses the writes, whatever the file's owner."""
     import db.engine
 
@@ -283,29 +286,47 @@ def test_a_database_taken_for_unwritable_is_read_through_sqlites_read_only_mode(
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # immutable: no -shm or -wal made
 
 
-@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root writes files whatever their mode")
-def test_read_only_database_follows_its_writer(tmp_path, write_plan):
+@pytest.mark.skipif(os.name != "posix", reason="file modes")
+def test_read_only_database_follows_its_writer(shared_tmp, as_other_user, write_plan):
     """Watching a database this process cannot write while its owner's launcher writes it: reads go through
     the writer's WAL, so they see its commits."""
     import sqlite3
+    import threading
 
-    path = tmp_path / "slab.db"
+    path = shared_tmp / "slab.db"
     engine = open_db(f"sqlite:///{path}")
     add_plans(engine, [load_plan(write_plan(PLAN))])
     engine.dispose()
-    writer = sqlite3.connect(path, isolation_level=None)
+    writer = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     writer.execute("PRAGMA journal_mode=WAL")
     writer.execute("CREATE TEMP TABLE keep_wal_open (x)")
     path.chmod(0o444)
-    try:
+    (read_once, wrote), (ask, tell) = os.pipe(), os.pipe()  # the reader asks for the write after its first read
+
+    def write_when_asked():
+        if os.read(read_once, 1):
+            writer.execute("UPDATE runs SET status = 'done'")
+            os.write(tell, b"1")
+
+    def watch():
         reader = open_db(f"sqlite:///{path}", create=False)
         assert set(status_counts(reader)["status"]) == {"pending"}
-        writer.execute("UPDATE runs SET status = 'done'")
+        os.write(wrote, b"1")
+        assert os.read(ask, 1) == b"1"
         assert set(status_counts(reader)["status"]) == {"done"}
         reader.dispose()
+
+    thread = threading.Thread(target=write_when_asked, daemon=True)
+    thread.start()
+    try:
+        as_other_user(watch)
     finally:
+        os.close(wrote)  # ends the thread's wait if the reader failed before asking
+        thread.join(10)
         writer.close()
         path.chmod(0o644)
+        for fd in (read_once, ask, tell):
+            os.close(fd)
 
 
 @pytest.fixture
@@ -371,13 +392,23 @@ def test_export_write_error_is_not_hidden_by_the_cleanup(runs_db, tmp_path, monk
         export_table(runs_db, "runs", "csv", out)
 
 
-@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root writes files whatever their mode")
-def test_export_to_a_read_only_folder(runs_db, tmp_path):
-    folder = tmp_path / "ro"
+@pytest.mark.skipif(os.name != "posix", reason="file modes")
+def test_export_to_a_read_only_folder(shared_tmp, as_other_user, write_plan):
+    url = f"sqlite:///{shared_tmp}/slab.db"
+    engine = open_db(url)
+    add_plans(engine, [load_plan(write_plan(PLAN))])
+    engine.dispose()
+    folder = shared_tmp / "ro"
     folder.mkdir(mode=0o555)
-    try:
+
+    def export():
+        engine = open_db(url, create=False)
         with pytest.raises(QueryError, match=f"cannot write {folder / 'runs.csv'}: Permission denied"):
-            export_table(runs_db, "runs", "csv", folder / "runs.csv")
+            export_table(engine, "runs", "csv", folder / "runs.csv")
+        engine.dispose()
+
+    try:
+        as_other_user(export)
     finally:
         folder.chmod(0o755)
     assert list(folder.iterdir()) == []
