@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import re
+import zlib
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -46,6 +47,12 @@ class ArchComparison:
         }
 
 
+def arch_seed(seed: int, arch: str) -> int:
+    """The bootstrap seed of one arch's fits, from the user's seed and the arch's name: the same in fit, compare and
+    report whatever archs are fitted beside it, and unlike any other arch's, so that no two resample alike."""
+    return int(np.random.SeedSequence([seed, zlib.crc32(arch.encode())]).generate_state(1)[0])
+
+
 def fit_per_arch(
     runs: pd.DataFrame,
     *,
@@ -74,7 +81,7 @@ def fit_per_arch(
             try:
                 fits[arch] = fit_loss_compute(
                     sub, metrics=sub_metrics, form=form, params_col=params_col, edges=mode,
-                    n_bootstrap=n_bootstrap, seed=seed + i, progress=_stage(progress, i, len(archs), n_bootstrap),
+                    n_bootstrap=n_bootstrap, seed=arch_seed(seed, arch), progress=_stage(progress, i, len(archs), n_bootstrap),
                 )
             except FrontierNotIdentified as exc:
                 unidentified = True

@@ -24,6 +24,7 @@ from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter, NullLoca
 
 from analysis.compare import (  # noqa: E402
     ArchComparison,
+    arch_seed,
     compare_archs,
     fit_per_arch,
     fmt_number,
@@ -161,7 +162,7 @@ def write_report(
     for _ in range(2 * len(archs)):  # the progress bar counts a fit per method and arch
         tick()
 
-    for i, arch in enumerate(archs):
+    for arch in archs:
         sub = runs[runs["arch"] == arch]
         ids = set(sub["run_id"].astype(str))
         sub_m = None if metrics is None else metrics[metrics["run_id"].astype(str).isin(ids)]
@@ -169,16 +170,16 @@ def write_report(
             sub_m = None
         jobs: dict[str, Callable[[], FitResult]] = {
             "approach1": lambda: fit_approach1(
-                sub, sub_m, params_col=params_col, budgets=budgets, n_bootstrap=bootstrap, seed=seed + i
+                sub, sub_m, params_col=params_col, budgets=budgets, n_bootstrap=bootstrap, seed=arch_seed(seed, arch)
             ),
             "approach2": lambda: fit_approach2(
-                sub, params_col=params_col, budgets=budgets, n_bootstrap=bootstrap, seed=seed + i
+                sub, params_col=params_col, budgets=budgets, n_bootstrap=bootstrap, seed=arch_seed(seed, arch)
             ),
             # the best 64 grid starts and one start per replicate: the report favours speed, the
             # library's defaults run the full protocol
             "approach3": lambda: fit_approach3(
                 sub, params_col=params_col, budgets=budgets, n_starts=64, n_bootstrap=bootstrap,
-                bootstrap_starts=1, seed=seed + i,
+                bootstrap_starts=1, seed=arch_seed(seed, arch),
             ),
         }
         for method, job in jobs.items():

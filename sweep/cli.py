@@ -554,7 +554,7 @@ def fit(
     arch: Optional[str] = typer.Option(None, help="Only this architecture; needed where the runs hold several (one law over several would mix them; slab compare fits each)."),
     method: Method = typer.Option(Method.frontier, help="frontier: L = E + A C^-alpha; power: L = A C^-alpha; 1, 2, 3: Chinchilla approaches."),
     bootstrap: int = typer.Option(200, min=0, help="Bootstrap resamples of runs for the intervals (as compare and report)."),
-    seed: int = typer.Option(0, help="Seed of the bootstrap."),
+    seed: int = typer.Option(0, min=0, help="Seed of the bootstrap."),
     csv_file: Optional[Path] = typer.Option(None, "--csv", help="Fit an external CSV of params, tokens, loss[, flops] instead of the database."),
     params_col: str = typer.Option("params", help="With --csv: the parameter-count column."),
     tokens_col: str = typer.Option("tokens", help="With --csv: the token column (else flops / 6N)."),
@@ -569,6 +569,7 @@ def fit(
     Example: slab fit --plan isoflop --method 2 --bootstrap 500
     Example: slab fit --csv chinchilla.csv --params-col "Model Size" --flops-col "Training FLOP" --method 3
     """
+    from analysis.compare import arch_seed
     from analysis.fits import FitError, fit_approach1, fit_approach2, fit_approach3, fit_loss_compute, load_csv
 
     if edges is not None and method not in (Method.frontier, Method.power):
@@ -595,6 +596,7 @@ def fit(
             fail(f"these runs are of {len(archs)} architectures ({', '.join(archs)}); one law over them all would mix "
                  f"them: pass --arch {archs[0]} (or another), or compare them with `slab compare`")
         pcol = n_params
+        seed = arch_seed(seed, archs[0])  # as compare and report seed this arch's fits
     bar, progress = _progress_bar(f"fitting ({method.value})")
     try:
         with bar:
@@ -644,7 +646,7 @@ def compare(
     baseline: str = typer.Option("softmax", help="The architecture the others are measured against."),
     edges: str = typer.Option("auto", help=EDGES_HELP),
     bootstrap: int = typer.Option(200, min=0, help="Bootstrap resamples for the intervals (as fit and report)."),
-    seed: int = typer.Option(0, help="Seed of the bootstrap."),
+    seed: int = typer.Option(0, min=0, help="Seed of the bootstrap."),
     as_json: bool = typer.Option(False, "--json", help="Print the comparison as JSON."),
 ) -> None:
     """Compare architectures: per-arch frontier laws, the loss gap and compute multiplier vs a baseline, NIAH.
@@ -715,7 +717,7 @@ def report(
     throughput: Optional[Path] = typer.Option(None, help="CSV of arch, seq_len, tokens_per_s (slab bench train --seq-len ... --out FILE) for the throughput figure."),
     bootstrap: int = typer.Option(200, min=0, help="Bootstrap resamples per fit (as fit and compare)."),
     baseline: Optional[str] = typer.Option(None, help="Architecture the others are compared with (default: softmax when it has runs, else the first arch).", show_default=False),
-    seed: int = typer.Option(0, help="Seed of the bootstraps."),
+    seed: int = typer.Option(0, min=0, help="Seed of the bootstraps."),
     edges: str = typer.Option("auto", help=EDGES_HELP),
 ) -> None:
     """Write a scaling-curve report: index.html (self-contained), report.md, fits.json and PNG/SVG figures.

@@ -1,8 +1,10 @@
 """slab fit / compare / report on a database holding a synthetic study, and on an external CSV."""
 import json
 import re
+from pathlib import Path
 
 import pytest
+from sqlalchemy import delete, select
 from typer.testing import CliRunner
 
 from analysis.synthetic import HOFFMANN, study
@@ -98,6 +100,34 @@ def test_fit_compare_and_report_share_one_bootstrap_default():
     for name in ("fit", "compare", "report"):
         option = next(p for p in commands[name].params if p.name == "bootstrap")
         assert option.default == CLI_BOOTSTRAP, name
+
+
+def test_fit_and_report_print_the_same_intervals_for_every_arch(study_db, tmp_path):
+    # an arch's bootstrap was seeded by its place among the archs fitted together (seed + i): slab fit --seed 0
+    # matched the report for the first arch alone, and an arch's intervals moved when another was added
+    rep = invoke("--db", study_db, "report", "--plan", "syn", "--out", tmp_path / "r", "--bootstrap", "10")
+    assert rep.exit_code == 0, rep.output
+    fitted = json.loads((tmp_path / "r" / "fits.json").read_text())
+    for arch in ("lightning", "softmax"):
+        for method, key, law in (("frontier", "frontier", {"E", "A", "alpha"}), ("2", "approach2", {"a", "b"})):
+            fit = invoke("--db", study_db, "fit", "--arch", arch, "--method", method, "--bootstrap", "10", "--json")
+            assert fit.exit_code == 0, fit.output
+            got, want = json.loads(fit.stdout)["intervals"], fitted[f"{key}/{arch}"]["intervals"]
+            # the report reads approach 2's tokens per parameter at budgets shared by every arch, fit at its own
+            shared = got.keys() & want.keys()
+            assert law <= shared and {k: got[k] for k in shared} == {k: want[k] for k in shared}, (arch, method)
+    lone = tmp_path / "lone.db"  # the same softmax runs, with no other arch beside them
+    lone.write_bytes(Path(study_db.removeprefix("sqlite:///")).read_bytes())
+    engine = open_db(f"sqlite:///{lone}")
+    with session(engine) as db:
+        gone = [r for (r,) in db.execute(select(Run.run_id).where(Run.arch == "lightning"))]
+        for table in (Metric, Eval, PlanRun, Run):
+            db.execute(delete(table).where(table.run_id.in_(gone)))
+    engine.dispose()
+    alone = invoke("--db", f"sqlite:///{lone}", "report", "--out", tmp_path / "s", "--bootstrap", "10")
+    assert alone.exit_code == 0, alone.output
+    intervals = json.loads((tmp_path / "s" / "fits.json").read_text())["frontier/softmax"]["intervals"]
+    assert intervals == fitted["frontier/softmax"]["intervals"]
 
 
 def test_compare_and_report(study_db, tmp_path):
