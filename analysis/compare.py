@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import re
 import zlib
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -24,7 +25,9 @@ from analysis.fits import (
     fit_loss_compute,
     loss_compute_law,
     percentile_interval,
+    positive_column_errors,
     _frame_records,
+    _some,
 )
 
 
@@ -352,6 +355,32 @@ def mqar_table(runs: pd.DataFrame, evals: pd.DataFrame, *, params_col: str = DEF
     out["ratio"] = [hybrid_ratio(p, a) for p, a in zip(out["hybrid"], out["arch"])]
     out["ratio_label"] = out["ratio"].map(ratio_label)
     return out[cols].sort_values(["ratio", "params"]).reset_index(drop=True)
+
+
+def load_throughput(path: str | Path) -> pd.DataFrame:
+    """Read a throughput CSV (arch, seq_len, tokens_per_s, as `slab bench train --out` writes) for the report; a value
+    that is not a positive number, a length that is not whole or a row without an arch raises FitError with its lines."""
+    path = Path(path)
+    try:
+        frame = pd.read_csv(path)
+    except (OSError, ValueError) as exc:
+        raise FitError(f"{path}: cannot read the throughput CSV: {exc}") from exc
+    missing = [c for c in ("arch", "seq_len", "tokens_per_s") if c not in frame.columns]
+    if missing:
+        raise FitError(f"{path}: missing column(s) {', '.join(missing)}")
+    lines = np.arange(2, len(frame) + 2)  # file line numbers, header being line 1
+    number = {c: pd.to_numeric(frame[c], errors="coerce").to_numpy(float) for c in ("seq_len", "tokens_per_s")}
+    bad = positive_column_errors(lines, number)
+    fractional = np.isfinite(number["seq_len"]) & (number["seq_len"] != np.round(number["seq_len"]))
+    if fractional.any():
+        bad.append(f"column 'seq_len' must be a whole number of tokens; bad on line(s) {_some(lines[fractional])}")
+    no_arch = frame["arch"].isna().to_numpy() | (frame["arch"].astype(str).str.strip() == "").to_numpy()
+    if no_arch.any():
+        bad.append(f"column 'arch' is empty on line(s) {_some(lines[no_arch])}")
+    if bad:
+        raise FitError(f"{path}: " + "; ".join(bad))
+    return frame.assign(arch=frame["arch"].astype(str).str.strip(), seq_len=number["seq_len"].astype(int),
+                        tokens_per_s=number["tokens_per_s"])
 
 
 def throughput_table(throughput: pd.DataFrame, *, baseline: str = "softmax") -> pd.DataFrame:

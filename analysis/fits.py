@@ -247,14 +247,16 @@ def done_runs(runs: pd.DataFrame) -> pd.DataFrame:
 def load_csv(
     path: str | Path,
     params_col: str = "params",
-    tokens_col: str = "tokens",
+    tokens_col: str | None = None,
     loss_col: str = "loss",
-    flops_col: str = "flops",
+    flops_col: str | None = None,
 ) -> pd.DataFrame:
     """Read external (params, tokens, loss[, flops]) data into a frame the fits take with params_col="params".
 
-    Tokens default to flops / (6 N) and flops to 6 N D, so the Besiroglu et al. 2024 Chinchilla data
-    (params_col="Model Size", flops_col="Training FLOP") loads as it is.
+    Tokens default to flops / (6 N) and flops to 6 N D; tokens_col and flops_col left None take "tokens" and
+    "flops" where the file has them, a named one must exist. So the Besiroglu et al. 2024 Chinchilla data
+    (params_col="Model Size", flops_col="Training FLOP") loads as it is. What a fit should know of the data
+    (repeated rows, FLOPs far from 6 N D) is in the frame's attrs["notes"].
     """
     path = Path(path)
     if not path.is_file():
@@ -264,32 +266,48 @@ def load_csv(
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
         raise FitError(f"{path}: not a readable CSV ({exc})") from exc
     cols = list(raw.columns)
-    need = [params_col, loss_col]
-    if tokens_col not in cols and flops_col not in cols:
-        need.append(f"{tokens_col} (or {flops_col})")
+    tcol = tokens_col or ("tokens" if "tokens" in cols else None)
+    fcol = flops_col or ("flops" if "flops" in cols else None)
+    need = [params_col, loss_col, *(c for c in (tokens_col, flops_col) if c is not None)]
+    if tcol is None and fcol is None:
+        need.append("tokens (or flops)")
     missing = [c for c in need if c not in cols]
     if missing:
         raise FitError(f"{path}: missing column(s) {', '.join(map(repr, missing))}; columns: {', '.join(cols)}")
-    N = pd.to_numeric(raw[params_col], errors="coerce").to_numpy(float)
-    flops = pd.to_numeric(raw[flops_col], errors="coerce").to_numpy(float) if flops_col in cols else None
-    if tokens_col in cols:
-        D = pd.to_numeric(raw[tokens_col], errors="coerce").to_numpy(float)
-    else:
-        D = flops / (6.0 * N)
+    number = lambda c: pd.to_numeric(raw[c], errors="coerce").to_numpy(float)  # noqa: E731
+    N, loss = number(params_col), number(loss_col)
+    flops = number(fcol) if fcol else None
+    D = number(tcol) if tcol else flops / (6.0 * N)
+    rows = np.arange(2, len(raw) + 2)  # file line numbers, header being line 1
+    bad = positive_column_errors(rows, {params_col: N, (tcol or fcol): D, loss_col: loss})
+    if bad:
+        raise FitError(f"{path}: " + "; ".join(bad))
     if flops is None:
         flops = 6.0 * N * D
-    rows = np.arange(2, len(raw) + 2)  # file line numbers, header being line 1
-    for name, v in ((params_col, N), (tokens_col if tokens_col in cols else flops_col, D)):
+    notes = []
+    repeats = int(raw.duplicated().sum())
+    if repeats:
+        notes.append(f"{repeats} row(s) repeat an earlier row exactly; each counts as a run, which narrows the "
+                     "intervals (drop them if they are copies)")
+    if tcol and fcol:
+        ratio = np.median(flops / (6.0 * N * D))
+        if not 0.5 <= ratio <= 2:
+            notes.append(f"column {fcol!r} is {ratio:.3g}x 6 x params x tokens (median): C is read from it, so the "
+                         "compute-optimal sizes at a budget follow its convention, not C = 6ND")
+    out = pd.DataFrame({"run_id": [f"{path.name}:{r}" for r in rows], "params": N, "tokens": D, "flops": flops,
+                        "loss": loss})
+    out.attrs["notes"] = notes
+    return out
+
+
+def positive_column_errors(lines: np.ndarray, columns: Mapping[str, np.ndarray]) -> list[str]:
+    """One message per column holding a value that is not a positive, finite number, naming its file lines."""
+    out = []
+    for name, v in columns.items():
         bad = ~(np.isfinite(v) & (v > 0))
         if bad.any():
-            raise FitError(f"{path}: column {name!r} must be a positive number; bad on line(s) {_some(rows[bad])}")
-    loss = pd.to_numeric(raw[loss_col], errors="coerce").to_numpy(float)
-    bad = ~(np.isfinite(loss) & (loss > 0))
-    if bad.any():
-        raise FitError(f"{path}: column {loss_col!r} must be a positive number; bad on line(s) {_some(rows[bad])}")
-    return pd.DataFrame(
-        {"run_id": [f"{path.name}:{r}" for r in rows], "params": N, "tokens": D, "flops": flops, "loss": loss}
-    )
+            out.append(f"column {name!r} must be a positive number; bad on line(s) {_some(lines[bad])}")
+    return out
 
 
 # --------------------------------------------------------------------------------------------

@@ -556,10 +556,10 @@ def fit(
     bootstrap: int = typer.Option(200, min=0, help="Bootstrap resamples of runs for the intervals (as compare and report)."),
     seed: int = typer.Option(0, min=0, help="Seed of the bootstrap."),
     csv_file: Optional[Path] = typer.Option(None, "--csv", help="Fit an external CSV of params, tokens, loss[, flops] instead of the database."),
-    params_col: str = typer.Option("params", help="With --csv: the parameter-count column."),
-    tokens_col: str = typer.Option("tokens", help="With --csv: the token column (else flops / 6N)."),
-    loss_col: str = typer.Option("loss", help="With --csv: the loss column."),
-    flops_col: str = typer.Option("flops", help="With --csv: the FLOPs column (else 6ND)."),
+    params_col: Optional[str] = typer.Option(None, help="With --csv: the parameter-count column [default: params]."),
+    tokens_col: Optional[str] = typer.Option(None, help="With --csv: the token column [default: tokens, where the file has it, else flops / 6N]."),
+    loss_col: Optional[str] = typer.Option(None, help="With --csv: the loss column [default: loss]."),
+    flops_col: Optional[str] = typer.Option(None, help="With --csv: the FLOPs column [default: flops, where the file has it, else 6ND]."),
     n_params: str = typer.Option("nonembed_params", help="From the database: fit on nonembed_params or params (total)."),
     edges: Optional[str] = typer.Option(None, help="frontier/power from training curves: drop the compute bins whose best run is the smallest size there (the compute-optimal frontier), keep them (the runs' envelope, an upper bound), or auto (the default, as compare and report): drop, unless the frontier is then not identified."),
     as_json: bool = typer.Option(False, "--json", help="Print the fit as JSON."),
@@ -583,11 +583,19 @@ def fit(
             fail(f"{', '.join(ignored)} select{'s' if len(ignored) == 1 else ''} runs of the database; with --csv the "
                  "whole file is fitted (filter it first, and name its parameter column with --params-col)")
         try:
-            runs = load_csv(csv_file, params_col=params_col, tokens_col=tokens_col, loss_col=loss_col, flops_col=flops_col)
+            runs = load_csv(csv_file, params_col=params_col or "params", tokens_col=tokens_col, loss_col=loss_col or "loss",
+                            flops_col=flops_col)
         except FitError as exc:
             fail(str(exc))
+        for note in runs.attrs.get("notes", []):
+            err.print(f"[yellow]warning:[/] {escape(str(csv_file))}: {escape(note)}", highlight=False)
         pcol, engine = "params", None
     else:
+        named = [o for o, v in (("--params-col", params_col), ("--tokens-col", tokens_col), ("--loss-col", loss_col),
+                                ("--flops-col", flops_col)) if v is not None]
+        if named:
+            fail(f"{', '.join(named)} name{'s' if len(named) == 1 else ''} columns of a --csv file; runs of the database "
+                 "have theirs (choose the size with --n-params)")
         if n_params not in ("nonembed_params", "params"):
             fail(f"--n-params must be nonembed_params or params, got {n_params!r}")
         engine, runs, metrics, _ = _analysis_inputs(ctx, plan, arch)
@@ -726,20 +734,18 @@ def report(
     """
     import pandas as pd
 
+    from analysis.compare import load_throughput
     from analysis.fits import FitError
     from analysis.report import write_report
 
     _check_edges(edges)
     _writable_dir(out_dir, "--out")
     tput = None
-    if throughput is not None:  # read before the runs, so that a wrong path fails at once
+    if throughput is not None:  # read before the runs, so that a wrong path or value fails at once
         try:
-            tput = pd.read_csv(throughput)
-        except (OSError, ValueError) as exc:
-            fail(f"{throughput}: cannot read the throughput CSV: {exc}")
-        missing = {"arch", "seq_len", "tokens_per_s"} - set(tput.columns)
-        if missing:
-            fail(f"{throughput}: missing column(s) {', '.join(sorted(missing))}")
+            tput = load_throughput(throughput)
+        except FitError as exc:
+            fail(str(exc))
     _, runs, metrics, evals = _analysis_inputs(ctx, plan, None)
     archs = sorted(set(runs["arch"]))
     if baseline is not None and baseline not in archs:

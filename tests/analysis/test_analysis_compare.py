@@ -132,6 +132,25 @@ def test_mqar_table_by_ratio_and_size(data):
     assert (t["best"] >= t["accuracy"]).all()
 
 
+def test_load_throughput_names_every_bad_cell(tmp_path):
+    # a word or '2k' had crashed the report with a traceback after drawing figures; -5 and NaN were plotted
+    path = tmp_path / "tp.csv"
+    path.write_text("arch,seq_len,tokens_per_s\nsoftmax,2048,abc\nlightning,2k,100\nsoftmax,8192,-5\n"
+                    "lightning,8192,nan\n,4096,7\nsoftmax,512.5,9\nlightning,2048,1e5\n")
+    with pytest.raises(FitError) as info:
+        compare.load_throughput(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: ")
+    assert "column 'seq_len' must be a positive number; bad on line(s) 3" in message
+    assert "column 'tokens_per_s' must be a positive number; bad on line(s) 2, 4, 5" in message
+    assert "column 'seq_len' must be a whole number of tokens; bad on line(s) 7" in message
+    assert "column 'arch' is empty on line(s) 6" in message
+    path.write_text("arch,seq_len,tokens_per_s,mfu\n softmax ,2048,100.5,0.4\nlightning,2048.0,200,0.3\n")
+    good = compare.load_throughput(path)
+    assert good["arch"].tolist() == ["softmax", "lightning"] and good["seq_len"].tolist() == [2048, 2048]
+    assert compare.throughput_table(good)["vs_baseline"].tolist() == [pytest.approx(200 / 100.5), 1.0]
+
+
 def test_throughput_table_relative_to_baseline(data):
     t = compare.throughput_table(data.throughput)
     soft = t[t["arch"] == "softmax"]

@@ -333,6 +333,29 @@ def test_external_csv_errors_name_the_file_and_column(tmp_path):
     path.write_text("params,tokens,loss\n1e8,1e9,3.0\n2e8,oops,3.1\n")
     with pytest.raises(FitError, match="'tokens' must be a positive number; bad on line\\(s\\) 3"):
         fits.load_csv(path)
+    # every bad column in one message, not the first alone
+    path.write_text("params,tokens,loss\n1e8,1e9,3.0\n-2,1e9,abc\n2e8,x,3.1\n")
+    with pytest.raises(FitError) as info:
+        fits.load_csv(path)
+    for col, line in (("params", 3), ("tokens", 4), ("loss", 3)):
+        assert f"column '{col}' must be a positive number; bad on line(s) {line}" in str(info.value)
+    # a column named by the caller must exist: it had fallen back to flops / 6N without a word
+    path.write_text("params,tokens,loss,flops\n1e8,1e9,3.0,6e17\n")
+    for named in ({"tokens_col": "nope"}, {"flops_col": "nope"}):
+        with pytest.raises(FitError, match="missing column\\(s\\) 'nope'"):
+            fits.load_csv(path, **named)
+
+
+def test_external_csv_notes_repeated_rows_and_flops_off_6nd(tmp_path):
+    path = tmp_path / "d.csv"
+    path.write_text("params,tokens,loss,flops\n1e8,1e9,3.0,6e17\n2e8,1e9,2.9,1.2e18\n1e8,1e9,3.0,6e17\n")
+    notes = fits.load_csv(path).attrs["notes"]
+    assert len(notes) == 1 and notes[0].startswith("1 row(s) repeat an earlier row exactly")
+    path.write_text("params,tokens,loss,flops\n1e8,1e9,3.0,6e18\n2e8,1e9,2.9,1.2e19\n")
+    notes = fits.load_csv(path).attrs["notes"]
+    assert len(notes) == 1 and "'flops' is 10x 6 x params x tokens" in notes[0]
+    path.write_text("params,tokens,loss\n1e8,1e9,3.0\n2e8,1e9,2.9\n")
+    assert fits.load_csv(path).attrs["notes"] == []
 
 
 # ---------------------------------------------------------------------------------------------

@@ -219,6 +219,21 @@ def test_compare_warns_for_an_arch_with_few_runs(tmp_path):
     assert "lightning has 3 runs: there is little to resample" in result.stderr, result.output
 
 
+def test_bad_throughput_values_and_database_fit_with_csv_options_exit_2(study_db, tmp_path):
+    tp = tmp_path / "tp.csv"
+    tp.write_text("arch,seq_len,tokens_per_s\nsoftmax,2048,abc\nlightning,2048,1000\n")
+    result = invoke("--db", study_db, "report", "--out", tmp_path / "r", "--throughput", tp, "--bootstrap", "0")
+    assert result.exit_code == 2 and "column 'tokens_per_s' must be a positive number; bad on line(s) 2" in result.stderr
+    assert not (tmp_path / "r").exists()  # it had left figures and no report
+    result = invoke("--db", study_db, "fit", "--arch", "softmax", "--params-col", "foo", "--loss-col", "bar")
+    assert result.exit_code == 2 and "--params-col, --loss-col name columns of a --csv file" in result.stderr
+    path = tmp_path / "dup.csv"
+    rows = "".join(f"{n:.3g},{20 * n:.3g},{2 + 400 / n ** 0.3:.4f}\n" for n in (1e6, 3e6, 1e7, 3e7, 1e8))
+    path.write_text("params,tokens,loss\n" + rows + rows.splitlines()[0] + "\n")
+    result = invoke("fit", "--csv", path, "--method", "power", "--bootstrap", "0")
+    assert result.exit_code == 0 and "dup.csv: 1 row(s) repeat an earlier row exactly" in result.stderr
+
+
 def test_report_states_few_runs_once(tmp_path):
     # it printed a warning on stderr and then the same as a finding
     url = _study_db(tmp_path / "few.db", ("softmax", "lightning"), 6)
