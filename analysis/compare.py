@@ -586,14 +586,30 @@ def _seed_speed(throughput: pd.DataFrame | None) -> list[str]:
             f"{100 * SEED_FLAT:.0f}%, falling at most {100 * SEED_FALLS:.0f}%)."]
 
 
+def _held_out_caveat(runs: pd.DataFrame | None, arch: str, baseline: str, rel_gap_pct: float) -> str:
+    """A warning for a frontier gap whose sign the best validation losses of the two archs contradict; else empty.
+    The laws are fitted to training loss, which data read several times over pushes below held-out loss."""
+    if runs is None or not {"arch", "val_loss"} <= set(runs.columns):
+        return ""
+    best = pd.to_numeric(runs["val_loss"], errors="coerce").groupby(runs["arch"].astype(str)).min()
+    v, b = best.get(arch, math.nan), best.get(baseline, math.nan)
+    if not (np.isfinite(v) and np.isfinite(b) and b > 0) or (v - b) * rel_gap_pct > 0 or v == b:
+        return ""
+    return (f" Held-out loss disagrees: {arch}'s best validation loss is {100 * (v / b - 1):+.1f}% from "
+            f"{baseline}'s ({v:.4g} against {b:.4g} nats); the laws fit training loss, which repeated data can "
+            "push below held-out loss, so read this gap with care.")
+
+
 def summary_findings(
     comparison: ArchComparison | None = None,
     *,
     approach3: dict[str, FitResult] | None = None,
     niah: pd.DataFrame | None = None,
     throughput: pd.DataFrame | None = None,
+    runs: pd.DataFrame | None = None,
 ) -> list[str]:
-    """Plain-language lines on what the fits and tables show (used in the report)."""
+    """Plain-language lines on what the fits and tables show (used in the report); with the runs, a gap the
+    training-loss laws state is checked against the best held-out (validation) loss of each arch."""
     lines: list[str] = []
     if comparison is not None and any(f.details.get("edges") == "keep" for f in comparison.fits.values()):
         lines.append("At most budgets the best run is the smallest model trained there, so each arch's loss-compute "
@@ -620,7 +636,8 @@ def summary_findings(
             else:
                 mult = f"; its fitted law never reaches {base}'s loss there"
             word = "above" if rel > 0 else "below"
-            lines.append(f"{arch}'s frontier loss is {abs(rel):.2f}% {word} {at}{ci}{mult}.")
+            lines.append(f"{arch}'s frontier loss is {abs(rel):.2f}% {word} {at}{ci}{mult}."
+                         + _held_out_caveat(runs, arch, base, rel))
     for arch, fit in sorted((approach3 or {}).items()):
         e = fit.estimates
         keys = [k for k in e if k.startswith("tokens_per_param@")]

@@ -231,7 +231,7 @@ def write_report(
         tick()
 
     a3 = {a: fits_all[f"approach3/{a}"] for a in archs if f"approach3/{a}" in fits_all}
-    findings = summary_findings(comparison, approach3=a3, niah=niah, throughput=tput)
+    findings = summary_findings(comparison, approach3=a3, niah=niah, throughput=tput, runs=runs)
     seed = seed_study_findings(comparison, niah=niah, throughput=tput)
     losses = loss_table(runs, params_col=params_col) if comparison is None else None
     blocks = _blocks(title, runs, metrics, evals, findings, seed, skipped, figures, captions, fits_all, archs,
@@ -270,7 +270,7 @@ def _save(fig, stem: Path) -> dict[str, Path]:
     paths = {"png": stem.with_suffix(".png"), "svg": stem.with_suffix(".svg")}
     with plt.rc_context(_RC):
         fig.savefig(paths["png"], dpi=100)
-        fig.savefig(paths["svg"])
+        fig.savefig(paths["svg"], metadata={"Date": None})  # no timestamp: a re-drawn report differs only where its data do
     plt.close(fig)
     return paths
 

@@ -205,6 +205,20 @@ def test_findings_state_no_direction_when_the_interval_holds_no_difference():
     assert "1.52% above softmax's" in line and "1.04x the compute" in line  # 1.04, not rounded to "1x"
 
 
+def test_a_gap_that_held_out_loss_contradicts_is_flagged():
+    # the smoke report called mamba2 20% below softmax on training loss while its validation loss was 16% above
+    runs = pd.DataFrame({"arch": ["softmax", "softmax", "hybrid", "hybrid"], "val_loss": [0.80, 0.75, 0.90, 0.87]})
+    [line] = compare.summary_findings(_gaps(-0.20, -0.45, -0.15), runs=runs)
+    assert "20.00% below softmax's" in line
+    assert "Held-out loss disagrees: hybrid's best validation loss is +16.0% from softmax's (0.87 against 0.75 nats)" in line
+    [line] = compare.summary_findings(_gaps(0.0152, 0.0072, 0.0216), runs=runs)  # same direction: no caveat
+    assert "Held-out" not in line
+    [line] = compare.summary_findings(_gaps(-0.20, -0.45, -0.15), runs=runs.assign(val_loss=[0.80, 0.75, 0.70, 0.87]))
+    assert "Held-out" not in line
+    [line] = compare.summary_findings(_gaps(0.0052, -0.0072, 0.0216), runs=runs.assign(val_loss=[0.8, 0.9, 0.5, 0.6]))
+    assert "Held-out" not in line  # no direction stated, nothing to contradict
+
+
 def test_approach3_finding_quotes_the_budget_inside_the_data_or_says_it_extrapolates():
     fit = _approach3(0.34, 0.28, 20.0)
     fit.points = pd.DataFrame({"C": [1e17, 1.2e18]})
