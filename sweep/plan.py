@@ -703,6 +703,10 @@ def _build_spec(r: _Resolver, base_dir: Path) -> RunSpec:
     )
 
 
+#: Counts (tokens, parameters) the database stores as 64-bit integers must stay below this.
+MAX_STORED_INT = 2**63
+
+
 # ---------------------------------------------------------------- the plan
 
 
@@ -803,6 +807,7 @@ def _expand_row(
         resolver = _Resolver(cells, plan.path.parent)
         try:
             spec = _build_spec(resolver, plan.path.parent)
+            _check_storable(spec)
             label = _label(parsed.get("name"), spec)
         except CellError as exc:
             column = getattr(exc, "column", None)
@@ -819,11 +824,22 @@ def _expand_row(
                                     hybrid_period=period))
 
 
+def _check_storable(spec: RunSpec) -> None:
+    """Refuse a run whose token or parameter count the database cannot hold (a 64-bit integer), at plan time."""
+    derived = spec.derived()
+    for column, value in (("tokens", spec.steps * spec.batch_size * spec.seq_len), ("params", derived["params"])):
+        if value >= MAX_STORED_INT:
+            what = "trains" if column == "tokens" else "has"
+            raise _ColumnError(column, f"the run {what} {value:.3g} {column}; the database holds counts below "
+                                       f"{MAX_STORED_INT:.3g}")
+
+
 def _label(name_cell: list[str] | None, spec: RunSpec) -> str | None:
     if not name_cell:
         return None
     template = name_cell[0]
-    fields = {**spec.to_dict(), **spec.derived()}
+    # the plan's column names too, where the spec calls a field otherwise
+    fields = {**spec.to_dict(), **spec.derived(), "vocab": spec.vocab_size}
     try:
         return template.format(**fields)
     except KeyError as exc:

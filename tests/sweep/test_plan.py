@@ -309,6 +309,23 @@ def test_name_template_may_use_derived_names(write_plan):
     assert runs[0].name == f"softmax-{spec.derived()['params']}-{spec.tokens}"
 
 
+def test_name_template_may_use_the_plan_column_vocab(write_plan):
+    # the column is vocab, the spec's field vocab_size: {vocab} had been refused as no field
+    runs = load_plan(write_plan("name,arch,d_model,n_layers,vocab,tokens\nv{vocab},softmax,32,2,300,16k\n")).runs
+    assert runs[0].name == "v300"
+
+
+def test_counts_the_database_cannot_hold_are_refused_at_plan_time(write_plan):
+    # slab plan had priced 1e19 tokens and slab add then crashed on SQLite's 64-bit integer
+    path = write_plan("arch,d_model,n_layers,seq_len,batch_size,tokens\nsoftmax,32,2,64,4,1e19\nsoftmax,32,2,64,4,=2**1000\n"
+                      "softmax,32,2,64,4,1e18\n")
+    with pytest.raises(PlanError) as info:
+        load_plan(path)
+    messages = [str(i) for i in info.value.issues]
+    assert len(messages) == 2 and all(":tokens: the run trains" in m and "holds counts below 9.22e+18" in m for m in messages)
+    assert [m.split(":")[1] for m in messages] == ["2", "3"]
+
+
 @pytest.mark.parametrize("suffix", [".ods", ".xls"])
 def test_other_spreadsheet_formats_are_named(tmp_path, suffix):
     path = tmp_path / f"plan{suffix}"
