@@ -355,7 +355,11 @@ def sql(
 ) -> None:
     """Run a read-only SQL query; a write is refused (exit 2).
 
+    The runs table holds a run's spec (d_model, n_layers, seq_len, lr, data, ...) as JSON in its spec column, where
+    slab runs spreads it into columns: on SQLite read it with json_extract(spec, '$.d_model').
+
     Example: slab sql "select arch, min(val_loss) from runs where status='done' group by arch"
+    Example: slab sql "select json_extract(spec, '$.d_model') as d_model, val_loss from runs"
     """
     from db.queries import QueryError, run_sql
 
@@ -378,7 +382,7 @@ class ExportFormat(str, Enum):
 def export(
     ctx: typer.Context,
     table: str = typer.Argument(..., help="plans, runs, plan_runs, metrics, evals, fits or meta (the schema version).", show_default=False),
-    format: Optional[ExportFormat] = typer.Option(None, "--format", help="csv or parquet (needs pyarrow); default: from the --out suffix (.parquet), else csv.", show_default=False),
+    format: Optional[ExportFormat] = typer.Option(None, "--format", help="csv or parquet (needs pyarrow); default: from the --out suffix (.parquet or .pq: parquet; .json is refused; any other: csv).", show_default=False),
     out_path: Path = typer.Option(..., "--out", help="File to write.", show_default=False),
 ) -> None:
     """Export a whole table to CSV or Parquet.
