@@ -39,6 +39,8 @@ class Registered:
     new: int
     known: int
     dropped: int = 0
+    #: The file the plan was registered from before, where another file of the same name registers it now.
+    moved_from: str | None = None
 
 
 def insert_ignore(engine: Engine, table):
@@ -61,12 +63,14 @@ def register_plan(engine: Engine, name: str, path: str, sha256: str, runs: Seque
             chunk = ids[i : i + BATCH]
             known.update(s.scalars(select(Run.run_id).where(Run.run_id.in_(chunk))))
         plan = s.scalars(select(Plan).where(Plan.name == name)).one_or_none()
-        dropped = 0
+        dropped, moved_from = 0, None
         if plan is None:
             plan = Plan(name=name, path=path, sha256=sha256)
             s.add(plan)
             s.flush()
         else:
+            if plan.path != path:
+                moved_from = plan.path
             plan.path, plan.sha256 = path, sha256
             before = set(s.scalars(select(PlanRun.run_id).where(PlanRun.plan_id == plan.id)))
             dropped = len(before - set(ids))
@@ -96,7 +100,7 @@ def register_plan(engine: Engine, name: str, path: str, sha256: str, runs: Seque
             stmt = insert_ignore(engine, table)
             for i in range(0, len(rows), BATCH):
                 s.execute(stmt, rows[i : i + BATCH])
-    return Registered(plan=name, new=len(new_rows), known=len(ids) - len(new_rows), dropped=dropped)
+    return Registered(plan=name, new=len(new_rows), known=len(ids) - len(new_rows), dropped=dropped, moved_from=moved_from)
 
 
 def upsert(engine: Engine, table, keys: Sequence[str]):

@@ -290,8 +290,14 @@ def add(
     except DatabaseError as exc:
         fail(str(exc))
     for r in added:
-        gone = f"; {_n(r.dropped, 'run')} of its last registration no longer in it (the file changed)" if r.dropped else ""
-        out.print(f"{escape(r.plan)}: [bold]{r.new}[/] new {'run' if r.new == 1 else 'runs'}, {r.known} already known{gone}")
+        why = f"registered before from {r.moved_from}" if r.moved_from else "the file changed"
+        gone = f"; {_n(r.dropped, 'run')} of its last registration no longer in it ({why})" if r.dropped else ""
+        out.print(f"{escape(r.plan)}: [bold]{r.new}[/] new {'run' if r.new == 1 else 'runs'}, {r.known} already known"
+                  f"{escape(gone)}")
+        if r.moved_from:
+            err.print(f"[yellow]warning:[/] plan {escape(r.plan)} was registered from {escape(r.moved_from)}; it now "
+                      "holds this file's runs (plans are named by their file's stem: rename one file to keep both)",
+                      highlight=False)
 
 
 @app.command()

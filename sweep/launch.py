@@ -702,7 +702,10 @@ def launch(plans: list[Plan], opts: LaunchOptions, view: LaunchView) -> LaunchRe
         init_ray(opts)
     engine = open_db(opts.db_url, create=True)
     try:
-        add_plans(engine, plans)
+        for r in add_plans(engine, plans):
+            if r.moved_from:
+                view.log(f"warning: plan {r.plan} was registered from {r.moved_from}; it now holds this file's runs "
+                         "(plans are named by their file's stem: rename one file to keep both)")
         runs = select_runs(engine, plans, opts)
         view.log(f"{len(runs)} run{'' if len(runs) == 1 else 's'} to train")
         if not runs:

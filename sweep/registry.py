@@ -32,4 +32,5 @@ def plan_rows(plan: Plan) -> list[RunRow]:
 
 def add_plans(engine: Engine, plans: list[Plan]) -> list[Registered]:
     """Register each plan and its runs; idempotent, and a run shared by two plans is stored once."""
-    return [register_plan(engine, p.name, str(p.path), p.sha256, plan_rows(p)) for p in plans]
+    # the absolute path: a plan added from two working directories is one file, two files of one name are not
+    return [register_plan(engine, p.name, str(p.path.resolve()), p.sha256, plan_rows(p)) for p in plans]

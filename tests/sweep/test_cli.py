@@ -308,6 +308,22 @@ def test_add_says_when_an_edited_plan_no_longer_holds_runs(runner, write_plan, t
     assert refused.exit_code == 2 and "is taken by slab runs and slab status" in refused.output
 
 
+def test_a_plan_of_the_same_name_from_another_file_is_named_so(runner, tmp_path, monkeypatch):
+    # it had read "(the file changed)" for a file that never changed
+    db = f"sqlite:///{tmp_path}/slab.db"
+    for folder, arch in (("a", "softmax"), ("b", "lightning")):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "x.csv").write_text(PLAN.replace("softmax|lightning", arch).replace("32|64", "32"))
+    assert invoke(runner, "add", tmp_path / "a" / "x.csv", db=db).exit_code == 0
+    result = invoke(runner, "add", tmp_path / "b" / "x.csv", db=db)
+    assert result.exit_code == 0
+    assert f"1 run of its last registration no longer in it (registered before from {tmp_path / 'a' / 'x.csv'})" in result.stdout
+    assert "rename one file to keep both" in result.stderr
+    monkeypatch.chdir(tmp_path / "a")  # the same file through a relative path from elsewhere: no warning
+    again = invoke(runner, "add", "../b/x.csv", db=db)
+    assert again.exit_code == 0 and "registered before" not in again.output and "warning" not in again.stderr
+
+
 def test_db_given_after_the_command_is_taken_as_before_it(tmp_path):
     from sweep.cli import db_first
 
