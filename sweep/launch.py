@@ -30,9 +30,9 @@ from sqlalchemy.orm import Session
 from db.engine import open_db
 from db.schema import Run, utcnow
 from db.writer import claim_run, heartbeat, update_run, write_results
-from models.config import hybrid_pattern, hybrid_period, shape_for_params
+from models.config import hybrid_pattern
 from sweep.pack import pack_gpus, plan_packs
-from sweep.plan import CellError, Plan, parse_number
+from sweep.plan import CellError, Plan, PlannedRun, parse_number, warmup_steps
 from sweep.progress import LaunchView
 from sweep.registry import add_plans
 from sweep.spec import RunSpec
@@ -164,12 +164,13 @@ def parse_where(text: str | None) -> tuple[tuple[str, str], ...]:
     return tuple(out)
 
 
-def _matches(spec: RunSpec, name: str | None, where: tuple[tuple[str, str], ...], tags: str = "") -> bool:
-    """True when a plan's run (its spec, label and tags) satisfies every ``--where`` pair."""
-    return all(_match_one(spec, name, tags, key, want) for key, want in where)
+def _matches(run: PlannedRun, where: tuple[tuple[str, str], ...]) -> bool:
+    """True when a plan's run (its spec, label, tags and params target) satisfies every ``--where`` pair."""
+    return all(_match_one(run, key, want) for key, want in where)
 
 
-def _match_one(spec: RunSpec, name: str | None, tags: str, key: str, want: str) -> bool:
+def _match_one(run: PlannedRun, key: str, want: str) -> bool:
+    spec, name, tags = run.spec, run.name, run.tags
     key = _WHERE_ALIASES.get(key, key)
     if key in ("evals", "tags"):  # lists: the run has every item asked for ("tags=v2" among others)
         have = set(spec.evals) if key == "evals" else {t for t in tags.split("|") if t}
@@ -187,13 +188,12 @@ def _match_one(spec: RunSpec, name: str | None, tags: str, key: str, want: str) 
     if key == "tokens":
         return round(value) == spec.tokens
     if key == "warmup":
-        return min(round(value * spec.steps) if value < 1 else int(value), spec.steps) == spec.warmup
+        return (value < 1 or value == int(value)) and warmup_steps(value, spec.steps) == spec.warmup
     derived = spec.derived() if key in _WHERE_DERIVED else {}
     if key == "flops":
         return round(value / derived["flops_per_token"]) == spec.tokens
-    if key == "params":  # a plan's target size (the shape it resolves to), or the exact total count
-        period = hybrid_period(spec.hybrid) if spec.hybrid else 1
-        return value == derived["params"] or (value > 0 and shape_for_params(value, period)[:2] == (spec.d_model, spec.n_layers))
+    if key == "params":  # the plan row's target size, or the exact total count
+        return value == derived["params"] or (run.params_target is not None and math.isclose(value, run.params_target, rel_tol=1e-9))
     have = derived[key] if derived else getattr(spec, key)
     return math.isclose(value, have, rel_tol=1e-9)
 
@@ -203,7 +203,7 @@ def select_runs(engine: Engine, plans: list[Plan], opts: LaunchOptions) -> list[
     chosen: dict[str, tuple[RunSpec, str | None]] = {}
     for plan in plans:
         for run in plan.runs:
-            if run.spec.run_id not in chosen and _matches(run.spec, run.name, opts.where, run.tags):
+            if run.spec.run_id not in chosen and _matches(run, opts.where):
                 chosen[run.spec.run_id] = (run.spec, run.name)
     finished: set[str] = set()
     ids = list(chosen)
@@ -691,7 +691,7 @@ def launch(plans: list[Plan], opts: LaunchOptions, view: LaunchView) -> LaunchRe
     if not (opts.cpu or opts.address or opts.num_gpus or _ray_running()) and host_gpus() == 0:
         # A local Ray here would have no GPU: refused before the plans are written and Ray takes seconds to start.
         raise LaunchError("no GPU here: pass --cpu to train on CPU, or --address to join a Ray cluster with GPUs")
-    if opts.where and not any(_matches(r.spec, r.name, opts.where, r.tags) for p in plans for r in p.runs):
+    if opts.where and not any(_matches(r, opts.where) for p in plans for r in p.runs):
         # Most likely a misspelt value: say so before anything is written, rather than train nothing.
         shown = ",".join(f"{k}={v}" for k, v in opts.where)
         raise LaunchError(f"--where {shown}: no run of {', '.join(p.name for p in plans)} matches")

@@ -166,6 +166,8 @@ class PlannedRun:
     total_params_read: bool = False
     #: The row's hybrid period (``models.config.hybrid_period`` of its cell); 1 for other archs.
     hybrid_period: int = 1
+    #: The row's params target (the size its shape was chosen for), where it gave one.
+    params_target: float | None = None
 
 
 @dataclass
@@ -659,8 +661,7 @@ def _build_spec(r: _Resolver, base_dir: Path) -> RunSpec:
     # 2.5 would be cut to 2 steps without a word: steps are whole, fractions below 1
     warm = num("warmup", lambda v: v >= 0 and (v < 1 or v == int(v)),
                "a fraction of the run's steps below 1, or a whole number of steps")
-    # a fraction asks for some warmup: 0.05 of 9 steps is one, not the none that rounding gives
-    warmup = (max(1, round(warm * steps)) if warm > 0 else 0) if warm < 1 else int(warm)
+    warmup = warmup_steps(warm, steps)
     evals = tuple(e for e in text("evals").split("|") if e)
     bad = [e for e in evals if e not in EVALS]
     if bad:
@@ -690,7 +691,7 @@ def _build_spec(r: _Resolver, base_dir: Path) -> RunSpec:
         batch_size=batch,
         tokens=tokens,
         lr=num("lr", lambda v: v > 0, "a positive number"),
-        warmup=min(warmup, steps),
+        warmup=warmup,
         schedule=text("schedule", SCHEDULES),
         min_lr_ratio=num("min_lr_ratio", lambda v: 0 <= v <= 1, "a number in [0, 1]"),
         weight_decay=num("weight_decay", lambda v: v >= 0, "a number >= 0"),
@@ -820,8 +821,17 @@ def _expand_row(
             continue
         tags = parsed.get("tags", [""])[0]
         period = resolver._hybrid_period() if spec.arch == "hybrid" else 1
+        target = resolver.get("params") if resolver.cells.get("params") is not None else None
         plan.runs.append(PlannedRun(spec=spec, row=lineno, name=label, tags=tags, total_params_read=resolver.total_params_read,
-                                    hybrid_period=period))
+                                    hybrid_period=period, params_target=target))
+
+
+def warmup_steps(warmup: float, steps: int) -> int:
+    """A plan's warmup cell as steps of a run of ``steps``: whole steps from 1 up, else a fraction of the run
+    (at least one step: 0.05 of 9 steps asks for some warmup, not the none rounding gives), cut to the run."""
+    if warmup >= 1:
+        return min(int(warmup), steps)
+    return min(max(1, round(warmup * steps)), steps) if warmup > 0 else 0
 
 
 def _check_storable(spec: RunSpec) -> None:

@@ -30,7 +30,7 @@ def quiet():
 def names(plan, text):
     """Labels of the plan's runs that ``--where text`` selects."""
     where = parse_where(text)
-    return sorted(r.name for r in plan.runs if _matches(r.spec, r.name, where, r.tags))
+    return sorted(r.name for r in plan.runs if _matches(r, where))
 
 
 @pytest.fixture
@@ -69,6 +69,13 @@ def test_where_params_and_flops_match_the_plan_cells_that_made_the_runs(write_pl
     assert names(plan, "params=1M") == sorted(by_cells[:2]) and names(plan, "params=3M") == sorted(by_cells[2:])
     assert names(plan, "params=3M,flops=1e12") == [by_cells[2]]
     assert names(plan, "flops=1e12") == sorted(by_cells[::2])
+    # a value that is no row's target and no run's count selects nothing: params=1 had matched every run whose
+    # shape that size would resolve to (the smallest), and params=83648 a hybrid of another count
+    tiny = load_plan(write_plan("name,arch,params,seq_len,batch_size,tokens\np-{arch},softmax|hybrid,30k,64,4,600\n"))
+    assert names(tiny, "params=1") == []
+    assert names(tiny, "params=30k") == ["p-hybrid", "p-softmax"]
+    soft = next(r for r in tiny.runs if r.spec.arch == "softmax")
+    assert names(tiny, f"params={soft.spec.derived()['params']}") == ["p-softmax"]
 
 
 def test_a_hybrid_ladder_by_params_keeps_whole_periods_and_where_finds_its_sizes(write_plan):
