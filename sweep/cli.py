@@ -321,7 +321,7 @@ def runs(
     fmt = _fmt(csv_, json_)
     engine = _engine(ctx)
     _check_filters(engine, plan, arch, no_plan_ok=True)
-    frame = runs_frame(engine, plan=plan, arch=arch, status=status)
+    frame = _whole_numbers(runs_frame(engine, plan=plan, arch=arch, status=status))
     if fmt is Format.table:
         cols = ["run_id", "arch", "d_model", "n_layers", "hybrid", "params", "tokens", "status", "attempts", "step", "final_loss", "val_loss", "error", "plan"]
         frame = frame[cols].copy()
@@ -329,6 +329,24 @@ def runs(
         for c in ("final_loss", "val_loss"):
             frame[c] = frame[c].map(lambda v: f"{v:.4f}" if v == v and v is not None else "")
     _emit(frame, fmt, title=_n(len(frame), "run"))
+
+
+def _whole_numbers(frame):
+    """Integer columns of the runs table and spec as pandas' nullable Int64, so a null among them does not print
+    the others as floats (step 3.0) in CSV and JSON."""
+    from sqlalchemy import Integer
+
+    from db.schema import Run
+    from sweep.spec import RunSpec
+
+    ints = {c.name for c in Run.__table__.columns if isinstance(c.type, Integer)}
+    ints |= {name for name, f in RunSpec.__dataclass_fields__.items() if f.type == "int"}
+    for col in ints & set(frame.columns):
+        try:
+            frame[col] = frame[col].astype("Int64")
+        except (TypeError, ValueError):  # a stored value that is not whole: leave the column as it is
+            pass
+    return frame
 
 
 @app.command()

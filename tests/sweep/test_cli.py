@@ -324,6 +324,23 @@ def test_a_plan_of_the_same_name_from_another_file_is_named_so(runner, tmp_path,
     assert again.exit_code == 0 and "registered before" not in again.output and "warning" not in again.stderr
 
 
+def test_runs_csv_prints_whole_numbers_beside_nulls_as_whole(runner, write_plan, tmp_path):
+    # a null step among the runs had turned every step into a float: 3.0
+    import csv
+    import io
+    import sqlite3
+
+    db = tmp_path / "slab.db"
+    assert invoke(runner, "add", write_plan(PLAN), db=f"sqlite:///{db}").exit_code == 0
+    with sqlite3.connect(db) as conn:
+        conn.execute("UPDATE runs SET step = 3, attempts = 1 WHERE run_id = (SELECT min(run_id) FROM runs)")
+    rows = list(csv.DictReader(io.StringIO(invoke(runner, "runs", "--csv", db=f"sqlite:///{db}").stdout)))
+    assert sorted(r["step"] for r in rows) == ["", "", "", "3"]
+    assert {r["d_model"] for r in rows} == {"32", "64"} and all("." not in r["tokens"] for r in rows)
+    records = json.loads(invoke(runner, "runs", "--json", db=f"sqlite:///{db}").stdout)
+    assert sorted(r["step"] for r in records if r["step"] is not None) == [3] and sum(r["step"] is None for r in records) == 3
+
+
 def test_db_given_after_the_command_is_taken_as_before_it(tmp_path):
     from sweep.cli import db_first
 
