@@ -157,15 +157,46 @@ def stdlib_corpus() -> Corpus:
     return Corpus("stdlib", train, val, sha, is_bytes=True)
 
 
+def _text_files(folder: Path) -> list[Path]:
+    """A text folder's files as the corpus reads them: every non-hidden file, sorted by relative path."""
+    visible = (p for p in folder.rglob("*") if not any(s.startswith(".") for s in p.relative_to(folder).parts))
+    files = sorted((p for p in visible if p.is_file()), key=lambda p: p.relative_to(folder).as_posix())
+    if not files:
+        raise ValueError(f"data folder {folder} holds no files")
+    return files
+
+
+def _bin_files(path: Path) -> list[Path]:
+    """The token files a ``.bin`` source reads: train.bin of a folder (and its val.bin), or the one file."""
+    path = path / "train.bin" if path.is_dir() else path
+    sibling = path.with_name("val.bin")
+    return [path, sibling] if path.name == "train.bin" and sibling.exists() else [path]
+
+
+def _is_bin(path: Path) -> bool:
+    return path.suffix == ".bin" or (path.is_dir() and (path / "train.bin").exists())
+
+
+def content_digest(path: str | Path) -> str:
+    """sha256 of what a data path holds (each file the corpus would read: its name there and its bytes), so that
+    runs on a corpus are known by its contents, wherever it lies."""
+    path = Path(path).expanduser()
+    files = _bin_files(path) if _is_bin(path) else _text_files(path) if path.is_dir() else [path]
+    h = hashlib.sha256()
+    for f in files:
+        h.update((f.relative_to(path).as_posix() if path.is_dir() else f.name).encode() + b"\0")
+        h.update(str(f.stat().st_size).encode() + b"\0")
+        with open(f, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
 def text_corpus(path: Path) -> Corpus:
     """A ``.txt`` file or a folder of text files (every non-hidden file, sorted), read as bytes."""
     path = Path(path)
     if path.is_dir():
-        visible = (p for p in path.rglob("*") if not any(s.startswith(".") for s in p.relative_to(path).parts))
-        files = sorted((p for p in visible if p.is_file()), key=lambda p: p.relative_to(path).as_posix())
-        if not files:
-            raise ValueError(f"data folder {path} holds no files")
-        train_b, val_b = _split_files([p.read_bytes() for p in files])
+        train_b, val_b = _split_files([p.read_bytes() for p in _text_files(path)])
     else:
         train_b, val_b = _split_files([path.read_bytes()])
     train, val = np.frombuffer(train_b, dtype=np.uint8), np.frombuffer(val_b, dtype=np.uint8)
@@ -174,9 +205,8 @@ def text_corpus(path: Path) -> Corpus:
 
 def bin_corpus(path: Path) -> Corpus:
     """nanoGPT-style uint16 token ids: ``train.bin`` with a sibling ``val.bin``, or one file split at 95%."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "train.bin"
+    files = _bin_files(Path(path))
+    path = files[0]
 
     def ids_of(file: Path) -> np.memmap:
         if file.stat().st_size % 2:
@@ -184,9 +214,8 @@ def bin_corpus(path: Path) -> Corpus:
         return np.memmap(file, dtype=np.uint16, mode="r")
 
     ids = ids_of(path)
-    sibling = path.with_name("val.bin")
-    if path.name == "train.bin" and sibling.exists():
-        train, val = ids, ids_of(sibling)
+    if len(files) == 2:
+        train, val = ids, ids_of(files[1])
     else:
         cut = len(ids) - len(ids) // VAL_EVERY
         train, val = ids[:cut], ids[cut:]
@@ -360,7 +389,7 @@ def _corpus_for(name: str) -> Corpus:
         if "/" in name or "." in name:
             raise FileNotFoundError(f"data {name!r}: no file or folder at {path.resolve()}")
         raise ValueError(f"unknown data name {name!r}: expected one of {', '.join(BUILTINS)} or a path")
-    if path.suffix == ".bin" or (path.is_dir() and (path / "train.bin").exists()):
+    if _is_bin(path):
         return bin_corpus(path)
     return text_corpus(path)
 

@@ -604,9 +604,11 @@ def _show(value: Any) -> str:
     return repr(value) if isinstance(value, str) else str(value)
 
 
-def _data_value(data: str, base_dir: Path) -> str:
-    """Check a data cell and make its paths absolute (relative paths are relative to the plan file)."""
-    out = []
+def _data_value(data: str, base_dir: Path, digests: dict[str, str] | None = None) -> tuple[str, str]:
+    """Check a data cell and make its paths absolute (relative paths are relative to the plan file); also the
+    content digests of its files, "+"-joined (``digests`` caches them by path across a plan's rows)."""
+    digests = {} if digests is None else digests
+    out, digest = [], []
     for part in data.split("+"):
         source, _, weight = part.partition("@")
         source = source.strip()
@@ -625,11 +627,19 @@ def _data_value(data: str, base_dir: Path) -> str:
             if not path.exists():
                 raise CellError(f"data path {path} does not exist")
             source = str(path.resolve())
+            if source not in digests:
+                from models.data import content_digest  # here: it brings torch, which plans without files never need
+
+                try:
+                    digests[source] = content_digest(source)
+                except (OSError, ValueError) as exc:
+                    raise CellError(f"data {source}: cannot read it: {exc}") from None
+            digest.append(digests[source])
         out.append(source + (f"@{weight}" if weight else ""))
-    return "+".join(out)
+    return "+".join(out), "+".join(digest)
 
 
-def _build_spec(r: _Resolver, base_dir: Path) -> RunSpec:
+def _build_spec(r: _Resolver, base_dir: Path, digests: dict[str, str] | None = None) -> RunSpec:
     def num(col: str, check: Callable[[float], bool], expected: str) -> float:
         value = r.get(col)
         if not isinstance(value, (int, float)) or not check(value):
@@ -643,7 +653,7 @@ def _build_spec(r: _Resolver, base_dir: Path) -> RunSpec:
         return value
 
     try:
-        data = _data_value(text("data"), base_dir)
+        data, data_digest = _data_value(text("data"), base_dir, digests)
     except CellError as exc:
         raise _ColumnError("data", str(exc)) from None
     r.values["data"] = data
@@ -701,6 +711,7 @@ def _build_spec(r: _Resolver, base_dir: Path) -> RunSpec:
         evals=evals,
         eval_every=int(num("eval_every", lambda v: v >= 0 and v == int(v), "a non-negative integer")),
         gpus=gpus,
+        data_digest=data_digest,
     )
 
 
@@ -738,6 +749,7 @@ def load_plan(path: str | Path, *, max_runs: int = DEFAULT_MAX_RUNS) -> Plan:
 
     plan = Plan(path=path, name=path.stem, sha256=hashlib.sha256(path.read_bytes()).hexdigest())
     total = 0
+    digests: dict[str, str] = {}  # content digests of the data files, read once per plan
     for lineno, cells in rows[1:]:
         if len(issues) > MAX_ERRORS:  # one past the limit, to know there are more
             break
@@ -778,7 +790,7 @@ def load_plan(path: str | Path, *, max_runs: int = DEFAULT_MAX_RUNS) -> Plan:
                 PlanIssue(where, lineno, None, f"the plan expands to more than {max_runs:,} runs (raise --max-runs)")
             )
             break
-        _expand_row(plan, where, lineno, parsed, lists, issues)
+        _expand_row(plan, where, lineno, parsed, lists, issues, digests)
     if issues:
         raise PlanError(issues)
     return plan
@@ -795,7 +807,7 @@ def _column_hint(name: str) -> str:
 
 
 def _expand_row(
-    plan: Plan, where: str, lineno: int, parsed: dict, lists: dict, issues: list[PlanIssue]
+    plan: Plan, where: str, lineno: int, parsed: dict, lists: dict, issues: list[PlanIssue], digests: dict[str, str]
 ) -> None:
     exprs = {c: v for c, v in parsed.items() if isinstance(v, Expr)}
     names = list(lists)
@@ -807,7 +819,7 @@ def _expand_row(
             cells.pop(col, None)
         resolver = _Resolver(cells, plan.path.parent)
         try:
-            spec = _build_spec(resolver, plan.path.parent)
+            spec = _build_spec(resolver, plan.path.parent, digests)
             _check_storable(spec)
             label = _label(parsed.get("name"), spec)
         except CellError as exc:

@@ -6,6 +6,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 from dataclasses import dataclass, field, fields
 
 from models.config import ModelConfig, count_params, flops_per_token
@@ -39,6 +40,9 @@ class RunSpec:
     evals: tuple[str, ...] = field(default_factory=tuple)
     eval_every: int = 0  # steps between validation/evals; 0 = only at the end
     gpus: float = 1.0  # fraction of one GPU, or an integer count for data-parallel runs
+    # content_digest of each file in data ("+"-joined, in order); empty where data names no file. The run id
+    # hashes these in place of the paths, so a corpus moved elsewhere is the same run and an edited one is not.
+    data_digest: str = ""
 
     def __post_init__(self) -> None:
         # Normalise types so that equal runs hash equally however they were built.
@@ -68,6 +72,8 @@ class RunSpec:
         """A JSON-ready dict of every field."""
         out = dataclasses.asdict(self)
         out["evals"] = list(self.evals)
+        if not self.data_digest:  # runs on built-in data keep the JSON (and the ids) they had before the field
+            del out["data_digest"]
         return out
 
     def canonical_json(self, identity: bool = False) -> str:
@@ -75,6 +81,9 @@ class RunSpec:
         data = self.to_dict()
         if identity:
             data = {k: v for k, v in data.items() if k not in PLACEMENT_FIELDS}
+            if self.data_digest:  # where a corpus lies is placement too: its digest stands for it
+                data["data"] = "+".join("file" + part[len(part.partition("@")[0]):] if os.path.isabs(part.partition("@")[0])
+                                        else part for part in self.data.split("+"))
         return json.dumps(data, sort_keys=True, separators=(",", ":"), allow_nan=False)
 
     @classmethod

@@ -309,6 +309,23 @@ def test_name_template_may_use_derived_names(write_plan):
     assert runs[0].name == f"softmax-{spec.derived()['params']}-{spec.tokens}"
 
 
+def test_a_run_on_a_corpus_is_known_by_its_contents_not_its_path(tmp_path):
+    # the id had hashed the corpus's absolute path: a moved checkout retrained every run, an edited corpus none
+    text = "arch,d_model,n_layers,seq_len,batch_size,tokens,data\nsoftmax,32,2,64,4,5k,corpus.txt\nsoftmax,32,2,64,4,5k,stdlib\n"
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "plan.csv").write_text(text)
+        (tmp_path / folder / "corpus.txt").write_text("the same bytes\n" * 100)
+    a, b = (load_plan(tmp_path / f / "plan.csv").runs for f in ("a", "b"))
+    assert a[0].spec.data != b[0].spec.data and a[0].spec.run_id == b[0].spec.run_id
+    assert len(a[0].spec.data_digest) == 64 and a[1].spec.data_digest == "" and "data_digest" not in a[1].spec.to_dict()
+    (tmp_path / "b" / "corpus.txt").write_text("other bytes\n" * 100)
+    edited = load_plan(tmp_path / "b" / "plan.csv").runs
+    assert edited[0].spec.run_id != a[0].spec.run_id and edited[1].spec.run_id == a[1].spec.run_id
+    spec = edited[0].spec  # the field travels through the database's JSON
+    assert RunSpec.from_json(spec.canonical_json()) == spec
+
+
 def test_name_template_may_use_the_plan_column_vocab(write_plan):
     # the column is vocab, the spec's field vocab_size: {vocab} had been refused as no field
     runs = load_plan(write_plan("name,arch,d_model,n_layers,vocab,tokens\nv{vocab},softmax,32,2,300,16k\n")).runs
