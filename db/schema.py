@@ -74,7 +74,7 @@ class Run(Base):
     val_loss: Mapped[float | None] = mapped_column(Float, nullable=True)
     params: Mapped[int] = mapped_column(BigInteger)
     nonembed_params: Mapped[int] = mapped_column(BigInteger)
-    # The plan's budget while pending; once done, what was trained (whole steps, so up to a step more).
+    # What the run trains: its plan's budget rounded up to whole steps (RunSpec.trained_tokens).
     tokens: Mapped[int] = mapped_column(BigInteger)
     flops: Mapped[float] = mapped_column(Float)
     wall_s: Mapped[float | None] = mapped_column(Float, nullable=True)

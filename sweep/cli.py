@@ -238,9 +238,10 @@ def plan(
         warmup_only = [{"plan": p, "row": r, "runs": n} for p, r, n in cost.warmup_only]
         uneven = [{"plan": p, "row": r, "runs": n} for p, r, n in cost.uneven_hybrid]
         total_read = [{"plan": p, "row": r, "runs": n, "embedding_share": share} for p, r, n, share in cost.total_params_read]
+        rounded = [{"plan": p, "row": r, "runs": n, "max_ratio": ratio} for p, r, n, ratio in cost.rounded_up]
         sys.stdout.write(json.dumps({"totals": totals, "blocks": [asdict(b) for b in cost.blocks], "runs": runs,
                                      "repeats": repeats, "warmup_only": warmup_only, "uneven_hybrid": uneven,
-                                     "total_params_read": total_read}) + "\n")
+                                     "total_params_read": total_read, "rounded_up": rounded}) + "\n")
         return
     table = Table(title=escape(", ".join(str(f) for f in files)))
     for col in ("plan:row", "arch", "shape", "params", "non-emb", "tokens", "FLOPs", "runs"):
@@ -261,6 +262,10 @@ def plan(
         out.print(f"note: {plan_name}:{row}: {_n(n, 'hybrid run')} {'has' if n == 1 else 'have'} n_layers that are not whole periods of "
                   "the hybrid pattern, so the softmax share differs from the pattern's and lightning layers follow the last "
                   "softmax one (give n_layers a multiple of the period, or params)", highlight=False, markup=False)
+    for plan_name, row, n, ratio in cost.rounded_up:
+        out.print(f"note: {plan_name}:{row}: {_n(n, 'run')} train{'s' if n == 1 else ''} up to {ratio:.3g}x {'its' if n == 1 else 'their'} "
+                  "token budget, since a run takes whole steps of batch_size x seq_len tokens (the tokens column shows what "
+                  "is trained; give more tokens or a smaller batch)", highlight=False, markup=False)
     for plan_name, row, n, share in cost.total_params_read:
         out.print(f"note: {plan_name}:{row}: expressions of {_n(n, 'run')} read params, the total count, of which "
                   f"embeddings are up to {share:.0%}; the params column is a non-embedding target (write nonembed_params "

@@ -87,7 +87,7 @@ COLUMNS: dict[str, Column] = {
     "tokens": Column("float", None, "training tokens (give tokens or flops, not both)"),
     "flops": Column("float", None, "training FLOPs budget; tokens = flops / flops_per_token"),
     "lr": Column("float", 1e-3, "peak learning rate"),
-    "warmup": Column("float", 0.05, "warmup: steps if >= 1, else a fraction of the run's steps (at least one)"),
+    "warmup": Column("float", 0.05, "warmup: steps if >= 1, else a fraction of the run's steps"),
     "schedule": Column("str", "cosine", "cosine | wsd | constant"),
     "min_lr_ratio": Column("float", 0.1, "final learning rate as a fraction of lr"),
     "weight_decay": Column("float", 0.1, "AdamW weight decay"),
@@ -840,10 +840,8 @@ def _expand_row(
 
 def warmup_steps(warmup: float, steps: int) -> int:
     """A plan's warmup cell as steps of a run of ``steps``: whole steps from 1 up, else a fraction of the run
-    (at least one step: 0.05 of 9 steps asks for some warmup, not the none rounding gives), cut to the run."""
-    if warmup >= 1:
-        return min(int(warmup), steps)
-    return min(max(1, round(warmup * steps)), steps) if warmup > 0 else 0
+    rounded (one step of warmup trains at about the peak rate, as none does), cut to the run."""
+    return min(int(warmup) if warmup >= 1 else int(round(warmup * steps)), steps)
 
 
 def _check_storable(spec: RunSpec) -> None:
@@ -926,7 +924,13 @@ class Costing:
     #: Rows whose expressions read ``params`` (the total) where embeddings are over EMBEDDING_NOTE_SHARE of it, as
     #: (plan, row, such runs, the largest embedding share): ``=20*params`` then counts the vocabulary's weights.
     total_params_read: list[tuple[str, int, int, float]] = field(default_factory=list)
+    #: Rows with runs that train over ROUNDING_NOTE_SHARE more tokens than their budget (whole steps of batch_size x
+    #: seq_len), as (plan, row, such runs, the largest ratio of trained tokens to budget).
+    rounded_up: list[tuple[str, int, int, float]] = field(default_factory=list)
 
+
+#: ``slab plan`` notes rows whose runs train more than this share over their token budget.
+ROUNDING_NOTE_SHARE = 0.05
 
 #: ``slab plan`` notes expressions that read ``params`` where embeddings are more than this share of it.
 EMBEDDING_NOTE_SHARE = 0.1
@@ -944,6 +948,7 @@ def cost_plans(plans: list[Plan], *, mfu: float = 0.3, gpu_tflops: float = 989.0
     warm: dict[tuple[str, int], int] = {}
     uneven: dict[tuple[str, int], int] = {}
     embedded: dict[tuple[str, int], list] = {}
+    rounded: dict[tuple[str, int], list] = {}
     total = 0.0
     for plan in plans:
         for run in plan.runs:
@@ -958,6 +963,9 @@ def cost_plans(plans: list[Plan], *, mfu: float = 0.3, gpu_tflops: float = 989.0
                 warm[(plan.name, run.row)] = warm.get((plan.name, run.row), 0) + 1
             if s.hybrid and s.n_layers % run.hybrid_period:
                 uneven[(plan.name, run.row)] = uneven.get((plan.name, run.row), 0) + 1
+            if (ratio := s.trained_tokens / s.tokens) > 1 + ROUNDING_NOTE_SHARE:
+                tally = rounded.setdefault((plan.name, run.row), [0, 1.0])
+                tally[0], tally[1] = tally[0] + 1, max(tally[1], ratio)
             if run.total_params_read:
                 d = s.derived()
                 share = 1 - d["nonembed_params"] / d["params"]
@@ -971,11 +979,12 @@ def cost_plans(plans: list[Plan], *, mfu: float = 0.3, gpu_tflops: float = 989.0
         counts = count_params(specs[0].model_config())
         flops = sum(s.derived()["flops"] for s in specs)
         total += flops
-        tokens = [s.tokens for s in specs]
+        tokens = [s.trained_tokens for s in specs]
         blocks.append(Block(plan_name, row, arch, shape, counts.total, counts.nonembed, min(tokens), max(tokens), flops, len(specs)))
     hours = total / (mfu * gpu_tflops * 1e12) / 3600
     repeats = [(plan_name, row, n, of) for (plan_name, row), (n, of) in per_row.items() if n]
     return Costing(blocks=blocks, runs=len(seen), flops=total, gpu_hours=hours, mfu=mfu, gpu_tflops=gpu_tflops,
                    repeats=repeats, warmup_only=[(p, r, n) for (p, r), n in warm.items()],
                    uneven_hybrid=[(p, r, n) for (p, r), n in uneven.items()],
-                   total_params_read=[(p, r, n, share) for (p, r), (n, share) in embedded.items()])
+                   total_params_read=[(p, r, n, share) for (p, r), (n, share) in embedded.items()],
+                   rounded_up=[(p, r, n, ratio) for (p, r), (n, ratio) in rounded.items()])

@@ -20,7 +20,7 @@ def plan_rows(plan: Plan) -> list[RunRow]:
                 spec=spec.to_dict(),
                 params=derived["params"],
                 nonembed_params=derived["nonembed_params"],
-                tokens=spec.tokens,
+                tokens=spec.trained_tokens,
                 flops=derived["flops"],
                 row=run.row,
                 name=run.name,

@@ -60,6 +60,11 @@ class RunSpec:
         return max(1, math.ceil(self.tokens / (self.batch_size * self.seq_len)))
 
     @property
+    def trained_tokens(self) -> int:
+        """Tokens this run trains: whole steps, so its budget rounded up to a multiple of batch_size x seq_len."""
+        return self.steps * self.batch_size * self.seq_len
+
+    @property
     def run_id(self) -> str:
         """sha256 of the canonical JSON (placement fields excluded), first 16 hex digits."""
         return hashlib.sha256(self.canonical_json(identity=True).encode()).hexdigest()[:16]
@@ -97,7 +102,8 @@ class RunSpec:
         return cls.from_dict(json.loads(text))
 
     def derived(self) -> dict:
-        """Sizes and costs implied by the spec: params, non-embedding params, FLOPs per token, total FLOPs."""
+        """Sizes and costs implied by the spec: params, non-embedding params, FLOPs per token, and the total FLOPs
+        of the tokens it trains (whole steps)."""
         cfg = self.model_config()
         counts = count_params(cfg)
         fpt = flops_per_token(cfg, self.seq_len)
@@ -105,7 +111,7 @@ class RunSpec:
             "params": counts.total,
             "nonembed_params": counts.nonembed,
             "flops_per_token": fpt,
-            "flops": float(fpt) * self.tokens,
+            "flops": float(fpt) * self.trained_tokens,
         }
 
 

@@ -341,6 +341,18 @@ def test_runs_csv_prints_whole_numbers_beside_nulls_as_whole(runner, write_plan,
     assert sorted(r["step"] for r in records if r["step"] is not None) == [3] and sum(r["step"] is None for r in records) == 3
 
 
+def test_plan_notes_rounding_and_runs_show_the_tokens_trained_from_the_start(runner, write_plan, tmp_path):
+    # runs.tokens had held the plan's 100 while pending and the 256 trained once done
+    path = write_plan("name,arch,d_model,n_layers,seq_len,batch_size,tokens\nr{tokens},softmax,32,2,64,4,100|25600\n")
+    result = invoke(runner, "plan", path)
+    assert result.exit_code == 0 and ":2: 1 run trains up to 2.56x its token budget" in result.stdout
+    assert json.loads(invoke(runner, "plan", path, "--json").stdout)["rounded_up"][0]["max_ratio"] == pytest.approx(2.56)
+    db = f"sqlite:///{tmp_path}/slab.db"
+    assert invoke(runner, "add", path, db=db).exit_code == 0
+    runs = json.loads(invoke(runner, "runs", "--json", db=db).stdout)
+    assert sorted(r["tokens"] for r in runs) == [256, 25600]
+
+
 def test_db_given_after_the_command_is_taken_as_before_it(tmp_path):
     from sweep.cli import db_first
 

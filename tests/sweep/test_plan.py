@@ -84,12 +84,26 @@ def test_defaults_and_derived_tokens_from_flops(write_plan):
     assert soft.warmup == round(0.05 * soft.steps)
 
 
-@pytest.mark.parametrize("warmup, steps, expected", [(0.05, 9, 1), (0.05, 100, 5), (0, 9, 0), (0.5, 1, 1), (3, 2, 2)])
-def test_warmup_fraction_gives_at_least_one_step(write_plan, warmup, steps, expected):
-    # 0.05 of 9 steps had rounded to no warmup at all
+@pytest.mark.parametrize("warmup, steps, expected", [(0.05, 9, 0), (0.05, 100, 5), (0, 9, 0), (0.3, 10, 3), (3, 2, 2)])
+def test_warmup_cell_resolves_to_steps(write_plan, warmup, steps, expected):
+    # a fraction is rounded (a warmup of one step would train step 1 at the peak rate, as none does), whole steps
+    # are cut to the run
     path = write_plan(f"arch,d_model,n_layers,seq_len,batch_size,tokens,warmup\nsoftmax,64,2,64,4,{256 * steps},{warmup}\n")
     spec = load_plan(path).runs[0].spec
     assert spec.steps == steps and spec.warmup == expected
+    assert plan_module.warmup_steps(warmup, steps) == expected
+
+
+def test_plan_prices_the_whole_steps_a_run_trains_and_notes_large_rounding(write_plan):
+    # slab plan had priced 100 tokens where the run trains a whole step of 4 x 64 = 256
+    path = write_plan("arch,d_model,n_layers,seq_len,batch_size,tokens\nsoftmax,32,2,64,4,100|5000|25600\n")
+    runs = [r.spec for r in load_plan(path).runs]
+    assert [s.trained_tokens for s in runs] == [256, 5120, 25600]
+    cost = cost_plans([load_plan(path)])
+    assert cost.flops == pytest.approx(sum(s.derived()["flops_per_token"] * s.trained_tokens for s in runs))
+    assert (cost.blocks[0].tokens_min, cost.blocks[0].tokens_max) == (256, 25600)
+    [(plan_name, row, n, ratio)] = cost.rounded_up  # 5000 -> 5120 is 2.4% over: not noted
+    assert (row, n) == (2, 1) and ratio == pytest.approx(2.56)
 
 
 def test_same_run_from_two_rows_and_two_plans_is_one(write_plan):
