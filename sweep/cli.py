@@ -1,6 +1,6 @@
 """The ``slab`` command: thin Typer commands over the library (plan, add, runs, status, sql, export, ...).
 
-Exit codes: 0 success, 1 some runs failed or diverged, 2 bad input (plan, options, database, query).
+Exit codes: 0 success, 1 some runs failed or diverged (or a Ctrl-C left some unfinished), 2 bad input (plan, options, database, query).
 ``slab --help`` and ``slab plan`` import neither torch nor ray: heavy imports live inside the commands.
 """
 
@@ -462,7 +462,7 @@ def launch(
 
     Runs start largest first. On a host of several GPUs each goes to an idle GPU, else to the least loaded one with room; a whole number above 1 in gpus trains a run data-parallel (DDP, or FSDP when large).
 
-    A second launch of the same plan trains nothing twice; after a crash, a relaunch resumes runs from their checkpoints. Ctrl-C once stops starting runs and lets running ones checkpoint; twice cancels at once. Exit 0 when every run is done, 1 when any failed or diverged, 2 on bad input.
+    A second launch of the same plan trains nothing twice; after a crash, a relaunch resumes runs from their checkpoints. Ctrl-C once stops starting runs and lets running ones checkpoint; twice cancels at once. Exit 0 when every run is done, 1 when any failed or diverged or a Ctrl-C left some unfinished, 2 on bad input.
 
     Example: slab launch plans/demo.csv --cpu
     """
