@@ -847,7 +847,7 @@ def warmup_steps(warmup: float, steps: int) -> int:
 def _check_storable(spec: RunSpec) -> None:
     """Refuse a run whose token or parameter count the database cannot hold (a 64-bit integer), at plan time."""
     derived = spec.derived()
-    for column, value in (("tokens", spec.steps * spec.batch_size * spec.seq_len), ("params", derived["params"])):
+    for column, value in (("tokens", spec.trained_tokens), ("params", derived["params"])):
         if value >= MAX_STORED_INT:
             what = "trains" if column == "tokens" else "has"
             raise _ColumnError(column, f"the run {what} {value:.3g} {column}; the database holds counts below "
