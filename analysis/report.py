@@ -4,9 +4,12 @@ self-contained `index.html` (figures embedded as base64 PNG, no external referen
 from __future__ import annotations
 
 import base64
+import errno
 import html
 import json
 import math
+import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -122,8 +125,24 @@ def write_report(
     """
     t0 = time.perf_counter()
     out = Path(out_dir)
-    figdir = out / "figures"
-    figdir.mkdir(parents=True, exist_ok=True)
+    # Figures are drawn beside the folder and moved in with the documents: a report that fails halfway leaves the
+    # folder as it was (or absent), never new figures beside old documents.
+    if (out / "figures").exists() and not (out / "figures").is_dir():  # someone's file: not ours to replace
+        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(out / "figures"))
+    staging = out.parent / f".{out.name}.figures-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        return _write_report(runs, metrics, evals, out, staging, t0, throughput=throughput, title=title, fits=fits,
+                             bootstrap=bootstrap, seed=seed, progress=progress, params_col=params_col,
+                             baseline=baseline, edges=edges)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _write_report(runs, metrics, evals, out: Path, figdir: Path, t0: float, *, throughput, title, fits, bootstrap,
+                  seed, progress, params_col, baseline, edges) -> ReportFiles:
+    """write_report's work, its figures drawn into ``figdir`` and moved into ``out/figures`` at the end."""
     runs = done_runs(runs)  # as prepare_points does, so that runs and pts stay row for row
     pts = prepare_points(runs, params_col)  # bad runs are an error, not an empty report
     runs = runs.copy()
@@ -223,8 +242,6 @@ def write_report(
         fig, caption = drawers[name]()
         if fig is None:
             skipped.append(f"figure {name}: skipped ({caption})")
-            for ext in ("png", "svg"):  # a figure left from an earlier report would no longer match
-                (figdir / f"{name}.{ext}").unlink(missing_ok=True)
         else:
             figures[name] = _save(fig, figdir / name)
             captions[name] = caption
@@ -240,9 +257,18 @@ def write_report(
     payload = {k: v.to_dict() for k, v in fits_all.items()}
     if comparison is not None:
         payload["comparison"] = {"baseline": comparison.baseline, "gaps": comparison.to_dict()["gaps"]}
-    _write_atomic(json_path, json.dumps(payload, allow_nan=False))
-    _write_atomic(md_path, _render_md(blocks))
-    _write_atomic(html_path, _render_html(title, blocks, figures))
+    documents = {json_path: json.dumps(payload, allow_nan=False), md_path: _render_md(blocks),
+                 html_path: _render_html(title, blocks, figures)}
+    out.mkdir(parents=True, exist_ok=True)
+    final = out / "figures"
+    old = out / f".figures-old-{os.getpid()}"
+    if final.exists():  # the whole folder is replaced: a figure of an earlier report would no longer match
+        final.rename(old)
+    shutil.move(str(figdir), final)
+    shutil.rmtree(old, ignore_errors=True)
+    for path, text in documents.items():
+        _write_atomic(path, text)
+    figures = {name: {ext: final / p.name for ext, p in paths.items()} for name, paths in figures.items()}
     return ReportFiles(out, html_path, md_path, json_path, figures, skipped, findings, fits_all, comparison,
                        time.perf_counter() - t0, seed)
 

@@ -86,6 +86,28 @@ def test_report_skips_figures_without_data_and_says_so(data, tmp_path):
     assert "figure niah: skipped" in rf.index_html.read_text()
 
 
+def test_a_report_that_fails_halfway_leaves_the_folder_as_it_was(data, tmp_path, monkeypatch):
+    # figures were drawn into the folder as they came: a failure left new figures beside the old documents
+    import analysis.report
+
+    runs = data.runs[data.runs["arch"].isin(["softmax", "lightning"])]
+    out = tmp_path / "r"
+    first = write_report(runs, None, data.evals, out, bootstrap=0)
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert "niah" in first.figures
+
+    def broken(*_):
+        raise RuntimeError("drawing failed")
+
+    monkeypatch.setattr(analysis.report, "_fig_niah", broken)
+    with pytest.raises(RuntimeError, match="drawing failed"):
+        write_report(runs, data.metrics, data.evals, out, bootstrap=0)  # loss_vs_tokens is drawn before niah
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    with pytest.raises(RuntimeError):
+        write_report(runs, None, data.evals, tmp_path / "new", bootstrap=0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r"]  # no new folder, no staging left
+
+
 def test_report_reuses_fits_it_is_given(data, tmp_path):
     runs = data.runs[data.runs["arch"] == "softmax"]
     given = fit_loss_compute(runs, n_bootstrap=5)
