@@ -57,7 +57,11 @@ def runs_frame(engine: Engine, *, plan: str | None = None, arch: str | None = No
         rec["plan"] = ",".join(sorted(plans.get(r["run_id"], [])))
         records.append(rec)
     columns = [c.name for c in Run.__table__.columns if c.name != "spec"] + list(SPEC_COLUMNS) + ["plan"]
-    return pd.DataFrame.from_records(records, columns=columns)
+    frame = pd.DataFrame.from_records(records, columns=columns)
+    for column in Run.__table__.columns:
+        if isinstance(column.type, DateTime):  # in UTC with its zone, as export writes them, on either database
+            frame[column.name] = pd.to_datetime(frame[column.name], utc=True)
+    return frame
 
 
 def metrics_frame(engine: Engine, run_ids: list[str] | None = None) -> pd.DataFrame:

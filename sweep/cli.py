@@ -170,7 +170,7 @@ def _emit(frame, fmt: Format, title: str | None = None) -> None:
     if fmt is Format.csv:
         sys.stdout.write(frame.to_csv(index=False))
     elif fmt is Format.json:
-        sys.stdout.write(frame.to_json(orient="records", date_format="iso") + "\n")
+        sys.stdout.write(frame.to_json(orient="records", date_format="iso", date_unit="us") + "\n")
     else:
         table = Table(title=title, show_lines=False)
         for col in frame.columns:

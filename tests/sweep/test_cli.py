@@ -339,6 +339,11 @@ def test_runs_csv_prints_whole_numbers_beside_nulls_as_whole(runner, write_plan,
     assert {r["d_model"] for r in rows} == {"32", "64"} and all("." not in r["tokens"] for r in rows)
     records = json.loads(invoke(runner, "runs", "--json", db=f"sqlite:///{db}").stdout)
     assert sorted(r["step"] for r in records if r["step"] is not None) == [3] and sum(r["step"] is None for r in records) == 3
+    # timestamps in UTC with the zone, as slab export writes them (runs had printed them without it)
+    assert invoke(runner, "export", "runs", "--out", tmp_path / "runs.csv", db=f"sqlite:///{db}").exit_code == 0
+    exported = {r["run_id"]: r["created_at"] for r in csv.DictReader(open(tmp_path / "runs.csv"))}
+    assert {r["run_id"]: r["created_at"] for r in rows} == exported and all(v.endswith("+00:00") for v in exported.values())
+    assert all(r["created_at"].endswith("Z") for r in records)
 
 
 def test_plan_notes_rounding_and_runs_show_the_tokens_trained_from_the_start(runner, write_plan, tmp_path):
