@@ -94,7 +94,7 @@ COLUMNS: dict[str, Column] = {
     "grad_clip": Column("float", 1.0, "gradient-norm clipping threshold"),
     "seed": Column("int", 0, "random seed (init and data order)"),
     "data": Column("str", "stdlib", "stdlib | passkey | mqar | a .txt/.bin path; mixtures like stdlib+passkey@0.1"),
-    "evals": Column("list-str", "", "evaluations after training: niah (seq_len >= 104) | mqar, or empty"),
+    "evals": Column("list-str", "", "evaluations at every validation (eval_every) and at the end: niah (seq_len >= 104) | mqar, or empty"),
     "eval_every": Column("int", 0, "steps between validation evals (0 = at the end only)"),
     "gpus": Column("float", 1.0, "fraction of one GPU per run (0.25 packs four), or a whole number for data-parallel"),
     "tags": Column("list-str", "", "free labels, e.g. ablation|v2"),
@@ -608,7 +608,7 @@ def _data_value(data: str, base_dir: Path, digests: dict[str, str] | None = None
     """Check a data cell and make its paths absolute (relative paths are relative to the plan file); also the
     content digests of its files, "+"-joined (``digests`` caches them by path across a plan's rows)."""
     digests = {} if digests is None else digests
-    out, digest = [], []
+    out, digest, names, weights = [], [], [], []
     for part in data.split("+"):
         source, _, weight = part.partition("@")
         source = source.strip()
@@ -619,6 +619,10 @@ def _data_value(data: str, base_dir: Path, digests: dict[str, str] | None = None
                 raise CellError(f"mixture weight in {part!r} must be a number") from None
             if not 0 < w < 1:
                 raise CellError(f"mixture weight in {part!r} must be between 0 and 1")
+            weights.append(w)
+        if source in names:
+            raise CellError(f"{source!r} appears twice in the mixture {data!r}: give it once, with its weight")
+        names.append(source)
         if source not in DATA_SOURCES:
             path = Path(source).expanduser()
             path = path if path.is_absolute() else (base_dir / path)
@@ -636,7 +640,15 @@ def _data_value(data: str, base_dir: Path, digests: dict[str, str] | None = None
                     raise CellError(f"data {source}: cannot read it: {exc}") from None
             digest.append(digests[source])
         out.append(source + (f"@{weight}" if weight else ""))
+    if len(weights) < len(names) and sum(weights) >= 1:  # as models.data.parse_data would refuse at training
+        raise CellError(f"the weights in {data!r} add up to {sum(weights):g}, leaving nothing for its unweighted parts")
     return "+".join(out), "+".join(digest)
+
+
+def _is_token_file(source: str) -> bool:
+    """A data path of token ids (a .bin, or a folder holding train.bin), not of text bytes."""
+    path = Path(source)
+    return path.suffix == ".bin" or (path / "train.bin").exists()
 
 
 def _build_spec(r: _Resolver, base_dir: Path, digests: dict[str, str] | None = None) -> RunSpec:
@@ -677,6 +689,10 @@ def _build_spec(r: _Resolver, base_dir: Path, digests: dict[str, str] | None = N
     if bad:
         raise _ColumnError("evals", f"expected evals among {', '.join(EVALS)}, got {bad[0]!r}")
     # Caught here, not when every run of the plan fails at launch.
+    byte_parts = [p for p in (q.partition("@")[0] for q in data.split("+"))
+                  if p in ("stdlib", "passkey") or (p not in DATA_SOURCES and not _is_token_file(p))]
+    if byte_parts and cfg.vocab_size < BYTE_VOCAB_SIZE:
+        raise _ColumnError("vocab", f"byte-level data {byte_parts[0]!r} needs vocab >= {BYTE_VOCAB_SIZE}, got {cfg.vocab_size}")
     if "passkey" in (p.partition("@")[0] for p in data.split("+")) and seq_len < PASSKEY_MIN_SEQ_LEN:
         raise _ColumnError("seq_len", f"passkey data needs seq_len >= {PASSKEY_MIN_SEQ_LEN}, got {seq_len}")
     if "niah" in evals and seq_len < NIAH_MIN_SEQ_LEN:

@@ -1,5 +1,7 @@
 """Plan parsing and expansion: every cell form, counts, run ids, and every validation error."""
 
+import re
+
 import pytest
 
 import sweep.plan as plan_module
@@ -338,6 +340,23 @@ def test_a_run_on_a_corpus_is_known_by_its_contents_not_its_path(tmp_path):
     assert edited[0].spec.run_id != a[0].spec.run_id and edited[1].spec.run_id == a[1].spec.run_id
     spec = edited[0].spec  # the field travels through the database's JSON
     assert RunSpec.from_json(spec.canonical_json()) == spec
+
+
+@pytest.mark.parametrize("row, message", [
+    ("softmax,64,4,5120,stdlib,100", ":2:vocab: byte-level data 'stdlib' needs vocab >= 260, got 100"),
+    ("softmax,128,4,5120,passkey,100", ":2:vocab: byte-level data 'passkey' needs vocab >= 260, got 100"),
+    ("softmax,128,4,5120,stdlib+stdlib@0.5,", ":2:data: 'stdlib' appears twice in the mixture"),
+    ("softmax,128,4,5120,stdlib@0.5+passkey@0.6+mqar,", ":2:data: the weights in 'stdlib@0.5+passkey@0.6+mqar' add up to 1.1"),
+])
+def test_data_that_would_fail_at_training_is_refused_at_plan_time(write_plan, row, message):
+    # these had passed slab plan and slab add, and failed every run (three attempts each) at launch
+    with pytest.raises(PlanError, match=re.escape(message)):
+        load_plan(write_plan("arch,d_model,n_layers,seq_len,batch_size,tokens,data,vocab\n" + row.replace(",", ",32,2,", 1) + "\n"))
+
+
+def test_a_mixture_weighted_in_every_part_is_taken(write_plan):
+    runs = load_plan(write_plan("arch,d_model,n_layers,seq_len,tokens,data\nsoftmax,32,2,128,5120,stdlib@0.5+passkey@0.6\n")).runs
+    assert runs[0].spec.data == "stdlib@0.5+passkey@0.6"  # scaled to add up to 1 when trained
 
 
 def test_name_template_may_use_the_plan_column_vocab(write_plan):
