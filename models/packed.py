@@ -367,15 +367,21 @@ def pretrain_pack(
         except torch.OutOfMemoryError:
             raise OutOfMemory(step, microbatch) from None
         tokens = step * tokens_per_step
+        scored = []  # members whose validation loss is recorded, so whose evals run too
         for i in ids:
             reason = rejected_validation(vals[i], specs[i].vocab_size, final=step == total_steps)
-            if reason:  # as pretrain: not finite on held-out text, or no better than a uniform guess at the end
+            if reason and not math.isfinite(vals[i]):  # as pretrain: not finite on held-out text
                 outcome[i] = Diverged(step, reason)
                 active[i] = False
                 del vals[i]
                 continue
             reporters[i]("val", {"step": step, "tokens": tokens, "flops": float(fpt) * tokens, "val_loss": vals[i]})
-        for i in vals:  # after the val reports, as pretrain: a failing eval loses no loss
+            scored.append(i)
+            if reason:  # as pretrain: no better than a uniform guess at the end, recorded and then diverged
+                outcome[i] = Diverged(step, reason)
+                active[i] = False
+                del vals[i]
+        for i in scored:  # after the val reports, as pretrain: a failing eval loses no loss
             try:
                 results = run_evals(spec0.evals, load_member(i).eval(), data, spec0.seq_len, device=device)
             except torch.OutOfMemoryError:

@@ -537,7 +537,7 @@ def pretrain(
         # A model whose loss is finite on its batches but not on held-out text, or that ends no better than a
         # uniform guess, has no result worth fitting.
         reason = rejected_validation(val, spec.vocab_size, final=step == total_steps)
-        if reason:
+        if reason and not math.isfinite(val):
             raise Diverged(step, reason)
         tokens = step * tokens_per_step
         reporter("val", {"step": step, "tokens": tokens, "flops": float(fpt) * tokens, "val_loss": val})
@@ -547,6 +547,8 @@ def pretrain(
             raise OutOfMemory(step, microbatch) from None
         for name, value in results.items():
             reporter("eval", {"step": step, "name": name, "value": value})
+        if reason:  # no better than a uniform guess at the end: its loss and evals are recorded, then it is diverged
+            raise Diverged(step, reason)
         return val
 
     model.train()

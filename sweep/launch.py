@@ -555,7 +555,8 @@ class Driver:
             out_of_memory = isinstance(cause, OutOfMemory) or isinstance(exc, OutOfMemory)
             if isinstance(cause, Diverged) or isinstance(exc, Diverged):
                 step, why = getattr(cause, "step", None), getattr(cause, "reason", cause)
-                update_run(self.engine, run_id, self.owner, status="diverged", error=f"diverged at step {step}: {why}", step=step)
+                update_run(self.engine, run_id, self.owner, status="diverged", error=f"diverged at step {step}: {why}", step=step,
+                           lease_owner=None)
                 self._ended(run_id, "diverged", f"diverged at step {step}: {why}")
             elif isinstance(cause, Interrupted) or isinstance(exc, Interrupted):
                 update_run(self.engine, run_id, self.owner, status="pending", error=f"stopped at step {cause.step} by Ctrl-C")
