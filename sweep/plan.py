@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ast
 import csv
+import dataclasses
 import difflib
 import hashlib
 import itertools
@@ -943,6 +944,9 @@ class Costing:
     #: Rows with runs that train over ROUNDING_NOTE_SHARE more tokens than their budget (whole steps of batch_size x
     #: seq_len), as (plan, row, such runs, the largest ratio of trained tokens to budget).
     rounded_up: list[tuple[str, int, int, float]] = field(default_factory=list)
+    #: Rows with runs that train exactly as an earlier run (budgets within a step of each other), as (plan, row,
+    #: such runs): the id hashes the budget as given, so each is trained and counted apart.
+    same_training: list[tuple[str, int, int]] = field(default_factory=list)
 
 
 #: ``slab plan`` notes rows whose runs train more than this share over their token budget.
@@ -965,6 +969,8 @@ def cost_plans(plans: list[Plan], *, mfu: float = 0.3, gpu_tflops: float = 989.0
     uneven: dict[tuple[str, int], int] = {}
     embedded: dict[tuple[str, int], list] = {}
     rounded: dict[tuple[str, int], list] = {}
+    trains: set[str] = set()  # the runs' specs with the budget as trained: two alike train the same steps
+    same: dict[tuple[str, int], int] = {}
     total = 0.0
     for plan in plans:
         for run in plan.runs:
@@ -979,6 +985,10 @@ def cost_plans(plans: list[Plan], *, mfu: float = 0.3, gpu_tflops: float = 989.0
                 warm[(plan.name, run.row)] = warm.get((plan.name, run.row), 0) + 1
             if s.hybrid and s.n_layers % run.hybrid_period:
                 uneven[(plan.name, run.row)] = uneven.get((plan.name, run.row), 0) + 1
+            trained = dataclasses.replace(s, tokens=s.trained_tokens).run_id
+            if trained in trains:
+                same[(plan.name, run.row)] = same.get((plan.name, run.row), 0) + 1
+            trains.add(trained)
             if (ratio := s.trained_tokens / s.tokens) > 1 + ROUNDING_NOTE_SHARE:
                 tally = rounded.setdefault((plan.name, run.row), [0, 1.0])
                 tally[0], tally[1] = tally[0] + 1, max(tally[1], ratio)
@@ -1003,4 +1013,5 @@ def cost_plans(plans: list[Plan], *, mfu: float = 0.3, gpu_tflops: float = 989.0
                    repeats=repeats, warmup_only=[(p, r, n) for (p, r), n in warm.items()],
                    uneven_hybrid=[(p, r, n) for (p, r), n in uneven.items()],
                    total_params_read=[(p, r, n, share) for (p, r), (n, share) in embedded.items()],
-                   rounded_up=[(p, r, n, ratio) for (p, r), (n, ratio) in rounded.items()])
+                   rounded_up=[(p, r, n, ratio) for (p, r), (n, ratio) in rounded.items()],
+                   same_training=[(p, r, n) for (p, r), n in same.items()])
