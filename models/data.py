@@ -31,6 +31,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from models.sources import bin_files, is_token_source, parse_data, text_files  # noqa: F401 (parse_data: this module's API too)
+
 log = logging.getLogger(__name__)
 
 PAD, BOS, EOS, SEP = 256, 257, 258, 259
@@ -157,46 +159,11 @@ def stdlib_corpus() -> Corpus:
     return Corpus("stdlib", train, val, sha, is_bytes=True)
 
 
-def _text_files(folder: Path) -> list[Path]:
-    """A text folder's files as the corpus reads them: every non-hidden file, sorted by relative path."""
-    visible = (p for p in folder.rglob("*") if not any(s.startswith(".") for s in p.relative_to(folder).parts))
-    files = sorted((p for p in visible if p.is_file()), key=lambda p: p.relative_to(folder).as_posix())
-    if not files:
-        raise ValueError(f"data folder {folder} holds no files")
-    return files
-
-
-def _bin_files(path: Path) -> list[Path]:
-    """The token files a ``.bin`` source reads: train.bin of a folder (and its val.bin), or the one file."""
-    path = path / "train.bin" if path.is_dir() else path
-    sibling = path.with_name("val.bin")
-    return [path, sibling] if path.name == "train.bin" and sibling.exists() else [path]
-
-
-def _is_bin(path: Path) -> bool:
-    return path.suffix == ".bin" or (path.is_dir() and (path / "train.bin").exists())
-
-
-def content_digest(path: str | Path) -> str:
-    """sha256 of what a data path holds (each file the corpus would read: its name there and its bytes), so that
-    runs on a corpus are known by its contents, wherever it lies."""
-    path = Path(path).expanduser()
-    files = _bin_files(path) if _is_bin(path) else _text_files(path) if path.is_dir() else [path]
-    h = hashlib.sha256()
-    for f in files:
-        h.update((f.relative_to(path).as_posix() if path.is_dir() else f.name).encode() + b"\0")
-        h.update(str(f.stat().st_size).encode() + b"\0")
-        with open(f, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                h.update(block)
-    return h.hexdigest()
-
-
 def text_corpus(path: Path) -> Corpus:
     """A ``.txt`` file or a folder of text files (every non-hidden file, sorted), read as bytes."""
     path = Path(path)
     if path.is_dir():
-        train_b, val_b = _split_files([p.read_bytes() for p in _text_files(path)])
+        train_b, val_b = _split_files([p.read_bytes() for p in text_files(path)])
     else:
         train_b, val_b = _split_files([path.read_bytes()])
     train, val = np.frombuffer(train_b, dtype=np.uint8), np.frombuffer(val_b, dtype=np.uint8)
@@ -205,7 +172,7 @@ def text_corpus(path: Path) -> Corpus:
 
 def bin_corpus(path: Path) -> Corpus:
     """nanoGPT-style uint16 token ids: ``train.bin`` with a sibling ``val.bin``, or one file split at 95%."""
-    files = _bin_files(Path(path))
+    files = bin_files(Path(path))
     path = files[0]
 
     def ids_of(file: Path) -> np.memmap:
@@ -362,34 +329,13 @@ class Data:
                 source.sample(rng, seq_len, split)
 
 
-def parse_data(data: str) -> list[tuple[str, float]]:
-    """Split ``a+b@0.1`` into parts and weights; unweighted parts share what the weighted ones leave."""
-    parts = []
-    for raw in str(data).split("+"):
-        name, _, weight = raw.strip().partition("@")
-        if not name:
-            raise ValueError(f"empty part in data {data!r}")
-        parts.append((name, float(weight) if weight else None))
-    given = [w for _, w in parts if w is not None]
-    if any(not 0 < w for w in given):
-        raise ValueError(f"data weights must be positive in {data!r}")
-    missing = sum(w is None for _, w in parts)
-    if missing == 0:
-        total = sum(given)
-        return [(n, w / total) for n, w in parts]
-    rest = 1.0 - sum(given)
-    if rest <= 0:
-        raise ValueError(f"weights in {data!r} leave nothing for its unweighted parts")
-    return [(n, w if w is not None else rest / missing) for n, w in parts]
-
-
 def _corpus_for(name: str) -> Corpus:
     path = Path(name).expanduser()
     if not path.exists():
         if "/" in name or "." in name:
             raise FileNotFoundError(f"data {name!r}: no file or folder at {path.resolve()}")
         raise ValueError(f"unknown data name {name!r}: expected one of {', '.join(BUILTINS)} or a path")
-    if _is_bin(path):
+    if is_token_source(path):
         return bin_corpus(path)
     return text_corpus(path)
 

@@ -42,6 +42,7 @@ from models.config import (
     hybrid_period,
     shape_for_params,
 )
+from models.sources import content_digest, is_token_source, parse_data
 from sweep.spec import RunSpec
 
 DEFAULT_MAX_RUNS = 100_000
@@ -609,7 +610,7 @@ def _data_value(data: str, base_dir: Path, digests: dict[str, str] | None = None
     """Check a data cell and make its paths absolute (relative paths are relative to the plan file); also the
     content digests of its files, "+"-joined (``digests`` caches them by path across a plan's rows)."""
     digests = {} if digests is None else digests
-    out, digest, names, weights = [], [], [], []
+    out, digest, names = [], [], []
     for part in data.split("+"):
         source, _, weight = part.partition("@")
         source = source.strip()
@@ -620,7 +621,6 @@ def _data_value(data: str, base_dir: Path, digests: dict[str, str] | None = None
                 raise CellError(f"mixture weight in {part!r} must be a number") from None
             if not 0 < w < 1:
                 raise CellError(f"mixture weight in {part!r} must be between 0 and 1")
-            weights.append(w)
         if source in names:
             raise CellError(f"{source!r} appears twice in the mixture {data!r}: give it once, with its weight")
         names.append(source)
@@ -633,23 +633,17 @@ def _data_value(data: str, base_dir: Path, digests: dict[str, str] | None = None
                 raise CellError(f"data path {path} does not exist")
             source = str(path.resolve())
             if source not in digests:
-                from models.data import content_digest  # here: it brings torch, which plans without files never need
-
                 try:
                     digests[source] = content_digest(source)
                 except (OSError, ValueError) as exc:
                     raise CellError(f"data {source}: cannot read it: {exc}") from None
             digest.append(digests[source])
         out.append(source + (f"@{weight}" if weight else ""))
-    if len(weights) < len(names) and sum(weights) >= 1:  # as models.data.parse_data would refuse at training
-        raise CellError(f"the weights in {data!r} add up to {sum(weights):g}, leaving nothing for its unweighted parts")
+    try:  # the weights as training reads them: refused here, not in every run at launch
+        parse_data(data)
+    except ValueError as exc:
+        raise CellError(str(exc)) from None
     return "+".join(out), "+".join(digest)
-
-
-def _is_token_file(source: str) -> bool:
-    """A data path of token ids (a .bin, or a folder holding train.bin), not of text bytes."""
-    path = Path(source)
-    return path.suffix == ".bin" or (path / "train.bin").exists()
 
 
 def _build_spec(r: _Resolver, base_dir: Path, digests: dict[str, str] | None = None) -> RunSpec:
@@ -691,7 +685,7 @@ def _build_spec(r: _Resolver, base_dir: Path, digests: dict[str, str] | None = N
         raise _ColumnError("evals", f"expected evals among {', '.join(EVALS)}, got {bad[0]!r}")
     # Caught here, not when every run of the plan fails at launch.
     byte_parts = [p for p in (q.partition("@")[0] for q in data.split("+"))
-                  if p in ("stdlib", "passkey") or (p not in DATA_SOURCES and not _is_token_file(p))]
+                  if p in ("stdlib", "passkey") or (p not in DATA_SOURCES and not is_token_source(p))]
     if byte_parts and cfg.vocab_size < BYTE_VOCAB_SIZE:
         raise _ColumnError("vocab", f"byte-level data {byte_parts[0]!r} needs vocab >= {BYTE_VOCAB_SIZE}, got {cfg.vocab_size}")
     if "passkey" in (p.partition("@")[0] for p in data.split("+")) and seq_len < PASSKEY_MIN_SEQ_LEN:
