@@ -293,7 +293,7 @@ def add(
 
     Example: slab --db sqlite:///study.db add plans/demo.csv plans/hybrid-ratio.csv
     """
-    from sweep.registry import add_plans
+    from sweep.registry import add_plans, moved_warning
 
     plans = _plans(files, max_runs)  # validate everything before touching the database
     engine = _engine(ctx, create=True)
@@ -306,10 +306,8 @@ def add(
         gone = f"; {_n(r.dropped, 'run')} of its last registration no longer in it ({why})" if r.dropped else ""
         out.print(f"{escape(r.plan)}: [bold]{r.new}[/] new {'run' if r.new == 1 else 'runs'}, {r.known} already known"
                   f"{escape(gone)}")
-        if r.moved_from:
-            err.print(f"[yellow]warning:[/] plan {escape(r.plan)} was registered from {escape(r.moved_from)}; it now "
-                      "holds this file's runs (plans are named by their file's stem: rename one file to keep both)",
-                      highlight=False)
+        if warning := moved_warning(r):
+            err.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False)
 
 
 @app.command()

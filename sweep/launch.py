@@ -34,7 +34,7 @@ from models.config import hybrid_pattern
 from sweep.pack import pack_gpus, plan_packs
 from sweep.plan import CellError, Plan, PlannedRun, parse_number, warmup_steps
 from sweep.progress import LaunchView
-from sweep.registry import add_plans
+from sweep.registry import add_plans, moved_warning
 from sweep.spec import RunSpec
 from sweep.task import WORKER_ENV, data_parallel_workers
 
@@ -704,9 +704,8 @@ def launch(plans: list[Plan], opts: LaunchOptions, view: LaunchView) -> LaunchRe
     engine = open_db(opts.db_url, create=True)
     try:
         for r in add_plans(engine, plans):
-            if r.moved_from:
-                view.log(f"warning: plan {r.plan} was registered from {r.moved_from}; it now holds this file's runs "
-                         "(plans are named by their file's stem: rename one file to keep both)")
+            if warning := moved_warning(r):
+                view.log(f"warning: {warning}")
         runs = select_runs(engine, plans, opts)
         view.log(f"{len(runs)} run{'' if len(runs) == 1 else 's'} to train")
         if not runs:

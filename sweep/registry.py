@@ -34,3 +34,11 @@ def add_plans(engine: Engine, plans: list[Plan]) -> list[Registered]:
     """Register each plan and its runs; idempotent, and a run shared by two plans is stored once."""
     # the absolute path: a plan added from two working directories is one file, two files of one name are not
     return [register_plan(engine, p.name, str(p.path.resolve()), p.sha256, plan_rows(p)) for p in plans]
+
+
+def moved_warning(registered: Registered) -> str | None:
+    """The warning for a plan that another file of the same name registered before, or None."""
+    if not registered.moved_from:
+        return None
+    return (f"plan {registered.plan} was registered from {registered.moved_from}; it now holds this file's runs "
+            "(plans are named by their file's stem: rename one file to keep both)")
