@@ -87,8 +87,8 @@ class RunSpec:
         if identity:
             data = {k: v for k, v in data.items() if k not in PLACEMENT_FIELDS}
             if self.data_digest:  # where a corpus lies is placement too: its digest stands for it
-                data["data"] = "+".join("file" + part[len(part.partition("@")[0]):] if os.path.isabs(part.partition("@")[0])
-                                        else part for part in self.data.split("+"))
+                parts = (part.partition("@") for part in self.data.split("+"))
+                data["data"] = "+".join(("file" if os.path.isabs(name) else name) + at + weight for name, at, weight in parts)
         return json.dumps(data, sort_keys=True, separators=(",", ":"), allow_nan=False)
 
     @classmethod
