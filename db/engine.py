@@ -110,7 +110,10 @@ def _sqlite_begin(conn) -> None:
     # BEGIN IMMEDIATE takes the write lock up front (waiting up to the busy timeout), so a transaction that
     # reads and then writes (registering a plan) cannot fail on a lock upgrade when two launchers race.
     # A file opened read-only cannot take the write lock at all.
-    read_only = conn.info.get("slab_read_only") or conn.info.get("slab_read_only_file")
+    # A connection that only reads (see `reading`) begins deferred too: in WAL it reads the last commit without
+    # waiting for the writer, and never holds up the writer.
+    read_only = (conn.info.get("slab_read_only") or conn.info.get("slab_read_only_file")
+                 or conn.info.get("slab_reading"))
     conn.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
 
 
@@ -186,8 +189,12 @@ def open_db(url: str | None = None, *, create: bool = True) -> Engine:
             raise DatabaseError(f"cannot create the folder {path.parent} for the database: {exc.strerror or exc}") from None
     engine = make_engine(url)
     try:
-        with engine.begin() as conn:
-            _check_or_create(conn, create)
+        # Checked first without the write lock, so that opening a database a launcher is writing does not wait on it.
+        with reading(engine) as conn:
+            ready = _schema_ready(conn, create)
+        if not ready:
+            with engine.begin() as conn:
+                _check_or_create(conn, create)
     except DatabaseError:
         engine.dispose()
         raise
@@ -211,24 +218,53 @@ def serialize(conn: Connection | Session, key: int) -> None:
         conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": key})
 
 
+def _schema_version(conn: Connection, create: bool) -> int | None:
+    """The database's schema version (0 when unrecorded), None where it has no tables; refuse a newer one, and a
+    database without tables unless ``create``."""
+    if not inspect(conn).has_table(Meta.__tablename__):
+        if not create:
+            raise DatabaseError("the database has no scalinglab tables; register a plan first with `slab add PLAN`")
+        return None
+    row = conn.execute(select(Meta.value).where(Meta.key == "schema_version")).scalar_one_or_none()
+    version = int(row) if row is not None else 0
+    if version > SCHEMA_VERSION:
+        raise DatabaseError(
+            f"database schema version {version} is newer than this scalinglab's ({SCHEMA_VERSION}); upgrade scalinglab"
+        )
+    return version
+
+
+def _missing_columns(conn: Connection) -> list:
+    """Columns of the schema that the database's existing tables lack (tables it lacks are created whole)."""
+    insp = inspect(conn)
+    missing = []
+    for table in Base.metadata.sorted_tables:
+        if insp.has_table(table.name):
+            have = {c["name"] for c in insp.get_columns(table.name)}
+            missing += [c for c in table.columns if c.name not in have]
+    return missing
+
+
+def _schema_ready(conn: Connection, create: bool) -> bool:
+    """Whether the database holds this version's tables and columns, so that opening it writes nothing."""
+    return _schema_version(conn, create) == SCHEMA_VERSION and not _missing_columns(conn)
+
+
 def _check_or_create(conn: Connection, create: bool) -> None:
     # Concurrent CREATE TABLEs of one name collide in PostgreSQL's catalog (two launchers on a new
     # database): the second waits here and then finds the tables made.
     serialize(conn, PG_SCHEMA_LOCK)
-    has_meta = inspect(conn).has_table(Meta.__tablename__)
-    if has_meta:
-        row = conn.execute(select(Meta.value).where(Meta.key == "schema_version")).scalar_one_or_none()
-        version = int(row) if row is not None else 0
-        if version > SCHEMA_VERSION:
-            raise DatabaseError(
-                f"database schema version {version} is newer than this scalinglab's ({SCHEMA_VERSION}); "
-                "upgrade scalinglab"
-            )
-        if version == SCHEMA_VERSION:
-            return
-    elif not create:
-        raise DatabaseError("the database has no scalinglab tables; register a plan first with `slab add PLAN`")
+    _schema_version(conn, create)
     Base.metadata.create_all(conn)
+    # Columns added to a table without a version bump (runs.resumed_from_step came after the first release, whose
+    # databases say schema 1): added here, empty, as a later release would have made them.
+    for column in _missing_columns(conn):
+        if not column.nullable:
+            raise DatabaseError(f"the database's {column.table.name} table lacks column {column.name}, which this "
+                                "scalinglab needs and cannot add; re-register the plans into a new database")
+        q = conn.dialect.identifier_preparer
+        conn.exec_driver_sql(f"ALTER TABLE {q.format_table(column.table)} ADD COLUMN {q.format_column(column)} "
+                             f"{column.type.compile(dialect=conn.dialect)}")
     if conn.execute(select(Meta).where(Meta.key == "schema_version")).first() is None:
         conn.execute(Meta.__table__.insert().values(key="schema_version", value=str(SCHEMA_VERSION)))
 
@@ -244,6 +280,19 @@ def session(engine: Engine) -> Iterator[Session]:
         if "readonly database" not in str(exc.orig):
             raise
         raise DatabaseError(f"cannot write the database: {NOT_WRITABLE} ({exc.orig})") from None
+
+
+@contextmanager
+def reading(engine: Engine) -> Iterator[Connection]:
+    """A connection for reads: on SQLite its transactions begin deferred (plain BEGIN), so that they neither wait
+    for nor block the writer."""
+    with engine.connect() as conn:
+        conn.info["slab_reading"] = True  # read by _sqlite_begin; the info outlives this checkout, hence the pop
+        try:
+            yield conn
+        finally:
+            conn.rollback()
+            conn.info.pop("slab_reading", None)
 
 
 @contextmanager

@@ -9,7 +9,7 @@ import pandas as pd
 from sqlalchemy import JSON, DateTime, Engine, Float, Integer, String, func, select, text
 from sqlalchemy.exc import SQLAlchemyError
 
-from db.engine import read_only
+from db.engine import read_only, reading
 from db.schema import TABLES, Eval, Metric, Plan, PlanRun, Run
 
 #: Export file suffixes and the format each names (JSON is known only to refuse it).
@@ -43,7 +43,7 @@ def _run_filter(stmt, plan: str | None, arch: str | None, status: str | None):
 def runs_frame(engine: Engine, *, plan: str | None = None, arch: str | None = None, status: str | None = None) -> pd.DataFrame:
     """One row per run (filtered), with spec fields as columns and the plans it belongs to."""
     stmt = _run_filter(select(Run), plan, arch, status).order_by(Run.arch, Run.flops, Run.run_id)
-    with engine.connect() as conn:
+    with reading(engine) as conn:
         rows = conn.execute(stmt).mappings().all()
         links = conn.execute(select(PlanRun.run_id, Plan.name).join(Plan, Plan.id == PlanRun.plan_id)).all()
     plans: dict[str, list[str]] = {}
@@ -61,6 +61,20 @@ def runs_frame(engine: Engine, *, plan: str | None = None, arch: str | None = No
     for column in Run.__table__.columns:
         if isinstance(column.type, DateTime):  # in UTC with its zone, as export writes them, on either database
             frame[column.name] = pd.to_datetime(frame[column.name], utc=True)
+    return _typed(frame, Run)
+
+
+def _typed(frame: pd.DataFrame, model) -> pd.DataFrame:
+    """Numeric columns of ``model``'s table in their own dtypes: an all-NULL column (results of pending runs, an
+    empty frame) otherwise comes back as object holding None; nullable integers as Int64, so NULLs keep them whole."""
+    for column in model.__table__.columns:
+        name = column.name
+        if name not in frame.columns:
+            continue
+        if isinstance(column.type, Float):
+            frame[name] = frame[name].astype("float64")
+        elif isinstance(column.type, Integer):  # BigInteger too
+            frame[name] = frame[name].astype("Int64" if column.nullable else "int64")
     return frame
 
 
@@ -70,8 +84,8 @@ def metrics_frame(engine: Engine, run_ids: list[str] | None = None) -> pd.DataFr
     stmt = select(*cols).order_by(Metric.run_id, Metric.step)
     if run_ids is not None:
         stmt = stmt.where(Metric.run_id.in_(run_ids))
-    with engine.connect() as conn:
-        return pd.read_sql(stmt, conn)
+    with reading(engine) as conn:
+        return _typed(pd.read_sql(stmt, conn), Metric)
 
 
 def evals_frame(engine: Engine, run_ids: list[str] | None = None) -> pd.DataFrame:
@@ -79,8 +93,8 @@ def evals_frame(engine: Engine, run_ids: list[str] | None = None) -> pd.DataFram
     stmt = select(Eval.run_id, Eval.step, Eval.name, Eval.value).order_by(Eval.run_id, Eval.step, Eval.name)
     if run_ids is not None:
         stmt = stmt.where(Eval.run_id.in_(run_ids))
-    with engine.connect() as conn:
-        return pd.read_sql(stmt, conn)
+    with reading(engine) as conn:
+        return _typed(pd.read_sql(stmt, conn), Eval)
 
 
 def status_counts(engine: Engine, plan: str | None = None) -> pd.DataFrame:
@@ -97,13 +111,13 @@ def status_counts(engine: Engine, plan: str | None = None) -> pd.DataFrame:
         stmt = stmt.where(Plan.name.is_(None))
     elif plan:
         stmt = stmt.where(Plan.name == plan)
-    with engine.connect() as conn:
+    with reading(engine) as conn:
         return pd.DataFrame(conn.execute(stmt).all(), columns=["plan", "status", "runs"])
 
 
 def plan_names(engine: Engine) -> list[str]:
     """Names of the registered plans."""
-    with engine.connect() as conn:
+    with reading(engine) as conn:
         return list(conn.scalars(select(Plan.name).order_by(Plan.name)))
 
 
@@ -170,7 +184,7 @@ def export_table(engine: Engine, table: str, fmt: str | None, out: Path) -> int:
         raise QueryError(f"unknown table {table!r}; expected one of {', '.join(sorted(TABLES))}")
     fmt = export_format(out, fmt)
     _check_out(out)
-    with engine.connect() as conn:
+    with reading(engine) as conn:
         frame = pd.read_sql(select(TABLES[table]), conn)
     for column in TABLES[table].columns:
         col, dtype = column.name, _schema_dtype(column)

@@ -436,3 +436,63 @@ def test_parquet_export_keeps_column_types_before_results(runs_db, tmp_path):
     assert early_schema.remove_metadata() == late_schema.remove_metadata()
     both = pa.concat_tables([pq.read_table(early), pq.read_table(late)])
     assert both.num_rows == 12 and both.column("step").drop_null().to_pylist() == [100]
+
+
+def test_reads_do_not_wait_for_a_writer(runs_db, monkeypatch):
+    """In WAL a reader sees the last commit while a writer holds its transaction. Every query took BEGIN IMMEDIATE,
+    the write lock, so `slab runs`, `slab status --watch` or a report waited out the launcher's writes (and a long
+    read made the launcher's writer wait, failing it after the 30 s busy timeout)."""
+    import sqlite3
+    import time
+
+    import db.engine
+    from db.queries import evals_frame, metrics_frame, plan_names
+
+    monkeypatch.setattr(db.engine, "SQLITE_BUSY_MS", 300)
+    engine = open_db(str(runs_db.url))
+    writer = sqlite3.connect(runs_db.url.database, isolation_level=None)
+    writer.execute("BEGIN IMMEDIATE")
+    writer.execute("UPDATE runs SET status = 'running'")
+    try:
+        t0 = time.monotonic()
+        frame = runs_frame(engine)
+        assert set(frame["status"]) == {"pending"}  # the last commit, not the writer's open transaction
+        assert status_counts(engine)["runs"].sum() == 6 and plan_names(engine) == ["plan"]
+        assert metrics_frame(engine).empty and evals_frame(engine).empty
+        assert time.monotonic() - t0 < 1.0
+    finally:
+        writer.execute("ROLLBACK")
+        writer.close()
+        engine.dispose()
+
+
+def test_runs_frame_types_columns_before_results(runs_db):
+    """Pending runs have all-NULL result columns, which pandas typed as object (None): frame.val_loss.round()
+    and friends failed until some run finished."""
+    frame = runs_frame(runs_db)
+    for col in ("final_loss", "val_loss", "wall_s", "n_gpus", "flops"):
+        assert frame[col].dtype == "float64", col
+    for col in ("step", "microbatch", "resumed_from_step"):
+        assert frame[col].dtype == "Int64", col
+    assert frame["val_loss"].isna().all() and frame["step"].isna().all()
+    empty = runs_frame(runs_db, status="done")
+    assert empty.empty and empty["val_loss"].dtype == "float64" and empty["params"].dtype == "int64"
+
+
+def test_a_database_of_the_first_schema_opens(tmp_path, write_plan):
+    """runs.resumed_from_step came after the first release without a version bump: its databases (schema 1, no
+    such column) failed every query with 'no such column'. The missing column is added on open."""
+    import sqlite3
+
+    url = f"sqlite:///{tmp_path}/old.db"
+    engine = open_db(url)
+    add_plans(engine, [load_plan(write_plan(PLAN))])
+    engine.dispose()
+    con = sqlite3.connect(tmp_path / "old.db")
+    con.execute("ALTER TABLE runs DROP COLUMN resumed_from_step")
+    con.commit()
+    con.close()
+    engine = open_db(url, create=False)
+    frame = runs_frame(engine)
+    assert len(frame) == 6 and frame["resumed_from_step"].isna().all()
+    engine.dispose()
