@@ -200,7 +200,9 @@ def _gap_at(fit: FitResult, base: FitResult, C: float) -> dict[str, float]:
     out = {"loss": Lx, "baseline_loss": Lb, "gap": Lx - Lb, "rel_gap": (Lx - Lb) / Lb, "multiplier": mult}
     for k in list(out):
         out[f"{k}_lo"], out[f"{k}_hi"] = math.nan, math.nan
-    if fit.samples is not None and base.samples is not None:
+    # a fit whose replicates mostly failed has no interval (fits._check_bootstrap), nor has a gap drawn from them
+    known = all("intervals_unknown" not in f.details for f in (fit, base))
+    if fit.samples is not None and base.samples is not None and known:
         k = min(len(fit.samples), len(base.samples))
         sx = {c: fit.samples[c].to_numpy()[:k] for c in fit.samples.columns}
         sb = {c: base.samples[c].to_numpy()[:k] for c in base.samples.columns}
@@ -511,10 +513,11 @@ def seed_study_findings(
     else:
         row = sub.loc[sub["C"].idxmax()]
         rel, lo, hi = row["rel_gap"], row["rel_gap_lo"], row["rel_gap_hi"]
-        ci = f" (95% CI {100 * lo:+.1f}% to {100 * hi:+.1f}%)" if np.isfinite(lo) else ""
+        few = {a: n for a, n in few_runs(comparison).items() if a in ("lightning", "softmax")}
+        # an interval from a handful of runs is unknown (summary_findings says so), so it is not quoted
+        ci = f" (95% CI {100 * lo:+.1f}% to {100 * hi:+.1f}%)" if np.isfinite(lo) and not few else ""
         at = (f"lightning's loss is {100 * rel:+.1f}% from softmax's at C={row['C']:.2g} FLOPs{ci}, needing "
               f"{row['multiplier']:.3g}x its compute")
-        few = {a: n for a, n in few_runs(comparison).items() if a in ("lightning", "softmax")}
         if few:
             # an interval from a handful of runs says nothing, and a point estimate from them no more
             lines.append(f"Not tested: {claim}: {at}, but the comparison rests on "
@@ -611,11 +614,17 @@ def summary_findings(
     """Plain-language lines on what the fits and tables show (used in the report); with the runs, a gap the
     training-loss laws state is checked against the best held-out (validation) loss of each arch."""
     lines: list[str] = []
+    mixtures = sorted(runs["data"].dropna().astype(str).unique()) if runs is not None and "data" in runs else []
+    if len(mixtures) > 1:
+        # each mixture has its own loss level: a law or a gap across them measures the data as much as the arch
+        lines.append(f"These runs train on {len(mixtures)} data mixtures ({', '.join(mixtures)}), whose losses do not "
+                     "compare: the laws and gaps below mix them; fit and compare the runs of one mixture.")
     if comparison is not None and any(f.details.get("edges") == "keep" for f in comparison.fits.values()):
         lines.append("At most budgets the best run is the smallest model trained there, so each arch's loss-compute "
                      "law follows these runs' envelope, an upper bound of its compute-optimal frontier (train "
                      "smaller models to pin the frontier down); the comparison below compares envelopes.")
-    if comparison is not None and (few := few_runs(comparison)):
+    few = few_runs(comparison) if comparison is not None else {}
+    if few:
         lines.append(_few_runs_line(few))
     if comparison is not None and not comparison.gaps.empty:
         g = comparison.gaps
@@ -626,6 +635,15 @@ def summary_findings(
             ci = f" (95% CI {lo:+.2f}% to {hi:+.2f}%)" if np.isfinite(lo) else ""
             m, base = row["multiplier"], comparison.baseline
             at = f"{base}'s at C={row['C']:.2g} FLOPs"
+            if arch in few or base in few:
+                # its interval is unknown (the line above says so): neither quoted nor read as a verdict
+                n_x, n_b = (comparison.fits[a].details.get("n_runs", "?") for a in (arch, base))
+                counts = f"{n_x} run{'' if n_x == 1 else 's'} of {arch} and {n_b} of {base}"
+                need = f", needing {m:.3g}x the compute to reach {base}'s loss there" if np.isfinite(m) else ""
+                word = "above" if rel > 0 else "below"
+                lines.append(f"{arch}'s frontier loss is {abs(rel):.2f}% {word} {at}{need}; it rests on {counts}, too "
+                             "few to tell it from noise." + _held_out_caveat(runs, arch, base, rel))
+                continue
             if np.isfinite(lo) and lo <= 0 <= hi:  # the interval holds no difference: no direction to state
                 lines.append(f"{arch}'s frontier loss cannot be told from {at}: {rel:+.2f}%{ci}.")
                 continue

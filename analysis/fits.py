@@ -410,10 +410,14 @@ def fit_loss_compute(
     rng = np.random.default_rng(seed)
     rows, n_fail = [], 0
     for i in range(n_bootstrap):
-        C, L = source.envelope(np.unique(rng.integers(0, n_runs, n_runs)))
+        counts = np.bincount(rng.integers(0, n_runs, n_runs), minlength=n_runs)
+        sel = np.flatnonzero(counts)
+        C, L, w = source.envelope(sel, counts)
         good = False
-        if len(C) >= k:
-            th, good = _fit_frontier(C / C0, L, form, theta_hat)
+        # as for the data itself, one model's training curve is not a frontier: such a replicate fails
+        one_size = source.kind == "curves" and np.unique(source.N_run[sel]).size < 2
+        if len(C) >= k and not one_size:
+            th, good = _fit_frontier(C / C0, L, form, theta_hat, w)
         rows.append(to_estimates(th) if good else {key: math.nan for key in estimates})
         n_fail += not good
         if progress:
@@ -421,7 +425,7 @@ def fit_loss_compute(
     samples = pd.DataFrame(rows, columns=list(estimates)) if n_bootstrap else None
     pred = loss_compute_law(front["C"].to_numpy(), estimates.get("E", 0.0), estimates["A"], estimates["alpha"])
     points = front.assign(L_fit=pred)
-    return FitResult(
+    return _check_bootstrap(FitResult(
         method="frontier" if form == "saturating" else "frontier_power",
         formula="L = E + A * C^-alpha" if form == "saturating" else "L = A * C^-alpha",
         estimates=estimates,
@@ -434,7 +438,7 @@ def fit_loss_compute(
         details={"source": source.kind, "n_runs": int(n_runs), "bootstrap_failed": int(n_fail), "C_ref": C0,
                  "edges": edges if source.kind == "curves" else "drop"},
         samples=samples,
-    )
+    ))
 
 
 class _FrontierSource:
@@ -476,6 +480,7 @@ class _FrontierSource:
         self.Lrb[r, b] = best["L"].to_numpy()
         self.row[r, b] = np.arange(len(best))
         self.table = best[["run_id", "N", "D", "C", "L"]]
+        self.run_of = r  # table row -> run index
 
     def _rows(self, sel: np.ndarray, drop_edges: bool | None = None) -> np.ndarray:
         """Indices into self.table of the frontier of the selected runs, in order of compute."""
@@ -507,33 +512,39 @@ class _FrontierSource:
         drop = self.drop_edges if drop_edges is None else drop_edges
         return rows[(L < prev) & ~(edge & drop)]
 
-    def envelope(self, sel: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(C, L) of the frontier of the selected runs."""
+    def envelope(self, sel: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(C, L, weight) of the frontier of the selected runs, each point weighted by how often its run was drawn."""
         rows = self._rows(sel)
-        return self.table["C"].to_numpy()[rows], self.table["L"].to_numpy()[rows]
+        weight = counts[self.run_of[rows]].astype(float)
+        return self.table["C"].to_numpy()[rows], self.table["L"].to_numpy()[rows], weight
 
     def frame(self, sel: np.ndarray, drop_edges: bool | None = None) -> pd.DataFrame:
         """The frontier points of the selected runs as a frame (edge points as the source drops them, unless told)."""
         return self.table.iloc[self._rows(sel, drop_edges)].reset_index(drop=True)
 
 
-def _fit_frontier(c: np.ndarray, L: np.ndarray, form: str, start: np.ndarray | None) -> tuple[np.ndarray, bool]:
-    """Least squares in log loss; returns (theta, converged). theta = (log E, log A', alpha) or (log A', alpha)."""
+def _fit_frontier(c: np.ndarray, L: np.ndarray, form: str, start: np.ndarray | None,
+                  w: np.ndarray | None = None) -> tuple[np.ndarray, bool]:
+    """Least squares in log loss, weighted by w (a bootstrap's run counts); returns (theta, converged).
+    theta = (log E, log A', alpha) or (log A', alpha)."""
     lc, ll = np.log(c), np.log(L)
+    # A run drawn twice by the bootstrap counts twice, as it would in any least squares over resampled points;
+    # counted once, a replicate refits ~63% of the points and its spread understates the estimate's.
+    sw = np.ones_like(lc) if w is None else np.sqrt(np.asarray(w, float))
     if form == "power":
         X = np.column_stack([np.ones_like(lc), -lc])
-        coef, *_ = np.linalg.lstsq(X, ll, rcond=None)
+        coef, *_ = np.linalg.lstsq(X * sw[:, None], ll * sw, rcond=None)
         return coef, bool(np.all(np.isfinite(coef)))
 
     def resid(th):
         e, a, alpha = th
-        return np.log(np.exp(e) + np.exp(a - alpha * lc)) - ll
+        return sw * (np.log(np.exp(e) + np.exp(a - alpha * lc)) - ll)
 
     def jac(th):
         e, a, alpha = th
         Ev, T = np.exp(e), np.exp(a - alpha * lc)
         p = Ev + T
-        return np.column_stack([Ev / p, T / p, -lc * T / p])
+        return sw[:, None] * np.column_stack([Ev / p, T / p, -lc * T / p])
 
     if start is not None:
         starts = [np.asarray(start, float)]
@@ -634,14 +645,19 @@ def fit_approach1(
             f"approach 1 found {len(front['C'])} usable budget(s) (need 2): the lowest curve at each budget "
             "must come from a size with smaller and larger sizes also covering that budget"
         )
+    if np.unique(front["N"]).size < 2:
+        raise FitError(
+            f"approach 1: one size wins all {len(front['C'])} usable budgets, so N_opt does not change with compute "
+            "there and its exponent would read 0: add sizes, or runs whose budgets overlap more"
+        )
     est, resid = _allocation_fit(front["C"], front["N"], front["D"])
     rng = np.random.default_rng(seed)
     rows, n_fail = [], 0
     for i in range(n_bootstrap):
-        sel = np.unique(rng.integers(0, len(run_ids), len(run_ids)))
-        f = _approach1_envelope(sel, Lmat, Dmat, Nrun, Cgrid)
-        if len(f["C"]) >= 2:
-            rows.append(_allocation_fit(f["C"], f["N"], f["D"])[0])
+        counts = np.bincount(rng.integers(0, len(run_ids), len(run_ids)), minlength=len(run_ids))
+        f = _approach1_envelope(np.flatnonzero(counts), Lmat, Dmat, Nrun, Cgrid)
+        if np.unique(f["N"]).size >= 2:  # one winner (or none) says nothing of how N_opt grows: a failed replicate
+            rows.append(_allocation_fit(f["C"], f["N"], f["D"], counts[f["row"]])[0])
         else:
             rows.append({k: math.nan for k in est})
             n_fail += 1
@@ -652,7 +668,7 @@ def fit_approach1(
     points = pd.DataFrame(
         {"C": front["C"], "N_opt": front["N"], "D_opt": front["D"], "L": front["L"], "run_id": run_ids[front["row"]]}
     )
-    return FitResult(
+    return _check_bootstrap(FitResult(
         method="approach1",
         formula="N_opt = k_N * C^a, D_opt = k_D * C^b (envelope of training curves)",
         estimates=est,
@@ -665,7 +681,7 @@ def fit_approach1(
         details={"n_runs": int(len(run_ids)), "n_budgets_tried": int(len(Cgrid)), "bootstrap_failed": int(n_fail),
                  "compute": asdict(rule)},
         samples=samples,
-    )
+    ))
 
 
 def _interpolate_curves(curves: pd.DataFrame, Cgrid: np.ndarray, rule: ComputeRule):
@@ -722,12 +738,14 @@ def _approach1_envelope(sel, Lmat, Dmat, Nrun, Cgrid) -> dict[str, np.ndarray]:
     return {"C": Cgrid[k], "N": Nw[k], "D": Dmat[rows, k], "L": L[win[k], k], "row": rows}
 
 
-def _allocation_fit(C, N, D) -> tuple[dict[str, float], np.ndarray]:
-    """N = k_N C^a and D = k_D C^b by least squares in log space; residuals of the N fit."""
+def _allocation_fit(C, N, D, w=None) -> tuple[dict[str, float], np.ndarray]:
+    """N = k_N C^a and D = k_D C^b by least squares in log space, weighted by w (a bootstrap's counts of each
+    point's run, as in `_fit_frontier`); residuals of the N fit."""
     lC = np.log(np.asarray(C, float))
-    X = np.column_stack([np.ones_like(lC), lC])
-    (cN, a), *_ = np.linalg.lstsq(X, np.log(N), rcond=None)
-    (cD, b), *_ = np.linalg.lstsq(X, np.log(D), rcond=None)
+    sw = np.ones_like(lC) if w is None else np.sqrt(np.asarray(w, float))
+    X = np.column_stack([np.ones_like(lC), lC]) * sw[:, None]
+    (cN, a), *_ = np.linalg.lstsq(X, np.log(N) * sw, rcond=None)
+    (cD, b), *_ = np.linalg.lstsq(X, np.log(D) * sw, rcond=None)
     est = {"k_N": math.exp(cN), "a": float(a), "k_D": math.exp(cD), "b": float(b)}
     return est, (cN + a * lC) - np.log(N)
 
@@ -840,7 +858,7 @@ def fit_approach2(
             N = math.exp(xm[0])
             minima_rows.append({"C": g, "N_opt": N, "D_opt": float(rule.tokens(g, N)), "L_opt": float(Lm[0]),
                                 "coef": [float(c[0]) for c in coef]})
-    return FitResult(
+    return _check_bootstrap(FitResult(
         method="approach2",
         formula="N_opt = k_N * C^a, D_opt = k_D * C^b (IsoFLOP parabola minima)",
         estimates=est,
@@ -858,7 +876,7 @@ def fit_approach2(
             "bootstrap_failed": 0 if samples is None else int(samples["a"].isna().sum()),
         },
         samples=samples,
-    )
+    ))
 
 
 def _parabola_minima(x: np.ndarray, L: np.ndarray, W: np.ndarray, min_sizes: int = 3):
@@ -998,7 +1016,7 @@ def fit_approach3(
     estimates, samples = _with_allocation(estimates, samples, budgets, rule)
     law = [estimates[k] for k in ("E", "A", "B", "alpha", "beta")]
     pred = chinchilla_law(pts["N"].to_numpy(), pts["D"].to_numpy(), *law)
-    return FitResult(
+    return _check_bootstrap(FitResult(
         method="approach3",
         formula="L = E + A / N^alpha + B / D^beta",
         estimates=estimates,
@@ -1022,7 +1040,7 @@ def fit_approach3(
             "compute": asdict(rule),
         },
         samples=samples,
-    )
+    ))
 
 
 def _bootstrap_approach3(obj, theta, n_bootstrap, n_starts, seed, progress, max_elems=100_000):
@@ -1249,6 +1267,24 @@ class _Approach3Objective:
 
 # --------------------------------------------------------------------------------------------
 # Helpers
+
+
+def _check_bootstrap(result: FitResult) -> FitResult:
+    """Count the replicates that could not be fitted; leave the intervals unknown when they are most of them."""
+    s = result.samples
+    if s is None or s.empty:
+        return result
+    failed = int(s.isna().all(axis=1).sum())
+    result.details["bootstrap_failed"] = failed
+    # The replicates that fit are those whose resampled runs still identify the law: when they are a minority
+    # their spread is not the estimate's (with 3 runs, the only one that fits is the data itself: zero width).
+    if 2 * failed > len(s):
+        note = (f"{failed} of {len(s)} bootstrap replicates could not be fitted (their resampled runs do not "
+                "identify the law), so the intervals, which would rest on the rest, are unknown")
+        result.intervals = {k: (math.nan, math.nan) for k in result.intervals}
+        result.details["intervals_unknown"] = note
+        log.warning("%s: %s", result.method, note)
+    return result
 
 
 def _intervals(samples: pd.DataFrame | None, level: float = 0.95) -> dict[str, tuple[float, float]]:

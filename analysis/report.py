@@ -417,7 +417,7 @@ def _fig_loss_vs_compute(pts, fits, archs):
 
 def _band(fit: FitResult, grid: np.ndarray):
     s = fit.samples
-    if s is None or s.empty:
+    if s is None or s.empty or "intervals_unknown" in fit.details:
         return None
     s = s.dropna(subset=["A", "alpha"])
     if len(s) < 10:
@@ -635,7 +635,10 @@ def _fit_table(fits: Mapping[str, FitResult], method: str, archs: list[str]) -> 
         names = list(TABLE_PARAMS[method]) + [k for k in f.estimates if k.startswith("tokens_per_param@")]
         row = {"arch": arch, **{n: _with_ci(f, n) for n in names if n in f.estimates}}
         row["points"] = str(f.n_points)
-        row["bootstrap"] = str(f.n_bootstrap)
+        failed = f.details.get("bootstrap_failed", 0)
+        # replicates that could not be fitted narrow what an interval rests on; most of them leave it unknown
+        row["bootstrap"] = (str(f.n_bootstrap) if not failed else f"{f.n_bootstrap} ({failed} failed"
+                            + ("; intervals unknown)" if "intervals_unknown" in f.details else ")"))
         row["converged"] = _fmt(f.converged)
         rows.append(row)
     return pd.DataFrame(rows).fillna("-") if rows else None

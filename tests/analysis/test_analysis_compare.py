@@ -335,7 +335,7 @@ def test_seed_study_loss_not_tested_and_intervals_unknown_on_few_runs():
     assert compare.few_runs(same) == {"lightning": 3, "softmax": 3}
     line = compare.seed_study_findings(same)[0]
     assert line.startswith("Not tested: lightning matches softmax on loss: lightning's loss is ")
-    assert "rests on 3 runs of lightning and 3 runs of softmax, too few" in line
+    assert "rests on 3 runs of lightning and 3 runs of softmax, too few" in line and "CI" not in line
     assert ("The intervals of lightning and softmax rest on 3 runs each, too few to resample (at least 5 are needed): "
             "read them as unknown.") in compare.summary_findings(same)
 
@@ -371,3 +371,34 @@ def test_a_niah_cell_pooling_a_run_of_unknown_context_is_unknown():
     assert compare.niah_table(runs, evals)["in_context"].isna().all()
     runs["seq_len"] = [512, 512]
     assert compare.niah_table(runs, evals)["in_context"].tolist() == [True]
+
+
+def test_findings_give_no_interval_or_verdict_for_a_gap_resting_on_few_runs():
+    """The smoke report said the intervals of 3-run archs are unknown, then quoted them: 'hgrn2's frontier loss is
+    9.29% below softmax's (95% CI -17.36% to -8.30%)', an interval excluding no difference, and 'hybrid's frontier
+    loss cannot be told from softmax's', a verdict drawn from such an interval."""
+    from analysis.fits import FitResult
+
+    def with_runs(c, n):
+        fit = FitResult("frontier", "", {}, {}, np.array([]), pd.DataFrame(), 0, 0, True, details={"n_runs": n})
+        c.fits = {"hybrid": fit, "softmax": fit}
+        return c
+
+    lines = compare.summary_findings(with_runs(_gaps(-0.0929, -0.1736, -0.0830, mult=0.706), 3))
+    [line] = [x for x in lines if x.startswith("hybrid's")]
+    assert "9.29% below softmax's at C=3.6e+20 FLOPs" in line and "0.706x the compute" in line
+    assert "CI" not in line and "3 runs of hybrid and 3 of softmax, too few to tell" in line
+    [line] = [x for x in compare.summary_findings(with_runs(_gaps(0.0052, -0.0072, 0.0216), 3)) if x.startswith("hy")]
+    assert "cannot be told" not in line and "0.52% above" in line and "too few to tell" in line
+    [line] = compare.summary_findings(with_runs(_gaps(-0.0929, -0.1736, -0.0830, mult=0.706), 5))
+    assert "(95% CI -17.36% to -8.30%)" in line  # enough runs: the interval stands
+
+
+def test_findings_warn_when_the_runs_train_on_several_data_mixtures():
+    """Validation losses of different mixtures do not compare (README), yet a report over such runs fitted and
+    compared them without a word."""
+    runs = pd.DataFrame({"arch": ["softmax", "lightning"], "val_loss": [2.0, 2.1],
+                         "data": ["stdlib", "stdlib+passkey@0.1"]})
+    [line] = compare.summary_findings(runs=runs)
+    assert "2 data mixtures (stdlib, stdlib+passkey@0.1)" in line and "do not compare" in line
+    assert not compare.summary_findings(runs=runs.assign(data="stdlib"))
