@@ -279,12 +279,11 @@ def loss(rows: int = 4096) -> None:
     g = torch.Generator("cuda").manual_seed(0)
     logits0 = (3 * torch.randn(n, vocab, device="cuda", generator=g)).bfloat16()
     targets = torch.randint(0, vocab, (n,), device="cuda", generator=g)
-    n_valid = torch.tensor(float(n), device="cuda")
     loss_rows = torch.empty(n, device="cuda")
     logits = logits0.clone()
 
     def launch(narrow, warps):
-        return ce._ce_kernel[(n,)](logits, targets, loss_rows, n_valid, vocab, -100, BLOCK_V=32768, WRITE_GRAD=True,
+        return ce._ce_kernel[(n,)](logits, targets, loss_rows, vocab, -100, BLOCK_V=32768, WRITE_GRAD=True,
                                    ONE_PASS=True, NARROW=narrow, num_warps=warps)
 
     copy_us = triton.testing.do_bench(lambda: logits.copy_(logits0), return_mode="median") * 1e3

@@ -1,12 +1,14 @@
 """Linear layer + cross-entropy without the (N, V) logits: chunks of tokens, gradients computed in the forward.
 
 Per chunk of n tokens: logits = x_c @ W^T in the input dtype (a tensor-core GEMM), then `_ce_kernel`, one
-program per row, overwrites the logits in place with their gradient (softmax - onehot) / n_valid, zero on ignored
+program per row, overwrites the logits in place with the gradient of the row's loss, softmax - onehot, zero on ignored
 rows, and stores the row's loss. A row of up to ONE_PASS_MAX_V classes is read once into registers; a wider one
 twice, an online max / sum-exp pass for the logsumexp (and the target's logit), then the gradient pass.
 grad_x_c = dlogits @ W and grad_W += dlogits^T x_c follow at once, so the chunk's logits die before the next
-chunk starts; backward only scales the stored gradients by grad_output (the approach of
-Liger-Kernel's fused linear cross-entropy). Extra memory: one chunk of logits, grad_x, and grad_W in fp32.
+chunk starts; backward only scales the stored gradients by grad_output / n_valid, in fp32 (the approach of
+Liger-Kernel's fused linear cross-entropy). Divided by n_valid before they are stored, gradients of ~1 / n_valid would
+be rounded into the input dtype: subnormal or zero in fp16 at a training step's token counts. Extra memory: one chunk
+of logits, grad_x, and grad_W in fp32.
 """
 
 from __future__ import annotations
@@ -74,7 +76,7 @@ def _max16(z):
 
 
 @triton.jit
-def _ce_kernel(logits_ptr, targets_ptr, loss_ptr, n_valid_ptr, V, ignore_index, BLOCK_V: tl.constexpr,
+def _ce_kernel(logits_ptr, targets_ptr, loss_ptr, V, ignore_index, BLOCK_V: tl.constexpr,
                WRITE_GRAD: tl.constexpr, ONE_PASS: tl.constexpr, NARROW: tl.constexpr = False):
     row = tl.program_id(0).to(tl.int64)
     ptr = logits_ptr + row * V
@@ -84,8 +86,8 @@ def _ce_kernel(logits_ptr, targets_ptr, loss_ptr, n_valid_ptr, V, ignore_index, 
     # instead, so that the mean loss shows it, rather than the logsumexp alone passing for a loss.
     poison = tl.where(valid & ((target < 0) | (target >= V)), float("nan"), 0.0)
     cols = tl.arange(0, BLOCK_V)
-    # n_valid is 0 only when every row is ignored, and then every row's gradient is zero anyway.
-    scale = tl.where(valid, 1.0 / tl.maximum(tl.load(n_valid_ptr), 1.0), 0.0) + poison
+    # The row's own gradient: the mean's 1 / n_valid is applied in fp32 by the backward.
+    scale = tl.where(valid, 1.0, 0.0) + poison
     if ONE_PASS:
         # The whole row in registers: one read, and the gradient written from it. The target's logit is loaded on
         # its own and its gradient stored last, so that no (BLOCK_V,) comparison with the target is held: with it
@@ -151,11 +153,12 @@ def _ce_launch(V: int, dtype: torch.dtype) -> tuple[int, bool, bool, int]:
 # instead of breaking the graph around them. A gradient that is not needed comes back as an empty tensor.
 @torch.library.custom_op("slab::linear_ce_fwd", mutates_args=())
 def _linear_ce_fwd(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int, chunk: int,
-                   need_dx: bool, need_dw: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                   need_dx: bool, need_dw: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The mean loss, dx and dW of the summed (not mean) loss, and n_valid (a device tensor: no host sync)."""
     N, d = x.shape
     V = weight.shape[0]
     block_v, one_pass, narrow, warps = _ce_launch(V, x.dtype)
-    n_valid = (targets != ignore_index).sum().float()  # a device tensor: no host sync
+    n_valid = (targets != ignore_index).sum().float()
     loss_rows = torch.empty(N, device=x.device, dtype=torch.float32)
     dx = torch.empty_like(x) if need_dx else x.new_empty(0)
     dw = torch.zeros(V, d, device=x.device, dtype=torch.float32) if need_dw else x.new_empty(0, dtype=torch.float32)
@@ -163,14 +166,14 @@ def _linear_ce_fwd(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
         end = min(start + chunk, N)
         xc = x[start:end]
         logits = xc @ weight.T
-        _ce_kernel[(end - start,)](logits, targets[start:end], loss_rows[start:end], n_valid, V, ignore_index,
+        _ce_kernel[(end - start,)](logits, targets[start:end], loss_rows[start:end], V, ignore_index,
                                    BLOCK_V=block_v, WRITE_GRAD=need_dx or need_dw, ONE_PASS=one_pass,
                                    NARROW=narrow, num_warps=warps)
         if need_dx:
             torch.mm(logits, weight, out=dx[start:end])
         if need_dw:
             _add_product(dw, logits.T, xc)
-    return loss_rows.sum() / n_valid, dx, dw
+    return loss_rows.sum() / n_valid, dx, dw, n_valid
 
 
 def _add_product(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
@@ -205,22 +208,24 @@ def _addmm_into_fp32(device: torch.device) -> bool:
 def _(x, weight, targets, ignore_index, chunk, need_dx, need_dw):
     dx = torch.empty_like(x) if need_dx else x.new_empty(0)
     dw = weight.new_empty(weight.shape, dtype=torch.float32) if need_dw else x.new_empty(0, dtype=torch.float32)
-    return x.new_empty((), dtype=torch.float32), dx, dw
+    return x.new_empty((), dtype=torch.float32), dx, dw, x.new_empty((), dtype=torch.float32)
 
 
 def _setup(ctx, inputs, output):
     x, weight, *_, need_dx, need_dw = inputs
-    ctx.save_for_backward(output[1], output[2])
+    ctx.save_for_backward(output[1], output[2], output[3])
     ctx.need, ctx.weight_dtype = (need_dx, need_dw), weight.dtype
 
 
-def _backward(ctx, grad_loss, _gdx, _gdw):
-    dx, dw = ctx.saved_tensors
+def _backward(ctx, grad_loss, _gdx, _gdw, _gn):
+    dx, dw, n_valid = ctx.saved_tensors
+    # The mean's 1 / n_valid; with every row ignored, dx and dw are zero and stay so.
+    scale = grad_loss.float() / n_valid.clamp_min(1.0)
     grad_x = None
     if ctx.need[0]:
         # fp16 tops out at 65504, below GradScaler's usual loss scale 65536: scale in fp32, then round
-        grad_x = (dx.float() * grad_loss).to(dx.dtype) if dx.dtype == torch.float16 else dx * grad_loss.to(dx.dtype)
-    grad_w = (dw * grad_loss).to(ctx.weight_dtype) if ctx.need[1] else None
+        grad_x = (dx.float() * scale).to(dx.dtype) if dx.dtype == torch.float16 else dx * scale.to(dx.dtype)
+    grad_w = (dw * scale).to(ctx.weight_dtype) if ctx.need[1] else None
     return grad_x, grad_w, None, None, None, None, None
 
 
@@ -234,7 +239,7 @@ def linear_cross_entropy_triton(
     N, d = x.shape
     chunk = chunk_tokens or default_chunk_tokens(N, weight.shape[0], d)
     need = torch.is_grad_enabled()
-    loss, _, _ = _linear_ce_fwd(
+    loss, *_ = _linear_ce_fwd(
         x, weight, targets.contiguous(), int(ignore_index), int(chunk), need and x.requires_grad,
         need and weight.requires_grad,
     )
