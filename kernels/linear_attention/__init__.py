@@ -3,9 +3,13 @@
 Per head, S_t = diag(exp(a_t)) S_{t-1} + k_t^T v_t and o_t = scale * q_t S_t, with the log decay a_t <= 0 given
 as (H,), (B, T, H) or (B, T, H, K). Backends: "naive" (recurrence, ground truth), "torch" (chunked PyTorch,
 the CPU path), "triton" (chunked Triton kernels), "auto" (triton on CUDA tensors, torch elsewhere).
+A positive log decay is refused (ValueError) by "naive" and "torch" only: "triton", and so "auto" on CUDA, does not
+look, which would cost a host sync per call, and returns what the growing state gives, inf or NaN once it overflows.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 
@@ -38,6 +42,9 @@ def _validate(q, k, v, log_decay, initial_state, backend: str) -> None:
         raise ValueError(f"v must be (B, T, H, V) with q's (B, T, H) = {tuple(q.shape[:3])}; got {tuple(v.shape)}")
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"q, k and v must share one dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not isinstance(log_decay, torch.Tensor) or not log_decay.is_floating_point():
+        got = log_decay.dtype if isinstance(log_decay, torch.Tensor) else type(log_decay).__name__
+        raise ValueError(f"log_decay must be a floating-point tensor; got {got}")
     if not (q.device == k.device == v.device == log_decay.device):
         raise ValueError("q, k, v and log_decay must be on one device")
     batch, time, heads, dk = q.shape
@@ -50,10 +57,11 @@ def _validate(q, k, v, log_decay, initial_state, backend: str) -> None:
             f"log_decay with {log_decay.dim()} dims must have shape {expected[form]} for q {tuple(q.shape)}; "
             f"got {tuple(log_decay.shape)}"
         )
-    if not log_decay.is_floating_point():
-        raise ValueError(f"log_decay must be floating point; got {log_decay.dtype}")
     if initial_state is not None:
         want = (batch, heads, dk, v.shape[-1])
+        if not isinstance(initial_state, torch.Tensor) or not initial_state.is_floating_point():
+            got = initial_state.dtype if isinstance(initial_state, torch.Tensor) else type(initial_state).__name__
+            raise ValueError(f"initial_state must be a floating-point tensor (B, H, K, V) = {want}; got {got}")
         if tuple(initial_state.shape) != want:
             raise ValueError(f"initial_state must have shape (B, H, K, V) = {want}; got {tuple(initial_state.shape)}")
         if initial_state.device != q.device:
@@ -109,14 +117,20 @@ def _any_positive(log_decay: torch.Tensor) -> bool:
 
 def _run(q, k, v, log_decay, scale, initial_state, output_final_state, backend: str):
     """The named backend on validated inputs."""
+    if backend == "triton":
+        # Imported here so that `import kernels` never pulls in triton.
+        from .triton_chunk import linear_attention_triton
+
+        return linear_attention_triton(q, k, v, log_decay, scale, initial_state, output_final_state)
     if backend == "naive":
         from .naive import linear_attention_naive as run
-    elif backend == "torch":
-        from .torch_chunked import linear_attention_chunked as run
     else:
-        # Imported here so that `import kernels` never pulls in triton.
-        from .triton_chunk import linear_attention_triton as run
-    return run(q, k, v, log_decay, scale, initial_state, output_final_state)
+        from .torch_chunked import linear_attention_chunked as run
+    # fp32 math as the Triton kernels do it, also under autocast (the models' forward on CUDA), which would run these
+    # products in bf16. (Devices autocast does not know, as meta, have none to turn off.)
+    device = q.device.type
+    with torch.autocast(device, enabled=False) if torch.amp.is_autocast_available(device) else contextlib.nullcontext():
+        return run(q, k, v, log_decay, scale, initial_state, output_final_state)
 
 
 def linear_attention_packed(

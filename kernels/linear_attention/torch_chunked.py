@@ -15,7 +15,7 @@ import torch.nn.functional as F
 SCALAR_CHUNK = 64
 #: Chunk length for per-channel decays: the intra-chunk decay is a (C, C, K) tensor, so keep C small.
 CHANNEL_CHUNK = 16
-#: Log decays below this are taken as this (the Triton backend does the same for the data-dependent forms): e^-30
+#: Log decays below this are taken as this (the Triton backend does the same): e^-30
 #: is 1e-13, a reset of the state as far as fp32 can tell, while far stronger values (-1e4, or -inf, log(0), a
 #: document boundary) put running sums of ~1e5 or -inf - -inf = NaN into the chunk's differences b_i - b_j.
 LOG_DECAY_FLOOR = -30.0

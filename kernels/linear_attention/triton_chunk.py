@@ -170,8 +170,9 @@ def _rows_log_decay(a_ptr, b_ptr, i_b, i_h, t0, row0, last, Tp, H: tl.constexpr,
     """In-chunk cumulative log decay of local rows [row0, row0 + R): (R,), or (R, BK) / (BK, R) per channel."""
     rows = row0 + tl.arange(0, R)
     if DECAY == 0:
-        # Rows past the last valid one count as zero decay, as if the input had been zero padded.
-        b = (tl.minimum(rows, last) + 1).to(tl.float32) * tl.load(a_ptr + i_h).to(tl.float32)
+        # Rows past the last valid one count as zero decay, as if the input had been zero padded. Floored as the
+        # data-dependent forms are: at -inf, b_i - b_j would be -inf - -inf = NaN.
+        b = (tl.minimum(rows, last) + 1).to(tl.float32) * _floored(tl.load(a_ptr + i_h).to(tl.float32))
     elif DECAY == 1:
         b = tl.load(b_ptr + (i_b * Tp + t0 + rows) * H + i_h)
     else:
@@ -184,7 +185,7 @@ def _row_log_decay(a_ptr, b_ptr, i_b, i_h, t0, row, Tp, H: tl.constexpr, K: tl.c
                    DECAY: tl.constexpr):
     """In-chunk cumulative log decay of one local row (a valid one): a scalar, or (BK,) per channel."""
     if DECAY == 0:
-        b = (row + 1).to(tl.float32) * tl.load(a_ptr + i_h).to(tl.float32)
+        b = (row + 1).to(tl.float32) * _floored(tl.load(a_ptr + i_h).to(tl.float32))
     elif DECAY == 1:
         b = tl.load(b_ptr + (i_b * Tp + t0 + row) * H + i_h)
     else:
@@ -515,7 +516,8 @@ def _group_scan_kernel(total_ptr, gsum_ptr, a_ptr, h0_ptr, start_ptr, NS, T, GT,
         elif DECAY == 1:
             s = s * tl.exp(tl.load(gsum_ptr + slab))
         else:
-            s = s * tl.exp(tl.load(a_ptr + i_bh % H).to(tl.float32) * tl.minimum(GT, T - i_s * GT).to(tl.float32))
+            a = _floored(tl.load(a_ptr + i_bh % H).to(tl.float32))
+            s = s * tl.exp(a * tl.minimum(GT, T - i_s * GT).to(tl.float32))
         s += _load_st(total_ptr, slab, K, V, k0, v0, BK, BV, False)
 
 

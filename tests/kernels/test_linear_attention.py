@@ -106,6 +106,21 @@ def test_extreme_log_decays_mixed_with_mild_ones(backend, form, extreme):
     check_against_naive_inputs(backend, (q, k, v, a, h0), torch.float32)
 
 
+@pytest.mark.parametrize("fused", [False, True])
+def test_triton_constant_decay_of_minus_infinity(monkeypatch, fused):
+    """A head with no memory at all (log 0 = -inf: every token resets the state) beside a mild one, chunked over three
+    chunks in two groups (the scan) or by the fused walks. Before, the kernels took a constant decay unfloored, and
+    b_i - b_j = -inf - -inf made every output and gradient NaN (the data-dependent forms were floored already)."""
+    from kernels.linear_attention import triton_chunk
+
+    if fused:
+        monkeypatch.setattr(triton_chunk, "FUSED_MIN_HEADS_PER_SM", 0)
+    q, k, v, a, h0 = make_inputs("constant", 1, 70 if fused else 130, 2, 16, 16, torch.float32, with_state=True)
+    with torch.no_grad():
+        a.copy_(torch.tensor([float("-inf"), -0.3]))
+    check_against_naive_inputs("triton", (q, k, v, a, h0), torch.float32)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("form", FORMS)
@@ -252,6 +267,20 @@ def test_naive_matches_explicit_recurrence():
     torch.testing.assert_close(s[0, 0].detach(), state)
 
 
+@pytest.mark.parametrize("backend", ["naive", "torch"])
+def test_fp32_under_autocast(backend):
+    """Under bf16 autocast (the models' forward on CUDA) fp32 inputs still get fp32 math, as the Triton kernels give:
+    before, autocast ran the naive and torch backends' products in bf16, 3e-3 to 4e-3 off the output and final
+    state (the ground truth among them)."""
+    q, k, v, a, h0 = make_inputs("channel", 1, 40, 2, 16, 16, torch.float32, with_state=True)
+    with torch.no_grad():
+        o_ref, s_ref = linear_attention(q, k, v, a, initial_state=h0, output_final_state=True, backend="naive")
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            o, s = linear_attention(q, k, v, a, initial_state=h0, output_final_state=True, backend=backend)
+    assert o.dtype == torch.float32
+    assert max(rel_err(o, o_ref), rel_err(s, s_ref)) <= TOL[torch.float32]
+
+
 def test_default_scale_and_no_final_state():
     q, k, v, a, _ = make_inputs("token", 1, 5, 1, 16, 4, torch.float32)
     o, state = linear_attention(q, k, v, a, backend="torch")
@@ -315,6 +344,11 @@ def test_import_does_not_pull_in_triton():
         (lambda t: {**t, "log_decay": torch.zeros(2, 5, 3, 4)}, "log_decay with 4 dims"),
         (lambda t: {**t, "log_decay": torch.zeros(2, 5, 2)}, "log_decay with 3 dims"),
         (lambda t: {**t, "initial_state": torch.zeros(2, 3, 8, 8)}, "initial_state must have shape"),
+        # Before, an AttributeError from inside the checks, or an integer state taken silently.
+        (lambda t: {**t, "log_decay": [-0.5] * 3}, "log_decay must be a floating-point tensor; got list"),
+        (lambda t: {**t, "initial_state": [[0.0]]}, r"initial_state must be a floating-point tensor .* got list"),
+        (lambda t: {**t, "initial_state": torch.zeros(2, 3, 8, 6, dtype=torch.long)},
+         r"initial_state must be a floating-point tensor \(B, H, K, V\) = \(2, 3, 8, 6\); got torch.int64"),
         (lambda t: {**t, "v": t["v"].double()}, "one dtype"),
         (lambda t: {**t, "q": t["q"][:, :0], "k": t["k"][:, :0], "v": t["v"][:, :0],
                     "log_decay": torch.zeros(2, 0, 3)}, "at least 1"),
