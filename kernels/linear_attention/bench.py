@@ -2,7 +2,8 @@
 
 `check_on_device` compares every backend and decay form (and the fla peers, when importable) with the naive
 recurrence on the GPU itself, outputs and gradients, in fp32 and bf16, and whether a second run gives the same bits;
-the packed entry point (q, k, v as one tensor) is checked too, and ours on Triton again at lightning's head width.
+the packed entry point (q, k, v as one tensor) is checked too, ours on Triton again at lightning's head width, and
+ours on Triton with an initial state in and the final state out (every gradient, a constant decay's too).
 `run_bench` then times forward and forward+backward (`triton.testing.do_bench` medians after warm-up) and writes
 CSV, PNG and a markdown table.
 An implementation that fails its check gets no timing; one that raises gets an error cell, not a crash.
@@ -101,6 +102,16 @@ def _ours(backend: str) -> Callable:
     return lambda q, k, v, a, s: linear_attention(q, k, v, a, scale=s, backend=backend)[0]
 
 
+#: Ours on Triton with an initial state in and the final state out (checked, not timed; the peers' signatures differ).
+STATE = "ours triton +state"
+
+
+def _ours_state(backend: str) -> Callable:
+    """(o, final state) of the backend, from an initial state."""
+    return lambda q, k, v, a, s, h0: linear_attention(q, k, v, a, scale=s, initial_state=h0, output_final_state=True,
+                                                      backend=backend)
+
+
 #: The packed entry point (lightning's); checked, not timed here, where stacking q, k and v first would be timed with it.
 PACKED = "ours triton packed"
 
@@ -118,9 +129,10 @@ def _implementations(peers: bool = True) -> dict[tuple[str, str], Callable]:
 
 
 def _check_one(fn, form: str, dtype: torch.dtype, device, batch=2, time=300, heads=2, dim=DIM,
-               strong: bool = False) -> CheckResult:
+               strong: bool = False, state: bool = False) -> CheckResult:
     """fn against naive: relative error of o, then of the gradients fn provides; an exception fails that half. fn
-    runs twice, to tell whether it repeats its bits."""
+    runs twice, to tell whether it repeats its bits. With state, fn also takes an initial state and returns the
+    final one (`_ours_state`), both checked, and every input, a constant decay too, takes a gradient."""
     gen = torch.Generator(device=device).manual_seed(0)
     q, k, v = (torch.randn(batch, time, heads, dim, device=device, generator=gen).to(dtype) for _ in range(3))
     a = _log_decay(form, batch, time, heads, dim, device, gen)
@@ -129,31 +141,38 @@ def _check_one(fn, form: str, dtype: torch.dtype, device, batch=2, time=300, hea
         # off their dot and onto the elementwise path, which the models' range alone never reaches.
         a = torch.where(torch.rand(a.shape, device=device, generator=gen) < 0.2, a - 10.0, a)
     do = torch.randn(batch, time, heads, dim, device=device, generator=gen)
+    # drawn after the rest, so that the checks without a state keep their inputs
+    h0, ds = (torch.randn(batch, heads, dim, dim, device=device, generator=gen) if state else None for _ in range(2))
     scale = dim**-0.5
     tol = DEVICE_TOL[dtype]
     results = {}
-    for who, run in (("naive", _ours("naive")), ("tested", fn), ("again", fn)):
-        leaves = [x.detach().clone().requires_grad_(form != "constant" or x is not a) for x in (q, k, v, a)]
+    inputs = (q, k, v, a, h0) if state else (q, k, v, a)
+    for who, run in (("naive", (_ours_state if state else _ours)("naive")), ("tested", fn), ("again", fn)):
+        leaves = [x.detach().clone().requires_grad_(state or form != "constant" or x is not a) for x in inputs]
         try:
-            o = run(*leaves, scale)
+            o, s = run(*leaves[:4], scale, *leaves[4:]) if state else (run(*leaves, scale), None)
         except Exception as exc:  # a peer refusing is a result, not a crash
             return CheckResult("", form, _dtype_name(dtype), False, False, math.nan, math.nan, "o", _first_line(exc),
                                strong)
         try:
-            (o.float() * do).sum().backward()
+            ((o.float() * do).sum() + ((s.float() * ds).sum() if state else 0)).backward()
             grads, error = [x.grad for x in leaves], ""
         except Exception as exc:
-            grads, error = [None] * 4, _first_line(exc)
-        results[who] = (o.detach(), grads, error)
-    (o_ref, g_ref, _), (o, grads, error) = results["naive"], results["tested"]
-    o_again, grads_again, _ = results["again"]
-    repeatable = torch.equal(o, o_again) and all(
+            grads, error = [None] * len(leaves), _first_line(exc)
+        results[who] = (o.detach(), None if s is None else s.detach(), grads, error)
+    (o_ref, s_ref, g_ref, _), (o, s, grads, error) = results["naive"], results["tested"]
+    o_again, s_again, grads_again, _ = results["again"]
+    repeatable = torch.equal(o, o_again) and (s is None or torch.equal(s, s_again)) and all(
         (g is None and h is None) or (g is not None and h is not None and torch.equal(g, h))
         for g, h in zip(grads, grads_again))
-    forward_err = rel_err(o, o_ref)
-    errors = {n: rel_err(g, r) for n, g, r in zip(("dq", "dk", "dv", "dlog_decay"), grads, g_ref) if g is not None}
+    forward_errs = {"o": rel_err(o, o_ref), **({"final_state": rel_err(s, s_ref)} if state else {})}
+    forward_err = max(forward_errs.values())
+    names = ("dq", "dk", "dv", "dlog_decay", "dinitial_state")
+    errors = {n: rel_err(g, r) for n, g, r in zip(names, grads, g_ref) if g is not None}
     backward_err = max(errors.values()) if errors else math.nan
     worst = max(errors, key=errors.get) if errors else "o"
+    if not (math.isfinite(forward_err) and forward_err <= tol):
+        worst = max(forward_errs, key=forward_errs.get)
     backward_ok = not error and bool(errors) and math.isfinite(backward_err) and backward_err <= tol
     return CheckResult("", form, _dtype_name(dtype), math.isfinite(forward_err) and forward_err <= tol, backward_ok,
                        forward_err, backward_err, worst, error, strong, repeatable)
@@ -177,20 +196,22 @@ def check_on_device(
     """
     batch, time, heads, dim = size
     impls = _implementations(peers)
-    runs = [(key, fn, dim, False) for key, fn in impls.items()]
-    runs += [(key, fn, width, False) for width in widths if width != dim
+    runs = [(key, fn, dim, False, False) for key, fn in impls.items()]
+    runs += [(key, fn, width, False, False) for width in widths if width != dim
              for key, fn in impls.items() if key[0] in ("ours triton", PACKED)]
     if fused_width:
-        runs += [(key, fn, fused_width, True) for key, fn in impls.items()
+        runs += [(key, fn, fused_width, True, False) for key, fn in impls.items()
                  if key[0] in ("ours triton", PACKED) and key[1] != "channel"]
+    # the initial state's gradient and the final state are other code paths of the same kernels
+    runs += [((STATE, form), _ours_state("triton"), dim, False, True) for impl, form in impls if impl == "ours triton"]
     out = []
-    for (impl, form), fn, width, fused in runs:
+    for (impl, form), fn, width, fused, state in runs:
         dtypes = (torch.bfloat16,) if fused else (torch.float32, torch.bfloat16)
         for dtype, strong in itertools.product(dtypes, (False, True)):
             if strong and form == "constant":
                 continue
             with _fused_walks(fused):
-                result = _check_one(fn, form, dtype, device, batch, time, heads, width, strong=strong)
+                result = _check_one(fn, form, dtype, device, batch, time, heads, width, strong=strong, state=state)
             result = replace(result, impl=impl + (" fused" if fused else ""), dim=width)
             if result.error:
                 log.warning("check %s %s %s%s: %s", result.impl, form, result.dtype, _width(result), result.error)

@@ -40,8 +40,11 @@ def test_check_on_device_passes_ours_and_flags_wrong_and_raising_peers(monkeypat
     monkeypatch.setattr(bench, "_implementations", lambda peers=True: impls)
     results = bench.check_on_device("cpu", size=(1, 70, 1, 16), widths=(), fused_width=None)
     by_key = {(r.impl, r.decay, r.dtype): r for r in results if not r.strong}
-    # Two dtypes each; data-dependent decays also strong.
-    assert len(results) == sum(2 if form == "constant" else 4 for _, form in impls)
+    # Two dtypes each; data-dependent decays also strong; ours on Triton again with the states.
+    per_form = {form: 2 if form == "constant" else 4 for form in bench.FORMS}
+    assert len(results) == sum(per_form[form] for _, form in impls) + sum(per_form.values())
+    states = [r for r in results if r.impl == bench.STATE]
+    assert sorted({r.decay for r in states}) == sorted(bench.FORMS) and all(r.ok and r.repeatable for r in states)
     for form in bench.FORMS:
         for backend in ("ours triton", "ours torch"):
             for r in (r for r in results if (r.impl, r.decay) == (backend, form)):
@@ -77,11 +80,13 @@ def test_check_on_device_checks_ours_on_triton_again_at_other_head_widths(monkey
     keys = [("ours triton", "constant"), ("ours torch", "constant"), (bench.PACKED, "constant")]
     monkeypatch.setattr(bench, "_implementations", lambda peers=True: {key: real[key] for key in keys})
     results = bench.check_on_device("cpu", size=(1, 20, 1, 16), widths=(32, 16), fused_width=None)
-    # The size's own width once for all three; width 32 again for the Triton two only; both dtypes each.
+    # The size's own width once for all three; width 32 again for the Triton two only; both dtypes each; Triton with
+    # the states at the size's width.
     assert sorted((r.impl, r.dim) for r in results) == sorted(
-        [(impl, 16) for impl, _ in keys for _ in range(2)] + [("ours triton", 32)] * 2 + [(bench.PACKED, 32)] * 2)
+        [(impl, 16) for impl, _ in keys for _ in range(2)] + [("ours triton", 32)] * 2 + [(bench.PACKED, 32)] * 2
+        + [(bench.STATE, 16)] * 2)
     assert all(r.ok and r.repeatable for r in results), results
-    failed = replace(results[-1], forward_ok=False)
+    failed = replace([r for r in results if r.dim == 32][-1], forward_ok=False)
     assert bench.check_summary([failed]).endswith(f"failed: {failed.impl} constant {failed.dtype} D 32")
 
 
@@ -226,3 +231,33 @@ def test_check_summary_names_failures_and_unrepeatable_passes():
     assert bench.check_summary(checks) == ("checks: 2 of 3 passed, 2 repeatable; failed: peer channel float32; "
                                            "passed but not bitwise repeatable: peer token float32 strong")
     assert bench.check_summary(checks[:1]) == "checks: 1 of 1 passed, 1 repeatable"
+
+
+@pytest.mark.parametrize("form", ["constant", "channel"])
+def test_state_check_fails_a_wrong_final_state_or_initial_state_gradient(form):
+    """The state check compares the final state and the initial state's gradient with naive's, not only o."""
+    right = bench._ours_state("torch")
+
+    def wrong_state(q, k, v, a, s, h0):
+        o, st = right(q, k, v, a, s, h0)
+        return o, 1.1 * st
+
+    def wrong_h0_grad(q, k, v, a, s, h0):  # the state flows forward, but its gradient is doubled
+        return right(q, k, v, a, s, _Double.apply(h0))
+
+    ok = bench._check_one(right, form, torch.float32, "cpu", 1, 40, 1, 8, state=True)
+    assert ok.ok and ok.repeatable, ok
+    bad = bench._check_one(wrong_state, form, torch.float32, "cpu", 1, 40, 1, 8, state=True)
+    assert not bad.forward_ok and bad.worst == "final_state" and bad.forward_err == pytest.approx(0.1, rel=1e-3)
+    grad = bench._check_one(wrong_h0_grad, form, torch.float32, "cpu", 1, 40, 1, 8, state=True)
+    assert grad.forward_ok and not grad.backward_ok and grad.worst == "dinitial_state", grad
+
+
+class _Double(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return 2 * g
