@@ -82,6 +82,7 @@ class Corpus:
     val: np.ndarray
     sha256: str
     is_bytes: bool
+    max_id: int | None = None  # the largest token id of both splits (token-id corpora; None for bytes)
 
 
 def _split_files(chunks: list[bytes]) -> tuple[bytes, bytes]:
@@ -100,6 +101,22 @@ def _sha256(*arrays: np.ndarray) -> str:
     for a in arrays:
         h.update(np.ascontiguousarray(a).data)
     return h.hexdigest()
+
+
+#: Token ids read at a time when a token file is hashed and its largest id found.
+_SCAN_CHUNK = 1 << 24
+
+
+def _sha256_and_max(*arrays: np.ndarray) -> tuple[str, int]:
+    """``_sha256`` of the arrays and their largest value (-1 when empty), in one chunked pass: a token file is
+    read once for both, without holding it in memory."""
+    h, top = hashlib.sha256(), -1
+    for a in arrays:
+        for start in range(0, len(a), _SCAN_CHUNK):
+            block = np.ascontiguousarray(a[start : start + _SCAN_CHUNK])
+            h.update(block.data)
+            top = max(top, int(block.max()))
+    return h.hexdigest(), top
 
 
 def _atomic_save(path: Path, array: np.ndarray) -> None:
@@ -176,8 +193,11 @@ def bin_corpus(path: Path) -> Corpus:
     path = files[0]
 
     def ids_of(file: Path) -> np.memmap:
-        if file.stat().st_size % 2:
-            raise ValueError(f"{file}: {file.stat().st_size} bytes, not a whole number of uint16 token ids")
+        size = file.stat().st_size
+        if size == 0:  # np.memmap's own error ("cannot mmap an empty file") does not say which file
+            raise ValueError(f"{file}: an empty file, no uint16 token ids")
+        if size % 2:
+            raise ValueError(f"{file}: {size} bytes, not a whole number of uint16 token ids")
         return np.memmap(file, dtype=np.uint16, mode="r")
 
     ids = ids_of(path)
@@ -186,7 +206,29 @@ def bin_corpus(path: Path) -> Corpus:
     else:
         cut = len(ids) - len(ids) // VAL_EVERY
         train, val = ids[:cut], ids[cut:]
-    return Corpus(str(path), train, val, _sha256(train, val), is_bytes=False)
+    sha, max_id = _sha256_and_max(train, val)
+    return Corpus(str(path), train, val, sha, is_bytes=False, max_id=max_id)
+
+
+def _check_ids(corpus: Corpus, vocab_size: int) -> None:
+    """Refuse a token corpus holding an id the run's vocabulary lacks, naming its file and the id's position."""
+    if corpus.is_bytes or corpus.max_id is None or corpus.max_id < vocab_size:
+        return
+    files = bin_files(Path(corpus.name))
+    for split, tokens in (("train", corpus.train), ("val", corpus.val)):
+        for start in range(0, len(tokens), _SCAN_CHUNK):
+            over = np.flatnonzero(np.asarray(tokens[start : start + _SCAN_CHUNK]) >= vocab_size)
+            if not len(over):
+                continue
+            at = start + int(over[0])
+            value = int(tokens[at])
+            # A single file split 95/5: its val split's positions count from the start of that file.
+            file = files[1] if split == "val" and len(files) == 2 else files[0]
+            if split == "val" and len(files) == 1:
+                at += len(corpus.train)
+            raise ValueError(f"{file} holds token id {value} (at position {at}), not below the run's vocab_size "
+                             f"{vocab_size}: the vocabulary must hold every id of the corpus (its largest is "
+                             f"{corpus.max_id})")
 
 
 def _window(tokens: np.ndarray, rng: np.random.Generator, length: int, what: str) -> np.ndarray:
@@ -200,6 +242,9 @@ class TextSource:
     """Random windows of a corpus: x = tokens[s : s+T], y = tokens[s+1 : s+T+1]."""
 
     def __init__(self, corpus: Corpus, vocab_size: int):
+        # The whole corpus, not only the windows drawn: an id past the vocabulary deep in a file would otherwise
+        # fail the run at whatever step first drew it.
+        _check_ids(corpus, vocab_size)
         self.corpus, self.vocab_size = corpus, vocab_size
         self.sha256 = corpus.sha256
 
@@ -312,6 +357,10 @@ class Data:
     sha256: str
     filler: Corpus | None  # text for passkey documents and NIAH prompts (None only when never needed)
 
+    def sha256_by_path(self) -> str:
+        """The hash as checkpoints written before 2026-12 carry it: with the file parts' paths, not just contents."""
+        return _mixture_sha256(self.names, self.weights, self.sources, by_path=True)
+
     def source(self, name: str):
         """The source of the named part, or None."""
         return dict(zip(self.names, self.sources, strict=True)).get(name)
@@ -357,10 +406,20 @@ def open_data(data: str, vocab_size: int) -> Data:
             if vocab_size < BYTE_VOCAB_SIZE:
                 raise ValueError(f"byte-level data {name!r} needs vocab_size >= {BYTE_VOCAB_SIZE}, got {vocab_size}")
         sources.append(PasskeySource(filler) if name == "passkey" else TextSource(corpora[name], vocab_size))
+    weights = tuple(w for _, w in parts)
+    sha = _mixture_sha256(names, weights, sources, by_path=False)
+    return Data(str(data), tuple(names), weights, tuple(sources), sha, filler)
+
+
+def _mixture_sha256(names, weights, sources, by_path: bool) -> str:
+    """The hash of a mixture: each part's name, weight and content hash. A file part is named "file" (as run ids name
+    it), so the hash follows its contents wherever it lies; ``by_path`` names its path instead, as hashes before
+    2026-12 did."""
     h = hashlib.sha256()
-    for (name, weight), src in zip(parts, sources, strict=True):
-        h.update(f"{name}@{weight:.6g}:{src.sha256};".encode())
-    return Data(str(data), tuple(names), tuple(w for _, w in parts), tuple(sources), h.hexdigest(), filler)
+    for name, weight, src in zip(names, weights, sources, strict=True):
+        label = name if by_path or name in BUILTINS else "file"
+        h.update(f"{label}@{weight:.6g}:{src.sha256};".encode())
+    return h.hexdigest()
 
 
 class Batches:

@@ -16,6 +16,7 @@ from models.data import (
     Batches,
     Data,
     MQARSource,
+    TextSource,
     passkey_prompt,
     random_passkey,
 )
@@ -172,6 +173,12 @@ def check_evals(names, data: Data, seq_len: int, vocab_size: int) -> None:
     rng = np.random.default_rng(VAL_SEED)
     for name in names:
         if name == "niah":
+            token_ids = any(isinstance(s, TextSource) and not s.corpus.is_bytes for s in data.sources)
+            if data.filler is None and token_ids:
+                # NIAH's prompts are bytes; to a model of token ids, ids 0-255 are other tokens, so it would score 0
+                # whatever its architecture, and the report would read that as a retrieval failure.
+                raise ValueError(f"niah evals: data {data.spec!r} holds token ids and no byte-level text, but NIAH's "
+                                 "prompts are byte text (add a byte-level part such as passkey, or drop niah)")
             filler = data.text_filler().val
             for length in niah_lengths(seq_len):
                 try:

@@ -189,3 +189,33 @@ def test_data_too_short_for_the_context_fails_before_training(tmp_path):
     odd.write_bytes(b"\x00" * 1001)
     with pytest.raises(ValueError, match="odd.bin: 1001 bytes, not a whole number of uint16 token ids"):
         D.open_data(str(odd), 50_000)
+
+
+def test_bin_ids_past_the_vocabulary_are_refused_at_open_wherever_they_lie(tmp_path):
+    # One id past the vocabulary deep in the file: a check of the first window passed, and the run failed at
+    # whatever step first drew a window over it, after training that far.
+    ids = np.arange(100_000, dtype=np.uint16) % 500
+    ids[70_000] = 60_000
+    (tmp_path / "train.bin").write_bytes(ids.tobytes())
+    (tmp_path / "val.bin").write_bytes((np.arange(1000, dtype=np.uint16) % 500).tobytes())
+    with pytest.raises(ValueError, match=r"train.bin holds token id 60000 \(at position 70000\), not below the "
+                                         r"run's vocab_size 512"):
+        open_data(str(tmp_path), 512)
+    assert open_data(str(tmp_path), 60_001).sources[0].corpus.max_id == 60_000
+    bad_val = np.arange(1000, dtype=np.uint16) % 500
+    bad_val[-1] = 999
+    (tmp_path / "val.bin").write_bytes(bad_val.tobytes())
+    ids[70_000] = 7
+    (tmp_path / "train.bin").write_bytes(ids.tobytes())
+    with pytest.raises(ValueError, match=r"val.bin holds token id 999 \(at position 999\)"):
+        open_data(str(tmp_path), 512)
+
+
+def test_an_empty_bin_file_is_named(tmp_path):
+    (tmp_path / "empty.bin").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"empty.bin: an empty file, no uint16 token ids"):
+        open_data(str(tmp_path / "empty.bin"), 512)
+    (tmp_path / "train.bin").write_bytes(np.arange(100, dtype=np.uint16).tobytes())
+    (tmp_path / "val.bin").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"val.bin: an empty file"):
+        open_data(str(tmp_path), 512)

@@ -108,3 +108,13 @@ def test_check_evals_fails_before_training_on_what_the_final_eval_would_fail_on(
         check_evals(("mqar",), open_data("stdlib", 260), 2080, 260)
     with pytest.raises(ValueError, match="unknown eval 'nope'"):
         check_evals(("nope",), data, 64, 260)
+
+
+def test_niah_is_refused_on_token_id_data_whose_ids_are_not_bytes(tmp_path):
+    # NIAH's prompts are byte text; a model trained on a tokenised .bin reads ids 0-255 as other tokens, so every
+    # arch scored 0 and the report read that as a retrieval failure of the architectures.
+    (tmp_path / "c.bin").write_bytes((np.arange(20_000, dtype=np.uint16) % 1000).tobytes())
+    with pytest.raises(ValueError, match=r"niah evals: data '.*c.bin' holds token ids and no byte-level text"):
+        check_evals(("niah",), open_data(str(tmp_path / "c.bin"), 1024), 128, 1024)
+    check_evals(("niah",), open_data(f"{tmp_path / 'c.bin'}+passkey@0.1", 1024), 128, 1024)  # byte documents: allowed
+    check_evals(("mqar",), open_data(str(tmp_path / "c.bin"), 1024), 128, 1024)
