@@ -99,6 +99,10 @@ class OutOfMemory(TrainingError):
         return f"CUDA out of memory at step {self.step} with microbatch {self.microbatch}"
 
 
+class CheckpointUnreadable(RuntimeError):
+    """A run's folder holds checkpoints, but none loads: the run neither resumes nor silently starts over."""
+
+
 class Interrupted(TrainingError):
     """``should_stop()`` asked the run to stop; it checkpointed at ``step`` first."""
 
@@ -353,8 +357,9 @@ def save_checkpoint(ckpt_dir: Path, step: int, state: dict, keep: int = 2) -> Pa
 
 
 def load_checkpoint(ckpt_dir: Path) -> dict | None:
-    """The newest checkpoint that loads completely, or None. A corrupt newer one is renamed ``*.corrupt`` (kept,
-    logged, no longer counted among the checkpoints); an I/O error is raised, not taken for corruption."""
+    """The newest checkpoint that loads completely, or None where the run has none. A corrupt newer one is renamed
+    ``*.corrupt`` (kept, logged, no longer counted among the checkpoints); when no checkpoint loads but some were set
+    aside, ``CheckpointUnreadable``; an I/O error is raised, not taken for corruption."""
     for step in reversed(checkpoint_steps(ckpt_dir)):
         path = checkpoint_path(ckpt_dir, step)
         try:
@@ -367,6 +372,12 @@ def load_checkpoint(ckpt_dir: Path) -> dict | None:
         except Exception as e:  # a truncated or corrupt file: fall back to the previous checkpoint
             log.warning("ignoring unreadable checkpoint %s (renamed *.corrupt): %s", path, e)
             path.replace(path.with_name(path.name + ".corrupt"))
+    # Checkpoints were written but none loads: training from step 0 would quietly spend again every step they held
+    # (and a retry, no longer counting the set-aside files, would do so too), so say so and let a person decide.
+    set_aside = sorted(p.name for p in Path(ckpt_dir).glob("ckpt-*.pt.corrupt")) if Path(ckpt_dir).is_dir() else []
+    if set_aside:
+        raise CheckpointUnreadable(f"{ckpt_dir} holds no readable checkpoint, only {', '.join(set_aside)}: remove "
+                                   "those files to train the run again from step 0")
     return None
 
 
@@ -374,7 +385,8 @@ def check_resumable(state: dict, spec, data, ckpt_dir) -> None:
     """Refuse a checkpoint of another run, or one trained on other data than this host's (older ones carry no hash)."""
     if state["run"] != _run_key(spec):
         raise ValueError(f"{ckpt_dir} holds checkpoints of another run ({state['run']})")
-    if state.get("data_sha256", data.sha256) != data.sha256:
+    # Older checkpoints hashed the data with its files' paths: one at this path is this data as well.
+    if state.get("data_sha256", data.sha256) not in (data.sha256, data.sha256_by_path()):
         raise ValueError(f"{ckpt_dir}: its checkpoint trained on data {state['data_sha256'][:12]}, this host's "
                          f"{spec.data!r} is {data.sha256[:12]} (another Python's stdlib, or a changed file): "
                          "resuming would train on other data")

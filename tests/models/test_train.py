@@ -14,12 +14,15 @@ import torch
 from models.data import open_data
 from models.evals import validation_loss
 from models.lm import LM
+from models.sources import content_digest
 from models.train import (
+    CheckpointUnreadable,
     Diverged,
     Interrupted,
     OutOfMemory,
     checkpoint_path,
     checkpoint_steps,
+    check_resumable,
     default_microbatch,
     largest_divisor_at_most,
     load_checkpoint,
@@ -336,3 +339,40 @@ def test_resuming_on_other_data_is_refused(tmp_path):
     save_checkpoint(tmp_path, state["step"], state)
     with pytest.raises(ValueError, match="resuming would train on other data"):
         pretrain(s, Recorder(), tmp_path)
+
+
+def test_a_run_whose_every_checkpoint_is_unreadable_fails_rather_than_restarting_from_step_0(tmp_path):
+    # Before, an unreadable lone checkpoint was set aside and the run trained again from step 0 with a log line
+    # alone (its earlier steps and wall time gone); a retry did the same, the set-aside file no longer counted.
+    s = spec(tokens=8 * 32 * 2)
+    checkpoint_path(tmp_path, 1).write_bytes(b"half a checkpoint")
+    for _ in range(2):  # the retry, finding only the set-aside file, refuses too
+        rec = Recorder()
+        with pytest.raises(CheckpointUnreadable, match=r"no readable checkpoint.*ckpt-000000001.pt.corrupt"):
+            pretrain(s, rec, tmp_path)
+        assert rec.events == [] and checkpoint_steps(tmp_path) == []
+    checkpoint_path(tmp_path, 1).with_name("ckpt-000000001.pt.corrupt").unlink()  # what the message says to do
+    assert load_checkpoint(tmp_path) is None  # a fresh start
+
+
+def test_a_run_resumes_on_its_corpus_moved_elsewhere(tmp_path):
+    # The run id knows a corpus by its contents, so a moved checkout or corpus asks for the same run in the same
+    # checkpoint folder; the data hash its checkpoints carry named the path too, and the resume was refused as
+    # "trained on other data" (and runs.data_sha256 differed between two copies of one file).
+    text = b"".join(b"line %d of a small corpus\n" % i for i in range(400))
+    for where in ("a", "b"):
+        (tmp_path / where).mkdir()
+        (tmp_path / where / "corpus.txt").write_bytes(text)
+    at = {w: spec(data=str(tmp_path / w / "corpus.txt"), data_digest=content_digest(tmp_path / w / "corpus.txt"),
+                  tokens=8 * 32 * 3) for w in ("a", "b")}
+    assert at["a"].run_id == at["b"].run_id
+    assert open_data(at["a"].data, 260).sha256 == open_data(at["b"].data, 260).sha256
+    with pytest.raises(Interrupted):
+        pretrain(at["a"], Recorder(), tmp_path / "ckpt", should_stop=lambda: True)
+    with pytest.raises(Interrupted) as err:  # it resumes at step 2 (stopped there, to skip the final validation)
+        pretrain(at["b"], Recorder(), tmp_path / "ckpt", should_stop=lambda: True)
+    assert err.value.step == 2
+    # a checkpoint of the older, path-named hash still resumes where its corpus lies
+    data = open_data(at["b"].data, 260)
+    assert data.sha256_by_path() != data.sha256
+    check_resumable({"run": at["b"].run_id, "data_sha256": data.sha256_by_path()}, at["b"], data, tmp_path / "ckpt")
