@@ -701,6 +701,10 @@ def _build_spec(r: _Resolver, base_dir: Path, digests: dict[str, str] | None = N
                                           f"of at least {2 * pairs + 2}, got {cfg.vocab_size}: give a larger vocab or a "
                                           f"seq_len below {MQAR_PAIRS_DIVISOR * (cfg.vocab_size // 2)}")
     gpus = num("gpus", lambda v: v > 0 and (v <= 1 or v == int(v)), "a fraction in (0, 1] or a whole number")
+    # Each data-parallel worker trains an equal slice of every batch; caught here, not after every attempt at launch.
+    if gpus > 1 and batch % int(gpus):
+        raise _ColumnError("batch_size", f"batch_size {batch} is not divisible by the {int(gpus)} data-parallel "
+                                         f"workers of gpus {int(gpus)}")
     return RunSpec(
         arch=cfg.arch,
         d_model=cfg.d_model,

@@ -164,6 +164,9 @@ ERRORS = [
     ("arch,d_model,n_layers,tokens,data\nsoftmax,64,2,1e5,nope.bin\n", ":2:data: data path"),
     ("arch,d_model,n_layers,tokens,evals\nsoftmax,64,2,1e5,niah|bogus\n", ":2:evals: expected evals among"),
     ("arch,d_model,n_layers,tokens,gpus\nsoftmax,64,2,1e5,1.5\n", ":2:gpus: expected a fraction"),
+    # Data-parallel workers split each batch: refused here, not after every attempt at launch failed.
+    ("arch,d_model,n_layers,tokens,batch_size,gpus\nsoftmax,64,2,1e5,6,4\n",
+     ":2:batch_size: batch_size 6 is not divisible by the 4 data-parallel workers of gpus 4"),
     ("arch,d_model,n_layers,tokens,schedule\nsoftmax,64,2,1e5,linear\n", ":2:schedule: expected one of cosine"),
     ("arch,d_model,n_layers,tokens,warmup\nsoftmax,64,2,1e5,2.5\n", ":2:warmup: expected a fraction of the run's steps below 1, or a whole number of steps, got 2.5"),
     ("", ": the plan is empty"),
