@@ -437,7 +437,9 @@ def launch(
     ctx: typer.Context,
     files: list[Path] = typer.Argument(..., help="Plan files to register and train.", show_default=False),
     address: Optional[str] = typer.Option(
-        None, help="Ray cluster to join: 'auto' or ray://host:port. Default: start a local Ray in this process."
+        None, help="Ray cluster to join: 'auto' (RAY_ADDRESS, or the cluster `ray start` made on this host), the head's "
+        "HOST:PORT (its GCS, port 6379 by default), or ray://HOST:PORT (Ray Client: needs the ray[client] extra). "
+        "Default: start a local Ray in this process."
     ),
     ckpt_dir: Path = typer.Option(
         Path(".slab/ckpt"), help="Checkpoints go to CKPT_DIR/<run_id>/. On a cluster this must be a path every node shares."
@@ -447,7 +449,9 @@ def launch(
     where: Optional[str] = typer.Option(None, help='Only runs that match, e.g. "arch=lightning,tokens=12k": the plan\'s column names and its number forms, or the derived params, flops, flops_per_token.'),
     limit: Optional[int] = typer.Option(None, min=0, help="Train at most this many runs."),
     cpus_per_run: int = typer.Option(1, min=1, help="CPU cores each run takes (its torch threads)."),
-    lease_timeout: float = typer.Option(120.0, help="Seconds after which a run whose launcher stopped heartbeating is reclaimed."),
+    lease_timeout: float = typer.Option(
+        120.0, min=5.0, help="Seconds after which a run whose launcher stopped heartbeating is reclaimed (its launcher "
+        "heartbeats every 10 s, or every quarter of a lease under 40 s)."),
     ckpt_every: int = typer.Option(1000, min=1, help="Checkpoint every this many steps (and every 10 minutes)."),
     max_runs: int = typer.Option(DEFAULT_MAX_RUNS, min=1, help="Refuse plans that expand to more runs than this."),
     pack: str = typer.Option(

@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import os
+import re
 import signal
 import socket
 import time
@@ -33,7 +34,7 @@ from db.writer import claim_run, heartbeat, update_run, write_results
 from models.config import hybrid_pattern
 from sweep.pack import pack_gpus, plan_packs
 from sweep.plan import CellError, Plan, PlannedRun, parse_number, warmup_steps
-from sweep.progress import LaunchView
+from sweep.progress import LEASE_S, LaunchView, launcher_gone
 from sweep.registry import add_plans, moved_warning
 from sweep.spec import RunSpec
 from sweep.task import WORKER_ENV, data_parallel_workers
@@ -62,7 +63,7 @@ class LaunchOptions:
     cpus_per_run: int = 1
     num_cpus: int | None = None  # CPUs of the local Ray (default: all)
     num_gpus: int | None = None  # GPUs of the local Ray (default: all the host has)
-    lease_timeout_s: float = 120.0
+    lease_timeout_s: float = LEASE_S
     heartbeat_s: float = 10.0
     backoff_s: float = 5.0
     poll_s: float = 0.5
@@ -219,30 +220,23 @@ def _owner() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
-def _owner_dead(owner: str | None) -> bool:
-    """True when a lease belongs to a launcher process on this host that no longer exists."""
-    if not owner:
-        return False
-    host, _, rest = owner.partition(":")
-    pid = rest.partition(":")[0]
-    if host != socket.gethostname() or not pid.isdigit():
-        return False
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    return False
-
-
 def _faults() -> dict[str, str]:
     text = os.environ.get(FAULTS_ENV)
     return json.loads(text) if text else {}
 
 
+#: Terminal colour codes, which Ray puts in a task's error text.
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
 def _tail(exc: BaseException, lines: int = 12) -> str:
-    text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    """The last lines of an exception's traceback (a failed Ray task's from the worker: where training failed)."""
+    from ray.exceptions import RayTaskError
+
+    if isinstance(exc, RayTaskError):  # the cause arrives without its traceback; Ray keeps the worker's as text
+        text = _ANSI.sub("", str(exc))
+    else:
+        text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
     return "\n".join(text.strip().splitlines()[-lines:])
 
 
@@ -269,6 +263,7 @@ class Driver:
         self.flights: dict[str, Flight] = {}
         self.units: dict[Any, Task] = {}  # task ref -> what it trains and holds
         self.waiting: dict[str, Flight] = {}  # leased by another live launcher
+        self.waited: set[str] = set()  # runs said to be waiting
         self.outcome: dict[str, str] = {}
         self.stopping = False
         self.faults = _faults()
@@ -280,6 +275,8 @@ class Driver:
         # group, and a run goes to an idle GPU, else to the GPU with the least work that has room.
         self.spread = not opts.cpu and self.total_gpus >= 2
         self.slots: list[GpuSlot] = []
+        # Several heartbeats per lease, or another launcher takes runs this one still trains.
+        self.heartbeat_s = min(opts.heartbeat_s, opts.lease_timeout_s / 4)
 
     # ---------------------------------------------------------------- admission
 
@@ -379,7 +376,7 @@ class Driver:
                 self._start_ready()
                 self._collect()
                 now = time.monotonic()
-                if now - last_beat >= self.opts.heartbeat_s:
+                if now - last_beat >= self.heartbeat_s:
                     heartbeat(self.engine, self.owner, list(self.flights))
                     self._retry_waiting()
                     last_beat = now
@@ -420,15 +417,19 @@ class Driver:
         with self.engine.connect() as conn:
             row = conn.execute(select(Run.status, Run.lease_owner).where(Run.run_id == run_id)).one()
         if row.status in ("done", "diverged"):
+            # Finished by another launcher since this one selected it: the progress counts it as the summary will.
             self.outcome[run_id] = row.status
+            self.view.run_finished(run_id, row.status, "finished by another launcher", name=flight.name)
             return False
         stale = utcnow() - timedelta(seconds=self.opts.lease_timeout_s)
-        if row.status == "running" and _owner_dead(row.lease_owner):
+        if row.status == "running" and launcher_gone(row.lease_owner):
             stale = utcnow() + timedelta(days=1)  # its launcher is gone from this host: no need to wait
         attempt = claim_run(self.engine, run_id, self.owner, stale)
         if attempt is None:
             self.waiting[run_id] = flight
-            self.view.log(f"{flight.name or run_id}: leased by another launcher ({row.lease_owner}); waiting")
+            if run_id not in self.waited:  # checked again at every heartbeat: said once
+                self.waited.add(run_id)
+                self.view.log(f"{flight.name or run_id}: leased by another launcher ({row.lease_owner}); waiting")
             return False
         flight.attempt, flight.tries, flight.started = attempt, flight.tries + 1, time.monotonic()
         return True
@@ -482,9 +483,10 @@ class Driver:
             self.view.run_started(f.spec.run_id, f.spec, f.name, f.attempt)
 
     def _retry_waiting(self) -> None:
-        for run_id, flight in list(self.waiting.items()):
-            del self.waiting[run_id]
-            self._claim_and_submit([flight])
+        """Queue again the runs other launchers held: one whose lease is gone starts when it fits, as any run does."""
+        for flight in self.waiting.values():
+            self.queue.append([flight])
+        self.waiting.clear()
 
     def _collect(self) -> None:
         ready = []
@@ -572,7 +574,7 @@ class Driver:
                 self.view.log(f"{flight.name or run_id}: out of memory; retrying with microbatch {flight.microbatch}")
                 self.queue.append([flight])
             else:
-                error = _tail(cause if isinstance(cause, BaseException) else exc)
+                error = _tail(exc)
                 update_run(self.engine, run_id, self.owner, status="failed", error=error)
                 if flight.tries < self.opts.max_attempts and not self.stopping:
                     delay = self.opts.backoff_s * 2 ** (flight.tries - 1)
@@ -679,9 +681,35 @@ def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
     if not sep or not port.isdigit():
         return  # "auto" and the like: ray.init resolves them, and says at once when it finds no cluster
     try:
-        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+        conn = socket.create_connection((host, int(port)), timeout=timeout_s)
     except OSError as exc:
         raise LaunchError(f"cannot join the Ray cluster at {address}: nothing answers there ({exc})") from None
+    with conn:
+        # Ray's GCS and its client server speak gRPC; anything else there (a web server, a silent port) Ray
+        # would retry for many minutes, deaf to SIGTERM. Under TLS the plain preface gets no answer: not probed.
+        if os.environ.get("RAY_USE_TLS", "0").lower() in ("0", "false", "") and not _answers_grpc(conn, timeout_s):
+            raise LaunchError(f"cannot join the Ray cluster at {address}: something answers there, but not a Ray "
+                              "cluster (no gRPC reply); a head node's GCS listens on port 6379 by default")
+
+
+#: The HTTP/2 client preface and an empty SETTINGS frame, to which every gRPC server replies with its SETTINGS.
+_H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])
+
+
+def _answers_grpc(conn: socket.socket, timeout_s: float) -> bool:
+    """True when the server on ``conn`` answers the HTTP/2 preface with a SETTINGS frame, as gRPC servers do."""
+    conn.settimeout(timeout_s)
+    head = b""
+    try:
+        conn.sendall(_H2_PREFACE)
+        while len(head) < 9:  # a frame header: 3 bytes of length, then the type (4 = SETTINGS)
+            chunk = conn.recv(9 - len(head))
+            if not chunk:
+                break
+            head += chunk
+    except OSError:  # a timeout included: a silent port is no Ray either
+        return False
+    return len(head) == 9 and head[3] == 4
 
 
 def launch(plans: list[Plan], opts: LaunchOptions, view: LaunchView) -> LaunchResult:

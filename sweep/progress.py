@@ -2,18 +2,61 @@
 
 from __future__ import annotations
 
+import os
+import socket
 import time
+from datetime import timedelta
 
 from rich.console import Console
 from rich.live import Live
 from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
-from sqlalchemy import Engine
+from sqlalchemy import Engine, select
 
+from db.engine import reading
 from db.queries import NO_PLAN, status_counts
-from db.schema import RUN_STATUSES
+from db.schema import RUN_STATUSES, Plan, PlanRun, Run, utcnow
 from sweep.plan import si
+
+#: Seconds without a heartbeat after which status calls a running run's launcher gone (launch's default lease).
+LEASE_S = 120.0
+
+
+def launcher_gone(owner: str | None) -> bool:
+    """True when a lease belongs to a launcher process on this host that no longer exists."""
+    if not owner:
+        return False
+    host, _, rest = owner.partition(":")
+    pid = rest.partition(":")[0]
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def orphaned_runs(engine: Engine, plan: str | None = None) -> int:
+    """Runs marked running whose launcher is gone: its process is not on this host, or no heartbeat for LEASE_S."""
+    stmt = select(Run.run_id, Run.lease_owner, Run.heartbeat_at < utcnow() - timedelta(seconds=LEASE_S)).where(
+        Run.status == "running")
+    if plan:  # as status_counts selects a plan's runs
+        stmt = stmt.outerjoin(PlanRun, PlanRun.run_id == Run.run_id).outerjoin(Plan, Plan.id == PlanRun.plan_id)
+        stmt = stmt.where(Plan.name.is_(None) if plan == NO_PLAN else Plan.name == plan)
+    with reading(engine) as conn:
+        rows = conn.execute(stmt).all()
+    gone: dict[str | None, bool] = {}  # one look per launcher, however many runs it held
+    orphans = set()
+    for run_id, owner, stale in rows:
+        if owner not in gone:
+            gone[owner] = launcher_gone(owner)
+        if stale or gone[owner]:
+            orphans.add(run_id)
+    return len(orphans)
 
 
 def status_table(engine: Engine, plan: str | None = None) -> Table:
@@ -27,10 +70,17 @@ def status_table(engine: Engine, plan: str | None = None) -> Table:
     for name, group in counts.groupby("plan", sort=True):
         by = dict(zip(group["status"], group["runs"]))
         table.add_row(Text(str(name)), *(str(by.get(s, 0)) for s in RUN_STATUSES), str(sum(by.values())))
+    notes = []
     if counts.empty:
-        table.caption = "no runs registered yet: slab add PLAN"
+        notes.append("no runs registered yet: slab add PLAN")
     elif (counts["plan"] == NO_PLAN).any():
-        table.caption = f"{NO_PLAN}: runs in no plan (dropped when their plan was edited); list them: slab runs --plan {NO_PLAN}"
+        notes.append(f"{NO_PLAN}: runs in no plan (dropped when their plan was edited); list them: slab runs --plan {NO_PLAN}")
+    # A killed launcher leaves its runs "running" until a launch takes them over: say so, or they look alive.
+    if (counts["status"] == "running").any() and (orphans := orphaned_runs(engine, plan)):
+        notes.append(f"{orphans} running run{' has' if orphans == 1 else 's have'} no live launcher (a process gone from "
+                     f"this host, or no heartbeat for {LEASE_S:.0f} s): slab launch PLAN resumes them")
+    if notes:
+        table.caption = "\n".join(notes)
     return table
 
 
@@ -45,8 +95,9 @@ def watch_status(engine: Engine, console: Console, plan: str | None = None, inte
             last = None
             while True:
                 counts = status_counts(engine, plan)
-                if (key := counts.to_csv()) != last:
-                    console.print(status_table(engine, plan))
+                table = status_table(engine, plan)
+                if (key := counts.to_csv() + str(table.caption)) != last:  # a launcher found gone is a change too
+                    console.print(table)
                     last = key
                 if not unfinished(counts):
                     break
@@ -74,6 +125,9 @@ class LaunchView:
         self.total = self.done = self.failed = 0
         self.total_tokens = 0
         self.tokens_done: dict[str, int] = {}
+        self.trained = 0  # tokens trained by this launch (not replayed from a run's journal): the ETA's rate
+        self.last_tokens: dict[str, int] = {}  # per run, the tokens of its attempt's latest live report
+        self.run_tokens: dict[str, int] = {}  # per run, the tokens it trains
         self.running: dict[str, dict] = {}
         self.t0 = time.monotonic()
         self.last_log = 0.0
@@ -84,10 +138,11 @@ class LaunchView:
 
     def begin(self, runs) -> None:
         """Start showing progress for these (spec, name) runs (a view reused for a second launch starts over)."""
-        self.done = self.failed = 0
-        self.tokens_done, self.running = {}, {}
+        self.done = self.failed = self.trained = 0
+        self.tokens_done, self.running, self.last_tokens = {}, {}, {}
         self.total = len(runs)
-        self.total_tokens = sum(s.tokens for s, _ in runs)
+        self.run_tokens = {s.run_id: s.trained_tokens for s, _ in runs}  # whole steps, as the runs report them
+        self.total_tokens = sum(self.run_tokens.values())
         self.t0 = time.monotonic()
         if self.live_enabled:
             self.live = Live(self._render(), console=self.console, auto_refresh=False, transient=False)
@@ -104,7 +159,9 @@ class LaunchView:
         """A run was claimed and submitted."""
         shape = f"{spec.d_model}x{spec.n_layers}"
         self.running[run_id] = {"name": name or run_id, "arch": spec.arch, "shape": shape, "step": 0,
-                                "steps": spec.steps, "loss": None, "tps": None, "attempt": attempt}
+                                "steps": spec.steps, "loss": None, "tps": None, "attempt": attempt,
+                                "step_tokens": spec.batch_size * spec.seq_len}
+        self.last_tokens.pop(run_id, None)
         if not self.live_enabled:
             self.log(f"start {name or run_id} ({spec.arch} {shape}, attempt {attempt})")
 
@@ -113,14 +170,22 @@ class LaunchView:
         info = self.running.get(run_id)
         if info is None or kind != "train":
             return
+        tokens = int(payload["tokens"])
+        self.tokens_done[run_id] = tokens
+        if payload.get("replayed"):  # trained before this attempt: done, but no measure of this launch's speed
+            return
+        # An attempt's first report is one step past where it started (0, or its checkpoint).
+        self.trained += max(0, tokens - self.last_tokens.get(run_id, tokens - info["step_tokens"]))
+        self.last_tokens[run_id] = tokens
         info.update(step=payload["step"], loss=payload["loss"], tps=payload.get("tokens_per_s"))
-        self.tokens_done[run_id] = int(payload["tokens"])
 
-    def run_finished(self, run_id: str, status: str, detail: str) -> None:
-        """A run ended (done, failed, diverged, or stopped)."""
-        info = self.running.pop(run_id, {"name": run_id})
+    def run_finished(self, run_id: str, status: str, detail: str, name: str | None = None) -> None:
+        """A run ended (done, failed, diverged, or stopped; ``name`` for one this launch never started)."""
+        info = self.running.pop(run_id, {"name": name or run_id})
         if status == "done":
             self.done += 1
+            # Also a run another launcher trained, which reported nothing here.
+            self.tokens_done[run_id] = self.run_tokens.get(run_id, self.tokens_done.get(run_id, 0))
         elif status in ("failed", "diverged"):
             self.failed += 1
         colour = {"done": "green", "failed": "red", "diverged": "yellow"}.get(status, "cyan")
@@ -138,8 +203,8 @@ class LaunchView:
         tokens = sum(self.tokens_done.values())
         elapsed = time.monotonic() - self.t0
         eta = ""
-        if tokens and self.total_tokens > tokens:
-            eta = f", ETA {(self.total_tokens - tokens) * elapsed / tokens / 60:.1f} min"
+        if self.trained and self.total_tokens > tokens:
+            eta = f", ETA {(self.total_tokens - tokens) * elapsed / self.trained / 60:.1f} min"
         return (f"{self.done}/{self.total} runs done, {self.failed} failed, {len(self.running)} running, "
                 f"{si(tokens)}/{si(self.total_tokens)} tokens, {elapsed:.0f} s{eta}")
 

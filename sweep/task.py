@@ -82,7 +82,8 @@ class Reporter:
                     kind, payload = json.loads(line)
                 except ValueError:
                     continue  # a line cut short by a kill
-                self.buffer.append((self.run_id, self.attempt, kind, payload))
+                # Marked, so that the progress view counts it as earlier work, not as this attempt's speed.
+                self.buffer.append((self.run_id, self.attempt, kind, {**payload, "replayed": True}))
                 count += 1
                 if len(self.buffer) >= 1000:
                     self.flush()

@@ -408,3 +408,34 @@ def test_plan_columns_lists_every_column_and_derived_name(runner):
     assert table.exit_code == 0 and "nonembed_params" in table.stdout and "warmup" in table.stdout
     bare = invoke(runner, "plan")
     assert bare.exit_code == 2 and "give one or more plan files (or --columns" in bare.stderr
+
+
+def test_status_says_which_running_runs_have_no_live_launcher(runner, write_plan, tmp_path):
+    """After a launcher is killed its runs stay "running" until a relaunch takes them: status says they have no
+    launcher (its process gone from this host, or no heartbeat for a lease) and how to resume them."""
+    import os
+    import socket
+    from datetime import timedelta
+
+    from sqlalchemy import update
+
+    from db.engine import open_db
+    from db.schema import Run, utcnow
+    from db.writer import claim_run
+
+    db = f"sqlite:///{tmp_path}/slab.db"
+    invoke(runner, "add", write_plan(PLAN), db=db)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    host = socket.gethostname()
+    engine = open_db(db)
+    ids = [r["run_id"] for r in json.loads(invoke(runner, "runs", "--json", db=db).stdout)]
+    claim_run(engine, ids[0], f"{host}:{int(dead.stdout)}:a", utcnow())  # its launcher was killed
+    claim_run(engine, ids[1], "elsewhere:1:b", utcnow())  # on another host, silent for 10 minutes
+    with engine.begin() as conn:
+        conn.execute(update(Run).where(Run.run_id == ids[1]).values(heartbeat_at=utcnow() - timedelta(minutes=10)))
+    claim_run(engine, ids[2], f"{host}:{os.getpid()}:c", utcnow())  # alive and well
+    engine.dispose()
+    out = invoke(runner, "status", db=db).output
+    assert "│ plan │       1 │       3 │" in out, out  # still counted as running
+    assert "2 running runs have no live launcher" in " ".join(out.split()), out
+    assert "slab launch PLAN resumes them" in " ".join(out.split()), out

@@ -118,6 +118,8 @@ def test_failures_retry_up_to_max_attempts(env, write_plan, monkeypatch):
     [row] = result.rows
     assert row["status"] == "failed" and row["attempts"] == 2
     assert "RuntimeError" in row["error"] and "injected" in row["error"]
+    # The worker's traceback, not the bare message: where in training it failed.
+    assert 'models/train.py", line' in row["error"] and row["error"].splitlines()[-1] == "RuntimeError: injected failure at step 2"
 
 
 def test_driver_sigkill_then_relaunch_resumes(env, write_plan):
@@ -250,3 +252,94 @@ def test_packed_launch_divergence_and_a_dying_pack(env, write_plan, monkeypatch)
     assert result.count("done") == 6 and result.count("diverged") == 1
     # the members really trained apart: different seeds and learning rates end at different losses
     assert len({round(runs[n]["final_loss"], 5) for n in ("a-0", "a-2", "b-0", "b-1", "b-2")}) == 5
+
+
+class Logged(Quiet):
+    """A quiet view that keeps its log lines."""
+
+    def __init__(self):
+        super().__init__()
+        self.lines: list[str] = []
+
+    def log(self, message, markup=False):
+        self.lines.append(message)
+
+
+def test_a_run_another_launcher_held_starts_only_when_it_fits(env, write_plan):
+    """A run leased by another launcher is waited on (said once, not at every heartbeat); once that lease is
+    gone, it starts like any other run, when there is room for it (on several GPUs, no room crashed the driver)."""
+    from db.schema import utcnow
+    from db.writer import claim_run, update_run
+    from sweep.launch import Driver, Flight, Task
+    from sweep.registry import add_plans
+
+    plan = load_plan(write_plan(HEADER + "w,softmax,32,2,2,64,4,5120,3e-3,0,2\n"))
+    engine = open_db(env["db"], create=True)
+    add_plans(engine, [plan])
+    [run] = plan.runs
+    run_id = run.spec.run_id
+    other = "elsewhere:1:abc"  # a live launcher on another host
+    assert claim_run(engine, run_id, other, utcnow()) == 1
+    view = Logged()
+    view.begin([(run.spec, run.name)])
+    driver = Driver(engine, LaunchOptions(db_url=env["db"], cpu=True, ckpt_dir=env["tmp"] / "ckpt"), view)
+    driver._claim_and_submit([Flight(spec=run.spec, name=run.name, attempt=0, tries=0, microbatch=None)])
+    for _ in range(3):  # heartbeats while the other launcher still trains it
+        driver._retry_waiting()
+        driver._start_ready()
+    assert run_id in driver.waiting and not driver.flights
+    assert sum("leased by another launcher" in line for line in view.lines) == 1, view.lines
+
+    update_run(engine, run_id, other, status="pending", error="stopped by Ctrl-C")  # the other launcher let it go
+    driver.units["busy"] = Task(["x"], cpus=driver.total_cpus, gpus=0.0)  # every CPU taken by a running task
+    driver._retry_waiting()
+    driver._start_ready()
+    assert not driver.flights and [f.spec.run_id for unit in driver.queue for f in unit] == [run_id]
+    with engine.connect() as conn:
+        assert conn.execute(select(Run.status, Run.lease_owner).where(Run.run_id == run_id)).one() == ("pending", None)
+
+    # The other launcher trained it after all: this one's progress counts it done, as its summary will.
+    assert claim_run(engine, run_id, other, utcnow()) == 2
+    update_run(engine, run_id, other, status="done")
+    del driver.units["busy"]
+    driver._start_ready()
+    assert not driver.queue and not driver.waiting and not driver.flights
+    assert view.done == 1 and view.tokens_done[run_id] == run.spec.trained_tokens
+    assert "w: finished by another launcher" in view.lines[-1], view.lines
+    engine.dispose()
+
+
+def test_a_short_lease_is_kept_alive_while_the_run_trains(env, write_plan):
+    """--lease-timeout shorter than the default heartbeat (10 s): the launcher heartbeats often enough that
+    another launcher, polling as it would, never takes the run it is training."""
+    import threading
+
+    from db.schema import utcnow
+    from db.writer import claim_run
+    from datetime import timedelta
+
+    plan_path = write_plan(HEADER + "l,softmax,32,2,2,64,4,102400,3e-3,0,2\n")  # 400 steps: longer than the lease
+    run_id = load_plan(plan_path).runs[0].spec.run_id
+    engine = open_db(env["db"], create=True)
+    stolen, done = [], threading.Event()
+
+    def other_launcher():
+        while not done.is_set() and not stolen:
+            try:
+                if claim_run(engine, run_id, "elsewhere:1:abc", utcnow() - timedelta(seconds=3)) is not None:
+                    stolen.append(utcnow())
+            except Exception:  # not registered yet
+                pass
+            time.sleep(0.2)
+
+    thread = threading.Thread(target=other_launcher)
+    thread.start()
+    try:
+        opts = LaunchOptions(db_url=env["db"], cpu=True, ckpt_dir=env["tmp"] / "ckpt", lease_timeout_s=3.0)
+        result = launch([load_plan(plan_path)], opts, Quiet())
+    finally:
+        done.set()
+        thread.join()
+        engine.dispose()
+    assert not stolen, "another launcher took a run this one was training"
+    assert result.ok and result.rows[0]["attempts"] == 1

@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 from db.engine import open_db
 from db.schema import Run
 from sweep.cli import app
-from sweep.launch import Driver, Flight, LaunchError, LaunchOptions, _matches, gpus_held, launch, parse_where
+from sweep.launch import Driver, Flight, LaunchError, LaunchOptions, _check_reachable, _matches, gpus_held, launch, parse_where
 from sweep.plan import load_plan
 from sweep.progress import LaunchView
 
@@ -192,3 +192,45 @@ def test_a_done_run_records_the_tokens_it_trained_not_the_plans_budget(plan, tmp
         row = conn.execute(select(Run.status, Run.tokens, Run.flops).where(Run.run_id == s.run_id)).one()
     engine.dispose()
     assert tuple(row) == ("done", trained, pytest.approx(fpt * trained))
+
+
+@pytest.mark.parametrize("reply", [b"HTTP/1.0 400 Bad request\r\n\r\n", None])
+def test_address_where_something_else_listens_fails_fast(write_plan, tmp_path, reply):
+    """A port held by another service (a web server, or one that never answers) is not a Ray cluster: Ray would
+    retry it for many minutes (deaf to SIGTERM); the launch says so in seconds and writes nothing."""
+    import socket
+    import threading
+    import time
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    port = server.getsockname()[1]
+    held = []
+
+    def serve():
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            held.append(conn)
+            if reply is not None:
+                conn.sendall(reply)
+
+    threading.Thread(target=serve, daemon=True).start()
+    db = tmp_path / "slab.db"
+    address = f"127.0.0.1:{port}"
+    opts = LaunchOptions(db_url=f"sqlite:///{db}", address=address, cpu=True, ckpt_dir=tmp_path / "ckpt")
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(LaunchError, match=rf"cluster at {address}: something answers there, but not a Ray cluster"):
+            _check_reachable(address, timeout_s=2.0)
+        with pytest.raises(LaunchError, match=rf"cluster at {address}: .*not a Ray cluster"):
+            launch([load_plan(write_plan(PLAN))], opts, quiet())
+    finally:
+        server.close()
+        for conn in held:
+            conn.close()
+    assert time.monotonic() - t0 < 20
+    assert not db.exists() and not (tmp_path / "ckpt").exists()
