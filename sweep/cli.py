@@ -160,7 +160,10 @@ class Format(str, Enum):
 
 def _cell(value) -> str:
     """A table cell: blank for missing, floats to 6 significant digits (CSV and JSON keep them whole)."""
-    if value is None or value != value:
+    import pandas as pd  # already loaded: the frame is pandas'
+
+    # pandas' NA (a pending run's integers, kept whole as Int64) has no truth value, so it is named, not compared
+    if value is None or value is pd.NA or value != value:
         return ""
     return f"{value:.6g}" if isinstance(value, float) else str(value)
 

@@ -346,6 +346,19 @@ def test_runs_csv_prints_whole_numbers_beside_nulls_as_whole(runner, write_plan,
     assert all(r["created_at"].endswith("Z") for r in records)
 
 
+def test_runs_table_shows_pending_runs_beside_started_ones(runner, write_plan, tmp_path):
+    # a pending run's null integers (pandas NA in Int64 columns) crashed the table: "boolean value of NA is ambiguous"
+    import sqlite3
+
+    db = tmp_path / "slab.db"
+    assert invoke(runner, "add", write_plan(PLAN), db=f"sqlite:///{db}").exit_code == 0
+    with sqlite3.connect(db) as conn:
+        conn.execute("UPDATE runs SET step = 37, attempts = 1 WHERE run_id = (SELECT min(run_id) FROM runs)")
+    result = invoke(runner, "runs", db=f"sqlite:///{db}")
+    assert result.exit_code == 0, result.output
+    assert "pending" in result.stdout and "37" in result.stdout and "<NA>" not in result.stdout
+
+
 def test_plan_notes_rounding_and_runs_show_the_tokens_trained_from_the_start(runner, write_plan, tmp_path):
     # runs.tokens had held the plan's 100 while pending and the 256 trained once done
     path = write_plan("name,arch,d_model,n_layers,seq_len,batch_size,tokens\nr{tokens},softmax,32,2,64,4,100|25600\n")
