@@ -547,7 +547,7 @@ class Driver:
 
     def _settle(self, run_id: str, outcome: Any, packed: bool = False) -> None:
         """Record how one run's task ended (a summary, or the exception that ended it) and retry if due."""
-        from models.train import Diverged, Interrupted, OutOfMemory
+        from models.train import CheckpointUnreadable, Diverged, Interrupted, OutOfMemory
 
         flight = self.flights.pop(run_id)
         summary = outcome
@@ -576,7 +576,9 @@ class Driver:
             else:
                 error = _tail(exc)
                 update_run(self.engine, run_id, self.owner, status="failed", error=error)
-                if flight.tries < self.opts.max_attempts and not self.stopping:
+                # unreadable checkpoints stay so until a person removes them: a retry would only fail again
+                retryable = not isinstance(cause, CheckpointUnreadable)
+                if retryable and flight.tries < self.opts.max_attempts and not self.stopping:
                     delay = self.opts.backoff_s * 2 ** (flight.tries - 1)
                     flight.not_before = time.monotonic() + delay
                     self.queue.append([flight])

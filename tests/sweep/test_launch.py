@@ -122,6 +122,21 @@ def test_failures_retry_up_to_max_attempts(env, write_plan, monkeypatch):
     assert 'models/train.py", line' in row["error"] and row["error"].splitlines()[-1] == "RuntimeError: injected failure at step 2"
 
 
+def test_a_run_with_only_unreadable_checkpoints_fails_once_without_retrying(env, write_plan):
+    # retries could only fail the same way (the set-aside files stay), spending attempts and backoff
+    from models.train import checkpoint_path
+
+    plan = write_plan(HEADER + "c,softmax,32,2,2,64,4,5120,3e-3,0,2\n")
+    [run] = load_plan(plan).runs
+    path = checkpoint_path(env["tmp"] / "ckpt" / run.spec.run_id, 10)
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"not a checkpoint")
+    result = run_launch(env, plan, max_attempts=3)
+    [row] = result.rows
+    assert row["status"] == "failed" and row["attempts"] == 1, row
+    assert "no readable checkpoint" in row["error"] and "ckpt-000000010.pt.corrupt" in row["error"]
+
+
 def test_driver_sigkill_then_relaunch_resumes(env, write_plan):
     plan = write_plan(HEADER + "k-{arch},softmax|lightning|hgrn2,32,2,2,64,4,51200,3e-3,0,2\n")  # 200 steps
     proc = slab(env, plan, "--ckpt-every", "20")
