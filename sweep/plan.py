@@ -692,6 +692,12 @@ def _build_spec(r: _Resolver, base_dir: Path, digests: dict[str, str] | None = N
         raise _ColumnError("seq_len", f"passkey data needs seq_len >= {PASSKEY_MIN_SEQ_LEN}, got {seq_len}")
     if "niah" in evals and seq_len < NIAH_MIN_SEQ_LEN:
         raise _ColumnError("seq_len", f"niah evals need seq_len >= {NIAH_MIN_SEQ_LEN}, got {seq_len}")
+    token_parts = [p for p in (q.partition("@")[0] for q in data.split("+"))
+                   if p not in DATA_SOURCES and is_token_source(p)]
+    if "niah" in evals and token_parts and not byte_parts:
+        # NIAH's prompts are byte text: a model of token ids reads them as other tokens and scores 0 whatever its arch
+        raise _ColumnError("evals", f"niah evals need byte-level text, and data {data!r} holds token ids only "
+                                    "(add a byte-level part such as passkey, or drop niah)")
     pairs = max(1, seq_len // MQAR_PAIRS_DIVISOR)
     if "mqar" in evals or "mqar" in (p.partition("@")[0] for p in data.split("+")):
         if 4 * pairs > seq_len:  # the pairs, then a query slot for each

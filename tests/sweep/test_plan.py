@@ -445,3 +445,17 @@ def test_si_rounds_before_it_picks_the_prefix():
     from sweep.plan import si
 
     assert [si(v) for v in (999.6, 9.9999e17, 1.234e6, 12_000, 3.2e18, 0.5)] == ["1k", "1E", "1.23M", "12k", "3.2E", "0.5"]
+
+
+def test_niah_on_token_ids_alone_is_refused_at_plan_time(write_plan, tmp_path):
+    # NIAH's prompts are bytes: on a .bin corpus alone every arch scores 0 (the models refuse it at launch too)
+    import numpy as np
+
+    np.arange(2000, dtype=np.uint16).tofile(tmp_path / "tokens.bin")
+    header = "arch,d_model,n_layers,seq_len,tokens,vocab,evals,data\n"
+    with pytest.raises(PlanError, match=r":2:evals: niah evals need byte-level text, and data '.*tokens\.bin' holds token"):
+        load_plan(write_plan(header + "softmax,32,2,128,5120,4096,niah,tokens.bin\n"))
+    # with byte text beside it (the passkey filler) NIAH has prompts a model can read; mqar needs no bytes
+    runs = load_plan(write_plan(header + "softmax,32,2,128,5120,4096,niah,tokens.bin+passkey@0.1\n"
+                                "softmax,32,2,128,5120,4096,mqar,tokens.bin\n", "ok.csv")).runs
+    assert len(runs) == 2
