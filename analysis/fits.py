@@ -1283,7 +1283,7 @@ def _check_bootstrap(result: FitResult) -> FitResult:
                 "identify the law), so the intervals, which would rest on the rest, are unknown")
         result.intervals = {k: (math.nan, math.nan) for k in result.intervals}
         result.details["intervals_unknown"] = note
-        log.warning("%s: %s", result.method, note)
+        log.info("%s: %s", result.method, note)  # callers show details (slab fit prints it, the report's tables say so)
     return result
 
 

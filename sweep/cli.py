@@ -682,13 +682,17 @@ def fit(
         sys.stdout.write(json.dumps(data) + "\n")
         _warn_few_runs(runs, result.n_bootstrap, by_arch=False)
         return
-    table = Table(title=f"{result.formula}  ({result.n_points} points, {result.n_bootstrap} bootstraps, converged: {result.converged})")
+    failed = result.details.get("bootstrap_failed", 0)
+    boots = f"{result.n_bootstrap} bootstraps" + (f" ({failed} failed)" if failed else "")
+    table = Table(title=f"{result.formula}  ({result.n_points} points, {boots}, converged: {result.converged})")
     for col in ("quantity", "estimate", "95% low", "95% high"):
         table.add_column(col, justify="left" if col == "quantity" else "right")
     for name, value in result.estimates.items():
         lo, hi = result.interval(name)
         table.add_row(name, f"{value:.4g}", *(f"{x:.4g}" if x == x else "-" for x in (lo, hi)))  # nan: no bootstrap
     out.print(table)
+    if "intervals_unknown" in result.details:
+        err.print(f"[yellow]warning:[/] {escape(result.details['intervals_unknown'])}", highlight=False)
     _warn_few_runs(runs, result.n_bootstrap, by_arch=False)
 
 

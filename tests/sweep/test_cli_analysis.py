@@ -200,6 +200,18 @@ def test_fit_on_few_runs_warns_and_no_bootstrap_prints_no_nan(tmp_path):
     assert "nan" not in none.stdout and "resample" not in none.stderr
 
 
+def test_fit_says_how_many_replicates_failed_and_when_its_intervals_are_unknown(tmp_path):
+    # the count and the unknown intervals had been in the fit's details only: the table looked like any other
+    path = tmp_path / "three.csv"
+    path.write_text("params,tokens,loss\n1e6,2e7,3.1\n2e6,4e7,2.9\n4e6,8e7,2.7\n")
+    result = invoke("fit", "--csv", path, "--method", "frontier", "--bootstrap", "50")
+    assert result.exit_code == 0, result.output
+    title = " ".join(result.stdout.split())
+    assert re.search(r"50 bootstraps \((\d+) failed\)", title), result.stdout
+    assert "bootstrap replicates could not be fitted" in result.stderr and "intervals" in result.stderr
+    assert result.stderr.count("could not be fitted") == 1
+
+
 def test_report_and_fit_refuse_options_they_would_ignore(study_db, tmp_path):
     result = invoke("--db", study_db, "report", "--out", tmp_path / "r", "--baseline", "sofmax", "--bootstrap", "0")
     assert result.exit_code == 2 and "--baseline 'sofmax' has no finished runs" in result.stderr
