@@ -26,9 +26,11 @@ from matplotlib.colors import LogNorm  # noqa: E402
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter, NullLocator  # noqa: E402
 
 from analysis.compare import (  # noqa: E402
+    MIN_BOOTSTRAP_RUNS,
     ArchComparison,
     arch_seed,
     compare_archs,
+    few_runs,
     fit_per_arch,
     fmt_number,
     loss_table,
@@ -226,17 +228,22 @@ def _write_report(runs, metrics, evals, out: Path, figdir: Path, t0: float, *, t
     has_tput = throughput is not None and not throughput.empty
     tput = throughput_table(throughput, baseline=baseline) if has_tput else None
 
+    # Archs whose intervals the findings call unknown (too few runs to resample): no table or figure quotes them.
+    counts = runs["arch"].value_counts()
+    few = {a: int(counts[a]) for a in archs if counts[a] < MIN_BOOTSTRAP_RUNS}
+    if comparison is not None:
+        few.update(few_runs(comparison))
     figures: dict[str, dict[str, Path]] = {}
     captions: dict[str, str] = {}
     drawers = {
         "loss_vs_tokens": lambda: _fig_loss_vs_tokens(runs, metrics, params_col),
-        "loss_vs_compute": lambda: _fig_loss_vs_compute(pts, fits_all, archs),
+        "loss_vs_compute": lambda: _fig_loss_vs_compute(pts, fits_all, archs, few),
         "isoflop": lambda: _fig_isoflop(fits_all, archs),
         "optimal_allocation": lambda: _fig_allocation(fits_all, archs),
         "residuals": lambda: _fig_residuals(fits_all, archs),
         "niah": lambda: _fig_niah(niah),
         "mqar": lambda: _fig_mqar(mqar),
-        "throughput": lambda: _fig_throughput(tput),
+        "throughput": lambda: _fig_throughput(tput, throughput),
     }
     for name in figure_names:
         fig, caption = drawers[name]()
@@ -252,7 +259,7 @@ def _write_report(runs, metrics, evals, out: Path, figdir: Path, t0: float, *, t
     seed = seed_study_findings(comparison, niah=niah, throughput=tput)
     losses = loss_table(runs, params_col=params_col) if comparison is None else None
     blocks = _blocks(title, runs, metrics, evals, findings, seed, skipped, figures, captions, fits_all, archs,
-                     comparison, niah, mqar, tput, losses)
+                     comparison, niah, mqar, tput, losses, few)
     md_path, html_path, json_path = out / "report.md", out / "index.html", out / "fits.json"
     payload = {k: v.to_dict() for k, v in fits_all.items()}
     if comparison is not None:
@@ -330,7 +337,10 @@ def _panels(n: int, width: float = 4.2, height: float = 3.4, sharey: bool = True
     cols = min(n, 3)
     rows = math.ceil(n / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False, sharey=sharey)
-    fig.subplots_adjust(left=0.08, right=0.86, bottom=0.14 / rows, top=1 - 0.1 / rows, wspace=0.28, hspace=0.45)
+    # margins in inches, not fractions: one panel's fraction left no room for the y label, and two rows' none for
+    # two-line tick labels (NIAH's 'beyond') above the x label
+    fig.subplots_adjust(left=0.85 / (width * cols), right=0.86, bottom=0.65 / (height * rows), top=1 - 0.1 / rows,
+                        wspace=0.28, hspace=0.5)
     for ax in axes.flat[n:]:
         ax.set_visible(False)
     return fig, list(axes.flat[:n])
@@ -375,7 +385,7 @@ def _fig_loss_vs_tokens(runs, metrics, params_col):
     return fig, "Training loss against tokens, one line per run, coloured by model size."
 
 
-def _fig_loss_vs_compute(pts, fits, archs):
+def _fig_loss_vs_compute(pts, fits, archs, few=None):
     fitted = [a for a in archs if f"frontier/{a}" in fits or f"frontier_power/{a}" in fits]
     if not fitted:
         return None, "no frontier fit succeeded"
@@ -397,7 +407,7 @@ def _fig_loss_vs_compute(pts, fits, archs):
             if "E" in f.estimates else f"{arch}: L = {f.estimates['A']:.3g} C^-{f.estimates['alpha']:.3f}"
         )
         ax.plot(grid, loss_compute_law(grid, E, f.estimates["A"], f.estimates["alpha"]), color=c, lw=1.6, label=label)
-        band = _band(f, grid)
+        band = None if arch in (few or {}) else _band(f, grid)
         if band is not None:
             ax.fill_between(grid, band[0], band[1], color=c, alpha=0.2, linewidth=0)
     _log_axes(ax, "wide", "narrow")
@@ -411,8 +421,12 @@ def _fig_loss_vs_compute(pts, fits, archs):
     front = ("points of the training-loss curves on the runs' envelope, an upper bound of the compute-optimal "
              "frontier (the smallest model is the best at most budgets)" if envelope
              else "frontier points of the training-loss curves" if curves else "frontier points")
+    unbanded = [a for a in fitted if a in (few or {})]
+    band = ("" if not unbanded else
+            f" (no band for {', '.join(unbanded)}: fewer than {MIN_BOOTSTRAP_RUNS} runs, "
+            f"{'its interval is' if len(unbanded) == 1 else 'their intervals are'} unknown)")
     return fig, (f"Loss against compute per architecture: each run's final validation loss (faint), {front} "
-                 "(outlined), fitted law and its 95% bootstrap band.")
+                 f"(outlined), fitted law and its 95% bootstrap band{band}.")
 
 
 def _band(fit: FitResult, grid: np.ndarray):
@@ -467,6 +481,7 @@ def _fig_allocation(fits, archs):
     fig, (axN, axD) = plt.subplots(1, 2, figsize=(11, 4.4))
     fig.subplots_adjust(left=0.07, right=0.87, bottom=0.13, top=0.95, wspace=0.25)
     styles = {"approach1": ("o", "-"), "approach2": ("s", ":"), "approach3": (None, "--")}
+    extrapolated = False
     for arch, method in rows:
         f = fits[f"{method}/{arch}"]
         c = arch_colour(arch, archs)
@@ -476,6 +491,16 @@ def _fig_allocation(fits, archs):
             Cs = np.geomspace(f.points["C"].min(), max(f.details.get("budgets", [f.points["C"].max()])), 80)
             rule = ComputeRule(**f.details.get("compute", {}))
             N, D = optimal_allocation(Cs, e["A"], e["B"], e["alpha"], e["beta"], rule)
+            # past the largest run the law is extrapolated (to the tables' budgets): drawn faded, not as data
+            top = float(f.points["C"].max())
+            out = Cs > top
+            if out.any():
+                extrapolated = True
+                Cx = np.r_[top, Cs[out]]
+                Nx, Dx = optimal_allocation(Cx, e["A"], e["B"], e["alpha"], e["beta"], rule)
+                axN.plot(Cx, Nx, color=c, ls=ls, lw=1.2, alpha=0.35)
+                axD.plot(Cx, Dx, color=c, ls=ls, lw=1.2, alpha=0.35)
+                Cs, N, D = Cs[~out], N[~out], D[~out]
         else:
             if method == "approach1":
                 C, Np, Dp = f.points["C"], f.points["N_opt"], f.points["D_opt"]
@@ -502,8 +527,9 @@ def _fig_allocation(fits, archs):
             label = m.replace("approach", "approach ")
             handles.append(Line2D([], [], color="grey", ls=styles[m][1], marker=styles[m][0], label=label))
     fig.legend(handles=handles, loc="center right", fontsize=8, frameon=False)
+    beyond = ", faded past its runs' largest compute: extrapolated" if extrapolated else ""
     return fig, ("Compute-optimal size and tokens against compute: approach 1 (circles, solid), approach 2 "
-                 "(squares, dotted), approach 3 (dashed); exponents are in the fit tables.")
+                 f"(squares, dotted), approach 3 (dashed{beyond}); exponents are in the fit tables.")
 
 
 def _fig_residuals(fits, archs):
@@ -524,39 +550,75 @@ def _fig_residuals(fits, archs):
                 ax.scatter(f.points[x], f.residuals, s=6, alpha=0.5, color=colour, label=arch, rasterized=True)
             else:
                 ax.plot(f.points[x], f.residuals, marker="o", ms=3, lw=0.8, color=colour, label=arch)
-        ax.set_title(f"{title}: log L_fit - log L")
+        ax.set_title(f"{title}: ln L_fit - ln L")
         ax.set_xlabel(xlabel)
         _log_axes(ax, "wide")
         ax.axhline(0, color="black", lw=0.6)
-        ax.set_ylabel("residual, log L_fit - log L")
+        ax.set_ylabel("residual, ln L_fit - ln L (0.01 = 1%)")
         ax.grid(True, alpha=0.25)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
     fig.tight_layout()  # side by side, the right panel's y label would overlap the left panel
-    return fig, f"Residuals in log space {' and '.join(p[-1] for p in panels)}."
+    return fig, f"Residuals in natural log space {' and '.join(p[-1] for p in panels)}: 0.01 is a 1% misfit."
 
 
 def _fig_niah(niah):
     if niah is None or niah.empty:
         return None, "no NIAH evals (names like niah/len=1024/depth=0.5)"
-    variants = sorted(niah["variant"].unique())
+    variants = sorted(niah["variant"].unique(), key=_variant_order)
+    beyond = _beyond_context(niah)
     fig, axes = _panels(len(variants), width=4.0, height=3.2, sharey=False)
     for ax, variant in zip(axes, variants):
         t = niah[niah["variant"] == variant].pivot_table(index="depth", columns="length", values="accuracy") * 100
         im = ax.imshow(t.to_numpy(), cmap="cividis", vmin=0, vmax=100, aspect="auto", origin="lower")
-        ax.set_xticks(range(t.shape[1]), [str(int(c)) for c in t.columns], fontsize=7)
+        # softmax with RoPE fails past its training context by construction: that column is not a retrieval result
+        out = [(variant, int(c)) in beyond for c in t.columns]
+        ax.set_xticks(range(t.shape[1]), [f"{int(c)}\nbeyond" if o else str(int(c)) for c, o in zip(t.columns, out)],
+                      fontsize=7)
+        if any(out) and not all(out):
+            ax.axvline(out.index(True) - 0.5, color="white", lw=2, ls="--")
         ax.set_yticks(range(t.shape[0]), [f"{d:g}" for d in t.index], fontsize=7)
         for (r, c), v in np.ndenumerate(t.to_numpy()):
-            if np.isfinite(v):
-                ax.text(c, r, f"{v:.0f}", ha="center", va="center", fontsize=6,
+            if np.isfinite(v):  # 6 pt read as specks at the size the report shows
+                ax.text(c, r, f"{v:.0f}", ha="center", va="center", fontsize=8,
                         color="white" if v < 50 else "black")
         params = niah[niah["variant"] == variant]["params"].max()
         ax.set_title(f"{variant} ({params:.3g} params)", fontsize=9)
         ax.set_xlabel("context length (tokens)")
         ax.set_ylabel("needle depth (fraction)")
     fig.colorbar(im, ax=axes, label="exact-match accuracy (%)")
+    note = (" Lengths marked 'beyond' exceed the runs' training context (right of the dashed line), where softmax with "
+            "RoPE fails by construction." if beyond else "")
     return fig, ("Needle-in-a-haystack accuracy (%) by context length and needle depth, largest model of each arch "
-                 "(hybrids by ratio).")
+                 "(hybrids by ratio)." + note)
+
+
+def _variant_order(variant: str) -> tuple:
+    """Sort key: by name, and hybrids by ratio ('hybrid 3:1' before 'hybrid 15:1', which a string sort reverses)."""
+    name, _, ratio = variant.partition(" ")
+    try:
+        return (name, float(ratio.split(":")[0]) if ratio else -1.0, variant)
+    except ValueError:
+        return (name, math.inf, variant)
+
+
+def _beyond_context(niah: pd.DataFrame) -> set[tuple[str, int]]:
+    """The (variant, length) cells of a `niah_table` lying beyond the training context of some run they pool."""
+    out = niah[niah["in_context"].eq(False)]
+    return {(v, int(n)) for v, n in zip(out["variant"], out["length"])}
+
+
+def _niah_grid_marked(niah: pd.DataFrame) -> pd.DataFrame:
+    """`niah_grid` in variant order, a length column beyond the training context headed so (for some variants only:
+    'beyond for some')."""
+    g = niah_grid(niah)
+    g = g.iloc[sorted(range(len(g)), key=lambda i: (_variant_order(g["variant"].iloc[i]), g["depth"].iloc[i]))]
+    names = {}
+    for n, sub in niah.groupby("length"):
+        out = sub["in_context"].eq(False)
+        if out.any():
+            names[f"len {int(n)}"] = f"len {int(n)} (beyond training context{'' if out.all() else ' for some'})"
+    return g.rename(columns=names).reset_index(drop=True)
 
 
 def _fig_mqar(mqar):
@@ -580,11 +642,15 @@ def _fig_mqar(mqar):
     ax.set_ylim(-0.02, 1.02)
     ax.grid(True, alpha=0.25)
     fig.colorbar(plt.cm.ScalarMappable(norm=norm, cmap=cmap), ax=ax, label="parameters")
-    return fig, ("MQAR accuracy against the hybrid ratio (softmax only on the left, linear only on the right), "
-                 "one line per model size.")
+    # archs with no softmax:lightning ratio (hgrn2, mamba2) have no place on this axis: say so rather than drop them
+    off = sorted(set(mqar.loc[mqar["ratio"].isna(), "arch"].astype(str)))
+    left_out = (f" Not on this axis (no softmax:lightning layer ratio): {', '.join(off)}; their accuracy is in the "
+                "MQAR table." if off else "")
+    return fig, ("MQAR accuracy against the hybrid ratio (softmax only on the left, linear only, that is lightning, "
+                 "on the right), one line per model size." + left_out)
 
 
-def _fig_throughput(tput):
+def _fig_throughput(tput, raw=None):
     if tput is None or tput.empty:
         return None, "no throughput table given"
     archs = sorted(tput["arch"].unique())
@@ -600,8 +666,14 @@ def _fig_throughput(tput):
     ax.set_ylim(bottom=0)  # a fall with length reads as large as it is
     ax.grid(True, which="both", alpha=0.25)
     ax.legend(fontsize=8)
+    # the benchmark's size, which the table keeps in its raw rows only: the runs beside it are often far smaller
+    sizes = (sorted(pd.to_numeric(raw["params"], errors="coerce").dropna().unique())
+             if raw is not None and "params" in raw.columns else [])
+    si = lambda n: f"{n / 1e9:.3g}B" if n >= 1e9 else f"{n / 1e6:.3g}M"  # noqa: E731
+    size = "" if not sizes else si(sizes[0]) if sizes[-1] < 1.05 * sizes[0] else f"{si(sizes[0])}-{si(sizes[-1])}"
+    at = f" at {size} parameters" if size else " of its own model size"
     return fig, ("Training throughput against sequence length per architecture, from the table given with "
-                 "--throughput (a benchmark of its own model size, such as slab bench train's, not these runs).")
+                 f"--throughput (a benchmark{at}, such as slab bench train's, not these runs).")
 
 
 # --------------------------------------------------------------------------------------------
@@ -626,26 +698,45 @@ def _with_ci(fit: FitResult, name: str) -> str:
     return _fmt(v)
 
 
-def _fit_table(fits: Mapping[str, FitResult], method: str, archs: list[str]) -> pd.DataFrame | None:
+#: Marks a value at a compute beyond the largest one its fit rests on (the same 1.5x as the findings' "extrapolated").
+EXTRAPOLATED = "†"
+
+
+def _fit_table(fits: Mapping[str, FitResult], method: str, archs: list[str],
+               few: Mapping[str, int] | None = None) -> pd.DataFrame | None:
+    """One row per arch: estimates with their 95% intervals (none for an arch in ``few``, whose runs are too few to
+    resample), and allocations at budgets beyond the fit's data marked EXTRAPOLATED."""
     rows = []
+    few = few or {}
     for arch in archs:
         f = fits.get(f"{method}/{arch}")
         if f is None:
             continue
         names = list(TABLE_PARAMS[method]) + [k for k in f.estimates if k.startswith("tokens_per_param@")]
-        row = {"arch": arch, **{n: _with_ci(f, n) for n in names if n in f.estimates}}
+        cell = (lambda n: _fmt(f.estimates[n])) if arch in few else (lambda n: _with_ci(f, n))
+        row = {"arch": arch, **{n: cell(n) for n in names if n in f.estimates}}
+        top = float(f.points["C"].max()) if "C" in f.points and len(f.points) else math.nan
+        for n in names:
+            if n.startswith("tokens_per_param@") and n in row and float(n.split("@")[1]) > 1.5 * top:
+                row[n] += f" {EXTRAPOLATED}"
         row["points"] = str(f.n_points)
         failed = f.details.get("bootstrap_failed", 0)
         # replicates that could not be fitted narrow what an interval rests on; most of them leave it unknown
         row["bootstrap"] = (str(f.n_bootstrap) if not failed else f"{f.n_bootstrap} ({failed} failed"
                             + ("; intervals unknown)" if "intervals_unknown" in f.details else ")"))
+        if arch in few:
+            row["bootstrap"] = f"{f.n_bootstrap} ({_runs(few[arch])}: intervals unknown)"
         row["converged"] = _fmt(f.converged)
         rows.append(row)
     return pd.DataFrame(rows).fillna("-") if rows else None
 
 
+def _runs(n: int) -> str:
+    return f"{n} run" + ("" if n == 1 else "s")
+
+
 def _blocks(title, runs, metrics, evals, findings, seed, skipped, figures, captions, fits, archs, comparison, niah,
-            mqar, tput, losses) -> list[tuple]:
+            mqar, tput, losses, few=None) -> list[tuple]:
     b: list[tuple] = [("h1", title)]
     n_m = 0 if metrics is None else len(metrics)
     n_e = 0 if evals is None else len(evals)
@@ -676,15 +767,22 @@ def _blocks(title, runs, metrics, evals, findings, seed, skipped, figures, capti
         b.append(("figure", name, captions[name]))
     b.append(("h2", "Fits"))
     for method in FIT_METHODS:
-        t = _fit_table(fits, method, archs)
+        t = _fit_table(fits, method, archs, few)
         if t is not None:
             b.append(("h3", METHOD_TITLES[method]))
             b.append(("table", t))
+            if t.map(lambda v: str(v).endswith(EXTRAPOLATED)).to_numpy().any():
+                b.append(("p", f"{EXTRAPOLATED} at a compute more than 1.5x the largest this arch's fit rests on: "
+                               "extrapolated, not measured."))
     if comparison is not None and not comparison.gaps.empty:
         g = comparison.gaps
 
+        # a gap involving an arch with too few runs has an unknown interval, as the findings say
+        unknown = [a in (few or {}) or comparison.baseline in (few or {}) for a in g["arch"]]
+
         def ci(k):
-            return [f"{_fmt(v)} [{_fmt(lo)}, {_fmt(hi)}]" for v, lo, hi in zip(g[k], g[f"{k}_lo"], g[f"{k}_hi"])]
+            return [_fmt(v) if u or not (np.isfinite(lo) and np.isfinite(hi)) else f"{_fmt(v)} [{_fmt(lo)}, {_fmt(hi)}]"
+                    for v, lo, hi, u in zip(g[k], g[f"{k}_lo"], g[f"{k}_hi"], unknown)]
 
         t = pd.DataFrame({
             "arch": g["arch"],
@@ -696,11 +794,12 @@ def _blocks(title, runs, metrics, evals, findings, seed, skipped, figures, capti
         })
         b.append(("h3", f"Architectures against {comparison.baseline} on the frontier law"))
         b.append(("p", "compute multiplier: the compute an arch needs to reach the baseline's loss at C, "
-                       "divided by C."))
+                       "divided by C." + (f" No interval where either arch has fewer than {MIN_BOOTSTRAP_RUNS} runs."
+                                          if any(unknown) else "")))
         b.append(("table", t))
     if niah is not None and not niah.empty:
         b.append(("h3", "NIAH accuracy (%) by length and depth (largest model of each arch; hybrids by ratio)"))
-        b.append(("table", niah_grid(niah).map(_fmt)))
+        b.append(("table", _niah_grid_marked(niah).map(_fmt)))
     if losses is not None and not losses.empty:
         b.append(("h3", "Final loss by variant and size (no loss-compute law could be compared)"))
         b.append(("p", "loss: each run's final validation loss (its training loss where it has none), mean and best "

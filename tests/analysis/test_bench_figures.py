@@ -81,3 +81,16 @@ def test_bench_plot_cli(tmp_path):
     assert proc.returncode == 2 and "not a table of" in proc.stderr and "Traceback" not in proc.stderr
     proc = subprocess.run([*cmd, str(tmp_path / "missing.csv")], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert proc.returncode == 2 and "not a readable CSV" in proc.stderr
+
+
+def test_mfu_axis_states_that_softmax_attention_is_counted_in_full(monkeypatch, tmp_path):
+    """docs/bench/h200's training figure showed softmax at 69.6% MFU at 32k tokens against lightning's 43.7%, with
+    no word that the count takes both n^2 attention products (models.config's FLOPS_CONVENTION): causal attention
+    runs about half of them, so softmax's bars at long lengths are not work the GPU did."""
+    import analysis.bench_figures as bf
+
+    kept = []
+    monkeypatch.setattr(bf, "_save", lambda fig, path: kept.append(fig) or path)
+    bf.train_figure(_train_rows(), tmp_path / "t.png")
+    label = kept[0].axes[1].get_ylabel()
+    assert "% of 989 TFLOP/s" in label and "not causally halved" in label
