@@ -28,17 +28,19 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 bench_app = typer.Typer(help="Benchmarks that print measured numbers (some need a GPU). Their default plans are relative "
-                        "to the repository's root: run them from there. Results go to bench-out/ in the working "
-                        "directory unless --out or --csv says otherwise (make bench writes docs/bench/).",
+                        "to the repository's root: run them from there. Tables and figures go to bench-out/ in the working "
+                        "directory unless --out or --csv names a place (train writes them only with --out; analysis "
+                        "and plan only print; make bench writes docs/bench/).",
                         no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
 
 # Piped output (CI logs, files) is never cut to a width: a table keeps its natural width and every digit (at rich's
 # 80-column default, or any fixed width, slab compare's 18 columns printed as 'basel…' and '17000…'). Tables do not
-# expand to the console's width, so this one does not pad them.
+# expand to the console's width, so this one does not pad them. No emoji: rich read ':x:' in a message (a column, a plan
+# name) as an emoji code and printed '❌'.
 PIPED_WIDTH = 100_000
-out = Console(width=None if sys.stdout.isatty() else PIPED_WIDTH)
-err = Console(stderr=True, width=None if sys.stderr.isatty() else PIPED_WIDTH)
+out = Console(width=None if sys.stdout.isatty() else PIPED_WIDTH, emoji=False)
+err = Console(stderr=True, width=None if sys.stderr.isatty() else PIPED_WIDTH, emoji=False)
 
 
 def fail(message: str, code: int = 2) -> NoReturn:
@@ -168,19 +170,44 @@ def _cell(value) -> str:
     return f"{value:.6g}" if isinstance(value, float) else str(value)
 
 
-def _emit(frame, fmt: Format, title: str | None = None) -> None:
-    """Print a frame as CSV, JSON records or a rich table."""
+def _table(frame, title: str | None, right: tuple[str, ...] = (), whole: tuple[str, ...] = ()) -> Table:
+    """A rich table of a frame, every cell as text; ``right`` columns aligned right, ``whole`` ones never wrapped."""
+    table = Table(title=escape(title) if title else None, show_lines=False)  # a file name such as p[v2].csv as it is
+    for col in frame.columns:
+        # fold, not '…': squeezed by a narrow terminal, a run id or a number wraps whole onto a second line
+        table.add_column(Text(str(col)), overflow="fold", justify="right" if col in right else "left", no_wrap=col in whole)
+    for row in frame.itertuples(index=False):  # Text: data such as '[b]x' is shown as it is, not as markup
+        table.add_row(*(Text(_cell(v)) for v in row))
+    return table
+
+
+def _print_table(frame, title: str | None = None, optional: tuple[str, ...] = (), free: tuple[str, int] | None = None,
+                 hint: str = "a wider terminal shows them", **layout) -> None:
+    """Print ``_table(frame, title, **layout)``; a terminal too narrow for its words loses the ``optional`` columns,
+    in that order, until they fit (``free``: a text column and the width it keeps), which stderr then names."""
+    # At 80 columns rich had cut each of slab runs' 14 columns to two letters and '…'.
+    left_out = []
+    for col in optional:
+        probe = frame if free is None else frame.assign(**{free[0]: frame[free[0]].map(lambda v: "x" * free[1] if _cell(v) else "")})
+        # the table's narrowest with no word cut, measured as if unbounded: a piped console (PIPED_WIDTH) has room
+        if out.measure(_table(probe, title, **layout), options=out.options.update_width(PIPED_WIDTH)).minimum <= out.width:
+            break
+        frame = frame.drop(columns=col)
+        left_out.append(col)
+    out.print(_table(frame, title, **layout))
+    if left_out:
+        err.print(f"note: left out to fit {out.width} columns: {', '.join(left_out)} ({hint})", highlight=False,
+                  markup=False)
+
+
+def _emit(frame, fmt: Format, title: str | None = None, **fit) -> None:
+    """Print a frame as CSV, JSON records or a rich table (``fit``: how `_print_table` narrows it for a terminal)."""
     if fmt is Format.csv:
         sys.stdout.write(frame.to_csv(index=False))
     elif fmt is Format.json:
         sys.stdout.write(frame.to_json(orient="records", date_format="iso", date_unit="us") + "\n")
     else:
-        table = Table(title=title, show_lines=False)
-        for col in frame.columns:
-            table.add_column(Text(str(col)))
-        for row in frame.itertuples(index=False):  # Text: data such as '[b]x' is shown as it is, not as markup
-            table.add_row(*(Text(_cell(v)) for v in row))
-        out.print(table)
+        _print_table(frame, title, **fit)
 
 
 def _n(count: int, noun: str) -> str:
@@ -205,8 +232,7 @@ def plan(
 ) -> None:
     """Dry run: expand plans into runs and price them (FLOPs, GPU-hours = FLOPs / (MFU x peak)). Writes nothing.
 
-    A plan is a CSV with one row per block of runs; a cell holds a value, a list (64|128), a range (64..1024*2) or
-    an expression (=20*nonembed_params). Columns: slab plan --columns.
+    A plan is a CSV with one row per block of runs; a cell holds a value, a list (64|128), a range (64..1024*2) or an expression (=20*nonembed_params). Columns: slab plan --columns.
 
     Example: slab plan plans/minimax01.csv --mfu 0.4
     """
@@ -248,13 +274,17 @@ def plan(
                                      "total_params_read": total_read, "rounded_up": rounded,
                                      "same_training": same}) + "\n")
         return
-    table = Table(title=escape(", ".join(str(f) for f in files)))
-    for col in ("plan:row", "arch", "shape", "params", "non-emb", "tokens", "FLOPs", "runs"):
-        table.add_column(col, justify="left" if col in ("plan:row", "arch", "shape") else "right")
-    for b in cost.blocks:
-        tokens = si(b.tokens_min) if b.tokens_min == b.tokens_max else f"{si(b.tokens_min)}-{si(b.tokens_max)}"
-        table.add_row(Text(f"{b.plan}:{b.row}"), b.arch, b.shape, si(b.params), si(b.nonembed_params), tokens, si(b.flops), str(b.runs))
-    out.print(table)
+    import pandas as pd
+
+    blocks = pd.DataFrame(
+        [(f"{b.plan}:{b.row}", b.arch, b.shape, si(b.params), si(b.nonembed_params),
+          si(b.tokens_min) if b.tokens_min == b.tokens_max else f"{si(b.tokens_min)}-{si(b.tokens_max)}", si(b.flops), str(b.runs))
+         for b in cost.blocks], columns=["plan:row", "arch", "shape", "params", "non-emb", "tokens", "FLOPs", "runs"])
+    # plan:row, which the notes below name, is never wrapped (at 80 columns it had read 'minimax0…'); a long hybrid pattern
+    # in shape wraps instead
+    _print_table(blocks, ", ".join(str(f) for f in files), optional=("non-emb", "params"), free=("shape", 10),
+                 right=("params", "non-emb", "tokens", "FLOPs", "runs"), whole=("plan:row", "arch"),
+                 hint="slab plan --json gives every figure")
     for plan_name, row, n, of in cost.repeats:
         # Such a row is missing from the table, or shows fewer runs than it expands to.
         which = (f"its {_n(of, 'run')} {'is' if of == 1 else 'are all'}" if n == of
@@ -338,10 +368,22 @@ def runs(
     if fmt is Format.table:
         cols = ["run_id", "arch", "d_model", "n_layers", "hybrid", "params", "tokens", "status", "attempts", "step", "final_loss", "val_loss", "error", "plan"]
         frame = frame[cols].copy()
-        frame["error"] = frame["error"].map(lambda e: e.strip().splitlines()[-1][:80] if isinstance(e, str) and e.strip() else e)
+        frame["error"] = frame["error"].map(_last_line)
         for c in ("final_loss", "val_loss"):
             frame[c] = frame[c].map(lambda v: f"{v:.4f}" if v == v and v is not None else "")
-    _emit(frame, fmt, title=_n(len(frame), "run"))
+        for c in ("params", "tokens"):  # 1.33G, as slab plan shows them (CSV and JSON keep every digit)
+            frame[c] = frame[c].map(lambda v: si(float(v)) if _cell(v) else "")
+    _emit(frame, fmt, title=_n(len(frame), "run"), free=("error", 14), whole=("run_id",),
+          hint="slab runs --csv or --json prints every column",
+          optional=("n_layers", "d_model", "attempts", "final_loss", "hybrid", "plan", "step", "tokens"))
+
+
+def _last_line(error):
+    """A run's error as a table shows it: its last line, the exception, up to 80 characters ('…' where it goes on)."""
+    if not isinstance(error, str) or not error.strip():
+        return ""
+    line = error.strip().splitlines()[-1]
+    return line if len(line) <= 80 else line[:79] + "…"
 
 
 def _whole_numbers(frame):
@@ -392,8 +434,7 @@ def sql(
 ) -> None:
     """Run a read-only SQL query; a write is refused (exit 2).
 
-    The runs table holds a run's spec (d_model, n_layers, seq_len, lr, data, ...) as JSON in its spec column, where
-    slab runs spreads it into columns: on SQLite read it with json_extract(spec, '$.d_model').
+    The runs table holds a run's spec (d_model, n_layers, seq_len, lr, data, ...) as JSON in its spec column, where slab runs spreads it into columns: on SQLite read it with json_extract(spec, '$.d_model').
 
     Example: slab sql "select arch, min(val_loss) from runs where status='done' group by arch"
     Example: slab sql "select json_extract(spec, '$.d_model') as d_model, val_loss from runs"
@@ -428,6 +469,8 @@ def export(
     """
     from db.queries import QueryError, export_table
 
+    if str(out_path) == "-":  # it had written a file named '-'
+        fail(f"--out -: slab export writes a file; for the table on stdout: slab sql \"select * from {table}\" --csv")
     try:
         n = export_table(_engine(ctx), table, format.value if format else None, out_path)
     except QueryError as exc:
@@ -441,7 +484,7 @@ def launch(
     files: list[Path] = typer.Argument(..., help="Plan files to register and train.", show_default=False),
     address: Optional[str] = typer.Option(
         None, help="Ray cluster to join: 'auto' (RAY_ADDRESS, or the cluster `ray start` made on this host), the head's "
-        "HOST:PORT (its GCS, port 6379 by default), or ray://HOST:PORT (Ray Client: needs the ray[client] extra). "
+        "HOST:PORT (its GCS, port 6379 by default), or ray://HOST:PORT (Ray Client: needs the ray\\[client] extra). "
         "Default: start a local Ray in this process."
     ),
     ckpt_dir: Path = typer.Option(
@@ -449,7 +492,7 @@ def launch(
     ),
     max_attempts: int = typer.Option(3, min=1, help="Attempts per run in this launch before it stays failed."),
     cpu: bool = typer.Option(False, "--cpu", help="Train on CPU (no GPU asked for)."),
-    where: Optional[str] = typer.Option(None, help='Only runs that match, e.g. "arch=lightning,tokens=12k": the plan\'s column names and its number forms, or the derived params, flops, flops_per_token.'),
+    where: Optional[str] = typer.Option(None, help='Only runs that match, e.g. arch=lightning,tokens=12k (the plan\'s column names and its number forms, or the derived params, flops, flops_per_token).'),
     limit: Optional[int] = typer.Option(None, min=0, help="Train at most this many runs."),
     cpus_per_run: int = typer.Option(1, min=1, help="CPU cores each run takes (its torch threads)."),
     lease_timeout: float = typer.Option(
@@ -489,6 +532,8 @@ def launch(
         fail(str(exc))
     if num_gpus is not None and address:
         fail("--num-gpus limits a local Ray; a cluster joined with --address has the GPUs it has")
+    if not gpu_mem > 0:  # typer's min cannot exclude 0; 0 or less had been taken, and packs sized against it
+        fail(f"--gpu-mem must be a positive number of GiB, got {gpu_mem:g}")
     fsdp_from = _count_option(fsdp_min_params, "--fsdp-min-params")
     if ckpt_dir.exists() and not ckpt_dir.is_dir():
         fail(f"--ckpt-dir {ckpt_dir}: is a file, not a folder")
@@ -507,10 +552,12 @@ def launch(
         import pandas as pd
 
         frame = pd.DataFrame(result.rows)[["run_id", "name", "arch", "status", "attempts", "step", "final_loss", "val_loss", "wall_s", "error"]]
-        frame["error"] = frame["error"].map(lambda e: e.strip().splitlines()[-1][:80] if isinstance(e, str) and e.strip() else "")
+        frame["error"] = frame["error"].map(_last_line)
         for c in ("final_loss", "val_loss", "wall_s"):
             frame[c] = frame[c].map(lambda v: f"{v:.4g}" if v is not None and v == v else "")
-        _emit(frame, Format.table, title="launch summary")
+        _emit(frame, Format.table, title="launch summary", free=("error", 14), whole=("run_id",),
+              hint="slab runs --csv prints every column",
+              optional=("attempts", "final_loss", "wall_s", "step", "name"))
     done = sum(r["status"] == "done" for r in result.rows)
     bad = sum(r["status"] in ("failed", "diverged") for r in result.rows)
     out.print(f"{done}/{len(result.rows)} runs done, {bad} failed or diverged" + (" (stopped early)" if result.interrupted else ""))
@@ -601,17 +648,17 @@ def fit(
     bootstrap: int = typer.Option(200, min=0, help="Bootstrap resamples of runs for the intervals (as compare and report)."),
     seed: int = typer.Option(0, min=0, help="Seed of the bootstrap."),
     csv_file: Optional[Path] = typer.Option(None, "--csv", help="Fit an external CSV of params, tokens, loss[, flops] instead of the database."),
-    params_col: Optional[str] = typer.Option(None, help="With --csv: the parameter-count column [default: params]."),
-    tokens_col: Optional[str] = typer.Option(None, help="With --csv: the token column [default: tokens, where the file has it, else flops / 6N]."),
-    loss_col: Optional[str] = typer.Option(None, help="With --csv: the loss column [default: loss]."),
-    flops_col: Optional[str] = typer.Option(None, help="With --csv: the FLOPs column [default: flops, where the file has it, else 6ND]."),
+    params_col: Optional[str] = typer.Option(None, help="With --csv: the parameter-count column \\[default: params]."),
+    tokens_col: Optional[str] = typer.Option(None, help="With --csv: the token column \\[default: tokens, where the file has it, else flops / 6N]."),
+    loss_col: Optional[str] = typer.Option(None, help="With --csv: the loss column \\[default: loss]."),
+    flops_col: Optional[str] = typer.Option(None, help="With --csv: the FLOPs column \\[default: flops, where the file has it, else 6ND]."),
     n_params: str = typer.Option("nonembed_params", help="From the database: fit on nonembed_params or params (total)."),
     edges: Optional[str] = typer.Option(None, help="frontier/power from training curves: drop the compute bins whose best run is the smallest size there (the compute-optimal frontier), keep them (the runs' envelope, an upper bound), or auto (the default, as compare and report): drop, unless the frontier is then not identified."),
     as_json: bool = typer.Option(False, "--json", help="Print the fit as JSON."),
 ) -> None:
     """Fit a scaling law with bootstrap intervals; from the database the fit is stored in the fits table.
 
-    Example: slab fit --plan isoflop --method 2 --bootstrap 500
+    Example: slab fit --plan isoflop --arch softmax --method 2 --bootstrap 500
     Example: slab fit --csv chinchilla.csv --params-col "Model Size" --flops-col "Training FLOP" --method 3
     """
     from analysis.compare import arch_seed
@@ -708,11 +755,7 @@ def compare(
 ) -> None:
     """Compare architectures: per-arch frontier laws, the loss gap and compute multiplier vs a baseline, NIAH.
 
-    The gap is each arch's frontier loss minus the baseline's at a compute C (training loss along the curves); the
-    compute multiplier is the compute it needs to reach the baseline's loss at C, divided by C (above 1: it needs
-    more). NIAH: the largest model of each arch, hybrids by ratio, runs of that size averaged. Where no loss law
-    can be compared (one size, as in an ablation), the retrieval tables and the final loss of each variant are
-    still shown (not with --json), and the command exits 2.
+    The gap is each arch's frontier loss minus the baseline's at a compute C (training loss along the curves); the compute multiplier is the compute it needs to reach the baseline's loss at C, divided by C (above 1: it needs more). NIAH: the largest model of each arch, hybrids by ratio, runs of that size averaged. Where no loss law can be compared (one size, as in an ablation), the retrieval tables and the final loss of each variant are still shown (not with --json), and the command exits 2.
 
     Example: slab compare --plan smoke-h100 --baseline softmax
     """
@@ -770,7 +813,7 @@ def report(
     ctx: typer.Context,
     out_dir: Path = typer.Option(..., "--out", help="Folder for index.html, report.md and figures/.", show_default=False),
     plan: Optional[str] = typer.Option(None, help="Only runs of this plan."),
-    title: Optional[str] = typer.Option(None, help="Report title (default: the plan name)."),
+    title: Optional[str] = typer.Option(None, help="Report title (default: 'scalinglab report: ' and the plan name, or 'all runs')."),
     throughput: Optional[Path] = typer.Option(None, help="CSV of arch, seq_len, tokens_per_s (slab bench train --seq-len ... --out FILE) for the throughput figure."),
     bootstrap: int = typer.Option(200, min=0, help="Bootstrap resamples per fit (as fit and compare)."),
     baseline: Optional[str] = typer.Option(None, help="Architecture the others are compared with (default: softmax when it has runs, else the first arch).", show_default=False),
@@ -830,9 +873,7 @@ def bench_kernels_cmd(
 ) -> None:
     """GPU: check every linear-attention backend against naive on the device, then time ours vs SDPA vs fla.
 
-    Each cell is timed twice: as eager calls (what a caller waits, the host's launch time included) and replayed as a
-    CUDA graph (GPU time alone); the report gives both tables and the ratios the kernels are judged by. Takes about 5
-    minutes on an H200 without fla.
+    Each cell is timed twice: as eager calls (what a caller waits, the host's launch time included) and replayed as a CUDA graph (GPU time alone); the report gives both tables and the ratios the kernels are judged by. Takes about 5 minutes on an H200 without fla.
 
     Example: slab bench kernels --out docs/bench
     """
@@ -852,9 +893,7 @@ def bench_fused_cmd(
 ) -> None:
     """GPU: check, then time the fused norms, SwiGLU gate and head + loss against PyTorch and torch.compile.
 
-    The ops: RMSNorm, gated RMSNorm, the SwiGLU gate and the head + cross-entropy, at the 135M model's shapes: 16k
-    tokens, d 768, SwiGLU hidden 2048, vocab 32k, bf16. Each op's output and gradients are first checked on the
-    GPU against the fp32 reference; a failing op is listed as FAIL with no timings, and the command then exits 1.
+    The ops: RMSNorm, gated RMSNorm, the SwiGLU gate and the head + cross-entropy, at the 135M model's shapes: 16k tokens, d 768, SwiGLU hidden 2048, vocab 32k, bf16. Each op's output and gradients are first checked on the GPU against the fp32 reference; a failing op is listed as FAIL with no timings, and the command then exits 1.
 
     Example: slab bench fused --csv docs/bench/fused.csv
     """
@@ -900,9 +939,7 @@ def bench_train_cmd(
 ) -> None:
     """Single-run training speed on the GPU (the CPU when there is none): tokens/s and MFU.
 
-    MFU is given against the H100's 989 TFLOP/s bf16 datasheet peak and its measured 785 TFLOP/s. On a GPU the
-    mean SM clock and power draw over the timed steps are given too (from nvidia-smi): at its power cap a GPU
-    lowers its clock, and the same code's MFU then differs between hosts.
+    MFU is given against the H100's 989 TFLOP/s bf16 datasheet peak and its measured 785 TFLOP/s. On a GPU the mean SM clock and power draw over the timed steps are given too (from nvidia-smi): at its power cap a GPU lowers its clock, and the same code's MFU then differs between hosts.
 
     Example: slab bench train --arch softmax --arch lightning --params 135M --seq-len 2048 --compile
     """
@@ -914,15 +951,15 @@ def bench_train_cmd(
     modes = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
     if compile_mode is not None and compile_mode not in modes:
         fail(f"--compile-mode {compile_mode!r}: expected one of {', '.join(modes)}")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:  # every spec before any training, so that a bad --arch fails at once (and before a folder is made)
+        specs = [(a, t, bench_spec(a, params, t, max(1, tokens_per_step // t), steps)) for a in arch for t in seq_len]
+    except ValueError as exc:
+        fail(str(exc))
     if out_csv:
         _ensure_dir(out_csv.parent, "--out")
     if profile:
         _ensure_dir(profile, "--profile")
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:  # every spec before any training, so that a bad --arch fails at once
-        specs = [(a, t, bench_spec(a, params, t, max(1, tokens_per_step // t), steps)) for a in arch for t in seq_len]
-    except ValueError as exc:
-        fail(str(exc))
     rows = []
     for a, t, spec in specs:
         prof = profile / f"train_{a}_{t}.txt" if profile else None
@@ -939,7 +976,9 @@ def bench_train_cmd(
         frame.to_csv(out_csv, index=False)
         out.print(f"wrote {out_csv} and {bench_figure(out_csv)}", markup=False)
     _emit(frame[["arch", "seq_len", "params", "microbatch", "compile", "fused", "tokens_per_s", "mfu_989", "mfu_785",
-                 "sm_clock_mhz", "power_w"]].round(4), Format.table, title="training throughput")
+                 "sm_clock_mhz", "power_w"]].round(4), Format.table, title="training throughput",
+          optional=("power_w", "sm_clock_mhz", "mfu_785", "fused", "compile", "microbatch"),
+          hint=f"{out_csv} holds every column" if out_csv else "--out FILE writes every column")
 
 
 @bench_app.command("plan")
@@ -956,7 +995,7 @@ def bench_plan(
     result = run(plan_file)
     out.print(
         f"{plan_file}: {result['runs']:,} runs; expand {result['expand_s']:.3f} s (target < 1 s); "
-        f"register into fresh SQLite {result['register_s']:.3f} s (target < 2 s)"
+        f"register into fresh SQLite {result['register_s']:.3f} s (target < 2 s)", markup=False
     )
 
 
@@ -969,8 +1008,7 @@ def bench_pack(
 ) -> None:
     """Train a plan's runs one at a time, then packed as stacked models, in this process (GPU if present).
 
-    Prints both wall times, the speedup, aggregate tokens/s and MFU, and how far the two modes' final
-    losses differ. Evals are left out of both.
+    Prints both wall times, the speedup, aggregate tokens/s and MFU, and how far the two modes' final losses differ. Evals are left out of both.
 
     Example: slab bench pack plans/pack-grid.csv --steps 50
     """
@@ -981,6 +1019,7 @@ def bench_pack(
     from analysis.bench_figures import bench_figure
     from sweep.bench import append_csv
     from sweep.bench import bench_pack as run
+    from models.train import TrainingError
     from sweep.pack import parse_pack
 
     try:
@@ -990,7 +1029,10 @@ def bench_pack(
     t0 = time.perf_counter()
     [plan] = _plans([plan_file], DEFAULT_MAX_RUNS)
     _check_csv(out_csv, "pack")
-    result = run(plan, steps=steps, pack=pack_size, progress=_stamp(t0))
+    try:
+        result = run(plan, steps=steps, pack=pack_size, progress=_stamp(t0))
+    except TrainingError as exc:  # a diverged or out-of-memory run: both modes must train every run to compare them
+        fail(f"a run stopped: {exc}; nothing was written to {out_csv}", code=1)
     append_csv({"plan": str(plan_file), **result}, out_csv)
     out.print(f"appended to {out_csv}; figure {bench_figure(out_csv)}", markup=False)
     shown = pd.DataFrame({"measure": list(result), "value": [f"{v:.4g}" if isinstance(v, float) else str(v) for v in result.values()]})
@@ -1001,7 +1043,7 @@ def _bench_view():
     """The launch view of a benchmark: runs' start and end lines on stderr (stdout keeps the tables)."""
     from sweep.progress import LaunchView
 
-    return LaunchView(Console(stderr=True), live=False)
+    return LaunchView(Console(stderr=True, emoji=False), live=False)
 
 
 def _stamp(t0: float):
@@ -1015,7 +1057,7 @@ def _check_csv(out_csv: Path, kind: str) -> None:
     """Fail (exit 2) before any training when --csv names a file that is not a `slab bench {kind}` table."""
     from analysis.bench_figures import BenchTableError, read_table, table_kind
 
-    _ensure_dir(out_csv.parent, "--csv")
+    _writable_dir(out_csv.parent, "--csv")  # made when the table is written: a refusal after this leaves no folder
     if not out_csv.exists():
         return
     try:  # results are added to this table at the end: a file that is not one (a plan, say) fails now
@@ -1030,14 +1072,13 @@ def _check_csv(out_csv: Path, kind: str) -> None:
 @bench_app.command("spread")
 def bench_spread_cmd(
     plan_file: Path = typer.Argument(Path("plans/smoke-h100.csv"), help="Plan to launch whole, once per GPU count."),
-    gpus: Optional[list[int]] = typer.Option(None, help="GPU counts to launch on, in this order (default: all the host's, then 1)."),
+    gpus: Optional[list[int]] = typer.Option(None, min=1, help="GPU counts to launch on, in this order (default: all the host's, then 1)."),
     cpu: bool = typer.Option(False, "--cpu", help="Count CPUs instead of GPUs and train on CPU (a check of the command, not a GPU figure)."),
     out_csv: Path = typer.Option(Path("bench-out/multi_gpu_spread.csv"), "--csv", help="Append the launches here, and redraw its figure beside it."),
 ) -> None:
     """Launch one plan on all of a host's GPUs and on one, each into a fresh database; compare the wall times.
 
-    The one GPU is CUDA's first. Each launch is `slab launch` itself: fractional runs packed on every GPU,
-    largest runs first, pending runs started as soon as a GPU share frees.
+    The one GPU is CUDA's first. Each launch is `slab launch` itself: fractional runs packed on every GPU, largest runs first, pending runs started as soon as a GPU share frees.
 
     Example: slab bench spread plans/smoke-h100.csv --gpus 2 --gpus 1
     """
@@ -1070,15 +1111,14 @@ def bench_spread_cmd(
 @bench_app.command("dp")
 def bench_dp_cmd(
     plan_file: Path = typer.Argument(Path("plans/dp-350m.csv"), help="Plan whose runs to train at each GPU count."),
-    gpus: list[int] = typer.Option([1, 2], help="GPU counts per run: 1 trains on one GPU, more data-parallel through Ray Train."),
+    gpus: list[int] = typer.Option([1, 2], min=1, help="GPU counts per run: 1 trains on one GPU, more data-parallel through Ray Train."),
     steps: Optional[int] = typer.Option(None, min=2, help="Cut every run to this many optimizer steps (default: the plan's own)."),
     cpu: bool = typer.Option(False, "--cpu", help="CPU workers (gloo) instead of GPUs (NCCL): a check of the command, not a speed figure."),
     out_csv: Path = typer.Option(Path("bench-out/multi_gpu_dp.csv"), "--csv", help="Write every step's loss and tokens/s here (replacing a dp table there), and its figure beside it."),
 ) -> None:
     """Data-parallel scaling: train each run of a plan on 1, 2, ... GPUs through `slab launch`.
 
-    The same global batch is split across the workers. Prints the median tokens/s of the second half of the
-    steps, the speed-up over one GPU and the final losses; the figure overlays the loss curves.
+    The same global batch is split across the workers. Prints the median tokens/s of the second half of the steps, the speed-up over one GPU and the final losses; the figure overlays the loss curves.
 
     Example: slab bench dp plans/dp-350m.csv --gpus 1 --gpus 2 --steps 60
     """
@@ -1103,6 +1143,7 @@ def bench_dp_cmd(
     if curves.empty:
         fail("no run trained a step; nothing written", code=1)
     tmp = out_csv.with_name(f".{out_csv.name}.tmp")
+    _ensure_dir(out_csv.parent, "--csv")
     curves.to_csv(tmp, index=False)
     tmp.replace(out_csv)
     out.print(f"wrote {out_csv}; figure {bench_figure(out_csv)}", markup=False)

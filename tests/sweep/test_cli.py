@@ -199,10 +199,14 @@ def test_filters_that_name_nothing_exit_2(runner, write_plan, tmp_path):
     assert one.exit_code == 0 and len(one.stdout.splitlines()) == 3  # header + the two lightning runs
 
 
-def test_bench_train_refuses_zero_sizes(runner):
+def test_bench_train_refuses_zero_sizes(runner, tmp_path):
     for option in ("--seq-len", "--steps", "--tokens-per-step", "--microbatch"):
         result = invoke(runner, "bench", "train", option, "0")
         assert result.exit_code == 2, option
+    # a bad --arch is refused before --out's folder is made
+    result = invoke(runner, "bench", "train", "--arch", "transformer", "--out", tmp_path / "new" / "train.csv")
+    assert result.exit_code == 2 and "unknown arch 'transformer'" in result.stderr
+    assert not (tmp_path / "new").exists()
 
 
 def test_piped_tables_keep_every_digit_and_name(capsys):
@@ -452,3 +456,159 @@ def test_status_says_which_running_runs_have_no_live_launcher(runner, write_plan
     assert "│ plan │       1 │       3 │" in out, out  # still counted as running
     assert "2 running runs have no live launcher" in " ".join(out.split()), out
     assert "slab launch PLAN resumes them" in " ".join(out.split()), out
+
+
+def test_colon_words_and_brackets_in_messages_are_printed_as_they_are(runner, write_plan, tmp_path):
+    # rich turned ':x:' into an emoji and '[v2]' into a style: a column ':x:' was reported as '❌', a file p[v2].csv as p.csv
+    bad = write_plan("arch,:x:\nsoftmax,1\n")
+    result = invoke(runner, "plan", bad)
+    assert result.exit_code == 2 and "unknown column ':x:'" in result.stderr, result.stderr
+    db = f"sqlite:///{tmp_path}/slab.db"
+    invoke(runner, "add", write_plan(PLAN), db=db)
+    result = invoke(runner, "runs", "--plan", ":thumbs_up:", db=db)
+    assert result.exit_code == 2 and "no plan named ':thumbs_up:'" in result.stderr, result.stderr
+    result = invoke(runner, "bench", "plan", write_plan(PLAN, "p[v2].csv"))
+    assert result.exit_code == 0 and "p[v2].csv: 4 runs" in result.stdout, result.output
+
+
+def test_help_shows_bracketed_text_as_written(runner):
+    # rich read '[default: params]' and 'ray[client]' in the option help as markup and dropped them
+    def words(*args):
+        text = runner.invoke(app, [*args, "--help"], env={"COLUMNS": "300"}).output
+        return " ".join(text.replace("│", " ").split())
+
+    fit = words("fit")
+    for default in ("[default: params]", "[default: loss]", "[default: tokens, where the file has it, else flops / 6N]",
+                    "[default: flops, where the file has it, else 6ND]"):
+        assert default in fit
+    assert "needs the ray[client] extra" in words("launch")
+
+
+def test_launch_refuses_a_gpu_memory_that_is_not_positive(runner, write_plan, tmp_path):
+    db = tmp_path / "slab.db"
+    for value in ("0", "-5"):
+        result = invoke(runner, "launch", write_plan(PLAN), "--cpu", "--gpu-mem", value, "--ckpt-dir", tmp_path / "ckpt",
+                        db=f"sqlite:///{db}")
+        assert result.exit_code == 2 and "--gpu-mem" in result.output, result.output
+    assert not db.exists() and not (tmp_path / "ckpt").exists()
+
+
+@pytest.mark.parametrize("command", ["spread", "dp"])
+def test_bench_gpu_counts_below_one_are_refused_before_any_folder_is_made(runner, write_plan, tmp_path, monkeypatch,
+                                                                           command):
+    result = invoke(runner, "bench", command, write_plan(PLAN), "--cpu", "--gpus", "0", "--csv", tmp_path / "out" / "t.csv")
+    assert result.exit_code == 2 and "--gpus" in result.output, result.output
+    assert not (tmp_path / "out").exists()
+    import sweep.launch
+
+    monkeypatch.setattr(sweep.launch, "host_gpus", lambda: 0)  # no GPU and no --cpu: refused, and no folder left either
+    result = invoke(runner, "bench", command, write_plan(PLAN), "--csv", tmp_path / "out" / "t.csv")
+    assert result.exit_code == 2 and "no GPU here" in result.stderr, result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_bench_pack_reports_a_run_that_diverged_without_a_traceback(runner, write_plan, tmp_path, monkeypatch):
+    # a run of the warm-up or of the plan ending no better than a uniform guess raised Diverged out of the command
+    import sweep.bench
+    from models.train import Diverged
+
+    def diverge(*args, **kwargs):
+        raise Diverged(2, "the final validation loss 5.573 is no better than a uniform guess's (ln 260 = 5.561)")
+
+    monkeypatch.setattr(sweep.bench, "bench_pack", diverge)
+    out_csv = tmp_path / "pack.csv"
+    result = invoke(runner, "bench", "pack", write_plan(PLAN), "--steps", "2", "--csv", out_csv)
+    assert result.exit_code == 1, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+    assert "error: a run stopped: the final validation loss 5.573" in result.stderr and "nothing was written" in result.stderr
+    assert not out_csv.exists()
+
+
+def _narrow(monkeypatch, width=80):
+    """Print stdout as a terminal of ``width`` columns does."""
+    from rich.console import Console
+
+    import sweep.cli
+
+    monkeypatch.setattr(sweep.cli, "out", Console(width=width, emoji=False))
+
+
+def test_runs_table_fits_an_80_column_terminal_with_every_id_whole(runner, write_plan, tmp_path, monkeypatch):
+    # at 80 columns every one of its 14 columns was cut to two or three letters and '…': '| a0… | hg… | 64… |'
+    import sqlite3
+
+    db = tmp_path / "slab.db"
+    assert invoke(runner, "add", write_plan(PLAN), db=f"sqlite:///{db}").exit_code == 0
+    with sqlite3.connect(db) as conn:
+        conn.execute("UPDATE runs SET status = 'failed', step = 7, attempts = 3, error = ? WHERE run_id = "
+                     "(SELECT min(run_id) FROM runs)", ("Traceback (most recent call last):\nRuntimeError: CUDA error: an "
+                                                        "illegal memory access was encountered",))
+    ids = [r["run_id"] for r in json.loads(invoke(runner, "runs", "--json", db=f"sqlite:///{db}").stdout)]
+    _narrow(monkeypatch)
+    result = invoke(runner, "runs", db=f"sqlite:///{db}")
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert max(len(line) for line in lines) <= 80 and "…" not in result.stdout, result.stdout
+    assert all(i in result.stdout for i in ids) and "lightning" in result.stdout and "failed" in result.stdout
+    assert "illegal memory access" in " ".join(" ".join(lines).replace("│", " ").split())
+    assert "left out to fit 80 columns" in result.stderr and "--csv" in result.stderr
+    _narrow(monkeypatch, 400)
+    wide = invoke(runner, "runs", db=f"sqlite:///{db}")
+    assert "n_layers" in wide.stdout and "left out" not in wide.stderr
+
+
+def test_plan_table_keeps_plan_and_row_whole_at_80_columns(runner, write_plan, monkeypatch):
+    path = write_plan("arch,d_model,n_layers,hybrid,seq_len,batch_size,tokens\n"
+                      "hybrid,1856,32,LLLLLLLSLLLLLLLSLLLLLLLSLLLLLLLS,64,4,2560\n", "a_long_plan_name.csv")
+    _narrow(monkeypatch)
+    result = invoke(runner, "plan", path)
+    assert result.exit_code == 0, result.output
+    assert "a_long_plan_name:2" in result.stdout and "…" not in result.stdout, result.stdout
+
+
+def test_help_paragraphs_are_not_broken_mid_sentence(runner):
+    # a docstring's own line breaks were kept: at 80 columns 'or' ended one line and 'an expression' began the next
+    import typer.main
+
+    group = typer.main.get_command(app)
+    commands = [[name] for name in group.commands if name != "bench"]
+    commands += [["bench", name] for name in group.commands["bench"].commands]
+    broken = []
+    for args in commands:
+        text = runner.invoke(app, [*args, "--help"], env={"COLUMNS": "1000"}).output
+        lines = [line.strip() for line in text.split("╭")[0].splitlines()[1:]]  # the description, before the panels
+        broken += [f"{' '.join(args)}: {a!r} / {b!r}" for a, b in zip(lines, lines[1:]) if a and b and not b.startswith("Example:")]
+    assert not broken, "\n".join(broken)
+
+
+def test_export_to_dash_is_refused_rather_than_written_to_a_file_named_dash(runner, write_plan, tmp_path, monkeypatch):
+    # '--out -' reads as stdout, but it wrote a file named '-' and said so
+    monkeypatch.chdir(tmp_path)
+    db = f"sqlite:///{tmp_path}/slab.db"
+    invoke(runner, "add", write_plan(PLAN), db=db)
+    result = invoke(runner, "export", "runs", "--out", "-", db=db)
+    assert result.exit_code == 2 and "slab sql" in result.stderr, result.output
+    assert not (tmp_path / "-").exists()
+
+
+def test_a_table_too_wide_for_the_terminal_leaves_out_its_optional_columns_in_order(monkeypatch, capsys):
+    # the launch summary's shape: at 80 columns its run ids, names and archs had read '77e8…', 'tsof…', 'soft…'
+    import pandas as pd
+
+    from sweep.cli import Format, _emit
+
+    frame = pd.DataFrame([{"run_id": "77e8053ca0ec0cae", "name": "demo-lightning-d64-200k", "arch": "lightning",
+                           "status": "failed", "attempts": 3, "step": 20, "final_loss": "5.062", "val_loss": "5.106",
+                           "wall_s": "3.684", "error": "RuntimeError: CUDA error: an illegal memory access was encountered"}])
+    optional = ("attempts", "final_loss", "wall_s", "step", "name")
+    _narrow(monkeypatch)
+    _emit(frame, Format.table, title="launch summary", optional=optional, free=("error", 14), whole=("run_id",))
+    printed = capsys.readouterr()
+    assert max(map(len, printed.out.splitlines())) <= 80 and "…" not in printed.out, printed.out
+    assert all(word in printed.out for word in ("77e8053ca0ec0cae", "lightning", "failed", "5.106", "illegal"))
+    left = printed.err.split("left out to fit 80 columns: ")[1].split(" (")[0].split(", ")
+    assert left == list(optional[:len(left)]) and "status" in printed.out
+    _narrow(monkeypatch, 200)
+    _emit(frame, Format.table, title="launch summary", optional=optional, free=("error", 14), whole=("run_id",))
+    printed = capsys.readouterr()
+    assert "demo-lightning-d64-200k" in printed.out and "attempts" in printed.out and not printed.err

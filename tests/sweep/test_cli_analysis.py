@@ -283,3 +283,16 @@ def test_compare_of_a_one_size_ablation_shows_retrieval_by_ratio_and_exits_2(tmp
     assert "1.105" in result.stdout  # softmax's mean final validation loss over its two seeds
     # NIAH in percent, as the findings are, with the depth as it was (not rounded to 0.2)
     assert re.search(r"softmax\s*│\s*0\.25\s*│\s*90(\.0)?\s*│\s*90(\.0)?\s*│", result.stdout), result.stdout
+
+
+def test_fit_help_example_runs_as_written(study_db):
+    # its example fitted plan isoflop without --arch: the plan holds softmax and lightning, so it was refused
+    import shlex
+
+    text = CliRunner().invoke(app, ["fit", "--help"], env={"COLUMNS": "300"}).output
+    example = next(line.split("Example:", 1)[1] for line in text.splitlines() if "Example: slab fit --plan" in line)
+    args = shlex.split(example.replace("│", ""))[2:]  # after 'slab fit'
+    args[args.index("--plan") + 1] = "syn"  # the synthetic study's plan, of the same two archs as plans/isoflop.csv
+    args[args.index("--bootstrap") + 1] = "10"
+    result = invoke("--db", study_db, "fit", *args)
+    assert result.exit_code == 0, result.output
