@@ -259,6 +259,8 @@ def load_csv(
     (repeated rows, FLOPs far from 6 N D) is in the frame's attrs["notes"].
     """
     path = Path(path)
+    if path.is_dir():
+        raise FitError(f"{path}: a folder, not a CSV file")
     if not path.is_file():
         raise FitError(f"{path}: no such file")
     try:

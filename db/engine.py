@@ -14,7 +14,7 @@ from urllib.parse import quote
 
 from sqlalchemy import Connection, Engine, create_engine, event, inspect, select, text
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError, OperationalError
+from sqlalchemy.exc import ArgumentError, NoSuchModuleError, OperationalError
 from sqlalchemy.orm import Session
 
 from db.schema import SCHEMA_VERSION, Base, Meta
@@ -137,6 +137,10 @@ def make_engine(url: str | None = None) -> Engine:
         return _sqlite_engine(url, parsed)
     try:
         return create_engine(url, pool_pre_ping=True)
+    except NoSuchModuleError:  # a scheme SQLAlchemy has no dialect for ("Can't load plugin" says little)
+        raise DatabaseError(f"unknown database kind {parsed.get_backend_name()!r} in {shown_url(url)!r}: expected "
+                            f"sqlite:///FILE ({SQLITE_FORMS}) or postgresql+psycopg://USER:PASSWORD@HOST/DB, or another "
+                            "SQLAlchemy URL whose driver is installed") from None
     except Exception as exc:  # missing driver, bad options: say it plainly
         raise DatabaseError(f"cannot use database URL {shown_url(url)!r}: {_first_line(exc)}") from None
 
@@ -180,6 +184,8 @@ def open_db(url: str | None = None, *, create: bool = True) -> Engine:
     """Open (and with ``create`` initialise) the database; refuse a missing one or a newer schema."""
     url = resolve_url(url)
     path = sqlite_path(url)
+    if path is not None and path.is_dir():  # SQLite would say only "unable to open database file"
+        raise DatabaseError(f"{path} is a folder, not a database file: name a file in it, e.g. sqlite:///{path / 'slab.db'}")
     if path is not None and not path.exists():
         if not create:
             raise DatabaseError(f"no database at {path}; register a plan first with `slab add PLAN`")
@@ -201,6 +207,7 @@ def open_db(url: str | None = None, *, create: bool = True) -> Engine:
     except Exception as exc:
         engine.dispose()
         detail = _not_writable_hint(path, str(exc).split("\n(Background on this error")[0])  # the link adds nothing
+        detail = " ".join(line.strip() for line in detail.splitlines())  # a driver's hint on a line of its own
         raise DatabaseError(f"cannot open database {shown_url(url)!r}: {exc.__class__.__name__}: {detail}") from None
     return engine
 

@@ -360,6 +360,8 @@ def test_external_csv_in_besiroglu_format_is_loaded_and_fitted(tmp_path):
 def test_external_csv_errors_name_the_file_and_column(tmp_path):
     with pytest.raises(FitError, match="no such file"):
         fits.load_csv(tmp_path / "absent.csv")
+    with pytest.raises(FitError, match="a folder, not a CSV file"):  # it had said "no such file"
+        fits.load_csv(tmp_path)
     path = tmp_path / "bad.csv"
     path.write_text("params,loss\n1e8,3.0\n")
     with pytest.raises(FitError) as info:

@@ -173,6 +173,20 @@ def test_bad_urls(tmp_path):
         open_db("notadb://x")
 
 
+def test_database_errors_say_what_is_wrong_in_one_line(tmp_path):
+    # a folder had given "unable to open database file", an unknown scheme "Can't load plugin: sqlalchemy.dialects:foo",
+    # and an unreachable PostgreSQL two lines (psycopg's hint on a line of its own)
+    (tmp_path / "afolder").mkdir()
+    with pytest.raises(DatabaseError, match=r"is a folder, not a database file") as info:
+        open_db(f"sqlite:///{tmp_path}/afolder")
+    assert "sqlite:///" in str(info.value)
+    with pytest.raises(DatabaseError, match=r"unknown database kind 'foo'.*sqlite:///.*postgresql\+psycopg://"):
+        open_db("foo://x/y")
+    with pytest.raises(DatabaseError) as info:
+        open_db("postgresql+psycopg://me:pw@127.0.0.1:1/z")
+    assert "\n" not in str(info.value), str(info.value)
+
+
 @pytest.mark.parametrize("url, match", [
     ("postgresql+psycopg://me:s3cret@127.0.0.1:abc/z", "bad database URL 'postgresql\\+psycopg://me:\\*\\*\\*@"),
     ("postgresql+psycopg://me:s3cret@127.0.0.1:1/z", "cannot open database 'postgresql\\+psycopg://me:\\*\\*\\*@"),
