@@ -29,7 +29,7 @@ from models.data import Batches, open_data
 from models.evals import autocast, check_evals, run_evals, validation_batches
 from models.lm import LM
 from models.train import (
-    BETAS, MAX_TRAIN_REPORTS, PEAK_FLOPS_CUDA, Diverged, Interrupted, OutOfMemory, Summary, TrainingError,
+    BETAS, MAX_TRAIN_REPORTS, PEAK_FLOPS_CUDA, CheckpointUnreadable, Diverged, Interrupted, OutOfMemory, Summary,
     _param_groups, _parse_fault, _run_key, build_model, check_resumable, check_spec, checkpoint_steps, decayed,
     default_microbatch, load_checkpoint, lr_at, model_config, rejected_validation, save_checkpoint, summarize,
 )
@@ -223,9 +223,10 @@ def pretrain_pack(
     faults: Sequence[str | None] | None = None,
     ckpt_every_steps: int = 1000,
     ckpt_every_s: float = 1800.0,
-) -> list[Summary | TrainingError]:
-    """Train the runs ``specs`` (one shape) together; returns per member its ``Summary``, or the
-    ``Diverged`` / ``Interrupted`` that ended it. Reports and checkpoints per member as ``pretrain`` does.
+) -> list[Summary | Exception]:
+    """Train the runs ``specs`` (one shape) together; returns per member its ``Summary``, the ``Diverged`` /
+    ``Interrupted`` that ended it, or what kept it from resuming (``CheckpointUnreadable``, or ``ValueError`` for a
+    checkpoint of another run or data). Reports and checkpoints per member as ``pretrain`` does.
 
     Raises ``OutOfMemory`` for the pack as a whole (retry the members alone), and any other error. ``faults``
     are ``pretrain``'s test hooks per member: "nan@K" diverges that member; "raise@K" and "exit@K" end the pack.
@@ -261,12 +262,19 @@ def pretrain_pack(
     # Members start as pretrain's models do (seeded init), then resume from their own checkpoints.
     members, batches, starts, prior_wall, last_loss = [], [], [], [], []
     resumed: list[dict | None] = []
-    for spec, ckpt_dir in zip(specs, ckpt_dirs):
+    refused: list[Exception | None] = [None] * n
+    for i, (spec, ckpt_dir) in enumerate(zip(specs, ckpt_dirs)):
         model = build_model(cfg, spec.seed, device)
         stream = Batches(data, spec.seq_len, microbatch, seed=spec.seed)
-        state = load_checkpoint(ckpt_dir)
+        try:
+            state = load_checkpoint(ckpt_dir)
+            if state is not None:
+                check_resumable(state, spec, data, ckpt_dir)
+        except (CheckpointUnreadable, ValueError) as exc:
+            # This member's own folder stops it, as it would stop the run alone; its pack-mates train on (it stays
+            # in the stack, never updated, rather than the pack being rebuilt).
+            refused[i], state = exc, None
         if state is not None:
-            check_resumable(state, spec, data, ckpt_dir)
             model.load_state_dict(state["model"])
             stream.load_state_dict(state["data"])
             log.info("resuming %s from step %d", ckpt_dir, state["step"])
@@ -390,9 +398,9 @@ def pretrain_pack(
                 reporters[i]("eval", {"step": step, "name": name, "value": value})
         return vals
 
-    outcome: list[Summary | TrainingError | None] = [None] * n
+    outcome: list[Summary | Exception | None] = list(refused)
     active = [True] * n  # set per step below; evaluate() clears a member whose validation loss rules it out
-    finished = [i for i, start in enumerate(starts) if start >= total_steps]
+    finished = [i for i, start in enumerate(starts) if start >= total_steps and outcome[i] is None]
     # checkpointed at their last step but not reported as done: finish them
     for i, val in evaluate(finished, total_steps).items():
         outcome[i] = summarize(specs[i], counts, fpt, val_loss=val, final_loss=last_loss[i], wall_s=prior_wall[i],
