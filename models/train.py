@@ -299,13 +299,13 @@ def _dist_rank_world() -> tuple[int, int]:
     return 0, 1
 
 
-def _agree(flag: bool, world: int, device: torch.device) -> bool:
-    """Rank 0's decision, shared with every rank (so all stop at the same step)."""
+def _agree(flags: list[bool], world: int, device: torch.device) -> list[bool]:
+    """Rank 0's decisions, shared with every rank in one broadcast (so all stop, or checkpoint, at the same step)."""
     if world == 1:
-        return flag
-    t = torch.tensor([int(flag)], device=device)
+        return flags
+    t = torch.tensor([int(f) for f in flags], device=device)
     torch.distributed.broadcast(t, 0)
-    return bool(t.item())
+    return [bool(v) for v in t.tolist()]
 
 
 def _parse_fault(fault: str | None) -> tuple[str, int] | None:
@@ -654,9 +654,11 @@ def pretrain(
         if not overlap_readback:
             settle()
 
-        stopping = _agree(should_stop is not None and should_stop(), world, device)
-        due = step % ckpt_every_steps == 0 if ckpt_every_steps else False
-        due = due or time.perf_counter() - last_ckpt_t >= ckpt_every_s
+        # A timed checkpoint too is rank 0's call: each rank's own clock could find it due a step apart from another's,
+        # and ranks that disagree enter different collectives (the checkpoint's barrier, the next step's all-reduce).
+        stopping, timed = _agree([should_stop is not None and should_stop(),
+                                  time.perf_counter() - last_ckpt_t >= ckpt_every_s], world, device)
+        due = timed or (step % ckpt_every_steps == 0 if ckpt_every_steps else False)
         evals_due = spec.eval_every and step % spec.eval_every == 0 and step != total_steps
         saving = step == total_steps or due or stopping or step == exit_at
         if saving or evals_due:

@@ -144,3 +144,50 @@ def test_workers_refuse_to_start_without_nccl_settings(monkeypatch):
     monkeypatch.delenv("NCCL_NVLS_ENABLE")
     with pytest.raises(RuntimeError, match="NCCL_NVLS_ENABLE=0"):
         check_worker_env()
+
+
+
+#: One of two gloo ranks training a tiny run (argv: rank, port, checkpoint folder). Rank 1's clock runs 1000 s ahead at
+#: every reading, so that rank alone finds a timed checkpoint due, as a rank does now and then when the time passes
+#: between two ranks' reads. A script, not a function: a spawned child would import this module and Ray with it.
+FAST_CLOCK_RANK = """
+import os, sys, time
+from datetime import timedelta
+from types import SimpleNamespace
+import torch.distributed as dist
+import models.train as train
+from sweep.spec import RunSpec
+rank, port, ckpt_dir = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+dist.init_process_group("gloo", rank=rank, world_size=2, timeout=timedelta(seconds=5))
+if rank == 1:
+    readings = iter(range(10**9))
+    train.time = SimpleNamespace(perf_counter=lambda: time.perf_counter() + 1000.0 * next(readings))
+run = RunSpec(arch="lightning", d_model=32, n_layers=2, n_heads=2, hybrid="", vocab_size=260, seq_len=32, batch_size=4,
+              tokens=4 * 32 * 3, lr=3e-3, warmup=1, schedule="cosine", min_lr_ratio=0.1, weight_decay=0.1, grad_clip=1.0,
+              seed=0, data="stdlib")
+train.pretrain(run, lambda kind, payload: None, ckpt_dir, device="cpu", ckpt_every_steps=0, ckpt_every_s=60.0)
+dist.destroy_process_group()
+"""
+
+
+def test_ranks_agree_on_a_timed_checkpoint(tmp_path):
+    """Each rank had decided a timed checkpoint on its own clock: ranks that disagreed entered different collectives
+    and hung (a long data-parallel run, checkpointed every 10 minutes)."""
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from models.train import checkpoint_steps
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, "-c", FAST_CLOCK_RANK, str(rank), str(port), str(tmp_path)], cwd=root,
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for rank in range(2)]
+    errors = [p.communicate(timeout=120)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], errors
+    assert checkpoint_steps(tmp_path) == [3]  # rank 0's decision: no timed checkpoint before the last step
