@@ -56,7 +56,7 @@ def bench_pack(plan: Plan, *, steps: int | None = None, pack: int | None = None,
     import torch
 
     from models.packed import pretrain_pack
-    from models.train import PEAK_FLOPS_CUDA, pretrain
+    from models.train import PEAK_FLOPS_CUDA, Diverged, pretrain
     from sweep.pack import plan_packs
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -76,10 +76,17 @@ def bench_pack(plan: Plan, *, steps: int | None = None, pack: int | None = None,
         if on_cuda:
             torch.cuda.synchronize()
 
-    def serial(items, root):
+    def serial(items, root, warm_up=False):
         out = []
         for spec, name in items:
-            out.append(pretrain(spec, quiet, root / spec.run_id, device=device))
+            try:
+                out.append(pretrain(spec, quiet, root / spec.run_id, device=device))
+            except Diverged as exc:
+                # A warm-up of two steps has compiled and warmed what it had to; its loss, which may not yet beat a
+                # uniform guess (the end-of-run rule), does not count. (A pack reports its members' instead.)
+                if not warm_up:
+                    raise
+                out.append(exc)
             if progress:
                 progress(f"alone: {name} done")
         return out
@@ -101,7 +108,7 @@ def bench_pack(plan: Plan, *, steps: int | None = None, pack: int | None = None,
         for group in packs:
             shapes.setdefault(group[0][0].model_config(), group)
         warm = [[(shorten(s, 2), n) for s, n in g] for g in shapes.values()]
-        serial([g[0] for g in warm], root / "warm-alone")
+        serial([g[0] for g in warm], root / "warm-alone", warm_up=True)
         packed(warm, root / "warm-pack")
         sync()
         t0 = time.perf_counter()

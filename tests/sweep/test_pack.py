@@ -67,6 +67,29 @@ def test_bench_pack_trains_the_same_runs_both_ways(tmp_path):
     assert result["worst_run_alone_twice_rel_diff"] == 0.0  # CPU training is deterministic
 
 
+def test_bench_pack_warm_up_does_not_fail_on_the_end_of_run_rule(tmp_path, monkeypatch):
+    # a two-step warm-up of a run alone may end no better than a uniform guess (an audit's tiny plan did), which raised
+    # Diverged out of slab bench pack before anything was timed (plans/pack-grid.csv's first shape ends at 4.71 < ln 260)
+    import models.train
+    from sweep.bench import bench_pack
+    from sweep.plan import load_plan
+
+    real, finals = models.train.rejected_validation, []
+
+    def first_end_rejected(val_loss, vocab_size, final):  # the warm-up's lone run is the first to end
+        finals.append(final)
+        if final and finals.count(True) == 1:
+            return "no better than a uniform guess (this test)"
+        return real(val_loss, vocab_size, final)
+
+    monkeypatch.setattr(models.train, "rejected_validation", first_end_rejected)
+    plan = tmp_path / "grid.csv"
+    plan.write_text("name,arch,d_model,n_layers,seq_len,batch_size,tokens,lr,warmup,seed\n"
+                    "t-{seed},lightning,32,2,64,4,10000,3e-3,2,0..1+1\n")
+    result = bench_pack(load_plan(plan), steps=3, pack=2, device="cpu")
+    assert finals.count(True) >= 2 and result["runs"] == 2 and result["packed_s"] > 0
+
+
 def test_bench_pack_cli_bad_input(tmp_path):
     """A missing plan file and a bad --pack are one-line errors with exit 2 and write no CSV."""
     import subprocess
