@@ -271,6 +271,17 @@ def niah_grid(niah: pd.DataFrame) -> pd.DataFrame:
     return t
 
 
+def beyond_context_names(niah: pd.DataFrame) -> dict[str, str]:
+    """Renames for a `niah_grid`'s length columns beyond the runs' training context ('for some' where only some runs'
+    context is exceeded): softmax with RoPE fails there by construction, which a bare length hides."""
+    names = {}
+    for n, sub in niah.groupby("length"):
+        out = sub["in_context"].eq(False)
+        if out.any():
+            names[f"len {int(n)}"] = f"len {int(n)} (beyond training context{'' if out.all() else ' for some'})"
+    return names
+
+
 def variant_of(arch: str, hybrid: str | float | None) -> str:
     """The name a result is reported under: the arch, or for a hybrid its ratio ('hybrid 7:1')."""
     if str(arch) != "hybrid":

@@ -29,6 +29,7 @@ from analysis.compare import (  # noqa: E402
     MIN_BOOTSTRAP_RUNS,
     ArchComparison,
     arch_seed,
+    beyond_context_names,
     compare_archs,
     few_runs,
     fit_per_arch,
@@ -613,12 +614,7 @@ def _niah_grid_marked(niah: pd.DataFrame) -> pd.DataFrame:
     'beyond for some')."""
     g = niah_grid(niah)
     g = g.iloc[sorted(range(len(g)), key=lambda i: (_variant_order(g["variant"].iloc[i]), g["depth"].iloc[i]))]
-    names = {}
-    for n, sub in niah.groupby("length"):
-        out = sub["in_context"].eq(False)
-        if out.any():
-            names[f"len {int(n)}"] = f"len {int(n)} (beyond training context{'' if out.all() else ' for some'})"
-    return g.rename(columns=names).reset_index(drop=True)
+    return g.rename(columns=beyond_context_names(niah)).reset_index(drop=True)
 
 
 def _fig_mqar(mqar):

@@ -759,7 +759,8 @@ def compare(
 
     Example: slab compare --plan smoke-h100 --baseline softmax
     """
-    from analysis.compare import compare_archs, gap_summary, loss_table, mqar_table, niah_grid, niah_table
+    from analysis.compare import (beyond_context_names, compare_archs, gap_summary, loss_table, mqar_table, niah_grid,
+                                  niah_table)
     from analysis.fits import FitError
 
     _check_edges(edges)
@@ -797,7 +798,7 @@ def compare(
     niah = niah_table(runs, evals)
     if not niah.empty:
         sizes = ", ".join(f"{v} {si(p)}" for v, p in niah.groupby("variant")["params"].max().items())
-        grid = niah_grid(niah)
+        grid = niah_grid(niah).rename(columns=beyond_context_names(niah))  # as the report heads them
         _emit(grid.round({c: 1 for c in grid.columns if c.startswith("len ")}), Format.table,
               title=f"needle in a haystack, accuracy (%) by depth and length (largest model of each: {sizes})")
     mqar = mqar_table(runs, evals)

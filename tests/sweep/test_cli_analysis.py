@@ -78,6 +78,19 @@ def test_fit_falls_back_to_the_envelope_as_compare_does_on_the_committed_smoke_s
     assert drop.exit_code == 2 and "the compute-optimal frontier is not identified" in drop.stderr
 
 
+def test_compare_heads_niah_lengths_beyond_the_training_context_as_the_report_does(tmp_path):
+    # slab compare had printed "len 1024" bare: softmax's 0 there read as a retrieval failure, not RoPE past its context
+    import shutil
+    from pathlib import Path
+
+    db = tmp_path / "smoke.db"
+    shutil.copy(Path(__file__).parents[2] / "docs" / "smoke" / "smoke.db", db)
+    result = invoke("--db", f"sqlite:///{db}", "compare", "--plan", "smoke-h100", "--bootstrap", "0")
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.stdout.split())
+    assert "len 1024 (beyond training context)" in text and "len 512 (beyond" not in text
+
+
 def test_report_input_errors_name_what_is_wrong_first(study_db, tmp_path):
     # the throughput CSV is read before the runs: a wrong path fails at once, even with no database there
     missing = invoke("--db", f"sqlite:///{tmp_path}/none.db", "report", "--out", tmp_path / "r", "--throughput",
