@@ -212,8 +212,10 @@ def read_rows(path: Path) -> list[tuple[int, list[str]]]:
     for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip() or line.lstrip().startswith("#"):
             continue
-        cells = next(csv.reader([line], skipinitialspace=True))
-        rows.append((lineno, [c.strip() for c in cells]))
+        cells = [c.strip() for c in next(csv.reader([line], skipinitialspace=True))]
+        if not any(cells):  # a spreadsheet saves a blank row as bare commas: a blank line, not a row to expand
+            continue
+        rows.append((lineno, cells))
     return rows
 
 
@@ -440,7 +442,9 @@ def parse_cell(column: str, text: str) -> list[Any] | Expr:
         raise CellError(f"empty item in list {text!r}")
     if col.kind == "str":
         return items
-    expected = "a positive integer" if col.kind == "int" else "a number"
+    expected = "a number"
+    if col.kind == "int":  # seed and eval_every take 0 (their defaults)
+        expected = "a non-negative integer" if col.default == 0 else "a positive integer"
     values: list[Any] = []
     for item in items:
         if ".." in item:
@@ -797,6 +801,11 @@ def load_plan(path: str | Path, *, max_runs: int = DEFAULT_MAX_RUNS) -> Plan:
                 parsed[column] = parse_cell(column, text)
             except CellError as exc:
                 issues.append(PlanIssue(where, lineno, column, str(exc)))
+        # Checked here, not only when the row expands, so that it is reported beside the row's other cell errors.
+        if "arch" not in parsed:
+            issues.append(PlanIssue(where, lineno, "arch", f"arch is required (one of {', '.join(ARCHS)})"))
+        elif isinstance(parsed["arch"], list) and (bad := [a for a in parsed["arch"] if a not in ARCHS]):
+            issues.append(PlanIssue(where, lineno, "arch", f"expected one of {', '.join(ARCHS)}, got {bad[0]!r}"))
         if len(issues) > MAX_ERRORS or any(i.row == lineno for i in issues):
             continue
         lists = {c: v for c, v in parsed.items() if not isinstance(v, Expr)}

@@ -459,3 +459,32 @@ def test_niah_on_token_ids_alone_is_refused_at_plan_time(write_plan, tmp_path):
     runs = load_plan(write_plan(header + "softmax,32,2,128,5120,4096,niah,tokens.bin+passkey@0.1\n"
                                 "softmax,32,2,128,5120,4096,mqar,tokens.bin\n", "ok.csv")).runs
     assert len(runs) == 2
+
+
+def test_excel_blank_rows_of_empty_cells_are_skipped(write_plan):
+    # Excel saves a blank row of a sheet as a line of bare commas: that is a blank line, not a row without an arch.
+    path = write_plan(HEADER + ",,,,,,,,\r\nx,softmax,64,2,4,128,8,10k,1e-3\r\n , , ,,,,,,\r\n")
+    assert [r.row for r in load_plan(path).runs] == [3]
+
+
+def test_an_arch_typo_is_reported_with_the_other_errors_of_its_row(write_plan):
+    with pytest.raises(PlanError) as exc:
+        load_plan(write_plan(HEADER + "x,softmx,64,2,4,128,8,lots,1e-3\ny,,64,2,4,128,8,10k,1e-3\n"))
+    text = str(exc.value)
+    assert ":2:arch: expected one of" in text and "'softmx'" in text and ":2:tokens:" in text
+    assert ":3:arch: arch is required" in text
+
+
+def test_shipped_plans_name_each_run_apart():
+    # A name template that leaves out a varied field (a seed) labels two runs alike in `slab runs` and reports.
+    from pathlib import Path
+
+    for path in sorted((Path(__file__).resolve().parents[2] / "plans").glob("*.csv")):
+        named = {r.spec.run_id: r.name for r in load_plan(path).runs if r.name}
+        assert len(set(named.values())) == len(named), path.name
+
+
+def test_a_malformed_seed_is_not_said_to_need_a_positive_integer(write_plan):
+    # seed 0 is the default: "expected a positive integer" would send the user away from it
+    with pytest.raises(PlanError, match=r':2:seed: expected a non-negative integer, got "x"'):
+        load_plan(write_plan("arch,d_model,n_layers,tokens,seed\nsoftmax,64,2,10k,x\n"))
