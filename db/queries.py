@@ -124,6 +124,8 @@ def plan_names(engine: Engine) -> list[str]:
 def run_sql(engine: Engine, query: str) -> pd.DataFrame:
     """Run one statement on a read-only connection and return its rows; a write raises QueryError."""
     with read_only(engine) as conn:
+        if conn.dialect.name == "postgresql" and conn.dialect.driver == "psycopg":
+            return _run_one_statement(conn, query)
         try:
             result = conn.execute(text(query))
         except SQLAlchemyError as exc:
@@ -137,6 +139,33 @@ def run_sql(engine: Engine, query: str) -> pd.DataFrame:
             raise QueryError("slab sql is read-only: the statement returned no rows" if query.strip()
                              else "slab sql needs a statement, e.g. \"select * from runs limit 5\"")
         return pd.DataFrame(result.fetchall(), columns=list(result.keys()))
+
+
+def _run_one_statement(conn, query: str) -> pd.DataFrame:
+    """Run ``query`` on PostgreSQL as a single statement inside the connection's read-only transaction."""
+    import psycopg
+
+    # psycopg sends a query without parameters by the simple protocol, where the server runs every statement of
+    # the string: "commit; delete from runs" would end the read-only transaction and then write. Pipeline mode
+    # sends it by the extended protocol, which takes one statement and refuses a string of several.
+    raw = conn.connection.driver_connection
+    try:
+        with raw.cursor() as cur:
+            with raw.pipeline():
+                cur.execute(query)
+            rows = cur.fetchall() if cur.description else None
+            columns = [c.name for c in cur.description or ()]
+    except psycopg.Error as exc:
+        message = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        if "multiple commands" in message:
+            raise QueryError(f"slab sql runs one statement at a time: {message}") from None
+        if "read-only" in message:
+            raise QueryError(f"slab sql is read-only: {message}") from None
+        raise QueryError(message) from None
+    if rows is None:
+        raise QueryError("slab sql is read-only: the statement returned no rows" if query.strip()
+                         else "slab sql needs a statement, e.g. \"select * from runs limit 5\"")
+    return pd.DataFrame(rows, columns=columns)
 
 
 def export_format(out: Path, fmt: str | None = None) -> str:

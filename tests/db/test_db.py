@@ -510,3 +510,16 @@ def test_a_database_of_the_first_schema_opens(tmp_path, write_plan):
     frame = runs_frame(engine)
     assert len(frame) == 6 and frame["resumed_from_step"].isna().all()
     engine.dispose()
+
+
+@pytest.mark.parametrize("query", ["commit; delete from plan_runs returning 1", "end; delete from plan_runs",
+                                   "select 1; rollback; delete from plan_runs", "set transaction read write; delete from plan_runs"])
+def test_sql_cannot_end_its_read_only_transaction(db_url, write_plan, query):
+    """A statement that ends the read-only transaction (PostgreSQL runs every statement of a query string sent
+    without parameters) must not let the next statement write."""
+    engine = open_db(db_url)
+    add_plans(engine, [load_plan(write_plan(PLAN))])
+    with pytest.raises(QueryError):
+        run_sql(engine, query)
+    assert run_sql(engine, "select count(*) as n from plan_runs")["n"].tolist() == [6]
+    engine.dispose()
