@@ -133,15 +133,19 @@ def claim_run(engine: Engine, run_id: str, owner: str, stale_before, retry_faile
         return s.scalar(select(Run.attempts).where(Run.run_id == run_id))
 
 
-def heartbeat(engine: Engine, owner: str, run_ids: Sequence[str]) -> None:
-    """Refresh the lease of the runs this owner is training."""
+def heartbeat(engine: Engine, owner: str, run_ids: Sequence[str]) -> list[str]:
+    """Refresh the lease of the runs this owner is training; returns those of ``run_ids`` it no longer holds
+    (another launcher took them after this one's lease lapsed)."""
     if not run_ids:
-        return
+        return []
+    ids = list(run_ids)
     with session(engine) as s:
         s.execute(
-            update(Run).where(Run.lease_owner == owner, Run.status == "running", Run.run_id.in_(list(run_ids)))
+            update(Run).where(Run.lease_owner == owner, Run.status == "running", Run.run_id.in_(ids))
             .values(heartbeat_at=utcnow())
         )
+        held = set(s.scalars(select(Run.run_id).where(Run.lease_owner == owner, Run.status == "running", Run.run_id.in_(ids))))
+    return [run_id for run_id in ids if run_id not in held]
 
 
 def update_run(engine: Engine, run_id: str, owner: str, **values) -> bool:
@@ -155,15 +159,20 @@ def update_run(engine: Engine, run_id: str, owner: str, **values) -> bool:
         return result.rowcount == 1
 
 
-def write_results(engine: Engine, metrics: Sequence[dict], evals: Sequence[dict], runs: dict[str, dict]) -> None:
-    """Write a batch of metric rows, eval rows and per-run field updates in one transaction."""
+def write_results(engine: Engine, metrics: Sequence[dict], evals: Sequence[dict], runs: dict[str, dict],
+                  owner: str | None = None) -> None:
+    """Write a batch of metric rows, eval rows and per-run field updates in one transaction; with ``owner``, only
+    runs it holds get their fields updated."""
     with session(engine) as s:
         if metrics:
             s.execute(upsert(engine, Metric, ("run_id", "step")), list(metrics))
         if evals:
             s.execute(upsert(engine, Eval, ("run_id", "step", "name")), list(evals))
         for run_id, values in runs.items():
-            s.execute(update(Run).where(Run.run_id == run_id).values(**values))
+            stmt = update(Run).where(Run.run_id == run_id)
+            if owner is not None:  # a launcher that lost the run must not overwrite its new owner's host or step
+                stmt = stmt.where(Run.lease_owner == owner)
+            s.execute(stmt.values(**values))
 
 
 def save_fit(engine: Engine, *, method: str, source: str, n_points: int, result: dict, plan: str | None = None, arch: str | None = None) -> int:

@@ -26,9 +26,10 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, select
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
-from db.engine import open_db
+from db.engine import DatabaseError, _first_line, open_db
 from db.schema import Run, utcnow
 from db.writer import claim_run, heartbeat, update_run, write_results
 from models.config import hybrid_pattern
@@ -377,7 +378,8 @@ class Driver:
                 self._collect()
                 now = time.monotonic()
                 if now - last_beat >= self.heartbeat_s:
-                    heartbeat(self.engine, self.owner, list(self.flights))
+                    for run_id in heartbeat(self.engine, self.owner, list(self.flights)):
+                        self._lost(run_id)
                     self._retry_waiting()
                     last_beat = now
                 if self.stopping and not self.flights:
@@ -386,6 +388,15 @@ class Driver:
         except KeyboardInterrupt:
             interrupted = True
             self._cancel_all()
+        except OperationalError as exc:  # the database went away (a server restart, the network): say so plainly
+            try:
+                self._cancel_all("released after the launcher lost the database")
+            except OperationalError:  # still away: the leases lapse, and a relaunch resumes the runs
+                pass
+            raise DatabaseError(
+                f"lost the database: {_first_line(getattr(exc, 'orig', None) or exc)}; runs left running resume from their "
+                f"checkpoints at the next slab launch (at once on this host, else after the {self.opts.lease_timeout_s:.0f} s lease)"
+            ) from None
         except BaseException:
             self._cancel_all("released after a launcher error")  # leave no run leased to a failed driver
             raise
@@ -526,7 +537,7 @@ class Driver:
             self.view.run_event(run_id, kind, payload)
         runs = {k: v for k, v in runs.items() if v}
         if metrics or evals or runs:
-            write_results(self.engine, metrics, evals, runs)
+            write_results(self.engine, metrics, evals, runs, owner=self.owner)
 
     def _finish_unit(self, ref) -> None:
         task = self.units.pop(ref)
@@ -549,7 +560,9 @@ class Driver:
         """Record how one run's task ended (a summary, or the exception that ended it) and retry if due."""
         from models.train import CheckpointUnreadable, Diverged, Interrupted, OutOfMemory
 
-        flight = self.flights.pop(run_id)
+        flight = self.flights.pop(run_id, None)
+        if flight is None:  # lost to another launcher while its pack trained on: already said so
+            return
         summary = outcome
         if isinstance(outcome, Exception):  # classify the failure by its cause
             exc = outcome
@@ -557,25 +570,24 @@ class Driver:
             out_of_memory = isinstance(cause, OutOfMemory) or isinstance(exc, OutOfMemory)
             if isinstance(cause, Diverged) or isinstance(exc, Diverged):
                 step, why = getattr(cause, "step", None), getattr(cause, "reason", cause)
-                update_run(self.engine, run_id, self.owner, status="diverged", error=f"diverged at step {step}: {why}", step=step,
-                           lease_owner=None)
-                self._ended(run_id, "diverged", f"diverged at step {step}: {why}")
+                if self._record(flight, status="diverged", error=f"diverged at step {step}: {why}", step=step, lease_owner=None):
+                    self._ended(run_id, "diverged", f"diverged at step {step}: {why}")
             elif isinstance(cause, Interrupted) or isinstance(exc, Interrupted):
-                update_run(self.engine, run_id, self.owner, status="pending", error=f"stopped at step {cause.step} by Ctrl-C")
-                self._ended(run_id, "pending", f"stopped at step {cause.step}; a relaunch resumes it")
+                if self._record(flight, status="pending", error=f"stopped at step {cause.step} by Ctrl-C"):
+                    self._ended(run_id, "pending", f"stopped at step {cause.step}; a relaunch resumes it")
             elif packed and out_of_memory:
-                update_run(self.engine, run_id, self.owner, status="failed",
-                           error=f"out of memory at step {cause.step} in a pack; retrying alone")
-                self.queue.append([flight])
+                if self._record(flight, status="failed", error=f"out of memory at step {cause.step} in a pack; retrying alone"):
+                    self.queue.append([flight])
             elif out_of_memory and (cause.microbatch or 1) > 1:
                 flight.microbatch = max(1, cause.microbatch // 2)
-                update_run(self.engine, run_id, self.owner, status="failed", microbatch=flight.microbatch,
-                           error=f"out of memory at step {cause.step} with microbatch {cause.microbatch}; retrying with {flight.microbatch}")
-                self.view.log(f"{flight.name or run_id}: out of memory; retrying with microbatch {flight.microbatch}")
-                self.queue.append([flight])
+                if self._record(flight, status="failed", microbatch=flight.microbatch,
+                                error=f"out of memory at step {cause.step} with microbatch {cause.microbatch}; retrying with {flight.microbatch}"):
+                    self.view.log(f"{flight.name or run_id}: out of memory; retrying with microbatch {flight.microbatch}")
+                    self.queue.append([flight])
             else:
                 error = _tail(exc)
-                update_run(self.engine, run_id, self.owner, status="failed", error=error)
+                if not self._record(flight, status="failed", error=error):
+                    return
                 # unreadable checkpoints stay so until a person removes them: a retry would only fail again
                 retryable = not isinstance(cause, CheckpointUnreadable)
                 if retryable and flight.tries < self.opts.max_attempts and not self.stopping:
@@ -589,13 +601,46 @@ class Driver:
         values = summary if isinstance(summary, dict) else asdict(summary)
         # What was trained, in whole steps (up to a step more than the plan's budget), is what the fits read.
         trained = {k: values[k] for k in ("tokens", "flops") if values.get(k) is not None}
-        update_run(
-            self.engine, run_id, self.owner, status="done", error=None, **trained,
+        if self._record(
+            flight, status="done", error=None, **trained,
             final_loss=values.get("final_loss"), val_loss=values.get("val_loss"), wall_s=values.get("wall_s"),
             step=values.get("steps"), data_sha256=values.get("data_sha256"), microbatch=values.get("microbatch"),
             resumed_from_step=values.get("resumed_from_step"), lease_owner=None,
-        )
-        self._ended(run_id, "done", f"loss {values.get('final_loss', float('nan')):.4f}")
+        ):
+            self._ended(run_id, "done", f"loss {values.get('final_loss', float('nan')):.4f}")
+
+    def _record(self, flight: Flight, **values) -> bool:
+        """Write how a run of this launcher ended; False (and said) when another launcher has taken it since."""
+        if update_run(self.engine, flight.spec.run_id, self.owner, **values):
+            return True
+        self._say_lost(flight, f"its {values.get('status')} result here was not recorded")
+        return False
+
+    def _lost(self, run_id: str) -> None:
+        """A run this launcher trains was taken by another launcher (its lease lapsed): stop training it here."""
+        flight = self.flights.pop(run_id, None)
+        if flight is None:
+            return
+        self._say_lost(flight, "stopped training it here")
+        # Its worker holds the run's checkpoint folder lock, on which the new owner's worker waits: end it now,
+        # unless it trains other runs (a pack) that are still this launcher's.
+        for ref, task in list(self.units.items()):
+            if run_id in task.run_ids and not any(r in self.flights for r in task.run_ids):
+                self.ray.cancel(ref, force=True)
+                del self.units[ref]
+                if task.slot is not None:
+                    task.slot.share = max(0.0, task.slot.share - task.gpus)
+                    task.slot.work -= task.work
+
+    def _say_lost(self, flight: Flight, what: str) -> None:
+        """Log that another launcher holds a run this one trained, which counts neither done nor failed here."""
+        run_id = flight.spec.run_id
+        with self.engine.connect() as conn:
+            owner = conn.scalar(select(Run.lease_owner).where(Run.run_id == run_id))
+        self.outcome[run_id] = "lost"
+        self.view.run_finished(
+            run_id, "lost", f"taken over by another launcher ({owner or 'none now'}) after no heartbeat from here for "
+            f"{self.opts.lease_timeout_s:.0f} s (a host asleep or a stalled launcher?); {what}", name=flight.name)
 
     def _ended(self, run_id: str, status: str, detail: str) -> None:
         self.outcome[run_id] = status

@@ -358,3 +358,115 @@ def test_a_short_lease_is_kept_alive_while_the_run_trains(env, write_plan):
         engine.dispose()
     assert not stolen, "another launcher took a run this one was training"
     assert result.ok and result.rows[0]["attempts"] == 1
+
+
+def _taken_over(engine, run_id):
+    """Another launcher takes the run, as it would once this launcher's lease lapsed (its host slept)."""
+    from datetime import timedelta
+
+    from db.schema import utcnow
+    from db.writer import claim_run
+
+    return claim_run(engine, run_id, "elsewhere:1:abc", utcnow() + timedelta(days=1))
+
+
+def test_a_run_taken_over_while_it_trained_is_said_lost_not_done(env, write_plan):
+    """The launcher whose lease lapsed while its worker trained on says it lost the run, counts it neither
+    done nor failed, and leaves the new owner's row alone (its final write used to be dropped in silence)."""
+    from sweep.launch import Driver, Flight
+    from sweep.registry import add_plans
+
+    plan = load_plan(write_plan(HEADER + "t,softmax,32,2,2,64,4,5120,3e-3,0,2\n"))
+    engine = open_db(env["db"], create=True)
+    add_plans(engine, [plan])
+    [run] = plan.runs
+    run_id = run.spec.run_id
+    view = Logged()
+    view.begin([(run.spec, run.name)])
+    driver = Driver(engine, LaunchOptions(db_url=env["db"], cpu=True, ckpt_dir=env["tmp"] / "ckpt"), view)
+    driver._claim_and_submit([Flight(spec=run.spec, name=run.name, attempt=0, tries=0, microbatch=None)])
+    assert run_id in driver.flights
+    assert _taken_over(engine, run_id) == 2
+    deadline = time.monotonic() + 60
+    while driver.units and time.monotonic() < deadline:  # no heartbeat: the worker's end is what it sees first
+        driver._collect()
+    assert not driver.units and not driver.flights and not driver.queue
+    assert driver.outcome[run_id] == "lost" and view.done == 0 and view.failed == 0
+    assert any("taken over by another launcher (elsewhere:1:abc)" in line for line in view.lines), view.lines
+    with engine.connect() as conn:
+        row = conn.execute(select(Run.status, Run.lease_owner, Run.attempts).where(Run.run_id == run_id)).one()
+    assert tuple(row) == ("running", "elsewhere:1:abc", 2)
+    engine.dispose()
+
+
+def test_a_launcher_that_lost_a_run_stops_its_worker_and_frees_the_checkpoint_lock(env, write_plan):
+    """At its next heartbeat a launcher finds a run taken over, stops the worker still training it (whose
+    checkpoint-folder lock the new owner's worker waits on), and ends without counting it done."""
+    import threading
+
+    from sweep.launch import Driver
+    from sweep.registry import add_plans
+    from sweep.task import run_lock
+
+    plan = load_plan(write_plan(HEADER + "h,softmax,32,2,2,64,4,1024000,3e-3,0,2\n"))  # 4000 steps: far longer than the test
+    engine = open_db(env["db"], create=True)
+    add_plans(engine, [plan])
+    [run] = plan.runs
+    run_id = run.spec.run_id
+    view = Logged()
+    view.begin([(run.spec, run.name)])
+    opts = LaunchOptions(db_url=env["db"], cpu=True, ckpt_dir=env["tmp"] / "ckpt", lease_timeout_s=2.0, poll_s=0.2)
+    driver = Driver(engine, opts, view)
+    taken = []
+
+    def other_launcher():
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:  # once the worker holds the lock and trains
+            with engine.connect() as conn:
+                training = conn.scalar(select(func.count()).select_from(Metric).where(Metric.run_id == run_id))
+            if training:
+                taken.append((_taken_over(engine, run_id), time.monotonic()))
+                return
+            time.sleep(0.1)
+
+    thread = threading.Thread(target=other_launcher)
+    thread.start()
+    driver.run([(run.spec, run.name)])
+    ended = time.monotonic()
+    thread.join()
+    assert taken and taken[0][0] == 2
+    assert ended - taken[0][1] < 5, "the launcher kept training a run another launcher holds"
+    assert driver.outcome[run_id] == "lost" and view.done == 0 and view.failed == 0
+    assert any("stopped training it here" in line for line in view.lines), view.lines
+    with run_lock(env["tmp"] / "ckpt" / run_id, timeout_s=10):  # the new owner's worker gets it in seconds
+        pass
+    with engine.connect() as conn:
+        assert conn.execute(select(Run.lease_owner).where(Run.run_id == run_id)).scalar() == "elsewhere:1:abc"
+    engine.dispose()
+
+
+def test_losing_the_database_mid_launch_is_a_clear_error(env, write_plan, monkeypatch):
+    """A database that goes away while runs train (a server restart) ends the launch with a one-line
+    DatabaseError that says how to resume, not a page of driver tracebacks."""
+    from sqlalchemy.exc import OperationalError
+
+    import sweep.launch
+    from db.engine import DatabaseError
+    from sweep.launch import Driver
+    from sweep.registry import add_plans
+
+    plan = load_plan(write_plan(HEADER + "g,softmax,32,2,2,64,4,5120,3e-3,0,2\n"))
+    engine = open_db(env["db"], create=True)
+    add_plans(engine, [plan])
+    [run] = plan.runs
+
+    def refused(*args, **kwargs):
+        raise OperationalError("INSERT", {}, ConnectionRefusedError("connection refused"))
+
+    monkeypatch.setattr(sweep.launch, "write_results", refused)
+    driver = Driver(engine, LaunchOptions(db_url=env["db"], cpu=True, ckpt_dir=env["tmp"] / "ckpt"), Logged())
+    with pytest.raises(DatabaseError, match="lost the database: connection refused; runs left running resume"):
+        driver.run([(run.spec, run.name)])
+    with engine.connect() as conn:  # the database answered again for the release: the run is free at once
+        assert conn.execute(select(Run.status, Run.lease_owner).where(Run.run_id == run.spec.run_id)).one() == ("pending", None)
+    engine.dispose()
