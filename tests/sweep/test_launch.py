@@ -370,20 +370,29 @@ def _taken_over(engine, run_id):
     return claim_run(engine, run_id, "elsewhere:1:abc", utcnow() + timedelta(days=1))
 
 
-def test_a_run_taken_over_while_it_trained_is_said_lost_not_done(env, write_plan):
-    """The launcher whose lease lapsed while its worker trained on says it lost the run, counts it neither
-    done nor failed, and leaves the new owner's row alone (its final write used to be dropped in silence)."""
-    from sweep.launch import Driver, Flight
+def _driver_of_one_run(env, write_plan, row, view=None, **options):
+    """A Driver for the one run of a plan row (registered, not yet claimed), with its engine and the run."""
+    from sweep.launch import Driver
     from sweep.registry import add_plans
 
-    plan = load_plan(write_plan(HEADER + "t,softmax,32,2,2,64,4,5120,3e-3,0,2\n"))
+    plan = load_plan(write_plan(HEADER + row))
     engine = open_db(env["db"], create=True)
     add_plans(engine, [plan])
     [run] = plan.runs
-    run_id = run.spec.run_id
+    if view is not None:
+        view.begin([(run.spec, run.name)])
+    opts = LaunchOptions(db_url=env["db"], cpu=True, ckpt_dir=env["tmp"] / "ckpt", **options)
+    return Driver(engine, opts, view or Logged()), engine, run
+
+
+def test_a_run_taken_over_while_it_trained_is_said_lost_not_done(env, write_plan):
+    """The launcher whose lease lapsed while its worker trained on says it lost the run, counts it neither
+    done nor failed, and leaves the new owner's row alone (its final write used to be dropped in silence)."""
+    from sweep.launch import Flight
+
     view = Logged()
-    view.begin([(run.spec, run.name)])
-    driver = Driver(engine, LaunchOptions(db_url=env["db"], cpu=True, ckpt_dir=env["tmp"] / "ckpt"), view)
+    driver, engine, run = _driver_of_one_run(env, write_plan, "t,softmax,32,2,2,64,4,5120,3e-3,0,2\n", view)
+    run_id = run.spec.run_id
     driver._claim_and_submit([Flight(spec=run.spec, name=run.name, attempt=0, tries=0, microbatch=None)])
     assert run_id in driver.flights
     assert _taken_over(engine, run_id) == 2
@@ -404,19 +413,12 @@ def test_a_launcher_that_lost_a_run_stops_its_worker_and_frees_the_checkpoint_lo
     checkpoint-folder lock the new owner's worker waits on), and ends without counting it done."""
     import threading
 
-    from sweep.launch import Driver
-    from sweep.registry import add_plans
     from sweep.task import run_lock
 
-    plan = load_plan(write_plan(HEADER + "h,softmax,32,2,2,64,4,1024000,3e-3,0,2\n"))  # 4000 steps: far longer than the test
-    engine = open_db(env["db"], create=True)
-    add_plans(engine, [plan])
-    [run] = plan.runs
-    run_id = run.spec.run_id
     view = Logged()
-    view.begin([(run.spec, run.name)])
-    opts = LaunchOptions(db_url=env["db"], cpu=True, ckpt_dir=env["tmp"] / "ckpt", lease_timeout_s=2.0, poll_s=0.2)
-    driver = Driver(engine, opts, view)
+    driver, engine, run = _driver_of_one_run(  # 4000 steps: far longer than the test
+        env, write_plan, "h,softmax,32,2,2,64,4,1024000,3e-3,0,2\n", view, lease_timeout_s=2.0, poll_s=0.2)
+    run_id = run.spec.run_id
     taken = []
 
     def other_launcher():
@@ -452,19 +454,13 @@ def test_losing_the_database_mid_launch_is_a_clear_error(env, write_plan, monkey
 
     import sweep.launch
     from db.engine import DatabaseError
-    from sweep.launch import Driver
-    from sweep.registry import add_plans
 
-    plan = load_plan(write_plan(HEADER + "g,softmax,32,2,2,64,4,5120,3e-3,0,2\n"))
-    engine = open_db(env["db"], create=True)
-    add_plans(engine, [plan])
-    [run] = plan.runs
+    driver, engine, run = _driver_of_one_run(env, write_plan, "g,softmax,32,2,2,64,4,5120,3e-3,0,2\n")
 
     def refused(*args, **kwargs):
         raise OperationalError("INSERT", {}, ConnectionRefusedError("connection refused"))
 
     monkeypatch.setattr(sweep.launch, "write_results", refused)
-    driver = Driver(engine, LaunchOptions(db_url=env["db"], cpu=True, ckpt_dir=env["tmp"] / "ckpt"), Logged())
     with pytest.raises(DatabaseError, match="lost the database: connection refused; runs left running resume"):
         driver.run([(run.spec, run.name)])
     with engine.connect() as conn:  # the database answered again for the release: the run is free at once
