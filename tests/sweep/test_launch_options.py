@@ -119,8 +119,13 @@ def test_n_gpus_records_the_gpus_a_run_held(plan, tmp_path, cpu, held):
     from sweep.registry import add_plans
 
     add_plans(engine, [plan])
+    from db.schema import utcnow
+    from db.writer import claim_run
+
+    for s in specs:  # the driver writes events of the runs it holds
+        claim_run(engine, s.run_id, "me", utcnow())
     driver = Driver.__new__(Driver)  # only the event writer: no Ray
-    driver.engine, driver.opts, driver.view = engine, LaunchOptions(cpu=cpu), quiet()
+    driver.engine, driver.opts, driver.view, driver.owner = engine, LaunchOptions(cpu=cpu), quiet(), "me"
     driver.flights = {s.run_id: Flight(spec=s, name=None, attempt=1, tries=1, microbatch=None) for s in specs}
     driver._write_events([(s.run_id, 1, "start", {"host": "h", "gpu": "cpu"}) for s in specs])
     with engine.connect() as conn:

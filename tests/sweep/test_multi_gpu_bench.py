@@ -64,7 +64,7 @@ def test_bench_spread_on_cpu(tmp_path, write_plan):
 
 @pytest.mark.parametrize("args, message", [
     (["bench", "dp", "plans/dp-350m.csv", "--gpus", "2"], "no GPU here"),
-    (["bench", "dp", "plans/dp-350m.csv", "--cpu", "--gpus", "0"], "one or more counts of 1 or more"),
+    (["bench", "dp", "plans/dp-350m.csv", "--cpu", "--gpus", "0"], "Invalid value for '--gpus'"),  # typer's min=1
     (["bench", "spread", "plans/smoke-h100.csv", "--gpus", "1"], "no GPU here"),
     (["launch", "plans/demo.csv", "--num-gpus", "1", "--address", "auto"], "--num-gpus limits a local Ray"),
     (["launch", "plans/demo.csv", "--num-gpus", "1"], "--num-gpus 1: this host has 0 GPU(s)"),
