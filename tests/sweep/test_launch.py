@@ -324,10 +324,20 @@ def test_a_run_another_launcher_held_starts_only_when_it_fits(env, write_plan):
     engine.dispose()
 
 
-def test_a_short_lease_is_kept_alive_while_the_run_trains(env, write_plan):
+def test_a_short_lease_is_kept_alive_while_the_run_trains(env, write_plan, monkeypatch):
     """--lease-timeout shorter than the default heartbeat (10 s): the launcher heartbeats often enough that
     another launcher, polling as it would, never takes the run it is training."""
     import threading
+
+    import sweep.launch
+
+    select_runs = sweep.launch.select_runs
+
+    def slow_select(*args, **kwargs):  # the window between registering and claiming, widened as load widens it
+        time.sleep(0.6)
+        return select_runs(*args, **kwargs)
+
+    monkeypatch.setattr(sweep.launch, "select_runs", slow_select)
 
     from db.schema import utcnow
     from db.writer import claim_run
@@ -341,7 +351,12 @@ def test_a_short_lease_is_kept_alive_while_the_run_trains(env, write_plan):
     def other_launcher():
         while not done.is_set() and not stolen:
             try:
-                if claim_run(engine, run_id, "elsewhere:1:abc", utcnow() - timedelta(seconds=3)) is not None:
+                with engine.connect() as conn:
+                    status = conn.scalar(select(Run.status).where(Run.run_id == run_id))
+                # Only a run this launcher trains: a pending one, between its registration and its claim, is any
+                # launcher's to take (and under load the poll had landed in that window)
+                if status == "running" and claim_run(engine, run_id, "elsewhere:1:abc",
+                                                     utcnow() - timedelta(seconds=3)) is not None:
                     stolen.append(utcnow())
             except Exception:  # not registered yet
                 pass
