@@ -539,12 +539,16 @@ class Driver:
         if metrics or evals or runs:
             write_results(self.engine, metrics, evals, runs, owner=self.owner)
 
-    def _finish_unit(self, ref) -> None:
+    def _release(self, ref) -> Task:
+        """Take a finished or cancelled task off the books, freeing its share of its GPU."""
         task = self.units.pop(ref)
-        run_ids = task.run_ids
         if task.slot is not None:
             task.slot.share = max(0.0, task.slot.share - task.gpus)
             task.slot.work -= task.work
+        return task
+
+    def _finish_unit(self, ref) -> None:
+        run_ids = self._release(ref).run_ids
         try:
             result = self.ray.get(ref)
         except Exception as exc:  # the task failed: every run it trained failed with it
@@ -627,10 +631,7 @@ class Driver:
         for ref, task in list(self.units.items()):
             if run_id in task.run_ids and not any(r in self.flights for r in task.run_ids):
                 self.ray.cancel(ref, force=True)
-                del self.units[ref]
-                if task.slot is not None:
-                    task.slot.share = max(0.0, task.slot.share - task.gpus)
-                    task.slot.work -= task.work
+                self._release(ref)
 
     def _say_lost(self, flight: Flight, what: str) -> None:
         """Log that another launcher holds a run this one trained, which counts neither done nor failed here."""

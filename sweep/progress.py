@@ -59,9 +59,9 @@ def orphaned_runs(engine: Engine, plan: str | None = None) -> int:
     return len(orphans)
 
 
-def status_table(engine: Engine, plan: str | None = None) -> Table:
-    """A table of run counts: one row per plan, one column per status."""
-    counts = status_counts(engine, plan)
+def status_table(engine: Engine, plan: str | None = None, counts=None) -> Table:
+    """A table of run counts (``counts``, else read): one row per plan, one column per status."""
+    counts = status_counts(engine, plan) if counts is None else counts
     table = Table(title="runs by plan and status")
     table.add_column("plan")
     for s in RUN_STATUSES:
@@ -95,7 +95,7 @@ def watch_status(engine: Engine, console: Console, plan: str | None = None, inte
             last = None
             while True:
                 counts = status_counts(engine, plan)
-                table = status_table(engine, plan)
+                table = status_table(engine, plan, counts)
                 if (key := counts.to_csv() + str(table.caption)) != last:  # a launcher found gone is a change too
                     console.print(table)
                     last = key
@@ -106,7 +106,7 @@ def watch_status(engine: Engine, console: Console, plan: str | None = None, inte
         with Live(status_table(engine, plan), console=console, auto_refresh=False) as live:
             while True:
                 counts = status_counts(engine, plan)
-                live.update(status_table(engine, plan), refresh=True)
+                live.update(status_table(engine, plan, counts), refresh=True)
                 if not unfinished(counts):
                     break
                 time.sleep(interval)
