@@ -106,7 +106,8 @@ def _plans(files: list[Path], max_runs: int):
         for issue in exc.issues:
             err.print(f"[bold red]error:[/] {escape(str(issue))}", highlight=False, soft_wrap=True)
         if exc.more:
-            err.print(f"{len(exc.issues)} errors shown, more not checked; nothing was written", highlight=False)
+            left = exc.total - len(exc.issues)
+            err.print(f"and {_n(left, 'more error')} ({exc.total} in all); nothing was written", highlight=False)
         elif len(exc.issues) > 1:
             err.print(f"{len(exc.issues)} errors; nothing was written", highlight=False)
         raise typer.Exit(2)
@@ -268,11 +269,9 @@ def plan(
         uneven = [{"plan": p, "row": r, "runs": n} for p, r, n in cost.uneven_hybrid]
         total_read = [{"plan": p, "row": r, "runs": n, "embedding_share": share} for p, r, n, share in cost.total_params_read]
         rounded = [{"plan": p, "row": r, "runs": n, "max_ratio": ratio} for p, r, n, ratio in cost.rounded_up]
-        same = [{"plan": p, "row": r, "runs": n} for p, r, n in cost.same_training]
         sys.stdout.write(json.dumps({"totals": totals, "blocks": [asdict(b) for b in cost.blocks], "runs": runs,
                                      "repeats": repeats, "warmup_only": warmup_only, "uneven_hybrid": uneven,
-                                     "total_params_read": total_read, "rounded_up": rounded,
-                                     "same_training": same}) + "\n")
+                                     "total_params_read": total_read, "rounded_up": rounded}) + "\n")
         return
     import pandas as pd
 
@@ -297,11 +296,6 @@ def plan(
         out.print(f"note: {plan_name}:{row}: {_n(n, 'hybrid run')} {'has' if n == 1 else 'have'} n_layers that are not whole periods of "
                   "the hybrid pattern, so the softmax share differs from the pattern's and lightning layers follow the last "
                   "softmax one (give n_layers a multiple of the period, or params)", highlight=False, markup=False)
-    for plan_name, row, n in cost.same_training:
-        out.print(f"note: {plan_name}:{row}: {_n(n, 'run')} train{'s' if n == 1 else ''} the same steps as an earlier run, "
-                  f"{'its' if n == 1 else 'their'} budget within a step of that run's: each is a run of its own, trained "
-                  "and fitted apart (give budgets in whole steps of batch_size x seq_len)",
-                  highlight=False, markup=False)
     for plan_name, row, n, ratio in cost.rounded_up:
         out.print(f"note: {plan_name}:{row}: {_n(n, 'run')} train{'s' if n == 1 else ''} up to {ratio:.3g}x {'its' if n == 1 else 'their'} "
                   "token budget, since a run takes whole steps of batch_size x seq_len tokens (the tokens column shows what "

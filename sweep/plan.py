@@ -11,8 +11,10 @@ A plan is a header row of known columns (``COLUMNS``) and one row per block of r
 
 A row expands to the product of its lists and ranges; expressions are evaluated per expanded run in
 dependency order. Every row has a cell for each column: an empty cell (``a,,b``) takes the column's default, and a
-row with fewer cells than the header is an error. Blank lines and lines starting with ``#`` are ignored. Every error
-names ``file:row:column`` (row = line number in the file) and a plan's errors are reported together.
+row with fewer cells than the header is an error. Blank lines and lines starting with ``#`` are ignored; no cell holds
+a line break. Every error names ``file:row:column`` (row = the line number the row starts on), and all of a load's
+errors are reported together. A run whose budget falls within the same whole steps as an earlier run's trains exactly
+as that one, and takes its budget and run id.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import csv
 import dataclasses
 import difflib
 import hashlib
+import io
 import itertools
 import math
 import operator
@@ -145,14 +148,17 @@ class PlanIssue:
 
 
 class PlanError(ValueError):
-    """A plan has errors; ``issues`` lists the first ``MAX_ERRORS`` and ``more`` says whether there were others."""
+    """A plan has errors: ``issues`` lists the first ``MAX_ERRORS``, ``total`` counts every one, and ``more`` says
+    whether some are not listed."""
 
-    def __init__(self, issues: list[PlanIssue], more: bool = False):
+    def __init__(self, issues: list[PlanIssue], total: int = 0):
         self.issues = issues[:MAX_ERRORS]
-        self.more = more or len(issues) > MAX_ERRORS
+        self.total = max(total, len(issues))
+        self.more = self.total > len(self.issues)
         lines = [str(i) for i in self.issues]
         if self.more:
-            lines.append(f"{len(self.issues)} errors shown, more not checked")
+            left = self.total - len(self.issues)
+            lines.append(f"and {left} more error{'s' if left != 1 else ''}")
         super().__init__("\n".join(lines))
 
 
@@ -208,14 +214,60 @@ def read_rows(path: Path) -> list[tuple[int, list[str]]]:
         raise PlanError(
             [PlanIssue(where, line, None, f"not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start})")]
         ) from None
-    rows = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if not line.strip() or line.lstrip().startswith("#"):
-            continue
-        cells = [c.strip() for c in next(csv.reader([line], skipinitialspace=True))]
+    return _read_csv(where, text)
+
+
+class _Lines:
+    """A file's lines for csv.reader, which takes as many as one row needs (a quoted cell may span lines);
+    ``pos`` is the index of the next line, and may be set back to read a row again."""
+
+    def __init__(self, lines: list[str]):
+        self.lines, self.pos = lines, 0
+
+    def __iter__(self) -> _Lines:
+        return self
+
+    def __next__(self) -> str:
+        if self.pos == len(self.lines):
+            raise StopIteration
+        self.pos += 1
+        return self.lines[self.pos - 1]
+
+
+def _read_csv(where: str, text: str) -> list[tuple[int, list[str]]]:
+    # Lines end at \n, \r\n or \r, as an editor counts them (str.splitlines also breaks at \f, \x1c, \u2028...).
+    src = _Lines(io.StringIO(text, newline="").readlines())
+    strict = csv.reader(src, skipinitialspace=True, strict=True)
+    lenient = csv.reader(src, skipinitialspace=True)
+    rows, issues = [], []
+    while True:
+        # Blank and comment lines between rows; a line inside a quoted cell is the cell's, whatever it starts with.
+        while src.pos < len(src.lines) and (not src.lines[src.pos].strip() or src.lines[src.pos].lstrip().startswith("#")):
+            src.pos += 1
+        if src.pos == len(src.lines):
+            break
+        lineno = src.pos + 1  # a row is known by the line it starts on
+        try:
+            cells = next(strict)
+        except csv.Error as exc:
+            # Read leniently, an unclosed quote takes every later line into one cell: refused, naming where it opens.
+            if src.pos == len(src.lines) and "end of data" in str(exc):
+                issues.append(PlanIssue(where, lineno, None, 'a quote (") opened in this row is never closed, so '
+                                        "every line after it would be one cell: close it, or write a quote inside a "
+                                        'quoted cell as ""'))
+                break
+            src.pos = lineno - 1  # other slips ('"a" ,b') read as they always have
+            try:
+                cells = next(lenient)
+            except csv.Error as exc:
+                issues.append(PlanIssue(where, lineno, None, f"cannot read this row as CSV: {exc}"))
+                continue
+        cells = [c.strip() for c in cells]
         if not any(cells):  # a spreadsheet saves a blank row as bare commas: a blank line, not a row to expand
             continue
         rows.append((lineno, cells))
+    if issues:
+        raise PlanError(issues)
     return rows
 
 
@@ -500,6 +552,8 @@ class _Resolver:
 
     def _cell(self, column: str) -> Any:
         raw = self.cells.get(column)
+        if raw is _UNREADABLE:  # reported where it was read: what needs it fails in its name, to be left out
+            raise _ColumnError(column, "the cell could not be read")
         if isinstance(raw, Expr):
             return eval_expr(raw, self.numeric)
         return raw
@@ -593,6 +647,19 @@ class _ColumnError(CellError):
         self.column = column
 
 
+class _RunErrors(CellError):
+    """Every problem of one expanded run, so that a user fixes them in one go, not one per attempt."""
+
+    def __init__(self, errors: list[CellError]):
+        super().__init__("; ".join(str(e) for e in errors))
+        self.errors = errors
+
+
+#: A row's cell that could not be parsed (its error is reported already): the row still expands, so that its other
+#: cells are checked, and whatever reads this one fails in its column and is not reported again.
+_UNREADABLE = object()
+
+
 def _positive(value: Any, column: str, integer: bool = True) -> float:
     if not isinstance(value, (int, float)) or not value > 0 or (integer and float(value) != int(value)):
         kind = "a positive integer" if integer else "a positive number"
@@ -610,9 +677,9 @@ def _show(value: Any) -> str:
     return repr(value) if isinstance(value, str) else str(value)
 
 
-def _data_value(data: str, base_dir: Path, digests: dict[str, str] | None = None) -> tuple[str, str]:
+def _data_value(data: str, base_dir: Path, digests: dict[str, str | CellError] | None = None) -> tuple[str, str]:
     """Check a data cell and make its paths absolute (relative paths are relative to the plan file); also the
-    content digests of its files, "+"-joined (``digests`` caches them by path across a plan's rows)."""
+    content digests of its files, "+"-joined (``digests`` caches them, or why one failed, by path across a load)."""
     digests = {} if digests is None else digests
     out, digest, names = [], [], []
     for part in data.split("+"):
@@ -640,8 +707,12 @@ def _data_value(data: str, base_dir: Path, digests: dict[str, str] | None = None
                 try:
                     digests[source] = content_digest(source)
                 except (OSError, ValueError) as exc:
-                    raise CellError(f"data {source}: cannot read it: {exc}") from None
-            digest.append(digests[source])
+                    # kept, so a corpus that fails late is not read again for each of the plan's runs on it
+                    digests[source] = CellError(f"data {source}: cannot read it: {exc}")
+            known = digests[source]
+            if isinstance(known, CellError):
+                raise CellError(str(known))
+            digest.append(known)
         out.append(source + (f"@{weight}" if weight else ""))
     try:  # the weights as training reads them: refused here, not in every run at launch
         parse_data(data)
@@ -650,12 +721,26 @@ def _data_value(data: str, base_dir: Path, digests: dict[str, str] | None = None
     return "+".join(out), "+".join(digest)
 
 
-def _build_spec(r: _Resolver, base_dir: Path, digests: dict[str, str] | None = None) -> RunSpec:
+def _build_spec(r: _Resolver, base_dir: Path, digests: dict[str, str | CellError] | None = None) -> RunSpec:
+    """The run a resolver's cells describe; raises _RunErrors naming every bad value of it (a check that needs a
+    value that failed is skipped, not reported as a second problem)."""
+    errors: list[CellError] = []
+
+    def attempt(check: Callable[..., Any], *args: Any) -> Any:
+        try:
+            return check(*args)
+        except CellError as exc:
+            errors.append(exc)
+            return None
+
     def num(col: str, check: Callable[[float], bool], expected: str) -> float:
         value = r.get(col)
         if not isinstance(value, (int, float)) or not check(value):
             raise _ColumnError(col, f"expected {expected}, got {_show(value)}")
         return value
+
+    def whole(col: str, check: Callable[[float], bool], expected: str) -> int:
+        return int(num(col, lambda v: check(v) and v == int(v), expected))
 
     def text(col: str, choices: tuple[str, ...] | None = None) -> str:
         value = str(r.get(col))
@@ -663,58 +748,56 @@ def _build_spec(r: _Resolver, base_dir: Path, digests: dict[str, str] | None = N
             raise _ColumnError(col, f"expected one of {', '.join(choices)}, got {value!r}")
         return value
 
-    try:
-        data, data_digest = _data_value(text("data"), base_dir, digests)
-    except CellError as exc:
-        raise _ColumnError("data", str(exc)) from None
-    r.values["data"] = data
-    cfg = r.get("_config")
-    seq_len = int(num("seq_len", lambda v: v > 0 and v == int(v), "a positive integer"))
-    batch = int(num("batch_size", lambda v: v > 0 and v == int(v), "a positive integer"))
-    if r.cells.get("tokens") is not None and r.cells.get("flops") is not None:
-        raise _ColumnError("flops", "give tokens or flops, not both")
-    if r.cells.get("tokens") is None and r.cells.get("flops") is None:
-        raise _ColumnError("tokens", "give tokens or flops (neither is set)")
-    budget_col = "tokens" if r.cells.get("tokens") is not None else "flops"
-    num(budget_col, lambda v: v > 0, "a positive number")
-    tokens = int(round(num("tokens", lambda v: v >= 1, "at least one token")))
-    steps = max(1, math.ceil(tokens / (batch * seq_len)))
+    def data_value() -> tuple[str, str]:
+        try:
+            return _data_value(text("data"), base_dir, digests)
+        except CellError as exc:
+            raise _ColumnError("data", str(exc)) from None
+
+    def budget() -> int:
+        if r.cells.get("tokens") is not None and r.cells.get("flops") is not None:
+            raise _ColumnError("flops", "give tokens or flops, not both")
+        if r.cells.get("tokens") is None and r.cells.get("flops") is None:
+            raise _ColumnError("tokens", "give tokens or flops (neither is set)")
+        num("tokens" if r.cells.get("tokens") is not None else "flops", lambda v: v > 0, "a positive number")
+        return int(round(num("tokens", lambda v: v >= 1, "at least one token")))
+
+    def evals_of() -> tuple[str, ...]:
+        evals = tuple(e for e in text("evals").split("|") if e)
+        bad = [e for e in evals if e not in EVALS]
+        if bad:
+            raise _ColumnError("evals", f"expected evals among {', '.join(EVALS)}, got {bad[0]!r}")
+        return evals
+
+    data, data_digest = attempt(data_value) or (None, "")
+    if data is not None:
+        r.values["data"] = data
+    cfg = attempt(r.get, "_config")
+    seq_len = attempt(whole, "seq_len", lambda v: v > 0, "a positive integer")
+    batch = attempt(whole, "batch_size", lambda v: v > 0, "a positive integer")
+    tokens = attempt(budget)
+    lr = attempt(num, "lr", lambda v: v > 0, "a positive number")
     # 2.5 would be cut to 2 steps without a word: steps are whole, fractions below 1
-    warm = num("warmup", lambda v: v >= 0 and (v < 1 or v == int(v)),
-               "a fraction of the run's steps below 1, or a whole number of steps")
-    warmup = warmup_steps(warm, steps)
-    evals = tuple(e for e in text("evals").split("|") if e)
-    bad = [e for e in evals if e not in EVALS]
-    if bad:
-        raise _ColumnError("evals", f"expected evals among {', '.join(EVALS)}, got {bad[0]!r}")
+    warm = attempt(num, "warmup", lambda v: v >= 0 and (v < 1 or v == int(v)),
+                   "a fraction of the run's steps below 1, or a whole number of steps")
+    schedule = attempt(text, "schedule", SCHEDULES)
+    min_lr_ratio = attempt(num, "min_lr_ratio", lambda v: 0 <= v <= 1, "a number in [0, 1]")
+    weight_decay = attempt(num, "weight_decay", lambda v: v >= 0, "a number >= 0")
+    grad_clip = attempt(num, "grad_clip", lambda v: v > 0, "a positive number")
+    seed = attempt(whole, "seed", lambda v: v >= 0, "a non-negative integer")
+    evals = attempt(evals_of)
+    eval_every = attempt(whole, "eval_every", lambda v: v >= 0, "a non-negative integer")
+    gpus = attempt(num, "gpus", lambda v: v > 0 and (v <= 1 or v == int(v)), "a fraction in (0, 1] or a whole number")
     # Caught here, not when every run of the plan fails at launch.
-    byte_parts = [p for p in (q.partition("@")[0] for q in data.split("+"))
-                  if p in ("stdlib", "passkey") or (p not in DATA_SOURCES and not is_token_source(p))]
-    if byte_parts and cfg.vocab_size < BYTE_VOCAB_SIZE:
-        raise _ColumnError("vocab", f"byte-level data {byte_parts[0]!r} needs vocab >= {BYTE_VOCAB_SIZE}, got {cfg.vocab_size}")
-    if "passkey" in (p.partition("@")[0] for p in data.split("+")) and seq_len < PASSKEY_MIN_SEQ_LEN:
-        raise _ColumnError("seq_len", f"passkey data needs seq_len >= {PASSKEY_MIN_SEQ_LEN}, got {seq_len}")
-    if "niah" in evals and seq_len < NIAH_MIN_SEQ_LEN:
-        raise _ColumnError("seq_len", f"niah evals need seq_len >= {NIAH_MIN_SEQ_LEN}, got {seq_len}")
-    token_parts = [p for p in (q.partition("@")[0] for q in data.split("+"))
-                   if p not in DATA_SOURCES and is_token_source(p)]
-    if "niah" in evals and token_parts and not byte_parts:
-        # NIAH's prompts are byte text: a model of token ids reads them as other tokens and scores 0 whatever its arch
-        raise _ColumnError("evals", f"niah evals need byte-level text, and data {data!r} holds token ids only "
-                                    "(add a byte-level part such as passkey, or drop niah)")
-    pairs = max(1, seq_len // MQAR_PAIRS_DIVISOR)
-    if "mqar" in evals or "mqar" in (p.partition("@")[0] for p in data.split("+")):
-        if 4 * pairs > seq_len:  # the pairs, then a query slot for each
-            raise _ColumnError("seq_len", f"mqar needs seq_len >= {4 * pairs}, got {seq_len}")
-        if pairs > cfg.vocab_size // 2 - 1:
-            raise _ColumnError("seq_len", f"mqar at seq_len {seq_len} has {pairs} key-value pairs, which need a vocab "
-                                          f"of at least {2 * pairs + 2}, got {cfg.vocab_size}: give a larger vocab or a "
-                                          f"seq_len below {MQAR_PAIRS_DIVISOR * (cfg.vocab_size // 2)}")
-    gpus = num("gpus", lambda v: v > 0 and (v <= 1 or v == int(v)), "a fraction in (0, 1] or a whole number")
+    if data is not None and cfg is not None and seq_len is not None and evals is not None:
+        errors += _data_fit_errors(data, cfg, seq_len, evals)
     # Each data-parallel worker trains an equal slice of every batch; caught here, not after every attempt at launch.
-    if gpus > 1 and batch % int(gpus):
-        raise _ColumnError("batch_size", f"batch_size {batch} is not divisible by the {int(gpus)} data-parallel "
-                                         f"workers of gpus {int(gpus)}")
+    if gpus is not None and batch is not None and gpus > 1 and batch % int(gpus):
+        errors.append(_ColumnError("batch_size", f"batch_size {batch} is not divisible by the {int(gpus)} "
+                                                 f"data-parallel workers of gpus {int(gpus)}"))
+    if errors:
+        raise _RunErrors(errors)
+    steps = max(1, math.ceil(tokens / (batch * seq_len)))
     return RunSpec(
         arch=cfg.arch,
         d_model=cfg.d_model,
@@ -725,19 +808,48 @@ def _build_spec(r: _Resolver, base_dir: Path, digests: dict[str, str] | None = N
         seq_len=seq_len,
         batch_size=batch,
         tokens=tokens,
-        lr=num("lr", lambda v: v > 0, "a positive number"),
-        warmup=warmup,
-        schedule=text("schedule", SCHEDULES),
-        min_lr_ratio=num("min_lr_ratio", lambda v: 0 <= v <= 1, "a number in [0, 1]"),
-        weight_decay=num("weight_decay", lambda v: v >= 0, "a number >= 0"),
-        grad_clip=num("grad_clip", lambda v: v > 0, "a positive number"),
-        seed=int(num("seed", lambda v: v >= 0 and v == int(v), "a non-negative integer")),
+        lr=lr,
+        warmup=warmup_steps(warm, steps),
+        schedule=schedule,
+        min_lr_ratio=min_lr_ratio,
+        weight_decay=weight_decay,
+        grad_clip=grad_clip,
+        seed=seed,
         data=data,
         evals=evals,
-        eval_every=int(num("eval_every", lambda v: v >= 0 and v == int(v), "a non-negative integer")),
+        eval_every=eval_every,
         gpus=gpus,
         data_digest=data_digest,
     )
+
+
+def _data_fit_errors(data: str, cfg: ModelConfig, seq_len: int, evals: tuple[str, ...]) -> list[_ColumnError]:
+    """Data and evals that the vocabulary or seq_len cannot hold, which would fail every run at launch."""
+    errors = []
+    parts = [q.partition("@")[0] for q in data.split("+")]
+    byte_parts = [p for p in parts if p in ("stdlib", "passkey") or (p not in DATA_SOURCES and not is_token_source(p))]
+    if byte_parts and cfg.vocab_size < BYTE_VOCAB_SIZE:
+        errors.append(_ColumnError("vocab", f"byte-level data {byte_parts[0]!r} needs vocab >= {BYTE_VOCAB_SIZE}, "
+                                            f"got {cfg.vocab_size}"))
+    if "passkey" in parts and seq_len < PASSKEY_MIN_SEQ_LEN:
+        errors.append(_ColumnError("seq_len", f"passkey data needs seq_len >= {PASSKEY_MIN_SEQ_LEN}, got {seq_len}"))
+    if "niah" in evals and seq_len < NIAH_MIN_SEQ_LEN:
+        errors.append(_ColumnError("seq_len", f"niah evals need seq_len >= {NIAH_MIN_SEQ_LEN}, got {seq_len}"))
+    token_parts = [p for p in parts if p not in DATA_SOURCES and is_token_source(p)]
+    if "niah" in evals and token_parts and not byte_parts:
+        # NIAH's prompts are byte text: a model of token ids reads them as other tokens and scores 0 whatever its arch
+        errors.append(_ColumnError("evals", f"niah evals need byte-level text, and data {data!r} holds token ids only "
+                                            "(add a byte-level part such as passkey, or drop niah)"))
+    pairs = max(1, seq_len // MQAR_PAIRS_DIVISOR)
+    if "mqar" in evals or "mqar" in parts:
+        if 4 * pairs > seq_len:  # the pairs, then a query slot for each
+            errors.append(_ColumnError("seq_len", f"mqar needs seq_len >= {4 * pairs}, got {seq_len}"))
+        elif pairs > cfg.vocab_size // 2 - 1:
+            errors.append(_ColumnError(
+                "seq_len", f"mqar at seq_len {seq_len} has {pairs} key-value pairs, which need a vocab of at least "
+                           f"{2 * pairs + 2}, got {cfg.vocab_size}: give a larger vocab or a seq_len below "
+                           f"{MQAR_PAIRS_DIVISOR * (cfg.vocab_size // 2)}"))
+    return errors
 
 
 #: Counts (tokens, parameters) the database stores as 64-bit integers must stay below this.
@@ -747,9 +859,44 @@ MAX_STORED_INT = 2**63
 # ---------------------------------------------------------------- the plan
 
 
+@dataclass
+class _Load:
+    """What one load of plans works out once for all of them."""
+
+    #: Content digests of data files by resolved path (or why one could not be read): a corpus is read once.
+    digests: dict[str, str | CellError] = field(default_factory=dict)
+    #: The run id of each spec as trained (its budget rounded up to whole steps) -> the budget of the first run to
+    #: train it: a later budget within the same steps takes that one, so identical training is one run id.
+    trained: dict[str, int] = field(default_factory=dict)
+    #: Every issue found: PlanError lists the first MAX_ERRORS and counts the rest.
+    issues: list[PlanIssue] = field(default_factory=list)
+
+
 def load_plan(path: str | Path, *, max_runs: int = DEFAULT_MAX_RUNS) -> Plan:
-    """Read, validate and expand a plan file; raises PlanError listing every problem found (up to 20)."""
-    path = Path(path)
+    """Read, validate and expand a plan file; raises PlanError listing its problems (the first 20, and how many)."""
+    return load_plans([path], max_runs=max_runs)[0]
+
+
+def load_plans(paths: list[str | Path], *, max_runs: int = DEFAULT_MAX_RUNS) -> list[Plan]:
+    """Load several plans, reporting the errors of all of them together; a run two plans give is one run."""
+    load, plans, unlisted = _Load(), [], 0
+    for p in paths:
+        before = len(load.issues)
+        try:
+            plan = _load_plan(Path(p), max_runs, load)
+        except PlanError as exc:  # a file that cannot be read, or a bad header: that file's rows are not checked
+            load.issues.extend(exc.issues)
+            unlisted += exc.total - len(exc.issues)
+            continue
+        if len(load.issues) == before:
+            plans.append(plan)
+    if load.issues:
+        raise PlanError(load.issues, total=len(load.issues) + unlisted)
+    return plans
+
+
+def _load_plan(path: Path, max_runs: int, load: _Load) -> Plan:
+    """One plan of a load, its rows' errors added to ``load.issues``; an unreadable file or header raises PlanError."""
     where = str(path)
     rows = read_rows(path)
     if not rows:
@@ -773,16 +920,14 @@ def load_plan(path: str | Path, *, max_runs: int = DEFAULT_MAX_RUNS) -> Plan:
         raise PlanError([PlanIssue(where, header_line, None, "the plan has a header but no rows")])
 
     plan = Plan(path=path, name=path.stem, sha256=hashlib.sha256(path.read_bytes()).hexdigest())
+    order = {name: i for i, name in enumerate(header)}
     total = 0
-    digests: dict[str, str] = {}  # content digests of the data files, read once per plan
     for lineno, cells in rows[1:]:
-        if len(issues) > MAX_ERRORS:  # one past the limit, to know there are more
-            break
         if len(cells) > len(header):
             message = f"{len(cells)} cells but the header has {len(header)} columns"
             if any(c.startswith("=") for c in cells):  # an unquoted =min(a, b) splits at its comma
                 message += '; quote expressions that contain commas: "=min(a, b)"'
-            issues.append(PlanIssue(where, lineno, None, message))
+            load.issues.append(PlanIssue(where, lineno, None, message))
             continue
         if len(cells) < len(header):
             # Not filled with defaults: a cell left out by mistake would silently change the runs.
@@ -791,38 +936,46 @@ def load_plan(path: str | Path, *, max_runs: int = DEFAULT_MAX_RUNS) -> Plan:
             have = f"{len(cells)} cell" + ("s" if len(cells) != 1 else "")
             message = (f"{have} but the header has {len(header)} columns (none for {named}); "
                        "write an empty cell, as in a,,b, to take a column's default")
-            issues.append(PlanIssue(where, lineno, None, message))
+            load.issues.append(PlanIssue(where, lineno, None, message))
             continue
+        row_issues: list[PlanIssue] = []
         parsed: dict[str, Any] = {}
         for column, text in zip(header, cells):
             if not text:
                 continue
+            if "\n" in text or "\r" in text:
+                # Excel writes a cell with a line break as a quoted cell over several lines: no plan value holds one.
+                row_issues.append(PlanIssue(where, lineno, column, f"a line break inside the cell, got {text!r}: "
+                                                                    "write the value on one line"))
+                continue
             try:
                 parsed[column] = parse_cell(column, text)
             except CellError as exc:
-                issues.append(PlanIssue(where, lineno, column, str(exc)))
+                row_issues.append(PlanIssue(where, lineno, column, str(exc)))
         # Checked here, not only when the row expands, so that it is reported beside the row's other cell errors.
-        if "arch" not in parsed:
-            issues.append(PlanIssue(where, lineno, "arch", f"arch is required (one of {', '.join(ARCHS)})"))
-        elif isinstance(parsed["arch"], list) and (bad := [a for a in parsed["arch"] if a not in ARCHS]):
-            issues.append(PlanIssue(where, lineno, "arch", f"expected one of {', '.join(ARCHS)}, got {bad[0]!r}"))
-        if len(issues) > MAX_ERRORS or any(i.row == lineno for i in issues):
-            continue
+        if "arch" not in parsed and not any(i.column == "arch" for i in row_issues):
+            row_issues.append(PlanIssue(where, lineno, "arch", f"arch is required (one of {', '.join(ARCHS)})"))
+        elif isinstance(parsed.get("arch"), list) and (bad := [a for a in parsed["arch"] if a not in ARCHS]):
+            row_issues.append(PlanIssue(where, lineno, "arch", f"expected one of {', '.join(ARCHS)}, got {bad[0]!r}"))
+            del parsed["arch"]
+        # The row expands without its unreadable cells, so that the errors of its other cells come out now too.
+        unreadable = {i.column for i in row_issues}
         lists = {c: v for c, v in parsed.items() if not isinstance(v, Expr)}
         count = math.prod(len(v) for v in lists.values())
         if count == 0:
             empty = next(c for c, v in lists.items() if not v)
-            issues.append(PlanIssue(where, lineno, empty, "this row expands to zero runs"))
-            continue
+            row_issues.append(PlanIssue(where, lineno, empty, "this row expands to zero runs"))
         total += count
         if total > max_runs:
-            issues.append(
+            load.issues += row_issues
+            load.issues.append(
                 PlanIssue(where, lineno, None, f"the plan expands to more than {max_runs:,} runs (raise --max-runs)")
             )
             break
-        _expand_row(plan, where, lineno, parsed, lists, issues, digests)
-    if issues:
-        raise PlanError(issues)
+        if count:
+            row_issues += _expand_row(plan, where, lineno, parsed, lists, unreadable, load)
+        # A row's problems read left to right, as its cells stand in the file.
+        load.issues += sorted(row_issues, key=lambda i: order.get(i.column, len(order)))
     return plan
 
 
@@ -837,35 +990,44 @@ def _column_hint(name: str) -> str:
 
 
 def _expand_row(
-    plan: Plan, where: str, lineno: int, parsed: dict, lists: dict, issues: list[PlanIssue], digests: dict[str, str]
-) -> None:
+    plan: Plan, where: str, lineno: int, parsed: dict, lists: dict, unreadable: set[str | None], load: _Load
+) -> list[PlanIssue]:
+    """Add a row's runs to ``plan``; returns the row's problems, one per distinct message (not one per run)."""
     exprs = {c: v for c, v in parsed.items() if isinstance(v, Expr)}
     names = list(lists)
+    issues: list[PlanIssue] = []
     seen_messages: set[tuple[str | None, str]] = set()
     for combo in itertools.product(*(lists[c] for c in names)):
         cells = dict(zip(names, combo))
         cells.update(exprs)
+        cells.update(dict.fromkeys(unreadable - {None}, _UNREADABLE))
         for col in ("name", "tags"):
             cells.pop(col, None)
         resolver = _Resolver(cells, plan.path.parent)
         try:
-            spec = _build_spec(resolver, plan.path.parent, digests)
+            spec = _build_spec(resolver, plan.path.parent, load.digests)
             _check_storable(spec)
             label = _label(parsed.get("name"), spec)
         except CellError as exc:
-            column = getattr(exc, "column", None)
-            key = (column, str(exc))
-            if key not in seen_messages:  # one message per distinct problem, not one per expanded run
-                seen_messages.add(key)
-                issues.append(PlanIssue(where, lineno, column, str(exc)))
-            if len(issues) > MAX_ERRORS:
-                return
+            for error in getattr(exc, "errors", [exc]):
+                column = getattr(error, "column", None)
+                key = (column, str(error))
+                if column not in unreadable and key not in seen_messages:
+                    seen_messages.add(key)
+                    issues.append(PlanIssue(where, lineno, column, str(error)))
             continue
+        if unreadable:
+            continue  # a name or tags cell that could not be read: the row's runs are not the ones it asks for
+        # Budgets within one step train alike (whole steps): the first budget's spec, and so its id, stands for all.
+        first = load.trained.setdefault(dataclasses.replace(spec, tokens=spec.trained_tokens).run_id, spec.tokens)
+        if first != spec.tokens:
+            spec = dataclasses.replace(spec, tokens=first)
         tags = parsed.get("tags", [""])[0]
         period = resolver._hybrid_period() if spec.arch == "hybrid" else 1
         target = resolver.get("params") if resolver.cells.get("params") is not None else None
         plan.runs.append(PlannedRun(spec=spec, row=lineno, name=label, tags=tags, total_params_read=resolver.total_params_read,
                                     hybrid_period=period, params_target=target))
+    return issues
 
 
 def warmup_steps(warmup: float, steps: int) -> int:
@@ -897,20 +1059,6 @@ def _label(name_cell: list[str] | None, spec: RunSpec) -> str | None:
         raise _ColumnError("name", f"bad name template {template!r}: no field {exc} (known: {known})") from None
     except (AttributeError, IndexError, TypeError, ValueError) as exc:
         raise _ColumnError("name", f"bad name template {template!r}: {exc}") from None
-
-
-def load_plans(paths: list[str | Path], *, max_runs: int = DEFAULT_MAX_RUNS) -> list[Plan]:
-    """Load several plans, reporting the errors of all of them together."""
-    plans, issues, more = [], [], False
-    for p in paths:
-        try:
-            plans.append(load_plan(p, max_runs=max_runs))
-        except PlanError as exc:
-            issues.extend(exc.issues)
-            more = more or exc.more
-    if issues:
-        raise PlanError(issues, more)
-    return plans
 
 
 # ---------------------------------------------------------------- costing
@@ -957,9 +1105,6 @@ class Costing:
     #: Rows with runs that train over ROUNDING_NOTE_SHARE more tokens than their budget (whole steps of batch_size x
     #: seq_len), as (plan, row, such runs, the largest ratio of trained tokens to budget).
     rounded_up: list[tuple[str, int, int, float]] = field(default_factory=list)
-    #: Rows with runs that train exactly as an earlier run (budgets within a step of each other), as (plan, row,
-    #: such runs): the id hashes the budget as given, so each is trained and counted apart.
-    same_training: list[tuple[str, int, int]] = field(default_factory=list)
 
 
 #: ``slab plan`` notes rows whose runs train more than this share over their token budget.
@@ -982,8 +1127,6 @@ def cost_plans(plans: list[Plan], *, mfu: float = 0.3, gpu_tflops: float = 989.0
     uneven: dict[tuple[str, int], int] = {}
     embedded: dict[tuple[str, int], list] = {}
     rounded: dict[tuple[str, int], list] = {}
-    trains: set[str] = set()  # the runs' specs with the budget as trained: two alike train the same steps
-    same: dict[tuple[str, int], int] = {}
     total = 0.0
     for plan in plans:
         for run in plan.runs:
@@ -998,10 +1141,6 @@ def cost_plans(plans: list[Plan], *, mfu: float = 0.3, gpu_tflops: float = 989.0
                 warm[(plan.name, run.row)] = warm.get((plan.name, run.row), 0) + 1
             if s.hybrid and s.n_layers % run.hybrid_period:
                 uneven[(plan.name, run.row)] = uneven.get((plan.name, run.row), 0) + 1
-            trained = dataclasses.replace(s, tokens=s.trained_tokens).run_id
-            if trained in trains:
-                same[(plan.name, run.row)] = same.get((plan.name, run.row), 0) + 1
-            trains.add(trained)
             if (ratio := s.trained_tokens / s.tokens) > 1 + ROUNDING_NOTE_SHARE:
                 tally = rounded.setdefault((plan.name, run.row), [0, 1.0])
                 tally[0], tally[1] = tally[0] + 1, max(tally[1], ratio)
@@ -1026,5 +1165,4 @@ def cost_plans(plans: list[Plan], *, mfu: float = 0.3, gpu_tflops: float = 989.0
                    repeats=repeats, warmup_only=[(p, r, n) for (p, r), n in warm.items()],
                    uneven_hybrid=[(p, r, n) for (p, r), n in uneven.items()],
                    total_params_read=[(p, r, n, share) for (p, r), (n, share) in embedded.items()],
-                   rounded_up=[(p, r, n, ratio) for (p, r), (n, ratio) in rounded.items()],
-                   same_training=[(p, r, n) for (p, r), n in same.items()])
+                   rounded_up=[(p, r, n, ratio) for (p, r), (n, ratio) in rounded.items()])

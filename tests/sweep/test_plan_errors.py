@@ -1,0 +1,153 @@
+"""Plans with several problems, multi-line CSV cells, budgets that train alike, and corpus hashing per load."""
+
+import pytest
+
+import sweep.plan as plan_module
+from sweep.plan import MAX_ERRORS, PlanError, cost_plans, load_plan, load_plans
+
+SIZE = "arch,d_model,n_layers,seq_len,batch_size,tokens"
+
+
+def issues_of(path_or_paths):
+    with pytest.raises(PlanError) as info:
+        if isinstance(path_or_paths, list):
+            load_plans(path_or_paths)
+        else:
+            load_plan(path_or_paths)
+    return info.value
+
+
+# ---------------------------------------------------------------- every error at once
+
+
+def test_every_bad_value_of_a_run_is_reported_not_only_the_first(write_plan):
+    # each had surfaced only once the one before it was fixed: three reruns for one row
+    path = write_plan("arch,d_model,n_layers,tokens,lr,schedule,grad_clip\nsoftmax,64,2,1e5,-1,linear,0\n")
+    error = issues_of(path)
+    assert [(i.row, i.column) for i in error.issues] == [(2, "lr"), (2, "schedule"), (2, "grad_clip")]
+    assert "got -1" in str(error) and "got 'linear'" in str(error) and "got 0" in str(error)
+
+
+def test_a_cell_that_cannot_be_read_does_not_hide_the_other_errors_of_its_row(write_plan):
+    path = write_plan("arch,d_model,n_layers,tokens,lr,warmup\nsoftmax,12a,2,1e5,-1,2.5\n")
+    error = issues_of(path)
+    assert [(i.row, i.column) for i in error.issues] == [(2, "d_model"), (2, "lr"), (2, "warmup")]
+    assert "a size is needed" not in str(error)  # d_model was given, only unreadable
+
+
+def test_a_cell_that_cannot_be_read_is_not_blamed_on_the_cells_that_read_it(write_plan):
+    # tokens reads params, which is unreadable: one error, in params, and none for tokens or a missing size
+    path = write_plan("arch,params,tokens,lr\nsoftmax,lots,=20*params,-1\n")
+    error = issues_of(path)
+    assert [(i.row, i.column) for i in error.issues] == [(2, "params"), (2, "lr")]
+
+
+def test_errors_past_the_first_twenty_are_counted(write_plan):
+    rows = "".join(f"softmax,{i}a,2,1e5\n" for i in range(30))
+    error = issues_of(write_plan("arch,d_model,n_layers,tokens\n" + rows))
+    assert len(error.issues) == MAX_ERRORS and error.more and error.total == 30
+    assert str(error).endswith("\nand 10 more errors")
+
+
+def test_errors_of_several_plans_are_counted_together(write_plan):
+    many = write_plan("arch,d_model,n_layers,tokens\n" + "softmax,1a,2,1e5\n" * 25, "a.csv")
+    one = write_plan("arch,d_model,n_layers,tokens\nsoftmax,1a,2,1e5\n", "b.csv")
+    error = issues_of([one, many])
+    assert len(error.issues) == MAX_ERRORS and error.total == 26
+    assert str(error).endswith("\nand 6 more errors")
+
+
+# ---------------------------------------------------------------- multi-line cells
+
+
+def test_a_quoted_cell_spanning_lines_is_one_row_refused_at_its_first_line(write_plan):
+    # Excel writes a cell with a line break as a quoted cell over two lines: it had been read as two broken rows,
+    # and every row after it was numbered as before
+    text = (f"name,{SIZE}\n"
+            "# a comment\n"
+            '"first\n# not a comment\nrun",softmax,32,2,64,4,5k\n'
+            "ok,softmax,32,2,64,4,5k\n"
+            "bad,softmax,32,2,64,4,lots\n")
+    error = issues_of(write_plan(text))
+    assert [(i.row, i.column) for i in error.issues] == [(3, "name"), (7, "tokens")]
+    assert "line break" in error.issues[0].message
+
+
+def test_rows_after_a_multi_line_cell_keep_their_line_numbers(write_plan):
+    text = f'{SIZE},tags\nsoftmax,32,2,64,4,5k,"a|\nb"\nlightning,32,2,64,4,5k,\n'
+    error = issues_of(write_plan(text))
+    assert [(i.row, i.column) for i in error.issues] == [(2, "tags")]
+    runs = load_plan(write_plan(f"{SIZE}\n\n# c\nsoftmax,32,2,64,4,5k\r\nlightning,32,2,64,4,5k\n", "ok.csv")).runs
+    assert [r.row for r in runs] == [4, 5]
+
+
+def test_an_unclosed_quote_is_refused_at_the_line_it_opens(write_plan):
+    # read leniently, the quote had swallowed every later row into one cell
+    text = f'name,{SIZE}\nok,softmax,32,2,64,4,5k\n"oops,softmax,32,2,64,4,5k\nx,lightning,32,2,64,4,5k\n'
+    error = issues_of(write_plan(text))
+    assert [(i.row, i.column) for i in error.issues] == [(3, None)]
+    assert "never closed" in error.issues[0].message
+
+
+# ---------------------------------------------------------------- budgets that train alike
+
+
+def test_budgets_that_train_the_same_steps_are_one_run_under_the_first_ones_id(write_plan):
+    # 10k, 10240 and 10100 tokens are all 40 steps of 4 x 64: they had been three run ids, trained three times
+    path = write_plan(f"{SIZE}\nlightning,32,2,64,4,10k\nlightning,32,2,64,4,10240\nlightning,32,2,64,4,10100|20480\n")
+    plan = load_plan(path)
+    first = plan.runs[0].spec
+    assert first.tokens == 10_000  # the first budget keeps the id it had
+    assert [r.spec.run_id == first.run_id for r in plan.runs] == [True, True, True, False]
+    assert [r.row for r in plan.runs] == [2, 3, 4, 4]
+    cost = cost_plans([plan])
+    assert cost.runs == 2 and [(row, n) for _, row, n, _ in cost.repeats] == [(3, 1), (4, 1)]
+
+
+def test_budgets_that_train_alike_in_two_plans_are_one_run(write_plan):
+    a = write_plan(f"{SIZE}\nlightning,32,2,64,4,10k\n", "a.csv")
+    b = write_plan(f"{SIZE}\nlightning,32,2,64,4,10100\n", "b.csv")
+    pa, pb = load_plans([a, b])
+    assert pa.runs[0].spec.run_id == pb.runs[0].spec.run_id == load_plan(a).runs[0].spec.run_id
+
+
+def test_flops_budgets_within_a_step_are_one_run(write_plan):
+    path = write_plan("arch,d_model,n_layers,seq_len,batch_size,flops\nsoftmax,32,2,64,4,1e12|1.00001e12|2e12\n")
+    runs = load_plan(path).runs
+    assert runs[0].spec.tokens != round(1.00001e12 / runs[0].spec.derived()["flops_per_token"])
+    assert runs[0].spec.run_id == runs[1].spec.run_id != runs[2].spec.run_id
+
+
+# ---------------------------------------------------------------- corpus hashing
+
+
+def test_a_corpus_is_hashed_once_per_load_of_several_plans(tmp_path, monkeypatch):
+    calls = []
+    real = plan_module.content_digest
+    monkeypatch.setattr(plan_module, "content_digest", lambda p: calls.append(p) or real(p))
+    (tmp_path / "corpus.txt").write_text("some bytes\n" * 100)
+    for name in ("a", "b"):
+        (tmp_path / f"{name}.csv").write_text(f"{SIZE},data\nsoftmax,32,2,64,4,5k|10k,corpus.txt\n"
+                                             "lightning,32,2,64,4,5k,corpus.txt\n")
+    load_plans([tmp_path / "a.csv", tmp_path / "b.csv"])
+    assert len(calls) == 1
+
+
+def test_a_corpus_that_cannot_be_hashed_is_tried_once(tmp_path, monkeypatch):
+    calls = []
+
+    def fail(path):
+        calls.append(path)
+        raise OSError("permission denied")
+
+    monkeypatch.setattr(plan_module, "content_digest", fail)
+    (tmp_path / "corpus.txt").write_text("x\n")
+    (tmp_path / "p.csv").write_text(f"{SIZE},data\nsoftmax,32,2,64,4,5k|10k|20k,corpus.txt\nlightning,32,2,64,4,5k,corpus.txt\n")
+    error = issues_of(tmp_path / "p.csv")
+    assert len(calls) == 1 and [(i.row, i.column) for i in error.issues] == [(2, "data"), (3, "data")]
+
+
+def test_a_space_after_a_closing_quote_still_reads_as_before(write_plan):
+    # only an unclosed quote is refused: other quoting slips read as the lenient reader always read them
+    runs = load_plan(write_plan(f'name,{SIZE}\n"a" ,softmax,32,2,64,4,"=2*seq_len*batch_size" \n')).runs
+    assert [(r.name, r.spec.tokens) for r in runs] == [("a", 512)]
