@@ -6,8 +6,8 @@ A spec's ``data`` string names one source or a weighted mixture of sources, join
 - ``passkey``: passkey documents (Mohtashami & Jaggi 2023): a random 5-digit key hidden at a random
   depth in filler text, then the question and the key; training on them teaches retrieval;
 - ``mqar``: Zoology's multi-query associative recall task (see ``mqar_example``);
-- a path: a ``.txt`` file or a folder of text files (bytes), or a nanoGPT-style ``.bin`` of uint16
-  token ids (or a folder holding ``train.bin`` and ``val.bin``).
+- a path: a ``.txt`` file or a folder of text files (bytes, a newline between files), or a nanoGPT-style
+  ``.bin`` of uint16 token ids (or a folder holding ``train.bin`` and ``val.bin``).
 
 ``name@w`` gives a part the weight w (the fraction of training sequences drawn from it); parts without a
 weight share what the weighted ones leave, e.g. ``stdlib+passkey@0.1`` is 90% stdlib windows and 10%
@@ -48,6 +48,11 @@ STDLIB_CAP_BYTES = 64 * 2**20
 STDLIB_SKIP = frozenset({"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__", "encodings"})
 #: Bumped when the stdlib corpus's selection changes, so that a cached corpus of the old one is not reused.
 STDLIB_VERSION = 2
+#: Between the files of a text folder, so that one document's last line does not run into the next one's first.
+#: A newline, not EOS: byte corpora are uint8. Folders read before it was added hash differently (``Corpus.sha256``
+#: is of the joined bytes), so their checkpoints are refused on resume rather than continued on another stream.
+#: The stdlib corpus keeps no separator: its .py files end in a newline, and its hash (every stdlib checkpoint's) stays.
+DOC_SEP = b"\n"
 
 MQAR_VOCAB = 8192  # Zoology's vocabulary, the default for MQAR plans
 MQAR_ALPHA = 0.01  # power-law exponent of the query gaps
@@ -85,13 +90,14 @@ class Corpus:
     max_id: int | None = None  # the largest token id of both splits (token-id corpora; None for bytes)
 
 
-def _split_files(chunks: list[bytes]) -> tuple[bytes, bytes]:
-    """Every VAL_EVERY-th file to validation; with too few files, the last 1/VAL_EVERY of the bytes."""
+def _split_files(chunks: list[bytes], sep: bytes = b"") -> tuple[bytes, bytes]:
+    """Every VAL_EVERY-th file to validation; with too few files, the last 1/VAL_EVERY of the bytes. ``sep`` goes
+    between the files of a split."""
     if len(chunks) >= VAL_EVERY:
-        val = b"".join(c for i, c in enumerate(chunks) if i % VAL_EVERY == VAL_EVERY - 1)
-        train = b"".join(c for i, c in enumerate(chunks) if i % VAL_EVERY != VAL_EVERY - 1)
+        val = sep.join(c for i, c in enumerate(chunks) if i % VAL_EVERY == VAL_EVERY - 1)
+        train = sep.join(c for i, c in enumerate(chunks) if i % VAL_EVERY != VAL_EVERY - 1)
         return train, val
-    whole = b"".join(chunks)
+    whole = sep.join(chunks)
     cut = len(whole) - len(whole) // VAL_EVERY
     return whole[:cut], whole[cut:]
 
@@ -177,10 +183,11 @@ def stdlib_corpus() -> Corpus:
 
 
 def text_corpus(path: Path) -> Corpus:
-    """A ``.txt`` file or a folder of text files (every non-hidden file, sorted), read as bytes."""
+    """A ``.txt`` file or a folder of text files (every non-hidden file, sorted), read as bytes; a folder's files are
+    joined with ``DOC_SEP`` between them."""
     path = Path(path)
     if path.is_dir():
-        train_b, val_b = _split_files([p.read_bytes() for p in text_files(path)])
+        train_b, val_b = _split_files([p.read_bytes() for p in text_files(path)], sep=DOC_SEP)
     else:
         train_b, val_b = _split_files([path.read_bytes()])
     train, val = np.frombuffer(train_b, dtype=np.uint8), np.frombuffer(val_b, dtype=np.uint8)

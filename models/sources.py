@@ -4,6 +4,7 @@ corpus path reads, and their content digest (what run ids hash). Free of torch, 
 from __future__ import annotations
 
 import hashlib
+from functools import lru_cache
 from pathlib import Path
 
 
@@ -55,11 +56,23 @@ def content_digest(path: str | Path) -> str:
     runs on a corpus are known by its contents, wherever it lies."""
     path = Path(path).expanduser()
     files = bin_files(path) if is_token_source(path) else text_files(path) if path.is_dir() else [path]
-    h = hashlib.sha256()
+    listing = []
     for f in files:
-        h.update((f.relative_to(path).as_posix() if path.is_dir() else f.name).encode() + b"\0")
-        h.update(str(f.stat().st_size).encode() + b"\0")
-        with open(f, "rb") as handle:
+        st = f.stat()
+        name = f.relative_to(path).as_posix() if path.is_dir() else f.name
+        listing.append((name, str(f.resolve()), st.st_size, st.st_mtime_ns, st.st_ino))
+    return _digest_of_files(tuple(listing))
+
+
+@lru_cache(maxsize=64)
+def _digest_of_files(listing: tuple[tuple[str, str, int, int, int], ...]) -> str:
+    """The digest of (name, path, size, mtime_ns, inode) files: cached on their stat, so a process that loads plans
+    naming one corpus again and again (several plans, ``slab bench plan``) reads its bytes once, not every time."""
+    h = hashlib.sha256()
+    for name, file, size, _, _ in listing:
+        h.update(name.encode() + b"\0")
+        h.update(str(size).encode() + b"\0")
+        with open(file, "rb") as handle:
             for block in iter(lambda: handle.read(1 << 20), b""):
                 h.update(block)
     return h.hexdigest()

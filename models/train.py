@@ -13,6 +13,7 @@ over the last 20% of steps) or ``constant``.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import os
@@ -333,36 +334,92 @@ def checkpoint_path(ckpt_dir: Path, step: int) -> Path:
     return Path(ckpt_dir) / f"ckpt-{step:09d}.pt"
 
 
+def checksum_path(path: Path) -> Path:
+    """The file beside checkpoint ``path`` that holds its sha256 (hex), written once the checkpoint is complete."""
+    return Path(path).with_name(Path(path).name + ".sha256")
+
+
+class _HashingWriter:
+    """A binary file that hashes the bytes written to it: a checkpoint's checksum costs no second read."""
+
+    def __init__(self, file):
+        self.file, self.sha256 = file, hashlib.sha256()
+
+    def write(self, data) -> int:
+        self.sha256.update(data)
+        return self.file.write(data)
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
+def _write_synced(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def save_checkpoint(ckpt_dir: Path, step: int, state: dict, keep: int = 2) -> Path:
-    """Write ``state`` atomically (temp file, fsync, rename, fsync dir); keep the newest ``keep``."""
+    """Write ``state`` atomically (temp file, fsync, rename, fsync dir) with its sha256 beside it (``checksum_path``);
+    keep the newest ``keep``."""
     ckpt_dir = Path(ckpt_dir)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     path = checkpoint_path(ckpt_dir, step)
+    side = checksum_path(path)
     tmp = ckpt_dir / f".{path.name}.{os.getpid()}.tmp"
+    side_tmp = ckpt_dir / f".{side.name}.{os.getpid()}.tmp"
     for stale in ckpt_dir.glob(".ckpt-*.tmp"):  # left by a writer killed mid-save (one writer per run: its lease)
         stale.unlink(missing_ok=True)
     with open(tmp, "wb") as f:
-        torch.save(state, f)
+        out = _HashingWriter(f)
+        torch.save(state, out)
         f.flush()
         os.fsync(f.fileno())
+    _write_synced(side_tmp, out.sha256.hexdigest().encode())
+    # A checksum of an earlier save of this step must never stand beside the new file; killed between the two
+    # renames, the checkpoint is left without a checksum, and loads unchecked as older ones do.
+    side.unlink(missing_ok=True)
     os.replace(tmp, path)
+    os.replace(side_tmp, side)
     fd = os.open(ckpt_dir, os.O_RDONLY)
     try:
-        os.fsync(fd)  # make the rename itself durable
+        os.fsync(fd)  # make the renames themselves durable
     finally:
         os.close(fd)
     for old in checkpoint_steps(ckpt_dir)[:-keep]:
         checkpoint_path(ckpt_dir, old).unlink(missing_ok=True)
+        checksum_path(checkpoint_path(ckpt_dir, old)).unlink(missing_ok=True)
     return path
 
 
+def verify_checkpoint(path: Path) -> None:
+    """Raise ``CheckpointUnreadable`` naming ``path`` when its bytes are not those its checksum file recorded (a
+    truncated or bit-flipped file, which torch.load may read without a complaint); no checksum file, no check."""
+    path = Path(path)
+    side = checksum_path(path)
+    try:
+        recorded = side.read_text().strip()
+    except FileNotFoundError:  # written before checkpoints carried a checksum
+        return
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    if h.hexdigest() != recorded:
+        raise CheckpointUnreadable(f"{path}: its sha256 is {h.hexdigest()[:16]}, not the {recorded[:16]} recorded in "
+                                   f"{side.name} when it was written: the file is truncated or corrupt")
+
+
 def load_checkpoint(ckpt_dir: Path) -> dict | None:
-    """The newest checkpoint that loads completely, or None where the run has none. A corrupt newer one is renamed
-    ``*.corrupt`` (kept, logged, no longer counted among the checkpoints); when no checkpoint loads but some were set
-    aside, ``CheckpointUnreadable``; an I/O error is raised, not taken for corruption."""
+    """The newest checkpoint that loads completely (and matches its checksum, where it has one), or None where the run
+    has none. A corrupt newer one is renamed ``*.corrupt`` (kept, logged, no longer counted among the checkpoints);
+    when no checkpoint loads but some were set aside, ``CheckpointUnreadable``; an I/O error is raised, not taken for
+    corruption."""
     for step in reversed(checkpoint_steps(ckpt_dir)):
         path = checkpoint_path(ckpt_dir, step)
         try:
+            verify_checkpoint(path)
             state = torch.load(path, map_location="cpu", weights_only=True)
             if state.get("step") != step or "model" not in state:
                 raise ValueError("missing fields")
@@ -372,6 +429,7 @@ def load_checkpoint(ckpt_dir: Path) -> dict | None:
         except Exception as e:  # a truncated or corrupt file: fall back to the previous checkpoint
             log.warning("ignoring unreadable checkpoint %s (renamed *.corrupt): %s", path, e)
             path.replace(path.with_name(path.name + ".corrupt"))
+            checksum_path(path).unlink(missing_ok=True)
     # Checkpoints were written but none loads: training from step 0 would quietly spend again every step they held
     # (and a retry, no longer counting the set-aside files, would do so too), so say so and let a person decide.
     set_aside = sorted(p.name for p in Path(ckpt_dir).glob("ckpt-*.pt.corrupt")) if Path(ckpt_dir).is_dir() else []
@@ -388,7 +446,8 @@ def check_resumable(state: dict, spec, data, ckpt_dir) -> None:
     # Older checkpoints hashed the data with its files' paths: one at this path is this data as well.
     if state.get("data_sha256", data.sha256) not in (data.sha256, data.sha256_by_path()):
         raise ValueError(f"{ckpt_dir}: its checkpoint trained on data {state['data_sha256'][:12]}, this host's "
-                         f"{spec.data!r} is {data.sha256[:12]} (another Python's stdlib, or a changed file): "
+                         f"{spec.data!r} is {data.sha256[:12]} (another Python's stdlib, a changed file, or a folder "
+                         "read before its files were joined with newlines): "
                          "resuming would train on other data")
 
 

@@ -1,5 +1,7 @@
 """Data sources: the stdlib corpus, user files, MQAR and passkey generators, mixtures, resumable batches."""
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -42,7 +44,7 @@ def test_text_folder_split_by_file_and_text_file(tmp_path):
         (folder / f"f{i:02d}.txt").write_bytes(f"<file {i}>".encode())
     (folder / ".hidden").write_bytes(b"secret")
     c = D.text_corpus(folder)
-    assert bytes(c.val) == b"<file 19><file 39>"
+    assert bytes(c.val) == b"<file 19>\n<file 39>"
     assert b"<file 0>" in bytes(c.train) and b"secret" not in bytes(c.train)
     single = tmp_path / "one.txt"
     single.write_bytes(bytes(range(100)) * 10)
@@ -219,3 +221,40 @@ def test_an_empty_bin_file_is_named(tmp_path):
     (tmp_path / "val.bin").write_bytes(b"")
     with pytest.raises(ValueError, match=r"val.bin: an empty file"):
         open_data(str(tmp_path), 512)
+
+
+def test_a_folders_files_are_joined_with_a_newline_between_documents(tmp_path):
+    # Joined as they were, the last line of one file ran into the first of the next ("end.Start"), in both splits.
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    (folder / "a.txt").write_bytes(b"the end.")
+    (folder / "b.txt").write_bytes(b"Start\n")
+    (folder / "c.txt").write_bytes(b"more" * 50)
+    c = D.text_corpus(folder)
+    whole = bytes(c.train) + bytes(c.val)
+    assert whole == b"the end.\nStart\n\n" + b"more" * 50
+    assert c.sha256 == D._sha256(c.train, c.val)
+
+
+def test_content_digest_reads_a_corpus_once_until_it_changes(tmp_path):
+    from models.sources import content_digest
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_bytes(b"a" * 1000)
+    first = content_digest(corpus)
+    before = corpus.stat()
+    # Same size and mtime, other bytes: the cache (keyed on the stat, not the bytes) answers without reading.
+    corpus.write_bytes(b"b" * 1000)
+    os.utime(corpus, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert content_digest(corpus) == first
+    os.utime(corpus, ns=(before.st_atime_ns, before.st_mtime_ns + 10**9))  # touched: read again
+    changed = content_digest(corpus)
+    assert changed != first
+    corpus.write_bytes(b"b" * 1001)  # a new size
+    assert content_digest(corpus) not in (first, changed)
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "x.txt").write_bytes(b"x")
+    one = content_digest(folder)
+    (folder / "y.txt").write_bytes(b"y")  # a file added to a folder
+    assert content_digest(folder) != one

@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -29,6 +30,7 @@ from models.train import (
     lr_at,
     pretrain,
     save_checkpoint,
+    verify_checkpoint,
 )
 from sweep.spec import RunSpec
 
@@ -376,3 +378,62 @@ def test_a_run_resumes_on_its_corpus_moved_elsewhere(tmp_path):
     data = open_data(at["b"].data, 260)
     assert data.sha256_by_path() != data.sha256
     check_resumable({"run": at["b"].run_id, "data_sha256": data.sha256_by_path()}, at["b"], data, tmp_path / "ckpt")
+
+
+def test_a_checkpoint_of_a_folder_read_without_newlines_between_its_files_is_not_resumed(tmp_path, monkeypatch):
+    # A folder's files are now joined with a newline: its checkpoints from before trained on another byte stream,
+    # under the same run id (which hashes the files, not the stream), and must not be continued on the new one.
+    from models import data as D
+
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    for i in range(3):
+        (folder / f"{i}.txt").write_bytes(b"".join(b"file %d line %d." % (i, j) for j in range(200)))
+    s = spec(data=str(folder), data_digest=content_digest(folder), tokens=8 * 32 * 3)
+    with pytest.raises(Interrupted):
+        pretrain(s, Recorder(), tmp_path / "ckpt", should_stop=lambda: True)
+    with monkeypatch.context() as m:
+        m.setattr(D, "DOC_SEP", b"", raising=False)
+        old = open_data(s.data, 260).sha256  # the hash the stream joined without a separator had
+    state = load_checkpoint(tmp_path / "ckpt")
+    save_checkpoint(tmp_path / "ckpt", state["step"], {**state, "data_sha256": old})
+    with pytest.raises(ValueError, match="resuming would train on other data"):
+        pretrain(s, Recorder(), tmp_path / "ckpt")
+
+
+def _flip_a_byte_mid_file(path: Path) -> None:
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2] ^= 0x01  # inside a tensor's bytes: torch.load reads the file without a complaint
+    path.write_bytes(bytes(raw))
+
+
+def test_a_bit_flipped_checkpoint_fails_its_checksum_and_the_previous_one_is_resumed(tmp_path, caplog):
+    s = spec(tokens=8 * 32 * 12)
+    pretrain(s, Recorder(), tmp_path, ckpt_every_steps=4)
+    newest = checkpoint_path(tmp_path, 12)
+    _flip_a_byte_mid_file(newest)
+    assert torch.load(newest, map_location="cpu", weights_only=True)["step"] == 12  # what went unnoticed before
+    with caplog.at_level("WARNING", logger="models.train"):
+        assert load_checkpoint(tmp_path)["step"] == 8
+    assert re.search(r"ckpt-000000012.pt: its sha256 is \w+, not the \w+ recorded", caplog.text)
+    assert checkpoint_steps(tmp_path) == [8] and newest.with_name(newest.name + ".corrupt").exists()
+
+
+def test_a_lone_corrupt_checkpoint_raises_checkpoint_unreadable_naming_it(tmp_path):
+    save_checkpoint(tmp_path, 5, {"step": 5, "model": {"w": torch.arange(4096.0)}})
+    path = checkpoint_path(tmp_path, 5)
+    _flip_a_byte_mid_file(path)
+    with pytest.raises(CheckpointUnreadable, match=r"sha256 .* not the .* recorded"):
+        verify_checkpoint(path)
+    with pytest.raises(CheckpointUnreadable, match=r"no readable checkpoint, only ckpt-000000005.pt.corrupt"):
+        load_checkpoint(tmp_path)
+
+
+def test_checkpoints_without_a_checksum_still_load_and_old_checksums_go_with_their_files(tmp_path):
+    for step in (1, 2, 3):
+        save_checkpoint(tmp_path, step, {"step": step, "model": {"w": torch.full((8,), float(step))}})
+    # the newest two and their checksums, nothing else (no temp file, no checksum of a pruned checkpoint)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "ckpt-000000002.pt", "ckpt-000000002.pt.sha256", "ckpt-000000003.pt", "ckpt-000000003.pt.sha256"]
+    checkpoint_path(tmp_path, 3).with_name("ckpt-000000003.pt.sha256").unlink()  # as written before checksums
+    assert torch.equal(load_checkpoint(tmp_path)["model"]["w"], torch.full((8,), 3.0))
