@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pandas as pd
-from sqlalchemy import JSON, DateTime, Engine, Float, Integer, String, func, select, text
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy import JSON, DateTime, Engine, Float, Integer, String, func, select
 
 from db.engine import read_only, reading
 from db.schema import TABLES, Eval, Metric, Plan, PlanRun, Run
@@ -15,6 +15,9 @@ from db.schema import TABLES, Eval, Metric, Plan, PlanRun, Run
 #: Export file suffixes and the format each names (JSON is known only to refuse it).
 EXPORT_SUFFIXES = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet", ".json": "json"}
 EXPORT_FORMATS = ("csv", "parquet")
+
+#: The first words of the statements ``slab sql`` runs (SQLite has no SHOW and TABLE).
+READ_STATEMENTS = ("select", "with", "values", "explain", "show", "table")
 
 #: The plan name that selects runs belonging to no plan (a plan re-added without them), in filters and counts.
 NO_PLAN = "-"
@@ -122,50 +125,171 @@ def plan_names(engine: Engine) -> list[str]:
 
 
 def run_sql(engine: Engine, query: str) -> pd.DataFrame:
-    """Run one statement on a read-only connection and return its rows; a write raises QueryError."""
+    """Run one read statement (see READ_STATEMENTS) on a read-only connection and return its rows; anything else,
+    or a second statement, raises QueryError.
+
+    This guards against slips, not against a hostile user: a SELECT may still call functions with side effects
+    (PostgreSQL's pg_read_file, lo_export, dblink_exec for a superuser). Give untrusted users a read-only role.
+    """
+    word = sole_statement_word(query, engine.dialect.name)
+    if not word:
+        raise QueryError("slab sql needs a statement, e.g. \"select * from runs limit 5\"")
+    allowed = READ_STATEMENTS if engine.dialect.name != "sqlite" else READ_STATEMENTS[:4]
+    if word not in allowed:
+        # The read-only transaction stops writes to tables, not COPY ... TO PROGRAM (a shell command on a
+        # PostgreSQL server), DO blocks, SET, or SQLite's VACUUM INTO and writing pragmas: refuse them by name.
+        hint = ("; for a pragma, select from its function, e.g. select * from pragma_table_info('runs')"
+                if word == "pragma" else "")
+        shown = word.upper() if _IDENT.fullmatch(word) else repr(word[:20])
+        names = [s.upper() for s in allowed]
+        raise QueryError(f"slab sql is read-only: it runs only {', '.join(names[:-1])} or {names[-1]} statements, "
+                         f"not {shown}{hint}")
     with read_only(engine) as conn:
-        if conn.dialect.name == "postgresql" and conn.dialect.driver == "psycopg":
-            return _run_one_statement(conn, query)
-        try:
-            result = conn.execute(text(query))
-        except SQLAlchemyError as exc:
-            orig = getattr(exc, "orig", exc)
-            message = str(orig).strip().splitlines()[0] if str(orig).strip() else type(orig).__name__
-            folded = message.replace("-", "").replace(" ", "").lower()
-            if "readonly" in folded or "notauthorized" in folded:
-                raise QueryError(f"slab sql is read-only: {message}") from None
-            raise QueryError(message) from None
-        if not result.returns_rows:
-            raise QueryError("slab sql is read-only: the statement returned no rows" if query.strip()
-                             else "slab sql needs a statement, e.g. \"select * from runs limit 5\"")
-        return pd.DataFrame(result.fetchall(), columns=list(result.keys()))
+        if conn.dialect.name == "postgresql":
+            # sole_statement_word reads strings as standard ones, where a backslash is a character.
+            conn.exec_driver_sql("SET LOCAL standard_conforming_strings = on")
+        rows, columns = _execute(conn, query)
+    if rows is None:
+        raise QueryError("slab sql is read-only: the statement returned no rows")
+    return pd.DataFrame(rows, columns=columns)
 
 
-def _run_one_statement(conn, query: str) -> pd.DataFrame:
-    """Run ``query`` on PostgreSQL as a single statement inside the connection's read-only transaction."""
-    import psycopg
+_SPACE = " \t\n\r\f\v"
+_IDENT = re.compile(r"[A-Za-z_\x80-\U0010ffff][A-Za-z0-9_$\x80-\U0010ffff]*")
+#: A number ends before the letters or $ after it (PostgreSQL 14 reads 1e'x' as 1 then e'x', 1$a$ as 1 then $a$).
+_NUMBER = re.compile(r"(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+_DOLLAR_QUOTE = re.compile(r"\$(?:[A-Za-z_\x80-\U0010ffff][A-Za-z0-9_\x80-\U0010ffff]*)?\$")
+_PARAM = re.compile(r"\$[0-9]+")
+_PG_LINE_END, _SQLITE_LINE_END = re.compile(r"[\r\n]"), re.compile(r"\n")  # where a -- comment ends
+#: What may lie between the parts of a string continued on a new line (PostgreSQL: 'a'<newline>'b' is 'ab').
+_CONTINUATION = re.compile(r"(?:[ \t\n\r\f\v]+|--[^\r\n]*+)*+'")  # possessive: no backtracking on long comments
 
-    # psycopg sends a query without parameters by the simple protocol, where the server runs every statement of
-    # the string: "commit; delete from runs" would end the read-only transaction and then write. Pipeline mode
-    # sends it by the extended protocol, which takes one statement and refuses a string of several.
+
+def sole_statement_word(query: str, dialect: str) -> str:
+    """The first word, lowercased, of the one statement in ``query`` (its first token when that is no word, "" when
+    it holds none); QueryError when a second statement follows the first ``;``.
+
+    A PostgreSQL server runs every statement of a string sent whole (psycopg2 does), so this reads the string as
+    the server's lexer does (standard strings, E'' strings, dollar quotes, nested comments), or SQLite's; other
+    databases are read as PostgreSQL.
+    """
+    pg = dialect != "sqlite"
+    i, n = 0, len(query)
+    first: str | None = None  # the first word; "" once the first token turns out to be no word
+    ended = False
+    while i < n:
+        c = query[i]
+        if c in _SPACE:
+            i += 1
+            continue
+        if query.startswith("--", i):
+            end = (_PG_LINE_END if pg else _SQLITE_LINE_END).search(query, i)
+            i = n if end is None else end.end()
+            continue
+        if query.startswith("/*", i):
+            i = _comment_end(query, i, nested=pg)
+            continue
+        if ended:
+            raise QueryError("slab sql runs one statement at a time, but the query goes on after its ';'")
+        if c == ";":
+            ended = True
+            i += 1
+            continue
+        if first is None and c == "(":
+            i += 1
+            continue
+        word, start = "", i
+        if c == "'":
+            i = _quote_end(query, i, "'", backslash=False)
+        elif c == '"' or (not pg and c == "`"):
+            i = _quote_end(query, i, c, backslash=False)
+        elif not pg and c == "[":
+            end = query.find("]", i + 1)
+            i = n if end < 0 else end + 1
+        elif pg and c == "$" and (m := _DOLLAR_QUOTE.match(query, i) or _PARAM.match(query, i)):
+            if m.group().endswith("$"):
+                end = query.find(m.group(), m.end())
+                i = n if end < 0 else end + len(m.group())
+            else:
+                i = m.end()
+        elif m := _NUMBER.match(query, i):
+            i = m.end()
+        elif m := _IDENT.match(query, i):
+            # Only ASCII letters fold to a keyword: "K" (the Kelvin sign) lowers to "k".
+            word, i = (m.group().lower() if m.group().isascii() else m.group()), m.end()
+            if pg and word == "e" and query.startswith("'", i):  # E'...': a backslash escapes the next character
+                i = _quote_end(query, i, "'", backslash=True)
+                # A string continued on a new line stays an E'' string.
+                while (m := _CONTINUATION.match(query, i)) and ("\n" in m.group() or "\r" in m.group()):
+                    i = _quote_end(query, m.end() - 1, "'", backslash=True)
+                word = ""
+        else:
+            i += 1
+        if first is None:
+            first = word or query[start:i]
+    return first or ""
+
+
+def _quote_end(query: str, i: int, quote: str, *, backslash: bool) -> int:
+    """The index after the quoted string or name opening at ``i`` (its end when unterminated); a doubled quote is
+    part of it, and with ``backslash`` so is the character after a backslash."""
+    j, n = i + 1, len(query)
+    while j < n:
+        if backslash and query[j] == "\\":
+            j += 2
+        elif query[j] == quote:
+            if not query.startswith(quote, j + 1):
+                return j + 1
+            j += 2
+        else:
+            j += 1
+    return n
+
+
+def _comment_end(query: str, i: int, *, nested: bool) -> int:
+    """The index after the /* */ comment opening at ``i`` (its end when unterminated); PostgreSQL's nest."""
+    depth, j, n = 0, i, len(query)
+    while j < n:
+        if query.startswith("/*", j) and (nested or depth == 0):
+            depth += 1
+            j += 2
+        elif query.startswith("*/", j):
+            depth -= 1
+            j += 2
+            if depth == 0:
+                return j
+        else:
+            j += 1
+    return n
+
+
+def _execute(conn, query: str) -> tuple[list | None, list[str]]:
+    """Run ``query`` on the driver's own cursor, as read by sole_statement_word and with no parameters (SQLAlchemy's
+    text() would take :name in a string literal for one); its rows (None when it returns none) and column names."""
     raw = conn.connection.driver_connection
+    cur = raw.cursor()
     try:
-        with raw.cursor() as cur:
+        if conn.dialect.name == "postgresql" and conn.dialect.driver == "psycopg":
+            # psycopg sends a query without parameters by the simple protocol, where the server runs every statement
+            # of the string. Pipeline mode sends it by the extended protocol, which takes one statement and refuses a
+            # string of several: a second guard beside sole_statement_word.
             with raw.pipeline():
                 cur.execute(query)
-            rows = cur.fetchall() if cur.description else None
-            columns = [c.name for c in cur.description or ()]
-    except psycopg.Error as exc:
+        else:
+            cur.execute(query)
+        if cur.description is None:
+            return None, []
+        return cur.fetchall(), [c[0] for c in cur.description]
+    except conn.dialect.loaded_dbapi.Error as exc:
         message = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         if "multiple commands" in message:
             raise QueryError(f"slab sql runs one statement at a time: {message}") from None
-        if "read-only" in message:
+        folded = message.replace("-", "").replace(" ", "").lower()
+        if "readonly" in folded or "notauthorized" in folded:
             raise QueryError(f"slab sql is read-only: {message}") from None
         raise QueryError(message) from None
-    if rows is None:
-        raise QueryError("slab sql is read-only: the statement returned no rows" if query.strip()
-                         else "slab sql needs a statement, e.g. \"select * from runs limit 5\"")
-    return pd.DataFrame(rows, columns=columns)
+    finally:
+        cur.close()
 
 
 def export_format(out: Path, fmt: str | None = None) -> str:
