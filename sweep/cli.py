@@ -554,8 +554,10 @@ def launch(
               optional=("attempts", "final_loss", "wall_s", "step", "name"))
     done = sum(r["status"] == "done" for r in result.rows)
     bad = sum(r["status"] in ("failed", "diverged") for r in result.rows)
-    out.print(f"{done}/{len(result.rows)} runs done, {bad} failed or diverged" + (" (stopped early)" if result.interrupted else ""))
-    if bad or (result.interrupted and done < len(result.rows)):
+    lost = sum(r["status"] == "lost" for r in result.rows)
+    out.print(f"{done}/{len(result.rows)} runs done, {bad} failed or diverged"
+              + (f", {lost} lost to another launcher" if lost else "") + (" (stopped early)" if result.interrupted else ""))
+    if bad or lost or (result.interrupted and done < len(result.rows)):
         raise typer.Exit(1)
 
 

@@ -5,7 +5,7 @@ conditional UPDATE, so two launchers on one database never train a run twice), r
 the runs it trains, drains the tasks' events about once a second, retries failures with backoff,
 resubmits out-of-memory runs with half the microbatch, and leaves diverged runs alone. A run whose
 launcher died (its lease went stale, or its process is gone from this host) is reclaimed and resumes
-from its newest checkpoint.
+from its newest checkpoint. A database away for less than a lease (locked, restarting) is waited out.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from sweep.plan import CellError, Plan, PlannedRun, parse_number, warmup_steps
 from sweep.progress import LEASE_S, LaunchView, launcher_gone
 from sweep.registry import add_plans, moved_warning
 from sweep.spec import RunSpec
-from sweep.task import WORKER_ENV, data_parallel_workers
+from sweep.task import WORKER_ENV, data_parallel_workers, lock_wait
 
 log = logging.getLogger(__name__)
 
@@ -226,6 +226,42 @@ def _faults() -> dict[str, str]:
     return json.loads(text) if text else {}
 
 
+#: Words of the database errors that a wait may cure: SQLite locked past its busy timeout, a PostgreSQL server
+#: restarting, or out of reach for a moment. Anything else (a missing table, a read-only file, a bad password) is not.
+_TRANSIENT_TEXT = (
+    "database is locked", "database table is locked", "connection refused", "could not connect",
+    "server closed the connection", "terminating connection", "the database system is", "connection timed out",
+    "timeout expired", "connection reset", "no route to host", "could not receive data", "could not send data",
+    "connection is lost", "ssl syscall error",
+)
+#: PostgreSQL SQLSTATEs of the same: connection exceptions (class 08), shutdowns, too many connections, and
+#: serialization failures and deadlocks, which the same write succeeds on again.
+_TRANSIENT_STATES = ("08", "57P01", "57P02", "57P03", "53300", "40001", "40P01")
+
+
+def transient(exc: OperationalError) -> bool:
+    """True for a database error that waiting may cure: a locked SQLite file, a dropped or refused PostgreSQL connection."""
+    if exc.connection_invalidated:  # SQLAlchemy saw the connection drop
+        return True
+    orig = getattr(exc, "orig", None) or exc
+    state = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None) or ""
+    if state.startswith(_TRANSIENT_STATES):
+        return True
+    text = str(orig).lower()
+    return any(words in text for words in _TRANSIENT_TEXT)
+
+
+def _run_state(engine: Engine, run_id: str):
+    """A run's status and lease owner as the database has them now."""
+    with engine.connect() as conn:
+        return conn.execute(select(Run.status, Run.lease_owner).where(Run.run_id == run_id)).one()
+
+
+def _read_runs(engine: Engine, run_ids: list[str]) -> dict[str, Run]:
+    with Session(engine) as s:
+        return {r.run_id: r for r in s.scalars(select(Run).where(Run.run_id.in_(run_ids)))} if run_ids else {}
+
+
 #: Terminal colour codes, which Ray puts in a task's error text.
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
@@ -278,6 +314,8 @@ class Driver:
         self.slots: list[GpuSlot] = []
         # Several heartbeats per lease, or another launcher takes runs this one still trains.
         self.heartbeat_s = min(opts.heartbeat_s, opts.lease_timeout_s / 4)
+        self.lock_wait_s = lock_wait(opts.lease_timeout_s, self.heartbeat_s)
+        self.db_away_since: float | None = None  # when the database stopped answering (None: it answers)
 
     # ---------------------------------------------------------------- admission
 
@@ -378,7 +416,7 @@ class Driver:
                 self._collect()
                 now = time.monotonic()
                 if now - last_beat >= self.heartbeat_s:
-                    for run_id in heartbeat(self.engine, self.owner, list(self.flights)):
+                    for run_id in self._db(heartbeat, self.engine, self.owner, list(self.flights)):
                         self._lost(run_id)
                     self._retry_waiting()
                     last_beat = now
@@ -388,14 +426,16 @@ class Driver:
         except KeyboardInterrupt:
             interrupted = True
             self._cancel_all()
-        except OperationalError as exc:  # the database went away (a server restart, the network): say so plainly
+        except OperationalError as exc:  # the database went away for good (see _db), or failed as no wait cures
+            retried = f" (retried for {self.opts.lease_timeout_s:.0f} s)" if self.db_away_since is not None else ""
             try:
                 self._cancel_all("released after the launcher lost the database")
             except OperationalError:  # still away: the leases lapse, and a relaunch resumes the runs
                 pass
             raise DatabaseError(
-                f"lost the database: {_first_line(getattr(exc, 'orig', None) or exc)}; runs left running resume from their "
-                f"checkpoints at the next slab launch (at once on this host, else after the {self.opts.lease_timeout_s:.0f} s lease)"
+                f"lost the database: {_first_line(getattr(exc, 'orig', None) or exc)}{retried}; runs left running resume "
+                f"from their checkpoints at the next slab launch (at once on this host, else after the "
+                f"{self.opts.lease_timeout_s:.0f} s lease)"
             ) from None
         except BaseException:
             self._cancel_all("released after a launcher error")  # leave no run leased to a failed driver
@@ -404,6 +444,33 @@ class Driver:
             signal.signal(signal.SIGINT, previous)
             self._release_all_slots()
         return LaunchResult(rows=self._final_rows(order, names), interrupted=interrupted or self.stopping)
+
+    def _db(self, fn, *args, **kwargs):
+        """Call ``fn`` (a read or write of the database), riding out a short outage: transient errors are retried
+        with backoff until the database has been away for one lease, after which the error ends the launch."""
+        delay = 0.25
+        while True:
+            try:
+                result = fn(*args, **kwargs)
+            except OperationalError as exc:
+                if not transient(exc):
+                    raise
+                now = time.monotonic()
+                if self.db_away_since is None:
+                    self.db_away_since = now
+                    self.view.log(f"database unavailable ({_first_line(getattr(exc, 'orig', None) or exc)}); "
+                                  f"retrying for up to {self.opts.lease_timeout_s:.0f} s")
+                # Past one lease other launchers may have taken this one's runs: its view of them is stale.
+                left = self.db_away_since + self.opts.lease_timeout_s - now
+                if left <= 0:
+                    raise
+                time.sleep(min(delay, left))
+                delay = min(2 * delay, 5.0)
+                continue
+            if self.db_away_since is not None:
+                self.view.log(f"database back after {time.monotonic() - self.db_away_since:.0f} s")
+                self.db_away_since = None
+            return result
 
     def _on_sigint(self, signum, frame) -> None:
         if self.stopping:
@@ -425,8 +492,7 @@ class Driver:
     def _claim(self, flight: Flight) -> bool:
         """Lease one run for this launcher; False when it is finished or leased by another live launcher."""
         run_id = flight.spec.run_id
-        with self.engine.connect() as conn:
-            row = conn.execute(select(Run.status, Run.lease_owner).where(Run.run_id == run_id)).one()
+        row = self._db(_run_state, self.engine, run_id)
         if row.status in ("done", "diverged"):
             # Finished by another launcher since this one selected it: the progress counts it as the summary will.
             self.outcome[run_id] = row.status
@@ -435,7 +501,7 @@ class Driver:
         stale = utcnow() - timedelta(seconds=self.opts.lease_timeout_s)
         if row.status == "running" and launcher_gone(row.lease_owner):
             stale = utcnow() + timedelta(days=1)  # its launcher is gone from this host: no need to wait
-        attempt = claim_run(self.engine, run_id, self.owner, stale)
+        attempt = self._db(claim_run, self.engine, run_id, self.owner, stale)
         if attempt is None:
             self.waiting[run_id] = flight
             if run_id not in self.waited:  # checked again at every heartbeat: said once
@@ -472,17 +538,18 @@ class Driver:
             task = self.pack_task if self.opts.cpu else self.gpu_pack_task
             ref = task.options(**options).remote(
                 [f.spec.to_dict() for f in unit], self.sink, [f.attempt for f in unit], root, self.opts.cpu, None, faults,
-                self.opts.ckpt_every_steps, self.opts.ckpt_every_s, gpus, **threads,
+                self.opts.ckpt_every_steps, self.opts.ckpt_every_s, gpus, **threads, lock_wait_s=self.lock_wait_s,
             )
         else:
             args = (flight.spec.to_dict(), self.sink, flight.attempt, root, self.opts.cpu, flight.microbatch, faults[0],
                     self.opts.ckpt_every_steps, self.opts.ckpt_every_s)
             if dp:
                 ref = self.dp_task.options(max_retries=0, runtime_env=env).remote(
-                    *args, self.opts.cpus_per_run, fsdp_min_params=self.opts.fsdp_min_params
+                    *args, self.opts.cpus_per_run, fsdp_min_params=self.opts.fsdp_min_params, lock_wait_s=self.lock_wait_s,
                 )
             else:
-                ref = (self.task if self.opts.cpu else self.gpu_task).options(**options).remote(*args, **threads)
+                ref = (self.task if self.opts.cpu else self.gpu_task).options(**options).remote(
+                    *args, **threads, lock_wait_s=self.lock_wait_s)
         work = _work([f.spec for f in unit])
         self.units[ref] = Task([f.spec.run_id for f in unit], cpus, gpus, slot, work)
         if slot is not None:
@@ -537,7 +604,7 @@ class Driver:
             self.view.run_event(run_id, kind, payload)
         runs = {k: v for k, v in runs.items() if v}
         if metrics or evals or runs:
-            write_results(self.engine, metrics, evals, runs, owner=self.owner)
+            self._db(write_results, self.engine, metrics, evals, runs, owner=self.owner)
 
     def _release(self, ref) -> Task:
         """Take a finished or cancelled task off the books, freeing its share of its GPU."""
@@ -615,7 +682,7 @@ class Driver:
 
     def _record(self, flight: Flight, **values) -> bool:
         """Write how a run of this launcher ended; False (and said) when another launcher has taken it since."""
-        if update_run(self.engine, flight.spec.run_id, self.owner, **values):
+        if self._db(update_run, self.engine, flight.spec.run_id, self.owner, **values):
             return True
         self._say_lost(flight, f"its {values.get('status')} result here was not recorded")
         return False
@@ -636,8 +703,7 @@ class Driver:
     def _say_lost(self, flight: Flight, what: str) -> None:
         """Log that another launcher holds a run this one trained, which counts neither done nor failed here."""
         run_id = flight.spec.run_id
-        with self.engine.connect() as conn:
-            owner = conn.scalar(select(Run.lease_owner).where(Run.run_id == run_id))
+        owner = self._db(_run_state, self.engine, run_id).lease_owner
         self.outcome[run_id] = "lost"
         self.view.run_finished(
             run_id, "lost", f"taken over by another launcher ({owner or 'none now'}) after no heartbeat from here for "
@@ -656,18 +722,20 @@ class Driver:
         self.units.clear()
 
     def _final_rows(self, order: list[str], names: dict[str, str | None]) -> list[dict]:
-        with Session(self.engine) as s:
-            rows = {r.run_id: r for r in s.scalars(select(Run).where(Run.run_id.in_(order)))} if order else {}
+        rows = self._db(_read_runs, self.engine, order)
         out = []
         for run_id in order:
             r = rows[run_id]
-            out.append(
-                {
-                    "run_id": run_id, "name": names.get(run_id), "arch": r.arch, "status": r.status,
-                    "attempts": r.attempts, "step": r.step, "final_loss": r.final_loss, "val_loss": r.val_loss,
-                    "wall_s": r.wall_s, "error": r.error,
-                }
-            )
+            row = {
+                "run_id": run_id, "name": names.get(run_id), "arch": r.arch, "status": r.status,
+                "attempts": r.attempts, "step": r.step, "final_loss": r.final_loss, "val_loss": r.val_loss,
+                "wall_s": r.wall_s, "error": r.error,
+            }
+            if self.outcome.get(run_id) == "lost":  # its row is the new owner's: nothing in it is this launch's result
+                by = f" ({r.lease_owner})" if r.lease_owner else ""
+                row.update(status="lost", step=None, final_loss=None, val_loss=None, wall_s=None,
+                           error=f"lost to another launcher{by} after this launcher's lease lapsed; {r.status} there now")
+            out.append(row)
         return out
 
 

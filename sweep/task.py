@@ -112,8 +112,19 @@ class Reporter:
         return self.stop_requested
 
 
+#: Seconds beyond a lease and a heartbeat that a worker waits for its run's checkpoint folder: time for the
+#: launcher that lost the run to force-stop the orphaned worker holding the folder, and for that worker to end.
+LOCK_MARGIN_S = 10.0
+
+
+def lock_wait(lease_s: float, heartbeat_s: float) -> float:
+    """Seconds a worker waits for its run's checkpoint folder: a launcher that lost the run stops the worker holding
+    it at its first heartbeat after the lease lapsed (or, the database away, after retrying for one lease)."""
+    return lease_s + heartbeat_s + LOCK_MARGIN_S
+
+
 @contextmanager
-def run_lock(ckpt_dir: Path, timeout_s: float = 120.0) -> Iterator[None]:
+def run_lock(ckpt_dir: Path, timeout_s: float) -> Iterator[None]:
     """Hold an exclusive lock on a run's checkpoint folder, so an orphaned worker of a dead driver and its
     replacement never write checkpoints of the same run at once."""
     ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -125,8 +136,10 @@ def run_lock(ckpt_dir: Path, timeout_s: float = 120.0) -> Iterator[None]:
                 break
             except BlockingIOError:
                 if time.monotonic() > deadline:
-                    raise TimeoutError(f"checkpoint folder {ckpt_dir} is locked by another process") from None
-                time.sleep(0.5)
+                    raise TimeoutError(
+                        f"checkpoint folder {ckpt_dir} is still locked after {timeout_s:.0f} s: a worker of another "
+                        "launcher still trains this run") from None
+                time.sleep(min(0.5, timeout_s / 4))
         try:
             yield
         finally:
@@ -170,7 +183,7 @@ def _device(cpu: bool) -> tuple[str, str | None]:
 
 def train_run(
     spec_dict: dict, sink, attempt: int, ckpt_root: str, cpu: bool, microbatch: int | None, fault: str | None,
-    ckpt_every_steps: int, ckpt_every_s: float, threads: int | None = None,
+    ckpt_every_steps: int, ckpt_every_s: float, threads: int | None = None, *, lock_wait_s: float,
 ) -> dict:
     """Train one run to completion inside a worker and return its summary as a dict."""
     from models.train import pretrain
@@ -182,7 +195,7 @@ def train_run(
     reporter = Reporter(sink, spec.run_id, attempt, journal=ckpt_dir / "events.jsonl")
     reporter("start", {"host": socket.gethostname(), "gpu": gpu, "gpu_ids": _gpu_ids(), "pid": os.getpid()})
     try:
-        with run_lock(ckpt_dir):
+        with run_lock(ckpt_dir, lock_wait_s):
             reporter.replay()
             summary = pretrain(
                 spec, reporter, ckpt_dir, device=device, microbatch=microbatch,
@@ -197,6 +210,7 @@ def train_run(
 def train_pack(
     spec_dicts: list[dict], sink, attempts: list[int], ckpt_root: str, cpu: bool, microbatch: int | None,
     faults: list[str | None], ckpt_every_steps: int, ckpt_every_s: float, share: float, threads: int | None = None,
+    *, lock_wait_s: float,
 ) -> list:
     """Train several same-shape runs as one stacked model (``models.packed``) inside a worker; returns per
     run its summary dict, or the ``Diverged`` / ``Interrupted`` that ended it."""
@@ -215,7 +229,7 @@ def train_pack(
     try:
         with ExitStack() as locks:
             for d in dirs:
-                locks.enter_context(run_lock(d))
+                locks.enter_context(run_lock(d, lock_wait_s))
             for r in reporters:
                 r.replay()
             results = pretrain_pack(
@@ -280,6 +294,7 @@ def _dp_worker(config: dict) -> None:
 def train_run_dp(
     spec_dict: dict, sink, attempt: int, ckpt_root: str, cpu: bool, microbatch: int | None, fault: str | None,
     ckpt_every_steps: int, ckpt_every_s: float, cpus_per_worker: int = 1, fsdp_min_params: float | None = None,
+    *, lock_wait_s: float,
 ) -> dict:
     """Train one run data-parallel on ``gpus`` workers with Ray Train (DDP, or FSDP for large models; gloo on
     CPU, NCCL on GPUs).
@@ -313,7 +328,7 @@ def train_run_dp(
             failure_config=FailureConfig(max_failures=0),  # the launcher retries, from our own checkpoints
         ),
     )
-    with run_lock(ckpt_dir):
+    with run_lock(ckpt_dir, lock_wait_s):
         coordinator.replay()
         (ckpt_dir / "summary.json").unlink(missing_ok=True)
         try:

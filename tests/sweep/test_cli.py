@@ -612,3 +612,16 @@ def test_a_table_too_wide_for_the_terminal_leaves_out_its_optional_columns_in_or
     _emit(frame, Format.table, title="launch summary", optional=optional, free=("error", 14), whole=("run_id",))
     printed = capsys.readouterr()
     assert "demo-lightning-d64-200k" in printed.out and "attempts" in printed.out and not printed.err
+
+
+def test_launch_counts_runs_lost_to_another_launcher_and_exits_1(runner, write_plan, tmp_path, monkeypatch):
+    """A launch whose every run another launcher took over had said '0/1 runs done, 0 failed or diverged', exit 0."""
+    import sweep.launch
+    from sweep.launch import LaunchResult
+
+    row = {"run_id": "abc", "name": "r", "arch": "softmax", "status": "lost", "attempts": 1, "step": None,
+           "final_loss": None, "val_loss": None, "wall_s": None, "error": "lost to another launcher (h:1:x)"}
+    monkeypatch.setattr(sweep.launch, "launch", lambda plans, opts, view: LaunchResult(rows=[row]))
+    result = invoke(runner, "--db", f"sqlite:///{tmp_path}/slab.db", "launch", "--cpu", write_plan(PLAN))
+    assert result.exit_code == 1, result.output
+    assert "0/1 runs done, 0 failed or diverged, 1 lost to another launcher" in result.output

@@ -448,13 +448,17 @@ def test_a_launcher_that_lost_a_run_stops_its_worker_and_frees_the_checkpoint_lo
 
     thread = threading.Thread(target=other_launcher)
     thread.start()
-    driver.run([(run.spec, run.name)])
+    result = driver.run([(run.spec, run.name)])
     ended = time.monotonic()
     thread.join()
     assert taken and taken[0][0] == 2
     assert ended - taken[0][1] < 5, "the launcher kept training a run another launcher holds"
     assert driver.outcome[run_id] == "lost" and view.done == 0 and view.failed == 0
     assert any("stopped training it here" in line for line in view.lines), view.lines
+    # The summary says so too, rather than show the new owner's state as this launcher's result.
+    [row] = result.rows
+    assert row["status"] == "lost" and "elsewhere:1:abc" in row["error"] and row["final_loss"] is None, row
+    assert not result.ok and result.count("done") == 0
     with run_lock(env["tmp"] / "ckpt" / run_id, timeout_s=10):  # the new owner's worker gets it in seconds
         pass
     with engine.connect() as conn:
@@ -463,21 +467,121 @@ def test_a_launcher_that_lost_a_run_stops_its_worker_and_frees_the_checkpoint_lo
 
 
 def test_losing_the_database_mid_launch_is_a_clear_error(env, write_plan, monkeypatch):
-    """A database that goes away while runs train (a server restart) ends the launch with a one-line
-    DatabaseError that says how to resume, not a page of driver tracebacks."""
+    """A database that stays away while runs train (a server restart that does not come back) is retried for
+    about one lease, then ends the launch with a one-line DatabaseError that says how to resume, not a page of
+    driver tracebacks; an error that no wait cures ends it at once."""
     from sqlalchemy.exc import OperationalError
 
     import sweep.launch
     from db.engine import DatabaseError
 
-    driver, engine, run = _driver_of_one_run(env, write_plan, "g,softmax,32,2,2,64,4,5120,3e-3,0,2\n")
+    driver, engine, run = _driver_of_one_run(env, write_plan, "g,softmax,32,2,2,64,4,5120,3e-3,0,2\n", lease_timeout_s=2.0)
 
     def refused(*args, **kwargs):
         raise OperationalError("INSERT", {}, ConnectionRefusedError("connection refused"))
 
     monkeypatch.setattr(sweep.launch, "write_results", refused)
-    with pytest.raises(DatabaseError, match="lost the database: connection refused; runs left running resume"):
+    t0 = time.monotonic()
+    with pytest.raises(DatabaseError, match="lost the database: connection refused .retried for 2 s.; runs left running resume"):
         driver.run([(run.spec, run.name)])
+    assert time.monotonic() - t0 >= 2.0
     with engine.connect() as conn:  # the database answered again for the release: the run is free at once
         assert conn.execute(select(Run.status, Run.lease_owner).where(Run.run_id == run.spec.run_id)).one() == ("pending", None)
+
+    def broken(*args, **kwargs):
+        raise OperationalError("INSERT", {}, Exception("no such table: metrics"))
+
+    monkeypatch.setattr(sweep.launch, "write_results", broken)
+    driver = sweep.launch.Driver(engine, LaunchOptions(db_url=env["db"], cpu=True, ckpt_dir=env["tmp"] / "ckpt"), Logged())
+    t0 = time.monotonic()
+    with pytest.raises(DatabaseError, match="lost the database: no such table: metrics;"):
+        driver.run([(run.spec, run.name)])
+    assert time.monotonic() - t0 < 60, "an error no wait cures was retried for the 120 s lease"
+    engine.dispose()
+
+
+def test_a_short_database_outage_does_not_end_the_launch(env, write_plan, monkeypatch):
+    """SQLite locked past its busy timeout, or a PostgreSQL connection dropped for a moment, is waited out: the
+    launcher's writes and heartbeats are retried with backoff, and the run finishes as if nothing happened."""
+    import sqlite3
+
+    from sqlalchemy.exc import OperationalError
+
+    import sweep.launch
+
+    view = Logged()
+    driver, engine, run = _driver_of_one_run(env, write_plan, "o,softmax,32,2,2,64,4,5120,3e-3,0,2\n", view,
+                                             lease_timeout_s=30.0, heartbeat_s=0.5)
+    failures = {"write_results": 3, "heartbeat": 2, "update_run": 1}
+    errors = {
+        "write_results": OperationalError("INSERT", {}, sqlite3.OperationalError("database is locked")),
+        "heartbeat": OperationalError("UPDATE", {}, Exception("server closed the connection unexpectedly"),
+                                      connection_invalidated=True),
+        "update_run": OperationalError("UPDATE", {}, Exception(
+            'connection failed: connection to server at "10.0.0.5", port 5432 failed: Connection refused')),
+    }
+
+    def flaky(name):
+        real = getattr(sweep.launch, name)
+
+        def call(*args, **kwargs):
+            if failures[name]:
+                failures[name] -= 1
+                raise errors[name]
+            return real(*args, **kwargs)
+
+        return call
+
+    for name in failures:
+        monkeypatch.setattr(sweep.launch, name, flaky(name))
+    result = driver.run([(run.spec, run.name)])
+    assert failures == {"write_results": 0, "heartbeat": 0, "update_run": 0}
+    assert result.ok and result.rows[0]["attempts"] == 1, result.rows
+    assert any("database" in line and "retrying" in line for line in view.lines), view.lines
+    assert runs_by_name(env, env["tmp"] / "plan.csv")["o"]["steps"] == list(range(1, 21))
+    engine.dispose()
+
+
+def test_a_checkpoint_folder_lock_is_waited_on_for_about_one_lease(env, write_plan):
+    """A worker whose run's checkpoint folder is locked (an orphaned worker of a launcher whose lease lapsed, which
+    that launcher stops within about a lease) waits about one lease for it, not a fixed 120 s: longer than a short
+    lease needs, and shorter than a long one."""
+    import fcntl
+
+    from sweep.launch import Driver, Flight
+
+    view = Logged()
+    driver, engine, run = _driver_of_one_run(env, write_plan, "k,softmax,32,2,2,64,4,5120,3e-3,0,2\n", view,
+                                             lease_timeout_s=2.0, max_attempts=1, poll_s=0.2)
+    run_id = run.spec.run_id
+    folder = env["tmp"] / "ckpt" / run_id
+    folder.mkdir(parents=True)
+    with open(folder / ".lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # an orphan that never lets go
+        t0 = time.monotonic()
+        driver._claim_and_submit([Flight(spec=run.spec, name=run.name, attempt=0, tries=0, microbatch=None)])
+        while driver.units and time.monotonic() - t0 < 40:
+            driver._collect()
+        waited = time.monotonic() - t0
+    assert driver.outcome.get(run_id) == "failed", (driver.outcome, view.lines)
+    assert 2.0 <= waited < 30, waited
+    with engine.connect() as conn:
+        error = conn.scalar(select(Run.error).where(Run.run_id == run_id))
+    assert "is still locked" in error.splitlines()[-1], error
+
+    # A long lease: the worker is told to wait longer than it, where 120 s had been too short.
+    sent = []
+
+    class Recorder:
+        def options(self, **options):
+            return self
+
+        def remote(self, *args, **kwargs):
+            sent.append(kwargs)
+            return object()
+
+    long = Driver(engine, LaunchOptions(db_url=env["db"], cpu=True, ckpt_dir=env["tmp"] / "ckpt", lease_timeout_s=600.0), view)
+    long.task = Recorder()
+    long._claim_and_submit([Flight(spec=run.spec, name=run.name, attempt=0, tries=0, microbatch=None)])
+    assert 600 < sent[0]["lock_wait_s"] < 700, sent
     engine.dispose()

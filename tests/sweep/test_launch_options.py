@@ -126,6 +126,7 @@ def test_n_gpus_records_the_gpus_a_run_held(plan, tmp_path, cpu, held):
         claim_run(engine, s.run_id, "me", utcnow())
     driver = Driver.__new__(Driver)  # only the event writer: no Ray
     driver.engine, driver.opts, driver.view, driver.owner = engine, LaunchOptions(cpu=cpu), quiet(), "me"
+    driver.db_away_since = None
     driver.flights = {s.run_id: Flight(spec=s, name=None, attempt=1, tries=1, microbatch=None) for s in specs}
     driver._write_events([(s.run_id, 1, "start", {"host": "h", "gpu": "cpu"}) for s in specs])
     with engine.connect() as conn:
@@ -188,6 +189,7 @@ def test_a_done_run_records_the_tokens_it_trained_not_the_plans_budget(plan, tmp
     assert claim_run(engine, s.run_id, "me", datetime.now(timezone.utc)) == 1
     driver = Driver.__new__(Driver)  # only the settling of an outcome: no Ray
     driver.engine, driver.owner, driver.view, driver.outcome = engine, "me", quiet(), {}
+    driver.opts, driver.db_away_since = LaunchOptions(cpu=True), None
     driver.flights = {s.run_id: Flight(spec=s, name=None, attempt=1, tries=1, microbatch=None)}
     fpt = s.derived()["flops_per_token"]
     driver._settle(s.run_id, {"steps": s.steps, "tokens": trained, "flops": fpt * trained, "final_loss": 3.0,
