@@ -422,11 +422,13 @@ def status(
 @app.command()
 def sql(
     ctx: typer.Context,
-    query: str = typer.Argument(..., help="One SQL statement (read-only).", show_default=False),
+    query: str = typer.Argument(..., help="One SELECT, WITH, VALUES or EXPLAIN statement (SHOW and TABLE on PostgreSQL).", show_default=False),
     csv_: bool = typer.Option(False, "--csv", help="Print CSV."),
     json_: bool = typer.Option(False, "--json", help="Print JSON records."),
 ) -> None:
-    """Run a read-only SQL query; a write is refused (exit 2).
+    """Run one read-only SQL query; a write, a second statement or a COPY is refused (exit 2).
+
+    This guards against slips, not a hostile user (a SELECT can still call a server's functions): give people you do not trust a read-only database role.
 
     The runs table holds a run's spec (d_model, n_layers, seq_len, lr, data, ...) as JSON in its spec column, where slab runs spreads it into columns: on SQLite read it with json_extract(spec, '$.d_model').
 
