@@ -31,7 +31,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models.sources import bin_files, is_token_source, parse_data, text_files  # noqa: F401 (parse_data: this module's API too)
+from models.sources import (  # noqa: F401 (parse_data, cache_dir: this module's API too)
+    bin_files,
+    cache_dir,
+    cached_digest,
+    file_stamp,
+    is_token_source,
+    parse_data,
+    text_files,
+)
 
 log = logging.getLogger(__name__)
 
@@ -72,12 +80,6 @@ def passkey_needle(key: str) -> str:
     return f" The pass key is {key}. Remember it. {key} is the pass key. "
 
 
-def cache_dir() -> Path:
-    """Where built corpora are cached: ``$XDG_CACHE_HOME/scalinglab`` or ``~/.cache/scalinglab``."""
-    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(root) / "scalinglab"
-
-
 @dataclass(frozen=True)
 class Corpus:
     """A token corpus split by file into train and validation arrays (uint8 bytes or uint16 ids)."""
@@ -102,20 +104,13 @@ def _split_files(chunks: list[bytes], sep: bytes = b"") -> tuple[bytes, bytes]:
     return whole[:cut], whole[cut:]
 
 
-def _sha256(*arrays: np.ndarray) -> str:
-    h = hashlib.sha256()
-    for a in arrays:
-        h.update(np.ascontiguousarray(a).data)
-    return h.hexdigest()
-
-
 #: Token ids read at a time when a token file is hashed and its largest id found.
 _SCAN_CHUNK = 1 << 24
 
 
 def _sha256_and_max(*arrays: np.ndarray) -> tuple[str, int]:
-    """``_sha256`` of the arrays and their largest value (-1 when empty), in one chunked pass: a token file is
-    read once for both, without holding it in memory."""
+    """sha256 of the arrays' bytes, one after another, and their largest value (-1 when empty), in one chunked pass: a
+    token file is read once for both, without holding it in memory."""
     h, top = hashlib.sha256(), -1
     for a in arrays:
         for start in range(0, len(a), _SCAN_CHUNK):
@@ -170,7 +165,7 @@ def stdlib_corpus() -> Corpus:
     train_b, val_b = _split_files([p.read_bytes() for p in files])
     train = np.frombuffer(train_b, dtype=np.uint8)
     val = np.frombuffer(val_b, dtype=np.uint8)
-    sha = _sha256(train, val)
+    sha, _ = _sha256_and_max(train, val)
     folder.mkdir(parents=True, exist_ok=True)
     _atomic_save(folder / f"{key}.train.npy", train)
     _atomic_save(folder / f"{key}.val.npy", val)
@@ -191,21 +186,27 @@ def text_corpus(path: Path) -> Corpus:
     else:
         train_b, val_b = _split_files([path.read_bytes()])
     train, val = np.frombuffer(train_b, dtype=np.uint8), np.frombuffer(val_b, dtype=np.uint8)
-    return Corpus(str(path), train, val, _sha256(train, val), is_bytes=True)
+    return Corpus(str(path), train, val, _sha256_and_max(train, val)[0], is_bytes=True)
 
 
 def bin_corpus(path: Path) -> Corpus:
-    """nanoGPT-style uint16 token ids: ``train.bin`` with a sibling ``val.bin``, or one file split at 95%."""
+    """nanoGPT-style uint16 token ids: ``train.bin`` with a sibling ``val.bin``, or one file split at 95%. Its sha256
+    and largest id come from the digest cache while its files are unchanged (a multi-GB corpus is read once, not
+    by every run)."""
     files = bin_files(Path(path))
     path = files[0]
+    stamps = []
 
     def ids_of(file: Path) -> np.memmap:
-        size = file.stat().st_size
-        if size == 0:  # np.memmap's own error ("cannot mmap an empty file") does not say which file
-            raise ValueError(f"{file}: an empty file, no uint16 token ids")
-        if size % 2:
-            raise ValueError(f"{file}: {size} bytes, not a whole number of uint16 token ids")
-        return np.memmap(file, dtype=np.uint16, mode="r")
+        with open(file, "rb") as handle:
+            # Stamped from the open handle: the cached digest is of the very file mapped, even if one replaces it.
+            st = os.fstat(handle.fileno())
+            if st.st_size == 0:  # np.memmap's own error ("cannot mmap an empty file") does not say which file
+                raise ValueError(f"{file}: an empty file, no uint16 token ids")
+            if st.st_size % 2:
+                raise ValueError(f"{file}: {st.st_size} bytes, not a whole number of uint16 token ids")
+            stamps.append(file_stamp(file, st))
+            return np.memmap(handle, dtype=np.uint16, mode="r")
 
     ids = ids_of(path)
     if len(files) == 2:
@@ -213,8 +214,13 @@ def bin_corpus(path: Path) -> Corpus:
     else:
         cut = len(ids) - len(ids) // VAL_EVERY
         train, val = ids[:cut], ids[cut:]
-    sha, max_id = _sha256_and_max(train, val)
-    return Corpus(str(path), train, val, sha, is_bytes=False, max_id=max_id)
+
+    def scan() -> dict:
+        sha, top = _sha256_and_max(train, val)
+        return {"sha256": sha, "max_id": top}
+
+    facts = cached_digest("bin-corpus", tuple(stamps), scan)
+    return Corpus(str(path), train, val, facts["sha256"], is_bytes=False, max_id=facts["max_id"])
 
 
 def _check_ids(corpus: Corpus, vocab_size: int) -> None:

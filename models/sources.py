@@ -1,11 +1,34 @@
 """Where training data comes from, without reading it into tensors: a data string's parts and weights, the files a
-corpus path reads, and their content digest (what run ids hash). Free of torch, so that plans can use it."""
+corpus path reads, and their content digest (what run ids hash), cached on disk. Free of torch, so that plans can use
+it."""
 
 from __future__ import annotations
 
 import hashlib
+import json
+import logging
+import os
+import re
+import tempfile
+import time
+from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+#: Bumped whenever what a cached digest hashes changes (``content_digest``, a token corpus's sha256 or max id), so
+#: that entries written by older code miss instead of answering with the old value.
+DIGEST_CACHE_VERSION = 1
+
+#: A file as the digest cache knows it: resolved path, size, mtime_ns, ctime_ns, inode. Rewriting a file in place
+#: changes its ctime even when its mtime is put back; replacing it changes its inode.
+Stamp = tuple[str, int, int, int, int]
+
+#: A file modified less than this long ago (ns) may be written again within the same timestamp tick (coarse on ext4
+#: and NFS, 2 s on FAT) and keep its stamp: its digest is cached only once it has been left alone this long, as git
+#: does with "racily clean" files.
+SETTLE_NS = 2 * 10**9
 
 
 def parse_data(data: str) -> list[tuple[str, float]]:
@@ -56,23 +79,87 @@ def content_digest(path: str | Path) -> str:
     runs on a corpus are known by its contents, wherever it lies."""
     path = Path(path).expanduser()
     files = bin_files(path) if is_token_source(path) else text_files(path) if path.is_dir() else [path]
-    listing = []
-    for f in files:
-        st = f.stat()
-        name = f.relative_to(path).as_posix() if path.is_dir() else f.name
-        listing.append((name, str(f.resolve()), st.st_size, st.st_mtime_ns, st.st_ino))
-    return _digest_of_files(tuple(listing))
+    names = tuple(f.relative_to(path).as_posix() if path.is_dir() else f.name for f in files)
+    stamps = tuple(file_stamp(f) for f in files)
+    if not settled(stamps):  # not even in memory: see SETTLE_NS
+        return _hash_files(names, stamps)
+    return _digest_of_files(names, stamps)
 
 
 @lru_cache(maxsize=64)
-def _digest_of_files(listing: tuple[tuple[str, str, int, int, int], ...]) -> str:
-    """The digest of (name, path, size, mtime_ns, inode) files: cached on their stat, so a process that loads plans
-    naming one corpus again and again (several plans, ``slab bench plan``) reads its bytes once, not every time."""
+def _digest_of_files(names: tuple[str, ...], stamps: tuple[Stamp, ...]) -> str:
+    """The digest of the named files: cached in memory on their stamps, so a process that loads plans naming one corpus
+    again and again (several plans, ``slab bench plan``) does not even read the disk cache every time."""
+    return cached_digest("content", stamps, lambda: {"sha256": _hash_files(names, stamps)})["sha256"]
+
+
+def _hash_files(names: tuple[str, ...], stamps: tuple[Stamp, ...]) -> str:
     h = hashlib.sha256()
-    for name, file, size, _, _ in listing:
+    for name, (file, size, *_) in zip(names, stamps, strict=True):
         h.update(name.encode() + b"\0")
         h.update(str(size).encode() + b"\0")
         with open(file, "rb") as handle:
             for block in iter(lambda: handle.read(1 << 20), b""):
                 h.update(block)
     return h.hexdigest()
+
+
+def cache_dir() -> Path:
+    """Where built corpora and digests are cached: ``$SLAB_CACHE_DIR``, else ``$XDG_CACHE_HOME/scalinglab`` or
+    ``~/.cache/scalinglab``."""
+    if os.environ.get("SLAB_CACHE_DIR"):
+        return Path(os.environ["SLAB_CACHE_DIR"]).expanduser()
+    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(root) / "scalinglab"
+
+
+def file_stamp(file: str | Path, st: os.stat_result | None = None) -> Stamp:
+    """The digest cache's key for one file; ``st`` (an ``os.fstat`` of an open handle) in place of a fresh stat."""
+    st = os.stat(file) if st is None else st
+    return str(Path(file).resolve()), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino
+
+
+def cached_digest(kind: str, stamps: tuple[Stamp, ...], compute: Callable[[], dict]) -> dict:
+    """``compute()`` (``{"sha256": hex, ...}`` plus int facts) for files with these stamps, taken before they were
+    read: from the disk cache while none of them changed, else computed and stored (``cache_dir()/digests``)."""
+    if not settled(stamps):
+        return compute()
+    key = json.dumps([kind, DIGEST_CACHE_VERSION, stamps])
+    entry = cache_dir() / "digests" / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.json"
+    try:
+        saved = json.loads(entry.read_bytes())
+        if saved["key"] == key and _valid_digest(saved["value"]):
+            return saved["value"]
+        log.debug("digest cache %s does not hold this key's digest: recomputed", entry)
+    except FileNotFoundError:
+        pass
+    except (OSError, ValueError, KeyError, TypeError) as exc:  # a torn or foreign file costs a recompute, no more
+        log.debug("digest cache %s unreadable (%s): recomputed", entry, exc)
+    # Keyed on the stamps from before the read: a file changed since has other stamps, and misses this entry.
+    value = compute()
+    try:
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        # A unique temp file renamed over the entry: processes (and hosts sharing a home) never see half a file.
+        fd, tmp = tempfile.mkstemp(dir=entry.parent, prefix=f".{entry.stem}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump({"key": key, "value": value}, f)
+            os.replace(tmp, entry)
+        except BaseException:
+            os.unlink(tmp)
+            raise
+    except OSError as exc:  # a read-only or full cache folder: the digest is right, only slower next time
+        log.debug("digest cache %s not written (%s)", entry, exc)
+    return value
+
+
+def settled(stamps: tuple[Stamp, ...]) -> bool:
+    """Whether every file was last modified at least ``SETTLE_NS`` ago, so that its digest may be cached."""
+    now = time.time_ns()
+    return all(now - mtime_ns >= SETTLE_NS for _, _, mtime_ns, _, _ in stamps)
+
+
+def _valid_digest(value) -> bool:
+    return (isinstance(value, dict) and isinstance(value.get("sha256"), str)
+            and re.fullmatch(r"[0-9a-f]{64}", value["sha256"]) is not None
+            and all(type(v) is int for k, v in value.items() if k != "sha256"))

@@ -10,6 +10,15 @@ from pathlib import Path
 import pytest
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _cache_dir(tmp_path_factory):
+    """Corpora and digests the tests build are cached in a folder of the test session's, not the user's ~/.cache."""
+    patch = pytest.MonkeyPatch()
+    patch.setenv("SLAB_CACHE_DIR", str(tmp_path_factory.mktemp("slab-cache")))
+    yield
+    patch.undo()
+
+
 @pytest.fixture
 def write_plan(tmp_path):
     """Write a plan file from text and return its path."""

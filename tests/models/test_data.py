@@ -1,6 +1,11 @@
 """Data sources: the stdlib corpus, user files, MQAR and passkey generators, mixtures, resumable batches."""
 
+import json
+import logging
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,6 +22,8 @@ from models.data import (
     passkey_prompt,
 )
 
+ROOT = Path(__file__).resolve().parents[2]
+
 
 def test_vocab_constants():
     assert BYTE_VOCAB_SIZE == 260
@@ -27,7 +34,7 @@ def test_stdlib_corpus_is_cached_split_and_hashed():
     c = D.stdlib_corpus()
     assert c.is_bytes and c.train.dtype == np.uint8
     assert len(c.train) > 1_000_000 and len(c.val) > 50_000
-    assert c.sha256 == D._sha256(c.train, c.val)  # the recorded hash is of what was loaded
+    assert c.sha256 == D._sha256_and_max(c.train, c.val)[0]  # the recorded hash is of what was loaded
     again = D.stdlib_corpus()
     assert again.sha256 == c.sha256
     files = D.stdlib_files()
@@ -233,28 +240,174 @@ def test_a_folders_files_are_joined_with_a_newline_between_documents(tmp_path):
     c = D.text_corpus(folder)
     whole = bytes(c.train) + bytes(c.val)
     assert whole == b"the end.\nStart\n\n" + b"more" * 50
-    assert c.sha256 == D._sha256(c.train, c.val)
+    assert c.sha256 == D._sha256_and_max(c.train, c.val)[0]
 
 
-def test_content_digest_reads_a_corpus_once_until_it_changes(tmp_path):
-    from models.sources import content_digest
+def settle(*paths, ago_s=60):
+    """Date files' mtime back: the digest cache keeps only files left alone for ``SETTLE_NS``."""
+    for p in paths:
+        t = p.stat().st_mtime_ns - ago_s * 10**9
+        os.utime(p, ns=(t, t))
 
+
+def test_content_digest_reads_a_corpus_once_until_it_changes(tmp_path, monkeypatch):
+    from models import sources
+
+    monkeypatch.setenv("SLAB_CACHE_DIR", str(tmp_path / "cache"))
+    reads = []
+    real = sources._hash_files
+    monkeypatch.setattr(sources, "_hash_files", lambda *a: reads.append(a) or real(*a))
     corpus = tmp_path / "corpus.txt"
     corpus.write_bytes(b"a" * 1000)
-    first = content_digest(corpus)
+    settle(corpus)
+    first = sources.content_digest(corpus)
+    assert sources.content_digest(corpus) == first and len(reads) == 1
     before = corpus.stat()
-    # Same size and mtime, other bytes: the cache (keyed on the stat, not the bytes) answers without reading.
+    # Same size and mtime, other bytes: its ctime moved, so the cache misses (it answered the old digest before).
     corpus.write_bytes(b"b" * 1000)
     os.utime(corpus, ns=(before.st_atime_ns, before.st_mtime_ns))
-    assert content_digest(corpus) == first
-    os.utime(corpus, ns=(before.st_atime_ns, before.st_mtime_ns + 10**9))  # touched: read again
-    changed = content_digest(corpus)
-    assert changed != first
+    changed = sources.content_digest(corpus)
+    assert changed != first and len(reads) == 2
+    os.utime(corpus, ns=(before.st_atime_ns, before.st_mtime_ns + 10**9))  # touched: read again, same digest
+    assert sources.content_digest(corpus) == changed and len(reads) == 3
     corpus.write_bytes(b"b" * 1001)  # a new size
-    assert content_digest(corpus) not in (first, changed)
+    assert sources.content_digest(corpus) not in (first, changed)
     folder = tmp_path / "folder"
     folder.mkdir()
     (folder / "x.txt").write_bytes(b"x")
-    one = content_digest(folder)
+    one = sources.content_digest(folder)
     (folder / "y.txt").write_bytes(b"y")  # a file added to a folder
-    assert content_digest(folder) != one
+    assert sources.content_digest(folder) != one
+
+
+def golden_corpora(root):
+    """Files whose digests (content_digest, a .bin corpus's sha256 and max id) were computed by the code before the
+    digest cache: the cache must not change a run id or a checkpoint's data hash."""
+    (root / "dir").mkdir(parents=True)
+    (root / "corpus.txt").write_bytes(b"golden " * 100)
+    (root / "dir" / "train.bin").write_bytes((np.arange(3000, dtype=np.uint16) * 7 % 1000).tobytes())
+    (root / "dir" / "val.bin").write_bytes((np.arange(300, dtype=np.uint16) % 1000).tobytes())
+    (root / "one.bin").write_bytes((np.arange(3000, dtype=np.uint16) * 7 % 1000).tobytes())
+    settle(root / "corpus.txt", root / "dir" / "train.bin", root / "dir" / "val.bin", root / "one.bin")
+    return {
+        "corpus.txt": "d5cd10b7564c33b010bee118cc7ef48391cdd60fb128500ec8076b65c0c633e2",
+        "dir": "a8c4fe85fe216a54a3db816ae1c1d52f49be62f98286c4b999f503e5ff6140cf",
+        "dir corpus": ("89680ab97e028f9a779a3827cfee3050db6e4b132d5d3d5b467457c0dcd5e93b", 999),
+        "one.bin corpus": ("06993c5b1f2863e24efbdd585a2f2cc245d7c2edb4e4166e327c49ca8552e622", 999),
+    }
+
+
+def test_digests_are_cached_on_disk_across_processes_with_their_old_values(tmp_path, monkeypatch):
+    # Every run re-read and re-hashed its whole corpus (0.9 s a GB), and every slab command hashed it again.
+    from models import sources
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("SLAB_CACHE_DIR", str(cache))
+    golden = golden_corpora(tmp_path / "data")
+    for fresh in (True, False):  # computed, then from the disk cache (as another process would find it)
+        sources._digest_of_files.cache_clear()
+        if not fresh:
+            def unread(*_):
+                raise AssertionError("read a corpus whose digest is cached")
+            monkeypatch.setattr(sources, "_hash_files", unread)
+            monkeypatch.setattr(D, "_sha256_and_max", unread)
+        for name in ("corpus.txt", "dir"):
+            assert sources.content_digest(tmp_path / "data" / name) == golden[name]
+        for name in ("dir", "one.bin"):
+            c = D.bin_corpus(tmp_path / "data" / name)
+            assert (c.sha256, c.max_id) == golden[f"{name} corpus"]
+        assert len(list((cache / "digests").glob("*.json"))) == 4
+    # The cached max id still guards the vocabulary.
+    with pytest.raises(ValueError, match=r"its largest is 999\)"):
+        open_data(str(tmp_path / "data" / "dir"), 512)
+
+
+def test_a_replaced_or_rewritten_token_file_misses_the_digest_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("SLAB_CACHE_DIR", str(tmp_path / "cache"))
+    scans = []
+    real = D._sha256_and_max
+    monkeypatch.setattr(D, "_sha256_and_max", lambda *a: scans.append(1) or real(*a))
+    path = tmp_path / "tokens.bin"
+    ids = np.arange(2000, dtype=np.uint16)
+    path.write_bytes(ids.tobytes())
+    settle(path)
+
+    def fresh():
+        return real(np.fromfile(path, dtype=np.uint16))
+
+    assert (D.bin_corpus(path).sha256, D.bin_corpus(path).max_id) == fresh() and len(scans) == 1
+    st = path.stat()
+    ids[5] = 4000  # same size, mtime put back: rewritten in place
+    path.write_bytes(ids.tobytes())
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert (D.bin_corpus(path).sha256, D.bin_corpus(path).max_id) == fresh() == (fresh()[0], 4000)
+    assert len(scans) == 2
+    ids[6] = 4001  # replaced by another file (a new inode) of the same size and mtime
+    other = tmp_path / "other.bin"
+    other.write_bytes(ids.tobytes())
+    os.utime(other, ns=(st.st_atime_ns, st.st_mtime_ns))
+    os.replace(other, path)
+    assert D.bin_corpus(path).max_id == 4001 and D.bin_corpus(path).sha256 == fresh()[0] and len(scans) == 3
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # touched
+    assert D.bin_corpus(path).sha256 == fresh()[0] and len(scans) == 4
+
+
+def test_a_corrupt_or_unwritable_digest_cache_is_recomputed(tmp_path, monkeypatch, caplog):
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("SLAB_CACHE_DIR", str(cache))
+    path = tmp_path / "tokens.bin"
+    path.write_bytes(np.arange(2000, dtype=np.uint16).tobytes())
+    settle(path)
+    right = D.bin_corpus(path).sha256, 1999
+    (entry,) = (cache / "digests").glob("*.json")
+    saved = json.loads(entry.read_text())
+    forged = [{**saved, "value": {"sha256": "0" * 63, "max_id": 1999}},  # not a sha256
+              {**saved, "value": {"sha256": "0" * 64, "max_id": "1999"}},  # a max id not an int
+              {**saved, "key": saved["key"].replace("bin-corpus", "content")}]  # another key's entry
+    for text in [b"", b'{"key": ', b"\xff\xfe", b"[]", *(json.dumps(f).encode() for f in forged)]:
+        entry.write_bytes(text)
+        with caplog.at_level(logging.DEBUG, logger="models.sources"):
+            c = D.bin_corpus(path)
+        assert (c.sha256, c.max_id) == right, text
+        assert "recomputed" in caplog.text
+        assert json.loads(entry.read_text()) == saved  # rewritten whole
+        caplog.clear()
+    monkeypatch.setenv("SLAB_CACHE_DIR", str(path))  # a file, not a folder: nothing can be cached there
+    assert (D.bin_corpus(path).sha256, D.bin_corpus(path).max_id) == right
+
+
+def test_a_file_written_within_the_settle_time_is_not_cached(tmp_path, monkeypatch):
+    # Written again within the same timestamp tick, a file keeps its stamp: a digest cached from a read just before
+    # that write would answer for other bytes.
+    from models import sources
+
+    monkeypatch.setenv("SLAB_CACHE_DIR", str(tmp_path / "cache"))
+    reads = []
+    real = sources._hash_files
+    monkeypatch.setattr(sources, "_hash_files", lambda *a: reads.append(a) or real(*a))
+    corpus = tmp_path / "corpus.bin"
+    corpus.write_bytes(b"ab" * 100)
+    for _ in range(2):
+        assert D.bin_corpus(corpus).max_id == ord("a") + 256 * ord("b")
+        sources.content_digest(corpus)
+    assert len(reads) == 2 and not (tmp_path / "cache").exists()
+    settle(corpus, ago_s=sources.SETTLE_NS // 10**9 + 1)
+    for _ in range(2):
+        sources.content_digest(corpus)
+    assert len(reads) == 3 and len(list((tmp_path / "cache" / "digests").iterdir())) == 1
+
+
+def test_processes_hashing_one_corpus_at_once_agree_and_leave_one_entry(tmp_path):
+    cache = tmp_path / "cache"
+    corpus = tmp_path / "corpus.bin"
+    corpus.write_bytes(np.arange(1 << 20, dtype=np.uint16).tobytes())
+    settle(corpus)
+    code = "import sys; from models.sources import content_digest; print(content_digest(sys.argv[1]))"
+    env = {**os.environ, "SLAB_CACHE_DIR": str(cache)}
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(corpus)], stdout=subprocess.PIPE, env=env, cwd=ROOT)
+             for _ in range(4)]
+    outs = {p.communicate(timeout=60)[0] for p in procs}
+    assert all(p.returncode == 0 for p in procs) and len(outs) == 1
+    assert len(list((cache / "digests").iterdir())) == 1  # no temp file left behind
+    (entry,) = (cache / "digests").glob("*.json")
+    assert json.loads(entry.read_text())["value"]["sha256"] == outs.pop().decode().strip()
