@@ -114,9 +114,13 @@ def upsert(engine: Engine, table, keys: Sequence[str]):
 
 
 def claim_run(engine: Engine, run_id: str, owner: str, stale_before, retry_failed: bool = True) -> int | None:
-    """Atomically take a run that is pending (or failed, or running under a stale lease); returns its attempt."""
+    """Atomically take a run that is pending (or failed, or running under a stale lease); returns its attempt.
+    A run this owner already holds (a claim whose commit went through but whose reply was lost) returns its attempt
+    as it is, not counted again."""
     now = utcnow()
-    claimable = [Run.status == "pending", (Run.status == "running") & (Run.heartbeat_at < stale_before)]
+    # A run this owner holds is never taken again, however stale: a retried claim would count a second attempt.
+    not_mine = or_(Run.lease_owner.is_(None), Run.lease_owner != owner)
+    claimable = [Run.status == "pending", (Run.status == "running") & (Run.heartbeat_at < stale_before) & not_mine]
     if retry_failed:
         claimable.append(Run.status == "failed")
     with session(engine) as s:
@@ -128,8 +132,8 @@ def claim_run(engine: Engine, run_id: str, owner: str, stale_before, retry_faile
                 started_at=now, finished_at=None, error=None,
             )
         )
-        if result.rowcount != 1:
-            return None
+        if result.rowcount != 1:  # held by another owner, finished, or already this owner's
+            return s.scalar(select(Run.attempts).where(Run.run_id == run_id, Run.status == "running", Run.lease_owner == owner))
         return s.scalar(select(Run.attempts).where(Run.run_id == run_id))
 
 

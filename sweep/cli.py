@@ -492,8 +492,9 @@ def launch(
     limit: Optional[int] = typer.Option(None, min=0, help="Train at most this many runs."),
     cpus_per_run: int = typer.Option(1, min=1, help="CPU cores each run takes (its torch threads)."),
     lease_timeout: float = typer.Option(
-        120.0, min=5.0, help="Seconds after which a run whose launcher stopped heartbeating is reclaimed (its launcher "
-        "heartbeats every 10 s, or every quarter of a lease under 40 s)."),
+        120.0, min=5.0, help="Seconds without a heartbeat after which this launcher's runs count as abandoned: another "
+        "launch takes them and slab status says so (both follow the lease each run's launcher recorded). It heartbeats "
+        "every 10 s, or every quarter of a lease under 40 s."),
     ckpt_every: int = typer.Option(1000, min=1, help="Checkpoint every this many steps (and every 10 minutes)."),
     max_runs: int = typer.Option(DEFAULT_MAX_RUNS, min=1, help="Refuse plans that expand to more runs than this."),
     pack: str = typer.Option(

@@ -10,6 +10,7 @@ from its newest checkpoint. A database away for less than a lease (locked, resta
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -19,7 +20,6 @@ import signal
 import socket
 import time
 import traceback
-import uuid
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -35,7 +35,7 @@ from db.writer import claim_run, heartbeat, update_run, write_results
 from models.config import hybrid_pattern
 from sweep.pack import pack_gpus, plan_packs
 from sweep.plan import CellError, Plan, PlannedRun, parse_number, warmup_steps
-from sweep.progress import LEASE_S, LaunchView, launcher_gone
+from sweep.progress import LEASE_S, LaunchView, launcher_gone, lease_of, lease_owner
 from sweep.registry import add_plans, moved_warning
 from sweep.spec import RunSpec
 from sweep.task import WORKER_ENV, data_parallel_workers, lock_wait
@@ -186,18 +186,25 @@ def _match_one(run: PlannedRun, key: str, want: str) -> bool:
     if not _numeric(key):
         return want == (name if key == "name" else spec.run_id if key == "run_id" else getattr(spec, key))
     value = parse_number(want)
-    # Budgets and warmup are compared as the plan resolves them, so the run a plan cell made matches that cell.
+    # Budgets and warmup are compared as the plan resolves them, so the run a plan cell made matches that cell. A budget
+    # matches the run it trains (the same whole steps): a plan merges a budget within one step of an earlier one into
+    # that run, which keeps the first budget, and slab runs shows the tokens trained, not the budget.
     if key == "tokens":
-        return round(value) == spec.tokens
+        return _trains(spec, round(value))
     if key == "warmup":
         return (value < 1 or value == int(value)) and warmup_steps(value, spec.steps) == spec.warmup
     derived = spec.derived() if key in _WHERE_DERIVED else {}
     if key == "flops":
-        return round(value / derived["flops_per_token"]) == spec.tokens
+        return _trains(spec, round(value / derived["flops_per_token"]))
     if key == "params":  # the plan row's target size, or the exact total count
         return value == derived["params"] or (run.params_target is not None and math.isclose(value, run.params_target, rel_tol=1e-9))
     have = derived[key] if derived else getattr(spec, key)
     return math.isclose(value, have, rel_tol=1e-9)
+
+
+def _trains(spec: RunSpec, budget: int) -> bool:
+    """True when a token budget trains the run: at least one token, and the run's whole steps (RunSpec.steps)."""
+    return budget >= 1 and dataclasses.replace(spec, tokens=budget).steps == spec.steps
 
 
 def select_runs(engine: Engine, plans: list[Plan], opts: LaunchOptions) -> list[tuple[RunSpec, str | None]]:
@@ -215,10 +222,6 @@ def select_runs(engine: Engine, plans: list[Plan], opts: LaunchOptions) -> list[
             finished.update(conn.scalars(stmt))
     todo = [v for k, v in chosen.items() if k not in finished]
     return todo[: opts.limit] if opts.limit is not None else todo
-
-
-def _owner() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
 def _faults() -> dict[str, str]:
@@ -287,7 +290,7 @@ class Driver:
 
         self.ray = ray
         self.engine, self.opts, self.view = engine, opts, view
-        self.owner = _owner()
+        self.owner = lease_owner(opts.lease_timeout_s)  # its lease in it: status and other launchers wait that long
         self.sink = EventSink.remote()
         self.task = ray.remote(train_run)
         # A fresh process per GPU run releases its CUDA memory for the next (max_calls is not an option()).
@@ -425,7 +428,14 @@ class Driver:
                 self.view.refresh()
         except KeyboardInterrupt:
             interrupted = True
-            self._cancel_all()
+            try:
+                self._cancel_all()
+            except OperationalError as exc:  # not retried: a second Ctrl-C asks to stop now, and the leases lapse
+                raise DatabaseError(
+                    f"stopped by Ctrl-C while the database was unavailable ({_first_line(getattr(exc, 'orig', None) or exc)}); "
+                    f"runs left leased resume from their checkpoints at the next slab launch (at once on this host, else "
+                    f"after the {self.opts.lease_timeout_s:.0f} s lease)"
+                ) from None
         except OperationalError as exc:  # the database went away for good (see _db), or failed as no wait cures
             retried = f" (retried for {self.opts.lease_timeout_s:.0f} s)" if self.db_away_since is not None else ""
             try:
@@ -498,7 +508,8 @@ class Driver:
             self.outcome[run_id] = row.status
             self.view.run_finished(run_id, row.status, "finished by another launcher", name=flight.name)
             return False
-        stale = utcnow() - timedelta(seconds=self.opts.lease_timeout_s)
+        # The holder's lease, not this launcher's: a launch with a long --lease-timeout keeps its runs that long.
+        stale = utcnow() - timedelta(seconds=lease_of(row.lease_owner) or self.opts.lease_timeout_s)
         if row.status == "running" and launcher_gone(row.lease_owner):
             stale = utcnow() + timedelta(days=1)  # its launcher is gone from this host: no need to wait
         attempt = self._db(claim_run, self.engine, run_id, self.owner, stale)

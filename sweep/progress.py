@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 import time
-from datetime import timedelta
+import uuid
+from datetime import timedelta, timezone
 
 from rich.console import Console
 from rich.live import Live
@@ -19,8 +21,25 @@ from db.queries import NO_PLAN, status_counts
 from db.schema import RUN_STATUSES, Plan, PlanRun, Run, utcnow
 from sweep.plan import si
 
-#: Seconds without a heartbeat after which status calls a running run's launcher gone (launch's default lease).
+#: Seconds without a heartbeat after which a running run's launcher counts as gone: launch's default lease, and the
+#: lease of a run whose owner does not record its own (written before leases were recorded).
 LEASE_S = 120.0
+
+
+def lease_owner(lease_s: float) -> str:
+    """A lease owner for a launcher of this process: ``host:pid:nonce:lease`` (the lease in seconds, which status
+    and other launchers wait out before calling its runs abandoned)."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}:{lease_s:.15g}"
+
+
+def lease_of(owner: str | None) -> float | None:
+    """The lease (seconds without a heartbeat) a launcher recorded in its lease owner; None where it has none."""
+    parts = (owner or "").split(":")
+    try:
+        lease = float(parts[3]) if len(parts) == 4 else math.nan
+    except ValueError:
+        return None
+    return lease if math.isfinite(lease) and lease > 0 else None
 
 
 def launcher_gone(owner: str | None) -> bool:
@@ -41,20 +60,23 @@ def launcher_gone(owner: str | None) -> bool:
 
 
 def orphaned_runs(engine: Engine, plan: str | None = None) -> int:
-    """Runs marked running whose launcher is gone: its process is not on this host, or no heartbeat for LEASE_S."""
-    stmt = select(Run.run_id, Run.lease_owner, Run.heartbeat_at < utcnow() - timedelta(seconds=LEASE_S)).where(
-        Run.status == "running")
+    """Runs marked running whose launcher is gone: its process is not on this host, or no heartbeat for its lease."""
+    stmt = select(Run.run_id, Run.lease_owner, Run.heartbeat_at).where(Run.status == "running")
     if plan:  # as status_counts selects a plan's runs
         stmt = stmt.outerjoin(PlanRun, PlanRun.run_id == Run.run_id).outerjoin(Plan, Plan.id == PlanRun.plan_id)
         stmt = stmt.where(Plan.name.is_(None) if plan == NO_PLAN else Plan.name == plan)
     with reading(engine) as conn:
         rows = conn.execute(stmt).all()
+    now = utcnow()
     gone: dict[str | None, bool] = {}  # one look per launcher, however many runs it held
     orphans = set()
-    for run_id, owner, stale in rows:
+    for run_id, owner, beat in rows:
         if owner not in gone:
             gone[owner] = launcher_gone(owner)
-        if stale or gone[owner]:
+        if beat is not None and beat.tzinfo is None:  # SQLite keeps the UTC time without its zone
+            beat = beat.replace(tzinfo=timezone.utc)
+        # Each launcher's own lease: one launched with a long --lease-timeout is not gone after the default's 120 s.
+        if gone[owner] or (beat is not None and now - beat > timedelta(seconds=lease_of(owner) or LEASE_S)):
             orphans.add(run_id)
     return len(orphans)
 
@@ -78,7 +100,8 @@ def status_table(engine: Engine, plan: str | None = None, counts=None) -> Table:
     # A killed launcher leaves its runs "running" until a launch takes them over: say so, or they look alive.
     if (counts["status"] == "running").any() and (orphans := orphaned_runs(engine, plan)):
         notes.append(f"{orphans} running run{' has' if orphans == 1 else 's have'} no live launcher (a process gone from "
-                     f"this host, or no heartbeat for {LEASE_S:.0f} s): slab launch PLAN resumes them")
+                     f"this host, or no heartbeat for its lease: {LEASE_S:.0f} s unless launched with --lease-timeout): "
+                     "slab launch PLAN resumes them")
     if notes:
         table.caption = "\n".join(notes)
     return table

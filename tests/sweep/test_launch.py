@@ -585,3 +585,100 @@ def test_a_checkpoint_folder_lock_is_waited_on_for_about_one_lease(env, write_pl
     long._claim_and_submit([Flight(spec=run.spec, name=run.name, attempt=0, tries=0, microbatch=None)])
     assert 600 < sent[0]["lock_wait_s"] < 700, sent
     engine.dispose()
+
+
+def _silent_for(engine, run_id, seconds):
+    """Its launcher has not heartbeated for ``seconds`` (a host asleep, a stalled launcher)."""
+    from datetime import timedelta
+
+    from sqlalchemy import update
+
+    from db.schema import utcnow
+
+    with engine.begin() as conn:
+        conn.execute(update(Run).where(Run.run_id == run_id).values(heartbeat_at=utcnow() - timedelta(seconds=seconds)))
+
+
+def test_status_and_other_launchers_follow_the_lease_the_runs_launcher_used(env, write_plan):
+    """A run of a launch with --lease-timeout 600 is neither called abandoned by slab status nor taken by a launcher
+    of the default 120 s lease after 200 s without a heartbeat; after 700 s it is both."""
+    from sweep.launch import Driver, Flight
+    from sweep.progress import status_table
+
+    driver, engine, run = _driver_of_one_run(env, write_plan, "v,softmax,32,2,2,64,4,5120,3e-3,0,2\n", lease_timeout_s=600.0)
+    run_id = run.spec.run_id
+    assert driver._claim(Flight(spec=run.spec, name=run.name, attempt=0, tries=0, microbatch=None))
+    other = Driver(engine, LaunchOptions(db_url=env["db"], cpu=True, ckpt_dir=env["tmp"] / "ckpt"), Logged())
+    _silent_for(engine, run_id, 200)
+    assert "no live launcher" not in str(status_table(engine).caption)
+    assert not other._claim(Flight(spec=run.spec, name=run.name, attempt=0, tries=0, microbatch=None))
+    _silent_for(engine, run_id, 700)
+    assert "1 running run has no live launcher" in str(status_table(engine).caption)
+    assert other._claim(Flight(spec=run.spec, name=run.name, attempt=0, tries=0, microbatch=None))
+    with engine.connect() as conn:
+        assert conn.execute(select(Run.lease_owner, Run.attempts).where(Run.run_id == run_id)).one() == (other.owner, 2)
+    engine.dispose()
+
+
+def test_a_claim_whose_reply_was_lost_counts_as_claimed_once(env, write_plan, monkeypatch):
+    """The claim's commit went through but the connection dropped before its reply: the retried claim finds the run
+    leased to this launcher and takes it as claimed (attempt 1), rather than wait out its own lease."""
+    from sqlalchemy.exc import OperationalError
+
+    import sweep.launch
+    from sweep.launch import Flight
+
+    view = Logged()
+    driver, engine, run = _driver_of_one_run(env, write_plan, "q,softmax,32,2,2,64,4,5120,3e-3,0,2\n", view)
+    real, calls = sweep.launch.claim_run, []
+
+    def claim_then_drop(*args, **kwargs):
+        calls.append(real(*args, **kwargs))
+        if len(calls) == 1:
+            raise OperationalError("UPDATE runs", {}, Exception("server closed the connection unexpectedly"),
+                                   connection_invalidated=True)
+        return calls[-1]
+
+    monkeypatch.setattr(sweep.launch, "claim_run", claim_then_drop)
+    flight = Flight(spec=run.spec, name=run.name, attempt=0, tries=0, microbatch=None)
+    assert driver._claim(flight), view.lines
+    assert calls == [1, 1] and flight.attempt == 1 and flight.tries == 1
+    assert not driver.waiting and not any("leased by another launcher" in line for line in view.lines), view.lines
+    with engine.connect() as conn:
+        assert conn.execute(select(Run.status, Run.lease_owner, Run.attempts).where(Run.run_id == run.spec.run_id)).one() == (
+            "running", driver.owner, 1)
+    engine.dispose()
+
+
+def test_a_second_ctrl_c_while_the_database_is_away_ends_with_one_line(env, write_plan, monkeypatch):
+    """Ctrl-C twice while the database is away: the release of the runs cannot be written, and the launch ends with
+    one line saying they resume at the next launch (a traceback of the failed release had ended it)."""
+    from sqlalchemy.exc import OperationalError
+
+    import sweep.launch
+    from db.engine import DatabaseError
+
+    driver, engine, run = _driver_of_one_run(env, write_plan, "z,softmax,32,2,2,64,4,102400,3e-3,0,2\n",
+                                             lease_timeout_s=30.0, heartbeat_s=0.5)
+    calls = []
+
+    def away(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # the database has been away for a retry: the user presses Ctrl-C twice
+            signal.raise_signal(signal.SIGINT)
+            signal.raise_signal(signal.SIGINT)
+        raise OperationalError("UPDATE runs", {}, ConnectionRefusedError("connection refused"))
+
+    monkeypatch.setattr(sweep.launch, "heartbeat", away)
+    monkeypatch.setattr(sweep.launch, "update_run", away)
+    with pytest.raises(DatabaseError) as caught:
+        driver.run([(run.spec, run.name)])
+    message = str(caught.value)
+    assert "\n" not in message and "connection refused" in message, message
+    assert "resume" in message and "next slab launch" in message, message
+    from ray.exceptions import TaskCancelledError
+
+    [ref] = driver.units  # its worker was stopped all the same
+    with pytest.raises(TaskCancelledError):
+        driver.ray.get(ref, timeout=60)
+    engine.dispose()

@@ -241,3 +241,17 @@ def test_address_where_something_else_listens_fails_fast(write_plan, tmp_path, r
             conn.close()
     assert time.monotonic() - t0 < 20
     assert not db.exists() and not (tmp_path / "ckpt").exists()
+
+
+def test_where_tokens_matches_a_budget_merged_into_an_earlier_run(write_plan):
+    """A budget within the same whole steps as an earlier row's trains that run (and takes its id): --where with either
+    budget, or with the tokens it trains (what slab runs shows), selects it; a budget a step away does not."""
+    text = ("name,arch,d_model,n_layers,n_heads,seq_len,batch_size,tokens\n"  # 256 tokens a step
+            "a,softmax,32,2,2,64,4,5000\nb,softmax,32,2,2,64,4,5100\nc,softmax,32,2,2,64,4,5200\n")
+    plan = load_plan(write_plan(text))
+    a, b, c = plan.runs
+    assert a.spec.run_id == b.spec.run_id != c.spec.run_id and b.spec.tokens == 5000 and a.spec.trained_tokens == 5120
+    assert names(plan, "tokens=5000") == names(plan, "tokens=5100") == names(plan, "tokens=5120") == ["a", "b"]
+    assert names(plan, "tokens=4864") == [] and names(plan, "tokens=5121") == ["c"]
+    fpt = a.spec.derived()["flops_per_token"]
+    assert names(plan, f"flops={5100 * fpt}") == ["a", "b"] and names(plan, f"flops={5200 * fpt}") == ["c"]
