@@ -250,13 +250,21 @@ def settle(*paths, ago_s=60):
         os.utime(p, ns=(t, t))
 
 
-def test_content_digest_reads_a_corpus_once_until_it_changes(tmp_path, monkeypatch):
+def hash_reads(tmp_path, monkeypatch) -> list:
+    """Cache digests under tmp_path, and list each time a file's bytes are hashed."""
     from models import sources
 
     monkeypatch.setenv("SLAB_CACHE_DIR", str(tmp_path / "cache"))
     reads = []
     real = sources._hash_files
     monkeypatch.setattr(sources, "_hash_files", lambda *a: reads.append(a) or real(*a))
+    return reads
+
+
+def test_content_digest_reads_a_corpus_once_until_it_changes(tmp_path, monkeypatch):
+    from models import sources
+
+    reads = hash_reads(tmp_path, monkeypatch)
     corpus = tmp_path / "corpus.txt"
     corpus.write_bytes(b"a" * 1000)
     settle(corpus)
@@ -381,10 +389,7 @@ def test_a_file_written_within_the_settle_time_is_not_cached(tmp_path, monkeypat
     # that write would answer for other bytes.
     from models import sources
 
-    monkeypatch.setenv("SLAB_CACHE_DIR", str(tmp_path / "cache"))
-    reads = []
-    real = sources._hash_files
-    monkeypatch.setattr(sources, "_hash_files", lambda *a: reads.append(a) or real(*a))
+    reads = hash_reads(tmp_path, monkeypatch)
     corpus = tmp_path / "corpus.bin"
     corpus.write_bytes(b"ab" * 100)
     for _ in range(2):
