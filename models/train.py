@@ -662,6 +662,14 @@ def pretrain(
         micro = [batches.next() for _ in range(n_micro)]
         batches.position = step * spec.batch_size
         n_valid = sum(int((y != -100).sum()) for _, y in micro)
+        rank_weight = None
+        if world > 1:
+            # Ranks may hold different numbers of labelled tokens (MQAR labels a few positions, text all), so a rank's
+            # mean counts by its share of the global count, times world as DDP and FSDP average the ranks. Kept on the
+            # device (and copied there without blocking): a read-back would make the CPU wait for the previous step.
+            labelled = to_device(torch.tensor(n_valid))
+            torch.distributed.all_reduce(labelled)
+            rank_weight = world * n_valid / labelled
         try:
             if cuda_graphs:  # a new step: the CUDA graphs may reuse the last step's outputs (all used by now)
                 torch.compiler.cudagraph_mark_step_begin()
@@ -679,8 +687,9 @@ def pretrain(
                     with autocast(device):
                         _, loss = step_model(x, y)
                     # Weight each microbatch by its labelled tokens so the step loss is the mean over the batch.
-                    (loss * share).backward()
-                loss_sum += loss.detach() * share
+                    weight = share if rank_weight is None else rank_weight * share
+                    (loss * weight).backward()
+                loss_sum += loss.detach() * weight
             if world > 1:
                 torch.distributed.all_reduce(loss_sum)
                 loss_sum /= world

@@ -142,6 +142,25 @@ def test_stop_and_resume_gives_identical_losses(tmp_path):
     assert [step for step, _ in vals] == [5, 10, 15, 20]  # the eval due at the stop is not lost
 
 
+@pytest.mark.parametrize("arch", ["softmax", "lightning", "hgrn2", "mamba2"])
+def test_resume_gives_bit_identical_weights_and_optimizer_state(tmp_path, arch):
+    """Every mixer (hybrid above): stopped at step 3 and resumed, the final weights, AdamW moments and step count,
+    learning rates and data position equal a straight run's bit for bit on CPU."""
+    s = spec(arch=arch, tokens=8 * 32 * 6, warmup=2)
+    straight = Recorder()
+    pretrain(s, straight, tmp_path / "straight")
+    first, second = Recorder(), Recorder()
+    with pytest.raises(Interrupted):
+        pretrain(s, first, tmp_path / "resumed", should_stop=lambda: len(first.of("train")) >= 3)
+    pretrain(s, second, tmp_path / "resumed")
+    assert [p["lr"] for p in first.of("train") + second.of("train")] == [p["lr"] for p in straight.of("train")]
+    a, b = load_checkpoint(tmp_path / "straight"), load_checkpoint(tmp_path / "resumed")
+    assert a["step"] == b["step"] == 6 and a["data"] == b["data"]
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    moments = [(i, k) for i in a["optimizer"]["state"] for k in ("step", "exp_avg", "exp_avg_sq")]
+    assert all(torch.equal(a["optimizer"]["state"][i][k], b["optimizer"]["state"][i][k]) for i, k in moments)
+
+
 def _pretrain_in_subprocess(s: RunSpec, run_dir: Path, fault: str | None) -> tuple[subprocess.CompletedProcess, dict]:
     """``pretrain`` in a fresh Python process: its exit and, when it finishes, its losses by step and summary."""
     code = (
@@ -437,3 +456,50 @@ def test_checkpoints_without_a_checksum_still_load_and_old_checksums_go_with_the
         "ckpt-000000002.pt", "ckpt-000000002.pt.sha256", "ckpt-000000003.pt", "ckpt-000000003.pt.sha256"]
     checkpoint_path(tmp_path, 3).with_name("ckpt-000000003.pt.sha256").unlink()  # as written before checksums
     assert torch.equal(load_checkpoint(tmp_path)["model"]["w"], torch.full((8,), 3.0))
+
+
+#: One of two gloo ranks training a tiny run whose ranks see different numbers of labelled tokens (argv: rank, port,
+#: checkpoint folder, the spec's JSON); rank 0 prints its losses by step.
+GLOO_RANK = """
+import json, os, sys
+from datetime import timedelta
+import torch, torch.distributed as dist
+from models.train import pretrain
+from sweep.spec import RunSpec
+torch.set_num_threads(1)
+rank, port, ckpt_dir, spec = int(sys.argv[1]), sys.argv[2], sys.argv[3], RunSpec.from_json(sys.argv[4])
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+dist.init_process_group("gloo", rank=rank, world_size=2, timeout=timedelta(seconds=30))
+losses = {}
+def report(kind, payload):
+    if kind == "train": losses[payload["step"]] = payload["loss"]
+pretrain(spec, report, ckpt_dir, device="cpu", microbatch=2)
+if rank == 0:
+    print("LOSSES " + json.dumps(losses))
+dist.destroy_process_group()
+"""
+
+
+def test_data_parallel_ranks_weight_their_loss_by_the_global_labelled_tokens(tmp_path):
+    """MQAR labels a few positions of a sequence, text all of them: two ranks see different numbers of labelled
+    tokens, and the step must still be the mean over the global batch's tokens, as one worker trains it. Each rank
+    averaged over its own tokens and DDP then averaged the ranks, which weighted the two ranks' tokens unequally."""
+    import socket
+
+    s = spec(data="stdlib+mqar@0.5", vocab_size=512, tokens=8 * 32 * 3, lr=1e-2, seed=1)
+    one = Recorder()
+    pretrain(s, one, tmp_path / "one", device="cpu", microbatch=2)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, "-c", GLOO_RANK, str(rank), str(port), str(tmp_path / "two"),
+                               s.canonical_json()], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for rank in range(2)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in outs]
+    [line] = [x for x in outs[0][0].splitlines() if x.startswith("LOSSES ")]
+    two = {int(k): v for k, v in json.loads(line[len("LOSSES "):]).items()}
+    assert sorted(two) == [1, 2, 3]
+    for step, loss in one.losses().items():  # the same sequences; only the order of float sums differs
+        assert two[step] == pytest.approx(loss, rel=1e-5), step
