@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import math
 import os
 from dataclasses import dataclass, field, fields
+from functools import cached_property
 
 from models.config import ModelConfig, count_params, flops_per_token
 
@@ -64,7 +64,7 @@ class RunSpec:
         """Tokens this run trains: whole steps, so its budget rounded up to a multiple of batch_size x seq_len."""
         return self.steps * self.batch_size * self.seq_len
 
-    @property
+    @cached_property  # a spec is frozen: its id, asked for several times per run while a plan loads, is hashed once
     def run_id(self) -> str:
         """sha256 of the canonical JSON (placement fields excluded), first 16 hex digits."""
         return hashlib.sha256(self.canonical_json(identity=True).encode()).hexdigest()[:16]
@@ -75,7 +75,8 @@ class RunSpec:
 
     def to_dict(self) -> dict:
         """A JSON-ready dict of every field."""
-        out = dataclasses.asdict(self)
+        # Every field is a scalar or a tuple of strings: no deep copy (dataclasses.asdict's) is needed.
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
         out["evals"] = list(self.evals)
         if not self.data_digest:  # runs on built-in data keep the JSON (and the ids) they had before the field
             del out["data_digest"]
