@@ -545,6 +545,10 @@ def launch(
         result = run_launch(plans, opts, LaunchView(out))
     except (LaunchError, DatabaseError) as exc:
         fail(str(exc))
+    except KeyboardInterrupt:  # outside the driver's loop, which handles its own: Ray starting or stopping
+        err.print("stopped by Ctrl-C while Ray started or stopped: runs not started stay pending, and a relaunch "
+                  "trains them", highlight=False, markup=False)
+        raise typer.Exit(130) from None
     if result.rows:
         import pandas as pd
 

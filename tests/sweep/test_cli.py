@@ -625,3 +625,15 @@ def test_launch_counts_runs_lost_to_another_launcher_and_exits_1(runner, write_p
     result = invoke(runner, "--db", f"sqlite:///{tmp_path}/slab.db", "launch", "--cpu", write_plan(PLAN))
     assert result.exit_code == 1, result.output
     assert "0/1 runs done, 0 failed or diverged, 1 lost to another launcher" in result.output
+
+
+def test_launch_stopped_by_ctrl_c_while_ray_starts_says_so(runner, write_plan, tmp_path, monkeypatch):
+    """A Ctrl-C while Ray started (seconds) had ended the launch with exit 130 and not a word."""
+    import sweep.launch
+
+    def interrupted(plans, opts, view):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sweep.launch, "launch", interrupted)
+    result = invoke(runner, "--db", f"sqlite:///{tmp_path}/slab.db", "launch", "--cpu", write_plan(PLAN))
+    assert result.exit_code == 130 and "stopped by Ctrl-C while Ray started" in result.stderr
