@@ -302,10 +302,13 @@ def niah_table(runs: pd.DataFrame, evals: pd.DataFrame, *, size: str | float = "
     cols = ["arch", "variant", "length", "depth", "accuracy", "n_runs", "params", "in_context"]
     if ev.empty:
         return pd.DataFrame(columns=cols)
-    parsed = pd.DataFrame([parse_eval_name(n) for n in ev["name"]], index=ev.index)
+    names = ev["name"].astype(str)
+    # Each name parsed once: thousands of runs share the same few NIAH cells.
+    parsed = pd.DataFrame([parse_eval_name(n) for n in names.unique()], index=names.unique())
     if "len" not in parsed or "depth" not in parsed:
         raise FitError("NIAH eval names must look like 'niah/len=1024/depth=0.5'")
-    ev = ev.assign(length=parsed["len"].astype(float), depth=parsed["depth"].astype(float))
+    ev = ev.assign(length=parsed["len"].astype(float).reindex(names).to_numpy(),
+                   depth=parsed["depth"].astype(float).reindex(names).to_numpy())
     ev = ev.dropna(subset=["length", "depth"])
     hybrid = ev["hybrid"] if "hybrid" in ev.columns else pd.Series("", index=ev.index)
     # Hybrids of different ratios answer different questions (how much softmax retrieval needs): never pooled.

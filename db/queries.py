@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import Iterator
 
 import pandas as pd
 from sqlalchemy import JSON, DateTime, Engine, Float, Integer, String, func, select
@@ -22,6 +23,14 @@ READ_STATEMENTS = ("select", "with", "values", "explain", "show", "table")
 #: The plan name that selects runs belonging to no plan (a plan re-added without them), in filters and counts.
 NO_PLAN = "-"
 
+#: Run ids per query of ``metrics_frame`` and ``evals_frame``: psycopg sends at most 65,535 parameters a statement,
+#: SQLite 250,000 (32,766 before 3.32), and a study of several plans holds more finished runs than that.
+ID_BATCH = 10_000
+
+#: Rows fetched at a time by the frame readers: rows as Python objects take about six times their frame's memory, so
+#: a large table (metrics) is turned into frames a chunk at a time rather than held whole as rows.
+FETCH_ROWS = 50_000
+
 #: Spec fields spread into columns of ``runs_frame`` (the rest stays in the JSON).
 SPEC_COLUMNS = ("d_model", "n_layers", "n_heads", "hybrid", "seq_len", "batch_size", "lr", "seed", "data", "schedule")
 
@@ -32,7 +41,9 @@ class QueryError(ValueError):
 
 def _run_filter(stmt, plan: str | None, arch: str | None, status: str | None):
     if plan == NO_PLAN:
-        stmt = stmt.where(~select(PlanRun.run_id).where(PlanRun.run_id == Run.run_id).exists())
+        # An anti-join, not NOT EXISTS: SQLite ran that as a correlated scan of plan_runs per run (plan_runs has no
+        # index led by run_id), quadratic in the runs; the outer join gets a hash join or an automatic index.
+        stmt = stmt.outerjoin(PlanRun, PlanRun.run_id == Run.run_id).where(PlanRun.run_id.is_(None))
     elif plan:
         stmt = stmt.join(PlanRun, PlanRun.run_id == Run.run_id).join(Plan, Plan.id == PlanRun.plan_id)
         stmt = stmt.where(Plan.name == plan)
@@ -81,23 +92,45 @@ def _typed(frame: pd.DataFrame, model) -> pd.DataFrame:
     return frame
 
 
+def _read_chunks(conn, stmt, model=None) -> Iterator[pd.DataFrame]:
+    """``stmt``'s rows as frames of up to FETCH_ROWS rows (one empty frame when it has none), numeric columns typed
+    as ``model``'s table types them."""
+    # stream_results: a server-side cursor on PostgreSQL, whose driver otherwise receives the whole result first.
+    for chunk in pd.read_sql(stmt.execution_options(stream_results=True), conn, chunksize=FETCH_ROWS):
+        yield chunk if model is None else _typed(chunk, model)
+
+
+def _read_frame(conn, stmt, model) -> pd.DataFrame:
+    """``stmt``'s rows as one frame, read a chunk at a time (see FETCH_ROWS)."""
+    chunks = list(_read_chunks(conn, stmt, model))
+    return chunks[0] if len(chunks) == 1 else _typed(pd.concat(chunks, ignore_index=True), model)
+
+
+def _frame_of_runs(engine: Engine, stmt, model, run_ids: list[str] | None, order: list[str]) -> pd.DataFrame:
+    """``stmt``'s rows, for the runs ``run_ids`` only (None: all), asking for ID_BATCH run ids per query."""
+    with reading(engine) as conn:
+        if run_ids is None:
+            return _read_frame(conn, stmt, model)
+        ids = list(dict.fromkeys(run_ids))
+        batches = [ids[i : i + ID_BATCH] for i in range(0, len(ids), ID_BATCH)] or [[]]  # none: the empty frame
+        parts = [_read_frame(conn, stmt.where(model.run_id.in_(batch)), model) for batch in batches]
+    if len(parts) == 1:
+        return parts[0]
+    frame = _typed(pd.concat(parts, ignore_index=True), model)
+    return frame.sort_values(order, kind="stable", ignore_index=True)  # each batch came ordered, not the whole
+
+
 def metrics_frame(engine: Engine, run_ids: list[str] | None = None) -> pd.DataFrame:
     """Training curves: run_id, step, tokens, flops, loss, lr, tokens_per_s, mfu (ordered by run and step)."""
     cols = [Metric.run_id, Metric.step, Metric.tokens, Metric.flops, Metric.loss, Metric.lr, Metric.tokens_per_s, Metric.mfu]
     stmt = select(*cols).order_by(Metric.run_id, Metric.step)
-    if run_ids is not None:
-        stmt = stmt.where(Metric.run_id.in_(run_ids))
-    with reading(engine) as conn:
-        return _typed(pd.read_sql(stmt, conn), Metric)
+    return _frame_of_runs(engine, stmt, Metric, run_ids, ["run_id", "step"])
 
 
 def evals_frame(engine: Engine, run_ids: list[str] | None = None) -> pd.DataFrame:
     """Eval results: run_id, step, name, value."""
     stmt = select(Eval.run_id, Eval.step, Eval.name, Eval.value).order_by(Eval.run_id, Eval.step, Eval.name)
-    if run_ids is not None:
-        stmt = stmt.where(Eval.run_id.in_(run_ids))
-    with reading(engine) as conn:
-        return _typed(pd.read_sql(stmt, conn), Eval)
+    return _frame_of_runs(engine, stmt, Eval, run_ids, ["run_id", "step", "name"])
 
 
 def status_counts(engine: Engine, plan: str | None = None) -> pd.DataFrame:
@@ -337,30 +370,21 @@ def export_table(engine: Engine, table: str, fmt: str | None, out: Path) -> int:
         raise QueryError(f"unknown table {table!r}; expected one of {', '.join(sorted(TABLES))}")
     fmt = export_format(out, fmt)
     _check_out(out)
-    with reading(engine) as conn:
-        frame = pd.read_sql(select(TABLES[table]), conn)
-    for column in TABLES[table].columns:
-        col, dtype = column.name, _schema_dtype(column)
-        if isinstance(column.type, JSON):  # specs, fit results: as text so every format can hold them
-            frame[col] = frame[col].map(lambda v: None if v is None else json.dumps(v, sort_keys=True))
-        if dtype and dtype.startswith("datetime"):
-            # Stored UTC; SQLite gives them back without the zone, PostgreSQL in the session's zone.
-            frame[col] = pd.to_datetime(frame[col], utc=True).astype(dtype)
-        elif dtype:
-            frame[col] = frame[col].astype(dtype)
+    if fmt == "parquet":
+        try:
+            import pyarrow.parquet  # noqa: F401
+        except ImportError:
+            raise QueryError("parquet export needs pyarrow: pip install 'scalinglab[parquet]'") from None
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise QueryError(f"cannot create the folder {out.parent} for {out}: {exc.strerror or exc}") from None
     tmp = out.with_name(f".{out.name}.tmp")
     try:
-        if fmt == "csv":
-            frame.to_csv(tmp, index=False)
-        else:
-            try:
-                frame.to_parquet(tmp, index=False)
-            except ImportError:
-                raise QueryError("parquet export needs pyarrow: pip install 'scalinglab[parquet]'") from None
+        # Read and written a chunk at a time, so that a table of millions of metric rows never lies in memory whole.
+        with reading(engine) as conn:
+            chunks = (_export_columns(c, TABLES[table]) for c in _read_chunks(conn, select(TABLES[table])))
+            rows = _write_csv(chunks, tmp) if fmt == "csv" else _write_parquet(chunks, tmp)
         tmp.replace(out)
     except OSError as exc:
         raise QueryError(f"cannot write {out}: {exc.strerror or exc}") from None
@@ -369,4 +393,49 @@ def export_table(engine: Engine, table: str, fmt: str | None, out: Path) -> int:
             tmp.unlink(missing_ok=True)
         except OSError:  # the write failed too (a read-only folder): its error is the one to report
             pass
-    return len(frame)
+    return rows
+
+
+def _write_csv(chunks: Iterator[pd.DataFrame], path: Path) -> int:
+    """Write the chunks as one CSV file (the header from the first); returns the number of rows."""
+    rows = 0
+    with open(path, "w", encoding="utf-8", newline="") as fh:
+        for i, chunk in enumerate(chunks):
+            chunk.to_csv(fh, index=False, header=i == 0)
+            rows += len(chunk)
+    return rows
+
+
+def _write_parquet(chunks: Iterator[pd.DataFrame], path: Path) -> int:
+    """Write the chunks as one Parquet file (a row group or more each, the schema from the first); returns the number
+    of rows."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows, writer = 0, None
+    try:
+        for chunk in chunks:
+            part = pa.Table.from_pandas(chunk, preserve_index=False, schema=None if writer is None else writer.schema)
+            if writer is None:
+                writer = pq.ParquetWriter(path, part.schema)
+            writer.write_table(part)
+            rows += len(chunk)
+    finally:
+        if writer is not None:
+            writer.close()
+    return rows
+
+
+def _export_columns(frame: pd.DataFrame, table) -> pd.DataFrame:
+    """A chunk of ``table`` as export writes it: JSON as text, times in UTC, every column in its schema dtype (so that
+    a chunk whose values are all NULL types its columns as the others do)."""
+    for column in table.columns:
+        col, dtype = column.name, _schema_dtype(column)
+        if isinstance(column.type, JSON):  # specs, fit results: as text so every format can hold them
+            frame[col] = frame[col].map(lambda v: None if v is None else json.dumps(v, sort_keys=True))
+        if dtype and dtype.startswith("datetime"):
+            # Stored UTC; SQLite gives them back without the zone, PostgreSQL in the session's zone.
+            frame[col] = pd.to_datetime(frame[col], utc=True).astype(dtype)
+        elif dtype:
+            frame[col] = frame[col].astype(dtype)
+    return frame

@@ -107,6 +107,17 @@ def test_niah_table_by_length_and_depth(data):
     assert means["softmax"] > means["lightning"]
 
 
+def test_niah_table_parses_each_eval_name_once(data, monkeypatch):
+    """Thousands of runs share a few NIAH cells: parsing the name of every eval row took a Python call per row."""
+    calls = []
+    parse = compare.parse_eval_name
+    monkeypatch.setattr(compare, "parse_eval_name", lambda name: calls.append(name) or parse(name))
+    table = compare.niah_table(data.runs, data.evals)
+    niah = data.evals["name"][data.evals["name"].str.startswith("niah/")]
+    assert len(calls) == niah.nunique() < len(niah)
+    assert len(table) == table[["variant", "length", "depth"]].drop_duplicates().shape[0] > 0
+
+
 def test_niah_table_uses_the_last_step():
     runs = runs_frame(np.array([1e8]), np.array([1e9]), np.array([3.0]))
     evals = pd.DataFrame({"run_id": [runs["run_id"][0]] * 2, "step": [10, 20],

@@ -523,3 +523,88 @@ def test_sql_cannot_end_its_read_only_transaction(db_url, write_plan, query):
         run_sql(engine, query)
     assert run_sql(engine, "select count(*) as n from plan_runs")["n"].tolist() == [6]
     engine.dispose()
+
+
+def test_runs_in_no_plan_are_found_without_a_scan_per_run(db_url, write_plan):
+    """`slab runs --plan -` asked NOT EXISTS (a plan link of this run), which SQLite ran as a scan of plan_runs for
+    every run: quadratic, 7 s at 15,000 runs. An anti-join reads each table once."""
+    from sqlalchemy import event
+
+    engine = open_db(db_url)
+    add_plans(engine, [load_plan(write_plan(PLAN, "p.csv"))])
+    add_plans(engine, [load_plan(write_plan(PLAN.replace("0|1|2", "0|1"), "p.csv"))])  # seed 2's runs leave the plan
+    statements = []
+    event.listen(engine, "before_cursor_execute", lambda conn, cur, stmt, params, *_: statements.append((stmt, params)))
+    orphans = runs_frame(engine, plan="-")
+    assert sorted(orphans["seed"]) == [2, 2] and set(orphans["plan"]) == {""}
+    assert len(runs_frame(engine, plan="p")) == 4 and len(runs_frame(engine, plan="-", status="done")) == 0
+    if engine.dialect.name == "sqlite":
+        stmt, params = next((s, p) for s, p in statements if "plan_runs" in s and "FROM runs" in s)
+        with engine.connect() as conn:
+            plan = " / ".join(row[-1] for row in conn.exec_driver_sql("EXPLAIN QUERY PLAN " + stmt, params))
+        assert "CORRELATED" not in plan and "SCAN plan_runs" not in plan, plan
+    engine.dispose()
+
+
+def test_metrics_and_evals_of_more_runs_than_one_statement_takes(db_url, write_plan):
+    """The analysis commands ask for the curves of every finished run: psycopg refuses a statement of more than 65,535
+    parameters (SQLite 250,000), so a database of more finished runs failed `slab fit`, `compare` and `report`."""
+    from db.queries import evals_frame, metrics_frame
+    from db.schema import Eval
+
+    engine = open_db(db_url)
+    add_plans(engine, [load_plan(write_plan(PLAN))])
+    ids = sorted(runs_frame(engine)["run_id"])
+    with session(engine) as s:
+        for i, run_id in enumerate(ids):
+            s.add_all([Metric(run_id=run_id, step=k, tokens=k, flops=1.0, loss=5.0 - k, lr=i) for k in (2, 1)])
+            s.add(Eval(run_id=run_id, step=2, name="mqar/acc", value=i / 10))
+    limit = 250_000 if engine.dialect.name == "sqlite" else 65_535  # parameters a statement may have
+    asked = [f"{i:016x}" for i in range(limit + 1)] + ids  # run ids the database does not hold, and its own
+    metrics = metrics_frame(engine, asked)
+    assert metrics["run_id"].tolist() == [r for r in ids for _ in (1, 2)] and metrics["step"].tolist() == [1, 2] * 6
+    assert metrics["lr"].tolist() == [i for i in range(6) for _ in (1, 2)] and metrics["step"].dtype == "int64"
+    evals = evals_frame(engine, asked)
+    assert evals["run_id"].tolist() == ids and evals["value"].tolist() == pytest.approx([i / 10 for i in range(6)])
+    engine.dispose()
+
+
+def test_frames_and_exports_are_read_a_chunk_at_a_time(runs_db, tmp_path, monkeypatch):
+    """`slab export metrics` and the analysis commands held every row as Python objects at once, about six times the
+    frame: 1.3 GB for 1.5 million metric rows. They read FETCH_ROWS rows at a time, and the result is the same."""
+    import db.queries
+    from db.queries import evals_frame, metrics_frame
+
+    ids = sorted(runs_frame(runs_db)["run_id"])
+    with session(runs_db) as s:
+        for i, run_id in enumerate(ids):  # a chunk of rows without throughput must still type it as float
+            s.add_all([Metric(run_id=run_id, step=k, tokens=10 * k, flops=1.5 * k, loss=4.0 - k / 10, lr=1e-3,
+                              tokens_per_s=None if i < 3 else 100.0 * k) for k in range(1, 4)])
+    whole = {t: tmp_path / f"whole-{t}.csv" for t in ("metrics", "runs")}
+    for table, out in whole.items():
+        export_table(runs_db, table, "csv", out)
+    want = metrics_frame(runs_db)
+    read_sql, materialized = db.queries.pd.read_sql, []
+
+    def counting(*args, **kwargs):
+        got = read_sql(*args, **kwargs)
+        if isinstance(got, db.queries.pd.DataFrame):
+            materialized.append(len(got))
+            return got
+        return (materialized.append(len(chunk)) or chunk for chunk in got)
+
+    monkeypatch.setattr(db.queries, "FETCH_ROWS", 4)
+    monkeypatch.setattr(db.queries.pd, "read_sql", counting)
+    got = metrics_frame(runs_db)
+    db.queries.pd.testing.assert_frame_equal(got, want)
+    assert got["tokens_per_s"].dtype == "float64" and got["tokens_per_s"].isna().sum() == 9
+    assert len(metrics_frame(runs_db, ids[:2])) == 6 and evals_frame(runs_db, ids).empty
+    for table, out in whole.items():
+        assert export_table(runs_db, table, "csv", tmp_path / f"{table}.csv") == {"metrics": 18, "runs": 6}[table]
+        assert (tmp_path / f"{table}.csv").read_bytes() == out.read_bytes()
+    assert max(materialized) <= 4
+    pq = pytest.importorskip("pyarrow.parquet")
+    export_table(runs_db, "metrics", "parquet", tmp_path / "metrics.parquet")
+    back = pq.read_table(tmp_path / "metrics.parquet")
+    assert back.num_rows == 18 and back.column("tokens_per_s").null_count == 9
+    assert str(back.schema.field("tokens_per_s").type) == "double" and str(back.schema.field("step").type) == "int64"
