@@ -11,6 +11,7 @@ different steps. A member that diverges stops (its updates are masked); the othe
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -125,7 +126,8 @@ def stacked_losses(model: LM, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 def pack_key(spec) -> tuple:
     """What members of one pack must share: every spec field but seed, optimiser settings and placement."""
-    names = sorted(n for n in vars(spec) if n not in PACK_FREE_FIELDS + PLACEMENT and not n.startswith("_"))
+    # The spec's fields, not vars(): that also holds what the spec caches (its run_id, which differs per member).
+    names = sorted(f.name for f in dataclasses.fields(spec) if f.name not in PACK_FREE_FIELDS + PLACEMENT)
     return tuple((n, getattr(spec, n)) for n in names)
 
 
