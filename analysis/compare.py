@@ -7,7 +7,7 @@ import math
 import re
 import zlib
 from pathlib import Path
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Sequence
 
 import numpy as np
@@ -131,6 +131,8 @@ def compare_archs(
         why = errors.get(baseline, "no runs of that arch")
         fitted = ", ".join(fits) or "none"
         raise FitError(f"baseline arch {baseline!r} has no frontier fit ({why}); archs fitted: {fitted}")
+    # an arch on a handful of runs has unknown intervals, and so has any gap it is in (the report's rule)
+    fits = {arch: unknown_on_few_runs(fit) for arch, fit in fits.items()}
     if budgets is None:
         budgets = default_budgets(fits)
     rows = []
@@ -148,12 +150,19 @@ def compare_archs(
 
 def gap_summary(comparison: ArchComparison) -> pd.DataFrame:
     """The comparison to read in a terminal: per arch and budget, the loss, the gap in percent and the compute
-    multiplier with their 95% intervals in brackets (the full columns stay in `comparison.gaps`)."""
+    multiplier with their 95% intervals in brackets, "[unknown]" where either fit's are (the full columns stay in
+    `comparison.gaps`)."""
     g = comparison.gaps
 
+    def unknown(arch) -> bool:
+        fits = (comparison.fits.get(arch), comparison.fits.get(comparison.baseline))
+        return any(f is not None and "intervals_unknown" in f.details for f in fits)
+
+    lost = [unknown(a) for a in g["arch"]]
+
     def with_ci(values, los, his, fmt):
-        return [fmt(v) + (f" [{fmt(lo)}, {fmt(hi)}]" if np.isfinite(lo) and np.isfinite(hi) else "")
-                for v, lo, hi in zip(values, los, his)]
+        return [fmt(v) + (" [unknown]" if u else f" [{fmt(lo)}, {fmt(hi)}]" if np.isfinite(lo) and np.isfinite(hi) else "")
+                for v, lo, hi, u in zip(values, los, his, lost)]
 
     def pct(v):
         return f"{100 * v:+.2f}"
@@ -477,6 +486,19 @@ def loss_table(runs: pd.DataFrame, *, params_col: str = DEFAULT_PARAMS_COL) -> p
 #: Below this many runs of an arch a bootstrap that resamples runs has little to draw from: its intervals are unknown
 #: (with 3 runs the best loss of a resample can only rise, so an interval sits on one side of the estimate).
 MIN_BOOTSTRAP_RUNS = 5
+
+
+def unknown_on_few_runs(fit: FitResult, n_runs: int | None = None) -> FitResult:
+    """``fit``, or where it rests on fewer than MIN_BOOTSTRAP_RUNS runs (``n_runs``, or its details' count) a copy whose
+    intervals are unknown (NaN) and say why in details["intervals_unknown"], as the report gives them."""
+    counts = [int(n) for n in (n_runs, fit.details.get("n_runs")) if n is not None]
+    # no bootstrap: no interval to withhold; already unknown (most replicates failed): that reason stands
+    if not fit.intervals or "intervals_unknown" in fit.details or not counts or min(counts) >= MIN_BOOTSTRAP_RUNS:
+        return fit
+    note = (f"the fit rests on {_n_runs(min(counts))}, too few to resample (at least {MIN_BOOTSTRAP_RUNS} are "
+            "needed): its intervals are unknown")
+    return replace(fit, intervals={k: (math.nan, math.nan) for k in fit.intervals},
+                   details={**fit.details, "intervals_unknown": note})
 
 
 def few_runs(comparison: ArchComparison) -> dict[str, int]:

@@ -364,21 +364,19 @@ def _schema_dtype(column) -> str | None:
 
 
 def export_table(engine: Engine, table: str, fmt: str | None, out: Path) -> int:
-    """Write a whole table to CSV or Parquet (atomically), in ``fmt`` or the one ``out``'s suffix names;
-    returns the number of rows."""
+    """Write a whole table to CSV or Parquet (atomically) in an existing folder, in ``fmt`` or the one ``out``'s
+    suffix names; returns the number of rows."""
     if table not in TABLES:
         raise QueryError(f"unknown table {table!r}; expected one of {', '.join(sorted(TABLES))}")
     fmt = export_format(out, fmt)
     _check_out(out)
+    if not out.parent.is_dir():  # a mistyped folder had been made silently, and the file put in it
+        raise QueryError(f"cannot write {out}: there is no folder {out.parent} (make it first)")
     if fmt == "parquet":
         try:
             import pyarrow.parquet  # noqa: F401
         except ImportError:
             raise QueryError("parquet export needs pyarrow: pip install 'scalinglab[parquet]'") from None
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise QueryError(f"cannot create the folder {out.parent} for {out}: {exc.strerror or exc}") from None
     tmp = out.with_name(f".{out.name}.tmp")
     try:
         # Read and written a chunk at a time, so that a table of millions of metric rows never lies in memory whole.

@@ -68,6 +68,10 @@ class Run(Base):
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     step: Mapped[int | None] = mapped_column(Integer, nullable=True)  # last step reported
     resumed_from_step: Mapped[int | None] = mapped_column(Integer, nullable=True)  # last attempt's start
+    # The newest checkpoint a worker saved, and the --ckpt-dir it went to (resolved): a launch that cannot see it there
+    # refuses rather than train the run again from step 0.
+    ckpt_step: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    ckpt_dir: Mapped[str | None] = mapped_column(Text, nullable=True)
     microbatch: Mapped[int | None] = mapped_column(Integer, nullable=True)
     n_gpus: Mapped[float | None] = mapped_column(Float, nullable=True)  # how many trained it
     final_loss: Mapped[float | None] = mapped_column(Float, nullable=True)

@@ -171,31 +171,82 @@ def _cell(value) -> str:
     return f"{value:.6g}" if isinstance(value, float) else str(value)
 
 
-def _table(frame, title: str | None, right: tuple[str, ...] = (), whole: tuple[str, ...] = ()) -> Table:
-    """A rich table of a frame, every cell as text; ``right`` columns aligned right, ``whole`` ones never wrapped."""
+def _table(frame, title: str | None, right: tuple[str, ...] = (), whole: tuple[str, ...] = (),
+           widths: list[int] | None = None) -> Table:
+    """A rich table of a frame, every cell as text; ``right`` columns aligned right, ``whole`` ones never wrapped
+    (``widths``: each column's fixed width, where they are known to be those rich would choose)."""
     table = Table(title=escape(title) if title else None, show_lines=False)  # a file name such as p[v2].csv as it is
-    for col in frame.columns:
+    for i, col in enumerate(frame.columns):
         # fold, not '…': squeezed by a narrow terminal, a run id or a number wraps whole onto a second line
-        table.add_column(Text(str(col)), overflow="fold", justify="right" if col in right else "left", no_wrap=col in whole)
+        table.add_column(Text(str(col)), overflow="fold", justify="right" if col in right else "left", no_wrap=col in whole,
+                         width=None if widths is None else widths[i])
     for row in frame.itertuples(index=False):  # Text: data such as '[b]x' is shown as it is, not as markup
         table.add_row(*(Text(_cell(v)) for v in row))
     return table
+
+
+#: What `_table`'s rich table adds to its cells' text: a space either side of each cell (padding (0, 1)), and per
+#: row a border at both edges and one between columns (the default box).
+CELL_PAD = 2
+
+
+def _table_width(widths: list[int]) -> int:
+    """The width of a `_table` whose columns' cells are ``widths`` wide (their text, without padding)."""
+    return sum(widths) + CELL_PAD * len(widths) + len(widths) + 1
+
+
+def _text_widths(texts, free: tuple[str, int] | None = None) -> tuple[list[int], list[int]]:
+    """Per column of a frame of cell texts, with its header: the longest word and the longest line, in terminal
+    cells, which rich measures as a column's narrowest (no word cut) and natural widths; the ``free`` column's
+    narrowest is its header's longest word or, where it holds any text, free[1]."""
+    from rich.cells import cell_len
+    from rich.control import strip_control_codes
+
+    def measure(text: str) -> tuple[int, int]:
+        text = strip_control_codes(text)  # as rich's Text keeps it
+        lines = text.splitlines()
+        longest = max(map(cell_len, lines)) if lines else 0
+        words = text.split()
+        return (max(map(cell_len, words)) if words else longest), longest
+
+    narrowest, natural = [], []
+    for i, col in enumerate(texts.columns):
+        # a column of thousands of rows holds few distinct texts (an arch, a status), each measured once
+        distinct = texts.iloc[:, i].unique()
+        cells = [measure(t) for t in distinct]
+        head = measure(str(col))
+        if free is not None and col == free[0]:
+            narrowest.append(max(head[0], free[1] if any(t != "" for t in distinct) else 0))
+        else:
+            narrowest.append(max(lo for lo, _ in [head, *cells]))
+        natural.append(max(hi for _, hi in [head, *cells]))
+    return narrowest, natural
 
 
 def _print_table(frame, title: str | None = None, optional: tuple[str, ...] = (), free: tuple[str, int] | None = None,
                  hint: str = "a wider terminal shows them", **layout) -> None:
     """Print ``_table(frame, title, **layout)``; a terminal too narrow for its words loses the ``optional`` columns,
     in that order, until they fit (``free``: a text column and the width it keeps), which stderr then names."""
-    # At 80 columns rich had cut each of slab runs' 14 columns to two letters and '…'.
+    import pandas as pd
+
+    # At 80 columns rich had cut each of slab runs' 14 columns to two letters and '…'. The widths are worked out once
+    # here, as rich measures them: letting rich measure the whole table for every column it might leave out, then
+    # again to print it, took 15 s for 3,780 runs in a 120-column terminal.
+    texts = pd.DataFrame([[_cell(v) for v in row] for row in frame.itertuples(index=False)], columns=frame.columns,
+                         dtype=object)
+    narrowest, natural = _text_widths(texts, free)
+    keep = list(range(len(texts.columns)))
     left_out = []
     for col in optional:
-        probe = frame if free is None else frame.assign(**{free[0]: frame[free[0]].map(lambda v: "x" * free[1] if _cell(v) else "")})
-        # the table's narrowest with no word cut, measured as if unbounded: a piped console (PIPED_WIDTH) has room
-        if out.measure(_table(probe, title, **layout), options=out.options.update_width(PIPED_WIDTH)).minimum <= out.width:
+        if _table_width([narrowest[i] for i in keep]) <= out.width:
             break
-        frame = frame.drop(columns=col)
+        keep.remove(list(texts.columns).index(col))
         left_out.append(col)
-    out.print(_table(frame, title, **layout))
+    widths = [natural[i] for i in keep]
+    # Where the table's natural width fits, it is the width rich gives each column: fixed here, rich need not
+    # measure every cell again. A narrower terminal's squeeze is left to rich.
+    table = _table(texts.iloc[:, keep], title, widths=widths if _table_width(widths) <= out.width else None, **layout)
+    out.print(table)
     if left_out:
         err.print(f"note: left out to fit {out.width} columns: {', '.join(left_out)} ({hint})", highlight=False,
                   markup=False)
@@ -457,7 +508,7 @@ def export(
     ctx: typer.Context,
     table: str = typer.Argument(..., help="plans, runs, plan_runs, metrics, evals, fits or meta (the schema version).", show_default=False),
     format: Optional[ExportFormat] = typer.Option(None, "--format", help="csv or parquet (needs pyarrow); default: from the --out suffix (.parquet or .pq: parquet; .json is refused; any other: csv).", show_default=False),
-    out_path: Path = typer.Option(..., "--out", help="File to write.", show_default=False),
+    out_path: Path = typer.Option(..., "--out", help="File to write, in a folder that exists.", show_default=False),
 ) -> None:
     """Export a whole table to CSV or Parquet.
 
@@ -484,7 +535,8 @@ def launch(
         "Default: start a local Ray in this process."
     ),
     ckpt_dir: Path = typer.Option(
-        Path(".slab/ckpt"), help="Checkpoints go to CKPT_DIR/<run_id>/. On a cluster this must be a path every node shares."
+        Path(".slab/ckpt"), help="Checkpoints go to CKPT_DIR/<run_id>/ (a relative path is relative to the working folder: "
+        "relaunch from the same one to resume). On a cluster this must be a path every node shares."
     ),
     max_attempts: int = typer.Option(3, min=1, help="Attempts per run in this launch before it stays failed."),
     cpu: bool = typer.Option(False, "--cpu", help="Train on CPU (no GPU asked for)."),
@@ -506,6 +558,10 @@ def launch(
     fsdp_min_params: Optional[str] = typer.Option(
         None, help="Data-parallel runs of at least this many parameters (e.g. 1B) shard with FSDP instead of DDP. "
         "Default: those whose training state (16 bytes a parameter) would fill half a GPU's memory.",
+    ),
+    restart: bool = typer.Option(
+        False, "--restart", help="Train from step 0 the runs whose recorded checkpoints are not under --ckpt-dir (without "
+        "it the launch refuses them; relaunch with the --ckpt-dir they were trained with to resume them).",
     ),
 ) -> None:
     """Register plans and train every run that is not done, one Ray task per run or per pack.
@@ -540,7 +596,7 @@ def launch(
             db_url=ctx.obj["db"], address=address, ckpt_dir=ckpt_dir, max_attempts=max_attempts, cpu=cpu,
             where=parse_where(where), limit=limit, cpus_per_run=cpus_per_run, lease_timeout_s=lease_timeout,
             ckpt_every_steps=ckpt_every, pack=pack_size, gpu_mem_gib=gpu_mem, num_gpus=num_gpus,
-            fsdp_min_params=fsdp_from,
+            fsdp_min_params=fsdp_from, restart=restart,
         )
         result = run_launch(plans, opts, LaunchView(out))
     except (LaunchError, DatabaseError) as exc:
@@ -549,6 +605,8 @@ def launch(
         err.print("stopped by Ctrl-C while Ray started or stopped: runs not started stay pending, and a relaunch "
                   "trains them", highlight=False, markup=False)
         raise typer.Exit(130) from None
+    if not result.rows:  # nothing was trained, and the launch said why ("nothing to train: all 6 selected runs are done")
+        return
     if result.rows:
         import pandas as pd
 
@@ -589,18 +647,18 @@ def _check_edges(edges: str | None) -> None:
         fail(f"--edges must be auto, drop or keep, got {edges!r}")
 
 
-def _warn_few_runs(runs, bootstrap: int, by_arch: bool = True) -> None:
-    """Warn on stderr when a fit's bootstrap would resample fewer than MIN_BOOTSTRAP_RUNS runs (per arch)."""
+def _warn_few_runs(runs, bootstrap: int) -> None:
+    """Warn on stderr for each arch whose bootstrap would resample fewer than MIN_BOOTSTRAP_RUNS runs: its
+    intervals are unknown (compare and report show none)."""
     from analysis.compare import MIN_BOOTSTRAP_RUNS
 
     if not bootstrap:
         return
-    counts = runs["arch"].value_counts().sort_index() if by_arch and "arch" in runs else {"": len(runs)}
-    for arch_name, n in dict(counts).items():
+    for arch_name, n in runs["arch"].value_counts().sort_index().items():
         if n < MIN_BOOTSTRAP_RUNS:
-            who = f"{arch_name} has" if arch_name else "the fit has"
-            err.print(f"[yellow]warning:[/] the intervals resample runs, and {escape(who)} {_n(n, 'run')}: there is "
-                      "little to resample, so read its intervals as unknown", highlight=False)
+            err.print(f"[yellow]warning:[/] the intervals resample runs, and {escape(str(arch_name))} has "
+                      f"{_n(n, 'run')}: there is little to resample (at least {MIN_BOOTSTRAP_RUNS} are needed), so its "
+                      "intervals are unknown", highlight=False)
 
 
 def _writable_dir(folder: Path, what: str) -> None:
@@ -661,10 +719,12 @@ def fit(
 ) -> None:
     """Fit a scaling law with bootstrap intervals; from the database the fit is stored in the fits table.
 
+    Intervals resting on fewer than 5 runs are unknown (as in slab report): printed as unknown, null in --json. On a database this may not write (a read-only file) the fit is printed all the same and a warning says it was not stored: exit 0, and --json has no fit_id.
+
     Example: slab fit --plan isoflop --arch softmax --method 2 --bootstrap 500
     Example: slab fit --csv chinchilla.csv --params-col "Model Size" --flops-col "Training FLOP" --method 3
     """
-    from analysis.compare import arch_seed
+    from analysis.compare import arch_seed, unknown_on_few_runs
     from analysis.fits import FitError, fit_approach1, fit_approach2, fit_approach3, fit_loss_compute, load_csv
 
     if edges is not None and method not in (Method.frontier, Method.power):
@@ -720,30 +780,38 @@ def fit(
                 result = fit_approach3(runs, params_col=pcol, n_bootstrap=bootstrap, seed=seed, progress=progress)
     except FitError as exc:
         fail(str(exc))
+    result = unknown_on_few_runs(result, len(runs))  # as the report gives them (and stored so)
     data = result.to_dict()
+    unsaved = None
     if engine is not None:
         from db.writer import save_fit
 
         try:
             data["fit_id"] = save_fit(engine, method=result.method, source="db", n_points=result.n_points, result=data, plan=plan, arch=arch)
-        except DatabaseError as exc:
-            fail(f"{exc}: the fit was made but not saved")
+        except DatabaseError as exc:  # a read-only database: the fit is still the answer asked for
+            unsaved = str(exc)
     if as_json:
         sys.stdout.write(json.dumps(data) + "\n")
-        _warn_few_runs(runs, result.n_bootstrap, by_arch=False)
-        return
+    else:
+        out.print(_fit_table(result))
+    if "intervals_unknown" in result.details:
+        err.print(f"[yellow]warning:[/] {escape(result.details['intervals_unknown'])}", highlight=False)
+    if unsaved:
+        err.print(f"[yellow]warning:[/] the fit was not stored in the fits table: {escape(unsaved)}", highlight=False)
+
+
+def _fit_table(result) -> Table:
+    """A fit's estimates and 95% intervals as `slab fit` prints them: 'unknown' where they are, '-' with no bootstrap."""
     failed = result.details.get("bootstrap_failed", 0)
     boots = f"{result.n_bootstrap} bootstraps" + (f" ({failed} failed)" if failed else "")
     table = Table(title=f"{result.formula}  ({result.n_points} points, {boots}, converged: {result.converged})")
     for col in ("quantity", "estimate", "95% low", "95% high"):
         table.add_column(col, justify="left" if col == "quantity" else "right")
+    unknown = "intervals_unknown" in result.details
     for name, value in result.estimates.items():
         lo, hi = result.interval(name)
-        table.add_row(name, f"{value:.4g}", *(f"{x:.4g}" if x == x else "-" for x in (lo, hi)))  # nan: no bootstrap
-    out.print(table)
-    if "intervals_unknown" in result.details:
-        err.print(f"[yellow]warning:[/] {escape(result.details['intervals_unknown'])}", highlight=False)
-    _warn_few_runs(runs, result.n_bootstrap, by_arch=False)
+        table.add_row(name, f"{value:.4g}", *("unknown" if unknown else f"{x:.4g}" if x == x else "-" for x in (lo, hi)))
+    return table
 
 
 @app.command()

@@ -6,6 +6,10 @@ the runs it trains, drains the tasks' events about once a second, retries failur
 resubmits out-of-memory runs with half the microbatch, and leaves diverged runs alone. A run whose
 launcher died (its lease went stale, or its process is gone from this host) is reclaimed and resumes
 from its newest checkpoint. A database away for less than a lease (locked, restarting) is waited out.
+
+Workers report each checkpoint they save, and the driver records the run's newest one (``runs.ckpt_step``): a launch
+that cannot see a run's recorded checkpoint under its ``--ckpt-dir`` refuses it rather than train it again from step 0
+(``--restart`` lets it start over).
 """
 
 from __future__ import annotations
@@ -38,12 +42,14 @@ from sweep.plan import CellError, Plan, PlannedRun, parse_number, warmup_steps
 from sweep.progress import LEASE_S, LaunchView, launcher_gone, lease_of, lease_owner
 from sweep.registry import add_plans, moved_warning
 from sweep.spec import RunSpec
-from sweep.task import WORKER_ENV, data_parallel_workers, lock_wait
+from sweep.task import WORKER_ENV, checkpointed_runs, data_parallel_workers, lock_wait
 
 log = logging.getLogger(__name__)
 
 #: Environment variable with JSON {run name or run_id: fault} for fault-injection tests (see pretrain).
 FAULTS_ENV = "SLAB_FAULTS"
+#: Seconds a cluster's workers get to say which checkpoints they see before the launch goes on unchecked.
+CKPT_CHECK_S = 60.0
 
 
 class LaunchError(ValueError):
@@ -73,6 +79,7 @@ class LaunchOptions:
     pack: int | None = None  # runs per pack: None = auto (GPUs only), 1 = off
     gpu_mem_gib: float = 80.0  # memory of one GPU, for automatic packing
     fsdp_min_params: float | None = None  # data-parallel runs this large shard with FSDP (None: by GPU memory)
+    restart: bool = False  # train runs whose recorded checkpoints are not under ckpt_dir from step 0 (else refused)
 
 
 @dataclass
@@ -87,6 +94,7 @@ class Flight:
     ref: Any = None
     started: float = field(default_factory=time.monotonic)
     not_before: float = 0.0
+    from_step: int = 0  # the checkpoint its current attempt resumes from, as far as the driver can tell
 
 
 @dataclass
@@ -207,21 +215,103 @@ def _trains(spec: RunSpec, budget: int) -> bool:
     return budget >= 1 and dataclasses.replace(spec, tokens=budget).steps == spec.steps
 
 
-def select_runs(engine: Engine, plans: list[Plan], opts: LaunchOptions) -> list[tuple[RunSpec, str | None]]:
-    """The plans' runs that match ``--where``, are not done or diverged, up to ``--limit``."""
+def _chosen(plans: list[Plan], where: tuple[tuple[str, str], ...]) -> dict[str, tuple[RunSpec, str | None]]:
+    """The plans' runs that match ``--where``, each once, by run_id."""
     chosen: dict[str, tuple[RunSpec, str | None]] = {}
     for plan in plans:
         for run in plan.runs:
-            if run.spec.run_id not in chosen and _matches(run, opts.where):
+            if run.spec.run_id not in chosen and _matches(run, where):
                 chosen[run.spec.run_id] = (run.spec, run.name)
-    finished: set[str] = set()
-    ids = list(chosen)
+    return chosen
+
+
+def _finished(engine: Engine, ids: list[str]) -> dict[str, str]:
+    """The status of those of ``ids`` that are done or diverged."""
+    finished: dict[str, str] = {}
     with engine.connect() as conn:
         for i in range(0, len(ids), 500):
-            stmt = select(Run.run_id).where(Run.run_id.in_(ids[i : i + 500]), Run.status.in_(("done", "diverged")))
-            finished.update(conn.scalars(stmt))
+            stmt = select(Run.run_id, Run.status).where(Run.run_id.in_(ids[i : i + 500]), Run.status.in_(("done", "diverged")))
+            finished.update({run_id: status for run_id, status in conn.execute(stmt)})
+    return finished
+
+
+def select_runs(engine: Engine, plans: list[Plan], opts: LaunchOptions) -> list[tuple[RunSpec, str | None]]:
+    """The plans' runs that match ``--where``, are not done or diverged, up to ``--limit``."""
+    chosen = _chosen(plans, opts.where)
+    finished = _finished(engine, list(chosen))
     todo = [v for k, v in chosen.items() if k not in finished]
     return todo[: opts.limit] if opts.limit is not None else todo
+
+
+def _nothing_to_train(engine: Engine, plans: list[Plan], opts: LaunchOptions) -> str:
+    """Why a launch has no run to train, in a line: all its selected runs are finished, or none was selected."""
+    ids = list(_chosen(plans, opts.where))
+    finished = _finished(engine, ids)
+    if not ids or len(finished) < len(ids):  # none selected, or --limit 0
+        return "0 runs to train"
+    counts = {status: list(finished.values()).count(status) for status in ("done", "diverged")}
+    runs = f"the {len(ids)} selected run is" if len(ids) == 1 else f"all {len(ids)} selected runs are"
+    if not counts["diverged"]:
+        return f"nothing to train: {runs} done"
+    return f"nothing to train: {runs} finished ({counts['done']} done, {counts['diverged']} diverged)"
+
+
+def _checkpoints_on_workers(root: Path, run_ids: list[str]) -> set[str]:
+    """Those of ``run_ids`` with a checkpoint under ``root`` as a worker of the joined cluster sees it."""
+    import ray
+
+    probe = ray.remote(num_cpus=0, max_retries=0)(checkpointed_runs)
+    ref = probe.remote(str(root), run_ids)
+    try:
+        return set(ray.get(ref, timeout=CKPT_CHECK_S))
+    except ray.exceptions.GetTimeoutError:
+        ray.cancel(ref, force=True)
+        raise TimeoutError(f"no worker answered in {CKPT_CHECK_S:.0f} s") from None
+
+
+def check_checkpoints(engine: Engine, runs: list[tuple[RunSpec, str | None]], opts: LaunchOptions, view: LaunchView) -> set[str]:
+    """Refuse runs with a recorded checkpoint that is not under ``opts.ckpt_dir`` (they would train again from step 0),
+    unless ``opts.restart``; returns the runs that then start over."""
+    ids = [spec.run_id for spec, _ in runs]
+    recorded: dict[str, tuple[int, str | None]] = {}
+    with engine.connect() as conn:
+        for i in range(0, len(ids), 500):
+            stmt = select(Run.run_id, Run.ckpt_step, Run.ckpt_dir).where(Run.run_id.in_(ids[i : i + 500]), Run.ckpt_step > 0)
+            recorded.update({run_id: (step, where) for run_id, step, where in conn.execute(stmt)})
+    if not recorded:
+        return set()
+    root = opts.ckpt_dir.resolve()
+    seen_by = ""
+    if opts.address:
+        # The driver's own view of the folder proves nothing there (its host may not mount it, or hold an empty folder of
+        # that name): a worker looks. Should none answer, the launch goes on as launches did before this check.
+        seen_by = " as the cluster's workers see it"
+        try:
+            found = _checkpoints_on_workers(root, list(recorded))
+        except Exception as exc:
+            view.log(f"warning: could not check which of the {len(recorded)} runs with recorded checkpoints have them under "
+                     f"{root} on the cluster ({_first_line(exc)}); a run whose checkpoints are not there trains from step 0")
+            return set()
+    else:
+        found = set(checkpointed_runs(str(root), list(recorded)))
+    missing = {run_id: recorded[run_id] for run_id in recorded if run_id not in found}
+    if not missing:
+        return set()
+    n, top = len(missing), max(step for step, _ in missing.values())
+    runs_have = f"{n} runs have" if n > 1 else "1 run has"
+    them = "them" if n > 1 else "it"
+    head = f"{runs_have} checkpoints recorded up to step {top} but none under {root}/<run_id>/{seen_by}"
+    if opts.restart:
+        view.log(f"--restart: {head}; {them} train{'' if n > 1 else 's'} from step 0")
+        return set(missing)
+    elsewhere = sorted({where for _, where in missing.values() if where and where != str(root)})
+    relative = "a relative --ckpt-dir, like the default .slab/ckpt, is relative to the working folder"
+    if elsewhere:
+        folders = " or ".join(f"--ckpt-dir {where}" for where in elsewhere[:3]) + (" (or others)" if len(elsewhere) > 3 else "")
+        fix = f"relaunch with {folders}, where {'they were' if n > 1 else 'it was'} checkpointed ({relative})"
+    else:
+        fix = f"relaunch with the --ckpt-dir {'they were' if n > 1 else 'it was'} checkpointed in ({relative})"
+    raise LaunchError(f"{head}: {fix}, or pass --restart to train {them} from step 0 (losing up to {top} steps)")
 
 
 def _faults() -> dict[str, str]:
@@ -255,9 +345,9 @@ def transient(exc: OperationalError) -> bool:
 
 
 def _run_state(engine: Engine, run_id: str):
-    """A run's status and lease owner as the database has them now."""
+    """A run's status, lease owner and recorded checkpoint step as the database has them now."""
     with engine.connect() as conn:
-        return conn.execute(select(Run.status, Run.lease_owner).where(Run.run_id == run_id)).one()
+        return conn.execute(select(Run.status, Run.lease_owner, Run.ckpt_step).where(Run.run_id == run_id)).one()
 
 
 def _read_runs(engine: Engine, run_ids: list[str]) -> dict[str, Run]:
@@ -283,7 +373,7 @@ def _tail(exc: BaseException, lines: int = 12) -> str:
 class Driver:
     """The launch loop: claims, submits, collects and records runs until none is left to do."""
 
-    def __init__(self, engine: Engine, opts: LaunchOptions, view: LaunchView):
+    def __init__(self, engine: Engine, opts: LaunchOptions, view: LaunchView, restarts: set[str] = frozenset()):
         import ray
 
         from sweep.task import EventSink, train_pack, train_run, train_run_dp
@@ -305,6 +395,7 @@ class Driver:
         self.waiting: dict[str, Flight] = {}  # leased by another live launcher
         self.waited: set[str] = set()  # runs said to be waiting
         self.outcome: dict[str, str] = {}
+        self.restarts = set(restarts)  # runs that start over without their recorded checkpoints (--restart)
         self.stopping = False
         self.faults = _faults()
         resources = ray.cluster_resources()
@@ -520,7 +611,21 @@ class Driver:
                 self.view.log(f"{flight.name or run_id}: leased by another launcher ({row.lease_owner}); waiting")
             return False
         flight.attempt, flight.tries, flight.started = attempt, flight.tries + 1, time.monotonic()
+        if run_id in self.restarts:  # its recorded checkpoint is not there: the run records its new ones as it goes
+            self.restarts.discard(run_id)
+            self._db(update_run, self.engine, run_id, self.owner, ckpt_step=None, ckpt_dir=None)
+            flight.from_step = 0
+        else:
+            flight.from_step = self._resume_step(run_id, row.ckpt_step)
         return True
+
+    def _resume_step(self, run_id: str, recorded: int | None) -> int:
+        """The step a run's next attempt resumes from: its newest checkpoint here, or on a cluster the one recorded."""
+        if self.opts.address:  # the workers' folder may not be this host's
+            return recorded or 0
+        from models.train import checkpoint_steps
+
+        return max(checkpoint_steps(self.opts.ckpt_dir.resolve() / run_id), default=0)
 
     def _claim_and_submit(self, unit: list[Flight]) -> None:
         unit = [f for f in unit if self._claim(f)]
@@ -569,7 +674,9 @@ class Driver:
         for f in unit:
             f.ref = ref
             self.flights[f.spec.run_id] = f
-            self.view.run_started(f.spec.run_id, f.spec, f.name, f.attempt)
+            # from_step only when set: views written for the four-argument call still work for fresh runs
+            resumes = {"from_step": f.from_step} if f.from_step else {}
+            self.view.run_started(f.spec.run_id, f.spec, f.name, f.attempt, **resumes)
 
     def _retry_waiting(self) -> None:
         """Queue again the runs other launchers held: one whose lease is gone starts when it fits, as any run does."""
@@ -612,6 +719,8 @@ class Driver:
                 evals.append({"run_id": run_id, "step": int(payload["step"]), "name": payload["name"], "value": float(payload["value"])})
             elif kind == "resume":
                 update["resumed_from_step"] = int(payload["step"])
+            elif kind == "ckpt":  # sent once the checkpoint is complete on disk
+                update.update(ckpt_step=int(payload["step"]), ckpt_dir=str(self.opts.ckpt_dir.resolve()))
             self.view.run_event(run_id, kind, payload)
         runs = {k: v for k, v in runs.items() if v}
         if metrics or evals or runs:
@@ -656,7 +765,8 @@ class Driver:
                     self._ended(run_id, "diverged", f"diverged at step {step}: {why}")
             elif isinstance(cause, Interrupted) or isinstance(exc, Interrupted):
                 if self._record(flight, status="pending", error=f"stopped at step {cause.step} by Ctrl-C"):
-                    self._ended(run_id, "pending", f"stopped at step {cause.step}; a relaunch resumes it")
+                    self._ended(run_id, "pending", f"stopped at step {cause.step}; a relaunch with --ckpt-dir "
+                                f"{self.opts.ckpt_dir.resolve()} resumes it")
             elif packed and out_of_memory:
                 if self._record(flight, status="failed", error=f"out of memory at step {cause.step} in a pack; retrying alone"):
                     self.queue.append([flight])
@@ -862,14 +972,17 @@ def launch(plans: list[Plan], opts: LaunchOptions, view: LaunchView) -> LaunchRe
             if warning := moved_warning(r):
                 view.log(f"warning: {warning}")
         runs = select_runs(engine, plans, opts)
-        view.log(f"{len(runs)} run{'' if len(runs) == 1 else 's'} to train")
         if not runs:
+            view.log(_nothing_to_train(engine, plans, opts))
             return LaunchResult(rows=[])
+        # Before the folder is made and a local Ray starts: a wrong --ckpt-dir is refused in a moment.
+        restarts = check_checkpoints(engine, runs, opts, view)
+        view.log(f"{len(runs)} run{'' if len(runs) == 1 else 's'} to train")
         opts.ckpt_dir.mkdir(parents=True, exist_ok=True)
         started_ray = not _ray_running()
         ray = init_ray(opts)
         try:
-            driver = Driver(engine, opts, view)
+            driver = Driver(engine, opts, view, restarts)
             driver.check_fits(runs)
             view.begin(runs)
             try:

@@ -178,15 +178,16 @@ class LaunchView:
             self.live.stop()
             self.live = None
 
-    def run_started(self, run_id: str, spec, name: str | None, attempt: int) -> None:
-        """A run was claimed and submitted."""
+    def run_started(self, run_id: str, spec, name: str | None, attempt: int, from_step: int = 0) -> None:
+        """A run was claimed and submitted; ``from_step`` is the checkpoint it resumes from (0: a fresh start)."""
         shape = f"{spec.d_model}x{spec.n_layers}"
-        self.running[run_id] = {"name": name or run_id, "arch": spec.arch, "shape": shape, "step": 0,
+        self.running[run_id] = {"name": name or run_id, "arch": spec.arch, "shape": shape, "step": from_step,
                                 "steps": spec.steps, "loss": None, "tps": None, "attempt": attempt,
                                 "step_tokens": spec.batch_size * spec.seq_len}
         self.last_tokens.pop(run_id, None)
         if not self.live_enabled:
-            self.log(f"start {name or run_id} ({spec.arch} {shape}, attempt {attempt})")
+            resumes = f", resumes from step {from_step}" if from_step else ""
+            self.log(f"start {name or run_id} ({spec.arch} {shape}, attempt {attempt}{resumes})")
 
     def run_event(self, run_id: str, kind: str, payload: dict) -> None:
         """A training event arrived from a task."""

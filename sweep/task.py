@@ -146,6 +146,16 @@ def run_lock(ckpt_dir: Path, timeout_s: float) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
+def checkpointed_runs(ckpt_root: str, run_ids: list[str]) -> list[str]:
+    """Those of ``run_ids`` whose folder under ``ckpt_root`` holds a checkpoint file. Run by the driver, or as a Ray
+    task where only the cluster's workers see the folder."""
+    from models.train import checkpoint_steps
+
+    root = Path(ckpt_root)
+    # A folder of checkpoints all set aside as corrupt counts: training refuses it with its own clear error.
+    return [r for r in run_ids if checkpoint_steps(root / r) or any((root / r).glob("ckpt-*.pt.corrupt"))]
+
+
 def check_worker_env() -> None:
     """Refuse to train in a worker that did not get ``WORKER_ENV`` through Ray's runtime environment."""
     missing = {k: v for k, v in WORKER_ENV.items() if os.environ.get(k) != v}

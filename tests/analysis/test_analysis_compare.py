@@ -413,3 +413,36 @@ def test_findings_warn_when_the_runs_train_on_several_data_mixtures():
     [line] = compare.summary_findings(runs=runs)
     assert "2 data mixtures (stdlib, stdlib+passkey@0.1)" in line and "do not compare" in line
     assert not compare.summary_findings(runs=runs.assign(data="stdlib"))
+
+
+def test_an_arch_on_fewer_than_5_runs_has_unknown_intervals_and_so_have_its_gaps():
+    """The report gives an arch of fewer than MIN_BOOTSTRAP_RUNS runs no interval, yet the comparison, which slab
+    compare prints and its --json gives, carried numbers for it: a one-sided interval from 4 runs."""
+    few = frontier_runs("lightning", 1.5, 1, n=4).iloc[:4]  # its 4 frontier runs
+    runs = pd.concat([frontier_runs("softmax", 1.0, 0), few], ignore_index=True)
+    c = compare.compare_archs(runs, budgets=[1e18, 1e20], n_bootstrap=100, seed=0)
+    assert c.fits["lightning"].details["n_runs"] == 4
+    assert all(math.isnan(x) for lo_hi in c.fits["lightning"].intervals.values() for x in lo_hi)
+    assert "too few to resample" in c.fits["lightning"].details["intervals_unknown"]
+    assert all(lo < hi for lo, hi in c.fits["softmax"].intervals.values())  # 28 runs: its intervals stand
+    bounds = c.gaps[[k for k in c.gaps.columns if k.endswith(("_lo", "_hi"))]]
+    assert bounds.isna().all().all() and c.gaps["gap"].notna().all()
+    summary = compare.gap_summary(c)
+    assert summary["gap % [95%]"].str.endswith(" [unknown]").all()
+    assert summary["compute multiplier [95%]"].str.endswith(" [unknown]").all()
+    data = json.loads(json.dumps(c.to_dict()))
+    assert data["fits"]["lightning"]["intervals"]["alpha"] == [None, None] and data["gaps"][0]["gap_lo"] is None
+
+
+def test_unknown_on_few_runs_leaves_fits_on_enough_runs_or_without_a_bootstrap_as_they_are():
+    from analysis.fits import fit_loss_compute
+
+    runs = frontier_runs("softmax", 1.0, 0, n=4).iloc[:4]
+    fit = fit_loss_compute(runs, n_bootstrap=50, seed=0)
+    assert compare.unknown_on_few_runs(fit, 5) is not fit  # its details' count (4) is the one it rests on
+    unknown = compare.unknown_on_few_runs(fit)
+    assert all(math.isnan(x) for lo_hi in unknown.intervals.values() for x in lo_hi)
+    assert not any(math.isnan(x) for lo_hi in fit.intervals.values() for x in lo_hi)  # the fit given is not changed
+    assert compare.unknown_on_few_runs(fit_loss_compute(runs, n_bootstrap=0)).intervals == {}
+    many = fit_loss_compute(frontier_runs("softmax", 1.0, 0), n_bootstrap=50, seed=0)
+    assert compare.unknown_on_few_runs(many) is many

@@ -608,3 +608,26 @@ def test_frames_and_exports_are_read_a_chunk_at_a_time(runs_db, tmp_path, monkey
     back = pq.read_table(tmp_path / "metrics.parquet")
     assert back.num_rows == 18 and back.column("tokens_per_s").null_count == 9
     assert str(back.schema.field("tokens_per_s").type) == "double" and str(back.schema.field("step").type) == "int64"
+
+
+def test_a_database_without_the_checkpoint_columns_gets_them_on_open(db_url, write_plan):
+    """runs.ckpt_step and runs.ckpt_dir (a run's newest saved checkpoint, and where) came after schema 1 without a
+    version bump: a database without them gets them on open, empty, and they take values."""
+    from sqlalchemy import text
+
+    from db.writer import write_results
+
+    engine = open_db(db_url)
+    add_plans(engine, [load_plan(write_plan(PLAN))])
+    with engine.begin() as conn:
+        conn.execute(text("ALTER TABLE runs DROP COLUMN ckpt_step"))
+        conn.execute(text("ALTER TABLE runs DROP COLUMN ckpt_dir"))
+    engine.dispose()
+    engine = open_db(db_url, create=False)
+    frame = runs_frame(engine)
+    assert len(frame) == 6 and frame["ckpt_step"].isna().all() and frame["ckpt_dir"].isna().all()
+    run_id = frame["run_id"][0]
+    write_results(engine, [], [], {run_id: {"ckpt_step": 201, "ckpt_dir": "/data/ckG"}})
+    with engine.connect() as conn:
+        assert conn.execute(select(Run.ckpt_step, Run.ckpt_dir).where(Run.run_id == run_id)).one() == (201, "/data/ckG")
+    engine.dispose()

@@ -72,7 +72,7 @@ def test_fit_falls_back_to_the_envelope_as_compare_does_on_the_committed_smoke_s
     url = f"sqlite:///{db}"
     auto = invoke("--db", url, "fit", "--plan", "smoke-h100", "--arch", "softmax", "--bootstrap", "20", "--json")
     assert auto.exit_code == 0, auto.output
-    assert "fitted the runs' envelope instead" in auto.stderr and "little to resample" in auto.stderr
+    assert "fitted the runs' envelope instead" in auto.stderr and "too few to resample" in auto.stderr
     assert json.loads(auto.stdout)["details"]["edges"] == "keep"
     drop = invoke("--db", url, "fit", "--plan", "smoke-h100", "--arch", "softmax", "--edges", "drop")
     assert drop.exit_code == 2 and "the compute-optimal frontier is not identified" in drop.stderr
@@ -207,7 +207,7 @@ def test_fit_on_few_runs_warns_and_no_bootstrap_prints_no_nan(tmp_path):
     path.write_text("params,tokens,loss\n1e6,2e7,4.0\n3e6,6e7,3.6\n1e7,2e8,3.3\n3e7,6e8,3.1\n")
     few = invoke("fit", "--csv", path, "--method", "power", "--bootstrap", "10")
     assert few.exit_code == 0, few.output
-    assert "the fit has 4 runs: there is little to resample" in few.stderr
+    assert "the fit rests on 4 runs, too few to resample (at least 5 are needed): its intervals are unknown" in few.stderr
     none = invoke("fit", "--csv", path, "--method", "power", "--bootstrap", "0")
     assert none.exit_code == 0, none.output
     assert "nan" not in none.stdout and "resample" not in none.stderr
@@ -309,3 +309,61 @@ def test_fit_help_example_runs_as_written(study_db):
     args[args.index("--bootstrap") + 1] = "10"
     result = invoke("--db", study_db, "fit", *args)
     assert result.exit_code == 0, result.output
+
+
+def _intervals_shown(stdout: str) -> list[list[str]]:
+    """The 95% low and high cells of each row of `slab fit`'s table."""
+    return [[c.strip() for c in line.split("│")[3:5]] for line in stdout.splitlines() if line.count("│") == 5]
+
+
+def test_fit_on_fewer_than_5_runs_shows_its_intervals_as_unknown_as_the_report_does(tmp_path):
+    """On 2 runs slab fit printed 'alpha 0.3292 0.3292 0.3292' (one replicate's spread: none), on 3 an interval with the
+    estimate at its edge, beside a warning to read them as unknown; the report gives such archs no interval."""
+    url = _study_db(tmp_path / "two.db", ("softmax",), 2)
+    table = invoke("--db", url, "fit")
+    assert table.exit_code == 0, table.output
+    shown = _intervals_shown(table.stdout)
+    assert len(shown) == 3 and all(cells == ["unknown", "unknown"] for cells in shown), table.stdout
+    assert "the fit rests on 2 runs, too few to resample" in table.stderr
+    data = json.loads(invoke("--db", url, "fit", "--json").stdout)
+    assert data["intervals"] and all(v == [None, None] for v in data["intervals"].values()), data["intervals"]
+    stored = json.loads(invoke("--db", url, "sql", "select result from fits", "--json").stdout)
+    assert all(json.loads(r["result"])["intervals"] == data["intervals"] for r in stored) and len(stored) == 2
+    path = tmp_path / "three.csv"
+    path.write_text("params,tokens,loss\n1e6,2e7,4.0\n3e6,6e7,3.6\n1e7,2e8,3.3\n")
+    three = invoke("fit", "--csv", path, "--method", "power")
+    assert three.exit_code == 0 and _intervals_shown(three.stdout) == [["unknown", "unknown"]] * 2, three.stdout
+    # 8 runs are enough to resample: the intervals stand
+    enough = json.loads(invoke("--db", _study_db(tmp_path / "eight.db", ("softmax",), 8), "fit", "--json").stdout)
+    assert all(lo is not None and lo < hi for lo, hi in enough["intervals"].values()), enough["intervals"]
+
+
+def test_compare_on_3_runs_an_arch_shows_its_gaps_intervals_as_unknown(tmp_path):
+    """compare printed '+0.07 [-1.87, +11.39]' for archs of 3 runs each, which the report gives no interval."""
+    url = _study_db(tmp_path / "few.db", ("softmax", "lightning"), 6)
+    table = invoke("--db", url, "compare", "--bootstrap", "50")
+    assert table.exit_code == 0, table.output
+    rows = [line for line in table.stdout.splitlines() if line.startswith("│ lightning │ ") and "e+" in line]
+    assert len(rows) == 3 and all(line.count("[unknown]") == 2 for line in rows), table.stdout
+    data = json.loads(invoke("--db", url, "compare", "--bootstrap", "50", "--json").stdout)
+    bounds = [v for row in data["gaps"] for k, v in row.items() if k.endswith(("_lo", "_hi"))]
+    assert bounds and all(v is None for v in bounds), data["gaps"]
+    assert all(v == [None, None] for f in data["fits"].values() for v in f["intervals"].values())
+
+
+def test_fit_on_a_read_only_database_prints_the_fit_and_warns_that_it_was_not_stored(tmp_path, monkeypatch):
+    """It had computed the fit, then exited 2 with nothing on stdout: 'the fit was made but not saved'."""
+    import db.engine
+
+    url = _study_db(tmp_path / "ro.db", ("softmax",), 20)
+    monkeypatch.setattr(db.engine, "_writable", lambda path: False)  # as a file this process may not write (not root)
+    table = invoke("--db", url, "fit", "--bootstrap", "20")
+    assert table.exit_code == 0, table.output
+    assert "alpha" in table.stdout and "95% low" in table.stdout
+    assert table.stderr.strip().splitlines()[-1].startswith("warning: the fit was not stored in the fits table: cannot "
+                                                            "write the database"), table.stderr
+    data = json.loads(invoke("--db", url, "fit", "--bootstrap", "20", "--json").stdout)
+    assert "fit_id" not in data and data["method"] == "frontier"
+    monkeypatch.undo()
+    assert json.loads(invoke("--db", url, "sql", "select count(*) as n from fits", "--json").stdout) == [{"n": 0}]
+    assert "fit_id" in json.loads(invoke("--db", url, "fit", "--bootstrap", "20", "--json").stdout)

@@ -682,3 +682,49 @@ def test_a_second_ctrl_c_while_the_database_is_away_ends_with_one_line(env, writ
     with pytest.raises(TaskCancelledError):
         driver.ray.get(ref, timeout=60)
     engine.dispose()
+
+
+def test_a_relaunch_that_cannot_see_the_checkpoints_refuses_then_resumes_or_restarts(env, write_plan, monkeypatch):
+    """Runs checkpointed under one --ckpt-dir, relaunched with another (the default, from another folder), had trained
+    again from step 0 without a word. The database records each run's newest checkpoint step; a launch that sees none
+    of it refuses (locally, and on a cluster as its workers see the folder); --restart trains from step 0."""
+    from pathlib import Path
+
+    from sweep.launch import LaunchError
+
+    plan = write_plan(HEADER + "c-{seed},lightning,32,2,2,64,4,5120,3e-3,0|1|2,2\n")  # 20 steps each
+    monkeypatch.setenv(FAULTS_ENV, json.dumps({"c-0": "exit@5", "c-1": "exit@8", "c-2": "exit@6"}))
+    assert not run_launch(env, plan, max_attempts=1).ok  # each stops after checkpointing its step
+    runs = runs_by_name(env, plan)
+    assert {n: (r["status"], r["ckpt_step"]) for n, r in runs.items()} == {"c-0": ("failed", 5), "c-1": ("failed", 8), "c-2": ("failed", 6)}
+    assert {r["ckpt_dir"] for r in runs.values()} == {str((env["tmp"] / "ckpt").resolve())}
+    monkeypatch.delenv(FAULTS_ENV)
+
+    def opts(**kw):
+        return LaunchOptions(db_url=env["db"], cpu=True, backoff_s=0.2, heartbeat_s=1.0, **{"ckpt_dir": Path("other"), **kw})
+
+    for address in (None, env["address"]):  # the cluster's check runs on a worker
+        with pytest.raises(LaunchError) as refused:
+            launch([load_plan(plan)], opts(address=address), Quiet())
+        message = str(refused.value)
+        assert message.startswith(f"3 runs have checkpoints recorded up to step 8 but none under {(env['tmp'] / 'other').resolve()}/<run_id>/"), message
+        assert f"--ckpt-dir {(env['tmp'] / 'ckpt').resolve()}" in message and "--restart" in message, message
+    assert runs_by_name(env, plan)["c-0"]["attempts"] == 1  # nothing claimed
+
+    view = Logged()
+    assert launch([load_plan(plan)], opts(where=(("name", "c-2"),), restart=True), view).ok
+    restarted = runs_by_name(env, plan)["c-2"]
+    assert restarted["resumed_from_step"] == 0 and restarted["ckpt_step"] == 20
+    assert restarted["ckpt_dir"] == str((env["tmp"] / "other").resolve())
+    assert any("--restart" in line and "step 6" in line for line in view.lines), view.lines
+
+    view = Logged()
+    assert launch([load_plan(plan)], opts(ckpt_dir=env["tmp"] / "ckpt"), view).ok
+    after = runs_by_name(env, plan)
+    assert {n: r["resumed_from_step"] for n, r in after.items()} == {"c-0": 5, "c-1": 8, "c-2": 0}
+    assert {n: r["steps"] for n, r in after.items()} == {n: list(range(1, 21)) for n in after}
+    starts = sorted(line for line in view.lines if line.startswith("start "))
+    assert len(starts) == 2 and "resumes from step 5)" in starts[0] and "resumes from step 8)" in starts[1], starts
+    view = Logged()
+    assert launch([load_plan(plan)], opts(), view).rows == []
+    assert "nothing to train: all 3 selected runs are done" in view.lines, view.lines

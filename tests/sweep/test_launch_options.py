@@ -1,6 +1,7 @@
 """Launch options without training: --where as a plan writes values, runs.n_gpus on CPU, --address checked first."""
 
 import os
+from pathlib import Path
 
 import pytest
 from sqlalchemy import select
@@ -255,3 +256,178 @@ def test_where_tokens_matches_a_budget_merged_into_an_earlier_run(write_plan):
     assert names(plan, "tokens=4864") == [] and names(plan, "tokens=5121") == ["c"]
     fpt = a.spec.derived()["flops_per_token"]
     assert names(plan, f"flops={5100 * fpt}") == ["a", "b"] and names(plan, f"flops={5200 * fpt}") == ["c"]
+
+
+class Said(LaunchView):
+    """A quiet view that keeps its log lines."""
+
+    def __init__(self):
+        from rich.console import Console
+
+        super().__init__(Console(file=open(os.devnull, "w")), live=False)
+        self.lines: list[str] = []
+
+    def log(self, message, markup=False):
+        self.lines.append(message)
+
+
+class RayStarted(Exception):
+    """Raised in place of starting Ray: the launch got past its checks."""
+
+
+@pytest.fixture
+def no_ray(monkeypatch):
+    """Ray as if it were never needed: starting it raises RayStarted."""
+    import sweep.launch
+
+    def init_ray(opts):
+        raise RayStarted
+
+    monkeypatch.setattr(sweep.launch, "init_ray", init_ray)
+
+
+def _recorded(engine, steps: dict, ckpt_dir: str):
+    """Record, as a launcher's worker reports, the newest checkpoint step of some runs."""
+    from db.writer import write_results
+
+    write_results(engine, [], [], {run_id: {"ckpt_step": step, "ckpt_dir": ckpt_dir} for run_id, step in steps.items()})
+
+
+def test_a_saved_checkpoint_is_recorded_per_run(plan, tmp_path):
+    """A worker's "ckpt" event (sent once save_checkpoint completed) sets the run's ckpt_step and the folder it went to."""
+    from db.schema import utcnow
+    from db.writer import claim_run
+    from sweep.registry import add_plans
+
+    engine = open_db(f"sqlite:///{tmp_path}/slab.db")
+    add_plans(engine, [plan])
+    s = plan.runs[0].spec
+    claim_run(engine, s.run_id, "me", utcnow())
+    driver = Driver.__new__(Driver)  # only the event writer: no Ray
+    driver.engine, driver.opts, driver.view, driver.owner = engine, LaunchOptions(cpu=True, ckpt_dir=tmp_path / "ck"), quiet(), "me"
+    driver.db_away_since = None
+    driver.flights = {s.run_id: Flight(spec=s, name=None, attempt=1, tries=1, microbatch=None)}
+    driver._write_events([(s.run_id, 1, "ckpt", {"step": 40}), (s.run_id, 1, "ckpt", {"step": 80})])
+    with engine.connect() as conn:
+        row = conn.execute(select(Run.ckpt_step, Run.ckpt_dir).where(Run.run_id == s.run_id)).one()
+    engine.dispose()
+    assert tuple(row) == (80, str((tmp_path / "ck").resolve()))
+
+
+def test_launch_refuses_runs_whose_recorded_checkpoints_it_cannot_see(plan, tmp_path, no_ray, monkeypatch):
+    """Two runs checkpointed under another --ckpt-dir (steps 201 and 141), a third whose checkpoint is here: the launch
+    refuses in one line (exit 2) before Ray starts or the checkpoint folder is made, naming the runs, the steps lost,
+    where it looked and where they were checkpointed; --restart trains them from step 0."""
+    from sweep.registry import add_plans
+
+    monkeypatch.chdir(tmp_path)
+    db = f"sqlite:///{tmp_path}/slab.db"
+    engine = open_db(db)
+    add_plans(engine, [plan])
+    a, b, c = (r.spec.run_id for r in plan.runs[:3])
+    _recorded(engine, {a: 201, b: 141}, "/data/ckG")
+    _recorded(engine, {c: 30}, str(tmp_path / ".slab" / "ckpt"))
+    here = tmp_path / ".slab" / "ckpt" / c
+    here.mkdir(parents=True)
+    (here / "ckpt-000000030.pt").write_bytes(b"x")
+    engine.dispose()
+    result = CliRunner().invoke(app, ["--db", db, "launch", str(tmp_path / "plan.csv"), "--cpu"])
+    assert result.exit_code == 2, result.output
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith("error: 2 runs have checkpoints recorded up to step 201 but none under "
+                           f"{tmp_path / '.slab' / 'ckpt'}/<run_id>/"), line
+    assert "--ckpt-dir /data/ckG" in line and "relative to the working folder" in line and "--restart" in line, line
+    assert "runs to train" not in result.stdout  # refused before anything trained
+    assert not (tmp_path / "other").exists()
+    opts = LaunchOptions(db_url=db, cpu=True, ckpt_dir=Path("other"))
+    with pytest.raises(LaunchError, match=rf"none under {tmp_path / 'other'}/<run_id>/"):
+        launch([plan], opts, quiet())
+    assert not (tmp_path / "other").exists()  # no checkpoint folder made in the wrong place
+    view = Said()
+    with pytest.raises(RayStarted):  # --restart lets them start over
+        launch([plan], LaunchOptions(db_url=db, cpu=True, ckpt_dir=Path("other"), restart=True), view)
+    assert any("--restart" in line and "3 runs" in line and "step 201" in line for line in view.lines), view.lines
+    restarted = CliRunner().invoke(app, ["--db", db, "launch", str(tmp_path / "plan.csv"), "--cpu", "--restart"])
+    assert isinstance(restarted.exception, RayStarted), restarted.output  # the CLI's --restart gets past the check
+
+
+def test_on_a_cluster_an_unchecked_checkpoint_folder_is_a_warning(plan, tmp_path, no_ray, monkeypatch):
+    """With --address the driver asks a worker which checkpoints it sees; when it cannot, it warns and goes on."""
+    import sweep.launch
+    from sweep.registry import add_plans
+
+    db = f"sqlite:///{tmp_path}/slab.db"
+    engine = open_db(db)
+    add_plans(engine, [plan])
+    _recorded(engine, {plan.runs[0].spec.run_id: 201}, "/data/ckG")
+    engine.dispose()
+
+    def unanswered(root, run_ids):
+        raise TimeoutError("no worker answered in 60 s")
+
+    monkeypatch.setattr(sweep.launch, "_ray_running", lambda: True)
+    monkeypatch.setattr(sweep.launch, "_checkpoints_on_workers", unanswered)
+    view = Said()
+    with pytest.raises(RayStarted):
+        launch([plan], LaunchOptions(db_url=db, cpu=True, address="auto", ckpt_dir=tmp_path / "ck"), view)
+    [warning] = [line for line in view.lines if line.startswith("warning")]
+    assert "could not check" in warning and "no worker answered" in warning and "step 0" in warning, warning
+
+
+def test_a_relaunch_of_a_finished_plan_says_nothing_is_left(plan, tmp_path, no_ray):
+    from sqlalchemy import update
+
+    from db.engine import session
+    from sweep.registry import add_plans
+
+    db = f"sqlite:///{tmp_path}/slab.db"
+    engine = open_db(db)
+    add_plans(engine, [plan])
+    with session(engine) as s:
+        s.execute(update(Run).values(status="done"))
+        s.execute(update(Run).where(Run.run_id == plan.runs[0].spec.run_id).values(status="diverged"))
+    engine.dispose()
+    view = Said()
+    assert launch([plan], LaunchOptions(db_url=db, cpu=True, ckpt_dir=tmp_path / "ck"), view).rows == []
+    assert "nothing to train: all 5 selected runs are finished (4 done, 1 diverged)" in view.lines, view.lines
+    view = Said()
+    launch([plan], LaunchOptions(db_url=db, cpu=True, ckpt_dir=tmp_path / "ck", where=(("arch", "hybrid"),)), view)
+    assert "nothing to train: the 1 selected run is done" in view.lines, view.lines
+
+
+def test_a_resumed_runs_start_line_says_from_which_step(plan):
+    from rich.console import Console
+    import io
+
+    view = LaunchView(Console(file=io.StringIO(), width=200), live=False)
+    spec = plan.runs[0].spec
+    view.begin([(spec, "r")])
+    view.run_started(spec.run_id, spec, "r", 2, from_step=201)
+    view.run_started(plan.runs[1].spec.run_id, plan.runs[1].spec, "q", 1)
+    text = view.console.file.getvalue()
+    assert "start r (softmax 32x2, attempt 2, resumes from step 201)" in text, text
+    assert "start q (softmax 32x2, attempt 1)" in text, text
+    assert view.running[spec.run_id]["step"] == 201
+
+
+def test_a_run_stopped_by_ctrl_c_says_which_ckpt_dir_resumes_it(plan, tmp_path):
+    """A relaunch resumes a stopped run only from the same --ckpt-dir (the default is relative to the working folder):
+    the stop names the folder."""
+    from db.schema import utcnow
+    from db.writer import claim_run
+    from models.train import Interrupted
+    from sweep.registry import add_plans
+
+    engine = open_db(f"sqlite:///{tmp_path}/slab.db")
+    add_plans(engine, [plan])
+    s = plan.runs[0].spec
+    claim_run(engine, s.run_id, "me", utcnow())
+    view = Said()
+    driver = Driver.__new__(Driver)  # only the settling of an outcome: no Ray
+    driver.engine, driver.owner, driver.view, driver.outcome = engine, "me", view, {}
+    driver.opts, driver.db_away_since = LaunchOptions(cpu=True, ckpt_dir=tmp_path / "ckG"), None
+    driver.flights = {s.run_id: Flight(spec=s, name="r", attempt=1, tries=1, microbatch=None)}
+    driver._settle(s.run_id, Interrupted(201))
+    engine.dispose()
+    assert any(f"stopped at step 201; a relaunch with --ckpt-dir {(tmp_path / 'ckG').resolve()} resumes it" in line
+               for line in view.lines), view.lines
