@@ -189,10 +189,10 @@ def open_db(url: str | None = None, *, create: bool = True) -> Engine:
     if path is not None and not path.exists():
         if not create:
             raise DatabaseError(f"no database at {path}; register a plan first with `slab add PLAN`")
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise DatabaseError(f"cannot create the folder {path.parent} for the database: {exc.strerror or exc}") from None
+        if not path.parent.is_dir():
+            # Made silently, a misspelt folder would hold a new, empty database: the study would be trained again there.
+            raise DatabaseError(f"no folder {path.parent} for the database {path.name}: make it first "
+                                f"(mkdir -p {path.parent}), or check the path")
     engine = make_engine(url)
     try:
         # Checked first without the write lock, so that opening a database a launcher is writing does not wait on it.

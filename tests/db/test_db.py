@@ -631,3 +631,10 @@ def test_a_database_without_the_checkpoint_columns_gets_them_on_open(db_url, wri
     with engine.connect() as conn:
         assert conn.execute(select(Run.ckpt_step, Run.ckpt_dir).where(Run.run_id == run_id)).one() == (201, "/data/ckG")
     engine.dispose()
+
+
+def test_a_database_in_a_missing_folder_is_refused_not_made(tmp_path):
+    """A misspelt folder in --db had been created, and a fresh, empty database with it: the study trained again."""
+    with pytest.raises(DatabaseError, match=r"no folder .*nodir.* make it first"):
+        open_db(f"sqlite:///{tmp_path}/nodir/slab.db", create=True)
+    assert not (tmp_path / "nodir").exists()
