@@ -33,7 +33,8 @@ from sqlalchemy import Engine, select
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
-from db.engine import DatabaseError, _first_line, open_db
+from db.engine import DatabaseError, _first_line, open_db, reading
+from db.queries import ID_BATCH
 from db.schema import Run, utcnow
 from db.writer import claim_run, heartbeat, update_run, write_results
 from models.config import hybrid_pattern
@@ -274,9 +275,9 @@ def check_checkpoints(engine: Engine, runs: list[tuple[RunSpec, str | None]], op
     unless ``opts.restart``; returns the runs that then start over."""
     ids = [spec.run_id for spec, _ in runs]
     recorded: dict[str, tuple[int, str | None]] = {}
-    with engine.connect() as conn:
-        for i in range(0, len(ids), 500):
-            stmt = select(Run.run_id, Run.ckpt_step, Run.ckpt_dir).where(Run.run_id.in_(ids[i : i + 500]), Run.ckpt_step > 0)
+    with reading(engine) as conn:  # as the frame readers read: deferred, and ID_BATCH ids a statement
+        for i in range(0, len(ids), ID_BATCH):
+            stmt = select(Run.run_id, Run.ckpt_step, Run.ckpt_dir).where(Run.run_id.in_(ids[i : i + ID_BATCH]), Run.ckpt_step > 0)
             recorded.update({run_id: (step, where) for run_id, step, where in conn.execute(stmt)})
     if not recorded:
         return set()
