@@ -1603,6 +1603,8 @@ def _vmap(info, in_dims, q, k, v, log_decay, h0, scale):
 # sent the loads that fed the dots straight from shared memory through registers: dqk 2.2 -> 5.3 ms per step, the
 # walks 1.7 -> 2.9. The SiLU's gradient applied as dq, dk, dv are stored, from a dense copy made in the op: dqk +1.0,
 # dv +0.4, and torch's SiLU from the permuted projection into that copy 2.9 ms against inductor's 1.0; no net gain.
+# The same in the fused walks (branch wip/silu-in-walks-h100) lost too, on an H100 as on an H200: training 615.6k
+# against 647.4k tokens/s; the walks, at their register limit already, spill with the extra tiles (docs/bench/kernels.md).
 @torch.library.custom_op("slab::linear_attention_packed_fwd", mutates_args=())
 def _packed_fwd_op(qkv: torch.Tensor, log_decay: torch.Tensor, h0: torch.Tensor | None,
                    scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
