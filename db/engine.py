@@ -10,12 +10,13 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
-from urllib.parse import quote
+from urllib.parse import quote, unquote
 
 from sqlalchemy import Connection, Engine, create_engine, event, inspect, select, text
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError, OperationalError
 from sqlalchemy.orm import Session
+from sqlalchemy.util import asbool
 
 from db.schema import SCHEMA_VERSION, Base, Meta
 
@@ -27,6 +28,10 @@ SQLITE_BUSY_MS = 30_000
 SQLITE_FORMS = "a SQLite file is sqlite:///relative/path.db or sqlite:////absolute/path.db"
 #: Said when SQLite fails because this process may not write the file or its folder.
 NOT_WRITABLE = "the database (or its folder) is not writable here"
+#: Said when SQLite refuses a write because the URL asked for a read-only file (its option filled in).
+READ_ONLY_URL = "its URL opens it read-only ({option}); name it without {option} to write it"
+#: SQLite URI modes that open only a file that exists (rwc, the default, creates it).
+EXISTING_ONLY_MODES = ("ro", "rw")
 
 
 class DatabaseError(RuntimeError):
@@ -47,19 +52,77 @@ def shown_url(url: str) -> str:
 
 
 def sqlite_path(url: str) -> Path | None:
-    """The file behind a SQLite URL, or None for other databases and in-memory SQLite."""
+    """The file behind a SQLite URL, a path or a ``file:`` URI (with ``uri=true``); None for other databases and
+    in-memory SQLite."""
     try:
         parsed = make_url(url)
     except (ArgumentError, ValueError):  # make_engine says what is wrong with it
         return None
-    if parsed.get_backend_name() != "sqlite" or not parsed.database or parsed.database == ":memory:":
+    return _sqlite_file(parsed)
+
+
+def _asbool(value) -> bool:
+    """A URL's boolean option as SQLAlchemy reads it; False for one it cannot read (make_engine then says so)."""
+    try:
+        return asbool(value)
+    except ValueError:
+        return False
+
+
+def _is_uri(parsed: URL) -> bool:
+    """Whether a SQLite URL names its database as a SQLite URI (``uri=true``), as SQLAlchemy's pysqlite reads it."""
+    return _asbool(parsed.query.get("uri", False))
+
+
+def _uri_mode(parsed: URL) -> str | None:
+    """The ``mode`` a SQLite URI URL opens its file in (ro, rw, rwc, memory); None for a plain path."""
+    return parsed.query.get("mode") if _is_uri(parsed) else None
+
+
+def _sqlite_file(parsed: URL) -> Path | None:
+    """The file a SQLite URL names (see sqlite_path), ``~`` expanded as for a plain path."""
+    if parsed.get_backend_name() != "sqlite":
         return None
-    return Path(parsed.database).expanduser()
+    database = parsed.database or ""
+    if _is_uri(parsed) and database.startswith("file:"):
+        if _uri_mode(parsed) == "memory":
+            return None
+        # file:path, file:/path, file:///path and file://localhost/path (https://www.sqlite.org/uri.html); another
+        # authority is left to SQLite, which refuses it in one line.
+        database = database[len("file:"):].partition("#")[0]
+        if database.startswith("//"):
+            authority, _, rest = database[2:].partition("/")
+            if authority not in ("", "localhost"):
+                return None
+            database = "/" + rest
+        database = unquote(database)
+    if not database or database == ":memory:":
+        return None
+    return Path(database).expanduser()
 
 
 def _writable(path: Path) -> bool:
     """Whether this process may write the SQLite file and its folder (WAL keeps -wal and -shm files beside it)."""
     return os.access(path, os.W_OK) and os.access(path.parent, os.W_OK)
+
+
+def _read_only_option(parsed: URL) -> str | None:
+    """The option of a SQLite URI URL that opens its file read-only (mode=ro, immutable=1); None where none does."""
+    if _uri_mode(parsed) == "ro":
+        return "mode=ro"
+    if _is_uri(parsed) and _asbool(parsed.query.get("immutable", False)):
+        return "immutable=1"
+    return None
+
+
+def _why_read_only(parsed: URL) -> str:
+    """Why SQLite refused a write to the file of a SQLite URL: the URL's mode=ro, or the file's permissions."""
+    path = _sqlite_file(parsed)
+    option = _read_only_option(parsed)
+    # make_engine adds its options only for a file this process cannot write: on one it can, they are the user's.
+    if option and path is not None and _writable(path):
+        return READ_ONLY_URL.format(option=option)
+    return NOT_WRITABLE
 
 
 def _read_only_options(path: Path) -> dict[str, str] | None:
@@ -124,7 +187,7 @@ def _first_line(exc: Exception) -> str:
 
 def make_engine(url: str | None = None) -> Engine:
     """A SQLAlchemy engine for the URL; SQLite in WAL mode with a busy timeout and foreign keys, or read-only
-    when this process cannot write the file."""
+    when this process cannot write the file or its URL says mode=ro (``sqlite:///file:PATH?mode=ro&uri=true``)."""
     url = resolve_url(url)
     try:
         parsed = make_url(url)
@@ -152,12 +215,18 @@ def _sqlite_engine(url: str, parsed) -> Engine:
         # sqlite://slab.db (two slashes) reads slab.db as a host; SQLAlchemy's message does not say so.
         what = f"{parsed.host!r} is read as a host name" if parsed.host else "it has a user or port"
         raise DatabaseError(f"bad database URL {shown_url(url)!r}: SQLite has no server, but {what} {hint}")
-    path = sqlite_path(url)
-    read_only = None
-    if path is not None and parsed.query.get("uri") not in ("true", "1"):  # a URI the user wrote is kept as is
-        read_only = _read_only_options(path)
-        if read_only:
-            query = {**parsed.query, **read_only, "uri": "true"}
+    path = _sqlite_file(parsed)
+    mode = _uri_mode(parsed)
+    # SQLite refuses the WAL switch and BEGIN IMMEDIATE on a file opened so: begin as a reader instead.
+    read_only = _read_only_option(parsed) is not None
+    if path is not None:
+        # A mode the user set is kept (rw on a file this process cannot write fails, as asked); with none, or with
+        # ro, a file it cannot write is read as read_only_options says (immutable when no writer has it open).
+        extra = _read_only_options(path) if mode in (None, "ro") else None
+        read_only = read_only or bool(extra)
+        if extra or _is_uri(parsed):
+            # Rebuilt from the file, as sqlite_path and open_db see it (~ expanded, relative to the cwd, escaped once).
+            query = {**parsed.query, **(extra or {}), "uri": "true"}
             parsed = parsed.set(database=f"file:{quote(str(path.absolute()))}", query=query)
         else:
             parsed = parsed.set(database=str(path))  # with ~ expanded, as sqlite_path and open_db see it
@@ -165,19 +234,22 @@ def _sqlite_engine(url: str, parsed) -> Engine:
         engine = create_engine(parsed, connect_args={"timeout": SQLITE_BUSY_MS / 1000})
     except Exception as exc:
         raise DatabaseError(f"bad database URL {shown_url(url)!r}: {_first_line(exc)} {hint}") from None
-    event.listen(engine, "connect", functools.partial(_configure_sqlite, read_only=bool(read_only)))
+    event.listen(engine, "connect", functools.partial(_configure_sqlite, read_only=read_only))
     event.listen(engine, "begin", _sqlite_begin)
     return engine
 
 
-def _not_writable_hint(path: Path | None, detail: str) -> str:
-    """``detail``, naming the cause when SQLite failed because it may not write the file or its folder."""
+def _not_writable_hint(parsed: URL, detail: str) -> str:
+    """``detail``, naming the cause when SQLite failed because it may not write the file or its folder (or the URL
+    opens it read-only)."""
+    path = _sqlite_file(parsed)
     if path is None:
         return detail
-    cannot_write = "readonly database" in detail or (
-        "unable to open database file" in detail and not _writable(path if path.exists() else path.parent)
-    )
-    return f"{detail} ({NOT_WRITABLE})" if cannot_write else detail
+    if "readonly database" in detail:
+        return f"{detail} ({_why_read_only(parsed)})"
+    if "unable to open database file" in detail and not _writable(path if path.exists() else path.parent):
+        return f"{detail} ({NOT_WRITABLE})"
+    return detail
 
 
 def open_db(url: str | None = None, *, create: bool = True) -> Engine:
@@ -187,6 +259,9 @@ def open_db(url: str | None = None, *, create: bool = True) -> Engine:
     if path is not None and path.is_dir():  # SQLite would say only "unable to open database file"
         raise DatabaseError(f"{path} is a folder, not a database file: name a file in it, e.g. sqlite:///{path / 'slab.db'}")
     if path is not None and not path.exists():
+        if (mode := _uri_mode(make_url(url))) in EXISTING_ONLY_MODES:  # SQLite says "unable to open database file"
+            raise DatabaseError(f"no database at {path}: the URL's mode={mode} opens only a file that exists; "
+                                "check the path")
         if not create:
             raise DatabaseError(f"no database at {path}; register a plan first with `slab add PLAN`")
         if not path.parent.is_dir():
@@ -206,7 +281,7 @@ def open_db(url: str | None = None, *, create: bool = True) -> Engine:
         raise
     except Exception as exc:
         engine.dispose()
-        detail = _not_writable_hint(path, str(exc).split("\n(Background on this error")[0])  # the link adds nothing
+        detail = _not_writable_hint(engine.url, str(exc).split("\n(Background on this error")[0])  # the link adds nothing
         detail = " ".join(line.strip() for line in detail.splitlines())  # a driver's hint on a line of its own
         raise DatabaseError(f"cannot open database {shown_url(url)!r}: {exc.__class__.__name__}: {detail}") from None
     return engine
@@ -286,7 +361,7 @@ def session(engine: Engine) -> Iterator[Session]:
     except OperationalError as exc:
         if "readonly database" not in str(exc.orig):
             raise
-        raise DatabaseError(f"cannot write the database: {NOT_WRITABLE} ({exc.orig})") from None
+        raise DatabaseError(f"cannot write the database: {_why_read_only(engine.url)} ({exc.orig})") from None
 
 
 @contextmanager

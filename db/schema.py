@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from datetime import datetime, timezone
 
 from sqlalchemy import (
@@ -26,6 +27,21 @@ RUN_STATUSES = ("pending", "running", "done", "failed", "diverged")
 def utcnow() -> datetime:
     """The current time in UTC (stored timestamps are UTC)."""
     return datetime.now(timezone.utc)
+
+
+#: What a value cut to fit a column ends with before the hash of its whole (no character of a host name).
+CUT_MARK = "~"
+#: Hex digits of the SHA-256 of the whole value kept in a cut one: enough to tell hosts of one prefix apart.
+CUT_HASH = 12
+
+
+def fit_text(value: str, length: int) -> str:
+    """``value`` where it has at most ``length`` characters, else a prefix of it, ``~`` and a short hash of the whole:
+    it fits a ``String(length)`` column and still tells apart values that share the prefix."""
+    if len(value) <= length:
+        return value
+    digest = hashlib.sha256(value.encode()).hexdigest()[:CUT_HASH]
+    return f"{value[:length - len(CUT_MARK) - CUT_HASH]}{CUT_MARK}{digest}"
 
 
 class Base(DeclarativeBase):

@@ -9,7 +9,7 @@ from sqlalchemy import Engine, delete, insert, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from db.engine import PG_REGISTER_LOCK, serialize, session
-from db.schema import Eval, Fit, Metric, Plan, PlanRun, Run, utcnow
+from db.schema import Eval, Fit, Metric, Plan, PlanRun, Run, fit_text, utcnow
 
 #: Rows per executemany batch (SQLite caps bound parameters per statement).
 BATCH = 500
@@ -41,6 +41,20 @@ class Registered:
     dropped: int = 0
     #: The file the plan was registered from before, where another file of the same name registers it now.
     moved_from: str | None = None
+
+
+#: Columns of runs a worker describes itself in (socket.gethostname(), the GPU's name), cut to fit where longer.
+FITTED_RUN_COLUMNS = ("host", "gpu")
+
+
+def _fitted(values: dict) -> dict:
+    """A run's field values with the worker's own descriptions cut to their columns' lengths."""
+    # A pod's FQDN can pass String(200): PostgreSQL refuses it (and with it the launch), SQLite would keep it whole.
+    fitted = dict(values)
+    for name in FITTED_RUN_COLUMNS:
+        if isinstance(fitted.get(name), str):
+            fitted[name] = fit_text(fitted[name], Run.__table__.c[name].type.length)
+    return fitted
 
 
 def insert_ignore(engine: Engine, table):
@@ -159,7 +173,7 @@ def update_run(engine: Engine, run_id: str, owner: str, **values) -> bool:
         if values["status"] == "pending":
             values.update(lease_owner=None, heartbeat_at=None)
     with session(engine) as s:
-        result = s.execute(update(Run).where(Run.run_id == run_id, Run.lease_owner == owner).values(**values))
+        result = s.execute(update(Run).where(Run.run_id == run_id, Run.lease_owner == owner).values(**_fitted(values)))
         return result.rowcount == 1
 
 
@@ -176,7 +190,7 @@ def write_results(engine: Engine, metrics: Sequence[dict], evals: Sequence[dict]
             stmt = update(Run).where(Run.run_id == run_id)
             if owner is not None:  # a launcher that lost the run must not overwrite its new owner's host or step
                 stmt = stmt.where(Run.lease_owner == owner)
-            s.execute(stmt.values(**values))
+            s.execute(stmt.values(**_fitted(values)))
 
 
 def save_fit(engine: Engine, *, method: str, source: str, n_points: int, result: dict, plan: str | None = None, arch: str | None = None) -> int:

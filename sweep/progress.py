@@ -18,7 +18,7 @@ from sqlalchemy import Engine, select
 
 from db.engine import reading
 from db.queries import NO_PLAN, status_counts
-from db.schema import RUN_STATUSES, Plan, PlanRun, Run, utcnow
+from db.schema import RUN_STATUSES, Plan, PlanRun, Run, fit_text, utcnow
 from sweep.plan import si
 
 #: Seconds without a heartbeat after which a running run's launcher counts as gone: launch's default lease, and the
@@ -26,10 +26,21 @@ from sweep.plan import si
 LEASE_S = 120.0
 
 
+#: Characters of runs.lease_owner left to the host name: the rest holds ``:pid:nonce:lease``, at most 55 (a 20-digit
+#: pid, 8 hex digits, a float as ``.15g`` writes it in 22), so a host name cut to this always fits the column.
+OWNER_HOST_MAX = Run.__table__.c.lease_owner.type.length - 64
+
+
+def owner_host() -> str:
+    """This host as lease owners name it: its name, or for a name too long for the column a prefix and a hash of it."""
+    # A usual name (Linux allows 64 characters) is kept whole, so launchers of older versions still read the owners.
+    return fit_text(socket.gethostname(), OWNER_HOST_MAX)
+
+
 def lease_owner(lease_s: float) -> str:
     """A lease owner for a launcher of this process: ``host:pid:nonce:lease`` (the lease in seconds, which status
     and other launchers wait out before calling its runs abandoned)."""
-    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}:{lease_s:.15g}"
+    return f"{owner_host()}:{os.getpid()}:{uuid.uuid4().hex[:8]}:{lease_s:.15g}"
 
 
 def lease_of(owner: str | None) -> float | None:
@@ -48,7 +59,8 @@ def launcher_gone(owner: str | None) -> bool:
         return False
     host, _, rest = owner.partition(":")
     pid = rest.partition(":")[0]
-    if host != socket.gethostname() or not pid.isdigit():
+    # The whole name too: an older version wrote it so (on SQLite, which does not hold it to the column's length).
+    if host not in (owner_host(), socket.gethostname()) or not pid.isdigit():
         return False
     try:
         os.kill(int(pid), 0)

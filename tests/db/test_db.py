@@ -1,6 +1,7 @@
 """The database layer on SQLite and (when SLAB_TEST_PG_URL is set) PostgreSQL."""
 
 import os
+from pathlib import Path
 
 import pytest
 from sqlalchemy import select, update
@@ -638,3 +639,111 @@ def test_a_database_in_a_missing_folder_is_refused_not_made(tmp_path):
     with pytest.raises(DatabaseError, match=r"no folder .*nodir.* make it first"):
         open_db(f"sqlite:///{tmp_path}/nodir/slab.db", create=True)
     assert not (tmp_path / "nodir").exists()
+
+
+def test_a_long_host_name_fits_the_runs_host_column(db_url, write_plan):
+    """A worker on a host of a 253-character name had failed the launcher's write of runs.host on PostgreSQL (value
+    too long for varchar(200)); the host and gpu written fit their columns and still tell hosts apart."""
+    from db.schema import utcnow
+    from db.writer import claim_run, update_run, write_results
+
+    host = ".".join(["a" * 63, "b" * 63, "c" * 63, "d" * 61])
+    engine = open_db(db_url)
+    add_plans(engine, [load_plan(write_plan(PLAN))])
+    first, second = runs_frame(engine)["run_id"][:2]
+    write_results(engine, [], [], {first: {"host": host, "gpu": "G" * 300}})
+    assert claim_run(engine, second, "me:1:a:120", utcnow()) == 1
+    assert update_run(engine, second, "me:1:a:120", host=host[:-1] + "e")
+    with engine.connect() as conn:
+        rows = dict(conn.execute(select(Run.run_id, Run.host).where(Run.run_id.in_([first, second]))).all())
+        gpu = conn.execute(select(Run.gpu).where(Run.run_id == first)).scalar()
+    limit = Run.__table__.c.host.type.length
+    assert all(len(h) <= limit and h.startswith(host[:100]) for h in rows.values()), rows
+    assert rows[first] != rows[second] and len(gpu) <= Run.__table__.c.gpu.type.length
+    write_results(engine, [], [], {first: {"host": "node1"}})  # an ordinary name as it is
+    with engine.connect() as conn:
+        assert conn.execute(select(Run.host).where(Run.run_id == first)).scalar() == "node1"
+    engine.dispose()
+
+
+def _ro_uri(path) -> str:
+    """SQLAlchemy's documented URL of a SQLite file opened read-only."""
+    return f"sqlite:///file:{path}?mode=ro&uri=true"
+
+
+@pytest.mark.parametrize("form", ["file:{path}", "file://{path}", "file://localhost{path}", "file:{rel}"])
+def test_a_read_only_uri_url_reads_the_file_it_names(form, tmp_path, write_plan, monkeypatch):
+    """`sqlite:///file:/path/x.db?mode=ro&uri=true` had been read as a file named "file:/path/x.db" (no database
+    there); it opens that file read-only, and a write through it fails in one line naming mode=ro."""
+    from db.engine import sqlite_path
+    from db.writer import save_fit
+
+    path = tmp_path / "study" / "slab.db"
+    path.parent.mkdir()
+    engine = open_db(f"sqlite:///{path}")
+    add_plans(engine, [load_plan(write_plan(PLAN))])
+    engine.dispose()
+    monkeypatch.chdir(tmp_path)
+    url = f"sqlite:///{form.format(path=path, rel='study/slab.db')}?mode=ro&uri=true"
+    assert sqlite_path(url).resolve() == path
+    for create in (False, True):  # as the read commands, and as slab add and the launcher, open it
+        engine = open_db(url, create=create)
+        assert len(runs_frame(engine)) == 6 and status_counts(engine)["runs"].sum() == 6
+        assert run_sql(engine, "select count(*) as n from runs")["n"].tolist() == [6]
+        with pytest.raises(DatabaseError, match=r"^cannot write the database: its URL opens it read-only \(mode=ro\)") as info:
+            add_plans(engine, [load_plan(write_plan(PLAN.replace("0|1|2", "3"), "more.csv"))])
+        assert "\n" not in str(info.value)
+        with pytest.raises(DatabaseError, match=r"mode=ro"):
+            save_fit(engine, method="approach3", source="db", n_points=1, result={})
+        engine.dispose()
+    engine = open_db(f"sqlite:///{path}")
+    assert len(runs_frame(engine)) == 6  # nothing was written
+    engine.dispose()
+
+
+def test_a_read_only_uri_url_of_a_missing_file_is_a_one_line_error(tmp_path, monkeypatch):
+    """mode=ro opens only an existing file: a missing one (or its folder) is said in one line, and nothing is made."""
+    monkeypatch.chdir(tmp_path)
+    for url, path in [(_ro_uri(tmp_path / "nope.db"), tmp_path / "nope.db"),
+                      (_ro_uri(tmp_path / "nodir" / "x.db"), tmp_path / "nodir" / "x.db"),
+                      ("sqlite:///file:rel.db?mode=ro&uri=true", Path("rel.db"))]:
+        for create in (False, True):
+            with pytest.raises(DatabaseError, match=r"^no database at ") as info:
+                open_db(url, create=create)
+            message = str(info.value)
+            assert "\n" not in message and f"no database at {path}" in message and "mode=ro" in message, message
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_a_read_only_uri_url_of_an_unwritable_file_makes_no_files(tmp_path, write_plan, monkeypatch):
+    """A file this process cannot write, named by a mode=ro URL, is read as the plain URL reads it: immutable when no
+    writer has it open, so no -shm or -wal is left that its owner could not write."""
+    import db.engine
+
+    path = tmp_path / "slab.db"
+    engine = open_db(f"sqlite:///{path}")
+    add_plans(engine, [load_plan(write_plan(PLAN))])
+    engine.dispose()
+    before = sorted(p.name for p in tmp_path.iterdir())
+    monkeypatch.setattr(db.engine, "_writable", lambda path: False)
+    engine = open_db(_ro_uri(path), create=False)
+    assert len(runs_frame(engine)) == 6
+    with pytest.raises(DatabaseError, match=r"the database \(or its folder\) is not writable here"):
+        with session(engine) as s:
+            s.execute(update(Run).values(status="done"))
+    engine.dispose()
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_a_writable_uri_url_is_opened_as_its_file(tmp_path, write_plan):
+    """A URI URL without mode=ro (uri=true, e.g. for vfs= or cache=) writes the file it names, in WAL mode."""
+    path = tmp_path / "slab.db"
+    engine = open_db(f"sqlite:///file:{path}?uri=true")
+    add_plans(engine, [load_plan(write_plan(PLAN))])
+    with engine.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+    engine.dispose()
+    assert path.exists() and not (tmp_path / "file:").exists()
+    engine = open_db(f"sqlite:///{path}", create=False)
+    assert len(runs_frame(engine)) == 6
+    engine.dispose()

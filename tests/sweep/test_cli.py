@@ -104,6 +104,23 @@ def test_sql_is_read_only(runner, write_plan, tmp_path):
     assert invoke(runner, "add", write_plan(PLAN.replace("r{d_model}", "s{d_model}"), "second.csv"), db=db).exit_code == 0
 
 
+def test_a_read_only_uri_url_reads_and_refuses_writes_in_one_line(runner, write_plan, tmp_path):
+    """`--db 'sqlite:///file:PATH?mode=ro&uri=true'` (SQLite's read-only form): runs reads it, add exits 2 with one
+    line saying why, and the file is not changed."""
+    path = tmp_path / "slab.db"
+    assert invoke(runner, "add", write_plan(PLAN), db=f"sqlite:///{path}").exit_code == 0
+    ro = f"sqlite:///file:{path}?mode=ro&uri=true"
+    result = invoke(runner, "runs", "--json", db=ro)
+    assert result.exit_code == 0, result.output
+    assert len(json.loads(result.stdout)) == 4
+    result = invoke(runner, "add", write_plan(PLAN.replace("r{d_model}", "s{d_model}"), "second.csv"), db=ro)
+    assert result.exit_code == 2
+    assert "error: cannot write the database: its URL opens it read-only (mode=ro)" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    plans = invoke(runner, "sql", "select count(*) as n from plans", "--json", db=f"sqlite:///{path}")
+    assert json.loads(plans.stdout) == [{"n": 1}]
+
+
 def test_export_csv_and_parquet(runner, write_plan, tmp_path):
     db = f"sqlite:///{tmp_path}/slab.db"
     invoke(runner, "add", write_plan(PLAN), db=db)

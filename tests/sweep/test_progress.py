@@ -1,7 +1,8 @@
-"""The launcher's progress view: counts, tokens and an ETA that stay sane when runs resume."""
+"""The launcher's progress view (counts, tokens and an ETA that stay sane when runs resume) and its lease owners."""
 
 import io
 import json
+import os
 import time
 
 from rich.console import Console
@@ -47,3 +48,69 @@ def test_a_resumed_run_replays_its_journal_as_earlier_work(tmp_path, monkeypatch
     # launch's work said 2 s.
     assert f"/{si(spec.trained_tokens)} tokens" in line and "ETA 1.3 min" in line, line
     assert view.running[spec.run_id]["step"] == 82
+
+
+#: A hostname as long as DNS allows (253 characters), as Kubernetes pod FQDNs come close to.
+LONG_HOST = ".".join(["a" * 63, "b" * 63, "c" * 63, "d" * 61])
+
+
+def _dead_pid() -> int:
+    """The id of a process that has exited."""
+    import subprocess
+    import sys
+
+    return int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout)
+
+
+def test_a_long_hostname_gives_a_lease_owner_that_fits_its_column(db_url, write_plan, monkeypatch):
+    """A launcher on a host of a 253-character name had crashed on PostgreSQL (value too long for varchar(200)) and
+    stored an over-long owner on SQLite: the owner fits, still names the host, and still carries its lease."""
+    import socket
+
+    from sqlalchemy import select
+
+    from db.engine import open_db
+    from db.queries import runs_frame
+    from db.schema import Run, utcnow
+    from db.writer import claim_run, heartbeat
+    from sweep.progress import launcher_gone, lease_of, lease_owner
+    from sweep.registry import add_plans
+
+    monkeypatch.setattr(socket, "gethostname", lambda: LONG_HOST)
+    owner = lease_owner(600.0)
+    engine = open_db(db_url)
+    add_plans(engine, [load_plan(write_plan(HEADER + "r,softmax,32,2,2,64,4,25000,3e-3,0,2\n"))])
+    run_id = runs_frame(engine)["run_id"][0]
+    assert claim_run(engine, run_id, owner, utcnow()) == 1  # the launcher's first write of its owner
+    assert heartbeat(engine, owner, [run_id]) == []
+    with engine.connect() as conn:
+        assert conn.execute(select(Run.lease_owner).where(Run.run_id == run_id)).scalar() == owner
+    engine.dispose()
+
+    host = owner.split(":")[0]
+    assert len(owner) <= Run.__table__.c.lease_owner.type.length, len(owner)
+    assert lease_of(owner) == 600.0 and len(owner.split(":")) == 4
+    assert host.startswith(LONG_HOST[:100]) and host != LONG_HOST
+    other = LONG_HOST[:-1] + "e"  # another host of the same long prefix
+    monkeypatch.setattr(socket, "gethostname", lambda: other)
+    assert lease_owner(600.0).split(":")[0] != host
+    monkeypatch.setattr(socket, "gethostname", lambda: LONG_HOST)
+
+    dead_pid = _dead_pid()
+    with monkeypatch.context() as m:  # a launcher of this host that was killed
+        m.setattr(os, "getpid", lambda: dead_pid)
+        dead = lease_owner(600.0)
+    assert launcher_gone(dead) and not launcher_gone(owner)
+    assert launcher_gone(f"{LONG_HOST}:{dead_pid}:abcdef01:120")  # as an older version wrote it on SQLite
+
+
+def test_an_ordinary_hostname_gives_the_lease_owner_older_launchers_read(monkeypatch):
+    """Launchers of an older version read each other's owners as ``host:pid:nonce:lease``: unchanged for a usual name."""
+    import re
+    import socket
+
+    from sweep.progress import lease_owner
+
+    monkeypatch.setattr(socket, "gethostname", lambda: "gpu-node-17.cluster.example.org")
+    monkeypatch.setattr(os, "getpid", lambda: 4242)
+    assert re.fullmatch(r"gpu-node-17\.cluster\.example\.org:4242:[0-9a-f]{8}:120", lease_owner(120.0))
