@@ -854,6 +854,8 @@ def _data_fit_errors(data: str, cfg: ModelConfig, seq_len: int, evals: tuple[str
 
 #: Counts (tokens, parameters) the database stores as 64-bit integers must stay below this.
 MAX_STORED_INT = 2**63
+#: Plan and run names the database stores (its String(200) name columns) may have at most this many characters.
+MAX_NAME_CHARS = 200
 
 
 # ---------------------------------------------------------------- the plan
@@ -919,6 +921,10 @@ def _load_plan(path: Path, max_runs: int, load: _Load) -> Plan:
     if len(rows) == 1:
         raise PlanError([PlanIssue(where, header_line, None, "the plan has a header but no rows")])
 
+    if len(path.stem) > MAX_NAME_CHARS:  # the plan is known by its file name
+        raise PlanError([PlanIssue(where, None, None, f"the plan's name (its file name without .csv) is "
+                                                      f"{len(path.stem)} characters; plan names have at most "
+                                                      f"{MAX_NAME_CHARS}: rename the file")])
     plan = Plan(path=path, name=path.stem, sha256=hashlib.sha256(path.read_bytes()).hexdigest())
     order = {name: i for i, name in enumerate(header)}
     total = 0
@@ -1053,12 +1059,17 @@ def _label(name_cell: list[str] | None, spec: RunSpec) -> str | None:
     # the plan's column names too, where the spec calls a field otherwise
     fields = {**spec.to_dict(), **spec.derived(), "vocab": spec.vocab_size}
     try:
-        return template.format(**fields)
+        name = template.format(**fields)
     except KeyError as exc:
         known = ", ".join(sorted(fields))
         raise _ColumnError("name", f"bad name template {template!r}: no field {exc} (known: {known})") from None
     except (AttributeError, IndexError, TypeError, ValueError) as exc:
         raise _ColumnError("name", f"bad name template {template!r}: {exc}") from None
+    # PostgreSQL refuses a longer one at `slab add` (SQLite would keep it): said here, with the row.
+    if len(name) > MAX_NAME_CHARS:
+        raise _ColumnError("name", f"the run's name is {len(name)} characters ({name[:40]!r}...); names have at most "
+                                   f"{MAX_NAME_CHARS}")
+    return name
 
 
 # ---------------------------------------------------------------- costing

@@ -151,3 +151,22 @@ def test_a_space_after_a_closing_quote_still_reads_as_before(write_plan):
     # only an unclosed quote is refused: other quoting slips read as the lenient reader always read them
     runs = load_plan(write_plan(f'name,{SIZE}\n"a" ,softmax,32,2,64,4,"=2*seq_len*batch_size" \n')).runs
     assert [(r.name, r.spec.tokens) for r in runs] == [("a", 512)]
+
+
+# ---------------------------------------------------------------- names the database can hold
+
+
+def test_names_longer_than_the_database_holds_are_refused_at_plan_time(write_plan):
+    """PostgreSQL refused a run name over 200 characters at `slab add` with a driver error (SQLite kept it): the plan
+    names the row and the length instead."""
+    from db.schema import Plan, PlanRun
+
+    assert plan_module.MAX_NAME_CHARS == PlanRun.__table__.c.name.type.length == Plan.__table__.c.name.type.length
+    long_name = "x" * 150 + "-{d_model}-{arch}-{n_layers}-{tokens}-padding-padding-padding-padding"
+    error = issues_of(write_plan(f"name,arch,d_model,n_layers,tokens\n{long_name},softmax,64,2,1e5\nok,softmax,64,2,1e5\n"))
+    assert [(i.row, i.column) for i in error.issues] == [(2, "name")]
+    assert "characters" in str(error) and "at most 200" in str(error)
+    fits = "y" * 190 + "-{d_model}"
+    assert len(load_plan(write_plan(f"name,arch,d_model,n_layers,tokens\n{fits},softmax,64,2,1e5\n")).runs) == 1
+    error = issues_of(write_plan("arch,d_model,n_layers,tokens\nsoftmax,64,2,1e5\n", "p" * 201 + ".csv"))
+    assert "plan's name" in str(error) and "rename the file" in str(error)
