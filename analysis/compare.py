@@ -321,7 +321,12 @@ def niah_table(runs: pd.DataFrame, evals: pd.DataFrame, *, size: str | float = "
     ev = ev.dropna(subset=["length", "depth"])
     hybrid = ev["hybrid"] if "hybrid" in ev.columns else pd.Series("", index=ev.index)
     # Hybrids of different ratios answer different questions (how much softmax retrieval needs): never pooled.
-    ev = ev.assign(variant=[variant_of(a, h) for a, h in zip(ev["arch"], hybrid)])
+    # Named once per (arch, pattern), not once per eval value: a paper-scale study has tens of thousands.
+    pairs = pd.DataFrame({"arch": ev["arch"].to_numpy(), "hybrid": hybrid.to_numpy()})
+    group = pairs.groupby(["arch", "hybrid"], sort=False, dropna=False).ngroup().to_numpy()
+    first = pairs.iloc[np.unique(group, return_index=True)[1]]
+    variants = [variant_of(a, h) for a, h in zip(first["arch"], first["hybrid"])]
+    ev = ev.assign(variant=[variants[g] for g in group])
     seq_len = ev["seq_len"].astype(float) if "seq_len" in ev.columns else pd.Series(np.nan, index=ev.index)
     # 1 inside, 0 beyond, and 2 where a run's seq_len is unknown, so that the max over a cell's runs is unknown
     # whenever one of them is

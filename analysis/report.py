@@ -42,6 +42,7 @@ from analysis.compare import (  # noqa: E402
     seed_study_findings,
     summary_findings,
     throughput_table,
+    unknown_on_few_runs,
 )
 from analysis.fits import (  # noqa: E402
     CLI_BOOTSTRAP,
@@ -89,7 +90,7 @@ METHOD_TITLES = {
 
 @dataclass
 class ReportFiles:
-    """What `write_report` wrote, the fits it used, and what it had to skip."""
+    """What `write_report` wrote, the fits it used (as fits.json gives them), and what it had to skip."""
 
     out_dir: Path
     index_html: Path
@@ -262,6 +263,11 @@ def _write_report(runs, metrics, evals, out: Path, figdir: Path, t0: float, *, t
     blocks = _blocks(title, runs, metrics, evals, findings, seed, skipped, figures, captions, fits_all, archs,
                      comparison, niah, mqar, tput, losses, few)
     md_path, html_path, json_path = out / "report.md", out / "index.html", out / "fits.json"
+    # fits.json says what the tables say: no interval for an arch with too few runs, and why (as slab fit stores it)
+    for key, fit in list(fits_all.items()):
+        arch = key.partition("/")[2]
+        if arch in few:
+            fits_all[key] = unknown_on_few_runs(fit, few[arch])
     payload = {k: v.to_dict() for k, v in fits_all.items()}
     if comparison is not None:
         payload["comparison"] = {"baseline": comparison.baseline, "gaps": comparison.to_dict()["gaps"]}
@@ -629,9 +635,12 @@ def _fig_mqar(mqar):
     sizes = sorted(t["params"].unique())
     norm = LogNorm(vmin=min(sizes), vmax=max(max(sizes), min(sizes) * 1.01))
     cmap = plt.get_cmap(SEQUENTIAL)
+    # one grouping for every size: a paper-scale study has dozens of sizes, and a grouping per size took longer
+    # than drawing its line
+    means = t.groupby(["params", "ratio"])["accuracy"].mean()
     for size in sizes:
-        q = t[t["params"] == size].groupby("ratio", as_index=False)["accuracy"].mean().sort_values("ratio")
-        ax.plot([pos[r] for r in q["ratio"]], q["accuracy"], marker="o", ms=4, lw=1, color=cmap(norm(size)))
+        q = means.loc[size]
+        ax.plot([pos[r] for r in q.index], q.to_numpy(), marker="o", ms=4, lw=1, color=cmap(norm(size)))
     ax.set_xticks(range(len(ratios)), [ratio_label(r) for r in ratios], fontsize=8)
     ax.set_xlabel("linear layers per softmax layer (hybrid ratio)")
     ax.set_ylabel("MQAR accuracy")

@@ -4,6 +4,7 @@ import base64
 import json
 import re
 
+import pandas as pd
 import pytest
 
 from analysis.fits import FitError, fit_loss_compute
@@ -118,3 +119,22 @@ def test_report_reuses_fits_it_is_given(data, tmp_path):
 def test_report_refuses_bad_runs(data, tmp_path):
     with pytest.raises(FitError, match="missing column"):
         write_report(data.runs.drop(columns=["tokens"]), None, None, tmp_path)
+
+
+def test_fits_json_gives_no_interval_for_an_arch_on_too_few_runs(data, tmp_path):
+    """The report called a 4-run arch's intervals unknown, yet fits.json held them as numbers: one-sided intervals
+    that a reader of the JSON would take at face value."""
+    soft = data.runs[data.runs["arch"] == "softmax"]
+    light = data.runs[data.runs["arch"] == "lightning"].sort_values("flops").iloc[::7].iloc[:4]
+    rf = write_report(pd.concat([soft, light]), None, None, tmp_path, bootstrap=20)
+    assert "4 runs: intervals unknown" in rf.report_md.read_text()
+    payload = json.loads(rf.fits_json.read_text())
+    few = {k: v for k, v in payload.items() if k.endswith("/lightning")}
+    assert set(few) == {"frontier/lightning", "frontier_power/lightning"}
+    for key, fit in few.items():
+        assert fit["intervals"] and all(v == [None, None] for v in fit["intervals"].values()), key
+        assert "rests on 4 runs, too few to resample (at least 5" in fit["details"]["intervals_unknown"], key
+        assert fit["estimates"]["alpha"] is not None, key  # the estimates stand
+    for key in ("frontier/softmax", "approach3/softmax"):  # 30 runs: their intervals stand
+        assert "intervals_unknown" not in payload[key]["details"]
+        assert payload[key]["intervals"]["alpha"][0] < payload[key]["intervals"]["alpha"][1], key

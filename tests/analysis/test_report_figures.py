@@ -145,6 +145,23 @@ def test_mqar_figure_names_the_archs_it_cannot_place(syn):
     assert "hgrn2" in caption and "mamba2" in caption
 
 
+def test_mqar_figure_draws_each_sizes_mean_accuracy_by_ratio(syn):
+    """One grouping serves every size's line (a grouping per size took longer than its line took to draw): each line
+    is still the mean accuracy of that size's runs at each ratio, ratios in order, exactly as a grouping per size."""
+    t = compare.mqar_table(syn.runs, syn.evals)
+    fig, _ = report._fig_mqar(t)
+    lines = fig.axes[0].get_lines()
+    plt.close(fig)
+    placed = t[np.isfinite(t["ratio"]) | np.isinf(t["ratio"])]
+    ratios = sorted(placed["ratio"].unique())
+    sizes = sorted(placed["params"].unique())
+    assert len(lines) == len(sizes) > 1
+    for line, size in zip(lines, sizes):
+        q = placed[placed["params"] == size].groupby("ratio")["accuracy"].mean()
+        assert list(line.get_xdata()) == [ratios.index(r) for r in q.index]
+        assert np.array_equal(line.get_ydata(), q.to_numpy())
+
+
 def test_held_out_caveat_compares_runs_of_matched_compute():
     """A large synthetic study said 'Held-out loss disagrees: lightning's best validation loss is -0.2% from
     softmax's' only because lightning's best run had 1.7x softmax's largest compute (there val = training loss)."""
