@@ -17,8 +17,8 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-#: Bumped whenever what a cached digest hashes changes (``content_digest``, a token corpus's sha256 or max id), so
-#: that entries written by older code miss instead of answering with the old value.
+#: Bumped whenever what a cached digest hashes changes (``content_digest``, a token corpus's sha256 or max id, a text
+#: corpus's sha256), so that entries written by older code miss instead of answering with the old value.
 DIGEST_CACHE_VERSION = 1
 
 #: A file as the digest cache knows it: resolved path, size, mtime_ns, ctime_ns, inode. Rewriting a file in place

@@ -502,6 +502,9 @@ def pretrain(
     loss, or a final validation loss no better than a uniform guess's (``rejected_validation``), ``OutOfMemory``
     on CUDA OOM, and ``Interrupted`` (after checkpointing) when ``should_stop()`` returns True.
 
+    A step whose global batch holds no labelled token (every target -100) leaves the weights and the optimizer as
+    they were and reports no "train" loss; a data-parallel rank holding none contributes a zero gradient.
+
     ``fault`` is a test hook: "nan@K" makes the loss of step K NaN, "nangrad@K" its gradients (the loss stays
     finite); "exit@K" ends the process with ``os._exit(1)`` right after checkpointing step K, unless
     ``ckpt_dir`` already held a checkpoint at or beyond K when the run started (so a retry goes on);
@@ -626,10 +629,11 @@ def pretrain(
     train_time, trained_steps = 0.0, 0
     window_t, window_tokens = 0.0, 0
     last_ckpt_t = time.perf_counter()
-    # The step whose loss is not read back yet: (step, its loss's read-back, lr, tokens/s to report or None).
+    # The step whose loss is not read back yet: (step, its loss's read-back or None where it had no labelled token, lr,
+    # tokens/s to report or None).
     # Reading a loss waits for its step to finish on the GPU, so it is read after the next step's work is
     # queued; at once, it left the GPU idle while the CPU queued the next step (9% of the 135M step on an H100).
-    pending: tuple[int, Callable[[], float], float, float | None] | None = None
+    pending: tuple[int, Callable[[], float] | None, float, float | None] | None = None
 
     def settle() -> None:
         """Read back the pending step's loss, stop on a non-finite one, and send its report if one is due."""
@@ -638,6 +642,8 @@ def pretrain(
             return
         done, loss, lr_done, tps = pending
         pending = None
+        if loss is None:  # a step without a labelled token: no loss, no report
+            return
         last_loss = loss()
         if not math.isfinite(last_loss):
             raise Diverged(done)
@@ -661,24 +667,35 @@ def pretrain(
         batches.position = (step - 1) * spec.batch_size + rank * local_batch
         micro = [batches.next() for _ in range(n_micro)]
         batches.position = step * spec.batch_size
-        n_valid = sum(int((y != -100).sum()) for _, y in micro)
-        rank_weight = None
+        labels = [int((y != -100).sum()) for _, y in micro]  # per microbatch
+        n_valid = sum(labels)
+        rank_weight, global_valid = None, lambda: n_valid
         if world > 1:
             # Ranks may hold different numbers of labelled tokens (MQAR labels a few positions, text all), so a rank's
             # mean counts by its share of the global count, times world as DDP and FSDP average the ranks. Kept on the
             # device (and copied there without blocking): a read-back would make the CPU wait for the previous step.
             labelled = to_device(torch.tensor(n_valid))
             torch.distributed.all_reduce(labelled)
-            rank_weight = world * n_valid / labelled
+            # A global batch without a labelled token (fully masked data) would make it 0 / 0 = NaN on every rank.
+            rank_weight = world * n_valid / labelled.clamp(min=1)
+            # Waited for only before the update, by when the GPU is long past this all-reduce.
+            global_valid = _read_back(labelled)
+        # The microbatches that run: alone, those holding a labelled token. Data parallel, every one on every rank, at
+        # weight 0 where it holds none: FSDP gathers the weights in each forward and backward, and the step's
+        # gradient reduction waits for every rank, so ranks that skipped different microbatches would wait for each
+        # other (or, over gloo, pair the wrong collectives: FSDP's losses drifted from one worker's by 7e-4).
+        running = list(range(n_micro)) if world > 1 else [i for i, n in enumerate(labels) if n]
+        last = running[-1] if running else -1
         try:
             if cuda_graphs:  # a new step: the CUDA graphs may reuse the last step's outputs (all used by now)
                 torch.compiler.cudagraph_mark_step_begin()
             loss_sum = torch.zeros((), device=device)
-            shares = [int((y != -100).sum()) / n_valid for _, y in micro]
-            last = max((i for i, share in enumerate(shares) if share > 0), default=-1)
-            for i, ((x, y), share) in enumerate(zip(micro, shares)):
-                if share == 0:
-                    continue
+            for i in running:
+                x, y = micro[i]
+                if not labels[i]:
+                    # The mean over no target is 0 / 0 = NaN, and NaN * 0 is NaN: any valid target at weight 0 gives
+                    # the zero gradient exactly.
+                    y = torch.zeros_like(y)
                 x, y = to_device(x), to_device(y)
                 # Data parallel: gradients are reduced once, in the step's last backward, not per microbatch.
                 if sharded:
@@ -687,6 +704,7 @@ def pretrain(
                     with autocast(device):
                         _, loss = step_model(x, y)
                     # Weight each microbatch by its labelled tokens so the step loss is the mean over the batch.
+                    share = labels[i] / max(n_valid, 1)
                     weight = share if rank_weight is None else rank_weight * share
                     (loss * weight).backward()
                 loss_sum += loss.detach() * weight
@@ -703,7 +721,13 @@ def pretrain(
             # A NaN or inf gradient under a finite loss (the usual first sign of a blow-up) makes this update
             # poison every weight: read back with the loss (x + 0 * norm is x, or NaN), it stops the run here.
             step_loss = _read_back(loss_sum + 0.0 * grad_norm)
-            optimizer.step()
+            # A batch without a labelled token has nothing to learn from: AdamW would still move the weights (by its
+            # momentum and the weight decay), so the update is skipped, and the step has no loss to report.
+            unlabelled = global_valid() == 0
+            if unlabelled:
+                step_loss = None
+            else:
+                optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             settle()  # the previous step's loss, while this step runs
         except torch.OutOfMemoryError:
@@ -715,7 +739,8 @@ def pretrain(
         window_t += dt
         window_tokens += tokens_per_step
         tps = None
-        if step % report_every == 0 or step in (start + 1, total_steps):
+        # An unlabelled step reports nothing; its time counts in the next report's throughput.
+        if not unlabelled and (step % report_every == 0 or step in (start + 1, total_steps)):
             tps = window_tokens / window_t
             window_t, window_tokens = 0.0, 0
         pending = (step, step_loss, lr, tps)

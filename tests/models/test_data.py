@@ -1,5 +1,6 @@
 """Data sources: the stdlib corpus, user files, MQAR and passkey generators, mixtures, resumable batches."""
 
+import hashlib
 import json
 import logging
 import os
@@ -14,6 +15,7 @@ import torch
 from models import data as D
 from models.data import (
     BYTE_VOCAB_SIZE,
+    VAL_EVERY,
     Batches,
     mqar_example,
     open_data,
@@ -289,10 +291,15 @@ def test_content_digest_reads_a_corpus_once_until_it_changes(tmp_path, monkeypat
 
 
 def golden_corpora(root):
-    """Files whose digests (content_digest, a .bin corpus's sha256 and max id) were computed by the code before the
-    digest cache: the cache must not change a run id or a checkpoint's data hash."""
+    """Files whose digests (content_digest, a .bin corpus's sha256 and max id, a text corpus's sha256) were computed by
+    the code before the digest cache: the cache must not change a run id or a checkpoint's data hash."""
     (root / "dir").mkdir(parents=True)
     (root / "corpus.txt").write_bytes(b"golden " * 100)
+    (root / "text").mkdir()
+    for i in range(25):  # enough files for a split by file
+        (root / "text" / f"doc{i:02d}.txt").write_bytes(f"document {i}\n".encode() * (i + 1))
+    (root / "text" / ".notes").write_bytes(b"not read")
+    settle(*(root / "text").iterdir())
     (root / "dir" / "train.bin").write_bytes((np.arange(3000, dtype=np.uint16) * 7 % 1000).tobytes())
     (root / "dir" / "val.bin").write_bytes((np.arange(300, dtype=np.uint16) % 1000).tobytes())
     (root / "one.bin").write_bytes((np.arange(3000, dtype=np.uint16) * 7 % 1000).tobytes())
@@ -302,7 +309,23 @@ def golden_corpora(root):
         "dir": "a8c4fe85fe216a54a3db816ae1c1d52f49be62f98286c4b999f503e5ff6140cf",
         "dir corpus": ("89680ab97e028f9a779a3827cfee3050db6e4b132d5d3d5b467457c0dcd5e93b", 999),
         "one.bin corpus": ("06993c5b1f2863e24efbdd585a2f2cc245d7c2edb4e4166e327c49ca8552e622", 999),
+        "corpus.txt corpus": "fc16a2c735a4c44f5614e9095b026bc51e671bfbe32b2fbe428e07c9e481477c",
+        "text corpus": "f54a25d3cce707e50f7797fdc43250078d18c6095ee6e60fc4362000dc82e252",
     }
+
+
+def text_sha256(path: Path) -> str:
+    """A text corpus's sha256 as text_corpus computed it before the digest cache: its train bytes, then its validation
+    bytes (every VAL_EVERY-th file of a folder, else the last 1 / VAL_EVERY of the bytes), a folder's files joined by
+    newlines."""
+    if not path.is_dir():
+        return hashlib.sha256(path.read_bytes()).hexdigest()  # its train bytes, then the rest
+    docs = [f.read_bytes() for f in sorted(path.iterdir()) if not f.name.startswith(".")]
+    if len(docs) < D.VAL_EVERY:
+        return hashlib.sha256(b"\n".join(docs)).hexdigest()
+    held = [i % D.VAL_EVERY == D.VAL_EVERY - 1 for i in range(len(docs))]
+    train, val = (b"\n".join(d for d, h in zip(docs, held) if h == side) for side in (False, True))
+    return hashlib.sha256(train + val).hexdigest()
 
 
 def test_digests_are_cached_on_disk_across_processes_with_their_old_values(tmp_path, monkeypatch):
@@ -324,10 +347,76 @@ def test_digests_are_cached_on_disk_across_processes_with_their_old_values(tmp_p
         for name in ("dir", "one.bin"):
             c = D.bin_corpus(tmp_path / "data" / name)
             assert (c.sha256, c.max_id) == golden[f"{name} corpus"]
-        assert len(list((cache / "digests").glob("*.json"))) == 4
+        # Text corpora were hashed in full by every run that opened them.
+        for name in ("corpus.txt", "text"):
+            assert D.text_corpus(tmp_path / "data" / name).sha256 == golden[f"{name} corpus"]
+        assert len(list((cache / "digests").glob("*.json"))) == 6
+    for name in ("corpus.txt", "text"):
+        assert text_sha256(tmp_path / "data" / name) == golden[f"{name} corpus"]
     # The cached max id still guards the vocabulary.
     with pytest.raises(ValueError, match=r"its largest is 999\)"):
         open_data(str(tmp_path / "data" / "dir"), 512)
+
+
+def test_a_text_folder_is_hashed_again_when_a_file_is_added_removed_touched_or_rewritten(tmp_path, monkeypatch):
+    monkeypatch.setenv("SLAB_CACHE_DIR", str(tmp_path / "cache"))
+    scans = []
+    real = D._sha256_and_max
+    monkeypatch.setattr(D, "_sha256_and_max", lambda *a: scans.append(1) or real(*a))
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    for name in ("a.txt", "b.txt", "c.txt"):
+        (folder / name).write_bytes(name.encode() * 100)
+    settle(*folder.iterdir())
+
+    def opened(expected_scans):
+        sha = D.text_corpus(folder).sha256
+        assert sha == text_sha256(folder) and len(scans) == expected_scans
+        return sha
+
+    first = opened(1)
+    assert opened(1) == first  # the second open reads its digest from the cache
+    (folder / ".hidden").write_bytes(b"not read")  # not a file of the corpus
+    opened(1)
+    b = (folder / "b.txt").stat()
+    os.utime(folder / "b.txt", ns=(b.st_atime_ns, b.st_mtime_ns + 10**9))  # touched
+    assert opened(2) == first
+    (folder / "d.txt").write_bytes(b"new")  # added
+    settle(folder / "d.txt")
+    assert opened(3) != first
+    (folder / "a.txt").unlink()  # removed
+    opened(4)
+    b = (folder / "b.txt").stat()
+    (folder / "b.txt").write_bytes(b"B" * len(b"b.txt" * 100))  # rewritten in place, its size and mtime kept
+    os.utime(folder / "b.txt", ns=(b.st_atime_ns, b.st_mtime_ns))
+    opened(5)
+    (folder / "c.txt").rename(folder / "e.txt")  # renamed: the files are read in another order
+    opened(6)
+    single = folder / "d.txt"
+    assert D.text_corpus(single).sha256 == D.text_corpus(single).sha256 == text_sha256(single)
+    assert len(scans) == 7
+
+
+def test_a_text_file_written_to_between_its_listing_and_its_read_is_read_again(tmp_path, monkeypatch):
+    monkeypatch.setenv("SLAB_CACHE_DIR", str(tmp_path / "cache"))
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    for i in range(VAL_EVERY + 1):
+        (folder / f"{i:02d}.txt").write_bytes(b"old %d" % i)
+    settle(*folder.iterdir())
+    real, sizes = D._read_text, []
+
+    def racing(files, listed, by_file):
+        sizes.append(listed)
+        if len(sizes) == 1:  # appended to once it was listed
+            with open(folder / "07.txt", "ab") as f:
+                f.write(b" and more")
+        return real(files, listed, by_file)
+
+    monkeypatch.setattr(D, "_read_text", racing)
+    c = D.text_corpus(folder)
+    assert len(sizes) == 2 and b"old 7 and more\nold 8" in bytes(c.train)
+    assert c.sha256 == text_sha256(folder) and bytes(c.val) == b"old 19"
 
 
 def test_a_replaced_or_rewritten_token_file_misses_the_digest_cache(tmp_path, monkeypatch):

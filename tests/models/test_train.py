@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -459,47 +460,144 @@ def test_checkpoints_without_a_checksum_still_load_and_old_checksums_go_with_the
 
 
 #: One of two gloo ranks training a tiny run whose ranks see different numbers of labelled tokens (argv: rank, port,
-#: checkpoint folder, the spec's JSON); rank 0 prints its losses by step.
+#: checkpoint folder, the spec's JSON[, a JSON object of options: "unlabelled", training sequences to leave without
+#: a labelled token; "fsdp_min_params"; "stop_at", a step to stop at as ``stopping_at`` does]); rank 0 prints its
+#: losses by step.
 GLOO_RANK = """
 import json, os, sys
 from datetime import timedelta
 import torch, torch.distributed as dist
-from models.train import pretrain
+from models.train import Interrupted, pretrain
 from sweep.spec import RunSpec
 torch.set_num_threads(1)
 rank, port, ckpt_dir, spec = int(sys.argv[1]), sys.argv[2], sys.argv[3], RunSpec.from_json(sys.argv[4])
 os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
 dist.init_process_group("gloo", rank=rank, world_size=2, timeout=timedelta(seconds=30))
+options = json.loads(sys.argv[5]) if len(sys.argv) > 5 else {}
+if options.get("unlabelled"):  # as the unlabelled fixture does
+    from models.data import Batches
+    mask = set(options["unlabelled"])
+    unmasked = Batches.sequence
+    def sequence(self, index):
+        x, y = unmasked(self, index)
+        return (x, y * 0 - 100) if self.split == "train" and index in mask else (x, y)
+    Batches.sequence = sequence
 losses = {}
 def report(kind, payload):
     if kind == "train": losses[payload["step"]] = payload["loss"]
-pretrain(spec, report, ckpt_dir, device="cpu", microbatch=2)
+asked = iter(range(1, spec.steps + 1))
+stop = (lambda: next(asked) == options["stop_at"]) if options.get("stop_at") else None
+try:
+    pretrain(spec, report, ckpt_dir, device="cpu", microbatch=2, fsdp_min_params=options.get("fsdp_min_params"),
+             should_stop=stop)
+except Interrupted:
+    pass
 if rank == 0:
     print("LOSSES " + json.dumps(losses))
 dist.destroy_process_group()
 """
 
 
-def test_data_parallel_ranks_weight_their_loss_by_the_global_labelled_tokens(tmp_path):
-    """MQAR labels a few positions of a sequence, text all of them: two ranks see different numbers of labelled
-    tokens, and the step must still be the mean over the global batch's tokens, as one worker trains it. Each rank
-    averaged over its own tokens and DDP then averaged the ranks, which weighted the two ranks' tokens unequally."""
+def train_on_two_gloo_ranks(s, ckpt_dir: Path, **options) -> dict[int, float]:
+    """Train ``s`` on two gloo ranks of two subprocesses (microbatch 2) with GLOO_RANK's ``options``; rank 0's train
+    losses by step."""
     import socket
 
-    s = spec(data="stdlib+mqar@0.5", vocab_size=512, tokens=8 * 32 * 3, lr=1e-2, seed=1)
-    one = Recorder()
-    pretrain(s, one, tmp_path / "one", device="cpu", microbatch=2)
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen([sys.executable, "-c", GLOO_RANK, str(rank), str(port), str(tmp_path / "two"),
-                               s.canonical_json()], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True) for rank in range(2)]
+    procs = [subprocess.Popen([sys.executable, "-c", GLOO_RANK, str(rank), str(port), str(ckpt_dir),
+                               s.canonical_json(), json.dumps(options)], cwd=ROOT, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in range(2)]
     outs = [p.communicate(timeout=120) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in outs]
     [line] = [x for x in outs[0][0].splitlines() if x.startswith("LOSSES ")]
-    two = {int(k): v for k, v in json.loads(line[len("LOSSES "):]).items()}
+    return {int(k): v for k, v in json.loads(line[len("LOSSES "):]).items()}
+
+
+def test_data_parallel_ranks_weight_their_loss_by_the_global_labelled_tokens(tmp_path):
+    """MQAR labels a few positions of a sequence, text all of them: two ranks see different numbers of labelled
+    tokens, and the step must still be the mean over the global batch's tokens, as one worker trains it. Each rank
+    averaged over its own tokens and DDP then averaged the ranks, which weighted the two ranks' tokens unequally."""
+    s = spec(data="stdlib+mqar@0.5", vocab_size=512, tokens=8 * 32 * 3, lr=1e-2, seed=1)
+    one = Recorder()
+    pretrain(s, one, tmp_path / "one", device="cpu", microbatch=2)
+    two = train_on_two_gloo_ranks(s, tmp_path / "two")
     assert sorted(two) == [1, 2, 3]
     for step, loss in one.losses().items():  # the same sequences; only the order of float sums differs
         assert two[step] == pytest.approx(loss, rel=1e-5), step
+
+
+def stopping_at(step: int):
+    """A ``should_stop`` that stops the run at ``step`` (checkpointed), sparing it the final validation."""
+    asked = iter(range(1, step + 1))
+    return lambda: next(asked) == step
+
+
+#: Training sequences left without a labelled token (batch 8, two ranks of 4, microbatches of 2): at step 1 all of
+#: rank 1's, at step 2 the whole batch, at step 3 rank 0's first microbatch.
+UNLABELLED = (4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17)
+
+
+def unlabelled_spec(tmp_path: Path):
+    """A 4-step run on a small, easily learned text, whose loss falls below ln V in 3 updates."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_bytes(b"".join(b"line %d of a small corpus\n" % (i % 50) for i in range(400)))
+    return spec(data=str(corpus), data_digest=content_digest(corpus), tokens=8 * 32 * 4, lr=1e-2, seed=1)
+
+
+@pytest.fixture
+def unlabelled(monkeypatch):
+    """Leave the UNLABELLED training sequences without a labelled token (every target ignored), as masked data does."""
+    from models.data import Batches
+
+    unmasked = Batches.sequence
+
+    def sequence(self, index):
+        x, y = unmasked(self, index)
+        return (x, np.full_like(y, -100)) if self.split == "train" and index in UNLABELLED else (x, y)
+
+    monkeypatch.setattr(Batches, "sequence", sequence)
+
+
+def test_a_step_without_a_labelled_token_updates_nothing_and_reports_no_loss(tmp_path, unlabelled):
+    """A batch whose every target is ignored has no loss to learn from: its mean (0 / 0) raised ZeroDivisionError, or
+    under data parallelism became NaN and poisoned every weight. Now the step leaves the weights and the optimizer as
+    they were, reports no loss, and the run goes on."""
+    after = {}
+
+    def record(kind, payload):
+        rec(kind, payload)
+        if kind == "ckpt":
+            after[payload["step"]] = load_checkpoint(tmp_path / "one")
+
+    rec = Recorder()
+    summary = pretrain(unlabelled_spec(tmp_path), record, tmp_path / "one", device="cpu", microbatch=2,
+                       ckpt_every_steps=1)
+    assert sorted(rec.losses()) == [1, 3, 4] and all(math.isfinite(v) for v in rec.losses().values())
+    assert math.isfinite(summary.final_loss) and math.isfinite(summary.val_loss)
+    for name, weight in after[1]["model"].items():
+        assert torch.equal(after[2]["model"][name], weight), name
+    updates = {step: {int(p["step"]) for p in ckpt["optimizer"]["state"].values()} for step, ckpt in after.items()}
+    assert updates == {1: {1}, 2: {1}, 3: {2}, 4: {3}}
+    assert all(torch.isfinite(w).all() for w in after[4]["model"].values())
+
+
+@pytest.mark.parametrize("fsdp", [None, 1], ids=["ddp", "fsdp"])
+def test_data_parallel_ranks_without_a_labelled_token_contribute_nothing(tmp_path, unlabelled, fsdp):
+    """A rank whose slice holds no labelled token divided by zero (and a batch without one, 0 / 0 on every rank, made
+    NaN weights); it must join the gradient reduction (which waits for every rank) with a zero gradient, so two ranks
+    train as one worker does, under DDP and FSDP."""
+    s = unlabelled_spec(tmp_path)
+    one = Recorder()
+    with pytest.raises(Interrupted):  # at the last step, checkpointed: the final validation has no bearing here
+        pretrain(s, one, tmp_path / "one", device="cpu", microbatch=2, should_stop=stopping_at(s.steps))
+    two = train_on_two_gloo_ranks(s, tmp_path / "two", unlabelled=UNLABELLED, fsdp_min_params=fsdp, stop_at=s.steps)
+    assert sorted(two) == sorted(one.losses()) == [1, 3, 4]
+    for step, loss in one.losses().items():
+        assert two[step] == pytest.approx(loss, rel=1e-5), step
+    # Summed in another order, the weights differ by about 1e-7; a rank's wrong gradient or a wrong update moves them
+    # by about the learning rate (1e-2), and NaN fails allclose.
+    for name, weight in load_checkpoint(tmp_path / "one")["model"].items():
+        assert torch.allclose(load_checkpoint(tmp_path / "two")["model"][name], weight, rtol=1e-4, atol=1e-5), name
