@@ -358,11 +358,17 @@ def test_digests_are_cached_on_disk_across_processes_with_their_old_values(tmp_p
         open_data(str(tmp_path / "data" / "dir"), 512)
 
 
-def test_a_text_folder_is_hashed_again_when_a_file_is_added_removed_touched_or_rewritten(tmp_path, monkeypatch):
+@pytest.fixture
+def scans(tmp_path, monkeypatch):
+    """A fresh digest cache, and a list that grows by one each time a corpus is hashed."""
     monkeypatch.setenv("SLAB_CACHE_DIR", str(tmp_path / "cache"))
-    scans = []
+    counted = []
     real = D._sha256_and_max
-    monkeypatch.setattr(D, "_sha256_and_max", lambda *a: scans.append(1) or real(*a))
+    monkeypatch.setattr(D, "_sha256_and_max", lambda *a: counted.append(1) or real(*a))
+    return counted
+
+
+def test_a_text_folder_is_hashed_again_when_a_file_is_added_removed_touched_or_rewritten(tmp_path, monkeypatch, scans):
     folder = tmp_path / "corpus"
     folder.mkdir()
     for name in ("a.txt", "b.txt", "c.txt"):
@@ -419,18 +425,15 @@ def test_a_text_file_written_to_between_its_listing_and_its_read_is_read_again(t
     assert c.sha256 == text_sha256(folder) and bytes(c.val) == b"old 19"
 
 
-def test_a_replaced_or_rewritten_token_file_misses_the_digest_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("SLAB_CACHE_DIR", str(tmp_path / "cache"))
-    scans = []
-    real = D._sha256_and_max
-    monkeypatch.setattr(D, "_sha256_and_max", lambda *a: scans.append(1) or real(*a))
+def test_a_replaced_or_rewritten_token_file_misses_the_digest_cache(tmp_path, monkeypatch, scans):
     path = tmp_path / "tokens.bin"
     ids = np.arange(2000, dtype=np.uint16)
     path.write_bytes(ids.tobytes())
     settle(path)
 
-    def fresh():
-        return real(np.fromfile(path, dtype=np.uint16))
+    def fresh():  # the file's sha256 and largest id, computed here (not counted as a scan)
+        ids_now = np.fromfile(path, dtype=np.uint16)
+        return hashlib.sha256(ids_now.tobytes()).hexdigest(), int(ids_now.max())
 
     assert (D.bin_corpus(path).sha256, D.bin_corpus(path).max_id) == fresh() and len(scans) == 1
     st = path.stat()
