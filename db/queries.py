@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Iterator
 
 import pandas as pd
-from sqlalchemy import JSON, DateTime, Engine, Float, Integer, String, func, select
+from sqlalchemy import JSON, DateTime, Engine, Float, Integer, String, func, select, tuple_
 
 from db.engine import read_only, reading
 from db.schema import TABLES, Eval, Metric, Plan, PlanRun, Run
@@ -30,6 +30,11 @@ ID_BATCH = 10_000
 #: Rows fetched at a time by the frame readers: rows as Python objects take about six times their frame's memory, so
 #: a large table (metrics) is turned into frames a chunk at a time rather than held whole as rows.
 FETCH_ROWS = 50_000
+
+#: Unique keys an export reads a table in (the primary key where none is named). Metrics and evals by run and step, not
+#: by id: a worker writes a run's steps in order, so a curve is cut only at its end, while on PostgreSQL ids of
+#: concurrent launchers commit out of order and a chunk read between them would leave a hole in a curve.
+EXPORT_KEYS = {"metrics": ("run_id", "step"), "evals": ("run_id", "step", "name")}
 
 #: Spec fields spread into columns of ``runs_frame`` (the rest stays in the JSON).
 SPEC_COLUMNS = ("d_model", "n_layers", "n_heads", "hybrid", "seq_len", "batch_size", "lr", "seed", "data", "schedule")
@@ -380,9 +385,8 @@ def export_table(engine: Engine, table: str, fmt: str | None, out: Path) -> int:
     tmp = out.with_name(f".{out.name}.tmp")
     try:
         # Read and written a chunk at a time, so that a table of millions of metric rows never lies in memory whole.
-        with reading(engine) as conn:
-            chunks = (_export_columns(c, TABLES[table]) for c in _read_chunks(conn, select(TABLES[table])))
-            rows = _write_csv(chunks, tmp) if fmt == "csv" else _write_parquet(chunks, tmp)
+        chunks = (_export_columns(c, TABLES[table]) for c in _export_chunks(engine, TABLES[table]))
+        rows = _write_csv(chunks, tmp) if fmt == "csv" else _write_parquet(chunks, tmp)
         tmp.replace(out)
     except OSError as exc:
         raise QueryError(f"cannot write {out}: {exc.strerror or exc}") from None
@@ -392,6 +396,33 @@ def export_table(engine: Engine, table: str, fmt: str | None, out: Path) -> int:
         except OSError:  # the write failed too (a read-only folder): its error is the one to report
             pass
     return rows
+
+
+def _export_chunks(engine: Engine, table) -> Iterator[pd.DataFrame]:
+    """``table``'s rows in EXPORT_KEYS order as frames of up to FETCH_ROWS rows (one empty frame when it has none),
+    each read in a transaction of its own."""
+    # One transaction held while the file was written stopped SQLite's checkpoints (the WAL of a database a launch
+    # writes to grew for the whole export) and held a PostgreSQL snapshot as long. Each chunk is read in a short
+    # transaction instead, from where the last one ended in key order. So every row that exists throughout the export
+    # is written exactly once, as it was when its chunk was read; a row added or deleted meanwhile may be in the file
+    # or not. A run training during the export (or finishing) has its curve cut at some step, as a snapshot would,
+    # though not at one moment for all runs: runs later in the file may be cut later. Tables are exported one per
+    # command, so a runs file and a metrics file never shared a snapshot either.
+    key = [table.c[name] for name in EXPORT_KEYS.get(table.name, ())] or list(table.primary_key.columns)
+    stmt = select(table).order_by(*key).limit(FETCH_ROWS)
+    after = None
+    while True:
+        page = stmt
+        if after is not None:
+            page = stmt.where(key[0] > after[0] if len(key) == 1 else tuple_(*key) > tuple_(*after))
+        with reading(engine) as conn:
+            chunk = pd.read_sql(page, conn)
+        if after is None or len(chunk):
+            # As Python values (a numpy integer is no parameter psycopg takes), before the caller retypes the chunk.
+            after = [chunk[c.name].iloc[-1:].tolist()[0] for c in key] if len(chunk) else None
+            yield chunk
+        if len(chunk) < FETCH_ROWS:
+            return
 
 
 def _write_csv(chunks: Iterator[pd.DataFrame], path: Path) -> int:

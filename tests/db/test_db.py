@@ -747,3 +747,66 @@ def test_a_writable_uri_url_is_opened_as_its_file(tmp_path, write_plan):
     engine = open_db(f"sqlite:///{path}", create=False)
     assert len(runs_frame(engine)) == 6
     engine.dispose()
+
+
+def test_export_holds_no_transaction_while_it_writes(db_url, write_plan, tmp_path, monkeypatch):
+    """`slab export` read every chunk in one transaction held while it wrote the file: on SQLite in WAL no checkpoint
+    could reset the WAL a launch was writing to (it grew for the whole export), on PostgreSQL it held a snapshot. Each
+    chunk is read in a transaction of its own, and every row is written once, in the order of its unique key."""
+    import db.queries
+
+    engine = open_db(db_url)
+    add_plans(engine, [load_plan(write_plan(PLAN))])
+    with session(engine) as s:
+        s.add_all([Metric(run_id=run_id, step=k, tokens=k, flops=k, loss=4.0, lr=1e-3)
+                   for run_id in s.scalars(select(Run.run_id)) for k in (3, 1, 2)])
+    # A text key, a key of two columns, and metrics by run and step (their unique key, not their id).
+    keys = {"runs": ["run_id"], "plan_runs": ["plan_id", "run_id"], "metrics": ["run_id", "step"]}
+    want = {t: sorted(map(tuple, run_sql(engine, f"select {', '.join(k)} from {t}").values.tolist()))
+            for t, k in keys.items()}
+    sqlite = engine.dialect.name == "sqlite"
+    if sqlite:
+        import sqlite3
+
+        other = sqlite3.connect(engine.url.database, timeout=0, isolation_level=None)  # no wait: busy, not blocked
+    else:
+        other = engine.connect()
+    held = []
+
+    def between_chunks():
+        """Another connection writes and then checks that no transaction of the export's is open."""
+        if sqlite:
+            other.execute("UPDATE runs SET attempts = attempts + 1")
+            busy, log, _ = other.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+            held.append((busy, log))  # busy: a reader still used the WAL, which could not be reset
+        else:
+            with other.begin():
+                other.execute(update(Run).values(attempts=Run.attempts + 1))
+            open_txns = other.exec_driver_sql(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                "AND pid <> pg_backend_pid() AND backend_type = 'client backend' AND xact_start IS NOT NULL").scalar()
+            other.rollback()
+            held.append((open_txns, 0))
+
+    write_csv = db.queries._write_csv
+
+    def hooked(chunks, path):
+        def tapped():
+            for chunk in chunks:
+                yield chunk  # the writer has written the chunk before it asks for the next
+                between_chunks()
+        return write_csv(tapped(), path)
+
+    monkeypatch.setattr(db.queries, "FETCH_ROWS", 4)
+    monkeypatch.setattr(db.queries, "_write_csv", hooked)
+    try:
+        for table, key in keys.items():
+            out = tmp_path / f"{table}.csv"
+            held.clear()
+            assert export_table(engine, table, "csv", out) == len(want[table])
+            assert held and held == [(0, 0)] * len(held), held
+            got = db.queries.pd.read_csv(out)
+            assert list(map(tuple, got[key].values.tolist())) == want[table]  # each row once, in key order
+    finally:
+        other.close()
+        engine.dispose()
