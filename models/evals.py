@@ -60,8 +60,9 @@ def validation_batches(data: Data, seq_len: int, *, device: torch.device, sequen
 @torch.no_grad()
 def validation_loss(
     model, data: Data, seq_len: int, *, device: torch.device, sequences: int | None = None, batch: int = 16
-) -> float:
-    """Mean cross-entropy (nats per predicted token) over fixed seeded validation sequences."""
+) -> float | None:
+    """Mean cross-entropy (nats per predicted token) over fixed seeded validation sequences; None where none of
+    them holds a labelled token (every target -100, as fully masked data gives), so there is no loss to report."""
     total, count = 0.0, 0
     was_training = model.training
     model.eval()
@@ -71,7 +72,7 @@ def validation_loss(
         total += float(loss) * n
         count += n
     model.train(was_training)
-    return total / count
+    return total / count if count else None
 
 
 @torch.no_grad()

@@ -77,8 +77,12 @@ class Diverged(TrainingError):
         return f"{self.reason} at step {self.step}"
 
 
-def rejected_validation(val_loss: float, vocab_size: int, final: bool) -> str | None:
-    """Why a validation loss makes the run diverged (NaN/inf; at the end, no better than ln V), or None."""
+def rejected_validation(val_loss: float | None, vocab_size: int, final: bool) -> str | None:
+    """Why a validation loss makes the run diverged (NaN/inf; at the end, no better than ln V), or None.
+
+    A ``val_loss`` of None (no labelled validation token: nothing was scored) rejects nothing."""
+    if val_loss is None:
+        return None
     if not math.isfinite(val_loss):
         return "the validation loss became NaN or inf"
     uniform = math.log(vocab_size)
@@ -104,6 +108,10 @@ class CheckpointUnreadable(RuntimeError):
     """A run's folder holds checkpoints, but none loads: the run neither resumes nor silently starts over."""
 
 
+class Unlabelled(ValueError):
+    """No training step of the run had a labelled token (every target -100): it learned nothing and has no loss."""
+
+
 class Interrupted(TrainingError):
     """``should_stop()`` asked the run to stop; it checkpointed at ``step`` first."""
 
@@ -119,7 +127,7 @@ class Summary:
     tokens: int
     flops: float
     final_loss: float
-    val_loss: float
+    val_loss: float | None  # None where no validation sequence holds a labelled token
     params: int
     nonembed_params: int
     wall_s: float
@@ -503,7 +511,9 @@ def pretrain(
     on CUDA OOM, and ``Interrupted`` (after checkpointing) when ``should_stop()`` returns True.
 
     A step whose global batch holds no labelled token (every target -100) leaves the weights and the optimizer as
-    they were and reports no "train" loss; a data-parallel rank holding none contributes a zero gradient.
+    they were and reports no "train" loss; a data-parallel rank holding none contributes a zero gradient. A run
+    none of whose steps had one raises ``Unlabelled`` at the end. Validation text without a labelled token gives
+    no "val" report and a ``val_loss`` of None.
 
     ``fault`` is a test hook: "nan@K" makes the loss of step K NaN, "nangrad@K" its gradients (the loss stays
     finite); "exit@K" ends the process with ``os._exit(1)`` right after checkpointing step K, unless
@@ -603,7 +613,7 @@ def pretrain(
         if world > 1:
             torch.distributed.barrier()
 
-    def evaluate(step: int) -> float:
+    def evaluate(step: int) -> float | None:
         try:
             val = validation_loss(model, data, spec.seq_len, device=device, batch=microbatch)
         except torch.OutOfMemoryError:
@@ -614,7 +624,8 @@ def pretrain(
         if reason and not math.isfinite(val):
             raise Diverged(step, reason)
         tokens = step * tokens_per_step
-        reporter("val", {"step": step, "tokens": tokens, "flops": float(fpt) * tokens, "val_loss": val})
+        if val is not None:  # None: no labelled validation token, so no loss to record
+            reporter("val", {"step": step, "tokens": tokens, "flops": float(fpt) * tokens, "val_loss": val})
         try:  # after the val report: a failing eval loses no loss
             results = run_evals(spec.evals, model, data, spec.seq_len, device=device)
         except torch.OutOfMemoryError:
@@ -768,6 +779,11 @@ def pretrain(
         if stopping:
             raise Interrupted(step)
 
+    if math.isnan(last_loss):
+        # Every finite loss read back is kept (a non-finite one raised Diverged), in checkpoints too: NaN here means
+        # that no step of any attempt had a labelled token.
+        raise Unlabelled(f"no training step of the run had a labelled token (every target -100 in all {total_steps} "
+                         f"steps): it learned nothing and has no loss; check the data {spec.data!r}")
     val = evaluate(total_steps)
     return summarize(spec, counts, fpt, val_loss=val, final_loss=last_loss, wall_s=prior_wall + time.perf_counter() - t_start,
                      train_time=train_time, trained_steps=trained_steps, start=start, data_sha256=data.sha256,
@@ -803,7 +819,7 @@ def _read_back(value: torch.Tensor) -> Callable[[], float]:
     return wait
 
 
-def summarize(spec, counts, fpt: int, *, val_loss: float, final_loss: float, wall_s: float, train_time: float,
+def summarize(spec, counts, fpt: int, *, val_loss: float | None, final_loss: float, wall_s: float, train_time: float,
               trained_steps: int, start: int, data_sha256: str, microbatch: int) -> Summary:
     """The ``Summary`` of a finished run; tokens/s counts this attempt's ``trained_steps`` over ``train_time``."""
     tokens_per_step = spec.batch_size * spec.seq_len

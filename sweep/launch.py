@@ -750,7 +750,7 @@ class Driver:
 
     def _settle(self, run_id: str, outcome: Any, packed: bool = False) -> None:
         """Record how one run's task ended (a summary, or the exception that ended it) and retry if due."""
-        from models.train import CheckpointUnreadable, Diverged, Interrupted, OutOfMemory
+        from models.train import CheckpointUnreadable, Diverged, Interrupted, OutOfMemory, Unlabelled
 
         flight = self.flights.pop(run_id, None)
         if flight is None:  # lost to another launcher while its pack trained on: already said so
@@ -781,8 +781,9 @@ class Driver:
                 error = _tail(exc)
                 if not self._record(flight, status="failed", error=error):
                     return
-                # unreadable checkpoints stay so until a person removes them: a retry would only fail again
-                retryable = not isinstance(cause, CheckpointUnreadable)
+                # unreadable checkpoints stay so until a person removes them, and data without a labelled token
+                # until someone changes it: a retry would only fail again
+                retryable = not isinstance(cause, (CheckpointUnreadable, Unlabelled))
                 if retryable and flight.tries < self.opts.max_attempts and not self.stopping:
                     delay = self.opts.backoff_s * 2 ** (flight.tries - 1)
                     flight.not_before = time.monotonic() + delay

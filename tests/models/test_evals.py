@@ -69,6 +69,23 @@ def test_validation_loss_is_fixed_and_batch_independent():
     assert model.training  # evals restore the mode they found
 
 
+def test_validation_loss_without_a_labelled_token_is_none(monkeypatch):
+    """Validation text whose every target is ignored (fully masked data) has no loss: its mean (0 / 0) raised
+    ZeroDivisionError; now it is None, which callers read as "no validation loss", never as a NaN loss."""
+    from models.data import Batches
+
+    unmasked = Batches.sequence
+
+    def sequence(self, index):
+        x, y = unmasked(self, index)
+        return (x, np.full_like(y, -100)) if self.split == "val" else (x, y)
+
+    monkeypatch.setattr(Batches, "sequence", sequence)
+    model = LM(ModelConfig("softmax", 16, 1, 1, 260)).train()
+    assert validation_loss(model, open_data("stdlib", 260), 32, device=CPU, sequences=8, batch=4) is None
+    assert model.training
+
+
 def test_run_evals_on_a_real_model_and_unknown_name():
     torch.manual_seed(0)
     model = LM(ModelConfig("hybrid", 32, 2, 2, 8192, "LS"))

@@ -1,5 +1,6 @@
 """The training loop: learning, schedules, exact resume, checkpoints, faults and reporter payloads."""
 
+import dataclasses
 import json
 import math
 import os
@@ -22,6 +23,7 @@ from models.train import (
     Diverged,
     Interrupted,
     OutOfMemory,
+    Unlabelled,
     checkpoint_path,
     checkpoint_steps,
     check_resumable,
@@ -30,6 +32,7 @@ from models.train import (
     load_checkpoint,
     lr_at,
     pretrain,
+    rejected_validation,
     save_checkpoint,
     verify_checkpoint,
 )
@@ -601,3 +604,40 @@ def test_data_parallel_ranks_without_a_labelled_token_contribute_nothing(tmp_pat
     # by about the learning rate (1e-2), and NaN fails allclose.
     for name, weight in load_checkpoint(tmp_path / "one")["model"].items():
         assert torch.allclose(load_checkpoint(tmp_path / "two")["model"][name], weight, rtol=1e-4, atol=1e-5), name
+
+
+def mask_split(monkeypatch, split: str) -> None:
+    """Leave every sequence of ``split`` without a labelled token (every target ignored), as fully masked data does."""
+    from models.data import Batches
+
+    unmasked = Batches.sequence
+
+    def sequence(self, index):
+        x, y = unmasked(self, index)
+        return (x, np.full_like(y, -100)) if self.split == split else (x, y)
+
+    monkeypatch.setattr(Batches, "sequence", sequence)
+
+
+def test_validation_text_without_a_labelled_token_gives_no_val_loss_and_no_divergence(tmp_path, monkeypatch):
+    """Validation text with no labelled token divided by zero at the first validation; now there is no "val" report
+    and the run ends with val_loss None (not NaN, so not Diverged), its training loss intact."""
+    mask_split(monkeypatch, "val")
+    rec = Recorder()
+    s = dataclasses.replace(unlabelled_spec(tmp_path), eval_every=2)
+    summary = pretrain(s, rec, tmp_path / "run", device="cpu", microbatch=4)
+    assert summary.val_loss is None and rec.of("val") == []
+    assert summary.final_loss == rec.of("train")[-1]["loss"] < math.log(260)
+    assert rejected_validation(None, 260, final=True) is None
+
+
+def test_a_run_without_a_labelled_training_token_raises_unlabelled(tmp_path, monkeypatch):
+    """A run none of whose steps had a labelled token ended with final_loss NaN; now it raises Unlabelled (a
+    ValueError) saying so, on the attempt that trains the last step and on one resumed after it."""
+    mask_split(monkeypatch, "train")
+    s, rec = unlabelled_spec(tmp_path), Recorder()
+    with pytest.raises(Unlabelled, match="no training step of the run had a labelled token"):
+        pretrain(s, rec, tmp_path / "run", device="cpu", microbatch=4)
+    assert rec.of("train") == [] and rec.of("val") == []
+    with pytest.raises(ValueError, match="no training step"):  # resumed from the last step's checkpoint
+        pretrain(s, Recorder(), tmp_path / "run", device="cpu", microbatch=4)

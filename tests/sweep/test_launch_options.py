@@ -431,3 +431,27 @@ def test_a_run_stopped_by_ctrl_c_says_which_ckpt_dir_resumes_it(plan, tmp_path):
     engine.dispose()
     assert any(f"stopped at step 201; a relaunch with --ckpt-dir {(tmp_path / 'ckG').resolve()} resumes it" in line
                for line in view.lines), view.lines
+
+
+def test_a_run_whose_data_has_no_labelled_token_fails_once_without_retrying(plan, tmp_path):
+    """`Unlabelled` (no training step had a labelled token) fails the run at once: a retry would read the same data."""
+    from db.schema import utcnow
+    from db.writer import claim_run
+    from models.train import Unlabelled
+    from sweep.registry import add_plans
+
+    engine = open_db(f"sqlite:///{tmp_path}/slab.db")
+    add_plans(engine, [plan])
+    s = plan.runs[0].spec
+    claim_run(engine, s.run_id, "me", utcnow())
+    driver = Driver.__new__(Driver)  # only the settling of an outcome: no Ray
+    driver.engine, driver.owner, driver.view, driver.outcome = engine, "me", Said(), {}
+    driver.opts, driver.db_away_since = LaunchOptions(cpu=True, ckpt_dir=tmp_path / "ck", max_attempts=3), None
+    driver.stopping, driver.queue = False, []
+    driver.flights = {s.run_id: Flight(spec=s, name="r", attempt=1, tries=1, microbatch=None)}
+    driver._settle(s.run_id, Unlabelled("no training step of the run had a labelled token"))
+    assert driver.queue == [] and driver.outcome[s.run_id] == "failed"
+    with engine.connect() as conn:
+        [(status, error)] = conn.execute(select(Run.status, Run.error).where(Run.run_id == s.run_id)).all()
+    engine.dispose()
+    assert status == "failed" and "labelled token" in error
