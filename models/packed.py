@@ -351,8 +351,9 @@ def pretrain_pack(
             reporters[i]("ckpt", {"step": step})
 
     @torch.no_grad()
-    def stacked_validation(ids: list[int]) -> list[float]:
-        """``validation_loss`` of several members in one vmapped pass over the shared validation batches."""
+    def stacked_validation(ids: list[int]) -> list[float | None]:
+        """``validation_loss`` of several members in one vmapped pass over the shared validation batches (None for
+        each where no validation sequence holds a labelled token, as ``validation_loss`` gives)."""
         sel = torch.tensor(ids, device=device)
         if stacked is None:
             p = {k: v.detach().index_select(0, sel) for k, v in params.items()}
@@ -366,7 +367,7 @@ def pretrain_pack(
                     losses = vmap(member_loss, in_dims=(0, 0, None, None))(p, b, x, y)
             total += losses.double() * labelled
             count += labelled
-        return (total / count).tolist()
+        return (total / count).tolist() if count else [None] * len(ids)
 
     def evaluate(ids: list[int], step: int) -> dict[int, float]:
         """Validation loss (one pass for all of ``ids``) and the plan's evals (member by member)."""
@@ -379,6 +380,9 @@ def pretrain_pack(
         tokens = step * tokens_per_step
         scored = []  # members whose validation loss is recorded, so whose evals run too
         for i in ids:
+            if vals[i] is None:  # no labelled validation token: no loss to record or judge, as in pretrain
+                scored.append(i)
+                continue
             reason = rejected_validation(vals[i], specs[i].vocab_size, final=step == total_steps)
             if reason and not math.isfinite(vals[i]):  # as pretrain: not finite on held-out text
                 outcome[i] = Diverged(step, reason)

@@ -192,3 +192,17 @@ def test_a_member_that_cannot_resume_fails_alone(tmp_path):
     assert results[2].steps == 2 and sorted(recs[2].losses()) == [1, 2]
     assert recs[0].events == recs[1].events == []  # nothing reported for the members that did not train
     assert checkpoint_steps(dirs[1]) == [1] and checkpoint_steps(dirs[2]) == [2]  # the foreign checkpoint is left alone
+
+
+def test_a_pack_on_validation_text_without_a_labelled_token_has_no_val_loss(tmp_path, monkeypatch):
+    """As a lone run: no "val" report and a val_loss of None, not a 0 / 0 that made every member diverge."""
+    from tests.models.test_train import mask_split
+
+    mask_split(monkeypatch, "val")
+    specs = members(tokens=8 * 32 * 4)
+    recs = [Recorder() for _ in specs]
+    results = pretrain_pack(specs, recs, [tmp_path / f"m{i}" for i in range(3)], device="cpu", microbatch=4)
+    for rec, result in zip(recs, results):
+        assert not isinstance(result, Exception), result
+        assert result.val_loss is None and rec.of("val") == []
+        assert math.isfinite(result.final_loss) and sorted(rec.losses()) == [1, 2, 3, 4]
