@@ -607,16 +607,14 @@ def launch(
         raise typer.Exit(130) from None
     if not result.rows:  # nothing was trained, and the launch said why ("nothing to train: all 6 selected runs are done")
         return
-    if result.rows:
-        import pandas as pd
+    import pandas as pd
 
-        frame = pd.DataFrame(result.rows)[["run_id", "name", "arch", "status", "attempts", "step", "final_loss", "val_loss", "wall_s", "error"]]
-        frame["error"] = frame["error"].map(_last_line)
-        for c in ("final_loss", "val_loss", "wall_s"):
-            frame[c] = frame[c].map(lambda v: f"{v:.4g}" if v is not None and v == v else "")
-        _emit(frame, Format.table, title="launch summary", free=("error", 14), whole=("run_id",),
-              hint="slab runs --csv prints every column",
-              optional=("attempts", "final_loss", "wall_s", "step", "name"))
+    frame = pd.DataFrame(result.rows)[["run_id", "name", "arch", "status", "attempts", "step", "final_loss", "val_loss", "wall_s", "error"]]
+    frame["error"] = frame["error"].map(_last_line)
+    for c in ("final_loss", "val_loss", "wall_s"):
+        frame[c] = frame[c].map(lambda v: f"{v:.4g}" if v is not None and v == v else "")
+    _emit(frame, Format.table, title="launch summary", free=("error", 14), whole=("run_id",),
+          hint="slab runs --csv prints every column", optional=("attempts", "final_loss", "wall_s", "step", "name"))
     done = sum(r["status"] == "done" for r in result.rows)
     bad = sum(r["status"] in ("failed", "diverged") for r in result.rows)
     lost = sum(r["status"] == "lost" for r in result.rows)

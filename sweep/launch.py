@@ -24,6 +24,7 @@ import signal
 import socket
 import time
 import traceback
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -229,29 +230,28 @@ def _chosen(plans: list[Plan], where: tuple[tuple[str, str], ...]) -> dict[str, 
 def _finished(engine: Engine, ids: list[str]) -> dict[str, str]:
     """The status of those of ``ids`` that are done or diverged."""
     finished: dict[str, str] = {}
-    with engine.connect() as conn:
-        for i in range(0, len(ids), 500):
-            stmt = select(Run.run_id, Run.status).where(Run.run_id.in_(ids[i : i + 500]), Run.status.in_(("done", "diverged")))
+    with reading(engine) as conn:  # as the frame readers read: deferred, and ID_BATCH ids a statement
+        for i in range(0, len(ids), ID_BATCH):
+            stmt = select(Run.run_id, Run.status).where(Run.run_id.in_(ids[i : i + ID_BATCH]), Run.status.in_(("done", "diverged")))
             finished.update({run_id: status for run_id, status in conn.execute(stmt)})
     return finished
 
 
-def select_runs(engine: Engine, plans: list[Plan], opts: LaunchOptions) -> list[tuple[RunSpec, str | None]]:
-    """The plans' runs that match ``--where``, are not done or diverged, up to ``--limit``."""
+def select_runs(engine: Engine, plans: list[Plan], opts: LaunchOptions) -> tuple[list[tuple[RunSpec, str | None]], str]:
+    """The plans' runs that match ``--where``, are not done or diverged, up to ``--limit``; with none, why in a line."""
     chosen = _chosen(plans, opts.where)
     finished = _finished(engine, list(chosen))
     todo = [v for k, v in chosen.items() if k not in finished]
-    return todo[: opts.limit] if opts.limit is not None else todo
+    todo = todo[: opts.limit] if opts.limit is not None else todo
+    return todo, ("" if todo else _nothing_to_train(len(chosen), finished))
 
 
-def _nothing_to_train(engine: Engine, plans: list[Plan], opts: LaunchOptions) -> str:
-    """Why a launch has no run to train, in a line: all its selected runs are finished, or none was selected."""
-    ids = list(_chosen(plans, opts.where))
-    finished = _finished(engine, ids)
-    if not ids or len(finished) < len(ids):  # none selected, or --limit 0
+def _nothing_to_train(selected: int, finished: dict[str, str]) -> str:
+    """Why a launch has no run to train, in a line: all its ``selected`` runs are ``finished``, or none was selected."""
+    if not selected or len(finished) < selected:  # none selected, or --limit 0
         return "0 runs to train"
-    counts = {status: list(finished.values()).count(status) for status in ("done", "diverged")}
-    runs = f"the {len(ids)} selected run is" if len(ids) == 1 else f"all {len(ids)} selected runs are"
+    counts = Counter(finished.values())
+    runs = f"the {selected} selected run is" if selected == 1 else f"all {selected} selected runs are"
     if not counts["diverged"]:
         return f"nothing to train: {runs} done"
     return f"nothing to train: {runs} finished ({counts['done']} done, {counts['diverged']} diverged)"
@@ -973,9 +973,9 @@ def launch(plans: list[Plan], opts: LaunchOptions, view: LaunchView) -> LaunchRe
         for r in add_plans(engine, plans):
             if warning := moved_warning(r):
                 view.log(f"warning: {warning}")
-        runs = select_runs(engine, plans, opts)
+        runs, why_none = select_runs(engine, plans, opts)
         if not runs:
-            view.log(_nothing_to_train(engine, plans, opts))
+            view.log(why_none)
             return LaunchResult(rows=[])
         # Before the folder is made and a local Ray starts: a wrong --ckpt-dir is refused in a moment.
         restarts = check_checkpoints(engine, runs, opts, view)
