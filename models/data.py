@@ -93,18 +93,6 @@ class Corpus:
     max_id: int | None = None  # the largest token id of both splits (token-id corpora; None for bytes)
 
 
-def _split_files(chunks: list[bytes], sep: bytes = b"") -> tuple[bytes, bytes]:
-    """Every VAL_EVERY-th file to validation; with too few files, the last 1/VAL_EVERY of the bytes. ``sep`` goes
-    between the files of a split."""
-    if len(chunks) >= VAL_EVERY:
-        val = sep.join(c for i, c in enumerate(chunks) if i % VAL_EVERY == VAL_EVERY - 1)
-        train = sep.join(c for i, c in enumerate(chunks) if i % VAL_EVERY != VAL_EVERY - 1)
-        return train, val
-    whole = sep.join(chunks)
-    cut = len(whole) - len(whole) // VAL_EVERY
-    return whole[:cut], whole[cut:]
-
-
 #: Token ids read at a time when a token file is hashed and its largest id found.
 _SCAN_CHUNK = 1 << 24
 
@@ -163,9 +151,10 @@ def stdlib_corpus() -> Corpus:
         val = np.load(folder / f"{key}.val.npy", mmap_mode="r")
         return Corpus("stdlib", train, val, meta["sha256"], is_bytes=True)
     files = stdlib_files()
-    train_b, val_b = _split_files([p.read_bytes() for p in files])
-    train = np.frombuffer(train_b, dtype=np.uint8)
-    val = np.frombuffer(val_b, dtype=np.uint8)
+    read = _read_text(files, [p.stat().st_size for p in files], by_file=len(files) >= VAL_EVERY, sep=b"")
+    if read is None:
+        raise ValueError(f"{sysconfig.get_paths()['stdlib']}: a file changed size while the stdlib corpus was built")
+    _, train, val = read
     sha, _ = _sha256_and_max(train, val)
     folder.mkdir(parents=True, exist_ok=True)
     _atomic_save(folder / f"{key}.train.npy", train)
@@ -179,23 +168,28 @@ def stdlib_corpus() -> Corpus:
 
 
 def _read_text(
-    files: list[Path], sizes: list[int], by_file: bool
+    files: list[Path], sizes: list[int], by_file: bool, sep: bytes = DOC_SEP
 ) -> tuple[tuple[Stamp, ...], np.ndarray, np.ndarray] | None:
-    """The files of ``sizes`` bytes joined with ``DOC_SEP`` and split as ``_split_files`` splits them (``by_file``:
-    every VAL_EVERY-th file to validation), read straight into the two read-only arrays, with their stamps; None when
-    a file no longer has its size. Joining their bytes afterwards took as long again as reading them (200 MB, 2,000
+    """The files of ``sizes`` bytes, split into train and validation and joined with ``sep`` within each, read straight
+    into two read-only arrays, with their stamps; None when a file no longer has its size.
+
+    The one split rule of file corpora: ``by_file``, every VAL_EVERY-th file is validation; otherwise the last
+    1 / VAL_EVERY of the joined bytes. Joining bytes read first took as long again as reading them (200 MB, 2,000
     files)."""
     val = [by_file and i % VAL_EVERY == VAL_EVERY - 1 for i in range(len(files))]
     arrays = {}
     for side in (False, True):
         side_sizes = [n for n, v in zip(sizes, val, strict=True) if v == side]
-        arrays[side] = np.empty(sum(side_sizes) + len(DOC_SEP) * max(0, len(side_sizes) - 1), dtype=np.uint8)
-    at, stamps = {False: 0, True: 0}, []
+        arrays[side] = np.empty(sum(side_sizes) + len(sep) * max(0, len(side_sizes) - 1), dtype=np.uint8)
+    at, started, stamps = {False: 0, True: 0}, set(), []
     for file, size, side in zip(files, sizes, val, strict=True):
         out = memoryview(arrays[side])
-        if at[side]:
-            out[at[side] : at[side] + len(DOC_SEP)] = DOC_SEP
-            at[side] += len(DOC_SEP)
+        # By file count, not bytes written: an empty first file still takes its separator (the arrays count one
+        # between every two files), or the array's last bytes stay uninitialised.
+        if side in started and sep:
+            out[at[side] : at[side] + len(sep)] = sep
+            at[side] += len(sep)
+        started.add(side)
         with open(file, "rb") as handle:
             # Stamped from the open handle before it is read: the cached digest is of the very bytes read, even if one
             # replaces the file meanwhile.
@@ -226,7 +220,8 @@ def text_corpus(path: Path) -> Corpus:
         raise ValueError(f"{path}: its files kept changing while they were read")
     stamps, train, val = read
     # The split and the separator decide the bytes hashed, so they are part of the key: changing either misses.
-    kind = f"text-corpus:{VAL_EVERY}:{DOC_SEP.hex()}"
+    # "-2": digests cached before empty first files took their separator may be of uninitialised bytes.
+    kind = f"text-corpus-2:{VAL_EVERY}:{DOC_SEP.hex()}"
     facts = cached_digest(kind, stamps, lambda: {"sha256": _sha256_and_max(train, val)[0]})
     return Corpus(str(path), train, val, facts["sha256"], is_bytes=True)
 

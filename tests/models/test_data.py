@@ -508,3 +508,25 @@ def test_processes_hashing_one_corpus_at_once_agree_and_leave_one_entry(tmp_path
     assert len(list((cache / "digests").iterdir())) == 1  # no temp file left behind
     (entry,) = (cache / "digests").glob("*.json")
     assert json.loads(entry.read_text())["value"]["sha256"] == outs.pop().decode().strip()
+
+
+def test_a_text_folder_whose_first_file_is_empty_reads_every_byte_it_hashes(tmp_path):
+    # The separator went in only after bytes had been written, so an empty first file left the array's last byte
+    # uninitialised (np.empty): the corpus and its hash then varied from one read to the next.
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    (folder / "a.txt").write_bytes(b"")
+    (folder / "b.txt").write_bytes(b"xyz")
+    (folder / "c.txt").write_bytes(b"")
+    c = D.text_corpus(folder)
+    assert bytes(c.train) + bytes(c.val) == b"\nxyz\n"
+
+
+def test_stdlib_corpus_is_its_files_split_by_file_without_a_separator(tmp_path, monkeypatch):
+    # Built afresh (its own cache folder): every stdlib checkpoint records this hash, so the bytes must not move.
+    monkeypatch.setenv("SLAB_CACHE_DIR", str(tmp_path))
+    c = D.stdlib_corpus()
+    files = D.stdlib_files()
+    held = [p.read_bytes() for i, p in enumerate(files) if i % D.VAL_EVERY == D.VAL_EVERY - 1]
+    kept = [p.read_bytes() for i, p in enumerate(files) if i % D.VAL_EVERY != D.VAL_EVERY - 1]
+    assert bytes(c.val) == b"".join(held) and bytes(c.train) == b"".join(kept)
