@@ -220,8 +220,7 @@ def text_corpus(path: Path) -> Corpus:
         raise ValueError(f"{path}: its files kept changing while they were read")
     stamps, train, val = read
     # The split and the separator decide the bytes hashed, so they are part of the key: changing either misses.
-    # "-2": digests cached before empty first files took their separator may be of uninitialised bytes.
-    kind = f"text-corpus-2:{VAL_EVERY}:{DOC_SEP.hex()}"
+    kind = f"text-corpus:{VAL_EVERY}:{DOC_SEP.hex()}"
     facts = cached_digest(kind, stamps, lambda: {"sha256": _sha256_and_max(train, val)[0]})
     return Corpus(str(path), train, val, facts["sha256"], is_bytes=True)
 

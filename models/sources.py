@@ -18,8 +18,9 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 #: Bumped whenever what a cached digest hashes changes (``content_digest``, a token corpus's sha256 or max id, a text
-#: corpus's sha256), so that entries written by older code miss instead of answering with the old value.
-DIGEST_CACHE_VERSION = 1
+#: corpus's sha256), so that entries written by older code miss instead of answering with the old value. 2: a text
+#: folder whose first file of a split was empty had been read with an uninitialised byte, and its digest cached so.
+DIGEST_CACHE_VERSION = 2
 
 #: A file as the digest cache knows it: resolved path, size, mtime_ns, ctime_ns, inode. Rewriting a file in place
 #: changes its ctime even when its mtime is put back; replacing it changes its inode.
@@ -29,6 +30,10 @@ Stamp = tuple[str, int, int, int, int]
 #: and NFS, 2 s on FAT) and keep its stamp: its digest is cached only once it has been left alone this long, as git
 #: does with "racily clean" files.
 SETTLE_NS = 2 * 10**9
+
+#: Digest cache entries kept: past this many, the least recently used go. A folder corpus edited now and then leaves
+#: an entry per version, each holding every file's stamp (hundreds of kB for thousands of files).
+DIGEST_CACHE_ENTRIES = 512
 
 
 def parse_data(data: str) -> list[tuple[str, float]]:
@@ -129,6 +134,7 @@ def cached_digest(kind: str, stamps: tuple[Stamp, ...], compute: Callable[[], di
     try:
         saved = json.loads(entry.read_bytes())
         if saved["key"] == key and _valid_digest(saved["value"]):
+            _touch(entry)
             return saved["value"]
         log.debug("digest cache %s does not hold this key's digest: recomputed", entry)
     except FileNotFoundError:
@@ -148,9 +154,30 @@ def cached_digest(kind: str, stamps: tuple[Stamp, ...], compute: Callable[[], di
         except BaseException:
             os.unlink(tmp)
             raise
+        _prune(entry.parent, DIGEST_CACHE_ENTRIES)
     except OSError as exc:  # a read-only or full cache folder: the digest is right, only slower next time
         log.debug("digest cache %s not written (%s)", entry, exc)
     return value
+
+
+def _touch(entry: Path) -> None:
+    """Mark a cache entry as just used (its mtime), so pruning keeps it; a read-only cache only loses that mark."""
+    try:
+        os.utime(entry)
+    except OSError:
+        pass
+
+
+def _prune(folder: Path, keep: int) -> None:
+    """Delete all but the ``keep`` most recently used entries of a digest cache folder."""
+    def used(path: Path) -> int:
+        try:
+            return path.stat().st_mtime_ns
+        except FileNotFoundError:  # pruned meanwhile by another process
+            return -1
+    entries = sorted(folder.glob("*.json"), key=used)
+    for old in entries[: max(0, len(entries) - keep)]:
+        old.unlink(missing_ok=True)
 
 
 def settled(stamps: tuple[Stamp, ...]) -> bool:

@@ -530,3 +530,35 @@ def test_stdlib_corpus_is_its_files_split_by_file_without_a_separator(tmp_path, 
     held = [p.read_bytes() for i, p in enumerate(files) if i % D.VAL_EVERY == D.VAL_EVERY - 1]
     kept = [p.read_bytes() for i, p in enumerate(files) if i % D.VAL_EVERY != D.VAL_EVERY - 1]
     assert bytes(c.val) == b"".join(held) and bytes(c.train) == b"".join(kept)
+
+
+def test_the_digest_cache_keeps_its_most_recently_used_entries(tmp_path, monkeypatch):
+    # Every version of an edited folder corpus left an entry holding each file's stamp, and none was ever removed.
+    from models import sources
+
+    monkeypatch.setenv("SLAB_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(sources, "DIGEST_CACHE_ENTRIES", 3)
+    files = []
+    for i in range(4):
+        files.append(tmp_path / f"c{i}.txt")
+        files[-1].write_bytes(f"corpus {i}".encode())
+        settle(files[-1])
+    entries = tmp_path / "cache" / "digests"
+    for i, f in enumerate(files[:3]):
+        before = set(entries.glob("*.json")) if entries.exists() else set()
+        sources.content_digest(f)
+        (new,) = set(entries.glob("*.json")) - before
+        used = new.stat().st_mtime_ns - (10 - i) * 10**9  # a second apart, the first entry the oldest
+        os.utime(new, ns=(used, used))
+    sources._digest_of_files.cache_clear()
+    reads = hash_reads(tmp_path, monkeypatch)
+    sources.content_digest(files[0])  # a hit: now the most recently used
+    assert reads == []
+    sources.content_digest(files[3])  # a fourth entry: the least recently used (files[1]'s) goes
+    assert len(list(entries.glob("*.json"))) == 3
+    sources._digest_of_files.cache_clear()
+    for f in (files[0], files[2], files[3]):
+        sources.content_digest(f)
+    assert reads == [reads[0]]  # only files[3]'s own first read: the three kept entries answered
+    sources.content_digest(files[1])
+    assert len(reads) == 2
