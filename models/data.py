@@ -168,14 +168,15 @@ def stdlib_corpus() -> Corpus:
 
 
 def _read_text(
-    files: list[Path], sizes: list[int], by_file: bool, sep: bytes = DOC_SEP
+    files: list[Path], sizes: list[int], by_file: bool, sep: bytes | None = None
 ) -> tuple[tuple[Stamp, ...], np.ndarray, np.ndarray] | None:
-    """The files of ``sizes`` bytes, split into train and validation and joined with ``sep`` within each, read straight
-    into two read-only arrays, with their stamps; None when a file no longer has its size.
+    """The files of ``sizes`` bytes, split into train and validation and joined with ``sep`` (``DOC_SEP`` unless given)
+    within each, read straight into two read-only arrays, with their stamps; None when a file no longer has its size.
 
     The one split rule of file corpora: ``by_file``, every VAL_EVERY-th file is validation; otherwise the last
     1 / VAL_EVERY of the joined bytes. Joining bytes read first took as long again as reading them (200 MB, 2,000
     files)."""
+    sep = DOC_SEP if sep is None else sep
     val = [by_file and i % VAL_EVERY == VAL_EVERY - 1 for i in range(len(files))]
     arrays = {}
     for side in (False, True):
