@@ -6,7 +6,8 @@ trains all of them per step, so a GPU runs a few large kernels instead of many s
 member keeps its own data stream, learning-rate schedule, AdamW state (the arithmetic of
 ``torch.optim.AdamW``), gradient clipping, divergence check, reports and checkpoint folder. Checkpoints
 are in ``pretrain``'s format, so a member resumes alone or in another pack, and members may start from
-different steps. A member that diverges stops (its updates are masked); the others go on.
+different steps. A member that diverges stops (its updates are masked); the others go on. A member's step
+without a labelled token leaves that member as it was, as ``pretrain`` leaves a lone run.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from models.evals import autocast, check_evals, run_evals, validation_batches
 from models.lm import LM
 from models.train import (
     BETAS, MAX_TRAIN_REPORTS, PEAK_FLOPS_CUDA, CheckpointUnreadable, Diverged, Interrupted, OutOfMemory, Summary,
+    Unlabelled,
     _param_groups, _parse_fault, _run_key, build_model, check_resumable, check_spec, checkpoint_steps, decayed,
     default_microbatch, load_checkpoint, lr_at, model_config, rejected_validation, save_checkpoint, summarize,
 )
@@ -227,8 +229,9 @@ def pretrain_pack(
     ckpt_every_s: float = 1800.0,
 ) -> list[Summary | Exception]:
     """Train the runs ``specs`` (one shape) together; returns per member its ``Summary``, the ``Diverged`` /
-    ``Interrupted`` that ended it, or what kept it from resuming (``CheckpointUnreadable``, or ``ValueError`` for a
-    checkpoint of another run or data). Reports and checkpoints per member as ``pretrain`` does.
+    ``Interrupted`` that ended it, ``Unlabelled`` where none of its steps had a labelled token, or what kept it from
+    resuming (``CheckpointUnreadable``, or ``ValueError`` for a checkpoint of another run or data). Reports and
+    checkpoints per member as ``pretrain`` does.
 
     Raises ``OutOfMemory`` for the pack as a whole (retry the members alone), and any other error. ``faults``
     are ``pretrain``'s test hooks per member: "nan@K" diverges that member; "raise@K" and "exit@K" end the pack.
@@ -407,6 +410,10 @@ def pretrain_pack(
     outcome: list[Summary | Exception | None] = list(refused)
     active = [True] * n  # set per step below; evaluate() clears a member whose validation loss rules it out
     finished = [i for i, start in enumerate(starts) if start >= total_steps and outcome[i] is None]
+    for i in finished:
+        if math.isnan(last_loss[i]):  # resumed after its last step without one labelled token, as pretrain judges it
+            outcome[i] = Unlabelled.of_run(specs[i].data, total_steps)
+    finished = [i for i in finished if outcome[i] is None]
     # checkpointed at their last step but not reported as done: finish them
     for i, val in evaluate(finished, total_steps).items():
         outcome[i] = summarize(specs[i], counts, fpt, val_loss=val, final_loss=last_loss[i], wall_s=prior_wall[i],
@@ -430,13 +437,17 @@ def pretrain_pack(
             b.position = (min(steps[i], total_steps) - 1) * spec0.batch_size
             micro.append([b.next() for _ in range(n_micro)])
             b.position = min(steps[i], total_steps) * spec0.batch_size
-        n_valid = [max(1, sum(int((y != -100).sum()) for _, y in mb)) for mb in micro]
+        labels = [[int((y != -100).sum()) for _, y in mb] for mb in micro]  # per member, per microbatch
+        n_valid = [sum(mb) for mb in labels]
         try:
             loss_sum = torch.zeros(n, device=device)
             for j in range(n_micro):
                 x = torch.stack([micro[i][j][0] for i in range(n)]).to(device, non_blocking=True)
-                y = torch.stack([micro[i][j][1] for i in range(n)]).to(device, non_blocking=True)
-                share_j = torch.tensor([int((micro[i][j][1] != -100).sum()) / n_valid[i] for i in range(n)], device=device)
+                # Under vmap a member's mean over no target is 0 / 0 = NaN, and NaN * 0 is NaN: any valid target at
+                # weight 0 gives its zero gradient exactly, as in pretrain (stacked_losses divides by at least 1).
+                y = torch.stack([micro[i][j][1] if labels[i][j] or stacked is not None
+                                 else torch.zeros_like(micro[i][j][1]) for i in range(n)]).to(device, non_blocking=True)
+                share_j = torch.tensor([labels[i][j] / max(n_valid[i], 1) for i in range(n)], device=device)
                 with autocast(device):
                     losses = batched_loss(x, y)
                 # Each member's step loss is the mean over its labelled tokens, as in pretrain.
@@ -454,17 +465,20 @@ def pretrain_pack(
             for i, f in enumerate(faults):
                 if f == ("nan", steps[i]):
                     values[i] = float("nan")
+            # A member's batch without a labelled token has nothing to learn from: AdamW would still move its weights
+            # (momentum, decay), so it is left out of the update as pretrain skips its step; it has no loss to check.
+            update = [active[i] and n_valid[i] > 0 for i in range(n)]
             for i in range(n):
-                if active[i]:
+                if update[i]:
                     if not (math.isfinite(values[i]) and math.isfinite(norm_values[i])):
                         outcome[i] = Diverged(steps[i])
-                        active[i] = False
+                        active[i] = update[i] = False
                     else:
                         last_loss[i] = values[i]
-            _clip_and_mask(params, specs, active, norms)
+            _clip_and_mask(params, specs, update, norms)
             optimizer.step(
                 [lr_at(min(s, total_steps), spec) for s, spec in zip(steps, specs)],
-                [spec.weight_decay for spec in specs], active,
+                [spec.weight_decay for spec in specs], update,
             )
             for p in params.values():
                 p.grad = None
@@ -484,7 +498,8 @@ def pretrain_pack(
             if not active[i]:
                 continue
             step = steps[i]
-            if step % report_every == 0 or step in (starts[i] + 1, total_steps):
+            # An unlabelled step reports nothing; its time counts in the next report's throughput.
+            if n_valid[i] and (step % report_every == 0 or step in (starts[i] + 1, total_steps)):
                 tps = window_steps[i] * tokens_per_step / window_t[i]
                 tokens = step * tokens_per_step
                 reporters[i]("train", {
@@ -512,6 +527,10 @@ def pretrain_pack(
                 outcome[i] = Interrupted(step)
         checkpoint(due_ckpt)
         done_now = [i for i in range(n) if active[i] and steps[i] == total_steps]
+        for i in done_now:
+            if math.isnan(last_loss[i]):  # NaN only where no step of any attempt had a labelled token, as in pretrain
+                outcome[i] = Unlabelled.of_run(specs[i].data, total_steps)
+        done_now = [i for i in done_now if outcome[i] is None]
         for i, val in evaluate(done_now, total_steps).items():
             outcome[i] = summarize(specs[i], counts, fpt, val_loss=val, final_loss=last_loss[i],
                                    wall_s=prior_wall[i] + time.perf_counter() - t_start, train_time=train_time[i],

@@ -111,6 +111,12 @@ class CheckpointUnreadable(RuntimeError):
 class Unlabelled(ValueError):
     """No training step of the run had a labelled token (every target -100): it learned nothing and has no loss."""
 
+    @classmethod
+    def of_run(cls, data: str, total_steps: int) -> Unlabelled:
+        """The error for a run on ``data`` whose ``total_steps`` steps held no labelled token (lone or packed)."""
+        return cls(f"no training step of the run had a labelled token (every target -100 in all {total_steps} "
+                   f"steps): it learned nothing and has no loss; check the data {data!r}")
+
 
 class Interrupted(TrainingError):
     """``should_stop()`` asked the run to stop; it checkpointed at ``step`` first."""
@@ -782,8 +788,7 @@ def pretrain(
     if math.isnan(last_loss):
         # Every finite loss read back is kept (a non-finite one raised Diverged), in checkpoints too: NaN here means
         # that no step of any attempt had a labelled token.
-        raise Unlabelled(f"no training step of the run had a labelled token (every target -100 in all {total_steps} "
-                         f"steps): it learned nothing and has no loss; check the data {spec.data!r}")
+        raise Unlabelled.of_run(spec.data, total_steps)
     val = evaluate(total_steps)
     return summarize(spec, counts, fpt, val_loss=val, final_loss=last_loss, wall_s=prior_wall + time.perf_counter() - t_start,
                      train_time=train_time, trained_steps=trained_steps, start=start, data_sha256=data.sha256,

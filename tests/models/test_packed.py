@@ -206,3 +206,124 @@ def test_a_pack_on_validation_text_without_a_labelled_token_has_no_val_loss(tmp_
         assert not isinstance(result, Exception), result
         assert result.val_loss is None and rec.of("val") == []
         assert math.isfinite(result.final_loss) and sorted(rec.losses()) == [1, 2, 3, 4]
+
+
+def mask_training(monkeypatch, masked: set) -> None:
+    """Leave the training sequences ``masked`` ((seed, index), or (seed, None) for all of a seed's; read at each
+    draw, so a test may change it between runs) without a labelled token, as masked data does."""
+    import numpy as np
+
+    from models.data import Batches
+
+    unmasked = Batches.sequence
+
+    def sequence(self, index):
+        x, y = unmasked(self, index)
+        hidden = self.split == "train" and ((self.seed, index) in masked or (self.seed, None) in masked)
+        return (x, np.full_like(y, -100)) if hidden else (x, y)
+
+    monkeypatch.setattr(Batches, "sequence", sequence)
+
+
+def small_corpus_pair(tmp_path: Path, **kw):
+    """Two 4-step members (seeds 0 and 1) on the easily learned text of the lone-run unlabelled tests."""
+    import dataclasses
+
+    from tests.models.test_train import unlabelled_spec
+
+    base = dataclasses.replace(unlabelled_spec(tmp_path), **kw)
+    return [dataclasses.replace(base, seed=0), dataclasses.replace(base, seed=1, lr=5e-3)]
+
+
+def checkpointing(rec: Recorder, ckpt_dir: Path, after: dict):
+    """A reporter that records into ``rec`` and keeps each checkpoint it is told of in ``after`` (step -> state)."""
+    def report(kind, payload):
+        rec(kind, payload)
+        if kind == "ckpt":
+            after[payload["step"]] = load_checkpoint(ckpt_dir)
+    return report
+
+
+@pytest.mark.parametrize("arch, hybrid", [("hybrid", "LS"), ("mamba2", "")], ids=["hybrid", "mamba2"])
+def test_a_members_step_without_a_labelled_token_updates_nothing_and_reports_no_loss(tmp_path, monkeypatch, arch,
+                                                                                      hybrid):
+    """Such a step updated the member (AdamW moves weights by momentum and decay) and reported a loss of 0 (0 / the
+    clamped count 1); now, as in a lone run, its weights and AdamW state stay as they were, it reports no loss, and
+    its pack-mate trains on. A member's microbatch without a labelled token (under vmap, Mamba2: a 0 / 0 mean) must
+    not disturb its step either."""
+    specs = small_corpus_pair(tmp_path, arch=arch, hybrid=hybrid)
+    # member 1 (seed 1): the whole of step 2 unlabelled, and the first microbatch of step 3
+    mask_training(monkeypatch, {(1, i) for i in range(8, 20)})
+    dirs = [tmp_path / "m0", tmp_path / "m1"]
+    recs, after = [Recorder(), Recorder()], [{}, {}]
+    results = pretrain_pack(specs, [checkpointing(r, d, a) for r, d, a in zip(recs, dirs, after)], dirs,
+                            device="cpu", microbatch=4, ckpt_every_steps=1)
+    assert not any(isinstance(r, Exception) for r in results), results
+    assert sorted(recs[0].losses()) == [1, 2, 3, 4]
+    assert sorted(recs[1].losses()) == [1, 3, 4]  # no loss (not 0) for the unlabelled step
+    assert all(loss > 0 for rec in recs for loss in rec.losses().values())
+    assert results[1].final_loss == recs[1].losses()[4]
+    for name, weight in after[1][1]["model"].items():
+        assert torch.equal(after[1][2]["model"][name], weight), name
+    moments = [(s["exp_avg"], s["exp_avg_sq"]) for s in after[1][1]["optimizer"]["state"].values()]
+    for (m, v), s in zip(moments, after[1][2]["optimizer"]["state"].values()):
+        assert torch.equal(s["exp_avg"], m) and torch.equal(s["exp_avg_sq"], v)
+    assert not all(torch.equal(after[0][2]["model"][k], w) for k, w in after[0][1]["model"].items())
+    updates = [{step: {int(p["step"]) for p in ckpt["optimizer"]["state"].values()} for step, ckpt in a.items()}
+               for a in after]
+    assert updates == [{1: {1}, 2: {2}, 3: {3}, 4: {4}}, {1: {1}, 2: {1}, 3: {2}, 4: {3}}]
+    # each member trains as it would alone on the same data
+    for i, (s, rec, got) in enumerate(zip(specs, recs, results)):
+        solo_rec = Recorder()
+        solo = pretrain(s, solo_rec, tmp_path / f"solo{i}", device="cpu", microbatch=4)
+        assert sorted(solo_rec.losses()) == sorted(rec.losses())
+        for step, loss in solo_rec.losses().items():
+            assert rec.losses()[step] == pytest.approx(loss, rel=2e-6), (i, step)
+        assert got.val_loss == pytest.approx(solo.val_loss, rel=2e-6)
+
+
+def test_a_member_without_a_labelled_training_token_ends_unlabelled(tmp_path, monkeypatch):
+    """A member none of whose steps had a labelled token ended "done" with final loss 0; now it ends with
+    ``Unlabelled`` (not retried, as for a lone run), on the attempt that trains its last step and on one resumed
+    after it, while its pack-mate finishes normally."""
+    from models.train import Summary, Unlabelled
+
+    specs = small_corpus_pair(tmp_path)
+    mask_training(monkeypatch, {(1, None)})
+    dirs = [tmp_path / "m0", tmp_path / "m1"]
+    recs = [Recorder(), Recorder()]
+    results = pretrain_pack(specs, recs, dirs, device="cpu", microbatch=4)
+    assert isinstance(results[0], Summary) and sorted(recs[0].losses()) == [1, 2, 3, 4]
+    assert math.isfinite(results[0].final_loss) and results[0].val_loss < math.log(260)
+    assert isinstance(results[1], Unlabelled), results[1]
+    assert "no training step of the run had a labelled token" in str(results[1]) and specs[1].data in str(results[1])
+    assert recs[1].of("train") == [] and recs[1].of("val") == []
+    assert checkpoint_steps(dirs[1]) == [4]  # checkpointed as its pack-mate is
+    # resumed after its last step, in a pack and alone
+    again = pretrain_pack(specs, [Recorder(), Recorder()], dirs, device="cpu", microbatch=4)
+    assert isinstance(again[0], Summary) and again[0].final_loss == results[0].final_loss
+    assert isinstance(again[1], Unlabelled)
+    with pytest.raises(Unlabelled):
+        pretrain(specs[1], Recorder(), dirs[1], device="cpu", microbatch=4)
+
+
+def test_a_member_labelled_in_an_earlier_attempt_only_keeps_that_loss(tmp_path, monkeypatch):
+    """Whether a member learned anything counts every attempt (its checkpointed loss), as pretrain counts it: one
+    whose resumed steps are all unlabelled ends with the loss of its last labelled step, not 0."""
+    from models.train import Summary
+
+    specs = small_corpus_pair(tmp_path)
+    masked = set()
+    mask_training(monkeypatch, masked)
+    dirs = [tmp_path / "m0", tmp_path / "m1"]
+    first = [Recorder(), Recorder()]
+    calls = iter(range(100))
+    stopped = pretrain_pack(specs, first, dirs, device="cpu", microbatch=4, should_stop=lambda: next(calls) >= 1)
+    assert all(isinstance(r, Interrupted) and r.step == 2 for r in stopped)
+    masked.update((1, i) for i in range(16, 32))  # member 1's steps 3 and 4
+    recs = [Recorder(), Recorder()]
+    results = pretrain_pack(specs, recs, dirs, device="cpu", microbatch=4)
+    assert all(isinstance(r, Summary) for r in results), results
+    assert sorted(recs[0].losses()) == [3, 4] and recs[1].losses() == {}
+    assert results[1].final_loss == first[1].losses()[2]
+    assert load_checkpoint(dirs[1])["loss"] == first[1].losses()[2]
