@@ -457,8 +457,9 @@ def si(x: float) -> str:
     return f"{x:.3g}"
 
 
-def parse_range(text: str) -> list[float]:
-    """``a..b*r`` (geometric) or ``a..b+s`` (arithmetic), both ends included."""
+def parse_range(text: str, limit: int | None = None) -> list[float]:
+    """``a..b*r`` (geometric) or ``a..b+s`` (arithmetic), both ends included; more than ``limit`` values (default
+    DEFAULT_MAX_RUNS) is an error."""
     m = _RANGE_RE.match(text)
     if not m or "..." in text:
         raise CellError(f"malformed range {text!r}: expected start..end*ratio or start..end+step")
@@ -473,15 +474,20 @@ def parse_range(text: str) -> list[float]:
         raise CellError(f"malformed range {text!r}: a geometric range needs start > 0 and ratio > 1")
     if not geometric and s <= 0:
         raise CellError(f"malformed range {text!r}: the step must be positive")
+    limit = DEFAULT_MAX_RUNS if limit is None else limit
     out, x, eps = [], a, 1e-9 * max(abs(a), abs(b), 1.0)
-    while x <= b + eps and len(out) <= DEFAULT_MAX_RUNS:
+    while x <= b + eps:
+        if len(out) == limit:  # refused, not cut short: a cut range would plan fewer runs than the cell asks for
+            raise CellError(f"the range {text!r} has more than {limit:,} values, so the plan expands to more than "
+                            f"{limit:,} runs (raise --max-runs)")
         out.append(x)
         x = x * s if geometric else a + len(out) * s
     return out
 
 
-def parse_cell(column: str, text: str) -> list[Any] | Expr:
-    """A cell as the list of values it stands for (one item for a plain value), or an Expr."""
+def parse_cell(column: str, text: str, max_items: int | None = None) -> list[Any] | Expr:
+    """A cell as the list of values it stands for (one item for a plain value), or an Expr; a range of more than
+    ``max_items`` values (default DEFAULT_MAX_RUNS) is an error."""
     col = COLUMNS[column]
     if text.startswith("="):
         if col.kind not in ("int", "float"):
@@ -500,7 +506,7 @@ def parse_cell(column: str, text: str) -> list[Any] | Expr:
     values: list[Any] = []
     for item in items:
         if ".." in item:
-            values.extend(parse_range(item))
+            values.extend(parse_range(item, max_items))
         else:
             values.append(parse_number(item, expected))
     return values
@@ -616,8 +622,9 @@ class _Resolver:
                 raise _ColumnError("hybrid", str(exc)) from None
         elif self.cells.get("hybrid") is not None:
             raise _ColumnError("hybrid", f"a hybrid pattern only applies to arch hybrid, not {arch}")
+        vocab = self.vocab()  # outside the try: its errors are vocab's, not the shape's
         try:
-            return ModelConfig(arch, d_model, n_layers, n_heads, self.vocab(), hybrid)
+            return ModelConfig(arch, d_model, n_layers, n_heads, vocab, hybrid)
         except ValueError as exc:  # a shape the checks above let through, e.g. an odd head width for softmax
             raise _ColumnError("n_heads", str(exc)) from None
 
@@ -955,7 +962,7 @@ def _load_plan(path: Path, max_runs: int, load: _Load) -> Plan:
                                                                     "write the value on one line"))
                 continue
             try:
-                parsed[column] = parse_cell(column, text)
+                parsed[column] = parse_cell(column, text, max_runs)
             except CellError as exc:
                 row_issues.append(PlanIssue(where, lineno, column, str(exc)))
         # Checked here, not only when the row expands, so that it is reported beside the row's other cell errors.

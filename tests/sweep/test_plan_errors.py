@@ -170,3 +170,31 @@ def test_names_longer_than_the_database_holds_are_refused_at_plan_time(write_pla
     assert len(load_plan(write_plan(f"name,arch,d_model,n_layers,tokens\n{fits},softmax,64,2,1e5\n")).runs) == 1
     error = issues_of(write_plan("arch,d_model,n_layers,tokens\nsoftmax,64,2,1e5\n", "p" * 201 + ".csv"))
     assert "plan's name" in str(error) and "rename the file" in str(error)
+
+
+# ---------------------------------------------------------------- ranges and --max-runs
+
+
+def test_a_range_is_not_cut_short_where_max_runs_allows_more_than_the_default(write_plan, monkeypatch):
+    """A range stopped at DEFAULT_MAX_RUNS + 1 values whatever --max-runs said: `--max-runs 1000000` with seeds
+    0..149999+1 planned 100,001 runs without a word. (The default is made small here to keep the test quick.)"""
+    monkeypatch.setattr(plan_module, "DEFAULT_MAX_RUNS", 10)
+    path = write_plan(f"{SIZE},seed\nsoftmax,32,2,64,4,5k,0..19+1\n")
+    assert [r.spec.seed for r in load_plan(path, max_runs=100).runs] == list(range(20))
+
+
+def test_a_range_longer_than_max_runs_is_refused_in_its_cell(write_plan):
+    error = issues_of(write_plan(f"{SIZE},seed\nsoftmax,32,2,64,4,5k,0..1e12+1\n"))
+    assert [(i.row, i.column) for i in error.issues] == [(2, "seed")]
+    assert "more than 100,000" in str(error) and "--max-runs" in str(error)
+
+
+# ---------------------------------------------------------------- errors in the column they belong to
+
+
+def test_a_bin_corpus_without_a_vocab_is_blamed_on_vocab_not_n_heads(write_plan, tmp_path):
+    """The missing vocab of a .bin corpus was reported as p.csv:2:n_heads, a column the row had right."""
+    (tmp_path / "tokens.bin").write_bytes(b"\0" * 4096)
+    error = issues_of(write_plan(f"{SIZE},n_heads,data\nsoftmax,64,2,64,4,5k,1,tokens.bin\n"))
+    assert [(i.row, i.column) for i in error.issues] == [(2, "vocab")], str(error)
+    assert "give its vocab" in str(error)
