@@ -570,7 +570,7 @@ def launch(
 
     Runs start largest first. On a host of several GPUs each goes to an idle GPU, else to the least loaded one with room; a whole number above 1 in gpus trains a run data-parallel (DDP, or FSDP when large).
 
-    A second launch of the same plan trains nothing twice; after a crash, a relaunch resumes runs from their checkpoints. Ctrl-C once stops starting runs and lets running ones checkpoint; twice cancels at once. Exit 0 when every run is done, 1 when any failed or diverged or a Ctrl-C left some unfinished, 2 on bad input.
+    A second launch of the same plan trains nothing twice; after a crash, a relaunch resumes runs from their checkpoints. Ctrl-C once (or a SIGTERM, as a scheduler sends) stops starting runs and lets running ones checkpoint; twice cancels at once. Exit 0 when every run is done, 1 when any failed or diverged or a Ctrl-C left some unfinished, 2 on bad input.
 
     Example: slab launch plans/demo.csv --cpu
     """
@@ -588,8 +588,6 @@ def launch(
     if not gpu_mem > 0:  # typer's min cannot exclude 0; 0 or less had been taken, and packs sized against it
         fail(f"--gpu-mem must be a positive number of GiB, got {gpu_mem:g}")
     fsdp_from = _count_option(fsdp_min_params, "--fsdp-min-params")
-    if ckpt_dir.exists() and not ckpt_dir.is_dir():
-        fail(f"--ckpt-dir {ckpt_dir}: is a file, not a folder")
     plans = _plans(files, max_runs)
     try:
         opts = LaunchOptions(

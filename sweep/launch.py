@@ -374,6 +374,9 @@ def _tail(exc: BaseException, lines: int = 12) -> str:
 class Driver:
     """The launch loop: claims, submits, collects and records runs until none is left to do."""
 
+    #: What asked the launch to stop, as its runs' errors name it: Ctrl-C, or SIGTERM (a scheduler's preemption).
+    stopped_by = "Ctrl-C"
+
     def __init__(self, engine: Engine, opts: LaunchOptions, view: LaunchView, restarts: set[str] = frozenset()):
         import ray
 
@@ -503,7 +506,9 @@ class Driver:
         order = [s.run_id for s, _ in runs]
         names = {s.run_id: n for s, n in runs}
         last_beat = 0.0
-        previous = signal.signal(signal.SIGINT, self._on_sigint)
+        # SIGTERM (a scheduler's preemption, `timeout`, `kill`) stops as Ctrl-C does: runs checkpoint where they are.
+        # Ray's own handler, which it replaces here, exited at once and lost every step since the last checkpoint.
+        previous = {sig: signal.signal(sig, self._on_stop_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
         interrupted = False
         try:
             while self.queue or self.flights or self.waiting:
@@ -521,10 +526,10 @@ class Driver:
         except KeyboardInterrupt:
             interrupted = True
             try:
-                self._cancel_all()
+                self._cancel_all(f"cancelled by {self.stopped_by}")
             except OperationalError as exc:  # not retried: a second Ctrl-C asks to stop now, and the leases lapse
                 raise DatabaseError(
-                    f"stopped by Ctrl-C while the database was unavailable ({_first_line(getattr(exc, 'orig', None) or exc)}); "
+                    f"stopped by {self.stopped_by} while the database was unavailable ({_first_line(getattr(exc, 'orig', None) or exc)}); "
                     f"runs left leased resume from their checkpoints at the next slab launch (at once on this host, else "
                     f"after the {self.opts.lease_timeout_s:.0f} s lease)"
                 ) from None
@@ -543,7 +548,8 @@ class Driver:
             self._cancel_all("released after a launcher error")  # leave no run leased to a failed driver
             raise
         finally:
-            signal.signal(signal.SIGINT, previous)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
             self._release_all_slots()
         return LaunchResult(rows=self._final_rows(order, names), interrupted=interrupted or self.stopping)
 
@@ -574,12 +580,18 @@ class Driver:
                 self.db_away_since = None
             return result
 
-    def _on_sigint(self, signum, frame) -> None:
+    def _on_stop_signal(self, signum, frame) -> None:
+        """Ctrl-C or SIGTERM: the first stops starting runs and asks running ones to checkpoint; a second cancels."""
+        self.stopped_by = "SIGTERM" if signum == signal.SIGTERM else "Ctrl-C"
         if self.stopping:
             raise KeyboardInterrupt
         self.stopping = True
         self.sink.request_stop.remote()
-        self.view.log("stopping: no new runs; running ones checkpoint and stop (Ctrl-C again to cancel now)")
+        if signum == signal.SIGTERM:
+            self.view.log("stopping on SIGTERM: no new runs; running ones checkpoint and stop (a second SIGTERM or "
+                          "Ctrl-C cancels now)")
+        else:
+            self.view.log("stopping: no new runs; running ones checkpoint and stop (Ctrl-C again to cancel now)")
 
     def _start_ready(self) -> None:
         if self.stopping:
@@ -765,7 +777,7 @@ class Driver:
                 if self._record(flight, status="diverged", error=f"diverged at step {step}: {why}", step=step, lease_owner=None):
                     self._ended(run_id, "diverged", f"diverged at step {step}: {why}")
             elif isinstance(cause, Interrupted) or isinstance(exc, Interrupted):
-                if self._record(flight, status="pending", error=f"stopped at step {cause.step} by Ctrl-C"):
+                if self._record(flight, status="pending", error=f"stopped at step {cause.step} by {self.stopped_by}"):
                     self._ended(run_id, "pending", f"stopped at step {cause.step}; a relaunch with --ckpt-dir "
                                 f"{self.opts.ckpt_dir.resolve()} resumes it")
             elif packed and out_of_memory:
@@ -951,8 +963,23 @@ def _answers_grpc(conn: socket.socket, timeout_s: float) -> bool:
     return len(head) == 9 and head[3] == 4
 
 
+def check_ckpt_dir(path: Path) -> None:
+    """Refuse a --ckpt-dir that could not be made: it or a folder above it is a file, or the nearest existing folder
+    above it cannot be written. Makes nothing itself; an existing folder is taken as it is (workers write it)."""
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise LaunchError(f"--ckpt-dir {path}: {existing} is a file, not a folder")
+    if existing != path and not os.access(existing, os.W_OK | os.X_OK):
+        raise LaunchError(f"--ckpt-dir {path}: cannot create it, {existing} is not writable")
+
+
 def launch(plans: list[Plan], opts: LaunchOptions, view: LaunchView) -> LaunchResult:
     """Register the plans, then train every selected run that is not done; returns per-run outcomes."""
+    # Before the database is written: the folder is made only once runs are known to train, and had then failed
+    # with a traceback after the plans were registered.
+    check_ckpt_dir(opts.ckpt_dir)
     if opts.num_gpus and not opts.cpu and not opts.address and opts.num_gpus > host_gpus():
         # Ray would believe the count and hand tasks GPUs that do not exist.
         raise LaunchError(f"--num-gpus {opts.num_gpus}: this host has {host_gpus()} GPU(s)")
@@ -980,7 +1007,10 @@ def launch(plans: list[Plan], opts: LaunchOptions, view: LaunchView) -> LaunchRe
         # Before the folder is made and a local Ray starts: a wrong --ckpt-dir is refused in a moment.
         restarts = check_checkpoints(engine, runs, opts, view)
         view.log(f"{len(runs)} run{'' if len(runs) == 1 else 's'} to train")
-        opts.ckpt_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            opts.ckpt_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:  # what check_ckpt_dir cannot foresee: a full disk, a read-only mount, root's access
+            raise LaunchError(f"--ckpt-dir {opts.ckpt_dir}: cannot create the folder: {exc.strerror or exc}") from None
         started_ray = not _ray_running()
         ray = init_ray(opts)
         try:

@@ -271,6 +271,18 @@ def test_launch_into_a_checkpoint_path_that_is_a_file_exits_2_before_writing(run
     assert not db.exists()
 
 
+def test_launch_into_a_checkpoint_folder_under_a_file_exits_2_before_writing(runner, write_plan, tmp_path):
+    """A --ckpt-dir whose parent is a file passed the is-a-file check and ended in a NotADirectoryError traceback,
+    exit 1, after the plan had been registered in a new database."""
+    (tmp_path / "notes.txt").write_text("not a folder")
+    db = tmp_path / "slab.db"
+    result = invoke(runner, "launch", write_plan(PLAN), "--cpu", "--ckpt-dir", tmp_path / "notes.txt" / "ckpt",
+                    db=f"sqlite:///{db}")
+    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
+    assert "--ckpt-dir" in result.stderr and "notes.txt is a file, not a folder" in result.stderr
+    assert "Traceback" not in result.output and not db.exists()
+
+
 def test_bench_tables_refuse_a_file_of_another_kind_before_training(runner, write_plan, tmp_path):
     plan = write_plan(PLAN)
     before = plan.read_text()

@@ -231,6 +231,33 @@ def test_ctrl_c_stops_gracefully_then_relaunch_finishes(env, write_plan):
     engine.dispose()
 
 
+def test_sigterm_stops_gracefully_like_ctrl_c(env, write_plan):
+    """A scheduler (Slurm, Kubernetes, timeout) ends the launcher with SIGTERM. It had ended the launch at once
+    through Ray's handler: runs released as after "a launcher error", without a checkpoint, every step since the
+    last one lost. Now it stops as Ctrl-C does: each run checkpoints where it got to and is pending again."""
+    plan = write_plan(HEADER + "t-{arch},softmax|lightning,32,2,2,64,4,256000,3e-3,0,2\n")  # 1,000 steps each
+    proc = slab(env, plan, "--ckpt-every", "1000")
+    engine = open_db(env["db"])
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        with engine.connect() as conn:
+            top = conn.execute(select(func.max(Metric.step))).scalar()
+        if top is not None and top >= 30:
+            break
+        time.sleep(0.2)
+    engine.dispose()
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 1, out
+    assert "stopping" in out and "SIGTERM" in out and "stopped early" in out, out
+    stopped = runs_by_name(env, plan)
+    assert {r["status"] for r in stopped.values()} <= {"pending", "done"}, stopped
+    pending = [r for r in stopped.values() if r["status"] == "pending"]
+    assert pending and all("SIGTERM" in (r["error"] or "") for r in pending), [r["error"] for r in pending]
+    # the stop checkpointed: at least one run kept the 30-odd steps it had trained, with no checkpoint due before 1,000
+    assert any((r["ckpt_step"] or 0) >= 30 for r in pending), [(r["ckpt_step"], r["steps"][-1:]) for r in pending]
+
+
 def test_status_watch_returns_when_nothing_is_left(env, write_plan):
     from typer.testing import CliRunner
 
