@@ -106,7 +106,7 @@ def _writable(path: Path) -> bool:
     return os.access(path, os.W_OK) and os.access(path.parent, os.W_OK)
 
 
-def _read_only_option(parsed: URL) -> str | None:
+def _url_read_only_option(parsed: URL) -> str | None:
     """The option of a SQLite URI URL that opens its file read-only (mode=ro, immutable=1); None where none does."""
     if _uri_mode(parsed) == "ro":
         return "mode=ro"
@@ -118,14 +118,14 @@ def _read_only_option(parsed: URL) -> str | None:
 def _why_read_only(parsed: URL) -> str:
     """Why SQLite refused a write to the file of a SQLite URL: the URL's mode=ro, or the file's permissions."""
     path = _sqlite_file(parsed)
-    option = _read_only_option(parsed)
+    option = _url_read_only_option(parsed)
     # make_engine adds its options only for a file this process cannot write: on one it can, they are the user's.
     if option and path is not None and _writable(path):
         return READ_ONLY_URL.format(option=option)
     return NOT_WRITABLE
 
 
-def _read_only_options(path: Path) -> dict[str, str] | None:
+def _unwritable_file_uri_options(path: Path) -> dict[str, str] | None:
     """SQLite URI options to read an existing file this process cannot write; None when it can write it."""
     if not path.exists() or _writable(path):
         return None
@@ -218,11 +218,12 @@ def _sqlite_engine(url: str, parsed) -> Engine:
     path = _sqlite_file(parsed)
     mode = _uri_mode(parsed)
     # SQLite refuses the WAL switch and BEGIN IMMEDIATE on a file opened so: begin as a reader instead.
-    read_only = _read_only_option(parsed) is not None
+    read_only = _url_read_only_option(parsed) is not None
     if path is not None:
         # A mode the user set is kept (rw on a file this process cannot write fails, as asked); with none, or with
-        # ro, a file it cannot write is read as read_only_options says (immutable when no writer has it open).
-        extra = _read_only_options(path) if mode in (None, "ro") else None
+        # ro, a file it cannot write is read as _unwritable_file_uri_options says (immutable when no writer has it
+        # open).
+        extra = _unwritable_file_uri_options(path) if mode in (None, "ro") else None
         read_only = read_only or bool(extra)
         if extra or _is_uri(parsed):
             # Rebuilt from the file, as sqlite_path and open_db see it (~ expanded, relative to the cwd, escaped once).

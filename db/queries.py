@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import datetime
+import decimal
 import json
 import re
 from pathlib import Path
@@ -189,7 +191,39 @@ def run_sql(engine: Engine, query: str) -> pd.DataFrame:
         rows, columns = _execute(conn, query)
     if rows is None:
         raise QueryError("slab sql is read-only: the statement returned no rows")
-    return pd.DataFrame(rows, columns=columns)
+    frame = pd.DataFrame(rows, columns=_distinct_names(columns))
+    for name in frame.columns[frame.dtypes == object]:
+        frame[name] = frame[name].map(_printable)
+    return frame
+
+
+def _distinct_names(columns: list[str]) -> list[str]:
+    """The columns' names, a repeated one numbered from its second (run_id, run_id_2): JSON records need distinct keys,
+    and PostgreSQL names every unnamed min(...) "min"."""
+    taken, out = set(columns), []
+    for name in columns:
+        if name in out:
+            n = 2
+            while f"{name}_{n}" in taken:
+                n += 1
+            name = f"{name}_{n}"
+            taken.add(name)
+        out.append(name)
+    return out
+
+
+#: Values a frame prints as they are in a table, CSV and JSON; others (a blob, a uuid, an address) as text.
+_PRINTABLE = (str, int, float, bool, type(None), decimal.Decimal, datetime.date, datetime.time, datetime.timedelta,
+              list, dict)
+
+
+def _printable(value):
+    """``value``, or its text where pandas' JSON writer cannot hold it: a blob in PostgreSQL's hex form (\\x00ff)."""
+    if isinstance(value, _PRINTABLE):
+        return value
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return "\\x" + bytes(value).hex()
+    return str(value)
 
 
 _SPACE = " \t\n\r\f\v"

@@ -119,3 +119,35 @@ def test_sole_statement_word(dialect, query, word):
 def test_a_second_statement_is_found(dialect, query):
     with pytest.raises(QueryError, match="one statement"):
         sole_statement_word(query, dialect)
+
+
+def test_sql_names_every_column_apart_and_prints_any_value_as_json(engines):
+    """PostgreSQL names an unnamed aggregate after its function (select min(tokens), min(flops): two columns named
+    min) and a join selects run_id twice: `slab sql --json` died on such columns in a traceback, as it did on a
+    blob or a uuid."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from sweep.cli import app
+
+    join = "select r.run_id, p.run_id, r.arch from runs r join plan_runs p on p.run_id = r.run_id order by r.run_id"
+    for engine in engines:
+        pg = engine.dialect.name == "postgresql"
+        url = engine.url.render_as_string(hide_password=False)
+        # SQLite names an unnamed column after its expression: named alike by hand there
+        mins = ("select min(tokens), min(flops) from runs" if pg else
+                "select min(tokens) as min, min(flops) as min from runs")
+        values = ("select '\\x00ff'::bytea as b, '12345678-1234-5678-1234-567812345678'::uuid as u" if pg else
+                  "select x'00ff' as b, '12345678-1234-5678-1234-567812345678' as u")
+        for query in (join, mins, values):
+            result = CliRunner().invoke(app, ["--db", url, "sql", query, "--json"])
+            assert result.exit_code == 0, (query, result.output, result.exception)
+            rows = json.loads(result.stdout)
+            assert rows and len(rows[0]) == len(run_sql(engine, query).columns), query
+        assert json.loads(CliRunner().invoke(app, ["--db", url, "sql", values, "--json"]).stdout) == [
+            {"b": "\\x00ff", "u": "12345678-1234-5678-1234-567812345678"}]
+        frame = run_sql(engine, join)
+        assert list(frame.columns) == ["run_id", "run_id_2", "arch"] and len(frame) == 6
+        assert (frame["run_id"] == frame["run_id_2"]).all()
+        assert list(run_sql(engine, mins).columns) == ["min", "min_2"]
