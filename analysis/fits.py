@@ -292,10 +292,18 @@ def load_csv(
         notes.append(f"{repeats} row(s) repeat an earlier row exactly; each counts as a run, which narrows the "
                      "intervals (drop them if they are copies)")
     if tcol and fcol:
-        ratio = np.median(flops / (6.0 * N * D))
-        if not 0.5 <= ratio <= 2:
-            notes.append(f"column {fcol!r} is {ratio:.3g}x 6 x params x tokens (median): C is read from it, so the "
-                         "compute-optimal sizes at a budget follow its convention, not C = 6ND")
+        # A blank cell says nothing of the column's convention (a median over its NaN is NaN), and its row's C comes
+        # from 6ND instead (prepare_points): a second convention in one fit, unless the column's is 6ND.
+        given = np.isfinite(flops) & (flops > 0)
+        if given.any():
+            ratio = np.median(flops[given] / (6.0 * N[given] * D[given]))
+            if not 0.5 <= ratio <= 2:
+                notes.append(f"column {fcol!r} is {ratio:.3g}x 6 x params x tokens (median): C is read from it, so "
+                             "the compute-optimal sizes at a budget follow its convention, not C = 6ND")
+        blank = np.isnan(flops)
+        if blank.any():
+            notes.append(f"{int(blank.sum())} row(s) have no {fcol!r} (line(s) {_some(rows[blank])}): their C is "
+                         "6 x params x tokens")
     out = pd.DataFrame({"run_id": [f"{path.name}:{r}" for r in rows], "params": N, "tokens": D, "flops": flops,
                         "loss": loss})
     out.attrs["notes"] = notes

@@ -129,11 +129,14 @@ def write_report(
     """
     t0 = time.perf_counter()
     out = Path(out_dir)
-    # Figures are drawn beside the folder and moved in with the documents: a report that fails halfway leaves the
-    # folder as it was (or absent), never new figures beside old documents.
+    # Figures are drawn into a staging folder and moved in with the documents: a report that fails halfway leaves
+    # the folder as it was (or absent), never new figures beside old documents.
     if (out / "figures").exists() and not (out / "figures").is_dir():  # someone's file: not ours to replace
         raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(out / "figures"))
-    staging = out.parent / f".{out.name}.figures-{os.getpid()}"
+    # Staged inside an existing folder, which is all a report needs to be able to write: beside it, a parent this
+    # process may not write ($HOME's, /tmp's, a container's mount point's) refused a writable --out.
+    staging = (out / f".figures-new-{os.getpid()}" if out.is_dir()
+               else out.parent / f".{out.name}.figures-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     try:
@@ -273,25 +276,31 @@ def _write_report(runs, metrics, evals, out: Path, figdir: Path, t0: float, *, t
         payload["comparison"] = {"baseline": comparison.baseline, "gaps": comparison.to_dict()["gaps"]}
     documents = {json_path: json.dumps(payload, allow_nan=False), md_path: _render_md(blocks),
                  html_path: _render_html(title, blocks, figures)}
+    made = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
+    # Every document is written in full before anything in the folder changes: written one after another once the
+    # figures were in, a full disk left new figures beside old documents (and half a document's temporary file).
+    written = {path: path.with_name(path.name + ".tmp") for path in documents}
+    try:
+        for path, tmp in written.items():
+            tmp.write_text(documents[path], encoding="utf-8")
+    except BaseException:
+        for tmp in written.values():
+            tmp.unlink(missing_ok=True)
+        if made:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     final = out / "figures"
     old = out / f".figures-old-{os.getpid()}"
     if final.exists():  # the whole folder is replaced: a figure of an earlier report would no longer match
         final.rename(old)
     shutil.move(str(figdir), final)
     shutil.rmtree(old, ignore_errors=True)
-    for path, text in documents.items():
-        _write_atomic(path, text)
+    for path, tmp in written.items():
+        tmp.replace(path)
     figures = {name: {ext: final / p.name for ext, p in paths.items()} for name, paths in figures.items()}
     return ReportFiles(out, html_path, md_path, json_path, figures, skipped, findings, fits_all, comparison,
                        time.perf_counter() - t0, seed)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Write through a temporary file and rename, so a failed run never leaves half a document."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
 
 
 # --------------------------------------------------------------------------------------------

@@ -417,6 +417,21 @@ def test_external_csv_notes_repeated_rows_and_flops_off_6nd(tmp_path):
     assert fits.load_csv(path).attrs["notes"] == []
 
 
+def test_external_csv_with_blank_flops_cells_says_where_c_comes_from(tmp_path):
+    """A flops column with a blank cell was noted as "'flops' is nanx 6 x params x tokens", hiding both its convention
+    (here 10x) and that the blank rows' C is 6 N D, another convention mixed into the same fit."""
+    path = tmp_path / "d.csv"
+    path.write_text("params,tokens,loss,flops\n1e8,1e9,3.0,6e18\n2e8,1e9,2.9,\n4e8,1e9,2.8,2.4e19\n")
+    notes = fits.load_csv(path).attrs["notes"]
+    assert not any("nan" in n for n in notes), notes
+    assert any("'flops' is 10x 6 x params x tokens" in n for n in notes), notes
+    assert any(n.startswith("1 row(s) have no 'flops' (line(s) 3)") for n in notes), notes
+    assert fits.prepare_points(fits.load_csv(path), "params")["C"].tolist() == [6e18, 1.2e18, 2.4e19]
+    path.write_text("params,tokens,loss,flops\n1e8,1e9,3.0,6e17\n2e8,1e9,2.9,\n")  # the 6 N D convention
+    notes = fits.load_csv(path).attrs["notes"]
+    assert len(notes) == 1 and notes[0].startswith("1 row(s) have no 'flops'"), notes
+
+
 # ---------------------------------------------------------------------------------------------
 # Results
 

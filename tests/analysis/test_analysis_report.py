@@ -2,6 +2,7 @@
 
 import base64
 import json
+import os
 import re
 
 import pandas as pd
@@ -109,6 +110,32 @@ def test_a_report_that_fails_halfway_leaves_the_folder_as_it_was(data, tmp_path,
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r"]  # no new folder, no staging left
 
 
+def test_a_report_that_cannot_write_its_documents_leaves_the_folder_as_it_was(data, tmp_path, monkeypatch):
+    """The documents were written one after another once the new figures were in place: a full disk at report.md left
+    new figures and a new fits.json beside the old index.html, and a half-written report.md.tmp."""
+    import errno
+    from pathlib import Path
+
+    runs = data.runs[data.runs["arch"].isin(["softmax", "lightning"])]
+    out = tmp_path / "r"
+    write_report(runs, None, data.evals, out, bootstrap=0)
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    write_text = Path.write_text
+
+    def full_disk(self, text, *args, **kwargs):
+        if self.name.startswith("report.md"):
+            write_text(self, text[:100], *args, **kwargs)
+            raise OSError(errno.ENOSPC, "No space left on device", str(self))
+        return write_text(self, text, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", full_disk)
+    for folder in (out, tmp_path / "new"):
+        with pytest.raises(OSError, match="No space left"):
+            write_report(runs, data.metrics, data.evals, folder, bootstrap=0)
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r"]  # no new folder, no staging left
+
+
 def test_report_reuses_fits_it_is_given(data, tmp_path):
     runs = data.runs[data.runs["arch"] == "softmax"]
     given = fit_loss_compute(runs, n_bootstrap=5)
@@ -138,3 +165,27 @@ def test_fits_json_gives_no_interval_for_an_arch_on_too_few_runs(data, tmp_path)
     for key in ("frontier/softmax", "approach3/softmax"):  # 30 runs: their intervals stand
         assert "intervals_unknown" not in payload[key]["details"]
         assert payload[key]["intervals"]["alpha"][0] < payload[key]["intervals"]["alpha"][1], key
+
+
+@pytest.mark.skipif(os.name != "posix", reason="file modes")
+def test_a_report_goes_into_a_writable_folder_whose_parent_is_not(data, shared_tmp, as_other_user):
+    """The figures were staged beside --out, in its parent: `slab report --out $HOME` (or /tmp, or a container's
+    mounted /out) failed with Permission denied though the folder itself was writable."""
+    runs = data.runs[data.runs["arch"] == "softmax"]
+    write_report(runs, None, None, shared_tmp / "warm", bootstrap=0)  # matplotlib's font cache, before the switch
+    parent = shared_tmp / "locked"
+    out = parent / "out"
+    out.mkdir(parents=True)
+    out.chmod(0o777)
+    parent.chmod(0o555)
+
+    def report():
+        rf = write_report(runs, None, None, out, bootstrap=0)
+        assert rf.figures and rf.index_html.exists()
+
+    try:
+        as_other_user(report)
+    finally:
+        parent.chmod(0o755)
+    assert sorted(p.name for p in parent.iterdir()) == ["out"]
+    assert sorted(p.name for p in out.iterdir()) == ["figures", "fits.json", "index.html", "report.md"]
