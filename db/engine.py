@@ -101,6 +101,17 @@ def _sqlite_file(parsed: URL) -> Path | None:
     return Path(database).expanduser()
 
 
+def _names_no_file(parsed: URL) -> bool:
+    """Whether a SQLite URL opens a database with no file (``:memory:``, an empty name, a ``file::memory:`` URI,
+    ``mode=memory`` or ``vfs=memdb``), which SQLite drops when its connection closes."""
+    database = parsed.database or ""
+    if _is_uri(parsed) and database.startswith("file:"):
+        if _uri_mode(parsed) == "memory" or parsed.query.get("vfs") == "memdb":
+            return True
+        database = unquote(database[len("file:"):].partition("#")[0])  # file: alone is a temporary database
+    return database in ("", ":memory:")
+
+
 def _writable(path: Path) -> bool:
     """Whether this process may write the SQLite file and its folder (WAL keeps -wal and -shm files beside it)."""
     return os.access(path, os.W_OK) and os.access(path.parent, os.W_OK)
@@ -215,6 +226,12 @@ def _sqlite_engine(url: str, parsed) -> Engine:
         # sqlite://slab.db (two slashes) reads slab.db as a host; SQLAlchemy's message does not say so.
         what = f"{parsed.host!r} is read as a host name" if parsed.host else "it has a user or port"
         raise DatabaseError(f"bad database URL {shown_url(url)!r}: SQLite has no server, but {what} {hint}")
+    if _names_no_file(parsed):
+        # Every command opens its own connections and a launch records results from other processes: a database in
+        # memory would take the runs, say so, and keep nothing. Shown as given: it holds no password (refused above),
+        # and shown_url would escape :memory:.
+        raise DatabaseError(f"database URL {url!r} names no file: SQLite keeps nothing of a database in "
+                            f"memory once the command ends; name a file ({SQLITE_FORMS})")
     path = _sqlite_file(parsed)
     mode = _uri_mode(parsed)
     # SQLite refuses the WAL switch and BEGIN IMMEDIATE on a file opened so: begin as a reader instead.

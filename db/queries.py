@@ -6,14 +6,17 @@ import datetime
 import decimal
 import json
 import re
+import sqlite3
+from dataclasses import fields
 from pathlib import Path
 from typing import Iterator
 
 import pandas as pd
-from sqlalchemy import JSON, DateTime, Engine, Float, Integer, String, func, select, tuple_
+from sqlalchemy import JSON, BigInteger, DateTime, Engine, Float, Integer, String, case, cast, func, select, tuple_
 
 from db.engine import read_only, reading
 from db.schema import TABLES, Eval, Metric, Plan, PlanRun, Run
+from sweep.spec import RunSpec
 
 #: Export file suffixes and the format each names (JSON is known only to refuse it).
 EXPORT_SUFFIXES = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet", ".json": "json"}
@@ -25,9 +28,25 @@ READ_STATEMENTS = ("select", "with", "values", "explain", "show", "table")
 #: The plan name that selects runs belonging to no plan (a plan re-added without them), in filters and counts.
 NO_PLAN = "-"
 
-#: Run ids per query of ``metrics_frame`` and ``evals_frame``: psycopg sends at most 65,535 parameters a statement,
-#: SQLite 250,000 (32,766 before 3.32), and a study of several plans holds more finished runs than that.
-ID_BATCH = 10_000
+#: Parameters a statement of the run-id queries may bind besides its ids (launch's status filter binds two).
+ID_MARGIN = 10
+
+
+def sqlite_default_variables(version: tuple[int, ...]) -> int:
+    """The parameters a statement may bind in a SQLite of ``version`` built with the default limit: 999 before 3.32,
+    32,766 since (a build may set its own: Debian's takes 250,000)."""
+    return 999 if version < (3, 32, 0) else 32_766
+
+
+def id_batch_for(version: tuple[int, ...]) -> int:
+    """Run ids a query binds at a time, for the SQLite ``version`` linked: 10,000, fewer where that SQLite takes fewer
+    parameters. PostgreSQL's psycopg sends at most 65,535 and a study of several plans holds more finished runs."""
+    return min(10_000, sqlite_default_variables(version) - ID_MARGIN)
+
+
+#: Run ids per query of ``metrics_frame``, ``evals_frame`` and the launcher's look-ups, under the limit of the SQLite
+#: this Python links (``_id_batch`` also asks each connection, where Python can).
+ID_BATCH = id_batch_for(sqlite3.sqlite_version_info)
 
 #: Rows fetched at a time by the frame readers: rows as Python objects take about six times their frame's memory, so
 #: a large table (metrics) is turned into frames a chunk at a time rather than held whole as rows.
@@ -38,8 +57,10 @@ FETCH_ROWS = 50_000
 #: concurrent launchers commit out of order and a chunk read between them would leave a hole in a curve.
 EXPORT_KEYS = {"metrics": ("run_id", "step"), "evals": ("run_id", "step", "name")}
 
-#: Spec fields spread into columns of ``runs_frame`` (the rest stays in the JSON).
-SPEC_COLUMNS = ("d_model", "n_layers", "n_heads", "hybrid", "seq_len", "batch_size", "lr", "seed", "data", "schedule")
+#: Spec fields the runs table holds as they are (registration copies them), so ``runs_frame`` has no column of them
+#: from the spec. Another spec field whose name a runs column takes comes as spec_<name>: spec_tokens is the plan's
+#: budget, which runs.tokens rounds up to whole steps.
+SPEC_FIELDS_IN_RUNS = frozenset({"arch"})
 
 
 class QueryError(ValueError):
@@ -70,19 +91,34 @@ def runs_frame(engine: Engine, *, plan: str | None = None, arch: str | None = No
     plans: dict[str, list[str]] = {}
     for run_id, name in links:
         plans.setdefault(run_id, []).append(name)
+    run_columns = [c.name for c in Run.__table__.columns if c.name != "spec"]
+    spec_columns = _spec_columns([r["spec"] or {} for r in rows], {*run_columns, "plan"})
     records = []
     for r in rows:
         rec = {k: v for k, v in r.items() if k != "spec"}
         spec = r["spec"] or {}
-        rec.update({k: spec.get(k) for k in SPEC_COLUMNS})
+        rec.update({column: _spec_cell(spec.get(key)) for key, column in spec_columns.items()})
         rec["plan"] = ",".join(sorted(plans.get(r["run_id"], [])))
         records.append(rec)
-    columns = [c.name for c in Run.__table__.columns if c.name != "spec"] + list(SPEC_COLUMNS) + ["plan"]
+    columns = run_columns + list(spec_columns.values()) + ["plan"]
     frame = pd.DataFrame.from_records(records, columns=columns)
     for column in Run.__table__.columns:
         if isinstance(column.type, DateTime):  # in UTC with its zone, as export writes them, on either database
             frame[column.name] = pd.to_datetime(frame[column.name], utc=True)
     return _typed(frame, Run)
+
+
+def _spec_columns(specs: list[dict], taken: set[str]) -> dict[str, str]:
+    """Spec key -> runs_frame column: RunSpec's fields in their order, then keys only stored specs have (a spec
+    written by another version or a script), each as spec_<key> where ``taken`` holds its name."""
+    keys = [f.name for f in fields(RunSpec)]
+    keys += sorted({k for spec in specs for k in spec} - set(keys))
+    return {k: f"spec_{k}" if k in taken else k for k in keys if k not in SPEC_FIELDS_IN_RUNS}
+
+
+def _spec_cell(value):
+    """A spec value as one cell: a list (evals) as a plan writes it (niah|mqar), so CSV does not get a Python repr."""
+    return "|".join(map(str, value)) if isinstance(value, (list, tuple)) else value
 
 
 def _typed(frame: pd.DataFrame, model) -> pd.DataFrame:
@@ -95,8 +131,21 @@ def _typed(frame: pd.DataFrame, model) -> pd.DataFrame:
         if isinstance(column.type, Float):
             frame[name] = frame[name].astype("float64")
         elif isinstance(column.type, Integer):  # BigInteger too
-            frame[name] = frame[name].astype("Int64" if column.nullable else "int64")
+            frame[name] = _integers(frame[name], "Int64" if column.nullable else "int64")
     return frame
+
+
+def _integers(series: pd.Series, dtype: str) -> pd.Series:
+    """``series`` in the integer ``dtype``, or in float64 where a value is not whole: SQLite keeps a REAL in an INTEGER
+    column (a database written by a script), which a cast would cut (int64) or refuse (Int64)."""
+    if series.dtype == object:
+        try:
+            series = series.astype("Int64")  # exact for whole numbers and None, where float64 would round past 2**53
+        except (TypeError, ValueError):
+            return pd.to_numeric(series).astype("float64")
+    elif series.dtype.kind == "f" and (series.notna() & (series % 1 != 0)).any():  # inf % 1 is NaN: not whole
+        return series.astype("float64")
+    return series.astype(dtype)
 
 
 def _read_chunks(conn, stmt, model=None) -> Iterator[pd.DataFrame]:
@@ -114,17 +163,28 @@ def _read_frame(conn, stmt, model) -> pd.DataFrame:
 
 
 def _frame_of_runs(engine: Engine, stmt, model, run_ids: list[str] | None, order: list[str]) -> pd.DataFrame:
-    """``stmt``'s rows, for the runs ``run_ids`` only (None: all), asking for ID_BATCH run ids per query."""
+    """``stmt``'s rows, for the runs ``run_ids`` only (None: all), asking for up to ID_BATCH run ids per query."""
     with reading(engine) as conn:
         if run_ids is None:
             return _read_frame(conn, stmt, model)
         ids = list(dict.fromkeys(run_ids))
-        batches = [ids[i : i + ID_BATCH] for i in range(0, len(ids), ID_BATCH)] or [[]]  # none: the empty frame
+        size = _id_batch(conn)
+        batches = [ids[i : i + size] for i in range(0, len(ids), size)] or [[]]  # none: the empty frame
         parts = [_read_frame(conn, stmt.where(model.run_id.in_(batch)), model) for batch in batches]
     if len(parts) == 1:
         return parts[0]
     frame = _typed(pd.concat(parts, ignore_index=True), model)
     return frame.sort_values(order, kind="stable", ignore_index=True)  # each batch came ordered, not the whole
+
+
+def _id_batch(conn) -> int:
+    """Run ids to bind in one statement on ``conn``: ID_BATCH, or fewer where its SQLite takes fewer parameters."""
+    if conn.dialect.name != "sqlite":
+        return ID_BATCH
+    raw = conn.connection.driver_connection
+    if not hasattr(raw, "getlimit"):  # Python 3.10: ID_BATCH follows the linked SQLite's default
+        return ID_BATCH
+    return max(1, min(ID_BATCH, raw.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) - ID_MARGIN))
 
 
 def metrics_frame(engine: Engine, run_ids: list[str] | None = None) -> pd.DataFrame:
@@ -419,7 +479,8 @@ def export_table(engine: Engine, table: str, fmt: str | None, out: Path) -> int:
     tmp = out.with_name(f".{out.name}.tmp")
     try:
         # Read and written a chunk at a time, so that a table of millions of metric rows never lies in memory whole.
-        chunks = (_export_columns(c, TABLES[table]) for c in _export_chunks(engine, TABLES[table]))
+        floats = _fractional_columns(engine, TABLES[table])
+        chunks = (_export_columns(c, TABLES[table], floats) for c in _export_chunks(engine, TABLES[table]))
         rows = _write_csv(chunks, tmp) if fmt == "csv" else _write_parquet(chunks, tmp)
         tmp.replace(out)
     except OSError as exc:
@@ -489,9 +550,23 @@ def _write_parquet(chunks: Iterator[pd.DataFrame], path: Path) -> int:
     return rows
 
 
-def _export_columns(frame: pd.DataFrame, table) -> pd.DataFrame:
+def _fractional_columns(engine: Engine, table) -> set[str]:
+    """The integer columns of ``table`` that hold a value that is not whole; only SQLite's can (a REAL stays REAL in an
+    INTEGER column), so other databases are not scanned."""
+    ints = [c for c in table.columns if isinstance(c.type, Integer)]
+    if engine.dialect.name != "sqlite" or not ints:
+        return set()
+    # Found before the first chunk is written, so that every chunk of the file types the column alike (Parquet
+    # takes its schema from the first).
+    stmt = select(*(func.max(case((c != cast(c, BigInteger), 1), else_=0)).label(c.name) for c in ints))
+    with reading(engine) as conn:
+        found = conn.execute(stmt).mappings().one()
+    return {name for name, flag in found.items() if flag}
+
+
+def _export_columns(frame: pd.DataFrame, table, floats: set[str] = frozenset()) -> pd.DataFrame:
     """A chunk of ``table`` as export writes it: JSON as text, times in UTC, every column in its schema dtype (so that
-    a chunk whose values are all NULL types its columns as the others do)."""
+    a chunk whose values are all NULL types its columns as the others do), the integer columns ``floats`` as floats."""
     for column in table.columns:
         col, dtype = column.name, _schema_dtype(column)
         if isinstance(column.type, JSON):  # specs, fit results: as text so every format can hold them
@@ -500,5 +575,21 @@ def _export_columns(frame: pd.DataFrame, table) -> pd.DataFrame:
             # Stored UTC; SQLite gives them back without the zone, PostgreSQL in the session's zone.
             frame[col] = pd.to_datetime(frame[col], utc=True).astype(dtype)
         elif dtype:
-            frame[col] = frame[col].astype(dtype)
+            # A value that is not whole is written as it is, not cut to an integer: the file is the database's copy.
+            dtype = "float64" if col in floats else dtype
+            try:
+                frame[col] = frame[col].astype(dtype)
+            except (TypeError, ValueError):  # a value written after the scan, or text in a number column
+                bad = next((v for v in frame[col] if not _castable(v, dtype)), None)
+                raise QueryError(f"cannot export {table.name}: its column {col} holds {bad!r}, which is not a number "
+                                 f"of its type ({dtype}); slab sql reads it as it is stored") from None
     return frame
+
+
+def _castable(value, dtype: str) -> bool:
+    """Whether pandas casts ``value`` alone to ``dtype``."""
+    try:
+        pd.Series([value], dtype=object).astype(dtype)
+    except (TypeError, ValueError):
+        return False
+    return True

@@ -1,8 +1,10 @@
 """The database layer on SQLite and (when SLAB_TEST_PG_URL is set) PostgreSQL."""
 
+import contextlib
 import os
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from sqlalchemy import select, update
 
@@ -810,3 +812,142 @@ def test_export_holds_no_transaction_while_it_writes(db_url, write_plan, tmp_pat
     finally:
         other.close()
         engine.dispose()
+
+
+@pytest.mark.parametrize("url", ["sqlite://", "sqlite:///", "sqlite:///:memory:", "sqlite:///:memory:?cache=shared",
+                                 "sqlite:///file::memory:?uri=true", "sqlite:///file:%3Amemory%3A?uri=true",
+                                 "sqlite:///file:x?mode=memory&uri=true", "sqlite:///file:?uri=true",
+                                 "sqlite:///file:#frag?uri=true", "sqlite:///file:/x.db?vfs=memdb&uri=true"])
+def test_a_database_that_lives_in_memory_is_refused(url, write_plan, tmp_path, monkeypatch):
+    """`slab --db sqlite:///:memory: add` had said "1 new run", exit 0, and kept nothing: a launch on it would train
+    every run and throw the results away. Each form of SQLite with no file is refused in one line (exit 2)."""
+    from typer.testing import CliRunner
+
+    from sweep.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DatabaseError, match="keeps nothing") as info:
+        open_db(url)
+    assert "\n" not in str(info.value)
+    result = CliRunner().invoke(app, ["--db", url, "add", str(write_plan(PLAN))])
+    assert result.exit_code == 2 and result.stderr.startswith("error: ") and "keeps nothing" in result.stderr
+    assert "new run" not in result.stdout and sorted(p.name for p in tmp_path.iterdir()) == ["plan.csv"]
+
+
+@pytest.mark.parametrize("url", ["sqlite:///file:x?mode=memory", "sqlite:///file:x.db?uri=true"])
+def test_a_sqlite_url_naming_a_file_is_not_taken_for_memory(url, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.warns() if "mode=" in url else contextlib.nullcontext():  # SQLAlchemy warns of the unknown mode
+        open_db(url).dispose()
+    assert any(p.name.startswith("file:x") or p.name == "x.db" for p in tmp_path.iterdir())
+
+
+def test_runs_csv_carries_every_spec_field(runs_db, tmp_path):
+    """`slab runs --csv` says it prints every column, but warmup, min_lr_ratio, weight_decay, grad_clip, evals,
+    eval_every, gpus and vocab_size were left out. The spec's budget, which runs.tokens rounds up to whole steps,
+    comes as spec_tokens; evals as a plan cell writes them."""
+    import csv
+    import io
+    from dataclasses import fields
+
+    from typer.testing import CliRunner
+
+    from sweep.cli import app
+    from sweep.spec import RunSpec
+
+    result = CliRunner().invoke(app, ["--db", str(runs_db.url), "runs", "--csv"])
+    assert result.exit_code == 0, result.output
+    rows = list(csv.DictReader(io.StringIO(result.stdout)))
+    assert len(rows) == 6
+    assert {f.name for f in fields(RunSpec)} - {"arch", "tokens"} <= set(rows[0])
+    want = {"warmup": "4", "min_lr_ratio": "0.1", "weight_decay": "0.1", "grad_clip": "1.0", "evals": "",
+            "eval_every": "0", "gpus": "1.0", "vocab_size": "260", "spec_tokens": "20000", "tokens": "20224"}
+    assert all({k: r[k] for k in want} == want for r in rows), rows[0]
+
+
+def test_a_new_spec_field_becomes_a_runs_column(runs_db, monkeypatch):
+    """The spec columns follow RunSpec's fields, so a field added to it shows without a hand-kept list."""
+    from dataclasses import dataclass
+
+    import db.queries
+    from sweep.spec import RunSpec
+
+    @dataclass(frozen=True)
+    class Wider(RunSpec):
+        knob: int = 7
+
+    monkeypatch.setattr(db.queries, "RunSpec", Wider)
+    frame = runs_frame(runs_db)
+    assert "knob" in frame.columns and frame["knob"].isna().all()  # runs registered before the field
+    run_id = frame["run_id"][0]
+    with session(runs_db) as s:
+        run = s.get(Run, run_id)
+        run.spec = {**run.spec, "knob": 3, "evals": ["niah", "mqar"]}
+    frame = runs_frame(runs_db).set_index("run_id")
+    assert frame.loc[run_id, "knob"] == 3 and frame.loc[run_id, "evals"] == "niah|mqar"
+
+
+@pytest.mark.parametrize("fmt", ["csv", "parquet"])
+def test_an_integer_column_holding_a_value_that_is_not_whole_is_exported_as_it_is(runs_db, tmp_path, monkeypatch, fmt):
+    """SQLite keeps 768.5 in an INTEGER column (a database built by a script): `slab export metrics` had failed with
+    "TypeError: cannot safely cast non-equivalent object to int64", and metrics_frame cut it to 512. The column is
+    written and read as floats, in every chunk of the file alike; the table's other integer columns stay integers."""
+    import db.queries
+    from db.queries import metrics_frame
+
+    if fmt == "parquet":
+        pq = pytest.importorskip("pyarrow.parquet")
+    run_id = sorted(runs_frame(runs_db)["run_id"])[0]
+    with session(runs_db) as s:
+        s.add_all([Metric(run_id=run_id, step=k, tokens=256 * k + (0.5 if k == 3 else 0), flops=1.0, loss=4.0, lr=1e-3)
+                   for k in (1, 2, 3)])
+    monkeypatch.setattr(db.queries, "FETCH_ROWS", 2)  # the first chunk whole, the second not
+    out = tmp_path / f"metrics.{fmt}"
+    assert export_table(runs_db, "metrics", None, out) == 3
+    back = pd.read_csv(out) if fmt == "csv" else pq.read_table(out).to_pandas()
+    assert back["tokens"].tolist() == [256, 512, 768.5] and back["step"].tolist() == [1, 2, 3]
+    assert str(back["step"].dtype).lower() == "int64"
+    assert metrics_frame(runs_db)["tokens"].tolist() == [256, 512, 768.5]
+
+
+def test_text_in_an_integer_column_is_refused_naming_the_column(runs_db, tmp_path):
+    from sqlalchemy import text
+
+    run_id = sorted(runs_frame(runs_db)["run_id"])[0]
+    with session(runs_db) as s:
+        s.add(Metric(run_id=run_id, step=1, tokens=256, flops=1.0, loss=4.0, lr=1e-3))
+        s.execute(text("update metrics set tokens = 'lots'"))
+    with pytest.raises(QueryError, match=r"^cannot export metrics: its column tokens holds 'lots', which is not a number"):
+        export_table(runs_db, "metrics", None, tmp_path / "metrics.csv")
+    assert not list(tmp_path.glob("*metrics.csv*"))
+
+
+@pytest.mark.skipif(not hasattr(__import__("sqlite3").Connection, "setlimit"), reason="Python 3.11's setlimit")
+def test_run_ids_are_asked_for_in_statements_the_linked_sqlite_takes(runs_db):
+    """SQLite before 3.32 takes 999 parameters a statement (32,766 since, unless built otherwise), while 10,000 run ids
+    were bound at once: the analysis commands failed with "too many SQL variables". The batch follows the limit."""
+    import sqlite3
+
+    from sqlalchemy import event
+
+    from db.queries import evals_frame, metrics_frame
+
+    ids = sorted(runs_frame(runs_db)["run_id"])
+    with session(runs_db) as s:
+        s.add_all([Metric(run_id=run_id, step=1, tokens=1, flops=1.0, loss=5.0, lr=1e-3) for run_id in ids])
+    runs_db.dispose()  # the connections made from here on have SQLite 3.31's limit
+    event.listen(runs_db, "connect", lambda dbapi, _: dbapi.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, 999))
+    asked = [f"{i:016x}" for i in range(1500)] + ids
+    assert metrics_frame(runs_db, asked)["run_id"].tolist() == ids
+    assert evals_frame(runs_db, asked).empty
+
+
+def test_the_id_batch_fits_the_parameters_of_the_linked_sqlite():
+    """The comment had SQLite take 32,766 parameters before 3.32: it took 999, and 10,000 ids were bound at once."""
+    import sqlite3
+
+    from db.queries import ID_BATCH, ID_MARGIN, id_batch_for, sqlite_default_variables
+
+    assert sqlite_default_variables((3, 31, 1)) == 999 and sqlite_default_variables((3, 32, 0)) == 32_766
+    assert id_batch_for((3, 31, 1)) + 2 <= 999 and id_batch_for((3, 45, 0)) == 10_000  # + launch's status filter
+    assert ID_BATCH + ID_MARGIN <= sqlite_default_variables(sqlite3.sqlite_version_info)
