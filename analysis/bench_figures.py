@@ -30,6 +30,10 @@ SPREAD_COLUMNS = ("gpus", "wall_s", "runs")
 DP_COLUMNS = ("gpus", "step", "loss", "tokens_per_s")
 # In the order tables are told apart: a dp table also has a spread table's gpus column.
 TABLE_KINDS = {"dp": DP_COLUMNS, "spread": SPREAD_COLUMNS, "pack": PACK_COLUMNS, "train": TRAIN_COLUMNS}
+#: Columns a figure needs beyond those that tell its table apart: a dp table's curves are drawn per run.
+FIGURE_COLUMNS = {"dp": ("run",)}
+#: Columns a figure counts in whole numbers ("12/15 runs done"), every cell of which must hold one.
+COUNT_COLUMNS = {"spread": ("runs", "done")}
 
 
 class BenchTableError(ValueError):
@@ -125,7 +129,8 @@ def data_parallel_summary(curves: "pd.DataFrame") -> "pd.DataFrame":
     for (run, gpus), c in curves.groupby(["run", "gpus"], sort=True):
         late = c[c["step"] > c["step"].max() / 2]
         rows.append({"run": run, "gpus": gpus, "steps": int(c["step"].max()), "tokens_per_s": float(late["tokens_per_s"].median()),
-                     "mfu": float(late["mfu"].median()) if late["mfu"].notna().any() else None,
+                     # A table without MFU (written by hand, say) is drawn all the same: the figure shows none.
+                     "mfu": float(late["mfu"].median()) if "mfu" in late and late["mfu"].notna().any() else None,
                      "final_loss": float(c.sort_values("step")["loss"].iloc[-1])})
     frame = pd.DataFrame(rows)
     base = frame.groupby("run")["tokens_per_s"].transform("first")
@@ -165,7 +170,7 @@ def dp_figure(curves: pd.DataFrame, path: Path) -> Path:
     right.set_ylim(0, max(max(ideal), float(summary["tokens_per_s"].max()) / 1e3) * 1.25)
     right.legend(fontsize=8, loc="upper left")
     right.grid(True, axis="y", alpha=0.3)
-    params = curves["params"].dropna()
+    params = curves["params"].dropna() if "params" in curves.columns else ()
     size = f" ({params.iloc[0] / 1e6:.3g}M parameters)" if len(params) else ""
     device = curves["trained_on"].dropna().iloc[0] if "trained_on" in curves.columns and curves["trained_on"].notna().any() else ""
     fig.suptitle(f"data-parallel training through Ray Train{size}" + (f"; {device.split(' (')[0]}" if device else ""), fontsize=10)
@@ -220,7 +225,26 @@ def bench_figure(csv_path: Path) -> Path:
             + ", ".join(f"`slab bench {k}` (columns {', '.join(TABLE_KINDS[k])})" for k in ("pack", "train", "spread", "dp"))
             + f"; it has {', '.join(map(str, frame.columns))}"
         )
+    _check_cells(frame, kind, csv_path)
     return draw[kind](frame, png)
+
+
+def _check_cells(frame: pd.DataFrame, kind: str, csv_path: Path) -> None:
+    """Refuse, naming the file and column, a table of ``kind`` that lacks a column its figure needs or holds a cell
+    it cannot count (a blank ``done``): the figure had failed with a KeyError or a NaN cast to int."""
+    missing = [c for c in FIGURE_COLUMNS.get(kind, ()) if c not in frame.columns]
+    if missing:
+        raise BenchTableError(f"{csv_path}: a `slab bench {kind}` table needs column {', '.join(missing)}, which it "
+                              f"lacks; it has {', '.join(map(str, frame.columns))}")
+    for col in COUNT_COLUMNS.get(kind, ()):
+        if col not in frame.columns:
+            continue
+        for row, value in enumerate(frame[col].tolist(), start=1):
+            if pd.isna(value):
+                raise BenchTableError(f"{csv_path}: column {col} has a blank cell (row {row}); it counts runs")
+            number = pd.to_numeric(value, errors="coerce")
+            if pd.isna(number) or number != int(number):
+                raise BenchTableError(f"{csv_path}: column {col} must hold whole numbers, not {value!r} (row {row})")
 
 
 def table_kind(frame: pd.DataFrame) -> str | None:

@@ -75,12 +75,19 @@ def fit_per_arch(
     if "arch" not in runs.columns:
         raise FitError("runs frame has no 'arch' column: nothing to compare")
     archs = sorted(runs["arch"].astype(str).unique())
+    curves = metrics is not None and not metrics.empty
 
     def each(mode: str) -> tuple[dict[str, FitResult], dict[str, str], bool]:
         fits, errors, unidentified = {}, {}, False
         for i, arch in enumerate(archs):
             sub = runs[runs["arch"].astype(str) == arch]
-            sub_metrics = None if metrics is None else metrics[metrics["run_id"].isin(set(sub["run_id"]))]
+            sub_metrics = metrics[metrics["run_id"].isin(set(sub["run_id"]))] if curves else None
+            if sub_metrics is not None and sub_metrics.empty:
+                # fit_loss_compute would take its final points (validation loss, one point a run), a frontier not made
+                # as the others' from training curves are: the gap would measure the difference of sources.
+                errors[arch] = ("its runs have no training curves while other archs' have: a frontier from its final "
+                                "points would not compare with theirs")
+                continue
             try:
                 fits[arch] = fit_loss_compute(
                     sub, metrics=sub_metrics, form=form, params_col=params_col, edges=mode,

@@ -360,13 +360,15 @@ def fit_loss_compute(
 ) -> FitResult:
     """Fit L = E + A C^-alpha (form="saturating") or L = A C^-alpha (form="power") on the frontier.
 
-    The frontier comes from the training curves when `metrics` is given, else from final points; the
+    The frontier comes from the training curves when `metrics` holds any, else from final points; the
     bootstrap resamples runs and rebuilds the frontier each time. Least squares in log loss. edges="keep"
     fits the runs' whole envelope, an upper bound of the compute-optimal frontier where the best run is
     the smallest size covering a budget; "drop" leaves those points out (FrontierNotIdentified when too
     few remain); "auto" drops them where the frontier stays identified, else keeps them, and then
     details["unidentified"] says why.
     """
+    if metrics is not None and metrics.empty:  # runs that recorded no curves: their final points, as the report fits
+        metrics = None
     if edges == "auto":
         kwargs = dict(metrics=metrics, form=form, params_col=params_col, n_bins=n_bins, n_bootstrap=n_bootstrap,
                       seed=seed, progress=progress)
@@ -738,18 +740,23 @@ def _approach1_envelope(sel, Lmat, Dmat, Nrun, Cgrid) -> dict[str, np.ndarray]:
     edge or not.
     """
     L = Lmat[sel]
-    N = Nrun[sel]
+    N = Nrun[sel][:, None]
     cover = np.isfinite(L)
-    has = cover.sum(0) >= 3
     win = np.argmin(np.where(cover, L, np.inf), axis=0)
-    Nw = N[win]
-    sizes = np.sort(np.where(cover, N[:, None], np.inf), axis=0)  # per budget, covering sizes ascending
-    high = -np.sort(np.where(cover, -N[:, None], np.inf), axis=0)  # and descending
-    keep = has & (Nw > sizes[0]) & (Nw < high[0])
+    Nw = N[win, 0]
+    # Sizes, not runs: runs of one size (seeds, token budgets) are one size, else a budget covered by two sizes
+    # passed for three and the second smallest "size" was the smallest again, letting edge budgets in.
+    smallest = np.where(cover, N, np.inf).min(0)
+    largest = np.where(cover, N, -np.inf).max(0)
+    inner = cover & (N > smallest) & (N < largest)
+    has = inner.any(0)  # at least 3 sizes cover the budget
+    second = np.where(cover & (N > smallest), N, np.inf).min(0)  # per budget, the second smallest covering size
+    second_high = np.where(cover & (N < largest), N, -np.inf).max(0)  # and the second largest
+    keep = has & (Nw > smallest) & (Nw < largest)
     if keep.sum() >= 2:
         a, c = np.polyfit(np.log(Cgrid[keep]), np.log(Nw[keep]), 1)  # pass 1's N_opt = e^c C^a
         predicted = np.exp(c) * Cgrid**a
-        keep = has & (predicted >= sizes[min(1, len(sizes) - 1)]) & (predicted <= high[min(1, len(high) - 1)])
+        keep = has & (predicted >= second) & (predicted <= second_high)
     k = np.flatnonzero(keep)
     rows = sel[win[k]]
     return {"C": Cgrid[k], "N": Nw[k], "D": Dmat[rows, k], "L": L[win[k], k], "row": rows}

@@ -465,3 +465,66 @@ def test_unknown_on_few_runs_leaves_fits_on_enough_runs_or_without_a_bootstrap_a
     assert compare.unknown_on_few_runs(fit_loss_compute(runs, n_bootstrap=0)).intervals == {}
     many = fit_loss_compute(frontier_runs("softmax", 1.0, 0), n_bootstrap=50, seed=0)
     assert compare.unknown_on_few_runs(many) is many
+
+
+def _empty_metrics():
+    """The metrics frame of runs without training curves, as db.queries.metrics_frame returns it."""
+    return pd.DataFrame({c: pd.Series(dtype=t) for c, t in (("run_id", object), ("step", "int64"), ("tokens", "int64"),
+                         ("flops", "float64"), ("loss", "float64"), ("lr", "float64"), ("tokens_per_s", "float64"),
+                         ("mfu", "float64"))})
+
+
+def test_runs_without_training_curves_are_fitted_from_their_final_points():
+    """slab fit and slab compare stopped at "metrics frame is empty" on runs with no curves, while slab report fitted
+    the same runs from their final points: an empty frame of curves now means final points, as for the report."""
+    from analysis.fits import fit_loss_compute
+
+    runs = pd.concat([frontier_runs("softmax", 1.0, 0), frontier_runs("lightning", 1.5, 1)], ignore_index=True)
+    softmax = runs[runs["arch"] == "softmax"]
+    got = fit_loss_compute(softmax, metrics=_empty_metrics(), edges="auto", n_bootstrap=20, seed=3)
+    want = fit_loss_compute(softmax, metrics=None, edges="auto", n_bootstrap=20, seed=3)
+    assert got.details["source"] == "final" and got.estimates == want.estimates and got.intervals == want.intervals
+    both = compare.compare_archs(runs, metrics=_empty_metrics(), budgets=[1e19], n_bootstrap=20, seed=0)
+    alone = compare.compare_archs(runs, metrics=None, budgets=[1e19], n_bootstrap=20, seed=0)
+    pd.testing.assert_frame_equal(both.gaps, alone.gaps)
+
+
+def test_an_arch_without_curves_beside_archs_with_them_is_not_fitted_from_other_points():
+    """Its final points would make a frontier unlike the others' (from curves): it is left out, saying why."""
+    from analysis.synthetic import curves_for
+
+    runs = pd.concat([frontier_runs("softmax", 1.0, 0), frontier_runs("lightning", 1.5, 1)], ignore_index=True)
+    metrics = curves_for(runs[runs["arch"] == "softmax"], n_steps=20)
+    fits, errors = compare.fit_per_arch(runs, metrics=metrics, n_bootstrap=0, on_error="skip")
+    assert set(fits) == {"softmax"} and "no training curves while other archs' have" in errors["lightning"]
+
+
+def test_slab_fit_and_compare_take_a_database_without_curves(tmp_path):
+    """The commands, on runs that recorded no metrics: both fit, and agree with each other as the report does."""
+    from typer.testing import CliRunner
+
+    from db.engine import open_db, session
+    from db.schema import Plan, PlanRun, Run
+    from sweep.cli import app
+
+    runs = pd.concat([frontier_runs("softmax", 1.0, 0), frontier_runs("lightning", 1.5, 1)], ignore_index=True)
+    url = f"sqlite:///{tmp_path}/slab.db"
+    engine = open_db(url)
+    with session(engine) as s:
+        plan = Plan(name="syn", path="syn.csv", sha256="0" * 64)
+        s.add(plan)
+        s.flush()
+        for i, r in enumerate(runs.itertuples(index=False)):
+            s.add(Run(run_id=r.run_id, arch=r.arch, status="done", params=int(r.params),
+                      nonembed_params=int(r.nonembed_params), tokens=int(r.tokens), flops=float(r.flops),
+                      final_loss=float(r.final_loss), val_loss=float(r.val_loss),
+                      spec={"arch": r.arch, "d_model": int(r.d_model), "n_layers": int(r.n_layers)}))
+        s.flush()  # the runs before the links to them
+        s.add_all(PlanRun(plan_id=plan.id, run_id=r, row=i + 2) for i, r in enumerate(runs["run_id"]))
+    engine.dispose()
+    fit = CliRunner().invoke(app, ["--db", url, "fit", "--arch", "softmax", "--bootstrap", "10", "--json"])
+    assert fit.exit_code == 0, fit.output
+    cmp = CliRunner().invoke(app, ["--db", url, "compare", "--bootstrap", "10", "--json"])
+    assert cmp.exit_code == 0, cmp.output
+    fitted, compared = json.loads(fit.stdout), json.loads(cmp.stdout)["fits"]["softmax"]
+    assert fitted["details"]["source"] == "final" and fitted["estimates"] == pytest.approx(compared["estimates"])

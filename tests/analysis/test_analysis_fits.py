@@ -560,6 +560,20 @@ def test_approach1_budgets_are_chosen_by_design_not_by_where_the_winner_landed()
         assert inside(f, "a", TRUE_A)
 
 
+def test_approach1_budgets_count_sizes_not_runs():
+    """A second seed of every run (here with the same curve) is no new size: approach 1 uses the same budgets. Its
+    rule counted runs, so two runs of the smallest size made it the "second smallest size" too, and 2 budgets
+    became 31, edge budgets among them."""
+    N = np.geomspace(1e7, 1e10, 12)
+    runs = [runs_frame(N, 1000 * N, fits.chinchilla_law(N, 1000 * N, **HOFFMANN), prefix=p) for p in ("s0", "s1")]
+    curves = [curves_for(r, n_steps=40, noise=0.003, seed=5) for r in runs]
+    one = fits.fit_approach1(runs[0], curves[0], n_bootstrap=0)
+    two = fits.fit_approach1(pd.concat(runs, ignore_index=True), pd.concat(curves, ignore_index=True), n_bootstrap=0)
+    assert one.n_points >= 2
+    pd.testing.assert_frame_equal(one.points.drop(columns="run_id"), two.points.drop(columns="run_id"))
+    assert one.estimates == pytest.approx(two.estimates)
+
+
 def test_the_shipped_isoflop_plan_centres_each_budget_so_approach2_recovers_a():
     # plans/isoflop.csv with losses from Hoffmann's law on its runs' own sizes, tokens and FLOPs: approach 2 finds a
     # within 0.01 of the true exponent (the old fixed 5M-160M grid for every budget gave 0.430 against 0.468)
