@@ -31,12 +31,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models.sources import (  # noqa: F401 (parse_data, cache_dir: this module's API too)
+from models.sources import (  # noqa: F401 (parse_data, cache_dir, VAL_EVERY, DOC_SEP: this module's API too)
+    DOC_SEP,
+    VAL_EVERY,
     Stamp,
     bin_files,
     cache_dir,
     cached_digest,
     file_stamp,
+    held_out,
     is_token_source,
     parse_data,
     text_files,
@@ -48,8 +51,6 @@ PAD, BOS, EOS, SEP = 256, 257, 258, 259
 #: Vocabulary of byte-level data: 256 bytes and the four specials above.
 BYTE_VOCAB_SIZE = 260
 
-#: Every VAL_EVERY-th file (sorted order) is held out for validation.
-VAL_EVERY = 20
 #: The stdlib corpus keeps whole files, in sorted order, until it holds this many bytes.
 STDLIB_CAP_BYTES = 64 * 2**20
 #: Path parts that exclude a stdlib file: installed packages, test suites, caches, and the generated codec tables
@@ -57,11 +58,6 @@ STDLIB_CAP_BYTES = 64 * 2**20
 STDLIB_SKIP = frozenset({"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__", "encodings"})
 #: Bumped when the stdlib corpus's selection changes, so that a cached corpus of the old one is not reused.
 STDLIB_VERSION = 2
-#: Between the files of a text folder, so that one document's last line does not run into the next one's first.
-#: A newline, not EOS: byte corpora are uint8. Folders read before it was added hash differently (``Corpus.sha256``
-#: is of the joined bytes), so their checkpoints are refused on resume rather than continued on another stream.
-#: The stdlib corpus keeps no separator: its .py files end in a newline, and its hash (every stdlib checkpoint's) stays.
-DOC_SEP = b"\n"
 
 MQAR_VOCAB = 8192  # Zoology's vocabulary, the default for MQAR plans
 MQAR_ALPHA = 0.01  # power-law exponent of the query gaps
@@ -151,7 +147,7 @@ def stdlib_corpus() -> Corpus:
         val = np.load(folder / f"{key}.val.npy", mmap_mode="r")
         return Corpus("stdlib", train, val, meta["sha256"], is_bytes=True)
     files = stdlib_files()
-    read = _read_text(files, [p.stat().st_size for p in files], by_file=len(files) >= VAL_EVERY, sep=b"")
+    read = _read_text(files, [p.stat().st_size for p in files], sep=b"")
     if read is None:
         raise ValueError(f"{sysconfig.get_paths()['stdlib']}: a file changed size while the stdlib corpus was built")
     _, train, val = read
@@ -168,16 +164,16 @@ def stdlib_corpus() -> Corpus:
 
 
 def _read_text(
-    files: list[Path], sizes: list[int], by_file: bool, sep: bytes | None = None
+    files: list[Path], sizes: list[int], sep: bytes | None = None
 ) -> tuple[tuple[Stamp, ...], np.ndarray, np.ndarray] | None:
     """The files of ``sizes`` bytes, split into train and validation and joined with ``sep`` (``DOC_SEP`` unless given)
     within each, read straight into two read-only arrays, with their stamps; None when a file no longer has its size.
 
-    The one split rule of file corpora: ``by_file``, every VAL_EVERY-th file is validation; otherwise the last
-    1 / VAL_EVERY of the joined bytes. Joining bytes read first took as long again as reading them (200 MB, 2,000
-    files)."""
+    Split by ``held_out``: every VAL_EVERY-th file, or with fewer files the last 1 / VAL_EVERY of the joined bytes
+    (``models.sources.split_sizes`` counts the same from sizes alone). Joining bytes read first took as long again as
+    reading them (200 MB, 2,000 files)."""
     sep = DOC_SEP if sep is None else sep
-    val = [by_file and i % VAL_EVERY == VAL_EVERY - 1 for i in range(len(files))]
+    val = held_out(len(files))
     arrays = {}
     for side in (False, True):
         side_sizes = [n for n, v in zip(sizes, val, strict=True) if v == side]
@@ -200,7 +196,7 @@ def _read_text(
         stamps.append(file_stamp(file, st))
         at[side] += size
     train, held = arrays[False], arrays[True]
-    if not by_file:  # the last 1 / VAL_EVERY of the bytes, as views
+    if not any(val):  # the last 1 / VAL_EVERY of the bytes, as views
         cut = len(train) - len(train) // VAL_EVERY
         train, held = train[:cut], train[cut:]
     for a in (train, held):
@@ -214,7 +210,7 @@ def text_corpus(path: Path) -> Corpus:
     path = Path(path)
     files = text_files(path) if path.is_dir() else [path]
     for _ in range(3):  # a file written to since it was listed is read again, at its new size
-        read = _read_text(files, [f.stat().st_size for f in files], by_file=len(files) >= VAL_EVERY)
+        read = _read_text(files, [f.stat().st_size for f in files])
         if read is not None:
             break
     else:

@@ -36,6 +36,55 @@ SETTLE_NS = 2 * 10**9
 DIGEST_CACHE_ENTRIES = 512
 
 
+#: Every VAL_EVERY-th file (sorted order) of a folder corpus is held out for validation; a corpus of fewer files, or of
+#: one token file, holds out its last 1 / VAL_EVERY.
+VAL_EVERY = 20
+#: Between the files of a text folder, so that one document's last line does not run into the next one's first.
+#: A newline, not EOS: byte corpora are uint8. Folders read before it was added hash differently (``Corpus.sha256``
+#: is of the joined bytes), so their checkpoints are refused on resume rather than continued on another stream.
+#: The stdlib corpus keeps no separator: its .py files end in a newline, and its hash (every stdlib checkpoint's) stays.
+DOC_SEP = b"\n"
+
+
+def held_out(n_files: int) -> list[bool]:
+    """Which of a corpus's ``n_files`` files (sorted) are validation: every VAL_EVERY-th, or none when it has fewer
+    than VAL_EVERY (its last 1 / VAL_EVERY of the joined bytes is, then)."""
+    return [n_files >= VAL_EVERY and i % VAL_EVERY == VAL_EVERY - 1 for i in range(n_files)]
+
+
+def split_sizes(path: str | Path) -> tuple[int, int, str]:
+    """Tokens in a file corpus's train and validation splits, from its files' sizes alone (as ``models.data`` reads
+    it), and how its validation split is held out. Raises ValueError for a corpus that cannot be read as one."""
+    p = Path(path)
+    share = f"{100 / VAL_EVERY:g}%"
+    if is_token_source(p):
+        files, ids = bin_files(p), []
+        for file in files:
+            size = file.stat().st_size
+            if size == 0:
+                raise ValueError(f"data {file} is an empty file, no uint16 token ids")
+            if size % 2:
+                raise ValueError(f"data {file}: {size} bytes, not a whole number of uint16 token ids")
+            ids.append(size // 2)
+        if len(ids) == 2:
+            return ids[0], ids[1], f"{files[1].name} is its validation split"
+        return ids[0] - ids[0] // VAL_EVERY, ids[0] // VAL_EVERY, f"its last {share} is held out for validation"
+    files = text_files(p) if p.is_dir() else [p]
+    sizes = [f.stat().st_size for f in files]
+    if not any(sizes):
+        raise ValueError(f"data {path} holds only empty files" if p.is_dir() else f"data {path} is an empty file")
+
+    def joined(parts: list[int]) -> int:
+        return sum(parts) + len(DOC_SEP) * max(0, len(parts) - 1)
+
+    val = held_out(len(files))
+    if any(val):
+        train = joined([n for n, h in zip(sizes, val) if not h])
+        return train, joined([n for n, h in zip(sizes, val) if h]), f"every {VAL_EVERY}th file is held out for validation"
+    total = joined(sizes)
+    return total - total // VAL_EVERY, total // VAL_EVERY, f"its last {share} is held out for validation"
+
+
 def parse_data(data: str) -> list[tuple[str, float]]:
     """Split ``a+b@0.1`` into parts and weights; unweighted parts share what the weighted ones leave."""
     parts = []

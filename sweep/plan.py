@@ -3,7 +3,7 @@
 A plan is a header row of known columns (``COLUMNS``) and one row per block of runs. A cell holds
 
 - a value: ``64``, ``3e-4``, ``10M`` (suffixes k, M, B, T), ``lightning``;
-- a list: ``64|128|256`` (the row is repeated for each item);
+- a list: ``64|128|256`` (the row is repeated for each item; a ``name`` cell is one label, ``|`` included);
 - a geometric range ``64..1024*2`` (64, 128, ..., 1024) or an arithmetic range ``1..5+1``;
 - an expression ``=20*params`` over other columns of the same run and the derived names ``params``
   (the model's total parameter count), ``nonembed_params``, ``flops_per_token``, ``tokens`` and ``flops``;
@@ -29,6 +29,7 @@ import itertools
 import math
 import operator
 import re
+import string
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -45,7 +46,7 @@ from models.config import (
     hybrid_period,
     shape_for_params,
 )
-from models.sources import content_digest, is_token_source, parse_data
+from models.sources import content_digest, is_token_source, parse_data, split_sizes
 from sweep.spec import RunSpec
 
 DEFAULT_MAX_RUNS = 100_000
@@ -62,6 +63,8 @@ PASSKEY_MIN_SEQ_LEN = 104
 #: MQAR's key-value pairs per sequence are seq_len // MQAR_PAIRS_DIVISOR, and keys and values split the
 #: vocabulary in halves; mirrored from models.data as the two above.
 MQAR_PAIRS_DIVISOR = 16
+#: Seeds are below this: torch.manual_seed takes an unsigned 64-bit integer (numpy's generators take any size).
+MAX_SEED = 2**64
 #: Spreadsheet formats to save as .csv or .xlsx first (read as CSV they would fail as "not UTF-8 text").
 _OTHER_SHEETS = (".ods", ".xls", ".xlsb", ".numbers")
 _FORMULA = "spreadsheet formula; enter plan expressions as text (prefix with ')"
@@ -78,7 +81,8 @@ class Column:
 
 #: Every column a plan may have, with its default: the one place defaults live.
 COLUMNS: dict[str, Column] = {
-    "name": Column("str", None, "label of the runs; may use {fields} of the spec or derived names, e.g. {arch}-{params}"),
+    "name": Column("str", None, "one label for the row's runs (a | in it is part of it, not a list); may use bare {fields} "
+                                "of the spec or derived names, with a format such as {lr:.0e}, e.g. {arch}-{params}"),
     "arch": Column("str", None, "softmax | lightning | hybrid | hgrn2 | mamba2 (required)"),
     "d_model": Column("int", None, "model width (or give params)"),
     "n_layers": Column("int", None, "number of blocks (or give params)"),
@@ -495,6 +499,8 @@ def parse_cell(column: str, text: str, max_items: int | None = None) -> list[Any
         return parse_expr(text)
     if col.kind == "list-str":
         return ["|".join(sorted({p.strip() for p in text.split("|") if p.strip()}))]
+    if column == "name":  # one label: as a list, its names would only label the row's same runs again
+        return [text]
     items = [p.strip() for p in text.split("|")]
     if any(not p for p in items):
         raise CellError(f"empty item in list {text!r}")
@@ -684,6 +690,24 @@ def _show(value: Any) -> str:
     return repr(value) if isinstance(value, str) else str(value)
 
 
+def _data_path(source: str, base_dir: Path) -> Path:
+    """A data cell's file part as a path: relative ones are relative to the plan's folder."""
+    path = Path(source).expanduser()
+    return path if path.is_absolute() else base_dir / path
+
+
+def resolve_data(data: str, base_dir: Path) -> str:
+    """A data value as a plan stores it: its file parts absolute, taking relative ones from ``base_dir``."""
+    parts = []
+    for part in data.split("+"):
+        source, _, weight = part.partition("@")
+        source = source.strip()
+        if source not in DATA_SOURCES:
+            source = str(_data_path(source, base_dir).resolve())
+        parts.append(source + (f"@{weight}" if weight else ""))
+    return "+".join(parts)
+
+
 def _data_value(data: str, base_dir: Path, digests: dict[str, str | CellError] | None = None) -> tuple[str, str]:
     """Check a data cell and make its paths absolute (relative paths are relative to the plan file); also the
     content digests of its files, "+"-joined (``digests`` caches them, or why one failed, by path across a load)."""
@@ -703,8 +727,7 @@ def _data_value(data: str, base_dir: Path, digests: dict[str, str | CellError] |
             raise CellError(f"{source!r} appears twice in the mixture {data!r}: give it once, with its weight")
         names.append(source)
         if source not in DATA_SOURCES:
-            path = Path(source).expanduser()
-            path = path if path.is_absolute() else (base_dir / path)
+            path = _data_path(source, base_dir)
             if path.suffix not in (".txt", ".bin") and not path.is_dir():
                 raise CellError(f"unknown data {source!r}: expected {', '.join(DATA_SOURCES)}, or a .txt/.bin path")
             if not path.exists():
@@ -728,7 +751,8 @@ def _data_value(data: str, base_dir: Path, digests: dict[str, str | CellError] |
     return "+".join(out), "+".join(digest)
 
 
-def _build_spec(r: _Resolver, base_dir: Path, digests: dict[str, str | CellError] | None = None) -> RunSpec:
+def _build_spec(r: _Resolver, base_dir: Path, digests: dict[str, str | CellError] | None = None,
+                splits: dict[str, tuple[int, int, str] | CellError] | None = None) -> RunSpec:
     """The run a resolver's cells describe; raises _RunErrors naming every bad value of it (a check that needs a
     value that failed is skipped, not reported as a second problem)."""
     errors: list[CellError] = []
@@ -791,13 +815,15 @@ def _build_spec(r: _Resolver, base_dir: Path, digests: dict[str, str | CellError
     min_lr_ratio = attempt(num, "min_lr_ratio", lambda v: 0 <= v <= 1, "a number in [0, 1]")
     weight_decay = attempt(num, "weight_decay", lambda v: v >= 0, "a number >= 0")
     grad_clip = attempt(num, "grad_clip", lambda v: v > 0, "a positive number")
-    seed = attempt(whole, "seed", lambda v: v >= 0, "a non-negative integer")
+    seed = attempt(whole, "seed", lambda v: 0 <= v < MAX_SEED, "a non-negative integer below 2**64 (torch's seeds)")
     evals = attempt(evals_of)
     eval_every = attempt(whole, "eval_every", lambda v: v >= 0, "a non-negative integer")
     gpus = attempt(num, "gpus", lambda v: v > 0 and (v <= 1 or v == int(v)), "a fraction in (0, 1] or a whole number")
     # Caught here, not when every run of the plan fails at launch.
     if data is not None and cfg is not None and seq_len is not None and evals is not None:
         errors += _data_fit_errors(data, cfg, seq_len, evals)
+    if data is not None and seq_len is not None and evals is not None:
+        errors += _corpus_fit_errors(data, seq_len, evals, splits)
     # Each data-parallel worker trains an equal slice of every batch; caught here, not after every attempt at launch.
     if gpus is not None and batch is not None and gpus > 1 and batch % int(gpus):
         errors.append(_ColumnError("batch_size", f"batch_size {batch} is not divisible by the {int(gpus)} "
@@ -859,6 +885,46 @@ def _data_fit_errors(data: str, cfg: ModelConfig, seq_len: int, evals: tuple[str
     return errors
 
 
+def _corpus_fit_errors(data: str, seq_len: int, evals: tuple[str, ...],
+                       splits: dict[str, tuple[int, int, str] | CellError] | None = None) -> list[_ColumnError]:
+    """File corpora too short for the run, from their files' sizes: training draws a window of seq_len + 1 tokens from
+    each split before its first step (models.data.Data.check), and NIAH its longest prompt's filler from the first
+    text's validation split (models.evals.check_evals). ``splits`` caches each file's sizes across a load."""
+    splits = {} if splits is None else splits
+    parts = [q.partition("@")[0] for q in data.split("+")]
+    errors, short = [], set()
+    for path in (p for p in parts if p not in DATA_SOURCES):
+        if path not in splits:
+            try:
+                splits[path] = split_sizes(path)
+            except OSError as exc:  # gone or unreadable since it was hashed
+                splits[path] = CellError(f"data {path}: cannot read it: {exc}")
+            except ValueError as exc:  # an empty file, a token file of an odd size
+                splits[path] = CellError(str(exc))
+        sizes = splits[path]
+        if isinstance(sizes, CellError):
+            errors.append(_ColumnError("data", str(sizes)))
+            short.add(path)
+            continue
+        train, val, held_out = sizes
+        for split, tokens in (("train", train), ("validation", val)):
+            if tokens < seq_len + 1:
+                errors.append(_ColumnError("data", f"data {path}: its {split} split holds {tokens} tokens, fewer than the "
+                                                   f"{seq_len + 1} a sequence of seq_len {seq_len} needs ({held_out}): "
+                                                   "give a longer corpus or a shorter seq_len"))
+                short.add(path)
+                break
+    # NIAH's filler is the mixture's first byte text; stdlib, megabytes of it, is not checked
+    filler = next((p for p in parts if p == "stdlib" or (p not in DATA_SOURCES and not is_token_source(p))), None)
+    if "niah" in evals and filler not in (None, "stdlib") and filler not in short:
+        need, have = 2 * seq_len - NIAH_MIN_SEQ_LEN, splits[filler][1]
+        if have < need:
+            errors.append(_ColumnError("data", f"data {filler}: niah evals fill their longest prompt ({2 * seq_len} tokens, "
+                                               f"twice seq_len) with {need} bytes of its validation split, which holds "
+                                               f"{have}: give a longer corpus, a shorter seq_len, or drop niah"))
+    return errors
+
+
 #: Counts (tokens, parameters) the database stores as 64-bit integers must stay below this.
 MAX_STORED_INT = 2**63
 #: Plan and run names the database stores (its String(200) name columns) may have at most this many characters.
@@ -874,6 +940,8 @@ class _Load:
 
     #: Content digests of data files by resolved path (or why one could not be read): a corpus is read once.
     digests: dict[str, str | CellError] = field(default_factory=dict)
+    #: Token counts of data files' splits by resolved path (``_corpus_splits``), or why they cannot be trained on.
+    splits: dict[str, tuple[int, int, str] | CellError] = field(default_factory=dict)
     #: The run id of each spec as trained (its budget rounded up to whole steps) -> the budget of the first run to
     #: train it: a later budget within the same steps takes that one, so identical training is one run id.
     trained: dict[str, int] = field(default_factory=dict)
@@ -1018,7 +1086,7 @@ def _expand_row(
             cells.pop(col, None)
         resolver = _Resolver(cells, plan.path.parent)
         try:
-            spec = _build_spec(resolver, plan.path.parent, load.digests)
+            spec = _build_spec(resolver, plan.path.parent, load.digests, load.splits)
             _check_storable(spec)
             label = _label(parsed.get("name"), spec)
         except CellError as exc:
@@ -1066,6 +1134,15 @@ def _label(name_cell: list[str] | None, spec: RunSpec) -> str | None:
     # the plan's column names too, where the spec calls a field otherwise
     fields = {**spec.to_dict(), **spec.derived(), "vocab": spec.vocab_size}
     try:
+        # str.format would read {arch.upper} as a bound method's repr and {arch[0]} as a letter: only bare fields
+        odd = next((f for f in _template_fields(template) if not f.isidentifier()), None)
+    except ValueError as exc:  # unbalanced braces
+        raise _ColumnError("name", f"bad name template {template!r}: {exc}") from None
+    if odd is not None:
+        raise _ColumnError("name", f"bad name template {template!r}: {{{odd}}} is not a bare field; write fields such as "
+                                   "{arch} or {d_model}, with a format if need be ({lr:.0e}), without attributes, "
+                                   "indexes or positional {}")
+    try:
         name = template.format(**fields)
     except KeyError as exc:
         known = ", ".join(sorted(fields))
@@ -1077,6 +1154,16 @@ def _label(name_cell: list[str] | None, spec: RunSpec) -> str | None:
         raise _ColumnError("name", f"the run's name is {len(name)} characters ({name[:40]!r}...); names have at most "
                                    f"{MAX_NAME_CHARS}")
     return name
+
+
+def _template_fields(template: str) -> list[str]:
+    """The fields a name template formats, those nested in its format specs too; ValueError on unbalanced braces."""
+    fields = []
+    for _, field, spec, _ in string.Formatter().parse(template):
+        if field is not None:
+            fields.append(field)
+            fields += _template_fields(spec) if spec else []
+    return fields
 
 
 # ---------------------------------------------------------------- costing

@@ -412,12 +412,12 @@ def test_a_text_file_written_to_between_its_listing_and_its_read_is_read_again(t
     settle(*folder.iterdir())
     real, sizes = D._read_text, []
 
-    def racing(files, listed, by_file):
+    def racing(files, listed):
         sizes.append(listed)
         if len(sizes) == 1:  # appended to once it was listed
             with open(folder / "07.txt", "ab") as f:
                 f.write(b" and more")
-        return real(files, listed, by_file)
+        return real(files, listed)
 
     monkeypatch.setattr(D, "_read_text", racing)
     c = D.text_corpus(folder)

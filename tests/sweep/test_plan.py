@@ -338,7 +338,7 @@ def test_a_run_on_a_corpus_is_known_by_its_contents_not_its_path(tmp_path):
     a, b = (load_plan(tmp_path / f / "plan.csv").runs for f in ("a", "b"))
     assert a[0].spec.data != b[0].spec.data and a[0].spec.run_id == b[0].spec.run_id
     assert len(a[0].spec.data_digest) == 64 and a[1].spec.data_digest == "" and "data_digest" not in a[1].spec.to_dict()
-    (tmp_path / "b" / "corpus.txt").write_text("other bytes\n" * 100)
+    (tmp_path / "b" / "corpus.txt").write_text("other bytes\n" * 200)  # long enough to train on (seq_len 64)
     edited = load_plan(tmp_path / "b" / "plan.csv").runs
     assert edited[0].spec.run_id != a[0].spec.run_id and edited[1].spec.run_id == a[1].spec.run_id
     spec = edited[0].spec  # the field travels through the database's JSON
@@ -443,7 +443,7 @@ def test_niah_on_token_ids_alone_is_refused_at_plan_time(write_plan, tmp_path):
     # NIAH's prompts are bytes: on a .bin corpus alone every arch scores 0 (the models refuse it at launch too)
     import numpy as np
 
-    np.arange(2000, dtype=np.uint16).tofile(tmp_path / "tokens.bin")
+    np.arange(4000, dtype=np.uint16).tofile(tmp_path / "tokens.bin")  # 200 ids held out: a sequence of 128 fits
     header = "arch,d_model,n_layers,seq_len,tokens,vocab,evals,data\n"
     with pytest.raises(PlanError, match=r":2:evals: niah evals need byte-level text, and data '.*tokens\.bin' holds token"):
         load_plan(write_plan(header + "softmax,32,2,128,5120,4096,niah,tokens.bin\n"))

@@ -125,7 +125,7 @@ def test_a_corpus_is_hashed_once_per_load_of_several_plans(tmp_path, monkeypatch
     calls = []
     real = plan_module.content_digest
     monkeypatch.setattr(plan_module, "content_digest", lambda p: calls.append(p) or real(p))
-    (tmp_path / "corpus.txt").write_text("some bytes\n" * 100)
+    (tmp_path / "corpus.txt").write_text("some bytes\n" * 200)  # 2,200 bytes: 110 held out, a sequence of 64 fits
     for name in ("a", "b"):
         (tmp_path / f"{name}.csv").write_text(f"{SIZE},data\nsoftmax,32,2,64,4,5k|10k,corpus.txt\n"
                                              "lightning,32,2,64,4,5k,corpus.txt\n")
@@ -198,3 +198,145 @@ def test_a_bin_corpus_without_a_vocab_is_blamed_on_vocab_not_n_heads(write_plan,
     error = issues_of(write_plan(f"{SIZE},n_heads,data\nsoftmax,64,2,64,4,5k,1,tokens.bin\n"))
     assert [(i.row, i.column) for i in error.issues] == [(2, "vocab")], str(error)
     assert "give its vocab" in str(error)
+
+
+# ---------------------------------------------------------------- corpora too short to train on
+
+
+def test_an_empty_data_file_is_refused_at_plan_time(write_plan, tmp_path):
+    """It passed slab plan, and every run then failed at launch ("train split ... holds 0 tokens"), retried."""
+    (tmp_path / "e.txt").write_bytes(b"")
+    (tmp_path / "e.bin").write_bytes(b"")
+    (tmp_path / "odd.bin").write_bytes(b"\0" * 4097)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "a.txt").write_bytes(b"")
+    error = issues_of(write_plan(f"{SIZE},vocab,data\nsoftmax,32,2,64,4,5k,,e.txt\nsoftmax,32,2,64,4,5k,300,e.bin\n"
+                                 "softmax,32,2,64,4,5k,300,odd.bin\nsoftmax,32,2,64,4,5k,,stdlib+empty\n"))
+    assert [(i.row, i.column) for i in error.issues] == [(2, "data"), (3, "data"), (4, "data"), (5, "data")], str(error)
+    lines = str(error).splitlines()
+    assert "e.txt is an empty file" in lines[0] and "e.bin is an empty file" in lines[1], lines
+    assert "4097 bytes, not a whole number of uint16 token ids" in lines[2] and "holds only empty files" in lines[3], lines
+
+
+def test_a_corpus_too_short_for_seq_len_is_refused_at_plan_time(write_plan, tmp_path):
+    # the last 5% of a file is held out for validation: 1299 bytes hold 64 of them, one short of a sequence of 64 + 1
+    (tmp_path / "short.txt").write_bytes(b"x" * 1299)
+    (tmp_path / "fits.txt").write_bytes(b"x" * 1300)
+    error = issues_of(write_plan(f"{SIZE},data\nsoftmax,32,2,64,4,5k,short.txt\nsoftmax,32,2,64,4,5k,fits.txt\n"
+                                 "softmax,32,2,32,4,5k,short.txt\n"))
+    assert [(i.row, i.column) for i in error.issues] == [(2, "data")], str(error)
+    assert "its validation split holds 64 tokens, fewer than the 65 a sequence of seq_len 64 needs" in str(error)
+
+
+def test_niah_filler_too_short_is_refused_at_plan_time(write_plan, tmp_path):
+    # NIAH's longest prompt (twice seq_len) fills with the validation split of the data's first text: 2 * 128 - 104 bytes
+    (tmp_path / "short.txt").write_bytes(b"x" * 3039)  # 151 of them held out
+    (tmp_path / "fits.txt").write_bytes(b"x" * 3040)
+    header = "arch,d_model,n_layers,seq_len,batch_size,tokens,evals,data\n"
+    error = issues_of(write_plan(header + "softmax,32,2,128,4,5k,niah,short.txt\nsoftmax,32,2,128,4,5k,niah,fits.txt\n"
+                                          "softmax,32,2,128,4,5k,,short.txt\n"))
+    assert [(i.row, i.column) for i in error.issues] == [(2, "data")], str(error)
+    assert "niah" in str(error) and "152" in str(error) and "151" in str(error)
+
+
+def _launch_check(spec) -> None:
+    """What training checks of a run's data before its first step (models.train.pretrain)."""
+    from models.data import open_data
+    from models.evals import check_evals
+
+    data = open_data(spec.data, spec.vocab_size)
+    data.check(spec.seq_len)
+    check_evals(spec.evals, data, spec.seq_len, spec.vocab_size)
+
+
+#: Sizes around where each layout's splits pass a sequence of 128 + 1 tokens and NIAH's 2 * 128 - 104 bytes of filler.
+LAYOUT_SIZES = {
+    "file": [0, 1, 2579, 2580, 3039, 3040],  # the last 5% held out
+    "folder": [0, 2397, 2398, 2857, 2858],  # three files, the last of these bytes, two of 90, a newline between
+    "many": [0, 128, 129, 151, 152],  # twenty files: the 20th held out
+    "bin": [0, 1, 2579, 2580],  # uint16 ids, the last 5% held out; no niah on token ids
+    "pair": [0, 128, 129],  # train.bin of 3000 ids and a val.bin of these
+}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUT_SIZES))
+def test_the_plan_refuses_exactly_the_corpora_training_refuses(tmp_path, layout):
+    """The plan's sizes, from file sizes alone, mirror models.data's splits (read there as arrays)."""
+    import numpy as np
+
+    outcomes = []
+    for size in LAYOUT_SIZES[layout]:
+        root = tmp_path / f"{layout}{size}"
+        corpus = root / "corpus"
+        corpus.mkdir(parents=True)
+        if layout == "file":
+            (corpus / "c.txt").write_bytes(b"y" * size)
+        elif layout in ("folder", "many"):
+            files = 3 if layout == "folder" else 20
+            for i in range(files):
+                (corpus / f"{i:02d}.txt").write_bytes(b"y" * (size if i == files - 1 else 90))
+        elif layout == "bin":
+            np.zeros(size, dtype=np.uint16).tofile(corpus / "c.bin")
+        else:
+            np.zeros(3000, dtype=np.uint16).tofile(corpus / "train.bin")
+            np.zeros(size, dtype=np.uint16).tofile(corpus / "val.bin")
+        data = {"file": "corpus/c.txt", "bin": "corpus/c.bin"}.get(layout, "corpus")
+        evals = "" if layout in ("bin", "pair") else "niah"
+        (root / "p.csv").write_text("arch,d_model,n_layers,seq_len,batch_size,tokens,vocab,evals,data\n"
+                                    f"softmax,32,2,128,4,5k,300,{evals},{data}\n")
+        try:
+            spec = load_plan(root / "p.csv").runs[0].spec
+        except PlanError as exc:
+            assert [i.column for i in exc.issues] == ["data"], str(exc)
+            with pytest.raises(ValueError):
+                _launch_check(spec_without_checks(root / "p.csv"))
+            outcomes.append(False)
+        else:
+            _launch_check(spec)
+            outcomes.append(True)
+    assert outcomes[-1] and not outcomes[-2], outcomes  # each layout's last size is the first that fits
+
+
+def spec_without_checks(path):
+    """The run a plan asks for, without the plan's check of its corpus's size."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(plan_module, "_corpus_fit_errors", lambda *args, **kwargs: [])
+        return load_plan(path).runs[0].spec
+
+
+# ---------------------------------------------------------------- seeds
+
+
+@pytest.mark.parametrize("seed", ["1e20", "18446744073709551616", "2e19"])
+def test_a_seed_torch_cannot_take_is_refused_at_plan_time(write_plan, seed):
+    """A seed of 2**64 or more passed the plan, and every run failed with "Overflow when unpacking long long"."""
+    error = issues_of(write_plan(f"{SIZE},seed\nsoftmax,32,2,64,4,5k,{seed}\n"))
+    assert [(i.row, i.column) for i in error.issues] == [(2, "seed")], str(error)
+    assert "below 2**64" in str(error)
+
+
+def test_the_largest_seed_torch_takes_is_planned(write_plan):
+    import torch
+
+    seeds = [r.spec.seed for r in load_plan(write_plan(f"{SIZE},seed\nsoftmax,32,2,64,4,5k,9223372036854775808|1e19\n")).runs]
+    assert seeds == [2**63, 10**19]
+    for seed in seeds:
+        torch.Generator().manual_seed(seed)
+
+
+# ---------------------------------------------------------------- name cells
+
+
+def test_a_name_is_one_label_even_with_a_bar(write_plan):
+    """A name cell of run|a was read as a list: the row's run twice, labelled "run" and "a"."""
+    runs = load_plan(write_plan(f"name,{SIZE}\nrun|a,softmax,32,2,64,4,5k\n{{arch}}|{{d_model}},softmax,32,2,64,4,5k|10k\n")).runs
+    assert [r.name for r in runs] == ["run|a", "softmax|32", "softmax|32"]
+
+
+@pytest.mark.parametrize("template, field", [("{arch.upper}", "arch.upper"), ("r-{arch[0]}", "arch[0]"),
+                                             ("{lr:{arch.upper}}", "arch.upper"), ("{}", "")])
+def test_a_name_template_takes_bare_fields_only(write_plan, template, field):
+    """{arch.upper} formatted to '<built-in method upper of str object at 0x...>', and {arch[0]} to 's'."""
+    error = issues_of(write_plan(f"name,{SIZE}\n{template},softmax,32,2,64,4,5k\n"))
+    assert [(i.row, i.column) for i in error.issues] == [(2, "name")], str(error)
+    assert f"{{{field}}}" in str(error) and "{arch}" in str(error), str(error)
