@@ -283,6 +283,7 @@ def pretrain_pack(
             model.load_state_dict(state["model"])
             stream.load_state_dict(state["data"])
             log.info("resuming %s from step %d", ckpt_dir, state["step"])
+            reporters[i]("resume", {"step": state["step"]})
         members.append(model)
         batches.append(stream)
         resumed.append(state)

@@ -509,9 +509,9 @@ def pretrain(
 ) -> Summary:
     """Train the run ``spec`` describes, resuming from the newest complete checkpoint in ``ckpt_dir``.
 
-    ``reporter(kind, payload)`` gets "train" {step, tokens, flops, loss, lr, tokens_per_s, mfu}
-    (``mfu`` None off CUDA), "val" {step, tokens, flops, val_loss}, "eval" {step, name, value} and
-    "ckpt" {step}. Checkpoints: every ``ckpt_every_steps`` steps or ``ckpt_every_s`` seconds, on a stop,
+    ``reporter(kind, payload)`` gets "resume" {step} first when it resumes, then "train" {step, tokens, flops, loss,
+    lr, tokens_per_s, mfu} (``mfu`` None off CUDA), "val" {step, tokens, flops, val_loss}, "eval" {step, name, value}
+    and "ckpt" {step}. Checkpoints: every ``ckpt_every_steps`` steps or ``ckpt_every_s`` seconds, on a stop,
     and at the end (the newest two are kept). Raises ``Diverged`` on a NaN/inf loss, gradient or validation
     loss, or a final validation loss no better than a uniform guess's (``rejected_validation``), ``OutOfMemory``
     on CUDA OOM, and ``Interrupted`` (after checkpointing) when ``should_stop()`` returns True.
@@ -590,6 +590,7 @@ def pretrain(
             torch.cuda.set_rng_state(state["rng"]["cuda"], device)
         start, prior_wall, last_loss = state["step"], state["wall_s"], state["loss"]
         log.info("resuming %s from step %d", ckpt_dir, start)
+        reporter("resume", {"step": start})  # the run's row says so while it trains, not only once it is done
     exit_at = None
     if fault_kind and fault_kind[0] == "exit" and max(checkpoint_steps(ckpt_dir), default=0) < fault_kind[1]:
         exit_at = fault_kind[1]

@@ -31,16 +31,16 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, select
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
-from db.engine import DatabaseError, _first_line, open_db, reading
+from db.engine import DatabaseError, _first_line, make_engine, open_db, reading, resolve_url, sqlite_path
 from db.queries import ID_BATCH
 from db.schema import Run, utcnow
 from db.writer import claim_run, heartbeat, update_run, write_results
 from models.config import hybrid_pattern
 from sweep.pack import pack_gpus, plan_packs
-from sweep.plan import CellError, Plan, PlannedRun, parse_number, warmup_steps
+from sweep.plan import CellError, Plan, PlannedRun, parse_number, resolve_data, warmup_steps
 from sweep.progress import LEASE_S, LaunchView, launcher_gone, lease_of, lease_owner
 from sweep.registry import add_plans, moved_warning
 from sweep.spec import RunSpec
@@ -97,6 +97,7 @@ class Flight:
     started: float = field(default_factory=time.monotonic)
     not_before: float = 0.0
     from_step: int = 0  # the checkpoint its current attempt resumes from, as far as the driver can tell
+    stepped: bool = False  # its current attempt reported a training step (or a checkpoint, validation, eval)
 
 
 @dataclass
@@ -176,14 +177,17 @@ def parse_where(text: str | None) -> tuple[tuple[str, str], ...]:
     return tuple(out)
 
 
-def _matches(run: PlannedRun, where: tuple[tuple[str, str], ...]) -> bool:
-    """True when a plan's run (its spec, label, tags and params target) satisfies every ``--where`` pair."""
-    return all(_match_one(run, key, want) for key, want in where)
+def _matches(run: PlannedRun, where: tuple[tuple[str, str], ...], plan_dir: Path | None = None) -> bool:
+    """True when a plan's run (its spec, label, tags and params target) satisfies every ``--where`` pair; ``plan_dir``
+    is the folder of the run's plan, which its relative data paths are relative to."""
+    return all(_match_one(run, key, want, plan_dir) for key, want in where)
 
 
-def _match_one(run: PlannedRun, key: str, want: str) -> bool:
+def _match_one(run: PlannedRun, key: str, want: str, plan_dir: Path | None = None) -> bool:
     spec, name, tags = run.spec, run.name, run.tags
     key = _WHERE_ALIASES.get(key, key)
+    if key == "data":  # stored with absolute paths: a path as the plan writes it, or as the shell would, names it too
+        return want == spec.data or any(resolve_data(want, folder) == spec.data for folder in (plan_dir, Path.cwd()) if folder)
     if key in ("evals", "tags"):  # lists: the run has every item asked for ("tags=v2" among others)
         have = set(spec.evals) if key == "evals" else {t for t in tags.split("|") if t}
         wanted = {w.strip() for w in want.split("|") if w.strip()}
@@ -222,7 +226,7 @@ def _chosen(plans: list[Plan], where: tuple[tuple[str, str], ...]) -> dict[str, 
     chosen: dict[str, tuple[RunSpec, str | None]] = {}
     for plan in plans:
         for run in plan.runs:
-            if run.spec.run_id not in chosen and _matches(run, where):
+            if run.spec.run_id not in chosen and _matches(run, where, plan.path.parent):
                 chosen[run.spec.run_id] = (run.spec, run.name)
     return chosen
 
@@ -418,22 +422,10 @@ class Driver:
     # ---------------------------------------------------------------- admission
 
     def check_fits(self, runs: list[tuple[RunSpec, str | None]]) -> None:
-        """Refuse, before anything starts, runs that the cluster cannot hold."""
-        if not runs:
-            return
-        if self.opts.cpu:
-            for spec, name in runs:
-                need = self.opts.cpus_per_run * data_parallel_workers(spec.gpus)
-                if need > self.total_cpus:
-                    raise LaunchError(f"run {name or spec.run_id} needs {need} CPUs for its workers but the cluster has {self.total_cpus:g}")
-            return
-        for spec, name in runs:
-            if spec.gpus > 1 and spec.gpus > self.total_gpus:
-                raise LaunchError(
-                    f"run {name or spec.run_id} asks for {spec.gpus:g} GPUs but the cluster has {self.total_gpus:g}"
-                )
-        if self.total_gpus == 0:
-            raise LaunchError("the Ray cluster has no GPU; pass --cpu to train on CPU")
+        """Refuse, before anything starts, runs that the cluster cannot hold (``check_capacity`` foresaw it before
+        anything was written; this is the started Ray's own count)."""
+        if why := unfit(runs, self.opts, self.total_cpus, self.total_gpus):
+            raise LaunchError(why)
 
     def _needs(self, unit: list[Flight]) -> tuple[float, float]:
         """(CPUs, GPUs) a unit's task reserves."""
@@ -624,6 +616,7 @@ class Driver:
                 self.view.log(f"{flight.name or run_id}: leased by another launcher ({row.lease_owner}); waiting")
             return False
         flight.attempt, flight.tries, flight.started = attempt, flight.tries + 1, time.monotonic()
+        flight.stepped = False
         if run_id in self.restarts:  # its recorded checkpoint is not there: the run records its new ones as it goes
             self.restarts.discard(run_id)
             self._db(update_run, self.engine, run_id, self.owner, ckpt_step=None, ckpt_dir=None)
@@ -714,6 +707,8 @@ class Driver:
             if flight is None or attempt != flight.attempt:
                 continue  # a straggler from an earlier attempt
             update = runs.setdefault(run_id, {})
+            if kind in ("train", "val", "eval", "ckpt") and not payload.get("replayed"):
+                flight.stepped = True
             if kind == "start":
                 update.update(host=payload.get("host"), gpu=payload.get("gpu"), n_gpus=gpus_held(flight.spec, self.opts.cpu))
             elif kind == "train":
@@ -794,8 +789,11 @@ class Driver:
                 if not self._record(flight, status="failed", error=error):
                     return
                 # unreadable checkpoints stay so until a person removes them, and data without a labelled token
-                # until someone changes it: a retry would only fail again
-                retryable = not isinstance(cause, (CheckpointUnreadable, Unlabelled))
+                # until someone changes it: a retry would only fail again. So does a ValueError before the attempt
+                # trained a step: the run's own data, checkpoint or batch is wrong (a corpus too short for seq_len, a
+                # checkpoint of other data). A pack's may be one member's, so its runs still retry alone.
+                before_training = isinstance(cause, ValueError) and not flight.stepped and not packed
+                retryable = not (isinstance(cause, (CheckpointUnreadable, Unlabelled)) or before_training)
                 if retryable and flight.tries < self.opts.max_attempts and not self.stopping:
                     delay = self.opts.backoff_s * 2 ** (flight.tries - 1)
                     flight.not_before = time.monotonic() + delay
@@ -872,6 +870,69 @@ class Driver:
                            error=f"lost to another launcher{by} after this launcher's lease lapsed; {r.status} there now")
             out.append(row)
         return out
+
+
+def unfit(runs: list[tuple[RunSpec, str | None]], opts: LaunchOptions, cpus: float, gpus: float) -> str | None:
+    """Why a cluster of ``cpus`` and ``gpus`` can never start one of ``runs`` (it would wait for it forever), or None."""
+    if not runs:
+        return None
+    if not opts.cpu:
+        for spec, name in runs:
+            if spec.gpus > 1 and spec.gpus > gpus:
+                return f"run {name or spec.run_id} asks for {spec.gpus:g} GPUs but the cluster has {gpus:g}"
+        if gpus == 0:
+            return "the Ray cluster has no GPU; pass --cpu to train on CPU"
+    # On GPUs too: each task reserves --cpus-per-run CPUs per worker, and one that never fits was waited for forever.
+    for spec, name in runs:
+        need = opts.cpus_per_run * data_parallel_workers(spec.gpus)
+        if need > cpus:
+            return f"run {name or spec.run_id} needs {need} CPUs for its workers but the cluster has {cpus:g}"
+    return None
+
+
+def capacity(opts: LaunchOptions) -> tuple[float, float]:
+    """(CPUs, GPUs) of the Ray a launch trains on: the running (or joined) one's, else what a local Ray will count."""
+    if _ray_running():
+        import ray
+
+        resources = ray.cluster_resources()
+        return float(resources.get("CPU", 1)), float(resources.get("GPU", 0))
+    try:
+        from ray._private.utils import get_num_cpus  # Ray's own count, within the host's cgroup limits
+    except ImportError:  # another Ray: the cores this process may run on
+        def get_num_cpus() -> int:
+            return len(os.sched_getaffinity(0))
+    cpus = opts.num_cpus or get_num_cpus()
+    gpus = 0 if opts.cpu else opts.num_gpus if opts.num_gpus is not None else host_gpus()
+    return float(cpus), float(gpus)
+
+
+def check_capacity(plans: list[Plan], opts: LaunchOptions) -> None:
+    """Refuse, before the database is written or a local Ray starts, a selected run that the cluster cannot hold;
+    one the database (if there is one yet) holds finished needs nothing."""
+    chosen = _chosen(plans, opts.where)
+    cpus, gpus = capacity(opts)
+    if not unfit(list(chosen.values()), opts, cpus, gpus):
+        return
+    finished = _finished_so_far(opts.db_url, list(chosen))
+    todo = [v for k, v in chosen.items() if k not in finished]
+    if why := unfit(todo[: opts.limit] if opts.limit is not None else todo, opts, cpus, gpus):
+        raise LaunchError(why)
+
+
+def _finished_so_far(db_url: str | None, ids: list[str]) -> dict[str, str]:
+    """``_finished`` of a database that may not exist yet, read without making or changing it."""
+    url = resolve_url(db_url)
+    path = sqlite_path(url)
+    if path is not None and not path.is_file():  # connecting would create the file
+        return {}
+    engine = make_engine(url)
+    try:
+        return _finished(engine, ids)
+    except SQLAlchemyError:  # no tables yet, or no connection: the launch's own open_db says why, if it must
+        return {}
+    finally:
+        engine.dispose()
 
 
 def gpus_held(spec: RunSpec, cpu: bool) -> float:
@@ -986,7 +1047,7 @@ def launch(plans: list[Plan], opts: LaunchOptions, view: LaunchView) -> LaunchRe
     if not (opts.cpu or opts.address or opts.num_gpus or _ray_running()) and host_gpus() == 0:
         # A local Ray here would have no GPU: refused before the plans are written and Ray takes seconds to start.
         raise LaunchError("no GPU here: pass --cpu to train on CPU, or --address to join a Ray cluster with GPUs")
-    if opts.where and not any(_matches(r, opts.where) for p in plans for r in p.runs):
+    if opts.where and not any(_matches(r, opts.where, p.path.parent) for p in plans for r in p.runs):
         # Most likely a misspelt value: say so before anything is written, rather than train nothing.
         shown = ",".join(f"{k}={v}" for k, v in opts.where)
         raise LaunchError(f"--where {shown}: no run of {', '.join(p.name for p in plans)} matches")
@@ -995,6 +1056,9 @@ def launch(plans: list[Plan], opts: LaunchOptions, view: LaunchView) -> LaunchRe
         # leaves no plan registered; a local Ray still starts only when there is something to train.
         _check_reachable(opts.address)
         init_ray(opts)
+    # A run larger than the cluster had been refused only after the plans were registered, the checkpoint folder made
+    # and a local Ray started.
+    check_capacity(plans, opts)
     engine = open_db(opts.db_url, create=True)
     try:
         for r in add_plans(engine, plans):

@@ -68,6 +68,7 @@ def test_pack_checkpoints_resume_alone_and_in_a_pack(tmp_path):
     packed = pretrain_pack(specs[1:], recs, dirs[1:], device="cpu", microbatch=4)
     for (ref_rec, ref), rec, got in zip(alone, [rec0, *recs], [solo, *packed]):
         assert got.resumed_from_step == 3
+        assert rec.events[0] == ("resume", {"step": 3})  # said first, so the run's row shows it while it trains
         assert sorted(rec.losses()) == list(range(4, 9))
         for step, loss in rec.losses().items():
             assert loss == pytest.approx(ref_rec.losses()[step], rel=2e-4, abs=2e-4), step

@@ -54,3 +54,4 @@ def test_run_larger_than_the_cluster_is_refused(cluster, tmp_path, write_plan):
     opts = LaunchOptions(db_url=f"sqlite:///{tmp_path}/slab.db", address=cluster.address, ckpt_dir=tmp_path / "ckpt")
     with pytest.raises(LaunchError, match="asks for 4 GPUs but the cluster has 0"):
         launch([load_plan(plan)], opts, quiet())
+    assert not (tmp_path / "slab.db").exists() and not (tmp_path / "ckpt").exists()  # refused before anything is written

@@ -365,7 +365,10 @@ def test_on_a_cluster_an_unchecked_checkpoint_folder_is_a_warning(plan, tmp_path
     def unanswered(root, run_ids):
         raise TimeoutError("no worker answered in 60 s")
 
+    import ray
+
     monkeypatch.setattr(sweep.launch, "_ray_running", lambda: True)
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 4.0})  # the joined cluster's
     monkeypatch.setattr(sweep.launch, "_checkpoints_on_workers", unanswered)
     view = Said()
     with pytest.raises(RayStarted):
@@ -455,3 +458,191 @@ def test_a_run_whose_data_has_no_labelled_token_fails_once_without_retrying(plan
         [(status, error)] = conn.execute(select(Run.status, Run.error).where(Run.run_id == s.run_id)).all()
     engine.dispose()
     assert status == "failed" and "labelled token" in error
+
+
+# ---------------------------------------------------------------- refused before anything is written
+
+
+def _host_cpus() -> int:
+    """The CPUs a local Ray started here would have."""
+    import ray._private.utils
+
+    return ray._private.utils.get_num_cpus()
+
+
+@pytest.mark.parametrize("case", ["cpus-per-run", "dp-workers"])
+def test_a_run_larger_than_this_host_is_refused_before_anything_is_written(write_plan, tmp_path, no_ray, monkeypatch, case):
+    """`--cpus-per-run 3` on a 2-core host, or a run of gpus 4 with --cpu, was refused (exit 2) only after the database was
+    made, the plan registered, the checkpoint folder made and Ray started."""
+    monkeypatch.chdir(tmp_path)
+    n = _host_cpus() + 1
+    if case == "cpus-per-run":
+        path, extra = write_plan(PLAN), ["--cpus-per-run", str(n)]
+    else:  # a data-parallel run of n CPU workers; its batch splits evenly across them
+        path, extra = write_plan(HEADER + f"dp,softmax,32,2,2,,64,{2 * n},5k,1e-3,,,{n}\n"), []
+    db = tmp_path / "slab.db"
+    result = CliRunner().invoke(app, ["--db", f"sqlite:///{db}", "launch", str(path), "--cpu", *extra])
+    assert result.exit_code == 2, (result.output, result.exception)
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith("error: run ") and f"needs {n} CPUs" in line, line
+    assert not db.exists() and not (tmp_path / ".slab").exists()
+
+
+def test_a_run_asking_for_more_gpus_than_the_running_cluster_has_is_refused_before_the_database(write_plan, tmp_path, no_ray,
+                                                                                            monkeypatch):
+    """In a Ray already running (or joined), its resources are known before anything is written."""
+    import ray
+
+    import sweep.launch
+
+    monkeypatch.setattr(sweep.launch, "_ray_running", lambda: True)
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 8.0, "GPU": 1.0})
+    db = tmp_path / "slab.db"
+    opts = LaunchOptions(db_url=f"sqlite:///{db}", ckpt_dir=tmp_path / "ck")
+    with pytest.raises(LaunchError, match=r"run h-64-1500000 asks for 2 GPUs but the cluster has 1"):
+        launch([load_plan(write_plan(PLAN))], opts, quiet())
+    assert not db.exists() and not (tmp_path / "ck").exists()
+    # a run that large which is done already trains no more: the others go on
+    from sqlalchemy import update
+
+    from db.engine import session
+    from sweep.registry import add_plans
+
+    plan = load_plan(write_plan(PLAN))
+    engine = open_db(f"sqlite:///{db}")
+    add_plans(engine, [plan])
+    with session(engine) as s:
+        s.execute(update(Run).where(Run.run_id == plan.runs[-1].spec.run_id).values(status="done"))
+    engine.dispose()
+    with pytest.raises(RayStarted):
+        launch([plan], opts, quiet())
+
+
+def _settled_after(plan, tmp_path, events, outcome):
+    """A run's first attempt that sent ``events`` and ended in ``outcome``: (queued again, its status, its error)."""
+    from db.schema import utcnow
+    from db.writer import claim_run
+    from sweep.registry import add_plans
+
+    tmp_path.mkdir(exist_ok=True)
+    engine = open_db(f"sqlite:///{tmp_path}/slab.db")
+    add_plans(engine, [plan])
+    s = plan.runs[0].spec
+    claim_run(engine, s.run_id, "me", utcnow())
+    driver = Driver.__new__(Driver)  # only the event writer and the settling of an outcome: no Ray
+    driver.engine, driver.owner, driver.view, driver.outcome = engine, "me", Said(), {}
+    driver.opts, driver.db_away_since = LaunchOptions(cpu=True, ckpt_dir=tmp_path / "ck", max_attempts=3), None
+    driver.stopping, driver.queue = False, []
+    driver.flights = {s.run_id: Flight(spec=s, name="r", attempt=1, tries=1, microbatch=None)}
+    driver._write_events([(s.run_id, 1, kind, payload) for kind, payload in events])
+    driver._settle(s.run_id, outcome)
+    with engine.connect() as conn:
+        status, error = conn.execute(select(Run.status, Run.error).where(Run.run_id == s.run_id)).one()
+    engine.dispose()
+    return bool(driver.queue), status, error
+
+
+TRAIN = {"step": 1, "tokens": 512, "flops": 1e6, "loss": 5.0, "lr": 1e-3}
+
+
+def test_a_data_error_before_the_first_training_step_is_not_retried(plan, tmp_path):
+    """A corpus too short for seq_len failed every attempt the same way (--max-attempts of them, with waits between)."""
+    error = ValueError("the train split of /x/e.txt holds 0 tokens, fewer than the 65 a window needs")
+    queued, status, text = _settled_after(plan, tmp_path, [("start", {"host": "h"})], error)
+    assert not queued and status == "failed" and "holds 0 tokens" in text
+    # steps replayed from an earlier attempt's journal are not this attempt's training
+    queued, _, _ = _settled_after(plan, tmp_path / "replayed", [("train", {**TRAIN, "replayed": True})], error)
+    assert not queued
+
+
+def test_an_error_after_training_started_is_still_retried(plan, tmp_path):
+    queued, status, _ = _settled_after(plan, tmp_path, [("train", TRAIN)], ValueError("something at step 7"))
+    assert queued and status == "failed"
+    queued, _, _ = _settled_after(plan, tmp_path / "runtime", [], RuntimeError("a worker died"))
+    assert queued
+
+
+# ---------------------------------------------------------------- --where data=
+
+
+def test_where_data_takes_a_path_as_the_plan_writes_it(tmp_path, no_ray, monkeypatch):
+    """The stored data path is absolute: `--where data=corpus.txt`, as the plan writes it, matched nothing."""
+    from sweep.launch import _chosen
+
+    (tmp_path / "study").mkdir()
+    (tmp_path / "study" / "corpus.txt").write_text("some text to train on\n" * 200)
+    path = tmp_path / "study" / "p.csv"
+    path.write_text("name,arch,d_model,n_layers,seq_len,batch_size,tokens,data\n"
+                    "c,softmax,32,2,64,4,5k,corpus.txt\ns,softmax,32,2,64,4,5k,stdlib\n"
+                    "m,softmax,32,2,64,4,5k,stdlib+corpus.txt@0.5\n")
+    plan = load_plan(path)
+    monkeypatch.chdir(tmp_path)
+
+    def chosen(value):
+        return sorted(name for _, name in _chosen([plan], (("data", value),)).values())
+
+    assert chosen("corpus.txt") == ["c"]  # relative to the plan's folder, as the plan reads it
+    assert chosen("study/corpus.txt") == ["c"]  # or to the working folder
+    assert chosen(str(tmp_path / "study" / "corpus.txt")) == ["c"]
+    assert chosen("stdlib+corpus.txt@0.5") == ["m"] and chosen("stdlib") == ["s"]
+    assert chosen("other.txt") == []
+    with pytest.raises(RayStarted):  # the launch's own check finds it too
+        launch([plan], LaunchOptions(db_url=f"sqlite:///{tmp_path}/slab.db", cpu=True, ckpt_dir=tmp_path / "ck",
+                                     where=(("data", "corpus.txt"),)), quiet())
+
+
+# ---------------------------------------------------------------- runs.resumed_from_step
+
+
+class Sink:
+    """An EventSink without Ray: keeps what reporters put."""
+
+    def __init__(self):
+        from types import SimpleNamespace
+
+        self.events: list[tuple] = []
+        self.put = SimpleNamespace(remote=lambda batch: self.events.extend(batch) or False)
+
+
+def test_a_resumed_run_records_its_resume_step_while_it_trains(write_plan, tmp_path, monkeypatch):
+    """resumed_from_step was set only when a run finished: the driver handles a "resume" event that no worker sent, so a
+    run that resumed and was stopped again showed nothing there."""
+    import sweep.task
+    from db.schema import utcnow
+    from db.writer import claim_run
+    from models.train import Interrupted, pretrain
+    from sweep.registry import add_plans
+    from sweep.task import Reporter
+
+    monkeypatch.setattr(sweep.task.ray, "get", lambda ref: ref)  # the fake sink's put answers at once
+    (tmp_path / "corpus.txt").write_text("a small corpus of text for a tiny model to read\n" * 100)
+    plan = load_plan(write_plan("arch,d_model,n_layers,n_heads,seq_len,batch_size,tokens,data\n"
+                                "softmax,32,2,2,64,4,2560,corpus.txt\n"))  # 10 steps
+    spec, ckpt = plan.runs[0].spec, tmp_path / "ck" / plan.runs[0].spec.run_id
+    ckpt.mkdir(parents=True)  # as the worker's run lock makes it
+
+    def attempt(number: int, steps: int) -> list[tuple]:
+        sink, polls = Sink(), iter(range(10**6))
+        reporter = Reporter(sink, spec.run_id, number, journal=ckpt / "events.jsonl")
+        with pytest.raises(Interrupted):
+            pretrain(spec, reporter, ckpt, device="cpu", should_stop=lambda: next(polls) + 1 >= steps)
+        reporter.flush()
+        return sink.events
+
+    first = attempt(1, 3)
+    assert not [e for e in first if e[2] == "resume"]  # a fresh start resumes nothing
+    second = attempt(2, 2)
+    assert [e[3] for e in second if e[2] == "resume"] == [{"step": 3}]
+    kinds = [e[2] for e in second]
+    assert kinds.index("resume") < kinds.index("train")
+    engine = open_db(f"sqlite:///{tmp_path}/slab.db")
+    add_plans(engine, [plan])
+    claim_run(engine, spec.run_id, "me", utcnow())
+    driver = Driver.__new__(Driver)  # only the event writer: no Ray
+    driver.engine, driver.opts, driver.view, driver.owner = engine, LaunchOptions(cpu=True, ckpt_dir=tmp_path / "ck"), quiet(), "me"
+    driver.db_away_since = None
+    driver.flights = {spec.run_id: Flight(spec=spec, name=None, attempt=2, tries=1, microbatch=None)}
+    driver._write_events(second)
+    with engine.connect() as conn:
+        assert conn.execute(select(Run.resumed_from_step).where(Run.run_id == spec.run_id)).scalar_one() == 3
+    engine.dispose()
