@@ -7,6 +7,7 @@ Exit codes: 0 success, 1 some runs failed or diverged (or a Ctrl-C left some unf
 from __future__ import annotations
 
 import json
+import math
 import sys
 from dataclasses import asdict
 from enum import Enum
@@ -441,6 +442,7 @@ def _whole_numbers(frame):
 
     ints = {c.name for c in Run.__table__.columns if isinstance(c.type, Integer)}
     ints |= {name for name, f in RunSpec.__dataclass_fields__.items() if f.type == "int"}
+    ints |= {f"spec_{name}" for name in ints}  # a spec field whose name a runs column takes (spec_tokens)
     for col in ints & set(frame.columns):
         try:
             frame[col] = frame[col].astype("Int64")
@@ -585,7 +587,7 @@ def launch(
         fail(str(exc))
     if num_gpus is not None and address:
         fail("--num-gpus limits a local Ray; a cluster joined with --address has the GPUs it has")
-    if not gpu_mem > 0:  # typer's min cannot exclude 0; 0 or less had been taken, and packs sized against it
+    if not 0 < gpu_mem < math.inf:  # typer's min cannot exclude 0, nor inf: packs were sized against them (NaN failed)
         fail(f"--gpu-mem must be a positive number of GiB, got {gpu_mem:g}")
     fsdp_from = _count_option(fsdp_min_params, "--fsdp-min-params")
     plans = _plans(files, max_runs)
@@ -768,7 +770,8 @@ def fit(
                               "instead, an upper bound of the frontier (--edges drop refuses)", highlight=False)
             elif method is Method.one:
                 if metrics is None or metrics.empty:
-                    fail("approach 1 needs training curves: fit runs from the database, not --csv")
+                    fail("approach 1 needs training curves: " + ("fit runs from the database, not --csv" if csv_file is not None
+                         else "these runs recorded none; --method frontier, power, 2 or 3 fit their final points"))
                 result = fit_approach1(runs, metrics, params_col=pcol, n_bootstrap=bootstrap, seed=seed, progress=progress)
             elif method is Method.two:
                 result = fit_approach2(runs, params_col=pcol, n_bootstrap=bootstrap, seed=seed, progress=progress)

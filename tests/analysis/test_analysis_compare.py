@@ -528,3 +528,6 @@ def test_slab_fit_and_compare_take_a_database_without_curves(tmp_path):
     assert cmp.exit_code == 0, cmp.output
     fitted, compared = json.loads(fit.stdout), json.loads(cmp.stdout)["fits"]["softmax"]
     assert fitted["details"]["source"] == "final" and fitted["estimates"] == pytest.approx(compared["estimates"])
+    # approach 1 does need curves: the error says these runs have none, not to leave --csv (no --csv was given)
+    one = CliRunner().invoke(app, ["--db", url, "fit", "--arch", "softmax", "--method", "1"])
+    assert one.exit_code == 2 and "these runs recorded none" in one.output and "--csv" not in one.output, one.output

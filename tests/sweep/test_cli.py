@@ -753,3 +753,20 @@ def test_export_into_a_folder_that_does_not_exist_is_refused_and_makes_none(runn
         assert not (tmp_path / "nope").exists()
     (tmp_path / "there").mkdir()
     assert invoke(runner, "export", "runs", "--out", tmp_path / "there" / "runs.csv", db=db).exit_code == 0
+
+
+@pytest.mark.parametrize("value", ["inf", "nan", "-inf"])
+def test_launch_refuses_a_gpu_memory_that_is_not_finite(runner, write_plan, tmp_path, monkeypatch, value):
+    """--gpu-mem inf was taken, and --pack auto on a GPU then failed in a traceback after the plan was registered."""
+    import sweep.launch
+
+    def init_ray(opts):
+        raise AssertionError("Ray started")
+
+    monkeypatch.setattr(sweep.launch, "init_ray", init_ray)
+    db = tmp_path / "slab.db"
+    result = invoke(runner, "launch", write_plan(PLAN), "--cpu", "--gpu-mem", value, "--ckpt-dir", tmp_path / "ckpt",
+                    db=f"sqlite:///{db}")
+    assert result.exit_code == 2, (result.output, result.exception)
+    assert result.stderr.strip() == f"error: --gpu-mem must be a positive number of GiB, got {value}", result.stderr
+    assert not db.exists() and not (tmp_path / "ckpt").exists()
