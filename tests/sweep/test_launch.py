@@ -199,17 +199,23 @@ def test_cli_exit_codes(env, write_plan):
     assert "diverged" in out
 
 
-def test_ctrl_c_stops_gracefully_then_relaunch_finishes(env, write_plan):
-    plan = write_plan(HEADER + "s-{arch},softmax|lightning,32,2,2,64,4,256000,3e-3,0,2\n")  # 1,000 steps each (every step reported)
-    proc = slab(env, plan, "--ckpt-every", "1000")
+def wait_for_step(env, step: int, timeout_s: float = 120) -> None:
+    """Wait until some run of the launch has recorded ``step`` (or ``timeout_s`` passed)."""
     engine = open_db(env["db"])
-    deadline = time.time() + 120
+    deadline = time.time() + timeout_s
     while time.time() < deadline:
         with engine.connect() as conn:
             top = conn.execute(select(func.max(Metric.step))).scalar()
-        if top is not None and top >= 30:
+        if top is not None and top >= step:
             break
         time.sleep(0.2)
+    engine.dispose()
+
+
+def test_ctrl_c_stops_gracefully_then_relaunch_finishes(env, write_plan):
+    plan = write_plan(HEADER + "s-{arch},softmax|lightning,32,2,2,64,4,256000,3e-3,0,2\n")  # 1,000 steps each (every step reported)
+    proc = slab(env, plan, "--ckpt-every", "1000")
+    wait_for_step(env, 30)
     proc.send_signal(signal.SIGINT)
     out = proc.communicate(timeout=120)[0]
     assert proc.returncode == 1, out
@@ -228,7 +234,6 @@ def test_ctrl_c_stops_gracefully_then_relaunch_finishes(env, write_plan):
         if stopped[name]["status"] == "pending" and reported:
             assert r["resumed_from_step"] >= reported, name
     assert any(r["resumed_from_step"] >= 30 for r in after.values())
-    engine.dispose()
 
 
 def test_sigterm_stops_gracefully_like_ctrl_c(env, write_plan):
@@ -237,15 +242,7 @@ def test_sigterm_stops_gracefully_like_ctrl_c(env, write_plan):
     last one lost. Now it stops as Ctrl-C does: each run checkpoints where it got to and is pending again."""
     plan = write_plan(HEADER + "t-{arch},softmax|lightning,32,2,2,64,4,256000,3e-3,0,2\n")  # 1,000 steps each
     proc = slab(env, plan, "--ckpt-every", "1000")
-    engine = open_db(env["db"])
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        with engine.connect() as conn:
-            top = conn.execute(select(func.max(Metric.step))).scalar()
-        if top is not None and top >= 30:
-            break
-        time.sleep(0.2)
-    engine.dispose()
+    wait_for_step(env, 30)
     proc.send_signal(signal.SIGTERM)
     out = proc.communicate(timeout=120)[0]
     assert proc.returncode == 1, out
