@@ -1,6 +1,6 @@
 """The ``slab`` command: thin Typer commands over the library (plan, add, runs, status, sql, export, ...).
 
-Exit codes: 0 success, 1 some runs failed or diverged (or a Ctrl-C left some unfinished), 2 bad input (plan, options, database, query).
+Exit codes: 0 success, 1 some runs failed, diverged or were lost (or a Ctrl-C left some unfinished), 2 bad input (plan, options, database, query), 130 a Ctrl-C while a launch's Ray started or stopped.
 ``slab --help`` and ``slab plan`` import neither torch nor ray: heavy imports live inside the commands.
 """
 
@@ -73,14 +73,26 @@ def main_options(
 
     Example: slab plan plans/demo.csv && slab add plans/demo.csv && slab status
     """
-    ctx.obj = {"db": resolve_url(db)}
+    ctx.obj = {"db": resolve_url(db), "db_named": bool(db)}  # typer fills db from SLAB_DB too
+
+
+#: The database `make demo` writes (its DEMO_DB), which a plain `slab status` after it does not read.
+DEMO_DB = Path("demo-out/slab.db")
 
 
 def _engine(ctx: typer.Context, create: bool = False):
+    from db.engine import DEFAULT_URL
+
     try:
         return open_db(ctx.obj["db"], create=create)
     except DatabaseError as exc:
-        fail(str(exc))
+        message = str(exc)
+        if not ctx.obj.get("db_named") and ctx.obj["db"] == DEFAULT_URL and message.startswith("no database at"):
+            # the default, sqlite:///slab.db in the working folder: say how to read another (make demo's, say)
+            message += ", or name one with --db URL (or SLAB_DB)"
+            if DEMO_DB.is_file():
+                message += f"; make demo's is --db sqlite:///{DEMO_DB.as_posix()}"
+        fail(message)
 
 
 def _check_filters(engine, plan: str | None, arch: str | None = None, no_plan_ok: bool = False) -> None:
@@ -94,6 +106,8 @@ def _check_filters(engine, plan: str | None, arch: str | None = None, no_plan_ok
         known = plan_names(engine)
         if plan not in known:
             hint = f" ('{NO_PLAN}', runs in no plan, is taken by slab runs and slab status)" if plan == NO_PLAN else ""
+            if (stem := Path(plan).stem) != plan and stem in known:  # its file's path, as slab add was given it
+                hint = f" (a plan is named by its file's stem: --plan {stem})"
             fail(f"no plan named {plan!r} in the database; known: {', '.join(known) or 'none'}{hint}")
     if arch and arch not in ARCHS:
         fail(f"unknown arch {arch!r}; expected one of {', '.join(ARCHS)}")
@@ -572,7 +586,7 @@ def launch(
 
     Runs start largest first. On a host of several GPUs each goes to an idle GPU, else to the least loaded one with room; a whole number above 1 in gpus trains a run data-parallel (DDP, or FSDP when large).
 
-    A second launch of the same plan trains nothing twice; after a crash, a relaunch resumes runs from their checkpoints. Ctrl-C once (or a SIGTERM, as a scheduler sends) stops starting runs and lets running ones checkpoint; twice cancels at once. Exit 0 when every run is done, 1 when any failed or diverged or a Ctrl-C left some unfinished, 2 on bad input.
+    A second launch of the same plan trains nothing twice; after a crash, a relaunch resumes runs from their checkpoints. Ctrl-C once (or a SIGTERM, as a scheduler sends) stops starting runs and lets running ones checkpoint; twice cancels at once. Exit 0 when every run is done, 1 when any failed, diverged or was lost to another launcher or a Ctrl-C left some unfinished, 2 on bad input, 130 on a Ctrl-C while Ray starts or stops.
 
     Example: slab launch plans/demo.csv --cpu
     """
@@ -882,7 +896,7 @@ def compare(
 @app.command()
 def report(
     ctx: typer.Context,
-    out_dir: Path = typer.Option(..., "--out", help="Folder for index.html, report.md and figures/.", show_default=False),
+    out_dir: Path = typer.Option(..., "--out", help="Folder for index.html, report.md, fits.json and figures/ (PNG and SVG).", show_default=False),
     plan: Optional[str] = typer.Option(None, help="Only runs of this plan."),
     title: Optional[str] = typer.Option(None, help="Report title (default: 'scalinglab report: ' and the plan name, or 'all runs')."),
     throughput: Optional[Path] = typer.Option(None, help="CSV of arch, seq_len, tokens_per_s (slab bench train --seq-len ... --out FILE) for the throughput figure."),

@@ -105,7 +105,9 @@ def status_table(engine: Engine, plan: str | None = None, counts=None) -> Table:
         by = dict(zip(group["status"], group["runs"]))
         table.add_row(Text(str(name)), *(str(by.get(s, 0)) for s in RUN_STATUSES), str(sum(by.values())))
     notes = []
-    if counts.empty:
+    if counts.empty and plan == NO_PLAN:  # the database may hold runs, all of them in plans
+        notes.append("no runs outside a plan: every run belongs to one")
+    elif counts.empty:
         notes.append("no runs registered yet: slab add PLAN")
     elif (counts["plan"] == NO_PLAN).any():
         notes.append(f"{NO_PLAN}: runs in no plan (dropped when their plan was edited); list them: slab runs --plan {NO_PLAN}")

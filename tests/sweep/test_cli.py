@@ -216,6 +216,47 @@ def test_filters_that_name_nothing_exit_2(runner, write_plan, tmp_path):
     assert one.exit_code == 0 and len(one.stdout.splitlines()) == 3  # header + the two lightning runs
 
 
+def test_a_plan_named_by_its_file_path_is_pointed_to_its_name(runner, write_plan, tmp_path):
+    # --plan plans/demo.csv had said only "no plan named 'plans/demo.csv'": a plan is named by its file's stem
+    db = f"sqlite:///{tmp_path}/slab.db"
+    invoke(runner, "add", write_plan(PLAN, "demo.csv"), db=db)
+    for command in (["runs"], ["status"], ["compare"], ["report", "--out", tmp_path / "r"]):
+        for given in ("plans/demo.csv", "demo.csv"):
+            result = invoke(runner, *command, "--plan", given, db=db)
+            assert result.exit_code == 2, (command, given)
+            assert f"no plan named '{given}' in the database; known: demo" in result.stderr
+            assert "a plan is named by its file's stem: --plan demo" in result.stderr, result.stderr
+    other = invoke(runner, "runs", "--plan", "other.csv", db=db)  # a stem the database does not hold: no such hint
+    assert other.exit_code == 2 and "--plan other" not in other.stderr
+
+
+def test_status_of_runs_in_no_plan_when_there_are_none(runner, write_plan, tmp_path):
+    # it had said "no runs registered yet: slab add PLAN" of a database holding the plan's runs
+    db = f"sqlite:///{tmp_path}/slab.db"
+    invoke(runner, "add", write_plan(PLAN), db=db)
+    result = invoke(runner, "status", "--plan", "-", db=db)
+    assert result.exit_code == 0, result.output
+    said = " ".join(result.stdout.split())  # the table's caption wraps at its width
+    assert "no runs registered yet" not in said and "no runs outside a plan: every run belongs to one" in said
+
+
+def test_a_missing_default_database_says_how_to_name_another(runner, tmp_path, monkeypatch):
+    # after `make demo` a plain `slab status` said only "no database at slab.db; register a plan first"
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("SLAB_DB", raising=False)
+    result = invoke(runner, "status")
+    assert result.exit_code == 2 and "no database at slab.db" in result.stderr
+    assert "or name one with --db URL (or SLAB_DB)" in result.stderr, result.stderr
+    assert "demo-out" not in result.stderr
+    (tmp_path / "demo-out").mkdir()
+    (tmp_path / "demo-out" / "slab.db").write_bytes(b"")  # make demo's database
+    result = invoke(runner, "runs")
+    assert result.exit_code == 2 and "make demo's is --db sqlite:///demo-out/slab.db" in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    named = invoke(runner, "status", db="sqlite:///other.db")  # a database named by the user: no hint of the default
+    assert named.exit_code == 2 and "no database at other.db" in named.stderr and "--db URL" not in named.stderr
+
+
 def test_bench_train_refuses_zero_sizes(runner, tmp_path):
     for option in ("--seq-len", "--steps", "--tokens-per-step", "--microbatch"):
         result = invoke(runner, "bench", "train", option, "0")
