@@ -2,14 +2,22 @@
 first batch, under the GPU's bf16 autocast: whether a pack of many members computes each member as it would alone.
 
     python docs/bench/pack_grad_check.py softmax 512 [MEMBERS]     # on a GPU; seconds
+    SLAB_NO_CUDNN_SDP=1 python docs/bench/pack_grad_check.py softmax 512   # the same without cuDNN attention
+    python docs/bench/pack_grad_check.py attention                  # each SDPA backend at batch 16 and 256
 
 Prints per member the relative difference of its loss and of its whole gradient (packed against alone); the same
 numbers for a second lone computation give the noise floor (cuDNN attention's backward is not deterministic).
+``attention`` checks each SDPA backend's bf16 output and gradients against fp64 at a lone run's batch (16 sequences)
+and a pack of 16's (256), in the model's (B, T, H, D) layout: a kernel chosen by shape is the first suspect for a
+member that trains differently in a large pack (pytorch/pytorch#150700 reports odd cuDNN gradients on H100).
 """
 
+import os
 import sys
 
 import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.func import stack_module_state
 
 from models.data import Batches, open_data
@@ -57,5 +65,37 @@ def main(arch: str, d_model: int, members: int | None) -> None:
               f"{rel(gp, g1):.2e} {rel(g2, g1):.2e}")
 
 
+def attention(batches=(16, 256), heads: int = 8, seq_len: int = 512, dim: int = 64) -> None:
+    """Print each SDPA backend's relative error (output, dq, dk, dv) in bf16 against fp64, causal, per batch size."""
+    dev = torch.device("cuda")
+    for b in batches:
+        torch.manual_seed(0)
+        qkv, do = torch.randn(b, seq_len, 3, heads, dim, device=dev), torch.randn(b, heads, seq_len, dim, device=dev)
+        exact = [t.double().transpose(1, 2).requires_grad_(True) for t in qkv.unbind(2)]
+        out = F.scaled_dot_product_attention(*exact, is_causal=True)
+        out.backward(do.double())
+        want = [out.detach()] + [t.grad for t in exact]
+        for name, backend in (("flash", SDPBackend.FLASH_ATTENTION), ("efficient", SDPBackend.EFFICIENT_ATTENTION),
+                              ("cudnn", SDPBackend.CUDNN_ATTENTION)):
+            x = qkv.bfloat16().requires_grad_(True)
+            try:
+                with sdpa_kernel([backend]):
+                    o = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in x.unbind(2)), is_causal=True)
+                o.backward(do.bfloat16())
+            except RuntimeError as exc:
+                print(f"B {b} {name}: {str(exc).splitlines()[0][:100]}")
+                continue
+            got = [o.detach()] + [t.transpose(1, 2) for t in x.grad.unbind(2)]
+            err = [((g.double() - w).norm() / w.norm()).item() for g, w in zip(got, want)]
+            print(f"B {b} {name}: o {err[0]:.2e} dq {err[1]:.2e} dk {err[2]:.2e} dv {err[3]:.2e}")
+
+
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]) if len(sys.argv) > 3 else None)
+    if not torch.cuda.is_available():
+        sys.exit(f"{sys.argv[0]}: needs a GPU (it compares packed and lone training as a GPU runs them)")
+    if os.environ.get("SLAB_NO_CUDNN_SDP"):
+        torch.backends.cuda.enable_cudnn_sdp(False)
+    if sys.argv[1] == "attention":
+        attention()
+    else:
+        main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]) if len(sys.argv) > 3 else None)

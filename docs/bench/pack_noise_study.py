@@ -9,6 +9,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from models.packed import pretrain_pack
 from models.train import pretrain
@@ -39,4 +40,6 @@ def main(arch: str, d_model: int) -> None:
 
 
 if __name__ == "__main__":
+    if not torch.cuda.is_available():
+        sys.exit(f"{sys.argv[0]}: needs a GPU (it compares packed and lone training as a GPU runs them)")
     main(sys.argv[1], int(sys.argv[2]))
