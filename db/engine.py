@@ -286,6 +286,10 @@ def open_db(url: str | None = None, *, create: bool = True) -> Engine:
             # Made silently, a misspelt folder would hold a new, empty database: the study would be trained again there.
             raise DatabaseError(f"no folder {path.parent} for the database {path.name}: make it first "
                                 f"(mkdir -p {path.parent}), or check the path")
+    if path is not None and not create and path.is_file() and path.stat().st_size == 0:
+        # An empty file has no tables either; connecting would turn it into a WAL database on the way to saying so.
+        raise DatabaseError(f"the database {path} is an empty file, with no scalinglab tables; register a plan first "
+                            "with `slab add PLAN`")
     engine = make_engine(url)
     try:
         # Checked first without the write lock, so that opening a database a launcher is writing does not wait on it.

@@ -951,3 +951,14 @@ def test_the_id_batch_fits_the_parameters_of_the_linked_sqlite():
     assert sqlite_default_variables((3, 31, 1)) == 999 and sqlite_default_variables((3, 32, 0)) == 32_766
     assert id_batch_for((3, 31, 1)) + 2 <= 999 and id_batch_for((3, 45, 0)) == 10_000  # + launch's status filter
     assert ID_BATCH + ID_MARGIN <= sqlite_default_variables(sqlite3.sqlite_version_info)
+
+
+def test_a_read_of_an_empty_file_refuses_it_without_writing_it(tmp_path):
+    # Refused all the same, an empty file had been turned into a 4 kB WAL database by the read that refused it.
+    empty = tmp_path / "empty.db"
+    empty.touch()
+    with pytest.raises(DatabaseError, match="empty file, with no scalinglab tables"):
+        open_db(f"sqlite:///{empty}", create=False)
+    assert empty.stat().st_size == 0 and sorted(p.name for p in tmp_path.iterdir()) == ["empty.db"]
+    open_db(f"sqlite:///{empty}").dispose()  # add and launch make it a database, as they make a missing one
+    assert empty.stat().st_size > 0
