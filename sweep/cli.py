@@ -946,8 +946,8 @@ def report(
         out.print(f"[dim]not shown: {escape(line)}[/]", highlight=False)
     if files.comparison is None:  # with one, a finding above names the archs with too few runs
         _warn_few_runs(runs, bootstrap)
-    out.print(f"wrote {files.index_html} and {files.report_md} ({len(files.figures)} figures) in {files.seconds:.1f} s",
-              markup=False)
+    out.print(f"wrote {files.index_html}, {files.report_md} and {files.fits_json} ({len(files.figures)} figures) in "
+              f"{files.seconds:.1f} s", markup=False)
 
 
 @bench_app.command("kernels")

@@ -120,6 +120,7 @@ def test_fit_and_report_print_the_same_intervals_for_every_arch(study_db, tmp_pa
     # matched the report for the first arch alone, and an arch's intervals moved when another was added
     rep = invoke("--db", study_db, "report", "--plan", "syn", "--out", tmp_path / "r", "--bootstrap", "10")
     assert rep.exit_code == 0, rep.output
+    assert "fits.json" in rep.output.splitlines()[-1]  # its closing line names every document it wrote
     fitted = json.loads((tmp_path / "r" / "fits.json").read_text())
     for arch in ("lightning", "softmax"):
         for method, key, law in (("frontier", "frontier", {"E", "A", "alpha"}), ("2", "approach2", {"a", "b"})):
