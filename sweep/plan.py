@@ -940,7 +940,8 @@ class _Load:
 
     #: Content digests of data files by resolved path (or why one could not be read): a corpus is read once.
     digests: dict[str, str | CellError] = field(default_factory=dict)
-    #: Token counts of data files' splits by resolved path (``_corpus_splits``), or why they cannot be trained on.
+    #: Token counts of data files' splits by resolved path (``models.sources.split_sizes``), or why they cannot be
+    #: trained on.
     splits: dict[str, tuple[int, int, str] | CellError] = field(default_factory=dict)
     #: The run id of each spec as trained (its budget rounded up to whole steps) -> the budget of the first run to
     #: train it: a later budget within the same steps takes that one, so identical training is one run id.
