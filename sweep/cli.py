@@ -546,7 +546,8 @@ def launch(
     ctx: typer.Context,
     files: list[Path] = typer.Argument(..., help="Plan files to register and train.", show_default=False),
     address: Optional[str] = typer.Option(
-        None, help="Ray cluster to join: 'auto' (RAY_ADDRESS, or the cluster `ray start` made on this host), the head's "
+        None, help="Ray cluster to join: 'auto' (RAY_ADDRESS, or a Ray already running on this host: the cluster `ray start` "
+        "made, or another process's own local Ray, such as another slab launch's), the head's "
         "HOST:PORT (its GCS, port 6379 by default), or ray://HOST:PORT (Ray Client: needs the ray\\[client] extra). "
         "Default: start a local Ray in this process."
     ),
