@@ -972,7 +972,9 @@ def init_ray(opts: LaunchOptions):
             kwargs["num_cpus"] = opts.num_cpus
         if opts.num_gpus is not None and not opts.cpu:
             kwargs["num_gpus"] = opts.num_gpus  # Ray then hands tasks only GPUs 0..num_gpus-1
-        ray.init(include_dashboard=False, **kwargs)
+        # "local": a Ray of its own, as --help promises, even where another runs on this host (`ray start`, a test's
+        # cluster): without it ray.init joined that one, and with num_cpus or num_gpus set refused to (a ValueError).
+        ray.init(address="local", include_dashboard=False, **kwargs)
     return ray
 
 

@@ -25,7 +25,7 @@ def ray_local():
 
     if ray.is_initialized():
         ray.shutdown()
-    ray.init(num_cpus=2, num_gpus=0, include_dashboard=False, logging_level="ERROR")
+    ray.init(address="local", num_cpus=2, num_gpus=0, include_dashboard=False, logging_level="ERROR")
     yield
     ray.shutdown()
 

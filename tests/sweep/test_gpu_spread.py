@@ -43,7 +43,7 @@ def two_gpus():
 
     if ray.is_initialized():
         ray.shutdown()
-    ray.init(num_cpus=4, num_gpus=2, include_dashboard=False, logging_level="ERROR")
+    ray.init(address="local", num_cpus=4, num_gpus=2, include_dashboard=False, logging_level="ERROR")
     yield ray
     ray.shutdown()
 

@@ -29,7 +29,7 @@ def ray_address():
     """One local Ray (2 CPUs, no GPU) shared by the tests of this file; subprocess drivers join it."""
     import ray
 
-    ctx = ray.init(num_cpus=2, num_gpus=0, include_dashboard=False, logging_level="ERROR")
+    ctx = ray.init(address="local", num_cpus=2, num_gpus=0, include_dashboard=False, logging_level="ERROR")
     yield ctx.address_info["gcs_address"]
     ray.shutdown()
 

@@ -55,3 +55,21 @@ def test_run_larger_than_the_cluster_is_refused(cluster, tmp_path, write_plan):
     with pytest.raises(LaunchError, match="asks for 4 GPUs but the cluster has 0"):
         launch([load_plan(plan)], opts, quiet())
     assert not (tmp_path / "slab.db").exists() and not (tmp_path / "ckpt").exists()  # refused before anything is written
+
+
+def test_a_launch_without_address_starts_its_own_ray_beside_a_running_cluster(cluster):
+    """`slab launch` without --address starts a Ray of its own, as its help says. With another Ray running on the host
+    (here the cluster; on a user's machine `ray start`), ray.init had found that one, and with num_cpus or num_gpus
+    set (--cpu sets num_gpus 0) refused to join it: a ValueError traceback instead of a launch."""
+    import ray
+
+    from sweep.launch import init_ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    try:
+        init_ray(LaunchOptions(cpu=True, num_cpus=1))
+        assert ray.get_runtime_context().gcs_address != cluster.address
+        assert ray.cluster_resources().get("CPU") == 1  # its own: the cluster has two nodes of one CPU
+    finally:
+        ray.shutdown()
