@@ -79,23 +79,33 @@ def _uri_mode(parsed: URL) -> str | None:
     return parsed.query.get("mode") if _is_uri(parsed) else None
 
 
+def _file_uri(parsed: URL) -> bool:
+    """Whether a SQLite URL's database is a ``file:`` URI, whose query options (mode, vfs, immutable) SQLite reads."""
+    return _is_uri(parsed) and (parsed.database or "").startswith("file:")
+
+
+def _database_name(parsed: URL) -> str | None:
+    """What a SQLite URL's database part names: a path, ``:memory:`` or "" as written, a ``file:`` URI's path decoded;
+    None for a URI of another host's file."""
+    database = parsed.database or ""
+    if not _file_uri(parsed):
+        return database
+    # file:path, file:/path, file:///path and file://localhost/path (https://www.sqlite.org/uri.html); another
+    # authority is left to SQLite, which refuses it in one line.
+    database = database[len("file:"):].partition("#")[0]
+    if database.startswith("//"):
+        authority, _, rest = database[2:].partition("/")
+        if authority not in ("", "localhost"):
+            return None
+        database = "/" + rest
+    return unquote(database)
+
+
 def _sqlite_file(parsed: URL) -> Path | None:
     """The file a SQLite URL names (see sqlite_path), ``~`` expanded as for a plain path."""
-    if parsed.get_backend_name() != "sqlite":
+    if parsed.get_backend_name() != "sqlite" or (_file_uri(parsed) and _uri_mode(parsed) == "memory"):
         return None
-    database = parsed.database or ""
-    if _is_uri(parsed) and database.startswith("file:"):
-        if _uri_mode(parsed) == "memory":
-            return None
-        # file:path, file:/path, file:///path and file://localhost/path (https://www.sqlite.org/uri.html); another
-        # authority is left to SQLite, which refuses it in one line.
-        database = database[len("file:"):].partition("#")[0]
-        if database.startswith("//"):
-            authority, _, rest = database[2:].partition("/")
-            if authority not in ("", "localhost"):
-                return None
-            database = "/" + rest
-        database = unquote(database)
+    database = _database_name(parsed)
     if not database or database == ":memory:":
         return None
     return Path(database).expanduser()
@@ -104,12 +114,9 @@ def _sqlite_file(parsed: URL) -> Path | None:
 def _names_no_file(parsed: URL) -> bool:
     """Whether a SQLite URL opens a database with no file (``:memory:``, an empty name, a ``file::memory:`` URI,
     ``mode=memory`` or ``vfs=memdb``), which SQLite drops when its connection closes."""
-    database = parsed.database or ""
-    if _is_uri(parsed) and database.startswith("file:"):
-        if _uri_mode(parsed) == "memory" or parsed.query.get("vfs") == "memdb":
-            return True
-        database = unquote(database[len("file:"):].partition("#")[0])  # file: alone is a temporary database
-    return database in ("", ":memory:")
+    if _file_uri(parsed) and (_uri_mode(parsed) == "memory" or parsed.query.get("vfs") == "memdb"):
+        return True
+    return _database_name(parsed) in ("", ":memory:")  # file: alone is a temporary database
 
 
 def _writable(path: Path) -> bool:
