@@ -42,6 +42,7 @@ from models.sources import (  # noqa: F401 (parse_data, cache_dir, VAL_EVERY, DO
     held_out,
     is_token_source,
     parse_data,
+    tail_cut,
     text_files,
 )
 
@@ -197,7 +198,7 @@ def _read_text(
         at[side] += size
     train, held = arrays[False], arrays[True]
     if not any(val):  # the last 1 / VAL_EVERY of the bytes, as views
-        cut = len(train) - len(train) // VAL_EVERY
+        cut = tail_cut(len(train))
         train, held = train[:cut], train[cut:]
     for a in (train, held):
         a.flags.writeable = False
@@ -245,7 +246,7 @@ def bin_corpus(path: Path) -> Corpus:
     if len(files) == 2:
         train, val = ids, ids_of(files[1])
     else:
-        cut = len(ids) - len(ids) // VAL_EVERY
+        cut = tail_cut(len(ids))
         train, val = ids[:cut], ids[cut:]
 
     def scan() -> dict:

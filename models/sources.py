@@ -52,6 +52,11 @@ def held_out(n_files: int) -> list[bool]:
     return [n_files >= VAL_EVERY and i % VAL_EVERY == VAL_EVERY - 1 for i in range(n_files)]
 
 
+def tail_cut(n: int) -> int:
+    """Where a corpus of ``n`` tokens that holds out its last 1 / VAL_EVERY splits: tokens before it are training."""
+    return n - n // VAL_EVERY
+
+
 def split_sizes(path: str | Path) -> tuple[int, int, str]:
     """Tokens in a file corpus's train and validation splits, from its files' sizes alone (as ``models.data`` reads
     it), and how its validation split is held out. Raises ValueError for a corpus that cannot be read as one."""
@@ -68,7 +73,7 @@ def split_sizes(path: str | Path) -> tuple[int, int, str]:
             ids.append(size // 2)
         if len(ids) == 2:
             return ids[0], ids[1], f"{files[1].name} is its validation split"
-        return ids[0] - ids[0] // VAL_EVERY, ids[0] // VAL_EVERY, f"its last {share} is held out for validation"
+        return tail_cut(ids[0]), ids[0] - tail_cut(ids[0]), f"its last {share} is held out for validation"
     files = text_files(p) if p.is_dir() else [p]
     sizes = [f.stat().st_size for f in files]
     if not any(sizes):
@@ -82,7 +87,7 @@ def split_sizes(path: str | Path) -> tuple[int, int, str]:
         train = joined([n for n, h in zip(sizes, val) if not h])
         return train, joined([n for n, h in zip(sizes, val) if h]), f"every {VAL_EVERY}th file is held out for validation"
     total = joined(sizes)
-    return total - total // VAL_EVERY, total // VAL_EVERY, f"its last {share} is held out for validation"
+    return tail_cut(total), total - tail_cut(total), f"its last {share} is held out for validation"
 
 
 def parse_data(data: str) -> list[tuple[str, float]]:
