@@ -241,12 +241,18 @@ def _finished(engine: Engine, ids: list[str]) -> dict[str, str]:
     return finished
 
 
+def _to_train(chosen: dict[str, tuple[RunSpec, str | None]], finished: dict[str, str],
+              limit: int | None) -> list[tuple[RunSpec, str | None]]:
+    """The ``chosen`` runs not ``finished``, up to ``limit``."""
+    todo = [v for k, v in chosen.items() if k not in finished]
+    return todo[:limit] if limit is not None else todo
+
+
 def select_runs(engine: Engine, plans: list[Plan], opts: LaunchOptions) -> tuple[list[tuple[RunSpec, str | None]], str]:
     """The plans' runs that match ``--where``, are not done or diverged, up to ``--limit``; with none, why in a line."""
     chosen = _chosen(plans, opts.where)
     finished = _finished(engine, list(chosen))
-    todo = [v for k, v in chosen.items() if k not in finished]
-    todo = todo[: opts.limit] if opts.limit is not None else todo
+    todo = _to_train(chosen, finished, opts.limit)
     return todo, ("" if todo else _nothing_to_train(len(chosen), finished))
 
 
@@ -914,9 +920,8 @@ def check_capacity(plans: list[Plan], opts: LaunchOptions) -> None:
     cpus, gpus = capacity(opts)
     if not unfit(list(chosen.values()), opts, cpus, gpus):
         return
-    finished = _finished_so_far(opts.db_url, list(chosen))
-    todo = [v for k, v in chosen.items() if k not in finished]
-    if why := unfit(todo[: opts.limit] if opts.limit is not None else todo, opts, cpus, gpus):
+    todo = _to_train(chosen, _finished_so_far(opts.db_url, list(chosen)), opts.limit)
+    if why := unfit(todo, opts, cpus, gpus):
         raise LaunchError(why)
 
 
