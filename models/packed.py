@@ -410,11 +410,15 @@ def pretrain_pack(
 
     outcome: list[Summary | Exception | None] = list(refused)
     active = [True] * n  # set per step below; evaluate() clears a member whose validation loss rules it out
-    finished = [i for i, start in enumerate(starts) if start >= total_steps and outcome[i] is None]
-    for i in finished:
-        if math.isnan(last_loss[i]):  # resumed after its last step without one labelled token, as pretrain judges it
-            outcome[i] = Unlabelled.of_run(specs[i].data, total_steps)
-    finished = [i for i in finished if outcome[i] is None]
+
+    def ever_labelled(ids: list[int]) -> list[int]:
+        """Those of ``ids`` at their last step that ever had a labelled token; the others end ``Unlabelled``."""
+        for i in ids:
+            if math.isnan(last_loss[i]):  # NaN only where no step of any attempt had one, as pretrain judges it
+                outcome[i] = Unlabelled.of_run(specs[i].data, total_steps)
+        return [i for i in ids if outcome[i] is None]
+
+    finished = ever_labelled([i for i, start in enumerate(starts) if start >= total_steps and outcome[i] is None])
     # checkpointed at their last step but not reported as done: finish them
     for i, val in evaluate(finished, total_steps).items():
         outcome[i] = summarize(specs[i], counts, fpt, val_loss=val, final_loss=last_loss[i], wall_s=prior_wall[i],
@@ -527,11 +531,7 @@ def pretrain_pack(
             if step != total_steps and stopping:
                 outcome[i] = Interrupted(step)
         checkpoint(due_ckpt)
-        done_now = [i for i in range(n) if active[i] and steps[i] == total_steps]
-        for i in done_now:
-            if math.isnan(last_loss[i]):  # NaN only where no step of any attempt had a labelled token, as in pretrain
-                outcome[i] = Unlabelled.of_run(specs[i].data, total_steps)
-        done_now = [i for i in done_now if outcome[i] is None]
+        done_now = ever_labelled([i for i in range(n) if active[i] and steps[i] == total_steps])
         for i, val in evaluate(done_now, total_steps).items():
             outcome[i] = summarize(specs[i], counts, fpt, val_loss=val, final_loss=last_loss[i],
                                    wall_s=prior_wall[i] + time.perf_counter() - t_start, train_time=train_time[i],
