@@ -3,6 +3,7 @@ first batch, under the GPU's bf16 autocast: whether a pack of many members compu
 
     python docs/bench/pack_grad_check.py softmax 512 [MEMBERS]     # on a GPU; seconds
     SLAB_NO_CUDNN_SDP=1 python docs/bench/pack_grad_check.py softmax 512   # the same without cuDNN attention
+    SLAB_NO_REDUCED_BF16=1 python docs/bench/pack_grad_check.py softmax 512  # cuBLAS bf16 GEMMs reduce in fp32
     python docs/bench/pack_grad_check.py attention                  # each SDPA backend at batch 16 and 256
 
 Prints per member the relative difference of its loss and of its whole gradient (packed against alone); the same
@@ -95,6 +96,8 @@ if __name__ == "__main__":
         sys.exit(f"{sys.argv[0]}: needs a GPU (it compares packed and lone training as a GPU runs them)")
     if os.environ.get("SLAB_NO_CUDNN_SDP"):
         torch.backends.cuda.enable_cudnn_sdp(False)
+    if os.environ.get("SLAB_NO_REDUCED_BF16"):
+        torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = False
     if sys.argv[1] == "attention":
         attention()
     else:
