@@ -6,13 +6,16 @@ first batch, under the GPU's bf16 autocast: whether a pack of many members compu
     SLAB_NO_REDUCED_BF16=1 python docs/bench/pack_grad_check.py softmax 512  # cuBLAS bf16 GEMMs reduce in fp32
     python docs/bench/pack_grad_check.py attention                  # each SDPA backend at batch 16 and 256
 
-Prints per member the relative difference of its loss and of its whole gradient (packed against alone); the same
-numbers for a second lone computation give the noise floor (cuDNN attention's backward is not deterministic).
+Prints per member the relative error of its loss and of its whole gradient against the same step in fp64, computed
+alone as pretrain computes it (fused kernels), alone on plain torch layers (what a pack stacks) and packed: whether
+a pack's bf16 step is less accurate than a lone one, or only rounded differently. A second lone computation's
+difference from the first gives the noise floor (cuDNN attention's backward need not be deterministic).
 ``attention`` checks each SDPA backend's bf16 output and gradients against fp64 at a lone run's batch (16 sequences)
 and a pack of 16's (256), in the model's (B, T, H, D) layout: a kernel chosen by shape is the first suspect for a
 member that trains differently in a large pack (pytorch/pytorch#150700 reports odd cuDNN gradients on H100).
 """
 
+import contextlib
 import os
 import sys
 
@@ -30,7 +33,8 @@ from sweep.plan import load_plan
 
 
 def main(arch: str, d_model: int, members: int | None) -> None:
-    """Print each member's loss and gradient difference, packed against alone, and alone against alone."""
+    """Print each member's loss and gradient error against fp64: trained alone as pretrain does (fused kernels),
+    alone on plain torch layers (what a pack stacks), packed, and a second lone computation's difference."""
     specs = [r.spec for r in load_plan("plans/pack-grid.csv").runs if r.spec.arch == arch and r.spec.d_model == d_model]
     specs = specs[:members] if members else specs
     device = torch.device("cuda")
@@ -38,13 +42,15 @@ def main(arch: str, d_model: int, members: int | None) -> None:
     data = open_data(specs[0].data, specs[0].vocab_size)
     batches = [Batches(data, s.seq_len, s.batch_size, seed=s.seed).next() for s in specs]
 
-    def alone(i):
-        model = build_model(cfg, specs[i].seed, device)
+    def alone(i, kernels="torch", exact=False):
+        model = build_model(cfg, specs[i].seed, device, kernels)
         x, y = (t.to(device) for t in batches[i])
-        with autocast(device):
+        if exact:
+            model.double()
+        with contextlib.nullcontext() if exact else autocast(device):
             _, loss = model(x, y)
         loss.backward()
-        return loss.item(), torch.cat([p.grad.flatten().float() for _, p in model.named_parameters()])
+        return loss.item(), torch.cat([p.grad.flatten().double() for _, p in model.named_parameters()])
 
     models = [build_model(cfg, s.seed, device) for s in specs]
     names = [k for k, _ in models[0].named_parameters()]
@@ -57,13 +63,20 @@ def main(arch: str, d_model: int, members: int | None) -> None:
     with autocast(device):
         losses = stacked_losses(stacked, x, y)
     losses.sum().backward()
-    print("member lr seed | loss rel diff packed, again | grad rel diff packed, again")
+    print("member lr seed | loss err vs fp64: alone fused, alone plain, packed | grad err vs fp64: alone fused, "
+          "alone plain, packed | alone plain again vs alone plain: loss, grad")
+    rel = lambda a, b: ((a - b).norm() / b.norm()).item()  # noqa: E731
     for i, s in enumerate(specs):
-        (l1, g1), (l2, g2) = alone(i), alone(i)
-        gp = torch.cat([params[k].grad[i].flatten().float() for k in names])
-        rel = lambda a, b: ((a - b).norm() / b.norm()).item()  # noqa: E731
-        print(i, s.lr, s.seed, "|", f"{abs(losses[i].item() / l1 - 1):.2e} {abs(l2 / l1 - 1):.2e}", "|",
-              f"{rel(gp, g1):.2e} {rel(g2, g1):.2e}")
+        try:
+            l64, g64 = alone(i, exact=True)
+        except Exception as exc:  # a mixer without an fp64 path (a Triton kernel) has no exact reference here
+            print(i, s.lr, s.seed, f"| no fp64 reference: {str(exc).splitlines()[0][:80]}")
+            l64, g64 = float("nan"), None
+        (lf, gf), (l1, g1), (l2, g2) = alone(i, "auto"), alone(i), alone(i)
+        gp = torch.cat([params[k].grad[i].flatten().double() for k in names])
+        err = lambda g: rel(g, g64) if g64 is not None else float("nan")  # noqa: E731
+        print(i, s.lr, s.seed, "|", " ".join(f"{abs(v / l64 - 1):.2e}" for v in (lf, l1, losses[i].item())), "|",
+              " ".join(f"{err(g):.2e}" for g in (gf, g1, gp)), "|", f"{abs(l2 / l1 - 1):.2e} {rel(g2, g1):.2e}")
 
 
 def attention(batches=(16, 256), heads: int = 8, seq_len: int = 512, dim: int = 64) -> None:
