@@ -44,6 +44,7 @@ from models.sources import (  # noqa: F401 (parse_data, cache_dir, VAL_EVERY, DO
     parse_data,
     tail_cut,
     text_files,
+    token_ids_in,
 )
 
 log = logging.getLogger(__name__)
@@ -235,10 +236,7 @@ def bin_corpus(path: Path) -> Corpus:
         with open(file, "rb") as handle:
             # Stamped from the open handle: the cached digest is of the very file mapped, even if one replaces it.
             st = os.fstat(handle.fileno())
-            if st.st_size == 0:  # np.memmap's own error ("cannot mmap an empty file") does not say which file
-                raise ValueError(f"{file}: an empty file, no uint16 token ids")
-            if st.st_size % 2:
-                raise ValueError(f"{file}: {st.st_size} bytes, not a whole number of uint16 token ids")
+            token_ids_in(file, st.st_size)  # np.memmap's own error ("cannot mmap an empty file") names no file
             stamps.append(file_stamp(file, st))
             return np.memmap(handle, dtype=np.uint16, mode="r")
 

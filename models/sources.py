@@ -57,20 +57,23 @@ def tail_cut(n: int) -> int:
     return n - n // VAL_EVERY
 
 
+def token_ids_in(file: Path, size: int) -> int:
+    """How many uint16 token ids a token file of ``size`` bytes holds; ValueError for an empty or odd-sized one."""
+    if size == 0:
+        raise ValueError(f"data {file} is an empty file, no uint16 token ids")
+    if size % 2:
+        raise ValueError(f"data {file}: {size} bytes, not a whole number of uint16 token ids")
+    return size // 2
+
+
 def split_sizes(path: str | Path) -> tuple[int, int, str]:
     """Tokens in a file corpus's train and validation splits, from its files' sizes alone (as ``models.data`` reads
     it), and how its validation split is held out. Raises ValueError for a corpus that cannot be read as one."""
     p = Path(path)
     share = f"{100 / VAL_EVERY:g}%"
     if is_token_source(p):
-        files, ids = bin_files(p), []
-        for file in files:
-            size = file.stat().st_size
-            if size == 0:
-                raise ValueError(f"data {file} is an empty file, no uint16 token ids")
-            if size % 2:
-                raise ValueError(f"data {file}: {size} bytes, not a whole number of uint16 token ids")
-            ids.append(size // 2)
+        files = bin_files(p)
+        ids = [token_ids_in(file, file.stat().st_size) for file in files]
         if len(ids) == 2:
             return ids[0], ids[1], f"{files[1].name} is its validation split"
         return tail_cut(ids[0]), ids[0] - tail_cut(ids[0]), f"its last {share} is held out for validation"

@@ -224,11 +224,11 @@ def test_bin_ids_past_the_vocabulary_are_refused_at_open_wherever_they_lie(tmp_p
 
 def test_an_empty_bin_file_is_named(tmp_path):
     (tmp_path / "empty.bin").write_bytes(b"")
-    with pytest.raises(ValueError, match=r"empty.bin: an empty file, no uint16 token ids"):
+    with pytest.raises(ValueError, match=r"empty.bin is an empty file, no uint16 token ids"):
         open_data(str(tmp_path / "empty.bin"), 512)
     (tmp_path / "train.bin").write_bytes(np.arange(100, dtype=np.uint16).tobytes())
     (tmp_path / "val.bin").write_bytes(b"")
-    with pytest.raises(ValueError, match=r"val.bin: an empty file"):
+    with pytest.raises(ValueError, match=r"val.bin is an empty file"):
         open_data(str(tmp_path), 512)
 
 
