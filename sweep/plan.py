@@ -11,8 +11,9 @@ A plan is a header row of known columns (``COLUMNS``) and one row per block of r
 
 A row expands to the product of its lists and ranges; expressions are evaluated per expanded run in
 dependency order. Every row has a cell for each column: an empty cell (``a,,b``) takes the column's default, and a
-row with fewer cells than the header is an error. Blank lines and lines starting with ``#`` are ignored; no cell holds
-a line break. Every error names ``file:row:column`` (row = the line number the row starts on), and all of a load's
+row with fewer cells than the header is an error. Blank lines and lines starting with ``#`` (quoted or not) are ignored;
+so is a column with no name in the header whose cells are all empty (a spreadsheet's spacer); no cell holds a line
+break. Every error names ``file:row:column`` (row = the line number the row starts on), and all of a load's
 errors are reported together. A run whose budget falls within the same whole steps as an earlier run's trains exactly
 as that one, and takes its budget and run id.
 """
@@ -68,6 +69,8 @@ MAX_SEED = 2**64
 #: Spreadsheet formats to save as .csv or .xlsx first (read as CSV they would fail as "not UTF-8 text").
 _OTHER_SHEETS = (".ods", ".xls", ".xlsb", ".numbers")
 _FORMULA = "spreadsheet formula; enter plan expressions as text (prefix with ')"
+#: What a spreadsheet writes in a cell whose formula failed (a CSV saved from one holds them as text).
+_SHEET_ERRORS = frozenset({"#NAME?", "#VALUE!", "#REF!", "#DIV/0!", "#N/A", "#NUM!", "#NULL!", "#SPILL!", "#CALC!"})
 
 
 @dataclass(frozen=True)
@@ -128,6 +131,7 @@ def column_reference() -> list[dict[str, str]]:
 
 
 _NUM_SUFFIX = {"k": 1e3, "K": 1e3, "M": 1e6, "B": 1e9, "G": 1e9, "T": 1e12}
+_INT_RE = re.compile(r"^[+-]?\d+$")
 _NUM_RE = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?([kKMBGT])?$")
 # A '+' right after an exponent's e belongs to the number (1e+1..1e+2*2); any other '+' is the step.
 _RANGE_RE = re.compile(r"^(?P<a>[^.](?:[^*+]|(?<=[eE])\+)*?)\.\.(?P<b>(?:[^*+]|(?<=[eE])\+)+)(?P<op>[*+])(?P<s>.+)$")
@@ -211,6 +215,14 @@ def read_rows(path: Path) -> list[tuple[int, list[str]]]:
         raw = path.read_bytes()
     except OSError as exc:
         raise PlanError([PlanIssue(where, None, None, f"cannot read the file: {exc.strerror or exc}")]) from None
+    head = raw[:64]
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")) or (len(head) >= 4 and not (any(head[0::2]) and any(head[1::2]))):
+        # Excel's "Unicode Text": without its BOM, UTF-8 decoding would pass and every name read 'a\x00r\x00c...'
+        message = "UTF-16 text (as Excel's \"Unicode Text\" saves): save the plan as \"CSV UTF-8\" instead"
+        raise PlanError([PlanIssue(where, None, None, message)])
+    if b"\x00" in raw:
+        line = raw[: raw.index(b"\x00")].count(b"\n") + 1
+        raise PlanError([PlanIssue(where, line, None, "a binary file (it holds NUL bytes), not CSV text")])
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
@@ -269,6 +281,8 @@ def _read_csv(where: str, text: str) -> list[tuple[int, list[str]]]:
         cells = [c.strip() for c in cells]
         if not any(cells):  # a spreadsheet saves a blank row as bare commas: a blank line, not a row to expand
             continue
+        if cells[0].startswith("#"):  # a comment a spreadsheet quoted ('"# a, b",,'), as an .xlsx row is one
+            continue
         rows.append((lineno, cells))
     if issues:
         raise PlanError(issues)
@@ -299,7 +313,7 @@ def _read_xlsx(path: Path) -> list[tuple[int, list[str]]]:
             continue
         header = rows[0][1] if rows else []
         for i in formulas:
-            column = header[i] if i < len(header) else get_column_letter(i + 1)
+            column = (header[i] if i < len(header) else "") or get_column_letter(i + 1)
             issues.append(PlanIssue(str(path), lineno, column, _FORMULA))
         # A sheet cannot tell a missing cell from an empty one, and trailing empties were dropped above: a short
         # row here is one with empty cells, so it takes the defaults rather than failing as a short CSV row does.
@@ -479,7 +493,7 @@ def parse_range(text: str, limit: int | None = None) -> list[float]:
     if not geometric and s <= 0:
         raise CellError(f"malformed range {text!r}: the step must be positive")
     limit = DEFAULT_MAX_RUNS if limit is None else limit
-    out, x, eps = [], a, 1e-9 * max(abs(a), abs(b), 1.0)
+    out, x, eps = [], a, 1e-9 * max(abs(a), abs(b))  # relative: a range of 1e-10s ends at its end too
     while x <= b + eps:
         if len(out) == limit:  # refused, not cut short: a cut range would plan fewer runs than the cell asks for
             raise CellError(f"the range {text!r} has more than {limit:,} values, so the plan expands to more than "
@@ -493,6 +507,9 @@ def parse_cell(column: str, text: str, max_items: int | None = None) -> list[Any
     """A cell as the list of values it stands for (one item for a plain value), or an Expr; a range of more than
     ``max_items`` values (default DEFAULT_MAX_RUNS) is an error."""
     col = COLUMNS[column]
+    if text in _SHEET_ERRORS:
+        raise CellError(f"{text} is a spreadsheet's error value: a spreadsheet computed this cell (a plan expression such "
+                        "as =20*params, say) as its own formula; write the expression again as text (prefix with ')")
     if text.startswith("="):
         if col.kind not in ("int", "float"):
             raise CellError(f"expressions are only allowed in numeric columns, not in {column}")
@@ -513,12 +530,20 @@ def parse_cell(column: str, text: str, max_items: int | None = None) -> list[Any
     for item in items:
         if ".." in item:
             values.extend(parse_range(item, max_items))
+        elif col.kind == "int" and _INT_RE.match(item) and len(item) <= 40:
+            values.append(int(item))  # exactly: as a float, seed 2**53 + 1 would be 2**53, and 2**64 - 1 be 2**64
         else:
             values.append(parse_number(item, expected))
     return values
 
 
 # ---------------------------------------------------------------- resolution
+
+
+#: Columns whose values are whole numbers (warmup and gpus where 1 or more).
+_WHOLE_COLUMNS = frozenset([name for name, col in COLUMNS.items() if col.kind == "int"] + ["warmup", "gpus"])
+#: How a cycle's message names the resolver's own steps.
+_INTERNAL_NAMES = {"_config": "the model's shape", "_params": "params (the total count)"}
 
 
 class _Resolver:
@@ -536,7 +561,12 @@ class _Resolver:
         if name in self.values:
             return self.values[name]
         if name in self.visiting:
-            cycle = " -> ".join(self.visiting[self.visiting.index(name) :] + [name])
+            loop = self.visiting[self.visiting.index(name) :] + [name]
+            cycle = " -> ".join(_INTERNAL_NAMES.get(n, n) for n in loop)
+            # Blamed on a cell of the cycle that holds an expression, not on an empty one whose default it reached.
+            held = next((n for n in loop if isinstance(self.cells.get(n), Expr)), None)
+            if held is not None:
+                raise _ColumnError(held, f"expressions form a cycle: {cycle}")
             raise CellError(f"expressions form a cycle: {cycle}")
         self.visiting.append(name)
         try:
@@ -567,7 +597,13 @@ class _Resolver:
         if raw is _UNREADABLE:  # reported where it was read: what needs it fails in its name, to be left out
             raise _ColumnError(column, "the cell could not be read")
         if isinstance(raw, Expr):
-            return eval_expr(raw, self.numeric)
+            value = eval_expr(raw, self.numeric)
+            # Columns of whole numbers take a float's rounding error off one as that number (=0.07*100 is 7.000000000000001);
+            # a warmup about 1 is left alone: below 1 it is a fraction of the run, not a step.
+            least = 1.5 if column == "warmup" else 0.5
+            if column in _WHOLE_COLUMNS and abs(value) >= least and abs(value - round(value)) <= 1e-9 * abs(value):
+                value = float(round(value))
+            return value
         return raw
 
     def _compute(self, name: str) -> Any:
@@ -580,10 +616,16 @@ class _Resolver:
             return flops_per_token(self.get("_config"), int(self.get("seq_len")))
         if name == "tokens" and self.cells.get("tokens") is None:
             if self.cells.get("flops") is None:
-                raise CellError("give tokens or flops")
+                raise CellError("give tokens or flops (neither is set)")  # as budget() says it: reported once
             return self.get("flops") / self.get("flops_per_token")
         if name == "flops" and self.cells.get("flops") is None:
             return self.get("tokens") * self.get("flops_per_token")
+        # Columns whose empty cell stands for a value worked out from others (a shape from params, heads from d_model,
+        # the vocabulary from data): an expression reads the value the run has, not the missing cell's None.
+        if name in ("d_model", "n_layers", "n_heads") and self.cells.get(name) is None:
+            return getattr(self.get("_config"), name)
+        if name == "vocab" and self.cells.get("vocab") is None:
+            return self.vocab()
         value = self._cell(name)
         if value is None:
             value = COLUMNS[name].default
@@ -600,6 +642,8 @@ class _Resolver:
             # A hybrid's layers come in whole periods, so a ladder of sizes keeps one softmax share.
             period = self._hybrid_period() if arch == "hybrid" else 1
             d_model, n_layers, n_heads = shape_for_params(_positive(self.get("params"), "params", integer=False), period)
+            # known before n_heads is read, so that an n_heads cell such as =d_model/128 may read them
+            self.values.update(d_model=d_model, n_layers=n_layers)
             if shape["n_heads"] is not None:
                 n_heads = _positive_int(self.get("n_heads"), "n_heads")
         else:
@@ -701,11 +745,19 @@ def resolve_data(data: str, base_dir: Path) -> str:
     parts = []
     for part in data.split("+"):
         source, _, weight = part.partition("@")
-        source = source.strip()
+        source, weight = source.strip(), weight.strip()
         if source not in DATA_SOURCES:
             source = str(_data_path(source, base_dir).resolve())
-        parts.append(source + (f"@{weight}" if weight else ""))
+        parts.append(source + (f"@{_weight_text(weight)}" if weight else ""))
     return "+".join(parts)
+
+
+def _weight_text(weight: str) -> str:
+    """A mixture weight as a spec stores it: one spelling per value (0.10, .1 and 1e-1 are 0.1), as other numbers."""
+    try:
+        return f"{float(weight):.12g}"
+    except ValueError:
+        return weight
 
 
 def _data_value(data: str, base_dir: Path, digests: dict[str, str | CellError] | None = None) -> tuple[str, str]:
@@ -715,7 +767,7 @@ def _data_value(data: str, base_dir: Path, digests: dict[str, str | CellError] |
     out, digest, names = [], [], []
     for part in data.split("+"):
         source, _, weight = part.partition("@")
-        source = source.strip()
+        source, weight = source.strip(), weight.strip()
         if weight:
             try:
                 w = float(weight)
@@ -743,7 +795,7 @@ def _data_value(data: str, base_dir: Path, digests: dict[str, str | CellError] |
             if isinstance(known, CellError):
                 raise CellError(str(known))
             digest.append(known)
-        out.append(source + (f"@{weight}" if weight else ""))
+        out.append(source + (f"@{_weight_text(weight)}" if weight else ""))
     try:  # the weights as training reads them: refused here, not in every run at launch
         parse_data(data)
     except ValueError as exc:
@@ -983,9 +1035,9 @@ def _load_plan(path: Path, max_runs: int, load: _Load) -> Plan:
     issues: list[PlanIssue] = []
     seen: set[str] = set()
     for name in header:
-        if not name:
-            issues.append(PlanIssue(where, header_line, None, "empty column name in the header"))
-        elif name not in COLUMNS:
+        if not name:  # a spreadsheet's spacer, or a stray cell's column: ignored where it holds nothing (below)
+            continue
+        if name not in COLUMNS:
             issues.append(PlanIssue(where, header_line, name, f"unknown column {name!r}{_column_hint(name)}"))
         elif name in seen:
             issues.append(PlanIssue(where, header_line, name, "duplicate column"))
@@ -1002,7 +1054,9 @@ def _load_plan(path: Path, max_runs: int, load: _Load) -> Plan:
                                                       f"{len(path.stem)} characters; plan names have at most "
                                                       f"{MAX_NAME_CHARS}: rename the file")])
     plan = Plan(path=path, name=path.stem, sha256=hashlib.sha256(path.read_bytes()).hexdigest())
-    order = {name: i for i, name in enumerate(header)}
+    order = {name: i for i, name in enumerate(header) if name}
+    named = [i for i, name in enumerate(header) if name]
+    width = named[-1] + 1  # columns with no name after the last named one (Excel's trailing ,,) need no cell
     total = 0
     for lineno, cells in rows[1:]:
         if len(cells) > len(header):
@@ -1011,18 +1065,23 @@ def _load_plan(path: Path, max_runs: int, load: _Load) -> Plan:
                 message += '; quote expressions that contain commas: "=min(a, b)"'
             load.issues.append(PlanIssue(where, lineno, None, message))
             continue
-        if len(cells) < len(header):
+        if len(cells) < width:
             # Not filled with defaults: a cell left out by mistake would silently change the runs.
-            missing = header[len(cells):]
-            named = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+            missing = [name for name in header[len(cells):width] if name]
+            listed = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
             have = f"{len(cells)} cell" + ("s" if len(cells) != 1 else "")
-            message = (f"{have} but the header has {len(header)} columns (none for {named}); "
+            message = (f"{have} but the header has {width} columns (none for {listed}); "
                        "write an empty cell, as in a,,b, to take a column's default")
             load.issues.append(PlanIssue(where, lineno, None, message))
             continue
         row_issues: list[PlanIssue] = []
+        for i, text in enumerate(cells):
+            if text and not header[i]:
+                row_issues.append(PlanIssue(where, lineno, None, f"a value, {text!r}, in column {i + 1} "
+                                            f"({_column_letter(i)}), which has no name in the header: name the column, "
+                                            "or clear the cell"))
         parsed: dict[str, Any] = {}
-        for column, text in zip(header, cells):
+        for column, text in ((header[i], cells[i]) for i in named):
             if not text:
                 continue
             if "\n" in text or "\r" in text:
@@ -1059,6 +1118,16 @@ def _load_plan(path: Path, max_runs: int, load: _Load) -> Plan:
         # A row's problems read left to right, as its cells stand in the file.
         load.issues += sorted(row_issues, key=lambda i: order.get(i.column, len(order)))
     return plan
+
+
+def _column_letter(index: int) -> str:
+    """A spreadsheet's name for the column at a 0-based index: A, ..., Z, AA, ..."""
+    letters = ""
+    index += 1
+    while index:
+        index, rest = divmod(index - 1, 26)
+        letters = chr(ord("A") + rest) + letters
+    return letters
 
 
 def _column_hint(name: str) -> str:
