@@ -12,6 +12,7 @@ import matplotlib
 matplotlib.use("Agg")  # headless: benchmarks run on servers
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
+import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from analysis.report import OKABE_ITO, arch_colour  # noqa: E402
@@ -34,6 +35,8 @@ TABLE_KINDS = {"dp": DP_COLUMNS, "spread": SPREAD_COLUMNS, "pack": PACK_COLUMNS,
 FIGURE_COLUMNS = {"dp": ("run",)}
 #: Columns a figure counts in whole numbers ("12/15 runs done"), every cell of which must hold one.
 COUNT_COLUMNS = {"spread": ("runs", "done")}
+#: Columns that name a row rather than measure it; every other column a table's kind needs holds numbers.
+LABEL_COLUMNS = ("arch",)
 
 
 class BenchTableError(ValueError):
@@ -245,6 +248,9 @@ def _check_cells(frame: pd.DataFrame, kind: str, csv_path: Path) -> None:
             number = pd.to_numeric(value, errors="coerce")
             if pd.isna(number) or number != int(number):
                 raise BenchTableError(f"{csv_path}: column {col} must hold whole numbers, not {value!r} (row {row})")
+    problem = _measurement_problem(frame, TABLE_KINDS[kind])
+    if problem:
+        raise BenchTableError(f"{csv_path}: {problem}")
 
 
 def table_kind(frame: pd.DataFrame) -> str | None:
@@ -263,9 +269,24 @@ def _require(frame: pd.DataFrame, columns: tuple[str, ...], path: Path) -> None:
     missing = [c for c in columns if c not in frame.columns]
     if missing:
         raise BenchTableError(f"table for {path} is missing column(s) {', '.join(missing)}")
-    bad = [c for c in columns[1:] if not pd.api.types.is_numeric_dtype(frame[c])]
+    problem = _measurement_problem(frame, columns)
+    if problem:
+        raise BenchTableError(f"table for {path}: {problem}")
+
+
+def _measurement_problem(frame: pd.DataFrame, columns: tuple[str, ...]) -> str:
+    """What is wrong with the measured columns among ``columns`` (every one but a label such as arch: a pack table's
+    serial_s and a spread or dp table's gpus too), or "": text where a number belongs, or a blank or infinite cell."""
+    measured = [c for c in columns if c not in LABEL_COLUMNS]
+    bad = [c for c in measured if not pd.api.types.is_numeric_dtype(frame[c])]
     if bad:
-        raise BenchTableError(f"table for {path}: column(s) {', '.join(bad)} must be numbers")
+        return f"column(s) {', '.join(bad)} must be numbers"
+    for c in measured:
+        values = frame[c].to_numpy(dtype=float)
+        blank = ~np.isfinite(values)
+        if blank.any():
+            return f"column {c} has a blank or infinite cell (row {int(np.flatnonzero(blank)[0]) + 1})"
+    return ""
 
 
 def _save(fig, path: Path) -> Path:

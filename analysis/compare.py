@@ -56,6 +56,17 @@ def arch_seed(seed: int, arch: str) -> int:
     return int(np.random.SeedSequence([seed, zlib.crc32(arch.encode())]).generate_state(1)[0])
 
 
+def arch_names(runs: pd.DataFrame) -> pd.Series:
+    """The runs' arch column as text; a run with none (missing or blank) is a FitError naming it (pandas 3 keeps a
+    missing value missing through astype(str), and sorting the names then failed with a TypeError)."""
+    arch = runs["arch"]
+    missing = (arch.isna() | (arch.astype(str).str.strip() == "")).to_numpy()
+    if missing.any():
+        ids = runs["run_id"].to_numpy() if "run_id" in runs.columns else runs.index.to_numpy()
+        raise FitError(f"{int(missing.sum())} run(s) have no arch: {_some(ids[missing])}")
+    return arch.astype(str)
+
+
 def fit_per_arch(
     runs: pd.DataFrame,
     *,
@@ -74,7 +85,8 @@ def fit_per_arch(
     compared alike (each fit's details say which)."""
     if "arch" not in runs.columns:
         raise FitError("runs frame has no 'arch' column: nothing to compare")
-    archs = sorted(runs["arch"].astype(str).unique())
+    runs = runs.assign(arch=arch_names(runs))
+    archs = sorted(runs["arch"].unique())
     curves = metrics is not None and not metrics.empty
 
     def each(mode: str) -> tuple[dict[str, FitResult], dict[str, str], bool]:

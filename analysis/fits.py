@@ -218,15 +218,21 @@ def prepare_points(runs: pd.DataFrame, params_col: str = DEFAULT_PARAMS_COL) -> 
     C = 6.0 * N * D
     if "flops" in cols:
         fl = pd.to_numeric(runs["flops"], errors="coerce").to_numpy(dtype=float)
-        neg = np.isfinite(fl) & (fl <= 0)
+        neg = (fl <= 0) | np.isinf(fl)  # NaN (not recorded) falls back to 6 N D; inf is a broken count, not a budget
         if neg.any():
-            raise FitError(f"{neg.sum()} run(s) have flops <= 0: {_some(run_id[neg])}")
+            raise FitError(f"{neg.sum()} run(s) have flops <= 0 or infinite: {_some(run_id[neg])}")
         C = np.where(np.isfinite(fl), fl, C)
     out = pd.DataFrame({"run_id": run_id, "N": N, "D": D, "C": C, "L": L})
     for extra in ("arch", "hybrid", "budget"):
         if extra in cols:
             out[extra] = runs[extra].to_numpy()
     return out.reset_index(drop=True)
+
+
+def _by_run(pts: pd.DataFrame) -> pd.DataFrame:
+    """Points in order of run id: the bootstrap draws runs by position, so a seed gives the same resamples (and
+    intervals) whatever order the runs came in (a query without ORDER BY, a sorted CSV)."""
+    return pts.sort_values("run_id", kind="mergesort").reset_index(drop=True)
 
 
 def done_runs(runs: pd.DataFrame) -> pd.DataFrame:
@@ -334,6 +340,7 @@ def curve_envelope(
 ) -> pd.DataFrame:
     """Frontier from training curves: the lowest loss per log-spaced FLOP bin, then the lower envelope
     (edges="drop": without the bins whose best run is the smallest size covering them; see `_FrontierSource`)."""
+    _check_counts(0, n_bins=n_bins)
     pts = prepare_points(runs, params_col)
     source = _FrontierSource(pts, _curves(metrics, runs, params_col), n_bins, drop_edges=_check_edges(edges))
     return source.frame(np.arange(len(source.run_ids)))
@@ -367,6 +374,7 @@ def fit_loss_compute(
     few remain); "auto" drops them where the frontier stays identified, else keeps them, and then
     details["unidentified"] says why.
     """
+    _check_counts(n_bootstrap, n_bins=n_bins)
     if metrics is not None and metrics.empty:  # runs that recorded no curves: their final points, as the report fits
         metrics = None
     if edges == "auto":
@@ -381,7 +389,7 @@ def fit_loss_compute(
     drop_edges = _check_edges(edges)
     if form not in ("saturating", "power"):
         raise FitError(f"form must be 'saturating' or 'power', got {form!r}")
-    pts = prepare_points(runs, params_col)
+    pts = _by_run(prepare_points(runs, params_col))
     k = 3 if form == "saturating" else 2
     source = _FrontierSource(pts, None if metrics is None else _curves(metrics, runs, params_col), n_bins,
                              drop_edges=drop_edges)
@@ -649,6 +657,8 @@ def fit_approach1(
     it; its winner is then taken wherever it landed (`_approach1_envelope`).
     Fits N_opt = k_N C^a and D_opt = k_D C^b by least squares in log space.
     """
+    _check_counts(n_bootstrap, n_budgets=n_budgets)
+    budgets = _check_budgets(budgets)
     pts = prepare_points(runs, params_col)
     curves = _curves(metrics, runs, params_col)
     n_sizes = curves["N"].nunique()
@@ -798,7 +808,13 @@ def allocation_budgets(C) -> list[float]:
 def isoflop_groups(pts: pd.DataFrame, budget_col: str = "budget", rel_tol: float = 0.05) -> np.ndarray:
     """A budget label per point: the `budget` column when present, else runs whose FLOPs agree within rel_tol."""
     if budget_col in pts.columns and pts[budget_col].notna().all():
-        return pd.to_numeric(pts[budget_col], errors="coerce").to_numpy(float)
+        label = pd.to_numeric(pts[budget_col], errors="coerce").to_numpy(float)
+        bad = ~(np.isfinite(label) & (label > 0))
+        if bad.any():  # a NaN label's runs would leave the fit unseen (groupby drops them)
+            who = pts["run_id"].to_numpy()[bad] if "run_id" in pts.columns else np.flatnonzero(bad)
+            raise FitError(f"{int(bad.sum())} run(s) have a {budget_col!r} that is not a positive number of FLOPs: "
+                           f"{_some(who)}")
+        return label
     C = pts["C"].to_numpy()
     order = np.argsort(C)
     label = np.empty(len(C))
@@ -835,7 +851,9 @@ def fit_approach2(
     inside the sizes tried. The bootstrap resamples runs within each budget so that no budget vanishes
     from a replicate.
     """
-    pts = prepare_points(runs, params_col)
+    _check_counts(n_bootstrap)
+    budgets = _check_budgets(budgets)
+    pts = _by_run(prepare_points(runs, params_col))
     pts["group"] = isoflop_groups(pts, budget_col, rel_tol)
     groups, too_few = [], []
     for g, sub in pts.groupby("group", sort=True):
@@ -991,7 +1009,11 @@ def fit_approach3(
     """
     if bootstrap_starts < 1 or (n_starts is not None and n_starts < 1):
         raise FitError("approach 3 needs n_starts >= 1 (or None) and bootstrap_starts >= 1")
-    pts = prepare_points(runs, params_col)
+    if not (math.isfinite(delta) and delta > 0):  # 0 divided by zero; a negative one maximised the misfit
+        raise FitError(f"approach 3 needs a Huber delta > 0 (Hoffmann et al.'s is {HUBER_DELTA:g}), got {delta}")
+    _check_counts(n_bootstrap)
+    budgets = _check_budgets(budgets)
+    pts = _by_run(prepare_points(runs, params_col))
     n = len(pts)
     if n < 5:
         raise FitError(f"approach 3 has 5 parameters and needs at least 5 runs, got {n}")
@@ -1372,6 +1394,28 @@ def percentile_interval(values: np.ndarray, level: float = 0.95) -> tuple[float,
     # inverted_cdf never interpolates, so an infinite replicate cannot turn an endpoint into NaN.
     lo, hi = np.quantile(v, [q, 1 - q], method="inverted_cdf")
     return (float(lo), float(hi))
+
+
+def _check_counts(n_bootstrap: int, **counts: int) -> None:
+    """A FitError for a negative bootstrap count (numpy had raised on a negative shape, or the fit ran none) or a count
+    below 1 among ``counts`` (such as n_bins)."""
+    if not n_bootstrap >= 0:
+        raise FitError(f"n_bootstrap must be 0 (no intervals) or more, got {n_bootstrap}")
+    for name, v in counts.items():
+        if not v >= 1:
+            raise FitError(f"{name} must be at least 1, got {v}")
+
+
+def _check_budgets(budgets: Sequence[float] | None) -> list[float] | None:
+    """The allocation budgets as floats, None where none were given; a budget that is not a positive finite number
+    is a FitError (its N_opt, D_opt and tokens per parameter had come out NaN, under a key such as 'N_opt@-1')."""
+    if budgets is None:
+        return None
+    out = [float(C) for C in budgets]
+    bad = [C for C in out if not (math.isfinite(C) and C > 0)]
+    if bad:
+        raise FitError(f"budgets must be positive numbers of FLOPs, got {_some(bad)}")
+    return out or None
 
 
 def _safe_exp(v: float) -> float:

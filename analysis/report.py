@@ -28,6 +28,7 @@ from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter, NullLoca
 from analysis.compare import (  # noqa: E402
     MIN_BOOTSTRAP_RUNS,
     ArchComparison,
+    arch_names,
     arch_seed,
     beyond_context_names,
     compare_archs,
@@ -155,7 +156,7 @@ def _write_report(runs, metrics, evals, out: Path, figdir: Path, t0: float, *, t
     runs = runs.copy()
     if "arch" not in runs.columns:
         runs["arch"] = "all"
-    runs["arch"] = runs["arch"].astype(str)
+    runs["arch"] = arch_names(runs)
     pts["arch"] = runs["arch"].to_numpy()
     has_curves = metrics is not None and not metrics.empty
     metrics = metrics if has_curves else None
