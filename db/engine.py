@@ -10,7 +10,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
-from urllib.parse import quote, unquote
+from urllib.parse import quote, unquote, urlencode
 
 from sqlalchemy import Connection, Engine, create_engine, event, inspect, select, text
 from sqlalchemy.engine import URL, make_url
@@ -38,6 +38,10 @@ class DatabaseError(RuntimeError):
     """The database cannot be used: bad URL, missing file, or a schema newer than this scalinglab."""
 
 
+class _ForeignDatabase(DatabaseError):
+    """The database holds a table of scalinglab's name that scalinglab did not make (open_db names the URL)."""
+
+
 def resolve_url(url: str | None = None) -> str:
     """The database URL to use: the given one, else ``$SLAB_DB``, else ``sqlite:///slab.db``."""
     return url or os.environ.get(ENV_VAR) or DEFAULT_URL
@@ -45,10 +49,27 @@ def resolve_url(url: str | None = None) -> str:
 
 def shown_url(url: str) -> str:
     """The URL with its password masked, for error messages and logs."""
+    if (masked := _mask_raw_at_password(url)) is not None:
+        return masked
     try:
         return make_url(url).render_as_string(hide_password=True)
     except (ArgumentError, ValueError):
         return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)
+
+
+def _mask_raw_at_password(url: str) -> str | None:
+    """``url`` with its password masked up to the last @ of its host and database part, where an unescaped @ follows
+    the password's own (a password holding a raw @, which SQLAlchemy cuts there, taking the rest for the host); None
+    for any other URL."""
+    scheme, sep, rest = url.partition("://")
+    user, colon, after = rest.partition(":")
+    if not sep or not colon or "/" in user:  # no user:password@ part (the username takes no : or /)
+        return None
+    _, at, tail = after.partition("@")
+    where, q, query = tail.partition("?")
+    if not at or "@" not in where:
+        return None
+    return f"{scheme}://{user}:***@{where[where.rindex('@') + 1:]}{q}{query}"
 
 
 def sqlite_path(url: str) -> Path | None:
@@ -156,20 +177,34 @@ def _unwritable_file_uri_options(path: Path) -> dict[str, str] | None:
 
 
 def _configure_sqlite(dbapi_conn, record, read_only: bool) -> None:
-    """Connect hook of a SQLite file: busy timeout and foreign keys; WAL where this process writes the file."""
-    # WAL lets readers (slab status --watch) run while the launcher writes; foreign keys are off by default.
-    # pysqlite's own deferred BEGIN is turned off: see _sqlite_begin. A file opened read-only keeps its
-    # journal mode, as switching it is a write.
+    """Connect hook of a SQLite file: busy timeout and foreign keys (WAL is set by open_db, see _use_wal)."""
+    # Foreign keys are off by default. pysqlite's own deferred BEGIN is turned off: see _sqlite_begin.
     dbapi_conn.isolation_level = None
     cur = dbapi_conn.cursor()
     cur.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_MS}")
     if read_only:
         record.info["slab_read_only_file"] = True
     else:
-        _set_wal(cur)
         cur.execute("PRAGMA synchronous=NORMAL")
     cur.execute("PRAGMA foreign_keys=ON")
     cur.close()
+
+
+def _use_wal(engine: Engine) -> None:
+    """Put the SQLite file of ``engine`` in WAL mode (persistent: once for the file), unless it is read-only here."""
+    # WAL lets readers (slab status --watch) run while the launcher writes. Set only once the file is known to be a
+    # scalinglab database: switching is a write, which a read of another program's database (refused) must not make,
+    # as a file opened read-only keeps its journal mode.
+    raw = engine.raw_connection()
+    try:
+        if not raw.info.get("slab_read_only_file"):
+            cur = raw.driver_connection.cursor()
+            try:
+                _set_wal(cur)
+            finally:
+                cur.close()
+    finally:
+        raw.close()
 
 
 def _set_wal(cur) -> None:
@@ -216,6 +251,11 @@ def make_engine(url: str | None = None) -> Engine:
         raise DatabaseError(f"bad database URL {shown_url(url)!r}: {exc}{hint}") from None
     if parsed.get_backend_name() == "sqlite":
         return _sqlite_engine(url, parsed)
+    if _mask_raw_at_password(url) is not None:
+        # SQLAlchemy ends the password at its first @ and takes the rest for the host: the driver's error would name
+        # that host, showing the rest of the password.
+        raise DatabaseError(f"bad database URL {shown_url(url)!r}: an @ in its password (or database name) must be "
+                            "written %40, as the URL has an @ after the password's")
     try:
         return create_engine(url, pool_pre_ping=True)
     except NoSuchModuleError:  # a scheme SQLAlchemy has no dialect for ("Can't load plugin" says little)
@@ -224,6 +264,24 @@ def make_engine(url: str | None = None) -> Engine:
                             "SQLAlchemy URL whose driver is installed") from None
     except Exception as exc:  # missing driver, bad options: say it plainly
         raise DatabaseError(f"cannot use database URL {shown_url(url)!r}: {_first_line(exc)}") from None
+
+
+#: Options SQLAlchemy's pysqlite reads from any SQLite URL (others reach SQLite only in a URI URL, uri=true).
+PYSQLITE_OPTIONS = ("uri", "timeout", "isolation_level", "detect_types", "check_same_thread", "cached_statements")
+
+
+def _refuse_ignored_options(url: str, parsed: URL) -> None:
+    """Raise DatabaseError for options of a plain-path SQLite URL that SQLAlchemy would drop with only a warning:
+    ``sqlite:///slab.db?mode=ro`` opened the file read-write."""
+    ignored = [key for key in parsed.query if key not in PYSQLITE_OPTIONS]
+    if _is_uri(parsed) or not ignored:
+        return
+    names = ", ".join(map(repr, ignored))
+    options = {key: value for key, value in parsed.query.items() if key != "uri"}
+    uri = f"sqlite:///file:{quote(parsed.database or '')}?{urlencode(options, doseq=True)}&uri=true"
+    raise DatabaseError(f"bad database URL {url!r}: a plain SQLite path takes no option {names} (only "
+                        f"{', '.join(PYSQLITE_OPTIONS[1:])}); SQLite's own options, such as mode=ro, are read from its URI "
+                        f"form: {uri}")
 
 
 def _sqlite_engine(url: str, parsed) -> Engine:
@@ -239,6 +297,7 @@ def _sqlite_engine(url: str, parsed) -> Engine:
         # and shown_url would escape :memory:.
         raise DatabaseError(f"database URL {url!r} names no file: SQLite keeps nothing of a database in "
                             f"memory once the command ends; name a file ({SQLITE_FORMS})")
+    _refuse_ignored_options(url, parsed)
     path = _sqlite_file(parsed)
     mode = _uri_mode(parsed)
     # SQLite refuses the WAL switch and BEGIN IMMEDIATE on a file opened so: begin as a reader instead.
@@ -302,9 +361,18 @@ def open_db(url: str | None = None, *, create: bool = True) -> Engine:
         # Checked first without the write lock, so that opening a database a launcher is writing does not wait on it.
         with reading(engine) as conn:
             ready = _schema_ready(conn, create)
+            # A file read-only here (mode=ro, immutable, permissions) cannot be upgraded: its missing columns are read
+            # as empty instead, where that is all it lacks.
+            ready = ready or (conn.info.get("slab_read_only_file") and _view_missing_columns(engine, conn))
         if not ready:
             with engine.begin() as conn:
                 _check_or_create(conn, create)
+        if engine.dialect.name == "sqlite":
+            _use_wal(engine)
+    except _ForeignDatabase as exc:
+        engine.dispose()
+        raise DatabaseError(f"the database {shown_url(url)!r} is not scalinglab's: {exc}; name another with --db "
+                            "or SLAB_DB") from None
     except DatabaseError:
         engine.dispose()
         raise
@@ -336,8 +404,14 @@ def _schema_version(conn: Connection, create: bool) -> int | None:
         if not create:
             raise DatabaseError("the database has no scalinglab tables; register a plan first with `slab add PLAN`")
         return None
+    have = {c["name"] for c in inspect(conn).get_columns(Meta.__tablename__)}
+    if not {"key", "value"} <= have:
+        raise _ForeignDatabase(f"its meta table has columns {', '.join(sorted(have))}, not key and value")
     row = conn.execute(select(Meta.value).where(Meta.key == "schema_version")).scalar_one_or_none()
-    version = int(row) if row is not None else 0
+    try:
+        version = int(row) if row is not None else 0
+    except (TypeError, ValueError):
+        raise _ForeignDatabase(f"its meta table gives schema_version {row!r}, not a whole number") from None
     if version > SCHEMA_VERSION:
         raise DatabaseError(
             f"database schema version {version} is newer than this scalinglab's ({SCHEMA_VERSION}); upgrade scalinglab"
@@ -359,6 +433,35 @@ def _missing_columns(conn: Connection) -> list:
 def _schema_ready(conn: Connection, create: bool) -> bool:
     """Whether the database holds this version's tables and columns, so that opening it writes nothing."""
     return _schema_version(conn, create) == SCHEMA_VERSION and not _missing_columns(conn)
+
+
+def _view_missing_columns(engine: Engine, conn: Connection) -> bool:
+    """On a SQLite file read-only here whose tables all exist, give every connection of ``engine`` a TEMP VIEW of each
+    table lacking nullable columns of the schema, with the table's columns and NULL for those (a temporary view
+    takes precedence over the table of its name); False, doing nothing, where a table or a NOT NULL column is missing."""
+    insp = inspect(conn)
+    if not all(insp.has_table(table.name) for table in Base.metadata.sorted_tables):
+        return False
+    missing = _missing_columns(conn)
+    if any(not column.nullable for column in missing):
+        return False
+    q = conn.dialect.identifier_preparer
+    views: dict = {}
+    for column in missing:
+        views.setdefault(column.table, []).append(f"NULL AS {q.format_column(column)}")
+    statements = [f"CREATE TEMP VIEW {q.format_table(table)} AS SELECT *, {', '.join(nulls)} "
+                  f"FROM main.{q.format_table(table)}" for table, nulls in views.items()]
+    if statements:
+        def add_views(dbapi_conn, record) -> None:
+            """Connect hook: this connection's views of the tables with missing columns."""
+            cur = dbapi_conn.cursor()
+            for statement in statements:
+                cur.execute(statement)
+            cur.close()
+
+        event.listen(engine, "connect", add_views)
+        conn.invalidate()  # this pooled connection predates the views: it is not reused
+    return True
 
 
 def _check_or_create(conn: Connection, create: bool) -> None:
