@@ -26,7 +26,7 @@ import time
 import traceback
 from collections import Counter
 from dataclasses import asdict, dataclass, field
-from datetime import timedelta
+from datetime import timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -241,24 +241,48 @@ def _finished(engine: Engine, ids: list[str]) -> dict[str, str]:
     return finished
 
 
+def _held_elsewhere(engine: Engine, ids: list[str], lease_s: float) -> set[str]:
+    """Those of ``ids`` that a live launcher trains now: running, under a lease that has not lapsed (each launcher's
+    own, else ``lease_s``), by a launcher not known gone from this host."""
+    rows = []
+    with reading(engine) as conn:
+        for i in range(0, len(ids), ID_BATCH):
+            stmt = select(Run.run_id, Run.lease_owner, Run.heartbeat_at).where(
+                Run.run_id.in_(ids[i : i + ID_BATCH]), Run.status == "running")
+            rows.extend(conn.execute(stmt))
+    now = utcnow()
+    held = set()
+    for run_id, owner, beat in rows:
+        if beat is not None and beat.tzinfo is None:  # SQLite keeps the UTC time without its zone
+            beat = beat.replace(tzinfo=timezone.utc)
+        live = beat is not None and now - beat <= timedelta(seconds=lease_of(owner) or lease_s)
+        if live and not launcher_gone(owner):
+            held.add(run_id)
+    return held
+
+
 def _to_train(chosen: dict[str, tuple[RunSpec, str | None]], finished: dict[str, str],
-              limit: int | None) -> list[tuple[RunSpec, str | None]]:
-    """The ``chosen`` runs not ``finished``, up to ``limit``."""
-    todo = [v for k, v in chosen.items() if k not in finished]
+              limit: int | None, held: set[str] = frozenset()) -> list[tuple[RunSpec, str | None]]:
+    """The ``chosen`` runs not ``finished``, up to ``limit``; runs another launcher trains (``held``) come last, so that
+    a limit takes runs this launch can train rather than wait on."""
+    todo = [v for k, v in chosen.items() if k not in finished and k not in held]
+    todo += [v for k, v in chosen.items() if k in held and k not in finished]
     return todo[:limit] if limit is not None else todo
 
 
 def select_runs(engine: Engine, plans: list[Plan], opts: LaunchOptions) -> tuple[list[tuple[RunSpec, str | None]], str]:
-    """The plans' runs that match ``--where``, are not done or diverged, up to ``--limit``; with none, why in a line."""
+    """The plans' runs that match ``--where``, are not done or diverged, up to ``--limit`` (runs other live launchers
+    train taken last); with none, why in a line."""
     chosen = _chosen(plans, opts.where)
     finished = _finished(engine, list(chosen))
-    todo = _to_train(chosen, finished, opts.limit)
+    held = _held_elsewhere(engine, [k for k in chosen if k not in finished], opts.lease_timeout_s) if opts.limit else set()
+    todo = _to_train(chosen, finished, opts.limit, held)
     return todo, ("" if todo else _nothing_to_train(len(chosen), finished))
 
 
 def _nothing_to_train(selected: int, finished: dict[str, str]) -> str:
     """Why a launch has no run to train, in a line: all its ``selected`` runs are ``finished``, or none was selected."""
-    if not selected or len(finished) < selected:  # none selected, or --limit 0
+    if not selected or len(finished) < selected:  # none selected
         return "0 runs to train"
     counts = Counter(finished.values())
     runs = f"the {selected} selected run is" if selected == 1 else f"all {selected} selected runs are"
@@ -596,6 +620,8 @@ class Driver:
             return
         now = time.monotonic()
         for unit in list(self.queue):
+            if self.stopping:  # Ctrl-C or SIGTERM while this pass started units: start no more
+                return
             if max(f.not_before for f in unit) > now or not self._fits_now(unit):
                 continue
             self.queue.remove(unit)
@@ -750,19 +776,24 @@ class Driver:
 
     def _finish_unit(self, ref) -> None:
         run_ids = self._release(ref).run_ids
+        pack_failed = False  # the whole pack failed: what ended it may be any one member's
         try:
             result = self.ray.get(ref)
         except Exception as exc:  # the task failed: every run it trained failed with it
             results = [exc] * len(run_ids)
             if len(run_ids) > 1:
+                pack_failed = True
                 self.view.log(f"a pack of {len(run_ids)} runs failed ({type(getattr(exc, 'cause', None) or exc).__name__}); its runs retry alone")
         else:
+            # A pack's task returns per member its summary or what ended that member alone (its own checkpoint refused,
+            # its divergence): judged as a lone run's, so a member's own bad input is not retried.
             results = result if len(run_ids) > 1 else [result]
         for run_id, outcome in zip(run_ids, results):
-            self._settle(run_id, outcome, packed=len(run_ids) > 1)
+            self._settle(run_id, outcome, packed=pack_failed)
 
     def _settle(self, run_id: str, outcome: Any, packed: bool = False) -> None:
-        """Record how one run's task ended (a summary, or the exception that ended it) and retry if due."""
+        """Record how one run's task ended (a summary, or the exception that ended it) and retry if due; ``packed``: the
+        exception ended the whole pack the run trained in."""
         from models.train import CheckpointUnreadable, Diverged, Interrupted, OutOfMemory, Unlabelled
 
         flight = self.flights.pop(run_id, None)
@@ -783,12 +814,14 @@ class Driver:
                                 f"{self.opts.ckpt_dir.resolve()} resumes it")
             elif packed and out_of_memory:
                 if self._record(flight, status="failed", error=f"out of memory at step {cause.step} in a pack; retrying alone"):
+                    self.view.run_retrying(run_id)
                     self.queue.append([flight])
             elif out_of_memory and (cause.microbatch or 1) > 1:
                 flight.microbatch = max(1, cause.microbatch // 2)
                 if self._record(flight, status="failed", microbatch=flight.microbatch,
                                 error=f"out of memory at step {cause.step} with microbatch {cause.microbatch}; retrying with {flight.microbatch}"):
                     self.view.log(f"{flight.name or run_id}: out of memory; retrying with microbatch {flight.microbatch}")
+                    self.view.run_retrying(run_id)
                     self.queue.append([flight])
             else:
                 error = _tail(exc)
@@ -803,6 +836,7 @@ class Driver:
                 if retryable and flight.tries < self.opts.max_attempts and not self.stopping:
                     delay = self.opts.backoff_s * 2 ** (flight.tries - 1)
                     flight.not_before = time.monotonic() + delay
+                    self.view.run_retrying(run_id)
                     self.queue.append([flight])
                     self.view.log(f"{flight.name or run_id}: attempt {flight.attempt} failed ({error.splitlines()[-1][:120]}); retrying in {delay:.0f} s")
                 else:
@@ -979,7 +1013,10 @@ def init_ray(opts: LaunchOptions):
             kwargs["num_gpus"] = opts.num_gpus  # Ray then hands tasks only GPUs 0..num_gpus-1
         # "local": a Ray of its own, as --help promises, even where another runs on this host (`ray start`, a test's
         # cluster): without it ray.init joined that one, and with num_cpus or num_gpus set refused to (a ValueError).
-        ray.init(address="local", include_dashboard=False, **kwargs)
+        try:
+            ray.init(address="local", include_dashboard=False, **kwargs)
+        except (OSError, RuntimeError, ConnectionError) as exc:  # its session folder on a full disk, ports it cannot take
+            raise LaunchError(f"cannot start a local Ray: {_first_line(exc)}") from None
     return ray
 
 
@@ -1031,9 +1068,10 @@ def _answers_grpc(conn: socket.socket, timeout_s: float) -> bool:
     return len(head) == 9 and head[3] == 4
 
 
-def check_ckpt_dir(path: Path) -> None:
+def check_ckpt_dir(path: Path, local: bool = False) -> None:
     """Refuse a --ckpt-dir that could not be made: it or a folder above it is a file, or the nearest existing folder
-    above it cannot be written. Makes nothing itself; an existing folder is taken as it is (workers write it)."""
+    above it cannot be written; with ``local`` (workers on this host), also an existing folder it cannot write in.
+    Makes nothing itself; on a cluster an existing folder is taken as it is (the workers write it, as they see it)."""
     existing = path
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
@@ -1041,13 +1079,30 @@ def check_ckpt_dir(path: Path) -> None:
         raise LaunchError(f"--ckpt-dir {path}: {existing} is a file, not a folder")
     if existing != path and not os.access(existing, os.W_OK | os.X_OK):
         raise LaunchError(f"--ckpt-dir {path}: cannot create it, {existing} is not writable")
+    if existing == path and local and not os.access(path, os.W_OK | os.X_OK):
+        # Every run had failed --max-attempts times on a PermissionError in its worker, after the plans were registered.
+        raise LaunchError(f"--ckpt-dir {path}: cannot write in it (a read-only mount, or another user's folder?)")
+
+
+def check_options(opts: LaunchOptions) -> None:
+    """Refuse options that train nothing or contradict each other, before anything is written: --limit below 1, --cpu
+    with --num-gpus above 0, --num-gpus with --address."""
+    if opts.limit is not None and opts.limit < 1:
+        # It had registered the plans and said "0 runs to train" (exit 0); slab add registers them.
+        raise LaunchError(f"--limit {opts.limit} trains no run: give 1 or more (slab add PLAN registers a plan without "
+                          "training it)")
+    if opts.cpu and opts.num_gpus:
+        raise LaunchError(f"--num-gpus {opts.num_gpus} with --cpu: --cpu trains on no GPU; leave one of them out")
+    if opts.address and opts.num_gpus is not None:
+        raise LaunchError("--num-gpus limits a local Ray; a cluster joined with --address has the GPUs it has")
 
 
 def launch(plans: list[Plan], opts: LaunchOptions, view: LaunchView) -> LaunchResult:
     """Register the plans, then train every selected run that is not done; returns per-run outcomes."""
+    check_options(opts)
     # Before the database is written: the folder is made only once runs are known to train, and had then failed
     # with a traceback after the plans were registered.
-    check_ckpt_dir(opts.ckpt_dir)
+    check_ckpt_dir(opts.ckpt_dir, local=not opts.address)
     if opts.num_gpus and not opts.cpu and not opts.address and opts.num_gpus > host_gpus():
         # Ray would believe the count and hand tasks GPUs that do not exist.
         raise LaunchError(f"--num-gpus {opts.num_gpus}: this host has {host_gpus()} GPU(s)")

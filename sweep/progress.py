@@ -166,6 +166,7 @@ class LaunchView:
         self.last_tokens: dict[str, int] = {}  # per run, the tokens of its attempt's latest live report
         self.run_tokens: dict[str, int] = {}  # per run, the tokens it trains
         self.running: dict[str, dict] = {}
+        self.ended: set[str] = set()  # runs that train no more in this launch (done, failed, diverged, stopped, lost)
         self.t0 = time.monotonic()
         self.last_log = 0.0
 
@@ -176,7 +177,7 @@ class LaunchView:
     def begin(self, runs) -> None:
         """Start showing progress for these (spec, name) runs (a view reused for a second launch starts over)."""
         self.done = self.failed = self.trained = 0
-        self.tokens_done, self.running, self.last_tokens = {}, {}, {}
+        self.tokens_done, self.running, self.last_tokens, self.ended = {}, {}, {}, set()
         self.total = len(runs)
         self.run_tokens = {s.run_id: s.trained_tokens for s, _ in runs}  # whole steps, as the runs report them
         self.total_tokens = sum(self.run_tokens.values())
@@ -220,6 +221,7 @@ class LaunchView:
     def run_finished(self, run_id: str, status: str, detail: str, name: str | None = None) -> None:
         """A run ended (done, failed, diverged, or stopped; ``name`` for one this launch never started)."""
         info = self.running.pop(run_id, {"name": name or run_id})
+        self.ended.add(run_id)
         if status == "done":
             self.done += 1
             # Also a run another launcher trained, which reported nothing here.
@@ -228,6 +230,10 @@ class LaunchView:
             self.failed += 1
         colour = {"done": "green", "failed": "red", "diverged": "yellow"}.get(status, "cyan")
         self.log(f"[{colour}]{status}[/] {escape(str(info['name']))}: {escape(detail)}", markup=True)
+
+    def run_retrying(self, run_id: str) -> None:
+        """A run's attempt failed and the run waits to be started again: it no longer counts as running."""
+        self.running.pop(run_id, None)
 
     def refresh(self) -> None:
         """Redraw the live view, or write a progress line every ``log_every_s`` seconds."""
@@ -240,9 +246,11 @@ class LaunchView:
     def _line(self) -> str:
         tokens = sum(self.tokens_done.values())
         elapsed = time.monotonic() - self.t0
+        # What is left is what the runs still to end will train: a failed, diverged or stopped run trains no more here.
+        left = sum(max(0, n - self.tokens_done.get(run_id, 0)) for run_id, n in self.run_tokens.items() if run_id not in self.ended)
         eta = ""
-        if self.trained and self.total_tokens > tokens:
-            eta = f", ETA {(self.total_tokens - tokens) * elapsed / self.trained / 60:.1f} min"
+        if self.trained and left:
+            eta = f", ETA {left * elapsed / self.trained / 60:.1f} min"
         return (f"{self.done}/{self.total} runs done, {self.failed} failed, {len(self.running)} running, "
                 f"{si(tokens)}/{si(self.total_tokens)} tokens, {elapsed:.0f} s{eta}")
 

@@ -103,12 +103,12 @@ def test_where_rejects_unknown_names_and_bad_numbers():
     assert parse_where("arch=mamba2, tokens = 12k") == (("arch", "mamba2"), ("tokens", "12k"))
 
 
-def test_launch_where_with_a_suffix_selects_the_runs(write_plan, tmp_path):
+def test_launch_where_with_a_suffix_selects_the_runs(write_plan, tmp_path, no_ray):
     db = tmp_path / "slab.db"
     result = CliRunner().invoke(app, ["--db", f"sqlite:///{db}", "launch", str(write_plan(PLAN)), "--cpu", "--where",
-                                      "tokens=12k,vocab=260", "--limit", "0", "--ckpt-dir", str(tmp_path / "ckpt")])
-    assert result.exit_code == 0, result.output
-    assert "0 runs to train" in result.output and "no run" not in result.output
+                                      "tokens=12k,vocab=260", "--ckpt-dir", str(tmp_path / "ckpt")])
+    assert isinstance(result.exception, RayStarted), result.output  # selected, checked, and on to train
+    assert "2 runs to train" in result.output and "no run" not in result.output
 
 
 @pytest.mark.parametrize("cpu,held", [(True, [0.0, 0.0]), (False, [0.25, 2.0])])
