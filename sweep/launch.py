@@ -213,6 +213,9 @@ def _match_one(run: PlannedRun, key: str, want: str, plan_dir: Path | None = Non
     if key == "params":  # the plan row's target size, or the exact total count
         return value == derived["params"] or (run.params_target is not None and math.isclose(value, run.params_target, rel_tol=1e-9))
     have = derived[key] if derived else getattr(spec, key)
+    if isinstance(have, int) and not isinstance(have, bool):
+        # Whole numbers exactly: within a relative 1e-9, seed=2**60 had matched every seed within about 1e9 of it.
+        return (int(want) if re.fullmatch(r"[+-]?\d+", want.strip()) else value) == have
     return math.isclose(value, have, rel_tol=1e-9)
 
 

@@ -646,3 +646,13 @@ def test_a_resumed_run_records_its_resume_step_while_it_trains(write_plan, tmp_p
     with engine.connect() as conn:
         assert conn.execute(select(Run.resumed_from_step).where(Run.run_id == spec.run_id)).scalar_one() == 3
     engine.dispose()
+
+
+def test_where_tells_large_seeds_apart(write_plan):
+    # compared within a relative 1e-9, seed=2**60 had also matched seed 2**60 + 1 (and every seed within ~1e9 of it)
+    big = 2**60
+    plan = load_plan(write_plan(f"name,arch,d_model,n_layers,seq_len,batch_size,tokens,seed\n"
+                                f"r-{{seed}},softmax,32,2,64,4,5120,{big}|{big + 1}\n"))
+    assert names(plan, f"seed={big}") == [f"r-{big}"]
+    assert names(plan, f"seed={big + 1}") == [f"r-{big + 1}"]
+    assert names(plan, "seed=1.152921504606846976e18") == [f"r-{big}"]  # a float spelling still reads as a number
