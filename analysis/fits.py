@@ -617,6 +617,10 @@ def _curves(metrics: pd.DataFrame, runs: pd.DataFrame, params_col: str) -> pd.Da
     out = out[np.isfinite(out["C"]) & (out["C"] > 0) & np.isfinite(out["L"]) & (out["L"] > 0)]
     if out.empty:
         raise FitError("metrics frame has no point with a positive finite loss and compute for these runs")
+    without = pts.loc[~pts["run_id"].isin(set(out["run_id"])), "run_id"]
+    if len(without):  # a fit from curves sees only runs that have them; say so rather than fit fewer in silence
+        log.warning("fits: left out %d of %d run(s) with no training-curve point: %s", len(without), len(pts),
+                    _some(without.to_numpy()))
     return out.reset_index(drop=True)
 
 

@@ -139,3 +139,20 @@ def test_a_run_without_an_arch_is_named_not_a_type_error(tmp_path, where):
         else:
             write_report(runs, None, None, tmp_path / "r", bootstrap=0)
     assert not (tmp_path / "r").exists()
+
+
+def test_a_fit_from_curves_says_which_runs_had_none(caplog):
+    # runs without a curve point had been left out of a curves fit in silence
+    from analysis.synthetic import curves_for
+
+    runs = random_runs(40, seed=1)
+    curves = curves_for(runs)
+    lacking = runs["run_id"].iloc[:3].tolist()
+    with caplog.at_level("WARNING", logger="analysis.fits"):
+        fits.fit_loss_compute(runs, metrics=curves[~curves["run_id"].isin(lacking)], n_bootstrap=0)
+    assert "left out 3 of 40 run(s) with no training-curve point" in caplog.text
+    assert lacking[0] in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="analysis.fits"):
+        fits.fit_loss_compute(runs, metrics=curves, n_bootstrap=0)
+    assert "training-curve point" not in caplog.text
