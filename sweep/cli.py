@@ -45,9 +45,21 @@ err = Console(stderr=True, width=None if sys.stderr.isatty() else PIPED_WIDTH, e
 
 
 def fail(message: str, code: int = 2) -> NoReturn:
-    """Print ``error: message`` in red to stderr and exit (2 = bad input)."""
+    """Print ``error: message`` in red to stderr, on one line, and exit (2 = bad input)."""
+    # A library's message may span lines (pandas' ends in a newline: a lone ')' had followed on a second line)
+    message = " ".join(line.strip() for line in message.splitlines() if line.strip())
     err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
+
+
+#: The most seconds --interval and --lease-timeout take: time.sleep and timedelta overflow on inf or 1e20 (a traceback).
+MAX_SECONDS = 1e9
+
+
+def _check_seconds(value: float, option: str, least: float) -> None:
+    """Fail (exit 2) on a number of seconds typer's min lets through that cannot be waited (inf, 1e20)."""
+    if not least <= value <= MAX_SECONDS:
+        fail(f"{option} must be a number of seconds from {least:g} to {MAX_SECONDS:g}, got {value:g}")
 
 
 def _version(value: bool) -> None:
@@ -73,6 +85,9 @@ def main_options(
 
     Example: slab plan plans/demo.csv && slab add plans/demo.csv && slab status
     """
+    if db == "":  # `--db "$VAR"` with VAR unset had read (and `add` created) ./slab.db; an empty SLAB_DB arrives as None
+        fail("--db is empty: expected a database URL such as sqlite:///slab.db (leave --db out for that default, or set "
+             "SLAB_DB)")
     ctx.obj = {"db": resolve_url(db), "db_named": bool(db)}  # typer fills db from SLAB_DB too
 
 
@@ -272,9 +287,24 @@ def _emit(frame, fmt: Format, title: str | None = None, **fit) -> None:
     if fmt is Format.csv:
         sys.stdout.write(frame.to_csv(index=False))
     elif fmt is Format.json:
-        sys.stdout.write(frame.to_json(orient="records", date_format="iso", date_unit="us") + "\n")
+        sys.stdout.write(_json_records(frame) + "\n")
     else:
         _print_table(frame, title, **fit)
+
+
+def _json_records(frame) -> str:
+    """A frame as JSON records, as pandas writes them (ISO dates, null for NaN and infinities), but every float whole:
+    pandas' to_json keeps 10 significant digits (an lr of 0.000123456789012345 had read 0.0001234568), CSV all."""
+    records = json.loads(frame.to_json(orient="records", date_format="iso", date_unit="us"))
+    keys = list(records[0]) if records else []
+    for j, key in enumerate(keys):
+        column = frame.iloc[:, j]
+        if column.dtype.kind not in "fO":  # only float and mixed columns hold floats
+            continue
+        for record, value in zip(records, column.tolist()):
+            if isinstance(value, float) and math.isfinite(value):
+                record[key] = value
+    return json.dumps(records, separators=(",", ":"), allow_nan=False)
 
 
 def _n(count: int, noun: str) -> str:
@@ -306,6 +336,8 @@ def plan(
     from sweep.plan import column_reference
 
     if columns:
+        if files:  # it had printed the list and never read them: a misspelt or broken plan passed unseen
+            fail("--columns lists the columns every plan may have and reads no plan: give it without plan files")
         ref = column_reference()
         if as_json:
             sys.stdout.write(json.dumps(ref) + "\n")
@@ -316,6 +348,8 @@ def plan(
         return
     if not files:
         fail("give one or more plan files (or --columns for the columns a plan may have)")
+    if not 0 < gpu_tflops < math.inf:  # inf priced every plan at 0 GPU-hours, and --json wrote Infinity (not JSON)
+        fail(f"--gpu-tflops must be a positive number of TFLOP/s, got {gpu_tflops:g}")
     plans = _plans(files, max_runs)
     try:
         cost = cost_plans(plans, mfu=mfu, gpu_tflops=gpu_tflops)
@@ -478,6 +512,7 @@ def status(
     """
     from sweep.progress import status_table, watch_status
 
+    _check_seconds(interval, "--interval", 0.1)
     engine = _engine(ctx)
     _check_filters(engine, plan, no_plan_ok=True)
     if watch:
@@ -604,6 +639,7 @@ def launch(
         fail("--num-gpus limits a local Ray; a cluster joined with --address has the GPUs it has")
     if not 0 < gpu_mem < math.inf:  # typer's min cannot exclude 0, nor inf: packs were sized against them (NaN failed)
         fail(f"--gpu-mem must be a positive number of GiB, got {gpu_mem:g}")
+    _check_seconds(lease_timeout, "--lease-timeout", 5.0)
     fsdp_from = _count_option(fsdp_min_params, "--fsdp-min-params")
     plans = _plans(files, max_runs)
     try:
