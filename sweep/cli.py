@@ -593,7 +593,9 @@ def launch(
     max_attempts: int = typer.Option(3, min=1, help="Attempts per run in this launch before it stays failed."),
     cpu: bool = typer.Option(False, "--cpu", help="Train on CPU (no GPU asked for)."),
     where: Optional[str] = typer.Option(None, help='Only runs that match, e.g. arch=lightning,tokens=12k (the plan\'s column names and its number forms, or the derived params, flops, flops_per_token).'),
-    limit: Optional[int] = typer.Option(None, min=0, help="Train at most this many runs."),
+    limit: Optional[int] = typer.Option(
+        None, help="Train at most this many of the selected runs (1 or more); runs another live launcher holds go last."
+    ),
     cpus_per_run: int = typer.Option(1, min=1, help="CPU cores each run takes (its torch threads)."),
     lease_timeout: float = typer.Option(
         120.0, min=5.0, help="Seconds without a heartbeat after which this launcher's runs count as abandoned: another "

@@ -1098,6 +1098,8 @@ def check_options(opts: LaunchOptions) -> None:
         raise LaunchError(f"--num-gpus {opts.num_gpus} with --cpu: --cpu trains on no GPU; leave one of them out")
     if opts.address and opts.num_gpus is not None:
         raise LaunchError("--num-gpus limits a local Ray; a cluster joined with --address has the GPUs it has")
+    if not 0 < opts.lease_timeout_s <= 1e9:  # timedelta overflows on inf or 1e20: a traceback after the plans were added
+        raise LaunchError(f"--lease-timeout must be a number of seconds up to 1e9, got {opts.lease_timeout_s:g}")
 
 
 def launch(plans: list[Plan], opts: LaunchOptions, view: LaunchView) -> LaunchResult:

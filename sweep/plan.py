@@ -1293,8 +1293,8 @@ def cost_plans(plans: list[Plan], *, mfu: float = 0.3, gpu_tflops: float = 989.0
     """Group the plans' distinct runs into blocks and price them: GPU-hours = FLOPs / (mfu * peak)."""
     if not 0 < mfu <= 1:
         raise ValueError(f"--mfu must be in (0, 1], got {mfu}")
-    if gpu_tflops <= 0:
-        raise ValueError(f"--gpu-tflops must be positive, got {gpu_tflops}")
+    if not 0 < gpu_tflops < math.inf:  # NaN and inf too: inf priced every plan at 0 GPU-hours
+        raise ValueError(f"--gpu-tflops must be a positive number of TFLOP/s, got {gpu_tflops}")
     groups: dict[tuple, list[RunSpec]] = {}
     seen: set[str] = set()
     per_row: dict[tuple[str, int], list[int]] = {}  # (plan, row) -> [repeated, runs]

@@ -286,3 +286,13 @@ def test_a_local_ray_that_cannot_start_is_one_line(write_plan, tmp_path, monkeyp
     with pytest.raises(LaunchError, match=r"^cannot start a local Ray: \[Errno 28\] No space left on device$"):
         launch([load_plan(write_plan(THREE))], LaunchOptions(db_url=f"sqlite:///{db}", cpu=True, ckpt_dir=tmp_path / "ck"),
                Said())
+
+
+@pytest.mark.parametrize("lease", [float("inf"), 1e20, float("nan"), 0.0])
+def test_a_lease_that_cannot_be_kept_is_refused_by_the_library_too(write_plan, tmp_path, lease):
+    # only the CLI had checked it: a library launch registered the plan, then timedelta overflowed in _claim
+    db = f"sqlite:///{tmp_path / 'x.db'}"
+    opts = LaunchOptions(db_url=db, ckpt_dir=tmp_path / "ckpt", cpu=True, lease_timeout_s=lease)
+    with pytest.raises(LaunchError, match="--lease-timeout must be a number of seconds"):
+        launch([load_plan(write_plan(THREE))], opts, Said())
+    assert not (tmp_path / "x.db").exists() and not (tmp_path / "ckpt").exists()

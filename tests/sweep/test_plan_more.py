@@ -157,3 +157,12 @@ def test_an_expression_a_rounding_error_off_a_whole_number_gives_that_number(wri
 def test_an_expression_that_is_not_whole_is_still_refused_in_an_integer_column(write_plan):
     [message] = errors_of(write_plan(HEAD + "\nsoftmax,64,=2.001,1e5\n"))
     assert message.endswith(":2:n_layers: expected a positive integer, got 2.001")
+
+
+@pytest.mark.parametrize("peak", [float("inf"), float("nan"), 0.0])
+def test_pricing_refuses_a_peak_that_is_not_a_positive_number(write_plan, peak):
+    from sweep.plan import cost_plans
+
+    plan = load_plan(write_plan(HEAD + "\nsoftmax,64,2,1e5\n"))
+    with pytest.raises(ValueError, match="--gpu-tflops must be a positive number of TFLOP/s"):
+        cost_plans([plan], gpu_tflops=peak)
