@@ -11,6 +11,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
 import pandas as pd
 from sqlalchemy import JSON, BigInteger, DateTime, Engine, Float, Integer, String, case, cast, func, select, tuple_
 
@@ -254,6 +255,11 @@ def run_sql(engine: Engine, query: str) -> pd.DataFrame:
     frame = pd.DataFrame(rows, columns=_distinct_names(columns))
     for name in frame.columns[frame.dtypes == object]:
         frame[name] = frame[name].map(_printable)
+    for j in np.flatnonzero((frame.dtypes == float).to_numpy()):
+        # A column of whole numbers beside reals or NULLs turns float64, which holds integers exactly only to 2**53:
+        # seed 9007199254740993 had read ...992. Such a column keeps the values as the database gave them.
+        if any(type(r[j]) is int and abs(r[j]) > 2**53 for r in rows):
+            frame.isetitem(j, pd.Series([r[j] for r in rows], dtype=object))
     return frame
 
 

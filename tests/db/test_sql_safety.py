@@ -152,3 +152,13 @@ def test_sql_names_every_column_apart_and_prints_any_value_as_json(engines):
         assert list(frame.columns) == ["run_id", "run_id_2", "arch"] and len(frame) == 6
         assert (frame["run_id"] == frame["run_id_2"]).all()
         assert list(run_sql(engine, mins).columns) == ["min", "min_2"]
+
+
+def test_sql_keeps_large_whole_numbers_beside_reals_and_nulls(engines):
+    # a column of integers beside a real or a NULL turned float64: 9007199254740993 (2**53 + 1) had read ...992
+    big = 2**53 + 1
+    for engine in engines:
+        query = f"select {big} as v union all select 1.5 union all select null order by 1"
+        got = run_sql(engine, query)["v"].tolist()
+        assert big in got and 1.5 in got, got
+        assert run_sql(engine, "select 3 as v union all select 1.5 order by 1")["v"].tolist() == [1.5, 3.0]
