@@ -147,7 +147,8 @@ def mqar_accuracy(
     sequences: int = MQAR_EVAL_SEQUENCES,
     batch: int = 32,
 ) -> dict[str, float]:
-    """``mqar/acc``: the fraction of query positions whose greedy prediction is the right value.
+    """``mqar/acc``: the fraction of query positions whose greedy prediction is the right value, over ``sequences``
+    sequences.
 
     Sequences come from the validation stream (a seed no training sequence uses): held out.
     """
@@ -157,8 +158,10 @@ def mqar_accuracy(
     was_training = model.training
     model.eval()
     right = total = 0
-    for _ in range(-(-sequences // batch)):
+    for first in range(0, sequences, batch):
         x, y = batches.next()
+        take = min(batch, sequences - first)  # exactly ``sequences``: the last batch is cut, as validation's is
+        x, y = x[:take], y[:take]
         with autocast(device):
             logits, _ = model(x.to(device))
         mask = y != -100

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import tempfile
@@ -104,6 +105,9 @@ def parse_data(data: str) -> list[tuple[str, float]]:
     given = [w for _, w in parts if w is not None]
     if any(not 0 < w for w in given):
         raise ValueError(f"data weights must be positive in {data!r}")
+    # inf / inf is NaN and 1 / inf is 0: such weights would sample one part alone, or at random.
+    if not math.isfinite(sum(given)):
+        raise ValueError(f"data weights and their sum must be finite numbers in {data!r}")
     missing = sum(w is None for _, w in parts)
     if missing == 0:
         total = sum(given)

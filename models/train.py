@@ -168,11 +168,29 @@ def lr_at(step: int, spec) -> float:
     raise ValueError(f"unknown schedule {spec.schedule!r}: expected cosine, wsd or constant")
 
 
+SCHEDULES = ("cosine", "wsd", "constant")
+
+
 def check_spec(spec) -> None:
-    """Fail now, not at the first eval or after the warmup, on an unknown eval or schedule."""
+    """Fail now, not at the first eval or after the warmup, on an unknown eval or schedule, or an optimisation
+    setting no run can train with (a learning rate or warmup that is not a number of its range, and the like)."""
     for name in spec.evals:
         if name not in EVALS:
             raise ValueError(f"unknown eval {name!r}: expected one of {', '.join(EVALS)}")
+    # Asked of the spec itself: lr_at(1) returns during the warmup before it looks at the schedule.
+    if spec.schedule not in SCHEDULES:
+        raise ValueError(f"unknown schedule {spec.schedule!r}: expected cosine, wsd or constant")
+    ranges = (
+        ("lr", spec.lr, lambda v: 0 < v < math.inf, "a positive finite number"),
+        ("warmup", spec.warmup, lambda v: 0 <= v < math.inf, "a number of steps >= 0"),
+        ("min_lr_ratio", spec.min_lr_ratio, lambda v: 0 <= v <= 1, "a number in [0, 1]"),
+        ("weight_decay", spec.weight_decay, lambda v: 0 <= v < math.inf, "a finite number >= 0"),
+        ("grad_clip", spec.grad_clip, lambda v: v >= 0, "a number >= 0 (0: no clipping)"),
+        ("eval_every", spec.eval_every, lambda v: v >= 0, "a number of steps >= 0 (0: at the end only)"),
+    )
+    for name, value, ok, expected in ranges:
+        if not ok(value):  # NaN fails every comparison
+            raise ValueError(f"{name} must be {expected}, got {value!r}")
     lr_at(1, spec)
 
 
@@ -407,15 +425,15 @@ def save_checkpoint(ckpt_dir: Path, step: int, state: dict, keep: int = 2) -> Pa
     return path
 
 
-def verify_checkpoint(path: Path) -> None:
+def verify_checkpoint(path: Path) -> bool:
     """Raise ``CheckpointUnreadable`` naming ``path`` when its bytes are not those its checksum file recorded (a
-    truncated or bit-flipped file, which torch.load may read without a complaint); no checksum file, no check."""
+    truncated or bit-flipped file, which torch.load may read without a complaint); no checksum file, no check (False)."""
     path = Path(path)
     side = checksum_path(path)
     try:
         recorded = side.read_text().strip()
     except FileNotFoundError:  # written before checkpoints carried a checksum
-        return
+        return False
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 24), b""):
@@ -423,24 +441,33 @@ def verify_checkpoint(path: Path) -> None:
     if h.hexdigest() != recorded:
         raise CheckpointUnreadable(f"{path}: its sha256 is {h.hexdigest()[:16]}, not the {recorded[:16]} recorded in "
                                    f"{side.name} when it was written: the file is truncated or corrupt")
+    return True
 
 
 def load_checkpoint(ckpt_dir: Path) -> dict | None:
     """The newest checkpoint that loads completely (and matches its checksum, where it has one), or None where the run
     has none. A corrupt newer one is renamed ``*.corrupt`` (kept, logged, no longer counted among the checkpoints);
-    when no checkpoint loads but some were set aside, ``CheckpointUnreadable``; an I/O error is raised, not taken for
-    corruption."""
+    when no checkpoint loads but some were set aside, ``CheckpointUnreadable``; an I/O or memory error is raised, not
+    taken for corruption, and so is a failure to load a file that matches its checksum (``CheckpointUnreadable``: its
+    bytes are those written, so it is kept where it is)."""
     for step in reversed(checkpoint_steps(ckpt_dir)):
         path = checkpoint_path(ckpt_dir, step)
+        verified = False
         try:
-            verify_checkpoint(path)
+            verified = verify_checkpoint(path)
             state = torch.load(path, map_location="cpu", weights_only=True)
-            if state.get("step") != step or "model" not in state:
+            if not isinstance(state, dict) or state.get("step") != step or "model" not in state:
                 raise ValueError("missing fields")
             return state
-        except OSError:  # a shared filesystem's hiccup: fail this attempt rather than start over from older state
+        except (OSError, MemoryError):  # a shared filesystem's hiccup, a full host: fail this attempt, keep every file
             raise
-        except Exception as e:  # a truncated or corrupt file: fall back to the previous checkpoint
+        except Exception as e:
+            if verified:
+                # Its bytes are those written: it is not corrupt, and setting it aside would lose a good checkpoint
+                # (this host's memory, or a torch that cannot read it, is what failed). Keep it; say why.
+                raise CheckpointUnreadable(f"{path} matches the sha256 recorded when it was written, but does not load "
+                                           f"here: {type(e).__name__}: {e}; it is kept as it is") from e
+            # a truncated or corrupt file: fall back to the previous checkpoint
             log.warning("ignoring unreadable checkpoint %s (renamed *.corrupt): %s", path, e)
             path.replace(path.with_name(path.name + ".corrupt"))
             checksum_path(path).unlink(missing_ok=True)
@@ -455,8 +482,9 @@ def load_checkpoint(ckpt_dir: Path) -> dict | None:
 
 def check_resumable(state: dict, spec, data, ckpt_dir) -> None:
     """Refuse a checkpoint of another run, or one trained on other data than this host's (older ones carry no hash)."""
-    if state["run"] != _run_key(spec):
-        raise ValueError(f"{ckpt_dir} holds checkpoints of another run ({state['run']})")
+    # .get: a file of a checkpoint's name without the key (another program's) is not this run's either
+    if state.get("run") != _run_key(spec):
+        raise ValueError(f"{ckpt_dir} holds checkpoints of another run ({state.get('run', 'one naming no run')})")
     # Older checkpoints hashed the data with its files' paths: one at this path is this data as well.
     if state.get("data_sha256", data.sha256) not in (data.sha256, data.sha256_by_path()):
         raise ValueError(f"{ckpt_dir}: its checkpoint trained on data {state['data_sha256'][:12]}, this host's "
