@@ -50,7 +50,9 @@ def auto_pack_size(spec: RunSpec, gpu_mem_bytes: float) -> int:
 
 
 def plan_packs(runs: list[Run], pack: int | None, *, cpu: bool, gpu_mem_bytes: float) -> list[list[Run]]:
-    """Split ``runs`` into packs (lists of runs, in plan order); data-parallel runs always go alone."""
+    """Split ``runs`` into packs (lists of runs, in plan order) of at most ``pack`` runs (None: by size and memory), each
+    shape's runs in as few packs as that allows, of sizes within one of each other; data-parallel runs always go
+    alone."""
     if pack == 1 or (pack is None and cpu):
         return [[r] for r in runs]
     groups: dict[tuple, list[Run]] = defaultdict(list)
@@ -67,7 +69,11 @@ def plan_packs(runs: list[Run], pack: int | None, *, cpu: bool, gpu_mem_bytes: f
     packs: list[list[Run]] = []
     for group in out:
         size = pack if pack is not None else auto_pack_size(group[0][0], gpu_mem_bytes)
-        packs.extend(group[i : i + size] for i in range(0, len(group), size))
+        # As few packs as the size allows, as even as can be: 17 runs in packs of up to 16 are 9 + 8, which two GPUs
+        # (or two shares of one) train side by side, not 16 + 1, whose pack of one trains while the 16 take their time.
+        k = -(-len(group) // size)
+        bounds = [-(-len(group) * i // k) for i in range(k + 1)]  # the larger packs first
+        packs.extend(group[a:b] for a, b in zip(bounds, bounds[1:]))
     return packs
 
 

@@ -26,12 +26,22 @@ def test_same_shape_runs_pack_in_plan_order():
     runs.insert(2, (spec(seed=0, d_model=64), "wide"))
     runs.append((spec(seed=0, gpus=2), "dp"))  # a data-parallel run never packs
     packs = plan_packs(runs, 4, cpu=True, gpu_mem_bytes=80 * GIB)
-    # packs of one shape come together, at the place of that shape's first run
-    assert names(packs) == [["x0-0.001", "x0-0.003", "x1-0.001", "x1-0.003"], ["x2-0.001", "x2-0.003"], ["wide"], ["dp"]]
+    # packs of one shape come together, at the place of that shape's first run, as even as up to 4 a pack allows
+    assert names(packs) == [["x0-0.001", "x0-0.003", "x1-0.001"], ["x1-0.003", "x2-0.001", "x2-0.003"], ["wide"], ["dp"]]
     assert names(plan_packs(runs, 1, cpu=False, gpu_mem_bytes=80 * GIB)) == [[n] for _, n in runs]
     # auto packs on GPUs only
     assert all(len(p) == 1 for p in plan_packs(runs, None, cpu=True, gpu_mem_bytes=80 * GIB))
     assert len(plan_packs(runs, None, cpu=False, gpu_mem_bytes=80 * GIB)[0]) == 6
+
+
+@pytest.mark.parametrize("n, size, want", [(17, 16, [9, 8]), (64, 16, [16] * 4), (33, 16, [11] * 3), (5, 4, [3, 2]),
+                                           (3, 16, [3]), (16, 16, [16])])
+def test_a_shapes_runs_split_into_as_few_and_as_even_packs_as_the_size_allows(n, size, want):
+    # 17 runs had been packed 16 + 1: the lone one trained beside, or after, a pack sixteen times its work
+    runs = [(spec(seed=s), f"r{s}") for s in range(n)]
+    packs = plan_packs(runs, size, cpu=False, gpu_mem_bytes=80 * GIB)
+    assert [len(p) for p in packs] == want
+    assert [n for p in names(packs) for n in p] == [n for _, n in runs]  # plan order kept
 
 
 def test_auto_size_by_work_and_memory():
