@@ -613,7 +613,8 @@ def _output_kernel(q_ptr, k_ptr, v_ptr, o_ptr, a_ptr, b_ptr, bl_ptr, A_ptr, h_pt
             acc_a += tl.dot(qg.to(RDT), kgt.to(RDT), input_precision=PREC)
         else:
             q = _load_in(q_ptr, i_b, i_h, t0, T, H, K, k0, BT, BK, False, QS)
-            acc += tl.dot(q.to(DT), h.to(DT), input_precision=PREC)
+            # The state in RDT (fp32 for fp16 inputs: it can pass fp16's range where o does not).
+            acc += tl.dot(q.to(RDT), h.to(RDT), input_precision=PREC)
             kt = _load_in(k_ptr, i_b, i_h, t0, T, H, K, k0, BT, BK, True, QS)
             acc_a += tl.dot(q.to(DT), kt.to(DT), input_precision=PREC)
     v = _load_in(v_ptr, i_b, i_h, t0, T, H, V, v0, BT, BV, False, QS)
@@ -663,7 +664,7 @@ def _dv_kernel(q_ptr, k_ptr, do_ptr, dv_ptr, a_ptr, b_ptr, bl_ptr, A_ptr, dh_ptr
             acc_at += tl.dot(kg.to(RDT), qgt.to(RDT), input_precision=PREC)
         else:
             k = _load_in(k_ptr, i_b, i_h, t0, T, H, K, k0, BT, BK, False, QS)
-            acc += tl.dot(k.to(DT), dh.to(DT), input_precision=PREC)
+            acc += tl.dot(k.to(RDT), dh.to(RDT), input_precision=PREC)  # dh in RDT, as h in `_output_kernel`
             # A^T straight from k and a transposed load of q, never by transposing a dot result.
             qt = _load_in(q_ptr, i_b, i_h, t0, T, H, K, k0, BT, BK, True, QS)
             acc_at += tl.dot(k.to(DT), qt.to(DT), input_precision=PREC)
@@ -750,13 +751,10 @@ def _dqk_kernel(q_ptr, k_ptr, v_ptr, do_ptr, dq_ptr, dk_ptr, dq_out_ptr, dk_out_
             vt = _load_in(v_ptr, i_b, i_h, t0, T, H, V, v0, BT, BV, True, QS)
         ht = _load_st(h_ptr, i_bh * NT + i_n, K, V, k0, v0, BK, BV, True)
         dht = _load_st(dh_ptr, i_bh * NT + i_n, K, V, k0, v0, BK, BV, True)
-        if DECAY == 2:
-            # Per channel h and dh come times f, down to e^(-CSPAN / 2): RDT operands (fp32 for fp16 inputs).
-            acc_dq += tl.dot(do.to(RDT), ht.to(RDT), input_precision=PREC)
-            acc_dk += tl.dot(v.to(RDT), dht.to(RDT), input_precision=PREC)
-        else:
-            acc_dq += tl.dot(do.to(DT), ht.to(DT), input_precision=PREC)
-            acc_dk += tl.dot(v.to(DT), dht.to(DT), input_precision=PREC)
+        # RDT operands (fp32 for fp16 inputs): h and dh can pass fp16's range where the gradients do not, and per
+        # channel they come times f, down to e^(-CSPAN / 2).
+        acc_dq += tl.dot(do.to(RDT), ht.to(RDT), input_precision=PREC)
+        acc_dk += tl.dot(v.to(RDT), dht.to(RDT), input_precision=PREC)
         acc_hdh += tl.sum(ht.to(tl.float32) * dht.to(tl.float32), axis=0)
         if not STAGED:
             acc_da += tl.dot(do.to(DT), vt.to(DT), input_precision=PREC)
@@ -961,10 +959,11 @@ def _fused_start(ptr, i_bh, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, 
 def _fused_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, a_ptr, b_ptr, h0_ptr, final_ptr, T, Tp, NT, scale,
                       H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                       BV: tl.constexpr, DECAY: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
-                      HAS_H0: tl.constexpr, STORE_FINAL: tl.constexpr, QS: tl.constexpr):
+                      HAS_H0: tl.constexpr, STORE_FINAL: tl.constexpr, QS: tl.constexpr, RDT: tl.constexpr):
     """Scalar decays, one (batch, head) per program (`_Plan.fused`): walk its chunks in order carrying the state S
     in registers, o = scale ((q k^T) e^(b_i - b_j) v + q e^b S), then S <- e^(b_last) S + (k e^(b_last - b))^T v.
-    No state goes through memory; the whole head (K, V <= 64) is one tile."""
+    No state goes through memory; the whole head (K, V <= 64) is one tile. The state meets the dots in RDT (fp32 for
+    fp16 inputs, whose range it can pass where o does not; the chunked kernels' `state_dtype`)."""
     i_bh = tl.program_id(0).to(tl.int64)
     i_b, i_h = i_bh // H, i_bh % H
     s = _fused_start(h0_ptr, i_bh, K, V, BK, BV, HAS_H0, False)
@@ -977,7 +976,7 @@ def _fused_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, a_ptr, b_ptr, h0_ptr, final_pt
         a = tl.dot(q.to(DT), kt.to(DT), input_precision=PREC)
         a = a * _intra_decay(b, BT, False) * scale
         qe = q.to(tl.float32) * (tl.exp(b) * scale)[:, None]
-        o = tl.dot(a.to(DT), v.to(DT), input_precision=PREC) + tl.dot(qe.to(DT), s.to(DT), input_precision=PREC)
+        o = tl.dot(a.to(DT), v.to(DT), input_precision=PREC) + tl.dot(qe.to(RDT), s.to(RDT), input_precision=PREC)
         _store(o_ptr, o, i_b, i_h, t0, T, H, V, 0, BT, BV)
         kg = kt.to(tl.float32) * tl.exp(b_last - b)[None, :]
         s = s * tl.exp(b_last) + tl.dot(kg.to(DT), v.to(DT), input_precision=PREC)
@@ -989,7 +988,7 @@ def _fused_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, a_ptr, b_ptr, h0_ptr, final_pt
 def _fused_dq_kernel(k_ptr, v_ptr, do_ptr, dq_ptr, a_ptr, b_ptr, h0_ptr, T, Tp, NT, scale, H: tl.constexpr,
                      K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                      DECAY: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, HAS_H0: tl.constexpr,
-                     QS: tl.constexpr):
+                     QS: tl.constexpr, RDT: tl.constexpr):
     """The fused backward's forward walk: dq = scale ((do v^T) e^(b_i - b_j) k + e^b do S^T), carrying S^T (V x K)
     itself, updated from v^T and k, so that no product transposes a dot's result."""
     i_bh = tl.program_id(0).to(tl.int64)
@@ -1004,7 +1003,7 @@ def _fused_dq_kernel(k_ptr, v_ptr, do_ptr, dq_ptr, a_ptr, b_ptr, h0_ptr, T, Tp, 
         da = tl.dot(do.to(DT), vt.to(DT), input_precision=PREC)
         da = da * _intra_decay(b, BT, False)
         dq = tl.dot(da.to(DT), k.to(DT), input_precision=PREC)
-        dq += tl.dot(do.to(DT), st.to(DT), input_precision=PREC) * tl.exp(b)[:, None]
+        dq += tl.dot(do.to(RDT), st.to(RDT), input_precision=PREC) * tl.exp(b)[:, None]
         _store_in(dq_ptr, dq * scale, i_b, i_h, t0, T, H, K, 0, BT, BK, QS)
         kg = k.to(tl.float32) * tl.exp(b_last - b)[:, None]
         st = st * tl.exp(b_last) + tl.dot(vt.to(DT), kg.to(DT), input_precision=PREC)
@@ -1014,7 +1013,7 @@ def _fused_dq_kernel(k_ptr, v_ptr, do_ptr, dq_ptr, a_ptr, b_ptr, h0_ptr, T, Tp, 
 def _fused_dkv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, dk_ptr, dv_ptr, a_ptr, b_ptr, dfinal_ptr, dh0_ptr, T, Tp, NT,
                       scale, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                       BV: tl.constexpr, DECAY: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
-                      HAS_DFINAL: tl.constexpr, STORE_DH0: tl.constexpr, QS: tl.constexpr):
+                      HAS_DFINAL: tl.constexpr, STORE_DH0: tl.constexpr, QS: tl.constexpr, RDT: tl.constexpr):
     """The fused backward's reverse walk, carrying dS (K x V), the gradient of the state a chunk hands on:
     dv = scale (k q^T) e^(b_i - b_j) do + e^(b_last - b) k dS, and dk made transposed, dk^T = scale q^T ((do v^T)
     e^(b_i - b_j)) + (dS v^T) e^(b_last - b), so that one state and four tiles (k, q^T, v^T, do) serve both; then
@@ -1033,12 +1032,12 @@ def _fused_dkv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, dk_ptr, dv_ptr, a_ptr, b_ptr,
         at = tl.dot(k.to(DT), qt.to(DT), input_precision=PREC)
         at = at * _intra_decay(b, BT, True) * scale
         dv = tl.dot(at.to(DT), do.to(DT), input_precision=PREC)
-        dv += g[:, None] * tl.dot(k.to(DT), ds.to(DT), input_precision=PREC)
+        dv += g[:, None] * tl.dot(k.to(RDT), ds.to(RDT), input_precision=PREC)
         _store_in(dv_ptr, dv, i_b, i_h, t0, T, H, V, 0, BT, BV, QS)
         da = tl.dot(do.to(DT), vt.to(DT), input_precision=PREC)
         da = da * _intra_decay(b, BT, False) * scale
         dkt = tl.dot(qt.to(DT), da.to(DT), input_precision=PREC)
-        dkt += g[None, :] * tl.dot(ds.to(DT), vt.to(DT), input_precision=PREC)
+        dkt += g[None, :] * tl.dot(ds.to(RDT), vt.to(RDT), input_precision=PREC)
         _store_in(dk_ptr, dkt, i_b, i_h, t0, T, H, K, 0, BT, BK, QS, True)
         qet = qt.to(tl.float32) * (tl.exp(b) * scale)[None, :]
         ds = ds * tl.exp(b_last) + tl.dot(qet.to(DT), do.to(DT), input_precision=PREC)
@@ -1206,12 +1205,13 @@ class _Plan:
         K, V = self.K, self.V
         per_channel = self.decay == 2
         self.cfg = dict(_launch_settings(K, V, bf16, per_channel))
-        # One program per (batch, head) over all chunks (`FUSED_MIN_HEADS_PER_SM`); in fp32 (for checking, not
-        # speed) only where forced.
+        # One program per (batch, head) over all chunks (`FUSED_MIN_HEADS_PER_SM`); bf16 only, unless forced: fp32 is
+        # for checking, not speed, and fp16's states meet the dots as fp32 operands (RDT), with which the fused reverse
+        # walk spills on sm_90 (112-176 bytes, Triton 3.9), where the chunked kernels do not.
         heads_per_sm = self.B * self.H / _sm_count(q.device) if q.is_cuda else 0.0
         self.fused = (FUSED_MIN_HEADS_PER_SM is not None and not per_channel and K <= 64 and V <= 64
                       and heads_per_sm >= FUSED_MIN_HEADS_PER_SM
-                      and (q.dtype != torch.float32 or FUSED_MIN_HEADS_PER_SM == 0))
+                      and (q.dtype == torch.bfloat16 or FUSED_MIN_HEADS_PER_SM == 0))
         walkers = _cdiv(K, self.cfg["walk"]["BK"]) * _cdiv(V, self.cfg["walk"]["BV"]) * self.B * self.H
         # Two walkers of 4 warps per SM: of 1, 2 or 3, the count that gave the fastest groups on an H100 (kernels.md).
         walkers_per_sm = 8 // self.cfg["walk"]["num_warps"]
@@ -1232,6 +1232,8 @@ class _Plan:
         self.state_dtype = torch.bfloat16 if q.dtype == torch.bfloat16 else torch.float32
         # Per-channel decay: the whole-chunk test of `_chunk_is_mild` (its width, a power of 2, and its limit).
         self.mild = dict(KP=_next_pow2(self.K), CSPAN=CHUNK_SPAN_LIMIT)
+        # The dtype of dot operands that can pass fp16's range: states and their gradients (every form), per channel
+        # also the gated qg and kg. For fp16 inputs fp32 (tf32 on the GPU: fp16's precision), else the inputs' dt.
         self.rdt = tl.float32 if q.dtype == torch.float16 else self.dt
         # Per channel, how dqk sums the log decay's gradient (`DA_BY_DOT`); its triangle comes with the launch.
         by_dot = DA_BY_DOT if DA_BY_DOT is not None else q.dtype != torch.float32 and not _interpreting()
@@ -1347,7 +1349,7 @@ def _forward(q, k, v, log_decay, h0, scale, qs=1):
         final = torch.empty(plan.B, plan.H, plan.K, plan.V, device=q.device, dtype=torch.float32)
         plan.launch(_fused_fwd_kernel, "fused", (plan.B * plan.H,), q, k, v, o, plan.a, plan.b, h0, final, plan.T,
                     plan.Tp, plan.NT, scale, H=plan.H, K=plan.K, V=plan.V, BT=plan.BT, DECAY=plan.decay, DT=plan.dt,
-                    PREC=plan.prec, HAS_H0=h0 is not None, STORE_FINAL=True, QS=qs)
+                    PREC=plan.prec, HAS_H0=h0 is not None, STORE_FINAL=True, QS=qs, RDT=plan.rdt)
         return o, final, empty(), (plan.b if plan.decay else empty()), empty(), empty(), empty(), empty(), empty()
     A = plan.chunk_A(q, k) if plan.decay == 2 else empty()
     qg, kg = (plan.qg, plan.kg) if plan.decay == 2 else (q, k)  # scalar forms: the walks read k
@@ -1452,7 +1454,7 @@ def _fused_backward(plan, q, k, v, h0, do, dfinal, scale, need_dh0, dqkv):
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     else:
         dq, dk, dv = dqkv.unbind(2)
-    dims = dict(H=H, K=K, V=V, BT=plan.BT, DECAY=plan.decay, DT=plan.dt, PREC=plan.prec, QS=plan.qs)
+    dims = dict(H=H, K=K, V=V, BT=plan.BT, DECAY=plan.decay, DT=plan.dt, PREC=plan.prec, QS=plan.qs, RDT=plan.rdt)
     plan.launch(_fused_dq_kernel, "fused", (B * H,), k, v, do, dq, plan.a, plan.b, h0, plan.T, plan.Tp, plan.NT,
                 scale, HAS_H0=h0 is not None, **dims)
     dh0 = torch.empty(B, H, K, V, device=q.device, dtype=torch.float32) if (h0 is not None and need_dh0) else None
@@ -1491,9 +1493,11 @@ def _fwd_fake(q, k, v, log_decay, h0, scale):
     b = (q.new_empty(B, Tp, H, *log_decay.shape[3:], dtype=torch.float32) if log_decay.dim() > 1
          else q.new_empty(0, dtype=torch.float32))
     channel = log_decay.dim() == 4
+    # Where the forward makes none, its `empty()` stands in: fp32 whatever q's dtype.
     gated = q.new_empty(q.shape, dtype=_gated_dtype(q.dtype)) if channel else q.new_empty(0, dtype=torch.float32)
-    bl = q.new_empty(B * H, _cdiv(T, CHUNK), K, dtype=torch.float32) if channel else q.new_empty(0)
-    strong = q.new_empty(1 + 2 * B * H * _cdiv(T, CHUNK), dtype=torch.int32) if channel else q.new_empty(0)
+    bl = q.new_empty(B * H, _cdiv(T, CHUNK), K, dtype=torch.float32) if channel else q.new_empty(0, dtype=torch.float32)
+    strong = (q.new_empty(1 + 2 * B * H * _cdiv(T, CHUNK), dtype=torch.int32) if channel
+              else q.new_empty(0, dtype=torch.float32))
     return torch.empty_like(v), q.new_empty(B, H, K, v.shape[-1], dtype=torch.float32), A, b, gated, \
         torch.empty_like(gated), torch.empty_like(gated), bl, strong
 
