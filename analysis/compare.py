@@ -553,6 +553,9 @@ SEED_NIAH_GAP = 0.2  # "fails where softmax passes": at least 20 points below so
 SEED_NIAH_MATCH = 0.1  # "matches or beats softmax": at most 10 points below it
 SEED_FLAT = 0.8  # "flat": tokens/s at the longest length at least 80% of the shortest's
 SEED_FALLS = 0.7  # "falls": at most 70%
+#: Fractions this close count as equal when judged against a threshold: 0.3 - 0.2 is 0.09999999999999998, and an
+#: exact 20-point gap must not miss "at least 20 points" by floating-point noise.
+_TIE = 1e-9
 
 
 def seed_study_findings(
@@ -574,9 +577,14 @@ def seed_study_findings(
         row = sub.loc[sub["C"].idxmax()]
         rel, lo, hi = row["rel_gap"], row["rel_gap_lo"], row["rel_gap_hi"]
         few = {a: n for a, n in few_runs(comparison).items() if a in ("lightning", "softmax")}
+        # printed with the digits that show which side of its threshold each number judged lies (an interval from
+        # +0.04% reads '+0.0%', as if it held no difference)
+        [shown_lo] = _pcts([lo], lambda v: v > 0, 1, "+") if np.isfinite(lo) else ["-"]
+        [shown_rel] = _pcts([rel], lambda v: v > SEED_LOSS_MATCH + _TIE, 1, "+") if not np.isfinite(lo) else [
+            f"{100 * rel:+.1f}%"]
         # an interval from a handful of runs is unknown (summary_findings says so), so it is not quoted
-        ci = f" (95% CI {100 * lo:+.1f}% to {100 * hi:+.1f}%)" if np.isfinite(lo) and not few else ""
-        at = (f"lightning's loss is {100 * rel:+.1f}% from softmax's at C={row['C']:.2g} FLOPs{ci}, needing "
+        ci = f" (95% CI {shown_lo} to {100 * hi:+.1f}%)" if np.isfinite(lo) and not few else ""
+        at = (f"lightning's loss is {shown_rel} from softmax's at C={row['C']:.2g} FLOPs{ci}, needing "
               f"{row['multiplier']:.3g}x its compute")
         if few:
             # an interval from a handful of runs says nothing, and a point estimate from them no more
@@ -585,7 +593,7 @@ def seed_study_findings(
                          f"difference from noise (at least {MIN_BOOTSTRAP_RUNS} of each are needed).")
         else:
             # MiniMax-01's lightning law lay at or below softmax's; only a loss measurably above it contradicts that
-            worse = lo > 0 if np.isfinite(lo) else rel > SEED_LOSS_MATCH
+            worse = lo > 0 if np.isfinite(lo) else rel > SEED_LOSS_MATCH + _TIE
             lines.append(f"{'Not reproduced' if worse else 'Reproduced'}: {claim}: {at}; matching means not "
                          f"measurably above softmax (an interval that holds no difference, or lies below; without an "
                          f"interval, within {100 * SEED_LOSS_MATCH:.0f}%).")
@@ -599,15 +607,17 @@ def seed_study_findings(
         return lines + _seed_speed(throughput)
     soft = inside["softmax"]
     if soft < SEED_NIAH_PASS:
-        lines.append(f"Not tested: {claim2}, and that {claim3}: softmax itself retrieves {_pct(soft)} within its "
+        [shown] = _pcts([soft], lambda s: s < SEED_NIAH_PASS - _TIE)
+        lines.append(f"Not tested: {claim2}, and that {claim3}: softmax itself retrieves {shown} within its "
                      f"context, below {_pct(SEED_NIAH_PASS)}, too weak a baseline to show either (train longer, or "
                      "with more passkey documents).")
         return lines + _seed_speed(throughput)
     if "lightning" in inside:
         lin = inside["lightning"]
-        fails = lin <= soft - SEED_NIAH_GAP
+        fails = lin <= soft - SEED_NIAH_GAP + _TIE
+        shown_lin, shown_soft = _pcts([lin, soft], lambda a, b: a <= b - SEED_NIAH_GAP + _TIE)
         lines.append(f"{'Reproduced' if fails else 'Not reproduced'}: {claim2}: within the training context "
-                     f"lightning retrieves {_pct(lin)}, softmax {_pct(soft)} (failing means at least "
+                     f"lightning retrieves {shown_lin}, softmax {shown_soft} (failing means at least "
                      f"{100 * SEED_NIAH_GAP:.0f} points below softmax).")
     else:
         lines.append(f"Not tested: {claim2} (no NIAH results of lightning).")
@@ -615,9 +625,10 @@ def seed_study_findings(
     hybrids = sorted((v for v in inside.index if v.startswith("hybrid")),
                      key=lambda v: float(v.split()[1].split(":")[0]) if v.count(":") == 1 else math.inf)
     for v in hybrids:
-        ok = inside[v] >= soft - SEED_NIAH_MATCH
-        lines.append(f"{'Reproduced' if ok else 'Not reproduced'}: {claim3}: {v} retrieves {_pct(inside[v])} within "
-                     f"the training context, softmax {_pct(soft)} (matching means at most "
+        ok = inside[v] >= soft - SEED_NIAH_MATCH - _TIE
+        shown_v, shown_soft = _pcts([inside[v], soft], lambda a, b: a >= b - SEED_NIAH_MATCH - _TIE)
+        lines.append(f"{'Reproduced' if ok else 'Not reproduced'}: {claim3}: {v} retrieves {shown_v} within "
+                     f"the training context, softmax {shown_soft} (matching means at most "
                      f"{100 * SEED_NIAH_MATCH:.0f} points below; MiniMax-01's hybrid is 7:1).")
     if not hybrids:
         lines.append(f"Not tested: {claim3} (no NIAH results of a hybrid).")
@@ -626,6 +637,18 @@ def seed_study_findings(
 
 def _pct(v: float) -> str:
     return f"{100 * v:.0f}%"
+
+
+def _pcts(values: list[float], judge, digits: int = 0, sign: str = "") -> list[str]:
+    """``values`` (fractions) as percentages with the fewest digits (from ``digits``) at which ``judge``, applied to the
+    printed numbers, gives the verdict it gives the values themselves: 80.4% against a 20-point threshold from 100%
+    is '80.4%', not an '80%' that reads as meeting it."""
+    truth = bool(judge(*values))
+    for d in range(digits, digits + 4):
+        shown = [f"{100 * v:{sign}.{d}f}" for v in values]
+        if bool(judge(*(float(x) / 100 for x in shown))) == truth:
+            break
+    return [x + "%" for x in shown]
 
 
 def _seed_speed(throughput: pd.DataFrame | None) -> list[str]:
@@ -643,9 +666,11 @@ def _seed_speed(throughput: pd.DataFrame | None) -> list[str]:
     lin, soft = kept["lightning"], kept["softmax"]
     if not (np.isfinite(lin) and np.isfinite(soft)):
         return [f"Not tested: {claim} (no throughput of both at {int(short)} and {int(long)})."]
-    ok = lin >= SEED_FLAT and soft <= SEED_FALLS
+    ok = lin >= SEED_FLAT - _TIE and soft <= SEED_FALLS + _TIE
+    [shown_lin] = _pcts([lin], lambda a: a >= SEED_FLAT - _TIE)
+    [shown_soft] = _pcts([soft], lambda a: a <= SEED_FALLS + _TIE)
     return [f"{'Reproduced' if ok else 'Not reproduced'}: {claim}: from {int(short)} to {int(long)} tokens, "
-            f"lightning keeps {_pct(lin)} of its tokens/s and softmax {_pct(soft)} (flat means at least "
+            f"lightning keeps {shown_lin} of its tokens/s and softmax {shown_soft} (flat means at least "
             f"{100 * SEED_FLAT:.0f}%, falling at most {100 * SEED_FALLS:.0f}%)."]
 
 
@@ -704,9 +729,11 @@ def summary_findings(
     niah: pd.DataFrame | None = None,
     throughput: pd.DataFrame | None = None,
     runs: pd.DataFrame | None = None,
+    throughput_baseline: str | None = None,
 ) -> list[str]:
     """Plain-language lines on what the fits and tables show (used in the report); with the runs, a gap the
-    training-loss laws state is checked against the best held-out (validation) loss of each arch."""
+    training-loss laws state is checked against the best held-out (validation) loss of each arch. Speeds are named
+    relative to ``throughput_baseline`` (else the arch the throughput table is relative to)."""
     lines: list[str] = []
     mixtures = sorted(runs["data"].dropna().astype(str).unique()) if runs is not None and "data" in runs else []
     if len(mixtures) > 1:
@@ -776,9 +803,22 @@ def summary_findings(
     if niah is not None and not niah.empty:
         lines += _niah_findings(niah)
     if throughput is not None and not throughput.empty and "vs_baseline" in throughput.columns:
-        longest = throughput["seq_len"].max()
-        sub = throughput[(throughput["seq_len"] == longest) & throughput["vs_baseline"].notna()]
-        if len(sub) > 1:
+        # the longest length the baseline was measured at beside another arch: an arch measured alone at a longer one
+        # (the baseline out of memory there) has nothing to be relative to
+        known = throughput[throughput["vs_baseline"].notna()]
+        shared = known.groupby("seq_len")["arch"].nunique()
+        shared = shared[shared > 1]
+        if not shared.empty:
+            longest = shared.index.max()
+            sub = known[known["seq_len"] == longest]
             parts = ", ".join(f"{a} {v:.2f}x" for a, v in zip(sub["arch"], sub["vs_baseline"]))
-            lines.append(f"Throughput at sequence length {int(longest)} relative to the baseline: {parts}.")
+            base = throughput_baseline or _throughput_baseline(throughput) or "the baseline"
+            lines.append(f"Throughput at sequence length {int(longest)} relative to {base}: {parts}.")
     return lines
+
+
+def _throughput_baseline(throughput: pd.DataFrame) -> str | None:
+    """The arch a `throughput_table` is relative to: the one whose every ratio is exactly 1 (itself over itself)."""
+    ones = throughput.groupby("arch")["vs_baseline"].agg(lambda v: bool(v.notna().all() and (v == 1.0).all()))
+    named = list(ones[ones].index)
+    return str(named[0]) if len(named) == 1 else None

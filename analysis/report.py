@@ -161,6 +161,7 @@ def _write_report(runs, metrics, evals, out: Path, figdir: Path, t0: float, *, t
     has_curves = metrics is not None and not metrics.empty
     metrics = metrics if has_curves else None
     archs = sorted(pts["arch"].unique())
+    asked = baseline
     if baseline not in archs:
         baseline = archs[0]
 
@@ -232,7 +233,10 @@ def _write_report(runs, metrics, evals, out: Path, figdir: Path, t0: float, *, t
     niah = niah_table(runs, evals, params_col=params_col) if evals is not None and not evals.empty else None
     mqar = mqar_table(runs, evals, params_col=params_col) if evals is not None and not evals.empty else None
     has_tput = throughput is not None and not throughput.empty
-    tput = throughput_table(throughput, baseline=baseline) if has_tput else None
+    # speeds relative to the baseline asked for wherever the table measured it, though no run of it was trained: with
+    # runs of lightning alone, a table holding softmax had been read relative to lightning
+    tput_base = asked if has_tput and asked in set(throughput["arch"].astype(str)) else baseline
+    tput = throughput_table(throughput, baseline=tput_base) if has_tput else None
 
     # Archs whose intervals the findings call unknown (too few runs to resample): no table or figure quotes them.
     counts = runs["arch"].value_counts()
@@ -261,11 +265,12 @@ def _write_report(runs, metrics, evals, out: Path, figdir: Path, t0: float, *, t
         tick()
 
     a3 = {a: fits_all[f"approach3/{a}"] for a in archs if f"approach3/{a}" in fits_all}
-    findings = summary_findings(comparison, approach3=a3, niah=niah, throughput=tput, runs=runs)
+    findings = summary_findings(comparison, approach3=a3, niah=niah, throughput=tput, runs=runs,
+                                throughput_baseline=tput_base)
     seed = seed_study_findings(comparison, niah=niah, throughput=tput)
     losses = loss_table(runs, params_col=params_col) if comparison is None else None
     blocks = _blocks(title, runs, metrics, evals, findings, seed, skipped, figures, captions, fits_all, archs,
-                     comparison, niah, mqar, tput, losses, few)
+                     comparison, niah, mqar, tput, losses, few, tput_base)
     md_path, html_path, json_path = out / "report.md", out / "index.html", out / "fits.json"
     # fits.json says what the tables say: no interval for an arch with too few runs, and why (as slab fit stores it)
     for key, fit in list(fits_all.items()):
@@ -407,23 +412,35 @@ def _fig_loss_vs_compute(pts, fits, archs, few=None):
     if not fitted:
         return None, "no frontier fit succeeded"
     fig, ax = plt.subplots(figsize=(7.5, 5))
+    extrapolated = False
     for arch in archs:
         c = arch_colour(arch, archs)
         p = pts[pts["arch"] == arch]
-        ax.scatter(p["C"], p["L"], s=6, color=c, alpha=0.25, linewidths=0, rasterized=True)
         f = fits.get(f"frontier/{arch}") or fits.get(f"frontier_power/{arch}")
+        # an arch with no law keeps its points, named: unnamed, its colour matched nothing in the legend
+        ax.scatter(p["C"], p["L"], s=6, color=c, alpha=0.25, linewidths=0, rasterized=True,
+                   label=None if f is not None or p.empty else f"{arch}: no law fitted (runs' final losses)")
         if f is None:
             continue
         fp = f.points
         ax.scatter(fp["C"], fp["L"], s=14, color=c, edgecolors="black", linewidths=0.3, zorder=3)
-        lo, hi = float(min(p["C"].min(), fp["C"].min())), float(max(p["C"].max(), fp["C"].max()))
-        grid = np.geomspace(lo, hi, 120)
+        # the law as fitted over the compute its points span; beyond them (runs past its last frontier point, whose
+        # edge points were dropped) it is extrapolated and drawn dashed
+        lo_fit, hi_fit = float(fp["C"].min()), float(fp["C"].max())
+        lo, hi = float(min(p["C"].min(), lo_fit)), float(max(p["C"].max(), hi_fit))
+        grid = np.geomspace(lo_fit, hi_fit, 120)
         E = f.estimates.get("E", 0.0)
+        law = lambda x: loss_compute_law(x, E, f.estimates["A"], f.estimates["alpha"])  # noqa: E731
         label = (
             f"{arch}: L = {E:.3g} + {f.estimates['A']:.3g} C^-{f.estimates['alpha']:.3f}"
             if "E" in f.estimates else f"{arch}: L = {f.estimates['A']:.3g} C^-{f.estimates['alpha']:.3f}"
         )
-        ax.plot(grid, loss_compute_law(grid, E, f.estimates["A"], f.estimates["alpha"]), color=c, lw=1.6, label=label)
+        ax.plot(grid, law(grid), color=c, lw=1.6, label=label)
+        for a, b in ((lo, lo_fit), (hi_fit, hi)):
+            if b > a * 1.01:  # more than a rounding of the compute: extrapolated
+                extrapolated = True
+                x = np.geomspace(a, b, 40)
+                ax.plot(x, law(x), color=c, lw=1.2, ls="--", alpha=0.6)
         band = None if arch in (few or {}) else _band(f, grid)
         if band is not None:
             ax.fill_between(grid, band[0], band[1], color=c, alpha=0.2, linewidth=0)
@@ -442,8 +459,10 @@ def _fig_loss_vs_compute(pts, fits, archs, few=None):
     band = ("" if not unbanded else
             f" (no band for {', '.join(unbanded)}: fewer than {MIN_BOOTSTRAP_RUNS} runs, "
             f"{'its interval is' if len(unbanded) == 1 else 'their intervals are'} unknown)")
+    beyond = ("; dashed where it runs past the compute of the points it was fitted to: extrapolated, not fitted"
+              if extrapolated else "")
     return fig, (f"Loss against compute per architecture: each run's final validation loss (faint), {front} "
-                 f"(outlined), fitted law and its 95% bootstrap band{band}.")
+                 f"(outlined), fitted law and its 95% bootstrap band{band}{beyond}.")
 
 
 def _band(fit: FitResult, grid: np.ndarray):
@@ -751,7 +770,7 @@ def _runs(n: int) -> str:
 
 
 def _blocks(title, runs, metrics, evals, findings, seed, skipped, figures, captions, fits, archs, comparison, niah,
-            mqar, tput, losses, few=None) -> list[tuple]:
+            mqar, tput, losses, few=None, tput_base=None) -> list[tuple]:
     b: list[tuple] = [("h1", title)]
     n_m = 0 if metrics is None else len(metrics)
     n_e = 0 if evals is None else len(evals)
@@ -826,7 +845,8 @@ def _blocks(title, runs, metrics, evals, findings, seed, skipped, figures, capti
         b.append(("table", t.map(_fmt)))
     if tput is not None and not tput.empty:
         b.append(("h3", "Throughput (tokens/s)"))
-        b.append(("table", tput.map(_fmt)))
+        # the column names the arch it is relative to, which may not be the comparison's baseline
+        b.append(("table", tput.rename(columns={"vs_baseline": f"vs {tput_base}"} if tput_base else {}).map(_fmt)))
     return b
 
 
