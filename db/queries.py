@@ -5,8 +5,10 @@ from __future__ import annotations
 import datetime
 import decimal
 import json
+import os
 import re
 import sqlite3
+import uuid
 from dataclasses import fields
 from pathlib import Path
 from typing import Iterator
@@ -16,7 +18,7 @@ import pandas as pd
 from sqlalchemy import JSON, BigInteger, DateTime, Engine, Float, Integer, String, case, cast, func, select, tuple_
 
 from db.engine import read_only, reading
-from db.schema import TABLES, Eval, Metric, Plan, PlanRun, Run
+from db.schema import TABLES, Eval, Metric, Plan, PlanRun, Run, UTCDateTime
 from sweep.spec import RunSpec
 
 #: Export file suffixes and the format each names (JSON is known only to refuse it).
@@ -104,7 +106,7 @@ def runs_frame(engine: Engine, *, plan: str | None = None, arch: str | None = No
     columns = run_columns + list(spec_columns.values()) + ["plan"]
     frame = pd.DataFrame.from_records(records, columns=columns)
     for column in Run.__table__.columns:
-        if isinstance(column.type, DateTime):  # in UTC with its zone, as export writes them, on either database
+        if isinstance(column.type, (DateTime, UTCDateTime)):  # in UTC with its zone, as export writes them, on either database
             frame[column.name] = pd.to_datetime(frame[column.name], utc=True)
     return _typed(frame, Run)
 
@@ -461,7 +463,7 @@ def _schema_dtype(column) -> str | None:
         return "Int64"
     if isinstance(column.type, Float):
         return "float64"
-    if isinstance(column.type, DateTime):
+    if isinstance(column.type, (DateTime, UTCDateTime)):
         return "datetime64[us, UTC]"
     if isinstance(column.type, (String, JSON)):  # Text too; JSON is written as text
         return "string"
@@ -482,7 +484,9 @@ def export_table(engine: Engine, table: str, fmt: str | None, out: Path) -> int:
             import pyarrow.parquet  # noqa: F401
         except ImportError:
             raise QueryError("parquet export needs pyarrow: pip install 'scalinglab[parquet]'") from None
-    tmp = out.with_name(f".{out.name}.tmp")
+    # A name of this export's own: two exports to one file at once had shared one temporary file, each truncating and
+    # writing it under the other, and put the mix in place.
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
         # Read and written a chunk at a time, so that a table of millions of metric rows never lies in memory whole.
         floats = _fractional_columns(engine, TABLES[table])

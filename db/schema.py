@@ -14,6 +14,7 @@ from sqlalchemy import (
     Integer,
     String,
     Text,
+    TypeDecorator,
     UniqueConstraint,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -27,6 +28,29 @@ RUN_STATUSES = ("pending", "running", "done", "failed", "diverged")
 def utcnow() -> datetime:
     """The current time in UTC (stored timestamps are UTC)."""
     return datetime.now(timezone.utc)
+
+
+class UTCDateTime(TypeDecorator):
+    """A timestamp with its time zone, stored and read back as the instant in UTC on every database (a naive value is
+    taken as UTC): SQLite keeps no zone, and had stored a time given in another zone as its wall-clock reading."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value, dialect):
+        """The value as SQLAlchemy's DateTime binds it, turned to UTC first."""
+        return _in_utc(value)
+
+    def process_result_value(self, value, dialect):
+        """The stored value in UTC with its zone (SQLite returns it without one)."""
+        return _in_utc(value)
+
+
+def _in_utc(value):
+    """A datetime as the same instant in UTC (a naive one taken as UTC); anything else as it is."""
+    if not isinstance(value, datetime):
+        return value
+    return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
 
 
 #: What a value cut to fit a column ends with before the hash of its whole (no character of a host name).
@@ -64,7 +88,7 @@ class Plan(Base):
     name: Mapped[str] = mapped_column(String(200), unique=True)
     path: Mapped[str] = mapped_column(Text)
     sha256: Mapped[str] = mapped_column(String(64))
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
 class Run(Base):
@@ -79,9 +103,9 @@ class Run(Base):
     host: Mapped[str | None] = mapped_column(String(200), nullable=True)
     gpu: Mapped[str | None] = mapped_column(String(200), nullable=True)
     lease_owner: Mapped[str | None] = mapped_column(String(200), nullable=True)
-    heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
-    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
-    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     step: Mapped[int | None] = mapped_column(Integer, nullable=True)  # last step reported
     resumed_from_step: Mapped[int | None] = mapped_column(Integer, nullable=True)  # last attempt's start
     # The newest checkpoint a worker saved, and the --ckpt-dir it went to (resolved): a launch that cannot see it there
@@ -100,7 +124,7 @@ class Run(Base):
     wall_s: Mapped[float | None] = mapped_column(Float, nullable=True)
     data_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
     spec: Mapped[dict] = mapped_column(JSON)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
 class PlanRun(Base):
@@ -147,7 +171,7 @@ class Fit(Base):
 
     __tablename__ = "fits"
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     plan: Mapped[str | None] = mapped_column(String(200), nullable=True)
     arch: Mapped[str | None] = mapped_column(String(32), nullable=True)
     method: Mapped[str] = mapped_column(String(32))

@@ -127,14 +127,25 @@ def upsert(engine: Engine, table, keys: Sequence[str]):
     return stmt.on_conflict_do_update(index_elements=list(keys), set_={c: stmt.excluded[c] for c in cols})
 
 
-def claim_run(engine: Engine, run_id: str, owner: str, stale_before, retry_failed: bool = True) -> int | None:
+#: ``claim_run``'s holder when none is named: a running run whose lease is stale is taken from whoever holds it.
+ANY_HOLDER = object()
+
+
+def claim_run(engine: Engine, run_id: str, owner: str, stale_before, retry_failed: bool = True,
+              holder=ANY_HOLDER) -> int | None:
     """Atomically take a run that is pending (or failed, or running under a stale lease); returns its attempt.
     A run this owner already holds (a claim whose commit went through but whose reply was lost) returns its attempt
-    as it is, not counted again."""
+    as it is, not counted again. With ``holder`` (a lease owner, or None), a running run is taken only from that holder:
+    the one whose lease ``stale_before`` was judged by, not a launcher that took the run over since."""
     now = utcnow()
     # A run this owner holds is never taken again, however stale: a retried claim would count a second attempt.
     not_mine = or_(Run.lease_owner.is_(None), Run.lease_owner != owner)
-    claimable = [Run.status == "pending", (Run.status == "running") & (Run.heartbeat_at < stale_before) & not_mine]
+    running = (Run.status == "running") & (Run.heartbeat_at < stale_before) & not_mine
+    if holder is not ANY_HOLDER:
+        # A launcher that saw the holder gone from its host claims with a lease far in the future: a live launcher that
+        # took the run in between has a fresh heartbeat that such a lease still counts as stale.
+        running &= Run.lease_owner.is_(None) if holder is None else Run.lease_owner == holder
+    claimable = [Run.status == "pending", running]
     if retry_failed:
         claimable.append(Run.status == "failed")
     with session(engine) as s:
@@ -180,15 +191,28 @@ def update_run(engine: Engine, run_id: str, owner: str, **values) -> bool:
 def write_results(engine: Engine, metrics: Sequence[dict], evals: Sequence[dict], runs: dict[str, dict],
                   owner: str | None = None) -> None:
     """Write a batch of metric rows, eval rows and per-run field updates in one transaction; with ``owner``, only
-    runs it holds get their fields updated."""
+    the rows and fields of runs it holds are written."""
     with session(engine) as s:
+        if owner is not None:
+            # A launcher that lost a run (its lease lapsed and another took it over) must not overwrite its new owner's
+            # curve, evals, host or step with what it still held. Locked on PostgreSQL, so that a claim of one of these
+            # runs waits for this batch instead of landing between the check and the writes (SQLite's BEGIN IMMEDIATE
+            # already holds every writer off).
+            ids = sorted({r["run_id"] for r in (*metrics, *evals)} | set(runs))
+            held: set[str] = set()
+            for i in range(0, len(ids), BATCH):
+                stmt = select(Run.run_id).where(Run.run_id.in_(ids[i : i + BATCH]), Run.lease_owner == owner)
+                held.update(s.scalars(stmt.order_by(Run.run_id).with_for_update()))
+            metrics = [m for m in metrics if m["run_id"] in held]
+            evals = [e for e in evals if e["run_id"] in held]
+            runs = {run_id: values for run_id, values in runs.items() if run_id in held}
         if metrics:
             s.execute(upsert(engine, Metric, ("run_id", "step")), list(metrics))
         if evals:
             s.execute(upsert(engine, Eval, ("run_id", "step", "name")), list(evals))
         for run_id, values in runs.items():
             stmt = update(Run).where(Run.run_id == run_id)
-            if owner is not None:  # a launcher that lost the run must not overwrite its new owner's host or step
+            if owner is not None:  # checked above and locked; kept so the update says what it may touch
                 stmt = stmt.where(Run.lease_owner == owner)
             s.execute(stmt.values(**_fitted(values)))
 

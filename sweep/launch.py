@@ -643,7 +643,9 @@ class Driver:
         stale = utcnow() - timedelta(seconds=lease_of(row.lease_owner) or self.opts.lease_timeout_s)
         if row.status == "running" and launcher_gone(row.lease_owner):
             stale = utcnow() + timedelta(days=1)  # its launcher is gone from this host: no need to wait
-        attempt = self._db(claim_run, self.engine, run_id, self.owner, stale)
+        # Taken only from the holder judged here: a launcher that took the run over since has a fresh heartbeat, which
+        # the lease a day ahead (a holder gone from this host) would still count as stale.
+        attempt = self._db(claim_run, self.engine, run_id, self.owner, stale, holder=row.lease_owner)
         if attempt is None:
             self.waiting[run_id] = flight
             if run_id not in self.waited:  # checked again at every heartbeat: said once
