@@ -531,3 +531,14 @@ def test_slab_fit_and_compare_take_a_database_without_curves(tmp_path):
     # approach 1 does need curves: the error says these runs have none, not to leave --csv (no --csv was given)
     one = CliRunner().invoke(app, ["--db", url, "fit", "--arch", "softmax", "--method", "1"])
     assert one.exit_code == 2 and "these runs recorded none" in one.output and "--csv" not in one.output, one.output
+
+
+def test_an_estimate_outside_its_own_interval_is_flagged():
+    # the synthetic study had read "+3.89% (95% CI -0.13% to +3.64%)" with no word on the estimate lying outside it
+    [line] = compare.summary_findings(_gaps(0.0389, -0.0013, 0.0364))
+    assert "cannot be told from softmax's" in line and "+3.89% (95% CI -0.13% to +3.64%, which leaves out the " \
+        "estimate itself" in line
+    [line] = compare.summary_findings(_gaps(0.0152, 0.0072, 0.0216))
+    assert "leaves out" not in line
+    [line] = compare.summary_findings(_gaps(0.0452, 0.0072, 0.0216))
+    assert "4.52% above softmax's at C=3.6e+20 FLOPs (95% CI +0.72% to +2.16%, which leaves out" in line
