@@ -206,6 +206,8 @@ def hybrid_period(value: str | int) -> int:
     if text.isdigit():
         return int(text)
     n = len(text)
+    if not n:
+        raise ValueError(f"hybrid must be an integer period or a pattern of L and S, got {value!r}")
     return next(p for p in range(1, n + 1) if n % p == 0 and text == text[:p] * (n // p))
 
 

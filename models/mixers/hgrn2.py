@@ -54,4 +54,7 @@ class HGRN2(nn.Module):
         o, _ = kernels.linear_attention(
             q.view(heads), k.to(q.dtype).view(heads), v.view(heads), log_f.view(heads), scale=1.0, backend=self.backend
         )
-        return self.wo(self.norm(o.reshape(b, t, d).float()))  # fp32 in: the fused RMSNorm under autocast
+        # At least fp32 into the norm (its weight's dtype: the fused RMSNorm under autocast), never below the weights'
+        # dtype: a float64 or bf16 model outside autocast keeps its own dtype for wo.
+        o = o.reshape(b, t, d)
+        return self.wo(self.norm(o.to(torch.promote_types(o.dtype, self.norm.weight.dtype))))

@@ -75,5 +75,7 @@ class Mamba2(nn.Module):
         v = xs * dt[..., None].to(xs.dtype)
         o, _ = kernels.linear_attention(q, k, v, log_decay, scale=1.0, backend=self.backend)
         y = o + self.D[:, None].to(xs.dtype) * xs
-        y = self.norm((y.reshape(b, t, self.d_inner) * F.silu(z)).float())  # fp32 in: the fused RMSNorm
-        return self.out_proj(y)
+        y = y.reshape(b, t, self.d_inner) * F.silu(z)
+        # At least fp32 into the norm (its weight's dtype: the fused RMSNorm under autocast), never below the weights'
+        # dtype: a float64 or bf16 model outside autocast keeps its own dtype for out_proj.
+        return self.out_proj(self.norm(y.to(torch.promote_types(y.dtype, self.norm.weight.dtype))))

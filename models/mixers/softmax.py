@@ -17,14 +17,17 @@ class _StackedCausalSDPA(torch.autograd.Function):
 
     @staticmethod
     def forward(q, k, v):
+        """Causal SDPA over (B, H, T, D), as outside vmap."""
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
+        """Nothing to save: only reached through vmap (see below)."""
         pass  # only reached through vmap, whose rule records the fused kernel's own backward
 
     @staticmethod
     def vmap(info, in_dims, q, k, v):
+        """Fold the vmapped members into SDPA's batch axis: one fused call for all of them."""
         n = info.batch_size
         q, k, v = (x.movedim(d, 0) if d is not None else x.expand(n, *x.shape) for x, d in zip((q, k, v), in_dims))
         y = F.scaled_dot_product_attention(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), is_causal=True)
