@@ -58,7 +58,10 @@ class BenchSpec:
 
 
 def bench_spec(arch: str, params: str, seq_len: int, batch_size: int, steps: int, vocab: int | None = None) -> BenchSpec:
-    """A benchmark spec for ``arch`` at a named size (``PRESETS``) or a non-embedding target like ``30M``."""
+    """A benchmark spec for ``arch`` at a named size (``PRESETS``) or a non-embedding target like ``30M``; at least two
+    ``steps``, since the first (compilation, warm-up) is never the one timed."""
+    if steps < 2:
+        raise ValueError(f"--steps {steps}: give 2 or more (the first step is warm-up, not timed)")
     if params in PRESETS:
         d, layers, heads, v = PRESETS[params]
     else:
@@ -66,7 +69,9 @@ def bench_spec(arch: str, params: str, seq_len: int, batch_size: int, steps: int
         try:
             target = float(params.rstrip("kKMB")) * scale
         except ValueError:
-            raise ValueError(f"--params {params!r}: expected {' or '.join(PRESETS)} or a count like 30M, 500k, 1.2B") from None
+            target = math.nan
+        if not (math.isfinite(target) and target > 0):  # inf had raised an OverflowError out of shape_for_params
+            raise ValueError(f"--params {params!r}: expected {' or '.join(PRESETS)} or a positive count like 30M, 500k, 1.2B")
         d, layers, heads = shape_for_params(target)
         v = 32000
     vocab = vocab or v

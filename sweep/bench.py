@@ -44,8 +44,11 @@ def append_csv(row: dict, path: Path) -> None:
         frame = pd.concat([pd.read_csv(path), frame], ignore_index=True)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    frame.to_csv(tmp, index=False)
-    tmp.replace(path)
+    try:
+        frame.to_csv(tmp, index=False)
+        tmp.replace(path)
+    finally:  # interrupted mid-write: no half-written temp file left beside the table
+        tmp.unlink(missing_ok=True)
 
 
 def bench_pack(plan: Plan, *, steps: int | None = None, pack: int | None = None, device: str | None = None,
@@ -66,7 +69,11 @@ def bench_pack(plan: Plan, *, steps: int | None = None, pack: int | None = None,
         tokens = n * spec.batch_size * spec.seq_len if n else spec.tokens
         return dataclasses.replace(spec, tokens=tokens, evals=(), eval_every=0)
 
-    runs = [(shorten(r.spec, steps), r.name) for r in plan.runs]
+    # Two rows may ask for the same run: it is trained once (as a launch does), not twice into one checkpoint folder.
+    first = {}
+    for r in plan.runs:
+        first.setdefault(r.spec.run_id, r)
+    runs = [(shorten(r.spec, steps), r.name) for r in first.values()]
     packs = plan_packs(runs, pack, cpu=not on_cuda, gpu_mem_bytes=(torch.cuda.get_device_properties(0).total_memory if on_cuda else 80 * 2**30))
     quiet = lambda kind, payload: None  # noqa: E731
     tokens = sum(s.steps * s.batch_size * s.seq_len for s, _ in runs)
@@ -91,12 +98,18 @@ def bench_pack(plan: Plan, *, steps: int | None = None, pack: int | None = None,
                 progress(f"alone: {name} done")
         return out
 
-    def packed(groups, root):
+    def packed(groups, root, warm_up=False):
         out = []
         for group in groups:
             specs = [s for s, _ in group]
-            out += pretrain_pack(specs, [quiet] * len(specs), [root / s.run_id for s in specs], device=device,
+            done = pretrain_pack(specs, [quiet] * len(specs), [root / s.run_id for s in specs], device=device,
                                  share=1.0)
+            # A member that ended early (diverged, say) comes back as its error, not a Summary: the pack then did not
+            # train every run, so there is no comparison; it is raised as a lone run's would be.
+            failed = next((r for r in done if isinstance(r, Exception)), None)
+            if failed is not None and not warm_up:
+                raise failed
+            out += done
             if progress:
                 progress(f"pack of {len(group)}")
         return out
@@ -109,7 +122,7 @@ def bench_pack(plan: Plan, *, steps: int | None = None, pack: int | None = None,
             shapes.setdefault(group[0][0].model_config(), group)
         warm = [[(shorten(s, 2), n) for s, n in g] for g in shapes.values()]
         serial([g[0] for g in warm], root / "warm-alone", warm_up=True)
-        packed(warm, root / "warm-pack")
+        packed(warm, root / "warm-pack", warm_up=True)
         sync()
         t0 = time.perf_counter()
         together = packed(packs, root / "pack")
@@ -222,7 +235,8 @@ def bench_data_parallel(plan: Plan, gpu_counts: list[int], *, steps: int | None 
                     curve.insert(1, "gpus", n)
                     curve.insert(2, "params", run.params)
                     curve["status"] = row["status"]
-                    curve["trained_on"] = run.gpu
+                    # A lone run on the CPU records no device: said here, or its figure labels the CPU a GPU.
+                    curve["trained_on"] = run.gpu if run.gpu or not cpu else "CPU"
                     curve["launch_wall_s"] = wall
                     frames.append(curve)
                     outcomes.append({"run": row["name"] or row["run_id"], "gpus": n, "status": row["status"], "error": row["error"]})

@@ -16,6 +16,7 @@ def test_bench_train_reports_speed_and_writes_a_profile(tmp_path):
 
 
 @pytest.mark.parametrize("args, named", [(["--params", "30Q"], "'30Q'"), (["--compile-mode", "fast"], "'fast'"),
+                                         (["--params", "inf"], "'inf'"), (["--params", "-infM"], "'-infM'"),
                                          (["--arch", "softmax", "--arch", "transformer", "--out", "t.csv"], "'transformer'")])
 def test_bench_train_cli_bad_option_is_one_line_exit_2(tmp_path, args, named):
     import subprocess
@@ -172,3 +173,20 @@ def test_clock_sampler_without_nvidia_smi_or_gpu_gives_nones(tmp_path, monkeypat
     with ClockSampler(None) as sampler:  # a CPU run: nothing to ask
         pass
     assert sampler.samples == [] and not (tmp_path / "args").exists()
+
+
+def test_bench_train_refuses_one_step_whose_only_timing_is_the_warm_up(tmp_path):
+    # With --steps 1 the "second half" was step 1 itself: compilation and warm-up were timed as the tokens/s (4
+    # tokens/s compiled on the CPU, against over 2,000 from step 2 on), with no word that the number was not a median.
+    import subprocess
+    import sys
+
+    with pytest.raises(ValueError, match="--steps 1"):
+        bench_spec("softmax", "30K", seq_len=32, batch_size=2, steps=1)
+    assert bench_spec("softmax", "30K", seq_len=32, batch_size=2, steps=2).steps == 2
+    proc = subprocess.run([sys.executable, "-m", "sweep.cli", "bench", "train", "--params", "30K", "--seq-len", "32",
+                           "--tokens-per-step", "64", "--steps", "1", "--out", "t.csv"],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.startswith("error: --steps 1") and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert not list(tmp_path.iterdir())
