@@ -1053,7 +1053,7 @@ def bench_train_cmd(
     params: str = typer.Option("135M", help="Named size (135M: d 768, 12 layers, vocab 32k; 350M) or a non-embedding target like 30M."),
     seq_len: list[int] = typer.Option([2048], min=1, help="Context length(s); several give a throughput-vs-length table."),
     tokens_per_step: int = typer.Option(32768, min=1, help="Tokens per optimizer step (batch = this / seq_len)."),
-    steps: int = typer.Option(30, min=1, help="Optimizer steps (the median of the second half is reported)."),
+    steps: int = typer.Option(30, help="Optimizer steps, 2 or more (the first is warm-up; the median of the second half is reported)."),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the model."),
     compile_mode: Optional[str] = typer.Option(None, help="torch.compile mode, e.g. reduce-overhead (CUDA graphs) or max-autotune-no-cudagraphs; implies --compile."),
     fused: bool = typer.Option(False, "--fused", help="All the fused Triton kernels (RMSNorms, SwiGLU gate, head + loss; kernels.fused) even with --compile, where training by default fuses only the head + loss."),
@@ -1081,6 +1081,10 @@ def bench_train_cmd(
     except ValueError as exc:
         fail(str(exc))
     if out_csv:
+        # Checked before training: a folder had failed at the end (IsADirectoryError), and a .png name had the figure
+        # written over the table.
+        if out_csv.is_dir() or out_csv.suffix.lower() != ".csv":
+            fail(f"--out {out_csv}: expected a .csv file name (its figure goes beside it as .png)")
         _ensure_dir(out_csv.parent, "--out")
     if profile:
         _ensure_dir(profile, "--profile")

@@ -17,7 +17,10 @@ def test_bench_train_reports_speed_and_writes_a_profile(tmp_path):
 
 @pytest.mark.parametrize("args, named", [(["--params", "30Q"], "'30Q'"), (["--compile-mode", "fast"], "'fast'"),
                                          (["--params", "inf"], "'inf'"), (["--params", "-infM"], "'-infM'"),
-                                         (["--arch", "softmax", "--arch", "transformer", "--out", "t.csv"], "'transformer'")])
+                                         (["--arch", "softmax", "--arch", "transformer", "--out", "t.csv"], "'transformer'"),
+                                         # a folder had failed after training; a .png had the figure over the table
+                                         (["--params", "30K", "--out", "."], "expected a .csv file name"),
+                                         (["--params", "30K", "--out", "t.png"], "expected a .csv file name")])
 def test_bench_train_cli_bad_option_is_one_line_exit_2(tmp_path, args, named):
     import subprocess
     import sys
