@@ -158,11 +158,18 @@ def test_mamba2_init_ranges():
     assert torch.all(mixer.D == 1)
 
 
-@pytest.mark.parametrize("cls,arch,t", [(Lightning, "lightning", 70), (HGRN2, "hgrn2", 37), (Mamba2, "mamba2", 70)])
-def test_chunked_path_equals_recurrent(cls, arch, t):
-    """The kernels' chunked torch backend and its naive recurrence give the mixer the same output."""
+@pytest.mark.parametrize("cls,arch,t,std", [(Lightning, "lightning", 70, None), (HGRN2, "hgrn2", 37, None),
+                                            (Mamba2, "mamba2", 70, None)]
+                         + [(c, a, t, 0.5) for c, a in ((Lightning, "lightning"), (HGRN2, "hgrn2"), (Mamba2, "mamba2"))
+                            for t in (1, 17, 65)])
+def test_chunked_path_equals_recurrent(cls, arch, t, std):
+    """The kernels' chunked torch backend and its naive recurrence give the mixer the same output and input gradient,
+    also at T = 1 and one past a chunk (16 per channel, 64 scalar) with weights (``std``) that give strong decays."""
     torch.manual_seed(0)
-    mixer = cls(ModelConfig(arch, 32, 3, 2, 260), 1)
+    mixer = cls(ModelConfig(arch, 32, 3, 2, 260), 1 if std is None else 0)
+    for p in mixer.parameters() if std is not None else ():
+        if p.dim() == 2:
+            torch.nn.init.normal_(p, std=std)
     x = torch.randn(2, t, 32, requires_grad=True)
     outs, grads = [], []
     for backend in ("naive", "torch"):

@@ -17,35 +17,13 @@ from sweep.launch import Driver, Flight, LaunchError, LaunchOptions, launch
 from sweep.plan import load_plan
 from sweep.progress import LaunchView
 from sweep.registry import add_plans
+# A quiet view that keeps its log lines, and Ray that raises RayStarted once a launch is past its checks.
+from tests.sweep.test_launch_options import RayStarted, Said, no_ray  # noqa: F401 (no_ray: a fixture)
 
 HEADER = "name,arch,d_model,n_layers,n_heads,seq_len,batch_size,tokens,lr,seed,warmup\n"
 # Three same-shape runs (a pack's members), 20 steps of 1,024 tokens each.
 THREE = HEADER + "p-{seed},lightning,32,2,2,64,4,5120,3e-3,0|1|2,2\n"
 
-
-class Said(LaunchView):
-    """A view that keeps its log lines."""
-
-    def __init__(self):
-        super().__init__(Console(file=io.StringIO()), live=False)
-        self.lines: list[str] = []
-
-    def log(self, message, markup=False):
-        self.lines.append(message)
-
-
-class RayStarted(Exception):
-    """Raised in place of starting Ray: the launch got past its checks."""
-
-
-@pytest.fixture
-def no_ray(monkeypatch):
-    import sweep.launch
-
-    def init_ray(opts):
-        raise RayStarted
-
-    monkeypatch.setattr(sweep.launch, "init_ray", init_ray)
 
 
 def _bare_driver(engine, tmp_path, view, **options) -> Driver:
@@ -58,6 +36,41 @@ def _bare_driver(engine, tmp_path, view, **options) -> Driver:
     driver.restarts, driver.faults, driver.slots, driver.spread = set(), {}, [], False
     driver.total_cpus, driver.total_gpus = 2.0, 0.0
     return driver
+
+
+def _pack_in_flight(plan_path, tmp_path):
+    """A database with the plan's runs claimed by "me", and a Driver holding them in flight as one pack's members."""
+    plan = load_plan(plan_path)
+    engine = open_db(f"sqlite:///{tmp_path}/slab.db")
+    add_plans(engine, [plan])
+    specs = [r.spec for r in plan.runs]
+    for s in specs:
+        claim_run(engine, s.run_id, "me", utcnow())
+    driver = _bare_driver(engine, tmp_path, Said(), max_attempts=3)
+    for s, r in zip(specs, plan.runs):
+        driver.flights[s.run_id] = Flight(spec=s, name=r.name, attempt=1, tries=1, microbatch=None)
+    return engine, driver, specs
+
+
+def _finish_pack(driver: Driver, specs, result) -> None:
+    """Have ``driver`` settle a pack task of ``specs`` whose ray.get gives ``result()`` (a list, or it raises)."""
+    from sweep.launch import Task
+
+    class Ray:
+        @staticmethod
+        def get(ref):
+            return result()
+
+    driver.ray = Ray()
+    driver.units["pack"] = Task([s.run_id for s in specs], cpus=1, gpus=0.0)
+    driver._finish_unit("pack")
+
+
+def _raise(exc: Exception):
+    """A result that raises ``exc``, as ray.get does for a task that failed."""
+    def result():
+        raise exc
+    return result
 
 
 def test_an_existing_ckpt_dir_that_cannot_be_written_is_refused_before_anything_is_written(write_plan, tmp_path, no_ray,
@@ -86,31 +99,13 @@ def test_a_pack_members_own_refused_checkpoint_is_not_retried_and_its_mates_fini
     way. It had been retried alone, waiting out a backoff for a certain failure."""
     from models.train import Summary
 
-    plan = load_plan(write_plan(THREE))
-    engine = open_db(f"sqlite:///{tmp_path}/slab.db")
-    add_plans(engine, [plan])
-    specs = [r.spec for r in plan.runs]
-    for s in specs:
-        claim_run(engine, s.run_id, "me", utcnow())
-    view = Said()
-    driver = _bare_driver(engine, tmp_path, view, max_attempts=3)
-    for s, r in zip(specs, plan.runs):
-        driver.flights[s.run_id] = Flight(spec=s, name=r.name, attempt=1, tries=1, microbatch=None)
+    engine, driver, specs = _pack_in_flight(write_plan(THREE), tmp_path)
     done = {"final_loss": 4.0, "val_loss": 4.1, "wall_s": 1.0, "steps": 20, "tokens": 5120, "flops": 1e9}
     assert set(done) <= {f.name for f in __import__("dataclasses").fields(Summary)}
     refused = ValueError("checkpoint of another run")
     driver._write_events([(s.run_id, 1, "start", {"host": "h"}) for s in specs])
 
-    class Ray:
-        @staticmethod
-        def get(ref):
-            return [done, refused, done]
-
-    driver.ray = Ray()
-    from sweep.launch import Task
-
-    driver.units["pack"] = Task([s.run_id for s in specs], cpus=1, gpus=0.0)
-    driver._finish_unit("pack")
+    _finish_pack(driver, specs, lambda: [done, refused, done])
     assert driver.queue == [], "a member's own refused checkpoint was queued for a lone retry"
     assert driver.outcome == {specs[0].run_id: "done", specs[1].run_id: "failed", specs[2].run_id: "done"}
     with engine.connect() as conn:
@@ -121,26 +116,9 @@ def test_a_pack_members_own_refused_checkpoint_is_not_retried_and_its_mates_fini
 
 def test_a_whole_pack_failing_on_a_value_error_still_retries_its_runs_alone(write_plan, tmp_path):
     """The other side: a ValueError that ended the whole pack may be one member's, so every member retries alone."""
-    plan = load_plan(write_plan(THREE))
-    engine = open_db(f"sqlite:///{tmp_path}/slab.db")
-    add_plans(engine, [plan])
-    specs = [r.spec for r in plan.runs]
-    for s in specs:
-        claim_run(engine, s.run_id, "me", utcnow())
-    driver = _bare_driver(engine, tmp_path, Said(), max_attempts=3)
-    for s, r in zip(specs, plan.runs):
-        driver.flights[s.run_id] = Flight(spec=s, name=r.name, attempt=1, tries=1, microbatch=None)
+    engine, driver, specs = _pack_in_flight(write_plan(THREE), tmp_path)
 
-    class Ray:
-        @staticmethod
-        def get(ref):
-            raise ValueError("microbatch 3 does not divide the batch 4")
-
-    driver.ray = Ray()
-    from sweep.launch import Task
-
-    driver.units["pack"] = Task([s.run_id for s in specs], cpus=1, gpus=0.0)
-    driver._finish_unit("pack")
+    _finish_pack(driver, specs, _raise(ValueError("microbatch 3 does not divide the batch 4")))
     assert sorted(f.spec.run_id for unit in driver.queue for f in unit) == sorted(s.run_id for s in specs)
     engine.dispose()
 
