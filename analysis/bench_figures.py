@@ -94,6 +94,12 @@ def train_figure(frame: pd.DataFrame, path: Path) -> Path:
     return _save(fig, path)
 
 
+def seconds(value: float) -> str:
+    """A bar's wall time: whole seconds from 100 s up, three significant digits below (0.50 s and 0.55 s had both read
+    "0 s" and "1 s" beside a speedup of 0.90x)."""
+    return f"{value:.0f} s" if abs(value) >= 100 else f"{value:.3g} s"
+
+
 def pack_figure(frame: pd.DataFrame, path: Path) -> Path:
     """Wall time of a plan's runs one at a time against packed, one pair of bars per measurement, with the speedup."""
     _require(frame, PACK_COLUMNS, path)
@@ -102,8 +108,8 @@ def pack_figure(frame: pd.DataFrame, path: Path) -> Path:
     w = 0.38
     serial = ax.bar([i - w / 2 for i in x], frame["serial_s"], w, color=OKABE_ITO[1], label="one at a time")
     packed = ax.bar([i + w / 2 for i in x], frame["packed_s"], w, color=OKABE_ITO[0], label="packed")
-    ax.bar_label(serial, fmt="%.0f s", fontsize=8)
-    ax.bar_label(packed, labels=[f"{s:.0f} s\n{r:.2f}x" for s, r in zip(frame["packed_s"], frame["speedup"])], fontsize=8)
+    ax.bar_label(serial, labels=[seconds(s) for s in frame["serial_s"]], fontsize=8)
+    ax.bar_label(packed, labels=[f"{seconds(s)}\n{r:.2f}x" for s, r in zip(frame["packed_s"], frame["speedup"])], fontsize=8)
     labels = []
     for i, r in enumerate(frame.to_dict("records")):
         parts = [f"#{i + 1}"]
@@ -188,7 +194,7 @@ def spread_figure(frame: pd.DataFrame, path: Path) -> Path:
     x = range(len(frame))
     bars = ax.bar(x, frame["wall_s"], color=[OKABE_ITO[i % len(OKABE_ITO)] for i in x])
     ratio = frame["wall_vs_1"] if "wall_vs_1" in frame.columns else [float("nan")] * len(frame)
-    ax.bar_label(bars, labels=[f"{w:.0f} s" + (f"\n{r:.2f}x" if r == r else "") for w, r in zip(frame["wall_s"], ratio)], fontsize=8)
+    ax.bar_label(bars, labels=[seconds(w) + (f"\n{r:.2f}x" if r == r else "") for w, r in zip(frame["wall_s"], ratio)], fontsize=8)
     one = frame.loc[frame["gpus"] == 1, "wall_s"]
     if len(one):
         ax.axhline(float(one.iloc[-1]) * SPREAD_TARGET, ls="--", color="black", lw=1, label=f"target: {SPREAD_TARGET:g}x one GPU's")

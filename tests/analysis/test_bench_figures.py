@@ -111,3 +111,10 @@ def test_dp_and_spread_tables_draw_without_their_optional_columns(tmp_path):
                         .replace(",0.1", "")), ("spread.csv", SPREAD_TABLE.replace(",done", "").replace("15,15", "15"))):
         (tmp_path / name).write_text(text)
         assert _png_size(bench_figure(tmp_path / name))[0] > 400
+
+
+def test_bar_times_keep_three_significant_digits_below_100_s():
+    from analysis.bench_figures import seconds
+
+    # 0.50 s and 0.55 s had read "0 s" and "1 s" beside a 0.90x speedup
+    assert [seconds(v) for v in (0.5, 0.55, 70.74, 294.3, 1234.5)] == ["0.5 s", "0.55 s", "70.7 s", "294 s", "1234 s"]
