@@ -33,13 +33,14 @@ def bench_plan(plan_file: Path) -> dict:
     return {"runs": len(plan.unique_specs()), "expand_s": expand_s, "register_s": register_s}
 
 
-def append_csv(row: dict, path: Path) -> None:
-    """Add ``row`` to the results table at ``path``, widening it when the row brings new columns; the file is
-    replaced whole (temp file, rename), so an interrupted write leaves the old table, never a torn one."""
+def append_csv(rows: dict | list[dict], path: Path) -> None:
+    """Add a row (or several, in one write) to the results table at ``path``, widening it when they bring new columns;
+    the file is replaced whole (temp file, rename), so an interrupted write leaves the old table, never a torn one."""
     import pandas as pd
 
     path = Path(path)
-    frame = pd.DataFrame([row])
+    # Several rows of one measurement (a spread's launch and its 1-GPU baseline) go in together or not at all.
+    frame = pd.DataFrame(rows if isinstance(rows, list) else [rows])
     if path.exists():
         frame = pd.concat([pd.read_csv(path), frame], ignore_index=True)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -1228,8 +1228,7 @@ def bench_spread_cmd(
         rows = bench_spread(plan, counts, view=_bench_view(), cpu=cpu, progress=_stamp(t0))
     except (ValueError, LaunchError) as exc:
         fail(str(exc))
-    for row in rows:
-        append_csv(row, out_csv)
+    append_csv(rows, out_csv)  # one write: an interrupt cannot leave a launch's row without its 1-GPU baseline
     out.print(f"appended to {out_csv}; figure {bench_figure(out_csv)}", markup=False)
     _emit(pd.DataFrame(rows).round(3), Format.table, title="one launch per GPU count")
     if any(r["done"] < r["runs"] for r in rows):

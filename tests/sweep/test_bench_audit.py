@@ -124,3 +124,21 @@ def test_bench_pack_trains_a_run_two_rows_ask_for_once(tmp_path):
     result = bench_pack(loaded, steps=2, pack=4, device="cpu")
     assert result["runs"] == 2 and result["largest_pack"] == 2
     assert result["serial_tokens_per_s"] * result["serial_s"] == pytest.approx(2 * 2 * 4 * 64)
+
+
+def test_append_csv_adds_several_rows_in_one_write(tmp_path, monkeypatch):
+    # spread's rows (a launch and its 1-GPU baseline) had been appended one write each: an interrupt between the two
+    # left the table with a launch and no baseline
+    import pandas as pd
+
+    import sweep.bench as bench
+
+    path = tmp_path / "spread.csv"
+    bench.append_csv({"gpus": 4, "wall_s": 10.0, "runs": 8}, path)
+    writes = []
+    real = pd.DataFrame.to_csv
+    monkeypatch.setattr(pd.DataFrame, "to_csv", lambda self, *a, **k: (writes.append(len(self)), real(self, *a, **k))[1])
+    bench.append_csv([{"gpus": 2, "wall_s": 12.0, "runs": 8}, {"gpus": 1, "wall_s": 20.0, "runs": 8, "done": 8}], path)
+    assert writes == [3]
+    table = pd.read_csv(path)
+    assert table["gpus"].tolist() == [4, 2, 1] and table["done"].isna().tolist() == [True, True, False]
