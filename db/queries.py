@@ -15,7 +15,7 @@ from typing import Iterator
 
 import numpy as np
 import pandas as pd
-from sqlalchemy import JSON, BigInteger, DateTime, Engine, Float, Integer, String, case, cast, func, select, tuple_
+from sqlalchemy import JSON, BigInteger, Engine, Float, Integer, String, case, cast, func, select, tuple_
 
 from db.engine import read_only, reading
 from db.schema import TABLES, Eval, Metric, Plan, PlanRun, Run, UTCDateTime
@@ -106,7 +106,7 @@ def runs_frame(engine: Engine, *, plan: str | None = None, arch: str | None = No
     columns = run_columns + list(spec_columns.values()) + ["plan"]
     frame = pd.DataFrame.from_records(records, columns=columns)
     for column in Run.__table__.columns:
-        if isinstance(column.type, (DateTime, UTCDateTime)):  # in UTC with its zone, as export writes them, on either database
+        if isinstance(column.type, UTCDateTime):  # in UTC with its zone, as export writes them, on either database
             frame[column.name] = pd.to_datetime(frame[column.name], utc=True)
     return _typed(frame, Run)
 
@@ -463,7 +463,7 @@ def _schema_dtype(column) -> str | None:
         return "Int64"
     if isinstance(column.type, Float):
         return "float64"
-    if isinstance(column.type, (DateTime, UTCDateTime)):
+    if isinstance(column.type, UTCDateTime):
         return "datetime64[us, UTC]"
     if isinstance(column.type, (String, JSON)):  # Text too; JSON is written as text
         return "string"

@@ -26,7 +26,7 @@ import time
 import traceback
 from collections import Counter
 from dataclasses import asdict, dataclass, field
-from datetime import timedelta, timezone
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +41,7 @@ from db.writer import claim_run, heartbeat, update_run, write_results
 from models.config import hybrid_pattern
 from sweep.pack import pack_gpus, plan_packs
 from sweep.plan import CellError, Plan, PlannedRun, parse_number, resolve_data, warmup_steps
-from sweep.progress import LEASE_S, LaunchView, launcher_gone, lease_of, lease_owner
+from sweep.progress import LEASE_S, LaunchView, launcher_gone, lease_lapsed, lease_of, lease_owner
 from sweep.registry import add_plans, moved_warning
 from sweep.spec import RunSpec
 from sweep.task import WORKER_ENV, checkpointed_runs, data_parallel_workers, lock_wait
@@ -256,10 +256,7 @@ def _held_elsewhere(engine: Engine, ids: list[str], lease_s: float) -> set[str]:
     now = utcnow()
     held = set()
     for run_id, owner, beat in rows:
-        if beat is not None and beat.tzinfo is None:  # SQLite keeps the UTC time without its zone
-            beat = beat.replace(tzinfo=timezone.utc)
-        live = beat is not None and now - beat <= timedelta(seconds=lease_of(owner) or lease_s)
-        if live and not launcher_gone(owner):
+        if beat is not None and not lease_lapsed(owner, beat, now, lease_s) and not launcher_gone(owner):
             held.add(run_id)
     return held
 

@@ -7,7 +7,7 @@ import os
 import socket
 import time
 import uuid
-from datetime import timedelta, timezone
+from datetime import timedelta
 
 from rich.console import Console
 from rich.live import Live
@@ -71,6 +71,13 @@ def launcher_gone(owner: str | None) -> bool:
     return False
 
 
+def lease_lapsed(owner: str | None, beat, now, default_s: float = LEASE_S) -> bool:
+    """Whether a running run's heartbeat ``beat`` is older than its launcher's own lease (else ``default_s``) at
+    ``now``; no heartbeat is not a lapse."""
+    # Each launcher's own lease: one launched with a long --lease-timeout is not gone after the default's 120 s.
+    return beat is not None and now - beat > timedelta(seconds=lease_of(owner) or default_s)
+
+
 def orphaned_runs(engine: Engine, plan: str | None = None) -> int:
     """Runs marked running whose launcher is gone: its process is not on this host, or no heartbeat for its lease."""
     stmt = select(Run.run_id, Run.lease_owner, Run.heartbeat_at).where(Run.status == "running")
@@ -85,10 +92,7 @@ def orphaned_runs(engine: Engine, plan: str | None = None) -> int:
     for run_id, owner, beat in rows:
         if owner not in gone:
             gone[owner] = launcher_gone(owner)
-        if beat is not None and beat.tzinfo is None:  # SQLite keeps the UTC time without its zone
-            beat = beat.replace(tzinfo=timezone.utc)
-        # Each launcher's own lease: one launched with a long --lease-timeout is not gone after the default's 120 s.
-        if gone[owner] or (beat is not None and now - beat > timedelta(seconds=lease_of(owner) or LEASE_S)):
+        if gone[owner] or lease_lapsed(owner, beat, now):
             orphans.add(run_id)
     return len(orphans)
 
