@@ -9,6 +9,11 @@ any change of rounding moves these runs.
 
     python docs/bench/pack_noise_study.py softmax 512         # on a GPU; about 6 minutes on one H100
     python docs/bench/pack_noise_study.py softmax 512 fp32    # the same study in fp32 (packed once, alone twice)
+    python docs/bench/pack_noise_study.py softmax 512 layers  # bf16: packs of 16, 8, 4 and 2; alone on torch layers
+
+``layers`` separates the two things a pack changes in bf16: its layers are plain torch ones (a lone run takes the
+fused kernels) and its kernels see many members at once. Every run trains alone as pretrain does, alone twice on
+the plain torch layers a pack stacks, and packed in packs of 16, 8, 4 and 2 (the shape's runs split in plan order).
 """
 
 import contextlib
@@ -53,7 +58,7 @@ def _in_fp32() -> None:
     torch.backends.cudnn.allow_tf32 = False
 
 
-def main(arch: str, d_model: int, fp32: bool = False) -> None:
+def main(arch: str, d_model: int, fp32: bool = False, layers: bool = False) -> None:
     """Train the shape's runs packed twice, alone twice and alone with other kernels (fp32: packed once, alone twice,
     in fp32 with plain torch layers); print each run's final and validation losses, and each one's spread against
     the first lone training."""
@@ -63,14 +68,19 @@ def main(arch: str, d_model: int, fp32: bool = False) -> None:
     if fp32:
         _in_fp32()
     runs = {}
-    for k in (1,) if fp32 else (1, 2):
-        runs[f"packed{k}"] = pretrain_pack(specs, quiet, [root / f"pack{k}" / s.run_id for s in specs], device="cuda",
-                                           share=1.0)
-    flags = () if fp32 else ("no-cudnn-sdp", "fp32-reduce") if arch in ("softmax", "hybrid") else ("fp32-reduce",)
-    for name, flag in [("alone1", ""), ("alone2", "")] + [(f"alone:{f}", f) for f in flags]:
+    sizes = (len(specs), 8, 4, 2) if layers else (len(specs),) if fp32 else (len(specs), len(specs))
+    for k, size in enumerate(sizes, 1):
+        name = f"packed{size}" if layers else f"packed{k}"
+        runs[name] = [r for i in range(0, len(specs), size) for r in pretrain_pack(
+            specs[i:i + size], quiet[i:i + size], [root / name / s.run_id for s in specs[i:i + size]], device="cuda",
+            share=1.0)]
+    flags = () if fp32 or layers else ("no-cudnn-sdp", "fp32-reduce") if arch in ("softmax", "hybrid") else ("fp32-reduce",)
+    lone = [("alone1", "", None), ("alone2", "", "torch" if layers else None)]
+    lone += [("alone3", "", "torch")] if layers else [(f"alone:{f}", f, None) for f in flags]
+    for name, flag, kernels in lone:
         with _alone_with(flag):
-            runs[name] = [pretrain(s, quiet[0], root / name / s.run_id, device="cuda", kernels="torch" if fp32 else None)
-                          for s in specs]
+            runs[name] = [pretrain(s, quiet[0], root / name / s.run_id, device="cuda",
+                                   kernels="torch" if fp32 else kernels) for s in specs]
     names = list(runs)
     print(f"run_id lr seed | final: {' '.join(names)} | val: {' '.join(names)}")
     final = np.array([[getattr(r, "final_loss", float("nan")) for r in rs] for rs in zip(*runs.values())])
@@ -83,6 +93,10 @@ def main(arch: str, d_model: int, fp32: bool = False) -> None:
             if j != base:
                 gap = np.abs(r[:, j] / r[:, base] - 1)
                 print(f"{what}: |{name}/alone1 - 1| median {np.median(gap):.4%} max {gap.max():.4%}")
+        if layers:
+            for j, name in enumerate(names):
+                print(f"{what}: {name} mean log ratio to alone1 {np.mean(np.log(r[:, j] / r[:, base])):+.4%}")
+            continue
         p, a = r[:, [j for j, k in enumerate(names) if k.startswith("packed")]], r[:, [base, names.index("alone2")]]
         above = (p.min(1) > 1.001 * a.max(1)).sum()
         print(f"{what}: runs whose both packed losses lie over 0.1% above both plain lone ones: {above} of {len(r)}")
@@ -91,4 +105,6 @@ def main(arch: str, d_model: int, fp32: bool = False) -> None:
 if __name__ == "__main__":
     if not torch.cuda.is_available():
         sys.exit(f"{sys.argv[0]}: needs a GPU (it compares packed and lone training as a GPU runs them)")
-    main(sys.argv[1], int(sys.argv[2]), fp32=sys.argv[3:] == ["fp32"])
+    if sys.argv[3:] not in ([], ["fp32"], ["layers"]):
+        sys.exit(f"usage: {sys.argv[0]} ARCH D_MODEL [fp32|layers]")
+    main(sys.argv[1], int(sys.argv[2]), fp32=sys.argv[3:] == ["fp32"], layers=sys.argv[3:] == ["layers"])
