@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import math
 import sys
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import asdict
 from enum import Enum
 from pathlib import Path
@@ -19,11 +21,70 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
+from typer.core import TyperGroup
+
+try:  # a typer that carries its own click (typer._click, as 0.29 does) raises that one's errors, not click's
+    from typer._click.exceptions import ClickException, UsageError
+except ImportError:  # an older typer, over click
+    from click.exceptions import ClickException, UsageError
 
 from db.engine import DatabaseError, open_db, resolve_url
 from sweep.plan import DEFAULT_MAX_RUNS, Plan, PlanError, cost_plans, load_plans, si
 
+#: Whether a usage error is printed here as one line (a standalone run of the command, as `slab` and CliRunner run it)
+#: or raised to the caller (``main(..., standalone_mode=False)``), as click does.
+_ONE_LINE_ERRORS: ContextVar[bool] = ContextVar("one_line_errors", default=False)
+
+
+def _help_of(ctx) -> str:
+    """``slab bench dp --help``: the help of the command a usage error is about, named as slab whatever the program's
+    name (``python -m sweep.cli``; CliRunner's ``root``)."""
+    names = []
+    while ctx is not None and ctx.parent is not None:
+        names.append(ctx.info_name)
+        ctx = ctx.parent
+    return " ".join(["slab", *reversed(names), "--help"])
+
+
+@contextmanager
+def _one_line_errors():
+    """Print a click error as slab prints its own, ``error: message`` on one line of stderr, and exit with its code
+    (2 for a usage error, which names the command's help at the end of the line)."""
+    try:
+        yield
+    except ClickException as exc:
+        # NoArgsIsHelpError (`slab` alone, `slab bench` alone) has printed the help already, and keeps its exit 2
+        if not _ONE_LINE_ERRORS.get() or type(exc).__name__ == "NoArgsIsHelpError":
+            raise
+        message = exc.format_message()
+        if isinstance(exc, UsageError):
+            message += f" (see '{_help_of(exc.ctx)}')"
+        fail(message, code=exc.exit_code)
+
+
+class SlabGroup(TyperGroup):
+    """slab's root command: click's usage errors (unknown command or option, missing argument, bad value) print as
+    slab's own errors, one ``error:`` line naming the command's help, exit 2. They are caught as they leave parsing
+    (make_context) and the subcommands (invoke), before typer would draw its boxed panel."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode: bool = True, **extra):
+        token = _ONE_LINE_ERRORS.set(standalone_mode)
+        try:
+            return super().main(args, prog_name, complete_var, standalone_mode=standalone_mode, **extra)
+        finally:
+            _ONE_LINE_ERRORS.reset(token)
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        with _one_line_errors():
+            return super().make_context(info_name, args, parent=parent, **extra)
+
+    def invoke(self, ctx):
+        with _one_line_errors():
+            return super().invoke(ctx)
+
+
 app = typer.Typer(
+    cls=SlabGroup,
     no_args_is_help=True,
     rich_markup_mode="rich",
     pretty_exceptions_enable=False,
