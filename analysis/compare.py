@@ -3,6 +3,7 @@ intervals, and retrieval (NIAH, MQAR) and throughput tables (MiniMax-01 §2.2, R
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 import zlib
@@ -29,6 +30,8 @@ from analysis.fits import (
     _frame_records,
     _some,
 )
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -432,18 +435,107 @@ def load_throughput(path: str | Path) -> pd.DataFrame:
                         tokens_per_s=number["tokens_per_s"])
 
 
+#: Columns giving the shape of the model a throughput row measured (the same for every arch at one size, where its
+#: parameter count is not: a 134M softmax and lightning differ by 9k parameters, mamba2 by more).
+THROUGHPUT_SHAPE = ("d_model", "n_layers", "n_heads", "vocab")
+#: Columns saying how it was run: a compiled and an eager measurement, or an H100's and an H200's, are not repeats.
+THROUGHPUT_SETUP = ("compile", "fused", "device")
+#: Without shape columns, parameter counts within this factor of a size's smallest are one size (the archs' counts
+#: at one shape differ by well under 1%; two sizes of a study by 2x or more).
+SAME_SIZE = 1.05
+
+
+def _si(n: float) -> str:
+    """A parameter count as 134M, 1.3B or 500k."""
+    for unit, scale in (("B", 1e9), ("M", 1e6)):
+        if n >= 0.9995 * scale:  # 999.7M reads 1B, not 1e+03M
+            return f"{n / scale:.3g}{unit}"
+    return f"{n / 1e3:.3g}k"
+
+
+def throughput_configs(throughput: pd.DataFrame) -> tuple[np.ndarray, list[str]]:
+    """Each row's measured configuration, as an index into the returned labels (smallest model first): its model shape
+    (else its parameter count, within 5%) and its compile, fused and device settings, where the frame has them."""
+    n = len(throughput)
+    shape = [c for c in THROUGHPUT_SHAPE if c in throughput.columns]
+    setup = [c for c in THROUGHPUT_SETUP if c in throughput.columns]
+    params = (pd.to_numeric(throughput["params"], errors="coerce").to_numpy(float) if "params" in throughput.columns
+              else np.full(n, np.nan))
+    size = np.full(n, -1)  # the parameter-count class; -1 where the count is unknown
+    start, k = math.nan, -1
+    for v in np.unique(params[np.isfinite(params)]):  # ascending
+        if not v <= SAME_SIZE * start:
+            start, k = v, k + 1
+        size[params == v] = k
+    keys = pd.DataFrame(index=range(n))
+    for c in shape:  # numbers, so that d_model 1024 sorts after 768; unknown last
+        keys[c] = pd.to_numeric(throughput[c], errors="coerce").fillna(np.inf).to_numpy(float)
+    # the shape decides the size where it is known; a row without one (a blank d_model) falls back on its count
+    keys["_size"] = np.where(np.isinf(keys[shape]).all(axis=1), size, -1) if shape else size
+    for c in setup:
+        keys[c] = throughput[c].astype(str).str.strip().to_numpy()
+    cols = list(keys.columns)
+    # smallest first: a configuration sorts by its smallest parameter count (unknown last), then by its columns
+    keys["_p"] = pd.Series(params).groupby([keys[c] for c in cols]).transform("min").fillna(np.inf).to_numpy()
+    uniq = keys.drop_duplicates().sort_values(["_p", *cols]).reset_index(drop=True)
+    codes = keys.merge(uniq.reset_index(names="_code"), on=[*cols, "_p"], how="left")["_code"].to_numpy(int)
+    labels: list[list[str]] = []
+    for i in range(len(uniq)):
+        p = params[(codes == i) & np.isfinite(params)]
+        if len(p):
+            labels.append([_si(p.min()) if p.max() < SAME_SIZE * p.min() else f"{_si(p.min())}-{_si(p.max())}"])
+        else:
+            labels.append(["size unknown"] if "params" in throughput.columns else [])
+    # the shape is named where the parameter counts do not tell the configurations apart, the settings where they vary
+    names = {"d_model": "d_model {}", "n_layers": "{} layers", "n_heads": "{} heads", "vocab": "vocab {}"}
+    for c in [*shape, *setup]:
+        if uniq[c].nunique() < 2 or (c in shape and len({", ".join(x) for x in labels}) == len(labels)):
+            continue
+        for label, v in zip(labels, uniq[c]):
+            shown = ("?" if not np.isfinite(v) else f"{v:g}") if c in shape else v
+            label.append(names.get(c, "{}" if c == "device" else c + " {}").format(shown))
+    shown = [", ".join(x) or "one size" for x in labels]
+    if len(set(shown)) < len(shown):  # never expected (each varying column is named); labels must stay distinct
+        shown = [f"{x} [{i + 1}]" for i, x in enumerate(shown)]
+    return codes, shown
+
+
 def throughput_table(throughput: pd.DataFrame, *, baseline: str = "softmax") -> pd.DataFrame:
-    """Mean tokens/s per arch and sequence length, with each arch's speed relative to the baseline."""
+    """Mean tokens/s per arch, configuration and sequence length, relative to the baseline's at the same configuration
+    and length; only repeats of one configuration are averaged (``n`` of them, where any is above 1), and a ``size``
+    column (ordered, smallest first) names the configuration where the frame holds several."""
     missing = [c for c in ("arch", "seq_len", "tokens_per_s") if c not in throughput.columns]
     if missing:
         raise FitError(f"throughput frame is missing column(s) {', '.join(map(repr, missing))}")
+    codes, labels = throughput_configs(throughput)
     aggs = {"tokens_per_s": ("tokens_per_s", "mean")}
     if "mfu" in throughput.columns:
         aggs["mfu"] = ("mfu", "mean")
-    out = throughput.groupby(["arch", "seq_len"], as_index=False).agg(**aggs)
-    base = out[out["arch"] == baseline].set_index("seq_len")["tokens_per_s"]
-    out["vs_baseline"] = out["tokens_per_s"] / out["seq_len"].map(base)
-    return out.sort_values(["arch", "seq_len"]).reset_index(drop=True)
+    aggs["n"] = ("tokens_per_s", "size")
+    # rows of different sizes (or settings) at one arch and length are different models, never averaged together:
+    # a 1.3B model's tokens/s averaged with a 134M one's can fake a fall with length or hide one
+    out = throughput.assign(_config=codes).groupby(["arch", "_config", "seq_len"], as_index=False).agg(**aggs)
+    base = out[out["arch"] == baseline].set_index(["_config", "seq_len"])["tokens_per_s"]
+    at = pd.MultiIndex.from_frame(out[["_config", "seq_len"]])
+    out["vs_baseline"] = out["tokens_per_s"].to_numpy() / base.reindex(at).to_numpy()
+    out = out.sort_values(["arch", "_config", "seq_len"]).reset_index(drop=True)
+    if len(labels) > 1:
+        log.info("throughput measured at %d configurations (%s): tabulated apart", len(labels), "; ".join(labels))
+        out.insert(1, "size", pd.Categorical.from_codes(out["_config"], categories=labels, ordered=True))
+    if out["n"].max() > 1:
+        log.info("throughput: %d arch/size/length cells average repeated measurements", int((out["n"] > 1).sum()))
+    else:  # every cell one measurement: the column would say nothing (and a one-size table stays as it was)
+        out = out.drop(columns="n")
+    return out.drop(columns="_config")
+
+
+def throughput_sizes(throughput: pd.DataFrame) -> list[tuple[str | None, pd.DataFrame]]:
+    """A `throughput_table`'s rows per configuration, smallest first, each with its size label (None for a table of
+    one configuration); a raw throughput frame is tabulated first."""
+    t = throughput if "vs_baseline" in throughput.columns or throughput.empty else throughput_table(throughput)
+    if "size" not in t.columns:
+        return [(None, t)]
+    return [(str(size), sub) for size, sub in t.groupby("size", observed=True, sort=True)]
 
 
 #: An approach-3 fit whose N_opt exponent a = beta / (alpha + beta) falls outside this range puts nearly all of
@@ -652,12 +744,26 @@ def _pcts(values: list[float], judge, digits: int = 0, sign: str = "") -> list[s
 
 
 def _seed_speed(throughput: pd.DataFrame | None) -> list[str]:
-    """The seed study's speed finding: lightning's tokens/s flat with sequence length, softmax's falling."""
+    """The seed study's speed finding: lightning's tokens/s flat with sequence length, softmax's falling; judged at
+    each model size (configuration) apart where the table holds several, one line each."""
     claim = "lightning's training speed stays flat with sequence length while softmax's falls"
     t = throughput if throughput is not None else pd.DataFrame(columns=["arch", "seq_len", "tokens_per_s"])
+    groups = throughput_sizes(t)
+    if len(groups) == 1:
+        return [_seed_speed_at(groups[0][1], claim, "")]
+    # a size only other archs were measured at says nothing of this claim; one that lacks lightning or softmax, or
+    # the lengths both share, is said to be untested rather than borrowed from another size
+    return [_seed_speed_at(sub, claim, f", for the {size} models") for size, sub in groups
+            if sub["arch"].isin(["lightning", "softmax"]).any()] or [
+        f"Not tested: {claim} (no throughput of lightning or softmax)."]
+
+
+def _seed_speed_at(t: pd.DataFrame, claim: str, at: str) -> str:
+    """`_seed_speed`'s line for one configuration's rows (``at`` names it; empty for a table of one)."""
+    same = " at this size" if at else ""
     both = set(t.loc[t["arch"] == "lightning", "seq_len"]) & set(t.loc[t["arch"] == "softmax", "seq_len"])
     if len(both) < 2:  # lengths both were measured at (softmax may have run out of memory at the longest)
-        return [f"Not tested: {claim} (no throughput of both at two common lengths)."]
+        return f"Not tested: {claim}{at} (no throughput of both at two common lengths{same})."
     short, long = min(both), max(both)
     kept = {}
     for arch in ("lightning", "softmax"):
@@ -665,13 +771,13 @@ def _seed_speed(throughput: pd.DataFrame | None) -> list[str]:
         kept[arch] = s.get(long, np.nan) / s.get(short, np.nan)
     lin, soft = kept["lightning"], kept["softmax"]
     if not (np.isfinite(lin) and np.isfinite(soft)):
-        return [f"Not tested: {claim} (no throughput of both at {int(short)} and {int(long)})."]
+        return f"Not tested: {claim}{at} (no throughput of both at {int(short)} and {int(long)})."
     ok = lin >= SEED_FLAT - _TIE and soft <= SEED_FALLS + _TIE
     [shown_lin] = _pcts([lin], lambda a: a >= SEED_FLAT - _TIE)
     [shown_soft] = _pcts([soft], lambda a: a <= SEED_FALLS + _TIE)
-    return [f"{'Reproduced' if ok else 'Not reproduced'}: {claim}: from {int(short)} to {int(long)} tokens, "
+    return (f"{'Reproduced' if ok else 'Not reproduced'}: {claim}{at}: from {int(short)} to {int(long)} tokens, "
             f"lightning keeps {shown_lin} of its tokens/s and softmax {shown_soft} (flat means at least "
-            f"{100 * SEED_FLAT:.0f}%, falling at most {100 * SEED_FALLS:.0f}%)."]
+            f"{100 * SEED_FLAT:.0f}%, falling at most {100 * SEED_FALLS:.0f}%).")
 
 
 #: Runs of the same size and tokens count FLOPs differently per arch (attention and state terms: up to 13% apart in
@@ -808,17 +914,19 @@ def summary_findings(
     if niah is not None and not niah.empty:
         lines += _niah_findings(niah)
     if throughput is not None and not throughput.empty and "vs_baseline" in throughput.columns:
-        # the longest length the baseline was measured at beside another arch: an arch measured alone at a longer one
-        # (the baseline out of memory there) has nothing to be relative to
-        known = throughput[throughput["vs_baseline"].notna()]
-        shared = known.groupby("seq_len")["arch"].nunique()
-        shared = shared[shared > 1]
-        if not shared.empty:
-            longest = shared.index.max()
-            sub = known[known["seq_len"] == longest]
-            parts = ", ".join(f"{a} {v:.2f}x" for a, v in zip(sub["arch"], sub["vs_baseline"]))
-            base = throughput_baseline or _throughput_baseline(throughput) or "the baseline"
-            lines.append(f"Throughput at sequence length {int(longest)} relative to {base}: {parts}.")
+        base = throughput_baseline or _throughput_baseline(throughput) or "the baseline"
+        for size, t in throughput_sizes(throughput):  # each size apart: ratios are within one size only
+            # the longest length the baseline was measured at beside another arch: an arch measured alone at a longer
+            # one (the baseline out of memory there) has nothing to be relative to
+            known = t[t["vs_baseline"].notna()]
+            shared = known.groupby("seq_len")["arch"].nunique()
+            shared = shared[shared > 1]
+            if not shared.empty:
+                longest = shared.index.max()
+                sub = known[known["seq_len"] == longest]
+                parts = ", ".join(f"{a} {v:.2f}x" for a, v in zip(sub["arch"], sub["vs_baseline"]))
+                at = f" of the {size} models" if size is not None else ""
+                lines.append(f"Throughput{at} at sequence length {int(longest)} relative to {base}: {parts}.")
     return lines
 
 

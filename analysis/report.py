@@ -42,6 +42,7 @@ from analysis.compare import (  # noqa: E402
     ratio_label,
     seed_study_findings,
     summary_findings,
+    throughput_sizes,
     throughput_table,
     unknown_on_few_runs,
 )
@@ -684,14 +685,26 @@ def _fig_mqar(mqar):
                  "on the right), one line per model size." + left_out)
 
 
+#: Line styles telling the model sizes of the throughput figure apart (colour is the arch's).
+SIZE_STYLES = ["-", "--", ":", "-.", (0, (5, 1, 1, 1, 1, 1)), (0, (1, 3))]
+SIZE_MARKERS = ["o", "s", "^", "D", "v", "P"]
+
+
 def _fig_throughput(tput, raw=None):
     if tput is None or tput.empty:
         return None, "no throughput table given"
     archs = sorted(tput["arch"].unique())
+    groups = throughput_sizes(tput)
     fig, ax = plt.subplots(figsize=(7, 4.3))
-    for arch in archs:
-        q = tput[tput["arch"] == arch].sort_values("seq_len")
-        ax.plot(q["seq_len"], q["tokens_per_s"], marker="o", ms=4, color=arch_colour(arch, archs), label=arch)
+    # one curve per arch and size: tokens/s of different sizes are never joined or averaged into one curve
+    for i, (size, t) in enumerate(groups):
+        for arch in archs:
+            q = t[t["arch"] == arch].sort_values("seq_len")
+            if q.empty:
+                continue
+            ax.plot(q["seq_len"], q["tokens_per_s"], marker=SIZE_MARKERS[i % len(SIZE_MARKERS)], ms=4,
+                    ls=SIZE_STYLES[i % len(SIZE_STYLES)], color=arch_colour(arch, archs),
+                    label=arch if size is None else f"{arch}, {size}")
     ax.set_xscale("log", base=2)
     ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _p: f"{v:g}"))
     ax.xaxis.set_minor_formatter(NullFormatter())
@@ -699,7 +712,15 @@ def _fig_throughput(tput, raw=None):
     ax.set_ylabel("training throughput (tokens/s)")
     ax.set_ylim(bottom=0)  # a fall with length reads as large as it is
     ax.grid(True, which="both", alpha=0.25)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8 if len(groups) == 1 else 7)
+    repeats = (" A point averages the n repeated measurements of its arch, size and length that the throughput table "
+               "gives." if "n" in tput.columns else "")
+    if len(groups) > 1:
+        sizes = ", ".join(str(size) for size, _ in groups)
+        return fig, ("Training throughput against sequence length, one curve per architecture (colour) and model size "
+                     f"(line style: {sizes}), each size apart since tokens/s depends on the model's size as much as on "
+                     "the length; from the table given with --throughput (a benchmark, such as slab bench train's, not "
+                     "these runs)." + repeats)
     # the benchmark's size, which the table keeps in its raw rows only: the runs beside it are often far smaller
     sizes = (sorted(pd.to_numeric(raw["params"], errors="coerce").dropna().unique())
              if raw is not None and "params" in raw.columns else [])
@@ -707,7 +728,7 @@ def _fig_throughput(tput, raw=None):
     size = "" if not sizes else si(sizes[0]) if sizes[-1] < 1.05 * sizes[0] else f"{si(sizes[0])}-{si(sizes[-1])}"
     at = f" at {size} parameters" if size else " of its own model size"
     return fig, ("Training throughput against sequence length per architecture, from the table given with "
-                 f"--throughput (a benchmark{at}, such as slab bench train's, not these runs).")
+                 f"--throughput (a benchmark{at}, such as slab bench train's, not these runs)." + repeats)
 
 
 # --------------------------------------------------------------------------------------------
@@ -845,6 +866,17 @@ def _blocks(title, runs, metrics, evals, findings, seed, skipped, figures, capti
         b.append(("table", t.map(_fmt)))
     if tput is not None and not tput.empty:
         b.append(("h3", "Throughput (tokens/s)"))
+        notes = []
+        if "size" in tput.columns:
+            sizes = list(tput["size"].cat.categories)
+            notes.append(f"Measured at {len(sizes)} model sizes or settings ({'; '.join(sizes)}), kept apart: each row "
+                         f"is one arch at one size and length, relative to {tput_base or 'the baseline'} at the same "
+                         "size and length ('-' where it was not measured there); tokens/s depends on the model's "
+                         "size, so an average over sizes would mix models, not measure one.")
+        if "n" in tput.columns:
+            notes.append("n: repeated measurements of the same arch, size and length, averaged.")
+        if notes:
+            b.append(("p", " ".join(notes)))
         # the column names the arch it is relative to, which may not be the comparison's baseline
         b.append(("table", tput.rename(columns={"vs_baseline": f"vs {tput_base}"} if tput_base else {}).map(_fmt)))
     return b
