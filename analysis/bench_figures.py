@@ -15,6 +15,7 @@ from matplotlib.patches import Patch  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from analysis.compare import throughput_configs  # noqa: E402
 from analysis.report import OKABE_ITO, arch_colour  # noqa: E402
 
 #: Issue 8's single-run target (fraction of the H100's 989 TFLOP/s bf16 dense peak).
@@ -26,6 +27,9 @@ PACK_TARGET = 3.0
 SPREAD_TARGET = 0.6
 DP_TARGETS = {2: 1.8, 4: 3.5}
 TRAIN_COLUMNS = ("arch", "seq_len", "tokens_per_s")
+#: Line style, marker and bar hatch per measured configuration of a training table (the first is a one-configuration
+#: table's look, so its figure is drawn as before configurations were told apart).
+CONFIG_STYLES = (("-", "o", ""), ("--", "s", "//"), (":", "^", ".."), ("-.", "D", "xx"))
 PACK_COLUMNS = ("serial_s", "packed_s", "speedup")
 SPREAD_COLUMNS = ("gpus", "wall_s", "runs")
 DP_COLUMNS = ("gpus", "step", "loss", "tokens_per_s")
@@ -44,15 +48,27 @@ class BenchTableError(ValueError):
 
 
 def train_figure(frame: pd.DataFrame, path: Path) -> Path:
-    """Tokens/s against sequence length per architecture, beside MFU (of 989 TFLOP/s) with the 50% target."""
+    """Tokens/s against sequence length per architecture and measured configuration (model size, compile, fused,
+    device), beside MFU (of 989 TFLOP/s) with the 50% target."""
     _require(frame, TRAIN_COLUMNS, path)
     archs = list(dict.fromkeys(frame["arch"]))
+    # two sizes (or compiled and eager rows) of one arch joined into one line drew a zigzag that mixed them
+    codes, configs = throughput_configs(frame)
+    several_configs = len(configs) > 1
+    styles = [CONFIG_STYLES[k % len(CONFIG_STYLES)] for k in range(len(configs))]
+    hatched = [Patch(facecolor="white", edgecolor="dimgray", hatch=styles[k][2], label=c)
+               for k, c in enumerate(configs) if several_configs]
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
     lengths = sorted(frame["seq_len"].unique())
     if len(lengths) > 1:  # the seed study's claim: lightning stays flat with length, softmax falls
         for arch in archs:
-            q = frame[frame["arch"] == arch].sort_values("seq_len")
-            left.plot(q["seq_len"], q["tokens_per_s"] / 1e3, marker="o", color=arch_colour(arch, archs), label=arch)
+            for k, config in enumerate(configs):
+                q = frame[(frame["arch"] == arch).to_numpy() & (codes == k)].sort_values("seq_len")
+                if q.empty:
+                    continue
+                ls, marker, _ = styles[k]
+                left.plot(q["seq_len"], q["tokens_per_s"] / 1e3, ls=ls, marker=marker, color=arch_colour(arch, archs),
+                          label=f"{arch}, {config}" if several_configs else arch)
         left.set_xscale("log", base=2)
         left.set_xticks(lengths, [f"{t:,}" for t in lengths])
         left.set_xlabel("sequence length (tokens)")
@@ -60,21 +76,26 @@ def train_figure(frame: pd.DataFrame, path: Path) -> Path:
     else:
         bars = left.bar(range(len(frame)), frame["tokens_per_s"] / 1e3,
                         color=[arch_colour(a, archs) for a in frame["arch"]])
+        _hatch(bars, codes, styles)
         left.bar_label(bars, fmt="%.0f", fontsize=8)
         left.set_xticks(range(len(frame)), list(frame["arch"]))
         left.set_xlabel(f"architecture (sequence length {lengths[0]:,})")
+        if several_configs:
+            left.legend(handles=hatched, fontsize=8)
     left.set_ylabel("training throughput (k tokens/s)")
     left.set_ylim(bottom=0)
     left.grid(True, alpha=0.3)
 
     has_mfu = "mfu_989" in frame.columns and frame["mfu_989"].notna().any()
     if has_mfu:
-        rows = frame.dropna(subset=["mfu_989"]).reset_index(drop=True)
+        measured = frame["mfu_989"].notna().to_numpy()
+        rows = frame[measured].reset_index(drop=True)
         # Several lengths: the bars name their length and a legend the arch's colour (both names overlap at 9 bars).
         several = len(lengths) > 1
         labels = [_tokens(r.seq_len) if several else f"{r.arch}\n{_tokens(r.seq_len)}" for r in rows.itertuples()]
         bars = right.bar(range(len(rows)), rows["mfu_989"] * 100,
                          color=[arch_colour(a, archs) for a in rows["arch"]])
+        _hatch(bars, codes[measured], styles)
         right.bar_label(bars, fmt="%.1f%%", fontsize=8)
         right.axhline(MFU_TARGET * 100, ls="--", color="black", lw=1, label=f"target {MFU_TARGET:.0%}")
         right.set_xticks(range(len(rows)), labels, fontsize=7)
@@ -84,7 +105,7 @@ def train_figure(frame: pd.DataFrame, path: Path) -> Path:
         right.set_ylabel(f"MFU (% of 989 TFLOP/s{full})")
         right.set_ylim(0, max(MFU_TARGET * 100, float(rows["mfu_989"].max()) * 100) * 1.15)
         handles = [Patch(color=arch_colour(a, archs), label=a) for a in archs if several]
-        right.legend(handles=handles + right.get_legend_handles_labels()[0], fontsize=8)
+        right.legend(handles=handles + hatched + right.get_legend_handles_labels()[0], fontsize=8)
     else:
         right.text(0.5, 0.5, "no MFU: measured without a GPU", ha="center", va="center", transform=right.transAxes)
         right.set_axis_off()
@@ -265,6 +286,14 @@ def table_kind(frame: pd.DataFrame) -> str | None:
         if all(c in frame.columns for c in columns):
             return kind
     return None
+
+
+def _hatch(bars, codes: np.ndarray, styles: list[tuple[str, str, str]]) -> None:
+    """Hatch each bar as its configuration's (code into ``styles``): two sizes at one arch and length read apart."""
+    for bar, k in zip(bars, codes):
+        if styles[k][2]:
+            bar.set_hatch(styles[k][2])
+            bar.set_edgecolor("white")  # the hatch is drawn in the edge colour: white reads on every arch's colour
 
 
 def _tokens(t: int) -> str:

@@ -995,7 +995,9 @@ def report(
     out_dir: Path = typer.Option(..., "--out", help="Folder for index.html, report.md, fits.json and figures/ (PNG and SVG).", show_default=False),
     plan: Optional[str] = typer.Option(None, help="Only runs of this plan."),
     title: Optional[str] = typer.Option(None, help="Report title (default: 'scalinglab report: ' and the plan name, or 'all runs')."),
-    throughput: Optional[Path] = typer.Option(None, help="CSV of arch, seq_len, tokens_per_s (slab bench train --seq-len ... --out FILE) for the throughput figure."),
+    throughput: Optional[Path] = typer.Option(None, help="CSV of arch, seq_len, tokens_per_s (slab bench train --seq-len ... --out FILE) for the throughput figure. "
+                                              "Where present, params, d_model, n_layers, n_heads and vocab (model size) and compile, fused and device "
+                                              "columns keep sizes and settings apart; only repeats of one configuration are averaged."),
     bootstrap: int = typer.Option(200, min=0, help="Bootstrap resamples per fit (as fit and compare)."),
     baseline: Optional[str] = typer.Option(None, help="Architecture the others are compared with (default: softmax when it has runs, else the first arch).", show_default=False),
     seed: int = typer.Option(0, min=0, help="Seed of the bootstraps."),

@@ -118,3 +118,38 @@ def test_bar_times_keep_three_significant_digits_below_100_s():
 
     # 0.50 s and 0.55 s had read "0 s" and "1 s" beside a 0.90x speedup
     assert [seconds(v) for v in (0.5, 0.55, 70.74, 294.3, 1234.5)] == ["0.5 s", "0.55 s", "70.7 s", "294 s", "1234 s"]
+
+
+def test_two_sizes_of_an_arch_draw_two_lines_each_with_its_own_points(monkeypatch, tmp_path):
+    """A table holding a 134M and a 1.3B model had joined each arch's rows sorted by length into one line that
+    zigzagged between the sizes; each (arch, configuration) is its own line, named in the legend."""
+    import analysis.bench_figures as bf
+
+    big = _train_rows().assign(params=1.3e9, tokens_per_s=lambda f: f["tokens_per_s"] / 10)
+    kept = []
+    monkeypatch.setattr(bf, "_save", lambda fig, path: kept.append(fig) or path)
+    bf.train_figure(pd.concat([_train_rows(), big], ignore_index=True), tmp_path / "t.png")
+    softmax = bf.arch_colour("softmax", ["softmax", "lightning"])
+    drawn = sorted((list(line.get_xdata()), [round(y) for y in line.get_ydata()])
+                   for line in kept[0].axes[0].get_lines() if line.get_color() == softmax)
+    # the old line was softmax's six rows sorted by length: 300, 30, 200, 20, 100, 10 k tokens/s
+    assert drawn == [([2048, 8192, 32768], [30, 20, 10]), ([2048, 8192, 32768], [300, 200, 100])]
+    lines = {line.get_label(): line for line in kept[0].axes[0].get_lines()}
+    assert set(lines) == {"softmax, 134M", "softmax, 1.3B", "lightning, 134M", "lightning, 1.3B"}
+    assert [round(y) for y in lines["softmax, 1.3B"].get_ydata()] == [30, 20, 10]
+    assert lines["softmax, 134M"].get_linestyle() != lines["softmax, 1.3B"].get_linestyle()
+    # the MFU bars of the two sizes at one arch and length are told apart by their hatch
+    assert [bar.get_hatch() or "" for bar in kept[0].axes[1].patches] == [""] * 6 + ["//"] * 6
+    bf.plt.close(kept[0])
+
+
+def test_one_configuration_keeps_one_line_per_arch(monkeypatch, tmp_path):
+    import analysis.bench_figures as bf
+
+    kept = []
+    monkeypatch.setattr(bf, "_save", lambda fig, path: kept.append(fig) or path)
+    bf.train_figure(_train_rows(), tmp_path / "t.png")
+    lines = kept[0].axes[0].get_lines()
+    assert [(x.get_label(), x.get_linestyle(), x.get_marker(), len(x.get_xdata())) for x in lines] == [
+        ("softmax", "-", "o", 3), ("lightning", "-", "o", 3)]
+    bf.plt.close(kept[0])
