@@ -5,7 +5,8 @@ conditional UPDATE, so two launchers on one database never train a run twice), r
 the runs it trains, drains the tasks' events about once a second, retries failures with backoff,
 resubmits out-of-memory runs with half the microbatch, and leaves diverged runs alone. A run whose
 launcher died (its lease went stale, or its process is gone from this host) is reclaimed and resumes
-from its newest checkpoint. A database away for less than a lease (locked, restarting) is waited out.
+from its newest checkpoint. A database away for less than a lease (locked, restarting) is waited out; one gone
+for good ends the launch once its running runs have checkpointed and stopped (as on Ctrl-C), or a grace time passed.
 
 Workers report each checkpoint they save, and the driver records the run's newest one (``runs.ckpt_step``): a launch
 that cannot see a run's recorded checkpoint under its ``--ckpt-dir`` refuses it rather than train it again from step 0
@@ -82,6 +83,7 @@ class LaunchOptions:
     gpu_mem_gib: float = 80.0  # memory of one GPU, for automatic packing
     fsdp_min_params: float | None = None  # data-parallel runs this large shard with FSDP (None: by GPU memory)
     restart: bool = False  # train runs whose recorded checkpoints are not under ckpt_dir from step 0 (else refused)
+    stop_grace_s: float = 60.0  # losing the database: how long running tasks get to checkpoint and stop before a cancel
 
 
 @dataclass
@@ -557,14 +559,16 @@ class Driver:
                 ) from None
         except OperationalError as exc:  # the database went away for good (see _db), or failed as no wait cures
             retried = f" (retried for {self.opts.lease_timeout_s:.0f} s)" if self.db_away_since is not None else ""
+            why = _first_line(getattr(exc, "orig", None) or exc)
+            # Stopped as on Ctrl-C, not cancelled at once: a cancel loses every step since each run's last checkpoint.
+            stopped = self._stop_running(f"lost the database ({why})")
             try:
                 self._cancel_all("released after the launcher lost the database")
             except OperationalError:  # still away: the leases lapse, and a relaunch resumes the runs
                 pass
             raise DatabaseError(
-                f"lost the database: {_first_line(getattr(exc, 'orig', None) or exc)}{retried}; runs left running resume "
-                f"from their checkpoints at the next slab launch (at once on this host, else after the "
-                f"{self.opts.lease_timeout_s:.0f} s lease)"
+                f"lost the database: {why}{retried}{stopped}; a relaunch resumes the runs from their checkpoints (at "
+                f"once on this host, else after the {self.opts.lease_timeout_s:.0f} s lease)"
             ) from None
         except BaseException:
             self._cancel_all("released after a launcher error")  # leave no run leased to a failed driver
@@ -607,13 +611,38 @@ class Driver:
         self.stopped_by = "SIGTERM" if signum == signal.SIGTERM else "Ctrl-C"
         if self.stopping:
             raise KeyboardInterrupt
-        self.stopping = True
-        self.sink.request_stop.remote()
+        self._request_stop()
         if signum == signal.SIGTERM:
             self.view.log("stopping on SIGTERM: no new runs; running ones checkpoint and stop (a second SIGTERM or "
                           "Ctrl-C cancels now)")
         else:
             self.view.log("stopping: no new runs; running ones checkpoint and stop (Ctrl-C again to cancel now)")
+
+    def _request_stop(self) -> None:
+        """Start no more runs, and ask running ones to checkpoint and stop (``pretrain``'s ``should_stop``)."""
+        self.stopping = True
+        self.sink.request_stop.remote()
+
+    def _stop_running(self, why: str) -> str:
+        """Ask the running tasks to checkpoint and stop, as the first Ctrl-C does, and wait up to ``stop_grace_s`` for
+        them without the database (their events go unwritten); returns how that went, for the launch's error line."""
+        if not self.units:
+            return ""
+        self._request_stop()
+        runs = sum(run_id in self.flights for task in self.units.values() for run_id in task.run_ids)
+        grace = self.opts.stop_grace_s
+        self.view.log(f"{why}: asking the {runs} running run{'' if runs == 1 else 's'} to checkpoint and stop, for up "
+                      f"to {grace:.0f} s (Ctrl-C cancels {'it' if runs == 1 else 'them'} now)")
+        try:
+            _, left = self.ray.wait(list(self.units), num_returns=len(self.units), timeout=grace)
+        except KeyboardInterrupt:  # _request_stop set stopping, so a Ctrl-C raises here: cancel without waiting
+            left = list(self.units)
+        late = sum(run_id in self.flights for ref in left for run_id in self.units[ref].run_ids)
+        if not late:
+            return f"; the {runs} running run{'' if runs == 1 else 's'} checkpointed and stopped"
+        return (f"; {runs - late} of the {runs} running runs checkpointed and stopped, {late} did not within {grace:.0f} s "
+                f"and {'was' if late == 1 else 'were'} cancelled (losing the steps since {'its' if late == 1 else 'their'} "
+                "last checkpoint)")
 
     def _start_ready(self) -> None:
         if self.stopping:
@@ -651,6 +680,7 @@ class Driver:
             return False
         flight.attempt, flight.tries, flight.started = attempt, flight.tries + 1, time.monotonic()
         flight.stepped = False
+        self.flights[run_id] = flight  # on the books before its task starts: an interrupt until then still releases it
         if run_id in self.restarts:  # its recorded checkpoint is not there: the run records its new ones as it goes
             self.restarts.discard(run_id)
             self._db(update_run, self.engine, run_id, self.owner, ckpt_step=None, ckpt_dir=None)
@@ -796,11 +826,19 @@ class Driver:
     def _settle(self, run_id: str, outcome: Any, packed: bool = False) -> None:
         """Record how one run's task ended (a summary, or the exception that ended it) and retry if due; ``packed``: the
         exception ended the whole pack the run trained in."""
-        from models.train import CheckpointUnreadable, Diverged, Interrupted, OutOfMemory, Unlabelled
-
-        flight = self.flights.pop(run_id, None)
+        flight = self.flights.get(run_id)
         if flight is None:  # lost to another launcher while its pack trained on: already said so
             return
+        self._judge(flight, outcome, packed)
+        # Off the books only once its end is written: a second Ctrl-C before then leaves it in flights, which the
+        # interrupted launch releases, rather than running under this launcher's lease until a relaunch here.
+        self.flights.pop(run_id, None)
+
+    def _judge(self, flight: Flight, outcome: Any, packed: bool) -> None:
+        """``_settle``'s verdict on one run of this launcher's books: record it, and queue the run again if due."""
+        from models.train import CheckpointUnreadable, Diverged, Interrupted, OutOfMemory, Unlabelled
+
+        run_id = flight.spec.run_id
         summary = outcome
         if isinstance(outcome, Exception):  # classify the failure by its cause
             exc = outcome
@@ -835,7 +873,10 @@ class Driver:
                 # checkpoint of other data). A pack's may be one member's, so its runs still retry alone.
                 before_training = isinstance(cause, ValueError) and not flight.stepped and not packed
                 retryable = not (isinstance(cause, (CheckpointUnreadable, Unlabelled)) or before_training)
-                if retryable and flight.tries < self.opts.max_attempts and not self.stopping:
+                # What ended a whole pack may be any one member's: each retries alone at least once, whatever
+                # --max-attempts, so that none fails without having failed on its own. Retries train alone (their
+                # crashes are never ``packed``), so a crash that comes back alone takes the usual rule, not a loop.
+                if (packed or (retryable and flight.tries < self.opts.max_attempts)) and not self.stopping:
                     delay = self.opts.backoff_s * 2 ** (flight.tries - 1)
                     flight.not_before = time.monotonic() + delay
                     self.view.run_retrying(run_id)

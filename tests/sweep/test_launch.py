@@ -506,7 +506,7 @@ def test_losing_the_database_mid_launch_is_a_clear_error(env, write_plan, monkey
 
     monkeypatch.setattr(sweep.launch, "write_results", refused)
     t0 = time.monotonic()
-    with pytest.raises(DatabaseError, match="lost the database: connection refused .retried for 2 s.; runs left running resume"):
+    with pytest.raises(DatabaseError, match="lost the database: connection refused .retried for 2 s.; .*a relaunch resumes the runs from their checkpoints"):
         driver.run([(run.spec, run.name)])
     assert time.monotonic() - t0 >= 2.0
     with engine.connect() as conn:  # the database answered again for the release: the run is free at once
@@ -521,6 +521,67 @@ def test_losing_the_database_mid_launch_is_a_clear_error(env, write_plan, monkey
     with pytest.raises(DatabaseError, match="lost the database: no such table: metrics;"):
         driver.run([(run.spec, run.name)])
     assert time.monotonic() - t0 < 60, "an error no wait cures was retried for the 120 s lease"
+    engine.dispose()
+
+
+def test_losing_the_database_lets_running_runs_checkpoint_before_the_launch_ends(env, write_plan, monkeypatch):
+    """The database gone for good while a run trains: its worker had been cancelled at once, losing every step since its
+    last checkpoint. It is asked to stop as on Ctrl-C (it checkpoints where it got to) and given a bounded time to, and
+    the launch ends in one line saying the database was lost and that a relaunch resumes from the checkpoints."""
+    from sqlalchemy.exc import OperationalError
+
+    import sweep.launch
+    from db.engine import DatabaseError
+
+    # 4,000 steps, far longer than the test, and no checkpoint due before the last one: only a stop writes one.
+    driver, engine, run = _driver_of_one_run(env, write_plan, "d,softmax,32,2,2,64,4,1024000,3e-3,0,2\n",
+                                             lease_timeout_s=2.0, heartbeat_s=0.5, poll_s=0.2, ckpt_every_steps=100000)
+    folder = env["tmp"] / "ckpt" / run.spec.run_id
+    gone = []
+
+    def until_gone(name):
+        real = getattr(sweep.launch, name)
+
+        def call(*args, **kwargs):
+            if gone:
+                raise OperationalError("UPDATE runs", {}, ConnectionRefusedError("connection refused"))
+            if name == "write_results" and any(m["step"] >= 20 for m in args[1]):
+                gone.append(1)  # the server goes away once the run has trained a while
+            return real(*args, **kwargs)
+
+        return call
+
+    for name in ("write_results", "heartbeat", "update_run"):
+        monkeypatch.setattr(sweep.launch, name, until_gone(name))
+    with pytest.raises(DatabaseError) as caught:
+        driver.run([(run.spec, run.name)])
+    assert max(checkpoint_steps(folder), default=0) >= 20, "the worker was cancelled without a checkpoint"
+    message = str(caught.value)
+    assert "\n" not in message and message.startswith("lost the database: connection refused"), message
+    assert "1 running run checkpointed and stopped; a relaunch resumes the runs from their checkpoints" in message, message
+    engine.dispose()
+
+
+def test_a_second_ctrl_c_as_a_result_is_written_leaves_no_run_leased_here(env, write_plan, monkeypatch):
+    """Ctrl-C twice just as a run's result was about to be written: the run, already off the launcher's books, stayed
+    running under this launcher's lease (for other hosts until the lease lapsed). It is released like the others."""
+    import sweep.launch
+
+    driver, engine, run = _driver_of_one_run(env, write_plan, "r,softmax,32,2,2,64,4,5120,3e-3,0,2\n", poll_s=0.2)
+    real = sweep.launch.update_run
+
+    def pressed(*args, **kwargs):
+        if kwargs.get("status") == "done":
+            signal.raise_signal(signal.SIGINT)
+            signal.raise_signal(signal.SIGINT)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sweep.launch, "update_run", pressed)
+    result = driver.run([(run.spec, run.name)])
+    assert result.interrupted
+    with engine.connect() as conn:
+        row = conn.execute(select(Run.status, Run.lease_owner, Run.error).where(Run.run_id == run.spec.run_id)).one()
+    assert tuple(row) == ("pending", None, "cancelled by Ctrl-C"), tuple(row)
     engine.dispose()
 
 

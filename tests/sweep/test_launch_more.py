@@ -123,6 +123,55 @@ def test_a_whole_pack_failing_on_a_value_error_still_retries_its_runs_alone(writ
     engine.dispose()
 
 
+def _run_alone(engine, driver: Driver) -> list[Flight]:
+    """Claim each queued unit again, as the launcher does before its next attempt; returns the flights now in flight."""
+    flights = []
+    for unit in driver.queue:
+        assert len(unit) == 1, "a retry trains alone"
+        [flight] = unit
+        assert driver._claim(flight)
+        driver.flights[flight.spec.run_id] = flight
+        flights.append(flight)
+    driver.queue = []
+    return flights
+
+
+def test_a_whole_pack_crash_retries_each_member_alone_once_even_with_max_attempts_1(write_plan, tmp_path):
+    """`--max-attempts 1`: a pack whose task died as a whole (its worker crashed) had failed all its members, none of
+    them tried alone. Each is retried alone; a member fails only once it has failed on its own, and a crash that comes
+    back the same alone ends it rather than loop."""
+    import dataclasses
+
+    engine, driver, specs = _pack_in_flight(write_plan(THREE), tmp_path)
+    driver.opts = dataclasses.replace(driver.opts, max_attempts=1)
+    ids = sorted(s.run_id for s in specs)
+
+    _finish_pack(driver, specs, _raise(RuntimeError("the pack's worker died")))
+    assert sorted(f.spec.run_id for unit in driver.queue for f in unit) == ids, driver.outcome
+    assert driver.outcome == {}
+    for flight in _run_alone(engine, driver):
+        driver._settle(flight.spec.run_id, RuntimeError("the same crash, alone"))
+    assert driver.queue == [] and driver.outcome == {run_id: "failed" for run_id in ids}
+    with engine.connect() as conn:
+        rows = {r.run_id: (r.status, r.attempts) for r in conn.execute(select(Run.run_id, Run.status, Run.attempts))}
+    engine.dispose()
+    assert rows == {run_id: ("failed", 2) for run_id in ids}
+
+
+def test_a_pack_out_of_memory_still_retries_its_members_alone_at_once(write_plan, tmp_path):
+    """Unchanged by the above: a pack out of memory retries each member alone, with no backoff, whatever --max-attempts."""
+    import dataclasses
+
+    from models.train import OutOfMemory
+
+    engine, driver, specs = _pack_in_flight(write_plan(THREE), tmp_path)
+    driver.opts = dataclasses.replace(driver.opts, max_attempts=1, backoff_s=60.0)
+    _finish_pack(driver, specs, _raise(OutOfMemory(7, 4)))
+    engine.dispose()
+    assert sorted(f.spec.run_id for unit in driver.queue for f in unit) == sorted(s.run_id for s in specs)
+    assert all(len(unit) == 1 and unit[0].not_before == 0.0 for unit in driver.queue)
+
+
 def test_a_stop_while_units_start_claims_no_further_run(write_plan, tmp_path):
     """Ctrl-C (or SIGTERM) landing while the launcher started the units that fit: it went on claiming and submitting
     the rest of them in that pass, each a task that started only to stop, its run claimed (attempts + 1)."""
