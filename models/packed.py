@@ -6,7 +6,8 @@ trains all of them per step, so a GPU runs a few large kernels instead of many s
 member keeps its own data stream, learning-rate schedule, AdamW state (the arithmetic of
 ``torch.optim.AdamW``), gradient clipping, divergence check, reports and checkpoint folder. Checkpoints
 are in ``pretrain``'s format, so a member resumes alone or in another pack, and members may start from
-different steps. A member that diverges stops (its updates are masked); the others go on. A member's step
+different steps. A member that diverges stops (its updates are masked) and, as a lone run, records it in its
+folder, so that it stays diverged in a later attempt; the others go on. A member's step
 without a labelled token leaves that member as it was, as ``pretrain`` leaves a lone run.
 """
 
@@ -34,7 +35,8 @@ from models.train import (
     BETAS, MAX_TRAIN_REPORTS, PEAK_FLOPS_CUDA, CheckpointUnreadable, Diverged, Interrupted, OutOfMemory, Summary,
     Unlabelled,
     _param_groups, _parse_fault, _run_key, build_model, check_resumable, check_spec, checkpoint_steps, decayed,
-    default_microbatch, load_checkpoint, lr_at, model_config, rejected_validation, save_checkpoint, summarize,
+    default_microbatch, load_checkpoint, lr_at, model_config, record_divergence, recorded_divergence,
+    rejected_validation, save_checkpoint, summarize,
 )
 
 log = logging.getLogger(__name__)
@@ -178,8 +180,10 @@ class StackedAdamW:
                 v.mul_(b2).addcmul_(g, g, value=1 - b2)
             else:
                 keep = keep_all.view(shape) > 0
+                # The in-place form's own ops on copies: an active member's moments round exactly as when every
+                # member trains (v * b2 + (1 - b2) * g * g did not), so a pack-mate's divergence changes no one else.
                 m.copy_(torch.where(keep, m.lerp(g, 1 - b1), m))
-                v.copy_(torch.where(keep, v * b2 + (1 - b2) * g * g, v))
+                v.copy_(torch.where(keep, v.mul(b2).addcmul_(g, g, value=1 - b2), v))
             denom = (v.sqrt() / c2_sqrt.view(shape)).add_(ADAM_EPS)
             p.addcdiv_(m * step_size.view(shape), denom, value=-1)
 
@@ -230,7 +234,8 @@ def pretrain_pack(
 ) -> list[Summary | Exception]:
     """Train the runs ``specs`` (one shape) together; returns per member its ``Summary``, the ``Diverged`` /
     ``Interrupted`` that ended it, ``Unlabelled`` where none of its steps had a labelled token, or what kept it from
-    resuming (``CheckpointUnreadable``, or ``ValueError`` for a checkpoint of another run or data). Reports and
+    resuming (``CheckpointUnreadable``, ``ValueError`` for a checkpoint of another run or data, or the ``Diverged`` an
+    earlier attempt recorded). Reports and
     checkpoints per member as ``pretrain`` does.
 
     Raises ``OutOfMemory`` for the pack as a whole (retry the members alone), and any other error. ``faults``
@@ -272,10 +277,14 @@ def pretrain_pack(
         model = build_model(cfg, spec.seed, device)
         stream = Batches(data, spec.seq_len, microbatch, seed=spec.seed)
         try:
+            # A member that diverged in an earlier attempt stays diverged, as a lone run does.
+            earlier = recorded_divergence(ckpt_dir, spec)
+            if earlier is not None:
+                raise earlier
             state = load_checkpoint(ckpt_dir)
             if state is not None:
                 check_resumable(state, spec, data, ckpt_dir)
-        except (CheckpointUnreadable, ValueError) as exc:
+        except (CheckpointUnreadable, ValueError, Diverged) as exc:
             # This member's own folder stops it, as it would stop the run alone; its pack-mates train on (it stays
             # in the stack, never updated, rather than the pack being rebuilt).
             refused[i], state = exc, None
@@ -389,15 +398,13 @@ def pretrain_pack(
                 continue
             reason = rejected_validation(vals[i], specs[i].vocab_size, final=step == total_steps)
             if reason and not math.isfinite(vals[i]):  # as pretrain: not finite on held-out text
-                outcome[i] = Diverged(step, reason)
-                active[i] = False
+                diverge(i, Diverged(step, reason))
                 del vals[i]
                 continue
             reporters[i]("val", {"step": step, "tokens": tokens, "flops": float(fpt) * tokens, "val_loss": vals[i]})
             scored.append(i)
             if reason:  # as pretrain: no better than a uniform guess at the end, recorded and then diverged
-                outcome[i] = Diverged(step, reason)
-                active[i] = False
+                diverge(i, Diverged(step, reason))
                 del vals[i]
         for i in scored:  # after the val reports, as pretrain: a failing eval loses no loss
             try:
@@ -410,6 +417,12 @@ def pretrain_pack(
 
     outcome: list[Summary | Exception | None] = list(refused)
     active = [True] * n  # set per step below; evaluate() clears a member whose validation loss rules it out
+
+    def diverge(i: int, exc: Diverged) -> None:
+        """End member ``i`` as ``exc``, recorded in its folder at once (a later crash of the pack returns nothing)."""
+        record_divergence(ckpt_dirs[i], specs[i], exc)
+        outcome[i] = exc
+        active[i] = False
 
     def ever_labelled(ids: list[int]) -> list[int]:
         """Those of ``ids`` at their last step that ever had a labelled token; the others end ``Unlabelled``."""
@@ -476,8 +489,8 @@ def pretrain_pack(
             for i in range(n):
                 if update[i]:
                     if not (math.isfinite(values[i]) and math.isfinite(norm_values[i])):
-                        outcome[i] = Diverged(steps[i])
-                        active[i] = update[i] = False
+                        diverge(i, Diverged(steps[i]))
+                        update[i] = False
                     else:
                         last_loss[i] = values[i]
             _clip_and_mask(params, specs, update, norms)

@@ -14,10 +14,12 @@ over the last 20% of steps) or ``constant``.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import math
 import os
 import re
+import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -56,6 +58,8 @@ INDUCTOR_OPTIONS = {
 }
 
 _CKPT = re.compile(r"^ckpt-(\d{9})\.pt$")
+#: The file in a run's folder that records its divergence (``record_divergence``).
+DIVERGED_FILE = "diverged.json"
 
 
 class TrainingError(Exception):
@@ -392,6 +396,15 @@ def _write_synced(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
+def _fsync_dir(folder: Path) -> None:
+    """Make the renames into ``folder`` durable."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def save_checkpoint(ckpt_dir: Path, step: int, state: dict, keep: int = 2) -> Path:
     """Write ``state`` atomically (temp file, fsync, rename, fsync dir) with its sha256 beside it (``checksum_path``);
     keep the newest ``keep``."""
@@ -403,22 +416,24 @@ def save_checkpoint(ckpt_dir: Path, step: int, state: dict, keep: int = 2) -> Pa
     side_tmp = ckpt_dir / f".{side.name}.{os.getpid()}.tmp"
     for stale in ckpt_dir.glob(".ckpt-*.tmp"):  # left by a writer killed mid-save (one writer per run: its lease)
         stale.unlink(missing_ok=True)
-    with open(tmp, "wb") as f:
-        out = _HashingWriter(f)
-        torch.save(state, out)
-        f.flush()
-        os.fsync(f.fileno())
-    _write_synced(side_tmp, out.sha256.hexdigest().encode())
+    try:
+        with open(tmp, "wb") as f:
+            out = _HashingWriter(f)
+            torch.save(state, out)
+            f.flush()
+            os.fsync(f.fileno())
+        _write_synced(side_tmp, out.sha256.hexdigest().encode())
+    except BaseException:
+        # A failed write (a full disk, mostly): its partial file would hold the space until the next save.
+        tmp.unlink(missing_ok=True)
+        side_tmp.unlink(missing_ok=True)
+        raise
     # A checksum of an earlier save of this step must never stand beside the new file; killed between the two
     # renames, the checkpoint is left without a checksum, and loads unchecked as older ones do.
     side.unlink(missing_ok=True)
     os.replace(tmp, path)
     os.replace(side_tmp, side)
-    fd = os.open(ckpt_dir, os.O_RDONLY)
-    try:
-        os.fsync(fd)  # make the renames themselves durable
-    finally:
-        os.close(fd)
+    _fsync_dir(ckpt_dir)
     for old in checkpoint_steps(ckpt_dir)[:-keep]:
         checkpoint_path(ckpt_dir, old).unlink(missing_ok=True)
         checksum_path(checkpoint_path(ckpt_dir, old)).unlink(missing_ok=True)
@@ -478,6 +493,44 @@ def load_checkpoint(ckpt_dir: Path) -> dict | None:
         raise CheckpointUnreadable(f"{ckpt_dir} holds no readable checkpoint, only {', '.join(set_aside)}: remove "
                                    "those files to train the run again from step 0")
     return None
+
+
+def record_divergence(ckpt_dir: Path, spec, exc: Diverged) -> None:
+    """Write durably into the run's folder that it diverged (``recorded_divergence`` reads it back); a failed write is
+    logged, not raised. Written when it diverges: a pack that crashes later returns no verdict, and its members are
+    retried alone."""
+    ckpt_dir = Path(ckpt_dir)
+    record = {"run": _run_key(spec), "step": exc.step, "reason": exc.reason}
+    tmp = ckpt_dir / f".{DIVERGED_FILE}.{os.getpid()}.{threading.get_ident()}.tmp"
+    try:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        _write_synced(tmp, json.dumps(record).encode())
+        os.replace(tmp, ckpt_dir / DIVERGED_FILE)
+        _fsync_dir(ckpt_dir)
+    except OSError as e:
+        # The verdict still reaches the launcher with this attempt's Diverged; an OSError in its place (a full disk)
+        # would have the run retried as a crash.
+        tmp.unlink(missing_ok=True)
+        log.warning("could not record the divergence of %s at step %d: %s", ckpt_dir, exc.step, e)
+
+
+def recorded_divergence(ckpt_dir: Path, spec) -> Diverged | None:
+    """The ``Diverged`` recorded in the run's folder (``record_divergence``), or None; ``ValueError`` where the record
+    is another run's."""
+    path = Path(ckpt_dir) / DIVERGED_FILE
+    try:
+        record = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except ValueError as e:  # written by rename, so never cut short: some other program's file
+        raise ValueError(f"{path} is not a divergence record ({e}): remove it to train the run") from None
+    if record.get("run") != _run_key(spec):
+        raise ValueError(f"{ckpt_dir} holds the divergence of another run ({record.get('run', 'one naming no run')})")
+    # Resuming would train on from the last checkpoint before the blow-up, and could get past it (another GPU's
+    # rounding, a pack's against a lone run's): the verdict stands until a person removes the record.
+    log.warning("%s diverged at step %d in an earlier attempt (%s); remove %s to train it again",
+                ckpt_dir, record["step"], record["reason"], path)
+    return Diverged(record["step"], record["reason"])
 
 
 def check_resumable(state: dict, spec, data, ckpt_dir) -> None:
@@ -542,7 +595,8 @@ def pretrain(
     and "ckpt" {step}. Checkpoints: every ``ckpt_every_steps`` steps or ``ckpt_every_s`` seconds, on a stop,
     and at the end (the newest two are kept). Raises ``Diverged`` on a NaN/inf loss, gradient or validation
     loss, or a final validation loss no better than a uniform guess's (``rejected_validation``), ``OutOfMemory``
-    on CUDA OOM, and ``Interrupted`` (after checkpointing) when ``should_stop()`` returns True.
+    on CUDA OOM, and ``Interrupted`` (after checkpointing) when ``should_stop()`` returns True. A divergence is
+    recorded in ``ckpt_dir`` (``record_divergence``): a later attempt raises the same ``Diverged`` without training.
 
     A step whose global batch holds no labelled token (every target -100) leaves the weights and the optimizer as
     they were and reports no "train" loss; a data-parallel rank holding none contributes a zero gradient. A run
@@ -572,6 +626,9 @@ def pretrain(
     overlap_readback = on_cuda if overlap_readback is None else overlap_readback
     fault_kind = _parse_fault(fault)
     check_spec(spec)
+    earlier = recorded_divergence(ckpt_dir, spec)
+    if earlier is not None:
+        raise earlier
 
     cfg = model_config(spec)
     counts = count_params(cfg)
@@ -648,6 +705,13 @@ def pretrain(
         if world > 1:
             torch.distributed.barrier()
 
+    def diverged(step: int, *reason: str) -> Diverged:
+        """The run's ``Diverged`` at ``step``, recorded in its folder first (by rank 0, as checkpoints are)."""
+        exc = Diverged(step, *reason)
+        if rank == 0:
+            record_divergence(ckpt_dir, spec, exc)
+        return exc
+
     def evaluate(step: int) -> float | None:
         try:
             val = validation_loss(model, data, spec.seq_len, device=device, batch=microbatch)
@@ -657,7 +721,7 @@ def pretrain(
         # uniform guess, has no result worth fitting.
         reason = rejected_validation(val, spec.vocab_size, final=step == total_steps)
         if reason and not math.isfinite(val):
-            raise Diverged(step, reason)
+            raise diverged(step, reason)
         tokens = step * tokens_per_step
         if val is not None:  # None: no labelled validation token, so no loss to record
             reporter("val", {"step": step, "tokens": tokens, "flops": float(fpt) * tokens, "val_loss": val})
@@ -668,7 +732,7 @@ def pretrain(
         for name, value in results.items():
             reporter("eval", {"step": step, "name": name, "value": value})
         if reason:  # no better than a uniform guess at the end: its loss and evals are recorded, then it is diverged
-            raise Diverged(step, reason)
+            raise diverged(step, reason)
         return val
 
     model.train()
@@ -692,7 +756,7 @@ def pretrain(
             return
         last_loss = loss()
         if not math.isfinite(last_loss):
-            raise Diverged(done)
+            raise diverged(done)
         if tps is not None:
             tokens = done * tokens_per_step
             reporter("train", {
