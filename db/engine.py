@@ -14,16 +14,22 @@ from urllib.parse import quote, unquote, urlencode
 
 from sqlalchemy import Connection, Engine, create_engine, event, inspect, select, text
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import ArgumentError, NoSuchModuleError, OperationalError
+from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError, OperationalError
+from sqlalchemy.exc import DatabaseError as SADatabaseError
 from sqlalchemy.orm import Session
 from sqlalchemy.util import asbool
 
-from db.schema import SCHEMA_VERSION, Base, Meta
+from db.schema import SCHEMA_VERSION, TABLES, Base, Meta
 
 DEFAULT_URL = "sqlite:///slab.db"
 ENV_VAR = "SLAB_DB"
-#: How long a SQLite connection waits for another writer's lock before failing (milliseconds).
-SQLITE_BUSY_MS = 30_000
+#: How long a SQLite connection waits for another writer's lock before failing (milliseconds). A launcher's writes
+#: hold it for milliseconds and the launcher retries a lock error for a lease, so this bounds only how long a command
+#: waits on a file that another program keeps locked: it then fails within 30 s, not seeming to hang.
+SQLITE_BUSY_MS = 20_000
+#: Seconds a PostgreSQL connection may take to be made (libpq's connect_timeout) where the URL sets none: a server
+#: that accepts the connection but never answers (stopped, or behind a dead proxy) had held a command forever.
+PG_CONNECT_TIMEOUT_S = 10
 #: The SQLite URL forms, for errors about a URL SQLAlchemy rejects.
 SQLITE_FORMS = "a SQLite file is sqlite:///relative/path.db or sqlite:////absolute/path.db"
 #: Said when SQLite fails because this process may not write the file or its folder.
@@ -170,6 +176,10 @@ def _unwritable_file_uri_options(path: Path) -> dict[str, str] | None:
         return None
     if any(Path(f"{path}{suffix}").exists() for suffix in ("-wal", "-shm")):
         return {"mode": "ro"}  # a writer has it open (or left its WAL): read through its -shm
+    if Path(f"{path}-journal").exists():
+        # A writer stopped mid-transaction left its rollback journal: immutable would ignore it and read the half-written
+        # pages as they are. Read-only, SQLite itself sees whether the journal is hot and refuses rather than read them.
+        return {"mode": "ro"}
     # A read-only connection to a WAL database makes a -shm file, which it cannot in a read-only folder and
     # which, made by this process with the file's mode, would lock its owner out of writing. With no -wal,
     # every commit is in the file and no writer is attached, so it is read as immutable (no locks, no -shm).
@@ -256,13 +266,21 @@ def make_engine(url: str | None = None) -> Engine:
         # that host, showing the rest of the password.
         raise DatabaseError(f"bad database URL {shown_url(url)!r}: an @ in its password (or database name) must be "
                             "written %40, as the URL has an @ after the password's")
+    connect_args = {}
+    if (parsed.get_backend_name() == "postgresql" and parsed.get_driver_name() in ("psycopg", "psycopg2")
+            and "connect_timeout" not in parsed.query):
+        connect_args["connect_timeout"] = PG_CONNECT_TIMEOUT_S
     try:
-        return create_engine(url, pool_pre_ping=True)
+        return create_engine(url, pool_pre_ping=True, connect_args=connect_args)
     except NoSuchModuleError:  # a scheme SQLAlchemy has no dialect for ("Can't load plugin" says little)
         raise DatabaseError(f"unknown database kind {parsed.get_backend_name()!r} in {shown_url(url)!r}: expected "
                             f"sqlite:///FILE ({SQLITE_FORMS}) or postgresql+psycopg://USER:PASSWORD@HOST/DB, or another "
                             "SQLAlchemy URL whose driver is installed") from None
-    except Exception as exc:  # missing driver, bad options: say it plainly
+    except ModuleNotFoundError as exc:  # "No module named 'MySQLdb'" did not say that it is the URL's driver
+        raise DatabaseError(f"cannot use database URL {shown_url(url)!r}: its driver, the Python module {exc.name!r}, is "
+                            f"not installed; install it, or name a database of another kind (sqlite:///FILE, or "
+                            "postgresql+psycopg://USER:PASSWORD@HOST/DB)") from None
+    except Exception as exc:  # bad options: say it plainly
         raise DatabaseError(f"cannot use database URL {shown_url(url)!r}: {_first_line(exc)}") from None
 
 
@@ -323,6 +341,62 @@ def _sqlite_engine(url: str, parsed) -> Engine:
     return engine
 
 
+def _driver_message(exc: Exception) -> str:
+    """The database driver's own message of an error, on one line: without SQLAlchemy's wrapping, statement and link."""
+    orig = exc.orig if isinstance(exc, DBAPIError) and exc.orig is not None else exc
+    text = str(orig).split("\n(Background on this error")[0].split("\n[SQL: ")[0]
+    return " ".join(line.strip() for line in text.splitlines() if line.strip()) or type(orig).__name__
+
+
+#: SQLite's words for a state of the file (not of a statement): locked by another process, not a database, damaged.
+FILE_STATES = ("database is locked", "database table is locked", "file is not a database",
+               "database disk image is malformed")
+
+
+def explain(exc: Exception, url: URL | str) -> str:
+    """One line saying why the database of ``url`` failed with ``exc`` (a driver error), and what to do where it is
+    a state of the file the user can act on: locked, damaged, not a database, a journal it cannot roll back."""
+    parsed = make_url(url) if isinstance(url, str) else url
+    detail = _driver_message(exc)
+    path = _sqlite_file(parsed)
+    if path is None:
+        if "timeout expired" in detail:  # libpq's words for a connect_timeout passed
+            if "connect_timeout" in parsed.query:
+                return f"{detail} (the server did not answer within the URL's connect_timeout)"
+            return (f"{detail} (the server did not answer within {PG_CONNECT_TIMEOUT_S:g} s; add ?connect_timeout=SECONDS "
+                    "to the URL to wait longer)")
+        return detail
+    code = getattr(getattr(exc, "orig", None) or exc, "sqlite_errorname", "")
+    if any(state in detail for state in FILE_STATES[:2]):
+        return (f"{path} is locked: another process has held a lock on it for over {SQLITE_BUSY_MS / 1000:g} s (a "
+                "program with the file open in a transaction, or a copy in progress); try again once it has finished")
+    if FILE_STATES[2] in detail:
+        return f"{path} is not a SQLite database (another kind of file, or encrypted): check the path"
+    if FILE_STATES[3] in detail:
+        return (f"{path} is damaged ({detail}), as an interrupted copy or a full disk leaves a file: restore it from a "
+                f"backup, or save what it holds with `sqlite3 {path} .recover`")
+    if code == "SQLITE_READONLY_ROLLBACK":
+        return (f"a writer stopped in the middle of a transaction and left {path.name}-journal, which SQLite must roll "
+                f"back before {path} can be read, and {_why_read_only(parsed)}; open it once where it is writable (any "
+                "slab command does)")
+    if Path(f"{path}-wal").exists() and not Path(f"{path}-shm").exists() and not _writable(path):
+        return (f"{path.name}-wal holds commits not yet in {path}, and reading them needs a {path.name}-shm file, which "
+                f"cannot be made here: {NOT_WRITABLE}; open it once where it is writable (any slab command does)")
+    return _not_writable_hint(parsed, detail)
+
+
+@contextmanager
+def write_errors(engine: Engine, doing: str) -> Iterator[None]:
+    """Raise a driver error of the database's state (locked, damaged, unreachable) inside as one DatabaseError line,
+    ``cannot DOING: why``; errors of the statements themselves (a constraint) propagate as they are."""
+    try:
+        yield
+    except SADatabaseError as exc:
+        if type(exc) not in (SADatabaseError, OperationalError):  # IntegrityError and kin: a statement's fault
+            raise
+        raise DatabaseError(f"cannot {doing}: {explain(exc, engine.url)}") from None
+
+
 def _not_writable_hint(parsed: URL, detail: str) -> str:
     """``detail``, naming the cause when SQLite failed because it may not write the file or its folder (or the URL
     opens it read-only)."""
@@ -378,9 +452,7 @@ def open_db(url: str | None = None, *, create: bool = True) -> Engine:
         raise
     except Exception as exc:
         engine.dispose()
-        detail = _not_writable_hint(engine.url, str(exc).split("\n(Background on this error")[0])  # the link adds nothing
-        detail = " ".join(line.strip() for line in detail.splitlines())  # a driver's hint on a line of its own
-        raise DatabaseError(f"cannot open database {shown_url(url)!r}: {exc.__class__.__name__}: {detail}") from None
+        raise DatabaseError(f"cannot open database {shown_url(url)!r}: {explain(exc, engine.url)}") from None
     return engine
 
 
@@ -401,6 +473,7 @@ def _schema_version(conn: Connection, create: bool) -> int | None:
     """The database's schema version (0 when unrecorded), None where it has no tables; refuse a newer one, and a
     database without tables unless ``create``."""
     if not inspect(conn).has_table(Meta.__tablename__):
+        _refuse_foreign(conn)
         if not create:
             raise DatabaseError("the database has no scalinglab tables; register a plan first with `slab add PLAN`")
         return None
@@ -417,6 +490,22 @@ def _schema_version(conn: Connection, create: bool) -> int | None:
             f"database schema version {version} is newer than this scalinglab's ({SCHEMA_VERSION}); upgrade scalinglab"
         )
     return version
+
+
+def _refuse_foreign(conn: Connection) -> None:
+    """Raise _ForeignDatabase for a database without scalinglab's meta table that holds a table of scalinglab's name,
+    or (a SQLite file) any table or view: another program's, which creating the schema would write into."""
+    # scalinglab makes meta with its other tables, in one transaction: one of them without it is another program's.
+    # A PostgreSQL database is often shared with other programs' tables; a SQLite file is one program's.
+    insp = inspect(conn)
+    names = sorted({*insp.get_table_names(), *insp.get_view_names()})
+    ours = [name for name in names if name in TABLES]
+    if ours:
+        raise _ForeignDatabase(f"it has a table named {ours[0]} but no meta table, which scalinglab makes with its "
+                               "tables")
+    if names and conn.dialect.name == "sqlite":
+        shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        raise _ForeignDatabase(f"it holds another program's tables ({shown}) and none of scalinglab's")
 
 
 def _missing_columns(conn: Connection) -> list:

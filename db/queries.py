@@ -8,6 +8,7 @@ import json
 import os
 import re
 import sqlite3
+import stat
 import uuid
 from dataclasses import fields
 from pathlib import Path
@@ -16,8 +17,9 @@ from typing import Iterator
 import numpy as np
 import pandas as pd
 from sqlalchemy import JSON, BigInteger, Engine, Float, Integer, String, case, cast, func, select, tuple_
+from sqlalchemy.exc import SQLAlchemyError
 
-from db.engine import read_only, reading
+from db.engine import FILE_STATES, explain, read_only, reading
 from db.schema import TABLES, Eval, Metric, Plan, PlanRun, Run, UTCDateTime
 from sweep.spec import RunSpec
 
@@ -27,6 +29,12 @@ EXPORT_FORMATS = ("csv", "parquet")
 
 #: The first words of the statements ``slab sql`` runs (SQLite has no SHOW and TABLE).
 READ_STATEMENTS = ("select", "with", "values", "explain", "show", "table")
+
+#: The most rows ``slab sql`` returns: a frame of a million rows takes about a GB, and a query with no end (a recursive
+#: WITH without a limit) had grown until the system killed the command.
+MAX_SQL_ROWS = 1_000_000
+#: Rows fetched from the driver at a time while counting them against the cap.
+SQL_FETCH_ROWS = 10_000
 
 #: The plan name that selects runs belonging to no plan (a plan re-added without them), in filters and counts.
 NO_PLAN = "-"
@@ -227,9 +235,9 @@ def plan_names(engine: Engine) -> list[str]:
         return list(conn.scalars(select(Plan.name).order_by(Plan.name)))
 
 
-def run_sql(engine: Engine, query: str) -> pd.DataFrame:
+def run_sql(engine: Engine, query: str, max_rows: int | None = MAX_SQL_ROWS) -> pd.DataFrame:
     """Run one read statement (see READ_STATEMENTS) on a read-only connection and return its rows; anything else,
-    or a second statement, raises QueryError.
+    a second statement, or more than ``max_rows`` rows (None: any number) raises QueryError.
 
     This guards against slips, not against a hostile user: a SELECT may still call functions with side effects
     (PostgreSQL's pg_read_file, lo_export, dblink_exec for a superuser). Give untrusted users a read-only role.
@@ -251,7 +259,7 @@ def run_sql(engine: Engine, query: str) -> pd.DataFrame:
         if conn.dialect.name == "postgresql":
             # sole_statement_word reads strings as standard ones, where a backslash is a character.
             conn.exec_driver_sql("SET LOCAL standard_conforming_strings = on")
-        rows, columns = _execute(conn, query)
+        rows, columns = _execute(conn, query, max_rows)
     if rows is None:
         raise QueryError("slab sql is read-only: the statement returned no rows")
     frame = pd.DataFrame(rows, columns=_distinct_names(columns))
@@ -403,9 +411,10 @@ def _comment_end(query: str, i: int, *, nested: bool) -> int:
     return n
 
 
-def _execute(conn, query: str) -> tuple[list | None, list[str]]:
+def _execute(conn, query: str, max_rows: int | None = None) -> tuple[list | None, list[str]]:
     """Run ``query`` on the driver's own cursor, as read by sole_statement_word and with no parameters (SQLAlchemy's
-    text() would take :name in a string literal for one); its rows (None when it returns none) and column names."""
+    text() would take :name in a string literal for one); its rows (None when it returns none) and column names.
+    QueryError when it returns more than ``max_rows`` rows."""
     raw = conn.connection.driver_connection
     cur = raw.cursor()
     try:
@@ -419,9 +428,11 @@ def _execute(conn, query: str) -> tuple[list | None, list[str]]:
             cur.execute(query)
         if cur.description is None:
             return None, []
-        return cur.fetchall(), [c[0] for c in cur.description]
+        return _fetch(cur, max_rows), [c[0] for c in cur.description]
     except conn.dialect.loaded_dbapi.Error as exc:
         message = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        if any(state in message for state in FILE_STATES):  # the file's, not the statement's: say what to do
+            raise QueryError(explain(exc, conn.engine.url)) from None
         if "multiple commands" in message:
             raise QueryError(f"slab sql runs one statement at a time: {message}") from None
         folded = message.replace("-", "").replace(" ", "").lower()
@@ -430,6 +441,21 @@ def _execute(conn, query: str) -> tuple[list | None, list[str]]:
         raise QueryError(message) from None
     finally:
         cur.close()
+
+
+def _fetch(cur, max_rows: int | None) -> list:
+    """The cursor's rows, fetched a batch at a time; QueryError once there are more than ``max_rows``."""
+    # SQLite steps the query as rows are fetched, so the cap also ends a query that would never finish.
+    if max_rows is None:
+        return cur.fetchall()
+    rows: list = []
+    while batch := cur.fetchmany(SQL_FETCH_ROWS):
+        rows += batch
+        if len(rows) > max_rows:
+            raise QueryError(f"the query returns more than {max_rows:,} rows, more than slab sql holds at once: narrow "
+                             "it (a WHERE, a LIMIT, an aggregate), or write a whole table to a file with slab export "
+                             "TABLE --out FILE, which reads it a chunk at a time")
+    return rows
 
 
 def export_format(out: Path, fmt: str | None = None) -> str:
@@ -484,15 +510,21 @@ def export_table(engine: Engine, table: str, fmt: str | None, out: Path) -> int:
             import pyarrow.parquet  # noqa: F401
         except ImportError:
             raise QueryError("parquet export needs pyarrow: pip install 'scalinglab[parquet]'") from None
+    # Through a symbolic link, the file it names is written and the link kept (it had been replaced by a plain file).
+    target = out.resolve() if out.is_symlink() else out
+    if target.exists() and not target.is_file():
+        # A device or a pipe (/dev/null, a FIFO) is written into: put in place, a file had replaced /dev/null itself.
+        return _write_table(engine, table, fmt, target, out)
+    if target.exists() and not os.access(target, os.W_OK):
+        raise QueryError(f"cannot write {out}: the file is read-only (its mode is {stat.filemode(target.stat().st_mode)})")
     # A name of this export's own: two exports to one file at once had shared one temporary file, each truncating and
     # writing it under the other, and put the mix in place.
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
-        # Read and written a chunk at a time, so that a table of millions of metric rows never lies in memory whole.
-        floats = _fractional_columns(engine, TABLES[table])
-        chunks = (_export_columns(c, TABLES[table], floats) for c in _export_chunks(engine, TABLES[table]))
-        rows = _write_csv(chunks, tmp) if fmt == "csv" else _write_parquet(chunks, tmp)
-        tmp.replace(out)
+        rows = _write_table(engine, table, fmt, tmp, out)
+        if target.exists():  # the file replaced keeps who may read it (a private export stays private)
+            os.chmod(tmp, stat.S_IMODE(target.stat().st_mode))
+        tmp.replace(target)
     except OSError as exc:
         raise QueryError(f"cannot write {out}: {exc.strerror or exc}") from None
     finally:
@@ -501,6 +533,20 @@ def export_table(engine: Engine, table: str, fmt: str | None, out: Path) -> int:
         except OSError:  # the write failed too (a read-only folder): its error is the one to report
             pass
     return rows
+
+
+def _write_table(engine: Engine, table: str, fmt: str, path: Path, out: Path) -> int:
+    """Write ``table`` to ``path`` in ``fmt``, reading and writing a chunk at a time; returns the number of rows. An
+    error of the file or of the database is a QueryError naming ``out``."""
+    try:
+        # A chunk at a time, so that a table of millions of metric rows never lies in memory whole.
+        floats = _fractional_columns(engine, TABLES[table])
+        chunks = (_export_columns(c, TABLES[table], floats) for c in _export_chunks(engine, TABLES[table]))
+        return _write_csv(chunks, path) if fmt == "csv" else _write_parquet(chunks, path)
+    except OSError as exc:
+        raise QueryError(f"cannot write {out}: {exc.strerror or exc}") from None
+    except SQLAlchemyError as exc:  # a damaged or locked file, a lost server: nothing is put in place
+        raise QueryError(f"cannot export {table}: reading it failed: {explain(exc, engine.url)}") from None
 
 
 def _export_chunks(engine: Engine, table) -> Iterator[pd.DataFrame]:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from sqlalchemy import Engine, delete, insert, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
-from db.engine import PG_REGISTER_LOCK, serialize, session
+from db.engine import PG_REGISTER_LOCK, serialize, session, write_errors
 from db.schema import Eval, Fit, Metric, Plan, PlanRun, Run, fit_text, utcnow
 
 #: Rows per executemany batch (SQLite caps bound parameters per statement).
@@ -69,7 +69,8 @@ def insert_ignore(engine: Engine, table):
 def register_plan(engine: Engine, name: str, path: str, sha256: str, runs: Sequence[RunRow]) -> Registered:
     """Record a plan and its runs (pending unless known); re-registering is a no-op, an edited plan is relinked."""
     ids = list(dict.fromkeys(r.run_id for r in runs))
-    with session(engine) as s:
+    # A command's own write: a file locked past the busy timeout, or damaged, is one line for it, not a traceback.
+    with write_errors(engine, f"register plan {name}"), session(engine) as s:
         # Two launches of one plan at once would both insert it (PostgreSQL reads committed data only).
         serialize(s, PG_REGISTER_LOCK)
         known: set[str] = set()
@@ -219,7 +220,7 @@ def write_results(engine: Engine, metrics: Sequence[dict], evals: Sequence[dict]
 
 def save_fit(engine: Engine, *, method: str, source: str, n_points: int, result: dict, plan: str | None = None, arch: str | None = None) -> int:
     """Store a fit (its ``to_dict()``) and return its id."""
-    with session(engine) as s:
+    with write_errors(engine, "store the fit"), session(engine) as s:
         fit = Fit(plan=plan, arch=arch, method=method, source=source, n_points=n_points, result=result)
         s.add(fit)
         s.flush()

@@ -80,10 +80,17 @@ def test_opening_waits_for_another_process_creating_the_file(tmp_path):
     import threading
     import time
 
+    from sqlalchemy.dialects import sqlite
+    from sqlalchemy.schema import CreateTable
+
+    from db.schema import SCHEMA_VERSION, Base
+
     path = tmp_path / "race.db"
     other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     other.execute("BEGIN IMMEDIATE")
-    other.execute("CREATE TABLE t (x)")
+    for table in Base.metadata.sorted_tables:  # the other launcher creates scalinglab's tables (any other is refused)
+        other.execute(str(CreateTable(table).compile(dialect=sqlite.dialect())))
+    other.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
     threading.Timer(0.5, other.execute, ("COMMIT",)).start()
     t0 = time.monotonic()
     engine = open_db(f"sqlite:///{path}")
