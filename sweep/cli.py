@@ -28,7 +28,9 @@ try:  # a typer that carries its own click (typer._click, as 0.29 does) raises t
 except ImportError:  # an older typer, over click
     from click.exceptions import ClickException, UsageError
 
-from db.engine import DatabaseError, open_db, resolve_url
+from sqlalchemy.exc import DBAPIError
+
+from db.engine import DatabaseError, explain, open_db, resolve_url
 from sweep.plan import DEFAULT_MAX_RUNS, Plan, PlanError, cost_plans, load_plans, si
 
 #: Whether a usage error is printed here as one line (a standalone run of the command, as `slab` and CliRunner run it)
@@ -47,11 +49,19 @@ def _help_of(ctx) -> str:
 
 
 @contextmanager
-def _one_line_errors():
+def _one_line_errors(ctx=None):
     """Print a click error as slab prints its own, ``error: message`` on one line of stderr, and exit with its code
     (2 for a usage error, which names the command's help at the end of the line)."""
     try:
         yield
+    except DatabaseError as exc:  # raised past a command's own handlers (a damaged page found by a read)
+        if not _ONE_LINE_ERRORS.get():
+            raise
+        fail(str(exc))
+    except DBAPIError as exc:  # a database that opened and then failed: a damaged page, a lost server, a lock
+        if not _ONE_LINE_ERRORS.get():
+            raise
+        fail(f"the database failed: {explain(exc, resolve_url(((ctx and ctx.obj) or {}).get('db')))}")
     except ClickException as exc:
         # NoArgsIsHelpError (`slab` alone, `slab bench` alone) has printed the help already, and keeps its exit 2
         if not _ONE_LINE_ERRORS.get() or type(exc).__name__ == "NoArgsIsHelpError":
@@ -79,7 +89,7 @@ class SlabGroup(TyperGroup):
             return super().make_context(info_name, args, parent=parent, **extra)
 
     def invoke(self, ctx):
-        with _one_line_errors():
+        with _one_line_errors(ctx):
             return super().invoke(ctx)
 
 
@@ -603,7 +613,15 @@ def sql(
         frame = run_sql(_engine(ctx), query)
     except QueryError as exc:
         fail(str(exc))
+    if fmt is Format.table and len(frame) > SQL_TABLE_ROWS:  # a table draws about 2,000 rows a second
+        err.print(f"note: showing the first {SQL_TABLE_ROWS:,} of {len(frame):,} rows; --csv or --json prints them all",
+                  highlight=False, markup=False)
+        frame = frame.head(SQL_TABLE_ROWS)
     _emit(frame, fmt)
+
+
+#: Rows `slab sql` draws as a table (600,000 had taken over two minutes and 4 GB); --csv and --json print all.
+SQL_TABLE_ROWS = 1_000
 
 
 class ExportFormat(str, Enum):
