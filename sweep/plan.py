@@ -32,6 +32,7 @@ import operator
 import re
 import string
 from dataclasses import dataclass, field
+from decimal import Decimal
 from pathlib import Path
 from typing import Any, Callable
 
@@ -66,6 +67,9 @@ PASSKEY_MIN_SEQ_LEN = 104
 MQAR_PAIRS_DIVISOR = 16
 #: Seeds are below this: torch.manual_seed takes an unsigned 64-bit integer (numpy's generators take any size).
 MAX_SEED = 2**64
+#: The most layers a run may have: counting its parameters walks its layers (models.config.count_params), about 0.1 s
+#: for this many, where 1B hung slab plan. Ten times the deepest Transformer trained (DeepNet's 1,000).
+MAX_LAYERS = 10_000
 #: Spreadsheet formats to save as .csv or .xlsx first (read as CSV they would fail as "not UTF-8 text").
 _OTHER_SHEETS = (".ods", ".xls", ".xlsb", ".numbers")
 _FORMULA = "spreadsheet formula; enter plan expressions as text (prefix with ')"
@@ -88,7 +92,7 @@ COLUMNS: dict[str, Column] = {
                                 "of the spec or derived names, with a format such as {lr:.0e}, e.g. {arch}-{params}"),
     "arch": Column("str", None, "softmax | lightning | hybrid | hgrn2 | mamba2 (required)"),
     "d_model": Column("int", None, "model width (or give params)"),
-    "n_layers": Column("int", None, "number of blocks (or give params)"),
+    "n_layers": Column("int", None, f"number of blocks, at most {MAX_LAYERS:,} (or give params)"),
     "n_heads": Column("int", None, "attention heads; default d_model // 64"),
     "params": Column("float", None, "target non-embedding size, resolved by models.config.shape_for_params (a hybrid's "
                                     "layers in whole periods); in an expression, params is the total count"),
@@ -131,6 +135,7 @@ def column_reference() -> list[dict[str, str]]:
 
 
 _NUM_SUFFIX = {"k": 1e3, "K": 1e3, "M": 1e6, "B": 1e9, "G": 1e9, "T": 1e12}
+_SUFFIX_DIGITS = {suffix: round(math.log10(scale)) for suffix, scale in _NUM_SUFFIX.items()}
 _INT_RE = re.compile(r"^[+-]?\d+$")
 _NUM_RE = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?([kKMBGT])?$")
 # A '+' right after an exponent's e belongs to the number (1e+1..1e+2*2); any other '+' is the step.
@@ -205,16 +210,23 @@ class Plan:
 
 def read_rows(path: Path) -> list[tuple[int, list[str]]]:
     """The file's non-comment, non-blank rows as (line number, cells); raises PlanError if unreadable."""
+    return _read_plan_file(path)[1]
+
+
+def _read_plan_file(path: Path) -> tuple[bytes, list[tuple[int, list[str]]]]:
+    """The file's bytes, read once, and its rows as read_rows gives them."""
     where = str(path)
-    if path.suffix.lower() in (".xlsx", ".xlsm"):
-        return _read_xlsx(path)
     if path.suffix.lower() in _OTHER_SHEETS:
         message = "only .csv and .xlsx plans are read: save this sheet as .csv or .xlsx"
         raise PlanError([PlanIssue(where, None, None, message)])
     try:
+        # Read once, and digested from these bytes: a second read gets nothing from a pipe (slab add <(...)), and may
+        # get another version of a file being saved.
         raw = path.read_bytes()
     except OSError as exc:
         raise PlanError([PlanIssue(where, None, None, f"cannot read the file: {exc.strerror or exc}")]) from None
+    if path.suffix.lower() in (".xlsx", ".xlsm"):
+        return raw, _read_xlsx(where, raw)
     head = raw[:64]
     if raw.startswith((b"\xff\xfe", b"\xfe\xff")) or (len(head) >= 4 and not (any(head[0::2]) and any(head[1::2]))):
         # Excel's "Unicode Text": without its BOM, UTF-8 decoding would pass and every name read 'a\x00r\x00c...'
@@ -230,7 +242,7 @@ def read_rows(path: Path) -> list[tuple[int, list[str]]]:
         raise PlanError(
             [PlanIssue(where, line, None, f"not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start})")]
         ) from None
-    return _read_csv(where, text)
+    return raw, _read_csv(where, text)
 
 
 class _Lines:
@@ -276,7 +288,11 @@ def _read_csv(where: str, text: str) -> list[tuple[int, list[str]]]:
             try:
                 cells = next(lenient)
             except csv.Error as exc:
-                issues.append(PlanIssue(where, lineno, None, f"cannot read this row as CSV: {exc}"))
+                message = f"cannot read this row as CSV: {exc}"
+                if "field larger than field limit" in str(exc):  # csv's words for it: say which limit, in characters
+                    limit = csv.field_size_limit()
+                    message = f"a cell of this row is longer than {limit:,} characters, the most a CSV cell may hold"
+                issues.append(PlanIssue(where, lineno, None, message))
                 continue
         cells = [c.strip() for c in cells]
         if not any(cells):  # a spreadsheet saves a blank row as bare commas: a blank line, not a row to expand
@@ -289,22 +305,27 @@ def _read_csv(where: str, text: str) -> list[tuple[int, list[str]]]:
     return rows
 
 
-def _read_xlsx(path: Path) -> list[tuple[int, list[str]]]:
+def _read_xlsx(where: str, raw: bytes) -> list[tuple[int, list[str]]]:
     try:
         import openpyxl
     except ImportError:
         raise PlanError(
-            [PlanIssue(str(path), None, None, "reading .xlsx plans needs openpyxl: pip install 'scalinglab[xlsx]'")]
+            [PlanIssue(where, None, None, "reading .xlsx plans needs openpyxl: pip install 'scalinglab[xlsx]'")]
         ) from None
     from openpyxl.utils import get_column_letter
 
     try:
         # Not data_only: a formula must be seen as one, since its cached value is None or '#NAME?'.
-        sheet = openpyxl.load_workbook(path, read_only=True).worksheets[0]
+        sheet = openpyxl.load_workbook(io.BytesIO(raw), read_only=True).worksheets[0]
     except Exception as exc:
-        raise PlanError([PlanIssue(str(path), None, None, f"cannot read the workbook: {exc}")]) from None
+        raise PlanError([PlanIssue(where, None, None, f"cannot read the workbook: {_clip(str(exc))}")]) from None
+    try:
+        # read_only parses each sheet's XML as its rows are read: a broken one fails here, not in load_workbook
+        sheet_rows = [tuple(row) for row in sheet.iter_rows()]
+    except Exception as exc:
+        raise PlanError([PlanIssue(where, None, None, f"cannot read the workbook: {_clip(str(exc))}")]) from None
     rows, issues = [], []
-    for lineno, row in enumerate(sheet.iter_rows(), start=1):
+    for lineno, row in enumerate(sheet_rows, start=1):
         cells = ["" if c.value is None else _xlsx_text(c.value) for c in row]
         while cells and not cells[-1]:
             cells.pop()
@@ -314,7 +335,7 @@ def _read_xlsx(path: Path) -> list[tuple[int, list[str]]]:
         header = rows[0][1] if rows else []
         for i in formulas:
             column = (header[i] if i < len(header) else "") or get_column_letter(i + 1)
-            issues.append(PlanIssue(str(path), lineno, column, _FORMULA))
+            issues.append(PlanIssue(where, lineno, column, _FORMULA))
         # A sheet cannot tell a missing cell from an empty one, and trailing empties were dropped above: a short
         # row here is one with empty cells, so it takes the defaults rather than failing as a short CSV row does.
         if rows and len(cells) < len(header):
@@ -380,7 +401,7 @@ def parse_expr(text: str) -> Expr:
     try:
         tree = ast.parse(body, mode="eval")
     except SyntaxError as exc:
-        raise CellError(f"expression syntax error in {text!r}: {exc.msg}") from None
+        raise CellError(f"expression syntax error in {_clip(text)!r}: {exc.msg}") from None
     except (MemoryError, RecursionError):  # how the parser refuses very deep nesting, e.g. 10,000 minus signs
         raise CellError(f"expression {text[:40]!r}... is too deeply nested") from None
     nodes = list(ast.walk(tree))
@@ -392,24 +413,24 @@ def parse_expr(text: str) -> Expr:
             names.add(node.id)
         elif isinstance(node, ast.Call):
             if not isinstance(node.func, ast.Name) or node.func.id not in _FUNCS or node.keywords:
-                raise CellError(f"in {text!r}: only min(), max() and round() may be called")
+                raise CellError(f"in {_clip(text)!r}: only min(), max() and round() may be called")
             fewest, most = _ARITY[node.func.id]
             if len(node.args) < fewest:
                 need = "at least two arguments" if most is None else "an argument"
-                raise CellError(f"in {text!r}: {node.func.id}() needs {need}")
+                raise CellError(f"in {_clip(text)!r}: {node.func.id}() needs {need}")
             if most is not None and len(node.args) > most:
-                raise CellError(f"in {text!r}: {node.func.id}() takes at most {most} arguments")
+                raise CellError(f"in {_clip(text)!r}: {node.func.id}() takes at most {most} arguments")
         elif isinstance(node, ast.Constant):
             if not isinstance(node.value, (int, float)) or isinstance(node.value, bool):
-                raise CellError(f"in {text!r}: only numbers are allowed as constants, got {node.value!r}")
+                raise CellError(f"in {_clip(text)!r}: only numbers are allowed as constants, got {node.value!r}")
             try:
                 finite = math.isfinite(float(node.value))
             except OverflowError:  # an integer literal beyond the float range
                 finite = False
             if not finite:
-                raise CellError(f"in {text!r}: number too large")
+                raise CellError(f"in {_clip(text)!r}: number too large")
         elif not isinstance(node, (ast.Expression, ast.BinOp, ast.UnaryOp, ast.Load, ast.USub, ast.UAdd, *_BINOPS)):
-            raise CellError(f"in {text!r}: {type(node).__name__} is not allowed in an expression")
+            raise CellError(f"in {_clip(text)!r}: {type(node).__name__} is not allowed in an expression")
     names -= set(_FUNCS)
     return Expr(text, tree, frozenset(names))
 
@@ -432,37 +453,37 @@ def eval_expr(expr: Expr, lookup: Callable[[str], float]) -> float:
             try:
                 value = _BINOPS[type(node.op)](left, right)
             except ZeroDivisionError:
-                raise CellError(f"division by zero in {expr.text!r}") from None
+                raise CellError(f"division by zero in {_clip(expr.text)!r}") from None
             except OverflowError:
-                raise CellError(f"number too large in {expr.text!r}") from None
+                raise CellError(f"number too large in {_clip(expr.text)!r}") from None
             if isinstance(value, complex):  # a negative number to a fractional power
-                raise CellError(f"{expr.text!r} is not a real number")
+                raise CellError(f"{_clip(expr.text)!r} is not a real number")
             # Float arithmetic overflows to inf silently; stop here, before round() fails on it.
             if not math.isfinite(value):
-                raise CellError(f"number too large in {expr.text!r}")
+                raise CellError(f"number too large in {_clip(expr.text)!r}")
             return float(value)
         if isinstance(node, ast.Call):
             args = [ev(a) for a in node.args]
             try:
                 return float(_FUNCS[node.func.id](*args))
             except OverflowError:  # round(1.7e308, -308)
-                raise CellError(f"number too large in {expr.text!r}") from None
-        raise CellError(f"cannot evaluate {expr.text!r}")  # unreachable after parse_expr's whitelist
+                raise CellError(f"number too large in {_clip(expr.text)!r}") from None
+        raise CellError(f"cannot evaluate {_clip(expr.text)!r}")  # unreachable after parse_expr's whitelist
 
     value = ev(expr.tree)
     if not math.isfinite(value):
-        raise CellError(f"{expr.text!r} is not finite ({value})")
+        raise CellError(f"{_clip(expr.text)!r} is not finite ({value})")
     return value
 
 
 def parse_number(text: str, expected: str = "a number") -> float:
     """A number cell, allowing suffixes k, M, B (or G) and T: ``10M`` -> 1e7."""
     if not _NUM_RE.match(text):
-        raise CellError(f'expected {expected}, got "{text}"')
+        raise CellError(f"expected {expected}, got {_quoted(text)}")
     scale = _NUM_SUFFIX.get(text[-1], 1.0)
     value = float(text[:-1] if scale != 1.0 else text) * scale
     if not math.isfinite(value):
-        raise CellError(f'number too large: "{text}"')
+        raise CellError(f"number too large: {_quoted(text)}")
     return value
 
 
@@ -480,26 +501,33 @@ def parse_range(text: str, limit: int | None = None) -> list[float]:
     DEFAULT_MAX_RUNS) is an error."""
     m = _RANGE_RE.match(text)
     if not m or "..." in text:
-        raise CellError(f"malformed range {text!r}: expected start..end*ratio or start..end+step")
+        raise CellError(f"malformed range {_clip(text)!r}: expected start..end*ratio or start..end+step")
     try:
         a, b, s = (parse_number(m.group(k).strip()) for k in ("a", "b", "s"))
     except CellError as exc:
-        raise CellError(f"malformed range {text!r}: {exc}") from None
+        raise CellError(f"malformed range {_clip(text)!r}: {exc}") from None
     if a > b:
-        raise CellError(f"empty range {text!r}: the start {_show(a)} is greater than the end {_show(b)}")
+        raise CellError(f"empty range {_clip(text)!r}: the start {_show(a)} is greater than the end {_show(b)}")
     geometric = m.group("op") == "*"
     if geometric and (s <= 1 or a <= 0):
-        raise CellError(f"malformed range {text!r}: a geometric range needs start > 0 and ratio > 1")
+        raise CellError(f"malformed range {_clip(text)!r}: a geometric range needs start > 0 and ratio > 1")
     if not geometric and s <= 0:
-        raise CellError(f"malformed range {text!r}: the step must be positive")
+        raise CellError(f"malformed range {_clip(text)!r}: the step must be positive")
     limit = DEFAULT_MAX_RUNS if limit is None else limit
+    too_many = CellError(f"the range {_clip(text)!r} has more than {limit:,} values, so the plan expands to more "
+                         f"than {limit:,} runs (raise --max-runs)")  # refused, not cut short to fewer runs than it asks
+    if not geometric:
+        # Counted in steps: a step below the ends' float resolution (1e20..1e20+1) never passes a tolerance on the end.
+        steps = (b - a) / s + 1e-9
+        if not steps < limit:
+            raise too_many
+        return [a + i * s for i in range(math.floor(steps) + 1)]
     out, x, eps = [], a, 1e-9 * max(abs(a), abs(b))  # relative: a range of 1e-10s ends at its end too
     while x <= b + eps:
-        if len(out) == limit:  # refused, not cut short: a cut range would plan fewer runs than the cell asks for
-            raise CellError(f"the range {text!r} has more than {limit:,} values, so the plan expands to more than "
-                            f"{limit:,} runs (raise --max-runs)")
+        if len(out) == limit:
+            raise too_many
         out.append(x)
-        x = x * s if geometric else a + len(out) * s
+        x = x * s
     return out
 
 
@@ -520,7 +548,7 @@ def parse_cell(column: str, text: str, max_items: int | None = None) -> list[Any
         return [text]
     items = [p.strip() for p in text.split("|")]
     if any(not p for p in items):
-        raise CellError(f"empty item in list {text!r}")
+        raise CellError(f"empty item in list {_clip(text)!r}")
     if col.kind == "str":
         return items
     expected = "a number"
@@ -532,9 +560,26 @@ def parse_cell(column: str, text: str, max_items: int | None = None) -> list[Any
             values.extend(parse_range(item, max_items))
         elif col.kind == "int" and _INT_RE.match(item) and len(item) <= 40:
             values.append(int(item))  # exactly: as a float, seed 2**53 + 1 would be 2**53, and 2**64 - 1 be 2**64
+        elif col.kind == "int":
+            values.append(_whole_number(item, expected))
         else:
             values.append(parse_number(item, expected))
     return values
+
+
+def _whole_number(text: str, expected: str) -> float | int:
+    """A number cell of a whole-number column: exactly the integer it writes (9007199254740993.0, 1.5k), else its
+    float, which the column's check refuses."""
+    value = parse_number(text, expected)
+    shift = _SUFFIX_DIGITS.get(text[-1], 0)
+    # Decimal, not Fraction: a digit count or an exponent in the millions costs it nothing (Fraction builds 10**exp)
+    sign, digits, exponent = Decimal(text[:-1] if shift else text).as_tuple()
+    exact = Decimal((sign, digits, exponent + shift))  # the suffix as digits: Decimal's arithmetic would round
+    if exact == exact.to_integral_value():
+        return int(exact)
+    if value == int(value):  # a fraction whose float is whole (1e-400 is 0.0): refused, not read as that whole
+        raise CellError(f"expected {expected}, got {_quoted(text)}")
+    return value
 
 
 # ---------------------------------------------------------------- resolution
@@ -585,11 +630,11 @@ class _Resolver:
     def numeric(self, name: str) -> float:
         if name not in COLUMNS and name not in DERIVED:
             known = ", ".join(sorted(set(COLUMNS) | set(DERIVED)))
-            raise CellError(f"unknown name {name!r} in expression (known: {known})")
+            raise CellError(f"unknown name {_clip(name)!r} in expression (known: {known})")
         self.total_params_read |= name == "params"
         value = self.get("_params" if name == "params" else name)
         if isinstance(value, str) or value is None:
-            raise CellError(f"{name!r} is not a number here (it is {value!r})")
+            raise CellError(f"{name!r} is not a number here (it is {_clip(value)!r})")
         return float(value)
 
     def _cell(self, column: str) -> Any:
@@ -641,7 +686,14 @@ class _Resolver:
                 raise _ColumnError("params", "give params or d_model/n_layers, not both")
             # A hybrid's layers come in whole periods, so a ladder of sizes keeps one softmax share.
             period = self._hybrid_period() if arch == "hybrid" else 1
-            d_model, n_layers, n_heads = shape_for_params(_positive(self.get("params"), "params", integer=False), period)
+            target = _positive(self.get("params"), "params", integer=False)
+            d_model, n_layers, n_heads = shape_for_params(target, period)
+            if n_layers > MAX_LAYERS:
+                if period > MAX_LAYERS:
+                    raise _ColumnError("hybrid", f"a period of {_count(period)} layers; a model has at most "
+                                                 f"{MAX_LAYERS:,} layers")
+                raise _ColumnError("params", f"params {target:.3g} gives a model of {_count(n_layers)} layers "
+                                             f"(models.config.shape_for_params); a model has at most {MAX_LAYERS:,}")
             # known before n_heads is read, so that an n_heads cell such as =d_model/128 may read them
             self.values.update(d_model=d_model, n_layers=n_layers)
             if shape["n_heads"] is not None:
@@ -652,6 +704,8 @@ class _Resolver:
                 raise _ColumnError(missing[0], "a size is needed: give d_model and n_layers, or params")
             d_model = _positive_int(self.get("d_model"), "d_model")
             n_layers = _positive_int(self.get("n_layers"), "n_layers")
+            if n_layers > MAX_LAYERS:
+                raise _ColumnError("n_layers", f"expected at most {MAX_LAYERS:,} layers, got {_count(n_layers)}")
             if shape["n_heads"] is None:
                 n_heads = max(1, d_model // 64)
                 if d_model % n_heads:
@@ -666,6 +720,10 @@ class _Resolver:
             raise _ColumnError("n_heads", f"d_model {d_model} is not divisible by n_heads {n_heads}")
         hybrid = ""
         if arch == "hybrid":
+            cell = str(self.get("hybrid")).strip()
+            if cell.isdigit() and not cell.isdecimal():  # '²' passes isdigit, not int(): hybrid_pattern's ValueError
+                raise _ColumnError("hybrid", f"expected a period (a whole number) or a pattern of L and S, "
+                                             f"got {_clip(cell)!r}")
             try:
                 hybrid = hybrid_pattern(self.get("hybrid"), n_layers)
             except ValueError as exc:
@@ -676,13 +734,16 @@ class _Resolver:
         try:
             return ModelConfig(arch, d_model, n_layers, n_heads, vocab, hybrid)
         except ValueError as exc:  # a shape the checks above let through, e.g. an odd head width for softmax
-            raise _ColumnError("n_heads", str(exc)) from None
+            # in the cell the row gives: with no n_heads cell its default came from d_model (or params)
+            given = next((c for c in ("n_heads", "d_model", "params") if self.cells.get(c) is not None), "n_heads")
+            raise _ColumnError(given, str(exc)) from None
 
     def _hybrid_period(self) -> int:
-        value = self.get("hybrid")
-        if value is None or not str(value).strip() or set(str(value).strip().upper()) - set("LS0123456789"):
+        text = str(self.get("hybrid") or "").strip().upper()
+        # As hybrid_pattern reads the cell: a period in any decimal digits (８ is 8), else a pattern of L and S.
+        if not text or (not text.isdecimal() and set(text) - {"L", "S"}):
             return 1  # not a pattern: hybrid_pattern names the problem below
-        return max(1, hybrid_period(value))
+        return max(1, hybrid_period(text))
 
     def vocab(self) -> int:
         data = self.get("data")
@@ -692,7 +753,7 @@ class _Resolver:
         if "mqar" in parts:
             return MQAR_VOCAB_SIZE
         if any(p.endswith(".bin") for p in parts):
-            raise _ColumnError("vocab", f"data {data!r} is a .bin of token ids: give its vocab")
+            raise _ColumnError("vocab", f"data {_clip(data)!r} is a .bin of token ids: give its vocab")
         return BYTE_VOCAB_SIZE
 
 
@@ -718,7 +779,8 @@ _UNREADABLE = object()
 
 
 def _positive(value: Any, column: str, integer: bool = True) -> float:
-    if not isinstance(value, (int, float)) or not value > 0 or (integer and float(value) != int(value)):
+    # value != int(value), not float(value) != int(value): as a float, 10**30 is not the integer 10**30
+    if not isinstance(value, (int, float)) or not value > 0 or (integer and value != int(value)):
         kind = "a positive integer" if integer else "a positive number"
         raise _ColumnError(column, f"expected {kind}, got {_show(value)}")
     return value
@@ -726,6 +788,28 @@ def _positive(value: Any, column: str, integer: bool = True) -> float:
 
 def _positive_int(value: Any, column: str) -> int:
     return int(_positive(value, column))
+
+
+#: The most characters of a cell that a message quotes: past it, one line would hold a 100,000-character cell whole.
+_QUOTE_CHARS = 80
+
+
+def _clip(text: Any) -> Any:
+    """A cell's text as a message quotes it: a long one cut to its start and end around '...'; other values as is."""
+    if not isinstance(text, str) or len(text) <= _QUOTE_CHARS:
+        return text
+    return f"{text[:50]}...{text[-25:]}"
+
+
+def _quoted(text: str) -> str:
+    """A cell's text in double quotes, as typed; escaped where it holds characters a terminal does not show."""
+    # '6\u200b4' (a zero-width space) had read 'got "64"' on the screen
+    return f'"{_clip(text)}"' if text.isprintable() else ascii(_clip(text))
+
+
+def _count(n: float) -> str:
+    """A whole count as a message writes it: exact with thousands separators, or to three figures from 1e15."""
+    return f"{int(n):,}" if abs(n) < 1e15 else f"{n:.3g}"
 
 
 def _show(value: Any) -> str:
@@ -736,7 +820,10 @@ def _show(value: Any) -> str:
 
 def _data_path(source: str, base_dir: Path) -> Path:
     """A data cell's file part as a path: relative ones are relative to the plan's folder."""
-    path = Path(source).expanduser()
+    try:
+        path = Path(source).expanduser()
+    except RuntimeError:  # how pathlib says that ~name is no user's home
+        raise CellError(f"data path {_clip(source)!r}: no home folder for {_clip(source.split('/')[0])!r}") from None
     return path if path.is_absolute() else base_dir / path
 
 
@@ -747,7 +834,10 @@ def resolve_data(data: str, base_dir: Path) -> str:
         source, _, weight = part.partition("@")
         source, weight = source.strip(), weight.strip()
         if source not in DATA_SOURCES:
-            source = str(_data_path(source, base_dir).resolve())
+            try:
+                source = str(_data_path(source, base_dir).resolve())
+            except CellError:  # a ~name of no user: kept as written, which names no stored run's data
+                pass
         parts.append(source + (f"@{_weight_text(weight)}" if weight else ""))
     return "+".join(parts)
 
@@ -772,18 +862,24 @@ def _data_value(data: str, base_dir: Path, digests: dict[str, str | CellError] |
             try:
                 w = float(weight)
             except ValueError:
-                raise CellError(f"mixture weight in {part!r} must be a number") from None
+                raise CellError(f"mixture weight in {_clip(part)!r} must be a number") from None
             if not 0 < w < 1:
-                raise CellError(f"mixture weight in {part!r} must be between 0 and 1")
+                raise CellError(f"mixture weight in {_clip(part)!r} must be between 0 and 1")
         if source in names:
-            raise CellError(f"{source!r} appears twice in the mixture {data!r}: give it once, with its weight")
+            raise CellError(f"{_clip(source)!r} appears twice in the mixture {_clip(data)!r}: give it once, with its "
+                            "weight")
         names.append(source)
         if source not in DATA_SOURCES:
             path = _data_path(source, base_dir)
-            if path.suffix not in (".txt", ".bin") and not path.is_dir():
-                raise CellError(f"unknown data {source!r}: expected {', '.join(DATA_SOURCES)}, or a .txt/.bin path")
-            if not path.exists():
-                raise CellError(f"data path {path} does not exist")
+            try:
+                is_dir, exists = path.is_dir(), path.exists()
+            except OSError as exc:  # not ENOENT, which is_dir and exists answer False: a name too long, say
+                raise CellError(f"data path {_clip(str(path))}: {exc.strerror or exc}") from None
+            if path.suffix not in (".txt", ".bin") and not is_dir:
+                raise CellError(f"unknown data {_clip(source)!r}: expected {', '.join(DATA_SOURCES)}, or a .txt/.bin "
+                                "path")
+            if not exists:
+                raise CellError(f"data path {_clip(str(path))} does not exist")
             source = str(path.resolve())
             if source not in digests:
                 try:
@@ -828,7 +924,7 @@ def _build_spec(r: _Resolver, base_dir: Path, digests: dict[str, str | CellError
     def text(col: str, choices: tuple[str, ...] | None = None) -> str:
         value = str(r.get(col))
         if choices and value not in choices:
-            raise _ColumnError(col, f"expected one of {', '.join(choices)}, got {value!r}")
+            raise _ColumnError(col, f"expected one of {', '.join(choices)}, got {_clip(value)!r}")
         return value
 
     def data_value() -> tuple[str, str]:
@@ -849,7 +945,7 @@ def _build_spec(r: _Resolver, base_dir: Path, digests: dict[str, str | CellError
         evals = tuple(e for e in text("evals").split("|") if e)
         bad = [e for e in evals if e not in EVALS]
         if bad:
-            raise _ColumnError("evals", f"expected evals among {', '.join(EVALS)}, got {bad[0]!r}")
+            raise _ColumnError("evals", f"expected evals among {', '.join(EVALS)}, got {_clip(bad[0])!r}")
         return evals
 
     data, data_digest = attempt(data_value) or (None, "")
@@ -873,13 +969,16 @@ def _build_spec(r: _Resolver, base_dir: Path, digests: dict[str, str | CellError
     gpus = attempt(num, "gpus", lambda v: v > 0 and (v <= 1 or v == int(v)), "a fraction in (0, 1] or a whole number")
     # Caught here, not when every run of the plan fails at launch.
     if data is not None and cfg is not None and seq_len is not None and evals is not None:
-        errors += _data_fit_errors(data, cfg, seq_len, evals)
+        errors += _data_fit_errors(data, cfg, seq_len, evals, r.cells.get("seq_len") is not None)
     if data is not None and seq_len is not None and evals is not None:
         errors += _corpus_fit_errors(data, seq_len, evals, splits)
     # Each data-parallel worker trains an equal slice of every batch; caught here, not after every attempt at launch.
     if gpus is not None and batch is not None and gpus > 1 and batch % int(gpus):
-        errors.append(_ColumnError("batch_size", f"batch_size {batch} is not divisible by the {int(gpus)} "
-                                                 f"data-parallel workers of gpus {int(gpus)}"))
+        # in the row's batch_size cell; where it has none, in gpus: the plan may not have a batch_size column
+        given = r.cells.get("batch_size") is not None
+        errors.append(_ColumnError("batch_size" if given else "gpus",
+                                   f"batch_size {batch}{'' if given else ' (its default)'} is not divisible by the "
+                                   f"{_count(gpus)} data-parallel workers of gpus {_count(gpus)}"))
     if errors:
         raise _RunErrors(errors)
     steps = max(1, math.ceil(tokens / (batch * seq_len)))
@@ -908,8 +1007,10 @@ def _build_spec(r: _Resolver, base_dir: Path, digests: dict[str, str | CellError
     )
 
 
-def _data_fit_errors(data: str, cfg: ModelConfig, seq_len: int, evals: tuple[str, ...]) -> list[_ColumnError]:
-    """Data and evals that the vocabulary or seq_len cannot hold, which would fail every run at launch."""
+def _data_fit_errors(data: str, cfg: ModelConfig, seq_len: int, evals: tuple[str, ...],
+                     seq_len_given: bool = True) -> list[_ColumnError]:
+    """Data and evals that the vocabulary or seq_len cannot hold, which would fail every run at launch; an MQAR vocab
+    too small for seq_len is blamed on vocab where the row takes seq_len's default."""
     errors = []
     parts = [q.partition("@")[0] for q in data.split("+")]
     byte_parts = [p for p in parts if p in ("stdlib", "passkey") or (p not in DATA_SOURCES and not is_token_source(p))]
@@ -923,17 +1024,18 @@ def _data_fit_errors(data: str, cfg: ModelConfig, seq_len: int, evals: tuple[str
     token_parts = [p for p in parts if p not in DATA_SOURCES and is_token_source(p)]
     if "niah" in evals and token_parts and not byte_parts:
         # NIAH's prompts are byte text: a model of token ids reads them as other tokens and scores 0 whatever its arch
-        errors.append(_ColumnError("evals", f"niah evals need byte-level text, and data {data!r} holds token ids only "
-                                            "(add a byte-level part such as passkey, or drop niah)"))
+        errors.append(_ColumnError("evals", f"niah evals need byte-level text, and data {_clip(data)!r} holds token ids "
+                                            "only (add a byte-level part such as passkey, or drop niah)"))
     pairs = max(1, seq_len // MQAR_PAIRS_DIVISOR)
     if "mqar" in evals or "mqar" in parts:
         if 4 * pairs > seq_len:  # the pairs, then a query slot for each
             errors.append(_ColumnError("seq_len", f"mqar needs seq_len >= {4 * pairs}, got {seq_len}"))
         elif pairs > cfg.vocab_size // 2 - 1:
             errors.append(_ColumnError(
-                "seq_len", f"mqar at seq_len {seq_len} has {pairs} key-value pairs, which need a vocab of at least "
-                           f"{2 * pairs + 2}, got {cfg.vocab_size}: give a larger vocab or a seq_len below "
-                           f"{MQAR_PAIRS_DIVISOR * (cfg.vocab_size // 2)}"))
+                "seq_len" if seq_len_given else "vocab",
+                f"mqar at seq_len {seq_len} has {pairs} key-value pairs, which need a vocab of at least "
+                f"{2 * pairs + 2}, got {cfg.vocab_size}: give a larger vocab or a seq_len below "
+                f"{MQAR_PAIRS_DIVISOR * (cfg.vocab_size // 2)}"))
     return errors
 
 
@@ -1028,7 +1130,7 @@ def load_plans(paths: list[str | Path], *, max_runs: int = DEFAULT_MAX_RUNS) -> 
 def _load_plan(path: Path, max_runs: int, load: _Load) -> Plan:
     """One plan of a load, its rows' errors added to ``load.issues``; an unreadable file or header raises PlanError."""
     where = str(path)
-    rows = read_rows(path)
+    raw, rows = _read_plan_file(path)
     if not rows:
         raise PlanError([PlanIssue(where, None, None, "the plan is empty: expected a header row of columns")])
     header_line, header = rows[0]
@@ -1038,7 +1140,10 @@ def _load_plan(path: Path, max_runs: int, load: _Load) -> Plan:
         if not name:  # a spreadsheet's spacer, or a stray cell's column: ignored where it holds nothing (below)
             continue
         if name not in COLUMNS:
-            issues.append(PlanIssue(where, header_line, name, f"unknown column {name!r}{_column_hint(name)}"))
+            message = f"unknown column {_clip(name)!r}{_column_hint(name)}"
+            # a name holding tabs (a tab-separated header) is located as written in the message, not with raw tabs
+            located = _clip(name) if name.isprintable() else ascii(_clip(name))
+            issues.append(PlanIssue(where, header_line, located, message))
         elif name in seen:
             issues.append(PlanIssue(where, header_line, name, "duplicate column"))
         seen.add(name)
@@ -1053,7 +1158,7 @@ def _load_plan(path: Path, max_runs: int, load: _Load) -> Plan:
         raise PlanError([PlanIssue(where, None, None, f"the plan's name (its file name without .csv) is "
                                                       f"{len(path.stem)} characters; plan names have at most "
                                                       f"{MAX_NAME_CHARS}: rename the file")])
-    plan = Plan(path=path, name=path.stem, sha256=hashlib.sha256(path.read_bytes()).hexdigest())
+    plan = Plan(path=path, name=path.stem, sha256=hashlib.sha256(raw).hexdigest())
     order = {name: i for i, name in enumerate(header) if name}
     named = [i for i, name in enumerate(header) if name]
     width = named[-1] + 1  # columns with no name after the last named one (Excel's trailing ,,) need no cell
@@ -1077,7 +1182,7 @@ def _load_plan(path: Path, max_runs: int, load: _Load) -> Plan:
         row_issues: list[PlanIssue] = []
         for i, text in enumerate(cells):
             if text and not header[i]:
-                row_issues.append(PlanIssue(where, lineno, None, f"a value, {text!r}, in column {i + 1} "
+                row_issues.append(PlanIssue(where, lineno, None, f"a value, {_clip(text)!r}, in column {i + 1} "
                                             f"({_column_letter(i)}), which has no name in the header: name the column, "
                                             "or clear the cell"))
         parsed: dict[str, Any] = {}
@@ -1086,8 +1191,8 @@ def _load_plan(path: Path, max_runs: int, load: _Load) -> Plan:
                 continue
             if "\n" in text or "\r" in text:
                 # Excel writes a cell with a line break as a quoted cell over several lines: no plan value holds one.
-                row_issues.append(PlanIssue(where, lineno, column, f"a line break inside the cell, got {text!r}: "
-                                                                    "write the value on one line"))
+                message = f"a line break inside the cell, got {_clip(text)!r}: write the value on one line"
+                row_issues.append(PlanIssue(where, lineno, column, message))
                 continue
             try:
                 parsed[column] = parse_cell(column, text, max_runs)
@@ -1097,7 +1202,8 @@ def _load_plan(path: Path, max_runs: int, load: _Load) -> Plan:
         if "arch" not in parsed and not any(i.column == "arch" for i in row_issues):
             row_issues.append(PlanIssue(where, lineno, "arch", f"arch is required (one of {', '.join(ARCHS)})"))
         elif isinstance(parsed.get("arch"), list) and (bad := [a for a in parsed["arch"] if a not in ARCHS]):
-            row_issues.append(PlanIssue(where, lineno, "arch", f"expected one of {', '.join(ARCHS)}, got {bad[0]!r}"))
+            message = f"expected one of {', '.join(ARCHS)}, got {_clip(bad[0])!r}"
+            row_issues.append(PlanIssue(where, lineno, "arch", message))
             del parsed["arch"]
         # The row expands without its unreadable cells, so that the errors of its other cells come out now too.
         unreadable = {i.column for i in row_issues}
@@ -1157,7 +1263,7 @@ def _expand_row(
         resolver = _Resolver(cells, plan.path.parent)
         try:
             spec = _build_spec(resolver, plan.path.parent, load.digests, load.splits)
-            _check_storable(spec)
+            _check_storable(spec, resolver.cells)
             label = _label(parsed.get("name"), spec)
         except CellError as exc:
             for error in getattr(exc, "errors", [exc]):
@@ -1187,14 +1293,24 @@ def warmup_steps(warmup: float, steps: int) -> int:
     return min(int(warmup) if warmup >= 1 else int(round(warmup * steps)), steps)
 
 
-def _check_storable(spec: RunSpec) -> None:
-    """Refuse a run whose token or parameter count the database cannot hold (a 64-bit integer), at plan time."""
+def _check_storable(spec: RunSpec, cells: dict[str, Any]) -> None:
+    """Refuse a run whose token or parameter count the database cannot hold (a 64-bit integer), at plan time; the
+    error is in a cell of the row (``cells``), not in a column the plan may not have."""
     derived = spec.derived()
-    for column, value in (("tokens", spec.trained_tokens), ("params", derived["params"])):
-        if value >= MAX_STORED_INT:
-            what = "trains" if column == "tokens" else "has"
-            raise _ColumnError(column, f"the run {what} {value:.3g} {column}; the database holds counts below "
-                                       f"{MAX_STORED_INT:.3g}")
+    for what, value in (("tokens", spec.trained_tokens), ("params", derived["params"])):
+        if value < MAX_STORED_INT:
+            continue
+        if what == "tokens" and spec.batch_size * spec.seq_len >= MAX_STORED_INT:  # one step alone is too many
+            column = "batch_size" if spec.batch_size >= spec.seq_len else "seq_len"
+        elif what == "tokens":
+            column = "tokens" if cells.get("flops") is None else "flops"
+        elif cells.get("params") is not None:
+            column = "params"
+        else:  # the vocabulary where embeddings are most of the count, else the width
+            column = "vocab" if derived["params"] > 2 * derived["nonembed_params"] else "d_model"
+        verb = "trains" if what == "tokens" else "has"
+        raise _ColumnError(column, f"the run {verb} {value:.3g} {what}; the database holds counts below "
+                                   f"{MAX_STORED_INT:.3g}")
 
 
 def _label(name_cell: list[str] | None, spec: RunSpec) -> str | None:
@@ -1207,23 +1323,45 @@ def _label(name_cell: list[str] | None, spec: RunSpec) -> str | None:
         # str.format would read {arch.upper} as a bound method's repr and {arch[0]} as a letter: only bare fields
         odd = next((f for f in _template_fields(template) if not f.isidentifier()), None)
     except ValueError as exc:  # unbalanced braces
-        raise _ColumnError("name", f"bad name template {template!r}: {exc}") from None
+        raise _ColumnError("name", f"bad name template {_clip(template)!r}: {exc}") from None
     if odd is not None:
-        raise _ColumnError("name", f"bad name template {template!r}: {{{odd}}} is not a bare field; write fields such as "
-                                   "{arch} or {d_model}, with a format if need be ({lr:.0e}), without attributes, "
-                                   "indexes or positional {}")
+        raise _ColumnError("name", f"bad name template {_clip(template)!r}: {{{odd}}} is not a bare field; write fields "
+                                   "such as {arch} or {d_model}, with a format if need be ({lr:.0e}), without "
+                                   "attributes, indexes or positional {}")
     try:
-        name = template.format(**fields)
+        name = _NameFormatter().vformat(template, (), fields)
     except KeyError as exc:
         known = ", ".join(sorted(fields))
-        raise _ColumnError("name", f"bad name template {template!r}: no field {exc} (known: {known})") from None
+        raise _ColumnError("name", f"bad name template {_clip(template)!r}: no field {exc} (known: {known})") from None
     except (AttributeError, IndexError, TypeError, ValueError) as exc:
-        raise _ColumnError("name", f"bad name template {template!r}: {exc}") from None
+        raise _ColumnError("name", f"bad name template {_clip(template)!r}: {exc}") from None
     # PostgreSQL refuses a longer one at `slab add` (SQLite would keep it): said here, with the row.
     if len(name) > MAX_NAME_CHARS:
         raise _ColumnError("name", f"the run's name is {len(name)} characters ({name[:40]!r}...); names have at most "
                                    f"{MAX_NAME_CHARS}")
     return name
+
+
+#: A format spec's width and precision ([[fill]align][sign][z][#][0][width][grouping][.precision][type]).
+_SPEC_RE = re.compile(r"^(?:.?[<>=^])?[-+ ]?z?#?0?(?P<width>\d*)[,_]?(?:\.(?P<precision>\d+))?[a-zA-Z%]?$", re.S)
+#: The most digits a name's format may ask for: 'g' drops trailing zeros, so {lr:.300g} may still be a short name.
+_MAX_NAME_PRECISION = 1000
+
+
+class _NameFormatter(string.Formatter):
+    """str.format for name templates, refusing a width or precision that would build a string of gigabytes."""
+
+    def format_field(self, value: Any, format_spec: str) -> Any:
+        spec = _SPEC_RE.match(format_spec)  # one it does not match is left to format(), which names the problem
+        if spec:
+            width, precision = spec["width"], spec["precision"] or ""
+            if len(width) > 4 or int(width or 0) > MAX_NAME_CHARS:
+                raise ValueError(f"the format {_clip(format_spec)!r} pads to {_clip(width)} characters; names have at "
+                                 f"most {MAX_NAME_CHARS}")
+            if len(precision) > 4 or int(precision or 0) > _MAX_NAME_PRECISION:
+                raise ValueError(f"the format {_clip(format_spec)!r} asks for {_clip(precision)} digits; names have at "
+                                 f"most {MAX_NAME_CHARS} characters")
+        return super().format_field(value, format_spec)
 
 
 def _template_fields(template: str) -> list[str]:
