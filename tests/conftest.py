@@ -3,6 +3,9 @@
 import functools
 import os
 import shutil
+import sqlite3
+import subprocess
+import sys
 import tempfile
 import traceback
 from pathlib import Path
@@ -131,3 +134,20 @@ def as_other_user():
             pytest.fail(f"as user nobody (exit {os.waitstatus_to_exitcode(status)}):\n{report}", pytrace=False)
 
     return call
+
+
+@pytest.fixture
+def hot_journal():
+    """Leave a SQLite file as a writer killed mid-transaction does: an uncommitted update's pages in the file, their
+    old contents in a hot -journal beside it."""
+    def leave(path: Path) -> None:
+        con = sqlite3.connect(path)
+        con.execute("PRAGMA journal_mode=delete")
+        con.close()
+        code = ("import os, sqlite3, sys; con = sqlite3.connect(sys.argv[1], isolation_level=None);"
+                "con.execute('PRAGMA cache_size=1'); con.execute('BEGIN');"
+                "con.execute(\"update runs set status = 'done', spec = json_set(spec, '$.pad', hex(randomblob(3000)))\");"
+                "os._exit(0)")
+        subprocess.run([sys.executable, "-c", code, str(path)], check=True)
+        assert Path(f"{path}-journal").stat().st_size > 0
+    return leave

@@ -307,26 +307,13 @@ def test_sql_caps_a_result_at_a_million_rows_by_default(tmp_path, write_plan):
     engine.dispose()
 
 
-def _hot_journal(path: Path) -> None:
-    """Leave ``path`` as a writer killed mid-transaction does: pages of an uncommitted update in the file, their old
-    contents in a hot -journal beside it."""
-    con = sqlite3.connect(path)
-    con.execute("PRAGMA journal_mode=delete")
-    con.close()
-    code = ("import os, sqlite3, sys; con = sqlite3.connect(sys.argv[1], isolation_level=None);"
-            "con.execute('PRAGMA cache_size=1'); con.execute('BEGIN');"
-            "con.execute(\"update runs set arch = 'torn', spec = json_set(spec, '$.pad', hex(randomblob(3000)))\");"
-            "os._exit(0)")
-    subprocess.run([sys.executable, "-c", code, str(path)], check=True)
-    assert Path(f"{path}-journal").stat().st_size > 0
-
-
-def test_a_hot_journal_of_a_file_it_may_not_write_is_refused_not_read_half_written(tmp_path, write_plan, monkeypatch):
+def test_a_hot_journal_of_a_file_it_may_not_write_is_refused_not_read_half_written(tmp_path, write_plan, monkeypatch,
+                                                                                   hot_journal):
     """A database this process may not write was opened immutable, which ignores a hot journal: the pages of a killed
     writer's uncommitted transaction were read as data (`slab status` answered from them, `slab runs` failed with a
     'malformed' traceback). It is refused, saying that a writable open rolls the journal back."""
     path = _study(tmp_path / "slab.db", write_plan)
-    _hot_journal(path)
+    hot_journal(path)
     before = _digest(path)
     monkeypatch.setattr(db.engine, "_writable", lambda path: False)
     with pytest.raises(DatabaseError) as info:

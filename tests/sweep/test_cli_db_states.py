@@ -105,21 +105,11 @@ def test_sql_with_a_result_past_the_cap_is_one_line(tmp_path, write_plan):
     _failed_in_one_line(invoke("sql", query, "--csv", url=url), "more than 1,000,000 rows", "slab export")
 
 
-def test_status_of_a_read_only_file_with_a_hot_journal_is_one_line(tmp_path, write_plan, monkeypatch):
+def test_status_of_a_read_only_file_with_a_hot_journal_is_one_line(tmp_path, write_plan, monkeypatch, hot_journal):
     """A file this process may not write, left by a writer killed mid-transaction, had been read with the killed
     transaction's pages (`slab status` answered from them; `slab runs` printed a 'malformed' traceback)."""
-    import subprocess
-    import sys
-
     url, path = _study(tmp_path, write_plan)
-    con = sqlite3.connect(path)
-    con.execute("PRAGMA journal_mode=delete")
-    con.close()
-    code = ("import os, sqlite3, sys; con = sqlite3.connect(sys.argv[1], isolation_level=None);"
-            "con.execute('PRAGMA cache_size=1'); con.execute('BEGIN');"
-            "con.execute(\"update runs set status = 'done', spec = json_set(spec, '$.pad', hex(randomblob(3000)))\");"
-            "os._exit(0)")
-    subprocess.run([sys.executable, "-c", code, str(path)], check=True)
+    hot_journal(path)
     before = path.read_bytes()
     monkeypatch.setattr(db.engine, "_writable", lambda path: False)
     for command in ("status", "runs"):
