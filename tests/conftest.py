@@ -151,3 +151,24 @@ def hot_journal():
         subprocess.run([sys.executable, "-c", code, str(path)], check=True)
         assert Path(f"{path}-journal").stat().st_size > 0
     return leave
+
+
+@pytest.fixture
+def damage_metrics():
+    """Fill a study's SQLite file mostly with metrics, then overwrite some of those pages with garbage: the file
+    opens, and fails only when the metrics are read. Returns the path."""
+    def damage(path: Path) -> Path:
+        con = sqlite3.connect(path)
+        ids = [r[0] for r in con.execute("select run_id from runs")]
+        con.executemany("insert into metrics (run_id, step, tokens, flops, loss, lr) values (?, ?, ?, ?, 3.0, 0.001)",
+                        [(run_id, step, step * 256, step * 1e9) for run_id in ids for step in range(4000)])
+        con.commit()
+        con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        page, pages = (con.execute(f"PRAGMA {name}").fetchone()[0] for name in ("page_size", "page_count"))
+        con.close()
+        with open(path, "r+b") as fh:
+            for n in range(pages // 3, pages, 16):  # pages of the metrics table and of its index
+                fh.seek(page * n)
+                fh.write(b"\xa5" * page)
+        return path
+    return damage

@@ -172,30 +172,11 @@ def test_a_damaged_or_foreign_file_says_what_it_is_and_what_to_do(damage, said, 
     assert _digest(path) == before
 
 
-def _damaged_metrics(path: Path, write_plan) -> Path:
-    """A study whose metrics table fills most of the file, one of its pages overwritten with garbage: it opens, and
-    fails only when the metrics are read."""
-    _study(path, write_plan)
-    con = sqlite3.connect(path)
-    ids = [r[0] for r in con.execute("select run_id from runs")]
-    con.executemany("insert into metrics (run_id, step, tokens, flops, loss, lr) values (?, ?, ?, ?, 3.0, 0.001)",
-                    [(run_id, step, step * 256, step * 1e9) for run_id in ids for step in range(4000)])
-    con.commit()
-    con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-    page = con.execute("PRAGMA page_size").fetchone()[0]
-    pages = con.execute("PRAGMA page_count").fetchone()[0]
-    con.close()
-    with open(path, "r+b") as fh:
-        for n in range(pages // 3, pages, 16):  # pages of the metrics table and of its index
-            fh.seek(page * n)
-            fh.write(b"\xa5" * page)
-    return path
-
-
-def test_an_export_that_fails_reading_the_database_is_one_line_and_keeps_the_old_file(tmp_path, write_plan):
+def test_an_export_that_fails_reading_the_database_is_one_line_and_keeps_the_old_file(tmp_path, write_plan,
+                                                                                       damage_metrics):
     """`slab export metrics` of a database damaged past its first pages had ended in a traceback (sqlalchemy's
     DatabaseError, exit 1): the error is a QueryError line, the file already at --out is kept and no temporary is left."""
-    path = _damaged_metrics(tmp_path / "slab.db", write_plan)
+    path = damage_metrics(_study(tmp_path / "slab.db", write_plan))
     engine = open_db(f"sqlite:///{path}", create=False)
     assert len(runs_frame(engine)) == 6  # the runs are readable: only the metrics are damaged
     out = tmp_path / "out"

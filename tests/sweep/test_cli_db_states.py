@@ -74,21 +74,10 @@ def test_add_to_a_locked_database_is_one_line(tmp_path, write_plan, monkeypatch)
         holder.close()
 
 
-def test_export_of_a_damaged_database_is_one_line_and_keeps_the_old_file(tmp_path, write_plan):
+def test_export_of_a_damaged_database_is_one_line_and_keeps_the_old_file(tmp_path, write_plan, damage_metrics):
     """`slab export metrics` of a database damaged past its first pages had ended in a traceback, exit 1."""
     url, path = _study(tmp_path, write_plan)
-    con = sqlite3.connect(path)
-    ids = [r[0] for r in con.execute("select run_id from runs")]
-    con.executemany("insert into metrics (run_id, step, tokens, flops, loss, lr) values (?, ?, ?, ?, 3.0, 0.001)",
-                    [(run_id, step, step * 256, step * 1e9) for run_id in ids for step in range(4000)])
-    con.commit()
-    con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-    page, pages = (con.execute(f"PRAGMA {name}").fetchone()[0] for name in ("page_size", "page_count"))
-    con.close()
-    with open(path, "r+b") as fh:
-        for n in range(pages // 3, pages, 16):  # pages of the metrics table and of its index
-            fh.seek(page * n)
-            fh.write(b"\xa5" * page)
+    damage_metrics(path)
     out = tmp_path / "metrics.csv"
     out.write_text("the last export\n")
     before = _digest(path)
