@@ -32,6 +32,9 @@ SQLITE_BUSY_MS = 20_000
 PG_CONNECT_TIMEOUT_S = 10
 #: The SQLite URL forms, for errors about a URL SQLAlchemy rejects.
 SQLITE_FORMS = "a SQLite file is sqlite:///relative/path.db or sqlite:////absolute/path.db"
+#: The databases scalinglab writes (db.writer's inserts are theirs), as SQLAlchemy names them, and their URLs.
+SUPPORTED_BACKENDS = ("sqlite", "postgresql")
+SUPPORTED_KINDS = f"sqlite:///FILE ({SQLITE_FORMS}) or postgresql+psycopg://USER:PASSWORD@HOST/DB"
 #: Said when SQLite fails because this process may not write the file or its folder.
 NOT_WRITABLE = "the database (or its folder) is not writable here"
 #: Said when SQLite refuses a write because the URL asked for a read-only file (its option filled in).
@@ -261,6 +264,7 @@ def make_engine(url: str | None = None) -> Engine:
         raise DatabaseError(f"bad database URL {shown_url(url)!r}: {exc}{hint}") from None
     if parsed.get_backend_name() == "sqlite":
         return _sqlite_engine(url, parsed)
+    _refuse_unsupported(url, parsed)
     if _mask_raw_at_password(url) is not None:
         # SQLAlchemy ends the password at its first @ and takes the rest for the host: the driver's error would name
         # that host, showing the rest of the password.
@@ -272,13 +276,12 @@ def make_engine(url: str | None = None) -> Engine:
         connect_args["connect_timeout"] = PG_CONNECT_TIMEOUT_S
     try:
         return create_engine(url, pool_pre_ping=True, connect_args=connect_args)
-    except NoSuchModuleError:  # a scheme SQLAlchemy has no dialect for ("Can't load plugin" says little)
-        raise DatabaseError(f"unknown database kind {parsed.get_backend_name()!r} in {shown_url(url)!r}: expected "
-                            f"sqlite:///FILE ({SQLITE_FORMS}) or postgresql+psycopg://USER:PASSWORD@HOST/DB, or another "
-                            "SQLAlchemy URL whose driver is installed") from None
+    except NoSuchModuleError:  # a driver SQLAlchemy has no dialect for (postgresql+nosuch://)
+        raise DatabaseError(f"unknown database driver {parsed.get_driver_name()!r} in {shown_url(url)!r}: expected "
+                            f"{SUPPORTED_KINDS}") from None
     except ModuleNotFoundError as exc:  # "No module named 'MySQLdb'" did not say that it is the URL's driver
         raise DatabaseError(f"cannot use database URL {shown_url(url)!r}: its driver, the Python module {exc.name!r}, is "
-                            f"not installed; install it, or name a database of another kind (sqlite:///FILE, or "
+                            f"not installed; install it, or name another URL (sqlite:///FILE, or "
                             "postgresql+psycopg://USER:PASSWORD@HOST/DB)") from None
     except Exception as exc:  # bad options: say it plainly
         raise DatabaseError(f"cannot use database URL {shown_url(url)!r}: {_first_line(exc)}") from None
@@ -286,6 +289,24 @@ def make_engine(url: str | None = None) -> Engine:
 
 #: Options SQLAlchemy's pysqlite reads from any SQLite URL (others reach SQLite only in a URI URL, uri=true).
 PYSQLITE_OPTIONS = ("uri", "timeout", "isolation_level", "detect_types", "check_same_thread", "cached_statements")
+
+
+def _refuse_unsupported(url: str, parsed: URL) -> None:
+    """Raise DatabaseError for a URL of a database other than SQLite or PostgreSQL, before any driver is loaded."""
+    # The writer's inserts and upserts are SQLite's and PostgreSQL's own (ON CONFLICT): another database had taken
+    # `slab add` and then failed the launch.
+    backend = parsed.get_backend_name()
+    if backend in SUPPORTED_BACKENDS:
+        return
+    try:
+        parsed.get_dialect()  # SQLAlchemy's dialect only: its driver is imported by create_engine
+    except NoSuchModuleError:  # a scheme SQLAlchemy has no dialect for ("Can't load plugin" says little)
+        raise DatabaseError(f"unknown database kind {backend!r} in {shown_url(url)!r}: expected "
+                            f"{SUPPORTED_KINDS}") from None
+    except Exception:  # a third-party dialect that fails to load: not one scalinglab writes either way
+        pass
+    raise DatabaseError(f"unsupported database kind {backend!r} in {shown_url(url)!r}: scalinglab stores its results "
+                        f"in SQLite or PostgreSQL only: expected {SUPPORTED_KINDS}")
 
 
 def _refuse_ignored_options(url: str, parsed: URL) -> None:

@@ -5,10 +5,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import Engine, delete, insert, or_, select, update
+from sqlalchemy import Engine, delete, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import DatabaseError as SADatabaseError
+from sqlalchemy.orm import Session
 
-from db.engine import PG_REGISTER_LOCK, serialize, session, write_errors
+from db.engine import PG_REGISTER_LOCK, DatabaseError, explain, serialize, session, write_errors
 from db.schema import Eval, Fit, Metric, Plan, PlanRun, Run, fit_text, utcnow
 
 #: Rows per executemany batch (SQLite caps bound parameters per statement).
@@ -59,62 +61,115 @@ def _fitted(values: dict) -> dict:
 
 def insert_ignore(engine: Engine, table):
     """An INSERT that skips rows whose key exists (so concurrent registrations are idempotent)."""
-    if engine.dialect.name == "postgresql":
-        return postgresql.insert(table).on_conflict_do_nothing()
-    if engine.dialect.name == "sqlite":
-        return sqlite.insert(table).on_conflict_do_nothing()
-    return insert(table).prefix_with("IGNORE")  # MySQL/MariaDB
+    dialect = {"postgresql": postgresql, "sqlite": sqlite}.get(engine.dialect.name)
+    if dialect is None:  # make_engine refuses other databases
+        raise NotImplementedError(f"inserts that skip known rows are not implemented for {engine.dialect.name}")
+    return dialect.insert(table).on_conflict_do_nothing()
+
+
+@dataclass(frozen=True)
+class PlanRows:
+    """A plan to register: its name, resolved path, the digest of its text and its runs."""
+
+    name: str
+    path: str
+    sha256: str
+    runs: Sequence[RunRow]
+
+
+#: How many plan names an error about registering several plans lists before counting the rest.
+SHOWN_PLANS = 5
 
 
 def register_plan(engine: Engine, name: str, path: str, sha256: str, runs: Sequence[RunRow]) -> Registered:
     """Record a plan and its runs (pending unless known); re-registering is a no-op, an edited plan is relinked."""
-    ids = list(dict.fromkeys(r.run_id for r in runs))
-    # A command's own write: a file locked past the busy timeout, or damaged, is one line for it, not a traceback.
-    with write_errors(engine, f"register plan {name}"), session(engine) as s:
+    [registered] = register_plans(engine, [PlanRows(name, path, sha256, runs)])
+    return registered
+
+
+def register_plans(engine: Engine, plans: Sequence[PlanRows]) -> list[Registered]:
+    """Record several plans as register_plan does, in one transaction: all of them or, where one fails, none (the
+    DatabaseError raised then says so)."""
+    if not plans:
+        return []
+    if len(plans) == 1:
+        # A command's own write: a file locked past the busy timeout, or damaged, is one line for it, not a traceback.
+        with write_errors(engine, f"register plan {plans[0].name}"):
+            return _register_all(engine, plans, [])
+    at: list[str] = []  # the plan being registered when an error came; empty once all were (the commit failed)
+    try:
+        return _register_all(engine, plans, at)
+    except (SADatabaseError, DatabaseError) as exc:
+        # Statement errors too (a row the database refuses): the earlier plans went with the rollback, and the driver's
+        # error alone would leave the user to think them registered.
+        why = explain(exc, engine.url) if isinstance(exc, SADatabaseError) else str(exc)
+        shown = ", ".join(p.name for p in plans[:SHOWN_PLANS])
+        if len(plans) > SHOWN_PLANS:
+            shown += f" and {len(plans) - SHOWN_PLANS} more"
+        what = f"plan {at[0]}" if at else f"the {len(plans)} plans"
+        raise DatabaseError(f"cannot register {what}: {why}; none of the {len(plans)} plans ({shown}) was registered "
+                            "(they are registered together or not at all)") from None
+
+
+def _register_all(engine: Engine, plans: Sequence[PlanRows], at: list[str]) -> list[Registered]:
+    """Record the plans in one transaction, keeping in ``at`` the name of the one being recorded until all are."""
+    with session(engine) as s:
         # Two launches of one plan at once would both insert it (PostgreSQL reads committed data only).
         serialize(s, PG_REGISTER_LOCK)
-        known: set[str] = set()
-        for i in range(0, len(ids), BATCH):
-            chunk = ids[i : i + BATCH]
-            known.update(s.scalars(select(Run.run_id).where(Run.run_id.in_(chunk))))
-        plan = s.scalars(select(Plan).where(Plan.name == name)).one_or_none()
-        dropped, moved_from = 0, None
-        if plan is None:
-            plan = Plan(name=name, path=path, sha256=sha256)
-            s.add(plan)
-            s.flush()
-        else:
-            if plan.path != path:
-                moved_from = plan.path
-            plan.path, plan.sha256 = path, sha256
-            before = set(s.scalars(select(PlanRun.run_id).where(PlanRun.plan_id == plan.id)))
-            dropped = len(before - set(ids))
-            s.execute(delete(PlanRun).where(PlanRun.plan_id == plan.id))
-        seen: set[str] = set()
-        new_rows, links = [], []
-        for r in runs:
-            if r.run_id in seen:
-                continue
-            seen.add(r.run_id)
-            links.append({"plan_id": plan.id, "run_id": r.run_id, "row": r.row, "name": r.name, "tags": r.tags})
-            if r.run_id not in known:
-                new_rows.append(
-                    {
-                        "run_id": r.run_id,
-                        "arch": r.spec["arch"],
-                        "status": "pending",
-                        "attempts": 0,
-                        "params": r.params,
-                        "nonembed_params": r.nonembed_params,
-                        "tokens": r.tokens,
-                        "flops": r.flops,
-                        "spec": r.spec,
-                    }
-                )
-        for rows, table in ((new_rows, Run), (links, PlanRun)):
-            stmt = insert_ignore(engine, table)
-            for i in range(0, len(rows), BATCH):
-                s.execute(stmt, rows[i : i + BATCH])
+        registered = []
+        for entry in plans:
+            at[:] = [entry.name]
+            registered.append(_register(engine, s, entry))
+        at.clear()
+    return registered
+
+
+def _register(engine: Engine, s: Session, entry: PlanRows) -> Registered:
+    """Record one plan and its runs in the session's transaction (see register_plan)."""
+    name, path, sha256, runs = entry.name, entry.path, entry.sha256, entry.runs
+    ids = list(dict.fromkeys(r.run_id for r in runs))
+    known: set[str] = set()
+    for i in range(0, len(ids), BATCH):
+        chunk = ids[i : i + BATCH]
+        known.update(s.scalars(select(Run.run_id).where(Run.run_id.in_(chunk))))
+    plan = s.scalars(select(Plan).where(Plan.name == name)).one_or_none()
+    dropped, moved_from = 0, None
+    if plan is None:
+        plan = Plan(name=name, path=path, sha256=sha256)
+        s.add(plan)
+        s.flush()
+    else:
+        if plan.path != path:
+            moved_from = plan.path
+        plan.path, plan.sha256 = path, sha256
+        before = set(s.scalars(select(PlanRun.run_id).where(PlanRun.plan_id == plan.id)))
+        dropped = len(before - set(ids))
+        s.execute(delete(PlanRun).where(PlanRun.plan_id == plan.id))
+    seen: set[str] = set()
+    new_rows, links = [], []
+    for r in runs:
+        if r.run_id in seen:
+            continue
+        seen.add(r.run_id)
+        links.append({"plan_id": plan.id, "run_id": r.run_id, "row": r.row, "name": r.name, "tags": r.tags})
+        if r.run_id not in known:
+            new_rows.append(
+                {
+                    "run_id": r.run_id,
+                    "arch": r.spec["arch"],
+                    "status": "pending",
+                    "attempts": 0,
+                    "params": r.params,
+                    "nonembed_params": r.nonembed_params,
+                    "tokens": r.tokens,
+                    "flops": r.flops,
+                    "spec": r.spec,
+                }
+            )
+    for rows, table in ((new_rows, Run), (links, PlanRun)):
+        stmt = insert_ignore(engine, table)
+        for i in range(0, len(rows), BATCH):
+            s.execute(stmt, rows[i : i + BATCH])
     return Registered(plan=name, new=len(new_rows), known=len(ids) - len(new_rows), dropped=dropped, moved_from=moved_from)
 
 

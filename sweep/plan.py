@@ -1081,6 +1081,9 @@ def _corpus_fit_errors(data: str, seq_len: int, evals: tuple[str, ...],
 
 #: Counts (tokens, parameters) the database stores as 64-bit integers must stay below this.
 MAX_STORED_INT = 2**63
+#: The most steps a run may take: step numbers (runs.step and ckpt_step, metrics.step, evals.step) are 32-bit
+#: integers on PostgreSQL, whose launch had failed at the first write past this.
+MAX_STORED_STEP = 2**31 - 1
 #: Plan and run names the database stores (its String(200) name columns) may have at most this many characters.
 MAX_NAME_CHARS = 200
 
@@ -1294,8 +1297,8 @@ def warmup_steps(warmup: float, steps: int) -> int:
 
 
 def _check_storable(spec: RunSpec, cells: dict[str, Any]) -> None:
-    """Refuse a run whose token or parameter count the database cannot hold (a 64-bit integer), at plan time; the
-    error is in a cell of the row (``cells``), not in a column the plan may not have."""
+    """Refuse a run whose token or parameter count (a 64-bit integer) or step count (32-bit) the database cannot hold,
+    at plan time; the error is in a cell of the row (``cells``), not in a column the plan may not have."""
     derived = spec.derived()
     for what, value in (("tokens", spec.trained_tokens), ("params", derived["params"])):
         if value < MAX_STORED_INT:
@@ -1311,6 +1314,14 @@ def _check_storable(spec: RunSpec, cells: dict[str, Any]) -> None:
         verb = "trains" if what == "tokens" else "has"
         raise _ColumnError(column, f"the run {verb} {value:.3g} {what}; the database holds counts below "
                                    f"{MAX_STORED_INT:.3g}")
+    if spec.steps > MAX_STORED_STEP:
+        # Blamed on the budget's cell, the one a row always has; the message names the cells that set a step's size.
+        budget = "tokens" if cells.get("flops") is None else "flops"
+        size = " x ".join(f"{name} {getattr(spec, name):,}{'' if cells.get(name) is not None else ' (its default)'}"
+                          for name in ("batch_size", "seq_len"))
+        raise _ColumnError(budget, f"the run takes {_count(spec.steps)} steps of {size} tokens; the database holds "
+                                   f"step numbers up to {MAX_STORED_STEP:,}: give fewer {budget}, or a larger "
+                                   "batch_size or seq_len")
 
 
 def _label(name_cell: list[str] | None, spec: RunSpec) -> str | None:

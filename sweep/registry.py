@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from sqlalchemy import Engine
 
-from db.writer import Registered, RunRow, register_plan
+from db.writer import PlanRows, Registered, RunRow, register_plans
 from sweep.plan import Plan
 
 
@@ -31,9 +31,10 @@ def plan_rows(plan: Plan) -> list[RunRow]:
 
 
 def add_plans(engine: Engine, plans: list[Plan]) -> list[Registered]:
-    """Register each plan and its runs; idempotent, and a run shared by two plans is stored once."""
+    """Register the plans and their runs in one transaction (all or none); idempotent, and a run shared by two plans
+    is stored once."""
     # the absolute path: a plan added from two working directories is one file, two files of one name are not
-    return [register_plan(engine, p.name, str(p.path.resolve()), p.sha256, plan_rows(p)) for p in plans]
+    return register_plans(engine, [PlanRows(p.name, str(p.path.resolve()), p.sha256, plan_rows(p)) for p in plans])
 
 
 def moved_warning(registered: Registered) -> str | None:

@@ -371,7 +371,7 @@ def test_name_template_may_use_the_plan_column_vocab(write_plan):
 def test_counts_the_database_cannot_hold_are_refused_at_plan_time(write_plan):
     # slab plan had priced 1e19 tokens and slab add then crashed on SQLite's 64-bit integer
     path = write_plan("arch,d_model,n_layers,seq_len,batch_size,tokens\nsoftmax,32,2,64,4,1e19\nsoftmax,32,2,64,4,=2**1000\n"
-                      "softmax,32,2,64,4,1e18\n")
+                      "softmax,32,2,64,16777216,1e18\n")
     with pytest.raises(PlanError) as info:
         load_plan(path)
     messages = [str(i) for i in info.value.issues]
