@@ -148,7 +148,7 @@ def _version(value: bool) -> None:
 def main_options(
     ctx: typer.Context,
     db: Optional[str] = typer.Option(
-        None, "--db", envvar="SLAB_DB", help="Database URL (default sqlite:///slab.db; any SQLAlchemy URL, e.g. postgresql+psycopg://...)."
+        None, "--db", envvar="SLAB_DB", help="Database URL: SQLite or PostgreSQL (default sqlite:///slab.db; e.g. postgresql+psycopg://USER:PW@HOST/DB)."
     ),
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
 ) -> None:
