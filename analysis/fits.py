@@ -148,6 +148,7 @@ class ComputeRule:
         if np.allclose(per_token, 6.0 * N, rtol=1e-9, atol=0.0):
             return cls()
         x, y = np.log(N), np.log(per_token)
+        _check_per_token(x, np.log(D), np.log(C))
         if np.ptp(x) < 1e-9:  # one size: its compute per token, with g as Chinchilla's
             return cls(k=float(np.exp(np.mean(y - x))), g=1.0)
         g, c = np.polyfit(x, y, 1)
@@ -156,6 +157,26 @@ class ComputeRule:
     def tokens(self, C, N):
         """Tokens that compute C buys a model of N parameters."""
         return np.asarray(C, float) / (self.k * np.power(N, self.g))
+
+
+#: How far the exponent h of C ~ N^g D^h may stray from 1 before the FLOPs are taken for something other than a
+#: training count (which is compute per token times tokens, so h = 1 exactly; external counts are rounded).
+PER_TOKEN_TOL = 0.1
+
+
+def _check_per_token(logN: np.ndarray, logD: np.ndarray, logC: np.ndarray) -> None:
+    """A FitError where the runs' FLOPs do not grow in proportion to their tokens at a given size."""
+    X = np.column_stack([np.ones_like(logN), logN, logD])
+    # Only where the tokens at a given size span 2x or more: runs at a fixed tokens-per-parameter ratio (the smoke
+    # study's) leave h to the noise of the small terms of the count.
+    spread = logD - X[:, :2] @ np.linalg.lstsq(X[:, :2], logD, rcond=None)[0]
+    if np.ptp(spread) < math.log(2):
+        return
+    h = float(np.linalg.lstsq(X, logC, rcond=None)[0][2])
+    # with FLOPs of 1e30 for every run, a rule fitted as C / D ~ N^g had put 1e-43 tokens per parameter
+    if abs(h - 1.0) > PER_TOKEN_TOL:
+        raise FitError(f"the runs' FLOPs grow as tokens^{h:.2f} at a given size, not in proportion to the tokens: "
+                       "they are not a training-compute count (check the flops column)")
 
 
 def optimal_allocation(C, A, B, alpha, beta, rule: ComputeRule = ComputeRule()):
@@ -1054,6 +1075,7 @@ def fit_approach3(
     grad = obj(theta)[1]
     converged = bool(conv[best_i]) and scipy_gain <= 1e-8 * max(abs(f_best), 1.0) and agree >= 2
     estimates = obj.estimates(theta)
+    _check_falling(estimates)
 
     samples, boot_conv = None, 0
     if n_bootstrap:
@@ -1237,12 +1259,31 @@ def _with_allocation(est, samples, budgets, rule: ComputeRule = ComputeRule()):
             out[f"L_opt@{C:.3g}"] = chinchilla_law(N, D, E, A, B, alpha, beta)
         return out
 
+    def falling(E, A, B, alpha, beta):
+        # Python floats raised ZeroDivisionError at alpha + beta = 0; and with both exponents negative every ratio
+        # above came out finite, an allocation for a law whose loss rises with size and data.
+        E, A, B, alpha, beta = (np.asarray(v, float) for v in (E, A, B, alpha, beta))
+        out = derive(E, A, B, alpha, beta)
+        bad = ~((alpha > 0) & (beta > 0))
+        return {k: np.where(bad, np.nan, v) for k, v in out.items()}
+
     names = ("E", "A", "B", "alpha", "beta")
     with np.errstate(all="ignore"):
-        est = {**est, **{k: float(v) for k, v in derive(*(est[k] for k in names)).items()}}
+        est = {**est, **{k: float(v) for k, v in falling(*(est[k] for k in names)).items()}}
         if samples is not None:
-            samples = samples.assign(**derive(*(samples[k].to_numpy() for k in names)))
+            samples = samples.assign(**falling(*(samples[k].to_numpy() for k in names)))
     return est, samples
+
+
+def _check_falling(est: Mapping[str, float]) -> None:
+    """A FitError for an approach-3 fit whose loss does not fall with both size and data (an exponent <= 0): it
+    has no compute-optimal allocation, and a, b, G and N_opt would be NaN or meaningless."""
+    bad = [(k, what) for k, what in (("alpha", "model size"), ("beta", "tokens")) if not est[k] > 0]
+    if bad:
+        raise FitError(
+            f"approach 3's best fit has {' and '.join(f'{k} = {est[k]:.3g}' for k, _ in bad)}: in these runs loss "
+            f"does not fall as {' and '.join(w for _, w in bad)} grow{'s' if len(bad) == 1 else ''} (flat or rising "
+            "losses?), so there is no compute-optimal allocation to report")
 
 
 class _Approach3Objective:

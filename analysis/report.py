@@ -902,8 +902,14 @@ def _compute_note(fits: Mapping[str, FitResult], archs: list[str]) -> str:
     return text
 
 
+def _md_text(s: Any) -> str:
+    """Text as Markdown shows it literally: an arch named <script> or *a* is data, not HTML or emphasis."""
+    s = str(s).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    return s.replace("\\", "\\\\").replace("*", "\\*").replace("`", "\\`")
+
+
 def _md_table(t: pd.DataFrame) -> str:
-    esc = lambda s: str(s).replace("|", "\\|")  # noqa: E731
+    esc = lambda s: _md_text(s).replace("|", "\\|")  # noqa: E731
     lines = ["| " + " | ".join(esc(c) for c in t.columns) + " |", "| " + " | ".join("---" for _ in t.columns) + " |"]
     lines += ["| " + " | ".join(esc(v) for v in row) + " |" for row in t.astype(str).itertuples(index=False)]
     return "\n".join(lines)
@@ -914,14 +920,15 @@ def _render_md(blocks) -> str:
     for blk in blocks:
         kind = blk[0]
         if kind in ("h1", "h2", "h3"):
-            out.append("#" * int(kind[1]) + " " + blk[1])
+            out.append("#" * int(kind[1]) + " " + _md_text(blk[1]))
         elif kind == "p":
-            out.append(blk[1])
+            out.append(_md_text(blk[1]))
         elif kind == "ul":
-            out.append("\n".join(f"- {x}" for x in blk[1]))
+            out.append("\n".join(f"- {_md_text(x)}" for x in blk[1]))
         elif kind == "figure":
-            name, caption = blk[1], blk[2]
-            out.append(f"![{caption}](figures/{name}.png)\n\n{caption} ([SVG](figures/{name}.svg))")
+            name, caption = blk[1], _md_text(blk[2])
+            alt = caption.replace("[", "\\[").replace("]", "\\]")  # a bracket in it had ended the image's alt text
+            out.append(f"![{alt}](figures/{name}.png)\n\n{caption} ([SVG](figures/{name}.svg))")
         elif kind == "table":
             out.append(_md_table(blk[1]))
     return "\n\n".join(out) + "\n"
