@@ -431,10 +431,13 @@ def fit_loss_compute(
                 "smaller models, or fit the envelope, an upper bound of the frontier (--edges keep)"
             )
     if len(front) < k:
-        raise FitError(
-            f"loss-compute fit ({form}) needs at least {k} frontier points, got {len(front)} "
-            f"from {n_runs} run(s): add runs at more compute budgets"
-        )
+        budgets = np.unique(pts["C"]).size
+        # with budgets enough, a short frontier means the loss stops falling with compute: more budgets won't help
+        why = (f" at {budgets} compute budgets: the loss stops falling as compute grows (a cheaper run is as good as "
+               "the costlier ones), so there is no frontier to fit" if budgets >= k and source.kind != "curves"
+               else ": add runs at more compute budgets")
+        raise FitError(f"loss-compute fit ({form}) needs at least {k} frontier points, got {len(front)} from "
+                       f"{n_runs} run(s){why}")
     C0 = float(np.exp(np.mean(np.log(front["C"]))))  # centring makes the fit well conditioned
     theta_hat, ok = _fit_frontier(front["C"].to_numpy() / C0, front["L"].to_numpy(), form, None)
     if not np.all(np.isfinite(theta_hat)):

@@ -593,3 +593,11 @@ def test_the_shipped_isoflop_plan_centres_each_budget_so_approach2_recovers_a():
         n_true = [N[np.argmin(fits.chinchilla_law(N, rule.tokens(C, N), **HOFFMANN))] for C in (1e17, 1e18)]
         a_true = math.log(n_true[1] / n_true[0]) / math.log(10)
         assert len(f.details["minima"]) == 3 and f.estimates["a"] == pytest.approx(a_true, abs=0.01), arch
+
+
+def test_a_frontier_cut_short_by_a_loss_that_stops_falling_says_so():
+    """Equal losses at six budgets leave one frontier point: the error had asked for more compute budgets."""
+    runs = isoflop_runs((1e18, 1e19, 1e20, 1e21, 1e22, 1e23), 3, seed=1).assign(val_loss=3.0)
+    with pytest.raises(FitError, match=r"got 1 from 18 run\(s\) at 6 compute budgets: the loss stops falling") as info:
+        fits.fit_loss_compute(runs, n_bootstrap=0)
+    assert "add runs at more compute budgets" not in str(info.value)
