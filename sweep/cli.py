@@ -54,18 +54,14 @@ def _one_line_errors(ctx=None):
     (2 for a usage error, which names the command's help at the end of the line)."""
     try:
         yield
-    except DatabaseError as exc:  # raised past a command's own handlers (a damaged page found by a read)
-        if not _ONE_LINE_ERRORS.get():
-            raise
-        fail(str(exc))
-    except DBAPIError as exc:  # a database that opened and then failed: a damaged page, a lost server, a lock
-        if not _ONE_LINE_ERRORS.get():
-            raise
-        fail(f"the database failed: {explain(exc, resolve_url(((ctx and ctx.obj) or {}).get('db')))}")
-    except ClickException as exc:
+    except (DatabaseError, DBAPIError, ClickException) as exc:
         # NoArgsIsHelpError (`slab` alone, `slab bench` alone) has printed the help already, and keeps its exit 2
         if not _ONE_LINE_ERRORS.get() or type(exc).__name__ == "NoArgsIsHelpError":
             raise
+        if isinstance(exc, DatabaseError):  # raised past a command's own handlers (a damaged page found by a read)
+            fail(str(exc))
+        if isinstance(exc, DBAPIError):  # a database that opened and then failed: a damaged page, a lost server, a lock
+            fail(f"the database failed: {explain(exc, resolve_url(((ctx and ctx.obj) or {}).get('db')))}")
         message = exc.format_message()
         if isinstance(exc, UsageError):
             message += f" (see '{_help_of(exc.ctx)}')"
