@@ -16,7 +16,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from analysis.compare import throughput_configs  # noqa: E402
-from analysis.report import OKABE_ITO, arch_colour  # noqa: E402
+from analysis.report import OKABE_ITO, SIZE_STYLES, arch_colour  # noqa: E402
 
 #: Issue 8's single-run target (fraction of the H100's 989 TFLOP/s bf16 dense peak).
 MFU_TARGET = 0.5
@@ -27,9 +27,9 @@ PACK_TARGET = 3.0
 SPREAD_TARGET = 0.6
 DP_TARGETS = {2: 1.8, 4: 3.5}
 TRAIN_COLUMNS = ("arch", "seq_len", "tokens_per_s")
-#: Line style, marker and bar hatch per measured configuration of a training table (the first is a one-configuration
-#: table's look, so its figure is drawn as before configurations were told apart).
-CONFIG_STYLES = (("-", "o", ""), ("--", "s", "//"), (":", "^", ".."), ("-.", "D", "xx"))
+#: Bar hatch per measured configuration of a training table, beside its line style and marker (report.SIZE_STYLES);
+#: the first, none, is a one-configuration table's look.
+CONFIG_HATCHES = ("", "//", "..", "xx")
 PACK_COLUMNS = ("serial_s", "packed_s", "speedup")
 SPREAD_COLUMNS = ("gpus", "wall_s", "runs")
 DP_COLUMNS = ("gpus", "step", "loss", "tokens_per_s")
@@ -55,7 +55,7 @@ def train_figure(frame: pd.DataFrame, path: Path) -> Path:
     # two sizes (or compiled and eager rows) of one arch joined into one line drew a zigzag that mixed them
     codes, configs = throughput_configs(frame)
     several_configs = len(configs) > 1
-    styles = [CONFIG_STYLES[k % len(CONFIG_STYLES)] for k in range(len(configs))]
+    styles = [(*SIZE_STYLES[k % len(SIZE_STYLES)], CONFIG_HATCHES[k % len(CONFIG_HATCHES)]) for k in range(len(configs))]
     hatched = [Patch(facecolor="white", edgecolor="dimgray", hatch=styles[k][2], label=c)
                for k, c in enumerate(configs) if several_configs]
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))

@@ -685,9 +685,9 @@ def _fig_mqar(mqar):
                  "on the right), one line per model size." + left_out)
 
 
-#: Line styles telling the model sizes of the throughput figure apart (colour is the arch's).
-SIZE_STYLES = ["-", "--", ":", "-.", (0, (5, 1, 1, 1, 1, 1)), (0, (1, 3))]
-SIZE_MARKERS = ["o", "s", "^", "D", "v", "P"]
+#: Line style and marker telling the model sizes (or settings) of a throughput figure apart, this report's and the
+#: bench figures' (colour is the arch's); the first is a one-size figure's look.
+SIZE_STYLES = (("-", "o"), ("--", "s"), (":", "^"), ("-.", "D"), ((0, (5, 1, 1, 1, 1, 1)), "v"), ((0, (1, 3)), "P"))
 
 
 def _fig_throughput(tput, raw=None):
@@ -702,8 +702,8 @@ def _fig_throughput(tput, raw=None):
             q = t[t["arch"] == arch].sort_values("seq_len")
             if q.empty:
                 continue
-            ax.plot(q["seq_len"], q["tokens_per_s"], marker=SIZE_MARKERS[i % len(SIZE_MARKERS)], ms=4,
-                    ls=SIZE_STYLES[i % len(SIZE_STYLES)], color=arch_colour(arch, archs),
+            ls, marker = SIZE_STYLES[i % len(SIZE_STYLES)]
+            ax.plot(q["seq_len"], q["tokens_per_s"], marker=marker, ms=4, ls=ls, color=arch_colour(arch, archs),
                     label=arch if size is None else f"{arch}, {size}")
     ax.set_xscale("log", base=2)
     ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _p: f"{v:g}"))
