@@ -453,6 +453,12 @@ def _si(n: float) -> str:
     return f"{n / 1e3:.3g}k"
 
 
+def size_label(params) -> str:
+    """Parameter counts of one model size as a label: 134M, or 134M-140M where they spread past SAME_SIZE."""
+    lo, hi = float(np.min(params)), float(np.max(params))
+    return _si(lo) if hi < SAME_SIZE * lo else f"{_si(lo)}-{_si(hi)}"
+
+
 def throughput_configs(throughput: pd.DataFrame) -> tuple[np.ndarray, list[str]]:
     """Each row's measured configuration, as an index into the returned labels (smallest model first): its model shape
     (else its parameter count, within 5%) and its compile, fused and device settings, where the frame has them."""
@@ -483,7 +489,7 @@ def throughput_configs(throughput: pd.DataFrame) -> tuple[np.ndarray, list[str]]
     for i in range(len(uniq)):
         p = params[(codes == i) & np.isfinite(params)]
         if len(p):
-            labels.append([_si(p.min()) if p.max() < SAME_SIZE * p.min() else f"{_si(p.min())}-{_si(p.max())}"])
+            labels.append([size_label(p)])
         else:
             labels.append(["size unknown"] if "params" in throughput.columns else [])
     # the shape is named where the parameter counts do not tell the configurations apart, the settings where they vary

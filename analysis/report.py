@@ -41,6 +41,7 @@ from analysis.compare import (  # noqa: E402
     niah_table,
     ratio_label,
     seed_study_findings,
+    size_label,
     summary_findings,
     throughput_sizes,
     throughput_table,
@@ -724,8 +725,7 @@ def _fig_throughput(tput, raw=None):
     # the benchmark's size, which the table keeps in its raw rows only: the runs beside it are often far smaller
     sizes = (sorted(pd.to_numeric(raw["params"], errors="coerce").dropna().unique())
              if raw is not None and "params" in raw.columns else [])
-    si = lambda n: f"{n / 1e9:.3g}B" if n >= 1e9 else f"{n / 1e6:.3g}M"  # noqa: E731
-    size = "" if not sizes else si(sizes[0]) if sizes[-1] < 1.05 * sizes[0] else f"{si(sizes[0])}-{si(sizes[-1])}"
+    size = size_label(sizes) if sizes else ""
     at = f" at {size} parameters" if size else " of its own model size"
     return fig, ("Training throughput against sequence length per architecture, from the table given with "
                  f"--throughput (a benchmark{at}, such as slab bench train's, not these runs)." + repeats)
