@@ -47,3 +47,31 @@ def test_every_make_bench_line_parses():
 def test_a_misspelt_flag_fails_to_parse():
     with pytest.raises(Exception, match="No such option"):
         _parse(["bench", "train", "--arch", "softmax", "--seq-lenn", "2048"])
+
+
+def _recipe(*targets: str, **variables: str) -> list[str]:
+    """The `slab` lines `make -n` would run for these targets."""
+    args = ["make", "-s", "-n", "-o", "setup", "-o", ".venv/.stamp", *targets, "BIN=/bin",
+            *(f"{k}={v}" for k, v in variables.items())]
+    out = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    return [line for line in out.splitlines() if line.startswith("/bin/slab ")]
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
+def test_bench_is_its_parts_in_order():
+    parts = ["bench-cpu", "bench-kernels", "bench-train", "bench-length", "bench-pack", "bench-multi"]
+    whole = _recipe("bench", HAS_GPU="1", GPUS="4")
+    assert whole == [line for part in parts for line in _recipe(part, HAS_GPU="1", GPUS="4")]
+    # one GPU: no several-GPU part; no GPU: only the CPU part
+    assert _recipe("bench", HAS_GPU="1", GPUS="1") == whole[:-2]
+    assert _recipe("bench", HAS_GPU="", GPUS="0") == _recipe("bench-cpu")
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
+@pytest.mark.parametrize("target,variables", [("bench-pack", {"HAS_GPU": "", "GPUS": "0"}),
+                                              ("bench-multi", {"HAS_GPU": "1", "GPUS": "1"})])
+def test_a_gpu_part_without_its_gpus_says_so(target, variables):
+    done = subprocess.run(["make", "-o", "setup", "-o", ".venv/.stamp", target, "BIN=/bin",
+                           *(f"{k}={v}" for k, v in variables.items())], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode != 0
+    assert f"make {target}: needs" in done.stderr
