@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import Engine, delete, or_, select, update
+from sqlalchemy import Engine, bindparam, delete, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DatabaseError as SADatabaseError
 from sqlalchemy.orm import Session
@@ -266,11 +266,20 @@ def write_results(engine: Engine, metrics: Sequence[dict], evals: Sequence[dict]
             s.execute(upsert(engine, Metric, ("run_id", "step")), list(metrics))
         if evals:
             s.execute(upsert(engine, Eval, ("run_id", "step", "name")), list(evals))
+        # One executemany per set of fields, not a statement per run: a batch of a launcher training hundreds of runs
+        # at once had spent a round trip per run (about 0.7 s a batch of 200 runs on PostgreSQL).
+        groups: dict[tuple[str, ...], list[dict]] = {}
         for run_id, values in runs.items():
-            stmt = update(Run).where(Run.run_id == run_id)
+            fitted = _fitted(values)
+            if fitted:  # nothing to set (an UPDATE without SET is an error)
+                row = {"w_run_id": run_id, **{f"v_{name}": value for name, value in fitted.items()}}
+                groups.setdefault(tuple(sorted(fitted)), []).append(row)
+        table = Run.__table__
+        for names, rows in groups.items():
+            stmt = update(table).where(table.c.run_id == bindparam("w_run_id"))
             if owner is not None:  # checked above and locked; kept so the update says what it may touch
-                stmt = stmt.where(Run.lease_owner == owner)
-            s.execute(stmt.values(**_fitted(values)))
+                stmt = stmt.where(table.c.lease_owner == owner)
+            s.execute(stmt.values({name: bindparam(f"v_{name}") for name in names}), rows)
 
 
 def save_fit(engine: Engine, *, method: str, source: str, n_points: int, result: dict, plan: str | None = None, arch: str | None = None) -> int:
