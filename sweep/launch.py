@@ -388,8 +388,13 @@ def _run_state(engine: Engine, run_id: str):
 
 
 def _read_runs(engine: Engine, run_ids: list[str]) -> dict[str, Run]:
+    """The rows of these runs, by id, read ID_BATCH ids a statement (a launch's every id in one IN list would pass
+    PostgreSQL's 65,535 parameters, or SQLite's variable limit, in a study of that many runs)."""
+    found: dict[str, Run] = {}
     with Session(engine) as s:
-        return {r.run_id: r for r in s.scalars(select(Run).where(Run.run_id.in_(run_ids)))} if run_ids else {}
+        for i in range(0, len(run_ids), ID_BATCH):
+            found.update((r.run_id, r) for r in s.scalars(select(Run).where(Run.run_id.in_(run_ids[i : i + ID_BATCH]))))
+    return found
 
 
 #: Terminal colour codes, which Ray puts in a task's error text.

@@ -127,3 +127,24 @@ def test_a_task_that_ends_is_collected_without_waiting_for_the_others(tmp_path):
     driver.ray.ended |= {"running", "also"}
     driver._collect()
     assert finished == ["ended", "running", "also"], "tasks that ended together are collected together"
+
+
+def test_a_launch_reads_its_runs_a_batch_of_ids_a_statement(write_plan, tmp_path, monkeypatch):
+    """Every run id of a launch in one IN list passes PostgreSQL's 65,535 parameters (or SQLite's variable limit) in
+    a study of that many runs; the launch's final read takes ID_BATCH ids a statement and still finds every run."""
+    from sqlalchemy import event
+
+    import sweep.launch as launch
+    from db.engine import open_db
+    from sweep.registry import add_plans
+
+    plan = load_plan(write_plan(HEADER + "r{seed},softmax,32,1,2,16,2,=32*3,1e-3,0..9+1,0,1\n"))
+    engine = open_db(f"sqlite:///{tmp_path / 'slab.db'}")
+    add_plans(engine, [plan])
+    monkeypatch.setattr(launch, "ID_BATCH", 3)
+    widest = []
+    event.listen(engine, "before_cursor_execute",
+                 lambda conn, cursor, statement, params, context, many: widest.append(len(params or ())))
+    ids = [r.spec.run_id for r in plan.runs]
+    assert set(launch._read_runs(engine, ids)) == set(ids)
+    assert max(widest) <= 3 + 1, widest  # the ids, and at most one more bound value
