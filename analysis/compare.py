@@ -913,7 +913,9 @@ def summary_findings(
         lines.append(
             f"{arch}: approach 3 gives alpha={e['alpha']:.3f}, beta={e['beta']:.3f}, "
             f"so N_opt grows as C^{e['a']:.2f}; "
-            f"compute-optimal tokens per parameter at C={k.split('@')[1]} FLOPs{beyond}: {e[k]:.3g}{ci}"
+            f"compute-optimal tokens per parameter at C={k.split('@')[1]} FLOPs{beyond}: "
+            # an overflowing B (beta 100) leaves it undefined: 'nan' (and before that 'inf') had been quoted as a value
+            + (f"{e[k]:.3g}{ci}" if np.isfinite(e[k]) else f"undefined ({fit.details.get('not_finite', 'not a number')})")
             + ("" if fit.converged else " (optimiser did not confirm convergence)") + "."
             + _allocation_caveat(e["a"], e[k])
         )

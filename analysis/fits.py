@@ -152,6 +152,11 @@ class ComputeRule:
         if np.ptp(x) < 1e-9:  # one size: its compute per token, with g as Chinchilla's
             return cls(k=float(np.exp(np.mean(y - x))), g=1.0)
         g, c = np.polyfit(x, y, 1)
+        # Compute per token that does not grow with size is no training count (6 N alone grows as N); with g <= 0
+        # the optimal N_opt is unbounded, and approach 3 had printed an exponent a of 4.7 and N_opt as nan.
+        if g < MIN_PER_TOKEN_EXPONENT:
+            raise FitError(f"the runs' FLOPs per token vary as (model size)^{g:.2f}, not growing with the size: they are "
+                           "not a training-compute count (check the flops column)")
         return cls(k=float(np.exp(c)), g=float(g))
 
     def tokens(self, C, N):
@@ -159,6 +164,9 @@ class ComputeRule:
         return np.asarray(C, float) / (self.k * np.power(N, self.g))
 
 
+#: The least exponent g of compute per token ~ N^g taken for a training count: a small model's per-token compute is
+#: mostly its LM head, which grows with width alone (g about 0.1 for depths 1-4 at width 128), but never not at all.
+MIN_PER_TOKEN_EXPONENT = 0.01
 #: How far the exponent h of C ~ N^g D^h may stray from 1 before the FLOPs are taken for something other than a
 #: training count (which is compute per token times tokens, so h = 1 exactly; external counts are rounded).
 PER_TOKEN_TOL = 0.1
@@ -415,10 +423,12 @@ def fit_loss_compute(
     source = _FrontierSource(pts, None if metrics is None else _curves(metrics, runs, params_col), n_bins,
                              drop_edges=drop_edges)
     n_runs = len(source.run_ids)
-    if source.kind == "curves" and np.unique(source.N_run).size < 2:
+    # one size's final points at several token counts are its training curve too: as from curves, no frontier (compare
+    # had printed a "frontier" gap and compute multiplier for a one-size ablation trained to three budgets)
+    if np.unique(source.N_run).size < 2:
         raise FitError(
-            f"loss-compute fit from curves needs runs of at least 2 model sizes, got {n_runs} run(s) of one size: "
-            "one model's training curve is not the compute-optimal frontier"
+            f"loss-compute fit{' from curves' if source.kind == 'curves' else ''} needs runs of at least 2 model sizes, "
+            f"got {n_runs} run(s) of one size: one model's training curve is not the compute-optimal frontier"
         )
     front = source.frame(np.arange(n_runs))
     if len(front) < k and source.kind == "curves" and drop_edges:
@@ -459,7 +469,7 @@ def fit_loss_compute(
         C, L, w = source.envelope(sel, counts)
         good = False
         # as for the data itself, one model's training curve is not a frontier: such a replicate fails
-        one_size = source.kind == "curves" and np.unique(source.N_run[sel]).size < 2
+        one_size = np.unique(source.N_run[sel]).size < 2
         if len(C) >= k and not one_size:
             th, good = _fit_frontier(C / C0, L, form, theta_hat, w)
         rows.append(to_estimates(th) if good else {key: math.nan for key in estimates})
@@ -502,6 +512,7 @@ class _FrontierSource:
         if curves is None:
             table = pts[["run_id", "N", "D", "C", "L"]]
             self.run_ids = table["run_id"].to_numpy()
+            self.N_run = table["N"].to_numpy()
             order = np.argsort(table["C"].to_numpy(), kind="mergesort")
             self.table = table.iloc[order].reset_index(drop=True)
             self.run_of = order  # sorted point -> run index
@@ -1055,6 +1066,7 @@ def fit_approach3(
             "approach 3 cannot tell the size term from the data term: N and D move together in these runs "
             "(one compute budget?); add runs of other token counts at the same sizes"
         )
+    rule = ComputeRule.fit(pts["N"], pts["D"], pts["C"])  # before the fit: FLOPs it refuses fail at once
     obj = _Approach3Objective(
         np.log(pts["N"].to_numpy()), np.log(pts["D"].to_numpy()), np.log(pts["L"].to_numpy()), delta
     )
@@ -1087,10 +1099,11 @@ def fit_approach3(
             [obj.estimates(t) if np.all(np.isfinite(t)) else {} for t in boot], columns=list(estimates)
         )
     budgets = list(budgets) if budgets else allocation_budgets(pts["C"])
-    rule = ComputeRule.fit(pts["N"], pts["D"], pts["C"])
     estimates, samples = _with_allocation(estimates, samples, budgets, rule)
     law = [estimates[k] for k in ("E", "A", "B", "alpha", "beta")]
-    pred = chinchilla_law(pts["N"].to_numpy(), pts["D"].to_numpy(), *law)
+    # where a constant overflows (B = exp(1000) at beta 52), from the fitted logs: inf x 0 had made it NaN
+    pred = (chinchilla_law(pts["N"].to_numpy(), pts["D"].to_numpy(), *law) if np.all(np.isfinite(law))
+            else obj.predict(theta))
     return _check_bootstrap(FitResult(
         method="approach3",
         formula="L = E + A / N^alpha + B / D^beta",
@@ -1268,7 +1281,10 @@ def _with_allocation(est, samples, budgets, rule: ComputeRule = ComputeRule()):
         E, A, B, alpha, beta = (np.asarray(v, float) for v in (E, A, B, alpha, beta))
         out = derive(E, A, B, alpha, beta)
         bad = ~((alpha > 0) & (beta > 0))
-        return {k: np.where(bad, np.nan, v) for k, v in out.items()}
+        # an overflowed constant (B = inf at beta 52) had given N_opt = 0 and D_opt = inf, read as numbers; a and b
+        # need the exponents alone
+        over = ~(np.isfinite(E) & np.isfinite(A) & np.isfinite(B))
+        return {k: np.where(bad | (over & (k not in ("a", "b"))), np.nan, v) for k, v in out.items()}
 
     names = ("E", "A", "B", "alpha", "beta")
     with np.errstate(all="ignore"):
@@ -1392,6 +1408,11 @@ class _Approach3Objective:
                 options={"maxiter": 5000, "gtol": 1e-9, "ftol": 1e-14},
             )
 
+    def predict(self, th: np.ndarray) -> np.ndarray:
+        """The law's loss at each run, exp(LSE(a - alpha x, b - beta y, e)), finite where A or B overflow."""
+        a, b, e, alpha, beta = (float(v) for v in th)
+        return np.exp(np.logaddexp.reduce([a - alpha * self.x, b - beta * self.y, np.full_like(self.x, e)]))
+
     def estimates(self, th: np.ndarray) -> dict[str, float]:
         a, b, e, alpha, beta = (float(v) for v in th)
         return {
@@ -1408,21 +1429,54 @@ class _Approach3Objective:
 
 
 def _check_bootstrap(result: FitResult) -> FitResult:
-    """Count the replicates that could not be fitted; leave the intervals unknown when they are most of them."""
+    """Count the replicates that could not be fitted or gave no usable law (failing them), note estimates that are not
+    finite, and leave the intervals unknown when failed replicates are most of them."""
+    _note_not_finite(result)
     s = result.samples
     if s is None or s.empty:
         return result
+    # A replicate whose law does not fall (an exponent <= 0) is one the data itself would be refused for
+    # (`_check_falling`), and one whose constant overflows has no allocation: each fails as a whole. Kept, they had
+    # widened alpha's interval while a, b and N_opt (NaN for them) were drawn from the others alone, uncounted.
+    exponents = [c for c in ("alpha", "beta") if c in s.columns]
+    constants = [c for c in LAW_CONSTANTS if c in s.columns]
+    unusable = ((s[exponents] <= 0).any(axis=1) | np.isinf(s[constants]).any(axis=1)).to_numpy() if exponents \
+        else np.zeros(len(s), bool)
+    if unusable.any():
+        s = s.copy()
+        s.loc[unusable, :] = np.nan
+        result.samples, result.intervals = s, _intervals(s)
+        result.details["bootstrap_unusable"] = int(unusable.sum())
     failed = int(s.isna().all(axis=1).sum())
     result.details["bootstrap_failed"] = failed
     # The replicates that fit are those whose resampled runs still identify the law: when they are a minority
     # their spread is not the estimate's (with 3 runs, the only one that fits is the data itself: zero width).
     if 2 * failed > len(s):
+        why = (f", {int(unusable.sum())} of them with a law whose loss does not fall or whose constant overflows"
+               if unusable.any() else "")
         note = (f"{failed} of {len(s)} bootstrap replicates could not be fitted (their resampled runs do not "
-                "identify the law), so the intervals, which would rest on the rest, are unknown")
+                f"identify the law{why}), so the intervals, which would rest on the rest, are unknown")
         result.intervals = {k: (math.nan, math.nan) for k in result.intervals}
         result.details["intervals_unknown"] = note
         log.info("%s: %s", result.method, note)  # callers show details (slab fit prints it, the report's tables say so)
     return result
+
+
+#: Each law constant that is the exponential of a fitted intercept, with the exponent it grows with.
+LAW_CONSTANTS = {"E": None, "A": "alpha", "B": "beta", "k_N": "a", "k_D": "b"}
+
+
+def _note_not_finite(result: FitResult) -> None:
+    """Say in details["not_finite"] which estimates are not finite numbers, and why (slab fit prints it)."""
+    bad = [k for k, v in result.estimates.items() if not math.isfinite(v)]
+    if not bad:
+        return
+    e = result.estimates
+    over = [f"{k} overflows a float ({x} = {e[x]:.3g})" if x in e else f"{k} overflows a float"
+            for k, x in LAW_CONSTANTS.items() if k in e and math.isinf(e[k])]
+    why = ("; ".join(over) + ": a law this steep fits the runs as a step, and what derives from it is undefined"
+           if over else "they are undefined at these estimates")
+    result.details["not_finite"] = f"{_some(bad)} {'is' if len(bad) == 1 else 'are'} not finite: {why}"
 
 
 def _intervals(samples: pd.DataFrame | None, level: float = 0.95) -> dict[str, tuple[float, float]]:

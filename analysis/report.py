@@ -514,8 +514,14 @@ def _fig_isoflop(fits, archs):
 
 def _fig_allocation(fits, archs):
     rows = [(a, m) for a in archs for m in ("approach1", "approach2", "approach3") if f"{m}/{a}" in fits]
+    # An approach-3 law whose A or B overflows (an exponent of 50) has no allocation to draw: drawn, N_opt came out 0
+    # and D_opt divided by it.
+    undefined = [a for a, m in rows if m == "approach3"
+                 and not all(math.isfinite(fits[f"{m}/{a}"].estimates[k]) for k in ("A", "B"))]
+    rows = [(a, m) for a, m in rows if not (m == "approach3" and a in undefined)]
+    none = f"approach 3 of {', '.join(undefined)}: no allocation (a law constant overflows)" if undefined else ""
     if not rows:
-        return None, "no approach 1, 2 or 3 fit succeeded"
+        return None, "no approach 1, 2 or 3 fit succeeded" + (f" with an allocation ({none})" if none else "")
     fig, (axN, axD) = plt.subplots(1, 2, figsize=(11, 4.4))
     fig.subplots_adjust(left=0.07, right=0.87, bottom=0.13, top=0.95, wspace=0.25)
     styles = {"approach1": ("o", "-"), "approach2": ("s", ":"), "approach3": (None, "--")}
@@ -567,7 +573,8 @@ def _fig_allocation(fits, archs):
     fig.legend(handles=handles, loc="center right", fontsize=8, frameon=False)
     beyond = ", faded past its runs' largest compute: extrapolated" if extrapolated else ""
     return fig, ("Compute-optimal size and tokens against compute: approach 1 (circles, solid), approach 2 "
-                 f"(squares, dotted), approach 3 (dashed{beyond}); exponents are in the fit tables.")
+                 f"(squares, dotted), approach 3 (dashed{beyond}); exponents are in the fit tables."
+                 + (f" Not drawn: {none}." if none else ""))
 
 
 def _fig_residuals(fits, archs):

@@ -917,8 +917,9 @@ def fit(
         sys.stdout.write(json.dumps(data) + "\n")
     else:
         out.print(_fit_table(result))
-    if "intervals_unknown" in result.details:
-        err.print(f"[yellow]warning:[/] {escape(result.details['intervals_unknown'])}", highlight=False)
+    for why in ("not_finite", "intervals_unknown"):  # what a nan, an inf or an 'unknown' in the table means
+        if why in result.details:
+            err.print(f"[yellow]warning:[/] {escape(result.details[why])}", highlight=False)
     if unsaved:
         err.print(f"[yellow]warning:[/] the fit was not stored in the fits table: {escape(unsaved)}", highlight=False)
 
@@ -926,7 +927,9 @@ def fit(
 def _fit_table(result) -> Table:
     """A fit's estimates and 95% intervals as `slab fit` prints them: 'unknown' where they are, '-' with no bootstrap."""
     failed = result.details.get("bootstrap_failed", 0)
-    boots = f"{result.n_bootstrap} bootstraps" + (f" ({failed} failed)" if failed else "")
+    unusable = result.details.get("bootstrap_unusable", 0)
+    odd = f", {unusable} with an exponent <= 0 or a constant overflowing" if unusable else ""
+    boots = f"{result.n_bootstrap} bootstraps" + (f" ({failed} failed{odd})" if failed else "")
     table = Table(title=f"{result.formula}  ({result.n_points} points, {boots}, converged: {result.converged})")
     for col in ("quantity", "estimate", "95% low", "95% high"):
         table.add_column(col, justify="left" if col == "quantity" else "right")
