@@ -532,7 +532,10 @@ def runs(
             frame[c] = frame[c].map(lambda v: f"{v:.4f}" if v == v and v is not None else "")
         for c in ("params", "tokens"):  # 1.33G, as slab plan shows them (CSV and JSON keep every digit)
             frame[c] = frame[c].map(lambda v: si(float(v)) if _cell(v) else "")
-    _emit(frame, fmt, title=_n(len(frame), "run"), free=("error", 14), whole=("run_id",),
+    title = _n(len(frame), "run")
+    if fmt is Format.table:
+        frame = _table_rows(frame, "runs")
+    _emit(frame, fmt, title=title, free=("error", 14), whole=("run_id",),
           hint="slab runs --csv or --json prints every column",
           optional=("n_layers", "d_model", "attempts", "final_loss", "hybrid", "plan", "step", "tokens"))
 
@@ -609,15 +612,22 @@ def sql(
         frame = run_sql(_engine(ctx), query)
     except QueryError as exc:
         fail(str(exc))
-    if fmt is Format.table and len(frame) > SQL_TABLE_ROWS:  # a table draws about 2,000 rows a second
-        err.print(f"note: showing the first {SQL_TABLE_ROWS:,} of {len(frame):,} rows; --csv or --json prints them all",
-                  highlight=False, markup=False)
-        frame = frame.head(SQL_TABLE_ROWS)
-    _emit(frame, fmt)
+    _emit(_table_rows(frame, "rows") if fmt is Format.table else frame, fmt)
 
 
-#: Rows `slab sql` draws as a table (600,000 had taken over two minutes and 4 GB); --csv and --json print all.
-SQL_TABLE_ROWS = 1_000
+#: The most rows, and cells, a table draws: rich draws a few thousand cells a second (`slab sql` of 600,000 rows had
+#: taken over two minutes and 4 GB; `slab runs` of 12,000 runs 72 s); --csv and --json print all.
+TABLE_ROWS, TABLE_CELLS = 1_000, 10_000
+
+
+def _table_rows(frame, noun: str):
+    """The first rows of a frame that a table draws quickly, saying on stderr how many are left out and how to get all."""
+    rows = min(TABLE_ROWS, max(100, TABLE_CELLS // max(1, len(frame.columns))))
+    if len(frame) <= rows:
+        return frame
+    err.print(f"note: showing the first {rows:,} of {len(frame):,} {noun}; --csv or --json prints them all",
+              highlight=False, markup=False)
+    return frame.head(rows)
 
 
 class ExportFormat(str, Enum):
