@@ -31,9 +31,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models.sources import (  # noqa: F401 (parse_data, cache_dir, VAL_EVERY, DOC_SEP: this module's API too)
+from models.sources import (  # noqa: F401 (parse_data, cache_dir, VAL_EVERY, DOC_SEP, STDLIB_*: this module's API too)
     DOC_SEP,
     VAL_EVERY,
+    SCAN_CHUNK as _SCAN_CHUNK,
+    STDLIB_CAP_BYTES,
+    STDLIB_SKIP,
     Stamp,
     bin_files,
     cache_dir,
@@ -42,6 +45,8 @@ from models.sources import (  # noqa: F401 (parse_data, cache_dir, VAL_EVERY, DO
     held_out,
     is_token_source,
     parse_data,
+    sha256_and_max as _sha256_and_max,
+    stdlib_files,
     tail_cut,
     text_files,
     token_ids_in,
@@ -53,11 +58,6 @@ PAD, BOS, EOS, SEP = 256, 257, 258, 259
 #: Vocabulary of byte-level data: 256 bytes and the four specials above.
 BYTE_VOCAB_SIZE = 260
 
-#: The stdlib corpus keeps whole files, in sorted order, until it holds this many bytes.
-STDLIB_CAP_BYTES = 64 * 2**20
-#: Path parts that exclude a stdlib file: installed packages, test suites, caches, and the generated codec tables
-#: (encodings/cp037.py and its like repeat one another: 11% of the validation text was in the training split).
-STDLIB_SKIP = frozenset({"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__", "encodings"})
 #: Bumped when the stdlib corpus's selection changes, so that a cached corpus of the old one is not reused.
 STDLIB_VERSION = 2
 
@@ -91,22 +91,6 @@ class Corpus:
     max_id: int | None = None  # the largest token id of both splits (token-id corpora; None for bytes)
 
 
-#: Token ids read at a time when a token file is hashed and its largest id found.
-_SCAN_CHUNK = 1 << 24
-
-
-def _sha256_and_max(*arrays: np.ndarray) -> tuple[str, int]:
-    """sha256 of the arrays' bytes, one after another, and their largest value (-1 when empty), in one chunked pass: a
-    token file is read once for both, without holding it in memory."""
-    h, top = hashlib.sha256(), -1
-    for a in arrays:
-        for start in range(0, len(a), _SCAN_CHUNK):
-            block = np.ascontiguousarray(a[start : start + _SCAN_CHUNK])
-            h.update(block.data)
-            top = max(top, int(block.max()))
-    return h.hexdigest(), top
-
-
 def _atomic_save(path: Path, array: np.ndarray) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(tmp, "wb") as f:
@@ -114,22 +98,6 @@ def _atomic_save(path: Path, array: np.ndarray) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-
-
-def stdlib_files(root: Path | None = None) -> list[Path]:
-    """The stdlib ``.py`` files the corpus is built from, sorted by relative path, capped in bytes."""
-    root = Path(root or sysconfig.get_paths()["stdlib"])
-    files = sorted(
-        (p for p in root.rglob("*.py") if not STDLIB_SKIP & set(p.relative_to(root).parts) and p.is_file()),
-        key=lambda p: p.relative_to(root).as_posix(),
-    )
-    kept, total = [], 0
-    for p in files:
-        if total >= STDLIB_CAP_BYTES:
-            break
-        kept.append(p)
-        total += p.stat().st_size
-    return kept
 
 
 def stdlib_corpus() -> Corpus:

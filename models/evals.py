@@ -177,7 +177,9 @@ def check_evals(names, data: Data, seq_len: int, vocab_size: int) -> None:
     rng = np.random.default_rng(VAL_SEED)
     for name in names:
         if name == "niah":
-            token_ids = any(isinstance(s, TextSource) and not s.corpus.is_bytes for s in data.sources)
+            # MQAR's ids as well: below 256 the prompts' byte ids would index past a small vocabulary's embedding
+            token_ids = any(isinstance(s, MQARSource) or (isinstance(s, TextSource) and not s.corpus.is_bytes)
+                            for s in data.sources)
             if data.filler is None and token_ids:
                 # NIAH's prompts are bytes; to a model of token ids, ids 0-255 are other tokens, so it would score 0
                 # whatever its architecture, and the report would read that as a retrieval failure.

@@ -10,6 +10,7 @@ import logging
 import math
 import os
 import re
+import sysconfig
 import tempfile
 import time
 from collections.abc import Callable
@@ -45,6 +46,45 @@ VAL_EVERY = 20
 #: is of the joined bytes), so their checkpoints are refused on resume rather than continued on another stream.
 #: The stdlib corpus keeps no separator: its .py files end in a newline, and its hash (every stdlib checkpoint's) stays.
 DOC_SEP = b"\n"
+
+
+#: The stdlib corpus keeps whole files, in sorted order, until it holds this many bytes.
+STDLIB_CAP_BYTES = 64 * 2**20
+#: Path parts that exclude a stdlib file: installed packages, test suites, caches, and the generated codec tables
+#: (encodings/cp037.py and its like repeat one another: 11% of the validation text was in the training split).
+STDLIB_SKIP = frozenset({"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__", "encodings"})
+#: Fewer validation bytes than the stdlib corpus of any CPython holds (3.11's: 388K): a plan scans the standard
+#: library's files (a second or more, past its installed packages) only for a row that needs more than this.
+STDLIB_SURE_BYTES = 1 << 16
+
+
+def stdlib_files(root: Path | None = None) -> list[Path]:
+    """The stdlib ``.py`` files the corpus is built from, sorted by relative path, capped in bytes."""
+    root = Path(root or sysconfig.get_paths()["stdlib"])
+    files = sorted(
+        (p for p in root.rglob("*.py") if not STDLIB_SKIP & set(p.relative_to(root).parts) and p.is_file()),
+        key=lambda p: p.relative_to(root).as_posix(),
+    )
+    kept, total = [], 0
+    for p in files:
+        if total >= STDLIB_CAP_BYTES:
+            break
+        kept.append(p)
+        total += p.stat().st_size
+    return kept
+
+
+@lru_cache(maxsize=1)
+def stdlib_split_sizes() -> tuple[int, int, str]:
+    """Bytes in the stdlib corpus's train and validation splits, from its files' sizes alone (joined without a
+    separator, as ``models.data.stdlib_corpus`` reads them), and how its validation split is held out."""
+    sizes = [f.stat().st_size for f in stdlib_files()]
+    val = held_out(len(sizes))
+    if not any(val):
+        cut = tail_cut(sum(sizes))
+        return cut, sum(sizes) - cut, f"its last {100 / VAL_EVERY:g}% is held out for validation"
+    train = sum(n for n, v in zip(sizes, val) if not v)
+    return train, sum(sizes) - train, f"every {VAL_EVERY}th file is held out for validation"
 
 
 def held_out(n_files: int) -> list[bool]:
@@ -138,6 +178,42 @@ def is_token_source(path: str | Path) -> bool:
     """A data path of token ids (a .bin, or a folder holding train.bin), not of text bytes."""
     path = Path(path)
     return path.suffix == ".bin" or (path.is_dir() and (path / "train.bin").exists())
+
+
+#: Token ids read at a time when a token file is hashed and its largest id found.
+SCAN_CHUNK = 1 << 24
+
+
+def sha256_and_max(*arrays) -> tuple[str, int]:
+    """sha256 of the arrays' bytes, one after another, and their largest value (-1 when empty), in one chunked pass: a
+    token file is read once for both, without holding it in memory."""
+    import numpy as np  # here, not at the top: planning reads this module and needs numpy only for token files
+
+    h, top = hashlib.sha256(), -1
+    for a in arrays:
+        for start in range(0, len(a), SCAN_CHUNK):
+            block = np.ascontiguousarray(a[start : start + SCAN_CHUNK])
+            h.update(block.data)
+            top = max(top, int(block.max()))
+    return h.hexdigest(), top
+
+
+def token_max_id(path: str | Path) -> int:
+    """The largest token id of a token corpus, from the digest cache entry that ``models.data.bin_corpus`` reads (and
+    fills the same way: its sha256 and largest id), so that a plan's check is no second scan at launch."""
+    import numpy as np
+
+    files = bin_files(Path(path).expanduser())
+    stamps = tuple(file_stamp(f) for f in files)
+    for file, (_, size, *_) in zip(files, stamps):
+        token_ids_in(file, size)  # np.memmap's own error ("cannot mmap an empty file") names no file
+
+    def scan() -> dict:
+        # train then validation split, as bin_corpus hashes them: one file split at 95% is the file's bytes in order
+        sha, top = sha256_and_max(*(np.memmap(f, dtype=np.uint16, mode="r") for f in files))
+        return {"sha256": sha, "max_id": top}
+
+    return cached_digest("bin-corpus", stamps, scan)["max_id"]
 
 
 def content_digest(path: str | Path) -> str:

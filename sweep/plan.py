@@ -48,7 +48,15 @@ from models.config import (
     hybrid_period,
     shape_for_params,
 )
-from models.sources import content_digest, is_token_source, parse_data, split_sizes
+from models.sources import (
+    STDLIB_SURE_BYTES,
+    content_digest,
+    is_token_source,
+    parse_data,
+    split_sizes,
+    stdlib_split_sizes,
+    token_max_id,
+)
 from sweep.spec import RunSpec
 
 DEFAULT_MAX_RUNS = 100_000
@@ -900,7 +908,8 @@ def _data_value(data: str, base_dir: Path, digests: dict[str, str | CellError] |
 
 
 def _build_spec(r: _Resolver, base_dir: Path, digests: dict[str, str | CellError] | None = None,
-                splits: dict[str, tuple[int, int, str] | CellError] | None = None) -> RunSpec:
+                splits: dict[str, tuple[int, int, str] | CellError] | None = None,
+                max_ids: dict[str, int | None] | None = None) -> RunSpec:
     """The run a resolver's cells describe; raises _RunErrors naming every bad value of it (a check that needs a
     value that failed is skipped, not reported as a second problem)."""
     errors: list[CellError] = []
@@ -972,6 +981,8 @@ def _build_spec(r: _Resolver, base_dir: Path, digests: dict[str, str | CellError
         errors += _data_fit_errors(data, cfg, seq_len, evals, r.cells.get("seq_len") is not None)
     if data is not None and seq_len is not None and evals is not None:
         errors += _corpus_fit_errors(data, seq_len, evals, splits)
+    if data is not None and cfg is not None:
+        errors += _token_fit_errors(data, cfg.vocab_size, max_ids)
     # Each data-parallel worker trains an equal slice of every batch; caught here, not after every attempt at launch.
     if gpus is not None and batch is not None and gpus > 1 and batch % int(gpus):
         # in the row's batch_size cell; where it has none, in gpus: the plan may not have a batch_size column
@@ -1021,7 +1032,8 @@ def _data_fit_errors(data: str, cfg: ModelConfig, seq_len: int, evals: tuple[str
         errors.append(_ColumnError("seq_len", f"passkey data needs seq_len >= {PASSKEY_MIN_SEQ_LEN}, got {seq_len}"))
     if "niah" in evals and seq_len < NIAH_MIN_SEQ_LEN:
         errors.append(_ColumnError("seq_len", f"niah evals need seq_len >= {NIAH_MIN_SEQ_LEN}, got {seq_len}"))
-    token_parts = [p for p in parts if p not in DATA_SOURCES and is_token_source(p)]
+    # MQAR's ids too: below 256 the byte prompts would not even fit the embedding (an IndexError after the last step)
+    token_parts = [p for p in parts if p == "mqar" or (p not in DATA_SOURCES and is_token_source(p))]
     if "niah" in evals and token_parts and not byte_parts:
         # NIAH's prompts are byte text: a model of token ids reads them as other tokens and scores 0 whatever its arch
         errors.append(_ColumnError("evals", f"niah evals need byte-level text, and data {_clip(data)!r} holds token ids "
@@ -1068,14 +1080,62 @@ def _corpus_fit_errors(data: str, seq_len: int, evals: tuple[str, ...],
                                                    "give a longer corpus or a shorter seq_len"))
                 short.add(path)
                 break
-    # NIAH's filler is the mixture's first byte text; stdlib, megabytes of it, is not checked
-    filler = next((p for p in parts if p == "stdlib" or (p not in DATA_SOURCES and not is_token_source(p))), None)
-    if "niah" in evals and filler not in (None, "stdlib") and filler not in short:
+    # NIAH's filler (and passkey documents') is the mixture's first byte text, else stdlib (models.data.Data.text_filler)
+    filler = next((p for p in parts if p == "stdlib" or (p not in DATA_SOURCES and not is_token_source(p))), "stdlib")
+    if "niah" in evals and filler != "stdlib" and filler not in short:
         need, have = 2 * seq_len - NIAH_MIN_SEQ_LEN, splits[filler][1]
         if have < need:
             errors.append(_ColumnError("data", f"data {filler}: niah evals fill their longest prompt ({2 * seq_len} tokens, "
                                                f"twice seq_len) with {need} bytes of its validation split, which holds "
                                                f"{have}: give a longer corpus, a shorter seq_len, or drop niah"))
+    return errors + _stdlib_fit_errors(parts, filler, seq_len, evals)
+
+
+def _stdlib_fit_errors(parts: list[str], filler: str, seq_len: int, evals: tuple[str, ...]) -> list[_ColumnError]:
+    """What a row needs of the stdlib corpus (this Python's standard library: a few hundred kB of validation text) that
+    it lacks: a training window of each split, passkey documents' filler, NIAH's longest prompt."""
+    needs = {}
+    if "stdlib" in parts:
+        needs["seq_len"] = (seq_len + 1, f"a sequence of seq_len {seq_len}")
+    elif "passkey" in parts and filler == "stdlib":
+        needs["seq_len"] = (seq_len - PASSKEY_MIN_SEQ_LEN, f"the filler of a passkey document of seq_len {seq_len}")
+    if "niah" in evals and filler == "stdlib":
+        needs["evals"] = (2 * seq_len - NIAH_MIN_SEQ_LEN, f"the filler of niah's longest prompt ({2 * seq_len} tokens, "
+                                                          "twice seq_len)")
+    # Scanning the standard library takes a second or more: only for a row that needs more than any one holds.
+    needs = {column: need for column, need in needs.items() if need[0] > STDLIB_SURE_BYTES}
+    if not needs:
+        return []
+    train, val, held = stdlib_split_sizes()
+    errors = []
+    for column, (need, what) in needs.items():
+        splits = (("train", train), ("validation", val)) if column == "seq_len" else (("validation", val),)
+        short = next(((split, have) for split, have in splits if have < need), None)
+        if short:
+            errors.append(_ColumnError(column, f"data stdlib (this Python's standard library): its {short[0]} split "
+                                               f"holds {short[1]} tokens, fewer than the {need} that {what} needs "
+                                               f"({held}): give a shorter seq_len, or a longer corpus as data"
+                                               + (", or drop niah" if column == "evals" else "")))
+    return errors
+
+
+def _token_fit_errors(data: str, vocab_size: int, max_ids: dict[str, int | None] | None = None) -> list[_ColumnError]:
+    """Token files holding an id the vocabulary lacks, which models.data refuses before every run's first step.
+    ``max_ids`` caches each file's largest id (None where it cannot be read: _corpus_fit_errors names why)."""
+    max_ids = {} if max_ids is None else max_ids
+    errors = []
+    for path in (q.partition("@")[0] for q in data.split("+")):
+        if path in DATA_SOURCES or not is_token_source(path):
+            continue
+        if path not in max_ids:
+            try:
+                max_ids[path] = token_max_id(path)
+            except (OSError, ValueError):
+                max_ids[path] = None
+        top = max_ids[path]
+        if top is not None and top >= vocab_size:
+            errors.append(_ColumnError("vocab", f"data {path} holds token id {top}, which vocab {vocab_size} lacks: "
+                                                f"give a vocab of at least {top + 1}"))
     return errors
 
 
@@ -1100,6 +1160,8 @@ class _Load:
     #: Token counts of data files' splits by resolved path (``models.sources.split_sizes``), or why they cannot be
     #: trained on.
     splits: dict[str, tuple[int, int, str] | CellError] = field(default_factory=dict)
+    #: The largest token id of token files by resolved path (``models.sources.token_max_id``), None if unreadable.
+    max_ids: dict[str, int | None] = field(default_factory=dict)
     #: The run id of each spec as trained (its budget rounded up to whole steps) -> the budget of the first run to
     #: train it: a later budget within the same steps takes that one, so identical training is one run id.
     trained: dict[str, int] = field(default_factory=dict)
@@ -1265,7 +1327,7 @@ def _expand_row(
             cells.pop(col, None)
         resolver = _Resolver(cells, plan.path.parent)
         try:
-            spec = _build_spec(resolver, plan.path.parent, load.digests, load.splits)
+            spec = _build_spec(resolver, plan.path.parent, load.digests, load.splits, load.max_ids)
             _check_storable(spec, resolver.cells)
             label = _label(parsed.get("name"), spec)
         except CellError as exc:

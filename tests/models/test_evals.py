@@ -135,3 +135,10 @@ def test_niah_is_refused_on_token_id_data_whose_ids_are_not_bytes(tmp_path):
         check_evals(("niah",), open_data(str(tmp_path / "c.bin"), 1024), 128, 1024)
     check_evals(("niah",), open_data(f"{tmp_path / 'c.bin'}+passkey@0.1", 1024), 128, 1024)  # byte documents: allowed
     check_evals(("mqar",), open_data(str(tmp_path / "c.bin"), 1024), 128, 1024)
+
+
+def test_niah_is_refused_on_mqar_data_alone():
+    # with a vocab below 256 the byte prompts fell outside the embedding: an IndexError at the end of training
+    with pytest.raises(ValueError, match=r"niah evals: data 'mqar' holds token ids and no byte-level text"):
+        check_evals(("niah",), open_data("mqar", 64), 128, 64)
+    check_evals(("niah",), open_data("mqar+passkey@0.5", 300), 128, 300)
