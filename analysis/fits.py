@@ -141,22 +141,23 @@ class ComputeRule:
     g: float = 1.0
 
     @classmethod
-    def fit(cls, N, D, C) -> "ComputeRule":
-        """Least squares of log(C / D) on log N over the runs; 6 N where C = 6 N D holds (to 1e-9)."""
+    def fit(cls, N, D, C, source: str = "runs") -> "ComputeRule":
+        """Least squares of log(C / D) on log N over the runs; 6 N where C = 6 N D holds (to 1e-9). `source` names
+        the points in a FitError: "runs" or "training curves"."""
         N, D, C = (np.asarray(v, float) for v in (N, D, C))
         per_token = C / D
         if np.allclose(per_token, 6.0 * N, rtol=1e-9, atol=0.0):
             return cls()
         x, y = np.log(N), np.log(per_token)
-        _check_per_token(x, np.log(D), np.log(C))
+        _check_per_token(x, np.log(D), np.log(C), source)
         if np.ptp(x) < 1e-9:  # one size: its compute per token, with g as Chinchilla's
             return cls(k=float(np.exp(np.mean(y - x))), g=1.0)
         g, c = np.polyfit(x, y, 1)
         # Compute per token that does not grow with size is no training count (6 N alone grows as N); with g <= 0
         # the optimal N_opt is unbounded, and approach 3 had printed an exponent a of 4.7 and N_opt as nan.
         if g < MIN_PER_TOKEN_EXPONENT:
-            raise FitError(f"the runs' FLOPs per token vary as (model size)^{g:.2f}, not growing with the size: they are "
-                           "not a training-compute count (check the flops column)")
+            raise FitError(f"the {source}' FLOPs per token vary as (model size)^{g:.2f}, not growing with the size: they "
+                           f"are not a training-compute count (check the {_FLOPS_COLUMN[source]})")
         return cls(k=float(np.exp(c)), g=float(g))
 
     def tokens(self, C, N):
@@ -172,8 +173,13 @@ MIN_PER_TOKEN_EXPONENT = 0.01
 PER_TOKEN_TOL = 0.1
 
 
-def _check_per_token(logN: np.ndarray, logD: np.ndarray, logC: np.ndarray) -> None:
-    """A FitError where the runs' FLOPs do not grow in proportion to their tokens at a given size."""
+#: The column a FitError of `ComputeRule.fit` sends the user to, by the points it was fitted on.
+_FLOPS_COLUMN = {"runs": "flops column", "training curves": "metrics' flops column"}
+
+
+def _check_per_token(logN: np.ndarray, logD: np.ndarray, logC: np.ndarray, source: str = "runs") -> None:
+    """A FitError where the FLOPs (of `source`: runs or training curves) do not grow in proportion to their tokens at a
+    given size."""
     X = np.column_stack([np.ones_like(logN), logN, logD])
     # Only where the tokens at a given size span 2x or more: runs at a fixed tokens-per-parameter ratio (the smoke
     # study's) leave h to the noise of the small terms of the count.
@@ -183,8 +189,8 @@ def _check_per_token(logN: np.ndarray, logD: np.ndarray, logC: np.ndarray) -> No
     h = float(np.linalg.lstsq(X, logC, rcond=None)[0][2])
     # with FLOPs of 1e30 for every run, a rule fitted as C / D ~ N^g had put 1e-43 tokens per parameter
     if abs(h - 1.0) > PER_TOKEN_TOL:
-        raise FitError(f"the runs' FLOPs grow as tokens^{h:.2f} at a given size, not in proportion to the tokens: "
-                       "they are not a training-compute count (check the flops column)")
+        raise FitError(f"the {source}' FLOPs grow as tokens^{h:.2f} at a given size, not in proportion to the tokens: "
+                       f"they are not a training-compute count (check the {_FLOPS_COLUMN[source]})")
 
 
 def optimal_allocation(C, A, B, alpha, beta, rule: ComputeRule = ComputeRule()):
@@ -647,6 +653,12 @@ def _curves(metrics: pd.DataFrame, runs: pd.DataFrame, params_col: str) -> pd.Da
     out = out[out["run_id"].isin(set(pts["run_id"]))]
     C = pd.to_numeric(m.loc[out.index, "flops"], errors="coerce") if "flops" in m.columns else None
     rule = ComputeRule.fit(pts["N"], pts["D"], pts["C"])
+    if C is not None:
+        # The budgets come from the curves' FLOPs, not the runs': curves counting tokens^2 (beside runs counting 6ND)
+        # had given approach 1 an allocation of 4 tokens per parameter, with no word that the count was wrong.
+        given = (C > 0) & np.isfinite(C) & (out["D"] > 0) & np.isfinite(out["D"])
+        if given.any():
+            ComputeRule.fit(out.loc[given, "N"], out.loc[given, "D"], C[given], source="training curves")
     fallback = rule.k * np.power(out["N"], rule.g) * out["D"]
     out["C"] = fallback if C is None else C.fillna(fallback)
     out = out[np.isfinite(out["C"]) & (out["C"] > 0) & np.isfinite(out["L"]) & (out["L"] > 0)]
@@ -804,7 +816,8 @@ def _approach1_envelope(sel, Lmat, Dmat, Nrun, Cgrid) -> dict[str, np.ndarray]:
     keep = has & (Nw > smallest) & (Nw < largest)
     if keep.sum() >= 2:
         a, c = np.polyfit(np.log(Cgrid[keep]), np.log(Nw[keep]), 1)  # pass 1's N_opt = e^c C^a
-        predicted = np.exp(c) * Cgrid**a
+        # in logs: at a = -25 and C = 1e20, e^c overflowed and C^a underflowed, inf x 0 = NaN dropping every budget
+        predicted = np.exp(c + a * np.log(Cgrid))
         keep = has & (predicted >= second) & (predicted <= second_high)
     k = np.flatnonzero(keep)
     rows = sel[win[k]]
@@ -819,18 +832,29 @@ def _allocation_fit(C, N, D, w=None) -> tuple[dict[str, float], np.ndarray]:
     X = np.column_stack([np.ones_like(lC), lC]) * sw[:, None]
     (cN, a), *_ = np.linalg.lstsq(X, np.log(N) * sw, rcond=None)
     (cD, b), *_ = np.linalg.lstsq(X, np.log(D) * sw, rcond=None)
-    est = {"k_N": math.exp(cN), "a": float(a), "k_D": math.exp(cD), "b": float(b)}
+    # _safe_exp: at a = -25 and C near 1e20, cN is 1150 and math.exp raised OverflowError (inf is noted by the fit)
+    est = {"k_N": _safe_exp(cN), "a": float(a), "k_D": _safe_exp(cD), "b": float(b)}
     return est, (cN + a * lC) - np.log(N)
 
 
 def _with_tokens_per_param(est, samples, budgets):
-    """Add D_opt / N_opt at each budget to the estimates and the bootstrap samples."""
+    """Add D_opt / N_opt at each budget to the estimates and the bootstrap samples (NaN where k_N or k_D is 0 or
+    infinite: an exponent so steep that the constant left the floats)."""
+
+    def ratio(kN, kD, a, b, C):
+        # In logs: with Python floats C^(b - a) raised OverflowError at b - a = 17, and k_D / k_N ZeroDivisionError
+        # where k_N underflowed to 0; the ratio itself is often a float where its factors are not.
+        kN, kD, a, b = (np.asarray(v, float) for v in (kN, kD, a, b))
+        with np.errstate(all="ignore"):
+            out = np.exp(np.log(kD) - np.log(kN) + (b - a) * math.log(C))
+        return np.where(np.isfinite(kN) & (kN > 0) & np.isfinite(kD) & (kD > 0), out, np.nan)
+
     est = dict(est)
     for C in budgets:
         key = f"tokens_per_param@{C:.3g}"
-        est[key] = est["k_D"] / est["k_N"] * C ** (est["b"] - est["a"])
+        est[key] = float(ratio(est["k_N"], est["k_D"], est["a"], est["b"], C))
         if samples is not None:
-            samples[key] = samples["k_D"] / samples["k_N"] * C ** (samples["b"] - samples["a"])
+            samples[key] = ratio(samples["k_N"], samples["k_D"], samples["a"], samples["b"], C)
     return est, samples
 
 

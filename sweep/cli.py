@@ -846,7 +846,7 @@ def fit(
     loss_col: Optional[str] = typer.Option(None, help="With --csv: the loss column \\[default: loss]."),
     flops_col: Optional[str] = typer.Option(None, help="With --csv: the FLOPs column \\[default: flops, where the file has it, else 6ND]."),
     n_params: str = typer.Option("nonembed_params", help="From the database: fit on nonembed_params or params (total)."),
-    edges: Optional[str] = typer.Option(None, help="frontier/power from training curves: drop the compute bins whose best run is the smallest size there (the compute-optimal frontier), keep them (the runs' envelope, an upper bound), or auto (the default, as compare and report): drop, unless the frontier is then not identified."),
+    edges: Optional[str] = typer.Option(None, help="frontier/power from training curves: drop the compute bins whose best run is the smallest size there (the compute-optimal frontier), keep them (the runs' envelope, an upper bound), or auto (as compare and report): drop, unless the frontier is then not identified. \\[default: auto]"),
     as_json: bool = typer.Option(False, "--json", help="Print the fit as JSON."),
 ) -> None:
     """Fit a scaling law with bootstrap intervals; from the database the fit is stored in the fits table.
@@ -1019,7 +1019,7 @@ def compare(
 @app.command()
 def report(
     ctx: typer.Context,
-    out_dir: Path = typer.Option(..., "--out", help="Folder for index.html, report.md, fits.json and figures/ (PNG and SVG).", show_default=False),
+    out_dir: Path = typer.Option(..., "--out", help="Folder for index.html, report.md, fits.json and figures/ (PNG and SVG); made if missing, in a folder that exists.", show_default=False),
     plan: Optional[str] = typer.Option(None, help="Only runs of this plan."),
     title: Optional[str] = typer.Option(None, help="Report title (default: 'scalinglab report: ' and the plan name, or 'all runs')."),
     throughput: Optional[Path] = typer.Option(None, help="CSV of arch, seq_len, tokens_per_s (slab bench train --seq-len ... --out FILE) for the throughput figure. "
@@ -1041,6 +1041,11 @@ def report(
     from analysis.report import write_report
 
     _check_edges(edges)
+    if not out_dir.exists() and not out_dir.parent.exists():
+        # The report's own folder is made, not its parents: a misspelt parent had become a new tree holding the report
+        # (slab export, and add and launch for a SQLite file, refuse a missing folder so).
+        fail(f"--out {out_dir}: there is no folder {out_dir.parent} to write it in: make that first "
+             f"(mkdir -p {out_dir.parent}), or check the path")
     _writable_dir(out_dir, "--out")
     tput = None
     if throughput is not None:  # read before the runs, so that a wrong path or value fails at once

@@ -368,3 +368,13 @@ def test_fit_on_a_read_only_database_prints_the_fit_and_warns_that_it_was_not_st
     monkeypatch.undo()
     assert json.loads(invoke("--db", url, "sql", "select count(*) as n from fits", "--json").stdout) == [{"n": 0}]
     assert "fit_id" in json.loads(invoke("--db", url, "fit", "--bootstrap", "20", "--json").stdout)
+
+
+@pytest.mark.parametrize("command", ["fit", "compare", "report"])
+def test_edges_help_gives_its_default_as_the_other_options_do(command):
+    # fit's --edges (None, so that methods 1-3 can refuse it when given) had shown no [default: auto]
+    text = CliRunner().invoke(app, [command, "--help"], env={"COLUMNS": "300"}).output
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if "--edges" in line)
+    end = next(i for i in range(start + 1, len(lines)) if re.match(r"[│|]\s+-", lines[i]))
+    assert "[default: auto]" in " ".join(lines[start:end]), "\n".join(lines[start:end])

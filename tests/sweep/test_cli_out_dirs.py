@@ -1,0 +1,41 @@
+"""--out of slab report and slab export: the folder or file named may be new, the folder it goes in must exist (as
+for a SQLite file of add and launch), so that a misspelt parent path is refused in one line rather than made."""
+import shutil
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from sweep.cli import app
+
+SMOKE_DB = Path(__file__).parents[2] / "docs" / "smoke" / "smoke.db"
+
+
+@pytest.fixture
+def db(tmp_path):
+    path = tmp_path / "smoke.db"
+    shutil.copy(SMOKE_DB, path)
+    return f"sqlite:///{path}"
+
+
+def invoke(*args):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def test_report_into_a_missing_parent_folder_is_refused_and_makes_nothing(db, tmp_path):
+    # it had made tmp/reprots/smoke and the report in it: a misspelt parent became a new tree. A missing --out in a
+    # folder that exists is made (make demo's demo-out/report; test_cli_analysis writes reports to tmp_path / "r").
+    out = tmp_path / "reprots" / "smoke"
+    result = invoke("--db", db, "report", "--plan", "smoke-h100", "--bootstrap", "0", "--out", out)
+    assert result.exit_code == 2, result.output
+    assert result.stderr.strip().splitlines() == [
+        f"error: --out {out}: there is no folder {out.parent} to write it in: make that first (mkdir -p {out.parent}), "
+        "or check the path"]
+    assert not out.parent.exists()
+
+
+def test_export_into_a_missing_folder_is_refused_as_the_report_is(db, tmp_path):
+    out = tmp_path / "exprots" / "runs.csv"
+    result = invoke("--db", db, "export", "runs", "--out", out)
+    assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1, result.output
+    assert f"there is no folder {out.parent}" in result.stderr and not out.parent.exists()
