@@ -16,7 +16,10 @@ from sweep.progress import LaunchView
 pytestmark = pytest.mark.slow
 
 # 20 steps, global batch 8: two workers take 4 sequences each, one worker takes all 8.
-PLAN = "name,arch,d_model,n_layers,n_heads,seq_len,batch_size,tokens,lr,seed,warmup,gpus\n{name},lightning,32,2,2,64,8,10240,3e-3,0,2,{gpus}\n"
+# lr 1e-3: at 3e-3 an FSDP run on one machine's stdlib spiked at step 14 (grad norm 21 against 1.7 alone): the
+# 1e-6 roundings of gloo's reduce-scatter grew to 0.008 apart, chaos of the trajectory, not a wrong step (equal without
+# clipping, and the grad norms equal to 1e-5 until then); these tests compare trainings, so they train smoothly.
+PLAN = "name,arch,d_model,n_layers,n_heads,seq_len,batch_size,tokens,lr,seed,warmup,gpus\n{name},lightning,32,2,2,64,8,10240,1e-3,0,2,{gpus}\n"
 
 
 @pytest.fixture(scope="module")
