@@ -36,16 +36,22 @@ def _counted(driver) -> list:
     return calls
 
 
+def _pass_over_full(driver, spec, busy_gpus: float) -> list:
+    """One pass over QUEUED copies of a run while four running tasks hold everything; the units it checked."""
+    driver.queue = [[Flight(spec=spec, name=None, attempt=0, tries=0, microbatch=None)] for _ in range(QUEUED)]
+    driver.units = {f"busy{i}": Task([f"x{i}"], cpus=1.0, gpus=busy_gpus) for i in range(4)}
+    driver._claim_and_submit = lambda unit: (_ for _ in ()).throw(AssertionError("started a unit that does not fit"))
+    calls = _counted(driver)
+    driver._start_ready()
+    return calls
+
+
 def test_a_pass_over_a_long_queue_stops_once_no_cpu_is_left(write_plan, tmp_path):
     """With every CPU taken, a pass had checked each of the thousands of queued runs against every running task, on
     every poll: 33 s of the launcher's time over a launch of 12,000 runs on 16 CPUs, quadratic in the runs."""
     spec = _spec(write_plan, "a,softmax,32,2,2,64,4,5120,3e-3,0,2,1\n")
     driver = _driver(tmp_path, cpu=True, cpus=4.0)
-    driver.queue = [[Flight(spec=spec, name=None, attempt=0, tries=0, microbatch=None)] for _ in range(QUEUED)]
-    driver.units = {f"busy{i}": Task([f"x{i}"], cpus=1.0, gpus=0.0) for i in range(4)}
-    driver._claim_and_submit = lambda unit: (_ for _ in ()).throw(AssertionError("started a unit that does not fit"))
-    calls = _counted(driver)
-    driver._start_ready()
+    calls = _pass_over_full(driver, spec, busy_gpus=0.0)
     assert len(calls) <= 2, f"a pass checked {len(calls)} queued units with no CPU free"
     assert len(driver.queue) == QUEUED
 
@@ -55,11 +61,7 @@ def test_a_pass_over_a_long_queue_stops_once_no_gpu_share_is_left(write_plan, tm
     spec = _spec(write_plan, "a,softmax,32,2,2,64,4,5120,3e-3,0,2,0.25\n")
     driver = _driver(tmp_path, cpu=False, cpus=64.0, gpus=1.0)
     driver.least_gpus = 0.25
-    driver.queue = [[Flight(spec=spec, name=None, attempt=0, tries=0, microbatch=None)] for _ in range(QUEUED)]
-    driver.units = {f"busy{i}": Task([f"x{i}"], cpus=1.0, gpus=0.25) for i in range(4)}
-    driver._claim_and_submit = lambda unit: (_ for _ in ()).throw(AssertionError("started a unit that does not fit"))
-    calls = _counted(driver)
-    driver._start_ready()
+    calls = _pass_over_full(driver, spec, busy_gpus=0.25)
     assert len(calls) <= 2, f"a pass checked {len(calls)} queued units with no GPU share free"
 
 
