@@ -757,7 +757,7 @@ class _Resolver:
         data = self.get("data")
         if self.cells.get("vocab") is not None:
             return _positive_int(self.get("vocab"), "vocab")
-        parts = [p.split("@")[0] for p in data.split("+")]
+        parts = _part_names(data)
         if "mqar" in parts:
             return MQAR_VOCAB_SIZE
         if any(p.endswith(".bin") for p in parts):
@@ -1023,7 +1023,7 @@ def _data_fit_errors(data: str, cfg: ModelConfig, seq_len: int, evals: tuple[str
     """Data and evals that the vocabulary or seq_len cannot hold, which would fail every run at launch; an MQAR vocab
     too small for seq_len is blamed on vocab where the row takes seq_len's default."""
     errors = []
-    parts = [q.partition("@")[0] for q in data.split("+")]
+    parts = _part_names(data)
     byte_parts = [p for p in parts if p in ("stdlib", "passkey") or (p not in DATA_SOURCES and not is_token_source(p))]
     if byte_parts and cfg.vocab_size < BYTE_VOCAB_SIZE:
         errors.append(_ColumnError("vocab", f"byte-level data {byte_parts[0]!r} needs vocab >= {BYTE_VOCAB_SIZE}, "
@@ -1057,7 +1057,7 @@ def _corpus_fit_errors(data: str, seq_len: int, evals: tuple[str, ...],
     each split before its first step (models.data.Data.check), and NIAH its longest prompt's filler from the first
     text's validation split (models.evals.check_evals). ``splits`` caches each file's sizes across a load."""
     splits = {} if splits is None else splits
-    parts = [q.partition("@")[0] for q in data.split("+")]
+    parts = _part_names(data)
     errors, short = [], set()
     for path in (p for p in parts if p not in DATA_SOURCES):
         if path not in splits:
@@ -1119,12 +1119,17 @@ def _stdlib_fit_errors(parts: list[str], filler: str, seq_len: int, evals: tuple
     return errors
 
 
+def _part_names(data: str) -> list[str]:
+    """The sources a data cell mixes (``stdlib+passkey@0.1`` -> stdlib, passkey), weights dropped."""
+    return [q.partition("@")[0] for q in data.split("+")]
+
+
 def _token_fit_errors(data: str, vocab_size: int, max_ids: dict[str, int | None] | None = None) -> list[_ColumnError]:
     """Token files holding an id the vocabulary lacks, which models.data refuses before every run's first step.
     ``max_ids`` caches each file's largest id (None where it cannot be read: _corpus_fit_errors names why)."""
     max_ids = {} if max_ids is None else max_ids
     errors = []
-    for path in (q.partition("@")[0] for q in data.split("+")):
+    for path in _part_names(data):
         if path in DATA_SOURCES or not is_token_source(path):
             continue
         if path not in max_ids:
