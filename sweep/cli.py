@@ -219,10 +219,19 @@ def _plans(files: list[Path], max_runs: int):
     return [p for _, p in first.values()]  # a file named twice is one plan
 
 
+def _refuse_missing_parent(folder: Path, what: str) -> None:
+    """Fail (exit 2) where ``folder`` and the folder it would go in are both missing: a misspelt parent had become a
+    new tree (slab export, and add and launch for a SQLite file, refuse a missing folder so)."""
+    if not folder.exists() and not folder.parent.exists():
+        fail(f"{what} {folder}: there is no folder {folder.parent} to write it in: make that first "
+             f"(mkdir -p {folder.parent}), or check the path")
+
+
 def _ensure_dir(folder: Path, what: str) -> None:
-    """Make ``folder`` now, or fail (exit 2) before minutes of benchmarking, not after."""
+    """Make ``folder``, not its parents, now, or fail (exit 2) before minutes of benchmarking, not after."""
+    _refuse_missing_parent(folder, what)
     try:
-        folder.mkdir(parents=True, exist_ok=True)
+        folder.mkdir(exist_ok=True)
     except OSError as exc:
         fail(f"{what}: cannot create the folder {folder}: {exc.strerror or exc}")
 
@@ -1041,11 +1050,7 @@ def report(
     from analysis.report import write_report
 
     _check_edges(edges)
-    if not out_dir.exists() and not out_dir.parent.exists():
-        # The report's own folder is made, not its parents: a misspelt parent had become a new tree holding the report
-        # (slab export, and add and launch for a SQLite file, refuse a missing folder so).
-        fail(f"--out {out_dir}: there is no folder {out_dir.parent} to write it in: make that first "
-             f"(mkdir -p {out_dir.parent}), or check the path")
+    _refuse_missing_parent(out_dir, "--out")  # the report's own folder is made, not its parents
     _writable_dir(out_dir, "--out")
     tput = None
     if throughput is not None:  # read before the runs, so that a wrong path or value fails at once
@@ -1088,7 +1093,7 @@ def bench_kernels_cmd(
 ) -> None:
     """GPU: check every linear-attention backend against naive on the device, then time ours vs SDPA vs fla.
 
-    Each cell is timed twice: as eager calls (what a caller waits, the host's launch time included) and replayed as a CUDA graph (GPU time alone); the report gives both tables and the ratios the kernels are judged by. Takes about 5 minutes on an H200 without fla.
+    Each cell is timed twice: as eager calls (what a caller waits, the host's launch time included) and replayed as a CUDA graph (GPU time alone); the report gives both tables and the ratios the kernels are judged by. Takes about 5 minutes on an H200 without fla; with fla on a fresh machine add its autotuning (17.5 minutes on an H100 when its checks ran in fp32 too).
 
     Example: slab bench kernels --out docs/bench
     """

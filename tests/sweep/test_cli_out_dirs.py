@@ -39,3 +39,15 @@ def test_export_into_a_missing_folder_is_refused_as_the_report_is(db, tmp_path):
     result = invoke("--db", db, "export", "runs", "--out", out)
     assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1, result.output
     assert f"there is no folder {out.parent}" in result.stderr and not out.parent.exists()
+
+
+def test_bench_into_a_missing_parent_folder_is_refused_before_it_runs(tmp_path):
+    # bench's output folders were made with every missing parent (mkdir -p), unlike report's and export's
+    out = tmp_path / "bnech" / "train" / "t.csv"
+    result = invoke("bench", "train", "--arch", "softmax", "--params", "1M", "--seq-len", "32", "--steps", "2",
+                    "--out", out)
+    assert result.exit_code == 2, result.output
+    assert result.stderr.strip().splitlines() == [
+        f"error: --out {out.parent}: there is no folder {out.parent.parent} to write it in: make that first "
+        f"(mkdir -p {out.parent.parent}), or check the path"]
+    assert not out.parent.parent.exists()
