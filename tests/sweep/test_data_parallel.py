@@ -61,23 +61,29 @@ def one_worker(ray_local, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def two_workers(ray_local, tmp_path_factory):
-    """The plan trained on two workers, DDP (fsdp None) or FSDP (fsdp 1), each once for the module on first use."""
+def killed(ray_local, tmp_path_factory):
+    """The plan trained on two workers, DDP (fsdp None) or FSDP (fsdp 1), each once for the module on first use; its
+    last worker dies right after checkpointing step 10 and the launcher retries it from there. One launch serves the
+    curve tests and the retry tests (each had its own launch, and a Ray Train launch takes some 40 s on two cores):
+    every step is trained on two workers, steps 1-10 without a break."""
     runs = {}
 
     def get(fsdp):
         if fsdp not in runs:
-            tag = "two" if fsdp is None else "fsdp"
-            runs[fsdp] = train(tmp_path_factory.mktemp(f"{tag}-workers"), tag, 2, fsdp_min_params=fsdp)
+            tag = "ddp" if fsdp is None else "fsdp"
+            with pytest.MonkeyPatch.context() as patch:  # the fault names this run alone
+                patch.setenv(FAULTS_ENV, json.dumps({f"dp-{tag}": "exit@10"}))
+                runs[fsdp] = train(tmp_path_factory.mktemp(f"{tag}-workers"), tag, 2, ckpt_every_steps=5,
+                                   fsdp_min_params=fsdp)
         return runs[fsdp]
 
     return get
 
 
-def test_two_workers_match_one_worker(one_worker, two_workers):
+def test_two_workers_match_one_worker(one_worker, killed):
     one, run1, curve1 = one_worker
-    two, run2, curve2 = two_workers(None)
-    assert one.ok and two.ok
+    two, run2, curve2 = killed(None)
+    assert one.ok and two.ok, two.rows
     assert run1["run_id"] == run2["run_id"]  # how many workers trained it is not part of its identity
     assert run2["n_gpus"] == 0 and run2["gpu"] == "2 CPU workers (Ray Train, DDP)"  # CPU workers hold no GPU
     assert len(curve1) == len(curve2) == 20
@@ -86,10 +92,10 @@ def test_two_workers_match_one_worker(one_worker, two_workers):
     assert abs(run1["val_loss"] - run2["val_loss"]) < 2e-3
 
 
-def test_fsdp_workers_match_one_worker(one_worker, two_workers):
+def test_fsdp_workers_match_one_worker(one_worker, killed):
     # fsdp_min_params=1 shards even this tiny model (on CPU the default never does).
     one, run1, curve1 = one_worker
-    two, run2, curve2 = two_workers(1)
+    two, run2, curve2 = killed(1)
     assert one.ok and two.ok, two.rows
     assert run2["gpu"] == "2 CPU workers (Ray Train, FSDP)"
     assert len(curve2) == 20
@@ -98,14 +104,14 @@ def test_fsdp_workers_match_one_worker(one_worker, two_workers):
 
 
 @pytest.mark.parametrize("fsdp", [None, 1], ids=["ddp", "fsdp"])
-def test_killed_worker_is_retried_from_the_checkpoint(two_workers, tmp_path, monkeypatch, fsdp):
-    _, _, reference = two_workers(fsdp)  # trained before the fault is set (it names this test's run alone anyway)
-    monkeypatch.setenv(FAULTS_ENV, json.dumps({"dp-kill": "exit@10"}))
-    result, run, curve = train(tmp_path, "kill", 2, ckpt_every_steps=5, fsdp_min_params=fsdp)
+def test_killed_worker_is_retried_from_the_checkpoint(one_worker, killed, fsdp):
+    _, _, reference = one_worker
+    result, run, curve = killed(fsdp)
     assert result.ok, result.rows
     assert run["attempts"] == 2 and run["resumed_from_step"] == 10
     assert len(curve) == 20
-    # The resumed run restored weights and AdamW state (gathered whole under FSDP): it goes on as if never killed.
+    # The resumed run restored weights and AdamW state (gathered whole under FSDP): it goes on as if never killed,
+    # on the curve of one worker that never was.
     assert max(abs(a - b) for a, b in zip(curve[10:], reference[10:])) < 2e-3
 
 

@@ -1,7 +1,5 @@
 """`slab bench spread` and `slab bench dp` on CPU workers, the largest-first start order, and --num-gpus."""
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
@@ -11,7 +9,6 @@ from sweep.launch import LaunchOptions, _unit_order, init_ray
 from sweep.plan import load_plan
 
 ROOT = Path(__file__).resolve().parents[2]
-SLAB = [sys.executable, "-m", "sweep.cli"]
 
 # Two workers of 20 sequences against one of 40: the same global batch. Both take microbatches of 10 on CPU,
 # so a worker accumulates two before DDP's one all-reduce (no_sync on the first).
@@ -19,8 +16,17 @@ DP_PLAN = "name,arch,d_model,n_layers,n_heads,seq_len,batch_size,tokens,lr,seed,
 SPREAD_PLAN = "name,arch,d_model,n_layers,n_heads,seq_len,batch_size,tokens,lr,seed,warmup\ns-{d_model},softmax,16|32|48,2,2,32,4,=4*32*6,3e-3,0,2\n"
 
 
-def slab(*args, timeout=300):
-    return subprocess.run([*SLAB, *map(str, args)], capture_output=True, text=True, cwd=ROOT, timeout=timeout)
+def slab(*args):
+    """`slab ARGS` in this process (a subprocess spent seconds importing torch, Ray and pandas before it did anything):
+    its exit code, stdout and stderr, as the command's own; each launch starts and shuts down its Ray, as in `slab`."""
+    import ray
+    from typer.testing import CliRunner
+
+    from sweep.cli import app
+
+    if ray.is_initialized():  # a Ray left running here would be joined, not started with the command's CPU count
+        ray.shutdown()
+    return CliRunner().invoke(app, [*map(str, args)])
 
 
 def test_units_start_multi_gpu_first_then_largest(write_plan):
@@ -36,7 +42,7 @@ def test_units_start_multi_gpu_first_then_largest(write_plan):
 def test_bench_dp_on_cpu_workers(tmp_path, write_plan):
     csv = tmp_path / "dp.csv"
     proc = slab("bench", "dp", write_plan(DP_PLAN), "--cpu", "--gpus", 1, "--gpus", 2, "--csv", csv)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.exit_code == 0, (proc.stderr[-3000:], proc.exception)
     curves = pd.read_csv(csv)
     assert set(curves["gpus"]) == {1, 2} and (curves["status"] == "done").all()
     one, two = (curves[curves["gpus"] == g].sort_values("step") for g in (1, 2))
@@ -52,7 +58,7 @@ def test_bench_dp_on_cpu_workers(tmp_path, write_plan):
 def test_bench_spread_on_cpu(tmp_path, write_plan):
     csv = tmp_path / "spread.csv"
     proc = slab("bench", "spread", write_plan(SPREAD_PLAN), "--cpu", "--csv", csv)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.exit_code == 0, (proc.stderr[-3000:], proc.exception)
     table = pd.read_csv(csv)
     assert list(table["gpus"]) == [2, 1] and (table["done"] == 3).all() and (table["runs"] == 3).all()
     assert table.loc[1, "wall_vs_1"] == 1.0 and table.loc[0, "wall_vs_1"] > 0

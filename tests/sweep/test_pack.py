@@ -14,6 +14,29 @@ def names(packs):
     return [[n for _, n in p] for p in packs]
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Train single-threaded, as test_data_parallel_throughput's ranks do: on a busy two-core host torch's two threads
+    made these tests' training 7x slower (195 s against 25 s). Both ways of a bench train with the same threads."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def slab(*args):
+    """`slab ARGS` in this process, as test_multi_gpu_bench's usage errors are: a subprocess spent seconds a call
+    importing torch, pandas and matplotlib before it did anything. The command's exit code and stderr are its own; an
+    exception it did not turn into its message would exit 1, with ``exception`` set."""
+    from typer.testing import CliRunner
+
+    from sweep.cli import app
+
+    return CliRunner().invoke(app, list(args))
+
+
 def test_parse_pack():
     assert parse_pack("auto") is None and parse_pack("off") == 1 and parse_pack("4") == 4
     for bad in ("0", "-1", "many", ""):
@@ -100,34 +123,28 @@ def test_bench_pack_warm_up_does_not_fail_on_the_end_of_run_rule(tmp_path, monke
     assert finals.count(True) >= 2 and result["runs"] == 2 and result["packed_s"] > 0
 
 
-def test_bench_pack_cli_bad_input(tmp_path):
+def test_bench_pack_cli_bad_input(tmp_path, monkeypatch):
     """A missing plan file and a bad --pack are one-line errors with exit 2 and write no CSV."""
-    import subprocess
-    import sys
-
+    monkeypatch.chdir(tmp_path)
     out = tmp_path / "pack.csv"
     for args, expect in ((["nosuch.csv"], "cannot read the file"), (["--pack", "0"], "--pack expects")):
-        proc = subprocess.run([sys.executable, "-m", "sweep.cli", "bench", "pack", *args, "--csv", str(out)],
-                              capture_output=True, text=True, cwd=tmp_path)
-        assert proc.returncode == 2 and expect in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+        result = slab("bench", "pack", *args, "--csv", str(out))
+        assert result.exit_code == 2 and expect in result.stderr and "Traceback" not in result.stderr, result.stderr
         assert not out.exists()
 
 
-def test_bench_pack_cli_appends_a_row_and_draws_the_table(tmp_path):
+def test_bench_pack_cli_appends_a_row_and_draws_the_table(tmp_path, monkeypatch):
     """Two calls: two rows in the CSV and a PNG beside it, redrawn from the whole table."""
-    import subprocess
-    import sys
-
     import pandas as pd
 
+    monkeypatch.chdir(tmp_path)
     plan = tmp_path / "grid.csv"
     plan.write_text("name,arch,d_model,n_layers,seq_len,batch_size,tokens,lr,warmup,seed\n"
                     "t-{seed},lightning,32,2,64,4,10000,1e-3,2,0..1+1\n")
     out = tmp_path / "res" / "pack.csv"
     for _ in range(2):
-        proc = subprocess.run([sys.executable, "-m", "sweep.cli", "bench", "pack", str(plan), "--steps", "2", "--pack", "2",
-                               "--csv", str(out)], capture_output=True, text=True, cwd=tmp_path, timeout=300)
-        assert proc.returncode == 0, proc.stderr
+        result = slab("bench", "pack", str(plan), "--steps", "2", "--pack", "2", "--csv", str(out))
+        assert result.exit_code == 0, (result.stderr, result.exception)
     table = pd.read_csv(out)
     assert len(table) == 2 and (table["runs"] == 2).all() and (table["speedup"] > 0).all()
     assert (out.parent / "pack.png").stat().st_size > 10_000
@@ -148,11 +165,9 @@ def test_append_csv_widens_the_table_for_new_columns(tmp_path):
     assert sorted(p.name for p in path.parent.iterdir()) == ["pack.csv"]  # no temp file left
 
 
-def test_bench_output_paths_fail_before_any_training(tmp_path):
+def test_bench_output_paths_fail_before_any_training(tmp_path, monkeypatch):
     """A --csv, --out or --profile that cannot be written is a one-line error with exit 2, up front."""
-    import subprocess
-    import sys
-
+    monkeypatch.chdir(tmp_path)
     blocker = tmp_path / "file"
     blocker.write_text("x")
     bad_csv = tmp_path / "bad.csv"
@@ -166,6 +181,6 @@ def test_bench_output_paths_fail_before_any_training(tmp_path):
     plan = Path(__file__).resolve().parents[2] / "plans" / "pack-grid.csv"
     for args, expect in cases:
         full = args[:2] + ([str(plan)] if args[1] == "pack" else []) + args[2:]
-        proc = subprocess.run([sys.executable, "-m", "sweep.cli", *full], capture_output=True, text=True,
-                              cwd=tmp_path, timeout=60)
-        assert proc.returncode == 2 and expect in proc.stderr and "Traceback" not in proc.stderr, (args, proc.stderr)
+        result = slab(*full)
+        assert result.exit_code == 2 and expect in result.stderr and "Traceback" not in result.stderr, (
+            args, result.stderr)
