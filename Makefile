@@ -38,7 +38,8 @@ test: setup
 
 # CPU benchmarks always; the GPU ones (kernels, training speed, throughput vs length, packing) where a GPU is
 # present; on a host of several GPUs also the smoke plan on all of them against one, and data-parallel scaling.
-# Each part is a target of its own (about 4 to 8 minutes on an H100; the whole takes about 25), run in this order.
+# Each part is a target of its own, run in this order: 4 to 8 minutes each on an H100 whose Triton cache is warm;
+# on a fresh one bench-kernels took 23 (flash-linear-attention autotuning for its checks: docs/bench/kernels.md).
 BENCH_GPU := bench-kernels bench-train bench-length bench-pack $(if $(filter-out 0 1,$(GPUS)),bench-multi)
 bench: bench-cpu $(if $(HAS_GPU),$(BENCH_GPU))
 

@@ -48,20 +48,37 @@ def run_with_grads(backend, q, k, v, a, h0, do, dht):
     return o.detach(), state.detach(), {name: g.clone() for name, g in grads.items()}
 
 
+#: naive's outputs and gradients by check_against_naive's arguments: its step-by-step recurrence costs about as much
+#: as a backend under test, and several tests (both backends, several monkeypatched paths) check the same inputs.
+_NAIVE = {}
+
+
 def check_against_naive(backend, form, batch, time, heads, dk, dv, dtype, strong=False, with_state=True):
-    inputs = make_inputs(form, batch, time, heads, dk, dv, dtype, strong=strong, with_state=with_state)
-    check_against_naive_inputs(backend, inputs, dtype)
+    key = (form, batch, time, heads, dk, dv, dtype, strong, with_state)
+    inputs = make_inputs(*key[:-2], strong=strong, with_state=with_state)
+    if key not in _NAIVE:
+        _NAIVE[key] = naive_reference(inputs)
+    check_against_naive_inputs(backend, inputs, dtype, _NAIVE[key])
 
 
-def check_against_naive_inputs(backend, inputs, dtype):
-    """Outputs, final state and every gradient of `backend` within TOL[dtype] of naive's, for these inputs."""
+def naive_reference(inputs):
+    """The gradients of the loss fed back (do, dht), and naive's outputs, final state and gradients for these inputs."""
     q, k, v, a, h0 = inputs
-    batch, time, heads, _ = q.shape
-    dk, dv = q.shape[-1], v.shape[-1]
+    batch, time, heads, dk = q.shape
+    dv = v.shape[-1]
     g = torch.Generator().manual_seed(1)
     do = torch.randn(batch, time, heads, dv, generator=g)
     dht = torch.randn(batch, heads, dk, dv, generator=g)
-    o_ref, s_ref, g_ref = run_with_grads("naive", q, k, v, a, h0, do, dht)
+    return do, dht, run_with_grads("naive", q, k, v, a, h0, do, dht)
+
+
+def check_against_naive_inputs(backend, inputs, dtype, reference=None):
+    """Outputs, final state and every gradient of `backend` within TOL[dtype] of naive's, for these inputs
+    (`reference`: naive_reference(inputs), when already made)."""
+    q, k, v, a, h0 = inputs
+    batch, time, heads, _ = q.shape
+    dk, dv = q.shape[-1], v.shape[-1]
+    do, dht, (o_ref, s_ref, g_ref) = reference or naive_reference(inputs)
     o, s, grads = run_with_grads(backend, q, k, v, a, h0, do, dht)
     assert o.dtype == v.dtype and s.dtype == torch.float32
     assert o.shape == (batch, time, heads, dv) and s.shape == (batch, heads, dk, dv)
@@ -146,17 +163,20 @@ def test_triton_per_channel_diagonal_blocks_both_ways(monkeypatch, span_limit):
     monkeypatch.setattr(triton_chunk, "SPAN_LIMIT", span_limit)
     monkeypatch.setattr(triton_chunk, "CHUNK_SPAN_LIMIT", 0.0)  # no chunk is mild: every one takes the sub-blocks
     check_against_naive("triton", "channel", 2, 37, 2, 16, 32, torch.float32)
-    check_against_naive("triton", "channel", 1, 70, 2, 16, 32, torch.bfloat16)
+    # One head (the elementwise sub-blocks are the slowest path in the interpreter): two chunks of bf16, the batch
+    # and heads of the strong-chunk list having been crossed above.
+    check_against_naive("triton", "channel", 1, 70, 1, 16, 32, torch.bfloat16)
 
 
-@pytest.mark.parametrize("capturing", [False, True])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+# The capture fallback is one dtype's: it only switches the call to the scan (`_backward`), which every fp16 per-channel
+# test runs anyway (DA_BY_DOT's default under the interpreter).
+@pytest.mark.parametrize("dtype,capturing", [(torch.bfloat16, False), (torch.float16, False), (torch.bfloat16, True)])
 def test_triton_per_channel_decay_gradient_by_dot(monkeypatch, dtype, capturing):
     """The log decay's gradient of mild chunks summed as two dots of db's bf16 parts with a triangle of ones (the
     GPU's way for 16-bit inputs; forced here, where the interpreter takes fp32 operands) within each dtype's
     tolerance of naive; strong chunks in the same call keep their own sum. During a CUDA graph capture with no
     triangle made yet (simulated) the call falls back to the scan. (fp32 inputs keep the scan: forced, their log
-    decay's gradient came out 2.0e-4 from naive, at their tolerance.)"""
+    decay's gradient came out 2.0e-4 from naive, at their tolerance.) One head: every head would be the same case."""
     from kernels.linear_attention import triton_chunk
 
     monkeypatch.setattr(triton_chunk, "DA_BY_DOT", True)
@@ -165,7 +185,7 @@ def test_triton_per_channel_decay_gradient_by_dot(monkeypatch, dtype, capturing)
             raise triton_chunk._Capturing
 
         monkeypatch.setattr(triton_chunk, "_upper_ones", refuse)
-    q, k, v, a, h0 = make_inputs("channel", 1, 170, 2, 16, 32, dtype, with_state=True)
+    q, k, v, a, h0 = make_inputs("channel", 1, 170, 1, 16, 32, dtype, with_state=True)
     with torch.no_grad():
         a[:, 64:128, :, 3] = -3.0  # chunk 1 strong
     check_against_naive_inputs("triton", (q, k, v, a, h0), dtype)
@@ -187,8 +207,9 @@ def test_triton_upper_ones():
 def test_triton_per_channel_mild_and_strong_chunks_in_one_call(dtype):
     """Per-channel decay over three chunks: mild, strong (-3 per token in one channel: -192 over the chunk, past
     CHUNK_SPAN_LIMIT = 120) and mild at the edge (-2.75 per token in one channel: -115.5 over its 42 tokens), so the
-    inline whole-chunk path, near its limit too, and the sub-blocks run in one call."""
-    q, k, v, a, h0 = make_inputs("channel", 1, 170, 2, 16, 32, dtype, with_state=True)
+    inline whole-chunk path, near its limit too, and the sub-blocks run in one call. One head: every head would be the
+    same case."""
+    q, k, v, a, h0 = make_inputs("channel", 1, 170, 1, 16, 32, dtype, with_state=True)
     with torch.no_grad():
         a[:, 64:128, :, 3] = -3.0
         a[:, 128:, :, 5] = -2.75
@@ -222,8 +243,9 @@ def test_without_initial_state(backend):
 def test_triton_long_sequence_many_groups(form):
     """300 tokens: 5 chunks in groups of 3, so the scan carries a state across a group boundary mid-sequence; K = 40
     spans two K tiles of the walk, which each write their channels' group totals. Weak decays (about -0.005 per
-    token), so that the initial state and the first group's state still count after a group's 192 tokens."""
-    q, k, v, a, h0 = make_inputs(form, 1, 300, 2, 40, 24, torch.float32, with_state=True)
+    token), so that the initial state and the first group's state still count after a group's 192 tokens. One head:
+    the groups run per (batch, head), whose indexing the shorter tests cross."""
+    q, k, v, a, h0 = make_inputs(form, 1, 300, 1, 40, 24, torch.float32, with_state=True)
     with torch.no_grad():
         a.mul_(0.02)
     check_against_naive_inputs("triton", (q, k, v, a, h0), torch.float32)
@@ -644,17 +666,18 @@ def test_triton_fused_walks_match_naive(monkeypatch, form, shape, strong):
 
     monkeypatch.setattr(triton_chunk, "FUSED_MIN_HEADS_PER_SM", 0)
     inputs = make_inputs(form, *shape, torch.float32, strong=strong, with_state=True)
-    check_against_naive_inputs("triton", inputs, torch.float32)  # learned decay
+    reference = naive_reference(inputs)
+    check_against_naive_inputs("triton", inputs, torch.float32, reference)  # learned decay
     q, k, v, a, h0 = inputs
-    g = torch.Generator().manual_seed(1)
-    do, dht = torch.randn(v.shape, generator=g), torch.randn(h0.shape, generator=g)
-    results = []
-    for backend in ("naive", "triton"):
-        leaves = [x.detach().clone().requires_grad_() for x in (q, k, v, h0)]
-        o, s = linear_attention(*leaves[:3], a.detach(), initial_state=leaves[3], output_final_state=True,
-                                backend=backend)
-        ((o * do).sum() + (s * dht).sum()).backward()
-        results.append([o.detach(), s.detach()] + [x.grad for x in leaves])
+    # The fixed decay's reference is the learned one's: naive computes o, the state and these gradients alike whether
+    # or not the decay takes one, from the same do and dht.
+    do, dht, (o_ref, s_ref, g_ref) = reference
+    leaves = [x.detach().clone().requires_grad_() for x in (q, k, v, h0)]
+    o, s = linear_attention(*leaves[:3], a.detach(), initial_state=leaves[3], output_final_state=True,
+                            backend="triton")
+    ((o * do).sum() + (s * dht).sum()).backward()
+    results = [[o_ref, s_ref] + [g_ref[name] for name in ("q", "k", "v", "initial_state")],
+               [o.detach(), s.detach()] + [x.grad for x in leaves]]
     for name, got, ref in zip(("o", "state", "dq", "dk", "dv", "dh0"), results[1], results[0]):
         assert rel_err(got, ref) <= TOL[torch.float32], f"{name}: {rel_err(got, ref)}"
 
