@@ -12,6 +12,11 @@ from pathlib import Path
 
 import pytest
 
+# One torch thread per test process, set before any test module imports torch (subprocesses inherit it): make test's
+# two xdist workers on CI's two cores, each with torch's default of a thread per core, made in-process training up to
+# 7x slower (test_pack: 195 s against 25 s). Ray's workers set their own from the CPUs a task holds.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 
 @pytest.fixture(autouse=True, scope="session")
 def _cache_dir(tmp_path_factory):
