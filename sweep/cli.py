@@ -803,12 +803,12 @@ def _warn_few_runs(runs, bootstrap: int) -> None:
 
 
 def _writable_dir(folder: Path, what: str) -> None:
-    """Fail (exit 2) before any work when ``folder`` could not be made or written in; makes nothing itself."""
+    """Fail (exit 2) before any work when ``folder`` could not be made (in a folder that exists) or written in; makes
+    nothing itself."""
     import os
 
-    existing = folder
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
+    _refuse_missing_parent(folder, what)
+    existing = folder if folder.exists() else folder.parent
     if not existing.is_dir():
         fail(f"{what} {folder}: {existing} is a file, not a folder")
     if not os.access(existing, os.W_OK | os.X_OK):
@@ -1050,8 +1050,7 @@ def report(
     from analysis.report import write_report
 
     _check_edges(edges)
-    _refuse_missing_parent(out_dir, "--out")  # the report's own folder is made, not its parents
-    _writable_dir(out_dir, "--out")
+    _writable_dir(out_dir, "--out")  # the report's own folder is made, not its parents
     tput = None
     if throughput is not None:  # read before the runs, so that a wrong path or value fails at once
         try:

@@ -51,3 +51,19 @@ def test_bench_into_a_missing_parent_folder_is_refused_before_it_runs(tmp_path):
         f"error: --out {out.parent}: there is no folder {out.parent.parent} to write it in: make that first "
         f"(mkdir -p {out.parent.parent}), or check the path"]
     assert not out.parent.parent.exists()
+
+
+@pytest.mark.parametrize("kind", ["pack", "spread", "dp"])
+def test_a_bench_table_in_a_missing_parent_folder_is_refused_before_training(tmp_path, monkeypatch, kind):
+    # their check let any depth of missing folders through: pack and spread then made the tree, and dp (whose folder
+    # is made as the table is written) trained for minutes before refusing
+    monkeypatch.chdir(tmp_path)
+    plan = Path(__file__).parents[2] / "plans" / "pack-grid.csv"
+    out = tmp_path / "bnech" / "dp" / "t.csv"
+    result = invoke("bench", kind, plan, "--cpu" if kind != "pack" else "--steps", *([] if kind != "pack" else ["2"]),
+                    "--csv", out)
+    assert result.exit_code == 2, result.output
+    assert result.stderr.strip().splitlines() == [
+        f"error: --csv {out.parent}: there is no folder {out.parent.parent} to write it in: make that first "
+        f"(mkdir -p {out.parent.parent}), or check the path"]
+    assert not out.parent.parent.exists()
