@@ -32,10 +32,10 @@ from models.data import Batches, open_data
 from models.evals import autocast, check_evals, run_evals, validation_batches
 from models.lm import LM
 from models.train import (
-    BETAS, MAX_TRAIN_REPORTS, PEAK_FLOPS_CUDA, CheckpointUnreadable, Diverged, Interrupted, OutOfMemory, Summary,
+    BETAS, MAX_TRAIN_REPORTS, CheckpointUnreadable, Diverged, Interrupted, OutOfMemory, Summary,
     Unlabelled,
     _param_groups, _parse_fault, _run_key, build_model, check_resumable, check_spec, checkpoint_steps, decayed,
-    default_microbatch, load_checkpoint, lr_at, model_config, record_divergence, recorded_divergence,
+    default_microbatch, load_checkpoint, lr_at, model_config, peak_flops, record_divergence, recorded_divergence,
     rejected_validation, save_checkpoint, summarize,
 )
 
@@ -440,6 +440,7 @@ def pretrain_pack(
     exits = {f[1] for f in faults if f and f[0] == "exit"}
     exit_at = {k for k in exits if all(max(checkpoint_steps(d), default=0) < k for d in ckpt_dirs)}
     report_every = max(1, total_steps // MAX_TRAIN_REPORTS)
+    peak = peak_flops(device)
     train_time = [0.0] * n
     window_t, window_steps = [0.0] * n, [0] * n
     last_ckpt_t = time.perf_counter()
@@ -523,7 +524,7 @@ def pretrain_pack(
                 reporters[i]("train", {
                     "step": step, "tokens": tokens, "flops": float(fpt) * tokens, "loss": last_loss[i],
                     "lr": lr_at(step, specs[i]), "tokens_per_s": tps,
-                    "mfu": fpt * tps / PEAK_FLOPS_CUDA if on_cuda else None,
+                    "mfu": fpt * tps / peak if peak else None,
                 })
                 window_steps[i], window_t[i] = 0, 0.0
             if spec0.eval_every and step % spec0.eval_every == 0 and step != total_steps:

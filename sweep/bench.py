@@ -60,7 +60,7 @@ def bench_pack(plan: Plan, *, steps: int | None = None, pack: int | None = None,
     import torch
 
     from models.packed import pretrain_pack
-    from models.train import PEAK_FLOPS_CUDA, Diverged, pretrain
+    from models.train import Diverged, peak_flops, pretrain
     from sweep.pack import plan_packs
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -144,7 +144,7 @@ def bench_pack(plan: Plan, *, steps: int | None = None, pack: int | None = None,
         worst = max(range(len(runs)), key=lambda i: diffs[i])
         again = serial([runs[worst]], root / "again")[0]
         repeat = abs(again.final_loss / alone[worst].final_loss - 1)
-    peak = PEAK_FLOPS_CUDA if on_cuda else None
+    peak = peak_flops(torch.device(device))
     return {
         "runs": len(runs), "tasks_packed": len(packs), "largest_pack": max(len(g) for g in packs),
         "steps": max(s.steps for s, _ in runs),
