@@ -14,18 +14,6 @@ def names(packs):
     return [[n for _, n in p] for p in packs]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Train single-threaded, as test_data_parallel_throughput's ranks do: on a busy two-core host torch's two threads
-    made these tests' training 7x slower (195 s against 25 s). Both ways of a bench train with the same threads."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def slab(*args):
     """`slab ARGS` in this process, as test_multi_gpu_bench's usage errors are: a subprocess spent seconds a call
     importing torch, pandas and matplotlib before it did anything. The command's exit code and stderr are its own; an
