@@ -18,9 +18,11 @@ import contextlib
 import itertools
 import logging
 import math
+import multiprocessing
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from time import monotonic
 
 import pandas as pd
 import torch
@@ -194,11 +196,16 @@ def check_on_device(
     walks forced (`triton_chunk.FUSED_MIN_HEADS_PER_SM`: training takes them with many heads, this check's few would
     not).
 
-    size is (B, T, H, D); the default has T off the chunk grid and the benchmark's head width.
+    size is (B, T, H, D); the default has T off the chunk grid and the benchmark's head width. On a GPU the peers'
+    kernels compile in child processes while ours are checked (`_start_warm_ups`).
     """
     batch, time, heads, dim = size
     impls = _implementations(peers)
-    runs = [(key, fn, dim, False, False) for key, fn in impls.items()]
+    peer_keys = [key for key in impls if key[0] in FLA_PEER.values()]
+    # fla's checks compile its autotuned kernels: many minutes on a cold Triton cache, on one CPU core each. Children
+    # compile them side by side (into the shared on-disk cache) while ours are checked; the peers are checked last.
+    warm_ups = _start_warm_ups(peer_keys, size, device) if peer_keys and torch.device(device).type == "cuda" else []
+    runs = [(key, fn, dim, False, False) for key, fn in impls.items() if key not in peer_keys]
     runs += [(key, fn, width, False, False) for width in widths if width != dim
              for key, fn in impls.items() if key[0] in ("ours triton", PACKED)]
     if fused_width:
@@ -206,8 +213,12 @@ def check_on_device(
                  if key[0] in ("ours triton", PACKED) and key[1] != "channel"]
     # the initial state's gradient and the final state are other code paths of the same kernels
     runs += [((STATE, form), _ours_state("triton"), dim, False, True) for impl, form in impls if impl == "ours triton"]
+    runs += [(key, impls[key], dim, False, False) for key in peer_keys]
     out = []
     for (impl, form), fn, width, fused, state in runs:
+        if warm_ups and (impl, form) in peer_keys:
+            _join_warm_ups(warm_ups)
+            warm_ups = []
         # fla's kernels are timed in bf16 alone, and each dtype's check autotunes them anew: their fp32 checks took
         # about 9 of bench kernels' 23 minutes on a fresh H100 (2026-12-06) and told the timing nothing
         dtypes = (torch.bfloat16,) if fused or impl in FLA_PEER.values() else (torch.float32, torch.bfloat16)
@@ -222,6 +233,44 @@ def check_on_device(
             log.info("check %s", result)
             out.append(result)
     return out
+
+
+#: How long the peers' compile warm-up may take before the checks go on without it (they then compile in-process).
+WARM_UP_TIMEOUT_S = 1800.0
+
+
+def _warm_up_one(impl: str, form: str, size: tuple[int, int, int, int], device: str) -> None:
+    """In a child process: the bf16 check of one peer, run only so that its Triton kernels compile into the disk cache."""
+    _check_one(_implementations(peers=True)[(impl, form)], form, torch.bfloat16, device, *size)
+
+
+def _start_warm_ups(keys: list[tuple[str, str]], size: tuple[int, int, int, int],
+                    device: str) -> list[multiprocessing.process.BaseProcess]:
+    """Start one child per (peer, decay form) that compiles that peer's kernels (`_warm_up_one`)."""
+    ctx = multiprocessing.get_context("spawn")  # a forked child would inherit this process's CUDA context
+    procs = [ctx.Process(target=_warm_up_one, args=(impl, form, size, device), name=f"warm-up {impl} {form}",
+                         daemon=True) for impl, form in keys]
+    for proc in procs:
+        proc.start()
+    log.info("the peers' kernels compile in %d child processes while ours are checked", len(procs))
+    return procs
+
+
+def _join_warm_ups(procs: list[multiprocessing.process.BaseProcess], timeout_s: float = WARM_UP_TIMEOUT_S) -> None:
+    """Wait for the warm-up children; one that fails or overruns is logged and stopped, never fatal (the check
+    itself then compiles, or records the peer's refusal)."""
+    start = monotonic()
+    log.info("waiting for the peers' compile warm-up")
+    for proc in procs:
+        proc.join(max(0.0, timeout_s - (monotonic() - start)))
+        if proc.is_alive():
+            log.warning("%s still running after %.0f s: stopped, its check compiles in this process", proc.name,
+                        timeout_s)
+            proc.terminate()
+            proc.join()
+        elif proc.exitcode:
+            log.warning("%s exited with %s", proc.name, proc.exitcode)
+    log.info("peers' compile warm-up done in %.0f s", monotonic() - start)
 
 
 @contextlib.contextmanager

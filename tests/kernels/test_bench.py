@@ -276,3 +276,31 @@ def test_check_on_device_checks_the_fla_peers_in_bf16_alone(monkeypatch):
     dtypes = {impl: sorted({r.dtype for r in results if r.impl == impl}) for impl in ("ours torch", peer)}
     assert dtypes == {"ours torch": ["bfloat16", "float32"], peer: ["bfloat16"]}, dtypes
     assert all(r.ok for r in results), results
+
+
+def test_check_on_device_checks_the_peers_last_and_warms_them_up_only_on_a_gpu(monkeypatch):
+    """The peers' checks come after ours, so that on a GPU their kernels compile in children meanwhile; on the CPU
+    (fla needs a GPU) no child is started."""
+    peer = bench.FLA_PEER["token"]
+    impls = {(peer, "token"): bench._ours("torch"), ("ours torch", "token"): bench._ours("torch")}
+    monkeypatch.setattr(bench, "_implementations", lambda peers=True: impls)
+    started = []
+    monkeypatch.setattr(bench, "_start_warm_ups", lambda *args: started.append(args) or [])
+    results = bench.check_on_device("cpu", size=(1, 20, 1, 16), widths=(), fused_width=None)
+    assert [r.impl for r in results][-2:] == [peer, peer] and results[0].impl == "ours torch"
+    assert started == []
+
+
+def test_warm_up_children_run_a_check_and_a_failing_or_late_one_is_not_fatal(caplog):
+    """The warm-up mechanism itself, with one of ours standing in for a peer: a child imports this module afresh
+    (spawned) and runs its check; a child that raises, or outlives the wait, is logged and the wait returns."""
+    caplog.set_level("INFO", logger=bench.__name__)
+    size = (1, 20, 1, 16)
+    good = bench._start_warm_ups([("ours torch", "token")], size, "cpu")
+    bad = bench._start_warm_ups([("no such peer", "token")], size, "cpu")
+    bench._join_warm_ups(good + bad)
+    assert good[0].exitcode == 0 and bad[0].exitcode not in (0, None)
+    assert "warm-up no such peer token exited with 1" in caplog.text
+    late = bench._start_warm_ups([("ours torch", "token")], size, "cpu")
+    bench._join_warm_ups(late, timeout_s=0.0)
+    assert not late[0].is_alive() and "still running after 0 s: stopped" in caplog.text
