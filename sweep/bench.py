@@ -42,7 +42,8 @@ def append_csv(rows: dict | list[dict], path: Path) -> None:
     # Several rows of one measurement (a spread's launch and its 1-GPU baseline) go in together or not at all.
     frame = pd.DataFrame(rows if isinstance(rows, list) else [rows])
     if path.exists():
-        frame = pd.concat([pd.read_csv(path), frame], ignore_index=True)
+        # round_trip: the default parser can move a float's last digits, and each append would rewrite the old rows so
+        frame = pd.concat([pd.read_csv(path, float_precision="round_trip"), frame], ignore_index=True)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     try:

@@ -142,3 +142,15 @@ def test_append_csv_adds_several_rows_in_one_write(tmp_path, monkeypatch):
     assert writes == [3]
     table = pd.read_csv(path)
     assert table["gpus"].tolist() == [4, 2, 1] and table["done"].isna().tolist() == [True, True, False]
+
+
+def test_append_csv_keeps_the_old_rows_digits(tmp_path):
+    """Appending rewrites the table: the rows already there must come back bit for bit (on the H100's pandas the default
+    float parser turned 0.019555476659693413 into 0.0195554766596934 in docs/bench/pack.csv; pandas 3's does not)."""
+    from sweep.bench import append_csv
+
+    path = tmp_path / "pack.csv"
+    append_csv({"plan": "a", "serial_mfu": 0.019555476659693413}, path)
+    first = path.read_text()
+    append_csv({"plan": "b", "serial_mfu": 0.5}, path)
+    assert path.read_text().startswith(first)
