@@ -38,8 +38,8 @@ test: setup
 
 # CPU benchmarks always; the GPU ones (kernels, training speed, throughput vs length, packing) where a GPU is
 # present; on a host of several GPUs also the smoke plan on all of them against one, and data-parallel scaling.
-# Each part is a target of its own, run in this order: 4 to 8 minutes each on an H100 whose Triton cache is warm;
-# on a fresh one bench-kernels took 23 (flash-linear-attention autotuning for its checks: docs/bench/kernels.md).
+# Each part is a target of its own, run in this order. On a fresh H100 (856847d, docs/bench/h100_2026-12-06b/times.txt):
+# bench-kernels 523 s, bench-train 253 s, bench-length 452 s, bench-pack 442 s; bench-cpu under a minute.
 BENCH_GPU := bench-kernels bench-train bench-length bench-pack $(if $(filter-out 0 1,$(GPUS)),bench-multi)
 bench: bench-cpu $(if $(HAS_GPU),$(BENCH_GPU))
 
