@@ -1462,10 +1462,10 @@ def _check_bootstrap(result: FitResult) -> FitResult:
     # A replicate whose law does not fall (an exponent <= 0) is one the data itself would be refused for
     # (`_check_falling`), and one whose constant overflows has no allocation: each fails as a whole. Kept, they had
     # widened alpha's interval while a, b and N_opt (NaN for them) were drawn from the others alone, uncounted.
+    # Approaches 1 and 2 have no loss exponents, but their k_N and k_D overflow as approach 3's A and B do.
     exponents = [c for c in ("alpha", "beta") if c in s.columns]
     constants = [c for c in LAW_CONSTANTS if c in s.columns]
-    unusable = ((s[exponents] <= 0).any(axis=1) | np.isinf(s[constants]).any(axis=1)).to_numpy() if exponents \
-        else np.zeros(len(s), bool)
+    unusable = ((s[exponents] <= 0).any(axis=1) | np.isinf(s[constants]).any(axis=1)).to_numpy()
     if unusable.any():
         s = s.copy()
         s.loc[unusable, :] = np.nan

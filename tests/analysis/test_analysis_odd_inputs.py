@@ -4,6 +4,7 @@ import warnings
 
 import matplotlib
 import numpy as np
+import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
@@ -137,3 +138,19 @@ def test_report_finding_calls_an_undefined_allocation_undefined():
     line = next(s for s in lines if s.startswith("softmax: approach 3"))
     # it had quoted tokens per parameter as 'inf' (D_opt = C / (6 x 0))
     assert "undefined (" in line and ": inf" not in line and ": nan" not in line, line
+
+
+def test_approach_1_and_2_replicates_whose_constant_overflows_fail_and_are_counted():
+    """A replicate whose k_D = exp(intercept) overflows has no allocation: counted as failed, its other values out of
+    the intervals. Approach 3's check alone had done this, so k_D's interval could read (x, inf)."""
+    rng = np.random.default_rng(0)
+    samples = pd.DataFrame({"k_N": rng.uniform(0.1, 0.2, 10), "a": rng.uniform(0.45, 0.55, 10),
+                            "k_D": rng.uniform(5, 6, 10), "b": rng.uniform(0.45, 0.55, 10)})
+    samples.loc[[2, 7], "k_D"] = np.inf
+    samples.loc[[2, 7], "b"] = 9.0  # what an overflowing replicate's exponent looks like: far from the rest
+    result = fits.FitResult("approach1", "", {"k_N": 0.15, "a": 0.5, "k_D": 5.5, "b": 0.5}, fits._intervals(samples),
+                            np.zeros(3), pd.DataFrame(), 3, 10, True, samples=samples)
+    checked = fits._check_bootstrap(result)
+    assert checked.details["bootstrap_unusable"] == 2 and checked.details["bootstrap_failed"] == 2
+    assert np.isfinite(checked.interval("k_D")[1]) and checked.interval("b")[1] < 0.56
+    assert "intervals_unknown" not in checked.details
