@@ -472,9 +472,6 @@ class Driver:
         gpus = 0.0 if self.opts.cpu else pack_gpus([(f.spec, f.name) for f in unit])
         return cpus, gpus
 
-    def _fits_now(self, unit: list[Flight]) -> bool:
-        return self._fits(*self._needs(unit))
-
     def _fits(self, cpus: float, gpus: float) -> bool:
         """Whether a task reserving ``cpus`` and ``gpus`` can start now."""
         if cpus > self._cpus_left():
@@ -506,7 +503,7 @@ class Driver:
             self.slots.append(slot)
             return slot
         slot = self._pick_slot(share)
-        assert slot is not None, "_fits_now admitted a unit with no room for it"
+        assert slot is not None, "_fits admitted a unit with no room for it"
         return slot
 
     def _release_idle_slots(self, gpus: float) -> None:

@@ -69,12 +69,16 @@ def test_data_parallel_run_takes_idle_slots_gpus(two_gpus, tmp_path, write_plan)
     engine = open_db(f"sqlite:///{tmp_path}/slab.db", create=True)
     driver = Driver(engine, LaunchOptions(ckpt_dir=tmp_path / "ckpt"), Recorder())
     small, dp = ([Flight(spec=r.spec, name=r.name, attempt=0, tries=0, microbatch=None)] for r in plan.runs)
-    assert driver.spread and driver._fits_now(small) and driver._fits_now(dp)
+
+    def fits(unit):  # whether the driver would start this unit now
+        return driver._fits(*driver._needs(unit))
+
+    assert driver.spread and fits(small) and fits(dp)
     slot = driver._slot_for(0.5)
     slot.share = 0.5  # a running share: the data-parallel run must wait for it
-    assert not driver._fits_now(dp) and driver._fits_now(small)
+    assert not fits(dp) and fits(small)
     slot.share = 0.0  # idle again: its GPU may be given back
-    assert driver._fits_now(dp)
+    assert fits(dp)
     driver._release_idle_slots(2)
     assert driver.slots == [] and driver._free_gpus() == 2
     engine.dispose()
