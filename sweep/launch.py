@@ -538,6 +538,9 @@ class Driver:
         order = [s.run_id for s, _ in runs]
         names = {s.run_id: n for s, n in runs}
         last_beat = 0.0
+        # The sink's actor up before any run is claimed: the first drain waits for it, and on a loaded host that wait
+        # (a worker process to start) had outlasted a short lease before the first heartbeat, losing the run.
+        self.ray.get(self.sink.drain.remote())
         # SIGTERM (a scheduler's preemption, `timeout`, `kill`) stops as Ctrl-C does: runs checkpoint where they are.
         # Ray's own handler, which it replaces here, exited at once and lost every step since the last checkpoint.
         previous = {sig: signal.signal(sig, self._on_stop_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
