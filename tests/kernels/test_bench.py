@@ -81,6 +81,7 @@ def test_check_on_device_checks_ours_on_triton_again_at_other_head_widths(monkey
     real = bench._implementations(peers=False)
     keys = [("ours triton", "constant"), ("ours torch", "constant"), (bench.PACKED, "constant")]
     monkeypatch.setattr(bench, "_implementations", lambda peers=True: {key: real[key] for key in keys})
+    monkeypatch.setattr(bench, "_check_one", _real_checks_only_where(lambda dim: dim != 16))
     results = bench.check_on_device("cpu", size=(1, 20, 1, 16), widths=(32, 16), fused_width=None)
     # The size's own width once for all three; width 32 again for the Triton two only; both dtypes each; Triton with
     # the states at the size's width.
@@ -108,6 +109,10 @@ def test_check_on_device_checks_the_fused_walks_forced_in_bf16(monkeypatch):
 
     monkeypatch.setattr(triton_chunk, "_fused_fwd_kernel", Spy())
     default = triton_chunk.FUSED_MIN_HEADS_PER_SM
+    # Checked for real only with the walks forced: a switch forced for other runs too, or left on after, would check
+    # those for real as well, and they would walk (`walked`); one never forced would leave the fused runs unwalked.
+    monkeypatch.setattr(bench, "_check_one", _real_checks_only_where(
+        lambda dim: triton_chunk.FUSED_MIN_HEADS_PER_SM != default))
     results = bench.check_on_device("cpu", size=(1, 20, 1, 16), widths=(), fused_width=32)
     fused = [r for r in results if r.impl.endswith(" fused")]
     # Scalar forms only, bf16 only (the per-token one also strong), at the fused width; each passed and repeated.
@@ -119,6 +124,25 @@ def test_check_on_device_checks_the_fused_walks_forced_in_bf16(monkeypatch):
     # Only those runs walked fused (two calls each), and the switch was put back.
     assert len(walked) == 2 * len(fused) and set(walked) == {0}
     assert triton_chunk.FUSED_MIN_HEADS_PER_SM == default
+
+
+def _real_checks_only_where(real):
+    """bench._check_one where real(dim) holds (dim: the head width checked), elsewhere a passing, repeatable result
+    with no kernel run.
+
+    For the tests of one kind of run (another head width, the fused walks): the other checks check_on_device makes,
+    of our implementations unforced at the size's own width (with the states too), are those that
+    test_check_on_device_passes_ours_and_flags_wrong_and_raising_peers makes at the same size and asserts on, and
+    each costs seconds in the interpreter."""
+    checked = bench._check_one
+
+    def check(fn, form, dtype, device, batch, time, heads, dim, *, strong=False, state=False):
+        if real(dim):
+            return checked(fn, form, dtype, device, batch, time, heads, dim, strong=strong, state=state)
+        return bench.CheckResult("", form, bench._dtype_name(dtype), True, True, 0.0, 0.0, "o", strong=strong,
+                                 repeatable=True)
+
+    return check
 
 
 class _RefuseBackward(torch.autograd.Function):
