@@ -42,8 +42,8 @@ def append_csv(rows: dict | list[dict], path: Path) -> None:
     # Several rows of one measurement (a spread's launch and its 1-GPU baseline) go in together or not at all.
     frame = pd.DataFrame(rows if isinstance(rows, list) else [rows])
     if path.exists():
-        # round_trip: the default parser can move a float's last digits, and each append would rewrite the old rows so
-        frame = pd.concat([pd.read_csv(path, float_precision="round_trip"), frame], ignore_index=True)
+        # Read as text: the rows already there are written back as they were (pandas 2's float parser moved last digits).
+        frame = pd.concat([pd.read_csv(path, dtype=str, keep_default_na=False), frame], ignore_index=True)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     try:

@@ -145,12 +145,15 @@ def test_append_csv_adds_several_rows_in_one_write(tmp_path, monkeypatch):
 
 
 def test_append_csv_keeps_the_old_rows_digits(tmp_path):
-    """Appending rewrites the table: the rows already there must come back bit for bit (on the H100's pandas the default
-    float parser turned 0.019555476659693413 into 0.0195554766596934 in docs/bench/pack.csv; pandas 3's does not)."""
+    """Appending rewrites the table: the rows already there must come back as they were written (on the H100's pandas
+    the default float parser turned 0.019555476659693413 into 0.0195554766596934 in docs/bench/pack.csv), whatever
+    another program wrote in them (1e-3, 1.50)."""
     from sweep.bench import append_csv
 
     path = tmp_path / "pack.csv"
-    append_csv({"plan": "a", "serial_mfu": 0.019555476659693413}, path)
+    path.write_text("plan,serial_mfu,speedup\na,0.019555476659693413,1.50\nb,1e-3,\n")
     first = path.read_text()
-    append_csv({"plan": "b", "serial_mfu": 0.5}, path)
-    assert path.read_text().startswith(first)
+    append_csv({"plan": "c", "serial_mfu": 0.5, "worst_run": "r1"}, path)
+    assert path.read_text() == ("plan,serial_mfu,speedup,worst_run\na,0.019555476659693413,1.50,\nb,1e-3,,\n"
+                                "c,0.5,,r1\n"), path.read_text()
+    assert first != path.read_text()
