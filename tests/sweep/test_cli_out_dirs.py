@@ -22,16 +22,21 @@ def invoke(*args):
     return CliRunner().invoke(app, [str(a) for a in args])
 
 
+def assert_refused_missing_parent(result, option, folder):
+    """The command exited 2 with one line saying ``folder``'s parent is missing, and made neither."""
+    assert result.exit_code == 2, result.output
+    assert result.stderr.strip().splitlines() == [
+        f"error: {option} {folder}: there is no folder {folder.parent} to write it in: make that first "
+        f"(mkdir -p {folder.parent}), or check the path"]
+    assert not folder.parent.exists()
+
+
 def test_report_into_a_missing_parent_folder_is_refused_and_makes_nothing(db, tmp_path):
     # it had made tmp/reprots/smoke and the report in it: a misspelt parent became a new tree. A missing --out in a
     # folder that exists is made (make demo's demo-out/report; test_cli_analysis writes reports to tmp_path / "r").
     out = tmp_path / "reprots" / "smoke"
     result = invoke("--db", db, "report", "--plan", "smoke-h100", "--bootstrap", "0", "--out", out)
-    assert result.exit_code == 2, result.output
-    assert result.stderr.strip().splitlines() == [
-        f"error: --out {out}: there is no folder {out.parent} to write it in: make that first (mkdir -p {out.parent}), "
-        "or check the path"]
-    assert not out.parent.exists()
+    assert_refused_missing_parent(result, "--out", out)
 
 
 def test_export_into_a_missing_folder_is_refused_as_the_report_is(db, tmp_path):
@@ -46,11 +51,7 @@ def test_bench_into_a_missing_parent_folder_is_refused_before_it_runs(tmp_path):
     out = tmp_path / "bnech" / "train" / "t.csv"
     result = invoke("bench", "train", "--arch", "softmax", "--params", "1M", "--seq-len", "32", "--steps", "2",
                     "--out", out)
-    assert result.exit_code == 2, result.output
-    assert result.stderr.strip().splitlines() == [
-        f"error: --out {out.parent}: there is no folder {out.parent.parent} to write it in: make that first "
-        f"(mkdir -p {out.parent.parent}), or check the path"]
-    assert not out.parent.parent.exists()
+    assert_refused_missing_parent(result, "--out", out.parent)
 
 
 @pytest.mark.parametrize("kind", ["pack", "spread", "dp"])
@@ -62,8 +63,4 @@ def test_a_bench_table_in_a_missing_parent_folder_is_refused_before_training(tmp
     out = tmp_path / "bnech" / "dp" / "t.csv"
     result = invoke("bench", kind, plan, "--cpu" if kind != "pack" else "--steps", *([] if kind != "pack" else ["2"]),
                     "--csv", out)
-    assert result.exit_code == 2, result.output
-    assert result.stderr.strip().splitlines() == [
-        f"error: --csv {out.parent}: there is no folder {out.parent.parent} to write it in: make that first "
-        f"(mkdir -p {out.parent.parent}), or check the path"]
-    assert not out.parent.parent.exists()
+    assert_refused_missing_parent(result, "--csv", out.parent)
