@@ -163,6 +163,26 @@ def test_too_many_workers_for_the_cluster_is_refused(ray_local, tmp_path):
         train(tmp_path, "big", 4)
 
 
+def test_ray_train_settings_reach_its_controller_for_the_fit_alone(monkeypatch):
+    """Ray Train's controller polled its workers every 2 s: each attempt's end waited up to that long to be seen. Ours
+    go where Ray Train takes them (the driver's environment it hands its controller and workers), during the fit only,
+    and a user's own value wins."""
+    from ray.train.v2._internal.constants import get_env_vars_to_propagate
+
+    from sweep.task import RAY_TRAIN_ENV, _ray_train_env
+
+    key = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+    assert float(RAY_TRAIN_ENV[key]) < 2.0
+    monkeypatch.delenv(key, raising=False)
+    with _ray_train_env():
+        assert get_env_vars_to_propagate()[key] == RAY_TRAIN_ENV[key]
+    assert key not in os.environ  # the task's worker process may run other tasks next
+    monkeypatch.setenv(key, "3")
+    with _ray_train_env():
+        assert get_env_vars_to_propagate()[key] == "3"
+    assert os.environ[key] == "3"
+
+
 def test_workers_refuse_to_start_without_nccl_settings(monkeypatch):
     from sweep.task import WORKER_ENV, check_worker_env
 
