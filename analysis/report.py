@@ -381,32 +381,47 @@ def _fig_loss_vs_tokens(runs, metrics, params_col):
     if m.empty:
         return None, "no training-curve points for these runs"
     m = m.sort_values(["run_id", "tokens"], kind="mergesort")
-    archs = sorted(set(arch_of[r] for r in m["run_id"].unique()))
-    sizes = np.array([size[r] for r in m["run_id"].unique()], float)
-    norm = LogNorm(vmin=np.nanmin(sizes), vmax=max(np.nanmax(sizes), np.nanmin(sizes) * 1.01))
-    fig, axes = _panels(len(archs))
     ids = m["run_id"].to_numpy()
-    x, y = m["tokens"].to_numpy(float), m["loss"].to_numpy(float)
     starts = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]])
     ends = np.r_[starts[1:], len(ids)]
+    run_arch = np.array([arch_of[r] for r in ids[starts]], dtype=object)
+    run_size = np.array([size[r] for r in ids[starts]], float)
+    archs = sorted(set(run_arch))
+    norm = LogNorm(vmin=np.nanmin(run_size), vmax=max(np.nanmax(run_size), np.nanmin(run_size) * 1.01))
+    fig, axes = _panels(len(archs))
+    x, y = m["tokens"].to_numpy(float), m["loss"].to_numpy(float)
+    xy = np.column_stack([x, y])
+    # The curves are drawn in log10 coordinates under the axes' affine part: the log scale applied once here instead
+    # of to each of thousands of paths at every draw, the same numbers (np.log10, as matplotlib's LogTransform).
+    log_xy = np.column_stack([np.log10(x), np.log10(y)])
+    point_arch = np.repeat(run_arch, ends - starts)
     for ax, arch in zip(axes, archs):
-        segs, cols = [], []
-        for s, e in zip(starts, ends):
-            if arch_of[ids[s]] == arch:
-                segs.append(np.column_stack([x[s:e], y[s:e]]))
-                cols.append(size[ids[s]])
-        lc = LineCollection(segs, cmap=SEQUENTIAL, norm=norm, linewidths=0.8, alpha=0.7)
-        lc.set_array(np.array(cols))
+        runs_here = np.flatnonzero(run_arch == arch)
+        lc = LineCollection([log_xy[starts[i]:ends[i]] for i in runs_here], cmap=SEQUENTIAL, norm=norm,
+                            linewidths=0.8, alpha=0.7, transform=ax.transLimits + ax.transAxes)
+        lc.set_array(run_size[runs_here])
         lc.set_rasterized(True)  # thousands of curves: keep the SVG small
-        ax.add_collection(lc)
+        ax.add_collection(lc, autolim=False)
+        # the data limits the curves would give in data coordinates, from one path of all their points
+        _update_datalim(ax, LineCollection([xy[point_arch == arch]]))
         _log_axes(ax, "wide", "narrow")
         ax.autoscale()
-        ax.set_title(f"{arch} ({len(segs)} runs)")
+        ax.set_title(f"{arch} ({len(runs_here)} runs)")
         ax.set_xlabel("training tokens")
         ax.grid(True, which="major", alpha=0.3)
     axes[0].set_ylabel("training loss (nats)")
     fig.colorbar(plt.cm.ScalarMappable(norm=norm, cmap=SEQUENTIAL), ax=axes, label=f"parameters ({params_col})")
     return fig, "Training loss against tokens, one line per run, coloured by model size."
+
+
+def _update_datalim(ax, collection) -> None:
+    """Extend ``ax``'s data limits by those of a collection in data coordinates, as `Axes.add_collection` does."""
+    collection.set_transform(ax.transData)
+    lim = collection.get_datalim(ax.transData)
+    points = lim.get_points()
+    if not np.isinf(lim.minpos).all():  # the least positive values, which a log scale's limits start from
+        points = np.concatenate([points, [lim.minpos]])
+    ax.update_datalim(points)
 
 
 def _fig_loss_vs_compute(pts, fits, archs, few=None):
