@@ -31,10 +31,12 @@ demo: setup
 	@echo "report: demo-out/report/index.html"
 
 # Two pytest-xdist workers, each taking whole files (module fixtures train once): most tests wait on processes
-# (Ray, workers, retries) more than they compute, so two run in about 70% of one's time on two cores.
+# (Ray, workers, retries) more than they compute, so two run in about 70% of one's time on two cores. The files go
+# out in tests/conftest.py's order, the slow ones first, not xdist's default order by test count, which started the
+# longest files (few tests each) last and left one worker idle at the end.
 TEST_WORKERS ?= 2
 test: setup
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
 # CPU benchmarks always; the GPU ones (kernels, training speed, throughput vs length, packing) where a GPU is
 # present; on a host of several GPUs also the smoke plan on all of them against one, and data-parallel scaling.

@@ -9,6 +9,9 @@ import kernels
 from kernels.compare import rel_err
 from kernels.linear_attention import linear_attention, resolve_backend
 
+# Slow as a whole (about 3 minutes under the Triton interpreter): conftest starts it among the first files.
+pytestmark = pytest.mark.slow
+
 FORMS = ("constant", "token", "channel")
 #: Relative error allowed (max|a - b| / max|b|) by input dtype; bf16/fp16 round q, k, v and the products.
 TOL = {torch.float32: 2e-4, torch.bfloat16: 3e-2, torch.float16: 5e-3}
