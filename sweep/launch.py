@@ -45,7 +45,7 @@ from sweep.plan import CellError, Plan, PlannedRun, parse_number, resolve_data, 
 from sweep.progress import LEASE_S, LaunchView, launcher_gone, lease_lapsed, lease_of, lease_owner
 from sweep.registry import add_plans, moved_warning
 from sweep.spec import RunSpec
-from sweep.task import WORKER_ENV, checkpointed_runs, data_parallel_workers, lock_wait
+from sweep.task import WORKER_ENV, checkpointed_runs, data_parallel_env, data_parallel_workers, lock_wait
 
 log = logging.getLogger(__name__)
 
@@ -757,7 +757,7 @@ class Driver:
             args = (flight.spec.to_dict(), self.sink, flight.attempt, root, self.opts.cpu, flight.microbatch, faults[0],
                     self.opts.ckpt_every_steps, self.opts.ckpt_every_s)
             if dp:
-                ref = self.dp_task.options(max_retries=0, runtime_env=env).remote(
+                ref = self.dp_task.options(max_retries=0, runtime_env={"env_vars": data_parallel_env()}).remote(
                     *args, self.opts.cpus_per_run, fsdp_min_params=self.opts.fsdp_min_params, lock_wait_s=self.lock_wait_s,
                 )
             else:

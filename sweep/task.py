@@ -253,22 +253,16 @@ def train_pack(
     return [r if isinstance(r, Exception) else dataclasses.asdict(r) for r in results]
 
 
-#: Ray Train settings for a data-parallel run, unless the user's environment sets them: its controller polled the workers
-#: every 2 s, so each attempt's end or failure waited that long to be seen (hangs keep Ray's own 10-minute timeout).
+#: Ray Train settings for a data-parallel run's task, unless the launching shell sets them: Ray Train hands them on from
+#: the task to its controller and workers. Its controller polled the workers every 2 s, so each attempt's end or failure
+#: waited that long to be seen (hangs keep Ray's own 10-minute timeout).
 RAY_TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
 
 
-@contextmanager
-def _ray_train_env() -> Iterator[None]:
-    """``RAY_TRAIN_ENV`` in this task's environment while it drives a trainer, then as it was: Ray Train passes its own
-    variables from the driver's environment to its controller and workers (their runtime environment)."""
-    added = {k: v for k, v in RAY_TRAIN_ENV.items() if k not in os.environ}
-    os.environ.update(added)
-    try:
-        yield
-    finally:
-        for key in added:
-            os.environ.pop(key, None)
+def data_parallel_env() -> dict[str, str]:
+    """Environment variables of a data-parallel run's task: ``WORKER_ENV`` and ``RAY_TRAIN_ENV``, a value this
+    process's environment sets for the latter winning."""
+    return {**WORKER_ENV, **{key: os.environ.get(key, value) for key, value in RAY_TRAIN_ENV.items()}}
 
 
 def data_parallel_workers(spec_gpus: float) -> int:
@@ -360,8 +354,7 @@ def train_run_dp(
         coordinator.replay()
         (ckpt_dir / "summary.json").unlink(missing_ok=True)
         try:
-            with _ray_train_env():
-                trainer.fit()
+            trainer.fit()
         except TrainingFailedError as exc:
             failures = getattr(exc, "worker_failures", None) or {}
             if failures:

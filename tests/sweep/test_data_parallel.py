@@ -163,24 +163,26 @@ def test_too_many_workers_for_the_cluster_is_refused(ray_local, tmp_path):
         train(tmp_path, "big", 4)
 
 
-def test_ray_train_settings_reach_its_controller_for_the_fit_alone(monkeypatch):
+def test_ray_train_settings_reach_its_controller_through_the_task_environment(ray_local, monkeypatch):
     """Ray Train's controller polled its workers every 2 s: each attempt's end waited up to that long to be seen. Ours
-    go where Ray Train takes them (the driver's environment it hands its controller and workers), during the fit only,
-    and a user's own value wins."""
+    ride in a data-parallel task's runtime environment, from which Ray Train hands them to its controller and workers;
+    a value set where the launcher runs wins."""
+    import ray
     from ray.train.v2._internal.constants import get_env_vars_to_propagate
 
-    from sweep.task import RAY_TRAIN_ENV, _ray_train_env
+    from sweep.task import RAY_TRAIN_ENV, WORKER_ENV, data_parallel_env
 
     key = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
     assert float(RAY_TRAIN_ENV[key]) < 2.0
+
+    @ray.remote(num_cpus=0)
+    def propagated():
+        return get_env_vars_to_propagate().get(key), {k: os.environ.get(k) for k in WORKER_ENV}
+
     monkeypatch.delenv(key, raising=False)
-    with _ray_train_env():
-        assert get_env_vars_to_propagate()[key] == RAY_TRAIN_ENV[key]
-    assert key not in os.environ  # the task's worker process may run other tasks next
+    assert ray.get(propagated.options(runtime_env={"env_vars": data_parallel_env()}).remote()) == (RAY_TRAIN_ENV[key], WORKER_ENV)
     monkeypatch.setenv(key, "3")
-    with _ray_train_env():
-        assert get_env_vars_to_propagate()[key] == "3"
-    assert os.environ[key] == "3"
+    assert data_parallel_env()[key] == "3"
 
 
 def test_workers_refuse_to_start_without_nccl_settings(monkeypatch):
