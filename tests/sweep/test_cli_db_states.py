@@ -155,3 +155,37 @@ def test_a_table_of_many_runs_draws_its_first_rows_and_says_so(tmp_path, write_p
     wide = invoke("sql", "select * from runs", url=url)
     assert wide.exit_code == 0, wide.output
     assert "showing the first " in wide.stderr and " of 800 rows;" in wide.stderr, wide.stderr
+
+
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+def test_a_statement_timeout_in_a_postgresql_url_ends_a_command_held_by_a_lock(db_url, write_plan):
+    """libpq's options in the URL reach the server (the README's advice for a server that stalls): a command waiting on
+    another session's lock fails at the statement_timeout in one line, rather than waiting for the lock to go."""
+    import threading
+    import time
+
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+
+    assert invoke("add", write_plan(PLAN), url=db_url).exit_code == 0
+    engine, locked = create_engine(db_url), threading.Event()
+
+    def hold_the_lock():  # for 6 s: without the timeout, status would wait this out and then succeed
+        with engine.begin() as conn:
+            conn.execute(text("LOCK TABLE runs IN ACCESS EXCLUSIVE MODE"))
+            locked.set()
+            conn.execute(text("SELECT pg_sleep(6)"))
+
+    holder = threading.Thread(target=hold_the_lock)
+    holder.start()
+    try:
+        assert locked.wait(30)
+        bounded = make_url(db_url).update_query_dict({"options": "-c statement_timeout=1000"})
+        start = time.monotonic()
+        result = invoke("status", url=bounded.render_as_string(hide_password=False))
+        waited = time.monotonic() - start
+    finally:
+        holder.join()
+        engine.dispose()
+    _failed_in_one_line(result, "statement timeout")
+    assert waited < 4.5, waited
