@@ -45,7 +45,7 @@ from sweep.plan import CellError, Plan, PlannedRun, parse_number, resolve_data, 
 from sweep.progress import LEASE_S, LaunchView, launcher_gone, lease_lapsed, lease_of, lease_owner
 from sweep.registry import add_plans, moved_warning
 from sweep.spec import RunSpec
-from sweep.task import WORKER_ENV, checkpointed_runs, data_parallel_env, data_parallel_workers, lock_wait
+from sweep.task import WORKER_ENV, WORKER_SETUP_HOOK, checkpointed_runs, data_parallel_env, data_parallel_workers, lock_wait
 
 log = logging.getLogger(__name__)
 
@@ -1086,7 +1086,8 @@ def init_ray(opts: LaunchOptions):
 
     if ray.is_initialized():
         return ray
-    kwargs: dict[str, Any] = {"runtime_env": {"env_vars": dict(WORKER_ENV)}, "logging_level": logging.WARNING, "log_to_driver": True}
+    runtime_env = {"env_vars": dict(WORKER_ENV), "worker_process_setup_hook": WORKER_SETUP_HOOK}
+    kwargs: dict[str, Any] = {"runtime_env": runtime_env, "logging_level": logging.WARNING, "log_to_driver": True}
     if opts.address:
         try:
             ray.init(address=opts.address, **kwargs)
