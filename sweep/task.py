@@ -268,7 +268,7 @@ def data_parallel_env() -> dict[str, str]:
 
 #: The logger of Ray Train's placement-group cleaner. Without Ray's dashboard (ray is installed without its [default]
 #: extra, and local Rays start without one) it cannot reach Ray's state API, and warned so about once a second for a
-#: data-parallel run's whole length: nine lines in a 33 s CPU run.
+#: data-parallel run's whole length: 9 to 11 lines in a 33 s CPU run.
 PG_CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
 
 

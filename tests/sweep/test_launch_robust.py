@@ -87,7 +87,8 @@ def test_only_unfinished_tasks_are_cancelled():
     tasks asked to stop had finished by the time the launcher cancelled what was left): finished ones are skipped."""
 
     class FakeRay:
-        cancelled: list = []
+        def __init__(self):
+            self.cancelled = []
 
         def wait(self, refs, num_returns, timeout, fetch_local):
             assert timeout == 0 and num_returns == len(refs) and not fetch_local
