@@ -974,3 +974,26 @@ def test_a_read_of_an_empty_file_refuses_it_without_writing_it(tmp_path):
     assert empty.stat().st_size == 0 and sorted(p.name for p in tmp_path.iterdir()) == ["empty.db"]
     open_db(f"sqlite:///{empty}").dispose()  # add and launch make it a database, as they make a missing one
     assert empty.stat().st_size > 0
+
+
+def test_a_stale_run_is_claimed_only_from_the_holder_judged(db_url, write_plan):
+    """A launcher that judged a run's holder gone claims it with a lease a day ahead, from that holder only: a launcher
+    that took the run over in between keeps it (its fresh heartbeat would count as stale against such a lease), and a
+    claim whose reply was lost returns the same attempt, not counted again."""
+    from datetime import timedelta
+
+    from db.schema import utcnow
+    from db.writer import claim_run
+
+    engine = open_db(db_url)
+    add_plans(engine, [load_plan(write_plan(PLAN))])
+    run_id = runs_frame(engine)["run_id"][0]
+    assert claim_run(engine, run_id, "host:1:a", utcnow()) == 1
+    ahead = utcnow() + timedelta(days=1)
+    assert claim_run(engine, run_id, "host:2:b", ahead, holder="host:1:a") == 2
+    assert claim_run(engine, run_id, "host:3:c", ahead, holder="host:1:a") is None  # b holds it now
+    assert claim_run(engine, run_id, "host:2:b", ahead, holder="host:1:a") == 2  # b's own claim again
+    assert claim_run(engine, run_id, "host:3:c", ahead) == 3  # without a holder, any stale lease is taken
+    with session(engine) as s:
+        assert (s.get(Run, run_id).lease_owner, s.get(Run, run_id).attempts) == ("host:3:c", 3)
+    engine.dispose()

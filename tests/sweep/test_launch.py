@@ -131,6 +131,34 @@ def test_failures_retry_up_to_max_attempts(env, write_plan, monkeypatch):
     assert 'models/train.py", line' in row["error"] and row["error"].splitlines()[-1] == "RuntimeError: injected failure at step 2"
 
 
+def test_a_run_held_by_a_launcher_gone_from_this_host_is_taken_at_once(env, write_plan):
+    """A run left "running" by a launcher killed outright (its process gone from this host, its heartbeat fresh) is
+    taken by a relaunch at once, not after the lease, and counted a second attempt. On both databases: the SIGKILL test
+    in test_launch_stops, which checks the same with a real driver, runs on SQLite alone."""
+    import socket
+
+    from db.schema import utcnow
+    from db.writer import claim_run
+    from sweep.registry import add_plans
+
+    plan = write_plan(HEADER + "g,softmax,32,2,2,64,4,1280,3e-3,0,2\n")  # 5 steps
+    [run] = load_plan(plan).runs
+    engine = open_db(env["db"])
+    add_plans(engine, [load_plan(plan)])
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    # Its lease in its name, 30 s: a launcher that did not see the holder gone would wait that out and then take the run.
+    assert claim_run(engine, run.spec.run_id, f"{socket.gethostname()}:{int(dead.stdout)}:dead0001:30", utcnow()) == 1
+    engine.dispose()
+    view = Logged()
+    start = time.monotonic()
+    assert launch([load_plan(plan)], LaunchOptions(db_url=env["db"], cpu=True, ckpt_dir=env["tmp"] / "ckpt", backoff_s=0.2,
+                                                   heartbeat_s=1.0), view).ok
+    assert not any("leased by another launcher" in line for line in view.lines), view.lines
+    assert time.monotonic() - start < 25
+    [row] = runs_by_name(env, plan).values()
+    assert row["status"] == "done" and row["attempts"] == 2 and row["steps"] == list(range(1, 6)), row
+
+
 def test_a_run_with_only_unreadable_checkpoints_fails_once_without_retrying(env, write_plan):
     # retries could only fail the same way (the set-aside files stay), spending attempts and backoff
     from models.train import checkpoint_path
