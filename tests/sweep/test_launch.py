@@ -146,15 +146,14 @@ def test_a_run_held_by_a_launcher_gone_from_this_host_is_taken_at_once(env, writ
     engine = open_db(env["db"])
     add_plans(engine, [load_plan(plan)])
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    # Its lease in its name, 30 s: a launcher that did not see the holder gone would wait that out and then take the run.
+    # Its lease in its name, 30 s: a launcher that did not see the holder gone would say it waits, wait that out and
+    # then take the run.
     assert claim_run(engine, run.spec.run_id, f"{socket.gethostname()}:{int(dead.stdout)}:dead0001:30", utcnow()) == 1
     engine.dispose()
     view = Logged()
-    start = time.monotonic()
     assert launch([load_plan(plan)], LaunchOptions(db_url=env["db"], cpu=True, ckpt_dir=env["tmp"] / "ckpt", backoff_s=0.2,
                                                    heartbeat_s=1.0), view).ok
-    assert not any("leased by another launcher" in line for line in view.lines), view.lines
-    assert time.monotonic() - start < 25
+    assert not any("leased by another launcher" in line for line in view.lines), view.lines  # it did not wait
     [row] = runs_by_name(env, plan).values()
     assert row["status"] == "done" and row["attempts"] == 2 and row["steps"] == list(range(1, 6)), row
 
