@@ -995,5 +995,6 @@ def test_a_stale_run_is_claimed_only_from_the_holder_judged(db_url, write_plan):
     assert claim_run(engine, run_id, "host:2:b", ahead, holder="host:1:a") == 2  # b's own claim again
     assert claim_run(engine, run_id, "host:3:c", ahead) == 3  # without a holder, any stale lease is taken
     with session(engine) as s:
-        assert (s.get(Run, run_id).lease_owner, s.get(Run, run_id).attempts) == ("host:3:c", 3)
+        run = s.get(Run, run_id)
+        assert (run.lease_owner, run.attempts) == ("host:3:c", 3)
     engine.dispose()

@@ -56,9 +56,9 @@ class Quiet(LaunchView):
         super().__init__(Console(file=open(os.devnull, "w")), live=False)
 
 
-def run_launch(env, plan_path, **kw):
+def run_launch(env, plan_path, view=None, **kw):
     opts = LaunchOptions(db_url=env["db"], cpu=True, ckpt_dir=env["tmp"] / "ckpt", backoff_s=0.2, heartbeat_s=1.0, **kw)
-    return launch([load_plan(plan_path)], opts, Quiet())
+    return launch([load_plan(plan_path)], opts, view or Quiet())
 
 
 def runs_by_name(env, plan_path):
@@ -142,17 +142,17 @@ def test_a_run_held_by_a_launcher_gone_from_this_host_is_taken_at_once(env, writ
     from sweep.registry import add_plans
 
     plan = write_plan(HEADER + "g,softmax,32,2,2,64,4,1280,3e-3,0,2\n")  # 5 steps
-    [run] = load_plan(plan).runs
+    loaded = load_plan(plan)
+    [run] = loaded.runs
     engine = open_db(env["db"])
-    add_plans(engine, [load_plan(plan)])
+    add_plans(engine, [loaded])
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     # Its lease in its name, 30 s: a launcher that did not see the holder gone would say it waits, wait that out and
     # then take the run.
     assert claim_run(engine, run.spec.run_id, f"{socket.gethostname()}:{int(dead.stdout)}:dead0001:30", utcnow()) == 1
     engine.dispose()
     view = Logged()
-    assert launch([load_plan(plan)], LaunchOptions(db_url=env["db"], cpu=True, ckpt_dir=env["tmp"] / "ckpt", backoff_s=0.2,
-                                                   heartbeat_s=1.0), view).ok
+    assert run_launch(env, plan, view=view).ok
     assert not any("leased by another launcher" in line for line in view.lines), view.lines  # it did not wait
     [row] = runs_by_name(env, plan).values()
     assert row["status"] == "done" and row["attempts"] == 2 and row["steps"] == list(range(1, 6)), row
