@@ -75,6 +75,8 @@ _RC = {"svg.fonttype": "none", "svg.hashsalt": "scalinglab", "font.size": 9, "ax
        "legend.fontsize": 7, "xtick.labelsize": 7.5, "ytick.labelsize": 7.5, "figure.dpi": 100}
 
 FIT_METHODS = ("frontier", "frontier_power", "approach1", "approach2", "approach3")
+#: The figures a report draws, in its order; each is figures/NAME.png and NAME.svg.
+FIGURES = ("loss_vs_tokens", "loss_vs_compute", "isoflop", "optimal_allocation", "residuals", "niah", "mqar", "throughput")
 TABLE_PARAMS = {
     "frontier": ["E", "A", "alpha"],
     "frontier_power": ["A", "alpha"],
@@ -136,6 +138,11 @@ def write_report(
     # the folder as it was (or absent), never new figures beside old documents.
     if (out / "figures").exists() and not (out / "figures").is_dir():  # someone's file: not ours to replace
         raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(out / "figures"))
+    # An earlier report's figures/ is replaced whole: one holding anything else (a paper's own plots) had been deleted.
+    if foreign := _not_report_figures(out / "figures"):
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise FileExistsError(errno.EEXIST, f"figures/ holds files a report does not write ({shown}), which it would "
+                                            "replace: move them, or give another --out", str(out / "figures"))
     # Staged inside an existing folder, which is all a report needs to be able to write: beside it, a parent this
     # process may not write ($HOME's, /tmp's, a container's mount point's) refused a writable --out.
     staging = (out / f".figures-new-{os.getpid()}" if out.is_dir()
@@ -148,6 +155,15 @@ def write_report(
                              baseline=baseline, edges=edges)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _not_report_figures(folder: Path) -> list[str]:
+    """The names in ``folder`` that no report writes (anything but FIGURES' PNG and SVG files); none if it is absent."""
+    ours = {f"{name}.{ext}" for name in FIGURES for ext in ("png", "svg")}
+    try:
+        return sorted(p.name for p in folder.iterdir() if p.name not in ours or not p.is_file())
+    except FileNotFoundError:
+        return []
 
 
 def _write_report(runs, metrics, evals, out: Path, figdir: Path, t0: float, *, throughput, title, fits, bootstrap,
@@ -170,9 +186,7 @@ def _write_report(runs, metrics, evals, out: Path, figdir: Path, t0: float, *, t
     budgets = allocation_budgets(pts["C"])  # shared, so that archs are compared at the same compute
     skipped: list[str] = []
     fits_all: dict[str, FitResult] = dict(fits or {})
-    figure_names = ["loss_vs_tokens", "loss_vs_compute", "isoflop", "optimal_allocation", "residuals", "niah", "mqar",
-                    "throughput"]
-    total = len(archs) * len(FIT_METHODS) + len(figure_names) + 1
+    total = len(archs) * len(FIT_METHODS) + len(FIGURES) + 1
     step = [0]
 
     def tick():
@@ -257,7 +271,7 @@ def _write_report(runs, metrics, evals, out: Path, figdir: Path, t0: float, *, t
         "mqar": lambda: _fig_mqar(mqar),
         "throughput": lambda: _fig_throughput(tput, throughput),
     }
-    for name in figure_names:
+    for name in FIGURES:
         fig, caption = drawers[name]()
         if fig is None:
             skipped.append(f"figure {name}: skipped ({caption})")

@@ -21,6 +21,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from db.engine import FILE_STATES, explain, read_only, reading
 from db.schema import TABLES, Eval, Metric, Plan, PlanRun, Run, UTCDateTime
+from sweep.plan import NO_PLAN
 from sweep.spec import RunSpec
 
 #: Export file suffixes and the format each names (JSON is known only to refuse it).
@@ -35,9 +36,6 @@ READ_STATEMENTS = ("select", "with", "values", "explain", "show", "table")
 MAX_SQL_ROWS = 1_000_000
 #: Rows fetched from the driver at a time while counting them against the cap.
 SQL_FETCH_ROWS = 10_000
-
-#: The plan name that selects runs belonging to no plan (a plan re-added without them), in filters and counts.
-NO_PLAN = "-"
 
 #: Parameters a statement of the run-id queries may bind besides its ids (launch's status filter binds two).
 ID_MARGIN = 10

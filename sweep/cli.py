@@ -1028,7 +1028,8 @@ def compare(
 @app.command()
 def report(
     ctx: typer.Context,
-    out_dir: Path = typer.Option(..., "--out", help="Folder for index.html, report.md, fits.json and figures/ (PNG and SVG); made if missing, in a folder that exists.", show_default=False),
+    out_dir: Path = typer.Option(..., "--out", help="Folder for index.html, report.md, fits.json and figures/ (PNG and SVG); made if missing, in a folder that exists. "
+                                 "These replace an earlier report's; a figures/ holding other files is refused.", show_default=False),
     plan: Optional[str] = typer.Option(None, help="Only runs of this plan."),
     title: Optional[str] = typer.Option(None, help="Report title (default: 'scalinglab report: ' and the plan name, or 'all runs')."),
     throughput: Optional[Path] = typer.Option(None, help="CSV of arch, seq_len, tokens_per_s (slab bench train --seq-len ... --out FILE) for the throughput figure. "

@@ -230,9 +230,12 @@ def _read_plan_file(path: Path) -> tuple[bytes, list[tuple[int, list[str]]]]:
     try:
         # Read once, and digested from these bytes: a second read gets nothing from a pipe (slab add <(...)), and may
         # get another version of a file being saved.
-        raw = path.read_bytes()
+        raw = _read_capped(path, MAX_PLAN_BYTES + 1)
     except OSError as exc:
         raise PlanError([PlanIssue(where, None, None, f"cannot read the file: {exc.strerror or exc}")]) from None
+    if len(raw) > MAX_PLAN_BYTES:  # /dev/zero, or a data file given for a plan, had been read until memory ran out
+        message = f"over {MAX_PLAN_BYTES >> 20} MiB: a plan is a sheet of rows (ranges and lists expand them), not data"
+        raise PlanError([PlanIssue(where, None, None, message)])
     if path.suffix.lower() in (".xlsx", ".xlsm"):
         return raw, _read_xlsx(where, raw)
     head = raw[:64]
@@ -251,6 +254,16 @@ def _read_plan_file(path: Path) -> tuple[bytes, list[tuple[int, list[str]]]]:
             [PlanIssue(where, line, None, f"not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start})")]
         ) from None
     return raw, _read_csv(where, text)
+
+
+def _read_capped(path: Path, limit: int) -> bytes:
+    """At most ``limit`` bytes of the file, read in pieces (one read of ``limit`` would allocate all of it at once)."""
+    parts, size = [], 0
+    with path.open("rb") as f:
+        while size < limit and (part := f.read(min(1 << 20, limit - size))):
+            parts.append(part)
+            size += len(part)
+    return b"".join(parts)
 
 
 class _Lines:
@@ -487,7 +500,10 @@ def eval_expr(expr: Expr, lookup: Callable[[str], float]) -> float:
 def parse_number(text: str, expected: str = "a number") -> float:
     """A number cell, allowing suffixes k, M, B (or G) and T: ``10M`` -> 1e7."""
     if not _NUM_RE.match(text):
-        raise CellError(f"expected {expected}, got {_quoted(text)}")
+        hint = ""
+        if re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?[a-zA-Z]", text.strip()):  # 135m, 10b: a suffix not known
+            hint = f" (a number may end in {', '.join(s for s in _NUM_SUFFIX if s != 'G')} or G: 10M is 1e7)"
+        raise CellError(f"expected {expected}, got {_quoted(text)}{hint}")
     scale = _NUM_SUFFIX.get(text[-1], 1.0)
     value = float(text[:-1] if scale != 1.0 else text) * scale
     if not math.isfinite(value):
@@ -947,7 +963,13 @@ def _build_spec(r: _Resolver, base_dir: Path, digests: dict[str, str | CellError
             raise _ColumnError("flops", "give tokens or flops, not both")
         if r.cells.get("tokens") is None and r.cells.get("flops") is None:
             raise _ColumnError("tokens", "give tokens or flops (neither is set)")
-        num("tokens" if r.cells.get("tokens") is not None else "flops", lambda v: v > 0, "a positive number")
+        given = "tokens" if r.cells.get("tokens") is not None else "flops"
+        num(given, lambda v: v > 0, "a positive number")
+        tokens = r.get("tokens")
+        if given == "flops" and tokens < 1:  # blamed on the cell the plan has, with what it would have to be
+            least = r.get("flops_per_token")
+            raise _ColumnError("flops", f"expected at least one token's FLOPs ({least:,} for this model), got "
+                                        f"{_show(r.get('flops'))}")
         return int(round(num("tokens", lambda v: v >= 1, "at least one token")))
 
     def evals_of() -> tuple[str, ...]:
@@ -1149,8 +1171,13 @@ MAX_STORED_INT = 2**63
 #: The most steps a run may take: step numbers (runs.step and ckpt_step, metrics.step, evals.step) are 32-bit
 #: integers on PostgreSQL, whose launch had failed at the first write past this.
 MAX_STORED_STEP = 2**31 - 1
+#: The largest plan file read: a row per run of --max-runs' default 100,000 takes a few MB.
+MAX_PLAN_BYTES = 64 << 20
 #: Plan and run names the database stores (its String(200) name columns) may have at most this many characters.
 MAX_NAME_CHARS = 200
+#: The plan name that selects runs belonging to no plan (a plan re-added without them), in filters and counts; no
+#: plan file may take it.
+NO_PLAN = "-"
 
 
 # ---------------------------------------------------------------- the plan
@@ -1228,6 +1255,9 @@ def _load_plan(path: Path, max_runs: int, load: _Load) -> Plan:
         raise PlanError([PlanIssue(where, None, None, f"the plan's name (its file name without .csv) is "
                                                       f"{len(path.stem)} characters; plan names have at most "
                                                       f"{MAX_NAME_CHARS}: rename the file")])
+    if path.stem == NO_PLAN:  # status and runs list the runs that belong to no plan under this name
+        raise PlanError([PlanIssue(where, None, None, f"a plan is named by its file name without .csv, and "
+                                                      f"{NO_PLAN!r} stands for the runs in no plan: rename the file")])
     plan = Plan(path=path, name=path.stem, sha256=hashlib.sha256(raw).hexdigest())
     order = {name: i for i, name in enumerate(header) if name}
     named = [i for i, name in enumerate(header) if name]
@@ -1334,7 +1364,7 @@ def _expand_row(
         try:
             spec = _build_spec(resolver, plan.path.parent, load.digests, load.splits, load.max_ids)
             _check_storable(spec, resolver.cells)
-            label = _label(parsed.get("name"), spec)
+            label = _label(parsed.get("name"), spec, parsed.get("tags", [""])[0])
         except CellError as exc:
             for error in getattr(exc, "errors", [exc]):
                 column = getattr(error, "column", None)
@@ -1391,12 +1421,14 @@ def _check_storable(spec: RunSpec, cells: dict[str, Any]) -> None:
                                    "batch_size or seq_len")
 
 
-def _label(name_cell: list[str] | None, spec: RunSpec) -> str | None:
+def _label(name_cell: list[str] | None, spec: RunSpec, tags: str) -> str | None:
+    """The run's name: the row's name template filled with the run's fields (warmup in steps, flops those of the
+    whole steps it trains), or None where the row has no name."""
     if not name_cell:
         return None
     template = name_cell[0]
-    # the plan's column names too, where the spec calls a field otherwise
-    fields = {**spec.to_dict(), **spec.derived(), "vocab": spec.vocab_size}
+    # the plan's column names too, where the spec calls a field otherwise; evals as a cell lists them, not a list's repr
+    fields = {**spec.to_dict(), **spec.derived(), "vocab": spec.vocab_size, "tags": tags, "evals": "|".join(spec.evals)}
     try:
         # str.format would read {arch.upper} as a bound method's repr and {arch[0]} as a letter: only bare fields
         odd = next((f for f in _template_fields(template) if not f.isidentifier()), None)
@@ -1439,6 +1471,8 @@ class _NameFormatter(string.Formatter):
             if len(precision) > 4 or int(precision or 0) > _MAX_NAME_PRECISION:
                 raise ValueError(f"the format {_clip(format_spec)!r} asks for {_clip(precision)} digits; names have at "
                                  f"most {MAX_NAME_CHARS} characters")
+        if not format_spec and isinstance(value, float) and value.is_integer():
+            value = int(value)  # a count held as a float (flops) reads as its digits, not with a trailing .0
         return super().format_field(value, format_spec)
 
 

@@ -88,6 +88,18 @@ def test_report_skips_figures_without_data_and_says_so(data, tmp_path):
     assert "figure niah: skipped" in rf.index_html.read_text()
 
 
+def test_a_report_replaces_an_earlier_reports_figures_but_not_a_folder_of_other_files(data, tmp_path):
+    """figures/ is replaced whole: a paper's own plot in it had been deleted without a word (exit 0)."""
+    runs = data.runs[data.runs["arch"].isin(["softmax", "lightning"])]
+    write_report(runs, None, None, tmp_path, bootstrap=0)
+    write_report(runs, None, None, tmp_path, bootstrap=0)  # an earlier report's figures alone: replaced
+    (tmp_path / "figures" / "my_plot.pdf").write_bytes(b"mine")
+    before = {p.relative_to(tmp_path): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    with pytest.raises(FileExistsError, match=r"files a report does not write \(my_plot.pdf\)"):
+        write_report(runs, None, None, tmp_path, bootstrap=0)
+    assert {p.relative_to(tmp_path): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
 def test_a_report_that_fails_halfway_leaves_the_folder_as_it_was(data, tmp_path, monkeypatch):
     # figures were drawn into the folder as they came: a failure left new figures beside the old documents
     import analysis.report

@@ -161,6 +161,8 @@ ERRORS = [
      ":2:batch_size: batch_size 6 is not divisible by the 4 data-parallel workers of gpus 4"),
     ("arch,d_model,n_layers,tokens,schedule\nsoftmax,64,2,1e5,linear\n", ":2:schedule: expected one of cosine"),
     ("arch,d_model,n_layers,tokens,warmup\nsoftmax,64,2,1e5,2.5\n", ":2:warmup: expected a fraction of the run's steps below 1, or a whole number of steps, got 2.5"),
+    # A suffix the numbers do not take (135m for 135M) is said to be one, with those they take.
+    ("arch,params,tokens\nsoftmax,135m,1e5\n", ':2:params: expected a number, got "135m" (a number may end in k, K, M, B, T or G'),
     ("", ": the plan is empty"),
     ("# only a comment\n\n", ": the plan is empty"),
     (HEADER, ":1: the plan has a header but no rows"),
@@ -366,6 +368,13 @@ def test_name_template_may_use_the_plan_column_vocab(write_plan):
     # the column is vocab, the spec's field vocab_size: {vocab} had been refused as no field
     runs = load_plan(write_plan("name,arch,d_model,n_layers,vocab,tokens\nv{vocab},softmax,32,2,300,16k\n")).runs
     assert runs[0].name == "v300"
+
+
+def test_name_template_reads_evals_tags_and_whole_counts_as_written(write_plan):
+    """{evals} had read as a list's repr (x-['mqar', 'niah']), {flops} with a float's .0 and {tags} as no field."""
+    text = "name,arch,d_model,n_layers,seq_len,tokens,evals,tags\nx-{evals}-{flops}-{tags}-{lr},softmax,64,2,128,1M,niah|mqar,small\n"
+    run = load_plan(write_plan(text)).runs[0]
+    assert run.name == f"x-mqar|niah-{int(run.spec.derived()['flops'])}-small-{run.spec.lr}"
 
 
 def test_counts_the_database_cannot_hold_are_refused_at_plan_time(write_plan):

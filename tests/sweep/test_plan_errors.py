@@ -172,6 +172,20 @@ def test_names_longer_than_the_database_holds_are_refused_at_plan_time(write_pla
     assert "plan's name" in str(error) and "rename the file" in str(error)
 
 
+def test_a_file_larger_than_any_plan_is_refused_without_reading_it_whole(write_plan, monkeypatch):
+    """`slab plan /dev/zero` had read until memory ran out (a MemoryError's traceback under a limit)."""
+    monkeypatch.setattr(plan_module, "MAX_PLAN_BYTES", 100)
+    assert len(load_plan(write_plan("arch,d_model,n_layers,tokens\nsoftmax,64,2,1e5\n")).runs) == 1
+    error = issues_of(write_plan("arch,d_model,n_layers,tokens\n" + "softmax,64,2,1e5\n" * 10))
+    assert [(i.row, i.column) for i in error.issues] == [(None, None)] and "a plan is a sheet of rows" in str(error)
+
+
+def test_a_plan_file_may_not_take_the_name_of_the_runs_in_no_plan(write_plan):
+    """`-.csv` registered as plan '-', whose runs status then listed as runs in no plan and `runs --plan -` did not."""
+    error = issues_of(write_plan("arch,d_model,n_layers,tokens\nsoftmax,64,2,1e5\n", f"{plan_module.NO_PLAN}.csv"))
+    assert "runs in no plan" in str(error) and "rename the file" in str(error)
+
+
 # ---------------------------------------------------------------- ranges and --max-runs
 
 
@@ -190,6 +204,13 @@ def test_a_range_longer_than_max_runs_is_refused_in_its_cell(write_plan):
 
 
 # ---------------------------------------------------------------- errors in the column they belong to
+
+
+def test_a_flops_budget_under_one_token_is_blamed_on_flops_not_tokens(write_plan):
+    """flops = 1 had been reported as p.csv:2:tokens (expected at least one token, got 6.7e-07), a column the plan has not."""
+    error = issues_of(write_plan("arch,d_model,n_layers,flops\nsoftmax,64,2,1\nsoftmax,64,2,1e12\n"))
+    assert [(i.row, i.column) for i in error.issues] == [(2, "flops")], str(error)
+    assert "at least one token's FLOPs" in str(error)
 
 
 def test_a_bin_corpus_without_a_vocab_is_blamed_on_vocab_not_n_heads(write_plan, tmp_path):
