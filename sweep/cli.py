@@ -6,6 +6,7 @@ Exit codes: 0 success, 1 some runs failed, diverged or were lost (or a Ctrl-C le
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import sys
@@ -66,6 +67,33 @@ def _one_line_errors(ctx=None):
         if isinstance(exc, UsageError):
             message += f" (see '{_help_of(exc.ctx)}')"
         fail(message, code=exc.exit_code)
+    except OSError as exc:
+        # A path no check of the command foresaw (a name too long for the file system, a folder it may not enter) had
+        # ended in a traceback; a closed pipe is click's to end quietly.
+        if not _ONE_LINE_ERRORS.get() or exc.errno == errno.EPIPE:
+            raise
+        fail(f"{exc.filename}: {exc.strerror}" if exc.filename and exc.strerror else f"{type(exc).__name__}: {exc}")
+
+
+def _empty_option(command, args: list[str]) -> tuple[str, bool] | None:
+    """The first option of the command line given an empty value (``--out ""``, ``--plan=``) and whether it is
+    required, or None: each command
+    had read one as not given (``--plan ""`` listed every plan's runs, ``fit --arch ""`` fitted all archs as one) or as
+    the working directory (``report --out ""``), as `--out "$VAR"` with VAR unset gives."""
+    i = 0
+    while i < len(args) and args[i] != "--":
+        name, eq, value = args[i].partition("=")
+        # read by their attributes: typer's click may be its own copy (typer._click) or click itself
+        option = next((p for p in command.params if p.param_type_name == "option" and name in p.opts), None)
+        if option is not None and not option.is_flag and not option.count:
+            if (value if eq else args[i + 1] if i + 1 < len(args) else None) == "":
+                return name, option.required
+            i += 1 if eq else 2
+            continue
+        if (sub := getattr(command, "commands", {}).get(args[i])) is not None:
+            command = sub
+        i += 1
+    return None
 
 
 class SlabGroup(TyperGroup):
@@ -82,6 +110,9 @@ class SlabGroup(TyperGroup):
 
     def make_context(self, info_name, args, parent=None, **extra):
         with _one_line_errors():
+            if _ONE_LINE_ERRORS.get() and (empty := _empty_option(self, list(args))) and empty[0] != "--db":  # its own below
+                name, required = empty
+                fail(f"{name} is empty: give it a value" + ("" if required else ", or leave it out for its default"))
             return super().make_context(info_name, args, parent=parent, **extra)
 
     def invoke(self, ctx):

@@ -100,6 +100,42 @@ def test_slab_s_own_errors_keep_their_line_without_a_hint():
         "set SLAB_DB)"]
 
 
+@pytest.mark.parametrize("args, line", [
+    (["report", "--out", ""], "error: --out is empty: give it a value"),
+    (["runs", "--plan="], "error: --plan is empty: give it a value, or leave it out for its default"),
+    (["fit", "--arch", "", "--method", "frontier"], "error: --arch is empty: give it a value, or leave it out for its default"),
+    (["bench", "train", "--params", "3M", "--out", ""], "error: --out is empty: give it a value, or leave it out for its default"),
+])
+def test_an_option_given_an_empty_value_is_refused(tmp_path, monkeypatch, args, line):
+    """`--out "$VAR"` with VAR unset: report wrote into the working directory, `--plan ""` listed every plan's runs and
+    `fit --arch ""` fitted five archs as one, stored with an empty arch; each exited 0."""
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["--db", f"sqlite:///{tmp_path / 'none.db'}", *args])
+    assert (result.exit_code, result.stdout, result.stderr.splitlines()) == (2, "", [line])
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_empty_positional_argument_or_flag_is_not_an_empty_option(tmp_path):
+    """Only an option's value is checked: --csv takes none, so the empty string after it is sql's statement."""
+    url = f"sqlite:///{tmp_path / 'slab.db'}"
+    sweep.cli.open_db(url, create=True).dispose()
+    result = CliRunner().invoke(app, ["--db", url, "sql", "--csv", ""])
+    assert result.exit_code == 2 and "needs a statement" in result.stderr
+
+
+@pytest.mark.parametrize("args", [["export", "runs", "--out", "{long}.csv"], ["report", "--out", "{long}"],
+                                  ["fit", "--csv", "{long}.csv"]])
+def test_a_path_the_file_system_refuses_is_one_line_not_a_traceback(tmp_path, monkeypatch, args):
+    """A file name over the file system's 255 bytes ended these commands in an OSError's traceback, exit 1."""
+    monkeypatch.chdir(tmp_path)
+    url = f"sqlite:///{tmp_path / 'slab.db'}"
+    sweep.cli.open_db(url, create=True).dispose()
+    long = "a" * 300
+    result = CliRunner().invoke(app, ["--db", url, *(a.format(long=long) for a in args)])
+    assert result.exit_code == 2 and result.stdout == "", result.output
+    assert result.stderr.splitlines() == [f"error: {long}{args[-1][6:]}: File name too long"]
+
+
 def _status_raising(monkeypatch, exc: BaseException) -> None:
     def raising(*args, **kwargs):
         raise exc
