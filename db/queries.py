@@ -227,6 +227,16 @@ def status_counts(engine: Engine, plan: str | None = None) -> pd.DataFrame:
         return pd.DataFrame(conn.execute(stmt).all(), columns=["plan", "status", "runs"])
 
 
+def runs_training(engine: Engine, tokens: set[int], *columns) -> list[tuple]:
+    """The ``columns`` (Run.run_id, ...) of the registered runs that train one of these token counts (whole steps')."""
+    wanted, rows = sorted(tokens), []
+    with reading(engine) as conn:
+        batch = _id_batch(conn)
+        for i in range(0, len(wanted), batch):
+            rows += [tuple(row) for row in conn.execute(select(*columns).where(Run.tokens.in_(wanted[i : i + batch])))]
+    return rows
+
+
 def plan_names(engine: Engine) -> list[str]:
     """Names of the registered plans."""
     with reading(engine) as conn:

@@ -15,7 +15,7 @@ row with fewer cells than the header is an error. Blank lines and lines starting
 so is a column with no name in the header whose cells are all empty (a spreadsheet's spacer); no cell holds a line
 break. Every error names ``file:row:column`` (row = the line number the row starts on), and all of a load's
 errors are reported together. A run whose budget falls within the same whole steps as an earlier run's trains exactly
-as that one, and takes its budget and run id.
+as that one, and takes its budget and run id (a registered run's too: ``sweep.registry.adopt_registered_budgets``).
 """
 
 from __future__ import annotations
@@ -1376,7 +1376,7 @@ def _expand_row(
         if unreadable:
             continue  # a name or tags cell that could not be read: the row's runs are not the ones it asks for
         # Budgets within one step train alike (whole steps): the first budget's spec, and so its id, stands for all.
-        first = load.trained.setdefault(dataclasses.replace(spec, tokens=spec.trained_tokens).run_id, spec.tokens)
+        first = load.trained.setdefault(spec.trained_id, spec.tokens)
         if first != spec.tokens:
             spec = dataclasses.replace(spec, tokens=first)
         tags = parsed.get("tags", [""])[0]

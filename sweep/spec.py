@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -68,6 +69,11 @@ class RunSpec:
     def run_id(self) -> str:
         """sha256 of the canonical JSON (placement fields excluded), first 16 hex digits."""
         return hashlib.sha256(self.canonical_json(identity=True).encode()).hexdigest()[:16]
+
+    @property
+    def trained_id(self) -> str:
+        """The run id of the run as it trains: budgets rounded up to the same whole steps train alike, and share it."""
+        return dataclasses.replace(self, tokens=self.trained_tokens).run_id
 
     def model_config(self) -> ModelConfig:
         """The model shape this run trains."""

@@ -71,3 +71,44 @@ def test_every_step_column_holds_the_last_step_of_the_largest_run(db_url, write_
         with pytest.raises(DBAPIError, match="out of range"):
             write_results(engine, [{**metric, "step": step + 1}], [], {})
     engine.dispose()
+
+
+def test_budgets_of_the_same_whole_steps_are_one_run_across_commands(write_plan, db_url):
+    """One load took the first budget for a second that trains the same steps, but `slab add A; slab add B` made two
+    runs of one training, and `add B A` gave A's rows B's id where `add A B` gave B's rows A's."""
+    small, large = STEP_TOKENS * 3 - 100, STEP_TOKENS * 3  # both train 3 steps
+    a = write_plan(HEAD + f"softmax,32,2,2,64,4,{small}\n", "a.csv")
+    b = write_plan(HEAD + f"softmax,32,2,2,64,4,{large}\n", "b.csv")
+    engine = open_db(db_url, create=True)
+    try:
+        plan_b = load_plan(b)
+        first = add_plans(engine, [load_plan(a)]) + add_plans(engine, [plan_b])
+        assert [(r.new, r.known) for r in first] == [(1, 0), (0, 1)]
+        [run] = plan_b.runs  # what launch then trains: the registered run, at the budget registered
+        assert run.spec.tokens == small and run.spec.gpus == 1.0
+        with session(engine) as s:
+            assert s.scalars(select(Run.run_id)).all() == [run.spec.run_id]
+        plan_c = load_plan(write_plan(HEAD + f"softmax,32,2,2,64,4,{large + 1}\n", "c.csv"))  # a fourth step: its own run
+        assert add_plans(engine, [plan_c])[0].new == 1 and plan_c.runs[0].spec.tokens == large + 1
+    finally:
+        engine.dispose()
+
+
+def test_where_two_registered_runs_train_alike_a_finished_one_stands_for_a_third_budget(write_plan, db_url, monkeypatch):
+    """Runs registered before budgets were matched across commands may train alike: the one already done is taken."""
+    import sweep.registry
+
+    engine = open_db(db_url, create=True)
+    try:
+        plans = [load_plan(write_plan(HEAD + f"softmax,32,2,2,64,4,{STEP_TOKENS * 3 - k}\n", f"p{k}.csv")) for k in (0, 1, 2)]
+        with monkeypatch.context() as m:  # as a database of the earlier code holds them
+            m.setattr(sweep.registry, "adopt_registered_budgets", lambda engine, plans: 0)
+            add_plans(engine, plans[:1])
+            add_plans(engine, plans[1:2])
+        done = plans[1].runs[0].spec.run_id
+        with session(engine) as s:
+            s.get(Run, done).status = "done"
+        assert add_plans(engine, plans[2:])[0].known == 1 and plans[2].runs[0].spec.run_id == done
+    finally:
+        engine.dispose()
+
