@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import decimal
+import difflib
 import json
 import os
 import re
@@ -261,6 +262,9 @@ def run_sql(engine: Engine, query: str, max_rows: int | None = MAX_SQL_ROWS) -> 
                 if word == "pragma" else "")
         shown = word.upper() if _IDENT.fullmatch(word) else repr(word[:20])
         names = [s.upper() for s in allowed]
+        close = [] if word in READ_STATEMENTS else difflib.get_close_matches(word, allowed, n=1, cutoff=0.7)
+        if close:  # 'selec' is a slip, not a write
+            raise QueryError(f"{shown} is not a statement slab sql knows; did you mean {close[0].upper()}?")
         raise QueryError(f"slab sql is read-only: it runs only {', '.join(names[:-1])} or {names[-1]} statements, "
                          f"not {shown}{hint}")
     with read_only(engine) as conn:

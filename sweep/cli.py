@@ -573,11 +573,13 @@ def runs(
         for c in ("params", "tokens"):  # 1.33G, as slab plan shows them (CSV and JSON keep every digit)
             frame[c] = frame[c].map(lambda v: si(float(v)) if _cell(v) else "")
     title = _n(len(frame), "run")
+    optional = ("n_layers", "d_model", "attempts", "final_loss", "hybrid", "plan", "step", "tokens", "params")
     if fmt is Format.table:
         frame = _table_rows(frame, "runs")
+        # At 60 columns an error column with nothing in it had stayed while val_loss folded ('1.840' over '3').
+        optional = ("error", *optional) if (frame["error"] == "").all() else (*optional, "error")
     _emit(frame, fmt, title=title, free=("error", 14), whole=("run_id",),
-          hint="slab runs --csv or --json prints every column",
-          optional=("n_layers", "d_model", "attempts", "final_loss", "hybrid", "plan", "step", "tokens"))
+          hint="slab runs --csv or --json prints every column", optional=optional)
 
 
 def _last_line(error):
@@ -652,7 +654,14 @@ def sql(
         frame = run_sql(_engine(ctx), query)
     except QueryError as exc:
         fail(str(exc))
-    _emit(_table_rows(frame, "rows") if fmt is Format.table else frame, fmt)
+    if fmt is not Format.table:
+        _emit(frame, fmt)
+        return
+    # Columns a terminal cannot hold go from the right (the first stays): `select * from runs` had drawn 27 columns of
+    # one or two letters, headers and cells folded beyond reading. Names repeated in the query are not narrowed.
+    named = list(frame.columns)
+    optional = tuple(reversed(named[1:])) if len(set(named)) == len(named) else ()
+    _print_table(_table_rows(frame, "rows"), optional=optional, hint="--csv or --json prints every column, or select fewer")
 
 
 #: The most rows, and cells, a table draws: rich draws a few thousand cells a second (`slab sql` of 600,000 rows had

@@ -36,6 +36,9 @@ def test_round_trip(db_url, write_plan):
     assert run_sql(engine, "select count(*) as n from metrics")["n"].tolist() == [1]
     with pytest.raises(QueryError, match="read-only"):
         run_sql(engine, "delete from runs")
+    # a misspelt read is said to be one, not refused as a write ('slab sql is read-only ... not SELEC')
+    with pytest.raises(QueryError, match=r"^SELEC is not a statement slab sql knows; did you mean SELECT\?$"):
+        run_sql(engine, "selec * from runs")
     assert len(runs_frame(engine)) == 6
     engine.dispose()
 

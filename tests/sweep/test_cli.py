@@ -627,6 +627,34 @@ def test_runs_table_fits_an_80_column_terminal_with_every_id_whole(runner, write
     assert "n_layers" in wide.stdout and "left out" not in wide.stderr
 
 
+def test_runs_table_at_60_columns_first_leaves_out_an_error_column_with_nothing_in_it(runner, write_plan, tmp_path,
+                                                                                   monkeypatch):
+    """At 60 columns the empty error column stayed while val_loss and status folded mid-word ('pendi' over 'ng')."""
+    db = f"sqlite:///{tmp_path / 'slab.db'}"
+    assert invoke(runner, "add", write_plan(PLAN), db=db).exit_code == 0
+    _narrow(monkeypatch, 60)
+    result = invoke(runner, "runs", db=db)
+    assert max(len(line) for line in result.stdout.splitlines()) <= 60, result.stdout
+    assert "pending" in result.stdout and "val_loss" in result.stdout and "error" not in result.stdout
+    assert result.stderr.split("left out to fit 60 columns: ")[1].startswith("error, n_layers")
+
+
+def test_sql_table_leaves_out_columns_from_the_right_to_fit_the_terminal(runner, write_plan, tmp_path, monkeypatch):
+    """`slab sql "select * from runs"` at 80 columns drew 27 columns one or two letters wide, headers and cells unreadable."""
+    db = f"sqlite:///{tmp_path / 'slab.db'}"
+    assert invoke(runner, "add", write_plan(PLAN), db=db).exit_code == 0
+    _narrow(monkeypatch)
+    result = invoke(runner, "sql", "select * from runs", db=db)
+    assert result.exit_code == 0, result.output
+    assert max(len(line) for line in result.stdout.splitlines()) <= 80 and "run_id" in result.stdout
+    left = result.stderr.split("left out to fit 80 columns: ")[1].split(" (")[0].split(", ")
+    columns = list(json.loads(invoke(runner, "sql", "select * from runs", "--json", db=db).stdout)[0])
+    assert left == columns[::-1][: len(left)] and "spec" in left and "--csv" in result.stderr
+    assert all(column in result.stdout for column in columns[: len(columns) - len(left)])
+    _narrow(monkeypatch, 2000)
+    assert "left out" not in invoke(runner, "sql", "select * from runs", db=db).stderr
+
+
 def test_plan_table_keeps_plan_and_row_whole_at_80_columns(runner, write_plan, monkeypatch):
     path = write_plan("arch,d_model,n_layers,hybrid,seq_len,batch_size,tokens\n"
                       "hybrid,1856,32,LLLLLLLSLLLLLLLSLLLLLLLSLLLLLLLS,64,4,2560\n", "a_long_plan_name.csv")
