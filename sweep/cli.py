@@ -213,7 +213,6 @@ def _check_filters(engine, plan: str | None, arch: str | None = None, no_plan_ok
 
     With no_plan_ok, --plan - (NO_PLAN) selects the runs that belong to no plan."""
     from db.queries import NO_PLAN, plan_names
-    from models.config import ARCHS
 
     if plan and not (no_plan_ok and plan == NO_PLAN):
         known = plan_names(engine)
@@ -222,8 +221,15 @@ def _check_filters(engine, plan: str | None, arch: str | None = None, no_plan_ok
             if (stem := Path(plan).stem) != plan and stem in known:  # its file's path, as slab add was given it
                 hint = f" (a plan is named by its file's stem: --plan {stem})"
             fail(f"no plan named {plan!r} in the database; known: {', '.join(known) or 'none'}{hint}")
+    _check_arch(arch)
+
+
+def _check_arch(arch: str | None, option: str = "") -> None:
+    """Exit 2 on an architecture that does not exist (Softmax, linear), rather than say it has no runs."""
+    from models.config import ARCHS
+
     if arch and arch not in ARCHS:
-        fail(f"unknown arch {arch!r}; expected one of {', '.join(ARCHS)}")
+        fail(f"{option + ': ' if option else ''}unknown arch {arch!r}; expected one of {', '.join(ARCHS)}")
 
 
 def _plans(files: list[Path], max_runs: int):
@@ -1020,6 +1026,7 @@ def compare(
     from analysis.fits import FitError
 
     _check_edges(edges)
+    _check_arch(baseline, "--baseline")
     _, runs, metrics, evals = _analysis_inputs(ctx, plan, None)
     if baseline not in set(runs["arch"]):
         fail(f"baseline {baseline!r} has no finished runs; archs present: {', '.join(sorted(set(runs['arch'])))}")
@@ -1091,6 +1098,7 @@ def report(
     from analysis.report import write_report
 
     _check_edges(edges)
+    _check_arch(baseline, "--baseline")
     _writable_dir(out_dir, "--out")  # the report's own folder is made, not its parents
     tput = None
     if throughput is not None:  # read before the runs, so that a wrong path or value fails at once
