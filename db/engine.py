@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import os
 import re
+import shlex
 import sqlite3
 import time
 from contextlib import contextmanager
@@ -443,10 +444,13 @@ def open_db(url: str | None = None, *, create: bool = True) -> Engine:
                                 "check the path")
         if not create:
             raise DatabaseError(f"no database at {path}; register a plan first with `slab add PLAN`")
+        if path.parent.exists() and not path.parent.is_dir():  # 'mkdir -p' of a file would fail: say what it is
+            raise DatabaseError(f"{path.parent} is a file, not a folder, so it cannot hold the database {path.name}: "
+                                "check the path")
         if not path.parent.is_dir():
             # Made silently, a misspelt folder would hold a new, empty database: the study would be trained again there.
             raise DatabaseError(f"no folder {path.parent} for the database {path.name}: make it first "
-                                f"(mkdir -p {path.parent}), or check the path")
+                                f"(mkdir -p {shlex.quote(str(path.parent))}), or check the path")
     if path is not None and not create and path.is_file() and path.stat().st_size == 0:
         # An empty file has no tables either; connecting would turn it into a WAL database on the way to saying so.
         raise DatabaseError(f"the database {path} is an empty file, with no scalinglab tables; register a plan first "

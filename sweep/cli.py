@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import json
 import math
+import shlex
 import sys
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -261,7 +262,7 @@ def _refuse_missing_parent(folder: Path, what: str) -> None:
     new tree (slab export, and add and launch for a SQLite file, refuse a missing folder so)."""
     if not folder.exists() and not folder.parent.exists():
         fail(f"{what} {folder}: there is no folder {folder.parent} to write it in: make that first "
-             f"(mkdir -p {folder.parent}), or check the path")
+             f"(mkdir -p {shlex.quote(str(folder.parent))}), or check the path")
 
 
 def _ensure_dir(folder: Path, what: str) -> None:

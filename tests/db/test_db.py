@@ -1,6 +1,7 @@
 """The database layer on SQLite and (when SLAB_TEST_PG_URL is set) PostgreSQL."""
 
 import os
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -650,6 +651,12 @@ def test_a_database_in_a_missing_folder_is_refused_not_made(tmp_path):
     with pytest.raises(DatabaseError, match=r"no folder .*nodir.* make it first"):
         open_db(f"sqlite:///{tmp_path}/nodir/slab.db", create=True)
     assert not (tmp_path / "nodir").exists()
+    # the command it gives is one a shell runs as it reads ('mkdir -p a b' had made two folders)
+    with pytest.raises(DatabaseError, match=re.escape(f"(mkdir -p '{tmp_path}/a b')")):
+        open_db(f"sqlite:///{tmp_path}/a b/slab.db", create=True)
+    (tmp_path / "p.csv").write_text("")  # a file where the folder should be: 'mkdir -p p.csv' would fail
+    with pytest.raises(DatabaseError, match=r"p.csv is a file, not a folder, so it cannot hold the database slab.db"):
+        open_db(f"sqlite:///{tmp_path}/p.csv/slab.db", create=True)
 
 
 def test_a_long_host_name_fits_the_runs_host_column(db_url, write_plan):
