@@ -23,6 +23,7 @@ import os
 import re
 import signal
 import socket
+import tempfile
 import time
 import traceback
 from collections import Counter
@@ -1171,6 +1172,14 @@ def check_ckpt_dir(path: Path, local: bool = False) -> None:
     if existing == path and local and not os.access(path, os.W_OK | os.X_OK):
         # Every run had failed --max-attempts times on a PermissionError in its worker, after the plans were registered.
         raise LaunchError(f"--ckpt-dir {path}: cannot write in it (a read-only mount, or another user's folder?)")
+    if existing != path or local:
+        # os.access answers yes to root for a read-only mount or /proc: a folder made and removed at once tells, before
+        # the plans are registered (the launcher's own mkdir had failed after).
+        try:
+            os.rmdir(tempfile.mkdtemp(prefix=".slab-probe-", dir=existing))
+        except OSError as exc:
+            how = "create it" if existing != path else "write in it"
+            raise LaunchError(f"--ckpt-dir {path}: cannot {how}: {exc.strerror or exc}") from None
 
 
 def check_options(opts: LaunchOptions) -> None:

@@ -93,6 +93,27 @@ def test_an_existing_ckpt_dir_that_cannot_be_written_is_refused_before_anything_
         launch([plan], LaunchOptions(db_url=f"sqlite:///{db}", cpu=True, ckpt_dir=folder), Said())
 
 
+def test_a_ckpt_dir_that_os_access_calls_writable_but_cannot_be_made_is_refused_before_anything_is_written(
+        write_plan, tmp_path, no_ray, monkeypatch):
+    """As root, os.access answers yes for a read-only mount or /proc: the plans were registered, then the launcher's
+    mkdir failed ('cannot create the folder', exit 2, with slab.db written). A folder made and removed tells first."""
+    import tempfile
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(1, "Operation not permitted")
+
+    db, plan = tmp_path / "slab.db", load_plan(write_plan(THREE))
+    with monkeypatch.context() as m:
+        m.setattr(tempfile, "mkdtemp", refuse)
+        for folder, how in ((tmp_path / "new" / "ck", "create it"), (tmp_path, "write in it")):
+            with pytest.raises(LaunchError, match=rf"^--ckpt-dir {re.escape(str(folder))}: cannot {how}: Operation not permitted$"):
+                launch([plan], LaunchOptions(db_url=f"sqlite:///{db}", cpu=True, ckpt_dir=folder), Said())
+    assert not db.exists() and not (tmp_path / "new").exists()
+    with pytest.raises(RayStarted):  # the probe leaves nothing behind
+        launch([plan], LaunchOptions(db_url=f"sqlite:///{db}", cpu=True, ckpt_dir=tmp_path / "ck"), Said())
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".slab-probe-")]
+
+
 def test_a_pack_members_own_refused_checkpoint_is_not_retried_and_its_mates_finish(write_plan, tmp_path):
     """A pack's task returned, per member, a summary or what stopped that member alone: a ValueError before it trained
     a step is that member's own input (a checkpoint of another run or other data), which a lone retry refuses the same
