@@ -77,10 +77,9 @@ def _one_line_errors(ctx=None):
 
 
 def _empty_option(command, args: list[str]) -> tuple[str, bool] | None:
-    """The first option of the command line given an empty value (``--out ""``, ``--plan=``) and whether it is
-    required, or None: each command
-    had read one as not given (``--plan ""`` listed every plan's runs, ``fit --arch ""`` fitted all archs as one) or as
-    the working directory (``report --out ""``), as `--out "$VAR"` with VAR unset gives."""
+    """The first option of the command line given an empty value (``--out ""``, ``--plan=``, as `--out "$VAR"` with
+    VAR unset gives) and whether it is required, or None. Commands had read one as not given (``--plan ""`` listed
+    every plan's runs, ``fit --arch ""`` fitted all archs as one) or as the working directory (``report --out ""``)."""
     i = 0
     while i < len(args) and args[i] != "--":
         name, eq, value = args[i].partition("=")
