@@ -75,6 +75,8 @@ _RC = {"svg.fonttype": "none", "svg.hashsalt": "scalinglab", "font.size": 9, "ax
        "legend.fontsize": 7, "xtick.labelsize": 7.5, "ytick.labelsize": 7.5, "figure.dpi": 100}
 
 FIT_METHODS = ("frontier", "frontier_power", "approach1", "approach2", "approach3")
+#: The documents a report writes beside figures/: its Markdown, its self-contained HTML and its fits.
+DOCUMENTS = ("report.md", "index.html", "fits.json")
 #: The figures a report draws, in its order; each is figures/NAME.png and NAME.svg.
 FIGURES = ("loss_vs_tokens", "loss_vs_compute", "isoflop", "optimal_allocation", "residuals", "niah", "mqar", "throughput")
 TABLE_PARAMS = {
@@ -138,6 +140,9 @@ def write_report(
     # the folder as it was (or absent), never new figures beside old documents.
     if (out / "figures").exists() and not (out / "figures").is_dir():  # someone's file: not ours to replace
         raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(out / "figures"))
+    for name in DOCUMENTS:  # a folder where a document goes had failed the last move, after the figures were replaced
+        if (out / name).is_dir():
+            raise IsADirectoryError(errno.EISDIR, f"a folder stands where the report writes {name}", str(out / name))
     # An earlier report's figures/ is replaced whole: one holding anything else (a paper's own plots) had been deleted.
     if foreign := _not_report_figures(out / "figures"):
         shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
@@ -287,7 +292,7 @@ def _write_report(runs, metrics, evals, out: Path, figdir: Path, t0: float, *, t
     losses = loss_table(runs, params_col=params_col) if comparison is None else None
     blocks = _blocks(title, runs, metrics, evals, findings, seed, skipped, figures, captions, fits_all, archs,
                      comparison, niah, mqar, tput, losses, few, tput_base)
-    md_path, html_path, json_path = out / "report.md", out / "index.html", out / "fits.json"
+    md_path, html_path, json_path = (out / name for name in DOCUMENTS)
     # fits.json says what the tables say: no interval for an arch with too few runs, and why (as slab fit stores it)
     for key, fit in list(fits_all.items()):
         arch = key.partition("/")[2]

@@ -98,6 +98,14 @@ def test_a_report_replaces_an_earlier_reports_figures_but_not_a_folder_of_other_
     with pytest.raises(FileExistsError, match=r"files a report does not write \(my_plot.pdf\)"):
         write_report(runs, None, None, tmp_path, bootstrap=0)
     assert {p.relative_to(tmp_path): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+    # a folder where a document goes: refused at once (it had failed the last move, after the figures were replaced)
+    (tmp_path / "figures" / "my_plot.pdf").unlink()
+    (tmp_path / "index.html").unlink()
+    (tmp_path / "index.html").mkdir()
+    before = {p.relative_to(tmp_path): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    with pytest.raises(IsADirectoryError, match="a folder stands where the report writes index.html"):
+        write_report(runs, None, None, tmp_path, bootstrap=0)
+    assert {p.relative_to(tmp_path): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
 
 
 def test_a_report_that_fails_halfway_leaves_the_folder_as_it_was(data, tmp_path, monkeypatch):
