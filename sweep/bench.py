@@ -75,7 +75,7 @@ def bench_pack(plan: Plan, *, steps: int | None = None, pack: int | None = None,
     first = {}
     for r in plan.runs:
         first.setdefault(r.spec.run_id, r)
-    runs = [(shorten(r.spec, steps), r.name) for r in first.values()]
+    runs = [(shorten(r.spec, steps), r.name or r.spec.run_id) for r in first.values()]  # a row without a name: its id
     packs = plan_packs(runs, pack, cpu=not on_cuda, gpu_mem_bytes=(torch.cuda.get_device_properties(0).total_memory if on_cuda else 80 * 2**30))
     quiet = lambda kind, payload: None  # noqa: E731
     tokens = sum(s.steps * s.batch_size * s.seq_len for s, _ in runs)

@@ -762,7 +762,7 @@ def launch(
 
     Runs start largest first. On a host of several GPUs each goes to an idle GPU, else to the least loaded one with room; a whole number above 1 in gpus trains a run data-parallel (DDP, or FSDP when large).
 
-    A second launch of the same plan trains nothing twice; after a crash, a relaunch resumes runs from their checkpoints. Ctrl-C once (or a SIGTERM, as a scheduler sends) stops starting runs and lets running ones checkpoint; twice cancels at once. Exit 0 when every run is done, 1 when any failed, diverged or was lost to another launcher or a Ctrl-C left some unfinished, 2 on bad input, 130 on a Ctrl-C while Ray starts or stops.
+    A second launch of the same plan trains nothing twice; after a crash, a relaunch resumes runs from their checkpoints. Ctrl-C once (or a SIGTERM, as a scheduler sends) stops starting runs and lets running ones checkpoint; twice cancels at once. Exit 0 when every run is done, 1 when any failed, diverged (in this launch or an earlier one) or was lost to another launcher or a Ctrl-C left some unfinished, 2 on bad input, 130 on a Ctrl-C while Ray starts or stops.
 
     Example: slab launch plans/demo.csv --cpu
     """
@@ -795,6 +795,8 @@ def launch(
                   "trains them", highlight=False, markup=False)
         raise typer.Exit(130) from None
     if not result.rows:  # nothing was trained, and the launch said why ("nothing to train: all 6 selected runs are done")
+        if result.diverged_before:  # as the launch that saw them diverge: `slab launch P && slab report` stops here too
+            raise typer.Exit(1)
         return
     import pandas as pd
 
@@ -1266,7 +1268,7 @@ def bench_plan(
     _plans([plan_file], DEFAULT_MAX_RUNS)  # a bad file fails here with file:row:column, before any timing
     result = run(plan_file)
     out.print(
-        f"{plan_file}: {result['runs']:,} runs; expand {result['expand_s']:.3f} s (target < 1 s); "
+        f"{plan_file}: {_n(result['runs'], 'run')}; expand {result['expand_s']:.3f} s (target < 1 s); "
         f"register into fresh SQLite {result['register_s']:.3f} s (target < 2 s)", markup=False
     )
 
@@ -1304,7 +1306,9 @@ def bench_pack(
     try:
         result = run(plan, steps=steps, pack=pack_size, progress=_stamp(t0))
     except TrainingError as exc:  # a diverged or out-of-memory run: both modes must train every run to compare them
-        fail(f"a run stopped: {exc}; nothing was written to {out_csv}", code=1)
+        # Cut to a few steps, a run ends no better than a uniform guess, which training counts as diverged.
+        hint = f"; --steps {steps} is too few for the runs to learn: give more" if steps and "uniform guess" in str(exc) else ""
+        fail(f"a run stopped: {exc}{hint}; nothing was written to {out_csv}", code=1)
     append_csv({"plan": str(plan_file), **result}, out_csv)
     out.print(f"appended to {out_csv}; figure {bench_figure(out_csv)}", markup=False)
     shown = pd.DataFrame({"measure": list(result), "value": [f"{v:.4g}" if isinstance(v, float) else str(v) for v in result.values()]})

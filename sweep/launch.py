@@ -129,6 +129,8 @@ class LaunchResult:
 
     rows: list[dict]
     interrupted: bool = False
+    #: Selected runs that had diverged in an earlier launch, where this one found nothing to train.
+    diverged_before: int = 0
 
     def count(self, status: str) -> int:
         """How many of the selected runs ended in ``status``."""
@@ -137,7 +139,7 @@ class LaunchResult:
     @property
     def ok(self) -> bool:
         """True when every selected run is done."""
-        return all(r["status"] == "done" for r in self.rows)
+        return not self.diverged_before and all(r["status"] == "done" for r in self.rows)
 
 
 #: ``--where`` names that are not RunSpec fields: the plan's column names for them, the plan's columns that
@@ -1229,7 +1231,9 @@ def launch(plans: list[Plan], opts: LaunchOptions, view: LaunchView) -> LaunchRe
         runs, why_none = select_runs(engine, plans, opts)
         if not runs:
             view.log(why_none)
-            return LaunchResult(rows=[])
+            # A relaunch of a plan with a diverged run had exited 0 where the launch that saw it diverge exited 1.
+            finished = _finished(engine, list(_chosen(plans, opts.where)))
+            return LaunchResult(rows=[], diverged_before=sum(s == "diverged" for s in finished.values()))
         # Before the folder is made and a local Ray starts: a wrong --ckpt-dir is refused in a moment.
         restarts = check_checkpoints(engine, runs, opts, view)
         view.log(f"{len(runs)} run{'' if len(runs) == 1 else 's'} to train")

@@ -591,6 +591,7 @@ def test_bench_pack_reports_a_run_that_diverged_without_a_traceback(runner, writ
     assert result.exit_code == 1, result.output
     assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
     assert "error: a run stopped: the final validation loss 5.573" in result.stderr and "nothing was written" in result.stderr
+    assert "--steps 2 is too few for the runs to learn: give more" in result.stderr  # the likely cause, named
     assert not out_csv.exists()
 
 
@@ -723,6 +724,17 @@ def test_launch_counts_runs_lost_to_another_launcher_and_exits_1(runner, write_p
     result = invoke(runner, "--db", f"sqlite:///{tmp_path}/slab.db", "launch", "--cpu", write_plan(PLAN))
     assert result.exit_code == 1, result.output
     assert "0/1 runs done, 0 failed or diverged, 1 lost to another launcher" in result.output
+
+
+def test_a_relaunch_of_a_plan_with_a_diverged_run_exits_1_as_the_launch_that_saw_it(runner, write_plan, tmp_path,
+                                                                                 monkeypatch):
+    import sweep.launch
+    from sweep.launch import LaunchResult
+
+    for diverged, code in ((1, 1), (0, 0)):
+        monkeypatch.setattr(sweep.launch, "launch", lambda plans, opts, view: LaunchResult(rows=[], diverged_before=diverged))
+        result = invoke(runner, "--db", f"sqlite:///{tmp_path}/slab.db", "launch", "--cpu", write_plan(PLAN))
+        assert result.exit_code == code, result.output
 
 
 def test_launch_stopped_by_ctrl_c_while_ray_starts_says_so(runner, write_plan, tmp_path, monkeypatch):

@@ -114,6 +114,31 @@ def test_a_ckpt_dir_that_os_access_calls_writable_but_cannot_be_made_is_refused_
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".slab-probe-")]
 
 
+def test_a_relaunch_with_nothing_to_train_counts_the_runs_that_had_diverged(write_plan, tmp_path, no_ray):
+    """The launch that saw a run diverge exited 1, a relaunch of the plan 0 ('nothing to train ... 1 diverged'): a
+    script's `slab launch P && slab report` went on the second time."""
+    from sqlalchemy import update
+
+    from db.engine import session
+
+    db, plan = f"sqlite:///{tmp_path / 'slab.db'}", load_plan(write_plan(THREE))
+    engine = open_db(db, create=True)
+    add_plans(engine, [plan])
+    ids = sorted(plan.unique_specs())
+    for run_id, status in zip(ids, ("done", "diverged", "done")):
+        with session(engine) as s:
+            s.execute(update(Run).where(Run.run_id == run_id).values(status=status))
+    said = Said()
+    result = launch([plan], LaunchOptions(db_url=db, cpu=True, ckpt_dir=tmp_path / "ck"), said)
+    assert (result.rows, result.diverged_before, result.ok) == ([], 1, False)
+    assert said.lines[-1] == "nothing to train: all 3 selected runs are finished (2 done, 1 diverged)"
+    with session(engine) as s:
+        s.execute(update(Run).where(Run.run_id == ids[1]).values(status="done"))
+    result = launch([plan], LaunchOptions(db_url=db, cpu=True, ckpt_dir=tmp_path / "ck"), said)
+    assert (result.diverged_before, result.ok) == (0, True)
+    engine.dispose()
+
+
 def test_a_pack_members_own_refused_checkpoint_is_not_retried_and_its_mates_finish(write_plan, tmp_path):
     """A pack's task returned, per member, a summary or what stopped that member alone: a ValueError before it trained
     a step is that member's own input (a checkpoint of another run or other data), which a lone retry refuses the same

@@ -111,6 +111,20 @@ def test_bench_pack_warm_up_does_not_fail_on_the_end_of_run_rule(tmp_path, monke
     assert finals.count(True) >= 2 and result["runs"] == 2 and result["packed_s"] > 0
 
 
+def test_bench_pack_names_a_run_of_a_plan_without_names_by_its_id(tmp_path):
+    """A plan with no name column printed 'alone: None done' and a worst_run of None."""
+    from sweep.bench import bench_pack
+    from sweep.plan import load_plan
+
+    plan = tmp_path / "grid.csv"
+    plan.write_text("arch,d_model,n_layers,seq_len,batch_size,tokens,lr,warmup,seed\nsoftmax,32,2,64,4,10000,3e-3,2,0..1+1\n")
+    said: list[str] = []
+    result = bench_pack(load_plan(plan), steps=3, pack=2, device="cpu", progress=said.append)
+    ids = set(load_plan(plan).unique_specs())
+    assert result["worst_run"] in ids and "alone: None done" not in said
+    assert {line.split()[1] for line in said if line.startswith("alone:")} <= ids
+
+
 def test_bench_pack_cli_bad_input(tmp_path, monkeypatch):
     """A missing plan file and a bad --pack are one-line errors with exit 2 and write no CSV."""
     monkeypatch.chdir(tmp_path)
