@@ -68,6 +68,12 @@ def _one_line_errors(ctx=None):
         if isinstance(exc, UsageError):
             message += f" (see '{_help_of(exc.ctx)}')"
         fail(message, code=exc.exit_code)
+    except KeyboardInterrupt:
+        # A Ctrl-C before a command's own handler (a launch's first seconds: imports, plans) had exited 130 in silence.
+        if not _ONE_LINE_ERRORS.get():
+            raise
+        err.print("stopped by Ctrl-C", highlight=False, markup=False)
+        raise typer.Exit(130) from None
     except OSError as exc:
         # A path no check of the command foresaw (a name too long for the file system, a folder it may not enter) had
         # ended in a traceback; a closed pipe is click's to end quietly.

@@ -136,6 +136,17 @@ def test_a_path_the_file_system_refuses_is_one_line_not_a_traceback(tmp_path, mo
     assert result.stderr.splitlines() == [f"error: {long}{args[-1][6:]}: File name too long"]
 
 
+def test_a_ctrl_c_before_a_command_handles_its_own_says_so_and_exits_130(tmp_path, monkeypatch):
+    """A launch stopped in its first seconds (reading its plans, before Ray) exited 130 with nothing printed."""
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sweep.cli, "_plans", interrupted)
+    result = CliRunner().invoke(app, ["--db", f"sqlite:///{tmp_path / 'slab.db'}", "launch", "--cpu", "p.csv"])
+    assert (result.exit_code, result.stdout, result.stderr) == (130, "", "stopped by Ctrl-C\n")
+    assert not (tmp_path / "slab.db").exists()
+
+
 def _status_raising(monkeypatch, exc: BaseException) -> None:
     def raising(*args, **kwargs):
         raise exc
