@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import math
@@ -68,12 +67,15 @@ class RunSpec:
     @cached_property  # a spec is frozen: its id, asked for several times per run while a plan loads, is hashed once
     def run_id(self) -> str:
         """sha256 of the canonical JSON (placement fields excluded), first 16 hex digits."""
-        return hashlib.sha256(self.canonical_json(identity=True).encode()).hexdigest()[:16]
+        return _digest(self._identity())
 
     @property
     def trained_id(self) -> str:
         """The run id of the run as it trains: budgets rounded up to the same whole steps train alike, and share it."""
-        return dataclasses.replace(self, tokens=self.trained_tokens).run_id
+        if self.tokens == self.trained_tokens:
+            return self.run_id
+        # the id of dataclasses.replace(self, tokens=trained), without building that spec (a third of a plan's load)
+        return _digest({**self._identity(), "tokens": self.trained_tokens})
 
     def model_config(self) -> ModelConfig:
         """The model shape this run trains."""
@@ -90,13 +92,15 @@ class RunSpec:
 
     def canonical_json(self, identity: bool = False) -> str:
         """Sorted keys, no whitespace; ``identity`` drops the placement fields (what the id hashes)."""
-        data = self.to_dict()
-        if identity:
-            data = {k: v for k, v in data.items() if k not in PLACEMENT_FIELDS}
-            if self.data_digest:  # where a corpus lies is placement too: its digest stands for it
-                parts = (part.partition("@") for part in self.data.split("+"))
-                data["data"] = "+".join(("file" if os.path.isabs(name) else name) + at + weight for name, at, weight in parts)
-        return json.dumps(data, sort_keys=True, separators=(",", ":"), allow_nan=False)
+        return _canonical(self._identity() if identity else self.to_dict())
+
+    def _identity(self) -> dict:
+        """to_dict() less the placement fields, a corpus's path standing as 'file' (its digest says which)."""
+        data = {k: v for k, v in self.to_dict().items() if k not in PLACEMENT_FIELDS}
+        if self.data_digest:  # where a corpus lies is placement too: its digest stands for it
+            parts = (part.partition("@") for part in self.data.split("+"))
+            data["data"] = "+".join(("file" if os.path.isabs(name) else name) + at + weight for name, at, weight in parts)
+        return data
 
     @classmethod
     def from_dict(cls, data: dict) -> RunSpec:
@@ -111,6 +115,10 @@ class RunSpec:
     def derived(self) -> dict:
         """Sizes and costs implied by the spec: params, non-embedding params, FLOPs per token, and the total FLOPs
         of the tokens it trains (whole steps)."""
+        return dict(self._derived)
+
+    @cached_property  # asked for twice per run while a plan loads (its storable counts, its name)
+    def _derived(self) -> dict:
         cfg = self.model_config()
         counts = count_params(cfg)
         fpt = flops_per_token(cfg, self.seq_len)
@@ -120,6 +128,16 @@ class RunSpec:
             "flops_per_token": fpt,
             "flops": float(fpt) * self.trained_tokens,
         }
+
+
+def _canonical(data: dict) -> str:
+    """A spec's dict as canonical JSON: sorted keys, no whitespace."""
+    return json.dumps(data, sort_keys=True, separators=(",", ":"), allow_nan=False)
+
+
+def _digest(identity: dict) -> str:
+    """A run id: the first 16 hex digits of the sha256 of an identity dict's canonical JSON."""
+    return hashlib.sha256(_canonical(identity).encode()).hexdigest()[:16]
 
 
 def _norm_float(value: float) -> float:

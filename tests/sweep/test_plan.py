@@ -35,6 +35,14 @@ def test_golden_run_id():
     assert spec_of().run_id == "188bbef4a5161be6"
 
 
+def test_trained_id_is_the_id_of_the_spec_at_its_whole_steps_budget():
+    import dataclasses
+
+    odd = spec_of(tokens=100000 - 7)  # 8 x 128 = 1,024 tokens a step: 98 steps either way
+    assert odd.trained_id == dataclasses.replace(odd, tokens=odd.trained_tokens).run_id != odd.run_id
+    assert spec_of(tokens=1024 * 98).trained_id == spec_of(tokens=1024 * 98).run_id == odd.trained_id
+
+
 def test_run_id_ignores_placement_and_normalises_numbers():
     assert spec_of(gpus=2).run_id == spec_of().run_id
     assert spec_of(lr=0.1 + 0.2).run_id == spec_of(lr=0.3).run_id
