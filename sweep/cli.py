@@ -33,7 +33,7 @@ except ImportError:  # an older typer, over click
 from sqlalchemy.exc import DBAPIError
 
 from db.engine import DatabaseError, explain, open_db, resolve_url
-from sweep.plan import DEFAULT_MAX_RUNS, Plan, PlanError, cost_plans, load_plans, si
+from sweep.plan import DEFAULT_MAX_RUNS, NO_PLAN, Plan, PlanError, cost_plans, load_plans, si
 
 #: Whether a usage error is printed here as one line (a standalone run of the command, as `slab` and CliRunner run it)
 #: or raised to the caller (``main(..., standalone_mode=False)``), as click does.
@@ -218,7 +218,7 @@ def _check_filters(engine, plan: str | None, arch: str | None = None, no_plan_ok
     """Exit 2 on a --plan the database does not hold or an --arch that does not exist, rather than show nothing.
 
     With no_plan_ok, --plan - (NO_PLAN) selects the runs that belong to no plan."""
-    from db.queries import NO_PLAN, plan_names
+    from db.queries import plan_names
 
     if plan and not (no_plan_ok and plan == NO_PLAN):
         known = plan_names(engine)

@@ -1355,6 +1355,7 @@ def _expand_row(
     names = list(lists)
     issues: list[PlanIssue] = []
     seen_messages: set[tuple[str | None, str]] = set()
+    tags = parsed.get("tags", [""])[0]  # one label for the row's runs, as its name template is
     for combo in itertools.product(*(lists[c] for c in names)):
         cells = dict(zip(names, combo))
         cells.update(exprs)
@@ -1365,7 +1366,7 @@ def _expand_row(
         try:
             spec = _build_spec(resolver, plan.path.parent, load.digests, load.splits, load.max_ids)
             _check_storable(spec, resolver.cells)
-            label = _label(parsed.get("name"), spec, parsed.get("tags", [""])[0])
+            label = _label(parsed.get("name"), spec, tags)
         except CellError as exc:
             for error in getattr(exc, "errors", [exc]):
                 column = getattr(error, "column", None)
@@ -1380,7 +1381,6 @@ def _expand_row(
         first = load.trained.setdefault(spec.trained_id, spec.tokens)
         if first != spec.tokens:
             spec = dataclasses.replace(spec, tokens=first)
-        tags = parsed.get("tags", [""])[0]
         period = resolver._hybrid_period() if spec.arch == "hybrid" else 1
         target = resolver.get("params") if resolver.cells.get("params") is not None else None
         plan.runs.append(PlannedRun(spec=spec, row=lineno, name=label, tags=tags, total_params_read=resolver.total_params_read,

@@ -17,9 +17,9 @@ from rich.text import Text
 from sqlalchemy import Engine, select
 
 from db.engine import reading
-from db.queries import NO_PLAN, status_counts
+from db.queries import status_counts
 from db.schema import RUN_STATUSES, Plan, PlanRun, Run, fit_text, utcnow
-from sweep.plan import si
+from sweep.plan import NO_PLAN, si
 
 #: Seconds without a heartbeat after which a running run's launcher counts as gone: launch's default lease, and the
 #: lease of a run whose owner does not record its own (written before leases were recorded).
