@@ -97,18 +97,29 @@ def orphaned_runs(engine: Engine, plan: str | None = None) -> int:
     return len(orphans)
 
 
-def status_table(engine: Engine, plan: str | None = None, counts=None) -> Table:
-    """A table of run counts (``counts``, else read): one row per plan, one column per status."""
+def status_table(engine: Engine, plan: str | None = None, counts=None, width: int | None = None) -> Table:
+    """A table of run counts (``counts``, else read): one row per plan, one column per status, fitted to ``width``."""
     counts = status_counts(engine, plan) if counts is None else counts
-    table = Table(title="runs by plan and status")
-    table.add_column("plan")
-    for s in RUN_STATUSES:
-        table.add_column(s, justify="right")
-    table.add_column("total", justify="right")
+    rows = []
     for name, group in counts.groupby("plan", sort=True):
         by = dict(zip(group["status"], group["runs"]))
-        table.add_row(Text(str(name)), *(str(by.get(s, 0)) for s in RUN_STATUSES), str(sum(by.values())))
+        rows.append((str(name), [by.get(s, 0) for s in RUN_STATUSES], sum(by.values())))
+    statuses = list(RUN_STATUSES)
     notes = []
+    # Squeezed into a narrow terminal, rich cut the plan names ("minim…" for two plans alike) and the headers: a
+    # status no plan has goes first, then the names fold onto more lines, but none is cut.
+    if width is not None and _table_width(rows, statuses) > width:
+        empty = [s for i, s in enumerate(statuses) if not any(r[1][i] for r in rows)]
+        if empty:
+            statuses = [s for s in statuses if s not in empty]
+            notes.append(f"columns left out to fit the terminal, no run in them: {', '.join(empty)}")
+    table = Table(title="runs by plan and status")
+    table.add_column("plan", overflow="fold")
+    for s in statuses:
+        table.add_column(s, justify="right", no_wrap=True, min_width=len(s))
+    table.add_column("total", justify="right", no_wrap=True, min_width=len("total"))
+    for name, by, total in rows:
+        table.add_row(Text(name), *(str(by[RUN_STATUSES.index(s)]) for s in statuses), str(total))
     if counts.empty and plan == NO_PLAN:  # the database may hold runs, all of them in plans
         notes.append("no runs outside a plan: every run belongs to one")
     elif counts.empty:
@@ -125,6 +136,14 @@ def status_table(engine: Engine, plan: str | None = None, counts=None) -> Table:
     return table
 
 
+def _table_width(rows, statuses) -> int:
+    """Characters a status table of these rows and statuses needs on one line each (rich's heavy box, padding 1)."""
+    widths = [max([len("plan")] + [len(r[0]) for r in rows])]
+    widths += [max([len(s)] + [len(str(r[1][RUN_STATUSES.index(s)])) for r in rows]) for s in statuses]
+    widths.append(max([len("total")] + [len(str(r[2])) for r in rows]))
+    return sum(widths) + 3 * len(widths) + 1
+
+
 def watch_status(engine: Engine, console: Console, plan: str | None = None, interval: float = 2.0) -> None:
     """Redraw the status table until no run is pending or running (or Ctrl-C); piped, print it each time it changes."""
 
@@ -136,7 +155,7 @@ def watch_status(engine: Engine, console: Console, plan: str | None = None, inte
             last = None
             while True:
                 counts = status_counts(engine, plan)
-                table = status_table(engine, plan, counts)
+                table = status_table(engine, plan, counts, console.width)
                 if (key := counts.to_csv() + str(table.caption)) != last:  # a launcher found gone is a change too
                     console.print(table)
                     last = key
@@ -144,10 +163,10 @@ def watch_status(engine: Engine, console: Console, plan: str | None = None, inte
                     break
                 time.sleep(interval)
             return
-        with Live(status_table(engine, plan), console=console, auto_refresh=False) as live:
+        with Live(status_table(engine, plan, width=console.width), console=console, auto_refresh=False) as live:
             while True:
                 counts = status_counts(engine, plan)
-                live.update(status_table(engine, plan, counts), refresh=True)
+                live.update(status_table(engine, plan, counts, console.width), refresh=True)
                 if not unfinished(counts):
                     break
                 time.sleep(interval)

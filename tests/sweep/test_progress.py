@@ -114,3 +114,28 @@ def test_an_ordinary_hostname_gives_the_lease_owner_older_launchers_read(monkeyp
     monkeypatch.setattr(socket, "gethostname", lambda: "gpu-node-17.cluster.example.org")
     monkeypatch.setattr(os, "getpid", lambda: 4242)
     assert re.fullmatch(r"gpu-node-17\.cluster\.example\.org:4242:[0-9a-f]{8}:120", lease_owner(120.0))
+
+
+def test_status_fits_a_narrow_terminal_without_cutting_plan_names():
+    """At 60 columns rich had cut plan names alike to "minim…": statuses no run has are left out (and said so) first."""
+    import pandas as pd
+
+    from sweep.progress import status_table
+
+    names = ["demo", "hybrid-ratio", "minimax01", "minimax01-paper"]
+    counts = pd.DataFrame([(n, s, k) for n in names for s, k in (("pending", 30), ("done", 2))],
+                          columns=["plan", "status", "runs"])
+
+    def render(width):
+        console = Console(file=io.StringIO(), width=width)
+        console.print(status_table(None, counts=counts, width=width))
+        return console.file.getvalue()
+
+    narrow = render(60)
+    assert max(len(line) for line in narrow.splitlines()) <= 60
+    assert all(f" {n} " in narrow for n in names) and "…" not in narrow
+    header = next(line for line in narrow.splitlines() if "┃ plan " in line)
+    assert [w for w in header.split() if w.isalpha()] == ["plan", "pending", "done", "total"]
+    assert "no run in them: running, failed, diverged" in " ".join(narrow.split())
+    wide = render(100)
+    assert all(s in wide for s in ("running", "failed", "diverged")) and "left out" not in wide
