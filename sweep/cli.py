@@ -640,7 +640,7 @@ def status(
     if watch:
         watch_status(engine, out, plan=plan, interval=interval)
     else:
-        out.print(status_table(engine, plan=plan))
+        out.print(status_table(engine, plan=plan, width=out.width))
 
 
 @app.command()
@@ -752,7 +752,7 @@ def launch(
         "stacked model per task: 'auto' packs on GPUs by size and memory, a number N packs up to N (CPU too), 'off'.",
     ),
     gpu_mem: float = typer.Option(80.0, help="GiB of memory per GPU, for --pack auto."),
-    num_gpus: Optional[int] = typer.Option(None, min=0, help="GPUs the local Ray may use, the first ones CUDA lists (default: all). Not with --address."),
+    num_gpus: Optional[int] = typer.Option(None, min=1, help="GPUs the local Ray may use, the first ones CUDA lists (1 or more; default: all). Not with --cpu or --address."),
     fsdp_min_params: Optional[str] = typer.Option(
         None, help="Data-parallel runs of at least this many parameters (e.g. 1B) shard with FSDP instead of DDP. "
         "Default: those whose training state (16 bytes a parameter) would fill half a GPU's memory.",

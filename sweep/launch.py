@@ -1191,7 +1191,10 @@ def check_options(opts: LaunchOptions) -> None:
         # It had registered the plans and said "0 runs to train" (exit 0); slab add registers them.
         raise LaunchError(f"--limit {opts.limit} trains no run: give 1 or more (slab add PLAN registers a plan without "
                           "training it)")
-    if opts.cpu and opts.num_gpus:
+    if opts.num_gpus is not None and opts.num_gpus < 1:
+        # A local Ray of no GPU would leave GPU runs waiting for one forever; --cpu is how to train without.
+        raise LaunchError(f"--num-gpus {opts.num_gpus}: give 1 or more (--cpu trains on no GPU)")
+    if opts.cpu and opts.num_gpus is not None:
         raise LaunchError(f"--num-gpus {opts.num_gpus} with --cpu: --cpu trains on no GPU; leave one of them out")
     if opts.address and opts.num_gpus is not None:
         raise LaunchError("--num-gpus limits a local Ray; a cluster joined with --address has the GPUs it has")

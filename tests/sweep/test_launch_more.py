@@ -318,6 +318,7 @@ def test_limit_picks_runs_no_live_launcher_holds(write_plan, tmp_path):
 @pytest.mark.parametrize("options,message", [
     ({"limit": 0}, "--limit 0 trains no run"),
     ({"num_gpus": 2}, "--num-gpus 2 with --cpu"),
+    ({"num_gpus": 0}, "--num-gpus 0: give 1 or more"),  # it had passed with --cpu, against the README's word
 ])
 def test_options_that_make_no_sense_together_are_refused_before_anything_is_written(write_plan, tmp_path, no_ray, options,
                                                                                      message):
