@@ -619,9 +619,11 @@ _INTERNAL_NAMES = {"_config": "the model's shape", "_params": "params (the total
 class _Resolver:
     """Resolves one expanded run's columns and derived names, memoised, with cycle detection."""
 
-    def __init__(self, cells: dict[str, Any], base_dir: Path):
+    def __init__(self, cells: dict[str, Any], base_dir: Path, configs: dict[tuple, Any] | None = None):
         self.cells = cells
         self.base_dir = base_dir
+        #: the load's model shapes by their arguments (_Load.configs), each built and checked once
+        self.configs: dict[tuple, Any] = {} if configs is None else configs
         self.values: dict[str, Any] = {}
         self.visiting: list[str] = []
         self.column_of: dict[str, str] = {}
@@ -756,8 +758,12 @@ class _Resolver:
         elif self.cells.get("hybrid") is not None:
             raise _ColumnError("hybrid", f"a hybrid pattern only applies to arch hybrid, not {arch}")
         vocab = self.vocab()  # outside the try: its errors are vocab's, not the shape's
+        key = (arch, d_model, n_layers, n_heads, vocab, hybrid)
+        if key in self.configs:  # a big plan repeats a few shapes: one frozen config each, which count_params' cache
+            return self.configs[key]  # then finds by identity
         try:
-            return ModelConfig(arch, d_model, n_layers, n_heads, vocab, hybrid)
+            config = self.configs[key] = ModelConfig(arch, d_model, n_layers, n_heads, vocab, hybrid)
+            return config
         except ValueError as exc:  # a shape the checks above let through, e.g. an odd head width for softmax
             # in the cell the row gives: with no n_heads cell its default came from d_model (or params)
             given = next((c for c in ("n_heads", "d_model", "params") if self.cells.get(c) is not None), "n_heads")
@@ -1198,6 +1204,8 @@ class _Load:
     #: The run id of each spec as trained (its budget rounded up to whole steps) -> the budget of the first run to
     #: train it: a later budget within the same steps takes that one, so identical training is one run id.
     trained: dict[str, int] = field(default_factory=dict)
+    #: The model configs built so far, by their arguments (_Resolver._config).
+    configs: dict[tuple, Any] = field(default_factory=dict)
     #: Every issue found: PlanError lists the first MAX_ERRORS and counts the rest.
     issues: list[PlanIssue] = field(default_factory=list)
 
@@ -1362,7 +1370,7 @@ def _expand_row(
         cells.update(dict.fromkeys(unreadable - {None}, _UNREADABLE))
         for col in ("name", "tags"):
             cells.pop(col, None)
-        resolver = _Resolver(cells, plan.path.parent)
+        resolver = _Resolver(cells, plan.path.parent, load.configs)
         try:
             spec = _build_spec(resolver, plan.path.parent, load.digests, load.splits, load.max_ids)
             _check_storable(spec, resolver.cells)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import operator
 import os
 from dataclasses import dataclass, field, fields
 from functools import cached_property
@@ -45,12 +46,16 @@ class RunSpec:
     data_digest: str = ""
 
     def __post_init__(self) -> None:
-        # Normalise types so that equal runs hash equally however they were built.
+        # Normalise types so that equal runs hash equally however they were built. Written to the instance's dict, as
+        # object.__setattr__ would (frozen), once per field; an int or a tuple already is its own normal form.
+        values = self.__dict__
         for name in _INT_FIELDS:
-            object.__setattr__(self, name, int(getattr(self, name)))
+            if type(values[name]) is not int:
+                values[name] = int(values[name])
         for name in _FLOAT_FIELDS:
-            object.__setattr__(self, name, _norm_float(getattr(self, name)))
-        object.__setattr__(self, "evals", tuple(self.evals))
+            values[name] = _norm_float(values[name])
+        if type(values["evals"]) is not tuple:
+            values["evals"] = tuple(values["evals"])
 
     @property
     def steps(self) -> int:
@@ -82,7 +87,7 @@ class RunSpec:
     def to_dict(self) -> dict:
         """A JSON-ready dict of every field."""
         # Every field is a scalar or a tuple of strings: no deep copy (dataclasses.asdict's) is needed.
-        out = {name: getattr(self, name) for name in _FIELD_NAMES}
+        out = dict(zip(_FIELD_NAMES, _field_values(self)))
         out["evals"] = list(self.evals)
         if not self.data_digest:  # runs on built-in data keep the JSON (and the ids) they had before the field
             del out["data_digest"]
@@ -94,7 +99,9 @@ class RunSpec:
 
     def _identity(self) -> dict:
         """to_dict() less the placement fields, a corpus's path standing as 'file' (its digest says which)."""
-        data = {k: v for k, v in self.to_dict().items() if k not in PLACEMENT_FIELDS}
+        data = self.to_dict()
+        for name in PLACEMENT_FIELDS:
+            del data[name]
         if self.data_digest:  # where a corpus lies is placement too: its digest stands for it
             parts = (part.partition("@") for part in self.data.split("+"))
             data["data"] = "+".join(("file" if os.path.isabs(name) else name) + at + weight for name, at, weight in parts)
@@ -133,11 +140,15 @@ class RunSpec:
 _FIELD_NAMES = tuple(f.name for f in fields(RunSpec))
 _INT_FIELDS = tuple(f.name for f in fields(RunSpec) if f.type == "int")
 _FLOAT_FIELDS = tuple(f.name for f in fields(RunSpec) if f.type == "float")
+#: A spec's field values in _FIELD_NAMES' order, read in one call.
+_field_values = operator.attrgetter(*_FIELD_NAMES)
+#: json.dumps with these options builds an encoder per call; this one holds only its options.
+_ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"), allow_nan=False)
 
 
 def _canonical(data: dict) -> str:
     """A spec's dict as canonical JSON: sorted keys, no whitespace."""
-    return json.dumps(data, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return _ENCODER.encode(data)
 
 
 def _digest(identity: dict) -> str:
@@ -146,8 +157,8 @@ def _digest(identity: dict) -> str:
 
 
 def _norm_float(value: float) -> float:
-    """Round to 12 significant digits so 0.1 + 0.2 and 0.3 hash the same."""
+    """Round to 12 significant digits so 0.1 + 0.2 and 0.3 hash the same, and -0.0 as 0.0."""
     value = float(value)
     if not math.isfinite(value):
         raise ValueError(f"non-finite value {value} in a run spec")
-    return float(f"{value:.12g}")
+    return float(f"{value:.12g}") + 0.0  # + 0.0 turns -0.0 into 0.0: a weight_decay of -0 had its own run id

@@ -24,6 +24,14 @@ def test_a_mixture_weight_is_one_run_however_it_is_spelled(write_plan, weight):
     assert resolve_data(f"stdlib+passkey@{weight}", write_plan("").parent) == one.data
 
 
+@pytest.mark.parametrize("zero", ["-0", "-0.0", "=-0.0"])
+def test_a_negative_zero_is_the_run_zero_is(write_plan, zero):
+    # weight_decay -0 trains as 0 but had hashed as -0.0: a second run id for the same training
+    one = load_plan(write_plan(HEAD + ",weight_decay\nsoftmax,64,2,1e5,0\n", "a.csv")).runs[0].spec
+    other = load_plan(write_plan(HEAD + f",weight_decay\nsoftmax,64,2,1e5,{zero}\n", "b.csv")).runs[0].spec
+    assert other.run_id == one.run_id and str(other.weight_decay) == "0.0"
+
+
 def test_a_mixture_weight_keeps_its_value(write_plan):
     spec = load_plan(write_plan(HEAD + ",data\nsoftmax,64,2,1e5,stdlib@0.25+passkey@0.05\n")).runs[0].spec
     assert spec.data == "stdlib@0.25+passkey@0.05"
