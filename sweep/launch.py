@@ -275,14 +275,35 @@ def _to_train(chosen: dict[str, tuple[RunSpec, str | None]], finished: dict[str,
     return todo[:limit] if limit is not None else todo
 
 
-def select_runs(engine: Engine, plans: list[Plan], opts: LaunchOptions) -> tuple[list[tuple[RunSpec, str | None]], str]:
+@dataclass
+class Selection:
+    """What a launch trains of its plans, and what it leaves (select_runs)."""
+
+    runs: list[tuple[RunSpec, str | None]]  # to train, each with its name
+    why_none: str  # with no run to train, why in a line
+    finished: dict[str, str]  # each selected run that is done or diverged: its status
+    held: set[str]  # runs to train that another live launcher trains now: this one waits for them
+
+    def summary(self) -> str:
+        """The line a launch starts with: how many runs it trains, and how many of them it waits for."""
+        n = len(self.runs)
+        line = f"{n} run{'' if n == 1 else 's'} to train"
+        if waiting := sum(spec.run_id in self.held for spec, _ in self.runs):
+            # A second launcher of a plan had said "3 runs to train" of runs the first one trains.
+            who = "" if n == 1 else "all " if waiting == n else f"{waiting} of them "
+            line += (f", {who}trained now by another launcher (this one waits on {'it' if waiting == 1 else 'them'}, "
+                     "and takes over any that launcher stops training)")
+        return line
+
+
+def select_runs(engine: Engine, plans: list[Plan], opts: LaunchOptions) -> Selection:
     """The plans' runs that match ``--where``, are not done or diverged, up to ``--limit`` (runs other live launchers
-    train taken last); with none, why in a line."""
+    train taken last)."""
     chosen = _chosen(plans, opts.where)
     finished = _finished(engine, list(chosen))
-    held = _held_elsewhere(engine, [k for k in chosen if k not in finished], opts.lease_timeout_s) if opts.limit else set()
+    held = _held_elsewhere(engine, [k for k in chosen if k not in finished], opts.lease_timeout_s)
     todo = _to_train(chosen, finished, opts.limit, held)
-    return todo, ("" if todo else _nothing_to_train(len(chosen), finished))
+    return Selection(todo, "" if todo else _nothing_to_train(len(chosen), finished), finished, held)
 
 
 def _nothing_to_train(selected: int, finished: dict[str, str]) -> str:
@@ -1231,15 +1252,15 @@ def launch(plans: list[Plan], opts: LaunchOptions, view: LaunchView) -> LaunchRe
         for r in add_plans(engine, plans):
             if warning := moved_warning(r):
                 view.log(f"warning: {warning}")
-        runs, why_none = select_runs(engine, plans, opts)
+        selection = select_runs(engine, plans, opts)
+        runs = selection.runs
         if not runs:
-            view.log(why_none)
+            view.log(selection.why_none)
             # A relaunch of a plan with a diverged run had exited 0 where the launch that saw it diverge exited 1.
-            finished = _finished(engine, list(_chosen(plans, opts.where)))
-            return LaunchResult(rows=[], diverged_before=sum(s == "diverged" for s in finished.values()))
+            return LaunchResult(rows=[], diverged_before=sum(s == "diverged" for s in selection.finished.values()))
         # Before the folder is made and a local Ray starts: a wrong --ckpt-dir is refused in a moment.
         restarts = check_checkpoints(engine, runs, opts, view)
-        view.log(f"{len(runs)} run{'' if len(runs) == 1 else 's'} to train")
+        view.log(selection.summary())
         try:
             opts.ckpt_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:  # what check_ckpt_dir cannot foresee: a full disk, a read-only mount, root's access

@@ -301,16 +301,23 @@ def test_limit_picks_runs_no_live_launcher_holds(write_plan, tmp_path):
     add_plans(engine, [plan])
     first, second, third = (r.spec.run_id for r in plan.runs)
     assert claim_run(engine, first, "elsewhere:1:abc:120", utcnow()) == 1  # live: heartbeat just now
-    todo, _ = select_runs(engine, [plan], LaunchOptions(limit=1))
+    todo = select_runs(engine, [plan], LaunchOptions(limit=1)).runs
     assert [s.run_id for s, _ in todo] == [second]
-    todo, _ = select_runs(engine, [plan], LaunchOptions(limit=3))  # the held one still comes, last
+    todo = select_runs(engine, [plan], LaunchOptions(limit=3)).runs  # the held one still comes, last
     assert [s.run_id for s, _ in todo] == [second, third, first]
+    # without a limit too; and the launch says so where it had said "3 runs to train" of a run it waits on
+    selection = select_runs(engine, [plan], LaunchOptions())
+    assert [s.run_id for s, _ in selection.runs] == [second, third, first]
+    assert selection.summary() == ("3 runs to train, 1 of them trained now by another launcher (this one waits on it, "
+                                   "and takes over any that launcher stops training)")
+    only_first = select_runs(engine, [plan], LaunchOptions(where=(("seed", "0"),)))
+    assert only_first.summary().startswith("1 run to train, trained now by another launcher (this one waits on it,")
     # a lease that lapsed (its launcher silent for longer than its 120 s) is this launcher's to take, in plan order
     from sqlalchemy import update
 
     with engine.begin() as conn:
         conn.execute(update(Run).where(Run.run_id == first).values(heartbeat_at=utcnow() - timedelta(seconds=300)))
-    todo, _ = select_runs(engine, [plan], LaunchOptions(limit=1))
+    todo = select_runs(engine, [plan], LaunchOptions(limit=1)).runs
     assert [s.run_id for s, _ in todo] == [first]
     engine.dispose()
 
