@@ -862,7 +862,10 @@ class Driver:
             elif kind == "resume":
                 update["resumed_from_step"] = int(payload["step"])
             elif kind == "ckpt":  # sent once the checkpoint is complete on disk
-                update.update(ckpt_step=int(payload["step"]), ckpt_dir=str(self.opts.ckpt_dir.resolve()))
+                # The run has trained to it: a stop checkpoints between logged steps, and the summary read the last one
+                # logged. Saves are synchronous, so no logged step of this attempt is past it yet.
+                update.update(step=int(payload["step"]), ckpt_step=int(payload["step"]),
+                              ckpt_dir=str(self.opts.ckpt_dir.resolve()))
             self.view.run_event(run_id, kind, payload)
         runs = {k: v for k, v in runs.items() if v}
         if metrics or evals or runs:

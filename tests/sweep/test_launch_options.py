@@ -307,11 +307,15 @@ def test_a_saved_checkpoint_is_recorded_per_run(plan, tmp_path):
     driver.engine, driver.opts, driver.view, driver.owner = engine, LaunchOptions(cpu=True, ckpt_dir=tmp_path / "ck"), quiet(), "me"
     driver.db_away_since = None
     driver.flights = {s.run_id: Flight(spec=s, name=None, attempt=1, tries=1, microbatch=None)}
-    driver._write_events([(s.run_id, 1, "ckpt", {"step": 40}), (s.run_id, 1, "ckpt", {"step": 80})])
+    train = {"tokens": 256, "flops": 1.0, "loss": 2.0, "lr": 1e-3}
+    driver._write_events([(s.run_id, 1, "ckpt", {"step": 40}), (s.run_id, 1, "train", {"step": 78, **train}),
+                          (s.run_id, 1, "ckpt", {"step": 80})])
     with engine.connect() as conn:
-        row = conn.execute(select(Run.ckpt_step, Run.ckpt_dir).where(Run.run_id == s.run_id)).one()
+        row = conn.execute(select(Run.ckpt_step, Run.ckpt_dir, Run.step).where(Run.run_id == s.run_id)).one()
     engine.dispose()
-    assert tuple(row) == (80, str((tmp_path / "ck").resolve()))
+    # the run's step is the checkpoint's, not the last one logged: after a Ctrl-C the summary had said 78 of a run
+    # that resumes from 80
+    assert tuple(row) == (80, str((tmp_path / "ck").resolve()), 80)
 
 
 def test_launch_refuses_runs_whose_recorded_checkpoints_it_cannot_see(plan, tmp_path, no_ray, monkeypatch):
