@@ -918,6 +918,8 @@ def summary_findings(
             + (f"{e[k]:.3g}{ci}" if np.isfinite(e[k]) else f"undefined ({fit.details.get('not_finite', 'not a number')})")
             + ("" if fit.converged else " (optimiser did not confirm convergence)") + "."
             + _allocation_caveat(e["a"], e[k])
+            # an estimate pinned at a bound is no estimate, and what derives from it neither: said beside the numbers
+            + (f" Note: {fit.details['at_bound']}." if fit.details.get("at_bound") else "")
         )
     if niah is not None and not niah.empty:
         lines += _niah_findings(niah)

@@ -468,7 +468,7 @@ def fit_loss_compute(
 
     estimates = to_estimates(theta_hat)
     rng = np.random.default_rng(seed)
-    rows, n_fail = [], 0
+    rows, n_fail, n_lost = [], 0, 0
     for i in range(n_bootstrap):
         counts = np.bincount(rng.integers(0, n_runs, n_runs), minlength=n_runs)
         sel = np.flatnonzero(counts)
@@ -480,8 +480,11 @@ def fit_loss_compute(
             th, good = _fit_frontier(C / C0, L, form, theta_hat, w)
         rows.append(to_estimates(th) if good else {key: math.nan for key in estimates})
         n_fail += not good
+        n_lost += _replicate_failed(rows[-1])  # as _check_bootstrap will count it, unusable laws included
         if progress:
             progress(i + 1, n_bootstrap)
+        if _mostly_failed(n_lost, n_bootstrap):
+            break  # the intervals are unknown whatever the rest give
     samples = pd.DataFrame(rows, columns=list(estimates)) if n_bootstrap else None
     pred = loss_compute_law(front["C"].to_numpy(), estimates.get("E", 0.0), estimates["A"], estimates["alpha"])
     points = front.assign(L_fit=pred)
@@ -496,7 +499,7 @@ def fit_loss_compute(
         n_bootstrap=n_bootstrap,
         converged=bool(ok),
         details={"source": source.kind, "n_runs": int(n_runs), "bootstrap_failed": int(n_fail), "C_ref": C0,
-                 "edges": edges if source.kind == "curves" else "drop"},
+                 "edges": edges if source.kind == "curves" else "drop", **_stopped_after(len(rows), n_bootstrap)},
         samples=samples,
     ))
 
@@ -739,21 +742,29 @@ def fit_approach1(
         )
     est, resid = _allocation_fit(front["C"], front["N"], front["D"])
     rng = np.random.default_rng(seed)
-    rows, n_fail = [], 0
+    rows, n_fail, n_lost = [], 0, 0
     R = len(run_ids)
-    # the replicates' draws one by one, as ever (the same stream), their envelopes a batch at a time
+    # The replicates' draws one by one, as ever (the same stream), their envelopes a batch at a time. A replicate's
+    # envelope is the same in any batch (its sizes' coverage is a sum of 0/1 weights, exact in floats), so the batches
+    # are cut for stopping early (`_mostly_failed`) without changing any replicate: the first holds the n_bootstrap // 2
+    # + 1 replicates that run before most can have failed, each later one an eighth of the bootstrap.
     per_batch = max(1, _ENVELOPE_ELEMS // max(1, R * len(Cgrid)))
-    for s in range(0, n_bootstrap, per_batch):
-        counts = np.stack([np.bincount(rng.integers(0, R, R), minlength=R)
-                           for _ in range(min(per_batch, n_bootstrap - s))])
+    s = 0
+    while s < n_bootstrap and not _mostly_failed(n_lost, n_bootstrap):
+        size = min(per_batch, n_bootstrap - s, max(n_bootstrap // 2 + 1 - s, -(-n_bootstrap // 8)))
+        counts = np.stack([np.bincount(rng.integers(0, R, R), minlength=R) for _ in range(size)])
         for i, f in enumerate(_approach1_envelopes(counts > 0, Lmat, Dmat, Nrun, Cgrid), start=s):
             if np.unique(f["N"]).size >= 2:  # one winner (or none) says nothing of how N_opt grows: a failed replicate
                 rows.append(_allocation_fit(f["C"], f["N"], f["D"], counts[i - s][f["row"]])[0])
             else:
                 rows.append({k: math.nan for k in est})
                 n_fail += 1
+            n_lost += _replicate_failed(rows[-1])  # as _check_bootstrap will count it, unusable laws included
             if progress:
                 progress(i + 1, n_bootstrap)
+            if _mostly_failed(n_lost, n_bootstrap):
+                break  # the intervals are unknown whatever the rest give
+        s += size
     samples = pd.DataFrame(rows, columns=list(est)) if n_bootstrap else None
     est, samples = _with_tokens_per_param(est, samples, budgets or allocation_budgets(pts["C"]))
     points = pd.DataFrame(
@@ -770,7 +781,7 @@ def fit_approach1(
         n_bootstrap=n_bootstrap,
         converged=True,
         details={"n_runs": int(len(run_ids)), "n_budgets_tried": int(len(Cgrid)), "bootstrap_failed": int(n_fail),
-                 "compute": asdict(rule)},
+                 "compute": asdict(rule), **_stopped_after(len(rows), n_bootstrap)},
         samples=samples,
     ))
 
@@ -1013,6 +1024,9 @@ def fit_approach2(
     rng = np.random.default_rng(seed)
     samples = None
     if n_bootstrap:
+        # No early stop here, unlike the other fits: a replicate fails only once every budget's minimum is known, and
+        # every budget solves all replicates in one call (1,000 in milliseconds); splitting those calls to stop sooner
+        # would save nothing and change the replicates' last digits (the sums of W @ P group differently).
         boot = np.full((n_bootstrap, G), np.nan)
         for gi, (_, x, L, _) in enumerate(groups):
             counts = rng.multinomial(len(x), np.full(len(x), 1.0 / len(x)), size=n_bootstrap).astype(float)
@@ -1182,12 +1196,13 @@ def fit_approach3(
     estimates = obj.estimates(theta)
     _check_falling(estimates)
 
-    samples, boot_conv = None, 0
+    samples, boot_conv, stopped = None, 0, {}
     if n_bootstrap:
-        boot, boot_conv = _bootstrap_approach3(obj, theta, n_bootstrap, bootstrap_starts, seed, progress)
+        boot, solved, boot_conv = _bootstrap_approach3(obj, theta, n_bootstrap, bootstrap_starts, seed, progress)
         samples = pd.DataFrame(
-            [obj.estimates(t) if np.all(np.isfinite(t)) else {} for t in boot], columns=list(estimates)
+            [obj.estimates(t) if np.all(np.isfinite(t)) else {} for t in boot[solved]], columns=list(estimates)
         )
+        stopped = _stopped_after(int(solved.sum()), n_bootstrap)
     budgets = list(budgets) if budgets else allocation_budgets(pts["C"])
     estimates, samples = _with_allocation(estimates, samples, budgets, rule)
     law = [estimates[k] for k in ("E", "A", "B", "alpha", "beta")]
@@ -1216,6 +1231,8 @@ def fit_approach3(
             "bootstrap_converged": int(boot_conv),
             "budgets": budgets,
             "compute": asdict(rule),
+            **stopped,
+            **_note_at_bound(obj, theta),
         },
         samples=samples,
     ))
@@ -1223,7 +1240,8 @@ def fit_approach3(
 
 def _bootstrap_approach3(obj, theta, n_bootstrap, n_starts, seed, progress, max_elems=100_000):
     """Bootstrap replicates as multinomial weights on the runs (the same as resampling them), solved in
-    batches; returns (parameter rows, number of replicates whose best start converged)."""
+    batches; returns (parameter rows, which replicates were solved, number of replicates whose best start converged).
+    Replicates are solved until more than half of the `n_bootstrap` have failed (`_mostly_failed`), then left NaN."""
     rng = np.random.default_rng(seed)
     n = len(obj.t)
     W = rng.multinomial(n, np.full(n, 1.0 / n), size=n_bootstrap).astype(float)
@@ -1234,23 +1252,71 @@ def _bootstrap_approach3(obj, theta, n_bootstrap, n_starts, seed, progress, max_
     starts = np.repeat(theta[None, :], n_bootstrap * n_starts, axis=0).reshape(n_bootstrap, n_starts, 5)
     starts[:, 1:] += scale * rng.standard_normal((n_bootstrap, n_starts - 1, 5))
     out = np.full((n_bootstrap, 5), np.nan)
-    n_conv = 0
+    solved = np.zeros(n_bootstrap, bool)
+    n_conv = n_failed = 0
     # batches small enough to stay in cache, large enough to amortise the Python loop
     per_batch = max(32, max_elems // (n * n_starts))
     for s in range(0, n_bootstrap, per_batch):
         e = min(n_bootstrap, s + per_batch)
         X0 = starts[s:e].reshape(-1, 5)
         Wb = np.repeat(W[s:e], n_starts, axis=0)
-        X, F, conv = lbfgs_batch(obj.batch, X0, Wb, H0=H0)
+        # The batches stay as they were: problems solved together round differently when grouped otherwise, so smaller
+        # batches would change the replicates of a bootstrap that does not stop. Within a batch a replicate's failure
+        # (its best start's law unusable, as _check_bootstrap judges it) is known once all its starts have stopped,
+        # which the solver reports as they do: the batch stops there once most of all replicates have failed.
+        tracker = _FailureTracker(obj, e - s, n_starts, n_bootstrap, n_failed)
+        X, F, conv = lbfgs_batch(obj.batch, X0, Wb, H0=H0, on_finish=tracker)
         F = np.where(np.isfinite(F), F, np.inf).reshape(e - s, n_starts)
         pick = np.argmin(F, axis=1)
         rows = np.arange(e - s) * n_starts + pick
-        ok = np.isfinite(F[np.arange(e - s), pick])
+        # a stopped batch's unfinished replicates hold an iterate, not a solution: left NaN, and not solved
+        ok = np.isfinite(F[np.arange(e - s), pick]) & tracker.done
         out[s:e][ok] = X[rows][ok]
+        solved[s:e] = tracker.done
         n_conv += int(conv[rows][ok].sum())
+        if tracker.stopped:
+            break
+        # replicates stopped by the iteration limit are not reported by lbfgs_batch: counted here, all of them at once
+        n_failed += sum(_theta_failed(obj, t) for t in out[s:e])
         if progress:
             progress(e, n_bootstrap)
-    return out, n_conv
+        if _mostly_failed(n_failed, n_bootstrap):
+            break
+    return out, solved, n_conv
+
+
+def _theta_failed(obj: "_Approach3Objective", t: np.ndarray) -> bool:
+    """Whether a replicate solved at t counts as failed in `_check_bootstrap` (fit_approach3 makes NaN samples of a t
+    that is not finite)."""
+    return not np.all(np.isfinite(t)) or _replicate_failed(obj.estimates(t))
+
+
+class _FailureTracker:
+    """`lbfgs_batch`'s on_finish for a batch of bootstrap replicates of `n_starts` starts each: counts the replicates
+    that fail as their last start stops, and says stop once `failed_before` and these are most of `n_bootstrap`."""
+
+    def __init__(self, obj: "_Approach3Objective", n_replicates: int, n_starts: int, n_bootstrap: int,
+                 failed_before: int):
+        self.obj, self.n_starts, self.n_bootstrap = obj, n_starts, n_bootstrap
+        self.left = np.full(n_replicates, n_starts)  # starts still running, per replicate
+        self.failed = failed_before
+        self.stopped = False
+
+    @property
+    def done(self) -> np.ndarray:
+        """The replicates every start of which stopped (all of them, unless the batch was stopped early)."""
+        return self.left == 0 if self.stopped else np.ones(len(self.left), bool)
+
+    def __call__(self, idx: np.ndarray, X: np.ndarray, F: np.ndarray) -> bool:
+        reps = idx // self.n_starts
+        np.subtract.at(self.left, reps, 1)
+        for r in np.unique(reps[self.left[reps] == 0]):
+            # the replicate's best start as _bootstrap_approach3 picks it (argmin: the first of equal ones)
+            Fr = F[r * self.n_starts:(r + 1) * self.n_starts]
+            best = int(np.argmin(np.where(np.isfinite(Fr), Fr, np.inf)))
+            self.failed += not np.isfinite(Fr[best]) or _theta_failed(self.obj, X[r * self.n_starts + best])
+        self.stopped = _mostly_failed(self.failed, self.n_bootstrap)
+        return self.stopped
 
 
 def _inverse_hessian(obj: "_Approach3Objective", theta: np.ndarray) -> np.ndarray | None:
@@ -1280,6 +1346,7 @@ def lbfgs_batch(
     ftol: float = 1e-13,
     gtol: float = 1e-9,
     H0: np.ndarray | None = None,
+    on_finish: Callable[[np.ndarray, np.ndarray, np.ndarray], bool] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Minimise many independent smooth problems at once with L-BFGS and a backtracking Armijo search.
 
@@ -1287,6 +1354,8 @@ def lbfgs_batch(
     (k, n). One numpy call serves every problem, which is what makes 1,000 bootstrap fits take
     seconds; scipy's L-BFGS-B is the reference it is tested against. Returns (X, F, converged).
     `H0` (p, p), an inverse Hessian shared by the problems, replaces the usual scalar initial matrix.
+    `on_finish(idx, X, F)`, told the problems that stop (converged or not) before the iteration limit, their rows of X
+    and F final, may return True to stop all at once: the problems left keep their last iterate, not converged.
     """
     X_out = np.array(X0, dtype=float)
     k, p = X_out.shape
@@ -1296,7 +1365,10 @@ def lbfgs_batch(
     conv_out = np.zeros(k, bool)
     # The working set holds the unfinished problems only, compacted as problems finish, so that a
     # few slow problems do not pay for the whole batch.
-    work = np.flatnonzero(np.isfinite(F_out) & np.all(np.isfinite(G0), axis=1))
+    startable = np.isfinite(F_out) & np.all(np.isfinite(G0), axis=1)
+    work = np.flatnonzero(startable)
+    if on_finish is not None and not startable.all() and on_finish(np.flatnonzero(~startable), X_out, F_out):
+        return X_out, F_out, conv_out
     x, f, g = X_out[work], F_out[work], G0[work]
     w = None if W is None else W[work]
     S = np.zeros((memory, work.size, p))
@@ -1369,6 +1441,8 @@ def lbfgs_batch(
             work, x, f, g, gamma = work[keep], x[keep], f[keep], g[keep], gamma[keep]
             S, Y, RHO = S[:, keep], Y[:, keep], RHO[:, keep]
             w = None if w is None else w[keep]
+            if on_finish is not None and on_finish(idx, X_out, F_out):
+                break
     X_out[work], F_out[work] = x, f
     return X_out, F_out, conv_out
 
@@ -1406,6 +1480,41 @@ def _with_allocation(est, samples, budgets, rule: ComputeRule = ComputeRule()):
         if samples is not None:
             samples = samples.assign(**falling(*(samples[k].to_numpy() for k in names)))
     return est, samples
+
+
+#: Approach 3's optimiser has no explicit bounds, but its parameterisation has: E, A and B = exp(e, a, b) are bounded
+#: below by 0, which they reach only as their logarithm runs off towards -inf until the gradient vanishes (E = 3e-16
+#: on runs of a law without E), and alpha and beta by 0, which `_check_falling` requires them to exceed and which they
+#: approach as their term flattens into a constant. A constant whose term is below this share of the fitted loss at
+#: every run is taken to sit at its bound.
+AT_BOUND_SHARE = 1e-3
+#: An exponent whose power (N^-alpha, D^-beta) changes by less than this fraction across the runs' sizes (token counts)
+#: is taken to sit at its bound 0: its term is a constant there, a second E. Flat fits found with alpha or beta near 0
+#: changed theirs by under 1%; laws the runs do identify change theirs by a factor of several.
+AT_BOUND_CHANGE = 0.05
+
+
+def _note_at_bound(obj: "_Approach3Objective", theta: np.ndarray) -> dict[str, str]:
+    """details["at_bound"]: which approach-3 estimates sit at a bound of their parameterisation (E, A or B at 0, alpha
+    or beta at 0) and what that leaves unestimated; nothing where none does."""
+    est = obj.estimates(theta)
+    share = obj.term_shares(theta).max(axis=1)  # each term's largest share of the fitted loss over the runs
+    notes = []
+    if share[2] < AT_BOUND_SHARE:
+        notes.append(f"E = {est['E']:.3g} sits at its lower bound 0 (under {AT_BOUND_SHARE:.1%} of the fitted loss at "
+                     "every run): the fit found no floor under the loss, so E is pinned there, not estimated")
+    for i, const, exp, var, x, what in ((0, "A", "alpha", "N", obj.x, "model sizes"),
+                                        (1, "B", "beta", "D", obj.y, "token counts")):
+        if share[i] < AT_BOUND_SHARE:
+            notes.append(f"{const} = {est[const]:.3g} sits at its lower bound 0 ({const} / {var}^{exp} is under "
+                         f"{AT_BOUND_SHARE:.1%} of the fitted loss at every run): that term has vanished, so {exp} is "
+                         "not estimated, nor is the allocation that follows from it")
+        change = -math.expm1(-est[exp] * float(np.ptp(x)))  # how far var^-exp falls over the runs
+        if est[exp] > 0 and change < AT_BOUND_CHANGE:
+            notes.append(f"{exp} = {est[exp]:.3g} sits at its lower bound 0 ({var}^-{exp} changes by {change:.2%} "
+                         f"across the runs' {what}): {const} / {var}^{exp} is a second constant beside E, so {exp} and "
+                         "the allocation that follows from it (a, b, N_opt) are not estimated")
+    return {"at_bound": "; ".join(notes)} if notes else {}
 
 
 def _check_falling(est: Mapping[str, float]) -> None:
@@ -1522,6 +1631,13 @@ class _Approach3Objective:
                 options={"maxiter": 5000, "gtol": 1e-9, "ftol": 1e-14},
             )
 
+    def term_shares(self, th: np.ndarray) -> np.ndarray:
+        """Each term's share of the law's loss at each run, (3, n) for A / N^alpha, B / D^beta and E; in logs, so
+        finite where A or B overflow."""
+        a, b, e, alpha, beta = (float(v) for v in th)
+        u = np.stack([a - alpha * self.x, b - beta * self.y, np.full_like(self.x, e)])
+        return np.exp(u - np.logaddexp.reduce(u, axis=0))
+
     def predict(self, th: np.ndarray) -> np.ndarray:
         """The law's loss at each run, exp(LSE(a - alpha x, b - beta y, e)), finite where A or B overflow."""
         a, b, e, alpha, beta = (float(v) for v in th)
@@ -1553,9 +1669,7 @@ def _check_bootstrap(result: FitResult) -> FitResult:
     # (`_check_falling`), and one whose constant overflows has no allocation: each fails as a whole. Kept, they had
     # widened alpha's interval while a, b and N_opt (NaN for them) were drawn from the others alone, uncounted.
     # Approaches 1 and 2 have no loss exponents, but their k_N and k_D overflow as approach 3's A and B do.
-    exponents = [c for c in ("alpha", "beta") if c in s.columns]
-    constants = [c for c in LAW_CONSTANTS if c in s.columns]
-    unusable = ((s[exponents] <= 0).any(axis=1) | np.isinf(s[constants]).any(axis=1)).to_numpy()
+    unusable = np.broadcast_to(_unusable(s), len(s))
     if unusable.any():
         s = s.copy()
         s.loc[unusable, :] = np.nan
@@ -1563,17 +1677,58 @@ def _check_bootstrap(result: FitResult) -> FitResult:
         result.details["bootstrap_unusable"] = int(unusable.sum())
     failed = int(s.isna().all(axis=1).sum())
     result.details["bootstrap_failed"] = failed
+    # A bootstrap stopped early (`_mostly_failed`) ran fewer replicates than were asked for; its majority is of those.
+    stopped = result.details.get("bootstrap_stopped_after")
+    total = result.n_bootstrap if stopped is not None else len(s)
     # The replicates that fit are those whose resampled runs still identify the law: when they are a minority
     # their spread is not the estimate's (with 3 runs, the only one that fits is the data itself: zero width).
-    if 2 * failed > len(s):
+    if _mostly_failed(failed, total):
         why = (f", {int(unusable.sum())} of them with a law whose loss does not fall or whose constant overflows"
                if unusable.any() else "")
-        note = (f"{failed} of {len(s)} bootstrap replicates could not be fitted (their resampled runs do not "
-                f"identify the law{why}), so the intervals, which would rest on the rest, are unknown")
+        if stopped is None:
+            note = (f"{failed} of {len(s)} bootstrap replicates could not be fitted (their resampled runs do not "
+                    f"identify the law{why}), so the intervals, which would rest on the rest, are unknown")
+        else:
+            note = (f"{failed} of {stopped} bootstrap replicates could not be fitted (their resampled runs do not "
+                    f"identify the law{why}) when the bootstrap stopped, {stopped} of the {total} asked for: more than "
+                    f"half of all {total} fail whatever the others give, so the intervals, which would rest on the "
+                    "rest, are unknown")
         result.intervals = {k: (math.nan, math.nan) for k in result.intervals}
         result.details["intervals_unknown"] = note
         log.info("%s: %s", result.method, note)  # callers show details (slab fit prints it, the report's tables say so)
     return result
+
+
+def _stopped_after(done: int, n_bootstrap: int) -> dict[str, int]:
+    """details["bootstrap_stopped_after"]: how many replicates ran, where a bootstrap stopped before all it was asked
+    for (nothing where it ran them all)."""
+    return {"bootstrap_stopped_after": int(done)} if done < n_bootstrap else {}
+
+
+def _mostly_failed(failed: int, total: int) -> bool:
+    """Whether `failed` of `total` requested replicates are more than half: the intervals are then unknown, however
+    the others turn out, so a bootstrap may stop at the replicate that makes it so."""
+    return 2 * failed > total
+
+
+def _unusable(values: Mapping[str, Any] | pd.DataFrame):
+    """Per replicate (a samples frame's rows, or one replicate's estimates as a dict), whether its law is one a fit
+    refuses: an exponent <= 0 or a constant that overflows (NaN is neither)."""
+    bad: Any = False
+    for c in ("alpha", "beta"):
+        if c in values:
+            bad = bad | (np.asarray(values[c], float) <= 0)
+    for c in LAW_CONSTANTS:
+        if c in values:
+            bad = bad | np.isinf(np.asarray(values[c], float))
+    return bad
+
+
+def _replicate_failed(estimates: Mapping[str, float]) -> bool:
+    """Whether one replicate's estimates count as failed in `_check_bootstrap`: none is a number, or its law is
+    unusable."""
+    values = np.asarray(list(estimates.values()), float)
+    return bool(np.isnan(values).all() or _unusable(estimates))
 
 
 #: Each law constant that is the exponential of a fitted intercept, with the exponent it grows with.

@@ -817,8 +817,11 @@ def _fit_table(fits: Mapping[str, FitResult], method: str, archs: list[str],
                 row[n] += f" {EXTRAPOLATED}"
         row["points"] = str(f.n_points)
         failed = f.details.get("bootstrap_failed", 0)
-        # replicates that could not be fitted narrow what an interval rests on; most of them leave it unknown
-        row["bootstrap"] = (str(f.n_bootstrap) if not failed else f"{f.n_bootstrap} ({failed} failed"
+        stopped = f.details.get("bootstrap_stopped_after")
+        # replicates that could not be fitted narrow what an interval rests on; most of them leave it unknown (and a
+        # bootstrap stops once they are: the count failed is then of the replicates run)
+        ran = "" if stopped is None else f"stopped after {stopped}: "
+        row["bootstrap"] = (str(f.n_bootstrap) if not failed else f"{f.n_bootstrap} ({ran}{failed} failed"
                             + ("; intervals unknown)" if "intervals_unknown" in f.details else ")"))
         if arch in few:
             row["bootstrap"] = f"{f.n_bootstrap} ({_runs(few[arch])}: intervals unknown)"

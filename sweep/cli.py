@@ -990,7 +990,8 @@ def fit(
         sys.stdout.write(json.dumps(data) + "\n")
     else:
         out.print(_fit_table(result))
-    for why in ("not_finite", "intervals_unknown"):  # what a nan, an inf or an 'unknown' in the table means
+    # what a nan, an inf, an estimate at its bound or an 'unknown' in the table means
+    for why in ("not_finite", "at_bound", "intervals_unknown"):
         if why in result.details:
             err.print(f"[yellow]warning:[/] {escape(result.details[why])}", highlight=False)
     if unsaved:
@@ -1002,7 +1003,9 @@ def _fit_table(result) -> Table:
     failed = result.details.get("bootstrap_failed", 0)
     unusable = result.details.get("bootstrap_unusable", 0)
     odd = f", {unusable} with an exponent <= 0 or a constant overflowing" if unusable else ""
-    boots = f"{result.n_bootstrap} bootstraps" + (f" ({failed} failed{odd})" if failed else "")
+    ran = result.details.get("bootstrap_stopped_after")  # stopped once most of them had failed
+    boots = (f"{result.n_bootstrap} bootstraps" + (f", stopped after {ran}" if ran else "")
+             + (f" ({failed} failed{odd})" if failed else ""))
     table = Table(title=f"{result.formula}  ({result.n_points} points, {boots}, converged: {result.converged})")
     for col in ("quantity", "estimate", "95% low", "95% high"):
         table.add_column(col, justify="left" if col == "quantity" else "right")
