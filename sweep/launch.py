@@ -1129,11 +1129,29 @@ def init_ray(opts: LaunchOptions):
             kwargs["num_gpus"] = opts.num_gpus  # Ray then hands tasks only GPUs 0..num_gpus-1
         # "local": a Ray of its own, as --help promises, even where another runs on this host (`ray start`, a test's
         # cluster): without it ray.init joined that one, and with num_cpus or num_gpus set refused to (a ValueError).
+        # Ray 2.5x turns token authentication on for a local cluster and says so in a WARNING line amid the launch's
+        # progress on every launch; the authentication stays on, its notice is not shown.
+        notice = logging.getLogger("ray._private.authentication.authentication_token_setup")
+        quiet = _DropMessage("Token authentication is enabled for this Ray cluster")
+        notice.addFilter(quiet)
         try:
             ray.init(address="local", include_dashboard=False, **kwargs)
         except (OSError, RuntimeError, ConnectionError) as exc:  # its session folder on a full disk, ports it cannot take
             raise LaunchError(f"cannot start a local Ray: {_first_line(exc)}") from None
+        finally:
+            notice.removeFilter(quiet)
     return ray
+
+
+class _DropMessage(logging.Filter):
+    """A logging filter that drops the records whose message starts with ``prefix``."""
+
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefix)
 
 
 def host_gpus() -> int:

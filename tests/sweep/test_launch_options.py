@@ -660,3 +660,26 @@ def test_where_tells_large_seeds_apart(write_plan):
     assert names(plan, f"seed={big}") == [f"r-{big}"]
     assert names(plan, f"seed={big + 1}") == [f"r-{big + 1}"]
     assert names(plan, "seed=1.152921504606846976e18") == [f"r-{big}"]  # a float spelling still reads as a number
+
+
+def test_ray_s_token_notice_is_not_shown_amid_a_local_launch(monkeypatch, caplog):
+    """Ray 2.5x logged "Token authentication is enabled ..." (a WARNING) in the middle of every local launch's progress;
+    the authentication stays on, its notice is dropped, and Ray's other warnings still show."""
+    import logging
+
+    import ray
+
+    from sweep.launch import init_ray
+
+    name = "ray._private.authentication.authentication_token_setup"
+
+    def fake_init(**kwargs):
+        logging.getLogger(name).warning("Token authentication is enabled for this Ray cluster. Set RAY_AUTH_MODE=...")
+        logging.getLogger(name).warning("something else worth seeing")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", fake_init)
+    with caplog.at_level(logging.WARNING, logger=name):
+        init_ray(LaunchOptions(cpu=True))
+    assert [r.getMessage() for r in caplog.records if r.name == name] == ["something else worth seeing"]
+    assert not logging.getLogger(name).filters  # only while this launch's Ray starts
