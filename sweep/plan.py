@@ -118,7 +118,7 @@ COLUMNS: dict[str, Column] = {
     "weight_decay": Column("float", 0.1, "AdamW weight decay"),
     "grad_clip": Column("float", 1.0, "gradient-norm clipping threshold"),
     "seed": Column("int", 0, "random seed (init and data order)"),
-    "data": Column("str", "stdlib", "stdlib | passkey | mqar | a .txt/.bin path; mixtures like stdlib+passkey@0.1"),
+    "data": Column("str", "stdlib", "stdlib | passkey | mqar | a .txt/.bin path; mixtures like stdlib+passkey@0.1 (weights in (0, 1))"),
     "evals": Column("list-str", "", "evaluations at every validation (eval_every) and at the end: niah (seq_len >= 104) | mqar, or empty"),
     "eval_every": Column("int", 0, "steps between validation evals (0 = at the end only)"),
     "gpus": Column("float", 1.0, "fraction of one GPU per run (0.25 packs four), or a whole number for data-parallel"),
