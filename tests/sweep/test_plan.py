@@ -2,6 +2,7 @@
 
 import re
 
+import numpy as np
 import pytest
 
 import sweep.plan as plan_module
@@ -497,3 +498,14 @@ def test_a_malformed_seed_is_not_said_to_need_a_positive_integer(write_plan):
     # seed 0 is the default: "expected a positive integer" would send the user away from it
     with pytest.raises(PlanError, match=r':2:seed: expected a non-negative integer, got "x"'):
         load_plan(write_plan("arch,d_model,n_layers,tokens,seed\nsoftmax,64,2,10k,x\n"))
+
+
+def test_a_spec_holds_its_numbers_in_their_normal_types():
+    spec = spec_of(d_model=np.int64(64), seed=True, n_layers=2.0, evals=["niah"], lr=np.float32(0.5), gpus=1)
+    assert [type(getattr(spec, f)) for f in ("d_model", "seed", "n_layers", "lr", "gpus")] == [int, int, int, float, float]
+    assert (spec.seed, spec.evals, spec.lr) == (1, ("niah",), 0.5)
+    assert spec == spec_of(seed=1, lr=0.5, gpus=1.0) and spec.run_id == spec_of(seed=1, lr=0.5).run_id
+    assert spec.canonical_json(identity=True) == spec_of(seed=1, lr=0.5).canonical_json(identity=True)
+    assert '"gpus"' not in spec.canonical_json(identity=True) and '"gpus":1.0' in spec.canonical_json()
+    with pytest.raises(ValueError, match="non-finite"):
+        spec_of(lr=float("nan"))
