@@ -9,7 +9,7 @@ import re
 import zlib
 from pathlib import Path
 from dataclasses import dataclass, field, replace
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -104,10 +104,10 @@ def fit_per_arch(
                                 "points would not compare with theirs")
                 continue
             try:
-                fits[arch] = fit_loss_compute(
+                fits[arch] = fit_on_runs(lambda nb: fit_loss_compute(
                     sub, metrics=sub_metrics, form=form, params_col=params_col, edges=mode,
-                    n_bootstrap=n_bootstrap, seed=arch_seed(seed, arch), progress=_stage(progress, i, len(archs), n_bootstrap),
-                )
+                    n_bootstrap=nb, seed=arch_seed(seed, arch), progress=_stage(progress, i, len(archs), n_bootstrap),
+                ), n_bootstrap, len(sub))
             except FrontierNotIdentified as exc:
                 unidentified = True
                 errors[arch] = str(exc)
@@ -614,13 +614,26 @@ def unknown_on_few_runs(fit: FitResult, n_runs: int | None = None) -> FitResult:
     """``fit``, or where it rests on fewer than MIN_BOOTSTRAP_RUNS runs (``n_runs``, or its details' count) a copy whose
     intervals are unknown (NaN) and say why in details["intervals_unknown"], as the report gives them."""
     counts = [int(n) for n in (n_runs, fit.details.get("n_runs")) if n is not None]
-    # no bootstrap: no interval to withhold; already unknown (most replicates failed): that reason stands
-    if not fit.intervals or "intervals_unknown" in fit.details or not counts or min(counts) >= MIN_BOOTSTRAP_RUNS:
+    skipped = bool(fit.details.get("bootstrap_skipped"))  # `fit_on_runs` ran none: its intervals are unknown all the same
+    # no bootstrap asked for: no interval to withhold; already unknown (most replicates failed): that reason stands
+    if (not (fit.intervals or skipped) or "intervals_unknown" in fit.details or not counts
+            or min(counts) >= MIN_BOOTSTRAP_RUNS):
         return fit
     note = (f"the fit rests on {_n_runs(min(counts))}, too few to resample (at least {MIN_BOOTSTRAP_RUNS} are "
             "needed): its intervals are unknown")
-    return replace(fit, intervals={k: (math.nan, math.nan) for k in fit.intervals},
+    return replace(fit, intervals={k: (math.nan, math.nan) for k in fit.intervals or fit.estimates},
                    details={**fit.details, "intervals_unknown": note})
+
+
+def fit_on_runs(fit: Callable[[int], FitResult], n_bootstrap: int, n_runs: int) -> FitResult:
+    """``fit(n_bootstrap)``, or where ``n_runs`` are too few to resample ``fit(0)`` with the intervals unknown (as
+    `unknown_on_few_runs` would leave them) and details["bootstrap_skipped"] the replicates asked for and not run."""
+    if not n_bootstrap or n_runs >= MIN_BOOTSTRAP_RUNS:
+        return fit(n_bootstrap)
+    # the replicates' intervals would be discarded: a bootstrap of 3 runs had run for a minute for nothing
+    result = fit(0)
+    result.details["bootstrap_skipped"] = int(n_bootstrap)
+    return unknown_on_few_runs(result, n_runs)
 
 
 def few_runs(comparison: ArchComparison) -> dict[str, int]:
@@ -842,10 +855,12 @@ def summary_findings(
     throughput: pd.DataFrame | None = None,
     runs: pd.DataFrame | None = None,
     throughput_baseline: str | None = None,
+    frontier: dict[str, FitResult] | None = None,
 ) -> list[str]:
     """Plain-language lines on what the fits and tables show (used in the report); with the runs, a gap the
     training-loss laws state is checked against the best held-out (validation) loss of each arch. Speeds are named
-    relative to ``throughput_baseline`` (else the arch the throughput table is relative to)."""
+    relative to ``throughput_baseline`` (else the arch the throughput table is relative to). ``frontier``: the
+    loss-compute fits whose estimates at a bound are noted (else the comparison's)."""
     lines: list[str] = []
     mixtures = sorted(runs["data"].dropna().astype(str).unique()) if runs is not None and "data" in runs else []
     if len(mixtures) > 1:
@@ -898,6 +913,12 @@ def summary_findings(
             word = "above" if rel > 0 else "below"
             lines.append(f"{arch}'s frontier loss is {abs(rel):.2f}% {word} {at}{ci}{mult}."
                          + _held_out_caveat(runs, arch, base, rel))
+    if frontier is None:
+        frontier = comparison.fits if comparison is not None else {}
+    for arch, fit in sorted(frontier.items()):
+        # as approach 3's below: an estimate pinned at a bound is no estimate, nor is a gap drawn from it
+        if fit.details.get("at_bound"):
+            lines.append(f"{arch}'s frontier law ({fit.formula}): {fit.details['at_bound']}.")
     for arch, fit in sorted((approach3 or {}).items()):
         e = fit.estimates
         keys = [k for k in e if k.startswith("tokens_per_param@")]

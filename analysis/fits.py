@@ -499,7 +499,8 @@ def fit_loss_compute(
         n_bootstrap=n_bootstrap,
         converged=bool(ok),
         details={"source": source.kind, "n_runs": int(n_runs), "bootstrap_failed": int(n_fail), "C_ref": C0,
-                 "edges": edges if source.kind == "curves" else "drop", **_stopped_after(len(rows), n_bootstrap)},
+                 "edges": edges if source.kind == "curves" else "drop", **_stopped_after(len(rows), n_bootstrap),
+                 **_note_frontier_at_bound(estimates, front["C"].to_numpy(), pred)},
         samples=samples,
     ))
 
@@ -1499,22 +1500,48 @@ def _note_at_bound(obj: "_Approach3Objective", theta: np.ndarray) -> dict[str, s
     or beta at 0) and what that leaves unestimated; nothing where none does."""
     est = obj.estimates(theta)
     share = obj.term_shares(theta).max(axis=1)  # each term's largest share of the fitted loss over the runs
-    notes = []
-    if share[2] < AT_BOUND_SHARE:
-        notes.append(f"E = {est['E']:.3g} sits at its lower bound 0 (under {AT_BOUND_SHARE:.1%} of the fitted loss at "
-                     "every run): the fit found no floor under the loss, so E is pinned there, not estimated")
+    notes = _floor_at_bound(est["E"], share[2], "every run")
     for i, const, exp, var, x, what in ((0, "A", "alpha", "N", obj.x, "model sizes"),
                                         (1, "B", "beta", "D", obj.y, "token counts")):
         if share[i] < AT_BOUND_SHARE:
             notes.append(f"{const} = {est[const]:.3g} sits at its lower bound 0 ({const} / {var}^{exp} is under "
                          f"{AT_BOUND_SHARE:.1%} of the fitted loss at every run): that term has vanished, so {exp} is "
                          "not estimated, nor is the allocation that follows from it")
-        change = -math.expm1(-est[exp] * float(np.ptp(x)))  # how far var^-exp falls over the runs
-        if est[exp] > 0 and change < AT_BOUND_CHANGE:
-            notes.append(f"{exp} = {est[exp]:.3g} sits at its lower bound 0 ({var}^-{exp} changes by {change:.2%} "
-                         f"across the runs' {what}): {const} / {var}^{exp} is a second constant beside E, so {exp} and "
-                         "the allocation that follows from it (a, b, N_opt) are not estimated")
+        notes += _flat_at_bound(exp, est[exp], float(np.ptp(x)), var, f"the runs' {what}", f"{const} / {var}^{exp}",
+                                "a second constant beside E", "the allocation that follows from it (a, b, N_opt)")
     return {"at_bound": "; ".join(notes)} if notes else {}
+
+
+def _note_frontier_at_bound(estimates: Mapping[str, float], C: np.ndarray, L_fit: np.ndarray) -> dict[str, str]:
+    """details["at_bound"] for a loss-compute fit, by approach 3's rules: E at its lower bound 0 (saturating form), or
+    alpha so near 0 that C^-alpha is flat over the frontier's compute; nothing where neither is."""
+    notes = []
+    if "E" in estimates:  # the saturating form's floor, as approach 3's E
+        notes += _floor_at_bound(estimates["E"], float(np.max(estimates["E"] / L_fit)), "every frontier point")
+    beside = "a second constant beside E" if "E" in estimates else "a constant: the law is flat"
+    notes += _flat_at_bound("alpha", estimates["alpha"], float(np.ptp(np.log(C))), "C", "the frontier's compute",
+                            "A C^-alpha", beside, "the gaps and compute multipliers that follow from it")
+    return {"at_bound": "; ".join(notes)} if notes else {}
+
+
+def _floor_at_bound(E: float, share: float, where: str) -> list[str]:
+    """The note on a floor E at its lower bound 0, where its largest ``share`` of the fitted loss (at ``where``) is
+    under AT_BOUND_SHARE; none otherwise."""
+    if share >= AT_BOUND_SHARE:
+        return []
+    return [f"E = {E:.3g} sits at its lower bound 0 (under {AT_BOUND_SHARE:.1%} of the fitted loss at {where}): the "
+            "fit found no floor under the loss, so E is pinned there, not estimated"]
+
+
+def _flat_at_bound(exp: str, value: float, log_span: float, var: str, across: str, term: str, flat_as: str,
+                   lost: str) -> list[str]:
+    """The note on an exponent at its lower bound 0, where ``var``^-``exp`` changes by under AT_BOUND_CHANGE over
+    ``log_span`` (the spread of log ``var`` in the data); none otherwise."""
+    change = -math.expm1(-value * log_span)  # how far var^-exp falls over the data
+    if not (value > 0 and change < AT_BOUND_CHANGE):
+        return []
+    return [f"{exp} = {value:.3g} sits at its lower bound 0 ({var}^-{exp} changes by {change:.2%} across {across}): "
+            f"{term} is {flat_as}, so {exp} and {lost} are not estimated"]
 
 
 def _check_falling(est: Mapping[str, float]) -> None:

@@ -33,6 +33,7 @@ from analysis.compare import (  # noqa: E402
     beyond_context_names,
     compare_archs,
     few_runs,
+    fit_on_runs,
     fit_per_arch,
     fmt_number,
     loss_table,
@@ -217,17 +218,18 @@ def _write_report(runs, metrics, evals, out: Path, figdir: Path, t0: float, *, t
         sub_m = None if metrics is None else metrics[metrics["run_id"].astype(str).isin(ids)]
         if sub_m is not None and sub_m.empty:
             sub_m = None
-        jobs: dict[str, Callable[[], FitResult]] = {
-            "approach1": lambda: fit_approach1(
-                sub, sub_m, params_col=params_col, budgets=budgets, n_bootstrap=bootstrap, seed=arch_seed(seed, arch)
+        # each takes its bootstrap count: none where the arch's runs are too few to resample (fit_on_runs)
+        jobs: dict[str, Callable[[int], FitResult]] = {
+            "approach1": lambda nb: fit_approach1(
+                sub, sub_m, params_col=params_col, budgets=budgets, n_bootstrap=nb, seed=arch_seed(seed, arch)
             ),
-            "approach2": lambda: fit_approach2(
-                sub, params_col=params_col, budgets=budgets, n_bootstrap=bootstrap, seed=arch_seed(seed, arch)
+            "approach2": lambda nb: fit_approach2(
+                sub, params_col=params_col, budgets=budgets, n_bootstrap=nb, seed=arch_seed(seed, arch)
             ),
             # the best 64 grid starts and one start per replicate: the report favours speed, the
             # library's defaults run the full protocol
-            "approach3": lambda: fit_approach3(
-                sub, params_col=params_col, budgets=budgets, n_starts=64, n_bootstrap=bootstrap,
+            "approach3": lambda nb: fit_approach3(
+                sub, params_col=params_col, budgets=budgets, n_starts=64, n_bootstrap=nb,
                 bootstrap_starts=1, seed=arch_seed(seed, arch),
             ),
         }
@@ -238,7 +240,7 @@ def _write_report(runs, metrics, evals, out: Path, figdir: Path, t0: float, *, t
                     skipped.append(f"{key}: not fitted (no training curves for this arch)")
                 else:
                     try:
-                        fits_all[key] = job()
+                        fits_all[key] = fit_on_runs(job, bootstrap, len(sub))
                     except FitError as exc:
                         skipped.append(f"{key}: not fitted ({exc})")
             tick()
@@ -287,7 +289,7 @@ def _write_report(runs, metrics, evals, out: Path, figdir: Path, t0: float, *, t
 
     a3 = {a: fits_all[f"approach3/{a}"] for a in archs if f"approach3/{a}" in fits_all}
     findings = summary_findings(comparison, approach3=a3, niah=niah, throughput=tput, runs=runs,
-                                throughput_baseline=tput_base)
+                                throughput_baseline=tput_base, frontier=frontier)
     seed = seed_study_findings(comparison, niah=niah, throughput=tput)
     losses = loss_table(runs, params_col=params_col) if comparison is None else None
     blocks = _blocks(title, runs, metrics, evals, findings, seed, skipped, figures, captions, fits_all, archs,
@@ -823,7 +825,9 @@ def _fit_table(fits: Mapping[str, FitResult], method: str, archs: list[str],
         ran = "" if stopped is None else f"stopped after {stopped}: "
         row["bootstrap"] = (str(f.n_bootstrap) if not failed else f"{f.n_bootstrap} ({ran}{failed} failed"
                             + ("; intervals unknown)" if "intervals_unknown" in f.details else ")"))
-        if arch in few:
+        if f.details.get("bootstrap_skipped"):  # none ran (fit_on_runs): a count would claim replicates never run
+            row["bootstrap"] = f"skipped ({_runs(few[arch]) + ': ' if arch in few else ''}too few to resample)"
+        elif arch in few:
             row["bootstrap"] = f"{f.n_bootstrap} ({_runs(few[arch])}: intervals unknown)"
         row["converged"] = _fmt(f.converged)
         rows.append(row)

@@ -919,7 +919,7 @@ def fit(
     Example: slab fit --plan isoflop --arch softmax --method 2 --bootstrap 500
     Example: slab fit --csv chinchilla.csv --params-col "Model Size" --flops-col "Training FLOP" --method 3
     """
-    from analysis.compare import arch_seed, unknown_on_few_runs
+    from analysis.compare import arch_seed, fit_on_runs, unknown_on_few_runs
     from analysis.fits import FitError, fit_approach1, fit_approach2, fit_approach3, fit_loss_compute, load_csv
 
     if edges is not None and method not in (Method.frontier, Method.power):
@@ -959,9 +959,11 @@ def fit(
     try:
         with bar:
             if method in (Method.frontier, Method.power):
-                result = fit_loss_compute(runs, metrics=metrics, form="saturating" if method is Method.frontier else "power",
-                                          params_col=pcol, edges=edges or "auto", n_bootstrap=bootstrap, seed=seed,
-                                          progress=progress)
+                form = "saturating" if method is Method.frontier else "power"
+                # no bootstrap where the runs are too few to resample: its intervals would be discarded
+                result = fit_on_runs(lambda nb: fit_loss_compute(runs, metrics=metrics, form=form, params_col=pcol,
+                                                                 edges=edges or "auto", n_bootstrap=nb, seed=seed,
+                                                                 progress=progress), bootstrap, len(runs))
                 if "unidentified" in result.details:
                     err.print(f"[yellow]note:[/] {escape(result.details['unidentified'])}; fitted the runs' envelope "
                               "instead, an upper bound of the frontier (--edges drop refuses)", highlight=False)
@@ -969,11 +971,14 @@ def fit(
                 if metrics is None or metrics.empty:
                     fail("approach 1 needs training curves: " + ("fit runs from the database, not --csv" if csv_file is not None
                          else "these runs recorded none; --method frontier, power, 2 or 3 fit their final points"))
-                result = fit_approach1(runs, metrics, params_col=pcol, n_bootstrap=bootstrap, seed=seed, progress=progress)
+                result = fit_on_runs(lambda nb: fit_approach1(runs, metrics, params_col=pcol, n_bootstrap=nb, seed=seed,
+                                                              progress=progress), bootstrap, len(runs))
             elif method is Method.two:
-                result = fit_approach2(runs, params_col=pcol, n_bootstrap=bootstrap, seed=seed, progress=progress)
+                result = fit_on_runs(lambda nb: fit_approach2(runs, params_col=pcol, n_bootstrap=nb, seed=seed,
+                                                              progress=progress), bootstrap, len(runs))
             else:
-                result = fit_approach3(runs, params_col=pcol, n_bootstrap=bootstrap, seed=seed, progress=progress)
+                result = fit_on_runs(lambda nb: fit_approach3(runs, params_col=pcol, n_bootstrap=nb, seed=seed,
+                                                              progress=progress), bootstrap, len(runs))
     except FitError as exc:
         fail(str(exc))
     result = unknown_on_few_runs(result, len(runs))  # as the report gives them (and stored so)
@@ -1006,6 +1011,8 @@ def _fit_table(result) -> Table:
     ran = result.details.get("bootstrap_stopped_after")  # stopped once most of them had failed
     boots = (f"{result.n_bootstrap} bootstraps" + (f", stopped after {ran}" if ran else "")
              + (f" ({failed} failed{odd})" if failed else ""))
+    if result.details.get("bootstrap_skipped"):  # none ran (fit_on_runs): a count would claim replicates never run
+        boots = "bootstrap skipped: too few runs to resample"
     table = Table(title=f"{result.formula}  ({result.n_points} points, {boots}, converged: {result.converged})")
     for col in ("quantity", "estimate", "95% low", "95% high"):
         table.add_column(col, justify="left" if col == "quantity" else "right")
@@ -1065,6 +1072,11 @@ def compare(
                       "most budgets the best run is the smallest size there", highlight=False)
         for arch_name, message in result.errors.items():
             err.print(f"[yellow]warning:[/] {escape(f'{arch_name}: {message}')}")
+        # an estimate at its bound (E at 0, a flat alpha), as slab fit warns and the report's findings say
+        for arch_name, f in sorted(result.fits.items()):
+            note = f.details.get("at_bound")
+            if note:
+                err.print(f"[yellow]warning:[/] {escape(f'{arch_name}: {note}')}", highlight=False)
     else:  # an ablation at one size, say: what can be shown without a law still is
         losses = loss_table(runs)
         _emit(losses.assign(params=losses["params"].map(si), tokens=losses["tokens"].map(si)).round(4), Format.table,

@@ -174,7 +174,8 @@ def test_fits_json_gives_no_interval_for_an_arch_on_too_few_runs(data, tmp_path)
     soft = data.runs[data.runs["arch"] == "softmax"]
     light = data.runs[data.runs["arch"] == "lightning"].sort_values("flops").iloc[::7].iloc[:4]
     rf = write_report(pd.concat([soft, light]), None, None, tmp_path, bootstrap=20)
-    assert "4 runs: intervals unknown" in rf.report_md.read_text()
+    # no bootstrap was run for it (its intervals would be discarded): the table says so rather than count replicates
+    assert "skipped (4 runs: too few to resample)" in rf.report_md.read_text()
     payload = json.loads(rf.fits_json.read_text())
     few = {k: v for k, v in payload.items() if k.endswith("/lightning")}
     assert set(few) == {"frontier/lightning", "frontier_power/lightning"}
@@ -182,6 +183,7 @@ def test_fits_json_gives_no_interval_for_an_arch_on_too_few_runs(data, tmp_path)
         assert fit["intervals"] and all(v == [None, None] for v in fit["intervals"].values()), key
         assert "rests on 4 runs, too few to resample (at least 5" in fit["details"]["intervals_unknown"], key
         assert fit["estimates"]["alpha"] is not None, key  # the estimates stand
+        assert fit["n_bootstrap"] == 0 and fit["details"]["bootstrap_skipped"] == 20, key
     for key in ("frontier/softmax", "approach3/softmax"):  # 30 runs: their intervals stand
         assert "intervals_unknown" not in payload[key]["details"]
         assert payload[key]["intervals"]["alpha"][0] < payload[key]["intervals"]["alpha"][1], key

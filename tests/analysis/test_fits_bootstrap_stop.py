@@ -176,8 +176,14 @@ def test_slab_fit_says_its_bootstrap_stopped(tmp_path):
 
     url = f"sqlite:///{tmp_path / 'three.db'}"
     engine = open_db(url)
+    # five runs, as slab fit resamples no fewer: the three of _three_budgets and two it dominates (at more compute,
+    # a higher loss), so that a replicate fits only when it draws all three (about 1 in 4 do)
+    C = np.array([2e20, 2e20])
+    N = np.array([1e9, 2e9])
+    runs = pd.concat([_three_budgets(), runs_frame(N, C / (6 * N), np.array([3.0, 3.05]), prefix="dominated")],
+                     ignore_index=True)
     with session(engine) as db:
-        for r in _three_budgets().itertuples(index=False):
+        for r in runs.itertuples(index=False):
             db.add(Run(run_id=r.run_id, arch=r.arch, status="done", params=int(r.params),
                        nonembed_params=int(r.nonembed_params), tokens=int(r.tokens), flops=float(r.flops),
                        final_loss=float(r.final_loss), val_loss=float(r.val_loss), spec={"arch": r.arch}))

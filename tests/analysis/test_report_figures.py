@@ -75,7 +75,7 @@ def test_intervals_the_report_calls_unknown_are_neither_tabulated_nor_drawn(smok
         rows = _table(md, heading)
         assert rows and not any("[" in r for r in rows), rows
     frontier = _table(md, "### Loss vs compute on the frontier: L = E")
-    assert all("3 runs: intervals unknown" in r for r in frontier)
+    assert all("skipped (3 runs: too few to resample)" in r for r in frontier)  # no bootstrap run for them
     ax = figs["loss_vs_compute"].axes[0]
     assert not [c for c in ax.collections if isinstance(c, PolyCollection)]  # no bootstrap band
     assert "no band" in md

@@ -216,12 +216,14 @@ def test_fit_on_few_runs_warns_and_no_bootstrap_prints_no_nan(tmp_path):
 
 def test_fit_says_how_many_replicates_failed_and_when_its_intervals_are_unknown(tmp_path):
     # the count and the unknown intervals had been in the fit's details only: the table looked like any other
-    path = tmp_path / "three.csv"
-    path.write_text("params,tokens,loss\n1e6,2e7,3.1\n2e6,4e7,2.9\n4e6,8e7,2.7\n")
+    # five runs (fewer are not resampled at all): three frontier points and two runs they dominate, so that a replicate
+    # fits only when it draws all three
+    path = tmp_path / "five.csv"
+    path.write_text("params,tokens,loss\n1e8,2e9,3.1\n3e8,6e9,2.8\n1e9,2e10,2.6\n1e9,3.333e10,3.0\n2e9,1.667e10,3.05\n")
     result = invoke("fit", "--csv", path, "--method", "frontier", "--bootstrap", "50")
     assert result.exit_code == 0, result.output
     title = " ".join(result.stdout.split())
-    # with 3 runs most replicates fail: the bootstrap stops once more than half of the 50 have
+    # most replicates fail: the bootstrap stops once more than half of the 50 have
     found = re.search(r"50 bootstraps, stopped after (\d+) \((\d+) failed\)", title)
     assert found and int(found[2]) == 26 and int(found[1]) < 50, result.stdout
     assert "bootstrap replicates could not be fitted" in result.stderr and "intervals" in result.stderr
@@ -382,3 +384,48 @@ def test_edges_help_gives_its_default_as_the_other_options_do(command):
     start = next(i for i, line in enumerate(lines) if "--edges" in line)
     end = next(i for i in range(start + 1, len(lines)) if re.match(r"[│|]\s+-", lines[i]))
     assert "[default: auto]" in " ".join(lines[start:end]), "\n".join(lines[start:end])
+
+
+def test_fit_on_too_few_runs_runs_no_bootstrap_and_says_so(tmp_path):
+    # 200000 replicates had run (17 s) for intervals then discarded, and the title claimed them
+    path = tmp_path / "three.csv"
+    path.write_text("params,tokens,loss\n1e6,2e7,3.1\n2e6,4e7,2.9\n4e6,8e7,2.7\n")
+    result = invoke("fit", "--csv", path, "--bootstrap", "200000")
+    assert result.exit_code == 0, result.output
+    title = " ".join(result.stdout.split())
+    assert "bootstrap skipped: too few runs to resample" in title and "200000" not in title, result.stdout
+    assert result.stdout.count("unknown") == 6
+    stderr = " ".join(result.stderr.split())
+    assert "the fit rests on 3 runs, too few to resample (at least 5 are needed): its intervals are unknown" in stderr
+    assert "could not be fitted" not in stderr
+    # the frontier's floor ran to 0 on these runs: said, as approach 3's is
+    assert "warning: E = " in stderr and "sits at its lower bound 0" in stderr and "every frontier point" in stderr
+    data = json.loads(invoke("fit", "--csv", path, "--bootstrap", "200000", "--json").stdout)
+    assert data["n_bootstrap"] == 0 and data["details"]["bootstrap_skipped"] == 200000
+    assert set(data["intervals"]) == {"E", "A", "alpha"} and all(v == [None, None] for v in data["intervals"].values())
+    assert "at_bound" in data["details"]
+
+
+def test_compare_and_report_skip_the_bootstrap_of_an_arch_on_few_runs(tmp_path):
+    url = _study_db(tmp_path / "few.db", ("softmax", "lightning"), 6)
+    data = json.loads(invoke("--db", url, "compare", "--bootstrap", "7", "--json").stdout)
+    for arch, fit in data["fits"].items():  # 3 runs each: none resampled, none claimed
+        assert fit["n_bootstrap"] == 0 and fit["details"]["bootstrap_skipped"] == 7, arch
+        assert "too few to resample" in fit["details"]["intervals_unknown"], arch
+    result = invoke("--db", url, "report", "--out", tmp_path / "r", "--bootstrap", "7")
+    assert result.exit_code == 0, result.output
+    md = (tmp_path / "r" / "report.md").read_text()
+    assert "skipped (3 runs: too few to resample)" in md and "7 (3 runs" not in md
+    stored = json.loads((tmp_path / "r" / "fits.json").read_text())
+    assert all(f["n_bootstrap"] == 0 for k, f in stored.items() if k != "comparison")
+
+
+def test_compare_warns_of_a_frontier_estimate_at_its_bound(study_db, monkeypatch):
+    import analysis.fits
+
+    note = "E = 1e-13 sits at its lower bound 0"
+    monkeypatch.setattr(analysis.fits, "_note_frontier_at_bound", lambda *a: {"at_bound": note})
+    result = invoke("--db", study_db, "compare", "--bootstrap", "0")
+    assert result.exit_code == 0, result.output
+    stderr = " ".join(result.stderr.split())
+    assert f"warning: lightning: {note}" in stderr and f"warning: softmax: {note}" in stderr
