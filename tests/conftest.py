@@ -177,3 +177,24 @@ def damage_metrics():
                 fh.write(b"\xa5" * page)
         return path
     return damage
+
+
+@pytest.fixture
+def runs_db(tmp_path):
+    """A function that writes finished runs (a frame as analysis.synthetic makes) to a new SQLite file; returns its URL."""
+
+    def make(runs, name: str = "runs.db") -> str:
+        from db.engine import open_db, session
+        from db.schema import Run
+
+        url = f"sqlite:///{tmp_path / name}"
+        engine = open_db(url)
+        with session(engine) as db:
+            for r in runs.itertuples(index=False):
+                db.add(Run(run_id=r.run_id, arch=r.arch, status="done", params=int(r.params),
+                           nonembed_params=int(r.nonembed_params), tokens=int(r.tokens), flops=float(r.flops),
+                           final_loss=float(r.final_loss), val_loss=float(r.val_loss), spec={"arch": r.arch}))
+        engine.dispose()
+        return url
+
+    return make

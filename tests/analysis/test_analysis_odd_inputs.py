@@ -63,36 +63,21 @@ def test_allocation_figure_skips_a_law_with_no_allocation_without_a_runtime_warn
     assert fig is None and "a law constant overflows" in why
 
 
-def _db(path, runs):
-    from db.engine import open_db, session
-    from db.schema import Run
-
-    url = f"sqlite:///{path}"
-    engine = open_db(url)
-    with session(engine) as db:
-        for r in runs.itertuples(index=False):
-            db.add(Run(run_id=r.run_id, arch=r.arch, status="done", params=int(r.params),
-                       nonembed_params=int(r.nonembed_params), tokens=int(r.tokens), flops=float(r.flops),
-                       final_loss=float(r.final_loss), val_loss=float(r.val_loss), spec={"arch": r.arch}))
-    engine.dispose()
-    return url
-
-
-def test_slab_fit_says_why_its_table_holds_nan(tmp_path):
+def test_slab_fit_says_why_its_table_holds_nan(runs_db):
     from sweep.cli import app
 
-    url = _db(tmp_path / "steep.db", random_runs(10, noise=0.1, seed=2, N_range=(1e5, 1e8)))
+    url = runs_db(random_runs(10, noise=0.1, seed=2, N_range=(1e5, 1e8)))
     result = CliRunner().invoke(app, ["--db", url, "fit", "--method", "3", "--bootstrap", "20"])
     assert result.exit_code == 0, result.output
     assert "nan" in result.stdout
     assert "are not finite: B overflows a float" in result.stderr
 
 
-def test_slab_fit_on_flops_that_fall_with_size_is_one_line(tmp_path):
+def test_slab_fit_on_flops_that_fall_with_size_is_one_line(runs_db):
     from sweep.cli import app
 
     runs = grid_runs(5, 5, seed=1)
-    url = _db(tmp_path / "inverse.db", runs.assign(flops=6 * runs["tokens"] * 1e20 / runs["nonembed_params"]))
+    url = runs_db(runs.assign(flops=6 * runs["tokens"] * 1e20 / runs["nonembed_params"]))
     result = CliRunner().invoke(app, ["--db", url, "fit", "--method", "3", "--bootstrap", "0"])
     assert result.exit_code == 2 and "nan" not in result.stdout
     assert "not a training-compute count" in result.stderr and "Traceback" not in result.output

@@ -169,25 +169,16 @@ def test_the_report_table_says_a_bootstrap_stopped(monkeypatch):
     assert table.loc[0, "bootstrap"] == f"200 (stopped after {stopped}: 101 failed; intervals unknown)"
 
 
-def test_slab_fit_says_its_bootstrap_stopped(tmp_path):
-    from db.engine import open_db, session
-    from db.schema import Run
+def test_slab_fit_says_its_bootstrap_stopped(runs_db):
     from sweep.cli import app
 
-    url = f"sqlite:///{tmp_path / 'three.db'}"
-    engine = open_db(url)
     # five runs, as slab fit resamples no fewer: the three of _three_budgets and two it dominates (at more compute,
     # a higher loss), so that a replicate fits only when it draws all three (about 1 in 4 do)
     C = np.array([2e20, 2e20])
     N = np.array([1e9, 2e9])
     runs = pd.concat([_three_budgets(), runs_frame(N, C / (6 * N), np.array([3.0, 3.05]), prefix="dominated")],
                      ignore_index=True)
-    with session(engine) as db:
-        for r in runs.itertuples(index=False):
-            db.add(Run(run_id=r.run_id, arch=r.arch, status="done", params=int(r.params),
-                       nonembed_params=int(r.nonembed_params), tokens=int(r.tokens), flops=float(r.flops),
-                       final_loss=float(r.final_loss), val_loss=float(r.val_loss), spec={"arch": r.arch}))
-    engine.dispose()
+    url = runs_db(runs)
     result = CliRunner().invoke(app, ["--db", url, "fit", "--bootstrap", "200", "--json"])
     assert result.exit_code == 0, result.output
     assert "when the bootstrap stopped," in " ".join(result.stderr.split()), result.stderr
