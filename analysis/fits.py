@@ -1712,14 +1712,11 @@ def _check_bootstrap(result: FitResult) -> FitResult:
     if _mostly_failed(failed, total):
         why = (f", {int(unusable.sum())} of them with a law whose loss does not fall or whose constant overflows"
                if unusable.any() else "")
-        if stopped is None:
-            note = (f"{failed} of {len(s)} bootstrap replicates could not be fitted (their resampled runs do not "
-                    f"identify the law{why}), so the intervals, which would rest on the rest, are unknown")
-        else:
-            note = (f"{failed} of {stopped} bootstrap replicates could not be fitted (their resampled runs do not "
-                    f"identify the law{why}) when the bootstrap stopped, {stopped} of the {total} asked for: more than "
-                    f"half of all {total} fail whatever the others give, so the intervals, which would rest on the "
-                    "rest, are unknown")
+        # a stopped bootstrap's samples are the replicates it ran: len(s) is `stopped` there
+        when = ("" if stopped is None else f" when the bootstrap stopped, {stopped} of the {total} asked for: more "
+                f"than half of all {total} fail whatever the others give")
+        note = (f"{failed} of {len(s)} bootstrap replicates could not be fitted (their resampled runs do not "
+                f"identify the law{why}){when}, so the intervals, which would rest on the rest, are unknown")
         result.intervals = {k: (math.nan, math.nan) for k in result.intervals}
         result.details["intervals_unknown"] = note
         log.info("%s: %s", result.method, note)  # callers show details (slab fit prints it, the report's tables say so)

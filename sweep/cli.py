@@ -960,25 +960,27 @@ def fit(
         with bar:
             if method in (Method.frontier, Method.power):
                 form = "saturating" if method is Method.frontier else "power"
-                # no bootstrap where the runs are too few to resample: its intervals would be discarded
-                result = fit_on_runs(lambda nb: fit_loss_compute(runs, metrics=metrics, form=form, params_col=pcol,
-                                                                 edges=edges or "auto", n_bootstrap=nb, seed=seed,
-                                                                 progress=progress), bootstrap, len(runs))
-                if "unidentified" in result.details:
-                    err.print(f"[yellow]note:[/] {escape(result.details['unidentified'])}; fitted the runs' envelope "
-                              "instead, an upper bound of the frontier (--edges drop refuses)", highlight=False)
+
+                def job(nb: int):
+                    return fit_loss_compute(runs, metrics=metrics, form=form, params_col=pcol, edges=edges or "auto",
+                                            n_bootstrap=nb, seed=seed, progress=progress)
             elif method is Method.one:
                 if metrics is None or metrics.empty:
                     fail("approach 1 needs training curves: " + ("fit runs from the database, not --csv" if csv_file is not None
                          else "these runs recorded none; --method frontier, power, 2 or 3 fit their final points"))
-                result = fit_on_runs(lambda nb: fit_approach1(runs, metrics, params_col=pcol, n_bootstrap=nb, seed=seed,
-                                                              progress=progress), bootstrap, len(runs))
-            elif method is Method.two:
-                result = fit_on_runs(lambda nb: fit_approach2(runs, params_col=pcol, n_bootstrap=nb, seed=seed,
-                                                              progress=progress), bootstrap, len(runs))
+
+                def job(nb: int):
+                    return fit_approach1(runs, metrics, params_col=pcol, n_bootstrap=nb, seed=seed, progress=progress)
             else:
-                result = fit_on_runs(lambda nb: fit_approach3(runs, params_col=pcol, n_bootstrap=nb, seed=seed,
-                                                              progress=progress), bootstrap, len(runs))
+                approach = fit_approach2 if method is Method.two else fit_approach3
+
+                def job(nb: int):
+                    return approach(runs, params_col=pcol, n_bootstrap=nb, seed=seed, progress=progress)
+            # no bootstrap where the runs are too few to resample: its intervals would be discarded
+            result = fit_on_runs(job, bootstrap, len(runs))
+            if "unidentified" in result.details:  # the frontier fit's fallback
+                err.print(f"[yellow]note:[/] {escape(result.details['unidentified'])}; fitted the runs' envelope "
+                          "instead, an upper bound of the frontier (--edges drop refuses)", highlight=False)
     except FitError as exc:
         fail(str(exc))
     result = unknown_on_few_runs(result, len(runs))  # as the report gives them (and stored so)
