@@ -163,6 +163,7 @@ def bench_train(spec: BenchSpec, *, compile: bool | str = False, microbatch: int
     clock and power draw over those steps (``ClockSampler``; Nones where nvidia-smi cannot tell)."""
     import torch
 
+    from models.mixers.softmax import attention_backend
     from models.train import pretrain
 
     rates: list[float] = []
@@ -199,6 +200,8 @@ def bench_train(spec: BenchSpec, *, compile: bool | str = False, microbatch: int
         "mfu_785": fpt * tps / H100_MEASURED_PEAK if device.startswith("cuda") else None,
         **clock.summary(),
         "final_loss": summary.final_loss,
+        # Which kernels the softmax layers ran on (fa4 where flash-attn-4 is installed on a Hopper GPU, else sdpa).
+        "attention": attention_backend(device, head_dim=cfg.head_dim) if "S" in cfg.layer_kinds else None,
         "device": torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu",
     }
 

@@ -1265,16 +1265,17 @@ def bench_train_cmd(
         mfu = f", MFU {r['mfu_989']:.1%} of 989, {r['mfu_785']:.1%} of 785" if r["mfu_989"] is not None else " (CPU: no MFU)"
         gpu = f", SM clock {r['sm_clock_mhz']:.0f} MHz at {r['power_w']:.0f} W" if r["sm_clock_mhz"] is not None else ""
         shape = f"d {spec.d_model} x {spec.n_layers} layers, vocab {spec.vocab_size}"  # what --params resolved to
-        out.print(f"{a} T={t} ({shape}): {r['tokens_per_s']:,.0f} tokens/s{mfu}{gpu}")
+        attention = f", softmax attention on {r['attention'].upper()}" if r["attention"] else ""
+        out.print(f"{a} T={t} ({shape}): {r['tokens_per_s']:,.0f} tokens/s{mfu}{gpu}{attention}")
     frame = pd.DataFrame(rows)
     if out_csv:
         from analysis.bench_figures import bench_figure
 
         frame.to_csv(out_csv, index=False)
         out.print(f"wrote {out_csv} and {bench_figure(out_csv)}", markup=False)
-    _emit(frame[["arch", "seq_len", "params", "microbatch", "compile", "fused", "tokens_per_s", "mfu_989", "mfu_785",
-                 "sm_clock_mhz", "power_w"]].round(4), Format.table, title="training throughput",
-          optional=("power_w", "sm_clock_mhz", "mfu_785", "fused", "compile", "microbatch"),
+    _emit(frame[["arch", "seq_len", "params", "microbatch", "compile", "fused", "attention", "tokens_per_s", "mfu_989",
+                 "mfu_785", "sm_clock_mhz", "power_w"]].round(4), Format.table, title="training throughput",
+          optional=("power_w", "sm_clock_mhz", "mfu_785", "attention", "fused", "compile", "microbatch"),
           hint=f"{out_csv} holds every column" if out_csv else "--out FILE writes every column")
 
 

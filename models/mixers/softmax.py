@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels.flash_attention import flash4_attention, flash4_usable
 from models.config import ModelConfig
 
 ROPE_BASE = 10_000.0
@@ -35,10 +36,18 @@ class _StackedCausalSDPA(torch.autograd.Function):
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Causal SDPA over (B, H, T, D); one fused call for all members when vmapped over stacked models."""
+    """Causal attention over (B, H, T, D): FlashAttention 4 where installed and usable (a Hopper GPU), else SDPA;
+    one fused SDPA call for all members when vmapped over stacked models."""
     if torch._C._functorch.is_batchedtensor(q):
         return _StackedCausalSDPA.apply(q, k, v)
+    if flash4_usable(q):
+        return flash4_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
     return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+def attention_backend(device: str | torch.device, dtype: torch.dtype = torch.bfloat16, head_dim: int = 64) -> str:
+    """Which kernels ``causal_attention`` runs on for queries of this device, dtype and head width: fa4 or sdpa."""
+    return "fa4" if flash4_usable(torch.empty(0, head_dim, device=device, dtype=dtype)) else "sdpa"
 
 
 @torch.library.custom_op("slab::rope_table", mutates_args=())

@@ -1,0 +1,145 @@
+"""Softmax attention on FlashAttention 4's Hopper kernels (the flash-attn-4 package, CuTe DSL) against SDPA's cuDNN
+and flash backends, at the 135M model's attention shape; and the 135M model trained on each (issue 8's 50% MFU).
+
+    python docs/bench/fa4_study.py micro           # each backend checked against fp32 math, then timed (do_bench)
+    python docs/bench/fa4_study.py train sdpa|fa4  # the README's training command, attention on that backend
+
+flash-attn-4 is not a dependency of scalinglab: this script needs it installed beside torch (its wheels and their
+needs, nvidia-cutlass-dsl and cuda-bindings, are too large for one device carry; see kernels.md for how it ran).
+"""
+
+import json
+import sys
+
+import torch
+import torch.nn.functional as F
+
+B, T, H, D = 64, 2048, 12, 64  # one microbatch of the README's command: 64 sequences of 2048, 12 heads of 64
+
+
+@torch.library.custom_op("slab_study::fa4_fwd", mutates_args=())
+def fa4_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal attention over (B, T, H, D): the output and the rows' log-sum-exp (B, H, T), fp32."""
+    from flash_attn.cute.interface import _flash_attn_fwd
+
+    out, lse, *_ = _flash_attn_fwd(q, k, v, causal=True, return_lse=True)
+    return out, lse
+
+
+@fa4_fwd.register_fake
+def _(q, k, v):
+    return torch.empty_like(q), q.new_empty(q.shape[0], q.shape[2], q.shape[1], dtype=torch.float32)
+
+
+@torch.library.custom_op("slab_study::fa4_bwd", mutates_args=())
+def fa4_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, dout: torch.Tensor,
+            lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dq, dk, dv of fa4_fwd's causal attention."""
+    from flash_attn.cute.interface import _flash_attn_bwd
+
+    dq, dk, dv = _flash_attn_bwd(q, k, v, out, dout, lse, causal=True)
+    return dq, dk, dv
+
+
+@fa4_bwd.register_fake
+def _(q, k, v, out, dout, lse):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs, *output)
+
+
+def _backward(ctx, dout, dlse):
+    q, k, v, out, lse = ctx.saved_tensors
+    return fa4_bwd(q, k, v, out, dout.contiguous(), lse)
+
+
+fa4_fwd.register_autograd(_backward, setup_context=_setup)
+
+
+def fa4_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Causal attention over (B, T, H, D) tensors on FA4, (B, T, H, D) out."""
+    return fa4_fwd(q.contiguous(), k.contiguous(), v.contiguous())[0]
+
+
+def sdpa_attention(q, k, v, backend):
+    """Causal SDPA on (B, T, H, D) tensors handed over as (B, H, T, D) views, as the model does."""
+    from torch.nn.attention import sdpa_kernel
+
+    with sdpa_kernel([backend]):
+        return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                              is_causal=True).transpose(1, 2)
+
+
+def _backends():
+    from torch.nn.attention import SDPBackend
+
+    return {"cudnn": lambda q, k, v: sdpa_attention(q, k, v, SDPBackend.CUDNN_ATTENTION),
+            "flash2": lambda q, k, v: sdpa_attention(q, k, v, SDPBackend.FLASH_ATTENTION),
+            "fa4": fa4_attention}
+
+
+def micro() -> None:
+    """Check every backend's output and gradients against fp32 math, then time forward and forward+backward."""
+    from triton.testing import do_bench
+
+    torch.manual_seed(0)
+    backends = _backends()
+    # Correctness on a small batch, against fp32 math on the same bf16 inputs.
+    q, k, v = (torch.randn(2, T, H, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    dy = torch.randn(2, T, H, D, device="cuda", dtype=torch.bfloat16)
+    qf, kf, vf = (x.detach().float().requires_grad_() for x in (q, k, v))
+    ref = F.scaled_dot_product_attention(qf.transpose(1, 2), kf.transpose(1, 2), vf.transpose(1, 2),
+                                         is_causal=True).transpose(1, 2)
+    ref.backward(dy.float())
+    for name, fn in {**backends, "fa4 compiled": torch.compile(fa4_attention)}.items():
+        for x in (q, k, v):
+            x.grad = None
+        y = fn(q, k, v)
+        y.backward(dy)
+        errs = {n: (a.float() - b).abs().max().item() / b.abs().max().item()
+                for n, a, b in (("y", y, ref), ("dq", q.grad, qf.grad), ("dk", k.grad, kf.grad), ("dv", v.grad, vf.grad))}
+        ok = all(e < 2e-2 for e in errs.values())
+        print("CHECK", json.dumps({"backend": name, "ok": ok, **{n: round(e, 5) for n, e in errs.items()}}), flush=True)
+    # Timing at the training shape; causal attention's FLOPs: 4 T^2 D H B / 2 forward, 2.5x that for the backward.
+    fwd_flops = 4 * B * H * T * T * D / 2
+    q, k, v = (torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    dy = torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16)
+    for rnd in (1, 2):
+        for name, fn in backends.items():
+            fwd = do_bench(lambda: fn(q, k, v), warmup=50, rep=300)
+            y = fn(q, k, v)
+            bwd_graph = lambda: torch.autograd.grad(fn(q, k, v), (q, k, v), dy)  # noqa: E731
+            both = do_bench(bwd_graph, warmup=50, rep=300)
+            print("TIME", json.dumps({"round": rnd, "backend": name, "fwd_ms": round(fwd, 3), "fwd_bwd_ms": round(both, 3),
+                                      "fwd_tflops": round(fwd_flops / fwd / 1e9, 1),
+                                      "fwd_bwd_tflops": round(3.5 * fwd_flops / both / 1e9, 1)}), flush=True)
+            del y
+
+
+def train(backend: str, steps: int = 30) -> None:
+    """The README's 135M softmax training command with attention on `backend` (sdpa: cuDNN, as the model has it)."""
+    import models.bench as mb
+    import models.mixers.softmax as sm
+
+    if backend == "fa4":
+        # The model hands (B, H, T, D) views of (B, T, H, D) memory; FA4 takes the (B, T, H, D) tensors.
+        sm.causal_attention = lambda q, k, v: fa4_attention(q.transpose(1, 2), k.transpose(1, 2),
+                                                            v.transpose(1, 2)).transpose(1, 2)
+    elif backend != "sdpa":
+        sys.exit(f"train: backend must be sdpa or fa4; got {backend!r}")
+    spec = mb.bench_spec("softmax", "135M", T, 131072 // T, steps)
+    r = mb.bench_train(spec, compile="reduce-overhead", microbatch=64)
+    print("RESULT", json.dumps({"backend": backend, "tps": r["tokens_per_s"], "mfu": r["mfu_989"],
+                                "loss": r["final_loss"], "mhz": r.get("sm_clock_mhz")}), flush=True)
+
+
+if __name__ == "__main__":
+    command, *args = sys.argv[1:] or ["help"]
+    if command == "micro" and not args:
+        micro()
+    elif command == "train" and len(args) == 1:
+        train(args[0])
+    else:
+        sys.exit(__doc__)
