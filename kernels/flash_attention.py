@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 
 import torch
 
@@ -24,6 +25,9 @@ CAPABILITIES = ((9, 0),)
 @functools.cache
 def _interface():
     """FA4's interface module, or None where flash-attn-4 or what it needs does not import."""
+    # FA4 compiles its kernels when a process first meets a shape (about 35 s for the 135M model's forward and
+    # backward on an H100): its disk cache, off by default, lets every later process (each run of a sweep) load them.
+    os.environ.setdefault("FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED", "1")
     try:
         from flash_attn.cute import interface
     except Exception as exc:  # a beta package: any import failure falls back to SDPA rather than failing training

@@ -4,6 +4,9 @@ and flash backends, at the 135M model's attention shape; and the 135M model trai
     python docs/bench/fa4_study.py micro           # each backend checked against fp32 math, then timed (do_bench)
     python docs/bench/fa4_study.py train sdpa|fa4  # the README's training command, attention on that backend
 
+The first measurements (kernels.md, 2026-12-07) ran this script before the mixer took FA4 itself (90edb17), with
+`fa4_attention` below patched in as the mixer's attention; the mixer's own wrapper is kernels/flash_attention.py.
+
 flash-attn-4 is not a dependency of scalinglab: this script needs it installed beside torch (its wheels and their
 needs, nvidia-cutlass-dsl and cuda-bindings, are too large for one device carry; see kernels.md for how it ran).
 """
@@ -119,19 +122,19 @@ def micro() -> None:
 
 
 def train(backend: str, steps: int = 30) -> None:
-    """The README's 135M softmax training command with attention on `backend` (sdpa: cuDNN, as the model has it)."""
+    """The README's 135M softmax training command with attention on `backend`: fa4, or sdpa (cuDNN)."""
     import models.bench as mb
     import models.mixers.softmax as sm
 
-    if backend == "fa4":
-        # The model hands (B, H, T, D) views of (B, T, H, D) memory; FA4 takes the (B, T, H, D) tensors.
-        sm.causal_attention = lambda q, k, v: fa4_attention(q.transpose(1, 2), k.transpose(1, 2),
-                                                            v.transpose(1, 2)).transpose(1, 2)
-    elif backend != "sdpa":
+    if backend == "sdpa":
+        sm.flash4_usable = lambda q: False  # the mixer takes FA4 wherever it is installed
+    elif backend != "fa4":
         sys.exit(f"train: backend must be sdpa or fa4; got {backend!r}")
+    elif sm.attention_backend("cuda") != "fa4":
+        sys.exit("train fa4: flash-attn-4 is not usable here (installed, on a Hopper GPU?)")
     spec = mb.bench_spec("softmax", "135M", T, 131072 // T, steps)
     r = mb.bench_train(spec, compile="reduce-overhead", microbatch=64)
-    print("RESULT", json.dumps({"backend": backend, "tps": r["tokens_per_s"], "mfu": r["mfu_989"],
+    print("RESULT", json.dumps({"backend": backend, "ran": r["attention"], "tps": r["tokens_per_s"], "mfu": r["mfu_989"],
                                 "loss": r["final_loss"], "mhz": r.get("sm_clock_mhz")}), flush=True)
 
 
