@@ -1,5 +1,5 @@
 """Causal softmax attention on FlashAttention 4's kernels (the optional flash-attn-4 package, written in CuTe DSL),
-for the softmax mixer where they apply: a Hopper GPU, bf16 or fp16, a head width of 8 to 256.
+for the softmax mixer where they apply: a Hopper GPU, bf16 or fp16, heads of 64 or 128.
 
 On an H100 its forward + backward at the 135M model's shape (64 sequences of 2048, 12 heads of 64) took 3.85-3.97 ms
 against 4.35-4.44 ms for cuDNN's through SDPA, and the model trained 2% faster (docs/bench/kernels.md). Installed with
@@ -20,6 +20,8 @@ log = logging.getLogger(__name__)
 
 #: GPUs (compute capability) where FA4 is taken: measured against cuDNN on Hopper only.
 CAPABILITIES = ((9, 0),)
+#: Head widths FA4 is taken for: its tuned Hopper sizes (64 measured, docs/bench/kernels.md); others stay on SDPA.
+HEAD_DIMS = (64, 128)
 
 
 @functools.cache
@@ -43,9 +45,8 @@ def _ready(device_index: int) -> bool:
 
 
 def flash4_usable(q: torch.Tensor) -> bool:
-    """Whether ``flash4_attention`` takes this query: CUDA, bf16 or fp16, a head width FA4 supports, FA4 installed."""
-    d = q.shape[-1]
-    return (q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and d % 8 == 0 and 8 <= d <= 256
+    """Whether ``flash4_attention`` takes this query: CUDA, bf16 or fp16, a head width of HEAD_DIMS, FA4 installed."""
+    return (q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and q.shape[-1] in HEAD_DIMS
             and _ready(q.device.index if q.device.index is not None else torch.cuda.current_device()))
 
 
