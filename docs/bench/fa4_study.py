@@ -3,9 +3,11 @@ and flash backends, at the 135M model's attention shape; and the 135M model trai
 
     python docs/bench/fa4_study.py micro           # each backend checked against fp32 math, then timed (do_bench)
     python docs/bench/fa4_study.py train sdpa|fa4  # the README's training command, attention on that backend
+    python docs/bench/fa4_study.py shapes          # the mixer's attention on FA4 against SDPA at odd shapes
 
-The first measurements (kernels.md, 2026-12-07) ran this script before the mixer took FA4 itself (90edb17), with
-`fa4_attention` below patched in as the mixer's attention; the mixer's own wrapper is kernels/flash_attention.py.
+The first measurements (kernels.md, 2026-12-07) ran this script's first version (commit 90edb17) on 51fe8d2, before
+the mixer took FA4 itself: it held its own copy of kernels/flash_attention.py's custom ops and patched them in as the
+mixer's attention.
 
 flash-attn-4 is not a dependency of scalinglab: this script needs it installed beside torch (its wheels and their
 needs, nvidia-cutlass-dsl and cuda-bindings, are too large for one device carry; see kernels.md for how it ran).
@@ -17,53 +19,9 @@ import sys
 import torch
 import torch.nn.functional as F
 
+from kernels.flash_attention import flash4_attention
+
 B, T, H, D = 64, 2048, 12, 64  # one microbatch of the README's command: 64 sequences of 2048, 12 heads of 64
-
-
-@torch.library.custom_op("slab_study::fa4_fwd", mutates_args=())
-def fa4_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Causal attention over (B, T, H, D): the output and the rows' log-sum-exp (B, H, T), fp32."""
-    from flash_attn.cute.interface import _flash_attn_fwd
-
-    out, lse, *_ = _flash_attn_fwd(q, k, v, causal=True, return_lse=True)
-    return out, lse
-
-
-@fa4_fwd.register_fake
-def _(q, k, v):
-    return torch.empty_like(q), q.new_empty(q.shape[0], q.shape[2], q.shape[1], dtype=torch.float32)
-
-
-@torch.library.custom_op("slab_study::fa4_bwd", mutates_args=())
-def fa4_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, dout: torch.Tensor,
-            lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """dq, dk, dv of fa4_fwd's causal attention."""
-    from flash_attn.cute.interface import _flash_attn_bwd
-
-    dq, dk, dv = _flash_attn_bwd(q, k, v, out, dout, lse, causal=True)
-    return dq, dk, dv
-
-
-@fa4_bwd.register_fake
-def _(q, k, v, out, dout, lse):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-
-
-def _setup(ctx, inputs, output):
-    ctx.save_for_backward(*inputs, *output)
-
-
-def _backward(ctx, dout, dlse):
-    q, k, v, out, lse = ctx.saved_tensors
-    return fa4_bwd(q, k, v, out, dout.contiguous(), lse)
-
-
-fa4_fwd.register_autograd(_backward, setup_context=_setup)
-
-
-def fa4_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Causal attention over (B, T, H, D) tensors on FA4, (B, T, H, D) out."""
-    return fa4_fwd(q.contiguous(), k.contiguous(), v.contiguous())[0]
 
 
 def sdpa_attention(q, k, v, backend):
@@ -80,7 +38,7 @@ def _backends():
 
     return {"cudnn": lambda q, k, v: sdpa_attention(q, k, v, SDPBackend.CUDNN_ATTENTION),
             "flash2": lambda q, k, v: sdpa_attention(q, k, v, SDPBackend.FLASH_ATTENTION),
-            "fa4": fa4_attention}
+            "fa4": flash4_attention}
 
 
 def micro() -> None:
@@ -96,7 +54,7 @@ def micro() -> None:
     ref = F.scaled_dot_product_attention(qf.transpose(1, 2), kf.transpose(1, 2), vf.transpose(1, 2),
                                          is_causal=True).transpose(1, 2)
     ref.backward(dy.float())
-    for name, fn in {**backends, "fa4 compiled": torch.compile(fa4_attention)}.items():
+    for name, fn in {**backends, "fa4 compiled": torch.compile(flash4_attention)}.items():
         for x in (q, k, v):
             x.grad = None
         y = fn(q, k, v)
@@ -121,6 +79,32 @@ def micro() -> None:
             del y
 
 
+def shapes() -> None:
+    """The mixer's own attention (FA4 where usable) against SDPA's at shapes other than training's: lengths that are
+    not a multiple of FA4's tiles, one token, heads of 128, with and without gradients."""
+    import models.mixers.softmax as sm
+
+    torch.manual_seed(0)
+    for b, t, h, d in ((3, 37, 4, 64), (1, 1, 2, 64), (2, 300, 2, 128), (5, 2048, 6, 64)):
+        q, k, v = (torch.randn(b, h, t, d, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+        dy = torch.randn(b, h, t, d, device="cuda", dtype=torch.bfloat16)
+        row = {"shape": [b, t, h, d], "ran": "fa4" if sm.flash4_usable(q) else "sdpa"}
+        try:
+            y = sm.causal_attention(q, k, v)
+            grads = torch.autograd.grad(y, (q, k, v), dy)
+        except Exception as exc:  # a shape FA4 refuses: say so and go on to the next
+            print("SHAPE", json.dumps({**row, "ok": False, "error": f"{type(exc).__name__}: {exc}"[:300]}), flush=True)
+            continue
+        y_ref = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        grads_ref = torch.autograd.grad(y_ref, (q, k, v), dy)
+        for name, a, r in zip(("y", "dq", "dk", "dv"), (y, *grads), (y_ref, *grads_ref)):
+            row[name] = round(((a.float() - r.float()).abs().max() / r.float().abs().max().clamp_min(1e-6)).item(), 5)
+        with torch.no_grad():
+            row["no_grad_same"] = bool(torch.equal(sm.causal_attention(q, k, v), y))
+        row["ok"] = all(row[n] < 2e-2 for n in ("y", "dq", "dk", "dv"))
+        print("SHAPE", json.dumps(row), flush=True)
+
+
 def train(backend: str, steps: int = 30) -> None:
     """The README's 135M softmax training command with attention on `backend`: fa4, or sdpa (cuDNN)."""
     import models.bench as mb
@@ -142,6 +126,8 @@ if __name__ == "__main__":
     command, *args = sys.argv[1:] or ["help"]
     if command == "micro" and not args:
         micro()
+    elif command == "shapes" and not args:
+        shapes()
     elif command == "train" and len(args) == 1:
         train(args[0])
     else:
