@@ -13,6 +13,13 @@ def test_bench_train_reports_speed_and_writes_a_profile(tmp_path):
     assert result["final_loss"] > 0
     table = profile.read_text()
     assert "Self CPU" in table and "aten::" in table  # ops of the profiled training steps
+    assert result["attention"] is None  # no softmax layer
+
+
+@pytest.mark.parametrize("arch", ["softmax", "hybrid"])
+def test_bench_train_says_which_attention_the_softmax_layers_ran_on(arch):
+    spec = bench_spec(arch, "30K", seq_len=32, batch_size=2, steps=6, vocab=260)
+    assert bench_train(spec, device="cpu")["attention"] == "sdpa"  # FA4 is taken on a Hopper GPU only
 
 
 @pytest.mark.parametrize("args, named", [(["--params", "30Q"], "'30Q'"), (["--compile-mode", "fast"], "'fast'"),
