@@ -113,3 +113,14 @@ def test_softmax_mixer_takes_flash4_only_where_usable(fake_fa4, monkeypatch):
     assert fake_fa4 == {"fwd": 1, "bwd": 1}
     torch.testing.assert_close(y, y_sdpa, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(g, g_sdpa, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("installed", [True, False])
+def test_the_gate_is_a_constant_to_torch_compile(fake_fa4, monkeypatch, installed):
+    # On a GPU the gate runs while torch.compile traces the mixer: a graph break there would split every softmax layer.
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: (9, 0))
+    if not installed:
+        monkeypatch.setattr(fa, "_interface", lambda: None)
+    torch._dynamo.reset()  # the gate's value is baked into the graph unguarded: a fresh trace for each case
+    fn = torch.compile(lambda x: x + 1 if fa._ready(0) else x - 1, backend="eager", fullgraph=True)
+    assert fn(torch.zeros(2)).tolist() == ([1.0, 1.0] if installed else [-1.0, -1.0])
