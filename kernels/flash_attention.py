@@ -9,6 +9,7 @@ against 4.35-4.44 ms for cuDNN's through SDPA, and the model trained 2% faster (
 from __future__ import annotations
 
 import functools
+import importlib.util
 import logging
 import os
 
@@ -27,13 +28,21 @@ HEAD_DIMS = (64, 128)
 @functools.cache
 def _interface():
     """FA4's interface module, or None where flash-attn-4 or what it needs does not import."""
+    try:  # flash_attn alone may be FlashAttention 2, which has no cute module: not installed, as far as FA4 goes
+        installed = importlib.util.find_spec("flash_attn.cute") is not None
+    except Exception:  # its parent package failed to import
+        installed = False
+    if not installed:
+        return None
     # FA4 compiles its kernels when a process first meets a shape (about 35 s for the 135M model's forward and
     # backward on an H100): its disk cache, off by default, lets every later process (each run of a sweep) load them.
     os.environ.setdefault("FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED", "1")
     try:
         from flash_attn.cute import interface
     except Exception as exc:  # a beta package: any import failure falls back to SDPA rather than failing training
-        log.debug("flash-attn-4 not usable (%s: %s); softmax attention runs on SDPA", type(exc).__name__, exc)
+        # Installed but broken (another CUDA, a missing library): said once, since it costs the user its speed.
+        log.warning("flash-attn-4 is installed but does not import (%s: %s); softmax attention runs on SDPA",
+                    type(exc).__name__, exc)
         return None
     return interface
 
