@@ -1,4 +1,5 @@
-"""Triton kernels beside their naive PyTorch references; knows nothing of models."""
+"""Triton kernels beside their naive PyTorch references, and the wrapper of FlashAttention 4's (flash_attention.py);
+knows nothing of models."""
 
 from .linear_attention import linear_attention, linear_attention_packed
 
