@@ -53,10 +53,15 @@ def _ready(device_index: int) -> bool:
     return torch.cuda.get_device_capability(device_index) in CAPABILITIES and _interface() is not None
 
 
+def flash4_takes(device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
+    """Whether FA4 takes queries of this device, dtype and head width: CUDA, bf16 or fp16, HEAD_DIMS, FA4 installed."""
+    return (device.type == "cuda" and dtype in (torch.bfloat16, torch.float16) and head_dim in HEAD_DIMS
+            and _ready(device.index if device.index is not None else torch.cuda.current_device()))
+
+
 def flash4_usable(q: torch.Tensor) -> bool:
-    """Whether ``flash4_attention`` takes this query: CUDA, bf16 or fp16, a head width of HEAD_DIMS, FA4 installed."""
-    return (q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and q.shape[-1] in HEAD_DIMS
-            and _ready(q.device.index if q.device.index is not None else torch.cuda.current_device()))
+    """Whether ``flash4_attention`` takes this query (``flash4_takes`` of its device, dtype and head width)."""
+    return flash4_takes(q.device, q.dtype, q.shape[-1])
 
 
 def _forward(q, k, v):

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.flash_attention import flash4_attention, flash4_usable
+from kernels.flash_attention import flash4_attention, flash4_takes, flash4_usable
 from models.config import ModelConfig
 
 ROPE_BASE = 10_000.0
@@ -47,7 +47,7 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
 
 def attention_backend(device: str | torch.device, dtype: torch.dtype = torch.bfloat16, head_dim: int = 64) -> str:
     """Which kernels ``causal_attention`` runs on for queries of this device, dtype and head width: fa4 or sdpa."""
-    return "fa4" if flash4_usable(torch.empty(0, head_dim, device=device, dtype=dtype)) else "sdpa"
+    return "fa4" if flash4_takes(torch.device(device), dtype, head_dim) else "sdpa"
 
 
 @torch.library.custom_op("slab::rope_table", mutates_args=())
