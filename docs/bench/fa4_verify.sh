@@ -22,11 +22,12 @@ nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,power.limit --format=cs
 CMD=(python -m sweep.cli bench train --arch softmax --params 135M --seq-len 2048 --compile-mode reduce-overhead
      --tokens-per-step 131072 --microbatch 64 --steps 30)
 EAGER=(python -m sweep.cli bench train --arch softmax --arch hybrid --params 135M --seq-len 2048 --steps 12)
+# In order of need, should the device time end mid-call: one round of each, the shapes, the eager path, a second round.
 step fa4_1 150 "$FA4" "${CMD[@]}" --out "$out/train_135m_fa4_1.csv"
-step shapes 90 "$FA4" python docs/bench/fa4_study.py shapes
 step sdpa_1 90 "$BASE" "${CMD[@]}" --out "$out/train_135m_sdpa_1.csv"
+step shapes 90 "$FA4" python docs/bench/fa4_study.py shapes
+step eager_fa4_1 120 "$FA4" "${EAGER[@]}"
+step eager_fa4_2 90 "$FA4" "${EAGER[@]}"
 step fa4_2 90 "$FA4" "${CMD[@]}" --out "$out/train_135m_fa4_2.csv"
 step sdpa_2 90 "$BASE" "${CMD[@]}" --out "$out/train_135m_sdpa_2.csv"
-step eager_fa4_1 90 "$FA4" "${EAGER[@]}"
-step eager_fa4_2 90 "$FA4" "${EAGER[@]}"
 ls -la "/tmp/$(whoami)/flash_attention_cute_dsl_cache" > "$out/cache_ls.txt" 2>&1
