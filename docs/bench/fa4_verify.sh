@@ -25,7 +25,7 @@ EAGER=(python -m sweep.cli bench train --arch softmax --arch hybrid --params 135
 # In order of need, should the device time end mid-call: one round of each, the shapes, the eager path, a second round.
 step fa4_1 150 "$FA4" "${CMD[@]}" --out "$out/train_135m_fa4_1.csv"
 step sdpa_1 90 "$BASE" "${CMD[@]}" --out "$out/train_135m_sdpa_1.csv"
-step shapes 90 "$FA4" python docs/bench/fa4_study.py shapes
+step shapes 150 "$FA4" python docs/bench/fa4_study.py shapes
 step eager_fa4_1 120 "$FA4" "${EAGER[@]}"
 step eager_fa4_2 90 "$FA4" "${EAGER[@]}"
 step fa4_2 90 "$FA4" "${CMD[@]}" --out "$out/train_135m_fa4_2.csv"
