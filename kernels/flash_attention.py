@@ -12,6 +12,7 @@ import functools
 import importlib.util
 import logging
 import os
+import warnings
 
 import torch
 
@@ -44,6 +45,11 @@ def _interface():
         log.warning("flash-attn-4 is installed but does not import (%s: %s); softmax attention runs on SDPA",
                     type(exc).__name__, exc)
         return None
+    # The CuTe DSL warns, twice per machine as it first compiles FA4's kernels, that it cannot take FA4's aux_data (the
+    # score and mask modifiers' tensors, empty for the plain causal attention asked here) as a JIT argument: harmless
+    # here (the outputs matched SDPA's on an H100), and it would read as a fault in the user's first training run.
+    warnings.filterwarnings("ignore", category=UserWarning,
+                            message=r"Argument aux_data \(position \d+\) cannot be converted to a JitArgument")
     return interface
 
 

@@ -160,3 +160,26 @@ def test_fa4_not_installed_is_no_warning(monkeypatch, caplog):
     finally:
         fa._interface.cache_clear()
     assert not caplog.records
+
+
+def test_fa4_compile_warning_about_aux_data_is_silenced_and_no_other(monkeypatch):
+    import importlib.util
+    import sys
+    import warnings
+
+    interface = SimpleNamespace()
+    monkeypatch.setitem(sys.modules, "flash_attn", SimpleNamespace(__path__=[]))
+    monkeypatch.setitem(sys.modules, "flash_attn.cute", SimpleNamespace(interface=interface))
+    monkeypatch.setitem(sys.modules, "flash_attn.cute.interface", interface)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object())
+    fa._interface.cache_clear()
+    try:
+        with warnings.catch_warnings(record=True) as seen:  # restores the filters the wrapper adds
+            warnings.simplefilter("always")
+            assert fa._interface() is interface
+            warnings.warn("Argument aux_data (position 17) cannot be converted to a JitArgument for function 'x'",
+                          UserWarning)
+            warnings.warn("Argument scale (position 3) cannot be converted to a JitArgument", UserWarning)
+    finally:
+        fa._interface.cache_clear()
+    assert [str(w.message) for w in seen] == ["Argument scale (position 3) cannot be converted to a JitArgument"]
