@@ -172,6 +172,7 @@ def test_fa4_compile_warning_about_aux_data_is_silenced_and_no_other(monkeypatch
     monkeypatch.setitem(sys.modules, "flash_attn.cute", SimpleNamespace(interface=interface))
     monkeypatch.setitem(sys.modules, "flash_attn.cute.interface", interface)
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object())
+    monkeypatch.delenv("FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED", raising=False)  # the wrapper sets it; undone after
     fa._interface.cache_clear()
     try:
         with warnings.catch_warnings(record=True) as seen:  # restores the filters the wrapper adds
