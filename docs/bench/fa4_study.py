@@ -70,13 +70,11 @@ def micro() -> None:
     for rnd in (1, 2):
         for name, fn in backends.items():
             fwd = do_bench(lambda: fn(q, k, v), warmup=50, rep=300)
-            y = fn(q, k, v)
             bwd_graph = lambda: torch.autograd.grad(fn(q, k, v), (q, k, v), dy)  # noqa: E731
             both = do_bench(bwd_graph, warmup=50, rep=300)
             print("TIME", json.dumps({"round": rnd, "backend": name, "fwd_ms": round(fwd, 3), "fwd_bwd_ms": round(both, 3),
                                       "fwd_tflops": round(fwd_flops / fwd / 1e9, 1),
                                       "fwd_bwd_tflops": round(3.5 * fwd_flops / both / 1e9, 1)}), flush=True)
-            del y
 
 
 def shapes() -> None:
