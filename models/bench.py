@@ -155,16 +155,22 @@ def _gpu_id(device: str) -> str | None:
 
 
 def bench_train(spec: BenchSpec, *, compile: bool | str = False, microbatch: int | None = None, device: str = "cuda",
-                profile: Path | None = None, fused: bool = False) -> dict:
+                profile: Path | None = None, fused: bool = False, kernels: str | None = None) -> dict:
     """Train ``spec`` with ``pretrain`` and report the median tokens/s of the second half of the steps and MFU;
     with ``profile``, also write torch.profiler's table of the ops that took the most time over three steps
     of the second half there. ``fused`` runs all the LM shell's fused Triton kernels (norms, SwiGLU, head +
-    loss) even when compiled, where training fuses only the head + loss by default. On a GPU, also the mean SM
-    clock and power draw over those steps (``ClockSampler``; Nones where nvidia-smi cannot tell)."""
+    loss) even when compiled, where training fuses only the head + loss by default; ``kernels`` names the LM's
+    kernels outright (models.lm.KERNELS; None: training's default). On a GPU, also the mean SM clock and power draw
+    over those steps (``ClockSampler``; Nones where nvidia-smi cannot tell)."""
     import torch
 
+    from kernels.gemm_epilogue import epilogues_ready
     from models.mixers.softmax import attention_backend
     from models.train import pretrain
+
+    if fused and kernels not in (None, "auto"):
+        raise ValueError(f"fused runs the 'auto' kernels; got kernels {kernels!r} as well")
+    kernels = "auto" if fused else kernels
 
     rates: list[float] = []
     profiler = _step_profiler(spec.steps, device) if profile else contextlib.nullcontext()
@@ -182,7 +188,7 @@ def bench_train(spec: BenchSpec, *, compile: bool | str = False, microbatch: int
 
     with tempfile.TemporaryDirectory() as ckpt, profiler, clock:
         summary = pretrain(spec, reporter, ckpt, device=device, microbatch=microbatch, compile=compile,
-                           ckpt_every_steps=10**9, ckpt_every_s=1e9, kernels="auto" if fused else None)
+                           ckpt_every_steps=10**9, ckpt_every_s=1e9, kernels=kernels)
     if profile:
         key = "self_cuda_time_total" if device.startswith("cuda") else "self_cpu_time_total"
         Path(profile).parent.mkdir(parents=True, exist_ok=True)
@@ -202,6 +208,9 @@ def bench_train(spec: BenchSpec, *, compile: bool | str = False, microbatch: int
         "final_loss": summary.final_loss,
         # Which kernels the softmax layers ran on (fa4 where flash-attn-4 is installed on a Hopper GPU, else sdpa).
         "attention": attention_backend(device, head_dim=cfg.head_dim) if "S" in cfg.layer_kinds else None,
+        "kernels": kernels or "default",
+        # Whether the MLP (and lightning's q, k, v SiLU) ran in GEMM epilogues: "gemm" kernels with quack usable.
+        "epilogues": kernels == "gemm" and device.startswith("cuda") and epilogues_ready(torch.device(device)),
         "device": torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu",
     }
 

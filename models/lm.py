@@ -9,9 +9,11 @@ with depth.
 
 ``kernels`` picks which parts of the shell run on the fused kernels of ``kernels.fused`` (``KERNELS``):
 "torch", none (plain modules, the reference); "loss" (what training uses), only the head + loss in
-training, fused on CUDA tensors and plain elsewhere; "auto", the RMSNorms and the SwiGLU gate as well, fused
-on CUDA; "triton", all of them fused even off CUDA (under TRITON_INTERPRET=1, for tests). A fused head + loss
-never materialises the logits in training. Parameters are the same either way.
+training, fused on CUDA tensors and plain elsewhere; "gemm", the head + loss as "loss" does, and the SwiGLU MLP and
+lightning's q, k, v SiLU in the epilogues of their GEMMs where ``kernels.gemm_epilogue`` takes them (quack on a Hopper
+GPU); "auto", the RMSNorms and the SwiGLU gate as well, fused on CUDA; "triton", all of them fused even off CUDA
+(under TRITON_INTERPRET=1, for tests). A fused head + loss never materialises the logits in training. Parameters are
+the same either way.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels.fused import linear_cross_entropy, rms_norm, swiglu
+from kernels.gemm_epilogue import epilogues_usable, swiglu_mlp
 from models.config import ModelConfig
 from models.mixers import HGRN2, Lightning, Mamba2, Softmax
 
@@ -30,7 +33,7 @@ MIXERS = {"S": Softmax, "L": Lightning, "H": HGRN2, "M": Mamba2}
 
 INIT_STD = 0.02
 #: Which of the LM shell's norms, SwiGLU gate and head + loss run fused (see the module docstring).
-KERNELS = ("torch", "loss", "auto", "triton")
+KERNELS = ("torch", "loss", "gemm", "auto", "triton")
 #: Last name of the linear layers that write into the residual stream (GPT-2 scaled init).
 RESIDUAL_OUT = ("wo", "out_proj", "w2")
 
@@ -56,7 +59,9 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, T, d) -> (B, T, d)."""
-        if self.kernels != "torch":
+        if self.kernels == "gemm" and epilogues_usable(x, self.w1.out_features):
+            return swiglu_mlp(x, self.w1.weight, self.w3.weight, self.w2.weight)
+        if self.kernels in ("auto", "triton"):
             return self.w2(swiglu(self.w1(x), self.w3(x), backend=self.kernels))
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
@@ -70,6 +75,8 @@ class Block(nn.Module):
         kind = config.layer_kinds[layer_idx]
         self.norm1 = RMSNorm(config.d_model, eps=1e-6)
         self.mixer = MIXERS[kind](config, layer_idx)
+        if kind == "L":  # its q, k, v SiLU in its projection's epilogue too, under "gemm"
+            self.mixer.gemm_epilogues = kernels == "gemm"
         self.norm2 = RMSNorm(config.d_model, eps=1e-6)
         self.mlp = MLP(config.d_model, config.mlp_hidden(kind), kernels)
 
@@ -80,7 +87,7 @@ class Block(nn.Module):
 
 
 def _norm(norm: nn.RMSNorm, x: torch.Tensor, kernels: str) -> torch.Tensor:
-    return norm(x) if kernels == "torch" else rms_norm(x, norm.weight, norm.eps, backend=kernels)
+    return rms_norm(x, norm.weight, norm.eps, backend=kernels) if kernels in ("auto", "triton") else norm(x)
 
 
 
@@ -96,7 +103,8 @@ class LM(nn.Module):
         # The backend of the norms and the SwiGLU gate: plain modules unless every fused kernel was asked for.
         self.shell = kernels if kernels in ("auto", "triton") else "torch"
         self.embed = nn.Embedding(config.vocab_size, config.d_model)
-        self.blocks = nn.ModuleList(Block(config, i, self.shell) for i in range(config.n_layers))
+        self.blocks = nn.ModuleList(Block(config, i, "gemm" if kernels == "gemm" else self.shell)
+                                    for i in range(config.n_layers))
         self.norm_f = RMSNorm(config.d_model, eps=1e-6)
         self.head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         self._init_weights()
@@ -121,7 +129,7 @@ class LM(nn.Module):
             x = x[:, -1:]
         x = _norm(self.norm_f, x, self.shell)
         if targets is not None and self.kernels != "torch":
-            backend = "auto" if self.kernels == "loss" else self.kernels
+            backend = self.kernels if self.kernels in ("auto", "triton") else "auto"
             return None, linear_cross_entropy(x, self.head.weight, targets, ignore_index=-100, backend=backend)
         logits = self.head(x)
         if targets is None:

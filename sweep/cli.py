@@ -1226,6 +1226,7 @@ def bench_train_cmd(
     compile: bool = typer.Option(False, "--compile", help="torch.compile the model."),
     compile_mode: Optional[str] = typer.Option(None, help="torch.compile mode, e.g. reduce-overhead (CUDA graphs) or max-autotune-no-cudagraphs; implies --compile."),
     fused: bool = typer.Option(False, "--fused", help="All the fused Triton kernels (RMSNorms, SwiGLU gate, head + loss; kernels.fused) even with --compile, where training by default fuses only the head + loss."),
+    kernels: Optional[str] = typer.Option(None, help="Which LM kernels run (default: training's choice): loss (the head + loss fused), gemm (also the SwiGLU MLP and lightning's q, k, v SiLU in their GEMMs' epilogues, on quack where installed on a Hopper GPU), auto (--fused), triton, torch (none fused).", show_default=False),
     microbatch: Optional[int] = typer.Option(None, min=1, help="Sequences per forward pass (default: from a memory estimate)."),
     out_csv: Optional[Path] = typer.Option(None, "--out", help="Also write the table as CSV and its figure as PNG beside it (e.g. docs/bench/train.csv, train.png)."),
     profile: Optional[Path] = typer.Option(None, help="Folder for a torch.profiler table per (arch, T): the ops that took the most time over three steps."),
@@ -1244,6 +1245,12 @@ def bench_train_cmd(
     modes = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
     if compile_mode is not None and compile_mode not in modes:
         fail(f"--compile-mode {compile_mode!r}: expected one of {', '.join(modes)}")
+    from models.lm import KERNELS
+
+    if kernels is not None and kernels not in KERNELS:
+        fail(f"--kernels {kernels!r}: expected one of {', '.join(KERNELS)}")
+    if fused and kernels not in (None, "auto"):
+        fail(f"--fused runs the auto kernels; it cannot go with --kernels {kernels}")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     try:  # every spec before any training, so that a bad --arch fails at once (and before a folder is made)
         specs = [(a, t, bench_spec(a, params, t, max(1, tokens_per_step // t), steps)) for a in arch for t in seq_len]
@@ -1260,22 +1267,24 @@ def bench_train_cmd(
     rows = []
     for a, t, spec in specs:
         prof = profile / f"train_{a}_{t}.txt" if profile else None
-        rows.append(bench_train(spec, compile=compile_mode or compile, microbatch=microbatch, device=device, profile=prof, fused=fused))
+        rows.append(bench_train(spec, compile=compile_mode or compile, microbatch=microbatch, device=device, profile=prof, fused=fused,
+                                kernels=kernels))
         r = rows[-1]
         mfu = f", MFU {r['mfu_989']:.1%} of 989, {r['mfu_785']:.1%} of 785" if r["mfu_989"] is not None else " (CPU: no MFU)"
         gpu = f", SM clock {r['sm_clock_mhz']:.0f} MHz at {r['power_w']:.0f} W" if r["sm_clock_mhz"] is not None else ""
         shape = f"d {spec.d_model} x {spec.n_layers} layers, vocab {spec.vocab_size}"  # what --params resolved to
         attention = f", softmax attention on {r['attention'].upper()}" if r["attention"] else ""
-        out.print(f"{a} T={t} ({shape}): {r['tokens_per_s']:,.0f} tokens/s{mfu}{gpu}{attention}")
+        epilogues = ", MLP in quack's GEMM epilogues" if r["epilogues"] else ""
+        out.print(f"{a} T={t} ({shape}): {r['tokens_per_s']:,.0f} tokens/s{mfu}{gpu}{attention}{epilogues}")
     frame = pd.DataFrame(rows)
     if out_csv:
         from analysis.bench_figures import bench_figure
 
         frame.to_csv(out_csv, index=False)
         out.print(f"wrote {out_csv} and {bench_figure(out_csv)}", markup=False)
-    _emit(frame[["arch", "seq_len", "params", "microbatch", "compile", "fused", "attention", "tokens_per_s", "mfu_989",
+    _emit(frame[["arch", "seq_len", "params", "microbatch", "compile", "kernels", "attention", "tokens_per_s", "mfu_989",
                  "mfu_785", "sm_clock_mhz", "power_w"]].round(4), Format.table, title="training throughput",
-          optional=("power_w", "sm_clock_mhz", "mfu_785", "attention", "fused", "compile", "microbatch"),
+          optional=("power_w", "sm_clock_mhz", "mfu_785", "attention", "kernels", "compile", "microbatch"),
           hint=f"{out_csv} holds every column" if out_csv else "--out FILE writes every column")
 
 

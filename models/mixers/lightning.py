@@ -18,6 +18,7 @@ from torch import nn
 
 import kernels
 from kernels.fused import gated_rms_norm
+from kernels.gemm_epilogue import epilogues_usable, linear_silu
 from models.config import ModelConfig
 
 
@@ -43,6 +44,9 @@ class Lightning(nn.Module):
 
     #: Which ``kernels.linear_attention`` backend to use; tests set "naive" or "torch" to compare them.
     backend = "auto"
+    #: Whether the q, k, v SiLU runs in the projection's epilogue where it can (``kernels.gemm_epilogue``); the LM
+    #: sets it for its "gemm" kernels.
+    gemm_epilogues = False
 
     def __init__(self, config: ModelConfig, layer_idx: int):
         super().__init__()
@@ -61,7 +65,11 @@ class Lightning(nn.Module):
         b, t, d = x.shape
         # The joint projection's SiLU goes to the kernels as it is, (B, T, 3, H, Dh): they read q, k and v in place
         # and write their gradients in that layout, so that no copy splits q, k, v or stacks dq, dk, dv.
-        qkv = F.silu(self.wqkv(x)).view(b, t, 3, self.n_heads, d // self.n_heads)
+        if self.gemm_epilogues and epilogues_usable(x, 3 * d):
+            qkv = linear_silu(x, self.wqkv.weight)
+        else:
+            qkv = F.silu(self.wqkv(x))
+        qkv = qkv.view(b, t, 3, self.n_heads, d // self.n_heads)
         o, _ = kernels.linear_attention_packed(qkv, self.log_decay, backend=self.backend)
         backend = {"naive": "torch", "torch": "torch"}.get(self.backend, self.backend)
         return self.wo(self.norm(o.reshape(b, t, d), self.wgate(x), backend=backend))

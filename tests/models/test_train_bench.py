@@ -14,6 +14,15 @@ def test_bench_train_reports_speed_and_writes_a_profile(tmp_path):
     table = profile.read_text()
     assert "Self CPU" in table and "aten::" in table  # ops of the profiled training steps
     assert result["attention"] is None  # no softmax layer
+    assert result["kernels"] == "default" and result["epilogues"] is False
+
+
+def test_bench_train_takes_named_kernels_and_runs_gemm_unfused_off_a_hopper_gpu():
+    spec = bench_spec("lightning", "30K", seq_len=32, batch_size=2, steps=3, vocab=260)
+    result = bench_train(spec, device="cpu", kernels="gemm")
+    assert result["kernels"] == "gemm" and result["epilogues"] is False and result["final_loss"] > 0
+    with pytest.raises(ValueError, match="fused runs the 'auto' kernels"):
+        bench_train(spec, device="cpu", fused=True, kernels="loss")
 
 
 @pytest.mark.parametrize("arch", ["softmax", "hybrid"])
@@ -27,7 +36,9 @@ def test_bench_train_says_which_attention_the_softmax_layers_ran_on(arch):
                                          (["--arch", "softmax", "--arch", "transformer", "--out", "t.csv"], "'transformer'"),
                                          # a folder had failed after training; a .png had the figure over the table
                                          (["--params", "30K", "--out", "."], "expected a .csv file name"),
-                                         (["--params", "30K", "--out", "t.png"], "expected a .csv file name")])
+                                         (["--params", "30K", "--out", "t.png"], "expected a .csv file name"),
+                                         (["--kernels", "quack"], "--kernels 'quack'"),
+                                         (["--fused", "--kernels", "gemm"], "cannot go with --kernels gemm")])
 def test_bench_train_cli_bad_option_is_one_line_exit_2(tmp_path, monkeypatch, args, named):
     # in process: a subprocess each spent about 5 s importing torch
     from typer.testing import CliRunner

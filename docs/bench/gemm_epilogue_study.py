@@ -1,0 +1,115 @@
+"""The SwiGLU MLP and lightning's q, k, v SiLU in the epilogues of quack's GEMMs (kernels/gemm_epilogue.py) against
+the plain modules as training compiles them, at the 135M model's shapes (issue 8's 50% MFU).
+
+    python docs/bench/gemm_epilogue_study.py check   # outputs and gradients against fp32 math, next to plain bf16's
+    python docs/bench/gemm_epilogue_study.py time    # forward + backward of one layer's MLP and q, k, v (do_bench)
+
+Needs quack-kernels and the CUTLASS DSL beside torch on a Hopper GPU (the fa4 extra's packages; see
+docs/bench/gemm_epilogue_verify.sh for how they reach the lent machine).
+"""
+
+import json
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from kernels.gemm_epilogue import epilogues_usable, linear_silu, swiglu_mlp, swiglu_mlp_reference
+
+D = 768  # the 135M model's width; hidden 1792 for lightning's MLP, 2048 for softmax's
+M = 64 * 2048  # one microbatch of the README's command: 64 sequences of 2048 tokens
+
+
+def _weights(f, dtype=torch.float32):
+    g = torch.Generator(device="cuda").manual_seed(0)
+    shapes = ((f, D), (f, D), (D, f))
+    return [(torch.randn(*s, device="cuda", generator=g) * 0.02).to(dtype).requires_grad_() for s in shapes]
+
+
+def _rel(a, b):
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
+
+
+def check() -> None:
+    """Outputs and gradients of the fused ops and of the plain bf16 ones, each against fp32 math on the same inputs."""
+    torch.manual_seed(0)
+    worst = 0.0
+    for m, f in ((4096, 1792), (1000, 2048), (77, 1792)):  # two rows counts that no tile divides
+        x = torch.randn(m, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        w1, w3, w2 = _weights(f)
+        dy = torch.randn(m, D, device="cuda", dtype=torch.bfloat16)
+        assert epilogues_usable(x, f)
+        xs = (x, w1, w3, w2)
+        leaves = [t.detach().float().requires_grad_() for t in xs]
+        ref = swiglu_mlp_reference(*leaves)
+        ref_grads = torch.autograd.grad(ref, leaves, dy.float())
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            fused = swiglu_mlp(x, w1, w3, w2)
+        fused_grads = torch.autograd.grad(fused, xs, dy)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            plain = swiglu_mlp_reference(x, w1, w3, w2)
+        plain_grads = torch.autograd.grad(plain, xs, dy)
+        row = {"op": "swiglu_mlp", "M": m, "F": f, "out": (_rel(fused, ref), _rel(plain, ref))}
+        for name, a, p, r in zip(("dx", "dw1", "dw3", "dw2"), fused_grads, plain_grads, ref_grads):
+            row[name] = (_rel(a, r), _rel(p, r))
+        print("CHECK", json.dumps({k: (tuple(round(e, 5) for e in v) if isinstance(v, tuple) else v)
+                                   for k, v in row.items()}), flush=True)
+        worst = max(worst, *(v[0] / max(v[1], 1e-3) for v in row.values() if isinstance(v, tuple)))
+        # lightning's q, k, v: its SiLU in the projection's epilogue
+        w = (torch.randn(3 * D, D, device="cuda") * 0.02).requires_grad_()
+        dq = torch.randn(m, 3 * D, device="cuda", dtype=torch.bfloat16)
+        xf, wf = x.detach().float().requires_grad_(), w.detach().float().requires_grad_()
+        ref = F.silu(F.linear(xf, wf))
+        ref_grads = torch.autograd.grad(ref, (xf, wf), dq.float())
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            fused = linear_silu(x, w)
+            plain = F.silu(F.linear(x, w))
+        fused_grads = torch.autograd.grad(fused, (x, w), dq)
+        plain_grads = torch.autograd.grad(plain, (x, w), dq)
+        row = {"op": "linear_silu", "M": m, "out": (_rel(fused, ref), _rel(plain, ref))}
+        for name, a, p, r in zip(("dx", "dw"), fused_grads, plain_grads, ref_grads):
+            row[name] = (_rel(a, r), _rel(p, r))
+        print("CHECK", json.dumps({k: (tuple(round(e, 5) for e in v) if isinstance(v, tuple) else v)
+                                   for k, v in row.items()}), flush=True)
+        worst = max(worst, *(v[0] / max(v[1], 1e-3) for v in row.values() if isinstance(v, tuple)))
+    # The fused ops' error against fp32 should be of the plain bf16 ops' size (each pair is fused, plain).
+    print(f"CHECK worst fused/plain error ratio {worst:.2f}: {'ok' if worst < 2 else 'LARGER THAN PLAIN'}", flush=True)
+
+
+def time() -> None:
+    """Forward + backward of one layer's MLP and q, k, v projection at M tokens: compiled plain modules against the
+    epilogue GEMMs (eager calls and compiled), median ms of do_bench."""
+    from triton.testing import do_bench
+
+    torch.manual_seed(0)
+    x = torch.randn(M, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+
+    def fwd_bwd(fn, *args, dy):
+        def run():
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                y = fn(*args)
+            y.backward(dy)
+        return run
+
+    rows = []
+    for f in (1792, 2048):
+        ws = _weights(f)
+        dy = torch.randn(M, D, device="cuda", dtype=torch.bfloat16)
+        cases = {"plain compiled": torch.compile(swiglu_mlp_reference), "fused": swiglu_mlp,
+                 "fused compiled": torch.compile(swiglu_mlp)}
+        for name, fn in cases.items():
+            ms = do_bench(fwd_bwd(fn, x, *ws, dy=dy), warmup=50, rep=300)
+            rows.append({"op": f"mlp F={f}", "case": name, "ms": round(ms, 3)})
+            print("TIME", json.dumps(rows[-1]), flush=True)
+    w = (torch.randn(3 * D, D, device="cuda") * 0.02).requires_grad_()
+    dq = torch.randn(M, 3 * D, device="cuda", dtype=torch.bfloat16)
+    cases = {"plain compiled": torch.compile(lambda x, w: F.silu(F.linear(x, w))), "fused": linear_silu,
+             "fused compiled": torch.compile(linear_silu)}
+    for name, fn in cases.items():
+        ms = do_bench(fwd_bwd(fn, x, w, dy=dq), warmup=50, rep=300)
+        rows.append({"op": "qkv silu", "case": name, "ms": round(ms, 3)})
+        print("TIME", json.dumps(rows[-1]), flush=True)
+
+
+if __name__ == "__main__":
+    {"check": check, "time": time}[sys.argv[1]]()

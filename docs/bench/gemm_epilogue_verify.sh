@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# The SwiGLU MLP and lightning's q, k, v SiLU in quack's GEMM epilogues (kernels/gemm_epilogue.py) on a Hopper GPU:
+# the fused ops checked against fp32 math, then the README's training command with `--kernels gemm` and `--kernels
+# loss` (training's default) alternated, lightning then softmax (on FA4), then the ops timed alone. The second of two
+# device calls, as docs/bench/fa4_verify.sh is: docs/bench/fa4_carry.sh builds the packages (quack-kernels is among
+# them) and says the first call, which leaves their first part in /tmp/fa4parts.
+# On the device:  bash docs/bench/gemm_epilogue_verify.sh   (carry [".fa4b"]); logs under $OUT, summary.txt.
+set -uo pipefail
+out=${OUT:-/tmp/out}; mkdir -p "$out"
+[ -f /tmp/site/.done ] && [ -f /tmp/fa4parts/part_aa ] || { echo "not warm: no /tmp/site or part a" | tee "$out/summary.txt"; exit 3; }
+mkdir -p /tmp/fa4site
+[ -f /tmp/fa4site/.done ] || { cat /tmp/fa4parts/part_aa .fa4b/part_* | tar xJf - -C /tmp/fa4site && touch /tmp/fa4site/.done; }
+git rev-parse HEAD > "$out/sha.txt" 2>&1
+# PYTHONPATH runs no .pth file, so the cutlass DSL's own folder goes on the path by hand.
+export PYTHONPATH=/tmp/fa4site:/tmp/fa4site/nvidia_cutlass_dsl/dsl_packages:/tmp/site:$PWD
+DEADLINE=${DEADLINE:-570}  # seconds from the start: a device call ends at 600
+step() {  # step NAME LIMIT_S COMMAND...: its output in $out/NAME.log; exit code, wall time and key lines in summary.txt
+  local name=$1 limit=$2; shift 2; local s=$SECONDS left=$((DEADLINE - SECONDS))
+  [ "$left" -lt 30 ] && { echo "$name skipped: ${left}s left" | tee -a "$out/summary.txt"; return; }
+  [ "$limit" -gt "$left" ] && limit=$left
+  timeout "$limit" "$@" > "$out/$name.log" 2>&1
+  echo "$name rc $? wall_s $((SECONDS - s))" | tee -a "$out/summary.txt"
+  grep -h "tokens/s\|CHECK\|TIME\|Error" "$out/$name.log" | tail -12 | tee -a "$out/summary.txt"
+}
+nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,power.limit --format=csv | tee "$out/gpu.txt"
+CMD=(python -m sweep.cli bench train --params 135M --seq-len 2048 --compile-mode reduce-overhead
+     --tokens-per-step 131072 --microbatch 64 --steps 30)
+step check 120 python docs/bench/gemm_epilogue_study.py check
+step light_gemm_1 150 "${CMD[@]}" --arch lightning --kernels gemm
+step light_loss_1 100 "${CMD[@]}" --arch lightning --kernels loss
+step soft_gemm_1 120 "${CMD[@]}" --arch softmax --kernels gemm
+step soft_loss_1 100 "${CMD[@]}" --arch softmax --kernels loss
+step light_gemm_2 100 "${CMD[@]}" --arch lightning --kernels gemm
+step light_loss_2 100 "${CMD[@]}" --arch lightning --kernels loss
+step time 120 python docs/bench/gemm_epilogue_study.py time

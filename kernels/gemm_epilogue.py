@@ -1,0 +1,169 @@
+"""GEMMs with their activation in the epilogue, on quack's CuTe DSL kernels (the optional quack-kernels package, which
+the ``fa4`` extra brings): the SwiGLU MLP and lightning's q, k, v SiLU without their elementwise passes.
+
+Unfused, the MLP's gate reads the two projections back from memory after cuBLAS writes them, and its backward reads
+and writes the gate's gradient once more; in the 135M lightning step on an H100 those passes took 14.7 ms of 200
+(docs/bench/kernels.md), the q, k, v SiLU 11.6. Here the forward GEMM applies the activation as it stores its tile
+(``gemm_act``), and the backward GEMM of the second projection computes the gate's gradient from the stored
+pre-activation in its epilogue (``gemm_dgated``). The other GEMMs stay on cuBLAS (``torch.mm``). Where quack is not
+installed, or ``epilogues_usable`` is False, the callers (``models.lm.MLP``, the lightning mixer) run the plain
+modules, which compute the same functions.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import logging
+
+import torch
+import torch.nn.functional as F
+
+from kernels.dispatch import _wrapped
+
+log = logging.getLogger(__name__)
+
+#: GPUs (compute capability) where quack's epilogue GEMMs are taken: its SM90 kernels, measured on an H100 only.
+CAPABILITIES = ((9, 0),)
+
+
+@functools.cache
+def _quack():
+    """quack's GEMM interface module, or None where quack-kernels or the CUTLASS DSL it needs does not import."""
+    try:
+        installed = importlib.util.find_spec("quack") is not None
+    except Exception:
+        installed = False
+    if not installed:
+        return None
+    try:
+        from quack import gemm_interface
+    except Exception as exc:  # installed but broken (another CUDA, a missing library): the plain modules run
+        log.warning("quack-kernels is installed but does not import (%s: %s); the MLP and q, k, v activations run "
+                    "unfused", type(exc).__name__, exc)
+        return None
+    return gemm_interface
+
+
+@torch.compiler.assume_constant_result
+def _ready(device_index: int) -> bool:
+    """Whether quack is installed and the GPU is one it is taken on (a constant to torch.compile)."""
+    return torch.cuda.get_device_capability(device_index) in CAPABILITIES and _quack() is not None
+
+
+def epilogues_ready(device: torch.device) -> bool:
+    """Whether the epilogue GEMMs run on this device at all: a Hopper GPU with quack installed."""
+    return device.type == "cuda" and _ready(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def epilogues_usable(x: torch.Tensor, *widths: int) -> bool:
+    """Whether the epilogue GEMMs take input ``x`` (..., d) with these output widths: a CUDA bf16 or fp16 tensor on a
+    Hopper GPU, quack installed, d and every width a multiple of 16, and no functorch transform (vmap) around it."""
+    if x.device.type != "cuda" or x.dtype not in (torch.bfloat16, torch.float16) or _wrapped(x):
+        return False
+    return not any(n % 16 for n in (x.shape[-1], *widths)) and epilogues_ready(x.device)
+
+
+# --- the SwiGLU MLP -------------------------------------------------------------------------------------------------
+
+
+def _mlp_forward(x, w13, w2):
+    preact, gated = _quack().gemm_act(x, w13.T, activation="swiglu", store_preact=True, tuned=False)
+    return gated @ w2.T, preact
+
+
+def _mlp_backward(x, w13, w2, preact, dy):
+    # dgated = dy w2 stays in the accumulator: the epilogue writes the gate's gradient (interleaved as preact) and
+    # the gate's output again, which w2's gradient needs, instead of storing it in the forward.
+    dpre, gated = _quack().gemm_dact(dy, w2, preact, activation="swiglu", tuned=False)
+    return dpre @ w13, dpre.T @ x, dy.T @ gated
+
+
+@torch.library.custom_op("slab::swiglu_mlp", mutates_args=())
+def swiglu_mlp_op(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``w2(silu(w1 x) * w3 x)`` for x (M, d), w13 (2F, d) holding w1's and w3's rows in turn, w2 (d, F); also the
+    pre-activation (M, 2F) the backward reads."""
+    return _mlp_forward(x, w13, w2)
+
+
+@swiglu_mlp_op.register_fake
+def _(x, w13, w2):
+    return x.new_empty(x.shape[0], w2.shape[0]), x.new_empty(x.shape[0], w13.shape[0])
+
+
+@torch.library.custom_op("slab::swiglu_mlp_backward", mutates_args=())
+def swiglu_mlp_backward_op(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, preact: torch.Tensor,
+                           dy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dx, dw13, dw2 of ``swiglu_mlp_op`` for the output's gradient dy (M, d)."""
+    return _mlp_backward(x, w13, w2, preact, dy)
+
+
+@swiglu_mlp_backward_op.register_fake
+def _(x, w13, w2, preact, dy):
+    return torch.empty_like(x), torch.empty_like(w13), torch.empty_like(w2)
+
+
+def _mlp_save(ctx, inputs, output):
+    ctx.save_for_backward(*inputs, output[1])
+
+
+def _mlp_op_backward(ctx, dy, _dpreact):
+    x, w13, w2, preact = ctx.saved_tensors
+    return swiglu_mlp_backward_op(x, w13, w2, preact, dy.contiguous())
+
+
+swiglu_mlp_op.register_autograd(_mlp_op_backward, setup_context=_mlp_save)
+
+
+def swiglu_mlp(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    """``F.linear(F.silu(F.linear(x, w1)) * F.linear(x, w3), w2)`` over x (..., d) on the epilogue GEMMs, in x's dtype
+    (callers check ``epilogues_usable`` first); the weights' gradients reach w1, w3, w2 as they are."""
+    # One (2F, d) weight with w1's and w3's rows in turn: quack's gated epilogue pairs neighbouring columns.
+    w13 = torch.stack((w1, w3), dim=1).flatten(0, 1).to(x.dtype)
+    y, _ = swiglu_mlp_op(x.reshape(-1, x.shape[-1]).contiguous(), w13, w2.to(x.dtype))
+    return y.view(*x.shape[:-1], w2.shape[0])
+
+
+# --- a projection and its SiLU (lightning's q, k, v) ----------------------------------------------------------------
+
+
+@torch.library.custom_op("slab::linear_silu", mutates_args=())
+def linear_silu_op(x: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x w^T`` (M, N) for x (M, d), w (N, d), and its SiLU, from one GEMM."""
+    pre, post = _quack().gemm_act(x, w.T, activation="silu", store_preact=True, tuned=False)
+    return pre, post
+
+
+@linear_silu_op.register_fake
+def _(x, w):
+    return x.new_empty(x.shape[0], w.shape[0]), x.new_empty(x.shape[0], w.shape[0])
+
+
+def _silu_save(ctx, inputs, output):
+    ctx.save_for_backward(*inputs, output[0])
+
+
+def _silu_op_backward(ctx, dpre, dpost):
+    # Plain ops, so that torch.compile fuses SiLU's gradient into one pass as it did before.
+    x, w, pre = ctx.saved_tensors
+    s = torch.sigmoid(pre.float())
+    grad = dpost.float() * s * (1 + pre.float() * (1 - s))
+    if dpre is not None:
+        grad = grad + dpre.float()
+    grad = grad.to(pre.dtype)
+    return grad @ w, grad.T @ x
+
+
+linear_silu_op.register_autograd(_silu_op_backward, setup_context=_silu_save)
+
+
+def linear_silu(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``F.silu(F.linear(x, w))`` over x (..., d) on one epilogue GEMM, in x's dtype (callers check
+    ``epilogues_usable`` first)."""
+    _, post = linear_silu_op(x.reshape(-1, x.shape[-1]).contiguous(), w.to(x.dtype))
+    return post.view(*x.shape[:-1], w.shape[0])
+
+
+def swiglu_mlp_reference(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    """What ``swiglu_mlp`` computes, in plain PyTorch (the unfused modules' arithmetic)."""
+    return F.linear(F.silu(F.linear(x, w1)) * F.linear(x, w3), w2)

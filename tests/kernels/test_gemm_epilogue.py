@@ -1,0 +1,161 @@
+"""The epilogue-GEMM wrapper (kernels.gemm_epilogue) on the CPU: quack's kernels need a Hopper GPU, so its gemm_act and
+gemm_dact are stood in for by fp32 math with quack's conventions (the gated pre-activation interleaves gate and up
+columns), which checks what the wrapper hands them and does with what they give back: the interleaved weight, the
+backward's GEMMs, the gradients reaching w1, w3, w2, the custom ops' fakes, and that the LM and the lightning mixer take
+them only where usable. The GPU check of quack itself is docs/bench/gemm_epilogue_study.py."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import kernels.gemm_epilogue as ge
+import models.lm as lm
+import models.mixers.lightning as lt
+from models.config import ModelConfig
+
+
+def _act(pre, activation):
+    if activation == "swiglu":
+        return F.silu(pre[:, ::2]) * pre[:, 1::2]
+    assert activation == "silu"
+    return F.silu(pre)
+
+
+@pytest.fixture
+def fake_quack(monkeypatch):
+    """quack's gemm_act / gemm_dact in fp32 math; counts the calls and checks the layouts the wrapper hands over."""
+    calls = {"act": 0, "dact": 0}
+
+    def gemm_act(A, B, activation, store_preact, tuned):
+        assert A.is_contiguous() and B.shape[0] == A.shape[1] and store_preact and not tuned
+        calls["act"] += 1
+        pre = A.float() @ B.float()
+        return pre.to(A.dtype), _act(pre, activation).to(A.dtype)
+
+    def gemm_dact(A, B, PreAct, activation, tuned):
+        assert A.is_contiguous() and activation == "swiglu" and not tuned
+        calls["dact"] += 1
+        dout = A.float() @ B.float()
+        gate, up = PreAct[:, ::2].float(), PreAct[:, 1::2].float()
+        s = torch.sigmoid(gate)  # by hand: autograd does not record inside a custom op's body
+        dgate, dup = dout * up * s * (1 + gate * (1 - s)), dout * F.silu(gate)
+        return torch.stack((dgate, dup), dim=-1).flatten(1).to(A.dtype), (F.silu(gate) * up).to(PreAct.dtype)
+
+    monkeypatch.setattr(ge, "_quack", lambda: SimpleNamespace(gemm_act=gemm_act, gemm_dact=gemm_dact))
+    return calls
+
+
+def _weights(d=16, f=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(*s, generator=g) / s[1] ** 0.5).requires_grad_() for s in ((f, d), (f, d), (d, f))]
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_swiglu_mlp_matches_the_plain_mlp_in_output_and_gradients(fake_quack, compiled):
+    w1, w3, w2 = _weights()
+    x = torch.randn(2, 5, 16, requires_grad=True)
+    dy = torch.randn(2, 5, 16)
+    y_ref = ge.swiglu_mlp_reference(x, w1, w3, w2)
+    grads_ref = torch.autograd.grad(y_ref, (x, w1, w3, w2), dy)
+    fn = torch.compile(ge.swiglu_mlp, backend="aot_eager", fullgraph=True) if compiled else ge.swiglu_mlp
+    y = fn(x, w1, w3, w2)
+    grads = torch.autograd.grad(y, (x, w1, w3, w2), dy)
+    torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
+    for name, g, r in zip(("x", "w1", "w3", "w2"), grads, grads_ref):
+        torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
+    assert fake_quack == {"act": 1, "dact": 1}
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_linear_silu_matches_silu_of_linear_in_output_and_gradients(fake_quack, compiled):
+    w = _weights()[0]
+    x = torch.randn(3, 4, 16, requires_grad=True)
+    dy = torch.randn(3, 4, 32)
+    y_ref = F.silu(F.linear(x, w))
+    grads_ref = torch.autograd.grad(y_ref, (x, w), dy)
+    fn = torch.compile(ge.linear_silu, backend="aot_eager", fullgraph=True) if compiled else ge.linear_silu
+    y = fn(x, w)
+    grads = torch.autograd.grad(y, (x, w), dy)
+    torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
+    for g, r in zip(grads, grads_ref):
+        torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-5)
+    assert fake_quack == {"act": 1, "dact": 0}
+
+
+def test_epilogue_ops_fakes_match(fake_quack):
+    w1, w3, w2 = (w.detach() for w in _weights())
+    x = torch.randn(10, 16)
+    w13 = torch.stack((w1, w3), dim=1).flatten(0, 1)
+    torch.library.opcheck(ge.swiglu_mlp_op, (x, w13, w2), test_utils=("test_schema", "test_faketensor"))
+    _, pre = ge.swiglu_mlp_op(x, w13, w2)
+    torch.library.opcheck(ge.swiglu_mlp_backward_op, (x, w13, w2, pre, torch.randn(10, 16)),
+                          test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(ge.linear_silu_op, (x, w1), test_utils=("test_schema", "test_faketensor"))
+
+
+def test_epilogues_are_not_taken_off_a_hopper_gpu(fake_quack):
+    assert not ge.epilogues_usable(torch.randn(2, 16, dtype=torch.bfloat16), 32)
+    assert not ge.epilogues_usable(torch.randn(2, 16), 32)
+
+
+def _lm_pair(arch, monkeypatch):
+    cfg = ModelConfig(arch, 32, 2, 2, 64)
+    torch.manual_seed(0)
+    plain = lm.LM(cfg, kernels="loss")
+    fused = lm.LM(cfg, kernels="gemm")
+    fused.load_state_dict(plain.state_dict())
+    idx = torch.randint(0, 64, (2, 8))
+    return plain, fused, idx
+
+
+@pytest.mark.parametrize("arch", ["lightning", "softmax"])
+def test_lm_takes_the_epilogues_only_where_usable(fake_quack, monkeypatch, arch):
+    plain, fused, idx = _lm_pair(arch, monkeypatch)
+    lt.Lightning.backend = "torch"
+    try:
+        _, loss_ref = plain(idx, idx)
+        g_ref = torch.autograd.grad(loss_ref, list(plain.parameters()))
+        _, loss = fused(idx, idx)
+        assert fake_quack == {"act": 0, "dact": 0}  # on the CPU: the plain modules
+        usable = []
+        monkeypatch.setattr(lm, "epilogues_usable", lambda x, *w: usable.append(w) or True)
+        monkeypatch.setattr(lt, "epilogues_usable", lambda x, *w: usable.append(w) or True)
+        _, loss = fused(idx, idx)
+        g = torch.autograd.grad(loss, list(fused.parameters()))
+    finally:
+        lt.Lightning.backend = "auto"
+    mlp_hidden = plain.config.mlp_hidden("L" if arch == "lightning" else "S")
+    layers = plain.config.n_layers
+    silu_calls = layers if arch == "lightning" else 0
+    assert fake_quack == {"act": layers + silu_calls, "dact": layers}
+    assert usable.count((mlp_hidden,)) == layers and usable.count((96,)) == silu_calls
+    torch.testing.assert_close(loss, loss_ref, atol=1e-5, rtol=1e-5)
+    for (name, _), a, b in zip(plain.named_parameters(), g, g_ref):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_an_installed_quack_that_does_not_import_is_said_once(monkeypatch, caplog):
+    import builtins
+    import importlib.util
+
+    real_import, real_find = builtins.__import__, importlib.util.find_spec
+
+    def broken(name, *args, **kwargs):
+        if name.startswith("quack"):
+            raise OSError("libcute_dsl_runtime.so: cannot open shared object file")
+        return real_import(name, *args, **kwargs)
+
+    ge._quack.cache_clear()
+    monkeypatch.setattr(builtins, "__import__", broken)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "quack" else real_find(name, *a))
+    try:
+        with caplog.at_level("WARNING", logger="kernels.gemm_epilogue"):
+            assert ge._quack() is None and ge._quack() is None
+    finally:
+        ge._quack.cache_clear()
+    warned = [r.getMessage() for r in caplog.records if "does not import" in r.getMessage()]
+    assert len(warned) == 1 and "libcute_dsl_runtime.so" in warned[0]
