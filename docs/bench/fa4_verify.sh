@@ -5,13 +5,7 @@
 # docs/bench/fa4_carry.sh for the first, which leaves the FA4 packages' first part in /tmp/fa4parts.
 # On the device:  bash docs/bench/fa4_verify.sh   (carry [".fa4b"]); every log under $OUT, a summary in summary.txt.
 set -uo pipefail
-out=${OUT:-/tmp/out}; mkdir -p "$out"
-[ -f /tmp/site/.done ] && [ -f /tmp/fa4parts/part_aa ] || { echo "not warm: no /tmp/site or part a" | tee "$out/summary.txt"; exit 3; }
-mkdir -p /tmp/fa4site
-[ -f /tmp/fa4site/.done ] || { cat /tmp/fa4parts/part_aa .fa4b/part_* | tar xJf - -C /tmp/fa4site && touch /tmp/fa4site/.done; }
-git rev-parse HEAD > "$out/sha.txt" 2>&1
-# PYTHONPATH runs no .pth file, so the cutlass DSL's own folder goes on the path by hand.
-FA4=/tmp/fa4site:/tmp/fa4site/nvidia_cutlass_dsl/dsl_packages:/tmp/site:$PWD; BASE=/tmp/site:$PWD
+. docs/bench/fa4_site.sh
 step() {  # step NAME LIMIT_S PYTHONPATH COMMAND...: its output in $out/NAME.log, its exit code, wall time and speed in summary.txt
   local name=$1 limit=$2 path=$3; shift 3; local s=$SECONDS
   PYTHONPATH=$path timeout "$limit" "$@" > "$out/$name.log" 2>&1

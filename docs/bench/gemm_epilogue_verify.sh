@@ -6,13 +6,8 @@
 # them) and says the first call, which leaves their first part in /tmp/fa4parts.
 # On the device:  bash docs/bench/gemm_epilogue_verify.sh   (carry [".fa4b"]); logs under $OUT, summary.txt.
 set -uo pipefail
-out=${OUT:-/tmp/out}; mkdir -p "$out"
-[ -f /tmp/site/.done ] && [ -f /tmp/fa4parts/part_aa ] || { echo "not warm: no /tmp/site or part a" | tee "$out/summary.txt"; exit 3; }
-mkdir -p /tmp/fa4site
-[ -f /tmp/fa4site/.done ] || { cat /tmp/fa4parts/part_aa .fa4b/part_* | tar xJf - -C /tmp/fa4site && touch /tmp/fa4site/.done; }
-git rev-parse HEAD > "$out/sha.txt" 2>&1
-# PYTHONPATH runs no .pth file, so the cutlass DSL's own folder goes on the path by hand.
-export PYTHONPATH=/tmp/fa4site:/tmp/fa4site/nvidia_cutlass_dsl/dsl_packages:/tmp/site:$PWD
+. docs/bench/fa4_site.sh
+export PYTHONPATH=$FA4
 DEADLINE=${DEADLINE:-570}  # seconds from the start: a device call ends at 600
 step() {  # step NAME LIMIT_S COMMAND...: its output in $out/NAME.log; exit code, wall time and key lines in summary.txt
   local name=$1 limit=$2; shift 2; local s=$SECONDS left=$((DEADLINE - SECONDS))

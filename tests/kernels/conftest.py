@@ -3,3 +3,28 @@
 import os
 
 os.environ["TRITON_INTERPRET"] = "1"
+
+
+def assert_broken_install_warns_once(monkeypatch, caplog, loader, package: str, logger: str) -> None:
+    """An installed ``package`` whose import fails makes the cached ``loader`` return None and log one warning that
+    names the failure (the optional GPU packages: FA4, quack)."""
+    import builtins
+    import importlib.util
+
+    real_import, real_find = builtins.__import__, importlib.util.find_spec
+
+    def broken(name, *args, **kwargs):
+        if name.startswith(package.split(".")[0]):
+            raise OSError("libcute_dsl_runtime.so: cannot open shared object file")
+        return real_import(name, *args, **kwargs)
+
+    loader.cache_clear()
+    monkeypatch.setattr(builtins, "__import__", broken)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == package else real_find(name, *a))
+    try:
+        with caplog.at_level("WARNING", logger=logger):
+            assert loader() is None and loader() is None
+    finally:
+        loader.cache_clear()
+    warned = [r.getMessage() for r in caplog.records if "does not import" in r.getMessage()]
+    assert len(warned) == 1 and "libcute_dsl_runtime.so" in warned[0]

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 import kernels.flash_attention as fa
 import models.mixers.softmax as sm
 from models.config import ModelConfig
+from tests.kernels.conftest import assert_broken_install_warns_once
 
 
 def _math(q, k, v):
@@ -127,26 +128,7 @@ def test_the_gate_is_a_constant_to_torch_compile(fake_fa4, monkeypatch, installe
 
 
 def test_an_installed_fa4_that_does_not_import_is_said_once(monkeypatch, caplog):
-    import builtins
-    import importlib.util
-
-    real_import, real_find = builtins.__import__, importlib.util.find_spec
-
-    def broken(name, *args, **kwargs):
-        if name.startswith("flash_attn"):
-            raise OSError("libcute_dsl_runtime.so: cannot open shared object file")
-        return real_import(name, *args, **kwargs)
-
-    fa._interface.cache_clear()
-    monkeypatch.setattr(builtins, "__import__", broken)
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "flash_attn.cute" else real_find(name, *a))
-    try:
-        with caplog.at_level("WARNING", logger="kernels.flash_attention"):
-            assert fa._interface() is None and fa._interface() is None
-    finally:
-        fa._interface.cache_clear()
-    warned = [r.getMessage() for r in caplog.records if "does not import" in r.getMessage()]
-    assert len(warned) == 1 and "libcute_dsl_runtime.so" in warned[0]
+    assert_broken_install_warns_once(monkeypatch, caplog, fa._interface, "flash_attn.cute", "kernels.flash_attention")
 
 
 def test_fa4_not_installed_is_no_warning(monkeypatch, caplog):

@@ -16,6 +16,7 @@ import kernels.gemm_epilogue as ge
 import models.lm as lm
 import models.mixers.lightning as lt
 from models.config import ModelConfig
+from tests.kernels.conftest import assert_broken_install_warns_once
 
 
 def _act(pre, activation):
@@ -139,23 +140,4 @@ def test_lm_takes_the_epilogues_only_where_usable(fake_quack, monkeypatch, arch)
 
 
 def test_an_installed_quack_that_does_not_import_is_said_once(monkeypatch, caplog):
-    import builtins
-    import importlib.util
-
-    real_import, real_find = builtins.__import__, importlib.util.find_spec
-
-    def broken(name, *args, **kwargs):
-        if name.startswith("quack"):
-            raise OSError("libcute_dsl_runtime.so: cannot open shared object file")
-        return real_import(name, *args, **kwargs)
-
-    ge._quack.cache_clear()
-    monkeypatch.setattr(builtins, "__import__", broken)
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "quack" else real_find(name, *a))
-    try:
-        with caplog.at_level("WARNING", logger="kernels.gemm_epilogue"):
-            assert ge._quack() is None and ge._quack() is None
-    finally:
-        ge._quack.cache_clear()
-    warned = [r.getMessage() for r in caplog.records if "does not import" in r.getMessage()]
-    assert len(warned) == 1 and "libcute_dsl_runtime.so" in warned[0]
+    assert_broken_install_warns_once(monkeypatch, caplog, ge._quack, "quack", "kernels.gemm_epilogue")
