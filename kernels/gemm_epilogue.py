@@ -38,6 +38,10 @@ def _quack():
         return None
     try:
         from quack import gemm_interface
+        # The epilogues' library fingerprints their code when it is imported, down through the CUTLASS DSL's functions
+        # unless they lie under a site-packages folder, and refuses some of those (a TypeError, seen with the packages
+        # unpacked elsewhere): imported here, so that such an install falls back rather than fails training.
+        import quack.epilogue.library  # noqa: F401
     except Exception as exc:  # installed but broken (another CUDA, a missing library): the plain modules run
         log.warning("quack-kernels is installed but does not import (%s: %s); the MLP and q, k, v activations run "
                     "unfused", type(exc).__name__, exc)

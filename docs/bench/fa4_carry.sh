@@ -2,7 +2,7 @@
 # Builds the FlashAttention 4 packages for the lent GPU machine (Python 3.12, torch 2.11+cu130), which one device
 # carry cannot hold (73 MB as xz, against 64 MiB for a call's working tree and carry together): two folders, .fa4a/
 # (22 MB, carried with .carry in a first call, which copies it to /tmp/fa4parts) and .fa4b/ (the rest, carried in the
-# next call while the machine is still warm; docs/bench/fa4_verify.sh joins and unpacks them into /tmp/fa4site).
+# next call while the machine is still warm; docs/bench/fa4_site.sh joins and unpacks them into /tmp/fa4/site-packages).
 # Usage, from the project root:  bash docs/bench/fa4_carry.sh
 #   call 1: carry [".carry", ".fa4a"], command
 #     bash .carry/install.sh && mkdir -p /tmp/fa4parts && cp .fa4a/part_aa /tmp/fa4parts/
