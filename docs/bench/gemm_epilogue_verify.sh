@@ -20,11 +20,12 @@ step() {  # step NAME LIMIT_S COMMAND...: its output in $out/NAME.log; exit code
 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,power.limit --format=csv | tee "$out/gpu.txt"
 CMD=(python -m sweep.cli bench train --params 135M --seq-len 2048 --compile-mode reduce-overhead
      --tokens-per-step 131072 --microbatch 64 --steps 30)
-step check 120 python docs/bench/gemm_epilogue_study.py check
+# In order of need, should the call end early: the check, lightning's pair, the ops alone, softmax's pair, a second pair.
+step check 100 python docs/bench/gemm_epilogue_study.py check
 step light_gemm_1 150 "${CMD[@]}" --arch lightning --kernels gemm
-step light_loss_1 100 "${CMD[@]}" --arch lightning --kernels loss
-step soft_gemm_1 120 "${CMD[@]}" --arch softmax --kernels gemm
-step soft_loss_1 100 "${CMD[@]}" --arch softmax --kernels loss
-step light_gemm_2 100 "${CMD[@]}" --arch lightning --kernels gemm
-step light_loss_2 100 "${CMD[@]}" --arch lightning --kernels loss
-step time 120 python docs/bench/gemm_epilogue_study.py time
+step light_loss_1 80 "${CMD[@]}" --arch lightning --kernels loss
+step time 100 python docs/bench/gemm_epilogue_study.py time
+step soft_gemm_1 110 "${CMD[@]}" --arch softmax --kernels gemm
+step soft_loss_1 80 "${CMD[@]}" --arch softmax --kernels loss
+step light_gemm_2 80 "${CMD[@]}" --arch lightning --kernels gemm
+step light_loss_2 80 "${CMD[@]}" --arch lightning --kernels loss
