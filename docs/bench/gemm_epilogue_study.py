@@ -3,6 +3,9 @@ the plain modules as training compiles them, at the 135M model's shapes (issue 8
 
     python docs/bench/gemm_epilogue_study.py check   # outputs and gradients against fp32 math, next to plain bf16's
     python docs/bench/gemm_epilogue_study.py time    # forward + backward of one layer's MLP and q, k, v (do_bench)
+    CUTE_DSL_ARCH=sm_90a python docs/bench/gemm_epilogue_study.py trace   # no GPU: build the three kernels as the
+        # wrapper calls them, up to their launch, which must then refuse the CPU tensors: checks that quack imports and
+        # takes the calls' arguments and builds the kernels; shapes are checked only at the launch (a wrong K passes)
 
 Needs quack-kernels and the CUTLASS DSL beside torch on a Hopper GPU (the fa4 extra's packages; see
 docs/bench/gemm_epilogue_verify.sh for how they reach the lent machine).
@@ -111,5 +114,36 @@ def time() -> None:
         print("TIME", json.dumps(rows[-1]), flush=True)
 
 
+def trace() -> None:
+    """Without a GPU: build the wrapper's three quack kernels (gated, dgated, SiLU) at the 135M shapes for sm_90a up to
+    their launch, with the device queries answered as an H100 would; each must stop only at the launch, refusing CPU
+    tensors (a mismatched K is not caught before it). Needs quack and the CUTLASS DSL importable (under a
+    site-packages folder) and CUTE_DSL_ARCH=sm_90a."""
+    from kernels.gemm_epilogue import _quack
+
+    torch.cuda.get_device_capability = lambda *a, **k: (9, 0)
+    quack = _quack()
+    assert quack is not None, "quack does not import"
+    answers = {"get_device_capacity": lambda *a, **k: (9, 0), "get_max_active_clusters": lambda *a, **k: 66}
+    for module in list(sys.modules.values()):  # what an H100 answers (SM90, 132 SMs in pairs), wherever it is asked
+        if getattr(module, "__name__", "").startswith("quack"):
+            for attr, answer in answers.items():
+                if hasattr(module, attr):
+                    setattr(module, attr, answer)
+    m, f = 1000, 1792
+    x, w13, w2 = (torch.randn(*s, dtype=torch.bfloat16) for s in ((m, D), (2 * f, D), (D, f)))
+    cases = {"gated": lambda: quack.gemm_act(x, w13.T, activation="swiglu", store_preact=True, tuned=False),
+             "dgated": lambda: quack.gemm_dact(x, w2, torch.randn(m, 2 * f, dtype=torch.bfloat16), activation="swiglu",
+                                               tuned=False),
+             "silu": lambda: quack.gemm_act(x, w13[: 3 * D].T, activation="silu", store_preact=True, tuned=False)}
+    for name, fn in cases.items():
+        try:
+            fn()
+            print("TRACE", name, "launched on the CPU?", flush=True)
+        except ValueError as exc:
+            ok = "expected device_type=cuda" in str(exc)
+            print("TRACE", name, "built, refused at launch (ok)" if ok else f"FAILED: {exc}", flush=True)
+
+
 if __name__ == "__main__":
-    {"check": check, "time": time}[sys.argv[1]]()
+    {"check": check, "time": time, "trace": trace}[sys.argv[1]]()
