@@ -439,7 +439,7 @@ def load_throughput(path: str | Path) -> pd.DataFrame:
 #: parameter count is not: a 134M softmax and lightning differ by 9k parameters, mamba2 by more).
 THROUGHPUT_SHAPE = ("d_model", "n_layers", "n_heads", "vocab")
 #: Columns saying how it was run: a compiled and an eager measurement, or an H100's and an H200's, are not repeats.
-THROUGHPUT_SETUP = ("compile", "fused", "device")
+THROUGHPUT_SETUP = ("compile", "fused", "kernels", "device")
 #: Without shape columns, parameter counts within this factor of a size's smallest are one size (the archs' counts
 #: at one shape differ by well under 1%; two sizes of a study by 2x or more).
 SAME_SIZE = 1.05
@@ -461,7 +461,7 @@ def size_label(params) -> str:
 
 def throughput_configs(throughput: pd.DataFrame) -> tuple[np.ndarray, list[str]]:
     """Each row's measured configuration, as an index into the returned labels (smallest model first): its model shape
-    (else its parameter count, within 5%) and its compile, fused and device settings, where the frame has them."""
+    (else its parameter count, within 5%) and its compile, fused, kernels and device settings, where the frame has them."""
     n = len(throughput)
     shape = [c for c in THROUGHPUT_SHAPE if c in throughput.columns]
     setup = [c for c in THROUGHPUT_SETUP if c in throughput.columns]

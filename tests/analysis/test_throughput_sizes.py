@@ -118,6 +118,10 @@ def test_a_size_is_its_shape_else_its_parameter_count_and_settings_are_kept_apar
     t = compare.throughput_table(setups)
     assert t["size"].tolist() == ["134M, compile False, H100", "134M, compile True, H100", "134M, compile True, H200"]
     assert t["tokens_per_s"].tolist() == [4e5, 5e5, 6e5] and "n" not in t.columns
+    # the LM's kernels too: a run with the MLP in GEMM epilogues is not a repeat of one without
+    kernels = _tput([("lightning", 768, 134e6, 2048, 6.5e5, "loss"), ("lightning", 768, 134e6, 2048, 6.9e5, "gemm")],
+                    ("arch", "d_model", "params", "seq_len", "tokens_per_s", "kernels"))
+    assert compare.throughput_table(kernels)["size"].tolist() == ["134M, kernels gemm", "134M, kernels loss"]
 
 
 def test_one_size_gives_the_tables_and_lines_it_gave_before():
