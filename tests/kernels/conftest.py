@@ -28,3 +28,17 @@ def assert_broken_install_warns_once(monkeypatch, caplog, loader, package: str, 
         loader.cache_clear()
     warned = [r.getMessage() for r in caplog.records if "does not import" in r.getMessage()]
     assert len(warned) == 1 and "libcute_dsl_runtime.so" in warned[0]
+
+
+def assert_matches_reference(fn, args, leaves, dy, y_ref, compiled: bool) -> None:
+    """``fn(*args)`` (under torch.compile's aot_eager when ``compiled``) equals ``y_ref`` and gives the same gradients
+    of ``leaves`` for the output gradient ``dy``, to 1e-5."""
+    import torch
+
+    grads_ref = torch.autograd.grad(y_ref, leaves, dy)
+    run = torch.compile(fn, backend="aot_eager", fullgraph=True) if compiled else fn
+    y = run(*args)
+    grads = torch.autograd.grad(y, leaves, dy)
+    torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
+    for i, (g, r) in enumerate(zip(grads, grads_ref)):
+        torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-5, msg=lambda m, i=i: f"gradient of input {i}: {m}")

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 import kernels.flash_attention as fa
 import models.mixers.softmax as sm
 from models.config import ModelConfig
-from tests.kernels.conftest import assert_broken_install_warns_once
+from tests.kernels.conftest import assert_broken_install_warns_once, assert_matches_reference
 
 
 def _math(q, k, v):
@@ -79,16 +79,9 @@ def test_flash4_is_not_taken_off_a_hopper_gpu():
 def test_flash4_attention_matches_sdpa_in_output_and_gradients(fake_fa4, compiled):
     q, k, v = _qkv()
     dy = torch.randn_like(q)
-    y_ref = _sdpa_bthd(q, k, v)
-    grads_ref = torch.autograd.grad(y_ref, (q, k, v), dy)
     # Strided views, as the mixer hands them: the wrapper makes them contiguous for FA4.
-    qs, ks, vs = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in (q, k, v))
-    fn = torch.compile(fa.flash4_attention, backend="aot_eager", fullgraph=True) if compiled else fa.flash4_attention
-    y = fn(qs, ks, vs)
-    grads = torch.autograd.grad(y, (q, k, v), dy)
-    torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
-    for g, r in zip(grads, grads_ref):
-        torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-5)
+    views = [x.transpose(1, 2).contiguous().transpose(1, 2) for x in (q, k, v)]
+    assert_matches_reference(fa.flash4_attention, views, (q, k, v), dy, _sdpa_bthd(q, k, v), compiled)
     assert fake_fa4 == {"fwd": 1, "bwd": 1}
 
 

@@ -16,7 +16,7 @@ import kernels.gemm_epilogue as ge
 import models.lm as lm
 import models.mixers.lightning as lt
 from models.config import ModelConfig
-from tests.kernels.conftest import assert_broken_install_warns_once
+from tests.kernels.conftest import assert_broken_install_warns_once, assert_matches_reference
 
 
 def _act(pre, activation):
@@ -60,14 +60,8 @@ def test_swiglu_mlp_matches_the_plain_mlp_in_output_and_gradients(fake_quack, co
     w1, w3, w2 = _weights()
     x = torch.randn(2, 5, 16, requires_grad=True)
     dy = torch.randn(2, 5, 16)
-    y_ref = ge.swiglu_mlp_reference(x, w1, w3, w2)
-    grads_ref = torch.autograd.grad(y_ref, (x, w1, w3, w2), dy)
-    fn = torch.compile(ge.swiglu_mlp, backend="aot_eager", fullgraph=True) if compiled else ge.swiglu_mlp
-    y = fn(x, w1, w3, w2)
-    grads = torch.autograd.grad(y, (x, w1, w3, w2), dy)
-    torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
-    for name, g, r in zip(("x", "w1", "w3", "w2"), grads, grads_ref):
-        torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
+    inputs = (x, w1, w3, w2)
+    assert_matches_reference(ge.swiglu_mlp, inputs, inputs, dy, ge.swiglu_mlp_reference(*inputs), compiled)
     assert fake_quack == {"act": 1, "dact": 1}
 
 
@@ -76,14 +70,7 @@ def test_linear_silu_matches_silu_of_linear_in_output_and_gradients(fake_quack, 
     w = _weights()[0]
     x = torch.randn(3, 4, 16, requires_grad=True)
     dy = torch.randn(3, 4, 32)
-    y_ref = F.silu(F.linear(x, w))
-    grads_ref = torch.autograd.grad(y_ref, (x, w), dy)
-    fn = torch.compile(ge.linear_silu, backend="aot_eager", fullgraph=True) if compiled else ge.linear_silu
-    y = fn(x, w)
-    grads = torch.autograd.grad(y, (x, w), dy)
-    torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
-    for g, r in zip(grads, grads_ref):
-        torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-5)
+    assert_matches_reference(ge.linear_silu, (x, w), (x, w), dy, F.silu(F.linear(x, w)), compiled)
     assert fake_quack == {"act": 1, "dact": 0}
 
 
