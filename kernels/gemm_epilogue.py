@@ -63,9 +63,15 @@ def epilogues_ready(device: torch.device) -> bool:
 def epilogues_usable(x: torch.Tensor, *widths: int) -> bool:
     """Whether the epilogue GEMMs take input ``x`` (..., d) with these output widths: a CUDA bf16 or fp16 tensor on a
     Hopper GPU, quack installed, d and every width a multiple of 16, and no functorch transform (vmap) around it."""
-    if x.device.type != "cuda" or x.dtype not in (torch.bfloat16, torch.float16) or _wrapped(x):
+    if x.device.type != "cuda" or x.dtype not in (torch.bfloat16, torch.float16) or not _unwrapped(x):
         return False
     return not any(n % 16 for n in (x.shape[-1], *widths)) and epilogues_ready(x.device)
+
+
+def _unwrapped(x: torch.Tensor) -> bool:
+    """Whether no functorch transform (vmap, grad) wraps x; taken as so under torch.compile, which cannot trace the
+    check (a graph break in every layer), as the models that vmap (models.packed) never ask for these kernels."""
+    return torch.compiler.is_compiling() or not _wrapped(x)
 
 
 # --- the SwiGLU MLP -------------------------------------------------------------------------------------------------

@@ -90,8 +90,17 @@ def test_epilogues_are_not_taken_off_a_hopper_gpu(fake_quack):
     assert not ge.epilogues_usable(torch.randn(2, 16), 32)
 
 
+def test_the_vmap_check_traces_under_torch_compile_and_holds_in_eager():
+    # On a GPU epilogues_usable runs while torch.compile traces every MLP: a check it cannot trace breaks each graph.
+    torch._dynamo.reset()
+    fn = torch.compile(lambda x: x + 1 if ge._unwrapped(x) else x - 1, backend="eager", fullgraph=True)
+    assert fn(torch.zeros(2)).tolist() == [1.0, 1.0]
+    assert ge._unwrapped(torch.zeros(2))
+    assert torch.func.vmap(lambda x: torch.tensor(ge._unwrapped(x)))(torch.zeros(3, 2)).tolist() == [False] * 3
+
+
 def _lm_pair(arch, monkeypatch):
-    cfg = ModelConfig(arch, 32, 2, 2, 64)
+    cfg = ModelConfig(arch, 32, 2, 2, 64, "LS" if arch == "hybrid" else "")
     torch.manual_seed(0)
     plain = lm.LM(cfg, kernels="loss")
     fused = lm.LM(cfg, kernels="gemm")
@@ -124,6 +133,22 @@ def test_lm_takes_the_epilogues_only_where_usable(fake_quack, monkeypatch, arch)
     torch.testing.assert_close(loss, loss_ref, atol=1e-5, rtol=1e-5)
     for (name, _), a, b in zip(plain.named_parameters(), g, g_ref):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_the_lm_on_epilogues_compiles_whole(fake_quack, monkeypatch):
+    # No graph break from the dispatch (the vmap check, the width check, the stacked weight) in any layer.
+    _, fused, idx = _lm_pair("hybrid", monkeypatch)
+    usable = lambda x, *w: ge._unwrapped(x) and not any(n % 16 for n in (x.shape[-1], *w))  # noqa: E731
+    monkeypatch.setattr(lm, "epilogues_usable", usable)
+    monkeypatch.setattr(lt, "epilogues_usable", usable)
+    torch._dynamo.reset()
+    lt.Lightning.backend = "torch"
+    try:
+        _, loss = torch.compile(fused, backend="aot_eager", fullgraph=True)(idx, idx)
+        loss.backward()
+    finally:
+        lt.Lightning.backend = "auto"
+    assert fake_quack["act"] > 0 and fake_quack["dact"] > 0
 
 
 def test_an_installed_quack_that_does_not_import_is_said_once(monkeypatch, caplog):
