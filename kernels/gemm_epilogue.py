@@ -1,5 +1,5 @@
-"""GEMMs with their activation in the epilogue, on quack's CuTe DSL kernels (the optional quack-kernels package, which
-the ``fa4`` extra brings): the SwiGLU MLP and lightning's q, k, v SiLU without their elementwise passes.
+"""GEMMs with their activation in the epilogue, on quack's CuTe DSL kernels (the optional quack-kernels package, 0.6.x,
+which the ``fa4`` extra brings): the SwiGLU MLP and lightning's q, k, v SiLU without their elementwise passes.
 
 Unfused, the MLP's gate reads the two projections back from memory after cuBLAS writes them, and its backward reads
 and writes the gate's gradient once more; in the 135M lightning step on an H100 those passes took 14.7 ms of 200
@@ -7,7 +7,7 @@ and writes the gate's gradient once more; in the 135M lightning step on an H100 
 (``gemm_act``), and the backward GEMM of the second projection computes the gate's gradient from the stored
 pre-activation in its epilogue (``gemm_dgated``). The other GEMMs stay on cuBLAS (``torch.mm``). Where quack is not
 installed, or ``epilogues_usable`` is False, the callers (``models.lm.MLP``, the lightning mixer) run the plain
-modules, which compute the same functions.
+modules, which compute the same functions. Not yet measured on a GPU: docs/bench/kernels.md says what ran.
 """
 
 from __future__ import annotations

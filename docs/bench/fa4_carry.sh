@@ -14,7 +14,7 @@ plat=(--only-binary=:all: --no-deps --python-version 3.12 --implementation cp --
       --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64)
 python3 -m pip download -q "${plat[@]}" -d "$tmp/w" flash-attn-4==4.0.0b40 nvidia-cutlass-dsl==4.8.1 \
   nvidia-cutlass-dsl-libs-base==4.8.1 nvidia-cutlass-dsl-libs-core==4.8.1 nvidia-cutlass-dsl-libs-cu13==4.8.1 \
-  "cuda-bindings>=13,<14" cuda-pathfinder apache-tvm-ffi torch-c-dlpack-ext quack-kernels einops protobuf
+  "cuda-bindings>=13,<14" cuda-pathfinder apache-tvm-ffi torch-c-dlpack-ext quack-kernels==0.6.5 einops protobuf
 mkdir -p "$tmp/site"
 for w in "$tmp"/w/*.whl; do (cd "$tmp/site" && unzip -qo "$w"); done
 # PYTHONPATH does not run .pth files: fa4_verify.sh puts nvidia_cutlass_dsl/dsl_packages on the path itself.
