@@ -3,6 +3,7 @@ the plain modules as training compiles them, at the 135M model's shapes (issue 8
 
     python docs/bench/gemm_epilogue_study.py check   # outputs and gradients against fp32 math, next to plain bf16's
     python docs/bench/gemm_epilogue_study.py time    # forward + backward of one layer's MLP and q, k, v (do_bench)
+    python docs/bench/gemm_epilogue_study.py tiles   # each epilogue GEMM, default config and autotuned, vs cuBLAS's mm
     CUTE_DSL_ARCH=sm_90a python docs/bench/gemm_epilogue_study.py trace   # no GPU: build the three kernels as the
         # wrapper calls them, up to their launch, which must then refuse the CPU tensors: checks that quack imports and
         # takes the calls' arguments and builds the kernels; shapes are checked only at the launch (a wrong K passes)
@@ -114,6 +115,35 @@ def time() -> None:
         print("TIME", json.dumps(rows[-1]), flush=True)
 
 
+def tiles() -> None:
+    """Each epilogue GEMM alone at the lightning MLP's and q, k, v's shapes, on quack's default config (what the wrapper
+    runs) and autotuned (``tuned=True``, quack's search over its SM90 configs), against cuBLAS's plain GEMM of the same
+    shape (torch.mm, no epilogue): median ms of do_bench."""
+    from triton.testing import do_bench
+
+    from kernels.gemm_epilogue import _quack
+
+    quack = _quack()
+    torch.manual_seed(0)
+    f = 1792
+    x, dy = (torch.randn(M, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    w13, w2, wqkv = ((torch.randn(*s, device="cuda") * 0.02).to(torch.bfloat16) for s in ((2 * f, D), (D, f), (3 * D, D)))
+    pre = x @ w13.T
+    cases = {
+        "gated fwd": (lambda tuned: quack.gemm_act(x, w13.T, activation="swiglu", store_preact=True, tuned=tuned),
+                      lambda: x @ w13.T),
+        "dgated": (lambda tuned: quack.gemm_dact(dy, w2, pre, activation="swiglu", tuned=tuned), lambda: dy @ w2),
+        "silu fwd": (lambda tuned: quack.gemm_act(x, wqkv.T, activation="silu", store_preact=True, tuned=tuned),
+                     lambda: x @ wqkv.T),
+    }
+    for name, (fused, plain) in cases.items():
+        row = {"op": name, "cublas_mm": round(do_bench(plain, warmup=50, rep=300), 3)}
+        for tuned in (False, True):
+            fused(tuned)  # compiles (and with tuned, searches) before the timing
+            row["quack_tuned" if tuned else "quack_default"] = round(do_bench(lambda: fused(tuned), warmup=50, rep=300), 3)
+        print("TILES", json.dumps(row), flush=True)
+
+
 def trace() -> None:
     """Without a GPU: build the wrapper's three quack kernels (gated, dgated, SiLU) at the 135M shapes for sm_90a up to
     their launch, with the device queries answered as an H100 would; each must stop only at the launch, refusing CPU
@@ -146,4 +176,4 @@ def trace() -> None:
 
 
 if __name__ == "__main__":
-    {"check": check, "time": time, "trace": trace}[sys.argv[1]]()
+    {"check": check, "time": time, "tiles": tiles, "trace": trace}[sys.argv[1]]()

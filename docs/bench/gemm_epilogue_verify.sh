@@ -15,12 +15,13 @@ step() {  # step NAME LIMIT_S COMMAND...: its output in $out/NAME.log; exit code
   [ "$limit" -gt "$left" ] && limit=$left
   timeout "$limit" "$@" > "$out/$name.log" 2>&1
   echo "$name rc $? wall_s $((SECONDS - s))" | tee -a "$out/summary.txt"
-  grep -h "tokens/s\|CHECK\|TIME\|Error" "$out/$name.log" | tail -12 | tee -a "$out/summary.txt"
+  grep -h "tokens/s\|CHECK\|TIME\|TILES\|Error" "$out/$name.log" | tail -12 | tee -a "$out/summary.txt"
 }
 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,power.limit --format=csv | tee "$out/gpu.txt"
 CMD=(python -m sweep.cli bench train --params 135M --seq-len 2048 --compile-mode reduce-overhead
      --tokens-per-step 131072 --microbatch 64 --steps 30)
-# In order of need, should the call end early: the check, lightning's pair, the ops alone, softmax's pair, a second pair.
+# In order of need, should the call end early: the check, lightning's pair, the ops alone, softmax's pair, a second
+# pair, then each epilogue GEMM against cuBLAS's plain one, on quack's default config and autotuned.
 step check 100 python docs/bench/gemm_epilogue_study.py check
 step light_gemm_1 150 "${CMD[@]}" --arch lightning --kernels gemm
 step light_loss_1 80 "${CMD[@]}" --arch lightning --kernels loss
@@ -29,3 +30,4 @@ step soft_gemm_1 110 "${CMD[@]}" --arch softmax --kernels gemm
 step soft_loss_1 80 "${CMD[@]}" --arch softmax --kernels loss
 step light_gemm_2 80 "${CMD[@]}" --arch lightning --kernels gemm
 step light_loss_2 80 "${CMD[@]}" --arch lightning --kernels loss
+step tiles 120 python docs/bench/gemm_epilogue_study.py tiles
