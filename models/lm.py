@@ -100,11 +100,11 @@ class LM(nn.Module):
             raise ValueError(f"kernels must be one of {', '.join(KERNELS)}; got {kernels!r}")
         self.config = config
         self.kernels = kernels
-        # The backend of the norms and the SwiGLU gate: plain modules unless every fused kernel was asked for.
-        self.shell = kernels if kernels in ("auto", "triton") else "torch"
+        # The kernels of the norms and the MLP: plain modules unless every fused kernel or the epilogue GEMMs were asked
+        # for ("loss" fuses only the head + loss below).
+        self.shell = kernels if kernels in ("auto", "triton", "gemm") else "torch"
         self.embed = nn.Embedding(config.vocab_size, config.d_model)
-        self.blocks = nn.ModuleList(Block(config, i, "gemm" if kernels == "gemm" else self.shell)
-                                    for i in range(config.n_layers))
+        self.blocks = nn.ModuleList(Block(config, i, self.shell) for i in range(config.n_layers))
         self.norm_f = RMSNorm(config.d_model, eps=1e-6)
         self.head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         self._init_weights()
