@@ -154,6 +154,18 @@ def _gpu_id(device: str) -> str | None:
     return f"GPU-{uuid}" if uuid is not None else None
 
 
+def bench_kernels(fused: bool, kernels: str | None) -> str | None:
+    """The LM kernels a training benchmark asks for: ``kernels`` by name (models.lm.KERNELS), "auto" for ``fused``, or
+    None for training's default; a ValueError for an unknown name or both asked at once."""
+    from models.lm import KERNELS
+
+    if kernels is not None and kernels not in KERNELS:
+        raise ValueError(f"--kernels {kernels!r}: expected one of {', '.join(KERNELS)}")
+    if fused and kernels not in (None, "auto"):
+        raise ValueError(f"--fused runs the auto kernels; it cannot go with --kernels {kernels}")
+    return "auto" if fused else kernels
+
+
 def bench_train(spec: BenchSpec, *, compile: bool | str = False, microbatch: int | None = None, device: str = "cuda",
                 profile: Path | None = None, fused: bool = False, kernels: str | None = None) -> dict:
     """Train ``spec`` with ``pretrain`` and report the median tokens/s of the second half of the steps and MFU;
@@ -168,9 +180,7 @@ def bench_train(spec: BenchSpec, *, compile: bool | str = False, microbatch: int
     from models.mixers.softmax import attention_backend
     from models.train import pretrain
 
-    if fused and kernels not in (None, "auto"):
-        raise ValueError(f"fused runs the 'auto' kernels; got kernels {kernels!r} as well")
-    kernels = "auto" if fused else kernels
+    kernels = bench_kernels(fused, kernels)
 
     rates: list[float] = []
     profiler = _step_profiler(spec.steps, device) if profile else contextlib.nullcontext()
@@ -200,7 +210,7 @@ def bench_train(spec: BenchSpec, *, compile: bool | str = False, microbatch: int
     return {
         "arch": spec.arch, "d_model": spec.d_model, "n_layers": spec.n_layers, "vocab": spec.vocab_size,
         "params": summary.params, "seq_len": spec.seq_len, "batch_size": spec.batch_size,
-        "microbatch": summary.microbatch, "compile": compile, "fused": fused, "tokens_per_s": tps, "flops_per_token": fpt,
+        "microbatch": summary.microbatch, "compile": compile, "fused": kernels == "auto", "tokens_per_s": tps, "flops_per_token": fpt,
         # MFU against an H100's peaks means nothing off the GPU
         "mfu_989": fpt * tps / H100_DATASHEET_PEAK if device.startswith("cuda") else None,
         "mfu_785": fpt * tps / H100_MEASURED_PEAK if device.startswith("cuda") else None,

@@ -1240,19 +1240,14 @@ def bench_train_cmd(
     import pandas as pd
     import torch
 
-    from models.bench import bench_spec, bench_train
+    from models.bench import bench_kernels, bench_spec, bench_train
 
     modes = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
     if compile_mode is not None and compile_mode not in modes:
         fail(f"--compile-mode {compile_mode!r}: expected one of {', '.join(modes)}")
-    from models.lm import KERNELS
-
-    if kernels is not None and kernels not in KERNELS:
-        fail(f"--kernels {kernels!r}: expected one of {', '.join(KERNELS)}")
-    if fused and kernels not in (None, "auto"):
-        fail(f"--fused runs the auto kernels; it cannot go with --kernels {kernels}")
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:  # every spec before any training, so that a bad --arch fails at once (and before a folder is made)
+    try:  # every spec before any training, so that a bad --arch or --kernels fails at once (and before a folder is made)
+        kernels = bench_kernels(fused, kernels)
         specs = [(a, t, bench_spec(a, params, t, max(1, tokens_per_step // t), steps)) for a in arch for t in seq_len]
     except ValueError as exc:
         fail(str(exc))
@@ -1267,7 +1262,7 @@ def bench_train_cmd(
     rows = []
     for a, t, spec in specs:
         prof = profile / f"train_{a}_{t}.txt" if profile else None
-        rows.append(bench_train(spec, compile=compile_mode or compile, microbatch=microbatch, device=device, profile=prof, fused=fused,
+        rows.append(bench_train(spec, compile=compile_mode or compile, microbatch=microbatch, device=device, profile=prof,
                                 kernels=kernels))
         r = rows[-1]
         mfu = f", MFU {r['mfu_989']:.1%} of 989, {r['mfu_785']:.1%} of 785" if r["mfu_989"] is not None else " (CPU: no MFU)"
