@@ -34,48 +34,38 @@ def _rel(a, b):
     return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
 
 
+def _compare(op, fused_fn, plain_fn, inputs, dy, names, **meta) -> float:
+    """Print the fused op's and the plain bf16 op's errors against fp32 math (output and each input's gradient, as
+    (fused, plain) pairs); return the worst ratio of fused to plain."""
+    leaves = [t.detach().float().requires_grad_() for t in inputs]
+    ref = plain_fn(*leaves)
+    ref_grads = torch.autograd.grad(ref, leaves, dy.float())
+    row = {"op": op, **meta}
+    for label, fn in (("fused", fused_fn), ("plain", plain_fn)):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            y = fn(*inputs)
+        grads = torch.autograd.grad(y, inputs, dy)
+        for name, a, r in zip(("out", *names), (y, *grads), (ref, *ref_grads)):
+            row.setdefault(name, []).append(round(_rel(a, r), 5))
+    print("CHECK", json.dumps(row), flush=True)
+    return max(v[0] / max(v[1], 1e-3) for v in row.values() if isinstance(v, list))
+
+
 def check() -> None:
     """Outputs and gradients of the fused ops and of the plain bf16 ones, each against fp32 math on the same inputs."""
     torch.manual_seed(0)
     worst = 0.0
     for m, f in ((4096, 1792), (1000, 2048)):  # the second: a row count no tile divides
         x = torch.randn(m, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-        w1, w3, w2 = _weights(f)
-        dy = torch.randn(m, D, device="cuda", dtype=torch.bfloat16)
         assert epilogues_usable(x, f)
-        xs = (x, w1, w3, w2)
-        leaves = [t.detach().float().requires_grad_() for t in xs]
-        ref = swiglu_mlp_reference(*leaves)
-        ref_grads = torch.autograd.grad(ref, leaves, dy.float())
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            fused = swiglu_mlp(x, w1, w3, w2)
-        fused_grads = torch.autograd.grad(fused, xs, dy)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            plain = swiglu_mlp_reference(x, w1, w3, w2)
-        plain_grads = torch.autograd.grad(plain, xs, dy)
-        row = {"op": "swiglu_mlp", "M": m, "F": f, "out": (_rel(fused, ref), _rel(plain, ref))}
-        for name, a, p, r in zip(("dx", "dw1", "dw3", "dw2"), fused_grads, plain_grads, ref_grads):
-            row[name] = (_rel(a, r), _rel(p, r))
-        print("CHECK", json.dumps({k: (tuple(round(e, 5) for e in v) if isinstance(v, tuple) else v)
-                                   for k, v in row.items()}), flush=True)
-        worst = max(worst, *(v[0] / max(v[1], 1e-3) for v in row.values() if isinstance(v, tuple)))
+        dy = torch.randn(m, D, device="cuda", dtype=torch.bfloat16)
+        worst = max(worst, _compare("swiglu_mlp", swiglu_mlp, swiglu_mlp_reference, (x, *_weights(f)), dy,
+                                    ("dx", "dw1", "dw3", "dw2"), M=m, F=f))
         # lightning's q, k, v: its SiLU in the projection's epilogue
         w = (torch.randn(3 * D, D, device="cuda") * 0.02).requires_grad_()
         dq = torch.randn(m, 3 * D, device="cuda", dtype=torch.bfloat16)
-        xf, wf = x.detach().float().requires_grad_(), w.detach().float().requires_grad_()
-        ref = F.silu(F.linear(xf, wf))
-        ref_grads = torch.autograd.grad(ref, (xf, wf), dq.float())
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            fused = linear_silu(x, w)
-            plain = F.silu(F.linear(x, w))
-        fused_grads = torch.autograd.grad(fused, (x, w), dq)
-        plain_grads = torch.autograd.grad(plain, (x, w), dq)
-        row = {"op": "linear_silu", "M": m, "out": (_rel(fused, ref), _rel(plain, ref))}
-        for name, a, p, r in zip(("dx", "dw"), fused_grads, plain_grads, ref_grads):
-            row[name] = (_rel(a, r), _rel(p, r))
-        print("CHECK", json.dumps({k: (tuple(round(e, 5) for e in v) if isinstance(v, tuple) else v)
-                                   for k, v in row.items()}), flush=True)
-        worst = max(worst, *(v[0] / max(v[1], 1e-3) for v in row.values() if isinstance(v, tuple)))
+        worst = max(worst, _compare("linear_silu", linear_silu, lambda x, w: F.silu(F.linear(x, w)), (x, w), dq,
+                                    ("dx", "dw"), M=m))
     # The fused ops' error against fp32 should be of the plain bf16 ops' size (each pair is fused, plain).
     print(f"CHECK worst fused/plain error ratio {worst:.2f}: {'ok' if worst < 2 else 'LARGER THAN PLAIN'}", flush=True)
 
