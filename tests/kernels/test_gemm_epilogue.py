@@ -99,7 +99,7 @@ def test_the_vmap_check_traces_under_torch_compile_and_holds_in_eager():
     assert torch.func.vmap(lambda x: torch.tensor(ge._unwrapped(x)))(torch.zeros(3, 2)).tolist() == [False] * 3
 
 
-def _lm_pair(arch, monkeypatch):
+def _lm_pair(arch):
     cfg = ModelConfig(arch, 32, 2, 2, 64, "LS" if arch == "hybrid" else "")
     torch.manual_seed(0)
     plain = lm.LM(cfg, kernels="loss")
@@ -111,20 +111,17 @@ def _lm_pair(arch, monkeypatch):
 
 @pytest.mark.parametrize("arch", ["lightning", "softmax"])
 def test_lm_takes_the_epilogues_only_where_usable(fake_quack, monkeypatch, arch):
-    plain, fused, idx = _lm_pair(arch, monkeypatch)
-    lt.Lightning.backend = "torch"
-    try:
-        _, loss_ref = plain(idx, idx)
-        g_ref = torch.autograd.grad(loss_ref, list(plain.parameters()))
-        _, loss = fused(idx, idx)
-        assert fake_quack == {"act": 0, "dact": 0}  # on the CPU: the plain modules
-        usable = []
-        monkeypatch.setattr(lm, "epilogues_usable", lambda x, *w: usable.append(w) or True)
-        monkeypatch.setattr(lt, "epilogues_usable", lambda x, *w: usable.append(w) or True)
-        _, loss = fused(idx, idx)
-        g = torch.autograd.grad(loss, list(fused.parameters()))
-    finally:
-        lt.Lightning.backend = "auto"
+    plain, fused, idx = _lm_pair(arch)
+    monkeypatch.setattr(lt.Lightning, "backend", "torch")
+    _, loss_ref = plain(idx, idx)
+    g_ref = torch.autograd.grad(loss_ref, list(plain.parameters()))
+    _, loss = fused(idx, idx)
+    assert fake_quack == {"act": 0, "dact": 0}  # on the CPU: the plain modules
+    usable = []
+    monkeypatch.setattr(lm, "epilogues_usable", lambda x, *w: usable.append(w) or True)
+    monkeypatch.setattr(lt, "epilogues_usable", lambda x, *w: usable.append(w) or True)
+    _, loss = fused(idx, idx)
+    g = torch.autograd.grad(loss, list(fused.parameters()))
     mlp_hidden = plain.config.mlp_hidden("L" if arch == "lightning" else "S")
     layers = plain.config.n_layers
     silu_calls = layers if arch == "lightning" else 0
@@ -137,17 +134,14 @@ def test_lm_takes_the_epilogues_only_where_usable(fake_quack, monkeypatch, arch)
 
 def test_the_lm_on_epilogues_compiles_whole(fake_quack, monkeypatch):
     # No graph break from the dispatch (the vmap check, the width check, the stacked weight) in any layer.
-    _, fused, idx = _lm_pair("hybrid", monkeypatch)
+    _, fused, idx = _lm_pair("hybrid")
     usable = lambda x, *w: ge._unwrapped(x) and not any(n % 16 for n in (x.shape[-1], *w))  # noqa: E731
     monkeypatch.setattr(lm, "epilogues_usable", usable)
     monkeypatch.setattr(lt, "epilogues_usable", usable)
+    monkeypatch.setattr(lt.Lightning, "backend", "torch")
     torch._dynamo.reset()
-    lt.Lightning.backend = "torch"
-    try:
-        _, loss = torch.compile(fused, backend="aot_eager", fullgraph=True)(idx, idx)
-        loss.backward()
-    finally:
-        lt.Lightning.backend = "auto"
+    _, loss = torch.compile(fused, backend="aot_eager", fullgraph=True)(idx, idx)
+    loss.backward()
     assert fake_quack["act"] > 0 and fake_quack["dact"] > 0
 
 
