@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The SwiGLU MLP and lightning's q, k, v SiLU in quack's GEMM epilogues (kernels/gemm_epilogue.py) on a Hopper GPU:
 # the fused ops checked against fp32 math, then the README's training command with `--kernels gemm` and `--kernels
-# loss` (training's default) alternated, lightning then softmax (on FA4), then the ops timed alone. The second of two
+# loss` (training's default) alternated, lightning, softmax (on FA4) and the hybrid, and the ops timed alone. The second of two
 # device calls, as docs/bench/fa4_verify.sh is: docs/bench/fa4_carry.sh builds the packages (quack-kernels is among
 # them) and says the first call, which leaves their first part in /tmp/fa4parts.
 # On the device:  bash docs/bench/gemm_epilogue_verify.sh   (carry [".fa4b"]); logs under $OUT, summary.txt.
@@ -23,14 +23,16 @@ step() {  # step NAME LIMIT_S COMMAND...: its output in $out/NAME.log; exit code
 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,power.limit --format=csv | tee "$out/gpu.txt"
 CMD=(python -m sweep.cli bench train --params 135M --seq-len 2048 --compile-mode reduce-overhead
      --tokens-per-step 131072 --microbatch 64 --steps 30)
-# In order of need, should the call end early: the check, lightning's pair, the ops alone, softmax's pair, a second
-# pair, then each epilogue GEMM against cuBLAS's plain one, on quack's default config and autotuned.
+# In order of need, should the call end early: the check, lightning's pair, the ops alone, softmax's and the hybrid's
+# pairs, a second lightning pair, then each epilogue GEMM against cuBLAS's plain one, default config and autotuned.
 step check 100 python docs/bench/gemm_epilogue_study.py check
 step light_gemm_1 150 "${CMD[@]}" --arch lightning --kernels gemm
 step light_loss_1 80 "${CMD[@]}" --arch lightning --kernels loss
 step time 100 python docs/bench/gemm_epilogue_study.py time
 step soft_gemm_1 110 "${CMD[@]}" --arch softmax --kernels gemm
 step soft_loss_1 80 "${CMD[@]}" --arch softmax --kernels loss
+step hyb_gemm_1 110 "${CMD[@]}" --arch hybrid --kernels gemm
+step hyb_loss_1 80 "${CMD[@]}" --arch hybrid --kernels loss
 step light_gemm_2 80 "${CMD[@]}" --arch lightning --kernels gemm
 step light_loss_2 80 "${CMD[@]}" --arch lightning --kernels loss
 step tiles 120 python docs/bench/gemm_epilogue_study.py tiles
