@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The SwiGLU MLP and lightning's q, k, v SiLU in quack's GEMM epilogues (kernels/gemm_epilogue.py) on a Hopper GPU:
 # the fused ops checked against fp32 math, then the README's training command with `--kernels gemm` and `--kernels
-# loss` (training's default) alternated, lightning, softmax (on FA4) and the hybrid, and the ops timed alone. The second of two
-# device calls, as docs/bench/fa4_verify.sh is: docs/bench/fa4_carry.sh builds the packages (quack-kernels is among
-# them) and says the first call, which leaves their first part in /tmp/fa4parts.
+# loss` (training's default) alternated, for lightning, softmax (on FA4) and the hybrid, and the ops timed alone. The
+# second of two device calls, as docs/bench/fa4_verify.sh is: docs/bench/fa4_carry.sh builds the packages
+# (quack-kernels is among them) and says the first call, which leaves their first part in /tmp/fa4parts.
 # On the device:  bash docs/bench/gemm_epilogue_verify.sh   (carry [".fa4b"]); logs under $OUT, summary.txt.
 set -uo pipefail
 . docs/bench/fa4_site.sh
