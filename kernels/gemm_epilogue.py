@@ -115,12 +115,21 @@ def _(x, w13, w2, preact, dy):
 
 
 def _mlp_save(ctx, inputs, output):
+    # The callers use only y: eager autograd would otherwise hand the backward a zero (M, 2F) gradient for preact,
+    # written in full, and add it.
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(*inputs, output[1])
 
 
-def _mlp_op_backward(ctx, dy, _dpreact):
+def _mlp_op_backward(ctx, dy, dpreact):
     x, w13, w2, preact = ctx.saved_tensors
-    return swiglu_mlp_backward_op(x, w13, w2, preact, dy.contiguous())
+    if dy is not None:
+        dx, dw13, dw2 = swiglu_mlp_backward_op(x, w13, w2, preact, dy.contiguous())
+    else:
+        dx, dw13, dw2 = torch.zeros_like(x), torch.zeros_like(w13), torch.zeros_like(w2)
+    if dpreact is not None:  # preact = x w13^T
+        dx, dw13 = dx + dpreact @ w13, dw13 + dpreact.T @ x
+    return dx, dw13, dw2
 
 
 swiglu_mlp_op.register_autograd(_mlp_op_backward, setup_context=_mlp_save)
@@ -151,17 +160,18 @@ def _(x, w):
 
 
 def _silu_save(ctx, inputs, output):
+    ctx.set_materialize_grads(False)  # as _mlp_save: no zero gradient for the unused pre-activation
     ctx.save_for_backward(*inputs, output[0])
 
 
 def _silu_op_backward(ctx, dpre, dpost):
-    # Plain ops, so that torch.compile fuses SiLU's gradient into one pass as it did before.
+    # aten's SiLU gradient: one kernel in eager (in fp32 inside, as torch's SiLU), one fused pass under torch.compile.
     x, w, pre = ctx.saved_tensors
-    s = torch.sigmoid(pre.float())
-    grad = dpost.float() * s * (1 + pre.float() * (1 - s))
+    grad = torch.ops.aten.silu_backward(dpost, pre) if dpost is not None else None
     if dpre is not None:
-        grad = grad + dpre.float()
-    grad = grad.to(pre.dtype)
+        grad = dpre if grad is None else grad + dpre
+    if grad is None:
+        return torch.zeros_like(x), torch.zeros_like(w)
     return grad @ w, grad.T @ x
 
 

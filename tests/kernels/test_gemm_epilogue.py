@@ -147,3 +147,61 @@ def test_the_lm_on_epilogues_compiles_whole(fake_quack, monkeypatch):
 
 def test_an_installed_quack_that_does_not_import_is_said_once(monkeypatch, caplog):
     assert_broken_install_warns_once(monkeypatch, caplog, ge._quack, "quack", "kernels.gemm_epilogue")
+
+
+class _OpLog(torch.utils._python_dispatch.TorchDispatchMode):
+    """The ops dispatched while it is on (a custom op as one op, not the ops inside it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
+
+
+def _pre_and_post(op):
+    """The op's two outputs and the plain math's, on leaves of the same values: (fused, plain), each (inputs, pre,
+    out)."""
+    w1, w3, w2 = (w.detach() for w in _weights())
+    w13 = torch.stack((w1, w3), dim=1).flatten(0, 1)
+    weights = (w13, w2) if op == "mlp" else (w1,)
+    pairs = []
+    for fused in (True, False):
+        x, *ws = (t.clone().requires_grad_() for t in (torch.randn(6, 16, generator=torch.Generator().manual_seed(1)),
+                                                       *weights))
+        if fused:
+            out, pre = ge.swiglu_mlp_op(x, *ws) if op == "mlp" else ge.linear_silu_op(x, *ws)[::-1]
+        else:
+            pre = x @ ws[0].T
+            out = _act(pre, "swiglu") @ ws[1].T if op == "mlp" else F.silu(pre)
+        pairs.append(((x, *ws), pre, out))
+    return pairs
+
+
+@pytest.mark.parametrize("op", ["mlp", "silu"])
+@pytest.mark.parametrize("used", ["out", "pre", "both"])
+def test_each_output_of_the_epilogue_ops_carries_its_gradient(fake_quack, op, used):
+    # The callers use only the activation's output; the pre-activation, also an output, must still be differentiable.
+    grads = []
+    for inputs, pre, out in _pre_and_post(op):
+        g = torch.Generator().manual_seed(2)
+        loss = 0
+        if used in ("out", "both"):
+            loss = loss + (out * torch.randn(out.shape, generator=g)).sum()
+        if used in ("pre", "both"):
+            loss = loss + (pre * torch.randn(pre.shape, generator=g)).sum()
+        grads.append(torch.autograd.grad(loss, inputs, allow_unused=True, materialize_grads=True))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("op", ["mlp", "silu"])
+def test_an_unused_pre_activation_costs_the_backward_nothing(fake_quack, op):
+    # Eager autograd hands an unused output a zero gradient unless told not to: a (M, 2F) write and an add per layer.
+    (inputs, _, out), _ = _pre_and_post(op)
+    with _OpLog() as log:
+        torch.autograd.grad(out.sum(), inputs)
+    zeros = {"aten.zeros", "aten.zeros_like", "aten.new_zeros", "aten.fill_", "aten.add"}
+    assert "aten.expand" in log.ops and not zeros & set(log.ops), log.ops  # (the sum's gradient is seen)
