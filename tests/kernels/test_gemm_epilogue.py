@@ -166,11 +166,10 @@ def _pre_and_post(op):
     out)."""
     w1, w3, w2 = (w.detach() for w in _weights())
     w13 = torch.stack((w1, w3), dim=1).flatten(0, 1)
-    weights = (w13, w2) if op == "mlp" else (w1,)
+    values = (torch.randn(6, 16), *((w13, w2) if op == "mlp" else (w1,)))
     pairs = []
     for fused in (True, False):
-        x, *ws = (t.clone().requires_grad_() for t in (torch.randn(6, 16, generator=torch.Generator().manual_seed(1)),
-                                                       *weights))
+        x, *ws = (t.clone().requires_grad_() for t in values)
         if fused:
             out, pre = ge.swiglu_mlp_op(x, *ws) if op == "mlp" else ge.linear_silu_op(x, *ws)[::-1]
         else:
