@@ -50,6 +50,25 @@ def _quack():
     return gemm_interface
 
 
+#: quack's SM90 tiles for each epilogue GEMM (tile_m, tile_n, cluster_m, cluster_n; pingpong, static schedule): its
+#: autotuner's winners at the 135M model's shapes on an H100 (M 131072, K 768; docs/bench/kernels.md, thirtieth
+#: session). Its default (128 x 192, cluster 2 x 1) ran the gate's gradient at 1.36 ms against 0.97 for these.
+TILES = {"gated": (192, 128, 1, 2), "dgated": (128, 128, 1, 2), "silu": (128, 192, 1, 2)}
+
+
+def _config(kind: str):
+    """The pinned GemmConfig for one epilogue GEMM."""
+    return _pinned(_quack(), kind)
+
+
+@functools.cache
+def _pinned(quack, kind: str):
+    # One object per kind and module: quack caches its launch plans by the pinned config's identity.
+    tile_m, tile_n, cluster_m, cluster_n = TILES[kind]
+    return quack.GemmConfig(tile_m=tile_m, tile_n=tile_n, cluster_m=cluster_m, cluster_n=cluster_n, pingpong=True,
+                            is_dynamic_persistent=False, device_capacity=9)
+
+
 @torch.compiler.assume_constant_result
 def _ready(device_index: int) -> bool:
     """Whether quack is installed and the GPU is one it is taken on (a constant to torch.compile)."""
@@ -79,14 +98,16 @@ def _unwrapped(x: torch.Tensor) -> bool:
 
 
 def _mlp_forward(x, w13, w2):
-    preact, gated = _quack().gemm_act(x, w13.T, activation="swiglu", store_preact=True, tuned=False)
+    preact, gated = _quack().gemm_act(x, w13.T, activation="swiglu", store_preact=True, tuned=False,
+                                      config=_config("gated"))
     return gated @ w2.T, preact
 
 
 def _mlp_backward(x, w13, w2, preact, dy):
     # dgated = dy w2 stays in the accumulator: the epilogue writes the gate's gradient (interleaved as preact) and
     # the gate's output again, which w2's gradient needs, instead of storing it in the forward.
-    dpre, gated = _quack().gemm_dact(dy, w2, preact, activation="swiglu", tuned=False)
+    dpre, gated = _quack().gemm_dact(dy, w2, preact, activation="swiglu", tuned=False,
+                                     config=_config("dgated"))
     return dpre @ w13, dpre.T @ x, dy.T @ gated
 
 
@@ -150,7 +171,8 @@ def swiglu_mlp(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Te
 @torch.library.custom_op("slab::linear_silu", mutates_args=())
 def linear_silu_op(x: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``x w^T`` (M, N) for x (M, d), w (N, d), and its SiLU, from one GEMM."""
-    pre, post = _quack().gemm_act(x, w.T, activation="silu", store_preact=True, tuned=False)
+    pre, post = _quack().gemm_act(x, w.T, activation="silu", store_preact=True, tuned=False,
+                                  config=_config("silu"))
     return pre, post
 
 

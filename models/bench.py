@@ -171,16 +171,18 @@ def bench_train(spec: BenchSpec, *, compile: bool | str = False, microbatch: int
     """Train ``spec`` with ``pretrain`` and report the median tokens/s of the second half of the steps and MFU;
     with ``profile``, also write torch.profiler's table of the ops that took the most time over three steps
     of the second half there. ``fused`` runs all the LM shell's fused Triton kernels (norms, SwiGLU, head +
-    loss) even when compiled, where training fuses only the head + loss by default; ``kernels`` names the LM's
+    loss) even when compiled, where training by default fuses the head + loss and the GEMM epilogues (``default_kernels``); ``kernels`` names the LM's
     kernels outright (models.lm.KERNELS; None: training's default). On a GPU, also the mean SM clock and power draw
     over those steps (``ClockSampler``; Nones where nvidia-smi cannot tell)."""
     import torch
 
     from kernels.gemm_epilogue import epilogues_ready
     from models.mixers.softmax import attention_backend
-    from models.train import pretrain
+    from models.train import default_kernels, pretrain
 
     kernels = bench_kernels(fused, kernels)
+    if kernels is None:  # named in the result as training resolves it
+        kernels = default_kernels(bool(compile))
 
     rates: list[float] = []
     profiler = _step_profiler(spec.steps, device) if profile else contextlib.nullcontext()
@@ -218,7 +220,7 @@ def bench_train(spec: BenchSpec, *, compile: bool | str = False, microbatch: int
         "final_loss": summary.final_loss,
         # Which kernels the softmax layers ran on (fa4 where flash-attn-4 is installed on a Hopper GPU, else sdpa).
         "attention": attention_backend(device, head_dim=cfg.head_dim) if "S" in cfg.layer_kinds else None,
-        "kernels": kernels or "default",
+        "kernels": kernels,
         # Whether the MLP (and lightning's q, k, v SiLU) ran in GEMM epilogues: "gemm" kernels with quack usable.
         "epilogues": kernels == "gemm" and device.startswith("cuda") and epilogues_ready(torch.device(device)),
         "device": torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu",

@@ -8,8 +8,8 @@ Initialisation follows GPT-2: normal(0, 0.02) weights, and residual output proje
 with depth.
 
 ``kernels`` picks which parts of the shell run on the fused kernels of ``kernels.fused`` (``KERNELS``):
-"torch", none (plain modules, the reference); "loss" (what training uses), only the head + loss in
-training, fused on CUDA tensors and plain elsewhere; "gemm", the head + loss as "loss" does, and the SwiGLU MLP and
+"torch", none (plain modules, the reference); "loss", only the head + loss in training, fused on CUDA tensors and
+plain elsewhere; "gemm" (compiled training's default), the head + loss as "loss" does, and the SwiGLU MLP and
 lightning's q, k, v SiLU in the epilogues of their GEMMs where ``kernels.gemm_epilogue`` takes them (quack on a Hopper
 GPU); "auto", the RMSNorms and the SwiGLU gate as well, fused on CUDA; "triton", all of them fused even off CUDA
 (under TRITON_INTERPRET=1, for tests). A fused head + loss never materialises the logits in training. Parameters are

@@ -198,6 +198,14 @@ def check_spec(spec) -> None:
     lr_at(1, spec)
 
 
+def default_kernels(compiled: bool) -> str:
+    """The LM kernels that measured fastest on an H100: "auto" (every fused kernel) in eager mode; compiled, "gemm"
+    (the head + loss, and the MLP and lightning's q, k, v SiLU in quack's GEMM epilogues where it is installed)."""
+    # Compiled, the fused norms cost more than they save (inductor can no longer fuse them with the adds); the
+    # epilogue GEMMs gained 3-6% on 2026-12-07 (softmax, lightning, hybrid; docs/bench/kernels.md).
+    return "gemm" if compiled else "auto"
+
+
 def build_model(cfg: ModelConfig, seed: int, device: torch.device, kernels: str = "torch") -> LM:
     """A freshly initialised model for a run of ``seed``, built on ``device``.
 
@@ -612,8 +620,7 @@ def pretrain(
     finite); "exit@K" ends the process with ``os._exit(1)`` right after checkpointing step K, unless
     ``ckpt_dir`` already held a checkpoint at or beyond K when the run started (so a retry goes on);
     "raise@K" raises a RuntimeError at step K.
-    ``kernels``: which parts of the LM shell run fused on CUDA (models.lm.KERNELS); None picks what measured
-    fastest on an H100: "auto" (all) in eager mode, "loss" (the head + loss alone) under ``compile``.
+    ``kernels``: which parts of the LM shell run fused on CUDA (models.lm.KERNELS); None: ``default_kernels``.
     ``compile``: True for torch.compile's default mode, or a mode by name ("reduce-overhead" replays CUDA graphs).
     ``overlap_readback`` (default: on CUDA) reads each step's loss back only once the next step is queued, so
     the GPU never waits for the CPU; its "train" report, and a ``Diverged``, then come one step later.
@@ -658,9 +665,7 @@ def pretrain(
     if rank != 0:
         reporter = _no_report  # rank 0 speaks for the run
 
-    if kernels is None:
-        # Compiled, the fused norms cost more than they save: inductor can no longer fuse them with the adds.
-        kernels = "loss" if compile else "auto"
+    kernels = default_kernels(bool(compile)) if kernels is None else kernels
     model = build_model(cfg, spec.seed, device, kernels)
     sharded = world > 1 and use_fsdp(cfg, device, fsdp_min_params)
     if sharded:  # before the optimizer: fully_shard turns the parameters into shards in place

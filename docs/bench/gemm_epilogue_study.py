@@ -106,9 +106,10 @@ def time() -> None:
 
 
 def tiles() -> None:
-    """Each epilogue GEMM alone at the lightning MLP's and q, k, v's shapes, on quack's default config (what the wrapper
-    runs) and autotuned (``tuned=True``, quack's search over its SM90 configs), against cuBLAS's plain GEMM of the same
-    shape (torch.mm, no epilogue): median ms of do_bench."""
+    """Each epilogue GEMM alone at the lightning MLP's and q, k, v's shapes against cuBLAS's plain GEMM of the same
+    shape (torch.mm, no epilogue): quack's default config (what the wrapper ran up to 2026-12-07), with and without
+    its dynamic scheduler, w2 K-major for the gate's gradient, and autotuned (quack's search over its SM90 configs;
+    QUACK_CACHE_DIR keeps every config's time). Median ms of do_bench; the winners' configs are printed."""
     from triton.testing import do_bench
 
     from kernels.gemm_epilogue import _quack
@@ -118,20 +119,34 @@ def tiles() -> None:
     f = 1792
     x, dy = (torch.randn(M, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     w13, w2, wqkv = ((torch.randn(*s, device="cuda") * 0.02).to(torch.bfloat16) for s in ((2 * f, D), (D, f), (3 * D, D)))
+    w2_kmajor = w2.T.contiguous().T
     pre = x @ w13.T
     cases = {
-        "gated fwd": (lambda tuned: quack.gemm_act(x, w13.T, activation="swiglu", store_preact=True, tuned=tuned),
-                      lambda: x @ w13.T),
-        "dgated": (lambda tuned: quack.gemm_dact(dy, w2, pre, activation="swiglu", tuned=tuned), lambda: dy @ w2),
-        "silu fwd": (lambda tuned: quack.gemm_act(x, wqkv.T, activation="silu", store_preact=True, tuned=tuned),
-                     lambda: x @ wqkv.T),
+        "gated fwd": (lambda **kw: quack.gemm_act(x, w13.T, activation="swiglu", store_preact=True, **kw),
+                      lambda: x @ w13.T, {}),
+        "dgated": (lambda b=w2, **kw: quack.gemm_dact(dy, b, pre, activation="swiglu", **kw), lambda: dy @ w2,
+                   {"static": {"dynamic_scheduler": False}, "w2 K-major": {"b": w2_kmajor}}),
+        "silu fwd": (lambda **kw: quack.gemm_act(x, wqkv.T, activation="silu", store_preact=True, **kw),
+                     lambda: x @ wqkv.T, {}),
     }
-    for name, (fused, plain) in cases.items():
+    for name, (fused, plain, extra) in cases.items():
         row = {"op": name, "cublas_mm": round(do_bench(plain, warmup=50, rep=300), 3)}
-        for tuned in (False, True):
-            fused(tuned)  # compiles (and with tuned, searches) before the timing
-            row["quack_tuned" if tuned else "quack_default"] = round(do_bench(lambda: fused(tuned), warmup=50, rep=300), 3)
-        print("TILES", json.dumps(row), flush=True)
+        variants = {"quack_default": {}, **extra, "quack_tuned": {"tuned": True}}
+        if name == "dgated":
+            variants["quack_tuned_static"] = {"tuned": True, "dynamic_scheduler": False}
+        for label, kw in variants.items():
+            kw = {"tuned": False, **kw}
+            fused(**kw)  # compiles (and tuned, searches) before the timing
+            row[label] = round(do_bench(lambda: fused(**kw), warmup=50, rep=300), 3)
+            print("TILES", json.dumps(row), flush=True)
+    import gc
+
+    from quack.autotuner import Autotuner
+
+    for tuner in (o for o in gc.get_objects() if isinstance(o, Autotuner)):  # every search run: its winner per key
+        for key, config in tuner.cache.items():
+            best = (getattr(tuner, "configs_timings", None) or {}).get(config)
+            print("WINNER", tuner.fn.__name__, str(key)[:160], config, best, flush=True)
 
 
 def trace() -> None:

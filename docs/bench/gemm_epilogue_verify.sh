@@ -18,7 +18,7 @@ step() {  # step NAME LIMIT_S COMMAND...: its output in $out/NAME.log; exit code
   [ "$limit" -gt "$left" ] && limit=$left
   timeout "$limit" "$@" > "$out/$name.log" 2>&1
   echo "$name rc $? wall_s $((SECONDS - s))" | tee -a "$out/summary.txt"
-  grep -h "tokens/s\|CHECK\|TIME\|TILES\|Error" "$out/$name.log" | tail -12 | tee -a "$out/summary.txt"
+  grep -h "tokens/s\|CHECK\|TIME\|TILES\|WINNER\|Error" "$out/$name.log" | tail -12 | tee -a "$out/summary.txt"
 }
 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,power.limit --format=csv | tee "$out/gpu.txt"
 CMD=(python -m sweep.cli bench train --params 135M --seq-len 2048 --compile-mode reduce-overhead
@@ -26,6 +26,8 @@ CMD=(python -m sweep.cli bench train --params 135M --seq-len 2048 --compile-mode
 # In order of need, should the call end early: the check, lightning's pair, the ops alone, softmax's and the hybrid's
 # pairs, a second lightning pair, then each epilogue GEMM against cuBLAS's plain one, default config and autotuned.
 step check 100 python docs/bench/gemm_epilogue_study.py check
+# Training's own default (no --kernels; "gemm" compiled since 2026-12-07) for the three archs, as one command.
+step default 240 "${CMD[@]}" --arch softmax --arch lightning --arch hybrid
 step light_gemm_1 150 "${CMD[@]}" --arch lightning --kernels gemm
 step light_loss_1 80 "${CMD[@]}" --arch lightning --kernels loss
 step time 100 python docs/bench/gemm_epilogue_study.py time
@@ -35,4 +37,4 @@ step hyb_gemm_1 110 "${CMD[@]}" --arch hybrid --kernels gemm
 step hyb_loss_1 80 "${CMD[@]}" --arch hybrid --kernels loss
 step light_gemm_2 80 "${CMD[@]}" --arch lightning --kernels gemm
 step light_loss_2 80 "${CMD[@]}" --arch lightning --kernels loss
-step tiles 120 python docs/bench/gemm_epilogue_study.py tiles
+step tiles 400 env QUACK_CACHE_DIR="$out/quack_cache" python docs/bench/gemm_epilogue_study.py tiles

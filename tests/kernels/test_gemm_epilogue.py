@@ -6,7 +6,7 @@ them only where usable. The GPU check of quack itself is docs/bench/gemm_epilogu
 
 from __future__ import annotations
 
-from types import SimpleNamespace
+from types import ModuleType, SimpleNamespace
 
 import pytest
 import torch
@@ -31,14 +31,19 @@ def fake_quack(monkeypatch):
     """quack's gemm_act / gemm_dact in fp32 math; counts the calls and checks the layouts the wrapper hands over."""
     calls = {"act": 0, "dact": 0}
 
-    def gemm_act(A, B, activation, store_preact, tuned):
+    def tiles(config):  # the pinned tiles the wrapper hands over, as TILES gives them
+        assert config.pingpong and not config.is_dynamic_persistent and config.device_capacity == 9
+        return config.tile_m, config.tile_n, config.cluster_m, config.cluster_n
+
+    def gemm_act(A, B, activation, store_preact, tuned, config):
         assert A.is_contiguous() and B.shape[0] == A.shape[1] and store_preact and not tuned
+        assert tiles(config) == ge.TILES["gated" if activation == "swiglu" else "silu"]
         calls["act"] += 1
         pre = A.float() @ B.float()
         return pre.to(A.dtype), _act(pre, activation).to(A.dtype)
 
-    def gemm_dact(A, B, PreAct, activation, tuned):
-        assert A.is_contiguous() and activation == "swiglu" and not tuned
+    def gemm_dact(A, B, PreAct, activation, tuned, config):
+        assert A.is_contiguous() and activation == "swiglu" and not tuned and tiles(config) == ge.TILES["dgated"]
         calls["dact"] += 1
         dout = A.float() @ B.float()
         gate, up = PreAct[:, ::2].float(), PreAct[:, 1::2].float()
@@ -46,7 +51,9 @@ def fake_quack(monkeypatch):
         dgate, dup = dout * up * s * (1 + gate * (1 - s)), dout * F.silu(gate)
         return torch.stack((dgate, dup), dim=-1).flatten(1).to(A.dtype), (F.silu(gate) * up).to(PreAct.dtype)
 
-    monkeypatch.setattr(ge, "_quack", lambda: SimpleNamespace(gemm_act=gemm_act, gemm_dact=gemm_dact))
+    quack = ModuleType("fake_quack")  # hashable, as the module quack's interface is
+    quack.gemm_act, quack.gemm_dact, quack.GemmConfig = gemm_act, gemm_dact, SimpleNamespace
+    monkeypatch.setattr(ge, "_quack", lambda: quack)
     return calls
 
 

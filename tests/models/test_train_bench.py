@@ -14,7 +14,13 @@ def test_bench_train_reports_speed_and_writes_a_profile(tmp_path):
     table = profile.read_text()
     assert "Self CPU" in table and "aten::" in table  # ops of the profiled training steps
     assert result["attention"] is None  # no softmax layer
-    assert result["kernels"] == "default" and result["epilogues"] is False
+    assert result["kernels"] == "auto" and result["epilogues"] is False  # eager training's default kernels
+
+
+def test_compiled_training_defaults_to_the_gemm_epilogue_kernels():
+    from models.train import default_kernels
+
+    assert default_kernels(True) == "gemm" and default_kernels(False) == "auto"
 
 
 def test_bench_train_takes_named_kernels_and_runs_gemm_unfused_off_a_hopper_gpu():
