@@ -149,6 +149,26 @@ def tiles() -> None:
             print("WINNER", tuner.fn.__name__, str(key)[:160], config, best, flush=True)
 
 
+def plain() -> None:
+    """The plain GEMMs lightning's step runs on cuBLAS, at its 135M shapes (M 131072): torch.mm against quack's gemm
+    autotuned, median ms of do_bench: is there a faster tile for them? (Not used in training.)"""
+    from triton.testing import do_bench
+
+    from kernels.gemm_epilogue import _quack
+
+    quack = _quack()
+    torch.manual_seed(0)
+    shapes = {"o proj fwd (K 768, N 768)": (D, D), "w2 fwd (K 1792, N 768)": (1792, D),
+              "qkv dx (K 2304, N 768)": (3 * D, D), "w13 dx (K 3584, N 768)": (3584, D)}
+    for name, (k, n) in shapes.items():
+        a = torch.randn(M, k, device="cuda", dtype=torch.bfloat16)
+        b = (torch.randn(n, k, device="cuda") * 0.02).to(torch.bfloat16).T
+        row = {"op": name, "cublas_mm": round(do_bench(lambda: a @ b, warmup=50, rep=300), 3)}
+        quack.gemm(a, b, tuned=True)
+        row["quack_tuned"] = round(do_bench(lambda: quack.gemm(a, b, tuned=True), warmup=50, rep=300), 3)
+        print("TILES", json.dumps(row), flush=True)
+
+
 def trace() -> None:
     """Without a GPU: build the wrapper's three quack kernels (gated, dgated, SiLU) at the 135M shapes for sm_90a up to
     their launch, with the device queries answered as an H100 would; each must stop only at the launch, refusing CPU
@@ -181,4 +201,4 @@ def trace() -> None:
 
 
 if __name__ == "__main__":
-    {"check": check, "time": time, "tiles": tiles, "trace": trace}[sys.argv[1]]()
+    {"check": check, "time": time, "tiles": tiles, "plain": plain, "trace": trace}[sys.argv[1]]()

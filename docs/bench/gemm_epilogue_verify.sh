@@ -38,3 +38,4 @@ step hyb_loss_1 80 "${CMD[@]}" --arch hybrid --kernels loss
 step light_gemm_2 80 "${CMD[@]}" --arch lightning --kernels gemm
 step light_loss_2 80 "${CMD[@]}" --arch lightning --kernels loss
 step tiles 400 env QUACK_CACHE_DIR="$out/quack_cache" python docs/bench/gemm_epilogue_study.py tiles
+step plain 300 python docs/bench/gemm_epilogue_study.py plain
