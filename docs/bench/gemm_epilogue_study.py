@@ -4,6 +4,8 @@ the plain modules as training compiles them, at the 135M model's shapes (issue 8
     python docs/bench/gemm_epilogue_study.py check   # outputs and gradients against fp32 math, next to plain bf16's
     python docs/bench/gemm_epilogue_study.py time    # forward + backward of one layer's MLP and q, k, v (do_bench)
     python docs/bench/gemm_epilogue_study.py tiles   # each epilogue GEMM, default config and autotuned, vs cuBLAS's mm
+    python docs/bench/gemm_epilogue_study.py plain   # the GEMMs left on cuBLAS against quack's autotuned plain GEMM
+    python docs/bench/gemm_epilogue_study.py residual   # the residual add in cuBLAS's addmm vs inductor's add + norm
     CUTE_DSL_ARCH=sm_90a python docs/bench/gemm_epilogue_study.py trace   # no GPU: build the three kernels as the
         # wrapper calls them, up to their launch, which must then refuse the CPU tensors: checks that quack imports and
         # takes the calls' arguments and builds the kernels; shapes are checked only at the launch (a wrong K passes)
@@ -169,6 +171,29 @@ def plain() -> None:
         print("TILES", json.dumps(row), flush=True)
 
 
+def residual() -> None:
+    """The residual add in the GEMM that writes a block's branch (cuBLAS addmm, beta 1) against inductor's add fused
+    into the next norm, forward only, at the 135M model's shapes: does the add move into the GEMM for free?"""
+    from triton.testing import do_bench
+
+    torch.manual_seed(0)
+    weight = torch.ones(D, device="cuda", dtype=torch.bfloat16)
+    norm = torch.compile(lambda y: F.rms_norm(y, (D,), weight, 1e-6))
+    add_norm = torch.compile(lambda res, h, w: (lambda y: (y, F.rms_norm(y, (D,), weight, 1e-6)))(res + h @ w.T))
+    for name, k in (("output projection (K 768)", D), ("w2 (K 1792)", 1792)):
+        res, h = torch.randn(M, D, device="cuda", dtype=torch.bfloat16), torch.randn(M, k, device="cuda", dtype=torch.bfloat16)
+        w = (torch.randn(D, k, device="cuda") * 0.02).to(torch.bfloat16)
+        row = {"op": name,
+               "mm + add_norm compiled": round(do_bench(lambda: add_norm(res, h, w), warmup=50, rep=300), 3),
+               "mm alone": round(do_bench(lambda: h @ w.T, warmup=50, rep=300), 3),
+               "addmm alone": round(do_bench(lambda: torch.addmm(res, h, w.T), warmup=50, rep=300), 3),
+               "addmm + norm compiled": round(do_bench(lambda: norm(torch.addmm(res, h, w.T)), warmup=50, rep=300), 3)}
+        y0, n0 = add_norm(res, h, w)
+        y1 = torch.addmm(res, h, w.T)
+        row["max abs diff"] = (y0.float() - y1.float()).abs().max().item()
+        print("RESIDUAL", json.dumps(row), flush=True)
+
+
 def trace() -> None:
     """Without a GPU: build the wrapper's three quack kernels (gated, dgated, SiLU) at the 135M shapes for sm_90a up to
     their launch, with the device queries answered as an H100 would; each must stop only at the launch, refusing CPU
@@ -201,4 +226,4 @@ def trace() -> None:
 
 
 if __name__ == "__main__":
-    {"check": check, "time": time, "tiles": tiles, "plain": plain, "trace": trace}[sys.argv[1]]()
+    {"check": check, "time": time, "tiles": tiles, "plain": plain, "residual": residual, "trace": trace}[sys.argv[1]]()
