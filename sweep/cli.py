@@ -1225,7 +1225,7 @@ def bench_train_cmd(
     steps: int = typer.Option(30, help="Optimizer steps, 2 or more (the first is warm-up; the median of the second half is reported)."),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the model."),
     compile_mode: Optional[str] = typer.Option(None, help="torch.compile mode, e.g. reduce-overhead (CUDA graphs) or max-autotune-no-cudagraphs; implies --compile."),
-    fused: bool = typer.Option(False, "--fused", help="All the fused Triton kernels (RMSNorms, SwiGLU gate, head + loss; kernels.fused) even with --compile, where training by default fuses only the head + loss and, with quack on a Hopper GPU, the MLP and lightning's q, k, v SiLU in their GEMMs' epilogues."),
+    fused: bool = typer.Option(False, "--fused", help="All the fused Triton kernels (RMSNorms, SwiGLU gate, head + loss; kernels.fused) even with --compile, where compiled training by default fuses the head + loss and, with quack on a Hopper GPU, the MLP and lightning's q, k, v SiLU in their GEMMs' epilogues."),
     kernels: Optional[str] = typer.Option(None, help="Which LM kernels run (default: training's choice, gemm compiled, auto eager): loss (the head + loss fused), gemm (also the SwiGLU MLP and lightning's q, k, v SiLU in their GEMMs' epilogues, on quack where installed on a Hopper GPU), auto (--fused), triton, torch (none fused).", show_default=False),
     microbatch: Optional[int] = typer.Option(None, min=1, help="Sequences per forward pass (default: from a memory estimate)."),
     out_csv: Optional[Path] = typer.Option(None, "--out", help="Also write the table as CSV and its figure as PNG beside it (e.g. docs/bench/train.csv, train.png)."),
