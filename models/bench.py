@@ -171,9 +171,9 @@ def bench_train(spec: BenchSpec, *, compile: bool | str = False, microbatch: int
     """Train ``spec`` with ``pretrain`` and report the median tokens/s of the second half of the steps and MFU;
     with ``profile``, also write torch.profiler's table of the ops that took the most time over three steps
     of the second half there. ``fused`` runs all the LM shell's fused Triton kernels (norms, SwiGLU, head +
-    loss) even when compiled, where training by default fuses the head + loss and the GEMM epilogues (``default_kernels``); ``kernels`` names the LM's
-    kernels outright (models.lm.KERNELS; None: training's default). On a GPU, also the mean SM clock and power draw
-    over those steps (``ClockSampler``; Nones where nvidia-smi cannot tell)."""
+    loss) even when compiled; ``kernels`` names the LM's kernels outright (models.lm.KERNELS; None: training's
+    default, ``default_kernels``, which the result names). On a GPU, also the mean SM clock and power draw over those
+    steps (``ClockSampler``; Nones where nvidia-smi cannot tell)."""
     import torch
 
     from kernels.gemm_epilogue import epilogues_ready
