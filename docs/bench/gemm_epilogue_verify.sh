@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The SwiGLU MLP and lightning's q, k, v SiLU in quack's GEMM epilogues (kernels/gemm_epilogue.py) on a Hopper GPU:
-# the fused ops checked against fp32 math, then the README's training command with `--kernels gemm` and `--kernels
-# loss` (training's default) alternated, for lightning, softmax (on FA4) and the hybrid, and the ops timed alone. The
+# the fused ops checked against fp32 math, then the README's training command on its default ("gemm" since 0ba7b50)
+# and with `--kernels loss` alternated, for lightning, softmax (on FA4) and the hybrid, and the ops timed alone. The
 # second of two device calls, as docs/bench/fa4_verify.sh is: docs/bench/fa4_carry.sh builds the packages
 # (quack-kernels is among them) and says the first call, which leaves their first part in /tmp/fa4parts.
 # On the device:  bash docs/bench/gemm_epilogue_verify.sh   (carry [".fa4b"]); logs under $OUT, summary.txt.
@@ -39,3 +39,8 @@ step light_gemm_2 80 "${CMD[@]}" --arch lightning --kernels gemm
 step light_loss_2 80 "${CMD[@]}" --arch lightning --kernels loss
 step tiles 400 env QUACK_CACHE_DIR="$out/quack_cache" python docs/bench/gemm_epilogue_study.py tiles
 step plain 300 python docs/bench/gemm_epilogue_study.py plain
+# Eager training (what sweep tasks run; its default is "auto", the Triton norms and SwiGLU gate) against "gemm" eager,
+# whose ops run about as fast eagerly as compiled since 0702961: should eager training take the epilogues too?
+EAGER=(python -m sweep.cli bench train --params 135M --seq-len 2048 --tokens-per-step 32768 --steps 30)
+step eager_auto 150 "${EAGER[@]}" --arch lightning --arch softmax
+step eager_gemm 150 "${EAGER[@]}" --arch lightning --arch softmax --kernels gemm
