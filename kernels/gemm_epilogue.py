@@ -53,12 +53,17 @@ def _quack():
 #: quack's SM90 tiles for each epilogue GEMM (tile_m, tile_n, cluster_m, cluster_n; pingpong, static schedule): its
 #: autotuner's winners at the 135M model's shapes on an H100 (M 131072, K 768; docs/bench/kernels.md, thirtieth
 #: session). Its default (128 x 192, cluster 2 x 1) ran the gate's gradient at 1.36 ms against 0.97 for these.
-TILES = {"gated": (192, 128, 1, 2), "dgated": (128, 128, 1, 2), "silu": (128, 192, 1, 2)}
+TILES = {"gated": (192, 128, 1, 2), "dgated": (128, 128, 1, 2), "silu": (128, 192, 1, 2),
+         # The block's tail (``residual_norm_mlp``), the autotuner's winners at the same shapes (N 768 / 3584 / 1792 / 768):
+         # the output projection with the residual add and the norm's statistics, the MLP's forward on the deferred
+         # norm, its gate's gradient, its input gradient with the norm's backward (None: quack's default, 128 x 192,
+         # which timed 1.12 ms against the autotuner's pick's 1.19).
+         "residual": (128, 128, 1, 2), "rstd_gated": (192, 128, 1, 2), "dgated_rstd": (128, 128, 1, 2), "norm_bwd": None}
 
 
 def _config(kind: str):
-    """The pinned GemmConfig for one epilogue GEMM."""
-    return _pinned(_quack(), kind)
+    """The pinned GemmConfig for one epilogue GEMM (None: quack's default)."""
+    return None if TILES[kind] is None else _pinned(_quack(), kind)
 
 
 @functools.cache
@@ -205,6 +210,117 @@ def linear_silu(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     ``epilogues_usable`` first)."""
     _, post = linear_silu_op(x.reshape(-1, x.shape[-1]).contiguous(), w.to(x.dtype))
     return post.view(*x.shape[:-1], w.shape[0])
+
+
+# --- a block's tail: output projection, residual add, RMSNorm and SwiGLU MLP in one op -------------------------------
+# The norm between the mixer and the MLP is deferred (quack's "Coda" block epilogues): the output projection's GEMM adds
+# the residual and writes both the new residual stream h and h * weight, with the row sums of h^2; the MLP's first GEMM
+# multiplies each row by rstd = (mean h^2 + eps)^-1/2 before its gate, as norm(h) W^T = rstd (h * weight) W^T. In the
+# backward the gate's gradient GEMM also sums d(pre-activation) * (unscaled pre-activation) per row, the gradient of
+# rstd, and the MLP's input-gradient GEMM applies the norm's backward and adds the residual's gradient. So neither the
+# norm's forward nor its backward is a pass of its own, and the projection's output never goes through memory.
+
+
+def _library():
+    """The tail's epilogues (``kernels.quack_epilogues``); only called where ``epilogues_usable`` held."""
+    from kernels import quack_epilogues
+
+    return quack_epilogues
+
+
+def _tail_forward(y, x, wo, wn, w13, w2, eps: float):
+    lib = _library()
+    out = lib.rms_partial_epi(y, wo.T, x, weight=wn, tuned=False, config=_config("residual"))
+    hw, h, sqsum = out["D"], out["resid_out"], out["sqsum"]
+    rstd = torch.rsqrt(sqsum / h.shape[1] + eps)
+    out = lib.rstd_gated_preact_mod("swiglu")(hw, w13.T, rstd=rstd, tuned=False, config=_config("rstd_gated"))
+    preact, gated = out["D"], out["postact"]
+    return h, gated @ w2.T, hw, preact, gated, rstd
+
+
+def _tail_backward(y, h, hw, preact, gated, rstd, wo, wn, w13, w2, dh_out, dmlp):
+    lib = _library()
+    # D: the gradient of the unscaled pre-activation (rstd applied); dsum: sum over the row of d(pre) * unscaled pre,
+    # the gradient of rstd. The gate's output, which w2's gradient reads, comes from the forward.
+    out = lib.dswiglu_rstd_epi(dmlp, w2, preact, rstd=rstd, tuned=False, dynamic_scheduler=True,
+                               config=_config("dgated_rstd"))
+    dpre, dsum = out["D"], out["dsum"]
+    corr = dsum * rstd.pow(3) / -h.shape[1]  # d rstd / d h = -rstd^3 h / d
+    # dh = d(h * weight) * weight + corr * h + the gradient reaching h from the residual stream; dw: sum of d(hw) * h.
+    out = lib.rms_bwd_apply_epi(dpre, w13, dh_out, y=h, w=wn, corr=corr, tuned=False, config=_config("norm_bwd"))
+    dh, dwn = out["D"], out["dw"]
+    return dh @ wo, dh, dh.T @ y, dwn, dpre.T @ hw, dmlp.T @ gated
+
+
+@torch.library.custom_op("slab::residual_norm_mlp", mutates_args=())
+def residual_norm_mlp_op(y: torch.Tensor, x: torch.Tensor, wo: torch.Tensor, wn: torch.Tensor, w13: torch.Tensor,
+                         w2: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                 torch.Tensor, torch.Tensor]:
+    """``h = x + y wo^T`` and ``w2(SwiGLU(RMSNorm(h) w13^T))`` for y, x (M, d); also h * weight, the unscaled
+    pre-activation, the gate's output and rstd (fp32), which the backward reads."""
+    return _tail_forward(y, x, wo, wn, w13, w2, eps)
+
+
+@residual_norm_mlp_op.register_fake
+def _(y, x, wo, wn, w13, w2, eps):
+    m = x.shape[0]
+    return (torch.empty_like(x), torch.empty_like(x), torch.empty_like(x), x.new_empty(m, w13.shape[0]),
+            x.new_empty(m, w2.shape[1]), x.new_empty(m, dtype=torch.float32))
+
+
+@torch.library.custom_op("slab::residual_norm_mlp_backward", mutates_args=())
+def residual_norm_mlp_backward_op(y: torch.Tensor, h: torch.Tensor, hw: torch.Tensor, preact: torch.Tensor,
+                                  gated: torch.Tensor, rstd: torch.Tensor, wo: torch.Tensor, wn: torch.Tensor, w13: torch.Tensor,
+                                  w2: torch.Tensor, dh_out: torch.Tensor, dmlp: torch.Tensor
+                                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                             torch.Tensor]:
+    """dy, dx, dwo, dweight, dw13, dw2 of ``residual_norm_mlp_op`` for the gradients of h and of the MLP's output."""
+    return _tail_backward(y, h, hw, preact, gated, rstd, wo, wn, w13, w2, dh_out, dmlp)
+
+
+@residual_norm_mlp_backward_op.register_fake
+def _(y, h, hw, preact, gated, rstd, wo, wn, w13, w2, dh_out, dmlp):
+    return (torch.empty_like(y), torch.empty_like(h), torch.empty_like(wo), torch.empty_like(wn, dtype=torch.float32),
+            torch.empty_like(w13), torch.empty_like(w2))
+
+
+def _tail_save(ctx, inputs, output):
+    y, x, wo, wn, w13, w2, eps = inputs
+    h, _, hw, preact, gated, rstd = output
+    ctx.save_for_backward(y, h, hw, preact, gated, rstd, wo, wn, w13, w2)
+    ctx.mark_non_differentiable(hw, preact, gated, rstd)  # the backward's own reads, not results
+    ctx.set_materialize_grads(False)  # as _mlp_save: no zero gradients written for them
+
+
+def _tail_op_backward(ctx, dh_out, dmlp, *_unused):
+    saved = ctx.saved_tensors
+    if dh_out is None and dmlp is None:
+        return (None,) * 7
+    dh_out = torch.zeros_like(saved[1]) if dh_out is None else dh_out.contiguous()
+    dmlp = torch.zeros_like(saved[1]) if dmlp is None else dmlp.contiguous()
+    dy, dh, dwo, dwn, dw13, dw2 = residual_norm_mlp_backward_op(*saved, dh_out, dmlp)
+    return dy, dh, dwo, dwn, dw13, dw2, None
+
+
+residual_norm_mlp_op.register_autograd(_tail_op_backward, setup_context=_tail_save)
+
+
+def residual_norm_mlp(y: torch.Tensor, x: torch.Tensor, wo: torch.Tensor, norm_weight: torch.Tensor, eps: float,
+                      w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    """A block's tail on the epilogue GEMMs: ``h + MLP(RMSNorm(h))`` with ``h = x + F.linear(y, wo)``, for y, x
+    (..., d) in x's dtype (callers check ``epilogues_usable`` first)."""
+    w13 = torch.stack((w1, w3), dim=1).flatten(0, 1).to(x.dtype)
+    d = x.shape[-1]
+    h, m, *_ = residual_norm_mlp_op(y.reshape(-1, d).contiguous(), x.reshape(-1, d).contiguous(), wo.to(x.dtype),
+                                     norm_weight.float(), w13, w2.to(x.dtype), float(eps))
+    return (h + m).view(x.shape)
+
+
+def residual_norm_mlp_reference(y: torch.Tensor, x: torch.Tensor, wo: torch.Tensor, norm_weight: torch.Tensor,
+                                eps: float, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    """What ``residual_norm_mlp`` computes, in plain PyTorch."""
+    h = x + F.linear(y, wo)
+    return h + swiglu_mlp_reference(F.rms_norm(h, (h.shape[-1],), norm_weight, eps), w1, w3, w2)
 
 
 def swiglu_mlp_reference(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:

@@ -6,6 +6,9 @@ the plain modules as training compiles them, at the 135M model's shapes (issue 8
     python docs/bench/gemm_epilogue_study.py tiles   # each epilogue GEMM, default config and autotuned, vs cuBLAS's mm
     python docs/bench/gemm_epilogue_study.py plain   # the GEMMs left on cuBLAS against quack's autotuned plain GEMM
     python docs/bench/gemm_epilogue_study.py residual   # the residual add in cuBLAS's addmm vs inductor's add + norm
+    python docs/bench/gemm_epilogue_study.py tail_check   # the block's tail (residual_norm_mlp) against fp32 math
+    python docs/bench/gemm_epilogue_study.py tail_time    # its forward + backward against the current "gemm" tail
+    python docs/bench/gemm_epilogue_study.py tail_tiles   # its four epilogue GEMMs, default config and autotuned
     CUTE_DSL_ARCH=sm_90a python docs/bench/gemm_epilogue_study.py trace   # no GPU: build the three kernels as the
         # wrapper calls them, up to their launch, which must then refuse the CPU tensors: checks that quack imports and
         # takes the calls' arguments and builds the kernels; shapes are checked only at the launch (a wrong K passes)
@@ -20,7 +23,8 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from kernels.gemm_epilogue import epilogues_usable, linear_silu, swiglu_mlp, swiglu_mlp_reference
+from kernels.gemm_epilogue import (epilogues_usable, linear_silu, residual_norm_mlp, residual_norm_mlp_reference,
+                                   swiglu_mlp, swiglu_mlp_reference)
 
 D = 768  # the 135M model's width; hidden 1792 for lightning's MLP, 2048 for softmax's
 M = 64 * 2048  # one microbatch of the README's command: 64 sequences of 2048 tokens
@@ -194,6 +198,97 @@ def residual() -> None:
         print("RESIDUAL", json.dumps(row), flush=True)
 
 
+def _tail_inputs(m, f, seed=0):
+    """The block tail's inputs at m tokens: y, x (bf16, requiring grad), wo, norm weight, w1, w3, w2 (fp32 leaves)."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    y, x = (torch.randn(m, D, device="cuda", generator=g).to(torch.bfloat16).requires_grad_() for _ in range(2))
+    wo = (torch.randn(D, D, device="cuda", generator=g) * 0.02).requires_grad_()
+    wn = (1 + 0.1 * torch.randn(D, device="cuda", generator=g)).requires_grad_()
+    return (y, x, wo, wn, *_weights(f))
+
+
+def _tail_gemm(y, x, wo, wn, w1, w3, w2):
+    """The tail as "gemm" training ran it before residual_norm_mlp: cuBLAS's projection, inductor's add and norm, the
+    MLP on the epilogue GEMMs."""
+    h = x + F.linear(y, wo)
+    return h + swiglu_mlp(F.rms_norm(h, (D,), wn.to(h.dtype), 1e-6), w1, w3, w2)
+
+
+def tail_check() -> None:
+    """residual_norm_mlp's output and gradients against fp32 math, next to the plain bf16 tail's."""
+    worst = 0.0
+    for m in (4096, 1000):
+        inputs = _tail_inputs(m, 1792)
+        dy = torch.randn(m, D, device="cuda", dtype=torch.bfloat16)
+        fused = lambda y, x, wo, wn, w1, w3, w2: residual_norm_mlp(y, x, wo, wn, 1e-6, w1, w3, w2)  # noqa: E731
+        plain = lambda y, x, wo, wn, w1, w3, w2: residual_norm_mlp_reference(y, x, wo, wn, 1e-6, w1, w3, w2)  # noqa: E731
+        worst = max(worst, _compare("residual_norm_mlp", fused, plain, inputs, dy,
+                                    ("dy", "dx", "dwo", "dwn", "dw1", "dw3", "dw2"), M=m))
+    print(f"CHECK worst fused/plain error ratio {worst:.2f}: {'ok' if worst < 2 else 'LARGER THAN PLAIN'}", flush=True)
+
+
+def tail_time() -> None:
+    """Forward + backward of a block's tail (output projection, residual, norm, MLP) at M tokens, F 1792: the plain
+    modules compiled, the current "gemm" tail compiled, and residual_norm_mlp (eager and compiled); median ms."""
+    from triton.testing import do_bench
+
+    inputs = _tail_inputs(M, 1792)
+    dy = torch.randn(M, D, device="cuda", dtype=torch.bfloat16)
+    fused = lambda y, x, wo, wn, w1, w3, w2: residual_norm_mlp(y, x, wo, wn, 1e-6, w1, w3, w2)  # noqa: E731
+    plain = lambda y, x, wo, wn, w1, w3, w2: residual_norm_mlp_reference(y, x, wo, wn, 1e-6, w1, w3, w2)  # noqa: E731
+    cases = {"plain compiled": torch.compile(plain), "gemm compiled": torch.compile(_tail_gemm), "tail": fused,
+             "tail compiled": torch.compile(fused)}
+    for name, fn in cases.items():
+        def run():
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                out = fn(*inputs)
+            out.backward(dy)
+        ms = do_bench(run, warmup=50, rep=300)
+        print("TIME", json.dumps({"op": "block tail F=1792", "case": name, "ms": round(ms, 3)}), flush=True)
+
+
+def tail_tiles() -> None:
+    """The tail's four epilogue GEMMs alone at M tokens against cuBLAS's plain GEMM of each shape: the pinned config
+    (TILES) and autotuned; median ms, the winners' configs printed."""
+    from triton.testing import do_bench
+
+    from kernels.gemm_epilogue import _config, _library
+
+    lib = _library()
+    torch.manual_seed(0)
+    f = 1792
+    bf = dict(device="cuda", dtype=torch.bfloat16)
+    y, x, dy = (torch.randn(M, D, **bf) for _ in range(3))
+    wo, w13, w2 = ((torch.randn(*s, device="cuda") * 0.02).to(torch.bfloat16) for s in ((D, D), (2 * f, D), (D, f)))
+    wn = torch.ones(D, device="cuda")
+    rstd = torch.rand(M, device="cuda") + 0.5
+    pre, dpre = torch.randn(M, 2 * f, **bf), torch.randn(M, 2 * f, **bf)
+    corr = torch.randn(M, device="cuda") * 1e-3
+    cases = {
+        "residual": (lambda **kw: lib.rms_partial_epi(y, wo.T, x, weight=wn, **kw), lambda: y @ wo.T),
+        "rstd_gated": (lambda **kw: lib.rstd_gated_preact_mod("swiglu")(y, w13.T, rstd=rstd, **kw), lambda: y @ w13.T),
+        "dgated_rstd": (lambda **kw: lib.dswiglu_rstd_epi(dy, w2, pre, rstd=rstd, dynamic_scheduler=True, **kw),
+                        lambda: dy @ w2),
+        "norm_bwd": (lambda **kw: lib.rms_bwd_apply_epi(dpre, w13, dy, y=x, w=wn, corr=corr, **kw), lambda: dpre @ w13),
+    }
+    for name, (fused, plain) in cases.items():
+        row = {"op": name, "cublas_mm": round(do_bench(plain, warmup=50, rep=300), 3)}
+        for label, kw in {"pinned": {"tuned": False, "config": _config(name)}, "tuned": {"tuned": True}}.items():
+            try:
+                fused(**kw)  # compiles (and tuned, searches) before the timing
+                row[label] = round(do_bench(lambda: fused(**kw), warmup=50, rep=300), 3)
+            except Exception as exc:  # noqa: BLE001 - a study: say what failed and go on
+                row[label] = f"{type(exc).__name__}: {str(exc)[:300]}"
+            print("TILES", json.dumps(row), flush=True)
+    import gc
+
+    from quack.autotuner import Autotuner
+
+    for tuner in (o for o in gc.get_objects() if isinstance(o, Autotuner)):
+        for key, config in tuner.cache.items():
+            print("WINNER", tuner.fn.__name__, str(key)[:160], config, flush=True)
+
+
 def trace() -> None:
     """Without a GPU: build the wrapper's three quack kernels (gated, dgated, SiLU) at the 135M shapes for sm_90a up to
     their launch, with the device queries answered as an H100 would; each must stop only at the launch, refusing CPU
@@ -216,6 +311,21 @@ def trace() -> None:
              "dgated": lambda: quack.gemm_dact(x, w2, torch.randn(m, 2 * f, dtype=torch.bfloat16), activation="swiglu",
                                                tuned=False),
              "silu": lambda: quack.gemm_act(x, w13[: 3 * D].T, activation="silu", store_preact=True, tuned=False)}
+    from kernels.gemm_epilogue import _config, _library
+
+    lib = _library()
+    wo, y, hw = (torch.randn(*s, dtype=torch.bfloat16) for s in ((D, D), (m, D), (m, D)))
+    wn, rstd, corr = torch.ones(D), torch.rand(m) + 0.5, torch.randn(m)
+    pre = torch.randn(m, 2 * f, dtype=torch.bfloat16)
+    cases |= {
+        "residual": lambda: lib.rms_partial_epi(y, wo.T, x, weight=wn, tuned=False, config=_config("residual")),
+        "rstd_gated": lambda: lib.rstd_gated_preact_mod("swiglu")(hw, w13.T, rstd=rstd, tuned=False,
+                                                                  config=_config("rstd_gated")),
+        "dgated_rstd": lambda: lib.dswiglu_rstd_epi(x, w2, pre, rstd=rstd, tuned=False, dynamic_scheduler=True,
+                                                    config=_config("dgated_rstd")),
+        "norm_bwd": lambda: lib.rms_bwd_apply_epi(pre, w13, x, y=y, w=wn, corr=corr, tuned=False,
+                                                  config=_config("norm_bwd")),
+    }
     for name, fn in cases.items():
         try:
             fn()
@@ -226,4 +336,5 @@ def trace() -> None:
 
 
 if __name__ == "__main__":
-    {"check": check, "time": time, "tiles": tiles, "plain": plain, "residual": residual, "trace": trace}[sys.argv[1]]()
+    {"check": check, "time": time, "tiles": tiles, "plain": plain, "residual": residual, "trace": trace,
+     "tail_check": tail_check, "tail_time": tail_time, "tail_tiles": tail_tiles}[sys.argv[1]]()

@@ -18,7 +18,7 @@ step() {  # step NAME LIMIT_S COMMAND...: its output in $out/NAME.log; exit code
   [ "$limit" -gt "$left" ] && limit=$left
   timeout "$limit" "$@" > "$out/$name.log" 2>&1
   echo "$name rc $? wall_s $((SECONDS - s))" | tee -a "$out/summary.txt"
-  grep -h "tokens/s\|CHECK\|TIME\|TILES\|WINNER\|Error" "$out/$name.log" | tail -12 | tee -a "$out/summary.txt"
+  grep -h "tokens/s\|CHECK\|TIME\|TILES\|WINNER\|RESULT\|Error" "$out/$name.log" | tail -12 | tee -a "$out/summary.txt"
 }
 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,power.limit --format=csv | tee "$out/gpu.txt"
 CMD=(python -m sweep.cli bench train --params 135M --seq-len 2048 --compile-mode reduce-overhead
@@ -44,3 +44,14 @@ step plain 300 python docs/bench/gemm_epilogue_study.py plain
 EAGER=(python -m sweep.cli bench train --params 135M --seq-len 2048 --tokens-per-step 32768 --steps 30)
 step eager_auto 150 "${EAGER[@]}" --arch lightning --arch softmax
 step eager_gemm 150 "${EAGER[@]}" --arch lightning --arch softmax --kernels gemm
+# The block's tail as one op (kernels.gemm_epilogue.residual_norm_mlp, quack's deferred-norm epilogues): checked against
+# fp32 math, timed alone against the current "gemm" tail, its GEMMs' tiles, and lightning's training without and with it
+# (train_study.py's 20-step run of the README's shape; the option tail sets models.lm.Block.fused_tail), alternated.
+step tail_check 150 python docs/bench/gemm_epilogue_study.py tail_check
+step tail_time 150 python docs/bench/gemm_epilogue_study.py tail_time
+VARIANT=(python docs/bench/train_study.py variant)
+step light_base_1 100 "${VARIANT[@]}" base lightning ro b64
+step light_tail_1 100 "${VARIANT[@]}" tail lightning ro b64 tail
+step light_base_2 100 "${VARIANT[@]}" base lightning ro b64
+step light_tail_2 100 "${VARIANT[@]}" tail lightning ro b64 tail
+step tail_tiles 400 env QUACK_CACHE_DIR="$out/quack_cache" python docs/bench/gemm_epilogue_study.py tail_tiles

@@ -62,6 +62,10 @@ class Lightning(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Lightning attention over (B, T, d) -> (B, T, d)."""
+        return self.wo(self.mix(x))
+
+    def mix(self, x: torch.Tensor) -> torch.Tensor:
+        """The gated, normalised attention output before ``wo`` (B, T, d), which a block may project itself."""
         b, t, d = x.shape
         # The joint projection's SiLU goes to the kernels as it is, (B, T, 3, H, Dh): they read q, k and v in place
         # and write their gradients in that layout, so that no copy splits q, k, v or stacks dq, dk, dv.
@@ -72,4 +76,4 @@ class Lightning(nn.Module):
         qkv = qkv.view(b, t, 3, self.n_heads, d // self.n_heads)
         o, _ = kernels.linear_attention_packed(qkv, self.log_decay, backend=self.backend)
         backend = {"naive": "torch", "torch": "torch"}.get(self.backend, self.backend)
-        return self.wo(self.norm(o.reshape(b, t, d), self.wgate(x), backend=backend))
+        return self.norm(o.reshape(b, t, d), self.wgate(x), backend=backend)

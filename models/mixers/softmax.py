@@ -88,6 +88,10 @@ class Softmax(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Causal attention over (B, T, d) -> (B, T, d)."""
+        return self.wo(self.mix(x))
+
+    def mix(self, x: torch.Tensor) -> torch.Tensor:
+        """The attention's heads joined, before ``wo`` (B, T, d), which a block may project itself."""
         b, t, d = x.shape
         q, k, v = self.wqkv(x).view(b, t, 3, self.n_heads, d // self.n_heads).unbind(2)
         q, k = rotary(q), rotary(k)
@@ -95,4 +99,4 @@ class Softmax(nn.Module):
         # they are: laid out (B, H, T, Dh), q, k, v and the output were each copied once more, forward and
         # backward (1.5% of the 135M step on an H100).
         y = causal_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))  # (B, H, T, Dh)
-        return self.wo(y.transpose(1, 2).reshape(b, t, d))
+        return y.transpose(1, 2).reshape(b, t, d)

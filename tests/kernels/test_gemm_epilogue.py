@@ -54,7 +54,51 @@ def fake_quack(monkeypatch):
     quack = ModuleType("fake_quack")  # hashable, as the module quack's interface is
     quack.gemm_act, quack.gemm_dact, quack.GemmConfig = gemm_act, gemm_dact, SimpleNamespace
     monkeypatch.setattr(ge, "_quack", lambda: quack)
+    monkeypatch.setattr(ge, "_library", lambda: _fake_library(calls, tiles))
     return calls
+
+
+def _fake_library(calls, tiles):
+    """quack's fused-block epilogues (rms_partial, rstd_gated_preact, dgated_rstd_preact, rms_bwd_apply) in fp32 math,
+    with their conventions: B as (K, N), gated pairs interleaved, reduces handed back summed, rstd not yet applied to D
+    in the forward and applied in the gate's gradient."""
+
+    def mod(kind, fn):
+        def call(A, B, C=None, *, tuned, config, dynamic_scheduler=False, **operands):
+            assert A.is_contiguous() and B.shape[0] == A.shape[1] and not tuned
+            assert config is None if ge.TILES[kind] is None else tiles(config) == ge.TILES[kind]
+            calls[kind] = calls.get(kind, 0) + 1
+            out = fn(A.float() @ B.float(), None if C is None else C.float(), **operands)
+            return {k: v.to(A.dtype) if k in ("D", "resid_out", "postact") else v for k, v in out.items()}
+        return call
+
+    def rms_partial(acc, c, weight):
+        y = acc + c
+        return {"D": y * weight, "resid_out": y, "sqsum": (y * y).sum(-1)}
+
+    def rstd_gated(acc, _, rstd):
+        g, u = acc[:, ::2] * rstd[:, None], acc[:, 1::2] * rstd[:, None]
+        return {"D": acc, "postact": F.silu(g) * u}
+
+    def dgated_rstd(acc, c, rstd):
+        g, u = c[:, ::2], c[:, 1::2]
+        gs, us = g * rstd[:, None], u * rstd[:, None]
+        s = torch.sigmoid(gs)
+        dgs, dus = acc * us * s * (1 + gs * (1 - s)), acc * F.silu(gs)
+        d = torch.stack((dgs * rstd[:, None], dus * rstd[:, None]), dim=-1).flatten(1)
+        return {"D": d, "postact": F.silu(gs) * us, "dsum": (dgs * g + dus * u).sum(-1)}
+
+    def rms_bwd_apply(acc, c, y, w, corr):
+        return {"D": acc * w + c + y.float() * corr[:, None], "dw": (acc * y.float()).sum(0)}
+
+    def dswiglu_rstd(acc, c, rstd):
+        out = dgated_rstd(acc, c, rstd)
+        return {"D": out["D"], "dsum": out["dsum"]}
+
+    return SimpleNamespace(rms_partial_epi=mod("residual", rms_partial),
+                           rstd_gated_preact_mod=lambda act: mod("rstd_gated", rstd_gated),
+                           dswiglu_rstd_epi=mod("dgated_rstd", dswiglu_rstd),
+                           rms_bwd_apply_epi=mod("norm_bwd", rms_bwd_apply))
 
 
 def _weights(d=16, f=32, seed=0):
@@ -81,6 +125,21 @@ def test_linear_silu_matches_silu_of_linear_in_output_and_gradients(fake_quack, 
     assert fake_quack == {"act": 1, "dact": 0}
 
 
+@pytest.mark.parametrize("compiled", [False, True])
+def test_residual_norm_mlp_matches_the_plain_block_tail_in_output_and_gradients(fake_quack, compiled):
+    w1, w3, w2 = _weights()
+    g = torch.Generator().manual_seed(1)
+    wo = (torch.randn(16, 16, generator=g) / 4).requires_grad_()
+    wn = (1 + 0.1 * torch.randn(16, generator=g)).requires_grad_()
+    y, x = (torch.randn(2, 5, 16, generator=g).requires_grad_() for _ in range(2))
+    dy = torch.randn(2, 5, 16, generator=g)
+    args = (y, x, wo, wn, 1e-6, w1, w3, w2)
+    leaves = (y, x, wo, wn, w1, w3, w2)
+    assert_matches_reference(ge.residual_norm_mlp, args, leaves, dy, ge.residual_norm_mlp_reference(*args), compiled)
+    assert {k: fake_quack[k] for k in ("residual", "rstd_gated", "dgated_rstd", "norm_bwd")} == dict.fromkeys(
+        ("residual", "rstd_gated", "dgated_rstd", "norm_bwd"), 1)
+
+
 def test_epilogue_ops_fakes_match(fake_quack):
     w1, w3, w2 = (w.detach() for w in _weights())
     x = torch.randn(10, 16)
@@ -90,6 +149,12 @@ def test_epilogue_ops_fakes_match(fake_quack):
     torch.library.opcheck(ge.swiglu_mlp_backward_op, (x, w13, w2, pre, torch.randn(10, 16)),
                           test_utils=("test_schema", "test_faketensor"))
     torch.library.opcheck(ge.linear_silu_op, (x, w1), test_utils=("test_schema", "test_faketensor"))
+    y, wo, wn = torch.randn(10, 16), torch.randn(16, 16), torch.ones(16)
+    torch.library.opcheck(ge.residual_norm_mlp_op, (y, x, wo, wn, w13, w2, 1e-6),
+                          test_utils=("test_schema", "test_faketensor"))
+    h, _, hw, pre, gated, rstd = ge.residual_norm_mlp_op(y, x, wo, wn, w13, w2, 1e-6)
+    torch.library.opcheck(ge.residual_norm_mlp_backward_op, (y, h, hw, pre, gated, rstd, wo, wn, w13, w2, x, x),
+                          test_utils=("test_schema", "test_faketensor"))
 
 
 def test_epilogues_are_not_taken_off_a_hopper_gpu(fake_quack):
@@ -139,8 +204,28 @@ def test_lm_takes_the_epilogues_only_where_usable(fake_quack, monkeypatch, arch)
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
 
 
-def test_the_lm_on_epilogues_compiles_whole(fake_quack, monkeypatch):
+@pytest.mark.parametrize("arch", ["lightning", "softmax"])
+def test_blocks_with_the_fused_tail_train_as_the_plain_lm(fake_quack, monkeypatch, arch):
+    plain, fused, idx = _lm_pair(arch)
+    monkeypatch.setattr(lt.Lightning, "backend", "torch")
+    monkeypatch.setattr(lm.Block, "fused_tail", True)
+    _, loss_ref = plain(idx, idx)
+    g_ref = torch.autograd.grad(loss_ref, list(plain.parameters()))
+    monkeypatch.setattr(lm, "epilogues_usable", lambda x, *w: True)
+    monkeypatch.setattr(lt, "epilogues_usable", lambda x, *w: True)
+    _, loss = fused(idx, idx)
+    g = torch.autograd.grad(loss, list(fused.parameters()))
+    layers = plain.config.n_layers
+    assert fake_quack["residual"] == fake_quack["norm_bwd"] == layers and fake_quack["dact"] == 0
+    torch.testing.assert_close(loss, loss_ref, atol=1e-5, rtol=1e-5)
+    for (name, _), a, b in zip(plain.named_parameters(), g, g_ref):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("tail", [False, True])
+def test_the_lm_on_epilogues_compiles_whole(fake_quack, monkeypatch, tail):
     # No graph break from the dispatch (the vmap check, the width check, the stacked weight) in any layer.
+    monkeypatch.setattr(lm.Block, "fused_tail", tail)
     _, fused, idx = _lm_pair("hybrid")
     usable = lambda x, *w: ge._unwrapped(x) and not any(n % 16 for n in (x.shape[-1], *w))  # noqa: E731
     monkeypatch.setattr(lm, "epilogues_usable", usable)
@@ -149,7 +234,7 @@ def test_the_lm_on_epilogues_compiles_whole(fake_quack, monkeypatch):
     torch._dynamo.reset()
     _, loss = torch.compile(fused, backend="aot_eager", fullgraph=True)(idx, idx)
     loss.backward()
-    assert fake_quack["act"] > 0 and fake_quack["dact"] > 0
+    assert fake_quack["act"] > 0 and (fake_quack.get("norm_bwd", 0) > 0 if tail else fake_quack["dact"] > 0)
 
 
 def test_an_installed_quack_that_does_not_import_is_said_once(monkeypatch, caplog):
