@@ -54,11 +54,12 @@ def _quack():
 #: autotuner's winners at the 135M model's shapes on an H100 (M 131072, K 768; docs/bench/kernels.md, thirtieth
 #: session). Its default (128 x 192, cluster 2 x 1) ran the gate's gradient at 1.36 ms against 0.97 for these.
 TILES = {"gated": (192, 128, 1, 2), "dgated": (128, 128, 1, 2), "silu": (128, 192, 1, 2),
-         # The block's tail (``residual_norm_mlp``), the autotuner's winners at the same shapes (N 768 / 3584 / 1792 / 768):
-         # the output projection with the residual add and the norm's statistics, the MLP's forward on the deferred
-         # norm, its gate's gradient, its input gradient with the norm's backward (None: quack's default, 128 x 192,
-         # which timed 1.12 ms against the autotuner's pick's 1.19).
-         "residual": (128, 128, 1, 2), "rstd_gated": (192, 128, 1, 2), "dgated_rstd": (128, 128, 1, 2), "norm_bwd": None}
+         # The block's tail (``residual_norm_mlp``), the autotuner's winners at the same shapes (N 768 / 3584 / 1792 /
+         # 768): the output projection with the residual add and the norm's statistics, the MLP's forward on the
+         # deferred norm, its gate's gradient, its input gradient with the norm's backward (None: quack's default,
+         # 128 x 192, which timed 1.12 ms against the autotuner's pick's 1.19).
+         "residual": (128, 128, 1, 2), "rstd_gated": (192, 128, 1, 2), "dgated_rstd": (128, 128, 1, 2),
+         "norm_bwd": None}
 
 
 def _config(kind: str):
@@ -215,10 +216,17 @@ def linear_silu(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 # --- a block's tail: output projection, residual add, RMSNorm and SwiGLU MLP in one op -------------------------------
 # The norm between the mixer and the MLP is deferred (quack's "Coda" block epilogues): the output projection's GEMM adds
 # the residual and writes both the new residual stream h and h * weight, with the row sums of h^2; the MLP's first GEMM
-# multiplies each row by rstd = (mean h^2 + eps)^-1/2 before its gate, as norm(h) W^T = rstd (h * weight) W^T. In the
-# backward the gate's gradient GEMM also sums d(pre-activation) * (unscaled pre-activation) per row, the gradient of
-# rstd, and the MLP's input-gradient GEMM applies the norm's backward and adds the residual's gradient. So neither the
-# norm's forward nor its backward is a pass of its own, and the projection's output never goes through memory.
+# multiplies each row by rstd = (mean h^2 + eps)^-1/2 before its gate, as norm(h) W^T = rstd (h * weight) W^T; w2's GEMM
+# adds h (cuBLAS's beta = 1), so the op returns the block's output. In the backward the gate's gradient GEMM also sums
+# d(pre-activation) * (unscaled pre-activation) per row, the gradient of rstd, and the MLP's input-gradient GEMM applies
+# the norm's backward and adds the residual's gradient. So neither the norm's forward nor its backward is a pass of its
+# own, and neither the projection's nor the MLP's output goes through memory on its own.
+#
+# Why the block's output and not h and the MLP's output apart, as measured first (9d3a8b4, an H100): that op alone
+# was 4% faster than the "gemm" tail, but training was not. Its profile showed the next block's norm, whose input was
+# then h + MLP, with its backward in two kernels (0.39 + 0.23 ms; one of 0.28-0.34 a norm before), most likely as the
+# sum was recomputed there rather than saved (not confirmed: the generated kernels did not come back). This form is not
+# yet measured on a GPU (docs/bench/kernels.md).
 
 
 def _library():
@@ -235,28 +243,28 @@ def _tail_forward(y, x, wo, wn, w13, w2, eps: float):
     rstd = torch.rsqrt(sqsum / h.shape[1] + eps)
     out = lib.rstd_gated_preact_mod("swiglu")(hw, w13.T, rstd=rstd, tuned=False, config=_config("rstd_gated"))
     preact, gated = out["D"], out["postact"]
-    return h, gated @ w2.T, hw, preact, gated, rstd
+    return torch.addmm(h, gated, w2.T), h, hw, preact, gated, rstd
 
 
-def _tail_backward(y, h, hw, preact, gated, rstd, wo, wn, w13, w2, dh_out, dmlp):
+def _tail_backward(y, h, hw, preact, gated, rstd, wo, wn, w13, w2, dout):
     lib = _library()
     # D: the gradient of the unscaled pre-activation (rstd applied); dsum: sum over the row of d(pre) * unscaled pre,
     # the gradient of rstd. The gate's output, which w2's gradient reads, comes from the forward.
-    out = lib.dswiglu_rstd_epi(dmlp, w2, preact, rstd=rstd, tuned=False, dynamic_scheduler=True,
+    out = lib.dswiglu_rstd_epi(dout, w2, preact, rstd=rstd, tuned=False, dynamic_scheduler=True,
                                config=_config("dgated_rstd"))
     dpre, dsum = out["D"], out["dsum"]
     corr = dsum * rstd.pow(3) / -h.shape[1]  # d rstd / d h = -rstd^3 h / d
-    # dh = d(h * weight) * weight + corr * h + the gradient reaching h from the residual stream; dw: sum of d(hw) * h.
-    out = lib.rms_bwd_apply_epi(dpre, w13, dh_out, y=h, w=wn, corr=corr, tuned=False, config=_config("norm_bwd"))
+    # dh = d(h * weight) * weight + corr * h + the output's gradient (h is added into it); dw: sum of d(hw) * h.
+    out = lib.rms_bwd_apply_epi(dpre, w13, dout, y=h, w=wn, corr=corr, tuned=False, config=_config("norm_bwd"))
     dh, dwn = out["D"], out["dw"]
-    return dh @ wo, dh, dh.T @ y, dwn, dpre.T @ hw, dmlp.T @ gated
+    return dh @ wo, dh, dh.T @ y, dwn, dpre.T @ hw, dout.T @ gated
 
 
 @torch.library.custom_op("slab::residual_norm_mlp", mutates_args=())
 def residual_norm_mlp_op(y: torch.Tensor, x: torch.Tensor, wo: torch.Tensor, wn: torch.Tensor, w13: torch.Tensor,
                          w2: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                                                  torch.Tensor, torch.Tensor]:
-    """``h = x + y wo^T`` and ``w2(SwiGLU(RMSNorm(h) w13^T))`` for y, x (M, d); also h * weight, the unscaled
+    """``h + w2(SwiGLU(RMSNorm(h) w13^T))`` with ``h = x + y wo^T``, for y, x (M, d); also h, h * weight, the unscaled
     pre-activation, the gate's output and rstd (fp32), which the backward reads."""
     return _tail_forward(y, x, wo, wn, w13, w2, eps)
 
@@ -270,36 +278,33 @@ def _(y, x, wo, wn, w13, w2, eps):
 
 @torch.library.custom_op("slab::residual_norm_mlp_backward", mutates_args=())
 def residual_norm_mlp_backward_op(y: torch.Tensor, h: torch.Tensor, hw: torch.Tensor, preact: torch.Tensor,
-                                  gated: torch.Tensor, rstd: torch.Tensor, wo: torch.Tensor, wn: torch.Tensor, w13: torch.Tensor,
-                                  w2: torch.Tensor, dh_out: torch.Tensor, dmlp: torch.Tensor
+                                  gated: torch.Tensor, rstd: torch.Tensor, wo: torch.Tensor, wn: torch.Tensor,
+                                  w13: torch.Tensor, w2: torch.Tensor, dout: torch.Tensor
                                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                              torch.Tensor]:
-    """dy, dx, dwo, dweight, dw13, dw2 of ``residual_norm_mlp_op`` for the gradients of h and of the MLP's output."""
-    return _tail_backward(y, h, hw, preact, gated, rstd, wo, wn, w13, w2, dh_out, dmlp)
+    """dy, dx, dwo, dweight, dw13, dw2 of ``residual_norm_mlp_op`` for the gradient of its output."""
+    return _tail_backward(y, h, hw, preact, gated, rstd, wo, wn, w13, w2, dout)
 
 
 @residual_norm_mlp_backward_op.register_fake
-def _(y, h, hw, preact, gated, rstd, wo, wn, w13, w2, dh_out, dmlp):
+def _(y, h, hw, preact, gated, rstd, wo, wn, w13, w2, dout):
     return (torch.empty_like(y), torch.empty_like(h), torch.empty_like(wo), torch.empty_like(wn, dtype=torch.float32),
             torch.empty_like(w13), torch.empty_like(w2))
 
 
 def _tail_save(ctx, inputs, output):
     y, x, wo, wn, w13, w2, eps = inputs
-    h, _, hw, preact, gated, rstd = output
+    _, h, hw, preact, gated, rstd = output
     ctx.save_for_backward(y, h, hw, preact, gated, rstd, wo, wn, w13, w2)
-    ctx.mark_non_differentiable(hw, preact, gated, rstd)  # the backward's own reads, not results
+    ctx.mark_non_differentiable(h, hw, preact, gated, rstd)  # the backward's own reads, not results
     ctx.set_materialize_grads(False)  # as _mlp_save: no zero gradients written for them
 
 
-def _tail_op_backward(ctx, dh_out, dmlp, *_unused):
-    saved = ctx.saved_tensors
-    if dh_out is None and dmlp is None:
+def _tail_op_backward(ctx, dout, *_unused):
+    if dout is None:
         return (None,) * 7
-    dh_out = torch.zeros_like(saved[1]) if dh_out is None else dh_out.contiguous()
-    dmlp = torch.zeros_like(saved[1]) if dmlp is None else dmlp.contiguous()
-    dy, dh, dwo, dwn, dw13, dw2 = residual_norm_mlp_backward_op(*saved, dh_out, dmlp)
-    return dy, dh, dwo, dwn, dw13, dw2, None
+    dy, dx, dwo, dwn, dw13, dw2 = residual_norm_mlp_backward_op(*ctx.saved_tensors, dout.contiguous())
+    return dy, dx, dwo, dwn, dw13, dw2, None
 
 
 residual_norm_mlp_op.register_autograd(_tail_op_backward, setup_context=_tail_save)
@@ -311,9 +316,9 @@ def residual_norm_mlp(y: torch.Tensor, x: torch.Tensor, wo: torch.Tensor, norm_w
     (..., d) in x's dtype (callers check ``epilogues_usable`` first)."""
     w13 = torch.stack((w1, w3), dim=1).flatten(0, 1).to(x.dtype)
     d = x.shape[-1]
-    h, m, *_ = residual_norm_mlp_op(y.reshape(-1, d).contiguous(), x.reshape(-1, d).contiguous(), wo.to(x.dtype),
-                                     norm_weight.float(), w13, w2.to(x.dtype), float(eps))
-    return (h + m).view(x.shape)
+    out, *_ = residual_norm_mlp_op(y.reshape(-1, d).contiguous(), x.reshape(-1, d).contiguous(), wo.to(x.dtype),
+                                   norm_weight.float(), w13, w2.to(x.dtype), float(eps))
+    return out.view(x.shape)
 
 
 def residual_norm_mlp_reference(y: torch.Tensor, x: torch.Tensor, wo: torch.Tensor, norm_weight: torch.Tensor,

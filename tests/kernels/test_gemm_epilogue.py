@@ -152,8 +152,8 @@ def test_epilogue_ops_fakes_match(fake_quack):
     y, wo, wn = torch.randn(10, 16), torch.randn(16, 16), torch.ones(16)
     torch.library.opcheck(ge.residual_norm_mlp_op, (y, x, wo, wn, w13, w2, 1e-6),
                           test_utils=("test_schema", "test_faketensor"))
-    h, _, hw, pre, gated, rstd = ge.residual_norm_mlp_op(y, x, wo, wn, w13, w2, 1e-6)
-    torch.library.opcheck(ge.residual_norm_mlp_backward_op, (y, h, hw, pre, gated, rstd, wo, wn, w13, w2, x, x),
+    _, h, hw, pre, gated, rstd = ge.residual_norm_mlp_op(y, x, wo, wn, w13, w2, 1e-6)
+    torch.library.opcheck(ge.residual_norm_mlp_backward_op, (y, h, hw, pre, gated, rstd, wo, wn, w13, w2, x),
                           test_utils=("test_schema", "test_faketensor"))
 
 
