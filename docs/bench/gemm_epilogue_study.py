@@ -9,6 +9,7 @@ the plain modules as training compiles them, at the 135M model's shapes (issue 8
     python docs/bench/gemm_epilogue_study.py tail_check   # the block's tail (residual_norm_mlp) against fp32 math
     python docs/bench/gemm_epilogue_study.py tail_time    # its forward + backward against the current "gemm" tail
     python docs/bench/gemm_epilogue_study.py tail_tiles   # its four epilogue GEMMs, default config and autotuned
+    python docs/bench/gemm_epilogue_study.py tail_energy  # J and ms a call of both tails, looped (the power cap)
     CUTE_DSL_ARCH=sm_90a python docs/bench/gemm_epilogue_study.py trace   # no GPU: build the three kernels as the
         # wrapper calls them, up to their launch, which must then refuse the CPU tensors: checks that quack imports and
         # takes the calls' arguments and builds the kernels; shapes are checked only at the launch (a wrong K passes)
@@ -207,6 +208,16 @@ def _tail_inputs(m, f, seed=0):
     return (y, x, wo, wn, *_weights(f))
 
 
+def _tail_fused(y, x, wo, wn, w1, w3, w2):
+    """residual_norm_mlp on the tail's inputs (eps 1e-6, the model's)."""
+    return residual_norm_mlp(y, x, wo, wn, 1e-6, w1, w3, w2)
+
+
+def _tail_plain(y, x, wo, wn, w1, w3, w2):
+    """The tail's plain PyTorch reference on the same inputs."""
+    return residual_norm_mlp_reference(y, x, wo, wn, 1e-6, w1, w3, w2)
+
+
 def _tail_gemm(y, x, wo, wn, w1, w3, w2):
     """The tail as "gemm" training ran it before residual_norm_mlp: cuBLAS's projection, inductor's add and norm, the
     MLP on the epilogue GEMMs."""
@@ -220,9 +231,7 @@ def tail_check() -> None:
     for m in (4096, 1000):
         inputs = _tail_inputs(m, 1792)
         dy = torch.randn(m, D, device="cuda", dtype=torch.bfloat16)
-        fused = lambda y, x, wo, wn, w1, w3, w2: residual_norm_mlp(y, x, wo, wn, 1e-6, w1, w3, w2)  # noqa: E731
-        plain = lambda y, x, wo, wn, w1, w3, w2: residual_norm_mlp_reference(y, x, wo, wn, 1e-6, w1, w3, w2)  # noqa: E731
-        worst = max(worst, _compare("residual_norm_mlp", fused, plain, inputs, dy,
+        worst = max(worst, _compare("residual_norm_mlp", _tail_fused, _tail_plain, inputs, dy,
                                     ("dy", "dx", "dwo", "dwn", "dw1", "dw3", "dw2"), M=m))
     print(f"CHECK worst fused/plain error ratio {worst:.2f}: {'ok' if worst < 2 else 'LARGER THAN PLAIN'}", flush=True)
 
@@ -234,10 +243,8 @@ def tail_time() -> None:
 
     inputs = _tail_inputs(M, 1792)
     dy = torch.randn(M, D, device="cuda", dtype=torch.bfloat16)
-    fused = lambda y, x, wo, wn, w1, w3, w2: residual_norm_mlp(y, x, wo, wn, 1e-6, w1, w3, w2)  # noqa: E731
-    plain = lambda y, x, wo, wn, w1, w3, w2: residual_norm_mlp_reference(y, x, wo, wn, 1e-6, w1, w3, w2)  # noqa: E731
-    cases = {"plain compiled": torch.compile(plain), "gemm compiled": torch.compile(_tail_gemm), "tail": fused,
-             "tail compiled": torch.compile(fused)}
+    cases = {"plain compiled": torch.compile(_tail_plain), "gemm compiled": torch.compile(_tail_gemm),
+             "tail": _tail_fused, "tail compiled": torch.compile(_tail_fused)}
     for name, fn in cases.items():
         def run():
             with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -245,6 +252,51 @@ def tail_time() -> None:
             out.backward(dy)
         ms = do_bench(run, warmup=50, rep=300)
         print("TIME", json.dumps({"op": "block tail F=1792", "case": name, "ms": round(ms, 3)}), flush=True)
+
+
+def tail_energy(seconds: float = 10.0) -> None:
+    """Power and time of the tail's forward + backward (current "gemm" tail against residual_norm_mlp, both compiled),
+    each looped for about `seconds` after a warm-up, twice in turn: ms and J a call, mean W and SM clock (nvidia-smi
+    sampled every 200 ms, models.bench.ClockSampler). At the 700 W cap, time follows energy: a path that saves memory
+    passes but spends more energy a call saves no time in training."""
+    from models.bench import ClockSampler, _gpu_id
+
+    inputs = _tail_inputs(M, 1792)
+    dy = torch.randn(M, D, device="cuda", dtype=torch.bfloat16)
+    cases = {"gemm compiled": torch.compile(_tail_gemm), "tail compiled": torch.compile(_tail_fused)}
+
+    def run(fn):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = fn(*inputs)
+        out.backward(dy)
+
+    for fn in cases.values():
+        for _ in range(20):
+            run(fn)
+    torch.cuda.synchronize()
+    with ClockSampler(_gpu_id("cuda")) as clock:
+        for rnd in (1, 2):
+            for name, fn in cases.items():
+                n = 0
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                torch.cuda.synchronize()
+                clock.mark()
+                start.record()
+                while True:
+                    for _ in range(50):
+                        run(fn)
+                    n += 50
+                    end.record()
+                    end.synchronize()
+                    if start.elapsed_time(end) > seconds * 1e3:
+                        break
+                clock.stop()
+                ms = start.elapsed_time(end) / n
+                got = clock.summary()
+                watts = got["power_w"]
+                row = {"case": name, "round": rnd, "calls": n, "ms": round(ms, 3), "W": watts,
+                       "J": round(watts * ms / 1e3, 4) if watts else None, "sm_clock_mhz": got["sm_clock_mhz"]}
+                print("ENERGY", json.dumps(row), flush=True)
 
 
 def tail_tiles() -> None:
@@ -337,4 +389,5 @@ def trace() -> None:
 
 if __name__ == "__main__":
     {"check": check, "time": time, "tiles": tiles, "plain": plain, "residual": residual, "trace": trace,
-     "tail_check": tail_check, "tail_time": tail_time, "tail_tiles": tail_tiles}[sys.argv[1]]()
+     "tail_check": tail_check, "tail_time": tail_time, "tail_tiles": tail_tiles,
+     "tail_energy": tail_energy}[sys.argv[1]]()

@@ -18,7 +18,7 @@ step() {  # step NAME LIMIT_S COMMAND...: its output in $out/NAME.log; exit code
   [ "$limit" -gt "$left" ] && limit=$left
   timeout "$limit" "$@" > "$out/$name.log" 2>&1
   echo "$name rc $? wall_s $((SECONDS - s))" | tee -a "$out/summary.txt"
-  grep -h "tokens/s\|CHECK\|TIME\|TILES\|WINNER\|RESULT\|Error" "$out/$name.log" | tail -12 | tee -a "$out/summary.txt"
+  grep -h "tokens/s\|CHECK\|TIME\|TILES\|WINNER\|RESULT\|ENERGY\|Error" "$out/$name.log" | tail -12 | tee -a "$out/summary.txt"
 }
 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,power.limit --format=csv | tee "$out/gpu.txt"
 CMD=(python -m sweep.cli bench train --params 135M --seq-len 2048 --compile-mode reduce-overhead
@@ -54,4 +54,8 @@ step light_base_1 100 "${VARIANT[@]}" base lightning ro b64
 step light_tail_1 100 "${VARIANT[@]}" tail lightning ro b64 tail
 step light_base_2 100 "${VARIANT[@]}" base lightning ro b64
 step light_tail_2 100 "${VARIANT[@]}" tail lightning ro b64 tail
+step soft_base_1 100 "${VARIANT[@]}" base softmax ro b64
+step soft_tail_1 100 "${VARIANT[@]}" tail softmax ro b64 tail
+step tail_prof 120 "${VARIANT[@]}" ptail lightning ro b64 tail prof
+step tail_energy 200 python docs/bench/gemm_epilogue_study.py tail_energy
 step tail_tiles 400 env QUACK_CACHE_DIR="$out/quack_cache" python docs/bench/gemm_epilogue_study.py tail_tiles
