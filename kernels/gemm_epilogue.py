@@ -224,8 +224,9 @@ def linear_silu(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 #
 # Why the block's output and not h and the MLP's output apart, as measured first (9d3a8b4, an H100): that op alone
 # was 4% faster than the "gemm" tail, but training was not. Its profile showed the next block's norm, whose input was
-# then h + MLP, with its backward in two kernels (0.39 + 0.23 ms; one of 0.28-0.34 a norm before), most likely as the
-# sum was recomputed there rather than saved (not confirmed: the generated kernels did not come back). This form is not
+# then h + MLP, with its backward in two kernels (0.39 + 0.23 ms; one of 0.28-0.34 a norm before). The partition is not
+# the cause (the sum is saved, not recomputed, in a CPU probe with inductor's decompositions and partitioner); which of
+# inductor's fusions changed is not known. This form hands the next norm one tensor, as the unfused blocks do; it is not
 # yet measured on a GPU (docs/bench/kernels.md).
 
 

@@ -1,0 +1,75 @@
+"""Which tensors torch.compile's partitioner saves for the backward of a small lightning LM on "gemm" kernels, with and
+without the block's tail as one op (models.lm.Block.fused_tail), on the CPU: quack's epilogues are stood in for by the
+fp32 fakes of tests/kernels/test_gemm_epilogue.py, and AOT autograd runs inductor's decompositions and min-cut
+partitioner, as inductor does on a GPU, without compiling kernels. Prints the backward's saved inputs and whether it
+recomputes an RMSNorm's rstd (docs/bench/kernels.md, thirty-first session).
+
+    PYTHONPATH=$PWD python docs/bench/tail_partition_probe.py tail    # or: plain (the "gemm" blocks without it)
+"""
+
+import sys
+from types import ModuleType, SimpleNamespace
+
+import torch
+from torch._functorch.aot_autograd import aot_module_simplified
+from torch._functorch.partitioners import min_cut_rematerialization_partition
+from torch._inductor.decomposition import select_decomp_table
+
+import kernels.gemm_epilogue as ge
+import models.lm as lm
+import models.mixers.lightning as lt
+import tests.kernels.test_gemm_epilogue as stand_ins
+from models.config import ModelConfig
+
+
+def main(variant: str) -> None:
+    """Partition the LM's training graph and print what its backward is handed."""
+    quack = ModuleType("fake_quack")
+    quack.GemmConfig = SimpleNamespace
+
+    def gemm_act(A, B, activation, store_preact, tuned, config):
+        pre = A.float() @ B.float()
+        return pre.to(A.dtype), stand_ins._act(pre, activation).to(A.dtype)
+
+    quack.gemm_act = gemm_act
+    ge._quack = lambda: quack
+    ge._library = lambda: stand_ins._fake_library({}, lambda c: (c.tile_m, c.tile_n, c.cluster_m, c.cluster_n))
+    lm.epilogues_usable = lt.epilogues_usable = lambda x, *w: True
+    lt.Lightning.backend = "torch"
+    lm.Block.fused_tail = variant == "tail"
+    if variant != "tail":  # the plain MLP's backward on the stand-in too
+        quack.gemm_dact = lambda A, B, PreAct, activation, tuned, config: _dact(A, B, PreAct)
+    model = lm.LM(ModelConfig("lightning", 32, 3, 2, 64, ""), kernels="gemm")
+    idx = torch.randint(0, 64, (2, 8))
+    graphs = []
+
+    def backend(gm, inputs):
+        def keep(kind):
+            return lambda g, _: (graphs.append((kind, g)), g.forward)[1]
+
+        return aot_module_simplified(gm, inputs, fw_compiler=keep("fw"), bw_compiler=keep("bw"),
+                                     partition_fn=min_cut_rematerialization_partition,
+                                     decompositions=select_decomp_table())
+
+    torch._dynamo.reset()
+    _, loss = torch.compile(model, backend=backend, fullgraph=True)(idx, idx)
+    loss.backward()
+    for kind, g in graphs:
+        if kind == "bw":
+            targets = [str(n.target) for n in g.graph.nodes if n.op == "call_function"]
+            print("backward: rsqrt recomputed", sum("rsqrt" in t for t in targets), "times")
+            print("saved:", [n.name for n in g.graph.nodes if n.op == "placeholder"])
+
+
+def _dact(A, B, PreAct):
+    import torch.nn.functional as F
+
+    dout = A.float() @ B.float()
+    gate, up = PreAct[:, ::2].float(), PreAct[:, 1::2].float()
+    s = torch.sigmoid(gate)
+    dgate, dup = dout * up * s * (1 + gate * (1 - s)), dout * F.silu(gate)
+    return torch.stack((dgate, dup), dim=-1).flatten(1).to(A.dtype), (F.silu(gate) * up).to(PreAct.dtype)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1] if len(sys.argv) > 1 else "tail")
