@@ -9,6 +9,9 @@ pre-activation in its epilogue (``gemm_dgated``). The other GEMMs stay on cuBLAS
 installed, or ``epilogues_usable`` is False, the callers (``models.lm.MLP``, the lightning mixer) run the plain
 modules, which compute the same functions. Measured on an H100 with the tiles pinned below (docs/bench/kernels.md):
 lightning trained 5.0-6.3% faster, the hybrid 4.6%, softmax about 4%; compiled training takes them by default.
+
+Also here, opt-in (``models.lm.Block.fused_tail``): ``residual_norm_mlp``, a block's output projection, residual add,
+second RMSNorm and MLP as one op on quack's deferred-norm epilogues (see its section below).
 """
 
 from __future__ import annotations
@@ -317,8 +320,8 @@ def residual_norm_mlp(y: torch.Tensor, x: torch.Tensor, wo: torch.Tensor, norm_w
     (..., d) in x's dtype (callers check ``epilogues_usable`` first)."""
     w13 = torch.stack((w1, w3), dim=1).flatten(0, 1).to(x.dtype)
     d = x.shape[-1]
-    out, *_ = residual_norm_mlp_op(y.reshape(-1, d).contiguous(), x.reshape(-1, d).contiguous(), wo.to(x.dtype),
-                                   norm_weight.float(), w13, w2.to(x.dtype), float(eps))
+    y2, x2 = y.reshape(-1, d).to(x.dtype).contiguous(), x.reshape(-1, d).contiguous()
+    out, *_ = residual_norm_mlp_op(y2, x2, wo.to(x.dtype), norm_weight.float(), w13, w2.to(x.dtype), float(eps))
     return out.view(x.shape)
 
 

@@ -70,8 +70,8 @@ class Block(nn.Module):
     """One residual block: pre-norm token mixer, then pre-norm SwiGLU MLP."""
 
     #: Under "gemm", whether the mixer's output projection, the residual add, the second norm and the MLP run as one op
-    #: on the epilogue GEMMs (``kernels.gemm_epilogue.residual_norm_mlp``) where it is usable; measured first, and taken
-    #: by default only if it trains faster.
+    #: on the epilogue GEMMs (``kernels.gemm_epilogue.residual_norm_mlp``) where it is usable. Off: on an H100 the op
+    #: was 4% faster alone but training no faster (docs/bench/kernels.md); its revised form is not yet measured.
     fused_tail = False
 
     def __init__(self, config: ModelConfig, layer_idx: int, kernels: str = "torch"):
