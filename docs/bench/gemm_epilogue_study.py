@@ -10,6 +10,7 @@ the plain modules as training compiles them, at the 135M model's shapes (issue 8
     python docs/bench/gemm_epilogue_study.py tail_time    # its forward + backward against the current "gemm" tail
     python docs/bench/gemm_epilogue_study.py tail_tiles   # its four epilogue GEMMs, default config and autotuned
     python docs/bench/gemm_epilogue_study.py tail_energy  # J and ms a call of both tails, looped (the power cap)
+    python docs/bench/gemm_epilogue_study.py plain_energy # the cuBLAS GEMMs of the step against quack's, looped
     CUTE_DSL_ARCH=sm_90a python docs/bench/gemm_epilogue_study.py trace   # no GPU: build the three kernels as the
         # wrapper calls them, up to their launch, which must then refuse the CPU tensors: checks that quack imports and
         # takes the calls' arguments and builds the kernels; shapes are checked only at the launch (a wrong K passes)
@@ -254,28 +255,18 @@ def tail_time() -> None:
         print("TIME", json.dumps({"op": "block tail F=1792", "case": name, "ms": round(ms, 3)}), flush=True)
 
 
-def tail_energy(seconds: float = 10.0) -> None:
-    """Power and time of the tail's forward + backward (current "gemm" tail against residual_norm_mlp, both compiled),
-    each looped for about `seconds` after a warm-up, twice in turn: ms and J a call, mean W and SM clock (nvidia-smi
-    sampled every 200 ms, models.bench.ClockSampler). At the 700 W cap, time follows energy: a path that saves memory
-    passes but spends more energy a call saves no time in training."""
+def _sustained(cases: dict, seconds: float, rounds: int = 2, label: str = "") -> None:
+    """Loop each case's call for about `seconds` (after 20 warm-up calls), the cases in turn, `rounds` times: ms and J a
+    call, mean W and SM clock over the loop (nvidia-smi sampled every 200 ms, models.bench.ClockSampler). A GPU at its
+    700 W cap runs such loops at the clock their energy allows, which do_bench's short bursts do not reach."""
     from models.bench import ClockSampler, _gpu_id
-
-    inputs = _tail_inputs(M, 1792)
-    dy = torch.randn(M, D, device="cuda", dtype=torch.bfloat16)
-    cases = {"gemm compiled": torch.compile(_tail_gemm), "tail compiled": torch.compile(_tail_fused)}
-
-    def run(fn):
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            out = fn(*inputs)
-        out.backward(dy)
 
     for fn in cases.values():
         for _ in range(20):
-            run(fn)
+            fn()
     torch.cuda.synchronize()
     with ClockSampler(_gpu_id("cuda")) as clock:
-        for rnd in (1, 2):
+        for rnd in range(1, rounds + 1):
             for name, fn in cases.items():
                 n = 0
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -284,7 +275,7 @@ def tail_energy(seconds: float = 10.0) -> None:
                 start.record()
                 while True:
                     for _ in range(50):
-                        run(fn)
+                        fn()
                     n += 50
                     end.record()
                     end.synchronize()
@@ -294,9 +285,53 @@ def tail_energy(seconds: float = 10.0) -> None:
                 ms = start.elapsed_time(end) / n
                 got = clock.summary()
                 watts = got["power_w"]
-                row = {"case": name, "round": rnd, "calls": n, "ms": round(ms, 3), "W": watts,
-                       "J": round(watts * ms / 1e3, 4) if watts else None, "sm_clock_mhz": got["sm_clock_mhz"]}
+                row = {"op": label, "case": name, "round": rnd, "calls": n, "ms": round(ms, 4), "W": watts,
+                       "J": round(watts * ms / 1e3, 5) if watts else None, "sm_clock_mhz": got["sm_clock_mhz"]}
                 print("ENERGY", json.dumps(row), flush=True)
+
+
+def tail_energy(seconds: float = 10.0) -> None:
+    """Power and time of the tail's forward + backward (current "gemm" tail against residual_norm_mlp, both compiled),
+    looped (`_sustained`). At the 700 W cap, time follows energy: a path that saves memory passes but spends more
+    energy a call saves no time in training."""
+    inputs = _tail_inputs(M, 1792)
+    dy = torch.randn(M, D, device="cuda", dtype=torch.bfloat16)
+
+    def step(fn):
+        def run():
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                out = fn(*inputs)
+            out.backward(dy)
+        return run
+
+    _sustained({"gemm compiled": step(torch.compile(_tail_gemm)), "tail compiled": step(torch.compile(_tail_fused))},
+               seconds, label="block tail F=1792")
+
+
+def plain_energy(seconds: float = 4.0) -> None:
+    """The GEMMs lightning's 135M step runs on cuBLAS, each looped at the power cap (`_sustained`): torch.mm against
+    quack's autotuned GEMM. In short bursts they were within 2% (`plain`); at the cap a kernel that moves less data
+    inside the GPU a FLOP (larger tiles, clusters) would run at a higher clock."""
+    from kernels.gemm_epilogue import _quack
+
+    quack = _quack()
+    torch.manual_seed(0)
+    bf = dict(device="cuda", dtype=torch.bfloat16)
+    # (kind, rows, K, N) of A (rows, K) @ B (K, N), laid out as training hands them over: forward, activation @ weight^T;
+    # input gradient, gradient @ weight; weight gradient, gradient^T @ activation, the tokens as K.
+    shapes = {"o proj fwd": ("fwd", M, D, D), "w2 fwd": ("fwd", M, 1792, D), "qkv dx": ("dx", M, 3 * D, D),
+              "w13 dx": ("dx", M, 3584, D), "qkv dw": ("dw", 3 * D, M, D), "w13 dw": ("dw", 3584, M, D),
+              "head chunk fwd": ("fwd", 4096, D, 32000), "head chunk dx": ("dx", 4096, 32000, D)}
+    for name, (kind, rows, k, n) in shapes.items():
+        a = torch.randn(k, rows, **bf).T if kind == "dw" else torch.randn(rows, k, **bf)
+        w = torch.randn(n, k, **bf) * 0.02 if kind == "fwd" else torch.randn(k, n, **bf) * 0.02
+        b = w.T if kind == "fwd" else w
+        try:
+            quack.gemm(a, b, tuned=True)  # the search, before the loop
+            _sustained({"cublas_mm": lambda: a @ b, "quack_tuned": lambda: quack.gemm(a, b, tuned=True)}, seconds,
+                       label=name)
+        except Exception as exc:  # noqa: BLE001 - a study: say what failed and go on
+            print("ENERGY", json.dumps({"op": name, "error": f"{type(exc).__name__}: {str(exc)[:300]}"}), flush=True)
 
 
 def tail_tiles() -> None:
@@ -390,4 +425,4 @@ def trace() -> None:
 if __name__ == "__main__":
     {"check": check, "time": time, "tiles": tiles, "plain": plain, "residual": residual, "trace": trace,
      "tail_check": tail_check, "tail_time": tail_time, "tail_tiles": tail_tiles,
-     "tail_energy": tail_energy}[sys.argv[1]]()
+     "tail_energy": tail_energy, "plain_energy": plain_energy}[sys.argv[1]]()

@@ -58,4 +58,5 @@ step soft_base_1 100 "${VARIANT[@]}" base softmax ro b64
 step soft_tail_1 100 "${VARIANT[@]}" tail softmax ro b64 tail
 step tail_prof 120 "${VARIANT[@]}" ptail lightning ro b64 tail prof
 step tail_energy 200 python docs/bench/gemm_epilogue_study.py tail_energy
+step plain_energy 400 python docs/bench/gemm_epilogue_study.py plain_energy
 step tail_tiles 400 env QUACK_CACHE_DIR="$out/quack_cache" python docs/bench/gemm_epilogue_study.py tail_tiles
