@@ -165,12 +165,16 @@ def _mlp_op_backward(ctx, dy, dpreact):
 swiglu_mlp_op.register_autograd(_mlp_op_backward, setup_context=_mlp_save)
 
 
+def _interleaved(w1: torch.Tensor, w3: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """One (2F, d) weight with w1's and w3's rows in turn, in ``dtype``: quack's gated epilogues pair neighbouring
+    columns."""
+    return torch.stack((w1, w3), dim=1).flatten(0, 1).to(dtype)
+
+
 def swiglu_mlp(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
     """``F.linear(F.silu(F.linear(x, w1)) * F.linear(x, w3), w2)`` over x (..., d) on the epilogue GEMMs, in x's dtype
     (callers check ``epilogues_usable`` first); the weights' gradients reach w1, w3, w2 as they are."""
-    # One (2F, d) weight with w1's and w3's rows in turn: quack's gated epilogue pairs neighbouring columns.
-    w13 = torch.stack((w1, w3), dim=1).flatten(0, 1).to(x.dtype)
-    y, _ = swiglu_mlp_op(x.reshape(-1, x.shape[-1]).contiguous(), w13, w2.to(x.dtype))
+    y, _ = swiglu_mlp_op(x.reshape(-1, x.shape[-1]).contiguous(), _interleaved(w1, w3, x.dtype), w2.to(x.dtype))
     return y.view(*x.shape[:-1], w2.shape[0])
 
 
@@ -318,10 +322,10 @@ def residual_norm_mlp(y: torch.Tensor, x: torch.Tensor, wo: torch.Tensor, norm_w
                       w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
     """A block's tail on the epilogue GEMMs: ``h + MLP(RMSNorm(h))`` with ``h = x + F.linear(y, wo)``, for y, x
     (..., d) in x's dtype (callers check ``epilogues_usable`` first)."""
-    w13 = torch.stack((w1, w3), dim=1).flatten(0, 1).to(x.dtype)
     d = x.shape[-1]
     y2, x2 = y.reshape(-1, d).to(x.dtype).contiguous(), x.reshape(-1, d).contiguous()
-    out, *_ = residual_norm_mlp_op(y2, x2, wo.to(x.dtype), norm_weight.float(), w13, w2.to(x.dtype), float(eps))
+    out, *_ = residual_norm_mlp_op(y2, x2, wo.to(x.dtype), norm_weight.float(), _interleaved(w1, w3, x.dtype),
+                                   w2.to(x.dtype), float(eps))
     return out.view(x.shape)
 
 

@@ -8,7 +8,7 @@ for w2's forward), so ``dswiglu_rstd_epi`` leaves the store out: one (M, F) writ
 
 from quack.activation import dswiglu
 from quack.epilogue.frontend import gemm_epilogue
-from quack.epilogue.library import dgated_rstd_preact_mod, rms_bwd_apply_epi, rms_partial_epi, rstd_gated_preact_mod
+from quack.epilogue.library import rms_bwd_apply_epi, rms_partial_epi, rstd_gated_preact_mod
 from quack.epilogue.math import pack, unpack
 from quack.epilogue.ops import ColVecLoad, ColVecReduce
 
@@ -23,5 +23,4 @@ def dswiglu_rstd_epi(acc, c, rstd):
     return {"D": pack(dgs * rstd, dus * rstd), "dsum": dgs * g + dus * u}
 
 
-__all__ = ["dgated_rstd_preact_mod", "dswiglu_rstd_epi", "rms_bwd_apply_epi", "rms_partial_epi",
-           "rstd_gated_preact_mod"]
+__all__ = ["dswiglu_rstd_epi", "rms_bwd_apply_epi", "rms_partial_epi", "rstd_gated_preact_mod"]

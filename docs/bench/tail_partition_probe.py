@@ -8,7 +8,6 @@ recomputes an RMSNorm's rstd (docs/bench/kernels.md, thirty-first session).
 """
 
 import sys
-from types import ModuleType, SimpleNamespace
 
 import torch
 from torch._functorch.aot_autograd import aot_module_simplified
@@ -24,21 +23,12 @@ from models.config import ModelConfig
 
 def main(variant: str) -> None:
     """Partition the LM's training graph and print what its backward is handed."""
-    quack = ModuleType("fake_quack")
-    quack.GemmConfig = SimpleNamespace
-
-    def gemm_act(A, B, activation, store_preact, tuned, config):
-        pre = A.float() @ B.float()
-        return pre.to(A.dtype), stand_ins._act(pre, activation).to(A.dtype)
-
-    quack.gemm_act = gemm_act
+    quack = stand_ins.fake_quack_module({})
     ge._quack = lambda: quack
-    ge._library = lambda: stand_ins._fake_library({}, lambda c: (c.tile_m, c.tile_n, c.cluster_m, c.cluster_n))
+    ge._library = lambda: stand_ins._fake_library({})
     lm.epilogues_usable = lt.epilogues_usable = lambda x, *w: True
     lt.Lightning.backend = "torch"
     lm.Block.fused_tail = variant == "tail"
-    if variant != "tail":  # the plain MLP's backward on the stand-in too
-        quack.gemm_dact = lambda A, B, PreAct, activation, tuned, config: _dact(A, B, PreAct)
     model = lm.LM(ModelConfig("lightning", 32, 3, 2, 64, ""), kernels="gemm")
     idx = torch.randint(0, 64, (2, 8))
     graphs = []
@@ -59,16 +49,6 @@ def main(variant: str) -> None:
             targets = [str(n.target) for n in g.graph.nodes if n.op == "call_function"]
             print("backward: rsqrt recomputed", sum("rsqrt" in t for t in targets), "times")
             print("saved:", [n.name for n in g.graph.nodes if n.op == "placeholder"])
-
-
-def _dact(A, B, PreAct):
-    import torch.nn.functional as F
-
-    dout = A.float() @ B.float()
-    gate, up = PreAct[:, ::2].float(), PreAct[:, 1::2].float()
-    s = torch.sigmoid(gate)
-    dgate, dup = dout * up * s * (1 + gate * (1 - s)), dout * F.silu(gate)
-    return torch.stack((dgate, dup), dim=-1).flatten(1).to(A.dtype), (F.silu(gate) * up).to(PreAct.dtype)
 
 
 if __name__ == "__main__":

@@ -26,47 +26,59 @@ def _act(pre, activation):
     return F.silu(pre)
 
 
-@pytest.fixture
-def fake_quack(monkeypatch):
-    """quack's gemm_act / gemm_dact in fp32 math; counts the calls and checks the layouts the wrapper hands over."""
-    calls = {"act": 0, "dact": 0}
+def _dswiglu(gate, up, dout):
+    """SwiGLU's backward by hand (autograd does not record inside a custom op's body): d gate, d up, silu(gate) * up."""
+    s = torch.sigmoid(gate)
+    return dout * up * s * (1 + gate * (1 - s)), dout * F.silu(gate), F.silu(gate) * up
 
-    def tiles(config):  # the pinned tiles the wrapper hands over, as TILES gives them
-        assert config.pingpong and not config.is_dynamic_persistent and config.device_capacity == 9
-        return config.tile_m, config.tile_n, config.cluster_m, config.cluster_n
+
+def _tiles(config):
+    """The pinned tiles the wrapper hands over, as TILES gives them."""
+    assert config.pingpong and not config.is_dynamic_persistent and config.device_capacity == 9
+    return config.tile_m, config.tile_n, config.cluster_m, config.cluster_n
+
+
+def fake_quack_module(calls: dict) -> ModuleType:
+    """quack's gemm_act / gemm_dact in fp32 math, counting their calls in ``calls`` and checking the layouts and tiles
+    the wrapper hands over (also docs/bench/tail_partition_probe.py's stand-in)."""
 
     def gemm_act(A, B, activation, store_preact, tuned, config):
         assert A.is_contiguous() and B.shape[0] == A.shape[1] and store_preact and not tuned
-        assert tiles(config) == ge.TILES["gated" if activation == "swiglu" else "silu"]
-        calls["act"] += 1
+        assert _tiles(config) == ge.TILES["gated" if activation == "swiglu" else "silu"]
+        calls["act"] = calls.get("act", 0) + 1
         pre = A.float() @ B.float()
         return pre.to(A.dtype), _act(pre, activation).to(A.dtype)
 
     def gemm_dact(A, B, PreAct, activation, tuned, config):
-        assert A.is_contiguous() and activation == "swiglu" and not tuned and tiles(config) == ge.TILES["dgated"]
-        calls["dact"] += 1
-        dout = A.float() @ B.float()
-        gate, up = PreAct[:, ::2].float(), PreAct[:, 1::2].float()
-        s = torch.sigmoid(gate)  # by hand: autograd does not record inside a custom op's body
-        dgate, dup = dout * up * s * (1 + gate * (1 - s)), dout * F.silu(gate)
-        return torch.stack((dgate, dup), dim=-1).flatten(1).to(A.dtype), (F.silu(gate) * up).to(PreAct.dtype)
+        assert A.is_contiguous() and activation == "swiglu" and not tuned and _tiles(config) == ge.TILES["dgated"]
+        calls["dact"] = calls.get("dact", 0) + 1
+        dgate, dup, out = _dswiglu(PreAct[:, ::2].float(), PreAct[:, 1::2].float(), A.float() @ B.float())
+        return torch.stack((dgate, dup), dim=-1).flatten(1).to(A.dtype), out.to(PreAct.dtype)
 
     quack = ModuleType("fake_quack")  # hashable, as the module quack's interface is
     quack.gemm_act, quack.gemm_dact, quack.GemmConfig = gemm_act, gemm_dact, SimpleNamespace
+    return quack
+
+
+@pytest.fixture
+def fake_quack(monkeypatch):
+    """quack's GEMMs and fused-block epilogues in fp32 math (``fake_quack_module``, ``_fake_library``); their calls."""
+    calls = {"act": 0, "dact": 0}
+    quack = fake_quack_module(calls)
     monkeypatch.setattr(ge, "_quack", lambda: quack)
-    monkeypatch.setattr(ge, "_library", lambda: _fake_library(calls, tiles))
+    monkeypatch.setattr(ge, "_library", lambda: _fake_library(calls))
     return calls
 
 
-def _fake_library(calls, tiles):
-    """quack's fused-block epilogues (rms_partial, rstd_gated_preact, dgated_rstd_preact, rms_bwd_apply) in fp32 math,
-    with their conventions: B as (K, N), gated pairs interleaved, reduces handed back summed, rstd not yet applied to D
-    in the forward and applied in the gate's gradient."""
+def _fake_library(calls):
+    """The tail's epilogues (``kernels.quack_epilogues``: rms_partial, rstd_gated_preact, dswiglu_rstd, rms_bwd_apply)
+    in fp32 math, with quack's conventions: B as (K, N), gated pairs interleaved, reduces handed back summed, rstd not
+    yet applied to D in the forward and applied in the gate's gradient."""
 
     def mod(kind, fn):
         def call(A, B, C=None, *, tuned, config, dynamic_scheduler=False, **operands):
             assert A.is_contiguous() and B.shape[0] == A.shape[1] and not tuned
-            assert config is None if ge.TILES[kind] is None else tiles(config) == ge.TILES[kind]
+            assert config is None if ge.TILES[kind] is None else _tiles(config) == ge.TILES[kind]
             calls[kind] = calls.get(kind, 0) + 1
             out = fn(A.float() @ B.float(), None if C is None else C.float(), **operands)
             return {k: v.to(A.dtype) if k in ("D", "resid_out", "postact") else v for k, v in out.items()}
@@ -80,20 +92,14 @@ def _fake_library(calls, tiles):
         g, u = acc[:, ::2] * rstd[:, None], acc[:, 1::2] * rstd[:, None]
         return {"D": acc, "postact": F.silu(g) * u}
 
-    def dgated_rstd(acc, c, rstd):
+    def dswiglu_rstd(acc, c, rstd):
         g, u = c[:, ::2], c[:, 1::2]
-        gs, us = g * rstd[:, None], u * rstd[:, None]
-        s = torch.sigmoid(gs)
-        dgs, dus = acc * us * s * (1 + gs * (1 - s)), acc * F.silu(gs)
+        dgs, dus, _ = _dswiglu(g * rstd[:, None], u * rstd[:, None], acc)
         d = torch.stack((dgs * rstd[:, None], dus * rstd[:, None]), dim=-1).flatten(1)
-        return {"D": d, "postact": F.silu(gs) * us, "dsum": (dgs * g + dus * u).sum(-1)}
+        return {"D": d, "dsum": (dgs * g + dus * u).sum(-1)}
 
     def rms_bwd_apply(acc, c, y, w, corr):
         return {"D": acc * w + c + y.float() * corr[:, None], "dw": (acc * y.float()).sum(0)}
-
-    def dswiglu_rstd(acc, c, rstd):
-        out = dgated_rstd(acc, c, rstd)
-        return {"D": out["D"], "dsum": out["dsum"]}
 
     return SimpleNamespace(rms_partial_epi=mod("residual", rms_partial),
                            rstd_gated_preact_mod=lambda act: mod("rstd_gated", rstd_gated),
