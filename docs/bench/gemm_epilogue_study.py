@@ -422,7 +422,11 @@ def trace() -> None:
             print("TRACE", name, "built, refused at launch (ok)" if ok else f"FAILED: {exc}", flush=True)
 
 
+MODES = {"check": check, "time": time, "tiles": tiles, "plain": plain, "residual": residual, "trace": trace,
+         "tail_check": tail_check, "tail_time": tail_time, "tail_tiles": tail_tiles, "tail_energy": tail_energy,
+         "plain_energy": plain_energy}
+
 if __name__ == "__main__":
-    {"check": check, "time": time, "tiles": tiles, "plain": plain, "residual": residual, "trace": trace,
-     "tail_check": tail_check, "tail_time": tail_time, "tail_tiles": tail_tiles,
-     "tail_energy": tail_energy, "plain_energy": plain_energy}[sys.argv[1]]()
+    if len(sys.argv) != 2 or sys.argv[1] not in MODES:
+        sys.exit(f"usage: python docs/bench/gemm_epilogue_study.py MODE, MODE one of {', '.join(MODES)}")
+    MODES[sys.argv[1]]()

@@ -52,4 +52,6 @@ def main(variant: str) -> None:
 
 
 if __name__ == "__main__":
+    if len(sys.argv) > 2 or sys.argv[1:] not in ([], ["tail"], ["plain"]):
+        sys.exit("usage: PYTHONPATH=$PWD python docs/bench/tail_partition_probe.py [tail|plain]")
     main(sys.argv[1] if len(sys.argv) > 1 else "tail")
