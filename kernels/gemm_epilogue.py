@@ -220,6 +220,46 @@ def linear_silu(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return post.view(*x.shape[:-1], w.shape[0])
 
 
+# --- the head and its loss (quack's scaled-exp linear cross-entropy) ------------------------------------------------
+# quack 0.6.5's pipeline: per chunk of tokens, the logits GEMM's epilogue writes exp(logit - a per-tile offset) in bf16
+# with the rows' partial sums, so that no row pass reads the logits back (kernels.fused.triton_ce's Triton pass, 8 ms of
+# the 135M lightning step on an H100); the two gradient GEMMs scale that tile on load (quack's A-operand transforms).
+
+
+@functools.cache
+def _lce():
+    """quack's linear cross-entropy module, or None where it does not import."""
+    if _quack() is None:
+        return None
+    try:
+        from quack import linear_cross_entropy
+    except Exception as exc:
+        log.warning("quack's linear cross-entropy does not import (%s: %s); the loss runs on kernels.fused",
+                    type(exc).__name__, exc)
+        return None
+    return linear_cross_entropy
+
+
+def loss_usable(x: torch.Tensor, weight: torch.Tensor, chunk_tokens: int = 4096) -> bool:
+    """Whether ``linear_cross_entropy_epilogue`` takes x (..., d) and the head's weight (V, d): x bf16 (the autocast
+    dtype) on a Hopper GPU with quack installed, V a multiple of 128, d of 16, chunks of a multiple of 128 tokens."""
+    vocab, d = weight.shape
+    return (x.dtype == torch.bfloat16 and not vocab % 128 and not chunk_tokens % 128 and epilogues_usable(x, vocab)
+            and _lce() is not None)
+
+
+def linear_cross_entropy_epilogue(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                                  ignore_index: int = -100, chunk_tokens: int = 4096) -> torch.Tensor:
+    """Mean cross-entropy (fp32 scalar) of x (..., d) @ weight (V, d)^T against targets x.shape[:-1] on quack's
+    scaled-exp pipeline (callers check ``loss_usable`` first); 0 where every target is ignored."""
+    d = x.shape[-1]
+    t = targets.reshape(-1)
+    # The sum, then the mean by hand: quack's own mean divides by the count unguarded (NaN for an all-ignored batch).
+    total = _lce().scaled_exp_linear_cross_entropy(x.reshape(-1, d), weight.to(x.dtype), t, chunk_size=chunk_tokens,
+                                                   ignore_index=ignore_index, reduction="sum")
+    return total / (t != ignore_index).sum().clamp_min(1)
+
+
 # --- a block's tail: output projection, residual add, RMSNorm and SwiGLU MLP in one op -------------------------------
 # The norm between the mixer and the MLP is deferred (quack's "Coda" block epilogues): the output projection's GEMM adds
 # the residual and writes both the new residual stream h and h * weight, with the row sums of h^2; the MLP's first GEMM

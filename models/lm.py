@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels.fused import linear_cross_entropy, rms_norm, swiglu
-from kernels.gemm_epilogue import epilogues_usable, residual_norm_mlp, swiglu_mlp
+from kernels.gemm_epilogue import (epilogues_usable, linear_cross_entropy_epilogue, loss_usable, residual_norm_mlp,
+                                   swiglu_mlp)
 from models.config import ModelConfig
 from models.mixers import HGRN2, Lightning, Mamba2, Softmax
 
@@ -105,6 +106,10 @@ def _norm(norm: nn.RMSNorm, x: torch.Tensor, kernels: str) -> torch.Tensor:
 class LM(nn.Module):
     """A causal language model built from a ``ModelConfig``."""
 
+    #: Under "gemm", whether the head + loss run on quack's scaled-exp pipeline
+    #: (``kernels.gemm_epilogue.linear_cross_entropy_epilogue``) where it is usable, rather than ``kernels.fused``'s.
+    epilogue_loss = False
+
     def __init__(self, config: ModelConfig, *, kernels: str = "torch"):
         super().__init__()
         if kernels not in KERNELS:
@@ -139,6 +144,8 @@ class LM(nn.Module):
         if last_only:
             x = x[:, -1:]
         x = _norm(self.norm_f, x, self.shell)
+        if targets is not None and self.kernels == "gemm" and self.epilogue_loss and loss_usable(x, self.head.weight):
+            return None, linear_cross_entropy_epilogue(x, self.head.weight, targets, ignore_index=-100)
         if targets is not None and self.kernels != "torch":
             backend = self.kernels if self.kernels in ("auto", "triton") else "auto"
             return None, linear_cross_entropy(x, self.head.weight, targets, ignore_index=-100, backend=backend)

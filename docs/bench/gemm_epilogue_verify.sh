@@ -60,3 +60,16 @@ step tail_prof 120 "${VARIANT[@]}" ptail lightning ro b64 tail prof
 step tail_energy 200 python docs/bench/gemm_epilogue_study.py tail_energy
 step plain_energy 400 python docs/bench/gemm_epilogue_study.py plain_energy
 step tail_tiles 400 env QUACK_CACHE_DIR="$out/quack_cache" python docs/bench/gemm_epilogue_study.py tail_tiles
+# The head + loss on quack's scaled-exp linear cross-entropy (kernels.gemm_epilogue.linear_cross_entropy_epilogue)
+# against kernels.fused's: checked against fp32 math, timed alone (graph replays, then looped at the cap), and in
+# training (train_study.py's option qlce sets models.lm.LM.epilogue_loss), alternated with runs without it.
+step lce_check 100 python docs/bench/lce_study.py check
+step lce_time 150 python docs/bench/lce_study.py time
+step lq_base_1 100 "${VARIANT[@]}" base lightning ro b64
+step lq_qlce_1 100 "${VARIANT[@]}" qlce lightning ro b64 qlce
+step lq_base_2 100 "${VARIANT[@]}" base lightning ro b64
+step lq_qlce_2 100 "${VARIANT[@]}" qlce lightning ro b64 qlce
+step lq_soft_base 100 "${VARIANT[@]}" base softmax ro b64
+step lq_soft_qlce 100 "${VARIANT[@]}" qlce softmax ro b64 qlce
+step lq_both 100 "${VARIANT[@]}" both lightning ro b64 qlce tail
+step lce_energy 150 python docs/bench/lce_study.py energy

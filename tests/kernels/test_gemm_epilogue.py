@@ -302,3 +302,41 @@ def test_an_unused_pre_activation_costs_the_backward_nothing(fake_quack, op):
         torch.autograd.grad(out.sum(), inputs)
     zeros = {"aten.zeros", "aten.zeros_like", "aten.new_zeros", "aten.fill_", "aten.add"}
     assert "aten.expand" in log.ops and not zeros & set(log.ops), log.ops  # (the sum's gradient is seen)
+
+
+def _fake_lce(calls):
+    """quack's scaled-exp linear cross-entropy as fp32 math, with its contract: rows (M, d), the sum over the rows whose
+    target is not ignore_index, chunks a multiple of 128."""
+
+    def scaled_exp_linear_cross_entropy(x, weight, target, chunk_size, ignore_index, reduction):
+        assert x.dim() == 2 and target.shape == x.shape[:1] and x.dtype == weight.dtype and not chunk_size % 128
+        assert reduction == "sum"
+        calls["lce"] = calls.get("lce", 0) + 1
+        return F.cross_entropy((x.float() @ weight.float().T), target, ignore_index=ignore_index, reduction="sum")
+
+    return SimpleNamespace(scaled_exp_linear_cross_entropy=scaled_exp_linear_cross_entropy)
+
+
+def test_the_lm_takes_the_epilogue_loss_only_when_asked_and_usable(fake_quack, monkeypatch):
+    plain, fused, idx = _lm_pair("lightning")
+    monkeypatch.setattr(lt.Lightning, "backend", "torch")
+    monkeypatch.setattr(ge, "_lce", lambda: _fake_lce(fake_quack))
+    targets = idx.clone()
+    targets[0, :3] = -100
+    _, loss_ref = plain(idx, targets)
+    g_ref = torch.autograd.grad(loss_ref, list(plain.parameters()))
+    assert not ge.loss_usable(torch.zeros(2, 8, 32), plain.head.weight)  # on the CPU
+    monkeypatch.setattr(lm, "loss_usable", lambda x, w: True)
+    fused(idx, targets)
+    assert "lce" not in fake_quack  # not asked for
+    monkeypatch.setattr(lm.LM, "epilogue_loss", True)
+    _, loss = fused(idx, targets)
+    g = torch.autograd.grad(loss, list(fused.parameters()))
+    assert fake_quack["lce"] == 1
+    torch.testing.assert_close(loss, loss_ref, atol=1e-5, rtol=1e-5)
+    for (name, _), a, b in zip(plain.named_parameters(), g, g_ref):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
+    # Every target ignored: a zero loss and zero gradients, where quack's own mean would divide by zero.
+    _, loss = fused(idx, torch.full_like(idx, -100))
+    assert loss.item() == 0.0
+    assert all(not g.any() for g in torch.autograd.grad(loss, [fused.head.weight]))

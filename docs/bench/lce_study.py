@@ -1,0 +1,111 @@
+"""The head and its cross-entropy loss at the 135M model's shapes (M 131,072 tokens, d 768, V 32,000; issue 8's 50%
+MFU): our chunked loss (kernels.fused.triton_ce: cuBLAS logits, a Triton row pass that overwrites them with their
+gradient, two cuBLAS gradient GEMMs) against quack 0.6.5's two pipelines, its chunked one (the same plan on its own
+kernels) and its scaled-exp one (the logits GEMM's epilogue writes the softmax's numerators and the rows' partial
+sums, so no row pass reads the logits; the gradient GEMMs scale them on load).
+
+    python docs/bench/lce_study.py check    # loss, dx, dW against fp32 math, at 8,192 and 5,000 rows (ragged chunks)
+    python docs/bench/lce_study.py time     # forward + backward as CUDA-graph replays, median ms of do_bench
+    python docs/bench/lce_study.py energy   # the same loops sustained at the power cap: ms, W, J a call
+
+Needs quack-kernels and the CUTLASS DSL beside torch on a Hopper GPU (docs/bench/gemm_epilogue_verify.sh).
+"""
+
+import json
+import sys
+
+import torch
+
+from kernels.fused import linear_cross_entropy
+from kernels.gemm_epilogue import linear_cross_entropy_epilogue
+
+D, V = 768, 32000
+M = 64 * 2048  # one microbatch of the README's command
+
+
+def _inputs(m: int, seed: int = 0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    # The head's input is the final norm's output (rows of RMS about 1); the weight as the LM initialises it.
+    x = torch.randn(m, D, device="cuda", generator=g).bfloat16().requires_grad_()
+    w = (torch.randn(V, D, device="cuda", generator=g) * 0.02).bfloat16().requires_grad_()
+    t = torch.randint(0, V, (m,), device="cuda", generator=g)
+    t[torch.rand(m, device="cuda", generator=g) < 0.05] = -100  # some ignored rows, as MQAR's labels have
+    return x, w, t
+
+
+def _cases(chunks=(4096, 8192, 16384)):
+    """name -> fn(x, w, t) returning the mean loss (fp32 scalar)."""
+    from quack.linear_cross_entropy import chunked_linear_cross_entropy
+
+    cases = {"ours triton 4096": lambda x, w, t: linear_cross_entropy(x, w, t, backend="triton")}
+    cases["quack chunked 4096"] = lambda x, w, t: chunked_linear_cross_entropy(x, w, t, chunk_size=4096)
+    for c in chunks:
+        cases[f"quack scaled-exp {c}"] = lambda x, w, t, c=c: linear_cross_entropy_epilogue(x, w, t, chunk_tokens=c)
+    return cases
+
+
+def _rel(a, b):
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
+
+
+def check() -> None:
+    """Each pipeline's loss and gradients against fp32 math on the same bf16 inputs."""
+    for m in (8192, 5000):
+        x, w, t = _inputs(m)
+        xf, wf = x.detach().float().requires_grad_(), w.detach().float().requires_grad_()
+        ref = torch.nn.functional.cross_entropy(xf @ wf.T, t, ignore_index=-100)
+        rdx, rdw = torch.autograd.grad(ref, (xf, wf))
+        for name, fn in _cases(chunks=(4096,)).items():
+            loss = fn(x, w, t)
+            dx, dw = torch.autograd.grad(loss, (x, w))
+            row = {"case": name, "rows": m, "loss": round(abs(loss.item() - ref.item()) / ref.item(), 7),
+                   "dx": round(_rel(dx, rdx), 5), "dw": round(_rel(dw, rdw), 5)}
+            print("CHECK", json.dumps(row), flush=True)
+
+
+def _graphed(fn, x, w, t):
+    """fn's forward + backward captured as one CUDA graph (training replays it so: no host time in the timing)."""
+    def step():
+        loss = fn(x, w, t)
+        return torch.autograd.grad(loss, (x, w))
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):  # compiles quack's kernels and fills its caches outside the capture
+            step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay
+
+
+def time() -> None:
+    """Forward + backward of the head and loss, as graph replays, median ms of do_bench."""
+    from triton.testing import do_bench
+
+    x, w, t = _inputs(M)
+    for name, fn in _cases().items():
+        try:
+            ms = do_bench(_graphed(fn, x, w, t), warmup=25, rep=200)
+        except Exception as exc:  # one pipeline failing to build or capture must not hide the others' times
+            print("TIME", json.dumps({"case": name, "error": f"{type(exc).__name__}: {exc}"[:300]}), flush=True)
+            continue
+        print("TIME", json.dumps({"case": name, "tokens": M, "ms": round(ms, 3)}), flush=True)
+
+
+def energy(seconds: float = 8.0) -> None:
+    """Ours against the scaled-exp pipeline at chunks of 4,096 and 8,192, looped at the power cap."""
+    from gemm_epilogue_study import _sustained  # beside this script
+
+    x, w, t = _inputs(M)
+    cases = {k: _graphed(f, x, w, t) for k, f in _cases(chunks=(4096, 8192)).items() if "chunked" not in k}
+    _sustained(cases, seconds, label="head + loss")
+
+
+if __name__ == "__main__":
+    modes = {"check": check, "time": time, "energy": energy}
+    if len(sys.argv) != 2 or sys.argv[1] not in modes:
+        sys.exit(f"usage: python docs/bench/lce_study.py {'|'.join(modes)}")
+    modes[sys.argv[1]]()
