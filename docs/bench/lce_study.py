@@ -38,7 +38,9 @@ def _cases(chunks=(4096, 8192, 16384)):
     from quack.linear_cross_entropy import chunked_linear_cross_entropy
 
     cases = {"ours triton 4096": lambda x, w, t: linear_cross_entropy(x, w, t, backend="triton")}
-    cases["quack chunked 4096"] = lambda x, w, t: chunked_linear_cross_entropy(x, w, t, chunk_size=4096)
+    # Its base pipeline (it picks the scaled-exp one itself where eligible), on quack's untuned default tiles.
+    cases["quack chunked 4096"] = lambda x, w, t: chunked_linear_cross_entropy(x, w, t, chunk_size=4096, tuned=False,
+                                                                               use_scaled_exp=False)
     for c in chunks:
         cases[f"quack scaled-exp {c}"] = lambda x, w, t, c=c: linear_cross_entropy_epilogue(x, w, t, chunk_tokens=c)
     return cases
