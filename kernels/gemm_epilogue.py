@@ -226,6 +226,11 @@ def linear_silu(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 # the 135M lightning step on an H100); the two gradient GEMMs scale that tile on load (quack's A-operand transforms).
 
 
+#: Tokens a chunk of the scaled-exp loss takes: on an H100 at 131,072 tokens its forward + backward took 34.72 ms in
+#: chunks of 4,096, 33.31 in 8,192 and 33.22 in 16,384, against 36.07 for kernels.fused's (docs/bench/kernels.md).
+LOSS_CHUNK_TOKENS = 8192
+
+
 @functools.cache
 def _lce():
     """quack's linear cross-entropy module, or None where it does not import."""
@@ -240,23 +245,31 @@ def _lce():
     return linear_cross_entropy
 
 
-def loss_usable(x: torch.Tensor, weight: torch.Tensor, chunk_tokens: int = 4096) -> bool:
+@torch.compiler.assume_constant_result
+def _lce_ready() -> bool:
+    """Whether quack's linear cross-entropy imports (a constant to torch.compile)."""
+    return _lce() is not None
+
+
+def loss_usable(x: torch.Tensor, weight: torch.Tensor, chunk_tokens: int = LOSS_CHUNK_TOKENS) -> bool:
     """Whether ``linear_cross_entropy_epilogue`` takes x (..., d) and the head's weight (V, d): x bf16 (the autocast
     dtype) on a Hopper GPU with quack installed, V a multiple of 128, d of 16, chunks of a multiple of 128 tokens."""
     vocab, d = weight.shape
     return (x.dtype == torch.bfloat16 and not vocab % 128 and not chunk_tokens % 128 and epilogues_usable(x, vocab)
-            and _lce() is not None)
+            and _lce_ready())
 
 
 def linear_cross_entropy_epilogue(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                                  ignore_index: int = -100, chunk_tokens: int = 4096) -> torch.Tensor:
+                                  ignore_index: int = -100, chunk_tokens: int = LOSS_CHUNK_TOKENS) -> torch.Tensor:
     """Mean cross-entropy (fp32 scalar) of x (..., d) @ weight (V, d)^T against targets x.shape[:-1] on quack's
     scaled-exp pipeline (callers check ``loss_usable`` first); 0 where every target is ignored."""
+    from quack.linear_cross_entropy import scaled_exp_linear_cross_entropy  # imported: loss_usable held
+
     d = x.shape[-1]
     t = targets.reshape(-1)
     # The sum, then the mean by hand: quack's own mean divides by the count unguarded (NaN for an all-ignored batch).
-    total = _lce().scaled_exp_linear_cross_entropy(x.reshape(-1, d), weight.to(x.dtype), t, chunk_size=chunk_tokens,
-                                                   ignore_index=ignore_index, reduction="sum")
+    total = scaled_exp_linear_cross_entropy(x.reshape(-1, d), weight.to(x.dtype), t, chunk_size=chunk_tokens,
+                                            ignore_index=ignore_index, reduction="sum")
     return total / (t != ignore_index).sum().clamp_min(1)
 
 

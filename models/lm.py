@@ -107,8 +107,9 @@ class LM(nn.Module):
     """A causal language model built from a ``ModelConfig``."""
 
     #: Under "gemm", whether the head + loss run on quack's scaled-exp pipeline
-    #: (``kernels.gemm_epilogue.linear_cross_entropy_epilogue``) where it is usable, rather than ``kernels.fused``'s.
-    epilogue_loss = False
+    #: (``kernels.gemm_epilogue.linear_cross_entropy_epilogue``) where it is usable, rather than ``kernels.fused``'s:
+    #: on an H100, 2.8 ms faster alone at 131,072 tokens, lightning's training +0.5% and +1.2%, softmax's +0.7%.
+    epilogue_loss = True
 
     def __init__(self, config: ModelConfig, *, kernels: str = "torch"):
         super().__init__()

@@ -6,6 +6,7 @@ them only where usable. The GPU check of quack itself is docs/bench/gemm_epilogu
 
 from __future__ import annotations
 
+import sys
 from types import ModuleType, SimpleNamespace
 
 import pytest
@@ -229,7 +230,7 @@ def test_blocks_with_the_fused_tail_train_as_the_plain_lm(fake_quack, monkeypatc
 
 
 @pytest.mark.parametrize("tail", [False, True])
-def test_the_lm_on_epilogues_compiles_whole(fake_quack, monkeypatch, tail):
+def test_the_lm_on_epilogues_compiles_whole(fake_quack, fake_lce, monkeypatch, tail):
     # No graph break from the dispatch (the vmap check, the width check, the stacked weight) in any layer.
     monkeypatch.setattr(lm.Block, "fused_tail", tail)
     _, fused, idx = _lm_pair("hybrid")
@@ -237,10 +238,12 @@ def test_the_lm_on_epilogues_compiles_whole(fake_quack, monkeypatch, tail):
     monkeypatch.setattr(lm, "epilogues_usable", usable)
     monkeypatch.setattr(lt, "epilogues_usable", usable)
     monkeypatch.setattr(lt.Lightning, "backend", "torch")
+    monkeypatch.setattr(lm, "loss_usable", lambda x, w: True)  # the head + loss on quack's pipeline too
     torch._dynamo.reset()
     _, loss = torch.compile(fused, backend="aot_eager", fullgraph=True)(idx, idx)
     loss.backward()
     assert fake_quack["act"] > 0 and (fake_quack.get("norm_bwd", 0) > 0 if tail else fake_quack["dact"] > 0)
+    assert fake_lce[0] > 0
 
 
 def test_an_installed_quack_that_does_not_import_is_said_once(monkeypatch, caplog):
@@ -304,35 +307,50 @@ def test_an_unused_pre_activation_costs_the_backward_nothing(fake_quack, op):
     assert "aten.expand" in log.ops and not zeros & set(log.ops), log.ops  # (the sum's gradient is seen)
 
 
-def _fake_lce(calls):
+def _fake_lce_module() -> ModuleType:
     """quack's scaled-exp linear cross-entropy as fp32 math, with its contract: rows (M, d), the sum over the rows whose
-    target is not ignore_index, chunks a multiple of 128."""
+    target is not ignore_index, chunks a multiple of 128; its calls counted in ``calls``. One module for every test: a
+    compiled call keeps the module its import found (torch.compile binds it into the importing module's globals)."""
 
     def scaled_exp_linear_cross_entropy(x, weight, target, chunk_size, ignore_index, reduction):
         assert x.dim() == 2 and target.shape == x.shape[:1] and x.dtype == weight.dtype and not chunk_size % 128
         assert reduction == "sum"
-        calls["lce"] = calls.get("lce", 0) + 1
+        module.calls[0] += 1
         return F.cross_entropy((x.float() @ weight.float().T), target, ignore_index=ignore_index, reduction="sum")
 
-    return SimpleNamespace(scaled_exp_linear_cross_entropy=scaled_exp_linear_cross_entropy)
+    module = ModuleType("fake_quack_lce")
+    module.scaled_exp_linear_cross_entropy, module.calls = scaled_exp_linear_cross_entropy, [0]
+    return module
 
 
-def test_the_lm_takes_the_epilogue_loss_only_when_asked_and_usable(fake_quack, monkeypatch):
+_FAKE_LCE = _fake_lce_module()
+
+
+@pytest.fixture
+def fake_lce(monkeypatch):
+    """The stand-in above as quack.linear_cross_entropy, its call count reset; the count (a one-item list)."""
+    monkeypatch.setitem(sys.modules, "quack.linear_cross_entropy", _FAKE_LCE)
+    _FAKE_LCE.calls[0] = 0
+    return _FAKE_LCE.calls
+
+
+def test_the_lm_takes_the_epilogue_loss_only_when_asked_and_usable(fake_quack, fake_lce, monkeypatch):
     plain, fused, idx = _lm_pair("lightning")
     monkeypatch.setattr(lt.Lightning, "backend", "torch")
-    monkeypatch.setattr(ge, "_lce", lambda: _fake_lce(fake_quack))
     targets = idx.clone()
     targets[0, :3] = -100
     _, loss_ref = plain(idx, targets)
     g_ref = torch.autograd.grad(loss_ref, list(plain.parameters()))
+    assert lm.LM.epilogue_loss  # the default
     assert not ge.loss_usable(torch.zeros(2, 8, 32), plain.head.weight)  # on the CPU
     monkeypatch.setattr(lm, "loss_usable", lambda x, w: True)
+    monkeypatch.setattr(lm.LM, "epilogue_loss", False)
     fused(idx, targets)
-    assert "lce" not in fake_quack  # not asked for
+    assert fake_lce == [0]  # not asked for
     monkeypatch.setattr(lm.LM, "epilogue_loss", True)
     _, loss = fused(idx, targets)
     g = torch.autograd.grad(loss, list(fused.parameters()))
-    assert fake_quack["lce"] == 1
+    assert fake_lce == [1]
     torch.testing.assert_close(loss, loss_ref, atol=1e-5, rtol=1e-5)
     for (name, _), a, b in zip(plain.named_parameters(), g, g_ref):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
