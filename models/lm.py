@@ -9,9 +9,9 @@ with depth.
 
 ``kernels`` picks which parts of the shell run on the fused kernels of ``kernels.fused`` (``KERNELS``):
 "torch", none (plain modules, the reference); "loss", only the head + loss in training, fused on CUDA tensors and
-plain elsewhere; "gemm" (compiled training's default), the head + loss as "loss" does, and the SwiGLU MLP and
-lightning's q, k, v SiLU in the epilogues of their GEMMs where ``kernels.gemm_epilogue`` takes them (quack on a Hopper
-GPU); "auto", the RMSNorms and the SwiGLU gate as well, fused on CUDA; "triton", all of them fused even off CUDA
+plain elsewhere; "gemm" (compiled training's default), the head + loss, the SwiGLU MLP and lightning's q, k, v SiLU
+in the epilogues of quack's GEMMs where ``kernels.gemm_epilogue`` takes them (a Hopper GPU), the loss as "loss" does
+elsewhere; "auto", the RMSNorms and the SwiGLU gate as well, fused on CUDA; "triton", all of them fused even off CUDA
 (under TRITON_INTERPRET=1, for tests). A fused head + loss never materialises the logits in training. Parameters are
 the same either way.
 """
@@ -72,7 +72,7 @@ class Block(nn.Module):
 
     #: Under "gemm", whether the mixer's output projection, the residual add, the second norm and the MLP run as one op
     #: on the epilogue GEMMs (``kernels.gemm_epilogue.residual_norm_mlp``) where it is usable. Off: on an H100 the op
-    #: was 4% faster alone but training no faster (docs/bench/kernels.md); its revised form is not yet measured.
+    #: was 4% faster alone, lightning's training +0.1% to +1.2% (docs/bench/kernels.md), for 5 GiB more memory.
     fused_tail = False
 
     def __init__(self, config: ModelConfig, layer_idx: int, kernels: str = "torch"):
