@@ -230,6 +230,8 @@ def linear_silu(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 #: Tokens a chunk of the scaled-exp loss takes: on an H100 at 131,072 tokens its forward + backward took 34.72 ms in
 #: chunks of 4,096, 33.31 in 8,192 and 33.22 in 16,384, against 36.07 for kernels.fused's (docs/bench/kernels.md).
 LOSS_CHUNK_TOKENS = 8192
+#: Width of the logits GEMM's tiles, also the span of each row's offset k (None: quack's pick, 256 for V 32,000).
+LOSS_TILE_N = None
 
 
 @functools.cache
@@ -270,7 +272,7 @@ def linear_cross_entropy_epilogue(x: torch.Tensor, weight: torch.Tensor, targets
     t = targets.reshape(-1)
     # The sum, then the mean by hand: quack's own mean divides by the count unguarded (NaN for an all-ignored batch).
     total = scaled_exp_linear_cross_entropy(x.reshape(-1, d), weight.to(x.dtype), t, chunk_size=chunk_tokens,
-                                            ignore_index=ignore_index, reduction="sum")
+                                            ignore_index=ignore_index, reduction="sum", tile_n1=LOSS_TILE_N)
     return total / (t != ignore_index).sum().clamp_min(1)
 
 

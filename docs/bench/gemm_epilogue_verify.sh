@@ -73,3 +73,8 @@ step lq_soft_base 100 "${VARIANT[@]}" base softmax ro b64
 step lq_soft_qlce 100 "${VARIANT[@]}" qlce softmax ro b64 qlce
 step lq_both 100 "${VARIANT[@]}" both lightning ro b64 qlce tail
 step lce_energy 150 python docs/bench/lce_study.py energy
+step lce_tiles 150 python docs/bench/lce_study.py tiles
+step lt_base_1 100 "${VARIANT[@]}" base lightning ro b64
+step lt_128_1 100 "${VARIANT[@]}" lce128 lightning ro b64 lce128
+step lt_base_2 100 "${VARIANT[@]}" base lightning ro b64
+step lt_128_2 100 "${VARIANT[@]}" lce128 lightning ro b64 lce128

@@ -6,6 +6,7 @@ sums, so no row pass reads the logits; the gradient GEMMs scale them on load).
 
     python docs/bench/lce_study.py check    # loss, dx, dW against fp32 math, at 8,192 and 5,000 rows (ragged chunks)
     python docs/bench/lce_study.py time     # forward + backward as CUDA-graph replays, median ms of do_bench
+    python docs/bench/lce_study.py tiles    # the scaled-exp logits GEMM on tiles 128 wide (pingpong) against 256
     python docs/bench/lce_study.py energy   # the same loops sustained at the power cap: ms, W, J a call
 
 Needs quack-kernels and the CUTLASS DSL beside torch on a Hopper GPU (docs/bench/gemm_epilogue_verify.sh).
@@ -43,6 +44,20 @@ def _cases(chunks=(4096, 8192, 16384)):
                                                                                use_scaled_exp=False)
     for c in chunks:
         cases[f"quack scaled-exp {c}"] = lambda x, w, t, c=c: linear_cross_entropy_epilogue(x, w, t, chunk_tokens=c)
+    return cases
+
+
+def _tile_cases(chunks=(8192, 16384)):
+    """The scaled-exp pipeline with its logits GEMM on tiles 128 wide (pingpong) against quack's pick for V 32000
+    (256, cooperative): name -> fn(x, w, t)."""
+    from quack.linear_cross_entropy import scaled_exp_linear_cross_entropy as lce
+
+    cases = {}
+    for c in chunks:
+        for n1 in (256, 128):
+            cases[f"quack scaled-exp {c} tile_n1 {n1}"] = (
+                lambda x, w, t, c=c, n1=n1: lce(x, w, t, chunk_size=c, reduction="sum", tile_n1=n1)
+                / (t != -100).sum())
     return cases
 
 
@@ -97,6 +112,26 @@ def time() -> None:
         print("TIME", json.dumps({"case": name, "tokens": M, "ms": round(ms, 3)}), flush=True)
 
 
+def tiles() -> None:
+    """The scaled-exp pipeline's logits GEMM on 128-wide tiles against 256: checked against fp32 math at 8,192 rows,
+    then timed as time() does."""
+    from triton.testing import do_bench
+
+    x, w, t = _inputs(8192)
+    xf, wf = x.detach().float().requires_grad_(), w.detach().float().requires_grad_()
+    ref = torch.nn.functional.cross_entropy(xf @ wf.T, t, ignore_index=-100)
+    rdx, rdw = torch.autograd.grad(ref, (xf, wf))
+    for name, fn in _tile_cases(chunks=(4096,)).items():
+        loss = fn(x, w, t)
+        dx, dw = torch.autograd.grad(loss, (x, w))
+        print("CHECK", json.dumps({"case": name, "loss": round(abs(loss.item() - ref.item()) / ref.item(), 7),
+                                   "dx": round(_rel(dx, rdx), 5), "dw": round(_rel(dw, rdw), 5)}), flush=True)
+    x, w, t = _inputs(M)
+    for name, fn in _tile_cases().items():
+        ms = do_bench(_graphed(fn, x, w, t), warmup=25, rep=200)
+        print("TIME", json.dumps({"case": name, "tokens": M, "ms": round(ms, 3)}), flush=True)
+
+
 def energy(seconds: float = 8.0) -> None:
     """Ours against the scaled-exp pipeline at chunks of 4,096 and 8,192, looped at the power cap."""
     from gemm_epilogue_study import _sustained  # beside this script
@@ -107,7 +142,7 @@ def energy(seconds: float = 8.0) -> None:
 
 
 if __name__ == "__main__":
-    modes = {"check": check, "time": time, "energy": energy}
+    modes = {"check": check, "time": time, "tiles": tiles, "energy": energy}
     if len(sys.argv) != 2 or sys.argv[1] not in modes:
         sys.exit(f"usage: python docs/bench/lce_study.py {'|'.join(modes)}")
     modes[sys.argv[1]]()

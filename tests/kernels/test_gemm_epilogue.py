@@ -312,7 +312,8 @@ def _fake_lce_module() -> ModuleType:
     target is not ignore_index, chunks a multiple of 128; its calls counted in ``calls``. One module for every test: a
     compiled call keeps the module its import found (torch.compile binds it into the importing module's globals)."""
 
-    def scaled_exp_linear_cross_entropy(x, weight, target, chunk_size, ignore_index, reduction):
+    def scaled_exp_linear_cross_entropy(x, weight, target, chunk_size, ignore_index, reduction, tile_n1):
+        assert tile_n1 is None or not weight.shape[0] % tile_n1
         assert x.dim() == 2 and target.shape == x.shape[:1] and x.dtype == weight.dtype and not chunk_size % 128
         assert reduction == "sum"
         module.calls[0] += 1
