@@ -145,7 +145,9 @@ class LM(nn.Module):
         if last_only:
             x = x[:, -1:]
         x = _norm(self.norm_f, x, self.shell)
-        if targets is not None and self.kernels == "gemm" and self.epilogue_loss and loss_usable(x, self.head.weight):
+        # Training only: quack's loss-only path (no gradient) is not measured here, so evaluation keeps kernels.fused's.
+        if (targets is not None and self.kernels == "gemm" and self.epilogue_loss and torch.is_grad_enabled()
+                and loss_usable(x, self.head.weight)):
             return None, linear_cross_entropy_epilogue(x, self.head.weight, targets, ignore_index=-100)
         if targets is not None and self.kernels != "torch":
             backend = self.kernels if self.kernels in ("auto", "triton") else "auto"

@@ -355,6 +355,10 @@ def test_the_lm_takes_the_epilogue_loss_only_when_asked_and_usable(fake_quack, f
     torch.testing.assert_close(loss, loss_ref, atol=1e-5, rtol=1e-5)
     for (name, _), a, b in zip(plain.named_parameters(), g, g_ref):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
+    with torch.no_grad():  # evaluation keeps kernels.fused's loss
+        _, loss_eval = fused(idx, targets)
+    assert fake_lce == [1]
+    torch.testing.assert_close(loss_eval, loss_ref.detach(), atol=1e-5, rtol=1e-5)
     # Every target ignored: a zero loss and zero gradients, where quack's own mean would divide by zero.
     _, loss = fused(idx, torch.full_like(idx, -100))
     assert loss.item() == 0.0
