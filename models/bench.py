@@ -176,7 +176,8 @@ def bench_train(spec: BenchSpec, *, compile: bool | str = False, microbatch: int
     steps (``ClockSampler``; Nones where nvidia-smi cannot tell)."""
     import torch
 
-    from kernels.gemm_epilogue import epilogues_ready
+    from kernels.gemm_epilogue import epilogues_ready, loss_ready
+    from models.lm import LM
     from models.mixers.softmax import attention_backend
     from models.train import default_kernels, pretrain
 
@@ -222,7 +223,10 @@ def bench_train(spec: BenchSpec, *, compile: bool | str = False, microbatch: int
         "attention": attention_backend(device, head_dim=cfg.head_dim) if "S" in cfg.layer_kinds else None,
         "kernels": kernels,
         # Whether the MLP (and lightning's q, k, v SiLU) ran in GEMM epilogues: "gemm" kernels with quack usable.
-        "epilogues": kernels == "gemm" and device.startswith("cuda") and epilogues_ready(torch.device(device)),
+        "epilogues": (epilogues := kernels == "gemm" and device.startswith("cuda")
+                      and epilogues_ready(torch.device(device))),
+        # Whether the head + loss ran on quack's scaled-exp pipeline (models.lm.LM.epilogue_loss) too.
+        "epilogue_loss": bool(epilogues and LM.epilogue_loss and loss_ready(torch.device(device), spec.vocab_size)),
         "device": torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu",
     }
 

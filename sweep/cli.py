@@ -1270,6 +1270,7 @@ def bench_train_cmd(
         shape = f"d {spec.d_model} x {spec.n_layers} layers, vocab {spec.vocab_size}"  # what --params resolved to
         attention = f", softmax attention on {r['attention'].upper()}" if r["attention"] else ""
         epilogues = ", MLP in quack's GEMM epilogues" if r["epilogues"] else ""
+        epilogues += " and the loss on its scaled-exp pipeline" if r["epilogue_loss"] else ""
         out.print(f"{a} T={t} ({shape}): {r['tokens_per_s']:,.0f} tokens/s{mfu}{gpu}{attention}{epilogues}")
     frame = pd.DataFrame(rows)
     if out_csv:

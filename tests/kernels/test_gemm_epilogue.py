@@ -363,3 +363,13 @@ def test_the_lm_takes_the_epilogue_loss_only_when_asked_and_usable(fake_quack, f
     _, loss = fused(idx, torch.full_like(idx, -100))
     assert loss.item() == 0.0
     assert all(not g.any() for g in torch.autograd.grad(loss, [fused.head.weight]))
+
+
+def test_the_loss_is_said_ready_only_with_quack_on_a_hopper_gpu_and_a_vocab_its_tiles_divide(monkeypatch):
+    cuda = torch.device("cuda", 0)
+    assert not ge.loss_ready(torch.device("cpu"), 32000)
+    monkeypatch.setattr(ge, "epilogues_ready", lambda device: True)
+    monkeypatch.setattr(ge, "_lce_ready", lambda: True)
+    assert ge.loss_ready(cuda, 32000) and not ge.loss_ready(cuda, 32001)
+    monkeypatch.setattr(ge, "_lce_ready", lambda: False)
+    assert not ge.loss_ready(cuda, 32000)

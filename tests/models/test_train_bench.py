@@ -27,6 +27,7 @@ def test_bench_train_takes_named_kernels_and_runs_gemm_unfused_off_a_hopper_gpu(
     spec = bench_spec("lightning", "30K", seq_len=32, batch_size=2, steps=3, vocab=260)
     result = bench_train(spec, device="cpu", kernels="gemm")
     assert result["kernels"] == "gemm" and result["epilogues"] is False and result["final_loss"] > 0
+    assert result["epilogue_loss"] is False
     fused = bench_train(spec, device="cpu", fused=True)
     assert fused["kernels"] == "auto" and fused["fused"] is True and result["fused"] is False
     with pytest.raises(ValueError, match="--fused runs the auto kernels"):
