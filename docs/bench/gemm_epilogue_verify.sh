@@ -78,3 +78,12 @@ step lt_base_1 100 "${VARIANT[@]}" base lightning ro b64
 step lt_128_1 100 "${VARIANT[@]}" lce128 lightning ro b64 lce128
 step lt_base_2 100 "${VARIANT[@]}" base lightning ro b64
 step lt_128_2 100 "${VARIANT[@]}" lce128 lightning ro b64 lce128
+# Lightning's q, k, v SiLU with its derivative kept and applied as its backward's GEMMs load the output's gradient
+# (quack A-operand transforms; kernels.gemm_epilogue.SILU_DERIVATIVE_IN_GEMMS, opt-in): checked, timed alone, trained.
+step dsilu 150 python docs/bench/gemm_epilogue_study.py dsilu
+step ds_base_1 100 "${VARIANT[@]}" base lightning ro b64
+step ds_dsilu_1 100 "${VARIANT[@]}" dsilu lightning ro b64 dsilu
+step ds_base_2 100 "${VARIANT[@]}" base lightning ro b64
+step ds_dsilu_2 100 "${VARIANT[@]}" dsilu lightning ro b64 dsilu
+step lt_base_3 100 "${VARIANT[@]}" base lightning ro b64
+step lt_128_3 100 "${VARIANT[@]}" lce128 lightning ro b64 lce128
