@@ -65,19 +65,24 @@ def _rel(a, b):
     return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
 
 
+def _check(cases: dict, rows: int) -> None:
+    """Each case's loss and gradients against fp32 math on the same bf16 inputs of `rows` rows."""
+    x, w, t = _inputs(rows)
+    xf, wf = x.detach().float().requires_grad_(), w.detach().float().requires_grad_()
+    ref = torch.nn.functional.cross_entropy(xf @ wf.T, t, ignore_index=-100)
+    rdx, rdw = torch.autograd.grad(ref, (xf, wf))
+    for name, fn in cases.items():
+        loss = fn(x, w, t)
+        dx, dw = torch.autograd.grad(loss, (x, w))
+        row = {"case": name, "rows": rows, "loss": round(abs(loss.item() - ref.item()) / ref.item(), 7),
+               "dx": round(_rel(dx, rdx), 5), "dw": round(_rel(dw, rdw), 5)}
+        print("CHECK", json.dumps(row), flush=True)
+
+
 def check() -> None:
-    """Each pipeline's loss and gradients against fp32 math on the same bf16 inputs."""
-    for m in (8192, 5000):
-        x, w, t = _inputs(m)
-        xf, wf = x.detach().float().requires_grad_(), w.detach().float().requires_grad_()
-        ref = torch.nn.functional.cross_entropy(xf @ wf.T, t, ignore_index=-100)
-        rdx, rdw = torch.autograd.grad(ref, (xf, wf))
-        for name, fn in _cases(chunks=(4096,)).items():
-            loss = fn(x, w, t)
-            dx, dw = torch.autograd.grad(loss, (x, w))
-            row = {"case": name, "rows": m, "loss": round(abs(loss.item() - ref.item()) / ref.item(), 7),
-                   "dx": round(_rel(dx, rdx), 5), "dw": round(_rel(dw, rdw), 5)}
-            print("CHECK", json.dumps(row), flush=True)
+    """Each pipeline's loss and gradients against fp32 math, at 8,192 rows and at 5,000 (a ragged last chunk)."""
+    for rows in (8192, 5000):
+        _check(_cases(chunks=(4096,)), rows)
 
 
 def _graphed(fn, x, w, t):
@@ -98,12 +103,12 @@ def _graphed(fn, x, w, t):
     return graph.replay
 
 
-def time() -> None:
-    """Forward + backward of the head and loss, as graph replays, median ms of do_bench."""
+def _time(cases: dict) -> None:
+    """Each case's forward + backward at M tokens as graph replays, median ms of do_bench."""
     from triton.testing import do_bench
 
     x, w, t = _inputs(M)
-    for name, fn in _cases().items():
+    for name, fn in cases.items():
         try:
             ms = do_bench(_graphed(fn, x, w, t), warmup=25, rep=200)
         except Exception as exc:  # one pipeline failing to build or capture must not hide the others' times
@@ -112,24 +117,15 @@ def time() -> None:
         print("TIME", json.dumps({"case": name, "tokens": M, "ms": round(ms, 3)}), flush=True)
 
 
-def tiles() -> None:
-    """The scaled-exp pipeline's logits GEMM on 128-wide tiles against 256: checked against fp32 math at 8,192 rows,
-    then timed as time() does."""
-    from triton.testing import do_bench
+def time() -> None:
+    """Forward + backward of the head and loss on each pipeline."""
+    _time(_cases())
 
-    x, w, t = _inputs(8192)
-    xf, wf = x.detach().float().requires_grad_(), w.detach().float().requires_grad_()
-    ref = torch.nn.functional.cross_entropy(xf @ wf.T, t, ignore_index=-100)
-    rdx, rdw = torch.autograd.grad(ref, (xf, wf))
-    for name, fn in _tile_cases(chunks=(4096,)).items():
-        loss = fn(x, w, t)
-        dx, dw = torch.autograd.grad(loss, (x, w))
-        print("CHECK", json.dumps({"case": name, "loss": round(abs(loss.item() - ref.item()) / ref.item(), 7),
-                                   "dx": round(_rel(dx, rdx), 5), "dw": round(_rel(dw, rdw), 5)}), flush=True)
-    x, w, t = _inputs(M)
-    for name, fn in _tile_cases().items():
-        ms = do_bench(_graphed(fn, x, w, t), warmup=25, rep=200)
-        print("TIME", json.dumps({"case": name, "tokens": M, "ms": round(ms, 3)}), flush=True)
+
+def tiles() -> None:
+    """The scaled-exp pipeline's logits GEMM on 128-wide tiles against 256: checked, then timed."""
+    _check(_tile_cases(chunks=(4096,)), 8192)
+    _time(_tile_cases())
 
 
 def energy(seconds: float = 8.0) -> None:
