@@ -50,12 +50,13 @@ step eager_gemm 150 "${EAGER[@]}" --arch lightning --arch softmax --kernels gemm
 step tail_check 150 python docs/bench/gemm_epilogue_study.py tail_check
 step tail_time 150 python docs/bench/gemm_epilogue_study.py tail_time
 VARIANT=(python docs/bench/train_study.py variant)
-step light_base_1 100 "${VARIANT[@]}" base lightning ro b64
-step light_tail_1 100 "${VARIANT[@]}" tail lightning ro b64 tail
-step light_base_2 100 "${VARIANT[@]}" base lightning ro b64
-step light_tail_2 100 "${VARIANT[@]}" tail lightning ro b64 tail
-step soft_base_1 100 "${VARIANT[@]}" base softmax ro b64
-step soft_tail_1 100 "${VARIANT[@]}" tail softmax ro b64 tail
+pair() {  # pair PREFIX LABEL I ARCH OPTION: steps PREFIX_base_I then PREFIX_LABEL_I, ARCH's run without then with OPTION
+  step "${1}_base_$3" 100 "${VARIANT[@]}" base "$4" ro b64
+  step "${1}_${2}_$3" 100 "${VARIANT[@]}" "$5" "$4" ro b64 "$5"
+}
+pair light tail 1 lightning tail
+pair light tail 2 lightning tail
+pair soft tail 1 softmax tail
 step tail_prof 120 "${VARIANT[@]}" ptail lightning ro b64 tail prof
 step tail_energy 200 python docs/bench/gemm_epilogue_study.py tail_energy
 step plain_energy 400 python docs/bench/gemm_epilogue_study.py plain_energy
@@ -65,25 +66,18 @@ step tail_tiles 400 env QUACK_CACHE_DIR="$out/quack_cache" python docs/bench/gem
 # training (train_study.py's option qlce sets models.lm.LM.epilogue_loss), alternated with runs without it.
 step lce_check 100 python docs/bench/lce_study.py check
 step lce_time 150 python docs/bench/lce_study.py time
-step lq_base_1 100 "${VARIANT[@]}" base lightning ro b64
-step lq_qlce_1 100 "${VARIANT[@]}" qlce lightning ro b64 qlce
-step lq_base_2 100 "${VARIANT[@]}" base lightning ro b64
-step lq_qlce_2 100 "${VARIANT[@]}" qlce lightning ro b64 qlce
+pair lq qlce 1 lightning qlce
+pair lq qlce 2 lightning qlce
 step lq_soft_base 100 "${VARIANT[@]}" base softmax ro b64
 step lq_soft_qlce 100 "${VARIANT[@]}" qlce softmax ro b64 qlce
 step lq_both 100 "${VARIANT[@]}" both lightning ro b64 qlce tail
 step lce_energy 150 python docs/bench/lce_study.py energy
 step lce_tiles 150 python docs/bench/lce_study.py tiles
-step lt_base_1 100 "${VARIANT[@]}" base lightning ro b64
-step lt_128_1 100 "${VARIANT[@]}" lce128 lightning ro b64 lce128
-step lt_base_2 100 "${VARIANT[@]}" base lightning ro b64
-step lt_128_2 100 "${VARIANT[@]}" lce128 lightning ro b64 lce128
+pair lt 128 1 lightning lce128
+pair lt 128 2 lightning lce128
 # Lightning's q, k, v SiLU with its derivative kept and applied as its backward's GEMMs load the output's gradient
 # (quack A-operand transforms; kernels.gemm_epilogue.SILU_DERIVATIVE_IN_GEMMS, opt-in): checked, timed alone, trained.
 step dsilu 150 python docs/bench/gemm_epilogue_study.py dsilu
-step ds_base_1 100 "${VARIANT[@]}" base lightning ro b64
-step ds_dsilu_1 100 "${VARIANT[@]}" dsilu lightning ro b64 dsilu
-step ds_base_2 100 "${VARIANT[@]}" base lightning ro b64
-step ds_dsilu_2 100 "${VARIANT[@]}" dsilu lightning ro b64 dsilu
-step lt_base_3 100 "${VARIANT[@]}" base lightning ro b64
-step lt_128_3 100 "${VARIANT[@]}" lce128 lightning ro b64 lce128
+pair ds dsilu 1 lightning dsilu
+pair ds dsilu 2 lightning dsilu
+pair lt 128 3 lightning lce128
