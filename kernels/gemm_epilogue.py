@@ -309,18 +309,23 @@ def _lce_ready() -> bool:
     return _lce() is not None
 
 
+def _loss_fits(vocab: int) -> bool:
+    """Whether quack's pipeline imports and takes ``vocab`` classes (its tiles over the vocabulary are 128 wide)."""
+    return not vocab % 128 and _lce_ready()
+
+
 def loss_ready(device: torch.device, vocab: int) -> bool:
     """Whether training's head + loss over ``vocab`` classes runs on quack's pipeline on this device (as
     ``loss_usable`` decides for a bf16 input there)."""
-    return epilogues_ready(device) and not vocab % 128 and _lce_ready()
+    return epilogues_ready(device) and _loss_fits(vocab)
 
 
 def loss_usable(x: torch.Tensor, weight: torch.Tensor, chunk_tokens: int = LOSS_CHUNK_TOKENS) -> bool:
     """Whether ``linear_cross_entropy_epilogue`` takes x (..., d) and the head's weight (V, d): x bf16 (the autocast
     dtype) on a Hopper GPU with quack installed, V a multiple of 128, d of 16, chunks of a multiple of 128 tokens."""
-    vocab, d = weight.shape
-    return (x.dtype == torch.bfloat16 and not vocab % 128 and not chunk_tokens % 128 and epilogues_usable(x, vocab)
-            and _lce_ready())
+    vocab = weight.shape[0]
+    return (x.dtype == torch.bfloat16 and not chunk_tokens % 128 and epilogues_usable(x, vocab)
+            and _loss_fits(vocab))
 
 
 def linear_cross_entropy_epilogue(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,

@@ -13,6 +13,7 @@ gradient. quack ships A-operand values per row and k-tile, or per row block and 
 (``ElementKind``), read from an (M, K) tensor of A's own layout or from its transpose.
 """
 
+import cutlass.cute as cute
 import torch
 from quack.activation import dswiglu, sigmoid
 from quack.epilogue.frontend import gemm_epilogue
@@ -74,8 +75,6 @@ class ElementKind(StripKind):
         return value.view(m // tile_m, tile_m, k // tile_k, tile_k).permute(3, 1, 0, 2).unsqueeze(-1)
 
     def host_fake(self, a_dtype, tile_m, tile_k):
-        import cutlass.cute as cute
-
         gm, rk = cute.sym_int(), cute.sym_int()
         stride = (1, cute.sym_int64(divisibility=8), cute.sym_int64(divisibility=8), tile_k, 1)
         return cute.runtime.make_fake_tensor(a_dtype, (tile_k, tile_m, gm, rk, 1), stride=stride, assumed_align=16)
