@@ -39,6 +39,15 @@ def _weights(f, dtype=torch.float32):
     return [(torch.randn(*s, device="cuda", generator=g) * 0.02).to(dtype).requires_grad_() for s in shapes]
 
 
+def _fwd_bwd(fn, *args, dy):
+    """A call of fn(*args) under bf16 autocast and its backward from dy, for do_bench and the sustained loops."""
+    def run():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            y = fn(*args)
+        y.backward(dy)
+    return run
+
+
 def _rel(a, b):
     return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
 
@@ -86,14 +95,6 @@ def time() -> None:
 
     torch.manual_seed(0)
     x = torch.randn(M, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-
-    def fwd_bwd(fn, *args, dy):
-        def run():
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                y = fn(*args)
-            y.backward(dy)
-        return run
-
     rows = []
     for f in (1792, 2048):
         ws = _weights(f)
@@ -101,7 +102,7 @@ def time() -> None:
         cases = {"plain compiled": torch.compile(swiglu_mlp_reference), "fused": swiglu_mlp,
                  "fused compiled": torch.compile(swiglu_mlp)}
         for name, fn in cases.items():
-            ms = do_bench(fwd_bwd(fn, x, *ws, dy=dy), warmup=50, rep=300)
+            ms = do_bench(_fwd_bwd(fn, x, *ws, dy=dy), warmup=50, rep=300)
             rows.append({"op": f"mlp F={f}", "case": name, "ms": round(ms, 3)})
             print("TIME", json.dumps(rows[-1]), flush=True)
     w = (torch.randn(3 * D, D, device="cuda") * 0.02).requires_grad_()
@@ -109,7 +110,7 @@ def time() -> None:
     cases = {"plain compiled": torch.compile(lambda x, w: F.silu(F.linear(x, w))), "fused": linear_silu,
              "fused compiled": torch.compile(linear_silu)}
     for name, fn in cases.items():
-        ms = do_bench(fwd_bwd(fn, x, w, dy=dq), warmup=50, rep=300)
+        ms = do_bench(_fwd_bwd(fn, x, w, dy=dq), warmup=50, rep=300)
         rows.append({"op": "qkv silu", "case": name, "ms": round(ms, 3)})
         print("TIME", json.dumps(rows[-1]), flush=True)
 
@@ -138,14 +139,7 @@ def dsilu() -> None:
     for derivative in (False, True, False, True):
         ge.SILU_DERIVATIVE_IN_GEMMS = derivative
         torch._dynamo.reset()
-        fn = torch.compile(linear_silu)
-
-        def run():
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                y = fn(x, w)
-            y.backward(dq)
-
-        ms = do_bench(run, warmup=50, rep=300)
+        ms = do_bench(_fwd_bwd(torch.compile(linear_silu), x, w, dy=dq), warmup=50, rep=300)
         print("TIME", json.dumps({"op": "qkv silu", "derivative in GEMMs": derivative, "ms": round(ms, 3)}), flush=True)
 
 
@@ -283,11 +277,7 @@ def tail_time() -> None:
     cases = {"plain compiled": torch.compile(_tail_plain), "gemm compiled": torch.compile(_tail_gemm),
              "tail": _tail_fused, "tail compiled": torch.compile(_tail_fused)}
     for name, fn in cases.items():
-        def run():
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                out = fn(*inputs)
-            out.backward(dy)
-        ms = do_bench(run, warmup=50, rep=300)
+        ms = do_bench(_fwd_bwd(fn, *inputs, dy=dy), warmup=50, rep=300)
         print("TIME", json.dumps({"op": "block tail F=1792", "case": name, "ms": round(ms, 3)}), flush=True)
 
 
@@ -332,16 +322,8 @@ def tail_energy(seconds: float = 10.0) -> None:
     energy a call saves no time in training."""
     inputs = _tail_inputs(M, 1792)
     dy = torch.randn(M, D, device="cuda", dtype=torch.bfloat16)
-
-    def step(fn):
-        def run():
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                out = fn(*inputs)
-            out.backward(dy)
-        return run
-
-    _sustained({"gemm compiled": step(torch.compile(_tail_gemm)), "tail compiled": step(torch.compile(_tail_fused))},
-               seconds, label="block tail F=1792")
+    cases = {"gemm compiled": torch.compile(_tail_gemm), "tail compiled": torch.compile(_tail_fused)}
+    _sustained({name: _fwd_bwd(fn, *inputs, dy=dy) for name, fn in cases.items()}, seconds, label="block tail F=1792")
 
 
 def plain_energy(seconds: float = 4.0) -> None:
