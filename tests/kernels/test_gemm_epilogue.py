@@ -216,6 +216,13 @@ def _lm_pair(arch):
     return plain, fused, idx
 
 
+def _assert_same_step(plain, got, ref):
+    """The (loss, parameter gradients) pair got matches ref's, each gradient named by plain's parameter."""
+    torch.testing.assert_close(got[0], ref[0], atol=1e-5, rtol=1e-5)
+    for (name, _), a, b in zip(plain.named_parameters(), got[1], ref[1], strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
+
+
 @pytest.mark.parametrize("arch", ["lightning", "softmax"])
 def test_lm_takes_the_epilogues_only_where_usable(fake_quack, monkeypatch, arch):
     plain, fused, idx = _lm_pair(arch)
@@ -234,9 +241,7 @@ def test_lm_takes_the_epilogues_only_where_usable(fake_quack, monkeypatch, arch)
     silu_calls = layers if arch == "lightning" else 0
     assert fake_quack == {"act": layers + silu_calls, "dact": layers}
     assert usable.count((mlp_hidden,)) == layers and usable.count((96,)) == silu_calls
-    torch.testing.assert_close(loss, loss_ref, atol=1e-5, rtol=1e-5)
-    for (name, _), a, b in zip(plain.named_parameters(), g, g_ref):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
+    _assert_same_step(plain, (loss, g), (loss_ref, g_ref))
 
 
 @pytest.mark.parametrize("arch", ["lightning", "softmax"])
@@ -252,9 +257,7 @@ def test_blocks_with_the_fused_tail_train_as_the_plain_lm(fake_quack, monkeypatc
     g = torch.autograd.grad(loss, list(fused.parameters()))
     layers = plain.config.n_layers
     assert fake_quack["residual"] == fake_quack["norm_bwd"] == layers and fake_quack["dact"] == 0
-    torch.testing.assert_close(loss, loss_ref, atol=1e-5, rtol=1e-5)
-    for (name, _), a, b in zip(plain.named_parameters(), g, g_ref):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
+    _assert_same_step(plain, (loss, g), (loss_ref, g_ref))
 
 
 @pytest.mark.parametrize("tail", [False, True])
@@ -380,9 +383,7 @@ def test_the_lm_takes_the_epilogue_loss_only_when_asked_and_usable(fake_quack, f
     _, loss = fused(idx, targets)
     g = torch.autograd.grad(loss, list(fused.parameters()))
     assert fake_lce == [1]
-    torch.testing.assert_close(loss, loss_ref, atol=1e-5, rtol=1e-5)
-    for (name, _), a, b in zip(plain.named_parameters(), g, g_ref):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
+    _assert_same_step(plain, (loss, g), (loss_ref, g_ref))
     with torch.no_grad():  # evaluation keeps kernels.fused's loss
         _, loss_eval = fused(idx, targets)
     assert fake_lce == [1]
