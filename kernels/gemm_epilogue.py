@@ -214,65 +214,10 @@ def _silu_op_backward(ctx, dpre, dpost):
 linear_silu_op.register_autograd(_silu_op_backward, setup_context=_silu_save)
 
 
-# The same function with SiLU's derivative kept instead of the pre-activation (opt-in, SILU_DERIVATIVE_IN_GEMMS): the
-# forward's epilogue writes it beside the SiLU, and the backward's GEMMs multiply the output's gradient by it as they
-# load it (kernels.quack_epilogues.dsilu_backward), so that no pass reads the pre-activation and the output's gradient
-# to write the pre-activation's: 7.1 ms of the 135M lightning step on an H100 (docs/bench/kernels.md). Built for sm_90a
-# without a GPU; not yet run on one.
-
-#: Whether ``linear_silu`` keeps SiLU's derivative and applies it in its backward's GEMMs (see above).
-SILU_DERIVATIVE_IN_GEMMS = False
-
-
-@torch.library.custom_op("slab::linear_silu_dsilu", mutates_args=())
-def linear_silu_dsilu_op(x: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """SiLU's derivative at ``x w^T`` and its SiLU (M, N) for x (M, d), w (N, d), from one GEMM."""
-    out = _library().silu_dsilu_epi(x, w.T, tuned=False, config=_config("silu"))
-    return out["D"], out["postact"]
-
-
-@linear_silu_dsilu_op.register_fake
-def _(x, w):
-    return x.new_empty(x.shape[0], w.shape[0]), x.new_empty(x.shape[0], w.shape[0])
-
-
-@torch.library.custom_op("slab::linear_silu_dsilu_backward", mutates_args=())
-def linear_silu_dsilu_backward_op(x: torch.Tensor, w: torch.Tensor, dsilu: torch.Tensor,
-                                  dpost: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """dx, dw of ``linear_silu_dsilu_op`` for the SiLU's gradient dpost (M, N)."""
-    return _library().dsilu_backward(dpost, dsilu, x, w)
-
-
-@linear_silu_dsilu_backward_op.register_fake
-def _(x, w, dsilu, dpost):
-    return torch.empty_like(x), torch.empty_like(w)
-
-
-def _dsilu_save(ctx, inputs, output):
-    ctx.save_for_backward(*inputs, output[0])
-    ctx.mark_non_differentiable(output[0])  # the backward's own read, not a result
-    ctx.set_materialize_grads(False)
-
-
-def _dsilu_op_backward(ctx, _ddsilu, dpost):
-    x, w, dsilu = ctx.saved_tensors
-    if dpost is None:
-        return torch.zeros_like(x), torch.zeros_like(w)
-    return linear_silu_dsilu_backward_op(x, w, dsilu, dpost.contiguous())
-
-
-linear_silu_dsilu_op.register_autograd(_dsilu_op_backward, setup_context=_dsilu_save)
-
-
 def linear_silu(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """``F.silu(F.linear(x, w))`` over x (..., d) on one epilogue GEMM, in x's dtype (callers check
     ``epilogues_usable`` first)."""
-    rows = x.numel() // x.shape[-1]
-    # The derivative's per-element operand is read a whole tile at a time (128 rows or columns, 64 deep, clusters of
-    # two): taken where rows and width are whole pairs of tiles, the current op elsewhere.
-    fits = SILU_DERIVATIVE_IN_GEMMS and not rows % 256 and not w.shape[0] % 256
-    op = linear_silu_dsilu_op if fits else linear_silu_op
-    _, post = op(x.reshape(-1, x.shape[-1]).contiguous(), w.to(x.dtype))
+    _, post = linear_silu_op(x.reshape(-1, x.shape[-1]).contiguous(), w.to(x.dtype))
     return post.view(*x.shape[:-1], w.shape[0])
 
 
@@ -285,8 +230,10 @@ def linear_silu(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 #: Tokens a chunk of the scaled-exp loss takes: on an H100 at 131,072 tokens its forward + backward took 34.72 ms in
 #: chunks of 4,096, 33.31 in 8,192 and 33.22 in 16,384, against 36.07 for kernels.fused's (docs/bench/kernels.md).
 LOSS_CHUNK_TOKENS = 8192
-#: Width of the logits GEMM's tiles, also the span of each row's offset k (None: quack's pick, 256 for V 32,000).
-LOSS_TILE_N = None
+#: Width of the logits GEMM's tiles, also the span of each row's offset k (None: quack's pick, 256 for V 32,000). 128
+#: won all five alternated training pairs on H100s (+0.4% to +1.5% for lightning, docs/bench/kernels.md) at no memory
+#: cost; V is a multiple of 128 wherever this loss runs (loss_usable).
+LOSS_TILE_N = 128
 
 
 @functools.cache

@@ -3,7 +3,6 @@ the plain modules as training compiles them, at the 135M model's shapes (issue 8
 
     python docs/bench/gemm_epilogue_study.py check   # outputs and gradients against fp32 math, next to plain bf16's
     python docs/bench/gemm_epilogue_study.py time    # forward + backward of one layer's MLP and q, k, v (do_bench)
-    python docs/bench/gemm_epilogue_study.py dsilu   # q, k, v SiLU's derivative applied in its backward GEMMs: check, time
     python docs/bench/gemm_epilogue_study.py tiles   # each epilogue GEMM, default config and autotuned, vs cuBLAS's mm
     python docs/bench/gemm_epilogue_study.py plain   # the GEMMs left on cuBLAS against quack's autotuned plain GEMM
     python docs/bench/gemm_epilogue_study.py residual   # the residual add in cuBLAS's addmm vs inductor's add + norm
@@ -113,34 +112,6 @@ def time() -> None:
         ms = do_bench(_fwd_bwd(fn, x, w, dy=dq), warmup=50, rep=300)
         rows.append({"op": "qkv silu", "case": name, "ms": round(ms, 3)})
         print("TIME", json.dumps(rows[-1]), flush=True)
-
-
-def dsilu() -> None:
-    """Lightning's q, k, v SiLU with its derivative kept and applied in the backward's GEMMs (SILU_DERIVATIVE_IN_GEMMS)
-    against the current op (pre-activation kept, aten's SiLU backward, cuBLAS): both checked against fp32 math, then
-    timed, forward + backward at M tokens, compiled, median ms of do_bench."""
-    import kernels.gemm_epilogue as ge
-    from triton.testing import do_bench
-
-    torch.manual_seed(0)
-    worst = 0.0
-    for derivative in (False, True):
-        ge.SILU_DERIVATIVE_IN_GEMMS = derivative
-        for m in (4096, 1024):
-            x = torch.randn(m, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-            w = (torch.randn(3 * D, D, device="cuda") * 0.02).requires_grad_()
-            dq = torch.randn(m, 3 * D, device="cuda", dtype=torch.bfloat16)
-            worst = max(worst, _compare("linear_silu", linear_silu, lambda x, w: F.silu(F.linear(x, w)), (x, w), dq,
-                                        ("dx", "dw"), M=m, derivative=derivative))
-    print(f"CHECK worst fused/plain error ratio {worst:.2f}: {'ok' if worst < 2 else 'LARGER THAN PLAIN'}", flush=True)
-    x = torch.randn(M, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    w = (torch.randn(3 * D, D, device="cuda") * 0.02).requires_grad_()
-    dq = torch.randn(M, 3 * D, device="cuda", dtype=torch.bfloat16)
-    for derivative in (False, True, False, True):
-        ge.SILU_DERIVATIVE_IN_GEMMS = derivative
-        torch._dynamo.reset()
-        ms = do_bench(_fwd_bwd(torch.compile(linear_silu), x, w, dy=dq), warmup=50, rep=300)
-        print("TIME", json.dumps({"op": "qkv silu", "derivative in GEMMs": derivative, "ms": round(ms, 3)}), flush=True)
 
 
 def tiles() -> None:
@@ -431,16 +402,6 @@ def trace() -> None:
         "norm_bwd": lambda: lib.rms_bwd_apply_epi(pre, w13, x, y=y, w=wn, corr=corr, tuned=False,
                                                   config=_config("norm_bwd")),
     }
-    # q, k, v SiLU's derivative kept (SILU_DERIVATIVE_IN_GEMMS): its forward epilogue and the two transformed GEMMs of
-    # its backward (dsilu_backward's), at a row count its per-element operand's tiles divide.
-    x2, wqkv, dq = (torch.randn(*s, dtype=torch.bfloat16) for s in ((1024, D), (3 * D, D), (1024, 3 * D)))
-    cases |= {
-        "silu_dsilu": lambda: lib.silu_dsilu_epi(x2, wqkv.T, tuned=False, config=_config("silu")),
-        "dsilu_dgrad": lambda: lib.identity_epi(dq, wqkv, transform_a=lib.scale_a, transform_operands={"u": dq},
-                                                tuned=False),
-        "dsilu_wgrad": lambda: lib.identity_epi(dq.T, x2, transform_a=lib.scale_a_t, transform_operands={"u": dq},
-                                                tuned=False),
-    }
     for name, fn in cases.items():
         try:
             fn()
@@ -450,7 +411,7 @@ def trace() -> None:
             print("TRACE", name, "built, refused at launch (ok)" if ok else f"FAILED: {exc}", flush=True)
 
 
-MODES = {"check": check, "time": time, "dsilu": dsilu, "tiles": tiles, "plain": plain, "residual": residual, "trace": trace,
+MODES = {"check": check, "time": time, "tiles": tiles, "plain": plain, "residual": residual, "trace": trace,
          "tail_check": tail_check, "tail_time": tail_time, "tail_tiles": tail_tiles, "tail_energy": tail_energy,
          "plain_energy": plain_energy}
 

@@ -73,11 +73,8 @@ step lq_soft_qlce 100 "${VARIANT[@]}" qlce softmax ro b64 qlce
 step lq_both 100 "${VARIANT[@]}" both lightning ro b64 qlce tail
 step lce_energy 150 python docs/bench/lce_study.py energy
 step lce_tiles 150 python docs/bench/lce_study.py tiles
-pair lt 128 1 lightning lce128
-pair lt 128 2 lightning lce128
-# Lightning's q, k, v SiLU with its derivative kept and applied as its backward's GEMMs load the output's gradient
-# (quack A-operand transforms; kernels.gemm_epilogue.SILU_DERIVATIVE_IN_GEMMS, opt-in): checked, timed alone, trained.
-step dsilu 150 python docs/bench/gemm_epilogue_study.py dsilu
-pair ds dsilu 1 lightning dsilu
-pair ds dsilu 2 lightning dsilu
-pair lt 128 3 lightning lce128
+# The loss's logits GEMM on quack's own tile width (256 for V 32,000) against the default of 128 since the thirty-third
+# session (up to e9bbcd1 these pairs ran as lt_base_N / lt_128_N: 256 then, against the option lce128).
+pair lt 256 1 lightning lce256
+pair lt 256 2 lightning lce256
+pair lt 256 3 lightning lce256

@@ -26,8 +26,8 @@ activation_memory_budget), t8k / t32k (T 8192 / 32768 at the same tokens a step)
 calling thread, torch.autograd.set_multithreading_enabled(False)), tail (under "gemm", each block's output projection,
 residual add, second norm and MLP as one op on quack's epilogue GEMMs, models.lm.Block.fused_tail), qlce (under
 "gemm", the head + loss on quack's scaled-exp linear cross-entropy, models.lm.LM.epilogue_loss, the default since
-this session's measurements; noqlce: on kernels.fused's instead; lce128: its logits GEMM on tiles 128 wide), dsilu
-(lightning's q, k, v SiLU keeps its derivative, applied in its backward's GEMMs, kernels.gemm_epilogue.SILU_DERIVATIVE_IN_GEMMS).
+this session's measurements; noqlce: on kernels.fused's instead; lce128: its logits GEMM on tiles 128 wide, the default
+since 2026-12-07's thirty-third session; lce256: on quack's pick, 256 wide for V 32,000).
 Each run trains 20 steps (T 2048 unless t8k or t32k) and prints one RESULT line (median tokens/s of the second half, MFU of 989).
 """
 
@@ -44,7 +44,7 @@ OUT = Path("/tmp/train_study")
 #: The OPTIONS of the docstring.
 OPTIONS = ("resid16", "bthd", "ce", "ce1", "b32", "b64", "b64x2", "b128", "h6", "noclip", "qkvg", "w13", "flash", "eager",
            "ro", "mat", "fused", "prof", "trace", "hostt", "wideloss", "nomos", "mostune", "pdl", "ce16k",
-           "gategemm", "budget75", "budget60", "t8k", "t32k", "st", "tail", "qlce", "noqlce", "lce128", "dsilu")
+           "gategemm", "budget75", "budget60", "t8k", "t32k", "st", "tail", "qlce", "noqlce", "lce128", "lce256")
 #: Inductor settings (models.train.INDUCTOR_OPTIONS) that the options nomos, mostune and pdl set.
 INDUCTOR_OPTIONS = {"nomos": ("triton.mix_order_reduction_allow_multi_stages", False),
                     "mostune": ("triton.mix_order_reduction_autotune_split_size", True),
@@ -226,10 +226,10 @@ def variant(name: str, arch: str, *options: str) -> None:
         import kernels.gemm_epilogue as ge
 
         ge.LOSS_TILE_N = 128
-    if "dsilu" in opts:
+    if "lce256" in opts:
         import kernels.gemm_epilogue as ge
 
-        ge.SILU_DERIVATIVE_IN_GEMMS = True
+        ge.LOSS_TILE_N = None
     if "ce16k" in opts:
         import kernels.fused.triton_ce as ce
 

@@ -102,21 +102,10 @@ def _fake_library(calls):
     def rms_bwd_apply(acc, c, y, w, corr):
         return {"D": acc * w + c + y.float() * corr[:, None], "dw": (acc * y.float()).sum(0)}
 
-    def silu_dsilu(acc, _):
-        s = torch.sigmoid(acc)
-        return {"D": s * (1 + acc * (1 - s)), "postact": acc * s}
-
-    def dsilu_backward(dpost, dsilu, x, w):
-        assert dpost.shape == dsilu.shape == (x.shape[0], w.shape[0]) and dpost.is_contiguous()
-        calls["dsilu_bwd"] = calls.get("dsilu_bwd", 0) + 1
-        grad = dpost.float() * dsilu.float()
-        return (grad @ w.float()).to(x.dtype), (grad.T @ x.float()).to(w.dtype)
-
     return SimpleNamespace(rms_partial_epi=mod("residual", rms_partial),
                            rstd_gated_preact_mod=lambda act: mod("rstd_gated", rstd_gated),
                            dswiglu_rstd_epi=mod("dgated_rstd", dswiglu_rstd),
-                           rms_bwd_apply_epi=mod("norm_bwd", rms_bwd_apply),
-                           silu_dsilu_epi=mod("silu", silu_dsilu), dsilu_backward=dsilu_backward)
+                           rms_bwd_apply_epi=mod("norm_bwd", rms_bwd_apply))
 
 
 def _weights(d=16, f=32, seed=0):
@@ -135,25 +124,12 @@ def test_swiglu_mlp_matches_the_plain_mlp_in_output_and_gradients(fake_quack, co
 
 
 @pytest.mark.parametrize("compiled", [False, True])
-@pytest.mark.parametrize("derivative", [False, True])
-def test_linear_silu_matches_silu_of_linear_in_output_and_gradients(fake_quack, monkeypatch, compiled, derivative):
-    monkeypatch.setattr(ge, "SILU_DERIVATIVE_IN_GEMMS", derivative)
-    w = _weights(f=256)[0]
-    x = torch.randn(4, 64, 16, requires_grad=True)
-    dy = torch.randn(4, 64, 256)
+def test_linear_silu_matches_silu_of_linear_in_output_and_gradients(fake_quack, compiled):
+    w = _weights()[0]
+    x = torch.randn(3, 4, 16, requires_grad=True)
+    dy = torch.randn(3, 4, 32)
     assert_matches_reference(ge.linear_silu, (x, w), (x, w), dy, F.silu(F.linear(x, w)), compiled)
-    if derivative:  # the derivative's epilogue (counted as "silu") and the backward's transformed GEMMs
-        assert fake_quack == {"act": 0, "dact": 0, "silu": 1, "dsilu_bwd": 1}
-    else:
-        assert fake_quack == {"act": 1, "dact": 0}
-
-
-def test_linear_silu_keeps_the_pre_activation_where_the_derivative_s_tiles_do_not_fit(fake_quack, monkeypatch):
-    monkeypatch.setattr(ge, "SILU_DERIVATIVE_IN_GEMMS", True)
-    w = _weights(f=256)[0]
-    for rows in (3 * 64, 256):  # 192 rows: no whole pair of 128-row tiles
-        ge.linear_silu(torch.randn(rows, 16), w)
-    assert fake_quack == {"act": 1, "dact": 0, "silu": 1}
+    assert fake_quack == {"act": 1, "dact": 0}
 
 
 @pytest.mark.parametrize("compiled", [False, True])
@@ -180,10 +156,6 @@ def test_epilogue_ops_fakes_match(fake_quack):
     torch.library.opcheck(ge.swiglu_mlp_backward_op, (x, w13, w2, pre, torch.randn(10, 16)),
                           test_utils=("test_schema", "test_faketensor"))
     torch.library.opcheck(ge.linear_silu_op, (x, w1), test_utils=("test_schema", "test_faketensor"))
-    torch.library.opcheck(ge.linear_silu_dsilu_op, (x, w1), test_utils=("test_schema", "test_faketensor"))
-    dsilu, _ = ge.linear_silu_dsilu_op(x, w1)
-    torch.library.opcheck(ge.linear_silu_dsilu_backward_op, (x, w1, dsilu, torch.randn(10, 32)),
-                          test_utils=("test_schema", "test_faketensor"))
     y, wo, wn = torch.randn(10, 16), torch.randn(16, 16), torch.ones(16)
     torch.library.opcheck(ge.residual_norm_mlp_op, (y, x, wo, wn, w13, w2, 1e-6),
                           test_utils=("test_schema", "test_faketensor"))
@@ -207,12 +179,12 @@ def test_the_vmap_check_traces_under_torch_compile_and_holds_in_eager():
 
 
 def _lm_pair(arch):
-    cfg = ModelConfig(arch, 32, 2, 2, 64, "LS" if arch == "hybrid" else "")
+    cfg = ModelConfig(arch, 32, 2, 2, 128, "LS" if arch == "hybrid" else "")
     torch.manual_seed(0)
     plain = lm.LM(cfg, kernels="loss")
     fused = lm.LM(cfg, kernels="gemm")
     fused.load_state_dict(plain.state_dict())
-    idx = torch.randint(0, 64, (2, 8))
+    idx = torch.randint(0, 128, (2, 8))
     return plain, fused, idx
 
 
