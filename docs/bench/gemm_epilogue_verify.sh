@@ -78,3 +78,10 @@ step lce_tiles 150 python docs/bench/lce_study.py tiles
 pair lt 256 1 lightning lce256
 pair lt 256 2 lightning lce256
 pair lt 256 3 lightning lce256
+# Why the next norm's backward splits in two behind the tail (thirty-first session): inductor's mixed-order reductions
+# made and refused (RESULT's mix_order) without and with the tail, then the tail with the limit on a kernel's reads
+# lifted (moreads) and with the size checks off (monostrict), each in its own inductor cache.
+for v in "base" "tail tail" "reads tail moreads" "nonstrict tail monostrict"; do
+  set -- $v; name=$1; shift
+  step "mo_$name" 120 env TORCHINDUCTOR_CACHE_DIR=/tmp/ind_mo_$name "${VARIANT[@]}" "$name" lightning ro b64 "$@"
+done

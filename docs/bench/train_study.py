@@ -18,7 +18,8 @@ cuDNN), eager / ro / mat (no compile, reduce-overhead, max-autotune-no-cudagraph
 mode), fused (all fused kernels), prof (a torch.profiler table), trace (a chrome trace of three steps), hostt (host
 time per step by call), wideloss (the loss kernel holds a row of logits in fp32, as before NARROW_ROWS), nomos /
 mostune (inductor's mixed-order reductions, the norms' backward, without pipelined loads, as torch 2.11's default /
-with their row split autotuned), pdl (inductor's kernels launched with programmatic dependent launch), ce16k (the
+with their row split autotuned), moreads / monostrict (those reductions without their limit on the buffers a kernel
+reads / without their size checks: does one of them split the next norm's backward behind the tail?), pdl (inductor's kernels launched with programmatic dependent launch), ce16k (the
 fused loss in chunks of at least 16384 tokens rather than 4096: fewer fp32 additions into grad_W), gategemm (the
 MLP on swiglu_gemm_study.py's prototype kernels: SwiGLU's gate in Triton GEMM epilogues), budget75 / budget60 (the
 compiled backward's partitioner recomputes to keep saved activations within 75% / 60% of what it would save, torch's
@@ -43,11 +44,13 @@ from pathlib import Path
 OUT = Path("/tmp/train_study")
 #: The OPTIONS of the docstring.
 OPTIONS = ("resid16", "bthd", "ce", "ce1", "b32", "b64", "b64x2", "b128", "h6", "noclip", "qkvg", "w13", "flash", "eager",
-           "ro", "mat", "fused", "prof", "trace", "hostt", "wideloss", "nomos", "mostune", "pdl", "ce16k",
+           "ro", "mat", "fused", "prof", "trace", "hostt", "wideloss", "nomos", "mostune", "moreads", "monostrict", "pdl", "ce16k",
            "gategemm", "budget75", "budget60", "t8k", "t32k", "st", "tail", "qlce", "noqlce", "lce128", "lce256")
-#: Inductor settings (models.train.INDUCTOR_OPTIONS) that the options nomos, mostune and pdl set.
+#: Inductor settings (models.train.INDUCTOR_OPTIONS) that the options nomos, mostune, moreads, monostrict and pdl set.
 INDUCTOR_OPTIONS = {"nomos": ("triton.mix_order_reduction_allow_multi_stages", False),
                     "mostune": ("triton.mix_order_reduction_autotune_split_size", True),
+                    "moreads": ("triton.mix_order_reduction_max_reads", 0),
+                    "monostrict": ("triton.mix_order_reduction_non_strict_mode", True),
                     "pdl": ("triton.enable_pdl", True)}
 
 
@@ -270,6 +273,8 @@ def variant(name: str, arch: str, *options: str) -> None:
 
         ctx = sdpa_kernel([SDPBackend.FLASH_ATTENTION])
     profile = OUT / f"prof_{name}.txt" if "prof" in opts else None
+    from torch._inductor import metrics
+
     with ctx:
         r = mb.bench_train(spec, compile=mode, microbatch=microbatch, profile=profile, fused="fused" in opts)
     if host:
@@ -278,7 +283,10 @@ def variant(name: str, arch: str, *options: str) -> None:
     print("RESULT", json.dumps({"code": mb.__file__, "name": name, "arch": arch, "opts": sorted(opts),
                                 "tps": r["tokens_per_s"], "mfu": r["mfu_989"], "loss": r["final_loss"],
                                 "micro": r["microbatch"], "mhz": r.get("sm_clock_mhz"),
-                                "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1)}))
+                                "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1),
+                                # inductor's mixed-order reductions made and refused over the run's compilations
+                                "mix_order": [getattr(metrics, k, None) for k in ("codegen_mix_order_reduction",
+                                                                                   "rejected_mix_order_reduction_fusion")]}))
 
 
 def loss(rows: int = 4096) -> None:
