@@ -315,16 +315,20 @@ def _library():
 
 def _tail_forward(y, x, wo, wn, w13, w2, eps: float):
     lib = _library()
+    shape, d = x.shape, x.shape[-1]
+    y, x = y.view(-1, d), x.view(-1, d)
     out = lib.rms_partial_epi(y, wo.T, x, weight=wn, tuned=False, config=_config("residual"))
     hw, h, sqsum = out["D"], out["resid_out"], out["sqsum"]
     rstd = torch.rsqrt(sqsum / h.shape[1] + eps)
     out = lib.rstd_gated_preact_mod("swiglu")(hw, w13.T, rstd=rstd, tuned=False, config=_config("rstd_gated"))
     preact, gated = out["D"], out["postact"]
-    return torch.addmm(h, gated, w2.T), h, hw, preact, gated, rstd
+    return torch.addmm(h, gated, w2.T).view(shape), h, hw, preact, gated, rstd
 
 
 def _tail_backward(y, h, hw, preact, gated, rstd, wo, wn, w13, w2, dout):
     lib = _library()
+    y_shape, x_shape = y.shape, dout.shape
+    y, dout = y.view(h.shape), dout.view(h.shape)
     # D: the gradient of the unscaled pre-activation (rstd applied); dsum: sum over the row of d(pre) * unscaled pre,
     # the gradient of rstd. The gate's output, which w2's gradient reads, comes from the forward.
     out = lib.dswiglu_rstd_epi(dout, w2, preact, rstd=rstd, tuned=False, dynamic_scheduler=True,
@@ -334,22 +338,23 @@ def _tail_backward(y, h, hw, preact, gated, rstd, wo, wn, w13, w2, dout):
     # dh = d(h * weight) * weight + corr * h + the output's gradient (h is added into it); dw: sum of d(hw) * h.
     out = lib.rms_bwd_apply_epi(dpre, w13, dout, y=h, w=wn, corr=corr, tuned=False, config=_config("norm_bwd"))
     dh, dwn = out["D"], out["dw"]
-    return dh @ wo, dh, dh.T @ y, dwn, dpre.T @ hw, dout.T @ gated
+    return (dh @ wo).view(y_shape), dh.view(x_shape), dh.T @ y, dwn, dpre.T @ hw, dout.T @ gated
 
 
 @torch.library.custom_op("slab::residual_norm_mlp", mutates_args=())
 def residual_norm_mlp_op(y: torch.Tensor, x: torch.Tensor, wo: torch.Tensor, wn: torch.Tensor, w13: torch.Tensor,
                          w2: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                                                  torch.Tensor, torch.Tensor]:
-    """``h + w2(SwiGLU(RMSNorm(h) w13^T))`` with ``h = x + y wo^T``, for y, x (M, d); also h, h * weight, the unscaled
-    pre-activation, the gate's output and rstd (fp32), which the backward reads."""
+    """``h + w2(SwiGLU(RMSNorm(h) w13^T))`` with ``h = x + y wo^T``, for y, x (..., d) contiguous, in x's shape; also
+    h, h * weight (M, d), the unscaled pre-activation, the gate's output and rstd (fp32), which the backward reads."""
     return _tail_forward(y, x, wo, wn, w13, w2, eps)
 
 
 @residual_norm_mlp_op.register_fake
 def _(y, x, wo, wn, w13, w2, eps):
-    m = x.shape[0]
-    return (torch.empty_like(x), torch.empty_like(x), torch.empty_like(x), x.new_empty(m, w13.shape[0]),
+    d = x.shape[-1]
+    m = x.numel() // d
+    return (torch.empty_like(x), x.new_empty(m, d), x.new_empty(m, d), x.new_empty(m, w13.shape[0]),
             x.new_empty(m, w2.shape[1]), x.new_empty(m, dtype=torch.float32))
 
 
@@ -365,7 +370,7 @@ def residual_norm_mlp_backward_op(y: torch.Tensor, h: torch.Tensor, hw: torch.Te
 
 @residual_norm_mlp_backward_op.register_fake
 def _(y, h, hw, preact, gated, rstd, wo, wn, w13, w2, dout):
-    return (torch.empty_like(y), torch.empty_like(h), torch.empty_like(wo), torch.empty_like(wn, dtype=torch.float32),
+    return (torch.empty_like(y), torch.empty_like(dout), torch.empty_like(wo), torch.empty_like(wn, dtype=torch.float32),
             torch.empty_like(w13), torch.empty_like(w2))
 
 
@@ -391,11 +396,12 @@ def residual_norm_mlp(y: torch.Tensor, x: torch.Tensor, wo: torch.Tensor, norm_w
                       w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
     """A block's tail on the epilogue GEMMs: ``h + MLP(RMSNorm(h))`` with ``h = x + F.linear(y, wo)``, for y, x
     (..., d) in x's dtype (callers check ``epilogues_usable`` first)."""
-    d = x.shape[-1]
-    y2, x2 = y.reshape(-1, d).to(x.dtype).contiguous(), x.reshape(-1, d).contiguous()
-    out, *_ = residual_norm_mlp_op(y2, x2, wo.to(x.dtype), norm_weight.float(), _interleaved(w1, w3, x.dtype),
-                                   w2.to(x.dtype), float(eps))
-    return out.view(x.shape)
+    # y and x go in with their (B, T, d) shape, as the result comes out: flattened outside the op, the gradient the
+    # next block's first norm hands back is computed on (B*T, d) loops, which inductor does not fuse with that norm's
+    # (B, T, d) reductions (it split the norm's backward in two kernels, thirty-first session).
+    out, *_ = residual_norm_mlp_op(y.to(x.dtype).contiguous(), x.contiguous(), wo.to(x.dtype), norm_weight.float(),
+                                   _interleaved(w1, w3, x.dtype), w2.to(x.dtype), float(eps))
+    return out
 
 
 def residual_norm_mlp_reference(y: torch.Tensor, x: torch.Tensor, wo: torch.Tensor, norm_weight: torch.Tensor,

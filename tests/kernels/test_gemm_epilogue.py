@@ -162,6 +162,16 @@ def test_epilogue_ops_fakes_match(fake_quack):
     _, h, hw, pre, gated, rstd = ge.residual_norm_mlp_op(y, x, wo, wn, w13, w2, 1e-6)
     torch.library.opcheck(ge.residual_norm_mlp_backward_op, (y, h, hw, pre, gated, rstd, wo, wn, w13, w2, x),
                           test_utils=("test_schema", "test_faketensor"))
+    # The tail op takes and gives (B, T, d), its saved tensors flattened: its fakes keep both shapes.
+    y3, x3 = y.view(2, 5, 16), x.view(2, 5, 16)
+    torch.library.opcheck(ge.residual_norm_mlp_op, (y3, x3, wo, wn, w13, w2, 1e-6),
+                          test_utils=("test_schema", "test_faketensor"))
+    out, h, hw, pre, gated, rstd = ge.residual_norm_mlp_op(y3, x3, wo, wn, w13, w2, 1e-6)
+    assert out.shape == (2, 5, 16) and h.shape == hw.shape == (10, 16)
+    torch.library.opcheck(ge.residual_norm_mlp_backward_op, (y3, h, hw, pre, gated, rstd, wo, wn, w13, w2, x3),
+                          test_utils=("test_schema", "test_faketensor"))
+    assert [g.shape for g in ge.residual_norm_mlp_backward_op(y3, h, hw, pre, gated, rstd, wo, wn, w13, w2, x3)[:2]] \
+        == [(2, 5, 16), (2, 5, 16)]
 
 
 def test_epilogues_are_not_taken_off_a_hopper_gpu(fake_quack):
