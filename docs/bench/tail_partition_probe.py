@@ -21,15 +21,21 @@ import tests.kernels.test_gemm_epilogue as stand_ins
 from models.config import ModelConfig
 
 
-def main(variant: str) -> None:
-    """Partition the LM's training graph and print what its backward is handed."""
+def stood_in_lm(variant: str, d: int = 32, layers: int = 3, heads: int = 2, vocab: int = 64) -> lm.LM:
+    """A lightning LM on "gemm" kernels whose quack epilogues are the tests' fp32 fakes, with the block's tail as one
+    op when variant is "tail" (also docs/bench/tail_fusion_probe.py's)."""
     quack = stand_ins.fake_quack_module({})
     ge._quack = lambda: quack
     ge._library = lambda: stand_ins._fake_library({})
     lm.epilogues_usable = lt.epilogues_usable = lambda x, *w: True
     lt.Lightning.backend = "torch"
     lm.Block.fused_tail = variant == "tail"
-    model = lm.LM(ModelConfig("lightning", 32, 3, 2, 64, ""), kernels="gemm")
+    return lm.LM(ModelConfig("lightning", d, layers, heads, vocab, ""), kernels="gemm")
+
+
+def main(variant: str) -> None:
+    """Partition the LM's training graph and print what its backward is handed."""
+    model = stood_in_lm(variant)
     idx = torch.randint(0, 64, (2, 8))
     graphs = []
 
