@@ -11,8 +11,9 @@ modules, which compute the same functions. Measured on an H100 with the tiles pi
 lightning trained 5.0-6.3% faster, the hybrid 4.6%, softmax about 4%; compiled training takes them by default.
 
 Also here: the head + loss on quack's scaled-exp linear cross-entropy (``linear_cross_entropy_epilogue``, compiled
-training's default through ``models.lm.LM.epilogue_loss``), and, opt-in (``models.lm.Block.fused_tail``): ``residual_norm_mlp``, a block's output projection, residual add,
-second RMSNorm and MLP as one op on quack's deferred-norm epilogues (see its section below).
+training's default through ``models.lm.LM.epilogue_loss``), and, opt-in (``models.lm.Block.fused_tail``):
+``residual_norm_mlp``, a block's output projection, residual add, second RMSNorm and MLP as one op on quack's
+deferred-norm epilogues (see its section below).
 """
 
 from __future__ import annotations
@@ -300,10 +301,13 @@ def linear_cross_entropy_epilogue(x: torch.Tensor, weight: torch.Tensor, targets
 #
 # Why the block's output and not h and the MLP's output apart, as measured first (9d3a8b4, an H100): that op alone
 # was 4% faster than the "gemm" tail, but training was not. Its profile showed the next block's norm, whose input was
-# then h + MLP, with its backward in two kernels (0.39 + 0.23 ms; one of 0.28-0.34 a norm before). The partition is not
-# the cause (the sum is saved, not recomputed, in a CPU probe with inductor's decompositions and partitioner); which of
-# inductor's fusions changed is not known. This form hands the next norm one tensor, as the unfused blocks do: checked on
-# an H100 (worst error ratio 1.08 to plain bf16's), lightning's training +0.1% to +1.2% in three pairs (kernels.md).
+# then h + MLP, with its backward in two kernels (0.39 + 0.23 ms; one of 0.28-0.34 a norm before). This form hands the
+# next norm one tensor, as the unfused blocks do: checked on an H100 (worst error ratio 1.08 to plain bf16's), lightning's
+# training +0.1% to +1.2% in four pairs, the split still there. Its cause, found on the CPU with inductor's scheduler on
+# fake CUDA tensors (docs/bench/tail_fusion_probe.py): the op's inputs flattened to (B*T, d) outside it, so the
+# gradient it hands back was added to the norm's on (B*T, d) loops, whose memory accesses inductor does not match with
+# the norm's (B, T, d) reductions. The op now takes and returns (B, T, d) (``residual_norm_mlp``); not yet measured on a
+# GPU since (kernels.md).
 
 
 def _library():
@@ -396,9 +400,8 @@ def residual_norm_mlp(y: torch.Tensor, x: torch.Tensor, wo: torch.Tensor, norm_w
                       w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
     """A block's tail on the epilogue GEMMs: ``h + MLP(RMSNorm(h))`` with ``h = x + F.linear(y, wo)``, for y, x
     (..., d) in x's dtype (callers check ``epilogues_usable`` first)."""
-    # y and x go in with their (B, T, d) shape, as the result comes out: flattened outside the op, the gradient the
-    # next block's first norm hands back is computed on (B*T, d) loops, which inductor does not fuse with that norm's
-    # (B, T, d) reductions (it split the norm's backward in two kernels, thirty-first session).
+    # y and x go in with their (B, T, d) shape, and the result comes out in it: flattened here, they split the next
+    # block's first norm's backward in two kernels (see this section's head).
     out, *_ = residual_norm_mlp_op(y.to(x.dtype).contiguous(), x.contiguous(), wo.to(x.dtype), norm_weight.float(),
                                    _interleaved(w1, w3, x.dtype), w2.to(x.dtype), float(eps))
     return out

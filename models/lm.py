@@ -72,7 +72,8 @@ class Block(nn.Module):
 
     #: Under "gemm", whether the mixer's output projection, the residual add, the second norm and the MLP run as one op
     #: on the epilogue GEMMs (``kernels.gemm_epilogue.residual_norm_mlp``) where it is usable. Off: on an H100 the op
-    #: was 4% faster alone, lightning's training +0.1% to +1.2% (docs/bench/kernels.md), for 5 GiB more memory.
+    #: was 4% faster alone, lightning's training +0.1% to +1.2% (docs/bench/kernels.md), for 5 GiB more memory, while the
+    #: next norm's backward split in two kernels behind it; without that split (0b679e3) not yet measured.
     fused_tail = False
 
     def __init__(self, config: ModelConfig, layer_idx: int, kernels: str = "torch"):

@@ -55,8 +55,8 @@ def _pretend_h100() -> None:
     for name, fn in {"is_available": lambda: True, "device_count": lambda: 1, "current_device": lambda: 0,
                      "get_device_properties": lambda *a, **k: H100, "_get_device_properties": lambda *a, **k: H100,
                      "get_device_capability": lambda *a, **k: (9, 0), "_lazy_init": lambda: None,
-                     "is_initialized": lambda: True, "get_rng_state": lambda *a, **k: torch.zeros(16, dtype=torch.uint8),
-                     "set_rng_state": lambda *a, **k: None, "_exchange_device": lambda idx: 0,
+                     "is_initialized": lambda: True, "set_rng_state": lambda *a, **k: None,
+                     "get_rng_state": lambda *a, **k: torch.zeros(16, dtype=torch.uint8), "_exchange_device": lambda idx: 0,
                      "_maybe_exchange_device": lambda idx: 0, "set_device": lambda *a: None}.items():
         setattr(cuda, name, fn)
 

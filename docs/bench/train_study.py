@@ -44,8 +44,8 @@ from pathlib import Path
 OUT = Path("/tmp/train_study")
 #: The OPTIONS of the docstring.
 OPTIONS = ("resid16", "bthd", "ce", "ce1", "b32", "b64", "b64x2", "b128", "h6", "noclip", "qkvg", "w13", "flash", "eager",
-           "ro", "mat", "fused", "prof", "trace", "hostt", "wideloss", "nomos", "mostune", "moreads", "monostrict", "pdl", "ce16k",
-           "gategemm", "budget75", "budget60", "t8k", "t32k", "st", "tail", "qlce", "noqlce", "lce128", "lce256")
+           "ro", "mat", "fused", "prof", "trace", "hostt", "wideloss", "nomos", "mostune", "moreads", "monostrict", "pdl",
+           "ce16k", "gategemm", "budget75", "budget60", "t8k", "t32k", "st", "tail", "qlce", "noqlce", "lce128", "lce256")
 #: Inductor settings (models.train.INDUCTOR_OPTIONS) that the options nomos, mostune, moreads, monostrict and pdl set.
 INDUCTOR_OPTIONS = {"nomos": ("triton.mix_order_reduction_allow_multi_stages", False),
                     "mostune": ("triton.mix_order_reduction_autotune_split_size", True),
