@@ -67,6 +67,32 @@ TILES = {"gated": (192, 128, 1, 2), "dgated": (128, 128, 1, 2), "silu": (128, 19
          "norm_bwd": None}
 
 
+#: The plain GEMMs inside these ops, without an epilogue: the MLP's second projection ("w2", forward), the input
+#: gradients of its first ("w13_dx") and of lightning's q, k, v ("silu_dx"). None: cuBLAS (torch.mm), the default;
+#: "tuned": quack's autotuned GEMM, a study (docs/bench/train_study.py's option qmm). Each looped alone at the power cap
+#: on an H100, quack's pick ran them 5.1%, 1.9% and 5.3% faster than cuBLAS (docs/bench/kernels.md, thirty-fourth
+#: session); not yet measured in training. Read when torch.compile traces the ops: set it before the first compile.
+PLAIN_GEMMS: dict[str, str | None] = {"w2": None, "w13_dx": None, "silu_dx": None}
+
+
+def _mm(a: torch.Tensor, b: torch.Tensor, kind: str) -> torch.Tensor:
+    """a @ b for one of PLAIN_GEMMS' GEMMs, on cuBLAS or quack as it says."""
+    if PLAIN_GEMMS[kind] is None:
+        return a @ b
+    return _quack().gemm(a, b, tuned=True)
+
+
+@torch.library.custom_op("slab::plain_mm", mutates_args=())
+def plain_mm_op(a: torch.Tensor, b: torch.Tensor, kind: str) -> torch.Tensor:
+    """``_mm`` as an op torch.compile leaves alone, for the GEMMs in a backward that it traces."""
+    return _mm(a, b, kind)
+
+
+@plain_mm_op.register_fake
+def _(a, b, kind):
+    return a.new_empty(a.shape[0], b.shape[1])
+
+
 def _config(kind: str):
     """The pinned GemmConfig for one epilogue GEMM (None: quack's default)."""
     return None if TILES[kind] is None else _pinned(_quack(), kind)
@@ -111,7 +137,7 @@ def _unwrapped(x: torch.Tensor) -> bool:
 def _mlp_forward(x, w13, w2):
     preact, gated = _quack().gemm_act(x, w13.T, activation="swiglu", store_preact=True, tuned=False,
                                       config=_config("gated"))
-    return gated @ w2.T, preact
+    return _mm(gated, w2.T, "w2"), preact
 
 
 def _mlp_backward(x, w13, w2, preact, dy):
@@ -119,7 +145,7 @@ def _mlp_backward(x, w13, w2, preact, dy):
     # the gate's output again, which w2's gradient needs, instead of storing it in the forward.
     dpre, gated = _quack().gemm_dact(dy, w2, preact, activation="swiglu", tuned=False,
                                      config=_config("dgated"))
-    return dpre @ w13, dpre.T @ x, dy.T @ gated
+    return _mm(dpre, w13, "w13_dx"), dpre.T @ x, dy.T @ gated
 
 
 @torch.library.custom_op("slab::swiglu_mlp", mutates_args=())
@@ -209,7 +235,8 @@ def _silu_op_backward(ctx, dpre, dpost):
         grad = dpre if grad is None else grad + dpre
     if grad is None:
         return torch.zeros_like(x), torch.zeros_like(w)
-    return grad @ w, grad.T @ x
+    dx = plain_mm_op(grad, w, "silu_dx") if PLAIN_GEMMS["silu_dx"] else grad @ w
+    return dx, grad.T @ x
 
 
 linear_silu_op.register_autograd(_silu_op_backward, setup_context=_silu_save)

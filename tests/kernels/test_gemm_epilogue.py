@@ -56,8 +56,13 @@ def fake_quack_module(calls: dict) -> ModuleType:
         dgate, dup, out = _dswiglu(PreAct[:, ::2].float(), PreAct[:, 1::2].float(), A.float() @ B.float())
         return torch.stack((dgate, dup), dim=-1).flatten(1).to(A.dtype), out.to(PreAct.dtype)
 
+    def gemm(A, B, tuned):  # the plain GEMMs PLAIN_GEMMS moves to quack, autotuned
+        assert B.shape[0] == A.shape[1] and tuned
+        calls["mm"] = calls.get("mm", 0) + 1
+        return (A.float() @ B.float()).to(A.dtype)
+
     quack = ModuleType("fake_quack")  # hashable, as the module quack's interface is
-    quack.gemm_act, quack.gemm_dact, quack.GemmConfig = gemm_act, gemm_dact, SimpleNamespace
+    quack.gemm, quack.gemm_act, quack.gemm_dact, quack.GemmConfig = gemm, gemm_act, gemm_dact, SimpleNamespace
     return quack
 
 
@@ -133,6 +138,24 @@ def test_linear_silu_matches_silu_of_linear_in_output_and_gradients(fake_quack, 
 
 
 @pytest.mark.parametrize("compiled", [False, True])
+def test_plain_gemms_on_quack_compute_the_same_mlp_and_silu(fake_quack, monkeypatch, compiled):
+    """With PLAIN_GEMMS on quack, the MLP's w2 forward and input gradient and the SiLU's input gradient run on its
+    gemm (one call each), and both ops still match their references."""
+    monkeypatch.setattr(ge, "PLAIN_GEMMS", dict.fromkeys(ge.PLAIN_GEMMS, "tuned"))
+    torch._dynamo.reset()  # the switch is read when the backward is traced, unguarded: a fresh trace
+    w1, w3, w2 = _weights()
+    x = torch.randn(2, 5, 16, requires_grad=True)
+    inputs = (x, w1, w3, w2)
+    assert_matches_reference(ge.swiglu_mlp, inputs, inputs, torch.randn(2, 5, 16), ge.swiglu_mlp_reference(*inputs),
+                             compiled)
+    assert fake_quack == {"act": 1, "dact": 1, "mm": 2}
+    w = _weights()[0]
+    x = torch.randn(3, 4, 16, requires_grad=True)
+    assert_matches_reference(ge.linear_silu, (x, w), (x, w), torch.randn(3, 4, 32), F.silu(F.linear(x, w)), compiled)
+    assert fake_quack == {"act": 2, "dact": 1, "mm": 3}
+
+
+@pytest.mark.parametrize("compiled", [False, True])
 def test_residual_norm_mlp_matches_the_plain_block_tail_in_output_and_gradients(fake_quack, compiled):
     w1, w3, w2 = _weights()
     g = torch.Generator().manual_seed(1)
@@ -156,6 +179,8 @@ def test_epilogue_ops_fakes_match(fake_quack):
     torch.library.opcheck(ge.swiglu_mlp_backward_op, (x, w13, w2, pre, torch.randn(10, 16)),
                           test_utils=("test_schema", "test_faketensor"))
     torch.library.opcheck(ge.linear_silu_op, (x, w1), test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(ge.plain_mm_op, (x, w1.T.contiguous(), "silu_dx"),
+                          test_utils=("test_schema", "test_faketensor"))
     y, wo, wn = torch.randn(10, 16), torch.randn(16, 16), torch.ones(16)
     torch.library.opcheck(ge.residual_norm_mlp_op, (y, x, wo, wn, w13, w2, 1e-6),
                           test_utils=("test_schema", "test_faketensor"))
