@@ -67,32 +67,6 @@ TILES = {"gated": (192, 128, 1, 2), "dgated": (128, 128, 1, 2), "silu": (128, 19
          "norm_bwd": None}
 
 
-#: The plain GEMMs inside these ops, without an epilogue: the MLP's second projection ("w2", forward), the input
-#: gradients of its first ("w13_dx") and of lightning's q, k, v ("silu_dx"). None: cuBLAS (torch.mm), the default;
-#: "tuned": quack's autotuned GEMM, a study (docs/bench/train_study.py's option qmm). Each looped alone at the power cap
-#: on an H100, quack's pick ran them 5.1%, 1.9% and 5.3% faster than cuBLAS (docs/bench/kernels.md, thirty-fourth
-#: session); not yet measured in training. Read when torch.compile traces the ops: set it before the first compile.
-PLAIN_GEMMS: dict[str, str | None] = {"w2": None, "w13_dx": None, "silu_dx": None}
-
-
-def _mm(a: torch.Tensor, b: torch.Tensor, kind: str) -> torch.Tensor:
-    """a @ b for one of PLAIN_GEMMS' GEMMs, on cuBLAS or quack as it says."""
-    if PLAIN_GEMMS[kind] is None:
-        return a @ b
-    return _quack().gemm(a, b, tuned=True)
-
-
-@torch.library.custom_op("slab::plain_mm", mutates_args=())
-def plain_mm_op(a: torch.Tensor, b: torch.Tensor, kind: str) -> torch.Tensor:
-    """``_mm`` as an op torch.compile leaves alone, for the GEMMs in a backward that it traces."""
-    return _mm(a, b, kind)
-
-
-@plain_mm_op.register_fake
-def _(a, b, kind):
-    return a.new_empty(a.shape[0], b.shape[1])
-
-
 def _config(kind: str):
     """The pinned GemmConfig for one epilogue GEMM (None: quack's default)."""
     return None if TILES[kind] is None else _pinned(_quack(), kind)
@@ -134,10 +108,11 @@ def _unwrapped(x: torch.Tensor) -> bool:
 # --- the SwiGLU MLP -------------------------------------------------------------------------------------------------
 
 
-def _mlp_forward(x, w13, w2):
-    preact, gated = _quack().gemm_act(x, w13.T, activation="swiglu", store_preact=True, tuned=False,
-                                      config=_config("gated"))
-    return _mm(gated, w2.T, "w2"), preact
+def _mlp_forward(x, w13, w2, res=None):
+    quack = _quack()
+    preact, gated = quack.gemm_act(x, w13.T, activation="swiglu", store_preact=True, tuned=False,
+                                   config=_config("gated"))
+    return (gated @ w2.T if res is None else quack.gemm_add(gated, w2.T, res, tuned=True)), preact
 
 
 def _mlp_backward(x, w13, w2, preact, dy):
@@ -145,18 +120,19 @@ def _mlp_backward(x, w13, w2, preact, dy):
     # the gate's output again, which w2's gradient needs, instead of storing it in the forward.
     dpre, gated = _quack().gemm_dact(dy, w2, preact, activation="swiglu", tuned=False,
                                      config=_config("dgated"))
-    return _mm(dpre, w13, "w13_dx"), dpre.T @ x, dy.T @ gated
+    return dpre @ w13, dpre.T @ x, dy.T @ gated
 
 
 @torch.library.custom_op("slab::swiglu_mlp", mutates_args=())
-def swiglu_mlp_op(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``w2(silu(w1 x) * w3 x)`` for x (M, d), w13 (2F, d) holding w1's and w3's rows in turn, w2 (d, F); also the
-    pre-activation (M, 2F) the backward reads."""
-    return _mlp_forward(x, w13, w2)
+def swiglu_mlp_op(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+                  res: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``w2(silu(w1 x) * w3 x)`` for x (M, d), w13 (2F, d) holding w1's and w3's rows in turn, w2 (d, F), plus res
+    (M, d) where given, added in w2's GEMM (quack's gemm_add); also the pre-activation (M, 2F) the backward reads."""
+    return _mlp_forward(x, w13, w2, res)
 
 
 @swiglu_mlp_op.register_fake
-def _(x, w13, w2):
+def _(x, w13, w2, res=None):
     return x.new_empty(x.shape[0], w2.shape[0]), x.new_empty(x.shape[0], w13.shape[0])
 
 
@@ -176,18 +152,20 @@ def _mlp_save(ctx, inputs, output):
     # The callers use only y: eager autograd would otherwise hand the backward a zero (M, 2F) gradient for preact,
     # written in full, and add it.
     ctx.set_materialize_grads(False)
-    ctx.save_for_backward(*inputs, output[1])
+    ctx.save_for_backward(*inputs[:3], output[1])
+    ctx.residual = inputs[3] is not None
 
 
 def _mlp_op_backward(ctx, dy, dpreact):
     x, w13, w2, preact = ctx.saved_tensors
+    dres = dy if ctx.residual else None  # res is added as it is
     if dy is not None:
         dx, dw13, dw2 = swiglu_mlp_backward_op(x, w13, w2, preact, dy.contiguous())
     else:
         dx, dw13, dw2 = torch.zeros_like(x), torch.zeros_like(w13), torch.zeros_like(w2)
     if dpreact is not None:  # preact = x w13^T
         dx, dw13 = dx + dpreact @ w13, dw13 + dpreact.T @ x
-    return dx, dw13, dw2
+    return dx, dw13, dw2, dres
 
 
 swiglu_mlp_op.register_autograd(_mlp_op_backward, setup_context=_mlp_save)
@@ -199,11 +177,52 @@ def _interleaved(w1: torch.Tensor, w3: torch.Tensor, dtype: torch.dtype) -> torc
     return torch.stack((w1, w3), dim=1).flatten(0, 1).to(dtype)
 
 
-def swiglu_mlp(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+def swiglu_mlp(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor,
+               residual: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear(F.silu(F.linear(x, w1)) * F.linear(x, w3), w2)`` over x (..., d) on the epilogue GEMMs, in x's dtype
-    (callers check ``epilogues_usable`` first); the weights' gradients reach w1, w3, w2 as they are."""
-    y, _ = swiglu_mlp_op(x.reshape(-1, x.shape[-1]).contiguous(), _interleaved(w1, w3, x.dtype), w2.to(x.dtype))
+    (callers check ``epilogues_usable`` first), plus ``residual`` (..., d) in w2's GEMM where given; the weights'
+    gradients reach w1, w3, w2 as they are."""
+    res = None if residual is None else residual.to(x.dtype).reshape(-1, residual.shape[-1]).contiguous()
+    y, _ = swiglu_mlp_op(x.reshape(-1, x.shape[-1]).contiguous(), _interleaved(w1, w3, x.dtype), w2.to(x.dtype), res)
     return y.view(*x.shape[:-1], w2.shape[0])
+
+
+# --- a projection that writes into the residual stream, the add in its epilogue -------------------------------------
+# The mixer's output projection and the MLP's w2 (``swiglu_mlp``'s residual) on quack's gemm_add, which reads the
+# residual in the epilogue: the next norm then reads one tensor, not the residual and the projection to add. cuBLAS's
+# addmm (tried in the twenty-second session) first copies the residual into its output, a pass of its own. Opt-in
+# (``models.lm.Block.residual_gemm``) until measured in training; autotuned at the first call of each shape.
+
+
+@torch.library.custom_op("slab::linear_add", mutates_args=())
+def linear_add_op(y: torch.Tensor, w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``x + y w^T`` for y (..., k), w (d, k), x (..., d), all contiguous, in x's shape, from one GEMM."""
+    out = _quack().gemm_add(y.view(-1, y.shape[-1]), w.T, x.view(-1, x.shape[-1]), tuned=True)
+    return out.view(x.shape)
+
+
+@linear_add_op.register_fake
+def _(y, w, x):
+    return torch.empty_like(x)
+
+
+def _linear_add_save(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:2])
+
+
+def _linear_add_backward(ctx, dout):
+    y, w = ctx.saved_tensors
+    flat = dout.reshape(-1, dout.shape[-1])
+    return (flat @ w).view(y.shape), flat.T @ y.reshape(-1, y.shape[-1]), dout
+
+
+linear_add_op.register_autograd(_linear_add_backward, setup_context=_linear_add_save)
+
+
+def linear_add(y: torch.Tensor, w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``x + F.linear(y, w)`` over y (..., k), x (..., d) with the add in the GEMM's epilogue, in x's dtype (callers
+    check ``epilogues_usable`` first)."""
+    return linear_add_op(y.to(x.dtype).contiguous(), w.to(x.dtype), x.contiguous())
 
 
 # --- a projection and its SiLU (lightning's q, k, v) ----------------------------------------------------------------
@@ -235,8 +254,7 @@ def _silu_op_backward(ctx, dpre, dpost):
         grad = dpre if grad is None else grad + dpre
     if grad is None:
         return torch.zeros_like(x), torch.zeros_like(w)
-    dx = plain_mm_op(grad, w, "silu_dx") if PLAIN_GEMMS["silu_dx"] else grad @ w
-    return dx, grad.T @ x
+    return grad @ w, grad.T @ x
 
 
 linear_silu_op.register_autograd(_silu_op_backward, setup_context=_silu_save)
@@ -333,8 +351,8 @@ def linear_cross_entropy_epilogue(x: torch.Tensor, weight: torch.Tensor, targets
 # training +0.1% to +1.2% in four pairs, the split still there. Its cause, found on the CPU with inductor's scheduler on
 # fake CUDA tensors (docs/bench/tail_fusion_probe.py): the op's inputs flattened to (B*T, d) outside it, so the
 # gradient it hands back was added to the norm's on (B*T, d) loops, whose memory accesses inductor does not match with
-# the norm's (B, T, d) reductions. The op now takes and returns (B, T, d) (``residual_norm_mlp``); not yet measured on a
-# GPU since (kernels.md).
+# the norm's (B, T, d) reductions. The op now takes and returns (B, T, d) (``residual_norm_mlp``): on an H100 (thirty-
+# fourth session) the norm's backward ran as one kernel behind it, yet training gained +0.0% and +0.3% (kernels.md).
 
 
 def _library():

@@ -25,8 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels.fused import linear_cross_entropy, rms_norm, swiglu
-from kernels.gemm_epilogue import (epilogues_usable, linear_cross_entropy_epilogue, loss_usable, residual_norm_mlp,
-                                   swiglu_mlp)
+from kernels.gemm_epilogue import (epilogues_usable, linear_add, linear_cross_entropy_epilogue, loss_usable,
+                                   residual_norm_mlp, swiglu_mlp)
 from models.config import ModelConfig
 from models.mixers import HGRN2, Lightning, Mamba2, Softmax
 
@@ -58,13 +58,15 @@ class MLP(nn.Module):
         self.w3 = nn.Linear(d_model, hidden, bias=False)
         self.w2 = nn.Linear(hidden, d_model, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, T, d) -> (B, T, d)."""
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T, d) -> (B, T, d), plus ``residual`` where given (in w2's GEMM under "gemm")."""
         if self.kernels == "gemm" and epilogues_usable(x, self.w1.out_features):
-            return swiglu_mlp(x, self.w1.weight, self.w3.weight, self.w2.weight)
+            return swiglu_mlp(x, self.w1.weight, self.w3.weight, self.w2.weight, residual)
         if self.kernels in ("auto", "triton"):
-            return self.w2(swiglu(self.w1(x), self.w3(x), backend=self.kernels))
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+            y = self.w2(swiglu(self.w1(x), self.w3(x), backend=self.kernels))
+        else:
+            y = self.w2(F.silu(self.w1(x)) * self.w3(x))
+        return y if residual is None else residual + y
 
 
 class Block(nn.Module):
@@ -72,9 +74,12 @@ class Block(nn.Module):
 
     #: Under "gemm", whether the mixer's output projection, the residual add, the second norm and the MLP run as one op
     #: on the epilogue GEMMs (``kernels.gemm_epilogue.residual_norm_mlp``) where it is usable. Off: on an H100 the op
-    #: was 4% faster alone, lightning's training +0.1% to +1.2% (docs/bench/kernels.md), for 5 GiB more memory, while the
-    #: next norm's backward split in two kernels behind it; without that split (0b679e3) not yet measured.
+    #: was 4% faster alone, lightning's training +0.0% to +1.2% in six pairs (docs/bench/kernels.md), +0.0% and +0.3%
+    #: since the next norm's backward no longer splits behind it (0b679e3), for 5 GiB more memory.
     fused_tail = False
+    #: Under "gemm", whether the two residual adds run in the epilogues of the GEMMs whose outputs they add (the mixer's
+    #: output projection, ``kernels.gemm_epilogue.linear_add``, and the MLP's w2) where usable. Off until measured.
+    residual_gemm = False
 
     def __init__(self, config: ModelConfig, layer_idx: int, kernels: str = "torch"):
         super().__init__()
@@ -95,6 +100,10 @@ class Block(nn.Module):
             mlp = self.mlp
             return residual_norm_mlp(self.mixer.mix(h), x, self.mixer.wo.weight, self.norm2.weight, self.norm2.eps,
                                      mlp.w1.weight, mlp.w3.weight, mlp.w2.weight)
+        if (self.residual_gemm and self.kernels == "gemm" and hasattr(self.mixer, "mix")
+                and epilogues_usable(x, self.mlp.w1.out_features)):
+            x = linear_add(self.mixer.mix(h), self.mixer.wo.weight, x)
+            return self.mlp(_norm(self.norm2, x, self.kernels), residual=x)
         x = x + self.mixer(h)
         return x + self.mlp(_norm(self.norm2, x, self.kernels))
 

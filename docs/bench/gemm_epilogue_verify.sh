@@ -85,11 +85,9 @@ for v in "base" "tail tail" "reads tail moreads" "nonstrict tail monostrict"; do
   set -- $v; name=$1; shift
   step "mo_$name" 120 env TORCHINDUCTOR_CACHE_DIR=/tmp/ind_mo_$name "${VARIANT[@]}" "$name" lightning ro b64 "$@"
 done
-# The plain GEMMs inside the epilogue ops (w2's forward, w13's and q, k, v's input gradients) on quack's autotuned GEMM
-# instead of cuBLAS (kernels.gemm_epilogue.PLAIN_GEMMS, train_study.py's option qmm; looped alone at the power cap quack
-# ran them 2-5% faster, STEPS=plain_energy): lightning's training without and with them, alternated. The qmm runs
-# search their tiles on the first step (the autotuner's WINNER lines), hence the longer limit.
+# The two residual adds of each block in the epilogues of the GEMMs whose outputs they add (quack's gemm_add,
+# autotuned on the first step; models.lm.Block.residual_gemm, train_study.py's option resgemm), alternated.
 for i in 1 2; do
-  step "qm_base_$i" 100 "${VARIANT[@]}" base lightning ro b64
-  step "qm_qmm_$i" 240 "${VARIANT[@]}" qmm lightning ro b64 qmm
+  step "rg_base_$i" 100 "${VARIANT[@]}" base lightning ro b64
+  step "rg_resgemm_$i" 200 "${VARIANT[@]}" resgemm lightning ro b64 resgemm
 done

@@ -28,9 +28,8 @@ calling thread, torch.autograd.set_multithreading_enabled(False)), tail (under "
 residual add, second norm and MLP as one op on quack's epilogue GEMMs, models.lm.Block.fused_tail), qlce (under
 "gemm", the head + loss on quack's scaled-exp linear cross-entropy, models.lm.LM.epilogue_loss, the default since
 this session's measurements; noqlce: on kernels.fused's instead; lce128: its logits GEMM on tiles 128 wide, the default
-since 2026-12-07's thirty-third session; lce256: on quack's pick, 256 wide for V 32,000), qmm (under "gemm", the
-plain GEMMs inside the epilogue ops, kernels.gemm_epilogue.PLAIN_GEMMS, on quack's autotuned GEMM instead of cuBLAS;
-its picks printed as WINNER lines).
+since 2026-12-07's thirty-third session; lce256: on quack's pick, 256 wide for V 32,000), resgemm (under "gemm", the
+two residual adds of each block in the epilogues of the GEMMs whose outputs they add, models.lm.Block.residual_gemm).
 Each run trains 20 steps (T 2048 unless t8k or t32k) and prints one RESULT line (median tokens/s of the second half, MFU of 989).
 """
 
@@ -48,7 +47,7 @@ OUT = Path("/tmp/train_study")
 OPTIONS = ("resid16", "bthd", "ce", "ce1", "b32", "b64", "b64x2", "b128", "h6", "noclip", "qkvg", "w13", "flash", "eager",
            "ro", "mat", "fused", "prof", "trace", "hostt", "wideloss", "nomos", "mostune", "moreads", "monostrict", "pdl",
            "ce16k", "gategemm", "budget75", "budget60", "t8k", "t32k", "st", "tail", "qlce", "noqlce", "lce128", "lce256",
-           "qmm")
+           "resgemm")
 #: Inductor settings (models.train.INDUCTOR_OPTIONS) that the options nomos, mostune, moreads, monostrict and pdl set.
 INDUCTOR_OPTIONS = {"nomos": ("triton.mix_order_reduction_allow_multi_stages", False),
                     "mostune": ("triton.mix_order_reduction_autotune_split_size", True),
@@ -226,6 +225,8 @@ def variant(name: str, arch: str, *options: str) -> None:
         functorch_config.activation_memory_budget = int(opt.removeprefix("budget")) / 100
     if "tail" in opts:
         lm.Block.fused_tail = True
+    if "resgemm" in opts:
+        lm.Block.residual_gemm = True
     if "qlce" in opts or "noqlce" in opts:
         lm.LM.epilogue_loss = "qlce" in opts
     if "lce128" in opts:
@@ -236,10 +237,6 @@ def variant(name: str, arch: str, *options: str) -> None:
         import kernels.gemm_epilogue as ge
 
         ge.LOSS_TILE_N = None
-    if "qmm" in opts:
-        import kernels.gemm_epilogue as ge
-
-        ge.PLAIN_GEMMS = dict.fromkeys(ge.PLAIN_GEMMS, "tuned")
     if "ce16k" in opts:
         import kernels.fused.triton_ce as ce
 
@@ -284,14 +281,6 @@ def variant(name: str, arch: str, *options: str) -> None:
 
     with ctx:
         r = mb.bench_train(spec, compile=mode, microbatch=microbatch, profile=profile, fused="fused" in opts)
-    if "qmm" in opts:  # quack's autotuner's pick for each shape it searched, to pin
-        import gc
-
-        from quack.autotuner import Autotuner
-
-        for tuner in (o for o in gc.get_objects() if isinstance(o, Autotuner)):
-            for key, config in tuner.cache.items():
-                print("WINNER", tuner.fn.__name__, str(key)[:200], config, flush=True)
     if host:
         per_step = {k: round(v / 10 * 1e3, 2) for k, v in host.items() if k != "_steps"}
         print("HOST ms/step", per_step, "wall ms/step", round(tokens_per_step / r["tokens_per_s"] * 1e3, 2))

@@ -56,13 +56,14 @@ def fake_quack_module(calls: dict) -> ModuleType:
         dgate, dup, out = _dswiglu(PreAct[:, ::2].float(), PreAct[:, 1::2].float(), A.float() @ B.float())
         return torch.stack((dgate, dup), dim=-1).flatten(1).to(A.dtype), out.to(PreAct.dtype)
 
-    def gemm(A, B, tuned):  # the plain GEMMs PLAIN_GEMMS moves to quack, autotuned
-        assert B.shape[0] == A.shape[1] and tuned
-        calls["mm"] = calls.get("mm", 0) + 1
-        return (A.float() @ B.float()).to(A.dtype)
+    def gemm_add(A, B, C, tuned):  # the residual add in the GEMM (autotuned): A @ B + C
+        assert A.is_contiguous() and C.is_contiguous() and tuned
+        assert B.shape[0] == A.shape[1] and C.shape == (A.shape[0], B.shape[1])
+        calls["add"] = calls.get("add", 0) + 1
+        return (A.float() @ B.float() + C.float()).to(A.dtype)
 
     quack = ModuleType("fake_quack")  # hashable, as the module quack's interface is
-    quack.gemm, quack.gemm_act, quack.gemm_dact, quack.GemmConfig = gemm, gemm_act, gemm_dact, SimpleNamespace
+    quack.gemm_act, quack.gemm_dact, quack.gemm_add, quack.GemmConfig = gemm_act, gemm_dact, gemm_add, SimpleNamespace
     return quack
 
 
@@ -138,21 +139,19 @@ def test_linear_silu_matches_silu_of_linear_in_output_and_gradients(fake_quack, 
 
 
 @pytest.mark.parametrize("compiled", [False, True])
-def test_plain_gemms_on_quack_compute_the_same_mlp_and_silu(fake_quack, monkeypatch, compiled):
-    """With PLAIN_GEMMS on quack, the MLP's w2 forward and input gradient and the SiLU's input gradient run on its
-    gemm (one call each), and both ops still match their references."""
-    monkeypatch.setattr(ge, "PLAIN_GEMMS", dict.fromkeys(ge.PLAIN_GEMMS, "tuned"))
-    torch._dynamo.reset()  # the switch is read when the backward is traced, unguarded: a fresh trace
+def test_residual_adds_in_the_gemms_match_the_plain_adds(fake_quack, compiled):
+    """linear_add (the mixer's output projection plus the residual) and swiglu_mlp with a residual, each on one
+    gemm_add, match x + F.linear(y, w) and x + MLP(h) in output and gradients."""
+    g = torch.Generator().manual_seed(2)
+    y, x = (torch.randn(2, 5, 16, generator=g).requires_grad_() for _ in range(2))
+    w = (torch.randn(16, 16, generator=g) / 4).requires_grad_()
+    dy = torch.randn(2, 5, 16, generator=g)
+    assert_matches_reference(ge.linear_add, (y, w, x), (y, w, x), dy, x + F.linear(y, w), compiled)
+    assert fake_quack == {"act": 0, "dact": 0, "add": 1}
     w1, w3, w2 = _weights()
-    x = torch.randn(2, 5, 16, requires_grad=True)
-    inputs = (x, w1, w3, w2)
-    assert_matches_reference(ge.swiglu_mlp, inputs, inputs, torch.randn(2, 5, 16), ge.swiglu_mlp_reference(*inputs),
-                             compiled)
-    assert fake_quack == {"act": 1, "dact": 1, "mm": 2}
-    w = _weights()[0]
-    x = torch.randn(3, 4, 16, requires_grad=True)
-    assert_matches_reference(ge.linear_silu, (x, w), (x, w), torch.randn(3, 4, 32), F.silu(F.linear(x, w)), compiled)
-    assert fake_quack == {"act": 2, "dact": 1, "mm": 3}
+    args = (y, w1, w3, w2, x)
+    assert_matches_reference(ge.swiglu_mlp, args, args, dy, x + ge.swiglu_mlp_reference(*args[:4]), compiled)
+    assert fake_quack == {"act": 1, "dact": 1, "add": 2}
 
 
 @pytest.mark.parametrize("compiled", [False, True])
@@ -179,7 +178,9 @@ def test_epilogue_ops_fakes_match(fake_quack):
     torch.library.opcheck(ge.swiglu_mlp_backward_op, (x, w13, w2, pre, torch.randn(10, 16)),
                           test_utils=("test_schema", "test_faketensor"))
     torch.library.opcheck(ge.linear_silu_op, (x, w1), test_utils=("test_schema", "test_faketensor"))
-    torch.library.opcheck(ge.plain_mm_op, (x, w1.T.contiguous(), "silu_dx"),
+    torch.library.opcheck(ge.swiglu_mlp_op, (x, w13, w2, torch.randn(10, 16)),
+                          test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(ge.linear_add_op, (torch.randn(2, 5, 32), w1.T.contiguous(), torch.randn(2, 5, 16)),
                           test_utils=("test_schema", "test_faketensor"))
     y, wo, wn = torch.randn(10, 16), torch.randn(16, 16), torch.ones(16)
     torch.library.opcheck(ge.residual_norm_mlp_op, (y, x, wo, wn, w13, w2, 1e-6),
@@ -267,10 +268,26 @@ def test_blocks_with_the_fused_tail_train_as_the_plain_lm(fake_quack, monkeypatc
     _assert_same_step(plain, (loss, g), (loss_ref, g_ref))
 
 
-@pytest.mark.parametrize("tail", [False, True])
+@pytest.mark.parametrize("arch", ["lightning", "softmax"])
+def test_blocks_with_the_residual_adds_in_gemms_train_as_the_plain_lm(fake_quack, monkeypatch, arch):
+    plain, fused, idx = _lm_pair(arch)
+    monkeypatch.setattr(lt.Lightning, "backend", "torch")
+    monkeypatch.setattr(lm.Block, "residual_gemm", True)
+    _, loss_ref = plain(idx, idx)
+    g_ref = torch.autograd.grad(loss_ref, list(plain.parameters()))
+    monkeypatch.setattr(lm, "epilogues_usable", lambda x, *w: True)
+    monkeypatch.setattr(lt, "epilogues_usable", lambda x, *w: True)
+    _, loss = fused(idx, idx)
+    g = torch.autograd.grad(loss, list(fused.parameters()))
+    assert fake_quack["add"] == 2 * plain.config.n_layers  # both adds of every block
+    _assert_same_step(plain, (loss, g), (loss_ref, g_ref))
+
+
+@pytest.mark.parametrize("tail", [False, True, "residual_gemm"])
 def test_the_lm_on_epilogues_compiles_whole(fake_quack, fake_lce, monkeypatch, tail):
     # No graph break from the dispatch (the vmap check, the width check, the stacked weight) in any layer.
-    monkeypatch.setattr(lm.Block, "fused_tail", tail)
+    monkeypatch.setattr(lm.Block, "fused_tail", tail is True)
+    monkeypatch.setattr(lm.Block, "residual_gemm", tail == "residual_gemm")
     _, fused, idx = _lm_pair("hybrid")
     usable = lambda x, *w: ge._unwrapped(x) and not any(n % 16 for n in (x.shape[-1], *w))  # noqa: E731
     monkeypatch.setattr(lm, "epilogues_usable", usable)
@@ -280,7 +297,8 @@ def test_the_lm_on_epilogues_compiles_whole(fake_quack, fake_lce, monkeypatch, t
     torch._dynamo.reset()
     _, loss = torch.compile(fused, backend="aot_eager", fullgraph=True)(idx, idx)
     loss.backward()
-    assert fake_quack["act"] > 0 and (fake_quack.get("norm_bwd", 0) > 0 if tail else fake_quack["dact"] > 0)
+    assert fake_quack["act"] > 0 and (fake_quack.get("norm_bwd", 0) > 0 if tail is True else fake_quack["dact"] > 0)
+    assert (fake_quack.get("add", 0) > 0) == (tail == "residual_gemm")
     assert fake_lce[0] > 0
 
 
