@@ -5,7 +5,8 @@ as an H100's, and stops before any kernel is generated. Prints each scheduled gr
 it became one mixed-order reduction (the row sum, the input's gradient and the weight's column sum in one kernel) or
 was split (docs/bench/kernels.md, thirty-third session: flattening the tail op's inputs split it).
 
-    PYTHONPATH=$PWD python docs/bench/tail_fusion_probe.py tail    # or: plain (the "gemm" blocks without the tail)
+    PYTHONPATH=$PWD python docs/bench/tail_fusion_probe.py tail    # or: plain (the "gemm" blocks without the tail),
+                                                                   # resgemm (the residual adds in the GEMMs)
 
 A study, not a product path: it patches torch.cuda's functions for the life of its process. Groups a real GPU would
 make differently (the gated norm, the walks: here their plain PyTorch references) are not the question it answers.
@@ -119,6 +120,6 @@ def main(variant: str) -> None:
 
 
 if __name__ == "__main__":
-    if sys.argv[1:] not in (["tail"], ["plain"]):
-        sys.exit("usage: PYTHONPATH=$PWD python docs/bench/tail_fusion_probe.py tail|plain")
+    if sys.argv[1:] not in (["tail"], ["plain"], ["resgemm"]):
+        sys.exit("usage: PYTHONPATH=$PWD python docs/bench/tail_fusion_probe.py tail|plain|resgemm")
     main(sys.argv[1])

@@ -23,13 +23,14 @@ from models.config import ModelConfig
 
 def stood_in_lm(variant: str, d: int = 32, layers: int = 3, heads: int = 2, vocab: int = 64) -> lm.LM:
     """A lightning LM on "gemm" kernels whose quack epilogues are the tests' fp32 fakes, with the block's tail as one
-    op when variant is "tail" (also docs/bench/tail_fusion_probe.py's)."""
+    op when variant is "tail", its residual adds in the GEMMs when "resgemm" (also docs/bench/tail_fusion_probe.py's)."""
     quack = stand_ins.fake_quack_module({})
     ge._quack = lambda: quack
     ge._library = lambda: stand_ins._fake_library({})
     lm.epilogues_usable = lt.epilogues_usable = lambda x, *w: True
     lt.Lightning.backend = "torch"
     lm.Block.fused_tail = variant == "tail"
+    lm.Block.residual_gemm = variant == "resgemm"
     return lm.LM(ModelConfig("lightning", d, layers, heads, vocab, ""), kernels="gemm")
 
 
