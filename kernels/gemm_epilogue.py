@@ -190,7 +190,7 @@ def swiglu_mlp(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Te
 # --- a projection that writes into the residual stream, the add in its epilogue -------------------------------------
 # The mixer's output projection and the MLP's w2 (``swiglu_mlp``'s residual) on quack's gemm_add, which reads the
 # residual in the epilogue: the next norm then reads one tensor, not the residual and the projection to add. cuBLAS's
-# addmm (tried in the twenty-second session) first copies the residual into its output, a pass of its own. Opt-in
+# addmm (tried in the thirtieth session) first copies the residual into its output, a pass of its own. Opt-in
 # (``models.lm.Block.residual_gemm``) until measured in training; autotuned at the first call of each shape.
 
 
@@ -339,10 +339,11 @@ def linear_cross_entropy_epilogue(x: torch.Tensor, weight: torch.Tensor, targets
 # The norm between the mixer and the MLP is deferred (quack's "Coda" block epilogues): the output projection's GEMM adds
 # the residual and writes both the new residual stream h and h * weight, with the row sums of h^2; the MLP's first GEMM
 # multiplies each row by rstd = (mean h^2 + eps)^-1/2 before its gate, as norm(h) W^T = rstd (h * weight) W^T; w2's GEMM
-# adds h (cuBLAS's beta = 1), so the op returns the block's output. In the backward the gate's gradient GEMM also sums
-# d(pre-activation) * (unscaled pre-activation) per row, the gradient of rstd, and the MLP's input-gradient GEMM applies
-# the norm's backward and adds the residual's gradient. So neither the norm's forward nor its backward is a pass of its
-# own, and neither the projection's nor the MLP's output goes through memory on its own.
+# adds h (quack's gemm_add since the thirty-fourth session; cuBLAS's beta = 1 before), so the op returns the block's
+# output. In the backward the gate's gradient GEMM also sums d(pre-activation) * (unscaled pre-activation) per row, the
+# gradient of rstd, and the MLP's input-gradient GEMM applies the norm's backward and adds the residual's gradient.
+# So neither the norm's forward nor its backward is a pass of its own, and neither the projection's nor the MLP's
+# output goes through memory on its own.
 #
 # Why the block's output and not h and the MLP's output apart, as measured first (9d3a8b4, an H100): that op alone
 # was 4% faster than the "gemm" tail, but training was not. Its profile showed the next block's norm, whose input was
@@ -371,7 +372,8 @@ def _tail_forward(y, x, wo, wn, w13, w2, eps: float):
     rstd = torch.rsqrt(sqsum / h.shape[1] + eps)
     out = lib.rstd_gated_preact_mod("swiglu")(hw, w13.T, rstd=rstd, tuned=False, config=_config("rstd_gated"))
     preact, gated = out["D"], out["postact"]
-    return torch.addmm(h, gated, w2.T).view(shape), h, hw, preact, gated, rstd
+    # h added in w2's epilogue (quack's gemm_add): cuBLAS's addmm first copied h into its output, 0.13 ms a layer.
+    return _quack().gemm_add(gated, w2.T, h, tuned=True).view(shape), h, hw, preact, gated, rstd
 
 
 def _tail_backward(y, h, hw, preact, gated, rstd, wo, wn, w13, w2, dout):
