@@ -11,7 +11,7 @@ the plain modules as training compiles them, at the 135M model's shapes (issue 8
     python docs/bench/gemm_epilogue_study.py tail_tiles   # its four epilogue GEMMs, default config and autotuned
     python docs/bench/gemm_epilogue_study.py tail_energy  # J and ms a call of both tails, looped (the power cap)
     python docs/bench/gemm_epilogue_study.py plain_energy # the cuBLAS GEMMs of the step against quack's, looped
-    CUTE_DSL_ARCH=sm_90a python docs/bench/gemm_epilogue_study.py trace   # no GPU: build the ten kernels as the
+    CUTE_DSL_ARCH=sm_90a python docs/bench/gemm_epilogue_study.py trace   # no GPU: build the nine kernels as the
         # wrapper calls them, up to their launch, which must then refuse the CPU tensors: checks that quack imports and
         # takes the calls' arguments and builds the kernels; shapes are checked only at the launch (a wrong K passes)
 
@@ -366,10 +366,10 @@ def tail_tiles() -> None:
 
 
 def trace() -> None:
-    """Without a GPU: build the wrapper's three quack kernels (gated, dgated, SiLU) at the 135M shapes for sm_90a up to
-    their launch, with the device queries answered as an H100 would; each must stop only at the launch, refusing CPU
-    tensors (a mismatched K is not caught before it). Needs quack and the CUTLASS DSL importable (under a
-    site-packages folder) and CUTE_DSL_ARCH=sm_90a."""
+    """Without a GPU: build the wrapper's quack kernels (gated, dgated, SiLU, the tail's four, the residual adds) at
+    the 135M shapes for sm_90a up to their launch, with the device queries answered as an H100 would; each must stop
+    only at the launch, refusing CPU tensors (a mismatched K is not caught before it). Needs quack and the CUTLASS DSL
+    importable (under a site-packages folder) and CUTE_DSL_ARCH=sm_90a."""
     from kernels.gemm_epilogue import _quack
 
     torch.cuda.get_device_capability = lambda *a, **k: (9, 0)
@@ -401,6 +401,9 @@ def trace() -> None:
                                                     config=_config("dgated_rstd")),
         "norm_bwd": lambda: lib.rms_bwd_apply_epi(pre, w13, x, y=y, w=wn, corr=corr, tuned=False,
                                                   config=_config("norm_bwd")),
+        # The residual adds in the GEMMs (linear_add, swiglu_mlp's residual, the tail's w2): quack's gemm_add.
+        "add_wo": lambda: quack.gemm_add(y, wo.T, x, tuned=False),
+        "add_w2": lambda: quack.gemm_add(torch.randn(m, f, dtype=torch.bfloat16), w2.T, x, tuned=False),
     }
     for name, fn in cases.items():
         try:
