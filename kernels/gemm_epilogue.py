@@ -191,7 +191,8 @@ def swiglu_mlp(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Te
 # The mixer's output projection and the MLP's w2 (``swiglu_mlp``'s residual) on quack's gemm_add, which reads the
 # residual in the epilogue: the next norm then reads one tensor, not the residual and the projection to add. cuBLAS's
 # addmm (tried in the thirtieth session) first copies the residual into its output, a pass of its own. Opt-in
-# (``models.lm.Block.residual_gemm``) until measured in training; autotuned at the first call of each shape.
+# (``models.lm.Block.residual_gemm``) until measured in training; autotuned at the first call of each shape, a search
+# that a default would first replace by tiles pinned in TILES.
 
 
 @torch.library.custom_op("slab::linear_add", mutates_args=())
