@@ -91,3 +91,5 @@ for i in 1 2; do
   step "rg_base_$i" 100 "${VARIANT[@]}" base lightning ro b64
   step "rg_resgemm_$i" 200 "${VARIANT[@]}" resgemm lightning ro b64 resgemm
 done
+step rg_soft_base 100 "${VARIANT[@]}" base softmax ro b64
+step rg_soft_resgemm 200 "${VARIANT[@]}" resgemm softmax ro b64 resgemm

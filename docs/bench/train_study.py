@@ -291,6 +291,11 @@ def variant(name: str, arch: str, *options: str) -> None:
                                 # inductor's mixed-order reductions made and refused over the run's compilations
                                 "mix_order": [getattr(metrics, k, None) for k in ("codegen_mix_order_reduction",
                                                                                    "rejected_mix_order_reduction_fusion")]}))
+    if opts & {"resgemm", "tail"}:  # quack's autotuner's pick for each GEMM shape it searched (gemm_add's), to pin
+        from quack.gemm_interface import gemm_tuned
+
+        for key, config in gemm_tuned.cache.items():
+            print("WINNER", str(key)[:200], config, flush=True)
 
 
 def loss(rows: int = 4096) -> None:
