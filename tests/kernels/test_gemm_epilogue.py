@@ -253,10 +253,13 @@ def test_lm_takes_the_epilogues_only_where_usable(fake_quack, monkeypatch, arch)
 
 
 @pytest.mark.parametrize("arch", ["lightning", "softmax"])
-def test_blocks_with_the_fused_tail_train_as_the_plain_lm(fake_quack, monkeypatch, arch):
+@pytest.mark.parametrize("switch", ["fused_tail", "residual_gemm"])
+def test_blocks_on_their_opt_in_epilogues_train_as_the_plain_lm(fake_quack, monkeypatch, arch, switch):
+    """The block's tail as one op, or its two residual adds in the GEMMs (Block's opt-in switches), train as the plain
+    blocks do."""
     plain, fused, idx = _lm_pair(arch)
     monkeypatch.setattr(lt.Lightning, "backend", "torch")
-    monkeypatch.setattr(lm.Block, "fused_tail", True)
+    monkeypatch.setattr(lm.Block, switch, True)
     _, loss_ref = plain(idx, idx)
     g_ref = torch.autograd.grad(loss_ref, list(plain.parameters()))
     monkeypatch.setattr(lm, "epilogues_usable", lambda x, *w: True)
@@ -264,22 +267,11 @@ def test_blocks_with_the_fused_tail_train_as_the_plain_lm(fake_quack, monkeypatc
     _, loss = fused(idx, idx)
     g = torch.autograd.grad(loss, list(fused.parameters()))
     layers = plain.config.n_layers
-    assert fake_quack["residual"] == fake_quack["norm_bwd"] == fake_quack["add"] == layers and fake_quack["dact"] == 0
-    _assert_same_step(plain, (loss, g), (loss_ref, g_ref))
-
-
-@pytest.mark.parametrize("arch", ["lightning", "softmax"])
-def test_blocks_with_the_residual_adds_in_gemms_train_as_the_plain_lm(fake_quack, monkeypatch, arch):
-    plain, fused, idx = _lm_pair(arch)
-    monkeypatch.setattr(lt.Lightning, "backend", "torch")
-    monkeypatch.setattr(lm.Block, "residual_gemm", True)
-    _, loss_ref = plain(idx, idx)
-    g_ref = torch.autograd.grad(loss_ref, list(plain.parameters()))
-    monkeypatch.setattr(lm, "epilogues_usable", lambda x, *w: True)
-    monkeypatch.setattr(lt, "epilogues_usable", lambda x, *w: True)
-    _, loss = fused(idx, idx)
-    g = torch.autograd.grad(loss, list(fused.parameters()))
-    assert fake_quack["add"] == 2 * plain.config.n_layers  # both adds of every block
+    if switch == "fused_tail":  # its w2 adds h on gemm_add
+        assert fake_quack["residual"] == fake_quack["norm_bwd"] == fake_quack["add"] == layers
+        assert fake_quack["dact"] == 0
+    else:
+        assert fake_quack["add"] == 2 * layers and fake_quack["dact"] == layers  # both adds of every block
     _assert_same_step(plain, (loss, g), (loss_ref, g_ref))
 
 
