@@ -7,6 +7,7 @@ was split (docs/bench/kernels.md, thirty-third session: flattening the tail op's
 
     PYTHONPATH=$PWD python docs/bench/tail_fusion_probe.py tail    # or: plain (the "gemm" blocks without the tail),
                                                                    # resgemm (the residual adds in the GEMMs)
+    PYTHONPATH=$PWD python docs/bench/tail_fusion_probe.py resgemm fw   # the forward's groups and bytes instead
 
 A study, not a product path: it patches torch.cuda's functions for the life of its process. Groups a real GPU would
 make differently (the gated norm, the walks: here their plain PyTorch references) are not the question it answers.
@@ -24,8 +25,9 @@ H100 = types.SimpleNamespace(
     max_threads_per_block=1024, clock_rate=1980000)
 
 
-def backward_graph(variant: str, d: int = 768, layers: int = 3, batch: int = 4, t: int = 2048):
-    """The compiled training step's backward graph and its inputs (CPU tensors), for the LM with or without the tail."""
+def backward_graph(variant: str, d: int = 768, layers: int = 3, batch: int = 4, t: int = 2048, phase: str = "bw"):
+    """The compiled training step's backward graph (or forward, phase "fw") and its inputs (CPU tensors), for the LM
+    of ``variant``."""
     from torch._functorch.aot_autograd import aot_module_simplified
     from torch._functorch.partitioners import min_cut_rematerialization_partition
     from torch._inductor.decomposition import select_decomp_table
@@ -48,7 +50,7 @@ def backward_graph(variant: str, d: int = 768, layers: int = 3, batch: int = 4, 
     with torch.autocast("cpu", torch.bfloat16):
         _, loss = torch.compile(model, backend=backend, fullgraph=True)(idx, idx)
     loss.backward()
-    return next((g, ins) for kind, g, ins in graphs if kind == "bw")
+    return next((g, ins) for kind, g, ins in graphs if kind == phase)
 
 
 def _pretend_h100() -> None:
@@ -62,14 +64,15 @@ def _pretend_h100() -> None:
         setattr(cuda, name, fn)
 
 
-def schedule(variant: str) -> list[tuple]:
-    """Inductor's scheduled groups of the backward on a pretended H100: (kind, node type, names, origin ops)."""
+def schedule(variant: str, phase: str = "bw") -> list[tuple]:
+    """Inductor's scheduled groups of the backward (or forward) on a pretended H100: (kind, node type, names, origin
+    ops, bytes the group reads and writes by inductor's estimate)."""
     import torch._inductor.fx_passes.post_grad as post_grad
     from torch._inductor import scheduler
     from torch._inductor.compile_fx import compile_fx_inner
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    g, inputs = backward_graph(variant)
+    g, inputs = backward_graph(variant, phase=phase)
     cuda = torch.device("cuda", 0)
     for node in list(g.graph.nodes):
         if node.kwargs.get("device") is not None and torch.device(node.kwargs["device"]).type == "cpu":
@@ -88,14 +91,15 @@ def schedule(variant: str) -> list[tuple]:
             kind = "reduction" if node.is_reduction() else "extern" if node.is_extern() else "pointwise"
             origins = sorted({str(o.target).split(".")[-2] if "." in str(o.target) else str(o.target)
                               for n in node.get_nodes() for o in (getattr(n.node, "origins", None) or [])})
-            groups.append((kind, type(node).__name__, [n.get_name() for n in node.get_nodes()], origins))
+            groups.append((kind, type(node).__name__, [n.get_name() for n in node.get_nodes()], origins,
+                           node.get_read_write_buffers_sizes()))
         raise _Scheduled
 
     scheduler.Scheduler.codegen = record
     with FakeTensorMode() as fake:
         fakes = [fake.from_tensor(t).to(cuda) if isinstance(t, torch.Tensor) else t for t in inputs]
         try:
-            compile_fx_inner(g, fakes, is_backward=True)
+            compile_fx_inner(g, fakes, is_backward=phase == "bw")
         except Exception as exc:  # noqa: BLE001 - inductor wraps what record raised
             if not isinstance(exc, _Scheduled) and "_Scheduled" not in repr(exc):
                 raise
@@ -106,20 +110,25 @@ class _Scheduled(Exception):
     """Raised once the scheduler has fused, before code generation."""
 
 
-def main(variant: str) -> None:
-    """Print the groups and, per norm backward (an rsqrt power among its origins), fused or split."""
-    groups = schedule(variant)
+def main(variant: str, phase: str = "bw") -> None:
+    """Print the groups, the bytes inductor's own kernels move (GEMMs and custom ops, extern, not counted) and, in the
+    backward, per norm backward (an rsqrt power among its origins) whether it is one kernel or split."""
+    groups = schedule(variant, phase)
     for group in groups:
         if group[0] != "extern":
             print(group)
-    whole = sum(1 for kind, typ, names, origins in groups
-                if typ == "FusedMixOrderReductions" and "pow" in origins and len(names) == 3)
-    split = sum(1 for kind, typ, names, origins in groups if kind == "pointwise" and "pow" in origins
-                and "sigmoid" not in origins)
-    print(f"NORM BACKWARDS {variant}: {whole} as one mixed-order reduction, {split} with the input's gradient apart")
+    moved = sum(size for kind, *_, size in groups if kind != "extern")
+    print(f"BYTES {phase} {variant}: {moved / 2**20:.0f} MiB in {sum(g[0] != 'extern' for g in groups)} kernels")
+    if phase == "bw":
+        whole = sum(1 for kind, typ, names, origins, _ in groups
+                    if typ == "FusedMixOrderReductions" and "pow" in origins and len(names) == 3)
+        split = sum(1 for kind, typ, names, origins, _ in groups if kind == "pointwise" and "pow" in origins
+                    and "sigmoid" not in origins)
+        print(f"NORM BACKWARDS {variant}: {whole} as one mixed-order reduction, {split} with the input's gradient apart")
 
 
 if __name__ == "__main__":
-    if sys.argv[1:] not in (["tail"], ["plain"], ["resgemm"]):
-        sys.exit("usage: PYTHONPATH=$PWD python docs/bench/tail_fusion_probe.py tail|plain|resgemm")
-    main(sys.argv[1])
+    args = sys.argv[1:]
+    if not 1 <= len(args) <= 2 or args[0] not in ("tail", "plain", "resgemm") or args[1:] not in ([], ["fw"], ["bw"]):
+        sys.exit("usage: PYTHONPATH=$PWD python docs/bench/tail_fusion_probe.py tail|plain|resgemm [fw|bw]")
+    main(*args)
