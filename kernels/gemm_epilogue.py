@@ -67,6 +67,11 @@ TILES = {"gated": (192, 128, 1, 2), "dgated": (128, 128, 1, 2), "silu": (128, 19
          "norm_bwd": None}
 
 
+def _add_gemm(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """a @ b + c on quack's gemm_add, c read in the epilogue; autotuned (its tiles are not pinned in TILES yet)."""
+    return _quack().gemm_add(a, b, c, tuned=True)
+
+
 def _config(kind: str):
     """The pinned GemmConfig for one epilogue GEMM (None: quack's default)."""
     return None if TILES[kind] is None else _pinned(_quack(), kind)
@@ -109,10 +114,9 @@ def _unwrapped(x: torch.Tensor) -> bool:
 
 
 def _mlp_forward(x, w13, w2, res=None):
-    quack = _quack()
-    preact, gated = quack.gemm_act(x, w13.T, activation="swiglu", store_preact=True, tuned=False,
-                                   config=_config("gated"))
-    return (gated @ w2.T if res is None else quack.gemm_add(gated, w2.T, res, tuned=True)), preact
+    preact, gated = _quack().gemm_act(x, w13.T, activation="swiglu", store_preact=True, tuned=False,
+                                      config=_config("gated"))
+    return (gated @ w2.T if res is None else _add_gemm(gated, w2.T, res)), preact
 
 
 def _mlp_backward(x, w13, w2, preact, dy):
@@ -198,8 +202,7 @@ def swiglu_mlp(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Te
 @torch.library.custom_op("slab::linear_add", mutates_args=())
 def linear_add_op(y: torch.Tensor, w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """``x + y w^T`` for y (..., k), w (d, k), x (..., d), all contiguous, in x's shape, from one GEMM."""
-    out = _quack().gemm_add(y.view(-1, y.shape[-1]), w.T, x.view(-1, x.shape[-1]), tuned=True)
-    return out.view(x.shape)
+    return _add_gemm(y.view(-1, y.shape[-1]), w.T, x.view(-1, x.shape[-1])).view(x.shape)
 
 
 @linear_add_op.register_fake
@@ -346,15 +349,15 @@ def linear_cross_entropy_epilogue(x: torch.Tensor, weight: torch.Tensor, targets
 # So neither the norm's forward nor its backward is a pass of its own, and neither the projection's nor the MLP's
 # output goes through memory on its own.
 #
-# Why the block's output and not h and the MLP's output apart, as measured first (9d3a8b4, an H100): that op alone
-# was 4% faster than the "gemm" tail, but training was not. Its profile showed the next block's norm, whose input was
-# then h + MLP, with its backward in two kernels (0.39 + 0.23 ms; one of 0.28-0.34 a norm before). This form hands the
-# next norm one tensor, as the unfused blocks do: checked on an H100 (worst error ratio 1.08 to plain bf16's), lightning's
+# Why the block's output and not h and the MLP's output apart, as measured first (9d3a8b4, an H100): that op alone was
+# 4% faster than the "gemm" tail, but training was not. Its profile showed the next block's norm, whose input was then h
+# + MLP, with its backward in two kernels (0.39 + 0.23 ms; one of 0.28-0.34 a norm before). This form hands the next
+# norm one tensor, as the unfused blocks do: checked on an H100 (worst error ratio 1.08 to plain bf16's), lightning's
 # training +0.1% to +1.2% in four pairs, the split still there. Its cause, found on the CPU with inductor's scheduler on
-# fake CUDA tensors (docs/bench/tail_fusion_probe.py): the op's inputs flattened to (B*T, d) outside it, so the
-# gradient it hands back was added to the norm's on (B*T, d) loops, whose memory accesses inductor does not match with
-# the norm's (B, T, d) reductions. The op now takes and returns (B, T, d) (``residual_norm_mlp``): on an H100 (thirty-
-# fourth session) the norm's backward ran as one kernel behind it, yet training gained +0.0% and +0.3% (kernels.md).
+# fake CUDA tensors (docs/bench/tail_fusion_probe.py): the op's inputs flattened to (B*T, d) outside it, so the gradient
+# it hands back was added to the norm's on (B*T, d) loops, whose memory accesses inductor does not match with the norm's
+# (B, T, d) reductions. The op now takes and returns (B, T, d) (``residual_norm_mlp``): on an H100 (thirty-fourth
+# session) the norm's backward ran as one kernel behind it, yet training gained +0.0% and +0.3% (kernels.md).
 
 
 def _library():
@@ -374,7 +377,7 @@ def _tail_forward(y, x, wo, wn, w13, w2, eps: float):
     out = lib.rstd_gated_preact_mod("swiglu")(hw, w13.T, rstd=rstd, tuned=False, config=_config("rstd_gated"))
     preact, gated = out["D"], out["postact"]
     # h added in w2's epilogue (quack's gemm_add): cuBLAS's addmm first copied h into its output, 0.13 ms a layer.
-    return _quack().gemm_add(gated, w2.T, h, tuned=True).view(shape), h, hw, preact, gated, rstd
+    return _add_gemm(gated, w2.T, h).view(shape), h, hw, preact, gated, rstd
 
 
 def _tail_backward(y, h, hw, preact, gated, rstd, wo, wn, w13, w2, dout):
@@ -422,8 +425,8 @@ def residual_norm_mlp_backward_op(y: torch.Tensor, h: torch.Tensor, hw: torch.Te
 
 @residual_norm_mlp_backward_op.register_fake
 def _(y, h, hw, preact, gated, rstd, wo, wn, w13, w2, dout):
-    return (torch.empty_like(y), torch.empty_like(dout), torch.empty_like(wo), torch.empty_like(wn, dtype=torch.float32),
-            torch.empty_like(w13), torch.empty_like(w2))
+    return (torch.empty_like(y), torch.empty_like(dout), torch.empty_like(wo),
+            torch.empty_like(wn, dtype=torch.float32), torch.empty_like(w13), torch.empty_like(w2))
 
 
 def _tail_save(ctx, inputs, output):

@@ -95,17 +95,20 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, T, d) -> (B, T, d)."""
         h = _norm(self.norm1, x, self.kernels)
-        if (self.fused_tail and self.kernels == "gemm" and hasattr(self.mixer, "mix")
-                and epilogues_usable(x, self.mlp.w1.out_features)):
-            mlp = self.mlp
-            return residual_norm_mlp(self.mixer.mix(h), x, self.mixer.wo.weight, self.norm2.weight, self.norm2.eps,
-                                     mlp.w1.weight, mlp.w3.weight, mlp.w2.weight)
-        if (self.residual_gemm and self.kernels == "gemm" and hasattr(self.mixer, "mix")
-                and epilogues_usable(x, self.mlp.w1.out_features)):
+        if (self.fused_tail or self.residual_gemm) and self._tail_on_epilogues(x):
+            if self.fused_tail:
+                mlp = self.mlp
+                return residual_norm_mlp(self.mixer.mix(h), x, self.mixer.wo.weight, self.norm2.weight,
+                                         self.norm2.eps, mlp.w1.weight, mlp.w3.weight, mlp.w2.weight)
             x = linear_add(self.mixer.mix(h), self.mixer.wo.weight, x)
             return self.mlp(_norm(self.norm2, x, self.kernels), residual=x)
         x = x + self.mixer(h)
         return x + self.mlp(_norm(self.norm2, x, self.kernels))
+
+    def _tail_on_epilogues(self, x: torch.Tensor) -> bool:
+        """Whether the block's opt-in tails (fused_tail, residual_gemm) can run here: "gemm" kernels, a mixer whose
+        output projection stands apart (``mix``), and the epilogue GEMMs usable for x."""
+        return self.kernels == "gemm" and hasattr(self.mixer, "mix") and epilogues_usable(x, self.mlp.w1.out_features)
 
 
 def _norm(norm: nn.RMSNorm, x: torch.Tensor, kernels: str) -> torch.Tensor:

@@ -50,9 +50,10 @@ step eager_gemm 150 "${EAGER[@]}" --arch lightning --arch softmax --kernels gemm
 step tail_check 150 python docs/bench/gemm_epilogue_study.py tail_check
 step tail_time 150 python docs/bench/gemm_epilogue_study.py tail_time
 VARIANT=(python docs/bench/train_study.py variant)
-pair() {  # pair PREFIX LABEL I ARCH OPTION: steps PREFIX_base_I then PREFIX_LABEL_I, ARCH's run without then with OPTION
+pair() {  # pair PREFIX LABEL I ARCH OPTION [LIMIT]: steps PREFIX_base_I then PREFIX_LABEL_I (LIMIT s, default 100),
+          # ARCH's run without then with OPTION
   step "${1}_base_$3" 100 "${VARIANT[@]}" base "$4" ro b64
-  step "${1}_${2}_$3" 100 "${VARIANT[@]}" "$5" "$4" ro b64 "$5"
+  step "${1}_${2}_$3" "${6:-100}" "${VARIANT[@]}" "$5" "$4" ro b64 "$5"
 }
 pair light tail 1 lightning tail
 pair light tail 2 lightning tail
@@ -87,9 +88,7 @@ for v in "base" "tail tail" "reads tail moreads" "nonstrict tail monostrict"; do
 done
 # The two residual adds of each block in the epilogues of the GEMMs whose outputs they add (quack's gemm_add,
 # autotuned on the first step; models.lm.Block.residual_gemm, train_study.py's option resgemm), alternated.
-for i in 1 2; do
-  step "rg_base_$i" 100 "${VARIANT[@]}" base lightning ro b64
-  step "rg_resgemm_$i" 200 "${VARIANT[@]}" resgemm lightning ro b64 resgemm
-done
+pair rg resgemm 1 lightning resgemm 200
+pair rg resgemm 2 lightning resgemm 200
 step rg_soft_base 100 "${VARIANT[@]}" base softmax ro b64
 step rg_soft_resgemm 200 "${VARIANT[@]}" resgemm softmax ro b64 resgemm
