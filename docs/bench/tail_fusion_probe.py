@@ -1,9 +1,10 @@
-"""How inductor would fuse the backward of a small lightning LM for an H100, worked out on a machine without a GPU:
-the backward graph (AOT autograd's partition, quack's epilogues stood in for by tests/kernels/test_gemm_epilogue.py's
-fakes) goes through inductor's lowering and scheduler on fake CUDA tensors, with torch.cuda's device queries answered
-as an H100's, and stops before any kernel is generated. Prints each scheduled group and, per RMSNorm backward, whether
-it became one mixed-order reduction (the row sum, the input's gradient and the weight's column sum in one kernel) or
-was split (docs/bench/kernels.md, thirty-third session: flattening the tail op's inputs split it).
+"""How inductor would fuse the backward (or forward) of a small lightning LM for an H100, worked out on a machine
+without a GPU: the graph (AOT autograd's partition, quack's epilogues stood in for by
+tests/kernels/test_gemm_epilogue.py's fakes) goes through inductor's lowering and scheduler on fake CUDA tensors,
+with torch.cuda's device queries answered as an H100's, and stops before any kernel is generated. Prints each
+scheduled group and, per RMSNorm backward, whether it became one mixed-order reduction (the row sum, the input's
+gradient and the weight's column sum in one kernel) or was split (docs/bench/kernels.md, thirty-third session:
+flattening the tail op's inputs split it).
 
     PYTHONPATH=$PWD python docs/bench/tail_fusion_probe.py tail    # or: plain (the "gemm" blocks without the tail),
                                                                    # resgemm (the residual adds in the GEMMs)
@@ -25,7 +26,7 @@ H100 = types.SimpleNamespace(
     max_threads_per_block=1024, clock_rate=1980000)
 
 
-def backward_graph(variant: str, d: int = 768, layers: int = 3, batch: int = 4, t: int = 2048, phase: str = "bw"):
+def compiled_graph(variant: str, d: int = 768, layers: int = 3, batch: int = 4, t: int = 2048, phase: str = "bw"):
     """The compiled training step's backward graph (or forward, phase "fw") and its inputs (CPU tensors), for the LM
     of ``variant``."""
     from torch._functorch.aot_autograd import aot_module_simplified
@@ -59,8 +60,9 @@ def _pretend_h100() -> None:
                      "get_device_properties": lambda *a, **k: H100, "_get_device_properties": lambda *a, **k: H100,
                      "get_device_capability": lambda *a, **k: (9, 0), "_lazy_init": lambda: None,
                      "is_initialized": lambda: True, "set_rng_state": lambda *a, **k: None,
-                     "get_rng_state": lambda *a, **k: torch.zeros(16, dtype=torch.uint8), "_exchange_device": lambda idx: 0,
-                     "_maybe_exchange_device": lambda idx: 0, "set_device": lambda *a: None}.items():
+                     "get_rng_state": lambda *a, **k: torch.zeros(16, dtype=torch.uint8),
+                     "_exchange_device": lambda idx: 0, "_maybe_exchange_device": lambda idx: 0,
+                     "set_device": lambda *a: None}.items():
         setattr(cuda, name, fn)
 
 
@@ -72,7 +74,7 @@ def schedule(variant: str, phase: str = "bw") -> list[tuple]:
     from torch._inductor.compile_fx import compile_fx_inner
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    g, inputs = backward_graph(variant, phase=phase)
+    g, inputs = compiled_graph(variant, phase=phase)
     cuda = torch.device("cuda", 0)
     for node in list(g.graph.nodes):
         if node.kwargs.get("device") is not None and torch.device(node.kwargs["device"]).type == "cpu":
@@ -124,7 +126,8 @@ def main(variant: str, phase: str = "bw") -> None:
                     if typ == "FusedMixOrderReductions" and "pow" in origins and len(names) == 3)
         split = sum(1 for kind, typ, names, origins, _ in groups if kind == "pointwise" and "pow" in origins
                     and "sigmoid" not in origins)
-        print(f"NORM BACKWARDS {variant}: {whole} as one mixed-order reduction, {split} with the input's gradient apart")
+        print(f"NORM BACKWARDS {variant}: {whole} as one mixed-order reduction, {split} with the input's gradient "
+              "apart")
 
 
 if __name__ == "__main__":

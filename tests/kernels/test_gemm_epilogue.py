@@ -275,11 +275,12 @@ def test_blocks_on_their_opt_in_epilogues_train_as_the_plain_lm(fake_quack, monk
     _assert_same_step(plain, (loss, g), (loss_ref, g_ref))
 
 
-@pytest.mark.parametrize("tail", [False, True, "residual_gemm"])
-def test_the_lm_on_epilogues_compiles_whole(fake_quack, fake_lce, monkeypatch, tail):
-    # No graph break from the dispatch (the vmap check, the width check, the stacked weight) in any layer.
-    monkeypatch.setattr(lm.Block, "fused_tail", tail is True)
-    monkeypatch.setattr(lm.Block, "residual_gemm", tail == "residual_gemm")
+@pytest.mark.parametrize("switch", [None, "fused_tail", "residual_gemm"])
+def test_the_lm_on_epilogues_compiles_whole(fake_quack, fake_lce, monkeypatch, switch):
+    # No graph break from the dispatch (the vmap check, the width check, the stacked weight) in any layer, with the
+    # block's opt-in epilogues (switch) or without.
+    if switch:
+        monkeypatch.setattr(lm.Block, switch, True)
     _, fused, idx = _lm_pair("hybrid")
     usable = lambda x, *w: ge._unwrapped(x) and not any(n % 16 for n in (x.shape[-1], *w))  # noqa: E731
     monkeypatch.setattr(lm, "epilogues_usable", usable)
@@ -289,8 +290,9 @@ def test_the_lm_on_epilogues_compiles_whole(fake_quack, fake_lce, monkeypatch, t
     torch._dynamo.reset()
     _, loss = torch.compile(fused, backend="aot_eager", fullgraph=True)(idx, idx)
     loss.backward()
-    assert fake_quack["act"] > 0 and (fake_quack.get("norm_bwd", 0) > 0 if tail is True else fake_quack["dact"] > 0)
-    assert (fake_quack.get("add", 0) > 0) == (tail is not False)  # the tail's w2 adds h on gemm_add too
+    tail = switch == "fused_tail"
+    assert fake_quack["act"] > 0 and (fake_quack.get("norm_bwd", 0) > 0 if tail else fake_quack["dact"] > 0)
+    assert (fake_quack.get("add", 0) > 0) == (switch is not None)  # the tail's w2 adds h on gemm_add too
     assert fake_lce[0] > 0
 
 
