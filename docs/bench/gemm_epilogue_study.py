@@ -25,8 +25,8 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from kernels.gemm_epilogue import (epilogues_usable, linear_silu, residual_norm_mlp, residual_norm_mlp_reference,
-                                   swiglu_mlp, swiglu_mlp_reference)
+from kernels.gemm_epilogue import (epilogues_usable, linear_add, linear_silu, residual_norm_mlp,
+                                   residual_norm_mlp_reference, swiglu_mlp, swiglu_mlp_reference)
 
 D = 768  # the 135M model's width; hidden 1792 for lightning's MLP, 2048 for softmax's
 M = 64 * 2048  # one microbatch of the README's command: 64 sequences of 2048 tokens
@@ -83,6 +83,14 @@ def check() -> None:
         dq = torch.randn(m, 3 * D, device="cuda", dtype=torch.bfloat16)
         worst = max(worst, _compare("linear_silu", linear_silu, lambda x, w: F.silu(F.linear(x, w)), (x, w), dq,
                                     ("dx", "dw"), M=m))
+        # the residual adds in the GEMMs' epilogues (gemm_add on the tiles pinned for the output projection and w2)
+        r = torch.randn(m, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        wo = (torch.randn(D, D, device="cuda") * 0.02).requires_grad_()
+        worst = max(worst, _compare("linear_add", linear_add, lambda y, w, r: r + F.linear(y, w), (x, wo, r), dy,
+                                    ("dy", "dw", "dres"), M=m))
+        worst = max(worst, _compare("swiglu_mlp_add", lambda x, *ws: swiglu_mlp(x, *ws[:3], residual=ws[3]),
+                                    lambda x, *ws: ws[3] + swiglu_mlp_reference(x, *ws[:3]), (x, *_weights(f), r), dy,
+                                    ("dx", "dw1", "dw3", "dw2", "dres"), M=m, F=f))
     # The fused ops' error against fp32 should be of the plain bf16 ops' size (each pair is fused, plain).
     print(f"CHECK worst fused/plain error ratio {worst:.2f}: {'ok' if worst < 2 else 'LARGER THAN PLAIN'}", flush=True)
 
@@ -328,7 +336,7 @@ def tail_tiles() -> None:
     (TILES) and autotuned; median ms, the winners' configs printed."""
     from triton.testing import do_bench
 
-    from kernels.gemm_epilogue import _config, _library
+    from kernels.gemm_epilogue import _add_gemm, _config, _library
 
     lib = _library()
     torch.manual_seed(0)
@@ -387,7 +395,7 @@ def trace() -> None:
              "dgated": lambda: quack.gemm_dact(x, w2, torch.randn(m, 2 * f, dtype=torch.bfloat16), activation="swiglu",
                                                tuned=False),
              "silu": lambda: quack.gemm_act(x, w13[: 3 * D].T, activation="silu", store_preact=True, tuned=False)}
-    from kernels.gemm_epilogue import _config, _library
+    from kernels.gemm_epilogue import _add_gemm, _config, _library
 
     lib = _library()
     wo, y, hw = (torch.randn(*s, dtype=torch.bfloat16) for s in ((D, D), (m, D), (m, D)))
@@ -402,8 +410,8 @@ def trace() -> None:
         "norm_bwd": lambda: lib.rms_bwd_apply_epi(pre, w13, x, y=y, w=wn, corr=corr, tuned=False,
                                                   config=_config("norm_bwd")),
         # The residual adds in the GEMMs (linear_add, swiglu_mlp's residual, the tail's w2): quack's gemm_add.
-        "add_wo": lambda: quack.gemm_add(y, wo.T, x, tuned=False),
-        "add_w2": lambda: quack.gemm_add(torch.randn(m, f, dtype=torch.bfloat16), w2.T, x, tuned=False),
+        "add_wo": lambda: _add_gemm(y, wo.T, x, "add_wo"),
+        "add_w2": lambda: _add_gemm(torch.randn(m, f, dtype=torch.bfloat16), w2.T, x, "add_w2"),
     }
     for name, fn in cases.items():
         try:

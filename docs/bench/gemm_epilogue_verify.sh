@@ -92,3 +92,10 @@ pair rg resgemm 1 lightning resgemm 200
 pair rg resgemm 2 lightning resgemm 200
 step rg_soft_base 100 "${VARIANT[@]}" base softmax ro b64
 step rg_soft_resgemm 200 "${VARIANT[@]}" resgemm softmax ro b64 resgemm
+# Since the thirty-fifth session the residual adds in the GEMMs are the default, on the autotuner's tiles pinned in
+# kernels.gemm_epilogue.TILES (add_wo, add_w2): the default against the adds apart (train_study.py's option norg).
+pair rgp norg 1 lightning norg
+pair rgp norg 2 lightning norg
+pair rgp norg 3 lightning norg
+step rgp_soft_base 100 "${VARIANT[@]}" base softmax ro b64
+step rgp_soft_norg 100 "${VARIANT[@]}" norg softmax ro b64 norg

@@ -40,7 +40,7 @@ def _tiles(config):
 
 
 def fake_quack_module(calls: dict) -> ModuleType:
-    """quack's gemm_act / gemm_dact in fp32 math, counting their calls in ``calls`` and checking the layouts and tiles
+    """quack's gemm_act / gemm_dact / gemm_add's kernel entry in fp32 math, counting their calls in ``calls`` and checking the layouts and tiles
     the wrapper hands over (also docs/bench/tail_partition_probe.py's stand-in)."""
 
     def gemm_act(A, B, activation, store_preact, tuned, config):
@@ -56,14 +56,17 @@ def fake_quack_module(calls: dict) -> ModuleType:
         dgate, dup, out = _dswiglu(PreAct[:, ::2].float(), PreAct[:, 1::2].float(), A.float() @ B.float())
         return torch.stack((dgate, dup), dim=-1).flatten(1).to(A.dtype), out.to(PreAct.dtype)
 
-    def gemm_add(A, B, C, tuned):  # the residual add in the GEMM (autotuned): A @ B + C
-        assert A.is_contiguous() and C.is_contiguous() and tuned
-        assert B.shape[0] == A.shape[1] and C.shape == (A.shape[0], B.shape[1])
+    def gemm_add(A, B, out, C, config):  # the residual add in the GEMM's epilogue: out = A @ B + C
+        assert A.is_contiguous() and C.is_contiguous() and out.shape == C.shape == (A.shape[0], B.shape[1])
+        pinned = {kind: (*ge.TILES[kind][:4], kind == "add_w2") for kind in ("add_wo", "add_w2")}  # w2's swaps A, B
+        kind = next(k for k, tiles in pinned.items() if tiles == (*_tiles(config), config.swap_ab))
         calls["add"] = calls.get("add", 0) + 1
-        return (A.float() @ B.float() + C.float()).to(A.dtype)
+        calls[kind] = calls.get(kind, 0) + 1  # which pinned tiles it ran on
+        out.copy_(A.float() @ B.float() + C.float())
 
     quack = ModuleType("fake_quack")  # hashable, as the module quack's interface is
-    quack.gemm_act, quack.gemm_dact, quack.gemm_add, quack.GemmConfig = gemm_act, gemm_dact, gemm_add, SimpleNamespace
+    quack.gemm_act, quack.gemm_dact, quack.GemmConfig = gemm_act, gemm_dact, SimpleNamespace
+    quack.gemm_tuned = SimpleNamespace(fn=gemm_add)
     return quack
 
 
@@ -141,17 +144,17 @@ def test_linear_silu_matches_silu_of_linear_in_output_and_gradients(fake_quack, 
 @pytest.mark.parametrize("compiled", [False, True])
 def test_residual_adds_in_the_gemms_match_the_plain_adds(fake_quack, compiled):
     """linear_add (the mixer's output projection plus the residual) and swiglu_mlp with a residual, each on one
-    gemm_add, match x + F.linear(y, w) and x + MLP(h) in output and gradients."""
+    gemm_add's kernel on the tiles pinned for it, match x + F.linear(y, w) and x + MLP(h) in output and gradients."""
     g = torch.Generator().manual_seed(2)
     y, x = (torch.randn(2, 5, 16, generator=g).requires_grad_() for _ in range(2))
     w = (torch.randn(16, 16, generator=g) / 4).requires_grad_()
     dy = torch.randn(2, 5, 16, generator=g)
     assert_matches_reference(ge.linear_add, (y, w, x), (y, w, x), dy, x + F.linear(y, w), compiled)
-    assert fake_quack == {"act": 0, "dact": 0, "add": 1}
+    assert fake_quack == {"act": 0, "dact": 0, "add": 1, "add_wo": 1}
     w1, w3, w2 = _weights()
     args = (y, w1, w3, w2, x)
     assert_matches_reference(ge.swiglu_mlp, args, args, dy, x + ge.swiglu_mlp_reference(*args[:4]), compiled)
-    assert fake_quack == {"act": 1, "dact": 1, "add": 2}
+    assert fake_quack == {"act": 1, "dact": 1, "add": 2, "add_wo": 1, "add_w2": 1}
 
 
 @pytest.mark.parametrize("compiled", [False, True])
@@ -238,7 +241,7 @@ def test_lm_takes_the_epilogues_only_where_usable(fake_quack, monkeypatch, arch)
     _, loss_ref = plain(idx, idx)
     g_ref = torch.autograd.grad(loss_ref, list(plain.parameters()))
     _, loss = fused(idx, idx)
-    assert fake_quack == {"act": 0, "dact": 0}  # on the CPU: the plain modules
+    assert fake_quack == {"act": 0, "dact": 0}  # on the CPU: the plain modules, the adds apart
     usable = []
     monkeypatch.setattr(lm, "epilogues_usable", lambda x, *w: usable.append(w) or True)
     monkeypatch.setattr(lt, "epilogues_usable", lambda x, *w: usable.append(w) or True)
@@ -247,8 +250,11 @@ def test_lm_takes_the_epilogues_only_where_usable(fake_quack, monkeypatch, arch)
     mlp_hidden = plain.config.mlp_hidden("L" if arch == "lightning" else "S")
     layers = plain.config.n_layers
     silu_calls = layers if arch == "lightning" else 0
-    assert fake_quack == {"act": layers + silu_calls, "dact": layers}
-    assert usable.count((mlp_hidden,)) == layers and usable.count((96,)) == silu_calls
+    # The residual adds in the GEMMs by default (Block.residual_gemm): both of every block, each on its pinned tiles.
+    assert fake_quack == {"act": layers + silu_calls, "dact": layers, "add": 2 * layers, "add_wo": layers,
+                          "add_w2": layers}
+    # Each block asks once for its tail (the adds' check) and once in its MLP; the SiLU's projection once.
+    assert usable.count((mlp_hidden,)) == 2 * layers and usable.count((96,)) == silu_calls
     _assert_same_step(plain, (loss, g), (loss_ref, g_ref))
 
 
@@ -271,16 +277,16 @@ def test_blocks_on_their_opt_in_epilogues_train_as_the_plain_lm(fake_quack, monk
         assert fake_quack["residual"] == fake_quack["norm_bwd"] == fake_quack["add"] == layers
         assert fake_quack["dact"] == 0
     else:
-        assert fake_quack["add"] == 2 * layers and fake_quack["dact"] == layers  # both adds of every block
+        assert fake_quack["add_wo"] == fake_quack["add_w2"] == fake_quack["dact"] == layers  # both adds, every block
     _assert_same_step(plain, (loss, g), (loss_ref, g_ref))
 
 
 @pytest.mark.parametrize("switch", [None, "fused_tail", "residual_gemm"])
 def test_the_lm_on_epilogues_compiles_whole(fake_quack, fake_lce, monkeypatch, switch):
-    # No graph break from the dispatch (the vmap check, the width check, the stacked weight) in any layer, with the
-    # block's opt-in epilogues (switch) or without.
-    if switch:
-        monkeypatch.setattr(lm.Block, switch, True)
+    # No graph break from the dispatch (the vmap check, the width check, the stacked weight) in any layer, with each
+    # of the block's epilogue switches on or with both off (None).
+    monkeypatch.setattr(lm.Block, "residual_gemm", switch == "residual_gemm")
+    monkeypatch.setattr(lm.Block, "fused_tail", switch == "fused_tail")
     _, fused, idx = _lm_pair("hybrid")
     usable = lambda x, *w: ge._unwrapped(x) and not any(n % 16 for n in (x.shape[-1], *w))  # noqa: E731
     monkeypatch.setattr(lm, "epilogues_usable", usable)
