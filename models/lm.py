@@ -107,7 +107,7 @@ class Block(nn.Module):
         return x + self.mlp(_norm(self.norm2, x, self.kernels))
 
     def _tail_on_epilogues(self, x: torch.Tensor) -> bool:
-        """Whether the block's opt-in tails (fused_tail, residual_gemm) can run here: "gemm" kernels, a mixer whose
+        """Whether the block's epilogue tails (fused_tail, residual_gemm) can run here: "gemm" kernels, a mixer whose
         output projection stands apart (``mix``), and the epilogue GEMMs usable for x."""
         return self.kernels == "gemm" and hasattr(self.mixer, "mix") and epilogues_usable(x, self.mlp.w1.out_features)
 

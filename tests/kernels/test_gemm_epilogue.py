@@ -40,8 +40,8 @@ def _tiles(config):
 
 
 def fake_quack_module(calls: dict) -> ModuleType:
-    """quack's gemm_act / gemm_dact / gemm_add's kernel entry in fp32 math, counting their calls in ``calls`` and checking the layouts and tiles
-    the wrapper hands over (also docs/bench/tail_partition_probe.py's stand-in)."""
+    """quack's gemm_act / gemm_dact / gemm_add's kernel entry in fp32 math, counting their calls in ``calls`` and
+    checking the layouts and tiles the wrapper hands over (also docs/bench/tail_partition_probe.py's stand-in)."""
 
     def gemm_act(A, B, activation, store_preact, tuned, config):
         assert A.is_contiguous() and B.shape[0] == A.shape[1] and store_preact and not tuned
