@@ -4,7 +4,8 @@ fp32 fakes of tests/kernels/test_gemm_epilogue.py, and AOT autograd runs inducto
 partitioner, as inductor does on a GPU, without compiling kernels. Prints the backward's saved inputs and whether it
 recomputes an RMSNorm's rstd (docs/bench/kernels.md, thirty-first session).
 
-    PYTHONPATH=$PWD python docs/bench/tail_partition_probe.py tail    # or: plain (the "gemm" blocks without it)
+    PYTHONPATH=$PWD python docs/bench/tail_partition_probe.py tail    # or: plain (the "gemm" blocks without it, the
+                                                                     # adds apart), resgemm (the adds in the GEMMs)
 """
 
 import sys
@@ -59,6 +60,6 @@ def main(variant: str) -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 2 or sys.argv[1:] not in ([], ["tail"], ["plain"]):
-        sys.exit("usage: PYTHONPATH=$PWD python docs/bench/tail_partition_probe.py [tail|plain]")
+    if len(sys.argv) > 2 or sys.argv[1:] not in ([], ["tail"], ["plain"], ["resgemm"]):
+        sys.exit("usage: PYTHONPATH=$PWD python docs/bench/tail_partition_probe.py [tail|plain|resgemm]")
     main(sys.argv[1] if len(sys.argv) > 1 else "tail")
