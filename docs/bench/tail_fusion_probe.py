@@ -6,8 +6,9 @@ scheduled group and, per RMSNorm backward, whether it became one mixed-order red
 gradient and the weight's column sum in one kernel) or was split (docs/bench/kernels.md, thirty-third session:
 flattening the tail op's inputs split it).
 
-    PYTHONPATH=$PWD python docs/bench/tail_fusion_probe.py tail    # or: plain (the "gemm" blocks without the tail),
-                                                                   # resgemm (the residual adds in the GEMMs)
+    PYTHONPATH=$PWD python docs/bench/tail_fusion_probe.py tail    # or: plain (the "gemm" blocks without the tail,
+                                                                   # the adds apart), resgemm (the residual adds in the
+                                                                   # GEMMs, training's default)
     PYTHONPATH=$PWD python docs/bench/tail_fusion_probe.py resgemm fw   # the forward's groups and bytes instead
 
 A study, not a product path: it patches torch.cuda's functions for the life of its process. Groups a real GPU would
