@@ -336,7 +336,7 @@ def tail_tiles() -> None:
     (TILES) and autotuned; median ms, the winners' configs printed."""
     from triton.testing import do_bench
 
-    from kernels.gemm_epilogue import _add_gemm, _config, _library
+    from kernels.gemm_epilogue import _config, _library
 
     lib = _library()
     torch.manual_seed(0)

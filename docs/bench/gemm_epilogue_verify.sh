@@ -87,13 +87,9 @@ for v in "base" "tail tail" "reads tail moreads" "nonstrict tail monostrict"; do
   step "mo_$name" 120 env TORCHINDUCTOR_CACHE_DIR=/tmp/ind_mo_$name "${VARIANT[@]}" "$name" lightning ro b64 "$@"
 done
 # The two residual adds of each block in the epilogues of the GEMMs whose outputs they add (quack's gemm_add,
-# autotuned on the first step; models.lm.Block.residual_gemm, train_study.py's option resgemm), alternated.
-pair rg resgemm 1 lightning resgemm 200
-pair rg resgemm 2 lightning resgemm 200
-step rg_soft_base 100 "${VARIANT[@]}" base softmax ro b64
-step rg_soft_resgemm 200 "${VARIANT[@]}" resgemm softmax ro b64 resgemm
-# Since the thirty-fifth session the residual adds in the GEMMs are the default, on the autotuner's tiles pinned in
-# kernels.gemm_epilogue.TILES (add_wo, add_w2): the default against the adds apart (train_study.py's option norg).
+# models.lm.Block.residual_gemm), the default since the thirty-fifth session on the autotuner's tiles pinned in
+# kernels.gemm_epilogue.TILES (add_wo, add_w2), against the adds apart (train_study.py's option norg), alternated.
+# (Before eb06448, opt-in and autotuned, steps rg_base_N / rg_resgemm_N ran them with train_study.py's option resgemm.)
 pair rgp norg 1 lightning norg
 pair rgp norg 2 lightning norg
 pair rgp norg 3 lightning norg

@@ -28,9 +28,9 @@ calling thread, torch.autograd.set_multithreading_enabled(False)), tail (under "
 residual add, second norm and MLP as one op on quack's epilogue GEMMs, models.lm.Block.fused_tail), qlce (under
 "gemm", the head + loss on quack's scaled-exp linear cross-entropy, models.lm.LM.epilogue_loss, the default since
 this session's measurements; noqlce: on kernels.fused's instead; lce128: its logits GEMM on tiles 128 wide, the default
-since 2026-12-07's thirty-third session; lce256: on quack's pick, 256 wide for V 32,000), resgemm (under "gemm", the
-two residual adds of each block in the epilogues of the GEMMs whose outputs they add, models.lm.Block.residual_gemm,
-the default since the thirty-fifth session; norg: the adds apart).
+since 2026-12-07's thirty-third session; lce256: on quack's pick, 256 wide for V 32,000), norg (under "gemm", each
+block's two residual adds apart rather than in the epilogues of the GEMMs whose outputs they add, the default since the
+thirty-fifth session, models.lm.Block.residual_gemm; before eb06448, opt-in, the option resgemm turned them on).
 Each run trains 20 steps (T 2048 unless t8k or t32k) and prints one RESULT line (median tokens/s of the second half, MFU of 989).
 """
 
@@ -48,7 +48,7 @@ OUT = Path("/tmp/train_study")
 OPTIONS = ("resid16", "bthd", "ce", "ce1", "b32", "b64", "b64x2", "b128", "h6", "noclip", "qkvg", "w13", "flash", "eager",
            "ro", "mat", "fused", "prof", "trace", "hostt", "wideloss", "nomos", "mostune", "moreads", "monostrict", "pdl",
            "ce16k", "gategemm", "budget75", "budget60", "t8k", "t32k", "st", "tail", "qlce", "noqlce", "lce128", "lce256",
-           "resgemm", "norg")
+           "norg")
 #: Inductor settings (models.train.INDUCTOR_OPTIONS) that the options nomos, mostune, moreads, monostrict and pdl set.
 INDUCTOR_OPTIONS = {"nomos": ("triton.mix_order_reduction_allow_multi_stages", False),
                     "mostune": ("triton.mix_order_reduction_autotune_split_size", True),
@@ -226,8 +226,8 @@ def variant(name: str, arch: str, *options: str) -> None:
         functorch_config.activation_memory_budget = int(opt.removeprefix("budget")) / 100
     if "tail" in opts:
         lm.Block.fused_tail = True
-    if "resgemm" in opts or "norg" in opts:
-        lm.Block.residual_gemm = "resgemm" in opts
+    if "norg" in opts:
+        lm.Block.residual_gemm = False
     if "qlce" in opts or "noqlce" in opts:
         lm.LM.epilogue_loss = "qlce" in opts
     if "lce128" in opts:
@@ -292,11 +292,6 @@ def variant(name: str, arch: str, *options: str) -> None:
                                 # inductor's mixed-order reductions made and refused over the run's compilations
                                 "mix_order": [getattr(metrics, k, None) for k in ("codegen_mix_order_reduction",
                                                                                    "rejected_mix_order_reduction_fusion")]}))
-    if opts & {"resgemm", "tail"}:  # quack's autotuner's pick for each GEMM shape it searched (gemm_add's), to pin
-        from quack.gemm_interface import gemm_tuned
-
-        for key, config in gemm_tuned.cache.items():
-            print("WINNER", str(key)[:200], config, flush=True)
 
 
 def loss(rows: int = 4096) -> None:
