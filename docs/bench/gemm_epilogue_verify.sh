@@ -95,3 +95,13 @@ pair rgp norg 2 lightning norg
 pair rgp norg 3 lightning norg
 step rgp_soft_base 100 "${VARIANT[@]}" base softmax ro b64
 step rgp_soft_norg 100 "${VARIANT[@]}" norg softmax ro b64 norg
+# A profile of training's default (its table in $out/prof_p.txt), and the README's command at 262,144 tokens a step
+# (two microbatches of 64) against its 131,072 (one), alternated: the optimizer's step, the clipping and the step's
+# boundary come once per twice the tokens.
+step prof 100 env TRAIN_STUDY_OUT="$out" "${VARIANT[@]}" p lightning ro b64 prof
+CMD2=("${CMD[@]/131072/262144}")
+for i in 1 2; do
+  step tps131k_$i 80 "${CMD[@]}" --arch lightning
+  step tps262k_$i 110 "${CMD2[@]}" --arch lightning
+done
+step tps262k_soft 110 "${CMD2[@]}" --arch softmax

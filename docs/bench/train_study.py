@@ -38,12 +38,14 @@ import contextlib
 import functools
 import gzip
 import json
+import os
 import sys
 import time
 from dataclasses import replace
 from pathlib import Path
 
-OUT = Path("/tmp/train_study")
+# Profiles and traces; the device scripts point it at the call's $OUT, whose files come back.
+OUT = Path(os.environ.get("TRAIN_STUDY_OUT", "/tmp/train_study"))
 #: The OPTIONS of the docstring.
 OPTIONS = ("resid16", "bthd", "ce", "ce1", "b32", "b64", "b64x2", "b128", "h6", "noclip", "qkvg", "w13", "flash", "eager",
            "ro", "mat", "fused", "prof", "trace", "hostt", "wideloss", "nomos", "mostune", "moreads", "monostrict", "pdl",
