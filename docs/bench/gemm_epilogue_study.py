@@ -373,22 +373,29 @@ def tail_tiles() -> None:
             print("WINNER", tuner.fn.__name__, str(key)[:160], config, flush=True)
 
 
-def trace() -> None:
-    """Without a GPU: build the wrapper's quack kernels (gated, dgated, SiLU, the tail's four, the residual adds) at
-    the 135M shapes for sm_90a up to their launch, with the device queries answered as an H100 would; each must stop
-    only at the launch, refusing CPU tensors (a mismatched K is not caught before it). Needs quack and the CUTLASS DSL
-    importable (under a site-packages folder) and CUTE_DSL_ARCH=sm_90a."""
+def as_h100():
+    """Without a GPU: torch and quack's modules answer device queries as an H100 would (SM90, 132 SMs in pairs), so
+    that quack's kernels build for sm_90a up to their launch; returns quack's GEMM interface."""
     from kernels.gemm_epilogue import _quack
 
     torch.cuda.get_device_capability = lambda *a, **k: (9, 0)
     quack = _quack()
     assert quack is not None, "quack does not import"
     answers = {"get_device_capacity": lambda *a, **k: (9, 0), "get_max_active_clusters": lambda *a, **k: 66}
-    for module in list(sys.modules.values()):  # what an H100 answers (SM90, 132 SMs in pairs), wherever it is asked
+    for module in list(sys.modules.values()):  # wherever it is asked
         if getattr(module, "__name__", "").startswith("quack"):
             for attr, answer in answers.items():
                 if hasattr(module, attr):
                     setattr(module, attr, answer)
+    return quack
+
+
+def trace() -> None:
+    """Without a GPU: build the wrapper's quack kernels (gated, dgated, SiLU, the tail's four, the residual adds) at
+    the 135M shapes for sm_90a up to their launch, with the device queries answered as an H100 would; each must stop
+    only at the launch, refusing CPU tensors (a mismatched K is not caught before it). Needs quack and the CUTLASS DSL
+    importable (under a site-packages folder) and CUTE_DSL_ARCH=sm_90a."""
+    quack = as_h100()
     m, f = 1000, 1792
     x, w13, w2 = (torch.randn(*s, dtype=torch.bfloat16) for s in ((m, D), (2 * f, D), (D, f)))
     cases = {"gated": lambda: quack.gemm_act(x, w13.T, activation="swiglu", store_preact=True, tuned=False),

@@ -75,6 +75,8 @@ step lq_soft_qlce 100 "${VARIANT[@]}" qlce softmax ro b64 qlce
 step lq_both 100 "${VARIANT[@]}" both lightning ro b64 qlce tail
 step lce_energy 150 python docs/bench/lce_study.py energy
 step lce_tiles 150 python docs/bench/lce_study.py tiles
+# The same pipeline with each of its three GEMMs on other tiles (lce_study.PIPE_VARIANTS), checked and timed.
+step lce_pipetiles 450 python docs/bench/lce_study.py pipetiles
 # The loss's logits GEMM on quack's own tile width (256 for V 32,000) against the default of 128 since the thirty-third
 # session (up to e9bbcd1 these pairs ran as lt_base_N / lt_128_N: 256 then, against the option lce128).
 pair lt 256 1 lightning lce256

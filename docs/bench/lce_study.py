@@ -8,10 +8,13 @@ sums, so no row pass reads the logits; the gradient GEMMs scale them on load).
     python docs/bench/lce_study.py time     # forward + backward as CUDA-graph replays, median ms of do_bench
     python docs/bench/lce_study.py tiles    # the scaled-exp logits GEMM on tiles 128 wide (pingpong) against 256
     python docs/bench/lce_study.py energy   # the same loops sustained at the power cap: ms, W, J a call
+    python docs/bench/lce_study.py pipetiles  # training's pipeline with each of its three GEMMs on other tiles
+    python docs/bench/lce_study.py pipetrace  # without a GPU: those GEMMs built for sm_90a up to their launch
 
 Needs quack-kernels and the CUTLASS DSL beside torch on a Hopper GPU (docs/bench/gemm_epilogue_verify.sh).
 """
 
+import contextlib
 import json
 import sys
 
@@ -59,6 +62,103 @@ def _tile_cases(chunks=(8192, 16384)):
                 lambda x, w, t, c=c, n1=n1: lce(x, w, t, chunk_size=c, reduction="sum", tile_n1=n1)
                 / (t != -100).sum())
     return cases
+
+
+# The scaled-exp pipeline's three GEMMs per chunk, by their names in quack.linear_cross_entropy, and the tiles quack
+# 0.6.5 gives them there (tile_N of the logits GEMM is LOSS_TILE_N, training's, and stays). In the thirty-sixth
+# session's profiles these ran at 0.77-0.86 ms per chunk of 8,192 tokens where a plain GEMM of the same size took 0.60:
+# the two gradient GEMMs scale their A operand on load (a register-sourced mainloop), the logits GEMM's epilogue
+# writes exps and row sums. Other tiles for each, one at a time.
+PIPE_GEMMS = {"logits": ("scaled_exp_target_epi", dict(tile_M=128, cluster_M=2, cluster_N=1, pingpong=True)),
+              "dx": ("_lce_vscale_epi", dict(tile_M=128, tile_N=192, tile_K=64, cluster_M=2, cluster_N=1)),
+              "dw": ("identity_epi", dict(tile_M=128, tile_N=192, tile_K=64, cluster_M=1, cluster_N=2))}
+PIPE_VARIANTS = {
+    "logits": [dict(cluster_M=1), dict(cluster_M=1, cluster_N=2), dict(tile_M=256, pingpong=False)],
+    "dx": [dict(pingpong=True), dict(tile_N=256), dict(cluster_M=1), dict(cluster_M=1, cluster_N=2), dict(tile_M=256)],
+    "dw": [dict(pingpong=True), dict(tile_N=256), dict(cluster_M=2, cluster_N=1), dict(cluster_N=1), dict(tile_M=256)],
+}
+
+
+class _Retiled:
+    """One of quack's epilogue GEMM objects whose ``gemm`` calls take ``overrides`` over the caller's tiles."""
+
+    def __init__(self, real, overrides: dict):
+        self.real, self.overrides = real, overrides
+
+    def gemm(self, *args, **kwargs):
+        return self.real.gemm(*args, **{**kwargs, **self.overrides})
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+
+@contextlib.contextmanager
+def _retiled(gemm: str, overrides: dict):
+    """Within, the scaled-exp pipeline runs its GEMM ``gemm`` (a PIPE_GEMMS key) with ``overrides`` over its tiles:
+    its loop looks the GEMM objects up in its module at each call, so the stand-in is what it calls."""
+    import quack.linear_cross_entropy as q
+
+    name = PIPE_GEMMS[gemm][0]
+    real = getattr(q, name)
+    setattr(q, name, _Retiled(real, overrides))
+    try:
+        yield
+    finally:
+        setattr(q, name, real)
+
+
+def _pipe_cases() -> dict:
+    """Training's head + loss (linear_cross_entropy_epilogue: chunks of 8,192, LOSS_TILE_N) as it is, then with each
+    variant of PIPE_VARIANTS: name -> fn(x, w, t)."""
+    cases = {"pipeline as quack tiles it": lambda x, w, t: linear_cross_entropy_epilogue(x, w, t)}
+    for gemm, variants in PIPE_VARIANTS.items():
+        for overrides in variants:
+            def fn(x, w, t, gemm=gemm, overrides=overrides):
+                with _retiled(gemm, overrides):
+                    return linear_cross_entropy_epilogue(x, w, t)
+            cases[f"{gemm} {json.dumps(overrides)}"] = fn
+    return cases
+
+
+def pipetiles() -> None:
+    """Each retiled pipeline checked against fp32 math at 8,192 rows, then timed as training's step runs it."""
+    _check(_pipe_cases(), 8192)
+    _time(_pipe_cases())
+
+
+def pipetrace() -> None:
+    """Without a GPU: each variant's GEMM built for sm_90a up to its launch (refusing CPU tensors), with the device
+    queries answered as an H100 would. Needs quack and the CUTLASS DSL importable and CUTE_DSL_ARCH=sm_90a."""
+    import quack.linear_cross_entropy as q
+    from gemm_epilogue_study import as_h100  # beside this script
+    from quack.operand_transform.host import transform_a_operand
+
+    as_h100()  # after the imports: it answers for the quack modules loaded by then
+
+    m = 1024
+    x, w = torch.randn(m, D, dtype=torch.bfloat16), torch.randn(V, D, dtype=torch.bfloat16)
+    e, strip = torch.randn(m, V, dtype=torch.bfloat16), torch.randn(V // 64, m, dtype=torch.bfloat16)
+    rows = [torch.empty(m, V // 128) for _ in range(2)] + [torch.empty(m) for _ in range(2)]
+    calls = {
+        "logits": lambda t: q.scaled_exp_target_epi.gemm(
+            x, w, e, epi_args=dict(max_log2=128, sum_exp=rows[0], max_log2_out=rows[1], target=torch.zeros(m).long(),
+                                   target_logit=rows[2]), tile_N=128, **t),
+        "dx": lambda t: q._lce_vscale_epi.gemm(
+            transform_a_operand(q._lce_dx_scale, e, {"u": strip}, t["tile_M"], 64), w.mT, torch.empty(m, D).bfloat16(),
+            epi_args=dict(v=rows[3].unsqueeze(0)), transform_a=q._lce_dx_scale, **t),
+        "dw": lambda t: q.identity_epi.gemm(
+            transform_a_operand(q._lce_dw_scale, e.t(), {"u": strip}, t["tile_M"], 64), x.mT, torch.empty(V, D),
+            epi_args={}, transform_a=q._lce_dw_scale, add_to_output=True, **t),
+    }
+    for gemm, variants in PIPE_VARIANTS.items():
+        for overrides in [{}] + variants:
+            name = f"{gemm} {json.dumps(overrides)}"
+            try:
+                calls[gemm]({**PIPE_GEMMS[gemm][1], **overrides})
+                print("TRACE", name, "launched on the CPU?", flush=True)
+            except ValueError as exc:
+                ok = "expected device_type=cuda" in str(exc)
+                print("TRACE", name, "built, refused at launch (ok)" if ok else f"FAILED: {exc}", flush=True)
 
 
 def _rel(a, b):
@@ -138,7 +238,8 @@ def energy(seconds: float = 8.0) -> None:
 
 
 if __name__ == "__main__":
-    modes = {"check": check, "time": time, "tiles": tiles, "energy": energy}
+    modes = {"check": check, "time": time, "tiles": tiles, "energy": energy, "pipetiles": pipetiles,
+             "pipetrace": pipetrace}
     if len(sys.argv) != 2 or sys.argv[1] not in modes:
         sys.exit(f"usage: python docs/bench/lce_study.py {'|'.join(modes)}")
     modes[sys.argv[1]]()
