@@ -108,6 +108,7 @@ class SlabGroup(TyperGroup):
     (make_context) and the subcommands (invoke), before typer would draw its boxed panel."""
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode: bool = True, **extra):
+        """click's entry point, with one-line errors on where it handles them itself (standalone mode)."""
         token = _ONE_LINE_ERRORS.set(standalone_mode)
         try:
             return super().main(args, prog_name, complete_var, standalone_mode=standalone_mode, **extra)
@@ -115,6 +116,7 @@ class SlabGroup(TyperGroup):
             _ONE_LINE_ERRORS.reset(token)
 
     def make_context(self, info_name, args, parent=None, **extra):
+        """Parse the arguments as click does; a usage error, or an option given an empty value, fails in one line."""
         with _one_line_errors():
             if _ONE_LINE_ERRORS.get() and (empty := _empty_option(self, list(args))) and empty[0] != "--db":  # its own below
                 name, required = empty
@@ -122,6 +124,7 @@ class SlabGroup(TyperGroup):
             return super().make_context(info_name, args, parent=parent, **extra)
 
     def invoke(self, ctx):
+        """Run the subcommand as click does; its usage errors fail in one line."""
         with _one_line_errors(ctx):
             return super().invoke(ctx)
 
