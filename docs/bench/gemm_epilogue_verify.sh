@@ -98,13 +98,6 @@ pair rgp norg 2 lightning norg
 pair rgp norg 3 lightning norg
 step rgp_soft_base 100 "${VARIANT[@]}" base softmax ro b64
 step rgp_soft_norg 100 "${VARIANT[@]}" norg softmax ro b64 norg
-# A profile of training's default, its table in $out/prof_p.txt.
+# A profile of training's default, its table in $out/prof_p.txt. Its RESULT read about 2% high twice (likely the
+# profiler's flush idling the GPU, whose power cap then lets the next steps run faster): not a speed (kernels.md).
 step prof 100 "${VARIANT[@]}" p lightning ro b64 prof
-# The README's command at 20 steps against its 30, alternated: whether the later steps' median reads lower (call 3 of
-# the thirty-sixth session's 20-step study run read 722k tokens/s where three of the command read 710-712k).
-CMD20=(python -m sweep.cli bench train --params 135M --seq-len 2048 --compile-mode reduce-overhead
-       --tokens-per-step 131072 --microbatch 64 --steps 20)
-for i in 1 2; do
-  step steps30_$i 80 "${CMD[@]}" --arch lightning
-  step steps20_$i 80 "${CMD20[@]}" --arch lightning
-done

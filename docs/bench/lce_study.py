@@ -68,14 +68,15 @@ def _tile_cases(chunks=(8192, 16384)):
 # 0.6.5 gives them there (tile_N of the logits GEMM is LOSS_TILE_N, training's, and stays). In the thirty-sixth
 # session's profiles these ran at 0.77-0.86 ms per chunk of 8,192 tokens where a plain GEMM of the same size took 0.60:
 # the two gradient GEMMs scale their A operand on load (a register-sourced mainloop), the logits GEMM's epilogue
-# writes exps and row sums. Other tiles for each, one at a time.
+# writes exps and row sums. Other tiles for each, one at a time. (Not the gradient GEMMs' tile_M: quack's loop builds
+# their A operand's bundle for 128-row tiles, which a 256-row GEMM refuses.)
 PIPE_GEMMS = {"logits": ("scaled_exp_target_epi", dict(tile_M=128, cluster_M=2, cluster_N=1, pingpong=True)),
               "dx": ("_lce_vscale_epi", dict(tile_M=128, tile_N=192, tile_K=64, cluster_M=2, cluster_N=1)),
               "dw": ("identity_epi", dict(tile_M=128, tile_N=192, tile_K=64, cluster_M=1, cluster_N=2))}
 PIPE_VARIANTS = {
     "logits": [dict(cluster_M=1), dict(cluster_M=1, cluster_N=2), dict(tile_M=256, pingpong=False)],
-    "dx": [dict(pingpong=True), dict(tile_N=256), dict(cluster_M=1), dict(cluster_M=1, cluster_N=2), dict(tile_M=256)],
-    "dw": [dict(pingpong=True), dict(tile_N=256), dict(cluster_M=2, cluster_N=1), dict(cluster_N=1), dict(tile_M=256)],
+    "dx": [dict(pingpong=True), dict(tile_N=256), dict(cluster_M=1), dict(cluster_M=1, cluster_N=2)],
+    "dw": [dict(pingpong=True), dict(tile_N=256), dict(cluster_M=2, cluster_N=1), dict(cluster_N=1)],
 }
 
 
