@@ -6,6 +6,7 @@ The levers were tried as patches on the code of commit f82e154, before any of th
     git worktree add /tmp/f82e154 f82e154
     PYTHONPATH=/tmp/f82e154 python docs/bench/train_study.py variant NAME softmax|lightning [OPTION ...]
     python docs/bench/train_study.py gaps /tmp/train_study/trace_NAME.json   # after a run with the trace option
+    (profiles and traces go to $TRAIN_STUDY_OUT where set, else /tmp/train_study)
     python docs/bench/train_study.py loss   # the loss kernel's row held at 16 bits or at 32 (on current code)
     python docs/bench/train_study.py norm   # the RMSNorm kernels' launch settings (on current code)
 
