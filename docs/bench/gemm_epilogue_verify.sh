@@ -102,6 +102,6 @@ step rgp_soft_norg 100 "${VARIANT[@]}" norg softmax ro b64 norg
 # profiler's flush idling the GPU, whose power cap then lets the next steps run faster): not a speed (kernels.md).
 step prof 100 "${VARIANT[@]}" p lightning ro b64 prof
 # Where the GPU waits in the default's steps: a chrome trace of three steps (after nine) and its idle gaps between
-# kernels (train_study.py gaps). Unprofiled steps took 184.7 ms where the profile's kernels sum to about 180.5.
+# kernels (train_study.py gaps).
 step trace 120 "${VARIANT[@]}" t lightning ro b64 trace
 step gaps 60 python docs/bench/train_study.py gaps "$out/trace_t.json"
