@@ -390,6 +390,18 @@ def as_h100():
     return quack
 
 
+def report_builds(cases: dict) -> None:
+    """Run each case (name -> fn) on CPU tensors under ``as_h100`` and print whether its kernel built and stopped only
+    at its launch, refusing the CPU tensors (ok), or failed before."""
+    for name, fn in cases.items():
+        try:
+            fn()
+            print("TRACE", name, "launched on the CPU?", flush=True)
+        except ValueError as exc:
+            ok = "expected device_type=cuda" in str(exc)
+            print("TRACE", name, "built, refused at launch (ok)" if ok else f"FAILED: {exc}", flush=True)
+
+
 def trace() -> None:
     """Without a GPU: build the wrapper's quack kernels (gated, dgated, SiLU, the tail's four, the residual adds) at
     the 135M shapes for sm_90a up to their launch, with the device queries answered as an H100 would; each must stop
@@ -420,13 +432,7 @@ def trace() -> None:
         "add_wo": lambda: _add_gemm(y, wo.T, x, "add_wo"),
         "add_w2": lambda: _add_gemm(torch.randn(m, f, dtype=torch.bfloat16), w2.T, x, "add_w2"),
     }
-    for name, fn in cases.items():
-        try:
-            fn()
-            print("TRACE", name, "launched on the CPU?", flush=True)
-        except ValueError as exc:
-            ok = "expected device_type=cuda" in str(exc)
-            print("TRACE", name, "built, refused at launch (ok)" if ok else f"FAILED: {exc}", flush=True)
+    report_builds(cases)
 
 
 MODES = {"check": check, "time": time, "tiles": tiles, "plain": plain, "residual": residual, "trace": trace,

@@ -123,15 +123,16 @@ def _pipe_cases() -> dict:
 
 def pipetiles() -> None:
     """Each retiled pipeline checked against fp32 math at 8,192 rows, then timed as training's step runs it."""
-    _check(_pipe_cases(), 8192)
-    _time(_pipe_cases())
+    cases = _pipe_cases()
+    _check(cases, 8192)
+    _time(cases)
 
 
 def pipetrace() -> None:
     """Without a GPU: each variant's GEMM built for sm_90a up to its launch (refusing CPU tensors), with the device
     queries answered as an H100 would. Needs quack and the CUTLASS DSL importable and CUTE_DSL_ARCH=sm_90a."""
     import quack.linear_cross_entropy as q
-    from gemm_epilogue_study import as_h100  # beside this script
+    from gemm_epilogue_study import as_h100, report_builds  # beside this script
     from quack.operand_transform.host import transform_a_operand
 
     as_h100()  # after the imports: it answers for the quack modules loaded by then
@@ -151,15 +152,9 @@ def pipetrace() -> None:
             transform_a_operand(q._lce_dw_scale, e.t(), {"u": strip}, t["tile_M"], 64), x.mT, torch.empty(V, D),
             epi_args={}, transform_a=q._lce_dw_scale, add_to_output=True, **t),
     }
-    for gemm, variants in PIPE_VARIANTS.items():
-        for overrides in [{}] + variants:
-            name = f"{gemm} {json.dumps(overrides)}"
-            try:
-                calls[gemm]({**PIPE_GEMMS[gemm][1], **overrides})
-                print("TRACE", name, "launched on the CPU?", flush=True)
-            except ValueError as exc:
-                ok = "expected device_type=cuda" in str(exc)
-                print("TRACE", name, "built, refused at launch (ok)" if ok else f"FAILED: {exc}", flush=True)
+    report_builds({f"{gemm} {json.dumps(overrides)}": lambda gemm=gemm, overrides=overrides:
+                   calls[gemm]({**PIPE_GEMMS[gemm][1], **overrides})
+                   for gemm, variants in PIPE_VARIANTS.items() for overrides in [{}] + variants})
 
 
 def _rel(a, b):
