@@ -119,42 +119,56 @@ def _unwrapped(x: torch.Tensor) -> bool:
 # --- the SwiGLU MLP -------------------------------------------------------------------------------------------------
 
 
+#: Whether the SwiGLU MLP keeps its gate's output (M, F) from the forward, where its GEMM writes it anyway for w2, for
+#: w2's weight gradient (``dswiglu_epi`` then leaves its store out of the backward's gate-gradient GEMM): one (M, F)
+#: write fewer a layer, for one (M, F) tensor more kept a layer (5.5 GB at the 135M model's 131,072 tokens). Off:
+#: quack's ``gemm_dact`` writes it again.
+MLP_KEEPS_GATE = True
+
+
 def _mlp_forward(x, w13, w2, res=None):
     preact, gated = _quack().gemm_act(x, w13.T, activation="swiglu", store_preact=True, tuned=False,
                                       config=_config("gated"))
-    return (gated @ w2.T if res is None else _add_gemm(gated, w2.T, res, "add_w2")), preact
+    return (gated @ w2.T if res is None else _add_gemm(gated, w2.T, res, "add_w2")), preact, gated
 
 
-def _mlp_backward(x, w13, w2, preact, dy):
-    # dgated = dy w2 stays in the accumulator: the epilogue writes the gate's gradient (interleaved as preact) and
-    # the gate's output again, which w2's gradient needs, instead of storing it in the forward.
-    dpre, gated = _quack().gemm_dact(dy, w2, preact, activation="swiglu", tuned=False,
-                                     config=_config("dgated"))
+def _mlp_backward(x, w13, w2, preact, dy, gated=None):
+    # dgated = dy w2 stays in the accumulator: the epilogue writes the gate's gradient (interleaved as preact) and,
+    # where the forward's gate output was not kept, that output again, which w2's gradient needs.
+    if gated is None:
+        dpre, gated = _quack().gemm_dact(dy, w2, preact, activation="swiglu", tuned=False,
+                                         config=_config("dgated"))
+    else:
+        dpre = _library().dswiglu_epi(dy, w2, preact, tuned=False, config=_config("dgated"))["D"]
     return dpre @ w13, dpre.T @ x, dy.T @ gated
 
 
 @torch.library.custom_op("slab::swiglu_mlp", mutates_args=())
-def swiglu_mlp_op(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
-                  res: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def swiglu_mlp_op(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, res: torch.Tensor | None = None,
+                  keep_gate: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``w2(silu(w1 x) * w3 x)`` for x (M, d), w13 (2F, d) holding w1's and w3's rows in turn, w2 (d, F), plus res
-    (M, d) where given, added in w2's GEMM (quack's gemm_add); also the pre-activation (M, 2F) the backward reads."""
+    (M, d) where given, added in w2's GEMM (quack's gemm_add); also the pre-activation (M, 2F) the backward reads and
+    the gate's output (M, F), which the backward reads too with ``keep_gate``."""
     return _mlp_forward(x, w13, w2, res)
 
 
 @swiglu_mlp_op.register_fake
-def _(x, w13, w2, res=None):
-    return x.new_empty(x.shape[0], w2.shape[0]), x.new_empty(x.shape[0], w13.shape[0])
+def _(x, w13, w2, res=None, keep_gate=False):
+    m = x.shape[0]
+    return x.new_empty(m, w2.shape[0]), x.new_empty(m, w13.shape[0]), x.new_empty(m, w2.shape[1])
 
 
 @torch.library.custom_op("slab::swiglu_mlp_backward", mutates_args=())
 def swiglu_mlp_backward_op(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, preact: torch.Tensor,
-                           dy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """dx, dw13, dw2 of ``swiglu_mlp_op`` for the output's gradient dy (M, d)."""
-    return _mlp_backward(x, w13, w2, preact, dy)
+                           dy: torch.Tensor, gated: torch.Tensor | None = None
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dx, dw13, dw2 of ``swiglu_mlp_op`` for the output's gradient dy (M, d), from the forward's gate output where
+    given."""
+    return _mlp_backward(x, w13, w2, preact, dy, gated)
 
 
 @swiglu_mlp_backward_op.register_fake
-def _(x, w13, w2, preact, dy):
+def _(x, w13, w2, preact, dy, gated=None):
     return torch.empty_like(x), torch.empty_like(w13), torch.empty_like(w2)
 
 
@@ -162,20 +176,21 @@ def _mlp_save(ctx, inputs, output):
     # The callers use only y: eager autograd would otherwise hand the backward a zero (M, 2F) gradient for preact,
     # written in full, and add it.
     ctx.set_materialize_grads(False)
-    ctx.save_for_backward(*inputs[:3], output[1])
+    ctx.mark_non_differentiable(output[2])  # the backward's own read, not a result
+    ctx.save_for_backward(*inputs[:3], output[1], output[2] if inputs[4] else None)
     ctx.residual = inputs[3] is not None
 
 
-def _mlp_op_backward(ctx, dy, dpreact):
-    x, w13, w2, preact = ctx.saved_tensors
+def _mlp_op_backward(ctx, dy, dpreact, _dgated):
+    x, w13, w2, preact, gated = ctx.saved_tensors
     dres = dy if ctx.residual else None  # res is added as it is
     if dy is not None:
-        dx, dw13, dw2 = swiglu_mlp_backward_op(x, w13, w2, preact, dy.contiguous())
+        dx, dw13, dw2 = swiglu_mlp_backward_op(x, w13, w2, preact, dy.contiguous(), gated)
     else:
         dx, dw13, dw2 = torch.zeros_like(x), torch.zeros_like(w13), torch.zeros_like(w2)
     if dpreact is not None:  # preact = x w13^T
         dx, dw13 = dx + dpreact @ w13, dw13 + dpreact.T @ x
-    return dx, dw13, dw2, dres
+    return dx, dw13, dw2, dres, None
 
 
 swiglu_mlp_op.register_autograd(_mlp_op_backward, setup_context=_mlp_save)
@@ -193,7 +208,9 @@ def swiglu_mlp(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Te
     (callers check ``epilogues_usable`` first), plus ``residual`` (..., d) in w2's GEMM where given; the weights'
     gradients reach w1, w3, w2 as they are."""
     res = None if residual is None else residual.to(x.dtype).reshape(-1, residual.shape[-1]).contiguous()
-    y, _ = swiglu_mlp_op(x.reshape(-1, x.shape[-1]).contiguous(), _interleaved(w1, w3, x.dtype), w2.to(x.dtype), res)
+    # The flag is read here, not in the op's autograd: torch.compile guards this function's reads.
+    y, *_ = swiglu_mlp_op(x.reshape(-1, x.shape[-1]).contiguous(), _interleaved(w1, w3, x.dtype), w2.to(x.dtype),
+                          res, MLP_KEEPS_GATE)
     return y.view(*x.shape[:-1], w2.shape[0])
 
 
@@ -367,7 +384,8 @@ def linear_cross_entropy_epilogue(x: torch.Tensor, weight: torch.Tensor, targets
 
 
 def _library():
-    """The tail's epilogues (``kernels.quack_epilogues``); only called where ``epilogues_usable`` held."""
+    """The epilogues of the tail and the SwiGLU's backward (``kernels.quack_epilogues``); only called where
+    ``epilogues_usable`` held."""
     from kernels import quack_epilogues
 
     return quack_epilogues

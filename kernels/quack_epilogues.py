@@ -1,9 +1,10 @@
 """The GEMM epilogues of a block's tail (``kernels.gemm_epilogue.residual_norm_mlp``), as quack's fused-block library
-gives them and one of our own; imported only where quack-kernels and its CUTLASS DSL are (``gemm_epilogue._library``).
+gives them, and two of our own for the SwiGLU's backward; imported only where quack-kernels and its CUTLASS DSL are
+(``gemm_epilogue._library``).
 
-quack's gate's-gradient epilogue for a deferred norm (``dgated_rstd_preact_mod``) also stores the gate's output, which
-w2's weight gradient reads. The tail keeps that output from its forward instead (the forward's GEMM writes it anyway,
-for w2's forward), so ``dswiglu_rstd_epi`` leaves the store out: one (M, F) write fewer a layer, for its memory.
+quack's gate's-gradient epilogues (``dgated_mod``, ``dgated_rstd_preact_mod``) also store the gate's output, which w2's
+weight gradient reads. Where the forward's output is kept instead (the forward's GEMM writes it anyway, for w2's
+forward), ``dswiglu_epi`` and ``dswiglu_rstd_epi`` leave the store out: one (M, F) write fewer a layer, for its memory.
 """
 
 from quack.activation import dswiglu
@@ -11,6 +12,15 @@ from quack.epilogue.frontend import gemm_epilogue
 from quack.epilogue.library import rms_bwd_apply_epi, rms_partial_epi, rstd_gated_preact_mod
 from quack.epilogue.math import pack, unpack
 from quack.epilogue.ops import ColVecLoad, ColVecReduce
+
+
+@gemm_epilogue(mode="packed_cd_b16x2")
+def dswiglu_epi(acc, c):
+    """The gate's gradient for s = SwiGLU(GU): acc = ds, c = the pre-activation GU (gate and up interleaved). D = the
+    gradient of GU, interleaved as GU is."""
+    g, u = unpack(c)
+    dg, du, _ = dswiglu(g, u, acc)
+    return {"D": pack(dg, du)}
 
 
 @gemm_epilogue(ops={"rstd": ColVecLoad("rstd")}, reduces={"dsum": ColVecReduce("dsum")}, mode="packed_cd_b16x2")
@@ -23,4 +33,4 @@ def dswiglu_rstd_epi(acc, c, rstd):
     return {"D": pack(dgs * rstd, dus * rstd), "dsum": dgs * g + dus * u}
 
 
-__all__ = ["dswiglu_rstd_epi", "rms_bwd_apply_epi", "rms_partial_epi", "rstd_gated_preact_mod"]
+__all__ = ["dswiglu_epi", "dswiglu_rstd_epi", "rms_bwd_apply_epi", "rms_partial_epi", "rstd_gated_preact_mod"]

@@ -9,6 +9,7 @@ the plain modules as training compiles them, at the 135M model's shapes (issue 8
     python docs/bench/gemm_epilogue_study.py tail_check   # the block's tail (residual_norm_mlp) against fp32 math
     python docs/bench/gemm_epilogue_study.py tail_time    # its forward + backward against the current "gemm" tail
     python docs/bench/gemm_epilogue_study.py tail_tiles   # its four epilogue GEMMs, default config and autotuned
+    python docs/bench/gemm_epilogue_study.py gate_tiles   # the MLP's gate-gradient GEMM, kept gate output or not
     python docs/bench/gemm_epilogue_study.py tail_energy  # J and ms a call of both tails, looped (the power cap)
     python docs/bench/gemm_epilogue_study.py plain_energy # the cuBLAS GEMMs of the step against quack's, looped
     CUTE_DSL_ARCH=sm_90a python docs/bench/gemm_epilogue_study.py trace   # no GPU: build the nine kernels as the
@@ -19,12 +20,14 @@ Needs quack-kernels and the CUTLASS DSL beside torch on a Hopper GPU (the fa4 ex
 docs/bench/gemm_epilogue_verify.sh for how they reach the lent machine).
 """
 
+import functools
 import json
 import sys
 
 import torch
 import torch.nn.functional as F
 
+import kernels.gemm_epilogue as ge
 from kernels.gemm_epilogue import (epilogues_usable, linear_add, linear_silu, residual_norm_mlp,
                                    residual_norm_mlp_reference, swiglu_mlp, swiglu_mlp_reference)
 
@@ -78,6 +81,10 @@ def check() -> None:
         dy = torch.randn(m, D, device="cuda", dtype=torch.bfloat16)
         worst = max(worst, _compare("swiglu_mlp", swiglu_mlp, swiglu_mlp_reference, (x, *_weights(f)), dy,
                                     ("dx", "dw1", "dw3", "dw2"), M=m, F=f))
+        ge.MLP_KEEPS_GATE = True  # the gate's gradient from dswiglu_epi, the forward's gate output kept
+        worst = max(worst, _compare("swiglu_mlp_kept", swiglu_mlp, swiglu_mlp_reference, (x, *_weights(f)), dy,
+                                    ("dx", "dw1", "dw3", "dw2"), M=m, F=f))
+        ge.MLP_KEEPS_GATE = False
         # lightning's q, k, v: its SiLU in the projection's epilogue
         w = (torch.randn(3 * D, D, device="cuda") * 0.02).requires_grad_()
         dq = torch.randn(m, 3 * D, device="cuda", dtype=torch.bfloat16)
@@ -107,11 +114,14 @@ def time() -> None:
         ws = _weights(f)
         dy = torch.randn(M, D, device="cuda", dtype=torch.bfloat16)
         cases = {"plain compiled": torch.compile(swiglu_mlp_reference), "fused": swiglu_mlp,
-                 "fused compiled": torch.compile(swiglu_mlp)}
+                 "fused compiled": torch.compile(swiglu_mlp), "fused kept": swiglu_mlp,
+                 "fused kept compiled": torch.compile(swiglu_mlp)}
         for name, fn in cases.items():
+            ge.MLP_KEEPS_GATE = "kept" in name  # the forward's gate output kept for the backward (dswiglu_epi)
             ms = do_bench(_fwd_bwd(fn, x, *ws, dy=dy), warmup=50, rep=300)
             rows.append({"op": f"mlp F={f}", "case": name, "ms": round(ms, 3)})
             print("TIME", json.dumps(rows[-1]), flush=True)
+        ge.MLP_KEEPS_GATE = False
     w = (torch.randn(3 * D, D, device="cuda") * 0.02).requires_grad_()
     dq = torch.randn(M, 3 * D, device="cuda", dtype=torch.bfloat16)
     cases = {"plain compiled": torch.compile(lambda x, w: F.silu(F.linear(x, w))), "fused": linear_silu,
@@ -334,9 +344,7 @@ def plain_energy(seconds: float = 4.0) -> None:
 def tail_tiles() -> None:
     """The tail's four epilogue GEMMs alone at M tokens against cuBLAS's plain GEMM of each shape: the pinned config
     (TILES) and autotuned; median ms, the winners' configs printed."""
-    from triton.testing import do_bench
-
-    from kernels.gemm_epilogue import _config, _library
+    from kernels.gemm_epilogue import _library
 
     lib = _library()
     torch.manual_seed(0)
@@ -355,9 +363,38 @@ def tail_tiles() -> None:
                         lambda: dy @ w2),
         "norm_bwd": (lambda **kw: lib.rms_bwd_apply_epi(dpre, w13, dy, y=x, w=wn, corr=corr, **kw), lambda: dpre @ w13),
     }
+    _epilogue_tiles(cases)
+
+
+def gate_tiles() -> None:
+    """The MLP's gate-gradient GEMM alone at M tokens: quack's gemm_dact (which also writes the gate's output) against
+    ``dswiglu_epi`` (the output kept from the forward, MLP_KEEPS_GATE), each with and without quack's dynamic
+    scheduler, on the pinned tiles (TILES' dgated) and autotuned, and cuBLAS's plain dy @ w2."""
+    from kernels.gemm_epilogue import _library, _quack
+
+    quack, lib = _quack(), _library()
+    torch.manual_seed(0)
+    f = 1792
+    dy = torch.randn(M, D, device="cuda", dtype=torch.bfloat16)
+    w2 = (torch.randn(D, f, device="cuda") * 0.02).to(torch.bfloat16)
+    pre = torch.randn(M, 2 * f, device="cuda", dtype=torch.bfloat16)
+    cases = {f"{name}{' dyn' if dyn else ''}": (functools.partial(fn, dynamic_scheduler=dyn), lambda: dy @ w2)
+             for name, fn in (("dgated", lambda **kw: quack.gemm_dact(dy, w2, pre, activation="swiglu", **kw)),
+                              ("dgated_kept", lambda **kw: lib.dswiglu_epi(dy, w2, pre, **kw)))
+             for dyn in (False, True)}
+    _epilogue_tiles(cases, kind=lambda name: "dgated")
+
+
+def _epilogue_tiles(cases: dict, kind=lambda name: name) -> None:
+    """Time each case's epilogue GEMM (fused(**kw), plain()) on its pinned tiles (TILES[kind(name)]) and autotuned,
+    against the plain GEMM; print a TILES row per case and the autotuner's winners."""
+    from triton.testing import do_bench
+
+    from kernels.gemm_epilogue import _config
+
     for name, (fused, plain) in cases.items():
         row = {"op": name, "cublas_mm": round(do_bench(plain, warmup=50, rep=300), 3)}
-        for label, kw in {"pinned": {"tuned": False, "config": _config(name)}, "tuned": {"tuned": True}}.items():
+        for label, kw in {"pinned": {"tuned": False, "config": _config(kind(name))}, "tuned": {"tuned": True}}.items():
             try:
                 fused(**kw)  # compiles (and tuned, searches) before the timing
                 row[label] = round(do_bench(lambda: fused(**kw), warmup=50, rep=300), 3)
@@ -426,6 +463,8 @@ def trace() -> None:
                                                                   config=_config("rstd_gated")),
         "dgated_rstd": lambda: lib.dswiglu_rstd_epi(x, w2, pre, rstd=rstd, tuned=False, dynamic_scheduler=True,
                                                     config=_config("dgated_rstd")),
+        # The MLP's gate's gradient without the gate's output stored (gemm_epilogue.MLP_KEEPS_GATE).
+        "dgated_kept": lambda: lib.dswiglu_epi(x, w2, pre, tuned=False, config=_config("dgated")),
         "norm_bwd": lambda: lib.rms_bwd_apply_epi(pre, w13, x, y=y, w=wn, corr=corr, tuned=False,
                                                   config=_config("norm_bwd")),
         # The residual adds in the GEMMs (linear_add, swiglu_mlp's residual, the tail's w2): quack's gemm_add.
@@ -436,7 +475,7 @@ def trace() -> None:
 
 
 MODES = {"check": check, "time": time, "tiles": tiles, "plain": plain, "residual": residual, "trace": trace,
-         "tail_check": tail_check, "tail_time": tail_time, "tail_tiles": tail_tiles, "tail_energy": tail_energy,
+         "tail_check": tail_check, "tail_time": tail_time, "tail_tiles": tail_tiles, "gate_tiles": gate_tiles, "tail_energy": tail_energy,
          "plain_energy": plain_energy}
 
 if __name__ == "__main__":

@@ -98,6 +98,16 @@ pair rgp norg 2 lightning norg
 pair rgp norg 3 lightning norg
 step rgp_soft_base 100 "${VARIANT[@]}" base softmax ro b64
 step rgp_soft_norg 100 "${VARIANT[@]}" norg softmax ro b64 norg
+# The SwiGLU MLP keeping its gate's output from the forward for w2's gradient (kernels.gemm_epilogue.MLP_KEEPS_GATE,
+# the default since the thirty-seventh session; the backward's gate-gradient GEMM on kernels.quack_epilogues.dswiglu_epi,
+# which does not write it again), against the MLP writing it again in the backward (quack's gemm_dact, train_study.py's
+# option nokeepgate), alternated; `check` and `time` cover it alone.
+pair kg nokeepgate 1 lightning nokeepgate
+pair kg nokeepgate 2 lightning nokeepgate
+pair kg nokeepgate 3 lightning nokeepgate
+step kg_soft_base 100 "${VARIANT[@]}" base softmax ro b64
+step kg_soft_nokeepgate 100 "${VARIANT[@]}" nokeepgate softmax ro b64 nokeepgate
+step kg_tiles 300 env QUACK_CACHE_DIR="$out/quack_cache" python docs/bench/gemm_epilogue_study.py gate_tiles
 # A profile of training's default, its table in $out/prof_p.txt. Its RESULT read about 2% high twice (likely the
 # profiler's flush idling the GPU, whose power cap then lets the next steps run faster): not a speed (kernels.md).
 step prof 100 "${VARIANT[@]}" p lightning ro b64 prof

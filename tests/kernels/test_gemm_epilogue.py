@@ -81,7 +81,8 @@ def fake_quack(monkeypatch):
 
 
 def _fake_library(calls):
-    """The tail's epilogues (``kernels.quack_epilogues``: rms_partial, rstd_gated_preact, dswiglu_rstd, rms_bwd_apply)
+    """Our quack epilogues (``kernels.quack_epilogues``: rms_partial, rstd_gated_preact, dswiglu_rstd, rms_bwd_apply,
+    dswiglu)
     in fp32 math, with quack's conventions: B as (K, N), gated pairs interleaved, reduces handed back summed, rstd not
     yet applied to D in the forward and applied in the gate's gradient."""
 
@@ -108,12 +109,17 @@ def _fake_library(calls):
         d = torch.stack((dgs * rstd[:, None], dus * rstd[:, None]), dim=-1).flatten(1)
         return {"D": d, "dsum": (dgs * g + dus * u).sum(-1)}
 
+    def dswiglu(acc, c):
+        dg, du, _ = _dswiglu(c[:, ::2], c[:, 1::2], acc)
+        return {"D": torch.stack((dg, du), dim=-1).flatten(1)}
+
     def rms_bwd_apply(acc, c, y, w, corr):
         return {"D": acc * w + c + y.float() * corr[:, None], "dw": (acc * y.float()).sum(0)}
 
     return SimpleNamespace(rms_partial_epi=mod("residual", rms_partial),
                            rstd_gated_preact_mod=lambda act: mod("rstd_gated", rstd_gated),
                            dswiglu_rstd_epi=mod("dgated_rstd", dswiglu_rstd),
+                           dswiglu_epi=mod("dgated", dswiglu),
                            rms_bwd_apply_epi=mod("norm_bwd", rms_bwd_apply))
 
 
@@ -122,14 +128,19 @@ def _weights(d=16, f=32, seed=0):
     return [(torch.randn(*s, generator=g) / s[1] ** 0.5).requires_grad_() for s in ((f, d), (f, d), (d, f))]
 
 
+@pytest.mark.parametrize("keeps_gate", [False, True])
 @pytest.mark.parametrize("compiled", [False, True])
-def test_swiglu_mlp_matches_the_plain_mlp_in_output_and_gradients(fake_quack, compiled):
+def test_swiglu_mlp_matches_the_plain_mlp_in_output_and_gradients(fake_quack, compiled, keeps_gate, monkeypatch):
+    """Whether or not the forward's gate output is kept (MLP_KEEPS_GATE), the gate's gradient comes from one GEMM: with
+    it kept, from the epilogue that does not write that output again (dswiglu_epi), else from quack's gemm_dact."""
+    monkeypatch.setattr(ge, "MLP_KEEPS_GATE", keeps_gate)
     w1, w3, w2 = _weights()
     x = torch.randn(2, 5, 16, requires_grad=True)
     dy = torch.randn(2, 5, 16)
     inputs = (x, w1, w3, w2)
     assert_matches_reference(ge.swiglu_mlp, inputs, inputs, dy, ge.swiglu_mlp_reference(*inputs), compiled)
-    assert fake_quack == {"act": 1, "dact": 1}
+    backward = {"dgated": 1} if keeps_gate else {"dact": 1}
+    assert fake_quack == {"act": 1, "dact": 0, **backward}
 
 
 @pytest.mark.parametrize("compiled", [False, True])
@@ -154,7 +165,7 @@ def test_residual_adds_in_the_gemms_match_the_plain_adds(fake_quack, compiled):
     w1, w3, w2 = _weights()
     args = (y, w1, w3, w2, x)
     assert_matches_reference(ge.swiglu_mlp, args, args, dy, x + ge.swiglu_mlp_reference(*args[:4]), compiled)
-    assert fake_quack == {"act": 1, "dact": 1, "add": 2, "add_wo": 1, "add_w2": 1}
+    assert fake_quack == {"act": 1, "dact": 0, "dgated": 1, "add": 2, "add_wo": 1, "add_w2": 1}
 
 
 @pytest.mark.parametrize("compiled", [False, True])
@@ -177,12 +188,14 @@ def test_epilogue_ops_fakes_match(fake_quack):
     x = torch.randn(10, 16)
     w13 = torch.stack((w1, w3), dim=1).flatten(0, 1)
     torch.library.opcheck(ge.swiglu_mlp_op, (x, w13, w2), test_utils=("test_schema", "test_faketensor"))
-    _, pre = ge.swiglu_mlp_op(x, w13, w2)
-    torch.library.opcheck(ge.swiglu_mlp_backward_op, (x, w13, w2, pre, torch.randn(10, 16)),
-                          test_utils=("test_schema", "test_faketensor"))
+    _, pre, gated = ge.swiglu_mlp_op(x, w13, w2)
+    for kept in (None, gated):
+        torch.library.opcheck(ge.swiglu_mlp_backward_op, (x, w13, w2, pre, torch.randn(10, 16), kept),
+                              test_utils=("test_schema", "test_faketensor"))
     torch.library.opcheck(ge.linear_silu_op, (x, w1), test_utils=("test_schema", "test_faketensor"))
     torch.library.opcheck(ge.swiglu_mlp_op, (x, w13, w2, torch.randn(10, 16)),
                           test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(ge.swiglu_mlp_op, (x, w13, w2, None, True), test_utils=("test_schema", "test_faketensor"))
     torch.library.opcheck(ge.linear_add_op, (torch.randn(2, 5, 32), w1.T.contiguous(), torch.randn(2, 5, 16)),
                           test_utils=("test_schema", "test_faketensor"))
     y, wo, wn = torch.randn(10, 16), torch.randn(16, 16), torch.ones(16)
@@ -251,8 +264,9 @@ def test_lm_takes_the_epilogues_only_where_usable(fake_quack, monkeypatch, arch)
     layers = plain.config.n_layers
     silu_calls = layers if arch == "lightning" else 0
     # The residual adds in the GEMMs by default (Block.residual_gemm): both of every block, each on its pinned tiles.
-    assert fake_quack == {"act": layers + silu_calls, "dact": layers, "add": 2 * layers, "add_wo": layers,
-                          "add_w2": layers}
+    # The gate's gradient from dswiglu_epi ("dgated"), the forward's gate output kept (MLP_KEEPS_GATE's default).
+    assert fake_quack == {"act": layers + silu_calls, "dact": 0, "dgated": layers, "add": 2 * layers,
+                          "add_wo": layers, "add_w2": layers}
     # Each block asks once for its tail (the adds' check) and once in its MLP; the SiLU's projection once.
     assert usable.count((mlp_hidden,)) == 2 * layers and usable.count((96,)) == silu_calls
     _assert_same_step(plain, (loss, g), (loss_ref, g_ref))
@@ -275,9 +289,9 @@ def test_blocks_on_their_opt_in_epilogues_train_as_the_plain_lm(fake_quack, monk
     layers = plain.config.n_layers
     if switch == "fused_tail":  # its w2 adds h on gemm_add
         assert fake_quack["residual"] == fake_quack["norm_bwd"] == fake_quack["add"] == layers
-        assert fake_quack["dact"] == 0
+        assert fake_quack["dact"] == fake_quack.get("dgated", 0) == 0
     else:
-        assert fake_quack["add_wo"] == fake_quack["add_w2"] == fake_quack["dact"] == layers  # both adds, every block
+        assert fake_quack["add_wo"] == fake_quack["add_w2"] == fake_quack["dgated"] == layers  # both adds, every block
     _assert_same_step(plain, (loss, g), (loss_ref, g_ref))
 
 
@@ -297,7 +311,7 @@ def test_the_lm_on_epilogues_compiles_whole(fake_quack, fake_lce, monkeypatch, s
     _, loss = torch.compile(fused, backend="aot_eager", fullgraph=True)(idx, idx)
     loss.backward()
     tail = switch == "fused_tail"
-    assert fake_quack["act"] > 0 and (fake_quack.get("norm_bwd", 0) > 0 if tail else fake_quack["dact"] > 0)
+    assert fake_quack["act"] > 0 and (fake_quack.get("norm_bwd", 0) > 0 if tail else fake_quack["dgated"] > 0)
     assert (fake_quack.get("add", 0) > 0) == (switch is not None)  # the tail's w2 adds h on gemm_add too
     assert fake_lce[0] > 0
 
@@ -328,7 +342,7 @@ def _pre_and_post(op):
     for fused in (True, False):
         x, *ws = (t.clone().requires_grad_() for t in values)
         if fused:
-            out, pre = ge.swiglu_mlp_op(x, *ws) if op == "mlp" else ge.linear_silu_op(x, *ws)[::-1]
+            out, pre = ge.swiglu_mlp_op(x, *ws)[:2] if op == "mlp" else ge.linear_silu_op(x, *ws)[::-1]
         else:
             pre = x @ ws[0].T
             out = _act(pre, "swiglu") @ ws[1].T if op == "mlp" else F.silu(pre)
