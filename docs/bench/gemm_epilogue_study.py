@@ -109,7 +109,8 @@ def check() -> None:
     nw = (1 + 0.1 * torch.randn(D, device="cuda")).requires_grad_()
     worst = max(worst, _compare("lightning_mix", lambda *a: lightning_mix(*a, log_decay, 1e-6),
                                 lambda *a: lightning_mix_reference(*a, log_decay, 1e-6, backend="torch"),
-                                (x, *ws, nw), torch.randn_like(x), ("dx", "dwqkv", "dwgate", "dnorm"), M=x.shape[0] * 512))
+                                (x, *ws, nw), torch.randn_like(x), ("dx", "dwqkv", "dwgate", "dnorm"),
+                                M=x.shape[0] * x.shape[1]))
     # The fused ops' error against fp32 should be of the plain bf16 ops' size (each pair is fused, plain).
     print(f"CHECK worst fused/plain error ratio {worst:.2f}: {'ok' if worst < 2 else 'LARGER THAN PLAIN'}", flush=True)
 
@@ -487,7 +488,8 @@ def trace() -> None:
 
 
 MODES = {"check": check, "time": time, "tiles": tiles, "plain": plain, "residual": residual, "trace": trace,
-         "tail_check": tail_check, "tail_time": tail_time, "tail_tiles": tail_tiles, "gate_tiles": gate_tiles, "tail_energy": tail_energy,
+         "tail_check": tail_check, "tail_time": tail_time, "tail_tiles": tail_tiles, "gate_tiles": gate_tiles,
+         "tail_energy": tail_energy,
          "plain_energy": plain_energy}
 
 if __name__ == "__main__":
