@@ -28,7 +28,6 @@ import torch
 import torch.nn.functional as F
 
 import kernels.gemm_epilogue as ge
-from models.mixers.lightning import lightning_slopes
 from kernels.gemm_epilogue import (epilogues_usable, linear_add, linear_silu, residual_norm_mlp,
                                    residual_norm_mlp_reference, swiglu_mlp, swiglu_mlp_reference)
 
@@ -99,18 +98,6 @@ def check() -> None:
         worst = max(worst, _compare("swiglu_mlp_add", lambda x, *ws: swiglu_mlp(x, *ws[:3], residual=ws[3]),
                                     lambda x, *ws: ws[3] + swiglu_mlp_reference(x, *ws[:3]), (x, *_weights(f), r), dy,
                                     ("dx", "dw1", "dw3", "dw2", "dres"), M=m, F=f))
-    # Lightning's mixer as one op (kernels.lightning_mixer, Lightning.one_op) against its plain modules' math.
-    from kernels.lightning_mixer import lightning_mix, lightning_mix_reference
-
-    heads = 12
-    log_decay = -lightning_slopes(heads, 0, 12).cuda()
-    x = torch.randn(4, 512, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    ws = [(torch.randn(*s, device="cuda") * 0.02).requires_grad_() for s in ((3 * D, D), (D, D))]
-    nw = (1 + 0.1 * torch.randn(D, device="cuda")).requires_grad_()
-    worst = max(worst, _compare("lightning_mix", lambda *a: lightning_mix(*a, log_decay, 1e-6),
-                                lambda *a: lightning_mix_reference(*a, log_decay, 1e-6, backend="torch"),
-                                (x, *ws, nw), torch.randn_like(x), ("dx", "dwqkv", "dwgate", "dnorm"),
-                                M=x.shape[0] * x.shape[1]))
     # The fused ops' error against fp32 should be of the plain bf16 ops' size (each pair is fused, plain).
     print(f"CHECK worst fused/plain error ratio {worst:.2f}: {'ok' if worst < 2 else 'LARGER THAN PLAIN'}", flush=True)
 

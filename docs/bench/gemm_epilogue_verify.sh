@@ -107,13 +107,6 @@ pair kg nokeepgate 2 lightning nokeepgate
 pair kg nokeepgate 3 lightning nokeepgate
 step kg_soft_base 100 "${VARIANT[@]}" base softmax ro b64
 step kg_soft_nokeepgate 100 "${VARIANT[@]}" nokeepgate softmax ro b64 nokeepgate
-# Lightning's mixer up to its output projection as one op (kernels.lightning_mixer, Lightning.one_op: its backward
-# makes the input's and the two projections' weights' gradients one GEMM each), against the separate ops, alternated.
-pair mx mixop 1 lightning mixop
-pair mx mixop 2 lightning mixop
-pair mx mixop 3 lightning mixop
-step mx_hyb_base 100 "${VARIANT[@]}" base hybrid ro b64
-step mx_hyb_mixop 100 "${VARIANT[@]}" mixop hybrid ro b64 mixop
 step kg_tiles 300 env QUACK_CACHE_DIR="$out/quack_cache" python docs/bench/gemm_epilogue_study.py gate_tiles
 # A profile of training's default, its table in $out/prof_p.txt. Its RESULT read about 2% high twice (likely the
 # profiler's flush idling the GPU, whose power cap then lets the next steps run faster): not a speed (kernels.md).

@@ -33,8 +33,7 @@ since 2026-12-07's thirty-third session; lce256: on quack's pick, 256 wide for V
 block's two residual adds apart rather than in the epilogues of the GEMMs whose outputs they add, the default since the
 thirty-fifth session, models.lm.Block.residual_gemm; before eb06448, opt-in, the option resgemm turned them on),
 keepgate / nokeepgate (under "gemm", the SwiGLU MLP keeps its gate's output from the forward for w2's gradient, or
-writes it again in the backward's gate-gradient GEMM, kernels.gemm_epilogue.MLP_KEEPS_GATE), mixop (under "gemm",
-lightning's mixer up to its output projection as one op, models.mixers.lightning.Lightning.one_op).
+writes it again in the backward's gate-gradient GEMM, kernels.gemm_epilogue.MLP_KEEPS_GATE).
 Each run trains 20 steps (T 2048 unless t8k or t32k) and prints one RESULT line (median tokens/s of the second half, MFU of 989).
 """
 
@@ -54,7 +53,7 @@ OUT = Path(os.environ.get("TRAIN_STUDY_OUT", "/tmp/train_study"))
 OPTIONS = ("resid16", "bthd", "ce", "ce1", "b32", "b64", "b64x2", "b128", "h6", "noclip", "qkvg", "w13", "flash", "eager",
            "ro", "mat", "fused", "prof", "trace", "hostt", "wideloss", "nomos", "mostune", "moreads", "monostrict", "pdl",
            "ce16k", "gategemm", "budget75", "budget60", "t8k", "t32k", "st", "tail", "qlce", "noqlce", "lce128", "lce256",
-           "norg", "keepgate", "nokeepgate", "mixop")
+           "norg", "keepgate", "nokeepgate")
 #: Inductor settings (models.train.INDUCTOR_OPTIONS) that the options nomos, mostune, moreads, monostrict and pdl set.
 INDUCTOR_OPTIONS = {"nomos": ("triton.mix_order_reduction_allow_multi_stages", False),
                     "mostune": ("triton.mix_order_reduction_autotune_split_size", True),
@@ -234,10 +233,6 @@ def variant(name: str, arch: str, *options: str) -> None:
         lm.Block.fused_tail = True
     if "norg" in opts:
         lm.Block.residual_gemm = False
-    if "mixop" in opts:
-        import models.mixers.lightning as mixer
-
-        mixer.Lightning.one_op = True
     if "keepgate" in opts or "nokeepgate" in opts:
         import kernels.gemm_epilogue as ge
 

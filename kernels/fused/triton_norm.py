@@ -62,18 +62,16 @@ def _bwd_tiles(dy_ptr, x_ptr, g_ptr, rstd_ptr, row0, M, D, rows, cols, offs, GAT
 
 
 @triton.jit
-def _rms_norm_bwd_kernel(dy_ptr, x_ptr, g_ptr, w_ptr, rstd_ptr, dx_ptr, dg_ptr, dw_ptr, M, D, DG_STRIDE,
-                         ROWS: tl.constexpr, BLOCK_D: tl.constexpr, GATED: tl.constexpr):
+def _rms_norm_bwd_kernel(dy_ptr, x_ptr, g_ptr, w_ptr, rstd_ptr, dx_ptr, dg_ptr, dw_ptr, M, D, ROWS: tl.constexpr,
+                         BLOCK_D: tl.constexpr, GATED: tl.constexpr):
     """dx = rstd (w dy - x_hat mean(x_hat w dy)); this program's share of dweight = sum over rows of dy x_hat.
 
-    GATED: y = sigmoid(g) n with n the norm's output, so dg = dy n s (1 - s) and the norm's dy is dy s; dg's rows lie
-    DG_STRIDE apart (a slice of a wider buffer, ``kernels.lightning_mixer``'s).
+    GATED: y = sigmoid(g) n with n the norm's output, so dg = dy n s (1 - s) and the norm's dy is dy s.
     """
     pid = tl.program_id(0)
     rows = tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK_D)
     offs = rows[:, None] * D + cols[None, :]
-    dg_offs = rows[:, None] * DG_STRIDE + cols[None, :]
     w = tl.load(w_ptr + cols, mask=cols < D, other=0.0).to(tl.float32)
     dw = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
     # An int64 start makes the loop's row index int64 (tiles of a long input pass 2^31 elements).
@@ -90,7 +88,7 @@ def _rms_norm_bwd_kernel(dy_ptr, x_ptr, g_ptr, w_ptr, rstd_ptr, dx_ptr, dg_ptr, 
         if GATED:
             sig = tl.sigmoid(g.to(tl.float32))
             dg = dy * x_hat * w[None, :] * sig * (1.0 - sig)
-            tl.store(dg_ptr + row0 * DG_STRIDE + dg_offs, dg.to(dg_ptr.dtype.element_ty), mask=mask)
+            tl.store(dg_ptr + row0 * D + offs, dg.to(dg_ptr.dtype.element_ty), mask=mask)
             dy *= sig
         wdy = w[None, :] * dy
         c = tl.sum(x_hat * wdy, axis=1) / D
@@ -131,10 +129,8 @@ def _forward(x2: torch.Tensor, weight: torch.Tensor, gate: torch.Tensor | None, 
 
 
 def _backward_kernels(dy: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor, gate: torch.Tensor | None,
-                      rstd: torch.Tensor, dgate: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor,
-                                                                                   torch.Tensor]:
-    """dx, dweight and dgate (empty without a gate), dgate written into ``dgate`` where given (gate's shape, rows
-    contiguous, any row stride)."""
+                      rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dx, dweight and dgate (empty without a gate)."""
     M, d = x2.shape
     gated = gate is not None
     block_d, rows, warps, per_sm = _launch(d, True, gated)
@@ -142,14 +138,11 @@ def _backward_kernels(dy: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor, 
     programs_cap = per_sm * torch.cuda.get_device_properties(x2.device).multi_processor_count if x2.is_cuda else 2
     programs = max(1, min(triton.cdiv(M, rows), programs_cap))
     dx = torch.empty_like(x2)
-    dg = (torch.empty_like(gate) if dgate is None else dgate) if gated else x2.new_empty(0)
-    if gated and (dg.shape != gate.shape or dg.stride(1) != 1):
-        raise ValueError(f"dgate must be {tuple(gate.shape)} with contiguous rows; got {tuple(dg.shape)}, "
-                         f"strides {dg.stride()}")
+    dg = torch.empty_like(gate) if gated else x2.new_empty(0)
     dw = torch.empty(programs, d, device=x2.device, dtype=torch.float32)
     _rms_norm_bwd_kernel[(programs,)](dy.contiguous(), x2, gate if gated else x2, weight, rstd, dx,
-                                      dg if gated else dx, dw, M, d, dg.stride(0) if gated else d, ROWS=rows,
-                                      BLOCK_D=block_d, GATED=gated, num_warps=warps)
+                                      dg if gated else dx, dw, M, d, ROWS=rows, BLOCK_D=block_d, GATED=gated,
+                                      num_warps=warps)
     return dx, dw.sum(dim=0).to(weight.dtype), dg
 
 
@@ -205,21 +198,6 @@ class _Eager(torch.autograd.Function):
     @torch.autograd.function.once_differentiable  # a second derivative would silently be 0: raise instead
     def backward(ctx, dy, drstd):
         return _backward(ctx, dy, drstd, run=_backward_kernels)
-
-
-def gated_rms_norm_forward(x2: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, eps: float
-                           ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The gated norm's forward kernel alone, for an op that runs its own backward (``kernels.lightning_mixer``): y
-    and the rows' rstd for x2 and gate (M, d) contiguous."""
-    return _forward(x2, weight, gate, eps)
-
-
-def gated_rms_norm_backward(dy: torch.Tensor, x2: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor,
-                            rstd: torch.Tensor, dgate: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The gated norm's backward kernel alone: dx and dweight, the gate's gradient written into ``dgate`` (M, d rows
-    contiguous, any row stride)."""
-    dx, dweight, _ = _backward_kernels(dy, x2, weight, gate, rstd, dgate)
-    return dx, dweight
 
 
 def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -1677,20 +1677,6 @@ def _packed_vmap(info, in_dims, qkv, log_decay, h0, scale):
     return (o.unflatten(2, (n, -1)), final.unflatten(1, (n, -1)), *rest), (2, 1) + (None,) * len(rest)
 
 
-def packed_forward(qkv: torch.Tensor, log_decay: torch.Tensor, scale: float) -> torch.Tensor:
-    """The packed kernels' forward alone, for an op that runs its own backward (``kernels.lightning_mixer``): o
-    (B, T, H, D) for qkv (B, T, 3, H, D) contiguous, per-head decays, no initial state."""
-    if log_decay.dim() != 1:
-        raise ValueError(f"packed_forward takes a decay per head (H,); got {tuple(log_decay.shape)}")
-    return _forward(*qkv.unbind(2), log_decay.contiguous(), None, scale, qs=3)[0]
-
-
-def packed_backward(qkv: torch.Tensor, log_decay: torch.Tensor, do: torch.Tensor, scale: float) -> torch.Tensor:
-    """The gradient of ``packed_forward``'s qkv for the output's gradient do (B, T, H, D)."""
-    none = qkv.new_empty(0, dtype=torch.float32)  # A and b: per-head decays make neither
-    return _packed_backward(qkv, log_decay.contiguous(), None, none, none, do, None, scale, False, False)[0]
-
-
 class _EagerPacked(torch.autograd.Function):
     """The packed custom ops' forward and backward outside torch.compile, as `_Eager` for the dense ones."""
 

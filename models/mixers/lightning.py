@@ -47,10 +47,6 @@ class Lightning(nn.Module):
     #: Whether the q, k, v SiLU runs in the projection's epilogue where it can (``kernels.gemm_epilogue``); the LM
     #: sets it for its "gemm" kernels.
     gemm_epilogues = False
-    #: With gemm_epilogues, whether the whole mixer up to its output projection runs as one op
-    #: (``kernels.lightning_mixer``) where it can, with the backend "auto": its backward makes the input's gradient and
-    #: the two projections' weights' gradients one GEMM each. Off: not yet measured on a GPU.
-    one_op = False
 
     def __init__(self, config: ModelConfig, layer_idx: int):
         super().__init__()
@@ -71,12 +67,6 @@ class Lightning(nn.Module):
     def mix(self, x: torch.Tensor) -> torch.Tensor:
         """The gated, normalised attention output before ``wo`` (B, T, d), which a block may project itself."""
         b, t, d = x.shape
-        if self.gemm_epilogues and self.one_op and self.backend == "auto":
-            from kernels.lightning_mixer import lightning_mix, mixer_usable
-
-            if mixer_usable(x, self.log_decay):
-                return lightning_mix(x, self.wqkv.weight, self.wgate.weight, self.norm.weight, self.log_decay,
-                                     self.norm.eps)
         # The joint projection's SiLU goes to the kernels as it is, (B, T, 3, H, Dh): they read q, k and v in place
         # and write their gradients in that layout, so that no copy splits q, k, v or stacks dq, dk, dv.
         if self.gemm_epilogues and epilogues_usable(x, 3 * d):
