@@ -139,7 +139,9 @@ def _mlp_backward(x, w13, w2, preact, dy, gated=None):
         dpre, gated = _quack().gemm_dact(dy, w2, preact, activation="swiglu", tuned=False,
                                          config=_config("dgated"))
     else:
-        dpre = _library().dswiglu_epi(dy, w2, preact, tuned=False, config=_config("dgated"))["D"]
+        # quack's dynamic scheduler: 0.896 ms against 0.912 without at 131,072 tokens on an H100 (kernels.md).
+        dpre = _library().dswiglu_epi(dy, w2, preact, tuned=False, dynamic_scheduler=True,
+                                      config=_config("dgated"))["D"]
     return dpre @ w13, dpre.T @ x, dy.T @ gated
 
 
