@@ -5,7 +5,7 @@ Unfused, the MLP's gate reads the two projections back from memory after cuBLAS 
 and writes the gate's gradient once more; in the 135M lightning step on an H100 those passes took 14.7 ms of 200
 (docs/bench/kernels.md), the q, k, v SiLU 11.6. Here the forward GEMM applies the activation as it stores its tile
 (``gemm_act``), and the backward GEMM of the second projection computes the gate's gradient from the stored
-pre-activation in its epilogue (``gemm_dgated``). The other GEMMs stay on cuBLAS (``torch.mm``). Where quack is not
+pre-activation in its epilogue (``dswiglu_epi``, the gate's output kept from the forward; or quack's ``gemm_dgated``). The other GEMMs stay on cuBLAS (``torch.mm``). Where quack is not
 installed, or ``epilogues_usable`` is False, the callers (``models.lm.MLP``, the lightning mixer) run the plain
 modules, which compute the same functions. Measured on an H100 with the tiles pinned below (docs/bench/kernels.md):
 lightning trained 5.0-6.3% faster, the hybrid 4.6%, softmax about 4%; compiled training takes them by default.
@@ -121,8 +121,9 @@ def _unwrapped(x: torch.Tensor) -> bool:
 
 #: Whether the SwiGLU MLP keeps its gate's output (M, F) from the forward, where its GEMM writes it anyway for w2, for
 #: w2's weight gradient (``dswiglu_epi`` then leaves its store out of the backward's gate-gradient GEMM): one (M, F)
-#: write fewer a layer, for one (M, F) tensor more kept a layer (5.5 GB at the 135M model's 131,072 tokens). Off:
-#: quack's ``gemm_dact`` writes it again.
+#: write fewer a layer, for one (M, F) tensor more kept a layer (4.8 GiB more at the peak for the 135M model at 131,072
+#: tokens). On an H100 lightning trained +1.7%, +1.1% and +0.8% faster with it in three alternated pairs
+#: (docs/bench/kernels.md, thirty-seventh session). Off: quack's ``gemm_dact`` writes it again.
 MLP_KEEPS_GATE = True
 
 
