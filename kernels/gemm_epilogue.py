@@ -7,8 +7,9 @@ and writes the gate's gradient once more; in the 135M lightning step on an H100 
 (``gemm_act``), and the backward GEMM of the second projection computes the gate's gradient from the stored
 pre-activation in its epilogue (``dswiglu_epi``, the gate's output kept from the forward; or quack's ``gemm_dgated``).
 The other GEMMs stay on cuBLAS (``torch.mm``). Where quack is not installed, or ``epilogues_usable`` is False, the
-callers (``models.lm.MLP``, the lightning mixer) run the plain modules, which compute the same functions. Measured on an H100 with the tiles pinned below (docs/bench/kernels.md):
-lightning trained 5.0-6.3% faster, the hybrid 4.6%, softmax about 4%; compiled training takes them by default.
+callers (``models.lm.MLP``, the lightning mixer) run the plain modules, which compute the same functions. Measured
+on an H100 with the tiles pinned below (docs/bench/kernels.md): lightning trained 5.0-6.3% faster, the hybrid 4.6%,
+softmax about 4%; compiled training takes them by default.
 
 Also here: the head + loss on quack's scaled-exp linear cross-entropy (``linear_cross_entropy_epilogue``, compiled
 training's default through ``models.lm.LM.epilogue_loss``), and, opt-in (``models.lm.Block.fused_tail``):
