@@ -10,8 +10,18 @@ set -uo pipefail
 export PYTHONPATH=$FA4
 export TRAIN_STUDY_OUT=$out  # train_study.py's profiles and traces come back with the logs
 DEADLINE=${DEADLINE:-570}  # seconds from the start: a device call ends at 600
-# STEPS="check light_gemm_1 ..." runs only those steps: shorter calls lose less when a lent machine is taken back.
+# STEPS="check light_gemm_1 ..." runs only those steps, in this script's order (not STEPS'): shorter calls lose less
+# when a lent machine is taken back.
 STEPS=${STEPS:-all}
+# A call brings back at most 8 files from $OUT: at exit (also on SIGTERM) every log, profile and cache goes into one
+# archive, logs.tgz, beside summary.txt and gpu.txt.
+pack() {
+  (cd "$out" && find . -mindepth 1 -maxdepth 1 ! -name summary.txt ! -name gpu.txt ! -name logs.tgz -printf '%P\n' \
+     | tar czf /tmp/verify_logs.tgz -T - && find . -mindepth 1 -maxdepth 1 ! -name summary.txt ! -name gpu.txt \
+     -exec rm -rf {} + && mv /tmp/verify_logs.tgz logs.tgz)
+}
+trap pack EXIT
+trap 'exit 143' TERM
 step() {  # step NAME LIMIT_S COMMAND...: its output in $out/NAME.log; exit code, wall time and key lines in summary.txt
   local name=$1 limit=$2; shift 2; local s=$SECONDS left=$((DEADLINE - SECONDS))
   [ "$STEPS" = all ] || [[ " $STEPS " == *" $name "* ]] || return 0
