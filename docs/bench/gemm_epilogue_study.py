@@ -20,6 +20,7 @@ Needs quack-kernels and the CUTLASS DSL beside torch on a Hopper GPU (the fa4 ex
 docs/bench/gemm_epilogue_verify.sh for how they reach the lent machine).
 """
 
+import contextlib
 import functools
 import json
 import sys
@@ -48,6 +49,18 @@ def _fwd_bwd(fn, *args, dy):
             y = fn(*args)
         y.backward(dy)
     return run
+
+
+@contextlib.contextmanager
+def _keeps_gate(keep: bool):
+    """Within, the SwiGLU MLP keeps its gate's output for the backward or not (gemm_epilogue.MLP_KEEPS_GATE), which is
+    restored after: the other cases run on training's default."""
+    saved = ge.MLP_KEEPS_GATE
+    ge.MLP_KEEPS_GATE = keep
+    try:
+        yield
+    finally:
+        ge.MLP_KEEPS_GATE = saved
 
 
 def _rel(a, b):
@@ -79,12 +92,11 @@ def check() -> None:
         x = torch.randn(m, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
         assert epilogues_usable(x, f)
         dy = torch.randn(m, D, device="cuda", dtype=torch.bfloat16)
-        worst = max(worst, _compare("swiglu_mlp", swiglu_mlp, swiglu_mlp_reference, (x, *_weights(f)), dy,
-                                    ("dx", "dw1", "dw3", "dw2"), M=m, F=f))
-        ge.MLP_KEEPS_GATE = True  # the gate's gradient from dswiglu_epi, the forward's gate output kept
-        worst = max(worst, _compare("swiglu_mlp_kept", swiglu_mlp, swiglu_mlp_reference, (x, *_weights(f)), dy,
-                                    ("dx", "dw1", "dw3", "dw2"), M=m, F=f))
-        ge.MLP_KEEPS_GATE = False
+        # The gate's gradient from quack's gemm_dact, then from dswiglu_epi with the forward's gate output kept.
+        for keep, op in ((False, "swiglu_mlp"), (True, "swiglu_mlp_kept")):
+            with _keeps_gate(keep):
+                worst = max(worst, _compare(op, swiglu_mlp, swiglu_mlp_reference, (x, *_weights(f)), dy,
+                                            ("dx", "dw1", "dw3", "dw2"), M=m, F=f))
         # lightning's q, k, v: its SiLU in the projection's epilogue
         w = (torch.randn(3 * D, D, device="cuda") * 0.02).requires_grad_()
         dq = torch.randn(m, 3 * D, device="cuda", dtype=torch.bfloat16)
@@ -117,11 +129,10 @@ def time() -> None:
                  "fused compiled": torch.compile(swiglu_mlp), "fused kept": swiglu_mlp,
                  "fused kept compiled": torch.compile(swiglu_mlp)}
         for name, fn in cases.items():
-            ge.MLP_KEEPS_GATE = "kept" in name  # the forward's gate output kept for the backward (dswiglu_epi)
-            ms = do_bench(_fwd_bwd(fn, x, *ws, dy=dy), warmup=50, rep=300)
+            with _keeps_gate("kept" in name):  # the forward's gate output kept for the backward (dswiglu_epi)
+                ms = do_bench(_fwd_bwd(fn, x, *ws, dy=dy), warmup=50, rep=300)
             rows.append({"op": f"mlp F={f}", "case": name, "ms": round(ms, 3)})
             print("TIME", json.dumps(rows[-1]), flush=True)
-        ge.MLP_KEEPS_GATE = False
     w = (torch.randn(3 * D, D, device="cuda") * 0.02).requires_grad_()
     dq = torch.randn(M, 3 * D, device="cuda", dtype=torch.bfloat16)
     cases = {"plain compiled": torch.compile(lambda x, w: F.silu(F.linear(x, w))), "fused": linear_silu,

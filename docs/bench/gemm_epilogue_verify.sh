@@ -110,8 +110,8 @@ step rgp_soft_base 100 "${VARIANT[@]}" base softmax ro b64
 step rgp_soft_norg 100 "${VARIANT[@]}" norg softmax ro b64 norg
 # The SwiGLU MLP keeping its gate's output from the forward for w2's gradient (kernels.gemm_epilogue.MLP_KEEPS_GATE,
 # the default since the thirty-seventh session; the backward's gate-gradient GEMM on
-# kernels.quack_epilogues.dswiglu_epi, which does not write it again), against the MLP writing it again in the backward (quack's gemm_dact, train_study.py's
-# option nokeepgate), alternated; `check` and `time` cover it alone.
+# kernels.quack_epilogues.dswiglu_epi, which does not write it again), against the MLP writing it again in the
+# backward (quack's gemm_dact, train_study.py's option nokeepgate), alternated; `check` and `time` cover it alone.
 pair kg nokeepgate 1 lightning nokeepgate
 pair kg nokeepgate 2 lightning nokeepgate
 pair kg nokeepgate 3 lightning nokeepgate
